@@ -1,0 +1,5 @@
+"""Run ImageShare as ``python -m imageshare``."""
+
+from imageshare.cli import main
+
+raise SystemExit(main())

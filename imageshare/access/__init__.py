@@ -1,0 +1,1 @@
+"""Users, roles, API tokens and the ONE authorise(actor, action, resource) decision."""

@@ -1,0 +1,1 @@
+"""The archive: one ingest pipeline, queries (QIDO-RS / C-FIND) and retrieval."""

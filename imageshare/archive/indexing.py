@@ -1,0 +1,195 @@
+"""Index writes for one received instance: upsert patient/study/series, add the instance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from sqlalchemy import Connection, and_, insert, select, update
+
+from imageshare.archive.header import InstanceHeader
+from imageshare.storage.index.schema import (
+    instances,
+    patient_identifiers,
+    patients,
+    series,
+    studies,
+)
+
+Status = Literal["stored", "duplicate", "replaced", "kept_first", "conflict"]
+
+
+@dataclass(frozen=True)
+class IndexOutcome:
+    """What indexing one instance did. ``obsolete_blob`` is a blob key to delete afterwards."""
+
+    status: Status
+    reason: str = ""
+    obsolete_blob: str | None = None
+
+
+@dataclass(frozen=True)
+class ExistingInstance:
+    """The stored instance under a SOP Instance UID that arrived again."""
+
+    pk: int
+    blob_key: str
+    size: int
+    series_uid: str
+    study_uid: str
+
+
+def find_instance(conn: Connection, sop_uid: str) -> ExistingInstance | None:
+    """The stored instance with this SOP Instance UID, if any."""
+    row = conn.execute(
+        select(
+            instances.c.pk, instances.c.blob_key, instances.c.size, series.c.series_uid,
+            studies.c.study_uid,
+        )
+        .join(series, series.c.pk == instances.c.series_pk)
+        .join(studies, studies.c.pk == series.c.study_pk)
+        .where(instances.c.sop_uid == sop_uid)
+    ).first()
+    return ExistingInstance(*row) if row else None
+
+
+def _patient_pk(conn: Connection, h: InstanceHeader, now: datetime) -> int:
+    pk = conn.execute(
+        select(patients.c.pk).where(
+            and_(patients.c.patient_id == h.patient_id, patients.c.issuer == h.issuer)
+        )
+    ).scalar()
+    if pk is None:
+        pk = conn.execute(
+            insert(patients).values(
+                patient_id=h.patient_id, issuer=h.issuer, name=h.patient_name,
+                name_norm=h.name_norm, birth_date=h.birth_date, sex=h.sex,
+                attrs=h.patient_json, created_at=now,
+            )
+        ).inserted_primary_key[0]
+    if h.other_ids:
+        known = {
+            (r.value, r.issuer)
+            for r in conn.execute(
+                select(patient_identifiers.c.value, patient_identifiers.c.issuer).where(
+                    patient_identifiers.c.patient_pk == pk
+                )
+            )
+        }
+        new = [
+            {"patient_pk": pk, "value": v, "issuer": i, "kind": k}
+            for v, i, k in dict.fromkeys(h.other_ids)
+            if (v, i) not in known
+        ]
+        if new:
+            conn.execute(insert(patient_identifiers), new)
+    return int(pk)
+
+
+def _describe_patient(patient_id: str, issuer: str) -> str:
+    return f"{patient_id!r}" + (f" (issuer {issuer!r})" if issuer else "")
+
+
+def index_instance(
+    conn: Connection,
+    h: InstanceHeader,
+    blob_key: str,
+    size: int,
+    source: str,
+    now: datetime,
+    retention_class: str = "clinical",
+) -> IndexOutcome:
+    """Add a new instance (its SOP Instance UID is not yet indexed) with its parents.
+
+    Refuses (``conflict``) an instance whose study belongs to another patient, or whose series
+    belongs to another study, and changes nothing then.
+    """
+    study = conn.execute(
+        select(studies.c.pk, patients.c.patient_id, patients.c.issuer, studies.c.modalities)
+        .join(patients, patients.c.pk == studies.c.patient_pk)
+        .where(studies.c.study_uid == h.study_uid)
+    ).first()
+    if study is not None and (study.patient_id, study.issuer) != (h.patient_id, h.issuer):
+        return IndexOutcome(
+            "conflict",
+            f"study {h.study_uid} already belongs to patient "
+            f"{_describe_patient(study.patient_id, study.issuer)}, not "
+            f"{_describe_patient(h.patient_id, h.issuer)}",
+        )
+    series_row = conn.execute(
+        select(series.c.pk, series.c.study_pk, series.c.modality).where(
+            series.c.series_uid == h.series_uid
+        )
+    ).first()
+    if series_row is not None and (study is None or series_row.study_pk != study.pk):
+        return IndexOutcome(
+            "conflict", f"series {h.series_uid} already belongs to another study"
+        )
+    if study is None:
+        patient_pk = _patient_pk(conn, h, now)
+        study_pk = conn.execute(
+            insert(studies).values(
+                study_uid=h.study_uid, patient_pk=patient_pk, modalities="", num_series=0,
+                num_instances=0, attrs=h.study_json, created_at=now, updated_at=now,
+                **h.study,
+            )
+        ).inserted_primary_key[0]
+        modalities = ""
+    else:
+        study_pk = study.pk
+        modalities = study.modalities
+        if h.other_ids:
+            _patient_pk(conn, h, now)
+    new_series = series_row is None
+    if new_series:
+        series_pk = conn.execute(
+            insert(series).values(
+                series_uid=h.series_uid, study_pk=study_pk, num_instances=0,
+                attrs=h.series_json, created_at=now, **h.series,
+            )
+        ).inserted_primary_key[0]
+    else:
+        series_pk = series_row.pk
+    conn.execute(
+        insert(instances).values(
+            sop_uid=h.sop_instance_uid, series_pk=series_pk, sop_class_uid=h.sop_class_uid,
+            transfer_syntax=h.transfer_syntax, blob_key=blob_key, size=size,
+            retention_class=retention_class, received_from=source[:128], received_at=now,
+            **h.instance,
+        )
+    )
+    conn.execute(
+        update(series)
+        .where(series.c.pk == series_pk)
+        .values(num_instances=series.c.num_instances + 1)
+    )
+    study_changes: dict[str, object] = {
+        "num_instances": studies.c.num_instances + 1,
+        "updated_at": now,
+    }
+    if new_series:
+        study_changes["num_series"] = studies.c.num_series + 1
+    modality = h.series["modality"]
+    listed = [m for m in modalities.split("\\") if m]
+    if modality and modality not in listed:
+        study_changes["modalities"] = "\\".join(sorted([*listed, modality]))[:128]
+    conn.execute(update(studies).where(studies.c.pk == study_pk).values(**study_changes))
+    return IndexOutcome("stored")
+
+
+def replace_instance_blob(
+    conn: Connection, existing: ExistingInstance, h: InstanceHeader, blob_key: str, size: int,
+    source: str, now: datetime,
+) -> IndexOutcome:
+    """Point an indexed instance at new content (overwrite mode)."""
+    conn.execute(
+        update(instances)
+        .where(instances.c.pk == existing.pk)
+        .values(
+            blob_key=blob_key, size=size, transfer_syntax=h.transfer_syntax,
+            sop_class_uid=h.sop_class_uid, received_from=source[:128], received_at=now,
+            **h.instance,
+        )
+    )
+    return IndexOutcome("replaced", obsolete_blob=existing.blob_key)

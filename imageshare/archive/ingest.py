@@ -1,0 +1,238 @@
+"""The ONE ingest pipeline, shared by C-STORE, STOW-RS and ``imageshare import``.
+
+parse and check the header -> make the bytes durable in the blob store -> index (with
+de-duplication and conflict checks) and audit in one committed transaction -> acknowledge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+from sqlalchemy import Connection
+
+from imageshare.archive.header import InstanceHeader, read_header
+from imageshare.archive.index_writer import IndexWriter
+from imageshare.archive.indexing import (
+    IndexOutcome,
+    find_instance,
+    index_instance,
+    replace_instance_blob,
+)
+from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import ConflictingInstance, InvalidInstance
+from imageshare.storage.blobs import BlobStore, fsync_file, new_blob_key
+
+log = logging.getLogger("imageshare.ingest")
+_CHUNK = 1 << 20
+
+Outcome = Literal["stored", "duplicate", "replaced", "kept_first"]
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The answer to one stored instance. ``warning`` is set when stored data was kept."""
+
+    outcome: Outcome
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    warning: str = ""
+
+
+def _same_content(blobs: BlobStore, key: str, path: Path) -> bool:
+    if os.path.getsize(path) != _blob_size(blobs, key):
+        return False
+    digests = []
+    for stream in (blobs.open(key), open(path, "rb")):
+        with stream:
+            h = hashlib.sha256()
+            while chunk := stream.read(_CHUNK):
+                h.update(chunk)
+            digests.append(h.digest())
+    return digests[0] == digests[1]
+
+
+def _blob_size(blobs: BlobStore, key: str) -> int:
+    local = blobs.local_path(key)
+    if local is not None:
+        return os.path.getsize(local)
+    with blobs.open(key) as fh:
+        return fh.seek(0, os.SEEK_END)
+
+
+class IngestService:
+    """Stores instances durably, indexes and audits them. Thread-safe."""
+
+    def __init__(
+        self,
+        blobs: BlobStore,
+        writer: IndexWriter,
+        audit: AuditTrail,
+        staging_dir: Path,
+        overwrite: bool = False,
+    ) -> None:
+        self.blobs = blobs
+        self.writer = writer
+        self.audit = audit
+        self.staging_dir = staging_dir
+        self.overwrite = overwrite
+        staging_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- ways in -------------------------------------------------------------------------
+
+    def staging_file(self) -> tuple[BinaryIO, Path]:
+        """A new writable file in the staging area (same disk as the blobs when local)."""
+        fd, name = tempfile.mkstemp(dir=self.staging_dir, suffix=".dcm")
+        return os.fdopen(fd, "wb"), Path(name)
+
+    def store_stream(
+        self, stream: BinaryIO, actor: Actor, expected_study: str | None = None
+    ) -> StoreResult:
+        """Store a Part 10 file read from ``stream`` (STOW-RS parts, uploads)."""
+        out, path = self.staging_file()
+        try:
+            with out:
+                while chunk := stream.read(_CHUNK):
+                    out.write(chunk)
+            return self.store_staged(path, actor, expected_study)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def store_copy(self, source: Path, actor: Actor) -> StoreResult:
+        """Store a copy of the Part 10 file at ``source`` (import); ``source`` is untouched."""
+        with open(source, "rb") as stream:
+            return self.store_stream(stream, actor)
+
+    def store_staged(
+        self, path: Path, actor: Actor, expected_study: str | None = None
+    ) -> StoreResult:
+        """Store the Part 10 file at ``path``, which the pipeline may move or delete.
+
+        Returns only when the bytes are fsynced and the index commit containing them is done.
+        Raises :class:`InvalidInstance` or :class:`ConflictingInstance`, changing nothing.
+        ``expected_study`` refuses instances of any other study (STOW-RS to a study URL).
+        """
+        try:
+            _ds, header = read_header(path)
+            if expected_study and header.study_uid != expected_study:
+                raise InvalidInstance(
+                    "the instance belongs to another study than the one in the request URL"
+                )
+        except InvalidInstance as exc:
+            self._audit_refusal(actor, "instance.store", str(exc), None)
+            raise
+        fsync_file(path)
+        key = new_blob_key()
+        size = os.path.getsize(path)
+        self.blobs.put_file(key, path)
+        try:
+            outcome = self.writer.submit(
+                lambda conn: self._index(conn, header, key, size, actor)
+            )
+        except BaseException:
+            self.blobs.delete(key)
+            raise
+        if outcome.status in ("duplicate", "kept_first", "conflict"):
+            self.blobs.delete(key)
+        if outcome.obsolete_blob:
+            self.blobs.delete(outcome.obsolete_blob)
+        if outcome.status == "conflict":
+            raise ConflictingInstance(outcome.reason)
+        return StoreResult(
+            outcome=outcome.status,
+            sop_class_uid=header.sop_class_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            warning=outcome.reason,
+        )
+
+    # -- inside the index transaction ------------------------------------------------------
+
+    def _index(
+        self, conn: Connection, h: InstanceHeader, key: str, size: int, actor: Actor
+    ) -> IndexOutcome:
+        now = datetime.now(UTC)
+        existing = find_instance(conn, h.sop_instance_uid)
+        if existing is None:
+            outcome = index_instance(conn, h, key, size, actor.source, now)
+        elif (existing.study_uid, existing.series_uid) != (h.study_uid, h.series_uid):
+            outcome = IndexOutcome(
+                "conflict",
+                f"instance {h.sop_instance_uid} is already stored in another series or study",
+            )
+        else:
+            path = self.blobs.local_path(key)
+            same = path is not None and _same_content(self.blobs, existing.blob_key, path)
+            if same:
+                outcome = IndexOutcome("duplicate")
+            elif self.overwrite:
+                outcome = replace_instance_blob(conn, existing, h, key, size, actor.source, now)
+            else:
+                outcome = IndexOutcome(
+                    "kept_first",
+                    "an instance with this SOP Instance UID but different content is already "
+                    "stored; the stored one was kept",
+                )
+        self.audit.record(
+            AuditEvent(
+                actor=actor,
+                action="instance.store",
+                outcome="refused" if outcome.status == "conflict" else (
+                    "success" if outcome.status in ("stored", "duplicate") else "warning"
+                ),
+                patient_id=h.patient_id,
+                study_uid=h.study_uid,
+                instance_count=1,
+                detail={
+                    "sop_instance_uid": h.sop_instance_uid,
+                    "result": outcome.status,
+                    **({"reason": outcome.reason} if outcome.reason else {}),
+                },
+            ),
+            conn,
+        )
+        return outcome
+
+    def _audit_refusal(
+        self, actor: Actor, action: str, reason: str, header: InstanceHeader | None
+    ) -> None:
+        self.audit.record(
+            AuditEvent(
+                actor=actor, action=action, outcome="refused",
+                patient_id=header.patient_id if header else "",
+                study_uid=header.study_uid if header else "",
+                detail={"reason": reason},
+            )
+        )
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    def recover_unindexed(self, known_keys: set[str], actor: Actor) -> int:
+        """Index blobs that are on disk but missing from the index (e.g. after power loss)."""
+        recovered = 0
+        for key in self.blobs.keys():
+            if key in known_keys:
+                continue
+            out, path = self.staging_file()
+            with out, self.blobs.open(key) as src:
+                while chunk := src.read(_CHUNK):
+                    out.write(chunk)
+            try:
+                self.store_staged(path, actor)
+                recovered += 1
+            except (InvalidInstance, ConflictingInstance):
+                pass
+            finally:
+                path.unlink(missing_ok=True)
+                self.blobs.delete(key)
+        return recovered

@@ -1,0 +1,393 @@
+"""Queries over the index for QIDO-RS and C-FIND: one matching engine for both.
+
+A query is a level and an identifier in DICOM JSON (tag -> element); elements with values are
+matched, every element names a key to return. Attributes the index has columns for are
+matched in SQL; others are matched on the stored level attributes (and, at instance level,
+the instance header), before pagination.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import (
+    Engine,
+    Select,
+    and_,
+    exists,
+    func,
+    or_,
+    select,
+)
+
+from imageshare.archive.matching import (
+    is_universal,
+    json_matches,
+    name_condition,
+    range_condition,
+    text_condition,
+    uid_list_condition,
+)
+from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import InvalidQuery
+from imageshare.storage.index.schema import (
+    instances,
+    patient_identifiers,
+    patients,
+    series,
+    studies,
+)
+
+Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
+LEVELS: tuple[Level, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+
+# Tags (as 8-hex-digit DICOM JSON keys) the index matches in SQL.
+PATIENT_ID, ISSUER, PATIENT_NAME, BIRTH_DATE, SEX = (
+    "00100020", "00100021", "00100010", "00100030", "00100040",
+)
+OTHER_IDS_SEQ = "00101002"
+STUDY_UID, STUDY_DATE, STUDY_TIME, ACCESSION, STUDY_ID, STUDY_DESC, REFERRING = (
+    "0020000D", "00080020", "00080030", "00080050", "00200010", "00081030", "00080090",
+)
+MODALITIES_IN_STUDY = "00080061"
+SERIES_UID, MODALITY, SERIES_NUMBER, SERIES_DESC, BODY_PART = (
+    "0020000E", "00080060", "00200011", "0008103E", "00180015",
+)
+SOP_UID, SOP_CLASS, INSTANCE_NUMBER, ROWS, COLUMNS, FRAMES, BITS_ALLOCATED = (
+    "00080018", "00080016", "00200013", "00280010", "00280011", "00280008", "00280100",
+)
+AVAILABLE_TS = "00083002"
+QR_LEVEL, RETRIEVE_AE, AVAILABILITY, CHARSET = "00080052", "00080054", "00080056", "00080005"
+N_PAT_STUDIES, N_PAT_SERIES, N_PAT_INSTANCES = "00201200", "00201202", "00201204"
+N_STUDY_SERIES, N_STUDY_INSTANCES, N_SERIES_INSTANCES = "00201206", "00201208", "00201209"
+SOP_CLASSES_IN_STUDY = "00080062"
+
+_LEVEL_OF_TAG: dict[str, Level] = {
+    PATIENT_ID: "PATIENT", ISSUER: "PATIENT", PATIENT_NAME: "PATIENT", BIRTH_DATE: "PATIENT",
+    SEX: "PATIENT", OTHER_IDS_SEQ: "PATIENT", N_PAT_STUDIES: "PATIENT",
+    N_PAT_SERIES: "PATIENT", N_PAT_INSTANCES: "PATIENT",
+    STUDY_UID: "STUDY", STUDY_DATE: "STUDY", STUDY_TIME: "STUDY", ACCESSION: "STUDY",
+    STUDY_ID: "STUDY", STUDY_DESC: "STUDY", REFERRING: "STUDY", MODALITIES_IN_STUDY: "STUDY",
+    N_STUDY_SERIES: "STUDY", N_STUDY_INSTANCES: "STUDY", SOP_CLASSES_IN_STUDY: "STUDY",
+    SERIES_UID: "SERIES", MODALITY: "SERIES", SERIES_NUMBER: "SERIES", SERIES_DESC: "SERIES",
+    BODY_PART: "SERIES", N_SERIES_INSTANCES: "SERIES",
+    SOP_UID: "IMAGE", SOP_CLASS: "IMAGE", INSTANCE_NUMBER: "IMAGE", ROWS: "IMAGE",
+    COLUMNS: "IMAGE", FRAMES: "IMAGE", AVAILABLE_TS: "IMAGE", BITS_ALLOCATED: "IMAGE",
+}
+
+
+def _int_condition(column: Any, value: str) -> Any:
+    try:
+        numbers = [int(v) for v in value.split("\\") if v.strip()]
+    except ValueError as exc:
+        raise InvalidQuery(f"{value!r} is not a number") from exc
+    return column.in_(numbers)
+
+
+def _modalities_condition(value: str) -> Any:
+    wanted = [m.strip() for m in value.split("\\") if m.strip()]
+    conditions = [text_condition(series.c.modality, m) for m in wanted]
+    return exists().where(and_(series.c.study_pk == studies.c.pk, or_(*conditions)))
+
+
+def _other_ids_condition(element: dict[str, Any]) -> Any:
+    items = element.get("Value") or [{}]
+    item = items[0] or {}
+    conditions = [patient_identifiers.c.patient_pk == patients.c.pk]
+    value = _first_text(item.get(PATIENT_ID))
+    if value:
+        conditions.append(text_condition(patient_identifiers.c.value, value))
+    issuer = _first_text(item.get(ISSUER))
+    if issuer:
+        conditions.append(text_condition(patient_identifiers.c.issuer, issuer))
+    return exists().where(and_(*conditions))
+
+
+def _first_text(element: dict[str, Any] | None) -> str:
+    if not element:
+        return ""
+    values = element.get("Value") or []
+    texts = []
+    for v in values:
+        texts.append(str(v.get("Alphabetic", "")) if isinstance(v, dict) else str(v))
+    return "\\".join(texts)
+
+
+# tag -> function(value text, fuzzy) -> SQL condition
+_SQL: dict[str, Callable[[str, bool], Any]] = {
+    PATIENT_ID: lambda v, f: text_condition(patients.c.patient_id, v),
+    ISSUER: lambda v, f: text_condition(patients.c.issuer, v),
+    PATIENT_NAME: lambda v, f: name_condition(patients.c.name_norm, v, f),
+    BIRTH_DATE: lambda v, f: range_condition(patients.c.birth_date, v, "DA"),
+    SEX: lambda v, f: text_condition(patients.c.sex, v),
+    STUDY_UID: lambda v, f: uid_list_condition(studies.c.study_uid, v),
+    STUDY_DATE: lambda v, f: range_condition(studies.c.study_date, v, "DA"),
+    STUDY_TIME: lambda v, f: range_condition(studies.c.study_time, v, "TM"),
+    ACCESSION: lambda v, f: text_condition(studies.c.accession_number, v),
+    STUDY_ID: lambda v, f: text_condition(studies.c.study_id, v),
+    STUDY_DESC: lambda v, f: name_condition(studies.c.description_norm, v, f),
+    REFERRING: lambda v, f: name_condition(studies.c.referring_norm, v, f),
+    MODALITIES_IN_STUDY: lambda v, f: _modalities_condition(v),
+    SERIES_UID: lambda v, f: uid_list_condition(series.c.series_uid, v),
+    MODALITY: lambda v, f: text_condition(series.c.modality, v),
+    SERIES_NUMBER: lambda v, f: _int_condition(series.c.series_number, v),
+    SERIES_DESC: lambda v, f: text_condition(series.c.description, v),
+    BODY_PART: lambda v, f: text_condition(series.c.body_part, v),
+    SOP_UID: lambda v, f: uid_list_condition(instances.c.sop_uid, v),
+    SOP_CLASS: lambda v, f: uid_list_condition(instances.c.sop_class_uid, v),
+    INSTANCE_NUMBER: lambda v, f: _int_condition(instances.c.instance_number, v),
+    ROWS: lambda v, f: _int_condition(instances.c.rows, v),
+    COLUMNS: lambda v, f: _int_condition(instances.c.columns, v),
+    FRAMES: lambda v, f: _int_condition(instances.c.number_of_frames, v),
+    BITS_ALLOCATED: lambda v, f: _int_condition(instances.c.bits_allocated, v),
+}
+_SKIP_MATCH = {QR_LEVEL, CHARSET, RETRIEVE_AE, AVAILABILITY, "00080056", "00081190"}
+
+
+@dataclass(frozen=True)
+class Query:
+    """A search at one level. ``identifier`` is DICOM JSON; ``allowed_studies`` limits scope."""
+
+    level: Level
+    identifier: dict[str, Any]
+    limit: int | None = None
+    offset: int = 0
+    fuzzy: bool = False
+    allowed_studies: Collection[str] | None = None
+    return_all: bool = False
+
+
+@dataclass
+class Match:
+    """One result: its DICOM JSON attributes and where its bytes are (instance level)."""
+
+    attributes: dict[str, Any]
+    study_uid: str
+    patient_id: str
+    blob_key: str | None = None
+
+
+def _element(vr: str, *values: Any) -> dict[str, Any]:
+    element: dict[str, Any] = {"vr": vr}
+    cleaned = [v for v in values if v not in (None, "")]
+    if cleaned:
+        element["Value"] = cleaned
+    return element
+
+
+class QueryService:
+    """Answers queries against the index; every call is read-only."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        ae_title: str,
+        instance_header: Callable[[str], dict[str, Any]],
+        audit: AuditTrail,
+        max_results: int = 1000,
+    ) -> None:
+        self._engine = engine
+        self._audit = audit
+        self._ae_title = ae_title
+        self._instance_header = instance_header
+        self._max_results = max_results
+
+    def find(self, query: Query, actor: Actor) -> list[Match]:
+        """Every match of ``query`` (after ``offset``, at most ``limit``), in index order.
+
+        The search is audited with its keys and the number of matches.
+        """
+        try:
+            matches = self._find(query)
+        except Exception as exc:
+            self._audit_query(query, actor, "failure", 0, type(exc).__name__)
+            raise
+        self._audit_query(query, actor, "success", len(matches))
+        return matches
+
+    def _audit_query(
+        self, query: Query, actor: Actor, outcome: str, count: int, error: str = ""
+    ) -> None:
+        keys = {
+            tag: _first_text(element)
+            for tag, element in query.identifier.items()
+            if not is_universal(element)
+        }
+        self._audit.record(
+            AuditEvent(
+                actor=actor, action="study.query", outcome=outcome,  # type: ignore[arg-type]
+                instance_count=count,
+                detail={"level": query.level, "keys": keys, **({"error": error} if error else {})},
+            )
+        )
+
+    def _find(self, query: Query) -> list[Match]:
+        if query.level not in LEVELS:
+            raise InvalidQuery(f"unknown query level {query.level!r}")
+        depth = LEVELS.index(query.level)
+        stmt = self._select(depth)
+        python_filters: list[tuple[str, dict[str, Any]]] = []
+        for tag, element in query.identifier.items():
+            if tag in _SKIP_MATCH or is_universal(element):
+                continue
+            level = _LEVEL_OF_TAG.get(tag)
+            if level is not None and LEVELS.index(level) > depth:
+                raise InvalidQuery(
+                    f"attribute {tag} is below the {query.level} query level"
+                )
+            if tag == OTHER_IDS_SEQ:
+                stmt = stmt.where(_other_ids_condition(element))
+            elif tag in _SQL:
+                stmt = stmt.where(_SQL[tag](_first_text(element), query.fuzzy))
+            else:
+                python_filters.append((tag, element))
+        if query.allowed_studies is not None:
+            stmt = stmt.where(studies.c.study_uid.in_(list(query.allowed_studies)))
+        limit = min(query.limit or self._max_results, self._max_results)
+        if not python_filters:
+            stmt = stmt.offset(query.offset).limit(limit)
+        with self._engine.connect() as conn:
+            rows = conn.execute(stmt).mappings().all()
+            matches = [self._build(row, depth, query) for row in rows]
+            if python_filters:
+                matches = [
+                    m for m in matches
+                    if all(json_matches(m.attributes.get(t), e) for t, e in python_filters)
+                ]
+                matches = matches[query.offset: query.offset + limit]
+            self._add_counts(conn, matches, depth, query)
+        return [self._select_keys(m, query) for m in matches]
+
+    # -- SQL --------------------------------------------------------------------------------
+
+    def _select(self, depth: int) -> Select[Any]:
+        cols: list[Any] = [
+            patients.c.pk.label("patient_pk"), patients.c.patient_id, patients.c.attrs.label(
+                "patient_attrs"),
+        ]
+        if depth == 0:
+            return (
+                select(*cols)
+                .where(exists().where(studies.c.patient_pk == patients.c.pk))
+                .order_by(patients.c.pk)
+            )
+        cols += [
+            studies.c.pk.label("study_pk"), studies.c.study_uid, studies.c.modalities,
+            studies.c.num_series, studies.c.num_instances.label("study_instances"),
+            studies.c.attrs.label("study_attrs"),
+        ]
+        stmt_from: Any = studies.join(patients, patients.c.pk == studies.c.patient_pk)
+        order = studies.c.pk
+        if depth >= 2:
+            cols += [
+                series.c.pk.label("series_pk"), series.c.series_uid,
+                series.c.num_instances.label("series_instances"),
+                series.c.attrs.label("series_attrs"),
+            ]
+            stmt_from = series.join(stmt_from, studies.c.pk == series.c.study_pk)
+            order = series.c.pk
+        if depth >= 3:
+            cols += [
+                instances.c.sop_uid, instances.c.sop_class_uid, instances.c.instance_number,
+                instances.c.rows, instances.c.columns, instances.c.number_of_frames,
+                instances.c.bits_allocated,
+                instances.c.transfer_syntax, instances.c.blob_key,
+            ]
+            stmt_from = instances.join(stmt_from, series.c.pk == instances.c.series_pk)
+            order = instances.c.pk
+        return select(*cols).select_from(stmt_from).order_by(order)
+
+    # -- results --------------------------------------------------------------------------
+
+    def _build(self, row: Any, depth: int, query: Query) -> Match:
+        attrs: dict[str, Any] = dict(row["patient_attrs"] or {})
+        if depth >= 1:
+            attrs.update(row["study_attrs"] or {})
+            attrs[MODALITIES_IN_STUDY] = _element(
+                "CS", *[m for m in (row["modalities"] or "").split("\\") if m]
+            )
+            attrs[N_STUDY_SERIES] = _element("IS", row["num_series"])
+            attrs[N_STUDY_INSTANCES] = _element("IS", row["study_instances"])
+        if depth >= 2:
+            attrs.update(row["series_attrs"] or {})
+            attrs[N_SERIES_INSTANCES] = _element("IS", row["series_instances"])
+        blob_key = None
+        if depth >= 3:
+            wanted = set(query.identifier) - set(_LEVEL_OF_TAG) - _SKIP_MATCH
+            if query.return_all or any(t not in attrs for t in wanted):
+                header = self._instance_header(row["blob_key"])
+                attrs.update({k: v for k, v in header.items() if k not in attrs})
+            attrs[SOP_UID] = _element("UI", row["sop_uid"])
+            attrs[SOP_CLASS] = _element("UI", row["sop_class_uid"])
+            attrs[INSTANCE_NUMBER] = _element("IS", row["instance_number"])
+            attrs[ROWS] = _element("US", row["rows"])
+            attrs[COLUMNS] = _element("US", row["columns"])
+            attrs[FRAMES] = _element("IS", row["number_of_frames"])
+            attrs[BITS_ALLOCATED] = _element("US", row["bits_allocated"])
+            attrs[AVAILABLE_TS] = _element("UI", row["transfer_syntax"])
+            blob_key = row["blob_key"]
+        attrs[RETRIEVE_AE] = _element("AE", self._ae_title)
+        attrs[AVAILABILITY] = _element("CS", "ONLINE")
+        attrs[QR_LEVEL] = _element("CS", LEVELS[depth])
+        attrs["_pk"] = row["patient_pk"] if depth == 0 else None
+        return Match(
+            attributes=attrs,
+            study_uid=row["study_uid"] if depth >= 1 else "",
+            patient_id=row["patient_id"],
+            blob_key=blob_key,
+        )
+
+    def _add_counts(self, conn: Any, matches: list[Match], depth: int, query: Query) -> None:
+        wanted = set(query.identifier)
+        if depth == 0 and matches and (
+            query.return_all or wanted & {N_PAT_STUDIES, N_PAT_SERIES, N_PAT_INSTANCES}
+        ):
+            pks = [m.attributes["_pk"] for m in matches]
+            counts = conn.execute(
+                select(
+                    studies.c.patient_pk, func.count(studies.c.pk),
+                    func.sum(studies.c.num_series), func.sum(studies.c.num_instances),
+                )
+                .where(studies.c.patient_pk.in_(pks))
+                .group_by(studies.c.patient_pk)
+            ).all()
+            by_pk = {r[0]: r[1:] for r in counts}
+            for m in matches:
+                n_studies, n_series, n_instances = by_pk.get(m.attributes["_pk"], (0, 0, 0))
+                m.attributes[N_PAT_STUDIES] = _element("IS", n_studies)
+                m.attributes[N_PAT_SERIES] = _element("IS", n_series)
+                m.attributes[N_PAT_INSTANCES] = _element("IS", n_instances)
+        if depth == 1 and matches and SOP_CLASSES_IN_STUDY in wanted:
+            for m in matches:
+                classes = conn.execute(
+                    select(instances.c.sop_class_uid.distinct())
+                    .join(series, series.c.pk == instances.c.series_pk)
+                    .join(studies, studies.c.pk == series.c.study_pk)
+                    .where(studies.c.study_uid == m.study_uid)
+                ).scalars().all()
+                m.attributes[SOP_CLASSES_IN_STUDY] = _element("UI", *sorted(classes))
+
+    def _select_keys(self, match: Match, query: Query) -> Match:
+        attrs = match.attributes
+        attrs.pop("_pk", None)
+        if query.return_all:
+            keys = set(attrs)
+        else:
+            keys = set(query.identifier) | {QR_LEVEL, RETRIEVE_AE}
+            keys.add({0: PATIENT_ID, 1: STUDY_UID, 2: SERIES_UID, 3: SOP_UID}[
+                LEVELS.index(query.level)])
+            if LEVELS.index(query.level) >= 1:
+                keys.add(STUDY_UID)
+            if LEVELS.index(query.level) >= 2:
+                keys.add(SERIES_UID)
+        out: dict[str, Any] = {}
+        for tag in sorted(keys):
+            if tag in attrs:
+                out[tag] = attrs[tag]
+            elif tag in query.identifier:
+                out[tag] = {"vr": query.identifier[tag].get("vr", "UN")}
+        match.attributes = out
+        return match

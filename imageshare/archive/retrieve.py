@@ -1,0 +1,174 @@
+"""Retrieval of stored instances: which ones, their bytes, header metadata and frames."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydicom import dcmread
+from pydicom.encaps import get_frame
+from sqlalchemy import Engine, select
+
+from imageshare.archive.header import locate_pixel_data
+from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import InvalidQuery, NotFound
+from imageshare.storage.blobs import BlobStore
+from imageshare.storage.index.schema import instances, patients, series, studies
+
+BulkUri = Callable[["StoredInstance", str], str]
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """One stored instance and where it sits in the hierarchy."""
+
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    blob_key: str
+    size: int
+    number_of_frames: int
+    series_uid: str
+    study_uid: str
+    patient_id: str
+
+
+class RetrieveService:
+    """Finds and reads stored instances; every selection is audited by the caller's purpose."""
+
+    def __init__(self, engine: Engine, blobs: BlobStore, audit: AuditTrail) -> None:
+        self._engine = engine
+        self.blobs = blobs
+        self._audit = audit
+
+    def select(
+        self,
+        actor: Actor,
+        action: str,
+        study_uids: Collection[str] = (),
+        series_uids: Collection[str] = (),
+        sop_uids: Collection[str] = (),
+        patient_ids: Collection[str] = (),
+        allowed_studies: Collection[str] | None = None,
+    ) -> list[StoredInstance]:
+        """Instances matching every given list of UIDs, audited as ``action``.
+
+        Raises :class:`NotFound` when nothing matches (also for UIDs outside the scope).
+        """
+        if not (study_uids or series_uids or sop_uids or patient_ids):
+            raise InvalidQuery("a retrieve must name a patient, study, series or instance")
+        stmt = (
+            select(
+                instances.c.sop_uid, instances.c.sop_class_uid, instances.c.transfer_syntax,
+                instances.c.blob_key, instances.c.size, instances.c.number_of_frames,
+                series.c.series_uid, studies.c.study_uid, patients.c.patient_id,
+            )
+            .join(series, series.c.pk == instances.c.series_pk)
+            .join(studies, studies.c.pk == series.c.study_pk)
+            .join(patients, patients.c.pk == studies.c.patient_pk)
+            .order_by(series.c.series_number, series.c.pk, instances.c.instance_number,
+                      instances.c.pk)
+        )
+        if study_uids:
+            stmt = stmt.where(studies.c.study_uid.in_(list(study_uids)))
+        if series_uids:
+            stmt = stmt.where(series.c.series_uid.in_(list(series_uids)))
+        if sop_uids:
+            stmt = stmt.where(instances.c.sop_uid.in_(list(sop_uids)))
+        if patient_ids:
+            stmt = stmt.where(patients.c.patient_id.in_(list(patient_ids)))
+        if allowed_studies is not None:
+            stmt = stmt.where(studies.c.study_uid.in_(list(allowed_studies)))
+        with self._engine.connect() as conn:
+            found = [StoredInstance(*row) for row in conn.execute(stmt)]
+        by_study: dict[str, list[StoredInstance]] = {}
+        for inst in found:
+            by_study.setdefault(inst.study_uid, []).append(inst)
+        events = [
+            AuditEvent(
+                actor=actor, action=action, outcome="success", patient_id=items[0].patient_id,
+                study_uid=study_uid, instance_count=len(items),
+            )
+            for study_uid, items in by_study.items()
+        ] or [
+            AuditEvent(
+                actor=actor, action=action, outcome="failure",
+                study_uid=next(iter(study_uids), ""), detail={"reason": "not found"},
+            )
+        ]
+        self._audit.record(events)
+        if not found:
+            raise NotFound("no such study, series or instance")
+        return found
+
+    def open(self, inst: StoredInstance) -> BinaryIO:
+        """The stored Part 10 bytes of ``inst`` as received."""
+        return self.blobs.open(inst.blob_key)
+
+    def local_path(self, inst: StoredInstance) -> Path | None:
+        """A local file with the instance's bytes when the blob store is local."""
+        return self.blobs.local_path(inst.blob_key)
+
+    def header_json(self, blob_key: str, bulk_uri: Callable[[str], str] | None = None) -> dict:
+        """DICOM JSON of the header (no pixel data; large binary values as BulkDataURI)."""
+        with self.blobs.open(blob_key) as fp:
+            ds = dcmread(fp, stop_before_pixels=True, defer_size=65536)
+            has_pixels = fp.tell() < _size(fp)
+
+        def handler(element: Any) -> str:
+            tag = f"{element.tag:08X}"
+            return bulk_uri(tag) if bulk_uri else ""
+
+        result = ds.to_json_dict(
+            bulk_data_threshold=65536, bulk_data_element_handler=handler if bulk_uri else None
+        )
+        if not bulk_uri:
+            result = {k: v for k, v in result.items() if "BulkDataURI" not in v}
+        if has_pixels and bulk_uri:
+            vr = "OW" if int(ds.get("BitsAllocated", 8) or 8) > 8 else "OB"
+            result["7FE00010"] = {"vr": vr, "BulkDataURI": bulk_uri("7FE00010")}
+        return result
+
+    def frames(self, inst: StoredInstance, numbers: list[int]) -> Iterator[bytes]:
+        """The stored bytes of the given frames (1-based): raw pixels or compressed fragments."""
+        with self.blobs.open(inst.blob_key) as fp:
+            size = _size(fp)
+            ds = dcmread(fp, stop_before_pixels=True)
+            location = locate_pixel_data(fp, size, inst.transfer_syntax)
+            if location is None:
+                raise NotFound("the instance has no pixel data")
+            total = int(ds.get("NumberOfFrames", 1) or 1)
+            for number in numbers:
+                if not 1 <= number <= total:
+                    raise NotFound(f"frame {number} does not exist (the instance has {total})")
+            if location.length is not None:
+                frame_size = _native_frame_size(ds)
+                for number in numbers:
+                    start = location.value_offset + (number - 1) * frame_size
+                    fp.seek(start)
+                    yield fp.read(frame_size)
+                return
+            for number in numbers:
+                fp.seek(location.value_offset)
+                yield get_frame(fp, number - 1, number_of_frames=total)
+
+
+def _size(fp: BinaryIO) -> int:
+    here = fp.tell()
+    end = fp.seek(0, os.SEEK_END)
+    fp.seek(here)
+    return end
+
+
+def _native_frame_size(ds: Any) -> int:
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.BitsAllocated)
+    if bits == 1:
+        return (rows * cols * samples + 7) // 8
+    return rows * cols * samples * (bits // 8)
+

@@ -1,0 +1,85 @@
+"""Audit events and the one function that records them (in the same transaction as the work)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from sqlalchemy import Connection, Engine, insert, select
+
+from imageshare.domain.actors import Actor
+from imageshare.storage.index.schema import audit_events
+
+Outcome = Literal["success", "failure", "refused", "warning"]
+log = logging.getLogger("imageshare.audit")
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One access or change of patient data: who, what, which patient/study, outcome, detail."""
+
+    actor: Actor
+    action: str
+    outcome: Outcome
+    patient_id: str = ""
+    study_uid: str = ""
+    instance_count: int = 0
+    detail: dict[str, Any] = field(default_factory=dict)
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def row(self) -> dict[str, Any]:
+        """The audit table row for this event."""
+        return {
+            "at": self.at,
+            "actor": self.actor.label[:128],
+            "actor_kind": self.actor.kind,
+            "source": self.actor.source[:255],
+            "action": self.action,
+            "outcome": self.outcome,
+            "patient_id": (self.patient_id or "")[:64],
+            "study_uid": (self.study_uid or "")[:64],
+            "instance_count": self.instance_count,
+            "detail": json.dumps(self.detail, sort_keys=True, default=str),
+        }
+
+
+class AuditTrail:
+    """Records audit events. If recording fails, the operation that asked for it fails too."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def record(
+        self, event: AuditEvent | list[AuditEvent], conn: Connection | None = None
+    ) -> None:
+        """Write one event or several; inside ``conn``'s transaction when given, else in its own."""
+        batch = event if isinstance(event, list) else [event]
+        if not batch:
+            return
+        rows = [e.row() for e in batch]
+        if conn is not None:
+            conn.execute(insert(audit_events), rows)
+        else:
+            with self._engine.begin() as own:
+                own.execute(insert(audit_events), rows)
+        for e in batch:
+            log.debug("audit %s %s %s", e.actor.label, e.action, e.outcome)
+
+    def events(
+        self, action: str | None = None, study_uid: str | None = None, limit: int = 1000
+    ) -> Iterator[dict[str, Any]]:
+        """Recorded events, newest first, optionally filtered."""
+        query = select(audit_events).order_by(audit_events.c.pk.desc()).limit(limit)
+        if action:
+            query = query.where(audit_events.c.action == action)
+        if study_uid:
+            query = query.where(audit_events.c.study_uid == study_uid)
+        with self._engine.connect() as conn:
+            for row in conn.execute(query).mappings():
+                item = dict(row)
+                item["detail"] = json.loads(item["detail"] or "{}")
+                yield item

@@ -1,0 +1,244 @@
+"""The one command, ``imageshare``: each sub-command calls a service."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import getpass
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from imageshare import __version__
+from imageshare.domain.actors import cli_actor
+from imageshare.domain.errors import ImageShareError
+from imageshare.settings import Settings, load_settings, setting_docs
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    parser.add_argument("--data-dir", type=Path, help="data folder (IMAGESHARE_DATA_DIR)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imageshare", description="ImageShare medical image exchange",
+        epilog="Settings: " + ", ".join(env for _n, env, _d, _h in setting_docs()),
+    )
+    parser.add_argument("--version", action="version", version=f"imageshare {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP server and the DICOM listener")
+    _common(serve)
+    serve.add_argument("--http-host")
+    serve.add_argument("--http-port", type=int)
+    serve.add_argument("--dicom-port", type=int)
+    serve.add_argument("--ae-title")
+
+    user = sub.add_parser("user", help="manage user accounts").add_subparsers(
+        dest="action", required=True
+    )
+    add = user.add_parser("add", help="create a user")
+    _common(add)
+    add.add_argument("username")
+    add.add_argument("--role", default="clinician")
+    add.add_argument(
+        "--password", help="password (else IMAGESHARE_NEW_USER_PASSWORD, else asked for)"
+    )
+    token = user.add_parser("token", help="create a personal API token for a user")
+    _common(token)
+    token.add_argument("username")
+    token.add_argument("--name", default="cli")
+
+    node = sub.add_parser("node", help="manage remote DICOM nodes").add_subparsers(
+        dest="action", required=True
+    )
+    nadd = node.add_parser("add", help="register a remote DICOM AE / DICOMweb site")
+    _common(nadd)
+    nadd.add_argument("ae_title")
+    nadd.add_argument("--host", required=True)
+    nadd.add_argument("--port", type=int, required=True)
+    nadd.add_argument("--dicomweb", default="", help="DICOMweb base URL of the site")
+    nadd.add_argument("--name", default="", help="display name")
+    nadd.add_argument("--no-query", action="store_true", help="may not query us")
+    nadd.add_argument("--no-retrieve", action="store_true", help="may not retrieve from us")
+    nadd.add_argument("--no-store", action="store_true", help="may not store to us")
+    nadd.add_argument("--replace", action="store_true", help="update an existing node")
+    nlist = node.add_parser("list", help="list registered nodes")
+    _common(nlist)
+    nrm = node.add_parser("remove", help="forget a node")
+    _common(nrm)
+    nrm.add_argument("ae_title")
+
+    imp = sub.add_parser("import", help="import files, folders, zip files and DICOMDIR media")
+    _common(imp)
+    imp.add_argument("paths", nargs="+", type=Path)
+    imp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    audit = sub.add_parser("audit", help="the audit trail").add_subparsers(
+        dest="action", required=True
+    )
+    export = audit.add_parser("export", help="write audit events as JSON lines or CSV")
+    _common(export)
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    export.add_argument("--out", type=Path, help="file to write (default: standard output)")
+    export.add_argument("--limit", type=int, default=1_000_000)
+
+    db = sub.add_parser("db", help="the index database").add_subparsers(
+        dest="action", required=True
+    )
+    up = db.add_parser("upgrade", help="apply schema migrations")
+    _common(up)
+
+    settings = sub.add_parser("settings", help="print every setting with its default")
+    settings.add_argument("--markdown", action="store_true")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        "data_dir": getattr(args, "data_dir", None),
+        "http_host": getattr(args, "http_host", None),
+        "http_port": getattr(args, "http_port", None),
+        "dicom_port": getattr(args, "dicom_port", None),
+        "ae_title": getattr(args, "ae_title", None),
+    }
+    return load_settings(overrides, config_file=getattr(args, "config", None))
+
+
+def _print_settings(markdown: bool) -> None:
+    if markdown:
+        print("| setting | environment variable | default | meaning |")
+        print("|---|---|---|---|")
+    for name, env, default, help_text in setting_docs():
+        if markdown:
+            print(f"| `{name}` | `{env}` | `{default}` | {help_text} |")
+        else:
+            print(f"{env}={default}\n    {help_text}")
+
+
+def _import(archive: Any, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from imageshare.archive.importing import Importer
+
+    importer = Importer(archive.ingest)
+    bar = tqdm(unit=" files", disable=args.quiet, file=sys.stderr, desc="importing")
+    report = importer.run(list(args.paths), cli_actor(), progress=lambda _label: bar.update())
+    bar.close()
+    print(report.summary())
+    for label, reason in report.refused:
+        print(f"refused: {label}: {reason}")
+    return 0 if not report.refused else 1
+
+
+def _audit_export(archive: Any, args: argparse.Namespace) -> int:
+    from imageshare.audit.trail import AuditEvent
+
+    events = list(archive.audit.events(limit=args.limit))
+    archive.audit.record(
+        AuditEvent(cli_actor(), "audit.export", "success", instance_count=len(events))
+    )
+    out = open(args.out, "w", newline="") if args.out else sys.stdout
+    try:
+        if args.format == "jsonl":
+            for event in reversed(events):
+                event["at"] = event["at"].isoformat()
+                out.write(json.dumps(event, sort_keys=True) + "\n")
+        else:
+            writer = csv.writer(out)
+            columns = ["pk", "at", "actor", "actor_kind", "source", "action", "outcome",
+                       "patient_id", "study_uid", "instance_count", "detail"]
+            writer.writerow(columns)
+            for event in reversed(events):
+                event["at"] = event["at"].isoformat()
+                event["detail"] = json.dumps(event["detail"], sort_keys=True)
+                writer.writerow([event[c] for c in columns])
+    finally:
+        if args.out:
+            out.close()
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "settings":
+        _print_settings(args.markdown)
+        return 0
+    settings = _settings(args)
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    if args.command == "serve":
+        from imageshare.app import serve
+
+        serve(settings)
+        return 0
+    from imageshare.app import build_archive
+    from imageshare.audit.trail import AuditEvent
+    from imageshare.exchange.nodes import Node
+
+    archive = build_archive(settings, upgrade=True)
+    try:
+        if args.command == "db":
+            print("the index database is up to date")
+            return 0
+        if args.command == "user" and args.action == "add":
+            password = args.password or os.environ.get("IMAGESHARE_NEW_USER_PASSWORD") or (
+                getpass.getpass(f"password for {args.username}: ")
+            )
+            archive.users.add(args.username, password, args.role)
+            archive.audit.record(AuditEvent(cli_actor(), "user.add", "success",
+                                            detail={"username": args.username,
+                                                    "role": args.role}))
+            print(f"user {args.username} ({args.role}) created")
+            return 0
+        if args.command == "user" and args.action == "token":
+            print(archive.users.create_token(args.username, args.name))
+            return 0
+        if args.command == "node" and args.action == "add":
+            node = Node(
+                ae_title=args.ae_title, host=args.host, port=args.port,
+                dicomweb_url=args.dicomweb, display_name=args.name,
+                may_query=not args.no_query, may_retrieve=not args.no_retrieve,
+                may_store=not args.no_store,
+            )
+            archive.nodes.add(node, replace=args.replace)
+            archive.audit.record(AuditEvent(cli_actor(), "node.add", "success",
+                                            detail={"ae_title": node.ae_title}))
+            print(f"node {node.ae_title} registered ({node.host}:{node.port})")
+            return 0
+        if args.command == "node" and args.action == "list":
+            for n in archive.nodes.all():
+                print(f"{n.ae_title}\t{n.host}:{n.port}\t{n.dicomweb_url}\t{n.display_name}")
+            return 0
+        if args.command == "node" and args.action == "remove":
+            archive.nodes.remove(args.ae_title)
+            print(f"node {args.ae_title} removed")
+            return 0
+        if args.command == "import":
+            return _import(archive, args)
+        if args.command == "audit":
+            return _audit_export(archive, args)
+    finally:
+        archive.close()
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run, and turn expected errors into a message and exit code 2."""
+    try:
+        return run(argv)
+    except ImageShareError as exc:
+        print(f"imageshare: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,1 @@
+"""pynetdicom adapter: the DICOM listener (SCP) and talking to remote nodes (SCU)."""

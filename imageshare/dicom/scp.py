@@ -1,0 +1,322 @@
+"""The DICOM listener: C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET mapped onto services.
+
+Each handler builds the calling node's Actor, asks the policy, calls one service and maps
+typed errors to DIMSE status codes. Received datasets are written straight to staging files
+by pynetdicom (``STORE_RECV_CHUNKED_DATASET``) and never decoded whole in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    evt,
+)
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from imageshare.access.policy import (
+    DICOM_ECHO,
+    DICOM_QUERY,
+    DICOM_RETRIEVE,
+    DICOM_STORE,
+    Policy,
+)
+from imageshare.archive.ingest import IngestService
+from imageshare.archive.query import LEVELS, Query, QueryService
+from imageshare.archive.retrieve import RetrieveService, StoredInstance
+from imageshare.dicom.contexts import storage_contexts_for
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import (
+    ConflictingInstance,
+    ImageShareError,
+    InvalidInstance,
+    InvalidQuery,
+    NotFound,
+)
+from imageshare.exchange.nodes import NodeRegistry
+
+log = logging.getLogger("imageshare.dicom")
+
+NOT_AUTHORISED = 0x0124
+STORE_CANNOT_UNDERSTAND = 0xC000
+STORE_CONFLICT = 0xA910
+STORE_OUT_OF_RESOURCES = 0xA700
+STORE_WARNING_KEPT = 0xB000
+FIND_UNABLE = 0xC000
+FIND_IDENTIFIER_MISMATCH = 0xA900
+MOVE_DESTINATION_UNKNOWN = 0xA801
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+class DicomListener:
+    """Serves the archive over DIMSE on one port; start() returns once it listens."""
+
+    def __init__(
+        self,
+        ae_title: str,
+        port: int,
+        host: str,
+        ingest: IngestService,
+        query: QueryService,
+        retrieve: RetrieveService,
+        nodes: NodeRegistry,
+        policy: Policy,
+        max_associations: int = 32,
+        timeout: float = 60.0,
+        max_pdu: int = 262144,
+        check_calling_host: bool = False,
+    ) -> None:
+        self.ingest = ingest
+        self.query = query
+        self.retrieve = retrieve
+        self.nodes = nodes
+        self.policy = policy
+        self.port = port
+        self.host = host
+        self.check_calling_host = check_calling_host
+        self._actors: weakref.WeakKeyDictionary[Any, Actor] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom writes received datasets with NamedTemporaryFile: keep them on our disk,
+        # next to the blobs, so that storing is a rename.
+        tempfile.tempdir = str(ingest.staging_dir)
+        ae = AE(ae_title=ae_title)
+        ae.maximum_associations = max_associations
+        ae.acse_timeout = timeout
+        ae.dimse_timeout = timeout
+        ae.network_timeout = timeout
+        ae.maximum_pdu_size = max_pdu
+        ae.require_called_aet = False
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(
+                cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+            )
+        for uid in (
+            PatientRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelFind,
+            PatientRootQueryRetrieveInformationModelMove,
+            StudyRootQueryRetrieveInformationModelMove,
+            PatientRootQueryRetrieveInformationModelGet,
+            StudyRootQueryRetrieveInformationModelGet,
+        ):
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        self.ae = ae
+        self._server: Any = None
+
+    def start(self) -> None:
+        """Listen in background threads."""
+        handlers = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_C_GET, self._on_get),
+        ]
+        self._server = self.ae.start_server(
+            (self.host, self.port), block=False, evt_handlers=handlers
+        )
+        self.port = self._server.server_address[1]
+
+    def stop(self) -> None:
+        """Stop listening and end open associations."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- who is calling ----------------------------------------------------------------------
+
+    def _actor(self, event: Any) -> Actor:
+        assoc = event.assoc
+        with self._lock:
+            actor = self._actors.get(assoc)
+        if actor is not None:
+            return actor
+        calling = str(assoc.requestor.ae_title).strip()
+        address = str(assoc.requestor.address)
+        node = self.nodes.find(calling)
+        registered = node is not None and (
+            not self.check_calling_host or _same_host(node.host, address)
+        )
+        actor = Actor(
+            kind="node", name=calling, role="node", source=f"{calling}@{address}",
+            registered=registered, grants=node.grants if (node and registered) else frozenset(),
+        )
+        with self._lock:
+            self._actors[assoc] = actor
+        return actor
+
+    # -- handlers --------------------------------------------------------------------------------
+
+    def _on_echo(self, event: Any) -> int:
+        return 0x0000 if self.policy.allows(self._actor(event), DICOM_ECHO) else NOT_AUTHORISED
+
+    def _on_store(self, event: Any) -> Dataset | int:
+        actor = self._actor(event)
+        if not self.policy.allows(actor, DICOM_STORE):
+            return _status(NOT_AUTHORISED, "this AE title may not store here")
+        try:
+            path = Path(event.dataset_path)
+            result = self.ingest.store_staged(path, actor)
+        except InvalidInstance as exc:
+            return _status(STORE_CANNOT_UNDERSTAND, str(exc))
+        except ConflictingInstance as exc:
+            return _status(STORE_CONFLICT, str(exc))
+        except Exception as exc:  # noqa: BLE001 - nothing was acknowledged; no details
+            log.error("C-STORE failed: %s", type(exc).__name__)
+            log.debug("C-STORE trace", exc_info=exc)
+            return _status(STORE_OUT_OF_RESOURCES, "the archive could not store the instance")
+        if result.outcome == "kept_first":
+            log.info("instance arrived again with new content; stored copy kept")
+        return 0x0000
+
+    def _query_for(self, event: Any, actor: Actor) -> Query:
+        identifier = event.identifier
+        level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+        if level not in LEVELS:
+            raise InvalidQuery("QueryRetrieveLevel must be PATIENT, STUDY, SERIES or IMAGE")
+        model = str(event.context.abstract_syntax)
+        if level == "PATIENT" and model.startswith("1.2.840.10008.5.1.4.1.2.2"):
+            raise InvalidQuery("the Study Root model has no PATIENT level")
+        body = Dataset()
+        for element in identifier:
+            if element.tag.group in (0x0000, 0x0002) or element.keyword == "QueryRetrieveLevel":
+                continue
+            body.add(element)
+        return Query(level=level, identifier=body.to_json_dict(), fuzzy=False)  # type: ignore[arg-type]
+
+    def _on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        actor = self._actor(event)
+        if not self.policy.allows(actor, DICOM_QUERY):
+            yield _status(NOT_AUTHORISED, "this AE title is not registered for queries"), None
+            return
+        try:
+            query = self._query_for(event, actor)
+            matches = self.query.find(query, actor)
+        except (InvalidQuery, ValueError) as exc:
+            yield _status(FIND_IDENTIFIER_MISMATCH, str(exc)), None
+            return
+        except Exception as exc:  # noqa: BLE001
+            log.error("C-FIND failed: %s", type(exc).__name__)
+            log.debug("C-FIND trace", exc_info=exc)
+            yield _status(FIND_UNABLE, "the query could not be processed"), None
+            return
+        for match in matches:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            ds = Dataset.from_json(match.attributes)
+            ds.SpecificCharacterSet = "ISO_IR 192"
+            ds.QueryRetrieveLevel = query.level
+            yield 0xFF00, ds
+
+    def _instances_for(self, event: Any, actor: Actor, action: str) -> list[StoredInstance]:
+        identifier = event.identifier
+        level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+
+        def uids(keyword: str) -> list[str]:
+            value = identifier.get(keyword)
+            if value in (None, ""):
+                return []
+            values = [value] if isinstance(value, str) else list(value)
+            return [str(v).strip() for v in values if str(v).strip()]
+
+        if level == "PATIENT":
+            return self.retrieve.select(actor, action, patient_ids=uids("PatientID"))
+        if level == "STUDY":
+            return self.retrieve.select(actor, action, study_uids=uids("StudyInstanceUID"))
+        if level == "SERIES":
+            return self.retrieve.select(
+                actor, action, study_uids=uids("StudyInstanceUID"),
+                series_uids=uids("SeriesInstanceUID") or ["-"],
+            )
+        if level == "IMAGE":
+            return self.retrieve.select(
+                actor, action, study_uids=uids("StudyInstanceUID"),
+                series_uids=uids("SeriesInstanceUID"),
+                sop_uids=uids("SOPInstanceUID") or ["-"],
+            )
+        raise InvalidQuery("QueryRetrieveLevel must be PATIENT, STUDY, SERIES or IMAGE")
+
+    def _datasets(self, found: list[StoredInstance], event: Any) -> Iterator[tuple[int, Any]]:
+        for inst in found:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            with self.retrieve.open(inst) as fp:
+                yield 0xFF00, dcmread(fp)
+
+    def _on_move(self, event: Any) -> Iterator[Any]:
+        actor = self._actor(event)
+        # Raising before the first yield answers 0xC511 (unable to process).
+        self.policy.authorise(actor, DICOM_RETRIEVE)
+        destination = self.nodes.find(str(event.move_destination).strip())
+        if destination is None:
+            yield None, None
+            return
+        try:
+            found = self._instances_for(event, actor, "study.move")
+        except NotFound:
+            found = []
+        except (ImageShareError, ValueError) as exc:
+            log.info("C-MOVE refused: %s", type(exc).__name__)
+            found = []
+        contexts = storage_contexts_for(
+            {(i.sop_class_uid, i.transfer_syntax) for i in found}
+        )
+        yield destination.host, destination.port, {"contexts": contexts}
+        yield len(found)
+        yield from self._datasets(found, event)
+
+    def _on_get(self, event: Any) -> Iterator[Any]:
+        actor = self._actor(event)
+        if not self.policy.allows(actor, DICOM_RETRIEVE):
+            yield 0
+            yield _status(NOT_AUTHORISED, "this AE title is not registered for retrieval"), None
+            return
+        try:
+            found = self._instances_for(event, actor, "study.get")
+        except NotFound:
+            found = []
+        except (ImageShareError, ValueError) as exc:
+            yield 0
+            yield _status(FIND_IDENTIFIER_MISMATCH, str(exc)), None
+            return
+        yield len(found)
+        yield from self._datasets(found, event)
+
+
+def _same_host(registered: str, address: str) -> bool:
+    try:
+        return address in {info[4][0] for info in socket.getaddrinfo(registered, None)}
+    except OSError:
+        return False
+

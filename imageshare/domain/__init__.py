@@ -1,0 +1,1 @@
+"""Plain-Python domain core: identifiers, value objects and errors; imports nothing of ours."""

@@ -1,0 +1,73 @@
+"""Typed errors whose messages are fit to show to the user (never patient data for anonymous users).
+
+Adapters map them to DICOM status codes and HTTP problem details (RFC 9457).
+"""
+
+from __future__ import annotations
+
+
+class ImageShareError(Exception):
+    """Base of every error ImageShare reports on purpose."""
+
+    http_status = 400
+    title = "Bad request"
+
+
+class ConfigurationError(ImageShareError):
+    """A setting or configuration file is wrong."""
+
+    title = "Configuration error"
+
+
+class InvalidInstance(ImageShareError):
+    """Received bytes are not a storable DICOM instance."""
+
+    title = "Invalid DICOM instance"
+
+
+class ConflictingInstance(ImageShareError):
+    """The instance contradicts what the archive already holds (e.g. study of another patient)."""
+
+    http_status = 409
+    title = "Conflict with stored data"
+
+
+class NotFound(ImageShareError):
+    """The resource does not exist, or the caller may not know it exists."""
+
+    http_status = 404
+    title = "Not found"
+
+
+class NotAuthenticated(ImageShareError):
+    """The caller did not prove who they are."""
+
+    http_status = 401
+    title = "Authentication required"
+
+
+class Forbidden(ImageShareError):
+    """The caller is known but may not do this."""
+
+    http_status = 403
+    title = "Forbidden"
+
+
+class InvalidQuery(ImageShareError):
+    """A search request cannot be understood."""
+
+    title = "Invalid query"
+
+
+class NotAcceptable(ImageShareError):
+    """The requested representation cannot be produced."""
+
+    http_status = 406
+    title = "Not acceptable"
+
+
+class UnknownNode(ImageShareError):
+    """A DICOM node (AE title) is not registered."""
+
+    http_status = 404
+    title = "Unknown DICOM node"

@@ -1,0 +1,38 @@
+"""Identifiers of the hospital world: DICOM UIDs, NHS numbers, person names."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def is_valid_uid(value: str | None) -> bool:
+    """True when ``value`` is a syntactically valid DICOM UID (PS3.5 9.1)."""
+    return bool(value) and len(value) <= 64 and bool(_UID.match(value))
+
+
+def is_valid_nhs_number(value: str) -> bool:
+    """True when ``value`` is a ten-digit NHS number with a correct modulus-11 check digit."""
+    digits = re.sub(r"[\s-]", "", value or "")
+    if not re.fullmatch(r"\d{10}", digits):
+        return False
+    total = sum(int(d) * w for d, w in zip(digits[:9], range(10, 1, -1), strict=True))
+    check = 11 - total % 11
+    if check == 11:
+        check = 0
+    return check != 10 and check == int(digits[9])
+
+
+def normalise_name(value: str | None) -> str:
+    """A person name folded for matching: accents removed, upper case, spaces squeezed.
+
+    The DICOM component separator ``^`` and group separator ``=`` are kept, so that
+    ``Müller^Jürgen`` and ``MULLER^JURGEN`` compare equal.
+    """
+    if not value:
+        return ""
+    decomposed = unicodedata.normalize("NFKD", value)
+    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return re.sub(r"\s+", " ", stripped).strip().upper()

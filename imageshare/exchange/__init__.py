@@ -1,0 +1,1 @@
+"""Exchange with other sites: the registry of connected DICOM / DICOMweb nodes."""

@@ -1,0 +1,151 @@
+"""The one Settings object: embedded defaults, an optional TOML file, ``IMAGESHARE_*`` variables.
+
+Precedence, lowest first: defaults, the file named by ``IMAGESHARE_CONFIG`` (or ``--config``),
+environment variables, command-line options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from imageshare.domain.errors import ConfigurationError
+
+
+def _setting(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best here
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every option of ImageShare with its default; see :func:`load_settings`."""
+
+    data_dir: Path = _setting(Path("./var"), "Folder for the database, blobs and staging files.")
+    http_host: str = _setting("127.0.0.1", "Address the HTTP server listens on.")
+    http_port: int = _setting(8000, "Port of the HTTP server (web app, /api, /dicomweb).")
+    dicom_port: int = _setting(11112, "Port of the DICOM listener (0 disables it).")
+    dicom_host: str = _setting("", "Address the DICOM listener binds to; empty: as http_host.")
+    ae_title: str = _setting("IMAGESHARE", "Application Entity title of the DICOM listener.")
+    database_url: str = _setting(
+        "", "SQLAlchemy URL of the index; empty means SQLite file index.sqlite in the data dir."
+    )
+    storage_url: str = _setting(
+        "", "Blob store URL; empty means the folder blobs/ in the data dir (file:///path also)."
+    )
+    admin_password: str = _setting(
+        "", "Password of the admin account created on first start; generated if empty."
+    )
+    overwrite_instances: bool = _setting(
+        False, "Replace a stored instance when the same SOP Instance UID arrives with new content."
+    )
+    store_from_any_ae: bool = _setting(
+        True, "Accept C-STORE from any calling AE title; false: only from registered nodes."
+    )
+    check_calling_host: bool = _setting(
+        False, "Query/retrieve only when the peer's address matches its registered host."
+    )
+    max_associations: int = _setting(32, "Most DICOM associations served at once.")
+    dicom_timeout: float = _setting(60.0, "Seconds a DICOM association may stay silent.")
+    max_pdu_size: int = _setting(262144, "Largest PDU the DICOM listener accepts (bytes).")
+    cors_origins: str = _setting(
+        "", "Comma-separated origins allowed to call /dicomweb from a browser (e.g. an OHIF host)."
+    )
+    qido_max_limit: int = _setting(1000, "Most results one QIDO-RS or C-FIND answer returns.")
+    log_level: str = _setting("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.")
+    sqlite_synchronous: str = _setting(
+        "NORMAL",
+        "SQLite synchronous mode. NORMAL is safe for acknowledged stores because blobs are "
+        "fsynced and re-indexed on start; FULL also fsyncs every index commit.",
+    )
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The index URL, defaulting to SQLite in the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        """The blob store URL, defaulting to the blobs folder in the data dir."""
+        if self.storage_url:
+            return self.storage_url
+        return (self.data_dir / "blobs").resolve().as_uri()
+
+    @property
+    def staging_dir(self) -> Path:
+        """Local folder where incoming bytes are written before they are stored."""
+        return self.data_dir / "staging"
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some values changed (values are converted like environment values)."""
+        return dataclasses.replace(self, **_convert_all(changes))
+
+
+def setting_docs() -> list[tuple[str, str, Any, str]]:
+    """(name, environment variable, default, help) for every setting, for docs and --help."""
+    return [
+        (f.name, env_name(f.name), f.default, f.metadata["help"]) for f in fields(Settings)
+    ]
+
+
+def env_name(name: str) -> str:
+    """The environment variable that sets the setting ``name``."""
+    return "IMAGESHARE_" + name.upper()
+
+
+def _convert(name: str, value: Any) -> Any:
+    kind = {f.name: f for f in fields(Settings)}.get(name)
+    if kind is None:
+        raise ConfigurationError(f"unknown setting {name!r}")
+    default = kind.default
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, Path):
+            return Path(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"setting {name} has an invalid value {value!r}") from exc
+
+
+def _convert_all(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _convert(k, v) for k, v in values.items()}
+
+
+def load_settings(
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
+    """Build Settings from defaults, the config file, IMAGESHARE_* variables and overrides."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = config_file or (Path(env["IMAGESHARE_CONFIG"]) if env.get("IMAGESHARE_CONFIG") else None)
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigurationError(f"cannot read configuration file {path}: {exc}") from exc
+        values.update(data.get("imageshare", data))
+    for f in fields(Settings):
+        if env_name(f.name) in env:
+            values[f.name] = env[env_name(f.name)]
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return Settings(**_convert_all(values))

@@ -1,0 +1,70 @@
+"""The blob store interface: durable bytes under opaque keys, and how to open one by URL."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+from urllib.parse import urlparse
+
+from imageshare.domain.errors import ConfigurationError
+
+
+class BlobStore(Protocol):
+    """Stores instance bytes. Every write is durable (fsynced) when the call returns."""
+
+    def put(self, key: str, stream: BinaryIO) -> int:
+        """Store everything read from ``stream`` under ``key``; returns the byte count."""
+        ...
+
+    def put_file(self, key: str, path: Path) -> None:
+        """Move the local file ``path`` (already fsynced) into the store under ``key``."""
+        ...
+
+    def open(self, key: str) -> BinaryIO:
+        """Open the bytes under ``key`` for streaming reads; raises KeyError if absent."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; absent keys are ignored."""
+        ...
+
+    def exists(self, key: str) -> bool:
+        """True when ``key`` is stored."""
+        ...
+
+    def keys(self) -> Iterator[str]:
+        """Every stored key (used to find blobs that the index lost)."""
+        ...
+
+    def local_path(self, key: str) -> Path | None:
+        """A local file holding ``key`` when the store is on this machine's disk, else None."""
+        ...
+
+
+def new_blob_key() -> str:
+    """A fresh opaque key: random, so that no patient data ends up in a file name."""
+    return uuid.uuid4().hex
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_blob_store(url: str) -> BlobStore:
+    """The blob store named by ``url`` (``file:///path`` or a plain path)."""
+    from imageshare.storage.files import FileBlobStore
+
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        return FileBlobStore(Path(parsed.path if parsed.scheme else url))
+    raise ConfigurationError(
+        f"storage URL scheme {parsed.scheme!r} is not supported yet (use a file:// URL)"
+    )

@@ -1,0 +1,130 @@
+"""Blob store on the local file system: temporary file, fsync, rename, fsync of the folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+_KEY = re.compile(r"^[0-9a-f]{8,64}$")
+_CHUNK = 1 << 20
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileBlobStore:
+    """Blobs as files under ``root/ab/cd/<key>``; writes are atomic and durable."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.root / ".tmp"
+        self._tmp.mkdir(exist_ok=True)
+        self._dirs_known: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> Path:
+        if not _KEY.match(key):
+            raise ValueError("invalid blob key")
+        return self.root / key[:2] / key[2:4] / key
+
+    def _ensure_dir(self, folder: Path) -> None:
+        if folder in self._dirs_known:
+            return
+        with self._lock:
+            if not folder.is_dir():
+                parent = folder.parent
+                if not parent.is_dir():
+                    parent.mkdir()
+                    _fsync_dir(self.root)
+                folder.mkdir(exist_ok=True)
+                _fsync_dir(parent)
+            self._dirs_known.add(folder)
+
+    def put(self, key: str, stream: BinaryIO) -> int:
+        """Store everything read from ``stream`` under ``key``; returns the byte count."""
+        tmp = self._tmp / f"{key}.part"
+        size = 0
+        with open(tmp, "wb") as out:
+            while chunk := stream.read(_CHUNK):
+                out.write(chunk)
+                size += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        self._install(key, tmp)
+        return size
+
+    def put_file(self, key: str, path: Path) -> None:
+        """Move the local file ``path`` (already fsynced) into the store under ``key``."""
+        try:
+            self._install(key, path)
+        except OSError as exc:
+            if exc.errno != 18:  # EXDEV: another file system, copy instead
+                raise
+            with open(path, "rb") as src:
+                self.put(key, src)
+            path.unlink(missing_ok=True)
+
+    def _install(self, key: str, source: Path) -> None:
+        final = self._path(key)
+        self._ensure_dir(final.parent)
+        os.replace(source, final)
+        _fsync_dir(final.parent)
+
+    def open(self, key: str) -> BinaryIO:
+        """Open the bytes under ``key`` for streaming reads; raises KeyError if absent."""
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError as exc:
+            raise KeyError(key) from exc
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; absent keys are ignored."""
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        _fsync_dir(path.parent)
+
+    def exists(self, key: str) -> bool:
+        """True when ``key`` is stored."""
+        return self._path(key).is_file()
+
+    def keys(self) -> Iterator[str]:
+        """Every stored key."""
+        for first in sorted(os.scandir(self.root), key=lambda e: e.name):
+            if not first.is_dir() or first.name.startswith("."):
+                continue
+            for second in os.scandir(first.path):
+                if second.is_dir():
+                    for entry in os.scandir(second.path):
+                        if _KEY.match(entry.name):
+                            yield entry.name
+
+    def local_path(self, key: str) -> Path | None:
+        """The file holding ``key``."""
+        return self._path(key)
+
+    def copy_in(self, key: str, path: Path) -> None:
+        """Copy (not move) a local file into the store durably."""
+        with open(path, "rb") as src:
+            self.put(key, src)
+
+    def clear_partial_writes(self) -> int:
+        """Remove temporary files left by a crash; returns how many were removed."""
+        removed = 0
+        for entry in os.scandir(self._tmp):
+            os.unlink(entry.path)
+            removed += 1
+        return removed
+

@@ -1,0 +1,1 @@
+"""The SQL index of patients, studies, series and instances (SQLAlchemy Core)."""

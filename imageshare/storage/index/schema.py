@@ -1,0 +1,174 @@
+"""Tables of the index. Every change here comes with an Alembic migration."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+patients = Table(
+    "patients",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("patient_id", String(64), nullable=False),
+    Column("issuer", String(64), nullable=False, default=""),
+    Column("name", String(324), nullable=False, default=""),
+    Column("name_norm", String(324), nullable=False, default=""),
+    Column("birth_date", String(8), nullable=False, default=""),
+    Column("sex", String(16), nullable=False, default=""),
+    Column("attrs", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("patient_id", "issuer"),
+    Index(None, "name_norm"),
+    Index(None, "birth_date"),
+)
+
+patient_identifiers = Table(
+    "patient_identifiers",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("patient_pk", ForeignKey("patients.pk", ondelete="CASCADE"), nullable=False),
+    Column("value", String(64), nullable=False),
+    Column("issuer", String(64), nullable=False, default=""),
+    Column("kind", String(16), nullable=False, default=""),
+    UniqueConstraint("patient_pk", "value", "issuer"),
+    Index(None, "value"),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("study_uid", String(64), nullable=False, unique=True),
+    Column("patient_pk", ForeignKey("patients.pk"), nullable=False, index=True),
+    Column("study_date", String(8), nullable=False, default=""),
+    Column("study_time", String(16), nullable=False, default=""),
+    Column("accession_number", String(16), nullable=False, default=""),
+    Column("study_id", String(16), nullable=False, default=""),
+    Column("description", String(64), nullable=False, default=""),
+    Column("description_norm", String(64), nullable=False, default=""),
+    Column("referring_name", String(324), nullable=False, default=""),
+    Column("referring_norm", String(324), nullable=False, default=""),
+    Column("modalities", String(128), nullable=False, default=""),
+    Column("num_series", Integer, nullable=False, default=0),
+    Column("num_instances", Integer, nullable=False, default=0),
+    Column("attrs", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index(None, "study_date"),
+    Index(None, "accession_number"),
+    Index(None, "updated_at"),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("series_uid", String(64), nullable=False, unique=True),
+    Column("study_pk", ForeignKey("studies.pk"), nullable=False, index=True),
+    Column("modality", String(16), nullable=False, default=""),
+    Column("series_number", Integer, nullable=True),
+    Column("description", String(64), nullable=False, default=""),
+    Column("body_part", String(16), nullable=False, default=""),
+    Column("num_instances", Integer, nullable=False, default=0),
+    Column("attrs", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index(None, "modality"),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("sop_uid", String(64), nullable=False, unique=True),
+    Column("series_pk", ForeignKey("series.pk"), nullable=False, index=True),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("instance_number", Integer, nullable=True),
+    Column("transfer_syntax", String(64), nullable=False),
+    Column("number_of_frames", Integer, nullable=False, default=1),
+    Column("rows", Integer, nullable=True),
+    Column("columns", Integer, nullable=True),
+    Column("bits_allocated", Integer, nullable=True),
+    Column("blob_key", String(64), nullable=False, unique=True),
+    Column("size", BigInteger, nullable=False),
+    Column("retention_class", String(32), nullable=False, default="clinical"),
+    Column("received_from", String(128), nullable=False, default=""),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Index(None, "sop_class_uid"),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("username", String(128), nullable=False, unique=True),
+    Column("password_hash", String(256), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("user_pk", ForeignKey("users.pk", ondelete="CASCADE"), nullable=False, index=True),
+    Column("name", String(128), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column("last_used_at", DateTime(timezone=True), nullable=True),
+)
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("ae_title", String(16), nullable=False, unique=True),
+    Column("host", String(255), nullable=False),
+    Column("port", Integer, nullable=False),
+    Column("dicomweb_url", String(1024), nullable=False, default=""),
+    Column("display_name", String(128), nullable=False, default=""),
+    Column("may_query", Boolean, nullable=False, default=True),
+    Column("may_retrieve", Boolean, nullable=False, default=True),
+    Column("may_store", Boolean, nullable=False, default=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    Column("actor", String(128), nullable=False),
+    Column("actor_kind", String(16), nullable=False),
+    Column("source", String(255), nullable=False, default=""),
+    Column("action", String(64), nullable=False, index=True),
+    Column("outcome", String(16), nullable=False),
+    Column("patient_id", String(64), nullable=False, default=""),
+    Column("study_uid", String(64), nullable=False, default="", index=True),
+    Column("detail", Text, nullable=False, default=""),
+    Column("instance_count", Integer, nullable=False, default=0),
+)

@@ -1,0 +1,1 @@
+"""ASGI adapter: DICOMweb, the JSON API and health checks, behind one authorisation check."""

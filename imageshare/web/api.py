@@ -1,0 +1,99 @@
+"""The JSON API under /api: nodes, audit trail, the caller's account and API tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from imageshare.access.policy import ACCOUNT_SELF, AUDIT_READ, NODE_MANAGE, TOKEN_SELF
+from imageshare.audit.trail import AuditEvent
+from imageshare.exchange.nodes import Node
+from imageshare.web.auth import allowed
+
+router = APIRouter(prefix="/api", tags=["API"])
+
+
+class NodeIn(BaseModel):
+    """A remote DICOM node to register."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str = Field(min_length=1, max_length=255)
+    port: int = Field(gt=0, lt=65536)
+    dicomweb_url: str = ""
+    display_name: str = ""
+    may_query: bool = True
+    may_retrieve: bool = True
+    may_store: bool = True
+
+
+class TokenIn(BaseModel):
+    """A name for a new personal API token."""
+
+    name: str = Field(min_length=1, max_length=128)
+
+
+@router.get("/me", summary="The signed-in account")
+def me(actor: allowed(ACCOUNT_SELF)) -> dict[str, str]:
+    """Who the caller is and their role."""
+    return {"username": actor.name, "role": actor.role}
+
+
+@router.post("/tokens", status_code=201, summary="Create a personal API token")
+def create_token(request: Request, body: TokenIn, actor: allowed(TOKEN_SELF)) -> dict[str, str]:
+    """A new bearer token for DICOMweb clients; it is shown only in this answer."""
+    archive = request.app.state.archive
+    token = archive.users.create_token(actor.name, body.name)
+    archive.audit.record(
+        AuditEvent(actor=actor, action="token.create", outcome="success",
+                   detail={"name": body.name})
+    )
+    return {"name": body.name, "token": token}
+
+
+@router.get("/nodes", summary="List registered DICOM nodes")
+def list_nodes(request: Request, actor: allowed(NODE_MANAGE)) -> list[dict[str, Any]]:
+    """Every registered node."""
+    return [n.__dict__ for n in request.app.state.archive.nodes.all()]
+
+
+@router.post("/nodes", status_code=201, summary="Register a DICOM node")
+def add_node(request: Request, body: NodeIn, actor: allowed(NODE_MANAGE)) -> dict[str, Any]:
+    """Register a node; usable at once by the running server."""
+    archive = request.app.state.archive
+    node = Node(**body.model_dump())
+    archive.nodes.add(node)
+    archive.audit.record(
+        AuditEvent(actor=actor, action="node.add", outcome="success",
+                   detail={"ae_title": node.ae_title, "host": node.host, "port": node.port})
+    )
+    return node.__dict__
+
+
+@router.delete("/nodes/{ae_title}", status_code=204, summary="Remove a DICOM node")
+def remove_node(request: Request, ae_title: str, actor: allowed(NODE_MANAGE)) -> None:
+    """Forget a node."""
+    archive = request.app.state.archive
+    archive.nodes.remove(ae_title)
+    archive.audit.record(
+        AuditEvent(actor=actor, action="node.remove", outcome="success",
+                   detail={"ae_title": ae_title})
+    )
+
+
+@router.get("/audit", summary="Audit trail")
+def audit_events(
+    request: Request, actor: allowed(AUDIT_READ), action: str | None = None,
+    study_uid: str | None = None, limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Recorded events, newest first."""
+    archive = request.app.state.archive
+    events = list(archive.audit.events(action, study_uid, max(1, min(limit, 1000))))
+    archive.audit.record(
+        AuditEvent(actor=actor, action="audit.read", outcome="success",
+                   instance_count=len(events))
+    )
+    for event in events:
+        event["at"] = event["at"].isoformat()
+    return events

@@ -1,0 +1,132 @@
+"""multipart/related for DICOMweb: streaming STOW-RS bodies to staging files, and writing
+WADO-RS responses part by part."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from python_multipart import MultipartParser
+
+from imageshare.domain.errors import ImageShareError
+
+_CHUNK = 1 << 20
+
+
+def media_type_params(value: str) -> tuple[str, dict[str, str]]:
+    """Split ``type/subtype; a=b; c="d"`` into the type and lower-cased parameters."""
+    parts = [p.strip() for p in re.split(r';(?=(?:[^"]*"[^"]*")*[^"]*$)', value)]
+    params: dict[str, str] = {}
+    for part in parts[1:]:
+        if "=" in part:
+            key, _, val = part.partition("=")
+            params[key.strip().lower()] = val.strip().strip('"')
+    return parts[0].lower(), params
+
+
+@dataclass
+class ReceivedPart:
+    """One body part written to a staging file."""
+
+    path: Path
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class PartSink:
+    """Feeds a multipart body in chunks and writes each part to its own staging file."""
+
+    def __init__(self, boundary: str, new_file: callable) -> None:  # type: ignore[valid-type]
+        self._new_file = new_file
+        self.parts: list[ReceivedPart] = []
+        self._out: BinaryIO | None = None
+        self._path: Path | None = None
+        self._headers: dict[str, str] = {}
+        self._field = b""
+        self._value = b""
+        self.finished = False
+        callbacks = {
+            "on_part_begin": self._begin,
+            "on_part_data": self._data,
+            "on_part_end": self._end,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_end": self._done,
+        }
+        self._parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+
+    def feed(self, chunk: bytes) -> None:
+        """Parse the next chunk of the body."""
+        try:
+            self._parser.write(chunk)
+        except Exception as exc:  # noqa: BLE001 - the parser's errors mean a malformed body
+            raise ImageShareError("the multipart body is malformed") from exc
+
+    def _begin(self) -> None:
+        self._headers = {}
+        self._out, self._path = self._new_file()
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._out is not None:
+            self._out.write(data[start:end])
+
+    def _end(self) -> None:
+        if self._out is not None and self._path is not None:
+            self._out.close()
+            self.parts.append(
+                ReceivedPart(
+                    self._path, self._headers.get("content-type", ""), dict(self._headers)
+                )
+            )
+        self._out = None
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._field.decode("latin-1").strip().lower()] = self._value.decode(
+            "latin-1"
+        ).strip()
+        self._field, self._value = b"", b""
+
+    def _done(self) -> None:
+        self.finished = True
+
+    def close(self) -> None:
+        """Close a part left open by a body that ended early."""
+        if self._out is not None:
+            self._out.close()
+            if self._path is not None:
+                self._path.unlink(missing_ok=True)
+            self._out = None
+
+
+def new_boundary() -> str:
+    """A random multipart boundary."""
+    return "imageshare-" + secrets.token_hex(16)
+
+
+def part_stream(
+    boundary: str, parts: Iterable[tuple[str, Iterable[bytes]]]
+) -> Iterator[bytes]:
+    """The bytes of a multipart/related body from (content type, chunks) pairs."""
+    for content_type, chunks in parts:
+        yield f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode()
+        yield from chunks
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+def file_chunks(stream: BinaryIO) -> Iterator[bytes]:
+    """Read a file in 1 MiB chunks and close it."""
+    with stream:
+        while chunk := stream.read(_CHUNK):
+            yield chunk
