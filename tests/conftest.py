@@ -1,0 +1,274 @@
+"""Shared fixtures: archives on SQLite and PostgreSQL, an in-process client, real servers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from imageshare.app import Archive, build_archive
+from imageshare.settings import load_settings
+
+ADMIN_PASSWORD = "admin-test-password"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def require(available: bool, what: str) -> None:
+    """Skip when a real peer is missing, unless IMAGESHARE_REQUIRE_INTEROP says it must run."""
+    if available:
+        return
+    if os.environ.get("IMAGESHARE_REQUIRE_INTEROP"):
+        pytest.fail(f"{what} is required (IMAGESHARE_REQUIRE_INTEROP is set) but missing")
+    pytest.skip(f"{what} is not installed")
+
+
+def require_tool(name: str) -> str:
+    """The path of a command-line tool, or skip/fail as :func:`require` says."""
+    path = shutil.which(name)
+    require(path is not None, name)
+    return path  # type: ignore[return-value]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    """Block until something accepts connections on ``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------
+
+
+def _pg_bin() -> Path | None:
+    base = Path("/usr/lib/postgresql")
+    if not base.is_dir():
+        return None
+    versions = sorted(base.iterdir(), key=lambda p: p.name)
+    for version in reversed(versions):
+        if (version / "bin" / "initdb").exists():
+            return version / "bin"
+    return None
+
+
+@dataclass
+class PostgresServer:
+    """A throwaway PostgreSQL cluster; :meth:`new_database` gives each test its own."""
+
+    port: int
+    socket_dir: Path
+    counter: int = 0
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        import psycopg
+
+        self.counter += 1
+        name = f"t{os.getpid()}_{self.counter}"
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
+        ) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    bin_dir = _pg_bin()
+    require(bin_dir is not None, "PostgreSQL server (Debian package postgresql)")
+    assert bin_dir is not None
+    # Not under pytest's private temp folder: the postgres user must be able to enter it.
+    base = Path(tempfile.mkdtemp(prefix="imageshare-pg-"))
+    data, sock = base / "data", base / "sock"
+    port = free_port()
+    as_root = os.geteuid() == 0
+    run_as = ["runuser", "-u", "postgres", "--"] if as_root else []
+    base.chmod(0o755)
+    for d in (data, sock):
+        d.mkdir()
+        if as_root:
+            shutil.chown(d, "postgres", "postgres")
+    subprocess.run(
+        [*run_as, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+         "-E", "UTF8", "--locale=C.UTF-8"],
+        check=True, capture_output=True,
+    )
+    subprocess.run(
+        [*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(data / "server.log"),
+         "-w", "start", "-o",
+         f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"],
+        check=True, capture_output=True,
+    )
+    try:
+        yield PostgresServer(port, sock)
+    finally:
+        subprocess.run(
+            [*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+            capture_output=True,
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# -- archives ---------------------------------------------------------------------------------
+
+
+def make_archive(tmp_path: Path, database_url: str = "", **settings: object) -> Archive:
+    """An archive in ``tmp_path`` with the given settings."""
+    values = {"data_dir": tmp_path / "data", "database_url": database_url, **settings}
+    return build_archive(load_settings(values, environ={}))
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[Archive]:
+    """An archive on SQLite."""
+    built = make_archive(tmp_path)
+    built.users.ensure_admin(ADMIN_PASSWORD)
+    yield built
+    built.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_archive(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Archive]:
+    """The same archive on SQLite and on PostgreSQL."""
+    url = ""
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres").new_database()
+    built = make_archive(tmp_path, url)
+    built.users.ensure_admin(ADMIN_PASSWORD)
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def client(archive: Archive) -> Iterator[httpx.Client]:
+    """An in-process HTTP client signed in as admin."""
+    from fastapi.testclient import TestClient
+
+    from imageshare.web.server import create_app
+
+    with TestClient(create_app(archive), auth=("admin", ADMIN_PASSWORD)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def anonymous(archive: Archive) -> Iterator[httpx.Client]:
+    """An in-process HTTP client with no credentials."""
+    from fastapi.testclient import TestClient
+
+    from imageshare.web.server import create_app
+
+    with TestClient(create_app(archive)) as test_client:
+        yield test_client
+
+
+# -- real servers ------------------------------------------------------------------------------
+
+
+@dataclass
+class RunningServer:
+    """``imageshare serve`` as a separate process on free ports."""
+
+    data_dir: Path
+    http_port: int = field(default_factory=free_port)
+    dicom_port: int = field(default_factory=free_port)
+    ae_title: str = "IMAGESHARE"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return self.url + "/dicomweb"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGESHARE_")}
+        env.update(
+            IMAGESHARE_DATA_DIR=str(self.data_dir),
+            IMAGESHARE_HTTP_PORT=str(self.http_port),
+            IMAGESHARE_DICOM_PORT=str(self.dicom_port),
+            IMAGESHARE_AE_TITLE=self.ae_title,
+            IMAGESHARE_ADMIN_PASSWORD=ADMIN_PASSWORD,
+            IMAGESHARE_LOG_LEVEL="WARNING",
+        )
+        env.update(self.extra_env)
+        return env
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``imageshare ARGS`` against this server's data."""
+        return subprocess.run(
+            [sys.executable, "-m", "imageshare", *args], env=self.env(), text=True,
+            capture_output=True, check=check, timeout=300,
+        )
+
+    def start(self) -> RunningServer:
+        self.log_path = self.data_dir.parent / f"server-{self.http_port}.log"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "a")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "imageshare", "serve"], env=self.env(), stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("server exited: " + self.log_path.read_text()[-2000:])
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    wait_for_port(self.dicom_port)
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("server did not start: " + self.log_path.read_text()[-2000:])
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, auth=("admin", ADMIN_PASSWORD), timeout=60)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RunningServer]:
+    """A running ImageShare server with its own data folder."""
+    running = RunningServer(tmp_path / "server-data").start()
+    yield running
+    running.stop()

@@ -1,0 +1,179 @@
+"""The one ingest pipeline: durable, indexed, de-duplicated, conflicts refused, bad input refused."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from sqlalchemy import func, select
+
+from imageshare.domain.actors import cli_actor
+from imageshare.domain.errors import ConflictingInstance, InvalidInstance
+from imageshare.storage.index.schema import audit_events, instances, patients, series, studies
+from tests.conftest import make_archive
+from tests.factory import ct_series, us_cine
+
+ACTOR = cli_actor()
+
+
+def counts(archive) -> dict[str, int]:
+    with archive.engine.connect() as conn:
+        return {
+            t.name: conn.execute(select(func.count()).select_from(t)).scalar()
+            for t in (patients, studies, series, instances)
+        }
+
+
+def blob_files(archive) -> int:
+    return sum(1 for _ in archive.blobs.keys())
+
+
+def test_stored_instance_is_indexed_and_byte_identical(any_archive, tmp_path):
+    path = ct_series(tmp_path / "in", count=1)[0]
+    result = any_archive.ingest.store_copy(path, ACTOR)
+    assert result.outcome == "stored"
+    (inst,) = any_archive.retrieve.select(ACTOR, "test", sop_uids=[result.sop_instance_uid])
+    with any_archive.retrieve.open(inst) as fh:
+        assert fh.read() == path.read_bytes()
+    assert counts(any_archive) == {"patients": 1, "studies": 1, "series": 1, "instances": 1}
+
+
+def test_study_counts_and_modalities_follow_each_instance(any_archive, tmp_path):
+    paths = ct_series(tmp_path / "ct", count=3, patient_id="P9")
+    study_uid = dcmread(paths[0]).StudyInstanceUID
+    cine = us_cine(tmp_path / "us", frames=4, patient_id="P9", study_uid=study_uid)
+    for p in [*paths, cine]:
+        any_archive.ingest.store_copy(p, ACTOR)
+    with any_archive.engine.connect() as conn:
+        row = conn.execute(select(studies)).mappings().one()
+    assert (row["num_series"], row["num_instances"], row["modalities"]) == (2, 4, "CT\\US")
+
+
+def test_same_instance_twice_is_a_success_that_changes_nothing(archive, tmp_path):
+    path = ct_series(tmp_path / "in", count=1)[0]
+    archive.ingest.store_copy(path, ACTOR)
+    before = (counts(archive), blob_files(archive))
+    again = archive.ingest.store_copy(path, ACTOR)
+    assert again.outcome == "duplicate"
+    assert (counts(archive), blob_files(archive)) == before
+
+
+def _changed_copy(path: Path, target: Path) -> Path:
+    ds = dcmread(path)
+    ds.StudyDescription = "Changed content"
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def test_new_content_under_known_uid_keeps_the_first_and_is_audited(archive, tmp_path):
+    path = ct_series(tmp_path / "in", count=1)[0]
+    archive.ingest.store_copy(path, ACTOR)
+    changed = _changed_copy(path, tmp_path / "changed.dcm")
+    result = archive.ingest.store_copy(changed, ACTOR)
+    assert result.outcome == "kept_first" and result.warning
+    (inst,) = archive.retrieve.select(ACTOR, "test", sop_uids=[result.sop_instance_uid])
+    with archive.retrieve.open(inst) as fh:
+        assert fh.read() == path.read_bytes()
+    assert blob_files(archive) == 1
+    with archive.engine.connect() as conn:
+        details = conn.execute(
+            select(audit_events.c.detail).where(audit_events.c.action == "instance.store")
+        ).scalars().all()
+    assert any('"kept_first"' in d for d in details)
+
+
+def test_overwrite_setting_replaces_content(tmp_path):
+    archive = make_archive(tmp_path, overwrite_instances=True)
+    try:
+        path = ct_series(tmp_path / "in", count=1)[0]
+        archive.ingest.store_copy(path, ACTOR)
+        changed = _changed_copy(path, tmp_path / "changed.dcm")
+        assert archive.ingest.store_copy(changed, ACTOR).outcome == "replaced"
+        (inst,) = archive.retrieve.select(ACTOR, "t", sop_uids=[dcmread(path).SOPInstanceUID])
+        with archive.retrieve.open(inst) as fh:
+            assert fh.read() == changed.read_bytes()
+        assert blob_files(archive) == 1
+    finally:
+        archive.close()
+
+
+def test_study_of_another_patient_is_refused_with_reason(any_archive, tmp_path):
+    first = ct_series(tmp_path / "a", count=1, patient_id="A1")[0]
+    any_archive.ingest.store_copy(first, ACTOR)
+    ds = dcmread(first)
+    other = ct_series(tmp_path / "b", count=1, patient_id="B2", study_uid=ds.StudyInstanceUID)[0]
+    before = (counts(any_archive), blob_files(any_archive))
+    with pytest.raises(ConflictingInstance, match="already belongs to patient 'A1'"):
+        any_archive.ingest.store_copy(other, ACTOR)
+    assert (counts(any_archive), blob_files(any_archive)) == before
+
+
+def test_compressed_transfer_syntaxes_are_stored_as_received(archive, tmp_path):
+    for name in ("US1_J2KR.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm", "JPEG-LL.dcm"):
+        source = Path(get_testdata_file(name))
+        result = archive.ingest.store_copy(source, ACTOR)
+        (inst,) = archive.retrieve.select(ACTOR, "t", sop_uids=[result.sop_instance_uid])
+        assert inst.transfer_syntax == dcmread(source).file_meta.TransferSyntaxUID
+        with archive.retrieve.open(inst) as fh:
+            assert fh.read() == source.read_bytes()
+
+
+def _broken_files(tmp_path: Path) -> dict[str, Path]:
+    good = ct_series(tmp_path / "good", count=1)[0]
+    data = good.read_bytes()
+    files: dict[str, Path] = {}
+
+    def put(name: str, content: bytes) -> None:
+        files[name] = tmp_path / f"{name}.dcm"
+        files[name].write_bytes(content)
+
+    put("truncated", data[: len(data) - 500])
+    put("no-preamble", data[128:])
+    put("garbage", bytes(range(256)) * 40)
+    put("empty", b"")
+    ds = dcmread(good)
+    del ds.SOPInstanceUID
+    ds.save_as(tmp_path / "no-uid.dcm", enforce_file_format=False)
+    files["no-uid"] = tmp_path / "no-uid.dcm"
+    ds = dcmread(good)
+    ds.StudyInstanceUID = "not.a.uid!"
+    ds.save_as(tmp_path / "bad-uid.dcm")
+    files["bad-uid"] = tmp_path / "bad-uid.dcm"
+    # An element whose length runs far past the end of the file.
+    marker = data.find(b"\x10\x00\x10\x00PN")
+    absurd = bytearray(data)
+    absurd[marker + 6: marker + 8] = b"\xff\xff"
+    put("absurd-length", bytes(absurd[: marker + 200]))
+    frag = Path(get_testdata_file("JPEG2000.dcm")).read_bytes()
+    put("truncated-encapsulated", frag[: len(frag) - 3000])
+    return files
+
+
+def test_broken_files_are_refused_with_a_reason_and_change_nothing(archive, tmp_path):
+    before = (counts(archive), blob_files(archive))
+    for name, path in _broken_files(tmp_path).items():
+        with pytest.raises(InvalidInstance) as info:
+            archive.ingest.store_copy(path, ACTOR)
+        assert str(info.value), name
+    assert (counts(archive), blob_files(archive)) == before
+    assert not list(archive.ingest.staging_dir.iterdir())
+
+
+def test_unindexed_blob_is_recovered_on_start(archive, tmp_path):
+    from imageshare.app import recover
+
+    path = ct_series(tmp_path / "in", count=1)[0]
+    archive.blobs.put("ab" * 16, open(path, "rb"))
+    assert recover(archive) == 1
+    assert counts(archive)["instances"] == 1
+    assert blob_files(archive) == 1
+
+
+def test_pipeline_leaves_no_staging_files(archive, tmp_path):
+    for p in ct_series(tmp_path / "in", count=3):
+        archive.ingest.store_copy(p, ACTOR)
+    assert not list(archive.ingest.staging_dir.iterdir())
+    shutil.rmtree(tmp_path / "in")
