@@ -169,7 +169,8 @@ def client(archive: Archive) -> Iterator[httpx.Client]:
 
     from imageshare.web.server import create_app
 
-    with TestClient(create_app(archive), auth=("admin", ADMIN_PASSWORD)) as test_client:
+    with TestClient(create_app(archive)) as test_client:
+        test_client.auth = ("admin", ADMIN_PASSWORD)
         yield test_client
 
 

@@ -1,0 +1,228 @@
+"""DICOMweb in process: QIDO-RS, WADO-RS, STOW-RS as PS3.18 describes, behind authentication."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from imageshare.domain.actors import cli_actor
+from tests.factory import ct_series, us_cine
+from tests.multipart_helpers import encode_multipart, parse_multipart
+
+ACTOR = cli_actor()
+
+
+@pytest.fixture
+def stored(archive, tmp_path):
+    ct = ct_series(tmp_path / "ct", count=3, patient_id="H1", patient_name="Doe^Jane")
+    cine = us_cine(tmp_path / "us", frames=6, patient_id="H2")
+    j2k = Path(get_testdata_file("US1_J2KR.dcm"))
+    for p in [*ct, cine, j2k]:
+        archive.ingest.store_copy(p, ACTOR)
+    return {"ct": ct, "cine": cine, "j2k": j2k}
+
+
+def _uids(path: Path) -> tuple[str, str, str]:
+    ds = dcmread(path, stop_before_pixels=True)
+    return ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+
+
+def test_nothing_is_served_without_credentials(anonymous, stored):
+    response = anonymous.get("/dicomweb/studies")
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Basic")
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_wrong_password_is_refused(anonymous, stored):
+    assert anonymous.get("/dicomweb/studies", auth=("admin", "wrong")).status_code == 401
+
+
+def test_api_token_authenticates_dicomweb(archive, anonymous, stored):
+    token = archive.users.create_token("admin", "viewer")
+    headers = {"Authorization": f"Bearer {token}"}
+    assert anonymous.get("/dicomweb/studies", headers=headers).status_code == 200
+    headers = {"Authorization": "Bearer is_not-a-real-token"}
+    assert anonymous.get("/dicomweb/studies", headers=headers).status_code == 401
+
+
+def test_qido_studies_returns_default_attributes_and_retrieve_url(client, stored):
+    response = client.get("/dicomweb/studies", params={"PatientID": "H1"})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/dicom+json"
+    (study,) = response.json()
+    assert study["00100010"]["Value"][0]["Alphabetic"] == "Doe^Jane"
+    assert study["00201208"]["Value"] == [3]
+    assert study["00081190"]["Value"][0].endswith(f"/dicomweb/studies/{_uids(stored['ct'][0])[0]}")
+
+
+def test_qido_without_matches_answers_204(client, stored):
+    assert client.get("/dicomweb/studies", params={"PatientID": "nobody"}).status_code == 204
+
+
+def test_qido_unknown_attribute_is_a_clear_400(client, stored):
+    response = client.get("/dicomweb/studies", params={"NoSuchKeyword": "1"})
+    assert response.status_code == 400
+    assert "NoSuchKeyword" in response.json()["detail"]
+
+
+def test_qido_includefield_and_paging(client, stored):
+    response = client.get("/dicomweb/studies", params={"includefield": "00080070", "limit": 1})
+    assert len(response.json()) == 1
+    assert "Value" not in response.json()[0].get("00080070", {})  # a series-level attribute
+    all_fields = client.get("/dicomweb/studies", params={"includefield": "all",
+                                                         "PatientID": "H1"}).json()[0]
+    assert all_fields["00100040"]["Value"] == ["O"]
+    second = client.get("/dicomweb/studies", params={"limit": 1, "offset": 1}).json()
+    assert second[0]["0020000D"] != response.json()[0]["0020000D"]
+
+
+def test_qido_series_and_instances_of_a_study(client, stored):
+    study, series, _ = _uids(stored["ct"][0])
+    found = client.get(f"/dicomweb/studies/{study}/series").json()
+    assert [s["0020000E"]["Value"][0] for s in found] == [series]
+    instances = client.get(f"/dicomweb/studies/{study}/series/{series}/instances").json()
+    assert sorted(i["00200013"]["Value"][0] for i in instances) == [1, 2, 3]
+    assert all(i["00280100"]["Value"] == [16] for i in instances)
+
+
+def test_wado_study_returns_every_instance_byte_identical(client, stored):
+    study = _uids(stored["ct"][0])[0]
+    response = client.get(
+        f"/dicomweb/studies/{study}",
+        headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+    )
+    assert response.status_code == 200
+    parts = parse_multipart(response)
+    assert sorted(body for _, body in parts) == sorted(p.read_bytes() for p in stored["ct"])
+
+
+def test_wado_default_transfer_syntax_decompresses_jpeg2000(client, stored):
+    study, series, sop = _uids(stored["j2k"])
+    response = client.get(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}",
+                          headers={"Accept": 'multipart/related; type="application/dicom"'})
+    ((headers, body),) = parse_multipart(response)
+    assert "transfer-syntax=1.2.840.10008.1.2.1" in headers["content-type"]
+    received = dcmread(io.BytesIO(body))
+    assert received.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    original = dcmread(stored["j2k"])
+    assert np.array_equal(received.pixel_array, original.pixel_array)
+
+
+def test_wado_unknown_uid_is_404(client, stored):
+    assert client.get("/dicomweb/studies/1.2.3.4").status_code == 404
+
+
+def test_metadata_has_header_and_bulk_data_uri_for_pixels(client, stored):
+    study, series, sop = _uids(stored["cine"])
+    (meta,) = client.get(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/metadata"
+                         ).json()
+    assert meta["00280008"]["Value"] == [6]
+    assert meta["00181063"]["Value"] == [33.3]
+    uri = meta["7FE00010"]["BulkDataURI"]
+    assert uri.endswith(f"/instances/{sop}/bulkdata/7FE00010")
+    assert "InlineBinary" not in meta["7FE00010"]
+
+
+def test_frames_of_native_cine_are_raw_pixels(client, stored):
+    study, series, sop = _uids(stored["cine"])
+    response = client.get(
+        f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/2,5",
+        headers={"Accept": 'multipart/related; type="application/octet-stream"'},
+    )
+    parts = parse_multipart(response)
+    pixels = dcmread(stored["cine"]).pixel_array
+    assert [body for _, body in parts] == [pixels[1].tobytes(), pixels[4].tobytes()]
+
+
+def test_frames_of_jpeg2000_as_stored_or_decoded(client, stored):
+    study, series, sop = _uids(stored["j2k"])
+    url = f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/1"
+    as_stored = parse_multipart(client.get(url, headers={
+        "Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}))
+    assert as_stored[0][0]["content-type"].startswith("image/jp2")
+    assert as_stored[0][1][:4] in (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0c")
+    decoded = parse_multipart(client.get(url, headers={
+        "Accept": 'multipart/related; type="application/octet-stream"'}))
+    ds = dcmread(stored["j2k"])
+    assert len(decoded[0][1]) == ds.Rows * ds.Columns * ds.SamplesPerPixel
+
+
+def test_missing_frame_is_404(client, stored):
+    study, series, sop = _uids(stored["cine"])
+    url = f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/99"
+    assert client.get(url).status_code == 404
+
+
+def test_rendered_window_changes_pixels(client, stored):
+    study, series, sop = _uids(stored["ct"][0])
+    url = f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/rendered"
+    narrow = client.get(url, params={"window": "0,100"}, headers={"Accept": "image/png"})
+    wide = client.get(url, params={"window": "1000,4000"}, headers={"Accept": "image/png"})
+    assert narrow.headers["content-type"] == "image/png"
+    a = np.asarray(Image.open(io.BytesIO(narrow.content)))
+    b = np.asarray(Image.open(io.BytesIO(wide.content)))
+    assert a.shape == b.shape == (64, 64)
+    assert not np.array_equal(a, b)
+
+
+def test_thumbnail_is_small_jpeg(client, stored):
+    study, series, sop = _uids(stored["cine"])
+    response = client.get(f"/dicomweb/studies/{study}/series/{series}/thumbnail")
+    assert response.headers["content-type"] == "image/jpeg"
+    image = Image.open(io.BytesIO(response.content))
+    assert max(image.size) <= 128
+
+
+def test_stow_stores_and_reports_each_instance(client, archive, tmp_path):
+    files = ct_series(tmp_path / "stow", count=2, patient_id="S1")
+    body, content_type = encode_multipart([p.read_bytes() for p in files])
+    response = client.post("/dicomweb/studies", content=body,
+                           headers={"Content-Type": content_type})
+    assert response.status_code == 200
+    stored = response.json()["00081199"]["Value"]
+    assert len(stored) == 2
+    assert client.get("/dicomweb/studies", params={"PatientID": "S1"}).status_code == 200
+
+
+def test_stow_partial_failure_answers_202_with_reasons(client, archive, tmp_path):
+    good = ct_series(tmp_path / "g", count=1, patient_id="S2")[0].read_bytes()
+    truncated = good[:-400]
+    body, content_type = encode_multipart([good, truncated, b"not dicom at all"])
+    response = client.post("/dicomweb/studies", content=body,
+                           headers={"Content-Type": content_type})
+    assert response.status_code == 202
+    answer = response.json()
+    assert len(answer["00081199"]["Value"]) == 1
+    failed = answer["00081198"]["Value"]
+    assert [f["00081197"]["Value"][0] for f in failed] == [0xC000, 0xC000]
+    assert "truncated" in failed[0]["00000902"]["Value"][0]
+
+
+def test_stow_to_a_study_refuses_instances_of_another_study(client, tmp_path):
+    part = ct_series(tmp_path / "x", count=1)[0].read_bytes()
+    body, content_type = encode_multipart([part])
+    response = client.post("/dicomweb/studies/1.2.826.0.1.3680043.99", content=body,
+                           headers={"Content-Type": content_type})
+    assert response.status_code == 409
+    assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
+
+
+def test_stow_needs_multipart_related(client):
+    response = client.post("/dicomweb/studies", content=b"x",
+                           headers={"Content-Type": "application/dicom"})
+    assert response.status_code == 415
+
+
+def test_wado_is_audited_per_study(client, archive, stored):
+    study = _uids(stored["ct"][0])[0]
+    client.get(f"/dicomweb/studies/{study}/metadata")
+    (event,) = list(archive.audit.events(action="study.metadata", limit=1))
+    assert (event["actor"], event["study_uid"], event["instance_count"]) == (
+        "user:admin", study, 3)
