@@ -1,0 +1,100 @@
+"""Every HTTP route declares its permission, and none is open to anonymous callers by mistake."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from fastapi.routing import APIRoute
+
+from imageshare.access.policy import PUBLIC
+from imageshare.web.auth import Permission
+from imageshare.web.server import create_app
+
+PUBLIC_PATHS = {"/healthz"}
+
+
+def _permissions(dependant) -> list[Permission]:
+    found = []
+    for dep in dependant.dependencies:
+        if isinstance(dep.call, Permission):
+            found.append(dep.call)
+        found.extend(_permissions(dep))
+    return found
+
+
+def _walk(routes, prefix: str = ""):
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield prefix, route
+        elif hasattr(route, "original_router"):  # FastAPI >= 0.16x keeps included routers
+            extra = getattr(getattr(route, "include_context", None), "prefix", "")
+            yield from _walk(route.original_router.routes, prefix + extra)
+
+
+def _routes(archive):
+    """Every API route of the app as (full path, route)."""
+    found = list(_walk(create_app(archive).routes))
+    return [_Route(prefix + route.path, route) for prefix, route in found]
+
+
+class _Route:
+    def __init__(self, path: str, route: APIRoute) -> None:
+        self.path = path
+        self.methods = route.methods
+        self.dependant = route.dependant
+
+
+def test_every_route_declares_exactly_one_permission(archive):
+    for route in _routes(archive):
+        permissions = _permissions(route.dependant)
+        assert len(permissions) == 1, f"{route.path} declares {permissions}"
+        is_public = permissions[0].action == PUBLIC
+        assert is_public == (route.path in PUBLIC_PATHS), route.path
+
+
+def _concrete(path: str) -> str:
+    return re.sub(r"\{[^}]+\}", "1.2.3", path)
+
+
+def test_anonymous_callers_get_401_everywhere_but_public_routes(archive, anonymous):
+    checked = 0
+    for route in _routes(archive):
+        for method in route.methods:
+            response = anonymous.request(method, _concrete(route.path))
+            if route.path in PUBLIC_PATHS:
+                assert response.status_code == 200, route.path
+            else:
+                assert response.status_code == 401, (method, route.path, response.status_code)
+            checked += 1
+    assert checked >= 25
+
+
+@pytest.mark.parametrize("role", ["patient", "reviewer"])
+def test_roles_without_archive_access_get_403_on_dicomweb(archive, anonymous, role):
+    archive.users.add(f"user-{role}", "long-enough-password", role)
+    for route in _routes(archive):
+        if not route.path.startswith("/dicomweb"):
+            continue
+        for method in route.methods:
+            response = anonymous.request(
+                method, _concrete(route.path), auth=(f"user-{role}", "long-enough-password")
+            )
+            assert response.status_code == 403, (method, route.path)
+
+
+def test_admin_only_routes_refuse_clinicians(archive, anonymous):
+    archive.users.add("clin", "long-enough-password", "clinician")
+    for path in ("/api/nodes", "/api/audit"):
+        assert anonymous.get(path, auth=("clin", "long-enough-password")).status_code == 403
+    assert anonymous.get("/api/me", auth=("clin", "long-enough-password")).json() == {
+        "username": "clin", "role": "clinician"}
+
+
+def test_errors_share_one_problem_shape(client):
+    for response in (client.get("/dicomweb/studies/1.2.3"), client.get("/nope"),
+                     client.get("/dicomweb/studies", params={"StudyDate": "bad"})):
+        assert response.headers["content-type"] == "application/problem+json"
+        body = response.json()
+        assert {"type", "title", "status"} <= set(body)
+        assert body["status"] == response.status_code
