@@ -45,7 +45,7 @@ from imageshare.access.policy import (
 from imageshare.archive.ingest import IngestService
 from imageshare.archive.query import LEVELS, Query, QueryService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
-from imageshare.dicom.contexts import storage_contexts_for
+from imageshare.dicom.contexts import accepted_syntaxes, storage_contexts_for
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
     ConflictingInstance,
@@ -115,11 +115,10 @@ class DicomListener:
         ae.network_timeout = timeout
         ae.maximum_pdu_size = max_pdu
         ae.require_called_aet = False
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        syntaxes = accepted_syntaxes(list(ALL_TRANSFER_SYNTAXES))
+        ae.add_supported_context(Verification, syntaxes)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(
-                cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
-            )
+            ae.add_supported_context(cx.abstract_syntax, syntaxes, scu_role=True, scp_role=True)
         for uid in (
             PatientRootQueryRetrieveInformationModelFind,
             StudyRootQueryRetrieveInformationModelFind,
@@ -128,7 +127,7 @@ class DicomListener:
             PatientRootQueryRetrieveInformationModelGet,
             StudyRootQueryRetrieveInformationModelGet,
         ):
-            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(uid, syntaxes)
         self.ae = ae
         self._server: Any = None
 
