@@ -273,3 +273,79 @@ def server(tmp_path: Path) -> Iterator[RunningServer]:
     running = RunningServer(tmp_path / "server-data").start()
     yield running
     running.stop()
+
+
+# -- Orthanc ---------------------------------------------------------------------------------
+
+
+@dataclass
+class OrthancServer:
+    """Debian's Orthanc on loopback with its own folders and ports."""
+
+    folder: Path
+    http_port: int = field(default_factory=free_port)
+    dicom_port: int = field(default_factory=free_port)
+    ae_title: str = "ORTHANC"
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, modalities: dict[str, list], plugins: list[str] | None = None) -> None:
+        import json
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "orthanc-test", "StorageDirectory": str(self.folder / "storage"),
+            "IndexDirectory": str(self.folder / "index"), "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port, "DicomAet": self.ae_title,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomModalities": modalities, "Plugins": plugins or [],
+            "DicomCheckCalledAet": False, "StableAge": 1, "HttpTimeout": 60,
+            "DicomScuTimeout": 30,
+        }
+        path = self.folder / "orthanc.json"
+        path.write_text(json.dumps(config))
+        log = open(self.folder / "orthanc.log", "a")
+        self.process = subprocess.Popen(
+            [shutil.which("Orthanc") or "Orthanc", str(path)], stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError((self.folder / "orthanc.log").read_text()[-2000:])
+            try:
+                if httpx.get(self.url + "/system", timeout=1).status_code == 200:
+                    wait_for_port(self.dicom_port)
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("Orthanc did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(20)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120)
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator:
+    """Makes Orthanc servers (stopped at the end of the test)."""
+    require(shutil.which("Orthanc") is not None, "Orthanc (Debian package orthanc)")
+    started: list[OrthancServer] = []
+
+    def make(modalities: dict[str, list], plugins: list[str] | None = None) -> OrthancServer:
+        server = OrthancServer(tmp_path / f"orthanc{len(started)}")
+        server.start(modalities, plugins)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
