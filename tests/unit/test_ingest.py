@@ -1,4 +1,4 @@
-"""The one ingest pipeline: durable, indexed, de-duplicated, conflicts refused, bad input refused."""
+"""The one ingest pipeline: durable, indexed, de-duplicated; conflicts and bad input refused."""
 
 from __future__ import annotations
 
