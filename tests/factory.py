@@ -6,6 +6,8 @@ import datetime as dt
 from pathlib import Path
 
 import numpy as np
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
@@ -117,3 +119,35 @@ def us_cine(
     path = folder / f"us-{ds.SOPInstanceUID[-8:]}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def broken_files(tmp_path: Path) -> dict[str, Path]:
+    """Broken DICOM files, each with a different fault, by name."""
+    good = ct_series(tmp_path / "good", count=1)[0]
+    data = good.read_bytes()
+    files: dict[str, Path] = {}
+
+    def put(name: str, content: bytes) -> None:
+        files[name] = tmp_path / f"{name}.dcm"
+        files[name].write_bytes(content)
+
+    put("truncated", data[: len(data) - 500])
+    put("no-preamble", data[128:])
+    put("garbage", bytes(range(256)) * 40)
+    put("empty", b"")
+    ds = dcmread(good)
+    del ds.SOPInstanceUID
+    ds.save_as(tmp_path / "no-uid.dcm", enforce_file_format=False)
+    files["no-uid"] = tmp_path / "no-uid.dcm"
+    ds = dcmread(good)
+    ds.StudyInstanceUID = "not.a.uid!"
+    ds.save_as(tmp_path / "bad-uid.dcm")
+    files["bad-uid"] = tmp_path / "bad-uid.dcm"
+    # An element whose length runs far past the end of the file.
+    marker = data.find(b"\x10\x00\x10\x00PN")
+    absurd = bytearray(data)
+    absurd[marker + 6: marker + 8] = b"\xff\xff"
+    put("absurd-length", bytes(absurd[: marker + 200]))
+    frag = Path(get_testdata_file("JPEG2000.dcm")).read_bytes()
+    put("truncated-encapsulated", frag[: len(frag) - 3000])
+    return files

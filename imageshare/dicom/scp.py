@@ -18,13 +18,8 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import (
-    AE,
-    ALL_TRANSFER_SYNTAXES,
-    AllStoragePresentationContexts,
-    _config,
-    evt,
-)
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -45,7 +40,7 @@ from imageshare.access.policy import (
 from imageshare.archive.ingest import IngestService
 from imageshare.archive.query import LEVELS, Query, QueryService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
-from imageshare.dicom.contexts import accepted_syntaxes, storage_contexts_for
+from imageshare.dicom.contexts import storage_contexts_for
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
     ConflictingInstance,
@@ -105,6 +100,9 @@ class DicomListener:
         self._actors: weakref.WeakKeyDictionary[Any, Actor] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # Accept every storage SOP class (private and future ones too) in the transfer syntax
+        # the sender prefers (its first proposal): stored as received, never re-encoded.
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
         # pynetdicom writes received datasets with NamedTemporaryFile: keep them on our disk,
         # next to the blobs, so that storing is a rename.
         tempfile.tempdir = str(ingest.staging_dir)
@@ -115,10 +113,8 @@ class DicomListener:
         ae.network_timeout = timeout
         ae.maximum_pdu_size = max_pdu
         ae.require_called_aet = False
-        syntaxes = accepted_syntaxes(list(ALL_TRANSFER_SYNTAXES))
+        syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
         ae.add_supported_context(Verification, syntaxes)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, syntaxes, scu_role=True, scp_role=True)
         for uid in (
             PatientRootQueryRetrieveInformationModelFind,
             StudyRootQueryRetrieveInformationModelFind,

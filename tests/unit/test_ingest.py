@@ -14,7 +14,7 @@ from imageshare.domain.actors import cli_actor
 from imageshare.domain.errors import ConflictingInstance, InvalidInstance
 from imageshare.storage.index.schema import audit_events, instances, patients, series, studies
 from tests.conftest import make_archive
-from tests.factory import ct_series, us_cine
+from tests.factory import broken_files, ct_series, us_cine
 
 ACTOR = cli_actor()
 
@@ -121,40 +121,9 @@ def test_compressed_transfer_syntaxes_are_stored_as_received(archive, tmp_path):
             assert fh.read() == source.read_bytes()
 
 
-def _broken_files(tmp_path: Path) -> dict[str, Path]:
-    good = ct_series(tmp_path / "good", count=1)[0]
-    data = good.read_bytes()
-    files: dict[str, Path] = {}
-
-    def put(name: str, content: bytes) -> None:
-        files[name] = tmp_path / f"{name}.dcm"
-        files[name].write_bytes(content)
-
-    put("truncated", data[: len(data) - 500])
-    put("no-preamble", data[128:])
-    put("garbage", bytes(range(256)) * 40)
-    put("empty", b"")
-    ds = dcmread(good)
-    del ds.SOPInstanceUID
-    ds.save_as(tmp_path / "no-uid.dcm", enforce_file_format=False)
-    files["no-uid"] = tmp_path / "no-uid.dcm"
-    ds = dcmread(good)
-    ds.StudyInstanceUID = "not.a.uid!"
-    ds.save_as(tmp_path / "bad-uid.dcm")
-    files["bad-uid"] = tmp_path / "bad-uid.dcm"
-    # An element whose length runs far past the end of the file.
-    marker = data.find(b"\x10\x00\x10\x00PN")
-    absurd = bytearray(data)
-    absurd[marker + 6: marker + 8] = b"\xff\xff"
-    put("absurd-length", bytes(absurd[: marker + 200]))
-    frag = Path(get_testdata_file("JPEG2000.dcm")).read_bytes()
-    put("truncated-encapsulated", frag[: len(frag) - 3000])
-    return files
-
-
 def test_broken_files_are_refused_with_a_reason_and_change_nothing(archive, tmp_path):
     before = (counts(archive), blob_files(archive))
-    for name, path in _broken_files(tmp_path).items():
+    for name, path in broken_files(tmp_path).items():
         with pytest.raises(InvalidInstance) as info:
             archive.ingest.store_copy(path, ACTOR)
         assert str(info.value), name
