@@ -1,0 +1,131 @@
+"""Settings, identifiers, the blob store contract and migrations."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import text
+
+from imageshare.domain.errors import ConfigurationError
+from imageshare.domain.identifiers import is_valid_nhs_number, is_valid_uid, normalise_name
+from imageshare.settings import env_name, load_settings, setting_docs
+from imageshare.storage.files import FileBlobStore
+from imageshare.storage.index.database import make_engine, migrate
+from imageshare.storage.index.schema import metadata
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_environment_overrides_file_and_defaults(tmp_path):
+    config = tmp_path / "imageshare.toml"
+    config.write_text('[imageshare]\nhttp_port = 9000\nae_title = "FROMFILE"\n')
+    settings = load_settings(
+        {"dicom_port": 2000}, environ={"IMAGESHARE_AE_TITLE": "FROMENV"}, config_file=config
+    )
+    assert (settings.http_port, settings.ae_title, settings.dicom_port) == (9000, "FROMENV", 2000)
+    assert settings.http_host == "127.0.0.1"
+
+
+def test_invalid_setting_values_are_refused_clearly():
+    with pytest.raises(ConfigurationError, match="IMAGESHARE|http_port"):
+        load_settings(environ={"IMAGESHARE_HTTP_PORT": "eighty"})
+    with pytest.raises(ConfigurationError, match="unknown setting"):
+        load_settings({"no_such_setting": 1}, environ={})
+
+
+def test_readme_documents_every_setting_and_command():
+    readme = (ROOT / "README.md").read_text()
+    table = subprocess.run([sys.executable, "-m", "imageshare", "settings", "--markdown"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    documented = readme.split("<!-- settings:start -->")[1].split("<!-- settings:end -->")[0]
+    assert documented.strip() == table, "regenerate the table: imageshare settings --markdown"
+    for name, env, _default, _help in setting_docs():
+        assert env in readme, f"{env} is not documented in README.md"
+        assert env == env_name(name)
+    for command in ("imageshare serve", "imageshare user add", "imageshare node add",
+                    "imageshare import", "imageshare audit export", "make run", "make test"):
+        assert command in readme, command
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [("9434765919", True), ("943 476 5919", True), ("9434765918", False),
+     ("123", False), ("", False)],
+)
+def test_nhs_number_check_digit(value, valid):
+    assert is_valid_nhs_number(value) is valid
+
+
+def test_uid_and_name_rules():
+    assert is_valid_uid("1.2.840.10008.1.2.1")
+    assert not is_valid_uid("1.02.3") and not is_valid_uid("1." + "1" * 70)
+    assert normalise_name("Müller^Jürgen  ") == "MULLER^JURGEN"
+
+
+def test_file_blob_store_contract(tmp_path):
+    store = FileBlobStore(tmp_path / "blobs")
+    key = "0123456789abcdef0123456789abcdef"
+    assert not store.exists(key)
+    assert store.put(key, io.BytesIO(b"x" * 3_000_000)) == 3_000_000
+    assert store.exists(key)
+    with store.open(key) as fh:
+        assert fh.read() == b"x" * 3_000_000
+    assert list(store.keys()) == [key]
+    store.delete(key)
+    store.delete(key)
+    assert not store.exists(key)
+    with pytest.raises(KeyError):
+        store.open(key)
+    with pytest.raises(ValueError):
+        store.open("../../etc/passwd")
+
+
+def test_migrations_build_exactly_the_declared_schema(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'i.sqlite'}")
+    migrate(engine)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+        assert diff == []
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_migrations_on_postgresql_match_too(postgres):
+    engine = make_engine(postgres.new_database())
+    migrate(engine)
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+
+
+def test_database_from_a_newer_version_is_refused(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'i.sqlite'}")
+    migrate(engine)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    with pytest.raises(ConfigurationError, match="newer than this ImageShare"):
+        migrate(engine)
+
+
+def test_older_database_is_refused_without_upgrade(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'i.sqlite'}")
+    with pytest.raises(ConfigurationError, match="imageshare db upgrade"):
+        migrate(engine, upgrade=False)
+
+
+def test_first_start_creates_admin_and_prints_generated_password_once(tmp_path):
+    env = {"IMAGESHARE_DATA_DIR": str(tmp_path / "d"), "PATH": "/usr/bin:/bin"}
+    code = (
+        "from imageshare.app import build_archive; from imageshare.settings import load_settings;"
+        "a = build_archive(load_settings());"
+        "print(a.users.ensure_admin(''));print(a.users.ensure_admin(''))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{20}", out[0])
+    assert out[1] == "None"
