@@ -46,6 +46,7 @@ class Archive:
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
+        self.ingest.close()
         self.writer.close()
         self.engine.dispose()
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import struct
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -94,9 +96,22 @@ class InstanceHeader:
     study: dict[str, Any]
     series: dict[str, Any]
     instance: dict[str, Any]
-    patient_json: dict[str, Any] = field(repr=False)
-    study_json: dict[str, Any] = field(repr=False)
-    series_json: dict[str, Any] = field(repr=False)
+    dataset: Dataset = field(repr=False, compare=False)
+
+    @cached_property
+    def patient_json(self) -> dict[str, Any]:
+        """DICOM JSON of the patient-level attributes (computed when a patient is new)."""
+        return level_json(self.dataset, PATIENT_KEYWORDS)
+
+    @cached_property
+    def study_json(self) -> dict[str, Any]:
+        """DICOM JSON of the study-level attributes (computed when a study is new)."""
+        return level_json(self.dataset, STUDY_KEYWORDS)
+
+    @cached_property
+    def series_json(self) -> dict[str, Any]:
+        """DICOM JSON of the series-level attributes (computed when a series is new)."""
+        return level_json(self.dataset, SERIES_KEYWORDS)
 
     @property
     def name_norm(self) -> str:
@@ -166,9 +181,7 @@ def header_from_dataset(ds: Dataset, transfer_syntax: str) -> InstanceHeader:
             "columns": _int(ds, "Columns"),
             "bits_allocated": _int(ds, "BitsAllocated"),
         },
-        patient_json=level_json(ds, PATIENT_KEYWORDS),
-        study_json=level_json(ds, STUDY_KEYWORDS),
-        series_json=level_json(ds, SERIES_KEYWORDS),
+        dataset=ds,
     )
 
 
@@ -234,18 +247,18 @@ def locate_pixel_data(fp: BinaryIO, size: int, transfer_syntax: str) -> PixelDat
         pos += item_length
 
 
-def read_header(path: Path) -> tuple[Dataset, InstanceHeader]:
-    """Parse the header of the Part 10 file at ``path`` and check it is complete.
-
-    Raises :class:`InvalidInstance` with a reason a user can act on.
+def read_header(path: Path, fp: BinaryIO | None = None) -> tuple[Dataset, InstanceHeader]:
+    """Parse the header of the Part 10 file at ``path`` (or already open as ``fp``) and check
+    that it is complete. Raises :class:`InvalidInstance` with a reason a user can act on.
     """
-    size = os.path.getsize(path)
+    size = os.fstat(fp.fileno()).st_size if fp is not None else os.path.getsize(path)
     if size < 132:
         raise InvalidInstance("the file is too short to be a DICOM file")
     try:
-        with open(path, "rb") as fp:
-            ds = dcmread(fp, stop_before_pixels=True)
-            locate_pixel_data(fp, size, str(ds.file_meta.get("TransferSyntaxUID", "")))
+        with open(path, "rb") if fp is None else nullcontext(fp) as source:
+            source.seek(0)
+            ds = dcmread(source, stop_before_pixels=True)
+            locate_pixel_data(source, size, str(ds.file_meta.get("TransferSyntaxUID", "")))
     except InvalidInstance:
         raise
     except InvalidDicomError as exc:

@@ -2,7 +2,9 @@
 
 Each caller waits for its own result, so a store is acknowledged only after the commit that
 contains it. Within a batch every change runs in its own savepoint: one failure does not
-sink the others.
+sink the others. A change may come with a :class:`Prerequisite` (e.g. "the blob is on disk"):
+the writer runs the SQL while the caller finishes that work, and commits nothing of the
+change until the prerequisite is met.
 """
 
 from __future__ import annotations
@@ -21,21 +23,65 @@ log = logging.getLogger("imageshare.index")
 _STOP = object()
 
 
+class Prerequisite:
+    """Something a change must wait for before it may be committed (set once, by the caller)."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+    def succeeded(self) -> None:
+        """The work is done."""
+        self._done.set()
+
+    def failed(self, error: BaseException) -> None:
+        """The work failed: the change must not be committed."""
+        self._error = error
+        self._done.set()
+
+    def wait_quietly(self) -> None:
+        """Block until set, whatever the outcome."""
+        self._done.wait()
+
+    def wait(self) -> None:
+        """Block until set; raise if the work failed."""
+        self._done.wait()
+        if self._error is not None:
+            raise RuntimeError("prerequisite failed") from self._error
+
+
 class IndexWriter:
     """Serialises index writes; call :meth:`submit` from any thread."""
 
     def __init__(self, engine: Engine, max_batch: int = 64) -> None:
         self._engine = engine
+        self._failure_hooks: list[Callable[[], None]] = []
         self._queue: queue.Queue[Any] = queue.Queue()
         self._max_batch = max_batch
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, change: Callable[[Connection], T]) -> T:
+    def on_failure(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` (in the writer thread) whenever a change or a commit fails."""
+        self._failure_hooks.append(hook)
+
+    def _failed(self) -> None:
+        for hook in self._failure_hooks:
+            hook()
+
+    def submit(
+        self, change: Callable[[Connection], T], prerequisite: Prerequisite | None = None
+    ) -> T:
         """Run ``change`` inside a committed transaction and return its result (or raise)."""
+        return self.submit_async(change, prerequisite).result()
+
+    def submit_async(
+        self, change: Callable[[Connection], T], prerequisite: Prerequisite | None = None
+    ) -> Future[T]:
+        """Queue ``change``; the future resolves after the commit that contains it."""
         future: Future[T] = Future()
-        self._queue.put((change, future))
-        return future.result()
+        self._queue.put((change, future, prerequisite))
+        return future
 
     def close(self) -> None:
         """Finish queued work and stop the thread."""
@@ -60,19 +106,29 @@ class IndexWriter:
                 batch.append(item)
             self._apply(batch)
 
-    def _apply(self, batch: list[tuple[Callable[[Connection], Any], Future[Any]]]) -> None:
+    def _apply(self, batch: list[Any]) -> None:
+        if len(batch) == 1:
+            self._apply_one(*batch[0])
+            return
         results: list[tuple[Future[Any], bool, Any]] = []
         try:
             with self._engine.begin() as conn:
-                for change, future in batch:
+                for change, future, prerequisite in batch:
                     try:
-                        with conn.begin_nested():
-                            results.append((future, True, change(conn)))
+                        with conn.begin_nested():  # one failure does not sink the others
+                            value = change(conn)
+                            if prerequisite is not None:
+                                prerequisite.wait()
+                        results.append((future, True, value))
                     except Exception as exc:  # noqa: BLE001 - handed to the waiting caller
+                        self._failed()
                         results.append((future, False, exc))
         except Exception as exc:  # noqa: BLE001 - the commit itself failed: nothing was stored
+            self._failed()
             log.error("index commit failed: %s", type(exc).__name__)
-            for _change, future in batch:
+            for _change, future, prerequisite in batch:
+                if prerequisite is not None:
+                    prerequisite.wait_quietly()
                 future.set_exception(exc)
             return
         for future, ok, value in results:
@@ -80,3 +136,21 @@ class IndexWriter:
                 future.set_result(value)
             else:
                 future.set_exception(value)
+
+    def _apply_one(
+        self, change: Callable[[Connection], Any], future: Future[Any],
+        prerequisite: Prerequisite | None,
+    ) -> None:
+        """A lone change needs no savepoint: its failure rolls back its own transaction."""
+        try:
+            with self._engine.begin() as conn:
+                value = change(conn)
+                if prerequisite is not None:
+                    prerequisite.wait()
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting caller
+            self._failed()
+            if prerequisite is not None:
+                prerequisite.wait_quietly()
+            future.set_exception(exc)
+            return
+        future.set_result(value)

@@ -42,6 +42,8 @@ class ExistingInstance:
 
 def find_instance(conn: Connection, sop_uid: str) -> ExistingInstance | None:
     """The stored instance with this SOP Instance UID, if any."""
+    if conn.execute(select(instances.c.pk).where(instances.c.sop_uid == sop_uid)).first() is None:
+        return None  # the common case, answered by the unique index alone
     row = conn.execute(
         select(
             instances.c.pk, instances.c.blob_key, instances.c.size, series.c.series_uid,
@@ -91,6 +93,70 @@ def _describe_patient(patient_id: str, issuer: str) -> str:
     return f"{patient_id!r}" + (f" (issuer {issuer!r})" if issuer else "")
 
 
+@dataclass
+class _KnownStudy:
+    pk: int
+    patient_id: str
+    issuer: str
+    modalities: str
+
+
+@dataclass(frozen=True)
+class _KnownSeries:
+    pk: int
+    study_pk: int
+
+
+class KnownParents:
+    """Studies and series the index writer has seen, so that the next instance of the same
+    series needs no look-up. Only the index writer thread uses it; it must be cleared whenever
+    a transaction fails (entries may name rows that were rolled back)."""
+
+    _LIMIT = 20_000
+
+    def __init__(self) -> None:
+        self.studies: dict[str, _KnownStudy] = {}
+        self.series: dict[str, _KnownSeries] = {}
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self.studies.clear()
+        self.series.clear()
+
+    def _bound(self) -> None:
+        if len(self.studies) + len(self.series) > self._LIMIT:
+            self.clear()
+
+    def study(self, conn: Connection, study_uid: str) -> _KnownStudy | None:
+        """The study's key facts, from memory or the index."""
+        known = self.studies.get(study_uid)
+        if known is None:
+            row = conn.execute(
+                select(studies.c.pk, patients.c.patient_id, patients.c.issuer,
+                       studies.c.modalities)
+                .join(patients, patients.c.pk == studies.c.patient_pk)
+                .where(studies.c.study_uid == study_uid)
+            ).first()
+            if row is None:
+                return None
+            self._bound()
+            known = self.studies[study_uid] = _KnownStudy(*row)
+        return known
+
+    def one_series(self, conn: Connection, series_uid: str) -> _KnownSeries | None:
+        """The series' key and its study's key, from memory or the index."""
+        known = self.series.get(series_uid)
+        if known is None:
+            row = conn.execute(
+                select(series.c.pk, series.c.study_pk).where(series.c.series_uid == series_uid)
+            ).first()
+            if row is None:
+                return None
+            self._bound()
+            known = self.series[series_uid] = _KnownSeries(*row)
+        return known
+
+
 def index_instance(
     conn: Connection,
     h: InstanceHeader,
@@ -98,6 +164,7 @@ def index_instance(
     size: int,
     source: str,
     now: datetime,
+    known: KnownParents,
     retention_class: str = "clinical",
 ) -> IndexOutcome:
     """Add a new instance (its SOP Instance UID is not yet indexed) with its parents.
@@ -105,11 +172,7 @@ def index_instance(
     Refuses (``conflict``) an instance whose study belongs to another patient, or whose series
     belongs to another study, and changes nothing then.
     """
-    study = conn.execute(
-        select(studies.c.pk, patients.c.patient_id, patients.c.issuer, studies.c.modalities)
-        .join(patients, patients.c.pk == studies.c.patient_pk)
-        .where(studies.c.study_uid == h.study_uid)
-    ).first()
+    study = known.study(conn, h.study_uid)
     if study is not None and (study.patient_id, study.issuer) != (h.patient_id, h.issuer):
         return IndexOutcome(
             "conflict",
@@ -117,11 +180,7 @@ def index_instance(
             f"{_describe_patient(study.patient_id, study.issuer)}, not "
             f"{_describe_patient(h.patient_id, h.issuer)}",
         )
-    series_row = conn.execute(
-        select(series.c.pk, series.c.study_pk, series.c.modality).where(
-            series.c.series_uid == h.series_uid
-        )
-    ).first()
+    series_row = known.one_series(conn, h.series_uid)
     if series_row is not None and (study is None or series_row.study_pk != study.pk):
         return IndexOutcome(
             "conflict", f"series {h.series_uid} already belongs to another study"
@@ -136,6 +195,9 @@ def index_instance(
             )
         ).inserted_primary_key[0]
         modalities = ""
+        study = known.studies[h.study_uid] = _KnownStudy(
+            study_pk, h.patient_id, h.issuer, modalities
+        )
     else:
         study_pk = study.pk
         modalities = study.modalities
@@ -149,6 +211,7 @@ def index_instance(
                 attrs=h.series_json, created_at=now, **h.series,
             )
         ).inserted_primary_key[0]
+        known.series[h.series_uid] = _KnownSeries(series_pk, study_pk)
     else:
         series_pk = series_row.pk
     conn.execute(
@@ -173,7 +236,8 @@ def index_instance(
     modality = h.series["modality"]
     listed = [m for m in modalities.split("\\") if m]
     if modality and modality not in listed:
-        study_changes["modalities"] = "\\".join(sorted([*listed, modality]))[:128]
+        study.modalities = "\\".join(sorted([*listed, modality]))[:128]
+        study_changes["modalities"] = study.modalities
     conn.execute(update(studies).where(studies.c.pk == study_pk).values(**study_changes))
     return IndexOutcome("stored")
 

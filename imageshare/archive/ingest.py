@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,9 +19,10 @@ from typing import BinaryIO, Literal
 from sqlalchemy import Connection
 
 from imageshare.archive.header import InstanceHeader, read_header
-from imageshare.archive.index_writer import IndexWriter
+from imageshare.archive.index_writer import IndexWriter, Prerequisite
 from imageshare.archive.indexing import (
     IndexOutcome,
+    KnownParents,
     find_instance,
     index_instance,
     replace_instance_blob,
@@ -28,7 +30,7 @@ from imageshare.archive.indexing import (
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ConflictingInstance, InvalidInstance
-from imageshare.storage.blobs import BlobStore, fsync_file, new_blob_key
+from imageshare.storage.blobs import BlobStore, new_blob_key
 
 log = logging.getLogger("imageshare.ingest")
 _CHUNK = 1 << 20
@@ -85,6 +87,9 @@ class IngestService:
         self.audit = audit
         self.staging_dir = staging_dir
         self.overwrite = overwrite
+        self._blob_io = ThreadPoolExecutor(max_workers=16, thread_name_prefix="blob-io")
+        self._known = KnownParents()
+        writer.on_failure(self._known.clear)
         staging_dir.mkdir(parents=True, exist_ok=True)
 
     # -- ways in -------------------------------------------------------------------------
@@ -121,23 +126,42 @@ class IngestService:
         Raises :class:`InvalidInstance` or :class:`ConflictingInstance`, changing nothing.
         ``expected_study`` refuses instances of any other study (STOW-RS to a study URL).
         """
-        try:
-            _ds, header = read_header(path)
-            if expected_study and header.study_uid != expected_study:
-                raise InvalidInstance(
-                    "the instance belongs to another study than the one in the request URL"
-                )
-        except InvalidInstance as exc:
-            self._audit_refusal(actor, "instance.store", str(exc), None)
-            raise
-        fsync_file(path)
         key = new_blob_key()
         size = os.path.getsize(path)
-        self.blobs.put_file(key, path)
-        try:
-            outcome = self.writer.submit(
-                lambda conn: self._index(conn, header, key, size, actor)
+        on_disk = Prerequisite()
+        with open(path, "rb") as fp:  # stays readable while the file is moved into the store
+            # Making the bytes durable (I/O, no GIL) runs beside parsing and the index SQL;
+            # nothing is committed, and nothing acknowledged, before all of it is done.
+            moving = self._blob_io.submit(self.blobs.put_file, key, path)
+            moving.add_done_callback(
+                lambda f: on_disk.failed(f.exception()) if f.exception() else on_disk.succeeded()
             )
+            try:
+                _ds, header = read_header(path, fp)
+                if expected_study and header.study_uid != expected_study:
+                    raise InvalidInstance(
+                        "the instance belongs to another study than the one in the request URL"
+                    )
+            except InvalidInstance as exc:
+                self._discard(moving, key)
+                self._audit_refusal(actor, "instance.store", str(exc), None)
+                raise
+        pending = self.writer.submit_async(
+            lambda conn: self._index(conn, header, key, size, actor, on_disk), on_disk
+        )
+        try:
+            moving.result()
+        except BaseException:
+            try:
+                pending.result()
+            except Exception:  # noqa: BLE001 - the storage error below is the one to report
+                pass
+            self._discard(moving, key)
+            self._audit_refusal(actor, "instance.store", "the bytes could not be stored",
+                                header, outcome="failure")
+            raise
+        try:
+            outcome = pending.result()
         except BaseException:
             self.blobs.delete(key)
             raise
@@ -156,21 +180,35 @@ class IngestService:
             warning=outcome.reason,
         )
 
+    def _discard(self, moving: Future[None], key: str) -> None:
+        """Undo a move into the blob store (after it finished, whatever its outcome)."""
+        try:
+            moving.result()
+        except Exception:  # noqa: BLE001 - nothing to undo if the move failed
+            return
+        self.blobs.delete(key)
+
+    def close(self) -> None:
+        """Stop the blob I/O threads."""
+        self._blob_io.shutdown(wait=True)
+
     # -- inside the index transaction ------------------------------------------------------
 
     def _index(
-        self, conn: Connection, h: InstanceHeader, key: str, size: int, actor: Actor
+        self, conn: Connection, h: InstanceHeader, key: str, size: int, actor: Actor,
+        on_disk: Prerequisite,
     ) -> IndexOutcome:
         now = datetime.now(UTC)
         existing = find_instance(conn, h.sop_instance_uid)
         if existing is None:
-            outcome = index_instance(conn, h, key, size, actor.source, now)
+            outcome = index_instance(conn, h, key, size, actor.source, now, self._known)
         elif (existing.study_uid, existing.series_uid) != (h.study_uid, h.series_uid):
             outcome = IndexOutcome(
                 "conflict",
                 f"instance {h.sop_instance_uid} is already stored in another series or study",
             )
         else:
+            on_disk.wait()  # compare with the new bytes once they are in the store
             path = self.blobs.local_path(key)
             same = path is not None and _same_content(self.blobs, existing.blob_key, path)
             if same:
@@ -204,11 +242,12 @@ class IngestService:
         return outcome
 
     def _audit_refusal(
-        self, actor: Actor, action: str, reason: str, header: InstanceHeader | None
+        self, actor: Actor, action: str, reason: str, header: InstanceHeader | None,
+        outcome: Literal["refused", "failure"] = "refused",
     ) -> None:
         self.audit.record(
             AuditEvent(
-                actor=actor, action=action, outcome="refused",
+                actor=actor, action=action, outcome=outcome,
                 patient_id=header.patient_id if header else "",
                 study_uid=header.study_uid if header else "",
                 detail={"reason": reason},

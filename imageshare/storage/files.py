@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from imageshare.storage.blobs import fsync_file
+
 _KEY = re.compile(r"^[0-9a-f]{8,64}$")
 _CHUNK = 1 << 20
 
@@ -22,7 +24,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 class FileBlobStore:
-    """Blobs as files under ``root/ab/cd/<key>``; writes are atomic and durable."""
+    """Blobs as files under ``root/<key[0:4]>/<key[4:8]>/<key>``; writes are atomic and durable.
+
+    With :func:`new_blob_key` the second level changes every minute: one folder per minute of
+    activity, the first level every 45 days.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -35,7 +41,7 @@ class FileBlobStore:
     def _path(self, key: str) -> Path:
         if not _KEY.match(key):
             raise ValueError("invalid blob key")
-        return self.root / key[:2] / key[2:4] / key
+        return self.root / key[:4] / key[4:8] / key
 
     def _ensure_dir(self, folder: Path) -> None:
         if folder in self._dirs_known:
@@ -64,9 +70,17 @@ class FileBlobStore:
         return size
 
     def put_file(self, key: str, path: Path) -> None:
-        """Move the local file ``path`` (already fsynced) into the store under ``key``."""
+        """Move the local file ``path`` into the store under ``key``; durable on return.
+
+        The file is renamed first and then fsynced with its folder: on journalling file systems
+        the file's fsync commits the rename too, so the folder's fsync finds little to do.
+        """
         try:
-            self._install(key, path)
+            final = self._path(key)
+            self._ensure_dir(final.parent)
+            os.replace(path, final)
+            fsync_file(final)
+            _fsync_dir(final.parent)
         except OSError as exc:
             if exc.errno != 18:  # EXDEV: another file system, copy instead
                 raise
