@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -19,8 +15,13 @@ import pytest
 
 from imageshare.app import Archive, build_archive
 from imageshare.settings import load_settings
+from tests.peers import (
+    ADMIN_PASSWORD,
+    OrthancServer,
+    RunningServer,
+    free_port,
+)
 
-ADMIN_PASSWORD = "admin-test-password"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -38,24 +39,6 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     require(path is not None, name)
     return path  # type: ignore[return-value]
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 20.0) -> None:
-    """Block until something accepts connections on ``port``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port}")
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------
@@ -119,7 +102,8 @@ def postgres() -> Iterator[PostgresServer]:
     subprocess.run(
         [*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(data / "server.log"),
          "-w", "start", "-o",
-         f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"],
+         f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off "
+         "-c max_connections=300"],
         check=True, capture_output=True,
     )
     try:
@@ -188,85 +172,6 @@ def anonymous(archive: Archive) -> Iterator[httpx.Client]:
 # -- real servers ------------------------------------------------------------------------------
 
 
-@dataclass
-class RunningServer:
-    """``imageshare serve`` as a separate process on free ports."""
-
-    data_dir: Path
-    http_port: int = field(default_factory=free_port)
-    dicom_port: int = field(default_factory=free_port)
-    ae_title: str = "IMAGESHARE"
-    extra_env: dict[str, str] = field(default_factory=dict)
-    process: subprocess.Popen | None = None
-    log_path: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def dicomweb(self) -> str:
-        return self.url + "/dicomweb"
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGESHARE_")}
-        env.update(
-            IMAGESHARE_DATA_DIR=str(self.data_dir),
-            IMAGESHARE_HTTP_PORT=str(self.http_port),
-            IMAGESHARE_DICOM_PORT=str(self.dicom_port),
-            IMAGESHARE_AE_TITLE=self.ae_title,
-            IMAGESHARE_ADMIN_PASSWORD=ADMIN_PASSWORD,
-            IMAGESHARE_LOG_LEVEL="WARNING",
-        )
-        env.update(self.extra_env)
-        return env
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run ``imageshare ARGS`` against this server's data."""
-        return subprocess.run(
-            [sys.executable, "-m", "imageshare", *args], env=self.env(), text=True,
-            capture_output=True, check=check, timeout=300,
-        )
-
-    def start(self) -> RunningServer:
-        self.log_path = self.data_dir.parent / f"server-{self.http_port}.log"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "a")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "imageshare", "serve"], env=self.env(), stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("server exited: " + self.log_path.read_text()[-2000:])
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    wait_for_port(self.dicom_port)
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("server did not start: " + self.log_path.read_text()[-2000:])
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to clean up."""
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, auth=("admin", ADMIN_PASSWORD), timeout=60)
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RunningServer]:
     """A running ImageShare server with its own data folder."""
@@ -276,62 +181,6 @@ def server(tmp_path: Path) -> Iterator[RunningServer]:
 
 
 # -- Orthanc ---------------------------------------------------------------------------------
-
-
-@dataclass
-class OrthancServer:
-    """Debian's Orthanc on loopback with its own folders and ports."""
-
-    folder: Path
-    http_port: int = field(default_factory=free_port)
-    dicom_port: int = field(default_factory=free_port)
-    ae_title: str = "ORTHANC"
-    process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self, modalities: dict[str, list], plugins: list[str] | None = None) -> None:
-        import json
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "orthanc-test", "StorageDirectory": str(self.folder / "storage"),
-            "IndexDirectory": str(self.folder / "index"), "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port, "DicomAet": self.ae_title,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "DicomModalities": modalities, "Plugins": plugins or [],
-            "DicomCheckCalledAet": False, "StableAge": 1, "HttpTimeout": 60,
-            "DicomScuTimeout": 30,
-        }
-        path = self.folder / "orthanc.json"
-        path.write_text(json.dumps(config))
-        log = open(self.folder / "orthanc.log", "a")
-        self.process = subprocess.Popen(
-            [shutil.which("Orthanc") or "Orthanc", str(path)], stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError((self.folder / "orthanc.log").read_text()[-2000:])
-            try:
-                if httpx.get(self.url + "/system", timeout=1).status_code == 200:
-                    wait_for_port(self.dicom_port)
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("Orthanc did not start")
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(20)
-
-    def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120)
 
 
 @pytest.fixture

@@ -10,9 +10,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from tests.conftest import free_port, require_tool, wait_for_port
+from tests.conftest import require_tool
 from tests.factory import ct_series, us_cine
 from tests.multipart_helpers import parse_multipart
+from tests.peers import free_port, wait_for_port
 
 pytestmark = pytest.mark.interop
 

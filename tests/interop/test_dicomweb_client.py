@@ -10,8 +10,8 @@ from dicomweb_client.session_utils import create_session_from_auth
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from tests.conftest import ADMIN_PASSWORD
 from tests.factory import ct_series, us_cine
+from tests.peers import ADMIN_PASSWORD
 
 pytestmark = pytest.mark.interop
 

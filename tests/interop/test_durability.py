@@ -10,9 +10,9 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from tests.conftest import RunningServer
 from tests.factory import ct_series
 from tests.multipart_helpers import parse_multipart
+from tests.peers import RunningServer
 
 pytestmark = pytest.mark.interop
 
