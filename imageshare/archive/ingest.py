@@ -129,7 +129,9 @@ class IngestService:
         key = new_blob_key()
         size = os.path.getsize(path)
         on_disk = Prerequisite()
-        with open(path, "rb") as fp:  # stays readable while the file is moved into the store
+        # Opened by descriptor: it stays readable while the file is moved into the store, and
+        # pydicom (which stats the file object's name) sees a descriptor, not a stale path.
+        with open(os.open(path, os.O_RDONLY), "rb") as fp:
             # Making the bytes durable (I/O, no GIL) runs beside parsing and the index SQL;
             # nothing is committed, and nothing acknowledged, before all of it is done.
             moving = self._blob_io.submit(self.blobs.put_file, key, path)

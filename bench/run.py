@@ -1,0 +1,388 @@
+"""ImageShare benchmarks, side by side with Orthanc (Debian) and a bare pynetdicom floor.
+
+One command: ``python bench/run.py`` (or ``make bench``). Prints a table, writes JSON to
+bench/out/results.json. Every figure is measured in the same run on the same generated data;
+ratios compare ImageShare with the named peer.
+
+    --quick              small sizes, for a smoke run
+    --qido-instances N   instances indexed before QIDO latency is measured (default 100000)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.factory import ct_series, us_cine  # noqa: E402
+from tests.peers import OrthancServer, RunningServer, free_port, wait_for_port  # noqa: E402
+
+OUT = ROOT / "bench" / "out"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+@dataclass
+class Results:
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, metric: str, unit: str, values: dict[str, float], better: str = "higher",
+            note: str = "") -> None:
+        row = {"metric": metric, "unit": unit, "values": values, "better": better, "note": note}
+        self.rows.append(row)
+        print(self._line(row), flush=True)
+
+    @staticmethod
+    def _line(row: dict) -> str:
+        values = row["values"]
+        cells = "  ".join(f"{k}={v:,.2f}" for k, v in values.items())
+        ratios = []
+        mine = values.get("imageshare")
+        for peer, value in values.items():
+            if peer != "imageshare" and mine and value:
+                ratio = mine / value if row["better"] == "higher" else value / mine
+                ratios.append(f"x{ratio:.2f} vs {peer}")
+        return f"{row['metric']:<46} {row['unit']:<10} {cells}   {'; '.join(ratios)}"
+
+
+# -- peers -----------------------------------------------------------------------------------
+
+
+class Floor:
+    """bench/floor_scp.py: a pynetdicom SCP that writes and fsyncs each file, nothing else."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "floor_scp.py"), str(self.port), str(folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(20)
+
+
+def start_imageshare(work: Path, name: str) -> RunningServer:
+    shutil.rmtree(work / name, ignore_errors=True)
+    return RunningServer(work / name / "data").start()
+
+
+def start_orthanc(work: Path, name: str) -> OrthancServer:
+    shutil.rmtree(work / name, ignore_errors=True)
+    server = OrthancServer(work / name)
+    plugins = [DICOMWEB_PLUGIN] if Path(DICOMWEB_PLUGIN).exists() else []
+    server.start({}, plugins)
+    return server
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# -- workloads -------------------------------------------------------------------------------
+
+
+def storescu(port: int, ae: str, files: list[Path], associations: int) -> float:
+    """Seconds to send ``files`` with ``associations`` storescu processes in parallel."""
+    chunks = [files[i::associations] for i in range(associations)]
+    start = time.perf_counter()
+    procs = []
+    for chunk in chunks:
+        listing = OUT / f"files-{len(procs)}.txt"
+        listing.write_text("\n".join(map(str, chunk)))
+        procs.append(subprocess.Popen(
+            ["storescu", "-aec", ae, "127.0.0.1", str(port), *map(str, chunk)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for proc in procs:
+        _out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - start
+
+
+def c_store_round(work: Path, label: str, files: list[Path], associations: int,
+                  results: Results) -> None:
+    size_mb = sum(p.stat().st_size for p in files) / 1e6
+    seconds: dict[str, float] = {}
+    server = start_imageshare(work, f"is-{label}-{associations}")
+    try:
+        seconds["imageshare"] = storescu(server.dicom_port, server.ae_title, files, associations)
+        with server.http() as http:
+            listed = http.get("/dicomweb/instances", params={"limit": 1}).status_code
+        assert listed == 200
+    finally:
+        server.stop()
+    orthanc = start_orthanc(work, f"orthanc-{label}-{associations}")
+    try:
+        seconds["orthanc"] = storescu(orthanc.dicom_port, "ORTHANC", files, associations)
+    finally:
+        orthanc.stop()
+    floor = Floor(work / f"floor-{label}-{associations}")
+    try:
+        seconds["pynetdicom-floor"] = storescu(floor.port, "FLOOR", files, associations)
+    finally:
+        floor.stop()
+    results.add(f"C-STORE {label}, {associations} assoc", "inst/s",
+                {k: len(files) / v for k, v in seconds.items()})
+    results.add(f"C-STORE {label}, {associations} assoc", "MB/s",
+                {k: size_mb / v for k, v in seconds.items()})
+
+
+def _multipart(paths: list[Path], boundary: str) -> bytes:
+    body = bytearray()
+    for path in paths:
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        body += path.read_bytes() + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return bytes(body)
+
+
+def stow_round(work: Path, files: list[Path], results: Results) -> None:
+    boundary = "benchboundary0123456789"
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; '
+                               f"boundary={boundary}"}
+    batches = [files[i:i + 25] for i in range(0, len(files), 25)]
+    bodies = [_multipart(b, boundary) for b in batches]
+    seconds = {}
+    server = start_imageshare(work, "is-stow")
+    try:
+        with server.http() as http:
+            start = time.perf_counter()
+            for body in bodies:
+                assert http.post("/dicomweb/studies", content=body,
+                                 headers=headers).status_code == 200
+            seconds["imageshare"] = time.perf_counter() - start
+    finally:
+        server.stop()
+    orthanc = start_orthanc(work, "orthanc-stow")
+    try:
+        with orthanc.http() as http:
+            start = time.perf_counter()
+            for body in bodies:
+                response = http.post("/dicom-web/studies", content=body, headers=headers)
+                assert response.status_code == 200, response.text[:300]
+            seconds["orthanc"] = time.perf_counter() - start
+    finally:
+        orthanc.stop()
+    results.add("STOW-RS CT, 25 per request", "inst/s",
+                {k: len(files) / v for k, v in seconds.items()})
+
+
+def tiny_instances(folder: Path, count: int, per_study: int = 20) -> list[Path]:
+    """``count`` small CT instances in studies of ``per_study`` (for index-size tests)."""
+    paths = []
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ["Smith^John", "Jones^Mary", "Müller^Jürgen", "Taylor^Ann", "Brown^Oliver"]
+    for s in range(count // per_study):
+        made = ct_series(folder / f"s{s:05d}", count=per_study, size=8,
+                         patient_id=f"P{s:06d}", patient_name=f"{names[s % 5]}{s}",
+                         StudyDate=f"20{10 + s % 15:02d}{1 + s % 12:02d}{1 + s % 28:02d}",
+                         AccessionNumber=f"A{s:07d}")
+        paths.extend(made)
+    return paths
+
+
+def _latencies(client: httpx.Client, urls: list[str]) -> tuple[float, float]:
+    times = []
+    for url in urls:
+        start = time.perf_counter()
+        response = client.get(url)
+        assert response.status_code in (200, 204), (url, response.status_code)
+        times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    return statistics.median(times), times[int(len(times) * 0.95) - 1]
+
+
+def qido_round(work: Path, count: int, results: Results) -> None:
+    data = work / f"tiny-{count}"
+    files = tiny_instances(data, count) if not data.exists() else sorted(data.rglob("*.dcm"))
+    studies = count // 20
+    queries = []
+    for i in range(0, 200):
+        s = (i * 7919) % studies
+        queries += [
+            f"studies?PatientID=P{s:06d}",
+            "studies?PatientName=Smith*&limit=50",
+            f"studies?StudyDate=2012{1 + i % 12:02d}01-2012{1 + i % 12:02d}28&limit=50",
+            f"studies?AccessionNumber=A{s:07d}",
+        ]
+    server = start_imageshare(work, "is-qido")
+    try:
+        load = server.cli("import", "--quiet", str(data))
+        assert "refused" not in load.stdout, load.stdout[-500:]
+        with server.http() as http:
+            is_med, is_p95 = _latencies(http, [f"/dicomweb/{q}" for q in queries])
+            rss_is = peak_rss_mb(server.process.pid)
+    finally:
+        server.stop()
+    orthanc = start_orthanc(work, "orthanc-qido")
+    try:
+        storescu(orthanc.dicom_port, "ORTHANC", files, 4)
+        with orthanc.http() as http:
+            or_med, or_p95 = _latencies(http, [f"/dicom-web/{q}" for q in queries])
+    finally:
+        orthanc.stop()
+    results.add(f"QIDO-RS median ({count:,} instances)", "ms",
+                {"imageshare": is_med, "orthanc": or_med}, better="lower")
+    results.add(f"QIDO-RS p95 ({count:,} instances)", "ms",
+                {"imageshare": is_p95, "orthanc": or_p95}, better="lower")
+    results.add(f"server peak RSS after QIDO ({count:,})", "MB", {"imageshare": rss_is},
+                better="lower")
+
+
+def _retrieve_seconds(client: httpx.Client, url: str) -> tuple[float, int]:
+    headers = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    start = time.perf_counter()
+    size = 0
+    with client.stream("GET", url, headers=headers) as response:
+        assert response.status_code == 200, response.status_code
+        for chunk in response.iter_bytes(1 << 20):
+            size += len(chunk)
+    return time.perf_counter() - start, size
+
+
+def wado_round(work: Path, files: list[Path], study_uid: str, results: Results) -> None:
+    speeds = {}
+    server = start_imageshare(work, "is-wado")
+    try:
+        server.cli("import", "--quiet", *map(str, files))
+        with server.http() as http:
+            runs = [_retrieve_seconds(http, f"/dicomweb/studies/{study_uid}") for _ in range(3)]
+        speeds["imageshare"] = max(size / secs / 1e6 for secs, size in runs)
+    finally:
+        server.stop()
+    orthanc = start_orthanc(work, "orthanc-wado")
+    try:
+        storescu(orthanc.dicom_port, "ORTHANC", files, 4)
+        with orthanc.http() as http:
+            runs = [_retrieve_seconds(http, f"/dicom-web/studies/{study_uid}") for _ in range(3)]
+        speeds["orthanc"] = max(size / secs / 1e6 for secs, size in runs)
+    finally:
+        orthanc.stop()
+    results.add("WADO-RS study retrieve (best of 3)", "MB/s", speeds)
+
+
+def big_instance(folder: Path, megabytes: int) -> Path:
+    path = folder / f"big-{megabytes}mb.dcm"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, cols = 480, 640
+    frames = max(1, megabytes * 1_000_000 // (rows * cols * 3))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName, ds.Modality = "BIG1", "Big^Loop", "US"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation, ds.FrameTime = 7, 0, 33.3
+    ds.PixelData = np.random.default_rng(1).integers(
+        0, 255, size=rows * cols * 3 * frames, dtype=np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def rss_round(work: Path, megabytes: int, results: Results) -> None:
+    path = big_instance(work / "big", megabytes)
+    peaks = {}
+    server = start_imageshare(work, "is-big")
+    try:
+        storescu(server.dicom_port, server.ae_title, [path], 1)
+        peaks["imageshare"] = peak_rss_mb(server.process.pid)
+    finally:
+        server.stop()
+    orthanc = start_orthanc(work, "orthanc-big")
+    try:
+        storescu(orthanc.dicom_port, "ORTHANC", [path], 1)
+        peaks["orthanc"] = peak_rss_mb(orthanc.process.pid)
+    finally:
+        orthanc.stop()
+    floor = Floor(work / "floor-big")
+    try:
+        storescu(floor.port, "FLOOR", [path], 1)
+        peaks["pynetdicom-floor"] = peak_rss_mb(floor.process.pid)
+    finally:
+        floor.stop()
+    results.add(f"peak RSS ingesting a {path.stat().st_size / 1e9:.2f} GB instance", "MB",
+                peaks, better="lower")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--qido-instances", type=int, default=None)
+    parser.add_argument("--only", default="", help="comma list: cstore,stow,qido,wado,rss")
+    args = parser.parse_args()
+    for tool in ("storescu", "Orthanc"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is needed: apt-get install dcmtk orthanc orthanc-dicomweb")
+    quick = args.quick
+    ct_count, us_count = (60, 4) if quick else (500, 20)
+    qido_count = args.qido_instances or (2000 if quick else 100_000)
+    big_mb = 100 if quick else 1024
+    only = set(filter(None, args.only.split(","))) or {"cstore", "stow", "qido", "wado", "rss"}
+    OUT.mkdir(parents=True, exist_ok=True)
+    work = OUT / "work"
+    work.mkdir(exist_ok=True)
+    results = Results()
+    ct_dir = work / f"ct-{ct_count}"
+    ct = sorted(ct_dir.glob("*.dcm")) or ct_series(ct_dir, count=ct_count, size=512,
+                                                   patient_id="BENCHCT")
+    us_dir = work / f"us-{us_count}"
+    us = sorted(us_dir.glob("*.dcm")) or [
+        us_cine(us_dir, frames=60, rows=240, cols=320, patient_id="BENCHUS")
+        for _ in range(us_count)]
+    from pydicom import dcmread
+
+    study_uid = dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID
+    print(f"ImageShare benchmarks {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores; "
+          f"CT {len(ct)} x 512x512x16 bit, US {len(us)} x 60 frames 320x240 RGB", flush=True)
+    if "cstore" in only:
+        for associations in (1, 4):
+            c_store_round(work, "CT", ct, associations, results)
+            c_store_round(work, "US cine", us, associations, results)
+    if "stow" in only:
+        stow_round(work, ct, results)
+    if "wado" in only:
+        wado_round(work, ct, study_uid, results)
+    if "qido" in only:
+        qido_round(work, qido_count, results)
+    if "rss" in only:
+        rss_round(work, big_mb, results)
+    (OUT / "results.json").write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]),
+        "rows": results.rows}, indent=2))
+    print(f"\nwritten {OUT / 'results.json'}")
+
+
+if __name__ == "__main__":
+    threading.stack_size(0)
+    main()
