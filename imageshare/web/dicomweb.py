@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,7 @@ from imageshare.domain.errors import (
 )
 from imageshare.web.auth import allowed
 from imageshare.web.multipart import (
+    PartBody,
     PartSink,
     file_chunks,
     media_type_params,
@@ -262,18 +263,19 @@ def _accepted_dicom_syntax(request: Request) -> tuple[str, str | None]:
     raise NotAcceptable('ask for multipart/related; type="application/dicom"')
 
 
-def _instance_chunks(request: Request, inst: StoredInstance, syntax: str | None) -> tuple[
-    str, Iterable[bytes]
+def _instance_body(request: Request, inst: StoredInstance, syntax: str | None) -> tuple[
+    str, PartBody
 ]:
+    """(transfer syntax, bytes or open file) of an instance in the syntax asked for."""
     retrieve = request.app.state.archive.retrieve
     if syntax is None or syntax == inst.transfer_syntax:
-        return inst.transfer_syntax, file_chunks(retrieve.open(inst))
+        return inst.transfer_syntax, retrieve.open(inst)
     try:
         with retrieve.open(inst) as stream:
-            return syntax, [transcode(stream, syntax)]
+            return syntax, transcode(stream, syntax)
     except NotAcceptable:
         # A part we cannot convert is sent as stored, labelled with its real syntax.
-        return inst.transfer_syntax, file_chunks(retrieve.open(inst))
+        return inst.transfer_syntax, retrieve.open(inst)
 
 
 def _dicom_response(request: Request, found: list[StoredInstance]) -> Response:
@@ -281,14 +283,16 @@ def _dicom_response(request: Request, found: list[StoredInstance]) -> Response:
     if shape == "single":
         if len(found) != 1:
             raise NotAcceptable("application/dicom holds one instance; use multipart/related")
-        actual, chunks = _instance_chunks(request, found[0], syntax)
-        return StreamingResponse(iter(chunks), media_type="application/dicom")
+        _actual, body = _instance_body(request, found[0], syntax)
+        data = body if isinstance(body, bytes) else file_chunks(body)
+        return StreamingResponse(iter([data]) if isinstance(data, bytes) else data,
+                                 media_type="application/dicom")
     boundary = new_boundary()
 
-    def parts() -> Iterator[tuple[str, Iterable[bytes]]]:
+    def parts() -> Iterator[tuple[str, PartBody]]:
         for inst in found:
-            actual, chunks = _instance_chunks(request, inst, syntax)
-            yield f"application/dicom; transfer-syntax={actual}", chunks
+            actual, body = _instance_body(request, inst, syntax)
+            yield f"application/dicom; transfer-syntax={actual}", body
 
     return StreamingResponse(
         part_stream(boundary, parts()),
@@ -427,7 +431,7 @@ def retrieve_frames(
         content_type = f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}"
         data = list(_decoded_frames(request, inst, numbers))
     return StreamingResponse(
-        part_stream(boundary, ((content_type, [d]) for d in data)),
+        part_stream(boundary, ((content_type, d) for d in data)),
         media_type=f'multipart/related; type="{kind}"; boundary={boundary}',
     )
 
@@ -450,7 +454,7 @@ def retrieve_bulkdata(
                 ds = dcmread(stream)
             data = b"".join(generate_fragments(ds.PixelData))
             kind = COMPRESSED_MEDIA_TYPES[inst.transfer_syntax]
-            parts = [(f"{kind}; transfer-syntax={inst.transfer_syntax}", [data])]
+            parts = [(f"{kind}; transfer-syntax={inst.transfer_syntax}", data)]
         else:
             numbers = list(range(1, inst.number_of_frames + 1))
             if inst.transfer_syntax in COMPRESSED_MEDIA_TYPES:
@@ -459,7 +463,7 @@ def retrieve_bulkdata(
             else:
                 kind = "application/octet-stream"
                 content_type = kind
-            parts = [(content_type, [f]) for f in retrieve.frames(inst, numbers)]
+            parts = [(content_type, f) for f in retrieve.frames(inst, numbers)]
         return StreamingResponse(
             part_stream(boundary, parts),
             media_type=f'multipart/related; type="{kind}"; boundary={boundary}',
@@ -473,7 +477,7 @@ def retrieve_bulkdata(
     value = element.value if isinstance(element.value, bytes) else bytes(str(element.value),
                                                                          "utf-8")
     return StreamingResponse(
-        part_stream(boundary, [("application/octet-stream", [value])]),
+        part_stream(boundary, [("application/octet-stream", value)]),
         media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}',
     )
 
