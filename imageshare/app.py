@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -48,6 +52,7 @@ class Archive:
         """Finish pending index writes and release the database."""
         self.ingest.close()
         self.writer.close()
+        self.writer.engine.dispose()
         self.engine.dispose()
 
 
@@ -58,7 +63,11 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     migrate(engine, upgrade=upgrade)
     blobs = open_blob_store(settings.resolved_storage_url)
     audit = AuditTrail(engine)
-    writer = IndexWriter(engine)
+    writer_engine = (
+        make_engine(settings.resolved_database_url, settings.sqlite_synchronous, for_writer=True)
+        if engine.dialect.name == "sqlite" else engine
+    )
+    writer = IndexWriter(writer_engine)
     ingest = IngestService(
         blobs, writer, audit, settings.staging_dir, overwrite=settings.overwrite_instances
     )
@@ -88,11 +97,59 @@ def recover(archive: Archive) -> int:
     return recovered
 
 
+def dicom_processes(settings: Settings) -> int:
+    """How many processes share the DICOM port."""
+    if settings.dicom_processes > 0:
+        return settings.dicom_processes
+    return max(1, min(2 * (os.cpu_count() or 1), 8))
+
+
+def _make_listener(archive: Archive, shared_port: bool) -> Any:
+    from imageshare.dicom.scp import DicomListener
+
+    settings = archive.settings
+    return DicomListener(
+        settings.ae_title, settings.dicom_port, settings.dicom_host or settings.http_host,
+        archive.ingest, archive.query, archive.retrieve, archive.nodes, archive.policy,
+        max_associations=settings.max_associations, timeout=settings.dicom_timeout,
+        max_pdu=settings.max_pdu_size, check_calling_host=settings.check_calling_host,
+        shared_port=shared_port,
+    )
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_dicom_worker(settings: Settings) -> None:
+    """A further process accepting DICOM associations on the shared port until SIGTERM."""
+    _die_with_parent()
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    archive = build_archive(settings, upgrade=False)
+    listener = _make_listener(archive, shared_port=True)
+    listener.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    listener.stop()
+    archive.close()
+
+
 def serve(settings: Settings) -> None:
-    """Run HTTP and the DICOM listener in this process until SIGINT/SIGTERM."""
+    """Run HTTP and the DICOM listener until SIGINT/SIGTERM; further processes share the
+    DICOM port (``dicom_processes``) so that concurrent associations use every core."""
     import uvicorn
 
-    from imageshare.dicom.scp import DicomListener
     from imageshare.web.server import create_app
 
     archive = build_archive(settings)
@@ -105,29 +162,27 @@ def serve(settings: Settings) -> None:
         )
     recover(archive)
     listener = None
+    workers: list[multiprocessing.process.BaseProcess] = []
     if settings.dicom_port:
-        listener = DicomListener(
-            settings.ae_title, settings.dicom_port, settings.dicom_host or settings.http_host,
-            archive.ingest, archive.query,
-            archive.retrieve, archive.nodes, archive.policy,
-            max_associations=settings.max_associations, timeout=settings.dicom_timeout,
-            max_pdu=settings.max_pdu_size, check_calling_host=settings.check_calling_host,
-        )
+        processes = dicom_processes(settings)
+        listener = _make_listener(archive, shared_port=processes > 1)
         listener.start()
-        log.info("DICOM listener %s on port %d", settings.ae_title, listener.port)
+        spawn = multiprocessing.get_context("spawn")
+        for number in range(processes - 1):
+            worker = spawn.Process(
+                target=run_dicom_worker, args=(settings,), name=f"dicom-worker-{number}",
+                daemon=True,
+            )
+            worker.start()
+            workers.append(worker)
+        log.info("DICOM listener %s on port %d (%d processes)", settings.ae_title,
+                 listener.port, processes)
     app = create_app(archive)
     config = uvicorn.Config(
         app, host=settings.http_host, port=settings.http_port, log_level="warning",
         access_log=False, timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)
-    stopped = threading.Event()
-
-    def _stop(_signum: int, _frame: Any) -> None:
-        server.should_exit = True
-        stopped.set()
-
-    signal.signal(signal.SIGTERM, _stop)
     print(
         f"ImageShare listening: http://{settings.http_host}:{settings.http_port}/ "
         f"and DICOM {settings.ae_title}@{settings.dicom_port}",
@@ -136,6 +191,10 @@ def serve(settings: Settings) -> None:
     try:
         server.run()
     finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.join(15)
         if listener is not None:
             listener.stop()
         archive.close()

@@ -49,6 +49,10 @@ class Settings:
         False, "Query/retrieve only when the peer's address matches its registered host."
     )
     max_associations: int = _setting(32, "Most DICOM associations served at once.")
+    dicom_processes: int = _setting(
+        0, "Processes sharing the DICOM port, so that concurrent associations use every "
+        "core (0: two per core, at most 8)."
+    )
     dicom_timeout: float = _setting(60.0, "Seconds a DICOM association may stay silent.")
     max_pdu_size: int = _setting(262144, "Largest PDU the DICOM listener accepts (bytes).")
     cors_origins: str = _setting(

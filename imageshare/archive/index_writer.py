@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 T = TypeVar("T")
 log = logging.getLogger("imageshare.index")
@@ -60,6 +61,11 @@ class IndexWriter:
         self._max_batch = max_batch
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._thread.start()
+
+    @property
+    def engine(self) -> Engine:
+        """The engine the writer commits with."""
+        return self._engine
 
     def on_failure(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` (in the writer thread) whenever a change or a commit fails."""
@@ -111,15 +117,20 @@ class IndexWriter:
             self._apply_one(*batch[0])
             return
         results: list[tuple[Future[Any], bool, Any]] = []
+        retry: list[Any] = []
         try:
             with self._engine.begin() as conn:
-                for change, future, prerequisite in batch:
+                for item in batch:
+                    change, future, prerequisite = item
                     try:
                         with conn.begin_nested():  # one failure does not sink the others
                             value = change(conn)
                             if prerequisite is not None:
                                 prerequisite.wait()
                         results.append((future, True, value))
+                    except (IntegrityError, OperationalError):
+                        self._failed()
+                        retry.append(item)  # raced another writer: alone, after this commit
                     except Exception as exc:  # noqa: BLE001 - handed to the waiting caller
                         self._failed()
                         results.append((future, False, exc))
@@ -127,30 +138,47 @@ class IndexWriter:
             self._failed()
             log.error("index commit failed: %s", type(exc).__name__)
             for _change, future, prerequisite in batch:
-                if prerequisite is not None:
-                    prerequisite.wait_quietly()
-                future.set_exception(exc)
+                self._fail(future, prerequisite, exc)
             return
         for future, ok, value in results:
             if ok:
                 future.set_result(value)
             else:
                 future.set_exception(value)
+        for item in retry:
+            self._apply_one(*item)
 
     def _apply_one(
         self, change: Callable[[Connection], Any], future: Future[Any],
         prerequisite: Prerequisite | None,
     ) -> None:
-        """A lone change needs no savepoint: its failure rolls back its own transaction."""
-        try:
-            with self._engine.begin() as conn:
-                value = change(conn)
-                if prerequisite is not None:
-                    prerequisite.wait()
-        except Exception as exc:  # noqa: BLE001 - handed to the waiting caller
-            self._failed()
-            if prerequisite is not None:
-                prerequisite.wait_quietly()
-            future.set_exception(exc)
+        """A lone change needs no savepoint: its failure rolls back its own transaction.
+
+        A change that lost a race with another process (a unique key taken meanwhile, a
+        serialisation failure) is run once more, on fresh data.
+        """
+        for attempt in (1, 2):
+            try:
+                with self._engine.begin() as conn:
+                    value = change(conn)
+                    if prerequisite is not None:
+                        prerequisite.wait()
+            except (IntegrityError, OperationalError) as exc:
+                self._failed()
+                if attempt == 1:
+                    log.info("index change raced another writer; retrying")
+                    continue
+                self._fail(future, prerequisite, exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting caller
+                self._failed()
+                self._fail(future, prerequisite, exc)
+                return
+            future.set_result(value)
             return
-        future.set_result(value)
+
+    @staticmethod
+    def _fail(future: Future[Any], prerequisite: Prerequisite | None, exc: Exception) -> None:
+        if prerequisite is not None:
+            prerequisite.wait_quietly()
+        future.set_exception(exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -110,25 +111,32 @@ class _KnownSeries:
 class KnownParents:
     """Studies and series the index writer has seen, so that the next instance of the same
     series needs no look-up. Only the index writer thread uses it; it must be cleared whenever
-    a transaction fails (entries may name rows that were rolled back)."""
+    a transaction fails (entries may name rows that were rolled back). Entries live at most
+    ``max_age`` seconds, which bounds how long a change made by another process (a merge of
+    patients, say) can go unseen."""
 
     _LIMIT = 20_000
 
-    def __init__(self) -> None:
+    def __init__(self, max_age: float = 30.0) -> None:
         self.studies: dict[str, _KnownStudy] = {}
         self.series: dict[str, _KnownSeries] = {}
+        self._max_age = max_age
+        self._since = time.monotonic()
 
     def clear(self) -> None:
         """Forget everything."""
         self.studies.clear()
         self.series.clear()
+        self._since = time.monotonic()
 
     def _bound(self) -> None:
-        if len(self.studies) + len(self.series) > self._LIMIT:
+        if (len(self.studies) + len(self.series) > self._LIMIT
+                or time.monotonic() - self._since > self._max_age):
             self.clear()
 
     def study(self, conn: Connection, study_uid: str) -> _KnownStudy | None:
         """The study's key facts, from memory or the index."""
+        self._bound()
         known = self.studies.get(study_uid)
         if known is None:
             row = conn.execute(
@@ -139,12 +147,12 @@ class KnownParents:
             ).first()
             if row is None:
                 return None
-            self._bound()
             known = self.studies[study_uid] = _KnownStudy(*row)
         return known
 
     def one_series(self, conn: Connection, series_uid: str) -> _KnownSeries | None:
         """The series' key and its study's key, from memory or the index."""
+        self._bound()
         known = self.series.get(series_uid)
         if known is None:
             row = conn.execute(
@@ -152,7 +160,6 @@ class KnownParents:
             ).first()
             if row is None:
                 return None
-            self._bound()
             known = self.series[series_uid] = _KnownSeries(*row)
         return known
 

@@ -29,6 +29,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from pynetdicom.transport import ThreadedAssociationServer
 
 from imageshare.access.policy import (
     DICOM_ECHO,
@@ -88,6 +89,7 @@ class DicomListener:
         timeout: float = 60.0,
         max_pdu: int = 262144,
         check_calling_host: bool = False,
+        shared_port: bool = False,
     ) -> None:
         self.ingest = ingest
         self.query = query
@@ -97,6 +99,7 @@ class DicomListener:
         self.port = port
         self.host = host
         self.check_calling_host = check_calling_host
+        self.shared_port = shared_port
         self._actors: weakref.WeakKeyDictionary[Any, Actor] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         _config.STORE_RECV_CHUNKED_DATASET = True
@@ -136,9 +139,13 @@ class DicomListener:
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_C_GET, self._on_get),
         ]
-        self._server = self.ae.start_server(
-            (self.host, self.port), block=False, evt_handlers=handlers
+        server_class = _SharedPortServer if self.shared_port else ThreadedAssociationServer
+        self._server = self.ae.make_server(
+            (self.host, self.port), evt_handlers=handlers, server_class=server_class
         )
+        threading.Thread(
+            target=self._server.serve_forever, name="dicom-acceptor", daemon=True
+        ).start()
         self.port = self._server.server_address[1]
 
     def stop(self) -> None:
@@ -307,6 +314,16 @@ class DicomListener:
             return
         yield len(found)
         yield from self._datasets(found, event)
+
+
+class _SharedPortServer(ThreadedAssociationServer):
+    """An association server whose port other ImageShare processes share (SO_REUSEPORT):
+    the kernel spreads new associations over the processes, so that they use every core."""
+
+    def server_bind(self) -> None:
+        """Set SO_REUSEPORT, then bind as usual."""
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 def _same_host(registered: str, address: str) -> bool:

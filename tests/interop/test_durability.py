@@ -82,3 +82,24 @@ def test_acknowledged_instances_survive_sigkill(tmp_path):
         assert not any((tmp_path / "data" / "staging").iterdir())
     finally:
         restarted.stop()
+
+
+def test_concurrent_associations_into_one_new_study_all_succeed(server, tmp_path):
+    """Several processes share the DICOM port: racing inserts of one study stay consistent."""
+    paths = ct_series(tmp_path / "ct", count=80, size=32, patient_id="RACE1")
+    acknowledged: list = []
+    stop = threading.Event()
+    threads = [threading.Thread(target=_store_all,
+                                args=(server.dicom_port, paths[i::4], acknowledged, stop))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(acknowledged) == 80
+    with server.http() as http:
+        (study,) = http.get("/dicomweb/studies", params={"PatientID": "RACE1"}).json()
+        series = http.get(f"/dicomweb/studies/{study['0020000D']['Value'][0]}/series").json()
+    assert study["00201208"]["Value"] == [80]
+    assert study["00201206"]["Value"] == [1]
+    assert [s["00201209"]["Value"] for s in series] == [[80]]

@@ -16,8 +16,14 @@ from imageshare.domain.errors import ConfigurationError
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def make_engine(url: str, sqlite_synchronous: str = "NORMAL") -> Engine:
-    """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout."""
+def make_engine(
+    url: str, sqlite_synchronous: str = "NORMAL", for_writer: bool = False
+) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout.
+
+    ``for_writer``: on SQLite, transactions start with BEGIN IMMEDIATE, taking the write lock
+    first, so that writers in several processes never read a snapshot they cannot update.
+    """
     parsed = make_url(url)
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -40,6 +46,14 @@ def make_engine(url: str, sqlite_synchronous: str = "NORMAL") -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+            if for_writer:
+                dbapi_conn.isolation_level = None  # transactions are begun below
+
+        if for_writer:
+
+            @event.listens_for(engine, "begin")
+            def _begin_immediate(conn) -> None:  # noqa: ANN001
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(parsed, pool_size=10, max_overflow=20, pool_pre_ping=True)
