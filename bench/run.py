@@ -235,7 +235,7 @@ def qido_round(work: Path, count: int, results: Results) -> None:
     server = start_imageshare(work, "is-qido")
     try:
         load = server.cli("import", "--quiet", str(data))
-        assert "refused" not in load.stdout, load.stdout[-500:]
+        assert "refused:" not in load.stdout, load.stdout[-500:]
         with server.http() as http:
             is_med, is_p95 = _latencies(http, [f"/dicomweb/{q}" for q in queries])
             rss_is = peak_rss_mb(server.process.pid)
@@ -346,6 +346,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--qido-instances", type=int, default=None)
     parser.add_argument("--only", default="", help="comma list: cstore,stow,qido,wado,rss")
+    parser.add_argument("--out", type=Path, default=OUT / "results.json")
     args = parser.parse_args()
     for tool in ("storescu", "Orthanc"):
         if shutil.which(tool) is None:
@@ -383,10 +384,10 @@ def main() -> None:
         qido_round(work, qido_count, results)
     if "rss" in only:
         rss_round(work, big_mb, results)
-    (OUT / "results.json").write_text(json.dumps({
+    args.out.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]),
         "rows": results.rows}, indent=2))
-    print(f"\nwritten {OUT / 'results.json'}")
+    print(f"\nwritten {args.out}")
 
 
 if __name__ == "__main__":
