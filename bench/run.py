@@ -91,11 +91,18 @@ def start_imageshare(work: Path, name: str) -> RunningServer:
 
 
 def start_orthanc(work: Path, name: str) -> OrthancServer:
-    shutil.rmtree(work / name, ignore_errors=True)
-    server = OrthancServer(work / name)
     plugins = [DICOMWEB_PLUGIN] if Path(DICOMWEB_PLUGIN).exists() else []
-    server.start({}, plugins)
-    return server
+    for attempt in range(3):  # a free port can be taken between choosing and binding it
+        shutil.rmtree(work / name, ignore_errors=True)
+        server = OrthancServer(work / name)
+        try:
+            server.start({}, plugins)
+            return server
+        except RuntimeError:
+            if attempt == 2:
+                raise
+            time.sleep(1)
+    raise AssertionError("unreachable")
 
 
 def peak_rss_mb(pid: int) -> float:

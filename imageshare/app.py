@@ -126,8 +126,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_dicom_worker(settings: Settings) -> None:
-    """A further process accepting DICOM associations on the shared port until SIGTERM."""
+def run_dicom_worker(settings: Settings, ready: Any) -> None:
+    """A further process accepting DICOM associations on the shared port until SIGTERM;
+    ``ready`` (an Event) is set once it listens."""
     _die_with_parent()
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
@@ -137,6 +138,7 @@ def run_dicom_worker(settings: Settings) -> None:
     archive = build_archive(settings, upgrade=False)
     listener = _make_listener(archive, shared_port=True)
     listener.start()
+    ready.set()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -168,13 +170,19 @@ def serve(settings: Settings) -> None:
         listener = _make_listener(archive, shared_port=processes > 1)
         listener.start()
         spawn = multiprocessing.get_context("spawn")
+        ready = []
         for number in range(processes - 1):
+            ready.append(spawn.Event())
             worker = spawn.Process(
-                target=run_dicom_worker, args=(settings,), name=f"dicom-worker-{number}",
-                daemon=True,
+                target=run_dicom_worker, args=(settings, ready[-1]),
+                name=f"dicom-worker-{number}", daemon=True,
             )
             worker.start()
             workers.append(worker)
+        # Report healthy (HTTP starts below) only once every process accepts associations.
+        for number, event in enumerate(ready):
+            if not event.wait(120):
+                log.error("DICOM worker %d did not start; continuing without it", number)
         log.info("DICOM listener %s on port %d (%d processes)", settings.ae_title,
                  listener.port, processes)
     app = create_app(archive)

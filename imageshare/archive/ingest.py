@@ -29,7 +29,7 @@ from imageshare.archive.indexing import (
 )
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ConflictingInstance, InvalidInstance
+from imageshare.domain.errors import ConflictingInstance, InvalidInstance, WrongStudy
 from imageshare.storage.blobs import BlobStore, new_blob_key
 
 log = logging.getLogger("imageshare.ingest")
@@ -141,7 +141,7 @@ class IngestService:
             try:
                 _ds, header = read_header(path, fp)
                 if expected_study and header.study_uid != expected_study:
-                    raise InvalidInstance(
+                    raise WrongStudy(
                         "the instance belongs to another study than the one in the request URL"
                     )
             except InvalidInstance as exc:

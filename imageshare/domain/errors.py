@@ -25,6 +25,10 @@ class InvalidInstance(ImageShareError):
     title = "Invalid DICOM instance"
 
 
+class WrongStudy(InvalidInstance):
+    """The instance belongs to another study than the one it was sent to."""
+
+
 class ConflictingInstance(ImageShareError):
     """The instance contradicts what the archive already holds (e.g. study of another patient)."""
 

@@ -39,6 +39,7 @@ from imageshare.domain.errors import (
     InvalidQuery,
     NotAcceptable,
     NotFound,
+    WrongStudy,
 )
 from imageshare.web.auth import allowed
 from imageshare.web.multipart import (
@@ -607,7 +608,7 @@ def _store_parts(request: Request, sink: PartSink, actor: Actor, study: str | No
             item.ReferencedSOPInstanceUID = uids[1]
             item.FailureReason = (
                 FAILURE_CONFLICT if isinstance(exc, ConflictingInstance)
-                else FAILURE_STUDY_MISMATCH if "request URL" in str(exc)
+                else FAILURE_STUDY_MISMATCH if isinstance(exc, WrongStudy)
                 else FAILURE_CANNOT_UNDERSTAND
             )
             item.ErrorComment = str(exc)[:64]

@@ -226,3 +226,24 @@ def test_wado_is_audited_per_study(client, archive, stored):
     (event,) = list(archive.audit.events(action="study.metadata", limit=1))
     assert (event["actor"], event["study_uid"], event["instance_count"]) == (
         "user:admin", study, 3)
+
+
+def test_cors_allows_only_configured_origins(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from imageshare.web.server import create_app
+    from tests.conftest import make_archive
+
+    archive = make_archive(tmp_path, cors_origins="https://viewer.example.org")
+    try:
+        with TestClient(create_app(archive)) as client:
+            allowed = client.options("/dicomweb/studies", headers={
+                "Origin": "https://viewer.example.org",
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "authorization"})
+            other = client.options("/dicomweb/studies", headers={
+                "Origin": "https://evil.example.com", "Access-Control-Request-Method": "GET"})
+        assert allowed.headers["access-control-allow-origin"] == "https://viewer.example.org"
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        archive.close()
