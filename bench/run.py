@@ -105,11 +105,32 @@ def start_orthanc(work: Path, name: str) -> OrthancServer:
     raise AssertionError("unreachable")
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The highest peak RSS (VmHWM) of ``pid`` and its descendants (the DICOM workers)."""
+    peaks = []
+    for process in [pid, *_children(pid)]:
+        try:
+            status = Path(f"/proc/{process}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                peaks.append(int(line.split()[1]) / 1024)
+        peaks.extend(peak_rss_mb(child) for child in _children(process) if child != pid)
+    return max(peaks) if peaks else float("nan")
 
 
 # -- workloads -------------------------------------------------------------------------------

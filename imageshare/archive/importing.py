@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -94,6 +96,7 @@ class Importer:
 
     def __init__(self, ingest: IngestService) -> None:
         self.ingest = ingest
+        self._open_zips: list[zipfile.ZipFile] = []
 
     def candidates(self, inputs: list[Path], report: ImportReport) -> Iterator[Candidate]:
         """Every file the inputs hold, zip members and DICOMDIR references included."""
@@ -137,68 +140,106 @@ class Importer:
         except (zipfile.BadZipFile, OSError) as exc:
             report.refused.append((str(path), f"unreadable zip file ({exc.__class__.__name__})"))
             return
-        with archive:
-            for info in archive.infolist():
-                label = f"{path}!{info.filename}"
-                if info.is_dir():
-                    continue
-                if not _safe_member(info.filename):
-                    report.refused.append((label, "unsafe path in zip file (refused)"))
-                    continue
-                if info.flag_bits & 0x1:
-                    report.refused.append((label, "encrypted zip member"))
-                    continue
-                if PurePosixPath(info.filename).name.upper() == "DICOMDIR":
-                    report.skipped += 1
-                    continue
-                yield Candidate(label, lambda a=archive, i=info: a.open(i))
+        self._open_zips.append(archive)  # members are read by other threads; run() closes it
+        for info in archive.infolist():
+            label = f"{path}!{info.filename}"
+            if info.is_dir():
+                continue
+            if not _safe_member(info.filename):
+                report.refused.append((label, "unsafe path in zip file (refused)"))
+                continue
+            if info.flag_bits & 0x1:
+                report.refused.append((label, "encrypted zip member"))
+                continue
+            if PurePosixPath(info.filename).name.upper() == "DICOMDIR":
+                report.skipped += 1
+                continue
+            yield Candidate(label, lambda a=archive, i=info: a.open(i))
 
     def run(
         self, inputs: list[Path], actor: Actor,
-        progress: Callable[[str], None] | None = None,
+        progress: Callable[[str], None] | None = None, parallel: int = 4,
     ) -> ImportReport:
-        """Import everything under ``inputs``; never stops on one bad file."""
+        """Import everything under ``inputs``; never stops on one bad file.
+
+        ``parallel`` files are stored at once (their index writes share commits).
+        """
         report = ImportReport()
-        for candidate in self.candidates(inputs, report):
-            self._one(candidate, actor, report)
-            if progress:
-                progress(candidate.label)
+        lock = threading.Lock()
+
+        def one(candidate: Candidate) -> None:
+            outcome = self._one(candidate, actor)
+            with lock:
+                outcome(report)
+                if progress:
+                    progress(candidate.label)
+
+        walk = self.candidates(inputs, report)
+        try:
+            with ThreadPoolExecutor(max_workers=parallel) as pool:
+                window: list[Future[None]] = []
+                while True:
+                    with lock:  # the walk records refusals in the report too
+                        candidate = next(walk, None)
+                    if candidate is None:
+                        break
+                    window.append(pool.submit(one, candidate))
+                    if len(window) >= 4 * parallel:  # bounded: memory stays flat
+                        window.pop(0).result()
+                for future in window:
+                    future.result()
+        finally:
+            while self._open_zips:
+                self._open_zips.pop().close()
         return report
 
-    def _one(self, candidate: Candidate, actor: Actor, report: ImportReport) -> None:
+    def _one(self, candidate: Candidate, actor: Actor) -> Callable[[ImportReport], None]:
+        """Store one file; returns how to count it in the report."""
+        try:
+            return self._store(candidate, actor)
+        except Exception as exc:  # noqa: BLE001 - one bad file never stops an import
+            reason = f"unexpected error ({type(exc).__name__})"
+            return lambda report: report.refused.append((candidate.label, reason))
+
+    def _store(self, candidate: Candidate, actor: Actor) -> Callable[[ImportReport], None]:
+        label = candidate.label
+
+        def refuse(reason: str) -> Callable[[ImportReport], None]:
+            return lambda report: report.refused.append((label, reason))
+
+        def skip(report: ImportReport) -> None:
+            report.skipped += 1
+
         try:
             with candidate.open() as stream:
                 if not _is_part10(stream):
                     if candidate.explicit:
-                        report.refused.append(
-                            (candidate.label, "not a DICOM Part 10 file (no 'DICM' prefix)")
-                        )
-                    else:
-                        report.skipped += 1
-                    return
+                        return refuse("not a DICOM Part 10 file (no 'DICM' prefix)")
+                    return skip
             with candidate.open() as stream:
                 header_check = dcmread(stream, stop_before_pixels=True,
                                        specific_tags=["SOPClassUID"])
             if str(header_check.get("SOPClassUID", "")) == _MEDIA_DIRECTORY:
-                report.skipped += 1
-                return
+                return skip
         except Exception:  # noqa: BLE001 - the pipeline gives the precise reason below
             pass
         try:
             with candidate.open() as stream:
                 result = self.ingest.store_stream(stream, actor)
         except (InvalidInstance, ConflictingInstance) as exc:
-            report.refused.append((candidate.label, str(exc)))
-            return
+            return refuse(str(exc))
         except OSError as exc:
-            report.refused.append((candidate.label, f"cannot read ({exc.strerror or exc})"))
-            return
-        report.studies.add(result.study_uid)
-        if result.outcome == "stored":
-            report.stored += 1
-        elif result.outcome == "duplicate":
-            report.duplicates += 1
-        elif result.outcome == "kept_first":
-            report.kept_first += 1
-        else:
-            report.replaced += 1
+            return refuse(f"cannot read ({exc.strerror or exc})")
+
+        def count(report: ImportReport) -> None:
+            report.studies.add(result.study_uid)
+            if result.outcome == "stored":
+                report.stored += 1
+            elif result.outcome == "duplicate":
+                report.duplicates += 1
+            elif result.outcome == "kept_first":
+                report.kept_first += 1
+            else:
+                report.replaced += 1
+
+        return count

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import Connection, and_, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, insert, select, update
 
 from imageshare.archive.header import InstanceHeader
 from imageshare.storage.index.schema import (
@@ -19,6 +19,33 @@ from imageshare.storage.index.schema import (
 )
 
 Status = Literal["stored", "duplicate", "replaced", "kept_first", "conflict"]
+
+# Statements of the hot path, built once: building a statement costs more than running it.
+_INSTANCE_PK = select(instances.c.pk).where(instances.c.sop_uid == bindparam("sop_uid"))
+_STUDY_FACTS = (
+    select(studies.c.pk, patients.c.patient_id, patients.c.issuer, studies.c.modalities)
+    .join(patients, patients.c.pk == studies.c.patient_pk)
+    .where(studies.c.study_uid == bindparam("study_uid"))
+)
+_SERIES_FACTS = select(series.c.pk, series.c.study_pk).where(
+    series.c.series_uid == bindparam("series_uid")
+)
+_INSERT_INSTANCE = insert(instances)
+_COUNT_SERIES_INSTANCE = (
+    update(series)
+    .where(series.c.pk == bindparam("series_key"))
+    .values(num_instances=series.c.num_instances + 1)
+)
+_COUNT_STUDY_INSTANCE = (
+    update(studies)
+    .where(studies.c.pk == bindparam("study_key"))
+    .values(
+        num_instances=studies.c.num_instances + 1,
+        num_series=studies.c.num_series + bindparam("new_series"),
+        modalities=bindparam("new_modalities"),
+        updated_at=bindparam("now"),
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -43,7 +70,7 @@ class ExistingInstance:
 
 def find_instance(conn: Connection, sop_uid: str) -> ExistingInstance | None:
     """The stored instance with this SOP Instance UID, if any."""
-    if conn.execute(select(instances.c.pk).where(instances.c.sop_uid == sop_uid)).first() is None:
+    if conn.execute(_INSTANCE_PK, {"sop_uid": sop_uid}).first() is None:
         return None  # the common case, answered by the unique index alone
     row = conn.execute(
         select(
@@ -139,12 +166,7 @@ class KnownParents:
         self._bound()
         known = self.studies.get(study_uid)
         if known is None:
-            row = conn.execute(
-                select(studies.c.pk, patients.c.patient_id, patients.c.issuer,
-                       studies.c.modalities)
-                .join(patients, patients.c.pk == studies.c.patient_pk)
-                .where(studies.c.study_uid == study_uid)
-            ).first()
+            row = conn.execute(_STUDY_FACTS, {"study_uid": study_uid}).first()
             if row is None:
                 return None
             known = self.studies[study_uid] = _KnownStudy(*row)
@@ -155,9 +177,7 @@ class KnownParents:
         self._bound()
         known = self.series.get(series_uid)
         if known is None:
-            row = conn.execute(
-                select(series.c.pk, series.c.study_pk).where(series.c.series_uid == series_uid)
-            ).first()
+            row = conn.execute(_SERIES_FACTS, {"series_uid": series_uid}).first()
             if row is None:
                 return None
             known = self.series[series_uid] = _KnownSeries(*row)
@@ -222,30 +242,24 @@ def index_instance(
     else:
         series_pk = series_row.pk
     conn.execute(
-        insert(instances).values(
-            sop_uid=h.sop_instance_uid, series_pk=series_pk, sop_class_uid=h.sop_class_uid,
-            transfer_syntax=h.transfer_syntax, blob_key=blob_key, size=size,
-            retention_class=retention_class, received_from=source[:128], received_at=now,
-            **h.instance,
-        )
+        _INSERT_INSTANCE,
+        {
+            "sop_uid": h.sop_instance_uid, "series_pk": series_pk,
+            "sop_class_uid": h.sop_class_uid, "transfer_syntax": h.transfer_syntax,
+            "blob_key": blob_key, "size": size, "retention_class": retention_class,
+            "received_from": source[:128], "received_at": now, **h.instance,
+        },
     )
-    conn.execute(
-        update(series)
-        .where(series.c.pk == series_pk)
-        .values(num_instances=series.c.num_instances + 1)
-    )
-    study_changes: dict[str, object] = {
-        "num_instances": studies.c.num_instances + 1,
-        "updated_at": now,
-    }
-    if new_series:
-        study_changes["num_series"] = studies.c.num_series + 1
+    conn.execute(_COUNT_SERIES_INSTANCE, {"series_key": series_pk})
     modality = h.series["modality"]
     listed = [m for m in modalities.split("\\") if m]
     if modality and modality not in listed:
         study.modalities = "\\".join(sorted([*listed, modality]))[:128]
-        study_changes["modalities"] = study.modalities
-    conn.execute(update(studies).where(studies.c.pk == study_pk).values(**study_changes))
+    conn.execute(
+        _COUNT_STUDY_INSTANCE,
+        {"study_key": study_pk, "new_series": int(new_series),
+         "new_modalities": study.modalities, "now": now},
+    )
     return IndexOutcome("stored")
 
 

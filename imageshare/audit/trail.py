@@ -16,6 +16,7 @@ from imageshare.storage.index.schema import audit_events
 
 Outcome = Literal["success", "failure", "refused", "warning"]
 log = logging.getLogger("imageshare.audit")
+_INSERT_EVENT = insert(audit_events)
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,10 @@ class AuditTrail:
             return
         rows = [e.row() for e in batch]
         if conn is not None:
-            conn.execute(insert(audit_events), rows)
+            conn.execute(_INSERT_EVENT, rows)
         else:
             with self._engine.begin() as own:
-                own.execute(insert(audit_events), rows)
+                own.execute(_INSERT_EVENT, rows)
         for e in batch:
             log.debug("audit %s %s %s", e.actor.label, e.action, e.outcome)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -576,6 +577,7 @@ def _renderable(found: list[StoredInstance]) -> StoredInstance:
 
 # -- STOW-RS ---------------------------------------------------------------------------------
 
+_STOW_PARALLEL = 4
 FAILURE_CANNOT_UNDERSTAND = 0xC000
 FAILURE_CONFLICT = 0xA910
 FAILURE_PROCESSING = 0x0110
@@ -590,48 +592,52 @@ async def _receive(request: Request, sink: PartSink) -> None:
         sink.close()
 
 
+def _store_part(
+    archive: Any, base: str, part: Any, actor: Actor, study: str | None
+) -> tuple[bool, Dataset]:
+    """Store one STOW-RS part: (stored?, its ReferencedSOPSequence or FailedSOPSequence item)."""
+    media, _ = media_type_params(part.content_type or "application/dicom")
+    item = Dataset()
+    # Read before storing: a refused part is gone afterwards, and its UIDs are reported.
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = _uids_of(part.path)
+    try:
+        if media not in ("application/dicom", "application/octet-stream"):
+            raise InvalidInstance(f"parts must be application/dicom, not {media}")
+        result = archive.ingest.store_staged(part.path, actor, expected_study=study)
+    except (InvalidInstance, ConflictingInstance) as exc:
+        item.FailureReason = (
+            FAILURE_CONFLICT if isinstance(exc, ConflictingInstance)
+            else FAILURE_STUDY_MISMATCH if isinstance(exc, WrongStudy)
+            else FAILURE_CANNOT_UNDERSTAND
+        )
+        item.ErrorComment = str(exc)[:64]
+        return False, item
+    except Exception:  # noqa: BLE001 - reported as a processing failure, nothing stored
+        item.FailureReason = FAILURE_PROCESSING
+        return False, item
+    finally:
+        part.path.unlink(missing_ok=True)
+    item.ReferencedSOPClassUID = result.sop_class_uid
+    item.ReferencedSOPInstanceUID = result.sop_instance_uid
+    item.RetrieveURL = (
+        f"{base}/studies/{result.study_uid}/series/{result.series_uid}/instances/"
+        f"{result.sop_instance_uid}"
+    )
+    if result.warning:
+        item.WarningReason = 0xB000
+    return True, item
+
+
 def _store_parts(request: Request, sink: PartSink, actor: Actor, study: str | None) -> Response:
     archive = request.app.state.archive
     base = _base(request)
-    stored: list[Dataset] = []
-    failed: list[Dataset] = []
-    for part in sink.parts:
-        media, _ = media_type_params(part.content_type or "application/dicom")
-        item = Dataset()
-        try:
-            if media not in ("application/dicom", "application/octet-stream"):
-                raise InvalidInstance(f"parts must be application/dicom, not {media}")
-            result = archive.ingest.store_staged(part.path, actor, expected_study=study)
-        except (InvalidInstance, ConflictingInstance) as exc:
-            uids = _uids_of(part.path)
-            item.ReferencedSOPClassUID = uids[0]
-            item.ReferencedSOPInstanceUID = uids[1]
-            item.FailureReason = (
-                FAILURE_CONFLICT if isinstance(exc, ConflictingInstance)
-                else FAILURE_STUDY_MISMATCH if isinstance(exc, WrongStudy)
-                else FAILURE_CANNOT_UNDERSTAND
-            )
-            item.ErrorComment = str(exc)[:64]
-            failed.append(item)
-            continue
-        except Exception:  # noqa: BLE001 - reported as a processing failure, nothing stored
-            uids = _uids_of(part.path)
-            item.ReferencedSOPClassUID = uids[0]
-            item.ReferencedSOPInstanceUID = uids[1]
-            item.FailureReason = FAILURE_PROCESSING
-            failed.append(item)
-            continue
-        finally:
-            part.path.unlink(missing_ok=True)
-        item.ReferencedSOPClassUID = result.sop_class_uid
-        item.ReferencedSOPInstanceUID = result.sop_instance_uid
-        item.RetrieveURL = (
-            f"{base}/studies/{result.study_uid}/series/{result.series_uid}/instances/"
-            f"{result.sop_instance_uid}"
-        )
-        if result.warning:
-            item.WarningReason = 0xB000
-        stored.append(item)
+    # Parts are stored side by side: their index writes then share commits.
+    with ThreadPoolExecutor(max_workers=_STOW_PARALLEL) as pool:
+        outcomes = list(pool.map(
+            lambda part: _store_part(archive, base, part, actor, study), sink.parts
+        ))
+    stored = [item for ok, item in outcomes if ok]
+    failed = [item for ok, item in outcomes if not ok]
     answer = Dataset()
     if study:
         answer.RetrieveURL = f"{base}/studies/{study}"
