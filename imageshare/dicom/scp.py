@@ -200,7 +200,7 @@ class DicomListener:
             log.info("instance arrived again with new content; stored copy kept")
         return 0x0000
 
-    def _query_for(self, event: Any, actor: Actor) -> Query:
+    def _query_for(self, event: Any) -> Query:
         identifier = event.identifier
         level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
         if level not in LEVELS:
@@ -221,7 +221,7 @@ class DicomListener:
             yield _status(NOT_AUTHORISED, "this AE title is not registered for queries"), None
             return
         try:
-            query = self._query_for(event, actor)
+            query = self._query_for(event)
             matches = self.query.find(query, actor)
         except (InvalidQuery, ValueError) as exc:
             yield _status(FIND_IDENTIFIER_MISMATCH, str(exc)), None
