@@ -18,7 +18,12 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -268,13 +273,28 @@ class DicomListener:
             )
         raise InvalidQuery("QueryRetrieveLevel must be PATIENT, STUDY, SERIES or IMAGE")
 
-    def _datasets(self, found: list[StoredInstance], event: Any) -> Iterator[tuple[int, Any]]:
+    def _datasets(
+        self, found: list[StoredInstance], event: Any, accepted: set[tuple[str, str]] | None
+    ) -> Iterator[tuple[int, Any]]:
+        """The instances to send; ``accepted`` (C-GET) lists the (SOP class, transfer syntax)
+        pairs the peer took, and an instance it cannot take as stored is decompressed."""
         for inst in found:
             if event.is_cancelled:
                 yield 0xFE00, None
                 return
             with self.retrieve.open(inst) as fp:
-                yield 0xFF00, dcmread(fp)
+                ds = dcmread(fp)
+            if accepted is not None and (inst.sop_class_uid, inst.transfer_syntax) not in accepted:
+                takes_uncompressed = any(
+                    cls == inst.sop_class_uid and not UID(ts).is_compressed
+                    for cls, ts in accepted
+                )
+                if takes_uncompressed and UID(inst.transfer_syntax).is_compressed:
+                    try:
+                        ds.decompress()
+                    except Exception as exc:  # noqa: BLE001 - no codec: the send will fail
+                        log.info("cannot decompress for C-GET: %s", type(exc).__name__)
+            yield 0xFF00, ds
 
     def _on_move(self, event: Any) -> Iterator[Any]:
         actor = self._actor(event)
@@ -296,7 +316,7 @@ class DicomListener:
         )
         yield destination.host, destination.port, {"contexts": contexts}
         yield len(found)
-        yield from self._datasets(found, event)
+        yield from self._datasets(found, event, None)
 
     def _on_get(self, event: Any) -> Iterator[Any]:
         actor = self._actor(event)
@@ -312,8 +332,12 @@ class DicomListener:
             yield 0
             yield _status(FIND_IDENTIFIER_MISMATCH, str(exc)), None
             return
+        accepted = {
+            (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+            for cx in event.assoc.accepted_contexts
+        }
         yield len(found)
-        yield from self._datasets(found, event)
+        yield from self._datasets(found, event, accepted)
 
 
 class _SharedPortServer(ThreadedAssociationServer):

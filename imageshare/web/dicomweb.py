@@ -698,3 +698,41 @@ async def store_study_instances(request: Request, study: str, actor: Writer) -> 
     """Store parts that belong to ``study``; others fail with a reason."""
     return await _stow(request, actor, study)
 
+
+
+# -- WADO-URI (PS3.18 chapter 9), for viewers that predate WADO-RS ----------------------------
+
+
+@router.get("/wado", summary="WADO-URI: retrieve one object")
+def wado_uri(request: Request, actor: Reader) -> Response:
+    """``requestType=WADO&studyUID=&seriesUID=&objectUID=``; contentType application/dicom
+    (optionally ``transferSyntax``) or image/jpeg, image/png (``frameNumber``, ``windowCenter``,
+    ``windowWidth``, ``rows``, ``columns``)."""
+    params = request.query_params
+    if params.get("requestType") != "WADO":
+        raise InvalidQuery("requestType must be WADO")
+    uids = [params.get(name, "") for name in ("studyUID", "seriesUID", "objectUID")]
+    if not all(uids):
+        raise InvalidQuery("studyUID, seriesUID and objectUID are required")
+    inst = _select(request, actor, "study.retrieve", *uids)[0]
+    content_type = params.get("contentType", "image/jpeg").split(",")[0].strip()
+    if content_type == "application/dicom":
+        _actual, body = _instance_body(request, inst, params.get("transferSyntax"))
+        data = body if isinstance(body, bytes) else file_chunks(body)
+        return StreamingResponse(iter([data]) if isinstance(data, bytes) else data,
+                                 media_type="application/dicom")
+    if content_type not in ("image/jpeg", "image/png"):
+        raise NotAcceptable("contentType must be application/dicom, image/jpeg or image/png")
+    window = None
+    if params.get("windowCenter") and params.get("windowWidth"):
+        window = parse_window(f"{params['windowCenter']},{params['windowWidth']}")
+    rows, columns = _int_param(request, "rows", None), _int_param(request, "columns", None)
+    # Only rows or only columns given: the other follows the image's aspect ratio.
+    viewport = (columns or 8192, rows or 8192) if (rows or columns) else None
+    options = RenderOptions(
+        media_type=content_type, window=window, viewport=viewport,
+        quality=max(1, min(_int_param(request, "imageQuality", 90) or 90, 100)),
+    )
+    with request.app.state.archive.retrieve.open(inst) as stream:
+        data = render_frame(stream, (_int_param(request, "frameNumber", 1) or 1) - 1, options)
+    return Response(data, media_type=content_type)

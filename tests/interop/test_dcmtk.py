@@ -204,3 +204,25 @@ def test_getscu_retrieves_over_the_same_association(registered, tmp_path):
     assert result.returncode == 0, result.stderr
     got = {dcmread(p).SOPInstanceUID: dcmread(p).PixelData for p in dcm_files(out)}
     assert got == {dcmread(p).SOPInstanceUID: dcmread(p).PixelData for p in ct}
+
+
+def test_getscu_gets_compressed_instances_decompressed_when_it_takes_only_uncompressed(
+    registered, tmp_path
+):
+    server = registered
+    getscu = require_tool("getscu")
+    original = Path(get_testdata_file("US1_J2KR.dcm"))
+    run(require_tool("dcmsend"), "-dn", "-aec", server.ae_title, "127.0.0.1",
+        str(server.dicom_port), str(original))
+    out = tmp_path / "got"
+    out.mkdir()
+    ds = dcmread(original)
+    result = run(getscu, "-aet", "GETSCU", "-aec", server.ae_title, "-S", "-od", str(out),
+                 "-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={ds.StudyInstanceUID}",
+                 "-k", f"SeriesInstanceUID={ds.SeriesInstanceUID}",
+                 "-k", f"SOPInstanceUID={ds.SOPInstanceUID}",
+                 "127.0.0.1", str(server.dicom_port))
+    assert result.returncode == 0, result.stderr
+    (got,) = [dcmread(p) for p in dcm_files(out)]
+    assert not got.file_meta.TransferSyntaxUID.is_compressed
+    assert (got.pixel_array == ds.pixel_array).all()

@@ -247,3 +247,15 @@ def test_cors_allows_only_configured_origins(tmp_path):
         assert "access-control-allow-origin" not in other.headers
     finally:
         archive.close()
+
+
+def test_wado_uri_serves_the_object_and_a_rendered_frame(client, stored):
+    study, series, sop = _uids(stored["cine"])
+    base = {"requestType": "WADO", "studyUID": study, "seriesUID": series, "objectUID": sop}
+    dicom = client.get("/dicomweb/wado", params={**base, "contentType": "application/dicom"})
+    assert dicom.headers["content-type"] == "application/dicom"
+    assert dicom.content == stored["cine"].read_bytes()
+    frame = client.get("/dicomweb/wado", params={**base, "frameNumber": 3, "rows": 60})
+    assert frame.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(frame.content)).size == (80, 60)
+    assert client.get("/dicomweb/wado", params={**base, "requestType": "X"}).status_code == 400
