@@ -106,6 +106,9 @@ def _element(tag: str, value: str) -> dict[str, Any]:
         return {"vr": vr}
     if vr == "PN":
         return {"vr": vr, "Value": [{"Alphabetic": value}]}
+    if vr in ("UI", "CS"):
+        # PS3.18 8.3.4.1: a list of UIDs (or codes) may be separated by commas.
+        value = value.replace(",", "\\")
     return {"vr": vr, "Value": [value]}
 
 

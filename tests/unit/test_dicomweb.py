@@ -259,3 +259,11 @@ def test_wado_uri_serves_the_object_and_a_rendered_frame(client, stored):
     assert frame.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(frame.content)).size == (80, 60)
     assert client.get("/dicomweb/wado", params={**base, "requestType": "X"}).status_code == 400
+
+
+def test_qido_accepts_comma_separated_uid_and_code_lists(client, stored):
+    uids = [_uids(stored["ct"][0])[0], _uids(stored["cine"])[0]]
+    found = client.get("/dicomweb/studies", params={"StudyInstanceUID": ",".join(uids)}).json()
+    assert sorted(s["0020000D"]["Value"][0] for s in found) == sorted(uids)
+    by_modality = client.get("/dicomweb/studies", params={"ModalitiesInStudy": "CT,US"}).json()
+    assert len(by_modality) == 3
