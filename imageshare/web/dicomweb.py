@@ -192,7 +192,14 @@ def _qido(request: Request, actor: Actor, level: Level, **fixed: str) -> Respons
         body.append(dict(sorted(attrs.items())))
     if not body:
         return Response(status_code=204)
-    return JSONResponse(body, media_type=DICOM_JSON)
+    headers = {}
+    most = archive.settings.qido_max_limit
+    if len(body) == most and (query.limit is None or query.limit > most):
+        headers["Warning"] = (
+            f'299 imageshare "There are more than {most} results; page with limit and '
+            'offset, or narrow the search."'
+        )
+    return JSONResponse(body, media_type=DICOM_JSON, headers=headers)
 
 
 @router.get("/studies", summary="QIDO-RS: search for studies")

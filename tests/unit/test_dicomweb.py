@@ -267,3 +267,24 @@ def test_qido_accepts_comma_separated_uid_and_code_lists(client, stored):
     assert sorted(s["0020000D"]["Value"][0] for s in found) == sorted(uids)
     by_modality = client.get("/dicomweb/studies", params={"ModalitiesInStudy": "CT,US"}).json()
     assert len(by_modality) == 3
+
+
+def test_qido_warns_when_results_are_cut_at_the_maximum(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from imageshare.web.server import create_app
+    from tests.conftest import ADMIN_PASSWORD, make_archive
+
+    archive = make_archive(tmp_path, qido_max_limit=2)
+    archive.users.ensure_admin(ADMIN_PASSWORD)
+    try:
+        for i in range(3):
+            archive.ingest.store_copy(ct_series(tmp_path / f"s{i}", count=1)[0], ACTOR)
+        with TestClient(create_app(archive)) as client:
+            client.auth = ("admin", ADMIN_PASSWORD)
+            cut = client.get("/dicomweb/studies")
+            paged = client.get("/dicomweb/studies", params={"limit": 2, "offset": 2})
+        assert len(cut.json()) == 2 and cut.headers["warning"].startswith("299 ")
+        assert len(paged.json()) == 1 and "warning" not in paged.headers
+    finally:
+        archive.close()
