@@ -164,8 +164,11 @@ class IngestService:
             raise
         try:
             outcome = pending.result()
-        except BaseException:
+        except BaseException as exc:
             self.blobs.delete(key)
+            self._audit_refusal(actor, "instance.store",
+                                f"the index could not record it ({type(exc).__name__})",
+                                header, outcome="failure")
             raise
         if outcome.status in ("duplicate", "kept_first", "conflict"):
             self.blobs.delete(key)
