@@ -146,3 +146,19 @@ def test_pipeline_leaves_no_staging_files(archive, tmp_path):
         archive.ingest.store_copy(p, ACTOR)
     assert not list(archive.ingest.staging_dir.iterdir())
     shutil.rmtree(tmp_path / "in")
+
+
+def test_a_failing_index_write_stores_nothing_and_is_audited(archive, tmp_path, monkeypatch):
+    import imageshare.archive.ingest as ingest_module
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ingest_module, "index_instance", broken)
+    path = ct_series(tmp_path / "in", count=1)[0]
+    with pytest.raises(RuntimeError):
+        archive.ingest.store_copy(path, ACTOR)
+    assert counts(archive)["instances"] == 0
+    assert blob_files(archive) == 0
+    (event,) = list(archive.audit.events(action="instance.store"))
+    assert event["outcome"] == "failure"
