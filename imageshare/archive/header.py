@@ -254,10 +254,35 @@ def read_header(path: Path, fp: BinaryIO | None = None) -> tuple[Dataset, Instan
     size = os.fstat(fp.fileno()).st_size if fp is not None else os.path.getsize(path)
     if size < 132:
         raise InvalidInstance("the file is too short to be a DICOM file")
+    parsed: list[Dataset] = []
+    try:
+        return _read_header(path, fp, size, parsed)
+    except InvalidInstance as exc:
+        if parsed:  # say which instance was refused, as far as it could be read
+            ds = parsed[0]
+            exc.sop_class_uid = _uid_or_empty(ds, "SOPClassUID", "MediaStorageSOPClassUID")
+            exc.sop_instance_uid = _uid_or_empty(
+                ds, "SOPInstanceUID", "MediaStorageSOPInstanceUID"
+            )
+        raise
+
+
+def _uid_or_empty(ds: Dataset, keyword: str, meta_keyword: str) -> str:
+    try:
+        value = str(ds.get(keyword) or ds.file_meta.get(meta_keyword) or "")
+    except Exception:  # noqa: BLE001 - an undecodable value: nothing to report
+        return ""
+    return value if is_valid_uid(value) else ""
+
+
+def _read_header(
+    path: Path, fp: BinaryIO | None, size: int, parsed: list[Dataset]
+) -> tuple[Dataset, InstanceHeader]:
     try:
         with open(path, "rb") if fp is None else nullcontext(fp) as source:
             source.seek(0)
             ds = dcmread(source, stop_before_pixels=True)
+            parsed.append(ds)
             locate_pixel_data(source, size, str(ds.file_meta.get("TransferSyntaxUID", "")))
     except InvalidInstance:
         raise

@@ -142,7 +142,8 @@ class IngestService:
                 _ds, header = read_header(path, fp)
                 if expected_study and header.study_uid != expected_study:
                     raise WrongStudy(
-                        "the instance belongs to another study than the one in the request URL"
+                        "the instance belongs to another study than the one in the request URL",
+                        header.sop_class_uid, header.sop_instance_uid,
                     )
             except InvalidInstance as exc:
                 self._discard(moving, key)
@@ -175,7 +176,9 @@ class IngestService:
         if outcome.obsolete_blob:
             self.blobs.delete(outcome.obsolete_blob)
         if outcome.status == "conflict":
-            raise ConflictingInstance(outcome.reason)
+            raise ConflictingInstance(
+                outcome.reason, header.sop_class_uid, header.sop_instance_uid
+            )
         return StoreResult(
             outcome=outcome.status,
             sop_class_uid=header.sop_class_uid,

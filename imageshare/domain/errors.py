@@ -19,7 +19,16 @@ class ConfigurationError(ImageShareError):
     title = "Configuration error"
 
 
-class InvalidInstance(ImageShareError):
+class _AboutAnInstance(ImageShareError):
+    """An error about one received instance, carrying its UIDs when they could be read."""
+
+    def __init__(self, message: str, sop_class_uid: str = "", sop_instance_uid: str = "") -> None:
+        super().__init__(message)
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+
+
+class InvalidInstance(_AboutAnInstance):
     """Received bytes are not a storable DICOM instance."""
 
     title = "Invalid DICOM instance"
@@ -29,7 +38,7 @@ class WrongStudy(InvalidInstance):
     """The instance belongs to another study than the one it was sent to."""
 
 
-class ConflictingInstance(ImageShareError):
+class ConflictingInstance(_AboutAnInstance):
     """The instance contradicts what the archive already holds (e.g. study of another patient)."""
 
     http_status = 409

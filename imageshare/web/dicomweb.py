@@ -608,13 +608,14 @@ def _store_part(
     """Store one STOW-RS part: (stored?, its ReferencedSOPSequence or FailedSOPSequence item)."""
     media, _ = media_type_params(part.content_type or "application/dicom")
     item = Dataset()
-    # Read before storing: a refused part is gone afterwards, and its UIDs are reported.
-    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = _uids_of(part.path)
     try:
         if media not in ("application/dicom", "application/octet-stream"):
-            raise InvalidInstance(f"parts must be application/dicom, not {media}")
+            raise InvalidInstance(f"parts must be application/dicom, not {media}",
+                                  *_uids_of(part.path))
         result = archive.ingest.store_staged(part.path, actor, expected_study=study)
     except (InvalidInstance, ConflictingInstance) as exc:
+        item.ReferencedSOPClassUID = exc.sop_class_uid
+        item.ReferencedSOPInstanceUID = exc.sop_instance_uid
         item.FailureReason = (
             FAILURE_CONFLICT if isinstance(exc, ConflictingInstance)
             else FAILURE_STUDY_MISMATCH if isinstance(exc, WrongStudy)
@@ -623,6 +624,7 @@ def _store_part(
         item.ErrorComment = str(exc)[:64]
         return False, item
     except Exception:  # noqa: BLE001 - reported as a processing failure, nothing stored
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = "", ""
         item.FailureReason = FAILURE_PROCESSING
         return False, item
     finally:

@@ -203,6 +203,10 @@ def test_stow_partial_failure_answers_202_with_reasons(client, archive, tmp_path
     failed = answer["00081198"]["Value"]
     assert [f["00081197"]["Value"][0] for f in failed] == [0xC000, 0xC000]
     assert "truncated" in failed[0]["00000902"]["Value"][0]
+    # The truncated instance is named; the garbage part has no UIDs to name.
+    truncated_uid = dcmread(io.BytesIO(good), stop_before_pixels=True).SOPInstanceUID
+    assert failed[0]["00081155"]["Value"] == [truncated_uid]
+    assert "Value" not in failed[1]["00081155"]
 
 
 def test_stow_to_a_study_refuses_instances_of_another_study(client, tmp_path):
