@@ -12,7 +12,7 @@ import socket
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -274,27 +274,39 @@ class DicomListener:
         raise InvalidQuery("QueryRetrieveLevel must be PATIENT, STUDY, SERIES or IMAGE")
 
     def _datasets(
-        self, found: list[StoredInstance], event: Any, accepted: set[tuple[str, str]] | None
+        self, found: list[StoredInstance], event: Any,
+        accepted: Callable[[], set[tuple[str, str]] | None],
     ) -> Iterator[tuple[int, Any]]:
-        """The instances to send; ``accepted`` (C-GET) lists the (SOP class, transfer syntax)
-        pairs the peer took, and an instance it cannot take as stored is decompressed."""
+        """The instances to send. ``accepted()`` gives the (SOP class, transfer syntax) pairs
+        the receiving side took, if known: an instance it cannot take as stored is decompressed
+        when it takes an uncompressed syntax for that SOP class."""
         for inst in found:
             if event.is_cancelled:
                 yield 0xFE00, None
                 return
             with self.retrieve.open(inst) as fp:
                 ds = dcmread(fp)
-            if accepted is not None and (inst.sop_class_uid, inst.transfer_syntax) not in accepted:
+            taken = accepted()
+            if taken is not None and (inst.sop_class_uid, inst.transfer_syntax) not in taken:
                 takes_uncompressed = any(
-                    cls == inst.sop_class_uid and not UID(ts).is_compressed
-                    for cls, ts in accepted
+                    cls == inst.sop_class_uid and not UID(ts).is_compressed for cls, ts in taken
                 )
                 if takes_uncompressed and UID(inst.transfer_syntax).is_compressed:
                     try:
                         ds.decompress()
                     except Exception as exc:  # noqa: BLE001 - no codec: the send will fail
-                        log.info("cannot decompress for C-GET: %s", type(exc).__name__)
+                        log.info("cannot decompress for sending: %s", type(exc).__name__)
             yield 0xFF00, ds
+
+    def _store_association_to(self, ae_title: str) -> set[tuple[str, str]] | None:
+        """What the C-MOVE destination accepted on the association pynetdicom opened to it."""
+        for assoc in self.ae.active_associations:
+            if assoc.is_requestor and str(assoc.acceptor.ae_title).strip() == ae_title:
+                return {
+                    (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                    for cx in assoc.accepted_contexts
+                }
+        return None
 
     def _on_move(self, event: Any) -> Iterator[Any]:
         actor = self._actor(event)
@@ -316,7 +328,9 @@ class DicomListener:
         )
         yield destination.host, destination.port, {"contexts": contexts}
         yield len(found)
-        yield from self._datasets(found, event, None)
+        yield from self._datasets(
+            found, event, lambda: self._store_association_to(destination.ae_title)
+        )
 
     def _on_get(self, event: Any) -> Iterator[Any]:
         actor = self._actor(event)
@@ -337,7 +351,7 @@ class DicomListener:
             for cx in event.assoc.accepted_contexts
         }
         yield len(found)
-        yield from self._datasets(found, event, accepted)
+        yield from self._datasets(found, event, lambda: accepted)
 
 
 class _SharedPortServer(ThreadedAssociationServer):

@@ -226,3 +226,34 @@ def test_getscu_gets_compressed_instances_decompressed_when_it_takes_only_uncomp
     (got,) = [dcmread(p) for p in dcm_files(out)]
     assert not got.file_meta.TransferSyntaxUID.is_compressed
     assert (got.pixel_array == ds.pixel_array).all()
+
+
+def test_movescu_to_a_storescp_taking_only_uncompressed_gets_decompressed_pixels(
+    registered, tmp_path
+):
+    server = registered
+    storescp, movescu = require_tool("storescp"), require_tool("movescu")
+    original = Path(get_testdata_file("US1_J2KR.dcm"))
+    run(require_tool("dcmsend"), "-dn", "-aec", server.ae_title, "127.0.0.1",
+        str(server.dicom_port), str(original))
+    port = free_port()
+    received = tmp_path / "received"
+    received.mkdir()
+    # storescp accepts only uncompressed transfer syntaxes unless told otherwise.
+    scp = subprocess.Popen([storescp, "-aet", "PLAINSCP", "-od", str(received), str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        server.cli("node", "add", "PLAINSCP", "--host", "127.0.0.1", "--port", str(port))
+        ds = dcmread(original)
+        result = run(movescu, "-aet", "MOVESCU", "-aem", "PLAINSCP", "-aec", server.ae_title,
+                     "-S", "-k", "QueryRetrieveLevel=STUDY",
+                     "-k", f"StudyInstanceUID={ds.StudyInstanceUID}",
+                     "127.0.0.1", str(server.dicom_port))
+        assert result.returncode == 0, result.stderr
+    finally:
+        scp.terminate()
+        scp.wait(10)
+    (got,) = [dcmread(p) for p in dcm_files(received)]
+    assert not got.file_meta.TransferSyntaxUID.is_compressed
+    assert (got.pixel_array == ds.pixel_array).all()
