@@ -154,29 +154,35 @@ def test_unregistered_ae_may_not_query(server, tmp_path):
     assert dcm_files(out) == []
 
 
-def test_movescu_sends_a_study_to_a_registered_storescp(registered, tmp_path):
-    server = registered
-    storescp = require_tool("storescp")
-    movescu = require_tool("movescu")
-    ct = ct_series(tmp_path / "ct", count=5, patient_id="MOVE1")
-    run(require_tool("storescu"), "-aec", server.ae_title, "127.0.0.1",
-        str(server.dicom_port), *map(str, ct))
+def move_study_to_storescp(server, study_uid: str, received: Path, ae: str) -> None:
+    """Run DCMTK's storescp (registered as ``ae``) and movescu a study to it into ``received``.
+
+    storescp accepts only uncompressed transfer syntaxes, as it does by default.
+    """
+    storescp, movescu = require_tool("storescp"), require_tool("movescu")
     port = free_port()
-    received = tmp_path / "received"
     received.mkdir()
-    scp = subprocess.Popen([storescp, "-aet", "STORESCP", "-od", str(received), str(port)],
+    scp = subprocess.Popen([storescp, "-aet", ae, "-od", str(received), str(port)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
-        server.cli("node", "add", "STORESCP", "--host", "127.0.0.1", "--port", str(port))
-        study = dcmread(ct[0]).StudyInstanceUID
-        result = run(movescu, "-aet", "MOVESCU", "-aem", "STORESCP", "-aec", server.ae_title,
-                     "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+        server.cli("node", "add", ae, "--host", "127.0.0.1", "--port", str(port))
+        result = run(movescu, "-aet", "MOVESCU", "-aem", ae, "-aec", server.ae_title,
+                     "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
                      "127.0.0.1", str(server.dicom_port))
         assert result.returncode == 0, result.stderr
     finally:
         scp.terminate()
         scp.wait(10)
+
+
+def test_movescu_sends_a_study_to_a_registered_storescp(registered, tmp_path):
+    server = registered
+    ct = ct_series(tmp_path / "ct", count=5, patient_id="MOVE1")
+    run(require_tool("storescu"), "-aec", server.ae_title, "127.0.0.1",
+        str(server.dicom_port), *map(str, ct))
+    received = tmp_path / "received"
+    move_study_to_storescp(server, dcmread(ct[0]).StudyInstanceUID, received, "STORESCP")
     got = {dcmread(p).SOPInstanceUID: dcmread(p).PixelData for p in dcm_files(received)}
     assert got == {dcmread(p).SOPInstanceUID: dcmread(p).PixelData for p in ct}
 
@@ -232,28 +238,12 @@ def test_movescu_to_a_storescp_taking_only_uncompressed_gets_decompressed_pixels
     registered, tmp_path
 ):
     server = registered
-    storescp, movescu = require_tool("storescp"), require_tool("movescu")
     original = Path(get_testdata_file("US1_J2KR.dcm"))
     run(require_tool("dcmsend"), "-dn", "-aec", server.ae_title, "127.0.0.1",
         str(server.dicom_port), str(original))
-    port = free_port()
+    ds = dcmread(original)
     received = tmp_path / "received"
-    received.mkdir()
-    # storescp accepts only uncompressed transfer syntaxes unless told otherwise.
-    scp = subprocess.Popen([storescp, "-aet", "PLAINSCP", "-od", str(received), str(port)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port)
-        server.cli("node", "add", "PLAINSCP", "--host", "127.0.0.1", "--port", str(port))
-        ds = dcmread(original)
-        result = run(movescu, "-aet", "MOVESCU", "-aem", "PLAINSCP", "-aec", server.ae_title,
-                     "-S", "-k", "QueryRetrieveLevel=STUDY",
-                     "-k", f"StudyInstanceUID={ds.StudyInstanceUID}",
-                     "127.0.0.1", str(server.dicom_port))
-        assert result.returncode == 0, result.stderr
-    finally:
-        scp.terminate()
-        scp.wait(10)
+    move_study_to_storescp(server, ds.StudyInstanceUID, received, "PLAINSCP")
     (got,) = [dcmread(p) for p in dcm_files(received)]
     assert not got.file_meta.TransferSyntaxUID.is_compressed
     assert (got.pixel_array == ds.pixel_array).all()
