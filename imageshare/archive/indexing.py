@@ -50,11 +50,16 @@ _COUNT_STUDY_INSTANCE = (
 
 @dataclass(frozen=True)
 class IndexOutcome:
-    """What indexing one instance did. ``obsolete_blob`` is a blob key to delete afterwards."""
+    """What indexing one instance did. ``obsolete_blob`` is a blob key to delete afterwards.
+
+    ``reason`` is told to the sender; ``audit_reason`` (for the audit trail only) may name
+    patients the sender is not entitled to know.
+    """
 
     status: Status
     reason: str = ""
     obsolete_blob: str | None = None
+    audit_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -203,9 +208,10 @@ def index_instance(
     if study is not None and (study.patient_id, study.issuer) != (h.patient_id, h.issuer):
         return IndexOutcome(
             "conflict",
-            f"study {h.study_uid} already belongs to patient "
-            f"{_describe_patient(study.patient_id, study.issuer)}, not "
-            f"{_describe_patient(h.patient_id, h.issuer)}",
+            f"study {h.study_uid} already belongs to another patient than "
+            f"{_describe_patient(h.patient_id, h.issuer)}; reconcile the patient first",
+            audit_reason=f"study belongs to patient "
+            f"{_describe_patient(study.patient_id, study.issuer)}",
         )
     series_row = known.one_series(conn, h.series_uid)
     if series_row is not None and (study is None or series_row.study_pk != study.pk):

@@ -243,6 +243,7 @@ class IngestService:
                     "sop_instance_uid": h.sop_instance_uid,
                     "result": outcome.status,
                     **({"reason": outcome.reason} if outcome.reason else {}),
+                    **({"conflict": outcome.audit_reason} if outcome.audit_reason else {}),
                 },
             ),
             conn,
