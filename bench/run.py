@@ -23,9 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -328,30 +325,12 @@ def wado_round(work: Path, files: list[Path], study_uid: str, results: Results) 
 
 
 def big_instance(folder: Path, megabytes: int) -> Path:
-    path = folder / f"big-{megabytes}mb.dcm"
-    if path.exists():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    rows, cols = 480, 640
-    frames = max(1, megabytes * 1_000_000 // (rows * cols * 3))
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.PatientName, ds.Modality = "BIG1", "Big^Loop", "US"
-    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, frames
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation, ds.FrameTime = 7, 0, 33.3
-    ds.PixelData = np.random.default_rng(1).integers(
-        0, 255, size=rows * cols * 3 * frames, dtype=np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    """One multi-frame ultrasound loop of about ``megabytes`` MB (640x480 RGB frames)."""
+    existing = sorted(folder.glob("us-*.dcm"))
+    if existing:
+        return existing[0]
+    frames = max(1, megabytes * 1_000_000 // (480 * 640 * 3))
+    return us_cine(folder, frames=frames, rows=480, cols=640, patient_id="BIG1")
 
 
 def rss_round(work: Path, megabytes: int, results: Results) -> None:
