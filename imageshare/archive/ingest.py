@@ -265,10 +265,11 @@ class IngestService:
 
     # -- recovery ------------------------------------------------------------------------------
 
-    def recover_unindexed(self, known_keys: set[str], actor: Actor) -> int:
-        """Index blobs that are on disk but missing from the index (e.g. after power loss)."""
+    def recover_unindexed(self, known_keys: set[str], actor: Actor, since: str = "") -> int:
+        """Index blobs (keys from ``since`` on) that are on disk but missing from the index,
+        e.g. after a power loss took the last index commits."""
         recovered = 0
-        for key in self.blobs.keys():
+        for key in self.blobs.keys(since):
             if key in known_keys:
                 continue
             out, path = self.staging_file()

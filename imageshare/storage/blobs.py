@@ -36,13 +36,18 @@ class BlobStore(Protocol):
         """True when ``key`` is stored."""
         ...
 
-    def keys(self) -> Iterator[str]:
-        """Every stored key (used to find blobs that the index lost)."""
+    def keys(self, since: str = "") -> Iterator[str]:
+        """Every stored key sorting at or after ``since`` (to find blobs the index lost)."""
         ...
 
     def local_path(self, key: str) -> Path | None:
         """A local file holding ``key`` when the store is on this machine's disk, else None."""
         ...
+
+
+def key_prefix_for(seconds: float) -> str:
+    """The smallest key :func:`new_blob_key` can make at or after the time ``seconds``."""
+    return f"{int(seconds // 60) & 0xFFFFFFFF:08x}"
 
 
 def new_blob_key() -> str:

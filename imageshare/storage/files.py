@@ -114,16 +114,17 @@ class FileBlobStore:
         """True when ``key`` is stored."""
         return self._path(key).is_file()
 
-    def keys(self) -> Iterator[str]:
-        """Every stored key."""
+    def keys(self, since: str = "") -> Iterator[str]:
+        """Every stored key that sorts at or after ``since`` (keys sort by creation minute)."""
         for first in sorted(os.scandir(self.root), key=lambda e: e.name):
-            if not first.is_dir() or first.name.startswith("."):
+            if not first.is_dir() or first.name.startswith(".") or first.name < since[:4]:
                 continue
             for second in os.scandir(first.path):
-                if second.is_dir():
-                    for entry in os.scandir(second.path):
-                        if _KEY.match(entry.name):
-                            yield entry.name
+                if not second.is_dir() or first.name + second.name < since[:8]:
+                    continue
+                for entry in os.scandir(second.path):
+                    if _KEY.match(entry.name) and entry.name >= since:
+                        yield entry.name
 
     def local_path(self, key: str) -> Path | None:
         """The file holding ``key``."""

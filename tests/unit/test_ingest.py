@@ -165,3 +165,21 @@ def test_a_failing_index_write_stores_nothing_and_is_audited(archive, tmp_path, 
     assert blob_files(archive) == 0
     (event,) = list(archive.audit.events(action="instance.store"))
     assert event["outcome"] == "failure"
+
+
+def test_start_up_recovery_looks_only_at_blobs_made_since_the_previous_start(archive, tmp_path):
+    import time
+
+    from imageshare.app import recover
+    from imageshare.storage.blobs import key_prefix_for, new_blob_key
+
+    assert recover(archive) == 0  # first start: everything looked at, nothing lost
+    paths = ct_series(tmp_path / "in", count=2)
+    old_key = key_prefix_for(time.time() - 86400) + "0" * 24  # made before that start
+    new_key = new_blob_key()
+    for key, path in ((old_key, paths[0]), (new_key, paths[1])):
+        with open(path, "rb") as fh:
+            archive.blobs.put(key, fh)
+    assert recover(archive) == 1
+    assert counts(archive)["instances"] == 1
+    assert archive.blobs.exists(old_key) and not archive.blobs.exists(new_key)
