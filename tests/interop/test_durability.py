@@ -103,3 +103,27 @@ def test_concurrent_associations_into_one_new_study_all_succeed(server, tmp_path
     assert study["00201208"]["Value"] == [80]
     assert study["00201206"]["Value"] == [1]
     assert [s["00201209"]["Value"] for s in series] == [[80]]
+
+
+def test_server_on_postgresql_takes_concurrent_associations_into_one_study(postgres, tmp_path):
+    running = RunningServer(
+        tmp_path / "pg-server",
+        extra_env={"IMAGESHARE_DATABASE_URL": postgres.new_database()},
+    ).start()
+    try:
+        paths = ct_series(tmp_path / "ct", count=60, size=32, patient_id="PGRACE")
+        acknowledged: list = []
+        stop = threading.Event()
+        threads = [threading.Thread(target=_store_all,
+                                    args=(running.dicom_port, paths[i::4], acknowledged, stop))
+                   for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(acknowledged) == 60
+        with running.http() as http:
+            (study,) = http.get("/dicomweb/studies", params={"PatientID": "PGRACE"}).json()
+        assert study["00201208"]["Value"] == [60]
+    finally:
+        running.stop()
