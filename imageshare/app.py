@@ -114,6 +114,16 @@ def recover(archive: Archive) -> int:
     return recovered
 
 
+def configure_logging(settings: Settings, tag: str = "") -> None:
+    """The one logging set-up (level from settings; libraries' chatter kept to warnings)."""
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
+    )
+    for noisy in ("pynetdicom", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def dicom_processes(settings: Settings) -> int:
     """How many processes share the DICOM port."""
     if settings.dicom_processes > 0:
@@ -147,11 +157,7 @@ def run_dicom_worker(settings: Settings, ready: Any) -> None:
     """A further process accepting DICOM associations on the shared port until SIGTERM;
     ``ready`` (an Event) is set once it listens."""
     _die_with_parent()
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s",
-    )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    configure_logging(settings, "[worker]")
     archive = build_archive(settings, upgrade=False)
     listener = _make_listener(archive, shared_port=True)
     listener.start()

@@ -6,7 +6,6 @@ import argparse
 import csv
 import getpass
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -171,12 +170,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         _print_settings(args.markdown)
         return 0
     settings = _settings(args)
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from imageshare.app import configure_logging
+
+    configure_logging(settings)
     if args.command == "serve":
         from imageshare.app import serve
 
