@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from imageshare.access.policy import Policy
+from imageshare.access.sessions import SessionStore
 from imageshare.access.users import UserDirectory
 from imageshare.archive.index_writer import IndexWriter
 from imageshare.archive.ingest import IngestService
@@ -46,6 +47,7 @@ class Archive:
     query: QueryService
     retrieve: RetrieveService
     users: UserDirectory
+    sessions: SessionStore
     nodes: NodeRegistry
     policy: Policy
 
@@ -79,6 +81,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     return Archive(
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
         ingest=ingest, query=query, retrieve=retrieve, users=UserDirectory(engine),
+        sessions=SessionStore(engine),
         nodes=NodeRegistry(engine), policy=Policy(store_from_any_ae=settings.store_from_any_ae),
     )
 

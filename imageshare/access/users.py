@@ -6,7 +6,7 @@ import hashlib
 import secrets
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -20,6 +20,8 @@ from imageshare.storage.index.schema import api_tokens, users
 
 _hasher = PasswordHasher()
 _CACHE_SECONDS = 300.0
+MAX_FAILED_LOGINS = 5
+LOCKOUT = timedelta(minutes=15)
 
 
 class UserDirectory:
@@ -66,27 +68,53 @@ class UserDirectory:
         now = time.monotonic()
         with self._lock:
             hit = self._verified.get(cache_key)
-        if hit and now - hit[0] < _CACHE_SECONDS:
+        if hit and now - hit[0] < _CACHE_SECONDS and self._still_allowed(username):
             return Actor("user", hit[1].name, hit[1].role, source)
         with self._engine.connect() as conn:
             row = conn.execute(
-                select(users.c.password_hash, users.c.role, users.c.disabled).where(
-                    users.c.username == username
-                )
+                select(users.c.pk, users.c.password_hash, users.c.role, users.c.disabled,
+                       users.c.locked_until).where(users.c.username == username)
             ).first()
         if row is None:
             _hasher.hash(password)  # same cost for unknown users
             return None
+        wall = datetime.now(UTC)
+        locked = row.locked_until is not None and _aware(row.locked_until) > wall
         try:
             _hasher.verify(row.password_hash, password)
         except (VerificationError, InvalidHashError):
+            self._failed_login(row.pk, wall)
             return None
-        if row.disabled:
-            return None
+        if row.disabled or locked:
+            return None  # the same answer as a wrong password
+        with self._engine.begin() as conn:
+            conn.execute(update(users).where(users.c.pk == row.pk)
+                         .values(failed_logins=0, locked_until=None))
         actor = Actor("user", username, row.role, source)
         with self._lock:
             self._verified[cache_key] = (now, actor)
         return actor
+
+    def _still_allowed(self, username: str) -> bool:
+        """Not disabled or locked since the password was last checked (cheap, no argon2)."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(users.c.disabled, users.c.locked_until)
+                               .where(users.c.username == username)).first()
+        if row is None or row.disabled:
+            return False
+        return row.locked_until is None or _aware(row.locked_until) <= datetime.now(UTC)
+
+    def _failed_login(self, user_pk: int, now: datetime) -> None:
+        """Count a wrong password; after MAX_FAILED_LOGINS the account locks for a while."""
+        with self._engine.begin() as conn:
+            failed = conn.execute(
+                update(users).where(users.c.pk == user_pk)
+                .values(failed_logins=users.c.failed_logins + 1)
+                .returning(users.c.failed_logins)
+            ).scalar_one()
+            if failed >= MAX_FAILED_LOGINS:
+                conn.execute(update(users).where(users.c.pk == user_pk).values(
+                    failed_logins=0, locked_until=now + LOCKOUT))
 
     def create_token(self, username: str, name: str) -> str:
         """A new API token for ``username``; only its hash is kept, so show it once."""
@@ -124,6 +152,11 @@ class UserDirectory:
                 update(api_tokens).where(api_tokens.c.pk == row.pk).values(last_used_at=now)
             )
         return Actor("user", row.username, row.role, source)
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; they are UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _token_hash(secret: str) -> str:

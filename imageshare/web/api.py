@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from imageshare.access.policy import ACCOUNT_SELF, AUDIT_READ, NODE_MANAGE, TOKEN_SELF
+from imageshare.access.policy import (
+    ACCOUNT_SELF,
+    AUDIT_READ,
+    NODE_MANAGE,
+    PUBLIC,
+    TOKEN_SELF,
+)
+from imageshare.access.sessions import COOKIE
 from imageshare.audit.trail import AuditEvent
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import NotAuthenticated
 from imageshare.exchange.nodes import Node
-from imageshare.web.auth import allowed
+from imageshare.web.auth import allowed, client_address
 
 router = APIRouter(prefix="/api", tags=["API"])
 
@@ -32,6 +41,48 @@ class TokenIn(BaseModel):
     """A name for a new personal API token."""
 
     name: str = Field(min_length=1, max_length=128)
+
+
+class LoginIn(BaseModel):
+    """Credentials for a browser session."""
+
+    username: str = Field(min_length=1, max_length=128)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+@router.post("/session", summary="Sign in (browser session)")
+def sign_in(
+    request: Request, body: LoginIn, response: Response, _anyone: allowed(PUBLIC)
+) -> dict[str, str]:
+    """Check the password and start a session: an HttpOnly, SameSite=Strict cookie, and the
+    CSRF token that every state-changing request of the session must send as X-CSRF-Token.
+    Five wrong passwords lock the account for 15 minutes; every failure answers the same."""
+    archive = request.app.state.archive
+    source = client_address(request)
+    actor = archive.users.authenticate(body.username, body.password, source)
+    if actor is None:
+        archive.audit.record(AuditEvent(
+            actor=Actor("anonymous", body.username[:64], source=source, registered=False),
+            action="session.start", outcome="failure"))
+        raise NotAuthenticated("wrong username or password, or the account is locked")
+    secret, csrf = archive.sessions.start(actor.name, source)
+    response.set_cookie(
+        COOKIE, secret, httponly=True, samesite="strict", path="/",
+        secure=request.url.scheme == "https",
+    )
+    archive.audit.record(AuditEvent(actor=actor, action="session.start", outcome="success"))
+    return {"username": actor.name, "role": actor.role, "csrf_token": csrf}
+
+
+@router.delete("/session", status_code=204, summary="Sign out")
+def sign_out(request: Request, response: Response, actor: allowed(ACCOUNT_SELF)) -> None:
+    """End this browser session."""
+    archive = request.app.state.archive
+    secret = request.cookies.get(COOKIE)
+    if secret:
+        archive.sessions.end(secret)
+    response.delete_cookie(COOKIE, path="/")
+    archive.audit.record(AuditEvent(actor=actor, action="session.end", outcome="success"))
 
 
 @router.get("/me", summary="The signed-in account")

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from imageshare.access.sessions import COOKIE
 from imageshare.domain.actors import ANONYMOUS, Actor
+from imageshare.domain.errors import Forbidden
+
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 
 def client_address(request: Request) -> str:
@@ -35,6 +40,11 @@ def resolve_actor(request: Request) -> Actor:
             actor = archive.users.authenticate(username, password, source)
     elif scheme.lower() == "bearer" and credentials:
         actor = archive.users.authenticate_token(credentials.strip(), source)
+    elif not header and request.cookies.get(COOKIE):
+        session = archive.sessions.find(request.cookies[COOKIE], source)
+        if session is not None:
+            request.state.session = session
+            actor = session.actor
     result = actor or ANONYMOUS
     request.state.actor = result
     return result
@@ -51,8 +61,17 @@ class Permission:
         self.action = action
 
     def __call__(self, request: Request) -> Actor:
-        """Authorise the request, raising NotAuthenticated or Forbidden."""
+        """Authorise the request, raising NotAuthenticated or Forbidden.
+
+        A browser session (cookie) must also send its CSRF token with every request that
+        changes something.
+        """
         actor = resolve_actor(request)
+        session = getattr(request.state, "session", None)
+        if session is not None and request.method not in SAFE_METHODS:
+            sent = request.headers.get("x-csrf-token", "")
+            if not hmac.compare_digest(sent.encode(), session.csrf_token.encode()):
+                raise Forbidden("the request lacks this session's CSRF token")
         request.app.state.archive.policy.authorise(actor, self.action)
         return actor
 

@@ -1,0 +1,82 @@
+"""Browser sessions: an opaque cookie (only its hash is stored) and a CSRF token per session.
+
+A session ends when it is revoked (sign-out), after IDLE without use, or after LIFETIME.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine, insert, select, update
+
+from imageshare.domain.actors import Actor
+from imageshare.storage.index.schema import sessions, users
+
+IDLE = timedelta(minutes=30)
+LIFETIME = timedelta(hours=12)
+COOKIE = "imageshare_session"
+
+
+@dataclass(frozen=True)
+class Session:
+    """A signed-in browser: who, and the CSRF token its state-changing requests must carry."""
+
+    actor: Actor
+    csrf_token: str
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class SessionStore:
+    """Creates, finds and ends browser sessions."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def start(self, username: str, source: str) -> tuple[str, str]:
+        """A new session for ``username``: (cookie secret, CSRF token); show neither twice."""
+        secret, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            user_pk = conn.execute(select(users.c.pk).where(users.c.username == username)
+                                   ).scalar_one()
+            conn.execute(insert(sessions).values(
+                token_hash=_hash(secret), user_pk=user_pk, csrf_token=csrf,
+                source=source[:255], created_at=now, last_seen_at=now,
+            ))
+        return secret, csrf
+
+    def find(self, secret: str, source: str) -> Session | None:
+        """The live session for a cookie secret (its use is noted), or None."""
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            row = conn.execute(
+                select(sessions.c.pk, sessions.c.csrf_token, sessions.c.created_at,
+                       sessions.c.last_seen_at, sessions.c.revoked_at, users.c.username,
+                       users.c.role, users.c.disabled)
+                .join(users, users.c.pk == sessions.c.user_pk)
+                .where(sessions.c.token_hash == _hash(secret))
+            ).first()
+            if row is None or row.revoked_at is not None or row.disabled:
+                return None
+            if (now - _aware(row.last_seen_at) > IDLE
+                    or now - _aware(row.created_at) > LIFETIME):
+                return None
+            conn.execute(update(sessions).where(sessions.c.pk == row.pk)
+                         .values(last_seen_at=now))
+        return Session(Actor("user", row.username, row.role, source), row.csrf_token)
+
+    def end(self, secret: str) -> None:
+        """Sign out: the session can never be used again."""
+        with self._engine.begin() as conn:
+            conn.execute(update(sessions).where(sessions.c.token_hash == _hash(secret))
+                         .values(revoked_at=datetime.now(UTC)))
