@@ -44,16 +44,19 @@ class FileBlobStore:
         return self.root / key[:4] / key[4:8] / key
 
     def _ensure_dir(self, folder: Path) -> None:
+        """Make the folder (and its parent) durable before the first file goes in.
+
+        Other processes may be making the same folders at the same moment: creating is
+        idempotent, and each process fsyncs once, so nothing is acknowledged in a folder whose
+        own entry might not yet be on disk.
+        """
         if folder in self._dirs_known:
             return
         with self._lock:
-            if not folder.is_dir():
-                parent = folder.parent
-                if not parent.is_dir():
-                    parent.mkdir()
-                    _fsync_dir(self.root)
-                folder.mkdir(exist_ok=True)
-                _fsync_dir(parent)
+            folder.parent.mkdir(exist_ok=True)
+            _fsync_dir(self.root)
+            folder.mkdir(exist_ok=True)
+            _fsync_dir(folder.parent)
             self._dirs_known.add(folder)
 
     def put(self, key: str, stream: BinaryIO) -> int:

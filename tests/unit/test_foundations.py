@@ -129,3 +129,50 @@ def test_first_start_creates_admin_and_prints_generated_password_once(tmp_path):
                          text=True, check=True).stdout.split()
     assert re.fullmatch(r"[A-Za-z0-9_-]{20}", out[0])
     assert out[1] == "None"
+
+
+def test_blob_stores_of_several_processes_share_new_folders_safely(tmp_path):
+    """Each process has its own store object; they race to make the same minute folder."""
+    import threading
+
+    from imageshare.storage.blobs import new_blob_key
+
+    stores = [FileBlobStore(tmp_path / "blobs") for _ in range(8)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(stores))
+
+    def put_some(store: FileBlobStore) -> None:
+        try:
+            start.wait()
+            for _ in range(20):
+                store.put(new_blob_key(), io.BytesIO(b"data"))
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=put_some, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(list(stores[0].keys())) == 160
+
+
+def test_a_folder_made_by_another_process_meanwhile_is_not_an_error(tmp_path, monkeypatch):
+    """Another process creates each folder just before we do."""
+    import os
+    from pathlib import Path as RealPath
+
+    from imageshare.storage.blobs import new_blob_key
+
+    store = FileBlobStore(tmp_path / "blobs")
+    original = RealPath.mkdir
+
+    def racing_mkdir(self, *args, **kwargs):
+        os.makedirs(self, exist_ok=True)  # the other process got there first
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RealPath, "mkdir", racing_mkdir)
+    key = new_blob_key()
+    store.put(key, io.BytesIO(b"data"))
+    assert store.exists(key)
