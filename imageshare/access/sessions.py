@@ -5,13 +5,13 @@ A session ends when it is revoked (sign-out), after IDLE without use, or after L
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, insert, select, update
 
+from imageshare.access.users import as_utc, secret_hash
 from imageshare.domain.actors import Actor
 from imageshare.storage.index.schema import sessions, users
 
@@ -28,14 +28,6 @@ class Session:
     csrf_token: str
 
 
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 class SessionStore:
     """Creates, finds and ends browser sessions."""
 
@@ -50,7 +42,7 @@ class SessionStore:
             user_pk = conn.execute(select(users.c.pk).where(users.c.username == username)
                                    ).scalar_one()
             conn.execute(insert(sessions).values(
-                token_hash=_hash(secret), user_pk=user_pk, csrf_token=csrf,
+                token_hash=secret_hash(secret), user_pk=user_pk, csrf_token=csrf,
                 source=source[:255], created_at=now, last_seen_at=now,
             ))
         return secret, csrf
@@ -64,12 +56,12 @@ class SessionStore:
                        sessions.c.last_seen_at, sessions.c.revoked_at, users.c.username,
                        users.c.role, users.c.disabled)
                 .join(users, users.c.pk == sessions.c.user_pk)
-                .where(sessions.c.token_hash == _hash(secret))
+                .where(sessions.c.token_hash == secret_hash(secret))
             ).first()
             if row is None or row.revoked_at is not None or row.disabled:
                 return None
-            if (now - _aware(row.last_seen_at) > IDLE
-                    or now - _aware(row.created_at) > LIFETIME):
+            if (now - as_utc(row.last_seen_at) > IDLE
+                    or now - as_utc(row.created_at) > LIFETIME):
                 return None
             conn.execute(update(sessions).where(sessions.c.pk == row.pk)
                          .values(last_seen_at=now))
@@ -78,5 +70,5 @@ class SessionStore:
     def end(self, secret: str) -> None:
         """Sign out: the session can never be used again."""
         with self._engine.begin() as conn:
-            conn.execute(update(sessions).where(sessions.c.token_hash == _hash(secret))
+            conn.execute(update(sessions).where(sessions.c.token_hash == secret_hash(secret))
                          .values(revoked_at=datetime.now(UTC)))

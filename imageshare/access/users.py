@@ -79,7 +79,7 @@ class UserDirectory:
             _hasher.hash(password)  # same cost for unknown users
             return None
         wall = datetime.now(UTC)
-        locked = row.locked_until is not None and _aware(row.locked_until) > wall
+        locked = row.locked_until is not None and as_utc(row.locked_until) > wall
         try:
             _hasher.verify(row.password_hash, password)
         except (VerificationError, InvalidHashError):
@@ -102,7 +102,7 @@ class UserDirectory:
                                .where(users.c.username == username)).first()
         if row is None or row.disabled:
             return False
-        return row.locked_until is None or _aware(row.locked_until) <= datetime.now(UTC)
+        return row.locked_until is None or as_utc(row.locked_until) <= datetime.now(UTC)
 
     def _failed_login(self, user_pk: int, now: datetime) -> None:
         """Count a wrong password; after MAX_FAILED_LOGINS the account locks for a while."""
@@ -125,7 +125,7 @@ class UserDirectory:
                 raise ImageShareError(f"no user {username!r}")
             conn.execute(
                 insert(api_tokens).values(
-                    user_pk=user_pk, name=name[:128], token_hash=_token_hash(secret),
+                    user_pk=user_pk, name=name[:128], token_hash=secret_hash(secret),
                     created_at=datetime.now(UTC),
                 )
             )
@@ -141,12 +141,11 @@ class UserDirectory:
                     users.c.username, users.c.role, users.c.disabled,
                 )
                 .join(users, users.c.pk == api_tokens.c.user_pk)
-                .where(api_tokens.c.token_hash == _token_hash(secret))
+                .where(api_tokens.c.token_hash == secret_hash(secret))
             ).first()
             if row is None or row.revoked_at is not None or row.disabled:
                 return None
-            expires = row.expires_at
-            if expires is not None and expires.replace(tzinfo=expires.tzinfo or UTC) <= now:
+            if row.expires_at is not None and as_utc(row.expires_at) <= now:
                 return None
             conn.execute(
                 update(api_tokens).where(api_tokens.c.pk == row.pk).values(last_used_at=now)
@@ -154,10 +153,11 @@ class UserDirectory:
         return Actor("user", row.username, row.role, source)
 
 
-def _aware(moment: datetime) -> datetime:
+def as_utc(moment: datetime) -> datetime:
     """SQLite hands back naive datetimes; they are UTC."""
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _token_hash(secret: str) -> str:
+def secret_hash(secret: str) -> str:
+    """What is stored of a token or session secret (high-entropy, so SHA-256 suffices)."""
     return hashlib.sha256(secret.encode()).hexdigest()

@@ -37,6 +37,20 @@ def _store_all(port: int, paths, acknowledged: list, stop: threading.Event) -> N
             assoc.abort()
 
 
+def store_concurrently(port: int, paths: list, associations: int = 4) -> list:
+    """Send ``paths`` over several associations at once; the ones acknowledged."""
+    acknowledged: list = []
+    stop = threading.Event()
+    threads = [threading.Thread(target=_store_all,
+                                args=(port, paths[i::associations], acknowledged, stop))
+               for i in range(associations)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return acknowledged
+
+
 def test_acknowledged_instances_survive_sigkill(tmp_path):
     server = RunningServer(tmp_path / "data").start()
     batches = [ct_series(tmp_path / f"b{i}", count=150, size=128, patient_id=f"DUR{i}")
@@ -87,16 +101,7 @@ def test_acknowledged_instances_survive_sigkill(tmp_path):
 def test_concurrent_associations_into_one_new_study_all_succeed(server, tmp_path):
     """Several processes share the DICOM port: racing inserts of one study stay consistent."""
     paths = ct_series(tmp_path / "ct", count=80, size=32, patient_id="RACE1")
-    acknowledged: list = []
-    stop = threading.Event()
-    threads = [threading.Thread(target=_store_all,
-                                args=(server.dicom_port, paths[i::4], acknowledged, stop))
-               for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert len(acknowledged) == 80
+    assert len(store_concurrently(server.dicom_port, paths)) == 80
     with server.http() as http:
         (study,) = http.get("/dicomweb/studies", params={"PatientID": "RACE1"}).json()
         series = http.get(f"/dicomweb/studies/{study['0020000D']['Value'][0]}/series").json()
@@ -112,16 +117,7 @@ def test_server_on_postgresql_takes_concurrent_associations_into_one_study(postg
     ).start()
     try:
         paths = ct_series(tmp_path / "ct", count=60, size=32, patient_id="PGRACE")
-        acknowledged: list = []
-        stop = threading.Event()
-        threads = [threading.Thread(target=_store_all,
-                                    args=(running.dicom_port, paths[i::4], acknowledged, stop))
-                   for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert len(acknowledged) == 60
+        assert len(store_concurrently(running.dicom_port, paths)) == 60
         with running.http() as http:
             (study,) = http.get("/dicomweb/studies", params={"PatientID": "PGRACE"}).json()
         assert study["00201208"]["Value"] == [60]
