@@ -19,10 +19,15 @@ from sqlalchemy import Engine, select
 from imageshare.access.policy import Policy
 from imageshare.access.sessions import SessionStore
 from imageshare.access.users import UserDirectory
+from imageshare.archive.attachments import AttachmentService
+from imageshare.archive.comments import CommentBook
+from imageshare.archive.corrections import PatientCorrections
 from imageshare.archive.index_writer import IndexWriter
 from imageshare.archive.ingest import IngestService
 from imageshare.archive.query import QueryService
 from imageshare.archive.retrieve import RetrieveService
+from imageshare.archive.search import StudySearchService
+from imageshare.archive.studies import StudyCatalogue
 from imageshare.audit.trail import AuditTrail
 from imageshare.domain.actors import SYSTEM
 from imageshare.exchange.nodes import NodeRegistry
@@ -50,6 +55,11 @@ class Archive:
     sessions: SessionStore
     nodes: NodeRegistry
     policy: Policy
+    search: StudySearchService
+    catalogue: StudyCatalogue
+    comments: CommentBook
+    attachments: AttachmentService
+    corrections: PatientCorrections
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -78,11 +88,17 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     query = QueryService(
         engine, settings.ae_title, retrieve.header_json, audit, settings.qido_max_limit
     )
+    catalogue = StudyCatalogue(engine, audit)
     return Archive(
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
         ingest=ingest, query=query, retrieve=retrieve, users=UserDirectory(engine),
         sessions=SessionStore(engine),
         nodes=NodeRegistry(engine), policy=Policy(store_from_any_ae=settings.store_from_any_ae),
+        search=StudySearchService(query), catalogue=catalogue,
+        comments=CommentBook(engine, audit), attachments=AttachmentService(catalogue, ingest),
+        corrections=PatientCorrections(
+            engine, writer, blobs, audit, catalogue, settings.staging_dir,
+            ingest.parents_changed),
     )
 
 

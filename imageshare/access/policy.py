@@ -5,7 +5,8 @@ Routes and DICOM services declare the action they need; nothing else decides.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from imageshare.domain.actors import Actor
@@ -20,23 +21,40 @@ USER_MANAGE = "user.manage"
 AUDIT_READ = "audit.read"
 TOKEN_SELF = "token.self"
 ACCOUNT_SELF = "account.self"
+STUDY_COMMENT = "study.comment"
+PATIENT_CORRECT = "patient.correct"
 # DICOM services, asked for by remote nodes.
 DICOM_ECHO = "dicom.echo"
 DICOM_STORE = "dicom.store"
 DICOM_QUERY = "dicom.query"
 DICOM_RETRIEVE = "dicom.retrieve"
 
-_STAFF = frozenset({STUDY_READ, STUDY_STORE, TOKEN_SELF, ACCOUNT_SELF})
+_STAFF = frozenset(
+    {STUDY_READ, STUDY_STORE, STUDY_COMMENT, PATIENT_CORRECT, TOKEN_SELF, ACCOUNT_SELF}
+)
+# An administrator signed in with a password who has not yet set up two-factor sign-in
+# (required for admins) may only do that.
+ENROLLING = "enrolling"
 ROLES: dict[str, frozenset[str]] = {
     "admin": _STAFF | {NODE_MANAGE, USER_MANAGE, AUDIT_READ},
     "clinician": _STAFF,
     "radiographer": _STAFF,
     "sonographer": _STAFF,
-    "educator": frozenset({STUDY_READ, TOKEN_SELF, ACCOUNT_SELF}),
+    "educator": frozenset({STUDY_READ, STUDY_COMMENT, TOKEN_SELF, ACCOUNT_SELF}),
     "reviewer": frozenset({TOKEN_SELF, ACCOUNT_SELF}),
     "patient": frozenset({ACCOUNT_SELF}),
     "service": frozenset({STUDY_READ, STUDY_STORE, ACCOUNT_SELF}),
+    ENROLLING: frozenset({ACCOUNT_SELF}),
 }
+# Roles a person can be given (``service`` is for machine accounts, ENROLLING is a stage).
+PERSON_ROLES = ("admin", "clinician", "radiographer", "sonographer", "educator", "reviewer",
+                "patient")
+# Actions on one study that a share can grant to someone without the action in their role.
+STUDY_ACTIONS = frozenset({STUDY_READ, STUDY_COMMENT})
+
+
+def _nothing_shared(_actor: Actor) -> frozenset[str]:
+    return frozenset()
 
 
 @dataclass(frozen=True)
@@ -44,9 +62,12 @@ class Policy:
     """Access rules of this installation."""
 
     store_from_any_ae: bool = True
+    # The studies shared with a user outside their role (sharing fills this in).
+    shared_with: Callable[[Actor], frozenset[str]] = field(default=_nothing_shared)
 
     def allows(self, actor: Actor, action: str, resource: Any = None) -> bool:
-        """True when ``actor`` may do ``action`` on ``resource``."""
+        """True when ``actor`` may do ``action`` on ``resource`` (a Study Instance UID for
+        study actions; None asks about the action in general)."""
         if action == PUBLIC:
             return True
         if actor.kind == "system":
@@ -60,7 +81,10 @@ class Policy:
                 return actor.registered and action in actor.grants
             return False
         if actor.kind == "user":
-            return action in ROLES.get(actor.role, frozenset())
+            if action in ROLES.get(actor.role, frozenset()):
+                return True
+            return (action in STUDY_ACTIONS and isinstance(resource, str)
+                    and actor.role != ENROLLING and resource in self.shared_with(actor))
         return False
 
     def study_scope(self, actor: Actor) -> frozenset[str] | None:
@@ -71,6 +95,8 @@ class Policy:
         """
         if actor.kind == "system" or self.allows(actor, STUDY_READ):
             return None
+        if actor.kind == "user" and actor.role != ENROLLING:
+            return self.shared_with(actor)
         return frozenset()
 
     def authorise(self, actor: Actor, action: str, resource: Any = None) -> None:

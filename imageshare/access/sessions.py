@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, insert, select, update
 
+from imageshare.access.policy import ENROLLING
 from imageshare.access.users import as_utc, secret_hash
 from imageshare.domain.actors import Actor
 from imageshare.storage.index.schema import sessions, users
@@ -34,8 +35,11 @@ class SessionStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    def start(self, username: str, source: str) -> tuple[str, str]:
-        """A new session for ``username``: (cookie secret, CSRF token); show neither twice."""
+    def start(self, username: str, source: str, stage: str = "full") -> tuple[str, str]:
+        """A new session for ``username``: (cookie secret, CSRF token); show neither twice.
+
+        ``stage`` ``enrol`` is a session that may only set up two-factor sign-in.
+        """
         secret, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         now = datetime.now(UTC)
         with self._engine.begin() as conn:
@@ -43,7 +47,7 @@ class SessionStore:
                                    ).scalar_one()
             conn.execute(insert(sessions).values(
                 token_hash=secret_hash(secret), user_pk=user_pk, csrf_token=csrf,
-                source=source[:255], created_at=now, last_seen_at=now,
+                source=source[:255], created_at=now, last_seen_at=now, stage=stage,
             ))
         return secret, csrf
 
@@ -54,7 +58,7 @@ class SessionStore:
             row = conn.execute(
                 select(sessions.c.pk, sessions.c.csrf_token, sessions.c.created_at,
                        sessions.c.last_seen_at, sessions.c.revoked_at, users.c.username,
-                       users.c.role, users.c.disabled)
+                       users.c.role, users.c.disabled, sessions.c.stage)
                 .join(users, users.c.pk == sessions.c.user_pk)
                 .where(sessions.c.token_hash == secret_hash(secret))
             ).first()
@@ -65,7 +69,23 @@ class SessionStore:
                 return None
             conn.execute(update(sessions).where(sessions.c.pk == row.pk)
                          .values(last_seen_at=now))
-        return Session(Actor("user", row.username, row.role, source), row.csrf_token)
+        role = ENROLLING if row.stage == "enrol" else row.role
+        return Session(Actor("user", row.username, role, source), row.csrf_token)
+
+    def complete(self, secret: str) -> None:
+        """The session's user has finished setting up two-factor sign-in: full access."""
+        with self._engine.begin() as conn:
+            conn.execute(update(sessions).where(sessions.c.token_hash == secret_hash(secret))
+                         .values(stage="full"))
+
+    def end_all(self, username: str) -> None:
+        """End every session of ``username`` (password reset, account disabled)."""
+        with self._engine.begin() as conn:
+            user_pk = conn.execute(select(users.c.pk).where(users.c.username == username)
+                                   ).scalar()
+            conn.execute(update(sessions).where(sessions.c.user_pk == user_pk)
+                         .where(sessions.c.revoked_at.is_(None))
+                         .values(revoked_at=datetime.now(UTC)))
 
     def end(self, secret: str) -> None:
         """Sign out: the session can never be used again."""

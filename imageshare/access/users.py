@@ -1,4 +1,5 @@
-"""User accounts (argon2id password hashes) and personal API tokens (stored as hashes)."""
+"""User accounts (argon2id password hashes, optional TOTP second factor) and personal API
+tokens (stored as hashes)."""
 
 from __future__ import annotations
 
@@ -6,22 +7,43 @@ import hashlib
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from imageshare.access.policy import ROLES
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ImageShareError
+from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.storage.index.schema import api_tokens, users
 
 _hasher = PasswordHasher()
 _CACHE_SECONDS = 300.0
 MAX_FAILED_LOGINS = 5
 LOCKOUT = timedelta(minutes=15)
+TOTP_ISSUER = "ImageShare"
+
+
+@dataclass(frozen=True)
+class Account:
+    """A user account as administrators see it (no secrets)."""
+
+    username: str
+    role: str
+    disabled: bool
+    locked: bool
+    two_factor: bool
+    created_at: datetime
+    tokens: int
+
+
+def _check_password(password: str) -> None:
+    if len(password) < 8:
+        raise ImageShareError("a password needs at least 8 characters")
 
 
 class UserDirectory:
@@ -36,10 +58,9 @@ class UserDirectory:
         """Create a user; raises ImageShareError for an unknown role or a taken name."""
         if role not in ROLES:
             raise ImageShareError(f"unknown role {role!r}; roles: {', '.join(sorted(ROLES))}")
-        if not username or len(username) > 128:
-            raise ImageShareError("a username has 1 to 128 characters")
-        if len(password) < 8:
-            raise ImageShareError("a password needs at least 8 characters")
+        if not username or len(username) > 128 or username != username.strip():
+            raise ImageShareError("a username has 1 to 128 characters, no surrounding spaces")
+        _check_password(password)
         try:
             with self._engine.begin() as conn:
                 conn.execute(
@@ -62,18 +83,27 @@ class UserDirectory:
         self.add("admin", password, "admin")
         return generated
 
-    def authenticate(self, username: str, password: str, source: str = "") -> Actor | None:
-        """The user's Actor when the password is right and the account enabled, else None."""
+    def authenticate(
+        self, username: str, password: str, source: str = "", code: str | None = None
+    ) -> Actor | None:
+        """The user's Actor when the password is right and the account enabled, else None.
+
+        An account with two-factor sign-in also needs its current TOTP ``code``; without one
+        (HTTP Basic) it is refused: such accounts use API tokens for programs. Every failure
+        counts towards the lockout and gives the same answer.
+        """
         cache_key = (username, hashlib.sha256(password.encode()).digest())
         now = time.monotonic()
         with self._lock:
             hit = self._verified.get(cache_key)
-        if hit and now - hit[0] < _CACHE_SECONDS and self._still_allowed(username):
+        if (code is None and hit and now - hit[0] < _CACHE_SECONDS
+                and self._still_allowed(username)):
             return Actor("user", hit[1].name, hit[1].role, source)
         with self._engine.connect() as conn:
             row = conn.execute(
                 select(users.c.pk, users.c.password_hash, users.c.role, users.c.disabled,
-                       users.c.locked_until).where(users.c.username == username)
+                       users.c.locked_until, users.c.totp_enabled, users.c.totp_secret)
+                .where(users.c.username == username)
             ).first()
         if row is None:
             _hasher.hash(password)  # same cost for unknown users
@@ -87,20 +117,46 @@ class UserDirectory:
             return None
         if row.disabled or locked:
             return None  # the same answer as a wrong password
+        if row.totp_enabled:
+            if code is None or not self._accept_code(row.pk, row.totp_secret, code):
+                self._failed_login(row.pk, wall)
+                return None
         with self._engine.begin() as conn:
             conn.execute(update(users).where(users.c.pk == row.pk)
                          .values(failed_logins=0, locked_until=None))
         actor = Actor("user", username, row.role, source)
-        with self._lock:
-            self._verified[cache_key] = (now, actor)
+        if not row.totp_enabled:
+            with self._lock:
+                self._verified[cache_key] = (now, actor)
         return actor
 
+    def _accept_code(self, user_pk: int, secret: str | None, code: str) -> bool:
+        """True for the current (or adjacent) TOTP code, used at most once."""
+        code = code.strip().replace(" ", "")
+        if not secret or not code.isdigit():
+            return False
+        totp = pyotp.TOTP(secret)
+        step_now = int(time.time()) // totp.interval
+        for step in (step_now, step_now - 1, step_now + 1):
+            if totp.generate_otp(step) == code:
+                with self._engine.begin() as conn:
+                    used = conn.execute(
+                        update(users).where(users.c.pk == user_pk)
+                        .where((users.c.totp_last_step.is_(None))
+                               | (users.c.totp_last_step < step))
+                        .values(totp_last_step=step)
+                    ).rowcount
+                return used == 1
+        return False
+
     def _still_allowed(self, username: str) -> bool:
-        """Not disabled or locked since the password was last checked (cheap, no argon2)."""
+        """Not disabled, locked or given a second factor since the password was last checked
+        (cheap, no argon2)."""
         with self._engine.connect() as conn:
-            row = conn.execute(select(users.c.disabled, users.c.locked_until)
+            row = conn.execute(select(users.c.disabled, users.c.locked_until,
+                                      users.c.totp_enabled)
                                .where(users.c.username == username)).first()
-        if row is None or row.disabled:
+        if row is None or row.disabled or row.totp_enabled:
             return False
         return row.locked_until is None or as_utc(row.locked_until) <= datetime.now(UTC)
 
@@ -115,6 +171,136 @@ class UserDirectory:
             if failed >= MAX_FAILED_LOGINS:
                 conn.execute(update(users).where(users.c.pk == user_pk).values(
                     failed_logins=0, locked_until=now + LOCKOUT))
+
+    def forget_cached(self, username: str) -> None:
+        """Drop remembered password checks of ``username`` (after a change to the account)."""
+        with self._lock:
+            for key in [k for k in self._verified if k[0] == username]:
+                del self._verified[key]
+
+    # -- administration ------------------------------------------------------------------
+
+    def accounts(self) -> list[Account]:
+        """Every account, by name."""
+        now = datetime.now(UTC)
+        tokens = (select(func.count(api_tokens.c.pk))
+                  .where(api_tokens.c.user_pk == users.c.pk)
+                  .where(api_tokens.c.revoked_at.is_(None)).scalar_subquery())
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(users.c.username, users.c.role, users.c.disabled, users.c.locked_until,
+                       users.c.totp_enabled, users.c.created_at, tokens.label("tokens"))
+                .order_by(users.c.username)
+            ).all()
+        return [
+            Account(r.username, r.role, r.disabled,
+                    r.locked_until is not None and as_utc(r.locked_until) > now,
+                    r.totp_enabled, as_utc(r.created_at), r.tokens)
+            for r in rows
+        ]
+
+    def account(self, username: str) -> Account:
+        """One account; raises NotFound."""
+        for account in self.accounts():
+            if account.username == username:
+                return account
+        raise NotFound(f"no user {username!r}")
+
+    def _change(self, username: str, **values: object) -> None:
+        with self._engine.begin() as conn:
+            changed = conn.execute(
+                update(users).where(users.c.username == username).values(**values)
+            ).rowcount
+        if not changed:
+            raise NotFound(f"no user {username!r}")
+        self.forget_cached(username)
+
+    def set_disabled(self, username: str, disabled: bool) -> None:
+        """Disable (sessions and tokens stop working at once) or enable an account."""
+        self._change(username, disabled=disabled)
+
+    def set_role(self, username: str, role: str) -> None:
+        """Give ``username`` another role."""
+        if role not in ROLES:
+            raise ImageShareError(f"unknown role {role!r}")
+        self._change(username, role=role)
+
+    def set_password(self, username: str, password: str, *, reset_two_factor: bool = False
+                     ) -> None:
+        """Set a new password and lift a lockout; optionally remove the second factor (lost
+        phone), which the user must then set up again."""
+        _check_password(password)
+        values: dict[str, object] = {
+            "password_hash": _hasher.hash(password), "failed_logins": 0, "locked_until": None,
+        }
+        if reset_two_factor:
+            values.update(totp_enabled=False, totp_secret=None, totp_last_step=None)
+        self._change(username, **values)
+
+    def change_own_password(self, username: str, current: str, new: str) -> None:
+        """The user's own password change; the current password must be right."""
+        with self._engine.connect() as conn:
+            stored = conn.execute(select(users.c.password_hash)
+                                  .where(users.c.username == username)).scalar()
+        try:
+            _hasher.verify(stored or "", current)
+        except (VerificationError, InvalidHashError) as exc:
+            raise ImageShareError("the current password is wrong") from exc
+        self.set_password(username, new)
+
+    # -- two-factor sign-in ---------------------------------------------------------------
+
+    def two_factor_enabled(self, username: str) -> bool:
+        """True when ``username`` signs in with a TOTP code."""
+        with self._engine.connect() as conn:
+            return bool(conn.execute(select(users.c.totp_enabled)
+                                     .where(users.c.username == username)).scalar())
+
+    def begin_two_factor(self, username: str) -> str:
+        """A new TOTP secret for ``username`` (not yet in force); returns its otpauth:// URI
+        for an authenticator app."""
+        if self.two_factor_enabled(username):
+            raise ImageShareError("two-factor sign-in is already set up")
+        secret = pyotp.random_base32()
+        self._change(username, totp_secret=secret)
+        return pyotp.TOTP(secret).provisioning_uri(name=username, issuer_name=TOTP_ISSUER)
+
+    def confirm_two_factor(self, username: str, code: str) -> None:
+        """Put the pending TOTP secret in force once the user proves it with a code."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(users.c.pk, users.c.totp_secret)
+                               .where(users.c.username == username)).first()
+        if row is None or not row.totp_secret:
+            raise ImageShareError("start setting up two-factor sign-in first")
+        if not self._accept_code(row.pk, row.totp_secret, code):
+            raise ImageShareError("that code is not right; check the phone's clock and retry")
+        self._change(username, totp_enabled=True)
+
+    # -- API tokens -----------------------------------------------------------------------
+
+    def tokens(self, username: str) -> list[dict[str, object]]:
+        """The user's tokens (names and times, never secrets), newest first."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(api_tokens.c.pk, api_tokens.c.name, api_tokens.c.created_at,
+                       api_tokens.c.last_used_at, api_tokens.c.revoked_at)
+                .join(users, users.c.pk == api_tokens.c.user_pk)
+                .where(users.c.username == username).order_by(api_tokens.c.pk.desc())
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
+    def revoke_token(self, username: str, token_pk: int) -> None:
+        """Revoke one of the user's own tokens for good."""
+        with self._engine.begin() as conn:
+            user_pk = conn.execute(select(users.c.pk).where(users.c.username == username)
+                                   ).scalar()
+            changed = conn.execute(
+                update(api_tokens).where(api_tokens.c.pk == token_pk)
+                .where(api_tokens.c.user_pk == user_pk).where(api_tokens.c.revoked_at.is_(None))
+                .values(revoked_at=datetime.now(UTC))
+            ).rowcount
+        if not changed:
+            raise NotFound("no such token")
 
     def create_token(self, username: str, name: str) -> str:
         """A new API token for ``username``; only its hash is kept, so show it once."""

@@ -196,6 +196,11 @@ class IngestService:
             return
         self.blobs.delete(key)
 
+    def parents_changed(self) -> None:
+        """Patients or studies were changed by something else (a correction, a merge): forget
+        what is remembered about them. Call it from the index writer's thread."""
+        self._known.clear()
+
     def close(self) -> None:
         """Stop the blob I/O threads."""
         self._blob_io.shutdown(wait=True)

@@ -158,6 +158,7 @@ class Query:
     fuzzy: bool = False
     allowed_studies: Collection[str] | None = None
     return_all: bool = False
+    newest_first: bool = False
 
 
 @dataclass
@@ -228,7 +229,7 @@ class QueryService:
         if query.level not in LEVELS:
             raise InvalidQuery(f"unknown query level {query.level!r}")
         depth = LEVELS.index(query.level)
-        stmt = self._select(depth)
+        stmt = self._select(depth, query.newest_first)
         python_filters: list[tuple[str, dict[str, Any]]] = []
         for tag, element in query.identifier.items():
             if tag in _SKIP_MATCH or is_universal(element):
@@ -263,7 +264,7 @@ class QueryService:
 
     # -- SQL --------------------------------------------------------------------------------
 
-    def _select(self, depth: int) -> Select[Any]:
+    def _select(self, depth: int, newest_first: bool = False) -> Select[Any]:
         cols: list[Any] = [
             patients.c.pk.label("patient_pk"), patients.c.patient_id, patients.c.attrs.label(
                 "patient_attrs"),
@@ -298,6 +299,9 @@ class QueryService:
             ]
             stmt_from = instances.join(stmt_from, series.c.pk == instances.c.series_pk)
             order = instances.c.pk
+        if newest_first:
+            return select(*cols).select_from(stmt_from).order_by(
+                studies.c.study_date.desc(), studies.c.study_time.desc(), order.desc())
         return select(*cols).select_from(stmt_from).order_by(order)
 
     # -- results --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 metadata = MetaData(
@@ -129,6 +130,9 @@ users = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("failed_logins", Integer, nullable=False, default=0, server_default="0"),
     Column("locked_until", DateTime(timezone=True), nullable=True),
+    Column("totp_secret", String(64), nullable=True),
+    Column("totp_enabled", Boolean, nullable=False, default=False, server_default=false()),
+    Column("totp_last_step", BigInteger, nullable=True),
 )
 
 sessions = Table(
@@ -142,6 +146,7 @@ sessions = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("last_seen_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column("stage", String(16), nullable=False, default="full", server_default="full"),
 )
 
 api_tokens = Table(
@@ -186,4 +191,33 @@ audit_events = Table(
     Column("study_uid", String(64), nullable=False, default="", index=True),
     Column("detail", Text, nullable=False, default=""),
     Column("instance_count", Integer, nullable=False, default=0),
+)
+
+study_comments = Table(
+    "study_comments",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("sop_uid", String(64), nullable=False, default="", server_default=""),
+    Column("author", String(128), nullable=False),
+    Column("author_kind", String(16), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# One row per changed attribute of a retrospective correction or merge (``change_id`` groups
+# them). Plain UIDs, no foreign keys: the history outlives what it describes.
+patient_changes = Table(
+    "patient_changes",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("change_id", String(32), nullable=False, index=True),
+    Column("kind", String(16), nullable=False),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("attribute", String(64), nullable=False),
+    Column("old_value", String(324), nullable=False),
+    Column("new_value", String(324), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
 )
