@@ -18,6 +18,7 @@ from sqlalchemy import Engine, select
 
 from imageshare.access.policy import Policy
 from imageshare.access.sessions import SessionStore
+from imageshare.access.throttle import SignInThrottle
 from imageshare.access.users import UserDirectory
 from imageshare.archive.attachments import AttachmentService
 from imageshare.archive.comments import CommentBook
@@ -60,6 +61,7 @@ class Archive:
     comments: CommentBook
     attachments: AttachmentService
     corrections: PatientCorrections
+    throttle: SignInThrottle
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -99,6 +101,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         corrections=PatientCorrections(
             engine, writer, blobs, audit, catalogue, settings.staging_dir,
             ingest.parents_changed),
+        throttle=SignInThrottle(),
     )
 
 

@@ -35,6 +35,9 @@ _STAFF = frozenset(
 # An administrator signed in with a password who has not yet set up two-factor sign-in
 # (required for admins) may only do that.
 ENROLLING = "enrolling"
+# A browser that gave the right password and still owes its TOTP code may only send that.
+AWAITING_CODE = "awaiting-code"
+SESSION_CODE = "session.code"
 ROLES: dict[str, frozenset[str]] = {
     "admin": _STAFF | {NODE_MANAGE, USER_MANAGE, AUDIT_READ},
     "clinician": _STAFF,
@@ -45,6 +48,7 @@ ROLES: dict[str, frozenset[str]] = {
     "patient": frozenset({ACCOUNT_SELF}),
     "service": frozenset({STUDY_READ, STUDY_STORE, ACCOUNT_SELF}),
     ENROLLING: frozenset({ACCOUNT_SELF}),
+    AWAITING_CODE: frozenset({SESSION_CODE}),
 }
 # Roles a person can be given (``service`` is for machine accounts, ENROLLING is a stage).
 PERSON_ROLES = ("admin", "clinician", "radiographer", "sonographer", "educator", "reviewer",
@@ -84,7 +88,8 @@ class Policy:
             if action in ROLES.get(actor.role, frozenset()):
                 return True
             return (action in STUDY_ACTIONS and isinstance(resource, str)
-                    and actor.role != ENROLLING and resource in self.shared_with(actor))
+                    and actor.role not in (ENROLLING, AWAITING_CODE)
+                    and resource in self.shared_with(actor))
         return False
 
     def study_scope(self, actor: Actor) -> frozenset[str] | None:
@@ -95,7 +100,7 @@ class Policy:
         """
         if actor.kind == "system" or self.allows(actor, STUDY_READ):
             return None
-        if actor.kind == "user" and actor.role != ENROLLING:
+        if actor.kind == "user" and actor.role not in (ENROLLING, AWAITING_CODE):
             return self.shared_with(actor)
         return frozenset()
 

@@ -11,9 +11,10 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, insert, select, update
 
-from imageshare.access.policy import ENROLLING
+from imageshare.access.policy import AWAITING_CODE, ENROLLING
 from imageshare.access.users import as_utc, secret_hash
 from imageshare.domain.actors import Actor
+from imageshare.domain.errors import NotAuthenticated
 from imageshare.storage.index.schema import sessions, users
 
 IDLE = timedelta(minutes=30)
@@ -38,7 +39,8 @@ class SessionStore:
     def start(self, username: str, source: str, stage: str = "full") -> tuple[str, str]:
         """A new session for ``username``: (cookie secret, CSRF token); show neither twice.
 
-        ``stage`` ``enrol`` is a session that may only set up two-factor sign-in.
+        ``stage`` ``enrol`` is a session that may only set up two-factor sign-in, ``code`` one
+        that may only send its TOTP code; :meth:`advance` moves it on.
         """
         secret, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         now = datetime.now(UTC)
@@ -69,14 +71,22 @@ class SessionStore:
                 return None
             conn.execute(update(sessions).where(sessions.c.pk == row.pk)
                          .values(last_seen_at=now))
-        role = ENROLLING if row.stage == "enrol" else row.role
+        role = {"enrol": ENROLLING, "code": AWAITING_CODE}.get(row.stage, row.role)
         return Session(Actor("user", row.username, role, source), row.csrf_token)
 
-    def complete(self, secret: str) -> None:
-        """The session's user has finished setting up two-factor sign-in: full access."""
+    def advance(self, secret: str, stage: str = "full") -> tuple[str, str]:
+        """Move a session to ``stage`` (the code was right, two-factor was set up). The
+        session gets a new secret and CSRF token, so a secret seen before is worthless."""
+        new_secret, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         with self._engine.begin() as conn:
-            conn.execute(update(sessions).where(sessions.c.token_hash == secret_hash(secret))
-                         .values(stage="full"))
+            changed = conn.execute(
+                update(sessions).where(sessions.c.token_hash == secret_hash(secret))
+                .where(sessions.c.revoked_at.is_(None))
+                .values(stage=stage, token_hash=secret_hash(new_secret), csrf_token=csrf)
+            ).rowcount
+        if not changed:
+            raise NotAuthenticated("the session has ended; sign in again")
+        return new_secret, csrf
 
     def end_all(self, username: str) -> None:
         """End every session of ``username`` (password reset, account disabled)."""

@@ -92,13 +92,53 @@ class UserDirectory:
         (HTTP Basic) it is refused: such accounts use API tokens for programs. Every failure
         counts towards the lockout and gives the same answer.
         """
+        verified = self._verify(username, password, source, code, defer_code=False)
+        return verified[0] if verified else None
+
+    def sign_in(self, username: str, password: str, source: str = "") -> tuple[Actor, str] | None:
+        """Check a browser sign-in's password: (Actor, stage) or None (same for every failure).
+
+        The stage is ``full``; ``code`` when the account's TOTP code must follow
+        (:meth:`check_code`); ``enrol`` when an administrator has yet to set up two-factor
+        sign-in, which is required for administrators.
+        """
+        verified = self._verify(username, password, source, None, defer_code=True)
+        if verified is None:
+            return None
+        actor, has_code = verified
+        if has_code:
+            return actor, "code"
+        return actor, "enrol" if actor.role == "admin" else "full"
+
+    def check_code(self, username: str, code: str) -> bool:
+        """True when ``code`` is the user's current TOTP code; a wrong one counts as a failed
+        sign-in."""
+        wall = datetime.now(UTC)
+        with self._engine.connect() as conn:
+            row = conn.execute(select(users.c.pk, users.c.totp_secret, users.c.disabled,
+                                      users.c.locked_until)
+                               .where(users.c.username == username)).first()
+        if row is None or row.disabled or (
+                row.locked_until is not None and as_utc(row.locked_until) > wall):
+            return False
+        if not self._accept_code(row.pk, row.totp_secret, code):
+            self._failed_login(row.pk, wall)
+            return False
+        with self._engine.begin() as conn:
+            conn.execute(update(users).where(users.c.pk == row.pk)
+                         .values(failed_logins=0, locked_until=None))
+        return True
+
+    def _verify(self, username: str, password: str, source: str, code: str | None,
+                defer_code: bool) -> tuple[Actor, bool] | None:
+        """(Actor, whether a TOTP code is still due) when the credentials are right."""
         cache_key = (username, hashlib.sha256(password.encode()).digest())
         now = time.monotonic()
         with self._lock:
             hit = self._verified.get(cache_key)
         if (code is None and hit and now - hit[0] < _CACHE_SECONDS
                 and self._still_allowed(username)):
-            return Actor("user", hit[1].name, hit[1].role, source)
+            return Actor("user", hit[1].name, hit[1].role, source), False
         with self._engine.connect() as conn:
             row = conn.execute(
                 select(users.c.pk, users.c.password_hash, users.c.role, users.c.disabled,
@@ -117,18 +157,20 @@ class UserDirectory:
             return None
         if row.disabled or locked:
             return None  # the same answer as a wrong password
+        actor = Actor("user", username, row.role, source)
         if row.totp_enabled:
+            if defer_code:
+                return actor, True
             if code is None or not self._accept_code(row.pk, row.totp_secret, code):
                 self._failed_login(row.pk, wall)
                 return None
         with self._engine.begin() as conn:
             conn.execute(update(users).where(users.c.pk == row.pk)
                          .values(failed_logins=0, locked_until=None))
-        actor = Actor("user", username, row.role, source)
         if not row.totp_enabled:
             with self._lock:
                 self._verified[cache_key] = (now, actor)
-        return actor
+        return actor, False
 
     def _accept_code(self, user_pk: int, secret: str | None, code: str) -> bool:
         """True for the current (or adjacent) TOTP code, used at most once."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.encaps import get_frame
 from sqlalchemy import Engine, select
 
@@ -104,6 +104,28 @@ class RetrieveService:
         if not found:
             raise NotFound("no such study, series or instance")
         return found
+
+    def document_title(self, sop_uid: str) -> tuple[str, str]:
+        """(Document Title, Content Date) of a stored document, for listing it; not audited
+        (the caller shows it as part of an audited view)."""
+        ds = self.header(sop_uid)
+        if ds is None:
+            return "", ""
+        return str(ds.get("DocumentTitle", "") or ""), str(ds.get("ContentDate", "") or "")
+
+    def header(self, sop_uid: str) -> Dataset | None:
+        """The stored header of an instance (large values not loaded), or None; not audited:
+        for services that audit the view they are part of."""
+        with self._engine.connect() as conn:
+            blob_key = conn.execute(select(instances.c.blob_key)
+                                    .where(instances.c.sop_uid == sop_uid)).scalar()
+        if blob_key is None:
+            return None
+        with self.blobs.open(blob_key) as fp:
+            ds = dcmread(fp, stop_before_pixels=True, defer_size="64 KB")
+            for element in ds.iterall():  # load small values before the file closes
+                _ = element.value if element.VR not in ("OB", "OW", "UN") else None
+        return ds
 
     def open(self, inst: StoredInstance) -> BinaryIO:
         """The stored Part 10 bytes of ``inst`` as received."""

@@ -84,3 +84,10 @@ class UnknownNode(ImageShareError):
 
     http_status = 404
     title = "Unknown DICOM node"
+
+
+class TooManyRequests(ImageShareError):
+    """The caller must slow down (too many failed sign-ins)."""
+
+    http_status = 429
+    title = "Too many requests"

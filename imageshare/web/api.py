@@ -20,6 +20,7 @@ from imageshare.domain.actors import Actor
 from imageshare.domain.errors import NotAuthenticated
 from imageshare.exchange.nodes import Node
 from imageshare.web.auth import allowed, client_address
+from imageshare.web.pages.sign_in import set_session_cookie
 
 router = APIRouter(prefix="/api", tags=["API"])
 
@@ -48,30 +49,39 @@ class LoginIn(BaseModel):
 
     username: str = Field(min_length=1, max_length=128)
     password: str = Field(min_length=1, max_length=1024)
+    code: str = Field(default="", max_length=16, description="TOTP code, if two-factor is on")
 
 
 @router.post("/session", summary="Sign in (browser session)")
 def sign_in(
     request: Request, body: LoginIn, response: Response, _anyone: allowed(PUBLIC)
 ) -> dict[str, str]:
-    """Check the password and start a session: an HttpOnly, SameSite=Strict cookie, and the
-    CSRF token that every state-changing request of the session must send as X-CSRF-Token.
-    Five wrong passwords lock the account for 15 minutes; every failure answers the same."""
+    """Check the password (and TOTP code, for accounts with two-factor sign-in) and start a
+    session: an HttpOnly, SameSite=Strict cookie, and the CSRF token that every
+    state-changing request of the session must send as X-CSRF-Token. Five failures lock the
+    account for 15 minutes; every failure answers the same. ``stage`` is ``enrol`` for an
+    administrator who must set up two-factor sign-in before anything else."""
     archive = request.app.state.archive
     source = client_address(request)
-    actor = archive.users.authenticate(body.username, body.password, source)
-    if actor is None:
+    archive.throttle.check(source)
+    result = archive.users.sign_in(body.username, body.password, source)
+    if result is not None and result[1] == "code":
+        if not archive.users.check_code(body.username, body.code):
+            result = None
+        else:
+            result = (result[0], "full")
+    if result is None:
+        archive.throttle.failed(source)
         archive.audit.record(AuditEvent(
             actor=Actor("anonymous", body.username[:64], source=source, registered=False),
             action="session.start", outcome="failure"))
-        raise NotAuthenticated("wrong username or password, or the account is locked")
-    secret, csrf = archive.sessions.start(actor.name, source)
-    response.set_cookie(
-        COOKIE, secret, httponly=True, samesite="strict", path="/",
-        secure=request.url.scheme == "https",
-    )
-    archive.audit.record(AuditEvent(actor=actor, action="session.start", outcome="success"))
-    return {"username": actor.name, "role": actor.role, "csrf_token": csrf}
+        raise NotAuthenticated("wrong username, password or code, or the account is locked")
+    actor, stage = result
+    secret, csrf = archive.sessions.start(actor.name, source, stage)
+    set_session_cookie(request, response, secret)
+    archive.audit.record(AuditEvent(actor=actor, action="session.start", outcome="success",
+                                    detail={"stage": stage}))
+    return {"username": actor.name, "role": actor.role, "csrf_token": csrf, "stage": stage}
 
 
 @router.delete("/session", status_code=204, summary="Sign out")

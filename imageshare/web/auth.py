@@ -9,9 +9,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from imageshare.access.policy import PUBLIC
 from imageshare.access.sessions import COOKIE
+from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import ANONYMOUS, Actor
-from imageshare.domain.errors import Forbidden
+from imageshare.domain.errors import Forbidden, NotAuthenticated
 
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
@@ -50,35 +52,67 @@ def resolve_actor(request: Request) -> Actor:
     return result
 
 
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+async def _sent_csrf_token(request: Request) -> str:
+    """The CSRF token sent with a request: the X-CSRF-Token header, or a form's field."""
+    sent = request.headers.get("x-csrf-token", "")
+    if not sent and request.headers.get("content-type", "").startswith(FORM_TYPES):
+        form = await request.form()  # Starlette keeps it for the route
+        value = form.get("csrf_token")
+        sent = value if isinstance(value, str) else ""
+    return sent
+
+
 class Permission:
     """Route dependency: the caller must be allowed ``action``; returns the caller's Actor.
 
     Every route declares one (``Permission(PUBLIC)`` for the few open ones); a test walks the
-    routes and checks that none lacks it.
+    routes and checks that none lacks it. ``study_param`` names the path parameter holding the
+    Study Instance UID when access depends on the study (shares grant single studies).
+    Refusals are audited.
     """
 
-    def __init__(self, action: str) -> None:
+    def __init__(self, action: str, study_param: str | None = None) -> None:
         self.action = action
+        self.study_param = study_param
 
-    def __call__(self, request: Request) -> Actor:
+    async def __call__(self, request: Request) -> Actor:
         """Authorise the request, raising NotAuthenticated or Forbidden.
 
         A browser session (cookie) must also send its CSRF token with every request that
         changes something.
         """
         actor = resolve_actor(request)
-        session = getattr(request.state, "session", None)
-        if session is not None and request.method not in SAFE_METHODS:
-            sent = request.headers.get("x-csrf-token", "")
-            if not hmac.compare_digest(sent.encode(), session.csrf_token.encode()):
-                raise Forbidden("the request lacks this session's CSRF token")
-        request.app.state.archive.policy.authorise(actor, self.action)
+        archive = request.app.state.archive
+        study_uid = request.path_params.get(self.study_param, "") if self.study_param else ""
+        try:
+            session = getattr(request.state, "session", None)
+            if (session is not None and request.method not in SAFE_METHODS
+                    and self.action != PUBLIC):
+                sent = await _sent_csrf_token(request)
+                if not hmac.compare_digest(sent.encode(), session.csrf_token.encode()):
+                    raise Forbidden("the request lacks this session's CSRF token")
+            archive.policy.authorise(actor, self.action, study_uid or None)
+        except (Forbidden, NotAuthenticated) as exc:
+            archive.audit.record(AuditEvent(
+                actor=actor, action="access.denied", outcome="refused", study_uid=study_uid,
+                detail={"wanted": self.action, "method": request.method,
+                        "route": _route_template(request), "reason": str(exc)}))
+            raise
         return actor
 
     def __repr__(self) -> str:
         return f"Permission({self.action!r})"
 
 
-def allowed(action: str) -> Any:
+def _route_template(request: Request) -> str:
+    """The route's path template (no values: they could identify a patient)."""
+    route = request.scope.get("route")
+    return getattr(route, "path", "") or ""
+
+
+def allowed(action: str, study_param: str | None = None) -> Any:
     """``Annotated[Actor, Depends(Permission(action))]`` for a route parameter."""
-    return Annotated[Actor, Depends(Permission(action))]
+    return Annotated[Actor, Depends(Permission(action, study_param))]

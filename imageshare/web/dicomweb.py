@@ -53,7 +53,7 @@ from imageshare.web.multipart import (
 )
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
-Reader = allowed(STUDY_READ)
+Reader = allowed(STUDY_READ, "study")
 Writer = allowed(STUDY_STORE)
 DICOM_JSON = "application/dicom+json"
 

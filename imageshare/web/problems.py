@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import uuid
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from imageshare.access.policy import AWAITING_CODE, ENROLLING
 from imageshare.domain.errors import ImageShareError, NotAuthenticated
+from imageshare.web.pages.templating import page, redirect
 
 log = logging.getLogger("imageshare.web")
 PROBLEM = "application/problem+json"
@@ -28,27 +31,66 @@ def problem(status: int, title: str, detail: str = "", **extra: object) -> JSONR
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
+def wants_page(request: Request) -> bool:
+    """True for a browser asking for a page (not an API or DICOMweb client)."""
+    path = request.url.path
+    if path.startswith(("/api/", "/dicomweb", "/static/", "/healthz")):
+        return False
+    return "text/html" in request.headers.get("accept", "")
+
+
+def _error_page(request: Request, status: int, title: str, detail: str) -> Response:
+    return page(request, "error.html", status_code=status, title=title, detail=detail)
+
+
+def _page_for(request: Request, status: int, title: str, detail: str) -> Response:
+    """What a browser gets instead of a problem document."""
+    actor = getattr(request.state, "actor", None)
+    role = getattr(actor, "role", "")
+    if status == 401:
+        target = request.url.path
+        if request.url.query:
+            target += "?" + request.url.query
+        return redirect("/login?" + urlencode({"next": target}))
+    if status == 403 and role == ENROLLING:
+        return redirect("/account#two-factor")
+    if status == 403 and role == AWAITING_CODE:
+        return redirect("/login/code")
+    return _error_page(request, status, title, detail)
+
+
 def install(app: FastAPI) -> None:
-    """Map every error to the problem shape."""
+    """Map every error to the problem shape (or, for browsers, an error page)."""
 
     @app.exception_handler(ImageShareError)
-    async def _known(_request: Request, exc: ImageShareError) -> JSONResponse:
+    async def _known(request: Request, exc: ImageShareError) -> Response:
         status = 401 if isinstance(exc, NotAuthenticated) else exc.http_status
+        if wants_page(request):
+            return _page_for(request, status, exc.title, str(exc))
         return problem(status, exc.title, str(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if wants_page(request):
+            return _error_page(request, exc.status_code, str(exc.detail) or "Error",
+                               "The page does not exist." if exc.status_code == 404 else "")
         return problem(exc.status_code, str(exc.detail) or "Error")
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         fields = [".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()]
-        return problem(422, "Invalid request", "check these fields: " + ", ".join(fields))
+        detail = "check these fields: " + ", ".join(fields)
+        if wants_page(request):
+            return _error_page(request, 422, "Invalid request", detail)
+        return problem(422, "Invalid request", detail)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         request_id = uuid.uuid4().hex[:12]
         # The exception text may quote patient data: the log gets its type, DEBUG the trace.
         log.error("request %s failed: %s", request_id, type(exc).__name__)
         log.debug("request %s trace", request_id, exc_info=exc)
+        if wants_page(request):
+            return _error_page(request, 500, "Something went wrong",
+                               f"Please try again. Request id {request_id}.")
         return problem(500, "Internal error", f"request id {request_id}")

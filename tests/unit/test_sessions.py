@@ -2,25 +2,47 @@
 
 from __future__ import annotations
 
+import time
+
+import pyotp
+
 from tests.conftest import ADMIN_PASSWORD
 
-
-def sign_in(client, password=ADMIN_PASSWORD):
-    return client.post("/api/session", json={"username": "admin", "password": password})
+CLINICIAN_PASSWORD = "clinician-password"
 
 
-def test_sign_in_sets_a_safe_cookie_and_the_session_authenticates(anonymous):
+def enrol_two_factor(archive, username) -> pyotp.TOTP:
+    """Set up TOTP for ``username`` as the account page does; returns the authenticator."""
+    uri = archive.users.begin_two_factor(username)
+    totp = pyotp.parse_uri(uri)
+    archive.users.confirm_two_factor(username, totp.now())
+    return totp
+
+
+def next_code(totp: pyotp.TOTP) -> str:
+    """A code not used yet (each code works once)."""
+    return totp.generate_otp(int(time.time()) // totp.interval + 1)
+
+
+def sign_in(client, username="clin", password=CLINICIAN_PASSWORD, code=""):
+    return client.post("/api/session",
+                       json={"username": username, "password": password, "code": code})
+
+
+def test_sign_in_sets_a_safe_cookie_and_the_session_authenticates(archive, anonymous):
+    archive.users.add("clin", CLINICIAN_PASSWORD, "clinician")
     response = sign_in(anonymous)
     assert response.status_code == 200
     cookie = response.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie
     assert ADMIN_PASSWORD not in response.text
-    assert anonymous.get("/api/me").json()["username"] == "admin"
+    assert anonymous.get("/api/me").json()["username"] == "clin"
     assert anonymous.get("/dicomweb/studies").status_code in (200, 204)
 
 
-def test_changes_in_a_session_need_its_csrf_token(anonymous):
-    csrf = sign_in(anonymous).json()["csrf_token"]
+def test_changes_in_a_session_need_its_csrf_token(archive, anonymous):
+    totp = enrol_two_factor(archive, "admin")
+    csrf = sign_in(anonymous, "admin", ADMIN_PASSWORD, next_code(totp)).json()["csrf_token"]
     body = {"ae_title": "PACS9", "host": "10.0.0.9", "port": 104}
     assert anonymous.post("/api/nodes", json=body).status_code == 403
     assert anonymous.post("/api/nodes", json=body,
@@ -29,7 +51,8 @@ def test_changes_in_a_session_need_its_csrf_token(anonymous):
                           headers={"X-CSRF-Token": csrf}).status_code == 201
 
 
-def test_sign_out_ends_the_session_for_good(anonymous):
+def test_sign_out_ends_the_session_for_good(archive, anonymous):
+    archive.users.add("clin", CLINICIAN_PASSWORD, "clinician")
     csrf = sign_in(anonymous).json()["csrf_token"]
     stolen = anonymous.cookies.get("imageshare_session")
     assert anonymous.delete("/api/session", headers={"X-CSRF-Token": csrf}).status_code == 204
@@ -55,4 +78,25 @@ def test_five_wrong_passwords_lock_the_account_with_the_same_answer(archive, ano
 def test_unknown_user_gets_the_same_answer(anonymous):
     response = anonymous.post("/api/session", json={"username": "ghost", "password": "x"})
     assert response.status_code == 401
-    assert response.json()["detail"] == "wrong username or password, or the account is locked"
+    assert response.json()["detail"] == (
+        "wrong username, password or code, or the account is locked")
+
+
+def test_an_admin_without_two_factor_may_only_set_it_up(anonymous):
+    response = sign_in(anonymous, "admin", ADMIN_PASSWORD)
+    assert response.json()["stage"] == "enrol"
+    assert anonymous.get("/api/me").status_code == 200
+    assert anonymous.get("/dicomweb/studies").status_code == 403
+    assert anonymous.get("/api/nodes").status_code == 403
+
+
+def test_two_factor_accounts_need_the_current_code_once(archive, anonymous):
+    archive.users.add("clin", CLINICIAN_PASSWORD, "clinician")
+    totp = enrol_two_factor(archive, "clin")
+    assert sign_in(anonymous).status_code == 401
+    assert sign_in(anonymous, code="000000").status_code == 401
+    code = next_code(totp)
+    assert sign_in(anonymous, code=code).status_code == 200
+    assert sign_in(anonymous, code=code).status_code == 401  # a code works once
+    # programs cannot skip the second factor with HTTP Basic: they use API tokens
+    assert anonymous.get("/api/me", auth=("clin", CLINICIAN_PASSWORD)).status_code == 401

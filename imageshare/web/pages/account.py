@@ -1,0 +1,109 @@
+"""The signed-in user's own account: two-factor sign-in, password, API tokens."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import segno
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import Response
+
+from imageshare.access.policy import ACCOUNT_SELF, ENROLLING, TOKEN_SELF
+from imageshare.access.sessions import COOKIE
+from imageshare.audit.trail import AuditEvent
+from imageshare.domain.errors import ImageShareError
+from imageshare.web.auth import allowed
+from imageshare.web.pages.sign_in import set_session_cookie
+from imageshare.web.pages.templating import page, redirect
+
+router = APIRouter(include_in_schema=False)
+
+
+def _account_page(request: Request, status_code: int = 200, **extra: object) -> Response:
+    archive = request.app.state.archive
+    actor = request.state.actor
+    user = archive.users.account(actor.name)
+    return page(
+        request, "account.html", status_code=status_code, role=user.role,
+        two_factor=user.two_factor, enrolling=actor.role == ENROLLING,
+        tokens=archive.users.tokens(actor.name) if actor.role != ENROLLING else [],
+        **extra,
+    )
+
+
+@router.get("/account")
+def account(request: Request, _actor: allowed(ACCOUNT_SELF)) -> Response:
+    """The account page."""
+    return _account_page(request)
+
+
+@router.post("/account/two-factor")
+def begin_two_factor(request: Request, actor: allowed(ACCOUNT_SELF)) -> Response:
+    """Make a TOTP secret and show it as a QR code until it is confirmed."""
+    archive = request.app.state.archive
+    try:
+        uri = archive.users.begin_two_factor(actor.name)
+    except ImageShareError as exc:
+        return _account_page(request, 400, error=str(exc))
+    secret = uri.split("secret=", 1)[1].split("&", 1)[0]
+    qr = segno.make(uri, error="m").svg_inline(scale=4, omitsize=True)
+    return _account_page(request, enrol_uri=uri, enrol_secret=secret, enrol_qr=qr)
+
+
+@router.post("/account/two-factor/confirm")
+def confirm_two_factor(request: Request, actor: allowed(ACCOUNT_SELF),
+                       code: Annotated[str, Form()]) -> Response:
+    """Turn two-factor sign-in on once a code proves the app has the secret."""
+    archive = request.app.state.archive
+    try:
+        archive.users.confirm_two_factor(actor.name, code[:16])
+    except ImageShareError as exc:
+        archive.audit.record(AuditEvent(actor=actor, action="account.two-factor",
+                                        outcome="failure"))
+        return _account_page(request, 400, error=str(exc))
+    archive.audit.record(AuditEvent(actor=actor, action="account.two-factor",
+                                    outcome="success"))
+    response = redirect("/account?notice=two-factor-on")
+    if actor.role == ENROLLING:
+        secret, _csrf = archive.sessions.advance(request.cookies[COOKIE], "full")
+        set_session_cookie(request, response, secret)
+        response.headers["location"] = "/?notice=two-factor-on"
+    return response
+
+
+@router.post("/account/password")
+def change_password(request: Request, actor: allowed(ACCOUNT_SELF),
+                    current: Annotated[str, Form()], new: Annotated[str, Form()]) -> Response:
+    """Change the user's own password."""
+    archive = request.app.state.archive
+    if actor.role == ENROLLING:
+        return _account_page(request, 403, error="set up two-factor sign-in first")
+    try:
+        archive.users.change_own_password(actor.name, current, new)
+    except ImageShareError as exc:
+        archive.audit.record(AuditEvent(actor=actor, action="account.password",
+                                        outcome="failure"))
+        return _account_page(request, 400, error=str(exc))
+    archive.audit.record(AuditEvent(actor=actor, action="account.password", outcome="success"))
+    return redirect("/account?notice=password-changed")
+
+
+@router.post("/account/tokens")
+def create_token(request: Request, actor: allowed(TOKEN_SELF),
+                 name: Annotated[str, Form()]) -> Response:
+    """A new personal API token, shown once."""
+    archive = request.app.state.archive
+    token = archive.users.create_token(actor.name, name.strip()[:128] or "token")
+    archive.audit.record(AuditEvent(actor=actor, action="token.create", outcome="success",
+                                    detail={"name": name[:128]}))
+    return _account_page(request, new_token=token)
+
+
+@router.post("/account/tokens/{token_pk}/revoke")
+def revoke_token(request: Request, token_pk: int, actor: allowed(TOKEN_SELF)) -> Response:
+    """Revoke one of the user's tokens."""
+    archive = request.app.state.archive
+    archive.users.revoke_token(actor.name, token_pk)
+    archive.audit.record(AuditEvent(actor=actor, action="token.revoke", outcome="success",
+                                    detail={"token": token_pk}))
+    return redirect("/account?notice=token-revoked#tokens")

@@ -1,0 +1,90 @@
+"""Administration pages: user accounts and the audit trail."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import Response
+
+from imageshare.access.policy import AUDIT_READ, PERSON_ROLES, USER_MANAGE
+from imageshare.audit.trail import AuditEvent
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import Forbidden, ImageShareError
+from imageshare.web.auth import allowed
+from imageshare.web.pages.templating import page, redirect
+
+router = APIRouter(include_in_schema=False)
+
+
+def _users_page(request: Request, status_code: int = 200, **extra: object) -> Response:
+    archive = request.app.state.archive
+    return page(request, "users.html", status_code=status_code,
+                accounts=archive.users.accounts(), roles=PERSON_ROLES, **extra)
+
+
+def _record(request: Request, actor: Actor, action: str, username: str,
+            outcome: str = "success") -> None:
+    request.app.state.archive.audit.record(AuditEvent(
+        actor=actor, action=action, outcome=outcome, detail={"user": username}))  # type: ignore[arg-type]
+
+
+@router.get("/admin/users")
+def users(request: Request, _actor: allowed(USER_MANAGE)) -> Response:
+    """Every account with its role, state and second factor."""
+    return _users_page(request)
+
+
+@router.post("/admin/users")
+def add_user(request: Request, actor: allowed(USER_MANAGE), username: Annotated[str, Form()],
+             role: Annotated[str, Form()], password: Annotated[str, Form()] = "") -> Response:
+    """Add an account; without a password a temporary one is generated and shown once."""
+    archive = request.app.state.archive
+    generated = "" if password else secrets.token_urlsafe(12)
+    try:
+        if role not in PERSON_ROLES:
+            raise ImageShareError(f"choose one of the roles: {', '.join(PERSON_ROLES)}")
+        archive.users.add(username.strip(), password or generated, role)
+    except ImageShareError as exc:
+        _record(request, actor, "user.add", username[:128], "failure")
+        return _users_page(request, 400, error=str(exc))
+    _record(request, actor, "user.add", username)
+    if generated:
+        return _users_page(request, temporary_password=generated, temporary_for=username)
+    return redirect("/admin/users?notice=user-added")
+
+
+@router.post("/admin/users/{username}/{change}")
+def change_user(request: Request, username: str, change: str, actor: allowed(USER_MANAGE),
+                reset_two_factor: Annotated[str, Form()] = "") -> Response:
+    """Disable, enable or reset (new temporary password, lockout lifted) an account."""
+    archive = request.app.state.archive
+    if change in ("disable", "enable") and username == actor.name:
+        raise Forbidden("you cannot disable your own account")
+    if change == "disable":
+        archive.users.set_disabled(username, True)
+        archive.sessions.end_all(username)
+    elif change == "enable":
+        archive.users.set_disabled(username, False)
+    elif change == "reset":
+        temporary = secrets.token_urlsafe(12)
+        archive.users.set_password(username, temporary, reset_two_factor=bool(reset_two_factor))
+        archive.sessions.end_all(username)
+        _record(request, actor, "user.reset", username)
+        return _users_page(request, temporary_password=temporary, temporary_for=username)
+    else:
+        raise ImageShareError("unknown change")
+    _record(request, actor, f"user.{change}", username)
+    return redirect("/admin/users?notice=user-changed")
+
+
+@router.get("/admin/audit")
+def audit(request: Request, actor: allowed(AUDIT_READ), action: str = "", study: str = ""
+          ) -> Response:
+    """The latest audit events, optionally for one action or study."""
+    archive = request.app.state.archive
+    events = list(archive.audit.events(action.strip() or None, study.strip() or None, 500))
+    archive.audit.record(AuditEvent(actor=actor, action="audit.read", outcome="success",
+                                    study_uid=study.strip()[:64], instance_count=len(events)))
+    return page(request, "audit.html", events=events, action=action, study_uid=study)

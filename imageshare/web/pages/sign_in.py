@@ -1,0 +1,115 @@
+"""Signing in and out of the web app: password, then a TOTP code or two-factor set-up."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import Response
+
+from imageshare.access.policy import ACCOUNT_SELF, PUBLIC, SESSION_CODE
+from imageshare.access.sessions import COOKIE
+from imageshare.audit.trail import AuditEvent
+from imageshare.domain.actors import Actor
+from imageshare.web.auth import allowed, client_address, resolve_actor
+from imageshare.web.pages.templating import page, redirect
+
+router = APIRouter(include_in_schema=False)
+WRONG = "Wrong username or password, or the account is locked or disabled."
+
+
+def safe_next(target: str | None) -> str:
+    """Where to go after signing in: only a path on this site."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+def set_session_cookie(request: Request, response: Response, secret: str) -> None:
+    """The session cookie: HttpOnly, SameSite=Strict, Secure over HTTPS."""
+    response.set_cookie(COOKIE, secret, httponly=True, samesite="strict", path="/",
+                        secure=request.url.scheme == "https")
+
+
+def start_session(request: Request, actor: Actor, stage: str, next_url: str) -> Response:
+    """Start a session at ``stage`` and send the browser on to the right page."""
+    archive = request.app.state.archive
+    secret, _csrf = archive.sessions.start(actor.name, client_address(request), stage)
+    archive.audit.record(AuditEvent(actor=actor, action="session.start", outcome="success",
+                                    detail={"stage": stage}))
+    target = {"code": f"/login/code?next={quote(next_url)}",
+              "enrol": "/account#two-factor"}.get(stage, next_url)
+    response = redirect(target)
+    set_session_cookie(request, response, secret)
+    return response
+
+
+@router.get("/login")
+def login_form(request: Request, _anyone: allowed(PUBLIC), next: str = "/") -> Response:
+    """The sign-in page."""
+    actor = resolve_actor(request)
+    if actor.kind == "user" and request.app.state.archive.policy.allows(actor, ACCOUNT_SELF):
+        return redirect(safe_next(next))
+    return page(request, "login.html", next=safe_next(next), username="")
+
+
+@router.post("/login")
+def login(
+    request: Request, _anyone: allowed(PUBLIC), username: Annotated[str, Form()],
+    password: Annotated[str, Form()], next: Annotated[str, Form()] = "/",
+) -> Response:
+    """Check the password; a wrong one, a locked or disabled account all get one answer."""
+    archive = request.app.state.archive
+    source = client_address(request)
+    archive.throttle.check(source)
+    result = archive.users.sign_in(username[:128], password[:1024], source)
+    if result is None:
+        archive.throttle.failed(source)
+        archive.audit.record(AuditEvent(
+            actor=Actor("anonymous", username[:64], source=source, registered=False),
+            action="session.start", outcome="failure"))
+        return page(request, "login.html", status_code=401, error=WRONG,
+                    next=safe_next(next), username=username[:128])
+    actor, stage = result
+    return start_session(request, actor, stage, safe_next(next))
+
+
+@router.get("/login/code")
+def code_form(request: Request, _actor: allowed(SESSION_CODE), next: str = "/") -> Response:
+    """The second step for accounts with two-factor sign-in."""
+    return page(request, "code.html", next=safe_next(next))
+
+
+@router.post("/login/code")
+def code(
+    request: Request, actor: allowed(SESSION_CODE), code: Annotated[str, Form()],
+    next: Annotated[str, Form()] = "/",
+) -> Response:
+    """Check the TOTP code; the session then gets full access (and a new secret)."""
+    archive = request.app.state.archive
+    source = client_address(request)
+    archive.throttle.check(source)
+    if not archive.users.check_code(actor.name, code[:16]):
+        archive.throttle.failed(source)
+        archive.audit.record(AuditEvent(actor=actor, action="session.code", outcome="failure"))
+        return page(request, "code.html", status_code=401, next=safe_next(next),
+                    error="That code is not right. Codes change every 30 seconds.")
+    secret, _csrf = archive.sessions.advance(request.cookies[COOKIE], "full")
+    archive.audit.record(AuditEvent(actor=actor, action="session.code", outcome="success"))
+    response = redirect(safe_next(next))
+    set_session_cookie(request, response, secret)
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, actor: allowed(ACCOUNT_SELF)) -> Response:
+    """End the session."""
+    archive = request.app.state.archive
+    secret = request.cookies.get(COOKIE)
+    if secret:
+        archive.sessions.end(secret)
+    archive.audit.record(AuditEvent(actor=actor, action="session.end", outcome="success"))
+    response = redirect("/login?notice=signed-out")
+    response.delete_cookie(COOKIE, path="/")
+    return response

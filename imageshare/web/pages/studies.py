@@ -1,0 +1,170 @@
+"""Home, search, the study page, its comments and its reports."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from imageshare.access.policy import (
+    ACCOUNT_SELF,
+    AUDIT_READ,
+    PATIENT_CORRECT,
+    STUDY_COMMENT,
+    STUDY_READ,
+    STUDY_STORE,
+)
+from imageshare.archive.attachments import MAX_ATTACHMENT
+from imageshare.archive.rendering import RenderOptions, render_frame
+from imageshare.archive.search import StudySearch
+from imageshare.archive.studies import ENCAPSULATED_PDF
+from imageshare.domain.errors import ImageShareError, NotFound
+from imageshare.web.auth import allowed
+from imageshare.web.pages.templating import page, redirect
+
+router = APIRouter(include_in_schema=False)
+_SEARCH_PARAMS = {"q": "text", "nhs": "nhs_number", "hospital_number": "hospital_number",
+                  "name": "name", "dob": "birth_date", "from": "date_from", "to": "date_to",
+                  "modality": "modality", "accession": "accession"}
+
+
+def _search_from(request: Request) -> StudySearch:
+    values = {field: request.query_params.get(param, "")[:200]
+              for param, field in _SEARCH_PARAMS.items()}
+    try:
+        page_number = max(1, min(int(request.query_params.get("page", "1")), 10_000))
+    except ValueError:
+        page_number = 1
+    return StudySearch(**values, page=page_number)
+
+
+def _results_page(request: Request, search: StudySearch, searched: bool) -> Response:
+    archive = request.app.state.archive
+    actor = request.state.actor
+    scope = archive.policy.study_scope(actor)
+    error = ""
+    results = None
+    try:
+        results = (archive.search.search(search, actor, scope) if searched
+                   else archive.search.recent(actor, scope))
+    except ImageShareError as exc:
+        error = str(exc)
+
+    def page_url(number: int) -> str:
+        params = {k: v for k, v in request.query_params.items() if k != "page" and v}
+        return "/search?" + urlencode({**params, "page": number})
+
+    return page(request, "home.html", status_code=400 if error else 200, search=search,
+                page=results, searched=searched, error=error, page_url=page_url)
+
+
+@router.get("/")
+def home(request: Request, _actor: allowed(ACCOUNT_SELF)) -> Response:
+    """The start page: the search form and the most recent studies."""
+    if not request.app.state.archive.policy.allows(request.state.actor, STUDY_READ):
+        return page(request, "home.html", search=StudySearch(), page=None, searched=False)
+    return _results_page(request, StudySearch(), searched=False)
+
+
+@router.get("/search")
+def search(request: Request, _actor: allowed(STUDY_READ)) -> Response:
+    """Studies matching the search box and filters, newest first, 25 a page."""
+    criteria = _search_from(request)
+    return _results_page(request, criteria, searched=not criteria.is_empty)
+
+
+def _documents(study: object) -> list[dict[str, object]]:
+    docs = []
+    for series in study.series:  # type: ignore[attr-defined]
+        if not series.is_documents:
+            continue
+        for inst in series.instances:
+            kind = "PDF" if inst.sop_class_uid == ENCAPSULATED_PDF else "Image"
+            title = series.description if series.description else "Document"
+            docs.append({"sop_uid": inst.sop_uid, "kind": kind, "title": title,
+                         "date": ""})
+    return docs
+
+
+@router.get("/studies/{study_uid}")
+def study_page(request: Request, study_uid: str,
+               actor: allowed(STUDY_READ, "study_uid")) -> Response:
+    """Patient banner, series with thumbnails and devices, reports, comments, history; for
+    administrators also who viewed the study."""
+    archive = request.app.state.archive
+    study = archive.catalogue.view(study_uid, actor, archive.policy.study_scope(actor))
+    documents = _document_titles(request, study)
+    allows = archive.policy.allows
+    return page(
+        request, "study.html", study=study,
+        image_series=[s for s in study.series if not s.is_documents],
+        documents=documents,
+        comments=archive.comments.for_study(study_uid),
+        history=archive.corrections.history(study_uid),
+        viewers=archive.catalogue.viewers(study_uid, actor) if allows(actor, AUDIT_READ)
+        else None,
+        can_correct=allows(actor, PATIENT_CORRECT),
+        can_attach=allows(actor, STUDY_STORE),
+        can_comment=allows(actor, STUDY_COMMENT, study_uid),
+    )
+
+
+def _document_titles(request: Request, study: object) -> list[dict[str, object]]:
+    """Documents with their own titles (read from the stored headers)."""
+    archive = request.app.state.archive
+    docs = _documents(study)
+    for doc in docs:
+        title, date = archive.retrieve.document_title(str(doc["sop_uid"]))
+        doc["title"] = title or doc["title"]
+        doc["date"] = date
+    return docs
+
+
+@router.post("/studies/{study_uid}/comments")
+def add_comment(request: Request, study_uid: str, body: Annotated[str, Form()],
+                actor: allowed(STUDY_COMMENT, "study_uid")) -> Response:
+    """Add a comment to the study."""
+    archive = request.app.state.archive
+    study = archive.catalogue.record(study_uid)
+    archive.comments.add(study_uid, study.patient.patient_id, body, actor)
+    return redirect(f"/studies/{study_uid}?notice=commented#comments")
+
+
+@router.post("/studies/{study_uid}/documents")
+async def attach_document(
+    request: Request, study_uid: str, file: Annotated[UploadFile, File()],
+    actor: allowed(STUDY_STORE, "study_uid"), title: Annotated[str, Form()] = "",
+) -> Response:
+    """Attach a PDF report or a photo of a paper report; it is stored as DICOM in the study."""
+    archive = request.app.state.archive
+    content = await file.read(MAX_ATTACHMENT + 1)
+    await run_in_threadpool(archive.attachments.attach, study_uid, file.filename or "",
+                            content, title[:64], actor)
+    return redirect(f"/studies/{study_uid}?notice=attached#reports")
+
+
+@router.get("/studies/{study_uid}/documents/{sop_uid}")
+def document(request: Request, study_uid: str, sop_uid: str,
+             actor: allowed(STUDY_READ, "study_uid")) -> Response:
+    """An attached document: the PDF itself, or the photo rendered as JPEG. Audited."""
+    archive = request.app.state.archive
+    found = archive.retrieve.select(actor, "study.download", study_uids=[study_uid],
+                                    sop_uids=[sop_uid],
+                                    allowed_studies=archive.policy.study_scope(actor))
+    inst = found[0]
+    headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+               "Content-Security-Policy": "sandbox"}
+    if inst.sop_class_uid == ENCAPSULATED_PDF:
+        with archive.retrieve.open(inst) as fp:
+            doc = archive.attachments.document(fp)
+        headers["Content-Disposition"] = 'inline; filename="document.pdf"'
+        return Response(doc.content, media_type=doc.media_type, headers=headers)
+    with archive.retrieve.open(inst) as fp:
+        try:
+            data = render_frame(fp, 0, RenderOptions(quality=92))
+        except ImageShareError as exc:
+            raise NotFound("the document cannot be shown") from exc
+    return Response(data, media_type="image/jpeg", headers=headers)

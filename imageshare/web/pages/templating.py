@@ -1,0 +1,115 @@
+"""Rendering pages: one Jinja environment, the filters pages share, and the page context."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from imageshare.domain.actors import ANONYMOUS, Actor
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+# Messages shown after a redirect, chosen by a code in the URL: the URL never carries text.
+NOTICES = {
+    "attached": ("success", "The document was attached to the study."),
+    "commented": ("success", "Your comment was added."),
+    "corrected": ("success", "The patient details were corrected in the index and in every "
+                             "stored image."),
+    "merged": ("success", "The records were merged."),
+    "two-factor-on": ("success", "Two-factor sign-in is on."),
+    "password-changed": ("success", "Your password was changed."),
+    "user-added": ("success", "The user was added."),
+    "user-changed": ("success", "The account was changed."),
+    "signed-out": ("info", "You are signed out."),
+    "token-revoked": ("success", "The token was revoked."),
+}
+
+
+def person(value: str | None) -> str:
+    """A DICOM person name as people write it: ``FAMILY^Given`` -> ``FAMILY, Given``."""
+    if not value:
+        return ""
+    parts = [p.strip() for p in str(value).split("=")[0].split("^")]
+    family, given = (parts + ["", ""])[:2]
+    rest = " ".join(p for p in parts[2:] if p)
+    text = f"{family}, {given}" if given else family
+    return f"{text} {rest}".strip()
+
+
+def dicom_date(value: str | None) -> str:
+    """``YYYYMMDD`` as ``DD Mon YYYY`` (unchanged when it is not a full date)."""
+    try:
+        return datetime.strptime(str(value or "")[:8], "%Y%m%d").strftime("%d %b %Y")
+    except ValueError:
+        return str(value or "")
+
+
+def iso_date(value: str | None) -> str:
+    """``YYYYMMDD`` as ``YYYY-MM-DD`` for date inputs."""
+    text = str(value or "").replace("-", "")
+    return f"{text[:4]}-{text[4:6]}-{text[6:8]}" if len(text) == 8 and text.isdigit() else ""
+
+
+def dicom_time(value: str | None) -> str:
+    """``HHMMSS`` as ``HH:MM``."""
+    text = str(value or "")
+    return f"{text[:2]}:{text[2:4]}" if len(text) >= 4 and text[:4].isdigit() else ""
+
+
+def nhs(value: str | None) -> str:
+    """An NHS number in its 3-3-4 groups."""
+    text = str(value or "")
+    return f"{text[:3]} {text[3:6]} {text[6:]}" if len(text) == 10 and text.isdigit() else text
+
+
+def when(value: datetime | None) -> str:
+    """A moment in UTC, to the minute."""
+    if value is None:
+        return ""
+    moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%d %b %Y %H:%M UTC")
+
+
+environment = Environment(
+    loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]),
+    trim_blocks=True, lstrip_blocks=True,
+)
+environment.filters.update(person=person, dicom_date=dicom_date, iso_date=iso_date,
+                           dicom_time=dicom_time, nhs=nhs, when=when)
+
+
+def page(request: Request, template: str, status_code: int = 200, **context: Any
+         ) -> HTMLResponse:
+    """Render ``template`` with the caller, their CSRF token and permissions in the context."""
+    actor: Actor = getattr(request.state, "actor", None) or ANONYMOUS
+    session = getattr(request.state, "session", None)
+    policy = request.app.state.archive.policy
+    notice = NOTICES.get(request.query_params.get("notice", ""))
+    messages = [{"kind": notice[0], "text": notice[1]}] if notice else []
+    html = environment.get_template(template).render(
+        request=request, actor=actor, csrf_token=session.csrf_token if session else "",
+        can=lambda action, resource=None: policy.allows(actor, action, resource),
+        messages=messages, **context,
+    )
+    return HTMLResponse(html, status_code=status_code, headers=_SECURITY_HEADERS)
+
+
+def redirect(url: str) -> RedirectResponse:
+    """See other: after a form was handled."""
+    return RedirectResponse(url, status_code=303, headers=_SECURITY_HEADERS)
+
+
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
+        "script-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'self'; "
+        "form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}

@@ -1,0 +1,25 @@
+"""The image viewer page."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from imageshare.access.policy import STUDY_READ
+from imageshare.archive.viewing import viewer_manifest
+from imageshare.web.auth import allowed
+from imageshare.web.pages.templating import page
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/viewer/{study_uid}")
+async def viewer(request: Request, study_uid: str, actor: allowed(STUDY_READ, "study_uid"),
+                 series: str = "") -> Response:
+    """The viewer for a study, opening ``series`` (or the first image series)."""
+    archive = request.app.state.archive
+    study = await run_in_threadpool(archive.catalogue.view, study_uid, actor,
+                                    archive.policy.study_scope(actor))
+    manifest = await run_in_threadpool(viewer_manifest, study, archive.retrieve.header, series)
+    return page(request, "viewer.html", study=study, manifest=manifest)

@@ -1,0 +1,402 @@
+// ImageShare viewer: draws frames that the server decodes and renders (WADO-RS /rendered).
+// No DICOM decoding happens in the browser; nothing is fetched from outside this server.
+// Stack scrolling, cine at the file's frame rate, window/level, zoom, pan, fit, full screen,
+// keyboard and touch. State for tests is exposed as window.imageshareViewer.
+"use strict";
+
+(function () {
+  const manifest = JSON.parse(document.getElementById("manifest").textContent);
+  const canvas = document.getElementById("canvas");
+  const wrap = document.getElementById("canvas-wrap");
+  const ctx = canvas.getContext("2d");
+  const slider = document.getElementById("slider");
+  const position = document.getElementById("position");
+  const playButton = document.getElementById("play");
+  const fpsInput = document.getElementById("fps");
+  const status = document.getElementById("status");
+  const overlayTl = document.getElementById("overlay-tl");
+  const overlayBr = document.getElementById("overlay-br");
+  const MAX_IN_FLIGHT = 6;
+
+  const state = {
+    seriesIndex: -1,
+    series: null,
+    index: 0,
+    window: null,           // [center, width] chosen by the user, or null for the file's own
+    zoom: 1, panX: 0, panY: 0, fitted: true,
+    tool: "window",
+    playing: false, fps: 30, clockStart: 0, clockIndex: 0,
+    cache: new Map(),       // key -> {bitmap, promise}
+    generation: 0,          // bumps when the series or window changes: stale loads are dropped
+    shown: [],              // [time ms, frame index] of every frame drawn (for tests)
+    firstImageMs: null,
+    errors: 0,
+  };
+  window.imageshareViewer = state;
+
+  // -- loading ------------------------------------------------------------------------------
+
+  let queue = [];
+  let inFlight = 0;
+
+  function windowKey() {
+    return state.window ? state.window.map((v) => Math.round(v)).join(",") : "default";
+  }
+
+  function frameUrl(series, frame) {
+    const base = `/dicomweb/studies/${manifest.study}/series/${series.uid}/instances/${frame.sop}`;
+    const url = frame.multi ? `${base}/frames/${frame.frame}/rendered` : `${base}/rendered`;
+    const params = new URLSearchParams();
+    if (state.window) params.set("window", state.window.map((v) => v.toFixed(1)).join(","));
+    if (series.colour) params.set("quality", "90");
+    const query = params.toString();
+    return query ? `${url}?${query}` : url;
+  }
+
+  function cacheKey(index) {
+    return `${state.seriesIndex}|${index}|${windowKey()}`;
+  }
+
+  function load(index, urgent) {
+    const key = cacheKey(index);
+    const known = state.cache.get(key);
+    if (known) return known.promise;
+    const series = state.series;
+    const entry = {bitmap: null, promise: null};
+    entry.promise = new Promise((resolve, reject) => {
+      const job = {key, run: async () => {
+        const response = await fetch(frameUrl(series, series.frames[index]), {
+          credentials: "same-origin",
+          headers: {Accept: series.colour ? "image/jpeg" : "image/png"},
+        });
+        if (!response.ok) throw new Error(`frame ${index + 1}: HTTP ${response.status}`);
+        const blob = await response.blob();
+        entry.bitmap = await createImageBitmap(blob);
+        return entry.bitmap;
+      }, resolve, reject};
+      if (urgent) queue.unshift(job); else queue.push(job);
+    });
+    entry.promise.catch(() => { state.cache.delete(key); state.errors += 1; });
+    state.cache.set(key, entry);
+    pump();
+    return entry.promise;
+  }
+
+  function pump() {
+    while (inFlight < MAX_IN_FLIGHT && queue.length) {
+      const job = queue.shift();
+      if (!state.cache.has(job.key)) continue;
+      inFlight += 1;
+      job.run().then(job.resolve, job.reject).finally(() => { inFlight -= 1; pump(); });
+    }
+  }
+
+  function bitmapAt(index) {
+    const entry = state.cache.get(cacheKey(index));
+    return entry ? entry.bitmap : null;
+  }
+
+  function prefetch() {
+    // Nearest frames first, so that scrolling either way finds them ready.
+    const n = state.series.frames.length;
+    const order = [];
+    for (let d = 1; d < n; d += 1) {
+      if (state.series.cine) { order.push((state.index + d) % n); continue; }
+      if (state.index + d < n) order.push(state.index + d);
+      if (state.index - d >= 0) order.push(state.index - d);
+    }
+    queue = queue.filter((job) => state.cache.has(job.key));
+    for (const i of order) load(i, false).catch(() => {});
+  }
+
+  function buffered() {
+    let count = 0;
+    for (let i = 0; i < state.series.frames.length; i += 1) if (bitmapAt(i)) count += 1;
+    return count;
+  }
+
+  // -- drawing ------------------------------------------------------------------------------
+
+  function resize() {
+    const ratio = window.devicePixelRatio || 1;
+    const rect = wrap.getBoundingClientRect();
+    canvas.width = Math.max(1, Math.round(rect.width * ratio));
+    canvas.height = Math.max(1, Math.round(rect.height * ratio));
+    canvas.style.width = `${rect.width}px`;
+    canvas.style.height = `${rect.height}px`;
+    draw();
+  }
+
+  function fitScale(bitmap) {
+    return Math.min(canvas.width / bitmap.width, canvas.height / bitmap.height);
+  }
+
+  let lastBitmap = null;
+  function draw() {
+    const bitmap = bitmapAt(state.index) || lastBitmap;
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    ctx.fillStyle = "#000";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    if (!bitmap) return;
+    const scale = fitScale(bitmap) * state.zoom;
+    const ratio = window.devicePixelRatio || 1;
+    ctx.setTransform(scale, 0, 0, scale,
+      canvas.width / 2 + state.panX * ratio - (bitmap.width * scale) / 2,
+      canvas.height / 2 + state.panY * ratio - (bitmap.height * scale) / 2);
+    ctx.imageSmoothingEnabled = scale < 4;
+    ctx.drawImage(bitmap, 0, 0);
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    overlayBr.textContent = `${state.window ? `W ${Math.round(state.window[1])} L ${Math.round(state.window[0])}` : "W/L as stored"} · ${Math.round(state.zoom * 100)}%`;
+  }
+
+  function show(index) {
+    const n = state.series.frames.length;
+    state.index = Math.max(0, Math.min(n - 1, index));
+    slider.value = String(state.index);
+    position.textContent = `${state.index + 1} / ${n}`;
+    overlayTl.textContent = `${state.series.modality} ${state.series.description || ""} · ${state.index + 1}/${n}`;
+    const bitmap = bitmapAt(state.index);
+    if (bitmap) {
+      lastBitmap = bitmap;
+      draw();
+      state.shown.push([performance.now(), state.index]);
+      if (state.shown.length > 5000) state.shown.splice(0, 1000);
+      return;
+    }
+    const generation = state.generation;
+    const wanted = state.index;
+    load(wanted, true).then(() => {
+      if (generation === state.generation && state.index === wanted) show(wanted);
+    }, (error) => { status.textContent = `Could not load the image (${error.message}).`; });
+  }
+
+  // -- series -------------------------------------------------------------------------------
+
+  function openSeries(seriesIndex) {
+    stop();
+    state.seriesIndex = seriesIndex;
+    state.series = manifest.series[seriesIndex];
+    state.generation += 1;
+    state.cache.clear();
+    queue = [];
+    state.window = null;
+    state.zoom = 1; state.panX = 0; state.panY = 0;
+    lastBitmap = null;
+    const n = state.series.frames.length;
+    slider.max = String(Math.max(0, n - 1));
+    state.fps = state.series.frameRate || 10;
+    fpsInput.value = String(Math.round(state.fps * 10) / 10);
+    document.querySelectorAll(".series-button").forEach((b) => {
+      b.setAttribute("aria-current", String(Number(b.dataset.index) === seriesIndex));
+    });
+    status.textContent = "";
+    const started = performance.now();
+    const generation = state.generation;
+    const start = 0;
+    load(start, true).then(() => {
+      if (generation !== state.generation) return;
+      if (state.firstImageMs === null) state.firstImageMs = performance.now() - started;
+      show(start);
+      prefetch();
+      if (state.series.cine) waitAndPlay(generation);
+    }, (error) => { status.textContent = `Could not load the image (${error.message}).`; });
+  }
+
+  function waitAndPlay(generation) {
+    // Cine starts when every frame is here, so it plays at its real rate from the first loop.
+    const n = state.series.frames.length;
+    const check = () => {
+      if (generation !== state.generation) return;
+      const have = buffered();
+      status.textContent = have < n ? `Loading ${have} / ${n} frames` : "";
+      if (have >= n) play(); else setTimeout(check, 50);
+    };
+    check();
+  }
+
+  // -- cine ---------------------------------------------------------------------------------
+
+  function tick(now) {
+    if (!state.playing) return;
+    const n = state.series.frames.length;
+    const steps = Math.floor(((now - state.clockStart) * state.fps) / 1000);
+    const target = (state.clockIndex + steps) % n;
+    if (target !== state.index) {
+      if (bitmapAt(target)) {
+        show(target);
+      } else {
+        // Not here yet: hold the clock at this frame instead of skipping.
+        state.clockStart = now;
+        state.clockIndex = state.index;
+      }
+    }
+    requestAnimationFrame(tick);
+  }
+
+  function play() {
+    if (state.playing || state.series.frames.length < 2) return;
+    state.playing = true;
+    state.clockStart = performance.now();
+    state.clockIndex = state.index;
+    playButton.textContent = "Pause";
+    playButton.setAttribute("aria-pressed", "true");
+    requestAnimationFrame(tick);
+  }
+
+  function stop() {
+    state.playing = false;
+    playButton.textContent = "Play";
+    playButton.setAttribute("aria-pressed", "false");
+  }
+
+  function step(delta) {
+    stop();
+    const n = state.series.frames.length;
+    show(state.series.cine ? (state.index + delta + n) % n : state.index + delta);
+  }
+
+  // -- window/level, zoom, pan -------------------------------------------------------------
+
+  let windowRequest = null;
+  function setWindow(center, width) {
+    state.window = [center, Math.max(1, width)];
+    state.generation += 1;
+    // Render the frame on screen at the new window; newer requests overtake older ones.
+    const generation = state.generation;
+    const index = state.index;
+    if (windowRequest) return;
+    windowRequest = load(index, true).then(() => {
+      windowRequest = null;
+      if (generation === state.generation) show(index);
+      else setWindow(state.window[0], state.window[1]);
+    }, () => { windowRequest = null; });
+    draw();
+  }
+
+  function startingWindow() {
+    return state.window || state.series.window || [128, 256];
+  }
+
+  function setTool(tool) {
+    state.tool = tool;
+    document.querySelectorAll("[data-tool]").forEach((b) => {
+      b.setAttribute("aria-pressed", String(b.dataset.tool === tool));
+    });
+  }
+
+  function zoomBy(factor) {
+    state.zoom = Math.max(0.1, Math.min(40, state.zoom * factor));
+    draw();
+  }
+
+  function fit() { state.zoom = 1; state.panX = 0; state.panY = 0; draw(); }
+
+  function reset() {
+    fit();
+    if (state.window) {
+      state.window = null;
+      state.generation += 1;
+      show(state.index);
+      prefetch();
+    }
+  }
+
+  const pointers = new Map();
+  let drag = null;
+  canvas.addEventListener("pointerdown", (event) => {
+    canvas.focus();
+    canvas.setPointerCapture(event.pointerId);
+    pointers.set(event.pointerId, {x: event.clientX, y: event.clientY});
+    drag = {x: event.clientX, y: event.clientY, window: startingWindow().slice(),
+            zoom: state.zoom, panX: state.panX, panY: state.panY,
+            pinch: pointers.size === 2 ? pinchDistance() : null};
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (!drag || !pointers.has(event.pointerId)) return;
+    pointers.set(event.pointerId, {x: event.clientX, y: event.clientY});
+    if (pointers.size === 2 && drag.pinch) {
+      state.zoom = Math.max(0.1, Math.min(40, drag.zoom * (pinchDistance() / drag.pinch)));
+      draw();
+      return;
+    }
+    const dx = event.clientX - drag.x;
+    const dy = event.clientY - drag.y;
+    const tool = event.buttons === 4 ? "pan" : event.buttons === 2 ? "zoom" : state.tool;
+    if (tool === "pan") {
+      state.panX = drag.panX + dx; state.panY = drag.panY + dy; draw();
+    } else if (tool === "zoom") {
+      state.zoom = Math.max(0.1, Math.min(40, drag.zoom * Math.exp(-dy / 200))); draw();
+    } else {
+      const [center, width] = drag.window;
+      const sensitivity = Math.max(width, 10) / 300;
+      setWindow(center + dy * sensitivity, width + dx * sensitivity);
+    }
+  });
+  const endDrag = (event) => {
+    pointers.delete(event.pointerId);
+    if (pointers.size === 0) {
+      if (drag && state.tool === "window" && state.window) prefetch();
+      drag = null;
+    }
+  };
+  canvas.addEventListener("pointerup", endDrag);
+  canvas.addEventListener("pointercancel", endDrag);
+  canvas.addEventListener("contextmenu", (event) => event.preventDefault());
+  function pinchDistance() {
+    const [a, b] = [...pointers.values()];
+    return Math.hypot(a.x - b.x, a.y - b.y) || 1;
+  }
+
+  canvas.addEventListener("wheel", (event) => {
+    event.preventDefault();
+    if (event.ctrlKey) zoomBy(event.deltaY < 0 ? 1.1 : 1 / 1.1);
+    else step(event.deltaY > 0 ? 1 : -1);
+  }, {passive: false});
+
+  // -- controls -----------------------------------------------------------------------------
+
+  document.querySelectorAll("[data-tool]").forEach((b) => {
+    b.addEventListener("click", () => setTool(b.dataset.tool));
+  });
+  document.querySelectorAll(".series-button").forEach((b) => {
+    b.addEventListener("click", () => openSeries(Number(b.dataset.index)));
+  });
+  document.getElementById("fit").addEventListener("click", fit);
+  document.getElementById("reset").addEventListener("click", reset);
+  document.getElementById("prev").addEventListener("click", () => step(-1));
+  document.getElementById("next").addEventListener("click", () => step(1));
+  playButton.addEventListener("click", () => (state.playing ? stop() : play()));
+  slider.addEventListener("input", () => { stop(); show(Number(slider.value)); });
+  fpsInput.addEventListener("change", () => {
+    const value = Number(fpsInput.value);
+    if (value > 0 && value <= 120) {
+      state.clockStart = performance.now(); state.clockIndex = state.index; state.fps = value;
+    }
+  });
+  const fullscreen = () => {
+    if (document.fullscreenElement) document.exitFullscreen();
+    else document.getElementById("viewer").requestFullscreen().catch(() => {});
+  };
+  document.getElementById("fullscreen").addEventListener("click", fullscreen);
+
+  document.addEventListener("keydown", (event) => {
+    if (event.target instanceof HTMLInputElement && event.target.type !== "range") return;
+    const keys = {
+      ArrowDown: () => step(1), ArrowRight: () => step(1), j: () => step(1),
+      ArrowUp: () => step(-1), ArrowLeft: () => step(-1), k: () => step(-1),
+      PageDown: () => step(10), PageUp: () => step(-10),
+      Home: () => { stop(); show(0); },
+      End: () => { stop(); show(state.series.frames.length - 1); },
+      " ": () => (state.playing ? stop() : play()),
+      f: fit, r: reset, F: fullscreen,
+      "+": () => zoomBy(1.25), "=": () => zoomBy(1.25), "-": () => zoomBy(0.8),
+      w: () => setTool("window"), p: () => setTool("pan"), z: () => setTool("zoom"),
+    };
+    const action = keys[event.key];
+    if (action) { event.preventDefault(); action(); }
+  });
+
+  new ResizeObserver(resize).observe(wrap);
+  if (manifest.series.length) openSeries(manifest.initial || 0);
+  else status.textContent = "This study has no images to show.";
+})();
