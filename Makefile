@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= ./var
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench bench-viewer clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -35,6 +35,9 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/run.py
+
+bench-viewer: install
+	$(BIN)/python bench/viewer.py
 
 clean:
 	rm -rf $(VENV) var

@@ -103,3 +103,30 @@ def test_errors_share_one_problem_shape(client):
         body = response.json()
         assert {"type", "title", "status"} <= set(body)
         assert body["status"] == response.status_code
+
+
+def test_a_patient_account_reaches_only_its_own_account(archive, anonymous):
+    """Walk every route as a patient: anything beyond the account itself is refused."""
+    from imageshare.access.policy import ACCOUNT_SELF
+
+    archive.users.add("pat", "long-enough-password", "patient")
+    opened = []
+    for route in _routes(archive):
+        action = _permissions(route.dependant)[0].action
+        for method in route.methods:
+            response = anonymous.request(method, _concrete(route.path),
+                                         auth=("pat", "long-enough-password"))
+            if action in (PUBLIC, ACCOUNT_SELF):
+                continue
+            assert response.status_code == 403, (method, route.path, response.status_code)
+            opened.append(route.path)
+    assert len(opened) >= 40
+    refusals = [e for e in archive.audit.events("access.denied") if e["actor"] == "user:pat"]
+    assert len(refusals) == len(opened)
+
+
+def test_clinicians_are_refused_administration_pages(archive, anonymous):
+    archive.users.add("clin", "long-enough-password", "clinician")
+    for path in ("/admin/users", "/admin/audit"):
+        response = anonymous.get(path, auth=("clin", "long-enough-password"))
+        assert response.status_code == 403, path
