@@ -8,6 +8,7 @@ import hmac
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 
 from imageshare.access.policy import PUBLIC
 from imageshare.access.sessions import COOKIE
@@ -84,7 +85,8 @@ class Permission:
         A browser session (cookie) must also send its CSRF token with every request that
         changes something.
         """
-        actor = resolve_actor(request)
+        # Password checks (argon2) and session look-ups block: keep them off the event loop.
+        actor = await run_in_threadpool(resolve_actor, request)
         archive = request.app.state.archive
         study_uid = request.path_params.get(self.study_param, "") if self.study_param else ""
         try:
@@ -96,7 +98,7 @@ class Permission:
                     raise Forbidden("the request lacks this session's CSRF token")
             archive.policy.authorise(actor, self.action, study_uid or None)
         except (Forbidden, NotAuthenticated) as exc:
-            archive.audit.record(AuditEvent(
+            await run_in_threadpool(archive.audit.record, AuditEvent(
                 actor=actor, action="access.denied", outcome="refused", study_uid=study_uid,
                 detail={"wanted": self.action, "method": request.method,
                         "route": _route_template(request), "reason": str(exc)}))
