@@ -93,6 +93,21 @@ def _parser() -> argparse.ArgumentParser:
     up = db.add_parser("upgrade", help="apply schema migrations")
     _common(up)
 
+    deid = sub.add_parser(
+        "deidentify", help="de-identify files, folders, zips and DICOMDIR media (offline)")
+    _common(deid)
+    deid.add_argument("inputs", nargs="+", type=Path)
+    deid.add_argument("--out", type=Path, required=True,
+                      help="output folder (or .zip file with --format zip)")
+    deid.add_argument("--profile", default="basic",
+                      help="basic, teaching, research, accreditation or one of the file's")
+    deid.add_argument("--format", choices=("folder", "zip", "dicomdir"), default="folder")
+    deid.add_argument("--password", default="",
+                      help="AES-encrypt the zip with this password (or IMAGESHARE_EXPORT_PASSWORD)")
+    deid.add_argument("--report", type=Path,
+                      help="also write the full report (with input paths) to this file")
+    deid.add_argument("--quiet", action="store_true", help="no progress bar")
+
     settings = sub.add_parser("settings", help="print every setting with its default")
     settings.add_argument("--markdown", action="store_true")
     return parser
@@ -133,6 +148,41 @@ def _import(archive: Any, args: argparse.Namespace) -> int:
     for label, reason in report.refused:
         print(f"refused: {label}: {reason}")
     return 0 if not report.refused else 1
+
+
+def _deidentify(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from imageshare.deid.service import deidentify_inputs
+    from imageshare.deid.setup import deidentifier_for
+    from imageshare.export.writers import DicomdirWriter, FolderWriter, ZipWriter
+
+    deidentifier = deidentifier_for(settings, args.profile)
+    password = args.password or os.environ.get("IMAGESHARE_EXPORT_PASSWORD", "")
+    if args.format == "zip":
+        target = args.out if args.out.suffix.lower() == ".zip" else args.out / "export.zip"
+        writer: Any = ZipWriter(target, password)
+        report_path = target.with_name(target.stem + "-report.json")
+    elif password:
+        raise ImageShareError("--password needs --format zip")
+    else:
+        writer = DicomdirWriter(args.out) if args.format == "dicomdir" else FolderWriter(args.out)
+        report_path = args.out / "deidentification-report.json"
+    bar = tqdm(unit=" files", disable=args.quiet, file=sys.stderr, desc="de-identifying")
+    report = deidentify_inputs(list(args.inputs), deidentifier, writer, progress=bar.update)
+    bar.close()
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report.write(report_path, with_inputs=False)
+    if args.report:
+        report.write(args.report, with_inputs=True)
+    print(report.summary())
+    print(f"report: {report_path}")
+    for entry in report.files:
+        if entry.get("held_back") or entry.get("error"):
+            label = entry["input"] if args.report else "(see --report for input names)"
+            print(f"{'held back' if entry.get('held_back') else 'failed'}: {label}: "
+                  f"{entry.get('reason') or entry.get('error')}")
+    return 0 if not (report.held_back or report.failed) else 1
 
 
 def _audit_export(archive: Any, args: argparse.Namespace) -> int:
@@ -178,6 +228,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         serve(settings)
         return 0
+    if args.command == "deidentify":
+        return _deidentify(settings, args)
     from imageshare.app import build_archive
     from imageshare.audit.trail import AuditEvent
     from imageshare.exchange.nodes import Node

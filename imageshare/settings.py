@@ -65,6 +65,16 @@ class Settings:
         "SQLite synchronous mode. NORMAL is safe for acknowledged stores because blobs are "
         "fsynced and re-indexed on start; FULL also fsyncs every index commit.",
     )
+    deid_secret: str = _setting(
+        "", "Secret for consistent pseudonyms, UIDs and date shifts of de-identified data; "
+        "empty: a random one kept in the data dir (file deid-secret)."
+    )
+    deid_profiles_file: str = _setting(
+        "", "TOML file adding or redefining named de-identification profiles."
+    )
+    deid_regions_file: str = _setting(
+        "", "TOML file of burned-in text regions per machine; empty: the shipped defaults."
+    )
 
     @property
     def resolved_database_url(self) -> str:

@@ -91,12 +91,17 @@ def _safe_member(name: str) -> bool:
     return not path.is_absolute() and ".." not in path.parts and ":" not in path.parts[0]
 
 
-class Importer:
-    """Walks inputs and feeds every DICOM file to the ingest pipeline."""
+class DicomInputs:
+    """Walks files, folders, zip files and DICOMDIR media, yielding every file they hold."""
 
-    def __init__(self, ingest: IngestService) -> None:
-        self.ingest = ingest
+    def __init__(self) -> None:
         self._open_zips: list[zipfile.ZipFile] = []
+
+    def close(self) -> None:
+        """Close the zip files opened while walking."""
+        for archive in self._open_zips:
+            archive.close()
+        self._open_zips.clear()
 
     def candidates(self, inputs: list[Path], report: ImportReport) -> Iterator[Candidate]:
         """Every file the inputs hold, zip members and DICOMDIR references included."""
@@ -155,6 +160,14 @@ class Importer:
                 report.skipped += 1
                 continue
             yield Candidate(label, lambda a=archive, i=info: a.open(i))
+
+
+class Importer(DicomInputs):
+    """Walks inputs and feeds every DICOM file to the ingest pipeline."""
+
+    def __init__(self, ingest: IngestService) -> None:
+        super().__init__()
+        self.ingest = ingest
 
     def run(
         self, inputs: list[Path], actor: Actor,

@@ -1,0 +1,1 @@
+"""De-identification: PS3.15 profiles, pseudonyms, burned-in text, reports."""

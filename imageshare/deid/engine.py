@@ -1,0 +1,460 @@
+"""The de-identification of one data set's attributes (PS3.15 Annex E), at every depth.
+
+Every attribute gets one action: from Table E.1-1 as changed by the profile's options, or, for
+attributes the table does not name, by rule: private attributes go unless the Retain Safe
+Private option keeps a known-safe one; free text, person names and unknown values go unless
+they are on a short list of technical attributes; dates move by the patient's offset; UIDs
+that are not well-known DICOM UIDs are replaced consistently. Pixel data is left to
+:mod:`imageshare.deid.pixels`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.dataelem import DataElement
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID_dictionary
+
+from imageshare.deid.profiles import BASIC_PROFILE_CODE, OPTIONS, Profile
+from imageshare.deid.pseudonyms import Pseudonyms, age_at, shift_date, shift_datetime
+from imageshare.deid.table import OPTION_LETTERS, TABLE
+
+KNOWN_ACTIONS = {"D", "Z", "X", "K", "C", "U", "X/Z", "X/D", "X/Z/D", "Z/D", "X/Z/U*"}
+TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "AE", "UR", "PN"}
+DATE_VRS = {"DA", "DT"}
+_NUMERIC_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "IS", "DS", "AT", "OB", "OW", "OF", "OD",
+                "OL", "OV", "UV", "SV", "TM", "CS", "US or SS", "US or OW", "OB or OW",
+                "US or SS or OW"}
+PIXEL_DATA = 0x7FE00010
+# Technical text attributes the table does not name that carry no identity and that IODs need.
+SAFE_TEXT = {
+    "CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning",
+    "LongCodeValue", "URNCodeValue", "ContextIdentifier", "ContextGroupVersion",
+    "MappingResource", "MappingResourceName", "ContextGroupExtensionCreatorUID",
+    "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "PositionReferenceIndicator",
+    "ConvolutionKernel", "FilterType", "ProcessingFunction", "TransducerData",
+    "ContrastBolusRoute", "ReceiveCoilName", "TransmitCoilName", "SequenceName",
+    "SequenceVariant", "ScanningSequence", "PulseSequenceName", "ImageComments_NOT",
+    "RescaleType", "LUTExplanation", "WindowCenterWidthExplanation", "LUTDescriptor",
+    "TransducerType", "ProcessingFunctionDescription", "ValueType", "TextValue_NOT",
+    "DocumentTitle", "MIMETypeOfEncapsulatedDocument", "ConversionType", "FrameLabel",
+    "CountsSource", "Units", "RadiopharmaceuticalRoute", "Radiopharmaceutical",
+    "ConceptNameCodeSequence", "ReasonForPerformedProcedureCodeSequence_NOT",
+    "AcquisitionContrast", "PhotometricInterpretation", "DetectorType",
+    "ImplementationVersionName", "ExposureControlMode", "FocusMethod",
+    "AnatomicRegionModifierSequence", "ProcedureStepLabel_NOT", "DerivationCodeSequence",
+    "DimensionDescriptionLabel", "SegmentLabel", "SegmentDescription_NOT",
+    "SegmentAlgorithmName", "ContentLabel", "ContentDescription_NOT", "GraphicLayer",
+    "ObservationDateTime_NOT", "MeasurementUnitsCodeSequence", "StainingDescription_NOT",
+    "CollimatorType", "GridID_NOT", "KVP_NOT", "OrganDose_NOT", "BodyPartThickness_NOT",
+    "PatientPosition", "ViewPosition", "Laterality", "ImageLaterality", "BodyPartExamined",
+    "ModalityLUTType", "VOILUTFunction", "PresentationLUTShape", "PixelPresentation",
+    "VolumetricProperties", "VolumeBasedCalculationTechnique", "ComplexImageComponent",
+    "AcquisitionType", "RectificationType", "PixelIntensityRelationship",
+}
+SAFE_TEXT = {k for k in SAFE_TEXT if not k.endswith("_NOT")}
+_TAG_CACHE: dict[str, int] = {}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of Table E.1-1."""
+
+    basic: str
+    options: dict[str, str]
+
+
+def _parse_table() -> tuple[dict[int, Rule], list[tuple[int, int, Rule]]]:
+    exact: dict[int, Rule] = {}
+    masked: list[tuple[int, int, Rule]] = []
+    for line in TABLE.strip().splitlines():
+        tag, basic, *opts = line.split()
+        options = {OPTION_LETTERS[o.split("=")[0]]: o.split("=")[1] for o in opts}
+        rule = Rule(basic, options)
+        if "X" in tag:
+            mask = int("".join("0" if c == "X" else "F" for c in tag), 16)
+            value = int(tag.replace("X", "0"), 16)
+            masked.append((mask, value, rule))
+        else:
+            exact[int(tag, 16)] = rule
+    return exact, masked
+
+
+EXACT_RULES, MASKED_RULES = _parse_table()
+
+
+def rule_for(tag: int) -> Rule | None:
+    """The table row for ``tag`` (repeating groups included), if the table names it."""
+    rule = EXACT_RULES.get(tag)
+    if rule is not None:
+        return rule
+    for mask, value, masked in MASKED_RULES:
+        if tag & mask == value:
+            return masked
+    return None
+
+
+def effective_action(rule: Rule, profile: Profile) -> str:
+    """The action the profile gives an attribute: the Basic Profile's, overridden by its
+    options (keep beats clean beats the rest when several apply)."""
+    chosen = [action for option, action in rule.options.items() if profile.has(option)]
+    if "K" in chosen:
+        return "K"
+    if "C" in chosen:
+        return "C"
+    if chosen:
+        return chosen[0]
+    return rule.basic
+
+
+@dataclass
+class InstanceReport:
+    """What de-identification did to one instance."""
+
+    actions: Counter[str] = field(default_factory=Counter)
+    removed: list[str] = field(default_factory=list)
+    private_removed: int = 0
+    private_kept: int = 0
+    uids_replaced: int = 0
+    dates_shifted: int = 0
+    text_cleaned: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-friendly data."""
+        return {
+            "actions": dict(self.actions), "removed": sorted(set(self.removed)),
+            "private_removed": self.private_removed, "private_kept": self.private_kept,
+            "uids_replaced": self.uids_replaced, "dates_shifted": self.dates_shifted,
+            "text_cleaned": self.text_cleaned,
+        }
+
+
+@dataclass(frozen=True)
+class PatientContext:
+    """Who the instance is about: what the text cleaner looks for, and the date offset."""
+
+    key: str
+    pseudonym: str
+    offset: timedelta
+    identifiers: tuple[str, ...]
+
+
+_DIGITS = re.compile(r"\b\d[\d\s\-/.]{5,}\d\b")
+_DATE_LIKE = re.compile(r"\b\d{1,4}[./-]\d{1,2}[./-]\d{1,4}\b")
+_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.]+\b")
+
+
+def identifiers_of(ds: Dataset) -> tuple[str, ...]:
+    """Identifying strings of the patient in ``ds``, for text cleaning and OCR checks."""
+    found: set[str] = set()
+
+    def add(value: Any) -> None:
+        text = str(value or "").strip()
+        if len(text) >= 2:
+            found.add(text)
+
+    for keyword in ("PatientID", "AccessionNumber", "StudyID", "OtherPatientIDs",
+                    "IssuerOfPatientID", "MedicalRecordLocator", "AdmissionID"):
+        value = ds.get(keyword)
+        for v in (value if isinstance(value, MultiValue | list) else [value]):
+            add(v)
+    for keyword in ("PatientName", "PatientBirthName", "PatientMotherBirthName",
+                    "OtherPatientNames", "ReferringPhysicianName", "OperatorsName",
+                    "PerformingPhysicianName"):
+        value = ds.get(keyword)
+        for v in (value if isinstance(value, MultiValue | list) else [value]):
+            if v:
+                for part in re.split(r"[\^= ,]+", str(v)):
+                    if len(part) >= 2:
+                        found.add(part)
+    for item in ds.get("OtherPatientIDsSequence", []) or []:
+        add(item.get("PatientID"))
+    birth = str(ds.get("PatientBirthDate", "") or "")
+    if len(birth) == 8 and birth.isdigit():
+        found.update({birth, f"{birth[:4]}-{birth[4:6]}-{birth[6:]}",
+                      f"{birth[6:]}/{birth[4:6]}/{birth[:4]}",
+                      f"{birth[6:]}.{birth[4:6]}.{birth[:4]}",
+                      f"{birth[4:6]}/{birth[6:]}/{birth[:4]}"})
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def clean_text(text: str, identifiers: tuple[str, ...]) -> str:
+    """``text`` without the patient's identifiers, dates, long numbers and e-mail addresses."""
+    cleaned = text
+    for ident in identifiers:
+        if len(ident) >= 2:
+            cleaned = re.sub(re.escape(ident), "*", cleaned, flags=re.IGNORECASE)
+    cleaned = _EMAIL.sub("*", cleaned)
+    cleaned = _DATE_LIKE.sub("*", cleaned)
+    cleaned = _DIGITS.sub("*", cleaned)
+    return cleaned
+
+
+def _dummy(vr: str, element: DataElement, ctx: PatientContext) -> Any:
+    if vr == "PN":
+        return ctx.pseudonym
+    if vr == "DA":
+        return "19000101"
+    if vr == "DT":
+        return "19000101000000"
+    if vr == "TM":
+        return "000000"
+    if vr in ("IS", "DS"):
+        return "0"
+    if vr == "UI":
+        return None  # replaced by the UID action
+    if vr in ("US", "SS", "UL", "SL", "FL", "FD"):
+        return 0
+    if vr in ("OB", "OW", "OF", "OD", "OL", "UN"):
+        return b"\0\0" if element.value else b""
+    if vr == "CS":
+        return "ANONYMOUS"[:16]
+    if vr in ("SH", "AE"):
+        return "ANONYMOUS"
+    return "ANONYMOUS"
+
+
+class AttributeCleaner:
+    """Applies a profile to data sets, with consistent pseudonyms."""
+
+    def __init__(self, profile: Profile, pseudonyms: Pseudonyms,
+                 safe_private: frozenset[tuple[str, int, int]] = frozenset()) -> None:
+        self.profile = profile
+        self.pseudonyms = pseudonyms
+        self.safe_private = safe_private
+        self._full_dates = profile.has("retain_full_dates")
+        self._modified_dates = profile.has("retain_modified_dates")
+
+    # -- entry point -----------------------------------------------------------------------
+
+    def context(self, ds: Dataset) -> PatientContext:
+        """The patient context of ``ds`` (pseudonym, date offset, identifiers)."""
+        patient_id = str(ds.get("PatientID", "") or "").strip()
+        issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+        if patient_id:
+            key = f"{issuer}|{patient_id}"
+        else:
+            key = f"name|{ds.get('PatientName', '')}|{ds.get('PatientBirthDate', '')}"
+        return PatientContext(key, self.pseudonyms.patient_id(key),
+                              self.pseudonyms.date_offset(key), identifiers_of(ds))
+
+    def apply(self, ds: Dataset, ctx: PatientContext | None = None) -> InstanceReport:
+        """De-identify ``ds`` in place (not its pixels); returns what was done."""
+        ctx = ctx or self.context(ds)
+        report = InstanceReport()
+        age = None
+        if self.profile.has("retain_patient_characteristics") and not ds.get("PatientAge"):
+            age = age_at(str(ds.get("PatientBirthDate", "") or ""),
+                         str(ds.get("StudyDate", "") or ds.get("SeriesDate", "") or ""))
+        self._walk(ds, ctx, report, top=True)
+        if age:
+            ds.PatientAge = age
+        ds.PatientID = ctx.pseudonym
+        ds.PatientName = ctx.pseudonym
+        self._mark(ds)
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None:
+            if "MediaStorageSOPInstanceUID" in meta and not self.profile.has("retain_uids"):
+                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            for keyword in ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
+                            "ReceivingApplicationEntityTitle",
+                            "SourcePresentationAddress", "SendingPresentationAddress",
+                            "ReceivingPresentationAddress"):
+                if keyword in meta:
+                    del meta[keyword]
+        return report
+
+    # -- walking ---------------------------------------------------------------------------
+
+    def _walk(self, ds: Dataset, ctx: PatientContext, report: InstanceReport,
+              top: bool = False) -> None:
+        private_groups_kept: dict[tuple[int, int], bool] = {}
+        for tag in list(ds.keys()):
+            tag = BaseTag(tag)
+            if tag == PIXEL_DATA and top:
+                continue
+            if tag.is_private:
+                self._private(ds, tag, report, private_groups_kept, ctx)
+                continue
+            if tag.group == 0x0002:
+                continue  # file meta is handled apart
+            if tag.element == 0:
+                del ds[tag]  # group lengths (retired) would be wrong afterwards
+                continue
+            element = ds[tag]
+            rule = rule_for(int(tag))
+            if rule is not None:
+                action = effective_action(rule, self.profile)
+            else:
+                action = self._rule_for_unlisted(element)
+            self._act(ds, element, action, ctx, report)
+        # private creators whose elements all went
+        for (group, block), kept in private_groups_kept.items():
+            if not kept:
+                creator_tag = Tag(group, block)
+                if creator_tag in ds:
+                    del ds[creator_tag]
+        if top:
+            self._drop_overlays_without_data(ds)
+
+    def _rule_for_unlisted(self, element: DataElement) -> str:
+        vr = element.VR
+        keyword = element.keyword
+        if vr == "SQ":
+            return "K"  # its items are cleaned in turn
+        if vr == "UI":
+            return "U"
+        if vr in DATE_VRS:
+            return "C"
+        if vr == "PN":
+            return "Z"
+        if vr in TEXT_VRS:
+            return "K" if keyword in SAFE_TEXT else "X"
+        if vr == "UN" or not keyword:
+            return "X"
+        return "K"
+
+    def _act(self, ds: Dataset, element: DataElement, action: str, ctx: PatientContext,
+             report: InstanceReport) -> None:
+        vr = element.VR
+        action = {"X/Z": "Z", "X/D": "D", "X/Z/D": "D", "Z/D": "D", "X/Z/U*": "U"}.get(
+            action, action)
+        report.actions[action] += 1
+        tag = element.tag
+        if action == "X":
+            report.removed.append(element.keyword or str(tag))
+            del ds[tag]
+            return
+        if vr == "SQ":
+            if action == "Z":
+                element.value = Sequence([])
+                return
+            for item in element.value or []:
+                self._walk(item, ctx, report)
+            return
+        if action == "K":
+            return
+        if action == "Z":
+            element.value = b"" if vr in ("OB", "OW", "UN") else ("" if vr not in (
+                "US", "SS", "UL", "SL", "FL", "FD") else None)
+            return
+        if action == "U" or (vr == "UI" and action in ("D", "C")):
+            self._replace_uids(element, report)
+            return
+        if action == "C" or (action == "D" and vr in DATE_VRS):
+            self._clean(element, ctx, report, dummy=action == "D")
+            return
+        if action == "D":
+            element.value = _dummy(vr, element, ctx)
+            return
+        raise ValueError(f"unknown de-identification action {action!r}")
+
+    def _replace_uids(self, element: DataElement, report: InstanceReport) -> None:
+        if element.VR != "UI" or self.profile.has("retain_uids"):
+            return
+        values = element.value if isinstance(element.value, MultiValue | list) else [
+            element.value]
+        new = []
+        for value in values:
+            text = str(value or "").strip()
+            if not text or text in UID_dictionary:
+                new.append(text)
+            else:
+                new.append(self.pseudonyms.uid(text))
+                report.uids_replaced += 1
+        element.value = new if len(new) > 1 else (new[0] if new else "")
+
+    def _clean(self, element: DataElement, ctx: PatientContext, report: InstanceReport,
+               dummy: bool) -> None:
+        vr = element.VR
+        if vr in DATE_VRS or vr == "TM":
+            if self._full_dates:
+                return
+            if vr == "TM":
+                element.value = "000000" if dummy else element.value
+                return
+            values = element.value if isinstance(element.value, MultiValue | list) else [
+                element.value]
+            shifted = []
+            for value in values:
+                text = str(value or "")
+                moved = (shift_date if vr == "DA" else shift_datetime)(text, ctx.offset)
+                if moved is None:
+                    continue
+                shifted.append(moved)
+                report.dates_shifted += 1
+            if dummy and not (self._modified_dates or not shifted):
+                shifted = ["19000101" if vr == "DA" else "19000101000000"]
+            element.value = shifted if len(shifted) > 1 else (shifted[0] if shifted else "")
+            return
+        if vr == "UI":
+            self._replace_uids(element, report)
+            return
+        if vr in TEXT_VRS or vr == "CS":
+            if vr == "PN":
+                element.value = ctx.pseudonym
+                return
+            values = element.value if isinstance(element.value, MultiValue | list) else [
+                element.value]
+            cleaned = [clean_text(str(v or ""), ctx.identifiers) for v in values]
+            if cleaned != [str(v or "") for v in values]:
+                report.text_cleaned += 1
+            element.value = cleaned if len(cleaned) > 1 else (cleaned[0] if cleaned else "")
+            return
+        # numbers and binary values "cleaned": nothing identifying to take out
+
+    def _private(self, ds: Dataset, tag: BaseTag, report: InstanceReport,
+                 kept_blocks: dict[tuple[int, int], bool], ctx: PatientContext) -> None:
+        if tag.is_private_creator:
+            kept_blocks.setdefault((tag.group, tag.element), False)
+            return
+        block = tag.element >> 8
+        creator_tag = Tag(tag.group, block)
+        creator = ds[creator_tag].value if creator_tag in ds else None
+        safe = (
+            creator is not None and self.profile.has("retain_safe_private")
+            and (str(creator).strip(), tag.group, tag.element & 0xFF) in self.safe_private
+        )
+        if safe:
+            kept_blocks[(tag.group, block)] = True
+            report.private_kept += 1
+            return
+        del ds[tag]
+        report.private_removed += 1
+
+    def _drop_overlays_without_data(self, ds: Dataset) -> None:
+        for group in range(0x6000, 0x6020, 2):
+            if Tag(group, 0x0010) in ds and Tag(group, 0x3000) not in ds:
+                for tag in [t for t in ds.keys() if BaseTag(t).group == group]:
+                    del ds[tag]
+
+    def _mark(self, ds: Dataset) -> None:
+        """Patient Identity Removed, De-identification Method (Code Sequence), and whether
+        dates were kept (PS3.15 E.1.1, PS3.3 C.7.1.1)."""
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = [f"ImageShare profile {self.profile.name}"[:64],
+                                     BASIC_PROFILE_CODE[1][:64]] + [
+            OPTIONS[o][1][:64] for o in sorted(self.profile.options)]
+        codes = [BASIC_PROFILE_CODE] + [OPTIONS[o] for o in sorted(self.profile.options)]
+        items = []
+        for value, meaning in codes:
+            item = Dataset()
+            item.CodeValue = value
+            item.CodingSchemeDesignator = "DCM"
+            item.CodeMeaning = meaning[:64]
+            items.append(item)
+        ds.DeidentificationMethodCodeSequence = Sequence(items)
+        if self._full_dates:
+            ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
+        elif self._modified_dates:
+            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+        else:
+            ds.LongitudinalTemporalInformationModified = "REMOVED"

@@ -1,0 +1,105 @@
+"""Consistent pseudonyms from a per-installation secret: the same patient always gets the same
+pseudonymous ID and date offset, and the same UID always the same replacement UID."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+from datetime import datetime, timedelta
+from pathlib import Path
+
+SECRET_FILE = "deid-secret"
+_MIN_SHIFT_DAYS = 30
+_SHIFT_SPAN_DAYS = 3650
+
+
+def installation_secret(data_dir: Path, configured: str = "") -> bytes:
+    """The de-identification secret: the configured one, else one kept in the data folder
+    (made on first use, readable by the owner only)."""
+    if configured:
+        return configured.encode()
+    path = data_dir / SECRET_FILE
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
+
+
+class Pseudonyms:
+    """Keyed, repeatable replacements for patient IDs, UIDs and dates."""
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ValueError("the de-identification secret is too short")
+        self._secret = secret
+        self._uids: dict[str, str] = {}
+
+    def _digest(self, purpose: str, value: str) -> bytes:
+        return hmac.new(self._secret, f"{purpose}\0{value}".encode(), hashlib.sha256).digest()
+
+    def patient_id(self, patient_key: str) -> str:
+        """A pseudonymous patient ID (``ANON`` and 10 letters/digits) for a patient key."""
+        code = base64.b32encode(self._digest("patient", patient_key)).decode()[:10]
+        return f"ANON{code}"
+
+    def date_offset(self, patient_key: str) -> timedelta:
+        """How far this patient's dates move back (30 days to about 10 years), always the
+        same for the same patient, so intervals are kept."""
+        n = int.from_bytes(self._digest("dates", patient_key)[:8], "big")
+        return timedelta(days=-(_MIN_SHIFT_DAYS + n % _SHIFT_SPAN_DAYS))
+
+    def uid(self, original: str) -> str:
+        """The replacement of ``original``: a UID under 2.25 derived from it and the secret."""
+        found = self._uids.get(original)
+        if found is None:
+            value = int.from_bytes(self._digest("uid", original.strip())[:16], "big")
+            found = self._uids[original] = f"2.25.{value}"
+            if len(self._uids) > 200_000:
+                self._uids.clear()
+        return found
+
+
+def shift_date(value: str, offset: timedelta) -> str | None:
+    """A DA value moved by ``offset``; None when it is not a full date."""
+    text = value.strip()
+    try:
+        day = datetime.strptime(text[:8], "%Y%m%d").date() if len(text) >= 8 else None
+    except ValueError:
+        day = None
+    if day is None:
+        return None
+    return (day + offset).strftime("%Y%m%d")
+
+
+def shift_datetime(value: str, offset: timedelta) -> str | None:
+    """A DT value whose date part moves by ``offset`` (time and zone kept); None if the date
+    part is not complete."""
+    text = value.strip()
+    shifted = shift_date(text[:8], offset)
+    if shifted is None:
+        return None
+    return shifted + text[8:]
+
+
+def age_at(birth: str, on: str) -> str | None:
+    """The DICOM age string (``042Y``) of someone born on ``birth`` on day ``on``."""
+    try:
+        born = datetime.strptime(birth[:8], "%Y%m%d").date()
+        day = datetime.strptime(on[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+    if day < born:
+        return None
+    years = day.year - born.year - ((day.month, day.day) < (born.month, born.day))
+    if years >= 2:
+        return f"{min(years, 999):03d}Y"
+    days = (day - born).days
+    if days >= 60:
+        return f"{days // 30:03d}M"
+    return f"{days:03d}D"
+

@@ -1,0 +1,1 @@
+"""Exports: folders, ZIP (optionally AES-encrypted), DICOMDIR media, MP4 cine, PNG/JPEG stills."""
