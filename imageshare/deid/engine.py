@@ -188,13 +188,13 @@ def identifiers_of(ds: Dataset) -> tuple[str, ...]:
 
 def clean_text(text: str, identifiers: tuple[str, ...]) -> str:
     """``text`` without the patient's identifiers, dates, long numbers and e-mail addresses."""
-    cleaned = text
-    for ident in identifiers:
-        if len(ident) >= 2:
-            cleaned = re.sub(re.escape(ident), "*", cleaned, flags=re.IGNORECASE)
-    cleaned = _EMAIL.sub("*", cleaned)
+    cleaned = _EMAIL.sub("*", text)
     cleaned = _DATE_LIKE.sub("*", cleaned)
     cleaned = _DIGITS.sub("*", cleaned)
+    for ident in identifiers:
+        if len(ident) >= 2:
+            cleaned = re.sub(rf"(?<![^\W_]){re.escape(ident)}(?![^\W_])", "*", cleaned,
+                             flags=re.IGNORECASE)
     return cleaned
 
 
