@@ -30,8 +30,12 @@ from imageshare.archive.retrieve import RetrieveService
 from imageshare.archive.search import StudySearchService
 from imageshare.archive.studies import StudyCatalogue
 from imageshare.audit.trail import AuditTrail
+from imageshare.deid.service import Deidentifier
+from imageshare.deid.setup import deidentifier_for
 from imageshare.domain.actors import SYSTEM
 from imageshare.exchange.nodes import NodeRegistry
+from imageshare.export.service import ExportService
+from imageshare.jobs import JobRunner
 from imageshare.settings import Settings
 from imageshare.storage.blobs import BlobStore, fsync_file, key_prefix_for, open_blob_store
 from imageshare.storage.index.database import make_engine, migrate
@@ -62,9 +66,12 @@ class Archive:
     attachments: AttachmentService
     corrections: PatientCorrections
     throttle: SignInThrottle
+    jobs: JobRunner
+    exports: ExportService
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
+        self.jobs.close()
         self.ingest.close()
         self.writer.close()
         self.writer.engine.dispose()
@@ -91,6 +98,14 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         engine, settings.ae_title, retrieve.header_json, audit, settings.qido_max_limit
     )
     catalogue = StudyCatalogue(engine, audit)
+    jobs = JobRunner()
+    deidentifiers: dict[str, Deidentifier] = {}
+
+    def deidentifier(profile: str) -> Deidentifier:
+        if profile not in deidentifiers:
+            deidentifiers[profile] = deidentifier_for(settings, profile)
+        return deidentifiers[profile]
+
     return Archive(
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
         ingest=ingest, query=query, retrieve=retrieve, users=UserDirectory(engine),
@@ -101,7 +116,9 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         corrections=PatientCorrections(
             engine, writer, blobs, audit, catalogue, settings.staging_dir,
             ingest.parents_changed),
-        throttle=SignInThrottle(),
+        throttle=SignInThrottle(), jobs=jobs,
+        exports=ExportService(retrieve, audit, jobs, settings.data_dir / "exports",
+                              deidentifier),
     )
 
 

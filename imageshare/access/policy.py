@@ -22,6 +22,8 @@ AUDIT_READ = "audit.read"
 TOKEN_SELF = "token.self"
 ACCOUNT_SELF = "account.self"
 STUDY_COMMENT = "study.comment"
+EXPORT_IDENTIFIABLE = "study.export"
+EXPORT_DEIDENTIFIED = "study.export.deidentified"
 PATIENT_CORRECT = "patient.correct"
 # DICOM services, asked for by remote nodes.
 DICOM_ECHO = "dicom.echo"
@@ -30,7 +32,8 @@ DICOM_QUERY = "dicom.query"
 DICOM_RETRIEVE = "dicom.retrieve"
 
 _STAFF = frozenset(
-    {STUDY_READ, STUDY_STORE, STUDY_COMMENT, PATIENT_CORRECT, TOKEN_SELF, ACCOUNT_SELF}
+    {STUDY_READ, STUDY_STORE, STUDY_COMMENT, PATIENT_CORRECT, TOKEN_SELF, ACCOUNT_SELF,
+     EXPORT_IDENTIFIABLE, EXPORT_DEIDENTIFIED}
 )
 # An administrator signed in with a password who has not yet set up two-factor sign-in
 # (required for admins) may only do that.
@@ -43,7 +46,8 @@ ROLES: dict[str, frozenset[str]] = {
     "clinician": _STAFF,
     "radiographer": _STAFF,
     "sonographer": _STAFF,
-    "educator": frozenset({STUDY_READ, STUDY_COMMENT, TOKEN_SELF, ACCOUNT_SELF}),
+    "educator": frozenset({STUDY_READ, STUDY_COMMENT, EXPORT_DEIDENTIFIED, TOKEN_SELF,
+                           ACCOUNT_SELF}),
     "reviewer": frozenset({TOKEN_SELF, ACCOUNT_SELF}),
     "patient": frozenset({ACCOUNT_SELF}),
     "service": frozenset({STUDY_READ, STUDY_STORE, ACCOUNT_SELF}),

@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from imageshare import __version__
 from imageshare.access.policy import ACCOUNT_SELF, PUBLIC
-from imageshare.web import api, dicomweb, problems
+from imageshare.web import api, dicomweb, exports, problems
 from imageshare.web.auth import allowed
 from imageshare.web.pages import account, admin, assets, patients, sign_in, studies, viewer
 
@@ -26,6 +26,7 @@ def create_app(archive: Any) -> FastAPI:
     problems.install(app)
     app.include_router(dicomweb.router)
     app.include_router(api.router)
+    app.include_router(exports.router)
     for pages in (sign_in, studies, viewer, patients, account, admin, assets):
         app.include_router(pages.router)
     origins = [o.strip() for o in archive.settings.cors_origins.split(",") if o.strip()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlencode
 
@@ -12,6 +13,8 @@ from fastapi.responses import Response
 from imageshare.access.policy import (
     ACCOUNT_SELF,
     AUDIT_READ,
+    EXPORT_DEIDENTIFIED,
+    EXPORT_IDENTIFIABLE,
     PATIENT_CORRECT,
     STUDY_COMMENT,
     STUDY_READ,
@@ -21,8 +24,10 @@ from imageshare.archive.attachments import MAX_ATTACHMENT
 from imageshare.archive.rendering import RenderOptions, render_frame
 from imageshare.archive.search import StudySearch
 from imageshare.archive.studies import ENCAPSULATED_PDF
+from imageshare.deid.profiles import load_profiles
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.web.auth import allowed
+from imageshare.web.exports import ExportIn, start_export
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
@@ -109,6 +114,10 @@ def study_page(request: Request, study_uid: str,
         can_correct=allows(actor, PATIENT_CORRECT),
         can_attach=allows(actor, STUDY_STORE),
         can_comment=allows(actor, STUDY_COMMENT, study_uid),
+        can_export=allows(actor, EXPORT_DEIDENTIFIED, study_uid),
+        can_export_identifiable=allows(actor, EXPORT_IDENTIFIABLE, study_uid),
+        profiles=sorted(load_profiles(Path(archive.settings.deid_profiles_file)
+                                      if archive.settings.deid_profiles_file else None)),
     )
 
 
@@ -144,6 +153,25 @@ async def attach_document(
     await run_in_threadpool(archive.attachments.attach, study_uid, file.filename or "",
                             content, title[:64], actor)
     return redirect(f"/studies/{study_uid}?notice=attached#reports")
+
+
+@router.post("/studies/{study_uid}/export")
+async def export_study(
+    request: Request, study_uid: str, actor: allowed(EXPORT_DEIDENTIFIED, "study_uid"),
+    format: Annotated[str, Form()] = "zip", profile: Annotated[str, Form()] = "teaching",
+    identifiable: Annotated[str, Form()] = "",
+) -> Response:
+    """Start an export job and follow it on its page."""
+    body = ExportIn(format=format, profile=profile, deidentify=not identifiable)
+    job = await start_export(request, actor, study_uid, body)
+    return redirect(f"/jobs/{job.id}")
+
+
+@router.get("/jobs/{job_id}")
+def job_page(request: Request, job_id: str, actor: allowed(ACCOUNT_SELF)) -> Response:
+    """A job's progress; the page refreshes itself until the job ends."""
+    job = request.app.state.archive.jobs.get(job_id, actor.name)
+    return page(request, "job.html", job=job)
 
 
 @router.get("/studies/{study_uid}/documents/{sop_uid}")

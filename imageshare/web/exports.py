@@ -1,0 +1,72 @@
+"""Exports from the archive over HTTP: start a job, follow its progress, download the file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
+
+from imageshare.access.policy import ACCOUNT_SELF, EXPORT_DEIDENTIFIED, EXPORT_IDENTIFIABLE
+from imageshare.domain.actors import Actor
+from imageshare.export.service import FORMATS, ExportRequest
+from imageshare.jobs import Job
+from imageshare.web.auth import allowed, authorise_also
+
+router = APIRouter(prefix="/api", tags=["API"])
+
+
+class ExportIn(BaseModel):
+    """An export of a study (or some of its series)."""
+
+    series_uids: list[str] = Field(default_factory=list, max_length=1000)
+    format: str = Field(default="zip", description="one of " + ", ".join(FORMATS))
+    deidentify: bool = True
+    profile: str = Field(default="teaching", max_length=64)
+    password: str = Field(default="", max_length=256,
+                          description="AES-encrypt the zip (at least 8 characters)")
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    """What a client may know of a job."""
+    return {"id": job.id, "kind": job.kind, "description": job.description, "state": job.state,
+            "done": job.done, "total": job.total, "percent": job.percent,
+            "summary": job.summary, "error": job.error,
+            "download": f"/api/jobs/{job.id}/file" if job.state == "done" else None}
+
+
+async def start_export(request: Request, actor: Actor, study_uid: str, body: ExportIn) -> Job:
+    """Check the caller may make this kind of export, then queue it."""
+    archive = request.app.state.archive
+    if not body.deidentify:
+        authorise_also(request, actor, EXPORT_IDENTIFIABLE, study_uid)
+    export = ExportRequest(study_uid, tuple(body.series_uids), body.format, body.deidentify,
+                           body.profile, body.password)
+    return await run_in_threadpool(archive.exports.start, export, actor,
+                                   archive.policy.study_scope(actor))
+
+
+@router.post("/studies/{study_uid}/exports", status_code=202, summary="Start an export")
+async def create_export(request: Request, study_uid: str, body: ExportIn,
+                        actor: allowed(EXPORT_DEIDENTIFIED, "study_uid")) -> dict[str, Any]:
+    """Export a study as ZIP, DICOMDIR media (zipped), MP4 of its cine loops or PNG/JPEG
+    stills; de-identified with a profile unless identifiable export is allowed and asked for.
+    Answers with the job to follow."""
+    return job_view(await start_export(request, actor, study_uid, body))
+
+
+@router.get("/jobs/{job_id}", summary="A background job's progress")
+def job_status(request: Request, job_id: str, actor: allowed(ACCOUNT_SELF)) -> dict[str, Any]:
+    """State and progress of one of the caller's jobs."""
+    return job_view(request.app.state.archive.jobs.get(job_id, actor.name))
+
+
+@router.get("/jobs/{job_id}/file", summary="Download a finished export")
+def job_file(request: Request, job_id: str, actor: allowed(ACCOUNT_SELF)) -> FileResponse:
+    """The export's file (a zip whose names carry no patient data)."""
+    job, path = request.app.state.archive.exports.result(job_id, actor)
+    return FileResponse(path, media_type="application/zip",
+                        filename=f"imageshare-export-{job.id[:8]}.zip",
+                        headers={"Cache-Control": "no-store"})
