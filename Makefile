@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= ./var
 
-.PHONY: install run test lint bench bench-viewer clean
+.PHONY: install run test lint bench bench-viewer bench-deid clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -38,6 +38,9 @@ bench: install
 
 bench-viewer: install
 	$(BIN)/python bench/viewer.py
+
+bench-deid: install
+	$(BIN)/python bench/deidentify.py
 
 clean:
 	rm -rf $(VENV) var

@@ -17,7 +17,11 @@ from datetime import timedelta
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
@@ -61,7 +65,17 @@ SAFE_TEXT = {
     "AcquisitionType", "RectificationType", "PixelIntensityRelationship",
 }
 SAFE_TEXT = {k for k in SAFE_TEXT if not k.endswith("_NOT")}
-_TAG_CACHE: dict[str, int] = {}
+# How the combined actions of PS3.15 E.1.1 are carried out here: where the standard lets the
+# IOD decide, a dummy value (valid whatever the attribute's type) or an empty one is used, and
+# sequences of references keep their items with their UIDs replaced.
+_COMBINED = {"X/Z": "Z", "X/D": "D", "X/Z/D": "D", "Z/D": "D", "X/Z/U*": "U"}
+
+
+def _dictionary_vr(tag: BaseTag) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
 
 
 @dataclass(frozen=True)
@@ -230,6 +244,9 @@ class AttributeCleaner:
         self.profile = profile
         self.pseudonyms = pseudonyms
         self.safe_private = safe_private
+        self._decisions: dict[tuple[int, str], str] = {}
+        self._encoded_marks: dict[tuple[bool, bool], Dataset] = {}
+        self._method_codes = [BASIC_PROFILE_CODE] + [OPTIONS[o] for o in sorted(profile.options)]
         self._full_dates = profile.has("retain_full_dates")
         self._modified_dates = profile.has("retain_modified_dates")
 
@@ -260,11 +277,14 @@ class AttributeCleaner:
         ds.PatientID = ctx.pseudonym
         ds.PatientName = ctx.pseudonym
         self._mark(ds)
+        if getattr(ds, "preamble", None):
+            ds.preamble = b"\0" * 128  # the Part 10 preamble is free for anything
         meta = getattr(ds, "file_meta", None)
         if meta is not None:
             if "MediaStorageSOPInstanceUID" in meta and not self.profile.has("retain_uids"):
                 meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            for keyword in ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
+            for keyword in ("PrivateInformationCreatorUID", "PrivateInformation",
+                            "SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
                             "ReceivingApplicationEntityTitle",
                             "SourcePresentationAddress", "SendingPresentationAddress",
                             "ReceivingPresentationAddress"):
@@ -289,13 +309,18 @@ class AttributeCleaner:
             if tag.element == 0:
                 del ds[tag]  # group lengths (retired) would be wrong afterwards
                 continue
-            element = ds[tag]
-            rule = rule_for(int(tag))
-            if rule is not None:
-                action = effective_action(rule, self.profile)
-            else:
-                action = self._rule_for_unlisted(element)
-            self._act(ds, element, action, ctx, report)
+            raw = ds.get_item(tag)
+            vr = raw.VR or _dictionary_vr(tag)
+            action = self._decide(int(tag), vr)
+            if action == "K" and vr != "SQ":  # most attributes: no need to decode the value
+                report.actions["K"] += 1
+                continue
+            if action == "X":
+                report.actions["X"] += 1
+                report.removed.append(keyword_for_tag(tag) or f"{int(tag):08X}")
+                del ds[tag]
+                continue
+            self._act(ds, ds[tag], action, ctx, report)
         # private creators whose elements all went
         for (group, block), kept in private_groups_kept.items():
             if not kept:
@@ -305,9 +330,22 @@ class AttributeCleaner:
         if top:
             self._drop_overlays_without_data(ds)
 
-    def _rule_for_unlisted(self, element: DataElement) -> str:
-        vr = element.VR
-        keyword = element.keyword
+    def _decide(self, tag: int, vr: str) -> str:
+        """The action for an attribute (cached per tag and VR)."""
+        key = (tag, vr)
+        action = self._decisions.get(key)
+        if action is None:
+            rule = rule_for(tag)
+            if rule is not None:
+                action = effective_action(rule, self.profile)
+            else:
+                action = self._rule_for_unlisted(vr, keyword_for_tag(tag))
+            action = _COMBINED.get(action, action)
+            self._decisions[key] = action
+        return action
+
+    @staticmethod
+    def _rule_for_unlisted(vr: str, keyword: str) -> str:
         if vr == "SQ":
             return "K"  # its items are cleaned in turn
         if vr == "UI":
@@ -325,8 +363,7 @@ class AttributeCleaner:
     def _act(self, ds: Dataset, element: DataElement, action: str, ctx: PatientContext,
              report: InstanceReport) -> None:
         vr = element.VR
-        action = {"X/Z": "Z", "X/D": "D", "X/Z/D": "D", "Z/D": "D", "X/Z/U*": "U"}.get(
-            action, action)
+        action = _COMBINED.get(action, action)
         report.actions[action] += 1
         tag = element.tag
         if action == "X":
@@ -436,25 +473,42 @@ class AttributeCleaner:
                 for tag in [t for t in ds.keys() if BaseTag(t).group == group]:
                     del ds[tag]
 
-    def _mark(self, ds: Dataset) -> None:
-        """Patient Identity Removed, De-identification Method (Code Sequence), and whether
-        dates were kept (PS3.15 E.1.1, PS3.3 C.7.1.1)."""
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = [f"ImageShare profile {self.profile.name}"[:64],
-                                     BASIC_PROFILE_CODE[1][:64]] + [
+    def _marks(self) -> Dataset:
+        """The attributes saying how the data set was de-identified (built once)."""
+        marks = Dataset()
+        marks.PatientIdentityRemoved = "YES"
+        marks.DeidentificationMethod = [f"ImageShare profile {self.profile.name}"[:64],
+                                        BASIC_PROFILE_CODE[1][:64]] + [
             OPTIONS[o][1][:64] for o in sorted(self.profile.options)]
-        codes = [BASIC_PROFILE_CODE] + [OPTIONS[o] for o in sorted(self.profile.options)]
         items = []
-        for value, meaning in codes:
+        for value, meaning in self._method_codes:
             item = Dataset()
             item.CodeValue = value
             item.CodingSchemeDesignator = "DCM"
             item.CodeMeaning = meaning[:64]
             items.append(item)
-        ds.DeidentificationMethodCodeSequence = Sequence(items)
+        marks.DeidentificationMethodCodeSequence = Sequence(items)
         if self._full_dates:
-            ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
+            marks.LongitudinalTemporalInformationModified = "UNMODIFIED"
         elif self._modified_dates:
-            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+            marks.LongitudinalTemporalInformationModified = "MODIFIED"
         else:
-            ds.LongitudinalTemporalInformationModified = "REMOVED"
+            marks.LongitudinalTemporalInformationModified = "REMOVED"
+        return marks
+
+    def _mark(self, ds: Dataset) -> None:
+        """Patient Identity Removed, De-identification Method (Code Sequence), and whether
+        dates were kept (PS3.15 E.1.1, PS3.3 C.7.1.1). The attributes are encoded once per
+        transfer syntax encoding and added as raw elements, written as they are."""
+        encoding = getattr(ds, "original_encoding", (False, True))
+        implicit, little = (encoding if encoding and encoding[0] is not None
+                            else (False, True))
+        raw = self._encoded_marks.get((implicit, little))
+        if raw is None:
+            buffer = DicomBytesIO()
+            buffer.is_implicit_VR, buffer.is_little_endian = implicit, little
+            write_dataset(buffer, self._marks())
+            raw = read_dataset(DicomBytesIO(buffer.getvalue()), implicit, little)
+            self._encoded_marks[(implicit, little)] = raw
+        for tag in raw.keys():
+            ds[tag] = raw.get_item(tag)

@@ -62,7 +62,11 @@ class Deidentifier:
         the patient."""
         context = self.attributes.context(ds)
         pixel_report = PixelReport()
-        if may_have_burned_in_text(ds):
+        if "EncapsulatedDocument" in ds:
+            pixel_report.held_back = True
+            pixel_report.reason = ("encapsulated documents (PDF, CDA, ...) cannot be "
+                                   "de-identified automatically")
+        elif may_have_burned_in_text(ds):
             if self.profile.has("clean_pixel_data"):
                 pixel_report = self.pixels.clean(ds, context.identifiers)
             else:

@@ -147,3 +147,18 @@ def test_command_line_deidentifies_a_folder_into_a_zip_with_a_report(tmp_path):
     assert report["written"] == 2
     assert all("Garcia" not in f["input"] for f in report["files"])
     assert report["files"][0]["pixels"]["checked"] is True
+
+
+def test_encapsulated_pdf_reports_are_held_back_and_the_preamble_is_cleared(tmp_path):
+    from pydicom.uid import generate_uid as new_uid
+
+    ds = ultrasound_with_text("X")
+    ds.preamble = b"GARCIA MARIA".ljust(128, b"\0")
+    outcome = Deidentifier(DEFAULT_PROFILES["basic"], Pseudonyms(SECRET)).instance(ds)
+    assert outcome.dataset.preamble == b"\0" * 128
+    pdf = Dataset()
+    pdf.SOPClassUID, pdf.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.104.1", new_uid()
+    pdf.PatientName, pdf.PatientID = "GARCIA^MARIA", "HX77123"
+    pdf.EncapsulatedDocument = b"%PDF-1.4 GARCIA MARIA\n%%EOF\n"
+    held = Deidentifier(DEFAULT_PROFILES["basic"], Pseudonyms(SECRET)).instance(pdf)
+    assert held.held_back and "encapsulated" in held.report["reason"]
