@@ -30,6 +30,7 @@ from imageshare.archive.retrieve import RetrieveService
 from imageshare.archive.search import StudySearchService
 from imageshare.archive.studies import StudyCatalogue
 from imageshare.audit.trail import AuditTrail
+from imageshare.deid.pseudonyms import Pseudonyms, installation_secret
 from imageshare.deid.service import Deidentifier
 from imageshare.deid.setup import deidentifier_for
 from imageshare.domain.actors import SYSTEM
@@ -37,6 +38,8 @@ from imageshare.exchange.nodes import NodeRegistry
 from imageshare.export.service import ExportService
 from imageshare.jobs import JobRunner
 from imageshare.settings import Settings
+from imageshare.sharing.links import ShareService
+from imageshare.sharing.notify import Mailer, MailSettings, Notifier
 from imageshare.storage.blobs import BlobStore, fsync_file, key_prefix_for, open_blob_store
 from imageshare.storage.index.database import make_engine, migrate
 from imageshare.storage.index.schema import instances
@@ -68,6 +71,8 @@ class Archive:
     throttle: SignInThrottle
     jobs: JobRunner
     exports: ExportService
+    notifier: Notifier
+    shares: ShareService
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -106,9 +111,19 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
             deidentifiers[profile] = deidentifier_for(settings, profile)
         return deidentifiers[profile]
 
+    users_directory = UserDirectory(engine)
+    mailer = Mailer(MailSettings(settings.smtp_host, settings.smtp_port, settings.smtp_tls,
+                                 settings.smtp_user, settings.smtp_password,
+                                 settings.mail_sender))
+    notifier = Notifier(engine, mailer, users_directory.email_of)
+    shares = ShareService(
+        engine, retrieve, audit, notifier, deidentifier,
+        lambda: Pseudonyms(installation_secret(settings.data_dir, settings.deid_secret)),
+        settings.data_dir / "share-cache", settings.share_default_days,
+        settings.share_max_days)
     return Archive(
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
-        ingest=ingest, query=query, retrieve=retrieve, users=UserDirectory(engine),
+        ingest=ingest, query=query, retrieve=retrieve, users=users_directory,
         sessions=SessionStore(engine),
         nodes=NodeRegistry(engine), policy=Policy(store_from_any_ae=settings.store_from_any_ae),
         search=StudySearchService(query), catalogue=catalogue,
@@ -119,6 +134,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         throttle=SignInThrottle(), jobs=jobs,
         exports=ExportService(retrieve, audit, jobs, settings.data_dir / "exports",
                               deidentifier),
+        notifier=notifier, shares=shares,
     )
 
 

@@ -75,6 +75,18 @@ class Settings:
     deid_regions_file: str = _setting(
         "", "TOML file of burned-in text regions per machine; empty: the shipped defaults."
     )
+    public_url: str = _setting(
+        "", "Address people use to reach ImageShare (e.g. https://images.example.nhs.uk), for "
+        "links in e-mails; empty: taken from each request."
+    )
+    share_default_days: int = _setting(30, "Days a share link stays valid unless chosen.")
+    share_max_days: int = _setting(90, "Longest validity a share link may be given (days).")
+    smtp_host: str = _setting("", "SMTP server for e-mail notifications; empty: no e-mail.")
+    smtp_port: int = _setting(25, "SMTP port.")
+    smtp_tls: str = _setting("none", "SMTP security: none, starttls or ssl.")
+    smtp_user: str = _setting("", "SMTP user name (empty: no login).")
+    smtp_password: str = _setting("", "SMTP password.")
+    mail_sender: str = _setting("imageshare@localhost", "From address of e-mails.")
 
     @property
     def resolved_database_url(self) -> str:

@@ -24,6 +24,11 @@ ACCOUNT_SELF = "account.self"
 STUDY_COMMENT = "study.comment"
 EXPORT_IDENTIFIABLE = "study.export"
 EXPORT_DEIDENTIFIED = "study.export.deidentified"
+SHARE_CREATE = "share.create"
+# What someone holding an opened share link may do (within the share's items only).
+SHARE_VIEW = "share.view"
+SHARE_DOWNLOAD = "share.download"
+SHARE_COMMENT = "share.comment"
 PATIENT_CORRECT = "patient.correct"
 # DICOM services, asked for by remote nodes.
 DICOM_ECHO = "dicom.echo"
@@ -33,7 +38,7 @@ DICOM_RETRIEVE = "dicom.retrieve"
 
 _STAFF = frozenset(
     {STUDY_READ, STUDY_STORE, STUDY_COMMENT, PATIENT_CORRECT, TOKEN_SELF, ACCOUNT_SELF,
-     EXPORT_IDENTIFIABLE, EXPORT_DEIDENTIFIED}
+     EXPORT_IDENTIFIABLE, EXPORT_DEIDENTIFIED, SHARE_CREATE}
 )
 # An administrator signed in with a password who has not yet set up two-factor sign-in
 # (required for admins) may only do that.
@@ -46,8 +51,8 @@ ROLES: dict[str, frozenset[str]] = {
     "clinician": _STAFF,
     "radiographer": _STAFF,
     "sonographer": _STAFF,
-    "educator": frozenset({STUDY_READ, STUDY_COMMENT, EXPORT_DEIDENTIFIED, TOKEN_SELF,
-                           ACCOUNT_SELF}),
+    "educator": frozenset({STUDY_READ, STUDY_COMMENT, EXPORT_DEIDENTIFIED, SHARE_CREATE,
+                           TOKEN_SELF, ACCOUNT_SELF}),
     "reviewer": frozenset({TOKEN_SELF, ACCOUNT_SELF}),
     "patient": frozenset({ACCOUNT_SELF}),
     "service": frozenset({STUDY_READ, STUDY_STORE, ACCOUNT_SELF}),
@@ -88,6 +93,10 @@ class Policy:
             if action in (DICOM_QUERY, DICOM_RETRIEVE):
                 return actor.registered and action in actor.grants
             return False
+        if actor.kind == "share":
+            if action in (SHARE_VIEW, SHARE_COMMENT):
+                return True
+            return action == SHARE_DOWNLOAD and "download" in actor.grants
         if actor.kind == "user":
             if action in ROLES.get(actor.role, frozenset()):
                 return True

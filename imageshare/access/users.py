@@ -54,7 +54,7 @@ class UserDirectory:
         self._verified: dict[tuple[str, bytes], tuple[float, Actor]] = {}
         self._lock = threading.Lock()
 
-    def add(self, username: str, password: str, role: str) -> None:
+    def add(self, username: str, password: str, role: str, email: str = "") -> None:
         """Create a user; raises ImageShareError for an unknown role or a taken name."""
         if role not in ROLES:
             raise ImageShareError(f"unknown role {role!r}; roles: {', '.join(sorted(ROLES))}")
@@ -66,7 +66,7 @@ class UserDirectory:
                 conn.execute(
                     insert(users).values(
                         username=username, password_hash=_hasher.hash(password), role=role,
-                        disabled=False, created_at=datetime.now(UTC),
+                        disabled=False, created_at=datetime.now(UTC), email=email.strip()[:254],
                     )
                 )
         except IntegrityError as exc:
@@ -213,6 +213,12 @@ class UserDirectory:
             if failed >= MAX_FAILED_LOGINS:
                 conn.execute(update(users).where(users.c.pk == user_pk).values(
                     failed_logins=0, locked_until=now + LOCKOUT))
+
+    def email_of(self, username: str) -> str:
+        """The user's e-mail address ("" when none is known)."""
+        with self._engine.connect() as conn:
+            return conn.execute(select(users.c.email).where(users.c.username == username)
+                                ).scalar() or ""
 
     def forget_cached(self, username: str) -> None:
         """Drop remembered password checks of ``username`` (after a change to the account)."""

@@ -54,8 +54,10 @@ class RetrieveService:
         sop_uids: Collection[str] = (),
         patient_ids: Collection[str] = (),
         allowed_studies: Collection[str] | None = None,
+        audit: bool = True,
     ) -> list[StoredInstance]:
-        """Instances matching every given list of UIDs, audited as ``action``.
+        """Instances matching every given list of UIDs, audited as ``action`` (unless the
+        caller audits the use itself and says ``audit=False``).
 
         Raises :class:`NotFound` when nothing matches (also for UIDs outside the scope).
         """
@@ -100,7 +102,8 @@ class RetrieveService:
                 study_uid=next(iter(study_uids), ""), detail={"reason": "not found"},
             )
         ]
-        self._audit.record(events)
+        if audit:
+            self._audit.record(events)
         if not found:
             raise NotFound("no such study, series or instance")
         return found

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -48,9 +49,42 @@ def resolve_actor(request: Request) -> Actor:
         if session is not None:
             request.state.session = session
             actor = session.actor
+    token = request.path_params.get("token")
+    if token and request.url.path.startswith("/s/"):
+        actor = _share_actor(request, archive, token, actor, source) or actor
     result = actor or ANONYMOUS
     request.state.actor = result
     return result
+
+
+LINK_COOKIE = "imageshare_link"
+
+
+@dataclass(frozen=True)
+class LinkSession:
+    """An opened share link in a browser: its CSRF token."""
+
+    csrf_token: str
+
+
+def _share_actor(request: Request, archive: Any, token: str, user: Actor | None,
+                 source: str) -> Actor | None:
+    """The share's actor when this browser opened the link with its passcode (and, for an
+    identifiable share, is signed in as the named recipient); else None."""
+    from imageshare.domain.errors import ImageShareError
+
+    try:
+        share = archive.shares.by_token(token)
+    except ImageShareError:
+        return None
+    csrf = archive.shares.session(share, request.cookies.get(LINK_COOKIE, ""))
+    if csrf is None:
+        return None
+    if not share.deidentified and (user is None or user.name != share.recipient_user):
+        return None
+    request.state.share = share
+    request.state.session = LinkSession(csrf)
+    return share.actor(source)
 
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")

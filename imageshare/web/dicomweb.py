@@ -494,7 +494,8 @@ def retrieve_bulkdata(
     )
 
 
-def _render_options(request: Request, thumbnail: bool) -> RenderOptions:
+def render_options(request: Request, thumbnail: bool) -> RenderOptions:
+    """How to render, from the request's Accept header and window/viewport/quality."""
     accept = request.headers.get("accept", "") or "image/jpeg"
     media = "image/jpeg"
     for media_range in accept.split(","):
@@ -519,7 +520,7 @@ def _render_options(request: Request, thumbnail: bool) -> RenderOptions:
 def _render(
     request: Request, inst: StoredInstance, frame: int, thumbnail: bool = False
 ) -> Response:
-    options = _render_options(request, thumbnail)
+    options = render_options(request, thumbnail)
     with request.app.state.archive.retrieve.open(inst) as stream:
         data = render_frame(stream, frame - 1, options)
     return Response(data, media_type=options.media_type)

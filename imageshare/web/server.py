@@ -13,7 +13,17 @@ from imageshare import __version__
 from imageshare.access.policy import ACCOUNT_SELF, PUBLIC
 from imageshare.web import api, dicomweb, exports, problems
 from imageshare.web.auth import allowed
-from imageshare.web.pages import account, admin, assets, patients, sign_in, studies, viewer
+from imageshare.web.pages import (
+    account,
+    admin,
+    assets,
+    patients,
+    shared,
+    shares,
+    sign_in,
+    studies,
+    viewer,
+)
 
 
 def create_app(archive: Any) -> FastAPI:
@@ -27,7 +37,7 @@ def create_app(archive: Any) -> FastAPI:
     app.include_router(dicomweb.router)
     app.include_router(api.router)
     app.include_router(exports.router)
-    for pages in (sign_in, studies, viewer, patients, account, admin, assets):
+    for pages in (sign_in, studies, viewer, patients, account, admin, shares, shared, assets):
         app.include_router(pages.router)
     origins = [o.strip() for o in archive.settings.cors_origins.split(",") if o.strip()]
     if origins:

@@ -133,6 +133,7 @@ users = Table(
     Column("totp_secret", String(64), nullable=True),
     Column("totp_enabled", Boolean, nullable=False, default=False, server_default=false()),
     Column("totp_last_step", BigInteger, nullable=True),
+    Column("email", String(254), nullable=False, default="", server_default=""),
 )
 
 sessions = Table(
@@ -220,4 +221,92 @@ patient_changes = Table(
     Column("reason", Text, nullable=False),
     Column("actor", String(128), nullable=False),
     Column("at", DateTime(timezone=True), nullable=False),
+)
+
+# Share links: the token and passcode are kept only as hashes.
+shares = Table(
+    "shares",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("public_id", String(32), nullable=False, unique=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("owner", String(128), nullable=False, index=True),
+    Column("title", String(128), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("recipient_email", String(254), nullable=False),
+    Column("recipient_user", String(128), nullable=False),
+    Column("passcode_hash", String(256), nullable=False),
+    Column("allow_download", Boolean, nullable=False),
+    Column("deidentified", Boolean, nullable=False),
+    Column("profile", String(64), nullable=False),
+    Column("failed_attempts", Integer, nullable=False, default=0, server_default="0"),
+    Column("locked", Boolean, nullable=False, default=False, server_default=false()),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column("reviewed_at", DateTime(timezone=True), nullable=True),
+    Column("expiry_notified", Boolean, nullable=False, default=False, server_default=false()),
+)
+
+# One row per shared instance, with the UIDs the recipient sees (new ones when de-identified).
+share_items = Table(
+    "share_items",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("share_pk", ForeignKey("shares.pk", ondelete="CASCADE"), nullable=False, index=True),
+    Column("study_uid", String(64), nullable=False),
+    Column("series_uid", String(64), nullable=False),
+    Column("sop_uid", String(64), nullable=False),
+    Column("public_study_uid", String(64), nullable=False),
+    Column("public_series_uid", String(64), nullable=False),
+    Column("public_sop_uid", String(64), nullable=False),
+    Column("held_back", Boolean, nullable=False, default=False, server_default=false()),
+    UniqueConstraint("share_pk", "public_sop_uid"),
+)
+
+share_sessions = Table(
+    "share_sessions",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("share_pk", ForeignKey("shares.pk", ondelete="CASCADE"), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("csrf_token", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+share_comments = Table(
+    "share_comments",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("share_pk", ForeignKey("shares.pk", ondelete="CASCADE"), nullable=False, index=True),
+    Column("public_sop_uid", String(64), nullable=False),
+    Column("author", String(128), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+share_feedback = Table(
+    "share_feedback",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("share_pk", ForeignKey("shares.pk", ondelete="CASCADE"), nullable=False, index=True),
+    Column("reviewer", String(128), nullable=False),
+    Column("view_obtained", String(16), nullable=False),
+    Column("image_quality", Integer, nullable=False),
+    Column("findings", Text, nullable=False),
+    Column("agreement", String(16), nullable=False),
+    Column("comments", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("username", String(128), nullable=False, index=True),
+    Column("kind", String(32), nullable=False),
+    Column("text", String(512), nullable=False),
+    Column("link", String(512), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("read_at", DateTime(timezone=True), nullable=True),
 )

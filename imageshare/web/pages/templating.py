@@ -90,7 +90,10 @@ def page(request: Request, template: str, status_code: int = 200, **context: Any
     policy = request.app.state.archive.policy
     notice = NOTICES.get(request.query_params.get("notice", ""))
     messages = [{"kind": notice[0], "text": notice[1]}] if notice else []
+    archive = request.app.state.archive
+    unread = archive.notifier.unread(actor.name) if actor.kind == "user" else 0
     html = environment.get_template(template).render(
+        unread=unread,
         request=request, actor=actor, csrf_token=session.csrf_token if session else "",
         can=lambda action, resource=None: policy.allows(actor, action, resource),
         messages=messages, **context,

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from imageshare.access.policy import STUDY_READ
 from imageshare.archive.viewing import viewer_manifest
 from imageshare.web.auth import allowed
-from imageshare.web.pages.templating import page
+from imageshare.web.pages.templating import dicom_date, page, person
 
 router = APIRouter(include_in_schema=False)
 
@@ -22,4 +22,7 @@ async def viewer(request: Request, study_uid: str, actor: allowed(STUDY_READ, "s
     study = await run_in_threadpool(archive.catalogue.view, study_uid, actor,
                                     archive.policy.study_scope(actor))
     manifest = await run_in_threadpool(viewer_manifest, study, archive.retrieve.header, series)
-    return page(request, "viewer.html", study=study, manifest=manifest)
+    return page(request, "viewer.html", manifest={**manifest, "base": "/dicomweb"},
+                banner_name=person(study.patient.name), banner_id=study.patient.patient_id,
+                banner_date=dicom_date(study.study_date), back_link=f"/studies/{study_uid}",
+                back_label="Study page", comment_action="")

@@ -44,7 +44,7 @@
   }
 
   function frameUrl(series, frame) {
-    const base = `/dicomweb/studies/${manifest.study}/series/${series.uid}/instances/${frame.sop}`;
+    const base = `${manifest.base || "/dicomweb"}/studies/${manifest.study}/series/${series.uid}/instances/${frame.sop}`;
     const url = frame.multi ? `${base}/frames/${frame.frame}/rendered` : `${base}/rendered`;
     const params = new URLSearchParams();
     if (state.window) params.set("window", state.window.map((v) => v.toFixed(1)).join(","));
@@ -155,6 +155,8 @@
     slider.value = String(state.index);
     position.textContent = `${state.index + 1} / ${n}`;
     overlayTl.textContent = `${state.series.modality} ${state.series.description || ""} · ${state.index + 1}/${n}`;
+    const target = document.getElementById("comment-sop");
+    if (target) target.value = state.series.frames[state.index].sop;
     const bitmap = bitmapAt(state.index);
     if (bitmap) {
       lastBitmap = bitmap;

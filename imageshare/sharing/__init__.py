@@ -1,0 +1,1 @@
+"""Sharing: links with passcodes, recipients, comments, feedback and notifications."""

@@ -1,0 +1,496 @@
+"""Share links: what was shared, with whom, for how long, and every use of it.
+
+A link carries a random token (256 bits; only its SHA-256 is stored) and is opened with a
+passcode (argon2-hashed, shown once to the sender). Ten wrong passcodes lock the link. The
+recipient sees the shared instances under the UIDs of the share (new ones when it is
+de-identified); anything else does not exist for them.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from pydicom import dcmread
+from sqlalchemy import Engine, insert, select, update
+
+from imageshare.access.users import as_utc, secret_hash
+from imageshare.archive.retrieve import RetrieveService, StoredInstance
+from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.deid.pseudonyms import Pseudonyms
+from imageshare.deid.service import Deidentifier
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import Forbidden, ImageShareError, NotFound
+from imageshare.sharing.notify import Mailer, Notifier
+from imageshare.storage.index.schema import (
+    share_comments,
+    share_feedback,
+    share_items,
+    share_sessions,
+    shares,
+)
+
+MAX_PASSCODE_FAILURES = 10
+_PASSCODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_hasher = PasswordHasher()
+
+
+class LinkGone(ImageShareError):
+    """The link expired, was revoked or is locked: the recipient is told only that."""
+
+    http_status = 410
+    title = "Link no longer valid"
+
+
+@dataclass(frozen=True)
+class NewShare:
+    """What a user asks to share and how."""
+
+    study_uid: str
+    series_uids: tuple[str, ...] = ()
+    sop_uids: tuple[str, ...] = ()
+    recipient_email: str = ""
+    recipient_user: str = ""
+    days: int = 30
+    allow_download: bool = False
+    deidentified: bool = True
+    profile: str = "teaching"
+    message: str = ""
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class CreatedShare:
+    """A new share: the link's token and passcode are shown once, here."""
+
+    public_id: str
+    token: str
+    passcode: str
+    expires_at: datetime
+
+    @property
+    def path(self) -> str:
+        """The link's path (no patient data in it)."""
+        return f"/s/{self.token}"
+
+
+@dataclass(frozen=True)
+class Share:
+    """A share as stored."""
+
+    pk: int
+    public_id: str
+    owner: str
+    title: str
+    message: str
+    recipient_email: str
+    recipient_user: str
+    allow_download: bool
+    deidentified: bool
+    profile: str
+    failed_attempts: int
+    locked: bool
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+    reviewed_at: datetime | None
+
+    @property
+    def state(self) -> str:
+        """active, expired, revoked or locked."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.locked:
+            return "locked"
+        if as_utc(self.expires_at) <= datetime.now(UTC):
+            return "expired"
+        return "active"
+
+    def actor(self, source: str) -> Actor:
+        """The party using this share's link."""
+        grants = {"download"} if self.allow_download else set()
+        return Actor("share", self.public_id, "share-recipient", source,
+                     grants=frozenset(grants))
+
+
+@dataclass(frozen=True)
+class ShareItem:
+    """One shared instance, with its real and its public UIDs."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    public_study_uid: str
+    public_series_uid: str
+    public_sop_uid: str
+    held_back: bool
+
+
+def _share(row: Any) -> Share:
+    return Share(**{k: row[k] for k in Share.__dataclass_fields__})
+
+
+class ShareService:
+    """Creates, opens, scopes and revokes shares; everything audited."""
+
+    def __init__(self, engine: Engine, retrieve: RetrieveService, audit: AuditTrail,
+                 notifier: Notifier, deidentifier: Callable[[str], Deidentifier],
+                 pseudonyms: Callable[[], Pseudonyms], cache_dir: Path, default_days: int,
+                 max_days: int) -> None:
+        self._engine = engine
+        self._retrieve = retrieve
+        self._audit = audit
+        self.notifier = notifier
+        self._deidentifier = deidentifier
+        self._pseudonyms = pseudonyms
+        self._cache = cache_dir
+        self.default_days = default_days
+        self.max_days = max_days
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    @property
+    def mailer(self) -> Mailer:
+        """The e-mail sender."""
+        return self.notifier.mailer
+
+    # -- creating ---------------------------------------------------------------------------
+
+    def create(self, request: NewShare, owner: Actor,
+               allowed_studies: Collection[str] | None) -> CreatedShare:
+        """Share the requested instances; raises ImageShareError for a bad request."""
+        days = request.days or self.default_days
+        if not 1 <= days <= self.max_days:
+            raise ImageShareError(f"a share lasts 1 to {self.max_days} days")
+        email = request.recipient_email.strip()
+        if email and not _EMAIL.match(email):
+            raise ImageShareError("the recipient's e-mail address is not valid")
+        if not request.deidentified and not request.recipient_user:
+            raise ImageShareError("identifiable shares are only for a named user account, "
+                                  "who signs in to open them")
+        if request.deidentified:
+            self._deidentifier(request.profile)  # unknown profile: refused now
+        found = self._retrieve.select(
+            owner, "share.create", study_uids=[request.study_uid],
+            series_uids=list(request.series_uids), sop_uids=list(request.sop_uids),
+            allowed_studies=allowed_studies)
+        token = secrets.token_urlsafe(32)
+        passcode = "".join(secrets.choice(_PASSCODE_ALPHABET) for _ in range(10))
+        public_id = secrets.token_hex(8)
+        now = datetime.now(UTC)
+        expires = now + timedelta(days=days)
+        pseudonyms = self._pseudonyms() if request.deidentified else None
+
+        def public(uid: str) -> str:
+            return pseudonyms.uid(uid) if pseudonyms else uid
+
+        with self._engine.begin() as conn:
+            share_pk = conn.execute(insert(shares).values(
+                public_id=public_id, token_hash=secret_hash(token), owner=owner.name,
+                title=(request.title or "Shared images")[:128], message=request.message[:4000],
+                recipient_email=email[:254], recipient_user=request.recipient_user[:128],
+                passcode_hash=_hasher.hash(passcode), allow_download=request.allow_download,
+                deidentified=request.deidentified,
+                profile=request.profile if request.deidentified else "",
+                failed_attempts=0, locked=False, created_at=now, expires_at=expires,
+            )).inserted_primary_key[0]
+            conn.execute(insert(share_items), [
+                {"share_pk": share_pk, "study_uid": i.study_uid, "series_uid": i.series_uid,
+                 "sop_uid": i.sop_uid, "public_study_uid": public(i.study_uid),
+                 "public_series_uid": public(i.series_uid),
+                 "public_sop_uid": public(i.sop_uid), "held_back": False}
+                for i in found
+            ])
+            self._audit.record(AuditEvent(
+                actor=owner, action="share.create", outcome="success",
+                patient_id=found[0].patient_id, study_uid=request.study_uid,
+                instance_count=len(found),
+                detail={"share": public_id, "deidentified": request.deidentified,
+                        "download": request.allow_download, "days": days,
+                        "recipient": "e-mail" if email else (
+                            "user" if request.recipient_user else "link")}), conn=conn)
+        return CreatedShare(public_id, token, passcode, expires)
+
+    def invite(self, created: CreatedShare, email: str, url: str, sender: str) -> None:
+        """E-mail the link (never the passcode, never patient data) to the recipient."""
+        self.mailer.send(
+            email, "Images have been shared with you on ImageShare",
+            f"{sender} has shared medical images with you on ImageShare.\n\n"
+            f"Open them here: {url}\n\n"
+            "You will need the passcode, which the sender gives you separately (by phone or "
+            f"text message).\nThe link works until {created.expires_at:%d %B %Y}.\n\n"
+            "This message contains no patient information.\n")
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def by_token(self, token: str) -> Share:
+        """The share behind a link; NotFound for an unknown token, LinkGone when it ended."""
+        if not token or len(token) > 128:
+            raise NotFound("no such link")
+        with self._engine.connect() as conn:
+            row = conn.execute(select(shares).where(shares.c.token_hash == secret_hash(token))
+                               ).mappings().first()
+        if row is None:
+            raise NotFound("no such link")
+        share = _share(row)
+        if share.state != "active":
+            raise LinkGone(f"this link has been {share.state}" if share.state != "expired"
+                           else "this link has expired")
+        return share
+
+    def by_public_id(self, public_id: str, owner: str) -> Share:
+        """One of ``owner``'s shares; NotFound otherwise."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(shares).where(shares.c.public_id == public_id,
+                                                    shares.c.owner == owner)).mappings().first()
+        if row is None:
+            raise NotFound("no such share")
+        return _share(row)
+
+    def check_passcode(self, share: Share, passcode: str, source: str) -> bool:
+        """True for the right passcode; wrong ones count, and the tenth locks the link."""
+        actor = share.actor(source)
+        try:
+            _hasher.verify(self._passcode_hash(share.pk), passcode.strip().upper())
+        except (VerificationError, InvalidHashError):
+            with self._engine.begin() as conn:
+                failures = conn.execute(
+                    update(shares).where(shares.c.pk == share.pk)
+                    .values(failed_attempts=shares.c.failed_attempts + 1)
+                    .returning(shares.c.failed_attempts)).scalar_one()
+                if failures >= MAX_PASSCODE_FAILURES:
+                    conn.execute(update(shares).where(shares.c.pk == share.pk)
+                                 .values(locked=True))
+                self._audit.record(AuditEvent(
+                    actor=actor, action="share.passcode", outcome="failure",
+                    detail={"share": share.public_id, "failures": failures,
+                            "locked": failures >= MAX_PASSCODE_FAILURES}), conn=conn)
+            if failures >= MAX_PASSCODE_FAILURES:
+                self.notifier.notify(share.owner, "share.locked",
+                                     "A share link was locked after ten wrong passcodes",
+                                     f"/shares/{share.public_id}")
+            return False
+        with self._engine.begin() as conn:
+            conn.execute(update(shares).where(shares.c.pk == share.pk)
+                         .values(failed_attempts=0))
+        self._audit.record(AuditEvent(actor=actor, action="share.open", outcome="success",
+                                      detail={"share": share.public_id}))
+        return True
+
+    def _passcode_hash(self, share_pk: int) -> str:
+        with self._engine.connect() as conn:
+            return conn.execute(select(shares.c.passcode_hash).where(shares.c.pk == share_pk)
+                                ).scalar_one()
+
+    def start_session(self, share: Share) -> tuple[str, str]:
+        """A browser session for an opened link: (cookie secret, CSRF token)."""
+        secret, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        with self._engine.begin() as conn:
+            conn.execute(insert(share_sessions).values(
+                share_pk=share.pk, token_hash=secret_hash(secret), csrf_token=csrf,
+                created_at=datetime.now(UTC)))
+        return secret, csrf
+
+    def session(self, share: Share, secret: str) -> str | None:
+        """The CSRF token of the link session with this cookie secret, or None."""
+        if not secret:
+            return None
+        with self._engine.connect() as conn:
+            return conn.execute(select(share_sessions.c.csrf_token).where(
+                share_sessions.c.share_pk == share.pk,
+                share_sessions.c.token_hash == secret_hash(secret))).scalar()
+
+    # -- what the recipient sees -------------------------------------------------------------
+
+    def items(self, share: Share) -> list[ShareItem]:
+        """Every shared instance (held-back ones included, marked)."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(share_items).where(share_items.c.share_pk == share.pk)
+                                .order_by(share_items.c.pk)).mappings().all()
+        return [ShareItem(**{k: r[k] for k in ShareItem.__dataclass_fields__}) for r in rows]
+
+    def item(self, share: Share, public_study: str, public_series: str | None,
+             public_sop: str | None) -> list[ShareItem]:
+        """The shared instances under these public UIDs; NotFound for anything not shared."""
+        found = [i for i in self.items(share) if i.public_study_uid == public_study
+                 and (public_series is None or i.public_series_uid == public_series)
+                 and (public_sop is None or i.public_sop_uid == public_sop)
+                 and not i.held_back]
+        if not found:
+            raise NotFound("no such study, series or instance")
+        return found
+
+    def stored(self, share: Share, item: ShareItem) -> StoredInstance:
+        """The archive's record of a shared instance (not audited: callers audit the use)."""
+        return self._retrieve.select(share.actor("internal"), "share.resolve",
+                                     sop_uids=[item.sop_uid], audit=False)[0]
+
+    def content(self, share: Share, item: ShareItem) -> Path | None:
+        """A local file with what the recipient may see of ``item``: the de-identified copy
+        (made once, kept for the share's life) or the stored instance. None when the
+        instance was held back by de-identification."""
+        if not share.deidentified:
+            inst = self.stored(share, item)
+            local = self._retrieve.local_path(inst)
+            if local is not None:
+                return local
+            target = self._cache / share.public_id / f"{item.public_sop_uid}.dcm"
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with self._retrieve.open(inst) as fp:
+                    target.write_bytes(fp.read())
+            return target
+        target = self._cache / share.public_id / f"{item.public_sop_uid}.dcm"
+        with self._lock_for(str(target)):
+            if target.exists():
+                return target
+            inst = self.stored(share, item)
+            with self._retrieve.open(inst) as fp:
+                ds = dcmread(fp)
+            outcome = self._deidentifier(share.profile).instance(ds)
+            if outcome.held_back:
+                with self._engine.begin() as conn:
+                    conn.execute(update(share_items).where(
+                        share_items.c.share_pk == share.pk,
+                        share_items.c.public_sop_uid == item.public_sop_uid).values(
+                        held_back=True))
+                return None
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(".part")
+            outcome.dataset.save_as(partial, enforce_file_format=True)  # type: ignore[union-attr]
+            partial.replace(target)
+            return target
+
+    def prepare(self, share: Share) -> int:
+        """Make every de-identified copy now (after creation); returns how many were held
+        back."""
+        held = 0
+        for item in self.items(share):
+            if self.content(share, item) is None:
+                held += 1
+        return held
+
+    def _lock_for(self, key: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def record(self, share: Share, actor: Actor, action: str, item: ShareItem | None = None,
+               count: int = 1, **detail: Any) -> None:
+        """Audit a use of the share (the owner sees these as the share's accesses)."""
+        self._audit.record(AuditEvent(
+            actor=actor, action=action, outcome="success",
+            study_uid=item.study_uid if item else "", instance_count=count,
+            detail={"share": share.public_id, **detail}))
+
+    # -- recipient's words ------------------------------------------------------------------
+
+    def comment(self, share: Share, actor: Actor, body: str, public_sop_uid: str = "") -> None:
+        """A recipient's comment on the case or on one shared image or clip."""
+        body = body.strip()
+        if not body or len(body) > 10_000:
+            raise ImageShareError("a comment has 1 to 10,000 characters")
+        if public_sop_uid and not any(i.public_sop_uid == public_sop_uid
+                                      for i in self.items(share)):
+            raise NotFound("no such image in this share")
+        with self._engine.begin() as conn:
+            conn.execute(insert(share_comments).values(
+                share_pk=share.pk, public_sop_uid=public_sop_uid,
+                author=share.recipient_email or "reviewer", body=body,
+                created_at=datetime.now(UTC)))
+        self.record(share, actor, "share.comment", image=bool(public_sop_uid))
+        self.notifier.notify(share.owner, "share.comment",
+                             "A reviewer commented on images you shared",
+                             f"/shares/{share.public_id}")
+
+    def give_feedback(self, share: Share, actor: Actor, view_obtained: str,
+                      image_quality: int, findings: str, agreement: str,
+                      comments: str) -> None:
+        """Structured review of a case (point-of-care ultrasound accreditation)."""
+        if view_obtained not in ("yes", "partly", "no"):
+            raise ImageShareError("say whether the view was obtained: yes, partly or no")
+        if not 1 <= image_quality <= 5:
+            raise ImageShareError("image quality is graded 1 to 5")
+        if agreement not in ("agree", "disagree", "unsure"):
+            raise ImageShareError("agreement is agree, disagree or unsure")
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            conn.execute(insert(share_feedback).values(
+                share_pk=share.pk, reviewer=share.recipient_email or "reviewer",
+                view_obtained=view_obtained, image_quality=image_quality,
+                findings=findings.strip()[:10_000], agreement=agreement,
+                comments=comments.strip()[:10_000], created_at=now))
+            conn.execute(update(shares).where(shares.c.pk == share.pk).values(reviewed_at=now))
+        self.record(share, actor, "share.feedback")
+        self.notifier.notify(share.owner, "share.feedback",
+                             "A reviewer gave feedback on a case you shared",
+                             f"/shares/{share.public_id}")
+
+    def comments(self, share: Share) -> list[dict[str, Any]]:
+        """Comments on the share, oldest first."""
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(
+                select(share_comments).where(share_comments.c.share_pk == share.pk)
+                .order_by(share_comments.c.pk)).mappings()]
+
+    def feedback(self, share: Share) -> list[dict[str, Any]]:
+        """Feedback given on the share, oldest first."""
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(
+                select(share_feedback).where(share_feedback.c.share_pk == share.pk)
+                .order_by(share_feedback.c.pk)).mappings()]
+
+    # -- owner ------------------------------------------------------------------------------
+
+    def owned(self, owner: str) -> list[Share]:
+        """The owner's shares, newest first."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(shares).where(shares.c.owner == owner)
+                                .order_by(shares.c.pk.desc())).mappings().all()
+        return [_share(r) for r in rows]
+
+    def revoke(self, public_id: str, owner: Actor) -> None:
+        """End a share for good."""
+        share = self.by_public_id(public_id, owner.name)
+        if share.revoked_at is not None:
+            return
+        with self._engine.begin() as conn:
+            conn.execute(update(shares).where(shares.c.pk == share.pk)
+                         .values(revoked_at=datetime.now(UTC)))
+            self._audit.record(AuditEvent(actor=owner, action="share.revoke",
+                                          outcome="success",
+                                          detail={"share": public_id}), conn=conn)
+
+    def accesses(self, share: Share, limit: int = 200) -> list[dict[str, Any]]:
+        """Every use of the link, newest first."""
+        return [e for e in self._audit.events(limit=5000)
+                if e["detail"].get("share") == share.public_id][:limit]
+
+    def notify_expiring(self, within: timedelta = timedelta(days=3)) -> int:
+        """Tell owners about shares ending soon (once each); returns how many."""
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            rows = conn.execute(select(shares.c.pk, shares.c.owner, shares.c.public_id).where(
+                shares.c.revoked_at.is_(None), shares.c.expiry_notified.is_(False),
+                shares.c.expires_at <= now + within, shares.c.expires_at > now)).all()
+            for row in rows:
+                conn.execute(update(shares).where(shares.c.pk == row.pk)
+                             .values(expiry_notified=True))
+        for row in rows:
+            self.notifier.notify(row.owner, "share.expiring", "A share link expires soon",
+                                 f"/shares/{row.public_id}")
+        return len(rows)
+
+
+def require_owner(share: Share, actor: Actor) -> None:
+    """Raise Forbidden unless ``actor`` owns ``share``."""
+    if actor.kind != "user" or share.owner != actor.name:
+        raise Forbidden("this is not your share")

@@ -1,0 +1,223 @@
+"""The recipient's side of a share link: passcode, the shared case, viewer, comments, feedback,
+download. Everything under /s/{token} sees only the share's own instances."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, Response
+from pydicom import dcmread
+from starlette.background import BackgroundTask
+
+from imageshare.access.policy import PUBLIC, SHARE_COMMENT, SHARE_DOWNLOAD, SHARE_VIEW
+from imageshare.archive.rendering import render_frame
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import ImageShareError, NotFound
+from imageshare.export.media import cine_to_mp4
+from imageshare.export.writers import ZipWriter, _Numbering
+from imageshare.sharing.links import LinkGone, Share
+from imageshare.sharing.viewer import share_manifest
+from imageshare.web.auth import LINK_COOKIE, allowed, client_address, resolve_actor
+from imageshare.web.dicomweb import render_options
+from imageshare.web.pages.templating import page, redirect
+
+router = APIRouter(include_in_schema=False)
+
+
+def _share(request: Request) -> Share:
+    return request.state.share
+
+
+def _gone(request: Request, exc: ImageShareError) -> Response:
+    """An ended or unknown link says so and shows nothing else."""
+    status = 410 if isinstance(exc, LinkGone) else 404
+    title = "This link no longer works" if status == 410 else "No such link"
+    detail = (str(exc).capitalize() + ". Ask the sender for a new one." if status == 410
+              else "Check the address, or ask the sender for a new link.")
+    return page(request, "error.html", status_code=status, title=title, detail=detail)
+
+
+@router.get("/s/{token}")
+def landing(request: Request, token: str, _anyone: allowed(PUBLIC)) -> Response:
+    """The link's first page: the passcode form (or the shared case once opened)."""
+    archive = request.app.state.archive
+    try:
+        share = archive.shares.by_token(token)
+    except ImageShareError as exc:
+        return _gone(request, exc)
+    actor = resolve_actor(request)
+    if actor.kind == "share":
+        return redirect(f"/s/{token}/case")
+    return page(request, "link_passcode.html", token=token, needs_login=(
+        not share.deidentified and (actor.kind != "user"
+                                    or actor.name != share.recipient_user)))
+
+
+@router.post("/s/{token}")
+def open_link(request: Request, token: str, _anyone: allowed(PUBLIC),
+              passcode: Annotated[str, Form()]) -> Response:
+    """Check the passcode; ten wrong ones lock the link."""
+    archive = request.app.state.archive
+    source = client_address(request)
+    try:
+        share = archive.shares.by_token(token)
+        archive.throttle.check(source)
+    except ImageShareError as exc:
+        if getattr(exc, "http_status", 0) == 429:
+            return page(request, "link_passcode.html", status_code=429, token=token,
+                        error=str(exc), needs_login=False)
+        return _gone(request, exc)
+    if not archive.shares.check_passcode(share, passcode[:64], source):
+        archive.throttle.failed(source)
+        try:
+            archive.shares.by_token(token)
+        except ImageShareError as exc:
+            return _gone(request, exc)
+        return page(request, "link_passcode.html", status_code=401, token=token,
+                    error="That passcode is not right.", needs_login=False)
+    secret, _csrf = archive.shares.start_session(share)
+    response = redirect(f"/s/{token}/case")
+    response.set_cookie(LINK_COOKIE, secret, httponly=True, samesite="strict",
+                        path=f"/s/{token}", secure=request.url.scheme == "https")
+    return response
+
+
+@router.get("/s/{token}/case")
+def case(request: Request, token: str, actor: allowed(SHARE_VIEW)) -> Response:
+    """What was shared: message, series, comments, feedback form, downloads."""
+    archive = request.app.state.archive
+    share = _share(request)
+    manifest = share_manifest(archive.shares, share, f"/s/{token}/dicomweb")
+    archive.shares.record(share, actor, "share.view", count=sum(
+        len({f["sop"] for f in s["frames"]}) for s in manifest["series"]))
+    return page(request, "link_case.html", token=token, share=share, manifest=manifest,
+                comments=archive.shares.comments(share),
+                feedback=archive.shares.feedback(share),
+                held_back=sum(1 for i in archive.shares.items(share) if i.held_back),
+                can_download=archive.policy.allows(actor, SHARE_DOWNLOAD))
+
+
+@router.get("/s/{token}/viewer")
+def viewer(request: Request, token: str, actor: allowed(SHARE_VIEW)) -> Response:
+    """The same viewer as the web app, over the share's instances only."""
+    archive = request.app.state.archive
+    share = _share(request)
+    manifest = share_manifest(archive.shares, share, f"/s/{token}/dicomweb")
+    return page(request, "viewer.html", manifest=manifest, banner_name=share.title,
+                banner_id="", banner_date="", back_link=f"/s/{token}/case",
+                back_label="Back to the case", comment_action=f"/s/{token}/comments")
+
+
+async def _render(request: Request, actor: Actor, study: str, series: str | None,
+                  sop: str | None, frame: int, thumbnail: bool = False) -> Response:
+    archive = request.app.state.archive
+    share = _share(request)
+    items = archive.shares.item(share, study, series, sop)
+    item = items[len(items) // 2] if sop is None else items[0]
+    path = await run_in_threadpool(archive.shares.content, share, item)
+    if path is None:
+        raise NotFound("no such study, series or instance")
+    options = render_options(request, thumbnail)
+
+    def render() -> bytes:
+        with open(path, "rb") as stream:
+            return render_frame(stream, frame - 1, options)
+
+    data = await run_in_threadpool(render)
+    await run_in_threadpool(archive.shares.record, share, actor, "share.render", item)
+    return Response(data, media_type=options.media_type,
+                    headers={"Cache-Control": "private, max-age=300"})
+
+
+@router.get("/s/{token}/dicomweb/studies/{study}/series/{series}/thumbnail")
+async def series_thumbnail(request: Request, token: str, study: str, series: str,
+                           actor: allowed(SHARE_VIEW)) -> Response:
+    """A shared series' thumbnail."""
+    return await _render(request, actor, study, series, None, 1, thumbnail=True)
+
+
+@router.get("/s/{token}/dicomweb/studies/{study}/series/{series}/instances/{sop}/rendered")
+async def rendered(request: Request, token: str, study: str, series: str, sop: str,
+                   actor: allowed(SHARE_VIEW)) -> Response:
+    """A shared single-frame image, rendered."""
+    return await _render(request, actor, study, series, sop, 1)
+
+
+@router.get(
+    "/s/{token}/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/rendered")
+async def rendered_frame(request: Request, token: str, study: str, series: str, sop: str,
+                         frame: int, actor: allowed(SHARE_VIEW)) -> Response:
+    """One frame of a shared clip, rendered."""
+    return await _render(request, actor, study, series, sop, frame)
+
+
+@router.post("/s/{token}/comments")
+def comment(request: Request, token: str, actor: allowed(SHARE_COMMENT),
+            body: Annotated[str, Form()], sop: Annotated[str, Form()] = "") -> Response:
+    """A comment on the case, or on the image or clip on screen."""
+    request.app.state.archive.shares.comment(_share(request), actor, body, sop[:64])
+    return redirect(f"/s/{token}/case#comments")
+
+
+@router.post("/s/{token}/feedback")
+def feedback(request: Request, token: str, actor: allowed(SHARE_COMMENT),
+             view_obtained: Annotated[str, Form()], image_quality: Annotated[int, Form()],
+             agreement: Annotated[str, Form()], findings: Annotated[str, Form()] = "",
+             comments: Annotated[str, Form()] = "") -> Response:
+    """Mark the case reviewed with structured feedback; the sender is told."""
+    request.app.state.archive.shares.give_feedback(
+        _share(request), actor, view_obtained, image_quality, findings, agreement, comments)
+    return redirect(f"/s/{token}/case#feedback")
+
+
+@router.get("/s/{token}/download")
+async def download(request: Request, token: str, actor: allowed(SHARE_DOWNLOAD),
+                   format: str = "zip") -> Response:
+    """The shared instances as a ZIP of DICOM files, or of MP4 videos of the clips."""
+    if format not in ("zip", "mp4"):
+        raise ImageShareError("format is zip or mp4")
+    archive = request.app.state.archive
+    share = _share(request)
+
+    def build() -> Path:
+        folder = Path(tempfile.mkdtemp(prefix="share-", dir=archive.settings.staging_dir))
+        target = folder / "shared.zip"
+        writer = ZipWriter(target)
+        names = _Numbering()
+        count = 0
+        for item in archive.shares.items(share):
+            path = archive.shares.content(share, item) if not item.held_back else None
+            if path is None:
+                continue
+            if format == "zip":
+                writer.add_file(names.name(dcmread(path, stop_before_pixels=True)),
+                                path.read_bytes())
+                count += 1
+                continue
+            ds = dcmread(path)
+            if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+                writer.add_file(names.name(ds)[:-4] + ".mp4", cine_to_mp4(ds))
+                count += 1
+        writer.close()
+        archive.shares.record(share, actor, "share.download", count=count, format=format)
+        return target
+
+    target = await run_in_threadpool(build)
+    return FileResponse(target, media_type="application/zip",
+                        filename=f"shared-{share.public_id[:8]}.zip",
+                        headers={"Cache-Control": "no-store"},
+                        background=_cleanup(target.parent))
+
+
+def _cleanup(folder: Path) -> BackgroundTask:
+    def remove() -> None:
+        for path in folder.iterdir():
+            path.unlink(missing_ok=True)
+        folder.rmdir()
+
+    return BackgroundTask(remove)
+

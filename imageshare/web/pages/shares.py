@@ -1,0 +1,86 @@
+"""The owner's side of sharing: create a share from a study, list, follow and revoke shares;
+notifications."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from imageshare.access.policy import ACCOUNT_SELF, EXPORT_IDENTIFIABLE, SHARE_CREATE
+from imageshare.sharing.links import NewShare
+from imageshare.web.auth import allowed, authorise_also
+from imageshare.web.pages.templating import page, redirect
+
+router = APIRouter(include_in_schema=False)
+
+
+def public_base(request: Request) -> str:
+    """The address people use to reach ImageShare, for links in e-mails."""
+    configured = request.app.state.archive.settings.public_url.rstrip("/")
+    return configured or str(request.base_url).rstrip("/")
+
+
+@router.post("/studies/{study_uid}/share")
+async def create_share(
+    request: Request, study_uid: str, actor: allowed(SHARE_CREATE, "study_uid"),
+    recipient_email: Annotated[str, Form()] = "", recipient_user: Annotated[str, Form()] = "",
+    days: Annotated[int, Form()] = 0, download: Annotated[str, Form()] = "",
+    identifiable: Annotated[str, Form()] = "", profile: Annotated[str, Form()] = "teaching",
+    message: Annotated[str, Form()] = "", title: Annotated[str, Form()] = "",
+) -> Response:
+    """Share the study (or the series ticked) and show the link and passcode once."""
+    archive = request.app.state.archive
+    form = await request.form()
+    series = tuple(str(v) for v in form.getlist("series"))[:500]
+    if identifiable:
+        authorise_also(request, actor, EXPORT_IDENTIFIABLE, study_uid)
+    share_request = NewShare(
+        study_uid, series_uids=series, recipient_email=recipient_email,
+        recipient_user=recipient_user.strip(), days=days or archive.shares.default_days,
+        allow_download=bool(download), deidentified=not identifiable, profile=profile,
+        message=message, title=title)
+    created = await run_in_threadpool(archive.shares.create, share_request, actor,
+                                      archive.policy.study_scope(actor))
+    url = public_base(request) + created.path
+    if recipient_email.strip():
+        archive.shares.invite(created, recipient_email.strip(), url, actor.name)
+    if share_request.deidentified:
+        share = archive.shares.by_public_id(created.public_id, actor.name)
+        archive.jobs.submit(actor.name, "share", "Preparing de-identified copies",
+                            lambda job: archive.shares.prepare(share))
+    return page(request, "share_created.html", url=url, passcode=created.passcode,
+                created=created, emailed=bool(recipient_email.strip()))
+
+
+@router.get("/shares")
+def my_shares(request: Request, actor: allowed(SHARE_CREATE)) -> Response:
+    """Every share the user made, with its state."""
+    return page(request, "shares.html", shares=request.app.state.archive.shares.owned(
+        actor.name))
+
+
+@router.get("/shares/{public_id}")
+def share_detail(request: Request, public_id: str, actor: allowed(SHARE_CREATE)) -> Response:
+    """One share: its items, every access, comments and feedback; revoke."""
+    service = request.app.state.archive.shares
+    share = service.by_public_id(public_id, actor.name)
+    return page(request, "share_detail.html", share=share, items=service.items(share),
+                accesses=service.accesses(share), comments=service.comments(share),
+                feedback=service.feedback(share))
+
+
+@router.post("/shares/{public_id}/revoke")
+def revoke(request: Request, public_id: str, actor: allowed(SHARE_CREATE)) -> Response:
+    """End the share for good."""
+    request.app.state.archive.shares.revoke(public_id, actor)
+    return redirect(f"/shares/{public_id}")
+
+
+@router.get("/notifications")
+def notifications(request: Request, actor: allowed(ACCOUNT_SELF)) -> Response:
+    """The user's notifications (no patient data in them)."""
+    items = request.app.state.archive.notifier.recent(actor.name)
+    return page(request, "notifications.html", items=items)
