@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(add)
     add.add_argument("username")
     add.add_argument("--role", default="clinician")
+    add.add_argument("--email", default="", help="address for notifications")
     add.add_argument(
         "--password", help="password (else IMAGESHARE_NEW_USER_PASSWORD, else asked for)"
     )
@@ -243,7 +244,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             password = args.password or os.environ.get("IMAGESHARE_NEW_USER_PASSWORD") or (
                 getpass.getpass(f"password for {args.username}: ")
             )
-            archive.users.add(args.username, password, args.role)
+            archive.users.add(args.username, password, args.role, args.email)
             archive.audit.record(AuditEvent(cli_actor(), "user.add", "success",
                                             detail={"username": args.username,
                                                     "role": args.role}))
