@@ -4,7 +4,6 @@ then the share is revoked. Real SMTP server (aiosmtpd) on loopback, real Chromiu
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterator
 from email import message_from_bytes
