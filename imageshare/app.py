@@ -120,12 +120,14 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         engine, retrieve, audit, notifier, deidentifier,
         lambda: Pseudonyms(installation_secret(settings.data_dir, settings.deid_secret)),
         settings.data_dir / "share-cache", settings.share_default_days,
-        settings.share_max_days)
+        settings.share_max_days, ingest)
     return Archive(
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
         ingest=ingest, query=query, retrieve=retrieve, users=users_directory,
         sessions=SessionStore(engine),
-        nodes=NodeRegistry(engine), policy=Policy(store_from_any_ae=settings.store_from_any_ae),
+        nodes=NodeRegistry(engine),
+        policy=Policy(store_from_any_ae=settings.store_from_any_ae,
+                      shared_with=shares.studies_shared_with),
         search=StudySearchService(query), catalogue=catalogue,
         comments=CommentBook(engine, audit), attachments=AttachmentService(catalogue, ingest),
         corrections=PatientCorrections(
@@ -225,6 +227,25 @@ def run_dicom_worker(settings: Settings, ready: Any) -> None:
     archive.close()
 
 
+def _start_housekeeping(archive: Archive, every: float = 3600.0) -> threading.Event:
+    """Hourly chores in the background: tell owners about share links about to expire."""
+    stop = threading.Event()
+
+    def run() -> None:
+        if stop.wait(5):
+            return
+        while True:
+            try:
+                archive.shares.notify_expiring()
+            except Exception as exc:  # noqa: BLE001 - retried next hour; logged without data
+                log.warning("housekeeping failed: %s", type(exc).__name__)
+            if stop.wait(every):
+                return
+
+    threading.Thread(target=run, name="housekeeping", daemon=True).start()
+    return stop
+
+
 def serve(settings: Settings) -> None:
     """Run HTTP and the DICOM listener until SIGINT/SIGTERM; further processes share the
     DICOM port (``dicom_processes``) so that concurrent associations use every core."""
@@ -263,6 +284,7 @@ def serve(settings: Settings) -> None:
                 log.error("DICOM worker %d did not start; continuing without it", number)
         log.info("DICOM listener %s on port %d (%d processes)", settings.ae_title,
                  listener.port, processes)
+    housekeeping = _start_housekeeping(archive)
     app = create_app(archive)
     config = uvicorn.Config(
         app, host=settings.http_host, port=settings.http_port, log_level="warning",
@@ -277,6 +299,7 @@ def serve(settings: Settings) -> None:
     try:
         server.run()
     finally:
+        housekeeping.set()
         for worker in workers:
             worker.terminate()
         for worker in workers:

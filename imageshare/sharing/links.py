@@ -8,6 +8,7 @@ de-identified); anything else does not exist for them.
 
 from __future__ import annotations
 
+import io
 import re
 import secrets
 import threading
@@ -20,9 +21,10 @@ from typing import Any
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from pydicom import dcmread
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, insert, or_, select, update
 
 from imageshare.access.users import as_utc, secret_hash
+from imageshare.archive.ingest import IngestService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.deid.pseudonyms import Pseudonyms
@@ -30,6 +32,7 @@ from imageshare.deid.service import Deidentifier
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import Forbidden, ImageShareError, NotFound
 from imageshare.sharing.notify import Mailer, Notifier
+from imageshare.sharing.reports import comment_document
 from imageshare.storage.index.schema import (
     share_comments,
     share_feedback,
@@ -145,7 +148,8 @@ class ShareService:
     def __init__(self, engine: Engine, retrieve: RetrieveService, audit: AuditTrail,
                  notifier: Notifier, deidentifier: Callable[[str], Deidentifier],
                  pseudonyms: Callable[[], Pseudonyms], cache_dir: Path, default_days: int,
-                 max_days: int) -> None:
+                 max_days: int, ingest: IngestService | None = None) -> None:
+        self._ingest = ingest
         self._engine = engine
         self._retrieve = retrieve
         self._audit = audit
@@ -407,9 +411,31 @@ class ShareService:
                 author=share.recipient_email or "reviewer", body=body,
                 created_at=datetime.now(UTC)))
         self.record(share, actor, "share.comment", image=bool(public_sop_uid))
+        self._store_as_sr(share, actor, body, public_sop_uid)
         self.notifier.notify(share.owner, "share.comment",
                              "A reviewer commented on images you shared",
                              f"/shares/{share.public_id}")
+
+    def _store_as_sr(self, share: Share, actor: Actor, body: str, public_sop_uid: str) -> None:
+        """Keep the comment as a Structured Report in the real study (PACS and viewers see
+        it); a failure is audited and does not lose the comment, which is already kept."""
+        if self._ingest is None:
+            return
+        items = self.items(share)
+        item = next((i for i in items if i.public_sop_uid == public_sop_uid), items[0])
+        try:
+            source = self._retrieve.header(item.sop_uid)
+            if source is None:
+                return
+            document = comment_document(source, body, share.recipient_email or "reviewer",
+                                        bool(public_sop_uid))
+            self._ingest.store_stream(io.BytesIO(document), actor,
+                                      expected_study=item.study_uid)
+        except Exception as exc:  # noqa: BLE001 - recorded; the comment itself is kept
+            self._audit.record(AuditEvent(actor=actor, action="share.comment.sr",
+                                          outcome="failure", study_uid=item.study_uid,
+                                          detail={"share": share.public_id,
+                                                  "error": type(exc).__name__}))
 
     def give_feedback(self, share: Share, actor: Actor, view_obtained: str,
                       image_quality: int, findings: str, agreement: str,
@@ -473,6 +499,31 @@ class ShareService:
         """Every use of the link, newest first."""
         return [e for e in self._audit.events(limit=5000)
                 if e["detail"].get("share") == share.public_id][:limit]
+
+    def studies_shared_with(self, actor: Actor) -> frozenset[str]:
+        """Studies of live identifiable shares naming this user account (the policy lets the
+        user open them like staff would, and nothing else)."""
+        if actor.kind != "user":
+            return frozenset()
+        now = datetime.now(UTC)
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(share_items.c.study_uid).distinct()
+                .join(shares, shares.c.pk == share_items.c.share_pk)
+                .where(shares.c.recipient_user == actor.name, shares.c.deidentified.is_(False),
+                       shares.c.revoked_at.is_(None), shares.c.locked.is_(False),
+                       shares.c.expires_at > now)).scalars().all()
+        return frozenset(rows)
+
+    def received(self, username: str, email: str) -> list[Share]:
+        """Live shares naming this user or their e-mail address, newest first."""
+        conditions = [shares.c.recipient_user == username]
+        if email:
+            conditions.append(shares.c.recipient_email == email)
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(shares).where(or_(*conditions))
+                                .order_by(shares.c.pk.desc())).mappings().all()
+        return [s for s in (_share(r) for r in rows) if s.state == "active"]
 
     def notify_expiring(self, within: timedelta = timedelta(days=3)) -> int:
         """Tell owners about shares ending soon (once each); returns how many."""

@@ -180,6 +180,9 @@ def test_comments_and_feedback_reach_the_owner_and_everything_is_audited(
         "agreement": "agree", "findings": "No free fluid"})
     anonymous.get(created.path + "/download?format=mp4")
     assert [c["body"] for c in archive.shares.comments(share)] == ["Good view"]
+    documents = [s for s in archive.catalogue.record(study).series if s.modality == "SR"]
+    assert documents and documents[0].instances[0].sop_class_uid == (
+        "1.2.840.10008.5.1.4.1.1.88.33")  # the comment, as DICOM, in the real study
     assert archive.shares.feedback(share)[0]["image_quality"] == 4
     assert archive.notifier.unread("sono") == 2
     archive.shares.revoke(created.public_id, OWNER)
@@ -202,3 +205,21 @@ def test_identifiable_shares_need_a_named_signed_in_recipient(archive, anonymous
     open_link(anonymous, created)
     case = anonymous.get(created.path + "/case", headers=HTML)
     assert case.status_code == 200
+
+
+def test_a_reviewer_account_sees_identifiable_shares_in_one_place(archive, anonymous, study,
+                                                                   tmp_path):
+    archive.users.add("drno", "a-long-password", "reviewer", email="drno@elsewhere.example")
+    other = archive.ingest.store_copy(us_cine(tmp_path / "other", frames=2, patient_id="H1",
+                                              patient_name="Other^Person"), OWNER).study_uid
+    make_share(archive, study, deidentified=False, recipient_user="drno")
+    make_share(archive, study, recipient_email="drno@elsewhere.example")
+    anonymous.post("/login", data={"username": "drno", "password": "a-long-password"},
+                   headers=HTML)
+    listing = anonymous.get("/shared-with-me", headers=HTML)
+    assert listing.text.count("<tr>") == 3  # header + two shares
+    assert f"/studies/{study}" in listing.text
+    assert anonymous.get(f"/studies/{study}", headers=HTML).status_code == 200
+    assert anonymous.get(f"/viewer/{study}", headers=HTML).status_code == 200
+    assert anonymous.get(f"/studies/{other}", headers=HTML).status_code == 403
+    assert anonymous.get("/search?q=Other", headers=HTML).status_code == 403

@@ -84,3 +84,15 @@ def notifications(request: Request, actor: allowed(ACCOUNT_SELF)) -> Response:
     """The user's notifications (no patient data in them)."""
     items = request.app.state.archive.notifier.recent(actor.name)
     return page(request, "notifications.html", items=items)
+
+
+@router.get("/shared-with-me")
+def shared_with_me(request: Request, actor: allowed(ACCOUNT_SELF)) -> Response:
+    """Everything shared with this account (by name or by its e-mail address) in one place."""
+    archive = request.app.state.archive
+    received = archive.shares.received(actor.name, archive.users.email_of(actor.name))
+    entries = []
+    for share in received:
+        studies = sorted({i.study_uid for i in archive.shares.items(share)})
+        entries.append({"share": share, "studies": studies if not share.deidentified else []})
+    return page(request, "shared_with_me.html", entries=entries)
