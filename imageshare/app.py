@@ -38,6 +38,7 @@ from imageshare.exchange.nodes import NodeRegistry
 from imageshare.export.service import ExportService
 from imageshare.jobs import JobRunner
 from imageshare.settings import Settings
+from imageshare.sharing.cases import CaseBook
 from imageshare.sharing.links import ShareService
 from imageshare.sharing.notify import Mailer, MailSettings, Notifier
 from imageshare.storage.blobs import BlobStore, fsync_file, key_prefix_for, open_blob_store
@@ -73,6 +74,7 @@ class Archive:
     exports: ExportService
     notifier: Notifier
     shares: ShareService
+    cases: CaseBook
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -136,7 +138,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         throttle=SignInThrottle(), jobs=jobs,
         exports=ExportService(retrieve, audit, jobs, settings.data_dir / "exports",
                               deidentifier),
-        notifier=notifier, shares=shares,
+        notifier=notifier, shares=shares, cases=CaseBook(engine, retrieve, audit),
     )
 
 

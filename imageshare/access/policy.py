@@ -25,6 +25,7 @@ STUDY_COMMENT = "study.comment"
 EXPORT_IDENTIFIABLE = "study.export"
 EXPORT_DEIDENTIFIED = "study.export.deidentified"
 SHARE_CREATE = "share.create"
+CASE_MANAGE = "case.manage"
 # What someone holding an opened share link may do (within the share's items only).
 SHARE_VIEW = "share.view"
 SHARE_DOWNLOAD = "share.download"
@@ -38,7 +39,7 @@ DICOM_RETRIEVE = "dicom.retrieve"
 
 _STAFF = frozenset(
     {STUDY_READ, STUDY_STORE, STUDY_COMMENT, PATIENT_CORRECT, TOKEN_SELF, ACCOUNT_SELF,
-     EXPORT_IDENTIFIABLE, EXPORT_DEIDENTIFIED, SHARE_CREATE}
+     EXPORT_IDENTIFIABLE, EXPORT_DEIDENTIFIED, SHARE_CREATE, CASE_MANAGE}
 )
 # An administrator signed in with a password who has not yet set up two-factor sign-in
 # (required for admins) may only do that.
@@ -52,7 +53,7 @@ ROLES: dict[str, frozenset[str]] = {
     "radiographer": _STAFF,
     "sonographer": _STAFF,
     "educator": frozenset({STUDY_READ, STUDY_COMMENT, EXPORT_DEIDENTIFIED, SHARE_CREATE,
-                           TOKEN_SELF, ACCOUNT_SELF}),
+                           CASE_MANAGE, TOKEN_SELF, ACCOUNT_SELF}),
     "reviewer": frozenset({TOKEN_SELF, ACCOUNT_SELF}),
     "patient": frozenset({ACCOUNT_SELF}),
     "service": frozenset({STUDY_READ, STUDY_STORE, ACCOUNT_SELF}),

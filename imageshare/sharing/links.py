@@ -69,6 +69,9 @@ class NewShare:
     profile: str = "teaching"
     message: str = ""
     title: str = ""
+    # Further (study, series, instance) selections, e.g. the items of a case; empty UIDs
+    # mean all of the study or series.
+    selection: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -183,10 +186,21 @@ class ShareService:
                                   "who signs in to open them")
         if request.deidentified:
             self._deidentifier(request.profile)  # unknown profile: refused now
-        found = self._retrieve.select(
-            owner, "share.create", study_uids=[request.study_uid],
-            series_uids=list(request.series_uids), sop_uids=list(request.sop_uids),
-            allowed_studies=allowed_studies)
+        wanted = [(request.study_uid, request.series_uids, request.sop_uids)] + [
+            (study, (series,) if series else (), (sop,) if sop else ())
+            for study, series, sop in request.selection]
+        found_by_sop: dict[str, StoredInstance] = {}
+        for study_uid, series_uids, sop_uids in wanted:
+            if not study_uid:
+                continue
+            for inst in self._retrieve.select(
+                    owner, "share.create", study_uids=[study_uid],
+                    series_uids=list(series_uids), sop_uids=list(sop_uids),
+                    allowed_studies=allowed_studies):
+                found_by_sop.setdefault(inst.sop_uid, inst)
+        found = list(found_by_sop.values())
+        if not found:
+            raise NotFound("nothing to share")
         token = secrets.token_urlsafe(32)
         passcode = "".join(secrets.choice(_PASSCODE_ALPHABET) for _ in range(10))
         public_id = secrets.token_hex(8)
@@ -216,7 +230,7 @@ class ShareService:
             ])
             self._audit.record(AuditEvent(
                 actor=owner, action="share.create", outcome="success",
-                patient_id=found[0].patient_id, study_uid=request.study_uid,
+                patient_id=found[0].patient_id, study_uid=request.study_uid or found[0].study_uid,
                 instance_count=len(found),
                 detail={"share": public_id, "deidentified": request.deidentified,
                         "download": request.allow_download, "days": days,

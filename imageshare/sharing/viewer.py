@@ -41,7 +41,8 @@ def share_manifest(service: ShareService, share: Share, base: str) -> dict[str, 
         if first is None or not frames:
             continue
         series_out.append({
-            "uid": public_series, "modality": str(first.get("Modality", "")),
+            "uid": public_series, "study": members[0].public_study_uid,
+            "modality": str(first.get("Modality", "")),
             "number": first.get("SeriesNumber"),
             "description": str(first.get("SeriesDescription", "") or ""),
             "colour": int(first.get("SamplesPerPixel", 1) or 1) > 1,

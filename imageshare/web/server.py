@@ -17,6 +17,7 @@ from imageshare.web.pages import (
     account,
     admin,
     assets,
+    cases,
     patients,
     shared,
     shares,
@@ -37,7 +38,8 @@ def create_app(archive: Any) -> FastAPI:
     app.include_router(dicomweb.router)
     app.include_router(api.router)
     app.include_router(exports.router)
-    for pages in (sign_in, studies, viewer, patients, account, admin, shares, shared, assets):
+    for pages in (sign_in, studies, viewer, patients, account, admin, shares, shared, cases,
+                  assets):
         app.include_router(pages.router)
     origins = [o.strip() for o in archive.settings.cors_origins.split(",") if o.strip()]
     if origins:

@@ -223,3 +223,33 @@ def test_a_reviewer_account_sees_identifiable_shares_in_one_place(archive, anony
     assert anonymous.get(f"/viewer/{study}", headers=HTML).status_code == 200
     assert anonymous.get(f"/studies/{other}", headers=HTML).status_code == 403
     assert anonymous.get("/search?q=Other", headers=HTML).status_code == 403
+
+
+def test_cases_group_studies_in_folders_and_are_shared_as_one(archive, anonymous, study,
+                                                              tmp_path):
+    second = archive.ingest.store_copy(us_cine(tmp_path / "b", frames=3, patient_id="H4242",
+                                               patient_name="Hopper^Grace"), OWNER).study_uid
+    anonymous.post("/login", data={"username": "sono", "password": "a-long-password"},
+                   headers=HTML)
+    page = anonymous.get(f"/studies/{study}", headers=HTML)
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', page.text).group(1)
+    created = anonymous.post(f"/studies/{study}/case", headers=HTML, follow_redirects=False,
+                             data={"csrf_token": csrf, "title": "FAST teaching",
+                                   "folder": "Accreditation"})
+    case_id = created.headers["location"].rsplit("/", 1)[1]
+    anonymous.post(f"/studies/{second}/case", headers=HTML,
+                   data={"csrf_token": csrf, "case": case_id})
+    listing = anonymous.get("/cases", headers=HTML)
+    assert "Accreditation" in listing.text and "FAST teaching" in listing.text
+    case = archive.cases.get(case_id, "sono")
+    assert {i.study_uid for i in archive.cases.items(case)} == {study, second}
+    shared = anonymous.post(f"/cases/{case_id}/share", headers=HTML,
+                            data={"csrf_token": csrf, "download": "1"})
+    passcode = re.search(r'class="share-passcode[^"]*">([^<]+)<', shared.text).group(1)
+    link = re.search(r'class="share-link">[^<]*(/s/[^<]+)<', shared.text).group(1)
+    recipient = anonymous.__class__(anonymous.app, base_url=str(anonymous.base_url))
+    recipient.post(link, data={"passcode": passcode}, headers=HTML)
+    download = recipient.get(link + "/download?format=zip")
+    with zipfile.ZipFile(io.BytesIO(download.content)) as archive_zip:
+        studies = {n.split("/")[0] for n in archive_zip.namelist()}
+    assert len(archive_zip.namelist()) == 4 and len(studies) == 2

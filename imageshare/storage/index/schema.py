@@ -310,3 +310,28 @@ notifications = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("read_at", DateTime(timezone=True), nullable=True),
 )
+
+# A user's own grouping of studies, series and images, filed in folders ("my archive").
+cases = Table(
+    "cases",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("public_id", String(32), nullable=False, unique=True),
+    Column("owner", String(128), nullable=False, index=True),
+    Column("title", String(128), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("folder", String(128), nullable=False, default="", server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+case_items = Table(
+    "case_items",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("case_pk", ForeignKey("cases.pk", ondelete="CASCADE"), nullable=False, index=True),
+    Column("study_uid", String(64), nullable=False),
+    Column("series_uid", String(64), nullable=False, default="", server_default=""),
+    Column("sop_uid", String(64), nullable=False, default="", server_default=""),
+    UniqueConstraint("case_pk", "study_uid", "series_uid", "sop_uid"),
+)

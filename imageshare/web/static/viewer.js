@@ -44,7 +44,7 @@
   }
 
   function frameUrl(series, frame) {
-    const base = `${manifest.base || "/dicomweb"}/studies/${manifest.study}/series/${series.uid}/instances/${frame.sop}`;
+    const base = `${manifest.base || "/dicomweb"}/studies/${series.study || manifest.study}/series/${series.uid}/instances/${frame.sop}`;
     const url = frame.multi ? `${base}/frames/${frame.frame}/rendered` : `${base}/rendered`;
     const params = new URLSearchParams();
     if (state.window) params.set("window", state.window.map((v) => v.toFixed(1)).join(","));

@@ -1,0 +1,137 @@
+"""Cases and folders ("my archive"): group items, describe them, attach files, share a case."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from imageshare.access.policy import CASE_MANAGE, SHARE_CREATE
+from imageshare.archive.attachments import MAX_ATTACHMENT
+from imageshare.domain.errors import ImageShareError
+from imageshare.sharing.cases import CaseItem
+from imageshare.sharing.links import NewShare
+from imageshare.web.auth import allowed, authorise_also
+from imageshare.web.pages.shares import public_base
+from imageshare.web.pages.templating import page, redirect
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/cases")
+def my_cases(request: Request, actor: allowed(CASE_MANAGE)) -> Response:
+    """The user's cases, filed by folder."""
+    cases = request.app.state.archive.cases.of(actor.name)
+    folders: dict[str, list] = {}
+    for case in cases:
+        folders.setdefault(case.folder or "Unfiled", []).append(case)
+    return page(request, "cases.html", folders=folders)
+
+
+@router.post("/studies/{study_uid}/case")
+async def add_to_case(request: Request, study_uid: str,
+                      actor: allowed(CASE_MANAGE, "study_uid"),
+                      case: Annotated[str, Form()] = "", title: Annotated[str, Form()] = "",
+                      folder: Annotated[str, Form()] = "") -> Response:
+    """Put the study (or the ticked series) into an existing or a new case."""
+    archive = request.app.state.archive
+    form = await request.form()
+    series = [str(v) for v in form.getlist("series")][:500] or [""]
+    target = (archive.cases.get(case, actor.name) if case
+              else archive.cases.create(actor, title or "New case", folder=folder))
+    scope = archive.policy.study_scope(actor)
+    for series_uid in series:
+        await run_in_threadpool(archive.cases.add, target, actor,
+                                CaseItem(study_uid, series_uid), scope)
+    return redirect(f"/cases/{target.public_id}")
+
+
+@router.get("/cases/{public_id}")
+def case_page(request: Request, public_id: str, actor: allowed(CASE_MANAGE)) -> Response:
+    """A case: its items, description, folder, files, and sharing it."""
+    archive = request.app.state.archive
+    case = archive.cases.get(public_id, actor.name)
+    items = archive.cases.items(case)
+    records = {}
+    for item in items:
+        if item.study_uid not in records:
+            try:
+                records[item.study_uid] = archive.catalogue.view(
+                    item.study_uid, actor, archive.policy.study_scope(actor))
+            except ImageShareError:
+                records[item.study_uid] = None
+    return page(request, "case.html", case=case, items=items, records=records,
+                share_default_days=archive.settings.share_default_days,
+                share_max_days=archive.settings.share_max_days)
+
+
+@router.post("/cases/{public_id}")
+def update_case(request: Request, public_id: str, actor: allowed(CASE_MANAGE),
+                title: Annotated[str, Form()], description: Annotated[str, Form()] = "",
+                folder: Annotated[str, Form()] = "") -> Response:
+    """Rename, describe or refile the case."""
+    archive = request.app.state.archive
+    archive.cases.update(archive.cases.get(public_id, actor.name), title, description, folder)
+    return redirect(f"/cases/{public_id}")
+
+
+@router.post("/cases/{public_id}/files")
+async def attach_file(request: Request, public_id: str, actor: allowed(CASE_MANAGE),
+                      file: Annotated[UploadFile, File()],
+                      title: Annotated[str, Form()] = "") -> Response:
+    """Attach a scanned report or photo: stored as DICOM in the case's first study (so it
+    can be viewed, exported and shared like the images) and added to the case."""
+    archive = request.app.state.archive
+    case = archive.cases.get(public_id, actor.name)
+    items = archive.cases.items(case)
+    if not items:
+        raise ImageShareError("add a study to the case before attaching files")
+    study_uid = items[0].study_uid
+    authorise_also(request, actor, "study.store", study_uid)
+    content = await file.read(MAX_ATTACHMENT + 1)
+    stored = await run_in_threadpool(archive.attachments.attach, study_uid,
+                                     file.filename or "", content, title[:64], actor)
+    await run_in_threadpool(archive.cases.add, case, actor,
+                            CaseItem(study_uid, stored.series_uid, stored.sop_instance_uid),
+                            archive.policy.study_scope(actor))
+    return redirect(f"/cases/{public_id}")
+
+
+@router.post("/cases/{public_id}/delete")
+def delete_case(request: Request, public_id: str, actor: allowed(CASE_MANAGE)) -> Response:
+    """Delete the case; its images stay in the archive."""
+    archive = request.app.state.archive
+    archive.cases.delete(archive.cases.get(public_id, actor.name), actor)
+    return redirect("/cases")
+
+
+@router.post("/cases/{public_id}/share")
+async def share_case(
+    request: Request, public_id: str, actor: allowed(SHARE_CREATE),
+    recipient_email: Annotated[str, Form()] = "", days: Annotated[int, Form()] = 0,
+    download: Annotated[str, Form()] = "", profile: Annotated[str, Form()] = "teaching",
+    message: Annotated[str, Form()] = "",
+) -> Response:
+    """Share the whole case as one de-identified link."""
+    archive = request.app.state.archive
+    case = archive.cases.get(public_id, actor.name)
+    items = archive.cases.items(case)
+    if not items:
+        raise ImageShareError("the case is empty")
+    request_ = NewShare(
+        "", selection=tuple((i.study_uid, i.series_uid, i.sop_uid) for i in items),
+        recipient_email=recipient_email, days=days or archive.shares.default_days,
+        allow_download=bool(download), deidentified=True, profile=profile, message=message,
+        title=case.title)
+    created = await run_in_threadpool(archive.shares.create, request_, actor,
+                                      archive.policy.study_scope(actor))
+    url = public_base(request) + created.path
+    if recipient_email.strip():
+        archive.shares.invite(created, recipient_email.strip(), url, actor.name)
+    share = archive.shares.by_public_id(created.public_id, actor.name)
+    archive.jobs.submit(actor.name, "share", "Preparing de-identified copies",
+                        lambda job: archive.shares.prepare(share))
+    return page(request, "share_created.html", url=url, passcode=created.passcode,
+                created=created, emailed=bool(recipient_email.strip()))
