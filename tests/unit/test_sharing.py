@@ -253,3 +253,21 @@ def test_cases_group_studies_in_folders_and_are_shared_as_one(archive, anonymous
     with zipfile.ZipFile(io.BytesIO(download.content)) as archive_zip:
         studies = {n.split("/")[0] for n in archive_zip.namelist()}
     assert len(archive_zip.namelist()) == 4 and len(studies) == 2
+
+
+def test_a_selection_of_clips_is_shared_over_the_api(archive, anonymous, study):
+    clip = next(s for s in archive.catalogue.record(study).series if s.modality == "US")
+    auth = ("sono", "a-long-password")
+    made = anonymous.post(f"/api/studies/{study}/shares", auth=auth, json={
+        "sop_uids": [clip.instances[0].sop_uid], "days": 7})
+    assert made.status_code == 201
+    body = made.json()
+    assert "/s/" in body["url"] and len(body["passcode"]) == 10
+    share = archive.shares.by_public_id(body["id"], "sono")
+    assert len(archive.shares.items(share)) == 1
+    listed = anonymous.get("/api/shares", auth=auth).json()
+    assert listed[0]["id"] == body["id"] and listed[0]["state"] == "active"
+    assert anonymous.delete(f"/api/shares/{body['id']}", auth=auth).status_code == 204
+    assert anonymous.get(f"/api/shares/{body['id']}", auth=auth).json()["state"] == "revoked"
+    too_long = anonymous.post(f"/api/studies/{study}/shares", auth=auth, json={"days": 400})
+    assert too_long.status_code == 400 and "1 to 90 days" in too_long.json()["detail"]

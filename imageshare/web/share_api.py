@@ -1,0 +1,89 @@
+"""Sharing over the JSON API: create (including a selection of images or clips), list, follow
+and revoke shares."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from imageshare.access.policy import EXPORT_IDENTIFIABLE, SHARE_CREATE
+from imageshare.sharing.links import NewShare, Share
+from imageshare.web.auth import allowed, authorise_also
+from imageshare.web.pages.shares import public_base
+
+router = APIRouter(prefix="/api", tags=["API"])
+
+
+class ShareIn(BaseModel):
+    """A share of a study, some of its series or a selection of its instances."""
+
+    series_uids: list[str] = Field(default_factory=list, max_length=1000)
+    sop_uids: list[str] = Field(default_factory=list, max_length=10000)
+    recipient_email: str = Field(default="", max_length=254)
+    recipient_user: str = Field(default="", max_length=128)
+    days: int = Field(default=0, ge=0, le=3650)
+    allow_download: bool = False
+    deidentified: bool = True
+    profile: str = Field(default="teaching", max_length=64)
+    message: str = Field(default="", max_length=4000)
+    title: str = Field(default="", max_length=128)
+
+
+def _view(share: Share) -> dict[str, Any]:
+    return {"id": share.public_id, "title": share.title, "state": share.state,
+            "recipient_email": share.recipient_email, "recipient_user": share.recipient_user,
+            "deidentified": share.deidentified, "allow_download": share.allow_download,
+            "created_at": share.created_at.isoformat(),
+            "expires_at": share.expires_at.isoformat(),
+            "reviewed_at": share.reviewed_at.isoformat() if share.reviewed_at else None}
+
+
+@router.post("/studies/{study_uid}/shares", status_code=201, summary="Create a share link")
+async def create_share(request: Request, study_uid: str, body: ShareIn,
+                       actor: allowed(SHARE_CREATE, "study_uid")) -> dict[str, Any]:
+    """Answers with the link and its passcode, shown only here."""
+    archive = request.app.state.archive
+    if not body.deidentified:
+        authorise_also(request, actor, EXPORT_IDENTIFIABLE, study_uid)
+    share_request = NewShare(
+        study_uid, tuple(body.series_uids), tuple(body.sop_uids), body.recipient_email,
+        body.recipient_user, body.days or archive.shares.default_days, body.allow_download,
+        body.deidentified, body.profile, body.message, body.title)
+    created = await run_in_threadpool(archive.shares.create, share_request, actor,
+                                      archive.policy.study_scope(actor))
+    url = public_base(request) + created.path
+    if body.recipient_email:
+        archive.shares.invite(created, body.recipient_email, url, actor.name)
+    return {"id": created.public_id, "url": url, "passcode": created.passcode,
+            "expires_at": created.expires_at.isoformat()}
+
+
+@router.get("/shares", summary="My shares")
+def list_shares(request: Request, actor: allowed(SHARE_CREATE)) -> list[dict[str, Any]]:
+    """The caller's shares, newest first."""
+    return [_view(s) for s in request.app.state.archive.shares.owned(actor.name)]
+
+
+@router.get("/shares/{share_id}", summary="One share with its accesses and feedback")
+def get_share(request: Request, share_id: str, actor: allowed(SHARE_CREATE)) -> dict[str, Any]:
+    """State, every use of the link, comments and feedback."""
+    service = request.app.state.archive.shares
+    share = service.by_public_id(share_id, actor.name)
+    return {**_view(share),
+            "accesses": [{"at": a["at"].isoformat(), "action": a["action"],
+                          "outcome": a["outcome"], "source": a["source"]}
+                         for a in service.accesses(share)],
+            "comments": [{"body": c["body"], "image": c["public_sop_uid"],
+                          "at": c["created_at"].isoformat()} for c in service.comments(share)],
+            "feedback": [{k: (v.isoformat() if hasattr(v, "isoformat") else v)
+                          for k, v in f.items() if k not in ("pk", "share_pk")}
+                         for f in service.feedback(share)]}
+
+
+@router.delete("/shares/{share_id}", status_code=204, summary="Revoke a share")
+def revoke_share(request: Request, share_id: str, actor: allowed(SHARE_CREATE)) -> None:
+    """End the share for good."""
+    request.app.state.archive.shares.revoke(share_id, actor)
