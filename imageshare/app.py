@@ -20,6 +20,7 @@ from imageshare.access.policy import Policy
 from imageshare.access.sessions import SessionStore
 from imageshare.access.throttle import SignInThrottle
 from imageshare.access.users import UserDirectory
+from imageshare.archive.annotations import AnnotationBook
 from imageshare.archive.attachments import AttachmentService
 from imageshare.archive.comments import CommentBook
 from imageshare.archive.corrections import PatientCorrections
@@ -75,6 +76,7 @@ class Archive:
     notifier: Notifier
     shares: ShareService
     cases: CaseBook
+    annotations: AnnotationBook
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -139,6 +141,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         exports=ExportService(retrieve, audit, jobs, settings.data_dir / "exports",
                               deidentifier),
         notifier=notifier, shares=shares, cases=CaseBook(engine, retrieve, audit),
+        annotations=AnnotationBook(engine, retrieve, ingest, audit),
     )
 
 

@@ -54,6 +54,18 @@ def starting_window(ds: Dataset) -> list[float] | None:
         return None
 
 
+def pixel_spacing(ds: Dataset) -> list[float] | None:
+    """Row and column spacing in mm (Pixel Spacing, else Imager Pixel Spacing), if known."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value is not None and len(value) == 2:
+            try:
+                return [float(value[0]), float(value[1])]
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
 def _first(value: Any) -> Any:
     return value[0] if isinstance(value, MultiValue | list | tuple) else value
 
@@ -95,6 +107,7 @@ def viewer_manifest(
             "cine": any(i.frames > 1 for i in series.instances),
             "frameRate": round(rate, 3) if rate else None,
             "window": starting_window(first) if first is not None else None,
+            "spacing": pixel_spacing(first) if first is not None else None,
             "frames": frames,
         })
     return {"study": study.study_uid, "series": out, "initial": initial}

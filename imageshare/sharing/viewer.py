@@ -6,7 +6,7 @@ from typing import Any
 
 from pydicom import dcmread
 
-from imageshare.archive.viewing import frame_rate, starting_window
+from imageshare.archive.viewing import frame_rate, pixel_spacing, starting_window
 from imageshare.sharing.links import Share, ShareItem, ShareService
 
 
@@ -48,6 +48,7 @@ def share_manifest(service: ShareService, share: Share, base: str) -> dict[str, 
             "colour": int(first.get("SamplesPerPixel", 1) or 1) > 1,
             "cine": any(f["multi"] for f in frames),
             "frameRate": round(rate, 3) if rate else None,
-            "window": starting_window(first), "frames": frames,
+            "window": starting_window(first), "spacing": pixel_spacing(first),
+            "frames": frames,
         })
     return {"study": study, "series": series_out, "initial": 0, "base": base}

@@ -9,7 +9,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from imageshare.access.policy import ACCOUNT_SELF, EXPORT_DEIDENTIFIED, EXPORT_IDENTIFIABLE
+from imageshare.access.policy import (
+    ACCOUNT_SELF,
+    EXPORT_DEIDENTIFIED,
+    EXPORT_IDENTIFIABLE,
+    STUDY_COMMENT,
+)
 from imageshare.domain.actors import Actor
 from imageshare.export.service import FORMATS, ExportRequest
 from imageshare.jobs import Job
@@ -70,3 +75,22 @@ def job_file(request: Request, job_id: str, actor: allowed(ACCOUNT_SELF)) -> Fil
     return FileResponse(path, media_type="application/zip",
                         filename=f"imageshare-export-{job.id[:8]}.zip",
                         headers={"Cache-Control": "no-store"})
+
+
+class MarksIn(BaseModel):
+    """Arrows and length measurements on one frame (replacing the caller's earlier ones)."""
+
+    sop_uid: str = Field(min_length=1, max_length=64)
+    frame: int = Field(default=1, ge=1)
+    marks: list[dict[str, Any]] = Field(default_factory=list, max_length=50)
+
+
+@router.post("/studies/{study_uid}/annotations", summary="Save marks drawn on an image")
+async def save_marks(request: Request, study_uid: str, body: MarksIn,
+                     actor: allowed(STUDY_COMMENT, "study_uid")) -> dict[str, int]:
+    """Keeps the marks for the viewer and stores them as a presentation state in the study."""
+    archive = request.app.state.archive
+    kept = await run_in_threadpool(
+        archive.annotations.save, study_uid, body.sop_uid, body.frame, body.marks, actor,
+        actor.name, archive.policy.study_scope(actor))
+    return {"marks": kept}

@@ -193,3 +193,26 @@ def test_correct_an_emergency_study_and_find_it_under_the_new_name(page, site, s
     screenshot(page, "found-under-new-name")
     page.goto(site["server"].url + "/search?q=unknown")
     assert "No studies found" in page.inner_text("main")
+
+
+def test_a_measurement_drawn_in_the_viewer_is_saved_and_shown_again(page, site, screenshot):
+    open_viewer(page, site, site["ct"])
+    page.click("[data-tool=length]")
+    box = page.locator("#canvas").bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    before = page.evaluate(CANVAS_SUM)
+    page.mouse.move(x - 100, y)
+    page.mouse.down()
+    page.mouse.move(x + 100, y, steps=5)
+    page.mouse.up()
+    assert page.evaluate(CANVAS_SUM) != before  # the line is drawn
+    page.click("#save-marks")
+    page.wait_for_function("() => window.imageshareViewer.savedMarks === 1")
+    screenshot(page, "measurement")
+    open_viewer(page, site, site["ct"])
+    marks = page.evaluate("Object.values(window.imageshareViewer.marks).flat()")
+    assert len(marks) == 1 and marks[0]["kind"] == "length" and marks[0]["author"] == "sono"
+    # 200 CSS pixels across a 256x256 CT fitted into the canvas: the mark is in image pixels
+    fit = min(box["width"], box["height"]) / 256
+    (x1, _), (x2, _) = marks[0]["points"]
+    assert abs(x2 - x1) == pytest.approx(200 / fit, abs=3)

@@ -194,3 +194,24 @@ def test_a_session_cookie_works_only_for_its_own_user(archive, anonymous, stored
                               data={"body": "x", "csrf_token": sono_csrf})
     assert response.status_code == 403
     assert archive.comments.for_study(stored["ct"]) == []
+
+
+def test_marks_drawn_on_an_image_are_kept_and_stored_as_a_presentation_state(
+        archive, browser, stored):
+    page = browser.get(f"/viewer/{stored['ct']}", headers=HTML)
+    csrf = csrf_of(page.text)
+    record = archive.catalogue.record(stored["ct"])
+    sop = record.series[0].instances[0].sop_uid
+    marks = [{"kind": "length", "points": [[5, 5], [45, 5]]},
+             {"kind": "arrow", "points": [[60, 60], [30, 30]], "label": "lesion"}]
+    saved = browser.post(f"/api/studies/{stored['ct']}/annotations", json={
+        "sop_uid": sop, "frame": 1, "marks": marks}, headers={"X-CSRF-Token": csrf})
+    assert saved.status_code == 200 and saved.json() == {"marks": 2}
+    again = browser.get(f"/viewer/{stored['ct']}", headers=HTML)
+    assert '"lesion"' in again.text and '"author": "sono"' in again.text
+    states = [s for s in archive.catalogue.record(stored["ct"]).series if s.modality == "PR"]
+    assert states and states[0].instances[0].sop_class_uid == "1.2.840.10008.5.1.4.1.1.11.1"
+    outside = browser.post(f"/api/studies/{stored['ct']}/annotations", json={
+        "sop_uid": sop, "frame": 1, "marks": [{"kind": "arrow", "points": [[0, 0], [999, 9]]}]},
+        headers={"X-CSRF-Token": csrf})
+    assert outside.status_code == 400

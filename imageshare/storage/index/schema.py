@@ -335,3 +335,17 @@ case_items = Table(
     Column("sop_uid", String(64), nullable=False, default="", server_default=""),
     UniqueConstraint("case_pk", "study_uid", "series_uid", "sop_uid"),
 )
+
+# Arrows and length measurements drawn on an image (also stored as a DICOM presentation state).
+annotations = Table(
+    "annotations",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("sop_uid", String(64), nullable=False),
+    Column("frame", Integer, nullable=False),
+    Column("author", String(128), nullable=False),
+    Column("marks", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("sop_uid", "frame", "author"),
+)

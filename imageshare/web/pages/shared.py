@@ -23,6 +23,7 @@ from imageshare.sharing.links import LinkGone, Share
 from imageshare.sharing.viewer import share_manifest
 from imageshare.web.auth import LINK_COOKIE, allowed, client_address, resolve_actor
 from imageshare.web.dicomweb import render_options
+from imageshare.web.exports import MarksIn
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
@@ -107,6 +108,15 @@ def viewer(request: Request, token: str, actor: allowed(SHARE_VIEW)) -> Response
     archive = request.app.state.archive
     share = _share(request)
     manifest = share_manifest(archive.shares, share, f"/s/{token}/dicomweb")
+    public = {i.sop_uid: i.public_sop_uid for i in archive.shares.items(share)}
+    marks = {}
+    for study_uid in {i.study_uid for i in archive.shares.items(share)}:
+        for key, value in archive.annotations.for_study(study_uid).items():
+            sop, frame = key.split("|")
+            if sop in public:
+                marks[f"{public[sop]}|{frame}"] = value
+    manifest.update(annotations=marks, annotationsUrl=f"/s/{token}/annotations",
+                    me=share.recipient_email or "reviewer")
     return page(request, "viewer.html", manifest=manifest, banner_name=share.title,
                 banner_id="", banner_date="", back_link=f"/s/{token}/case",
                 back_label="Back to the case", comment_action=f"/s/{token}/comments")
@@ -161,6 +171,24 @@ def comment(request: Request, token: str, actor: allowed(SHARE_COMMENT),
     """A comment on the case, or on the image or clip on screen."""
     request.app.state.archive.shares.comment(_share(request), actor, body, sop[:64])
     return redirect(f"/s/{token}/case#comments")
+
+
+@router.post("/s/{token}/annotations")
+async def save_marks(request: Request, token: str, actor: allowed(SHARE_COMMENT)
+                     ) -> dict[str, int]:
+    """The reviewer's arrows and measurements on one shared image or clip frame."""
+    archive = request.app.state.archive
+    share = _share(request)
+    body = MarksIn.model_validate(await request.json())
+    item = next((i for i in archive.shares.items(share)
+                 if i.public_sop_uid == body.sop_uid and not i.held_back), None)
+    if item is None:
+        raise NotFound("no such image in this share")
+    kept = await run_in_threadpool(
+        archive.annotations.save, item.study_uid, item.sop_uid, body.frame, body.marks, actor,
+        share.recipient_email or "reviewer", frozenset({item.study_uid}))
+    archive.shares.record(share, actor, "share.annotate", item, count=kept)
+    return {"marks": kept}
 
 
 @router.post("/s/{token}/feedback")

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from imageshare.access.policy import STUDY_READ
+from imageshare.access.policy import STUDY_COMMENT, STUDY_READ
 from imageshare.archive.viewing import viewer_manifest
 from imageshare.web.auth import allowed
 from imageshare.web.pages.templating import dicom_date, page, person
@@ -22,7 +22,11 @@ async def viewer(request: Request, study_uid: str, actor: allowed(STUDY_READ, "s
     study = await run_in_threadpool(archive.catalogue.view, study_uid, actor,
                                     archive.policy.study_scope(actor))
     manifest = await run_in_threadpool(viewer_manifest, study, archive.retrieve.header, series)
-    return page(request, "viewer.html", manifest={**manifest, "base": "/dicomweb"},
+    marks = archive.annotations.for_study(study_uid)
+    can_mark = archive.policy.allows(actor, STUDY_COMMENT, study_uid)
+    manifest.update(base="/dicomweb", annotations=marks, me=actor.name,
+                    annotationsUrl=f"/api/studies/{study_uid}/annotations" if can_mark else "")
+    return page(request, "viewer.html", manifest=manifest,
                 banner_name=person(study.patient.name), banner_id=study.patient.patient_id,
                 banner_date=dicom_date(study.study_date), back_link=f"/studies/{study_uid}",
                 back_label="Study page", comment_action="")

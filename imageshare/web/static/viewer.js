@@ -29,6 +29,10 @@
     cache: new Map(),       // key -> {bitmap, promise}
     generation: 0,          // bumps when the series or window changes: stale loads are dropped
     shown: [],              // [time ms, frame index] of every frame drawn (for tests)
+    marks: manifest.annotations || {},  // "SOP|frame" -> [{kind, points, label, author}]
+    pending: null,          // the mark being drawn
+    unsaved: new Set(),     // frames whose marks changed since the last save
+    view: null,             // {scale, ox, oy} of the image on the canvas
     firstImageMs: null,
     errors: 0,
   };
@@ -145,8 +149,83 @@
       canvas.height / 2 + state.panY * ratio - (bitmap.height * scale) / 2);
     ctx.imageSmoothingEnabled = scale < 4;
     ctx.drawImage(bitmap, 0, 0);
+    state.view = {scale,
+      ox: canvas.width / 2 + state.panX * ratio - (bitmap.width * scale) / 2,
+      oy: canvas.height / 2 + state.panY * ratio - (bitmap.height * scale) / 2};
+    drawMarks(scale);
     ctx.setTransform(1, 0, 0, 1, 0, 0);
     overlayBr.textContent = `${state.window ? `W ${Math.round(state.window[1])} L ${Math.round(state.window[0])}` : "W/L as stored"} · ${Math.round(state.zoom * 100)}%`;
+  }
+
+  // -- marks (arrows, lengths) ----------------------------------------------------------
+
+  function frameKey() {
+    const frame = state.series.frames[state.index];
+    return `${frame.sop}|${frame.frame}`;
+  }
+
+  function lengthText(mark) {
+    const [[x1, y1], [x2, y2]] = mark.points;
+    const spacing = state.series.spacing;
+    if (spacing) return `${Math.hypot((x2 - x1) * spacing[1], (y2 - y1) * spacing[0]).toFixed(1)} mm`;
+    return `${Math.hypot(x2 - x1, y2 - y1).toFixed(0)} px`;
+  }
+
+  function drawMarks(scale) {
+    const marks = (state.marks[frameKey()] || []).concat(state.pending ? [state.pending] : []);
+    ctx.lineWidth = 2 / scale;
+    ctx.strokeStyle = "#ffd400";
+    ctx.fillStyle = "#ffd400";
+    ctx.font = `${14 / scale}px sans-serif`;
+    for (const mark of marks) {
+      const [[x1, y1], [x2, y2]] = mark.points;
+      ctx.beginPath(); ctx.moveTo(x1, y1); ctx.lineTo(x2, y2);
+      if (mark.kind === "arrow") {
+        const angle = Math.atan2(y1 - y2, x1 - x2);
+        for (const turn of [0.4, -0.4]) {
+          ctx.moveTo(x2, y2);
+          ctx.lineTo(x2 + (12 / scale) * Math.cos(angle + turn), y2 + (12 / scale) * Math.sin(angle + turn));
+        }
+      }
+      ctx.stroke();
+      const text = mark.label || (mark.kind === "length" ? lengthText(mark) : "");
+      if (text) ctx.fillText(text, (x1 + x2) / 2 + 6 / scale, (y1 + y2) / 2 - 6 / scale);
+    }
+  }
+
+  function imagePoint(event) {
+    const rect = canvas.getBoundingClientRect();
+    const ratio = window.devicePixelRatio || 1;
+    const v = state.view || {scale: 1, ox: 0, oy: 0};
+    return [((event.clientX - rect.left) * ratio - v.ox) / v.scale,
+            ((event.clientY - rect.top) * ratio - v.oy) / v.scale];
+  }
+
+  function mine(key) {
+    return (state.marks[key] || []).filter((m) => !m.author || m.author === manifest.me);
+  }
+
+  async function saveMarks(key) {
+    const [sop, frame] = key.split("|");
+    const csrf = document.querySelector('meta[name="csrf-token"]').content;
+    const response = await fetch(manifest.annotationsUrl, {
+      method: "POST", credentials: "same-origin",
+      headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
+      body: JSON.stringify({sop_uid: sop, frame: Number(frame),
+                            marks: mine(key).map(({kind, points, label}) => ({kind, points, label}))}),
+    });
+    if (!response.ok) { status.textContent = `Marks not saved (HTTP ${response.status}).`; return; }
+    for (const m of state.marks[key] || []) if (!m.author) m.author = manifest.me;
+    state.unsaved.delete(key);
+    state.savedMarks = (state.savedMarks || 0) + 1;
+    updateSaveButton();
+    status.textContent = "Marks saved.";
+    setTimeout(() => { if (status.textContent === "Marks saved.") status.textContent = ""; }, 1500);
+  }
+
+  function updateSaveButton() {
+    const button = document.getElementById("save-marks");
+    if (button) button.disabled = !state.unsaved.has(frameKey());
   }
 
   function show(index) {
@@ -157,6 +236,7 @@
     overlayTl.textContent = `${state.series.modality} ${state.series.description || ""} · ${state.index + 1}/${n}`;
     const target = document.getElementById("comment-sop");
     if (target) target.value = state.series.frames[state.index].sop;
+    updateSaveButton();
     const bitmap = bitmapAt(state.index);
     if (bitmap) {
       lastBitmap = bitmap;
@@ -307,6 +387,13 @@
   let drag = null;
   canvas.addEventListener("pointerdown", (event) => {
     canvas.focus();
+    if (state.tool === "arrow" || state.tool === "length") {
+      stop();
+      const start = imagePoint(event);
+      state.pending = {kind: state.tool, points: [start, start]};
+      canvas.setPointerCapture(event.pointerId);
+      return;
+    }
     canvas.setPointerCapture(event.pointerId);
     pointers.set(event.pointerId, {x: event.clientX, y: event.clientY});
     drag = {x: event.clientX, y: event.clientY, window: startingWindow().slice(),
@@ -314,6 +401,11 @@
             pinch: pointers.size === 2 ? pinchDistance() : null};
   });
   canvas.addEventListener("pointermove", (event) => {
+    if (state.pending) {
+      state.pending.points = [state.pending.points[0], imagePoint(event)];
+      draw();
+      return;
+    }
     if (!drag || !pointers.has(event.pointerId)) return;
     pointers.set(event.pointerId, {x: event.clientX, y: event.clientY});
     if (pointers.size === 2 && drag.pinch) {
@@ -335,6 +427,19 @@
     }
   });
   const endDrag = (event) => {
+    if (state.pending) {
+      const mark = state.pending;
+      state.pending = null;
+      const [[x1, y1], [x2, y2]] = mark.points;
+      if (Math.hypot(x2 - x1, y2 - y1) > 3) {
+        const key = frameKey();
+        (state.marks[key] = state.marks[key] || []).push(mark);
+        state.unsaved.add(key);
+        updateSaveButton();
+      }
+      draw();
+      return;
+    }
     pointers.delete(event.pointerId);
     if (pointers.size === 0) {
       if (drag && state.tool === "window" && state.window) prefetch();
@@ -364,6 +469,15 @@
     b.addEventListener("click", () => openSeries(Number(b.dataset.index)));
   });
   document.getElementById("fit").addEventListener("click", fit);
+  const saveButton = document.getElementById("save-marks");
+  if (saveButton) saveButton.addEventListener("click", () => saveMarks(frameKey()));
+  const clearButton = document.getElementById("clear-marks");
+  if (clearButton) clearButton.addEventListener("click", () => {
+    const key = frameKey();
+    state.marks[key] = (state.marks[key] || []).filter((m) => m.author && m.author !== manifest.me);
+    draw();
+    saveMarks(key);
+  });
   document.getElementById("reset").addEventListener("click", reset);
   document.getElementById("prev").addEventListener("click", () => step(-1));
   document.getElementById("next").addEventListener("click", () => step(1));
@@ -393,6 +507,8 @@
       f: fit, r: reset, F: fullscreen,
       "+": () => zoomBy(1.25), "=": () => zoomBy(1.25), "-": () => zoomBy(0.8),
       w: () => setTool("window"), p: () => setTool("pan"), z: () => setTool("zoom"),
+      a: () => manifest.annotationsUrl && setTool("arrow"),
+      m: () => manifest.annotationsUrl && setTool("length"),
     };
     const action = keys[event.key];
     if (action) { event.preventDefault(); action(); }
