@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from imageshare.access.policy import ROLES
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
-from imageshare.storage.index.schema import api_tokens, users
+from imageshare.storage.index.schema import account_invites, api_tokens, users
 
 _hasher = PasswordHasher()
 _CACHE_SECONDS = 300.0
@@ -213,6 +213,43 @@ class UserDirectory:
             if failed >= MAX_FAILED_LOGINS:
                 conn.execute(update(users).where(users.c.pk == user_pk).values(
                     failed_logins=0, locked_until=now + LOCKOUT))
+
+    def invite(self, email: str, invited_by: str, role: str = "reviewer",
+               days: int = 14) -> str:
+        """A one-time invitation for ``email`` to create an account with ``role``; returns
+        its secret (only the hash is kept)."""
+        if role not in ("reviewer", "patient"):
+            raise ImageShareError("only reviewers and patients are invited by link")
+        secret = secrets.token_urlsafe(32)
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            conn.execute(insert(account_invites).values(
+                token_hash=secret_hash(secret), email=email.strip()[:254], role=role,
+                invited_by=invited_by, created_at=now, expires_at=now + timedelta(days=days)))
+        return secret
+
+    def invitation(self, secret: str) -> tuple[str, str] | None:
+        """(e-mail, role) of a live invitation, else None."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(account_invites).where(
+                account_invites.c.token_hash == secret_hash(secret))).mappings().first()
+        if (row is None or row["used_at"] is not None
+                or as_utc(row["expires_at"]) <= datetime.now(UTC)):
+            return None
+        return row["email"], row["role"]
+
+    def accept_invitation(self, secret: str, username: str, password: str) -> str:
+        """Create the invited account (once); returns its role."""
+        found = self.invitation(secret)
+        if found is None:
+            raise ImageShareError("this invitation has expired or was used already")
+        email, role = found
+        self.add(username.strip(), password, role, email)
+        with self._engine.begin() as conn:
+            conn.execute(update(account_invites).where(
+                account_invites.c.token_hash == secret_hash(secret))
+                .values(used_at=datetime.now(UTC)))
+        return role
 
     def email_of(self, username: str) -> str:
         """The user's e-mail address ("" when none is known)."""

@@ -271,3 +271,26 @@ def test_a_selection_of_clips_is_shared_over_the_api(archive, anonymous, study):
     assert anonymous.get(f"/api/shares/{body['id']}", auth=auth).json()["state"] == "revoked"
     too_long = anonymous.post(f"/api/studies/{study}/shares", auth=auth, json={"days": 400})
     assert too_long.status_code == 400 and "1 to 90 days" in too_long.json()["detail"]
+
+
+def test_a_recipient_is_invited_to_create_a_reviewer_account(archive, anonymous, study):
+    created = make_share(archive, study, recipient_email="mentor@elsewhere.example")
+    anonymous.post("/login", data={"username": "sono", "password": "a-long-password"},
+                   headers=HTML)
+    detail = anonymous.get(f"/shares/{created.public_id}", headers=HTML)
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', detail.text).group(1)
+    invited = anonymous.post(f"/shares/{created.public_id}/invite", headers=HTML,
+                             data={"csrf_token": csrf}, follow_redirects=False)
+    assert invited.status_code == 303
+    secret = archive.users.invite("mentor@elsewhere.example", "sono")  # as mailed
+    guest = anonymous.__class__(anonymous.app, base_url=str(anonymous.base_url))
+    assert guest.get(f"/invite/{secret}", headers=HTML).status_code == 200
+    done = guest.post(f"/invite/{secret}", headers=HTML, follow_redirects=False,
+                      data={"username": "mentor", "password": "mentor-password"})
+    assert done.status_code == 303
+    assert archive.users.account("mentor").role == "reviewer"
+    assert guest.get(f"/invite/{secret}", headers=HTML).status_code == 410  # once only
+    guest.post("/login", data={"username": "mentor", "password": "mentor-password"},
+               headers=HTML)
+    mine = guest.get("/shared-with-me", headers=HTML)
+    assert "with the link and passcode you were sent" in mine.text

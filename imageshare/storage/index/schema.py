@@ -349,3 +349,17 @@ annotations = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("sop_uid", "frame", "author"),
 )
+
+# One-time invitations for external reviewers to create their own account.
+account_invites = Table(
+    "account_invites",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("email", String(254), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("invited_by", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("used_at", DateTime(timezone=True), nullable=True),
+)

@@ -9,9 +9,12 @@ from fastapi import APIRouter, Form, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from imageshare.access.policy import ACCOUNT_SELF, EXPORT_IDENTIFIABLE, SHARE_CREATE
+from imageshare.access.policy import ACCOUNT_SELF, EXPORT_IDENTIFIABLE, PUBLIC, SHARE_CREATE
+from imageshare.audit.trail import AuditEvent
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import ImageShareError
 from imageshare.sharing.links import NewShare
-from imageshare.web.auth import allowed, authorise_also
+from imageshare.web.auth import allowed, authorise_also, client_address
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
@@ -96,3 +99,48 @@ def shared_with_me(request: Request, actor: allowed(ACCOUNT_SELF)) -> Response:
         studies = sorted({i.study_uid for i in archive.shares.items(share)})
         entries.append({"share": share, "studies": studies if not share.deidentified else []})
     return page(request, "shared_with_me.html", entries=entries)
+
+
+@router.post("/shares/{public_id}/invite")
+def invite_reviewer(request: Request, public_id: str, actor: allowed(SHARE_CREATE)) -> Response:
+    """Invite the share's recipient to create a reviewer account (link by e-mail)."""
+    archive = request.app.state.archive
+    share = archive.shares.by_public_id(public_id, actor.name)
+    if not share.recipient_email:
+        raise ImageShareError("the share has no recipient e-mail address to invite")
+    secret = archive.users.invite(share.recipient_email, actor.name)
+    url = f"{public_base(request)}/invite/{secret}"
+    archive.shares.mailer.send(
+        share.recipient_email, "You are invited to an ImageShare account",
+        f"{actor.name} invites you to create an ImageShare account, to see everything shared "
+        f"with you in one place.\n\nCreate it here (the link works once, for 14 days): {url}\n\n"
+        "This message contains no patient information.\n")
+    archive.audit.record(AuditEvent(actor=actor, action="user.invite", outcome="success",
+                                    detail={"share": public_id}))
+    return redirect(f"/shares/{public_id}?notice=invited")
+
+
+@router.get("/invite/{secret}")
+def invitation_form(request: Request, secret: str, _anyone: allowed(PUBLIC)) -> Response:
+    """The form to create an invited account."""
+    if request.app.state.archive.users.invitation(secret) is None:
+        return page(request, "error.html", status_code=410, title="Invitation not valid",
+                    detail="This invitation has expired or was used already.")
+    return page(request, "invitation.html", secret=secret)
+
+
+@router.post("/invite/{secret}")
+def accept_invitation(request: Request, secret: str, _anyone: allowed(PUBLIC),
+                      username: Annotated[str, Form()], password: Annotated[str, Form()]
+                      ) -> Response:
+    """Create the invited account, then sign in (two-factor sign-in can be set up there)."""
+    archive = request.app.state.archive
+    try:
+        role = archive.users.accept_invitation(secret, username[:128], password[:1024])
+    except ImageShareError as exc:
+        return page(request, "invitation.html", status_code=400, secret=secret,
+                    error=str(exc))
+    archive.audit.record(AuditEvent(
+        actor=Actor("user", username[:128], role, client_address(request)),
+        action="user.accept-invite", outcome="success"))
+    return redirect("/login?notice=account-created")

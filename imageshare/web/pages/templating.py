@@ -26,6 +26,8 @@ NOTICES = {
     "user-changed": ("success", "The account was changed."),
     "signed-out": ("info", "You are signed out."),
     "token-revoked": ("success", "The token was revoked."),
+    "invited": ("success", "The recipient was invited by e-mail to create an account."),
+    "account-created": ("success", "Your account is ready: sign in."),
 }
 
 
