@@ -34,7 +34,10 @@ from imageshare.audit.trail import AuditTrail
 from imageshare.deid.pseudonyms import Pseudonyms, installation_secret
 from imageshare.deid.service import Deidentifier
 from imageshare.deid.setup import deidentifier_for
-from imageshare.domain.actors import SYSTEM
+from imageshare.dicom.scu import DimseSites
+from imageshare.domain.actors import SYSTEM, Actor
+from imageshare.exchange.dicomweb_site import DicomwebSites
+from imageshare.exchange.federated import ExchangeService
 from imageshare.exchange.nodes import NodeRegistry
 from imageshare.export.service import ExportService
 from imageshare.jobs import JobRunner
@@ -77,6 +80,7 @@ class Archive:
     shares: ShareService
     cases: CaseBook
     annotations: AnnotationBook
+    exchange: ExchangeService
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -116,6 +120,8 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         return deidentifiers[profile]
 
     users_directory = UserDirectory(engine)
+    nodes = NodeRegistry(engine)
+    search = StudySearchService(query)
     mailer = Mailer(MailSettings(settings.smtp_host, settings.smtp_port, settings.smtp_tls,
                                  settings.smtp_user, settings.smtp_password,
                                  settings.mail_sender))
@@ -129,10 +135,10 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
         ingest=ingest, query=query, retrieve=retrieve, users=users_directory,
         sessions=SessionStore(engine),
-        nodes=NodeRegistry(engine),
+        nodes=nodes,
         policy=Policy(store_from_any_ae=settings.store_from_any_ae,
                       shared_with=shares.studies_shared_with),
-        search=StudySearchService(query), catalogue=catalogue,
+        search=search, catalogue=catalogue,
         comments=CommentBook(engine, audit), attachments=AttachmentService(catalogue, ingest),
         corrections=PatientCorrections(
             engine, writer, blobs, audit, catalogue, settings.staging_dir,
@@ -142,6 +148,13 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
                               deidentifier),
         notifier=notifier, shares=shares, cases=CaseBook(engine, retrieve, audit),
         annotations=AnnotationBook(engine, retrieve, ingest, audit),
+        exchange=ExchangeService(
+            engine, nodes,
+            {"dimse": DimseSites(settings.ae_title, settings.dicom_timeout),
+             "dicomweb": DicomwebSites(lambda stream: ingest.store_stream(
+                 stream, Actor("system", "exchange", "system", "dicomweb")))},
+            search, audit, jobs, settings.exchange_timeout,
+            settings.link_by_name_and_birth_date),
     )
 
 

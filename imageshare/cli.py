@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     nadd.add_argument("--no-retrieve", action="store_true", help="may not retrieve from us")
     nadd.add_argument("--no-store", action="store_true", help="may not store to us")
     nadd.add_argument("--replace", action="store_true", help="update an existing node")
+    nadd.add_argument("--no-search", action="store_true", help="do not search this site")
+    nadd.add_argument("--no-retrieve-from", action="store_true",
+                      help="do not retrieve from this site")
+    nadd.add_argument("--no-send-to", action="store_true", help="do not send to this site")
+    nadd.add_argument("--dicomweb-auth", default="",
+                      help="DICOMweb credentials: user:password or 'Bearer TOKEN'")
     nlist = node.add_parser("list", help="list registered nodes")
     _common(nlist)
     nrm = node.add_parser("remove", help="forget a node")
@@ -258,7 +264,9 @@ def run(argv: Sequence[str] | None = None) -> int:
                 ae_title=args.ae_title, host=args.host, port=args.port,
                 dicomweb_url=args.dicomweb, display_name=args.name,
                 may_query=not args.no_query, may_retrieve=not args.no_retrieve,
-                may_store=not args.no_store,
+                may_store=not args.no_store, searchable=not args.no_search,
+                retrieve_from=not args.no_retrieve_from, send_to=not args.no_send_to,
+                dicomweb_auth=args.dicomweb_auth,
             )
             archive.nodes.add(node, replace=args.replace)
             archive.audit.record(AuditEvent(cli_actor(), "node.add", "success",

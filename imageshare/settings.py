@@ -81,6 +81,16 @@ class Settings:
     )
     share_default_days: int = _setting(30, "Days a share link stays valid unless chosen.")
     share_max_days: int = _setting(90, "Longest validity a share link may be given (days).")
+    exchange_timeout: float = _setting(
+        10.0, "Seconds a connected site may take to answer a federated search."
+    )
+    temporary_days: int = _setting(
+        30, "Days copies retrieved from other sites and inbox items are kept unless accepted."
+    )
+    link_by_name_and_birth_date: bool = _setting(
+        False, "Attach a remote study to a local patient by name and date of birth when it has "
+        "no NHS number (otherwise only by NHS number)."
+    )
     smtp_host: str = _setting("", "SMTP server for e-mail notifications; empty: no e-mail.")
     smtp_port: int = _setting(25, "SMTP port.")
     smtp_tls: str = _setting("none", "SMTP security: none, starttls or ssl.")

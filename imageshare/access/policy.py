@@ -26,6 +26,7 @@ EXPORT_IDENTIFIABLE = "study.export"
 EXPORT_DEIDENTIFIED = "study.export.deidentified"
 SHARE_CREATE = "share.create"
 CASE_MANAGE = "case.manage"
+EXCHANGE = "exchange.use"
 # What someone holding an opened share link may do (within the share's items only).
 SHARE_VIEW = "share.view"
 SHARE_DOWNLOAD = "share.download"
@@ -39,7 +40,7 @@ DICOM_RETRIEVE = "dicom.retrieve"
 
 _STAFF = frozenset(
     {STUDY_READ, STUDY_STORE, STUDY_COMMENT, PATIENT_CORRECT, TOKEN_SELF, ACCOUNT_SELF,
-     EXPORT_IDENTIFIABLE, EXPORT_DEIDENTIFIED, SHARE_CREATE, CASE_MANAGE}
+     EXPORT_IDENTIFIABLE, EXPORT_DEIDENTIFIED, SHARE_CREATE, CASE_MANAGE, EXCHANGE}
 )
 # An administrator signed in with a password who has not yet set up two-factor sign-in
 # (required for admins) may only do that.

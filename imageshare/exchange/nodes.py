@@ -28,6 +28,15 @@ class Node:
     may_query: bool = True
     may_retrieve: bool = True
     may_store: bool = True
+    searchable: bool = True
+    retrieve_from: bool = True
+    send_to: bool = True
+    dicomweb_auth: str = ""
+
+    @property
+    def label(self) -> str:
+        """How people name the site."""
+        return self.display_name or self.ae_title
 
     @property
     def grants(self) -> frozenset[str]:
@@ -59,7 +68,9 @@ class NodeRegistry:
             "ae_title": ae, "host": node.host, "port": node.port,
             "dicomweb_url": node.dicomweb_url, "display_name": node.display_name or ae,
             "may_query": node.may_query, "may_retrieve": node.may_retrieve,
-            "may_store": node.may_store,
+            "may_store": node.may_store, "searchable": node.searchable,
+            "retrieve_from": node.retrieve_from, "send_to": node.send_to,
+            "dicomweb_auth": node.dicomweb_auth,
         }
         with self._engine.begin() as conn:
             exists = conn.execute(select(nodes.c.pk).where(nodes.c.ae_title == ae)).scalar()
@@ -101,4 +112,6 @@ def _node(row: object) -> Node:
         ae_title=m["ae_title"], host=m["host"], port=m["port"], dicomweb_url=m["dicomweb_url"],
         display_name=m["display_name"], may_query=m["may_query"],
         may_retrieve=m["may_retrieve"], may_store=m["may_store"],
+        searchable=m["searchable"], retrieve_from=m["retrieve_from"], send_to=m["send_to"],
+        dicomweb_auth=m["dicomweb_auth"],
     )

@@ -36,6 +36,10 @@ class NodeIn(BaseModel):
     may_query: bool = True
     may_retrieve: bool = True
     may_store: bool = True
+    searchable: bool = True
+    retrieve_from: bool = True
+    send_to: bool = True
+    dicomweb_auth: str = Field(default="", max_length=512)
 
 
 class TokenIn(BaseModel):
@@ -115,8 +119,9 @@ def create_token(request: Request, body: TokenIn, actor: allowed(TOKEN_SELF)) ->
 
 @router.get("/nodes", summary="List registered DICOM nodes")
 def list_nodes(request: Request, actor: allowed(NODE_MANAGE)) -> list[dict[str, Any]]:
-    """Every registered node."""
-    return [n.__dict__ for n in request.app.state.archive.nodes.all()]
+    """Every registered node (credentials are not shown)."""
+    return [{**n.__dict__, "dicomweb_auth": "***" if n.dicomweb_auth else ""}
+            for n in request.app.state.archive.nodes.all()]
 
 
 @router.post("/nodes", status_code=201, summary="Register a DICOM node")
@@ -129,7 +134,7 @@ def add_node(request: Request, body: NodeIn, actor: allowed(NODE_MANAGE)) -> dic
         AuditEvent(actor=actor, action="node.add", outcome="success",
                    detail={"ae_title": node.ae_title, "host": node.host, "port": node.port})
     )
-    return node.__dict__
+    return {**node.__dict__, "dicomweb_auth": "***" if node.dicomweb_auth else ""}
 
 
 @router.delete("/nodes/{ae_title}", status_code=204, summary="Remove a DICOM node")

@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from imageshare import __version__
 from imageshare.access.policy import ACCOUNT_SELF, PUBLIC
-from imageshare.web import api, dicomweb, exports, problems, share_api
+from imageshare.web import api, dicomweb, exchange_api, exports, problems, share_api
 from imageshare.web.auth import allowed
 from imageshare.web.pages import (
     account,
@@ -39,6 +39,7 @@ def create_app(archive: Any) -> FastAPI:
     app.include_router(api.router)
     app.include_router(exports.router)
     app.include_router(share_api.router)
+    app.include_router(exchange_api.router)
     for pages in (sign_in, studies, viewer, patients, account, admin, shares, shared, cases,
                   assets):
         app.include_router(pages.router)

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    true,
 )
 
 metadata = MetaData(
@@ -176,6 +177,12 @@ nodes = Table(
     Column("may_retrieve", Boolean, nullable=False, default=True),
     Column("may_store", Boolean, nullable=False, default=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # What we may do with the site (its own permissions towards us are the may_* columns).
+    Column("searchable", Boolean, nullable=False, default=True, server_default=true()),
+    Column("retrieve_from", Boolean, nullable=False, default=True, server_default=true()),
+    Column("send_to", Boolean, nullable=False, default=True, server_default=true()),
+    # DICOMweb credentials: "user:password" for HTTP Basic or "Bearer TOKEN".
+    Column("dicomweb_auth", String(512), nullable=False, default="", server_default=""),
 )
 
 audit_events = Table(

@@ -1,0 +1,128 @@
+"""DIMSE to other sites (pynetdicom): C-FIND studies, C-MOVE them to us, C-STORE to them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from imageshare.dicom.contexts import storage_contexts_for
+from imageshare.exchange.nodes import Node
+from imageshare.exchange.sites import (
+    Criteria,
+    Progress,
+    RetrieveProgress,
+    SiteUnreachable,
+)
+
+log = logging.getLogger("imageshare.scu")
+STUDY_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+              "StudyTime", "AccessionNumber", "StudyDescription", "ModalitiesInStudy",
+              "NumberOfStudyRelatedInstances", "NumberOfStudyRelatedSeries",
+              "StudyInstanceUID", "IssuerOfPatientID")
+
+
+class DimseSites:
+    """The DIMSE side of :class:`imageshare.exchange.sites.SiteClient`."""
+
+    def __init__(self, ae_title: str, timeout: float = 30.0) -> None:
+        self.ae_title = ae_title
+        self.timeout = timeout
+
+    def _ae(self, timeout: float) -> AE:
+        ae = AE(ae_title=self.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        ae.connection_timeout = min(timeout, 10)
+        return ae
+
+    def _associate(self, ae: AE, node: Node) -> Any:
+        try:
+            assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+        except (OSError, RuntimeError) as exc:
+            raise SiteUnreachable(f"{node.label} cannot be reached") from exc
+        if not assoc.is_established:
+            raise SiteUnreachable(f"{node.label} did not accept the association")
+        return assoc
+
+    def find_studies(self, node: Node, criteria: Criteria, timeout: float
+                     ) -> list[dict[str, Any]]:
+        """C-FIND at STUDY level (Study Root)."""
+        ae = self._ae(timeout)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        for keyword in STUDY_KEYS:
+            setattr(query, keyword, criteria.get(keyword, ""))
+        assoc = self._associate(ae, node)
+        results = []
+        try:
+            for status, identifier in assoc.send_c_find(
+                    query, StudyRootQueryRetrieveInformationModelFind):
+                if not status:
+                    raise SiteUnreachable(f"{node.label} stopped answering")
+                if status.Status in (0xFF00, 0xFF01) and identifier is not None:
+                    results.append(identifier.to_json_dict())
+                elif status.Status not in (0x0000, 0xFF00, 0xFF01):
+                    log.info("C-FIND to %s ended with status 0x%04X", node.ae_title,
+                             status.Status)
+        finally:
+            assoc.release()
+        return results
+
+    def retrieve_study(self, node: Node, study_uid: str, progress: Progress
+                       ) -> RetrieveProgress:
+        """C-MOVE the study to our own AE title (the site must know our address)."""
+        ae = self._ae(self.timeout)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study_uid
+        assoc = self._associate(ae, node)
+        last = RetrieveProgress(0, 0)
+        try:
+            for status, _identifier in assoc.send_c_move(
+                    query, self.ae_title, StudyRootQueryRetrieveInformationModelMove):
+                if not status:
+                    raise SiteUnreachable(f"{node.label} stopped answering")
+                done = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
+                failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+                warned = int(status.get("NumberOfWarningSuboperations", 0) or 0)
+                left = int(status.get("NumberOfRemainingSuboperations", 0) or 0)
+                last = RetrieveProgress(done + warned, done + warned + failed + left, failed)
+                progress(last)
+                if status.Status not in (0xFF00, 0x0000, 0xB000):
+                    raise SiteUnreachable(
+                        f"{node.label} refused the retrieval (status 0x{status.Status:04X})")
+        finally:
+            assoc.release()
+        return last
+
+    def send(self, node: Node, files: Iterable[Path], progress: Progress) -> RetrieveProgress:
+        """C-STORE each file, in the syntax it is stored in."""
+        paths = list(files)
+        headers = [dcmread(p, stop_before_pixels=True) for p in paths]
+        pairs = {(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in headers}
+        ae = self._ae(self.timeout)
+        ae.requested_contexts = storage_contexts_for(pairs)
+        assoc = self._associate(ae, node)
+        sent = failed = 0
+        try:
+            for path in paths:
+                status = assoc.send_c_store(path)
+                if status and status.Status in (0x0000, 0xB000, 0xB006, 0xB007):
+                    sent += 1
+                else:
+                    failed += 1
+                progress(RetrieveProgress(sent, len(paths), failed))
+        finally:
+            assoc.release()
+        return RetrieveProgress(sent, len(paths), failed)

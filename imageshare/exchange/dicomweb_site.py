@@ -1,0 +1,100 @@
+"""DICOMweb to other sites (the dicomweb-client library): QIDO-RS, WADO-RS, STOW-RS."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom import Dataset, dcmread
+
+from imageshare.exchange.nodes import Node
+from imageshare.exchange.sites import Criteria, Progress, RetrieveProgress, SiteUnreachable
+
+Store = Callable[[io.BytesIO], None]
+
+
+class DicomwebSites:
+    """The DICOMweb side of :class:`imageshare.exchange.sites.SiteClient`; retrieved instances
+    go to ``store`` (the ingest pipeline)."""
+
+    def __init__(self, store: Store, timeout: float = 60.0) -> None:
+        self._store = store
+        self.timeout = timeout
+
+    def _client(self, node: Node, timeout: float | None = None) -> DICOMwebClient:
+        session = requests.Session()
+        auth = node.dicomweb_auth
+        if auth.lower().startswith("bearer "):
+            session.headers["Authorization"] = auth
+        elif ":" in auth:
+            user, _, password = auth.partition(":")
+            session.auth = (user, password)
+        session.request = _with_timeout(session.request, timeout or self.timeout)
+        return DICOMwebClient(url=node.dicomweb_url.rstrip("/"), session=session)
+
+    def find_studies(self, node: Node, criteria: Criteria, timeout: float
+                     ) -> list[dict[str, Any]]:
+        """QIDO-RS /studies."""
+        try:
+            return self._client(node, timeout).search_for_studies(
+                search_filters={k: v for k, v in criteria.items() if v},
+                fields=["PatientBirthDate", "PatientSex", "NumberOfStudyRelatedInstances",
+                        "StudyDescription", "IssuerOfPatientID"])
+        except (requests.RequestException, OSError) as exc:
+            raise SiteUnreachable(f"{node.label} cannot be reached") from exc
+
+    def retrieve_study(self, node: Node, study_uid: str, progress: Progress
+                       ) -> RetrieveProgress:
+        """WADO-RS the study instance by instance into the archive."""
+        client = self._client(node)
+        try:
+            listed = client.search_for_instances(
+                study_instance_uid=study_uid, fields=["SeriesInstanceUID"])
+            done = failed = 0
+            for entry in listed:
+                series_uid = entry["0020000E"]["Value"][0]
+                sop_uid = entry["00080018"]["Value"][0]
+                try:
+                    ds = client.retrieve_instance(study_uid, series_uid, sop_uid,
+                                                  media_types=(("application/dicom", "*"),))
+                    self._store(_part10(ds))
+                    done += 1
+                except (requests.RequestException, ValueError):
+                    failed += 1
+                progress(RetrieveProgress(done, len(listed), failed))
+        except (requests.RequestException, OSError) as exc:
+            raise SiteUnreachable(f"{node.label} cannot be reached") from exc
+        return RetrieveProgress(done, len(listed), failed)
+
+    def send(self, node: Node, files: Iterable[Path], progress: Progress) -> RetrieveProgress:
+        """STOW-RS, one instance per request (so that one failure does not sink the rest)."""
+        client = self._client(node)
+        paths = list(files)
+        sent = failed = 0
+        for path in paths:
+            try:
+                client.store_instances([dcmread(path)])
+                sent += 1
+            except (requests.RequestException, OSError, ValueError):
+                failed += 1
+            progress(RetrieveProgress(sent, len(paths), failed))
+        return RetrieveProgress(sent, len(paths), failed)
+
+
+def _part10(ds: Dataset) -> io.BytesIO:
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    out.seek(0)
+    return out
+
+
+def _with_timeout(request: Callable[..., Any], timeout: float) -> Callable[..., Any]:
+    def call(method: str, url: str, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", timeout)
+        return request(method, url, **kwargs)
+
+    return call

@@ -1,0 +1,51 @@
+"""How ImageShare talks to other sites, whatever the protocol: the interface the exchange
+services use (adapters: DIMSE in :mod:`imageshare.dicom.scu`, DICOMweb in
+:mod:`imageshare.exchange.dicomweb_site`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from imageshare.domain.errors import ImageShareError
+from imageshare.exchange.nodes import Node
+
+
+class SiteUnreachable(ImageShareError):
+    """The site did not answer (connection refused, timed out, association rejected)."""
+
+    http_status = 502
+    title = "Site unreachable"
+
+
+@dataclass(frozen=True)
+class RetrieveProgress:
+    """How far a retrieval got."""
+
+    received: int
+    expected: int
+    failed: int = 0
+
+
+Progress = Callable[[RetrieveProgress], None]
+# study keyword -> value, e.g. {"PatientID": "9434765919"}; results are DICOM JSON.
+Criteria = dict[str, str]
+
+
+class SiteClient(Protocol):
+    """One protocol's way to search, retrieve from and send to a site."""
+
+    def find_studies(self, node: Node, criteria: Criteria, timeout: float
+                     ) -> list[dict[str, Any]]:
+        """Studies matching ``criteria`` at the site, as DICOM JSON."""
+        ...
+
+    def retrieve_study(self, node: Node, study_uid: str, progress: Progress) -> RetrieveProgress:
+        """Bring the study here (into the archive's ingest pipeline)."""
+        ...
+
+    def send(self, node: Node, files: Iterable[Path], progress: Progress) -> RetrieveProgress:
+        """Send stored instances to the site; counts delivered and failed."""
+        ...
