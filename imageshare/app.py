@@ -24,6 +24,7 @@ from imageshare.archive.annotations import AnnotationBook
 from imageshare.archive.attachments import AttachmentService
 from imageshare.archive.comments import CommentBook
 from imageshare.archive.corrections import PatientCorrections
+from imageshare.archive.deletion import ArchiveDeletion
 from imageshare.archive.index_writer import IndexWriter
 from imageshare.archive.ingest import IngestService
 from imageshare.archive.query import QueryService
@@ -36,9 +37,12 @@ from imageshare.deid.service import Deidentifier
 from imageshare.deid.setup import deidentifier_for
 from imageshare.dicom.scu import DimseSites
 from imageshare.domain.actors import SYSTEM, Actor
+from imageshare.domain.errors import ConfigurationError
 from imageshare.exchange.dicomweb_site import DicomwebSites
 from imageshare.exchange.federated import ExchangeService
+from imageshare.exchange.inbox import Inbox, Retention
 from imageshare.exchange.nodes import NodeRegistry
+from imageshare.exchange.transfers import Transfers
 from imageshare.export.service import ExportService
 from imageshare.jobs import JobRunner
 from imageshare.settings import Settings
@@ -81,6 +85,10 @@ class Archive:
     cases: CaseBook
     annotations: AnnotationBook
     exchange: ExchangeService
+    transfers: Transfers
+    inbox: Inbox
+    retention: Retention
+    deletion: ArchiveDeletion
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -119,6 +127,14 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
             deidentifiers[profile] = deidentifier_for(settings, profile)
         return deidentifiers[profile]
 
+    corrections = PatientCorrections(engine, writer, blobs, audit, catalogue,
+                                     settings.staging_dir, ingest.parents_changed)
+    deletion = ArchiveDeletion(writer, blobs, audit, ingest.parents_changed)
+    clients = {
+        "dimse": DimseSites(settings.ae_title, settings.dicom_timeout),
+        "dicomweb": DicomwebSites(lambda stream: ingest.store_stream(
+            stream, Actor("system", "exchange", "system", "dicomweb"))),
+    }
     users_directory = UserDirectory(engine)
     nodes = NodeRegistry(engine)
     search = StudySearchService(query)
@@ -140,22 +156,28 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
                       shared_with=shares.studies_shared_with),
         search=search, catalogue=catalogue,
         comments=CommentBook(engine, audit), attachments=AttachmentService(catalogue, ingest),
-        corrections=PatientCorrections(
-            engine, writer, blobs, audit, catalogue, settings.staging_dir,
-            ingest.parents_changed),
+        corrections=corrections,
         throttle=SignInThrottle(), jobs=jobs,
         exports=ExportService(retrieve, audit, jobs, settings.data_dir / "exports",
                               deidentifier),
         notifier=notifier, shares=shares, cases=CaseBook(engine, retrieve, audit),
         annotations=AnnotationBook(engine, retrieve, ingest, audit),
-        exchange=ExchangeService(
-            engine, nodes,
-            {"dimse": DimseSites(settings.ae_title, settings.dicom_timeout),
-             "dicomweb": DicomwebSites(lambda stream: ingest.store_stream(
-                 stream, Actor("system", "exchange", "system", "dicomweb")))},
-            search, audit, jobs, settings.exchange_timeout,
-            settings.link_by_name_and_birth_date),
+        exchange=ExchangeService(engine, nodes, clients, search, audit, jobs,
+                                 settings.exchange_timeout,
+                                 settings.link_by_name_and_birth_date),
+        transfers=Transfers(engine, nodes, clients, retrieve, jobs, notifier, audit,
+                            _seconds(settings.push_retry_seconds)),
+        inbox=Inbox(engine, catalogue, corrections, deletion, audit),
+        retention=Retention(deletion, settings.temporary_days), deletion=deletion,
     )
+
+
+def _seconds(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise ConfigurationError("push_retry_seconds is a comma-separated list of seconds"
+                                 ) from exc
 
 
 def recover(archive: Archive) -> int:

@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     nadd.add_argument("--no-retrieve-from", action="store_true",
                       help="do not retrieve from this site")
     nadd.add_argument("--no-send-to", action="store_true", help="do not send to this site")
+    nadd.add_argument("--no-inbox", action="store_true",
+                      help="studies from this node go straight into the archive (a modality "
+                      "or the local PACS), not to the inbox")
     nadd.add_argument("--dicomweb-auth", default="",
                       help="DICOMweb credentials: user:password or 'Bearer TOKEN'")
     nlist = node.add_parser("list", help="list registered nodes")
@@ -114,6 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     deid.add_argument("--report", type=Path,
                       help="also write the full report (with input paths) to this file")
     deid.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    retention = sub.add_parser("retention", help="retention of temporary data").add_subparsers(
+        dest="action", required=True)
+    run_retention = retention.add_parser(
+        "run", help="delete temporary copies and inbox items past their time")
+    _common(run_retention)
+    run_retention.add_argument("--at", default="",
+                               help="act as if it were this moment (ISO 8601), e.g. to check")
 
     settings = sub.add_parser("settings", help="print every setting with its default")
     settings.add_argument("--markdown", action="store_true")
@@ -266,7 +277,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 may_query=not args.no_query, may_retrieve=not args.no_retrieve,
                 may_store=not args.no_store, searchable=not args.no_search,
                 retrieve_from=not args.no_retrieve_from, send_to=not args.no_send_to,
-                dicomweb_auth=args.dicomweb_auth,
+                dicomweb_auth=args.dicomweb_auth, inbox=not args.no_inbox,
             )
             archive.nodes.add(node, replace=args.replace)
             archive.audit.record(AuditEvent(cli_actor(), "node.add", "success",
@@ -285,6 +296,17 @@ def run(argv: Sequence[str] | None = None) -> int:
             return _import(archive, args)
         if args.command == "audit":
             return _audit_export(archive, args)
+        if args.command == "retention":
+            from datetime import UTC, datetime
+
+            moment = datetime.fromisoformat(args.at) if args.at else datetime.now(UTC)
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+            removed = archive.retention.run(cli_actor(), moment)
+            print(f"{removed.instances} instance(s) of {len(removed.studies)} study(ies) "
+                  f"removed (temporary copies and inbox items older than "
+                  f"{archive.retention.days} days)")
+            return 0
     finally:
         archive.close()
     return 2

@@ -84,6 +84,9 @@ class Settings:
     exchange_timeout: float = _setting(
         10.0, "Seconds a connected site may take to answer a federated search."
     )
+    push_retry_seconds: str = _setting(
+        "2,10,30", "Pauses (seconds, comma-separated) before each retry of a failed push."
+    )
     temporary_days: int = _setting(
         30, "Days copies retrieved from other sites and inbox items are kept unless accepted."
     )

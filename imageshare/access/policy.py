@@ -37,6 +37,8 @@ DICOM_ECHO = "dicom.echo"
 DICOM_STORE = "dicom.store"
 DICOM_QUERY = "dicom.query"
 DICOM_RETRIEVE = "dicom.retrieve"
+# Not an action: a node's stores carrying this grant land in the inbox for review.
+INBOX = "inbox"
 
 _STAFF = frozenset(
     {STUDY_READ, STUDY_STORE, STUDY_COMMENT, PATIENT_CORRECT, TOKEN_SELF, ACCOUNT_SELF,

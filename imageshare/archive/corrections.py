@@ -56,6 +56,8 @@ class PatientDetails:
     nhs_number: str = ""
     birth_date: str = ""
     sex: str = ""
+    # Further identifiers to keep in the headers: (value, issuer), e.g. a sending site's ID.
+    other_ids: tuple[tuple[str, str], ...] = ()
 
     def checked(self) -> PatientDetails:
         """A tidied copy; raises ImageShareError for values a record cannot hold."""
@@ -82,7 +84,8 @@ class PatientDetails:
                 raise ImageShareError("the date of birth is in the future")
         if sex not in _SEXES:
             raise ImageShareError("sex must be M, F, O or empty")
-        return PatientDetails(name, patient_id, self.issuer.strip()[:64], nhs, birth, sex)
+        return PatientDetails(name, patient_id, self.issuer.strip()[:64], nhs, birth, sex,
+                              self.other_ids)
 
     @staticmethod
     def of(record: PatientRecord) -> PatientDetails:
@@ -134,6 +137,13 @@ def apply_details(ds: Dataset, details: PatientDetails) -> None:
         item.IssuerOfPatientID = NHS_ISSUER
         item.TypeOfPatientID = "TEXT"
         kept.append(item)
+    for value, issuer in details.other_ids:
+        if not any(str(i.get("PatientID", "")) == value for i in kept):
+            item = Dataset()
+            item.PatientID = value[:64]
+            item.IssuerOfPatientID = issuer[:64]
+            item.TypeOfPatientID = "TEXT"
+            kept.append(item)
     if kept:
         ds.OtherPatientIDsSequence = Sequence(kept)
     elif "OtherPatientIDsSequence" in ds:

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, and_, bindparam, insert, select, update
 
 from imageshare.archive.header import InstanceHeader
 from imageshare.storage.index.schema import (
+    inbox_items,
     instances,
     patient_identifiers,
     patients,
@@ -284,3 +285,17 @@ def replace_instance_blob(
         )
     )
     return IndexOutcome("replaced", obsolete_blob=existing.blob_key)
+
+
+def note_inbox_arrival(conn: Connection, study_uid: str, site: str, now: datetime) -> None:
+    """Count an instance of ``study_uid`` received from ``site`` in the inbox (a new item, or
+    a pending one growing; a study decided before is opened for review again)."""
+    updated = conn.execute(
+        update(inbox_items).where(inbox_items.c.study_uid == study_uid,
+                                  inbox_items.c.site == site)
+        .values(instances=inbox_items.c.instances + 1, last_received=now, status="pending")
+    ).rowcount
+    if not updated:
+        conn.execute(insert(inbox_items).values(
+            study_uid=study_uid, site=site[:64], status="pending", instances=1,
+            first_received=now, last_received=now))

@@ -18,6 +18,7 @@ from typing import BinaryIO, Literal
 
 from sqlalchemy import Connection
 
+from imageshare.access.policy import INBOX
 from imageshare.archive.header import InstanceHeader, read_header
 from imageshare.archive.index_writer import IndexWriter, Prerequisite
 from imageshare.archive.indexing import (
@@ -25,6 +26,7 @@ from imageshare.archive.indexing import (
     KnownParents,
     find_instance,
     index_instance,
+    note_inbox_arrival,
     replace_instance_blob,
 )
 from imageshare.audit.trail import AuditEvent, AuditTrail
@@ -214,7 +216,11 @@ class IngestService:
         now = datetime.now(UTC)
         existing = find_instance(conn, h.sop_instance_uid)
         if existing is None:
-            outcome = index_instance(conn, h, key, size, actor.source, now, self._known)
+            from_site = actor.kind == "node" and INBOX in actor.grants
+            outcome = index_instance(conn, h, key, size, actor.source, now, self._known,
+                                     retention_class="inbox" if from_site else "clinical")
+            if from_site and outcome.status == "stored":
+                note_inbox_arrival(conn, h.study_uid, actor.name, now)
         elif (existing.study_uid, existing.series_uid) != (h.study_uid, h.series_uid):
             outcome = IndexOutcome(
                 "conflict",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, delete, select, update
 
 from imageshare.archive.dicom_json import text_of
 from imageshare.archive.search import StudySearch, StudySearchService, StudySummary
@@ -22,7 +22,7 @@ from imageshare.domain.identifiers import normalise_name
 from imageshare.exchange.nodes import Node, NodeRegistry
 from imageshare.exchange.sites import RetrieveProgress, SiteClient, SiteUnreachable
 from imageshare.jobs import Job, JobRunner
-from imageshare.storage.index.schema import instances, series, studies
+from imageshare.storage.index.schema import inbox_items, instances, series, studies
 
 TEMPORARY = "temporary"
 
@@ -215,7 +215,7 @@ class ExchangeService:
                                           outcome="failure", study_uid=study_uid,
                                           detail={"site": node.ae_title, "error": str(exc)}))
             raise
-        marked = self._mark_temporary(study_uid, started)
+        marked = self._mark_temporary(study_uid, node.ae_title, started)
         job.summary = (f"{result.received} instance(s) received from {node.label}"
                        + (f", {result.failed} failed" if result.failed else ""))
         self._audit.record(AuditEvent(
@@ -224,15 +224,20 @@ class ExchangeService:
             instance_count=result.received,
             detail={"site": node.ae_title, "failed": result.failed, "temporary": marked}))
 
-    def _mark_temporary(self, study_uid: str, since: datetime) -> int:
-        """Instances of the study that arrived during the retrieval are a temporary copy."""
+    def _mark_temporary(self, study_uid: str, site: str, since: datetime) -> int:
+        """Instances of the study that arrived during the retrieval are a temporary copy (not
+        an inbox item: we asked for them)."""
         with self._engine.begin() as conn:
             series_pks = select(series.c.pk).join(studies, studies.c.pk == series.c.study_pk) \
                 .where(studies.c.study_uid == study_uid).scalar_subquery()
-            return conn.execute(update(instances).where(
+            marked = conn.execute(update(instances).where(
                 instances.c.series_pk.in_(series_pks), instances.c.received_at >= since,
-                instances.c.retention_class == "clinical").values(
+                instances.c.retention_class.in_(["clinical", "inbox"])).values(
                 retention_class=TEMPORARY)).rowcount
+            conn.execute(delete(inbox_items).where(
+                inbox_items.c.study_uid == study_uid, inbox_items.c.site == site,
+                inbox_items.c.first_received >= since, inbox_items.c.status == "pending"))
+            return marked
 
 
 def _remote(node: Node, item: dict[str, Any]) -> RemoteStudy:

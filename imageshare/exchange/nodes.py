@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine, delete, insert, select, update
 
-from imageshare.access.policy import DICOM_QUERY, DICOM_RETRIEVE, DICOM_STORE
+from imageshare.access.policy import DICOM_QUERY, DICOM_RETRIEVE, DICOM_STORE, INBOX
 from imageshare.domain.errors import ImageShareError, UnknownNode
 from imageshare.storage.index.schema import nodes
 
@@ -32,6 +32,7 @@ class Node:
     retrieve_from: bool = True
     send_to: bool = True
     dicomweb_auth: str = ""
+    inbox: bool = True
 
     @property
     def label(self) -> str:
@@ -48,6 +49,8 @@ class Node:
             granted.add(DICOM_RETRIEVE)
         if self.may_store:
             granted.add(DICOM_STORE)
+        if self.inbox:
+            granted.add(INBOX)
         return frozenset(granted)
 
 
@@ -70,7 +73,7 @@ class NodeRegistry:
             "may_query": node.may_query, "may_retrieve": node.may_retrieve,
             "may_store": node.may_store, "searchable": node.searchable,
             "retrieve_from": node.retrieve_from, "send_to": node.send_to,
-            "dicomweb_auth": node.dicomweb_auth,
+            "dicomweb_auth": node.dicomweb_auth, "inbox": node.inbox,
         }
         with self._engine.begin() as conn:
             exists = conn.execute(select(nodes.c.pk).where(nodes.c.ae_title == ae)).scalar()
@@ -113,5 +116,5 @@ def _node(row: object) -> Node:
         display_name=m["display_name"], may_query=m["may_query"],
         may_retrieve=m["may_retrieve"], may_store=m["may_store"],
         searchable=m["searchable"], retrieve_from=m["retrieve_from"], send_to=m["send_to"],
-        dicomweb_auth=m["dicomweb_auth"],
+        dicomweb_auth=m["dicomweb_auth"], inbox=m["inbox"],
     )

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from imageshare.access.policy import EXCHANGE
 from imageshare.archive.search import normalise_nhs_number
+from imageshare.audit.trail import AuditEvent
 from imageshare.exchange.federated import PatientQuery
 from imageshare.web.auth import allowed
 from imageshare.web.exports import job_view
@@ -52,3 +53,76 @@ def retrieve(request: Request, body: RetrieveIn, actor: allowed(EXCHANGE)) -> di
     """Starts the retrieval (a temporary copy); follow it at /api/jobs/{id}."""
     job = request.app.state.archive.exchange.retrieve(body.site, body.study_uid, actor)
     return job_view(job)
+
+
+class PushIn(BaseModel):
+    """A study to send to a site."""
+
+    site: str = Field(min_length=1, max_length=16)
+    study_uid: str = Field(min_length=1, max_length=64)
+    priority: str = Field(default="routine", pattern="^(urgent|routine)$")
+    note: str = Field(default="", max_length=2000)
+    notify: list[str] = Field(default_factory=list, max_length=20)
+
+
+def _transfer(transfer: Any) -> dict[str, Any]:
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v)
+            for k, v in asdict(transfer).items()}
+
+
+@router.post("/push", status_code=202, summary="Send a study to a site")
+async def push(request: Request, body: PushIn, actor: allowed(EXCHANGE)) -> dict[str, Any]:
+    """Queued -> sending -> delivered or failed (with the reason); retried; the sender and the
+    named users are notified."""
+    archive = request.app.state.archive
+    transfer = await run_in_threadpool(
+        archive.transfers.send, body.study_uid, body.site, actor, body.priority, body.note,
+        tuple(body.notify), archive.policy.study_scope(actor))
+    return _transfer(transfer)
+
+
+@router.get("/transfers/{transfer_id}", summary="A transfer's receipt")
+def transfer(request: Request, transfer_id: str, actor: allowed(EXCHANGE)) -> dict[str, Any]:
+    """State and counts of one transfer."""
+    return _transfer(request.app.state.archive.transfers.get(transfer_id))
+
+
+@router.get("/inbox", summary="Studies received from other sites")
+def inbox(request: Request, actor: allowed(EXCHANGE), status: str = "pending"
+          ) -> list[dict[str, Any]]:
+    """Each item with the local patient it would be reconciled to (by NHS number)."""
+    archive = request.app.state.archive
+    out = []
+    for item in archive.inbox.items(status):
+        match = archive.inbox.local_match(item) if status == "pending" else None
+        out.append({**{k: (v.isoformat() if hasattr(v, "isoformat") else v)
+                       for k, v in asdict(item).items()},
+                    "local_patient_id": match.patient_id if match else None})
+    archive.audit.record(AuditEvent(actor=actor, action="inbox.read", outcome="success",
+                                    instance_count=len(out)))
+    return out
+
+
+class DecisionIn(BaseModel):
+    """Accept (reconciling to the local patient) or reject an inbox item."""
+
+    reconcile: bool = True
+    note: str = Field(default="", max_length=2000)
+
+
+@router.post("/inbox/{item}/accept", summary="Accept an inbox item into the archive")
+async def accept(request: Request, item: int, body: DecisionIn, actor: allowed(EXCHANGE)
+                 ) -> dict[str, str]:
+    """Reconcile to the local patient (by NHS number) and keep the study."""
+    done = await run_in_threadpool(request.app.state.archive.inbox.accept, item, actor,
+                                   body.reconcile, body.note)
+    return {"done": done}
+
+
+@router.post("/inbox/{item}/reject", summary="Reject an inbox item")
+async def reject(request: Request, item: int, body: DecisionIn, actor: allowed(EXCHANGE)
+                 ) -> dict[str, int]:
+    """Delete the received instances (audited)."""
+    removed = await run_in_threadpool(request.app.state.archive.inbox.reject, item, actor,
+                                      body.note)
+    return {"deleted": removed.instances}

@@ -125,3 +125,127 @@ def test_unreachable_and_silent_sites_are_named_and_do_not_hold_up_the_answer(ho
     assert "Closed Hospital" in by_site["CLOSED"]["detail"]
     assert by_site["SILENT"]["status"] in ("timeout", "unreachable")
     assert elapsed < 3 + 3  # the timeout (3 s) plus the request's own time
+
+
+def api(server, method, path, **kwargs):
+    with httpx.Client(base_url=server.url, auth=CLINICIAN, timeout=60) as client:
+        response = client.request(method, path, **kwargs)
+    assert response.status_code < 300, response.text
+    return response.json()
+
+
+def wait_for_transfer(server, transfer_id):
+    for _ in range(300):
+        state = api(server, "GET", f"/api/exchange/transfers/{transfer_id}")
+        if state["state"] in ("delivered", "failed"):
+            return state
+        time.sleep(0.1)
+    raise AssertionError("transfer did not finish")
+
+
+@pytest.mark.parametrize("protocol", ["dimse", "dicomweb"])
+def test_a_push_to_orthanc_arrives_and_is_reported_delivered(hospitals, tmp_path, protocol):
+    server, orthanc, _files = hospitals
+    local = ct_series(tmp_path / "local", 3, patient_id="H7001", patient_name="Local^Pat")
+    server.cli("import", "--quiet", str(tmp_path / "local"))
+    extra = (["--dicomweb", f"{orthanc.url}/dicom-web"] if protocol == "dicomweb" else [])
+    server.cli("node", "add", "ORTHANC", "--host", "127.0.0.1", "--port",
+               str(orthanc.dicom_port), "--name", "Tertiary Centre", *extra)
+    study_uid = dcmread(local[0], stop_before_pixels=True).StudyInstanceUID
+    queued = api(server, "POST", "/api/exchange/push", json={
+        "site": "ORTHANC", "study_uid": study_uid, "priority": "urgent", "note": "transfer"})
+    assert queued["state"] in ("queued", "sending", "delivered")
+    done = wait_for_transfer(server, queued["public_id"])
+    assert done["state"] == "delivered" and done["sent"] == 3 and done["failed"] == 0
+    with orthanc.http() as client:
+        found = client.post("/tools/find", json={"Level": "Instance", "Query": {
+            "StudyInstanceUID": study_uid}}).json()
+    assert len(found) == 3
+
+
+def test_a_push_to_an_unreachable_site_fails_with_the_reason(tmp_path):
+    server = RunningServer(tmp_path / "here", extra_env={
+        "IMAGESHARE_PUSH_RETRY_SECONDS": "0.2,0.2"}).start()
+    try:
+        server.cli("user", "add", *CLINICIAN[:1], "--role", "clinician", "--password",
+                   CLINICIAN[1])
+        local = ct_series(tmp_path / "local", 1)
+        server.cli("import", "--quiet", str(tmp_path / "local"))
+        server.cli("node", "add", "GONE", "--host", "127.0.0.1", "--port", str(free_port()),
+                   "--name", "Gone Hospital")
+        study_uid = dcmread(local[0], stop_before_pixels=True).StudyInstanceUID
+        queued = api(server, "POST", "/api/exchange/push",
+                     json={"site": "GONE", "study_uid": study_uid})
+        for _ in range(900):
+            state = api(server, "GET", f"/api/exchange/transfers/{queued['public_id']}")
+            if state["state"] == "failed":
+                break
+            time.sleep(0.1)
+        assert state["state"] == "failed" and "Gone Hospital" in state["reason"]
+        assert state["attempts"] >= 2
+    finally:
+        server.stop()
+
+
+def test_orthanc_sending_to_us_lands_in_the_inbox_and_is_reconciled(hospitals, tmp_path):
+    server, orthanc, files = hospitals
+    # our own record of the patient: hospital number H555 with the NHS number
+    from pydicom import Dataset
+
+    nhs_item = Dataset()
+    nhs_item.PatientID = NHS
+    nhs_item.IssuerOfPatientID = "NHS"
+    ct_series(tmp_path / "ours", 1, patient_id="H555", patient_name="Curie^Marie",
+              OtherPatientIDsSequence=[nhs_item])
+    server.cli("import", "--quiet", str(tmp_path / "ours"))
+    server.cli("node", "add", "ORTHANC", "--host", "127.0.0.1", "--port",
+               str(orthanc.dicom_port), "--name", "District General")
+    with orthanc.http() as client:
+        [study] = client.get("/studies").json()
+        sent = client.post("/modalities/IMAGESHARE/store", json=[study])
+        assert sent.status_code == 200, sent.text
+    [item] = api(server, "GET", "/api/exchange/inbox")
+    assert item["site"] == "ORTHANC" and item["instances"] == 5
+    assert item["local_patient_id"] == "H555"
+    done = api(server, "POST", f"/api/exchange/inbox/{item['pk']}/accept",
+               json={"reconcile": True})
+    assert "H555" in done["done"]
+    study_uid = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    with httpx.Client(base_url=server.url, auth=("admin", ADMIN_PASSWORD), timeout=60) as c:
+        listed = c.get(f"/dicomweb/studies/{study_uid}/instances").json()
+        sop = listed[0]["00080018"]["Value"][0]
+        series_uid = listed[0]["0020000E"]["Value"][0]
+        part = c.get(f"/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop}",
+                     headers={"Accept": "multipart/related; type=application/dicom"}).content
+    header = dcmread(__import__("io").BytesIO(part[part.index(b"\r\n\r\n") + 4:]),
+                     force=True, stop_before_pixels=True)
+    assert header.PatientID == "H555"
+    others = {str(i.PatientID): str(i.get("IssuerOfPatientID", ""))
+              for i in header.OtherPatientIDsSequence}
+    assert NHS in others  # the sender's ID (here the NHS number itself) is kept
+    assert api(server, "GET", "/api/exchange/inbox") == []
+
+
+def test_retention_removes_expired_temporary_copies_and_inbox_items_only(hospitals, tmp_path):
+    server, orthanc, files = hospitals
+    kept = ct_series(tmp_path / "kept", 2, patient_id="H1", patient_name="Kept^Study")
+    server.cli("import", "--quiet", str(tmp_path / "kept"))
+    server.cli("node", "add", "ORTHANC", "--host", "127.0.0.1", "--port",
+               str(orthanc.dicom_port))
+    study = search(server, nhs=NHS)["sites"][0]["studies"][0]
+    retrieve(server, "ORTHANC", study["study_uid"])
+    other = ct_series(tmp_path / "inbox", 2, patient_id="H2", patient_name="Inbox^Only")
+    with orthanc.http() as client:
+        for path in other:
+            client.post("/instances", content=path.read_bytes()).raise_for_status()
+        inbox_study = dcmread(other[0], stop_before_pixels=True).StudyInstanceUID
+        orthanc_id = client.post("/tools/find", json={"Level": "Study", "Query": {
+            "StudyInstanceUID": inbox_study}}).json()[0]
+        client.post("/modalities/IMAGESHARE/store", json=[orthanc_id]).raise_for_status()
+    soon = server.cli("retention", "run", "--at", "2099-01-01T00:00:00").stdout
+    assert "7 instance(s) of 2 study(ies) removed" in soon, soon
+    with httpx.Client(base_url=server.url, auth=("admin", ADMIN_PASSWORD), timeout=60) as c:
+        remaining = {s["0020000D"]["Value"][0] for s in c.get("/dicomweb/studies").json()}
+    assert remaining == {dcmread(kept[0], stop_before_pixels=True).StudyInstanceUID}
+    nothing = server.cli("retention", "run").stdout
+    assert nothing.startswith("0 instance(s)")

@@ -183,6 +183,8 @@ nodes = Table(
     Column("send_to", Boolean, nullable=False, default=True, server_default=true()),
     # DICOMweb credentials: "user:password" for HTTP Basic or "Bearer TOKEN".
     Column("dicomweb_auth", String(512), nullable=False, default="", server_default=""),
+    # Studies this site sends us land in the inbox for review.
+    Column("inbox", Boolean, nullable=False, default=True, server_default=true()),
 )
 
 audit_events = Table(
@@ -369,4 +371,42 @@ account_invites = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("used_at", DateTime(timezone=True), nullable=True),
+)
+
+# Studies received from other sites, waiting for staff to reconcile and accept (or reject).
+inbox_items = Table(
+    "inbox_items",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("study_uid", String(64), nullable=False),
+    Column("site", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("instances", Integer, nullable=False, default=0, server_default="0"),
+    Column("first_received", DateTime(timezone=True), nullable=False),
+    Column("last_received", DateTime(timezone=True), nullable=False),
+    Column("decided_by", String(128), nullable=False, default="", server_default=""),
+    Column("decided_at", DateTime(timezone=True), nullable=True),
+    Column("note", Text, nullable=False, default="", server_default=""),
+    UniqueConstraint("study_uid", "site"),
+)
+
+# Studies sent to other sites, with their delivery receipts.
+transfers = Table(
+    "transfers",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("public_id", String(32), nullable=False, unique=True),
+    Column("study_uid", String(64), nullable=False),
+    Column("site", String(16), nullable=False),
+    Column("priority", String(16), nullable=False),
+    Column("note", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("sent", Integer, nullable=False, default=0, server_default="0"),
+    Column("total", Integer, nullable=False, default=0, server_default="0"),
+    Column("failed", Integer, nullable=False, default=0, server_default="0"),
+    Column("attempts", Integer, nullable=False, default=0, server_default="0"),
+    Column("reason", Text, nullable=False, default="", server_default=""),
+    Column("created_by", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )

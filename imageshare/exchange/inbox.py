@@ -1,0 +1,171 @@
+"""Studies received from other sites: reviewed in the inbox, reconciled to the local patient
+(found by NHS number; the local hospital number replaces the sender's, which is kept as an
+other patient ID), accepted into the archive (optionally forwarded to the local PACS) or
+rejected. Unaccepted items expire with the temporary retention class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine, and_, select, update
+
+from imageshare.archive.corrections import PatientCorrections, PatientDetails
+from imageshare.archive.deletion import ArchiveDeletion, Removed
+from imageshare.archive.studies import PatientRecord, StudyCatalogue
+from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import ImageShareError, NotFound
+from imageshare.domain.identifiers import is_valid_nhs_number
+from imageshare.storage.index.schema import (
+    inbox_items,
+    instances,
+    patient_identifiers,
+    patients,
+    series,
+    studies,
+)
+
+TEMPORARY_CLASSES = ("temporary", "inbox")
+
+
+@dataclass(frozen=True)
+class InboxItem:
+    """A study received from a site, waiting for a decision (or decided)."""
+
+    pk: int
+    study_uid: str
+    site: str
+    status: str
+    instances: int
+    first_received: datetime
+    last_received: datetime
+    decided_by: str
+    decided_at: datetime | None
+    note: str
+
+
+class Inbox:
+    """Review, reconcile, accept or reject received studies."""
+
+    def __init__(self, engine: Engine, catalogue: StudyCatalogue,
+                 corrections: PatientCorrections, deletion: ArchiveDeletion,
+                 audit: AuditTrail) -> None:
+        self._engine = engine
+        self._catalogue = catalogue
+        self._corrections = corrections
+        self._deletion = deletion
+        self._audit = audit
+
+    def items(self, status: str = "pending") -> list[InboxItem]:
+        """Items with ``status``, newest first."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(inbox_items).where(inbox_items.c.status == status)
+                                .order_by(inbox_items.c.last_received.desc())).mappings().all()
+        return [InboxItem(**dict(r)) for r in rows]
+
+    def item(self, pk: int) -> InboxItem:
+        """One item; NotFound otherwise."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(inbox_items).where(inbox_items.c.pk == pk)
+                               ).mappings().first()
+        if row is None:
+            raise NotFound("no such inbox item")
+        return InboxItem(**dict(row))
+
+    def local_match(self, item: InboxItem) -> PatientRecord | None:
+        """The local patient with the same NHS number as the received study, if any (another
+        record than the one the study is filed under)."""
+        received = self._catalogue.record(item.study_uid).patient
+        nhs = received.nhs_number or (received.patient_id if _looks_nhs(received) else "")
+        if not nhs:
+            return None
+        with self._engine.connect() as conn:
+            uid = conn.execute(
+                select(studies.c.study_uid).join(patients, patients.c.pk == studies.c.patient_pk)
+                .where(patients.c.pk != received.pk)
+                .where((patients.c.patient_id == nhs) | patients.c.pk.in_(
+                    select(patient_identifiers.c.patient_pk)
+                    .where(patient_identifiers.c.value == nhs)))
+                .order_by(studies.c.pk).limit(1)).scalar()
+        return self._catalogue.record(uid).patient if uid else None
+
+    def accept(self, pk: int, actor: Actor, reconcile: bool = True, note: str = "") -> str:
+        """Accept into the archive; with ``reconcile`` the study is filed under the local
+        patient found by NHS number. Returns what was done, for people."""
+        item = self.item(pk)
+        if item.status != "pending":
+            raise ImageShareError("this item was decided already")
+        done = "accepted"
+        if reconcile:
+            local = self.local_match(item)
+            if local is not None:
+                received = self._catalogue.record(item.study_uid).patient
+                self._corrections.correct_study(
+                    item.study_uid, replace(PatientDetails.of(local), other_ids=(
+                        (received.patient_id, item.site),)),
+                    f"reconciled from {item.site}: their ID {received.patient_id}", actor)
+                self._keep_sender_id(item, received.patient_id)
+                done = f"reconciled to hospital number {local.patient_id} and accepted"
+        with self._engine.begin() as conn:
+            conn.execute(update(instances).where(
+                instances.c.series_pk.in_(
+                    select(series.c.pk).join(studies, studies.c.pk == series.c.study_pk)
+                    .where(studies.c.study_uid == item.study_uid)),
+                instances.c.retention_class == "inbox").values(retention_class="clinical"))
+            conn.execute(update(inbox_items).where(inbox_items.c.pk == pk).values(
+                status="accepted", decided_by=actor.name, decided_at=datetime.now(UTC),
+                note=note[:2000]))
+            self._audit.record(AuditEvent(actor=actor, action="inbox.accept",
+                                          outcome="success", study_uid=item.study_uid,
+                                          detail={"site": item.site, "done": done}), conn=conn)
+        return done
+
+    def _keep_sender_id(self, item: InboxItem, sender_id: str) -> None:
+        """Keep the sending site's patient ID as an other patient ID of the local record."""
+        with self._engine.begin() as conn:
+            patient_pk = conn.execute(select(studies.c.patient_pk).where(
+                studies.c.study_uid == item.study_uid)).scalar()
+            exists = conn.execute(select(patient_identifiers.c.pk).where(and_(
+                patient_identifiers.c.patient_pk == patient_pk,
+                patient_identifiers.c.value == sender_id,
+                patient_identifiers.c.issuer == item.site))).scalar()
+            if patient_pk is not None and exists is None:
+                conn.execute(patient_identifiers.insert().values(
+                    patient_pk=patient_pk, value=sender_id[:64], issuer=item.site[:64],
+                    kind="TEXT"))
+
+    def reject(self, pk: int, actor: Actor, note: str = "") -> Removed:
+        """Reject: the received instances are deleted (audited)."""
+        item = self.item(pk)
+        if item.status != "pending":
+            raise ImageShareError("this item was decided already")
+        removed = self._deletion.study(item.study_uid, actor, f"rejected from the inbox: {note}"
+                                       [:200], only_classes=("inbox",))
+        with self._engine.begin() as conn:
+            conn.execute(update(inbox_items).where(inbox_items.c.pk == pk).values(
+                status="rejected", decided_by=actor.name, decided_at=datetime.now(UTC),
+                note=note[:2000]))
+            self._audit.record(AuditEvent(actor=actor, action="inbox.reject",
+                                          outcome="success", study_uid=item.study_uid,
+                                          instance_count=removed.instances,
+                                          detail={"site": item.site}), conn=conn)
+        return removed
+
+
+class Retention:
+    """The retention job: temporary copies and unaccepted inbox items go after their time."""
+
+    def __init__(self, deletion: ArchiveDeletion, days: int) -> None:
+        self._deletion = deletion
+        self.days = days
+
+    def run(self, actor: Actor, now: datetime | None = None) -> Removed:
+        """Delete what has expired at ``now`` (default: the present)."""
+        moment = now or datetime.now(UTC)
+        return self._deletion.expired(TEMPORARY_CLASSES, moment - timedelta(days=self.days),
+                                      actor)
+
+
+def _looks_nhs(patient: PatientRecord) -> bool:
+    return is_valid_nhs_number(patient.patient_id)
