@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, delete, insert, select, update
 
 from imageshare.archive.dicom_json import text_of
 from imageshare.archive.search import StudySearch, StudySearchService, StudySummary
@@ -22,7 +22,13 @@ from imageshare.domain.identifiers import normalise_name
 from imageshare.exchange.nodes import Node, NodeRegistry
 from imageshare.exchange.sites import RetrieveProgress, SiteClient, SiteUnreachable
 from imageshare.jobs import Job, JobRunner
-from imageshare.storage.index.schema import inbox_items, instances, series, studies
+from imageshare.storage.index.schema import (
+    inbox_items,
+    instances,
+    series,
+    site_checks,
+    studies,
+)
 
 TEMPORARY = "temporary"
 
@@ -37,6 +43,15 @@ class PatientQuery:
     hospital_number: str = ""
     name: str = ""
     birth_date: str = ""
+
+    @property
+    def key(self) -> str:
+        """How the patient's sharing status is filed."""
+        if self.nhs_number:
+            return f"nhs:{self.nhs_number}"
+        if self.hospital_number:
+            return f"id:{self.hospital_number}"
+        return f"name:{normalise_name(self.name)}|{self.birth_date}"
 
     def criteria(self) -> dict[str, str]:
         """The search keys sent to sites."""
@@ -138,6 +153,7 @@ class ExchangeService:
         for answer in answers:
             answer.studies = [self._judge(s, query, s.study_uid in here)
                               for s in answer.studies]
+        self._remember(query.key, answers)
         linking = ("linked by NHS number" if query.nhs_number else
                    "linked by name and date of birth" if self._by_name and query.name else
                    "cannot link: no NHS number (studies are shown, not attached)")
@@ -150,6 +166,25 @@ class ExchangeService:
                 actor=actor, action="exchange.search", outcome="success",
                 detail={"sites": 0})])
         return FederatedResult(local, answers, linking)
+
+    def _remember(self, key: str, answers: list[SiteAnswer]) -> None:
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            conn.execute(delete(site_checks).where(site_checks.c.patient_key == key[:128]))
+            if answers:
+                conn.execute(insert(site_checks), [
+                    {"patient_key": key[:128], "site": a.site[:16], "status": a.status,
+                     "detail": (a.detail or "")[:256], "found": len(a.studies),
+                     "checked_at": now} for a in answers])
+
+    def status(self, key: str) -> list[dict[str, Any]]:
+        """What each site last answered about the patient filed under ``key`` (empty: not
+        yet checked)."""
+        labels = {n.ae_title: n.label for n in self._nodes.all()}
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(site_checks).where(site_checks.c.patient_key == key)
+                                .order_by(site_checks.c.site)).mappings().all()
+        return [{**dict(r), "label": labels.get(r["site"], r["site"])} for r in rows]
 
     def _ask(self, node: Node, criteria: dict[str, str]) -> SiteAnswer:
         started = time.monotonic()

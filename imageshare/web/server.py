@@ -18,6 +18,7 @@ from imageshare.web.pages import (
     admin,
     assets,
     cases,
+    exchange,
     patients,
     shared,
     shares,
@@ -41,7 +42,7 @@ def create_app(archive: Any) -> FastAPI:
     app.include_router(share_api.router)
     app.include_router(exchange_api.router)
     for pages in (sign_in, studies, viewer, patients, account, admin, shares, shared, cases,
-                  assets):
+                  exchange, assets):
         app.include_router(pages.router)
     origins = [o.strip() for o in archive.settings.cors_origins.split(",") if o.strip()]
     if origins:

@@ -410,3 +410,17 @@ transfers = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
+
+# The latest answer of each connected site about a patient (keyed "nhs:...", "id:...").
+site_checks = Table(
+    "site_checks",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("patient_key", String(128), nullable=False),
+    Column("site", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("detail", String(256), nullable=False),
+    Column("found", Integer, nullable=False),
+    Column("checked_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("patient_key", "site"),
+)

@@ -14,6 +14,7 @@ from imageshare.access.policy import (
     ACCOUNT_SELF,
     AUDIT_READ,
     CASE_MANAGE,
+    EXCHANGE,
     EXPORT_DEIDENTIFIED,
     EXPORT_IDENTIFIABLE,
     PATIENT_CORRECT,
@@ -119,12 +120,22 @@ def study_page(request: Request, study_uid: str,
         can_export=allows(actor, EXPORT_DEIDENTIFIED, study_uid),
         can_share=allows(actor, SHARE_CREATE, study_uid),
         my_cases=archive.cases.of(actor.name) if allows(actor, CASE_MANAGE) else None,
+        exchange=_exchange_panel(archive, study) if allows(actor, EXCHANGE) else None,
         share_default_days=archive.settings.share_default_days,
         share_max_days=archive.settings.share_max_days,
         can_export_identifiable=allows(actor, EXPORT_IDENTIFIABLE, study_uid),
         profiles=sorted(load_profiles(Path(archive.settings.deid_profiles_file)
                                       if archive.settings.deid_profiles_file else None)),
     )
+
+
+def _exchange_panel(archive: object, study: object) -> dict[str, object]:
+    """What other sites last said about this patient, and where the study can be sent."""
+    patient = study.patient  # type: ignore[attr-defined]
+    key = f"nhs:{patient.nhs_number}" if patient.nhs_number else f"id:{patient.patient_id}"
+    checks = archive.exchange.status(key)  # type: ignore[attr-defined]
+    return {"checks": checks, "nhs": patient.nhs_number, "key": key,
+            "sites": [n for n in archive.nodes.all() if n.send_to]}  # type: ignore[attr-defined]
 
 
 def _document_titles(request: Request, study: object) -> list[dict[str, object]]:

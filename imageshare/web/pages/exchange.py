@@ -1,0 +1,140 @@
+"""Exchange pages: search other hospitals, retrieve, send with receipts, the inbox, sites."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from imageshare.access.policy import EXCHANGE, NODE_MANAGE
+from imageshare.audit.trail import AuditEvent
+from imageshare.domain.errors import ImageShareError
+from imageshare.exchange.nodes import Node
+from imageshare.web.auth import allowed
+from imageshare.web.exchange_api import patient_query
+from imageshare.web.pages.templating import page, redirect
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/exchange")
+async def exchange(request: Request, actor: allowed(EXCHANGE), nhs: str = "",
+                   hospital_number: str = "", name: str = "", dob: str = "") -> Response:
+    """Search this archive and every connected site for a patient's studies."""
+    archive = request.app.state.archive
+    form = {"nhs": nhs, "hospital_number": hospital_number, "name": name, "dob": dob}
+    if not any(form.values()):
+        return page(request, "exchange.html", form=form, result=None)
+    try:
+        query = patient_query(nhs, hospital_number, name, dob)
+        result = await run_in_threadpool(archive.exchange.search, query, actor,
+                                         archive.policy.study_scope(actor))
+    except ImageShareError as exc:
+        return page(request, "exchange.html", status_code=400, form=form, result=None,
+                    error=str(exc))
+    return page(request, "exchange.html", form=form, result=result)
+
+
+@router.post("/exchange/retrieve")
+def retrieve(request: Request, actor: allowed(EXCHANGE), site: Annotated[str, Form()],
+             study_uid: Annotated[str, Form()]) -> Response:
+    """Bring a remote study here (a temporary copy) and follow the job."""
+    job = request.app.state.archive.exchange.retrieve(site, study_uid, actor)
+    return redirect(f"/jobs/{job.id}")
+
+
+@router.post("/studies/{study_uid}/send")
+async def send(request: Request, study_uid: str, actor: allowed(EXCHANGE, "study_uid"),
+               site: Annotated[str, Form()], priority: Annotated[str, Form()] = "routine",
+               note: Annotated[str, Form()] = "") -> Response:
+    """Send the study to a connected site; follow its receipt."""
+    archive = request.app.state.archive
+    transfer = await run_in_threadpool(archive.transfers.send, study_uid, site, actor,
+                                       priority, note, (), archive.policy.study_scope(actor))
+    return redirect(f"/transfers/{transfer.public_id}")
+
+
+@router.get("/transfers")
+def transfers(request: Request, actor: allowed(EXCHANGE)) -> Response:
+    """Recent transfers to other sites with their state."""
+    return page(request, "transfers.html", transfers=request.app.state.archive.transfers
+                .recent())
+
+
+@router.get("/transfers/{transfer_id}")
+def transfer(request: Request, transfer_id: str, actor: allowed(EXCHANGE)) -> Response:
+    """One transfer's receipt (refreshes while it runs)."""
+    item = request.app.state.archive.transfers.get(transfer_id)
+    return page(request, "transfers.html", transfers=[item], single=True)
+
+
+@router.get("/inbox")
+def inbox(request: Request, actor: allowed(EXCHANGE)) -> Response:
+    """Studies received from other sites, waiting for a decision."""
+    archive = request.app.state.archive
+    items = archive.inbox.items()
+    rows = [{"item": i, "study": archive.catalogue.record(i.study_uid),
+             "match": archive.inbox.local_match(i)} for i in items]
+    archive.audit.record(AuditEvent(actor=actor, action="inbox.read", outcome="success",
+                                    instance_count=len(rows)))
+    return page(request, "inbox.html", rows=rows)
+
+
+@router.post("/inbox/{item}/{decision}")
+async def decide(request: Request, item: int, decision: str, actor: allowed(EXCHANGE),
+                 note: Annotated[str, Form()] = "") -> Response:
+    """Accept (reconciled to the local patient) or reject an inbox item."""
+    archive = request.app.state.archive
+    if decision == "accept":
+        await run_in_threadpool(archive.inbox.accept, item, actor, True, note)
+    elif decision == "reject":
+        await run_in_threadpool(archive.inbox.reject, item, actor, note)
+    else:
+        raise ImageShareError("decide accept or reject")
+    return redirect("/inbox")
+
+
+@router.get("/admin/sites")
+def sites(request: Request, actor: allowed(NODE_MANAGE)) -> Response:
+    """Connected sites and DICOM nodes."""
+    return page(request, "sites.html", nodes=request.app.state.archive.nodes.all())
+
+
+@router.post("/admin/sites")
+def add_site(
+    request: Request, actor: allowed(NODE_MANAGE), ae_title: Annotated[str, Form()],
+    host: Annotated[str, Form()], port: Annotated[int, Form()],
+    display_name: Annotated[str, Form()] = "", dicomweb_url: Annotated[str, Form()] = "",
+    dicomweb_auth: Annotated[str, Form()] = "", searchable: Annotated[str, Form()] = "",
+    retrieve_from: Annotated[str, Form()] = "", send_to: Annotated[str, Form()] = "",
+    may_store: Annotated[str, Form()] = "", may_query: Annotated[str, Form()] = "",
+    inbox: Annotated[str, Form()] = "",
+) -> Response:
+    """Register (or update) a site."""
+    archive = request.app.state.archive
+    node = Node(ae_title=ae_title.strip(), host=host.strip(), port=port,
+                dicomweb_url=dicomweb_url.strip(), display_name=display_name.strip(),
+                may_query=bool(may_query), may_retrieve=bool(may_query),
+                may_store=bool(may_store), searchable=bool(searchable),
+                retrieve_from=bool(retrieve_from), send_to=bool(send_to),
+                dicomweb_auth=dicomweb_auth.strip(), inbox=bool(inbox))
+    try:
+        archive.nodes.add(node, replace=True)
+    except ImageShareError as exc:
+        return page(request, "sites.html", status_code=400, nodes=archive.nodes.all(),
+                    error=str(exc))
+    archive.audit.record(AuditEvent(actor=actor, action="node.add", outcome="success",
+                                    detail={"ae_title": node.ae_title}))
+    return redirect("/admin/sites")
+
+
+@router.post("/admin/sites/{ae_title}/remove")
+def remove_site(request: Request, ae_title: str, actor: allowed(NODE_MANAGE)) -> Response:
+    """Forget a site."""
+    archive = request.app.state.archive
+    archive.nodes.remove(ae_title)
+    archive.audit.record(AuditEvent(actor=actor, action="node.remove", outcome="success",
+                                    detail={"ae_title": ae_title}))
+    return redirect("/admin/sites")
