@@ -42,6 +42,7 @@ from imageshare.exchange.dicomweb_site import DicomwebSites
 from imageshare.exchange.federated import ExchangeService
 from imageshare.exchange.inbox import Inbox, Retention
 from imageshare.exchange.nodes import NodeRegistry
+from imageshare.exchange.requests import ImagingRequests
 from imageshare.exchange.transfers import Transfers
 from imageshare.export.service import ExportService
 from imageshare.jobs import JobRunner
@@ -89,6 +90,7 @@ class Archive:
     inbox: Inbox
     retention: Retention
     deletion: ArchiveDeletion
+    requests: ImagingRequests
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -169,6 +171,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
                             _seconds(settings.push_retry_seconds)),
         inbox=Inbox(engine, catalogue, corrections, deletion, audit),
         retention=Retention(deletion, settings.temporary_days), deletion=deletion,
+        requests=ImagingRequests(engine, nodes, notifier, audit, settings.ae_title),
     )
 
 

@@ -27,6 +27,8 @@ EXPORT_DEIDENTIFIED = "study.export.deidentified"
 SHARE_CREATE = "share.create"
 CASE_MANAGE = "case.manage"
 EXCHANGE = "exchange.use"
+# Another ImageShare site (a service account) hands us a request for prior imaging.
+EXCHANGE_RECEIVE = "exchange.receive"
 # What someone holding an opened share link may do (within the share's items only).
 SHARE_VIEW = "share.view"
 SHARE_DOWNLOAD = "share.download"
@@ -42,7 +44,8 @@ INBOX = "inbox"
 
 _STAFF = frozenset(
     {STUDY_READ, STUDY_STORE, STUDY_COMMENT, PATIENT_CORRECT, TOKEN_SELF, ACCOUNT_SELF,
-     EXPORT_IDENTIFIABLE, EXPORT_DEIDENTIFIED, SHARE_CREATE, CASE_MANAGE, EXCHANGE}
+     EXPORT_IDENTIFIABLE, EXPORT_DEIDENTIFIED, SHARE_CREATE, CASE_MANAGE, EXCHANGE,
+     EXCHANGE_RECEIVE}
 )
 # An administrator signed in with a password who has not yet set up two-factor sign-in
 # (required for admins) may only do that.
@@ -59,7 +62,7 @@ ROLES: dict[str, frozenset[str]] = {
                            CASE_MANAGE, TOKEN_SELF, ACCOUNT_SELF}),
     "reviewer": frozenset({TOKEN_SELF, ACCOUNT_SELF}),
     "patient": frozenset({ACCOUNT_SELF}),
-    "service": frozenset({STUDY_READ, STUDY_STORE, ACCOUNT_SELF}),
+    "service": frozenset({STUDY_READ, STUDY_STORE, ACCOUNT_SELF, EXCHANGE_RECEIVE}),
     ENROLLING: frozenset({ACCOUNT_SELF}),
     AWAITING_CODE: frozenset({SESSION_CODE}),
 }

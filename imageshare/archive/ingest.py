@@ -216,7 +216,10 @@ class IngestService:
         now = datetime.now(UTC)
         existing = find_instance(conn, h.sop_instance_uid)
         if existing is None:
-            from_site = actor.kind == "node" and INBOX in actor.grants
+            # Another site: a registered node sending to the inbox, or another ImageShare
+            # storing over STOW-RS with its service account.
+            from_site = (actor.kind == "node" and INBOX in actor.grants) or (
+                actor.kind == "user" and actor.role == "service")
             outcome = index_instance(conn, h, key, size, actor.source, now, self._known,
                                      retention_class="inbox" if from_site else "clinical")
             if from_site and outcome.status == "stored":

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from imageshare.access.policy import EXCHANGE
+from imageshare.access.policy import EXCHANGE, EXCHANGE_RECEIVE
 from imageshare.archive.search import normalise_nhs_number
 from imageshare.audit.trail import AuditEvent
+from imageshare.domain.errors import InvalidQuery
 from imageshare.exchange.federated import PatientQuery
 from imageshare.web.auth import allowed
 from imageshare.web.exports import job_view
@@ -126,3 +127,65 @@ async def reject(request: Request, item: int, body: DecisionIn, actor: allowed(E
     removed = await run_in_threadpool(request.app.state.archive.inbox.reject, item, actor,
                                       body.note)
     return {"deleted": removed.instances}
+
+
+class RequestIn(BaseModel):
+    """A request for a patient's prior imaging from a site."""
+
+    site: str = Field(min_length=1, max_length=16)
+    reason: str = Field(min_length=1, max_length=4000)
+    priority: str = Field(default="routine", pattern="^(urgent|routine)$")
+    nhs_number: str = Field(default="", max_length=16)
+    hospital_number: str = Field(default="", max_length=64)
+    patient_name: str = Field(default="", max_length=324)
+    birth_date: str = Field(default="", max_length=10)
+
+
+@router.post("/requests", status_code=201, summary="Request prior imaging from a site")
+async def request_imaging(request: Request, body: RequestIn, actor: allowed(EXCHANGE)
+                          ) -> dict[str, Any]:
+    """Delivered to the site's staff when it runs ImageShare; otherwise says to use its usual
+    contact route."""
+    sent = await run_in_threadpool(
+        request.app.state.archive.requests.send, body.site, actor, body.reason, body.priority,
+        normalise_nhs_number(body.nhs_number) if body.nhs_number else "",
+        body.hospital_number, body.patient_name, body.birth_date.replace("-", ""))
+    return _transfer(sent)
+
+
+@router.post("/requests/incoming", status_code=201, summary="Receive a request (site to site)")
+def receive_request(request: Request, body: dict[str, str],
+                    actor: allowed(EXCHANGE_RECEIVE)) -> dict[str, str]:
+    """Another ImageShare site asks our staff for a patient's prior imaging."""
+    received = request.app.state.archive.requests.receive(actor, body)
+    return {"id": received.public_id}
+
+
+@router.get("/requests", summary="Requests for prior imaging")
+def list_requests(request: Request, actor: allowed(EXCHANGE), direction: str = "incoming"
+                  ) -> list[dict[str, Any]]:
+    """Incoming (for our staff to fulfil) or outgoing requests, newest first."""
+    if direction not in ("incoming", "outgoing"):
+        raise InvalidQuery("direction is incoming or outgoing")
+    return [_transfer(r) for r in request.app.state.archive.requests.listed(direction)]
+
+
+class FulfilIn(BaseModel):
+    """The study that answers an incoming request."""
+
+    study_uid: str = Field(min_length=1, max_length=64)
+    priority: str = Field(default="routine", pattern="^(urgent|routine)$")
+
+
+@router.post("/requests/{request_id}/fulfil", status_code=202,
+             summary="Answer a request by sending a study")
+async def fulfil(request: Request, request_id: str, body: FulfilIn, actor: allowed(EXCHANGE)
+                 ) -> dict[str, Any]:
+    """Push the study to the requesting site and mark the request fulfilled."""
+    archive = request.app.state.archive
+    wanted = archive.requests.get(request_id)
+    transfer = await run_in_threadpool(
+        archive.transfers.send, body.study_uid, wanted.site, actor, body.priority,
+        f"answer to request {request_id}", (), archive.policy.study_scope(actor))
+    archive.requests.mark(request_id, "fulfilled", f"transfer {transfer.public_id}", actor)
+    return _transfer(transfer)

@@ -424,3 +424,24 @@ site_checks = Table(
     Column("checked_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("patient_key", "site"),
 )
+
+# Requests for a patient's prior imaging: sent to other sites, or received from them.
+imaging_requests = Table(
+    "imaging_requests",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("public_id", String(32), nullable=False, unique=True),
+    Column("direction", String(16), nullable=False),
+    Column("site", String(64), nullable=False),
+    Column("nhs_number", String(16), nullable=False),
+    Column("hospital_number", String(64), nullable=False),
+    Column("patient_name", String(324), nullable=False),
+    Column("birth_date", String(8), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("priority", String(16), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("created_by", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
