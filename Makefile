@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= ./var
 
-.PHONY: install run test lint bench bench-viewer bench-deid clean
+.PHONY: install run test lint bench bench-viewer bench-deid bench-exchange clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -41,6 +41,9 @@ bench-viewer: install
 
 bench-deid: install
 	$(BIN)/python bench/deidentify.py
+
+bench-exchange: install
+	$(BIN)/python bench/exchange.py
 
 clean:
 	rm -rf $(VENV) var
