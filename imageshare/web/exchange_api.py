@@ -109,14 +109,23 @@ class DecisionIn(BaseModel):
 
     reconcile: bool = True
     note: str = Field(default="", max_length=2000)
+    forward_to: str = Field(default="", max_length=16,
+                            description="also send the accepted study to this site (the PACS)")
 
 
 @router.post("/inbox/{item}/accept", summary="Accept an inbox item into the archive")
 async def accept(request: Request, item: int, body: DecisionIn, actor: allowed(EXCHANGE)
                  ) -> dict[str, str]:
-    """Reconcile to the local patient (by NHS number) and keep the study."""
-    done = await run_in_threadpool(request.app.state.archive.inbox.accept, item, actor,
-                                   body.reconcile, body.note)
+    """Reconcile to the local patient (by NHS number), keep the study, and optionally forward
+    it to the local PACS."""
+    archive = request.app.state.archive
+    done = await run_in_threadpool(archive.inbox.accept, item, actor, body.reconcile,
+                                   body.note)
+    if body.forward_to:
+        study_uid = archive.inbox.item(item).study_uid
+        transfer = await run_in_threadpool(archive.transfers.send, study_uid, body.forward_to,
+                                           actor, "routine", "forwarded from the inbox")
+        done += f"; forwarded (transfer {transfer.public_id})"
     return {"done": done}
 
 

@@ -207,9 +207,11 @@ def test_orthanc_sending_to_us_lands_in_the_inbox_and_is_reconciled(hospitals, t
     [item] = api(server, "GET", "/api/exchange/inbox")
     assert item["site"] == "ORTHANC" and item["instances"] == 5
     assert item["local_patient_id"] == "H555"
+    server.cli("node", "add", "PACS", "--host", "127.0.0.1", "--port",
+               str(orthanc.dicom_port), "--no-inbox", "--name", "Local PACS")
     done = api(server, "POST", f"/api/exchange/inbox/{item['pk']}/accept",
-               json={"reconcile": True})
-    assert "H555" in done["done"]
+               json={"reconcile": True, "forward_to": "PACS"})
+    assert "H555" in done["done"] and "forwarded" in done["done"]
     study_uid = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     with httpx.Client(base_url=server.url, auth=("admin", ADMIN_PASSWORD), timeout=60) as c:
         listed = c.get(f"/dicomweb/studies/{study_uid}/instances").json()

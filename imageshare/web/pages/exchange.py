@@ -79,16 +79,22 @@ def inbox(request: Request, actor: allowed(EXCHANGE)) -> Response:
              "match": archive.inbox.local_match(i)} for i in items]
     archive.audit.record(AuditEvent(actor=actor, action="inbox.read", outcome="success",
                                     instance_count=len(rows)))
-    return page(request, "inbox.html", rows=rows)
+    return page(request, "inbox.html", rows=rows,
+                forward_sites=[n for n in archive.nodes.all() if n.send_to and not n.inbox])
 
 
 @router.post("/inbox/{item}/{decision}")
 async def decide(request: Request, item: int, decision: str, actor: allowed(EXCHANGE),
-                 note: Annotated[str, Form()] = "") -> Response:
-    """Accept (reconciled to the local patient) or reject an inbox item."""
+                 note: Annotated[str, Form()] = "", forward_to: Annotated[str, Form()] = ""
+                 ) -> Response:
+    """Accept (reconciled to the local patient, optionally forwarded to the PACS) or reject an
+    inbox item."""
     archive = request.app.state.archive
     if decision == "accept":
         await run_in_threadpool(archive.inbox.accept, item, actor, True, note)
+        if forward_to:
+            await run_in_threadpool(archive.transfers.send, archive.inbox.item(item).study_uid,
+                                    forward_to, actor, "routine", "forwarded from the inbox")
     elif decision == "reject":
         await run_in_threadpool(archive.inbox.reject, item, actor, note)
     else:
