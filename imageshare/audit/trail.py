@@ -71,10 +71,15 @@ class AuditTrail:
             log.debug("audit %s %s %s", e.actor.label, e.action, e.outcome)
 
     def events(
-        self, action: str | None = None, study_uid: str | None = None, limit: int = 1000
+        self, action: str | None = None, study_uid: str | None = None, limit: int = 1000,
+        detail: tuple[str, str] | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Recorded events, newest first, optionally filtered."""
+        """Recorded events, newest first, optionally filtered (``detail``: a key and the text
+        value it must have)."""
         query = select(audit_events).order_by(audit_events.c.pk.desc()).limit(limit)
+        if detail is not None:
+            query = query.where(audit_events.c.detail.contains(
+                json.dumps({detail[0]: detail[1]})[1:-1]))
         if action:
             query = query.where(audit_events.c.action == action)
         if study_uid:

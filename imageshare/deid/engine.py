@@ -40,31 +40,27 @@ _NUMERIC_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "IS", "DS", "AT", "OB", "OW"
 PIXEL_DATA = 0x7FE00010
 # Technical text attributes the table does not name that carry no identity and that IODs need.
 SAFE_TEXT = {
-    "CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning",
-    "LongCodeValue", "URNCodeValue", "ContextIdentifier", "ContextGroupVersion",
-    "MappingResource", "MappingResourceName", "ContextGroupExtensionCreatorUID",
-    "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "PositionReferenceIndicator",
+    "CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning", "LongCodeValue",
+    "URNCodeValue", "ContextIdentifier", "ContextGroupVersion", "MappingResource",
+    "MappingResourceName", "ContextGroupExtensionCreatorUID", "Manufacturer",
+    "ManufacturerModelName", "SoftwareVersions", "PositionReferenceIndicator",
     "ConvolutionKernel", "FilterType", "ProcessingFunction", "TransducerData",
     "ContrastBolusRoute", "ReceiveCoilName", "TransmitCoilName", "SequenceName",
-    "SequenceVariant", "ScanningSequence", "PulseSequenceName", "ImageComments_NOT",
-    "RescaleType", "LUTExplanation", "WindowCenterWidthExplanation", "LUTDescriptor",
-    "TransducerType", "ProcessingFunctionDescription", "ValueType", "TextValue_NOT",
-    "DocumentTitle", "MIMETypeOfEncapsulatedDocument", "ConversionType", "FrameLabel",
-    "CountsSource", "Units", "RadiopharmaceuticalRoute", "Radiopharmaceutical",
-    "ConceptNameCodeSequence", "ReasonForPerformedProcedureCodeSequence_NOT",
+    "SequenceVariant", "ScanningSequence", "PulseSequenceName", "RescaleType", "LUTExplanation",
+    "WindowCenterWidthExplanation", "LUTDescriptor", "TransducerType",
+    "ProcessingFunctionDescription", "ValueType", "DocumentTitle",
+    "MIMETypeOfEncapsulatedDocument", "ConversionType", "FrameLabel", "CountsSource", "Units",
+    "RadiopharmaceuticalRoute", "Radiopharmaceutical", "ConceptNameCodeSequence",
     "AcquisitionContrast", "PhotometricInterpretation", "DetectorType",
     "ImplementationVersionName", "ExposureControlMode", "FocusMethod",
-    "AnatomicRegionModifierSequence", "ProcedureStepLabel_NOT", "DerivationCodeSequence",
-    "DimensionDescriptionLabel", "SegmentLabel", "SegmentDescription_NOT",
-    "SegmentAlgorithmName", "ContentLabel", "ContentDescription_NOT", "GraphicLayer",
-    "ObservationDateTime_NOT", "MeasurementUnitsCodeSequence", "StainingDescription_NOT",
-    "CollimatorType", "GridID_NOT", "KVP_NOT", "OrganDose_NOT", "BodyPartThickness_NOT",
-    "PatientPosition", "ViewPosition", "Laterality", "ImageLaterality", "BodyPartExamined",
-    "ModalityLUTType", "VOILUTFunction", "PresentationLUTShape", "PixelPresentation",
-    "VolumetricProperties", "VolumeBasedCalculationTechnique", "ComplexImageComponent",
-    "AcquisitionType", "RectificationType", "PixelIntensityRelationship",
+    "AnatomicRegionModifierSequence", "DerivationCodeSequence", "DimensionDescriptionLabel",
+    "SegmentLabel", "SegmentAlgorithmName", "ContentLabel", "GraphicLayer",
+    "MeasurementUnitsCodeSequence", "CollimatorType", "PatientPosition", "ViewPosition",
+    "Laterality", "ImageLaterality", "BodyPartExamined", "ModalityLUTType", "VOILUTFunction",
+    "PresentationLUTShape", "PixelPresentation", "VolumetricProperties",
+    "VolumeBasedCalculationTechnique", "ComplexImageComponent", "AcquisitionType",
+    "RectificationType", "PixelIntensityRelationship",
 }
-SAFE_TEXT = {k for k in SAFE_TEXT if not k.endswith("_NOT")}
 # How the combined actions of PS3.15 E.1.1 are carried out here: where the standard lets the
 # IOD decide, a dummy value (valid whatever the attribute's type) or an empty one is used, and
 # sequences of references keep their items with their UIDs replaced.

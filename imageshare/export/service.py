@@ -18,7 +18,7 @@ from imageshare.deid.service import Deidentifier
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError
 from imageshare.export.media import cine_to_mp4, still_image
-from imageshare.export.writers import DicomdirWriter, ZipWriter, _Numbering
+from imageshare.export.writers import DicomdirWriter, Numbering, ZipWriter
 from imageshare.jobs import Job, JobRunner
 
 FORMATS = ("zip", "dicomdir", "mp4", "png", "jpeg")
@@ -82,7 +82,7 @@ class ExportService:
             writer: object = DicomdirWriter(Path(media_dir.name))
         else:
             writer = ZipWriter(target, request.password)
-        names = _Numbering()
+        names = Numbering()
         try:
             for inst in instances:
                 with self._retrieve.open(inst) as fp:
@@ -114,7 +114,7 @@ class ExportService:
                     "held_back": held_back, "encrypted": bool(request.password)}))
 
     @staticmethod
-    def _write(writer: object, names: _Numbering, ds: object, fmt: str) -> int:
+    def _write(writer: object, names: Numbering, ds: object, fmt: str) -> int:
         if fmt in ("zip", "dicomdir"):
             writer.add(ds)  # type: ignore[attr-defined]
             return 1

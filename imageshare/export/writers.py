@@ -14,7 +14,7 @@ from pydicom.fileset import FileSet
 from imageshare.domain.errors import ImageShareError
 
 
-class _Numbering:
+class Numbering:
     """Study, series and instance counters keyed by UID."""
 
     def __init__(self) -> None:
@@ -46,7 +46,7 @@ class FolderWriter:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        self._names = _Numbering()
+        self._names = Numbering()
 
     def add(self, ds: Dataset) -> str:
         """Write one instance; returns its relative path."""
@@ -77,7 +77,7 @@ class ZipWriter:
             self._zip.setpassword(password.encode())  # type: ignore[attr-defined]
         else:
             self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED)
-        self._names = _Numbering()
+        self._names = Numbering()
 
     def add(self, ds: Dataset) -> str:
         """Add one instance; returns its name in the zip."""

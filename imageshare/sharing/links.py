@@ -511,8 +511,8 @@ class ShareService:
 
     def accesses(self, share: Share, limit: int = 200) -> list[dict[str, Any]]:
         """Every use of the link, newest first."""
-        return [e for e in self._audit.events(limit=5000)
-                if e["detail"].get("share") == share.public_id][:limit]
+        return [e for e in self._audit.events(limit=limit, detail=("share", share.public_id))
+                if e["detail"].get("share") == share.public_id]
 
     def studies_shared_with(self, actor: Actor) -> frozenset[str]:
         """Studies of live identifiable shares naming this user account (the policy lets the

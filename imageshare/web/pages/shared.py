@@ -18,7 +18,7 @@ from imageshare.archive.rendering import render_frame
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.export.media import cine_to_mp4
-from imageshare.export.writers import ZipWriter, _Numbering
+from imageshare.export.writers import Numbering, ZipWriter
 from imageshare.sharing.links import LinkGone, Share
 from imageshare.sharing.viewer import share_manifest
 from imageshare.web.auth import LINK_COOKIE, allowed, client_address, resolve_actor
@@ -215,7 +215,7 @@ async def download(request: Request, token: str, actor: allowed(SHARE_DOWNLOAD),
         folder = Path(tempfile.mkdtemp(prefix="share-", dir=archive.settings.staging_dir))
         target = folder / "shared.zip"
         writer = ZipWriter(target)
-        names = _Numbering()
+        names = Numbering()
         count = 0
         for item in archive.shares.items(share):
             path = archive.shares.content(share, item) if not item.held_back else None
