@@ -72,9 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     nadd.add_argument("--no-retrieve-from", action="store_true",
                       help="do not retrieve from this site")
     nadd.add_argument("--no-send-to", action="store_true", help="do not send to this site")
-    nadd.add_argument("--no-inbox", action="store_true",
-                      help="studies from this node go straight into the archive (a modality "
-                      "or the local PACS), not to the inbox")
+    nadd.add_argument("--inbox", action="store_true",
+                      help="another hospital: what it sends lands in the inbox for review "
+                      "(and expires unless accepted); without it, studies from the node go "
+                      "straight into the archive (a modality or the local PACS)")
     nadd.add_argument("--dicomweb-auth", default="",
                       help="DICOMweb credentials: user:password or 'Bearer TOKEN'")
     nlist = node.add_parser("list", help="list registered nodes")
@@ -277,7 +278,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 may_query=not args.no_query, may_retrieve=not args.no_retrieve,
                 may_store=not args.no_store, searchable=not args.no_search,
                 retrieve_from=not args.no_retrieve_from, send_to=not args.no_send_to,
-                dicomweb_auth=args.dicomweb_auth, inbox=not args.no_inbox,
+                dicomweb_auth=args.dicomweb_auth, inbox=args.inbox,
             )
             archive.nodes.add(node, replace=args.replace)
             archive.audit.record(AuditEvent(cli_actor(), "node.add", "success",

@@ -62,7 +62,9 @@ ROLES: dict[str, frozenset[str]] = {
                            CASE_MANAGE, TOKEN_SELF, ACCOUNT_SELF}),
     "reviewer": frozenset({TOKEN_SELF, ACCOUNT_SELF}),
     "patient": frozenset({ACCOUNT_SELF}),
-    "service": frozenset({STUDY_READ, STUDY_STORE, ACCOUNT_SELF, EXCHANGE_RECEIVE}),
+    "service": frozenset({STUDY_READ, STUDY_STORE, ACCOUNT_SELF}),
+    # Another hospital's ImageShare: what it stores lands in the inbox; it may send requests.
+    "site": frozenset({STUDY_STORE, ACCOUNT_SELF, EXCHANGE_RECEIVE}),
     ENROLLING: frozenset({ACCOUNT_SELF}),
     AWAITING_CODE: frozenset({SESSION_CODE}),
 }

@@ -216,10 +216,10 @@ class IngestService:
         now = datetime.now(UTC)
         existing = find_instance(conn, h.sop_instance_uid)
         if existing is None:
-            # Another site: a registered node sending to the inbox, or another ImageShare
-            # storing over STOW-RS with its service account.
+            # Another site: a node registered with an inbox, or another ImageShare storing
+            # over STOW-RS with its "site" account. Nothing else expires unasked.
             from_site = (actor.kind == "node" and INBOX in actor.grants) or (
-                actor.kind == "user" and actor.role == "service")
+                actor.kind == "user" and actor.role == "site")
             outcome = index_instance(conn, h, key, size, actor.source, now, self._known,
                                      retention_class="inbox" if from_site else "clinical")
             if from_site and outcome.status == "stored":

@@ -32,7 +32,7 @@ class Node:
     retrieve_from: bool = True
     send_to: bool = True
     dicomweb_auth: str = ""
-    inbox: bool = True
+    inbox: bool = False
 
     @property
     def label(self) -> str:

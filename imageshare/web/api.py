@@ -40,7 +40,7 @@ class NodeIn(BaseModel):
     retrieve_from: bool = True
     send_to: bool = True
     dicomweb_auth: str = Field(default="", max_length=512)
-    inbox: bool = True
+    inbox: bool = False
 
 
 class TokenIn(BaseModel):

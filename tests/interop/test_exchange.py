@@ -199,7 +199,7 @@ def test_orthanc_sending_to_us_lands_in_the_inbox_and_is_reconciled(hospitals, t
               OtherPatientIDsSequence=[nhs_item])
     server.cli("import", "--quiet", str(tmp_path / "ours"))
     server.cli("node", "add", "ORTHANC", "--host", "127.0.0.1", "--port",
-               str(orthanc.dicom_port), "--name", "District General")
+               str(orthanc.dicom_port), "--name", "District General", "--inbox")
     with orthanc.http() as client:
         [study] = client.get("/studies").json()
         sent = client.post("/modalities/IMAGESHARE/store", json=[study])
@@ -208,7 +208,7 @@ def test_orthanc_sending_to_us_lands_in_the_inbox_and_is_reconciled(hospitals, t
     assert item["site"] == "ORTHANC" and item["instances"] == 5
     assert item["local_patient_id"] == "H555"
     server.cli("node", "add", "PACS", "--host", "127.0.0.1", "--port",
-               str(orthanc.dicom_port), "--no-inbox", "--name", "Local PACS")
+               str(orthanc.dicom_port), "--name", "Local PACS")
     done = api(server, "POST", f"/api/exchange/inbox/{item['pk']}/accept",
                json={"reconcile": True, "forward_to": "PACS"})
     assert "H555" in done["done"] and "forwarded" in done["done"]
@@ -233,7 +233,7 @@ def test_retention_removes_expired_temporary_copies_and_inbox_items_only(hospita
     kept = ct_series(tmp_path / "kept", 2, patient_id="H1", patient_name="Kept^Study")
     server.cli("import", "--quiet", str(tmp_path / "kept"))
     server.cli("node", "add", "ORTHANC", "--host", "127.0.0.1", "--port",
-               str(orthanc.dicom_port))
+               str(orthanc.dicom_port), "--inbox")
     study = search(server, nhs=NHS)["sites"][0]["studies"][0]
     retrieve(server, "ORTHANC", study["study_uid"])
     other = ct_series(tmp_path / "inbox", 2, patient_id="H2", patient_name="Inbox^Only")

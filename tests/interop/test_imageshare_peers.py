@@ -41,13 +41,13 @@ def sites(tmp_path):
         for server in (a, b):
             server.cli("user", "add", STAFF[0], "--role", "clinician", "--password", STAFF[1])
         # B knows A: a service account for A's STOW-RS and requests, and A's DICOM address
-        b.cli("user", "add", "site-a", "--role", "service", "--password", "service-password")
+        b.cli("user", "add", "site-a", "--role", "site", "--password", "service-password")
         token = b.cli("user", "token", "site-a", "--name", "site A").stdout.strip()
         b.cli("node", "add", "SITEA", "--host", "127.0.0.1", "--port", str(a.dicom_port),
-              "--name", "Hospital A")
+              "--name", "Hospital A", "--inbox")
         # A knows B over DICOMweb (with the token) and DIMSE
         a.cli("node", "add", "SITEB", "--host", "127.0.0.1", "--port", str(b.dicom_port),
-              "--name", "Hospital B", "--dicomweb", b.dicomweb,
+              "--name", "Hospital B", "--inbox", "--dicomweb", b.dicomweb,
               "--dicomweb-auth", f"Bearer {token}")
         yield a, b
     finally:

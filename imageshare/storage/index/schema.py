@@ -184,7 +184,7 @@ nodes = Table(
     # DICOMweb credentials: "user:password" for HTTP Basic or "Bearer TOKEN".
     Column("dicomweb_auth", String(512), nullable=False, default="", server_default=""),
     # Studies this site sends us land in the inbox for review.
-    Column("inbox", Boolean, nullable=False, default=True, server_default=true()),
+    Column("inbox", Boolean, nullable=False, default=False, server_default=false()),
 )
 
 audit_events = Table(

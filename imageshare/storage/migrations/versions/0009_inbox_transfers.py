@@ -17,7 +17,7 @@ TS = sa.DateTime(timezone=True)
 def upgrade() -> None:
     with op.batch_alter_table("nodes") as batch:
         batch.add_column(sa.Column("inbox", sa.Boolean, nullable=False,
-                                   server_default=sa.true()))
+                                   server_default=sa.false()))
     op.create_table(
         "inbox_items",
         sa.Column("pk", sa.Integer, primary_key=True),
