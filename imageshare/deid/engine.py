@@ -187,6 +187,7 @@ def identifiers_of(ds: Dataset) -> tuple[str, ...]:
                         found.add(part)
     for item in ds.get("OtherPatientIDsSequence", []) or []:
         add(item.get("PatientID"))
+    _collect_names_and_ids(ds, found, depth=0)
     birth = str(ds.get("PatientBirthDate", "") or "")
     if len(birth) == 8 and birth.isdigit():
         found.update({birth, f"{birth[:4]}-{birth[4:6]}-{birth[6:]}",
@@ -194,6 +195,39 @@ def identifiers_of(ds: Dataset) -> tuple[str, ...]:
                       f"{birth[6:]}.{birth[4:6]}.{birth[:4]}",
                       f"{birth[4:6]}/{birth[6:]}/{birth[:4]}"})
     return tuple(sorted(found, key=len, reverse=True))
+
+
+_ID_SUFFIXES = ("ID", "IDs", "Number", "Numbers", "Identifier")
+_NOT_IDENTIFYING = {"StudyID", "SeriesNumber", "InstanceNumber", "AcquisitionNumber"}
+
+
+def _collect_names_and_ids(ds: Dataset, found: set[str], depth: int) -> None:
+    """Every person name, and every identifier-like text value (keywords ending in ID,
+    Number, Identifier), at any depth: whoever is named in the data set is not to be named
+    in its free text either. Other values are not decoded."""
+    if depth > 8:
+        return
+    for tag in list(ds.keys()):
+        tag = BaseTag(tag)
+        if tag.is_private or tag == PIXEL_DATA:
+            continue
+        vr = ds.get_item(tag).VR or _dictionary_vr(tag)
+        if vr == "SQ":
+            for item in ds[tag].value or []:
+                _collect_names_and_ids(item, found, depth + 1)
+        elif vr == "PN":
+            value = ds[tag].value
+            for v in (value if isinstance(value, MultiValue | list) else [value]):
+                for part in re.split(r"[\^= ,]+", str(v or "")):
+                    if len(part) >= 2:
+                        found.add(part)
+        elif vr in ("LO", "SH"):
+            keyword = keyword_for_tag(tag)
+            if keyword.endswith(_ID_SUFFIXES) and keyword not in _NOT_IDENTIFYING:
+                value = ds[tag].value
+                for v in (value if isinstance(value, MultiValue | list) else [value]):
+                    if len(str(v or "").strip()) >= 3:
+                        found.add(str(v).strip())
 
 
 def clean_text(text: str, identifiers: tuple[str, ...]) -> str:

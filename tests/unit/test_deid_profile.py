@@ -276,3 +276,18 @@ def test_identity_removed_and_method_are_recorded():
                      OPTIONS["clean_pixel_data"][0]}
     assert all(i.CodingSchemeDesignator == "DCM" for i in ds.DeidentificationMethodCodeSequence)
     assert ds.LongitudinalTemporalInformationModified == "REMOVED"
+
+
+def test_anyone_named_anywhere_is_cleaned_out_of_free_text():
+    ds = _base()
+    reader = Dataset()
+    reader.PersonName = "Watson^James"
+    ds.add_new(0x00081062, "SQ", Sequence([reader]))  # Physicians Reading Study Id. Sequence
+    ds.AdmissionID = "ADM-77341"
+    ds.RequestingPhysician = "Crick^Francis"
+    ds.StudyDescription = "Read by Watson, requested by Crick, admission ADM-77341"
+    AttributeCleaner(Profile("d", frozenset({"clean_descriptors"})),
+                     Pseudonyms(SECRET)).apply(ds)
+    for leaked in ("Watson", "Crick", "ADM-77341"):
+        assert leaked not in ds.StudyDescription
+    assert ds.StudyDescription.startswith("Read by")
