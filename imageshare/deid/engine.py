@@ -244,7 +244,7 @@ def clean_text(text: str, identifiers: tuple[str, ...]) -> str:
 
 def _dummy(vr: str, element: DataElement, ctx: PatientContext) -> Any:
     if vr == "PN":
-        return ctx.pseudonym
+        return "ANONYMOUS"  # a person other than the patient (the patient gets the pseudonym)
     if vr == "DA":
         return "19000101"
     if vr == "DT":
@@ -467,7 +467,7 @@ class AttributeCleaner:
             return
         if vr in TEXT_VRS or vr == "CS":
             if vr == "PN":
-                element.value = ctx.pseudonym
+                element.value = "ANONYMOUS"
                 return
             values = element.value if isinstance(element.value, MultiValue | list) else [
                 element.value]
