@@ -21,6 +21,8 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -68,8 +70,10 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def first_image_ms(browser: object, url: str, login: callable | None) -> float:
-    """Milliseconds from navigation start to the first non-black canvas, in a fresh context."""
+@contextmanager
+def probed_page(browser: object, url: str, login: callable | None) -> Iterator[object]:
+    """A fresh browser context (signed in by ``login``) on ``url`` with the probe running,
+    once the first image is on a canvas."""
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     try:
         if login:
@@ -78,30 +82,27 @@ def first_image_ms(browser: object, url: str, login: callable | None) -> float:
         page.add_init_script(PROBE)
         page.goto(url)
         page.wait_for_function("() => window.__probe.first !== null", timeout=60000)
-        return float(page.evaluate("window.__probe.first"))
+        yield page
     finally:
         context.close()
+
+
+def first_image_ms(browser: object, url: str, login: callable | None) -> float:
+    """Milliseconds from navigation start to the first non-black canvas, in a fresh context."""
+    with probed_page(browser, url, login) as page:
+        return float(page.evaluate("window.__probe.first"))
 
 
 def cine_fps(browser: object, url: str, login: callable | None, start: callable,
              seconds: float = 3.0) -> float:
     """Distinct pictures shown per second during ``seconds`` of playback."""
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    try:
-        if login:
-            login(context)
-        page = context.new_page()
-        page.add_init_script(PROBE)
-        page.goto(url)
-        page.wait_for_function("() => window.__probe.first !== null", timeout=60000)
+    with probed_page(browser, url, login) as page:
         start(page)
         page.wait_for_timeout(500)
         t0 = page.evaluate("performance.now()")
         page.wait_for_timeout(seconds * 1000)
         changes = page.evaluate(f"window.__probe.changes.filter(t => t >= {t0})")
         return len(changes) / seconds
-    finally:
-        context.close()
 
 
 def main() -> None:
@@ -147,7 +148,8 @@ def main() -> None:
             browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             ours = [first_image_ms(browser, f"{imageshare.url}/viewer/{ct_study}", login)
                     for _ in range(args.runs)]
-            results["first image, 300-slice CT"] = {"unit": "ms", "imageshare": median(ours)}
+            first_image = f"first image, {args.slices}-slice CT"
+            results[first_image] = {"unit": "ms", "imageshare": median(ours)}
             ours_fps = cine_fps(browser, f"{imageshare.url}/viewer/{us_study}", login,
                                 lambda page: page.wait_for_function(
                                     "() => window.imageshareViewer.playing", timeout=60000))
@@ -157,7 +159,7 @@ def main() -> None:
                 url = f"{orthanc.url}/web-viewer/app/viewer.html?series="
                 theirs = [first_image_ms(browser, url + orthanc_ct, None)
                           for _ in range(args.runs)]
-                results["first image, 300-slice CT"]["orthanc-webviewer"] = median(theirs)
+                results[first_image]["orthanc-webviewer"] = median(theirs)
                 # Its toolbar (2.8) has no cine control: frames can only be scrolled.
                 results["cine, 640x480 RGB 60 frames at 30 fps"]["orthanc-webviewer"] = (
                     "no cine")

@@ -31,6 +31,7 @@ from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.domain.identifiers import is_valid_nhs_number, normalise_name
 from imageshare.storage.blobs import BlobStore, new_blob_key
+from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import (
     instances,
     patient_changes,
@@ -221,8 +222,7 @@ class PatientCorrections:
                 select(patient_changes).where(patient_changes.c.study_uid == study_uid)
                 .order_by(patient_changes.c.pk)
             ).mappings().all()
-        return [PatientChange(**{k: r[k] for k in PatientChange.__dataclass_fields__})
-                for r in rows]
+        return [from_row(PatientChange, r) for r in rows]
 
     # -- work ----------------------------------------------------------------------------
 

@@ -173,21 +173,11 @@ def identifiers_of(ds: Dataset) -> tuple[str, ...]:
 
     for keyword in ("PatientID", "AccessionNumber", "StudyID", "OtherPatientIDs",
                     "IssuerOfPatientID", "MedicalRecordLocator", "AdmissionID"):
-        value = ds.get(keyword)
-        for v in (value if isinstance(value, MultiValue | list) else [value]):
+        for v in _values(ds.get(keyword)):
             add(v)
-    for keyword in ("PatientName", "PatientBirthName", "PatientMotherBirthName",
-                    "OtherPatientNames", "ReferringPhysicianName", "OperatorsName",
-                    "PerformingPhysicianName"):
-        value = ds.get(keyword)
-        for v in (value if isinstance(value, MultiValue | list) else [value]):
-            if v:
-                for part in re.split(r"[\^= ,]+", str(v)):
-                    if len(part) >= 2:
-                        found.add(part)
     for item in ds.get("OtherPatientIDsSequence", []) or []:
         add(item.get("PatientID"))
-    _collect_names_and_ids(ds, found, depth=0)
+    _collect_names_and_ids(ds, found, depth=0)  # every person name, at any depth
     birth = str(ds.get("PatientBirthDate", "") or "")
     if len(birth) == 8 and birth.isdigit():
         found.update({birth, f"{birth[:4]}-{birth[4:6]}-{birth[6:]}",
@@ -195,6 +185,16 @@ def identifiers_of(ds: Dataset) -> tuple[str, ...]:
                       f"{birth[6:]}.{birth[4:6]}.{birth[:4]}",
                       f"{birth[4:6]}/{birth[6:]}/{birth[:4]}"})
     return tuple(sorted(found, key=len, reverse=True))
+
+
+def _values(value: Any) -> list[Any]:
+    """An element value as a list (multi-valued or not)."""
+    return list(value) if isinstance(value, MultiValue | list) else [value]
+
+
+def _value_of(values: list[Any]) -> Any:
+    """The element value for a list: one value, several, or empty."""
+    return values if len(values) > 1 else (values[0] if values else "")
 
 
 _ID_SUFFIXES = ("ID", "IDs", "Number", "Numbers", "Identifier")
@@ -216,16 +216,14 @@ def _collect_names_and_ids(ds: Dataset, found: set[str], depth: int) -> None:
             for item in ds[tag].value or []:
                 _collect_names_and_ids(item, found, depth + 1)
         elif vr == "PN":
-            value = ds[tag].value
-            for v in (value if isinstance(value, MultiValue | list) else [value]):
+            for v in _values(ds[tag].value):
                 for part in re.split(r"[\^= ,]+", str(v or "")):
                     if len(part) >= 2:
                         found.add(part)
         elif vr in ("LO", "SH"):
             keyword = keyword_for_tag(tag)
             if keyword.endswith(_ID_SUFFIXES) and keyword not in _NOT_IDENTIFYING:
-                value = ds[tag].value
-                for v in (value if isinstance(value, MultiValue | list) else [value]):
+                for v in _values(ds[tag].value):
                     if len(str(v or "").strip()) >= 3:
                         found.add(str(v).strip())
 
@@ -427,17 +425,15 @@ class AttributeCleaner:
     def _replace_uids(self, element: DataElement, report: InstanceReport) -> None:
         if element.VR != "UI" or self.profile.has("retain_uids"):
             return
-        values = element.value if isinstance(element.value, MultiValue | list) else [
-            element.value]
         new = []
-        for value in values:
+        for value in _values(element.value):
             text = str(value or "").strip()
             if not text or text in UID_dictionary:
                 new.append(text)
             else:
                 new.append(self.pseudonyms.uid(text))
                 report.uids_replaced += 1
-        element.value = new if len(new) > 1 else (new[0] if new else "")
+        element.value = _value_of(new)
 
     def _clean(self, element: DataElement, ctx: PatientContext, report: InstanceReport,
                dummy: bool) -> None:
@@ -448,10 +444,8 @@ class AttributeCleaner:
             if vr == "TM":
                 element.value = "000000" if dummy else element.value
                 return
-            values = element.value if isinstance(element.value, MultiValue | list) else [
-                element.value]
             shifted = []
-            for value in values:
+            for value in _values(element.value):
                 text = str(value or "")
                 moved = (shift_date if vr == "DA" else shift_datetime)(text, ctx.offset)
                 if moved is None:
@@ -460,7 +454,7 @@ class AttributeCleaner:
                 report.dates_shifted += 1
             if dummy and not (self._modified_dates or not shifted):
                 shifted = ["19000101" if vr == "DA" else "19000101000000"]
-            element.value = shifted if len(shifted) > 1 else (shifted[0] if shifted else "")
+            element.value = _value_of(shifted)
             return
         if vr == "UI":
             self._replace_uids(element, report)
@@ -469,12 +463,11 @@ class AttributeCleaner:
             if vr == "PN":
                 element.value = "ANONYMOUS"
                 return
-            values = element.value if isinstance(element.value, MultiValue | list) else [
-                element.value]
+            values = _values(element.value)
             cleaned = [clean_text(str(v or ""), ctx.identifiers) for v in values]
             if cleaned != [str(v or "") for v in values]:
                 report.text_cleaned += 1
-            element.value = cleaned if len(cleaned) > 1 else (cleaned[0] if cleaned else "")
+            element.value = _value_of(cleaned)
             return
         # numbers and binary values "cleaned": nothing identifying to take out
 

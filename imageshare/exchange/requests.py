@@ -18,6 +18,7 @@ from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.exchange.nodes import Node, NodeRegistry
 from imageshare.sharing.notify import Notifier
+from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import imaging_requests
 
 PRIORITIES = ("urgent", "routine")
@@ -44,7 +45,7 @@ class ImagingRequest:
 
 
 def _request(row: Any) -> ImagingRequest:
-    return ImagingRequest(**{k: row[k] for k in ImagingRequest.__dataclass_fields__})
+    return from_row(ImagingRequest, row)
 
 
 class ImagingRequests:

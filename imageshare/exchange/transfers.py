@@ -20,6 +20,7 @@ from imageshare.exchange.nodes import NodeRegistry
 from imageshare.exchange.sites import RetrieveProgress, SiteClient, SiteUnreachable
 from imageshare.jobs import JobRunner
 from imageshare.sharing.notify import Notifier
+from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import transfers
 
 PRIORITIES = ("urgent", "routine")
@@ -133,11 +134,11 @@ class Transfers:
                                ).mappings().first()
         if row is None:
             raise NotFound("no such transfer")
-        return Transfer(**{k: row[k] for k in Transfer.__dataclass_fields__})
+        return from_row(Transfer, row)
 
     def recent(self, limit: int = 100) -> list[Transfer]:
         """The latest transfers, newest first."""
         with self._engine.connect() as conn:
             rows = conn.execute(select(transfers).order_by(transfers.c.pk.desc())
                                 .limit(limit)).mappings().all()
-        return [Transfer(**{k: r[k] for k in Transfer.__dataclass_fields__}) for r in rows]
+        return [from_row(Transfer, r) for r in rows]

@@ -15,6 +15,7 @@ from imageshare.archive.retrieve import RetrieveService
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
+from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import case_items, cases
 
 
@@ -42,7 +43,7 @@ class CaseItem:
 
 
 def _case(row: object) -> Case:
-    return Case(**{k: row[k] for k in Case.__dataclass_fields__})  # type: ignore[index]
+    return from_row(Case, row)
 
 
 class CaseBook:

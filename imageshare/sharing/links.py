@@ -33,6 +33,7 @@ from imageshare.domain.actors import Actor
 from imageshare.domain.errors import Forbidden, ImageShareError, NotFound
 from imageshare.sharing.notify import Mailer, Notifier
 from imageshare.sharing.reports import comment_document
+from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import (
     share_comments,
     share_feedback,
@@ -142,7 +143,7 @@ class ShareItem:
 
 
 def _share(row: Any) -> Share:
-    return Share(**{k: row[k] for k in Share.__dataclass_fields__})
+    return from_row(Share, row)
 
 
 class ShareService:
@@ -334,7 +335,7 @@ class ShareService:
         with self._engine.connect() as conn:
             rows = conn.execute(select(share_items).where(share_items.c.share_pk == share.pk)
                                 .order_by(share_items.c.pk)).mappings().all()
-        return [ShareItem(**{k: r[k] for k in ShareItem.__dataclass_fields__}) for r in rows]
+        return [from_row(ShareItem, r) for r in rows]
 
     def item(self, share: Share, public_study: str, public_series: str | None,
              public_sop: str | None) -> list[ShareItem]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -12,6 +13,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 from imageshare.domain.errors import ConfigurationError
+
+T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -102,3 +105,8 @@ def migrate(engine: Engine, upgrade: bool = True) -> None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def from_row(cls: type[T], row: Any) -> T:
+    """A dataclass built from the like-named columns of a result row (mapping)."""
+    return cls(**{name: row[name] for name in cls.__dataclass_fields__})  # type: ignore[attr-defined]
