@@ -62,8 +62,12 @@ def test_qido_studies_returns_default_attributes_and_retrieve_url(client, stored
     assert study["00081190"]["Value"][0].endswith(f"/dicomweb/studies/{_uids(stored['ct'][0])[0]}")
 
 
-def test_qido_without_matches_answers_204(client, stored):
-    assert client.get("/dicomweb/studies", params={"PatientID": "nobody"}).status_code == 204
+def test_qido_without_matches_answers_200_with_an_empty_list(client, stored):
+    for url in ("/dicomweb/studies?PatientID=nobody", "/dicomweb/studies/1.2.3/series",
+                "/dicomweb/studies/1.2.3/instances"):
+        response = client.get(url)
+        assert (response.status_code, response.json()) == (200, []), url
+        assert response.headers["content-type"] == "application/dicom+json"
 
 
 def test_qido_unknown_attribute_is_a_clear_400(client, stored):
