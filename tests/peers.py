@@ -128,7 +128,9 @@ class OrthancServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, modalities: dict[str, list], plugins: list[str] | None = None) -> None:
+    def start(self, modalities: dict[str, list], plugins: list[str] | None = None,
+              extra: dict | None = None) -> None:
+        """Start with these DICOM modalities, plugins and further configuration."""
         import json
 
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -139,7 +141,7 @@ class OrthancServer:
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
             "DicomModalities": modalities, "Plugins": plugins or [],
             "DicomCheckCalledAet": False, "StableAge": 1, "HttpTimeout": 60,
-            "DicomScuTimeout": 30,
+            "DicomScuTimeout": 30, **(extra or {}),
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config))
