@@ -132,7 +132,10 @@ def _dicomweb() -> str:
     return "## DICOMweb resources\n\n" + _table(("method", "path", "transaction"), rows) + """
 
 BulkDataURIs name their attribute's path: `bulkdata/TAG` at the top level, or
-`bulkdata/SEQTAG/ITEM/TAG` (items numbered from 1) inside sequences, at any depth.
+`bulkdata/SEQTAG/ITEM/TAG` (items numbered from 1) inside sequences, at any depth. URLs in
+answers (Retrieve URL, BulkDataURI) start with `IMAGESHARE_PUBLIC_URL` when it is set, else
+with the address the request was sent to (dicomweb-client sends its Host header without the
+port: set the public URL when it is a client).
 
 ### Media types
 

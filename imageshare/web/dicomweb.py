@@ -192,7 +192,11 @@ def _int_param(request: Request, name: str, default: int | None) -> int | None:
 
 
 def _base(request: Request) -> str:
-    return str(request.base_url).rstrip("/") + "/dicomweb"
+    """The DICOMweb root for URLs in answers (Retrieve URL, BulkDataURI): from the public URL
+    when one is set, else from the request (some clients, dicomweb-client among them, send a
+    Host header without the port)."""
+    configured = request.app.state.archive.settings.public_url.rstrip("/")
+    return (configured or str(request.base_url).rstrip("/")) + "/dicomweb"
 
 
 def _retrieve_url(request: Request, attrs: dict[str, Any], level: Level) -> str:
