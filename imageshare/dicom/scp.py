@@ -20,6 +20,8 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
@@ -27,7 +29,6 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, _config, evt
-from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (
     SecondaryCaptureImageStorage,
 )
@@ -384,21 +385,43 @@ def sending_syntax(
     return None
 
 
+def _encodes(ds: Dataset, implicit: bool, little: bool) -> bool:
+    """Does ``ds`` encode in this syntax? (Checked quietly: pynetdicom's own encoder logs the
+    failing value.)"""
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = implicit, little
+    try:
+        write_dataset(fp, ds)
+    except Exception:  # noqa: BLE001 - any failure means "does not encode"
+        return False
+    return True
+
+
+_NOT_RETURNED = ("00080005", "00080052")
+
+
 def response_identifier(attrs: dict[str, Any], level: str, syntax: UID) -> Dataset:
     """A C-FIND response identifier from stored DICOM JSON that always encodes: a value that
     does not fit its VR is sent as stored (IS, DS) or left out with a warning."""
-    instance = str(((attrs.get("00080018") or {}).get("Value") or [""])[0])
     implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
+    clean = {tag: element for tag, element in attrs.items() if tag not in _NOT_RETURNED}
+    try:
+        ds = Dataset.from_json(clean)
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.QueryRetrieveLevel = level
+        if _encodes(ds, implicit, little):
+            return ds
+    except Exception:  # noqa: BLE001 - some value is invalid: built element by element
+        pass
+    instance = str(((attrs.get("00080018") or {}).get("Value") or [""])[0])
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.QueryRetrieveLevel = level
-    for tag, element in sorted(attrs.items()):
-        if tag in ("00080005", "00080052"):
-            continue
+    for tag, element in sorted(clean.items()):
         try:
             part = Dataset.from_json({tag: element})
             part.SpecificCharacterSet = "ISO_IR 192"
-            if encode(part, implicit, little) is None:
+            if not _encodes(part, implicit, little):
                 raise ValueError("not encodable")
             ds[int(tag, 16)] = part[int(tag, 16)]
             continue
