@@ -334,19 +334,24 @@ def _select(
     )
 
 
-def _producible(syntax: str, found: list[StoredInstance]) -> bool:
+def _producible(syntax: str, found: list[StoredInstance] | None) -> bool:
     """Can ``syntax`` be answered for this selection: ImageShare converts to it, or some
-    selected instance is stored in it (the others then come as stored)?"""
+    selected instance is stored in it (the others then come as stored)? Without a selection
+    (checked before one is made): is it a transfer syntax at all?"""
     if not is_known_syntax(syntax):
         return False
+    if found is None:
+        return True
     return syntax in CONVERSION_TARGETS or any(i.transfer_syntax == syntax for i in found)
 
 
-def _accepted_dicom_syntax(request: Request, found: list[StoredInstance]) -> tuple[
+def _accepted_dicom_syntax(request: Request, found: list[StoredInstance] | None) -> tuple[
     str, str | None
 ]:
     """('multipart'|'single', transfer syntax or None for as-stored) from the Accept header:
-    the most preferred range that can be answered; 406 when none can."""
+    the most preferred range that can be answered; 406 when none can. Called once before
+    the selection (so that a request nothing can answer is refused before it is audited as
+    a retrieval) and once with it."""
     refused = ""
     for media_range in parse_accept(request.headers.get("accept")):
         media, kind = media_range.media, media_range.param("type", DICOM)
@@ -423,12 +428,14 @@ def _dicom_response(request: Request, found: list[StoredInstance]) -> Response:
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
 def retrieve_study(request: Request, study: str, actor: Reader) -> Response:
     """Every instance of the study as multipart/related application/dicom."""
+    _accepted_dicom_syntax(request, None)
     return _dicom_response(request, _select(request, actor, "study.retrieve", study))
 
 
 @router.get("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
 def retrieve_series(request: Request, study: str, series: str, actor: Reader) -> Response:
     """Every instance of the series."""
+    _accepted_dicom_syntax(request, None)
     return _dicom_response(request, _select(request, actor, "study.retrieve", study, series))
 
 
@@ -440,6 +447,7 @@ def retrieve_instance(
     request: Request, study: str, series: str, instance: str, actor: Reader
 ) -> Response:
     """One instance."""
+    _accepted_dicom_syntax(request, None)
     found = _select(request, actor, "study.retrieve", study, series, instance)
     return _dicom_response(request, found)
 
