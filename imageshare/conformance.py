@@ -14,7 +14,7 @@ from pydicom.uid import UID, AllTransferSyntaxes
 
 from imageshare.archive.dicom_json import BULK_DATA_THRESHOLD
 from imageshare.archive.matching import MATCHING_RULES, MAX_WILDCARD_PATTERN
-from imageshare.archive.query import _LEVEL_OF_TAG, _SQL, LEVELS
+from imageshare.archive.query import INDEXED_KEYS
 from imageshare.archive.rendering import MAX_RENDERED_FRAMES
 from imageshare.archive.transcode import (
     COMPRESSED_MEDIA_TYPES,
@@ -101,9 +101,8 @@ is stored in it (the others then come as stored, labelled with their own syntax)
 def _matching() -> str:
     rules = _table(("matching", "applies to", "rule"),
                    ((r.kind, r.applies_to, r.rule) for r in MATCHING_RULES))
-    keys = []
-    for tag in sorted(_SQL, key=lambda t: (LEVELS.index(_LEVEL_OF_TAG[t]), t)):
-        keys.append((_LEVEL_OF_TAG[tag], f"({tag[:4]},{tag[4:]})", keyword_for_tag(int(tag, 16))))
+    keys = [(level, f"({tag[:4]},{tag[4:]})", keyword_for_tag(int(tag, 16)))
+            for level, tag in INDEXED_KEYS]
     return "## Query matching (C-FIND and QIDO-RS)\n\n" + rules + """
 
 The same engine answers C-FIND (Patient Root and Study Root, every level) and QIDO-RS. These

@@ -145,6 +145,11 @@ _SQL: dict[str, Callable[[str, bool], Any]] = {
     FRAMES: lambda v, f: _int_condition(instances.c.number_of_frames, v),
     BITS_ALLOCATED: lambda v, f: _int_condition(instances.c.bits_allocated, v),
 }
+# (level, tag) of every key matched in the index (the others are matched on stored values).
+INDEXED_KEYS: tuple[tuple[Level, str], ...] = tuple(
+    sorted(((_LEVEL_OF_TAG[tag], tag) for tag in _SQL),
+           key=lambda key: (LEVELS.index(key[0]), key[1]))
+)
 _SKIP_MATCH = {QR_LEVEL, CHARSET, RETRIEVE_AE, AVAILABILITY, "00080056", "00081190"}
 
 
