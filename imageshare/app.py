@@ -12,14 +12,17 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, select
+from sqlalchemy.engine import make_url
 
 from imageshare.access.policy import Policy
 from imageshare.access.sessions import SessionStore
 from imageshare.access.throttle import SignInThrottle
 from imageshare.access.users import UserDirectory
+from imageshare.archive import pixel_budget
 from imageshare.archive.annotations import AnnotationBook
 from imageshare.archive.attachments import AttachmentService
 from imageshare.archive.comments import CommentBook
@@ -27,6 +30,7 @@ from imageshare.archive.corrections import PatientCorrections
 from imageshare.archive.deletion import ArchiveDeletion
 from imageshare.archive.index_writer import IndexWriter
 from imageshare.archive.ingest import IngestService
+from imageshare.archive.pixel_budget import PixelLimits
 from imageshare.archive.query import QueryService
 from imageshare.archive.retrieve import RetrieveService
 from imageshare.archive.search import StudySearchService
@@ -51,8 +55,11 @@ from imageshare.sharing.cases import CaseBook
 from imageshare.sharing.links import ShareService
 from imageshare.sharing.notify import Mailer, MailSettings, Notifier
 from imageshare.storage.blobs import BlobStore, fsync_file, key_prefix_for, open_blob_store
+from imageshare.storage.files import make_private
 from imageshare.storage.index.database import make_engine, migrate
 from imageshare.storage.index.schema import instances
+from imageshare.storage.secret_box import KEY_FILE as SECRET_KEY_FILE
+from imageshare.storage.secret_box import SecretBox, load_secret_key
 
 log = logging.getLogger("imageshare")
 
@@ -101,9 +108,41 @@ class Archive:
         self.engine.dispose()
 
 
+def configure_process(settings: Settings) -> None:
+    """What the settings fix for the whole process: the pixel budget and decode slots."""
+    pixel_budget.configure(PixelLimits(
+        max_frame_bytes=settings.max_decoded_frame_bytes,
+        max_instance_bytes=settings.max_decoded_instance_bytes,
+        max_concurrent_decodes=settings.max_concurrent_decodes,
+    ))
+
+
+def _private_data_dir(settings: Settings) -> None:
+    """The data folder and everything in it private to this user (0700/0600), the SQLite
+    index made 0600 before SQLite creates it (its -wal and -shm files take its mode)."""
+    make_private(settings.data_dir, skip_after_first=("blobs",))
+    url = make_url(settings.resolved_database_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        path = Path(url.database)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            side = path.with_name(path.name + suffix)
+            if side.exists() and side.stat().st_mode & 0o077:
+                side.chmod(0o600)
+
+
+def _secret_box(settings: Settings) -> SecretBox:
+    key_file = (Path(settings.secret_key_file) if settings.secret_key_file
+                else settings.data_dir / SECRET_KEY_FILE)
+    return SecretBox(load_secret_key(settings.secret_key, key_file))
+
+
 def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     """Create (and migrate) the index and blob store and wire the services together."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    configure_process(settings)
+    _private_data_dir(settings)
+    box = _secret_box(settings)
     engine = make_engine(settings.resolved_database_url, settings.sqlite_synchronous)
     migrate(engine, upgrade=upgrade)
     blobs = open_blob_store(settings.resolved_storage_url)
@@ -137,8 +176,12 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         "dicomweb": DicomwebSites(lambda stream: ingest.store_stream(
             stream, Actor("system", "exchange", "system", "dicomweb"))),
     }
-    users_directory = UserDirectory(engine)
-    nodes = NodeRegistry(engine)
+    users_directory = UserDirectory(engine, box)
+    nodes = NodeRegistry(engine, box)
+    if upgrade:  # secrets an older version stored in plaintext are encrypted now
+        sealed = users_directory.seal_stored_secrets() + nodes.seal_stored_credentials()
+        if sealed:
+            log.warning("encrypted %d secret(s) stored in plaintext by an older version", sealed)
     search = StudySearchService(query)
     mailer = Mailer(MailSettings(settings.smtp_host, settings.smtp_port, settings.smtp_tls,
                                  settings.smtp_user, settings.smtp_password,

@@ -16,6 +16,7 @@ from imageshare import __version__
 from imageshare.domain.actors import cli_actor
 from imageshare.domain.errors import ImageShareError
 from imageshare.settings import Settings, load_settings, setting_docs
+from imageshare.storage.files import PRIVATE_UMASK
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -234,6 +235,9 @@ def _audit_export(archive: Any, args: argparse.Namespace) -> int:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
+    # Everything ImageShare writes (index, blobs, exports, caches, staging) is patient data:
+    # private to the service's user from the first file on.
+    os.umask(PRIVATE_UMASK)
     args = _parser().parse_args(argv)
     if args.command == "settings":
         _print_settings(args.markdown)

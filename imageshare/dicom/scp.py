@@ -44,6 +44,7 @@ from imageshare.access.policy import (
     Policy,
 )
 from imageshare.archive.ingest import IngestService
+from imageshare.archive.pixel_budget import decoding
 from imageshare.archive.query import LEVELS, Query, QueryService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
 from imageshare.dicom.contexts import storage_contexts_for
@@ -293,7 +294,8 @@ class DicomListener:
                 )
                 if takes_uncompressed and UID(inst.transfer_syntax).is_compressed:
                     try:
-                        ds.decompress()
+                        with decoding(ds):  # the pixel budget, checked before decoding
+                            ds.decompress()
                     except Exception as exc:  # noqa: BLE001 - no codec: the send will fail
                         log.info("cannot decompress for sending: %s", type(exc).__name__)
             yield 0xFF00, ds

@@ -1,7 +1,11 @@
-"""Blob store on the local file system: temporary file, fsync, rename, fsync of the folder."""
+"""Blob store on the local file system: temporary file, fsync, rename, fsync of the folder.
+
+Everything is private to the service's user: folders 0700, files 0600 (patient data).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -11,8 +15,52 @@ from typing import BinaryIO
 
 from imageshare.storage.blobs import fsync_file
 
+log = logging.getLogger("imageshare.storage")
 _KEY = re.compile(r"^[0-9a-f]{8,64}$")
 _CHUNK = 1 << 20
+PRIVATE_UMASK = 0o077
+_PRIVATE_MARK = ".private-v1"
+
+
+def make_private(folder: Path, skip_after_first: tuple[str, ...] = ()) -> int:
+    """Make ``folder`` and everything in it private to this user (folders 0700, files 0600;
+    symbolic links are not followed); returns how many modes were changed.
+
+    The sub-folders named in ``skip_after_first`` (the blob store, which can hold millions of
+    files) are walked only the first time; their files are made private when written.
+    """
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    first = not (folder / _PRIVATE_MARK).exists()
+    changed = _private(folder, 0o700)
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    continue
+                path = Path(entry.path)
+                if entry.is_dir():
+                    changed += _private(path, 0o700)
+                    if first or not (current == folder and entry.name in skip_after_first):
+                        stack.append(path)
+                elif entry.is_file():
+                    changed += _private(path, 0o600)
+    if first:
+        fd = os.open(folder / _PRIVATE_MARK, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+    return changed
+
+
+def _private(path: Path, mode: int) -> int:
+    try:
+        current = path.lstat().st_mode & 0o777
+        if current & 0o077 or current & mode != mode:
+            path.chmod(current & ~0o077 | mode)
+            return 1
+    except OSError as exc:  # not ours, or gone meanwhile: said, not fatal
+        log.warning("cannot make %s private: %s", path, exc.strerror or type(exc).__name__)
+    return 0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -32,9 +80,10 @@ class FileBlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private(self.root, 0o700)
         self._tmp = self.root / ".tmp"
-        self._tmp.mkdir(exist_ok=True)
+        self._tmp.mkdir(exist_ok=True, mode=0o700)
         self._dirs_known: set[Path] = set()
         self._lock = threading.Lock()
 
@@ -53,9 +102,9 @@ class FileBlobStore:
         if folder in self._dirs_known:
             return
         with self._lock:
-            folder.parent.mkdir(exist_ok=True)
+            folder.parent.mkdir(exist_ok=True, mode=0o700)
             _fsync_dir(self.root)
-            folder.mkdir(exist_ok=True)
+            folder.mkdir(exist_ok=True, mode=0o700)
             _fsync_dir(folder.parent)
             self._dirs_known.add(folder)
 
@@ -63,7 +112,8 @@ class FileBlobStore:
         """Store everything read from ``stream`` under ``key``; returns the byte count."""
         tmp = self._tmp / f"{key}.part"
         size = 0
-        with open(tmp, "wb") as out:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
             while chunk := stream.read(_CHUNK):
                 out.write(chunk)
                 size += len(chunk)

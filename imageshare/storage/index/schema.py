@@ -131,7 +131,8 @@ users = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("failed_logins", Integer, nullable=False, default=0, server_default="0"),
     Column("locked_until", DateTime(timezone=True), nullable=True),
-    Column("totp_secret", String(64), nullable=True),
+    # Encrypted at rest (storage/secret_box.py), hence longer than the secret itself.
+    Column("totp_secret", String(512), nullable=True),
     Column("totp_enabled", Boolean, nullable=False, default=False, server_default=false()),
     Column("totp_last_step", BigInteger, nullable=True),
     Column("email", String(254), nullable=False, default="", server_default=""),
@@ -181,10 +182,13 @@ nodes = Table(
     Column("searchable", Boolean, nullable=False, default=True, server_default=true()),
     Column("retrieve_from", Boolean, nullable=False, default=True, server_default=true()),
     Column("send_to", Boolean, nullable=False, default=True, server_default=true()),
-    # DICOMweb credentials: "user:password" for HTTP Basic or "Bearer TOKEN".
-    Column("dicomweb_auth", String(512), nullable=False, default="", server_default=""),
+    # DICOMweb credentials: "user:password" for HTTP Basic or "Bearer TOKEN", encrypted at
+    # rest (storage/secret_box.py).
+    Column("dicomweb_auth", String(2048), nullable=False, default="", server_default=""),
     # Studies this site sends us land in the inbox for review.
     Column("inbox", Boolean, nullable=False, default=False, server_default=false()),
+    # We reach the site's DICOM AE over TLS (BCP 195).
+    Column("tls", Boolean, nullable=False, default=False, server_default=false()),
 )
 
 audit_events = Table(
