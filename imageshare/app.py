@@ -60,6 +60,13 @@ from imageshare.storage.index.database import make_engine, migrate
 from imageshare.storage.index.schema import instances
 from imageshare.storage.secret_box import KEY_FILE as SECRET_KEY_FILE
 from imageshare.storage.secret_box import SecretBox, load_secret_key
+from imageshare.tls import (
+    check_tls_settings,
+    client_context,
+    dicom_server_context,
+    exposure_warnings,
+    https_enabled,
+)
 
 log = logging.getLogger("imageshare")
 
@@ -171,10 +178,11 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     corrections = PatientCorrections(engine, writer, blobs, audit, catalogue,
                                      settings.staging_dir, ingest.parents_changed)
     deletion = ArchiveDeletion(writer, blobs, audit, ingest.parents_changed)
+    tls = client_context(settings)  # for nodes reached over DICOM TLS and https sites
     clients = {
-        "dimse": DimseSites(settings.ae_title, settings.dicom_timeout),
+        "dimse": DimseSites(settings.ae_title, settings.dicom_timeout, tls),
         "dicomweb": DicomwebSites(lambda stream: ingest.store_stream(
-            stream, Actor("system", "exchange", "system", "dicomweb"))),
+            stream, Actor("system", "exchange", "system", "dicomweb")), tls=tls),
     }
     users_directory = UserDirectory(engine, box)
     nodes = NodeRegistry(engine, box)
@@ -214,7 +222,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
                             _seconds(settings.push_retry_seconds)),
         inbox=Inbox(engine, catalogue, corrections, deletion, audit),
         retention=Retention(deletion, settings.temporary_days), deletion=deletion,
-        requests=ImagingRequests(engine, nodes, notifier, audit, settings.ae_title),
+        requests=ImagingRequests(engine, nodes, notifier, audit, settings.ae_title, tls),
     )
 
 
@@ -279,11 +287,13 @@ def _make_listener(archive: Archive, shared_port: bool) -> Any:
 
     settings = archive.settings
     return DicomListener(
-        settings.ae_title, settings.dicom_port, settings.dicom_host or settings.http_host,
+        settings.ae_title, settings.dicom_port or None,
+        settings.dicom_host or settings.http_host,
         archive.ingest, archive.query, archive.retrieve, archive.nodes, archive.policy,
         max_associations=settings.max_associations, timeout=settings.dicom_timeout,
         max_pdu=settings.max_pdu_size, check_calling_host=settings.check_calling_host,
-        shared_port=shared_port,
+        shared_port=shared_port, tls_port=settings.dicom_tls_port,
+        ssl_context=dicom_server_context(settings), client_ssl_context=client_context(settings),
     )
 
 
@@ -337,8 +347,12 @@ def serve(settings: Settings) -> None:
     DICOM port (``dicom_processes``) so that concurrent associations use every core."""
     import uvicorn
 
-    from imageshare.web.server import create_app
+    from imageshare.web.server import create_app, http_server_config
 
+    check_tls_settings(settings)
+    for warning in exposure_warnings(settings):
+        log.warning("%s", warning)
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     archive = build_archive(settings)
     generated = archive.users.ensure_admin(settings.admin_password)
     if generated:
@@ -350,7 +364,7 @@ def serve(settings: Settings) -> None:
     recover(archive)
     listener = None
     workers: list[multiprocessing.process.BaseProcess] = []
-    if settings.dicom_port:
+    if settings.dicom_port or settings.dicom_tls_port:
         processes = dicom_processes(settings)
         listener = _make_listener(archive, shared_port=processes > 1)
         listener.start()
@@ -368,18 +382,16 @@ def serve(settings: Settings) -> None:
         for number, event in enumerate(ready):
             if not event.wait(120):
                 log.error("DICOM worker %d did not start; continuing without it", number)
-        log.info("DICOM listener %s on port %d (%d processes)", settings.ae_title,
-                 listener.port, processes)
+        log.info("DICOM listener %s on port %s, TLS port %s (%d processes)",
+                 settings.ae_title, listener.port, listener.tls_port or "none", processes)
     housekeeping = _start_housekeeping(archive)
     app = create_app(archive)
-    config = uvicorn.Config(
-        app, host=settings.http_host, port=settings.http_port, log_level="warning",
-        access_log=False, timeout_graceful_shutdown=10,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(http_server_config(app, settings))
+    scheme = "https" if https_enabled(settings) else "http"
+    tls = f", DICOM TLS port {settings.dicom_tls_port}" if settings.dicom_tls_port else ""
     print(
-        f"ImageShare listening: http://{settings.http_host}:{settings.http_port}/ "
-        f"and DICOM {settings.ae_title}@{settings.dicom_port}",
+        f"ImageShare listening: {scheme}://{settings.http_host}:{settings.http_port}/ "
+        f"and DICOM {settings.ae_title}@{settings.dicom_port}{tls}",
         file=sys.stderr, flush=True,
     )
     try:

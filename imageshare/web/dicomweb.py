@@ -693,7 +693,8 @@ async def _stow(request: Request, actor: Actor, study: str | None) -> Response:
             status_code=415, media_type="application/problem+json",
         )
     archive = request.app.state.archive
-    sink = PartSink(params["boundary"], archive.ingest.staging_file)
+    sink = PartSink(params["boundary"], archive.ingest.staging_file,
+                    max_parts=archive.settings.stow_max_parts)
     try:
         await _receive(request, sink)
         return await run_in_threadpool(_store_parts, request, sink, actor, study)
