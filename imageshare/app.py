@@ -145,6 +145,17 @@ def _secret_box(settings: Settings) -> SecretBox:
     return SecretBox(load_secret_key(settings.secret_key, key_file))
 
 
+def _forget_plaintext(engine: Engine) -> None:
+    """Rewrite a SQLite index so that no old page (free space, the write-ahead log) still
+    holds a value just encrypted."""
+    if engine.dialect.name != "sqlite":
+        return
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.exec_driver_sql("VACUUM")
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
 def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     """Create (and migrate) the index and blob store and wire the services together."""
     configure_process(settings)
@@ -190,6 +201,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         sealed = users_directory.seal_stored_secrets() + nodes.seal_stored_credentials()
         if sealed:
             log.warning("encrypted %d secret(s) stored in plaintext by an older version", sealed)
+            _forget_plaintext(engine)
     search = StudySearchService(query)
     mailer = Mailer(MailSettings(settings.smtp_host, settings.smtp_port, settings.smtp_tls,
                                  settings.smtp_user, settings.smtp_password,
