@@ -176,3 +176,17 @@ def test_a_folder_made_by_another_process_meanwhile_is_not_an_error(tmp_path, mo
     key = new_blob_key()
     store.put(key, io.BytesIO(b"data"))
     assert store.exists(key)
+
+
+def test_installed_dicom_libraries_are_above_their_known_vulnerabilities():
+    """pydicom 3.0.2 fixed a path traversal through DICOMDIR File IDs (CVE-2026-32711,
+    GHSA-v856-2rf8-9f28); pynetdicom 3.0.4 is the floor the trust review set. pyproject asks
+    for at least these, and the installed ones meet them."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    assert Version(version("pydicom")) >= Version("3.0.2")
+    assert Version(version("pynetdicom")) >= Version("3.0.4")
+    declared = (ROOT / "pyproject.toml").read_text()
+    assert '"pydicom>=3.0.2' in declared and '"pynetdicom>=3.0.4' in declared
