@@ -181,3 +181,23 @@ def test_imageshare_finds_and_sends_to_a_node_over_dicom_tls(pki, tls_orthanc, t
     plain = Node("ORTHANC", "127.0.0.1", tls_orthanc.dicom_port)
     with pytest.raises(SiteUnreachable):
         sites.find_studies(plain, {"PatientID": "TLS3"}, 5)
+
+
+def test_dicomweb_sites_over_https_are_checked_against_the_configured_authorities(
+        tls_server, pki, tmp_path):
+    from imageshare.exchange.dicomweb_site import DicomwebSites
+
+    tls_server.cli("user", "add", "partner", "--role", "radiographer", "--password",
+                   "partner-password")
+    path = ct_series(tmp_path / "ct", count=1, size=32, patient_id="TLS4")[0]
+    _dcmtk_tls("storescu", pki, pki.client, tls_server.tls_port, str(path))
+    site = Node("PARTNER", "127.0.0.1", 104, dicomweb_url=tls_server.dicomweb,
+                dicomweb_auth="partner:partner-password")
+    settings = load_settings({"tls_ca_file": str(pki.ca)}, environ={})
+    trusting = DicomwebSites(lambda _stream: None, tls=client_context(settings))
+    found = trusting.find_studies(site, {"PatientID": "TLS4"}, 20)
+    assert [f["0020000D"]["Value"][0] for f in found] == [dcmread(path).StudyInstanceUID]
+    untrusting = DicomwebSites(lambda _stream: None,
+                               tls=client_context(load_settings({}, environ={})))
+    with pytest.raises(SiteUnreachable):
+        untrusting.find_studies(site, {"PatientID": "TLS4"}, 20)
