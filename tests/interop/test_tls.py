@@ -201,3 +201,31 @@ def test_dicomweb_sites_over_https_are_checked_against_the_configured_authoritie
                                tls=client_context(load_settings({}, environ={})))
     with pytest.raises(SiteUnreachable):
         untrusting.find_studies(site, {"PatientID": "TLS4"}, 20)
+
+
+def test_a_decompression_bomb_sent_by_c_store_is_refused_with_the_reason(
+        tls_server, pki, tmp_path):
+    from pynetdicom import AE, _config
+
+    from tests.oversized import rle_bomb
+
+    bomb = rle_bomb(tmp_path / "bomb.dcm", 65535, 65535, real=False)
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.load_cert_chain(str(pki.client.cert), str(pki.client.key))
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.1.2.5")
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", tls_server.tls_port, ae_title="IMAGESHARE",
+                             tls_args=(context, "localhost"))
+        assert assoc.is_established
+        status = assoc.send_c_store(bomb)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    assert status.Status & 0xF000 in (0xA000, 0xC000), hex(status.Status)
+    assert "decoded" in status.ErrorComment
+    with tls_server.http() as client:
+        assert client.get("/dicomweb/instances", params={"PatientID": "BOMB1"}
+                          ).status_code == 204
