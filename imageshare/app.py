@@ -159,6 +159,7 @@ def _forget_plaintext(engine: Engine) -> None:
 def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     """Create (and migrate) the index and blob store and wire the services together."""
     configure_process(settings)
+    check_tls_settings(settings)
     _private_data_dir(settings)
     box = _secret_box(settings)
     engine = make_engine(settings.resolved_database_url, settings.sqlite_synchronous)
@@ -361,7 +362,6 @@ def serve(settings: Settings) -> None:
 
     from imageshare.web.server import create_app, http_server_config
 
-    check_tls_settings(settings)
     for warning in exposure_warnings(settings):
         log.warning("%s", warning)
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)

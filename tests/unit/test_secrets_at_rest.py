@@ -143,3 +143,4 @@ def test_the_data_folder_and_everything_the_server_writes_are_private(tmp_path):
             seen["index.sqlite"] |= path.name == "index.sqlite"
             seen["blob"] |= "blobs" in path.parts
     assert all(seen.values()), seen
+
