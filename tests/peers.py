@@ -90,7 +90,7 @@ class RunningServer:
             [sys.executable, "-m", "imageshare", "serve"], env=self.env(), stdout=log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # a loaded machine (CI, parallel work) can take a while
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError("server exited: " + self.log_path.read_text()[-2000:])
