@@ -102,6 +102,7 @@ class RunningServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
+        self.kill()  # a server that did not come up is not left running
         raise TimeoutError("server did not start: " + self.log_path.read_text()[-2000:])
 
     def kill(self) -> None:
