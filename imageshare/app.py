@@ -106,7 +106,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url, settings.sqlite_synchronous)
     migrate(engine, upgrade=upgrade)
-    blobs = open_blob_store(settings.resolved_storage_url)
+    blobs = open_blob_store(settings.resolved_storage_url, settings.s3_endpoint_url)
     audit = AuditTrail(engine)
     writer_engine = (
         make_engine(settings.resolved_database_url, settings.sqlite_synchronous, for_writer=True)
@@ -116,7 +116,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     ingest = IngestService(
         blobs, writer, audit, settings.staging_dir, overwrite=settings.overwrite_instances
     )
-    retrieve = RetrieveService(engine, blobs, audit)
+    retrieve = RetrieveService(engine, blobs, audit, settings.staging_dir)
     query = QueryService(
         engine, settings.ae_title, retrieve.header_json, audit, settings.qido_max_limit
     )

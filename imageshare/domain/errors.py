@@ -91,3 +91,10 @@ class TooManyRequests(ImageShareError):
 
     http_status = 429
     title = "Too many requests"
+
+
+class StorageError(ImageShareError):
+    """The blob store could not keep or give bytes (unreachable, refused, or not intact)."""
+
+    http_status = 503
+    title = "Storage unavailable"
