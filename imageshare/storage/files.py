@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import os
 import threading
 from collections.abc import Iterator
@@ -138,7 +137,7 @@ class FileBlobStore:
         """``length`` bytes from offset ``start`` (fewer at the end); KeyError if absent."""
         fh = self.open(key)
         fh.seek(start)
-        return io.BufferedReader(BoundedReader(fh, length))  # type: ignore[return-value]
+        return BoundedReader(fh, length)  # type: ignore[return-value]
 
     def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are ignored."""

@@ -24,7 +24,6 @@ from imageshare.storage.blobs import BLOB_KEY, StoredBlob, check_key, size_misma
 MiB = 1024 * 1024
 _FIRST_WINDOW = 256 * 1024  # the first GET after opening or seeking
 _MAX_WINDOW = 8 * MiB  # the longest GET while reading sequentially
-_DRAIN = 256 * 1024  # unread bytes worth reading rather than dropping the connection
 _ABANDONED_AFTER = timedelta(days=1)  # multipart uploads older than this were left by a crash
 _ACCESS_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
                  "InvalidToken", "ExpiredToken"}
@@ -205,13 +204,12 @@ class S3BlobStore:
 
     def open(self, key: str) -> BinaryIO:
         """The bytes under ``key`` as a seekable stream of ranged GETs; KeyError if absent."""
-        return io.BufferedReader(_ObjectReader(self, self._name(key), 0, None),
-                                 buffer_size=64 * 1024)  # type: ignore[return-value]
+        return _ObjectReader(self, self._name(key), 0, None)  # type: ignore[return-value]
 
     def open_range(self, key: str, start: int, length: int) -> BinaryIO:
         """``length`` bytes from offset ``start`` (fewer at the end), in one GET."""
-        return io.BufferedReader(_ObjectReader(self, self._name(key), start, start + length),
-                                 buffer_size=64 * 1024)  # type: ignore[return-value]
+        return _ObjectReader(self, self._name(key), start,  # type: ignore[return-value]
+                             start + length)
 
     def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are ignored."""
@@ -266,32 +264,35 @@ def _read_up_to(stream: BinaryIO, count: int) -> bytes:
     return b"".join(chunks)
 
 
-class _ObjectReader(io.RawIOBase):
+class _ObjectReader(io.BufferedIOBase):
     """A seekable view of bytes ``[start, end)`` of one object (``end`` None: to its end).
 
-    Positions are relative to ``start``. The first stretch is fetched at once, so that an
-    absent object raises KeyError when it is opened.
+    Positions are relative to ``start``. Each stretch read is one ranged GET held in memory
+    (at most ``_MAX_WINDOW``, or what one read asks for); stretches grow while reads stay
+    sequential. The first one is fetched at once, so that opening an absent object raises
+    KeyError. (Not an ``io.BufferedReader``: pydicom would take that for a named file.)
     """
 
     def __init__(self, store: S3BlobStore, name: str, start: int, end: int | None) -> None:
+        super().__init__()
         self._store = store
         self._name = name
         self._start = start
-        self._end = end
-        self._pos = 0
-        self._body: Any = None
-        self._body_pos = 0  # the position the body's next byte belongs to
-        self._body_end = 0
-        self._window = _FIRST_WINDOW if end is None else max(1, end - start)
         self._length: int | None = None if end is None else max(0, end - start)
-        self._fetch(0, self._window)
+        self._pos = 0
+        self._buf = b""
+        self._buf_pos = 0  # the view position of the buffer's first byte
+        self._window = _FIRST_WINDOW if self._length is None else max(1, self._length)
+        self._fill(0, self._window)
 
-    def _fetch(self, pos: int, length: int) -> None:
-        """Start a ranged GET of ``length`` bytes at ``pos`` (clipped to the view)."""
+    def _fill(self, pos: int, length: int) -> None:
+        """Fetch ``length`` bytes at ``pos`` (clipped to the view) into the buffer."""
+        from botocore.exceptions import BotoCoreError
+
+        self._buf, self._buf_pos = b"", pos
         if self._length is not None:
             length = min(length, self._length - pos)
         if length <= 0:
-            self._body = None
             return
         first = self._start + pos
         try:
@@ -300,36 +301,30 @@ class _ObjectReader(io.RawIOBase):
                 Range=f"bytes={first}-{first + length - 1}")
         except _InvalidRange:
             # Starting at or past the end: the object exists (else NoSuchKey); learn its size.
-            head = self._store._call("head_object", Bucket=self._store.bucket, Key=self._name)
-            total = int(head["ContentLength"])
-            self._clip(total)
-            self._body = None
+            self._clip(self._head_size())
             return
         content_range = str(response.get("ContentRange", ""))
         if "/" in content_range and content_range.rsplit("/", 1)[1].isdigit():
             self._clip(int(content_range.rsplit("/", 1)[1]))
-        self._body = response["Body"]
-        self._body_pos = pos
-        self._body_end = pos + int(response["ContentLength"])
+        body = response["Body"]
+        try:
+            data = body.read()
+        except BotoCoreError as exc:
+            raise StorageError("the object store broke off a read") from exc
+        finally:
+            body.close()
+        if len(data) != int(response["ContentLength"]):
+            raise StorageError("the object store ended a read early")
+        self._buf = data
+
+    def _head_size(self) -> int:
+        head = self._store._call("head_object", Bucket=self._store.bucket, Key=self._name)
+        return int(head["ContentLength"])
 
     def _clip(self, total: int) -> None:
         """Now that the object's size is known, bound the view by it."""
         available = max(0, total - self._start)
         self._length = available if self._length is None else min(self._length, available)
-
-    def _drop(self) -> None:
-        if self._body is None:
-            return
-        from botocore.exceptions import BotoCoreError
-
-        body, self._body = self._body, None
-        try:
-            if 0 < self._body_end - self._body_pos <= _DRAIN:
-                body.read()  # cheaper than a new connection
-        except BotoCoreError:
-            pass  # the connection is dropped below
-        finally:
-            body.close()
 
     def readable(self) -> bool:
         """Always true."""
@@ -351,48 +346,47 @@ class _ObjectReader(io.RawIOBase):
             target = self._pos + offset
         else:
             if self._length is None:
-                head = self._store._call("head_object", Bucket=self._store.bucket,
-                                         Key=self._name)
-                self._clip(int(head["ContentLength"]))
+                self._clip(self._head_size())
             target = (self._length or 0) + offset
         if target < 0:
             raise ValueError("negative seek position")
         self._pos = target
         return target
 
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        """Fill ``buffer`` from the current position; 0 at the end of the view."""
-        if self._length is not None and self._pos >= self._length:
-            return 0
-        if self._body is None or self._body_pos != self._pos or self._body_pos >= self._body_end:
-            sequential = self._body is not None and self._body_pos == self._pos
-            self._drop()
-            self._window = min(self._window * 4, _MAX_WINDOW) if sequential else _FIRST_WINDOW
-            self._fetch(self._pos, max(self._window, len(buffer)))
-            if self._body is None:
-                return 0
-        from botocore.exceptions import BotoCoreError
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes from the position (all the rest when negative)."""
+        if self.closed:
+            raise ValueError("read of a closed blob")
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(_MAX_WINDOW), b""))
+        chunks = []
+        while size > 0 and (self._length is None or self._pos < self._length):
+            offset = self._pos - self._buf_pos
+            if not 0 <= offset < len(self._buf):
+                sequential = offset == len(self._buf) and bool(self._buf)
+                self._window = min(self._window * 4, _MAX_WINDOW) if sequential else (
+                    _FIRST_WINDOW)
+                self._fill(self._pos, max(self._window, size))
+                if not self._buf:
+                    break
+                offset = 0
+            chunk = self._buf[offset:offset + size]
+            chunks.append(chunk)
+            self._pos += len(chunk)
+            size -= len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-        try:
-            data = self._body.read(min(len(buffer), self._body_end - self._body_pos))
-        except BotoCoreError as exc:
-            raise StorageError("the object store broke off a read") from exc
-        if not data:
-            raise StorageError("the object store ended a read early")
+    def read1(self, size: int = -1) -> bytes:
+        """As :meth:`read`."""
+        return self.read(size)
+
+    def readinto(self, buffer: Any) -> int:
+        """Fill ``buffer`` from the position; returns the count (0 at the end)."""
+        data = self.read(len(buffer))
         buffer[: len(data)] = data
-        self._pos += len(data)
-        self._body_pos += len(data)
         return len(data)
 
-    def readall(self) -> bytes:
-        """Everything from the position to the end of the view, in large reads."""
-        chunks = []
-        while chunk := self.read(MiB):
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     def close(self) -> None:
-        """Release the connection."""
-        if not self.closed:
-            self._drop()
+        """Let go of the buffer."""
+        self._buf = b""
         super().close()
