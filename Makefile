@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= ./var
 
-.PHONY: install run test lint bench bench-viewer bench-deid bench-exchange clean
+.PHONY: install run test lint bench bench-viewer bench-deid bench-exchange bench-blobstore clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -44,6 +44,9 @@ bench-deid: install
 
 bench-exchange: install
 	$(BIN)/python bench/exchange.py
+
+bench-blobstore: install
+	$(BIN)/python bench/blobstore.py
 
 clean:
 	rm -rf $(VENV) var

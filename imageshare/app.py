@@ -220,7 +220,7 @@ def configure_logging(settings: Settings, tag: str = "") -> None:
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
     )
-    for noisy in ("pynetdicom", "alembic"):
+    for noisy in ("pynetdicom", "alembic", "botocore", "boto3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -42,11 +42,11 @@ class RetrieveService:
     """Finds and reads stored instances; every selection is audited by the caller's purpose."""
 
     def __init__(self, engine: Engine, blobs: BlobStore, audit: AuditTrail,
-                 scratch_dir: Path | None = None) -> None:
+                 scratch_dir: Path) -> None:
         self._engine = engine
         self.blobs = blobs
         self._audit = audit
-        self._scratch = scratch_dir or Path("staging")
+        self._scratch = scratch_dir
 
     def select(
         self,

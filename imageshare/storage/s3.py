@@ -65,7 +65,10 @@ class S3BlobStore:
 
         config = Config(
             signature_version="s3v4",
-            s3={"addressing_style": "path" if endpoint_url else "auto"},
+            # The body is not hashed again for the signature: its SHA-256 (or for parts its
+            # MD5) travels in a signed header and the store checks the body against it.
+            s3={"addressing_style": "path" if endpoint_url else "auto",
+                "payload_signing_enabled": False},
             retries={"mode": "standard", "max_attempts": 4},
             max_pool_connections=32, connect_timeout=5, read_timeout=60,
             # We send our own checksums; stores without the newer checksum headers still work.

@@ -19,8 +19,6 @@ from tests.conftest import make_archive
 from tests.peers import ADMIN_PASSWORD, RunningServer
 from tests.s3_server import SeaweedS3
 
-pytestmark = pytest.mark.interop
-
 
 @pytest.fixture
 def s3_settings(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
