@@ -7,8 +7,10 @@ slices with DCMTK's storescu to fresh ``imageshare serve`` instances in four set
 is checked (all instances indexed). Prints a table and writes JSON
 (bench/out/blobstore.json). Target (issue 12): S3 at least 0.8x the file store's rate.
 
-    --quick        60 slices, one repeat, for a smoke run
-    --repeats N    sends per set-up (median kept; default 3)
+    --quick              60 slices, one repeat, for a smoke run
+    --repeats N          sends per set-up (median kept; default 3)
+    --associations 1,4   concurrent associations to measure
+    --databases sqlite,postgresql
 """
 
 from __future__ import annotations
@@ -106,7 +108,12 @@ def send(work: Path, name: str, env: dict[str, str], files: list[Path], associat
     try:
         assert server.process is not None
         mine, theirs = cpu_seconds(server.process.pid), cpu_seconds(store_pid)
-        seconds = storescu(server.dicom_port, server.ae_title, files, associations)
+        try:
+            seconds = storescu(server.dicom_port, server.ae_title, files, associations)
+        except RuntimeError:
+            if server.log_path is not None:
+                print(server.log_path.read_text()[-3000:], file=sys.stderr)
+            raise
         mine = cpu_seconds(server.process.pid) - mine
         theirs = cpu_seconds(store_pid) - theirs
         with server.http() as http:
@@ -125,6 +132,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--associations", default="1,4")
+    parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument("--out", type=Path, default=OUT / "blobstore.json")
     args = parser.parse_args()
     if shutil.which("storescu") is None:
@@ -145,8 +154,8 @@ def main() -> None:
     postgres = ThrowawayPostgres()
     rows = []
     try:
-        for associations in (1, 4):
-            for database in ("sqlite", "postgresql"):
+        for associations in map(int, args.associations.split(",")):
+            for database in args.databases.split(","):
                 runs: dict[str, list[float]] = {"file": [], "s3": []}
                 cpu: dict[str, list[float]] = {"file": [], "s3": [], "store": []}
                 for repeat in range(repeats):
