@@ -164,7 +164,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     box = _secret_box(settings)
     engine = make_engine(settings.resolved_database_url, settings.sqlite_synchronous)
     migrate(engine, upgrade=upgrade)
-    blobs = open_blob_store(settings.resolved_storage_url)
+    blobs = open_blob_store(settings.resolved_storage_url, settings.s3_endpoint_url)
     audit = AuditTrail(engine)
     writer_engine = (
         make_engine(settings.resolved_database_url, settings.sqlite_synchronous, for_writer=True)
@@ -174,7 +174,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     ingest = IngestService(
         blobs, writer, audit, settings.staging_dir, overwrite=settings.overwrite_instances
     )
-    retrieve = RetrieveService(engine, blobs, audit)
+    retrieve = RetrieveService(engine, blobs, audit, settings.staging_dir)
     query = QueryService(
         engine, settings.ae_title, retrieve.header_json, audit, settings.qido_max_limit
     )
@@ -284,7 +284,7 @@ def configure_logging(settings: Settings, tag: str = "") -> None:
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
     )
-    for noisy in ("pynetdicom", "alembic"):
+    for noisy in ("pynetdicom", "alembic", "botocore", "boto3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -34,7 +34,13 @@ class Settings:
         "", "SQLAlchemy URL of the index; empty means SQLite file index.sqlite in the data dir."
     )
     storage_url: str = _setting(
-        "", "Blob store URL; empty means the folder blobs/ in the data dir (file:///path also)."
+        "", "Blob store URL: empty means the folder blobs/ in the data dir (file:///path also); "
+        "s3://BUCKET/PREFIX an S3-compatible object store (credentials and region from "
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."
+    )
+    s3_endpoint_url: str = _setting(
+        "", "Endpoint of the S3-compatible object store (e.g. http://127.0.0.1:8333); empty: "
+        "AWS S3."
     )
     admin_password: str = _setting(
         "", "Password of the admin account created on first start; generated if empty."

@@ -119,3 +119,10 @@ class ServiceBusy(ImageShareError):
 
     http_status = 503
     title = "Busy"
+
+
+class StorageError(ImageShareError):
+    """The blob store could not keep or give bytes (unreachable, refused, or not intact)."""
+
+    http_status = 503
+    title = "Storage unavailable"

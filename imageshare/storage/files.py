@@ -5,19 +5,25 @@ Everything is private to the service's user: folders 0700, files 0600 (patient d
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
 import os
-import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from imageshare.storage.blobs import fsync_file
+from imageshare.storage.blobs import (
+    BLOB_KEY,
+    CHUNK,
+    BoundedReader,
+    StoredBlob,
+    check_key,
+    size_mismatch,
+)
 
 log = logging.getLogger("imageshare.storage")
-_KEY = re.compile(r"^[0-9a-f]{8,64}$")
-_CHUNK = 1 << 20
 PRIVATE_UMASK = 0o077
 _PRIVATE_MARK = ".private-v1"
 
@@ -71,6 +77,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _digest_and_fsync(path: Path) -> StoredBlob:
+    """Size and SHA-256 of a file, read once, then its data flushed to disk."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        os.fsync(fh.fileno())
+    return StoredBlob(size, digest.hexdigest())
+
+
 class FileBlobStore:
     """Blobs as files under ``root/<key[0:4]>/<key[4:8]>/<key>``; writes are atomic and durable.
 
@@ -88,8 +106,7 @@ class FileBlobStore:
         self._lock = threading.Lock()
 
     def _path(self, key: str) -> Path:
-        if not _KEY.match(key):
-            raise ValueError("invalid blob key")
+        check_key(key)
         return self.root / key[:4] / key[4:8] / key
 
     def _ensure_dir(self, folder: Path) -> None:
@@ -108,38 +125,51 @@ class FileBlobStore:
             _fsync_dir(folder.parent)
             self._dirs_known.add(folder)
 
-    def put(self, key: str, stream: BinaryIO) -> int:
-        """Store everything read from ``stream`` under ``key``; returns the byte count."""
-        tmp = self._tmp / f"{key}.part"
-        size = 0
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            while chunk := stream.read(_CHUNK):
-                out.write(chunk)
-                size += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        self._install(key, tmp)
-        return size
+    def put(self, key: str, stream: BinaryIO, size: int) -> StoredBlob:
+        """Store exactly ``size`` bytes read from ``stream`` under ``key``; durable on
+        return, with their SHA-256. A stream of another length stores nothing."""
+        tmp = self._tmp / f"{check_key(key)}.part"
+        digest = hashlib.sha256()
+        written = 0
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(min(CHUNK, size + 1 - written)):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    written += len(chunk)
+                    if written > size:
+                        break
+                if written != size:
+                    raise size_mismatch(key, size, written)
+                out.flush()
+                os.fsync(out.fileno())
+            self._install(key, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return StoredBlob(size, digest.hexdigest())
 
-    def put_file(self, key: str, path: Path) -> None:
+    def put_file(self, key: str, path: Path) -> StoredBlob:
         """Move the local file ``path`` into the store under ``key``; durable on return.
 
-        The file is renamed first and then fsynced with its folder: on journalling file systems
-        the file's fsync commits the rename too, so the folder's fsync finds little to do.
+        The file is renamed first and then read once (for its SHA-256) and fsynced with its
+        folder: on journalling file systems the file's fsync commits the rename too, so the
+        folder's fsync finds little to do.
         """
         try:
             final = self._path(key)
             self._ensure_dir(final.parent)
             os.replace(path, final)
-            fsync_file(final)
+            stored = _digest_and_fsync(final)
             _fsync_dir(final.parent)
+            return stored
         except OSError as exc:
-            if exc.errno != 18:  # EXDEV: another file system, copy instead
+            if exc.errno != errno.EXDEV:  # another file system: copy instead
                 raise
             with open(path, "rb") as src:
-                self.put(key, src)
+                stored = self.put(key, src, os.fstat(src.fileno()).st_size)
             path.unlink(missing_ok=True)
+            return stored
 
     def _install(self, key: str, source: Path) -> None:
         final = self._path(key)
@@ -153,6 +183,12 @@ class FileBlobStore:
             return open(self._path(key), "rb")
         except FileNotFoundError as exc:
             raise KeyError(key) from exc
+
+    def open_range(self, key: str, start: int, length: int) -> BinaryIO:
+        """``length`` bytes from offset ``start`` (fewer at the end); KeyError if absent."""
+        fh = self.open(key)
+        fh.seek(start)
+        return BoundedReader(fh, length)  # type: ignore[return-value]
 
     def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are ignored."""
@@ -176,17 +212,12 @@ class FileBlobStore:
                 if not second.is_dir() or first.name + second.name < since[:8]:
                     continue
                 for entry in os.scandir(second.path):
-                    if _KEY.match(entry.name) and entry.name >= since:
+                    if BLOB_KEY.match(entry.name) and entry.name >= since:
                         yield entry.name
 
     def local_path(self, key: str) -> Path | None:
         """The file holding ``key``."""
         return self._path(key)
-
-    def copy_in(self, key: str, path: Path) -> None:
-        """Copy (not move) a local file into the store durably."""
-        with open(path, "rb") as src:
-            self.put(key, src)
 
     def clear_partial_writes(self) -> int:
         """Remove temporary files left by a crash; returns how many were removed."""

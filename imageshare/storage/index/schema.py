@@ -114,6 +114,8 @@ instances = Table(
     Column("bits_allocated", Integer, nullable=True),
     Column("blob_key", String(64), nullable=False, unique=True),
     Column("size", BigInteger, nullable=False),
+    # SHA-256 (hex) of the blob, recorded at ingest; NULL for instances stored before 0013.
+    Column("sha256", String(64), nullable=True),
     Column("retention_class", String(32), nullable=False, default="clinical"),
     Column("received_from", String(128), nullable=False, default=""),
     Column("received_at", DateTime(timezone=True), nullable=False),
