@@ -1,5 +1,6 @@
-"""Rendered images (WADO-RS /rendered, /thumbnail): frames decoded, windowed, encoded as
-JPEG, PNG or GIF (an animated GIF plays every frame of a multi-frame instance)."""
+"""Rendered images (WADO-RS /rendered, /thumbnail): frames decoded (within the pixel budget),
+windowed, encoded as JPEG, PNG or GIF (an animated GIF plays every frame of a multi-frame
+instance)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,16 @@ import numpy as np
 from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
-from imageshare.domain.errors import ImageShareError, InvalidQuery, NotAcceptable, NotFound
+from imageshare.archive.pixel_budget import check_pixel_budget, decoding
+from imageshare.domain.errors import (
+    ImageShareError,
+    ImageTooLarge,
+    InvalidQuery,
+    NotAcceptable,
+    NotFound,
+)
 
 log = logging.getLogger("imageshare.rendering")
 
@@ -60,47 +68,81 @@ def parse_viewport(value: str | None) -> tuple[int, int] | None:
     return w, h
 
 
-def _minmax(values: np.ndarray) -> np.ndarray:
-    low, high = float(np.nanmin(values)), float(np.nanmax(values))
-    return (values - low) * 255.0 / ((high - low) or 1.0)
+_STRIP_PIXELS = 1 << 22  # pixels converted at a time: temporaries stay small for huge frames
 
 
-def _to_8bit(ds: Any, frame: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
-    photometric = str(getattr(ds, "PhotometricInterpretation", "") or "")
-    if photometric == "PALETTE COLOR" and frame.ndim == 2:
-        try:
-            frame = apply_color_lut(frame, ds)
-        except Exception:  # noqa: BLE001 - a broken palette: shown as grey levels
-            pass
+def _strips(rows: int, columns: int) -> list[slice]:
+    step = max(1, _STRIP_PIXELS // max(1, columns))
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
+def _to_8bit(ds: object, frame: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    """The frame as 8-bit pixels for display, converted a strip of rows at a time (so that a
+    large frame needs little memory beyond itself and its 8-bit result)."""
+    strips = _strips(frame.shape[0], frame.shape[1] if frame.ndim > 1 else 1)
     if frame.ndim == 3 and frame.shape[-1] in (3, 4):
-        if frame.dtype != np.uint8:
-            top = float(frame.max()) or 1.0
-            frame = (frame.astype(np.float64) * 255.0 / top).clip(0, 255)
-        return frame.astype(np.uint8)
+        if frame.dtype == np.uint8:
+            return frame
+        top = float(frame.max()) or 1.0
+        out = np.empty(frame.shape, dtype=np.uint8)
+        for rows in strips:
+            out[rows] = (frame[rows].astype(np.float32) * (255.0 / top)).clip(0, 255)
+        return out
+
     if frame.ndim != 2:
         raise ValueError("the frame is not a two-dimensional image")
-    try:
-        values = apply_modality_lut(frame, ds).astype(np.float64)
-    except Exception:  # noqa: BLE001 - invalid rescale values: the stored values are shown
-        values = frame.astype(np.float64)
+
+    def values(rows: slice) -> np.ndarray:
+        try:
+            return apply_modality_lut(frame[rows], ds).astype(np.float64, copy=False)
+        except Exception:  # noqa: BLE001 - invalid rescale values: the stored values shown
+            return frame[rows].astype(np.float64)
+
     if window is not None:
         center, width = window
         low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
-        scaled = np.where(
-            values <= low, 0.0,
-            np.where(values > high, 255.0,
-                     ((values - (center - 0.5)) / max(width - 1, 1e-9) + 0.5) * 255),
-        )
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        try:
-            scaled = _minmax(apply_voi_lut(values, ds, index=0).astype(np.float64))
-        except Exception:  # noqa: BLE001 - invalid window values: full range instead
-            scaled = _minmax(values)
+
+        def scale(rows: slice) -> np.ndarray:
+            v = values(rows)
+            return np.where(
+                v <= low, 0.0,
+                np.where(v > high, 255.0, ((v - (center - 0.5)) / (width - 1) + 0.5) * 255),
+            )
     else:
-        scaled = _minmax(values)
-    if photometric == "MONOCHROME1":
-        scaled = 255.0 - scaled
-    return np.nan_to_num(scaled).clip(0, 255).astype(np.uint8)
+        if "WindowCenter" in ds and "WindowWidth" in ds:  # type: ignore[operator]
+            def shown(rows: slice) -> np.ndarray:
+                try:
+                    return apply_voi_lut(values(rows), ds, index=0).astype(np.float64,
+                                                                            copy=False)
+                except Exception:  # noqa: BLE001 - invalid window values: full range
+                    return values(rows)
+        else:
+            shown = values
+        if len(strips) == 1:
+            whole = shown(strips[0])
+            lowest, highest = float(whole.min()), float(whole.max())
+
+            def again(_rows: slice) -> np.ndarray:
+                return whole
+        else:  # two passes over the strips: the range first, then the pixels
+            lowest, highest = np.inf, -np.inf
+            for rows in strips:
+                part = shown(rows)
+                lowest, highest = min(lowest, float(part.min())), max(highest, float(part.max()))
+            again = shown
+        span = (highest - lowest) or 1.0
+
+        def scale(rows: slice) -> np.ndarray:
+            return (again(rows) - lowest) * (255.0 / span)
+
+    out = np.empty(frame.shape[:2], dtype=np.uint8)
+    invert = getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1"
+    for rows in strips:
+        scaled = scale(rows)
+        if invert:
+            scaled = 255.0 - scaled
+        out[rows] = scaled.clip(0, 255)
+    return out
 
 
 class _Frames:
@@ -109,12 +151,10 @@ class _Frames:
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
         self.header: Dataset = dcmread(stream, stop_before_pixels=True)
-        if "Rows" not in self.header:
+        size = check_pixel_budget(self.header)  # refuses bombs before anything is decoded
+        if size is None or "Rows" not in self.header:
             raise NotFound("the instance has no image to render")
-        try:
-            self.count = int(self.header.get("NumberOfFrames", 1) or 1)
-        except (TypeError, ValueError):
-            self.count = 1
+        self.count = size.frames
 
     def check(self, index: int) -> None:
         if not 0 <= index < self.count:
@@ -123,14 +163,18 @@ class _Frames:
     def image(self, index: int, options: RenderOptions) -> Image.Image:
         self.check(index)
         self.stream.seek(0)
-        try:
-            array = pixel_array(self.stream, index=index)
-        except Exception as exc:  # noqa: BLE001 - decoder plugins raise many kinds
-            raise NotAcceptable(
-                "the image cannot be decoded for rendering (no codec for its transfer "
-                "syntax, or damaged pixel data)"
-            ) from exc
-        image = Image.fromarray(_to_8bit(self.header, array, options.window))
+        with decoding(self.header):  # a decode slot is held until the frame is 8-bit
+            try:
+                array = pixel_array(self.stream, index=index)
+            except MemoryError as exc:
+                raise ImageTooLarge("the image does not fit in memory now") from exc
+            except Exception as exc:  # noqa: BLE001 - decoder plugins raise many kinds
+                raise NotAcceptable(
+                    "the image cannot be decoded for rendering (no codec for its transfer "
+                    "syntax, or damaged pixel data)"
+                ) from exc
+            image = Image.fromarray(_to_8bit(self.header, array, options.window))
+            del array
         if options.viewport:
             image.thumbnail(options.viewport, Image.Resampling.LANCZOS)
         return image

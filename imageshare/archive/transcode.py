@@ -9,6 +9,7 @@ receiver that takes an uncompressed one.
 from __future__ import annotations
 
 import io
+from contextlib import nullcontext
 from typing import BinaryIO
 
 import numpy as np
@@ -26,7 +27,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from imageshare.domain.errors import NotAcceptable
+from imageshare.archive.pixel_budget import decoding
+from imageshare.domain.errors import ImageShareError, NotAcceptable
 
 UNCOMPRESSED = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
 # Syntaxes ImageShare can convert any decodable instance to, in order of preference.
@@ -166,16 +168,19 @@ def convert_dataset(ds: Dataset, target: str) -> Dataset:
         return ds
     if is_video(source) or is_video(target_uid):
         raise ValueError("video is not converted")
-    if source.is_compressed:
-        ds.decompress()  # to Explicit VR Little Endian, colour as RGB
-        source = UID(str(ds.file_meta.TransferSyntaxUID))
-    if (source == ExplicitVRBigEndian) != (target_uid == ExplicitVRBigEndian):
-        _swap_byte_order(ds)
-    if target_uid.is_compressed and "PixelData" in ds:
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.compress(target_uid)
-    else:
-        ds.file_meta.TransferSyntaxUID = target_uid
+    swap = (source == ExplicitVRBigEndian) != (target_uid == ExplicitVRBigEndian)
+    pixels = "PixelData" in ds and (source.is_compressed or target_uid.is_compressed or swap)
+    # Every frame is decoded at once here: the whole instance must fit the pixel budget.
+    with decoding(ds) if pixels else nullcontext():
+        if source.is_compressed:
+            ds.decompress()  # to Explicit VR Little Endian, colour as RGB
+        if swap:
+            _swap_byte_order(ds)
+        if target_uid.is_compressed and "PixelData" in ds:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.compress(target_uid)
+        else:
+            ds.file_meta.TransferSyntaxUID = target_uid
     return ds
 
 
@@ -195,6 +200,8 @@ def transcode(stream: BinaryIO, target: str) -> bytes:
         dcmwrite(out, ds, enforce_file_format=True)
     except NotAcceptable:
         raise
+    except ImageShareError as exc:  # over the pixel budget, or busy: the caller decides
+        raise NotAcceptable(f"the instance cannot be converted to {target}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - codec plugins and writers raise many kinds
         raise NotAcceptable(
             f"the instance cannot be converted to {target}"

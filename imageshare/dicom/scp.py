@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import ssl
 import tempfile
 import threading
 import weakref
@@ -52,6 +53,7 @@ from imageshare.dicom.contexts import (
     SCP_SOP_CLASSES,
     storage_contexts_for,
 )
+from imageshare.dicom.tls_server import tls_server_class
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
     ConflictingInstance,
@@ -87,7 +89,7 @@ class DicomListener:
     def __init__(
         self,
         ae_title: str,
-        port: int,
+        port: int | None,
         host: str,
         ingest: IngestService,
         query: QueryService,
@@ -99,6 +101,9 @@ class DicomListener:
         max_pdu: int = 262144,
         check_calling_host: bool = False,
         shared_port: bool = False,
+        tls_port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        client_ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.ingest = ingest
         self.query = query
@@ -109,6 +114,12 @@ class DicomListener:
         self.host = host
         self.check_calling_host = check_calling_host
         self.shared_port = shared_port
+        # DICOM TLS (BCP 195) on a port of its own, served by the same handlers.
+        self.tls_port = tls_port
+        self.ssl_context = ssl_context
+        self._tls_server: Any = None
+        # C-MOVE to a node registered with TLS opens its association over TLS.
+        self.client_ssl_context = client_ssl_context
         self._actors: weakref.WeakKeyDictionary[Any, Actor] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         _config.STORE_RECV_CHUNKED_DATASET = True
@@ -140,16 +151,29 @@ class DicomListener:
             (evt.EVT_C_GET, self._on_get),
         ]
         server_class = _SharedPortServer if self.shared_port else ThreadedAssociationServer
-        self._server = self.ae.make_server(
-            (self.host, self.port), evt_handlers=handlers, server_class=server_class
-        )
-        threading.Thread(
-            target=self._server.serve_forever, name="dicom-acceptor", daemon=True
-        ).start()
-        self.port = self._server.server_address[1]
+        if self.port is not None:  # None: DICOM TLS only
+            self._server = self.ae.make_server(
+                (self.host, self.port), evt_handlers=handlers, server_class=server_class
+            )
+            threading.Thread(
+                target=self._server.serve_forever, name="dicom-acceptor", daemon=True
+            ).start()
+            self.port = self._server.server_address[1]
+        if self.ssl_context is not None:
+            self._tls_server = self.ae.make_server(
+                (self.host, self.tls_port), evt_handlers=handlers,
+                server_class=tls_server_class(server_class), ssl_context=self.ssl_context,
+            )
+            threading.Thread(
+                target=self._tls_server.serve_forever, name="dicom-tls-acceptor", daemon=True
+            ).start()
+            self.tls_port = self._tls_server.server_address[1]
 
     def stop(self) -> None:
         """Stop listening and end open associations."""
+        if self._tls_server is not None:
+            self._tls_server.shutdown()
+            self._tls_server = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -287,6 +311,7 @@ class DicomListener:
                 ds = None
                 if target is not None:
                     try:
+                        # Within the pixel budget (transcode checks it before decoding).
                         ds = dcmread(io.BytesIO(transcode(fp, target)))
                     except NotAcceptable as exc:
                         log.info("instance %s not convertible for the receiver: %s",
@@ -329,7 +354,10 @@ class DicomListener:
             {(i.sop_class_uid, i.transfer_syntax) for i in found}
             or {(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)}
         )
-        yield destination.host, destination.port, {"contexts": contexts}
+        options: dict[str, Any] = {"contexts": contexts}
+        if destination.tls and self.client_ssl_context is not None:
+            options["tls_args"] = (self.client_ssl_context, destination.host)
+        yield destination.host, destination.port, options
         if refusal:
             # pynetdicom sends a failure status only after the sub-operations count.
             yield 1

@@ -10,6 +10,7 @@ refuses with a reason.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 from pathlib import Path
 
@@ -115,6 +116,7 @@ def test_every_pydicom_test_file_is_refused_with_a_reason_or_answered_everywhere
 
 def _c_find_everything(archive, studies) -> list:
     archive.nodes.add(Node("SWEEP", "127.0.0.1", 104))
+    temporary_folder = tempfile.tempdir  # the listener points it at its staging folder
     listener = DicomListener(
         "IMAGESHARE", 0, "127.0.0.1", archive.ingest, archive.query, archive.retrieve,
         archive.nodes, archive.policy,
@@ -156,5 +158,6 @@ def _c_find_everything(archive, studies) -> list:
         # (issue 10, item 20, mended separately); the server is shut down all the same.
         with contextlib.suppress(ValueError):
             listener.stop()
+        tempfile.tempdir = temporary_folder
     return failures
 
