@@ -34,7 +34,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import UID_dictionary
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
 from imageshare.deid.codes import DUMMY_CODE, standard_meaning
 from imageshare.deid.identity import (
@@ -303,6 +303,9 @@ class AttributeCleaner:
         if meta is not None:
             if "MediaStorageSOPInstanceUID" in meta and not self.profile.has("retain_uids"):
                 meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            # this copy is written by ImageShare, not by the software that made the original
+            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+            meta.ImplementationVersionName = "IMAGESHARE"
             for keyword in ("PrivateInformationCreatorUID", "PrivateInformation",
                             "SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
                             "ReceivingApplicationEntityTitle",
@@ -310,6 +313,13 @@ class AttributeCleaner:
                             "ReceivingPresentationAddress"):
                 if keyword in meta:
                     del meta[keyword]
+        return report
+
+    def apply_part(self, ds: Dataset, ctx: PatientContext) -> InstanceReport:
+        """De-identify attributes that belong to a data set read in parts (those stored after
+        the pixel data), with the context of the whole."""
+        report = InstanceReport()
+        self._walk(ds, ctx, report, NORMAL, top=True)
         return report
 
     # -- walking ---------------------------------------------------------------------------

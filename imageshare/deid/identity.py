@@ -57,6 +57,7 @@ PERSON_CONTEXT_WORDS = ("Person", "Operator", "Physician", "Observer", "Institut
                         "Verifying", "Requesting", "Referring", "ContentCreator",
                         "Responsible", "Insurance")
 _SPLIT = re.compile(r"[\^=,;:/\\()\[\]{}<>\"'`|\s]+")
+_WORDS = re.compile(r"[\W_]+")
 
 
 def normalise(text: str) -> str:
@@ -113,7 +114,7 @@ class Identity:
             return False
         if any(p in norm for p in self.phrases):
             return True
-        return any(normalise(w) in self.words for w in _SPLIT.split(text) if w)
+        return any(normalise(w) in self.words for w in _WORDS.split(text) if w)
 
     def clean(self, text: str) -> str:
         """``text`` with every identifier (as a whole word, any case) replaced by ``*``."""
