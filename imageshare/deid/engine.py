@@ -98,11 +98,13 @@ _CODE_CONTEXT_TAGS = _CODE_TAGS - {tag_for_keyword(k) for k in (
 # sequences of references keep their items with their UIDs replaced. Sequences are emptied or
 # removed rather than filled with dummies where the standard allows it.
 _COMBINED = {"X/Z": "Z", "X/D": "D", "X/Z/D": "D", "Z/D": "D", "X/Z/U*": "U"}
-_COMBINED_SEQUENCE = {"X/Z": "X", "X/D": "X", "X/Z/D": "D", "Z/D": "D", "X/Z/U*": "U"}
+# X/Z on a sequence of references (Referenced Study Sequence): its items are kept with new
+# UIDs, since IODs require it (Type 2) or at least one item when present.
+_COMBINED_SEQUENCE = {"X/Z": "U", "X/D": "X", "X/Z/D": "D", "Z/D": "D", "X/Z/U*": "U"}
 # Sequences that some IODs require (Type 2) where the table says X/Z: emptied, not removed.
 _TYPE2_SEQUENCES = {tag_for_keyword("AcquisitionContextSequence")}
-# Attributes the table removes (X) that some IODs require (Type 2): emptied instead.
-_TYPE2_REMOVED = {tag_for_keyword("TreatmentMachineName")}
+# Attributes the table removes (X) that some IODs require (Type 2, or 1C in a macro): a dummy.
+_TYPE2_REMOVED = {tag_for_keyword(k) for k in ("TreatmentMachineName", "RequestedProcedureID")}
 # Walking modes: how text the table does not name is treated inside a sequence.
 NORMAL, DUMMY, CLEAN = "normal", "dummy", "clean"
 
@@ -173,7 +175,7 @@ def carried_out(action: str, tag: int, vr: str) -> str:
             return "Z"
         return _COMBINED_SEQUENCE.get(action, action)
     action = _COMBINED.get(action, action)
-    return "Z" if action == "X" and tag in _TYPE2_REMOVED else action
+    return "D" if action == "X" and tag in _TYPE2_REMOVED else action
 
 
 @dataclass
@@ -280,7 +282,8 @@ class AttributeCleaner:
         else:
             key = f"name|{ds.get('PatientName', '')}|{ds.get('PatientBirthDate', '')}"
         return PatientContext(key, self.pseudonyms.patient_id(key),
-                              self.pseudonyms.date_offset(key), identity_of(ds),
+                              self.pseudonyms.date_offset(key),
+                              identity_of(ds, self.profile.has("retain_institution_identity")),
                               patient_identity_of(ds))
 
     def apply(self, ds: Dataset, ctx: PatientContext | None = None) -> InstanceReport:
@@ -373,6 +376,8 @@ class AttributeCleaner:
             rule = rule_for(tag)
             if rule is not None:
                 action = carried_out(effective_action(rule, self.profile), tag, vr)
+                if action == "K" and rule.basic != "K" and vr in TEXT_VRS - {"PN"}:
+                    action = "T"  # kept by an option: still not if it names someone else
             else:
                 action = self._rule_for_unlisted(vr, keyword_for_tag(tag), mode)
             self._decisions[key] = action

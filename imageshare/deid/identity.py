@@ -45,9 +45,13 @@ _IDENTIFYING_TEXT = {
     "RegionOfResidence", "CountryOfResidence", "PatientReligiousPreference",
     "PerformedProcedureStepID", "RequestedProcedureID", "ScheduledProcedureStepID",
     "PlacerOrderNumberImagingServiceRequest", "FillerOrderNumberImagingServiceRequest",
-    "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID", "StationName",
-    "VerifyingOrganization", "DeviceSerialNumber", "PatientInsurancePlanCodeSequence",
+    "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID", "VerifyingOrganization",
 }
+# Institution attributes: not looked for when the profile keeps the institution's identity.
+_INSTITUTION_TEXT = {"InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName"}
+_INSTITUTION_CODES = ("InstitutionCodeSequence", "InstitutionalDepartmentTypeCodeSequence")
+# Device identity is the table's business (kept only with Retain Device Identity).
+_DEVICE = {"StationName", "DeviceSerialNumber", "DeviceID", "DetectorID", "DeviceUID"}
 _ID_SUFFIXES = ("ID", "IDs", "Number", "Numbers", "Identifier")
 _NOT_IDENTIFYING = {"SeriesNumber", "InstanceNumber", "AcquisitionNumber", "StackID",
                     "ReferencedFrameNumber", "ReferencedSegmentNumber", "ImageID"}
@@ -251,10 +255,11 @@ def _identity(found: _Collector) -> Identity:
     return Identity(frozenset(found.words), phrases, raw)
 
 
-def identity_of(ds: Dataset) -> Identity:
-    """The identifying values of ``ds``: the patient and everyone and everything named."""
+def identity_of(ds: Dataset, keep_institution: bool = False) -> Identity:
+    """The identifying values of ``ds``: the patient and everyone and everything named (the
+    institution's names and codes only when its identity is not kept)."""
     found = _Collector()
-    _collect(ds, found, depth=0, person_context=False)
+    _collect(ds, found, depth=0, person_context=False, keep_institution=keep_institution)
     for v in values_of(ds.get("PatientBirthDate")):
         found.birth_date(v)
     return _identity(found)
@@ -278,7 +283,8 @@ def patient_identity_of(ds: Dataset) -> Identity:
     return _identity(found)
 
 
-def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool) -> None:
+def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
+             keep_institution: bool) -> None:
     if depth > 12:
         return
     for tag in list(ds.keys()):
@@ -289,9 +295,13 @@ def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool) -
         vr = raw.VR if raw.VR not in (None, "UN") else _dictionary_vr(tag)
         keyword = keyword_for_tag(tag)
         if vr == "SQ":
+            if keep_institution and keyword in _INSTITUTION_CODES:
+                continue
             inner = person_context or any(w in keyword for w in PERSON_CONTEXT_WORDS)
             for item in ds[tag].value or []:
-                _collect(item, found, depth + 1, inner)
+                _collect(item, found, depth + 1, inner, keep_institution)
+            continue
+        if keyword in _DEVICE or (keep_institution and keyword in _INSTITUTION_TEXT):
             continue
         if vr not in ("PN", "LO", "SH", "ST", "LT", "UT", "UC", "CS", "DA"):
             continue
@@ -302,7 +312,7 @@ def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool) -
             if keyword == "PatientBirthDate":
                 for v in values_of(ds[tag].value):
                     found.birth_date(v)
-        elif keyword in _IDENTIFYING_TEXT or (
+        elif keyword in _IDENTIFYING_TEXT or keyword in _INSTITUTION_TEXT or (
                 vr in ("LO", "SH") and keyword.endswith(_ID_SUFFIXES)
                 and keyword not in _NOT_IDENTIFYING):
             for v in values_of(ds[tag].value):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ BURNED_IN_MODALITIES = {"US", "IVUS", "ES", "XC", "GM", "SC", "OT", "OP", "SM", 
                         "RF", "ECG", "IO", "PX", "DX", "CR", "MG"}
 _MIN_CONFIDENCE = 30.0
 _EXTRA_FRAMES = 5  # frames read besides first, middle, last (where text-like pixels change)
+_OCR_WORKERS = max(1, min(4, os.cpu_count() or 1))
 # Words that label an identifier on screen: their line is blanked whatever follows them.
 LABELS = {"DOB", "BORN", "BIRTH", "BIRTHDATE", "NAME", "PATIENT", "PATIENTNAME", "PAT",
           "MRN", "NHS", "NHSNO", "HOSP", "HOSPNO", "PID", "PATID", "ID", "ACC", "ACCESSION",
@@ -247,14 +249,16 @@ class BurnedInTextCleaner:
             pixels[:, max(0, y):y + h, max(0, x):x + w, ...] = 0
         samples = _frames_to_read(pixels)
         report.frames_read = [s + 1 for s in samples]
-        found = self._find(pixels, samples, identity, report)
+        found, hit_frames = self._find(pixels, samples, identity, report)
         if found:
             for x, y, w, h in found:
                 margin = max(4, h // 2)
                 pixels[:, max(0, y - margin):y + h + margin,
                        max(0, x - 2 * margin):x + w + 2 * margin, ...] = 0
             report.blanked_lines = len(found)
-            remaining = self._find(pixels, samples, identity, PixelReport())
+            # read again: the frames where something was found, and the composite of all
+            remaining, _ = self._find(pixels, sorted(hit_frames or {samples[0]}), identity,
+                                      PixelReport())
             if remaining:
                 report.held_back = True
                 report.reason = ("patient identifiers can still be read in the pixels after "
@@ -266,26 +270,38 @@ class BurnedInTextCleaner:
         return report
 
     def _find(self, pixels: np.ndarray, samples: list[int], identity: Identity,
-              report: PixelReport) -> list[tuple[int, int, int, int]]:
+              report: PixelReport) -> tuple[list[tuple[int, int, int, int]], set[int]]:
         """The boxes of every line carrying an identifier, on the sampled frames and on the
-        composite of all frames."""
+        composite of all frames; and the frames they were found on."""
         found = []
-        images: list[tuple[str, np.ndarray]] = [(f"frame {s + 1}", pixels[s]) for s in samples]
+        hit_frames: set[int] = set()
+        images: list[tuple[int, np.ndarray]] = [(s, pixels[s]) for s in samples]
         if pixels.shape[0] > 1:
-            images.append(("all frames", _composite(pixels)))
-        for place, image in images:
-            for line in self.read_lines(image):
+            images.append((-1, _composite(pixels)))
+        for (index, _image), lines in zip(images, self._read_all([i for _, i in images]),
+                                           strict=True):
+            place = f"frame {index + 1}" if index >= 0 else "all frames"
+            for line in lines:
                 report.ocr_words += len(line.words)
                 hits = self.identifying(line, identity)
                 if not hits:
                     continue
                 found.append(line.box())
+                if index >= 0:
+                    hit_frames.add(index)
                 report.blanked_words += len(hits)
                 for i in sorted(hits):
                     report.identifiers_found.append({"kind": _kind(line.words[i]),
                                                      "where": place,
                                                      "box": list(line.boxes[i])})
-        return found
+        return found, hit_frames
+
+    def _read_all(self, images: list[np.ndarray]) -> list[list[Line]]:
+        """Lines read on each image (OCR runs two at a time: Tesseract is a process)."""
+        if len(images) == 1:
+            return [self.read_lines(images[0])]
+        with ThreadPoolExecutor(max_workers=_OCR_WORKERS) as pool:
+            return list(pool.map(self.read_lines, images))
 
     def clean_overlays(self, ds: Dataset, identity: Identity, report: PixelReport) -> None:
         """Clean Graphics for overlay planes: lines that carry an identifier are blanked; a
@@ -303,11 +319,8 @@ class BurnedInTextCleaner:
                 continue
             planes = planes if planes.ndim == 3 else planes[np.newaxis, ...]
             images = (1 - planes) * 255  # text dark on light
-            found = []
-            for index in range(images.shape[0]):
-                for line in self.read_lines(images[index]):
-                    if self.identifying(line, identity):
-                        found.append(line.box())
+            found = [line.box() for lines in self._read_all(list(images)) for line in lines
+                     if self.identifying(line, identity)]
             if not found:
                 continue
             for x, y, w, h in found:
@@ -315,8 +328,8 @@ class BurnedInTextCleaner:
                 planes[:, max(0, y - margin):y + h + margin,
                        max(0, x - 2 * margin):x + w + 2 * margin] = 0
             still = any(self.identifying(line, identity)
-                        for index in range(planes.shape[0])
-                        for line in self.read_lines((1 - planes[index]) * 255))
+                        for lines in self._read_all(list((1 - planes) * 255))
+                        for line in lines)
             if still:
                 self._drop_group(ds, group)
                 report.overlays_removed += 1

@@ -32,6 +32,9 @@ KEEP_DEVICE = "device"
 _DEVICE = {"DeviceSerialNumber", "StationName", "DeviceID", "DetectorID", "CassetteID",
            "PlateID", "GantryID", "DeviceLabel", "DeviceDescription", "GeneratorID",
            "SourceSerialNumber", "TransducerIdentificationSequence", "DeviceUID"}
+# What Retain Institution Identity keeps.
+_INSTITUTION_KEPT = {"InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+                     "InstitutionCodeSequence", "InstitutionalDepartmentTypeCodeSequence"}
 # Kinds of identifier that coded strings (CS) are checked for: other people's names can be
 # words such as TEXT or NAME that are also defined terms.
 _CS_KINDS = {"patient name", "patient ID", "NHS number", "birth date"}
@@ -232,6 +235,8 @@ class SourceIdentity:
                 continue
             element = ds[tag]
             if vr == "SQ":
+                if KEEP_INSTITUTION in self.keep and keyword in _INSTITUTION_KEPT:
+                    continue
                 inner = context or any(w in keyword for w in _CONTEXT_WORDS)
                 for index, item in enumerate(element.value or []):
                     self._walk(item, (*path, int(tag), index), depth + 1, inner)
@@ -244,6 +249,8 @@ class SourceIdentity:
     def _attribute(self, keyword: str, vr: str, value: Any, path: tuple[int, ...],
                    context: bool) -> None:
         if keyword in _DEVICE and KEEP_DEVICE in self.keep:
+            return
+        if KEEP_INSTITUTION in self.keep and keyword in _INSTITUTION_KEPT:
             return
         if vr == "PN":
             kind = "patient name" if keyword in _PATIENT_NAMES else "person name"

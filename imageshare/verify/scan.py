@@ -16,6 +16,7 @@ import os
 import struct
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Protocol
@@ -49,6 +50,7 @@ _TEXT_VRS = {"AE", "AS", "CS", "DS", "IS", "LO", "LT", "PN", "SH", "ST", "UC", "
 _BYTES_VRS = {"OB", "OW", "UN", "OD", "OF", "OL", "OV"}
 _FRAGMENT_HEAD = 16 * 1024  # bytes read from the start of each encapsulated fragment
 _MAX_TRAILING = 64 * 1024 * 1024
+_OCR_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -358,8 +360,12 @@ class Verifier:
             light = float(np.median(grey[0])) >= 128
             images.append((f"{what}, all frames", grey.min(axis=0) if light
                            else grey.max(axis=0)))
-        for where, image in images:
-            for line in self.reader().lines(_grey(image)):
+        reader = self.reader()
+        with ThreadPoolExecutor(max_workers=_OCR_WORKERS) as pool:
+            read = list(pool.map(lambda image: reader.lines(_grey(image)),
+                                 [image for _, image in images]))
+        for (where, _image), lines in zip(images, read, strict=True):
+            for line in lines:
                 kinds = identity.in_line(line)
                 words = [normalised(w) for w in line]
                 labels = [w for w in words if w in SCREEN_LABELS]
