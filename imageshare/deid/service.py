@@ -34,7 +34,12 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from imageshare.archive.importing import DicomInputs, ImportReport
 from imageshare.deid.engine import AttributeCleaner, InstanceReport, PatientContext
-from imageshare.deid.pixels import BurnedInTextCleaner, PixelReport, may_have_burned_in_text
+from imageshare.deid.pixels import (
+    BurnedInTextCleaner,
+    PixelReport,
+    embedded_text,
+    may_have_burned_in_text,
+)
 from imageshare.deid.profiles import Profile
 from imageshare.deid.pseudonyms import Pseudonyms
 from imageshare.verify import SourceIdentity, Verifier
@@ -109,6 +114,8 @@ class Deidentifier:
     def _deidentify(self, ds: Dataset, has_pixels: bool) -> Outcome:
         context = self.attributes.context(ds)
         pixel_report = self._pixels(ds, context, has_pixels, clean=True)
+        if not pixel_report.held_back and has_pixels and _compressed_names(ds, context):
+            pixel_report.held_back, pixel_report.reason = True, _EMBEDDED_TEXT
         attributes = self.attributes.apply(ds, context)
         return self._outcome(ds, attributes, pixel_report)
 
@@ -184,6 +191,9 @@ class Deidentifier:
                 return Outcome(None, {"held_back": True, "reason": pixel_report.reason,
                                       "pixels": pixel_report.as_dict(),
                                       "sop_class_uid": str(header.get("SOPClassUID", ""))})
+            if _names_in_fragments(source, pixel_at, end, header, context):
+                return Outcome(None, {"held_back": True, "reason": _EMBEDDED_TEXT,
+                                      "sop_class_uid": str(header.get("SOPClassUID", ""))})
             trailing = self._trailing(source, end, size, header, context)
             attributes = self.attributes.apply(header, context)
             outcome = self._outcome(header, attributes, pixel_report)
@@ -252,6 +262,50 @@ class Deidentifier:
                                 bool(little))
         self.attributes.apply_part(trailing, context)
         return trailing
+
+
+_EMBEDDED_TEXT = ("the compressed pixel data carries text naming the patient (a JPEG or JPEG "
+                  "2000 comment); review by hand")
+_FRAGMENT_HEAD = 64 * 1024
+
+
+def _compressed_names(ds: Dataset, context: PatientContext) -> bool:
+    """True when a compressed frame of ``ds`` (in memory) carries an identifier in its
+    header's comments or application segments."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or not syntax.is_encapsulated or "PixelData" not in ds:
+        return False
+    from pydicom.encaps import generate_fragments
+
+    return any(context.identity.found_in(text)
+               for fragment in generate_fragments(ds.PixelData)
+               for text in embedded_text(bytes(fragment[:_FRAGMENT_HEAD])))
+
+
+def _names_in_fragments(source: BinaryIO, at: int, end: int, header: Dataset,
+                        context: PatientContext) -> bool:
+    """The same check on encapsulated pixel data in a file, reading only the start of each
+    fragment."""
+    source.seek(at)
+    head = source.read(12)
+    if head[4:6] not in (b"OB", b"OW", b"UN") or head[8:12] != b"\xff\xff\xff\xff":
+        if bytes(head[4:8]) != b"\xff\xff\xff\xff":
+            return False  # native pixel data
+        position = at + 8
+    else:
+        position = at + 12
+    while position + 8 <= end:
+        source.seek(position)
+        group, element, length = struct.unpack("<HHL", source.read(8))
+        if (group, element) != (0xFFFE, 0xE000):
+            return False
+        if length:
+            text = embedded_text(source.read(min(length, _FRAGMENT_HEAD)))
+            if any(context.identity.found_in(t) for t in text):
+                return True
+        position += 8 + length
+    return False
 
 
 def _element_end(source: BinaryIO, at: int, size: int,
