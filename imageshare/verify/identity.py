@@ -318,12 +318,25 @@ class SourceIdentity:
                 found.append(kind)
         return found
 
-    def in_joined(self, norm: str) -> list[str]:
-        """Identifiers in normalised text made of several values joined together (an
-        identifier split across elements): identifiers of five characters or more, names of
-        six or more."""
-        return [t.kind for t in self.tokens.values()
-                if len(t.norm) >= (6 if t.whole_word else 5) and t.norm in norm]
+    def in_pieces(self, values: list[str]) -> list[str]:
+        """Identifiers split across two values (in either order): one value ends with the
+        first part (three characters or more), another starts with the rest. ``values`` are
+        normalised."""
+        endings: set[str] = set()
+        beginnings: set[str] = set()
+        for value in values:
+            for length in range(3, min(len(value), 24) + 1):
+                endings.add(value[-length:])
+                beginnings.add(value[:length])
+        found = []
+        for token in self.tokens.values():
+            norm = token.norm
+            if len(norm) < 6:
+                continue
+            if any(norm[:k] in endings and norm[k:] in beginnings
+                   for k in range(3, len(norm) - 2)):
+                found.append(token.kind)
+        return found
 
     def in_bytes(self, data: bytes) -> list[str]:
         """Identifiers found verbatim in raw bytes (as written, or in upper case)."""

@@ -48,6 +48,7 @@ SCREEN_LABELS = {"DOB", "BORN", "BIRTH", "NAME", "PATIENT", "MRN", "NHS", "NHSNO
 _TEXT_VRS = {"AE", "AS", "CS", "DS", "IS", "LO", "LT", "PN", "SH", "ST", "UC", "UI", "UR",
              "UT", "DA", "DT", "TM"}
 _BYTES_VRS = {"OB", "OW", "UN", "OD", "OF", "OL", "OV"}
+_FREE_TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "PN", "OB", "UN", None}
 _FRAGMENT_HEAD = 16 * 1024  # bytes read from the start of each encapsulated fragment
 _MAX_TRAILING = 64 * 1024 * 1024
 _OCR_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -225,9 +226,9 @@ class Verifier:
             self._elements(meta, identity, name, (), "", joined, findings)
         self._elements(header, identity, name, (), "", joined, findings)
         self._elements(trailing, identity, name, (), "", joined, findings)
-        for kind in dict.fromkeys(identity.in_joined("".join(joined))):
+        for kind in dict.fromkeys(identity.in_pieces(joined)):
             if not any(f.kind == kind for f in findings):
-                findings.append(Finding(name, kind, "values of several elements joined"))
+                findings.append(Finding(name, kind, "split across the values of two elements"))
         self._documents(header, identity, name, findings)
         wants_ocr = self.ocr == OCR_ALWAYS or (self.ocr == OCR_AUTO and (
             text_prone or self.text_prone(header)))
@@ -277,7 +278,8 @@ class Verifier:
                 self._temporal(identity, (*path, int(tag)), vr, texts, name,
                                self._label(tag, where), findings)
             for text in texts:
-                joined.append(normalised(text))
+                if vr in _FREE_TEXT_VRS:
+                    joined.append(normalised(text))
                 kinds = identity.in_text(text, coded=vr == "CS")
                 for kind in dict.fromkeys(kinds):
                     findings.append(Finding(name, kind, self._label(tag, where)))
