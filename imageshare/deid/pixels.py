@@ -381,7 +381,7 @@ class BurnedInTextCleaner:
         colour = pixels.ndim == (4 if int(ds.get("NumberOfFrames", 1) or 1) > 1 else 3)
         if colour:
             target = "RGB"
-        elif photometric in ("MONOCHROME1", "MONOCHROME2"):
+        elif photometric in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"):
             target = photometric
         else:
             target = "MONOCHROME2"
