@@ -64,8 +64,13 @@ _SPLIT = re.compile(r"[\^=,;:/\\()\[\]{}<>\"'`|\s]+")
 _WORDS = re.compile(r"[\W_]+")
 
 
+_ASCII_NOT_ALNUM = {c: None for c in range(128) if not chr(c).isalnum()}
+
+
 def normalise(text: str) -> str:
     """Upper case letters and digits only (accents dropped): what is compared."""
+    if text.isascii():
+        return text.upper().translate(_ASCII_NOT_ALNUM)
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(c for c in decomposed.upper() if c.isalnum() and not unicodedata.combining(c))
 
@@ -303,15 +308,13 @@ def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
             continue
         if keyword in _DEVICE or (keep_institution and keyword in _INSTITUTION_TEXT):
             continue
-        if vr not in ("PN", "LO", "SH", "ST", "LT", "UT", "UC", "CS", "DA"):
+        if vr not in ("PN", "LO", "SH", "ST", "LT", "UT", "UC", "DA"):
             continue
         if vr == "PN":
             for v in values_of(ds[tag].value):
                 found.name(v)
         elif vr == "DA":
-            if keyword == "PatientBirthDate":
-                for v in values_of(ds[tag].value):
-                    found.birth_date(v)
+            continue  # the birth date is added once, from the top level
         elif keyword in _IDENTIFYING_TEXT or keyword in _INSTITUTION_TEXT or (
                 vr in ("LO", "SH") and keyword.endswith(_ID_SUFFIXES)
                 and keyword not in _NOT_IDENTIFYING):

@@ -29,7 +29,7 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from imageshare.archive.importing import DicomInputs, ImportReport
@@ -200,7 +200,7 @@ class Deidentifier:
             outcome.report["pixel_data"] = "copied as stored"
             if prepare:
                 prepare(header)
-            header.save_as(target, enforce_file_format=True)
+            _save_header(header, target)
             _copy(source, target, pixel_at, end - pixel_at)
             if len(trailing):
                 out = DicomFileLike(target)
@@ -306,6 +306,17 @@ def _names_in_fragments(source: BinaryIO, at: int, end: int, header: Dataset,
                 return True
         position += 8 + length
     return False
+
+
+def _save_header(header: Dataset, target: BinaryIO) -> None:
+    """Write ``header`` as a Part 10 file (preamble, file meta, data set) in its own encoding;
+    what ``save_as`` does, without copying the file meta first."""
+    out = DicomFileLike(target)
+    out.write(header.preamble or b"\0" * 128)
+    out.write(b"DICM")
+    write_file_meta_info(out, header.file_meta, enforce_standard=True)
+    out.is_implicit_VR, out.is_little_endian = header.original_encoding
+    write_dataset(out, header)
 
 
 def _element_end(source: BinaryIO, at: int, size: int,

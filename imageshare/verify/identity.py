@@ -233,15 +233,20 @@ class SourceIdentity:
             keyword = keyword_for_tag(tag)
             if not _worth_reading(vr, keyword, context):
                 continue
-            element = ds[tag]
             if vr == "SQ":
                 if KEEP_INSTITUTION in self.keep and keyword in _INSTITUTION_KEPT:
                     continue
                 inner = context or any(w in keyword for w in _CONTEXT_WORDS)
-                for index, item in enumerate(element.value or []):
+                for index, item in enumerate(ds[tag].value or []):
                     self._walk(item, (*path, int(tag), index), depth + 1, inner)
                 continue
-            value = element.value
+            raw = ds.get_item(tag).value
+            if isinstance(raw, bytes) and raw.isascii() and vr != "PN":
+                # plain ASCII (UIDs, dates, IDs): no need for pydicom to convert it
+                text = raw.decode("ascii").strip(" \0")
+                value: Any = text.split("\\") if "\\" in text else text
+            else:
+                value = ds[tag].value
             if value in (None, "", b""):
                 continue
             self._attribute(keyword, vr, value, (*path, int(tag)), context)

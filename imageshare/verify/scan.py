@@ -24,12 +24,11 @@ from typing import Any, BinaryIO, Protocol
 import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 
+from imageshare.verify import rawdicom
 from imageshare.verify.identity import (
     DUMMY_TEMPORAL,
     KEEP_DATES,
@@ -49,8 +48,6 @@ _TEXT_VRS = {"AE", "AS", "CS", "DS", "IS", "LO", "LT", "PN", "SH", "ST", "UC", "
              "UT", "DA", "DT", "TM"}
 _BYTES_VRS = {"OB", "OW", "UN", "OD", "OF", "OL", "OV"}
 _FREE_TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "PN", "OB", "UN", None}
-_FRAGMENT_HEAD = 16 * 1024  # bytes read from the start of each encapsulated fragment
-_MAX_TRAILING = 64 * 1024 * 1024
 _OCR_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -183,65 +180,112 @@ class Verifier:
     def check_dicom(self, stream: BinaryIO, identity: SourceIdentity, name: str,
                     text_prone: bool = False) -> list[Finding]:
         """Findings in one DICOM output (a seekable binary stream at its start)."""
-        findings: list[Finding] = []
-        start = stream.tell()
+        data = _mapped(stream)
         try:
-            header = dcmread(stream, stop_before_pixels=True, force=True)
-        except Exception as exc:  # noqa: BLE001 - what cannot be read cannot be shown safe
-            return [Finding(name, "unreadable DICOM", type(exc).__name__)]
-        pixel_at = stream.tell()
-        implicit, little = header.original_encoding
-        stream.seek(0, os.SEEK_END)
-        size = stream.tell()
-        stream.seek(start)
-        head = stream.read(pixel_at - start)
-        raw_parts = [("header bytes", head)]
-        trailing = Dataset()
-        has_pixels = False
-        if pixel_at < size:
-            try:
-                spans, end, has_pixels = _pixel_element(stream, pixel_at, size,
-                                                        bool(implicit), bool(little))
-            except ValueError as exc:
-                return [Finding(name, "unreadable pixel data", str(exc))]
-            for offset, length in spans:
-                stream.seek(offset)
-                raw_parts.append(("encapsulated pixel data", stream.read(length)))
-            if end < size:
-                if size - end > _MAX_TRAILING:
-                    return [Finding(name, "unreadable DICOM", "too much data after pixels")]
-                stream.seek(end)
-                rest = stream.read()
-                raw_parts.append(("bytes after the pixel data", rest))
-                try:
-                    trailing = read_dataset(DicomBytesIO(rest), bool(implicit), bool(little))
-                except Exception:  # noqa: BLE001 - raw bytes are still searched
-                    trailing = Dataset()
-        for where, data in raw_parts:
-            for kind in dict.fromkeys(identity.in_bytes(data)):
+            raw = rawdicom.read(data)
+        except (ValueError, struct.error) as exc:
+            return [Finding(name, "unreadable DICOM", str(exc))]
+        if raw is None:
+            return self._check_with_pydicom(stream, identity, name, text_prone)
+        findings: list[Finding] = []
+        pixel_at, pixel_end = raw.pixel_region
+        if pixel_end:
+            parts = [("header bytes", data[:pixel_at]),
+                     ("bytes after the pixel data", data[pixel_end:])]
+            parts += [("encapsulated pixel data", data[a:a + n]) for a, n in raw.pixel_spans]
+        else:
+            parts = [("header bytes", data[:])]
+        for where, part in parts:
+            for kind in dict.fromkeys(identity.in_bytes(bytes(part))):
                 findings.append(Finding(name, kind, f"raw {where}"))
+        encodings = _encodings(raw.top.get(0x00080005, b""))
         joined: list[str] = []
-        meta = getattr(header, "file_meta", None)
-        if meta is not None:
-            self._elements(meta, identity, name, (), "", joined, findings)
-        self._elements(header, identity, name, (), "", joined, findings)
-        self._elements(trailing, identity, name, (), "", joined, findings)
+        for element in raw.elements:
+            self._raw_element(element, identity, name, encodings, joined, findings)
         for kind in dict.fromkeys(identity.in_pieces(joined)):
             if not any(f.kind == kind for f in findings):
                 findings.append(Finding(name, kind, "split across the values of two elements"))
-        self._documents(header, identity, name, findings)
+        self._raw_documents(raw, identity, name, findings)
         wants_ocr = self.ocr == OCR_ALWAYS or (self.ocr == OCR_AUTO and (
-            text_prone or self.text_prone(header)))
-        graphics = "IconImageSequence" in header or any(
-            Tag(g, 0x3000) in header for g in range(0x6000, 0x6020, 2))
+            text_prone or _raw_text_prone(raw)))
+        graphics = 0x00880200 in raw.sequences or any(
+            (tag >> 16) & 0xFF00 == 0x6000 and tag & 0xFFFF == 0x3000 for tag in raw.top)
+        has_pixels = raw.native_pixels or raw.encapsulated_pixels
         if self.ocr != OCR_NEVER and (graphics or (wants_ocr and has_pixels)):
-            stream.seek(start)
             try:
-                full = dcmread(stream, force=True)
+                full = dcmread(io.BytesIO(bytes(data)), force=True)
             except Exception as exc:  # noqa: BLE001
                 return [*findings, Finding(name, "unreadable DICOM", type(exc).__name__)]
             if wants_ocr and "PixelData" in full:
                 self._ocr_pixels(full, identity, name, "pixels", findings)
+            self._ocr_graphics(full, identity, name, findings)
+        return findings
+
+    def _raw_element(self, element: rawdicom.RawElement, identity: SourceIdentity, name: str,
+                     encodings: list[str], joined: list[str], findings: list[Finding]) -> None:
+        tag, vr, value = element.tag, element.vr, element.value
+        if not value or tag in _PIXEL_TAGS or (
+                (tag >> 16) & 0xFF00 == 0x6000 and tag & 0xFFFF == 0x3000):
+            return
+        label = element.where + rawdicom._label(tag)
+        if vr in _BYTES_VRS:
+            for kind in dict.fromkeys(identity.in_bytes(value)):
+                findings.append(Finding(name, kind, label))
+            text = value.decode("latin-1")
+        elif vr in _TEXT_VRS:
+            if value.isascii():
+                text = value.decode("ascii")
+            else:
+                text = _decode(value, encodings, vr)
+            text = text.strip(" \0")
+        else:
+            return  # numbers
+        if vr in ("DA", "DT", "TM"):
+            self._temporal(identity, element.path, vr, [text], name, label, findings)
+        if vr in _FREE_TEXT_VRS:
+            joined.append(normalised(text))
+        for kind in dict.fromkeys(identity.in_text(text, coded=vr == "CS")):
+            findings.append(Finding(name, kind, label))
+
+    def _raw_documents(self, raw: rawdicom.RawFile, identity: SourceIdentity, name: str,
+                       findings: list[Finding]) -> None:
+        document = raw.top.get(0x00420011)
+        if not document:
+            return
+        ds = Dataset()
+        ds.EncapsulatedDocument = document
+        mime = raw.top.get(0x00420012, b"").decode("latin-1").strip(" \0")
+        if mime:
+            ds.MIMETypeOfEncapsulatedDocument = mime
+        self._documents(ds, identity, name, findings)
+
+    def _check_with_pydicom(self, stream: BinaryIO, identity: SourceIdentity, name: str,
+                            text_prone: bool = False) -> list[Finding]:
+        """The same check for encodings the raw reader leaves to pydicom (big endian,
+        deflated, files without a preamble)."""
+        findings: list[Finding] = []
+        stream.seek(0)
+        try:
+            full = dcmread(stream, force=True)
+        except Exception as exc:  # noqa: BLE001 - what cannot be read cannot be shown safe
+            return [Finding(name, "unreadable DICOM", type(exc).__name__)]
+        stream.seek(0)
+        for kind in dict.fromkeys(identity.in_bytes(stream.read())):
+            findings.append(Finding(name, kind, "raw bytes"))
+        joined: list[str] = []
+        meta = getattr(full, "file_meta", None)
+        if meta is not None:
+            self._elements(meta, identity, name, (), "", joined, findings)
+        self._elements(full, identity, name, (), "", joined, findings)
+        for kind in dict.fromkeys(identity.in_pieces(joined)):
+            if not any(f.kind == kind for f in findings):
+                findings.append(Finding(name, kind, "split across the values of two elements"))
+        self._documents(full, identity, name, findings)
+        if self.ocr == OCR_ALWAYS or (self.ocr == OCR_AUTO and (
+                text_prone or self.text_prone(full))):
+            if "PixelData" in full:
+                self._ocr_pixels(full, identity, name, "pixels", findings)
+        if self.ocr != OCR_NEVER:
             self._ocr_graphics(full, identity, name, findings)
         return findings
 
@@ -571,6 +615,55 @@ class Verifier:
         return self.check_data(path.read_bytes(), identity, path.name, text_prone)
 
 
+_PIXEL_TAGS = {0x7FE00008, 0x7FE00009, 0x7FE00010}
+
+
+def _mapped(stream: BinaryIO) -> Any:
+    """The stream's bytes: mapped into memory for a file (pages read only where looked at, so
+    native pixel data is never read), the bytes themselves otherwise."""
+    import mmap
+
+    stream.seek(0)
+    try:
+        fileno = stream.fileno()
+        if os.fstat(fileno).st_size:
+            return mmap.mmap(fileno, 0, access=mmap.ACCESS_READ)
+    except (AttributeError, OSError, io.UnsupportedOperation, ValueError):
+        pass
+    return stream.read()
+
+
+def _encodings(charset: bytes) -> list[str]:
+    from pydicom.charset import convert_encodings
+
+    values = [v.strip() for v in charset.decode("latin-1").strip(" \0").split("\\")]
+    try:
+        return convert_encodings(values or [""])
+    except Exception:  # noqa: BLE001 - unknown: decoded as Latin-1
+        return ["latin_1"]
+
+
+def _decode(value: bytes, encodings: list[str], vr: str) -> str:
+    from pydicom.charset import decode_bytes
+
+    delimiters = {0x5C, 0x3D, 0x5E} if vr == "PN" else {0x5C}
+    try:
+        return decode_bytes(value, encodings, delimiters)
+    except Exception:  # noqa: BLE001 - searched as Latin-1 instead
+        return value.decode("latin-1")
+
+
+def _raw_text_prone(raw: rawdicom.RawFile) -> bool:
+    def text(tag: int) -> str:
+        return raw.top.get(tag, b"").decode("latin-1").strip(" \0").upper()
+
+    samples = raw.top.get(0x00280002, b"")
+    return (text(0x00280301) == "YES" or text(0x00080060) in TEXT_MODALITIES
+            or (len(samples) == 2 and int.from_bytes(samples, "little") > 1)
+            or text(0x00080016).startswith(("1.2.840.10008.5.1.4.1.1.7",
+                                             "1.2.840.10008.5.1.4.1.1.77")))
+
+
 def _open_zip(stream: BinaryIO, password: str) -> zipfile.ZipFile:
     if password:
         import pyzipper
@@ -586,50 +679,6 @@ def _files(folder: Path) -> Iterator[Path]:
         dirs.sort()
         for name in sorted(files):
             yield Path(root) / name
-
-
-def _pixel_element(stream: BinaryIO, at: int, size: int, implicit: bool, little: bool
-                   ) -> tuple[list[tuple[int, int]], int, bool]:
-    """Where the pixel data element at ``at`` ends, and which spans of it to search as raw
-    bytes: (spans, end, is pixel data). Native pixel samples are not searched (OCR reads them);
-    encapsulated fragments are searched from their start (JPEG and JPEG 2000 headers and
-    comments), as are the item headers."""
-    order = "<" if little else ">"
-    stream.seek(at)
-    head = stream.read(12)
-    if len(head) < 8:
-        raise ValueError("truncated element")
-    group, element = struct.unpack(order + "HH", head[:4])
-    if implicit:
-        (length,), header = struct.unpack(order + "L", head[4:8]), 8
-    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"SQ", b"UC",
-                       b"UR"):
-        (length,), header = struct.unpack(order + "L", head[8:12]), 12
-    else:
-        (length,), header = struct.unpack(order + "H", head[6:8]), 8
-    if group != 0x7FE0:
-        return [], at, False  # not pixel data: searched with the trailing bytes
-    if length != 0xFFFFFFFF:
-        end = at + header + length
-        if end > size:
-            raise ValueError("pixel data longer than the file")
-        return [], end, True
-    spans: list[tuple[int, int]] = [(at, header)]
-    position = at + header
-    while True:
-        stream.seek(position)
-        item = stream.read(8)
-        if len(item) < 8:
-            raise ValueError("encapsulated pixel data without its end")
-        item_group, item_element, item_length = struct.unpack(order + "HHL", item)
-        if (item_group, item_element) == (0xFFFE, 0xE0DD):
-            return spans, position + 8, True
-        if (item_group, item_element) != (0xFFFE, 0xE000) or item_length == 0xFFFFFFFF:
-            raise ValueError("malformed encapsulated pixel data")
-        spans.append((position + 8, min(item_length, _FRAGMENT_HEAD)))
-        position += 8 + item_length
-        if position > size:
-            raise ValueError("encapsulated pixel data longer than the file")
 
 
 def as_report(findings: list[Finding]) -> list[dict[str, Any]]:
