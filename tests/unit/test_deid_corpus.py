@@ -139,7 +139,7 @@ def test_every_profile_leaves_nothing_identifying_in_any_object_type(cases, outp
     _check(outcome, path, cases[name], DEFAULT_PROFILES[profile])
 
 
-@pytest.mark.parametrize("profile", ["basic", "teaching"])
+@pytest.mark.parametrize("profile", sorted(DEFAULT_PROFILES))
 @pytest.mark.parametrize("name", ["US cine", "Secondary capture"])
 def test_burned_in_text_is_removed_on_every_frame_and_verified(cases, outputs, profile, name):
     require(shutil.which("tesseract") is not None, "Tesseract OCR (tesseract-ocr)")

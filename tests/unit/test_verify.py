@@ -10,6 +10,7 @@ import subprocess
 import sys
 import zipfile
 from copy import deepcopy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,3 +277,17 @@ def test_identity_collects_names_in_every_order_ids_dates_and_uids(made):
     other.PatientName = "Smith^John"
     union = Verifier.identity([ds, other])
     assert union.in_text("John Smith") and union.in_text("Maria")
+
+
+def test_the_verifier_shares_nothing_with_the_de_identification_engine():
+    import ast
+
+    import imageshare.verify as package
+
+    for path in Path(package.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith("imageshare.deid"), (path.name, name)
