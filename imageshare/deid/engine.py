@@ -40,8 +40,8 @@ from imageshare.deid.codes import DUMMY_CODE, standard_meaning
 from imageshare.deid.identity import (
     PERSON_CONTEXT_WORDS,
     Identity,
+    identities_of,
     identity_of,
-    patient_identity_of,
     values_of,
 )
 from imageshare.deid.profiles import BASIC_PROFILE_CODE, OPTIONS, Profile
@@ -270,6 +270,10 @@ class AttributeCleaner:
         self._method_codes = [BASIC_PROFILE_CODE] + [OPTIONS[o] for o in sorted(profile.options)]
         self._full_dates = profile.has("retain_full_dates")
         self._modified_dates = profile.has("retain_modified_dates")
+        # attributes the profile's options keep: not looked for in other values
+        self._retained = frozenset(tag for tag, rule in EXACT_RULES.items()
+                                   if rule.basic != "K"
+                                   and effective_action(rule, profile) == "K")
 
     # -- entry point -----------------------------------------------------------------------
 
@@ -281,10 +285,10 @@ class AttributeCleaner:
             key = f"{issuer}|{patient_id}"
         else:
             key = f"name|{ds.get('PatientName', '')}|{ds.get('PatientBirthDate', '')}"
+        everyone, patient = identities_of(ds, self.profile.has("retain_institution_identity"),
+                                          self._retained)
         return PatientContext(key, self.pseudonyms.patient_id(key),
-                              self.pseudonyms.date_offset(key),
-                              identity_of(ds, self.profile.has("retain_institution_identity")),
-                              patient_identity_of(ds))
+                              self.pseudonyms.date_offset(key), everyone, patient)
 
     def apply(self, ds: Dataset, ctx: PatientContext | None = None) -> InstanceReport:
         """De-identify ``ds`` in place (not its pixels); returns what was done."""

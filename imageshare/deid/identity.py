@@ -243,15 +243,22 @@ class _Collector:
             self.phrases.add(digits)
 
     def birth_date(self, value: Any) -> None:
-        for form in date_forms(str(value or "")):
-            self.raw.add(form)
-            self.phrases.add(normalise(form))
+        text = str(value or "").strip()
+        forms = _DATE_FORMS.get(text)
+        if forms is None:
+            forms = _DATE_FORMS[text] = frozenset(date_forms(text))
+            if len(_DATE_FORMS) > 10_000:
+                _DATE_FORMS.clear()
+        self.raw.update(forms)
+        self.phrases.update(normalise(form) for form in forms)
 
 
 _PATIENT_NAMES = ("PatientName", "OtherPatientNames", "PatientBirthName",
                   "PatientMotherBirthName")
 _PATIENT_TEXT = ("PatientID", "OtherPatientIDs", "PatientAddress", "PatientTelephoneNumbers",
                  "MedicalRecordLocator", "AdmissionID")
+_DATE_FORMS: dict[str, frozenset[str]] = {}
+_COLLECTED_VRS = {"SQ", "PN", "LO", "SH", "ST", "LT", "UT", "UC"}
 
 
 def _identity(found: _Collector) -> Identity:
@@ -260,36 +267,48 @@ def _identity(found: _Collector) -> Identity:
     return Identity(frozenset(found.words), phrases, raw)
 
 
-def identity_of(ds: Dataset, keep_institution: bool = False) -> Identity:
-    """The identifying values of ``ds``: the patient and everyone and everything named (the
-    institution's names and codes only when its identity is not kept)."""
-    found = _Collector()
-    _collect(ds, found, depth=0, person_context=False, keep_institution=keep_institution)
-    for v in values_of(ds.get("PatientBirthDate")):
+def identities_of(ds: Dataset, keep_institution: bool = False,
+                  retained: frozenset[int] = frozenset()) -> tuple[Identity, Identity]:
+    """The identifying values of ``ds`` (the patient and everyone and everything named; the
+    institution's names and codes only when its identity is not kept), and the patient's own
+    only (names, IDs, birth date, address, phone numbers): what coded strings (CS) are checked
+    against, since other people's names can be words such as TEXT or IMAGE that are also
+    defined terms. Attributes in ``retained`` (kept by the profile's options) are not looked
+    for. One pass over the data set."""
+    found, patient = _Collector(), _Collector()
+    _collect(ds, found, depth=0, person_context=False, keep_institution=keep_institution,
+             patient=patient, retained=retained)
+    for v in values_of(_text_value(ds, BaseTag(0x00100030), "DA")):
         found.birth_date(v)
-    return _identity(found)
+        patient.birth_date(v)
+    return _identity(found), _identity(patient)
+
+
+def identity_of(ds: Dataset, keep_institution: bool = False) -> Identity:
+    """The identifying values of ``ds``: the patient and everyone and everything named."""
+    return identities_of(ds, keep_institution)[0]
 
 
 def patient_identity_of(ds: Dataset) -> Identity:
-    """The patient's own identifiers only (names, IDs, birth date, address, phone numbers):
-    what coded strings (CS) are checked against, since other people's names can be words
-    such as TEXT or IMAGE that are also defined terms."""
-    found = _Collector()
-    for keyword in _PATIENT_NAMES:
-        for v in values_of(ds.get(keyword)):
-            found.name(v)
-    for keyword in _PATIENT_TEXT:
-        for v in values_of(ds.get(keyword)):
-            found.text(v)
-    for item in ds.get("OtherPatientIDsSequence", None) or []:
-        found.text(item.get("PatientID"))
-    for v in values_of(ds.get("PatientBirthDate")):
-        found.birth_date(v)
-    return _identity(found)
+    """The patient's own identifiers only."""
+    return identities_of(ds)[1]
+
+
+def _text_value(ds: Dataset, tag: BaseTag, vr: str) -> Any:
+    """An element's value; plain ASCII text is taken from the stored bytes as it is (no
+    conversion by pydicom)."""
+    if tag not in ds:
+        return None
+    raw = ds.get_item(tag).value
+    if isinstance(raw, bytes) and raw.isascii() and vr != "PN":
+        text = raw.decode("ascii").strip(" \0")
+        return text.split("\\") if "\\" in text else text
+    return ds[tag].value
 
 
 def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
-             keep_institution: bool) -> None:
+             keep_institution: bool, patient: _Collector | None = None,
+             retained: frozenset[int] = frozenset()) -> None:
     if depth > 12:
         return
     for tag in list(ds.keys()):
@@ -298,13 +317,16 @@ def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
             continue
         raw = ds.get_item(tag)
         vr = raw.VR if raw.VR not in (None, "UN") else _dictionary_vr(tag)
+        if vr not in _COLLECTED_VRS or tag in retained:
+            continue
         keyword = keyword_for_tag(tag)
         if vr == "SQ":
             if keep_institution and keyword in _INSTITUTION_CODES:
                 continue
             inner = person_context or any(w in keyword for w in PERSON_CONTEXT_WORDS)
             for item in ds[tag].value or []:
-                _collect(item, found, depth + 1, inner, keep_institution)
+                _collect(item, found, depth + 1, inner, keep_institution,
+                         patient if keyword == "OtherPatientIDsSequence" else None, retained)
             continue
         if keyword in _DEVICE or (keep_institution and keyword in _INSTITUTION_TEXT):
             continue
@@ -313,13 +335,17 @@ def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
         if vr == "PN":
             for v in values_of(ds[tag].value):
                 found.name(v)
+                if patient is not None and keyword in _PATIENT_NAMES:
+                    patient.name(v)
         elif vr == "DA":
             continue  # the birth date is added once, from the top level
         elif keyword in _IDENTIFYING_TEXT or keyword in _INSTITUTION_TEXT or (
                 vr in ("LO", "SH") and keyword.endswith(_ID_SUFFIXES)
                 and keyword not in _NOT_IDENTIFYING):
-            for v in values_of(ds[tag].value):
+            for v in values_of(_text_value(ds, tag, vr)):
                 found.text(v)
+                if patient is not None and keyword in _PATIENT_TEXT:
+                    patient.text(v)
         elif person_context and keyword in ("CodeValue", "CodeMeaning", "LongCodeValue"):
-            for v in values_of(ds[tag].value):
+            for v in values_of(_text_value(ds, tag, vr)):
                 found.text(v)

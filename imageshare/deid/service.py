@@ -27,9 +27,9 @@ from typing import Any, BinaryIO, Protocol
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.filebase import DicomFileLike
+from pydicom.filebase import DicomBytesIO, DicomFileLike
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import write_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from imageshare.archive.importing import DicomInputs, ImportReport
@@ -311,10 +311,19 @@ def _names_in_fragments(source: BinaryIO, at: int, end: int, header: Dataset,
 def _save_header(header: Dataset, target: BinaryIO) -> None:
     """Write ``header`` as a Part 10 file (preamble, file meta, data set) in its own encoding;
     what ``save_as`` does, without copying the file meta first."""
+    meta = header.file_meta
+    if "FileMetaInformationVersion" not in meta:
+        meta.FileMetaInformationVersion = b"\x00\x01"
+    if 0x00020000 in meta:
+        del meta[0x00020000]  # the group length is written below, from what was written
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, meta)
+    group = body.getvalue()
     out = DicomFileLike(target)
     out.write(header.preamble or b"\0" * 128)
     out.write(b"DICM")
-    write_file_meta_info(out, header.file_meta, enforce_standard=True)
+    out.write(b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<L", len(group)) + group)
     out.is_implicit_VR, out.is_little_endian = header.original_encoding
     write_dataset(out, header)
 

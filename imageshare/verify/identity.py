@@ -31,10 +31,15 @@ KEEP_TIMES = "times"
 KEEP_DEVICE = "device"
 _DEVICE = {"DeviceSerialNumber", "StationName", "DeviceID", "DetectorID", "CassetteID",
            "PlateID", "GantryID", "DeviceLabel", "DeviceDescription", "GeneratorID",
-           "SourceSerialNumber", "TransducerIdentificationSequence", "DeviceUID"}
+           "SourceSerialNumber", "TransducerIdentificationSequence", "DeviceUID",
+           "SourceManufacturer", "SourceManufacturerModelName", "DeviceSettingDescription",
+           "LensSpecification", "LensMake", "LensModel", "LensSerialNumber"}
 # What Retain Institution Identity keeps.
 _INSTITUTION_KEPT = {"InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
-                     "InstitutionCodeSequence", "InstitutionalDepartmentTypeCodeSequence"}
+                     "InstitutionCodeSequence", "InstitutionalDepartmentTypeCodeSequence",
+                     "ClinicalTrialSiteID", "ClinicalTrialSiteName",
+                     "ClinicalTrialCoordinatingCenterName",
+                     "ClinicalTrialProtocolEthicsCommitteeName"}
 # Kinds of identifier that coded strings (CS) are checked for: other people's names can be
 # words such as TEXT or NAME that are also defined terms.
 _CS_KINDS = {"patient name", "patient ID", "NHS number", "birth date"}
