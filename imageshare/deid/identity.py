@@ -300,7 +300,7 @@ def _text_value(ds: Dataset, tag: BaseTag, vr: str) -> Any:
     if tag not in ds:
         return None
     raw = ds.get_item(tag).value
-    if isinstance(raw, bytes) and raw.isascii() and vr != "PN":
+    if isinstance(raw, bytes) and raw.isascii() and b"\x1b" not in raw and vr != "PN":
         text = raw.decode("ascii").strip(" \0")
         return text.split("\\") if "\\" in text else text
     return ds[tag].value

@@ -129,6 +129,8 @@ class SourceIdentity:
     charsets: set[str] = field(default_factory=set)
     keep: frozenset[str] = frozenset()
     _software: set[str] = field(default_factory=set)  # implementation UIDs: not identifying
+    _indexes: dict[tuple[int, bool], tuple[dict[str, str], list[tuple[str, str]]]] = field(
+        default_factory=dict)
 
     @classmethod
     def of(cls, datasets: Iterable[Dataset], keep: frozenset[str] = frozenset()
@@ -246,7 +248,7 @@ class SourceIdentity:
                     self._walk(item, (*path, int(tag), index), depth + 1, inner)
                 continue
             raw = ds.get_item(tag).value
-            if isinstance(raw, bytes) and raw.isascii() and vr != "PN":
+            if isinstance(raw, bytes) and raw.isascii() and b"\x1b" not in raw and vr != "PN":
                 # plain ASCII (UIDs, dates, IDs): no need for pydicom to convert it
                 text = raw.decode("ascii").strip(" \0")
                 value: Any = text.split("\\") if "\\" in text else text
@@ -311,22 +313,29 @@ class SourceIdentity:
         coded string (CS), checked for the patient's own identifiers only."""
         if not text:
             return []
-        found = []
-        words = set(words_of(text))
-        norm = normalised(text)
-        for token in self.tokens.values():
-            if coded and token.kind not in _CS_KINDS:
-                continue
-            if token.whole_word:
-                if token.norm in words:
-                    found.append(token.kind)
-            elif token.norm in norm:
-                found.append(token.kind)
+        words, phrases = self._index(coded)
+        found = [words[w] for w in words.keys() & set(words_of(text))]
+        if phrases:
+            norm = normalised(text)
+            found += [kind for phrase, kind in phrases if phrase in norm]
         for candidate in _uid_like(text):
             kind = self.uids.get(candidate)
             if kind:
                 found.append(kind)
         return found
+
+    def _index(self, coded: bool) -> tuple[dict[str, str], list[tuple[str, str]]]:
+        """Whole-word tokens by their normalised form, and the other tokens (built once for
+        the tokens as they are)."""
+        key = (len(self.tokens), coded)
+        cached = self._indexes.get(key)
+        if cached is None:
+            tokens = [t for t in self.tokens.values() if not coded or t.kind in _CS_KINDS]
+            cached = ({t.norm: t.kind for t in tokens if t.whole_word},
+                      [(t.norm, t.kind) for t in tokens if not t.whole_word])
+            self._indexes = {key: cached, **{k: v for k, v in self._indexes.items()
+                                             if k[0] == key[0]}}
+        return cached
 
     def in_pieces(self, values: list[str]) -> list[str]:
         """Identifiers split across two values (in either order): one value ends with the

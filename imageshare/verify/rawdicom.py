@@ -57,7 +57,8 @@ def _vr_of(tag: int) -> str:
         return "UN"
 
 
-def _label(tag: int) -> str:
+def label(tag: int) -> str:
+    """How a finding names an element: its tag and keyword."""
     from pydicom.datadict import keyword_for_tag
 
     keyword = keyword_for_tag(tag)
@@ -108,7 +109,7 @@ class _Reader:
                 if depth >= _MAX_DEPTH:
                     raise ValueError("sequences nested too deep")
                 pos = self.sequence(start, length, end, implicit or vr == "UN", path, tag,
-                                    f"{where}{_label(tag)}", depth + 1)
+                                    f"{where}{label(tag)}", depth + 1)
                 continue
             stop = start + length
             if stop > end:

@@ -227,25 +227,28 @@ class Verifier:
         if not value or tag in _PIXEL_TAGS or (
                 (tag >> 16) & 0xFF00 == 0x6000 and tag & 0xFFFF == 0x3000):
             return
-        label = element.where + rawdicom._label(tag)
         if vr in _BYTES_VRS:
             for kind in dict.fromkeys(identity.in_bytes(value)):
-                findings.append(Finding(name, kind, label))
+                findings.append(Finding(name, kind, element.where + rawdicom.label(tag)))
             text = value.decode("latin-1")
         elif vr in _TEXT_VRS:
-            if value.isascii():
+            if value.isascii() and b"\x1b" not in value:
                 text = value.decode("ascii")
-            else:
+            else:  # other character sets (ISO 2022 ones switch with escape sequences)
                 text = _decode(value, encodings, vr)
             text = text.strip(" \0")
         else:
             return  # numbers
+        found = len(findings)
         if vr in ("DA", "DT", "TM"):
-            self._temporal(identity, element.path, vr, [text], name, label, findings)
+            self._temporal(identity, element.path, vr, [text], name, "", findings)
         if vr in _FREE_TEXT_VRS:
             joined.append(normalised(text))
-        for kind in dict.fromkeys(identity.in_text(text, coded=vr == "CS")):
-            findings.append(Finding(name, kind, label))
+        findings += [Finding(name, kind, "")
+                     for kind in dict.fromkeys(identity.in_text(text, coded=vr == "CS"))]
+        if len(findings) > found:  # named only when something was found (it costs)
+            label = element.where + rawdicom.label(tag)
+            findings[found:] = [Finding(f.file, f.kind, label) for f in findings[found:]]
 
     def _raw_documents(self, raw: rawdicom.RawFile, identity: SourceIdentity, name: str,
                        findings: list[Finding]) -> None:
