@@ -24,6 +24,7 @@ from PIL import Image
 from pydicom import Dataset
 from pydicom.tag import Tag
 
+from imageshare.archive.pixel_budget import decoding
 from imageshare.deid.identity import Identity, normalise
 from imageshare.domain.errors import ConfigurationError
 
@@ -151,8 +152,9 @@ def embedded_text(head: bytes) -> list[str]:
 
 def decode_frames(ds: Dataset) -> np.ndarray:
     """Every frame of ``ds``'s pixel data, decoded: (frames, rows, columns[, samples]).
-    The one place the de-identifier decodes pixels."""
-    pixels = np.array(ds.pixel_array, copy=True)
+    The one place the de-identifier decodes pixels (within the pixel budget)."""
+    with decoding(ds):  # the pixel budget, checked before decoding
+        pixels = np.array(ds.pixel_array, copy=True)
     if int(ds.get("NumberOfFrames", 1) or 1) == 1:
         pixels = pixels[np.newaxis, ...]
     return pixels

@@ -540,7 +540,7 @@ class _seekable:
             if self.stream.seekable() and hasattr(self.stream, "fileno"):
                 self.stream.fileno()
                 return self.stream
-        except (OSError, io.UnsupportedOperation):
+        except (AttributeError, OSError, io.UnsupportedOperation, ValueError):
             pass
         self.copy = tempfile.SpooledTemporaryFile(max_size=32 * 1024 * 1024)
         shutil.copyfileobj(self.stream, self.copy, _COPY_CHUNK)

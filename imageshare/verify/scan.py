@@ -137,8 +137,11 @@ def _dictionary_vr(tag: BaseTag) -> str | None:
 
 def decode_pixels(ds: Dataset) -> np.ndarray:
     """The frames of ``ds``'s pixel data: (frames, rows, columns[, samples]). The one place the
-    verifier decodes pixels."""
-    pixels = np.asarray(ds.pixel_array)
+    verifier decodes pixels (within the pixel budget)."""
+    from imageshare.archive.pixel_budget import decoding
+
+    with decoding(ds):  # the pixel budget, checked before decoding
+        pixels = np.asarray(ds.pixel_array)
     if int(ds.get("NumberOfFrames", 1) or 1) == 1:
         pixels = pixels[np.newaxis, ...]
     return pixels
