@@ -114,7 +114,8 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     )
     writer = IndexWriter(writer_engine)
     ingest = IngestService(
-        blobs, writer, audit, settings.staging_dir, overwrite=settings.overwrite_instances
+        blobs, writer, audit, settings.staging_dir, overwrite=settings.overwrite_instances,
+        min_free_mb=settings.min_free_disk_mb, quarantine_dir=settings.quarantine_dir,
     )
     retrieve = RetrieveService(engine, blobs, audit)
     query = QueryService(

@@ -91,3 +91,18 @@ class TooManyRequests(ImageShareError):
 
     http_status = 429
     title = "Too many requests"
+
+
+class OutOfResources(ImageShareError):
+    """The archive cannot take more data now (its disk is full or below the free-space floor);
+    nothing was stored."""
+
+    http_status = 507
+    title = "Insufficient storage"
+
+
+class AuditUnavailable(ImageShareError):
+    """The audit trail cannot be written, so nothing that must be audited is done."""
+
+    http_status = 503
+    title = "Audit trail unavailable"
