@@ -41,7 +41,7 @@ from imageshare.domain.errors import ConfigurationError
 from imageshare.exchange.dicomweb_site import DicomwebSites
 from imageshare.exchange.federated import ExchangeService
 from imageshare.exchange.inbox import Inbox, Retention
-from imageshare.exchange.nodes import NodeRegistry
+from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 from imageshare.exchange.requests import ImagingRequests
 from imageshare.exchange.transfers import Transfers
 from imageshare.export.service import ExportService
@@ -91,6 +91,7 @@ class Archive:
     retention: Retention
     deletion: ArchiveDeletion
     requests: ImagingRequests
+    refused_callers: RefusedCallers
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -173,6 +174,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         inbox=Inbox(engine, catalogue, corrections, deletion, audit),
         retention=Retention(deletion, settings.temporary_days), deletion=deletion,
         requests=ImagingRequests(engine, nodes, notifier, audit, settings.ae_title),
+        refused_callers=RefusedCallers(engine, nodes, audit),
     )
 
 
@@ -241,7 +243,7 @@ def _make_listener(archive: Archive, shared_port: bool) -> Any:
         archive.ingest, archive.query, archive.retrieve, archive.nodes, archive.policy,
         max_associations=settings.max_associations, timeout=settings.dicom_timeout,
         max_pdu=settings.max_pdu_size, check_calling_host=settings.check_calling_host,
-        shared_port=shared_port,
+        shared_port=shared_port, refusals=archive.refused_callers,
     )
 
 

@@ -46,6 +46,9 @@ class RunningServer:
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     log_path: Path | None = None
+    # The modalities the tests send from, registered (store only, at 127.0.0.1) before the
+    # server starts, as a hospital registers its scanners: only registered AEs may store.
+    modalities: tuple[str, ...] = ("STORESCU", "DCMSEND", "PYNETDICOM")
 
     @property
     def url(self) -> str:
@@ -75,7 +78,26 @@ class RunningServer:
             capture_output=True, check=check, timeout=300,
         )
 
+    def register(self, *ae_titles: str, host: str = "127.0.0.1", port: int = 104) -> None:
+        """Register calling AE titles as modalities that may store (also while it runs)."""
+        from imageshare.app import build_archive
+        from imageshare.exchange.nodes import Node
+        from imageshare.settings import load_settings
+
+        archive = build_archive(load_settings(environ=self.env()))
+        try:
+            for ae in ae_titles:
+                if archive.nodes.find(ae) is None:
+                    archive.nodes.add(Node(ae, host, port, may_query=False,
+                                           may_retrieve=False, searchable=False,
+                                           retrieve_from=False, send_to=False))
+        finally:
+            archive.close()
+
     def start(self) -> RunningServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.modalities:
+            self.register(*self.modalities)
         self.log_path = self.data_dir.parent / f"server-{self.http_port}.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,7 +57,7 @@ from imageshare.domain.errors import (
     InvalidQuery,
     NotFound,
 )
-from imageshare.exchange.nodes import NodeRegistry
+from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 
 log = logging.getLogger("imageshare.dicom")
 
@@ -93,8 +95,9 @@ class DicomListener:
         max_associations: int = 32,
         timeout: float = 60.0,
         max_pdu: int = 262144,
-        check_calling_host: bool = False,
+        check_calling_host: bool = True,
         shared_port: bool = False,
+        refusals: RefusedCallers | None = None,
     ) -> None:
         self.ingest = ingest
         self.query = query
@@ -105,6 +108,7 @@ class DicomListener:
         self.host = host
         self.check_calling_host = check_calling_host
         self.shared_port = shared_port
+        self.refusals = refusals
         self._actors: weakref.WeakKeyDictionary[Any, Actor] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         _config.STORE_RECV_CHUNKED_DATASET = True
@@ -153,11 +157,29 @@ class DicomListener:
         ).start()
         self.port = self._server.server_address[1]
 
-    def stop(self) -> None:
-        """Stop listening and end open associations."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def stop(self, grace: float = 0.0) -> int:
+        """Stop accepting associations, let open ones finish for up to ``grace`` seconds, then
+        abort the rest; returns how many had to be aborted."""
+        server, self._server = self._server, None
+        if server is None:
+            return 0
+        # The server was made with make_server, so the AE does not list it: stop it directly
+        # (pynetdicom's own shutdown() would look for it in the AE and raise ValueError).
+        socketserver.BaseServer.shutdown(server)
+        server.server_close()
+        deadline = time.monotonic() + grace
+        while self._open_associations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = self._open_associations()
+        for assoc in left:
+            assoc.abort()
+        if left:
+            log.warning("%d DICOM association(s) still open after %.0f s were aborted",
+                        len(left), grace)
+        return len(left)
+
+    def _open_associations(self) -> list[Any]:
+        return [a for a in self.ae.active_associations if a.is_acceptor and a.is_alive()]
 
     # -- who is calling ----------------------------------------------------------------------
 
@@ -181,15 +203,38 @@ class DicomListener:
             self._actors[assoc] = actor
         return actor
 
+    def _refused(self, event: Any, actor: Actor, action: str, service: str,
+                 reason: str = "") -> str:
+        """Audit a refused request, list its caller for administrators; returns the reason."""
+        address = str(event.assoc.requestor.address)
+        if not reason:
+            node = self.nodes.find(actor.name)
+            reason = ("AE title not registered" if node is None
+                      else "calling host does not match the registered host"
+                      if not actor.registered else f"{service} not granted to this AE title")
+        if self.refusals is not None:
+            try:
+                self.refusals.record(actor, address, action, service, reason)
+            except Exception as exc:  # noqa: BLE001 - the request is refused all the same
+                log.warning("refused %s could not be audited: %s", service,
+                            type(exc).__name__)
+        log.info("refused %s from %s: %s", service, actor.name, reason)
+        return reason
+
     # -- handlers --------------------------------------------------------------------------------
 
     def _on_echo(self, event: Any) -> int:
-        return 0x0000 if self.policy.allows(self._actor(event), DICOM_ECHO) else NOT_AUTHORISED
+        actor = self._actor(event)
+        if self.policy.allows(actor, DICOM_ECHO):
+            return 0x0000
+        self._refused(event, actor, DICOM_ECHO, "C-ECHO")
+        return NOT_AUTHORISED
 
     def _on_store(self, event: Any) -> Dataset | int:
         actor = self._actor(event)
         if not self.policy.allows(actor, DICOM_STORE):
-            return _status(NOT_AUTHORISED, "this AE title may not store here")
+            reason = self._refused(event, actor, DICOM_STORE, "C-STORE")
+            return _status(NOT_AUTHORISED, f"not allowed to store here: {reason}")
         try:
             path = Path(event.dataset_path)
             result = self.ingest.store_staged(path, actor)
@@ -223,7 +268,8 @@ class DicomListener:
     def _on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
         actor = self._actor(event)
         if not self.policy.allows(actor, DICOM_QUERY):
-            yield _status(NOT_AUTHORISED, "this AE title is not registered for queries"), None
+            reason = self._refused(event, actor, DICOM_QUERY, "C-FIND")
+            yield _status(NOT_AUTHORISED, f"not allowed to query: {reason}"), None
             return
         try:
             query = self._query_for(event)
@@ -310,10 +356,15 @@ class DicomListener:
 
     def _on_move(self, event: Any) -> Iterator[Any]:
         actor = self._actor(event)
+        if not self.policy.allows(actor, DICOM_RETRIEVE):
+            self._refused(event, actor, DICOM_RETRIEVE, "C-MOVE")
         # Raising before the first yield answers 0xC511 (unable to process).
         self.policy.authorise(actor, DICOM_RETRIEVE)
-        destination = self.nodes.find(str(event.move_destination).strip())
+        wanted = str(event.move_destination).strip()
+        destination = self.nodes.find(wanted)
         if destination is None:
+            self._refused(event, actor, DICOM_RETRIEVE, "C-MOVE",
+                          f"move destination {wanted[:16]} not registered")
             yield None, None
             return
         try:
@@ -335,8 +386,9 @@ class DicomListener:
     def _on_get(self, event: Any) -> Iterator[Any]:
         actor = self._actor(event)
         if not self.policy.allows(actor, DICOM_RETRIEVE):
+            reason = self._refused(event, actor, DICOM_RETRIEVE, "C-GET")
             yield 0
-            yield _status(NOT_AUTHORISED, "this AE title is not registered for retrieval"), None
+            yield _status(NOT_AUTHORISED, f"not allowed to retrieve: {reason}"), None
             return
         try:
             found = self._instances_for(event, actor, "study.get")
