@@ -117,6 +117,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     ingest = IngestService(
         blobs, writer, audit, settings.staging_dir, overwrite=settings.overwrite_instances,
         min_free_mb=settings.min_free_disk_mb, quarantine_dir=settings.quarantine_dir,
+        patient_mismatch=settings.patient_mismatch,
     )
     retrieve = RetrieveService(engine, blobs, audit)
     query = QueryService(
@@ -269,7 +270,7 @@ def run_dicom_worker(settings: Settings, ready: Any) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
-    listener.stop()
+    listener.stop(settings.shutdown_grace_seconds)
     archive.close()
 
 
@@ -294,11 +295,25 @@ def _start_housekeeping(archive: Archive, every: float = 3600.0) -> threading.Ev
 
 def serve(settings: Settings) -> None:
     """Run HTTP and the DICOM listener until SIGINT/SIGTERM; further processes share the
-    DICOM port (``dicom_processes``) so that concurrent associations use every core."""
+    DICOM port (``dicom_processes``) so that concurrent associations use every core.
+
+    On SIGTERM or SIGINT no new association or request is taken; open ones get
+    ``shutdown_grace_seconds`` to finish (then they are ended), running transfers stop between
+    instances (resumed on the next start), the index is closed, and the process exits 0.
+    """
     import uvicorn
 
     from imageshare.web.server import create_app
 
+    stopping = threading.Event()
+
+    def _early_stop(_signum: int, _frame: Any) -> None:
+        stopping.set()
+
+    # From here on a signal asks for a clean stop (also while starting).
+    signal.signal(signal.SIGTERM, _early_stop)
+    signal.signal(signal.SIGINT, _early_stop)
+    grace = settings.shutdown_grace_seconds
     archive = build_archive(settings)
     generated = archive.users.ensure_admin(settings.admin_password)
     if generated:
@@ -308,9 +323,10 @@ def serve(settings: Settings) -> None:
             flush=True,
         )
     recover(archive)
+    archive.transfers.resume_interrupted()
     listener = None
     workers: list[multiprocessing.process.BaseProcess] = []
-    if settings.dicom_port:
+    if settings.dicom_port and not stopping.is_set():
         processes = dicom_processes(settings)
         listener = _make_listener(archive, shared_port=processes > 1)
         listener.start()
@@ -331,25 +347,48 @@ def serve(settings: Settings) -> None:
         log.info("DICOM listener %s on port %d (%d processes)", settings.ae_title,
                  listener.port, processes)
     housekeeping = _start_housekeeping(archive)
+
+    def stop_dicom() -> None:
+        """Drain DICOM in every process at once: the workers on their SIGTERM, this one here."""
+        for worker in workers:
+            worker.terminate()
+        if listener is not None:
+            listener.stop(grace)
+        for worker in workers:
+            worker.join(grace + 5)
+            if worker.is_alive():
+                log.warning("DICOM worker %s did not stop in time; killed", worker.name)
+                worker.kill()
+
+    draining = threading.Thread(target=stop_dicom, name="dicom-drain")
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not draining.is_alive() and draining.ident is None:
+                draining.start()  # DICOM drains while HTTP does
+            archive.transfers.close()
+            super().handle_exit(sig, frame)
+
     app = create_app(archive)
     config = uvicorn.Config(
         app, host=settings.http_host, port=settings.http_port, log_level="warning",
-        access_log=False, timeout_graceful_shutdown=10,
+        access_log=False, timeout_graceful_shutdown=max(1, int(grace)),
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     print(
         f"ImageShare listening: http://{settings.http_host}:{settings.http_port}/ "
         f"and DICOM {settings.ae_title}@{settings.dicom_port}",
         file=sys.stderr, flush=True,
     )
     try:
-        server.run()
+        if not stopping.is_set():
+            server.run()
     finally:
         housekeeping.set()
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.join(15)
-        if listener is not None:
-            listener.stop()
+        archive.transfers.close()
+        if draining.ident is None:
+            draining.start()
+        draining.join()
         archive.close()
+        log.info("ImageShare stopped")
+        print("ImageShare stopped", file=sys.stderr, flush=True)

@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
@@ -320,8 +321,10 @@ def read_header(path: Path, fp: BinaryIO | None = None) -> tuple[Dataset, Instan
     try:
         return _read_header(path, fp, size, parsed)
     except InvalidInstance as exc:
-        if parsed:  # say which instance was refused, as far as it could be read
-            ds = parsed[0]
+        # Say which instance was refused, as far as it could be read (the file meta
+        # information names it even when the data set is damaged).
+        ds = parsed[0] if parsed else _meta_only(path, fp)
+        if ds is not None:
             exc.sop_class_uid = _uid_or_empty(ds, "SOPClassUID", "MediaStorageSOPClassUID")
             exc.sop_instance_uid = _uid_or_empty(
                 ds, "SOPInstanceUID", "MediaStorageSOPInstanceUID"
@@ -329,6 +332,19 @@ def read_header(path: Path, fp: BinaryIO | None = None) -> tuple[Dataset, Instan
         raise
     except Exception as exc:  # noqa: BLE001 - whatever else fails on bad input is a refusal
         raise InvalidInstance(f"the DICOM data cannot be parsed: {type(exc).__name__}") from exc
+
+
+def _meta_only(path: Path, fp: BinaryIO | None) -> Dataset | None:
+    """The file meta information alone (a data set holding nothing else), or None."""
+    try:
+        with open(path, "rb") if fp is None else nullcontext(fp) as source:
+            source.seek(132)
+            meta = _read_file_meta_info(source)
+    except Exception:  # noqa: BLE001 - no readable meta: nothing to name
+        return None
+    ds = Dataset()
+    ds.file_meta = meta
+    return ds
 
 
 def _uid_or_empty(ds: Dataset, keyword: str, meta_keyword: str) -> str:

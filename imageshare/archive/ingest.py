@@ -69,7 +69,7 @@ def out_of_room(floor_mb: int = 0) -> OutOfResources:
             "nothing was stored")
     return OutOfResources("out of resources: the archive's disk is full; nothing was stored")
 
-Outcome = Literal["stored", "duplicate", "replaced", "kept_first"]
+Outcome = Literal["stored", "duplicate", "replaced", "kept_first", "held"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,7 @@ class IngestService:
         overwrite: bool = False,
         min_free_mb: int = 0,
         quarantine_dir: Path | None = None,
+        patient_mismatch: str = "refuse",
     ) -> None:
         self.blobs = blobs
         self.writer = writer
@@ -124,6 +125,7 @@ class IngestService:
         self.staging_dir = staging_dir
         self.overwrite = overwrite
         self.min_free_mb = min_free_mb
+        self.patient_mismatch = patient_mismatch
         self.quarantine_dir = quarantine_dir or staging_dir.parent / "quarantine"
         self._blob_io = ThreadPoolExecutor(max_workers=16, thread_name_prefix="blob-io")
         self._known = KnownParents()
@@ -157,7 +159,7 @@ class IngestService:
         self, stream: BinaryIO, actor: Actor, expected_study: str | None = None
     ) -> StoreResult:
         """Store a Part 10 file read from ``stream`` (STOW-RS parts, uploads)."""
-        self._ensure_room(actor)
+        self.ensure_room(actor)
         out, path = self.staging_file()
         try:
             try:
@@ -188,7 +190,7 @@ class IngestService:
         :class:`OutOfResources`, changing nothing. ``expected_study`` refuses instances of
         any other study (STOW-RS to a study URL).
         """
-        self._ensure_room(actor)
+        self.ensure_room(actor)
         try:
             return self._store_staged(path, actor, expected_study)
         except Exception as exc:
@@ -197,7 +199,8 @@ class IngestService:
                 raise out_of_room() from exc
             raise
 
-    def _ensure_room(self, actor: Actor) -> None:
+    def ensure_room(self, actor: Actor) -> None:
+        """:meth:`check_room`, auditing a refusal as a failed store by ``actor``."""
         try:
             self.check_room()
         except OutOfResources:
@@ -311,9 +314,12 @@ class IngestService:
             from_site = (actor.kind == "node" and INBOX in actor.grants) or (
                 actor.kind == "user" and actor.role == "site")
             outcome = index_instance(conn, h, key, size, actor.source, now, self._known,
-                                     retention_class="inbox" if from_site else "clinical")
+                                     retention_class="inbox" if from_site else "clinical",
+                                     patient_mismatch=self.patient_mismatch)
             if from_site and outcome.status == "stored":
                 note_inbox_arrival(conn, h.study_uid, actor.name, now)
+            elif outcome.status == "held":
+                note_inbox_arrival(conn, h.study_uid, actor.name, now, outcome.reason)
         elif (existing.study_uid, existing.series_uid) != (h.study_uid, h.series_uid):
             outcome = IndexOutcome(
                 "conflict",
@@ -339,7 +345,7 @@ class IngestService:
                 action="instance.store",
                 outcome="refused" if outcome.status == "conflict" else (
                     "success" if outcome.status in ("stored", "duplicate") else "warning"
-                ),
+                ),  # held: stored, with a warning
                 patient_id=h.patient_id,
                 study_uid=h.study_uid,
                 instance_count=1,

@@ -193,8 +193,8 @@ class _Walker:
                 continue
             if pos + length > limit:
                 raise InvalidInstance(
-                    f"element {_tag_text(tag)} needs {length} bytes, {max(limit - pos, 0)} "
-                    "are left: the data set is truncated or damaged")
+                    f"truncated or damaged: {_tag_text(tag)} needs {length} bytes, "
+                    f"{max(limit - pos, 0)} left")
             if tag in PIXEL_TAGS and depth == 0:
                 self.pixel_data = PixelData(tag, pos, length)
             pos += length

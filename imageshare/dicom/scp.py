@@ -8,6 +8,7 @@ by pynetdicom (``STORE_RECV_CHUNKED_DATASET``) and never decoded whole in memory
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import socketserver
 import tempfile
@@ -26,7 +27,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -45,7 +46,7 @@ from imageshare.access.policy import (
     DICOM_STORE,
     Policy,
 )
-from imageshare.archive.ingest import IngestService
+from imageshare.archive.ingest import IngestService, no_room
 from imageshare.archive.query import LEVELS, Query, QueryService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
 from imageshare.dicom.contexts import storage_contexts_for
@@ -56,6 +57,7 @@ from imageshare.domain.errors import (
     InvalidInstance,
     InvalidQuery,
     NotFound,
+    OutOfResources,
 )
 from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 
@@ -115,10 +117,12 @@ class DicomListener:
         # Accept every storage SOP class (private and future ones too) in the transfer syntax
         # the sender prefers (its first proposal): stored as received, never re-encoded.
         _config.UNRESTRICTED_STORAGE_SERVICE = True
-        # pynetdicom writes received datasets with NamedTemporaryFile: keep them on our disk,
-        # next to the blobs, so that storing is a rename.
-        tempfile.tempdir = str(ingest.staging_dir)
         ae = AE(ae_title=ae_title)
+        # pynetdicom writes received data sets to temporary files: ours go to the staging
+        # folder (next to the blobs, so that storing is a rename) and keep a full disk from
+        # aborting the association (the store is answered A700 instead).
+        _STAGING[ae] = ingest.staging_dir
+        dimse_messages.NamedTemporaryFile = _received_file
         ae.maximum_associations = max_associations
         ae.acse_timeout = timeout
         ae.dimse_timeout = timeout
@@ -235,9 +239,17 @@ class DicomListener:
         if not self.policy.allows(actor, DICOM_STORE):
             reason = self._refused(event, actor, DICOM_STORE, "C-STORE")
             return _status(NOT_AUTHORISED, f"not allowed to store here: {reason}")
+        path = Path(event.dataset_path)
+        received = _RECEIVED.pop(str(path), None)
+        if received is not None and received.error is not None:
+            log.error("C-STORE could not be received: %s", received.error.strerror)
+            comment = ("out of resources: the archive's disk is full" if no_room(received.error)
+                       else "the archive could not write the received data set")
+            return _status(STORE_OUT_OF_RESOURCES, comment)
         try:
-            path = Path(event.dataset_path)
             result = self.ingest.store_staged(path, actor)
+        except OutOfResources as exc:
+            return _status(STORE_OUT_OF_RESOURCES, str(exc))
         except InvalidInstance as exc:
             return _status(STORE_CANNOT_UNDERSTAND, str(exc))
         except ConflictingInstance as exc:
@@ -422,3 +434,82 @@ def _same_host(registered: str, address: str) -> bool:
     except OSError:
         return False
 
+
+
+# -- received data sets -------------------------------------------------------------------------
+
+_STAGING: weakref.WeakKeyDictionary[Any, Path] = weakref.WeakKeyDictionary()
+_RECEIVED: weakref.WeakValueDictionary[str, _ReceivedFile] = weakref.WeakValueDictionary()
+
+
+class _ReceivedFile:
+    """The file pynetdicom writes a received data set to (in place of its NamedTemporaryFile):
+    in the listener's staging folder, and a write that fails (a full disk) is remembered
+    instead of raised, so that the C-STORE is answered "out of resources" rather than the
+    association being aborted with no status. The space is given back at once."""
+
+    def __init__(self, folder: Path) -> None:
+        fd, self.name = tempfile.mkstemp(dir=folder, suffix=".dcm")
+        self._raw = os.fdopen(fd, "wb", buffering=0)
+        self.error: OSError | None = None
+        _RECEIVED[self.name] = self
+
+    @property
+    def file(self) -> _ReceivedFile:
+        """pynetdicom flushes ``.file``."""
+        return self
+
+    def write(self, data: bytes) -> int:
+        """Write all of ``data`` unless a write failed before; never raises."""
+        view = memoryview(data)
+        while view and self.error is None:
+            try:
+                view = view[self._raw.write(view) or 0:]
+            except OSError as exc:
+                self._failed(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        """Unbuffered: nothing to do."""
+
+    def _failed(self, exc: OSError) -> None:
+        self.error = exc
+        try:
+            self._raw.truncate(0)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Close the file (it stays on disk for the handler)."""
+        try:
+            self._raw.close()
+        except OSError as exc:
+            self.error = self.error or exc
+
+
+def _received_file(*_args: Any, **_kwargs: Any) -> Any:
+    """pynetdicom's NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm"), made in the
+    staging folder of the listener whose association is receiving (this runs in its thread).
+    If even creating the file fails, an already failed stand-in keeps the association alive."""
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    folder = _STAGING.get(getattr(assoc, "ae", None)) or Path(tempfile.gettempdir())
+    try:
+        return _ReceivedFile(folder)
+    except OSError as exc:
+        return _FailedFile(folder, exc)
+
+
+class _FailedFile(_ReceivedFile):
+    """A received data set that could not even be given a file: everything is dropped."""
+
+    def __init__(self, folder: Path, error: OSError) -> None:
+        self.name = str(folder / f"unwritable-{id(self):x}.dcm")
+        self.error = error
+        _RECEIVED[self.name] = self
+
+    def write(self, data: bytes) -> int:
+        """Drop ``data``."""
+        return len(data)
+
+    def close(self) -> None:
+        """Nothing is open."""

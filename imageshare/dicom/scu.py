@@ -9,7 +9,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
@@ -19,6 +19,7 @@ from imageshare.dicom.contexts import storage_contexts_for
 from imageshare.exchange.nodes import Node
 from imageshare.exchange.sites import (
     Criteria,
+    Delivered,
     Progress,
     RetrieveProgress,
     SiteUnreachable,
@@ -46,7 +47,8 @@ class DimseSites:
 
     def _associate(self, ae: AE, node: Node) -> Any:
         try:
-            assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+            assoc = ae.associate(node.host, node.port, ae_title=node.ae_title,
+                                 evt_handlers=[(evt.EVT_ABORTED, _wake_waiting)])
         except (OSError, RuntimeError) as exc:
             raise SiteUnreachable(f"{node.label} cannot be reached") from exc
         if not assoc.is_established:
@@ -106,8 +108,11 @@ class DimseSites:
             assoc.release()
         return last
 
-    def send(self, node: Node, files: Iterable[Path], progress: Progress) -> RetrieveProgress:
-        """C-STORE each file, in the syntax it is stored in."""
+    def send(self, node: Node, files: Iterable[Path], progress: Progress,
+             delivered: Delivered | None = None) -> RetrieveProgress:
+        """C-STORE each file, in the syntax it is stored in. A connection lost part way (the
+        site stopped, the network went) raises :class:`SiteUnreachable` naming how far it got;
+        what was acknowledged before is reported to ``delivered`` one by one."""
         paths = list(files)
         headers = [dcmread(p, stop_before_pixels=True) for p in paths]
         pairs = {(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in headers}
@@ -117,12 +122,32 @@ class DimseSites:
         sent = failed = 0
         try:
             for path in paths:
-                status = assoc.send_c_store(path)
+                try:
+                    status = assoc.send_c_store(path)
+                except (RuntimeError, OSError, ValueError) as exc:
+                    if not assoc.is_established:
+                        raise SiteUnreachable(
+                            f"the connection to {node.label} was lost after {sent} of "
+                            f"{len(paths)} instance(s)") from exc
+                    status = None
                 if status and status.Status in (0x0000, 0xB000, 0xB006, 0xB007):
                     sent += 1
+                    if delivered is not None:
+                        delivered(path)
+                elif not assoc.is_established:
+                    raise SiteUnreachable(
+                        f"the connection to {node.label} was lost after {sent} of "
+                        f"{len(paths)} instance(s)")
                 else:
                     failed += 1
                 progress(RetrieveProgress(sent, len(paths), failed))
         finally:
-            assoc.release()
+            if assoc.is_established:
+                assoc.release()
         return RetrieveProgress(sent, len(paths), failed)
+
+
+def _wake_waiting(event: Any) -> None:
+    """The peer went away (connection closed, A-ABORT): pynetdicom would otherwise keep a
+    request waiting for its answer until the DIMSE timeout; hand it "no answer" at once."""
+    event.assoc.dimse.msg_queue.put((None, None))

@@ -40,6 +40,7 @@ from imageshare.domain.errors import (
     InvalidQuery,
     NotAcceptable,
     NotFound,
+    OutOfResources,
     WrongStudy,
 )
 from imageshare.web.auth import allowed
@@ -593,6 +594,7 @@ FAILURE_CANNOT_UNDERSTAND = 0xC000
 FAILURE_CONFLICT = 0xA910
 FAILURE_PROCESSING = 0x0110
 FAILURE_STUDY_MISMATCH = 0xA900
+FAILURE_OUT_OF_RESOURCES = 0xA700
 
 
 async def _receive(request: Request, sink: PartSink) -> None:
@@ -614,6 +616,11 @@ def _store_part(
             raise InvalidInstance(f"parts must be application/dicom, not {media}",
                                   *_uids_of(part.path))
         result = archive.ingest.store_staged(part.path, actor, expected_study=study)
+    except OutOfResources as exc:
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = _uids_of(part.path)
+        item.FailureReason = FAILURE_OUT_OF_RESOURCES
+        item.ErrorComment = str(exc)[:64]
+        return False, item
     except (InvalidInstance, ConflictingInstance) as exc:
         item.ReferencedSOPClassUID = exc.sop_class_uid
         item.ReferencedSOPInstanceUID = exc.sop_instance_uid
@@ -627,6 +634,7 @@ def _store_part(
     except Exception:  # noqa: BLE001 - reported as a processing failure, nothing stored
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = "", ""
         item.FailureReason = FAILURE_PROCESSING
+        item.ErrorComment = "the archive could not store the instance"
         return False, item
     finally:
         part.path.unlink(missing_ok=True)
@@ -664,6 +672,8 @@ def _store_parts(request: Request, sink: PartSink, actor: Actor, study: str | No
     if not sink.parts:
         raise ImageShareError("the request holds no DICOM parts")
     status = 200 if not failed else (202 if stored else 409)
+    if not stored and any(i.FailureReason == FAILURE_OUT_OF_RESOURCES for i in failed):
+        status = 507  # nothing stored for lack of room: the reason is in each ErrorComment
     return JSONResponse(answer.to_json_dict(), status_code=status, media_type=DICOM_JSON)
 
 
@@ -691,6 +701,7 @@ async def _stow(request: Request, actor: Actor, study: str | None) -> Response:
             status_code=415, media_type="application/problem+json",
         )
     archive = request.app.state.archive
+    archive.ingest.ensure_room(actor)  # below the free-space floor: 507 before reading the body
     sink = PartSink(params["boundary"], archive.ingest.staging_file)
     try:
         await _receive(request, sink)

@@ -156,3 +156,76 @@ def test_damaged_case_files_parse_with_pydicom_only_where_intended(tmp_path):
     """The corpus really is damaged where it says so: the odd files still read in pydicom."""
     for data in odd_but_storable(tmp_path).values():
         assert dcmread(io.BytesIO(data)).SOPInstanceUID
+
+
+# -- a Patient ID on record with another name or birth date ------------------------------------
+
+
+def _record(archive, patient_id: str) -> tuple:
+    with archive.engine.connect() as conn:
+        return tuple(conn.execute(select(patients.c.name, patients.c.birth_date, patients.c.attrs)
+                                  .where(patients.c.patient_id == patient_id,
+                                         patients.c.issuer == "")).one())
+
+
+@pytest.mark.parametrize("change", [{"patient_name": "Intruder^Ivan"},
+                                    {"PatientBirthDate": "19991231"}])
+def test_an_instance_contradicting_the_patient_record_is_refused_and_changes_nothing(
+        archive, tmp_path, change):
+    from imageshare.domain.errors import ConflictingInstance
+
+    first = ct_series(tmp_path / "a", count=1, patient_id="REC1")[0]
+    archive.ingest.store_copy(first, ACTOR)
+    before = (_record(archive, "REC1"), _count(archive), _blobs(archive))
+    other = ct_series(tmp_path / "b", count=1, patient_id="REC1", **change)[0]
+    with pytest.raises(ConflictingInstance, match="REC1.* on record with another"):
+        archive.ingest.store_copy(other, ACTOR)
+    assert (_record(archive, "REC1"), _count(archive), _blobs(archive)) == before
+    refused = [e for e in archive.audit.events(action="instance.store")
+               if e["outcome"] == "refused"]
+    assert "differs from the record" in refused[0]["detail"]["conflict"]
+    # More of the first study with the other details is refused too.
+    same_study = ct_series(tmp_path / "c", count=1, patient_id="REC1",
+                           study_uid=dcmread(first).StudyInstanceUID, **change)[0]
+    with pytest.raises(ConflictingInstance):
+        archive.ingest.store_copy(same_study, ACTOR)
+
+
+def test_names_differing_only_in_case_accents_or_empty_components_are_the_same_patient(
+        archive, tmp_path):
+    archive.ingest.store_copy(
+        ct_series(tmp_path / "a", count=1, patient_id="REC2", patient_name="Müller^Jürgen")[0],
+        ACTOR)
+    for i, name in enumerate(("MULLER^JURGEN", "muller^jurgen^^", "")):
+        result = archive.ingest.store_copy(
+            ct_series(tmp_path / f"n{i}", count=1, patient_id="REC2", patient_name=name)[0],
+            ACTOR)
+        assert result.outcome == "stored"
+
+
+def test_with_hold_a_contradicting_study_is_held_for_reconciliation_then_accepted(tmp_path):
+    built = make_archive(tmp_path, patient_mismatch="hold")
+    try:
+        built.ingest.store_copy(ct_series(tmp_path / "a", count=1, patient_id="REC3",
+                                          patient_name="Doe^Jane")[0], ACTOR)
+        record = _record(built, "REC3")
+        held_files = ct_series(tmp_path / "b", count=2, patient_id="REC3",
+                               patient_name="Wrong^Name")
+        results = [built.ingest.store_copy(p, ACTOR) for p in held_files]
+        assert [r.outcome for r in results] == ["held", "held"]
+        assert "held for reconciliation" in results[0].warning
+        assert _record(built, "REC3") == record  # the record is never changed by it
+        (item,) = built.inbox.items()
+        assert item.instances == 2 and "name differs" in item.note
+        # Retention never removes what is held.
+        from datetime import UTC, datetime, timedelta
+
+        built.retention.run(ACTOR, datetime.now(UTC) + timedelta(days=3650))
+        assert _count(built) == 3
+        built.inbox.accept(item.pk, ACTOR)
+        held_study = built.catalogue.record(results[0].study_uid)
+        assert (held_study.patient.patient_id, held_study.patient.issuer) == ("REC3", "")
+        assert held_study.patient.name == "Doe^Jane"
+        assert _record(built, "REC3")[:2] == record[:2]
+    finally:
+        built.close()
