@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import faulthandler
 import logging
 import multiprocessing
 import os
@@ -310,7 +311,9 @@ def serve(settings: Settings) -> None:
     def _early_stop(_signum: int, _frame: Any) -> None:
         stopping.set()
 
-    # From here on a signal asks for a clean stop (also while starting).
+    # From here on a signal asks for a clean stop (also while starting); SIGUSR1 writes
+    # every thread's stack to the log (for an operator asking what a busy server is doing).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     signal.signal(signal.SIGTERM, _early_stop)
     signal.signal(signal.SIGINT, _early_stop)
     grace = settings.shutdown_grace_seconds

@@ -180,10 +180,15 @@ class DicomListener:
         if left:
             log.warning("%d DICOM association(s) still open after %.0f s were aborted",
                         len(left), grace)
+        for assoc in self.ae.active_associations:  # connections that never associated
+            if assoc.is_acceptor and not assoc.is_established:
+                assoc.kill()
         return len(left)
 
     def _open_associations(self) -> list[Any]:
-        return [a for a in self.ae.active_associations if a.is_acceptor and a.is_alive()]
+        """Associations being served (a connection that never associated is not waited for)."""
+        return [a for a in self.ae.active_associations
+                if a.is_acceptor and a.is_alive() and a.is_established]
 
     # -- who is calling ----------------------------------------------------------------------
 
