@@ -25,7 +25,7 @@ from imageshare.domain.errors import InvalidInstance
 # Real files nest a handful of levels (structured reports a few more); 500 levels is an attack.
 MAX_SEQUENCE_DEPTH = 32
 # A deflated data set is inflated in memory to be walked; beyond this it is refused.
-MAX_INFLATED_BYTES = 256 << 20
+MAX_INFLATED_BYTES = 64 << 20
 
 IMPLICIT_LITTLE = "1.2.840.10008.1.2"
 EXPLICIT_BIG = "1.2.840.10008.1.2.2"
