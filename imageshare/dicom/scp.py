@@ -240,7 +240,11 @@ class DicomListener:
         return NOT_AUTHORISED
 
     def _on_store(self, event: Any) -> Dataset | int:
-        actor = self._actor(event)
+        try:
+            actor = self._actor(event)
+        except Exception as exc:  # noqa: BLE001 - the index is unreachable: try again later
+            log.error("C-STORE refused, caller unknown: %s", type(exc).__name__)
+            return _status(STORE_OUT_OF_RESOURCES, "the archive's index is unavailable")
         if not self.policy.allows(actor, DICOM_STORE):
             reason = self._refused(event, actor, DICOM_STORE, "C-STORE")
             return _status(NOT_AUTHORISED, f"not allowed to store here: {reason}")
