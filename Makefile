@@ -1,10 +1,14 @@
 # ImageShare: `make run` starts the server with embedded defaults, `make test` runs the suite.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
+# pip's notes about index locations this machine's configuration names but lacks are noise.
+QUIET_PIP = { grep -v -e '^WARNING: Location' -e '^$$' || true; }
 VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= ./var
 
-.PHONY: install run test lint bench bench-viewer bench-deid bench-exchange clean
+.PHONY: install run test peers lint bench bench-viewer bench-deid bench-exchange clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -15,10 +19,16 @@ $(BIN)/python:
 			apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null; \
 		else echo "install python3-venv (Debian) and run again"; exit 1; fi; \
 		$(PYTHON) -m venv $(VENV); }
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
 
+# `make install` (and `make run`) install only what running ImageShare needs; the test tools
+# (pytest, Playwright, the de-identification peers, ruff...) come with `make test`.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[test]'
+	PYTHONWARNINGS=ignore $(BIN)/pip install -q -e . 2>&1 | $(QUIET_PIP)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	PYTHONWARNINGS=ignore $(BIN)/pip install -q -e '.[test]' 2>&1 | $(QUIET_PIP)
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,23 +36,27 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/imageshare serve --data-dir $(DATA_DIR)
 
-test: install
+test: $(VENV)/.installed-test
 	$(BIN)/ruff check imageshare tests bench
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
-lint: install
+# The real peers of the interop and browser tests (Debian packages; needs root).
+peers:
+	.ci/peers
+
+lint: $(VENV)/.installed-test
 	$(BIN)/ruff check imageshare tests bench
 
-bench: install
+bench: $(VENV)/.installed-test
 	$(BIN)/python bench/run.py
 
-bench-viewer: install
+bench-viewer: $(VENV)/.installed-test
 	$(BIN)/python bench/viewer.py
 
-bench-deid: install
+bench-deid: $(VENV)/.installed-test
 	$(BIN)/python bench/deidentify.py
 
-bench-exchange: install
+bench-exchange: $(VENV)/.installed-test
 	$(BIN)/python bench/exchange.py
 
 clean:

@@ -198,3 +198,27 @@ def orthanc_factory(tmp_path: Path) -> Iterator:
     yield make
     for server in started:
         server.stop()
+
+
+# -- the end of a run --------------------------------------------------------------------------
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say which real peers were missing, so that skipped interop tests are not a surprise."""
+    missing: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else ""
+        if reason.startswith("Skipped: "):
+            reason = reason.removeprefix("Skipped: ")
+        if reason.endswith(" is not installed"):
+            what = reason.removesuffix(" is not installed")
+            missing[what] = missing.get(what, 0) + 1
+    if not missing:
+        return
+    terminalreporter.section("real peers missing")
+    for what, count in sorted(missing.items()):
+        terminalreporter.write_line(f"{count} test(s) skipped: {what} is not installed")
+    terminalreporter.write_line(
+        "Install the peers as CI does with `sudo make peers` (Debian packages, see .ci/peers) "
+        "and run `make test` again; CI sets IMAGESHARE_REQUIRE_INTEROP=1 so that nothing skips."
+    )
