@@ -4,7 +4,7 @@ mutations of it through the C-STORE handler's parse, a STOW-RS part and import.
 Whatever the bytes: no crash (only a refusal with a reason, or a store), no hang (a deadline
 per example), no unbounded memory, no staging file left, and nothing broken stored: every
 stored instance is byte-identical to what was sent and parses again completely. The number
-of examples per target is ``IMAGESHARE_FUZZ_EXAMPLES`` (default 150); runs are
+of examples per target is ``IMAGESHARE_FUZZ_EXAMPLES`` (default 120); runs are
 deterministic unless ``IMAGESHARE_FUZZ_RANDOM`` is set.
 """
 
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "fuzz"
 SEEDS = {p.name: p.read_bytes() for p in sorted(CORPUS.glob("*.dcm"))}
 ACTOR = cli_actor()
-EXAMPLES = int(os.environ.get("IMAGESHARE_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("IMAGESHARE_FUZZ_EXAMPLES", "120"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=3000, database=None,
                 derandomize=not os.environ.get("IMAGESHARE_FUZZ_RANDOM"),
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -39,20 +39,33 @@ DAMAGED = [
     "compressed-syntax-native-data", "stray-item-delimiter", "truncated"]
 
 
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory) -> dict[str, bytes]:
+    return damaged_files(tmp_path_factory.mktemp("damaged"))
+
+
+@pytest.fixture(scope="module")
+def refusing(tmp_path_factory):
+    """One archive for all the refusals (each must leave it as empty as it was)."""
+    built = make_archive(tmp_path_factory.mktemp("refusing"))
+    yield built
+    built.close()
+
+
 @pytest.mark.parametrize("name", DAMAGED)
-def test_damaged_data_set_is_refused_with_its_reason_and_changes_nothing(archive, tmp_path, name):
-    data = damaged_files(tmp_path / "cases")[name]
+def test_damaged_data_set_is_refused_with_its_reason_and_changes_nothing(refusing, damaged,
+                                                                        name):
     with pytest.raises(InvalidInstance) as info:
-        archive.ingest.store_stream(io.BytesIO(data), ACTOR)
+        refusing.ingest.store_stream(io.BytesIO(damaged[name]), ACTOR)
     assert len(str(info.value)) > 10
-    assert _count(archive) == 0 and _blobs(archive) == []
-    assert not list(archive.ingest.staging_dir.iterdir())
-    (event,) = archive.audit.events(action="instance.store")
+    assert _count(refusing) == 0 and _blobs(refusing) == []
+    assert not list(refusing.ingest.staging_dir.iterdir())
+    event = next(refusing.audit.events(action="instance.store"))  # the latest
     assert event["outcome"] == "refused" and event["detail"]["reason"] == str(info.value)
 
 
-def test_every_damaged_case_is_listed_in_the_refusal_test(tmp_path):
-    assert set(damaged_files(tmp_path)) == set(DAMAGED)
+def test_every_damaged_case_is_listed_in_the_refusal_test(damaged):
+    assert set(damaged) == set(DAMAGED)
 
 
 def test_500_nested_sequences_are_refused_as_too_deep_not_as_a_crash(archive, tmp_path):

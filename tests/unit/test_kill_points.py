@@ -40,7 +40,7 @@ from tests.multipart_helpers import encode_multipart
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 ROUNDS = int(os.environ.get("IMAGESHARE_KILL_ROUNDS", "240"))
 # A busy machine gets fewer rounds rather than a slow suite (at least MIN_KILLS are made).
-BUDGET_SECONDS = float(os.environ.get("IMAGESHARE_KILL_SECONDS", "45"))
+BUDGET_SECONDS = float(os.environ.get("IMAGESHARE_KILL_SECONDS", "35"))
 MIN_KILLS = 100
 PER_ROUND = 3
 CALIBRATION = 3  # rounds not killed, to time a batch on this machine
