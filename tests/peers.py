@@ -105,7 +105,8 @@ class RunningServer:
             [sys.executable, "-m", "imageshare", "serve"], env=self.env(), stdout=log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 30
+        # Generous: on a busy machine spawning the DICOM worker processes takes a while.
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError("server exited: " + self.log_path.read_text()[-2000:])
