@@ -144,7 +144,10 @@ class RefusedCaller:
 
 class RefusedCallers:
     """DICOM callers that were refused: each refusal is audited and counted per AE title and
-    host, so that an administrator can see who tries to connect and register one in one step."""
+    host, so that an administrator can see who tries to connect and register one in one step.
+    The most recent :attr:`KEEP` are listed (every refusal stays in the audit trail)."""
+
+    KEEP = 1000
 
     def __init__(self, engine: Engine, nodes: NodeRegistry, audit: AuditTrail) -> None:
         self._engine = engine
@@ -165,6 +168,11 @@ class RefusedCallers:
                     with conn.begin_nested():
                         conn.execute(insert(refused_callers).values(
                             ae_title=ae, host=host, count=1, first_seen=now, **values))
+                    # Bounded: a scan with made-up AE titles cannot grow the list for ever.
+                    keep = select(refused_callers.c.pk).order_by(
+                        refused_callers.c.last_seen.desc()).limit(self.KEEP)
+                    conn.execute(delete(refused_callers).where(
+                        refused_callers.c.pk.not_in(keep)))
                 except IntegrityError:  # another process counted the first one meanwhile
                     conn.execute(update(refused_callers).where(match).values(
                         count=refused_callers.c.count + 1, **values))

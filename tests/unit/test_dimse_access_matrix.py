@@ -150,6 +150,7 @@ def test_each_dimse_service_is_allowed_only_to_the_callers_granted_it(site, call
 def test_refused_callers_are_listed_with_host_count_and_last_seen(site):
     for _ in range(2):
         _call(site, "LISTED", "STORE")
+    _call(site, "SPOOFED", "FIND")
     listed = {(c.ae_title, c.host): c for c in site["archive"].refused_callers.all()}
     caller = listed[("LISTED", "127.0.0.1")]
     assert caller.count == 2 and caller.service == "C-STORE"
@@ -240,3 +241,17 @@ def test_cli_lists_refused_callers(archive, capsys):
                                    "dicom.query", "C-FIND", "AE title not registered")
     assert run(["node", "refused", "--data-dir", str(archive.settings.data_dir)]) == 0
     assert "CT2\t10.9.9.9\t1\tC-FIND\tAE title not registered" in capsys.readouterr().out
+
+
+def test_the_refused_callers_list_is_bounded(archive, monkeypatch):
+    from imageshare.domain.actors import Actor
+    from imageshare.exchange.nodes import RefusedCallers
+
+    monkeypatch.setattr(RefusedCallers, "KEEP", 5)
+    for number in range(8):
+        archive.refused_callers.record(Actor("node", f"SCAN{number}", "node", registered=False),
+                                       "10.6.6.6", "dicom.store", "C-STORE",
+                                       "AE title not registered")
+    listed = [c.ae_title for c in archive.refused_callers.all()]
+    assert listed == [f"SCAN{n}" for n in (7, 6, 5, 4, 3)]
+    assert len([e for e in archive.audit.events(action="dicom.store")]) == 8
