@@ -388,9 +388,15 @@ class IngestService:
             if key in known_keys:
                 continue
             out, path = self.staging_file()
-            with out, self.blobs.open(key) as src:
-                while chunk := src.read(_CHUNK):
-                    out.write(chunk)
+            try:
+                with out, self.blobs.open(key) as src:
+                    while chunk := src.read(_CHUNK):
+                        out.write(chunk)
+            except (OSError, KeyError) as exc:
+                path.unlink(missing_ok=True)
+                log.error("start-up recovery: blob %s cannot be read (%s); left in place",
+                          key, type(exc).__name__)
+                continue
             try:
                 self.store_staged(path, actor)
                 recovered += 1
@@ -398,10 +404,15 @@ class IngestService:
                 path.unlink(missing_ok=True)
                 raise  # the index is unreachable: the start fails and says so
             except Exception as exc:  # noqa: BLE001 - anything else about this one blob
-                self._quarantine(key, exc)
-            finally:
                 path.unlink(missing_ok=True)
-                self.blobs.delete(key)
+                try:
+                    self._quarantine(key, exc)
+                except OSError as failed:
+                    log.error("start-up recovery: blob %s could not be quarantined (%s); "
+                              "left in place", key, type(failed).__name__)
+                    continue
+            path.unlink(missing_ok=True)
+            self.blobs.delete(key)
         return recovered
 
     def _quarantine(self, key: str, exc: BaseException) -> None:
