@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -49,10 +50,16 @@ class RunningServer:
     # The modalities the tests send from, registered (store only, at 127.0.0.1) before the
     # server starts, as a hospital registers its scanners: only registered AEs may store.
     modalities: tuple[str, ...] = ("STORESCU", "DCMSEND", "PYNETDICOM")
+    scheme: str = "http"  # "https" with IMAGESHARE_TLS_* in extra_env
+    ca_file: str | None = None  # trusted for https
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{self.scheme}://127.0.0.1:{self.http_port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
 
     @property
     def dicomweb(self) -> str:
@@ -105,18 +112,19 @@ class RunningServer:
             [sys.executable, "-m", "imageshare", "serve"], env=self.env(), stdout=log,
             stderr=subprocess.STDOUT,
         )
-        # Generous: on a busy machine spawning the DICOM worker processes takes a while.
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 90  # a loaded machine (CI, parallel work) can take a while
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError("server exited: " + self.log_path.read_text()[-2000:])
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=1,
+                             verify=self.verify).status_code == 200:
                     wait_for_port(self.dicom_port)
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
+        self.kill()  # a server that did not come up is not left running
         raise TimeoutError("server did not start: " + self.log_path.read_text()[-2000:])
 
     def kill(self) -> None:
@@ -134,7 +142,8 @@ class RunningServer:
                 self.kill()
 
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, auth=("admin", ADMIN_PASSWORD), timeout=60)
+        return httpx.Client(base_url=self.url, auth=("admin", ADMIN_PASSWORD), timeout=60,
+                            verify=self.verify)
 
 
 @dataclass
@@ -151,7 +160,8 @@ class OrthancServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, modalities: dict[str, list], plugins: list[str] | None = None) -> None:
+    def start(self, modalities: dict[str, list], plugins: list[str] | None = None,
+              extra: dict | None = None) -> None:
         import json
 
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -162,7 +172,7 @@ class OrthancServer:
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
             "DicomModalities": modalities, "Plugins": plugins or [],
             "DicomCheckCalledAet": False, "StableAge": 1, "HttpTimeout": 60,
-            "DicomScuTimeout": 30,
+            "DicomScuTimeout": 30, **(extra or {}),
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config))

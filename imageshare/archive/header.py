@@ -18,8 +18,9 @@ from pydicom.filereader import _read_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from imageshare.archive.pixel_budget import check_pixel_budget
 from imageshare.archive.structure import Structure, check_structure
-from imageshare.domain.errors import InvalidInstance
+from imageshare.domain.errors import InvalidInstance, UndecodableImage
 from imageshare.domain.identifiers import is_valid_uid, normalise_name
 
 PATIENT_KEYWORDS = (
@@ -382,7 +383,15 @@ def _read_header(
     except Exception as exc:  # noqa: BLE001 - a required value that cannot be decoded
         raise InvalidInstance(f"a header value cannot be decoded: {type(exc).__name__}") from exc
     frames = check_pixel_data(ds, structure)
-    if frames is not None and frames != header.instance["number_of_frames"]:
+    if frames is not None:
+        # A decompression bomb is refused here, before it is stored: the budget is checked
+        # on the pixel description just verified (and the frame count it holds).
+        declared = Dataset()
+        for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated"):
+            if keyword in ds:
+                declared[keyword] = ds[keyword]
+        declared.NumberOfFrames = frames
+        check_pixel_budget(declared)
         header.instance["number_of_frames"] = frames
     return ds, header
 
@@ -429,7 +438,7 @@ def check_pixel_data(ds: Dataset, structure: Structure) -> int | None:
     of Frames (one pad byte allowed); encapsulated pixel data must be a Basic Offset Table
     (empty, or one entry per frame, increasing from 0) followed by at least one fragment per
     frame (video: one stream). A Number of Frames that cannot be read is taken from a native
-    length that holds a whole number of frames.
+    length that holds a whole number of frames (encapsulated: refused).
     """
     pixel = structure.pixel_data
     if pixel is None:
@@ -452,10 +461,12 @@ def check_pixel_data(ds: Dataset, structure: Structure) -> int | None:
             "the pixel data is encapsulated but the transfer syntax is not compressed")
     if pixel.fragments == 0:
         raise InvalidInstance("the encapsulated pixel data holds no fragments")
+    if declared is None:  # compressed frames cannot be counted from the length
+        raise UndecodableImage("the image's NumberOfFrames is not a whole number")
     table = pixel.offset_table
     if table and (table[0] != 0 or any(b <= a for a, b in zip(table, table[1:], strict=False))):
         raise InvalidInstance("the basic offset table does not increase from 0")
-    frames = declared or len(table) or (1 if syntax in _VIDEO else pixel.fragments)
+    frames = declared
     if table and len(table) != frames:
         raise InvalidInstance(
             f"the basic offset table lists {len(table)} frames; Number of Frames says {frames}")

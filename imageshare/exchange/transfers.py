@@ -17,8 +17,8 @@ from sqlalchemy import Engine, insert, select, update
 from imageshare.archive.retrieve import RetrieveService
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import SYSTEM, Actor
-from imageshare.domain.errors import ImageShareError, NotFound
-from imageshare.exchange.nodes import NodeRegistry
+from imageshare.domain.errors import ImageShareError, NotFound, StorageError
+from imageshare.exchange.nodes import Node, NodeRegistry
 from imageshare.exchange.sites import RetrieveProgress, SiteClient, SiteUnreachable
 from imageshare.jobs import JobRunner
 from imageshare.sharing.notify import Notifier
@@ -87,8 +87,6 @@ class Transfers:
             raise ImageShareError(f"sending to {node.label} is not allowed")
         found = self._retrieve.select(actor, "exchange.push", study_uids=[study_uid],
                                       allowed_studies=allowed_studies)
-        if any(self._retrieve.local_path(i) is None for i in found):
-            raise ImageShareError("only a local blob store can send today")
         public_id = secrets.token_hex(8)
         now = datetime.now(UTC)
         with self._engine.begin() as conn:
@@ -180,14 +178,25 @@ class Transfers:
                 transfers.c.public_id == public_id)).scalar_one()
         found = self._retrieve.select(SYSTEM, "exchange.push", study_uids=[transfer.study_uid],
                                       audit=False)
-        by_path = {self._retrieve.local_path(i): i.sop_uid for i in found}
+        try:
+            # Local files (temporary copies when the blob store is not local).
+            with self._retrieve.local_files(found) as paths:
+                self._send(public_id, transfer, node, client, transfer_pk,
+                           dict(zip(paths, (i.sop_uid for i in found), strict=True)),
+                           actor, notify)
+        except StorageError as exc:
+            raise ImageShareError("the stored images could not be read") from exc
+
+    def _send(self, public_id: str, transfer: Transfer, node: Node, client: SiteClient,
+              transfer_pk: int, by_path: dict[Path, str], actor: Actor,
+              notify: tuple[str, ...]) -> None:
         delivered = self._delivered(transfer_pk)
-        self._update(public_id, total=len(found), sent=len(delivered & set(by_path.values())))
+        self._update(public_id, total=len(by_path), sent=len(delivered & set(by_path.values())))
         reason = ""
         for attempt, delay in enumerate((0.0, *self._delays), start=1):
             if delay and self._stopping.wait(delay):
                 raise TransferInterrupted
-            remaining = [p for p, uid in by_path.items() if p and uid not in delivered]
+            remaining = [p for p, uid in by_path.items() if uid not in delivered]
             if not remaining:
                 break
             self._update(public_id, state="sending", attempts=transfer.attempts + attempt)

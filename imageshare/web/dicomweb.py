@@ -14,10 +14,10 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
-from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian
 
 from imageshare.access.policy import STUDY_READ, STUDY_STORE
+from imageshare.archive.pixel_budget import decode_frame
 from imageshare.archive.query import Level, Query
 from imageshare.archive.rendering import (
     RenderOptions,
@@ -407,7 +407,9 @@ def _decoded_frames(request: Request, inst: StoredInstance, numbers: list[int]) 
     for number in numbers:
         with retrieve.open(inst) as stream:
             try:
-                array = pixel_array(stream, index=number - 1, raw=True)
+                array = decode_frame(stream, number - 1, raw=True)
+            except ImageShareError:  # over the pixel budget, busy: said as it is
+                raise
             except Exception as exc:  # noqa: BLE001 - no decoder for this syntax
                 raise NotAcceptable(
                     "the frames cannot be decoded; ask with transfer-syntax=*"
@@ -702,7 +704,8 @@ async def _stow(request: Request, actor: Actor, study: str | None) -> Response:
         )
     archive = request.app.state.archive
     archive.ingest.ensure_room(actor)  # below the free-space floor: 507 before reading the body
-    sink = PartSink(params["boundary"], archive.ingest.staging_file)
+    sink = PartSink(params["boundary"], archive.ingest.staging_file,
+                    max_parts=archive.settings.stow_max_parts)
     try:
         await _receive(request, sink)
         return await run_in_threadpool(_store_parts, request, sink, actor, study)

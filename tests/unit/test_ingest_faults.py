@@ -121,8 +121,9 @@ def test_start_up_recovery_quarantines_a_blob_it_cannot_store_and_goes_on(
         archive, tmp_path, caplog):
     good = ct_series(tmp_path / "in", count=1, patient_name="Secret^Person")[0]
     bad_key, good_key = new_blob_key(), new_blob_key()
-    archive.blobs.put(bad_key, io.BytesIO(nested_sequences(good.read_bytes(), 500)))
-    archive.blobs.put(good_key, io.BytesIO(good.read_bytes()))
+    for key, data in ((bad_key, nested_sequences(good.read_bytes(), 500)),
+                      (good_key, good.read_bytes())):
+        archive.blobs.put(key, io.BytesIO(data), len(data))
     with caplog.at_level(logging.INFO):
         assert recover(archive) == 1
     assert _count(archive) == 1
@@ -138,7 +139,8 @@ def test_server_starts_after_a_blob_that_crashed_start_up_before(tmp_path):
     """The reported fault: an orphan blob of 500 nested sequences stopped every start."""
     built = make_archive(tmp_path)
     good = ct_series(tmp_path / "in", count=1)[0].read_bytes()
-    built.blobs.put(new_blob_key(), io.BytesIO(nested_sequences(good, 500)))
+    nested = nested_sequences(good, 500)
+    built.blobs.put(new_blob_key(), io.BytesIO(nested), len(nested))
     built.close()
     again = make_archive(tmp_path)
     try:
