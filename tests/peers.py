@@ -87,19 +87,25 @@ class RunningServer:
 
     def register(self, *ae_titles: str, host: str = "127.0.0.1", port: int = 104) -> None:
         """Register calling AE titles as modalities that may store (also while it runs)."""
-        from imageshare.app import build_archive
-        from imageshare.exchange.nodes import Node
+        from imageshare.app import _secret_box
+        from imageshare.exchange.nodes import Node, NodeRegistry
         from imageshare.settings import load_settings
+        from imageshare.storage.index.database import make_engine, migrate
 
-        archive = build_archive(load_settings(environ=self.env()))
+        # Only the index is opened (the blob store, say S3, takes its credentials from the
+        # process environment, which is the server's, not this one's).
+        settings = load_settings(environ=self.env())
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        engine = make_engine(settings.resolved_database_url)
         try:
+            migrate(engine)
+            nodes = NodeRegistry(engine, _secret_box(settings))
             for ae in ae_titles:
-                if archive.nodes.find(ae) is None:
-                    archive.nodes.add(Node(ae, host, port, may_query=False,
-                                           may_retrieve=False, searchable=False,
-                                           retrieve_from=False, send_to=False))
+                if nodes.find(ae) is None:
+                    nodes.add(Node(ae, host, port, may_query=False, may_retrieve=False,
+                                   searchable=False, retrieve_from=False, send_to=False))
         finally:
-            archive.close()
+            engine.dispose()
 
     def start(self) -> RunningServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)

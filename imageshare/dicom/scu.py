@@ -129,30 +129,39 @@ class DimseSites:
         ae.requested_contexts = storage_contexts_for(pairs)
         assoc = self._associate(ae, node)
         sent = failed = 0
+        completed = False
+
+        def lost() -> SiteUnreachable:
+            return SiteUnreachable(f"the connection to {node.label} was lost after {sent} of "
+                                   f"{len(paths)} instance(s)")
+
         try:
             for path in paths:
                 try:
                     status = assoc.send_c_store(path)
-                except (RuntimeError, OSError, ValueError) as exc:
-                    if not assoc.is_established:
-                        raise SiteUnreachable(
-                            f"the connection to {node.label} was lost after {sent} of "
-                            f"{len(paths)} instance(s)") from exc
-                    status = None
-                if status and status.Status in (0x0000, 0xB000, 0xB006, 0xB007):
+                except ValueError:  # no accepted presentation context for this instance
+                    failed += 1
+                    progress(RetrieveProgress(sent, len(paths), failed))
+                    continue
+                except (RuntimeError, OSError) as exc:
+                    raise lost() from exc
+                if not status:  # no answer: the peer went away (or fell silent)
+                    raise lost()
+                if status.Status in (0x0000, 0xB000, 0xB006, 0xB007):
                     sent += 1
                     if delivered is not None:
                         delivered(path)
-                elif not assoc.is_established:
-                    raise SiteUnreachable(
-                        f"the connection to {node.label} was lost after {sent} of "
-                        f"{len(paths)} instance(s)")
                 else:
                     failed += 1
                 progress(RetrieveProgress(sent, len(paths), failed))
+            completed = True
         finally:
-            if assoc.is_established:
+            # A broken or interrupted association is aborted: a release would wait for an
+            # answer that may never come.
+            if assoc.is_established and completed:
                 assoc.release()
+            elif assoc.is_established:
+                assoc.abort()
         return RetrieveProgress(sent, len(paths), failed)
 
 
