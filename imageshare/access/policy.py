@@ -83,7 +83,7 @@ def _nothing_shared(_actor: Actor) -> frozenset[str]:
 class Policy:
     """Access rules of this installation."""
 
-    store_from_any_ae: bool = True
+    store_from_any_ae: bool = False
     # The studies shared with a user outside their role (sharing fills this in).
     shared_with: Callable[[Actor], frozenset[str]] = field(default=_nothing_shared)
 
