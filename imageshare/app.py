@@ -148,14 +148,14 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         engine, retrieve, audit, notifier, deidentifier,
         lambda: Pseudonyms(installation_secret(settings.data_dir, settings.deid_secret)),
         settings.data_dir / "share-cache", settings.share_default_days,
-        settings.share_max_days, ingest)
+        settings.share_max_days, ingest, users=users_directory, public_url=settings.public_url)
     return Archive(
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
         ingest=ingest, query=query, retrieve=retrieve, users=users_directory,
         sessions=SessionStore(engine),
         nodes=nodes,
         policy=Policy(store_from_any_ae=settings.store_from_any_ae,
-                      shared_with=shares.studies_shared_with),
+                      shared_with=shares.grants_for),
         search=search, catalogue=catalogue,
         comments=CommentBook(engine, audit), attachments=AttachmentService(catalogue, ingest),
         corrections=corrections,

@@ -91,3 +91,11 @@ class TooManyRequests(ImageShareError):
 
     http_status = 429
     title = "Too many requests"
+
+
+class PublicUrlMissing(ImageShareError):
+    """A link for an e-mail is due but IMAGESHARE_PUBLIC_URL is not set (links are never
+    built from a request's Host header)."""
+
+    http_status = 409
+    title = "Public address not set"

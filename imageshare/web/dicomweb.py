@@ -17,7 +17,8 @@ from pydicom.encaps import generate_fragments
 from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian
 
-from imageshare.access.policy import STUDY_READ, STUDY_STORE
+from imageshare.access.policy import STUDY_DOWNLOAD, STUDY_READ, STUDY_STORE
+from imageshare.access.scope import DOWNLOAD, VIEW
 from imageshare.archive.query import Level, Query
 from imageshare.archive.rendering import (
     RenderOptions,
@@ -42,7 +43,7 @@ from imageshare.domain.errors import (
     NotFound,
     WrongStudy,
 )
-from imageshare.web.auth import allowed
+from imageshare.web.auth import allowed, authorise_also
 from imageshare.web.multipart import (
     PartBody,
     PartSink,
@@ -54,6 +55,8 @@ from imageshare.web.multipart import (
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
 Reader = allowed(STUDY_READ, "study")
+# Instances as DICOM files leave with download rights (shares may grant only viewing).
+Downloader = allowed(STUDY_DOWNLOAD, "study")
 Writer = allowed(STUDY_STORE)
 DICOM_JSON = "application/dicom+json"
 
@@ -247,13 +250,13 @@ def search_series_instances(
 
 def _select(
     request: Request, actor: Actor, action: str, study: str, series: str | None = None,
-    instance: str | None = None,
+    instance: str | None = None, right: str = VIEW,
 ) -> list[StoredInstance]:
     archive = request.app.state.archive
     return archive.retrieve.select(
         actor, action, study_uids=[study], series_uids=[series] if series else (),
         sop_uids=[instance] if instance else (),
-        allowed_studies=archive.policy.study_scope(actor),
+        allowed_studies=archive.policy.study_scope(actor, right),
     )
 
 
@@ -313,15 +316,17 @@ def _dicom_response(request: Request, found: list[StoredInstance]) -> Response:
 
 
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
-def retrieve_study(request: Request, study: str, actor: Reader) -> Response:
+def retrieve_study(request: Request, study: str, actor: Downloader) -> Response:
     """Every instance of the study as multipart/related application/dicom."""
-    return _dicom_response(request, _select(request, actor, "study.retrieve", study))
+    return _dicom_response(request, _select(request, actor, "study.retrieve", study,
+                                            right=DOWNLOAD))
 
 
 @router.get("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
-def retrieve_series(request: Request, study: str, series: str, actor: Reader) -> Response:
+def retrieve_series(request: Request, study: str, series: str, actor: Downloader) -> Response:
     """Every instance of the series."""
-    return _dicom_response(request, _select(request, actor, "study.retrieve", study, series))
+    return _dicom_response(request, _select(request, actor, "study.retrieve", study, series,
+                                            right=DOWNLOAD))
 
 
 @router.get(
@@ -329,10 +334,10 @@ def retrieve_series(request: Request, study: str, series: str, actor: Reader) ->
     summary="WADO-RS: retrieve an instance",
 )
 def retrieve_instance(
-    request: Request, study: str, series: str, instance: str, actor: Reader
+    request: Request, study: str, series: str, instance: str, actor: Downloader
 ) -> Response:
     """One instance."""
-    found = _select(request, actor, "study.retrieve", study, series, instance)
+    found = _select(request, actor, "study.retrieve", study, series, instance, DOWNLOAD)
     return _dicom_response(request, found)
 
 
@@ -727,9 +732,12 @@ def wado_uri(request: Request, actor: Reader) -> Response:
     uids = [params.get(name, "") for name in ("studyUID", "seriesUID", "objectUID")]
     if not all(uids):
         raise InvalidQuery("studyUID, seriesUID and objectUID are required")
-    inst = _select(request, actor, "study.retrieve", *uids)[0]
     content_type = params.get("contentType", "image/jpeg").split(",")[0].strip()
-    if content_type == "application/dicom":
+    as_file = content_type == "application/dicom"
+    if as_file:
+        authorise_also(request, actor, STUDY_DOWNLOAD, uids[0])
+    inst = _select(request, actor, "study.retrieve", *uids, right=DOWNLOAD if as_file else VIEW)[0]
+    if as_file:
         _actual, body = _instance_body(request, inst, params.get("transferSyntax"))
         data = body if isinstance(body, bytes) else file_chunks(body)
         return StreamingResponse(iter([data]) if isinstance(data, bytes) else data,

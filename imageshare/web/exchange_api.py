@@ -27,13 +27,21 @@ def patient_query(nhs: str, hospital_number: str, name: str, dob: str) -> Patien
                         dob.strip().replace("-", "")[:8])
 
 
-@router.get("/search", summary="Federated search for a patient's studies")
-async def federated_search(request: Request, actor: allowed(EXCHANGE), nhs: str = "",
-                           hospital_number: str = "", name: str = "", dob: str = ""
+class PatientSearchIn(BaseModel):
+    """Who to look for (in the body: patient details never go in a URL)."""
+
+    nhs: str = Field(default="", max_length=32)
+    hospital_number: str = Field(default="", max_length=64)
+    name: str = Field(default="", max_length=200)
+    dob: str = Field(default="", max_length=10, description="YYYY-MM-DD or YYYYMMDD")
+
+
+@router.post("/search", summary="Federated search for a patient's studies")
+async def federated_search(request: Request, body: PatientSearchIn, actor: allowed(EXCHANGE)
                            ) -> dict[str, Any]:
     """Local studies and those of every searchable site, each site within its timeout."""
     archive = request.app.state.archive
-    query = patient_query(nhs, hospital_number, name, dob)
+    query = patient_query(body.nhs, body.hospital_number, body.name, body.dob)
     result = await run_in_threadpool(archive.exchange.search, query, actor,
                                      archive.policy.study_scope(actor))
     return {"linking": result.linking,

@@ -84,8 +84,12 @@ def change_password(request: Request, actor: allowed(ACCOUNT_SELF),
         archive.audit.record(AuditEvent(actor=actor, action="account.password",
                                         outcome="failure"))
         return _account_page(request, 400, error=str(exc))
-    archive.audit.record(AuditEvent(actor=actor, action="account.password", outcome="success"))
-    return redirect("/account?notice=password-changed")
+    # Every other session of the account ends (someone who knew the old password may hold
+    # one); API tokens are listed on the account page for the user to revoke.
+    ended = archive.sessions.end_all(actor.name, keep=request.cookies.get(COOKIE, ""))
+    archive.audit.record(AuditEvent(actor=actor, action="account.password", outcome="success",
+                                    detail={"sessions_ended": ended}))
+    return redirect("/account?notice=password-changed#tokens")
 
 
 @router.post("/account/tokens")
