@@ -160,6 +160,22 @@ class AnnotationBook:
                             author_label: str) -> io.BytesIO:
         """The marks as a Softcopy Presentation State (Part 10 bytes); raises ImageShareError
         when one cannot be made for this image."""
+        try:
+            return self._build_state(header, frame, frames, marks, author_label)
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise ImageShareError("marks cannot be stored for this image (a presentation "
+                                  "state could not be made from its header); nothing was "
+                                  "saved") from exc
+
+    def _build_state(self, header: Any, frame: int, frames: int, marks: list[Mark],
+                     author_label: str) -> io.BytesIO:
+        columns, rows = float(header.Columns), float(header.Rows)
+
+        def inside(x: float, y: float) -> list[float]:
+            # Arrowheads of marks near an edge would point outside the image, which a
+            # presentation state may not (PIXEL graphic data lies within the image).
+            return [min(max(x, 0.0), columns), min(max(y, 0.0), rows)]
+
         spacing = None
         if "PixelSpacing" in header:
             spacing = (float(header.PixelSpacing[0]), float(header.PixelSpacing[1]))
@@ -172,9 +188,10 @@ class AnnotationBook:
             if mark.kind == "arrow":
                 angle = math.atan2(y1 - y2, x1 - x2)
                 for turn in (0.4, -0.4):
-                    head = (x2 + 12 * math.cos(angle + turn), y2 + 12 * math.sin(angle + turn))
+                    head = inside(x2 + 12 * math.cos(angle + turn),
+                                  y2 + 12 * math.sin(angle + turn))
                     objects.append(hd.pr.GraphicObject(
-                        "POLYLINE", np.array([[x2, y2], list(head)], dtype=float), "PIXEL"))
+                        "POLYLINE", np.array([[x2, y2], head], dtype=float), "PIXEL"))
             text = mark.label or (_length_text(mark, spacing) if mark.kind == "length" else "")
             if text:
                 texts.append(hd.pr.TextObject(text, "PIXEL", anchor_point=(
@@ -187,19 +204,14 @@ class AnnotationBook:
         cls = (hd.pr.ColorSoftcopyPresentationState if colour
                else hd.pr.GrayscaleSoftcopyPresentationState)
         extra = {"icc_profile": self._icc_profile(header)} if colour else {}
-        try:
-            state = cls(
-                referenced_images=[header], series_instance_uid=generate_uid(),
-                series_number=SERIES_NUMBER, sop_instance_uid=generate_uid(),
-                instance_number=1, manufacturer="ImageShare",
-                manufacturer_model_name="ImageShare", software_versions=__version__,
-                device_serial_number="0", content_label="MARKS",
-                content_description=f"Marks by {author_label}"[:64],
-                graphic_annotations=[annotation], graphic_layers=[layer], **extra)
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise ImageShareError("marks cannot be stored for this image (a presentation "
-                                  "state could not be made from its header); nothing was "
-                                  "saved") from exc
+        state = cls(
+            referenced_images=[header], series_instance_uid=generate_uid(),
+            series_number=SERIES_NUMBER, sop_instance_uid=generate_uid(),
+            instance_number=1, manufacturer="ImageShare",
+            manufacturer_model_name="ImageShare", software_versions=__version__,
+            device_serial_number="0", content_label="MARKS",
+            content_description=f"Marks by {author_label}"[:64],
+            graphic_annotations=[annotation], graphic_layers=[layer], **extra)
         out = io.BytesIO()
         state.save_as(out, enforce_file_format=True)
         out.seek(0)
