@@ -77,7 +77,8 @@ class Settings:
     )
     public_url: str = _setting(
         "", "Address people use to reach ImageShare (e.g. https://images.example.nhs.uk), for "
-        "links in e-mails; empty: taken from each request."
+        "links in e-mails (never taken from a request's Host header); empty: e-mails with "
+        "links are refused."
     )
     share_default_days: int = _setting(30, "Days a share link stays valid unless chosen.")
     share_max_days: int = _setting(90, "Longest validity a share link may be given (days).")

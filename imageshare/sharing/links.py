@@ -345,6 +345,10 @@ class ShareService:
             raise ImageShareError("invitations are not available here")
         username = username.strip()
         if self.username_reserved(username):
+            self._audit.record(AuditEvent(
+                actor=Actor("anonymous", username[:64], source=source, registered=False),
+                action="user.accept-invite", outcome="failure",
+                detail={"reason": "a share names this user name"}))
             raise ImageShareError("that user name is not available; choose another")
         with self._engine.connect() as conn:
             share_pk = conn.execute(select(account_invites.c.share_pk).where(
