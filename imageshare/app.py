@@ -143,7 +143,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     mailer = Mailer(MailSettings(settings.smtp_host, settings.smtp_port, settings.smtp_tls,
                                  settings.smtp_user, settings.smtp_password,
                                  settings.mail_sender))
-    notifier = Notifier(engine, mailer, users_directory.email_of)
+    notifier = Notifier(engine, mailer, users_directory.email_of, settings.public_url)
     shares = ShareService(
         engine, retrieve, audit, notifier, deidentifier,
         lambda: Pseudonyms(installation_secret(settings.data_dir, settings.deid_secret)),

@@ -22,7 +22,7 @@ from sqlalchemy import update
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, InvalidInstance
 from imageshare.sharing.links import NewShare
-from imageshare.storage.index.schema import shares
+from imageshare.storage.index.schema import shares, users
 from imageshare.web.server import create_app
 from tests.conftest import ADMIN_PASSWORD, make_archive
 from tests.factory import ct_series, us_cine
@@ -402,6 +402,14 @@ def test_email_links_never_take_the_requests_host(mailing):
     archive.shares.mailer.flush()
     [body] = sink.bodies("mentor@elsewhere.example")
     assert "https://images.hospital.example/s/" in body and "attacker" not in body
+    # Notifications by e-mail link to the public address too.
+    with archive.engine.begin() as conn:
+        conn.execute(update(users).where(users.c.username == "sono")
+                     .values(email="sono@hospital.example"))
+    archive.notifier.notify("sono", "share.comment", "A reviewer commented", "/shares/abc")
+    archive.shares.mailer.flush()
+    [notice] = sink.bodies("sono@hospital.example")
+    assert "https://images.hospital.example/shares/abc" in notice
 
 
 # -- item 13: no patient details in any URL ------------------------------------------------------
