@@ -77,6 +77,8 @@ def open_link(request: Request, token: str, _anyone: allowed(PUBLIC),
                         error=str(exc), needs_login=False)
         return _gone(request, exc)
     user = resolve_actor(request)
+    if user.kind == "share":  # this browser has the link open already
+        return redirect(f"/s/{token}/case")
     if not share.deidentified and (user.kind != "user" or user.name != share.recipient_user):
         # Only the named recipient, signed in, may try the passcode of an identifiable share
         # (giving it opens the share's items to their account).
