@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= ./var
 
-.PHONY: install run test peers lint bench bench-viewer bench-deid bench-exchange clean
+.PHONY: install run test peers lint bench bench-viewer bench-deid bench-exchange bench-blobstore clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -58,6 +58,9 @@ bench-deid: $(VENV)/.installed-test
 
 bench-exchange: $(VENV)/.installed-test
 	$(BIN)/python bench/exchange.py
+
+bench-blobstore: $(VENV)/.installed-test
+	$(BIN)/python bench/blobstore.py
 
 clean:
 	rm -rf $(VENV) var

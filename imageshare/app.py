@@ -12,14 +12,17 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, select
+from sqlalchemy.engine import make_url
 
 from imageshare.access.policy import Policy
 from imageshare.access.sessions import SessionStore
 from imageshare.access.throttle import SignInThrottle
 from imageshare.access.users import UserDirectory
+from imageshare.archive import pixel_budget
 from imageshare.archive.annotations import AnnotationBook
 from imageshare.archive.attachments import AttachmentService
 from imageshare.archive.comments import CommentBook
@@ -27,6 +30,7 @@ from imageshare.archive.corrections import PatientCorrections
 from imageshare.archive.deletion import ArchiveDeletion
 from imageshare.archive.index_writer import IndexWriter
 from imageshare.archive.ingest import IngestService
+from imageshare.archive.pixel_budget import PixelLimits
 from imageshare.archive.query import QueryService
 from imageshare.archive.retrieve import RetrieveService
 from imageshare.archive.search import StudySearchService
@@ -51,8 +55,18 @@ from imageshare.sharing.cases import CaseBook
 from imageshare.sharing.links import ShareService
 from imageshare.sharing.notify import Mailer, MailSettings, Notifier
 from imageshare.storage.blobs import BlobStore, fsync_file, key_prefix_for, open_blob_store
+from imageshare.storage.files import make_private
 from imageshare.storage.index.database import make_engine, migrate
 from imageshare.storage.index.schema import instances
+from imageshare.storage.secret_box import KEY_FILE as SECRET_KEY_FILE
+from imageshare.storage.secret_box import SecretBox, load_secret_key
+from imageshare.tls import (
+    check_tls_settings,
+    client_context,
+    dicom_server_context,
+    exposure_warnings,
+    https_enabled,
+)
 
 log = logging.getLogger("imageshare")
 
@@ -101,12 +115,56 @@ class Archive:
         self.engine.dispose()
 
 
+def configure_process(settings: Settings) -> None:
+    """What the settings fix for the whole process: the pixel budget and decode slots."""
+    pixel_budget.configure(PixelLimits(
+        max_frame_bytes=settings.max_decoded_frame_bytes,
+        max_instance_bytes=settings.max_decoded_instance_bytes,
+        max_concurrent_decodes=settings.max_concurrent_decodes,
+    ))
+
+
+def _private_data_dir(settings: Settings) -> None:
+    """The data folder and everything in it private to this user (0700/0600), the SQLite
+    index made 0600 before SQLite creates it (its -wal and -shm files take its mode)."""
+    make_private(settings.data_dir, skip_after_first=("blobs",))
+    url = make_url(settings.resolved_database_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        path = Path(url.database)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            side = path.with_name(path.name + suffix)
+            if side.exists() and side.stat().st_mode & 0o077:
+                side.chmod(0o600)
+
+
+def _secret_box(settings: Settings) -> SecretBox:
+    key_file = (Path(settings.secret_key_file) if settings.secret_key_file
+                else settings.data_dir / SECRET_KEY_FILE)
+    return SecretBox(load_secret_key(settings.secret_key, key_file))
+
+
+def _forget_plaintext(engine: Engine) -> None:
+    """Rewrite a SQLite index so that no old page (free space, the write-ahead log) still
+    holds a value just encrypted."""
+    if engine.dialect.name != "sqlite":
+        return
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.exec_driver_sql("VACUUM")
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
 def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     """Create (and migrate) the index and blob store and wire the services together."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    configure_process(settings)
+    check_tls_settings(settings)
+    _private_data_dir(settings)
+    box = _secret_box(settings)
     engine = make_engine(settings.resolved_database_url, settings.sqlite_synchronous)
     migrate(engine, upgrade=upgrade)
-    blobs = open_blob_store(settings.resolved_storage_url)
+    blobs = open_blob_store(settings.resolved_storage_url, settings.s3_endpoint_url)
     audit = AuditTrail(engine)
     writer_engine = (
         make_engine(settings.resolved_database_url, settings.sqlite_synchronous, for_writer=True)
@@ -116,7 +174,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     ingest = IngestService(
         blobs, writer, audit, settings.staging_dir, overwrite=settings.overwrite_instances
     )
-    retrieve = RetrieveService(engine, blobs, audit)
+    retrieve = RetrieveService(engine, blobs, audit, settings.staging_dir)
     query = QueryService(
         engine, settings.ae_title, retrieve.header_json, audit, settings.qido_max_limit
     )
@@ -132,13 +190,19 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     corrections = PatientCorrections(engine, writer, blobs, audit, catalogue,
                                      settings.staging_dir, ingest.parents_changed)
     deletion = ArchiveDeletion(writer, blobs, audit, ingest.parents_changed)
+    tls = client_context(settings)  # for nodes reached over DICOM TLS and https sites
     clients = {
-        "dimse": DimseSites(settings.ae_title, settings.dicom_timeout),
+        "dimse": DimseSites(settings.ae_title, settings.dicom_timeout, tls),
         "dicomweb": DicomwebSites(lambda stream: ingest.store_stream(
-            stream, Actor("system", "exchange", "system", "dicomweb"))),
+            stream, Actor("system", "exchange", "system", "dicomweb")), tls=tls),
     }
-    users_directory = UserDirectory(engine)
-    nodes = NodeRegistry(engine)
+    users_directory = UserDirectory(engine, box)
+    nodes = NodeRegistry(engine, box)
+    if upgrade:  # secrets an older version stored in plaintext are encrypted now
+        sealed = users_directory.seal_stored_secrets() + nodes.seal_stored_credentials()
+        if sealed:
+            log.warning("encrypted %d secret(s) stored in plaintext by an older version", sealed)
+            _forget_plaintext(engine)
     search = StudySearchService(query)
     mailer = Mailer(MailSettings(settings.smtp_host, settings.smtp_port, settings.smtp_tls,
                                  settings.smtp_user, settings.smtp_password,
@@ -171,7 +235,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
                             _seconds(settings.push_retry_seconds)),
         inbox=Inbox(engine, catalogue, corrections, deletion, audit),
         retention=Retention(deletion, settings.temporary_days), deletion=deletion,
-        requests=ImagingRequests(engine, nodes, notifier, audit, settings.ae_title),
+        requests=ImagingRequests(engine, nodes, notifier, audit, settings.ae_title, tls),
     )
 
 
@@ -220,7 +284,7 @@ def configure_logging(settings: Settings, tag: str = "") -> None:
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
     )
-    for noisy in ("pynetdicom", "alembic"):
+    for noisy in ("pynetdicom", "alembic", "botocore", "boto3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -236,11 +300,13 @@ def _make_listener(archive: Archive, shared_port: bool) -> Any:
 
     settings = archive.settings
     return DicomListener(
-        settings.ae_title, settings.dicom_port, settings.dicom_host or settings.http_host,
+        settings.ae_title, settings.dicom_port or None,
+        settings.dicom_host or settings.http_host,
         archive.ingest, archive.query, archive.retrieve, archive.nodes, archive.policy,
         max_associations=settings.max_associations, timeout=settings.dicom_timeout,
         max_pdu=settings.max_pdu_size, check_calling_host=settings.check_calling_host,
-        shared_port=shared_port,
+        shared_port=shared_port, tls_port=settings.dicom_tls_port,
+        ssl_context=dicom_server_context(settings), client_ssl_context=client_context(settings),
     )
 
 
@@ -294,8 +360,11 @@ def serve(settings: Settings) -> None:
     DICOM port (``dicom_processes``) so that concurrent associations use every core."""
     import uvicorn
 
-    from imageshare.web.server import create_app
+    from imageshare.web.server import create_app, http_server_config
 
+    for warning in exposure_warnings(settings):
+        log.warning("%s", warning)
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     archive = build_archive(settings)
     generated = archive.users.ensure_admin(settings.admin_password)
     if generated:
@@ -307,7 +376,7 @@ def serve(settings: Settings) -> None:
     recover(archive)
     listener = None
     workers: list[multiprocessing.process.BaseProcess] = []
-    if settings.dicom_port:
+    if settings.dicom_port or settings.dicom_tls_port:
         processes = dicom_processes(settings)
         listener = _make_listener(archive, shared_port=processes > 1)
         listener.start()
@@ -325,18 +394,16 @@ def serve(settings: Settings) -> None:
         for number, event in enumerate(ready):
             if not event.wait(120):
                 log.error("DICOM worker %d did not start; continuing without it", number)
-        log.info("DICOM listener %s on port %d (%d processes)", settings.ae_title,
-                 listener.port, processes)
+        log.info("DICOM listener %s on port %s, TLS port %s (%d processes)",
+                 settings.ae_title, listener.port, listener.tls_port or "none", processes)
     housekeeping = _start_housekeeping(archive)
     app = create_app(archive)
-    config = uvicorn.Config(
-        app, host=settings.http_host, port=settings.http_port, log_level="warning",
-        access_log=False, timeout_graceful_shutdown=10,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(http_server_config(app, settings))
+    scheme = "https" if https_enabled(settings) else "http"
+    tls = f", DICOM TLS port {settings.dicom_tls_port}" if settings.dicom_tls_port else ""
     print(
-        f"ImageShare listening: http://{settings.http_host}:{settings.http_port}/ "
-        f"and DICOM {settings.ae_title}@{settings.dicom_port}",
+        f"ImageShare listening: {scheme}://{settings.http_host}:{settings.http_port}/ "
+        f"and DICOM {settings.ae_title}@{settings.dicom_port}{tls}",
         file=sys.stderr, flush=True,
     )
     try:

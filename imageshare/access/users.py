@@ -21,6 +21,7 @@ from imageshare.access.policy import ENROLLING, ROLES, effective_role
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.storage.index.schema import account_invites, api_tokens, users
+from imageshare.storage.secret_box import SecretBox
 
 _hasher = PasswordHasher()
 _CACHE_SECONDS = 300.0
@@ -48,9 +49,10 @@ def _check_password(password: str) -> None:
 class UserDirectory:
     """Creates users, checks passwords and API tokens, and turns them into Actors."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, secrets_box: SecretBox) -> None:
         self._engine = engine
         self.lockout = Lockout(engine)
+        self._box = secrets_box
         self._verified: dict[tuple[str, bytes], tuple[float, Actor]] = {}
         self._lock = threading.Lock()
 
@@ -169,7 +171,7 @@ class UserDirectory:
         code = code.strip().replace(" ", "")
         if not secret or not code.isdigit():
             return False
-        totp = pyotp.TOTP(secret)
+        totp = pyotp.TOTP(self._box.open(secret))
         step_now = int(time.time()) // totp.interval
         for step in (step_now, step_now - 1, step_now + 1):
             if totp.generate_otp(step) == code:
@@ -335,6 +337,20 @@ class UserDirectory:
 
     # -- two-factor sign-in ---------------------------------------------------------------
 
+    def seal_stored_secrets(self) -> int:
+        """Encrypt TOTP secrets still stored in plaintext (written by an older version);
+        returns how many were sealed."""
+        sealed = 0
+        with self._engine.begin() as conn:
+            rows = conn.execute(select(users.c.pk, users.c.totp_secret)
+                                .where(users.c.totp_secret.is_not(None))).all()
+            for row in rows:
+                if row.totp_secret and not SecretBox.is_sealed(row.totp_secret):
+                    conn.execute(update(users).where(users.c.pk == row.pk)
+                                 .values(totp_secret=self._box.seal(row.totp_secret)))
+                    sealed += 1
+        return sealed
+
     def two_factor_enabled(self, username: str) -> bool:
         """True when ``username`` signs in with a TOTP code."""
         with self._engine.connect() as conn:
@@ -347,7 +363,7 @@ class UserDirectory:
         if self.two_factor_enabled(username):
             raise ImageShareError("two-factor sign-in is already set up")
         secret = pyotp.random_base32()
-        self._change(username, totp_secret=secret)
+        self._change(username, totp_secret=self._box.seal(secret))  # encrypted at rest
         return pyotp.TOTP(secret).provisioning_uri(name=username, issuer_name=TOTP_ISSUER)
 
     def confirm_two_factor(self, username: str, code: str) -> None:

@@ -30,7 +30,7 @@ from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.domain.identifiers import is_valid_nhs_number, normalise_name
-from imageshare.storage.blobs import BlobStore, new_blob_key
+from imageshare.storage.blobs import BlobStore, StoredBlob, new_blob_key, store_file
 from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import (
     instances,
@@ -248,8 +248,9 @@ class PatientCorrections:
                 .join(studies, studies.c.pk == series.c.study_pk)
                 .where(studies.c.study_uid.in_(study_uids)).order_by(instances.c.pk))]
 
-    def _rewrite(self, blob_key: str, details: PatientDetails) -> tuple[str, int, Dataset]:
-        """A new durable blob holding the instance with ``details``; (key, size, header)."""
+    def _rewrite(self, blob_key: str, details: PatientDetails
+                 ) -> tuple[str, StoredBlob, Dataset]:
+        """A new durable blob holding the instance with ``details``; (key, blob, header)."""
         key = new_blob_key()
         path = self._staging / f"correct-{uuid.uuid4().hex}.dcm"
         try:
@@ -257,23 +258,22 @@ class PatientCorrections:
                 ds = dcmread(fp, defer_size="512 KB")
                 apply_details(ds, details)
                 ds.save_as(path, enforce_file_format=False)
-            size = path.stat().st_size
-            self._blobs.put_file(key, path)
+            stored = store_file(self._blobs, key, path)
         finally:
             path.unlink(missing_ok=True)
-        return key, size, ds
+        return key, stored, ds
 
     def _apply(self, study_uids: list[str], old_pk: int, new: PatientDetails, kind: str,
                reason: str, actor: Actor, old: PatientDetails) -> str:
         change_id = uuid.uuid4().hex
         for _attempt in range(_ATTEMPTS):
             todo = self._instances(study_uids)
-            written: list[tuple[int, str, int, str]] = []
+            written: list[tuple[int, str, StoredBlob, str]] = []
             header: Dataset | None = None
             try:
                 for pk, key in todo:
-                    new_key, size, header = self._rewrite(key, new)
-                    written.append((pk, new_key, size, key))
+                    new_key, stored, header = self._rewrite(key, new)
+                    written.append((pk, new_key, stored, key))
                 done = self._writer.submit(functools.partial(
                     self._commit, study_uids=study_uids, old_pk=old_pk, new=new,
                     header=header, written=written, change_id=change_id, kind=kind,
@@ -293,7 +293,7 @@ class PatientCorrections:
 
     def _commit(self, conn: Connection, study_uids: list[str], old_pk: int,
                 new: PatientDetails, header: Dataset | None,
-                written: list[tuple[int, str, int, str]], change_id: str, kind: str,
+                written: list[tuple[int, str, StoredBlob, str]], change_id: str, kind: str,
                 reason: str, actor: Actor, old: PatientDetails) -> bool:
         """The index side of a change, in the index writer's transaction; False when the set
         of instances changed meanwhile (nothing is then changed)."""
@@ -317,9 +317,9 @@ class PatientCorrections:
             conn.execute(update(patients).where(patients.c.pk == target_pk).values(**values))
         conn.execute(update(studies).where(studies.c.study_uid.in_(study_uids))
                      .values(patient_pk=target_pk, updated_at=now))
-        for pk, key, size, _old in written:
+        for pk, key, stored, _old in written:
             conn.execute(update(instances).where(instances.c.pk == pk)
-                         .values(blob_key=key, size=size))
+                         .values(blob_key=key, size=stored.size, sha256=stored.sha256))
         conn.execute(delete(patient_identifiers).where(and_(
             patient_identifiers.c.patient_pk == target_pk,
             patient_identifiers.c.issuer == NHS_ISSUER)))

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
+from imageshare.archive.pixel_budget import check_pixel_budget
 from imageshare.domain.errors import InvalidInstance
 from imageshare.domain.identifiers import is_valid_uid, normalise_name
 
@@ -146,6 +147,7 @@ def header_from_dataset(ds: Dataset, transfer_syntax: str) -> InstanceHeader:
             raise InvalidInstance(f"the instance's {keyword} is not a valid DICOM UID")
     if not is_valid_uid(transfer_syntax):
         raise InvalidInstance("the file meta information has no valid Transfer Syntax UID")
+    check_pixel_budget(ds)  # a decompression bomb is refused here, before it is stored
     return InstanceHeader(
         sop_class_uid=_text(ds, "SOPClassUID"),
         sop_instance_uid=_text(ds, "SOPInstanceUID"),

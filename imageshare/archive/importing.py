@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
@@ -11,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from imageshare.archive.ingest import IngestService
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ConflictingInstance, InvalidInstance
 
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
+_ID_SEPARATOR = "\\"  # between the components of a Referenced File ID
 
 
 @dataclass
@@ -56,43 +59,117 @@ def _is_part10(stream: BinaryIO) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _dicomdir_files(path: Path) -> list[Path] | None:
+class OutsideTheMedia(Exception):
+    """A path that would leave the media, or a symbolic link, or not a regular file; the
+    message says which, never where it points."""
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _check_component(part: str) -> None:
+    if part in ("", ".", "..") or "/" in part or "\\" in part or "\0" in part:
+        raise OutsideTheMedia("outside the media (refused)")
+
+
+def _actual_name(dir_fd: int, part: str) -> str:
+    """``part`` as it is spelt in the folder (CD media names are upper case, mounted file
+    systems vary); the name itself when absent."""
     try:
-        ds = dcmread(path)
+        os.stat(part, dir_fd=dir_fd, follow_symlinks=False)
+        return part
+    except FileNotFoundError:
+        pass
+    folded = part.lower()
+    for name in sorted(os.listdir(dir_fd)):
+        if name.lower() == folded:
+            return name
+    return part
+
+
+def open_inside(root: Path, parts: list[str] | tuple[str, ...]) -> BinaryIO:
+    """Open the regular file ``root/parts[0]/.../parts[-1]`` for reading without leaving
+    ``root`` and without following a symbolic link at any step (each component is opened
+    relative to its folder with O_NOFOLLOW, so nothing can be swapped in between). Raises
+    :class:`OutsideTheMedia` or :class:`FileNotFoundError`."""
+    if not parts:
+        raise OutsideTheMedia("outside the media (refused)")
+    for part in parts:
+        _check_component(part)
+    dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            try:
+                fd = os.open(_actual_name(dir_fd, part), _DIR_FLAGS, dir_fd=dir_fd)
+            except NotADirectoryError as exc:
+                raise OutsideTheMedia("a symbolic link or not a folder (not followed)") from exc
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise OutsideTheMedia("a symbolic link (not followed)") from exc
+                raise
+            os.close(dir_fd)
+            dir_fd = fd
+        try:
+            fd = os.open(_actual_name(dir_fd, parts[-1]), _FILE_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OutsideTheMedia("a symbolic link (not followed)") from exc
+            raise
+    finally:
+        os.close(dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutsideTheMedia("not a regular file (refused)")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _file_ids(record: Dataset) -> list[str] | None:
+    ref = record.get("ReferencedFileID")
+    if not ref:
+        return None
+    if isinstance(ref, list | tuple) or type(ref).__name__ == "MultiValue":
+        return [str(p) for p in ref]
+    return [str(ref)]
+
+
+def _dicomdir_entries(path: Path) -> list[list[str]] | None:
+    """The Referenced File IDs of the DICOMDIR at ``path`` as written (components), or None
+    when it is not a readable DICOMDIR."""
+    try:
+        with open_inside(path.parent, [path.name]) as fh:
+            ds = dcmread(fh)
     except Exception:  # noqa: BLE001 - an unreadable DICOMDIR: fall back to walking
         return None
     if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) != _MEDIA_DIRECTORY:
         return None
-    root = path.parent
-    files = []
+    entries = []
     for record in ds.get("DirectoryRecordSequence", []):
-        ref = record.get("ReferencedFileID")
-        if not ref:
-            continue
-        parts = [str(p) for p in (ref if isinstance(ref, list | tuple) or
-                                  type(ref).__name__ == "MultiValue" else [ref])]
-        files.append(_resolve_case_insensitive(root, parts))
-    return files
-
-
-def _resolve_case_insensitive(root: Path, parts: list[str]) -> Path:
-    current = root
-    for part in parts:
-        candidate = current / part
-        if not candidate.exists() and current.is_dir():
-            matches = [p for p in current.iterdir() if p.name.lower() == part.lower()]
-            candidate = matches[0] if matches else candidate
-        current = candidate
-    return current
+        parts = _file_ids(record)
+        if parts:
+            entries.append(parts)
+    return entries
 
 
 def _safe_member(name: str) -> bool:
     path = PurePosixPath(name.replace("\\", "/"))
-    return not path.is_absolute() and ".." not in path.parts and ":" not in path.parts[0]
+    return (not path.is_absolute() and ".." not in path.parts and bool(path.parts)
+            and ":" not in path.parts[0])
+
+
+def _is_link_member(info: zipfile.ZipInfo) -> bool:
+    return info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)
 
 
 class DicomInputs:
-    """Walks files, folders, zip files and DICOMDIR media, yielding every file they hold."""
+    """Walks files, folders, zip files and DICOMDIR media, yielding every file they hold.
+
+    Nothing outside the media is opened: DICOMDIR references and zip members are checked
+    before use, symbolic links inside folders and media are not followed (paths named on the
+    command line are the operator's and are taken as given), and only regular files are read.
+    Refusals name the entry as the media writes it, never what it points at.
+    """
 
     def __init__(self) -> None:
         self._open_zips: list[zipfile.ZipFile] = []
@@ -108,11 +185,18 @@ class DicomInputs:
         for item in inputs:
             if item.is_dir():
                 yield from self._folder(item, report)
-            elif item.is_file() and zipfile.is_zipfile(item):
-                yield from self._zip(item, report)
+            elif item.is_file() and item.name.upper() == "DICOMDIR" and (
+                    _dicomdir_entries(item) is not None):
+                yield from self._folder(item.parent, report)
             elif item.is_file():
-                if item.name.upper() == "DICOMDIR" and _dicomdir_files(item) is not None:
-                    yield from self._folder(item.parent, report)
+                try:
+                    with open(item, "rb") as fh:
+                        is_zip = zipfile.is_zipfile(fh)
+                except OSError as exc:
+                    report.refused.append((str(item), f"cannot read ({exc.strerror or exc})"))
+                    continue
+                if is_zip:
+                    yield from self._zip(str(item), lambda p=item: open(p, "rb"), report)
                 else:
                     yield Candidate(str(item), lambda p=item: open(p, "rb"), explicit=True)
             else:
@@ -120,38 +204,69 @@ class DicomInputs:
 
     def _folder(self, folder: Path, report: ImportReport) -> Iterator[Candidate]:
         dicomdir = next(
-            (p for p in folder.iterdir() if p.name.upper() == "DICOMDIR" and p.is_file()), None
+            (p for p in sorted(folder.iterdir())
+             if p.name.upper() == "DICOMDIR" and not p.is_symlink() and p.is_file()), None
         )
-        listed = _dicomdir_files(dicomdir) if dicomdir else None
-        if listed is not None:
-            for path in listed:
-                if path.is_file():
-                    yield Candidate(str(path), lambda p=path: open(p, "rb"), explicit=True)
-                else:
-                    report.refused.append((str(path), "listed in DICOMDIR but missing"))
+        listed = _dicomdir_entries(dicomdir) if dicomdir else None
+        if dicomdir is not None and listed is not None:
+            for parts in listed:
+                label = f"{dicomdir}: {_ID_SEPARATOR.join(parts)}"  # as written
+                yield from self._media_file(folder, parts, label, report)
             return
-        for root, dirs, files in os.walk(folder):
+        for root, dirs, files in os.walk(folder):  # symbolic links to folders: not entered
+            for name in [d for d in dirs if (Path(root) / d).is_symlink()]:
+                report.refused.append((str(Path(root) / name), "a symbolic link (not followed)"))
+                dirs.remove(name)
             dirs.sort()
+            relative = Path(root).relative_to(folder).parts
             for name in sorted(files):
-                path = Path(root) / name
-                if zipfile.is_zipfile(path):
-                    yield from self._zip(path, report)
-                else:
-                    yield Candidate(str(path), lambda p=path: open(p, "rb"))
+                label = str(Path(root) / name)
+                yield from self._media_file(folder, [*relative, name], label, report,
+                                            listed=False)
 
-    def _zip(self, path: Path, report: ImportReport) -> Iterator[Candidate]:
+    def _media_file(self, root: Path, parts: list[str], label: str, report: ImportReport,
+                    listed: bool = True) -> Iterator[Candidate]:
+        """The file at ``parts`` under ``root`` (a zip file's members, if it is one)."""
         try:
-            archive = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as exc:
-            report.refused.append((str(path), f"unreadable zip file ({exc.__class__.__name__})"))
+            with open_inside(root, parts) as fh:
+                is_zip = zipfile.is_zipfile(fh)
+        except OutsideTheMedia as exc:
+            report.refused.append((label, str(exc)))
+            return
+        except FileNotFoundError:
+            report.refused.append((label, "listed in DICOMDIR but missing" if listed
+                                   else "no such file"))
+            return
+        except OSError as exc:
+            report.refused.append((label, f"cannot read ({exc.strerror or type(exc).__name__})"))
+            return
+
+        def opener(r: Path = root, p: tuple[str, ...] = tuple(parts)) -> BinaryIO:
+            return open_inside(r, p)
+
+        if is_zip and not listed:
+            yield from self._zip(label, opener, report)
+        else:
+            yield Candidate(label, opener, explicit=listed)
+
+    def _zip(self, label_base: str, opener: Callable[[], BinaryIO],
+             report: ImportReport) -> Iterator[Candidate]:
+        try:
+            archive = zipfile.ZipFile(opener())
+        except (zipfile.BadZipFile, OSError, OutsideTheMedia) as exc:
+            report.refused.append(
+                (label_base, f"unreadable zip file ({exc.__class__.__name__})"))
             return
         self._open_zips.append(archive)  # members are read by other threads; run() closes it
         for info in archive.infolist():
-            label = f"{path}!{info.filename}"
+            label = f"{label_base}!{info.filename}"
             if info.is_dir():
                 continue
             if not _safe_member(info.filename):
                 report.refused.append((label, "unsafe path in zip file (refused)"))
+                continue
+            if _is_link_member(info):
+                report.refused.append((label, "a symbolic link in the zip file (not followed)"))
                 continue
             if info.flag_bits & 0x1:
                 report.refused.append((label, "encrypted zip member"))

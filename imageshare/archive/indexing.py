@@ -72,6 +72,7 @@ class ExistingInstance:
     size: int
     series_uid: str
     study_uid: str
+    sha256: str | None = None  # None for instances stored before digests were recorded
 
 
 def find_instance(conn: Connection, sop_uid: str) -> ExistingInstance | None:
@@ -81,7 +82,7 @@ def find_instance(conn: Connection, sop_uid: str) -> ExistingInstance | None:
     row = conn.execute(
         select(
             instances.c.pk, instances.c.blob_key, instances.c.size, series.c.series_uid,
-            studies.c.study_uid,
+            studies.c.study_uid, instances.c.sha256,
         )
         .join(series, series.c.pk == instances.c.series_pk)
         .join(studies, studies.c.pk == series.c.study_pk)
@@ -199,8 +200,10 @@ def index_instance(
     now: datetime,
     known: KnownParents,
     retention_class: str = "clinical",
+    sha256: str | None = None,
 ) -> IndexOutcome:
-    """Add a new instance (its SOP Instance UID is not yet indexed) with its parents.
+    """Add a new instance (its SOP Instance UID is not yet indexed) with its parents;
+    ``sha256`` is the digest of its blob.
 
     Refuses (``conflict``) an instance whose study belongs to another patient, or whose series
     belongs to another study, and changes nothing then.
@@ -253,7 +256,8 @@ def index_instance(
         {
             "sop_uid": h.sop_instance_uid, "series_pk": series_pk,
             "sop_class_uid": h.sop_class_uid, "transfer_syntax": h.transfer_syntax,
-            "blob_key": blob_key, "size": size, "retention_class": retention_class,
+            "blob_key": blob_key, "size": size, "sha256": sha256,
+            "retention_class": retention_class,
             "received_from": source[:128], "received_at": now, **h.instance,
         },
     )
@@ -272,14 +276,14 @@ def index_instance(
 
 def replace_instance_blob(
     conn: Connection, existing: ExistingInstance, h: InstanceHeader, blob_key: str, size: int,
-    source: str, now: datetime,
+    source: str, now: datetime, sha256: str | None = None,
 ) -> IndexOutcome:
     """Point an indexed instance at new content (overwrite mode)."""
     conn.execute(
         update(instances)
         .where(instances.c.pk == existing.pk)
         .values(
-            blob_key=blob_key, size=size, transfer_syntax=h.transfer_syntax,
+            blob_key=blob_key, size=size, sha256=sha256, transfer_syntax=h.transfer_syntax,
             sop_class_uid=h.sop_class_uid, received_from=source[:128], received_at=now,
             **h.instance,
         )

@@ -6,7 +6,6 @@ de-duplication and conflict checks) and audit in one committed transaction -> ac
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -22,6 +21,7 @@ from imageshare.access.policy import INBOX
 from imageshare.archive.header import InstanceHeader, read_header
 from imageshare.archive.index_writer import IndexWriter, Prerequisite
 from imageshare.archive.indexing import (
+    ExistingInstance,
     IndexOutcome,
     KnownParents,
     find_instance,
@@ -32,7 +32,7 @@ from imageshare.archive.indexing import (
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ConflictingInstance, InvalidInstance, WrongStudy
-from imageshare.storage.blobs import BlobStore, new_blob_key
+from imageshare.storage.blobs import BlobStore, StoredBlob, digest_of, new_blob_key, store_file
 
 log = logging.getLogger("imageshare.ingest")
 _CHUNK = 1 << 20
@@ -52,25 +52,14 @@ class StoreResult:
     warning: str = ""
 
 
-def _same_content(blobs: BlobStore, key: str, path: Path) -> bool:
-    if os.path.getsize(path) != _blob_size(blobs, key):
+def _same_content(blobs: BlobStore, existing: ExistingInstance, new: StoredBlob) -> bool:
+    """Whether the stored instance holds exactly the newly stored bytes (by digest)."""
+    if existing.size != new.size:
         return False
-    digests = []
-    for stream in (blobs.open(key), open(path, "rb")):
-        with stream:
-            h = hashlib.sha256()
-            while chunk := stream.read(_CHUNK):
-                h.update(chunk)
-            digests.append(h.digest())
-    return digests[0] == digests[1]
-
-
-def _blob_size(blobs: BlobStore, key: str) -> int:
-    local = blobs.local_path(key)
-    if local is not None:
-        return os.path.getsize(local)
-    with blobs.open(key) as fh:
-        return fh.seek(0, os.SEEK_END)
+    if existing.sha256:
+        return existing.sha256 == new.sha256
+    with blobs.open(existing.blob_key) as fh:  # stored before digests were recorded
+        return digest_of(fh).sha256 == new.sha256
 
 
 class IngestService:
@@ -129,14 +118,13 @@ class IngestService:
         ``expected_study`` refuses instances of any other study (STOW-RS to a study URL).
         """
         key = new_blob_key()
-        size = os.path.getsize(path)
         on_disk = Prerequisite()
         # Opened by descriptor: it stays readable while the file is moved into the store, and
         # pydicom (which stats the file object's name) sees a descriptor, not a stale path.
         with open(os.open(path, os.O_RDONLY), "rb") as fp:
             # Making the bytes durable (I/O, no GIL) runs beside parsing and the index SQL;
             # nothing is committed, and nothing acknowledged, before all of it is done.
-            moving = self._blob_io.submit(self.blobs.put_file, key, path)
+            moving = self._blob_io.submit(store_file, self.blobs, key, path)
             moving.add_done_callback(
                 lambda f: on_disk.failed(f.exception()) if f.exception() else on_disk.succeeded()
             )
@@ -152,7 +140,7 @@ class IngestService:
                 self._audit_refusal(actor, "instance.store", str(exc), None)
                 raise
         pending = self.writer.submit_async(
-            lambda conn: self._index(conn, header, key, size, actor, on_disk), on_disk
+            lambda conn: self._index(conn, header, key, moving, actor), on_disk
         )
         try:
             moving.result()
@@ -190,7 +178,7 @@ class IngestService:
             warning=outcome.reason,
         )
 
-    def _discard(self, moving: Future[None], key: str) -> None:
+    def _discard(self, moving: Future[StoredBlob], key: str) -> None:
         """Undo a move into the blob store (after it finished, whatever its outcome)."""
         try:
             moving.result()
@@ -210,18 +198,20 @@ class IngestService:
     # -- inside the index transaction ------------------------------------------------------
 
     def _index(
-        self, conn: Connection, h: InstanceHeader, key: str, size: int, actor: Actor,
-        on_disk: Prerequisite,
+        self, conn: Connection, h: InstanceHeader, key: str, moving: Future[StoredBlob],
+        actor: Actor,
     ) -> IndexOutcome:
         now = datetime.now(UTC)
         existing = find_instance(conn, h.sop_instance_uid)
         if existing is None:
+            stored = moving.result()  # its digest goes into the row (the SQL above overlapped)
             # Another site: a node registered with an inbox, or another ImageShare storing
             # over STOW-RS with its "site" account. Nothing else expires unasked.
             from_site = (actor.kind == "node" and INBOX in actor.grants) or (
                 actor.kind == "user" and actor.role == "site")
-            outcome = index_instance(conn, h, key, size, actor.source, now, self._known,
-                                     retention_class="inbox" if from_site else "clinical")
+            outcome = index_instance(conn, h, key, stored.size, actor.source, now, self._known,
+                                     retention_class="inbox" if from_site else "clinical",
+                                     sha256=stored.sha256)
             if from_site and outcome.status == "stored":
                 note_inbox_arrival(conn, h.study_uid, actor.name, now)
         elif (existing.study_uid, existing.series_uid) != (h.study_uid, h.series_uid):
@@ -230,13 +220,12 @@ class IngestService:
                 f"instance {h.sop_instance_uid} is already stored in another series or study",
             )
         else:
-            on_disk.wait()  # compare with the new bytes once they are in the store
-            path = self.blobs.local_path(key)
-            same = path is not None and _same_content(self.blobs, existing.blob_key, path)
-            if same:
+            stored = moving.result()  # compare with the new bytes once they are in the store
+            if _same_content(self.blobs, existing, stored):
                 outcome = IndexOutcome("duplicate")
             elif self.overwrite:
-                outcome = replace_instance_blob(conn, existing, h, key, size, actor.source, now)
+                outcome = replace_instance_blob(conn, existing, h, key, stored.size,
+                                                actor.source, now, sha256=stored.sha256)
             else:
                 outcome = IndexOutcome(
                     "kept_first",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Collection, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -17,7 +18,7 @@ from imageshare.archive.header import locate_pixel_data
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import InvalidQuery, NotFound
-from imageshare.storage.blobs import BlobStore
+from imageshare.storage.blobs import BlobStore, LocalBlobs, copy_to_file, local_copy
 from imageshare.storage.index.schema import instances, patients, series, studies
 
 BulkUri = Callable[["StoredInstance", str], str]
@@ -41,10 +42,12 @@ class StoredInstance:
 class RetrieveService:
     """Finds and reads stored instances; every selection is audited by the caller's purpose."""
 
-    def __init__(self, engine: Engine, blobs: BlobStore, audit: AuditTrail) -> None:
+    def __init__(self, engine: Engine, blobs: BlobStore, audit: AuditTrail,
+                 scratch_dir: Path) -> None:
         self._engine = engine
         self.blobs = blobs
         self._audit = audit
+        self._scratch = scratch_dir
 
     def select(
         self,
@@ -140,9 +143,22 @@ class RetrieveService:
         """The stored Part 10 bytes of ``inst`` as received."""
         return self.blobs.open(inst.blob_key)
 
-    def local_path(self, inst: StoredInstance) -> Path | None:
-        """A local file with the instance's bytes when the blob store is local."""
-        return self.blobs.local_path(inst.blob_key)
+    def local_file(self, inst: StoredInstance, cache: Path) -> Path:
+        """A lasting local file with the instance's bytes: the store's own file when it is
+        local, else a copy kept at ``cache`` (made once; the caller removes it)."""
+        if isinstance(self.blobs, LocalBlobs):
+            return self.blobs.local_path(inst.blob_key)
+        if not cache.exists():
+            copy_to_file(self.blobs, inst.blob_key, cache)
+        return cache
+
+    @contextmanager
+    def local_files(self, found: list[StoredInstance]) -> Iterator[list[Path]]:
+        """Local files with the instances' bytes while the block runs, for libraries that
+        want paths: the store's own files, or temporary copies when it is not local."""
+        with ExitStack() as stack:
+            yield [stack.enter_context(local_copy(self.blobs, inst.blob_key, self._scratch))
+                   for inst in found]
 
     def header_json(self, blob_key: str, bulk_uri: Callable[[str], str] | None = None) -> dict:
         """DICOM JSON of the header (no pixel data; large binary values as BulkDataURI)."""
@@ -180,8 +196,8 @@ class RetrieveService:
                 frame_size = _native_frame_size(ds)
                 for number in numbers:
                     start = location.value_offset + (number - 1) * frame_size
-                    fp.seek(start)
-                    yield fp.read(frame_size)
+                    with self.blobs.open_range(inst.blob_key, start, frame_size) as frame:
+                        yield frame.read()
                 return
             for number in numbers:
                 fp.seek(location.value_offset)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from contextlib import nullcontext
 from typing import BinaryIO
 
 from pydicom import dcmread
@@ -13,7 +14,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from imageshare.domain.errors import NotAcceptable
+from imageshare.archive.pixel_budget import decoding
+from imageshare.domain.errors import ImageShareError, NotAcceptable
 
 UNCOMPRESSED = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
 
@@ -59,12 +61,19 @@ def transcode(stream: BinaryIO, target: str) -> bytes:
     source = UID(str(ds.file_meta.TransferSyntaxUID))
     try:
         if source != target_uid:
-            if source.is_compressed:
-                ds.decompress()
-            if target_uid.is_compressed:
-                ds.compress(target_uid)
-            else:
-                ds.file_meta.TransferSyntaxUID = target_uid
+            # Every frame is decoded at once here: the whole instance must fit the budget.
+            pixels = source.is_compressed or target_uid.is_compressed
+            with decoding(ds) if pixels else nullcontext():
+                if source.is_compressed:
+                    ds.decompress()
+                if target_uid.is_compressed:
+                    ds.compress(target_uid)
+                else:
+                    ds.file_meta.TransferSyntaxUID = target_uid
+    except ImageShareError as exc:  # over the pixel budget, or busy: the caller decides
+        raise NotAcceptable(
+            f"the instance cannot be converted from {source} to {target_uid}: {exc}"
+        ) from exc
     except Exception as exc:  # noqa: BLE001 - codec plugins raise many kinds
         raise NotAcceptable(
             f"the instance cannot be converted from {source} to {target_uid}"

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 from pydicom import Dataset
 
+from imageshare.archive.pixel_budget import decoding
 from imageshare.domain.errors import ConfigurationError
 
 DEFAULT_REGIONS = Path(__file__).with_name("regions.toml")
@@ -183,7 +184,8 @@ class BurnedInTextCleaner:
         the instance back."""
         report = PixelReport(checked=True)
         try:
-            pixels = ds.pixel_array
+            with decoding(ds):  # the pixel budget, checked before decoding
+                pixels = ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - no codec, corrupt data: cannot verify
             report.held_back = True
             report.reason = f"pixels cannot be decoded to check for text ({type(exc).__name__})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import tempfile
 import threading
 import weakref
@@ -44,9 +45,11 @@ from imageshare.access.policy import (
     Policy,
 )
 from imageshare.archive.ingest import IngestService
+from imageshare.archive.pixel_budget import decoding
 from imageshare.archive.query import LEVELS, Query, QueryService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
 from imageshare.dicom.contexts import storage_contexts_for
+from imageshare.dicom.tls_server import tls_server_class
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
     ConflictingInstance,
@@ -83,7 +86,7 @@ class DicomListener:
     def __init__(
         self,
         ae_title: str,
-        port: int,
+        port: int | None,
         host: str,
         ingest: IngestService,
         query: QueryService,
@@ -95,6 +98,9 @@ class DicomListener:
         max_pdu: int = 262144,
         check_calling_host: bool = False,
         shared_port: bool = False,
+        tls_port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        client_ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.ingest = ingest
         self.query = query
@@ -105,6 +111,12 @@ class DicomListener:
         self.host = host
         self.check_calling_host = check_calling_host
         self.shared_port = shared_port
+        # DICOM TLS (BCP 195) on a port of its own, served by the same handlers.
+        self.tls_port = tls_port
+        self.ssl_context = ssl_context
+        self._tls_server: Any = None
+        # C-MOVE to a node registered with TLS opens its association over TLS.
+        self.client_ssl_context = client_ssl_context
         self._actors: weakref.WeakKeyDictionary[Any, Actor] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         _config.STORE_RECV_CHUNKED_DATASET = True
@@ -145,16 +157,29 @@ class DicomListener:
             (evt.EVT_C_GET, self._on_get),
         ]
         server_class = _SharedPortServer if self.shared_port else ThreadedAssociationServer
-        self._server = self.ae.make_server(
-            (self.host, self.port), evt_handlers=handlers, server_class=server_class
-        )
-        threading.Thread(
-            target=self._server.serve_forever, name="dicom-acceptor", daemon=True
-        ).start()
-        self.port = self._server.server_address[1]
+        if self.port is not None:  # None: DICOM TLS only
+            self._server = self.ae.make_server(
+                (self.host, self.port), evt_handlers=handlers, server_class=server_class
+            )
+            threading.Thread(
+                target=self._server.serve_forever, name="dicom-acceptor", daemon=True
+            ).start()
+            self.port = self._server.server_address[1]
+        if self.ssl_context is not None:
+            self._tls_server = self.ae.make_server(
+                (self.host, self.tls_port), evt_handlers=handlers,
+                server_class=tls_server_class(server_class), ssl_context=self.ssl_context,
+            )
+            threading.Thread(
+                target=self._tls_server.serve_forever, name="dicom-tls-acceptor", daemon=True
+            ).start()
+            self.tls_port = self._tls_server.server_address[1]
 
     def stop(self) -> None:
         """Stop listening and end open associations."""
+        if self._tls_server is not None:
+            self._tls_server.shutdown()
+            self._tls_server = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -293,7 +318,8 @@ class DicomListener:
                 )
                 if takes_uncompressed and UID(inst.transfer_syntax).is_compressed:
                     try:
-                        ds.decompress()
+                        with decoding(ds):  # the pixel budget, checked before decoding
+                            ds.decompress()
                     except Exception as exc:  # noqa: BLE001 - no codec: the send will fail
                         log.info("cannot decompress for sending: %s", type(exc).__name__)
             yield 0xFF00, ds
@@ -326,7 +352,10 @@ class DicomListener:
         contexts = storage_contexts_for(
             {(i.sop_class_uid, i.transfer_syntax) for i in found}
         )
-        yield destination.host, destination.port, {"contexts": contexts}
+        options: dict[str, Any] = {"contexts": contexts}
+        if destination.tls and self.client_ssl_context is not None:
+            options["tls_args"] = (self.client_ssl_context, destination.host)
+        yield destination.host, destination.port, options
         yield len(found)
         yield from self._datasets(
             found, event, lambda: self._store_association_to(destination.ae_title)

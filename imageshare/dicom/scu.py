@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,11 @@ STUDY_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "Stu
 class DimseSites:
     """The DIMSE side of :class:`imageshare.exchange.sites.SiteClient`."""
 
-    def __init__(self, ae_title: str, timeout: float = 30.0) -> None:
+    def __init__(self, ae_title: str, timeout: float = 30.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.ae_title = ae_title
         self.timeout = timeout
+        self.tls = tls  # for nodes registered with TLS (BCP 195, imageshare/tls.py)
 
     def _ae(self, timeout: float) -> AE:
         ae = AE(ae_title=self.ae_title)
@@ -45,8 +48,14 @@ class DimseSites:
         return ae
 
     def _associate(self, ae: AE, node: Node) -> Any:
+        tls_args = None
+        if node.tls:
+            if self.tls is None:
+                raise SiteUnreachable(f"{node.label} needs DICOM TLS, which is not set up here")
+            tls_args = (self.tls, node.host)
         try:
-            assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+            assoc = ae.associate(node.host, node.port, ae_title=node.ae_title,
+                                 tls_args=tls_args)
         except (OSError, RuntimeError) as exc:
             raise SiteUnreachable(f"{node.label} cannot be reached") from exc
         if not assoc.is_established:

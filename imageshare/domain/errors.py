@@ -93,6 +93,41 @@ class TooManyRequests(ImageShareError):
     title = "Too many requests"
 
 
+class UndecodableImage(InvalidInstance):
+    """The pixels of an instance cannot be decoded (no codec, damaged, unreadable size)."""
+
+    http_status = 422
+    title = "Image cannot be decoded"
+
+
+class ImageTooLarge(UndecodableImage):
+    """An image whose decoded pixels would exceed the configured budget (a decompression bomb
+    or simply too big); refused before anything is decoded."""
+
+    title = "Image too large to decode"
+
+
+class PayloadTooLarge(ImageShareError):
+    """A request body (or its number of parts) is over a configured limit."""
+
+    http_status = 413
+    title = "Request too large"
+
+
+class ServiceBusy(ImageShareError):
+    """The server is at a configured limit of concurrent work; the caller may retry."""
+
+    http_status = 503
+    title = "Busy"
+
+
+class StorageError(ImageShareError):
+    """The blob store could not keep or give bytes (unreachable, refused, or not intact)."""
+
+    http_status = 503
+    title = "Storage unavailable"
+
+
 class PublicUrlMissing(ImageShareError):
     """A link for an e-mail is due but IMAGESHARE_PUBLIC_URL is not set (links are never
     built from a request's Host header)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import ssl
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
+from requests.adapters import HTTPAdapter
 
 from imageshare.exchange.nodes import Node
 from imageshare.exchange.sites import Criteria, Progress, RetrieveProgress, SiteUnreachable
@@ -17,16 +19,34 @@ from imageshare.exchange.sites import Criteria, Progress, RetrieveProgress, Site
 Store = Callable[[io.BytesIO], None]
 
 
+class _TlsAdapter(HTTPAdapter):
+    """requests with our TLS context: BCP 195, the system's and ``tls_ca_file``'s
+    authorities, our certificate for sites that ask for one."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        """The pool manager, with our context."""
+        kwargs["ssl_context"] = self._context
+        super().init_poolmanager(*args, **kwargs)
+
+
 class DicomwebSites:
     """The DICOMweb side of :class:`imageshare.exchange.sites.SiteClient`; retrieved instances
     go to ``store`` (the ingest pipeline)."""
 
-    def __init__(self, store: Store, timeout: float = 60.0) -> None:
+    def __init__(self, store: Store, timeout: float = 60.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self._store = store
         self.timeout = timeout
+        self._tls = tls  # trusted authorities for sites over https (imageshare/tls.py)
 
     def _client(self, node: Node, timeout: float | None = None) -> DICOMwebClient:
         session = requests.Session()
+        if self._tls is not None:
+            session.mount("https://", _TlsAdapter(self._tls))
         auth = node.dicomweb_auth
         if auth.lower().startswith("bearer "):
             session.headers["Authorization"] = auth

@@ -12,6 +12,7 @@ from sqlalchemy import Engine, delete, insert, select, update
 from imageshare.access.policy import DICOM_QUERY, DICOM_RETRIEVE, DICOM_STORE, INBOX
 from imageshare.domain.errors import ImageShareError, UnknownNode
 from imageshare.storage.index.schema import nodes
+from imageshare.storage.secret_box import SecretBox
 
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
@@ -33,6 +34,7 @@ class Node:
     send_to: bool = True
     dicomweb_auth: str = ""
     inbox: bool = False
+    tls: bool = False
 
     @property
     def label(self) -> str:
@@ -57,8 +59,9 @@ class Node:
 class NodeRegistry:
     """Adds, lists and finds nodes in the index database."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, secrets_box: SecretBox) -> None:
         self._engine = engine
+        self._box = secrets_box
 
     def add(self, node: Node, replace: bool = False) -> None:
         """Register ``node``; with ``replace`` an existing AE title is updated."""
@@ -73,7 +76,8 @@ class NodeRegistry:
             "may_query": node.may_query, "may_retrieve": node.may_retrieve,
             "may_store": node.may_store, "searchable": node.searchable,
             "retrieve_from": node.retrieve_from, "send_to": node.send_to,
-            "dicomweb_auth": node.dicomweb_auth, "inbox": node.inbox,
+            "dicomweb_auth": self._box.seal(node.dicomweb_auth), "inbox": node.inbox,
+            "tls": node.tls,
         }
         with self._engine.begin() as conn:
             exists = conn.execute(select(nodes.c.pk).where(nodes.c.ae_title == ae)).scalar()
@@ -94,7 +98,7 @@ class NodeRegistry:
         """The node with this AE title, or None."""
         with self._engine.connect() as conn:
             row = conn.execute(select(nodes).where(nodes.c.ae_title == ae_title.strip())).first()
-        return _node(row) if row else None
+        return self._node(row) if row else None
 
     def get(self, ae_title: str) -> Node:
         """The node with this AE title; raises UnknownNode."""
@@ -106,15 +110,29 @@ class NodeRegistry:
     def all(self) -> list[Node]:
         """Every registered node."""
         with self._engine.connect() as conn:
-            return [_node(r) for r in conn.execute(select(nodes).order_by(nodes.c.ae_title))]
+            return [self._node(r)
+                    for r in conn.execute(select(nodes).order_by(nodes.c.ae_title))]
 
+    def seal_stored_credentials(self) -> int:
+        """Encrypt site credentials still stored in plaintext (written by an older version);
+        returns how many were sealed."""
+        sealed = 0
+        with self._engine.begin() as conn:
+            for pk, auth in conn.execute(select(nodes.c.pk, nodes.c.dicomweb_auth)).all():
+                if auth and not SecretBox.is_sealed(auth):
+                    conn.execute(update(nodes).where(nodes.c.pk == pk)
+                                 .values(dicomweb_auth=self._box.seal(auth)))
+                    sealed += 1
+        return sealed
 
-def _node(row: object) -> Node:
-    m = row._mapping  # type: ignore[attr-defined]
-    return Node(
-        ae_title=m["ae_title"], host=m["host"], port=m["port"], dicomweb_url=m["dicomweb_url"],
-        display_name=m["display_name"], may_query=m["may_query"],
-        may_retrieve=m["may_retrieve"], may_store=m["may_store"],
-        searchable=m["searchable"], retrieve_from=m["retrieve_from"], send_to=m["send_to"],
-        dicomweb_auth=m["dicomweb_auth"], inbox=m["inbox"],
-    )
+    def _node(self, row: object) -> Node:
+        m = row._mapping  # type: ignore[attr-defined]
+        return Node(
+            ae_title=m["ae_title"], host=m["host"], port=m["port"],
+            dicomweb_url=m["dicomweb_url"], display_name=m["display_name"],
+            may_query=m["may_query"], may_retrieve=m["may_retrieve"],
+            may_store=m["may_store"], searchable=m["searchable"],
+            retrieve_from=m["retrieve_from"], send_to=m["send_to"],
+            dicomweb_auth=self._box.open(m["dicomweb_auth"]), inbox=m["inbox"],
+            tls=bool(m["tls"]),
+        )

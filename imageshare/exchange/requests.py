@@ -6,6 +6,7 @@ request is a push (see :mod:`imageshare.exchange.transfers`)."""
 from __future__ import annotations
 
 import secrets
+import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -52,8 +53,10 @@ class ImagingRequests:
     """Sends, receives and lists requests for prior imaging."""
 
     def __init__(self, engine: Engine, nodes: NodeRegistry, notifier: Notifier,
-                 audit: AuditTrail, own_ae_title: str) -> None:
+                 audit: AuditTrail, own_ae_title: str,
+                 tls: ssl.SSLContext | None = None) -> None:
         self._engine = engine
+        self._tls = tls  # trusted authorities for sites over https (imageshare/tls.py)
         self._nodes = nodes
         self._notifier = notifier
         self._audit = audit
@@ -108,7 +111,8 @@ class ImagingRequests:
             auth = (user, password)
         try:
             answer = httpx.post(f"{base}/api/exchange/requests/incoming", json=body,
-                                headers=headers, auth=auth, timeout=15)
+                                headers=headers, auth=auth, timeout=15,
+                                verify=self._tls if self._tls is not None else True)
         except httpx.HTTPError:
             return "contact", f"{node.label} could not be reached: ask them by their usual route"
         if answer.status_code in (200, 201):

@@ -12,10 +12,10 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
-from imageshare.archive.retrieve import RetrieveService
+from imageshare.archive.retrieve import RetrieveService, StoredInstance
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ImageShareError, NotFound
+from imageshare.domain.errors import ImageShareError, NotFound, StorageError
 from imageshare.exchange.nodes import NodeRegistry
 from imageshare.exchange.sites import RetrieveProgress, SiteClient, SiteUnreachable
 from imageshare.jobs import JobRunner
@@ -81,11 +81,8 @@ class Transfers:
                 priority=priority, note=note[:2000], state="queued", sent=0,
                 total=len(found), failed=0, attempts=0, reason="", created_by=actor.name,
                 created_at=now, updated_at=now))
-        paths = [self._retrieve.local_path(i) for i in found]
-        if any(p is None for p in paths):
-            raise ImageShareError("only a local blob store can send today")
         self._jobs.submit(actor.name, "push", f"Send to {node.label} ({priority})",
-                          lambda job: self._run(public_id, paths, actor, notify))  # type: ignore
+                          lambda job: self._run(public_id, found, actor, notify))  # type: ignore
         return self.get(public_id)
 
     def _update(self, public_id: str, **values: Any) -> None:
@@ -93,8 +90,18 @@ class Transfers:
             conn.execute(update(transfers).where(transfers.c.public_id == public_id)
                          .values(updated_at=datetime.now(UTC), **values))
 
-    def _run(self, public_id: str, paths: list[Path], actor: Actor,
+    def _run(self, public_id: str, found: list[StoredInstance], actor: Actor,
              notify: tuple[str, ...]) -> None:
+        """Send from local files (temporary copies when the blob store is not local)."""
+        try:
+            with self._retrieve.local_files(found) as paths:
+                self._send(public_id, paths, actor, notify)
+        except StorageError:
+            self._update(public_id, state="failed", reason="the stored images could not be read")
+            raise
+
+    def _send(self, public_id: str, paths: list[Path], actor: Actor,
+              notify: tuple[str, ...]) -> None:
         transfer = self.get(public_id)
         node = self._nodes.get(transfer.site)
         client = self._clients["dicomweb" if node.dicomweb_url else "dimse"]

@@ -8,6 +8,7 @@ from fractions import Fraction
 import numpy as np
 from pydicom import Dataset
 
+from imageshare.archive.pixel_budget import decoded_frames
 from imageshare.archive.rendering import RenderOptions, _to_8bit, render_frame
 from imageshare.archive.viewing import frame_rate
 from imageshare.domain.errors import NotAcceptable
@@ -29,7 +30,6 @@ def cine_to_mp4(ds: Dataset) -> bytes:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames < 2:
         raise NotAcceptable("only multi-frame instances (cine loops) become videos")
-    pixels = ds.pixel_array
     rate = Fraction(frame_rate(ds) or DEFAULT_RATE).limit_denominator(1000)
     height, width = int(ds.Rows), int(ds.Columns)
     out = io.BytesIO()
@@ -38,8 +38,8 @@ def cine_to_mp4(ds: Dataset) -> bytes:
         stream.width, stream.height = width + width % 2, height + height % 2
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18", "preset": "veryfast"}
-        for index in range(frames):
-            rgb = _rgb(ds, pixels[index])
+        for pixels in decoded_frames(ds):  # one frame in memory at a time, within the budget
+            rgb = _rgb(ds, pixels)
             if rgb.shape[0] != stream.height or rgb.shape[1] != stream.width:
                 rgb = np.pad(rgb, ((0, stream.height - height), (0, stream.width - width),
                                    (0, 0)))

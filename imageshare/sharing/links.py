@@ -484,16 +484,9 @@ class ShareService:
         (made once, kept for the share's life) or the stored instance. None when the
         instance was held back by de-identification."""
         if not share.deidentified:
-            inst = self.stored(share, item)
-            local = self._retrieve.local_path(inst)
-            if local is not None:
-                return local
-            target = self._cache / share.public_id / f"{item.public_sop_uid}.dcm"
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with self._retrieve.open(inst) as fp:
-                    target.write_bytes(fp.read())
-            return target
+            return self._retrieve.local_file(
+                self.stored(share, item),
+                self._cache / share.public_id / f"{item.public_sop_uid}.dcm")
         target = self._cache / share.public_id / f"{item.public_sop_uid}.dcm"
         with self._lock_for(str(target)):
             if target.exists():

@@ -1,47 +1,81 @@
-"""The blob store interface: durable bytes under opaque keys, and how to open one by URL."""
+"""The blob store port: durable bytes under opaque keys, and how to open one by URL.
+
+The core interface (:class:`BlobStore`) knows nothing of local files. A store on this
+machine's disk also offers :class:`LocalBlobs` (a path per key, moving a file in); callers
+that need a path use :func:`local_copy`, which gives the store's own file when there is one
+and a temporary copy otherwise.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import re
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
-from imageshare.domain.errors import ConfigurationError
+from imageshare.domain.errors import ConfigurationError, StorageError
+
+BLOB_KEY = re.compile(r"^[0-9a-f]{8,64}$")
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """What the store holds under a key once a put returned: byte count and SHA-256 (hex)."""
+
+    size: int
+    sha256: str
 
 
 class BlobStore(Protocol):
-    """Stores instance bytes. Every write is durable (fsynced) when the call returns."""
+    """Stores instance bytes under keys made by :func:`new_blob_key`.
 
-    def put(self, key: str, stream: BinaryIO) -> int:
-        """Store everything read from ``stream`` under ``key``; returns the byte count."""
-        ...
+    A put is durable when it returns (fsynced on disk, or confirmed by the object store);
+    opened streams are seekable, and reading after a seek fetches only what is read.
+    """
 
-    def put_file(self, key: str, path: Path) -> None:
-        """Move the local file ``path`` into the store under ``key``; durable on return."""
+    def put(self, key: str, stream: BinaryIO, size: int) -> StoredBlob:
+        """Store exactly ``size`` bytes read from ``stream`` under ``key``, computing their
+        SHA-256 on the way. Raises :class:`StorageError` (storing nothing) when the stream
+        holds fewer or more bytes, or the store did not confirm the write."""
         ...
 
     def open(self, key: str) -> BinaryIO:
-        """Open the bytes under ``key`` for streaming reads; raises KeyError if absent."""
+        """The bytes under ``key`` as a seekable stream; raises KeyError if absent."""
+        ...
+
+    def open_range(self, key: str, start: int, length: int) -> BinaryIO:
+        """``length`` bytes from offset ``start`` (fewer at the end); KeyError if absent."""
         ...
 
     def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are ignored."""
         ...
 
-    def exists(self, key: str) -> bool:
-        """True when ``key`` is stored."""
-        ...
-
     def keys(self, since: str = "") -> Iterator[str]:
         """Every stored key sorting at or after ``since`` (to find blobs the index lost)."""
         ...
 
-    def local_path(self, key: str) -> Path | None:
-        """A local file holding ``key`` when the store is on this machine's disk, else None."""
+
+@runtime_checkable
+class LocalBlobs(Protocol):
+    """The optional capability of a store whose blobs are files on this machine."""
+
+    def local_path(self, key: str) -> Path:
+        """The file holding ``key`` (it may not exist)."""
+        ...
+
+    def put_file(self, key: str, path: Path) -> StoredBlob:
+        """Move the local file ``path`` into the store under ``key``; durable on return."""
         ...
 
 
@@ -54,10 +88,17 @@ def new_blob_key() -> str:
     """A fresh opaque key: the minute it was made, then random bits (no patient data).
 
     Keys made in the same minute share a folder in the file store, so storing does not create
-    (and fsync) a new folder for nearly every instance.
+    (and fsync) a new folder for nearly every instance; keys sort by the minute they were made.
     """
     minute = int(time.time() // 60) & 0xFFFFFFFF
     return f"{minute:08x}{uuid.uuid4().hex[:24]}"
+
+
+def check_key(key: str) -> str:
+    """``key`` if it is a well-formed blob key; ValueError otherwise."""
+    if not BLOB_KEY.match(key):
+        raise ValueError("invalid blob key")
+    return key
 
 
 def fsync_file(path: Path) -> None:
@@ -69,13 +110,120 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def open_blob_store(url: str) -> BlobStore:
-    """The blob store named by ``url`` (``file:///path`` or a plain path)."""
-    from imageshare.storage.files import FileBlobStore
+def size_mismatch(key: str, expected: int, got: int) -> StorageError:
+    """The error for a stream that did not hold the announced number of bytes."""
+    more = "more" if got > expected else "fewer"
+    return StorageError(f"blob {key}: the stream held {more} bytes than the {expected} announced")
 
+
+# -- shared helpers for callers -------------------------------------------------------------
+
+
+def store_file(blobs: BlobStore, key: str, path: Path) -> StoredBlob:
+    """Put the local file ``path`` under ``key`` and remove the file: moved into a local
+    store, streamed into any other."""
+    if isinstance(blobs, LocalBlobs):
+        return blobs.put_file(key, path)
+    with open(path, "rb") as src:
+        stored = blobs.put(key, src, os.fstat(src.fileno()).st_size)
+    path.unlink(missing_ok=True)
+    return stored
+
+
+def copy_to_file(blobs: BlobStore, key: str, target: Path) -> None:
+    """Stream the blob into the local file ``target``, which appears complete or not at all."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, blobs.open(key) as src:
+            while chunk := src.read(CHUNK):
+                out.write(chunk)
+        os.replace(name, target)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def local_copy(blobs: BlobStore, key: str, folder: Path) -> Iterator[Path]:
+    """A local file with the blob's bytes while the block runs (for libraries that want a
+    path): the store's own file when it is local, else a temporary copy in ``folder``."""
+    if isinstance(blobs, LocalBlobs):
+        yield blobs.local_path(key)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"copy-{uuid.uuid4().hex}.dcm"
+    try:
+        copy_to_file(blobs, key, target)
+        yield target
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def digest_of(stream: BinaryIO) -> StoredBlob:
+    """Size and SHA-256 of everything read from ``stream``."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := stream.read(CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return StoredBlob(size, digest.hexdigest())
+
+
+class BoundedReader(io.BufferedIOBase):
+    """At most ``length`` bytes of an open stream, from its current position."""
+
+    def __init__(self, inner: BinaryIO, length: int) -> None:
+        super().__init__()
+        self._inner = inner
+        self._left = max(0, length)
+
+    def readable(self) -> bool:
+        """Always true."""
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes of the range (the rest of it when negative)."""
+        wanted = self._left if size is None or size < 0 else min(size, self._left)
+        data = self._inner.read(wanted) if wanted else b""
+        self._left -= len(data)
+        return data
+
+    def read1(self, size: int = -1) -> bytes:
+        """As :meth:`read`."""
+        return self.read(size)
+
+    def close(self) -> None:
+        """Close the underlying stream too."""
+        if not self.closed:
+            self._inner.close()
+        super().close()
+
+
+# -- choosing a store by URL ------------------------------------------------------------------
+
+
+def open_blob_store(url: str, s3_endpoint_url: str = "") -> BlobStore:
+    """The blob store named by ``url``: ``file:///path`` (or a plain path), or
+    ``s3://BUCKET/PREFIX`` (endpoint ``s3_endpoint_url``, else AWS; credentials and region
+    from ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``).
+
+    An object store is checked at once: raises :class:`ConfigurationError` saying why when
+    the bucket cannot be reached or the credentials are refused.
+    """
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
+        from imageshare.storage.files import FileBlobStore
+
         return FileBlobStore(Path(parsed.path if parsed.scheme else url))
+    if parsed.scheme == "s3":
+        from imageshare.storage.s3 import S3BlobStore
+
+        if not parsed.netloc:
+            raise ConfigurationError("the storage URL must name a bucket: s3://BUCKET/PREFIX")
+        store = S3BlobStore.connect(parsed.netloc, parsed.path.strip("/"), s3_endpoint_url)
+        store.check()
+        return store
     raise ConfigurationError(
-        f"storage URL scheme {parsed.scheme!r} is not supported yet (use a file:// URL)"
+        f"storage URL scheme {parsed.scheme!r} is not supported (use file:// or s3://)"
     )

@@ -1,18 +1,72 @@
-"""Blob store on the local file system: temporary file, fsync, rename, fsync of the folder."""
+"""Blob store on the local file system: temporary file, fsync, rename, fsync of the folder.
+
+Everything is private to the service's user: folders 0700, files 0600 (patient data).
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import logging
 import os
-import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from imageshare.storage.blobs import fsync_file
+from imageshare.storage.blobs import (
+    BLOB_KEY,
+    CHUNK,
+    BoundedReader,
+    StoredBlob,
+    check_key,
+    size_mismatch,
+)
 
-_KEY = re.compile(r"^[0-9a-f]{8,64}$")
-_CHUNK = 1 << 20
+log = logging.getLogger("imageshare.storage")
+PRIVATE_UMASK = 0o077
+_PRIVATE_MARK = ".private-v1"
+
+
+def make_private(folder: Path, skip_after_first: tuple[str, ...] = ()) -> int:
+    """Make ``folder`` and everything in it private to this user (folders 0700, files 0600;
+    symbolic links are not followed); returns how many modes were changed.
+
+    The sub-folders named in ``skip_after_first`` (the blob store, which can hold millions of
+    files) are walked only the first time; their files are made private when written.
+    """
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    first = not (folder / _PRIVATE_MARK).exists()
+    changed = _private(folder, 0o700)
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    continue
+                path = Path(entry.path)
+                if entry.is_dir():
+                    changed += _private(path, 0o700)
+                    if first or not (current == folder and entry.name in skip_after_first):
+                        stack.append(path)
+                elif entry.is_file():
+                    changed += _private(path, 0o600)
+    if first:
+        fd = os.open(folder / _PRIVATE_MARK, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+    return changed
+
+
+def _private(path: Path, mode: int) -> int:
+    try:
+        current = path.lstat().st_mode & 0o777
+        if current & 0o077 or current & mode != mode:
+            path.chmod(current & ~0o077 | mode)
+            return 1
+    except OSError as exc:  # not ours, or gone meanwhile: said, not fatal
+        log.warning("cannot make %s private: %s", path, exc.strerror or type(exc).__name__)
+    return 0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -21,6 +75,18 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _digest_and_fsync(path: Path) -> StoredBlob:
+    """Size and SHA-256 of a file, read once, then its data flushed to disk."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        os.fsync(fh.fileno())
+    return StoredBlob(size, digest.hexdigest())
 
 
 class FileBlobStore:
@@ -32,15 +98,15 @@ class FileBlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private(self.root, 0o700)
         self._tmp = self.root / ".tmp"
-        self._tmp.mkdir(exist_ok=True)
+        self._tmp.mkdir(exist_ok=True, mode=0o700)
         self._dirs_known: set[Path] = set()
         self._lock = threading.Lock()
 
     def _path(self, key: str) -> Path:
-        if not _KEY.match(key):
-            raise ValueError("invalid blob key")
+        check_key(key)
         return self.root / key[:4] / key[4:8] / key
 
     def _ensure_dir(self, folder: Path) -> None:
@@ -53,43 +119,57 @@ class FileBlobStore:
         if folder in self._dirs_known:
             return
         with self._lock:
-            folder.parent.mkdir(exist_ok=True)
+            folder.parent.mkdir(exist_ok=True, mode=0o700)
             _fsync_dir(self.root)
-            folder.mkdir(exist_ok=True)
+            folder.mkdir(exist_ok=True, mode=0o700)
             _fsync_dir(folder.parent)
             self._dirs_known.add(folder)
 
-    def put(self, key: str, stream: BinaryIO) -> int:
-        """Store everything read from ``stream`` under ``key``; returns the byte count."""
-        tmp = self._tmp / f"{key}.part"
-        size = 0
-        with open(tmp, "wb") as out:
-            while chunk := stream.read(_CHUNK):
-                out.write(chunk)
-                size += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        self._install(key, tmp)
-        return size
+    def put(self, key: str, stream: BinaryIO, size: int) -> StoredBlob:
+        """Store exactly ``size`` bytes read from ``stream`` under ``key``; durable on
+        return, with their SHA-256. A stream of another length stores nothing."""
+        tmp = self._tmp / f"{check_key(key)}.part"
+        digest = hashlib.sha256()
+        written = 0
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(min(CHUNK, size + 1 - written)):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    written += len(chunk)
+                    if written > size:
+                        break
+                if written != size:
+                    raise size_mismatch(key, size, written)
+                out.flush()
+                os.fsync(out.fileno())
+            self._install(key, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return StoredBlob(size, digest.hexdigest())
 
-    def put_file(self, key: str, path: Path) -> None:
+    def put_file(self, key: str, path: Path) -> StoredBlob:
         """Move the local file ``path`` into the store under ``key``; durable on return.
 
-        The file is renamed first and then fsynced with its folder: on journalling file systems
-        the file's fsync commits the rename too, so the folder's fsync finds little to do.
+        The file is renamed first and then read once (for its SHA-256) and fsynced with its
+        folder: on journalling file systems the file's fsync commits the rename too, so the
+        folder's fsync finds little to do.
         """
         try:
             final = self._path(key)
             self._ensure_dir(final.parent)
             os.replace(path, final)
-            fsync_file(final)
+            stored = _digest_and_fsync(final)
             _fsync_dir(final.parent)
+            return stored
         except OSError as exc:
-            if exc.errno != 18:  # EXDEV: another file system, copy instead
+            if exc.errno != errno.EXDEV:  # another file system: copy instead
                 raise
             with open(path, "rb") as src:
-                self.put(key, src)
+                stored = self.put(key, src, os.fstat(src.fileno()).st_size)
             path.unlink(missing_ok=True)
+            return stored
 
     def _install(self, key: str, source: Path) -> None:
         final = self._path(key)
@@ -103,6 +183,12 @@ class FileBlobStore:
             return open(self._path(key), "rb")
         except FileNotFoundError as exc:
             raise KeyError(key) from exc
+
+    def open_range(self, key: str, start: int, length: int) -> BinaryIO:
+        """``length`` bytes from offset ``start`` (fewer at the end); KeyError if absent."""
+        fh = self.open(key)
+        fh.seek(start)
+        return BoundedReader(fh, length)  # type: ignore[return-value]
 
     def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are ignored."""
@@ -126,17 +212,12 @@ class FileBlobStore:
                 if not second.is_dir() or first.name + second.name < since[:8]:
                     continue
                 for entry in os.scandir(second.path):
-                    if _KEY.match(entry.name) and entry.name >= since:
+                    if BLOB_KEY.match(entry.name) and entry.name >= since:
                         yield entry.name
 
     def local_path(self, key: str) -> Path | None:
         """The file holding ``key``."""
         return self._path(key)
-
-    def copy_in(self, key: str, path: Path) -> None:
-        """Copy (not move) a local file into the store durably."""
-        with open(path, "rb") as src:
-            self.put(key, src)
 
     def clear_partial_writes(self) -> int:
         """Remove temporary files left by a crash; returns how many were removed."""

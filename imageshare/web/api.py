@@ -41,6 +41,7 @@ class NodeIn(BaseModel):
     send_to: bool = True
     dicomweb_auth: str = Field(default="", max_length=512)
     inbox: bool = False
+    tls: bool = Field(default=False, description="reach the node's DICOM AE over TLS")
 
 
 class TokenIn(BaseModel):

@@ -14,11 +14,11 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
-from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian
 
 from imageshare.access.policy import STUDY_DOWNLOAD, STUDY_READ, STUDY_STORE
 from imageshare.access.scope import DOWNLOAD, VIEW
+from imageshare.archive.pixel_budget import decode_frame
 from imageshare.archive.query import Level, Query
 from imageshare.archive.rendering import (
     RenderOptions,
@@ -411,7 +411,9 @@ def _decoded_frames(request: Request, inst: StoredInstance, numbers: list[int]) 
     for number in numbers:
         with retrieve.open(inst) as stream:
             try:
-                array = pixel_array(stream, index=number - 1, raw=True)
+                array = decode_frame(stream, number - 1, raw=True)
+            except ImageShareError:  # over the pixel budget, busy: said as it is
+                raise
             except Exception as exc:  # noqa: BLE001 - no decoder for this syntax
                 raise NotAcceptable(
                     "the frames cannot be decoded; ask with transfer-syntax=*"
@@ -696,7 +698,8 @@ async def _stow(request: Request, actor: Actor, study: str | None) -> Response:
             status_code=415, media_type="application/problem+json",
         )
     archive = request.app.state.archive
-    sink = PartSink(params["boundary"], archive.ingest.staging_file)
+    sink = PartSink(params["boundary"], archive.ingest.staging_file,
+                    max_parts=archive.settings.stow_max_parts)
     try:
         await _receive(request, sink)
         return await run_in_threadpool(_store_parts, request, sink, actor, study)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -138,7 +139,8 @@ def test_unindexed_blob_is_recovered_on_start(archive, tmp_path):
     from imageshare.app import recover
 
     path = ct_series(tmp_path / "in", count=1)[0]
-    archive.blobs.put("ab" * 16, open(path, "rb"))
+    with open(path, "rb") as fh:
+        archive.blobs.put("ab" * 16, fh, path.stat().st_size)
     assert recover(archive) == 1
     assert counts(archive)["instances"] == 1
     assert blob_files(archive) == 1
@@ -179,7 +181,56 @@ def test_start_up_recovery_looks_only_at_blobs_made_since_the_previous_start(arc
     new_key = new_blob_key()
     for key, path in ((old_key, paths[0]), (new_key, paths[1])):
         with open(path, "rb") as fh:
-            archive.blobs.put(key, fh)
+            archive.blobs.put(key, fh, path.stat().st_size)
     assert recover(archive) == 1
     assert counts(archive)["instances"] == 1
-    assert archive.blobs.exists(old_key) and not archive.blobs.exists(new_key)
+    assert old_key in set(archive.blobs.keys()) and new_key not in set(archive.blobs.keys())
+
+
+def stored_digests(archive) -> dict[str, tuple[int, str]]:
+    """SOP Instance UID -> (size, SHA-256) as the index recorded them."""
+    with archive.engine.connect() as conn:
+        rows = conn.execute(select(instances.c.sop_uid, instances.c.size, instances.c.sha256))
+        return {r.sop_uid: (r.size, r.sha256) for r in rows}
+
+
+def blob_digests(archive) -> dict[str, tuple[int, str]]:
+    """SOP Instance UID -> (size, SHA-256) of the bytes the blob store holds for it."""
+    found = {}
+    with archive.engine.connect() as conn:
+        for sop_uid, key in conn.execute(select(instances.c.sop_uid, instances.c.blob_key)):
+            with archive.blobs.open(key) as fh:
+                data = fh.read()
+            found[sop_uid] = (len(data), hashlib.sha256(data).hexdigest())
+    return found
+
+
+def test_every_stored_blob_has_its_size_and_sha256_in_the_index(any_archive, tmp_path):
+    paths = ct_series(tmp_path / "ct", count=2)
+    for path in [*paths, paths[0]]:  # the repeat is a duplicate, recognised by digest
+        any_archive.ingest.store_copy(path, ACTOR)
+    recorded = stored_digests(any_archive)
+    assert recorded == blob_digests(any_archive)
+    assert sorted(recorded.values()) == sorted(
+        (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths)
+
+
+def test_a_replaced_instance_records_the_digest_of_its_new_bytes(tmp_path):
+    archive = make_archive(tmp_path, overwrite_instances=True)
+    try:
+        path = ct_series(tmp_path / "in", count=1)[0]
+        archive.ingest.store_copy(path, ACTOR)
+        archive.ingest.store_copy(_changed_copy(path, tmp_path / "changed.dcm"), ACTOR)
+        assert stored_digests(archive) == blob_digests(archive)
+    finally:
+        archive.close()
+
+
+def test_instances_stored_before_digests_were_recorded_are_still_recognised(archive, tmp_path):
+    path = ct_series(tmp_path / "in", count=1)[0]
+    archive.ingest.store_copy(path, ACTOR)
+    with archive.engine.begin() as conn:
+        conn.execute(instances.update().values(sha256=None))
+    assert archive.ingest.store_copy(path, ACTOR).outcome == "duplicate"
+    changed = _changed_copy(path, tmp_path / "changed.dcm")
+    assert archive.ingest.store_copy(changed, ACTOR).outcome == "kept_first"

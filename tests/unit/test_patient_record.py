@@ -162,3 +162,16 @@ def test_merging_two_records_moves_every_study(archive, tmp_path):
     assert sorted(found(archive, hospital_number="H5")) == sorted([temp_a, temp_b, real])
     assert found(archive, hospital_number="TEMP1") == []
     assert {c.kind for c in archive.corrections.history(temp_b)} == {"merge"}
+
+
+def test_a_correction_records_the_digests_of_the_rewritten_blobs(archive, tmp_path):
+    from tests.unit.test_ingest import blob_digests, stored_digests
+
+    study = store_all(archive, ct_series(tmp_path / "ct", 2, patient_id="EMERG2",
+                                         patient_name="Unknown^Female"))
+    before = stored_digests(archive)
+    archive.corrections.correct_study(study, PatientDetails("Smith^Ann", "H777"),
+                                      "identified", STAFF)
+    after = stored_digests(archive)
+    assert after == blob_digests(archive)
+    assert set(after) == set(before) and all(after[u] != before[u] for u in after)

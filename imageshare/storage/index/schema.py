@@ -114,6 +114,8 @@ instances = Table(
     Column("bits_allocated", Integer, nullable=True),
     Column("blob_key", String(64), nullable=False, unique=True),
     Column("size", BigInteger, nullable=False),
+    # SHA-256 (hex) of the blob, recorded at ingest; NULL for instances stored before 0013.
+    Column("sha256", String(64), nullable=True),
     Column("retention_class", String(32), nullable=False, default="clinical"),
     Column("received_from", String(128), nullable=False, default=""),
     Column("received_at", DateTime(timezone=True), nullable=False),
@@ -131,7 +133,8 @@ users = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("failed_logins", Integer, nullable=False, default=0, server_default="0"),
     Column("locked_until", DateTime(timezone=True), nullable=True),
-    Column("totp_secret", String(64), nullable=True),
+    # Encrypted at rest (storage/secret_box.py), hence longer than the secret itself.
+    Column("totp_secret", String(512), nullable=True),
     Column("totp_enabled", Boolean, nullable=False, default=False, server_default=false()),
     Column("totp_last_step", BigInteger, nullable=True),
     Column("email", String(254), nullable=False, default="", server_default=""),
@@ -197,10 +200,13 @@ nodes = Table(
     Column("searchable", Boolean, nullable=False, default=True, server_default=true()),
     Column("retrieve_from", Boolean, nullable=False, default=True, server_default=true()),
     Column("send_to", Boolean, nullable=False, default=True, server_default=true()),
-    # DICOMweb credentials: "user:password" for HTTP Basic or "Bearer TOKEN".
-    Column("dicomweb_auth", String(512), nullable=False, default="", server_default=""),
+    # DICOMweb credentials: "user:password" for HTTP Basic or "Bearer TOKEN", encrypted at
+    # rest (storage/secret_box.py).
+    Column("dicomweb_auth", String(2048), nullable=False, default="", server_default=""),
     # Studies this site sends us land in the inbox for review.
     Column("inbox", Boolean, nullable=False, default=False, server_default=false()),
+    # We reach the site's DICOM AE over TLS (BCP 195).
+    Column("tls", Boolean, nullable=False, default=False, server_default=false()),
 )
 
 audit_events = Table(

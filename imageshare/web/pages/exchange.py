@@ -129,7 +129,7 @@ def add_site(
     dicomweb_auth: Annotated[str, Form()] = "", searchable: Annotated[str, Form()] = "",
     retrieve_from: Annotated[str, Form()] = "", send_to: Annotated[str, Form()] = "",
     may_store: Annotated[str, Form()] = "", may_query: Annotated[str, Form()] = "",
-    inbox: Annotated[str, Form()] = "",
+    inbox: Annotated[str, Form()] = "", tls: Annotated[str, Form()] = "",
 ) -> Response:
     """Register (or update) a site."""
     archive = request.app.state.archive
@@ -138,7 +138,7 @@ def add_site(
                 may_query=bool(may_query), may_retrieve=bool(may_query),
                 may_store=bool(may_store), searchable=bool(searchable),
                 retrieve_from=bool(retrieve_from), send_to=bool(send_to),
-                dicomweb_auth=dicomweb_auth.strip(), inbox=bool(inbox))
+                dicomweb_auth=dicomweb_auth.strip(), inbox=bool(inbox), tls=bool(tls))
     try:
         archive.nodes.add(node, replace=True)
     except ImageShareError as exc:

@@ -1,0 +1,59 @@
+"""The DICOM TLS listener's server class: the TLS handshake happens in each association's own
+thread, with a time limit.
+
+pynetdicom wraps an accepted socket with ``do_handshake_on_connect`` in the accepting thread,
+on a socket without a timeout: one peer that connects and says nothing would stop every
+further TLS association. Here the accepting thread only accepts.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from typing import Any
+
+log = logging.getLogger("imageshare.dicom")
+HANDSHAKE_SECONDS = 30.0
+
+
+class _HandshakeInThread:
+    """Mix-in for a pynetdicom ``ThreadedAssociationServer`` with an ``ssl_context``."""
+
+    handshake_seconds = HANDSHAKE_SECONDS
+
+    def get_request(self) -> tuple[Any, Any]:
+        """Accept a connection; wrap it for TLS without shaking hands yet."""
+        client, address = self.socket.accept()  # type: ignore[attr-defined]
+        context = self.ssl_context  # type: ignore[attr-defined]
+        if context is not None:
+            client.settimeout(self.handshake_seconds)
+            client = context.wrap_socket(client, server_side=True,
+                                         do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Shake hands (within the time limit), then serve the association."""
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.do_handshake()
+                request.settimeout(None)
+            except (OSError, ValueError) as exc:
+                log.warning("DICOM TLS handshake with %s failed: %s", client_address[0],
+                            getattr(exc, "reason", None) or type(exc).__name__)
+                self.shutdown_request(request)  # type: ignore[attr-defined]
+                return
+        super().process_request_thread(request, client_address)  # type: ignore[misc]
+
+
+_classes: dict[type, type] = {}
+_lock = threading.Lock()
+
+
+def tls_server_class(base: type) -> type:
+    """``base`` (a pynetdicom association server class) with the handshake in each
+    association's thread."""
+    with _lock:
+        if base not in _classes:
+            _classes[base] = type(f"Tls{base.__name__}", (_HandshakeInThread, base), {})
+        return _classes[base]

@@ -1,0 +1,97 @@
+"""Secrets kept in the database (TOTP secrets, site credentials) encrypted at rest.
+
+The key is kept apart from the database: in ``IMAGESHARE_SECRET_KEY`` or in a key file
+(``secret-key`` in the data folder unless ``secret_key_file`` names another place), made on
+first start and readable by the owner only. A copy of the database (a backup, a PostgreSQL
+dump, a stolen file) then holds no usable secret. Values are Fernet tokens (AES-128-CBC with
+HMAC-SHA256, from ``cryptography``) with a version prefix.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken
+
+from imageshare.domain.errors import ConfigurationError
+
+log = logging.getLogger("imageshare.secrets")
+
+PREFIX = "fernet1:"
+KEY_FILE = "secret-key"
+
+
+class SecretBox:
+    """Seals and opens short secrets with one installation key."""
+
+    def __init__(self, key: bytes) -> None:
+        self._fernet = Fernet(key)
+
+    @staticmethod
+    def is_sealed(value: str | None) -> bool:
+        """True when ``value`` was sealed by a SecretBox (else it is plaintext or empty)."""
+        return bool(value) and str(value).startswith(PREFIX)
+
+    def seal(self, value: str) -> str:
+        """``value`` encrypted, as stored in the database (empty stays empty)."""
+        if not value:
+            return value
+        return PREFIX + self._fernet.encrypt(value.encode()).decode("ascii")
+
+    def open(self, value: str | None) -> str:
+        """The plaintext of a sealed value. Plaintext left from an older version is returned as
+        it is (it is sealed on the next start). Raises :class:`ConfigurationError` when the
+        value was sealed with another key."""
+        if not value:
+            return ""
+        if not value.startswith(PREFIX):
+            return value
+        try:
+            return self._fernet.decrypt(value[len(PREFIX):].encode("ascii")).decode()
+        except InvalidToken as exc:
+            raise ConfigurationError(
+                "a secret in the database was encrypted with another key: check "
+                "IMAGESHARE_SECRET_KEY / the secret key file"
+            ) from exc
+
+
+def _key_from_text(text: str) -> bytes:
+    text = text.strip()
+    try:
+        if len(base64.urlsafe_b64decode(text.encode())) == 32:
+            return text.encode()
+    except (ValueError, TypeError):
+        pass
+    if len(text) < 32:
+        raise ConfigurationError(
+            "the secret key must be a Fernet key or at least 32 random characters")
+    return base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest())
+
+
+def load_secret_key(configured: str, key_file: Path) -> bytes:
+    """The installation key: ``configured`` when set, else the key file's, made (0600) on
+    first use."""
+    if configured:
+        return _key_from_text(configured)
+    if not key_file.exists():
+        key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process made it a moment ago
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(Fernet.generate_key().decode() + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            log.info("made a new key for secrets at rest: %s", key_file)
+    if key_file.stat().st_mode & 0o077:
+        key_file.chmod(0o600)
+    try:
+        return _key_from_text(key_file.read_text())
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the secret key file {key_file}") from exc
