@@ -159,6 +159,13 @@ def any_archive(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Arch
     built.close()
 
 
+def act_as_admin(client: httpx.Client, archive: Archive) -> None:
+    """Make ``client`` call as ``admin``: with a token made on the command line, since an
+    administrator without a second factor can do nothing but enrol over HTTP Basic."""
+    token = archive.users.create_token("admin", "tests", origin="cli")
+    client.headers["Authorization"] = f"Bearer {token}"
+
+
 @pytest.fixture
 def client(archive: Archive) -> Iterator[httpx.Client]:
     """An in-process HTTP client acting as admin (with a command-line API token)."""
@@ -169,8 +176,7 @@ def client(archive: Archive) -> Iterator[httpx.Client]:
     with TestClient(create_app(archive)) as test_client:
         # An administrator without a second factor can only enrol over HTTP Basic; programs
         # (and these tests) use a token made on the command line.
-        token = archive.users.create_token("admin", "tests", origin="cli")
-        test_client.headers["Authorization"] = f"Bearer {token}"
+        act_as_admin(test_client, archive)
         yield test_client
 
 
