@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     _common(up)
 
     deid = sub.add_parser(
-        "deidentify", help="de-identify files, folders, zips and DICOMDIR media (offline)")
+        "deidentify", help="de-identify files, folders, zips and DICOMDIR media (offline)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=DEIDENTIFY_EXIT_CODES)
     _common(deid)
     deid.add_argument("inputs", nargs="+", type=Path)
     deid.add_argument("--out", type=Path, required=True,
@@ -126,6 +127,24 @@ def _parser() -> argparse.ArgumentParser:
     deid.add_argument("--report", type=Path,
                       help="also write the full report (with input paths) to this file")
     deid.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    verify = sub.add_parser(
+        "verify", help="check a de-identified export against its sources (with --source); "
+        "without arguments: stored blobs against their digests (not yet available)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=VERIFY_EXIT_CODES)
+    _common(verify)
+    verify.add_argument("export", nargs="?", type=Path,
+                        help="de-identified export: folder, zip, DICOM, PNG, JPEG, MP4 or PDF")
+    verify.add_argument("--source", type=Path, action="append", default=[],
+                        help="the original files, folders, zips or DICOMDIR media (repeatable)")
+    verify.add_argument("--profile", default="basic",
+                        help="the profile the export was made with (what it may keep)")
+    verify.add_argument("--ocr", choices=("auto", "always", "never"), default="auto",
+                        help="read pixels with OCR: auto (images that may carry text), "
+                        "always, never")
+    verify.add_argument("--password", default="",
+                        help="password of an encrypted zip (or IMAGESHARE_EXPORT_PASSWORD)")
+    verify.add_argument("--report", type=Path, help="write the findings as JSON to this file")
 
     retention = sub.add_parser("retention", help="retention of temporary data").add_subparsers(
         dest="action", required=True)
@@ -181,6 +200,21 @@ def _import(archive: Any, args: argparse.Namespace) -> int:
     return 0 if not report.refused else 1
 
 
+EXIT_WRITTEN, EXIT_FAILED, EXIT_USAGE, EXIT_HELD_BACK = 0, 1, 2, 3
+DEIDENTIFY_EXIT_CODES = """exit codes:
+  0  every input file was de-identified, verified and written
+  3  some files were held back for review (their count is printed; the report says why);
+     everything else was written
+  1  failure: a file could not be read or de-identified, the output could not be written,
+     or the export as a whole failed its check (nothing is left behind then)
+  2  wrong usage (unknown option)"""
+VERIFY_EXIT_CODES = """exit codes:
+  0  nothing identifying of the sources was found in the export
+  3  identifying data was found (findings are printed and in --report)
+  1  failure (a source or the export could not be read)
+  2  wrong usage"""
+
+
 def _deidentify(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -188,20 +222,30 @@ def _deidentify(settings: Settings, args: argparse.Namespace) -> int:
     from imageshare.deid.setup import deidentifier_for
     from imageshare.export.writers import DicomdirWriter, FolderWriter, ZipWriter
 
-    deidentifier = deidentifier_for(settings, args.profile)
-    password = args.password or os.environ.get("IMAGESHARE_EXPORT_PASSWORD", "")
-    if args.format == "zip":
-        target = args.out if args.out.suffix.lower() == ".zip" else args.out / "export.zip"
-        writer: Any = ZipWriter(target, password)
-        report_path = target.with_name(target.stem + "-report.json")
-    elif password:
-        raise ImageShareError("--password needs --format zip")
-    else:
-        writer = DicomdirWriter(args.out) if args.format == "dicomdir" else FolderWriter(args.out)
-        report_path = args.out / "deidentification-report.json"
+    try:
+        deidentifier = deidentifier_for(settings, args.profile)
+        password = args.password or os.environ.get("IMAGESHARE_EXPORT_PASSWORD", "")
+        if args.format == "zip":
+            target = args.out if args.out.suffix.lower() == ".zip" else args.out / "export.zip"
+            writer: Any = ZipWriter(target, password)
+            report_path = target.with_name(target.stem + "-report.json")
+        elif password:
+            raise ImageShareError("--password needs --format zip")
+        else:
+            target = args.out
+            writer = DicomdirWriter(args.out) if args.format == "dicomdir" else FolderWriter(
+                args.out)
+            report_path = args.out / "deidentification-report.json"
+    except (ImageShareError, OSError) as exc:
+        print(f"imageshare: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     bar = tqdm(unit=" files", disable=args.quiet, file=sys.stderr, desc="de-identifying")
     report = deidentify_inputs(list(args.inputs), deidentifier, writer, progress=bar.update)
     bar.close()
+    container = _check_container(deidentifier, list(args.inputs), target)
+    if container:
+        report.export_findings = [f.as_dict() for f in container]
+        _remove_output(target, args.format)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report.write(report_path, with_inputs=False)
     if args.report:
@@ -213,7 +257,104 @@ def _deidentify(settings: Settings, args: argparse.Namespace) -> int:
             label = entry["input"] if args.report else "(see --report for input names)"
             print(f"{'held back' if entry.get('held_back') else 'failed'}: {label}: "
                   f"{entry.get('reason') or entry.get('error')}")
-    return 0 if not (report.held_back or report.failed) else 1
+    if container:
+        print("failed: the export as a whole carries identifying data and was removed: "
+              + "; ".join(dict.fromkeys(str(f) for f in container)))
+        return EXIT_FAILED
+    if report.failed:
+        return EXIT_FAILED
+    if report.held_back:
+        print(f"{report.held_back} file(s) held back for review (exit code {EXIT_HELD_BACK})")
+        return EXIT_HELD_BACK
+    return EXIT_WRITTEN
+
+
+def _check_container(deidentifier: Any, inputs: list[Path], target: Path) -> list[Any]:
+    """The verifier's check of the export as a whole (names, zip comment, DICOMDIR) against
+    every source; each file in it was checked on its own before it was added."""
+    if deidentifier.verifier is None or not target.exists():
+        return []
+    identity = _source_identity(inputs, deidentifier.keep)[0]
+    return list(deidentifier.verifier.check_container(target, identity))
+
+
+def _source_identity(inputs: list[Path], keep: frozenset[str]) -> tuple[Any, bool, int]:
+    """The union of what the sources say about who they are; whether any may carry
+    burned-in text; how many sources were read."""
+    from pydicom import dcmread
+
+    from imageshare.archive.importing import DicomInputs, ImportReport
+    from imageshare.verify import SourceIdentity, Verifier
+
+    identity = SourceIdentity(keep=keep)
+    walker = DicomInputs()
+    text_prone, count = False, 0
+    try:
+        for candidate in walker.candidates(inputs, ImportReport()):
+            try:
+                with candidate.open() as fp:
+                    ds = dcmread(fp, stop_before_pixels=True)
+            except Exception:  # noqa: BLE001 - not DICOM: nothing to look for
+                continue
+            identity.add(ds)
+            text_prone = text_prone or Verifier.text_prone(ds)
+            count += 1
+    finally:
+        walker.close()
+    return identity, text_prone, count
+
+
+def _remove_output(target: Path, fmt: str) -> None:
+    import shutil
+
+    if fmt == "zip":
+        target.unlink(missing_ok=True)
+    elif target.is_dir():
+        for child in target.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            elif child.name != "deidentification-report.json":
+                child.unlink()
+
+
+def _verify(settings: Settings, args: argparse.Namespace) -> int:
+    from imageshare.deid.profiles import load_profiles
+    from imageshare.verify import Verifier
+    from imageshare.verify.identity import keep_for_options
+
+    if args.export is None:
+        print("imageshare verify: checking stored blobs against their digests is not available "
+              "yet; to check a de-identified export use: imageshare verify EXPORT --source "
+              "INPUT", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.source:
+        print("imageshare verify: --source INPUT is needed (the original files the export was "
+              "made from)", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.export.exists():
+        print(f"imageshare verify: no such export {args.export}", file=sys.stderr)
+        return EXIT_FAILED
+    profiles = load_profiles(Path(settings.deid_profiles_file)
+                             if settings.deid_profiles_file else None)
+    if args.profile not in profiles:
+        print(f"imageshare verify: unknown profile {args.profile!r}", file=sys.stderr)
+        return EXIT_FAILED
+    identity, text_prone, count = _source_identity(
+        list(args.source), keep_for_options(profiles[args.profile].options))
+    if not count:
+        print("imageshare verify: no readable DICOM file among the sources", file=sys.stderr)
+        return EXIT_FAILED
+    password = args.password or os.environ.get("IMAGESHARE_EXPORT_PASSWORD", "")
+    findings = Verifier(ocr=args.ocr).check_path(args.export, identity, text_prone, password)
+    if args.report:
+        args.report.write_text(json.dumps(
+            {"export": str(args.export), "sources": count, "profile": args.profile,
+             "findings": [f.as_dict() for f in findings]}, indent=2))
+    files = sorted({f.file for f in findings})
+    for f in findings:
+        print(f"finding: {f.file}: {f.kind} in {f.where}")
+    print(f"{len(findings)} finding(s) in {len(files)} file(s); {count} source file(s) read")
+    return EXIT_HELD_BACK if findings else EXIT_WRITTEN
 
 
 def _audit_export(archive: Any, args: argparse.Namespace) -> int:
@@ -264,6 +405,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "deidentify":
         return _deidentify(settings, args)
+    if args.command == "verify":
+        return _verify(settings, args)
     from imageshare.app import build_archive
     from imageshare.audit.trail import AuditEvent
     from imageshare.exchange.nodes import Node

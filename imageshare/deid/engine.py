@@ -2,10 +2,20 @@
 
 Every attribute gets one action: from Table E.1-1 as changed by the profile's options, or, for
 attributes the table does not name, by rule: private attributes go unless the Retain Safe
-Private option keeps a known-safe one; free text, person names and unknown values go unless
-they are on a short list of technical attributes; dates move by the patient's offset; UIDs
-that are not well-known DICOM UIDs are replaced consistently. Pixel data is left to
-:mod:`imageshare.deid.pixels`.
+Private option keeps a known-safe one; person names are emptied; free text is emptied, or
+replaced by a dummy where an IOD needs a value, except a short list of technical labels that
+are kept once cleaned of identifiers; every date, date-time and time at any depth is replaced
+by a dummy, moved by the patient's offset (Retain Longitudinal Temporal Information with
+Modified Dates: dates move, times of day stay) or kept (Full Dates); UIDs that are not
+well-known DICOM UIDs are replaced consistently.
+
+Coded entries are judged as a whole: a code item is kept only when it is a code of the
+standard's context groups (and then carries the standard's meaning); codes of private or local
+schemes, and any code under a person or institution context, are replaced by a dummy code.
+Sequences the table says to replace (``D``) are walked with every text value replaced by a
+dummy; those it says to clean (``C``) with every text value cleaned of identifiers.
+
+Pixel data and overlays' bitmaps are left to :mod:`imageshare.deid.pixels`.
 """
 
 from __future__ import annotations
@@ -17,16 +27,23 @@ from datetime import timedelta
 from typing import Any
 
 from pydicom import Dataset
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
-from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import UID_dictionary
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
+from imageshare.deid.codes import DUMMY_CODE, standard_meaning
+from imageshare.deid.identity import (
+    PERSON_CONTEXT_WORDS,
+    Identity,
+    identities_of,
+    identity_of,
+    values_of,
+)
 from imageshare.deid.profiles import BASIC_PROFILE_CODE, OPTIONS, Profile
 from imageshare.deid.pseudonyms import Pseudonyms, age_at, shift_date, shift_datetime
 from imageshare.deid.table import OPTION_LETTERS, TABLE
@@ -34,37 +51,62 @@ from imageshare.deid.table import OPTION_LETTERS, TABLE
 KNOWN_ACTIONS = {"D", "Z", "X", "K", "C", "U", "X/Z", "X/D", "X/Z/D", "Z/D", "X/Z/U*"}
 TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "AE", "UR", "PN"}
 DATE_VRS = {"DA", "DT"}
-_NUMERIC_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "IS", "DS", "AT", "OB", "OW", "OF", "OD",
-                "OL", "OV", "UV", "SV", "TM", "CS", "US or SS", "US or OW", "OB or OW",
-                "US or SS or OW"}
+TEMPORAL_VRS = {"DA", "DT", "TM"}
+_NUMBER_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"}
 PIXEL_DATA = 0x7FE00010
-# Technical text attributes the table does not name that carry no identity and that IODs need.
-SAFE_TEXT = {
-    "CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning", "LongCodeValue",
-    "URNCodeValue", "ContextIdentifier", "ContextGroupVersion", "MappingResource",
-    "MappingResourceName", "ContextGroupExtensionCreatorUID", "Manufacturer",
-    "ManufacturerModelName", "SoftwareVersions", "PositionReferenceIndicator",
+# Technical labels the table does not name, that carry no identity and that IODs need: kept
+# once cleaned of the patient's (and everyone else's) identifiers.
+TECHNICAL_TEXT = {
+    "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "PositionReferenceIndicator",
     "ConvolutionKernel", "FilterType", "ProcessingFunction", "TransducerData",
     "ContrastBolusRoute", "ReceiveCoilName", "TransmitCoilName", "SequenceName",
     "SequenceVariant", "ScanningSequence", "PulseSequenceName", "RescaleType", "LUTExplanation",
-    "WindowCenterWidthExplanation", "LUTDescriptor", "TransducerType",
-    "ProcessingFunctionDescription", "ValueType", "DocumentTitle",
-    "MIMETypeOfEncapsulatedDocument", "ConversionType", "FrameLabel", "CountsSource", "Units",
-    "RadiopharmaceuticalRoute", "Radiopharmaceutical", "ConceptNameCodeSequence",
-    "AcquisitionContrast", "PhotometricInterpretation", "DetectorType",
+    "WindowCenterWidthExplanation", "TransducerType", "MIMETypeOfEncapsulatedDocument",
+    "ConversionType", "FrameLabel", "CountsSource", "Units", "RadiopharmaceuticalRoute",
+    "Radiopharmaceutical", "AcquisitionContrast", "PhotometricInterpretation", "DetectorType",
     "ImplementationVersionName", "ExposureControlMode", "FocusMethod",
-    "AnatomicRegionModifierSequence", "DerivationCodeSequence", "DimensionDescriptionLabel",
-    "SegmentLabel", "SegmentAlgorithmName", "ContentLabel", "GraphicLayer",
-    "MeasurementUnitsCodeSequence", "CollimatorType", "PatientPosition", "ViewPosition",
-    "Laterality", "ImageLaterality", "BodyPartExamined", "ModalityLUTType", "VOILUTFunction",
+    "DimensionDescriptionLabel", "SegmentLabel", "SegmentAlgorithmName", "ContentLabel",
+    "GraphicLayer", "CollimatorType", "PatientPosition", "ViewPosition", "Laterality",
+    "ImageLaterality", "BodyPartExamined", "ModalityLUTType", "VOILUTFunction",
     "PresentationLUTShape", "PixelPresentation", "VolumetricProperties",
     "VolumeBasedCalculationTechnique", "ComplexImageComponent", "AcquisitionType",
-    "RectificationType", "PixelIntensityRelationship",
+    "RectificationType", "PixelIntensityRelationship", "StackID", "LUTLabel",
+    "TreatmentMachineName", "PrimaryDosimeterUnit", "ApplicatorID", "BeamName",
+    "ReferencedFrameOfReferenceUID", "WaveformChannelNumber", "ChannelLabel",
+    "FilterMaterial", "AnodeTargetMaterial", "GridFocalDistance", "CodingSchemeName",
+    "CodingSchemeResponsibleOrganization", "GraphicLayerDescription", "OverlayType",
+    "FrameType", "ImageType", "ContentQualification", "TextFormatID",
+    "RealWorldValueLUTData", "DataPointRows", "DoseUnits", "DoseType", "DoseSummationType",
+    "TissueHeterogeneityCorrection", "DVHType", "RTROIInterpretedType",
+    "CodingSchemeDesignator", "CodingSchemeRegistry", "CodingSchemeExternalID",
+    "CodingSchemeVersion",
 }
+# Text that IODs require to have a value where it appears (Type 1): a dummy when not kept.
+REQUIRED_TEXT = {"TextValue", "UnformattedTextValue"}
+_CODE_VALUE_TAGS = {tag_for_keyword(k) for k in ("CodeValue", "LongCodeValue", "URNCodeValue")}
+_CODE_TAGS = {tag_for_keyword(k) for k in (
+    "CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning",
+    "MappingResource", "ContextGroupVersion", "ContextGroupLocalVersion",
+    "ContextGroupExtensionFlag", "ContextGroupExtensionCreatorUID", "ContextIdentifier",
+    "ContextUID", "MappingResourceUID", "MappingResourceName", "LongCodeValue",
+    "URNCodeValue")}
+_CODE_CONTEXT_TAGS = _CODE_TAGS - {tag_for_keyword(k) for k in (
+    "CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning",
+    "LongCodeValue", "URNCodeValue")}
 # How the combined actions of PS3.15 E.1.1 are carried out here: where the standard lets the
 # IOD decide, a dummy value (valid whatever the attribute's type) or an empty one is used, and
-# sequences of references keep their items with their UIDs replaced.
+# sequences of references keep their items with their UIDs replaced. Sequences are emptied or
+# removed rather than filled with dummies where the standard allows it.
 _COMBINED = {"X/Z": "Z", "X/D": "D", "X/Z/D": "D", "Z/D": "D", "X/Z/U*": "U"}
+# X/Z on a sequence of references (Referenced Study Sequence): its items are kept with new
+# UIDs, since IODs require it (Type 2) or at least one item when present.
+_COMBINED_SEQUENCE = {"X/Z": "U", "X/D": "X", "X/Z/D": "D", "Z/D": "D", "X/Z/U*": "U"}
+# Sequences that some IODs require (Type 2) where the table says X/Z: emptied, not removed.
+_TYPE2_SEQUENCES = {tag_for_keyword("AcquisitionContextSequence")}
+# Attributes the table removes (X) that some IODs require (Type 2, or 1C in a macro): a dummy.
+_TYPE2_REMOVED = {tag_for_keyword(k) for k in ("TreatmentMachineName", "RequestedProcedureID")}
+# Walking modes: how text the table does not name is treated inside a sequence.
+NORMAL, DUMMY, CLEAN = "normal", "dummy", "clean"
 
 
 def _dictionary_vr(tag: BaseTag) -> str:
@@ -125,6 +167,17 @@ def effective_action(rule: Rule, profile: Profile) -> str:
     return rule.basic
 
 
+def carried_out(action: str, tag: int, vr: str) -> str:
+    """How a table action is carried out for an attribute: where the standard lets the IOD
+    choose (``X/Z``, ``X/D``, ...), the choice made here (always one of those allowed)."""
+    if vr == "SQ":
+        if action == "X/Z" and tag in _TYPE2_SEQUENCES:
+            return "Z"
+        return _COMBINED_SEQUENCE.get(action, action)
+    action = _COMBINED.get(action, action)
+    return "D" if action == "X" and tag in _TYPE2_REMOVED else action
+
+
 @dataclass
 class InstanceReport:
     """What de-identification did to one instance."""
@@ -135,7 +188,9 @@ class InstanceReport:
     private_kept: int = 0
     uids_replaced: int = 0
     dates_shifted: int = 0
+    dates_replaced: int = 0
     text_cleaned: int = 0
+    codes_replaced: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The report as JSON-friendly data."""
@@ -143,18 +198,31 @@ class InstanceReport:
             "actions": dict(self.actions), "removed": sorted(set(self.removed)),
             "private_removed": self.private_removed, "private_kept": self.private_kept,
             "uids_replaced": self.uids_replaced, "dates_shifted": self.dates_shifted,
-            "text_cleaned": self.text_cleaned,
+            "dates_replaced": self.dates_replaced, "text_cleaned": self.text_cleaned,
+            "codes_replaced": self.codes_replaced,
         }
 
 
 @dataclass(frozen=True)
 class PatientContext:
-    """Who the instance is about: what the text cleaner looks for, and the date offset."""
+    """Who the instance is about: what the text cleaner and OCR look for, and the offset."""
 
     key: str
     pseudonym: str
     offset: timedelta
-    identifiers: tuple[str, ...]
+    identity: Identity
+    patient: Identity
+
+    @property
+    def identifiers(self) -> tuple[str, ...]:
+        """The identifying values as written, longest first."""
+        return self.identity.raw
+
+
+def identifiers_of(ds: Dataset) -> Identity:
+    """The identifying values of ``ds`` (everyone named, IDs, birth date in every usual form,
+    addresses, phone numbers, institution and staff names), for text cleaning and OCR."""
+    return identity_of(ds)
 
 
 _DIGITS = re.compile(r"\b\d[\d\s\-/.]{5,}\d\b")
@@ -162,85 +230,16 @@ _DATE_LIKE = re.compile(r"\b\d{1,4}[./-]\d{1,2}[./-]\d{1,4}\b")
 _EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.]+\b")
 
 
-def identifiers_of(ds: Dataset) -> tuple[str, ...]:
-    """Identifying strings of the patient in ``ds``, for text cleaning and OCR checks."""
-    found: set[str] = set()
-
-    def add(value: Any) -> None:
-        text = str(value or "").strip()
-        if len(text) >= 2:
-            found.add(text)
-
-    for keyword in ("PatientID", "AccessionNumber", "StudyID", "OtherPatientIDs",
-                    "IssuerOfPatientID", "MedicalRecordLocator", "AdmissionID"):
-        for v in _values(ds.get(keyword)):
-            add(v)
-    for item in ds.get("OtherPatientIDsSequence", []) or []:
-        add(item.get("PatientID"))
-    _collect_names_and_ids(ds, found, depth=0)  # every person name, at any depth
-    birth = str(ds.get("PatientBirthDate", "") or "")
-    if len(birth) == 8 and birth.isdigit():
-        found.update({birth, f"{birth[:4]}-{birth[4:6]}-{birth[6:]}",
-                      f"{birth[6:]}/{birth[4:6]}/{birth[:4]}",
-                      f"{birth[6:]}.{birth[4:6]}.{birth[:4]}",
-                      f"{birth[4:6]}/{birth[6:]}/{birth[:4]}"})
-    return tuple(sorted(found, key=len, reverse=True))
-
-
-def _values(value: Any) -> list[Any]:
-    """An element value as a list (multi-valued or not)."""
-    return list(value) if isinstance(value, MultiValue | list) else [value]
-
-
-def _value_of(values: list[Any]) -> Any:
-    """The element value for a list: one value, several, or empty."""
-    return values if len(values) > 1 else (values[0] if values else "")
-
-
-_ID_SUFFIXES = ("ID", "IDs", "Number", "Numbers", "Identifier")
-_NOT_IDENTIFYING = {"StudyID", "SeriesNumber", "InstanceNumber", "AcquisitionNumber"}
-
-
-def _collect_names_and_ids(ds: Dataset, found: set[str], depth: int) -> None:
-    """Every person name, and every identifier-like text value (keywords ending in ID,
-    Number, Identifier), at any depth: whoever is named in the data set is not to be named
-    in its free text either. Other values are not decoded."""
-    if depth > 8:
-        return
-    for tag in list(ds.keys()):
-        tag = BaseTag(tag)
-        if tag.is_private or tag == PIXEL_DATA:
-            continue
-        vr = ds.get_item(tag).VR or _dictionary_vr(tag)
-        if vr == "SQ":
-            for item in ds[tag].value or []:
-                _collect_names_and_ids(item, found, depth + 1)
-        elif vr == "PN":
-            for v in _values(ds[tag].value):
-                for part in re.split(r"[\^= ,]+", str(v or "")):
-                    if len(part) >= 2:
-                        found.add(part)
-        elif vr in ("LO", "SH"):
-            keyword = keyword_for_tag(tag)
-            if keyword.endswith(_ID_SUFFIXES) and keyword not in _NOT_IDENTIFYING:
-                for v in _values(ds[tag].value):
-                    if len(str(v or "").strip()) >= 3:
-                        found.add(str(v).strip())
-
-
-def clean_text(text: str, identifiers: tuple[str, ...]) -> str:
-    """``text`` without the patient's identifiers, dates, long numbers and e-mail addresses."""
+def clean_text(text: str, identity: Identity) -> str:
+    """Free ``text`` without the patient's identifiers (or anyone else's), dates, long numbers
+    and e-mail addresses."""
     cleaned = _EMAIL.sub("*", text)
     cleaned = _DATE_LIKE.sub("*", cleaned)
     cleaned = _DIGITS.sub("*", cleaned)
-    for ident in identifiers:
-        if len(ident) >= 2:
-            cleaned = re.sub(rf"(?<![^\W_]){re.escape(ident)}(?![^\W_])", "*", cleaned,
-                             flags=re.IGNORECASE)
-    return cleaned
+    return identity.clean(cleaned)
 
 
-def _dummy(vr: str, element: DataElement, ctx: PatientContext) -> Any:
+def _dummy(vr: str, element: DataElement) -> Any:
     if vr == "PN":
         return "ANONYMOUS"  # a person other than the patient (the patient gets the pseudonym)
     if vr == "DA":
@@ -251,16 +250,10 @@ def _dummy(vr: str, element: DataElement, ctx: PatientContext) -> Any:
         return "000000"
     if vr in ("IS", "DS"):
         return "0"
-    if vr == "UI":
-        return None  # replaced by the UID action
-    if vr in ("US", "SS", "UL", "SL", "FL", "FD"):
+    if vr in _NUMBER_VRS:
         return 0
-    if vr in ("OB", "OW", "OF", "OD", "OL", "UN"):
+    if vr in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
         return b"\0\0" if element.value else b""
-    if vr == "CS":
-        return "ANONYMOUS"[:16]
-    if vr in ("SH", "AE"):
-        return "ANONYMOUS"
     return "ANONYMOUS"
 
 
@@ -272,11 +265,15 @@ class AttributeCleaner:
         self.profile = profile
         self.pseudonyms = pseudonyms
         self.safe_private = safe_private
-        self._decisions: dict[tuple[int, str], str] = {}
+        self._decisions: dict[tuple[int, str, str], str] = {}
         self._encoded_marks: dict[tuple[bool, bool], Dataset] = {}
         self._method_codes = [BASIC_PROFILE_CODE] + [OPTIONS[o] for o in sorted(profile.options)]
         self._full_dates = profile.has("retain_full_dates")
         self._modified_dates = profile.has("retain_modified_dates")
+        # attributes the profile's options keep: not looked for in other values
+        self._retained = frozenset(tag for tag, rule in EXACT_RULES.items()
+                                   if rule.basic != "K"
+                                   and effective_action(rule, profile) == "K")
 
     # -- entry point -----------------------------------------------------------------------
 
@@ -288,8 +285,10 @@ class AttributeCleaner:
             key = f"{issuer}|{patient_id}"
         else:
             key = f"name|{ds.get('PatientName', '')}|{ds.get('PatientBirthDate', '')}"
+        everyone, patient = identities_of(ds, self.profile.has("retain_institution_identity"),
+                                          self._retained)
         return PatientContext(key, self.pseudonyms.patient_id(key),
-                              self.pseudonyms.date_offset(key), identifiers_of(ds))
+                              self.pseudonyms.date_offset(key), everyone, patient)
 
     def apply(self, ds: Dataset, ctx: PatientContext | None = None) -> InstanceReport:
         """De-identify ``ds`` in place (not its pixels); returns what was done."""
@@ -299,7 +298,7 @@ class AttributeCleaner:
         if self.profile.has("retain_patient_characteristics") and not ds.get("PatientAge"):
             age = age_at(str(ds.get("PatientBirthDate", "") or ""),
                          str(ds.get("StudyDate", "") or ds.get("SeriesDate", "") or ""))
-        self._walk(ds, ctx, report, top=True)
+        self._walk(ds, ctx, report, NORMAL, top=True)
         if age:
             ds.PatientAge = age
         ds.PatientID = ctx.pseudonym
@@ -311,6 +310,9 @@ class AttributeCleaner:
         if meta is not None:
             if "MediaStorageSOPInstanceUID" in meta and not self.profile.has("retain_uids"):
                 meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            # this copy is written by ImageShare, not by the software that made the original
+            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+            meta.ImplementationVersionName = "IMAGESHARE"
             for keyword in ("PrivateInformationCreatorUID", "PrivateInformation",
                             "SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
                             "ReceivingApplicationEntityTitle",
@@ -320,14 +322,26 @@ class AttributeCleaner:
                     del meta[keyword]
         return report
 
+    def apply_part(self, ds: Dataset, ctx: PatientContext) -> InstanceReport:
+        """De-identify attributes that belong to a data set read in parts (those stored after
+        the pixel data), with the context of the whole."""
+        report = InstanceReport()
+        self._walk(ds, ctx, report, NORMAL, top=True)
+        return report
+
     # -- walking ---------------------------------------------------------------------------
 
-    def _walk(self, ds: Dataset, ctx: PatientContext, report: InstanceReport,
-              top: bool = False) -> None:
+    def _walk(self, ds: Dataset, ctx: PatientContext, report: InstanceReport, mode: str,
+              top: bool = False, person: bool = False, trusted: bool = False) -> None:
         private_groups_kept: dict[tuple[int, int], bool] = {}
+        code_item = not top and any(t in ds for t in _CODE_VALUE_TAGS)
+        if code_item:
+            self._code_item(ds, report, person, trusted)
         for tag in list(ds.keys()):
             tag = BaseTag(tag)
             if tag == PIXEL_DATA and top:
+                continue
+            if code_item and tag in _CODE_TAGS:
                 continue
             if tag.is_private:
                 self._private(ds, tag, report, private_groups_kept, ctx)
@@ -338,8 +352,8 @@ class AttributeCleaner:
                 del ds[tag]  # group lengths (retired) would be wrong afterwards
                 continue
             raw = ds.get_item(tag)
-            vr = raw.VR or _dictionary_vr(tag)
-            action = self._decide(int(tag), vr)
+            vr = raw.VR if raw.VR not in (None, "UN") else _dictionary_vr(tag)
+            action = self._decide(int(tag), vr, mode)
             if action == "K" and vr != "SQ":  # most attributes: no need to decode the value
                 report.actions["K"] += 1
                 continue
@@ -348,7 +362,7 @@ class AttributeCleaner:
                 report.removed.append(keyword_for_tag(tag) or f"{int(tag):08X}")
                 del ds[tag]
                 continue
-            self._act(ds, ds[tag], action, ctx, report)
+            self._act(ds, ds[tag], action, ctx, report, mode, person, trusted)
         # private creators whose elements all went
         for (group, block), kept in private_groups_kept.items():
             if not kept:
@@ -358,40 +372,49 @@ class AttributeCleaner:
         if top:
             self._drop_overlays_without_data(ds)
 
-    def _decide(self, tag: int, vr: str) -> str:
-        """The action for an attribute (cached per tag and VR)."""
-        key = (tag, vr)
+    def _decide(self, tag: int, vr: str, mode: str) -> str:
+        """The action for an attribute (cached per tag, VR and walking mode)."""
+        key = (tag, vr, mode)
         action = self._decisions.get(key)
         if action is None:
             rule = rule_for(tag)
             if rule is not None:
-                action = effective_action(rule, self.profile)
+                action = carried_out(effective_action(rule, self.profile), tag, vr)
+                if action == "K" and rule.basic != "K" and vr in TEXT_VRS - {"PN"}:
+                    action = "T"  # kept by an option: still not if it names someone else
             else:
-                action = self._rule_for_unlisted(vr, keyword_for_tag(tag))
-            action = _COMBINED.get(action, action)
+                action = self._rule_for_unlisted(vr, keyword_for_tag(tag), mode)
             self._decisions[key] = action
         return action
 
-    @staticmethod
-    def _rule_for_unlisted(vr: str, keyword: str) -> str:
+    def _rule_for_unlisted(self, vr: str, keyword: str, mode: str) -> str:
         if vr == "SQ":
             return "K"  # its items are cleaned in turn
         if vr == "UI":
             return "U"
-        if vr in DATE_VRS:
-            return "C"
-        if vr == "PN":
-            return "Z"
-        if vr in TEXT_VRS:
-            return "K" if keyword in SAFE_TEXT else "X"
-        if vr == "UN" or not keyword:
+        if vr in TEMPORAL_VRS:
+            if self._full_dates:
+                return "K"
+            return "C" if self._modified_dates else "D"
+        if not keyword or vr == "UN":
             return "X"
+        if vr == "PN":
+            return "Z" if mode == NORMAL else "D"
+        if vr == "CS":
+            return "T"  # kept unless it names someone
+        if vr in TEXT_VRS:
+            if keyword in TECHNICAL_TEXT:
+                return "T"
+            if mode == CLEAN:
+                return "C"
+            if mode == DUMMY or keyword in REQUIRED_TEXT:
+                return "D"
+            return "Z"
         return "K"
 
     def _act(self, ds: Dataset, element: DataElement, action: str, ctx: PatientContext,
-             report: InstanceReport) -> None:
+             report: InstanceReport, mode: str, person: bool, trusted: bool) -> None:
         vr = element.VR
-        action = _COMBINED.get(action, action)
         report.actions[action] += 1
         tag = element.tag
         if action == "X":
@@ -399,34 +422,77 @@ class AttributeCleaner:
             del ds[tag]
             return
         if vr == "SQ":
-            if action == "Z":
-                element.value = Sequence([])
-                return
-            for item in element.value or []:
-                self._walk(item, ctx, report)
+            self._sequence(element, action, ctx, report, mode, person, trusted)
             return
         if action == "K":
             return
         if action == "Z":
-            element.value = b"" if vr in ("OB", "OW", "UN") else ("" if vr not in (
-                "US", "SS", "UL", "SL", "FL", "FD") else None)
+            element.value = b"" if vr in ("OB", "OW", "UN") else (
+                None if vr in _NUMBER_VRS else "")
             return
         if action == "U" or (vr == "UI" and action in ("D", "C")):
             self._replace_uids(element, report)
             return
-        if action == "C" or (action == "D" and vr in DATE_VRS):
-            self._clean(element, ctx, report, dummy=action == "D")
+        if vr in TEMPORAL_VRS:
+            if action == "C" and not self._modified_dates and not self._full_dates:
+                action = "D"  # cleaned dates without the option: nothing can be kept
+            self._temporal(element, ctx, report, dummy=action == "D")
+            return
+        if action == "T":
+            self._technical(element, ctx, report)
+            return
+        if action == "C":
+            self._clean(element, ctx, report)
             return
         if action == "D":
-            element.value = _dummy(vr, element, ctx)
+            element.value = _dummy(vr, element)
             return
         raise ValueError(f"unknown de-identification action {action!r}")
+
+    def _sequence(self, element: DataElement, action: str, ctx: PatientContext,
+                  report: InstanceReport, mode: str, person: bool, trusted: bool) -> None:
+        if action == "Z":
+            element.value = Sequence([])
+            return
+        inner_person = person or any(w in (element.keyword or "")
+                                     for w in PERSON_CONTEXT_WORDS)
+        inner_mode = {"D": DUMMY, "C": CLEAN}.get(action, mode)
+        inner_trusted = trusted or action == "K" and rule_for(int(element.tag)) is not None
+        for item in element.value or []:
+            self._walk(item, ctx, report, inner_mode, person=inner_person,
+                       trusted=inner_trusted)
+
+    def _code_item(self, item: Dataset, report: InstanceReport, person: bool,
+                   trusted: bool) -> None:
+        """A coded entry: kept only when it is a standard code (with the standard's meaning),
+        else replaced by the dummy code."""
+        if trusted:
+            return
+        scheme = str(item.get("CodingSchemeDesignator", "") or "")
+        value = str(item.get("CodeValue") or item.get("LongCodeValue")
+                    or item.get("URNCodeValue") or "")
+        meaning = None if person else standard_meaning(scheme, value)
+        for tag in _CODE_CONTEXT_TAGS:
+            if tag in item:
+                del item[tag]
+        if meaning is not None:
+            if str(item.get("CodeMeaning", "")) != meaning:
+                item.CodeMeaning = meaning
+            version = str(item.get("CodingSchemeVersion", "") or "")
+            if version and not all(c.isdigit() or c == "." for c in version):
+                del item.CodingSchemeVersion
+            return
+        for tag in _CODE_TAGS:
+            if tag in item:
+                del item[tag]
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = DUMMY_CODE
+        report.codes_replaced += 1
 
     def _replace_uids(self, element: DataElement, report: InstanceReport) -> None:
         if element.VR != "UI" or self.profile.has("retain_uids"):
             return
         new = []
-        for value in _values(element.value):
+        for value in values_of(element.value):
             text = str(value or "").strip()
             if not text or text in UID_dictionary:
                 new.append(text)
@@ -435,36 +501,50 @@ class AttributeCleaner:
                 report.uids_replaced += 1
         element.value = _value_of(new)
 
-    def _clean(self, element: DataElement, ctx: PatientContext, report: InstanceReport,
-               dummy: bool) -> None:
+    def _temporal(self, element: DataElement, ctx: PatientContext, report: InstanceReport,
+                  dummy: bool) -> None:
+        """A DA, DT or TM value: kept (full dates), moved by the patient's offset (modified
+        dates: dates move, times of day stay) or replaced by a dummy."""
         vr = element.VR
-        if vr in DATE_VRS or vr == "TM":
-            if self._full_dates:
-                return
-            if vr == "TM":
-                element.value = "000000" if dummy else element.value
-                return
-            shifted = []
-            for value in _values(element.value):
-                text = str(value or "")
-                moved = (shift_date if vr == "DA" else shift_datetime)(text, ctx.offset)
-                if moved is None:
-                    continue
-                shifted.append(moved)
-                report.dates_shifted += 1
-            if dummy and not (self._modified_dates or not shifted):
-                shifted = ["19000101" if vr == "DA" else "19000101000000"]
-            element.value = _value_of(shifted)
+        if self._full_dates or (vr == "TM" and not dummy):
             return
-        if vr == "UI":
-            self._replace_uids(element, report)
+        if dummy or not self._modified_dates:
+            if element.value not in (None, ""):
+                element.value = _dummy(vr, element)
+                report.dates_replaced += 1
             return
+        shifted = []
+        for value in values_of(element.value):
+            text = str(value or "")
+            moved = (shift_date if vr == "DA" else shift_datetime)(text, ctx.offset)
+            if moved is None:
+                continue  # not a full date: cannot be moved, so it goes
+            shifted.append(moved)
+            report.dates_shifted += 1
+        element.value = _value_of(shifted)
+
+    def _technical(self, element: DataElement, ctx: PatientContext,
+                   report: InstanceReport) -> None:
+        """A technical label or code string: kept unless it carries an identifier."""
+        values = values_of(element.value)
+        identity = ctx.patient if element.VR == "CS" else ctx.identity
+        if not any(identity.found_in(str(v or "")) for v in values):
+            return
+        report.text_cleaned += 1
+        if element.VR == "CS":
+            element.value = _value_of(["ANONYMOUS" if identity.found_in(str(v or ""))
+                                       else v for v in values])
+        else:
+            element.value = _value_of([ctx.identity.clean(str(v or "")) for v in values])
+
+    def _clean(self, element: DataElement, ctx: PatientContext, report: InstanceReport) -> None:
+        vr = element.VR
         if vr in TEXT_VRS or vr == "CS":
             if vr == "PN":
                 element.value = "ANONYMOUS"
                 return
-            values = _values(element.value)
-            cleaned = [clean_text(str(v or ""), ctx.identifiers) for v in values]
+            values = values_of(element.value)
+            cleaned = [clean_text(str(v or ""), ctx.identity) for v in values]
             if cleaned != [str(v or "") for v in values]:
                 report.text_cleaned += 1
             element.value = _value_of(cleaned)
@@ -486,6 +566,9 @@ class AttributeCleaner:
         if safe:
             kept_blocks[(tag.group, block)] = True
             report.private_kept += 1
+            element = ds[tag]
+            if element.VR in TEMPORAL_VRS and not self._full_dates:
+                self._temporal(element, ctx, report, dummy=not self._modified_dates)
             return
         del ds[tag]
         report.private_removed += 1
@@ -535,3 +618,8 @@ class AttributeCleaner:
             self._encoded_marks[(implicit, little)] = raw
         for tag in raw.keys():
             ds[tag] = raw.get_item(tag)
+
+
+def _value_of(values: list[Any]) -> Any:
+    """The element value for a list: one value, several, or empty."""
+    return values if len(values) > 1 else (values[0] if values else "")

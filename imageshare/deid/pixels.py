@@ -1,13 +1,20 @@
 """Burned-in text in pixels: blank the known regions, read what is left with OCR (Tesseract),
-blank words that match the patient, read again, and hold the instance back if the patient can
-still be read. Pixels are decoded and written back uncompressed (lossless)."""
+blank every line of text that carries an identifier of the patient (or anyone named in the
+data set) or a label such as DOB, NHS or Name, read again, and hold the instance back if any
+of it can still be read. Pixels are decoded and written back uncompressed (lossless); when
+nothing had to be blanked, the pixel data stays as it was, byte for byte.
+
+Frames read: the first, middle and last of a loop, every frame where bright (text-like) pixels
+change, and one composite of all frames (the brightest value of each pixel, or the darkest on
+light backgrounds), so that text shown on only some frames is read too.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import os
-import re
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,16 +22,23 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from pydicom import Dataset
+from pydicom.tag import Tag
 
 from imageshare.archive.pixel_budget import decoding
+from imageshare.deid.identity import Identity, normalise
 from imageshare.domain.errors import ConfigurationError
 
 DEFAULT_REGIONS = Path(__file__).with_name("regions.toml")
 # Modalities and SOP classes whose images often carry burned-in text.
 BURNED_IN_MODALITIES = {"US", "IVUS", "ES", "XC", "GM", "SC", "OT", "OP", "SM", "DOC", "XA",
                         "RF", "ECG", "IO", "PX", "DX", "CR", "MG"}
-_SAMPLE_FRAMES = 3
-_MIN_CONFIDENCE = 40.0
+_MIN_CONFIDENCE = 30.0
+_EXTRA_FRAMES = 5  # frames read besides first, middle, last (where text-like pixels change)
+_OCR_WORKERS = max(1, min(4, os.cpu_count() or 1))
+# Words that label an identifier on screen: their line is blanked whatever follows them.
+LABELS = {"DOB", "BORN", "BIRTH", "BIRTHDATE", "NAME", "PATIENT", "PATIENTNAME", "PAT",
+          "MRN", "NHS", "NHSNO", "HOSP", "HOSPNO", "PID", "PATID", "ID", "ACC", "ACCESSION",
+          "ADDRESS", "TEL", "PHONE"}
 
 
 @dataclass(frozen=True)
@@ -77,7 +91,9 @@ class PixelReport:
     ocr_words: int = 0
     identifiers_found: list[dict[str, Any]] = field(default_factory=list)
     blanked_words: int = 0
+    blanked_lines: int = 0
     frames_read: list[int] = field(default_factory=list)
+    overlays_removed: int = 0
     held_back: bool = False
     reason: str = ""
 
@@ -85,33 +101,101 @@ class PixelReport:
         """JSON-friendly; what was found is named by kind and place, never by its text."""
         return {"checked": self.checked, "regions": self.regions, "ocr_words": self.ocr_words,
                 "identifiers_found": self.identifiers_found,
-                "blanked_words": self.blanked_words, "frames_read": self.frames_read,
+                "blanked_words": self.blanked_words, "blanked_lines": self.blanked_lines,
+                "frames_read": self.frames_read, "overlays_removed": self.overlays_removed,
                 "held_back": self.held_back, "reason": self.reason}
 
 
-def may_have_burned_in_text(ds: Dataset) -> bool:
+def may_have_burned_in_text(ds: Dataset, has_pixels: bool | None = None) -> bool:
     """True when the instance may carry burned-in text: Burned In Annotation YES or absent, or
-    a modality known for it."""
-    if "PixelData" not in ds:
+    a modality known for it. ``has_pixels`` says whether it has pixel data when ``ds`` is a
+    header read without it."""
+    if not (has_pixels if has_pixels is not None else "PixelData" in ds):
         return False
     annotation = str(ds.get("BurnedInAnnotation", "") or "").upper()
     return annotation != "NO" or str(ds.get("Modality", "")).upper() in BURNED_IN_MODALITIES
 
 
+def embedded_text(head: bytes) -> list[str]:
+    """Text carried inside a compressed frame's header: JPEG comment (COM) and application
+    (APP1-APP15) segments, JPEG 2000 comment (COM) segments. ``head`` is the start of the
+    frame's bytes."""
+    texts: list[str] = []
+    if head[:2] == b"\xff\xd8":  # JPEG
+        position = 2
+        while position + 4 <= len(head) and head[position] == 0xFF:
+            marker = head[position + 1]
+            if marker in (0xDA, 0xD9):  # start of scan, end of image
+                break
+            if marker == 0x01 or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                position += 1 if marker == 0xFF else 2
+                continue
+            length = int.from_bytes(head[position + 2:position + 4], "big")
+            if marker == 0xFE or 0xE1 <= marker <= 0xEF:
+                texts.append(head[position + 4:position + 2 + length].decode("latin-1"))
+            position += 2 + length
+        return texts
+    start = head.find(b"\xff\x4f\xff\x51")  # JPEG 2000 codestream (also inside JP2)
+    if start < 0:
+        return texts
+    position = start + 2
+    while position + 4 <= len(head) and head[position] == 0xFF:
+        marker = head[position + 1]
+        if marker in (0x90, 0x93, 0xD9):  # start of tile, start of data, end
+            break
+        length = int.from_bytes(head[position + 2:position + 4], "big")
+        if marker == 0x64:  # comment
+            texts.append(head[position + 6:position + 2 + length].decode("latin-1"))
+        position += 2 + length
+    return texts
+
+
+def decode_frames(ds: Dataset) -> np.ndarray:
+    """Every frame of ``ds``'s pixel data, decoded: (frames, rows, columns[, samples]).
+    The one place the de-identifier decodes pixels (within the pixel budget)."""
+    with decoding(ds):  # the pixel budget, checked before decoding
+        pixels = np.array(ds.pixel_array, copy=True)
+    if int(ds.get("NumberOfFrames", 1) or 1) == 1:
+        pixels = pixels[np.newaxis, ...]
+    return pixels
+
+
 def _to_8bit(frame: np.ndarray) -> np.ndarray:
     if frame.ndim == 3:
         frame = frame[..., :3].mean(axis=2)
-    frame = frame.astype(np.float64)
+    frame = frame.astype(np.float32)
     low, high = float(frame.min()), float(frame.max())
     return ((frame - low) * 255.0 / ((high - low) or 1.0)).astype(np.uint8)
 
 
-def _normalise(text: str) -> str:
-    return re.sub(r"[^0-9A-Z]", "", text.upper())
+@dataclass(frozen=True)
+class Line:
+    """One line of words read by OCR, with each word's box (x, y, width, height)."""
+
+    words: tuple[str, ...]
+    boxes: tuple[tuple[int, int, int, int], ...]
+
+    def box(self, indexes: set[int] | None = None) -> tuple[int, int, int, int]:
+        """The box around the chosen words (all by default)."""
+        chosen = [self.boxes[i] for i in (indexes if indexes is not None
+                                          else range(len(self.boxes)))]
+        x0 = min(b[0] for b in chosen)
+        y0 = min(b[1] for b in chosen)
+        x1 = max(b[0] + b[2] for b in chosen)
+        y1 = max(b[1] + b[3] for b in chosen)
+        return x0, y0, x1 - x0, y1 - y0
+
+
+def _kind(word: str) -> str:
+    norm = normalise(word)
+    digits = sum(c.isdigit() for c in norm)
+    if digits >= 6 and digits == len(norm):
+        return "date or number"
+    return "number" if digits and digits == len(norm) else "name or identifier"
 
 
 class BurnedInTextCleaner:
-    """Blanks regions and identifying words; verifies with OCR."""
+    """Blanks regions and identifying lines of text; verifies with OCR."""
 
     def __init__(self, regions: list[Region] | None = None, ocr: Any = None) -> None:
         self.regions = regions if regions is not None else load_regions()
@@ -139,8 +223,8 @@ class BurnedInTextCleaner:
                 out.append((px[0], px[1], px[2], px[3]))
         return out
 
-    def read_words(self, frame: np.ndarray) -> list[tuple[str, tuple[int, int, int, int]]]:
-        """Words Tesseract reads on a frame, with their boxes in frame pixels."""
+    def read_lines(self, frame: np.ndarray) -> list[Line]:
+        """Lines of words Tesseract reads on a frame, with boxes in frame pixels."""
         grey = _to_8bit(frame)
         if grey.mean() < 128:  # light text on dark: make it dark on light
             grey = 255 - grey
@@ -149,9 +233,9 @@ class BurnedInTextCleaner:
         image = image.point(lambda v: 255 if v > 160 else 0)
         ocr = self._tesseract()
         data = ocr.image_to_data(image, config="--psm 11", output_type=ocr.Output.DICT)
-        words = []
+        lines: dict[tuple[int, int, int], list[tuple[str, tuple[int, int, int, int]]]] = {}
         for i, text in enumerate(data["text"]):
-            if not text.strip():
+            if not str(text).strip():
                 continue
             try:
                 confidence = float(data["conf"][i])
@@ -161,52 +245,56 @@ class BurnedInTextCleaner:
                 continue
             box = (data["left"][i] // 2, data["top"][i] // 2,
                    (data["width"][i] + 1) // 2 + 1, (data["height"][i] + 1) // 2 + 1)
-            words.append((text.strip(), box))
-        return words
+            key = (data["block_num"][i], data["par_num"][i], data["line_num"][i])
+            lines.setdefault(key, []).append((str(text).strip(), box))
+        out = []
+        for words in lines.values():
+            words.sort(key=lambda w: w[1][0])
+            out.extend(_split_far_apart(words))
+        return out
+
+    def read_words(self, frame: np.ndarray) -> list[tuple[str, tuple[int, int, int, int]]]:
+        """Every word Tesseract reads on a frame, with its box."""
+        return [(w, b) for line in self.read_lines(frame) for w, b in zip(line.words,
+                                                                           line.boxes,
+                                                                           strict=True)]
 
     @staticmethod
-    def _matches(word: str, identifiers: tuple[str, ...]) -> str | None:
-        norm = _normalise(word)
-        if len(norm) < 2:
-            return None
-        for ident in identifiers:
-            target = _normalise(ident)
-            if len(target) < 2:
-                continue
-            if norm == target or (len(target) >= 4 and (target in norm or (
-                    len(norm) >= 4 and norm in target))):
-                return "date" if target.isdigit() and len(target) == 8 else (
-                    "number" if target.isdigit() else "name or identifier")
-        return None
+    def identifying(line: Line, identity: Identity) -> set[int]:
+        """The words of ``line`` that carry an identifier or label one."""
+        hits = identity.hits_in_line(list(line.words))
+        if any(normalise(w) in LABELS for w in line.words):
+            hits.update(range(len(line.words)))
+        return hits
 
-    def clean(self, ds: Dataset, identifiers: tuple[str, ...]) -> PixelReport:
+    def clean(self, ds: Dataset, identity: Identity) -> PixelReport:
         """Blank and verify the pixels of ``ds`` in place; the report says whether to hold
         the instance back."""
         report = PixelReport(checked=True)
         try:
-            with decoding(ds):  # the pixel budget, checked before decoding
-                pixels = ds.pixel_array
+            pixels = decode_frames(ds)
         except Exception as exc:  # noqa: BLE001 - no codec, corrupt data: cannot verify
             report.held_back = True
             report.reason = f"pixels cannot be decoded to check for text ({type(exc).__name__})"
             return report
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        pixels = np.array(pixels, copy=True)
-        if frames == 1:
-            pixels = pixels[np.newaxis, ...]
+        frames = pixels.shape[0]
         photometric = str(ds.get("PhotometricInterpretation", ""))
         boxes = self.boxes_for(ds)
         report.regions = [list(b) for b in boxes]
         for x, y, w, h in boxes:
-            pixels[:, y:y + h, x:x + w, ...] = 0
-        samples = sorted({0, frames // 2, frames - 1})[:_SAMPLE_FRAMES]
+            pixels[:, max(0, y):y + h, max(0, x):x + w, ...] = 0
+        samples = _frames_to_read(pixels)
         report.frames_read = [s + 1 for s in samples]
-        found = self._find(pixels, samples, identifiers, report)
+        found, hit_frames = self._find(pixels, samples, identity, report)
         if found:
-            for _kind, (x, y, w, h) in found:
-                pixels[:, max(0, y - 2):y + h + 2, max(0, x - 2):x + w + 2, ...] = 0
-            report.blanked_words = len(found)
-            remaining = self._find(pixels, samples, identifiers, PixelReport())
+            for x, y, w, h in found:
+                margin = max(4, h // 2)
+                pixels[:, max(0, y - margin):y + h + margin,
+                       max(0, x - 2 * margin):x + w + 2 * margin, ...] = 0
+            report.blanked_lines = len(found)
+            # read again: the frames where something was found, and the composite of all
+            remaining, _ = self._find(pixels, sorted(hit_frames or {samples[0]}), identity,
+                                      PixelReport())
             if remaining:
                 report.held_back = True
                 report.reason = ("patient identifiers can still be read in the pixels after "
@@ -217,19 +305,77 @@ class BurnedInTextCleaner:
             ds.BurnedInAnnotation = "NO"
         return report
 
-    def _find(self, pixels: np.ndarray, samples: list[int], identifiers: tuple[str, ...],
-              report: PixelReport) -> list[tuple[str, tuple[int, int, int, int]]]:
+    def _find(self, pixels: np.ndarray, samples: list[int], identity: Identity,
+              report: PixelReport) -> tuple[list[tuple[int, int, int, int]], set[int]]:
+        """The boxes of every line carrying an identifier, on the sampled frames and on the
+        composite of all frames; and the frames they were found on."""
         found = []
-        for index in samples:
-            words = self.read_words(pixels[index])
-            report.ocr_words += len(words)
-            for word, box in words:
-                kind = self._matches(word, identifiers)
-                if kind:
-                    found.append((kind, box))
-                    report.identifiers_found.append({"kind": kind, "frame": index + 1,
-                                                     "box": list(box)})
-        return found
+        hit_frames: set[int] = set()
+        images: list[tuple[int, np.ndarray]] = [(s, pixels[s]) for s in samples]
+        if pixels.shape[0] > 1:
+            images.append((-1, _composite(pixels)))
+        for (index, _image), lines in zip(images, self._read_all([i for _, i in images]),
+                                           strict=True):
+            place = f"frame {index + 1}" if index >= 0 else "all frames"
+            for line in lines:
+                report.ocr_words += len(line.words)
+                hits = self.identifying(line, identity)
+                if not hits:
+                    continue
+                found.append(line.box())
+                if index >= 0:
+                    hit_frames.add(index)
+                report.blanked_words += len(hits)
+                for i in sorted(hits):
+                    report.identifiers_found.append({"kind": _kind(line.words[i]),
+                                                     "where": place,
+                                                     "box": list(line.boxes[i])})
+        return found, hit_frames
+
+    def _read_all(self, images: list[np.ndarray]) -> list[list[Line]]:
+        """Lines read on each image (OCR runs two at a time: Tesseract is a process)."""
+        if len(images) == 1:
+            return [self.read_lines(images[0])]
+        with ThreadPoolExecutor(max_workers=_OCR_WORKERS) as pool:
+            return list(pool.map(self.read_lines, images))
+
+    def clean_overlays(self, ds: Dataset, identity: Identity, report: PixelReport) -> None:
+        """Clean Graphics for overlay planes: lines that carry an identifier are blanked; a
+        plane where one can still be read after that is removed."""
+        from pydicom.pixels.utils import pack_bits
+
+        for group in range(0x6000, 0x6020, 2):
+            if Tag(group, 0x3000) not in ds:
+                continue
+            try:
+                planes = np.asarray(ds.overlay_array(group), dtype=np.uint8)
+            except Exception:  # noqa: BLE001 - an overlay we cannot read cannot be shown safe
+                self._drop_group(ds, group)
+                report.overlays_removed += 1
+                continue
+            planes = planes if planes.ndim == 3 else planes[np.newaxis, ...]
+            images = (1 - planes) * 255  # text dark on light
+            found = [line.box() for lines in self._read_all(list(images)) for line in lines
+                     if self.identifying(line, identity)]
+            if not found:
+                continue
+            for x, y, w, h in found:
+                margin = max(4, h // 2)
+                planes[:, max(0, y - margin):y + h + margin,
+                       max(0, x - 2 * margin):x + w + 2 * margin] = 0
+            still = any(self.identifying(line, identity)
+                        for lines in self._read_all(list((1 - planes) * 255))
+                        for line in lines)
+            if still:
+                self._drop_group(ds, group)
+                report.overlays_removed += 1
+            else:
+                ds[Tag(group, 0x3000)].value = pack_bits(planes.ravel())
+
+    @staticmethod
+    def _drop_group(ds: Dataset, group: int) -> None:
+        for tag in [t for t in ds.keys() if t.group == group]:
+            del ds[tag]
 
     @staticmethod
     def _store(ds: Dataset, pixels: np.ndarray, photometric: str) -> None:
@@ -237,9 +383,61 @@ class BurnedInTextCleaner:
         colour = pixels.ndim == (4 if int(ds.get("NumberOfFrames", 1) or 1) > 1 else 3)
         if colour:
             target = "RGB"
-        elif photometric in ("MONOCHROME1", "MONOCHROME2"):
+        elif photometric in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"):
             target = photometric
         else:
             target = "MONOCHROME2"
         bits_stored = int(ds.get("BitsStored", 8) or 8)
         ds.set_pixel_data(pixels, target, bits_stored, generate_instance_uid=False)
+
+
+def _split_far_apart(words: list[tuple[str, tuple[int, int, int, int]]]) -> list[Line]:
+    """Tesseract's line, split where words are far apart (columns of a banner)."""
+    out: list[Line] = []
+    current: list[tuple[str, tuple[int, int, int, int]]] = []
+    for word in words:
+        if current:
+            prev = current[-1][1]
+            gap = word[1][0] - (prev[0] + prev[2])
+            if gap > 3 * max(prev[3], word[1][3]):
+                out.append(Line(tuple(w for w, _ in current), tuple(b for _, b in current)))
+                current = []
+        current.append(word)
+    if current:
+        out.append(Line(tuple(w for w, _ in current), tuple(b for _, b in current)))
+    return out
+
+
+def _frames_to_read(pixels: np.ndarray) -> list[int]:
+    """First, middle and last frame, and up to a few frames where bright (text-like) pixels
+    appear or change."""
+    frames = pixels.shape[0]
+    chosen = {0, frames // 2, frames - 1}
+    if frames > 3:
+        step = max(1, frames // 64)  # look at up to 64 frames
+        masks = []
+        for index in range(0, frames, step):
+            grey = pixels[index] if pixels.ndim == 3 else pixels[index].max(axis=-1)
+            high = grey.max()
+            masks.append((index, grey >= max(1, high) * 0.8 if high else grey > 0))
+        changes = []
+        previous = masks[0][1]
+        for index, mask in masks[1:]:
+            changed = int(np.count_nonzero(mask != previous))
+            if changed > max(30, mask.size // 500):
+                changes.append(index)
+                previous = mask
+        if len(changes) > _EXTRA_FRAMES:
+            picks = np.linspace(0, len(changes) - 1, _EXTRA_FRAMES).round().astype(int)
+            changes = [changes[i] for i in picks]
+        chosen.update(changes)
+    return sorted(chosen)
+
+
+def _composite(pixels: np.ndarray) -> np.ndarray:
+    """One image showing every frame's text: the brightest value of each pixel over all
+    frames (the darkest when the image is mostly light)."""
+    grey = pixels if pixels.ndim == 3 else pixels[..., :3].max(axis=-1)
+    if float(grey[0].mean()) > float(grey[0].max()) / 2:
+        return grey.min(axis=0)
+    return grey.max(axis=0)

@@ -1,6 +1,11 @@
-"""De-identifying instances: attributes (PS3.15 profile) and burned-in text, with a report.
+"""De-identifying instances: attributes (PS3.15 profile) and burned-in text, verified, with a
+report.
 
-:class:`Deidentifier` turns one data set into its de-identified copy or holds it back;
+:class:`Deidentifier` turns one instance into its de-identified copy or holds it back. Its
+:meth:`Deidentifier.write` streams a Part 10 file: the header is read and cleaned, and pixel
+data that needs no cleaning is copied byte for byte from the source to the target without
+being loaded (nor decoded, nor re-encoded). Every copy it writes is then checked by the
+independent verifier (:mod:`imageshare.verify`) against its source; any finding holds it back.
 :func:`deidentify_inputs` runs it over files, folders, zips and DICOMDIR media into an export
 writer, with progress, a summary and a JSON report of what was done to each file.
 """
@@ -10,20 +15,35 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import shutil
+import struct
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO, DicomFileLike
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from imageshare.archive.importing import DicomInputs, ImportReport
-from imageshare.deid.engine import AttributeCleaner
-from imageshare.deid.pixels import BurnedInTextCleaner, PixelReport, may_have_burned_in_text
+from imageshare.deid.engine import AttributeCleaner, InstanceReport, PatientContext
+from imageshare.deid.pixels import (
+    BurnedInTextCleaner,
+    PixelReport,
+    embedded_text,
+    may_have_burned_in_text,
+)
 from imageshare.deid.profiles import Profile
 from imageshare.deid.pseudonyms import Pseudonyms
+from imageshare.verify import SourceIdentity, Verifier
+from imageshare.verify.identity import keep_for_options
 
 # Safe private attributes (PS3.15 E.3.10): (private creator, group, element offset).
 SAFE_PRIVATE: frozenset[tuple[str, int, int]] = frozenset({
@@ -32,62 +52,368 @@ SAFE_PRIVATE: frozenset[tuple[str, int, int]] = frozenset({
     ("GEMS_PARM_01", 0x0043, 0x39), ("GEMS_ACQU_01", 0x0019, 0x9E),
     ("Philips MR Imaging DD 001", 0x2001, 0x03), ("Philips MR Imaging DD 001", 0x2005, 0x0E),
 })
+CHECK_PIXELS, TRUST_PIXELS = "check", "trust"
+_MAX_TRAILING = 64 * 1024 * 1024  # bytes after the pixel data that are read as attributes
+_COPY_CHUNK = 1 << 20
 
 
 @dataclass
 class Outcome:
-    """One instance after de-identification: its data set, or None when held back."""
+    """One instance after de-identification: its data set (the header only when the pixel data
+    was streamed), or None when held back; what the verifier needs to check derived outputs."""
 
     dataset: Dataset | None
     report: dict[str, Any]
+    identity: SourceIdentity | None = None
+    text_prone: bool = False
 
     @property
     def held_back(self) -> bool:
-        """True when the instance must not leave (identifiers may remain in its pixels)."""
+        """True when the instance must not leave (identifiers may remain)."""
         return self.dataset is None
 
 
 class Deidentifier:
     """Applies a profile to instances: attributes first worked out on the original identity,
-    pixels checked and cleaned, then attributes replaced."""
+    pixels checked and cleaned, then attributes replaced; every written copy verified."""
 
     def __init__(self, profile: Profile, pseudonyms: Pseudonyms,
-                 pixels: BurnedInTextCleaner | None = None) -> None:
+                 pixels: BurnedInTextCleaner | None = None, verifier: Verifier | None = None,
+                 burned_in: str = CHECK_PIXELS) -> None:
+        """``verifier`` checks what :meth:`write` writes (None: not checked, for measuring
+        the engine alone). ``burned_in`` is ``check`` (images that may carry burned-in text
+        are cleaned with OCR, or held back) or ``trust`` (pixel data is copied as it is: only
+        for callers who know the pixels carry no text, such as attribute benchmarks)."""
         self.profile = profile
         self.attributes = AttributeCleaner(profile, pseudonyms, SAFE_PRIVATE)
         self.pixels = pixels or BurnedInTextCleaner()
+        self.verifier = verifier
+        self.burned_in = burned_in
+        self.keep = keep_for_options(profile.options)
+
+    # -- in memory ---------------------------------------------------------------------------
 
     def instance(self, ds: Dataset) -> Outcome:
-        """De-identify ``ds`` in place; the outcome holds it back if its pixels may still show
-        the patient."""
+        """De-identify ``ds`` in place; the outcome holds it back if it may still show the
+        patient (pixels, or anything the verifier finds in the written copy)."""
+        identity, text_prone = self._source(ds)
+        outcome = self._deidentify(ds, has_pixels="PixelData" in ds)
+        outcome.identity, outcome.text_prone = identity, text_prone
+        if outcome.held_back or self.verifier is None or identity is None:
+            return outcome
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        buffer.seek(0)
+        return self._verified(outcome, buffer)
+
+    def _source(self, ds: Dataset) -> tuple[SourceIdentity | None, bool]:
+        """What the verifier needs from the source (read before the engine changes it): its
+        identity and whether it may carry burned-in text."""
+        if self.verifier is None:
+            return None, False
+        return self.verifier.identity([ds], self.keep), self.verifier.text_prone(ds)
+
+    def _deidentify(self, ds: Dataset, has_pixels: bool) -> Outcome:
         context = self.attributes.context(ds)
-        pixel_report = PixelReport()
-        if "EncapsulatedDocument" in ds:
-            pixel_report.held_back = True
-            pixel_report.reason = ("encapsulated documents (PDF, CDA, ...) cannot be "
-                                   "de-identified automatically")
-        elif may_have_burned_in_text(ds):
-            if self.profile.has("clean_pixel_data"):
-                pixel_report = self.pixels.clean(ds, context.identifiers)
-            else:
-                pixel_report.held_back = True
-                pixel_report.reason = ("the image may carry burned-in text and the profile "
-                                       "does not clean pixel data")
+        pixel_report = self._pixels(ds, context, has_pixels, clean=True)
+        if not pixel_report.held_back and has_pixels and _compressed_names(ds, context):
+            pixel_report.held_back, pixel_report.reason = True, _EMBEDDED_TEXT
         attributes = self.attributes.apply(ds, context)
+        return self._outcome(ds, attributes, pixel_report)
+
+    def _pixels(self, ds: Dataset, context: PatientContext, has_pixels: bool,
+                clean: bool) -> PixelReport:
+        """Burned-in text and overlays; with ``clean`` False only what needs no decoding."""
+        report = PixelReport()
+        if "EncapsulatedDocument" in ds:
+            report.held_back = True
+            report.reason = ("encapsulated documents (PDF, CDA, ...) cannot be de-identified "
+                             "automatically")
+            return report
+        if has_pixels and self.burned_in == CHECK_PIXELS and may_have_burned_in_text(
+                ds, has_pixels=True):
+            if not self.profile.has("clean_pixel_data"):
+                report.held_back = True
+                report.reason = ("the image may carry burned-in text and the profile does "
+                                 "not clean pixel data")
+                return report
+            if clean:
+                report = self.pixels.clean(ds, context.identity)
+        if self.profile.has("clean_graphics") and not report.held_back:
+            self.pixels.clean_overlays(ds, context.identity, report)
+        return report
+
+    def _outcome(self, ds: Dataset, attributes: InstanceReport,
+                 pixel_report: PixelReport) -> Outcome:
         report = {"attributes": attributes.as_dict(), "pixels": pixel_report.as_dict(),
                   "sop_class_uid": str(ds.get("SOPClassUID", "")),
                   "new_sop_instance_uid": str(ds.get("SOPInstanceUID", ""))}
         if pixel_report.held_back:
-            return Outcome(None, {**report, "held_back": True,
-                                  "reason": pixel_report.reason})
+            return Outcome(None, {**report, "held_back": True, "reason": pixel_report.reason})
         return Outcome(ds, {**report, "held_back": False})
+
+    def _verified(self, outcome: Outcome, written: BinaryIO) -> Outcome:
+        """The outcome after the verifier read the written copy: held back on any finding."""
+        assert self.verifier is not None and outcome.identity is not None
+        started = time.perf_counter()
+        findings = self.verifier.check_dicom(written, outcome.identity, "output",
+                                             outcome.text_prone)
+        outcome.report["verification"] = {
+            "findings": [{"kind": f.kind, "where": f.where} for f in findings],
+            "seconds": time.perf_counter() - started}
+        if findings:
+            outcome.report["held_back"] = True
+            outcome.report["reason"] = ("the verifier found identifying data in the "
+                                        "de-identified copy: " + "; ".join(
+                                            dict.fromkeys(str(f) for f in findings[:5])))
+            outcome.dataset = None
+        return outcome
+
+    # -- streaming ---------------------------------------------------------------------------
+
+    def write(self, source: BinaryIO, target: BinaryIO,
+              prepare: Callable[[Dataset], None] | None = None) -> Outcome:
+        """De-identify the Part 10 file ``source`` (seekable) into ``target`` (a readable,
+        seekable staging file) and verify what was written. Pixel data that needs no cleaning
+        is copied byte for byte without being loaded; ``prepare`` may add values to the
+        de-identified header before it is written (DICOMDIR keys). When the outcome is held
+        back, ``target`` must be discarded."""
+        header = dcmread(source, stop_before_pixels=True)
+        if "SOPInstanceUID" not in header:
+            raise InvalidDicomError("no SOP Instance UID")
+        pixel_at = source.tell()
+        size = source.seek(0, os.SEEK_END)
+        has_pixels = pixel_at < size
+        started = time.perf_counter()
+        identity, text_prone = self._source(header)
+        identity_seconds = time.perf_counter() - started
+        end = self._pixel_end(source, pixel_at, size, header) if has_pixels else None
+        if end is not None:
+            context = self.attributes.context(header)
+            pixel_report = self._pixels(header, context, has_pixels, clean=False)
+            if pixel_report.held_back:
+                return Outcome(None, {"held_back": True, "reason": pixel_report.reason,
+                                      "pixels": pixel_report.as_dict(),
+                                      "sop_class_uid": str(header.get("SOPClassUID", ""))})
+            if _names_in_fragments(source, pixel_at, end, header, context):
+                return Outcome(None, {"held_back": True, "reason": _EMBEDDED_TEXT,
+                                      "sop_class_uid": str(header.get("SOPClassUID", ""))})
+            trailing = self._trailing(source, end, size, header, context)
+            attributes = self.attributes.apply(header, context)
+            outcome = self._outcome(header, attributes, pixel_report)
+            outcome.report["pixel_data"] = "copied as stored"
+            if prepare:
+                prepare(header)
+            _save_header(header, target)
+            _copy(source, target, pixel_at, end - pixel_at)
+            if len(trailing):
+                out = DicomFileLike(target)
+                out.is_implicit_VR, out.is_little_endian = header.original_encoding
+                write_dataset(out, trailing)
+        else:
+            ds = header
+            if has_pixels:
+                source.seek(0)
+                ds = dcmread(source)
+            outcome = self._deidentify(ds, has_pixels)
+            if outcome.held_back:
+                return outcome
+            if prepare:
+                prepare(ds)
+            ds.save_as(target, enforce_file_format=True)
+        outcome.identity, outcome.text_prone = identity, text_prone
+        if self.verifier is None or identity is None:
+            return outcome
+        target.flush()
+        target.seek(0)
+        outcome = self._verified(outcome, target)
+        outcome.report["verification"]["seconds"] = round(
+            outcome.report["verification"]["seconds"] + identity_seconds, 4)
+        return outcome
+
+    def _pixel_end(self, source: BinaryIO, pixel_at: int, size: int,
+                   header: Dataset) -> int | None:
+        """Where the pixel data ends when it can be copied as stored (None: it is read)."""
+        if not self._streamable(header, True):
+            return None
+        try:
+            return _element_end(source, pixel_at, size, header.original_encoding)
+        except InvalidDicomError:
+            return None  # let pydicom read it (and refuse it if it must)
+
+    def _streamable(self, header: Dataset, has_pixels: bool) -> bool:
+        """True when the pixel data can be copied as stored: it needs no cleaning and the
+        file is little endian, not deflated, and encoded as its transfer syntax says."""
+        if self.burned_in == CHECK_PIXELS and may_have_burned_in_text(header, has_pixels) \
+                and self.profile.has("clean_pixel_data"):
+            return False
+        meta = getattr(header, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        if syntax is None or syntax == DeflatedExplicitVRLittleEndian:
+            return False
+        implicit, little = header.original_encoding
+        return bool(little) and implicit is not None and bool(implicit) == syntax.is_implicit_VR \
+            and syntax.is_little_endian
+
+    def _trailing(self, source: BinaryIO, end: int, size: int, header: Dataset,
+                  context: PatientContext) -> Dataset:
+        """Attributes stored after the pixel data (padding, signatures, private tags),
+        de-identified like the rest."""
+        if end >= size:
+            return Dataset()
+        if size - end > _MAX_TRAILING:
+            raise InvalidDicomError("too much data after the pixel data")
+        source.seek(end)
+        implicit, little = header.original_encoding
+        trailing = read_dataset(io.BytesIO(source.read(size - end)), bool(implicit),
+                                bool(little))
+        self.attributes.apply_part(trailing, context)
+        return trailing
+
+
+_EMBEDDED_TEXT = ("the compressed pixel data carries text naming the patient (a JPEG or JPEG "
+                  "2000 comment); review by hand")
+_FRAGMENT_HEAD = 64 * 1024
+
+
+def _compressed_names(ds: Dataset, context: PatientContext) -> bool:
+    """True when a compressed frame of ``ds`` (in memory) carries an identifier in its
+    header's comments or application segments."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or not syntax.is_encapsulated or "PixelData" not in ds:
+        return False
+    from pydicom.encaps import generate_fragments
+
+    return any(context.identity.found_in(text)
+               for fragment in generate_fragments(ds.PixelData)
+               for text in embedded_text(bytes(fragment[:_FRAGMENT_HEAD])))
+
+
+def _names_in_fragments(source: BinaryIO, at: int, end: int, header: Dataset,
+                        context: PatientContext) -> bool:
+    """The same check on encapsulated pixel data in a file, reading only the start of each
+    fragment."""
+    source.seek(at)
+    head = source.read(12)
+    if head[4:6] not in (b"OB", b"OW", b"UN") or head[8:12] != b"\xff\xff\xff\xff":
+        if bytes(head[4:8]) != b"\xff\xff\xff\xff":
+            return False  # native pixel data
+        position = at + 8
+    else:
+        position = at + 12
+    while position + 8 <= end:
+        source.seek(position)
+        group, element, length = struct.unpack("<HHL", source.read(8))
+        if (group, element) != (0xFFFE, 0xE000):
+            return False
+        if length:
+            text = embedded_text(source.read(min(length, _FRAGMENT_HEAD)))
+            if any(context.identity.found_in(t) for t in text):
+                return True
+        position += 8 + length
+    return False
+
+
+def _save_header(header: Dataset, target: BinaryIO) -> None:
+    """Write ``header`` as a Part 10 file (preamble, file meta, data set) in its own encoding;
+    what ``save_as`` does, without copying the file meta first."""
+    meta = header.file_meta
+    if "FileMetaInformationVersion" not in meta:
+        meta.FileMetaInformationVersion = b"\x00\x01"
+    if 0x00020000 in meta:
+        del meta[0x00020000]  # the group length is written below, from what was written
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, meta)
+    group = body.getvalue()
+    out = DicomFileLike(target)
+    out.write(header.preamble or b"\0" * 128)
+    out.write(b"DICM")
+    out.write(b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<L", len(group)) + group)
+    out.is_implicit_VR, out.is_little_endian = header.original_encoding
+    write_dataset(out, header)
+
+
+def _element_end(source: BinaryIO, at: int, size: int,
+                 encoding: tuple[bool | None, bool | None]) -> int:
+    """Where the (pixel data) element starting at ``at`` ends; encapsulated data is walked
+    item by item. Raises InvalidDicomError for data that runs past the end of the file."""
+    implicit = bool(encoding[0])
+    source.seek(at)
+    head = source.read(12)
+    if len(head) < 8:
+        raise InvalidDicomError("truncated pixel data")
+    if implicit:
+        (length,), header = struct.unpack("<L", head[4:8]), 8
+    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"):
+        (length,), header = struct.unpack("<L", head[8:12]), 12
+    else:
+        (length,), header = struct.unpack("<H", head[6:8]), 8
+    if length != 0xFFFFFFFF:
+        if at + header + length > size:
+            raise InvalidDicomError("pixel data runs past the end of the file")
+        return at + header + length
+    position = at + header
+    while True:
+        source.seek(position)
+        item = source.read(8)
+        if len(item) < 8:
+            raise InvalidDicomError("encapsulated pixel data without its end")
+        group, element, item_length = struct.unpack("<HHL", item)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return position + 8
+        if (group, element) != (0xFFFE, 0xE000) or item_length == 0xFFFFFFFF:
+            raise InvalidDicomError("malformed encapsulated pixel data")
+        position += 8 + item_length
+        if position > size:
+            raise InvalidDicomError("encapsulated pixel data runs past the end of the file")
+
+
+def _copy(source: BinaryIO, target: BinaryIO, offset: int, length: int) -> None:
+    """Copy ``length`` bytes at ``offset`` of ``source`` to the end of ``target``: in the
+    kernel when both are files (no copy through Python), else in 1 MB chunks."""
+    target.flush()
+    try:
+        src, dst = source.fileno(), target.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        src = dst = -1
+    copied = 0
+    if src >= 0:
+        try:
+            while copied < length:
+                n = os.copy_file_range(src, dst, length - copied, offset + copied)
+                if n == 0:
+                    break
+                copied += n
+        except OSError:
+            pass
+        target.seek(0, os.SEEK_END)
+    if copied < length:
+        source.seek(offset + copied)
+        remaining = length - copied
+        while remaining:
+            chunk = source.read(min(_COPY_CHUNK, remaining))
+            if not chunk:
+                raise InvalidDicomError("the source ended while its pixel data was copied")
+            target.write(chunk)
+            remaining -= len(chunk)
 
 
 class ExportWriter(Protocol):
     """Where de-identified (or identifiable) instances go: a folder, a zip, DICOMDIR media."""
 
-    def add(self, ds: Dataset) -> str:
-        """Write ``ds``; returns its name in the export (never patient data)."""
+    def staging(self) -> Path:
+        """A folder for staging files next to the output (same file system)."""
+        ...
+
+    def prepare(self, ds: Dataset) -> None:
+        """Values the output needs in every header (DICOMDIR keys); nothing for most."""
+        ...
+
+    def add_staged(self, path: Path, ds: Dataset) -> str:
+        """Take the verified staging file ``path`` (header ``ds``); returns its name in the
+        export (never patient data)."""
         ...
 
     def close(self) -> None:
@@ -106,13 +432,16 @@ class DeidentificationReport:
     failed: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    verify_seconds: float = 0.0
     bytes_in: int = 0
+    export_findings: list[dict[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for people."""
         return (f"{self.written} written, {self.held_back} held back for review, "
                 f"{self.failed} failed, {self.skipped} skipped (not DICOM) "
-                f"with profile {self.profile} in {self.seconds:.1f} s")
+                f"with profile {self.profile} in {self.seconds:.1f} s "
+                f"(verification {self.verify_seconds:.1f} s)")
 
     def as_dict(self, with_inputs: bool) -> dict[str, Any]:
         """The report; without ``with_inputs`` input paths are replaced by their hashes (file
@@ -125,7 +454,8 @@ class DeidentificationReport:
             files.append(item)
         return {"profile": self.profile, "written": self.written, "held_back": self.held_back,
                 "failed": self.failed, "skipped": self.skipped, "seconds": self.seconds,
-                "files": files}
+                "verification_seconds": self.verify_seconds,
+                "export_findings": self.export_findings, "files": files}
 
     def write(self, path: Path, with_inputs: bool) -> None:
         """Save the report as JSON."""
@@ -136,47 +466,16 @@ def deidentify_inputs(
     inputs: list[Path], deidentifier: Deidentifier, writer: ExportWriter,
     progress: Callable[[int], None] | None = None,
 ) -> DeidentificationReport:
-    """De-identify every DICOM file the inputs hold into ``writer``."""
+    """De-identify every DICOM file the inputs hold into ``writer``; every copy is verified
+    before it is added."""
     report = DeidentificationReport(deidentifier.profile.name)
     walk = ImportReport()
     walker = DicomInputs()
     started = time.monotonic()
+    staging = writer.staging()
     try:
         for candidate in walker.candidates(inputs, walk):
-            try:
-                with candidate.open() as stream:
-                    data = stream.read()
-                ds = dcmread(io.BytesIO(data))
-                if "SOPInstanceUID" not in ds:
-                    raise InvalidDicomError("no SOP Instance UID")
-            except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
-                if candidate.explicit:
-                    report.failed += 1
-                    report.files.append({"input": candidate.label, "error":
-                                         f"not a readable DICOM file ({type(exc).__name__})"})
-                else:
-                    report.skipped += 1
-                if progress:
-                    progress(1)
-                continue
-            report.bytes_in += len(data)
-            try:
-                outcome = deidentifier.instance(ds)
-            except Exception as exc:  # noqa: BLE001 - reported per file; never written
-                report.failed += 1
-                report.files.append({"input": candidate.label,
-                                     "error": f"could not be de-identified "
-                                              f"({type(exc).__name__})"})
-                if progress:
-                    progress(1)
-                continue
-            entry = {"input": candidate.label, **outcome.report}
-            if outcome.held_back:
-                report.held_back += 1
-            else:
-                entry["output"] = writer.add(outcome.dataset)  # type: ignore[arg-type]
-                report.written += 1
-            report.files.append(entry)
+            _one(candidate, deidentifier, writer, staging, report)
             if progress:
                 progress(1)
         for label, reason in walk.refused:
@@ -186,5 +485,73 @@ def deidentify_inputs(
     finally:
         walker.close()
         writer.close()
+        shutil.rmtree(staging, ignore_errors=True)
         report.seconds = round(time.monotonic() - started, 3)
     return report
+
+
+def _one(candidate: Any, deidentifier: Deidentifier, writer: ExportWriter, staging: Path,
+         report: DeidentificationReport) -> None:
+    with candidate.open() as stream, _seekable(stream) as source:
+        fd, name = tempfile.mkstemp(suffix=".dcm", dir=staging)
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "w+b") as target:
+                try:
+                    outcome = deidentifier.write(source, target, writer.prepare)
+                except (InvalidDicomError, OSError, ValueError, EOFError, KeyError,
+                        struct.error) as exc:
+                    if candidate.explicit:
+                        report.failed += 1
+                        report.files.append({"input": candidate.label, "error":
+                                             f"not a readable DICOM file ({type(exc).__name__})"})
+                    else:
+                        report.skipped += 1
+                    return
+                except Exception as exc:  # noqa: BLE001 - reported per file; never written
+                    report.failed += 1
+                    report.files.append({"input": candidate.label, "error":
+                                         f"could not be de-identified ({type(exc).__name__})"})
+                    return
+                report.bytes_in += source.seek(0, os.SEEK_END)
+            report.verify_seconds += outcome.report.get("verification", {}).get("seconds", 0)
+            entry = {"input": candidate.label, **outcome.report}
+            if outcome.held_back:
+                report.held_back += 1
+            else:
+                entry["output"] = writer.add_staged(path, outcome.dataset)  # type: ignore[arg-type]
+                report.written += 1
+            report.files.append(entry)
+        finally:
+            path.unlink(missing_ok=True)
+    report.verify_seconds = round(report.verify_seconds, 3)
+
+
+class _seekable:
+    """A seekable view of an input stream: itself, or a spooled copy (zip members, object
+    store bodies)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.copy: Any = None
+
+    def __enter__(self) -> BinaryIO:
+        try:
+            if self.stream.seekable() and hasattr(self.stream, "fileno"):
+                self.stream.fileno()
+                return self.stream
+        except (AttributeError, OSError, io.UnsupportedOperation, ValueError):
+            pass
+        self.copy = tempfile.SpooledTemporaryFile(max_size=32 * 1024 * 1024)
+        shutil.copyfileobj(self.stream, self.copy, _COPY_CHUNK)
+        self.copy.seek(0)
+        return self.copy  # type: ignore[no-any-return]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.copy is not None:
+            self.copy.close()
+
+
+def seekable(stream: BinaryIO) -> _seekable:
+    """A context giving a seekable stream with the bytes of ``stream``."""
+    return _seekable(stream)

@@ -1,4 +1,5 @@
-"""Builds a Deidentifier from the settings: profile by name, installation secret, regions."""
+"""Builds a Deidentifier from the settings: profile by name, installation secret, regions,
+and the verifier that checks every copy it writes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from imageshare.deid.pseudonyms import Pseudonyms, installation_secret
 from imageshare.deid.service import Deidentifier
 from imageshare.domain.errors import ImageShareError
 from imageshare.settings import Settings
+from imageshare.verify import Verifier
 
 
 def deidentifier_for(settings: Settings, profile_name: str) -> Deidentifier:
@@ -23,4 +25,5 @@ def deidentifier_for(settings: Settings, profile_name: str) -> Deidentifier:
     secret = installation_secret(settings.data_dir, settings.deid_secret)
     regions = load_regions(Path(settings.deid_regions_file)
                            if settings.deid_regions_file else None)
-    return Deidentifier(profile, Pseudonyms(secret), BurnedInTextCleaner(regions))
+    return Deidentifier(profile, Pseudonyms(secret), BurnedInTextCleaner(regions),
+                        verifier=Verifier())

@@ -1,25 +1,29 @@
 """Exports from the archive: a study or some of its series, identifiable or de-identified, as
 ZIP, DICOMDIR media (zipped), MP4 of cine loops or PNG/JPEG stills; a background job with
-progress; every export audited."""
+progress; every export audited. Every de-identified file (DICOM, video or still) is checked by
+the verifier before it is added, and the export's names and DICOMDIR once it is complete."""
 
 from __future__ import annotations
 
 import io
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from imageshare.archive.retrieve import RetrieveService
 from imageshare.audit.trail import AuditEvent, AuditTrail
-from imageshare.deid.service import Deidentifier
+from imageshare.deid.service import Deidentifier, seekable
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError
 from imageshare.export.media import cine_to_mp4, still_image
 from imageshare.export.writers import DicomdirWriter, Numbering, ZipWriter
 from imageshare.jobs import Job, JobRunner
+from imageshare.verify import SourceIdentity
 
 FORMATS = ("zip", "dicomdir", "mp4", "png", "jpeg")
 
@@ -77,35 +81,48 @@ class ExportService:
         target = self._folder / f"{job.id}.zip"
         held_back = written = 0
         media_dir = None
+        staging = Path(tempfile.mkdtemp(prefix="staging-", dir=self._folder))
         if request.format == "dicomdir":
             media_dir = tempfile.TemporaryDirectory(prefix="media-", dir=self._folder)
-            writer: object = DicomdirWriter(Path(media_dir.name))
+            writer: Any = DicomdirWriter(Path(media_dir.name))
         else:
             writer = ZipWriter(target, request.password)
         names = Numbering()
+        everyone = SourceIdentity()
         try:
-            for inst in instances:
-                with self._retrieve.open(inst) as fp:
-                    ds = dcmread(fp)
-                if deidentifier is not None:
-                    outcome = deidentifier.instance(ds)
-                    if outcome.held_back:
-                        held_back += 1
-                        job.done += 1
-                        continue
-                    ds = outcome.dataset
-                written += self._write(writer, names, ds, request.format)
+            for index, inst in enumerate(instances):
+                with self._retrieve.open(inst) as fp, seekable(fp) as source:
+                    if deidentifier is None:
+                        written += self._write(writer, names, dcmread(source), request.format)
+                    else:
+                        done = self._deidentified(deidentifier, source, writer, names,
+                                                  request.format, staging / f"{index}.dcm")
+                        if done is None:
+                            held_back += 1
+                        else:
+                            written += done[0]
+                            everyone.merge(done[1])
                 job.done += 1
-            writer.close()  # type: ignore[attr-defined]
+            writer.close()
             if media_dir is not None:
+                if deidentifier is not None and deidentifier.verifier is not None and \
+                        deidentifier.verifier.check_container(Path(media_dir.name), everyone):
+                    raise ImageShareError("the export's DICOMDIR carries identifying data; "
+                                          "nothing was exported")
                 _zip_folder(Path(media_dir.name), target, request.password)
+            if deidentifier is not None and deidentifier.verifier is not None and \
+                    deidentifier.verifier.check_container(target, everyone):
+                target.unlink(missing_ok=True)
+                raise ImageShareError("the export's file names carry identifying data; "
+                                      "nothing was exported")
         finally:
+            shutil.rmtree(staging, ignore_errors=True)
             if media_dir is not None:
                 media_dir.cleanup()
         job.result = target
         job.summary = (f"{written} file(s) exported"
-                       + (f", {held_back} held back (burned-in text could not be verified "
-                          "as removed)" if held_back else ""))
+                       + (f", {held_back} held back for review (identifying data could not be "
+                          "shown to be removed)" if held_back else ""))
         self._audit.record(AuditEvent(
             actor=actor, action="study.export", outcome="success" if written else "failure",
             study_uid=request.study_uid, instance_count=written,
@@ -113,27 +130,64 @@ class ExportService:
                     "profile": request.profile if request.deidentify else "",
                     "held_back": held_back, "encrypted": bool(request.password)}))
 
-    @staticmethod
-    def _write(writer: object, names: Numbering, ds: object, fmt: str) -> int:
+    def _deidentified(self, deidentifier: Deidentifier, source: BinaryIO, writer: Any,
+                      names: Numbering, fmt: str, staged: Path
+                      ) -> tuple[int, SourceIdentity] | None:
+        """One instance de-identified and verified into the export (DICOM streamed through a
+        staging file; videos and stills rendered from the de-identified copy and checked
+        too); None when it is held back."""
         if fmt in ("zip", "dicomdir"):
-            writer.add(ds)  # type: ignore[attr-defined]
+            with open(staged, "w+b") as out:
+                outcome = deidentifier.write(source, out, writer.prepare)
+            if outcome.held_back:
+                staged.unlink(missing_ok=True)
+                return None
+            writer.add_staged(staged, outcome.dataset)
+            staged.unlink(missing_ok=True)
+            return 1, outcome.identity or SourceIdentity()
+        outcome = deidentifier.instance(dcmread(source))
+        if outcome.held_back:
+            return None
+        media = self._media(names, outcome.dataset, fmt)
+        if media is None:
+            return 0, outcome.identity or SourceIdentity()
+        name, data = media
+        if deidentifier.verifier is not None and outcome.identity is not None and \
+                deidentifier.verifier.check_data(data, outcome.identity, name,
+                                                 outcome.text_prone):
+            return None
+        writer.add_file(name, data)
+        return 1, outcome.identity or SourceIdentity()
+
+    @classmethod
+    def _write(cls, writer: Any, names: Numbering, ds: Dataset, fmt: str) -> int:
+        """An identifiable instance into the export."""
+        if fmt in ("zip", "dicomdir"):
+            writer.add(ds)
             return 1
-        stem = names.name(ds)[:-4]  # type: ignore[arg-type]
-        frames = int(ds.get("NumberOfFrames", 1) or 1)  # type: ignore[attr-defined]
+        media = cls._media(names, ds, fmt)
+        if media is None:
+            return 0
+        writer.add_file(*media)
+        return 1
+
+    @staticmethod
+    def _media(names: Numbering, ds: Any, fmt: str) -> tuple[str, bytes] | None:
+        """The video or still of an instance, with its name (None: nothing to show)."""
+        stem = names.name(ds)[:-4]
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
         if fmt == "mp4":
             if frames < 2:
-                return 0
-            writer.add_file(stem + ".mp4", cine_to_mp4(ds))  # type: ignore[attr-defined]
-            return 1
-        if "PixelData" not in ds:  # type: ignore[operator]
-            return 0
+                return None
+            return stem + ".mp4", cine_to_mp4(ds)
+        if "PixelData" not in ds:
+            return None
         buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)  # type: ignore[attr-defined]
+        ds.save_as(buffer, enforce_file_format=True)
         buffer.seek(0)
         media = "image/png" if fmt == "png" else "image/jpeg"
-        image = still_image(buffer, media, frames // 2)
-        writer.add_file(f"{stem}.{fmt if fmt == 'png' else 'jpg'}", image)  # type: ignore
-        return 1
+        return f"{stem}.{fmt if fmt == 'png' else 'jpg'}", still_image(buffer, media,
+                                                                       frames // 2)
 
     def result(self, job_id: str, actor: Actor) -> tuple[Job, Path]:
         """The finished job's file, for its owner; audited as a download."""

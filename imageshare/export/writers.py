@@ -1,9 +1,12 @@
 """Writers of exported instances. Names inside an export are counters (S0001/SE0001/IM000001),
-never patient data."""
+never patient data. Instances arrive as verified staging files (written next to the output,
+so that a folder export only renames them) or as data sets."""
 
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -23,6 +26,7 @@ class Numbering:
         self._instances: dict[str, int] = {}
 
     def name(self, ds: Dataset) -> str:
+        """The next name for an instance of ``ds``'s study and series."""
         study = str(ds.get("StudyInstanceUID", ""))
         series = str(ds.get("SeriesInstanceUID", ""))
         s = self._studies.setdefault(study, len(self._studies) + 1)
@@ -47,6 +51,21 @@ class FolderWriter:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self._names = Numbering()
+
+    def staging(self) -> Path:
+        """A hidden folder inside the output (removed when the run ends)."""
+        return Path(tempfile.mkdtemp(prefix=".staging-", dir=self.folder))
+
+    def prepare(self, ds: Dataset) -> None:
+        """Nothing to add."""
+
+    def add_staged(self, path: Path, ds: Dataset) -> str:
+        """Move the staging file into place; returns its relative path."""
+        name = self._names.name(ds)
+        target = self.folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        return name
 
     def add(self, ds: Dataset) -> str:
         """Write one instance; returns its relative path."""
@@ -79,6 +98,20 @@ class ZipWriter:
             self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED)
         self._names = Numbering()
 
+    def staging(self) -> Path:
+        """A staging folder next to the zip file."""
+        return Path(tempfile.mkdtemp(prefix=".staging-", dir=self.path.parent))
+
+    def prepare(self, ds: Dataset) -> None:
+        """Nothing to add."""
+
+    def add_staged(self, path: Path, ds: Dataset) -> str:
+        """Add the staging file ``path`` as the next instance; returns its name in the zip."""
+        name = self._names.name(ds)
+        with open(path, "rb") as source, self._zip.open(name, "w", force_zip64=True) as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+        return name
+
     def add(self, ds: Dataset) -> str:
         """Add one instance; returns its name in the zip."""
         name = self._names.name(ds)
@@ -94,6 +127,11 @@ class ZipWriter:
         self._zip.close()
 
 
+_DICOMDIR_KEYS = (("StudyDate", "19000101"), ("StudyTime", "000000"),
+                  ("PatientID", "ANONYMOUS"), ("StudyID", "1"), ("Modality", "OT"),
+                  ("SeriesNumber", 1))
+
+
 class DicomdirWriter:
     """A PS3.10 file-set (general-purpose media profile): a DICOMDIR and 8-character file IDs,
     readable by viewers shipped on CDs and by PACS importers."""
@@ -105,19 +143,30 @@ class DicomdirWriter:
         self._staging = tempfile.TemporaryDirectory(prefix="dicomdir-")
         self._count = 0
 
-    def add(self, ds: Dataset) -> str:
-        """Add one instance to the file-set."""
-        for keyword, value in (("StudyDate", "19000101"), ("StudyTime", "000000"),
-                               ("PatientID", "ANONYMOUS"), ("StudyID", "1"),
-                               ("Modality", "OT"), ("SeriesNumber", 1),
-                               ("InstanceNumber", self._count + 1)):
+    def staging(self) -> Path:
+        """A staging folder next to the file-set."""
+        return Path(tempfile.mkdtemp(prefix=".staging-", dir=self.folder))
+
+    def prepare(self, ds: Dataset) -> None:
+        """The keys every DICOMDIR record needs (dummies where the profile emptied them)."""
+        for keyword, value in (*_DICOMDIR_KEYS, ("InstanceNumber", self._count + 1)):
             if keyword not in ds or ds.get(keyword) in (None, ""):
                 setattr(ds, keyword, value)
+
+    def add_staged(self, path: Path, ds: Dataset) -> str:
+        """Add the staging file ``path`` (prepared) to the file-set."""
         self._count += 1
-        path = Path(self._staging.name) / f"{self._count}.dcm"
-        path.write_bytes(_part10(ds))
-        instance = self._fileset.add(str(path))
+        kept = Path(self._staging.name) / f"{self._count}.dcm"
+        shutil.move(path, kept)
+        instance = self._fileset.add(str(kept))
         return "/".join(instance.FileID.split("\\")) if hasattr(instance, "FileID") else ""
+
+    def add(self, ds: Dataset) -> str:
+        """Add one instance to the file-set."""
+        self.prepare(ds)
+        path = Path(self._staging.name) / f"in-{self._count + 1}.dcm"
+        path.write_bytes(_part10(ds))
+        return self.add_staged(path, ds)
 
     def close(self) -> None:
         """Write the DICOMDIR and the files."""

@@ -25,7 +25,6 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from pydicom import dcmread
 from sqlalchemy import Engine, insert, or_, select, update
 
 from imageshare.access.scope import COMMENT, DOWNLOAD, VIEW, Grant
@@ -34,7 +33,7 @@ from imageshare.archive.ingest import IngestService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.deid.pseudonyms import Pseudonyms
-from imageshare.deid.service import Deidentifier
+from imageshare.deid.service import Deidentifier, seekable
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
     Forbidden,
@@ -492,19 +491,20 @@ class ShareService:
             if target.exists():
                 return target
             inst = self.stored(share, item)
-            with self._retrieve.open(inst) as fp:
-                ds = dcmread(fp)
-            outcome = self._deidentifier(share.profile).instance(ds)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(".part")
+            # de-identified and checked by the verifier before the copy can be served
+            with self._retrieve.open(inst) as fp, seekable(fp) as source, \
+                    open(partial, "w+b") as out:
+                outcome = self._deidentifier(share.profile).write(source, out)
             if outcome.held_back:
+                partial.unlink(missing_ok=True)
                 with self._engine.begin() as conn:
                     conn.execute(update(share_items).where(
                         share_items.c.share_pk == share.pk,
                         share_items.c.public_sop_uid == item.public_sop_uid).values(
                         held_back=True))
                 return None
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(".part")
-            outcome.dataset.save_as(partial, enforce_file_format=True)  # type: ignore[union-attr]
             partial.replace(target)
             return target
 

@@ -64,10 +64,13 @@ def ultrasound_with_text(banner: str, body_text: str = "", frames: int = 1,
     return ds
 
 
-def read_identifiers(ds: Dataset, ids: tuple[str, ...]) -> list[str]:
+def read_identifiers(ds: Dataset, identity) -> list[str]:
     cleaner = BurnedInTextCleaner(regions=[])
     frame = ds.pixel_array if int(ds.get("NumberOfFrames", 1)) == 1 else ds.pixel_array[0]
-    return [w for w, _ in cleaner.read_words(frame) if cleaner._matches(w, ids)]
+    found = []
+    for line in cleaner.read_lines(frame):
+        found += [line.words[i] for i in sorted(identity.hits_in_line(list(line.words)))]
+    return found
 
 
 def test_ocr_reads_the_planted_banner_before_cleaning():

@@ -1,0 +1,444 @@
+"""What a source file says about who it is: every identifying value the verifier looks for in
+the outputs, with its kind (never its value) for the findings.
+
+The verifier's own list, kept apart from the de-identification engine's on purpose: names of
+the patient and of everyone else named (in every order and case), patient and other IDs, NHS
+and hospital numbers, accession numbers, the birth date in its usual written forms, addresses,
+phone numbers, institution and staff names and codes, the original UIDs, and the dates and
+times of the source (which must not come out unchanged unless the profile keeps them).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
+from pydicom.uid import UID_dictionary
+
+# What a profile may legitimately leave in an output (PS3.15 options that keep values).
+KEEP_INSTITUTION = "institution"
+KEEP_UIDS = "uids"
+KEEP_DATES = "dates"
+KEEP_TIMES = "times"
+KEEP_DEVICE = "device"
+_DEVICE = {"DeviceSerialNumber", "StationName", "DeviceID", "DetectorID", "CassetteID",
+           "PlateID", "GantryID", "DeviceLabel", "DeviceDescription", "GeneratorID",
+           "SourceSerialNumber", "TransducerIdentificationSequence", "DeviceUID",
+           "SourceManufacturer", "SourceManufacturerModelName", "DeviceSettingDescription",
+           "LensSpecification", "LensMake", "LensModel", "LensSerialNumber"}
+# What Retain Institution Identity keeps.
+_INSTITUTION_KEPT = {"InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+                     "InstitutionCodeSequence", "InstitutionalDepartmentTypeCodeSequence",
+                     "ClinicalTrialSiteID", "ClinicalTrialSiteName",
+                     "ClinicalTrialCoordinatingCenterName",
+                     "ClinicalTrialProtocolEthicsCommitteeName"}
+# Kinds of identifier that coded strings (CS) are checked for: other people's names can be
+# words such as TEXT or NAME that are also defined terms.
+_CS_KINDS = {"patient name", "patient ID", "NHS number", "birth date"}
+
+_PATIENT_NAMES = {"PatientName", "OtherPatientNames", "PatientBirthName",
+                  "PatientMotherBirthName", "ResponsiblePerson"}
+_PATIENT_IDS = {"PatientID", "OtherPatientIDs", "MedicalRecordLocator", "AdmissionID",
+                "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID",
+                "IssuerOfPatientID", "PatientAccountNumber"}
+_ACCESSION = {"AccessionNumber", "FillerOrderNumberImagingServiceRequest",
+              "PlacerOrderNumberImagingServiceRequest", "RequestedProcedureID",
+              "PerformedProcedureStepID", "ScheduledProcedureStepID", "StudyID"}
+_ADDRESSES = {"PatientAddress", "PersonAddress", "InstitutionAddress",
+              "ReferringPhysicianAddress", "RegionOfResidence"}
+_INSTITUTIONS = {"InstitutionName", "InstitutionalDepartmentName", "VerifyingOrganization",
+                 "ClinicalTrialSiteName", "ClinicalTrialCoordinatingCenterName"}
+_NOT_IDENTIFIERS = {"SeriesNumber", "InstanceNumber", "AcquisitionNumber", "StackID",
+                    "ReferencedFrameNumber", "ReferencedSegmentNumber", "ImageID",
+                    "StudyID", "TemporalPositionIdentifier", "ContentItemIdentifier",
+                    "ObservationUID", "DimensionIndexPointer", "RTPlanLabel"}
+_CONTEXT_WORDS = ("Person", "Operator", "Physician", "Observer", "Institution",
+                  "Organization", "Performer", "Participant", "Author", "Custodial",
+                  "Verifying", "Requesting", "Referring", "ContentCreator", "Responsible")
+_COMMON_WORDS = {
+    "HOSPITAL", "HOSPITALS", "CLINIC", "CENTRE", "CENTER", "MEDICAL", "UNIVERSITY", "TRUST",
+    "FOUNDATION", "HEALTH", "HEALTHCARE", "GENERAL", "ROYAL", "INFIRMARY", "DEPARTMENT",
+    "RADIOLOGY", "IMAGING", "SAINT", "NATIONAL", "SERVICE", "SERVICES", "STREET", "ROAD",
+    "LANE", "AVENUE", "UNITED", "KINGDOM", "COUNTY", "DISTRICT", "REGIONAL", "COMMUNITY",
+    "ANONYMOUS", "UNKNOWN", "NONE", "OTHER", "PATIENT", "WARD", "UNIT", "ENGLAND", "LONDON",
+}
+_MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
+_SEPARATORS = set("^=,;:/\\()[]{}<>\"'`| \t\r\n.-_+*#@&")
+DUMMY_TEMPORAL = {"19000101", "000000", "19000101000000", "", "00000000"}
+
+
+_ASCII_NOT_ALNUM = {c: None for c in range(128) if not chr(c).isalnum()}
+_ASCII_SEPARATORS = {c: " " for c in range(128) if not chr(c).isalnum()}
+
+
+def normalised(text: str) -> str:
+    """Letters and digits only, upper case, accents dropped."""
+    if text.isascii():
+        return text.upper().translate(_ASCII_NOT_ALNUM)
+    return "".join(c for c in unicodedata.normalize("NFKD", text).upper()
+                   if c.isalnum() and not unicodedata.combining(c))
+
+
+def words_of(text: str) -> list[str]:
+    """The normalised words of ``text``."""
+    if text.isascii():
+        return text.upper().translate(_ASCII_SEPARATORS).split()
+    out, current = [], []
+    for c in text:
+        if c in _SEPARATORS or c.isspace():
+            if current:
+                out.append("".join(current))
+                current = []
+        else:
+            current.append(c)
+    if current:
+        out.append("".join(current))
+    return [w for w in (normalised(w) for w in out) if w]
+
+
+def _values(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, MultiValue | list) else [value]
+
+
+@dataclass(frozen=True)
+class Token:
+    """One identifying value to look for: its kind, normalised form, and whether it only
+    counts as a whole word (short name parts)."""
+
+    kind: str
+    norm: str
+    whole_word: bool
+
+
+@dataclass
+class SourceIdentity:
+    """Everything identifying in one or more source files."""
+
+    tokens: dict[str, Token] = field(default_factory=dict)
+    raw_forms: dict[bytes, str] = field(default_factory=dict)  # exact bytes -> kind
+    uids: dict[str, str] = field(default_factory=dict)  # original UID -> kind
+    temporal: dict[tuple[int, ...], tuple[str, str]] = field(default_factory=dict)
+    charsets: set[str] = field(default_factory=set)
+    keep: frozenset[str] = frozenset()
+    _software: set[str] = field(default_factory=set)  # implementation UIDs: not identifying
+    _indexes: dict[tuple[int, bool], tuple[dict[str, str], list[tuple[str, str]]]] = field(
+        default_factory=dict)
+
+    @classmethod
+    def of(cls, datasets: Iterable[Dataset], keep: frozenset[str] = frozenset()
+           ) -> SourceIdentity:
+        """The identity of every data set in ``datasets`` (their union)."""
+        identity = cls(keep=keep)
+        for ds in datasets:
+            identity.add(ds)
+        return identity
+
+    def merge(self, other: SourceIdentity) -> None:
+        """Add everything ``other`` looks for (the union of several sources)."""
+        for norm, token in other.tokens.items():
+            mine = self.tokens.get(norm)
+            if mine is None or (mine.whole_word and not token.whole_word):
+                self.tokens[norm] = token
+        for form, kind in other.raw_forms.items():
+            self.raw_forms.setdefault(form, kind)
+        self.uids.update(other.uids)
+        self.charsets |= other.charsets
+
+    def add(self, ds: Dataset) -> None:
+        """Add what ``ds`` says about who and where it is."""
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and meta.get("ImplementationClassUID"):
+            self._software.add(str(meta.ImplementationClassUID))
+        charset = ds.get("SpecificCharacterSet")
+        for c in _values(charset):
+            if c:
+                self.charsets.add(str(c))
+        self._walk(ds, (), 0, context=False)
+        for value in _values(ds.get("PatientBirthDate")):
+            self._birth_date(str(value or ""))
+
+    # -- building ----------------------------------------------------------------------------
+
+    def _token(self, kind: str, text: str, whole_word: bool = False) -> None:
+        norm = normalised(text)
+        if len(norm) < 2 or norm in _COMMON_WORDS:
+            return
+        if len(norm) < 6:
+            whole_word = True
+        existing = self.tokens.get(norm)
+        if existing is None or (existing.whole_word and not whole_word):
+            self.tokens[norm] = Token(kind, norm, whole_word)
+        stripped = text.strip()
+        if len(stripped) >= 5:
+            for form in {stripped, stripped.upper()}:
+                for encoding in ("utf-8", "latin-1"):
+                    try:
+                        self.raw_forms.setdefault(form.encode(encoding), kind)
+                    except UnicodeEncodeError:
+                        continue
+
+    def _name(self, kind: str, value: Any) -> None:
+        text = str(value or "")
+        for group in text.split("="):
+            parts = [p for p in group.replace("^", " ").replace(",", " ").split() if p]
+            for part in parts:
+                self._token(kind, part, whole_word=True)
+            if len(parts) > 1:
+                self._token(kind, " ".join(parts))
+                self._token(kind, " ".join(reversed(parts)))
+
+    def _text(self, kind: str, value: Any, words: bool = True) -> None:
+        text = str(value or "").strip()
+        if not text:
+            return
+        self._token(kind, text)
+        if words:
+            for word in text.replace(",", " ").split():
+                if len(normalised(word)) >= 4:
+                    self._token(kind, word, whole_word=not any(c.isdigit() for c in word))
+        digits = "".join(c for c in text if c.isdigit())
+        if len(digits) >= 6:
+            self._token(kind, digits)
+
+    def _birth_date(self, value: str) -> None:
+        try:
+            day = date(int(value[:4]), int(value[4:6]), int(value[6:8]))
+        except ValueError:
+            return
+        d, m, y = f"{day.day:02d}", f"{day.month:02d}", f"{day.year:04d}"
+        kind = "birth date"
+        for form in (f"{y}{m}{d}", f"{d}{m}{y}", f"{m}{d}{y}", f"{d}/{m}/{y}", f"{y}-{m}-{d}",
+                     f"{d}.{m}.{y}", f"{d}-{m}-{y}", f"{d} {_MONTHS[day.month - 1]} {y}",
+                     f"{_MONTHS[day.month - 1]} {d} {y}"):
+            self._token(kind, form)
+        for form in (f"{d}/{m}/{y[2:]}", f"{d}.{m}.{y[2:]}", f"{d}-{m}-{y[2:]}",
+                     f"{day.day}/{day.month}/{y}"):
+            for encoding in ("utf-8",):
+                self.raw_forms.setdefault(form.encode(encoding), kind)
+
+    def _walk(self, ds: Dataset, path: tuple[int, ...], depth: int, context: bool) -> None:
+        if depth > 16:
+            return
+        for tag in list(ds.keys()):
+            tag = BaseTag(tag)
+            if tag.group == 0x0002 or tag.is_private or tag.group == 0x7FE0:
+                continue
+            vr = ds.get_item(tag).VR
+            if vr in (None, "UN"):
+                try:
+                    vr = dictionary_VR(tag)
+                except KeyError:
+                    continue
+            keyword = keyword_for_tag(tag)
+            if not _worth_reading(vr, keyword, context):
+                continue
+            if vr == "SQ":
+                if KEEP_INSTITUTION in self.keep and keyword in _INSTITUTION_KEPT:
+                    continue
+                inner = context or any(w in keyword for w in _CONTEXT_WORDS)
+                for index, item in enumerate(ds[tag].value or []):
+                    self._walk(item, (*path, int(tag), index), depth + 1, inner)
+                continue
+            raw = ds.get_item(tag).value
+            if isinstance(raw, bytes) and raw.isascii() and b"\x1b" not in raw and vr != "PN":
+                # plain ASCII (UIDs, dates, IDs): no need for pydicom to convert it
+                text = raw.decode("ascii").strip(" \0")
+                value: Any = text.split("\\") if "\\" in text else text
+            else:
+                value = ds[tag].value
+            if value in (None, "", b""):
+                continue
+            self._attribute(keyword, vr, value, (*path, int(tag)), context)
+
+    def _attribute(self, keyword: str, vr: str, value: Any, path: tuple[int, ...],
+                   context: bool) -> None:
+        if keyword in _DEVICE and KEEP_DEVICE in self.keep:
+            return
+        if KEEP_INSTITUTION in self.keep and keyword in _INSTITUTION_KEPT:
+            return
+        if vr == "PN":
+            kind = "patient name" if keyword in _PATIENT_NAMES else "person name"
+            for v in _values(value):
+                self._name(kind, v)
+        elif vr == "UI":
+            if KEEP_UIDS not in self.keep:
+                for v in _values(value):
+                    text = str(v or "").strip()
+                    if text and text not in UID_dictionary and len(text) >= 8 \
+                            and text not in self._software:
+                        self.uids[text] = f"original UID ({keyword or 'private'})"
+        elif vr in ("DA", "DT", "TM"):
+            self.temporal[path] = (vr, "\\".join(str(v).strip() for v in _values(value)))
+        elif keyword in _PATIENT_IDS:
+            for v in _values(value):
+                text = str(v or "")
+                digits = "".join(c for c in text if c.isdigit())
+                self._text("NHS number" if len(digits) == 10 else "patient ID", text)
+        elif keyword in _ACCESSION:
+            if keyword == "StudyID" and len(normalised(str(value))) < 4:
+                return
+            for v in _values(value):
+                self._text("accession or order number", v, words=False)
+        elif keyword in _ADDRESSES:
+            for v in _values(value):
+                self._text("address", v)
+        elif "Telephone" in keyword or "Telecom" in keyword:
+            for v in _values(value):
+                self._text("phone number", v)
+        elif keyword in _INSTITUTIONS:
+            if KEEP_INSTITUTION not in self.keep:
+                for v in _values(value):
+                    self._text("institution", v)
+        elif context and keyword in ("CodeValue", "CodeMeaning", "LongCodeValue"):
+            for v in _values(value):
+                self._text("staff or institution code", v)
+        elif vr in ("LO", "SH") and keyword.endswith(("ID", "IDs", "Number", "Identifier")) \
+                and keyword not in _NOT_IDENTIFIERS:
+            for v in _values(value):
+                self._text("identifier", v, words=False)
+
+    # -- looking -----------------------------------------------------------------------------
+
+    def in_text(self, text: str, coded: bool = False) -> list[str]:
+        """The kinds of identifier ``text`` carries (whole words for name parts and short
+        identifiers, anywhere for longer ones, punctuation and case ignored). ``coded``: a
+        coded string (CS), checked for the patient's own identifiers only."""
+        if not text:
+            return []
+        words, phrases = self._index(coded)
+        found = [words[w] for w in words.keys() & set(words_of(text))]
+        if phrases:
+            norm = normalised(text)
+            found += [kind for phrase, kind in phrases if phrase in norm]
+        for candidate in _uid_like(text):
+            kind = self.uids.get(candidate)
+            if kind:
+                found.append(kind)
+        return found
+
+    def _index(self, coded: bool) -> tuple[dict[str, str], list[tuple[str, str]]]:
+        """Whole-word tokens by their normalised form, and the other tokens (built once for
+        the tokens as they are)."""
+        key = (len(self.tokens), coded)
+        cached = self._indexes.get(key)
+        if cached is None:
+            tokens = [t for t in self.tokens.values() if not coded or t.kind in _CS_KINDS]
+            cached = ({t.norm: t.kind for t in tokens if t.whole_word},
+                      [(t.norm, t.kind) for t in tokens if not t.whole_word])
+            self._indexes = {key: cached, **{k: v for k, v in self._indexes.items()
+                                             if k[0] == key[0]}}
+        return cached
+
+    def in_pieces(self, values: list[str]) -> list[str]:
+        """Identifiers split across two values (in either order): one value ends with the
+        first part (three characters or more), another starts with the rest. ``values`` are
+        normalised."""
+        endings: set[str] = set()
+        beginnings: set[str] = set()
+        for value in values:
+            for length in range(3, min(len(value), 24) + 1):
+                endings.add(value[-length:])
+                beginnings.add(value[:length])
+        found = []
+        for token in self.tokens.values():
+            norm = token.norm
+            if len(norm) < 6:
+                continue
+            if any(norm[:k] in endings and norm[k:] in beginnings
+                   for k in range(3, len(norm) - 2)):
+                found.append(token.kind)
+        return found
+
+    def in_bytes(self, data: bytes) -> list[str]:
+        """Identifiers found verbatim in raw bytes (as written, or in upper case)."""
+        if not data:
+            return []
+        upper = data.upper()
+        found = [kind for form, kind in self.raw_forms.items()
+                 if _bounded(data, form, _ALNUM) or (form.isascii() and _bounded(
+                     upper, form.upper(), _ALNUM))]
+        found += [kind for uid, kind in self.uids.items()
+                  if _bounded(data, uid.encode(), _UID_CHARACTERS)]
+        return found
+
+    def in_line(self, words: list[str]) -> list[str]:
+        """Identifiers in one line read by OCR, also partly read (five or more characters of
+        a longer identifier) or spread over several words."""
+        norms = [normalised(w) for w in words]
+        found = []
+        present = set(norms)
+        line = "".join(norms)
+        for token in self.tokens.values():
+            if len(token.norm) < 5:
+                if token.norm in present:
+                    found.append(token.kind)
+            elif token.norm in line:
+                found.append(token.kind)
+            elif not token.whole_word and len(token.norm) >= 6 and any(
+                    token.norm[i:i + 5] in line for i in range(len(token.norm) - 4)):
+                found.append(f"part of {token.kind}")
+        return found
+
+
+_ALNUM = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_UID_CHARACTERS = frozenset(b"0123456789.")
+
+
+def _bounded(data: bytes, form: bytes, inner: frozenset[int]) -> bool:
+    """True when ``form`` occurs in ``data`` not run into by more of the same characters."""
+    start = data.find(form)
+    while start >= 0:
+        end = start + len(form)
+        if (start == 0 or data[start - 1] not in inner) and (
+                end >= len(data) or data[end] not in inner):
+            return True
+        start = data.find(form, start + 1)
+    return False
+
+
+_UID_PATTERN = re.compile(r"[0-9]+(?:\.[0-9]+)+")
+
+
+def _uid_like(text: str) -> Iterator[str]:
+    if "." in text:
+        for match in _UID_PATTERN.finditer(text):
+            if len(match.group()) >= 8:
+                yield match.group()
+
+
+_ALWAYS_READ = {"SQ", "PN", "UI", "DA", "DT", "TM"}
+_ID_ENDINGS = ("ID", "IDs", "Number", "Identifier")
+
+
+def _worth_reading(vr: str, keyword: str, context: bool) -> bool:
+    """Whether an attribute can hold something the identity collects (others are not
+    decoded)."""
+    return (vr in _ALWAYS_READ or keyword in _PATIENT_IDS or keyword in _ACCESSION
+            or keyword in _ADDRESSES or keyword in _INSTITUTIONS or "Telephone" in keyword
+            or "Telecom" in keyword or (context and keyword.startswith(("Code", "LongCode")))
+            or (vr in ("LO", "SH") and keyword.endswith(_ID_ENDINGS)))
+
+
+def keep_for_options(options: Iterable[str]) -> frozenset[str]:
+    """What a profile with these PS3.15 options may leave in its outputs."""
+    options = set(options)
+    keep = set()
+    if "retain_institution_identity" in options:
+        keep.add(KEEP_INSTITUTION)
+    if "retain_uids" in options:
+        keep.add(KEEP_UIDS)
+    if "retain_full_dates" in options:
+        keep |= {KEEP_DATES, KEEP_TIMES}
+    if "retain_modified_dates" in options:
+        keep.add(KEEP_TIMES)
+    if "retain_device_identity" in options:
+        keep.add(KEEP_DEVICE)
+    return frozenset(keep)

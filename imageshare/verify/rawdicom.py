@@ -1,0 +1,205 @@
+"""A small reader of Part 10 bytes for the verifier: every element at any depth as it is
+stored (path, tag, VR, value bytes), without building pydicom data sets, so that checking an
+output costs little next to making it. Little endian (explicit or implicit VR) only; other
+encodings are read with pydicom by the caller.
+
+UN values of undefined length are read as the implicit VR sequences they are. Pixel data at
+the top level is not returned: its place is (native samples), or the starts of its fragments
+are (encapsulated), for the raw-bytes search.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from pydicom.datadict import dictionary_VR
+
+UNDEFINED = 0xFFFFFFFF
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+             b"UT", b"UV"}
+_PIXEL_TAGS = {0x7FE00008, 0x7FE00009, 0x7FE00010}
+_FRAGMENT_HEAD = 16 * 1024
+_MAX_DEPTH = 16
+
+
+@dataclass(frozen=True)
+class RawElement:
+    """One stored element: its path of (tag, item index, ...) and where to say it is."""
+
+    path: tuple[int, ...]
+    tag: int
+    vr: str
+    value: bytes
+    where: str
+
+
+@dataclass
+class RawFile:
+    """What the reader found in a file."""
+
+    elements: list[RawElement] = field(default_factory=list)
+    top: dict[int, bytes] = field(default_factory=dict)  # top-level values, by tag
+    sequences: set[int] = field(default_factory=set)  # top-level sequences, by tag
+    pixel_spans: list[tuple[int, int]] = field(default_factory=list)  # bytes to search
+    native_pixels: bool = False
+    encapsulated_pixels: bool = False
+    pixel_region: tuple[int, int] = (0, 0)  # where the top-level pixel data element is
+    syntax: str = ""
+
+
+def _vr_of(tag: int) -> str:
+    if (tag >> 16) % 2:
+        return "UN" if tag & 0xFF00 else "LO"  # private data, or a private creator
+    try:
+        return dictionary_VR(tag).split(" ")[0]
+    except KeyError:
+        return "UN"
+
+
+def label(tag: int) -> str:
+    """How a finding names an element: its tag and keyword."""
+    from pydicom.datadict import keyword_for_tag
+
+    keyword = keyword_for_tag(tag)
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})" + (f" {keyword}" if keyword else "")
+
+
+class _Reader:
+    def __init__(self, data: bytes, found: RawFile) -> None:
+        self.data = data
+        self.found = found
+
+    def elements(self, pos: int, end: int, implicit: bool, path: tuple[int, ...],
+                 where: str, depth: int) -> int:
+        """Read elements from ``pos`` to ``end`` or to an item delimiter; returns the
+        position after what was read."""
+        data = self.data
+        while pos < end:
+            if pos + 8 > end:
+                raise ValueError("truncated element")
+            group, element = struct.unpack_from("<HH", data, pos)
+            if group == 0xFFFE:
+                if element == 0xE00D:
+                    return pos + 8
+                raise ValueError("unexpected delimiter")
+            tag = (group << 16) | element
+            if implicit:
+                vr = _vr_of(tag)
+                (length,) = struct.unpack_from("<L", data, pos + 4)
+                start = pos + 8
+            else:
+                raw_vr = data[pos + 4:pos + 6]
+                vr = raw_vr.decode("latin-1")
+                if raw_vr in _LONG_VRS:
+                    (length,) = struct.unpack_from("<L", data, pos + 8)
+                    start = pos + 12
+                else:
+                    (length,) = struct.unpack_from("<H", data, pos + 6)
+                    start = pos + 8
+            if depth == 0 and tag in _PIXEL_TAGS:
+                after = self.pixels(start, length, end)
+                if self.found.pixel_region == (0, 0):
+                    self.found.pixel_region = (pos, after)
+                pos = after
+                continue
+            if vr == "SQ" or length == UNDEFINED:
+                if depth == 0:
+                    self.found.sequences.add(tag)
+                if depth >= _MAX_DEPTH:
+                    raise ValueError("sequences nested too deep")
+                pos = self.sequence(start, length, end, implicit or vr == "UN", path, tag,
+                                    f"{where}{label(tag)}", depth + 1)
+                continue
+            stop = start + length
+            if stop > end:
+                raise ValueError("element longer than its data set")
+            value = data[start:stop]
+            if depth == 0:
+                self.found.top[tag] = value
+            self.found.elements.append(RawElement((*path, tag), tag, vr, value, where))
+            pos = stop
+        return pos
+
+    def sequence(self, pos: int, length: int, end: int, implicit: bool, path: tuple[int, ...],
+                 tag: int, label: str, depth: int) -> int:
+        """Read a sequence's items; returns the position after the sequence."""
+        data = self.data
+        stop = pos + length if length != UNDEFINED else end
+        if stop > end:
+            raise ValueError("sequence longer than its data set")
+        index = 0
+        while pos < stop:
+            group, element, item_length = struct.unpack_from("<HHL", data, pos)
+            if (group, element) == (0xFFFE, 0xE0DD):
+                return pos + 8
+            if (group, element) != (0xFFFE, 0xE000):
+                raise ValueError("malformed sequence")
+            item_path = (*path, tag, index)
+            where = f"{label}[{index + 1}] > "
+            if item_length == UNDEFINED:
+                pos = self.elements(pos + 8, stop, implicit, item_path, where, depth)
+            else:
+                if pos + 8 + item_length > stop:
+                    raise ValueError("item longer than its sequence")
+                self.elements(pos + 8, pos + 8 + item_length, implicit, item_path, where,
+                              depth)
+                pos += 8 + item_length
+            index += 1
+        return pos
+
+    def pixels(self, start: int, length: int, end: int) -> int:
+        """Pixel data: native samples are skipped; of encapsulated data the item headers and
+        the start of every fragment are kept for the raw-bytes search."""
+        if length != UNDEFINED:
+            if start + length > end:
+                raise ValueError("pixel data longer than the file")
+            self.found.native_pixels = True
+            return start + length
+        self.found.encapsulated_pixels = True
+        pos = start
+        while True:
+            if pos + 8 > end:
+                raise ValueError("encapsulated pixel data without its end")
+            group, element, item_length = struct.unpack_from("<HHL", self.data, pos)
+            if (group, element) == (0xFFFE, 0xE0DD):
+                return pos + 8
+            if (group, element) != (0xFFFE, 0xE000) or item_length == UNDEFINED:
+                raise ValueError("malformed encapsulated pixel data")
+            self.found.pixel_spans.append((pos, min(item_length, _FRAGMENT_HEAD) + 8))
+            pos += 8 + item_length
+            if pos > end:
+                raise ValueError("encapsulated pixel data longer than the file")
+
+
+def read(data: bytes) -> RawFile | None:
+    """Every element of a little-endian Part 10 file; None when it is not one (big endian,
+    deflated, no preamble) and pydicom must read it."""
+    if data[128:132] != b"DICM":
+        return None
+    found = RawFile()
+    reader = _Reader(data, found)
+    pos = 132
+    # the file meta group: explicit VR little endian, group 0002 only
+    while pos + 8 <= len(data):
+        (group,) = struct.unpack_from("<H", data, pos)
+        if group != 0x0002:
+            break
+        raw_vr = data[pos + 4:pos + 6]
+        if raw_vr in _LONG_VRS:
+            (length,) = struct.unpack_from("<L", data, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            start = pos + 8
+        tag = (group << 16) | struct.unpack_from("<H", data, pos + 2)[0]
+        value = data[start:start + length]
+        found.elements.append(RawElement((tag,), tag, raw_vr.decode("latin-1"), value, ""))
+        if tag == 0x00020010:
+            found.syntax = value.decode("ascii", "replace").strip(" \0")
+        pos = start + length
+    if found.syntax in ("1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"):
+        return None  # big endian, deflated
+    implicit = found.syntax == "1.2.840.10008.1.2"
+    reader.elements(pos, len(data), implicit, (), "", 0)
+    return found

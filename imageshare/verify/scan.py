@@ -1,0 +1,692 @@
+"""Looking for a source's identifiers in everything an output holds.
+
+A DICOM output is read three ways: every element value at any depth (standard, private, UN,
+SR content, overlay and graphic text; identifiers split across elements too), its raw bytes
+(preamble, file meta, header, encapsulated fragments' headers, anything after the pixel data;
+not the pixel samples themselves), and with OCR its pixels, icon images and overlay planes.
+Encapsulated PDFs are read as text. Other outputs: PNG/JPEG metadata and pixels, MP4 metadata
+and frames, PDF text, ZIP member names and comments, file and folder names. Findings name the
+kind of identifier and where it is, never its value.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, Protocol
+
+import numpy as np
+from pydicom import Dataset, dcmread
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag, Tag
+
+from imageshare.verify import rawdicom
+from imageshare.verify.identity import (
+    DUMMY_TEMPORAL,
+    KEEP_DATES,
+    KEEP_TIMES,
+    SourceIdentity,
+    normalised,
+)
+
+OCR_AUTO, OCR_ALWAYS, OCR_NEVER = "auto", "always", "never"
+# Images of these modalities often carry burned-in text; the verifier reads them with OCR.
+TEXT_MODALITIES = {"US", "IVUS", "ES", "XC", "GM", "SC", "OT", "OP", "SM", "DOC", "XA", "RF",
+                   "ECG", "IO", "PX", "DX", "CR", "MG", "TG"}
+# Labels that put an identifier on screen: a line with one of them and a value is a finding.
+SCREEN_LABELS = {"DOB", "BORN", "BIRTH", "NAME", "PATIENT", "MRN", "NHS", "NHSNO", "PID",
+                 "HOSPNO", "ACCESSION", "ADDRESS"}
+_TEXT_VRS = {"AE", "AS", "CS", "DS", "IS", "LO", "LT", "PN", "SH", "ST", "UC", "UI", "UR",
+             "UT", "DA", "DT", "TM"}
+_BYTES_VRS = {"OB", "OW", "UN", "OD", "OF", "OL", "OV"}
+_FREE_TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "PN", "OB", "UN", None}
+_OCR_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One identifier found in an output: which file, what kind, where (never the value)."""
+
+    file: str
+    kind: str
+    where: str
+
+    def as_dict(self) -> dict[str, str]:
+        """JSON-friendly."""
+        return {"file": self.file, "kind": self.kind, "where": self.where}
+
+    def __str__(self) -> str:
+        return f"{self.kind} in {self.where}"
+
+
+class TextReader(Protocol):
+    """Reads lines of words in an 8-bit grey image."""
+
+    def lines(self, grey: np.ndarray) -> list[list[str]]:
+        """Every line of words read, in reading order."""
+        ...
+
+
+class TesseractReader:
+    """Tesseract, prepared the verifier's own way: dark text on light, upscaled, binarised at
+    Otsu's threshold, sparse text."""
+
+    def __init__(self) -> None:
+        import pytesseract
+
+        os.environ.setdefault("OMP_THREAD_LIMIT", "1")
+        self._ocr = pytesseract
+
+    def lines(self, grey: np.ndarray) -> list[list[str]]:
+        """Every line of words Tesseract reads."""
+        from PIL import Image
+
+        if float(np.median(grey)) < 128:
+            grey = 255 - grey
+        threshold = _otsu(grey)
+        binary = np.where(grey > threshold, 255, 0).astype(np.uint8)
+        image = Image.fromarray(binary).resize((grey.shape[1] * 2, grey.shape[0] * 2),
+                                               Image.Resampling.BICUBIC)
+        data = self._ocr.image_to_data(image, config="--psm 11 --oem 1",
+                                       output_type=self._ocr.Output.DICT)
+        grouped: dict[tuple[int, int, int], list[tuple[int, str]]] = {}
+        for i, text in enumerate(data["text"]):
+            word = str(text).strip()
+            if not word:
+                continue
+            key = (data["block_num"][i], data["par_num"][i], data["line_num"][i])
+            grouped.setdefault(key, []).append((data["left"][i], word))
+        return [[w for _, w in sorted(words)] for words in grouped.values()]
+
+
+def _otsu(grey: np.ndarray) -> int:
+    histogram = np.bincount(grey.ravel(), minlength=256).astype(np.float64)
+    total = histogram.sum()
+    if total == 0:
+        return 128
+    levels = np.arange(256)
+    weight = np.cumsum(histogram)
+    mean = np.cumsum(histogram * levels)
+    between = (mean[-1] * weight / total - mean) ** 2 / np.maximum(
+        weight * (total - weight), 1e-9)
+    return int(np.argmax(between))
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 3:
+        image = image[..., :3].max(axis=2)
+    image = image.astype(np.float32)
+    low, high = float(image.min()), float(image.max())
+    return ((image - low) * 255.0 / ((high - low) or 1.0)).astype(np.uint8)
+
+
+def _dictionary_vr(tag: BaseTag) -> str | None:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
+
+
+def decode_pixels(ds: Dataset) -> np.ndarray:
+    """The frames of ``ds``'s pixel data: (frames, rows, columns[, samples]). The one place the
+    verifier decodes pixels (within the pixel budget)."""
+    from imageshare.archive.pixel_budget import decoding
+
+    with decoding(ds):  # the pixel budget, checked before decoding
+        pixels = np.asarray(ds.pixel_array)
+    if int(ds.get("NumberOfFrames", 1) or 1) == 1:
+        pixels = pixels[np.newaxis, ...]
+    return pixels
+
+
+class Verifier:
+    """Compares outputs with their sources; findings hold a file back."""
+
+    def __init__(self, ocr: str = OCR_AUTO, reader: TextReader | None = None) -> None:
+        if ocr not in (OCR_AUTO, OCR_ALWAYS, OCR_NEVER):
+            raise ValueError(f"ocr must be auto, always or never, not {ocr!r}")
+        self.ocr = ocr
+        self._reader = reader
+
+    def reader(self) -> TextReader:
+        """The OCR engine (started on first use)."""
+        if self._reader is None:
+            self._reader = TesseractReader()
+        return self._reader
+
+    # -- sources -----------------------------------------------------------------------------
+
+    @staticmethod
+    def identity(sources: list[Dataset], keep: frozenset[str] = frozenset()) -> SourceIdentity:
+        """What the sources say about who they are (their headers are enough)."""
+        return SourceIdentity.of(sources, keep)
+
+    @staticmethod
+    def text_prone(source: Dataset) -> bool:
+        """True when the source image may carry burned-in text (by the verifier's own rule)."""
+        return (str(source.get("BurnedInAnnotation", "") or "").upper() == "YES"
+                or str(source.get("Modality", "") or "").upper() in TEXT_MODALITIES
+                or int(source.get("SamplesPerPixel", 1) or 1) > 1
+                or str(source.get("SOPClassUID", "")).startswith(
+                    ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.77")))
+
+    # -- outputs -----------------------------------------------------------------------------
+
+    def check_dicom(self, stream: BinaryIO, identity: SourceIdentity, name: str,
+                    text_prone: bool = False) -> list[Finding]:
+        """Findings in one DICOM output (a seekable binary stream at its start)."""
+        data = _mapped(stream)
+        try:
+            raw = rawdicom.read(data)
+        except (ValueError, struct.error) as exc:
+            return [Finding(name, "unreadable DICOM", str(exc))]
+        if raw is None:
+            return self._check_with_pydicom(stream, identity, name, text_prone)
+        findings: list[Finding] = []
+        pixel_at, pixel_end = raw.pixel_region
+        if pixel_end:
+            parts = [("header bytes", data[:pixel_at]),
+                     ("bytes after the pixel data", data[pixel_end:])]
+            parts += [("encapsulated pixel data", data[a:a + n]) for a, n in raw.pixel_spans]
+        else:
+            parts = [("header bytes", data[:])]
+        for where, part in parts:
+            for kind in dict.fromkeys(identity.in_bytes(bytes(part))):
+                findings.append(Finding(name, kind, f"raw {where}"))
+        encodings = _encodings(raw.top.get(0x00080005, b""))
+        joined: list[str] = []
+        for element in raw.elements:
+            self._raw_element(element, identity, name, encodings, joined, findings)
+        for kind in dict.fromkeys(identity.in_pieces(joined)):
+            if not any(f.kind == kind for f in findings):
+                findings.append(Finding(name, kind, "split across the values of two elements"))
+        self._raw_documents(raw, identity, name, findings)
+        wants_ocr = self.ocr == OCR_ALWAYS or (self.ocr == OCR_AUTO and (
+            text_prone or _raw_text_prone(raw)))
+        graphics = 0x00880200 in raw.sequences or any(
+            (tag >> 16) & 0xFF00 == 0x6000 and tag & 0xFFFF == 0x3000 for tag in raw.top)
+        has_pixels = raw.native_pixels or raw.encapsulated_pixels
+        if self.ocr != OCR_NEVER and (graphics or (wants_ocr and has_pixels)):
+            try:
+                full = dcmread(io.BytesIO(bytes(data)), force=True)
+            except Exception as exc:  # noqa: BLE001
+                return [*findings, Finding(name, "unreadable DICOM", type(exc).__name__)]
+            if wants_ocr and "PixelData" in full:
+                self._ocr_pixels(full, identity, name, "pixels", findings)
+            self._ocr_graphics(full, identity, name, findings)
+        return findings
+
+    def _raw_element(self, element: rawdicom.RawElement, identity: SourceIdentity, name: str,
+                     encodings: list[str], joined: list[str], findings: list[Finding]) -> None:
+        tag, vr, value = element.tag, element.vr, element.value
+        if not value or tag in _PIXEL_TAGS or (
+                (tag >> 16) & 0xFF00 == 0x6000 and tag & 0xFFFF == 0x3000):
+            return
+        if vr in _BYTES_VRS:
+            for kind in dict.fromkeys(identity.in_bytes(value)):
+                findings.append(Finding(name, kind, element.where + rawdicom.label(tag)))
+            text = value.decode("latin-1")
+        elif vr in _TEXT_VRS:
+            if value.isascii() and b"\x1b" not in value:
+                text = value.decode("ascii")
+            else:  # other character sets (ISO 2022 ones switch with escape sequences)
+                text = _decode(value, encodings, vr)
+            text = text.strip(" \0")
+        else:
+            return  # numbers
+        found = len(findings)
+        if vr in ("DA", "DT", "TM"):
+            self._temporal(identity, element.path, vr, [text], name, "", findings)
+        if vr in _FREE_TEXT_VRS:
+            joined.append(normalised(text))
+        findings += [Finding(name, kind, "")
+                     for kind in dict.fromkeys(identity.in_text(text, coded=vr == "CS"))]
+        if len(findings) > found:  # named only when something was found (it costs)
+            label = element.where + rawdicom.label(tag)
+            findings[found:] = [Finding(f.file, f.kind, label) for f in findings[found:]]
+
+    def _raw_documents(self, raw: rawdicom.RawFile, identity: SourceIdentity, name: str,
+                       findings: list[Finding]) -> None:
+        document = raw.top.get(0x00420011)
+        if not document:
+            return
+        ds = Dataset()
+        ds.EncapsulatedDocument = document
+        mime = raw.top.get(0x00420012, b"").decode("latin-1").strip(" \0")
+        if mime:
+            ds.MIMETypeOfEncapsulatedDocument = mime
+        self._documents(ds, identity, name, findings)
+
+    def _check_with_pydicom(self, stream: BinaryIO, identity: SourceIdentity, name: str,
+                            text_prone: bool = False) -> list[Finding]:
+        """The same check for encodings the raw reader leaves to pydicom (big endian,
+        deflated, files without a preamble)."""
+        findings: list[Finding] = []
+        stream.seek(0)
+        try:
+            full = dcmread(stream, force=True)
+        except Exception as exc:  # noqa: BLE001 - what cannot be read cannot be shown safe
+            return [Finding(name, "unreadable DICOM", type(exc).__name__)]
+        stream.seek(0)
+        for kind in dict.fromkeys(identity.in_bytes(stream.read())):
+            findings.append(Finding(name, kind, "raw bytes"))
+        joined: list[str] = []
+        meta = getattr(full, "file_meta", None)
+        if meta is not None:
+            self._elements(meta, identity, name, (), "", joined, findings)
+        self._elements(full, identity, name, (), "", joined, findings)
+        for kind in dict.fromkeys(identity.in_pieces(joined)):
+            if not any(f.kind == kind for f in findings):
+                findings.append(Finding(name, kind, "split across the values of two elements"))
+        self._documents(full, identity, name, findings)
+        if self.ocr == OCR_ALWAYS or (self.ocr == OCR_AUTO and (
+                text_prone or self.text_prone(full))):
+            if "PixelData" in full:
+                self._ocr_pixels(full, identity, name, "pixels", findings)
+        if self.ocr != OCR_NEVER:
+            self._ocr_graphics(full, identity, name, findings)
+        return findings
+
+    def _elements(self, ds: Dataset, identity: SourceIdentity, name: str,
+                  path: tuple[int, ...], where: str, joined: list[str],
+                  findings: list[Finding], depth: int = 0) -> None:
+        if depth > 16:
+            return
+        for tag in list(ds.keys()):
+            tag = BaseTag(tag)
+            if tag.group == 0x7FE0 or (tag.group & 0xFF00 == 0x6000 and tag.element == 0x3000):
+                continue
+            raw = ds.get_item(tag)
+            vr = raw.VR
+            if vr in (None, "UN") and not tag.is_private:
+                vr = _dictionary_vr(tag) if vr is None else vr
+            if vr == "SQ" or isinstance(raw.value, Sequence):
+                try:
+                    items = ds[tag].value or []
+                except Exception:  # noqa: BLE001 - an unreadable sequence cannot be safe
+                    findings.append(Finding(name, "unreadable sequence", self._label(tag, where)))
+                    continue
+                label = self._label(tag, where)
+                for index, item in enumerate(items):
+                    self._elements(item, identity, name, (*path, int(tag), index),
+                                   f"{label}[{index + 1}] > ", joined, findings, depth + 1)
+                continue
+            if vr not in _TEXT_VRS and vr not in _BYTES_VRS and vr is not None:
+                continue  # numbers
+            texts = self._texts(ds, tag, raw, vr, identity, name, where, findings)
+            if not texts:
+                continue
+            if vr in ("DA", "DT", "TM"):
+                self._temporal(identity, (*path, int(tag)), vr, texts, name,
+                               self._label(tag, where), findings)
+            for text in texts:
+                if vr in _FREE_TEXT_VRS:
+                    joined.append(normalised(text))
+                kinds = identity.in_text(text, coded=vr == "CS")
+                for kind in dict.fromkeys(kinds):
+                    findings.append(Finding(name, kind, self._label(tag, where)))
+
+    def _texts(self, ds: Dataset, tag: BaseTag, raw: Any, vr: str | None,
+               identity: SourceIdentity, name: str, where: str,
+               findings: list[Finding]) -> list[str]:
+        """An element's value as text: ASCII bytes as they are, other text decoded with the
+        data set's character set, binary values as Latin-1 (and searched as bytes)."""
+        value = raw.value
+        if value is None or value == "" or value == b"":
+            return []
+        if isinstance(value, bytes | bytearray):
+            data = bytes(value)
+            if vr in _BYTES_VRS or vr is None:
+                for kind in dict.fromkeys(identity.in_bytes(data)):
+                    findings.append(Finding(name, kind, self._label(tag, where)))
+                return [data.decode("latin-1")]
+            if data.isascii():
+                return [data.decode("ascii").strip(" \0")]
+            try:
+                value = ds[tag].value
+            except Exception:  # noqa: BLE001 - searched as Latin-1 instead
+                return [data.decode("latin-1")]
+        if isinstance(value, MultiValue | list):
+            return ["\\".join(str(v) for v in value if v is not None)]
+        return [str(value)]
+
+    @staticmethod
+    def _label(tag: BaseTag, where: str) -> str:
+        keyword = keyword_for_tag(tag)
+        return f"{where}({tag.group:04X},{tag.element:04X})" + (f" {keyword}" if keyword else "")
+
+    @staticmethod
+    def _temporal(identity: SourceIdentity, path: tuple[int, ...], vr: str, texts: list[str],
+                  name: str, label: str, findings: list[Finding]) -> None:
+        source = identity.temporal.get(path)
+        if source is None or source[1] in DUMMY_TEMPORAL:
+            return
+        value = "\\".join(t.strip(" \0") for t in texts)
+        if value != source[1]:
+            return
+        if vr == "TM" and KEEP_TIMES in identity.keep:
+            return
+        if vr in ("DA", "DT") and KEEP_DATES in identity.keep:
+            return
+        findings.append(Finding(name, {"DA": "original date", "DT": "original date-time",
+                                       "TM": "original time"}[vr], label))
+
+    def _documents(self, ds: Dataset, identity: SourceIdentity, name: str,
+                   findings: list[Finding]) -> None:
+        """Encapsulated documents: PDF text, other text documents as text."""
+        if "EncapsulatedDocument" not in ds:
+            return
+        data = bytes(ds.EncapsulatedDocument or b"")
+        mime = str(ds.get("MIMETypeOfEncapsulatedDocument", "") or "")
+        if mime == "application/pdf" or data.startswith(b"%PDF"):
+            findings.extend(self.check_pdf(data, identity, name, "encapsulated PDF"))
+        else:
+            text = data.decode("utf-8", "replace")
+            for kind in dict.fromkeys(identity.in_text(text)):
+                findings.append(Finding(name, kind, "encapsulated document text"))
+
+    def _ocr_pixels(self, ds: Dataset, identity: SourceIdentity, name: str, what: str,
+                    findings: list[Finding]) -> None:
+        try:
+            frames = decode_pixels(ds)
+        except Exception as exc:  # noqa: BLE001 - pixels we cannot read cannot be shown safe
+            findings.append(Finding(name, "pixels that cannot be decoded", type(exc).__name__))
+            return
+        self._ocr_frames(frames, identity, name, what, findings)
+
+    def _ocr_frames(self, frames: np.ndarray, identity: SourceIdentity, name: str, what: str,
+                    findings: list[Finding]) -> None:
+        count = frames.shape[0]
+        images = [(f"{what}, frame {i + 1}", frames[i]) for i in sorted({0, count // 2,
+                                                                          count - 1})]
+        if count > 1:
+            grey = np.stack([_grey(frames[i]) for i in range(count)])
+            light = float(np.median(grey[0])) >= 128
+            images.append((f"{what}, all frames", grey.min(axis=0) if light
+                           else grey.max(axis=0)))
+        reader = self.reader()
+        with ThreadPoolExecutor(max_workers=_OCR_WORKERS) as pool:
+            read = list(pool.map(lambda image: reader.lines(_grey(image)),
+                                 [image for _, image in images]))
+        for (where, _image), lines in zip(images, read, strict=True):
+            for line in lines:
+                kinds = identity.in_line(line)
+                words = [normalised(w) for w in line]
+                labels = [w for w in words if w in SCREEN_LABELS]
+                if labels and len(words) > len(labels):
+                    kinds.append(f"identifier label ({labels[0]}) with a value")
+                for kind in dict.fromkeys(kinds):
+                    findings.append(Finding(name, kind, f"OCR of {where}"))
+
+    def _ocr_graphics(self, ds: Dataset, identity: SourceIdentity, name: str,
+                      findings: list[Finding]) -> None:
+        for index, icon in enumerate(ds.get("IconImageSequence", None) or []):
+            if "PixelData" not in icon:
+                continue
+            icon_ds = Dataset()
+            icon_ds.update(icon)
+            icon_ds.file_meta = ds.file_meta
+            self._ocr_pixels(icon_ds, identity, name, f"icon image {index + 1}", findings)
+        for group in range(0x6000, 0x6020, 2):
+            if Tag(group, 0x3000) not in ds:
+                continue
+            try:
+                planes = np.asarray(ds.overlay_array(group), dtype=np.uint8)
+            except Exception as exc:  # noqa: BLE001
+                findings.append(Finding(name, "overlay that cannot be read", type(exc).__name__))
+                continue
+            planes = planes if planes.ndim == 3 else planes[np.newaxis, ...]
+            self._ocr_frames(planes * 255, identity, name, f"overlay {group:04X}", findings)
+
+    # -- other kinds of output ---------------------------------------------------------------
+
+    def check_pdf(self, data: bytes, identity: SourceIdentity, name: str,
+                  what: str = "PDF") -> list[Finding]:
+        """Findings in a PDF: its text, metadata and raw bytes."""
+        findings = [Finding(name, kind, f"raw bytes of {what}")
+                    for kind in dict.fromkeys(identity.in_bytes(data))]
+        try:
+            from pypdf import PdfReader
+
+            reader = PdfReader(io.BytesIO(data))
+            texts = [page.extract_text() or "" for page in reader.pages]
+            texts += [str(v) for v in (reader.metadata or {}).values()]
+        except Exception as exc:  # noqa: BLE001 - an unreadable PDF cannot be shown safe
+            return [*findings, Finding(name, "unreadable PDF", type(exc).__name__)]
+        for text in texts:
+            for kind in dict.fromkeys(identity.in_text(text)):
+                findings.append(Finding(name, kind, f"text of {what}"))
+        return findings
+
+    def check_image(self, data: bytes, identity: SourceIdentity, name: str,
+                    text_prone: bool = True) -> list[Finding]:
+        """Findings in a PNG or JPEG: metadata (text chunks, comments, EXIF), raw bytes and,
+        with OCR, its pixels."""
+        from PIL import Image
+
+        findings = [Finding(name, kind, "raw bytes of the image")
+                    for kind in dict.fromkeys(identity.in_bytes(data))]
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except Exception as exc:  # noqa: BLE001
+            return [*findings, Finding(name, "unreadable image", type(exc).__name__)]
+        metadata = [str(v) for v in image.info.values()]
+        metadata += [str(v) for v in image.getexif().values()]
+        for text in metadata:
+            for kind in dict.fromkeys(identity.in_text(text)):
+                findings.append(Finding(name, kind, "image metadata"))
+        if self.ocr == OCR_ALWAYS or (self.ocr == OCR_AUTO and text_prone):
+            self._ocr_frames(np.asarray(image.convert("RGB"))[np.newaxis, ...], identity,
+                             name, "image", findings)
+        return findings
+
+    def check_video(self, data: bytes, identity: SourceIdentity, name: str,
+                    text_prone: bool = True) -> list[Finding]:
+        """Findings in an MP4: container and stream metadata, raw bytes and, with OCR, its
+        first, middle and last frames."""
+        import av
+
+        findings = [Finding(name, kind, "raw bytes of the video")
+                    for kind in dict.fromkeys(identity.in_bytes(data))]
+        try:
+            with av.open(io.BytesIO(data)) as container:
+                texts = [str(v) for v in container.metadata.values()]
+                for stream in container.streams:
+                    texts += [str(v) for v in stream.metadata.values()]
+                frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        except Exception as exc:  # noqa: BLE001
+            return [*findings, Finding(name, "unreadable video", type(exc).__name__)]
+        for text in texts:
+            for kind in dict.fromkeys(identity.in_text(text)):
+                findings.append(Finding(name, kind, "video metadata"))
+        if frames and (self.ocr == OCR_ALWAYS or (self.ocr == OCR_AUTO and text_prone)):
+            self._ocr_frames(np.stack(frames), identity, name, "video", findings)
+        return findings
+
+    def check_name(self, name: str, identity: SourceIdentity) -> list[Finding]:
+        """Findings in a file or folder name (each part of the path)."""
+        findings = []
+        for part in PurePosixPath(name.replace("\\", "/")).parts:
+            stem = part.rsplit(".", 1)[0] if "." in part else part
+            for kind in dict.fromkeys(identity.in_text(stem)):
+                findings.append(Finding(name, kind, "file or folder name"))
+        return findings
+
+    def check_data(self, data: bytes, identity: SourceIdentity, name: str,
+                   text_prone: bool = True) -> list[Finding]:
+        """Findings in one output file's bytes, whatever it is (by its content)."""
+        findings = self.check_name(name, identity)
+        if data[128:132] == b"DICM" or name.lower().endswith(".dcm") or (
+                PurePosixPath(name).name.upper() == "DICOMDIR"):
+            return findings + self.check_dicom(io.BytesIO(data), identity, name, text_prone)
+        if data.startswith(b"%PDF"):
+            return findings + self.check_pdf(data, identity, name)
+        if data.startswith((b"\x89PNG", b"\xff\xd8")):
+            return findings + self.check_image(data, identity, name, text_prone)
+        if data[4:8] == b"ftyp":
+            return findings + self.check_video(data, identity, name, text_prone)
+        if data.startswith(b"PK\x03\x04"):
+            return findings + self.check_zip(io.BytesIO(data), identity, name, text_prone)
+        text = data.decode("utf-8", "replace")
+        findings += [Finding(name, kind, "file contents")
+                     for kind in dict.fromkeys(identity.in_text(text) + identity.in_bytes(data))]
+        return findings
+
+    def check_zip(self, stream: BinaryIO, identity: SourceIdentity, name: str,
+                  text_prone: bool = True, password: str = "") -> list[Finding]:
+        """Findings in a ZIP: its comment, every member's name, comment and extra field, and
+        every member's contents."""
+        findings: list[Finding] = []
+        try:
+            archive = _open_zip(stream, password)
+        except (zipfile.BadZipFile, OSError, RuntimeError) as exc:
+            return [Finding(name, "unreadable zip", type(exc).__name__)]
+        with archive:
+            for kind in dict.fromkeys(identity.in_bytes(archive.comment)
+                                      + identity.in_text(archive.comment.decode("latin-1"))):
+                findings.append(Finding(name, kind, "zip comment"))
+            for info in archive.infolist():
+                member = f"{name}!{info.filename}"
+                extra = info.comment + info.extra
+                for kind in dict.fromkeys(identity.in_bytes(extra)):
+                    findings.append(Finding(member, kind, "zip member comment or extra field"))
+                if info.is_dir():
+                    findings += self.check_name(info.filename, identity)
+                    continue
+                try:
+                    data = archive.read(info)
+                except (RuntimeError, zipfile.BadZipFile, OSError) as exc:
+                    findings.append(Finding(member, "unreadable zip member", type(exc).__name__))
+                    continue
+                found = self.check_data(data, identity, info.filename, text_prone)
+                findings += [Finding(f"{name}!{f.file}", f.kind, f.where) for f in found]
+        return findings
+
+    def check_container(self, path: Path, identity: SourceIdentity) -> list[Finding]:
+        """Findings in what wraps already verified files: a ZIP's comment and member names
+        and comments, a folder's file and folder names, a DICOMDIR."""
+        findings: list[Finding] = []
+        if path.is_dir():
+            for file in _files(path):
+                relative = file.relative_to(path).as_posix()
+                findings += self.check_name(relative, identity)
+                if file.name.upper() == "DICOMDIR":
+                    with open(file, "rb") as fp:
+                        findings += self.check_dicom(fp, identity, relative)
+            return findings
+        findings += self.check_name(path.name, identity)
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for kind in dict.fromkeys(identity.in_bytes(archive.comment)):
+                    findings.append(Finding(path.name, kind, "zip comment"))
+                for info in archive.infolist():
+                    member = f"{path.name}!{info.filename}"
+                    findings += self.check_name(info.filename, identity)
+                    for kind in dict.fromkeys(identity.in_bytes(info.comment + info.extra)):
+                        findings.append(Finding(member, kind, "zip member comment or extra"))
+                    if PurePosixPath(info.filename).name.upper() == "DICOMDIR" and not (
+                            info.flag_bits & 0x1):
+                        findings += self.check_data(archive.read(info), identity, member)
+        return findings
+
+    def check_path(self, path: Path, identity: SourceIdentity, text_prone: bool = True,
+                   password: str = "") -> list[Finding]:
+        """Findings in an export on disk: a folder (every file, names included), a ZIP, or a
+        single file."""
+        findings: list[Finding] = []
+        if path.is_dir():
+            for file in _files(path):
+                relative = file.relative_to(path).as_posix()
+                if zipfile.is_zipfile(file) and not relative.lower().endswith(".dcm"):
+                    with open(file, "rb") as fp:
+                        findings += self.check_zip(fp, identity, relative, text_prone,
+                                                   password)
+                    findings += self.check_name(relative, identity)
+                    continue
+                findings += self.check_data(file.read_bytes(), identity, relative, text_prone)
+            return findings
+        if zipfile.is_zipfile(path):
+            with open(path, "rb") as fp:
+                return self.check_name(path.name, identity) + self.check_zip(
+                    fp, identity, path.name, text_prone, password)
+        return self.check_data(path.read_bytes(), identity, path.name, text_prone)
+
+
+_PIXEL_TAGS = {0x7FE00008, 0x7FE00009, 0x7FE00010}
+
+
+def _mapped(stream: BinaryIO) -> Any:
+    """The stream's bytes: mapped into memory for a file (pages read only where looked at, so
+    native pixel data is never read), the bytes themselves otherwise."""
+    import mmap
+
+    stream.seek(0)
+    try:
+        fileno = stream.fileno()
+        if os.fstat(fileno).st_size:
+            return mmap.mmap(fileno, 0, access=mmap.ACCESS_READ)
+    except (AttributeError, OSError, io.UnsupportedOperation, ValueError):
+        pass
+    return stream.read()
+
+
+def _encodings(charset: bytes) -> list[str]:
+    from pydicom.charset import convert_encodings
+
+    values = [v.strip() for v in charset.decode("latin-1").strip(" \0").split("\\")]
+    try:
+        return convert_encodings(values or [""])
+    except Exception:  # noqa: BLE001 - unknown: decoded as Latin-1
+        return ["latin_1"]
+
+
+def _decode(value: bytes, encodings: list[str], vr: str) -> str:
+    from pydicom.charset import decode_bytes
+
+    delimiters = {0x5C, 0x3D, 0x5E} if vr == "PN" else {0x5C}
+    try:
+        return decode_bytes(value, encodings, delimiters)
+    except Exception:  # noqa: BLE001 - searched as Latin-1 instead
+        return value.decode("latin-1")
+
+
+def _raw_text_prone(raw: rawdicom.RawFile) -> bool:
+    def text(tag: int) -> str:
+        return raw.top.get(tag, b"").decode("latin-1").strip(" \0").upper()
+
+    samples = raw.top.get(0x00280002, b"")
+    return (text(0x00280301) == "YES" or text(0x00080060) in TEXT_MODALITIES
+            or (len(samples) == 2 and int.from_bytes(samples, "little") > 1)
+            or text(0x00080016).startswith(("1.2.840.10008.5.1.4.1.1.7",
+                                             "1.2.840.10008.5.1.4.1.1.77")))
+
+
+def _open_zip(stream: BinaryIO, password: str) -> zipfile.ZipFile:
+    if password:
+        import pyzipper
+
+        archive: zipfile.ZipFile = pyzipper.AESZipFile(stream)
+        archive.setpassword(password.encode())  # type: ignore[attr-defined]
+        return archive
+    return zipfile.ZipFile(stream)
+
+
+def _files(folder: Path) -> Iterator[Path]:
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            yield Path(root) / name
+
+
+def as_report(findings: list[Finding]) -> list[dict[str, Any]]:
+    """Findings as JSON-friendly data (kinds and places only)."""
+    return [f.as_dict() for f in findings]
