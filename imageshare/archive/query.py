@@ -85,6 +85,8 @@ def _int_condition(column: Any, value: str) -> Any:
         numbers = [int(v) for v in value.split("\\") if v.strip()]
     except ValueError as exc:
         raise InvalidQuery(f"{value!r} is not a number") from exc
+    if any(not -(2**31) <= n < 2**31 for n in numbers):  # PS3.5 IS; and what SQL can hold
+        raise InvalidQuery(f"{value!r} is outside the range of an integer string")
     return column.in_(numbers)
 
 

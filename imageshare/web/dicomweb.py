@@ -155,6 +155,8 @@ def _int_param(request: Request, name: str, default: int | None) -> int | None:
         raise InvalidQuery(f"{name} must be a whole number") from exc
     if value < 0:
         raise InvalidQuery(f"{name} must not be negative")
+    if value >= 2**31:  # nothing counts that far, and SQL integers end at 2**63
+        raise InvalidQuery(f"{name} is too large")
     return value
 
 

@@ -16,6 +16,7 @@ from imageshare.domain.errors import InvalidQuery
 from imageshare.exchange.federated import PatientQuery
 from imageshare.web.auth import allowed
 from imageshare.web.exports import job_view
+from imageshare.web.params import RowId
 
 router = APIRouter(prefix="/api/exchange", tags=["API"])
 
@@ -122,7 +123,7 @@ class DecisionIn(BaseModel):
 
 
 @router.post("/inbox/{item}/accept", summary="Accept an inbox item into the archive")
-async def accept(request: Request, item: int, body: DecisionIn, actor: allowed(EXCHANGE)
+async def accept(request: Request, item: RowId, body: DecisionIn, actor: allowed(EXCHANGE)
                  ) -> dict[str, str]:
     """Reconcile to the local patient (by NHS number), keep the study, and optionally forward
     it to the local PACS."""
@@ -138,7 +139,7 @@ async def accept(request: Request, item: int, body: DecisionIn, actor: allowed(E
 
 
 @router.post("/inbox/{item}/reject", summary="Reject an inbox item")
-async def reject(request: Request, item: int, body: DecisionIn, actor: allowed(EXCHANGE)
+async def reject(request: Request, item: RowId, body: DecisionIn, actor: allowed(EXCHANGE)
                  ) -> dict[str, int]:
     """Delete the received instances (audited)."""
     removed = await run_in_threadpool(request.app.state.archive.inbox.reject, item, actor,

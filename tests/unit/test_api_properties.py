@@ -84,3 +84,24 @@ def test_no_request_gets_a_server_error_and_errors_have_one_shape(api):
 
         call()
     assert calls >= 2 * 50
+
+
+@pytest.mark.parametrize("url", [
+    "/dicomweb/studies?offset=99999999999999999999",
+    "/dicomweb/studies?limit=99999999999999999999",
+    "/dicomweb/instances?InstanceNumber=99999999999999999999",
+    "/dicomweb/series?SeriesNumber=-99999999999999999999",
+])
+def test_numbers_beyond_what_the_index_holds_are_refused_with_a_reason(api, url):
+    """Found by the property test: numbers past a 64-bit integer reached SQL (a 500)."""
+    with TestClient(api["app"], raise_server_exceptions=False) as client:
+        answer = client.get(url, headers={"Authorization": f"Bearer {api['token']}"})
+    assert answer.status_code == 400, answer.text
+    assert answer.headers["content-type"] == PROBLEM
+
+
+def test_row_numbers_in_paths_past_a_64_bit_integer_are_refused(api):
+    with TestClient(api["app"], raise_server_exceptions=False) as client:
+        answer = client.post("/api/exchange/inbox/9223372036854775808/accept", json={},
+                             headers={"Authorization": f"Bearer {api['token']}"})
+    assert answer.status_code == 422 and answer.headers["content-type"] == PROBLEM

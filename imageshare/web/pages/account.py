@@ -15,6 +15,7 @@ from imageshare.domain.errors import ImageShareError
 from imageshare.web.auth import allowed
 from imageshare.web.pages.sign_in import set_session_cookie
 from imageshare.web.pages.templating import page, redirect
+from imageshare.web.params import RowId
 
 router = APIRouter(include_in_schema=False)
 
@@ -104,7 +105,7 @@ def create_token(request: Request, actor: allowed(TOKEN_SELF),
 
 
 @router.post("/account/tokens/{token_pk}/revoke")
-def revoke_token(request: Request, token_pk: int, actor: allowed(TOKEN_SELF)) -> Response:
+def revoke_token(request: Request, token_pk: RowId, actor: allowed(TOKEN_SELF)) -> Response:
     """Revoke one of the user's tokens."""
     archive = request.app.state.archive
     archive.users.revoke_token(actor.name, token_pk)

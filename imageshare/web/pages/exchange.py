@@ -15,6 +15,7 @@ from imageshare.exchange.nodes import Node
 from imageshare.web.auth import allowed
 from imageshare.web.exchange_api import patient_query
 from imageshare.web.pages.templating import page, redirect
+from imageshare.web.params import RowId
 
 router = APIRouter(include_in_schema=False)
 
@@ -97,7 +98,7 @@ def inbox(request: Request, actor: allowed(EXCHANGE)) -> Response:
 
 
 @router.post("/inbox/{item}/{decision}")
-async def decide(request: Request, item: int, decision: str, actor: allowed(EXCHANGE),
+async def decide(request: Request, item: RowId, decision: str, actor: allowed(EXCHANGE),
                  note: Annotated[str, Form()] = "", forward_to: Annotated[str, Form()] = ""
                  ) -> Response:
     """Accept (reconciled to the local patient, optionally forwarded to the PACS) or reject an
