@@ -154,6 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     run_retention.add_argument("--at", default="",
                                help="act as if it were this moment (ISO 8601), e.g. to check")
 
+    sub.add_parser("conformance",
+                   help="print the DICOM conformance statement (docs/conformance.md)")
     settings = sub.add_parser("settings", help="print every setting with its default")
     settings.add_argument("--markdown", action="store_true")
     return parser
@@ -393,6 +395,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "settings":
         _print_settings(args.markdown)
+        return 0
+    if args.command == "conformance":
+        from imageshare.conformance import statement
+
+        sys.stdout.write(statement())
         return 0
     settings = _settings(args)
     from imageshare.app import configure_logging

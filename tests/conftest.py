@@ -211,9 +211,10 @@ def orthanc_factory(tmp_path: Path) -> Iterator:
     require(shutil.which("Orthanc") is not None, "Orthanc (Debian package orthanc)")
     started: list[OrthancServer] = []
 
-    def make(modalities: dict[str, list], plugins: list[str] | None = None) -> OrthancServer:
+    def make(modalities: dict[str, list], plugins: list[str] | None = None,
+             extra: dict | None = None) -> OrthancServer:
         server = OrthancServer(tmp_path / f"orthanc{len(started)}")
-        server.start(modalities, plugins)
+        server.start(modalities, plugins, extra)
         started.append(server)
         return server
 

@@ -149,6 +149,7 @@ class OrthancServer:
 
     def start(self, modalities: dict[str, list], plugins: list[str] | None = None,
               extra: dict | None = None) -> None:
+        """Start with these DICOM modalities, plugins and further configuration."""
         import json
 
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,38 @@
-"""Reading values out of DICOM JSON (PS3.18 F.2) as stored in the index."""
+"""DICOM JSON (PS3.18 F.2) and DICOM XML (PS3.19 Native DICOM Model): reading values out
+of stored JSON, and building both from stored data sets so that no stored value can make an
+answer fail.
+
+A value that cannot be converted for its VR is sent as it was stored where the format allows
+(DICOM JSON permits strings for IS and DS), or is left out of that answer with a warning in
+the log naming the instance and the attribute by UID and tag (never the value).
+"""
 
 from __future__ import annotations
 
+import base64
+import logging
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable
 from typing import Any
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
 
 from imageshare.domain.identifiers import is_valid_nhs_number
 
+log = logging.getLogger("imageshare.dicom_json")
+
 NHS_ISSUER = "NHS"
+BULK_DATA_THRESHOLD = 65536
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+NUMBER_STRING_VRS = frozenset({"IS", "DS"})
+NATIVE_DICOM_NAMESPACE = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
+
+# A BulkDataURI names a path to its attribute: "00420011" at the top level, or
+# "54000100/1/54001010" (sequence tag, 1-based item number, tag, ...) inside sequences.
+BulkUri = Callable[[str], str]
 
 
 def text_of(element: dict[str, Any] | None) -> str:
@@ -41,3 +67,260 @@ def nhs_number_of(attrs: dict[str, Any]) -> str:
         if issuer == NHS_ISSUER or (not issuer and is_valid_nhs_number(value)):
             return value
     return ""
+
+
+# -- building DICOM JSON from a data set ---------------------------------------------------
+
+
+def left_out(instance: str, path: str, vr: str, reason: str) -> None:
+    """Log that an attribute was left out of an answer (UIDs and tags only, no values)."""
+    log.warning("instance %s: attribute %s (%s) left out of the answer: %s",
+                instance or "(unknown)", path, vr or "?", reason)
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return "UN"
+
+
+def _binary_vr(vr: str) -> str:
+    """A definite binary VR for an ambiguous dictionary VR such as ``OB or OW``."""
+    if vr in BINARY_VRS:
+        return vr
+    return "OW" if "OW" in vr else "OB"
+
+
+def _is_binary(vr: str) -> bool:
+    return vr in BINARY_VRS or (" or " in vr and ("OB" in vr or "OW" in vr) and "US" not in vr)
+
+
+def _json_safe(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_json_safe(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_json_safe(v) for v in value)
+    return True
+
+
+def _as_stored_numbers(element: DataElement) -> list[str] | None:
+    """The values of an IS/DS element as the strings that were stored."""
+    value = element.value
+    values = list(value) if isinstance(value, list | tuple) or type(value).__name__ == \
+        "MultiValue" else [value]
+    texts = []
+    for one in values:
+        if one is None:
+            continue
+        original = getattr(one, "original_string", None)
+        texts.append(str(original if original is not None else one).strip())
+    return texts if all(_json_safe(t) for t in texts) else None
+
+
+def _raw_number_strings(raw: RawDataElement) -> list[str] | None:
+    value = raw.value
+    if not isinstance(value, bytes):
+        return None
+    try:
+        text = value.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return [v.strip() for v in text.strip(" \0").split("\\")]
+
+
+class _Builder:
+    def __init__(self, bulk_uri: BulkUri | None, threshold: int, instance: str) -> None:
+        self.bulk_uri = bulk_uri
+        self.threshold = threshold
+        self.instance = instance
+
+    def dataset(self, ds: Dataset, prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for tag in sorted(ds.keys()):
+            key = f"{int(tag):08X}"
+            path = prefix + key
+            try:
+                element = self.element(ds, tag, path)
+            except Exception as exc:  # noqa: BLE001 - one bad value leaves out one attribute
+                left_out(self.instance, path, "", type(exc).__name__)
+                continue
+            if element is not None:
+                out[key] = element
+        return out
+
+    def element(self, ds: Dataset, tag: Any, path: str) -> dict[str, Any] | None:
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement):
+            vr = str(raw.VR) if raw.VR else _dictionary_vr(int(tag))
+            if vr == "UN":  # pydicom reads a UN value of a known attribute with its real VR
+                vr = _dictionary_vr(int(tag))
+            if _is_binary(vr):
+                length = raw.length
+                if raw.value is None or length == 0xFFFFFFFF or length > self.threshold:
+                    return self._bulk(_binary_vr(vr), path)
+        try:
+            converted = ds[tag]
+        except Exception as exc:  # noqa: BLE001 - the value cannot be read for its VR
+            if isinstance(raw, RawDataElement) and (raw.VR in NUMBER_STRING_VRS):
+                values = _raw_number_strings(raw)
+                if values is not None:
+                    return {"vr": str(raw.VR), "Value": values} if values != [""] else {
+                        "vr": str(raw.VR)}
+            left_out(self.instance, path, str(getattr(raw, "VR", "") or ""),
+                     type(exc).__name__)
+            return None
+        vr = str(converted.VR)
+        if vr == "SQ":
+            items = [self.dataset(item, f"{path}/{number}/")
+                     for number, item in enumerate(converted.value or [], start=1)]
+            return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+        if _is_binary(vr):
+            value = converted.value
+            if value is None or len(value) == 0:
+                return {"vr": _binary_vr(vr)}
+            if len(value) > self.threshold:
+                return self._bulk(_binary_vr(vr), path)
+            if not isinstance(value, bytes | bytearray):
+                left_out(self.instance, path, vr, "binary value of an unexpected type")
+                return None
+            return {"vr": _binary_vr(vr), "InlineBinary": base64.b64encode(value).decode()}
+        try:
+            element = converted.to_json_dict(None, self.threshold)
+        except Exception as exc:  # noqa: BLE001 - invalid for its VR
+            if vr in NUMBER_STRING_VRS:
+                values = _as_stored_numbers(converted)
+                if values is not None:
+                    return {"vr": vr, "Value": values} if any(values) else {"vr": vr}
+            left_out(self.instance, path, vr, type(exc).__name__)
+            return None
+        if not _json_safe(element):
+            if vr in NUMBER_STRING_VRS:
+                values = _as_stored_numbers(converted)
+                if values is not None:
+                    return {"vr": vr, "Value": values}
+            left_out(self.instance, path, vr, "value not representable in DICOM JSON")
+            return None
+        return element
+
+    def _bulk(self, vr: str, path: str) -> dict[str, Any] | None:
+        if self.bulk_uri is None:
+            return None
+        return {"vr": vr, "BulkDataURI": self.bulk_uri(path)}
+
+
+def dataset_json(
+    ds: Dataset, bulk_uri: BulkUri | None = None, threshold: int = BULK_DATA_THRESHOLD,
+    instance: str = "",
+) -> dict[str, Any]:
+    """DICOM JSON of ``ds`` that cannot fail on a stored value.
+
+    Binary values longer than ``threshold`` bytes (at any depth) become BulkDataURIs named
+    by ``bulk_uri(path)``, or are left out when ``bulk_uri`` is None; they are never read.
+    ``instance`` (a SOP Instance UID) names the instance in warnings.
+    """
+    return _Builder(bulk_uri, threshold, instance).dataset(ds, "")
+
+
+def safe_json(attrs: dict[str, Any], instance: str = "") -> dict[str, Any]:
+    """Stored DICOM JSON with every element that JSON cannot carry left out (with a warning):
+    non-finite numbers, strings that are not Unicode."""
+    out = {}
+    for tag, element in attrs.items():
+        if not isinstance(element, dict):
+            continue
+        if element.get("vr") == "SQ":
+            items = [safe_json(item, instance) for item in element.get("Value") or []
+                     if isinstance(item, dict)]
+            out[tag] = {**element, "Value": items} if items else {"vr": "SQ"}
+        elif _json_safe(element):
+            out[tag] = element
+        else:
+            left_out(instance, tag, str(element.get("vr", "")),
+                     "value not representable in DICOM JSON")
+    return out
+
+
+# -- DICOM XML (PS3.19 Native DICOM Model) ----------------------------------------------------
+
+_PN_COMPONENTS = ("FamilyName", "GivenName", "MiddleName", "NamePrefix", "NameSuffix")
+
+
+def _xml_safe(text: str) -> bool:
+    return all(
+        c in "\t\n\r" or "\x20" <= c <= "\ud7ff" or "\ue000" <= c <= "\ufffd"
+        or "\U00010000" <= c <= "\U0010ffff"
+        for c in text
+    )
+
+
+def _private_creator(attrs: dict[str, Any], tag: str) -> str | None:
+    group, element = int(tag[:4], 16), int(tag[4:], 16)
+    if group % 2 == 0 or element < 0x1000:
+        return None
+    creator = attrs.get(f"{group:04X}{element >> 8:04X}")
+    return text_of(creator) or None
+
+
+def _xml_values(parent: ET.Element, vr: str, values: list[Any]) -> None:
+    for number, value in enumerate(values, start=1):
+        if vr == "PN":
+            name = ET.SubElement(parent, "PersonName", number=str(number))
+            groups = value if isinstance(value, dict) else {"Alphabetic": str(value)}
+            for group in ("Alphabetic", "Ideographic", "Phonetic"):
+                if not groups.get(group):
+                    continue
+                node = ET.SubElement(name, group)
+                for component, part in zip(_PN_COMPONENTS, str(groups[group]).split("^"),
+                                           strict=False):
+                    if part:
+                        ET.SubElement(node, component).text = part
+        else:
+            node = ET.SubElement(parent, "Value", number=str(number))
+            node.text = "" if value is None else str(value)
+
+
+def _xml_dataset(parent: ET.Element, attrs: dict[str, Any], instance: str) -> None:
+    for tag, element in sorted(attrs.items()):
+        vr = str(element.get("vr", "UN"))
+        keyword = keyword_for_tag(int(tag, 16)) if len(tag) == 8 else ""
+        node_attrs = {"tag": tag, "vr": vr}
+        if keyword:
+            node_attrs["keyword"] = keyword
+        creator = _private_creator(attrs, tag)
+        if creator:
+            node_attrs["privateCreator"] = creator
+        texts: Iterable[str] = []
+        if vr != "SQ":
+            values = element.get("Value") or []
+            texts = [str(v.get(g, "")) for v in values if isinstance(v, dict)
+                     for g in ("Alphabetic", "Ideographic", "Phonetic")] + [
+                str(v) for v in values if not isinstance(v, dict)]
+        if not all(_xml_safe(t) for t in texts) or not _xml_safe(creator or ""):
+            left_out(instance, tag, vr, "value not representable in XML")
+            continue
+        node = ET.SubElement(parent, "DicomAttribute", node_attrs)
+        if vr == "SQ":
+            for number, item in enumerate(element.get("Value") or [], start=1):
+                _xml_dataset(ET.SubElement(node, "Item", number=str(number)), item, instance)
+        elif "BulkDataURI" in element:
+            ET.SubElement(node, "BulkData", uri=str(element["BulkDataURI"]))
+        elif "InlineBinary" in element:
+            ET.SubElement(node, "InlineBinary").text = str(element["InlineBinary"])
+        else:
+            _xml_values(node, vr, list(element.get("Value") or []))
+
+
+def native_dicom_xml(attrs: dict[str, Any], instance: str = "") -> bytes:
+    """One data set as a PS3.19 Native DICOM Model XML document (UTF-8)."""
+    root = ET.Element("NativeDicomModel", xmlns=NATIVE_DICOM_NAMESPACE)
+    _xml_dataset(root, attrs, instance)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)

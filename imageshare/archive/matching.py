@@ -1,22 +1,181 @@
 """DICOM attribute matching (PS3.4 C.2.2.2): single value, wildcard, list of UID, range,
-universal and sequence matching, as SQL conditions or as checks on stored DICOM JSON."""
+multiple value, universal and sequence matching, as SQL conditions or as checks on stored
+DICOM JSON.
+
+Every comparison here takes time linear in the stored value for a given key: wildcards are
+matched by a glob matcher that never backtracks (no regular expression is ever built from
+requested or stored text), and SQL wildcards go through ``GLOB`` (SQLite) or ``LIKE`` with an
+escape character (PostgreSQL), both case-sensitive as PS3.4 asks.
+"""
 
 from __future__ import annotations
 
-import re
+import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_, true
+from sqlalchemy import ColumnElement, String, and_, func, literal, or_, true
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.types import Boolean
 
 from imageshare.domain.errors import InvalidQuery
 from imageshare.domain.identifiers import normalise_name
 
-_RANGE_VRS = {"DA", "TM", "DT"}
+RANGE_VRS = frozenset({"DA", "TM", "DT"})
+# Values of these VRs may contain a backslash as a character (their VM is always 1): a key of
+# such a VR is never split into a list of values.
+SINGLE_VALUED_TEXT = frozenset({"LT", "ST", "UT", "UR"})
+MAX_WILDCARD_PATTERN = 1024
+
+
+@dataclass(frozen=True)
+class MatchingRule:
+    """One kind of matching and where it applies (for the conformance statement)."""
+
+    kind: str
+    applies_to: str
+    rule: str
+
+
+MATCHING_RULES: tuple[MatchingRule, ...] = (
+    MatchingRule("Universal", "every attribute",
+                 "an empty key, or `*` alone, matches everything and asks for the value"),
+    MatchingRule("Single value", "every VR but SQ",
+                 "exact, case-sensitive; person names and descriptions ignore case and "
+                 "accents (PN, Study Description)"),
+    MatchingRule("Wild card", "AE, CS, LO, LT, PN, SH, ST, UC, UR, UT",
+                 "`*` (any run) and `?` (one character), case-sensitive except person names; "
+                 "linear time, patterns up to "
+                 f"{MAX_WILDCARD_PATTERN} characters"),
+    MatchingRule("List of UID", "UI", "`\\`-separated UIDs (commas in QIDO-RS): any of them"),
+    MatchingRule("Multiple value", "every VR but LT, ST, UT, UR and SQ",
+                 "`\\`-separated values (commas for UI and CS in QIDO-RS): an entity matches "
+                 "when any value matches (PS3.4 C.2.2.2.8)"),
+    MatchingRule("Range", "DA, TM, DT",
+                 "`a-b`, `a-`, `-b`, inclusive; values are compared normalised, partial "
+                 "values stand for their whole span (`1430` is 14:30:00 to 14:30:59.999999), "
+                 "fractions to microseconds, `HH:MM:SS` accepted; DT offsets are applied"),
+    MatchingRule("Single value on DA, TM, DT", "DA, TM, DT",
+                 "a date matches that day; a (partial) time or date-time matches its span"),
+    MatchingRule("Sequence", "SQ", "the attributes of the one query item must all match "
+                 "within one stored item"),
+    MatchingRule("Combined date-time", "DA with TM",
+                 "not offered: Study Date and Study Time are matched independently"),
+)
+
+
+# -- text -----------------------------------------------------------------------------------
 
 
 def has_wildcard(value: str) -> bool:
     """True when the match value uses ``*`` or ``?``."""
     return "*" in value or "?" in value
+
+
+def split_values(value: str, vr: str = "") -> list[str]:
+    """The values of a key: ``\\``-separated (except for VRs whose values may hold one)."""
+    if vr in SINGLE_VALUED_TEXT:
+        return [value]
+    return [v for v in value.split("\\")]
+
+
+def is_universal_text(value: str, vr: str = "") -> bool:
+    """True when the key asks for the value only (empty, ``*``, or a list holding ``*``)."""
+    values = [v for v in split_values(value, vr) if v.strip() != ""]
+    return not values or any(v.strip() == "*" for v in values)
+
+
+def _segment_at(text: str, segment: str, start: int) -> bool:
+    """Does ``segment`` (which may hold ``?``) match ``text`` at ``start``?"""
+    if start + len(segment) > len(text):
+        return False
+    for offset, char in enumerate(segment):
+        if char != "?" and text[start + offset] != char:
+            return False
+    return True
+
+
+def _find_segment(text: str, segment: str, start: int) -> int:
+    """The first position >= ``start`` where ``segment`` matches, or -1."""
+    if "?" not in segment:
+        return text.find(segment, start)
+    runs = segment.split("?")
+    offsets, position = [], 0
+    for run in runs:
+        offsets.append(position)
+        position += len(run) + 1
+    longest = max(range(len(runs)), key=lambda i: len(runs[i]))
+    anchor, anchor_offset = runs[longest], offsets[longest]
+    if not anchor:  # only question marks: any place with room will do
+        return start if start + len(segment) <= len(text) else -1
+    # str.find scans for the longest literal run; each hit is checked once.
+    position = start + anchor_offset
+    while True:
+        found = text.find(anchor, position)
+        if found < 0:
+            return -1
+        if _segment_at(text, segment, found - anchor_offset):
+            return found - anchor_offset
+        position = found + 1
+
+
+def wildcard_match(text: str, pattern: str) -> bool:
+    """Does ``text`` match the DICOM wildcard ``pattern`` as a whole?
+
+    The pattern is cut at ``*`` into segments; the first is anchored at the start, the last
+    at the end, and each middle one is found at its leftmost place after the previous (which
+    is optimal for glob patterns), so the work is bounded by the lengths of text and pattern
+    times the number of segments: nothing is ever retried.
+    """
+    segments = pattern.split("*")
+    if len(segments) == 1:
+        return len(text) == len(pattern) and _segment_at(text, pattern, 0)
+    head, *middle, tail = segments
+    if len(head) + len(tail) > len(text):
+        return False
+    if not _segment_at(text, head, 0) or not _segment_at(text, tail, len(text) - len(tail)):
+        return False
+    position, end = len(head), len(text) - len(tail)
+    for segment in middle:
+        if not segment:
+            continue
+        found = _find_segment(text[:end], segment, position)
+        if found < 0:
+            return False
+        position = found + len(segment)
+    return position <= end
+
+
+def check_wildcard_pattern(value: str) -> None:
+    """Refuse wildcard patterns long enough to make matching costly."""
+    if has_wildcard(value) and len(value) > MAX_WILDCARD_PATTERN:
+        raise InvalidQuery(
+            f"wildcard patterns are limited to {MAX_WILDCARD_PATTERN} characters"
+        )
+
+
+class _Glob(ColumnElement[bool]):
+    """``column`` matches the DICOM wildcard ``pattern`` (case-sensitive on every database)."""
+
+    type = Boolean()
+    inherit_cache = True
+
+    def __init__(self, column: Any, pattern: str) -> None:
+        self.column = column
+        self.pattern = pattern
+
+
+@compiles(_Glob)
+def _glob_like(element: _Glob, compiler: Any, **kw: Any) -> str:
+    pattern = literal(like_pattern(element.pattern), String())
+    return compiler.process(element.column.like(pattern, escape="\\"), **kw)
+
+
+@compiles(_Glob, "sqlite")
+def _glob_sqlite(element: _Glob, compiler: Any, **kw: Any) -> str:
+    # SQLite's LIKE ignores ASCII case; GLOB does not.
+    pattern = literal(glob_pattern(element.pattern), String())
+    return compiler.process(element.column.op("GLOB", is_comparison=True)(pattern), **kw)
 
 
 def like_pattern(value: str) -> str:
@@ -34,22 +193,51 @@ def like_pattern(value: str) -> str:
     return "".join(out)
 
 
-def text_condition(column: Any, value: str) -> ColumnElement[bool]:
-    """Single-value or wildcard matching of ``column`` against ``value`` (case as given)."""
-    if value in ("*", ""):
+def glob_pattern(value: str) -> str:
+    """A SQLite GLOB pattern for a DICOM wildcard value (``[`` escaped as ``[[]``)."""
+    return "".join("[[]" if char == "[" else char for char in value)
+
+
+def _one_text_condition(column: Any, value: str) -> ColumnElement[bool]:
+    if value == "*":
         return true()
     if has_wildcard(value):
-        return column.like(like_pattern(value), escape="\\")
+        check_wildcard_pattern(value)
+        return _Glob(column, value)
     return column == value
 
 
+def text_condition(column: Any, value: str, vr: str = "LO") -> ColumnElement[bool]:
+    """Single-value, wildcard or multiple-value matching of ``column`` against ``value``."""
+    if is_universal_text(value, vr):
+        return true()
+    values = list(dict.fromkeys(v for v in split_values(value, vr) if v != ""))
+    plain = [v for v in values if not has_wildcard(v)]
+    conditions = [_one_text_condition(column, v) for v in values if has_wildcard(v)]
+    if len(plain) == 1:
+        conditions.append(column == plain[0])
+    elif plain:
+        conditions.append(column.in_(plain))
+    return or_(*conditions) if len(conditions) > 1 else conditions[0]
+
+
 def name_condition(column: Any, value: str, fuzzy: bool = False) -> ColumnElement[bool]:
-    """Case- and accent-insensitive matching of a normalised name column."""
-    folded = normalise_name(value)
-    if fuzzy and not has_wildcard(folded):
-        words = [w for w in re.split(r"[\s^=]+", folded) if w]
-        return and_(*(column.like("%" + like_pattern(w) + "%", escape="\\") for w in words))
-    return text_condition(column, folded)
+    """Case- and accent-insensitive matching of a normalised name column (any of a list)."""
+    if is_universal_text(value, "PN"):
+        return true()
+    conditions = []
+    for one in split_values(value, "PN"):
+        folded = normalise_name(one)
+        if not folded:
+            continue
+        if fuzzy and not has_wildcard(folded):
+            words = [w for w in folded.replace("^", " ").replace("=", " ").split() if w]
+            conditions.append(and_(*(_Glob(column, f"*{w}*") for w in words)))
+        else:
+            conditions.append(_one_text_condition(column, folded))
+    if not conditions:
+        return true()
+    return or_(*conditions) if len(conditions) > 1 else conditions[0]
 
 
 def uid_list_condition(column: Any, value: str) -> ColumnElement[bool]:
@@ -60,48 +248,190 @@ def uid_list_condition(column: Any, value: str) -> ColumnElement[bool]:
     return column.in_(uids)
 
 
-def _parse_range(value: str, vr: str) -> tuple[str | None, str | None]:
-    if "-" not in value:
-        return value, value
-    low, _, high = value.partition("-")
-    return (low.strip() or None, high.strip() or None)
+# -- dates and times ---------------------------------------------------------------------------
+
+_TIME_LOW, _TIME_HIGH = "000000.000000", "235959.999999"
+_DATETIME_LOW, _DATETIME_HIGH = "00000101000000.000000", "99991231235959.999999"
 
 
-def _normalise_bound(value: str, vr: str, upper: bool) -> str:
-    value = value.replace(":", "") if vr == "TM" else value
+def _digits(value: str, allowed: str = "") -> bool:
+    return value != "" and all(c.isdigit() or c in allowed for c in value) and value.isascii()
+
+
+def normalise_date(value: str) -> str:
+    """A DA key as YYYYMMDD (the old ``YYYY.MM.DD`` form accepted)."""
+    text = value.strip().replace(".", "") if len(value.strip()) == 10 else value.strip()
+    if len(text) != 8 or not _digits(text):
+        raise InvalidQuery(f"{value!r} is not a DICOM date (YYYYMMDD)")
+    return text
+
+
+def normalise_time(value: str, upper: bool) -> str:
+    """A TM key or bound as ``HHMMSS.FFFFFF``: a partial value becomes the start of its span
+    (``upper=False``) or its end (``upper=True``). ``HH:MM:SS`` is accepted."""
+    text = value.strip().replace(":", "")
+    whole, dot, fraction = text.partition(".")
+    if (len(whole) not in (2, 4, 6) or not _digits(whole)
+            or (dot and (len(whole) != 6 or not 1 <= len(fraction) <= 6
+                         or not _digits(fraction)))):
+        raise InvalidQuery(f"{value!r} is not a DICOM time (HHMMSS.FFFFFF)")
+    template = _TIME_HIGH if upper else _TIME_LOW
+    if not dot:
+        return whole + template[len(whole):]
+    return whole + "." + fraction + template[7 + len(fraction):]
+
+
+def stored_time(value: str) -> str | None:
+    """A stored TM value normalised for comparison (None when it is not a time)."""
+    try:
+        return normalise_time(value, upper=False)
+    except InvalidQuery:
+        return None
+
+
+def normalise_datetime(value: str, upper: bool) -> str:
+    """A DT key or bound as ``YYYYMMDDHHMMSS.FFFFFF``, partial values widened to their span
+    and a UTC offset (``&ZZXX``) applied, so that moments compare in UTC."""
+    text = value.strip()
+    offset = None
+    for sign in "+-":
+        if sign in text[4:]:
+            position = text.index(sign, 4)
+            text, zone = text[:position], text[position:]
+            if (len(zone) != 5 or not _digits(zone[1:]) or int(zone[1:3]) > 14
+                    or int(zone[3:5]) > 59):
+                raise InvalidQuery(f"{value!r} has an invalid UTC offset (&ZZXX)")
+            minutes = int(zone[1:3]) * 60 + int(zone[3:5])
+            offset = dt.timedelta(minutes=minutes if sign == "+" else -minutes)
+            break
+    whole, dot, fraction = text.partition(".")
+    if (len(whole) not in (4, 6, 8, 10, 12, 14) or not _digits(whole)
+            or (dot and (len(whole) != 14 or not 1 <= len(fraction) <= 6
+                         or not _digits(fraction)))):
+        raise InvalidQuery(f"{value!r} is not a DICOM date-time (YYYYMMDDHHMMSS.FFFFFF&ZZXX)")
+    if upper:
+        template = "99991231235959.999999"
+        padded = whole + template[len(whole):14]
+        if len(whole) == 6:  # a month: its last day
+            year, month = int(whole[:4]), int(whole[4:6])
+            last = (dt.date(year + month // 12, month % 12 + 1, 1) - dt.timedelta(days=1)).day \
+                if 1 <= month <= 12 else 31
+            padded = whole + f"{last:02d}" + template[8:14]
+        result = padded + "." + (fraction + "999999"[len(fraction):] if dot else "999999")
+    else:
+        template = "00000101000000"
+        result = whole + template[len(whole):] + "." + (
+            fraction + "000000"[len(fraction):] if dot else "000000")
+    if offset is None:
+        return result
+    try:
+        moment = dt.datetime.strptime(result, "%Y%m%d%H%M%S.%f") - offset
+    except ValueError as exc:
+        raise InvalidQuery(f"{value!r} is not a valid date-time") from exc
+    return moment.strftime("%Y%m%d%H%M%S.%f")
+
+
+def stored_datetime(value: str) -> str | None:
+    """A stored DT value normalised for comparison (None when it is not a date-time)."""
+    try:
+        return normalise_datetime(value, upper=False)
+    except InvalidQuery:
+        return None
+
+
+def _normalise(value: str, vr: str, upper: bool) -> str:
     if vr == "DA":
-        if not re.fullmatch(r"\d{8}", value):
-            raise InvalidQuery(f"{value!r} is not a DICOM date (YYYYMMDD)")
-        return value
+        return normalise_date(value)
     if vr == "TM":
-        if not re.fullmatch(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?", value):
-            raise InvalidQuery(f"{value!r} is not a DICOM time (HHMMSS.FFFFFF)")
-        template = "235959.999999" if upper else "000000.000000"
-        if "." not in value and len(value) == 6:
-            value += "."
-        return value + template[len(value):]
-    return value
+        return normalise_time(value, upper)
+    return normalise_datetime(value, upper)
+
+
+def _bounds(value: str, vr: str) -> tuple[str | None, str | None]:
+    """The normalised (low, high) of one DA/TM/DT key value: a range ``a-b``, ``a-``, ``-b``
+    or a single value, which stands for its whole span."""
+    text = value.strip()
+    splits = []
+    for position, char in enumerate(text):
+        if char != "-":
+            continue
+        low, high = text[:position].strip(), text[position + 1:].strip()
+        try:
+            bounds = (_normalise(low, vr, False) if low else None,
+                      _normalise(high, vr, True) if high else None)
+        except InvalidQuery:
+            continue
+        if bounds[0] is None or bounds[1] is None or bounds[0] <= bounds[1]:
+            splits.append(bounds)
+    if splits:
+        return splits[0]
+    if "-" in text and vr != "DT":  # a DT value may end in a negative UTC offset
+        raise InvalidQuery(f"{value!r} is not a valid {vr} range (a-b, a- or -b)")
+    return _normalise(text, vr, False), _normalise(text, vr, True)
+
+
+def _sql_time(column: Any) -> Any:
+    """A stored TM column normalised in SQL: colons dropped, padded to HHMMSS.FFFFFF."""
+    bare = func.replace(column, ":", "", type_=String())
+    return bare.concat(func.substr(literal(_TIME_LOW, String()), func.length(bare) + 1,
+                                   type_=String()))
 
 
 def range_condition(column: Any, value: str, vr: str) -> ColumnElement[bool]:
-    """Single value or range matching of dates/times stored as DICOM strings."""
+    """Single value, range or multiple-value matching of DA/TM values stored as DICOM
+    strings (an empty stored value matches no range)."""
     conditions = []
     for part in value.split("\\"):
+        if not part.strip() or part.strip() == "*":
+            if part.strip() == "*":
+                return true()
+            continue
+        low, high = _bounds(part.strip(), vr)
+        if low is None and high is None:
+            return true()
+        if vr == "DA" and low == high:
+            conditions.append(column == low)
+            continue
+        compared = _sql_time(column) if vr == "TM" else column
+        bounds = [column != ""]
+        if low is not None:
+            bounds.append(compared >= low)
+        if high is not None:
+            bounds.append(compared <= high)
+        conditions.append(and_(*bounds))
+    if not conditions:
+        return true()
+    return or_(*conditions) if len(conditions) > 1 else conditions[0]
+
+
+def _stored_normalised(stored: str, vr: str) -> str | None:
+    if vr == "DA":
+        try:
+            return normalise_date(stored)
+        except InvalidQuery:
+            return None
+    if vr == "TM":
+        return stored_time(stored)
+    return stored_datetime(stored)
+
+
+def range_matches(stored: str, query: str, vr: str) -> bool:
+    """Does the stored DA/TM/DT value match the key (single, range or list of either)?"""
+    value = _stored_normalised(stored, vr) if stored.strip() else None
+    for part in query.split("\\"):
         part = part.strip()
         if not part:
             continue
-        low, high = _parse_range(part, vr)
-        if vr == "DA" and low is not None and low == high:
-            conditions.append(column == _normalise_bound(low, vr, False))
+        if part == "*":
+            return True
+        low, high = _bounds(part, vr)
+        if low is None and high is None:
+            return True
+        if value is None:
             continue
-        bounds = []
-        if low is not None:
-            bounds.append(column >= _normalise_bound(low, vr, False))
-        if high is not None:
-            bounds.append(column <= _normalise_bound(high, vr, True))
-        bounds.append(column != "")
-        conditions.append(and_(*bounds))
-    return or_(*conditions) if conditions else true()
+        if (low is None or value >= low) and (high is None or value <= high):
+            return True
+    return False
 
 
 # -- matching against stored DICOM JSON (attributes the index has no column for) ----------
@@ -119,34 +449,25 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def _wildcard_regex(value: str) -> re.Pattern[str]:
-    pattern = "".join(
-        ".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value
-    )
-    return re.compile(pattern + r"\Z", re.DOTALL)
-
-
 def _match_one(stored: str, query: str, vr: str) -> bool:
-    if vr == "PN":
-        stored, query = normalise_name(stored), normalise_name(query)
-    if vr in _RANGE_VRS:
-        for part in query.split("\\"):
-            low, high = _parse_range(part, vr)
-            if not stored:
-                continue
-            try:
-                lo = _normalise_bound(low, vr, False) if low else None
-                hi = _normalise_bound(high, vr, True) if high else None
-            except InvalidQuery:
-                return False
-            if (lo is None or stored >= lo) and (hi is None or stored <= hi):
-                return True
-        return False
+    if vr in RANGE_VRS:
+        return range_matches(stored, query, vr)
     if vr == "UI":
         return stored in [q for q in query.split("\\") if q]
-    if has_wildcard(query):
-        return bool(_wildcard_regex(query).match(stored))
-    return stored == query
+    for one in split_values(query, vr):
+        if one == "":
+            continue
+        if vr == "PN":
+            stored_text, wanted = normalise_name(stored), normalise_name(one)
+        else:
+            stored_text, wanted = stored, one
+        if has_wildcard(wanted):
+            check_wildcard_pattern(wanted)
+            if wildcard_match(stored_text, wanted):
+                return True
+        elif stored_text == wanted:
+            return True
+    return False
 
 
 def json_matches(stored: dict[str, Any] | None, query: dict[str, Any]) -> bool:
@@ -165,6 +486,8 @@ def json_matches(stored: dict[str, Any] | None, query: dict[str, Any]) -> bool:
     if not query_values or all(q == "" for q in query_values):
         return True
     query_text = "\\".join(query_values)
+    if vr not in RANGE_VRS and vr != "UI" and is_universal_text(query_text, vr):
+        return True
     return any(_match_one(_as_text(s), query_text, vr) for s in _values(stored))
 
 

@@ -8,6 +8,7 @@ the instance header), before pagination.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,7 +19,6 @@ from sqlalchemy import (
     and_,
     exists,
     func,
-    or_,
     select,
 )
 
@@ -41,6 +41,8 @@ from imageshare.storage.index.schema import (
     series,
     studies,
 )
+
+log = logging.getLogger("imageshare.query")
 
 Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
 LEVELS: tuple[Level, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -91,10 +93,9 @@ def _int_condition(column: Any, value: str) -> Any:
 
 
 def _modalities_condition(value: str, scope: Scope | None = None) -> Any:
-    wanted = [m.strip() for m in value.split("\\") if m.strip()]
-    conditions = [text_condition(series.c.modality, m) for m in wanted]
+    condition = text_condition(series.c.modality, value, "CS")
     within = [scope.condition(studies.c.study_uid, series.c.series_uid)] if scope else []
-    return exists().where(and_(series.c.study_pk == studies.c.pk, or_(*conditions), *within))
+    return exists().where(and_(series.c.study_pk == studies.c.pk, condition, *within))
 
 
 def _scope_condition(allowed: Collection[str], depth: int) -> Any:
@@ -119,10 +120,10 @@ def _other_ids_condition(element: dict[str, Any]) -> Any:
     conditions = [patient_identifiers.c.patient_pk == patients.c.pk]
     value = _first_text(item.get(PATIENT_ID))
     if value:
-        conditions.append(text_condition(patient_identifiers.c.value, value))
+        conditions.append(text_condition(patient_identifiers.c.value, value, "LO"))
     issuer = _first_text(item.get(ISSUER))
     if issuer:
-        conditions.append(text_condition(patient_identifiers.c.issuer, issuer))
+        conditions.append(text_condition(patient_identifiers.c.issuer, issuer, "LO"))
     return exists().where(and_(*conditions))
 
 
@@ -138,24 +139,24 @@ def _first_text(element: dict[str, Any] | None) -> str:
 
 # tag -> function(value text, fuzzy) -> SQL condition
 _SQL: dict[str, Callable[[str, bool], Any]] = {
-    PATIENT_ID: lambda v, f: text_condition(patients.c.patient_id, v),
-    ISSUER: lambda v, f: text_condition(patients.c.issuer, v),
+    PATIENT_ID: lambda v, f: text_condition(patients.c.patient_id, v, "LO"),
+    ISSUER: lambda v, f: text_condition(patients.c.issuer, v, "LO"),
     PATIENT_NAME: lambda v, f: name_condition(patients.c.name_norm, v, f),
     BIRTH_DATE: lambda v, f: range_condition(patients.c.birth_date, v, "DA"),
-    SEX: lambda v, f: text_condition(patients.c.sex, v),
+    SEX: lambda v, f: text_condition(patients.c.sex, v, "CS"),
     STUDY_UID: lambda v, f: uid_list_condition(studies.c.study_uid, v),
     STUDY_DATE: lambda v, f: range_condition(studies.c.study_date, v, "DA"),
     STUDY_TIME: lambda v, f: range_condition(studies.c.study_time, v, "TM"),
-    ACCESSION: lambda v, f: text_condition(studies.c.accession_number, v),
-    STUDY_ID: lambda v, f: text_condition(studies.c.study_id, v),
+    ACCESSION: lambda v, f: text_condition(studies.c.accession_number, v, "SH"),
+    STUDY_ID: lambda v, f: text_condition(studies.c.study_id, v, "SH"),
     STUDY_DESC: lambda v, f: name_condition(studies.c.description_norm, v, f),
     REFERRING: lambda v, f: name_condition(studies.c.referring_norm, v, f),
     MODALITIES_IN_STUDY: lambda v, f: _modalities_condition(v),
     SERIES_UID: lambda v, f: uid_list_condition(series.c.series_uid, v),
-    MODALITY: lambda v, f: text_condition(series.c.modality, v),
+    MODALITY: lambda v, f: text_condition(series.c.modality, v, "CS"),
     SERIES_NUMBER: lambda v, f: _int_condition(series.c.series_number, v),
-    SERIES_DESC: lambda v, f: text_condition(series.c.description, v),
-    BODY_PART: lambda v, f: text_condition(series.c.body_part, v),
+    SERIES_DESC: lambda v, f: text_condition(series.c.description, v, "LO"),
+    BODY_PART: lambda v, f: text_condition(series.c.body_part, v, "CS"),
     SOP_UID: lambda v, f: uid_list_condition(instances.c.sop_uid, v),
     SOP_CLASS: lambda v, f: uid_list_condition(instances.c.sop_class_uid, v),
     INSTANCE_NUMBER: lambda v, f: _int_condition(instances.c.instance_number, v),
@@ -164,6 +165,11 @@ _SQL: dict[str, Callable[[str, bool], Any]] = {
     FRAMES: lambda v, f: _int_condition(instances.c.number_of_frames, v),
     BITS_ALLOCATED: lambda v, f: _int_condition(instances.c.bits_allocated, v),
 }
+# (level, tag) of every key matched in the index (the others are matched on stored values).
+INDEXED_KEYS: tuple[tuple[Level, str], ...] = tuple(
+    sorted(((_LEVEL_OF_TAG[tag], tag) for tag in _SQL),
+           key=lambda key: (LEVELS.index(key[0]), key[1]))
+)
 _SKIP_MATCH = {QR_LEVEL, CHARSET, RETRIEVE_AE, AVAILABILITY, "00080056", "00081190"}
 
 
@@ -347,7 +353,7 @@ class QueryService:
         if depth >= 3:
             wanted = set(query.identifier) - set(_LEVEL_OF_TAG) - _SKIP_MATCH
             if query.return_all or any(t not in attrs for t in wanted):
-                header = self._instance_header(row["blob_key"])
+                header = self._stored_header(row["blob_key"], row["sop_uid"])
                 attrs.update({k: v for k, v in header.items() if k not in attrs})
             attrs[SOP_UID] = _element("UI", row["sop_uid"])
             attrs[SOP_CLASS] = _element("UI", row["sop_class_uid"])
@@ -368,6 +374,15 @@ class QueryService:
             patient_id=row["patient_id"],
             blob_key=blob_key,
         )
+
+    def _stored_header(self, blob_key: str, sop_uid: str) -> dict[str, Any]:
+        """The instance's header as DICOM JSON; an unreadable one answers without it."""
+        try:
+            return self._instance_header(blob_key)
+        except Exception as exc:  # noqa: BLE001 - one unreadable file must not fail a query
+            log.warning("instance %s: stored header unreadable (%s); answered without it",
+                        sop_uid, type(exc).__name__)
+            return {}
 
     def _add_counts(self, conn: Any, matches: list[Match], depth: int, query: Query) -> None:
         wanted = set(query.identifier)

@@ -1,21 +1,34 @@
-"""Rendered images (WADO-RS /rendered, /thumbnail): one frame decoded (within the pixel
-budget), windowed, encoded."""
+"""Rendered images (WADO-RS /rendered, /thumbnail): frames decoded (within the pixel budget),
+windowed, encoded as JPEG, PNG or GIF (an animated GIF plays every frame of a multi-frame
+instance)."""
 
 from __future__ import annotations
 
 import io
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
 from imageshare.archive.pixel_budget import check_pixel_budget, decoding
-from imageshare.domain.errors import ImageTooLarge, InvalidQuery, NotAcceptable, NotFound
+from imageshare.domain.errors import (
+    ImageShareError,
+    ImageTooLarge,
+    InvalidQuery,
+    NotAcceptable,
+    NotFound,
+)
 
-MEDIA_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG"}
+log = logging.getLogger("imageshare.rendering")
+
+MEDIA_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
+MAX_RENDERED_FRAMES = 1000
 
 
 @dataclass(frozen=True)
@@ -37,7 +50,7 @@ def parse_window(value: str | None) -> tuple[float, float] | None:
         center, width = float(parts[0]), float(parts[1])
     except (IndexError, ValueError) as exc:
         raise InvalidQuery("window must be 'center,width[,function]'") from exc
-    if width <= 0:
+    if not (np.isfinite(center) and np.isfinite(width)) or width <= 0:
         raise InvalidQuery("window width must be positive")
     return center, width
 
@@ -76,8 +89,14 @@ def _to_8bit(ds: object, frame: np.ndarray, window: tuple[float, float] | None) 
             out[rows] = (frame[rows].astype(np.float32) * (255.0 / top)).clip(0, 255)
         return out
 
+    if frame.ndim != 2:
+        raise ValueError("the frame is not a two-dimensional image")
+
     def values(rows: slice) -> np.ndarray:
-        return apply_modality_lut(frame[rows], ds).astype(np.float64, copy=False)
+        try:
+            return apply_modality_lut(frame[rows], ds).astype(np.float64, copy=False)
+        except Exception:  # noqa: BLE001 - invalid rescale values: the stored values shown
+            return frame[rows].astype(np.float64)
 
     if window is not None:
         center, width = window
@@ -92,7 +111,11 @@ def _to_8bit(ds: object, frame: np.ndarray, window: tuple[float, float] | None) 
     else:
         if "WindowCenter" in ds and "WindowWidth" in ds:  # type: ignore[operator]
             def shown(rows: slice) -> np.ndarray:
-                return apply_voi_lut(values(rows), ds, index=0).astype(np.float64, copy=False)
+                try:
+                    return apply_voi_lut(values(rows), ds, index=0).astype(np.float64,
+                                                                            copy=False)
+                except Exception:  # noqa: BLE001 - invalid window values: full range
+                    return values(rows)
         else:
             shown = values
         if len(strips) == 1:
@@ -122,34 +145,119 @@ def _to_8bit(ds: object, frame: np.ndarray, window: tuple[float, float] | None) 
     return out
 
 
-def render_frame(stream: BinaryIO, frame_index: int, options: RenderOptions) -> bytes:
-    """Render frame ``frame_index`` (0-based) of the instance read from ``stream``."""
-    fmt = MEDIA_TYPES.get(options.media_type)
-    if fmt is None:
-        raise NotAcceptable("rendered images are available as image/jpeg or image/png")
-    header = dcmread(stream, stop_before_pixels=True)
-    size = check_pixel_budget(header)
-    if size is None or "Rows" not in header:
-        raise NotFound("the instance has no image to render")
-    frames = size.frames
-    if not 0 <= frame_index < frames:
-        raise NotFound(f"frame {frame_index + 1} does not exist (the instance has {frames})")
-    stream.seek(0)
-    with decoding(header):  # the budget is checked and a decode slot held until encoded
-        try:
-            array = pixel_array(stream, index=frame_index)
-        except MemoryError as exc:
-            raise ImageTooLarge("the image does not fit in memory now") from exc
-        except Exception as exc:  # noqa: BLE001 - decoder plugins raise many kinds
-            raise NotAcceptable(
-                "the image cannot be decoded for rendering (no codec for its transfer syntax)"
-            ) from exc
-        image = Image.fromarray(_to_8bit(header, array, options.window))
-        del array
+class _Frames:
+    """Decodes frames of one stored instance, one at a time."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.header: Dataset = dcmread(stream, stop_before_pixels=True)
+        size = check_pixel_budget(self.header)  # refuses bombs before anything is decoded
+        if size is None or "Rows" not in self.header:
+            raise NotFound("the instance has no image to render")
+        self.count = size.frames
+
+    def check(self, index: int) -> None:
+        if not 0 <= index < self.count:
+            raise NotFound(f"frame {index + 1} does not exist (the instance has {self.count})")
+
+    def image(self, index: int, options: RenderOptions) -> Image.Image:
+        self.check(index)
+        self.stream.seek(0)
+        with decoding(self.header):  # a decode slot is held until the frame is 8-bit
+            try:
+                array = pixel_array(self.stream, index=index)
+            except MemoryError as exc:
+                raise ImageTooLarge("the image does not fit in memory now") from exc
+            except Exception as exc:  # noqa: BLE001 - decoder plugins raise many kinds
+                raise NotAcceptable(
+                    "the image cannot be decoded for rendering (no codec for its transfer "
+                    "syntax, or damaged pixel data)"
+                ) from exc
+            image = Image.fromarray(_to_8bit(self.header, array, options.window))
+            del array
         if options.viewport:
             image.thumbnail(options.viewport, Image.Resampling.LANCZOS)
-        if fmt == "JPEG" and image.mode not in ("L", "RGB"):
-            image = image.convert("RGB")
-        out = io.BytesIO()
-        image.save(out, format=fmt, **({"quality": options.quality} if fmt == "JPEG" else {}))
+        return image
+
+    def frame_duration_ms(self) -> int:
+        """How long each frame shows: Frame Time, else Cine Rate, else the recommended rate."""
+        for keyword, per_second in (("FrameTime", False), ("CineRate", True),
+                                    ("RecommendedDisplayFrameRate", True)):
+            try:
+                value = float(self.header.get(keyword) or 0)
+            except (TypeError, ValueError):
+                continue
+            if value > 0:
+                return max(10, round(1000 / value if per_second else value))
+        return 33
+
+
+def _encode(image: Image.Image, options: RenderOptions) -> bytes:
+    fmt = MEDIA_TYPES[options.media_type]
+    if fmt == "JPEG" and image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")
+    out = io.BytesIO()
+    image.save(out, format=fmt, **({"quality": options.quality} if fmt == "JPEG" else {}))
     return out.getvalue()
+
+
+def _rendering(work: Any) -> Any:
+    """Run ``work``; anything but a typed refusal becomes 'cannot be rendered'."""
+    try:
+        return work()
+    except ImageShareError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - odd stored values must not become a 500
+        log.warning("rendering failed: %s", type(exc).__name__)
+        raise NotAcceptable("the image cannot be rendered from its stored values") from exc
+
+
+def _check_media(options: RenderOptions) -> None:
+    if options.media_type not in MEDIA_TYPES:
+        raise NotAcceptable("rendered images are available as image/jpeg, image/png or "
+                            "image/gif")
+
+
+def render_frame(stream: BinaryIO, frame_index: int, options: RenderOptions) -> bytes:
+    """Render frame ``frame_index`` (0-based) of the instance read from ``stream``."""
+    _check_media(options)
+    return _rendering(lambda: _encode(_Frames(stream).image(frame_index, options), options))
+
+
+def frame_count(stream: BinaryIO) -> int:
+    """How many frames the image read from ``stream`` has (NotFound when it is no image)."""
+    return _rendering(lambda: _Frames(stream).count)
+
+
+def render_frames(
+    stream: BinaryIO, frame_indexes: Sequence[int] | None, options: RenderOptions
+) -> list[bytes]:
+    """Render the given frames (0-based; None for every frame), each as its own image."""
+    _check_media(options)
+
+    def work() -> list[bytes]:
+        frames = _Frames(stream)
+        indexes = list(range(frames.count)) if frame_indexes is None else list(frame_indexes)
+        if len(indexes) > MAX_RENDERED_FRAMES:
+            raise InvalidQuery(f"at most {MAX_RENDERED_FRAMES} frames are rendered at once")
+        for index in indexes:
+            frames.check(index)
+        return [_encode(frames.image(i, options), options) for i in indexes]
+
+    return _rendering(work)
+
+
+def render_animation(stream: BinaryIO, options: RenderOptions) -> bytes:
+    """Every frame of the instance as one animated GIF at the instance's frame rate."""
+
+    def work() -> bytes:
+        frames = _Frames(stream)
+        if frames.count > MAX_RENDERED_FRAMES:
+            raise InvalidQuery(f"at most {MAX_RENDERED_FRAMES} frames are rendered at once")
+        images = [frames.image(i, options) for i in range(frames.count)]
+        out = io.BytesIO()
+        images[0].save(out, format="GIF", save_all=len(images) > 1, append_images=images[1:],
+                       duration=frames.frame_duration_ms(), loop=0)
+        return out.getvalue()
+
+    return _rendering(work)

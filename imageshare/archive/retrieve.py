@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable, Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -11,10 +12,13 @@ from typing import Any, BinaryIO
 
 from pydicom import Dataset, dcmread
 from pydicom.encaps import get_frame
+from pydicom.uid import UID, ExplicitVRBigEndian
 from sqlalchemy import Engine, select
 
 from imageshare.access.scope import Scope
+from imageshare.archive.dicom_json import BULK_DATA_THRESHOLD, dataset_json
 from imageshare.archive.header import locate_pixel_data
+from imageshare.archive.transcode import little_endian_value
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import InvalidQuery, NotFound
@@ -161,24 +165,55 @@ class RetrieveService:
                    for inst in found]
 
     def header_json(self, blob_key: str, bulk_uri: Callable[[str], str] | None = None) -> dict:
-        """DICOM JSON of the header (no pixel data; large binary values as BulkDataURI)."""
+        """DICOM JSON of the header (pixel data and other large binary values, at any depth,
+        as BulkDataURIs named by ``bulk_uri(path)``, or left out without ``bulk_uri``).
+
+        Never fails on a stored value: see :func:`dataset_json`.
+        """
         with self.blobs.open(blob_key) as fp:
-            ds = dcmread(fp, stop_before_pixels=True, defer_size=65536)
-            has_pixels = fp.tell() < _size(fp)
-
-        def handler(element: Any) -> str:
-            tag = f"{element.tag:08X}"
-            return bulk_uri(tag) if bulk_uri else ""
-
-        result = ds.to_json_dict(
-            bulk_data_threshold=65536, bulk_data_element_handler=handler if bulk_uri else None
-        )
-        if not bulk_uri:
-            result = {k: v for k, v in result.items() if "BulkDataURI" not in v}
-        if has_pixels and bulk_uri:
-            vr = "OW" if int(ds.get("BitsAllocated", 8) or 8) > 8 else "OB"
-            result["7FE00010"] = {"vr": vr, "BulkDataURI": bulk_uri("7FE00010")}
+            ds = dcmread(fp, stop_before_pixels=True, defer_size=BULK_DATA_THRESHOLD)
+            pixel_tag = _next_tag(fp, str(ds.file_meta.get("TransferSyntaxUID", "")))
+            result = dataset_json(ds, bulk_uri, BULK_DATA_THRESHOLD, _uid_of(ds))
+        if pixel_tag is not None and bulk_uri:
+            syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+            vr = {0x7FE00008: "OF", 0x7FE00009: "OD"}.get(pixel_tag, "OB")
+            if pixel_tag == 0x7FE00010 and not syntax.is_compressed:
+                vr = "OW" if _bits_allocated(ds) > 8 else "OB"
+            result[f"{pixel_tag:08X}"] = {"vr": vr, "BulkDataURI": bulk_uri(f"{pixel_tag:08X}")}
         return result
+
+    def bulk_data(self, inst: StoredInstance, path: str) -> tuple[str, bytes]:
+        """(VR, value) of the attribute a BulkDataURI path names (``tag`` or
+        ``tag/item/tag...``, items numbered from 1); binary values little endian.
+
+        Raises :class:`NotFound` when the path names nothing.
+        """
+        parts = [p for p in path.strip("/").split("/") if p]
+        tags, items = parts[0::2], parts[1::2]
+        try:
+            numbers = [int(t, 16) for t in tags]
+            indexes = [int(i) for i in items]
+        except ValueError as exc:
+            raise NotFound("no such bulk data") from exc
+        if not numbers or len(indexes) != len(numbers) - 1 or any(i < 1 for i in indexes):
+            raise NotFound("no such bulk data")
+        with self.blobs.open(inst.blob_key) as fp:
+            ds = dcmread(fp, stop_before_pixels=numbers[0] < 0x7FE00008)
+        current: Any = ds
+        try:
+            for depth, tag in enumerate(numbers):
+                element = current[tag]
+                if depth < len(indexes):
+                    current = element.value[indexes[depth] - 1]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise NotFound("no such bulk data") from exc
+        value = element.value
+        vr = str(element.VR)
+        if isinstance(value, bytes | bytearray):
+            return vr, little_endian_value(vr, bytes(value), inst.transfer_syntax)
+        if value is None:
+            return vr, b""
+        return vr, str(value).encode("utf-8")
 
     def frames(self, inst: StoredInstance, numbers: list[int]) -> Iterator[bytes]:
         """The stored bytes of the given frames (1-based): raw pixels or compressed fragments."""
@@ -202,6 +237,31 @@ class RetrieveService:
             for number in numbers:
                 fp.seek(location.value_offset)
                 yield get_frame(fp, number - 1, number_of_frames=total)
+
+
+def _next_tag(fp: BinaryIO, transfer_syntax: str) -> int | None:
+    """The tag of the element at ``fp``'s position (where pixel data starts), if any."""
+    head = fp.read(4)
+    if len(head) < 4:
+        return None
+    endian = ">" if transfer_syntax == ExplicitVRBigEndian else "<"
+    group, element = struct.unpack(endian + "HH", head)
+    tag = group << 16 | element
+    return tag if tag in (0x7FE00008, 0x7FE00009, 0x7FE00010) else None
+
+
+def _uid_of(ds: Dataset) -> str:
+    try:
+        return str(ds.get("SOPInstanceUID", "") or "")
+    except Exception:  # noqa: BLE001 - an undecodable UID names nothing
+        return ""
+
+
+def _bits_allocated(ds: Dataset) -> int:
+    try:
+        return int(ds.get("BitsAllocated", 8) or 8)
+    except (TypeError, ValueError):
+        return 8
 
 
 def _size(fp: BinaryIO) -> int:

@@ -1,12 +1,35 @@
-"""Presentation contexts to propose when sending stored instances."""
+"""Presentation contexts: what the listener accepts, and what to propose when sending stored
+instances. The conformance statement is generated from these tables."""
 
 from __future__ import annotations
 
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 
 MAX_CONTEXTS = 128
+# Transfer syntaxes the listener accepts for verification and query/retrieve.
+LISTENER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
+# SOP classes the listener serves as SCP besides storage (which takes every storage SOP class,
+# private ones included, in the transfer syntax the sender proposes first).
+SCP_SOP_CLASSES = (
+    Verification,
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+)
 
 
 def storage_contexts_for(pairs: set[tuple[str, str]]) -> list[PresentationContext]:

@@ -7,6 +7,7 @@ by pynetdicom (``STORE_RECV_CHUNKED_DATASET``) and never decoded whole in memory
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import ssl
@@ -18,22 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
-    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
+    SecondaryCaptureImageStorage,
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -44,11 +42,17 @@ from imageshare.access.policy import (
     DICOM_STORE,
     Policy,
 )
+from imageshare.archive.dicom_json import NUMBER_STRING_VRS, left_out
 from imageshare.archive.ingest import IngestService
-from imageshare.archive.pixel_budget import decoding
 from imageshare.archive.query import LEVELS, Query, QueryService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
-from imageshare.dicom.contexts import storage_contexts_for
+from imageshare.archive.transcode import CONVERSION_TARGETS, can_produce, transcode
+from imageshare.dicom import statuses
+from imageshare.dicom.contexts import (
+    LISTENER_SYNTAXES,
+    SCP_SOP_CLASSES,
+    storage_contexts_for,
+)
 from imageshare.dicom.tls_server import tls_server_class
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
@@ -56,20 +60,19 @@ from imageshare.domain.errors import (
     ImageShareError,
     InvalidInstance,
     InvalidQuery,
+    NotAcceptable,
     NotFound,
 )
 from imageshare.exchange.nodes import NodeRegistry
 
 log = logging.getLogger("imageshare.dicom")
 
-NOT_AUTHORISED = 0x0124
-STORE_CANNOT_UNDERSTAND = 0xC000
-STORE_CONFLICT = 0xA910
-STORE_OUT_OF_RESOURCES = 0xA700
-STORE_WARNING_KEPT = 0xB000
-FIND_UNABLE = 0xC000
-FIND_IDENTIFIER_MISMATCH = 0xA900
-MOVE_DESTINATION_UNKNOWN = 0xA801
+# Status codes by their use here; the one table with every service's statuses (and when
+# each is answered) is imageshare.dicom.statuses.
+NOT_AUTHORISED = statuses.STORE_NOT_AUTHORISED.code
+STORE_CANNOT_UNDERSTAND = statuses.STORE_CANNOT_UNDERSTAND.code
+STORE_CONFLICT = statuses.STORE_CONFLICT.code
+STORE_OUT_OF_RESOURCES = statuses.STORE_OUT_OF_RESOURCES.code
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -133,17 +136,8 @@ class DicomListener:
         ae.network_timeout = timeout
         ae.maximum_pdu_size = max_pdu
         ae.require_called_aet = False
-        syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
-        ae.add_supported_context(Verification, syntaxes)
-        for uid in (
-            PatientRootQueryRetrieveInformationModelFind,
-            StudyRootQueryRetrieveInformationModelFind,
-            PatientRootQueryRetrieveInformationModelMove,
-            StudyRootQueryRetrieveInformationModelMove,
-            PatientRootQueryRetrieveInformationModelGet,
-            StudyRootQueryRetrieveInformationModelGet,
-        ):
-            ae.add_supported_context(uid, syntaxes)
+        for uid in SCP_SOP_CLASSES:
+            ae.add_supported_context(uid, list(LISTENER_SYNTAXES))
         self.ae = ae
         self._server: Any = None
 
@@ -209,7 +203,9 @@ class DicomListener:
     # -- handlers --------------------------------------------------------------------------------
 
     def _on_echo(self, event: Any) -> int:
-        return 0x0000 if self.policy.allows(self._actor(event), DICOM_ECHO) else NOT_AUTHORISED
+        if self.policy.allows(self._actor(event), DICOM_ECHO):
+            return statuses.ECHO_SUCCESS.code
+        return statuses.ECHO_NOT_AUTHORISED.code
 
     def _on_store(self, event: Any) -> Dataset | int:
         actor = self._actor(event)
@@ -245,30 +241,30 @@ class DicomListener:
             body.add(element)
         return Query(level=level, identifier=body.to_json_dict(), fuzzy=False)  # type: ignore[arg-type]
 
-    def _on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+    def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         actor = self._actor(event)
         if not self.policy.allows(actor, DICOM_QUERY):
-            yield _status(NOT_AUTHORISED, "this AE title is not registered for queries"), None
+            yield statuses.FIND_NOT_AUTHORISED.dataset(
+                "this AE title is not registered for queries"), None
             return
         try:
             query = self._query_for(event)
             matches = self.query.find(query, actor)
         except (InvalidQuery, ValueError) as exc:
-            yield _status(FIND_IDENTIFIER_MISMATCH, str(exc)), None
+            yield statuses.FIND_IDENTIFIER_MISMATCH.dataset(str(exc)), None
             return
         except Exception as exc:  # noqa: BLE001
             log.error("C-FIND failed: %s", type(exc).__name__)
             log.debug("C-FIND trace", exc_info=exc)
-            yield _status(FIND_UNABLE, "the query could not be processed"), None
+            yield statuses.FIND_UNABLE.dataset("the query could not be processed"), None
             return
+        syntax = UID(str(event.context.transfer_syntax))
         for match in matches:
             if event.is_cancelled:
-                yield 0xFE00, None
+                yield statuses.FIND_CANCEL.code, None
                 return
-            ds = Dataset.from_json(match.attributes)
-            ds.SpecificCharacterSet = "ISO_IR 192"
-            ds.QueryRetrieveLevel = query.level
-            yield 0xFF00, ds
+            yield statuses.FIND_PENDING.code, response_identifier(
+                match.attributes, query.level, syntax)
 
     def _instances_for(self, event: Any, actor: Actor, action: str) -> list[StoredInstance]:
         identifier = event.identifier
@@ -303,26 +299,27 @@ class DicomListener:
         accepted: Callable[[], set[tuple[str, str]] | None],
     ) -> Iterator[tuple[int, Any]]:
         """The instances to send. ``accepted()`` gives the (SOP class, transfer syntax) pairs
-        the receiving side took, if known: an instance it cannot take as stored is decompressed
-        when it takes an uncompressed syntax for that SOP class."""
+        the receiving side took, if known: an instance it cannot take as stored is converted
+        (decoded and encoded again) to a syntax it took for that SOP class; one that cannot
+        be converted is offered as stored, and that sub-operation fails alone."""
         for inst in found:
             if event.is_cancelled:
-                yield 0xFE00, None
+                yield statuses.MOVE_CANCEL.code, None
                 return
+            target = sending_syntax(inst.sop_class_uid, inst.transfer_syntax, accepted())
             with self.retrieve.open(inst) as fp:
-                ds = dcmread(fp)
-            taken = accepted()
-            if taken is not None and (inst.sop_class_uid, inst.transfer_syntax) not in taken:
-                takes_uncompressed = any(
-                    cls == inst.sop_class_uid and not UID(ts).is_compressed for cls, ts in taken
-                )
-                if takes_uncompressed and UID(inst.transfer_syntax).is_compressed:
+                ds = None
+                if target is not None:
                     try:
-                        with decoding(ds):  # the pixel budget, checked before decoding
-                            ds.decompress()
-                    except Exception as exc:  # noqa: BLE001 - no codec: the send will fail
-                        log.info("cannot decompress for sending: %s", type(exc).__name__)
-            yield 0xFF00, ds
+                        # Within the pixel budget (transcode checks it before decoding).
+                        ds = dcmread(io.BytesIO(transcode(fp, target)))
+                    except NotAcceptable as exc:
+                        log.info("instance %s not convertible for the receiver: %s",
+                                 inst.sop_uid, exc)
+                        fp.seek(0)
+                if ds is None:
+                    ds = dcmread(fp)
+            yield statuses.MOVE_PENDING.code, ds
 
     def _store_association_to(self, ae_title: str) -> set[tuple[str, str]] | None:
         """What the C-MOVE destination accepted on the association pynetdicom opened to it."""
@@ -336,26 +333,36 @@ class DicomListener:
 
     def _on_move(self, event: Any) -> Iterator[Any]:
         actor = self._actor(event)
-        # Raising before the first yield answers 0xC511 (unable to process).
+        # A refusal raises before the first yield: pynetdicom then answers
+        # statuses.MOVE_NOT_AUTHORISED's code, without a comment.
         self.policy.authorise(actor, DICOM_RETRIEVE)
         destination = self.nodes.find(str(event.move_destination).strip())
         if destination is None:
             yield None, None
             return
+        refusal = ""
         try:
             found = self._instances_for(event, actor, "study.move")
         except NotFound:
             found = []
         except (ImageShareError, ValueError) as exc:
             log.info("C-MOVE refused: %s", type(exc).__name__)
-            found = []
+            found, refusal = [], str(exc)
+        # pynetdicom associates with the destination before it sends any status, so even a
+        # refusal proposes one context.
         contexts = storage_contexts_for(
             {(i.sop_class_uid, i.transfer_syntax) for i in found}
+            or {(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)}
         )
         options: dict[str, Any] = {"contexts": contexts}
         if destination.tls and self.client_ssl_context is not None:
             options["tls_args"] = (self.client_ssl_context, destination.host)
         yield destination.host, destination.port, options
+        if refusal:
+            # pynetdicom sends a failure status only after the sub-operations count.
+            yield 1
+            yield statuses.MOVE_IDENTIFIER_MISMATCH.dataset(refusal), None
+            return
         yield len(found)
         yield from self._datasets(
             found, event, lambda: self._store_association_to(destination.ae_title)
@@ -363,17 +370,19 @@ class DicomListener:
 
     def _on_get(self, event: Any) -> Iterator[Any]:
         actor = self._actor(event)
+        # pynetdicom answers Success to a count of 0: a refusal counts one sub-operation.
         if not self.policy.allows(actor, DICOM_RETRIEVE):
-            yield 0
-            yield _status(NOT_AUTHORISED, "this AE title is not registered for retrieval"), None
+            yield 1
+            yield statuses.GET_NOT_AUTHORISED.dataset(
+                "this AE title is not registered for retrieval"), None
             return
         try:
             found = self._instances_for(event, actor, "study.get")
         except NotFound:
             found = []
         except (ImageShareError, ValueError) as exc:
-            yield 0
-            yield _status(FIND_IDENTIFIER_MISMATCH, str(exc)), None
+            yield 1
+            yield statuses.GET_IDENTIFIER_MISMATCH.dataset(str(exc)), None
             return
         accepted = {
             (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
@@ -381,6 +390,81 @@ class DicomListener:
         }
         yield len(found)
         yield from self._datasets(found, event, lambda: accepted)
+
+
+_LITTLE_ENDIAN_NATIVE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+
+
+def sending_syntax(
+    sop_class: str, stored: str, taken: set[tuple[str, str]] | None
+) -> str | None:
+    """The syntax to convert an instance to before sending it, or None to send it as stored:
+    the receiver took the stored syntax (pynetdicom itself moves between implicit and
+    explicit little endian), or nothing it took can be produced."""
+    if taken is None or (sop_class, stored) in taken:
+        return None
+    offered = {syntax for cls, syntax in taken if cls == sop_class}
+    if stored in _LITTLE_ENDIAN_NATIVE and offered & _LITTLE_ENDIAN_NATIVE:
+        return None
+    preference = {syntax: rank for rank, syntax in enumerate(CONVERSION_TARGETS)}
+    for syntax in sorted(offered, key=lambda s: preference.get(s, len(preference))):
+        if can_produce(stored, syntax):
+            return syntax
+    return None
+
+
+def _encodes(ds: Dataset, implicit: bool, little: bool) -> bool:
+    """Does ``ds`` encode in this syntax? (Checked quietly: pynetdicom's own encoder logs the
+    failing value.)"""
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = implicit, little
+    try:
+        write_dataset(fp, ds)
+    except Exception:  # noqa: BLE001 - any failure means "does not encode"
+        return False
+    return True
+
+
+_NOT_RETURNED = ("00080005", "00080052")
+
+
+def response_identifier(attrs: dict[str, Any], level: str, syntax: UID) -> Dataset:
+    """A C-FIND response identifier from stored DICOM JSON that always encodes: a value that
+    does not fit its VR is sent as stored (IS, DS) or left out with a warning."""
+    implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
+    clean = {tag: element for tag, element in attrs.items() if tag not in _NOT_RETURNED}
+    try:
+        ds = Dataset.from_json(clean)
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.QueryRetrieveLevel = level
+        if _encodes(ds, implicit, little):
+            return ds
+    except Exception:  # noqa: BLE001 - some value is invalid: built element by element
+        pass
+    instance = str(((attrs.get("00080018") or {}).get("Value") or [""])[0])
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.QueryRetrieveLevel = level
+    for tag, element in sorted(clean.items()):
+        try:
+            part = Dataset.from_json({tag: element})
+            part.SpecificCharacterSet = "ISO_IR 192"
+            if not _encodes(part, implicit, little):
+                raise ValueError("not encodable")
+            ds[int(tag, 16)] = part[int(tag, 16)]
+            continue
+        except Exception as exc:  # noqa: BLE001 - invalid stored value for its VR
+            reason = type(exc).__name__
+        vr = str(element.get("vr", "")) if isinstance(element, dict) else ""
+        values = element.get("Value") if isinstance(element, dict) else None
+        if vr in NUMBER_STRING_VRS and isinstance(values, list):
+            raw = "\\".join(str(v) for v in values).encode("ascii", "replace")
+            raw += b" " * (len(raw) % 2)
+            ds[int(tag, 16)] = RawDataElement(Tag(int(tag, 16)), vr, len(raw), raw, 0,
+                                              implicit, little)
+            continue
+        left_out(instance, tag, vr, reason)
+    return ds
 
 
 class _SharedPortServer(ThreadedAssociationServer):

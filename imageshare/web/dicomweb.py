@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,22 +16,31 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from imageshare.access.policy import STUDY_DOWNLOAD, STUDY_READ, STUDY_STORE
 from imageshare.access.scope import DOWNLOAD, VIEW
+from imageshare.archive.dicom_json import native_dicom_xml, safe_json
 from imageshare.archive.pixel_budget import decode_frame
 from imageshare.archive.query import Level, Query
+from imageshare.archive.rendering import (
+    MEDIA_TYPES as RENDERED_MEDIA_TYPES,
+)
 from imageshare.archive.rendering import (
     RenderOptions,
     parse_viewport,
     parse_window,
+    render_animation,
     render_frame,
+    render_frames,
 )
 from imageshare.archive.retrieve import StoredInstance
 from imageshare.archive.transcode import (
     COMPRESSED_MEDIA_TYPES,
-    UNCOMPRESSED,
+    CONVERSION_TARGETS,
+    can_decode,
+    can_produce,
+    is_known_syntax,
     is_video,
     transcode,
 )
@@ -48,17 +59,42 @@ from imageshare.web.multipart import (
     PartBody,
     PartSink,
     file_chunks,
-    media_type_params,
     new_boundary,
     part_stream,
 )
+from imageshare.web.negotiation import MediaRange, matches, parse_accept, parse_media_type
 
+log = logging.getLogger("imageshare.dicomweb")
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
 Reader = allowed(STUDY_READ, "study")
 # Instances as DICOM files leave with download rights (shares may grant only viewing).
 Downloader = allowed(STUDY_DOWNLOAD, "study")
 Writer = allowed(STUDY_STORE)
 DICOM_JSON = "application/dicom+json"
+DICOM_XML = "application/dicom+xml"
+DICOM = "application/dicom"
+OCTET_STREAM = "application/octet-stream"
+
+# Media types each kind of resource answers in (PS3.18 8.7); the conformance statement lists
+# them. Anything else in Accept answers 406 Not Acceptable.
+RESOURCE_MEDIA_TYPES: dict[str, tuple[str, ...]] = {
+    "QIDO-RS search": (f"{DICOM_JSON} (default)", f'multipart/related; type="{DICOM_XML}"'),
+    "WADO-RS study, series, instance": (
+        f'multipart/related; type="{DICOM}" (default transfer-syntax '
+        f"{ExplicitVRLittleEndian}; `*` as stored)", f"{DICOM} (one instance)"),
+    "WADO-RS metadata": (f"{DICOM_JSON} (default)", f'multipart/related; type="{DICOM_XML}"'),
+    "WADO-RS frames, bulk data": (
+        f'multipart/related; type="{OCTET_STREAM}" (decoded, little endian)',
+        'multipart/related; type="image/jpeg" (or image/jls, image/jp2, image/jpx, '
+        "image/dicom-rle, video/*: as stored when stored so)",
+        '*/* (as stored)'),
+    "WADO-RS rendered": (
+        "image/jpeg (default), image/png, image/gif (animated for a multi-frame instance)",
+        'multipart/related; type="image/jpeg" (or image/png, image/gif): every frame of an '
+        "instance, or the first frame of every image of a study or series"),
+    "STOW-RS request": (f'multipart/related; type="{DICOM}"',),
+    "STOW-RS response": (f"{DICOM_JSON} (default)", DICOM_XML),
+}
 
 # -- QIDO-RS ---------------------------------------------------------------------------------
 
@@ -161,7 +197,11 @@ def _int_param(request: Request, name: str, default: int | None) -> int | None:
 
 
 def _base(request: Request) -> str:
-    return str(request.base_url).rstrip("/") + "/dicomweb"
+    """The DICOMweb root for URLs in answers (Retrieve URL, BulkDataURI): from the public URL
+    when one is set, else from the request (some clients, dicomweb-client among them, send a
+    Host header without the port)."""
+    configured = request.app.state.archive.settings.public_url.rstrip("/")
+    return (configured or str(request.base_url).rstrip("/")) + "/dicomweb"
 
 
 def _retrieve_url(request: Request, attrs: dict[str, Any], level: Level) -> str:
@@ -176,8 +216,47 @@ def _retrieve_url(request: Request, attrs: dict[str, Any], level: Level) -> str:
     return url
 
 
+def _wants_xml(request: Request, what: str) -> bool:
+    """True when the client asks for DICOM XML, False for DICOM JSON; 406 otherwise."""
+    for media_range in parse_accept(request.headers.get("accept")):
+        media = media_range.media
+        if media in (DICOM_JSON, "application/json") or media in ("*/*", "application/*"):
+            return False
+        if media == DICOM_XML:
+            return True
+        if media in ("multipart/related", "multipart/*") and media_range.param(
+            "type", DICOM_XML
+        ) in (DICOM_XML, "*/*"):
+            return True
+    raise NotAcceptable(
+        f"{what} is available as {DICOM_JSON} or multipart/related; type=\"{DICOM_XML}\""
+    )
+
+
+def _dicom_answer(request: Request, datasets: list[dict[str, Any]], xml: bool,
+                  headers: dict[str, str] | None = None) -> Response:
+    """A list of data sets as DICOM JSON, or as multipart/related DICOM XML (one part each);
+    built in full before anything is sent. No match is 200 with an empty list."""
+    if not xml:
+        return JSONResponse(datasets, media_type=DICOM_JSON, headers=headers)
+    boundary = new_boundary()
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: {DICOM_XML}\r\n\r\n".encode()
+        + native_dicom_xml(attrs, _first_value(attrs, "00080018")) + b"\r\n"
+        for attrs in datasets
+    ) + f"--{boundary}--\r\n".encode()
+    return Response(body, headers=headers, media_type=(
+        f'multipart/related; type="{DICOM_XML}"; boundary={boundary}'))
+
+
+def _first_value(attrs: dict[str, Any], tag: str) -> str:
+    values = (attrs.get(tag) or {}).get("Value") or [""]
+    return str(values[0])
+
+
 def _qido(request: Request, actor: Actor, level: Level, **fixed: str) -> Response:
     archive = request.app.state.archive
+    xml = _wants_xml(request, "a search result")
     identifier, return_all = _identifier(request, level, fixed)
     query = Query(
         level=level,
@@ -191,12 +270,10 @@ def _qido(request: Request, actor: Actor, level: Level, **fixed: str) -> Respons
     matches = archive.query.find(query, actor)
     body = []
     for match in matches:
-        attrs = dict(match.attributes)
+        attrs = safe_json(dict(match.attributes), _first_value(match.attributes, "00080018"))
         attrs.pop("00080052", None)
         attrs["00081190"] = {"vr": "UR", "Value": [_retrieve_url(request, attrs, level)]}
         body.append(dict(sorted(attrs.items())))
-    if not body:
-        return Response(status_code=204)
     headers = {}
     most = archive.settings.qido_max_limit
     if len(body) == most and (query.limit is None or query.limit > most):
@@ -204,7 +281,7 @@ def _qido(request: Request, actor: Actor, level: Level, **fixed: str) -> Respons
             f'299 imageshare "There are more than {most} results; page with limit and '
             'offset, or narrow the search."'
         )
-    return JSONResponse(body, media_type=DICOM_JSON, headers=headers)
+    return _dicom_answer(request, body, xml, headers)
 
 
 @router.get("/studies", summary="QIDO-RS: search for studies")
@@ -262,64 +339,101 @@ def _select(
     )
 
 
-def _accepted_dicom_syntax(request: Request) -> tuple[str, str | None]:
-    """('multipart'|'single', transfer syntax or None for as-stored) from the Accept header."""
-    accept = request.headers.get("accept", "") or "*/*"
-    for media_range in accept.split(","):
-        media, params = media_type_params(media_range)
-        syntax = params.get("transfer-syntax", ExplicitVRLittleEndian)
-        chosen = None if syntax == "*" else syntax
-        if media == "multipart/related" and params.get("type", "application/dicom") in (
-            "application/dicom", "*/*"
-        ):
-            return "multipart", chosen
-        if media == "application/dicom":
-            return "single", chosen
-        if media in ("*/*", "multipart/*"):
+def _producible(syntax: str, found: list[StoredInstance] | None) -> bool:
+    """Can ``syntax`` be answered for this selection: ImageShare converts to it, or some
+    selected instance is stored in it (the others then come as stored)? Without a selection
+    (checked before one is made): is it a transfer syntax at all?"""
+    if not is_known_syntax(syntax):
+        return False
+    if found is None:
+        return True
+    return syntax in CONVERSION_TARGETS or any(i.transfer_syntax == syntax for i in found)
+
+
+def _accepted_dicom_syntax(request: Request, found: list[StoredInstance] | None) -> tuple[
+    str, str | None
+]:
+    """('multipart'|'single', transfer syntax or None for as-stored) from the Accept header:
+    the most preferred range that can be answered; 406 when none can. Called once before
+    the selection (so that a request nothing can answer is refused before it is audited as
+    a retrieval) and once with it."""
+    refused = ""
+    for media_range in parse_accept(request.headers.get("accept")):
+        media, kind = media_range.media, media_range.param("type", DICOM)
+        if media == "multipart/related" and kind in (DICOM, "*/*"):
+            shape = "multipart"
+        elif media == DICOM:
+            shape = "single"
+        elif media in ("*/*", "multipart/*", "application/*"):
             return "multipart", None
+        else:
+            continue
+        syntax = media_range.param("transfer-syntax", ExplicitVRLittleEndian)
+        if syntax == "*" or (kind == "*/*" and "transfer-syntax" not in media_range.params):
+            return shape, None
+        if _producible(syntax, found):
+            return shape, syntax
+        refused = syntax
+    if refused:
+        raise NotAcceptable(f"transfer syntax {refused} is not offered: ask for "
+                            f"{ExplicitVRLittleEndian}, one of {', '.join(CONVERSION_TARGETS[1:])}"
+                            ", or * (as stored)")
     raise NotAcceptable('ask for multipart/related; type="application/dicom"')
 
 
-def _instance_body(request: Request, inst: StoredInstance, syntax: str | None) -> tuple[
+def _planned_syntax(inst: StoredInstance, syntax: str | None) -> str:
+    """The syntax an instance will be sent in, decided before anything is sent: the one
+    asked for when it can be produced, else the stored one (labelled as such)."""
+    if syntax is None or syntax == inst.transfer_syntax:
+        return inst.transfer_syntax
+    return syntax if can_produce(inst.transfer_syntax, syntax) else inst.transfer_syntax
+
+
+def _instance_body(request: Request, inst: StoredInstance, syntax: str) -> tuple[
     str, PartBody
 ]:
-    """(transfer syntax, bytes or open file) of an instance in the syntax asked for."""
+    """(transfer syntax, bytes or open file) of an instance in the planned syntax; one that
+    cannot be converted after all is sent as stored, labelled with its real syntax."""
     retrieve = request.app.state.archive.retrieve
-    if syntax is None or syntax == inst.transfer_syntax:
+    if syntax == inst.transfer_syntax:
         return inst.transfer_syntax, retrieve.open(inst)
     try:
         with retrieve.open(inst) as stream:
             return syntax, transcode(stream, syntax)
     except NotAcceptable:
-        # A part we cannot convert is sent as stored, labelled with its real syntax.
+        log.info("instance %s: not convertible to %s; sent as stored", inst.sop_uid, syntax)
         return inst.transfer_syntax, retrieve.open(inst)
 
 
 def _dicom_response(request: Request, found: list[StoredInstance]) -> Response:
-    shape, syntax = _accepted_dicom_syntax(request)
+    shape, syntax = _accepted_dicom_syntax(request, found)
+    # Every part's syntax is settled before the first byte is sent: a part that cannot be
+    # converted goes as stored, so that the body is never cut.
+    plan = [(inst, _planned_syntax(inst, syntax)) for inst in found]
     if shape == "single":
         if len(found) != 1:
             raise NotAcceptable("application/dicom holds one instance; use multipart/related")
-        _actual, body = _instance_body(request, found[0], syntax)
+        actual, body = _instance_body(request, *plan[0])
         data = body if isinstance(body, bytes) else file_chunks(body)
         return StreamingResponse(iter([data]) if isinstance(data, bytes) else data,
-                                 media_type="application/dicom")
+                                 media_type=f"{DICOM}; transfer-syntax={actual}")
     boundary = new_boundary()
 
     def parts() -> Iterator[tuple[str, PartBody]]:
-        for inst in found:
-            actual, body = _instance_body(request, inst, syntax)
-            yield f"application/dicom; transfer-syntax={actual}", body
+        for inst, planned in plan:
+            actual, body = _instance_body(request, inst, planned)
+            yield f"{DICOM}; transfer-syntax={actual}", body
 
     return StreamingResponse(
         part_stream(boundary, parts()),
-        media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
+        media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
     )
 
 
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
 def retrieve_study(request: Request, study: str, actor: Downloader) -> Response:
     """Every instance of the study as multipart/related application/dicom."""
+    _accepted_dicom_syntax(request, None)
     return _dicom_response(request, _select(request, actor, "study.retrieve", study,
                                             right=DOWNLOAD))
 
@@ -327,6 +441,7 @@ def retrieve_study(request: Request, study: str, actor: Downloader) -> Response:
 @router.get("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
 def retrieve_series(request: Request, study: str, series: str, actor: Downloader) -> Response:
     """Every instance of the series."""
+    _accepted_dicom_syntax(request, None)
     return _dicom_response(request, _select(request, actor, "study.retrieve", study, series,
                                             right=DOWNLOAD))
 
@@ -339,34 +454,48 @@ def retrieve_instance(
     request: Request, study: str, series: str, instance: str, actor: Downloader
 ) -> Response:
     """One instance."""
+    _accepted_dicom_syntax(request, None)
     found = _select(request, actor, "study.retrieve", study, series, instance, DOWNLOAD)
     return _dicom_response(request, found)
 
 
-def _metadata(request: Request, found: list[StoredInstance]) -> Response:
+def _metadata(request: Request, found: list[StoredInstance], xml: bool) -> Response:
     retrieve = request.app.state.archive.retrieve
     base = _base(request)
     body = []
     for inst in found:
         url = f"{base}/studies/{inst.study_uid}/series/{inst.series_uid}/instances/{inst.sop_uid}"
-        header = retrieve.header_json(
-            inst.blob_key, lambda tag, url=url: f"{url}/bulkdata/{tag}"
-        )
+        try:
+            header = retrieve.header_json(
+                inst.blob_key, lambda path, url=url: f"{url}/bulkdata/{path}"
+            )
+        except Exception as exc:  # noqa: BLE001 - an unreadable file still has its UIDs
+            log.warning("instance %s: stored header unreadable (%s); metadata holds its "
+                        "identifiers only", inst.sop_uid, type(exc).__name__)
+            header = {
+                "00080016": {"vr": "UI", "Value": [inst.sop_class_uid]},
+                "00080018": {"vr": "UI", "Value": [inst.sop_uid]},
+                "0020000D": {"vr": "UI", "Value": [inst.study_uid]},
+                "0020000E": {"vr": "UI", "Value": [inst.series_uid]},
+            }
         header["00083002"] = {"vr": "UI", "Value": [inst.transfer_syntax]}
-        body.append(header)
-    return JSONResponse(body, media_type=DICOM_JSON)
+        body.append(dict(sorted(header.items())))
+    return _dicom_answer(request, body, xml)
 
 
 @router.get("/studies/{study}/metadata", summary="WADO-RS: metadata of a study")
 def study_metadata(request: Request, study: str, actor: Reader) -> Response:
-    """DICOM JSON headers of every instance of the study (pixel data as BulkDataURI)."""
-    return _metadata(request, _select(request, actor, "study.metadata", study))
+    """DICOM JSON (or XML) headers of every instance of the study (bulk data as
+    BulkDataURIs)."""
+    xml = _wants_xml(request, "metadata")
+    return _metadata(request, _select(request, actor, "study.metadata", study), xml)
 
 
 @router.get("/studies/{study}/series/{series}/metadata", summary="WADO-RS: series metadata")
 def series_metadata(request: Request, study: str, series: str, actor: Reader) -> Response:
-    """DICOM JSON headers of every instance of the series."""
-    return _metadata(request, _select(request, actor, "study.metadata", study, series))
+    """DICOM JSON (or XML) headers of every instance of the series."""
+    xml = _wants_xml(request, "metadata")
+    return _metadata(request, _select(request, actor, "study.metadata", study, series), xml)
 
 
 @router.get(
@@ -376,9 +505,10 @@ def series_metadata(request: Request, study: str, series: str, actor: Reader) ->
 def instance_metadata(
     request: Request, study: str, series: str, instance: str, actor: Reader
 ) -> Response:
-    """DICOM JSON header of one instance."""
+    """DICOM JSON (or XML) header of one instance."""
+    xml = _wants_xml(request, "metadata")
     found = _select(request, actor, "study.metadata", study, series, instance)
-    return _metadata(request, found)
+    return _metadata(request, found, xml)
 
 
 def _frame_numbers(frames: str) -> list[int]:
@@ -391,36 +521,73 @@ def _frame_numbers(frames: str) -> list[int]:
     return numbers
 
 
-def _wants_as_stored(request: Request, transfer_syntax: str) -> bool:
-    wanted = COMPRESSED_MEDIA_TYPES.get(transfer_syntax)
-    for media_range in (request.headers.get("accept", "") or "*/*").split(","):
-        media, params = media_type_params(media_range)
-        kind = params.get("type", "")
-        syntax = params.get("transfer-syntax", "")
-        if syntax in ("*", transfer_syntax):
-            return True
-        if media in (wanted, "*/*") or kind == wanted or (
-            media == "multipart/related" and kind == "*/*"
-        ):
-            return True
-    return False
+def _pixel_representation(request: Request, inst: StoredInstance) -> str:
+    """How pixel data goes out, from the Accept header: ``stored`` (the compressed bitstream,
+    or native little-endian pixels) or ``decoded`` (application/octet-stream, little endian).
+    406 when no acceptable range can be answered."""
+    stored_media = COMPRESSED_MEDIA_TYPES.get(inst.transfer_syntax)
+    native = inst.transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    as_stored = "stored" if (stored_media or native) else "decoded"
+    for media_range in parse_accept(request.headers.get("accept")):
+        media = media_range.media
+        kind = media_range.param("type", OCTET_STREAM) if media == "multipart/related" else media
+        syntax = media_range.param("transfer-syntax", "")
+        if media in ("*/*", "multipart/*") or kind == "*/*":
+            return as_stored
+        if kind == OCTET_STREAM:
+            if syntax == "*":
+                return as_stored
+            if syntax in ("", ExplicitVRLittleEndian):
+                return "stored" if native else "decoded"
+            continue
+        if stored_media and matches(MediaRange(kind), stored_media) and syntax in (
+                "", "*", inst.transfer_syntax):
+            return "stored"
+    raise NotAcceptable(
+        "pixel data is available as multipart/related; type=\"application/octet-stream\""
+        + (f" or as stored ({stored_media})" if stored_media else "")
+    )
 
 
-def _decoded_frames(request: Request, inst: StoredInstance, numbers: list[int]) -> Iterator[
-    bytes
-]:
+def _decoded_frames(request: Request, inst: StoredInstance, numbers: list[int]) -> list[bytes]:
+    if not can_decode(inst.transfer_syntax):
+        raise NotAcceptable("the frames cannot be decoded here; ask with transfer-syntax=*")
     retrieve = request.app.state.archive.retrieve
+    frames = []
     for number in numbers:
         with retrieve.open(inst) as stream:
             try:
                 array = decode_frame(stream, number - 1, raw=True)
             except ImageShareError:  # over the pixel budget, busy: said as it is
                 raise
-            except Exception as exc:  # noqa: BLE001 - no decoder for this syntax
+            except Exception as exc:  # noqa: BLE001 - no decoder, or damaged pixel data
                 raise NotAcceptable(
                     "the frames cannot be decoded; ask with transfer-syntax=*"
                 ) from exc
-        yield np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+        frames.append(
+            np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes())
+    return frames
+
+
+def _pixel_parts(request: Request, inst: StoredInstance, numbers: list[int]) -> Response:
+    """The given frames as a multipart/related answer, fully read before it is sent."""
+    representation = _pixel_representation(request, inst)
+    retrieve = request.app.state.archive.retrieve
+    stored_media = COMPRESSED_MEDIA_TYPES.get(inst.transfer_syntax)
+    if representation == "stored" and stored_media:
+        kind = stored_media
+        content_type = f"{kind}; transfer-syntax={inst.transfer_syntax}"
+        data = list(retrieve.frames(inst, numbers))
+    else:
+        kind = OCTET_STREAM
+        content_type = f"{OCTET_STREAM}; transfer-syntax={ExplicitVRLittleEndian}"
+        data = (list(retrieve.frames(inst, numbers)) if representation == "stored"
+                else _decoded_frames(request, inst, numbers))
+    boundary = new_boundary()
+    return StreamingResponse(
+        part_stream(boundary, ((content_type, d) for d in data)),
+        media_type=f'multipart/related; type="{kind}"; boundary={boundary}',
+    )
 
 
 @router.get(
@@ -433,89 +600,82 @@ def retrieve_frames(
     """Frames as stored (compressed bitstreams) or as uncompressed pixel bytes."""
     numbers = _frame_numbers(frames)
     inst = _select(request, actor, "study.retrieve", study, series, instance)[0]
-    retrieve = request.app.state.archive.retrieve
-    boundary = new_boundary()
     if is_video(inst.transfer_syntax):
         raise NotAcceptable("frames of a video are not separable; retrieve the instance")
-    if inst.transfer_syntax in UNCOMPRESSED - {"1.2.840.10008.1.2.2"}:
-        content_type = f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}"
-        data = list(retrieve.frames(inst, numbers))
-        kind = "application/octet-stream"
-    elif inst.transfer_syntax in COMPRESSED_MEDIA_TYPES and _wants_as_stored(
-        request, inst.transfer_syntax
-    ):
-        kind = COMPRESSED_MEDIA_TYPES[inst.transfer_syntax]
-        content_type = f"{kind}; transfer-syntax={inst.transfer_syntax}"
-        data = list(retrieve.frames(inst, numbers))
-    else:
-        kind = "application/octet-stream"
-        content_type = f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}"
-        data = list(_decoded_frames(request, inst, numbers))
-    return StreamingResponse(
-        part_stream(boundary, ((content_type, d) for d in data)),
-        media_type=f'multipart/related; type="{kind}"; boundary={boundary}',
-    )
+    return _pixel_parts(request, inst, numbers)
+
+
+def _wants_octet_stream(request: Request) -> None:
+    for media_range in parse_accept(request.headers.get("accept")):
+        media = media_range.media
+        kind = media_range.param("type", OCTET_STREAM) if media == "multipart/related" else media
+        if kind in (OCTET_STREAM, "*/*") or media in ("*/*", "multipart/*", "application/*"):
+            if media_range.param("transfer-syntax", "") in ("", "*", ExplicitVRLittleEndian):
+                return
+    raise NotAcceptable('bulk data is available as multipart/related; '
+                        'type="application/octet-stream"')
 
 
 @router.get(
-    "/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}",
+    "/studies/{study}/series/{series}/instances/{instance}/bulkdata/{path:path}",
     summary="WADO-RS: retrieve bulk data",
 )
 def retrieve_bulkdata(
-    request: Request, study: str, series: str, instance: str, tag: str, actor: Reader
+    request: Request, study: str, series: str, instance: str, path: str, actor: Reader
 ) -> Response:
-    """A large attribute's value; pixel data as all frames (video as its bitstream)."""
+    """A large attribute's value, named by the BulkDataURI the metadata gave (at any depth of
+    sequences); pixel data as all frames, as stored or decoded (video as its bitstream)."""
     inst = _select(request, actor, "study.retrieve", study, series, instance)[0]
     retrieve = request.app.state.archive.retrieve
     boundary = new_boundary()
-    tag = tag.upper()
-    if tag == "7FE00010":
-        if is_video(inst.transfer_syntax):
-            with retrieve.open(inst) as stream:
-                ds = dcmread(stream)
-            data = b"".join(generate_fragments(ds.PixelData))
-            kind = COMPRESSED_MEDIA_TYPES[inst.transfer_syntax]
-            parts = [(f"{kind}; transfer-syntax={inst.transfer_syntax}", data)]
-        else:
-            numbers = list(range(1, inst.number_of_frames + 1))
-            if inst.transfer_syntax in COMPRESSED_MEDIA_TYPES:
-                kind = COMPRESSED_MEDIA_TYPES[inst.transfer_syntax]
-                content_type = f"{kind}; transfer-syntax={inst.transfer_syntax}"
-            else:
-                kind = "application/octet-stream"
-                content_type = kind
-            parts = [(content_type, f) for f in retrieve.frames(inst, numbers)]
+    path = path.upper().strip("/")
+    if path == "7FE00010":
+        if not is_video(inst.transfer_syntax):
+            return _pixel_parts(request, inst, list(range(1, inst.number_of_frames + 1)))
+        kind = COMPRESSED_MEDIA_TYPES[inst.transfer_syntax]
+        if not any(media_range.media in ("*/*", kind, "video/*") or (
+                media_range.media == "multipart/related"
+                and media_range.param("type", "") in ("*/*", kind, "video/*"))
+                for media_range in parse_accept(request.headers.get("accept"))):
+            raise NotAcceptable(f"a video's pixel data is available as stored ({kind})")
+        with retrieve.open(inst) as stream:
+            ds = dcmread(stream)
+        data = b"".join(generate_fragments(ds.PixelData))
+        parts = [(f"{kind}; transfer-syntax={inst.transfer_syntax}", data)]
         return StreamingResponse(
             part_stream(boundary, parts),
             media_type=f'multipart/related; type="{kind}"; boundary={boundary}',
         )
-    with retrieve.open(inst) as stream:
-        ds = dcmread(stream, stop_before_pixels=True)
-    try:
-        element = ds[int(tag, 16)]
-    except (KeyError, ValueError) as exc:
-        raise NotFound("no such bulk data") from exc
-    value = element.value if isinstance(element.value, bytes) else bytes(str(element.value),
-                                                                         "utf-8")
+    _wants_octet_stream(request)
+    _vr, value = retrieve.bulk_data(inst, path)
     return StreamingResponse(
-        part_stream(boundary, [("application/octet-stream", value)]),
-        media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}',
+        part_stream(boundary, [(OCTET_STREAM, value)]),
+        media_type=f'multipart/related; type="{OCTET_STREAM}"; boundary={boundary}',
     )
 
 
-def render_options(request: Request, thumbnail: bool) -> RenderOptions:
+def _rendered_media(request: Request) -> tuple[str, str]:
+    """('single'|'multipart', image media type) from the Accept header; 406 when none of
+    image/jpeg, image/png, image/gif (alone or in multipart/related) is acceptable."""
+    for media_range in parse_accept(request.headers.get("accept"), default="image/jpeg"):
+        media = media_range.media
+        if media == "multipart/related":
+            kind = media_range.param("type", "image/jpeg")
+            for candidate in RENDERED_MEDIA_TYPES:
+                if matches(MediaRange(kind), candidate):
+                    return "multipart", candidate
+            continue
+        for candidate in RENDERED_MEDIA_TYPES:
+            if matches(media_range, candidate):
+                return "single", candidate
+    raise NotAcceptable("rendered images are available as image/jpeg, image/png or image/gif, "
+                        "alone or in multipart/related")
+
+
+def render_options(request: Request, thumbnail: bool, media: str | None = None
+                   ) -> RenderOptions:
     """How to render, from the request's Accept header and window/viewport/quality."""
-    accept = request.headers.get("accept", "") or "image/jpeg"
-    media = "image/jpeg"
-    for media_range in accept.split(","):
-        candidate, _ = media_type_params(media_range)
-        if candidate in ("image/jpeg", "image/png"):
-            media = candidate
-            break
-        if candidate in ("*/*", "image/*"):
-            break
-    else:
-        raise NotAcceptable("rendered images are available as image/jpeg or image/png")
+    media = media or _rendered_media(request)[1]
     quality = _int_param(request, "quality", 90) or 90
     viewport = parse_viewport(request.query_params.get("viewport"))
     if thumbnail and viewport is None:
@@ -526,13 +686,68 @@ def render_options(request: Request, thumbnail: bool) -> RenderOptions:
     )
 
 
+def _image_parts(media: str, images: list[bytes]) -> Response:
+    boundary = new_boundary()
+    body = b"".join(f"--{boundary}\r\nContent-Type: {media}\r\n\r\n".encode() + image
+                    + b"\r\n" for image in images) + f"--{boundary}--\r\n".encode()
+    return Response(body, media_type=f'multipart/related; type="{media}"; boundary={boundary}')
+
+
 def _render(
     request: Request, inst: StoredInstance, frame: int, thumbnail: bool = False
 ) -> Response:
-    options = render_options(request, thumbnail)
-    with request.app.state.archive.retrieve.open(inst) as stream:
-        data = render_frame(stream, frame - 1, options)
-    return Response(data, media_type=options.media_type)
+    """One frame of one instance as a single image (every frame when an animated GIF or a
+    multipart answer is asked for and ``frame`` is 0)."""
+    shape, media = _rendered_media(request)
+    options = render_options(request, thumbnail, media)
+    retrieve = request.app.state.archive.retrieve
+    with retrieve.open(inst) as stream:
+        if shape == "multipart":
+            images = render_frames(stream, None if frame == 0 else [frame - 1], options)
+            return _image_parts(media, images)
+        if frame == 0 and media == "image/gif":
+            return Response(render_animation(stream, options), media_type=media)
+        data = render_frame(stream, max(frame, 1) - 1, options)
+    return Response(data, media_type=media)
+
+
+def _render_selection(request: Request, found: list[StoredInstance]) -> Response:
+    """A study or series rendered: its representative image (the middle one, at its middle
+    frame for a cine), or in multipart/related the first frame of every image."""
+    shape, media = _rendered_media(request)
+    options = render_options(request, False, media)
+    retrieve = request.app.state.archive.retrieve
+    if shape == "single":
+        chosen = _renderable(found)
+        with retrieve.open(chosen) as stream:
+            data = render_frame(stream, (chosen.number_of_frames - 1) // 2, options)
+        return Response(data, media_type=media)
+    images = []
+    for inst in [i for i in found if not is_video(i.transfer_syntax)]:
+        try:
+            with retrieve.open(inst) as stream:
+                images.append(render_frame(stream, 0, options))
+        except (NotFound, NotAcceptable) as exc:  # not an image, or not decodable here
+            log.info("instance %s left out of a rendered selection: %s", inst.sop_uid, exc)
+    if not images:
+        raise NotFound("nothing in this selection can be rendered")
+    return _image_parts(media, images)
+
+
+@router.get("/studies/{study}/rendered", summary="WADO-RS: rendered study")
+def rendered_study(request: Request, study: str, actor: Reader) -> Response:
+    """The study as an image (its representative image), or every image's first frame in
+    multipart/related."""
+    _rendered_media(request)
+    return _render_selection(request, _select(request, actor, "study.view", study))
+
+
+@router.get("/studies/{study}/series/{series}/rendered", summary="WADO-RS: rendered series")
+def rendered_series(request: Request, study: str, series: str, actor: Reader) -> Response:
+    """The series as an image (its middle image), or every image's first frame in
+    multipart/related."""
+    _rendered_media(request)
+    return _render_selection(request, _select(request, actor, "study.view", study, series))
 
 
 @router.get(
@@ -542,24 +757,32 @@ def _render(
 def rendered_instance(
     request: Request, study: str, series: str, instance: str, actor: Reader
 ) -> Response:
-    """The first frame as JPEG/PNG, windowed by ``window=center,width``."""
+    """The first frame as JPEG/PNG, windowed by ``window=center,width``; every frame as an
+    animated GIF (image/gif) or in multipart/related."""
+    _rendered_media(request)
     inst = _select(request, actor, "study.view", study, series, instance)[0]
-    return _render(request, inst, 1)
+    return _render(request, inst, 0)
 
 
 @router.get(
     "/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered",
-    summary="WADO-RS: rendered frame",
+    summary="WADO-RS: rendered frames",
 )
 def rendered_frame(
     request: Request, study: str, series: str, instance: str, frame: str, actor: Reader
 ) -> Response:
-    """One frame as JPEG/PNG."""
+    """One frame as JPEG/PNG/GIF; several (a comma-separated list) in multipart/related."""
     numbers = _frame_numbers(frame)
-    if len(numbers) != 1:
-        raise NotAcceptable("render one frame at a time")
+    shape, media = _rendered_media(request)
+    if len(numbers) != 1 and shape != "multipart":
+        raise NotAcceptable("several frames are rendered in multipart/related only")
     inst = _select(request, actor, "study.view", study, series, instance)[0]
-    return _render(request, inst, numbers[0])
+    if len(numbers) == 1:
+        return _render(request, inst, numbers[0])
+    options = render_options(request, False, media)
+    with request.app.state.archive.retrieve.open(inst) as stream:
+        images = render_frames(stream, [n - 1 for n in numbers], options)
+    return _image_parts(media, images)
 
 
 @router.get(
@@ -598,10 +821,41 @@ def _renderable(found: list[StoredInstance]) -> StoredInstance:
 # -- STOW-RS ---------------------------------------------------------------------------------
 
 _STOW_PARALLEL = 4
-FAILURE_CANNOT_UNDERSTAND = 0xC000
-FAILURE_CONFLICT = 0xA910
-FAILURE_PROCESSING = 0x0110
-FAILURE_STUDY_MISMATCH = 0xA900
+
+
+@dataclass(frozen=True)
+class StowReason:
+    """A Failure Reason (0008,1197) or Warning Reason (0008,1196) of a STOW-RS answer
+    (PS3.18 I.2), with what it means here."""
+
+    code: int
+    kind: str
+    meaning: str
+    when: str
+
+
+FAILURE_CANNOT_UNDERSTAND = StowReason(
+    0xC000, "failure", "Error: Cannot understand",
+    "the part is not a DICOM Part 10 file, a required UID is missing or invalid, the data "
+    "set or its pixel data is damaged, or the part is not application/dicom")
+FAILURE_STUDY_MISMATCH = StowReason(
+    0xA900, "failure", "Error: Data Set does not match",
+    "the instance belongs to another study than the one in the request URL")
+FAILURE_CONFLICT = StowReason(
+    0xA910, "failure", "Error: conflicts with stored data",
+    "the study belongs to another patient, or the instance is stored in another series or "
+    "study")
+FAILURE_DUPLICATE = StowReason(
+    0x0111, "failure", "Duplicate SOP Instance",
+    "an instance with this SOP Instance UID but different content is stored: the stored copy "
+    "was kept (ErrorComment 'stored copy kept'); nothing of the part was stored")
+FAILURE_PROCESSING = StowReason(
+    0x0110, "failure", "Processing failure",
+    "the archive could not store the part (storage or index unavailable); nothing was stored")
+STOW_REASONS: tuple[StowReason, ...] = (
+    FAILURE_CANNOT_UNDERSTAND, FAILURE_STUDY_MISMATCH, FAILURE_CONFLICT, FAILURE_DUPLICATE,
+    FAILURE_PROCESSING,
+)
 
 
 async def _receive(request: Request, sink: PartSink) -> None:
@@ -616,7 +870,7 @@ def _store_part(
     archive: Any, base: str, part: Any, actor: Actor, study: str | None
 ) -> tuple[bool, Dataset]:
     """Store one STOW-RS part: (stored?, its ReferencedSOPSequence or FailedSOPSequence item)."""
-    media, _ = media_type_params(part.content_type or "application/dicom")
+    media, _ = parse_media_type(part.content_type or "application/dicom")
     item = Dataset()
     try:
         if media not in ("application/dicom", "application/octet-stream"):
@@ -630,27 +884,43 @@ def _store_part(
             FAILURE_CONFLICT if isinstance(exc, ConflictingInstance)
             else FAILURE_STUDY_MISMATCH if isinstance(exc, WrongStudy)
             else FAILURE_CANNOT_UNDERSTAND
-        )
+        ).code
         item.ErrorComment = str(exc)[:64]
         return False, item
     except Exception:  # noqa: BLE001 - reported as a processing failure, nothing stored
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = "", ""
-        item.FailureReason = FAILURE_PROCESSING
+        item.FailureReason = FAILURE_PROCESSING.code
         return False, item
     finally:
         part.path.unlink(missing_ok=True)
     item.ReferencedSOPClassUID = result.sop_class_uid
     item.ReferencedSOPInstanceUID = result.sop_instance_uid
+    if result.outcome == "kept_first":
+        # The part's content was not stored: a failure, whose reason names the kept copy.
+        item.FailureReason = FAILURE_DUPLICATE.code
+        item.ErrorComment = "stored copy kept: this UID is stored with other content"[:64]
+        return False, item
     item.RetrieveURL = (
         f"{base}/studies/{result.study_uid}/series/{result.series_uid}/instances/"
         f"{result.sop_instance_uid}"
     )
-    if result.warning:
-        item.WarningReason = 0xB000
     return True, item
 
 
-def _store_parts(request: Request, sink: PartSink, actor: Actor, study: str | None) -> Response:
+def _stow_wants_xml(request: Request) -> bool:
+    """The answer's form: DICOM JSON (default) or DICOM XML; 406 otherwise (asked before
+    anything is stored)."""
+    for media_range in parse_accept(request.headers.get("accept")):
+        if media_range.media in (DICOM_JSON, "application/json", "*/*", "application/*"):
+            return False
+        if media_range.media == DICOM_XML:
+            return True
+    raise NotAcceptable(f"the answer to a store is available as {DICOM_JSON} or {DICOM_XML}")
+
+
+def _store_parts(
+    request: Request, sink: PartSink, actor: Actor, study: str | None, xml: bool = False
+) -> Response:
     archive = request.app.state.archive
     base = _base(request)
     # Parts are stored side by side: their index writes then share commits.
@@ -661,19 +931,20 @@ def _store_parts(request: Request, sink: PartSink, actor: Actor, study: str | No
     stored = [item for ok, item in outcomes if ok]
     failed = [item for ok, item in outcomes if not ok]
     answer = Dataset()
-    if study:
-        answer.RetrieveURL = f"{base}/studies/{study}"
-    elif stored:
-        studies = {str(i.RetrieveURL).split("/series/")[0] for i in stored}
-        if len(studies) == 1:
-            answer.RetrieveURL = studies.pop()
-    answer.ReferencedSOPSequence = stored
+    # Retrieve URL (type 2) names the study only when something of it was stored.
+    studies = {str(i.RetrieveURL).split("/series/")[0] for i in stored}
+    answer.RetrieveURL = studies.pop() if len(studies) == 1 else ""
+    if stored:
+        answer.ReferencedSOPSequence = stored
     if failed:
         answer.FailedSOPSequence = failed
     if not sink.parts:
         raise ImageShareError("the request holds no DICOM parts")
     status = 200 if not failed else (202 if stored else 409)
-    return JSONResponse(answer.to_json_dict(), status_code=status, media_type=DICOM_JSON)
+    body = answer.to_json_dict()
+    if xml:
+        return Response(native_dicom_xml(body), status_code=status, media_type=DICOM_XML)
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
 
 
 def _uids_of(path: Any) -> tuple[str, str]:
@@ -686,7 +957,8 @@ def _uids_of(path: Any) -> tuple[str, str]:
 
 
 async def _stow(request: Request, actor: Actor, study: str | None) -> Response:
-    media, params = media_type_params(request.headers.get("content-type", ""))
+    xml = _stow_wants_xml(request)
+    media, params = parse_media_type(request.headers.get("content-type", ""))
     if media != "multipart/related" or "boundary" not in params:
         return JSONResponse(
             {"type": "about:blank", "title": "Unsupported media type", "status": 415,
@@ -704,7 +976,7 @@ async def _stow(request: Request, actor: Actor, study: str | None) -> Response:
                     max_parts=archive.settings.stow_max_parts)
     try:
         await _receive(request, sink)
-        return await run_in_threadpool(_store_parts, request, sink, actor, study)
+        return await run_in_threadpool(_store_parts, request, sink, actor, study, xml)
     finally:
         for part in sink.parts:
             part.path.unlink(missing_ok=True)
@@ -741,9 +1013,13 @@ def wado_uri(request: Request, actor: Reader) -> Response:
     as_file = content_type == "application/dicom"
     if as_file:
         authorise_also(request, actor, STUDY_DOWNLOAD, uids[0])
-    inst = _select(request, actor, "study.retrieve", *uids, right=DOWNLOAD if as_file else VIEW)[0]
+    inst = _select(request, actor, "study.retrieve", *uids,
+                   right=DOWNLOAD if as_file else VIEW)[0]
     if as_file:
-        _actual, body = _instance_body(request, inst, params.get("transferSyntax"))
+        wanted = params.get("transferSyntax")
+        if wanted and not _producible(wanted, [inst]):
+            raise NotAcceptable(f"transfer syntax {wanted} is not offered")
+        _actual, body = _instance_body(request, inst, _planned_syntax(inst, wanted))
         data = body if isinstance(body, bytes) else file_chunks(body)
         return StreamingResponse(iter([data]) if isinstance(data, bytes) else data,
                                  media_type="application/dicom")

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.interop
 
 def _nothing_stored(server) -> bool:
     with server.http() as http:
-        return http.get("/dicomweb/instances").status_code == 204
+        response = http.get("/dicomweb/instances")
+        return response.status_code == 200 and response.json() == []
 
 
 @pytest.fixture

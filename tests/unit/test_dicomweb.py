@@ -63,8 +63,12 @@ def test_qido_studies_returns_default_attributes_and_retrieve_url(client, stored
     assert study["00081190"]["Value"][0].endswith(f"/dicomweb/studies/{_uids(stored['ct'][0])[0]}")
 
 
-def test_qido_without_matches_answers_204(client, stored):
-    assert client.get("/dicomweb/studies", params={"PatientID": "nobody"}).status_code == 204
+def test_qido_without_matches_answers_200_with_an_empty_list(client, stored):
+    for url in ("/dicomweb/studies?PatientID=nobody", "/dicomweb/studies/1.2.3/series",
+                "/dicomweb/studies/1.2.3/instances"):
+        response = client.get(url)
+        assert (response.status_code, response.json()) == (200, []), url
+        assert response.headers["content-type"] == "application/dicom+json"
 
 
 def test_qido_unknown_attribute_is_a_clear_400(client, stored):
@@ -231,6 +235,32 @@ def test_wado_is_audited_per_study(client, archive, stored):
     (event,) = list(archive.audit.events(action="study.metadata", limit=1))
     assert (event["actor"], event["study_uid"], event["instance_count"]) == (
         "user:admin", study, 3)
+
+
+def test_a_retrieval_nothing_can_answer_is_refused_before_it_is_audited(
+    client, archive, stored
+):
+    study = _uids(stored["ct"][0])[0]
+    for accept in ('multipart/related; type="application/dicom"; transfer-syntax=1.2.3.4',
+                   "text/html"):
+        response = client.get(f"/dicomweb/studies/{study}", headers={"Accept": accept})
+        assert response.status_code == 406, accept
+        assert response.headers["content-type"] == "application/problem+json"
+    assert list(archive.audit.events(action="study.retrieve", limit=5)) == []
+
+
+def test_stow_answers_in_dicom_xml_when_asked(client, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    (path,) = ct_series(tmp_path / "x", count=1, patient_id="XML1")
+    body, content_type = encode_multipart([path.read_bytes()])
+    response = client.post("/dicomweb/studies", content=body, headers={
+        "Content-Type": content_type, "Accept": "application/dicom+xml"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/dicom+xml")
+    root = ET.fromstring(response.content)
+    native = "{http://dicom.nema.org/PS3.19/models/NativeDICOM}"
+    assert root.find(f"{native}DicomAttribute[@tag='00081199']") is not None
 
 
 def test_cors_allows_only_configured_origins(tmp_path):

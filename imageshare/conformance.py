@@ -1,0 +1,191 @@
+"""The DICOM conformance statement (``docs/conformance.md``), generated from the tables the
+code itself uses: presentation contexts, transfer syntaxes and codecs, matching rules and
+indexed keys, DICOMweb routes and media types, limits, DIMSE statuses and STOW-RS reasons.
+
+``imageshare conformance`` prints it; a test keeps the file in step with the code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pydicom.datadict import keyword_for_tag
+from pydicom.uid import UID, AllTransferSyntaxes
+
+from imageshare.archive.dicom_json import BULK_DATA_THRESHOLD
+from imageshare.archive.matching import MATCHING_RULES, MAX_WILDCARD_PATTERN
+from imageshare.archive.query import INDEXED_KEYS
+from imageshare.archive.rendering import MAX_RENDERED_FRAMES
+from imageshare.archive.transcode import (
+    COMPRESSED_MEDIA_TYPES,
+    CONVERSION_TARGETS,
+    can_decode,
+    can_encode,
+)
+from imageshare.dicom.contexts import LISTENER_SYNTAXES, SCP_SOP_CLASSES
+from imageshare.dicom.statuses import STATUSES
+from imageshare.settings import setting_docs
+from imageshare.web.dicomweb import RESOURCE_MEDIA_TYPES, STOW_REASONS, router
+
+_INTRO = """\
+# ImageShare DICOM conformance statement
+
+This statement is generated from ImageShare's own tables by `imageshare conformance`; a test
+fails when it and the code disagree. It follows the outline of PS3.2 for the DICOM listener
+(one Application Entity, default title `IMAGESHARE`, port 11112) and the DICOMweb origin
+server under `/dicomweb` (PS3.18).
+
+Where PS3.4 and PS3.18 leave a choice, ImageShare answers as Orthanc and dcm4chee do, so that
+existing clients work unchanged; where they differ from the standard, the standard wins (see
+*Matching*).
+"""
+
+
+def _table(header: Iterable[str], rows: Iterable[Iterable[object]]) -> str:
+    head = list(header)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [str(cell).replace("|", "\\|").replace("\n", " ") for cell in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _name(uid: str) -> str:
+    return UID(uid).name or uid
+
+
+def _network() -> str:
+    rows = [(_name(uid), f"`{uid}`", "SCP", ", ".join(_name(s) for s in LISTENER_SYNTAXES))
+            for uid in SCP_SOP_CLASSES]
+    rows.append(("Every storage SOP class (private ones too)", "any", "SCP",
+                 "the sender's first proposal, any transfer syntax; stored byte for byte"))
+    rows.append(("Every storage SOP class of the stored instances", "as stored",
+                 "SCU (C-MOVE sub-operations)",
+                 "the stored syntax, plus Explicit and Implicit VR Little Endian"))
+    rows.append(("Every storage SOP class of the stored instances", "as stored",
+                 "SCU (C-GET, on the requester's association)",
+                 "what the requester accepted"))
+    return "## DICOM network services\n\n" + _table(
+        ("SOP class", "UID", "role", "transfer syntaxes"), rows) + """
+
+An instance is sent as stored when the receiver accepted its syntax; otherwise it is decoded
+and encoded again in a syntax the receiver accepted for its SOP class (Explicit VR Little
+Endian first); big-endian, compressed and deflated instances all reach receivers that take
+only Implicit VR Little Endian. An instance that cannot be converted is offered as stored,
+and only its sub-operation fails.
+"""
+
+
+def _transfer_syntaxes() -> str:
+    rows = []
+    for uid in AllTransferSyntaxes:
+        syntax = UID(uid)
+        if syntax.is_retired and uid not in LISTENER_SYNTAXES:
+            continue
+        rows.append((
+            syntax.name, f"`{uid}`", "yes",
+            "yes" if can_decode(uid) else "no",
+            "yes" if can_encode(uid) else "no",
+            COMPRESSED_MEDIA_TYPES.get(uid, "application/octet-stream"),
+        ))
+    return "## Transfer syntaxes\n\n" + _table(
+        ("transfer syntax", "UID", "stored as received", "decoded here",
+         "converted to on request", "frames / bulk data media type"), rows) + f"""
+
+WADO-RS and DIMSE retrieval convert to: {", ".join(_name(u) for u in CONVERSION_TARGETS)}.
+A WADO-RS request for any other syntax is answered 406, unless one of the requested instances
+is stored in it (the others then come as stored, labelled with their own syntax).
+"""
+
+
+def _matching() -> str:
+    rules = _table(("matching", "applies to", "rule"),
+                   ((r.kind, r.applies_to, r.rule) for r in MATCHING_RULES))
+    keys = [(level, f"({tag[:4]},{tag[4:]})", keyword_for_tag(int(tag, 16)))
+            for level, tag in INDEXED_KEYS]
+    return "## Query matching (C-FIND and QIDO-RS)\n\n" + rules + """
+
+The same engine answers C-FIND (Patient Root and Study Root, every level) and QIDO-RS. These
+keys are matched in the index; any other key is matched on the stored attributes of its
+level (and, at instance level, on the stored header):
+
+""" + _table(("level", "tag", "attribute"), keys) + """
+
+Compared with Orthanc 1.10 (which compares date and time keys as text): ImageShare also finds
+values stored with other precision (`1430` for `143000`) and times within the bound's own
+span (`-1430` includes 14:30:00; `143000` includes 14:30:00.5), and matches lists of times
+and wildcards inside lists. Everything Orthanc finds, ImageShare finds.
+"""
+
+
+def _dicomweb() -> str:
+    rows = []
+    for route in router.routes:
+        methods = sorted(getattr(route, "methods", []) or [])
+        if "HEAD" in methods:
+            methods.remove("HEAD")
+        rows.append((", ".join(methods), f"`{getattr(route, 'path', '')}`",
+                     getattr(route, "summary", "") or ""))
+    media = _table(("resource", "media types (Accept)"),
+                   ((name, "; or ".join(types)) for name, types in RESOURCE_MEDIA_TYPES.items()))
+    return "## DICOMweb resources\n\n" + _table(("method", "path", "transaction"), rows) + """
+
+BulkDataURIs name their attribute's path: `bulkdata/TAG` at the top level, or
+`bulkdata/SEQTAG/ITEM/TAG` (items numbered from 1) inside sequences, at any depth. URLs in
+answers (Retrieve URL, BulkDataURI) start with `IMAGESHARE_PUBLIC_URL` when it is set, else
+with the address the request was sent to (dicomweb-client sends its Host header without the
+port: set the public URL when it is a client).
+
+### Media types
+
+""" + media + """
+
+Accept headers are honoured in order of quality; a request nothing can answer is refused with
+406 and a problem document. Every part of a WADO-RS answer is known to be producible before
+the first byte is sent: an instance that cannot be converted to the syntax asked for is sent
+as stored, labelled with its real transfer syntax. A search with no match is 200 with `[]`.
+"""
+
+
+def _limits() -> str:
+    settings = {name: (env, default, help_text)
+                for name, env, default, help_text in setting_docs()}
+    rows = [(f"`{env}`", f"`{default}`", help_text)
+            for name, (env, default, help_text) in settings.items()
+            if name in ("qido_max_limit", "max_associations", "max_pdu_size", "dicom_timeout",
+                        "store_from_any_ae", "check_calling_host")]
+    rows += [
+        ("wildcard pattern length", f"`{MAX_WILDCARD_PATTERN}`",
+         "Longest key with `*` or `?` (longer ones are refused with a reason)."),
+        ("inline binary in metadata", f"`{BULK_DATA_THRESHOLD}` bytes",
+         "Longer binary values are given as BulkDataURIs."),
+        ("rendered frames per request", f"`{MAX_RENDERED_FRAMES}`",
+         "Most frames one rendered answer (multipart or animated GIF) holds."),
+    ]
+    return "## Limits\n\n" + _table(("limit", "default", "meaning"), rows) + "\n"
+
+
+def _statuses() -> str:
+    dimse = _table(("service", "status", "category", "meaning", "answered when"),
+                   ((s.service, f"`{s.code:04X}`", s.category, s.meaning, s.when)
+                    for s in STATUSES))
+    stow = _table(("reason", "kind", "meaning", "given when"),
+                  ((f"`{r.code:04X}`", r.kind, r.meaning, r.when) for r in STOW_REASONS))
+    return "## DIMSE statuses\n\n" + dimse + """
+
+Refusals carry an Error Comment with the reason where pynetdicom allows one.
+
+## STOW-RS results
+
+""" + stow + """
+
+The answer is 200 when every part was stored, 202 when some were, 409 when none was; parts
+that failed are listed in Failed SOP Sequence with their reason and an Error Comment. The
+study's Retrieve URL is given only when something of one study was stored.
+"""
+
+
+def statement() -> str:
+    """The whole conformance statement in Markdown."""
+    return "\n".join((_INTRO, _network(), _transfer_syntaxes(), _matching(), _dicomweb(),
+                      _limits(), _statuses())).rstrip() + "\n"

@@ -1,0 +1,119 @@
+"""The DIMSE statuses ImageShare answers, per service: one table (PS3.4 Annex B and C,
+PS3.7 Annex C), used by the listener and listed in the conformance statement.
+
+Refusals use the codes each service defines, so that peers such as DCMTK name them; every
+refusal that pynetdicom lets us comment on carries an Error Comment saying why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+
+
+@dataclass(frozen=True)
+class DimseStatus:
+    """One status of one service: its code, category, the standard's name and when
+    ImageShare answers it."""
+
+    service: str
+    code: int
+    category: str
+    meaning: str
+    when: str
+
+    def dataset(self, comment: str = "") -> Dataset:
+        """The status as a data set, with an Error Comment (at most 64 characters)."""
+        ds = Dataset()
+        ds.Status = self.code
+        if comment:
+            ds.ErrorComment = comment[:64]
+        return ds
+
+
+def _status(service: str, code: int, category: str, meaning: str, when: str) -> DimseStatus:
+    return DimseStatus(service, code, category, meaning, when)
+
+
+ECHO_SUCCESS = _status("C-ECHO", 0x0000, "Success", "Success", "the association may echo")
+ECHO_NOT_AUTHORISED = _status(
+    "C-ECHO", 0x0124, "Failure", "Refused: Not Authorized",
+    "the calling AE title may not use the listener")
+
+STORE_SUCCESS = _status("C-STORE", 0x0000, "Success", "Success",
+                        "the instance is fsynced and indexed (or was already stored as sent)")
+STORE_NOT_AUTHORISED = _status(
+    "C-STORE", 0x0124, "Failure", "Refused: Not Authorized",
+    "the calling AE title may not store here")
+STORE_OUT_OF_RESOURCES = _status(
+    "C-STORE", 0xA700, "Failure", "Refused: Out of Resources",
+    "the archive could not store the instance (storage or index unavailable)")
+STORE_CONFLICT = _status(
+    "C-STORE", 0xA910, "Failure", "Error: Data Set does not match (conflict with stored data)",
+    "the study belongs to another patient, or the instance is stored in another series")
+STORE_CANNOT_UNDERSTAND = _status(
+    "C-STORE", 0xC000, "Failure", "Error: Cannot understand",
+    "the data set cannot be parsed, lacks a required UID, or its pixel data is damaged")
+
+FIND_PENDING = _status("C-FIND", 0xFF00, "Pending", "Pending: Matches are continuing",
+                       "one per match")
+FIND_SUCCESS = _status("C-FIND", 0x0000, "Success", "Success", "every match was sent")
+FIND_CANCEL = _status("C-FIND", 0xFE00, "Cancel", "Matching terminated due to Cancel",
+                      "the peer sent C-CANCEL")
+FIND_IDENTIFIER_MISMATCH = _status(
+    "C-FIND", 0xA900, "Failure", "Identifier does not match SOP Class",
+    "unknown Query/Retrieve Level, a key below the level, a malformed date, time or number")
+FIND_NOT_AUTHORISED = _status(
+    "C-FIND", 0xC001, "Failure", "Unable to process (refused: not authorised)",
+    "the calling AE title is not registered for queries (or not from its host)")
+FIND_UNABLE = _status(
+    "C-FIND", 0xC000, "Failure", "Unable to process",
+    "the index could not answer (Error Comment says so; no details)")
+
+MOVE_PENDING = _status("C-MOVE", 0xFF00, "Pending", "Sub-operations are continuing",
+                       "before each instance is sent")
+MOVE_SUCCESS = _status("C-MOVE", 0x0000, "Success", "Sub-operations complete, no failures",
+                       "every instance was stored by the destination")
+MOVE_WARNING = _status("C-MOVE", 0xB000, "Warning",
+                       "Sub-operations complete, one or more failures",
+                       "the destination refused some instances (failed UIDs listed)")
+MOVE_CANCEL = _status("C-MOVE", 0xFE00, "Cancel", "Sub-operations terminated due to Cancel",
+                      "the peer sent C-CANCEL")
+MOVE_DESTINATION_UNKNOWN = _status(
+    "C-MOVE", 0xA801, "Failure", "Refused: Move Destination unknown",
+    "the Move Destination is not a registered node, or does not answer")
+MOVE_IDENTIFIER_MISMATCH = _status(
+    "C-MOVE", 0xA900, "Failure", "Identifier does not match SOP Class",
+    "unknown Query/Retrieve Level or missing unique keys")
+MOVE_NOT_AUTHORISED = _status(
+    "C-MOVE", 0xC514, "Failure", "Unable to process (refused: not authorised)",
+    "the calling AE title is not registered for retrieval (pynetdicom gives no Error Comment "
+    "before a destination is chosen)")
+
+GET_PENDING = _status("C-GET", 0xFF00, "Pending", "Sub-operations are continuing",
+                      "before each instance is sent")
+GET_SUCCESS = _status("C-GET", 0x0000, "Success", "Sub-operations complete, no failures",
+                      "every instance was stored by the requester")
+GET_WARNING = _status("C-GET", 0xB000, "Warning", "Sub-operations complete, one or more failures",
+                      "the requester refused some instances (failed UIDs listed)")
+GET_CANCEL = _status("C-GET", 0xFE00, "Cancel", "Sub-operations terminated due to Cancel",
+                     "the peer sent C-CANCEL")
+GET_IDENTIFIER_MISMATCH = _status(
+    "C-GET", 0xA900, "Failure", "Identifier does not match SOP Class",
+    "unknown Query/Retrieve Level or missing unique keys")
+GET_NOT_AUTHORISED = _status(
+    "C-GET", 0xC001, "Failure", "Unable to process (refused: not authorised)",
+    "the calling AE title is not registered for retrieval (or not from its host)")
+
+STATUSES: tuple[DimseStatus, ...] = (
+    ECHO_SUCCESS, ECHO_NOT_AUTHORISED,
+    STORE_SUCCESS, STORE_NOT_AUTHORISED, STORE_OUT_OF_RESOURCES, STORE_CONFLICT,
+    STORE_CANNOT_UNDERSTAND,
+    FIND_PENDING, FIND_SUCCESS, FIND_CANCEL, FIND_IDENTIFIER_MISMATCH, FIND_NOT_AUTHORISED,
+    FIND_UNABLE,
+    MOVE_PENDING, MOVE_SUCCESS, MOVE_WARNING, MOVE_CANCEL, MOVE_DESTINATION_UNKNOWN,
+    MOVE_IDENTIFIER_MISMATCH, MOVE_NOT_AUTHORISED,
+    GET_PENDING, GET_SUCCESS, GET_WARNING, GET_CANCEL, GET_IDENTIFIER_MISMATCH,
+    GET_NOT_AUTHORISED,
+)
