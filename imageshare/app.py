@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import faulthandler
 import logging
 import multiprocessing
 import os
@@ -45,7 +46,7 @@ from imageshare.domain.errors import ConfigurationError
 from imageshare.exchange.dicomweb_site import DicomwebSites
 from imageshare.exchange.federated import ExchangeService
 from imageshare.exchange.inbox import Inbox, Retention
-from imageshare.exchange.nodes import NodeRegistry
+from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 from imageshare.exchange.requests import ImagingRequests
 from imageshare.exchange.transfers import Transfers
 from imageshare.export.service import ExportService
@@ -105,6 +106,7 @@ class Archive:
     retention: Retention
     deletion: ArchiveDeletion
     requests: ImagingRequests
+    refused_callers: RefusedCallers
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -172,7 +174,9 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     )
     writer = IndexWriter(writer_engine)
     ingest = IngestService(
-        blobs, writer, audit, settings.staging_dir, overwrite=settings.overwrite_instances
+        blobs, writer, audit, settings.staging_dir, overwrite=settings.overwrite_instances,
+        min_free_mb=settings.min_free_disk_mb, quarantine_dir=settings.quarantine_dir,
+        patient_mismatch=settings.patient_mismatch,
     )
     retrieve = RetrieveService(engine, blobs, audit, settings.staging_dir)
     query = QueryService(
@@ -236,6 +240,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         inbox=Inbox(engine, catalogue, corrections, deletion, audit),
         retention=Retention(deletion, settings.temporary_days), deletion=deletion,
         requests=ImagingRequests(engine, nodes, notifier, audit, settings.ae_title, tls),
+        refused_callers=RefusedCallers(engine, nodes, audit),
     )
 
 
@@ -305,8 +310,9 @@ def _make_listener(archive: Archive, shared_port: bool) -> Any:
         archive.ingest, archive.query, archive.retrieve, archive.nodes, archive.policy,
         max_associations=settings.max_associations, timeout=settings.dicom_timeout,
         max_pdu=settings.max_pdu_size, check_calling_host=settings.check_calling_host,
-        shared_port=shared_port, tls_port=settings.dicom_tls_port,
-        ssl_context=dicom_server_context(settings), client_ssl_context=client_context(settings),
+        shared_port=shared_port, refusals=archive.refused_callers,
+        tls_port=settings.dicom_tls_port, ssl_context=dicom_server_context(settings),
+        client_ssl_context=client_context(settings),
     )
 
 
@@ -332,7 +338,7 @@ def run_dicom_worker(settings: Settings, ready: Any) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
-    listener.stop()
+    listener.stop(settings.shutdown_grace_seconds)
     archive.close()
 
 
@@ -357,11 +363,27 @@ def _start_housekeeping(archive: Archive, every: float = 3600.0) -> threading.Ev
 
 def serve(settings: Settings) -> None:
     """Run HTTP and the DICOM listener until SIGINT/SIGTERM; further processes share the
-    DICOM port (``dicom_processes``) so that concurrent associations use every core."""
+    DICOM port (``dicom_processes``) so that concurrent associations use every core.
+
+    On SIGTERM or SIGINT no new association or request is taken; open ones get
+    ``shutdown_grace_seconds`` to finish (then they are ended), running transfers stop between
+    instances (resumed on the next start), the index is closed, and the process exits 0.
+    """
     import uvicorn
 
     from imageshare.web.server import create_app, http_server_config
 
+    stopping = threading.Event()
+
+    def _early_stop(_signum: int, _frame: Any) -> None:
+        stopping.set()
+
+    # From here on a signal asks for a clean stop (also while starting); SIGUSR1 writes
+    # every thread's stack to the log (for an operator asking what a busy server is doing).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.signal(signal.SIGTERM, _early_stop)
+    signal.signal(signal.SIGINT, _early_stop)
+    grace = settings.shutdown_grace_seconds
     for warning in exposure_warnings(settings):
         log.warning("%s", warning)
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
@@ -374,9 +396,10 @@ def serve(settings: Settings) -> None:
             flush=True,
         )
     recover(archive)
+    archive.transfers.resume_interrupted()
     listener = None
     workers: list[multiprocessing.process.BaseProcess] = []
-    if settings.dicom_port or settings.dicom_tls_port:
+    if (settings.dicom_port or settings.dicom_tls_port) and not stopping.is_set():
         processes = dicom_processes(settings)
         listener = _make_listener(archive, shared_port=processes > 1)
         listener.start()
@@ -397,8 +420,30 @@ def serve(settings: Settings) -> None:
         log.info("DICOM listener %s on port %s, TLS port %s (%d processes)",
                  settings.ae_title, listener.port, listener.tls_port or "none", processes)
     housekeeping = _start_housekeeping(archive)
+
+    def stop_dicom() -> None:
+        """Drain DICOM in every process at once: the workers on their SIGTERM, this one here."""
+        for worker in workers:
+            worker.terminate()
+        if listener is not None:
+            listener.stop(grace)
+        for worker in workers:
+            worker.join(grace + 5)
+            if worker.is_alive():
+                log.warning("DICOM worker %s did not stop in time; killed", worker.name)
+                worker.kill()
+
+    draining = threading.Thread(target=stop_dicom, name="dicom-drain")
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not draining.is_alive() and draining.ident is None:
+                draining.start()  # DICOM drains while HTTP does
+            archive.transfers.close()
+            super().handle_exit(sig, frame)
+
     app = create_app(archive)
-    server = uvicorn.Server(http_server_config(app, settings))
+    server = _Server(http_server_config(app, settings))
     scheme = "https" if https_enabled(settings) else "http"
     tls = f", DICOM TLS port {settings.dicom_tls_port}" if settings.dicom_tls_port else ""
     print(
@@ -407,13 +452,14 @@ def serve(settings: Settings) -> None:
         file=sys.stderr, flush=True,
     )
     try:
-        server.run()
+        if not stopping.is_set():
+            server.run()
     finally:
         housekeeping.set()
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.join(15)
-        if listener is not None:
-            listener.stop()
+        archive.transfers.close()
+        if draining.ident is None:
+            draining.start()
+        draining.join()
         archive.close()
+        log.info("ImageShare stopped")
+        print("ImageShare stopped", file=sys.stderr, flush=True)

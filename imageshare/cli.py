@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="DICOMweb credentials: user:password or 'Bearer TOKEN'")
     nlist = node.add_parser("list", help="list registered nodes")
     _common(nlist)
+    nrefused = node.add_parser(
+        "refused", help="list DICOM callers that were refused (AE title, host, count, reason)")
+    _common(nrefused)
     nrm = node.add_parser("remove", help="forget a node")
     _common(nrm)
     nrm.add_argument("ae_title")
@@ -453,6 +456,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         if args.command == "node" and args.action == "list":
             for n in archive.nodes.all():
                 print(f"{n.ae_title}\t{n.host}:{n.port}\t{n.dicomweb_url}\t{n.display_name}")
+            return 0
+        if args.command == "node" and args.action == "refused":
+            for c in archive.refused_callers.all():
+                print(f"{c.ae_title}\t{c.host}\t{c.count}\t{c.service}\t{c.reason}\t"
+                      f"{c.last_seen:%Y-%m-%d %H:%M}")
             return 0
         if args.command == "node" and args.action == "remove":
             archive.nodes.remove(args.ae_title)

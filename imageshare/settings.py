@@ -49,10 +49,25 @@ class Settings:
         False, "Replace a stored instance when the same SOP Instance UID arrives with new content."
     )
     store_from_any_ae: bool = _setting(
-        True, "Accept C-STORE from any calling AE title; false: only from registered nodes."
+        False, "Accept C-STORE from any calling AE title (not only registered nodes); "
+        "refused callers are listed for administrators either way."
     )
     check_calling_host: bool = _setting(
-        False, "Query/retrieve only when the peer's address matches its registered host."
+        True, "Serve a registered AE title only from its registered host (a call from "
+        "elsewhere is refused and audited as a spoofing attempt)."
+    )
+    patient_mismatch: str = _setting(
+        "refuse", "An instance whose Patient ID is on record with another name or birth date: "
+        "'refuse' it with the reason, or 'hold' it in the inbox for reconciliation. The "
+        "patient's record is never changed by it."
+    )
+    min_free_disk_mb: int = _setting(
+        500, "Free space (MB) below which stores are refused as out of resources (DIMSE "
+        "A700, STOW-RS 507) before the disk is full; 0: no floor."
+    )
+    shutdown_grace_seconds: float = _setting(
+        20.0, "On SIGTERM/SIGINT, seconds to let open associations and HTTP requests finish "
+        "before they are ended."
     )
     max_associations: int = _setting(32, "Most DICOM associations served at once.")
     dicom_processes: int = _setting(
@@ -162,6 +177,10 @@ class Settings:
         "start, readable by the owner only); empty: secret-key in the data dir."
     )
 
+    def __post_init__(self) -> None:
+        if self.patient_mismatch not in ("refuse", "hold"):
+            raise ConfigurationError("patient_mismatch is 'refuse' or 'hold'")
+
     @property
     def resolved_database_url(self) -> str:
         """The index URL, defaulting to SQLite in the data dir."""
@@ -180,6 +199,11 @@ class Settings:
     def staging_dir(self) -> Path:
         """Local folder where incoming bytes are written before they are stored."""
         return self.data_dir / "staging"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        """Where start-up recovery puts blobs it could not store again, with the reason."""
+        return self.data_dir / "quarantine"
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some values changed (values are converted like environment values)."""

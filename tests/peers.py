@@ -47,6 +47,9 @@ class RunningServer:
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     log_path: Path | None = None
+    # The modalities the tests send from, registered (store only, at 127.0.0.1) before the
+    # server starts, as a hospital registers its scanners: only registered AEs may store.
+    modalities: tuple[str, ...] = ("STORESCU", "DCMSEND", "PYNETDICOM")
     scheme: str = "http"  # "https" with IMAGESHARE_TLS_* in extra_env
     ca_file: str | None = None  # trusted for https
     _admin_token: str = ""
@@ -83,7 +86,32 @@ class RunningServer:
             capture_output=True, check=check, timeout=300,
         )
 
+    def register(self, *ae_titles: str, host: str = "127.0.0.1", port: int = 104) -> None:
+        """Register calling AE titles as modalities that may store (also while it runs)."""
+        from imageshare.app import _secret_box
+        from imageshare.exchange.nodes import Node, NodeRegistry
+        from imageshare.settings import load_settings
+        from imageshare.storage.index.database import make_engine, migrate
+
+        # Only the index is opened (the blob store, say S3, takes its credentials from the
+        # process environment, which is the server's, not this one's).
+        settings = load_settings(environ=self.env())
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        engine = make_engine(settings.resolved_database_url)
+        try:
+            migrate(engine)
+            nodes = NodeRegistry(engine, _secret_box(settings))
+            for ae in ae_titles:
+                if nodes.find(ae) is None:
+                    nodes.add(Node(ae, host, port, may_query=False, may_retrieve=False,
+                                   searchable=False, retrieve_from=False, send_to=False))
+        finally:
+            engine.dispose()
+
     def start(self) -> RunningServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.modalities:
+            self.register(*self.modalities)
         self.log_path = self.data_dir.parent / f"server-{self.http_port}.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")

@@ -100,7 +100,7 @@ def _nothing_shared(_actor: Actor) -> Sequence[Grant]:
 class Policy:
     """Access rules of this installation."""
 
-    store_from_any_ae: bool = True
+    store_from_any_ae: bool = False
     # What is shared with a user outside their role: the items of identifiable shares naming
     # them, each with its rights (sharing fills this in).
     shared_with: Callable[[Actor], Sequence[Grant]] = field(default=_nothing_shared)

@@ -31,6 +31,7 @@ class ImportReport:
     duplicates: int = 0
     kept_first: int = 0
     replaced: int = 0
+    held: int = 0
     skipped: int = 0
     refused: list[tuple[str, str]] = field(default_factory=list)
     studies: set[str] = field(default_factory=set)
@@ -40,7 +41,9 @@ class ImportReport:
         return (
             f"{self.stored} stored, {self.duplicates} duplicates, {self.kept_first} kept "
             f"(different content, stored copy kept), {self.replaced} replaced, "
-            f"{len(self.refused)} refused, {self.skipped} skipped (not DICOM); "
+            + (f"{self.held} held for reconciliation (patient details differ), "
+               if self.held else "")
+            + f"{len(self.refused)} refused, {self.skipped} skipped (not DICOM); "
             f"{len(self.studies)} studies"
         )
 
@@ -363,6 +366,8 @@ class Importer(DicomInputs):
             report.studies.add(result.study_uid)
             if result.outcome == "stored":
                 report.stored += 1
+            elif result.outcome == "held":
+                report.held += 1
             elif result.outcome == "duplicate":
                 report.duplicates += 1
             elif result.outcome == "kept_first":

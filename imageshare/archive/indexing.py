@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Literal
 
@@ -19,12 +19,15 @@ from imageshare.storage.index.schema import (
     studies,
 )
 
-Status = Literal["stored", "duplicate", "replaced", "kept_first", "conflict"]
+Status = Literal["stored", "duplicate", "replaced", "kept_first", "conflict", "held"]
+# The issuer under which instances held for reconciliation are filed, beside the record.
+HELD_PREFIX = "held:"
 
 # Statements of the hot path, built once: building a statement costs more than running it.
 _INSTANCE_PK = select(instances.c.pk).where(instances.c.sop_uid == bindparam("sop_uid"))
 _STUDY_FACTS = (
-    select(studies.c.pk, patients.c.patient_id, patients.c.issuer, studies.c.modalities)
+    select(studies.c.pk, patients.c.patient_id, patients.c.issuer, studies.c.modalities,
+           patients.c.name_norm, patients.c.birth_date)
     .join(patients, patients.c.pk == studies.c.patient_pk)
     .where(studies.c.study_uid == bindparam("study_uid"))
 )
@@ -134,6 +137,34 @@ class _KnownStudy:
     patient_id: str
     issuer: str
     modalities: str
+    name_norm: str = ""
+    birth_date: str = ""
+
+
+def _comparable_name(name_norm: str) -> str:
+    """The alphabetic group of a folded name without trailing empty components."""
+    return name_norm.split("=")[0].rstrip("^ ")
+
+
+def patient_differs(h: InstanceHeader, name_norm: str, birth_date: str) -> str:
+    """What of the instance's patient contradicts the record ("" when nothing does). A value
+    missing on either side contradicts nothing."""
+    differences = []
+    theirs, ours = _comparable_name(h.name_norm), _comparable_name(name_norm)
+    if theirs and ours and theirs != ours:
+        differences.append("name")
+    if h.birth_date and birth_date and h.birth_date != birth_date:
+        differences.append("birth date")
+    return " and ".join(differences)
+
+
+def _mismatch(h: InstanceHeader, differs: str) -> IndexOutcome:
+    return IndexOutcome(
+        "conflict",
+        f"patient ID {_describe_patient(h.patient_id, h.issuer)} is on record with another "
+        f"{differs}; the instance was not filed under that patient (reconcile it first)",
+        audit_reason=f"patient {differs} differs from the record",
+    )
 
 
 @dataclass(frozen=True)
@@ -200,15 +231,26 @@ def index_instance(
     now: datetime,
     known: KnownParents,
     retention_class: str = "clinical",
+    patient_mismatch: str = "refuse",
     sha256: str | None = None,
 ) -> IndexOutcome:
     """Add a new instance (its SOP Instance UID is not yet indexed) with its parents;
     ``sha256`` is the digest of its blob.
 
     Refuses (``conflict``) an instance whose study belongs to another patient, or whose series
-    belongs to another study, and changes nothing then.
+    belongs to another study, and changes nothing then. An instance whose Patient ID is on
+    record with another name or birth date is never filed under that record: it is refused,
+    or with ``patient_mismatch="hold"`` the new study it starts is filed beside the record
+    (issuer ``held:...``) as ``held`` for reconciliation; the record itself never changes.
     """
     study = known.study(conn, h.study_uid)
+    held = ""
+    if (study is not None and study.patient_id == h.patient_id
+            and study.issuer == (HELD_PREFIX + h.issuer)[:64]):
+        # More of a study already held for reconciliation: held with it.
+        h = replace(h, issuer=study.issuer)
+        retention_class = "held"
+        held = "the study is held for reconciliation"
     if study is not None and (study.patient_id, study.issuer) != (h.patient_id, h.issuer):
         return IndexOutcome(
             "conflict",
@@ -217,6 +259,21 @@ def index_instance(
             audit_reason=f"study belongs to patient "
             f"{_describe_patient(study.patient_id, study.issuer)}",
         )
+    if study is not None:
+        differs = patient_differs(h, study.name_norm, study.birth_date)
+        if differs and not study.issuer.startswith(HELD_PREFIX):
+            return _mismatch(h, differs)
+    else:
+        record = conn.execute(
+            select(patients.c.name_norm, patients.c.birth_date).where(
+                patients.c.patient_id == h.patient_id, patients.c.issuer == h.issuer)).first()
+        differs = patient_differs(h, record[0], record[1]) if record is not None else ""
+        if differs and patient_mismatch != "hold":
+            return _mismatch(h, differs)
+        if differs:
+            held = f"patient {differs} differs from the record of this Patient ID"
+            h = replace(h, issuer=(HELD_PREFIX + h.issuer)[:64])
+            retention_class = "held"
     series_row = known.one_series(conn, h.series_uid)
     if series_row is not None and (study is None or series_row.study_pk != study.pk):
         return IndexOutcome(
@@ -233,7 +290,7 @@ def index_instance(
         ).inserted_primary_key[0]
         modalities = ""
         study = known.studies[h.study_uid] = _KnownStudy(
-            study_pk, h.patient_id, h.issuer, modalities
+            study_pk, h.patient_id, h.issuer, modalities, h.name_norm, h.birth_date
         )
     else:
         study_pk = study.pk
@@ -271,6 +328,8 @@ def index_instance(
         {"study_key": study_pk, "new_series": int(new_series),
          "new_modalities": study.modalities, "now": now},
     )
+    if held:
+        return IndexOutcome("held", f"held for reconciliation: {held}")
     return IndexOutcome("stored")
 
 
@@ -291,9 +350,11 @@ def replace_instance_blob(
     return IndexOutcome("replaced", obsolete_blob=existing.blob_key)
 
 
-def note_inbox_arrival(conn: Connection, study_uid: str, site: str, now: datetime) -> None:
+def note_inbox_arrival(conn: Connection, study_uid: str, site: str, now: datetime,
+                       note: str = "") -> None:
     """Count an instance of ``study_uid`` received from ``site`` in the inbox (a new item, or
-    a pending one growing; a study decided before is opened for review again)."""
+    a pending one growing; a study decided before is opened for review again). ``note`` says
+    why it is there when it is not simply another site's study."""
     updated = conn.execute(
         update(inbox_items).where(inbox_items.c.study_uid == study_uid,
                                   inbox_items.c.site == site)
@@ -302,4 +363,4 @@ def note_inbox_arrival(conn: Connection, study_uid: str, site: str, now: datetim
     if not updated:
         conn.execute(insert(inbox_items).values(
             study_uid=study_uid, site=site[:64], status="pending", instances=1,
-            first_received=now, last_received=now))
+            first_received=now, last_received=now, note=note[:2000]))

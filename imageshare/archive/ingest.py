@@ -6,8 +6,10 @@ de-duplication and conflict checks) and audit in one committed transaction -> ac
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 
 from imageshare.access.policy import INBOX
 from imageshare.archive.header import InstanceHeader, read_header
@@ -31,13 +34,42 @@ from imageshare.archive.indexing import (
 )
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ConflictingInstance, InvalidInstance, WrongStudy
+from imageshare.domain.errors import (
+    ConflictingInstance,
+    InvalidInstance,
+    OutOfResources,
+    WrongStudy,
+)
 from imageshare.storage.blobs import BlobStore, StoredBlob, digest_of, new_blob_key, store_file
 
 log = logging.getLogger("imageshare.ingest")
 _CHUNK = 1 << 20
+# Write errors that mean "no room": the store is refused as out of resources.
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
-Outcome = Literal["stored", "duplicate", "replaced", "kept_first"]
+
+def no_room(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) is a write that failed for lack of space."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in NO_ROOM:
+            return True
+        if isinstance(exc, DBAPIError) and "full" in str(exc.orig).lower():
+            return True  # SQLite: "database or disk is full"; PostgreSQL: "No space left"
+        if isinstance(exc, DBAPIError) and "no space left" in str(exc.orig).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def out_of_room(floor_mb: int = 0) -> OutOfResources:
+    """The refusal given when the disk is full (or below the floor of ``floor_mb``)."""
+    if floor_mb:
+        return OutOfResources(
+            f"out of resources: the archive's disk has less than {floor_mb} MB free; "
+            "nothing was stored")
+    return OutOfResources("out of resources: the archive's disk is full; nothing was stored")
+
+Outcome = Literal["stored", "duplicate", "replaced", "kept_first", "held"]
 
 
 @dataclass(frozen=True)
@@ -72,16 +104,38 @@ class IngestService:
         audit: AuditTrail,
         staging_dir: Path,
         overwrite: bool = False,
+        min_free_mb: int = 0,
+        quarantine_dir: Path | None = None,
+        patient_mismatch: str = "refuse",
     ) -> None:
         self.blobs = blobs
         self.writer = writer
         self.audit = audit
         self.staging_dir = staging_dir
         self.overwrite = overwrite
+        self.min_free_mb = min_free_mb
+        self.patient_mismatch = patient_mismatch
+        self.quarantine_dir = quarantine_dir or staging_dir.parent / "quarantine"
         self._blob_io = ThreadPoolExecutor(max_workers=16, thread_name_prefix="blob-io")
         self._known = KnownParents()
         writer.on_failure(self._known.clear)
         staging_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- room ------------------------------------------------------------------------------
+
+    def check_room(self) -> None:
+        """Raise :class:`OutOfResources` when the staging or blob disk has less free space than
+        the floor (``min_free_disk_mb``): stores are refused cleanly before the disk is full."""
+        if self.min_free_mb <= 0:
+            return
+        floor = self.min_free_mb << 20
+        for folder in {self.staging_dir, getattr(self.blobs, "root", self.staging_dir)}:
+            try:
+                stat = os.statvfs(folder)
+            except OSError:
+                continue
+            if stat.f_bavail * stat.f_frsize < floor:
+                raise out_of_room(self.min_free_mb)
 
     # -- ways in -------------------------------------------------------------------------
 
@@ -94,11 +148,18 @@ class IngestService:
         self, stream: BinaryIO, actor: Actor, expected_study: str | None = None
     ) -> StoreResult:
         """Store a Part 10 file read from ``stream`` (STOW-RS parts, uploads)."""
+        self.ensure_room(actor)
         out, path = self.staging_file()
         try:
-            with out:
-                while chunk := stream.read(_CHUNK):
-                    out.write(chunk)
+            try:
+                with out:
+                    while chunk := stream.read(_CHUNK):
+                        out.write(chunk)
+            except OSError as exc:
+                if no_room(exc):
+                    self._audit_quietly(actor, "out of resources")
+                    raise out_of_room() from exc
+                raise
             return self.store_staged(path, actor, expected_study)
         finally:
             path.unlink(missing_ok=True)
@@ -114,9 +175,40 @@ class IngestService:
         """Store the Part 10 file at ``path``, which the pipeline may move or delete.
 
         Returns only when the bytes are fsynced and the index commit containing them is done.
-        Raises :class:`InvalidInstance` or :class:`ConflictingInstance`, changing nothing.
-        ``expected_study`` refuses instances of any other study (STOW-RS to a study URL).
+        Raises :class:`InvalidInstance`, :class:`ConflictingInstance` or (no room on the disk)
+        :class:`OutOfResources`, changing nothing. ``expected_study`` refuses instances of
+        any other study (STOW-RS to a study URL).
         """
+        self.ensure_room(actor)
+        try:
+            return self._store_staged(path, actor, expected_study)
+        except Exception as exc:
+            if no_room(exc):
+                self._audit_quietly(actor, "out of resources")
+                raise out_of_room() from exc
+            raise
+
+    def ensure_room(self, actor: Actor) -> None:
+        """:meth:`check_room`, auditing a refusal as a failed store by ``actor``."""
+        try:
+            self.check_room()
+        except OutOfResources:
+            self._audit_quietly(actor, "out of resources")
+            raise
+
+    def _audit_quietly(
+        self, actor: Actor, reason: str, header: InstanceHeader | None = None
+    ) -> None:
+        """Audit a store that failed; the audit may fail for the same reason (a full disk, a
+        database gone), which must not hide the first error."""
+        try:
+            self._audit_refusal(actor, "instance.store", reason, header, outcome="failure")
+        except Exception as exc:  # noqa: BLE001 - the refusal itself is what counts
+            log.warning("refusal could not be audited: %s", type(exc).__name__)
+
+    def _store_staged(
+        self, path: Path, actor: Actor, expected_study: str | None
+    ) -> StoreResult:
         key = new_blob_key()
         on_disk = Prerequisite()
         # Opened by descriptor: it stays readable while the file is moved into the store, and
@@ -139,6 +231,9 @@ class IngestService:
                 self._discard(moving, key)
                 self._audit_refusal(actor, "instance.store", str(exc), None)
                 raise
+            except BaseException:
+                self._discard(moving, key)  # nothing was acknowledged: nothing may stay
+                raise
         pending = self.writer.submit_async(
             lambda conn: self._index(conn, header, key, moving, actor), on_disk
         )
@@ -150,16 +245,14 @@ class IngestService:
             except Exception:  # noqa: BLE001 - the storage error below is the one to report
                 pass
             self._discard(moving, key)
-            self._audit_refusal(actor, "instance.store", "the bytes could not be stored",
-                                header, outcome="failure")
+            self._audit_quietly(actor, "the bytes could not be stored", header)
             raise
         try:
             outcome = pending.result()
         except BaseException as exc:
             self.blobs.delete(key)
-            self._audit_refusal(actor, "instance.store",
-                                f"the index could not record it ({type(exc).__name__})",
-                                header, outcome="failure")
+            self._audit_quietly(actor, f"the index could not record it ({type(exc).__name__})",
+                                header)
             raise
         if outcome.status in ("duplicate", "kept_first", "conflict"):
             self.blobs.delete(key)
@@ -211,9 +304,12 @@ class IngestService:
                 actor.kind == "user" and actor.role == "site")
             outcome = index_instance(conn, h, key, stored.size, actor.source, now, self._known,
                                      retention_class="inbox" if from_site else "clinical",
+                                     patient_mismatch=self.patient_mismatch,
                                      sha256=stored.sha256)
             if from_site and outcome.status == "stored":
                 note_inbox_arrival(conn, h.study_uid, actor.name, now)
+            elif outcome.status == "held":
+                note_inbox_arrival(conn, h.study_uid, actor.name, now, outcome.reason)
         elif (existing.study_uid, existing.series_uid) != (h.study_uid, h.series_uid):
             outcome = IndexOutcome(
                 "conflict",
@@ -238,7 +334,7 @@ class IngestService:
                 action="instance.store",
                 outcome="refused" if outcome.status == "conflict" else (
                     "success" if outcome.status in ("stored", "duplicate") else "warning"
-                ),
+                ),  # held: stored, with a warning
                 patient_id=h.patient_id,
                 study_uid=h.study_uid,
                 instance_count=1,
@@ -270,21 +366,54 @@ class IngestService:
 
     def recover_unindexed(self, known_keys: set[str], actor: Actor, since: str = "") -> int:
         """Index blobs (keys from ``since`` on) that are on disk but missing from the index,
-        e.g. after a power loss took the last index commits."""
+        e.g. after a power loss took the last index commits.
+
+        A blob that cannot be stored again (damaged, refused, or failing in any other way than
+        the index being unreachable) is moved to the quarantine folder with a note of the
+        reason, logged without patient data, and recovery goes on: one bad blob never stops
+        the start."""
         recovered = 0
         for key in self.blobs.keys(since):
             if key in known_keys:
                 continue
             out, path = self.staging_file()
-            with out, self.blobs.open(key) as src:
-                while chunk := src.read(_CHUNK):
-                    out.write(chunk)
+            try:
+                with out, self.blobs.open(key) as src:
+                    while chunk := src.read(_CHUNK):
+                        out.write(chunk)
+            except (OSError, KeyError) as exc:
+                path.unlink(missing_ok=True)
+                log.error("start-up recovery: blob %s cannot be read (%s); left in place",
+                          key, type(exc).__name__)
+                continue
             try:
                 self.store_staged(path, actor)
                 recovered += 1
-            except (InvalidInstance, ConflictingInstance):
-                pass
-            finally:
+            except DBAPIError:
                 path.unlink(missing_ok=True)
-                self.blobs.delete(key)
+                raise  # the index is unreachable: the start fails and says so
+            except Exception as exc:  # noqa: BLE001 - anything else about this one blob
+                path.unlink(missing_ok=True)
+                try:
+                    self._quarantine(key, exc)
+                except OSError as failed:
+                    log.error("start-up recovery: blob %s could not be quarantined (%s); "
+                              "left in place", key, type(failed).__name__)
+                    continue
+            path.unlink(missing_ok=True)
+            self.blobs.delete(key)
         return recovered
+
+    def _quarantine(self, key: str, exc: BaseException) -> None:
+        """Keep a blob that recovery could not store in ``quarantine_dir`` for a person."""
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        target = self.quarantine_dir / f"{key}.dcm"
+        with self.blobs.open(key) as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out, _CHUNK)
+            out.flush()
+            os.fsync(out.fileno())
+        reason = str(exc) if isinstance(exc, InvalidInstance) else type(exc).__name__
+        (self.quarantine_dir / f"{key}.txt").write_text(
+            f"{datetime.now(UTC).isoformat()} not recovered: {reason}\n")
+        log.warning("start-up recovery: blob %s could not be stored (%s); moved to %s",
+                    key, type(exc).__name__, target)

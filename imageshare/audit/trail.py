@@ -10,8 +10,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from imageshare.domain.actors import Actor
+from imageshare.domain.errors import AuditUnavailable
 from imageshare.storage.index.schema import audit_events
 
 Outcome = Literal["success", "failure", "refused", "warning"]
@@ -57,7 +59,8 @@ class AuditTrail:
     def record(
         self, event: AuditEvent | list[AuditEvent], conn: Connection | None = None
     ) -> None:
-        """Write one event or several; inside ``conn``'s transaction when given, else in its own."""
+        """Write one event or several; inside ``conn``'s transaction when given, else in its own
+        (then a database that cannot take the write raises :class:`AuditUnavailable`)."""
         batch = event if isinstance(event, list) else [event]
         if not batch:
             return
@@ -65,8 +68,14 @@ class AuditTrail:
         if conn is not None:
             conn.execute(_INSERT_EVENT, rows)
         else:
-            with self._engine.begin() as own:
-                own.execute(_INSERT_EVENT, rows)
+            try:
+                with self._engine.begin() as own:
+                    own.execute(_INSERT_EVENT, rows)
+            except SQLAlchemyError as exc:
+                log.error("audit trail cannot be written: %s", type(exc).__name__)
+                raise AuditUnavailable(
+                    "the audit trail cannot be written (database unavailable or disk full); "
+                    "nothing is served until it can") from exc
         for e in batch:
             log.debug("audit %s %s %s", e.actor.label, e.action, e.outcome)
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import socket
+import socketserver
 import ssl
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +32,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.sop_class import (
     SecondaryCaptureImageStorage,
 )
@@ -43,7 +46,7 @@ from imageshare.access.policy import (
     Policy,
 )
 from imageshare.archive.dicom_json import NUMBER_STRING_VRS, left_out
-from imageshare.archive.ingest import IngestService
+from imageshare.archive.ingest import IngestService, no_room
 from imageshare.archive.query import LEVELS, Query, QueryService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
 from imageshare.archive.transcode import CONVERSION_TARGETS, can_produce, transcode
@@ -62,8 +65,9 @@ from imageshare.domain.errors import (
     InvalidQuery,
     NotAcceptable,
     NotFound,
+    OutOfResources,
 )
-from imageshare.exchange.nodes import NodeRegistry
+from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 
 log = logging.getLogger("imageshare.dicom")
 
@@ -99,8 +103,9 @@ class DicomListener:
         max_associations: int = 32,
         timeout: float = 60.0,
         max_pdu: int = 262144,
-        check_calling_host: bool = False,
+        check_calling_host: bool = True,
         shared_port: bool = False,
+        refusals: RefusedCallers | None = None,
         tls_port: int = 0,
         ssl_context: ssl.SSLContext | None = None,
         client_ssl_context: ssl.SSLContext | None = None,
@@ -114,6 +119,7 @@ class DicomListener:
         self.host = host
         self.check_calling_host = check_calling_host
         self.shared_port = shared_port
+        self.refusals = refusals
         # DICOM TLS (BCP 195) on a port of its own, served by the same handlers.
         self.tls_port = tls_port
         self.ssl_context = ssl_context
@@ -126,10 +132,12 @@ class DicomListener:
         # Accept every storage SOP class (private and future ones too) in the transfer syntax
         # the sender prefers (its first proposal): stored as received, never re-encoded.
         _config.UNRESTRICTED_STORAGE_SERVICE = True
-        # pynetdicom writes received datasets with NamedTemporaryFile: keep them on our disk,
-        # next to the blobs, so that storing is a rename.
-        tempfile.tempdir = str(ingest.staging_dir)
         ae = AE(ae_title=ae_title)
+        # pynetdicom writes received data sets to temporary files: ours go to the staging
+        # folder (next to the blobs, so that storing is a rename) and keep a full disk from
+        # aborting the association (the store is answered A700 instead).
+        _STAGING[ae] = ingest.staging_dir
+        dimse_messages.NamedTemporaryFile = _received_file
         ae.maximum_associations = max_associations
         ae.acse_timeout = timeout
         ae.dimse_timeout = timeout
@@ -169,14 +177,36 @@ class DicomListener:
             ).start()
             self.tls_port = self._tls_server.server_address[1]
 
-    def stop(self) -> None:
-        """Stop listening and end open associations."""
-        if self._tls_server is not None:
-            self._tls_server.shutdown()
-            self._tls_server = None
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def stop(self, grace: float = 0.0) -> int:
+        """Stop accepting associations (plain and TLS), let open ones finish for up to
+        ``grace`` seconds, then abort the rest; returns how many had to be aborted."""
+        servers = [s for s in (self._server, self._tls_server) if s is not None]
+        self._server = self._tls_server = None
+        if not servers:
+            return 0
+        # The servers were made with make_server, so the AE does not list them: stop them
+        # directly (pynetdicom's own shutdown() would look for them in the AE and raise).
+        for server in servers:
+            socketserver.BaseServer.shutdown(server)
+            server.server_close()
+        deadline = time.monotonic() + grace
+        while self._open_associations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = self._open_associations()
+        for assoc in left:
+            assoc.abort()
+        if left:
+            log.warning("%d DICOM association(s) still open after %.0f s were aborted",
+                        len(left), grace)
+        for assoc in self.ae.active_associations:  # connections that never associated
+            if assoc.is_acceptor and not assoc.is_established:
+                assoc.kill()
+        return len(left)
+
+    def _open_associations(self) -> list[Any]:
+        """Associations being served (a connection that never associated is not waited for)."""
+        return [a for a in self.ae.active_associations
+                if a.is_acceptor and a.is_alive() and a.is_established]
 
     # -- who is calling ----------------------------------------------------------------------
 
@@ -200,20 +230,53 @@ class DicomListener:
             self._actors[assoc] = actor
         return actor
 
+    def _refused(self, event: Any, actor: Actor, action: str, service: str,
+                 reason: str = "") -> str:
+        """Audit a refused request, list its caller for administrators; returns the reason."""
+        address = str(event.assoc.requestor.address)
+        if not reason:
+            node = self.nodes.find(actor.name)
+            reason = ("AE title not registered" if node is None
+                      else "calling host does not match the registered host"
+                      if not actor.registered else f"{service} not granted to this AE title")
+        if self.refusals is not None:
+            try:
+                self.refusals.record(actor, address, action, service, reason)
+            except Exception as exc:  # noqa: BLE001 - the request is refused all the same
+                log.warning("refused %s could not be audited: %s", service,
+                            type(exc).__name__)
+        log.info("refused %s from %s: %s", service, actor.name, reason)
+        return reason
+
     # -- handlers --------------------------------------------------------------------------------
 
     def _on_echo(self, event: Any) -> int:
-        if self.policy.allows(self._actor(event), DICOM_ECHO):
+        actor = self._actor(event)
+        if self.policy.allows(actor, DICOM_ECHO):
             return statuses.ECHO_SUCCESS.code
+        self._refused(event, actor, DICOM_ECHO, "C-ECHO")
         return statuses.ECHO_NOT_AUTHORISED.code
 
     def _on_store(self, event: Any) -> Dataset | int:
-        actor = self._actor(event)
-        if not self.policy.allows(actor, DICOM_STORE):
-            return _status(NOT_AUTHORISED, "this AE title may not store here")
         try:
-            path = Path(event.dataset_path)
+            actor = self._actor(event)
+        except Exception as exc:  # noqa: BLE001 - the index is unreachable: try again later
+            log.error("C-STORE refused, caller unknown: %s", type(exc).__name__)
+            return _status(STORE_OUT_OF_RESOURCES, "the archive's index is unavailable")
+        if not self.policy.allows(actor, DICOM_STORE):
+            reason = self._refused(event, actor, DICOM_STORE, "C-STORE")
+            return _status(NOT_AUTHORISED, f"not allowed to store here: {reason}")
+        path = Path(event.dataset_path)
+        received = _RECEIVED.pop(str(path), None)
+        if received is not None and received.error is not None:
+            log.error("C-STORE could not be received: %s", received.error.strerror)
+            comment = ("out of resources: the archive's disk is full" if no_room(received.error)
+                       else "the archive could not write the received data set")
+            return _status(STORE_OUT_OF_RESOURCES, comment)
+        try:
             result = self.ingest.store_staged(path, actor)
+        except OutOfResources as exc:
+            return _status(STORE_OUT_OF_RESOURCES, str(exc))
         except InvalidInstance as exc:
             return _status(STORE_CANNOT_UNDERSTAND, str(exc))
         except ConflictingInstance as exc:
@@ -244,8 +307,8 @@ class DicomListener:
     def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         actor = self._actor(event)
         if not self.policy.allows(actor, DICOM_QUERY):
-            yield statuses.FIND_NOT_AUTHORISED.dataset(
-                "this AE title is not registered for queries"), None
+            reason = self._refused(event, actor, DICOM_QUERY, "C-FIND")
+            yield statuses.FIND_NOT_AUTHORISED.dataset(f"not allowed to query: {reason}"), None
             return
         try:
             query = self._query_for(event)
@@ -333,11 +396,16 @@ class DicomListener:
 
     def _on_move(self, event: Any) -> Iterator[Any]:
         actor = self._actor(event)
+        if not self.policy.allows(actor, DICOM_RETRIEVE):
+            self._refused(event, actor, DICOM_RETRIEVE, "C-MOVE")
         # A refusal raises before the first yield: pynetdicom then answers
         # statuses.MOVE_NOT_AUTHORISED's code, without a comment.
         self.policy.authorise(actor, DICOM_RETRIEVE)
-        destination = self.nodes.find(str(event.move_destination).strip())
+        wanted = str(event.move_destination).strip()
+        destination = self.nodes.find(wanted)
         if destination is None:
+            self._refused(event, actor, DICOM_RETRIEVE, "C-MOVE",
+                          f"move destination {wanted[:16]} not registered")
             yield None, None
             return
         refusal = ""
@@ -372,9 +440,9 @@ class DicomListener:
         actor = self._actor(event)
         # pynetdicom answers Success to a count of 0: a refusal counts one sub-operation.
         if not self.policy.allows(actor, DICOM_RETRIEVE):
+            reason = self._refused(event, actor, DICOM_RETRIEVE, "C-GET")
             yield 1
-            yield statuses.GET_NOT_AUTHORISED.dataset(
-                "this AE title is not registered for retrieval"), None
+            yield statuses.GET_NOT_AUTHORISED.dataset(f"not allowed to retrieve: {reason}"), None
             return
         try:
             found = self._instances_for(event, actor, "study.get")
@@ -483,3 +551,82 @@ def _same_host(registered: str, address: str) -> bool:
     except OSError:
         return False
 
+
+
+# -- received data sets -------------------------------------------------------------------------
+
+_STAGING: weakref.WeakKeyDictionary[Any, Path] = weakref.WeakKeyDictionary()
+_RECEIVED: weakref.WeakValueDictionary[str, _ReceivedFile] = weakref.WeakValueDictionary()
+
+
+class _ReceivedFile:
+    """The file pynetdicom writes a received data set to (in place of its NamedTemporaryFile):
+    in the listener's staging folder, and a write that fails (a full disk) is remembered
+    instead of raised, so that the C-STORE is answered "out of resources" rather than the
+    association being aborted with no status. The space is given back at once."""
+
+    def __init__(self, folder: Path) -> None:
+        fd, self.name = tempfile.mkstemp(dir=folder, suffix=".dcm")
+        self._raw = os.fdopen(fd, "wb", buffering=0)
+        self.error: OSError | None = None
+        _RECEIVED[self.name] = self
+
+    @property
+    def file(self) -> _ReceivedFile:
+        """pynetdicom flushes ``.file``."""
+        return self
+
+    def write(self, data: bytes) -> int:
+        """Write all of ``data`` unless a write failed before; never raises."""
+        view = memoryview(data)
+        while view and self.error is None:
+            try:
+                view = view[self._raw.write(view) or 0:]
+            except OSError as exc:
+                self._failed(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        """Unbuffered: nothing to do."""
+
+    def _failed(self, exc: OSError) -> None:
+        self.error = exc
+        try:
+            self._raw.truncate(0)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Close the file (it stays on disk for the handler)."""
+        try:
+            self._raw.close()
+        except OSError as exc:
+            self.error = self.error or exc
+
+
+def _received_file(*_args: Any, **_kwargs: Any) -> Any:
+    """pynetdicom's NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm"), made in the
+    staging folder of the listener whose association is receiving (this runs in its thread).
+    If even creating the file fails, an already failed stand-in keeps the association alive."""
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    folder = _STAGING.get(getattr(assoc, "ae", None)) or Path(tempfile.gettempdir())
+    try:
+        return _ReceivedFile(folder)
+    except OSError as exc:
+        return _FailedFile(folder, exc)
+
+
+class _FailedFile(_ReceivedFile):
+    """A received data set that could not even be given a file: everything is dropped."""
+
+    def __init__(self, folder: Path, error: OSError) -> None:
+        self.name = str(folder / f"unwritable-{id(self):x}.dcm")
+        self.error = error
+        _RECEIVED[self.name] = self
+
+    def write(self, data: bytes) -> int:
+        """Drop ``data``."""
+        return len(data)
+
+    def close(self) -> None:
+        """Nothing is open."""

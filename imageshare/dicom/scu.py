@@ -10,7 +10,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
@@ -20,6 +20,7 @@ from imageshare.dicom.contexts import storage_contexts_for
 from imageshare.exchange.nodes import Node
 from imageshare.exchange.sites import (
     Criteria,
+    Delivered,
     Progress,
     RetrieveProgress,
     SiteUnreachable,
@@ -55,7 +56,8 @@ class DimseSites:
             tls_args = (self.tls, node.host)
         try:
             assoc = ae.associate(node.host, node.port, ae_title=node.ae_title,
-                                 tls_args=tls_args)
+                                 tls_args=tls_args,
+                                 evt_handlers=[(evt.EVT_ABORTED, _wake_waiting)])
         except (OSError, RuntimeError) as exc:
             raise SiteUnreachable(f"{node.label} cannot be reached") from exc
         if not assoc.is_established:
@@ -115,8 +117,11 @@ class DimseSites:
             assoc.release()
         return last
 
-    def send(self, node: Node, files: Iterable[Path], progress: Progress) -> RetrieveProgress:
-        """C-STORE each file, in the syntax it is stored in."""
+    def send(self, node: Node, files: Iterable[Path], progress: Progress,
+             delivered: Delivered | None = None) -> RetrieveProgress:
+        """C-STORE each file, in the syntax it is stored in. A connection lost part way (the
+        site stopped, the network went) raises :class:`SiteUnreachable` naming how far it got;
+        what was acknowledged before is reported to ``delivered`` one by one."""
         paths = list(files)
         headers = [dcmread(p, stop_before_pixels=True) for p in paths]
         pairs = {(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in headers}
@@ -124,14 +129,43 @@ class DimseSites:
         ae.requested_contexts = storage_contexts_for(pairs)
         assoc = self._associate(ae, node)
         sent = failed = 0
+        completed = False
+
+        def lost() -> SiteUnreachable:
+            return SiteUnreachable(f"the connection to {node.label} was lost after {sent} of "
+                                   f"{len(paths)} instance(s)")
+
         try:
             for path in paths:
-                status = assoc.send_c_store(path)
-                if status and status.Status in (0x0000, 0xB000, 0xB006, 0xB007):
+                try:
+                    status = assoc.send_c_store(path)
+                except ValueError:  # no accepted presentation context for this instance
+                    failed += 1
+                    progress(RetrieveProgress(sent, len(paths), failed))
+                    continue
+                except (RuntimeError, OSError) as exc:
+                    raise lost() from exc
+                if not status:  # no answer: the peer went away (or fell silent)
+                    raise lost()
+                if status.Status in (0x0000, 0xB000, 0xB006, 0xB007):
                     sent += 1
+                    if delivered is not None:
+                        delivered(path)
                 else:
                     failed += 1
                 progress(RetrieveProgress(sent, len(paths), failed))
+            completed = True
         finally:
-            assoc.release()
+            # A broken or interrupted association is aborted: a release would wait for an
+            # answer that may never come.
+            if assoc.is_established and completed:
+                assoc.release()
+            elif assoc.is_established:
+                assoc.abort()
         return RetrieveProgress(sent, len(paths), failed)
+
+
+def _wake_waiting(event: Any) -> None:
+    """The peer went away (connection closed, A-ABORT): pynetdicom would otherwise keep a
+    request waiting for its answer until the DIMSE timeout; hand it "no answer" at once."""
+    event.assoc.dimse.msg_queue.put((None, None))

@@ -93,6 +93,21 @@ class TooManyRequests(ImageShareError):
     title = "Too many requests"
 
 
+class OutOfResources(ImageShareError):
+    """The archive cannot take more data now (its disk is full or below the free-space floor);
+    nothing was stored."""
+
+    http_status = 507
+    title = "Insufficient storage"
+
+
+class AuditUnavailable(ImageShareError):
+    """The audit trail cannot be written, so nothing that must be audited is done."""
+
+    http_status = 503
+    title = "Audit trail unavailable"
+
+
 class UndecodableImage(InvalidInstance):
     """The pixels of an instance cannot be decoded (no codec, damaged, unreadable size)."""
 

@@ -14,7 +14,13 @@ from pydicom import Dataset, dcmread
 from requests.adapters import HTTPAdapter
 
 from imageshare.exchange.nodes import Node
-from imageshare.exchange.sites import Criteria, Progress, RetrieveProgress, SiteUnreachable
+from imageshare.exchange.sites import (
+    Criteria,
+    Delivered,
+    Progress,
+    RetrieveProgress,
+    SiteUnreachable,
+)
 
 Store = Callable[[io.BytesIO], None]
 
@@ -90,8 +96,10 @@ class DicomwebSites:
             raise SiteUnreachable(f"{node.label} cannot be reached") from exc
         return RetrieveProgress(done, len(listed), failed)
 
-    def send(self, node: Node, files: Iterable[Path], progress: Progress) -> RetrieveProgress:
-        """STOW-RS, one instance per request (so that one failure does not sink the rest)."""
+    def send(self, node: Node, files: Iterable[Path], progress: Progress,
+             delivered: Delivered | None = None) -> RetrieveProgress:
+        """STOW-RS, one instance per request (so that one failure does not sink the rest); a
+        site that stops answering raises :class:`SiteUnreachable`."""
         client = self._client(node)
         paths = list(files)
         sent = failed = 0
@@ -99,6 +107,12 @@ class DicomwebSites:
             try:
                 client.store_instances([dcmread(path)])
                 sent += 1
+                if delivered is not None:
+                    delivered(path)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise SiteUnreachable(
+                    f"{node.label} stopped answering after {sent} of {len(paths)} "
+                    "instance(s)") from exc
             except (requests.RequestException, OSError, ValueError):
                 failed += 1
             progress(RetrieveProgress(sent, len(paths), failed))

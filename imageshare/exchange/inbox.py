@@ -12,6 +12,7 @@ from sqlalchemy import Engine, and_, select, update
 
 from imageshare.archive.corrections import PatientCorrections, PatientDetails
 from imageshare.archive.deletion import ArchiveDeletion, Removed
+from imageshare.archive.indexing import HELD_PREFIX
 from imageshare.archive.studies import PatientRecord, StudyCatalogue
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
@@ -27,6 +28,8 @@ from imageshare.storage.index.schema import (
 )
 
 TEMPORARY_CLASSES = ("temporary", "inbox")
+# Instances held for reconciliation (patient details differ from the record): never expire.
+REVIEW_CLASSES = ("inbox", "held")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,15 @@ class Inbox:
         """The local patient with the same NHS number as the received study, if any (another
         record than the one the study is filed under)."""
         received = self._catalogue.record(item.study_uid).patient
+        if received.issuer.startswith(HELD_PREFIX):  # held: the record of its own Patient ID
+            with self._engine.connect() as conn:
+                uid = conn.execute(
+                    select(studies.c.study_uid).join(patients,
+                                                     patients.c.pk == studies.c.patient_pk)
+                    .where(patients.c.patient_id == received.patient_id,
+                           patients.c.issuer == received.issuer[len(HELD_PREFIX):])
+                    .order_by(studies.c.pk).limit(1)).scalar()
+            return self._catalogue.record(uid).patient if uid else None
         nhs = received.nhs_number or (received.patient_id if _looks_nhs(received) else "")
         if not nhs:
             return None
@@ -105,14 +117,16 @@ class Inbox:
                     item.study_uid, replace(PatientDetails.of(local), other_ids=(
                         (received.patient_id, item.site),)),
                     f"reconciled from {item.site}: their ID {received.patient_id}", actor)
-                self._keep_sender_id(item, received.patient_id)
+                if not received.issuer.startswith(HELD_PREFIX):
+                    self._keep_sender_id(item, received.patient_id)
                 done = f"reconciled to hospital number {local.patient_id} and accepted"
         with self._engine.begin() as conn:
             conn.execute(update(instances).where(
                 instances.c.series_pk.in_(
                     select(series.c.pk).join(studies, studies.c.pk == series.c.study_pk)
                     .where(studies.c.study_uid == item.study_uid)),
-                instances.c.retention_class == "inbox").values(retention_class="clinical"))
+                instances.c.retention_class.in_(REVIEW_CLASSES)).values(
+                    retention_class="clinical"))
             conn.execute(update(inbox_items).where(inbox_items.c.pk == pk).values(
                 status="accepted", decided_by=actor.name, decided_at=datetime.now(UTC),
                 note=note[:2000]))
@@ -141,7 +155,7 @@ class Inbox:
         if item.status != "pending":
             raise ImageShareError("this item was decided already")
         removed = self._deletion.study(item.study_uid, actor, f"rejected from the inbox: {note}"
-                                       [:200], only_classes=("inbox",))
+                                       [:200], only_classes=REVIEW_CLASSES)
         with self._engine.begin() as conn:
             conn.execute(update(inbox_items).where(inbox_items.c.pk == pk).values(
                 status="rejected", decided_by=actor.name, decided_at=datetime.now(UTC),

@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from imageshare.access.policy import DICOM_QUERY, DICOM_RETRIEVE, DICOM_STORE, INBOX
-from imageshare.domain.errors import ImageShareError, UnknownNode
-from imageshare.storage.index.schema import nodes
+from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import ImageShareError, NotFound, UnknownNode
+from imageshare.storage.index.schema import nodes, refused_callers
 from imageshare.storage.secret_box import SecretBox
 
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
@@ -136,3 +139,101 @@ class NodeRegistry:
             dicomweb_auth=self._box.open(m["dicomweb_auth"]), inbox=m["inbox"],
             tls=bool(m["tls"]),
         )
+
+
+@dataclass(frozen=True)
+class RefusedCaller:
+    """A calling AE title and host the DICOM listener refused, with how often and why."""
+
+    ae_title: str
+    host: str
+    service: str
+    reason: str
+    count: int
+    first_seen: datetime
+    last_seen: datetime
+    registered_host: str = ""
+
+    @property
+    def registered(self) -> bool:
+        """The AE title is registered (at another host, or without the refused service)."""
+        return bool(self.registered_host)
+
+
+class RefusedCallers:
+    """DICOM callers that were refused: each refusal is audited and counted per AE title and
+    host, so that an administrator can see who tries to connect and register one in one step.
+    The most recent :attr:`KEEP` are listed (every refusal stays in the audit trail)."""
+
+    KEEP = 1000
+
+    def __init__(self, engine: Engine, nodes: NodeRegistry, audit: AuditTrail) -> None:
+        self._engine = engine
+        self._nodes = nodes
+        self._audit = audit
+
+    def record(self, actor: Actor, host: str, action: str, service: str, reason: str) -> None:
+        """Audit one refused request of ``actor`` (a node) from ``host`` and count it."""
+        now = datetime.now(UTC)
+        ae, host = actor.name[:16], host[:255]
+        match = (refused_callers.c.ae_title == ae) & (refused_callers.c.host == host)
+        values = {"service": service[:16], "reason": reason[:128], "last_seen": now}
+        with self._engine.begin() as conn:
+            counted = conn.execute(update(refused_callers).where(match).values(
+                count=refused_callers.c.count + 1, **values)).rowcount
+            if not counted:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(insert(refused_callers).values(
+                            ae_title=ae, host=host, count=1, first_seen=now, **values))
+                    # Bounded: a scan with made-up AE titles cannot grow the list for ever.
+                    keep = select(refused_callers.c.pk).order_by(
+                        refused_callers.c.last_seen.desc()).limit(self.KEEP)
+                    conn.execute(delete(refused_callers).where(
+                        refused_callers.c.pk.not_in(keep)))
+                except IntegrityError:  # another process counted the first one meanwhile
+                    conn.execute(update(refused_callers).where(match).values(
+                        count=refused_callers.c.count + 1, **values))
+            self._audit.record(AuditEvent(
+                actor=actor, action=action, outcome="refused",
+                detail={"service": service, "reason": reason, "calling_ae": ae, "host": host}),
+                conn)
+
+    def all(self, limit: int = 500) -> list[RefusedCaller]:
+        """Refused callers, the most recent first."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(refused_callers).order_by(
+                refused_callers.c.last_seen.desc()).limit(limit)).mappings().all()
+        known = {n.ae_title: n.host for n in self._nodes.all()}
+        return [RefusedCaller(
+            ae_title=r["ae_title"], host=r["host"], service=r["service"], reason=r["reason"],
+            count=r["count"], first_seen=r["first_seen"], last_seen=r["last_seen"],
+            registered_host=known.get(r["ae_title"], "")) for r in rows]
+
+    def register(self, ae_title: str, host: str, actor: Actor, port: int = 104,
+                 may_query: bool = False) -> Node:
+        """Register a refused caller as a node at the host it called from, allowed to store
+        (and, with ``may_query``, to query and retrieve); audited. An AE title registered
+        already is not changed here (a call from another host may be an impersonation)."""
+        with self._engine.connect() as conn:
+            seen = conn.execute(select(refused_callers.c.pk).where(
+                refused_callers.c.ae_title == ae_title, refused_callers.c.host == host)).first()
+        if seen is None:
+            raise NotFound("no refused caller with this AE title and host")
+        existing = self._nodes.find(ae_title)
+        if existing is not None:
+            raise ImageShareError(
+                f"{ae_title} is registered already (at {existing.host}); a call from another "
+                "host may be an impersonation: change the node itself if it really moved")
+        node = Node(ae_title=ae_title, host=host, port=port, may_query=may_query,
+                    may_retrieve=may_query, may_store=True, searchable=False,
+                    retrieve_from=False, send_to=False)
+        self._nodes.add(node)
+        with self._engine.begin() as conn:
+            conn.execute(delete(refused_callers).where(refused_callers.c.ae_title == ae_title,
+                                                       refused_callers.c.host == host))
+            self._audit.record(AuditEvent(
+                actor=actor, action="node.add", outcome="success",
+                detail={"ae_title": ae_title, "host": host, "port": port,
+                        "from": "refused callers"}), conn)
+        return node

@@ -30,6 +30,7 @@ class RetrieveProgress:
 
 
 Progress = Callable[[RetrieveProgress], None]
+Delivered = Callable[[Path], None]
 # study keyword -> value, e.g. {"PatientID": "9434765919"}; results are DICOM JSON.
 Criteria = dict[str, str]
 
@@ -46,6 +47,9 @@ class SiteClient(Protocol):
         """Bring the study here (into the archive's ingest pipeline)."""
         ...
 
-    def send(self, node: Node, files: Iterable[Path], progress: Progress) -> RetrieveProgress:
-        """Send stored instances to the site; counts delivered and failed."""
+    def send(self, node: Node, files: Iterable[Path], progress: Progress,
+             delivered: Delivered | None = None) -> RetrieveProgress:
+        """Send stored instances to the site; counts delivered and failed. ``delivered`` is
+        called with each file the site acknowledged, as soon as it did. Raises
+        :class:`SiteUnreachable` when the site cannot be reached or the connection is lost."""
         ...

@@ -3,8 +3,10 @@ counts) or failed (with the reason), retried, the sender and named recipients no
 
 from __future__ import annotations
 
+import logging
 import secrets
-import time
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,17 +14,18 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
-from imageshare.archive.retrieve import RetrieveService, StoredInstance
+from imageshare.archive.retrieve import RetrieveService
 from imageshare.audit.trail import AuditEvent, AuditTrail
-from imageshare.domain.actors import Actor
+from imageshare.domain.actors import SYSTEM, Actor
 from imageshare.domain.errors import ImageShareError, NotFound, StorageError
-from imageshare.exchange.nodes import NodeRegistry
+from imageshare.exchange.nodes import Node, NodeRegistry
 from imageshare.exchange.sites import RetrieveProgress, SiteClient, SiteUnreachable
 from imageshare.jobs import JobRunner
 from imageshare.sharing.notify import Notifier
 from imageshare.storage.index.database import from_row
-from imageshare.storage.index.schema import transfers
+from imageshare.storage.index.schema import transfer_deliveries, transfers
 
+log = logging.getLogger("imageshare.exchange")
 PRIORITIES = ("urgent", "routine")
 RETRY_DELAYS = (2.0, 10.0, 30.0)
 
@@ -47,8 +50,18 @@ class Transfer:
     updated_at: datetime
 
 
+class TransferInterrupted(Exception):
+    """The server is stopping: the transfer stops between instances and resumes on start."""
+
+
 class Transfers:
-    """Pushes studies to sites in the background and keeps their receipts."""
+    """Pushes studies to sites in the background and keeps their receipts.
+
+    Every error of a transfer is caught: it is retried after each pause of ``retry_delays``
+    and ends ``delivered`` or ``failed`` with the reason, the sender (and named users)
+    notified either way. What the site acknowledged is recorded per instance, so a retry, or a
+    transfer resumed after a restart, sends only the rest.
+    """
 
     def __init__(self, engine: Engine, nodes: NodeRegistry, clients: dict[str, SiteClient],
                  retrieve: RetrieveService, jobs: JobRunner, notifier: Notifier,
@@ -61,6 +74,7 @@ class Transfers:
         self._notifier = notifier
         self._audit = audit
         self._delays = retry_delays
+        self._stopping = threading.Event()
 
     def send(self, study_uid: str, site: str, actor: Actor, priority: str = "routine",
              note: str = "", notify: tuple[str, ...] = (),
@@ -81,57 +95,157 @@ class Transfers:
                 priority=priority, note=note[:2000], state="queued", sent=0,
                 total=len(found), failed=0, attempts=0, reason="", created_by=actor.name,
                 created_at=now, updated_at=now))
-        self._jobs.submit(actor.name, "push", f"Send to {node.label} ({priority})",
-                          lambda job: self._run(public_id, found, actor, notify))  # type: ignore
+        self._start(public_id, actor, notify, node.label, priority)
         return self.get(public_id)
+
+    def _start(self, public_id: str, actor: Actor, notify: tuple[str, ...], label: str,
+               priority: str) -> None:
+        self._jobs.submit(actor.name, "push", f"Send to {label} ({priority})",
+                          lambda job: self._run(public_id, actor, notify))
+
+    def resume_interrupted(self) -> int:
+        """On start: transfers left queued or sending (by a stop or a crash) go on, sending
+        only what the site has not acknowledged. Returns how many were resumed."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(transfers).where(
+                transfers.c.state.in_(("queued", "sending")))).mappings().all()
+        for row in rows:
+            transfer = from_row(Transfer, row)
+            label = transfer.site
+            try:
+                label = self._nodes.get(transfer.site).label
+            except ImageShareError:
+                pass  # the site was removed: the run below fails with the reason
+            self._update(transfer.public_id, state="queued",
+                         reason="interrupted by a restart; resumed")
+            owner = Actor(kind="user", name=transfer.created_by, role="", source="resume")
+            self._start(transfer.public_id, owner, (), label, transfer.priority)
+        if rows:
+            log.warning("resumed %d interrupted transfer(s)", len(rows))
+        return len(rows)
+
+    def close(self) -> None:
+        """Stop running transfers between instances (they are resumed on the next start)."""
+        self._stopping.set()
 
     def _update(self, public_id: str, **values: Any) -> None:
         with self._engine.begin() as conn:
             conn.execute(update(transfers).where(transfers.c.public_id == public_id)
                          .values(updated_at=datetime.now(UTC), **values))
 
-    def _run(self, public_id: str, found: list[StoredInstance], actor: Actor,
-             notify: tuple[str, ...]) -> None:
-        """Send from local files (temporary copies when the blob store is not local)."""
-        try:
-            with self._retrieve.local_files(found) as paths:
-                self._send(public_id, paths, actor, notify)
-        except StorageError:
-            self._update(public_id, state="failed", reason="the stored images could not be read")
-            raise
+    def _delivered(self, transfer_pk: int) -> set[str]:
+        with self._engine.connect() as conn:
+            return set(conn.execute(select(transfer_deliveries.c.sop_uid).where(
+                transfer_deliveries.c.transfer_pk == transfer_pk)).scalars())
 
-    def _send(self, public_id: str, paths: list[Path], actor: Actor,
-              notify: tuple[str, ...]) -> None:
+    def _record_delivery(self, transfer_pk: int, public_id: str, sop_uid: str,
+                         delivered: set[str]) -> None:
+        if sop_uid in delivered:
+            return
+        with self._engine.begin() as conn:
+            conn.execute(insert(transfer_deliveries).values(
+                transfer_pk=transfer_pk, sop_uid=sop_uid, delivered_at=datetime.now(UTC)))
+            delivered.add(sop_uid)
+            conn.execute(update(transfers).where(transfers.c.public_id == public_id).values(
+                sent=len(delivered), updated_at=datetime.now(UTC)))
+
+    def _run(self, public_id: str, actor: Actor, notify: tuple[str, ...]) -> None:
+        """Run one transfer to its end; nothing it raises is left uncaught."""
+        try:
+            self._attempts(public_id, actor, notify)
+        except TransferInterrupted:
+            self._quietly(self._update, public_id, state="queued",
+                          reason="interrupted by a shutdown; resumes on the next start")
+        except Exception as exc:  # noqa: BLE001 - the transfer ends failed, with the reason
+            log.error("transfer %s failed: %s", public_id, type(exc).__name__)
+            reason = str(exc) if isinstance(exc, ImageShareError) else (
+                f"the transfer stopped on an error ({type(exc).__name__})")
+            self._quietly(self._finish, public_id, actor, notify, False, reason)
+
+    @staticmethod
+    def _quietly(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        try:
+            call(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the index is gone: the next start resumes it
+            log.error("transfer state could not be saved: %s", type(exc).__name__)
+
+    def _attempts(self, public_id: str, actor: Actor, notify: tuple[str, ...]) -> None:
         transfer = self.get(public_id)
         node = self._nodes.get(transfer.site)
         client = self._clients["dicomweb" if node.dicomweb_url else "dimse"]
-        result = RetrieveProgress(0, len(paths))
+        with self._engine.connect() as conn:
+            transfer_pk = conn.execute(select(transfers.c.pk).where(
+                transfers.c.public_id == public_id)).scalar_one()
+        found = self._retrieve.select(SYSTEM, "exchange.push", study_uids=[transfer.study_uid],
+                                      audit=False)
+        try:
+            # Local files (temporary copies when the blob store is not local).
+            with self._retrieve.local_files(found) as paths:
+                self._send(public_id, transfer, node, client, transfer_pk,
+                           dict(zip(paths, (i.sop_uid for i in found), strict=True)),
+                           actor, notify)
+        except StorageError as exc:
+            raise ImageShareError("the stored images could not be read") from exc
+
+    def _send(self, public_id: str, transfer: Transfer, node: Node, client: SiteClient,
+              transfer_pk: int, by_path: dict[Path, str], actor: Actor,
+              notify: tuple[str, ...]) -> None:
+        delivered = self._delivered(transfer_pk)
+        self._update(public_id, total=len(by_path), sent=len(delivered & set(by_path.values())))
         reason = ""
         for attempt, delay in enumerate((0.0, *self._delays), start=1):
-            if delay:
-                time.sleep(delay)
-            self._update(public_id, state="sending", attempts=attempt)
+            if delay and self._stopping.wait(delay):
+                raise TransferInterrupted
+            remaining = [p for p, uid in by_path.items() if uid not in delivered]
+            if not remaining:
+                break
+            self._update(public_id, state="sending", attempts=transfer.attempts + attempt)
+
+            def progress(_p: RetrieveProgress) -> None:
+                if self._stopping.is_set():
+                    raise TransferInterrupted
+
+            def acknowledged(path: Path) -> None:
+                self._record_delivery(transfer_pk, public_id, by_path[path], delivered)
+
             try:
-                result = client.send(node, paths, lambda p: self._update(
-                    public_id, sent=p.received, failed=p.failed))
+                result = client.send(node, remaining, progress, acknowledged)
+            except TransferInterrupted:
+                raise
             except SiteUnreachable as exc:
                 reason = str(exc)
                 continue
-            if not result.failed:
-                break
-            reason = f"{result.failed} instance(s) were refused by {node.label}"
-        delivered = result.received == len(paths) and not result.failed
+            except Exception as exc:  # noqa: BLE001 - any failure of an attempt is retried
+                log.warning("push attempt %d to %s failed: %s", attempt, node.ae_title,
+                            type(exc).__name__)
+                reason = str(exc) if isinstance(exc, ImageShareError) else (
+                    f"sending to {node.label} failed ({type(exc).__name__})")
+                continue
+            if result.failed:
+                reason = f"{result.failed} instance(s) were refused by {node.label}"
+        done = set(by_path.values()) <= delivered
+        self._finish(public_id, actor, notify, done, "" if done else reason or "not delivered")
+
+    def _finish(self, public_id: str, actor: Actor, notify: tuple[str, ...], delivered: bool,
+                reason: str) -> None:
+        """End a transfer delivered or failed, audit it and tell the people concerned."""
+        transfer = self.get(public_id)
+        try:
+            label = self._nodes.get(transfer.site).label
+        except ImageShareError:
+            label = transfer.site
         self._update(public_id, state="delivered" if delivered else "failed",
-                     sent=result.received, failed=len(paths) - result.received,
-                     reason="" if delivered else reason or "not delivered")
+                     failed=0 if delivered else max(transfer.total - transfer.sent, 0),
+                     reason=reason)
         self._audit.record(AuditEvent(
             actor=actor, action="exchange.push", outcome="success" if delivered else "failure",
-            study_uid=transfer.study_uid, instance_count=result.received,
-            detail={"site": node.ae_title, "transfer": public_id,
-                    "priority": transfer.priority}))
-        text = (f"A study was delivered to {node.label}" if delivered
-                else f"Sending a study to {node.label} failed")
-        for username in {actor.name, *notify}:
+            study_uid=transfer.study_uid, instance_count=transfer.sent,
+            detail={"site": transfer.site, "transfer": public_id,
+                    "priority": transfer.priority,
+                    **({"reason": reason} if reason else {})}))
+        text = (f"A study was delivered to {label}" if delivered
+                else f"Sending a study to {label} failed: {reason}")
+        for username in {actor.name, transfer.created_by, *notify}:
             self._notifier.notify(username, "exchange.push", text, f"/transfers/{public_id}")
 
     def get(self, public_id: str) -> Transfer:

@@ -44,6 +44,15 @@ class NodeIn(BaseModel):
     tls: bool = Field(default=False, description="reach the node's DICOM AE over TLS")
 
 
+class RefusedIn(BaseModel):
+    """A refused DICOM caller to register as a node (store only unless ``may_query``)."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str = Field(min_length=1, max_length=255)
+    port: int = Field(default=104, gt=0, lt=65536)
+    may_query: bool = False
+
+
 class TokenIn(BaseModel):
     """A name for a new personal API token."""
 
@@ -137,6 +146,30 @@ def add_node(request: Request, body: NodeIn, actor: allowed(NODE_MANAGE)) -> dic
                    detail={"ae_title": node.ae_title, "host": node.host, "port": node.port})
     )
     return {**node.__dict__, "dicomweb_auth": "***" if node.dicomweb_auth else ""}
+
+
+@router.get("/nodes/refused", summary="DICOM callers that were refused")
+def refused_callers(request: Request, actor: allowed(NODE_MANAGE)) -> list[dict[str, Any]]:
+    """Calling AE titles and hosts the DICOM listener refused (unregistered, wrong host, or a
+    service not granted), with how often, the last service and reason, first and last seen."""
+    archive = request.app.state.archive
+    callers = archive.refused_callers.all()
+    archive.audit.record(AuditEvent(actor=actor, action="node.refused.read", outcome="success",
+                                    instance_count=len(callers)))
+    return [{"ae_title": c.ae_title, "host": c.host, "count": c.count, "service": c.service,
+             "reason": c.reason, "first_seen": c.first_seen.isoformat(),
+             "last_seen": c.last_seen.isoformat(), "registered_host": c.registered_host}
+            for c in callers]
+
+
+@router.post("/nodes/refused/register", status_code=201,
+             summary="Register a refused DICOM caller in one step")
+def register_refused(request: Request, body: RefusedIn, actor: allowed(NODE_MANAGE)
+                     ) -> dict[str, Any]:
+    """Register the caller at the host it called from; it may store at once (audited)."""
+    node = request.app.state.archive.refused_callers.register(
+        body.ae_title, body.host, actor, body.port, body.may_query)
+    return {**node.__dict__, "dicomweb_auth": ""}
 
 
 @router.delete("/nodes/{ae_title}", status_code=204, summary="Remove a DICOM node")

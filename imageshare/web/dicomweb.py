@@ -52,6 +52,7 @@ from imageshare.domain.errors import (
     InvalidQuery,
     NotAcceptable,
     NotFound,
+    OutOfResources,
     WrongStudy,
 )
 from imageshare.web.auth import allowed, authorise_also
@@ -852,9 +853,13 @@ FAILURE_DUPLICATE = StowReason(
 FAILURE_PROCESSING = StowReason(
     0x0110, "failure", "Processing failure",
     "the archive could not store the part (storage or index unavailable); nothing was stored")
+FAILURE_OUT_OF_RESOURCES = StowReason(
+    0xA700, "failure", "Refused: Out of resources",
+    "the archive's disk is full or below its free-space floor; nothing was stored (the "
+    "answer is 507 when no part was stored)")
 STOW_REASONS: tuple[StowReason, ...] = (
     FAILURE_CANNOT_UNDERSTAND, FAILURE_STUDY_MISMATCH, FAILURE_CONFLICT, FAILURE_DUPLICATE,
-    FAILURE_PROCESSING,
+    FAILURE_PROCESSING, FAILURE_OUT_OF_RESOURCES,
 )
 
 
@@ -877,6 +882,11 @@ def _store_part(
             raise InvalidInstance(f"parts must be application/dicom, not {media}",
                                   *_uids_of(part.path))
         result = archive.ingest.store_staged(part.path, actor, expected_study=study)
+    except OutOfResources as exc:
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = _uids_of(part.path)
+        item.FailureReason = FAILURE_OUT_OF_RESOURCES.code
+        item.ErrorComment = str(exc)[:64]
+        return False, item
     except (InvalidInstance, ConflictingInstance) as exc:
         item.ReferencedSOPClassUID = exc.sop_class_uid
         item.ReferencedSOPInstanceUID = exc.sop_instance_uid
@@ -890,6 +900,7 @@ def _store_part(
     except Exception:  # noqa: BLE001 - reported as a processing failure, nothing stored
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = "", ""
         item.FailureReason = FAILURE_PROCESSING.code
+        item.ErrorComment = "the archive could not store the instance"
         return False, item
     finally:
         part.path.unlink(missing_ok=True)
@@ -941,6 +952,8 @@ def _store_parts(
     if not sink.parts:
         raise ImageShareError("the request holds no DICOM parts")
     status = 200 if not failed else (202 if stored else 409)
+    if not stored and any(i.FailureReason == FAILURE_OUT_OF_RESOURCES.code for i in failed):
+        status = 507  # nothing stored for lack of room: the reason is in each ErrorComment
     body = answer.to_json_dict()
     if xml:
         return Response(native_dicom_xml(body), status_code=status, media_type=DICOM_XML)
@@ -972,6 +985,7 @@ async def _stow(request: Request, actor: Actor, study: str | None) -> Response:
             status_code=415, media_type="application/problem+json",
         )
     archive = request.app.state.archive
+    archive.ingest.ensure_room(actor)  # below the free-space floor: 507 before reading the body
     sink = PartSink(params["boundary"], archive.ingest.staging_file,
                     max_parts=archive.settings.stow_max_parts)
     try:

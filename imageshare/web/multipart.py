@@ -12,6 +12,7 @@ from typing import BinaryIO
 
 from python_multipart import MultipartParser
 
+from imageshare.archive.ingest import NO_ROOM, out_of_room
 from imageshare.domain.errors import ImageShareError, PayloadTooLarge
 
 _CHUNK = 1 << 20
@@ -87,6 +88,10 @@ class PartSink:
         try:
             self._parser.write(chunk)
         except ImageShareError:
+            raise
+        except OSError as exc:  # writing the part failed: not the sender's fault
+            if exc.errno in NO_ROOM:
+                raise out_of_room() from exc
             raise
         except Exception as exc:  # noqa: BLE001 - the parser's errors mean a malformed body
             raise ImageShareError("the multipart body is malformed") from exc

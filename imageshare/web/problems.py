@@ -9,6 +9,7 @@ from urllib.parse import urlencode
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imageshare.access.policy import AWAITING_CODE, ENROLLING
@@ -83,6 +84,16 @@ def install(app: FastAPI) -> None:
         if wants_page(request):
             return _error_page(request, 422, "Invalid request", detail)
         return problem(422, "Invalid request", detail)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _index_down(request: Request, exc: DBAPIError) -> Response:
+        # The database went away (stopped, unreachable, disk full): nothing was done.
+        log.error("request failed, index database unavailable: %s", type(exc).__name__)
+        detail = "the index database is unavailable; nothing was done, try again later"
+        if wants_page(request):
+            return _error_page(request, 503, "Service unavailable", detail)
+        return problem(503, "Service unavailable", detail)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -86,7 +86,9 @@ def http_server_config(app: FastAPI, settings: Settings) -> Any:
     https = https_enabled(settings)
     config = uvicorn.Config(
         app, host=settings.http_host, port=settings.http_port, log_level="warning",
-        access_log=False, timeout_graceful_shutdown=10, http=LimitedHttpProtocol,
+        access_log=False, http=LimitedHttpProtocol,
+        # On SIGTERM/SIGINT requests in flight get the grace, then are ended.
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
         ssl_certfile=settings.tls_certificate if https else None,
         ssl_keyfile=settings.tls_private_key if https else None,
     )

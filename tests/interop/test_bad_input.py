@@ -32,6 +32,7 @@ def chunked_send():
 def test_c_store_of_broken_files_fails_per_file_and_server_keeps_running(
     server, tmp_path, chunked_send
 ):
+    server.register("BROKEN")
     ae = AE(ae_title="BROKEN")
     for uid in (CTImageStorage, UltrasoundImageStorage, Verification):
         ae.add_requested_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.90"])

@@ -94,7 +94,7 @@ def test_storescu_generated_ct_series_and_us_cine(server, tmp_path):
     storescu = require_tool("storescu")
     ct = ct_series(tmp_path / "ct", count=20, size=128, patient_id="DCMTK1")
     cine = us_cine(tmp_path / "us", frames=60, patient_id="DCMTK1",
-                   study_uid=dcmread(ct[0]).StudyInstanceUID)
+                   patient_name="Doe^Jane", study_uid=dcmread(ct[0]).StudyInstanceUID)
     result = run(storescu, "-aec", server.ae_title, "127.0.0.1", str(server.dicom_port),
                  *map(str, [*ct, cine]))
     assert result.returncode == 0, result.stderr

@@ -24,7 +24,7 @@ def web_client(server):
 def test_stow_qido_wado_round_trip_keeps_pixels_identical(web_client, tmp_path):
     ct = ct_series(tmp_path / "ct", count=5, size=128, patient_id="DWC1")
     cine = us_cine(tmp_path / "us", frames=12, patient_id="DWC1",
-                   study_uid=dcmread(ct[0]).StudyInstanceUID)
+                   patient_name="Doe^Jane", study_uid=dcmread(ct[0]).StudyInstanceUID)
     j2k = get_testdata_file("US1_J2KR.dcm")
     originals = [dcmread(p) for p in [*ct, cine, j2k]]
     web_client.store_instances(originals)

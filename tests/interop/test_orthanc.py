@@ -36,7 +36,7 @@ def test_orthanc_stores_a_study_to_imageshare(pair, tmp_path):
     server, orthanc = pair
     ct = ct_series(tmp_path / "ct", count=6, size=96, patient_id="ORTH1")
     cine = us_cine(tmp_path / "us", frames=30, patient_id="ORTH1",
-                   study_uid=dcmread(ct[0]).StudyInstanceUID)
+                   patient_name="Doe^Jane", study_uid=dcmread(ct[0]).StudyInstanceUID)
     (study_id,) = _upload(orthanc, [*ct, cine])
     with orthanc.http() as http:
         response = http.post("/modalities/imageshare/store", json={"Resources": [study_id]})

@@ -49,8 +49,8 @@ def tls_server(pki, tmp_path_factory):
     server.tls_port = tls_port
     server.start()
     wait_for_port(tls_port)
-    for ae in ("STORESCU", "ECHOSCU"):
-        server.cli("node", "add", ae, "--host", "127.0.0.1", "--port", "104")
+    server.cli("node", "add", "ECHOSCU", "--host", "127.0.0.1", "--port", "104")
+    # STORESCU is one of the modalities every test server registers
     yield server
     server.stop()
 

@@ -14,7 +14,7 @@ from tests.factory import ct_series, us_cine
 
 def test_cd_media_with_dicomdir_imports_every_listed_instance(archive, tmp_path):
     source = ct_series(tmp_path / "src", count=3, patient_id="CD1")
-    cine = us_cine(tmp_path / "src", frames=5, patient_id="CD1",
+    cine = us_cine(tmp_path / "src", frames=5, patient_id="CD1", patient_name="Doe^Jane",
                    study_uid=dcmread(source[0]).StudyInstanceUID)
     media = tmp_path / "cdrom"
     fileset = FileSet()

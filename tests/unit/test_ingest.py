@@ -45,7 +45,8 @@ def test_stored_instance_is_indexed_and_byte_identical(any_archive, tmp_path):
 def test_study_counts_and_modalities_follow_each_instance(any_archive, tmp_path):
     paths = ct_series(tmp_path / "ct", count=3, patient_id="P9")
     study_uid = dcmread(paths[0]).StudyInstanceUID
-    cine = us_cine(tmp_path / "us", frames=4, patient_id="P9", study_uid=study_uid)
+    cine = us_cine(tmp_path / "us", frames=4, patient_id="P9", patient_name="Doe^Jane",
+                   study_uid=study_uid)
     for p in [*paths, cine]:
         any_archive.ingest.store_copy(p, ACTOR)
     with any_archive.engine.connect() as conn:

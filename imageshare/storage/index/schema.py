@@ -476,3 +476,30 @@ imaging_requests = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
+
+# DICOM callers refused by the listener (unregistered AE title, wrong host, service not
+# granted), one row per AE title and host, for an administrator to review and register.
+refused_callers = Table(
+    "refused_callers",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("ae_title", String(16), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("service", String(16), nullable=False),
+    Column("reason", String(128), nullable=False),
+    Column("count", Integer, nullable=False, default=0, server_default="0"),
+    Column("first_seen", DateTime(timezone=True), nullable=False),
+    Column("last_seen", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("ae_title", "host"),
+)
+
+# Instances a transfer has delivered: retries and resumed transfers skip them.
+transfer_deliveries = Table(
+    "transfer_deliveries",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("transfer_pk", ForeignKey("transfers.pk", ondelete="CASCADE"), nullable=False),
+    Column("sop_uid", String(64), nullable=False),
+    Column("delivered_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("transfer_pk", "sop_uid"),
+)

@@ -118,8 +118,26 @@ async def decide(request: Request, item: RowId, decision: str, actor: allowed(EX
 
 @router.get("/admin/sites")
 def sites(request: Request, actor: allowed(NODE_MANAGE)) -> Response:
-    """Connected sites and DICOM nodes."""
-    return page(request, "sites.html", nodes=request.app.state.archive.nodes.all())
+    """Connected sites and DICOM nodes, and the DICOM callers that were refused."""
+    archive = request.app.state.archive
+    return page(request, "sites.html", nodes=archive.nodes.all(),
+                refused=archive.refused_callers.all())
+
+
+@router.post("/admin/sites/refused")
+def register_refused(
+    request: Request, actor: allowed(NODE_MANAGE), ae_title: Annotated[str, Form()],
+    host: Annotated[str, Form()], port: Annotated[int, Form()] = 104,
+    may_query: Annotated[str, Form()] = "",
+) -> Response:
+    """Register a refused caller at the host it called from, in one step (audited)."""
+    archive = request.app.state.archive
+    try:
+        archive.refused_callers.register(ae_title, host, actor, port, bool(may_query))
+    except ImageShareError as exc:
+        return page(request, "sites.html", status_code=400, nodes=archive.nodes.all(),
+                    refused=archive.refused_callers.all(), error=str(exc))
+    return redirect("/admin/sites")
 
 
 @router.post("/admin/sites")
@@ -144,7 +162,7 @@ def add_site(
         archive.nodes.add(node, replace=True)
     except ImageShareError as exc:
         return page(request, "sites.html", status_code=400, nodes=archive.nodes.all(),
-                    error=str(exc))
+                    refused=archive.refused_callers.all(), error=str(exc))
     archive.audit.record(AuditEvent(actor=actor, action="node.add", outcome="success",
                                     detail={"ae_title": node.ae_title}))
     return redirect("/admin/sites")

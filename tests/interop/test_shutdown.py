@@ -1,0 +1,83 @@
+"""SIGTERM and SIGINT stop the server cleanly: associations in progress finish (within a
+bound), the index is closed, and the process exits 0."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from tests.factory import ct_series
+from tests.peers import RunningServer
+
+pytestmark = pytest.mark.interop
+
+
+def _stored_count(server: RunningServer) -> int:
+    with server.http() as http:
+        response = http.get("/dicomweb/instances", params={"limit": 1000})
+    return 0 if response.status_code == 204 else len(response.json())
+
+
+def test_sigterm_lets_an_association_in_progress_finish_and_exits_0(tmp_path):
+    server = RunningServer(tmp_path / "data", extra_env={
+        "IMAGESHARE_DICOM_PROCESSES": "2", "IMAGESHARE_SHUTDOWN_GRACE_SECONDS": "20"}).start()
+    paths = ct_series(tmp_path / "ct", count=40, size=256, patient_id="TERM1")
+    acknowledged: list = []
+    started = threading.Event()
+
+    def send() -> None:
+        ae = AE()
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", server.dicom_port)
+        for path in paths:
+            status = assoc.send_c_store(path)
+            if status and status.Status == 0:
+                acknowledged.append(path)
+            started.set()
+            time.sleep(0.02)
+        assoc.release()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    started.wait(30)
+    server.process.send_signal(signal.SIGTERM)
+    sender.join(60)
+    assert server.process.wait(40) == 0
+    assert len(acknowledged) == len(paths), "the association in progress was drained"
+    log = server.log_path.read_text()
+    assert "ImageShare stopped" in log and "Traceback" not in log
+
+    again = RunningServer(tmp_path / "data",
+                          extra_env={"IMAGESHARE_DICOM_PROCESSES": "1"}).start()
+    try:
+        assert _stored_count(again) == len(paths)
+        ds = dcmread(paths[-1], stop_before_pixels=True)
+        with again.http() as http:
+            assert http.get(f"/dicomweb/studies/{ds.StudyInstanceUID}/metadata"
+                            ).status_code == 200
+    finally:
+        again.stop()
+
+
+def test_sigint_with_an_idle_association_ends_it_after_the_grace_and_exits_0(tmp_path):
+    server = RunningServer(tmp_path / "data", extra_env={
+        "IMAGESHARE_DICOM_PROCESSES": "1", "IMAGESHARE_SHUTDOWN_GRACE_SECONDS": "2"}).start()
+    ae = AE()
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", server.dicom_port)  # opened, never released
+    assert assoc.is_established
+    begun = time.monotonic()
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(30) == 0
+    assert time.monotonic() - begun < 15
+    assert "ImageShare stopped" in server.log_path.read_text()
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not assoc.is_established  # the server ended it
