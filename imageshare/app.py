@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,21 @@ def configure_logging(settings: Settings, tag: str = "") -> None:
     )
     for noisy in ("pynetdicom", "alembic", "botocore", "boto3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pydicom quotes the offending value when one does not fit its VR: that value may be a
+    # name or an identifier, so the record keeps only that something did not fit.
+    pydicom_log = logging.getLogger("pydicom")
+    if not any(isinstance(f, _ValuesNotLogged) for f in pydicom_log.filters):
+        pydicom_log.addFilter(_ValuesNotLogged())
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+
+
+class _ValuesNotLogged(logging.Filter):
+    """Replaces a pydicom record's text, which may quote a stored value, with a fixed one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = "a stored value does not fit its VR or encoding (value not logged)"
+        record.args = ()
+        return True
 
 
 def dicom_processes(settings: Settings) -> int:

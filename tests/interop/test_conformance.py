@@ -390,11 +390,11 @@ def test_dcmtk_tools_get_each_services_refusal_status_with_its_reason(site, tmp_
     find = _run("findscu", "-d", "-aet", "STRANGER", "-aec", site.server.ae_title, "-S",
                 *keys, "127.0.0.1", port)
     assert "0xc001: Failed: Unable to process" in find.stderr, find.stderr
-    assert "not registered for queries" in find.stderr
+    assert "not allowed to query: AE title not registered" in find.stderr
     get = _run("getscu", "-d", "-aet", "STRANGER", "-aec", site.server.ae_title, "-S",
                "-od", str(tmp_path), *keys, "127.0.0.1", port)
     assert "0xc001: Failed: Unable to process" in get.stderr, get.stderr
-    assert "not registered for retrieval" in get.stderr
+    assert "not allowed to retrieve: AE title not registered" in get.stderr
     move = _run("movescu", "-d", "-aet", "STRANGER", "-aem", "MOVESCU", "-aec",
                 site.server.ae_title, "-S", *keys, "127.0.0.1", port)
     assert "0xc514: Failed: Unable to process" in move.stderr, move.stderr

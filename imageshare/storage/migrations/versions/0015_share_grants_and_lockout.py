@@ -1,14 +1,14 @@
 """Trust: item-level share grants with rights (comment flag, opened by the recipient), share
 invitations, per-share annotation authors, token origin, per-address sign-in lockout.
 
-Revision ID: 0014
+Revision ID: 0015
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0014"
-down_revision = "0013"
+revision = "0015"
+down_revision = "0014"
 branch_labels = None
 depends_on = None
 
