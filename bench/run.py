@@ -29,7 +29,6 @@ sys.path.insert(0, str(ROOT))
 
 from tests.factory import ct_series, us_cine  # noqa: E402
 from tests.peers import (  # noqa: E402
-    ADMIN_PASSWORD,
     OrthancServer,
     RunningServer,
     free_port,
@@ -292,12 +291,12 @@ def qido_round(work: Path, count: int, results: Results) -> None:
                 better="lower")
 
 
-def _retrieve_seconds(url: str, auth: str | None = None) -> tuple[float, int]:
+def _retrieve_seconds(url: str, token: str | None = None) -> tuple[float, int]:
     """Download with curl (a C client, so the client is not what is measured)."""
     command = ["curl", "-s", "-f", "-o", "/dev/null", "-w", "%{size_download} %{time_total}",
                "-H", 'Accept: multipart/related; type="application/dicom"; transfer-syntax=*']
-    if auth:
-        command += ["-u", auth]
+    if token:
+        command += ["-H", f"Authorization: Bearer {token}"]
     out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
     size, seconds = out.split()
     return float(seconds), int(size)
@@ -309,7 +308,8 @@ def wado_round(work: Path, files: list[Path], study_uid: str, results: Results) 
     try:
         server.cli("import", "--quiet", *map(str, files))
         url = f"{server.dicomweb}/studies/{study_uid}"
-        runs = [_retrieve_seconds(url, f"admin:{ADMIN_PASSWORD}") for _ in range(5)]
+        token = server.admin_token()
+        runs = [_retrieve_seconds(url, token) for _ in range(5)]
         speeds["imageshare"] = max(size / secs / 1e6 for secs, size in runs)
     finally:
         server.stop()

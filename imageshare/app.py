@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,19 +212,19 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     mailer = Mailer(MailSettings(settings.smtp_host, settings.smtp_port, settings.smtp_tls,
                                  settings.smtp_user, settings.smtp_password,
                                  settings.mail_sender))
-    notifier = Notifier(engine, mailer, users_directory.email_of)
+    notifier = Notifier(engine, mailer, users_directory.email_of, settings.public_url)
     shares = ShareService(
         engine, retrieve, audit, notifier, deidentifier,
         lambda: Pseudonyms(installation_secret(settings.data_dir, settings.deid_secret)),
         settings.data_dir / "share-cache", settings.share_default_days,
-        settings.share_max_days, ingest)
+        settings.share_max_days, ingest, users=users_directory, public_url=settings.public_url)
     return Archive(
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
         ingest=ingest, query=query, retrieve=retrieve, users=users_directory,
         sessions=SessionStore(engine),
         nodes=nodes,
         policy=Policy(store_from_any_ae=settings.store_from_any_ae,
-                      shared_with=shares.studies_shared_with),
+                      shared_with=shares.grants_for),
         search=search, catalogue=catalogue,
         comments=CommentBook(engine, audit), attachments=AttachmentService(catalogue, ingest),
         corrections=corrections,
@@ -291,6 +292,21 @@ def configure_logging(settings: Settings, tag: str = "") -> None:
     )
     for noisy in ("pynetdicom", "alembic", "botocore", "boto3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pydicom quotes the offending value when one does not fit its VR: that value may be a
+    # name or an identifier, so the record keeps only that something did not fit.
+    pydicom_log = logging.getLogger("pydicom")
+    if not any(isinstance(f, _ValuesNotLogged) for f in pydicom_log.filters):
+        pydicom_log.addFilter(_ValuesNotLogged())
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+
+
+class _ValuesNotLogged(logging.Filter):
+    """Replaces a pydicom record's text, which may quote a stored value, with a fixed one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = "a stored value does not fit its VR or encoding (value not logged)"
+        record.args = ()
+        return True
 
 
 def dicom_processes(settings: Settings) -> int:

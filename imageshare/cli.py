@@ -437,7 +437,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(f"user {args.username} ({args.role}) created")
             return 0
         if args.command == "user" and args.action == "token":
-            print(archive.users.create_token(args.username, args.name))
+            print(archive.users.create_token(args.username, args.name, origin="cli"))
             return 0
         if args.command == "node" and args.action == "add":
             node = Node(

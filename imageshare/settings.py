@@ -98,7 +98,9 @@ class Settings:
     )
     public_url: str = _setting(
         "", "Address people use to reach ImageShare (e.g. https://images.example.nhs.uk), for "
-        "links in e-mails and URLs in DICOMweb answers; empty: taken from each request."
+        "links in e-mails and URLs in DICOMweb answers; empty: DICOMweb answers take it "
+        "from each request, and e-mails with links are refused (they never take their "
+        "address from a request's Host header)."
     )
     share_default_days: int = _setting(30, "Days a share link stays valid unless chosen.")
     share_max_days: int = _setting(90, "Longest validity a share link may be given (days).")

@@ -52,6 +52,7 @@ class RunningServer:
     modalities: tuple[str, ...] = ("STORESCU", "DCMSEND", "PYNETDICOM")
     scheme: str = "http"  # "https" with IMAGESHARE_TLS_* in extra_env
     ca_file: str | None = None  # trusted for https
+    _admin_token: str = ""
 
     @property
     def url(self) -> str:
@@ -147,9 +148,17 @@ class RunningServer:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def admin_token(self) -> str:
+        """An API token of ``admin`` made on the command line (an administrator without a
+        second factor can do nothing else over HTTP Basic but enrol)."""
+        if not self._admin_token:
+            self._admin_token = self.cli("user", "token", "admin", "--name", "tests"
+                                         ).stdout.strip().splitlines()[-1]
+        return self._admin_token
+
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, auth=("admin", ADMIN_PASSWORD), timeout=60,
-                            verify=self.verify)
+        return httpx.Client(base_url=self.url, timeout=60, verify=self.verify,
+                            headers={"Authorization": f"Bearer {self.admin_token()}"})
 
 
 @dataclass

@@ -5,16 +5,19 @@ Routes and DICOM services declare the action they need; nothing else decides.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from imageshare.access.scope import COMMENT, DOWNLOAD, VIEW, Grant, Scope
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import Forbidden, NotAuthenticated
 
 PUBLIC = "public"
 # Actions on the archive and its administration.
 STUDY_READ = "study.read"
+# Taking the stored DICOM bytes away (WADO-RS retrieve, WADO-URI application/dicom).
+STUDY_DOWNLOAD = "study.download"
 STUDY_STORE = "study.store"
 NODE_MANAGE = "node.manage"
 USER_MANAGE = "user.manage"
@@ -43,8 +46,8 @@ DICOM_RETRIEVE = "dicom.retrieve"
 INBOX = "inbox"
 
 _STAFF = frozenset(
-    {STUDY_READ, STUDY_STORE, STUDY_COMMENT, PATIENT_CORRECT, TOKEN_SELF, ACCOUNT_SELF,
-     EXPORT_IDENTIFIABLE, EXPORT_DEIDENTIFIED, SHARE_CREATE, CASE_MANAGE, EXCHANGE,
+    {STUDY_READ, STUDY_DOWNLOAD, STUDY_STORE, STUDY_COMMENT, PATIENT_CORRECT, TOKEN_SELF,
+     ACCOUNT_SELF, EXPORT_IDENTIFIABLE, EXPORT_DEIDENTIFIED, SHARE_CREATE, CASE_MANAGE, EXCHANGE,
      EXCHANGE_RECEIVE}
 )
 # An administrator signed in with a password who has not yet set up two-factor sign-in
@@ -58,11 +61,11 @@ ROLES: dict[str, frozenset[str]] = {
     "clinician": _STAFF,
     "radiographer": _STAFF,
     "sonographer": _STAFF,
-    "educator": frozenset({STUDY_READ, STUDY_COMMENT, EXPORT_DEIDENTIFIED, SHARE_CREATE,
-                           CASE_MANAGE, TOKEN_SELF, ACCOUNT_SELF}),
+    "educator": frozenset({STUDY_READ, STUDY_DOWNLOAD, STUDY_COMMENT, EXPORT_DEIDENTIFIED,
+                           SHARE_CREATE, CASE_MANAGE, TOKEN_SELF, ACCOUNT_SELF}),
     "reviewer": frozenset({TOKEN_SELF, ACCOUNT_SELF}),
     "patient": frozenset({ACCOUNT_SELF}),
-    "service": frozenset({STUDY_READ, STUDY_STORE, ACCOUNT_SELF}),
+    "service": frozenset({STUDY_READ, STUDY_DOWNLOAD, STUDY_STORE, ACCOUNT_SELF}),
     # Another hospital's ImageShare: what it stores lands in the inbox; it may send requests.
     "site": frozenset({STUDY_STORE, ACCOUNT_SELF, EXCHANGE_RECEIVE}),
     ENROLLING: frozenset({ACCOUNT_SELF}),
@@ -71,12 +74,26 @@ ROLES: dict[str, frozenset[str]] = {
 # Roles a person can be given (``service`` is for machine accounts, ENROLLING is a stage).
 PERSON_ROLES = ("admin", "clinician", "radiographer", "sonographer", "educator", "reviewer",
                 "patient")
-# Actions on one study that a share can grant to someone without the action in their role.
-STUDY_ACTIONS = frozenset({STUDY_READ, STUDY_COMMENT})
+# Actions a grant (an identifiable share naming the user) gives on its own items, by right.
+SHARED_ACTIONS = {STUDY_READ: VIEW, STUDY_COMMENT: COMMENT, STUDY_DOWNLOAD: DOWNLOAD}
+# Roles that must sign in with a second factor on every channel.
+SECOND_FACTOR_ROLES = frozenset({"admin"})
+# Stages of an account that can do nothing but finish signing in.
+_STAGES = (ENROLLING, AWAITING_CODE)
 
 
-def _nothing_shared(_actor: Actor) -> frozenset[str]:
-    return frozenset()
+def effective_role(role: str, two_factor: bool, cli_token: bool = False) -> str:
+    """The role an account acts with: an account whose role requires a second factor and
+    that has not set one up may only enrol (ENROLLING), whatever the channel (HTTP Basic,
+    session, API token). Tokens made on the server's own command line are the exception: they
+    are for machines, made by someone who can already read the data folder."""
+    if role in SECOND_FACTOR_ROLES and not two_factor and not cli_token:
+        return ENROLLING
+    return role
+
+
+def _nothing_shared(_actor: Actor) -> Sequence[Grant]:
+    return ()
 
 
 @dataclass(frozen=True)
@@ -84,8 +101,9 @@ class Policy:
     """Access rules of this installation."""
 
     store_from_any_ae: bool = False
-    # The studies shared with a user outside their role (sharing fills this in).
-    shared_with: Callable[[Actor], frozenset[str]] = field(default=_nothing_shared)
+    # What is shared with a user outside their role: the items of identifiable shares naming
+    # them, each with its rights (sharing fills this in).
+    shared_with: Callable[[Actor], Sequence[Grant]] = field(default=_nothing_shared)
 
     def allows(self, actor: Actor, action: str, resource: Any = None) -> bool:
         """True when ``actor`` may do ``action`` on ``resource`` (a Study Instance UID for
@@ -103,28 +121,37 @@ class Policy:
                 return actor.registered and action in actor.grants
             return False
         if actor.kind == "share":
-            if action in (SHARE_VIEW, SHARE_COMMENT):
+            if action == SHARE_VIEW:
                 return True
+            if action == SHARE_COMMENT:
+                return "comment" in actor.grants
             return action == SHARE_DOWNLOAD and "download" in actor.grants
         if actor.kind == "user":
             if action in ROLES.get(actor.role, frozenset()):
                 return True
-            return (action in STUDY_ACTIONS and isinstance(resource, str)
-                    and actor.role not in (ENROLLING, AWAITING_CODE)
-                    and resource in self.shared_with(actor))
+            right = SHARED_ACTIONS.get(action)
+            if right is None or actor.role in _STAGES:
+                return False
+            return any(right in g.rights and (not isinstance(resource, str)
+                                              or g.study_uid == resource)
+                       for g in self.shared_with(actor))
         return False
 
-    def study_scope(self, actor: Actor) -> frozenset[str] | None:
-        """The studies ``actor`` may see: None for all (staff with study.read), else a set.
+    def study_scope(self, actor: Actor, right: str = VIEW) -> Scope | None:
+        """What ``actor`` may reach with ``right`` (view, comment or download): None for
+        everything (staff whose role reads the archive), else a :class:`Scope` of the items
+        shared with them (empty for everyone else).
 
-        Share links and reviewer access narrow this to what was shared; queries and
-        retrievals filter with it inside the query.
+        Queries and retrievals apply it inside their SQL, down to series and instances.
         """
-        if actor.kind == "system" or self.allows(actor, STUDY_READ):
+        if actor.kind == "system":
             return None
-        if actor.kind == "user" and actor.role not in (ENROLLING, AWAITING_CODE):
-            return self.shared_with(actor)
-        return frozenset()
+        role_action = {VIEW: STUDY_READ, COMMENT: STUDY_COMMENT, DOWNLOAD: STUDY_DOWNLOAD}[right]
+        if actor.kind == "user" and role_action in ROLES.get(actor.role, frozenset()):
+            return None
+        if actor.kind == "user" and actor.role not in _STAGES:
+            return Scope(g for g in self.shared_with(actor) if right in g.rights)
+        return Scope(())
 
     def authorise(self, actor: Actor, action: str, resource: Any = None) -> None:
         """Return if allowed; raise NotAuthenticated (nobody) or Forbidden (not allowed)."""

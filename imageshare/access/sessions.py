@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, insert, select, update
 
-from imageshare.access.policy import AWAITING_CODE, ENROLLING
+from imageshare.access.policy import AWAITING_CODE, ENROLLING, effective_role
 from imageshare.access.users import as_utc, secret_hash
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import NotAuthenticated
@@ -60,7 +60,8 @@ class SessionStore:
             row = conn.execute(
                 select(sessions.c.pk, sessions.c.csrf_token, sessions.c.created_at,
                        sessions.c.last_seen_at, sessions.c.revoked_at, users.c.username,
-                       users.c.role, users.c.disabled, sessions.c.stage)
+                       users.c.role, users.c.disabled, users.c.totp_enabled,
+                       sessions.c.stage)
                 .join(users, users.c.pk == sessions.c.user_pk)
                 .where(sessions.c.token_hash == secret_hash(secret))
             ).first()
@@ -71,7 +72,8 @@ class SessionStore:
                 return None
             conn.execute(update(sessions).where(sessions.c.pk == row.pk)
                          .values(last_seen_at=now))
-        role = {"enrol": ENROLLING, "code": AWAITING_CODE}.get(row.stage, row.role)
+        role = {"enrol": ENROLLING, "code": AWAITING_CODE}.get(
+            row.stage, effective_role(row.role, row.totp_enabled))
         return Session(Actor("user", row.username, role, source), row.csrf_token)
 
     def advance(self, secret: str, stage: str = "full") -> tuple[str, str]:
@@ -88,14 +90,17 @@ class SessionStore:
             raise NotAuthenticated("the session has ended; sign in again")
         return new_secret, csrf
 
-    def end_all(self, username: str) -> None:
-        """End every session of ``username`` (password reset, account disabled)."""
+    def end_all(self, username: str, keep: str = "") -> int:
+        """End every session of ``username`` (password change or reset, account disabled)
+        except the one whose cookie secret is ``keep``; returns how many ended."""
         with self._engine.begin() as conn:
             user_pk = conn.execute(select(users.c.pk).where(users.c.username == username)
                                    ).scalar()
-            conn.execute(update(sessions).where(sessions.c.user_pk == user_pk)
-                         .where(sessions.c.revoked_at.is_(None))
-                         .values(revoked_at=datetime.now(UTC)))
+            stmt = (update(sessions).where(sessions.c.user_pk == user_pk)
+                    .where(sessions.c.revoked_at.is_(None)))
+            if keep:
+                stmt = stmt.where(sessions.c.token_hash != secret_hash(keep))
+            return conn.execute(stmt.values(revoked_at=datetime.now(UTC))).rowcount
 
     def end(self, secret: str) -> None:
         """Sign out: the session can never be used again."""

@@ -4,6 +4,7 @@ tokens (stored as hashes)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import threading
 import time
@@ -14,9 +15,10 @@ import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Engine, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
-from imageshare.access.policy import ROLES
+from imageshare.access.lockout import Lockout
+from imageshare.access.policy import ENROLLING, ROLES, effective_role
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.storage.index.schema import account_invites, api_tokens, users
@@ -24,8 +26,9 @@ from imageshare.storage.secret_box import SecretBox
 
 _hasher = PasswordHasher()
 _CACHE_SECONDS = 300.0
-MAX_FAILED_LOGINS = 5
-LOCKOUT = timedelta(minutes=15)
+# How precisely an API token's last use is recorded (one write a minute, not one a request).
+TOKEN_USE_RESOLUTION = timedelta(seconds=60)
+log = logging.getLogger(__name__)
 TOTP_ISSUER = "ImageShare"
 
 
@@ -52,6 +55,7 @@ class UserDirectory:
 
     def __init__(self, engine: Engine, secrets_box: SecretBox) -> None:
         self._engine = engine
+        self.lockout = Lockout(engine)
         self._box = secrets_box
         self._verified: dict[tuple[str, bytes], tuple[float, Actor]] = {}
         self._lock = threading.Lock()
@@ -110,25 +114,20 @@ class UserDirectory:
         actor, has_code = verified
         if has_code:
             return actor, "code"
-        return actor, "enrol" if actor.role == "admin" else "full"
+        return actor, "enrol" if actor.role == ENROLLING else "full"
 
-    def check_code(self, username: str, code: str) -> bool:
+    def check_code(self, username: str, code: str, source: str = "") -> bool:
         """True when ``code`` is the user's current TOTP code; a wrong one counts as a failed
-        sign-in."""
-        wall = datetime.now(UTC)
+        sign-in from ``source``."""
         with self._engine.connect() as conn:
-            row = conn.execute(select(users.c.pk, users.c.totp_secret, users.c.disabled,
-                                      users.c.locked_until)
+            row = conn.execute(select(users.c.pk, users.c.totp_secret, users.c.disabled)
                                .where(users.c.username == username)).first()
-        if row is None or row.disabled or (
-                row.locked_until is not None and as_utc(row.locked_until) > wall):
+        if row is None or row.disabled or self.lockout.locked(row.pk, source):
             return False
         if not self._accept_code(row.pk, row.totp_secret, code):
-            self._failed_login(row.pk, wall)
+            self.lockout.failed(row.pk, source)
             return False
-        with self._engine.begin() as conn:
-            conn.execute(update(users).where(users.c.pk == row.pk)
-                         .values(failed_logins=0, locked_until=None))
+        self.lockout.cleared(row.pk, source)
         return True
 
     def _verify(self, username: str, password: str, source: str, code: str | None,
@@ -139,36 +138,33 @@ class UserDirectory:
         with self._lock:
             hit = self._verified.get(cache_key)
         if (code is None and hit and now - hit[0] < _CACHE_SECONDS
-                and self._still_allowed(username)):
+                and self._still_allowed(username, source)):
             return Actor("user", hit[1].name, hit[1].role, source), False
         with self._engine.connect() as conn:
             row = conn.execute(
                 select(users.c.pk, users.c.password_hash, users.c.role, users.c.disabled,
-                       users.c.locked_until, users.c.totp_enabled, users.c.totp_secret)
+                       users.c.totp_enabled, users.c.totp_secret)
                 .where(users.c.username == username)
             ).first()
         if row is None:
             _hasher.hash(password)  # same cost for unknown users
             return None
-        wall = datetime.now(UTC)
-        locked = row.locked_until is not None and as_utc(row.locked_until) > wall
+        locked = self.lockout.locked(row.pk, source)
         try:
             _hasher.verify(row.password_hash, password)
         except (VerificationError, InvalidHashError):
-            self._failed_login(row.pk, wall)
+            self.lockout.failed(row.pk, source)
             return None
         if row.disabled or locked:
             return None  # the same answer as a wrong password
-        actor = Actor("user", username, row.role, source)
+        actor = Actor("user", username, effective_role(row.role, row.totp_enabled), source)
         if row.totp_enabled:
             if defer_code:
                 return actor, True
             if code is None or not self._accept_code(row.pk, row.totp_secret, code):
-                self._failed_login(row.pk, wall)
+                self.lockout.failed(row.pk, source)
                 return None
-        with self._engine.begin() as conn:
-            conn.execute(update(users).where(users.c.pk == row.pk)
-                         .values(failed_logins=0, locked_until=None))
+        self.lockout.cleared(row.pk, source)
         if not row.totp_enabled:
             with self._lock:
                 self._verified[cache_key] = (now, actor)
@@ -193,33 +189,21 @@ class UserDirectory:
                 return used == 1
         return False
 
-    def _still_allowed(self, username: str) -> bool:
-        """Not disabled, locked or given a second factor since the password was last checked
-        (cheap, no argon2)."""
+    def _still_allowed(self, username: str, source: str) -> bool:
+        """Not disabled, locked (from ``source``) or given a second factor since the password
+        was last checked (cheap, no argon2)."""
         with self._engine.connect() as conn:
-            row = conn.execute(select(users.c.disabled, users.c.locked_until,
-                                      users.c.totp_enabled)
+            row = conn.execute(select(users.c.pk, users.c.disabled, users.c.totp_enabled)
                                .where(users.c.username == username)).first()
         if row is None or row.disabled or row.totp_enabled:
             return False
-        return row.locked_until is None or as_utc(row.locked_until) <= datetime.now(UTC)
-
-    def _failed_login(self, user_pk: int, now: datetime) -> None:
-        """Count a wrong password; after MAX_FAILED_LOGINS the account locks for a while."""
-        with self._engine.begin() as conn:
-            failed = conn.execute(
-                update(users).where(users.c.pk == user_pk)
-                .values(failed_logins=users.c.failed_logins + 1)
-                .returning(users.c.failed_logins)
-            ).scalar_one()
-            if failed >= MAX_FAILED_LOGINS:
-                conn.execute(update(users).where(users.c.pk == user_pk).values(
-                    failed_logins=0, locked_until=now + LOCKOUT))
+        return not self.lockout.locked(row.pk, source)
 
     def invite(self, email: str, invited_by: str, role: str = "reviewer",
-               days: int = 14) -> str:
+               days: int = 14, share_pk: int | None = None) -> str:
         """A one-time invitation for ``email`` to create an account with ``role``; returns
-        its secret (only the hash is kept)."""
+        its secret (only the hash is kept). ``share_pk`` binds it to the identifiable share
+        that the new account is to receive."""
         if role not in ("reviewer", "patient"):
             raise ImageShareError("only reviewers and patients are invited by link")
         secret = secrets.token_urlsafe(32)
@@ -227,7 +211,8 @@ class UserDirectory:
         with self._engine.begin() as conn:
             conn.execute(insert(account_invites).values(
                 token_hash=secret_hash(secret), email=email.strip()[:254], role=role,
-                invited_by=invited_by, created_at=now, expires_at=now + timedelta(days=days)))
+                invited_by=invited_by, created_at=now, expires_at=now + timedelta(days=days),
+                share_pk=share_pk))
         return secret
 
     def invitation(self, secret: str) -> tuple[str, str] | None:
@@ -241,16 +226,27 @@ class UserDirectory:
         return row["email"], row["role"]
 
     def accept_invitation(self, secret: str, username: str, password: str) -> str:
-        """Create the invited account (once); returns its role."""
+        """Create the invited account (once: the invitation is used up first, so two
+        acceptances cannot both make one); returns its role."""
         found = self.invitation(secret)
         if found is None:
             raise ImageShareError("this invitation has expired or was used already")
         email, role = found
-        self.add(username.strip(), password, role, email)
+        _check_password(password)
         with self._engine.begin() as conn:
-            conn.execute(update(account_invites).where(
-                account_invites.c.token_hash == secret_hash(secret))
-                .values(used_at=datetime.now(UTC)))
+            taken = conn.execute(update(account_invites).where(
+                account_invites.c.token_hash == secret_hash(secret),
+                account_invites.c.used_at.is_(None)).values(used_at=datetime.now(UTC))
+            ).rowcount
+        if not taken:
+            raise ImageShareError("this invitation has expired or was used already")
+        try:
+            self.add(username.strip(), password, role, email)
+        except ImageShareError:
+            with self._engine.begin() as conn:  # a taken name: the invitation stays usable
+                conn.execute(update(account_invites).where(
+                    account_invites.c.token_hash == secret_hash(secret)).values(used_at=None))
+            raise
         return role
 
     def email_of(self, username: str) -> str:
@@ -275,13 +271,16 @@ class UserDirectory:
                   .where(api_tokens.c.revoked_at.is_(None)).scalar_subquery())
         with self._engine.connect() as conn:
             rows = conn.execute(
-                select(users.c.username, users.c.role, users.c.disabled, users.c.locked_until,
-                       users.c.totp_enabled, users.c.created_at, tokens.label("tokens"))
+                select(users.c.pk, users.c.username, users.c.role, users.c.disabled,
+                       users.c.locked_until, users.c.totp_enabled, users.c.created_at,
+                       tokens.label("tokens"))
                 .order_by(users.c.username)
             ).all()
+        locked = self.lockout.locked_accounts()
         return [
             Account(r.username, r.role, r.disabled,
-                    r.locked_until is not None and as_utc(r.locked_until) > now,
+                    r.pk in locked or (r.locked_until is not None
+                                       and as_utc(r.locked_until) > now),
                     r.totp_enabled, as_utc(r.created_at), r.tokens)
             for r in rows
         ]
@@ -323,6 +322,11 @@ class UserDirectory:
         if reset_two_factor:
             values.update(totp_enabled=False, totp_secret=None, totp_last_step=None)
         self._change(username, **values)
+        with self._engine.connect() as conn:
+            user_pk = conn.execute(select(users.c.pk).where(users.c.username == username)
+                                   ).scalar()
+        if user_pk is not None:
+            self.lockout.clear_all(user_pk)
 
     def change_own_password(self, username: str, current: str, new: str) -> None:
         """The user's own password change; the current password must be right."""
@@ -384,7 +388,7 @@ class UserDirectory:
         with self._engine.connect() as conn:
             rows = conn.execute(
                 select(api_tokens.c.pk, api_tokens.c.name, api_tokens.c.created_at,
-                       api_tokens.c.last_used_at, api_tokens.c.revoked_at)
+                       api_tokens.c.last_used_at, api_tokens.c.revoked_at, api_tokens.c.origin)
                 .join(users, users.c.pk == api_tokens.c.user_pk)
                 .where(users.c.username == username).order_by(api_tokens.c.pk.desc())
             ).all()
@@ -403,8 +407,11 @@ class UserDirectory:
         if not changed:
             raise NotFound("no such token")
 
-    def create_token(self, username: str, name: str) -> str:
-        """A new API token for ``username``; only its hash is kept, so show it once."""
+    def create_token(self, username: str, name: str, origin: str = "web") -> str:
+        """A new API token for ``username``; only its hash is kept, so show it once.
+
+        ``origin`` is ``cli`` for tokens made on the server's command line (they work for an
+        administrator who has no second factor yet: machines), else ``web``."""
         secret = "is_" + secrets.token_urlsafe(32)
         with self._engine.begin() as conn:
             user_pk = conn.execute(select(users.c.pk).where(users.c.username == username)).scalar()
@@ -413,7 +420,7 @@ class UserDirectory:
             conn.execute(
                 insert(api_tokens).values(
                     user_pk=user_pk, name=name[:128], token_hash=secret_hash(secret),
-                    created_at=datetime.now(UTC),
+                    created_at=datetime.now(UTC), origin="cli" if origin == "cli" else "web",
                 )
             )
         return secret
@@ -421,23 +428,37 @@ class UserDirectory:
     def authenticate_token(self, secret: str, source: str = "") -> Actor | None:
         """The Actor owning a valid (not expired, not revoked) token, else None."""
         now = datetime.now(UTC)
-        with self._engine.begin() as conn:
+        with self._engine.connect() as conn:
             row = conn.execute(
                 select(
                     api_tokens.c.pk, api_tokens.c.expires_at, api_tokens.c.revoked_at,
-                    users.c.username, users.c.role, users.c.disabled,
+                    api_tokens.c.origin, api_tokens.c.last_used_at, users.c.username,
+                    users.c.role, users.c.disabled, users.c.totp_enabled,
                 )
                 .join(users, users.c.pk == api_tokens.c.user_pk)
                 .where(api_tokens.c.token_hash == secret_hash(secret))
             ).first()
-            if row is None or row.revoked_at is not None or row.disabled:
-                return None
-            if row.expires_at is not None and as_utc(row.expires_at) <= now:
-                return None
-            conn.execute(
-                update(api_tokens).where(api_tokens.c.pk == row.pk).values(last_used_at=now)
-            )
-        return Actor("user", row.username, row.role, source)
+        if row is None or row.revoked_at is not None or row.disabled:
+            return None
+        if row.expires_at is not None and as_utc(row.expires_at) <= now:
+            return None
+        if row.last_used_at is None or now - as_utc(row.last_used_at) > TOKEN_USE_RESOLUTION:
+            self._stamp_token_use(row.pk, now)
+        return Actor("user", row.username,
+                     effective_role(row.role, row.totp_enabled, row.origin == "cli"), source)
+
+
+    def _stamp_token_use(self, pk: int, now: datetime) -> None:
+        # When a token was last used is bookkeeping: a request is not refused because the
+        # stamp could not be written (the request's own audit row decides that).
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    update(api_tokens).where(api_tokens.c.pk == pk).values(last_used_at=now)
+                )
+        except OperationalError as exc:
+            log.warning("could not record when an API token was last used (%s)",
+                        type(exc).__name__)
 
 
 def as_utc(moment: datetime) -> datetime:

@@ -22,6 +22,7 @@ from sqlalchemy import (
     select,
 )
 
+from imageshare.access.scope import Scope, narrows
 from imageshare.archive.matching import (
     is_universal,
     json_matches,
@@ -86,12 +87,31 @@ def _int_condition(column: Any, value: str) -> Any:
         numbers = [int(v) for v in value.split("\\") if v.strip()]
     except ValueError as exc:
         raise InvalidQuery(f"{value!r} is not a number") from exc
+    if any(not -(2**31) <= n < 2**31 for n in numbers):  # PS3.5 IS; and what SQL can hold
+        raise InvalidQuery(f"{value!r} is outside the range of an integer string")
     return column.in_(numbers)
 
 
-def _modalities_condition(value: str) -> Any:
+def _modalities_condition(value: str, scope: Scope | None = None) -> Any:
     condition = text_condition(series.c.modality, value, "CS")
-    return exists().where(and_(series.c.study_pk == studies.c.pk, condition))
+    within = [scope.condition(studies.c.study_uid, series.c.series_uid)] if scope else []
+    return exists().where(and_(series.c.study_pk == studies.c.pk, condition, *within))
+
+
+def _scope_condition(allowed: Collection[str], depth: int) -> Any:
+    """Only what ``allowed`` reaches: studies, or (a Scope) series and instances too."""
+    if isinstance(allowed, Scope):
+        if depth == 0:
+            return exists().where(and_(studies.c.patient_pk == patients.c.pk,
+                                       allowed.condition(studies.c.study_uid)))
+        return allowed.condition(studies.c.study_uid,
+                                 series.c.series_uid if depth >= 2 else None,
+                                 instances.c.sop_uid if depth >= 3 else None)
+    uids = list(allowed)
+    if depth == 0:
+        return exists().where(and_(studies.c.patient_pk == patients.c.pk,
+                                   studies.c.study_uid.in_(uids)))
+    return studies.c.study_uid.in_(uids)
 
 
 def _other_ids_condition(element: dict[str, Any]) -> Any:
@@ -247,18 +267,23 @@ class QueryService:
                 )
             if tag == OTHER_IDS_SEQ:
                 stmt = stmt.where(_other_ids_condition(element))
+            elif tag == MODALITIES_IN_STUDY and narrows(query.allowed_studies):
+                stmt = stmt.where(_modalities_condition(
+                    _first_text(element), query.allowed_studies))  # type: ignore[arg-type]
             elif tag in _SQL:
                 stmt = stmt.where(_SQL[tag](_first_text(element), query.fuzzy))
             else:
                 python_filters.append((tag, element))
         if query.allowed_studies is not None:
-            stmt = stmt.where(studies.c.study_uid.in_(list(query.allowed_studies)))
+            stmt = stmt.where(_scope_condition(query.allowed_studies, depth))
         limit = min(query.limit or self._max_results, self._max_results)
         if not python_filters:
             stmt = stmt.offset(query.offset).limit(limit)
         with self._engine.connect() as conn:
             rows = conn.execute(stmt).mappings().all()
             matches = [self._build(row, depth, query) for row in rows]
+            if isinstance(query.allowed_studies, Scope):
+                _count_within(conn, matches, depth, query.allowed_studies)
             if python_filters:
                 matches = [
                     m for m in matches
@@ -361,7 +386,7 @@ class QueryService:
 
     def _add_counts(self, conn: Any, matches: list[Match], depth: int, query: Query) -> None:
         wanted = set(query.identifier)
-        if depth == 0 and matches and (
+        if depth == 0 and matches and not isinstance(query.allowed_studies, Scope) and (
             query.return_all or wanted & {N_PAT_STUDIES, N_PAT_SERIES, N_PAT_INSTANCES}
         ):
             pks = [m.attributes["_pk"] for m in matches]
@@ -380,12 +405,16 @@ class QueryService:
                 m.attributes[N_PAT_SERIES] = _element("IS", n_series)
                 m.attributes[N_PAT_INSTANCES] = _element("IS", n_instances)
         if depth == 1 and matches and SOP_CLASSES_IN_STUDY in wanted:
+            scope = query.allowed_studies
+            within = ([scope.condition(studies.c.study_uid, series.c.series_uid,
+                                       instances.c.sop_uid)]
+                      if isinstance(scope, Scope) else [])
             for m in matches:
                 classes = conn.execute(
                     select(instances.c.sop_class_uid.distinct())
                     .join(series, series.c.pk == instances.c.series_pk)
                     .join(studies, studies.c.pk == series.c.study_pk)
-                    .where(studies.c.study_uid == m.study_uid)
+                    .where(studies.c.study_uid == m.study_uid, *within)
                 ).scalars().all()
                 m.attributes[SOP_CLASSES_IN_STUDY] = _element("UI", *sorted(classes))
 
@@ -410,3 +439,42 @@ class QueryService:
                 out[tag] = {"vr": query.identifier[tag].get("vr", "UN")}
         match.attributes = out
         return match
+
+
+def _count_within(conn: Any, matches: list[Match], depth: int, scope: Scope) -> None:
+    """Recount what each match holds within ``scope`` (studies, series, instances and
+    modalities outside it are not revealed by the counts either)."""
+    if not matches:
+        return
+    key = studies.c.patient_pk if depth == 0 else studies.c.study_uid
+    keys = ([m.attributes["_pk"] for m in matches] if depth == 0
+            else list({m.study_uid for m in matches}))
+    rows = conn.execute(
+        select(key.label("key"), studies.c.study_uid, series.c.series_uid, series.c.modality,
+               func.count(instances.c.pk).label("n"))
+        .select_from(instances.join(series, series.c.pk == instances.c.series_pk)
+                     .join(studies, studies.c.pk == series.c.study_pk))
+        .where(key.in_(keys), scope.condition(studies.c.study_uid, series.c.series_uid,
+                                              instances.c.sop_uid))
+        .group_by(key, studies.c.study_uid, series.c.series_uid, series.c.modality)
+    ).all()
+    per_key: dict[Any, list[Any]] = {}
+    for row in rows:
+        per_key.setdefault(row.key, []).append(row)
+    for m in matches:
+        attrs = m.attributes
+        if depth == 0:
+            found = per_key.get(attrs["_pk"], [])
+            attrs[N_PAT_STUDIES] = _element("IS", len({r.study_uid for r in found}))
+            attrs[N_PAT_SERIES] = _element("IS", len(found))
+            attrs[N_PAT_INSTANCES] = _element("IS", sum(r.n for r in found))
+            continue
+        found = per_key.get(m.study_uid, [])
+        attrs[N_STUDY_SERIES] = _element("IS", len(found))
+        attrs[N_STUDY_INSTANCES] = _element("IS", sum(r.n for r in found))
+        attrs[MODALITIES_IN_STUDY] = _element(
+            "CS", *sorted({r.modality for r in found if r.modality}))
+        if depth >= 2:
+            series_uid = (attrs.get(SERIES_UID, {}).get("Value") or [""])[0]
+            attrs[N_SERIES_INSTANCES] = _element(
+                "IS", sum(r.n for r in found if r.series_uid == series_uid))

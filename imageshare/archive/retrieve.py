@@ -15,6 +15,7 @@ from pydicom.encaps import get_frame
 from pydicom.uid import UID, ExplicitVRBigEndian
 from sqlalchemy import Engine, select
 
+from imageshare.access.scope import Scope
 from imageshare.archive.dicom_json import BULK_DATA_THRESHOLD, dataset_json
 from imageshare.archive.header import locate_pixel_data
 from imageshare.archive.transcode import little_endian_value
@@ -66,7 +67,9 @@ class RetrieveService:
         """Instances matching every given list of UIDs, audited as ``action`` (unless the
         caller audits the use itself and says ``audit=False``).
 
-        Raises :class:`NotFound` when nothing matches (also for UIDs outside the scope).
+        ``allowed_studies`` limits the selection to those studies; a :class:`Scope` limits it
+        to the series and instances it grants. Raises :class:`NotFound` when nothing matches
+        (also for UIDs outside the scope).
         """
         if not (study_uids or series_uids or sop_uids or patient_ids):
             raise InvalidQuery("a retrieve must name a patient, study, series or instance")
@@ -90,7 +93,10 @@ class RetrieveService:
             stmt = stmt.where(instances.c.sop_uid.in_(list(sop_uids)))
         if patient_ids:
             stmt = stmt.where(patients.c.patient_id.in_(list(patient_ids)))
-        if allowed_studies is not None:
+        if isinstance(allowed_studies, Scope):
+            stmt = stmt.where(allowed_studies.condition(
+                studies.c.study_uid, series.c.series_uid, instances.c.sop_uid))
+        elif allowed_studies is not None:
             stmt = stmt.where(studies.c.study_uid.in_(list(allowed_studies)))
         with self._engine.connect() as conn:
             found = [StoredInstance(*row) for row in conn.execute(stmt)]

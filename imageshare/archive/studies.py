@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Engine, select
 
+from imageshare.access.scope import Scope
 from imageshare.archive.dicom_json import all_text, nhs_number_of
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
@@ -161,11 +162,14 @@ class StudyCatalogue:
     def view(self, study_uid: str, actor: Actor, allowed_studies: Collection[str] | None
              ) -> StudyRecord:
         """The study for ``actor``'s eyes, audited as ``study.view``; NotFound when it does
-        not exist or is outside ``allowed_studies``."""
+        not exist or is outside ``allowed_studies``. A :class:`Scope` keeps only the series
+        and instances it grants."""
         try:
             if allowed_studies is not None and study_uid not in allowed_studies:
                 raise NotFound("no such study")
             study = self.record(study_uid)
+            if isinstance(allowed_studies, Scope):
+                study = _within(study, allowed_studies)
         except NotFound:
             self._audit.record(AuditEvent(actor=actor, action="study.view", outcome="failure",
                                           study_uid=study_uid, detail={"reason": "not found"}))
@@ -189,3 +193,17 @@ class StudyCatalogue:
         self._audit.record(AuditEvent(actor=actor, action="audit.read", outcome="success",
                                       study_uid=study_uid, instance_count=len(rows)))
         return [dict(r) for r in rows]
+
+
+def _within(study: StudyRecord, scope: Scope) -> StudyRecord:
+    """The study with only the series and instances ``scope`` reaches."""
+    kept = []
+    for s in study.series:
+        members = [i for i in s.instances
+                   if scope.covers(study.study_uid, s.series_uid, i.sop_uid)]
+        if members:
+            kept.append(replace(s, instances=members))
+    if not kept:
+        raise NotFound("no such study")
+    modalities = "\\".join(sorted({s.modality for s in kept if s.modality}))
+    return replace(study, series=kept, modalities=modalities)

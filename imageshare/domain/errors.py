@@ -141,3 +141,11 @@ class StorageError(ImageShareError):
 
     http_status = 503
     title = "Storage unavailable"
+
+
+class PublicUrlMissing(ImageShareError):
+    """A link for an e-mail is due but IMAGESHARE_PUBLIC_URL is not set (links are never
+    built from a request's Host header)."""
+
+    http_status = 409
+    title = "Public address not set"

@@ -4,6 +4,11 @@ A link carries a random token (256 bits; only its SHA-256 is stored) and is open
 passcode (argon2-hashed, shown once to the sender). Ten wrong passcodes lock the link. The
 recipient sees the shared instances under the UIDs of the share (new ones when it is
 de-identified); anything else does not exist for them.
+
+An identifiable share names an existing user account (or an e-mail address, whose invitation
+makes the account that receives it). Its items reach that account, with the share's rights
+(view, comment, download) and nothing more, once the recipient, signed in, has given the
+link's passcode: through the link and through the archive's own routes alike.
 """
 
 from __future__ import annotations
@@ -22,18 +27,25 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Engine, insert, or_, select, update
 
-from imageshare.access.users import as_utc, secret_hash
+from imageshare.access.scope import COMMENT, DOWNLOAD, VIEW, Grant
+from imageshare.access.users import UserDirectory, as_utc, secret_hash
 from imageshare.archive.ingest import IngestService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.deid.pseudonyms import Pseudonyms
 from imageshare.deid.service import Deidentifier, seekable
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import Forbidden, ImageShareError, NotFound
+from imageshare.domain.errors import (
+    Forbidden,
+    ImageShareError,
+    NotFound,
+    PublicUrlMissing,
+)
 from imageshare.sharing.notify import Mailer, Notifier
 from imageshare.sharing.reports import comment_document
 from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import (
+    account_invites,
     share_comments,
     share_feedback,
     share_items,
@@ -65,6 +77,7 @@ class NewShare:
     recipient_user: str = ""
     days: int = 30
     allow_download: bool = False
+    allow_comment: bool = True
     deidentified: bool = True
     profile: str = "teaching"
     message: str = ""
@@ -101,6 +114,7 @@ class Share:
     recipient_email: str
     recipient_user: str
     allow_download: bool
+    allow_comment: bool
     deidentified: bool
     profile: str
     failed_attempts: int
@@ -109,6 +123,7 @@ class Share:
     expires_at: datetime
     revoked_at: datetime | None
     reviewed_at: datetime | None
+    opened_at: datetime | None
 
     @property
     def state(self) -> str:
@@ -122,10 +137,15 @@ class Share:
         return "active"
 
     def actor(self, source: str) -> Actor:
-        """The party using this share's link."""
-        grants = {"download"} if self.allow_download else set()
+        """The party using this share's link, with the share's rights."""
         return Actor("share", self.public_id, "share-recipient", source,
-                     grants=frozenset(grants))
+                     grants=self.rights - {VIEW})
+
+    @property
+    def rights(self) -> frozenset[str]:
+        """view, and comment and download when the share allows them."""
+        return frozenset({VIEW} | ({COMMENT} if self.allow_comment else set())
+                         | ({DOWNLOAD} if self.allow_download else set()))
 
 
 @dataclass(frozen=True)
@@ -151,8 +171,11 @@ class ShareService:
     def __init__(self, engine: Engine, retrieve: RetrieveService, audit: AuditTrail,
                  notifier: Notifier, deidentifier: Callable[[str], Deidentifier],
                  pseudonyms: Callable[[], Pseudonyms], cache_dir: Path, default_days: int,
-                 max_days: int, ingest: IngestService | None = None) -> None:
+                 max_days: int, ingest: IngestService | None = None,
+                 users: UserDirectory | None = None, public_url: str = "") -> None:
         self._ingest = ingest
+        self._users = users
+        self.public_url = public_url.rstrip("/")
         self._engine = engine
         self._retrieve = retrieve
         self._audit = audit
@@ -170,6 +193,16 @@ class ShareService:
         """The e-mail sender."""
         return self.notifier.mailer
 
+    def link_base(self) -> str:
+        """The address links in e-mails start with (IMAGESHARE_PUBLIC_URL, never a request's
+        Host header); raises PublicUrlMissing while it is not set."""
+        if not self.public_url:
+            raise PublicUrlMissing(
+                "e-mails with links cannot be sent until an administrator sets "
+                "IMAGESHARE_PUBLIC_URL (the address people use to reach ImageShare); nothing "
+                "was created or sent")
+        return self.public_url
+
     # -- creating ---------------------------------------------------------------------------
 
     def create(self, request: NewShare, owner: Actor,
@@ -181,9 +214,20 @@ class ShareService:
         email = request.recipient_email.strip()
         if email and not _EMAIL.match(email):
             raise ImageShareError("the recipient's e-mail address is not valid")
-        if not request.deidentified and not request.recipient_user:
+        recipient_user = request.recipient_user.strip()
+        if not request.deidentified and not (recipient_user or email):
             raise ImageShareError("identifiable shares are only for a named user account, "
-                                  "who signs in to open them")
+                                  "who signs in to open them, or for an e-mail address "
+                                  "invited to make that account")
+        if recipient_user and self._users is not None:
+            try:
+                account = self._users.account(recipient_user)
+            except NotFound as exc:
+                raise ImageShareError(f"there is no user account {recipient_user!r}; share "
+                                      "with an existing account, or with an e-mail address "
+                                      "to invite") from exc
+            if account.disabled:
+                raise ImageShareError(f"the account {recipient_user!r} is disabled")
         if request.deidentified:
             self._deidentifier(request.profile)  # unknown profile: refused now
         wanted = [(request.study_uid, request.series_uids, request.sop_uids)] + [
@@ -215,8 +259,9 @@ class ShareService:
             share_pk = conn.execute(insert(shares).values(
                 public_id=public_id, token_hash=secret_hash(token), owner=owner.name,
                 title=(request.title or "Shared images")[:128], message=request.message[:4000],
-                recipient_email=email[:254], recipient_user=request.recipient_user[:128],
+                recipient_email=email[:254], recipient_user=recipient_user[:128],
                 passcode_hash=_hasher.hash(passcode), allow_download=request.allow_download,
+                allow_comment=request.allow_comment,
                 deidentified=request.deidentified,
                 profile=request.profile if request.deidentified else "",
                 failed_attempts=0, locked=False, created_at=now, expires_at=expires,
@@ -233,10 +278,26 @@ class ShareService:
                 patient_id=found[0].patient_id, study_uid=request.study_uid or found[0].study_uid,
                 instance_count=len(found),
                 detail={"share": public_id, "deidentified": request.deidentified,
-                        "download": request.allow_download, "days": days,
+                        "download": request.allow_download,
+                        "comment": request.allow_comment, "days": days,
                         "recipient": "e-mail" if email else (
                             "user" if request.recipient_user else "link")}), conn=conn)
         return CreatedShare(public_id, token, passcode, expires)
+
+    def create_and_send(self, request: NewShare, owner: Actor,
+                        allowed_studies: Collection[str] | None) -> CreatedShare:
+        """Create the share and e-mail its link to the recipient's address, if any (and, for
+        an identifiable share to an address, the invitation to make the account that is to
+        receive it). With an address but no IMAGESHARE_PUBLIC_URL nothing is created."""
+        email = request.recipient_email.strip()
+        if email:
+            self.link_base()
+        created = self.create(request, owner, allowed_studies)
+        if email:
+            self.invite(created, email, self.link_base() + created.path, owner.name)
+            if not request.deidentified and not request.recipient_user.strip():
+                self.invite_account(self.by_public_id(created.public_id, owner.name), owner)
+        return created
 
     def invite(self, created: CreatedShare, email: str, url: str, sender: str) -> None:
         """E-mail the link (never the passcode, never patient data) to the recipient."""
@@ -247,6 +308,65 @@ class ShareService:
             "You will need the passcode, which the sender gives you separately (by phone or "
             f"text message).\nThe link works until {created.expires_at:%d %B %Y}.\n\n"
             "This message contains no patient information.\n")
+
+    def invite_account(self, share: Share, owner: Actor) -> None:
+        """E-mail the share's recipient an invitation to make a reviewer account. For an
+        identifiable share sent to an address, the invitation is bound to the share: the
+        account made with it (and no other) becomes the share's named recipient."""
+        if not share.recipient_email:
+            raise ImageShareError("the share has no recipient e-mail address to invite")
+        if self._users is None:
+            raise ImageShareError("invitations are not available here")
+        base = self.link_base()
+        bound = not share.deidentified and not share.recipient_user
+        secret = self._users.invite(share.recipient_email, owner.name,
+                                    share_pk=share.pk if bound else None)
+        self.mailer.send(
+            share.recipient_email, "You are invited to an ImageShare account",
+            f"{owner.name} invites you to create an ImageShare account, to see what is shared "
+            f"with you.\n\nCreate it here (the link works once, for 14 days): "
+            f"{base}/invite/{secret}\n\nThis message contains no patient information.\n")
+        self._audit.record(AuditEvent(actor=owner, action="user.invite", outcome="success",
+                                      detail={"share": share.public_id, "bound": bound}))
+
+    def username_reserved(self, username: str) -> bool:
+        """True when a share names ``username`` as its recipient: an invitation cannot make
+        an account of that name (it would receive the share)."""
+        with self._engine.connect() as conn:
+            return conn.execute(select(shares.c.pk).where(
+                shares.c.recipient_user == username.strip()).limit(1)).first() is not None
+
+    def accept_invitation(self, secret: str, username: str, password: str,
+                          source: str) -> str:
+        """Make the invited account; an invitation bound to an identifiable share makes its
+        account that share's recipient. Returns the account's role."""
+        if self._users is None:
+            raise ImageShareError("invitations are not available here")
+        username = username.strip()
+        if self.username_reserved(username):
+            self._audit.record(AuditEvent(
+                actor=Actor("anonymous", username[:64], source=source, registered=False),
+                action="user.accept-invite", outcome="failure",
+                detail={"reason": "a share names this user name"}))
+            raise ImageShareError("that user name is not available; choose another")
+        with self._engine.connect() as conn:
+            share_pk = conn.execute(select(account_invites.c.share_pk).where(
+                account_invites.c.token_hash == secret_hash(secret))).scalar()
+        role = self._users.accept_invitation(secret, username, password)
+        actor = Actor("user", username, role, source)
+        self._audit.record(AuditEvent(actor=actor, action="user.accept-invite",
+                                      outcome="success"))
+        if share_pk is not None:
+            with self._engine.begin() as conn:
+                bound = conn.execute(update(shares).where(
+                    shares.c.pk == share_pk, shares.c.recipient_user == "")
+                    .values(recipient_user=username)).rowcount
+                public_id = conn.execute(select(shares.c.public_id)
+                                         .where(shares.c.pk == share_pk)).scalar()
+                self._audit.record(AuditEvent(
+                    actor=actor, action="share.bind", outcome="success" if bound else "failure",
+                    detail={"share": public_id}), conn=conn)
+        return role
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -300,6 +420,12 @@ class ShareService:
         with self._engine.begin() as conn:
             conn.execute(update(shares).where(shares.c.pk == share.pk)
                          .values(failed_attempts=0))
+            if not share.deidentified:
+                # The named recipient (the caller checked the signed-in account) gave the
+                # passcode: from now on the share's items reach their account.
+                conn.execute(update(shares).where(shares.c.pk == share.pk,
+                                                  shares.c.opened_at.is_(None))
+                             .values(opened_at=datetime.now(UTC)))
         self._audit.record(AuditEvent(actor=actor, action="share.open", outcome="success",
                                       detail={"share": share.public_id}))
         return True
@@ -508,20 +634,31 @@ class ShareService:
         return [e for e in self._audit.events(limit=limit, detail=("share", share.public_id))
                 if e["detail"].get("share") == share.public_id]
 
-    def studies_shared_with(self, actor: Actor) -> frozenset[str]:
-        """Studies of live identifiable shares naming this user account (the policy lets the
-        user open them like staff would, and nothing else)."""
+    def grants_for(self, actor: Actor) -> tuple[Grant, ...]:
+        """The items of live identifiable shares naming this user account that they opened
+        with the passcode, each with its share's rights (the policy lets the user reach
+        exactly these, and nothing else)."""
         if actor.kind != "user":
-            return frozenset()
+            return ()
         now = datetime.now(UTC)
         with self._engine.connect() as conn:
             rows = conn.execute(
-                select(share_items.c.study_uid).distinct()
+                select(share_items.c.study_uid, share_items.c.series_uid, share_items.c.sop_uid,
+                       shares.c.allow_comment, shares.c.allow_download)
                 .join(shares, shares.c.pk == share_items.c.share_pk)
                 .where(shares.c.recipient_user == actor.name, shares.c.deidentified.is_(False),
+                       shares.c.opened_at.is_not(None), share_items.c.held_back.is_(False),
                        shares.c.revoked_at.is_(None), shares.c.locked.is_(False),
-                       shares.c.expires_at > now)).scalars().all()
-        return frozenset(rows)
+                       shares.c.expires_at > now)).all()
+        rights: dict[tuple[str, str, str], set[str]] = {}
+        for row in rows:
+            found = rights.setdefault((row.study_uid, row.series_uid, row.sop_uid), {VIEW})
+            if row.allow_comment:
+                found.add(COMMENT)
+            if row.allow_download:
+                found.add(DOWNLOAD)
+        return tuple(Grant(study, series, sop, frozenset(r))
+                     for (study, series, sop), r in rights.items())
 
     def received(self, username: str, email: str) -> list[Share]:
         """Live shares naming this user or their e-mail address, newest first."""

@@ -78,21 +78,29 @@ class Mailer:
 class Notifier:
     """In-app notifications for users, with an e-mail copy when the user has an address."""
 
-    def __init__(self, engine: Engine, mailer: Mailer, email_of: object) -> None:
+    def __init__(self, engine: Engine, mailer: Mailer, email_of: object,
+                 public_url: str = "") -> None:
         self._engine = engine
         self.mailer = mailer
         self._email_of = email_of
+        self._public_url = public_url.rstrip("/")
 
     def notify(self, username: str, kind: str, text: str, link: str, url: str = "") -> None:
-        """Tell ``username`` that something happened (``text`` must carry no patient data)."""
+        """Tell ``username`` that something happened (``text`` must carry no patient data).
+
+        The e-mail copy links to ``link`` on IMAGESHARE_PUBLIC_URL; without it, it carries no
+        link (links are never built from a request's Host header)."""
         with self._engine.begin() as conn:
             conn.execute(insert(notifications).values(
                 username=username, kind=kind, text=text[:512], link=link[:512],
                 created_at=datetime.now(UTC)))
         address = self._email_of(username)  # type: ignore[operator]
         if address:
+            target = url or (self._public_url + link if self._public_url else "")
+            where = (f"Open ImageShare to see it: {target}" if target
+                     else "Sign in to ImageShare to see it.")
             self.mailer.send(address, f"ImageShare: {text}"[:200],
-                             f"{text}\n\nOpen ImageShare to see it: {url or link}\n\n"
+                             f"{text}\n\n{where}\n\n"
                              "This message contains no patient information.\n")
 
     def unread(self, username: str) -> int:

@@ -81,7 +81,7 @@ def sign_in(
     archive.throttle.check(source)
     result = archive.users.sign_in(body.username, body.password, source)
     if result is not None and result[1] == "code":
-        if not archive.users.check_code(body.username, body.code):
+        if not archive.users.check_code(body.username, body.code, source):
             result = None
         else:
             result = (result[0], "full")

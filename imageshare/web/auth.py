@@ -15,7 +15,7 @@ from imageshare.access.policy import PUBLIC
 from imageshare.access.sessions import COOKIE
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import ANONYMOUS, Actor
-from imageshare.domain.errors import Forbidden, NotAuthenticated
+from imageshare.domain.errors import Forbidden, NotAuthenticated, TooManyRequests
 
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
@@ -25,8 +25,18 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
+BASIC, BEARER, SESSION = "basic", "bearer", "session"
+
+
 def resolve_actor(request: Request) -> Actor:
-    """The Actor presenting HTTP Basic credentials or a bearer API token, else anonymous."""
+    """The Actor presenting HTTP Basic credentials, a bearer API token or a session cookie
+    (or an opened share link), else anonymous; ``request.state.channel`` says which.
+
+    HTTP Basic failures count towards the per-address throttle like sign-ins (an address over
+    its limit gets 429 before any password is checked) and are audited. An account that must
+    have a second factor and has none acts as ENROLLING on every channel (the user directory
+    and session store give it that role; :func:`imageshare.access.policy.effective_role`).
+    """
     cached = getattr(request.state, "actor", None)
     if cached is not None:
         return cached
@@ -35,18 +45,29 @@ def resolve_actor(request: Request) -> Actor:
     scheme, _, credentials = header.partition(" ")
     source = client_address(request)
     actor: Actor | None = None
+    request.state.channel = None
     if scheme.lower() == "basic" and credentials:
+        request.state.channel = BASIC
         try:
             username, _, password = base64.b64decode(credentials).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             username, password = "", ""
+        archive.throttle.check(source)
         if username:
-            actor = archive.users.authenticate(username, password, source)
+            actor = archive.users.authenticate(username[:128], password[:1024], source)
+        if actor is None:
+            archive.throttle.failed(source)
+            archive.audit.record(AuditEvent(
+                actor=Actor("anonymous", username[:64], source=source, registered=False),
+                action="session.basic", outcome="failure",
+                detail={"route": _route_template(request)}))
     elif scheme.lower() == "bearer" and credentials:
-        actor = archive.users.authenticate_token(credentials.strip(), source)
+        request.state.channel = BEARER
+        actor = archive.users.authenticate_token(credentials.strip()[:256], source)
     elif not header and request.cookies.get(COOKIE):
         session = archive.sessions.find(request.cookies[COOKIE], source)
         if session is not None:
+            request.state.channel = SESSION
             request.state.session = session
             actor = session.actor
     token = request.path_params.get("token")
@@ -114,16 +135,27 @@ class Permission:
         self.study_param = study_param
 
     async def __call__(self, request: Request) -> Actor:
-        """Authorise the request, raising NotAuthenticated or Forbidden.
+        """Authorise the request, raising NotAuthenticated, Forbidden or TooManyRequests.
 
         A browser session (cookie) must also send its CSRF token with every request that
-        changes something.
+        changes something; HTTP Basic and bearer tokens never reach a page (HTML form) route
+        that changes something: those are for browsers with a session and its CSRF token.
         """
-        # Password checks (argon2) and session look-ups block: keep them off the event loop.
-        actor = await run_in_threadpool(resolve_actor, request)
-        archive = request.app.state.archive
         study_uid = request.path_params.get(self.study_param, "") if self.study_param else ""
         try:
+            # Password checks (argon2) and session look-ups block: keep them off the loop.
+            actor = await run_in_threadpool(resolve_actor, request)
+        except TooManyRequests as exc:
+            await run_in_threadpool(_record_denial, request, ANONYMOUS, self.action, study_uid,
+                                    exc)
+            raise
+        archive = request.app.state.archive
+        try:
+            if (getattr(request.state, "channel", None) in (BASIC, BEARER)
+                    and request.method not in SAFE_METHODS and self.action != PUBLIC
+                    and _is_page_route(request)):
+                raise Forbidden("pages that change something are for signed-in browsers; "
+                                "programs use the JSON API under /api")
             session = getattr(request.state, "session", None)
             if (session is not None and request.method not in SAFE_METHODS
                     and self.action != PUBLIC):
@@ -138,6 +170,12 @@ class Permission:
 
     def __repr__(self) -> str:
         return f"Permission({self.action!r})"
+
+
+def _is_page_route(request: Request) -> bool:
+    """True for web-app pages (HTML forms), which the OpenAPI document leaves out."""
+    route = request.scope.get("route")
+    return route is not None and not getattr(route, "include_in_schema", True)
 
 
 def _record_denial(request: Request, actor: Actor, action: str, study_uid: str,

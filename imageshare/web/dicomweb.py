@@ -18,7 +18,8 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from imageshare.access.policy import STUDY_READ, STUDY_STORE
+from imageshare.access.policy import STUDY_DOWNLOAD, STUDY_READ, STUDY_STORE
+from imageshare.access.scope import DOWNLOAD, VIEW
 from imageshare.archive.dicom_json import native_dicom_xml, safe_json
 from imageshare.archive.pixel_budget import decode_frame
 from imageshare.archive.query import Level, Query
@@ -54,7 +55,7 @@ from imageshare.domain.errors import (
     OutOfResources,
     WrongStudy,
 )
-from imageshare.web.auth import allowed
+from imageshare.web.auth import allowed, authorise_also
 from imageshare.web.multipart import (
     PartBody,
     PartSink,
@@ -67,6 +68,8 @@ from imageshare.web.negotiation import MediaRange, matches, parse_accept, parse_
 log = logging.getLogger("imageshare.dicomweb")
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
 Reader = allowed(STUDY_READ, "study")
+# Instances as DICOM files leave with download rights (shares may grant only viewing).
+Downloader = allowed(STUDY_DOWNLOAD, "study")
 Writer = allowed(STUDY_STORE)
 DICOM_JSON = "application/dicom+json"
 DICOM_XML = "application/dicom+xml"
@@ -189,6 +192,8 @@ def _int_param(request: Request, name: str, default: int | None) -> int | None:
         raise InvalidQuery(f"{name} must be a whole number") from exc
     if value < 0:
         raise InvalidQuery(f"{name} must not be negative")
+    if value >= 2**31:  # nothing counts that far, and SQL integers end at 2**63
+        raise InvalidQuery(f"{name} is too large")
     return value
 
 
@@ -325,13 +330,13 @@ def search_series_instances(
 
 def _select(
     request: Request, actor: Actor, action: str, study: str, series: str | None = None,
-    instance: str | None = None,
+    instance: str | None = None, right: str = VIEW,
 ) -> list[StoredInstance]:
     archive = request.app.state.archive
     return archive.retrieve.select(
         actor, action, study_uids=[study], series_uids=[series] if series else (),
         sop_uids=[instance] if instance else (),
-        allowed_studies=archive.policy.study_scope(actor),
+        allowed_studies=archive.policy.study_scope(actor, right),
     )
 
 
@@ -427,17 +432,19 @@ def _dicom_response(request: Request, found: list[StoredInstance]) -> Response:
 
 
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
-def retrieve_study(request: Request, study: str, actor: Reader) -> Response:
+def retrieve_study(request: Request, study: str, actor: Downloader) -> Response:
     """Every instance of the study as multipart/related application/dicom."""
     _accepted_dicom_syntax(request, None)
-    return _dicom_response(request, _select(request, actor, "study.retrieve", study))
+    return _dicom_response(request, _select(request, actor, "study.retrieve", study,
+                                            right=DOWNLOAD))
 
 
 @router.get("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
-def retrieve_series(request: Request, study: str, series: str, actor: Reader) -> Response:
+def retrieve_series(request: Request, study: str, series: str, actor: Downloader) -> Response:
     """Every instance of the series."""
     _accepted_dicom_syntax(request, None)
-    return _dicom_response(request, _select(request, actor, "study.retrieve", study, series))
+    return _dicom_response(request, _select(request, actor, "study.retrieve", study, series,
+                                            right=DOWNLOAD))
 
 
 @router.get(
@@ -445,11 +452,11 @@ def retrieve_series(request: Request, study: str, series: str, actor: Reader) ->
     summary="WADO-RS: retrieve an instance",
 )
 def retrieve_instance(
-    request: Request, study: str, series: str, instance: str, actor: Reader
+    request: Request, study: str, series: str, instance: str, actor: Downloader
 ) -> Response:
     """One instance."""
     _accepted_dicom_syntax(request, None)
-    found = _select(request, actor, "study.retrieve", study, series, instance)
+    found = _select(request, actor, "study.retrieve", study, series, instance, DOWNLOAD)
     return _dicom_response(request, found)
 
 
@@ -1016,9 +1023,13 @@ def wado_uri(request: Request, actor: Reader) -> Response:
     uids = [params.get(name, "") for name in ("studyUID", "seriesUID", "objectUID")]
     if not all(uids):
         raise InvalidQuery("studyUID, seriesUID and objectUID are required")
-    inst = _select(request, actor, "study.retrieve", *uids)[0]
     content_type = params.get("contentType", "image/jpeg").split(",")[0].strip()
-    if content_type == "application/dicom":
+    as_file = content_type == "application/dicom"
+    if as_file:
+        authorise_also(request, actor, STUDY_DOWNLOAD, uids[0])
+    inst = _select(request, actor, "study.retrieve", *uids,
+                   right=DOWNLOAD if as_file else VIEW)[0]
+    if as_file:
         wanted = params.get("transferSyntax")
         if wanted and not _producible(wanted, [inst]):
             raise NotAcceptable(f"transfer syntax {wanted} is not offered")

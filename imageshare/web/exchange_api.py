@@ -16,6 +16,7 @@ from imageshare.domain.errors import InvalidQuery
 from imageshare.exchange.federated import PatientQuery
 from imageshare.web.auth import allowed
 from imageshare.web.exports import job_view
+from imageshare.web.params import RowId
 
 router = APIRouter(prefix="/api/exchange", tags=["API"])
 
@@ -27,13 +28,21 @@ def patient_query(nhs: str, hospital_number: str, name: str, dob: str) -> Patien
                         dob.strip().replace("-", "")[:8])
 
 
-@router.get("/search", summary="Federated search for a patient's studies")
-async def federated_search(request: Request, actor: allowed(EXCHANGE), nhs: str = "",
-                           hospital_number: str = "", name: str = "", dob: str = ""
+class PatientSearchIn(BaseModel):
+    """Who to look for (in the body: patient details never go in a URL)."""
+
+    nhs: str = Field(default="", max_length=32)
+    hospital_number: str = Field(default="", max_length=64)
+    name: str = Field(default="", max_length=200)
+    dob: str = Field(default="", max_length=10, description="YYYY-MM-DD or YYYYMMDD")
+
+
+@router.post("/search", summary="Federated search for a patient's studies")
+async def federated_search(request: Request, body: PatientSearchIn, actor: allowed(EXCHANGE)
                            ) -> dict[str, Any]:
     """Local studies and those of every searchable site, each site within its timeout."""
     archive = request.app.state.archive
-    query = patient_query(nhs, hospital_number, name, dob)
+    query = patient_query(body.nhs, body.hospital_number, body.name, body.dob)
     result = await run_in_threadpool(archive.exchange.search, query, actor,
                                      archive.policy.study_scope(actor))
     return {"linking": result.linking,
@@ -114,7 +123,7 @@ class DecisionIn(BaseModel):
 
 
 @router.post("/inbox/{item}/accept", summary="Accept an inbox item into the archive")
-async def accept(request: Request, item: int, body: DecisionIn, actor: allowed(EXCHANGE)
+async def accept(request: Request, item: RowId, body: DecisionIn, actor: allowed(EXCHANGE)
                  ) -> dict[str, str]:
     """Reconcile to the local patient (by NHS number), keep the study, and optionally forward
     it to the local PACS."""
@@ -130,7 +139,7 @@ async def accept(request: Request, item: int, body: DecisionIn, actor: allowed(E
 
 
 @router.post("/inbox/{item}/reject", summary="Reject an inbox item")
-async def reject(request: Request, item: int, body: DecisionIn, actor: allowed(EXCHANGE)
+async def reject(request: Request, item: RowId, body: DecisionIn, actor: allowed(EXCHANGE)
                  ) -> dict[str, int]:
     """Delete the received instances (audited)."""
     removed = await run_in_threadpool(request.app.state.archive.inbox.reject, item, actor,

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from imageshare.access.policy import EXPORT_IDENTIFIABLE, SHARE_CREATE
 from imageshare.sharing.links import NewShare, Share
 from imageshare.web.auth import allowed, authorise_also
-from imageshare.web.pages.shares import public_base
+from imageshare.web.pages.shares import shown_link
 
 router = APIRouter(prefix="/api", tags=["API"])
 
@@ -26,6 +26,7 @@ class ShareIn(BaseModel):
     recipient_user: str = Field(default="", max_length=128)
     days: int = Field(default=0, ge=0, le=3650)
     allow_download: bool = False
+    allow_comment: bool = True
     deidentified: bool = True
     profile: str = Field(default="teaching", max_length=64)
     message: str = Field(default="", max_length=4000)
@@ -36,6 +37,7 @@ def _view(share: Share) -> dict[str, Any]:
     return {"id": share.public_id, "title": share.title, "state": share.state,
             "recipient_email": share.recipient_email, "recipient_user": share.recipient_user,
             "deidentified": share.deidentified, "allow_download": share.allow_download,
+            "allow_comment": share.allow_comment,
             "created_at": share.created_at.isoformat(),
             "expires_at": share.expires_at.isoformat(),
             "reviewed_at": share.reviewed_at.isoformat() if share.reviewed_at else None}
@@ -51,12 +53,10 @@ async def create_share(request: Request, study_uid: str, body: ShareIn,
     share_request = NewShare(
         study_uid, tuple(body.series_uids), tuple(body.sop_uids), body.recipient_email,
         body.recipient_user, body.days or archive.shares.default_days, body.allow_download,
-        body.deidentified, body.profile, body.message, body.title)
-    created = await run_in_threadpool(archive.shares.create, share_request, actor,
+        body.allow_comment, body.deidentified, body.profile, body.message, body.title)
+    created = await run_in_threadpool(archive.shares.create_and_send, share_request, actor,
                                       archive.policy.study_scope(actor))
-    url = public_base(request) + created.path
-    if body.recipient_email:
-        archive.shares.invite(created, body.recipient_email, url, actor.name)
+    url = shown_link(request, created.path)
     return {"id": created.public_id, "url": url, "passcode": created.passcode,
             "expires_at": created.expires_at.isoformat()}
 

@@ -59,7 +59,10 @@ def site(tmp_path_factory, mail) -> Iterator[dict]:
     clip = us_cine(root / "in", frames=30, rows=240, cols=320, patient_id="H9001",
                    patient_name="Lamarr^Hedy")
     server = RunningServer(root / "data", extra_env={
-        "IMAGESHARE_SMTP_HOST": "127.0.0.1", "IMAGESHARE_SMTP_PORT": str(mail[1])}).start()
+        "IMAGESHARE_SMTP_HOST": "127.0.0.1", "IMAGESHARE_SMTP_PORT": str(mail[1])})
+    # Links in e-mails come only from the public address (never from a request's Host).
+    server.extra_env["IMAGESHARE_PUBLIC_URL"] = server.url
+    server.start()
     try:
         server.cli("import", "--quiet", str(root / "in"))
         server.cli("user", "add", "sono", "--role", "sonographer", "--password", PASSWORD,

@@ -49,6 +49,9 @@ TIME_KEYS = {
 # with PS3.4 for values stored at the key's own precision).
 ORTHANC_AGREES = {"1430-", "143000.5-143000.9"}
 LONG_COMMENT = "a" * 10_000
+# The DICOMweb clients' account (HTTP Basic): staff, since an administrator without a second
+# factor can do nothing but enrol over HTTP Basic.
+CLIENT = ("dwclient", "dicomweb-client-password")
 
 
 @dataclass
@@ -66,12 +69,12 @@ class Site:
 
     def web_client(self) -> DICOMwebClient:
         session = create_session_from_auth(
-            requests.auth.HTTPBasicAuth("admin", ADMIN_PASSWORD))
+            requests.auth.HTTPBasicAuth(*CLIENT))
         return DICOMwebClient(url=self.server.dicomweb, session=session)
 
     def curl(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
-            [require_tool("curl"), "-s", "-u", f"admin:{ADMIN_PASSWORD}", *args],
+            [require_tool("curl"), "-s", "-u", ":".join(CLIENT), *args],
             capture_output=True, timeout=60)
 
 
@@ -101,6 +104,7 @@ def _prepare(data_dir: Path, files: list[Path], nodes: dict[str, int]) -> None:
     archive = build_archive(load_settings({"data_dir": data_dir}, environ={}))
     try:
         archive.users.ensure_admin(ADMIN_PASSWORD)
+        archive.users.add(*CLIENT, "radiographer")
         for ae, port in nodes.items():
             archive.nodes.add(Node(ae, "127.0.0.1", port))
         for path in files:
@@ -139,7 +143,7 @@ def site(tmp_path_factory) -> Site:
         orthanc.start(
             {"findscu": ["FINDSCU", "127.0.0.1", 104]}, [DICOMWEB_PLUGIN],
             {"DicomWeb": {"Enable": True, "Servers": {
-                "imageshare": [server.dicomweb + "/", "admin", ADMIN_PASSWORD]}}},
+                "imageshare": [server.dicomweb + "/", *CLIENT]}}},
         )
         with orthanc.http() as http:
             for path in timed:
@@ -305,7 +309,7 @@ def test_curl_gets_dicom_xml_where_asked_and_406_for_what_cannot_be_served(site,
         result = site.curl("-i", "-H", f"Accept: {accept}", f"{instance}/metadata")
         head, _, _ = result.stdout.partition(b"\r\n\r\n")
         assert b'type="application/dicom+xml"' in head
-    response = httpx.get(f"{instance}/metadata", auth=("admin", ADMIN_PASSWORD),
+    response = httpx.get(f"{instance}/metadata", auth=CLIENT,
                          headers={"Accept": "application/dicom+xml"})
     ((_headers, body),) = parse_multipart(response)
     ours = ET.fromstring(body)
@@ -318,7 +322,7 @@ def test_curl_gets_dicom_xml_where_asked_and_406_for_what_cannot_be_served(site,
         assert ([e.text for e in mine.iter() if e.text and e.text.strip()]
                 == [e.text for e in theirs.iter() if e.text and e.text.strip()]), tag
     searched = httpx.get(f"{base}/studies", params={"PatientID": "T1"},
-                         auth=("admin", ADMIN_PASSWORD),
+                         auth=CLIENT,
                          headers={"Accept": 'multipart/related; type="application/dicom+xml"'})
     ((_, study_xml),) = parse_multipart(searched)
     assert ET.fromstring(study_xml).find(f"{NATIVE}DicomAttribute[@tag='00100020']")[0].text \
@@ -326,12 +330,12 @@ def test_curl_gets_dicom_xml_where_asked_and_406_for_what_cannot_be_served(site,
 
     # Bulk data as octet-stream comes decompressed; the stored bitstream when asked.
     pixels = dcmread(site.j2k).pixel_array
-    decoded = httpx.get(f"{instance}/bulkdata/7FE00010", auth=("admin", ADMIN_PASSWORD),
+    decoded = httpx.get(f"{instance}/bulkdata/7FE00010", auth=CLIENT,
                         headers={"Accept": 'multipart/related; type="application/octet-stream"'})
     ((headers, data),) = parse_multipart(decoded)
     assert headers["content-type"].startswith("application/octet-stream")
     assert data == pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
-    stored = httpx.get(f"{instance}/bulkdata/7FE00010", auth=("admin", ADMIN_PASSWORD),
+    stored = httpx.get(f"{instance}/bulkdata/7FE00010", auth=CLIENT,
                        headers={"Accept": 'multipart/related; type="image/jp2"'})
     assert parse_multipart(stored)[0][0]["content-type"].startswith("image/jp2")
 
@@ -344,7 +348,7 @@ def test_curl_gets_dicom_xml_where_asked_and_406_for_what_cannot_be_served(site,
                        "--data-binary", f"@{tmp_path / 'body'}", f"{base}/studies")
     assert result.stdout == b"406"
     assert httpx.get(f"{base}/studies", params={"PatientID": "NEGOTIATE"},
-                     auth=("admin", ADMIN_PASSWORD)).json() == []
+                     auth=CLIENT).json() == []
 
 
 def _run_bytes(*args: str) -> bytes:
@@ -359,7 +363,7 @@ def test_rendered_study_series_and_multi_frame_instance_through_dicomweb_client(
     study, series, sop = _uids(site.cine)
     jpeg = b"\xff\xd8\xff"
     study_image = httpx.get(f"{site.server.dicomweb}/studies/{study}/rendered",
-                            auth=("admin", ADMIN_PASSWORD))
+                            auth=CLIENT)
     assert study_image.headers["content-type"] == "image/jpeg"
     assert study_image.content[:3] == jpeg
     assert client.retrieve_series_rendered(study, series)[:3] == jpeg
@@ -372,7 +376,7 @@ def test_rendered_study_series_and_multi_frame_instance_through_dicomweb_client(
 
     assert Image.open(io.BytesIO(animated)).n_frames == 6
     every = httpx.get(f"{site.server.dicomweb}/studies/{study}/series/{series}/instances/{sop}"
-                      "/rendered", auth=("admin", ADMIN_PASSWORD),
+                      "/rendered", auth=CLIENT,
                       headers={"Accept": 'multipart/related; type="image/png"'})
     assert [h["content-type"] for h, _ in parse_multipart(every)] == ["image/png"] * 6
 
@@ -386,11 +390,11 @@ def test_dcmtk_tools_get_each_services_refusal_status_with_its_reason(site, tmp_
     find = _run("findscu", "-d", "-aet", "STRANGER", "-aec", site.server.ae_title, "-S",
                 *keys, "127.0.0.1", port)
     assert "0xc001: Failed: Unable to process" in find.stderr, find.stderr
-    assert "not registered for queries" in find.stderr
+    assert "not allowed to query: AE title not registered" in find.stderr
     get = _run("getscu", "-d", "-aet", "STRANGER", "-aec", site.server.ae_title, "-S",
                "-od", str(tmp_path), *keys, "127.0.0.1", port)
     assert "0xc001: Failed: Unable to process" in get.stderr, get.stderr
-    assert "not registered for retrieval" in get.stderr
+    assert "not allowed to retrieve: AE title not registered" in get.stderr
     move = _run("movescu", "-d", "-aet", "STRANGER", "-aem", "MOVESCU", "-aec",
                 site.server.ae_title, "-S", *keys, "127.0.0.1", port)
     assert "0xc514: Failed: Unable to process" in move.stderr, move.stderr
@@ -422,7 +426,7 @@ def test_stow_fails_a_changed_duplicate_as_stored_copy_kept_and_names_no_study_u
     body, content_type = encode_multipart([first.read_bytes()])
     mismatch = httpx.post(f"{site.server.dicomweb}/studies/{generate_uid()}", content=body,
                           headers={"Content-Type": content_type},
-                          auth=("admin", ADMIN_PASSWORD))
+                          auth=CLIENT)
     assert mismatch.status_code == 409
     answer = mismatch.json()
     assert "Value" not in answer.get("00081190", {}), answer
@@ -442,7 +446,7 @@ def test_a_hostile_wildcard_search_answers_quickly_and_the_server_keeps_answerin
         started = time.monotonic()
         response = httpx.get(f"{site.server.dicomweb}/instances",
                              params={"ImageComments": pattern, "PatientID": "REDOS"},
-                             auth=("admin", ADMIN_PASSWORD), timeout=60)
+                             auth=CLIENT, timeout=60)
         result["status"], result["body"] = response.status_code, response.json()
         result["seconds"] = time.monotonic() - started
 
@@ -459,7 +463,7 @@ def test_a_hostile_wildcard_search_answers_quickly_and_the_server_keeps_answerin
     assert max(latencies, default=0) < 2, latencies
     found = httpx.get(f"{site.server.dicomweb}/instances",
                       params={"ImageComments": "*a*a*a*a", "PatientID": "REDOS"},
-                      auth=("admin", ADMIN_PASSWORD), timeout=60).json()
+                      auth=CLIENT, timeout=60).json()
     assert len(found) == 3
     # The same key over C-FIND (same matching engine) answers as quickly.
     out = tmp_path / "find"

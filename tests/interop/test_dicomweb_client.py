@@ -6,19 +6,18 @@ import numpy as np
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
-from dicomweb_client.session_utils import create_session_from_auth
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from tests.factory import ct_series, us_cine
-from tests.peers import ADMIN_PASSWORD
 
 pytestmark = pytest.mark.interop
 
 
 @pytest.fixture
 def web_client(server):
-    session = create_session_from_auth(requests.auth.HTTPBasicAuth("admin", ADMIN_PASSWORD))
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {server.admin_token()}"
     return DICOMwebClient(url=server.dicomweb, session=session)
 
 

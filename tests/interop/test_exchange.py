@@ -12,7 +12,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.factory import ct_series
-from tests.peers import ADMIN_PASSWORD, RunningServer, free_port
+from tests.peers import RunningServer, free_port
 
 pytestmark = pytest.mark.interop
 NHS = "9434765919"
@@ -39,7 +39,7 @@ def hospitals(tmp_path, orthanc_factory):
 
 def search(server, **params):
     with httpx.Client(base_url=server.url, auth=CLINICIAN, timeout=60) as client:
-        response = client.get("/api/exchange/search", params=params)
+        response = client.post("/api/exchange/search", json=params)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -57,7 +57,7 @@ def retrieve(server, site, study_uid):
 
 
 def pixels_here(server, study_uid):
-    with httpx.Client(base_url=server.url, auth=("admin", ADMIN_PASSWORD), timeout=60) as c:
+    with server.http() as c:
         listed = c.get(f"/dicomweb/studies/{study_uid}/instances").json()
     return {item["00080018"]["Value"][0] for item in listed}
 
@@ -80,7 +80,7 @@ def test_federated_search_and_retrieve_from_orthanc(hospitals, protocol):
     job = retrieve(server, "ORTHANC", study["study_uid"])
     assert job["state"] == "done" and job["done"] == 5, job
     assert len(pixels_here(server, study["study_uid"])) == 5
-    with httpx.Client(base_url=server.url, auth=("admin", ADMIN_PASSWORD), timeout=60) as c:
+    with server.http() as c:
         sop = dcmread(files[2]).SOPInstanceUID
         frame = c.get(f"/dicomweb/studies/{original.StudyInstanceUID}/series/"
                       f"{original.SeriesInstanceUID}/instances/{sop}/frames/1",
@@ -213,7 +213,7 @@ def test_orthanc_sending_to_us_lands_in_the_inbox_and_is_reconciled(hospitals, t
                json={"reconcile": True, "forward_to": "PACS"})
     assert "H555" in done["done"] and "forwarded" in done["done"]
     study_uid = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
-    with httpx.Client(base_url=server.url, auth=("admin", ADMIN_PASSWORD), timeout=60) as c:
+    with server.http() as c:
         listed = c.get(f"/dicomweb/studies/{study_uid}/instances").json()
         sop = listed[0]["00080018"]["Value"][0]
         series_uid = listed[0]["0020000E"]["Value"][0]
@@ -246,7 +246,7 @@ def test_retention_removes_expired_temporary_copies_and_inbox_items_only(hospita
         client.post("/modalities/IMAGESHARE/store", json=[orthanc_id]).raise_for_status()
     soon = server.cli("retention", "run", "--at", "2099-01-01T00:00:00").stdout
     assert "7 instance(s) of 2 study(ies) removed" in soon, soon
-    with httpx.Client(base_url=server.url, auth=("admin", ADMIN_PASSWORD), timeout=60) as c:
+    with server.http() as c:
         remaining = {s["0020000D"]["Value"][0] for s in c.get("/dicomweb/studies").json()}
     assert remaining == {dcmread(kept[0], stop_before_pixels=True).StudyInstanceUID}
     nothing = server.cli("retention", "run").stdout

@@ -45,7 +45,8 @@ def test_wrong_password_is_refused(anonymous, stored):
 
 
 def test_api_token_authenticates_dicomweb(archive, anonymous, stored):
-    token = archive.users.create_token("admin", "viewer")
+    archive.users.add("clin", "long-enough-password", "clinician")
+    token = archive.users.create_token("clin", "viewer")
     headers = {"Authorization": f"Bearer {token}"}
     assert anonymous.get("/dicomweb/studies", headers=headers).status_code == 200
     headers = {"Authorization": "Bearer is_not-a-real-token"}
@@ -315,7 +316,8 @@ def test_qido_warns_when_results_are_cut_at_the_maximum(tmp_path):
         for i in range(3):
             archive.ingest.store_copy(ct_series(tmp_path / f"s{i}", count=1)[0], ACTOR)
         with TestClient(create_app(archive)) as client:
-            client.auth = ("admin", ADMIN_PASSWORD)
+            token = archive.users.create_token("admin", "tests", origin="cli")
+            client.headers["Authorization"] = f"Bearer {token}"
             cut = client.get("/dicomweb/studies")
             paged = client.get("/dicomweb/studies", params={"limit": 2, "offset": 2})
         assert len(cut.json()) == 2 and cut.headers["warning"].startswith("299 ")

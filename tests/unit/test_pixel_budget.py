@@ -18,7 +18,7 @@ from imageshare.deid.pixels import BurnedInTextCleaner
 from imageshare.domain.actors import cli_actor
 from imageshare.domain.errors import ImageTooLarge, NotAcceptable, UndecodableImage
 from imageshare.export.media import cine_to_mp4
-from tests.conftest import ROOT, make_archive
+from tests.conftest import ROOT, act_as_admin, make_archive
 from tests.factory import ct_series
 from tests.multipart_helpers import encode_multipart
 from tests.oversized import rle_bomb
@@ -102,7 +102,7 @@ def test_rendering_over_the_budget_answers_422_with_the_reason(tmp_path):
     base = f"/dicomweb/studies/{study}/series/{series}/instances/{sop}"
     try:
         with TestClient(create_app(archive)) as client:
-            client.auth = ("admin", ADMIN_PASSWORD)
+            act_as_admin(client, archive)
             for path in (f"{base}/rendered", f"{base}/thumbnail", f"{base}/frames/1/rendered"):
                 response = client.get(path, headers={"Accept": "image/jpeg"})
                 assert response.status_code == 422, path
@@ -127,7 +127,7 @@ def test_frames_decoded_for_wado_rs_are_checked_against_the_budget(tmp_path):
            f"instances/{ds.SOPInstanceUID}/frames/1")
     try:
         with TestClient(create_app(archive)) as client:
-            client.auth = ("admin", ADMIN_PASSWORD)
+            act_as_admin(client, archive)
             accept = ('multipart/related; type="application/octet-stream"; '
                       "transfer-syntax=1.2.840.10008.1.2.1")
             response = client.get(url, headers={"Accept": accept})

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from imageshare.web.multipart import media_type_params
-from tests.conftest import make_archive
+from tests.conftest import act_as_admin, make_archive
 from tests.factory import ct_series
 from tests.multipart_helpers import encode_multipart
 from tests.peers import ADMIN_PASSWORD, RunningServer
@@ -27,7 +27,7 @@ def limited(tmp_path):
                            max_body_bytes=10_000, max_upload_bytes=50_000)
     archive.users.ensure_admin(ADMIN_PASSWORD)
     with TestClient(create_app(archive)) as client:
-        client.auth = ("admin", ADMIN_PASSWORD)
+        act_as_admin(client, archive)
         yield client, archive
     archive.close()
 

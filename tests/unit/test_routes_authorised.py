@@ -111,19 +111,20 @@ def test_a_patient_account_reaches_only_its_own_account(archive, anonymous):
     from imageshare.access.policy import ACCOUNT_SELF
 
     archive.users.add("pat", "long-enough-password", "patient")
-    opened = []
+    opened, refused = [], 0
     for route in _routes(archive):
         action = _permissions(route.dependant)[0].action
         for method in route.methods:
             response = anonymous.request(method, _concrete(route.path),
                                          auth=("pat", "long-enough-password"))
+            refused += response.status_code == 403
             if action in (PUBLIC, ACCOUNT_SELF):
                 continue
             assert response.status_code == 403, (method, route.path, response.status_code)
             opened.append(route.path)
     assert len(opened) >= 40
     refusals = [e for e in archive.audit.events("access.denied") if e["actor"] == "user:pat"]
-    assert len(refusals) == len(opened)
+    assert len(refusals) == refused
 
 
 def test_clinicians_are_refused_administration_pages(archive, anonymous):
@@ -131,3 +132,24 @@ def test_clinicians_are_refused_administration_pages(archive, anonymous):
     for path in ("/admin/users", "/admin/audit"):
         response = anonymous.get(path, auth=("clin", "long-enough-password"))
         assert response.status_code == 403, path
+
+
+def test_programs_reach_no_page_route_that_changes_something(archive, anonymous):
+    """HTTP Basic and bearer tokens (even an administrator's command-line token) are refused
+    by every page (HTML form) route that changes something: forms are for browsers with a
+    session and its CSRF token."""
+    archive.users.add("clin", "long-enough-password", "clinician")
+    token = archive.users.create_token("admin", "machine", origin="cli")
+    checked = 0
+    for route in _routes(archive):
+        if route.path.startswith(("/api/", "/dicomweb")) or route.path == "/healthz":
+            continue
+        if _permissions(route.dependant)[0].action == PUBLIC:
+            continue
+        for method in route.methods - {"GET", "HEAD", "OPTIONS"}:
+            for credentials in ({"auth": ("clin", "long-enough-password")},
+                                {"headers": {"Authorization": f"Bearer {token}"}}):
+                response = anonymous.request(method, _concrete(route.path), **credentials)
+                assert response.status_code == 403, (method, route.path, credentials)
+            checked += 1
+    assert checked >= 30

@@ -212,17 +212,25 @@ def test_a_reviewer_account_sees_identifiable_shares_in_one_place(archive, anony
     archive.users.add("drno", "a-long-password", "reviewer", email="drno@elsewhere.example")
     other = archive.ingest.store_copy(us_cine(tmp_path / "other", frames=2, patient_id="H1",
                                               patient_name="Other^Person"), OWNER).study_uid
-    make_share(archive, study, deidentified=False, recipient_user="drno")
+    identifiable = make_share(archive, study, deidentified=False, recipient_user="drno")
     make_share(archive, study, recipient_email="drno@elsewhere.example")
     anonymous.post("/login", data={"username": "drno", "password": "a-long-password"},
                    headers=HTML)
     listing = anonymous.get("/shared-with-me", headers=HTML)
     assert listing.text.count("<tr>") == 3  # header + two shares
+    # an identifiable share still asks for its passcode before anything opens
+    assert f"/studies/{study}" not in listing.text
+    assert anonymous.get(f"/studies/{study}", headers=HTML).status_code == 403
+    open_link(anonymous, identifiable)
+    listing = anonymous.get("/shared-with-me", headers=HTML)
     assert f"/studies/{study}" in listing.text
     assert anonymous.get(f"/studies/{study}", headers=HTML).status_code == 200
     assert anonymous.get(f"/viewer/{study}", headers=HTML).status_code == 200
     assert anonymous.get(f"/studies/{other}", headers=HTML).status_code == 403
-    assert anonymous.get("/search?q=Other", headers=HTML).status_code == 403
+    home = anonymous.get("/", headers=HTML)
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', home.text).group(1)
+    found = anonymous.post("/search", headers=HTML, data={"csrf_token": csrf, "q": "Other"})
+    assert found.status_code == 200 and other not in found.text
 
 
 def test_cases_group_studies_in_folders_and_are_shared_as_one(archive, anonymous, study,
@@ -274,6 +282,7 @@ def test_a_selection_of_clips_is_shared_over_the_api(archive, anonymous, study):
 
 
 def test_a_recipient_is_invited_to_create_a_reviewer_account(archive, anonymous, study):
+    archive.shares.public_url = "https://imageshare.example"
     created = make_share(archive, study, recipient_email="mentor@elsewhere.example")
     anonymous.post("/login", data={"username": "sono", "password": "a-long-password"},
                    headers=HTML)

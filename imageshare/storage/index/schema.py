@@ -140,6 +140,20 @@ users = Table(
     Column("email", String(254), nullable=False, default="", server_default=""),
 )
 
+# Failed sign-ins per account and source address: a lockout holds only for the address that
+# failed, so nobody elsewhere can lock an account out by guessing.
+login_failures = Table(
+    "login_failures",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("user_pk", ForeignKey("users.pk", ondelete="CASCADE"), nullable=False),
+    Column("source", String(255), nullable=False),
+    Column("failures", Integer, nullable=False),
+    Column("locked_until", DateTime(timezone=True), nullable=True),
+    Column("last_failure_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("user_pk", "source"),
+)
+
 sessions = Table(
     "sessions",
     metadata,
@@ -165,6 +179,8 @@ api_tokens = Table(
     Column("expires_at", DateTime(timezone=True), nullable=True),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
     Column("last_used_at", DateTime(timezone=True), nullable=True),
+    # "cli" for tokens made on the server's command line, "web" for the web app and API.
+    Column("origin", String(8), nullable=False, default="web", server_default="web"),
 )
 
 nodes = Table(
@@ -261,6 +277,10 @@ shares = Table(
     Column("revoked_at", DateTime(timezone=True), nullable=True),
     Column("reviewed_at", DateTime(timezone=True), nullable=True),
     Column("expiry_notified", Boolean, nullable=False, default=False, server_default=false()),
+    Column("allow_comment", Boolean, nullable=False, default=True, server_default=true()),
+    # When the named recipient of an identifiable share, signed in, first gave the passcode:
+    # only then do the share's items reach their account.
+    Column("opened_at", DateTime(timezone=True), nullable=True),
 )
 
 # One row per shared instance, with the UIDs the recipient sees (new ones when de-identified).
@@ -359,7 +379,10 @@ annotations = Table(
     Column("study_uid", String(64), nullable=False, index=True),
     Column("sop_uid", String(64), nullable=False),
     Column("frame", Integer, nullable=False),
+    # Who: a username, or ``share:<public id>`` for a share link's recipient.
     Column("author", String(128), nullable=False),
+    # How the author is shown to staff (a username or the recipient's e-mail address).
+    Column("author_label", String(128), nullable=False, default="", server_default=""),
     Column("marks", JSON, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("sop_uid", "frame", "author"),
@@ -377,6 +400,8 @@ account_invites = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("used_at", DateTime(timezone=True), nullable=True),
+    # The identifiable share the new account is to receive (bound to this invitation).
+    Column("share_pk", ForeignKey("shares.pk", ondelete="CASCADE"), nullable=True),
 )
 
 # Studies received from other sites, waiting for staff to reconcile and accept (or reject).

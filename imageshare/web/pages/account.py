@@ -15,6 +15,7 @@ from imageshare.domain.errors import ImageShareError
 from imageshare.web.auth import allowed
 from imageshare.web.pages.sign_in import set_session_cookie
 from imageshare.web.pages.templating import page, redirect
+from imageshare.web.params import RowId
 
 router = APIRouter(include_in_schema=False)
 
@@ -84,8 +85,12 @@ def change_password(request: Request, actor: allowed(ACCOUNT_SELF),
         archive.audit.record(AuditEvent(actor=actor, action="account.password",
                                         outcome="failure"))
         return _account_page(request, 400, error=str(exc))
-    archive.audit.record(AuditEvent(actor=actor, action="account.password", outcome="success"))
-    return redirect("/account?notice=password-changed")
+    # Every other session of the account ends (someone who knew the old password may hold
+    # one); API tokens are listed on the account page for the user to revoke.
+    ended = archive.sessions.end_all(actor.name, keep=request.cookies.get(COOKIE, ""))
+    archive.audit.record(AuditEvent(actor=actor, action="account.password", outcome="success",
+                                    detail={"sessions_ended": ended}))
+    return redirect("/account?notice=password-changed#tokens")
 
 
 @router.post("/account/tokens")
@@ -100,7 +105,7 @@ def create_token(request: Request, actor: allowed(TOKEN_SELF),
 
 
 @router.post("/account/tokens/{token_pk}/revoke")
-def revoke_token(request: Request, token_pk: int, actor: allowed(TOKEN_SELF)) -> Response:
+def revoke_token(request: Request, token_pk: RowId, actor: allowed(TOKEN_SELF)) -> Response:
     """Revoke one of the user's tokens."""
     archive = request.app.state.archive
     archive.users.revoke_token(actor.name, token_pk)

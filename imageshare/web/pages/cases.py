@@ -14,7 +14,7 @@ from imageshare.domain.errors import ImageShareError
 from imageshare.sharing.cases import CaseItem
 from imageshare.sharing.links import NewShare
 from imageshare.web.auth import allowed, authorise_also
-from imageshare.web.pages.shares import public_base
+from imageshare.web.pages.shares import shown_link
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
@@ -125,11 +125,9 @@ async def share_case(
         recipient_email=recipient_email, days=days or archive.shares.default_days,
         allow_download=bool(download), deidentified=True, profile=profile, message=message,
         title=case.title)
-    created = await run_in_threadpool(archive.shares.create, request_, actor,
+    created = await run_in_threadpool(archive.shares.create_and_send, request_, actor,
                                       archive.policy.study_scope(actor))
-    url = public_base(request) + created.path
-    if recipient_email.strip():
-        archive.shares.invite(created, recipient_email.strip(), url, actor.name)
+    url = shown_link(request, created.path)
     share = archive.shares.by_public_id(created.public_id, actor.name)
     archive.jobs.submit(actor.name, "share", "Preparing de-identified copies",
                         lambda job: archive.shares.prepare(share))

@@ -15,20 +15,34 @@ from imageshare.exchange.nodes import Node
 from imageshare.web.auth import allowed
 from imageshare.web.exchange_api import patient_query
 from imageshare.web.pages.templating import page, redirect
+from imageshare.web.params import RowId
 
 router = APIRouter(include_in_schema=False)
 
 
+_EMPTY_FORM = {"nhs": "", "hospital_number": "", "name": "", "dob": ""}
+
+
 @router.get("/exchange")
-async def exchange(request: Request, actor: allowed(EXCHANGE), nhs: str = "",
-                   hospital_number: str = "", name: str = "", dob: str = "") -> Response:
+def exchange_form(request: Request, actor: allowed(EXCHANGE)) -> Response:
+    """The form to search other hospitals (searches are posted: no patient detail goes in a
+    URL; parameters given here are ignored)."""
+    return page(request, "exchange.html", form=_EMPTY_FORM, result=None)
+
+
+@router.post("/exchange")
+async def exchange(request: Request, actor: allowed(EXCHANGE),
+                   nhs: Annotated[str, Form()] = "", hospital_number: Annotated[str, Form()] = "",
+                   name: Annotated[str, Form()] = "", dob: Annotated[str, Form()] = "",
+                   ) -> Response:
     """Search this archive and every connected site for a patient's studies."""
     archive = request.app.state.archive
-    form = {"nhs": nhs, "hospital_number": hospital_number, "name": name, "dob": dob}
+    form = {"nhs": nhs[:32], "hospital_number": hospital_number[:64], "name": name[:200],
+            "dob": dob[:10]}
     if not any(form.values()):
         return page(request, "exchange.html", form=form, result=None)
     try:
-        query = patient_query(nhs, hospital_number, name, dob)
+        query = patient_query(form["nhs"], form["hospital_number"], form["name"], form["dob"])
         result = await run_in_threadpool(archive.exchange.search, query, actor,
                                          archive.policy.study_scope(actor))
     except ImageShareError as exc:
@@ -84,7 +98,7 @@ def inbox(request: Request, actor: allowed(EXCHANGE)) -> Response:
 
 
 @router.post("/inbox/{item}/{decision}")
-async def decide(request: Request, item: int, decision: str, actor: allowed(EXCHANGE),
+async def decide(request: Request, item: RowId, decision: str, actor: allowed(EXCHANGE),
                  note: Annotated[str, Form()] = "", forward_to: Annotated[str, Form()] = ""
                  ) -> Response:
     """Accept (reconciled to the local patient, optionally forwarded to the PACS) or reject an

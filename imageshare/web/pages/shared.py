@@ -14,7 +14,9 @@ from pydicom import dcmread
 from starlette.background import BackgroundTask
 
 from imageshare.access.policy import PUBLIC, SHARE_COMMENT, SHARE_DOWNLOAD, SHARE_VIEW
+from imageshare.archive.annotations import share_author
 from imageshare.archive.rendering import render_frame
+from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.export.media import cine_to_mp4
@@ -27,6 +29,8 @@ from imageshare.web.exports import MarksIn
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
+# How the link's viewer names its own recipient's marks (no e-mail address in the page).
+YOU = "you"
 
 
 def _share(request: Request) -> Share:
@@ -72,6 +76,19 @@ def open_link(request: Request, token: str, _anyone: allowed(PUBLIC),
             return page(request, "link_passcode.html", status_code=429, token=token,
                         error=str(exc), needs_login=False)
         return _gone(request, exc)
+    user = resolve_actor(request)
+    if user.kind == "share":  # this browser has the link open already
+        return redirect(f"/s/{token}/case")
+    if not share.deidentified and (user.kind != "user" or user.name != share.recipient_user):
+        # Only the named recipient, signed in, may try the passcode of an identifiable share
+        # (giving it opens the share's items to their account).
+        archive.audit.record(AuditEvent(
+            actor=user if user.kind != "anonymous" else share.actor(source),
+            action="share.passcode", outcome="failure",
+            detail={"share": share.public_id, "reason": "not the named recipient"}))
+        return page(request, "link_passcode.html", status_code=403, token=token,
+                    needs_login=True,
+                    error="Sign in as the person these images were shared with first.")
     if not archive.shares.check_passcode(share, passcode[:64], source):
         archive.throttle.failed(source)
         try:
@@ -99,7 +116,8 @@ def case(request: Request, token: str, actor: allowed(SHARE_VIEW)) -> Response:
                 comments=archive.shares.comments(share),
                 feedback=archive.shares.feedback(share),
                 held_back=sum(1 for i in archive.shares.items(share) if i.held_back),
-                can_download=archive.policy.allows(actor, SHARE_DOWNLOAD))
+                can_download=archive.policy.allows(actor, SHARE_DOWNLOAD),
+                can_comment=archive.policy.allows(actor, SHARE_COMMENT))
 
 
 @router.get("/s/{token}/viewer")
@@ -108,18 +126,15 @@ def viewer(request: Request, token: str, actor: allowed(SHARE_VIEW)) -> Response
     archive = request.app.state.archive
     share = _share(request)
     manifest = share_manifest(archive.shares, share, f"/s/{token}/dicomweb")
-    public = {i.sop_uid: i.public_sop_uid for i in archive.shares.items(share)}
-    marks = {}
-    for study_uid in {i.study_uid for i in archive.shares.items(share)}:
-        for key, value in archive.annotations.for_study(study_uid).items():
-            sop, frame = key.split("|")
-            if sop in public:
-                marks[f"{public[sop]}|{frame}"] = value
-    manifest.update(annotations=marks, annotationsUrl=f"/s/{token}/annotations",
-                    me=share.recipient_email or "reviewer")
+    can_mark = archive.policy.allows(actor, SHARE_COMMENT)
+    manifest.update(annotations=archive.annotations.for_share(
+                        share.public_id, archive.shares.items(share)),
+                    annotationsUrl=f"/s/{token}/annotations" if can_mark else "",
+                    me=YOU)
     return page(request, "viewer.html", manifest=manifest, banner_name=share.title,
                 banner_id="", banner_date="", back_link=f"/s/{token}/case",
-                back_label="Back to the case", comment_action=f"/s/{token}/comments")
+                back_label="Back to the case",
+                comment_action=f"/s/{token}/comments" if can_mark else "")
 
 
 async def _render(request: Request, actor: Actor, study: str, series: str | None,
@@ -186,7 +201,8 @@ async def save_marks(request: Request, token: str, actor: allowed(SHARE_COMMENT)
         raise NotFound("no such image in this share")
     kept = await run_in_threadpool(
         archive.annotations.save, item.study_uid, item.sop_uid, body.frame, body.marks, actor,
-        share.recipient_email or "reviewer", frozenset({item.study_uid}))
+        share.recipient_email or "reviewer", frozenset({item.study_uid}),
+        share_author(share.public_id))
     archive.shares.record(share, actor, "share.annotate", item, count=kept)
     return {"marks": kept}
 

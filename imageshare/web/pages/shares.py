@@ -10,8 +10,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from imageshare.access.policy import ACCOUNT_SELF, EXPORT_IDENTIFIABLE, PUBLIC, SHARE_CREATE
-from imageshare.audit.trail import AuditEvent
-from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError
 from imageshare.sharing.links import NewShare
 from imageshare.web.auth import allowed, authorise_also, client_address
@@ -20,10 +18,11 @@ from imageshare.web.pages.templating import page, redirect
 router = APIRouter(include_in_schema=False)
 
 
-def public_base(request: Request) -> str:
-    """The address people use to reach ImageShare, for links in e-mails."""
+def shown_link(request: Request, path: str) -> str:
+    """A link to show the person who made it, on the page they asked for (e-mails use only
+    IMAGESHARE_PUBLIC_URL: ShareService.link_base)."""
     configured = request.app.state.archive.settings.public_url.rstrip("/")
-    return configured or str(request.base_url).rstrip("/")
+    return (configured or str(request.base_url).rstrip("/")) + path
 
 
 @router.post("/studies/{study_uid}/share")
@@ -31,6 +30,7 @@ async def create_share(
     request: Request, study_uid: str, actor: allowed(SHARE_CREATE, "study_uid"),
     recipient_email: Annotated[str, Form()] = "", recipient_user: Annotated[str, Form()] = "",
     days: Annotated[int, Form()] = 0, download: Annotated[str, Form()] = "",
+    comment: Annotated[str, Form()] = "1",
     identifiable: Annotated[str, Form()] = "", profile: Annotated[str, Form()] = "teaching",
     message: Annotated[str, Form()] = "", title: Annotated[str, Form()] = "",
 ) -> Response:
@@ -43,13 +43,11 @@ async def create_share(
     share_request = NewShare(
         study_uid, series_uids=series, recipient_email=recipient_email,
         recipient_user=recipient_user.strip(), days=days or archive.shares.default_days,
-        allow_download=bool(download), deidentified=not identifiable, profile=profile,
-        message=message, title=title)
-    created = await run_in_threadpool(archive.shares.create, share_request, actor,
+        allow_download=bool(download), allow_comment=bool(comment),
+        deidentified=not identifiable, profile=profile, message=message, title=title)
+    created = await run_in_threadpool(archive.shares.create_and_send, share_request, actor,
                                       archive.policy.study_scope(actor))
-    url = public_base(request) + created.path
-    if recipient_email.strip():
-        archive.shares.invite(created, recipient_email.strip(), url, actor.name)
+    url = shown_link(request, created.path)
     if share_request.deidentified:
         share = archive.shares.by_public_id(created.public_id, actor.name)
         archive.jobs.submit(actor.name, "share", "Preparing de-identified copies",
@@ -96,8 +94,11 @@ def shared_with_me(request: Request, actor: allowed(ACCOUNT_SELF)) -> Response:
     received = archive.shares.received(actor.name, archive.users.email_of(actor.name))
     entries = []
     for share in received:
-        studies = sorted({i.study_uid for i in archive.shares.items(share)})
-        entries.append({"share": share, "studies": studies if not share.deidentified else []})
+        # An identifiable share's studies open here once its passcode was given (signed in).
+        opened = (not share.deidentified and share.recipient_user == actor.name
+                  and share.opened_at is not None)
+        studies = sorted({i.study_uid for i in archive.shares.items(share)}) if opened else []
+        entries.append({"share": share, "studies": studies})
     return page(request, "shared_with_me.html", entries=entries)
 
 
@@ -106,17 +107,7 @@ def invite_reviewer(request: Request, public_id: str, actor: allowed(SHARE_CREAT
     """Invite the share's recipient to create a reviewer account (link by e-mail)."""
     archive = request.app.state.archive
     share = archive.shares.by_public_id(public_id, actor.name)
-    if not share.recipient_email:
-        raise ImageShareError("the share has no recipient e-mail address to invite")
-    secret = archive.users.invite(share.recipient_email, actor.name)
-    url = f"{public_base(request)}/invite/{secret}"
-    archive.shares.mailer.send(
-        share.recipient_email, "You are invited to an ImageShare account",
-        f"{actor.name} invites you to create an ImageShare account, to see everything shared "
-        f"with you in one place.\n\nCreate it here (the link works once, for 14 days): {url}\n\n"
-        "This message contains no patient information.\n")
-    archive.audit.record(AuditEvent(actor=actor, action="user.invite", outcome="success",
-                                    detail={"share": public_id}))
+    archive.shares.invite_account(share, actor)
     return redirect(f"/shares/{public_id}?notice=invited")
 
 
@@ -136,11 +127,9 @@ def accept_invitation(request: Request, secret: str, _anyone: allowed(PUBLIC),
     """Create the invited account, then sign in (two-factor sign-in can be set up there)."""
     archive = request.app.state.archive
     try:
-        role = archive.users.accept_invitation(secret, username[:128], password[:1024])
+        archive.shares.accept_invitation(secret, username[:128], password[:1024],
+                                         client_address(request))
     except ImageShareError as exc:
         return page(request, "invitation.html", status_code=400, secret=secret,
                     error=str(exc))
-    archive.audit.record(AuditEvent(
-        actor=Actor("user", username[:128], role, client_address(request)),
-        action="user.accept-invite", outcome="success"))
     return redirect("/login?notice=account-created")

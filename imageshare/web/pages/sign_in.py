@@ -90,7 +90,7 @@ def code(
     archive = request.app.state.archive
     source = client_address(request)
     archive.throttle.check(source)
-    if not archive.users.check_code(actor.name, code[:16]):
+    if not archive.users.check_code(actor.name, code[:16], source):
         archive.throttle.failed(source)
         archive.audit.record(AuditEvent(actor=actor, action="session.code", outcome="failure"))
         return page(request, "code.html", status_code=401, next=safe_next(next),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -39,11 +38,17 @@ _SEARCH_PARAMS = {"q": "text", "nhs": "nhs_number", "hospital_number": "hospital
                   "modality": "modality", "accession": "accession"}
 
 
-def _search_from(request: Request) -> StudySearch:
-    values = {field: request.query_params.get(param, "")[:200]
-              for param, field in _SEARCH_PARAMS.items()}
+async def _search_from(request: Request) -> StudySearch:
+    """The search asked for in a posted form (never in the URL: it may name a patient)."""
+    form = await request.form()
+
+    def field(name: str) -> str:
+        value = form.get(name, "")
+        return value[:200] if isinstance(value, str) else ""
+
+    values = {name: field(param) for param, name in _SEARCH_PARAMS.items()}
     try:
-        page_number = max(1, min(int(request.query_params.get("page", "1")), 10_000))
+        page_number = max(1, min(int(field("page") or "1"), 10_000))
     except ValueError:
         page_number = 1
     return StudySearch(**values, page=page_number)
@@ -60,13 +65,11 @@ def _results_page(request: Request, search: StudySearch, searched: bool) -> Resp
                    else archive.search.recent(actor, scope))
     except ImageShareError as exc:
         error = str(exc)
-
-    def page_url(number: int) -> str:
-        params = {k: v for k, v in request.query_params.items() if k != "page" and v}
-        return "/search?" + urlencode({**params, "page": number})
-
+    # The pager posts the search again (hidden fields): no patient detail goes in a URL.
+    fields = {param: getattr(search, name) for param, name in _SEARCH_PARAMS.items()}
     return page(request, "home.html", status_code=400 if error else 200, search=search,
-                page=results, searched=searched, error=error, page_url=page_url)
+                page=results, searched=searched, error=error,
+                search_fields={k: v for k, v in fields.items() if v})
 
 
 @router.get("/")
@@ -78,10 +81,17 @@ def home(request: Request, _actor: allowed(ACCOUNT_SELF)) -> Response:
 
 
 @router.get("/search")
-def search(request: Request, _actor: allowed(STUDY_READ)) -> Response:
+def search_form(request: Request, _actor: allowed(STUDY_READ)) -> Response:
+    """The search form with the most recent studies. Searches are posted, so that names,
+    NHS numbers and birth dates never travel in a URL; parameters given here are ignored."""
+    return _results_page(request, StudySearch(), searched=False)
+
+
+@router.post("/search")
+async def search(request: Request, _actor: allowed(STUDY_READ)) -> Response:
     """Studies matching the search box and filters, newest first, 25 a page."""
-    criteria = _search_from(request)
-    return _results_page(request, criteria, searched=not criteria.is_empty)
+    criteria = await _search_from(request)
+    return await run_in_threadpool(_results_page, request, criteria, not criteria.is_empty)
 
 
 def _documents(study: object) -> list[dict[str, object]]:
@@ -103,15 +113,21 @@ def study_page(request: Request, study_uid: str,
     """Patient banner, series with thumbnails and devices, reports, comments, history; for
     administrators also who viewed the study."""
     archive = request.app.state.archive
-    study = archive.catalogue.view(study_uid, actor, archive.policy.study_scope(actor))
+    scope = archive.policy.study_scope(actor)
+    study = archive.catalogue.view(study_uid, actor, scope)
     documents = _document_titles(request, study)
     allows = archive.policy.allows
+    # Someone the study was shared with sees its shared items and their own comments only:
+    # not the staff's discussion, nor earlier identities from the correction history.
+    comments = archive.comments.for_study(study_uid)
+    if scope is not None:
+        comments = [c for c in comments if c.author == actor.name]
     return page(
         request, "study.html", study=study,
         image_series=[s for s in study.series if not s.is_documents],
         documents=documents,
-        comments=archive.comments.for_study(study_uid),
-        history=archive.corrections.history(study_uid),
+        comments=comments,
+        history=archive.corrections.history(study_uid) if scope is None else [],
         viewers=archive.catalogue.viewers(study_uid, actor) if allows(actor, AUDIT_READ)
         else None,
         can_correct=allows(actor, PATIENT_CORRECT),

@@ -21,7 +21,9 @@ NOTICES = {
                              "stored image."),
     "merged": ("success", "The records were merged."),
     "two-factor-on": ("success", "Two-factor sign-in is on."),
-    "password-changed": ("success", "Your password was changed."),
+    "password-changed": ("success", "Your password was changed and every other session of "
+                                    "your account was signed out. API tokens keep working "
+                                    "until you revoke them: check the list below."),
     "user-added": ("success", "The user was added."),
     "user-changed": ("success", "The account was changed."),
     "signed-out": ("info", "You are signed out."),

@@ -19,10 +19,11 @@ async def viewer(request: Request, study_uid: str, actor: allowed(STUDY_READ, "s
                  series: str = "") -> Response:
     """The viewer for a study, opening ``series`` (or the first image series)."""
     archive = request.app.state.archive
-    study = await run_in_threadpool(archive.catalogue.view, study_uid, actor,
-                                    archive.policy.study_scope(actor))
+    scope = archive.policy.study_scope(actor)
+    study = await run_in_threadpool(archive.catalogue.view, study_uid, actor, scope)
     manifest = await run_in_threadpool(viewer_manifest, study, archive.retrieve.header, series)
-    marks = archive.annotations.for_study(study_uid)
+    # Staff see everyone's marks; someone a study was shared with sees only their own.
+    marks = archive.annotations.for_study(study_uid, scope, actor.name)
     can_mark = archive.policy.allows(actor, STUDY_COMMENT, study_uid)
     manifest.update(base="/dicomweb", annotations=marks, me=actor.name,
                     annotationsUrl=f"/api/studies/{study_uid}/annotations" if can_mark else "")
