@@ -44,6 +44,7 @@ from imageshare.deid.setup import deidentifier_for
 from imageshare.dicom.scu import DimseSites
 from imageshare.domain.actors import SYSTEM, Actor
 from imageshare.domain.errors import ConfigurationError
+from imageshare.ehr.launch import EhrLaunches
 from imageshare.exchange.dicomweb_site import DicomwebSites
 from imageshare.exchange.federated import ExchangeService
 from imageshare.exchange.inbox import Inbox, Retention
@@ -51,6 +52,7 @@ from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 from imageshare.exchange.requests import ImagingRequests
 from imageshare.exchange.transfers import Transfers
 from imageshare.export.service import ExportService
+from imageshare.fhir.imaging_study import ImagingStudies
 from imageshare.jobs import JobRunner
 from imageshare.settings import Settings
 from imageshare.sharing.cases import CaseBook
@@ -108,6 +110,8 @@ class Archive:
     deletion: ArchiveDeletion
     requests: ImagingRequests
     refused_callers: RefusedCallers
+    ehr_launches: EhrLaunches
+    imaging_studies: ImagingStudies
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -242,6 +246,9 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         retention=Retention(deletion, settings.temporary_days), deletion=deletion,
         requests=ImagingRequests(engine, nodes, notifier, audit, settings.ae_title, tls),
         refused_callers=RefusedCallers(engine, nodes, audit),
+        ehr_launches=EhrLaunches(engine, box, users_directory, audit,
+                                 settings.iid_launch_max_seconds),
+        imaging_studies=ImagingStudies(query, settings.fhir_hospital_number_system),
     )
 
 

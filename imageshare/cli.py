@@ -95,6 +95,18 @@ def _parser() -> argparse.ArgumentParser:
     _common(nrm)
     nrm.add_argument("ae_title")
 
+    ehr = sub.add_parser(
+        "ehr", help="electronic health records that launch ImageShare with signed URLs (/iid)"
+    ).add_subparsers(dest="action", required=True)
+    eadd = ehr.add_parser("add", help="register an EHR and print its new shared secret (once)")
+    _common(eadd)
+    eadd.add_argument("name")
+    elist = ehr.add_parser("list", help="list registered EHRs")
+    _common(elist)
+    erm = ehr.add_parser("remove", help="forget an EHR (its launch URLs stop working)")
+    _common(erm)
+    erm.add_argument("name")
+
     imp = sub.add_parser("import", help="import files, folders, zip files and DICOMDIR media")
     _common(imp)
     imp.add_argument("paths", nargs="+", type=Path)
@@ -465,6 +477,19 @@ def run(argv: Sequence[str] | None = None) -> int:
         if args.command == "node" and args.action == "remove":
             archive.nodes.remove(args.ae_title)
             print(f"node {args.ae_title} removed")
+            return 0
+        if args.command == "ehr" and args.action == "add":
+            secret = archive.ehr_launches.add(args.name)
+            print(f"EHR {args.name} registered; its shared secret (shown only now):")
+            print(secret)
+            return 0
+        if args.command == "ehr" and args.action == "list":
+            for system in archive.ehr_launches.systems():
+                print(f"{system.name}\t{system.created_at:%Y-%m-%d %H:%M}")
+            return 0
+        if args.command == "ehr" and args.action == "remove":
+            archive.ehr_launches.remove(args.name)
+            print(f"EHR {args.name} removed")
             return 0
         if args.command == "import":
             return _import(archive, args)

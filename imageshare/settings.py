@@ -102,6 +102,15 @@ class Settings:
         "from each request, and e-mails with links are refused (they never take their "
         "address from a request's Host header)."
     )
+    fhir_hospital_number_system: str = _setting(
+        "urn:imageshare:hospital-number", "FHIR identifier system of this hospital's patient "
+        "numbers (the DICOM Patient ID) in ImagingStudy.subject and patient.identifier "
+        "searches, e.g. https://fhir.example-trust.nhs.uk/Id/hospital-number."
+    )
+    iid_launch_max_seconds: int = _setting(
+        300, "Longest validity of a signed EHR launch URL (/iid): a URL expiring later is "
+        "refused."
+    )
     share_default_days: int = _setting(30, "Days a share link stays valid unless chosen.")
     share_max_days: int = _setting(90, "Longest validity a share link may be given (days).")
     exchange_timeout: float = _setting(

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imageshare.access.policy import AWAITING_CODE, ENROLLING
 from imageshare.domain.errors import ImageShareError, NotAuthenticated
+from imageshare.web.fhir import outcome_response
 from imageshare.web.pages.templating import page, redirect
 
 log = logging.getLogger("imageshare.web")
@@ -32,10 +33,15 @@ def problem(status: int, title: str, detail: str = "", **extra: object) -> JSONR
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
+def is_fhir(request: Request) -> bool:
+    """True for the FHIR API, whose errors are OperationOutcome resources."""
+    return request.url.path == "/fhir" or request.url.path.startswith("/fhir/")
+
+
 def wants_page(request: Request) -> bool:
     """True for a browser asking for a page (not an API or DICOMweb client)."""
     path = request.url.path
-    if path.startswith(("/api/", "/dicomweb", "/static/", "/healthz")):
+    if path.startswith(("/api/", "/dicomweb", "/static/", "/healthz", "/fhir/")):
         return False
     return "text/html" in request.headers.get("accept", "")
 
@@ -66,12 +72,16 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ImageShareError)
     async def _known(request: Request, exc: ImageShareError) -> Response:
         status = 401 if isinstance(exc, NotAuthenticated) else exc.http_status
+        if is_fhir(request):
+            return outcome_response(status, str(exc))
         if wants_page(request):
             return _page_for(request, status, exc.title, str(exc))
         return problem(status, exc.title, str(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if is_fhir(request):
+            return outcome_response(exc.status_code, str(exc.detail) or "Error")
         if wants_page(request):
             return _error_page(request, exc.status_code, str(exc.detail) or "Error",
                                "The page does not exist." if exc.status_code == 404 else "")
@@ -81,6 +91,8 @@ def install(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         fields = [".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()]
         detail = "check these fields: " + ", ".join(fields)
+        if is_fhir(request):
+            return outcome_response(400, detail)
         if wants_page(request):
             return _error_page(request, 422, "Invalid request", detail)
         return problem(422, "Invalid request", detail)
@@ -91,6 +103,8 @@ def install(app: FastAPI) -> None:
         # The database went away (stopped, unreachable, disk full): nothing was done.
         log.error("request failed, index database unavailable: %s", type(exc).__name__)
         detail = "the index database is unavailable; nothing was done, try again later"
+        if is_fhir(request):
+            return outcome_response(503, detail)
         if wants_page(request):
             return _error_page(request, 503, "Service unavailable", detail)
         return problem(503, "Service unavailable", detail)
@@ -101,6 +115,8 @@ def install(app: FastAPI) -> None:
         # The exception text may quote patient data: the log gets its type, DEBUG the trace.
         log.error("request %s failed: %s", request_id, type(exc).__name__)
         log.debug("request %s trace", request_id, exc_info=exc)
+        if is_fhir(request):
+            return outcome_response(500, f"request id {request_id}")
         if wants_page(request):
             return _error_page(request, 500, "Something went wrong",
                                f"Please try again. Request id {request_id}.")

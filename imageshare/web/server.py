@@ -18,7 +18,16 @@ from imageshare.access.policy import ACCOUNT_SELF, PUBLIC
 from imageshare.domain.errors import PayloadTooLarge
 from imageshare.settings import Settings
 from imageshare.tls import https_enabled, server_context
-from imageshare.web import api, dicomweb, exchange_api, exports, problems, share_api
+from imageshare.web import (
+    api,
+    dicomweb,
+    exchange_api,
+    exports,
+    fhir,
+    iid,
+    problems,
+    share_api,
+)
 from imageshare.web.auth import allowed
 from imageshare.web.pages import (
     account,
@@ -48,6 +57,8 @@ def create_app(archive: Any) -> FastAPI:
     app.include_router(exports.router)
     app.include_router(share_api.router)
     app.include_router(exchange_api.router)
+    app.include_router(fhir.router)
+    app.include_router(iid.router)
     for pages in (sign_in, studies, viewer, patients, account, admin, shares, shared, cases,
                   exchange, assets):
         app.include_router(pages.router)

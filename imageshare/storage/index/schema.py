@@ -503,3 +503,25 @@ transfer_deliveries = Table(
     Column("delivered_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("transfer_pk", "sop_uid"),
 )
+
+# Electronic health records allowed to launch ImageShare with signed URLs (IHE IID): the
+# shared secret is sealed with the installation key (storage/secret_box.py).
+ehr_systems = Table(
+    "ehr_systems",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("secret", String(512), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# Nonces of signed launch URLs already used (each URL opens once); kept until they expire.
+launch_nonces = Table(
+    "launch_nonces",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("ehr", String(64), nullable=False),
+    Column("nonce", String(128), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+    UniqueConstraint("ehr", "nonce"),
+)

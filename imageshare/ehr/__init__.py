@@ -1,0 +1,1 @@
+"""Working with electronic health records: launching ImageShare from them."""
