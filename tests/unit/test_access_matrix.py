@@ -21,6 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from imageshare.domain.actors import Actor
+from imageshare.fhir.imaging_study import resource_id
 from imageshare.sharing.links import NewShare
 from imageshare.web.server import create_app
 from tests.factory import ct_series
@@ -72,6 +73,11 @@ GET         /s/{D}/case                401 403 403 403 403 200 403 403 403 403 4
 GET         /s/{D}/download            401 403 403 403 403 403 403 403 403 403 403 403 403 403 403
 POST:note   /s/{D}/comments            401 403 403 403 403 303 403 403 403 403 403 403 403 403 403
 GET         /s/{I}/case                401 403 403 200 403 401 403 403 403 403 403 403 403 403 403
+GET         FH                         401 403 403 own own 401 all all all all all 403 403 all all
+GET         FH/{S:fhir}                401 403 403 200 200 401 200 200 200 200 200 403 403 200 200
+GET         FH/{T:fhir}                401 403 403 404 404 401 200 200 200 200 200 403 403 200 200
+GET         /fhir/metadata             401 200 200 200 200 401 200 200 200 200 200 200 200 200 200
+GET         /iid?{S:iid}               401 403 403 200 200 401 200 200 200 200 200 403 403 200 200
 """
 
 
@@ -84,6 +90,7 @@ def _table() -> tuple[list[str], list[tuple[str, str, str, dict[str, str]]]]:
         assert len(cells) == len(callers), path
         method, _, body = request.partition(":")
         path = path.replace("DW", "/dicomweb/studies", 1) if path.startswith("DW") else path
+        path = path.replace("FH", "/fhir/ImagingStudy", 1) if path.startswith("FH") else path
         rows.append((method, path, body or "-", dict(zip(callers, cells, strict=True))))
     return callers, rows
 
@@ -131,7 +138,9 @@ def world(archive, tmp_path):
     names = {"{S}": study_uid, "{T}": other, "{A}": a_series.series_uid,
              "{B}": b_series.series_uid, "{a}": "/dicomweb/" + instance(a_series),
              "{b}": "/dicomweb/" + instance(b_series), "{D}": deid.path.removeprefix("/s/"),
-             "{I}": ident.path.removeprefix("/s/")}
+             "{I}": ident.path.removeprefix("/s/"), "{S:fhir}": resource_id(study_uid),
+             "{T:fhir}": resource_id(other),
+             "{S:iid}": f"requestType=STUDY&studyUID={study_uid}"}
     app = create_app(archive)
 
     def browser(username: str | None, code: str | None = None) -> Caller:
@@ -192,6 +201,16 @@ def _body(kind: str, caller: Caller, world: dict, counter: int) -> dict:
 
 
 def _check(cell: str, answer, world: dict, path: str) -> None:
+    if cell in ("all", "own") and path.startswith("/fhir/"):
+        assert answer.status_code == 200, answer.text[:300]
+        found = {entry["resource"]["identifier"][0]["value"].removeprefix("urn:oid:"): entry
+                 for entry in answer.json().get("entry", [])}
+        if cell == "own":  # only the shared series of S
+            assert set(found) == {world["S"]}
+            assert [s["uid"] for s in found[world["S"]]["resource"]["series"]] == [world["A"]]
+        else:
+            assert {world["S"], world["T"]} <= set(found)
+        return
     if cell in ("all", "own"):
         assert answer.status_code == 200, answer.text[:300]
         listed = answer.json()
@@ -238,6 +257,7 @@ def test_the_matrix_covers_every_kind_of_route():
     """A route family added later joins the table (DICOMweb, pages, API, share links)."""
     _callers, rows = _table()
     paths = {path for _method, path, _body, _expected in rows}
-    for prefix in ("/dicomweb/", "/studies/", "/viewer/", "/admin/", "/api/", "/s/"):
+    for prefix in ("/dicomweb/", "/studies/", "/viewer/", "/admin/", "/api/", "/s/", "/fhir/",
+                   "/iid"):
         assert any(p.startswith(prefix) for p in paths), prefix
     assert Path(__file__).name == "test_access_matrix.py"

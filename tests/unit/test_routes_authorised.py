@@ -15,6 +15,9 @@ PUBLIC_ROUTES = {
     ("GET", "/healthz"), ("POST", "/api/session"), ("GET", "/login"), ("POST", "/login"),
     ("GET", "/static/{name}"), ("GET", "/s/{token}"), ("POST", "/s/{token}"),
     ("GET", "/invite/{secret}"), ("POST", "/invite/{secret}"),
+    # Open so that a signed EHR launch URL can sign its user in; unsigned, the caller must be
+    # signed in and allowed study.read (checked inside, audited like every refusal).
+    ("GET", "/iid"),
 }
 
 
@@ -68,8 +71,9 @@ def test_anonymous_callers_get_401_everywhere_but_public_routes(archive, anonymo
         for method in route.methods:
             response = anonymous.request(method, _concrete(route.path))
             if (method, route.path) in PUBLIC_ROUTES:
-                # 422: no credentials; 404: no such static file or share link
-                assert response.status_code in (200, 404, 410, 422), route.path
+                # 422: no credentials; 404: no such static file or share link; 400: an IID
+                # launch without its parameters
+                assert response.status_code in (200, 400, 404, 410, 422), route.path
             else:
                 assert response.status_code == 401, (method, route.path, response.status_code)
             checked += 1
@@ -80,7 +84,7 @@ def test_anonymous_callers_get_401_everywhere_but_public_routes(archive, anonymo
 def test_roles_without_archive_access_get_403_on_dicomweb(archive, anonymous, role):
     archive.users.add(f"user-{role}", "long-enough-password", role)
     for route in _routes(archive):
-        if not route.path.startswith("/dicomweb"):
+        if not route.path.startswith(("/dicomweb", "/fhir/ImagingStudy")):
             continue
         for method in route.methods:
             response = anonymous.request(
