@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
@@ -318,3 +319,17 @@ def test_ehr_secrets_are_stored_sealed(world):
         [stored] = conn.execute(select(ehr_systems.c.secret)).scalars().all()
     assert stored.startswith("fernet1:") and world["secret"] not in stored
     assert [s.name for s in world["archive"].ehr_launches.systems()] == ["epr"]
+
+
+def test_the_readme_example_builds_a_launch_url_imageshare_accepts(world):
+    """The EHR-side example in the README is the specification of the signature."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = readme.split("```python\nimport hashlib")[1].split("```")[0]
+    namespace: dict = {}
+    exec("import hashlib" + code.split("launch_url(SECRET")[0], namespace)  # noqa: S102
+    url = namespace["launch_url"](world["secret"], "clin", requestType="STUDY",
+                                  accessionNumber="ACC-CT")
+    with TestClient(world["app"]) as browser:
+        opened = browser.get(url.removeprefix("https://images.example-trust.nhs.uk"),
+                             headers=HTML)
+    assert opened.status_code == 200 and f"/viewer/{world['uid']['ct']}" in opened.text
