@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from imageshare import __version__
 from imageshare.access.policy import ACCOUNT_SELF, STUDY_READ
+from imageshare.domain.errors import NotAcceptable
 from imageshare.fhir.imaging_study import (
     FHIR_JSON,
     Endpoints,
@@ -25,6 +26,7 @@ from imageshare.fhir.imaging_study import (
     parse_search,
 )
 from imageshare.web.auth import allowed
+from imageshare.web.negotiation import parse_accept
 
 router = APIRouter(prefix="/fhir", tags=["FHIR"])
 Reader = allowed(STUDY_READ)
@@ -39,6 +41,20 @@ def public_base(request: Request) -> str:
 def _endpoints(request: Request) -> Endpoints:
     base = public_base(request)
     return Endpoints(dicomweb=f"{base}/dicomweb", viewer=f"{base}/iid")
+
+
+JSON_MEDIA = ("application/fhir+json", "application/json", "application/json+fhir", "*/*",
+              "application/*")
+
+
+def _check_format(request: Request) -> None:
+    """406 unless the client takes JSON (FHIR XML is not offered); ``_format`` as well."""
+    wanted = request.query_params.get("_format", "")
+    if wanted and wanted not in ("json", *JSON_MEDIA):
+        raise NotAcceptable("only FHIR JSON (application/fhir+json) is offered")
+    accept = request.headers.get("accept")
+    if accept and not any(r.media in JSON_MEDIA for r in parse_accept(accept)):
+        raise NotAcceptable("only FHIR JSON (application/fhir+json) is offered")
 
 
 def fhir_response(body: dict[str, Any], status_code: int = 200) -> JSONResponse:
@@ -57,6 +73,7 @@ def outcome_response(status: int, message: str) -> JSONResponse:
 @router.get("/metadata", summary="FHIR CapabilityStatement")
 def metadata(request: Request, _actor: allowed(ACCOUNT_SELF)) -> JSONResponse:
     """What this FHIR server offers."""
+    _check_format(request)
     return fhir_response(capability_statement(f"{public_base(request)}/fhir", __version__))
 
 
@@ -64,6 +81,7 @@ def metadata(request: Request, _actor: allowed(ACCOUNT_SELF)) -> JSONResponse:
 async def search(request: Request, actor: Reader) -> JSONResponse:
     """A searchset Bundle of the studies matching the search parameters that the caller may
     see, newest first, ``_count`` at a time with a ``next`` link."""
+    _check_format(request)
     archive = request.app.state.archive
     service = archive.imaging_studies
     wanted = parse_search(list(request.query_params.multi_items()), service.hospital_system)
@@ -76,6 +94,7 @@ async def search(request: Request, actor: Reader) -> JSONResponse:
 @router.get("/ImagingStudy/{resource_id}", summary="FHIR ImagingStudy read")
 async def read(request: Request, resource_id: str, actor: Reader) -> JSONResponse:
     """One ImagingStudy by id (404 OperationOutcome when the caller may not see it)."""
+    _check_format(request)
     archive = request.app.state.archive
     resource = await run_in_threadpool(
         archive.imaging_studies.read, resource_id, actor, archive.policy.study_scope(actor),

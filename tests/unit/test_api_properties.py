@@ -2,7 +2,8 @@
 
 Every operation of ``/api/openapi.json`` (the JSON API, DICOMweb, the health check) is called
 with generated requests, as an administrator (a command-line token) and with no credentials:
-no answer is a server error, and every error answer has the one RFC 9457 problem shape. The
+no answer is a server error, and every error answer has the one RFC 9457 problem shape (FHIR's
+under /fhir: an OperationOutcome). The
 run is deterministic (derandomised examples) and kept short.
 """
 
@@ -58,6 +59,11 @@ def problem_shape(ctx, response, case) -> bool | None:
     if case.method == "POST" and case.path.startswith("/dicomweb/studies") and (
             content_type.startswith(DICOM_JSON)):
         return None
+    if case.path.startswith("/fhir/"):  # FHIR's own error shape: an OperationOutcome
+        assert content_type.startswith("application/fhir+json"), content_type
+        body = response.json()
+        assert body["resourceType"] == "OperationOutcome" and body["issue"], body
+        return True
     assert content_type.startswith(PROBLEM), f"{response.status_code} as {content_type}"
     body = response.json()
     assert {"type", "title", "status"} <= set(body), body

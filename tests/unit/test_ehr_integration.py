@@ -193,6 +193,8 @@ def test_fhir_errors_are_operation_outcomes_with_their_http_status(world):
             (client.get("/fhir/ImagingStudy", params={"started": "sa2024-01-01"}), 400,
              "invalid"),
             (client.get("/fhir/Patient"), 404, "not-found"),
+            (client.get("/fhir/ImagingStudy", headers={"Accept": "application/fhir+xml"}),
+             406, "not-supported"),
         ]
     for answer, status, code in cases:
         assert answer.status_code == status, answer.text
