@@ -20,8 +20,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from imageshare.access.policy import PUBLIC, STUDY_READ
-from imageshare.archive.query import Query
-from imageshare.archive.search import SearchPage, StudySearch
+from imageshare.archive.dicom_json import nhs_number_of, text_of
+from imageshare.archive.query import Match, Query
+from imageshare.archive.search import SearchPage, StudySearch, StudySummary
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, InvalidQuery
@@ -133,9 +134,17 @@ def _open(request: Request, actor: Actor, context: LaunchContext, ehr: str,
     scope = archive.policy.study_scope(actor)
     audit = {"ehr": ehr, "signed": signed, "request_type": context.request_type}
     if context.study_uids:
-        query = Query("STUDY", {"0020000D": {"vr": "UI", "Value": [
+        query = Query("STUDY", {**_LIST_KEYS, "0020000D": {"vr": "UI", "Value": [
             "\\".join(context.study_uids)]}}, allowed_studies=scope, limit=MAX_VALUES)
-        uids = [m.study_uid for m in archive.query.find(query, actor)]
+        matches = {m.study_uid: m for m in archive.query.find(query, actor)}
+        uids = [uid for uid in context.study_uids if uid in matches]  # in the EHR's order
+        if len(uids) > 1:  # the viewer shows one study: list them
+            archive.audit.record(AuditEvent(actor=actor, action="ehr.launch",
+                                            outcome="success", instance_count=len(uids),
+                                            detail={**audit, "opened": "study list"}))
+            listed = [_summary(matches[uid]) for uid in uids]
+            return page(request, "home.html", search=StudySearch(), searched=True, error="",
+                        page=SearchPage(listed, 1, False), search_fields={})
     else:
         searches = [StudySearch(accession=a) for a in context.accessions] or [
             StudySearch(nhs_number=context.nhs_number,
@@ -165,3 +174,23 @@ def _open(request: Request, actor: Actor, context: LaunchContext, ehr: str,
                                     study_uid=uids[0], detail={**audit, "opened": "viewer"}))
     return page(request, "iid_open.html", target=f"/viewer/{uids[0]}")
 
+
+
+_LIST_KEYS = {tag: {"vr": vr} for tag, vr in (
+    ("00100010", "PN"), ("00100020", "LO"), ("00100021", "LO"), ("00100030", "DA"),
+    ("00100040", "CS"), ("00101002", "SQ"), ("00080020", "DA"), ("00081030", "LO"),
+    ("00080061", "CS"), ("00080050", "SH"), ("00201206", "IS"), ("00201208", "IS"))}
+
+
+def _summary(match: Match) -> StudySummary:
+    """A line of the study list from a STUDY-level match."""
+    attrs = match.attributes
+    return StudySummary(
+        study_uid=match.study_uid, patient_name=text_of(attrs.get("00100010")),
+        patient_id=text_of(attrs.get("00100020")), birth_date=text_of(attrs.get("00100030")),
+        sex=text_of(attrs.get("00100040")), nhs_number=nhs_number_of(attrs),
+        study_date=text_of(attrs.get("00080020")), description=text_of(attrs.get("00081030")),
+        modalities="/".join((attrs.get("00080061") or {}).get("Value") or []),
+        accession=text_of(attrs.get("00080050")),
+        series_count=int(text_of(attrs.get("00201206")) or 0),
+        instance_count=int(text_of(attrs.get("00201208")) or 0))

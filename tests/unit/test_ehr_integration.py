@@ -309,11 +309,16 @@ def test_patient_details_alone_open_nothing(world):
             if e["actor"] == "user:pat"]
 
 
-def test_a_launch_by_accession_number_opens_that_study(world):
+def test_a_launch_by_accession_number_opens_that_study_and_several_studies_are_listed(world):
     url = launch_url(world["secret"], requestType="STUDY", accessionNumber="ACC-US")
+    several = launch_url(world["secret"], requestType="STUDY",
+                         studyUID=f"{world['uid']['ct']},{world['uid']['other']},1.2.3.999")
     with TestClient(world["app"]) as browser:
         opened = browser.get(url, headers=HTML)
+        listed = browser.get(several, headers=HTML)
     assert f"/viewer/{world['uid']['us']}" in opened.text
+    assert listed.status_code == 200 and "http-equiv" not in listed.text
+    assert "ACC-CT" in listed.text and "ACC-OTHER" in listed.text
 
 
 def test_ehr_secrets_are_stored_sealed(world):
