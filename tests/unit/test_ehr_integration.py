@@ -340,3 +340,19 @@ def test_the_readme_example_builds_a_launch_url_imageshare_accepts(world):
         opened = browser.get(url.removeprefix("https://images.example-trust.nhs.uk"),
                              headers=HTML)
     assert opened.status_code == 200 and f"/viewer/{world['uid']['ct']}" in opened.text
+
+
+def test_ehrs_are_added_listed_and_removed_on_the_command_line(tmp_path, capsys):
+    from imageshare.cli import main
+
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert main(["ehr", "add", "ward-epr", *data]) == 0
+    secret = capsys.readouterr().out.strip().splitlines()[-1]
+    assert len(secret) >= 40
+    assert main(["ehr", "add", "ward-epr", *data]) == 2
+    assert "already registered" in capsys.readouterr().err
+    assert main(["ehr", "list", *data]) == 0
+    assert capsys.readouterr().out.startswith("ward-epr\t")
+    assert main(["ehr", "remove", "ward-epr", *data]) == 0
+    assert main(["ehr", "list", *data]) == 0
+    assert "ward-epr" not in capsys.readouterr().out.split("removed")[-1]
