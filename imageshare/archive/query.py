@@ -191,8 +191,6 @@ class Query:
     allowed_studies: Collection[str] | None = None
     return_all: bool = False
     newest_first: bool = False
-    # Leave out studies holding any instance of these retention classes (e.g. the inbox's).
-    without_retention: tuple[str, ...] = ()
 
 
 @dataclass
@@ -284,11 +282,6 @@ class QueryService:
                 python_filters.append((tag, element))
         if query.allowed_studies is not None:
             stmt = stmt.where(_scope_condition(query.allowed_studies, depth))
-        if query.without_retention and depth >= 1:
-            held_series, held = series.alias("held_series"), instances.alias("held")
-            stmt = stmt.where(~exists().where(and_(
-                held_series.c.study_pk == studies.c.pk, held.c.series_pk == held_series.c.pk,
-                held.c.retention_class.in_(list(query.without_retention)))))
         limit = min(query.limit or self._max_results, self._max_results)
         if not python_filters:
             stmt = stmt.offset(query.offset).limit(limit)

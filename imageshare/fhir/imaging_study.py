@@ -2,7 +2,8 @@
 
 Searches run through the archive's one query engine (:class:`QueryService`), so they are
 audited like QIDO-RS (``study.query``) and limited to what the caller may see inside the SQL;
-studies waiting in the inbox or held for reconciliation never appear.
+studies waiting in the inbox or held for reconciliation are not part of the record and never
+appear (:mod:`imageshare.archive.record`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ DCM = "http://dicom.nema.org/resources/ontology/DCM"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 CONNECTION_TYPE = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
 FHIR_JSON = "application/fhir+json"
-# Retention classes of studies not yet part of the record (inbox, held for reconciliation).
-NOT_IN_RECORD = ("inbox", "held")
 DEFAULT_COUNT, MAX_COUNT = 20, 100
 SEARCH_PARAMETERS = ("patient.identifier", "identifier", "started", "modality", "_id",
                      "_count", "_offset")
@@ -230,8 +229,7 @@ class ImagingStudies:
         found: dict[str, Match] = {}
         for ident in search.alternatives:
             query = Query("STUDY", {**_STUDY_KEYS, **ident}, limit=wanted,
-                          allowed_studies=allowed, newest_first=True,
-                          without_retention=NOT_IN_RECORD)
+                          allowed_studies=allowed, newest_first=True)
             for match in self._query.find(query, actor):
                 found.setdefault(match.study_uid, match)
         ordered = sorted(found.values(), key=lambda m: (
@@ -248,7 +246,7 @@ class ImagingStudies:
         if uid is None:
             raise NotFound("no such ImagingStudy")
         query = Query("STUDY", {**_STUDY_KEYS, "0020000D": {"vr": "UI", "Value": [uid]}},
-                      limit=1, allowed_studies=allowed, without_retention=NOT_IN_RECORD)
+                      limit=1, allowed_studies=allowed)
         matches = self._query.find(query, actor)
         if not matches:
             raise NotFound("no such ImagingStudy")
