@@ -73,6 +73,12 @@ class DimseSites:
         query.QueryRetrieveLevel = "STUDY"
         for keyword in STUDY_KEYS:
             setattr(query, keyword, criteria.get(keyword, ""))
+        for key, value in criteria.items():
+            if "." in key:  # a key inside a sequence: one item (PS3.4 C.2.2.2.6)
+                sequence, keyword = key.split(".", 1)
+                item = Dataset()
+                setattr(item, keyword, value)
+                setattr(query, sequence, [item])
         assoc = self._associate(ae, node)
         results = []
         try:

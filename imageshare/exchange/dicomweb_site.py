@@ -69,7 +69,8 @@ class DicomwebSites:
             return self._client(node, timeout).search_for_studies(
                 search_filters={k: v for k, v in criteria.items() if v},
                 fields=["PatientBirthDate", "PatientSex", "NumberOfStudyRelatedInstances",
-                        "StudyDescription", "IssuerOfPatientID"])
+                        "StudyDescription", "IssuerOfPatientID",
+                        *{k.split(".")[0] for k in criteria if "." in k}])
         except (requests.RequestException, OSError) as exc:
             raise SiteUnreachable(f"{node.label} cannot be reached") from exc
 
