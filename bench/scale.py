@@ -222,24 +222,41 @@ def files_sample(studies: int, count: int) -> list[int]:
     return list(range(7, studies, step))[:count]
 
 
+FLOOR = "no query (floor)"
+
+
 def latencies(client: httpx.Client, base: str, plan: list[tuple[str, str]],
-              warmup: int) -> dict[str, dict[str, float]]:
+              warmup: int, floor: str) -> dict[str, dict[str, float]]:
     """Single-client latency per kind: p50 and p95 in ms (the first ``warmup`` rounds are
-    not counted)."""
-    times: dict[str, list[float]] = {k: [] for k in KINDS}
+    not counted). Once a round the server's cheapest answer (``floor``: no query, no
+    database) is timed too: on a shared machine it shows what the machine adds."""
+    times: dict[str, list[float]] = {k: [] for k in (*KINDS, FLOOR)}
     empty: dict[str, int] = {k: 0 for k in KINDS}
+    rounds = [*plan]
+    plan = []
+    for n, query in enumerate(rounds):
+        plan.append(query)
+        if n % len(KINDS) == len(KINDS) - 1:
+            plan.append((FLOOR, floor))
     for n, (kind, path) in enumerate(plan):
         started = time.perf_counter()
+        if kind == FLOOR:
+            response = client.get(path)
+            elapsed = (time.perf_counter() - started) * 1000
+            response.raise_for_status()
+            if n >= warmup * (len(KINDS) + 1):
+                times[kind].append(elapsed)
+            continue
         response = client.get(f"{base}/{path}", headers={"Accept": "application/dicom+json"})
         elapsed = (time.perf_counter() - started) * 1000
         if response.status_code not in (200, 204):
             raise RuntimeError(f"{path}: {response.status_code} {response.text[:300]}")
         if response.status_code == 204 or not response.json():
             empty[kind] += 1
-        if n >= warmup * len(KINDS):
+        if n >= warmup * (len(KINDS) + 1):
             times[kind].append(elapsed)
     result = {}
-    everything = sorted(t for v in times.values() for t in v)
+    everything = sorted(t for k, v in times.items() if k != FLOOR for t in v)
     for kind, values in [*times.items(), ("all", everything)]:
         values.sort()
         result[kind] = {"p50": statistics.median(values),
@@ -424,7 +441,7 @@ def print_latency_table(title: str, columns: dict[str, dict[str, dict[str, float
     print(f"| query | {header} |" + (" p95 ratio (Orthanc / ImageShare) |"
                                       if len(names) == 2 else ""))
     print("|---|" + "---:|" * (2 * len(names) + (1 if len(names) == 2 else 0)))
-    for kind in (*KINDS, "all"):
+    for kind in (*KINDS, "all", FLOOR):
         cells = " | ".join(f"{columns[n][kind]['p50']:.1f} | {columns[n][kind]['p95']:.1f}"
                            for n in names)
         ratio = ""
@@ -451,13 +468,14 @@ def qido_million(work: Path, postgres: ThrowawayPostgres, instances: int, shape:
     plan = queries(studies, rounds, shape, with_files)
     with httpx.Client(base_url=server.url, timeout=120,
                       headers={"Authorization": f"Bearer {token}"}) as client:
-        measured = latencies(client, "/dicomweb", plan, warmup=5)
+        measured = latencies(client, "/dicomweb", plan, warmup=5, floor="/healthz")
     print_latency_table(f"QIDO-RS at {loaded['instances']:,} instances on PostgreSQL, "
                         "one client (ms)", {"ImageShare": measured})
     return {"loaded": loaded, "studies": studies, "with_files": with_files,
             "latency_ms": measured,
             "target_p95_ms": TARGET_P95_MS, "met": measured["all"]["p95"] <= TARGET_P95_MS,
-            "worst_kind_p95_ms": max(v["p95"] for k, v in measured.items() if k != "all")
+            "worst_kind_p95_ms": max(v["p95"] for k, v in measured.items()
+                                     if k not in ("all", FLOOR))
             }, server
 
 
@@ -541,9 +559,9 @@ def qido_equal(server: RunningServer, orthanc: OrthancServer, facts: dict[str, A
     token = service_token(server)
     with httpx.Client(base_url=server.url, timeout=120,
                       headers={"Authorization": f"Bearer {token}"}) as client:
-        ours = latencies(client, "/dicomweb", plan, warmup=5)
+        ours = latencies(client, "/dicomweb", plan, warmup=5, floor="/healthz")
     with orthanc.http() as client:
-        theirs = latencies(client, "/dicom-web", plan, warmup=5)
+        theirs = latencies(client, "/dicom-web", plan, warmup=5, floor="/system")
     print_latency_table(f"QIDO-RS at {facts['instances']:,} instances, same files, both on "
                         "PostgreSQL, one client (ms)",
                         {"ImageShare": ours, "Orthanc": theirs})
