@@ -593,6 +593,25 @@ def throughput_round(server: RunningServer, orthanc: OrthancServer, equal: dict[
     return {"clients": clients, "seconds": seconds, "imageshare": ours, "orthanc": theirs}
 
 
+def send(port: int, ae: str, files: list[Path], associations: int) -> float:
+    """Seconds to send ``files`` with ``associations`` storescu processes at once; raises
+    with storescu's own words when one fails."""
+    chunks = [files[i::associations] for i in range(associations)]
+    started = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aec", ae, "127.0.0.1", str(port),
+                               *map(str, chunk)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for chunk in chunks]
+    failures = []
+    for proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            failures.append(f"storescu exit {proc.returncode}: {out.decode()[-800:]}")
+    if failures:
+        raise RuntimeError("\n".join(failures))
+    return time.perf_counter() - started
+
+
 def _server_errors(server: RunningServer) -> list[str]:
     text = server.log_path.read_text() if server.log_path and server.log_path.exists() else ""
     return [line for line in text.splitlines()
@@ -623,13 +642,13 @@ def instances_round(work: Path, postgres: ThrowawayPostgres, count: int, associa
                 for n in range(1 if setup == "one" else 2):
                     servers.append(start_imageshare(folder / f"node{n}", env))
                 if setup == "one":
-                    seconds = storescu(servers[0].dicom_port, servers[0].ae_title, files,
-                                       associations)
+                    seconds = send(servers[0].dicom_port, servers[0].ae_title, files,
+                                   associations)
                 else:
                     halves = [files[0::2], files[1::2]]
                     started = time.perf_counter()
                     with _parallel() as pool:
-                        done = [pool.submit(storescu, srv.dicom_port, srv.ae_title, half,
+                        done = [pool.submit(send, srv.dicom_port, srv.ae_title, half,
                                             associations // 2)
                                 for srv, half in zip(servers, halves, strict=True)]
                         for future in done:
@@ -653,6 +672,12 @@ def instances_round(work: Path, postgres: ThrowawayPostgres, count: int, associa
                          and ".tmp" not in p.parts]
                 if len(blobs) != len(files):
                     raise RuntimeError(f"{setup}: {len(blobs)} blobs for {len(files)} files")
+            except Exception:
+                for server in servers:
+                    if server.log_path is not None and server.log_path.exists():
+                        print(f"--- {server.log_path}", server.log_path.read_text()[-3000:],
+                              file=sys.stderr)
+                raise
             finally:
                 for server in servers:
                     errors += _server_errors(server)
