@@ -113,6 +113,30 @@ class Settings:
     temporary_days: int = _setting(
         30, "Days copies retrieved from other sites and inbox items are kept unless accepted."
     )
+    job_workers: int = _setting(
+        2, "Background jobs (exports, retrievals, pushes, share preparation) each instance "
+        "runs at once; the jobs themselves are kept in the index and shared by instances."
+    )
+    job_lease_seconds: float = _setting(
+        60.0, "Seconds a running job stays leased to its instance without a heartbeat; after "
+        "that (the instance died) another instance runs it again."
+    )
+    job_retry_seconds: str = _setting(
+        "10,60,300", "Pauses (seconds, comma-separated) before each retry of a failed "
+        "background job; a job fails for good after the last."
+    )
+    retention_every_seconds: float = _setting(
+        86400.0, "How often the retention task (temporary copies and inbox items past "
+        "temporary_days) runs by itself, once across all instances; 0: only by command."
+    )
+    share_notices_every_seconds: float = _setting(
+        3600.0, "How often owners are told about share links about to expire (and finished "
+        "jobs older than a day are removed), once across all instances; 0: never."
+    )
+    recovery_grace_seconds: float = _setting(
+        120.0, "On a shared (non-SQLite) index, blobs younger than this are left to the "
+        "instance writing them; start-up recovery looks at them later, in a background job."
+    )
     link_by_name_and_birth_date: bool = _setting(
         False, "Attach a remote study to a local patient by name and date of birth when it has "
         "no NHS number (otherwise only by NHS number)."

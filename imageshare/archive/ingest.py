@@ -364,9 +364,10 @@ class IngestService:
 
     # -- recovery ------------------------------------------------------------------------------
 
-    def recover_unindexed(self, known_keys: set[str], actor: Actor, since: str = "") -> int:
-        """Index blobs (keys from ``since`` on) that are on disk but missing from the index,
-        e.g. after a power loss took the last index commits.
+    def recover_unindexed(self, known_keys: set[str], actor: Actor, since: str = "",
+                          until: str = "") -> int:
+        """Index blobs (keys from ``since`` on, and before ``until`` if given) that are in the
+        store but missing from the index, e.g. after a power loss took the last index commits.
 
         A blob that cannot be stored again (damaged, refused, or failing in any other way than
         the index being unreachable) is moved to the quarantine folder with a note of the
@@ -374,7 +375,7 @@ class IngestService:
         the start."""
         recovered = 0
         for key in self.blobs.keys(since):
-            if key in known_keys:
+            if key in known_keys or (until and key >= until):
                 continue
             out, path = self.staging_file()
             try:

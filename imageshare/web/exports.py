@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 
 from imageshare.access.policy import (
     ACCOUNT_SELF,
@@ -71,10 +72,12 @@ def job_status(request: Request, job_id: str, actor: allowed(ACCOUNT_SELF)) -> d
 @router.get("/jobs/{job_id}/file", summary="Download a finished export")
 def job_file(request: Request, job_id: str, actor: allowed(ACCOUNT_SELF)) -> FileResponse:
     """The export's file (a zip whose names carry no patient data)."""
-    job, path = request.app.state.archive.exports.result(job_id, actor)
+    job, path, temporary = request.app.state.archive.exports.result(job_id, actor)
     return FileResponse(path, media_type="application/zip",
                         filename=f"imageshare-export-{job.id[:8]}.zip",
-                        headers={"Cache-Control": "no-store"})
+                        headers={"Cache-Control": "no-store"},
+                        background=BackgroundTask(path.unlink, missing_ok=True)
+                        if temporary else None)
 
 
 class MarksIn(BaseModel):

@@ -130,6 +130,6 @@ async def share_case(
     url = shown_link(request, created.path)
     share = archive.shares.by_public_id(created.public_id, actor.name)
     archive.jobs.submit(actor.name, "share", "Preparing de-identified copies",
-                        lambda job: archive.shares.prepare(share))
+                        {"share": share.public_id}, notify=False)
     return page(request, "share_created.html", url=url, passcode=created.passcode,
                 created=created, emailed=bool(recipient_email.strip()))

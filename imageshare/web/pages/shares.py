@@ -51,7 +51,7 @@ async def create_share(
     if share_request.deidentified:
         share = archive.shares.by_public_id(created.public_id, actor.name)
         archive.jobs.submit(actor.name, "share", "Preparing de-identified copies",
-                            lambda job: archive.shares.prepare(share))
+                        {"share": share.public_id}, notify=False)
     return page(request, "share_created.html", url=url, passcode=created.passcode,
                 created=created, emailed=bool(recipient_email.strip()))
 
