@@ -237,7 +237,8 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
                         settings.s3_endpoint_url))
     jobs.set_on_forget(exports.forget)
     retention = Retention(deletion, settings.temporary_days)
-    _register_housekeeping(jobs, shares, retention)
+    throttle = SignInThrottle(engine)
+    _register_housekeeping(jobs, shares, retention, throttle)
     archive = Archive(
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
         ingest=ingest, query=query, retrieve=retrieve, users=users_directory,
@@ -248,7 +249,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         search=search, catalogue=catalogue,
         comments=CommentBook(engine, audit), attachments=AttachmentService(catalogue, ingest),
         corrections=corrections,
-        throttle=SignInThrottle(), jobs=jobs,
+        throttle=throttle, jobs=jobs,
         exports=exports,
         notifier=notifier, shares=shares, cases=CaseBook(engine, retrieve, audit),
         annotations=AnnotationBook(engine, retrieve, ingest, audit),
@@ -267,7 +268,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
 
 
 def _register_housekeeping(jobs: DatabaseJobQueue, shares: ShareService,
-                           retention: Retention) -> None:
+                           retention: Retention, throttle: SignInThrottle) -> None:
     """The jobs that keep the installation tidy (queued by :func:`periodic_tasks` and the
     share pages)."""
 
@@ -282,6 +283,7 @@ def _register_housekeeping(jobs: DatabaseJobQueue, shares: ShareService,
     def share_notices(job: Job, _params: dict[str, Any]) -> None:
         told = shares.notify_expiring()
         forgotten = jobs.forget_finished()
+        throttle.forget_old()
         job.summary = f"{told} owner(s) told; {forgotten} old job(s) removed"
 
     jobs.register("share", prepare_share)

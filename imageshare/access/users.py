@@ -53,7 +53,9 @@ class UserDirectory:
         self._engine = engine
         self.lockout = Lockout(engine)
         self._box = secrets_box
-        self._verified: dict[tuple[str, bytes], tuple[float, Actor]] = {}
+        # Recent password checks (time, actor, stored hash); a hit still asks the index that
+        # the hash and role are unchanged, so a change made on another instance counts at once.
+        self._verified: dict[tuple[str, bytes], tuple[float, Actor, str]] = {}
         self._lock = threading.Lock()
 
     def add(self, username: str, password: str, role: str, email: str = "") -> None:
@@ -134,7 +136,7 @@ class UserDirectory:
         with self._lock:
             hit = self._verified.get(cache_key)
         if (code is None and hit and now - hit[0] < _CACHE_SECONDS
-                and self._still_allowed(username, source)):
+                and self._still_allowed(username, source, hit[2], hit[1].role)):
             return Actor("user", hit[1].name, hit[1].role, source), False
         with self._engine.connect() as conn:
             row = conn.execute(
@@ -163,7 +165,7 @@ class UserDirectory:
         self.lockout.cleared(row.pk, source)
         if not row.totp_enabled:
             with self._lock:
-                self._verified[cache_key] = (now, actor)
+                self._verified[cache_key] = (now, actor, row.password_hash)
         return actor, False
 
     def _accept_code(self, user_pk: int, secret: str | None, code: str) -> bool:
@@ -185,13 +187,16 @@ class UserDirectory:
                 return used == 1
         return False
 
-    def _still_allowed(self, username: str, source: str) -> bool:
-        """Not disabled, locked (from ``source``) or given a second factor since the password
-        was last checked (cheap, no argon2)."""
+    def _still_allowed(self, username: str, source: str, password_hash: str, role: str) -> bool:
+        """Not disabled, locked (from ``source``), given a second factor, a new password or
+        another role since the password was last checked (cheap, no argon2)."""
         with self._engine.connect() as conn:
-            row = conn.execute(select(users.c.pk, users.c.disabled, users.c.totp_enabled)
+            row = conn.execute(select(users.c.pk, users.c.disabled, users.c.totp_enabled,
+                                      users.c.password_hash, users.c.role)
                                .where(users.c.username == username)).first()
-        if row is None or row.disabled or row.totp_enabled:
+        if (row is None or row.disabled or row.totp_enabled
+                or row.password_hash != password_hash
+                or effective_role(row.role, row.totp_enabled) != role):
             return False
         return not self.lockout.locked(row.pk, source)
 

@@ -160,7 +160,8 @@ class PatientCorrections:
 
     def __init__(
         self, engine: Engine, writer: IndexWriter, blobs: BlobStore, audit: AuditTrail,
-        catalogue: StudyCatalogue, staging_dir: Path, parents_changed: Callable[[], None],
+        catalogue: StudyCatalogue, staging_dir: Path,
+        parents_changed: Callable[[Connection], None],
     ) -> None:
         self._engine = engine
         self._writer = writer
@@ -348,7 +349,7 @@ class PatientCorrections:
                                "attributes": [d[0] for d in _differences(old, new)]})
             for uid in study_uids
         ], conn=conn)
-        self._parents_changed()
+        self._parents_changed(conn)
         return True
 
 

@@ -76,7 +76,7 @@ class ArchiveDeletion:
             for start in range(0, len(pks), 500):
                 conn.execute(delete(instances).where(instances.c.pk.in_(pks[start:start + 500])))
             _recount(conn, list(counts))
-            self._parents_changed()  # type: ignore[operator]
+            self._parents_changed(conn)  # type: ignore[operator]
             self._audit.record([AuditEvent(
                 actor=actor, action="instance.delete", outcome="success",
                 patient_id=patients_of[uid], study_uid=uid, instance_count=n,

@@ -30,6 +30,7 @@ from imageshare.archive.indexing import (
     find_instance,
     index_instance,
     note_inbox_arrival,
+    parents_changed_in,
     replace_instance_blob,
 )
 from imageshare.audit.trail import AuditEvent, AuditTrail
@@ -279,9 +280,12 @@ class IngestService:
             return
         self.blobs.delete(key)
 
-    def parents_changed(self) -> None:
+    def parents_changed(self, conn: Connection | None = None) -> None:
         """Patients or studies were changed by something else (a correction, a merge): forget
-        what is remembered about them. Call it from the index writer's thread."""
+        what is remembered about them, here and (counted in ``conn``'s transaction) in every
+        other instance. Call it from the index writer's thread."""
+        if conn is not None:
+            parents_changed_in(conn)
         self._known.clear()
 
     def close(self) -> None:

@@ -219,6 +219,7 @@ class DatabaseJobQueue:
                          None, False, key[:128], delay)
         except IntegrityError:
             return False  # another instance queued it first
+        self.start()
         self._wake.set()
         return True
 
@@ -291,6 +292,9 @@ class DatabaseJobQueue:
         deadline = time.monotonic() + grace
         while self._running and time.monotonic() < deadline:
             time.sleep(0.1)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(0.5)  # idle workers end at once; busy ones are handed back below
         with self._lock:
             left = list(self._running.values())
         for running in left:
