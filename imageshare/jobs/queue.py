@@ -467,7 +467,9 @@ class DatabaseJobQueue:
                     log.warning("job lease not renewed (%s)", type(exc).__name__)
                     continue
                 item.written = progress
-                if not kept and not item.lost:
+                with self._lock:
+                    still_here = item.job.id in self._running
+                if not kept and still_here and not item.lost:
                     item.lost = True
                     log.warning("job %s: lease lost to another instance", item.job.id[:8])
             if due:
