@@ -291,6 +291,22 @@ def _register_housekeeping(jobs: DatabaseJobQueue, shares: ShareService,
     jobs.register("share-notices", share_notices)
 
 
+def shared_index_warnings(archive: Archive) -> list[str]:
+    """What an instance on a shared (PostgreSQL) index lacks to agree with the others."""
+    settings = archive.settings
+    if archive.engine.dialect.name == "sqlite":
+        return []
+    warnings_ = []
+    if not settings.secret_key and not settings.secret_key_file:
+        warnings_.append("the index may be shared by several instances, but the secret key "
+                         "is this data dir's own: set IMAGESHARE_SECRET_KEY on every instance")
+    if not settings.deid_secret:
+        warnings_.append("the index may be shared by several instances, but the "
+                         "de-identification secret is this data dir's own: set "
+                         "IMAGESHARE_DEID_SECRET on every instance")
+    return warnings_
+
+
 def periodic_tasks(archive: Archive) -> PeriodicTasks:
     """The tasks every instance offers to queue, each once per period across instances."""
     settings = archive.settings
@@ -495,6 +511,8 @@ def serve(settings: Settings) -> None:
             "This password is shown only once; store it safely.",
             flush=True,
         )
+    for warning in shared_index_warnings(archive):
+        log.warning("%s", warning)
     recover(archive)
     archive.transfers.resume_interrupted()
     listener = None

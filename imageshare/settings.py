@@ -179,6 +179,10 @@ class Settings:
         "certificates, remote DICOM TLS nodes and DICOMweb sites over https (besides the "
         "system's own)."
     )
+    trusted_proxies: str = _setting(
+        "127.0.0.1", "Addresses (comma-separated) of load balancers or proxies whose "
+        "X-Forwarded-For / X-Forwarded-Proto name the caller; nobody else's are believed."
+    )
     http_tls: bool = _setting(
         True, "Serve HTTPS (only) when tls_certificate and tls_private_key are set; false: "
         "plain HTTP, e.g. behind a TLS-terminating proxy."

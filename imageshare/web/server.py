@@ -87,6 +87,7 @@ def http_server_config(app: FastAPI, settings: Settings) -> Any:
     config = uvicorn.Config(
         app, host=settings.http_host, port=settings.http_port, log_level="warning",
         access_log=False, http=LimitedHttpProtocol,
+        proxy_headers=True, forwarded_allow_ips=settings.trusted_proxies,
         # On SIGTERM/SIGINT requests in flight get the grace, then are ended.
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
         ssl_certfile=settings.tls_certificate if https else None,

@@ -1,9 +1,12 @@
 """Several instances, one service: two ``imageshare serve`` processes on one PostgreSQL and
-one S3 store (SeaweedFS), configured as the reference deployment in docs/scale-out.md."""
+one S3 store (SeaweedFS) behind HAProxy, configured as the reference deployment in
+docs/scale-out.md (its example environment and HAProxy configuration are the ones used)."""
 
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 import threading
 import time
 import zipfile
@@ -18,31 +21,45 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import create_engine, text
 
+from tests.conftest import require_tool
 from tests.factory import ct_series
 from tests.interop.s3.conftest import s3_server_env
 from tests.multipart_helpers import parse_multipart
-from tests.peers import RunningServer
+from tests.peers import RunningServer, free_port, wait_for_port
 
 pytestmark = pytest.mark.interop
 
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLE = ROOT / "docs" / "scale-out"
 LEASE_SECONDS = 3
 COUNT = 12  # instances of the exported study: de-identified and checked, ~1 s each here
 
 
+def _example_variables() -> set[str]:
+    lines = (EXAMPLE / "instance.env").read_text().splitlines()
+    return {line.split("=", 1)[0] for line in lines if line and not line.startswith("#")}
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, postgres, s3_server) -> Iterator[tuple[RunningServer, RunningServer]]:
-    """Two instances started once for the module: same database, store and keys; each with
-    its own data folder, HTTP and DICOM ports."""
+    """Two instances started once for the module, with every variable of the example
+    environment: the same database, store and keys; each with its own data folder, HTTP and
+    DICOM ports."""
+    lb_http = free_port()
     shared = {
         **s3_server_env(s3_server),
         "IMAGESHARE_DATABASE_URL": postgres.new_database(),
         "IMAGESHARE_SECRET_KEY": Fernet.generate_key().decode(),
-        "IMAGESHARE_DEID_SECRET": "the same pseudonyms on every instance",
-        "IMAGESHARE_DICOM_PROCESSES": "1",
+        "IMAGESHARE_DEID_SECRET": "the same pseudonyms on every instance of this service",
+        "IMAGESHARE_PUBLIC_URL": f"http://127.0.0.1:{lb_http}",
+        "IMAGESHARE_TRUSTED_PROXIES": "127.0.0.1",
         "IMAGESHARE_JOB_LEASE_SECONDS": str(LEASE_SECONDS),
+        # quicker than in production, for the tests
+        "IMAGESHARE_DICOM_PROCESSES": "1",
         "IMAGESHARE_JOB_RETRY_SECONDS": "1,1,1",
         "IMAGESHARE_RETENTION_EVERY_SECONDS": "2",
     }
+    assert _example_variables() <= set(shared)
     base = tmp_path_factory.mktemp("two-instances")
     first = RunningServer(base / "a" / "data", extra_env=shared).start()
     second = RunningServer(base / "b" / "data", extra_env=shared)
@@ -54,6 +71,7 @@ def pair(tmp_path_factory, postgres, s3_server) -> Iterator[tuple[RunningServer,
         raise
     first._admin_token = second._admin_token = _directory_call(
         first, lambda users: users.create_token("admin", "two-instance tests", origin="cli"))
+    first.lb_http = lb_http  # type: ignore[attr-defined]
     yield first, second
     for server in (first, second):
         server.stop()
@@ -214,6 +232,70 @@ def test_the_retention_task_runs_by_itself_once_its_time_has_come(pair, tmp_path
     keys = [r.dedupe_key for r in runs]
     assert len(keys) == len(set(keys))  # one job per period, however many instances
     assert {r.state for r in runs} <= {"queued", "running", "done"}
+
+
+@pytest.fixture(scope="module")
+def balancer(pair, tmp_path_factory) -> Iterator[tuple[str, int]]:
+    """HAProxy with docs/scale-out/haproxy.cfg in front of the pair: (HTTP URL, DICOM port)."""
+    haproxy = require_tool("haproxy")
+    first, second = pair
+    dicom = free_port()
+    env = {**os.environ, "LB_HTTP": f"127.0.0.1:{first.lb_http}",
+           "LB_DICOM": f"127.0.0.1:{dicom}",
+           "INSTANCE_A_HTTP": f"127.0.0.1:{first.http_port}",
+           "INSTANCE_B_HTTP": f"127.0.0.1:{second.http_port}",
+           "INSTANCE_A_DICOM": f"127.0.0.1:{first.dicom_port}",
+           "INSTANCE_B_DICOM": f"127.0.0.1:{second.dicom_port}"}
+    log = open(tmp_path_factory.mktemp("haproxy") / "haproxy.log", "w")
+    process = subprocess.Popen([haproxy, "-db", "-f", str(EXAMPLE / "haproxy.cfg")], env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(first.lb_http)
+        wait_for_port(dicom)
+        url = f"http://127.0.0.1:{first.lb_http}"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # both backends checked healthy
+            if all(httpx.get(url + "/healthz", timeout=5).status_code == 200
+                   for _ in range(4)):
+                break
+            time.sleep(0.2)
+        yield url, dicom
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+
+
+def test_behind_the_load_balancer_stores_and_a_session_work_whichever_instance_answers(
+        pair, balancer, tmp_path):
+    url, dicom = balancer
+    paths = ct_series(tmp_path / "ct", count=4, patient_id="TWOINST5")
+    counts: list[int] = []
+    threads = [threading.Thread(target=lambda p=p: counts.append(_store(dicom, p)))
+               for p in (paths[0::2], paths[1::2])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert counts == [2, 2]
+    _directory_call(pair[0], lambda users: users.add("clinician8", "a long password 8",
+                                                     "clinician"))
+    with httpx.Client(base_url=url, timeout=60) as browser:
+        signed_in = browser.post("/api/session", json={"username": "clinician8",
+                                                       "password": "a long password 8"})
+        assert signed_in.status_code == 200, signed_in.text
+        csrf = signed_in.json()["csrf_token"]
+        for _ in range(4):  # round robin: every other request on the other instance
+            assert browser.get("/api/me").json()["username"] == "clinician8"
+        token = browser.post("/api/tokens", json={"name": "viewer"},
+                             headers={"X-CSRF-Token": csrf}).json()["token"]
+    study_uid = dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID
+    with httpx.Client(base_url=url, timeout=60,
+                      headers={"Authorization": f"Bearer {token}"}) as viewer:
+        for _ in range(2):
+            (study,) = viewer.get("/dicomweb/studies",
+                                  params={"StudyInstanceUID": study_uid}).json()
+            assert study["00201208"]["Value"] == [4]
 
 
 def test_an_export_whose_instance_is_killed_mid_job_is_finished_by_the_other(pair, tmp_path):
