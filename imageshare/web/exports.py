@@ -69,6 +69,12 @@ def job_status(request: Request, job_id: str, actor: allowed(ACCOUNT_SELF)) -> d
     return job_view(request.app.state.archive.jobs.get(job_id, actor.name))
 
 
+@router.post("/jobs/{job_id}/cancel", summary="Cancel a job that has not started")
+def job_cancel(request: Request, job_id: str, actor: allowed(ACCOUNT_SELF)) -> dict[str, Any]:
+    """Cancel one of the caller's jobs while it is still queued (a running job goes on)."""
+    return job_view(request.app.state.archive.jobs.cancel(job_id, actor.name))
+
+
 @router.get("/jobs/{job_id}/file", summary="Download a finished export")
 def job_file(request: Request, job_id: str, actor: allowed(ACCOUNT_SELF)) -> FileResponse:
     """The export's file (a zip whose names carry no patient data)."""

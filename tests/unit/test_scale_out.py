@@ -63,3 +63,23 @@ def test_a_finished_export_tells_the_person_who_started_it(archive, tmp_path):
     (note,) = archive.notifier.recent("admin")
     assert note["kind"] == "job.done" and note["link"] == f"/jobs/{job.id}"
     assert "2 file(s) exported" in str(note["text"])
+
+
+def test_a_queued_job_is_cancelled_by_its_owner_only_and_never_runs(archive, anonymous,
+                                                                   tmp_path):
+    from imageshare.jobs import Job
+
+    archive.users.add("clin", "a long password 1", "clinician")
+    archive.users.add("other", "a long password 2", "clinician")
+    # No instance runs this kind yet: the job stays queued.
+    job: Job = archive.jobs.submit("clin", "later", "Something later", {})
+    other = anonymous.post(f"/api/jobs/{job.id}/cancel", auth=("other", "a long password 2"))
+    assert other.status_code == 404
+    cancelled = anonymous.post(f"/api/jobs/{job.id}/cancel",
+                               auth=("clin", "a long password 1"))
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    again = anonymous.post(f"/api/jobs/{job.id}/cancel", auth=("clin", "a long password 1"))
+    assert again.status_code == 400
+    ran: list[str] = []
+    archive.jobs.register("later", lambda job, params: ran.append(job.id))
+    assert archive.jobs.run_pending() == 0 and ran == []
