@@ -157,6 +157,16 @@ def _secret_box(settings: Settings) -> SecretBox:
     return SecretBox(load_secret_key(settings.secret_key, key_file))
 
 
+def _checkpoint(engine: Engine) -> None:
+    """On SQLite, move what start-up wrote (migrations, recovery) from the write-ahead log
+    into the index and empty the log: it then grows only with new work (on a nearly full
+    disk that is room for the writes that matter)."""
+    if engine.dialect.name != "sqlite":
+        return
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
 def _forget_plaintext(engine: Engine) -> None:
     """Rewrite a SQLite index so that no old page (free space, the write-ahead log) still
     holds a value just encrypted."""
@@ -515,6 +525,7 @@ def serve(settings: Settings) -> None:
         log.warning("%s", warning)
     recover(archive)
     archive.transfers.resume_interrupted()
+    _checkpoint(archive.engine)
     listener = None
     workers: list[multiprocessing.process.BaseProcess] = []
     if (settings.dicom_port or settings.dicom_tls_port) and not stopping.is_set():

@@ -4,6 +4,7 @@ tokens (stored as hashes)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import threading
 import time
@@ -14,7 +15,7 @@ import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Engine, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from imageshare.access.lockout import Lockout
 from imageshare.access.policy import ENROLLING, ROLES, effective_role
@@ -24,6 +25,7 @@ from imageshare.storage.index.schema import account_invites, api_tokens, users
 from imageshare.storage.secret_box import SecretBox
 
 _hasher = PasswordHasher()
+log = logging.getLogger("imageshare.access")
 _CACHE_SECONDS = 300.0
 TOTP_ISSUER = "ImageShare"
 
@@ -429,7 +431,7 @@ class UserDirectory:
     def authenticate_token(self, secret: str, source: str = "") -> Actor | None:
         """The Actor owning a valid (not expired, not revoked) token, else None."""
         now = datetime.now(UTC)
-        with self._engine.begin() as conn:
+        with self._engine.connect() as conn:
             row = conn.execute(
                 select(
                     api_tokens.c.pk, api_tokens.c.expires_at, api_tokens.c.revoked_at,
@@ -443,9 +445,12 @@ class UserDirectory:
                 return None
             if row.expires_at is not None and as_utc(row.expires_at) <= now:
                 return None
-            conn.execute(
-                update(api_tokens).where(api_tokens.c.pk == row.pk).values(last_used_at=now)
-            )
+        try:  # bookkeeping: a full disk or a busy index must not turn a valid token away
+            with self._engine.begin() as conn:
+                conn.execute(update(api_tokens).where(api_tokens.c.pk == row.pk)
+                             .values(last_used_at=now))
+        except OperationalError as exc:
+            log.warning("a token's last use could not be noted (%s)", type(exc).__name__)
         return Actor("user", row.username,
                      effective_role(row.role, row.totp_enabled, row.origin == "cli"), source)
 

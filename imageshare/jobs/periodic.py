@@ -48,8 +48,10 @@ class PeriodicTasks:
         queued = []
         for task in self._tasks:
             period = int(now // task.every)
+            # Run a little into the period (at most a minute): not in the rush of a start.
             if self._queue.submit_once(f"{task.kind}@{int(task.every)}:{period}", task.kind,
-                                       task.description, {"period": period}):
+                                       task.description, {"period": period},
+                                       delay=min(60.0, task.every / 10)):
                 queued.append(task.kind)
         return queued
 
