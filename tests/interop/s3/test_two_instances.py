@@ -96,6 +96,7 @@ def _directory_call(server: RunningServer, call):
 
 def _store(port: int, paths: list[Path]) -> int:
     ae = AE(ae_title="PYNETDICOM")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120  # a loaded machine
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", port)
     assert assoc.is_established
@@ -107,6 +108,26 @@ def _store(port: int, paths: list[Path]) -> int:
     finally:
         assoc.release()
     return stored
+
+
+def _store_at_once(jobs: list[tuple[int, list[Path]]]) -> list[int | str]:
+    """Each (port, paths) on its own association, all at once: how many each stored (or
+    what went wrong)."""
+    results: list[int | str] = [""] * len(jobs)
+
+    def run(index: int, port: int, paths: list[Path]) -> None:
+        try:
+            results[index] = _store(port, paths)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion
+            results[index] = repr(exc)
+
+    threads = [threading.Thread(target=run, args=(i, port, paths))
+               for i, (port, paths) in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    return results
 
 
 def _study_on(server: RunningServer, study_uid: str) -> int:
@@ -122,14 +143,8 @@ def test_a_study_stored_through_both_instances_at_once_is_one_study_found_on_eit
     first, second = pair
     paths = ct_series(tmp_path / "ct", count=12, patient_id="TWOINST1")
     study_uid = dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID
-    counts: list[int] = []
-    threads = [threading.Thread(target=lambda s=s, p=p: counts.append(_store(s.dicom_port, p)))
-               for s, p in ((first, paths[0::2]), (second, paths[1::2]))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert sorted(counts) == [6, 6]
+    assert _store_at_once([(first.dicom_port, paths[0::2]),
+                           (second.dicom_port, paths[1::2])]) == [6, 6]
     assert _study_on(first, study_uid) == _study_on(second, study_uid) == 12
     # Retrieved from either: each instance serves what the other received.
     for server, sent in ((first, paths[1]), (second, paths[0])):
@@ -270,14 +285,7 @@ def test_behind_the_load_balancer_stores_and_a_session_work_whichever_instance_a
         pair, balancer, tmp_path):
     url, dicom = balancer
     paths = ct_series(tmp_path / "ct", count=4, patient_id="TWOINST5")
-    counts: list[int] = []
-    threads = [threading.Thread(target=lambda p=p: counts.append(_store(dicom, p)))
-               for p in (paths[0::2], paths[1::2])]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert counts == [2, 2]
+    assert _store_at_once([(dicom, paths[0::2]), (dicom, paths[1::2])]) == [2, 2]
     _directory_call(pair[0], lambda users: users.add("clinician8", "a long password 8",
                                                      "clinician"))
     with httpx.Client(base_url=url, timeout=60) as browser:
