@@ -113,6 +113,15 @@ class SiteAnswer:
     studies: list[RemoteStudy] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ConnectionCheck:
+    """Whether a site answered one way of reaching it, and what it said."""
+
+    protocol: str
+    ok: bool
+    detail: str
+
+
 @dataclass
 class FederatedResult:
     """Local and remote studies for one patient search."""
@@ -189,6 +198,28 @@ class ExchangeService:
                 actor=actor, action="exchange.search", outcome="success",
                 detail={"sites": 0})])
         return FederatedResult(local, answers, linking)
+
+    def test_connection(self, ae_title: str, actor: Actor) -> list[ConnectionCheck]:
+        """Ask the site whether it answers us each way it is registered for (C-ECHO on its
+        DICOM port; an authenticated QIDO-RS when it has a DICOMweb URL). Audited."""
+        node = self._nodes.get(ae_title)
+        ways = [("DICOM", self._clients["dimse"])]
+        if node.dicomweb_url and "dicomweb" in self._clients:
+            ways.append(("DICOMweb", self._clients["dicomweb"]))
+        checks = []
+        for label, client in ways:
+            try:
+                checks.append(ConnectionCheck(label, True, client.check(node, self._timeout)))
+            except SiteUnreachable as exc:
+                checks.append(ConnectionCheck(label, False, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - a broken site must not break the page
+                checks.append(ConnectionCheck(label, False, f"failed ({type(exc).__name__})"))
+        self._audit.record(AuditEvent(
+            actor=actor, action="node.test",
+            outcome="success" if all(c.ok for c in checks) else "failure",
+            detail={"ae_title": node.ae_title,
+                    "checks": {c.protocol: c.detail for c in checks}}))
+        return checks
 
     def _remember(self, key: str, answers: list[SiteAnswer]) -> None:
         now = datetime.now(UTC)

@@ -227,6 +227,17 @@ def add_site(
     return redirect("/admin/sites")
 
 
+@router.post("/admin/sites/{ae_title}/test")
+async def test_site(request: Request, ae_title: str, actor: allowed(NODE_MANAGE)) -> Response:
+    """Test the connection to a site (C-ECHO; an authenticated QIDO-RS over DICOMweb) and
+    show the result."""
+    archive = request.app.state.archive
+    checks = await run_in_threadpool(archive.exchange.test_connection, ae_title, actor)
+    return page(request, "sites.html", nodes=archive.nodes.all(),
+                refused=archive.refused_callers.all(), tested=archive.nodes.get(ae_title),
+                checks=checks)
+
+
 @router.post("/admin/sites/{ae_title}/remove")
 def remove_site(request: Request, ae_title: str, actor: allowed(NODE_MANAGE)) -> Response:
     """Forget a site."""
