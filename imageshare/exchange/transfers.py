@@ -257,9 +257,6 @@ class Transfers:
             label = self._nodes.get(transfer.site).label
         except ImageShareError:
             label = transfer.site
-        self._update(public_id, state="delivered" if delivered else "failed",
-                     failed=0 if delivered else max(transfer.total - transfer.sent, 0),
-                     reason=reason)
         self._audit.record(AuditEvent(
             actor=actor, action="exchange.push", outcome="success" if delivered else "failure",
             study_uid=transfer.study_uid, instance_count=transfer.sent,
@@ -270,6 +267,10 @@ class Transfers:
                 else f"Sending a study to {label} failed: {reason}")
         for username in {actor.name, transfer.created_by, *notify}:
             self._notifier.notify(username, "exchange.push", text, f"/transfers/{public_id}")
+        # Last: whoever sees the transfer ended finds it audited and its people told.
+        self._update(public_id, state="delivered" if delivered else "failed",
+                     failed=0 if delivered else max(transfer.total - transfer.sent, 0),
+                     reason=reason)
 
     def get(self, public_id: str) -> Transfer:
         """One transfer; NotFound otherwise."""
