@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from imageshare.domain.errors import NotFound
+from imageshare.domain.errors import ImageShareError, NotFound
 
 State = Literal["queued", "running", "done", "failed"]
 KEEP_SECONDS = 24 * 3600
@@ -67,7 +67,7 @@ class JobRunner:
             work(job)
         except Exception as exc:  # noqa: BLE001 - the job reports it; no patient data
             job.state = "failed"
-            job.error = str(exc) if hasattr(exc, "http_status") else type(exc).__name__
+            job.error = str(exc) if isinstance(exc, ImageShareError) else type(exc).__name__
             return
         job.state = "done"
 

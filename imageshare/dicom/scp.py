@@ -59,23 +59,19 @@ from imageshare.dicom.contexts import (
 from imageshare.dicom.tls_server import tls_server_class
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
-    ConflictingInstance,
     ImageShareError,
-    InvalidInstance,
     InvalidQuery,
     NotAcceptable,
     NotFound,
-    OutOfResources,
 )
 from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 
 log = logging.getLogger("imageshare.dicom")
 
 # Status codes by their use here; the one table with every service's statuses (and when
-# each is answered) is imageshare.dicom.statuses.
+# each is answered) is imageshare.dicom.statuses; a refusal for a typed error answers the
+# error's own DICOM status (imageshare.domain.errors).
 NOT_AUTHORISED = statuses.STORE_NOT_AUTHORISED.code
-STORE_CANNOT_UNDERSTAND = statuses.STORE_CANNOT_UNDERSTAND.code
-STORE_CONFLICT = statuses.STORE_CONFLICT.code
 STORE_OUT_OF_RESOURCES = statuses.STORE_OUT_OF_RESOURCES.code
 
 
@@ -275,13 +271,9 @@ class DicomListener:
             return _status(STORE_OUT_OF_RESOURCES, comment)
         try:
             result = self.ingest.store_staged(path, actor)
-        except OutOfResources as exc:
-            return _status(STORE_OUT_OF_RESOURCES, str(exc))
-        except InvalidInstance as exc:
-            return _status(STORE_CANNOT_UNDERSTAND, str(exc))
-        except ConflictingInstance as exc:
-            return _status(STORE_CONFLICT, str(exc))
         except Exception as exc:  # noqa: BLE001 - nothing was acknowledged; no details
+            if isinstance(exc, ImageShareError) and exc.dicom_status is not None:
+                return _status(exc.dicom_status, str(exc))
             log.error("C-STORE failed: %s", type(exc).__name__)
             log.debug("C-STORE trace", exc_info=exc)
             return _status(STORE_OUT_OF_RESOURCES, "the archive could not store the instance")
@@ -314,6 +306,7 @@ class DicomListener:
             query = self._query_for(event)
             matches = self.query.find(query, actor)
         except (InvalidQuery, ValueError) as exc:
+            # InvalidQuery's own DICOM status is this one (0xA900).
             yield statuses.FIND_IDENTIFIER_MISMATCH.dataset(str(exc)), None
             return
         except Exception as exc:  # noqa: BLE001

@@ -13,13 +13,13 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
 from requests.adapters import HTTPAdapter
 
+from imageshare.domain.errors import SiteUnreachable
 from imageshare.exchange.nodes import Node
 from imageshare.exchange.sites import (
     Criteria,
     Delivered,
     Progress,
     RetrieveProgress,
-    SiteUnreachable,
 )
 
 Store = Callable[[io.BytesIO], None]

@@ -17,10 +17,10 @@ from imageshare.archive.dicom_json import text_of
 from imageshare.archive.search import StudySearch, StudySearchService, StudySummary
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ImageShareError
+from imageshare.domain.errors import ImageShareError, SiteUnreachable
 from imageshare.domain.identifiers import normalise_name
 from imageshare.exchange.nodes import Node, NodeRegistry
-from imageshare.exchange.sites import RetrieveProgress, SiteClient, SiteUnreachable
+from imageshare.exchange.sites import RetrieveProgress, SiteClient
 from imageshare.jobs import Job, JobRunner
 from imageshare.storage.index.schema import (
     inbox_items,

@@ -9,15 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from imageshare.domain.errors import ImageShareError
 from imageshare.exchange.nodes import Node
-
-
-class SiteUnreachable(ImageShareError):
-    """The site did not answer (connection refused, timed out, association rejected)."""
-
-    http_status = 502
-    title = "Site unreachable"
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from sqlalchemy import Engine, insert, select, update
 from imageshare.archive.retrieve import RetrieveService
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import SYSTEM, Actor
-from imageshare.domain.errors import ImageShareError, NotFound, StorageError
+from imageshare.domain.errors import ImageShareError, NotFound, SiteUnreachable, StorageError
 from imageshare.exchange.nodes import Node, NodeRegistry
-from imageshare.exchange.sites import RetrieveProgress, SiteClient, SiteUnreachable
+from imageshare.exchange.sites import RetrieveProgress, SiteClient
 from imageshare.jobs import JobRunner
 from imageshare.sharing.notify import Notifier
 from imageshare.storage.index.database import from_row

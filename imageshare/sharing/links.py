@@ -38,6 +38,7 @@ from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
     Forbidden,
     ImageShareError,
+    LinkGone,
     NotFound,
     PublicUrlMissing,
 )
@@ -57,13 +58,6 @@ MAX_PASSCODE_FAILURES = 10
 _PASSCODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _hasher = PasswordHasher()
-
-
-class LinkGone(ImageShareError):
-    """The link expired, was revoked or is locked: the recipient is told only that."""
-
-    http_status = 410
-    title = "Link no longer valid"
 
 
 @dataclass(frozen=True)

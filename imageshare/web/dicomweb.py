@@ -52,8 +52,7 @@ from imageshare.domain.errors import (
     InvalidQuery,
     NotAcceptable,
     NotFound,
-    OutOfResources,
-    WrongStudy,
+    UnsupportedMediaType,
 )
 from imageshare.web.auth import allowed, authorise_also
 from imageshare.web.multipart import (
@@ -882,22 +881,17 @@ def _store_part(
             raise InvalidInstance(f"parts must be application/dicom, not {media}",
                                   *_uids_of(part.path))
         result = archive.ingest.store_staged(part.path, actor, expected_study=study)
-    except OutOfResources as exc:
-        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = _uids_of(part.path)
-        item.FailureReason = FAILURE_OUT_OF_RESOURCES.code
-        item.ErrorComment = str(exc)[:64]
-        return False, item
-    except (InvalidInstance, ConflictingInstance) as exc:
-        item.ReferencedSOPClassUID = exc.sop_class_uid
-        item.ReferencedSOPInstanceUID = exc.sop_instance_uid
-        item.FailureReason = (
-            FAILURE_CONFLICT if isinstance(exc, ConflictingInstance)
-            else FAILURE_STUDY_MISMATCH if isinstance(exc, WrongStudy)
-            else FAILURE_CANNOT_UNDERSTAND
-        ).code
-        item.ErrorComment = str(exc)[:64]
-        return False, item
-    except Exception:  # noqa: BLE001 - reported as a processing failure, nothing stored
+    except Exception as exc:  # noqa: BLE001 - reported as a processing failure, nothing stored
+        # A typed error answers its own DICOM status (imageshare.domain.errors), which is
+        # one of STOW_REASONS; anything else is a processing failure.
+        if isinstance(exc, ImageShareError) and exc.dicom_status is not None:
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = (
+                (exc.sop_class_uid, exc.sop_instance_uid)
+                if isinstance(exc, (InvalidInstance, ConflictingInstance))
+                else _uids_of(part.path))
+            item.FailureReason = exc.dicom_status
+            item.ErrorComment = str(exc)[:64]
+            return False, item
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = "", ""
         item.FailureReason = FAILURE_PROCESSING.code
         item.ErrorComment = "the archive could not store the instance"
@@ -973,17 +967,10 @@ async def _stow(request: Request, actor: Actor, study: str | None) -> Response:
     xml = _stow_wants_xml(request)
     media, params = parse_media_type(request.headers.get("content-type", ""))
     if media != "multipart/related" or "boundary" not in params:
-        return JSONResponse(
-            {"type": "about:blank", "title": "Unsupported media type", "status": 415,
-             "detail": 'send multipart/related; type="application/dicom" with a boundary'},
-            status_code=415, media_type="application/problem+json",
-        )
+        raise UnsupportedMediaType(
+            'send multipart/related; type="application/dicom" with a boundary')
     if params.get("type", "application/dicom") not in ("application/dicom",):
-        return JSONResponse(
-            {"type": "about:blank", "title": "Unsupported media type", "status": 415,
-             "detail": "only application/dicom parts are accepted"},
-            status_code=415, media_type="application/problem+json",
-        )
+        raise UnsupportedMediaType("only application/dicom parts are accepted")
     archive = request.app.state.archive
     archive.ingest.ensure_room(actor)  # below the free-space floor: 507 before reading the body
     sink = PartSink(params["boundary"], archive.ingest.staging_file,

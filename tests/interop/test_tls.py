@@ -14,8 +14,9 @@ import pytest
 from pydicom import dcmread
 
 from imageshare.dicom.scu import DimseSites
+from imageshare.domain.errors import SiteUnreachable
 from imageshare.exchange.nodes import Node
-from imageshare.exchange.sites import RetrieveProgress, SiteUnreachable
+from imageshare.exchange.sites import RetrieveProgress
 from imageshare.settings import load_settings
 from imageshare.tls import client_context
 from tests.conftest import require, require_tool

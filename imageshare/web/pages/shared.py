@@ -18,10 +18,10 @@ from imageshare.archive.annotations import share_author
 from imageshare.archive.rendering import render_frame
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ImageShareError, NotFound
+from imageshare.domain.errors import ImageShareError, LinkGone, NotFound, TooManyRequests
 from imageshare.export.media import cine_to_mp4
 from imageshare.export.writers import Numbering, ZipWriter
-from imageshare.sharing.links import LinkGone, Share
+from imageshare.sharing.links import Share
 from imageshare.sharing.viewer import share_manifest
 from imageshare.web.auth import LINK_COOKIE, allowed, client_address, resolve_actor
 from imageshare.web.dicomweb import render_options
@@ -72,7 +72,7 @@ def open_link(request: Request, token: str, _anyone: allowed(PUBLIC),
         share = archive.shares.by_token(token)
         archive.throttle.check(source)
     except ImageShareError as exc:
-        if getattr(exc, "http_status", 0) == 429:
+        if isinstance(exc, TooManyRequests):
             return page(request, "link_passcode.html", status_code=429, token=token,
                         error=str(exc), needs_login=False)
         return _gone(request, exc)

@@ -1,0 +1,42 @@
+"""The layering the style guide states, kept true: one error catalogue that every adapter
+answers from, the composition root reached through one typed dependency."""
+
+from __future__ import annotations
+
+import inspect
+
+from imageshare.dicom.statuses import STATUSES
+from imageshare.domain import errors
+from imageshare.web.dicomweb import STOW_REASONS
+
+
+def _error_classes() -> list[type[errors.ImageShareError]]:
+    return [c for _, c in inspect.getmembers(errors, inspect.isclass)
+            if issubclass(c, errors.ImageShareError)]
+
+
+def test_every_error_carries_an_http_status_and_a_title_of_its_own_kind():
+    for error in _error_classes():
+        assert 400 <= error.http_status < 600, error
+        assert error.title, error
+
+
+def test_every_dicom_status_of_an_error_is_one_the_status_tables_list():
+    known = {s.code for s in STATUSES if s.category == "Failure"} | {
+        r.code for r in STOW_REASONS}
+    with_status = [e for e in _error_classes() if e.dicom_status is not None]
+    assert {e.__name__ for e in with_status} >= {
+        "InvalidInstance", "ConflictingInstance", "OutOfResources", "InvalidQuery", "WrongStudy"}
+    for error in with_status:
+        assert error.dicom_status in known, error
+
+
+def test_stow_of_the_wrong_media_type_answers_the_one_problem_shape(client):
+    response = client.post("/dicomweb/studies", content=b"x",
+                           headers={"Content-Type": "multipart/related; type=\"image/png\"; "
+                                                    "boundary=b"})
+    assert response.status_code == 415
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json() == {"type": "about:blank", "title": "Unsupported media type",
+                               "status": 415,
+                               "detail": "only application/dicom parts are accepted"}
