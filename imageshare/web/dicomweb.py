@@ -55,6 +55,7 @@ from imageshare.domain.errors import (
     UnsupportedMediaType,
 )
 from imageshare.web.auth import allowed, authorise_also
+from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.multipart import (
     PartBody,
     PartSink,
@@ -200,7 +201,7 @@ def _base(request: Request) -> str:
     """The DICOMweb root for URLs in answers (Retrieve URL, BulkDataURI): from the public URL
     when one is set, else from the request (some clients, dicomweb-client among them, send a
     Host header without the port)."""
-    configured = request.app.state.archive.settings.public_url.rstrip("/")
+    configured = archive_of(request).settings.public_url.rstrip("/")
     return (configured or str(request.base_url).rstrip("/")) + "/dicomweb"
 
 
@@ -255,7 +256,7 @@ def _first_value(attrs: dict[str, Any], tag: str) -> str:
 
 
 def _qido(request: Request, actor: Actor, level: Level, **fixed: str) -> Response:
-    archive = request.app.state.archive
+    archive = archive_of(request)
     xml = _wants_xml(request, "a search result")
     identifier, return_all = _identifier(request, level, fixed)
     query = Query(
@@ -331,7 +332,7 @@ def _select(
     request: Request, actor: Actor, action: str, study: str, series: str | None = None,
     instance: str | None = None, right: str = VIEW,
 ) -> list[StoredInstance]:
-    archive = request.app.state.archive
+    archive = archive_of(request)
     return archive.retrieve.select(
         actor, action, study_uids=[study], series_uids=[series] if series else (),
         sop_uids=[instance] if instance else (),
@@ -394,7 +395,7 @@ def _instance_body(request: Request, inst: StoredInstance, syntax: str) -> tuple
 ]:
     """(transfer syntax, bytes or open file) of an instance in the planned syntax; one that
     cannot be converted after all is sent as stored, labelled with its real syntax."""
-    retrieve = request.app.state.archive.retrieve
+    retrieve = archive_of(request).retrieve
     if syntax == inst.transfer_syntax:
         return inst.transfer_syntax, retrieve.open(inst)
     try:
@@ -460,7 +461,7 @@ def retrieve_instance(
 
 
 def _metadata(request: Request, found: list[StoredInstance], xml: bool) -> Response:
-    retrieve = request.app.state.archive.retrieve
+    retrieve = archive_of(request).retrieve
     base = _base(request)
     body = []
     for inst in found:
@@ -552,7 +553,7 @@ def _pixel_representation(request: Request, inst: StoredInstance) -> str:
 def _decoded_frames(request: Request, inst: StoredInstance, numbers: list[int]) -> list[bytes]:
     if not can_decode(inst.transfer_syntax):
         raise NotAcceptable("the frames cannot be decoded here; ask with transfer-syntax=*")
-    retrieve = request.app.state.archive.retrieve
+    retrieve = archive_of(request).retrieve
     frames = []
     for number in numbers:
         with retrieve.open(inst) as stream:
@@ -572,7 +573,7 @@ def _decoded_frames(request: Request, inst: StoredInstance, numbers: list[int]) 
 def _pixel_parts(request: Request, inst: StoredInstance, numbers: list[int]) -> Response:
     """The given frames as a multipart/related answer, fully read before it is sent."""
     representation = _pixel_representation(request, inst)
-    retrieve = request.app.state.archive.retrieve
+    retrieve = archive_of(request).retrieve
     stored_media = COMPRESSED_MEDIA_TYPES.get(inst.transfer_syntax)
     if representation == "stored" and stored_media:
         kind = stored_media
@@ -621,12 +622,13 @@ def _wants_octet_stream(request: Request) -> None:
     summary="WADO-RS: retrieve bulk data",
 )
 def retrieve_bulkdata(
-    request: Request, study: str, series: str, instance: str, path: str, actor: Reader
+    request: Request, archive: ArchiveDep,
+    study: str, series: str, instance: str, path: str, actor: Reader
 ) -> Response:
     """A large attribute's value, named by the BulkDataURI the metadata gave (at any depth of
     sequences); pixel data as all frames, as stored or decoded (video as its bitstream)."""
     inst = _select(request, actor, "study.retrieve", study, series, instance)[0]
-    retrieve = request.app.state.archive.retrieve
+    retrieve = archive.retrieve
     boundary = new_boundary()
     path = path.upper().strip("/")
     if path == "7FE00010":
@@ -700,7 +702,7 @@ def _render(
     multipart answer is asked for and ``frame`` is 0)."""
     shape, media = _rendered_media(request)
     options = render_options(request, thumbnail, media)
-    retrieve = request.app.state.archive.retrieve
+    retrieve = archive_of(request).retrieve
     with retrieve.open(inst) as stream:
         if shape == "multipart":
             images = render_frames(stream, None if frame == 0 else [frame - 1], options)
@@ -716,7 +718,7 @@ def _render_selection(request: Request, found: list[StoredInstance]) -> Response
     frame for a cine), or in multipart/related the first frame of every image."""
     shape, media = _rendered_media(request)
     options = render_options(request, False, media)
-    retrieve = request.app.state.archive.retrieve
+    retrieve = archive_of(request).retrieve
     if shape == "single":
         chosen = _renderable(found)
         with retrieve.open(chosen) as stream:
@@ -769,7 +771,8 @@ def rendered_instance(
     summary="WADO-RS: rendered frames",
 )
 def rendered_frame(
-    request: Request, study: str, series: str, instance: str, frame: str, actor: Reader
+    request: Request, archive: ArchiveDep,
+    study: str, series: str, instance: str, frame: str, actor: Reader
 ) -> Response:
     """One frame as JPEG/PNG/GIF; several (a comma-separated list) in multipart/related."""
     numbers = _frame_numbers(frame)
@@ -780,7 +783,7 @@ def rendered_frame(
     if len(numbers) == 1:
         return _render(request, inst, numbers[0])
     options = render_options(request, False, media)
-    with request.app.state.archive.retrieve.open(inst) as stream:
+    with archive.retrieve.open(inst) as stream:
         images = render_frames(stream, [n - 1 for n in numbers], options)
     return _image_parts(media, images)
 
@@ -926,7 +929,7 @@ def _stow_wants_xml(request: Request) -> bool:
 def _store_parts(
     request: Request, sink: PartSink, actor: Actor, study: str | None, xml: bool = False
 ) -> Response:
-    archive = request.app.state.archive
+    archive = archive_of(request)
     base = _base(request)
     # Parts are stored side by side: their index writes then share commits.
     with ThreadPoolExecutor(max_workers=_STOW_PARALLEL) as pool:
@@ -971,7 +974,7 @@ async def _stow(request: Request, actor: Actor, study: str | None) -> Response:
             'send multipart/related; type="application/dicom" with a boundary')
     if params.get("type", "application/dicom") not in ("application/dicom",):
         raise UnsupportedMediaType("only application/dicom parts are accepted")
-    archive = request.app.state.archive
+    archive = archive_of(request)
     archive.ingest.ensure_room(actor)  # below the free-space floor: 507 before reading the body
     sink = PartSink(params["boundary"], archive.ingest.staging_file,
                     max_parts=archive.settings.stow_max_parts)
@@ -1000,7 +1003,7 @@ async def store_study_instances(request: Request, study: str, actor: Writer) -> 
 
 
 @router.get("/wado", summary="WADO-URI: retrieve one object")
-def wado_uri(request: Request, actor: Reader) -> Response:
+def wado_uri(request: Request, archive: ArchiveDep, actor: Reader) -> Response:
     """``requestType=WADO&studyUID=&seriesUID=&objectUID=``; contentType application/dicom
     (optionally ``transferSyntax``) or image/jpeg, image/png (``frameNumber``, ``windowCenter``,
     ``windowWidth``, ``rows``, ``columns``)."""
@@ -1036,6 +1039,6 @@ def wado_uri(request: Request, actor: Reader) -> Response:
         media_type=content_type, window=window, viewport=viewport,
         quality=max(1, min(_int_param(request, "imageQuality", 90) or 90, 100)),
     )
-    with request.app.state.archive.retrieve.open(inst) as stream:
+    with archive.retrieve.open(inst) as stream:
         data = render_frame(stream, (_int_param(request, "frameNumber", 1) or 1) - 1, options)
     return Response(data, media_type=content_type)

@@ -4,7 +4,9 @@ answers from, the composition root reached through one typed dependency."""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
+import imageshare
 from imageshare.dicom.statuses import STATUSES
 from imageshare.domain import errors
 from imageshare.web.dicomweb import STOW_REASONS
@@ -40,3 +42,11 @@ def test_stow_of_the_wrong_media_type_answers_the_one_problem_shape(client):
     assert response.json() == {"type": "about:blank", "title": "Unsupported media type",
                                "status": 415,
                                "detail": "only application/dicom parts are accepted"}
+
+
+def test_routes_reach_the_services_only_through_the_typed_archive_dependency():
+    package = Path(imageshare.__file__).parent
+    look_ups = {str(p.relative_to(package)) for p in package.rglob("*.py")
+                if "app.state.archive" in p.read_text()}
+    # deps.py reads it (archive_of), server.py sets it; nothing else.
+    assert look_ups == {"web/deps.py", "web/server.py"}

@@ -13,6 +13,7 @@ from imageshare.audit.trail import AuditEvent
 from imageshare.domain.errors import ImageShareError
 from imageshare.exchange.nodes import Node
 from imageshare.web.auth import allowed
+from imageshare.web.deps import ArchiveDep
 from imageshare.web.exchange_api import patient_query
 from imageshare.web.pages.templating import page, redirect
 from imageshare.web.params import RowId
@@ -31,12 +32,11 @@ def exchange_form(request: Request, actor: allowed(EXCHANGE)) -> Response:
 
 
 @router.post("/exchange")
-async def exchange(request: Request, actor: allowed(EXCHANGE),
+async def exchange(request: Request, archive: ArchiveDep, actor: allowed(EXCHANGE),
                    nhs: Annotated[str, Form()] = "", hospital_number: Annotated[str, Form()] = "",
                    name: Annotated[str, Form()] = "", dob: Annotated[str, Form()] = "",
                    ) -> Response:
     """Search this archive and every connected site for a patient's studies."""
-    archive = request.app.state.archive
     form = {"nhs": nhs[:32], "hospital_number": hospital_number[:64], "name": name[:200],
             "dob": dob[:10]}
     if not any(form.values()):
@@ -52,42 +52,41 @@ async def exchange(request: Request, actor: allowed(EXCHANGE),
 
 
 @router.post("/exchange/retrieve")
-def retrieve(request: Request, actor: allowed(EXCHANGE), site: Annotated[str, Form()],
+def retrieve(archive: ArchiveDep, actor: allowed(EXCHANGE), site: Annotated[str, Form()],
              study_uid: Annotated[str, Form()]) -> Response:
     """Bring a remote study here (a temporary copy) and follow the job."""
-    job = request.app.state.archive.exchange.retrieve(site, study_uid, actor)
+    job = archive.exchange.retrieve(site, study_uid, actor)
     return redirect(f"/jobs/{job.id}")
 
 
 @router.post("/studies/{study_uid}/send")
-async def send(request: Request, study_uid: str, actor: allowed(EXCHANGE, "study_uid"),
+async def send(archive: ArchiveDep, study_uid: str, actor: allowed(EXCHANGE, "study_uid"),
                site: Annotated[str, Form()], priority: Annotated[str, Form()] = "routine",
                note: Annotated[str, Form()] = "") -> Response:
     """Send the study to a connected site; follow its receipt."""
-    archive = request.app.state.archive
     transfer = await run_in_threadpool(archive.transfers.send, study_uid, site, actor,
                                        priority, note, (), archive.policy.study_scope(actor))
     return redirect(f"/transfers/{transfer.public_id}")
 
 
 @router.get("/transfers")
-def transfers(request: Request, actor: allowed(EXCHANGE)) -> Response:
+def transfers(request: Request, archive: ArchiveDep, actor: allowed(EXCHANGE)) -> Response:
     """Recent transfers to other sites with their state."""
-    return page(request, "transfers.html", transfers=request.app.state.archive.transfers
+    return page(request, "transfers.html", transfers=archive.transfers
                 .recent())
 
 
 @router.get("/transfers/{transfer_id}")
-def transfer(request: Request, transfer_id: str, actor: allowed(EXCHANGE)) -> Response:
+def transfer(request: Request, archive: ArchiveDep,
+             transfer_id: str, actor: allowed(EXCHANGE)) -> Response:
     """One transfer's receipt (refreshes while it runs)."""
-    item = request.app.state.archive.transfers.get(transfer_id)
+    item = archive.transfers.get(transfer_id)
     return page(request, "transfers.html", transfers=[item], single=True)
 
 
 @router.get("/inbox")
-def inbox(request: Request, actor: allowed(EXCHANGE)) -> Response:
+def inbox(request: Request, archive: ArchiveDep, actor: allowed(EXCHANGE)) -> Response:
     """Studies received from other sites, waiting for a decision."""
-    archive = request.app.state.archive
     items = archive.inbox.items()
     rows = [{"item": i, "study": archive.catalogue.record(i.study_uid),
              "match": archive.inbox.local_match(i)} for i in items]
@@ -98,12 +97,11 @@ def inbox(request: Request, actor: allowed(EXCHANGE)) -> Response:
 
 
 @router.post("/inbox/{item}/{decision}")
-async def decide(request: Request, item: RowId, decision: str, actor: allowed(EXCHANGE),
+async def decide(archive: ArchiveDep, item: RowId, decision: str, actor: allowed(EXCHANGE),
                  note: Annotated[str, Form()] = "", forward_to: Annotated[str, Form()] = ""
                  ) -> Response:
     """Accept (reconciled to the local patient, optionally forwarded to the PACS) or reject an
     inbox item."""
-    archive = request.app.state.archive
     if decision == "accept":
         await run_in_threadpool(archive.inbox.accept, item, actor, True, note)
         if forward_to:
@@ -117,21 +115,20 @@ async def decide(request: Request, item: RowId, decision: str, actor: allowed(EX
 
 
 @router.get("/admin/sites")
-def sites(request: Request, actor: allowed(NODE_MANAGE)) -> Response:
+def sites(request: Request, archive: ArchiveDep, actor: allowed(NODE_MANAGE)) -> Response:
     """Connected sites and DICOM nodes, and the DICOM callers that were refused."""
-    archive = request.app.state.archive
     return page(request, "sites.html", nodes=archive.nodes.all(),
                 refused=archive.refused_callers.all())
 
 
 @router.post("/admin/sites/refused")
 def register_refused(
-    request: Request, actor: allowed(NODE_MANAGE), ae_title: Annotated[str, Form()],
+    request: Request, archive: ArchiveDep,
+    actor: allowed(NODE_MANAGE), ae_title: Annotated[str, Form()],
     host: Annotated[str, Form()], port: Annotated[int, Form()] = 104,
     may_query: Annotated[str, Form()] = "",
 ) -> Response:
     """Register a refused caller at the host it called from, in one step (audited)."""
-    archive = request.app.state.archive
     try:
         archive.refused_callers.register(ae_title, host, actor, port, bool(may_query))
     except ImageShareError as exc:
@@ -142,7 +139,8 @@ def register_refused(
 
 @router.post("/admin/sites")
 def add_site(
-    request: Request, actor: allowed(NODE_MANAGE), ae_title: Annotated[str, Form()],
+    request: Request, archive: ArchiveDep,
+    actor: allowed(NODE_MANAGE), ae_title: Annotated[str, Form()],
     host: Annotated[str, Form()], port: Annotated[int, Form()],
     display_name: Annotated[str, Form()] = "", dicomweb_url: Annotated[str, Form()] = "",
     dicomweb_auth: Annotated[str, Form()] = "", searchable: Annotated[str, Form()] = "",
@@ -151,7 +149,6 @@ def add_site(
     inbox: Annotated[str, Form()] = "", tls: Annotated[str, Form()] = "",
 ) -> Response:
     """Register (or update) a site."""
-    archive = request.app.state.archive
     node = Node(ae_title=ae_title.strip(), host=host.strip(), port=port,
                 dicomweb_url=dicomweb_url.strip(), display_name=display_name.strip(),
                 may_query=bool(may_query), may_retrieve=bool(may_query),
@@ -169,9 +166,8 @@ def add_site(
 
 
 @router.post("/admin/sites/{ae_title}/remove")
-def remove_site(request: Request, ae_title: str, actor: allowed(NODE_MANAGE)) -> Response:
+def remove_site(archive: ArchiveDep, ae_title: str, actor: allowed(NODE_MANAGE)) -> Response:
     """Forget a site."""
-    archive = request.app.state.archive
     archive.nodes.remove(ae_title)
     archive.audit.record(AuditEvent(actor=actor, action="node.remove", outcome="success",
                                     detail={"ae_title": ae_title}))

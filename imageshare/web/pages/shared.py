@@ -24,6 +24,7 @@ from imageshare.export.writers import Numbering, ZipWriter
 from imageshare.sharing.links import Share
 from imageshare.sharing.viewer import share_manifest
 from imageshare.web.auth import LINK_COOKIE, allowed, client_address, resolve_actor
+from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.dicomweb import render_options
 from imageshare.web.exports import MarksIn
 from imageshare.web.pages.templating import page, redirect
@@ -47,9 +48,9 @@ def _gone(request: Request, exc: ImageShareError) -> Response:
 
 
 @router.get("/s/{token}")
-def landing(request: Request, token: str, _anyone: allowed(PUBLIC)) -> Response:
+def landing(request: Request, archive: ArchiveDep,
+            token: str, _anyone: allowed(PUBLIC)) -> Response:
     """The link's first page: the passcode form (or the shared case once opened)."""
-    archive = request.app.state.archive
     try:
         share = archive.shares.by_token(token)
     except ImageShareError as exc:
@@ -63,10 +64,9 @@ def landing(request: Request, token: str, _anyone: allowed(PUBLIC)) -> Response:
 
 
 @router.post("/s/{token}")
-def open_link(request: Request, token: str, _anyone: allowed(PUBLIC),
+def open_link(request: Request, archive: ArchiveDep, token: str, _anyone: allowed(PUBLIC),
               passcode: Annotated[str, Form()]) -> Response:
     """Check the passcode; ten wrong ones lock the link."""
-    archive = request.app.state.archive
     source = client_address(request)
     try:
         share = archive.shares.by_token(token)
@@ -105,9 +105,8 @@ def open_link(request: Request, token: str, _anyone: allowed(PUBLIC),
 
 
 @router.get("/s/{token}/case")
-def case(request: Request, token: str, actor: allowed(SHARE_VIEW)) -> Response:
+def case(request: Request, archive: ArchiveDep, token: str, actor: allowed(SHARE_VIEW)) -> Response:
     """What was shared: message, series, comments, feedback form, downloads."""
-    archive = request.app.state.archive
     share = _share(request)
     manifest = share_manifest(archive.shares, share, f"/s/{token}/dicomweb")
     archive.shares.record(share, actor, "share.view", count=sum(
@@ -121,9 +120,9 @@ def case(request: Request, token: str, actor: allowed(SHARE_VIEW)) -> Response:
 
 
 @router.get("/s/{token}/viewer")
-def viewer(request: Request, token: str, actor: allowed(SHARE_VIEW)) -> Response:
+def viewer(request: Request, archive: ArchiveDep,
+           token: str, actor: allowed(SHARE_VIEW)) -> Response:
     """The same viewer as the web app, over the share's instances only."""
-    archive = request.app.state.archive
     share = _share(request)
     manifest = share_manifest(archive.shares, share, f"/s/{token}/dicomweb")
     can_mark = archive.policy.allows(actor, SHARE_COMMENT)
@@ -139,7 +138,7 @@ def viewer(request: Request, token: str, actor: allowed(SHARE_VIEW)) -> Response
 
 async def _render(request: Request, actor: Actor, study: str, series: str | None,
                   sop: str | None, frame: int, thumbnail: bool = False) -> Response:
-    archive = request.app.state.archive
+    archive = archive_of(request)
     share = _share(request)
     items = archive.shares.item(share, study, series, sop)
     item = items[len(items) // 2] if sop is None else items[0]
@@ -181,18 +180,18 @@ async def rendered_frame(request: Request, token: str, study: str, series: str, 
 
 
 @router.post("/s/{token}/comments")
-def comment(request: Request, token: str, actor: allowed(SHARE_COMMENT),
+def comment(request: Request, archive: ArchiveDep, token: str, actor: allowed(SHARE_COMMENT),
             body: Annotated[str, Form()], sop: Annotated[str, Form()] = "") -> Response:
     """A comment on the case, or on the image or clip on screen."""
-    request.app.state.archive.shares.comment(_share(request), actor, body, sop[:64])
+    archive.shares.comment(_share(request), actor, body, sop[:64])
     return redirect(f"/s/{token}/case#comments")
 
 
 @router.post("/s/{token}/annotations")
-async def save_marks(request: Request, token: str, actor: allowed(SHARE_COMMENT)
+async def save_marks(request: Request, archive: ArchiveDep,
+                     token: str, actor: allowed(SHARE_COMMENT)
                      ) -> dict[str, int]:
     """The reviewer's arrows and measurements on one shared image or clip frame."""
-    archive = request.app.state.archive
     share = _share(request)
     body = MarksIn.model_validate(await request.json())
     item = next((i for i in archive.shares.items(share)
@@ -208,23 +207,23 @@ async def save_marks(request: Request, token: str, actor: allowed(SHARE_COMMENT)
 
 
 @router.post("/s/{token}/feedback")
-def feedback(request: Request, token: str, actor: allowed(SHARE_COMMENT),
+def feedback(request: Request, archive: ArchiveDep, token: str, actor: allowed(SHARE_COMMENT),
              view_obtained: Annotated[str, Form()], image_quality: Annotated[int, Form()],
              agreement: Annotated[str, Form()], findings: Annotated[str, Form()] = "",
              comments: Annotated[str, Form()] = "") -> Response:
     """Mark the case reviewed with structured feedback; the sender is told."""
-    request.app.state.archive.shares.give_feedback(
+    archive.shares.give_feedback(
         _share(request), actor, view_obtained, image_quality, findings, agreement, comments)
     return redirect(f"/s/{token}/case#feedback")
 
 
 @router.get("/s/{token}/download")
-async def download(request: Request, token: str, actor: allowed(SHARE_DOWNLOAD),
+async def download(request: Request, archive: ArchiveDep,
+                   token: str, actor: allowed(SHARE_DOWNLOAD),
                    format: str = "zip") -> Response:
     """The shared instances as a ZIP of DICOM files, or of MP4 videos of the clips."""
     if format not in ("zip", "mp4"):
         raise ImageShareError("format is zip or mp4")
-    archive = request.app.state.archive
     share = _share(request)
 
     def build() -> Path:

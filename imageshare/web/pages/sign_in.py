@@ -13,6 +13,7 @@ from imageshare.access.sessions import COOKIE
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
 from imageshare.web.auth import allowed, client_address, resolve_actor
+from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
@@ -34,7 +35,7 @@ def set_session_cookie(request: Request, response: Response, secret: str) -> Non
 
 def start_session(request: Request, actor: Actor, stage: str, next_url: str) -> Response:
     """Start a session at ``stage`` and send the browser on to the right page."""
-    archive = request.app.state.archive
+    archive = archive_of(request)
     secret, _csrf = archive.sessions.start(actor.name, client_address(request), stage)
     archive.audit.record(AuditEvent(actor=actor, action="session.start", outcome="success",
                                     detail={"stage": stage}))
@@ -46,21 +47,22 @@ def start_session(request: Request, actor: Actor, stage: str, next_url: str) -> 
 
 
 @router.get("/login")
-def login_form(request: Request, _anyone: allowed(PUBLIC), next: str = "/") -> Response:
+def login_form(request: Request, archive: ArchiveDep,
+               _anyone: allowed(PUBLIC), next: str = "/") -> Response:
     """The sign-in page."""
     actor = resolve_actor(request)
-    if actor.kind == "user" and request.app.state.archive.policy.allows(actor, ACCOUNT_SELF):
+    if actor.kind == "user" and archive.policy.allows(actor, ACCOUNT_SELF):
         return redirect(safe_next(next))
     return page(request, "login.html", next=safe_next(next), username="")
 
 
 @router.post("/login")
 def login(
-    request: Request, _anyone: allowed(PUBLIC), username: Annotated[str, Form()],
+    request: Request, archive: ArchiveDep,
+    _anyone: allowed(PUBLIC), username: Annotated[str, Form()],
     password: Annotated[str, Form()], next: Annotated[str, Form()] = "/",
 ) -> Response:
     """Check the password; a wrong one, a locked or disabled account all get one answer."""
-    archive = request.app.state.archive
     source = client_address(request)
     archive.throttle.check(source)
     result = archive.users.sign_in(username[:128], password[:1024], source)
@@ -83,11 +85,11 @@ def code_form(request: Request, _actor: allowed(SESSION_CODE), next: str = "/") 
 
 @router.post("/login/code")
 def code(
-    request: Request, actor: allowed(SESSION_CODE), code: Annotated[str, Form()],
+    request: Request, archive: ArchiveDep,
+    actor: allowed(SESSION_CODE), code: Annotated[str, Form()],
     next: Annotated[str, Form()] = "/",
 ) -> Response:
     """Check the TOTP code; the session then gets full access (and a new secret)."""
-    archive = request.app.state.archive
     source = client_address(request)
     archive.throttle.check(source)
     if not archive.users.check_code(actor.name, code[:16], source):
@@ -103,9 +105,8 @@ def code(
 
 
 @router.post("/logout")
-def logout(request: Request, actor: allowed(ACCOUNT_SELF)) -> Response:
+def logout(request: Request, archive: ArchiveDep, actor: allowed(ACCOUNT_SELF)) -> Response:
     """End the session."""
-    archive = request.app.state.archive
     secret = request.cookies.get(COOKIE)
     if secret:
         archive.sessions.end(secret)
