@@ -20,8 +20,9 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.engine import make_url
 
-from imageshare.access.policy import Policy
+from imageshare.access.policy import Policy, arrival_class
 from imageshare.access.sessions import SessionStore
+from imageshare.access.sign_in import SignIn
 from imageshare.access.throttle import SignInThrottle
 from imageshare.access.users import UserDirectory
 from imageshare.archive import pixel_budget
@@ -41,21 +42,22 @@ from imageshare.audit.trail import AuditTrail
 from imageshare.deid.pseudonyms import Pseudonyms, installation_secret
 from imageshare.deid.service import Deidentifier
 from imageshare.deid.setup import deidentifier_for
+from imageshare.dicom.dicomweb_site import DicomwebSites
 from imageshare.dicom.scu import DimseSites
 from imageshare.domain.actors import SYSTEM, Actor
 from imageshare.domain.errors import ConfigurationError
-from imageshare.exchange.dicomweb_site import DicomwebSites
 from imageshare.exchange.federated import ExchangeService
 from imageshare.exchange.inbox import Inbox, Retention
 from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 from imageshare.exchange.requests import ImagingRequests
+from imageshare.exchange.sites import SiteClient
 from imageshare.exchange.transfers import Transfers
 from imageshare.export.service import ExportService
 from imageshare.jobs import JobRunner
+from imageshare.notify import Mailer, MailSettings, Notifier
 from imageshare.settings import Settings
 from imageshare.sharing.cases import CaseBook
 from imageshare.sharing.links import ShareService
-from imageshare.sharing.notify import Mailer, MailSettings, Notifier
 from imageshare.storage.blobs import BlobStore, fsync_file, key_prefix_for, open_blob_store
 from imageshare.storage.files import make_private
 from imageshare.storage.index.database import make_engine, migrate
@@ -95,6 +97,7 @@ class Archive:
     attachments: AttachmentService
     corrections: PatientCorrections
     throttle: SignInThrottle
+    sign_in: SignIn
     jobs: JobRunner
     exports: ExportService
     notifier: Notifier
@@ -177,7 +180,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     ingest = IngestService(
         blobs, writer, audit, settings.staging_dir, overwrite=settings.overwrite_instances,
         min_free_mb=settings.min_free_disk_mb, quarantine_dir=settings.quarantine_dir,
-        patient_mismatch=settings.patient_mismatch,
+        patient_mismatch=settings.patient_mismatch, arrival_class=arrival_class,
     )
     retrieve = RetrieveService(engine, blobs, audit, settings.staging_dir)
     query = QueryService(
@@ -196,19 +199,21 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
                                      settings.staging_dir, ingest.parents_changed)
     deletion = ArchiveDeletion(writer, blobs, audit, ingest.parents_changed)
     tls = client_context(settings)  # for nodes reached over DICOM TLS and https sites
-    clients = {
+    clients: dict[str, SiteClient] = {
         "dimse": DimseSites(settings.ae_title, settings.dicom_timeout, tls),
         "dicomweb": DicomwebSites(lambda stream: ingest.store_stream(
             stream, Actor("system", "exchange", "system", "dicomweb")), tls=tls),
     }
-    users_directory = UserDirectory(engine, box)
-    nodes = NodeRegistry(engine, box)
+    users_directory = UserDirectory(engine, box, audit)
+    nodes = NodeRegistry(engine, box, audit)
     if upgrade:  # secrets an older version stored in plaintext are encrypted now
         sealed = users_directory.seal_stored_secrets() + nodes.seal_stored_credentials()
         if sealed:
             log.warning("encrypted %d secret(s) stored in plaintext by an older version", sealed)
             _forget_plaintext(engine)
     search = StudySearchService(query)
+    sessions = SessionStore(engine)
+    throttle = SignInThrottle()
     mailer = Mailer(MailSettings(settings.smtp_host, settings.smtp_port, settings.smtp_tls,
                                  settings.smtp_user, settings.smtp_password,
                                  settings.mail_sender))
@@ -217,18 +222,20 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         engine, retrieve, audit, notifier, deidentifier,
         lambda: Pseudonyms(installation_secret(settings.data_dir, settings.deid_secret)),
         settings.data_dir / "share-cache", settings.share_default_days,
-        settings.share_max_days, ingest, users=users_directory, public_url=settings.public_url)
+        settings.share_max_days, ingest, users=users_directory, public_url=settings.public_url,
+        jobs=jobs)
     return Archive(
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
         ingest=ingest, query=query, retrieve=retrieve, users=users_directory,
-        sessions=SessionStore(engine),
+        sessions=sessions,
         nodes=nodes,
         policy=Policy(store_from_any_ae=settings.store_from_any_ae,
                       shared_with=shares.grants_for),
         search=search, catalogue=catalogue,
         comments=CommentBook(engine, audit), attachments=AttachmentService(catalogue, ingest),
         corrections=corrections,
-        throttle=SignInThrottle(), jobs=jobs,
+        throttle=throttle, sign_in=SignIn(users_directory, sessions, throttle, audit),
+        jobs=jobs,
         exports=ExportService(retrieve, audit, jobs, settings.data_dir / "exports",
                               deidentifier),
         notifier=notifier, shares=shares, cases=CaseBook(engine, retrieve, audit),

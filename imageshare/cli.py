@@ -437,7 +437,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(f"user {args.username} ({args.role}) created")
             return 0
         if args.command == "user" and args.action == "token":
-            print(archive.users.create_token(args.username, args.name, origin="cli"))
+            print(archive.users.create_token(args.username, args.name, origin="cli",
+                                             actor=cli_actor()))
             return 0
         if args.command == "node" and args.action == "add":
             node = Node(
@@ -448,9 +449,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 retrieve_from=not args.no_retrieve_from, send_to=not args.no_send_to,
                 dicomweb_auth=args.dicomweb_auth, inbox=args.inbox, tls=args.tls,
             )
-            archive.nodes.add(node, replace=args.replace)
-            archive.audit.record(AuditEvent(cli_actor(), "node.add", "success",
-                                            detail={"ae_title": node.ae_title}))
+            archive.nodes.add(node, replace=args.replace, actor=cli_actor())
             print(f"node {node.ae_title} registered ({node.host}:{node.port})")
             return 0
         if args.command == "node" and args.action == "list":
@@ -463,7 +462,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                       f"{c.last_seen:%Y-%m-%d %H:%M}")
             return 0
         if args.command == "node" and args.action == "remove":
-            archive.nodes.remove(args.ae_title)
+            archive.nodes.remove(args.ae_title, cli_actor())
             print(f"node {args.ae_title} removed")
             return 0
         if args.command == "import":

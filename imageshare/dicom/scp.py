@@ -157,15 +157,16 @@ class DicomListener:
         server_class = _SharedPortServer if self.shared_port else ThreadedAssociationServer
         if self.port is not None:  # None: DICOM TLS only
             self._server = self.ae.make_server(
-                (self.host, self.port), evt_handlers=handlers, server_class=server_class
-            )
+                (self.host, self.port), evt_handlers=handlers,  # type: ignore[arg-type]  # see below
+                server_class=server_class,  # (pynetdicom's handler type is narrower than its
+            )  # own handlers' return types)
             threading.Thread(
                 target=self._server.serve_forever, name="dicom-acceptor", daemon=True
             ).start()
             self.port = self._server.server_address[1]
         if self.ssl_context is not None:
             self._tls_server = self.ae.make_server(
-                (self.host, self.tls_port), evt_handlers=handlers,
+                (self.host, self.tls_port), evt_handlers=handlers,  # type: ignore[arg-type]  # see above
                 server_class=tls_server_class(server_class), ssl_context=self.ssl_context,
             )
             threading.Thread(
@@ -294,7 +295,7 @@ class DicomListener:
             if element.tag.group in (0x0000, 0x0002) or element.keyword == "QueryRetrieveLevel":
                 continue
             body.add(element)
-        return Query(level=level, identifier=body.to_json_dict(), fuzzy=False)  # type: ignore[arg-type]
+        return Query(level=level, identifier=body.to_json_dict(), fuzzy=False)
 
     def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         actor = self._actor(event)
@@ -534,6 +535,7 @@ class _SharedPortServer(ThreadedAssociationServer):
 
     def server_bind(self) -> None:
         """Set SO_REUSEPORT, then bind as usual."""
+        assert self.socket is not None  # made by the constructor before it binds
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 

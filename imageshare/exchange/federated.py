@@ -6,6 +6,7 @@ bring a remote study here as a temporary copy."""
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -126,7 +127,7 @@ class ExchangeService:
         return "dimse", self._clients["dimse"]
 
     def search(self, query: PatientQuery, actor: Actor,
-               allowed_studies: frozenset[str] | None) -> FederatedResult:
+               allowed_studies: Collection[str] | None) -> FederatedResult:
         """Local studies and those of every searchable site; a site that does not answer
         within the timeout is reported by name and does not hold the answer up longer."""
         criteria = query.criteria()

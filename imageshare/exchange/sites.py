@@ -1,6 +1,6 @@
 """How ImageShare talks to other sites, whatever the protocol: the interface the exchange
-services use (adapters: DIMSE in :mod:`imageshare.dicom.scu`, DICOMweb in
-:mod:`imageshare.exchange.dicomweb_site`)."""
+services use (adapters, side by side: DIMSE in :mod:`imageshare.dicom.scu`, DICOMweb in
+:mod:`imageshare.dicom.dicomweb_site`)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -60,7 +60,7 @@ class ExportService:
         self._deidentifier = deidentifier
 
     def start(self, request: ExportRequest, actor: Actor,
-              allowed_studies: frozenset[str] | None) -> Job:
+              allowed_studies: Collection[str] | None) -> Job:
         """Check and queue an export; the selection is audited now, the export when done."""
         request = request.checked()
         deidentifier = self._deidentifier(request.profile) if request.deidentify else None

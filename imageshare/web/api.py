@@ -16,8 +16,6 @@ from imageshare.access.policy import (
 )
 from imageshare.access.sessions import COOKIE
 from imageshare.audit.trail import AuditEvent
-from imageshare.domain.actors import Actor
-from imageshare.domain.errors import NotAuthenticated
 from imageshare.exchange.nodes import Node
 from imageshare.web.auth import allowed, client_address
 from imageshare.web.deps import ArchiveDep
@@ -78,37 +76,20 @@ def sign_in(
     state-changing request of the session must send as X-CSRF-Token. Five failures lock the
     account for 15 minutes; every failure answers the same. ``stage`` is ``enrol`` for an
     administrator who must set up two-factor sign-in before anything else."""
-    source = client_address(request)
-    archive.throttle.check(source)
-    result = archive.users.sign_in(body.username, body.password, source)
-    if result is not None and result[1] == "code":
-        if not archive.users.check_code(body.username, body.code, source):
-            result = None
-        else:
-            result = (result[0], "full")
-    if result is None:
-        archive.throttle.failed(source)
-        archive.audit.record(AuditEvent(
-            actor=Actor("anonymous", body.username[:64], source=source, registered=False),
-            action="session.start", outcome="failure"))
-        raise NotAuthenticated("wrong username, password or code, or the account is locked")
-    actor, stage = result
-    secret, csrf = archive.sessions.start(actor.name, source, stage)
-    set_session_cookie(request, response, secret)
-    archive.audit.record(AuditEvent(actor=actor, action="session.start", outcome="success",
-                                    detail={"stage": stage}))
-    return {"username": actor.name, "role": actor.role, "csrf_token": csrf, "stage": stage}
+    signed_in = archive.sign_in.start(body.username, body.password, client_address(request),
+                                      code=body.code)
+    set_session_cookie(request, response, signed_in.secret)
+    actor = signed_in.actor
+    return {"username": actor.name, "role": actor.role, "csrf_token": signed_in.csrf,
+            "stage": signed_in.stage}
 
 
 @router.delete("/session", status_code=204, summary="Sign out")
 def sign_out(request: Request, archive: ArchiveDep,
              response: Response, actor: allowed(ACCOUNT_SELF)) -> None:
     """End this browser session."""
-    secret = request.cookies.get(COOKIE)
-    if secret:
-        archive.sessions.end(secret)
+    archive.sign_in.end(actor, request.cookies.get(COOKIE))
     response.delete_cookie(COOKIE, path="/")
-    archive.audit.record(AuditEvent(actor=actor, action="session.end", outcome="success"))
 
 
 @router.get("/me", summary="The signed-in account")
@@ -120,11 +101,7 @@ def me(actor: allowed(ACCOUNT_SELF)) -> dict[str, str]:
 @router.post("/tokens", status_code=201, summary="Create a personal API token")
 def create_token(archive: ArchiveDep, body: TokenIn, actor: allowed(TOKEN_SELF)) -> dict[str, str]:
     """A new bearer token for DICOMweb clients; it is shown only in this answer."""
-    token = archive.users.create_token(actor.name, body.name)
-    archive.audit.record(
-        AuditEvent(actor=actor, action="token.create", outcome="success",
-                   detail={"name": body.name})
-    )
+    token = archive.users.create_token(actor.name, body.name, actor=actor)
     return {"name": body.name, "token": token}
 
 
@@ -139,11 +116,7 @@ def list_nodes(archive: ArchiveDep, actor: allowed(NODE_MANAGE)) -> list[dict[st
 def add_node(archive: ArchiveDep, body: NodeIn, actor: allowed(NODE_MANAGE)) -> dict[str, Any]:
     """Register a node; usable at once by the running server."""
     node = Node(**body.model_dump())
-    archive.nodes.add(node)
-    archive.audit.record(
-        AuditEvent(actor=actor, action="node.add", outcome="success",
-                   detail={"ae_title": node.ae_title, "host": node.host, "port": node.port})
-    )
+    archive.nodes.add(node, actor=actor)
     return {**node.__dict__, "dicomweb_auth": "***" if node.dicomweb_auth else ""}
 
 
@@ -173,11 +146,7 @@ def register_refused(archive: ArchiveDep, body: RefusedIn, actor: allowed(NODE_M
 @router.delete("/nodes/{ae_title}", status_code=204, summary="Remove a DICOM node")
 def remove_node(archive: ArchiveDep, ae_title: str, actor: allowed(NODE_MANAGE)) -> None:
     """Forget a node."""
-    archive.nodes.remove(ae_title)
-    archive.audit.record(
-        AuditEvent(actor=actor, action="node.remove", outcome="success",
-                   detail={"ae_title": ae_title})
-    )
+    archive.nodes.remove(ae_title, actor)
 
 
 @router.get("/audit", summary="Audit trail")

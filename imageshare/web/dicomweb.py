@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -468,7 +469,7 @@ def _metadata(request: Request, found: list[StoredInstance], xml: bool) -> Respo
         url = f"{base}/studies/{inst.study_uid}/series/{inst.series_uid}/instances/{inst.sop_uid}"
         try:
             header = retrieve.header_json(
-                inst.blob_key, lambda path, url=url: f"{url}/bulkdata/{path}"
+                inst.blob_key, partial(_bulkdata_url, url)
             )
         except Exception as exc:  # noqa: BLE001 - an unreadable file still has its UIDs
             log.warning("instance %s: stored header unreadable (%s); metadata holds its "
@@ -873,6 +874,10 @@ async def _receive(request: Request, sink: PartSink) -> None:
         sink.close()
 
 
+def _bulkdata_url(instance_url: str, path: str) -> str:
+    return f"{instance_url}/bulkdata/{path}"
+
+
 def _store_part(
     archive: Any, base: str, part: Any, actor: Actor, study: str | None
 ) -> tuple[bool, Dataset]:
@@ -1017,7 +1022,7 @@ def wado_uri(request: Request, archive: ArchiveDep, actor: Reader) -> Response:
     as_file = content_type == "application/dicom"
     if as_file:
         authorise_also(request, actor, STUDY_DOWNLOAD, uids[0])
-    inst = _select(request, actor, "study.retrieve", *uids,
+    inst = _select(request, actor, "study.retrieve", uids[0], uids[1], uids[2],
                    right=DOWNLOAD if as_file else VIEW)[0]
     if as_file:
         wanted = params.get("transferSyntax")

@@ -15,13 +15,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from imageshare import __version__
 from imageshare.access.policy import ACCOUNT_SELF, PUBLIC
-from imageshare.app import Archive
 from imageshare.domain.errors import PayloadTooLarge
 from imageshare.settings import Settings
 from imageshare.tls import https_enabled, server_context
 from imageshare.web import api, dicomweb, exchange_api, exports, problems, share_api
 from imageshare.web.auth import allowed
-from imageshare.web.deps import ArchiveDep
+from imageshare.web.deps import Archive, ArchiveDep
 from imageshare.web.pages import (
     account,
     admin,

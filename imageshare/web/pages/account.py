@@ -96,16 +96,12 @@ def change_password(request: Request, archive: ArchiveDep, actor: allowed(ACCOUN
 def create_token(request: Request, archive: ArchiveDep, actor: allowed(TOKEN_SELF),
                  name: Annotated[str, Form()]) -> Response:
     """A new personal API token, shown once."""
-    token = archive.users.create_token(actor.name, name.strip()[:128] or "token")
-    archive.audit.record(AuditEvent(actor=actor, action="token.create", outcome="success",
-                                    detail={"name": name[:128]}))
+    token = archive.users.create_token(actor.name, name.strip()[:128] or "token", actor=actor)
     return _account_page(request, new_token=token)
 
 
 @router.post("/account/tokens/{token_pk}/revoke")
 def revoke_token(archive: ArchiveDep, token_pk: RowId, actor: allowed(TOKEN_SELF)) -> Response:
     """Revoke one of the user's tokens."""
-    archive.users.revoke_token(actor.name, token_pk)
-    archive.audit.record(AuditEvent(actor=actor, action="token.revoke", outcome="success",
-                                    detail={"token": token_pk}))
+    archive.users.revoke_token(actor.name, token_pk, actor)
     return redirect("/account?notice=token-revoked#tokens")

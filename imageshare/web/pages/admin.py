@@ -9,7 +9,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
 
 from imageshare.access.policy import AUDIT_READ, PERSON_ROLES, USER_MANAGE
-from imageshare.audit.trail import AuditEvent
+from imageshare.audit.trail import AuditEvent, Outcome
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import Forbidden, ImageShareError
 from imageshare.web.auth import allowed
@@ -26,9 +26,9 @@ def _users_page(request: Request, status_code: int = 200, **extra: object) -> Re
 
 
 def _record(request: Request, actor: Actor, action: str, username: str,
-            outcome: str = "success") -> None:
+            outcome: Outcome = "success") -> None:
     archive_of(request).audit.record(AuditEvent(
-        actor=actor, action=action, outcome=outcome, detail={"user": username}))  # type: ignore[arg-type]
+        actor=actor, action=action, outcome=outcome, detail={"user": username}))
 
 
 @router.get("/admin/users")

@@ -10,6 +10,7 @@ from fastapi.responses import Response
 
 from imageshare.access.policy import CASE_MANAGE, SHARE_CREATE
 from imageshare.archive.attachments import MAX_ATTACHMENT
+from imageshare.archive.studies import StudyRecord
 from imageshare.domain.errors import ImageShareError
 from imageshare.sharing.cases import CaseItem
 from imageshare.sharing.links import NewShare
@@ -54,7 +55,7 @@ def case_page(request: Request, archive: ArchiveDep,
     """A case: its items, description, folder, files, and sharing it."""
     case = archive.cases.get(public_id, actor.name)
     items = archive.cases.items(case)
-    records = {}
+    records: dict[str, StudyRecord | None] = {}
     for item in items:
         if item.study_uid not in records:
             try:
@@ -125,8 +126,5 @@ async def share_case(
     created = await run_in_threadpool(archive.shares.create_and_send, request_, actor,
                                       archive.policy.study_scope(actor))
     url = shown_link(request, created.path)
-    share = archive.shares.by_public_id(created.public_id, actor.name)
-    archive.jobs.submit(actor.name, "share", "Preparing de-identified copies",
-                        lambda job: archive.shares.prepare(share))
     return page(request, "share_created.html", url=url, passcode=created.passcode,
                 created=created, emailed=bool(recipient_email.strip()))

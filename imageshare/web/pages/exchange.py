@@ -156,19 +156,15 @@ def add_site(
                 retrieve_from=bool(retrieve_from), send_to=bool(send_to),
                 dicomweb_auth=dicomweb_auth.strip(), inbox=bool(inbox), tls=bool(tls))
     try:
-        archive.nodes.add(node, replace=True)
+        archive.nodes.add(node, replace=True, actor=actor)
     except ImageShareError as exc:
         return page(request, "sites.html", status_code=400, nodes=archive.nodes.all(),
                     refused=archive.refused_callers.all(), error=str(exc))
-    archive.audit.record(AuditEvent(actor=actor, action="node.add", outcome="success",
-                                    detail={"ae_title": node.ae_title}))
     return redirect("/admin/sites")
 
 
 @router.post("/admin/sites/{ae_title}/remove")
 def remove_site(archive: ArchiveDep, ae_title: str, actor: allowed(NODE_MANAGE)) -> Response:
     """Forget a site."""
-    archive.nodes.remove(ae_title)
-    archive.audit.record(AuditEvent(actor=actor, action="node.remove", outcome="success",
-                                    detail={"ae_title": ae_title}))
+    archive.nodes.remove(ae_title, actor)
     return redirect("/admin/sites")

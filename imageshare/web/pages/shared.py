@@ -3,14 +3,12 @@ download. Everything under /s/{token} sees only the share's own instances."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
-from pydicom import dcmread
 from starlette.background import BackgroundTask
 
 from imageshare.access.policy import PUBLIC, SHARE_COMMENT, SHARE_DOWNLOAD, SHARE_VIEW
@@ -19,8 +17,7 @@ from imageshare.archive.rendering import render_frame
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, LinkGone, NotFound, TooManyRequests
-from imageshare.export.media import cine_to_mp4
-from imageshare.export.writers import Numbering, ZipWriter
+from imageshare.export.share_download import build_share_download
 from imageshare.sharing.links import Share
 from imageshare.sharing.viewer import share_manifest
 from imageshare.web.auth import LINK_COOKIE, allowed, client_address, resolve_actor
@@ -222,34 +219,9 @@ async def download(request: Request, archive: ArchiveDep,
                    token: str, actor: allowed(SHARE_DOWNLOAD),
                    format: str = "zip") -> Response:
     """The shared instances as a ZIP of DICOM files, or of MP4 videos of the clips."""
-    if format not in ("zip", "mp4"):
-        raise ImageShareError("format is zip or mp4")
     share = _share(request)
-
-    def build() -> Path:
-        folder = Path(tempfile.mkdtemp(prefix="share-", dir=archive.settings.staging_dir))
-        target = folder / "shared.zip"
-        writer = ZipWriter(target)
-        names = Numbering()
-        count = 0
-        for item in archive.shares.items(share):
-            path = archive.shares.content(share, item) if not item.held_back else None
-            if path is None:
-                continue
-            if format == "zip":
-                writer.add_file(names.name(dcmread(path, stop_before_pixels=True)),
-                                path.read_bytes())
-                count += 1
-                continue
-            ds = dcmread(path)
-            if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-                writer.add_file(names.name(ds)[:-4] + ".mp4", cine_to_mp4(ds))
-                count += 1
-        writer.close()
-        archive.shares.record(share, actor, "share.download", count=count, format=format)
-        return target
-
-    target = await run_in_threadpool(build)
+    target = await run_in_threadpool(build_share_download, archive.shares, share, actor, format,
+                                     archive.settings.staging_dir)
     return FileResponse(target, media_type="application/zip",
                         filename=f"shared-{share.public_id[:8]}.zip",
                         headers={"Cache-Control": "no-store"},

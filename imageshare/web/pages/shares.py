@@ -49,10 +49,6 @@ async def create_share(
     created = await run_in_threadpool(archive.shares.create_and_send, share_request, actor,
                                       archive.policy.study_scope(actor))
     url = shown_link(request, created.path)
-    if share_request.deidentified:
-        share = archive.shares.by_public_id(created.public_id, actor.name)
-        archive.jobs.submit(actor.name, "share", "Preparing de-identified copies",
-                            lambda job: archive.shares.prepare(share))
     return page(request, "share_created.html", url=url, passcode=created.passcode,
                 created=created, emailed=bool(recipient_email.strip()))
 

@@ -25,11 +25,11 @@ from imageshare.access.policy import (
 from imageshare.archive.attachments import MAX_ATTACHMENT
 from imageshare.archive.rendering import RenderOptions, render_frame
 from imageshare.archive.search import StudySearch
-from imageshare.archive.studies import ENCAPSULATED_PDF
+from imageshare.archive.studies import ENCAPSULATED_PDF, StudyRecord
 from imageshare.deid.profiles import load_profiles
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.web.auth import allowed
-from imageshare.web.deps import ArchiveDep, archive_of
+from imageshare.web.deps import Archive, ArchiveDep, archive_of
 from imageshare.web.exports import ExportIn, start_export
 from imageshare.web.pages.templating import page, redirect
 
@@ -95,9 +95,9 @@ async def search(request: Request, _actor: allowed(STUDY_READ)) -> Response:
     return await run_in_threadpool(_results_page, request, criteria, not criteria.is_empty)
 
 
-def _documents(study: object) -> list[dict[str, object]]:
-    docs = []
-    for series in study.series:  # type: ignore[attr-defined]
+def _documents(study: StudyRecord) -> list[dict[str, object]]:
+    docs: list[dict[str, object]] = []
+    for series in study.series:
         if not series.is_documents:
             continue
         for inst in series.instances:
@@ -145,16 +145,16 @@ def study_page(request: Request, archive: ArchiveDep, study_uid: str,
     )
 
 
-def _exchange_panel(archive: object, study: object) -> dict[str, object]:
+def _exchange_panel(archive: Archive, study: StudyRecord) -> dict[str, object]:
     """What other sites last said about this patient, and where the study can be sent."""
-    patient = study.patient  # type: ignore[attr-defined]
+    patient = study.patient
     key = f"nhs:{patient.nhs_number}" if patient.nhs_number else f"id:{patient.patient_id}"
-    checks = archive.exchange.status(key)  # type: ignore[attr-defined]
+    checks = archive.exchange.status(key)
     return {"checks": checks, "nhs": patient.nhs_number, "key": key,
-            "sites": [n for n in archive.nodes.all() if n.send_to]}  # type: ignore[attr-defined]
+            "sites": [n for n in archive.nodes.all() if n.send_to]}
 
 
-def _document_titles(request: Request, study: object) -> list[dict[str, object]]:
+def _document_titles(request: Request, study: StudyRecord) -> list[dict[str, object]]:
     """Documents with their own titles (read from the stored headers)."""
     archive = archive_of(request)
     docs = _documents(study)

@@ -22,7 +22,7 @@ from imageshare.exchange.sites import (
     RetrieveProgress,
 )
 
-Store = Callable[[io.BytesIO], None]
+Store = Callable[[io.BytesIO], object]
 
 
 class _TlsAdapter(HTTPAdapter):
@@ -59,7 +59,7 @@ class DicomwebSites:
         elif ":" in auth:
             user, _, password = auth.partition(":")
             session.auth = (user, password)
-        session.request = _with_timeout(session.request, timeout or self.timeout)
+        session.request = _with_timeout(session.request, timeout or self.timeout)  # type: ignore[method-assign]  # requests has no per-session timeout: its method is wrapped
         return DICOMwebClient(url=node.dicomweb_url.rstrip("/"), session=session)
 
     def find_studies(self, node: Node, criteria: Criteria, timeout: float
