@@ -45,7 +45,6 @@ from imageshare.deid.setup import deidentifier_for
 from imageshare.dicom.dicomweb_site import DicomwebSites
 from imageshare.dicom.scu import DimseSites
 from imageshare.domain.actors import SYSTEM, Actor
-from imageshare.domain.errors import ConfigurationError
 from imageshare.exchange.federated import ExchangeService
 from imageshare.exchange.inbox import Inbox, Retention
 from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
@@ -244,20 +243,12 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
                                  settings.exchange_timeout,
                                  settings.link_by_name_and_birth_date),
         transfers=Transfers(engine, nodes, clients, retrieve, jobs, notifier, audit,
-                            _seconds(settings.push_retry_seconds)),
+                            settings.push_retry_schedule),
         inbox=Inbox(engine, catalogue, corrections, deletion, audit),
         retention=Retention(deletion, settings.temporary_days), deletion=deletion,
         requests=ImagingRequests(engine, nodes, notifier, audit, settings.ae_title, tls),
         refused_callers=RefusedCallers(engine, nodes, audit),
     )
-
-
-def _seconds(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError as exc:
-        raise ConfigurationError("push_retry_seconds is a comma-separated list of seconds"
-                                 ) from exc
 
 
 def recover(archive: Archive) -> int:

@@ -40,6 +40,20 @@ def test_invalid_setting_values_are_refused_clearly():
         load_settings({"no_such_setting": 1}, environ={})
 
 
+def test_settings_with_a_list_of_choices_are_checked_when_loaded():
+    with pytest.raises(ConfigurationError, match="smtp_tls is one of none, starttls, ssl"):
+        load_settings(environ={"IMAGESHARE_SMTP_TLS": "tls"})
+    with pytest.raises(ConfigurationError, match="log_level"):
+        load_settings(environ={"IMAGESHARE_LOG_LEVEL": "loud"})
+    with pytest.raises(ConfigurationError, match="push_retry_seconds"):
+        load_settings(environ={"IMAGESHARE_PUSH_RETRY_SECONDS": "2,soon"})
+    loaded = load_settings(environ={"IMAGESHARE_LOG_LEVEL": "debug",
+                                    "IMAGESHARE_SQLITE_SYNCHRONOUS": "full",
+                                    "IMAGESHARE_PUSH_RETRY_SECONDS": "1, 5"})
+    assert (loaded.log_level, loaded.sqlite_synchronous) == ("DEBUG", "FULL")
+    assert loaded.push_retry_schedule == (1.0, 5.0)
+
+
 def test_readme_documents_every_setting_and_command():
     readme = (ROOT / "README.md").read_text()
     table = subprocess.run([sys.executable, "-m", "imageshare", "settings", "--markdown"],
