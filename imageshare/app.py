@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from sqlalchemy import Engine, select
 from sqlalchemy.engine import make_url
@@ -307,6 +307,31 @@ class _ValuesNotLogged(logging.Filter):
         return True
 
 
+ADMIN_PASSWORD_FILE = "admin-password.txt"
+
+
+def create_admin(archive: Archive, out: TextIO, interactive: bool) -> Path | None:
+    """On first start, create the account ``admin`` (password IMAGESHARE_ADMIN_PASSWORD, else
+    generated). A generated password is written to ``admin-password.txt`` in the data folder,
+    readable only by the service's user (0600), whose path is printed; the password itself is
+    printed only on a terminal (a console sent to a log would keep it). Returns the file."""
+    generated = archive.users.ensure_admin(archive.settings.admin_password)
+    if not generated:
+        return None
+    path = archive.settings.data_dir / ADMIN_PASSWORD_FILE
+    path.unlink(missing_ok=True)  # a new file of our own, never one someone left there
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(generated + "\n")
+    if interactive:
+        print(f"Created user 'admin' with password: {generated}", file=out)
+    else:
+        print("Created user 'admin'.", file=out)
+    print(f"The password is in {path.resolve()} (readable only by this user); sign in, change "
+          "it, then delete the file.", file=out, flush=True)
+    return path
+
+
 def dicom_processes(settings: Settings) -> int:
     """How many processes share the DICOM port."""
     if settings.dicom_processes > 0:
@@ -402,13 +427,7 @@ def serve(settings: Settings) -> None:
         log.warning("%s", warning)
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     archive = build_archive(settings)
-    generated = archive.users.ensure_admin(settings.admin_password)
-    if generated:
-        print(
-            f"Created user 'admin' with password: {generated}\n"
-            "This password is shown only once; store it safely.",
-            flush=True,
-        )
+    create_admin(archive, sys.stdout, interactive=sys.stdout.isatty())
     recover(archive)
     archive.transfers.resume_interrupted()
     listener = None
