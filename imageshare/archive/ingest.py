@@ -222,6 +222,7 @@ class IngestService:
             # Making the bytes durable (I/O, no GIL) runs beside parsing and the index SQL;
             # nothing is committed, and nothing acknowledged, before all of it is done.
             moving = self._blob_io.submit(store_file, self.blobs, key, path)
+
             def settled(done: Future[StoredBlob]) -> None:
                 error = done.exception()
                 if error is not None:
