@@ -9,6 +9,8 @@ from pathlib import Path
 import imageshare
 from imageshare.dicom.statuses import STATUSES
 from imageshare.domain import errors
+from imageshare.domain.actors import cli_actor
+from imageshare.exchange.nodes import Node
 from imageshare.web.dicomweb import STOW_REASONS
 
 
@@ -50,3 +52,20 @@ def test_routes_reach_the_services_only_through_the_typed_archive_dependency():
                 if "app.state.archive" in p.read_text()}
     # deps.py reads it (archive_of), server.py sets it; nothing else.
     assert look_ups == {"web/deps.py", "web/server.py"}
+
+
+def test_node_and_token_changes_are_audited_once_whichever_way_they_come(archive, client):
+    # The JSON API and the services the command line and the pages call record the same event.
+    assert client.post("/api/nodes", json={"ae_title": "PACS2", "host": "10.0.0.2",
+                                           "port": 104}).status_code == 201
+    assert client.delete("/api/nodes/PACS2").status_code == 204
+    archive.nodes.add(Node("CT1", "10.0.0.3", 104), actor=cli_actor())
+    assert client.post("/api/tokens", json={"name": "ohif"}).status_code == 201
+    added = list(archive.audit.events(action="node.add"))
+    assert [(e["detail"]["ae_title"], e["actor"]) for e in added] == [
+        ("CT1", "system:cli"), ("PACS2", "user:admin")]
+    (removed,) = archive.audit.events(action="node.remove")
+    assert removed["detail"] == {"ae_title": "PACS2"} and removed["actor"] == "user:admin"
+    # The fixture's own command-line token, and the one asked for over the API.
+    tokens = [e["detail"]["name"] for e in archive.audit.events(action="token.create")]
+    assert tokens == ["ohif", "tests"]
