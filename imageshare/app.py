@@ -17,13 +17,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from sqlalchemy import Engine, select, text
 from sqlalchemy.engine import make_url
 
-from imageshare.access.policy import Policy
+from imageshare.access.policy import Policy, arrival_class
 from imageshare.access.sessions import SessionStore
+from imageshare.access.sign_in import SignIn
 from imageshare.access.throttle import SignInThrottle
 from imageshare.access.users import UserDirectory
 from imageshare.archive import pixel_budget
@@ -43,22 +44,22 @@ from imageshare.audit.trail import AuditTrail
 from imageshare.deid.pseudonyms import Pseudonyms, installation_secret
 from imageshare.deid.service import Deidentifier
 from imageshare.deid.setup import deidentifier_for
+from imageshare.dicom.dicomweb_site import DicomwebSites
 from imageshare.dicom.scu import DimseSites
 from imageshare.domain.actors import SYSTEM, Actor
-from imageshare.domain.errors import ConfigurationError
-from imageshare.exchange.dicomweb_site import DicomwebSites
 from imageshare.exchange.federated import ExchangeService
 from imageshare.exchange.inbox import Inbox, Retention
 from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 from imageshare.exchange.requests import ImagingRequests
+from imageshare.exchange.sites import SiteClient
 from imageshare.exchange.transfers import Transfers
 from imageshare.export.service import ExportService
 from imageshare.jobs import DatabaseJobQueue, Job
 from imageshare.jobs.periodic import PeriodicTask, PeriodicTasks
+from imageshare.notify import Mailer, MailSettings, Notifier
 from imageshare.settings import Settings
 from imageshare.sharing.cases import CaseBook
 from imageshare.sharing.links import ShareService
-from imageshare.sharing.notify import Mailer, MailSettings, Notifier
 from imageshare.storage.blobs import (
     BlobStore,
     fsync_file,
@@ -104,6 +105,7 @@ class Archive:
     attachments: AttachmentService
     corrections: PatientCorrections
     throttle: SignInThrottle
+    sign_in: SignIn
     jobs: DatabaseJobQueue
     exports: ExportService
     notifier: Notifier
@@ -196,7 +198,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     ingest = IngestService(
         blobs, writer, audit, settings.staging_dir, overwrite=settings.overwrite_instances,
         min_free_mb=settings.min_free_disk_mb, quarantine_dir=settings.quarantine_dir,
-        patient_mismatch=settings.patient_mismatch,
+        patient_mismatch=settings.patient_mismatch, arrival_class=arrival_class,
     )
     retrieve = RetrieveService(engine, blobs, audit, settings.staging_dir)
     query = QueryService(
@@ -206,7 +208,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     jobs = DatabaseJobQueue(
         engine, box=box, workers=settings.job_workers,
         lease_seconds=settings.job_lease_seconds,
-        retry_delays=_seconds(settings.job_retry_seconds, "job_retry_seconds"))
+        retry_delays=settings.job_retry_schedule)
     deidentifiers: dict[str, Deidentifier] = {}
 
     def deidentifier(profile: str) -> Deidentifier:
@@ -218,19 +220,20 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
                                      settings.staging_dir, ingest.parents_changed)
     deletion = ArchiveDeletion(writer, blobs, audit, ingest.parents_changed)
     tls = client_context(settings)  # for nodes reached over DICOM TLS and https sites
-    clients = {
+    clients: dict[str, SiteClient] = {
         "dimse": DimseSites(settings.ae_title, settings.dicom_timeout, tls),
         "dicomweb": DicomwebSites(lambda stream: ingest.store_stream(
             stream, Actor("system", "exchange", "system", "dicomweb")), tls=tls),
     }
-    users_directory = UserDirectory(engine, box)
-    nodes = NodeRegistry(engine, box)
+    users_directory = UserDirectory(engine, box, audit)
+    nodes = NodeRegistry(engine, box, audit)
     if upgrade:  # secrets an older version stored in plaintext are encrypted now
         sealed = users_directory.seal_stored_secrets() + nodes.seal_stored_credentials()
         if sealed:
             log.warning("encrypted %d secret(s) stored in plaintext by an older version", sealed)
             _forget_plaintext(engine)
     search = StudySearchService(query)
+    sessions = SessionStore(engine)
     mailer = Mailer(MailSettings(settings.smtp_host, settings.smtp_port, settings.smtp_tls,
                                  settings.smtp_user, settings.smtp_password,
                                  settings.mail_sender))
@@ -240,7 +243,8 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         engine, retrieve, audit, notifier, deidentifier,
         lambda: Pseudonyms(installation_secret(settings.data_dir, settings.deid_secret)),
         settings.data_dir / "share-cache", settings.share_default_days,
-        settings.share_max_days, ingest, users=users_directory, public_url=settings.public_url)
+        settings.share_max_days, ingest, users=users_directory, public_url=settings.public_url,
+        jobs=jobs)
     exports = ExportService(
         retrieve, audit, jobs, settings.data_dir / "exports", deidentifier,
         open_blob_store(results_store_url(settings.resolved_storage_url),
@@ -252,22 +256,22 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     archive = Archive(
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
         ingest=ingest, query=query, retrieve=retrieve, users=users_directory,
-        sessions=SessionStore(engine),
+        sessions=sessions,
         nodes=nodes,
         policy=Policy(store_from_any_ae=settings.store_from_any_ae,
                       shared_with=shares.grants_for),
         search=search, catalogue=catalogue,
         comments=CommentBook(engine, audit), attachments=AttachmentService(catalogue, ingest),
         corrections=corrections,
-        throttle=throttle, jobs=jobs,
-        exports=exports,
+        throttle=throttle, sign_in=SignIn(users_directory, sessions, throttle, audit),
+        jobs=jobs, exports=exports,
         notifier=notifier, shares=shares, cases=CaseBook(engine, retrieve, audit),
         annotations=AnnotationBook(engine, retrieve, ingest, audit),
         exchange=ExchangeService(engine, nodes, clients, search, audit, jobs,
                                  settings.exchange_timeout,
                                  settings.link_by_name_and_birth_date),
         transfers=Transfers(engine, nodes, clients, retrieve, jobs, notifier, audit,
-                            _seconds(settings.push_retry_seconds, "push_retry_seconds")),
+                            settings.push_retry_schedule),
         inbox=Inbox(engine, catalogue, corrections, deletion, audit),
         retention=retention, deletion=deletion,
         requests=ImagingRequests(engine, nodes, notifier, audit, settings.ae_title, tls),
@@ -326,13 +330,6 @@ def periodic_tasks(archive: Archive) -> PeriodicTasks:
         PeriodicTask("share-notices", settings.share_notices_every_seconds,
                      "Notices of share links about to expire"),
     ])
-
-
-def _seconds(text: str, name: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError as exc:
-        raise ConfigurationError(f"{name} is a comma-separated list of seconds") from exc
 
 
 _RECOVERY_LOCK = 0x1A6E5A4E  # the PostgreSQL advisory lock held while recovery runs
@@ -438,6 +435,31 @@ class _ValuesNotLogged(logging.Filter):
         return True
 
 
+ADMIN_PASSWORD_FILE = "admin-password.txt"
+
+
+def create_admin(archive: Archive, out: TextIO, interactive: bool) -> Path | None:
+    """On first start, create the account ``admin`` (password IMAGESHARE_ADMIN_PASSWORD, else
+    generated). A generated password is written to ``admin-password.txt`` in the data folder,
+    readable only by the service's user (0600), whose path is printed; the password itself is
+    printed only on a terminal (a console sent to a log would keep it). Returns the file."""
+    generated = archive.users.ensure_admin(archive.settings.admin_password)
+    if not generated:
+        return None
+    path = archive.settings.data_dir / ADMIN_PASSWORD_FILE
+    path.unlink(missing_ok=True)  # a new file of our own, never one someone left there
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(generated + "\n")
+    if interactive:
+        print(f"Created user 'admin' with password: {generated}", file=out)
+    else:
+        print("Created user 'admin'.", file=out)
+    print(f"The password is in {path.resolve()} (readable only by this user); sign in, change "
+          "it, then delete the file.", file=out, flush=True)
+    return path
+
+
 def dicom_processes(settings: Settings) -> int:
     """How many processes share the DICOM port."""
     if settings.dicom_processes > 0:
@@ -514,13 +536,7 @@ def serve(settings: Settings) -> None:
         log.warning("%s", warning)
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     archive = build_archive(settings)
-    generated = archive.users.ensure_admin(settings.admin_password)
-    if generated:
-        print(
-            f"Created user 'admin' with password: {generated}\n"
-            "This password is shown only once; store it safely.",
-            flush=True,
-        )
+    create_admin(archive, sys.stdout, interactive=sys.stdout.isatty())
     for warning in shared_index_warnings(archive):
         log.warning("%s", warning)
     recover(archive)

@@ -19,7 +19,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from imageshare.access.lockout import Lockout
 from imageshare.access.policy import ENROLLING, ROLES, effective_role
-from imageshare.domain.actors import Actor
+from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.domain.actors import SYSTEM, Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.storage.index.schema import account_invites, api_tokens, users
 from imageshare.storage.secret_box import SecretBox
@@ -53,8 +54,10 @@ def _check_password(password: str) -> None:
 class UserDirectory:
     """Creates users, checks passwords and API tokens, and turns them into Actors."""
 
-    def __init__(self, engine: Engine, secrets_box: SecretBox) -> None:
+    def __init__(self, engine: Engine, secrets_box: SecretBox,
+                 audit: AuditTrail | None = None) -> None:
         self._engine = engine
+        self._audit = audit
         self.lockout = Lockout(engine)
         self._box = secrets_box
         # Recent password checks (time, actor, stored hash); a hit still asks the index that
@@ -399,8 +402,9 @@ class UserDirectory:
             ).all()
         return [dict(r._mapping) for r in rows]
 
-    def revoke_token(self, username: str, token_pk: int) -> None:
-        """Revoke one of the user's own tokens for good."""
+    def revoke_token(self, username: str, token_pk: int, actor: Actor = SYSTEM) -> None:
+        """Revoke one of the user's own tokens for good (``actor``'s ``token.revoke``,
+        audited)."""
         with self._engine.begin() as conn:
             user_pk = conn.execute(select(users.c.pk).where(users.c.username == username)
                                    ).scalar()
@@ -409,11 +413,17 @@ class UserDirectory:
                 .where(api_tokens.c.user_pk == user_pk).where(api_tokens.c.revoked_at.is_(None))
                 .values(revoked_at=datetime.now(UTC))
             ).rowcount
+            if changed and self._audit is not None:
+                self._audit.record(AuditEvent(actor=actor, action="token.revoke",
+                                              outcome="success", detail={"token": token_pk}),
+                                   conn)
         if not changed:
             raise NotFound("no such token")
 
-    def create_token(self, username: str, name: str, origin: str = "web") -> str:
-        """A new API token for ``username``; only its hash is kept, so show it once.
+    def create_token(self, username: str, name: str, origin: str = "web",
+                     actor: Actor = SYSTEM) -> str:
+        """A new API token for ``username``; only its hash is kept, so show it once
+        (``actor``'s ``token.create``, audited).
 
         ``origin`` is ``cli`` for tokens made on the server's command line (they work for an
         administrator who has no second factor yet: machines), else ``web``."""
@@ -428,6 +438,10 @@ class UserDirectory:
                     created_at=datetime.now(UTC), origin="cli" if origin == "cli" else "web",
                 )
             )
+            if self._audit is not None:
+                self._audit.record(AuditEvent(actor=actor, action="token.create",
+                                              outcome="success", detail={"name": name[:128]}),
+                                   conn)
         return secret
 
     def authenticate_token(self, secret: str, source: str = "") -> Actor | None:

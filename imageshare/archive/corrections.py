@@ -311,7 +311,7 @@ class PatientCorrections:
         target_pk = conn.execute(select(patients.c.pk).where(and_(
             patients.c.patient_id == new.patient_id, patients.c.issuer == new.issuer))).scalar()
         if target_pk is None:
-            target_pk = conn.execute(insert(patients).values(
+            target_pk = conn.execute(insert(patients).values(  # type: ignore[index]  # an INSERT has a key
                 patient_id=new.patient_id, issuer=new.issuer, created_at=now, **values)
             ).inserted_primary_key[0]
         else:

@@ -102,7 +102,7 @@ def _patient_pk(conn: Connection, h: InstanceHeader, now: datetime) -> int:
         )
     ).scalar()
     if pk is None:
-        pk = conn.execute(
+        pk = conn.execute(  # type: ignore[index]  # an INSERT has a key
             insert(patients).values(
                 patient_id=h.patient_id, issuer=h.issuer, name=h.patient_name,
                 name_norm=h.name_norm, birth_date=h.birth_date, sex=h.sex,
@@ -307,7 +307,7 @@ def index_instance(
         )
     if study is None:
         patient_pk = _patient_pk(conn, h, now)
-        study_pk = conn.execute(
+        study_pk = conn.execute(  # type: ignore[index]  # an INSERT has a key
             insert(studies).values(
                 study_uid=h.study_uid, patient_pk=patient_pk, modalities="", num_series=0,
                 num_instances=0, attrs=h.study_json, created_at=now, updated_at=now,
@@ -325,7 +325,7 @@ def index_instance(
             _patient_pk(conn, h, now)
     new_series = series_row is None
     if new_series:
-        series_pk = conn.execute(
+        series_pk = conn.execute(  # type: ignore[index]  # an INSERT has a key
             insert(series).values(
                 series_uid=h.series_uid, study_pk=study_pk, num_instances=0,
                 attrs=h.series_json, created_at=now, **h.series,
@@ -333,6 +333,7 @@ def index_instance(
         ).inserted_primary_key[0]
         known.series[h.series_uid] = _KnownSeries(series_pk, study_pk)
     else:
+        assert series_row is not None
         series_pk = series_row.pk
     conn.execute(
         _INSERT_INSTANCE,

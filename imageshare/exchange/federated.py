@@ -6,6 +6,7 @@ bring a remote study here as a temporary copy."""
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -17,10 +18,10 @@ from imageshare.archive.dicom_json import text_of
 from imageshare.archive.search import StudySearch, StudySearchService, StudySummary
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ImageShareError
+from imageshare.domain.errors import ImageShareError, SiteUnreachable
 from imageshare.domain.identifiers import normalise_name
 from imageshare.exchange.nodes import Node, NodeRegistry
-from imageshare.exchange.sites import RetrieveProgress, SiteClient, SiteUnreachable
+from imageshare.exchange.sites import RetrieveProgress, SiteClient
 from imageshare.jobs import Job, JobQueue, actor_from, actor_params
 from imageshare.storage.index.schema import (
     inbox_items,
@@ -154,7 +155,7 @@ class ExchangeService:
         return "dimse", self._clients["dimse"]
 
     def search(self, query: PatientQuery, actor: Actor,
-               allowed_studies: frozenset[str] | None) -> FederatedResult:
+               allowed_studies: Collection[str] | None) -> FederatedResult:
         """Local studies and those of every searchable site; a site that does not answer
         within the timeout is reported by name and does not hold the answer up longer."""
         query.criteria()  # refuses a search with too little to go on

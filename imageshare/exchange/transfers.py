@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,11 +17,11 @@ from sqlalchemy import Engine, insert, select, update
 from imageshare.archive.retrieve import RetrieveService
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import SYSTEM, Actor
-from imageshare.domain.errors import ImageShareError, NotFound, StorageError
+from imageshare.domain.errors import ImageShareError, NotFound, SiteUnreachable, StorageError
 from imageshare.exchange.nodes import Node, NodeRegistry
-from imageshare.exchange.sites import RetrieveProgress, SiteClient, SiteUnreachable
+from imageshare.exchange.sites import RetrieveProgress, SiteClient
 from imageshare.jobs import Job, JobInterrupted, JobQueue, actor_from, actor_params
-from imageshare.sharing.notify import Notifier
+from imageshare.notify import Notifier
 from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import background_jobs, transfer_deliveries, transfers
 
@@ -79,7 +79,7 @@ class Transfers:
 
     def send(self, study_uid: str, site: str, actor: Actor, priority: str = "routine",
              note: str = "", notify: tuple[str, ...] = (),
-             allowed_studies: frozenset[str] | None = None) -> Transfer:
+             allowed_studies: Collection[str] | None = None) -> Transfer:
         """Queue the study for the site; returns the transfer (follow it by its id)."""
         if priority not in PRIORITIES:
             raise ImageShareError("priority is urgent or routine")

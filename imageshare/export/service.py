@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -65,7 +65,7 @@ class ExportService:
         jobs.register("export", self._handle)
 
     def start(self, request: ExportRequest, actor: Actor,
-              allowed_studies: frozenset[str] | None) -> Job:
+              allowed_studies: Collection[str] | None) -> Job:
         """Check and queue an export; the selection is audited now, the export when done."""
         request = request.checked()
         if request.deidentify:

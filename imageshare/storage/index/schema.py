@@ -1,6 +1,5 @@
 """Tables of the index. Every change here comes with an Alembic migration."""
 
-from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
