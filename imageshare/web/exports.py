@@ -71,9 +71,9 @@ def job_status(archive: ArchiveDep, job_id: str, actor: allowed(ACCOUNT_SELF)) -
 
 
 @router.post("/jobs/{job_id}/cancel", summary="Cancel a job that has not started")
-def job_cancel(request: Request, job_id: str, actor: allowed(ACCOUNT_SELF)) -> dict[str, Any]:
+def job_cancel(archive: ArchiveDep, job_id: str, actor: allowed(ACCOUNT_SELF)) -> dict[str, Any]:
     """Cancel one of the caller's jobs while it is still queued (a running job goes on)."""
-    return job_view(request.app.state.archive.jobs.cancel(job_id, actor.name))
+    return job_view(archive.jobs.cancel(job_id, actor.name))
 
 
 @router.get("/jobs/{job_id}/file", summary="Download a finished export")
