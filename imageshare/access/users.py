@@ -4,6 +4,7 @@ tokens (stored as hashes)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import threading
 import time
@@ -14,17 +15,21 @@ import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Engine, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from imageshare.access.lockout import Lockout
 from imageshare.access.policy import ENROLLING, ROLES, effective_role
-from imageshare.domain.actors import Actor
+from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.domain.actors import SYSTEM, Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.storage.index.schema import account_invites, api_tokens, users
 from imageshare.storage.secret_box import SecretBox
 
 _hasher = PasswordHasher()
 _CACHE_SECONDS = 300.0
+# How precisely an API token's last use is recorded (one write a minute, not one a request).
+TOKEN_USE_RESOLUTION = timedelta(seconds=60)
+log = logging.getLogger(__name__)
 TOTP_ISSUER = "ImageShare"
 
 
@@ -49,11 +54,15 @@ def _check_password(password: str) -> None:
 class UserDirectory:
     """Creates users, checks passwords and API tokens, and turns them into Actors."""
 
-    def __init__(self, engine: Engine, secrets_box: SecretBox) -> None:
+    def __init__(self, engine: Engine, secrets_box: SecretBox,
+                 audit: AuditTrail | None = None) -> None:
         self._engine = engine
+        self._audit = audit
         self.lockout = Lockout(engine)
         self._box = secrets_box
-        self._verified: dict[tuple[str, bytes], tuple[float, Actor]] = {}
+        # Recent password checks (time, actor, stored hash); a hit still asks the index that
+        # the hash and role are unchanged, so a change made on another instance counts at once.
+        self._verified: dict[tuple[str, bytes], tuple[float, Actor, str]] = {}
         self._lock = threading.Lock()
 
     def add(self, username: str, password: str, role: str, email: str = "") -> None:
@@ -134,7 +143,7 @@ class UserDirectory:
         with self._lock:
             hit = self._verified.get(cache_key)
         if (code is None and hit and now - hit[0] < _CACHE_SECONDS
-                and self._still_allowed(username, source)):
+                and self._still_allowed(username, source, hit[2], hit[1].role)):
             return Actor("user", hit[1].name, hit[1].role, source), False
         with self._engine.connect() as conn:
             row = conn.execute(
@@ -163,7 +172,7 @@ class UserDirectory:
         self.lockout.cleared(row.pk, source)
         if not row.totp_enabled:
             with self._lock:
-                self._verified[cache_key] = (now, actor)
+                self._verified[cache_key] = (now, actor, row.password_hash)
         return actor, False
 
     def _accept_code(self, user_pk: int, secret: str | None, code: str) -> bool:
@@ -185,13 +194,16 @@ class UserDirectory:
                 return used == 1
         return False
 
-    def _still_allowed(self, username: str, source: str) -> bool:
-        """Not disabled, locked (from ``source``) or given a second factor since the password
-        was last checked (cheap, no argon2)."""
+    def _still_allowed(self, username: str, source: str, password_hash: str, role: str) -> bool:
+        """Not disabled, locked (from ``source``), given a second factor, a new password or
+        another role since the password was last checked (cheap, no argon2)."""
         with self._engine.connect() as conn:
-            row = conn.execute(select(users.c.pk, users.c.disabled, users.c.totp_enabled)
+            row = conn.execute(select(users.c.pk, users.c.disabled, users.c.totp_enabled,
+                                      users.c.password_hash, users.c.role)
                                .where(users.c.username == username)).first()
-        if row is None or row.disabled or row.totp_enabled:
+        if (row is None or row.disabled or row.totp_enabled
+                or row.password_hash != password_hash
+                or effective_role(row.role, row.totp_enabled) != role):
             return False
         return not self.lockout.locked(row.pk, source)
 
@@ -390,8 +402,9 @@ class UserDirectory:
             ).all()
         return [dict(r._mapping) for r in rows]
 
-    def revoke_token(self, username: str, token_pk: int) -> None:
-        """Revoke one of the user's own tokens for good."""
+    def revoke_token(self, username: str, token_pk: int, actor: Actor = SYSTEM) -> None:
+        """Revoke one of the user's own tokens for good (``actor``'s ``token.revoke``,
+        audited)."""
         with self._engine.begin() as conn:
             user_pk = conn.execute(select(users.c.pk).where(users.c.username == username)
                                    ).scalar()
@@ -400,11 +413,17 @@ class UserDirectory:
                 .where(api_tokens.c.user_pk == user_pk).where(api_tokens.c.revoked_at.is_(None))
                 .values(revoked_at=datetime.now(UTC))
             ).rowcount
+            if changed and self._audit is not None:
+                self._audit.record(AuditEvent(actor=actor, action="token.revoke",
+                                              outcome="success", detail={"token": token_pk}),
+                                   conn)
         if not changed:
             raise NotFound("no such token")
 
-    def create_token(self, username: str, name: str, origin: str = "web") -> str:
-        """A new API token for ``username``; only its hash is kept, so show it once.
+    def create_token(self, username: str, name: str, origin: str = "web",
+                     actor: Actor = SYSTEM) -> str:
+        """A new API token for ``username``; only its hash is kept, so show it once
+        (``actor``'s ``token.create``, audited).
 
         ``origin`` is ``cli`` for tokens made on the server's command line (they work for an
         administrator who has no second factor yet: machines), else ``web``."""
@@ -419,30 +438,46 @@ class UserDirectory:
                     created_at=datetime.now(UTC), origin="cli" if origin == "cli" else "web",
                 )
             )
+            if self._audit is not None:
+                self._audit.record(AuditEvent(actor=actor, action="token.create",
+                                              outcome="success", detail={"name": name[:128]}),
+                                   conn)
         return secret
 
     def authenticate_token(self, secret: str, source: str = "") -> Actor | None:
         """The Actor owning a valid (not expired, not revoked) token, else None."""
         now = datetime.now(UTC)
-        with self._engine.begin() as conn:
+        with self._engine.connect() as conn:
             row = conn.execute(
                 select(
                     api_tokens.c.pk, api_tokens.c.expires_at, api_tokens.c.revoked_at,
-                    api_tokens.c.origin, users.c.username, users.c.role, users.c.disabled,
-                    users.c.totp_enabled,
+                    api_tokens.c.origin, api_tokens.c.last_used_at, users.c.username,
+                    users.c.role, users.c.disabled, users.c.totp_enabled,
                 )
                 .join(users, users.c.pk == api_tokens.c.user_pk)
                 .where(api_tokens.c.token_hash == secret_hash(secret))
             ).first()
-            if row is None or row.revoked_at is not None or row.disabled:
-                return None
-            if row.expires_at is not None and as_utc(row.expires_at) <= now:
-                return None
-            conn.execute(
-                update(api_tokens).where(api_tokens.c.pk == row.pk).values(last_used_at=now)
-            )
+        if row is None or row.revoked_at is not None or row.disabled:
+            return None
+        if row.expires_at is not None and as_utc(row.expires_at) <= now:
+            return None
+        if row.last_used_at is None or now - as_utc(row.last_used_at) > TOKEN_USE_RESOLUTION:
+            self._stamp_token_use(row.pk, now)
         return Actor("user", row.username,
                      effective_role(row.role, row.totp_enabled, row.origin == "cli"), source)
+
+
+    def _stamp_token_use(self, pk: int, now: datetime) -> None:
+        # When a token was last used is bookkeeping: a request is not refused because the
+        # stamp could not be written (the request's own audit row decides that).
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    update(api_tokens).where(api_tokens.c.pk == pk).values(last_used_at=now)
+                )
+        except OperationalError as exc:
+            log.warning("could not record when an API token was last used (%s)",
+                        type(exc).__name__)
 
 
 def as_utc(moment: datetime) -> datetime:

@@ -33,7 +33,13 @@ from imageshare.archive.matching import (
     text_condition,
     uid_list_condition,
 )
-from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.archive.record import (
+    instance_in_record,
+    patient_in_record,
+    series_in_record,
+    study_in_record,
+)
+from imageshare.audit.trail import AuditEvent, AuditTrail, Outcome
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import InvalidQuery
 from imageshare.storage.index.schema import (
@@ -244,7 +250,7 @@ class QueryService:
         return matches
 
     def _audit_query(
-        self, query: Query, actor: Actor, outcome: str, count: int, error: str = ""
+        self, query: Query, actor: Actor, outcome: Outcome, count: int, error: str = ""
     ) -> None:
         keys = {
             tag: _first_text(element)
@@ -253,7 +259,7 @@ class QueryService:
         }
         self._audit.record(
             AuditEvent(
-                actor=actor, action="study.query", outcome=outcome,  # type: ignore[arg-type]
+                actor=actor, action="study.query", outcome=outcome,
                 instance_count=count,
                 detail={"level": query.level, "keys": keys, **({"error": error} if error else {})},
             )
@@ -277,7 +283,7 @@ class QueryService:
                 stmt = stmt.where(_other_ids_condition(element))
             elif tag == MODALITIES_IN_STUDY and narrows(query.allowed_studies):
                 stmt = stmt.where(_modalities_condition(
-                    _first_text(element), query.allowed_studies))  # type: ignore[arg-type]
+                    _first_text(element), query.allowed_studies))  # type: ignore[arg-type]  # a Scope here
             elif tag in _SQL:
                 stmt = stmt.where(_SQL[tag](_first_text(element), query.fuzzy))
             else:
@@ -311,7 +317,7 @@ class QueryService:
         if depth == 0:
             return (
                 select(*cols)
-                .where(exists().where(studies.c.patient_pk == patients.c.pk))
+                .where(patient_in_record(patients.c.pk))
                 .order_by(patients.c.pk)
             )
         cols += [
@@ -338,10 +344,12 @@ class QueryService:
             ]
             stmt_from = instances.join(stmt_from, series.c.pk == instances.c.series_pk)
             order = instances.c.pk
+        # Only what is part of the record: nothing waiting in the inbox or held.
+        in_record = (study_in_record(), series_in_record(), instance_in_record())[depth - 1]
         if newest_first:
-            return select(*cols).select_from(stmt_from).order_by(
+            return select(*cols).select_from(stmt_from).where(in_record).order_by(
                 studies.c.study_date.desc(), studies.c.study_time.desc(), order.desc())
-        return select(*cols).select_from(stmt_from).order_by(order)
+        return select(*cols).select_from(stmt_from).where(in_record).order_by(order)
 
     # -- results --------------------------------------------------------------------------
 
@@ -422,7 +430,7 @@ class QueryService:
                     select(instances.c.sop_class_uid.distinct())
                     .join(series, series.c.pk == instances.c.series_pk)
                     .join(studies, studies.c.pk == series.c.study_pk)
-                    .where(studies.c.study_uid == m.study_uid, *within)
+                    .where(studies.c.study_uid == m.study_uid, instance_in_record(), *within)
                 ).scalars().all()
                 m.attributes[SOP_CLASSES_IN_STUDY] = _element("UI", *sorted(classes))
 
@@ -462,8 +470,8 @@ def _count_within(conn: Any, matches: list[Match], depth: int, scope: Scope) -> 
                func.count(instances.c.pk).label("n"))
         .select_from(instances.join(series, series.c.pk == instances.c.series_pk)
                      .join(studies, studies.c.pk == series.c.study_pk))
-        .where(key.in_(keys), scope.condition(studies.c.study_uid, series.c.series_uid,
-                                              instances.c.sop_uid))
+        .where(key.in_(keys), instance_in_record(),
+               scope.condition(studies.c.study_uid, series.c.series_uid, instances.c.sop_uid))
         .group_by(key, studies.c.study_uid, series.c.series_uid, series.c.modality)
     ).all()
     per_key: dict[Any, list[Any]] = {}

@@ -10,7 +10,18 @@ _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 def is_valid_uid(value: str | None) -> bool:
     """True when ``value`` is a syntactically valid DICOM UID (PS3.5 9.1)."""
-    return bool(value) and len(value) <= 64 and bool(_UID.match(value))
+    return value is not None and 0 < len(value) <= 64 and bool(_UID.match(value))
+
+
+def is_email_address(value: str) -> bool:
+    """True when ``value`` looks like one e-mail address (local@host.domain, no spaces, at most
+    254 characters); checked in one pass over at most 254 characters."""
+    if not value or len(value) > 254 or any(c.isspace() for c in value):
+        return False
+    local, at, host = value.partition("@")
+    if not at or not local or "@" in host:
+        return False
+    return "." in host[1:-1]
 
 
 def is_valid_nhs_number(value: str) -> bool:
