@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     export.add_argument("--out", type=Path, help="file to write (default: standard output)")
     export.add_argument("--limit", type=int, default=1_000_000)
+    events = audit.add_parser(
+        "events", help="list the audit event catalogue (docs/audit-events.md)")
+    events.add_argument("--markdown", action="store_true")
 
     db = sub.add_parser("db", help="the index database").add_subparsers(
         dest="action", required=True
@@ -398,6 +401,15 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "settings":
         _print_settings(args.markdown)
+        return 0
+    if args.command == "audit" and args.action == "events":
+        from imageshare.audit.events import CATALOGUE, markdown
+
+        if args.markdown:
+            sys.stdout.write(markdown())
+        else:
+            for e in sorted(CATALOGUE.values(), key=lambda e: e.action):
+                print(f"{e.action}\t{e.event_id.code}\t{e.action_code}\t{e.description}")
         return 0
     if args.command == "conformance":
         from imageshare.conformance import statement
