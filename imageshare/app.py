@@ -37,6 +37,7 @@ from imageshare.archive.query import QueryService
 from imageshare.archive.retrieve import RetrieveService
 from imageshare.archive.search import StudySearchService
 from imageshare.archive.studies import StudyCatalogue
+from imageshare.audit.chain import SignedHead, export_head, head_key
 from imageshare.audit.trail import AuditTrail
 from imageshare.deid.pseudonyms import Pseudonyms, installation_secret
 from imageshare.deid.service import Deidentifier
@@ -142,10 +143,42 @@ def _private_data_dir(settings: Settings) -> None:
                 side.chmod(0o600)
 
 
-def _secret_box(settings: Settings) -> SecretBox:
+def installation_key(settings: Settings) -> bytes:
+    """The per-installation key (``secret_key`` or ``secret_key_file``), kept apart from the
+    database: it seals secrets at rest and signs the audit chain's heads."""
     key_file = (Path(settings.secret_key_file) if settings.secret_key_file
                 else settings.data_dir / SECRET_KEY_FILE)
-    return SecretBox(load_secret_key(settings.secret_key, key_file))
+    return load_secret_key(settings.secret_key, key_file)
+
+
+def _secret_box(settings: Settings) -> SecretBox:
+    return SecretBox(installation_key(settings))
+
+
+def export_audit_head(archive: Archive) -> SignedHead:
+    """Append the audit chain's current head, signed, to the heads file."""
+    settings = archive.settings
+    return export_head(archive.engine, head_key(installation_key(settings)),
+                       settings.resolved_audit_head_file)
+
+
+def _start_head_export(archive: Archive) -> threading.Event:
+    """Export the signed audit chain head now and every ``audit_head_interval_seconds``."""
+    stop = threading.Event()
+    every = archive.settings.audit_head_interval_seconds
+
+    def run() -> None:
+        while True:
+            try:
+                export_audit_head(archive)
+            except Exception as exc:  # noqa: BLE001 - tried again next time; logged
+                log.warning("exporting the audit chain head failed: %s", type(exc).__name__)
+            if stop.wait(every):
+                return
+
+    if every > 0:
+        threading.Thread(target=run, name="audit-head", daemon=True).start()
+    return stop
 
 
 def _forget_plaintext(engine: Engine) -> None:
@@ -436,6 +469,7 @@ def serve(settings: Settings) -> None:
         log.info("DICOM listener %s on port %s, TLS port %s (%d processes)",
                  settings.ae_title, listener.port, listener.tls_port or "none", processes)
     housekeeping = _start_housekeeping(archive)
+    head_export = _start_head_export(archive)
 
     def stop_dicom() -> None:
         """Drain DICOM in every process at once: the workers on their SIGTERM, this one here."""
@@ -472,6 +506,7 @@ def serve(settings: Settings) -> None:
             server.run()
     finally:
         housekeeping.set()
+        head_export.set()
         archive.transfers.close()
         if draining.ident is None:
             draining.start()

@@ -108,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     export.add_argument("--out", type=Path, help="file to write (default: standard output)")
     export.add_argument("--limit", type=int, default=1_000_000)
+    averify = audit.add_parser(
+        "verify", help="check the audit hash chain and its signed heads (exit 0 intact, "
+        "1 tampering found)")
+    _common(averify)
+    head = audit.add_parser("head", help="export the signed audit chain head now")
+    _common(head)
     events = audit.add_parser(
         "events", help="list the audit event catalogue (docs/audit-events.md)")
     events.add_argument("--markdown", action="store_true")
@@ -365,6 +371,24 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_HELD_BACK if findings else EXIT_WRITTEN
 
 
+def _audit_verify(archive: Any) -> int:
+    """Exit 0: the chain is intact; 1: rows were edited, deleted, inserted or moved."""
+    from imageshare.app import installation_key
+    from imageshare.audit.chain import head_key, verify_chain
+
+    settings = archive.settings
+    report = verify_chain(archive.engine, head_key(installation_key(settings)),
+                          settings.resolved_audit_head_file)
+    for problem in report.problems:
+        print(problem)
+    if report.intact:
+        print(f"audit trail intact: {report.rows} row(s), head seq={report.head_seq}, "
+              f"{report.heads_checked} signed head(s) checked")
+        return 0
+    print(f"audit trail TAMPERED: {len(report.problems)} problem(s) in {report.rows} row(s)")
+    return 1
+
+
 def _audit_export(archive: Any, args: argparse.Namespace) -> int:
     from imageshare.audit.trail import AuditEvent
 
@@ -480,6 +504,15 @@ def run(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "import":
             return _import(archive, args)
+        if args.command == "audit" and args.action == "verify":
+            return _audit_verify(archive)
+        if args.command == "audit" and args.action == "head":
+            from imageshare.app import export_audit_head
+
+            signed = export_audit_head(archive)
+            print(f"audit chain head seq={signed.seq} hash={signed.hash} signed at {signed.at} "
+                  f"-> {settings.resolved_audit_head_file}")
+            return 0
         if args.command == "audit":
             return _audit_export(archive, args)
         if args.command == "retention":

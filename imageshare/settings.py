@@ -176,6 +176,15 @@ class Settings:
         "", "File holding the key that encrypts secrets in the database (made on first "
         "start, readable by the owner only); empty: secret-key in the data dir."
     )
+    audit_head_file: str = _setting(
+        "", "File the signed head of the audit hash chain is appended to (HMAC with a key "
+        "derived from the installation key); keep it off the data disk, e.g. on write-once "
+        "or remote storage; empty: audit-heads.jsonl in the data dir."
+    )
+    audit_head_interval_seconds: float = _setting(
+        3600.0, "How often the server exports the signed audit chain head (0: only on "
+        "demand, imageshare audit head)."
+    )
 
     def __post_init__(self) -> None:
         if self.patient_mismatch not in ("refuse", "hold"):
@@ -187,6 +196,12 @@ class Settings:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
+
+    @property
+    def resolved_audit_head_file(self) -> Path:
+        """Where signed audit chain heads are appended."""
+        return Path(self.audit_head_file) if self.audit_head_file else (
+            self.data_dir / "audit-heads.jsonl")
 
     @property
     def resolved_storage_url(self) -> str:
