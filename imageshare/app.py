@@ -37,6 +37,7 @@ from imageshare.archive.query import QueryService
 from imageshare.archive.retrieve import RetrieveService
 from imageshare.archive.search import StudySearchService
 from imageshare.archive.studies import StudyCatalogue
+from imageshare.audit.atna import AtnaConfig, AtnaSender
 from imageshare.audit.chain import SignedHead, export_head, head_key
 from imageshare.audit.trail import AuditTrail
 from imageshare.deid.pseudonyms import Pseudonyms, installation_secret
@@ -160,6 +161,19 @@ def export_audit_head(archive: Archive) -> SignedHead:
     settings = archive.settings
     return export_head(archive.engine, head_key(installation_key(settings)),
                        settings.resolved_audit_head_file)
+
+
+def atna_sender(archive: Archive) -> AtnaSender | None:
+    """The sender of audit messages to the configured audit repository (None: none set)."""
+    s = archive.settings
+    if not s.atna_host:
+        return None
+    return AtnaSender(archive.engine, AtnaConfig(
+        host=s.atna_host, port=s.atna_port, ca_file=s.atna_ca_file,
+        client_certificate=s.atna_client_certificate,
+        client_private_key=s.atna_client_private_key,
+        audit_source_id=s.atna_audit_source_id or s.ae_title,
+        enterprise_site_id=s.atna_enterprise_site_id, ae_title=s.ae_title))
 
 
 def _start_head_export(archive: Archive) -> threading.Event:
@@ -470,6 +484,9 @@ def serve(settings: Settings) -> None:
                  settings.ae_title, listener.port, listener.tls_port or "none", processes)
     housekeeping = _start_housekeeping(archive)
     head_export = _start_head_export(archive)
+    atna = atna_sender(archive)
+    if atna is not None:
+        atna.start()
 
     def stop_dicom() -> None:
         """Drain DICOM in every process at once: the workers on their SIGTERM, this one here."""
@@ -507,6 +524,8 @@ def serve(settings: Settings) -> None:
     finally:
         housekeeping.set()
         head_export.set()
+        if atna is not None:
+            atna.stop()
         archive.transfers.close()
         if draining.ident is None:
             draining.start()

@@ -185,6 +185,28 @@ class Settings:
         3600.0, "How often the server exports the signed audit chain head (0: only on "
         "demand, imageshare audit head)."
     )
+    atna_host: str = _setting(
+        "", "Audit repository (IHE ATNA) host: every audit event is also sent there as a "
+        "DICOM PS3.15 A.5 audit message in RFC 5424 syslog over TLS (RFC 5425); empty: not "
+        "sent. Events wait in the audit trail while it is unreachable."
+    )
+    atna_port: int = _setting(6514, "Port of the audit repository's syslog-over-TLS listener.")
+    atna_ca_file: str = _setting(
+        "", "PEM authorities that sign the audit repository's certificate; empty: the "
+        "system's."
+    )
+    atna_client_certificate: str = _setting(
+        "", "PEM certificate ImageShare presents to the audit repository (empty: none)."
+    )
+    atna_client_private_key: str = _setting(
+        "", "PEM private key of atna_client_certificate (empty: in the certificate file)."
+    )
+    atna_audit_source_id: str = _setting(
+        "", "AuditSourceID in the audit messages; empty: the AE title."
+    )
+    atna_enterprise_site_id: str = _setting(
+        "", "AuditEnterpriseSiteID in the audit messages (e.g. the trust's ODS code)."
+    )
 
     def __post_init__(self) -> None:
         if self.patient_mismatch not in ("refuse", "hold"):

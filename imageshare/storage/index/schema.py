@@ -238,6 +238,17 @@ audit_chain_head = Table(
     Column("hash", String(64), nullable=False),
 )
 
+# How far the audit trail was sent to the ATNA audit repository (one row, id 1), and which
+# process holds the lease to send (one sender at a time, also with several instances).
+atna_cursor = Table(
+    "atna_cursor",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("sent_seq", BigInteger, nullable=False),
+    Column("owner", String(64), nullable=False, default=""),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
+)
+
 study_comments = Table(
     "study_comments",
     metadata,
