@@ -207,6 +207,10 @@ class Settings:
     atna_enterprise_site_id: str = _setting(
         "", "AuditEnterpriseSiteID in the audit messages (e.g. the trust's ODS code)."
     )
+    pg_bin_dir: str = _setting(
+        "", "Folder of pg_dump and pg_restore for backups of a PostgreSQL index; empty: the "
+        "newest Debian PostgreSQL's, else PATH."
+    )
 
     def __post_init__(self) -> None:
         if self.patient_mismatch not in ("refuse", "hold"):

@@ -102,8 +102,8 @@ def _object_id(kind: str, row: dict[str, Any], detail: dict[str, Any]) -> str:
     if kind == "query":
         return STUDY_ROOT_FIND
     keys = {"user": ("username", "user"), "node": ("ae_title", "calling_ae", "site", "origin"),
-            "share": ("share",), "job": ("job",), "case": ("case",), "request": ("request",),
-            "token": ("token", "name")}[kind]
+            "share": ("share",), "job": ("job", "snapshot"), "case": ("case",),
+            "request": ("request",), "token": ("token", "name")}[kind]
     for key in keys:
         if detail.get(key) not in (None, ""):
             return str(detail[key])

@@ -249,6 +249,15 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        NODE_AUTHENTICATION),
     _e("dicom.retrieve", "A C-MOVE or C-GET was refused.", SECURITY_ALERT, "E", ("node",),
        _REFUSAL, NODE_AUTHENTICATION),
+    # The archive as a whole: backups, restores, scrubs.
+    _e("archive.backup", "A backup of the index and every blob was written (imageshare "
+       "backup).", EXPORT, "R", ("job",), ("destination", "snapshot", "blobs", "copied",
+                                           "missing", "corrupt")),
+    _e("archive.restore", "The installation was rebuilt from a backup (imageshare restore).",
+       IMPORT, "C", ("job",), ("source", "snapshot", "blobs")),
+    _e("archive.verify", "Every blob was checked against its recorded digest (imageshare "
+       "verify).", INSTANCES_ACCESSED, "R", (), ("checked", "corrupt", "missing",
+                                                 "recorded")),
     # The audit trail itself.
     _e("audit.read", "The audit trail (or a study's access list) was read.", AUDIT_LOG_USED,
        "R", ("audit-log",)),
