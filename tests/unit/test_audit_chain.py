@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import subprocess
-import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from sqlalchemy import create_engine, delete, insert, select, text, update
 
 from imageshare.audit.chain import verify_chain
 from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.cli import main
 from imageshare.domain.actors import cli_actor
 from imageshare.storage.index.database import make_engine, migrate
 from imageshare.storage.index.schema import audit_chain_head, audit_events
@@ -23,11 +23,27 @@ from imageshare.storage.index.schema import audit_chain_head, audit_events
 ACTOR = cli_actor()
 
 
-def imageshare(data: Path, *args: str, database_url: str = "") -> subprocess.CompletedProcess:
-    env = {"IMAGESHARE_DATA_DIR": str(data), "PATH": "/usr/bin:/bin",
-           "IMAGESHARE_LOG_LEVEL": "WARNING", "IMAGESHARE_DATABASE_URL": database_url}
-    return subprocess.run([sys.executable, "-m", "imageshare", *args], env=env, text=True,
-                          capture_output=True, timeout=120)
+@dataclass
+class Ran:
+    """What one in-process run of the command line gave."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def imageshare(monkeypatch, capsys):
+    """Run `imageshare ...` in this process (as the command line would) for a data folder."""
+    def run(data: Path, *args: str, database_url: str = "") -> Ran:
+        monkeypatch.setenv("IMAGESHARE_DATA_DIR", str(data))
+        monkeypatch.setenv("IMAGESHARE_DATABASE_URL", database_url)
+        monkeypatch.setenv("IMAGESHARE_LOG_LEVEL", "WARNING")
+        capsys.readouterr()
+        code = main(list(args))
+        out = capsys.readouterr()
+        return Ran(code, out.out, out.err)
+    return run
 
 
 def _trail_of(archive, count: int = 10) -> list[int]:
@@ -43,7 +59,7 @@ def _pk_of(archive, seq: int) -> int:
         return conn.execute(select(audit_events.c.pk).where(audit_events.c.seq == seq)).scalar()
 
 
-def test_an_untouched_trail_verifies_intact_also_against_its_signed_heads(archive, tmp_path):
+def test_an_untouched_trail_verifies_intact_also_against_its_signed_heads(archive, imageshare):
     _trail_of(archive)
     data = archive.settings.data_dir
     first = imageshare(data, "audit", "head")
@@ -57,7 +73,7 @@ def test_an_untouched_trail_verifies_intact_also_against_its_signed_heads(archiv
     assert heads[0]["hmac"] and heads[0]["seq"] >= 10
 
 
-def test_an_edited_row_is_named_by_its_place_in_the_chain(archive):
+def test_an_edited_row_is_named_by_its_place_in_the_chain(archive, imageshare):
     seqs = _trail_of(archive)
     with archive.engine.begin() as conn:
         conn.execute(update(audit_events).where(audit_events.c.seq == seqs[4])
@@ -115,7 +131,8 @@ def test_two_rows_swapped_are_both_reported(archive):
     assert flagged == {seqs[2], seqs[6]}
 
 
-def test_newest_rows_deleted_with_the_head_rewritten_are_caught_by_the_signed_head(archive):
+def test_newest_rows_deleted_with_the_head_rewritten_are_caught_by_the_signed_head(
+        archive, imageshare):
     seqs = _trail_of(archive)
     data = archive.settings.data_dir
     assert imageshare(data, "audit", "head").returncode == 0
@@ -131,7 +148,7 @@ def test_newest_rows_deleted_with_the_head_rewritten_are_caught_by_the_signed_he
     assert "rows were deleted" in result.stdout
 
 
-def test_a_forged_signed_head_is_reported(archive):
+def test_a_forged_signed_head_is_reported(archive, imageshare):
     _trail_of(archive)
     data = archive.settings.data_dir
     assert imageshare(data, "audit", "head").returncode == 0
@@ -191,7 +208,7 @@ def test_the_chain_stays_whole_with_writers_in_several_processes(backend, tmp_pa
     engine = make_engine(url)
     migrate(engine, upgrade=True)
     spawn = multiprocessing.get_context("spawn")
-    workers = [spawn.Process(target=_write_events, args=(url, w, 40)) for w in range(4)]
+    workers = [spawn.Process(target=_write_events, args=(url, w, 25)) for w in range(3)]
     for w in workers:
         w.start()
     for w in workers:
@@ -199,4 +216,4 @@ def test_the_chain_stays_whole_with_writers_in_several_processes(backend, tmp_pa
         assert w.exitcode == 0
     report = verify_chain(engine)
     assert report.intact, [str(p) for p in report.problems]
-    assert report.rows == report.head_seq == 4 * 40 * 2
+    assert report.rows == report.head_seq == 3 * 25 * 2

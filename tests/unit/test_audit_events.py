@@ -45,6 +45,9 @@ class _Source:
                             self.constants.setdefault(target.id, []).append(stmt.value)
         self.calls = [(p, n) for p, t in self.trees.items() for n in ast.walk(t)
                       if isinstance(n, ast.Call)]
+        # Modules imported by name in each file: `select.select(...)` is not a method call.
+        self.modules = {p: {a.asname or a.name for n in ast.walk(t) if isinstance(n, ast.Import)
+                            for a in n.names} for p, t in self.trees.items()}
 
     def function_of(self, node: ast.AST) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
         while node in self.parent:
@@ -61,9 +64,12 @@ class _Source:
         is_method = bool(positional) and positional[0] in ("self", "cls")
         index = positional.index(name) - is_method if name in positional else None
         found = []
-        for _path, call in self.calls:
+        for path, call in self.calls:
             func, args = call.func, list(call.args)
-            direct = (isinstance(func, ast.Attribute) and func.attr == fn.name) or (
+            qualified = (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                         and func.value.id in self.modules[path])
+            direct = (not qualified and isinstance(func, ast.Attribute)
+                      and func.attr == fn.name) or (
                 not is_method and isinstance(func, ast.Name) and func.id == fn.name)
             passed = bool(args) and (
                 (isinstance(args[0], ast.Attribute) and args[0].attr == fn.name)

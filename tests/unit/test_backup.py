@@ -6,15 +6,15 @@ targets are refused, and `imageshare verify` finds a flipped bit and a missing b
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from imageshare.audit.chain import verify_chain
+from imageshare.cli import main
 from imageshare.domain.actors import cli_actor
 from imageshare.storage.index.database import make_engine
 from imageshare.storage.index.schema import audit_events, instances, metadata
@@ -26,15 +26,29 @@ ACTOR = cli_actor()
 MOVING = {"audit_events", "audit_chain_head", "atna_cursor"}
 
 
-def imageshare(data: Path, *args: str, database_url: str = ""
-               ) -> subprocess.CompletedProcess[str]:
-    env = {"IMAGESHARE_DATA_DIR": str(data), "PATH": "/usr/bin:/bin",
-           "IMAGESHARE_LOG_LEVEL": "WARNING", "IMAGESHARE_DATABASE_URL": database_url,
-           "IMAGESHARE_SECRET_KEY": "k" * 40}
-    return subprocess.run([sys.executable, "-m", "imageshare", *args, "--quiet"]
-                          if args[0] in ("backup", "restore") else
-                          [sys.executable, "-m", "imageshare", *args],
-                          env=env, text=True, capture_output=True, timeout=300)
+@dataclass
+class Ran:
+    """What one in-process run of the command line gave."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def imageshare(monkeypatch, capsys):
+    """Run `imageshare ...` in this process (as the command line would) for a data folder."""
+    def run(data: Path, *args: str, database_url: str = "") -> Ran:
+        monkeypatch.setenv("IMAGESHARE_DATA_DIR", str(data))
+        monkeypatch.setenv("IMAGESHARE_DATABASE_URL", database_url)
+        monkeypatch.setenv("IMAGESHARE_LOG_LEVEL", "WARNING")
+        monkeypatch.setenv("IMAGESHARE_SECRET_KEY", "k" * 40)
+        capsys.readouterr()
+        quiet = ["--quiet"] if args[0] in ("backup", "restore") else []
+        code = main([*args, *quiet])
+        out = capsys.readouterr()
+        return Ran(code, out.out, out.err)
+    return run
 
 
 def _rows(engine, table) -> list[tuple]:
@@ -56,7 +70,8 @@ def _keys(engine) -> set[str]:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_a_backup_taken_while_stores_run_restores_byte_identical(backend, tmp_path, request):
+def test_a_backup_taken_while_stores_run_restores_byte_identical(backend, tmp_path, request,
+                                                                 imageshare):
     urls = {"src": "", "first": "", "second": ""}
     if backend == "postgresql":
         postgres = request.getfixturevalue("postgres")
@@ -127,7 +142,8 @@ def test_a_backup_taken_while_stores_run_restores_byte_identical(backend, tmp_pa
         source.close()
 
 
-def test_a_restore_refuses_a_damaged_backup_and_a_target_that_is_not_empty(tmp_path):
+def test_a_restore_refuses_a_damaged_backup_and_a_target_that_is_not_empty(tmp_path,
+                                                                           imageshare):
     source = make_archive(tmp_path / "src", secret_key="k" * 40)
     for path in ct_series(tmp_path / "s", 2):
         source.ingest.store_copy(path, ACTOR)
@@ -144,7 +160,7 @@ def test_a_restore_refuses_a_damaged_backup_and_a_target_that_is_not_empty(tmp_p
     assert not (tmp_path / "new" / "index.sqlite").exists()
 
 
-def test_the_scrub_names_a_flipped_bit_and_a_missing_blob(tmp_path):
+def test_the_scrub_names_a_flipped_bit_and_a_missing_blob(tmp_path, imageshare):
     archive = make_archive(tmp_path, secret_key="k" * 40)
     results = [archive.ingest.store_copy(p, ACTOR) for p in ct_series(tmp_path / "s", 3)]
     data = archive.settings.data_dir
