@@ -532,7 +532,8 @@ def _audit_export(archive: Any, args: argparse.Namespace) -> int:
         else:
             writer = csv.writer(out)
             columns = ["pk", "at", "actor", "actor_kind", "source", "action", "outcome",
-                       "patient_id", "study_uid", "instance_count", "detail"]
+                       "patient_id", "study_uid", "instance_count", "detail", "seq",
+                       "prev_hash", "row_hash"]
             writer.writerow(columns)
             for event in reversed(events):
                 event["at"] = event["at"].isoformat()

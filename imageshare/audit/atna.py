@@ -235,7 +235,11 @@ class AtnaSender:
                     atna_cursor.c.lease_until.is_(None), atna_cursor.c.lease_until < now))
                 .values(owner=self._owner, lease_until=now + self._lease)).rowcount
             if not taken:
-                return None
+                if conn.execute(sql_select(atna_cursor.c.id)).first() is not None:
+                    return None  # another process sends
+                conn.execute(atna_cursor.insert().values(  # the migration's row was lost
+                    id=CURSOR_ROW, sent_seq=0, owner=self._owner,
+                    lease_until=now + self._lease))
             return conn.execute(sql_select(atna_cursor.c.sent_seq)
                                 .where(atna_cursor.c.id == CURSOR_ROW)).scalar()
 

@@ -261,6 +261,9 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
     # The audit trail itself.
     _e("audit.read", "The audit trail (or a study's access list) was read.", AUDIT_LOG_USED,
        "R", ("audit-log",)),
+    _e("audit.report", "An access report was made (a patient's accesses, or one user's "
+       "activity).", AUDIT_LOG_USED, "R", ("audit-log", "patient", "user"),
+       ("report", "user", "format", "since", "until")),
     _e("audit.export", "The audit trail was exported (imageshare audit export).",
        AUDIT_LOG_USED, "R", ("audit-log",)),
 )}
