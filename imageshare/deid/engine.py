@@ -227,13 +227,51 @@ def identifiers_of(ds: Dataset) -> Identity:
 
 _DIGITS = re.compile(r"\b\d[\d\s\-/.]{5,}\d\b")
 _DATE_LIKE = re.compile(r"\b\d{1,4}[./-]\d{1,2}[./-]\d{1,4}\b")
-_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.]+\b")
+
+
+def _local_char(char: str) -> bool:
+    return char.isalnum() or char in "_.+-"
+
+
+def _domain_char(char: str) -> bool:
+    return char.isalnum() or char in "_.-"
+
+
+def mask_emails(text: str) -> str:
+    """``text`` with every e-mail address (word@host.domain) replaced by ``*``.
+
+    Runs once over the text from each ``@``, so its time grows linearly with the text
+    whatever the text holds (a regular expression over free text could backtrack).
+    """
+    parts: list[str] = []
+    done = 0  # text[:done] is settled
+    at = text.find("@")
+    while at != -1:
+        start = at
+        while start > done and _local_char(text[start - 1]):
+            start -= 1
+        while start < at and not (text[start].isalnum() or text[start] == "_"):
+            start += 1  # an address starts with a word character
+        end = at + 1
+        while end < len(text) and _domain_char(text[end]):
+            end += 1
+        while end > at + 1 and not (text[end - 1].isalnum() or text[end - 1] == "_"):
+            end -= 1  # and ends with one
+        host = text[at + 1:end]
+        dot = host.find(".")
+        if start < at and 0 < dot < len(host) - 1:
+            parts.append(text[done:start])
+            parts.append("*")
+            done = end
+        at = text.find("@", max(end, at + 1))
+    parts.append(text[done:])
+    return "".join(parts)
 
 
 def clean_text(text: str, identity: Identity) -> str:
     """Free ``text`` without the patient's identifiers (or anyone else's), dates, long numbers
     and e-mail addresses."""
-    cleaned = _EMAIL.sub("*", text)
+    cleaned = mask_emails(text)
     cleaned = _DATE_LIKE.sub("*", cleaned)
     cleaned = _DIGITS.sub("*", cleaned)
     return identity.clean(cleaned)
