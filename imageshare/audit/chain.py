@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from imageshare.storage.index.schema import audit_chain_head, audit_events
 
@@ -52,14 +52,20 @@ def row_hash(prev_hash: str, seq: int, row: dict[str, Any]) -> str:
     return hashlib.sha256(f"v1\n{prev_hash}\n{canonical}".encode()).hexdigest()
 
 
+# Built once: the audit write is on every request's path.
+# Writing the head row first takes the lock (PostgreSQL row lock, SQLite write lock) before
+# its value is read, so two transactions can never extend the same head.
+_LOCK_HEAD = (update(audit_chain_head).where(audit_chain_head.c.id == HEAD_ROW)
+              .values(seq=audit_chain_head.c.seq)
+              .returning(audit_chain_head.c.seq, audit_chain_head.c.hash))
+_MOVE_HEAD = (update(audit_chain_head).where(audit_chain_head.c.id == HEAD_ROW)
+              .values(seq=bindparam("new_seq"), hash=bindparam("new_hash")))
+_INSERT_ROWS = insert(audit_events)
+
+
 def append(conn: Connection, rows: list[dict[str, Any]]) -> None:
     """Insert audit rows at the end of the chain, inside ``conn``'s transaction."""
-    # Writing the head row first takes the lock (PostgreSQL row lock, SQLite write lock)
-    # before its value is read, so two transactions can never extend the same head.
-    conn.execute(update(audit_chain_head).where(audit_chain_head.c.id == HEAD_ROW)
-                 .values(seq=audit_chain_head.c.seq))
-    head = conn.execute(select(audit_chain_head.c.seq, audit_chain_head.c.hash)
-                        .where(audit_chain_head.c.id == HEAD_ROW)).first()
+    head = conn.execute(_LOCK_HEAD).first()
     seq, prev = (head[0], head[1]) if head else (0, GENESIS)
     chained = []
     for row in rows:
@@ -67,12 +73,11 @@ def append(conn: Connection, rows: list[dict[str, Any]]) -> None:
         digest = row_hash(prev, seq, row)
         chained.append({**row, "seq": seq, "prev_hash": prev, "row_hash": digest})
         prev = digest
-    conn.execute(insert(audit_events), chained)
+    conn.execute(_INSERT_ROWS, chained)
     if head is None:
         conn.execute(insert(audit_chain_head).values(id=HEAD_ROW, seq=seq, hash=prev))
     else:
-        conn.execute(update(audit_chain_head).where(audit_chain_head.c.id == HEAD_ROW)
-                     .values(seq=seq, hash=prev))
+        conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
 
 
 def chain_existing(conn: Connection) -> int:
