@@ -69,7 +69,7 @@ ruleset(name="atna") {{
         return self.out.read_text().splitlines() if self.out.exists() else []
 
 
-def _wait_for(condition, timeout: float = 30.0) -> None:
+def _wait_for(condition, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -108,16 +108,20 @@ def test_every_event_reaches_rsyslog_once_and_in_order_across_a_repository_outag
         with archive.engine.connect() as conn:
             return conn.execute(select(func.count()).select_from(audit_events)).scalar()
 
+    def timed(uid: str) -> float:
+        started = time.monotonic()
+        view(uid)
+        return time.monotonic() - started
+
     try:
-        for uid in uids[:10]:
-            view(uid)
+        while_up = max(timed(uid) for uid in uids[:10])
         _wait_for(lambda: len(rsyslog.messages()) == rows())
         rsyslog.stop()
-        started = time.monotonic()
-        for uid in uids[10:25]:
-            view(uid)  # the request path never waits for the repository
+        while_down = max(timed(uid) for uid in uids[10:25])
         archive.audit.record(AuditEvent(clinician, "session.end", "success"))
-        assert time.monotonic() - started < 2.0
+        # The request path never waits for the repository (a TCP connect to a closed port,
+        # or a TLS timeout, would): recording is as quick as while it was up.
+        assert while_down < max(1.0, 5 * while_up)
         time.sleep(3)  # the sender finds the repository down and keeps the events
         rsyslog.start()
         for uid in uids[25:]:
