@@ -4,6 +4,7 @@ tokens (stored as hashes)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import threading
 import time
@@ -14,7 +15,7 @@ import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Engine, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from imageshare.access.lockout import Lockout
 from imageshare.access.policy import ENROLLING, ROLES, effective_role
@@ -22,6 +23,8 @@ from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.storage.index.schema import account_invites, api_tokens, users
 from imageshare.storage.secret_box import SecretBox
+
+log = logging.getLogger("imageshare.access")
 
 _hasher = PasswordHasher()
 _CACHE_SECONDS = 300.0
@@ -438,9 +441,15 @@ class UserDirectory:
                 return None
             if row.expires_at is not None and as_utc(row.expires_at) <= now:
                 return None
-            conn.execute(
-                update(api_tokens).where(api_tokens.c.pk == row.pk).values(last_used_at=now)
-            )
+        # The last-used time is kept on a best-effort basis: a full disk or a database that
+        # cannot take writes does not refuse a valid token (what it asks for is refused
+        # on its own terms, e.g. a read whose audit row cannot be written).
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(update(api_tokens).where(api_tokens.c.pk == row.pk)
+                             .values(last_used_at=now))
+        except OperationalError as exc:
+            log.warning("cannot record a token's last use: %s", type(exc).__name__)
         return Actor("user", row.username,
                      effective_role(row.role, row.totp_enabled, row.origin == "cli"), source)
 

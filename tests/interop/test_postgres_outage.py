@@ -104,6 +104,7 @@ def test_postgresql_stopped_mid_ingest_loses_nothing_and_the_server_recovers(
             time.sleep(0.005)
         assoc.release()
 
+    server.admin_token()  # made on the command line, which needs the database
     sender = threading.Thread(target=send)
     sender.start()
     assert outage.wait(120)

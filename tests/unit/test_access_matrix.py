@@ -112,7 +112,8 @@ def world(archive, tmp_path):
     study_uid = archive.ingest.store_copy(study[0], SYSTEM).study_uid
     archive.ingest.store_copy(study[1], SYSTEM)
     archive.ingest.store_copy(ct_series(tmp_path / "s2", 2, patient_id="MX1",
-                                        study_uid=study_uid)[0], SYSTEM)
+                                        patient_name="Matrix^Sam", study_uid=study_uid)[0],
+                              SYSTEM)
     other = archive.ingest.store_copy(ct_series(tmp_path / "t", 1, patient_id="MX2")[0],
                                       SYSTEM).study_uid
     a_series, b_series = archive.catalogue.record(study_uid).series
