@@ -24,10 +24,11 @@ from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.storage.index.schema import account_invites, api_tokens, users
 from imageshare.storage.secret_box import SecretBox
 
-log = logging.getLogger("imageshare.access")
-
 _hasher = PasswordHasher()
 _CACHE_SECONDS = 300.0
+# How precisely an API token's last use is recorded (one write a minute, not one a request).
+TOKEN_USE_RESOLUTION = timedelta(seconds=60)
+log = logging.getLogger(__name__)
 TOTP_ISSUER = "ImageShare"
 
 
@@ -427,31 +428,37 @@ class UserDirectory:
     def authenticate_token(self, secret: str, source: str = "") -> Actor | None:
         """The Actor owning a valid (not expired, not revoked) token, else None."""
         now = datetime.now(UTC)
-        with self._engine.begin() as conn:
+        with self._engine.connect() as conn:
             row = conn.execute(
                 select(
                     api_tokens.c.pk, api_tokens.c.expires_at, api_tokens.c.revoked_at,
-                    api_tokens.c.origin, users.c.username, users.c.role, users.c.disabled,
-                    users.c.totp_enabled,
+                    api_tokens.c.origin, api_tokens.c.last_used_at, users.c.username,
+                    users.c.role, users.c.disabled, users.c.totp_enabled,
                 )
                 .join(users, users.c.pk == api_tokens.c.user_pk)
                 .where(api_tokens.c.token_hash == secret_hash(secret))
             ).first()
-            if row is None or row.revoked_at is not None or row.disabled:
-                return None
-            if row.expires_at is not None and as_utc(row.expires_at) <= now:
-                return None
-        # The last-used time is kept on a best-effort basis: a full disk or a database that
-        # cannot take writes does not refuse a valid token (what it asks for is refused
-        # on its own terms, e.g. a read whose audit row cannot be written).
-        try:
-            with self._engine.begin() as conn:
-                conn.execute(update(api_tokens).where(api_tokens.c.pk == row.pk)
-                             .values(last_used_at=now))
-        except OperationalError as exc:
-            log.warning("cannot record a token's last use: %s", type(exc).__name__)
+        if row is None or row.revoked_at is not None or row.disabled:
+            return None
+        if row.expires_at is not None and as_utc(row.expires_at) <= now:
+            return None
+        if row.last_used_at is None or now - as_utc(row.last_used_at) > TOKEN_USE_RESOLUTION:
+            self._stamp_token_use(row.pk, now)
         return Actor("user", row.username,
                      effective_role(row.role, row.totp_enabled, row.origin == "cli"), source)
+
+
+    def _stamp_token_use(self, pk: int, now: datetime) -> None:
+        # When a token was last used is bookkeeping: a request is not refused because the
+        # stamp could not be written (the request's own audit row decides that).
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    update(api_tokens).where(api_tokens.c.pk == pk).values(last_used_at=now)
+                )
+        except OperationalError as exc:
+            log.warning("could not record when an API token was last used (%s)",
+                        type(exc).__name__)
 
 
 def as_utc(moment: datetime) -> datetime:

@@ -31,6 +31,12 @@ from imageshare.archive.matching import (
     text_condition,
     uid_list_condition,
 )
+from imageshare.archive.record import (
+    instance_in_record,
+    patient_in_record,
+    series_in_record,
+    study_in_record,
+)
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import InvalidQuery
@@ -303,7 +309,7 @@ class QueryService:
         if depth == 0:
             return (
                 select(*cols)
-                .where(exists().where(studies.c.patient_pk == patients.c.pk))
+                .where(patient_in_record(patients.c.pk))
                 .order_by(patients.c.pk)
             )
         cols += [
@@ -330,10 +336,12 @@ class QueryService:
             ]
             stmt_from = instances.join(stmt_from, series.c.pk == instances.c.series_pk)
             order = instances.c.pk
+        # Only what is part of the record: nothing waiting in the inbox or held.
+        in_record = (study_in_record(), series_in_record(), instance_in_record())[depth - 1]
         if newest_first:
-            return select(*cols).select_from(stmt_from).order_by(
+            return select(*cols).select_from(stmt_from).where(in_record).order_by(
                 studies.c.study_date.desc(), studies.c.study_time.desc(), order.desc())
-        return select(*cols).select_from(stmt_from).order_by(order)
+        return select(*cols).select_from(stmt_from).where(in_record).order_by(order)
 
     # -- results --------------------------------------------------------------------------
 
@@ -414,7 +422,7 @@ class QueryService:
                     select(instances.c.sop_class_uid.distinct())
                     .join(series, series.c.pk == instances.c.series_pk)
                     .join(studies, studies.c.pk == series.c.study_pk)
-                    .where(studies.c.study_uid == m.study_uid, *within)
+                    .where(studies.c.study_uid == m.study_uid, instance_in_record(), *within)
                 ).scalars().all()
                 m.attributes[SOP_CLASSES_IN_STUDY] = _element("UI", *sorted(classes))
 
@@ -454,8 +462,8 @@ def _count_within(conn: Any, matches: list[Match], depth: int, scope: Scope) -> 
                func.count(instances.c.pk).label("n"))
         .select_from(instances.join(series, series.c.pk == instances.c.series_pk)
                      .join(studies, studies.c.pk == series.c.study_pk))
-        .where(key.in_(keys), scope.condition(studies.c.study_uid, series.c.series_uid,
-                                              instances.c.sop_uid))
+        .where(key.in_(keys), instance_in_record(),
+               scope.condition(studies.c.study_uid, series.c.series_uid, instances.c.sop_uid))
         .group_by(key, studies.c.study_uid, series.c.series_uid, series.c.modality)
     ).all()
     per_key: dict[Any, list[Any]] = {}

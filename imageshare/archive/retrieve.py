@@ -18,6 +18,7 @@ from sqlalchemy import Engine, select
 from imageshare.access.scope import Scope
 from imageshare.archive.dicom_json import BULK_DATA_THRESHOLD, dataset_json
 from imageshare.archive.header import locate_pixel_data
+from imageshare.archive.record import instance_in_record
 from imageshare.archive.transcode import little_endian_value
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
@@ -63,9 +64,11 @@ class RetrieveService:
         patient_ids: Collection[str] = (),
         allowed_studies: Collection[str] | None = None,
         audit: bool = True,
+        include_review: bool = False,
     ) -> list[StoredInstance]:
         """Instances matching every given list of UIDs, audited as ``action`` (unless the
-        caller audits the use itself and says ``audit=False``).
+        caller audits the use itself and says ``audit=False``). Only instances of the record
+        unless ``include_review`` (the inbox's own viewer): nothing waiting in the inbox.
 
         ``allowed_studies`` limits the selection to those studies; a :class:`Scope` limits it
         to the series and instances it grants. Raises :class:`NotFound` when nothing matches
@@ -85,6 +88,8 @@ class RetrieveService:
             .order_by(series.c.series_number, series.c.pk, instances.c.instance_number,
                       instances.c.pk)
         )
+        if not include_review:
+            stmt = stmt.where(instance_in_record())
         if study_uids:
             stmt = stmt.where(studies.c.study_uid.in_(list(study_uids)))
         if series_uids:

@@ -10,6 +10,7 @@ from sqlalchemy import Engine, select
 
 from imageshare.access.scope import Scope
 from imageshare.archive.dicom_json import all_text, nhs_number_of
+from imageshare.archive.record import instance_in_record
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import NotFound
@@ -109,8 +110,9 @@ class StudyCatalogue:
         self._engine = engine
         self._audit = audit
 
-    def record(self, study_uid: str) -> StudyRecord:
-        """The study as indexed, not audited (for services that audit their own work)."""
+    def record(self, study_uid: str, include_review: bool = True) -> StudyRecord:
+        """The study as indexed, not audited (for services that audit their own work); with
+        ``include_review`` false only what is part of the record (NotFound when nothing is)."""
         with self._engine.connect() as conn:
             row = conn.execute(
                 select(studies, patients.c.pk.label("p_pk"), patients.c.patient_id,
@@ -129,9 +131,15 @@ class StudyCatalogue:
                 select(instances.c.series_pk, instances.c.sop_uid, instances.c.sop_class_uid,
                        instances.c.instance_number, instances.c.number_of_frames,
                        instances.c.rows, instances.c.columns)
-                .where(instances.c.series_pk.in_([s["pk"] for s in series_rows]))
+                .where(instances.c.series_pk.in_([s["pk"] for s in series_rows]),
+                       *(() if include_review else (instance_in_record(),)))
                 .order_by(instances.c.instance_number, instances.c.pk)
             ).all()
+        if not include_review:
+            present = {r.series_pk for r in instance_rows}
+            series_rows = [s for s in series_rows if s["pk"] in present]
+            if not series_rows:
+                raise NotFound("no such study")
         by_series: dict[int, list[InstanceSummary]] = {}
         for r in instance_rows:
             by_series.setdefault(r.series_pk, []).append(InstanceSummary(
@@ -159,15 +167,16 @@ class StudyCatalogue:
             attrs={**patient_attrs, **(row["attrs"] or {})},
         )
 
-    def view(self, study_uid: str, actor: Actor, allowed_studies: Collection[str] | None
-             ) -> StudyRecord:
+    def view(self, study_uid: str, actor: Actor, allowed_studies: Collection[str] | None,
+             include_review: bool = False) -> StudyRecord:
         """The study for ``actor``'s eyes, audited as ``study.view``; NotFound when it does
-        not exist or is outside ``allowed_studies``. A :class:`Scope` keeps only the series
-        and instances it grants."""
+        not exist, is outside ``allowed_studies`` or is not part of the record (still in the
+        inbox; ``include_review`` is for the inbox's own pages). A :class:`Scope` keeps only
+        the series and instances it grants."""
         try:
             if allowed_studies is not None and study_uid not in allowed_studies:
                 raise NotFound("no such study")
-            study = self.record(study_uid)
+            study = self.record(study_uid, include_review)
             if isinstance(allowed_studies, Scope):
                 study = _within(study, allowed_studies)
         except NotFound:

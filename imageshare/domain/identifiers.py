@@ -13,6 +13,17 @@ def is_valid_uid(value: str | None) -> bool:
     return bool(value) and len(value) <= 64 and bool(_UID.match(value))
 
 
+def is_email_address(value: str) -> bool:
+    """True when ``value`` looks like one e-mail address (local@host.domain, no spaces, at most
+    254 characters); checked in one pass over at most 254 characters."""
+    if not value or len(value) > 254 or any(c.isspace() for c in value):
+        return False
+    local, at, host = value.partition("@")
+    if not at or not local or "@" in host:
+        return False
+    return "." in host[1:-1]
+
+
 def is_valid_nhs_number(value: str) -> bool:
     """True when ``value`` is a ten-digit NHS number with a correct modulus-11 check digit."""
     digits = re.sub(r"[\s-]", "", value or "")

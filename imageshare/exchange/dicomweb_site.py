@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import ssl
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,24 @@ class DicomwebSites:
             return self._client(node, timeout).search_for_studies(
                 search_filters={k: v for k, v in criteria.items() if v},
                 fields=["PatientBirthDate", "PatientSex", "NumberOfStudyRelatedInstances",
-                        "StudyDescription", "IssuerOfPatientID"])
+                        "StudyDescription", "IssuerOfPatientID",
+                        *{k.split(".")[0] for k in criteria if "." in k}])
         except (requests.RequestException, OSError) as exc:
             raise SiteUnreachable(f"{node.label} cannot be reached") from exc
+
+    def check(self, node: Node, timeout: float) -> str:
+        """An authenticated QIDO-RS asking for one study: its answer, for people."""
+        started = time.monotonic()
+        try:
+            self._client(node, timeout).search_for_studies(limit=1, fields=["StudyDate"])
+        except requests.HTTPError as exc:
+            code = exc.response.status_code if exc.response is not None else 0
+            reason = {401: "refused our credentials", 403: "does not let our account search"
+                      }.get(code, f"answered HTTP {code}")
+            raise SiteUnreachable(f"{node.label} {reason}") from exc
+        except (requests.RequestException, OSError, ValueError) as exc:
+            raise SiteUnreachable(f"{node.label} cannot be reached over DICOMweb") from exc
+        return f"QIDO-RS answered in {round((time.monotonic() - started) * 1000)} ms"
 
     def retrieve_study(self, node: Node, study_uid: str, progress: Progress
                        ) -> RetrieveProgress:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +31,10 @@ from imageshare.storage.index.schema import (
 )
 
 TEMPORARY = "temporary"
+# A key inside Other Patient IDs Sequence (where many sites keep the NHS number).
+OTHER_IDS = "OtherPatientIDsSequence.PatientID"
+BY_PATIENT_ID, BY_OTHER_IDS, BY_NAME = ("Patient ID", "Other Patient IDs",
+                                        "name and date of birth")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,19 @@ class PatientQuery:
         if self.hospital_number:
             return f"id:{self.hospital_number}"
         return f"name:{normalise_name(self.name)}|{self.birth_date}"
+
+    def layouts(self) -> list[tuple[str, dict[str, str]]]:
+        """Each way of asking a site, in order. An NHS number is looked for as the Patient ID,
+        inside Other Patient IDs (a hospital number in Patient ID), and by name and date of
+        birth when they are known (the NHS number then checked in the answers)."""
+        if not self.nhs_number:
+            return [("", self.criteria())]
+        ways = [(BY_PATIENT_ID, {"PatientID": self.nhs_number}),
+                (BY_OTHER_IDS, {OTHER_IDS: self.nhs_number})]
+        if self.name and self.birth_date:
+            ways.append((BY_NAME, {"PatientName": self.name,
+                                   "PatientBirthDate": self.birth_date, OTHER_IDS: ""}))
+        return ways
 
     def criteria(self) -> dict[str, str]:
         """The search keys sent to sites."""
@@ -81,6 +98,7 @@ class RemoteStudy:
     instances: int
     link: str  # linked, mismatch, cannot link
     here: bool  # a copy is in the local archive already
+    other_ids: tuple[str, ...] = ()  # Other Patient IDs the site answered with
 
 
 @dataclass
@@ -93,6 +111,15 @@ class SiteAnswer:
     seconds: float = 0.0
     detail: str = ""
     studies: list[RemoteStudy] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ConnectionCheck:
+    """Whether a site answered one way of reaching it, and what it said."""
+
+    protocol: str
+    ok: bool
+    detail: str
 
 
 @dataclass
@@ -129,7 +156,7 @@ class ExchangeService:
                allowed_studies: frozenset[str] | None) -> FederatedResult:
         """Local studies and those of every searchable site; a site that does not answer
         within the timeout is reported by name and does not hold the answer up longer."""
-        criteria = query.criteria()
+        query.criteria()  # refuses a search with too little to go on
         local_search = StudySearch(nhs_number=query.nhs_number,
                                    hospital_number=query.hospital_number,
                                    name=query.name if not (query.nhs_number or
@@ -137,8 +164,13 @@ class ExchangeService:
                                    birth_date=query.birth_date if query.name else "")
         sites = [n for n in self._nodes.all() if n.searchable]
         started = time.monotonic()
-        futures = {self._pool.submit(self._ask, node, criteria): node for node in sites}
         local = self._search.search(local_search, actor, allowed_studies).studies
+        if query.nhs_number and not (query.name and query.birth_date) and local:
+            # Known here: the name and birth date let sites that cannot match inside Other
+            # Patient IDs be asked too (the NHS number is still checked in their answers).
+            query = replace(query, name=local[0].patient_name,
+                            birth_date=local[0].birth_date)
+        futures = {self._pool.submit(self._ask, node, query): node for node in sites}
         done, _pending = wait(futures, timeout=self._timeout)
         answers = []
         for future, node in futures.items():
@@ -167,6 +199,28 @@ class ExchangeService:
                 detail={"sites": 0})])
         return FederatedResult(local, answers, linking)
 
+    def test_connection(self, ae_title: str, actor: Actor) -> list[ConnectionCheck]:
+        """Ask the site whether it answers us each way it is registered for (C-ECHO on its
+        DICOM port; an authenticated QIDO-RS when it has a DICOMweb URL). Audited."""
+        node = self._nodes.get(ae_title)
+        ways = [("DICOM", self._clients["dimse"])]
+        if node.dicomweb_url and "dicomweb" in self._clients:
+            ways.append(("DICOMweb", self._clients["dicomweb"]))
+        checks = []
+        for label, client in ways:
+            try:
+                checks.append(ConnectionCheck(label, True, client.check(node, self._timeout)))
+            except SiteUnreachable as exc:
+                checks.append(ConnectionCheck(label, False, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - a broken site must not break the page
+                checks.append(ConnectionCheck(label, False, f"failed ({type(exc).__name__})"))
+        self._audit.record(AuditEvent(
+            actor=actor, action="node.test",
+            outcome="success" if all(c.ok for c in checks) else "failure",
+            detail={"ae_title": node.ae_title,
+                    "checks": {c.protocol: c.detail for c in checks}}))
+        return checks
+
     def _remember(self, key: str, answers: list[SiteAnswer]) -> None:
         now = datetime.now(UTC)
         with self._engine.begin() as conn:
@@ -186,25 +240,49 @@ class ExchangeService:
                                 .order_by(site_checks.c.site)).mappings().all()
         return [{**dict(r), "label": labels.get(r["site"], r["site"])} for r in rows]
 
-    def _ask(self, node: Node, criteria: dict[str, str]) -> SiteAnswer:
+    def _ask(self, node: Node, query: PatientQuery) -> SiteAnswer:
         started = time.monotonic()
         kind, client = self._client(node)
-        try:
-            found = client.find_studies(node, criteria, self._timeout)
-        except SiteUnreachable as exc:
-            return SiteAnswer(node.ae_title, node.label, "unreachable",
-                              round(time.monotonic() - started, 2), str(exc))
-        except Exception as exc:  # noqa: BLE001 - a broken site must not break the search
-            return SiteAnswer(node.ae_title, node.label, "error",
-                              round(time.monotonic() - started, 2), type(exc).__name__)
-        studies = [_remote(node, item) for item in found]
-        return SiteAnswer(node.ae_title, node.label, "answered",
-                          round(time.monotonic() - started, 2), f"via {kind}",
-                          [s for s in studies if s.study_uid])
+        found: dict[str, RemoteStudy] = {}
+        answered: list[str] = []  # the ways this site could be asked
+        for way, criteria in query.layouts():
+            try:
+                items = client.find_studies(node, criteria, self._timeout)
+            except SiteUnreachable as exc:
+                if answered:  # it answered before: this way of asking is what failed
+                    continue
+                return SiteAnswer(node.ae_title, node.label, "unreachable",
+                                  round(time.monotonic() - started, 2), str(exc))
+            except Exception as exc:  # noqa: BLE001 - a broken site must not break the search
+                if way and (answered or way != BY_PATIENT_ID):
+                    continue
+                return SiteAnswer(node.ae_title, node.label, "error",
+                                  round(time.monotonic() - started, 2), type(exc).__name__)
+            studies = [_remote(node, item) for item in items]
+            kept = [st for st in studies if st.study_uid and _belongs(st, way, query)]
+            if way == BY_OTHER_IDS and studies and not any(st.other_ids for st in studies):
+                continue  # the site ignored the key inside the sequence: no answer that way
+            answered.append(way)
+            for study in kept:
+                found.setdefault(study.study_uid, study)
+        seconds = round(time.monotonic() - started, 2)
+        if query.nhs_number and BY_OTHER_IDS not in answered and not found:
+            # The site could not be asked inside Other Patient IDs: it may well keep the
+            # patient under a hospital number. Never "up to date, 0 studies".
+            return SiteAnswer(node.ae_title, node.label, "incomplete", seconds,
+                              f"via {kind}: nothing by {' or '.join(answered)}, but this "
+                              "site does not match inside Other Patient IDs, where a hospital "
+                              "number layout keeps the NHS number"
+                              + ("" if BY_NAME in answered else
+                                 "; add the name and date of birth to search it that way too"))
+        ways = ", ".join(w for w in answered if w)
+        detail = f"via {kind}" + (f", by {ways}" if ways else "")
+        return SiteAnswer(node.ae_title, node.label, "answered", seconds, detail,
+                          list(found.values()))
 
     def _judge(self, study: RemoteStudy, query: PatientQuery, here: bool) -> RemoteStudy:
         link = "cannot link"
-        if query.nhs_number and study.patient_id == query.nhs_number:
+        if query.nhs_number and query.nhs_number in (study.patient_id, *study.other_ids):
             link = "linked"
             if (query.name and normalise_name(query.name) != normalise_name(study.patient_name)
                     ) or (query.birth_date and study.birth_date
@@ -275,6 +353,25 @@ class ExchangeService:
             return marked
 
 
+def _belongs(study: RemoteStudy, way: str, query: PatientQuery) -> bool:
+    """Whether an answer to one way of asking is the patient searched for (sites that do not
+    support a key answer too much, so every answer is checked)."""
+    if way == BY_PATIENT_ID:
+        return study.patient_id == query.nhs_number
+    if way == BY_OTHER_IDS:
+        return query.nhs_number in study.other_ids
+    if way == BY_NAME:
+        return (normalise_name(study.patient_name) == normalise_name(query.name)
+                and study.birth_date == query.birth_date)
+    return True
+
+
+def _other_ids(item: dict[str, Any]) -> tuple[str, ...]:
+    entries = (item.get("00101002") or {}).get("Value") or []
+    return tuple(text_of(entry.get("00100020")) for entry in entries
+                 if isinstance(entry, dict) and text_of(entry.get("00100020")))
+
+
 def _remote(node: Node, item: dict[str, Any]) -> RemoteStudy:
     modalities = "/".join((item.get("00080061") or {}).get("Value") or [])
     try:
@@ -286,4 +383,4 @@ def _remote(node: Node, item: dict[str, Any]) -> RemoteStudy:
         patient_name=text_of(item.get("00100010")), patient_id=text_of(item.get("00100020")),
         birth_date=text_of(item.get("00100030")), study_date=text_of(item.get("00080020")),
         description=text_of(item.get("00081030")), modalities=modalities, instances=count,
-        link="cannot link", here=False)
+        link="cannot link", here=False, other_ids=_other_ids(item))

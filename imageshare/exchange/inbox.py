@@ -13,6 +13,7 @@ from sqlalchemy import Engine, and_, select, update
 from imageshare.archive.corrections import PatientCorrections, PatientDetails
 from imageshare.archive.deletion import ArchiveDeletion, Removed
 from imageshare.archive.indexing import HELD_PREFIX
+from imageshare.archive.record import REVIEW_CLASSES
 from imageshare.archive.studies import PatientRecord, StudyCatalogue
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
@@ -28,8 +29,6 @@ from imageshare.storage.index.schema import (
 )
 
 TEMPORARY_CLASSES = ("temporary", "inbox")
-# Instances held for reconciliation (patient details differ from the record): never expire.
-REVIEW_CLASSES = ("inbox", "held")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,11 @@ class SiteClient(Protocol):
         """Bring the study here (into the archive's ingest pipeline)."""
         ...
 
+    def check(self, node: Node, timeout: float) -> str:
+        """Whether the site answers us this way (C-ECHO; an authenticated QIDO-RS): what it
+        said, for people. Raises :class:`SiteUnreachable` with the reason when it does not."""
+        ...
+
     def send(self, node: Node, files: Iterable[Path], progress: Progress,
              delivered: Delivered | None = None) -> RetrieveProgress:
         """Send stored instances to the site; counts delivered and failed. ``delivered`` is

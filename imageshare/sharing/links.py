@@ -14,7 +14,6 @@ link's passcode: through the link and through the archive's own routes alike.
 from __future__ import annotations
 
 import io
-import re
 import secrets
 import threading
 from collections.abc import Callable, Collection
@@ -41,6 +40,7 @@ from imageshare.domain.errors import (
     NotFound,
     PublicUrlMissing,
 )
+from imageshare.domain.identifiers import is_email_address
 from imageshare.sharing.notify import Mailer, Notifier
 from imageshare.sharing.reports import comment_document
 from imageshare.storage.index.database import from_row
@@ -55,7 +55,6 @@ from imageshare.storage.index.schema import (
 
 MAX_PASSCODE_FAILURES = 10
 _PASSCODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _hasher = PasswordHasher()
 
 
@@ -212,7 +211,7 @@ class ShareService:
         if not 1 <= days <= self.max_days:
             raise ImageShareError(f"a share lasts 1 to {self.max_days} days")
         email = request.recipient_email.strip()
-        if email and not _EMAIL.match(email):
+        if email and not is_email_address(email):
             raise ImageShareError("the recipient's e-mail address is not valid")
         recipient_user = request.recipient_user.strip()
         if not request.deidentified and not (recipient_user or email):

@@ -172,6 +172,15 @@ def register_refused(request: Request, body: RefusedIn, actor: allowed(NODE_MANA
     return {**node.__dict__, "dicomweb_auth": ""}
 
 
+@router.post("/nodes/{ae_title}/test", summary="Test the connection to a node or site")
+def test_node(request: Request, ae_title: str, actor: allowed(NODE_MANAGE)
+              ) -> list[dict[str, Any]]:
+    """C-ECHO its DICOM port and, for a DICOMweb site, an authenticated QIDO-RS: whether each
+    works and what the site said (audited)."""
+    checks = request.app.state.archive.exchange.test_connection(ae_title, actor)
+    return [{"protocol": c.protocol, "ok": c.ok, "detail": c.detail} for c in checks]
+
+
 @router.delete("/nodes/{ae_title}", status_code=204, summary="Remove a DICOM node")
 def remove_node(request: Request, ae_title: str, actor: allowed(NODE_MANAGE)) -> None:
     """Forget a node."""

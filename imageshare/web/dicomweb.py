@@ -712,6 +712,14 @@ def _render(
     return Response(data, media_type=media)
 
 
+def render_stored(
+    request: Request, inst: StoredInstance, frame: int, thumbnail: bool = False
+) -> Response:
+    """One frame of a stored instance rendered as the request asks (for pages that chose
+    the instance themselves, such as the inbox viewer)."""
+    return _render(request, inst, frame, thumbnail)
+
+
 def _render_selection(request: Request, found: list[StoredInstance]) -> Response:
     """A study or series rendered: its representative image (the middle one, at its middle
     frame for a cine), or in multipart/related the first frame of every image."""

@@ -9,7 +9,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from tests.factory import ct_series
 from tests.peers import RunningServer, free_port
@@ -251,3 +251,61 @@ def test_retention_removes_expired_temporary_copies_and_inbox_items_only(hospita
     assert remaining == {dcmread(kept[0], stop_before_pixels=True).StudyInstanceUID}
     nothing = server.cli("retention", "run").stdout
     assert nothing.startswith("0 instance(s)")
+
+
+@pytest.mark.parametrize("protocol", ["dimse", "dicomweb"])
+def test_an_nhs_number_kept_in_other_patient_ids_is_found_or_the_site_says_it_was_not_searched(
+        hospitals, tmp_path, protocol):
+    server, orthanc, _files = hospitals
+    uk = dcmread(ct_series(tmp_path / "uk", 1, patient_id="H77001",
+                           patient_name="Lovelace^Ada")[0])
+    other = Dataset()
+    other.PatientID = "9449304424"
+    other.IssuerOfPatientID = "NHS"
+    uk.OtherPatientIDsSequence = [other]
+    body = tmp_path / "uk.dcm"
+    uk.save_as(body)
+    with orthanc.http() as client:
+        client.post("/instances", content=body.read_bytes()).raise_for_status()
+    extra = (["--dicomweb", f"{orthanc.url}/dicom-web"] if protocol == "dicomweb" else [])
+    server.cli("node", "add", "ORTHANC", "--host", "127.0.0.1", "--port",
+               str(orthanc.dicom_port), "--name", "Other Hospital", *extra)
+
+    blind = search(server, nhs="9449304424")
+    [site] = blind["sites"]
+    if protocol == "dimse":  # Orthanc matches inside the sequence over C-FIND
+        assert site["status"] == "answered", site
+        [study] = site["studies"]
+        assert (study["patient_id"], study["link"]) == ("H77001", "linked")
+        assert study["study_uid"] == uk.StudyInstanceUID
+        assert "Other Patient IDs" in site["detail"]
+    else:  # its QIDO-RS cannot: the answer says so rather than "0 studies"
+        assert site["status"] == "incomplete" and site["studies"] == [], site
+        assert "does not match inside Other Patient IDs" in site["detail"]
+        assert "add the name and date of birth" in site["detail"]
+        named = search(server, nhs="9449304424", name="Lovelace^Ada", dob="19700101")
+        assert named["sites"][0]["status"] == "incomplete"
+
+
+def test_test_connection_says_which_way_works_and_why_not(hospitals):
+    server, orthanc, _files = hospitals
+    server.cli("node", "add", "ORTHANC", "--host", "127.0.0.1", "--port",
+               str(orthanc.dicom_port), "--name", "Other Hospital", "--dicomweb",
+               f"{orthanc.url}/dicom-web")
+    server.cli("node", "add", "CLOSED", "--host", "127.0.0.1", "--port", str(free_port()),
+               "--name", "Closed Hospital")
+    server.cli("node", "add", "LOCKED", "--host", "127.0.0.1", "--port", str(free_port()),
+               "--name", "Locked Hospital", "--dicomweb", server.dicomweb,
+               "--dicomweb-auth", "Bearer not-a-token")
+    with server.http() as http:
+        works = http.post("/api/nodes/ORTHANC/test").json()
+        closed = http.post("/api/nodes/CLOSED/test").json()
+        locked = http.post("/api/nodes/LOCKED/test").json()
+        audit = http.get("/api/audit", params={"action": "node.test"})
+    assert [(c["protocol"], c["ok"]) for c in works] == [("DICOM", True), ("DICOMweb", True)]
+    assert "C-ECHO answered" in works[0]["detail"] and "QIDO-RS answered" in works[1]["detail"]
+    assert closed == [{"protocol": "DICOM", "ok": False,
+                       "detail": "Closed Hospital cannot be reached"}]
+    assert locked[1] == {"protocol": "DICOMweb", "ok": False,
+                         "detail": "Locked Hospital refused our credentials"}
+    assert [e["outcome"] for e in audit.json()] == ["failure", "failure", "success"]

@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from tests.factory import ct_series
 from tests.peers import RunningServer
@@ -87,3 +87,32 @@ def test_push_request_and_answer_between_two_imageshare_sites(sites, tmp_path):
     assert [i["study_uid"] for i in arrived] == [prior_uid] and arrived[0]["site"] == "SITEB"
     assert api(b, "GET", "/api/exchange/requests",
                params={"direction": "incoming"})[0]["state"] == "fulfilled"
+
+
+def test_another_imageshare_finds_a_patient_filed_under_a_hospital_number(sites, tmp_path):
+    a, b = sites
+    (path,) = ct_series(tmp_path / "b-study", 1, patient_id="B-55012",
+                        patient_name="Hopper^Grace")
+    ds = dcmread(path)
+    other = Dataset()
+    other.PatientID = "9449304424"
+    other.IssuerOfPatientID = "NHS"
+    ds.OtherPatientIDsSequence = [other]
+    ds.save_as(path)
+    b.cli("import", str(path))
+    # A searches B over DICOMweb with a reading account of B's, then over DIMSE (C-FIND).
+    b.cli("user", "add", "a-search", "--role", "service", "--password", "service-password")
+    token = b.cli("user", "token", "a-search", "--name", "A searches").stdout.strip()
+    for how in (["--dicomweb", b.dicomweb, "--dicomweb-auth", f"Bearer {token}"], []):
+        a.cli("node", "add", "SITEB", "--host", "127.0.0.1", "--port", str(b.dicom_port),
+              "--name", "Hospital B", "--inbox", "--replace", *how)
+        result = api(a, "POST", "/api/exchange/search", json={"nhs": "943 476 5919"})
+        assert [s["status"] for s in result["sites"]] == ["answered"]  # nobody: nothing
+        assert result["sites"][0]["studies"] == []
+        result = api(a, "POST", "/api/exchange/search", json={"nhs": "9449304424"})
+        [site] = result["sites"]
+        assert site["status"] == "answered", site
+        assert ("dicomweb" if how else "dimse") in site["detail"]
+        [study] = site["studies"]
+        assert (study["patient_id"], study["link"]) == ("B-55012", "linked")
+        assert study["study_uid"] == ds.StudyInstanceUID

@@ -39,3 +39,12 @@ def test_crafted_text_is_scanned_in_one_pass():
     done = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_share_addresses_are_checked_without_backtracking():
+    from imageshare.domain.identifiers import is_email_address
+
+    assert is_email_address("reviewer@trust.nhs.uk")
+    for wrong in ("", "reviewer", "a@b", "@b.c", "a@b@c.d", "a b@c.d", "a@.b", "a@b.",
+                  "x" * 250 + "@b.co"):
+        assert not is_email_address(wrong), wrong

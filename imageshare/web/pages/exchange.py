@@ -9,12 +9,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from imageshare.access.policy import EXCHANGE, NODE_MANAGE
+from imageshare.archive.retrieve import StoredInstance
+from imageshare.archive.viewing import viewer_manifest
 from imageshare.audit.trail import AuditEvent
-from imageshare.domain.errors import ImageShareError
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.exchange.nodes import Node
 from imageshare.web.auth import allowed
+from imageshare.web.dicomweb import render_stored
 from imageshare.web.exchange_api import patient_query
-from imageshare.web.pages.templating import page, redirect
+from imageshare.web.pages.templating import dicom_date, page, person, redirect
 from imageshare.web.params import RowId
 
 router = APIRouter(include_in_schema=False)
@@ -97,6 +101,61 @@ def inbox(request: Request, actor: allowed(EXCHANGE)) -> Response:
                 forward_sites=[n for n in archive.nodes.all() if n.send_to and not n.inbox])
 
 
+@router.get("/inbox/{item}/viewer")
+async def inbox_viewer(request: Request, item: RowId, actor: allowed(EXCHANGE),
+                       series: str = "") -> Response:
+    """The inbox's own viewer: a received study before anyone accepted it (it is in no
+    search, query or retrieval until then)."""
+    archive = request.app.state.archive
+    received = archive.inbox.item(item)
+    study = await run_in_threadpool(archive.catalogue.view, received.study_uid, actor, None,
+                                    True)
+    manifest = await run_in_threadpool(viewer_manifest, study, archive.retrieve.header, series)
+    manifest.update(base=f"/inbox/{item}/dicomweb", annotations=[], me=actor.name,
+                    annotationsUrl="")
+    return page(request, "viewer.html", manifest=manifest,
+                banner_name=person(study.patient.name), banner_id=study.patient.patient_id,
+                banner_date=dicom_date(study.study_date), back_link="/inbox",
+                back_label="Inbox", comment_action="")
+
+
+def _received(request: Request, actor: Actor, item: int, study: str, series: str,
+              sop: str = "") -> StoredInstance:
+    archive = request.app.state.archive
+    received = archive.inbox.item(item)
+    if study != received.study_uid:
+        raise NotFound("no such study, series or instance")
+    found = archive.retrieve.select(actor, "inbox.view", study_uids=[study],
+                                    series_uids=[series], sop_uids=[sop] if sop else (),
+                                    include_review=True)
+    return found[len(found) // 2] if not sop else found[0]
+
+
+@router.get("/inbox/{item}/dicomweb/studies/{study}/series/{series}/thumbnail")
+def inbox_thumbnail(request: Request, item: RowId, study: str, series: str,
+                    actor: allowed(EXCHANGE)) -> Response:
+    """A received series' thumbnail, for the inbox viewer."""
+    inst = _received(request, actor, item, study, series)
+    return render_stored(request, inst, max(1, (inst.number_of_frames + 1) // 2),
+                         thumbnail=True)
+
+
+@router.get("/inbox/{item}/dicomweb/studies/{study}/series/{series}/instances/{sop}/rendered")
+def inbox_rendered(request: Request, item: RowId, study: str, series: str, sop: str,
+                   actor: allowed(EXCHANGE)) -> Response:
+    """A received image, rendered for the inbox viewer."""
+    return render_stored(request, _received(request, actor, item, study, series, sop), 1)
+
+
+@router.get("/inbox/{item}/dicomweb/studies/{study}/series/{series}/instances/{sop}"
+            "/frames/{frame}/rendered")
+def inbox_rendered_frame(request: Request, item: RowId, study: str, series: str, sop: str,
+                         frame: int, actor: allowed(EXCHANGE)) -> Response:
+    """One frame of a received clip, rendered for the inbox viewer."""
+    return render_stored(request, _received(request, actor, item, study, series, sop),
+                         max(frame, 1))
+
+
 @router.post("/inbox/{item}/{decision}")
 async def decide(request: Request, item: RowId, decision: str, actor: allowed(EXCHANGE),
                  note: Annotated[str, Form()] = "", forward_to: Annotated[str, Form()] = ""
@@ -166,6 +225,17 @@ def add_site(
     archive.audit.record(AuditEvent(actor=actor, action="node.add", outcome="success",
                                     detail={"ae_title": node.ae_title}))
     return redirect("/admin/sites")
+
+
+@router.post("/admin/sites/{ae_title}/test")
+async def test_site(request: Request, ae_title: str, actor: allowed(NODE_MANAGE)) -> Response:
+    """Test the connection to a site (C-ECHO; an authenticated QIDO-RS over DICOMweb) and
+    show the result."""
+    archive = request.app.state.archive
+    checks = await run_in_threadpool(archive.exchange.test_connection, ae_title, actor)
+    return page(request, "sites.html", nodes=archive.nodes.all(),
+                refused=archive.refused_callers.all(), tested=archive.nodes.get(ae_title),
+                checks=checks)
 
 
 @router.post("/admin/sites/{ae_title}/remove")

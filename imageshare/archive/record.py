@@ -1,0 +1,44 @@
+"""What is part of the patient record.
+
+Instances received from outside — another hospital's studies in the inbox, arrivals held for
+reconciliation — are not part of the record until a person accepted them: every search,
+query and retrieval leaves them out, and only the inbox (and its viewer) shows them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import exists
+
+from imageshare.storage.index.schema import instances, series, studies
+
+# Retention classes of instances waiting for a person's decision.
+REVIEW_CLASSES = ("inbox", "held")
+
+
+def instance_in_record() -> Any:
+    """SQL condition: the instance row (``instances``) is part of the record."""
+    return instances.c.retention_class.not_in(REVIEW_CLASSES)
+
+
+def series_in_record() -> Any:
+    """SQL condition: the series row (``series``) holds an instance of the record."""
+    return exists().where(instances.c.series_pk == series.c.pk, instance_in_record())
+
+
+def study_in_record() -> Any:
+    """SQL condition: the study row (``studies``) holds an instance of the record."""
+    inner = series.alias("record_series")
+    return exists().where(
+        inner.c.study_pk == studies.c.pk, instances.c.series_pk == inner.c.pk,
+        instance_in_record())
+
+
+def patient_in_record(patient_pk: Any) -> Any:
+    """SQL condition: the patient (by its key column) has a study of the record."""
+    outer = studies.alias("record_studies")
+    inner = series.alias("record_series")
+    return exists().where(
+        outer.c.patient_pk == patient_pk, inner.c.study_pk == outer.c.pk,
+        instances.c.series_pk == inner.c.pk, instance_in_record())
