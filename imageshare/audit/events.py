@@ -200,6 +200,8 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
     _e("exchange.request.declined", "A request from another site was declined.",
        ORDER_RECORD, "U", ("request",), ("request",)),
     _e("inbox.read", "The inbox of received studies was listed.", INSTANCES_ACCESSED, "R"),
+    _e("inbox.view", "A received study waiting in the inbox was viewed (before it was "
+       "accepted).", INSTANCES_ACCESSED, "R", _STUDY, ("reason",)),
     _e("inbox.accept", "A received study was accepted into the archive.", IMPORT, "C",
        ("study", "node"), ("site", "done")),
     _e("inbox.reject", "A received study was rejected.", STUDY_DELETED, "D",
@@ -239,6 +241,8 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        ("node",), ("ae_title", "host", "port", "from"), NETWORK_CONFIGURATION),
     _e("node.remove", "A remote DICOM node or site was removed.", SECURITY_ALERT, "D",
        ("node",), ("ae_title",), NETWORK_CONFIGURATION),
+    _e("node.test", "The connection to a site was tested (C-ECHO, an authenticated QIDO-RS).",
+       APPLICATION_ACTIVITY, "E", ("node",), ("ae_title", "checks"), NETWORK_CONFIGURATION),
     _e("node.refused.read", "The list of refused DICOM callers was read.", SECURITY_ALERT, "R",
        (), (), NETWORK_CONFIGURATION),
     _e("dicom.echo", "A C-ECHO was refused.", SECURITY_ALERT, "E", ("node",), _REFUSAL,
