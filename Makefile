@@ -36,8 +36,12 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/imageshare serve --data-dir $(DATA_DIR)
 
+# The layering (import-linter contracts in pyproject.toml) and the types (mypy, cached in
+# .mypy_cache) are checked before the tests run; any failure fails `make test`.
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check imageshare tests bench
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # The real peers of the interop and browser tests (Debian packages; needs root).
@@ -46,6 +50,8 @@ peers:
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check imageshare tests bench
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/run.py

@@ -185,7 +185,57 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the DICOM conformance statement (docs/conformance.md)")
     settings = sub.add_parser("settings", help="print every setting with its default")
     settings.add_argument("--markdown", action="store_true")
+    sub.add_parser("commands", help="print every command with its options (the README's list)")
     return parser
+
+
+_COMMON = ("--config", "--data-dir", "--help")
+
+
+def _usage(action: argparse.Action) -> str:
+    if not action.option_strings:
+        name = str(action.metavar or action.dest).upper()
+        return f"{name}..." if action.nargs in ("+", "*") else (
+            f"[{name}]" if action.nargs == "?" else name)
+    option = max(action.option_strings, key=len)
+    if action.nargs == 0:
+        text = option
+    elif action.choices:
+        text = f"{option} {{{','.join(str(c) for c in action.choices)}}}"
+    else:
+        text = f"{option} {str(action.metavar or action.dest).upper()}"
+    return text if action.required else f"[{text}]"
+
+
+def _leaves(parser: argparse.ArgumentParser, words: tuple[str, ...]
+            ) -> list[tuple[str, str, argparse.ArgumentParser]]:
+    found: list[tuple[str, str, argparse.ArgumentParser]] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            for name, child in action.choices.items():
+                inner = _leaves(child, (*words, name))
+                found += inner or [(" ".join((*words, name)), helps.get(name, ""), child)]
+    return found
+
+
+def command_reference() -> str:
+    """Every command with its arguments and what it does, from the argument parser (the
+    README's command list; a test keeps them in step)."""
+    lines = ["# Every command that uses an installation also takes --config FILE and",
+             "# --data-dir DIR (else IMAGESHARE_CONFIG and IMAGESHARE_DATA_DIR, else ./var).",
+             ""]
+    for words, help_text, leaf in _leaves(_parser(), ("imageshare",)):
+        arguments = [_usage(a) for a in leaf._actions
+                     if not set(a.option_strings) & set(_COMMON)]
+        line = words
+        for argument in arguments:  # wrapped between arguments, under the first one
+            if len(line) + 1 + len(argument) > 96:
+                lines.append(line)
+                line = " " * len(words)
+            line += " " + argument
+        lines += [line, f"    # {help_text}"]
+    return "\n".join(lines) + "\n"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -562,6 +612,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         else:
             for e in sorted(CATALOGUE.values(), key=lambda e: e.action):
                 print(f"{e.action}\t{e.event_id.code}\t{e.action_code}\t{e.description}")
+    if args.command == "commands":
+        sys.stdout.write(command_reference())
         return 0
     if args.command == "conformance":
         from imageshare.conformance import statement
@@ -603,7 +655,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(f"user {args.username} ({args.role}) created")
             return 0
         if args.command == "user" and args.action == "token":
-            print(archive.users.create_token(args.username, args.name, origin="cli"))
+            print(archive.users.create_token(args.username, args.name, origin="cli",
+                                             actor=cli_actor()))
             return 0
         if args.command == "node" and args.action == "add":
             node = Node(
@@ -614,9 +667,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 retrieve_from=not args.no_retrieve_from, send_to=not args.no_send_to,
                 dicomweb_auth=args.dicomweb_auth, inbox=args.inbox, tls=args.tls,
             )
-            archive.nodes.add(node, replace=args.replace)
-            archive.audit.record(AuditEvent(cli_actor(), "node.add", "success",
-                                            detail={"ae_title": node.ae_title}))
+            archive.nodes.add(node, replace=args.replace, actor=cli_actor())
             print(f"node {node.ae_title} registered ({node.host}:{node.port})")
             return 0
         if args.command == "node" and args.action == "list":
@@ -629,7 +680,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                       f"{c.last_seen:%Y-%m-%d %H:%M}")
             return 0
         if args.command == "node" and args.action == "remove":
-            archive.nodes.remove(args.ae_title)
+            archive.nodes.remove(args.ae_title, cli_actor())
             print(f"node {args.ae_title} removed")
             return 0
         if args.command == "import":

@@ -37,7 +37,7 @@ from imageshare.archive.record import (
     series_in_record,
     study_in_record,
 )
-from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.audit.trail import AuditEvent, AuditTrail, Outcome
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import InvalidQuery
 from imageshare.storage.index.schema import (
@@ -242,7 +242,7 @@ class QueryService:
         return matches
 
     def _audit_query(
-        self, query: Query, actor: Actor, outcome: str, count: int, error: str = ""
+        self, query: Query, actor: Actor, outcome: Outcome, count: int, error: str = ""
     ) -> None:
         keys = {
             tag: _first_text(element)
@@ -251,7 +251,7 @@ class QueryService:
         }
         self._audit.record(
             AuditEvent(
-                actor=actor, action="study.query", outcome=outcome,  # type: ignore[arg-type]
+                actor=actor, action="study.query", outcome=outcome,
                 instance_count=count,
                 detail={"level": query.level, "keys": keys, **({"error": error} if error else {})},
             )
@@ -275,7 +275,7 @@ class QueryService:
                 stmt = stmt.where(_other_ids_condition(element))
             elif tag == MODALITIES_IN_STUDY and narrows(query.allowed_studies):
                 stmt = stmt.where(_modalities_condition(
-                    _first_text(element), query.allowed_studies))  # type: ignore[arg-type]
+                    _first_text(element), query.allowed_studies))  # type: ignore[arg-type]  # a Scope here
             elif tag in _SQL:
                 stmt = stmt.where(_SQL[tag](_first_text(element), query.fuzzy))
             else:

@@ -115,7 +115,7 @@ def _e(action: str, description: str, event_id: Code, action_code: ActionCode,
     return EventType(action, description, event_id, action_code, objects, fields, event_type)
 
 
-_STUDY = ("patient", "study")
+_STUDY: tuple[ObjectKind, ...] = ("patient", "study")
 _REFUSAL = ("service", "reason", "calling_ae", "host")
 _SHARE_USE = ("share",)
 

@@ -19,13 +19,13 @@ from pynetdicom.sop_class import (
 )
 
 from imageshare.dicom.contexts import storage_contexts_for
+from imageshare.domain.errors import SiteUnreachable
 from imageshare.exchange.nodes import Node
 from imageshare.exchange.sites import (
     Criteria,
     Delivered,
     Progress,
     RetrieveProgress,
-    SiteUnreachable,
 )
 
 log = logging.getLogger("imageshare.scu")

@@ -1,6 +1,6 @@
 """How ImageShare talks to other sites, whatever the protocol: the interface the exchange
-services use (adapters: DIMSE in :mod:`imageshare.dicom.scu`, DICOMweb in
-:mod:`imageshare.exchange.dicomweb_site`)."""
+services use (adapters, side by side: DIMSE in :mod:`imageshare.dicom.scu`, DICOMweb in
+:mod:`imageshare.dicom.dicomweb_site`)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from imageshare.domain.errors import ImageShareError
 from imageshare.exchange.nodes import Node
-
-
-class SiteUnreachable(ImageShareError):
-    """The site did not answer (connection refused, timed out, association rejected)."""
-
-    http_status = 502
-    title = "Site unreachable"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from imageshare.settings import Settings
 from imageshare.tls import https_enabled, server_context
 from imageshare.web import api, dicomweb, exchange_api, exports, problems, share_api
 from imageshare.web.auth import allowed
+from imageshare.web.deps import Archive, ArchiveDep
 from imageshare.web.pages import (
     account,
     admin,
@@ -36,7 +37,7 @@ from imageshare.web.pages import (
 )
 
 
-def create_app(archive: Any) -> FastAPI:
+def create_app(archive: Archive) -> FastAPI:
     """The web application serving ``archive``."""
     app = FastAPI(
         title="ImageShare", version=__version__, openapi_url=None, docs_url=None,
@@ -62,10 +63,10 @@ def create_app(archive: Any) -> FastAPI:
         )
 
     @app.get("/healthz", tags=["health"], summary="Liveness and readiness")
-    def healthz(request: Request, _actor: allowed(PUBLIC)) -> JSONResponse:
+    def healthz(archive: ArchiveDep, _actor: allowed(PUBLIC)) -> JSONResponse:
         """``ok`` when the index answers; no patient data."""
         try:
-            with request.app.state.archive.engine.connect() as conn:
+            with archive.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception:  # noqa: BLE001 - reported as not ready
             return JSONResponse({"status": "unavailable"}, status_code=503)
@@ -88,6 +89,7 @@ def http_server_config(app: FastAPI, settings: Settings) -> Any:
     config = uvicorn.Config(
         app, host=settings.http_host, port=settings.http_port, log_level="warning",
         access_log=False, http=LimitedHttpProtocol,
+        proxy_headers=True, forwarded_allow_ips=settings.trusted_proxies,
         # On SIGTERM/SIGINT requests in flight get the grace, then are ended.
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
         ssl_certfile=settings.tls_certificate if https else None,

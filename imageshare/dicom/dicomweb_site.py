@@ -14,16 +14,16 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
 from requests.adapters import HTTPAdapter
 
+from imageshare.domain.errors import SiteUnreachable
 from imageshare.exchange.nodes import Node
 from imageshare.exchange.sites import (
     Criteria,
     Delivered,
     Progress,
     RetrieveProgress,
-    SiteUnreachable,
 )
 
-Store = Callable[[io.BytesIO], None]
+Store = Callable[[io.BytesIO], object]
 
 
 class _TlsAdapter(HTTPAdapter):
@@ -60,7 +60,7 @@ class DicomwebSites:
         elif ":" in auth:
             user, _, password = auth.partition(":")
             session.auth = (user, password)
-        session.request = _with_timeout(session.request, timeout or self.timeout)
+        session.request = _with_timeout(session.request, timeout or self.timeout)  # type: ignore[method-assign]  # requests has no per-session timeout: its method is wrapped
         return DICOMwebClient(url=node.dicomweb_url.rstrip("/"), session=session)
 
     def find_studies(self, node: Node, criteria: Criteria, timeout: float

@@ -4,14 +4,14 @@ Adds the chain columns (sequence number, previous hash, own hash) and the one-ro
 then chains the rows already in the trail, oldest first (imageshare/audit/chain.py); and the
 cursor of the ATNA sender (imageshare/audit/atna.py), after the rows already there.
 
-Revision ID: 0016
+Revision ID: 0017
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0016"
-down_revision = "0015"
+revision = "0017"
+down_revision = "0016"
 branch_labels = None
 depends_on = None
 
