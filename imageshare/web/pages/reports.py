@@ -16,6 +16,7 @@ from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError
 from imageshare.web.auth import allowed
+from imageshare.web.deps import ArchiveDep
 from imageshare.web.pages.templating import page
 
 router = APIRouter(include_in_schema=False)
@@ -60,7 +61,8 @@ def reports(request: Request, _actor: allowed(AUDIT_READ)) -> Response:
 
 @router.post("/admin/reports/patient")
 def patient_accesses(
-    request: Request, actor: allowed(AUDIT_READ), patient_id: Annotated[str, Form()],
+    request: Request, archive: ArchiveDep, actor: allowed(AUDIT_READ),
+    patient_id: Annotated[str, Form()],
     since: Annotated[str, Form()] = "", until: Annotated[str, Form()] = "",
     format: Annotated[str, Form()] = "page",  # noqa: A002 - the form's field name
 ) -> Response:
@@ -69,7 +71,6 @@ def patient_accesses(
     patient_id = patient_id.strip()[:64]
     if not patient_id:
         raise ImageShareError("a patient ID is needed")
-    archive = request.app.state.archive
     report = patient_report(archive.engine, patient_id, start, end)
     archive.audit.record(AuditEvent(
         actor=actor, action="audit.report", outcome="success", patient_id=patient_id,
@@ -80,7 +81,8 @@ def patient_accesses(
 
 @router.post("/admin/reports/user")
 def user_activity(
-    request: Request, actor: allowed(AUDIT_READ), username: Annotated[str, Form()],
+    request: Request, archive: ArchiveDep, actor: allowed(AUDIT_READ),
+    username: Annotated[str, Form()],
     since: Annotated[str, Form()] = "", until: Annotated[str, Form()] = "",
     format: Annotated[str, Form()] = "page",  # noqa: A002 - the form's field name
 ) -> Response:
@@ -90,7 +92,6 @@ def user_activity(
     if not username:
         raise ImageShareError("a user name is needed")
     label = username if ":" in username else f"user:{username}"
-    archive = request.app.state.archive
     report = user_report(archive.engine, label, start, end)
     archive.audit.record(AuditEvent(
         actor=actor, action="audit.report", outcome="success", instance_count=len(report.rows),
