@@ -40,6 +40,8 @@ from imageshare.archive.query import QueryService
 from imageshare.archive.retrieve import RetrieveService
 from imageshare.archive.search import StudySearchService
 from imageshare.archive.studies import StudyCatalogue
+from imageshare.audit.atna import AtnaConfig, AtnaSender
+from imageshare.audit.chain import SignedHead, export_head, head_key
 from imageshare.audit.trail import AuditTrail
 from imageshare.deid.pseudonyms import Pseudonyms, installation_secret
 from imageshare.deid.service import Deidentifier
@@ -153,10 +155,55 @@ def _private_data_dir(settings: Settings) -> None:
                 side.chmod(0o600)
 
 
-def _secret_box(settings: Settings) -> SecretBox:
+def installation_key(settings: Settings) -> bytes:
+    """The per-installation key (``secret_key`` or ``secret_key_file``), kept apart from the
+    database: it seals secrets at rest and signs the audit chain's heads."""
     key_file = (Path(settings.secret_key_file) if settings.secret_key_file
                 else settings.data_dir / SECRET_KEY_FILE)
-    return SecretBox(load_secret_key(settings.secret_key, key_file))
+    return load_secret_key(settings.secret_key, key_file)
+
+
+def _secret_box(settings: Settings) -> SecretBox:
+    return SecretBox(installation_key(settings))
+
+
+def export_audit_head(archive: Archive) -> SignedHead:
+    """Append the audit chain's current head, signed, to the heads file."""
+    settings = archive.settings
+    return export_head(archive.engine, head_key(installation_key(settings)),
+                       settings.resolved_audit_head_file)
+
+
+def atna_sender(archive: Archive) -> AtnaSender | None:
+    """The sender of audit messages to the configured audit repository (None: none set)."""
+    s = archive.settings
+    if not s.atna_host:
+        return None
+    return AtnaSender(archive.engine, AtnaConfig(
+        host=s.atna_host, port=s.atna_port, ca_file=s.atna_ca_file,
+        client_certificate=s.atna_client_certificate,
+        client_private_key=s.atna_client_private_key,
+        audit_source_id=s.atna_audit_source_id or s.ae_title,
+        enterprise_site_id=s.atna_enterprise_site_id, ae_title=s.ae_title))
+
+
+def _start_head_export(archive: Archive) -> threading.Event:
+    """Export the signed audit chain head now and every ``audit_head_interval_seconds``."""
+    stop = threading.Event()
+    every = archive.settings.audit_head_interval_seconds
+
+    def run() -> None:
+        while True:
+            try:
+                export_audit_head(archive)
+            except Exception as exc:  # noqa: BLE001 - tried again next time; logged
+                log.warning("exporting the audit chain head failed: %s", type(exc).__name__)
+            if stop.wait(every):
+                return
+
+    if every > 0:
+        threading.Thread(target=run, name="audit-head", daemon=True).start()
+    return stop
 
 
 def _checkpoint(engine: Engine) -> None:
@@ -567,6 +614,10 @@ def serve(settings: Settings) -> None:
     archive.jobs.start()  # this instance runs jobs queued by any instance
     periodic = periodic_tasks(archive)
     periodic.start()
+    head_export = _start_head_export(archive)
+    atna = atna_sender(archive)
+    if atna is not None:
+        atna.start()
 
     def stop_dicom() -> None:
         """Drain DICOM in every process at once: the workers on their SIGTERM, this one here."""
@@ -603,6 +654,9 @@ def serve(settings: Settings) -> None:
             server.run()
     finally:
         periodic.stop()
+        head_export.set()
+        if atna is not None:
+            atna.stop()
         archive.transfers.close()
         if draining.ident is None:
             draining.start()

@@ -209,6 +209,41 @@ class Settings:
         "", "File holding the key that encrypts secrets in the database (made on first "
         "start, readable by the owner only); empty: secret-key in the data dir."
     )
+    audit_head_file: str = _setting(
+        "", "File the signed head of the audit hash chain is appended to (HMAC with a key "
+        "derived from the installation key); keep it off the data disk, e.g. on write-once "
+        "or remote storage; empty: audit-heads.jsonl in the data dir."
+    )
+    audit_head_interval_seconds: float = _setting(
+        3600.0, "How often the server exports the signed audit chain head (0: only on "
+        "demand, imageshare audit head)."
+    )
+    atna_host: str = _setting(
+        "", "Audit repository (IHE ATNA) host: every audit event is also sent there as a "
+        "DICOM PS3.15 A.5 audit message in RFC 5424 syslog over TLS (RFC 5425); empty: not "
+        "sent. Events wait in the audit trail while it is unreachable."
+    )
+    atna_port: int = _setting(6514, "Port of the audit repository's syslog-over-TLS listener.")
+    atna_ca_file: str = _setting(
+        "", "PEM authorities that sign the audit repository's certificate; empty: the "
+        "system's."
+    )
+    atna_client_certificate: str = _setting(
+        "", "PEM certificate ImageShare presents to the audit repository (empty: none)."
+    )
+    atna_client_private_key: str = _setting(
+        "", "PEM private key of atna_client_certificate (empty: in the certificate file)."
+    )
+    atna_audit_source_id: str = _setting(
+        "", "AuditSourceID in the audit messages; empty: the AE title."
+    )
+    atna_enterprise_site_id: str = _setting(
+        "", "AuditEnterpriseSiteID in the audit messages (e.g. the trust's ODS code)."
+    )
+    pg_bin_dir: str = _setting(
+        "", "Folder of pg_dump and pg_restore for backups of a PostgreSQL index; empty: the "
+        "newest Debian PostgreSQL's, else PATH."
+    )
 
     def __post_init__(self) -> None:
         """Check every value at load: a setting with a list of choices has one of them, the
@@ -242,6 +277,12 @@ class Settings:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
+
+    @property
+    def resolved_audit_head_file(self) -> Path:
+        """Where signed audit chain heads are appended."""
+        return Path(self.audit_head_file) if self.audit_head_file else (
+            self.data_dir / "audit-heads.jsonl")
 
     @property
     def resolved_storage_url(self) -> str:

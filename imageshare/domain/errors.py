@@ -120,6 +120,13 @@ class AuditUnavailable(ImageShareError):
     title = "Audit trail unavailable"
 
 
+class UnknownAuditEvent(ImageShareError):
+    """An audit event whose action is not in the catalogue (``imageshare/audit/events.py``)."""
+
+    http_status = 500
+    title = "Unknown audit event"
+
+
 class UndecodableImage(InvalidInstance):
     """The pixels of an instance cannot be decoded (no codec, damaged, unreadable size)."""
 

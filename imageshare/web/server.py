@@ -28,6 +28,7 @@ from imageshare.web.pages import (
     cases,
     exchange,
     patients,
+    reports,
     shared,
     shares,
     sign_in,
@@ -49,8 +50,8 @@ def create_app(archive: Archive) -> FastAPI:
     app.include_router(exports.router)
     app.include_router(share_api.router)
     app.include_router(exchange_api.router)
-    for pages in (sign_in, studies, viewer, patients, account, admin, shares, shared, cases,
-                  exchange, assets):
+    for pages in (sign_in, studies, viewer, patients, account, admin, reports, shares, shared,
+                  cases, exchange, assets):
         app.include_router(pages.router)
     app.add_middleware(RequestLimits, settings=archive.settings)
     origins = [o.strip() for o in archive.settings.cors_origins.split(",") if o.strip()]

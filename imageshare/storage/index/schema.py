@@ -222,6 +222,30 @@ audit_events = Table(
     Column("study_uid", String(64), nullable=False, default="", index=True),
     Column("detail", Text, nullable=False, default=""),
     Column("instance_count", Integer, nullable=False, default=0),
+    # Tamper evidence (imageshare/audit/chain.py): place in the chain and the SHA-256 links.
+    Column("seq", BigInteger, nullable=True, index=True, unique=True),
+    Column("prev_hash", String(64), nullable=True),
+    Column("row_hash", String(64), nullable=True),
+)
+
+# The newest link of the audit chain (one row, id 1); writers lock it to extend the chain.
+audit_chain_head = Table(
+    "audit_chain_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+# How far the audit trail was sent to the ATNA audit repository (one row, id 1), and which
+# process holds the lease to send (one sender at a time, also with several instances).
+atna_cursor = Table(
+    "atna_cursor",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("sent_seq", BigInteger, nullable=False),
+    Column("owner", String(64), nullable=False, default=""),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
 )
 
 study_comments = Table(
