@@ -248,6 +248,10 @@ def parents_changed_in(conn: Connection) -> None:
         conn.execute(insert(cache_generations).values(name="parents", generation=1))
 
 
+class RacedAnotherWriter(Exception):
+    """Another process changed the rows an index change had read: run the change again."""
+
+
 def index_instance(
     conn: Connection,
     h: InstanceHeader,
@@ -301,6 +305,10 @@ def index_instance(
             h = replace(h, issuer=(HELD_PREFIX + h.issuer)[:64])
             retention_class = "held"
     series_row = known.one_series(conn, h.series_uid)
+    if series_row is not None and study is None and known.study(conn, h.study_uid) is not None:
+        # Another process filed this study and series between the two look-ups: not a
+        # conflict, a race; the change is run again on fresh data.
+        raise RacedAnotherWriter(f"study {h.study_uid} was filed meanwhile")
     if series_row is not None and (study is None or series_row.study_pk != study.pk):
         return IndexOutcome(
             "conflict", f"series {h.series_uid} already belongs to another study"
