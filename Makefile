@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= ./var
 
-.PHONY: install run test peers lint bench bench-viewer bench-deid bench-exchange bench-blobstore clean
+.PHONY: install run test peers lint bench bench-viewer bench-deid bench-exchange bench-blobstore bench-scale clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -36,8 +36,12 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/imageshare serve --data-dir $(DATA_DIR)
 
+# The layering (import-linter contracts in pyproject.toml) and the types (mypy, cached in
+# .mypy_cache) are checked before the tests run; any failure fails `make test`.
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check imageshare tests bench
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # The real peers of the interop and browser tests (Debian packages; needs root).
@@ -46,6 +50,8 @@ peers:
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check imageshare tests bench
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/run.py
@@ -61,6 +67,9 @@ bench-exchange: $(VENV)/.installed-test
 
 bench-blobstore: $(VENV)/.installed-test
 	$(BIN)/python bench/blobstore.py
+
+bench-scale: $(VENV)/.installed-test
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) var

@@ -13,15 +13,18 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.engine import make_url
 
-from imageshare.access.policy import Policy
+from imageshare.access.policy import Policy, arrival_class
 from imageshare.access.sessions import SessionStore
+from imageshare.access.sign_in import SignIn
 from imageshare.access.throttle import SignInThrottle
 from imageshare.access.users import UserDirectory
 from imageshare.archive import pixel_budget
@@ -37,28 +40,37 @@ from imageshare.archive.query import QueryService
 from imageshare.archive.retrieve import RetrieveService
 from imageshare.archive.search import StudySearchService
 from imageshare.archive.studies import StudyCatalogue
+from imageshare.audit.atna import AtnaConfig, AtnaSender
+from imageshare.audit.chain import SignedHead, export_head, head_key
 from imageshare.audit.trail import AuditTrail
 from imageshare.deid.pseudonyms import Pseudonyms, installation_secret
 from imageshare.deid.service import Deidentifier
 from imageshare.deid.setup import deidentifier_for
+from imageshare.dicom.dicomweb_site import DicomwebSites
 from imageshare.dicom.scu import DimseSites
 from imageshare.domain.actors import SYSTEM, Actor
-from imageshare.domain.errors import ConfigurationError
 from imageshare.ehr.launch import EhrLaunches
-from imageshare.exchange.dicomweb_site import DicomwebSites
 from imageshare.exchange.federated import ExchangeService
 from imageshare.exchange.inbox import Inbox, Retention
 from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 from imageshare.exchange.requests import ImagingRequests
+from imageshare.exchange.sites import SiteClient
 from imageshare.exchange.transfers import Transfers
 from imageshare.export.service import ExportService
 from imageshare.fhir.imaging_study import ImagingStudies
-from imageshare.jobs import JobRunner
+from imageshare.jobs import DatabaseJobQueue, Job
+from imageshare.jobs.periodic import PeriodicTask, PeriodicTasks
+from imageshare.notify import Mailer, MailSettings, Notifier
 from imageshare.settings import Settings
 from imageshare.sharing.cases import CaseBook
 from imageshare.sharing.links import ShareService
-from imageshare.sharing.notify import Mailer, MailSettings, Notifier
-from imageshare.storage.blobs import BlobStore, fsync_file, key_prefix_for, open_blob_store
+from imageshare.storage.blobs import (
+    BlobStore,
+    fsync_file,
+    key_prefix_for,
+    open_blob_store,
+    results_store_url,
+)
 from imageshare.storage.files import make_private
 from imageshare.storage.index.database import make_engine, migrate
 from imageshare.storage.index.schema import instances
@@ -97,7 +109,8 @@ class Archive:
     attachments: AttachmentService
     corrections: PatientCorrections
     throttle: SignInThrottle
-    jobs: JobRunner
+    sign_in: SignIn
+    jobs: DatabaseJobQueue
     exports: ExportService
     notifier: Notifier
     shares: ShareService
@@ -146,10 +159,65 @@ def _private_data_dir(settings: Settings) -> None:
                 side.chmod(0o600)
 
 
-def _secret_box(settings: Settings) -> SecretBox:
+def installation_key(settings: Settings) -> bytes:
+    """The per-installation key (``secret_key`` or ``secret_key_file``), kept apart from the
+    database: it seals secrets at rest and signs the audit chain's heads."""
     key_file = (Path(settings.secret_key_file) if settings.secret_key_file
                 else settings.data_dir / SECRET_KEY_FILE)
-    return SecretBox(load_secret_key(settings.secret_key, key_file))
+    return load_secret_key(settings.secret_key, key_file)
+
+
+def _secret_box(settings: Settings) -> SecretBox:
+    return SecretBox(installation_key(settings))
+
+
+def export_audit_head(archive: Archive) -> SignedHead:
+    """Append the audit chain's current head, signed, to the heads file."""
+    settings = archive.settings
+    return export_head(archive.engine, head_key(installation_key(settings)),
+                       settings.resolved_audit_head_file)
+
+
+def atna_sender(archive: Archive) -> AtnaSender | None:
+    """The sender of audit messages to the configured audit repository (None: none set)."""
+    s = archive.settings
+    if not s.atna_host:
+        return None
+    return AtnaSender(archive.engine, AtnaConfig(
+        host=s.atna_host, port=s.atna_port, ca_file=s.atna_ca_file,
+        client_certificate=s.atna_client_certificate,
+        client_private_key=s.atna_client_private_key,
+        audit_source_id=s.atna_audit_source_id or s.ae_title,
+        enterprise_site_id=s.atna_enterprise_site_id, ae_title=s.ae_title))
+
+
+def _start_head_export(archive: Archive) -> threading.Event:
+    """Export the signed audit chain head now and every ``audit_head_interval_seconds``."""
+    stop = threading.Event()
+    every = archive.settings.audit_head_interval_seconds
+
+    def run() -> None:
+        while True:
+            try:
+                export_audit_head(archive)
+            except Exception as exc:  # noqa: BLE001 - tried again next time; logged
+                log.warning("exporting the audit chain head failed: %s", type(exc).__name__)
+            if stop.wait(every):
+                return
+
+    if every > 0:
+        threading.Thread(target=run, name="audit-head", daemon=True).start()
+    return stop
+
+
+def _checkpoint(engine: Engine) -> None:
+    """On SQLite, move what start-up wrote (migrations, recovery) from the write-ahead log
+    into the index and empty the log: it then grows only with new work (on a nearly full
+    disk that is room for the writes that matter)."""
+    if engine.dialect.name != "sqlite":
+        return
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def _forget_plaintext(engine: Engine) -> None:
@@ -181,14 +249,17 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     ingest = IngestService(
         blobs, writer, audit, settings.staging_dir, overwrite=settings.overwrite_instances,
         min_free_mb=settings.min_free_disk_mb, quarantine_dir=settings.quarantine_dir,
-        patient_mismatch=settings.patient_mismatch,
+        patient_mismatch=settings.patient_mismatch, arrival_class=arrival_class,
     )
     retrieve = RetrieveService(engine, blobs, audit, settings.staging_dir)
     query = QueryService(
         engine, settings.ae_title, retrieve.header_json, audit, settings.qido_max_limit
     )
     catalogue = StudyCatalogue(engine, audit)
-    jobs = JobRunner()
+    jobs = DatabaseJobQueue(
+        engine, box=box, workers=settings.job_workers,
+        lease_seconds=settings.job_lease_seconds,
+        retry_delays=settings.job_retry_schedule)
     deidentifiers: dict[str, Deidentifier] = {}
 
     def deidentifier(profile: str) -> Deidentifier:
@@ -200,64 +271,158 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
                                      settings.staging_dir, ingest.parents_changed)
     deletion = ArchiveDeletion(writer, blobs, audit, ingest.parents_changed)
     tls = client_context(settings)  # for nodes reached over DICOM TLS and https sites
-    clients = {
+    clients: dict[str, SiteClient] = {
         "dimse": DimseSites(settings.ae_title, settings.dicom_timeout, tls),
         "dicomweb": DicomwebSites(lambda stream: ingest.store_stream(
             stream, Actor("system", "exchange", "system", "dicomweb")), tls=tls),
     }
-    users_directory = UserDirectory(engine, box)
-    nodes = NodeRegistry(engine, box)
+    users_directory = UserDirectory(engine, box, audit)
+    nodes = NodeRegistry(engine, box, audit)
     if upgrade:  # secrets an older version stored in plaintext are encrypted now
         sealed = users_directory.seal_stored_secrets() + nodes.seal_stored_credentials()
         if sealed:
             log.warning("encrypted %d secret(s) stored in plaintext by an older version", sealed)
             _forget_plaintext(engine)
     search = StudySearchService(query)
+    sessions = SessionStore(engine)
     mailer = Mailer(MailSettings(settings.smtp_host, settings.smtp_port, settings.smtp_tls,
                                  settings.smtp_user, settings.smtp_password,
                                  settings.mail_sender))
     notifier = Notifier(engine, mailer, users_directory.email_of, settings.public_url)
+    jobs.set_notify(notifier.notify)
     shares = ShareService(
         engine, retrieve, audit, notifier, deidentifier,
         lambda: Pseudonyms(installation_secret(settings.data_dir, settings.deid_secret)),
         settings.data_dir / "share-cache", settings.share_default_days,
-        settings.share_max_days, ingest, users=users_directory, public_url=settings.public_url)
-    return Archive(
+        settings.share_max_days, ingest, users=users_directory, public_url=settings.public_url,
+        jobs=jobs)
+    exports = ExportService(
+        retrieve, audit, jobs, settings.data_dir / "exports", deidentifier,
+        open_blob_store(results_store_url(settings.resolved_storage_url),
+                        settings.s3_endpoint_url))
+    jobs.set_on_forget(exports.forget)
+    retention = Retention(deletion, settings.temporary_days)
+    throttle = SignInThrottle(engine)
+    _register_housekeeping(jobs, shares, retention, throttle)
+    archive = Archive(
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
         ingest=ingest, query=query, retrieve=retrieve, users=users_directory,
-        sessions=SessionStore(engine),
+        sessions=sessions,
         nodes=nodes,
         policy=Policy(store_from_any_ae=settings.store_from_any_ae,
                       shared_with=shares.grants_for),
         search=search, catalogue=catalogue,
         comments=CommentBook(engine, audit), attachments=AttachmentService(catalogue, ingest),
         corrections=corrections,
-        throttle=SignInThrottle(), jobs=jobs,
-        exports=ExportService(retrieve, audit, jobs, settings.data_dir / "exports",
-                              deidentifier),
+        throttle=throttle, sign_in=SignIn(users_directory, sessions, throttle, audit),
+        jobs=jobs, exports=exports,
         notifier=notifier, shares=shares, cases=CaseBook(engine, retrieve, audit),
         annotations=AnnotationBook(engine, retrieve, ingest, audit),
         exchange=ExchangeService(engine, nodes, clients, search, audit, jobs,
                                  settings.exchange_timeout,
                                  settings.link_by_name_and_birth_date),
         transfers=Transfers(engine, nodes, clients, retrieve, jobs, notifier, audit,
-                            _seconds(settings.push_retry_seconds)),
+                            settings.push_retry_schedule),
         inbox=Inbox(engine, catalogue, corrections, deletion, audit),
-        retention=Retention(deletion, settings.temporary_days), deletion=deletion,
+        retention=retention, deletion=deletion,
         requests=ImagingRequests(engine, nodes, notifier, audit, settings.ae_title, tls),
         refused_callers=RefusedCallers(engine, nodes, audit),
         ehr_launches=EhrLaunches(engine, box, users_directory, audit,
                                  settings.iid_launch_max_seconds),
         imaging_studies=ImagingStudies(query, settings.fhir_hospital_number_system),
     )
+    jobs.register("recover", lambda job, params: _recover_job(archive, job, params))
+    return archive
 
 
-def _seconds(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError as exc:
-        raise ConfigurationError("push_retry_seconds is a comma-separated list of seconds"
-                                 ) from exc
+def _register_housekeeping(jobs: DatabaseJobQueue, shares: ShareService,
+                           retention: Retention, throttle: SignInThrottle) -> None:
+    """The jobs that keep the installation tidy (queued by :func:`periodic_tasks` and the
+    share pages)."""
+
+    def prepare_share(_job: Job, params: dict[str, Any]) -> None:
+        shares.prepare(shares.by_public_id(params["share"], _job.owner))
+
+    def run_retention(job: Job, _params: dict[str, Any]) -> None:
+        removed = retention.run(SYSTEM)
+        job.summary = (f"{removed.instances} instance(s) of {len(removed.studies)} study(ies) "
+                       "removed")
+
+    def share_notices(job: Job, _params: dict[str, Any]) -> None:
+        told = shares.notify_expiring()
+        forgotten = jobs.forget_finished()
+        throttle.forget_old()
+        job.summary = f"{told} owner(s) told; {forgotten} old job(s) removed"
+
+    jobs.register("share", prepare_share)
+    jobs.register("retention", run_retention)
+    jobs.register("share-notices", share_notices)
+
+
+def shared_index_warnings(archive: Archive) -> list[str]:
+    """What an instance on a shared (PostgreSQL) index lacks to agree with the others."""
+    settings = archive.settings
+    if archive.engine.dialect.name == "sqlite":
+        return []
+    warnings_ = []
+    if not settings.secret_key and not settings.secret_key_file:
+        warnings_.append("the index may be shared by several instances, but the secret key "
+                         "is this data dir's own: set IMAGESHARE_SECRET_KEY on every instance")
+    if not settings.deid_secret:
+        warnings_.append("the index may be shared by several instances, but the "
+                         "de-identification secret is this data dir's own: set "
+                         "IMAGESHARE_DEID_SECRET on every instance")
+    return warnings_
+
+
+def periodic_tasks(archive: Archive) -> PeriodicTasks:
+    """The tasks every instance offers to queue, each once per period across instances."""
+    settings = archive.settings
+    return PeriodicTasks(archive.jobs, [
+        PeriodicTask("retention", settings.retention_every_seconds,
+                     "Retention of temporary copies and inbox items"),
+        PeriodicTask("share-notices", settings.share_notices_every_seconds,
+                     "Notices of share links about to expire"),
+    ])
+
+
+_RECOVERY_LOCK = 0x1A6E5A4E  # the PostgreSQL advisory lock held while recovery runs
+
+
+@contextmanager
+def _recovery_lock(engine: Engine) -> Iterator[None]:
+    """One instance at a time recovers (on PostgreSQL; a SQLite index has one process)."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _RECOVERY_LOCK})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _RECOVERY_LOCK})
+            conn.commit()
+
+
+def _recover_range(archive: Archive, since: str, until: str = "") -> int:
+    """Index the blobs with keys from ``since`` (before ``until``) that the index lost."""
+    with _recovery_lock(archive.engine):
+        with archive.engine.connect() as conn:
+            known = set(
+                conn.execute(select(instances.c.blob_key).where(instances.c.blob_key >= since))
+                .scalars()
+            )
+        recovered = archive.ingest.recover_unindexed(known, SYSTEM, since, until)
+    if recovered:
+        log.warning("re-indexed %d stored instance(s) missing from the index", recovered)
+    return recovered
+
+
+def _recover_job(archive: Archive, job: Job, params: dict[str, Any]) -> None:
+    """The delayed part of start-up recovery (blobs too young to judge at the start)."""
+    recovered = _recover_range(archive, params["since"], params.get("until", ""))
+    job.summary = f"{recovered} instance(s) re-indexed"
 
 
 def recover(archive: Archive) -> int:
@@ -266,6 +431,11 @@ def recover(archive: Archive) -> int:
     Only blobs made since the previous start are looked at (keys sort by the minute they were
     made; the index can only lose commits made after that start), so start-up stays quick on
     a large archive. The first start looks at everything.
+
+    On a shared index (PostgreSQL, several instances) one instance recovers at a time (an
+    advisory lock), and a blob younger than ``recovery_grace_seconds`` may still be on its way
+    into the index from another instance: those are looked at by a job that runs once the
+    grace period is over (on whichever instance takes it).
     """
     for leftover in archive.settings.staging_dir.glob("*"):
         leftover.unlink(missing_ok=True)
@@ -275,14 +445,17 @@ def recover(archive: Archive) -> int:
     mark_file = archive.settings.data_dir / "recovered-until"
     since = mark_file.read_text().strip() if mark_file.exists() else ""
     started = time.time()
-    with archive.engine.connect() as conn:
-        known = set(
-            conn.execute(select(instances.c.blob_key).where(instances.c.blob_key >= since))
-            .scalars()
-        )
-    recovered = archive.ingest.recover_unindexed(known, SYSTEM, since)
-    if recovered:
-        log.warning("re-indexed %d stored instance(s) missing from the index", recovered)
+    grace = (archive.settings.recovery_grace_seconds
+             if archive.engine.dialect.name != "sqlite" else 0.0)
+    until = key_prefix_for(started - grace) if grace > 0 else ""
+    if until and since and until < since:
+        until = since
+    recovered = _recover_range(archive, since, until)
+    if until:
+        archive.jobs.submit_once(
+            f"recover:{until}:{archive.jobs.instance}", "recover",
+            "Recovery of blobs written just before a start",
+            {"since": until, "until": key_prefix_for(started + 120)}, delay=grace)
     # One minute of margin: keys made during this start are looked at again next time.
     temporary = mark_file.with_suffix(".tmp")
     temporary.write_text(key_prefix_for(started - 60))
@@ -314,6 +487,31 @@ class _ValuesNotLogged(logging.Filter):
         record.msg = "a stored value does not fit its VR or encoding (value not logged)"
         record.args = ()
         return True
+
+
+ADMIN_PASSWORD_FILE = "admin-password.txt"
+
+
+def create_admin(archive: Archive, out: TextIO, interactive: bool) -> Path | None:
+    """On first start, create the account ``admin`` (password IMAGESHARE_ADMIN_PASSWORD, else
+    generated). A generated password is written to ``admin-password.txt`` in the data folder,
+    readable only by the service's user (0600), whose path is printed; the password itself is
+    printed only on a terminal (a console sent to a log would keep it). Returns the file."""
+    generated = archive.users.ensure_admin(archive.settings.admin_password)
+    if not generated:
+        return None
+    path = archive.settings.data_dir / ADMIN_PASSWORD_FILE
+    path.unlink(missing_ok=True)  # a new file of our own, never one someone left there
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(generated + "\n")
+    if interactive:
+        print(f"Created user 'admin' with password: {generated}", file=out)
+    else:
+        print("Created user 'admin'.", file=out)
+    print(f"The password is in {path.resolve()} (readable only by this user); sign in, change "
+          "it, then delete the file.", file=out, flush=True)
+    return path
 
 
 def dicom_processes(settings: Settings) -> int:
@@ -365,25 +563,6 @@ def run_dicom_worker(settings: Settings, ready: Any) -> None:
     archive.close()
 
 
-def _start_housekeeping(archive: Archive, every: float = 3600.0) -> threading.Event:
-    """Hourly chores in the background: tell owners about share links about to expire."""
-    stop = threading.Event()
-
-    def run() -> None:
-        if stop.wait(5):
-            return
-        while True:
-            try:
-                archive.shares.notify_expiring()
-            except Exception as exc:  # noqa: BLE001 - retried next hour; logged without data
-                log.warning("housekeeping failed: %s", type(exc).__name__)
-            if stop.wait(every):
-                return
-
-    threading.Thread(target=run, name="housekeeping", daemon=True).start()
-    return stop
-
-
 def serve(settings: Settings) -> None:
     """Run HTTP and the DICOM listener until SIGINT/SIGTERM; further processes share the
     DICOM port (``dicom_processes``) so that concurrent associations use every core.
@@ -411,15 +590,12 @@ def serve(settings: Settings) -> None:
         log.warning("%s", warning)
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     archive = build_archive(settings)
-    generated = archive.users.ensure_admin(settings.admin_password)
-    if generated:
-        print(
-            f"Created user 'admin' with password: {generated}\n"
-            "This password is shown only once; store it safely.",
-            flush=True,
-        )
+    create_admin(archive, sys.stdout, interactive=sys.stdout.isatty())
+    for warning in shared_index_warnings(archive):
+        log.warning("%s", warning)
     recover(archive)
     archive.transfers.resume_interrupted()
+    _checkpoint(archive.engine)
     listener = None
     workers: list[multiprocessing.process.BaseProcess] = []
     if (settings.dicom_port or settings.dicom_tls_port) and not stopping.is_set():
@@ -442,7 +618,13 @@ def serve(settings: Settings) -> None:
                 log.error("DICOM worker %d did not start; continuing without it", number)
         log.info("DICOM listener %s on port %s, TLS port %s (%d processes)",
                  settings.ae_title, listener.port, listener.tls_port or "none", processes)
-    housekeeping = _start_housekeeping(archive)
+    archive.jobs.start()  # this instance runs jobs queued by any instance
+    periodic = periodic_tasks(archive)
+    periodic.start()
+    head_export = _start_head_export(archive)
+    atna = atna_sender(archive)
+    if atna is not None:
+        atna.start()
 
     def stop_dicom() -> None:
         """Drain DICOM in every process at once: the workers on their SIGTERM, this one here."""
@@ -478,10 +660,14 @@ def serve(settings: Settings) -> None:
         if not stopping.is_set():
             server.run()
     finally:
-        housekeeping.set()
+        periodic.stop()
+        head_export.set()
+        if atna is not None:
+            atna.stop()
         archive.transfers.close()
         if draining.ident is None:
             draining.start()
+        archive.jobs.close(grace)
         draining.join()
         archive.close()
         log.info("ImageShare stopped")

@@ -120,6 +120,15 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     export.add_argument("--out", type=Path, help="file to write (default: standard output)")
     export.add_argument("--limit", type=int, default=1_000_000)
+    averify = audit.add_parser(
+        "verify", help="check the audit hash chain and its signed heads (exit 0 intact, "
+        "1 tampering found)")
+    _common(averify)
+    head = audit.add_parser("head", help="export the signed audit chain head now")
+    _common(head)
+    events = audit.add_parser(
+        "events", help="list the audit event catalogue (docs/audit-events.md)")
+    events.add_argument("--markdown", action="store_true")
 
     db = sub.add_parser("db", help="the index database").add_subparsers(
         dest="action", required=True
@@ -145,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser(
         "verify", help="check a de-identified export against its sources (with --source); "
-        "without arguments: stored blobs against their digests (not yet available)",
+        "without an export: every stored blob against its recorded digest (a scrub)",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=VERIFY_EXIT_CODES)
     _common(verify)
     verify.add_argument("export", nargs="?", type=Path,
@@ -161,6 +170,21 @@ def _parser() -> argparse.ArgumentParser:
                         help="password of an encrypted zip (or IMAGESHARE_EXPORT_PASSWORD)")
     verify.add_argument("--report", type=Path, help="write the findings as JSON to this file")
 
+    backup = sub.add_parser(
+        "backup", help="write a consistent snapshot of the index and the blobs to DEST while "
+        "the server runs (incremental for blobs already there)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=BACKUP_EXIT_CODES)
+    _common(backup)
+    backup.add_argument("dest", type=Path, help="backup folder (made if absent)")
+    backup.add_argument("--quiet", action="store_true", help="no progress bar")
+    restore = sub.add_parser(
+        "restore", help="rebuild an empty installation (index and blobs) from a backup",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=RESTORE_EXIT_CODES)
+    _common(restore)
+    restore.add_argument("src", type=Path, help="backup folder written by imageshare backup")
+    restore.add_argument("--snapshot", default="", help="snapshot name (default: the latest)")
+    restore.add_argument("--quiet", action="store_true", help="no progress bar")
+
     retention = sub.add_parser("retention", help="retention of temporary data").add_subparsers(
         dest="action", required=True)
     run_retention = retention.add_parser(
@@ -173,7 +197,57 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the DICOM conformance statement (docs/conformance.md)")
     settings = sub.add_parser("settings", help="print every setting with its default")
     settings.add_argument("--markdown", action="store_true")
+    sub.add_parser("commands", help="print every command with its options (the README's list)")
     return parser
+
+
+_COMMON = ("--config", "--data-dir", "--help")
+
+
+def _usage(action: argparse.Action) -> str:
+    if not action.option_strings:
+        name = str(action.metavar or action.dest).upper()
+        return f"{name}..." if action.nargs in ("+", "*") else (
+            f"[{name}]" if action.nargs == "?" else name)
+    option = max(action.option_strings, key=len)
+    if action.nargs == 0:
+        text = option
+    elif action.choices:
+        text = f"{option} {{{','.join(str(c) for c in action.choices)}}}"
+    else:
+        text = f"{option} {str(action.metavar or action.dest).upper()}"
+    return text if action.required else f"[{text}]"
+
+
+def _leaves(parser: argparse.ArgumentParser, words: tuple[str, ...]
+            ) -> list[tuple[str, str, argparse.ArgumentParser]]:
+    found: list[tuple[str, str, argparse.ArgumentParser]] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            for name, child in action.choices.items():
+                inner = _leaves(child, (*words, name))
+                found += inner or [(" ".join((*words, name)), helps.get(name, ""), child)]
+    return found
+
+
+def command_reference() -> str:
+    """Every command with its arguments and what it does, from the argument parser (the
+    README's command list; a test keeps them in step)."""
+    lines = ["# Every command that uses an installation also takes --config FILE and",
+             "# --data-dir DIR (else IMAGESHARE_CONFIG and IMAGESHARE_DATA_DIR, else ./var).",
+             ""]
+    for words, help_text, leaf in _leaves(_parser(), ("imageshare",)):
+        arguments = [_usage(a) for a in leaf._actions
+                     if not set(a.option_strings) & set(_COMMON)]
+        line = words
+        for argument in arguments:  # wrapped between arguments, under the first one
+            if len(line) + 1 + len(argument) > 96:
+                lines.append(line)
+                line = " " * len(words)
+            line += " " + argument
+        lines += [line, f"    # {help_text}"]
+    return "\n".join(lines) + "\n"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -227,8 +301,20 @@ DEIDENTIFY_EXIT_CODES = """exit codes:
   2  wrong usage (unknown option)"""
 VERIFY_EXIT_CODES = """exit codes:
   0  nothing identifying of the sources was found in the export
+     (without an export: every stored blob matches its recorded digest and size)
   3  identifying data was found (findings are printed and in --report)
-  1  failure (a source or the export could not be read)
+     (without an export: corrupt or missing blobs were found; each is printed)
+  1  failure (a source or the export could not be read; the index or store unreachable)
+  2  wrong usage"""
+BACKUP_EXIT_CODES = """exit codes:
+  0  the snapshot is complete: the index and every blob it names, each with its digest
+  1  failure, or an incomplete snapshot (blobs deleted meanwhile or not matching their
+     digests are printed; run the backup again after checking with imageshare verify)
+  2  wrong usage"""
+RESTORE_EXIT_CODES = """exit codes:
+  0  the installation was rebuilt
+  1  failure (the backup is damaged or incomplete, or the target is not empty); nothing
+     of the index is half-written
   2  wrong usage"""
 
 
@@ -340,10 +426,7 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
     from imageshare.verify.identity import keep_for_options
 
     if args.export is None:
-        print("imageshare verify: checking stored blobs against their digests is not available "
-              "yet; to check a de-identified export use: imageshare verify EXPORT --source "
-              "INPUT", file=sys.stderr)
-        return EXIT_USAGE
+        return _scrub(settings, args)
     if not args.source:
         print("imageshare verify: --source INPUT is needed (the original files the export was "
               "made from)", file=sys.stderr)
@@ -374,6 +457,127 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_HELD_BACK if findings else EXIT_WRITTEN
 
 
+def _bar(args: argparse.Namespace, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(unit=" blobs", disable=getattr(args, "quiet", False), file=sys.stderr,
+                desc=desc)
+
+
+def _set_total(bar: Any) -> Any:
+    def total(n: int) -> None:
+        bar.total = n
+        bar.refresh()
+    return total
+
+
+def _scrub(settings: Settings, args: argparse.Namespace) -> int:
+    from imageshare.app import build_archive
+    from imageshare.audit.trail import AuditEvent
+    from imageshare.storage.backup import scrub
+
+    archive = build_archive(settings, upgrade=True)
+    try:
+        bar = _bar(args, "checking blobs")
+        report = scrub(archive.engine, archive.blobs, bar.update, _set_total(bar))
+        bar.close()
+        archive.audit.record(AuditEvent(
+            cli_actor(), "archive.verify", "success" if report.intact else "warning",
+            instance_count=report.checked,
+            detail={"checked": report.checked, "corrupt": len(report.corrupt),
+                    "missing": len(report.missing) + len(report.wrong_size),
+                    "recorded": report.recorded}))
+    finally:
+        archive.close()
+    for sop_uid, key in report.corrupt:
+        print(f"corrupt: blob {key} (instance {sop_uid}) does not match its recorded digest")
+    for sop_uid, key in report.wrong_size:
+        print(f"corrupt: blob {key} (instance {sop_uid}) has another size than recorded")
+    for sop_uid, key in report.missing:
+        print(f"missing: blob {key} (instance {sop_uid}) is not in the store")
+    print(f"{report.checked} blob(s) checked ({report.bytes_read} bytes), "
+          f"{len(report.corrupt) + len(report.wrong_size)} corrupt, {len(report.missing)} "
+          f"missing, {report.recorded} digest(s) recorded for the first time")
+    return EXIT_WRITTEN if report.intact else EXIT_HELD_BACK
+
+
+def _backup(archive: Any, args: argparse.Namespace) -> int:
+    from imageshare.audit.trail import AuditEvent
+    from imageshare.storage.backup import backup
+
+    bar = _bar(args, "backing up blobs")
+    try:
+        report = backup(archive.engine, archive.blobs, args.dest, archive.settings.pg_bin_dir,
+                        bar.update, _set_total(bar))
+    except ImageShareError as exc:
+        print(f"imageshare backup: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        bar.close()
+    archive.audit.record(AuditEvent(
+        cli_actor(), "archive.backup", "success" if report.complete else "warning",
+        instance_count=report.blobs,
+        detail={"destination": str(args.dest), "snapshot": report.snapshot.name,
+                "blobs": report.blobs, "copied": report.copied,
+                "missing": len(report.missing), "corrupt": len(report.corrupt)}))
+    for key in report.missing:
+        print(f"missing: blob {key} was deleted or lost while the backup ran")
+    for key in report.corrupt:
+        print(f"corrupt: blob {key} does not match its recorded digest (not backed up)")
+    print(f"snapshot {report.snapshot.name} ({report.database} index): {report.blobs} blob(s), "
+          f"{report.copied} copied ({report.bytes_copied} bytes), {report.reused} already in "
+          f"the backup")
+    return EXIT_WRITTEN if report.complete else EXIT_FAILED
+
+
+def _restore(settings: Settings, args: argparse.Namespace) -> int:
+    from imageshare.app import build_archive
+    from imageshare.audit.trail import AuditEvent
+    from imageshare.storage.backup import restore
+    from imageshare.storage.blobs import open_blob_store
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    blobs = open_blob_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+    bar = _bar(args, "restoring blobs")
+    try:
+        report = restore(args.src, settings.resolved_database_url, blobs, args.snapshot,
+                         settings.pg_bin_dir, bar.update, _set_total(bar))
+    except ImageShareError as exc:
+        print(f"imageshare restore: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        bar.close()
+    archive = build_archive(settings, upgrade=True)
+    try:
+        archive.audit.record(AuditEvent(
+            cli_actor(), "archive.restore", "success", instance_count=report.blobs,
+            detail={"source": str(args.src), "snapshot": report.snapshot.name,
+                    "blobs": report.blobs}))
+    finally:
+        archive.close()
+    print(f"restored snapshot {report.snapshot.name} ({report.database} index) with "
+          f"{report.blobs} blob(s)")
+    return EXIT_WRITTEN
+
+
+def _audit_verify(archive: Any) -> int:
+    """Exit 0: the chain is intact; 1: rows were edited, deleted, inserted or moved."""
+    from imageshare.app import installation_key
+    from imageshare.audit.chain import head_key, verify_chain
+
+    settings = archive.settings
+    report = verify_chain(archive.engine, head_key(installation_key(settings)),
+                          settings.resolved_audit_head_file)
+    for problem in report.problems:
+        print(problem)
+    if report.intact:
+        print(f"audit trail intact: {report.rows} row(s), head seq={report.head_seq}, "
+              f"{report.heads_checked} signed head(s) checked")
+        return 0
+    print(f"audit trail TAMPERED: {len(report.problems)} problem(s) in {report.rows} row(s)")
+    return 1
+
+
 def _audit_export(archive: Any, args: argparse.Namespace) -> int:
     from imageshare.audit.trail import AuditEvent
 
@@ -390,7 +594,8 @@ def _audit_export(archive: Any, args: argparse.Namespace) -> int:
         else:
             writer = csv.writer(out)
             columns = ["pk", "at", "actor", "actor_kind", "source", "action", "outcome",
-                       "patient_id", "study_uid", "instance_count", "detail"]
+                       "patient_id", "study_uid", "instance_count", "detail", "seq",
+                       "prev_hash", "row_hash"]
             writer.writerow(columns)
             for event in reversed(events):
                 event["at"] = event["at"].isoformat()
@@ -411,6 +616,17 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command == "settings":
         _print_settings(args.markdown)
         return 0
+    if args.command == "audit" and args.action == "events":
+        from imageshare.audit.events import CATALOGUE, markdown
+
+        if args.markdown:
+            sys.stdout.write(markdown())
+        else:
+            for e in sorted(CATALOGUE.values(), key=lambda e: e.action):
+                print(f"{e.action}\t{e.event_id.code}\t{e.action_code}\t{e.description}")
+    if args.command == "commands":
+        sys.stdout.write(command_reference())
+        return 0
     if args.command == "conformance":
         from imageshare.conformance import statement
 
@@ -429,6 +645,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _deidentify(settings, args)
     if args.command == "verify":
         return _verify(settings, args)
+    if args.command == "restore":
+        return _restore(settings, args)
     from imageshare.app import build_archive
     from imageshare.audit.trail import AuditEvent
     from imageshare.exchange.nodes import Node
@@ -449,7 +667,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(f"user {args.username} ({args.role}) created")
             return 0
         if args.command == "user" and args.action == "token":
-            print(archive.users.create_token(args.username, args.name, origin="cli"))
+            print(archive.users.create_token(args.username, args.name, origin="cli",
+                                             actor=cli_actor()))
             return 0
         if args.command == "node" and args.action == "add":
             node = Node(
@@ -460,9 +679,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 retrieve_from=not args.no_retrieve_from, send_to=not args.no_send_to,
                 dicomweb_auth=args.dicomweb_auth, inbox=args.inbox, tls=args.tls,
             )
-            archive.nodes.add(node, replace=args.replace)
-            archive.audit.record(AuditEvent(cli_actor(), "node.add", "success",
-                                            detail={"ae_title": node.ae_title}))
+            archive.nodes.add(node, replace=args.replace, actor=cli_actor())
             print(f"node {node.ae_title} registered ({node.host}:{node.port})")
             return 0
         if args.command == "node" and args.action == "list":
@@ -475,7 +692,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                       f"{c.last_seen:%Y-%m-%d %H:%M}")
             return 0
         if args.command == "node" and args.action == "remove":
-            archive.nodes.remove(args.ae_title)
+            archive.nodes.remove(args.ae_title, cli_actor())
             print(f"node {args.ae_title} removed")
             return 0
         if args.command == "ehr" and args.action == "add":
@@ -493,6 +710,17 @@ def run(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "import":
             return _import(archive, args)
+        if args.command == "backup":
+            return _backup(archive, args)
+        if args.command == "audit" and args.action == "verify":
+            return _audit_verify(archive)
+        if args.command == "audit" and args.action == "head":
+            from imageshare.app import export_audit_head
+
+            signed = export_audit_head(archive)
+            print(f"audit chain head seq={signed.seq} hash={signed.hash} signed at {signed.at} "
+                  f"-> {settings.resolved_audit_head_file}")
+            return 0
         if args.command == "audit":
             return _audit_export(archive, args)
         if args.command == "retention":

@@ -11,9 +11,14 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from imageshare.domain.errors import ConfigurationError
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+SqliteSynchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+SmtpSecurity = Literal["none", "starttls", "ssl"]
+PatientMismatch = Literal["refuse", "hold"]
 
 
 def _setting(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best here
@@ -56,7 +61,7 @@ class Settings:
         True, "Serve a registered AE title only from its registered host (a call from "
         "elsewhere is refused and audited as a spoofing attempt)."
     )
-    patient_mismatch: str = _setting(
+    patient_mismatch: PatientMismatch = _setting(
         "refuse", "An instance whose Patient ID is on record with another name or birth date: "
         "'refuse' it with the reason, or 'hold' it in the inbox for reconciliation. The "
         "patient's record is never changed by it."
@@ -80,8 +85,8 @@ class Settings:
         "", "Comma-separated origins allowed to call /dicomweb from a browser (e.g. an OHIF host)."
     )
     qido_max_limit: int = _setting(1000, "Most results one QIDO-RS or C-FIND answer returns.")
-    log_level: str = _setting("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.")
-    sqlite_synchronous: str = _setting(
+    log_level: LogLevel = _setting("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.")
+    sqlite_synchronous: SqliteSynchronous = _setting(
         "NORMAL",
         "SQLite synchronous mode. NORMAL is safe for acknowledged stores because blobs are "
         "fsynced and re-indexed on start; FULL also fsyncs every index commit.",
@@ -122,13 +127,37 @@ class Settings:
     temporary_days: int = _setting(
         30, "Days copies retrieved from other sites and inbox items are kept unless accepted."
     )
+    job_workers: int = _setting(
+        2, "Background jobs (exports, retrievals, pushes, share preparation) each instance "
+        "runs at once; the jobs themselves are kept in the index and shared by instances."
+    )
+    job_lease_seconds: float = _setting(
+        60.0, "Seconds a running job stays leased to its instance without a heartbeat; after "
+        "that (the instance died) another instance runs it again."
+    )
+    job_retry_seconds: str = _setting(
+        "10,60,300", "Pauses (seconds, comma-separated) before each retry of a failed "
+        "background job; a job fails for good after the last."
+    )
+    retention_every_seconds: float = _setting(
+        86400.0, "How often the retention task (temporary copies and inbox items past "
+        "temporary_days) runs by itself, once across all instances; 0: only by command."
+    )
+    share_notices_every_seconds: float = _setting(
+        3600.0, "How often owners are told about share links about to expire (and finished "
+        "jobs older than a day are removed), once across all instances; 0: never."
+    )
+    recovery_grace_seconds: float = _setting(
+        120.0, "On a shared (non-SQLite) index, blobs younger than this are left to the "
+        "instance writing them; start-up recovery looks at them later, in a background job."
+    )
     link_by_name_and_birth_date: bool = _setting(
         False, "Attach a remote study to a local patient by name and date of birth when it has "
         "no NHS number (otherwise only by NHS number)."
     )
     smtp_host: str = _setting("", "SMTP server for e-mail notifications; empty: no e-mail.")
     smtp_port: int = _setting(25, "SMTP port.")
-    smtp_tls: str = _setting("none", "SMTP security: none, starttls or ssl.")
+    smtp_tls: SmtpSecurity = _setting("none", "SMTP security: none, starttls or ssl.")
     smtp_user: str = _setting("", "SMTP user name (empty: no login).")
     smtp_password: str = _setting("", "SMTP password.")
     mail_sender: str = _setting("imageshare@localhost", "From address of e-mails.")
@@ -164,6 +193,10 @@ class Settings:
         "certificates, remote DICOM TLS nodes and DICOMweb sites over https (besides the "
         "system's own)."
     )
+    trusted_proxies: str = _setting(
+        "127.0.0.1", "Addresses (comma-separated) of load balancers or proxies whose "
+        "X-Forwarded-For / X-Forwarded-Proto name the caller; nobody else's are believed."
+    )
     http_tls: bool = _setting(
         True, "Serve HTTPS (only) when tls_certificate and tls_private_key are set; false: "
         "plain HTTP, e.g. behind a TLS-terminating proxy."
@@ -185,10 +218,67 @@ class Settings:
         "", "File holding the key that encrypts secrets in the database (made on first "
         "start, readable by the owner only); empty: secret-key in the data dir."
     )
+    audit_head_file: str = _setting(
+        "", "File the signed head of the audit hash chain is appended to (HMAC with a key "
+        "derived from the installation key); keep it off the data disk, e.g. on write-once "
+        "or remote storage; empty: audit-heads.jsonl in the data dir."
+    )
+    audit_head_interval_seconds: float = _setting(
+        3600.0, "How often the server exports the signed audit chain head (0: only on "
+        "demand, imageshare audit head)."
+    )
+    atna_host: str = _setting(
+        "", "Audit repository (IHE ATNA) host: every audit event is also sent there as a "
+        "DICOM PS3.15 A.5 audit message in RFC 5424 syslog over TLS (RFC 5425); empty: not "
+        "sent. Events wait in the audit trail while it is unreachable."
+    )
+    atna_port: int = _setting(6514, "Port of the audit repository's syslog-over-TLS listener.")
+    atna_ca_file: str = _setting(
+        "", "PEM authorities that sign the audit repository's certificate; empty: the "
+        "system's."
+    )
+    atna_client_certificate: str = _setting(
+        "", "PEM certificate ImageShare presents to the audit repository (empty: none)."
+    )
+    atna_client_private_key: str = _setting(
+        "", "PEM private key of atna_client_certificate (empty: in the certificate file)."
+    )
+    atna_audit_source_id: str = _setting(
+        "", "AuditSourceID in the audit messages; empty: the AE title."
+    )
+    atna_enterprise_site_id: str = _setting(
+        "", "AuditEnterpriseSiteID in the audit messages (e.g. the trust's ODS code)."
+    )
+    pg_bin_dir: str = _setting(
+        "", "Folder of pg_dump and pg_restore for backups of a PostgreSQL index; empty: the "
+        "newest Debian PostgreSQL's, else PATH."
+    )
 
     def __post_init__(self) -> None:
-        if self.patient_mismatch not in ("refuse", "hold"):
-            raise ConfigurationError("patient_mismatch is 'refuse' or 'hold'")
+        """Check every value at load: a setting with a list of choices has one of them, the
+        retry schedule is parsed (once)."""
+        for name, choices in _choices().items():
+            if getattr(self, name) not in choices:
+                raise ConfigurationError(
+                    f"setting {name} is one of {', '.join(choices)}, not "
+                    f"{getattr(self, name)!r}")
+        object.__setattr__(self, "_push_retry",
+                           _schedule(self.push_retry_seconds, "push_retry_seconds"))
+        object.__setattr__(self, "_job_retry",
+                           _schedule(self.job_retry_seconds, "job_retry_seconds"))
+
+    @property
+    def push_retry_schedule(self) -> tuple[float, ...]:
+        """Seconds to wait before each retry of a failed push (``push_retry_seconds``)."""
+        schedule: tuple[float, ...] = getattr(self, "_push_retry")  # noqa: B009 - set above
+        return schedule
+
+    @property
+    def job_retry_schedule(self) -> tuple[float, ...]:
+        """Seconds to wait before each retry of a failed background job
+        (``job_retry_seconds``)."""
+        schedule: tuple[float, ...] = getattr(self, "_job_retry")  # noqa: B009 - set above
+        return schedule
 
     @property
     def resolved_database_url(self) -> str:
@@ -196,6 +286,12 @@ class Settings:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
+
+    @property
+    def resolved_audit_head_file(self) -> Path:
+        """Where signed audit chain heads are appended."""
+        return Path(self.audit_head_file) if self.audit_head_file else (
+            self.data_dir / "audit-heads.jsonl")
 
     @property
     def resolved_storage_url(self) -> str:
@@ -217,6 +313,24 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with some values changed (values are converted like environment values)."""
         return dataclasses.replace(self, **_convert_all(changes))
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """The settings that take one of a list of values (typed as a Literal), with the list."""
+    hints = get_type_hints(Settings)
+    return {name: get_args(hint) for name, hint in hints.items()
+            if get_origin(hint) is Literal}
+
+
+def _schedule(text: str, name: str) -> tuple[float, ...]:
+    try:
+        pauses = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"setting {name} is a comma-separated list of seconds") from exc
+    if any(p < 0 or p != p for p in pauses):
+        raise ConfigurationError(f"setting {name} lists seconds of 0 or more")
+    return pauses
 
 
 def setting_docs() -> list[tuple[str, str, Any, str]]:
@@ -252,6 +366,10 @@ def _convert(name: str, value: Any) -> Any:
             return float(value)
         if isinstance(default, Path):
             return Path(value)
+        choices = _choices().get(name)
+        if choices is not None:  # the choice as declared, whatever its case
+            text = str(value).strip()
+            return next((c for c in choices if c.lower() == text.lower()), text)
         return str(value)
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"setting {name} has an invalid value {value!r}") from exc

@@ -92,6 +92,16 @@ def effective_role(role: str, two_factor: bool, cli_token: bool = False) -> str:
     return role
 
 
+def arrival_class(actor: Actor) -> str:
+    """Where instances ``actor`` stores land: ``inbox`` (held for review, expiring unless
+    accepted) when another site sends them, a node registered with an inbox or another
+    ImageShare storing over STOW-RS with its ``site`` account; else ``clinical``. Nothing else
+    expires unasked. Ingest asks this (given to it by the composition root)."""
+    from_site = (actor.kind == "node" and INBOX in actor.grants) or (
+        actor.kind == "user" and actor.role == "site")
+    return "inbox" if from_site else "clinical"
+
+
 def _nothing_shared(_actor: Actor) -> Sequence[Grant]:
     return ()
 

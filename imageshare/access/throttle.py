@@ -2,41 +2,49 @@
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import deque
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine, delete, func, insert, select
 
 from imageshare.domain.errors import TooManyRequests
+from imageshare.storage.index.schema import sign_in_failures
 
 
 class SignInThrottle:
     """Refuses sign-ins from an address after ``limit`` failures within ``window`` seconds.
 
-    It lives in each server process; the account lockout in the index holds across them.
+    The failures are counted in the index, so every instance of one service counts the same
+    ones (a guesser spreading attempts over the instances behind a load balancer is held as
+    if there were one).
     """
 
-    def __init__(self, limit: int = 20, window: float = 600.0) -> None:
+    def __init__(self, engine: Engine, limit: int = 20, window: float = 600.0) -> None:
+        self._engine = engine
         self._limit = limit
-        self._window = window
-        self._failures: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def _recent(self, source: str, now: float) -> deque[float]:
-        failures = self._failures.setdefault(source, deque())
-        while failures and now - failures[0] > self._window:
-            failures.popleft()
-        return failures
+        self._window = timedelta(seconds=window)
 
     def check(self, source: str) -> None:
         """Raise TooManyRequests while ``source`` is over its limit."""
-        with self._lock:
-            if len(self._recent(source, time.monotonic())) >= self._limit:
-                raise TooManyRequests("too many failed sign-ins from this address; wait a few "
-                                      "minutes and try again")
+        since = datetime.now(UTC) - self._window
+        with self._engine.connect() as conn:
+            count = conn.execute(select(func.count()).select_from(sign_in_failures).where(
+                sign_in_failures.c.source == source[:255],
+                sign_in_failures.c.failed_at > since)).scalar_one()
+        if count >= self._limit:
+            raise TooManyRequests("too many failed sign-ins from this address; wait a few "
+                                  "minutes and try again")
 
     def failed(self, source: str) -> None:
-        """Count a failed sign-in from ``source``."""
-        with self._lock:
-            self._recent(source, time.monotonic()).append(time.monotonic())
-            if len(self._failures) > 10_000:
-                self._failures = {k: v for k, v in self._failures.items() if v}
+        """Count a failed sign-in from ``source`` (and forget its failures past the window)."""
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            conn.execute(delete(sign_in_failures).where(
+                sign_in_failures.c.source == source[:255],
+                sign_in_failures.c.failed_at <= now - self._window))
+            conn.execute(insert(sign_in_failures).values(source=source[:255], failed_at=now))
+
+    def forget_old(self) -> int:
+        """Remove every failure past the window (all addresses); returns how many."""
+        with self._engine.begin() as conn:
+            return conn.execute(delete(sign_in_failures).where(
+                sign_in_failures.c.failed_at <= datetime.now(UTC) - self._window)).rowcount

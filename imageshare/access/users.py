@@ -19,7 +19,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from imageshare.access.lockout import Lockout
 from imageshare.access.policy import ENROLLING, ROLES, effective_role
-from imageshare.domain.actors import Actor
+from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.domain.actors import SYSTEM, Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.storage.index.schema import account_invites, api_tokens, users
 from imageshare.storage.secret_box import SecretBox
@@ -53,11 +54,15 @@ def _check_password(password: str) -> None:
 class UserDirectory:
     """Creates users, checks passwords and API tokens, and turns them into Actors."""
 
-    def __init__(self, engine: Engine, secrets_box: SecretBox) -> None:
+    def __init__(self, engine: Engine, secrets_box: SecretBox,
+                 audit: AuditTrail | None = None) -> None:
         self._engine = engine
+        self._audit = audit
         self.lockout = Lockout(engine)
         self._box = secrets_box
-        self._verified: dict[tuple[str, bytes], tuple[float, Actor]] = {}
+        # Recent password checks (time, actor, stored hash); a hit still asks the index that
+        # the hash and role are unchanged, so a change made on another instance counts at once.
+        self._verified: dict[tuple[str, bytes], tuple[float, Actor, str]] = {}
         self._lock = threading.Lock()
 
     def add(self, username: str, password: str, role: str, email: str = "") -> None:
@@ -138,7 +143,7 @@ class UserDirectory:
         with self._lock:
             hit = self._verified.get(cache_key)
         if (code is None and hit and now - hit[0] < _CACHE_SECONDS
-                and self._still_allowed(username, source)):
+                and self._still_allowed(username, source, hit[2], hit[1].role)):
             return Actor("user", hit[1].name, hit[1].role, source), False
         with self._engine.connect() as conn:
             row = conn.execute(
@@ -167,7 +172,7 @@ class UserDirectory:
         self.lockout.cleared(row.pk, source)
         if not row.totp_enabled:
             with self._lock:
-                self._verified[cache_key] = (now, actor)
+                self._verified[cache_key] = (now, actor, row.password_hash)
         return actor, False
 
     def _accept_code(self, user_pk: int, secret: str | None, code: str) -> bool:
@@ -189,13 +194,16 @@ class UserDirectory:
                 return used == 1
         return False
 
-    def _still_allowed(self, username: str, source: str) -> bool:
-        """Not disabled, locked (from ``source``) or given a second factor since the password
-        was last checked (cheap, no argon2)."""
+    def _still_allowed(self, username: str, source: str, password_hash: str, role: str) -> bool:
+        """Not disabled, locked (from ``source``), given a second factor, a new password or
+        another role since the password was last checked (cheap, no argon2)."""
         with self._engine.connect() as conn:
-            row = conn.execute(select(users.c.pk, users.c.disabled, users.c.totp_enabled)
+            row = conn.execute(select(users.c.pk, users.c.disabled, users.c.totp_enabled,
+                                      users.c.password_hash, users.c.role)
                                .where(users.c.username == username)).first()
-        if row is None or row.disabled or row.totp_enabled:
+        if (row is None or row.disabled or row.totp_enabled
+                or row.password_hash != password_hash
+                or effective_role(row.role, row.totp_enabled) != role):
             return False
         return not self.lockout.locked(row.pk, source)
 
@@ -394,8 +402,9 @@ class UserDirectory:
             ).all()
         return [dict(r._mapping) for r in rows]
 
-    def revoke_token(self, username: str, token_pk: int) -> None:
-        """Revoke one of the user's own tokens for good."""
+    def revoke_token(self, username: str, token_pk: int, actor: Actor = SYSTEM) -> None:
+        """Revoke one of the user's own tokens for good (``actor``'s ``token.revoke``,
+        audited)."""
         with self._engine.begin() as conn:
             user_pk = conn.execute(select(users.c.pk).where(users.c.username == username)
                                    ).scalar()
@@ -404,11 +413,17 @@ class UserDirectory:
                 .where(api_tokens.c.user_pk == user_pk).where(api_tokens.c.revoked_at.is_(None))
                 .values(revoked_at=datetime.now(UTC))
             ).rowcount
+            if changed and self._audit is not None:
+                self._audit.record(AuditEvent(actor=actor, action="token.revoke",
+                                              outcome="success", detail={"token": token_pk}),
+                                   conn)
         if not changed:
             raise NotFound("no such token")
 
-    def create_token(self, username: str, name: str, origin: str = "web") -> str:
-        """A new API token for ``username``; only its hash is kept, so show it once.
+    def create_token(self, username: str, name: str, origin: str = "web",
+                     actor: Actor = SYSTEM) -> str:
+        """A new API token for ``username``; only its hash is kept, so show it once
+        (``actor``'s ``token.create``, audited).
 
         ``origin`` is ``cli`` for tokens made on the server's command line (they work for an
         administrator who has no second factor yet: machines), else ``web``."""
@@ -423,6 +438,10 @@ class UserDirectory:
                     created_at=datetime.now(UTC), origin="cli" if origin == "cli" else "web",
                 )
             )
+            if self._audit is not None:
+                self._audit.record(AuditEvent(actor=actor, action="token.create",
+                                              outcome="success", detail={"name": name[:128]}),
+                                   conn)
         return secret
 
     def authenticate_token(self, secret: str, source: str = "") -> Actor | None:

@@ -28,7 +28,9 @@ from imageshare.archive.retrieve import RetrieveService
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
-from imageshare.storage.index.schema import annotations
+
+# (imported under another name: `annotations` is taken by the __future__ import)
+from imageshare.storage.index.schema import annotations as marks_table
 
 KINDS = ("arrow", "length")
 MAX_MARKS = 50
@@ -133,11 +135,11 @@ class AnnotationBook:
             state = self._presentation_state(header, frame, frames, parsed, author_label)
             self._ingest.store_stream(state, author, expected_study=str(header.StudyInstanceUID))
         with self._engine.begin() as conn:
-            conn.execute(delete(annotations).where(
-                annotations.c.sop_uid == sop_uid, annotations.c.frame == frame,
-                annotations.c.author == author_key))
+            conn.execute(delete(marks_table).where(
+                marks_table.c.sop_uid == sop_uid, marks_table.c.frame == frame,
+                marks_table.c.author == author_key))
             if parsed:
-                conn.execute(insert(annotations).values(
+                conn.execute(insert(marks_table).values(
                     study_uid=study_uid, sop_uid=sop_uid, frame=frame, author=author_key,
                     author_label=author_label[:128], marks=[m.as_json() for m in parsed],
                     created_at=datetime.now(UTC)))
@@ -203,7 +205,7 @@ class AnnotationBook:
         colour = int(header.get("SamplesPerPixel", 1) or 1) > 1
         cls = (hd.pr.ColorSoftcopyPresentationState if colour
                else hd.pr.GrayscaleSoftcopyPresentationState)
-        extra = {"icc_profile": self._icc_profile(header)} if colour else {}
+        extra: dict[str, Any] = {"icc_profile": self._icc_profile(header)} if colour else {}
         state = cls(
             referenced_images=[header], series_instance_uid=generate_uid(),
             series_number=SERIES_NUMBER, sop_instance_uid=generate_uid(),
@@ -221,9 +223,9 @@ class AnnotationBook:
                   author: str = "") -> dict[str, list[dict[str, Any]]]:
         """Marks in the study, keyed ``SOP|frame``: everyone's for staff (``scope`` None);
         within a :class:`Scope`, only ``author``'s own on the images it reaches."""
-        stmt = select(annotations).where(annotations.c.study_uid == study_uid)
+        stmt = select(marks_table).where(marks_table.c.study_uid == study_uid)
         if scope is not None:
-            stmt = stmt.where(annotations.c.author == author)
+            stmt = stmt.where(marks_table.c.author == author)
         with self._engine.connect() as conn:
             rows = conn.execute(stmt).mappings().all()
         out: dict[str, list[dict[str, Any]]] = {}
@@ -242,8 +244,8 @@ class AnnotationBook:
         recipient's or staff member's marks, no address."""
         public = {i.sop_uid: i.public_sop_uid for i in items if not i.held_back}
         with self._engine.connect() as conn:
-            rows = conn.execute(select(annotations).where(
-                annotations.c.author == share_author(public_id))).mappings().all()
+            rows = conn.execute(select(marks_table).where(
+                marks_table.c.author == share_author(public_id))).mappings().all()
         out: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             if row["sop_uid"] in public:

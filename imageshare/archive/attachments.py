@@ -134,7 +134,7 @@ class AttachmentService:
         ds.ConversionType = "WSD"
         ds.BurnedInAnnotation = "YES"
         ds.ConceptNameCodeSequence = []
-        ds.AcquisitionDateTime = ds.ContentDate + ds.ContentTime
+        ds.AcquisitionDateTime = str(ds.ContentDate) + str(ds.ContentTime)
         ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
         ds.EncapsulatedDocumentLength = len(content)
         ds.EncapsulatedDocument = content + (b"\0" if len(content) % 2 else b"")

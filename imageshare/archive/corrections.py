@@ -160,7 +160,8 @@ class PatientCorrections:
 
     def __init__(
         self, engine: Engine, writer: IndexWriter, blobs: BlobStore, audit: AuditTrail,
-        catalogue: StudyCatalogue, staging_dir: Path, parents_changed: Callable[[], None],
+        catalogue: StudyCatalogue, staging_dir: Path,
+        parents_changed: Callable[[Connection], None],
     ) -> None:
         self._engine = engine
         self._writer = writer
@@ -310,7 +311,7 @@ class PatientCorrections:
         target_pk = conn.execute(select(patients.c.pk).where(and_(
             patients.c.patient_id == new.patient_id, patients.c.issuer == new.issuer))).scalar()
         if target_pk is None:
-            target_pk = conn.execute(insert(patients).values(
+            target_pk = conn.execute(insert(patients).values(  # type: ignore[index]  # an INSERT has a key
                 patient_id=new.patient_id, issuer=new.issuer, created_at=now, **values)
             ).inserted_primary_key[0]
         else:
@@ -348,7 +349,7 @@ class PatientCorrections:
                                "attributes": [d[0] for d in _differences(old, new)]})
             for uid in study_uids
         ], conn=conn)
-        self._parents_changed()
+        self._parents_changed(conn)
         return True
 
 

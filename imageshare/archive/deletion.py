@@ -3,11 +3,11 @@ and emptied parents in one transaction, audited; blobs deleted after the commit.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, and_, delete, func, select, update
+from sqlalchemy import ColumnElement, Connection, and_, delete, func, select, update
 
 from imageshare.archive.index_writer import IndexWriter
 from imageshare.audit.trail import AuditEvent, AuditTrail
@@ -35,7 +35,7 @@ class ArchiveDeletion:
     """Deletes instances chosen by study or by retention class and age."""
 
     def __init__(self, writer: IndexWriter, blobs: BlobStore, audit: AuditTrail,
-                 parents_changed: object) -> None:
+                 parents_changed: Callable[[Connection | None], None]) -> None:
         self._writer = writer
         self._blobs = blobs
         self._audit = audit
@@ -51,7 +51,7 @@ class ArchiveDeletion:
         """Delete instances of ``classes`` received before ``before`` (retention)."""
         return self._delete(None, classes, before, actor, "retention period over")
 
-    def _delete(self, condition: object, classes: Collection[str] | None,
+    def _delete(self, condition: ColumnElement[bool] | None, classes: Collection[str] | None,
                 before: datetime | None, actor: Actor, reason: str) -> Removed:
         def change(conn: Connection) -> tuple[list[str], dict[str, int], dict[str, str]]:
             stmt = (select(instances.c.pk, instances.c.blob_key, studies.c.study_uid,
@@ -76,7 +76,7 @@ class ArchiveDeletion:
             for start in range(0, len(pks), 500):
                 conn.execute(delete(instances).where(instances.c.pk.in_(pks[start:start + 500])))
             _recount(conn, list(counts))
-            self._parents_changed()  # type: ignore[operator]
+            self._parents_changed(conn)
             self._audit.record([AuditEvent(
                 actor=actor, action="instance.delete", outcome="success",
                 patient_id=patients_of[uid], study_uid=uid, instance_count=n,

@@ -48,6 +48,20 @@ class ImportReport:
         )
 
 
+
+def _file_opener(path: Path) -> Callable[[], BinaryIO]:
+    def opener() -> BinaryIO:
+        return open(path, "rb")
+
+    return opener
+
+
+def _member_opener(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], BinaryIO]:
+    def opener() -> BinaryIO:
+        return archive.open(info)  # type: ignore[return-value]  # a binary stream
+
+    return opener
+
 @dataclass(frozen=True)
 class Candidate:
     """A file to import: a label for reports and how to open it."""
@@ -199,9 +213,9 @@ class DicomInputs:
                     report.refused.append((str(item), f"cannot read ({exc.strerror or exc})"))
                     continue
                 if is_zip:
-                    yield from self._zip(str(item), lambda p=item: open(p, "rb"), report)
+                    yield from self._zip(str(item), _file_opener(item), report)
                 else:
-                    yield Candidate(str(item), lambda p=item: open(p, "rb"), explicit=True)
+                    yield Candidate(str(item), _file_opener(item), explicit=True)
             else:
                 report.refused.append((str(item), "no such file or folder"))
 
@@ -277,7 +291,7 @@ class DicomInputs:
             if PurePosixPath(info.filename).name.upper() == "DICOMDIR":
                 report.skipped += 1
                 continue
-            yield Candidate(label, lambda a=archive, i=info: a.open(i))
+            yield Candidate(label, _member_opener(archive, info))
 
 
 class Importer(DicomInputs):

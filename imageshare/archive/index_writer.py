@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from imageshare.archive.indexing import RacedAnotherWriter
+
 T = TypeVar("T")
 log = logging.getLogger("imageshare.index")
 _STOP = object()
@@ -128,7 +130,7 @@ class IndexWriter:
                             if prerequisite is not None:
                                 prerequisite.wait()
                         results.append((future, True, value))
-                    except (IntegrityError, OperationalError):
+                    except (IntegrityError, OperationalError, RacedAnotherWriter):
                         self._failed()
                         retry.append(item)  # raced another writer: alone, after this commit
                     except Exception as exc:  # noqa: BLE001 - handed to the waiting caller
@@ -163,7 +165,7 @@ class IndexWriter:
                     value = change(conn)
                     if prerequisite is not None:
                         prerequisite.wait()
-            except (IntegrityError, OperationalError) as exc:
+            except (IntegrityError, OperationalError, RacedAnotherWriter) as exc:
                 self._failed()
                 if attempt == 1:
                     log.info("index change raced another writer; retrying")

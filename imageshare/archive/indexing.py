@@ -11,6 +11,7 @@ from sqlalchemy import Connection, and_, bindparam, insert, select, update
 
 from imageshare.archive.header import InstanceHeader
 from imageshare.storage.index.schema import (
+    cache_generations,
     inbox_items,
     instances,
     patient_identifiers,
@@ -101,7 +102,7 @@ def _patient_pk(conn: Connection, h: InstanceHeader, now: datetime) -> int:
         )
     ).scalar()
     if pk is None:
-        pk = conn.execute(
+        pk = conn.execute(  # type: ignore[index]  # an INSERT has a key
             insert(patients).values(
                 patient_id=h.patient_id, issuer=h.issuer, name=h.patient_name,
                 name_norm=h.name_norm, birth_date=h.birth_date, sex=h.sex,
@@ -177,16 +178,20 @@ class KnownParents:
     """Studies and series the index writer has seen, so that the next instance of the same
     series needs no look-up. Only the index writer thread uses it; it must be cleared whenever
     a transaction fails (entries may name rows that were rolled back). Entries live at most
-    ``max_age`` seconds, which bounds how long a change made by another process (a merge of
-    patients, say) can go unseen."""
+    ``max_age`` seconds, and everything is forgotten within ``check_every`` seconds of another
+    process (another instance) counting a change in the index's ``parents`` generation (see
+    :func:`parents_changed_in`)."""
 
     _LIMIT = 20_000
 
-    def __init__(self, max_age: float = 30.0) -> None:
+    def __init__(self, max_age: float = 30.0, check_every: float = 1.0) -> None:
         self.studies: dict[str, _KnownStudy] = {}
         self.series: dict[str, _KnownSeries] = {}
         self._max_age = max_age
         self._since = time.monotonic()
+        self._check_every = check_every
+        self._checked = float("-inf")
+        self._generation: int | None = None
 
     def clear(self) -> None:
         """Forget everything."""
@@ -194,14 +199,21 @@ class KnownParents:
         self.series.clear()
         self._since = time.monotonic()
 
-    def _bound(self) -> None:
+    def _bound(self, conn: Connection) -> None:
+        now = time.monotonic()
+        if now - self._checked > self._check_every:
+            generation = conn.execute(_GENERATION).scalar()
+            if generation != self._generation:
+                self.clear()
+                self._generation = generation
+            self._checked = now
         if (len(self.studies) + len(self.series) > self._LIMIT
-                or time.monotonic() - self._since > self._max_age):
+                or now - self._since > self._max_age):
             self.clear()
 
     def study(self, conn: Connection, study_uid: str) -> _KnownStudy | None:
         """The study's key facts, from memory or the index."""
-        self._bound()
+        self._bound(conn)
         known = self.studies.get(study_uid)
         if known is None:
             row = conn.execute(_STUDY_FACTS, {"study_uid": study_uid}).first()
@@ -212,7 +224,7 @@ class KnownParents:
 
     def one_series(self, conn: Connection, series_uid: str) -> _KnownSeries | None:
         """The series' key and its study's key, from memory or the index."""
-        self._bound()
+        self._bound(conn)
         known = self.series.get(series_uid)
         if known is None:
             row = conn.execute(_SERIES_FACTS, {"series_uid": series_uid}).first()
@@ -220,6 +232,24 @@ class KnownParents:
                 return None
             known = self.series[series_uid] = _KnownSeries(*row)
         return known
+
+
+_GENERATION = select(cache_generations.c.generation).where(
+    cache_generations.c.name == "parents")
+
+
+def parents_changed_in(conn: Connection) -> None:
+    """Count a change of patients, studies or series made in ``conn``'s transaction, so that
+    every instance's :class:`KnownParents` forgets what it remembers (within a second)."""
+    bumped = conn.execute(update(cache_generations).where(
+        cache_generations.c.name == "parents").values(
+        generation=cache_generations.c.generation + 1)).rowcount
+    if not bumped:
+        conn.execute(insert(cache_generations).values(name="parents", generation=1))
+
+
+class RacedAnotherWriter(Exception):
+    """Another process changed the rows an index change had read: run the change again."""
 
 
 def index_instance(
@@ -275,13 +305,17 @@ def index_instance(
             h = replace(h, issuer=(HELD_PREFIX + h.issuer)[:64])
             retention_class = "held"
     series_row = known.one_series(conn, h.series_uid)
+    if series_row is not None and study is None and known.study(conn, h.study_uid) is not None:
+        # Another process filed this study and series between the two look-ups: not a
+        # conflict, a race; the change is run again on fresh data.
+        raise RacedAnotherWriter(f"study {h.study_uid} was filed meanwhile")
     if series_row is not None and (study is None or series_row.study_pk != study.pk):
         return IndexOutcome(
             "conflict", f"series {h.series_uid} already belongs to another study"
         )
     if study is None:
         patient_pk = _patient_pk(conn, h, now)
-        study_pk = conn.execute(
+        study_pk = conn.execute(  # type: ignore[index]  # an INSERT has a key
             insert(studies).values(
                 study_uid=h.study_uid, patient_pk=patient_pk, modalities="", num_series=0,
                 num_instances=0, attrs=h.study_json, created_at=now, updated_at=now,
@@ -299,7 +333,7 @@ def index_instance(
             _patient_pk(conn, h, now)
     new_series = series_row is None
     if new_series:
-        series_pk = conn.execute(
+        series_pk = conn.execute(  # type: ignore[index]  # an INSERT has a key
             insert(series).values(
                 series_uid=h.series_uid, study_pk=study_pk, num_instances=0,
                 attrs=h.series_json, created_at=now, **h.series,
@@ -307,6 +341,7 @@ def index_instance(
         ).inserted_primary_key[0]
         known.series[h.series_uid] = _KnownSeries(series_pk, study_pk)
     else:
+        assert series_row is not None
         series_pk = series_row.pk
     conn.execute(
         _INSERT_INSTANCE,

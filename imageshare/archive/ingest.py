@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +21,6 @@ from typing import BinaryIO, Literal
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
-from imageshare.access.policy import INBOX
 from imageshare.archive.header import InstanceHeader, read_header
 from imageshare.archive.index_writer import IndexWriter, Prerequisite
 from imageshare.archive.indexing import (
@@ -30,6 +30,7 @@ from imageshare.archive.indexing import (
     find_instance,
     index_instance,
     note_inbox_arrival,
+    parents_changed_in,
     replace_instance_blob,
 )
 from imageshare.audit.trail import AuditEvent, AuditTrail
@@ -48,8 +49,9 @@ _CHUNK = 1 << 20
 NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-def no_room(exc: BaseException) -> bool:
-    """True when ``exc`` (or what caused it) is a write that failed for lack of space."""
+def no_room(error: BaseException) -> bool:
+    """True when ``error`` (or what caused it) is a write that failed for lack of space."""
+    exc: BaseException | None = error
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in NO_ROOM:
             return True
@@ -57,7 +59,7 @@ def no_room(exc: BaseException) -> bool:
             return True  # SQLite: "database or disk is full"; PostgreSQL: "No space left"
         if isinstance(exc, DBAPIError) and "no space left" in str(exc.orig).lower():
             return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        exc = exc.__cause__ or exc.__context__
     return False
 
 
@@ -107,7 +109,11 @@ class IngestService:
         min_free_mb: int = 0,
         quarantine_dir: Path | None = None,
         patient_mismatch: str = "refuse",
+        arrival_class: Callable[[Actor], str] = lambda _actor: "clinical",
     ) -> None:
+        # Where a new instance lands ("inbox" or "clinical") for the actor storing it: the
+        # policy of the installation (imageshare.access.policy.arrival_class).
+        self.arrival_class = arrival_class
         self.blobs = blobs
         self.writer = writer
         self.audit = audit
@@ -217,9 +223,15 @@ class IngestService:
             # Making the bytes durable (I/O, no GIL) runs beside parsing and the index SQL;
             # nothing is committed, and nothing acknowledged, before all of it is done.
             moving = self._blob_io.submit(store_file, self.blobs, key, path)
-            moving.add_done_callback(
-                lambda f: on_disk.failed(f.exception()) if f.exception() else on_disk.succeeded()
-            )
+
+            def settled(done: Future[StoredBlob]) -> None:
+                error = done.exception()
+                if error is not None:
+                    on_disk.failed(error)
+                else:
+                    on_disk.succeeded()
+
+            moving.add_done_callback(settled)
             try:
                 _ds, header = read_header(path, fp)
                 if expected_study and header.study_uid != expected_study:
@@ -279,9 +291,12 @@ class IngestService:
             return
         self.blobs.delete(key)
 
-    def parents_changed(self) -> None:
+    def parents_changed(self, conn: Connection | None = None) -> None:
         """Patients or studies were changed by something else (a correction, a merge): forget
-        what is remembered about them. Call it from the index writer's thread."""
+        what is remembered about them, here and (counted in ``conn``'s transaction) in every
+        other instance. Call it from the index writer's thread."""
+        if conn is not None:
+            parents_changed_in(conn)
         self._known.clear()
 
     def close(self) -> None:
@@ -298,10 +313,9 @@ class IngestService:
         existing = find_instance(conn, h.sop_instance_uid)
         if existing is None:
             stored = moving.result()  # its digest goes into the row (the SQL above overlapped)
-            # Another site: a node registered with an inbox, or another ImageShare storing
-            # over STOW-RS with its "site" account. Nothing else expires unasked.
-            from_site = (actor.kind == "node" and INBOX in actor.grants) or (
-                actor.kind == "user" and actor.role == "site")
+            # The caller's policy says whether another site sent it (then it waits in the
+            # inbox for review) or it is the archive's own.
+            from_site = self.arrival_class(actor) == "inbox"
             outcome = index_instance(conn, h, key, stored.size, actor.source, now, self._known,
                                      retention_class="inbox" if from_site else "clinical",
                                      patient_mismatch=self.patient_mismatch,
@@ -364,9 +378,10 @@ class IngestService:
 
     # -- recovery ------------------------------------------------------------------------------
 
-    def recover_unindexed(self, known_keys: set[str], actor: Actor, since: str = "") -> int:
-        """Index blobs (keys from ``since`` on) that are on disk but missing from the index,
-        e.g. after a power loss took the last index commits.
+    def recover_unindexed(self, known_keys: set[str], actor: Actor, since: str = "",
+                          until: str = "") -> int:
+        """Index blobs (keys from ``since`` on, and before ``until`` if given) that are in the
+        store but missing from the index, e.g. after a power loss took the last index commits.
 
         A blob that cannot be stored again (damaged, refused, or failing in any other way than
         the index being unreachable) is moved to the quarantine folder with a note of the
@@ -374,7 +389,7 @@ class IngestService:
         the start."""
         recovered = 0
         for key in self.blobs.keys(since):
-            if key in known_keys:
+            if key in known_keys or (until and key >= until):
                 continue
             out, path = self.staging_file()
             try:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydicom.tag import Tag
 from sqlalchemy import (
     Engine,
     Select,
@@ -23,6 +24,7 @@ from sqlalchemy import (
 )
 
 from imageshare.access.scope import Scope, narrows
+from imageshare.archive.header import PATIENT_KEYWORDS, SERIES_KEYWORDS, STUDY_KEYWORDS
 from imageshare.archive.matching import (
     is_universal,
     json_matches,
@@ -37,7 +39,7 @@ from imageshare.archive.record import (
     series_in_record,
     study_in_record,
 )
-from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.audit.trail import AuditEvent, AuditTrail, Outcome
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import InvalidQuery
 from imageshare.storage.index.schema import (
@@ -177,6 +179,12 @@ INDEXED_KEYS: tuple[tuple[Level, str], ...] = tuple(
            key=lambda key: (LEVELS.index(key[0]), key[1]))
 )
 _SKIP_MATCH = {QR_LEVEL, CHARSET, RETRIEVE_AE, AVAILABILITY, "00080056", "00081190"}
+# Attributes ingest keeps with the patient, study and series records: they are answered from
+# there, so an instance-level search never opens stored files for them (QIDO-RS asks for
+# TimezoneOffsetFromUTC by default, and most instances have none).
+_KEPT_AT_LEVELS = frozenset(
+    f"{Tag(keyword):08X}" for keyword in (*PATIENT_KEYWORDS, *STUDY_KEYWORDS, *SERIES_KEYWORDS)
+)
 
 
 @dataclass(frozen=True)
@@ -242,7 +250,7 @@ class QueryService:
         return matches
 
     def _audit_query(
-        self, query: Query, actor: Actor, outcome: str, count: int, error: str = ""
+        self, query: Query, actor: Actor, outcome: Outcome, count: int, error: str = ""
     ) -> None:
         keys = {
             tag: _first_text(element)
@@ -251,7 +259,7 @@ class QueryService:
         }
         self._audit.record(
             AuditEvent(
-                actor=actor, action="study.query", outcome=outcome,  # type: ignore[arg-type]
+                actor=actor, action="study.query", outcome=outcome,
                 instance_count=count,
                 detail={"level": query.level, "keys": keys, **({"error": error} if error else {})},
             )
@@ -275,7 +283,7 @@ class QueryService:
                 stmt = stmt.where(_other_ids_condition(element))
             elif tag == MODALITIES_IN_STUDY and narrows(query.allowed_studies):
                 stmt = stmt.where(_modalities_condition(
-                    _first_text(element), query.allowed_studies))  # type: ignore[arg-type]
+                    _first_text(element), query.allowed_studies))  # type: ignore[arg-type]  # a Scope here
             elif tag in _SQL:
                 stmt = stmt.where(_SQL[tag](_first_text(element), query.fuzzy))
             else:
@@ -359,7 +367,7 @@ class QueryService:
             attrs[N_SERIES_INSTANCES] = _element("IS", row["series_instances"])
         blob_key = None
         if depth >= 3:
-            wanted = set(query.identifier) - set(_LEVEL_OF_TAG) - _SKIP_MATCH
+            wanted = set(query.identifier) - set(_LEVEL_OF_TAG) - _SKIP_MATCH - _KEPT_AT_LEVELS
             if query.return_all or any(t not in attrs for t in wanted):
                 header = self._stored_header(row["blob_key"], row["sop_uid"])
                 attrs.update({k: v for k, v in header.items() if k not in attrs})

@@ -76,7 +76,7 @@ def _strips(rows: int, columns: int) -> list[slice]:
     return [slice(start, start + step) for start in range(0, rows, step)]
 
 
-def _to_8bit(ds: object, frame: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+def _to_8bit(ds: Dataset, frame: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
     """The frame as 8-bit pixels for display, converted a strip of rows at a time (so that a
     large frame needs little memory beyond itself and its 8-bit result)."""
     strips = _strips(frame.shape[0], frame.shape[1] if frame.ndim > 1 else 1)
@@ -109,7 +109,7 @@ def _to_8bit(ds: object, frame: np.ndarray, window: tuple[float, float] | None) 
                 np.where(v > high, 255.0, ((v - (center - 0.5)) / (width - 1) + 0.5) * 255),
             )
     else:
-        if "WindowCenter" in ds and "WindowWidth" in ds:  # type: ignore[operator]
+        if "WindowCenter" in ds and "WindowWidth" in ds:
             def shown(rows: slice) -> np.ndarray:
                 try:
                     return apply_voi_lut(values(rows), ds, index=0).astype(np.float64,
@@ -129,7 +129,7 @@ def _to_8bit(ds: object, frame: np.ndarray, window: tuple[float, float] | None) 
             for rows in strips:
                 part = shown(rows)
                 lowest, highest = min(lowest, float(part.min())), max(highest, float(part.max()))
-            again = shown
+            again = shown  # type: ignore[assignment]  # same signature, another name
         span = (highest - lowest) or 1.0
 
         def scale(rows: slice) -> np.ndarray:

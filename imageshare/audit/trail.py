@@ -9,16 +9,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from imageshare.audit.chain import append
+from imageshare.audit.events import CATALOGUE
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import AuditUnavailable
+from imageshare.domain.errors import AuditUnavailable, UnknownAuditEvent
 from imageshare.storage.index.schema import audit_events
 
 Outcome = Literal["success", "failure", "refused", "warning"]
 log = logging.getLogger("imageshare.audit")
-_INSERT_EVENT = insert(audit_events)
 
 
 @dataclass(frozen=True)
@@ -60,17 +61,23 @@ class AuditTrail:
         self, event: AuditEvent | list[AuditEvent], conn: Connection | None = None
     ) -> None:
         """Write one event or several; inside ``conn``'s transaction when given, else in its own
-        (then a database that cannot take the write raises :class:`AuditUnavailable`)."""
+        (then a database that cannot take the write raises :class:`AuditUnavailable`). An
+        action that is not in the catalogue (:mod:`imageshare.audit.events`) is refused with
+        :class:`UnknownAuditEvent` and nothing is written."""
         batch = event if isinstance(event, list) else [event]
         if not batch:
             return
+        for e in batch:
+            if e.action not in CATALOGUE:
+                raise UnknownAuditEvent(
+                    f"audit action {e.action[:64]!r} is not in the event catalogue")
         rows = [e.row() for e in batch]
         if conn is not None:
-            conn.execute(_INSERT_EVENT, rows)
+            append(conn, rows)
         else:
             try:
                 with self._engine.begin() as own:
-                    own.execute(_INSERT_EVENT, rows)
+                    append(own, rows)
             except SQLAlchemyError as exc:
                 log.error("audit trail cannot be written: %s", type(exc).__name__)
                 raise AuditUnavailable(

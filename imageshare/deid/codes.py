@@ -22,7 +22,7 @@ def _build() -> dict[tuple[str, str], str]:
     index: dict[tuple[str, str], str] = {}
     for scheme, names in concepts.items():
         for codes in names.values():
-            for value, (meaning, _cids) in codes.items():
+            for value, (meaning, _cids) in codes.items():  # type: ignore[attr-defined]  # pydicom types its private concept table as object
                 index[(scheme, value)] = meaning
     for sct, srt in mapping.get("SCT", {}).items():
         meaning = index.get(("SCT", sct))

@@ -83,14 +83,14 @@ TECHNICAL_TEXT = {
 }
 # Text that IODs require to have a value where it appears (Type 1): a dummy when not kept.
 REQUIRED_TEXT = {"TextValue", "UnformattedTextValue"}
-_CODE_VALUE_TAGS = {tag_for_keyword(k) for k in ("CodeValue", "LongCodeValue", "URNCodeValue")}
-_CODE_TAGS = {tag_for_keyword(k) for k in (
+_CODE_VALUE_TAGS = {int(Tag(k)) for k in ("CodeValue", "LongCodeValue", "URNCodeValue")}
+_CODE_TAGS = {int(Tag(k)) for k in (
     "CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning",
     "MappingResource", "ContextGroupVersion", "ContextGroupLocalVersion",
     "ContextGroupExtensionFlag", "ContextGroupExtensionCreatorUID", "ContextIdentifier",
     "ContextUID", "MappingResourceUID", "MappingResourceName", "LongCodeValue",
     "URNCodeValue")}
-_CODE_CONTEXT_TAGS = _CODE_TAGS - {tag_for_keyword(k) for k in (
+_CODE_CONTEXT_TAGS = _CODE_TAGS - {int(Tag(k)) for k in (
     "CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning",
     "LongCodeValue", "URNCodeValue")}
 # How the combined actions of PS3.15 E.1.1 are carried out here: where the standard lets the
@@ -652,7 +652,7 @@ class AttributeCleaner:
             buffer = DicomBytesIO()
             buffer.is_implicit_VR, buffer.is_little_endian = implicit, little
             write_dataset(buffer, self._marks())
-            raw = read_dataset(DicomBytesIO(buffer.getvalue()), implicit, little)
+            raw = read_dataset(DicomBytesIO(buffer.getvalue()), implicit, little)  # type: ignore[arg-type]  # pydicom's own file-like is not typed as BinaryIO
             self._encoded_marks[(implicit, little)] = raw
         for tag in raw.keys():
             ds[tag] = raw.get_item(tag)

@@ -78,7 +78,7 @@ def load_regions(path: Path | None = None) -> list[Region]:
         regions.append(Region(
             str(entry.get("modality", "*")), str(entry.get("manufacturer", "*")),
             str(entry.get("model", "*")), int(entry.get("rows", 0)),
-            int(entry.get("columns", 0)), boxes))  # type: ignore[arg-type]
+            int(entry.get("columns", 0)), boxes))  # type: ignore[arg-type]  # 4 numbers
     return regions
 
 

@@ -57,6 +57,13 @@ _MAX_TRAILING = 64 * 1024 * 1024  # bytes after the pixel data that are read as 
 _COPY_CHUNK = 1 << 20
 
 
+
+def _encoding_of(ds: Dataset) -> tuple[bool, bool]:
+    """The (implicit VR, little endian) encoding ``ds`` was read with."""
+    implicit, little = ds.original_encoding
+    assert implicit is not None and little is not None  # read from a file: always known
+    return implicit, little
+
 @dataclass
 class Outcome:
     """One instance after de-identification: its data set (the header only when the pixel data
@@ -208,7 +215,7 @@ class Deidentifier:
             _copy(source, target, pixel_at, end - pixel_at)
             if len(trailing):
                 out = DicomFileLike(target)
-                out.is_implicit_VR, out.is_little_endian = header.original_encoding
+                out.is_implicit_VR, out.is_little_endian = _encoding_of(header)
                 write_dataset(out, trailing)
         else:
             ds = header
@@ -331,7 +338,7 @@ def _save_header(header: Dataset, target: BinaryIO) -> None:
     out.write(header.preamble or b"\0" * 128)
     out.write(b"DICM")
     out.write(b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<L", len(group)) + group)
-    out.is_implicit_VR, out.is_little_endian = header.original_encoding
+    out.is_implicit_VR, out.is_little_endian = _encoding_of(header)
     write_dataset(out, header)
 
 
@@ -519,7 +526,8 @@ def _one(candidate: Any, deidentifier: Deidentifier, writer: ExportWriter, stagi
             if outcome.held_back:
                 report.held_back += 1
             else:
-                entry["output"] = writer.add_staged(path, outcome.dataset)  # type: ignore[arg-type]
+                assert outcome.dataset is not None  # written, so its data set is known
+                entry["output"] = writer.add_staged(path, outcome.dataset)
                 report.written += 1
             report.files.append(entry)
         finally:
@@ -545,7 +553,7 @@ class _seekable:
         self.copy = tempfile.SpooledTemporaryFile(max_size=32 * 1024 * 1024)
         shutil.copyfileobj(self.stream, self.copy, _COPY_CHUNK)
         self.copy.seek(0)
-        return self.copy  # type: ignore[no-any-return]
+        return self.copy
 
     def __exit__(self, *exc: object) -> None:
         if self.copy is not None:

@@ -1,1 +1,3 @@
-"""pynetdicom adapter: the DICOM listener (SCP) and talking to remote nodes (SCU)."""
+"""DICOM network adapters: the DIMSE listener (SCP, :mod:`.scp`) and the two site clients
+behind :class:`imageshare.exchange.sites.SiteClient`: DIMSE (:mod:`.scu`) and DICOMweb
+(:mod:`.dicomweb_site`)."""

@@ -59,23 +59,19 @@ from imageshare.dicom.contexts import (
 from imageshare.dicom.tls_server import tls_server_class
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
-    ConflictingInstance,
     ImageShareError,
-    InvalidInstance,
     InvalidQuery,
     NotAcceptable,
     NotFound,
-    OutOfResources,
 )
 from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 
 log = logging.getLogger("imageshare.dicom")
 
 # Status codes by their use here; the one table with every service's statuses (and when
-# each is answered) is imageshare.dicom.statuses.
+# each is answered) is imageshare.dicom.statuses; a refusal for a typed error answers the
+# error's own DICOM status (imageshare.domain.errors).
 NOT_AUTHORISED = statuses.STORE_NOT_AUTHORISED.code
-STORE_CANNOT_UNDERSTAND = statuses.STORE_CANNOT_UNDERSTAND.code
-STORE_CONFLICT = statuses.STORE_CONFLICT.code
 STORE_OUT_OF_RESOURCES = statuses.STORE_OUT_OF_RESOURCES.code
 
 
@@ -161,15 +157,16 @@ class DicomListener:
         server_class = _SharedPortServer if self.shared_port else ThreadedAssociationServer
         if self.port is not None:  # None: DICOM TLS only
             self._server = self.ae.make_server(
-                (self.host, self.port), evt_handlers=handlers, server_class=server_class
-            )
+                (self.host, self.port), evt_handlers=handlers,  # type: ignore[arg-type]  # see below
+                server_class=server_class,  # (pynetdicom's handler type is narrower than its
+            )  # own handlers' return types)
             threading.Thread(
                 target=self._server.serve_forever, name="dicom-acceptor", daemon=True
             ).start()
             self.port = self._server.server_address[1]
         if self.ssl_context is not None:
             self._tls_server = self.ae.make_server(
-                (self.host, self.tls_port), evt_handlers=handlers,
+                (self.host, self.tls_port), evt_handlers=handlers,  # type: ignore[arg-type]  # see above
                 server_class=tls_server_class(server_class), ssl_context=self.ssl_context,
             )
             threading.Thread(
@@ -275,13 +272,9 @@ class DicomListener:
             return _status(STORE_OUT_OF_RESOURCES, comment)
         try:
             result = self.ingest.store_staged(path, actor)
-        except OutOfResources as exc:
-            return _status(STORE_OUT_OF_RESOURCES, str(exc))
-        except InvalidInstance as exc:
-            return _status(STORE_CANNOT_UNDERSTAND, str(exc))
-        except ConflictingInstance as exc:
-            return _status(STORE_CONFLICT, str(exc))
         except Exception as exc:  # noqa: BLE001 - nothing was acknowledged; no details
+            if isinstance(exc, ImageShareError) and exc.dicom_status is not None:
+                return _status(exc.dicom_status, str(exc))
             log.error("C-STORE failed: %s", type(exc).__name__)
             log.debug("C-STORE trace", exc_info=exc)
             return _status(STORE_OUT_OF_RESOURCES, "the archive could not store the instance")
@@ -302,7 +295,7 @@ class DicomListener:
             if element.tag.group in (0x0000, 0x0002) or element.keyword == "QueryRetrieveLevel":
                 continue
             body.add(element)
-        return Query(level=level, identifier=body.to_json_dict(), fuzzy=False)  # type: ignore[arg-type]
+        return Query(level=level, identifier=body.to_json_dict(), fuzzy=False)
 
     def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         actor = self._actor(event)
@@ -314,6 +307,7 @@ class DicomListener:
             query = self._query_for(event)
             matches = self.query.find(query, actor)
         except (InvalidQuery, ValueError) as exc:
+            # InvalidQuery's own DICOM status is this one (0xA900).
             yield statuses.FIND_IDENTIFIER_MISMATCH.dataset(str(exc)), None
             return
         except Exception as exc:  # noqa: BLE001
@@ -541,6 +535,7 @@ class _SharedPortServer(ThreadedAssociationServer):
 
     def server_bind(self) -> None:
         """Set SO_REUSEPORT, then bind as usual."""
+        assert self.socket is not None  # made by the constructor before it binds
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 

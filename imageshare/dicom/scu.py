@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,16 +15,17 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 
 from imageshare.dicom.contexts import storage_contexts_for
+from imageshare.domain.errors import SiteUnreachable
 from imageshare.exchange.nodes import Node
 from imageshare.exchange.sites import (
     Criteria,
     Delivered,
     Progress,
     RetrieveProgress,
-    SiteUnreachable,
 )
 
 log = logging.getLogger("imageshare.scu")
@@ -60,9 +62,26 @@ class DimseSites:
                                  evt_handlers=[(evt.EVT_ABORTED, _wake_waiting)])
         except (OSError, RuntimeError) as exc:
             raise SiteUnreachable(f"{node.label} cannot be reached") from exc
+        if assoc.is_rejected:
+            raise SiteUnreachable(f"{node.label} refused the association (is our AE title "
+                                  f"{self.ae_title} registered there, at this address?)")
         if not assoc.is_established:
-            raise SiteUnreachable(f"{node.label} did not accept the association")
+            raise SiteUnreachable(f"{node.label} cannot be reached")
         return assoc
+
+    def check(self, node: Node, timeout: float) -> str:
+        """C-ECHO the node: its answer, for people."""
+        ae = self._ae(timeout)
+        ae.add_requested_context(Verification)
+        started = time.monotonic()
+        assoc = self._associate(ae, node)
+        try:
+            status = assoc.send_c_echo()
+        finally:
+            assoc.release()
+        if not status or status.Status != 0:
+            raise SiteUnreachable(f"{node.label} did not answer C-ECHO with success")
+        return f"C-ECHO answered in {round((time.monotonic() - started) * 1000)} ms"
 
     def find_studies(self, node: Node, criteria: Criteria, timeout: float
                      ) -> list[dict[str, Any]]:

@@ -24,8 +24,8 @@ class _HandshakeInThread:
 
     def get_request(self) -> tuple[Any, Any]:
         """Accept a connection; wrap it for TLS without shaking hands yet."""
-        client, address = self.socket.accept()  # type: ignore[attr-defined]
-        context = self.ssl_context  # type: ignore[attr-defined]
+        client, address = self.socket.accept()  # type: ignore[attr-defined]  # mixin
+        context = self.ssl_context  # type: ignore[attr-defined]  # mixin
         if context is not None:
             client.settimeout(self.handshake_seconds)
             client = context.wrap_socket(client, server_side=True,
@@ -41,9 +41,9 @@ class _HandshakeInThread:
             except (OSError, ValueError) as exc:
                 log.warning("DICOM TLS handshake with %s failed: %s", client_address[0],
                             getattr(exc, "reason", None) or type(exc).__name__)
-                self.shutdown_request(request)  # type: ignore[attr-defined]
+                self.shutdown_request(request)  # type: ignore[attr-defined]  # mixin
                 return
-        super().process_request_thread(request, client_address)  # type: ignore[misc]
+        super().process_request_thread(request, client_address)  # type: ignore[misc]  # mixin
 
 
 _classes: dict[type, type] = {}

@@ -1,6 +1,9 @@
 """Typed errors whose messages are fit to show to the user (never patient data for anonymous users).
 
-Adapters map them to DICOM status codes and HTTP problem details (RFC 9457).
+The one error catalogue: each class carries its HTTP status and title (the web layer's one
+exception handler turns them into RFC 9457 problem details) and, where a DICOM service
+answers it, its DICOM status (a code of the table in :mod:`imageshare.dicom.statuses` or a
+STOW-RS Failure Reason; a plain int here so that the domain imports no DICOM library).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ class ImageShareError(Exception):
 
     http_status = 400
     title = "Bad request"
+    # The DIMSE status (or STOW-RS Failure Reason) of a refusal for this reason; None when
+    # no DICOM service answers it.
+    dicom_status: int | None = None
 
 
 class ConfigurationError(ImageShareError):
@@ -32,10 +38,13 @@ class InvalidInstance(_AboutAnInstance):
     """Received bytes are not a storable DICOM instance."""
 
     title = "Invalid DICOM instance"
+    dicom_status = 0xC000  # Error: Cannot understand
 
 
 class WrongStudy(InvalidInstance):
     """The instance belongs to another study than the one it was sent to."""
+
+    dicom_status = 0xA900  # Error: Data Set does not match SOP Class (STOW-RS)
 
 
 class ConflictingInstance(_AboutAnInstance):
@@ -43,6 +52,7 @@ class ConflictingInstance(_AboutAnInstance):
 
     http_status = 409
     title = "Conflict with stored data"
+    dicom_status = 0xA910  # Error: Data Set does not match (conflict)
 
 
 class NotFound(ImageShareError):
@@ -70,6 +80,7 @@ class InvalidQuery(ImageShareError):
     """A search request cannot be understood."""
 
     title = "Invalid query"
+    dicom_status = 0xA900  # Identifier does not match SOP Class
 
 
 class NotAcceptable(ImageShareError):
@@ -99,6 +110,7 @@ class OutOfResources(ImageShareError):
 
     http_status = 507
     title = "Insufficient storage"
+    dicom_status = 0xA700  # Refused: Out of Resources
 
 
 class AuditUnavailable(ImageShareError):
@@ -106,6 +118,13 @@ class AuditUnavailable(ImageShareError):
 
     http_status = 503
     title = "Audit trail unavailable"
+
+
+class UnknownAuditEvent(ImageShareError):
+    """An audit event whose action is not in the catalogue (``imageshare/audit/events.py``)."""
+
+    http_status = 500
+    title = "Unknown audit event"
 
 
 class UndecodableImage(InvalidInstance):
@@ -149,3 +168,24 @@ class PublicUrlMissing(ImageShareError):
 
     http_status = 409
     title = "Public address not set"
+
+
+class LinkGone(ImageShareError):
+    """The link expired, was revoked or is locked: the recipient is told only that."""
+
+    http_status = 410
+    title = "Link no longer valid"
+
+
+class SiteUnreachable(ImageShareError):
+    """The site did not answer (connection refused, timed out, association rejected)."""
+
+    http_status = 502
+    title = "Site unreachable"
+
+
+class UnsupportedMediaType(ImageShareError):
+    """A request body is of a media type this route does not take."""
+
+    http_status = 415
+    title = "Unsupported media type"

@@ -10,7 +10,7 @@ _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 def is_valid_uid(value: str | None) -> bool:
     """True when ``value`` is a syntactically valid DICOM UID (PS3.5 9.1)."""
-    return bool(value) and len(value) <= 64 and bool(_UID.match(value))
+    return value is not None and 0 < len(value) <= 64 and bool(_UID.match(value))
 
 
 def is_email_address(value: str) -> bool:

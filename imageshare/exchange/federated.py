@@ -6,6 +6,7 @@ bring a remote study here as a temporary copy."""
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -17,11 +18,11 @@ from imageshare.archive.dicom_json import text_of
 from imageshare.archive.search import StudySearch, StudySearchService, StudySummary
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ImageShareError
+from imageshare.domain.errors import ImageShareError, SiteUnreachable
 from imageshare.domain.identifiers import normalise_name
 from imageshare.exchange.nodes import Node, NodeRegistry
-from imageshare.exchange.sites import RetrieveProgress, SiteClient, SiteUnreachable
-from imageshare.jobs import Job, JobRunner
+from imageshare.exchange.sites import RetrieveProgress, SiteClient
+from imageshare.jobs import Job, JobQueue, actor_from, actor_params
 from imageshare.storage.index.schema import (
     inbox_items,
     instances,
@@ -113,6 +114,15 @@ class SiteAnswer:
     studies: list[RemoteStudy] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ConnectionCheck:
+    """Whether a site answered one way of reaching it, and what it said."""
+
+    protocol: str
+    ok: bool
+    detail: str
+
+
 @dataclass
 class FederatedResult:
     """Local and remote studies for one patient search."""
@@ -126,7 +136,7 @@ class ExchangeService:
     """Searches connected sites and retrieves studies from them."""
 
     def __init__(self, engine: Engine, nodes: NodeRegistry, clients: dict[str, SiteClient],
-                 search: StudySearchService, audit: AuditTrail, jobs: JobRunner,
+                 search: StudySearchService, audit: AuditTrail, jobs: JobQueue,
                  timeout: float, link_by_name_and_birth_date: bool) -> None:
         self._engine = engine
         self._nodes = nodes
@@ -137,6 +147,7 @@ class ExchangeService:
         self._timeout = timeout
         self._by_name = link_by_name_and_birth_date
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="site")
+        jobs.register("retrieve", self._handle_retrieve)
 
     def _client(self, node: Node) -> tuple[str, SiteClient]:
         if node.dicomweb_url and "dicomweb" in self._clients:
@@ -144,7 +155,7 @@ class ExchangeService:
         return "dimse", self._clients["dimse"]
 
     def search(self, query: PatientQuery, actor: Actor,
-               allowed_studies: frozenset[str] | None) -> FederatedResult:
+               allowed_studies: Collection[str] | None) -> FederatedResult:
         """Local studies and those of every searchable site; a site that does not answer
         within the timeout is reported by name and does not hold the answer up longer."""
         query.criteria()  # refuses a search with too little to go on
@@ -189,6 +200,28 @@ class ExchangeService:
                 actor=actor, action="exchange.search", outcome="success",
                 detail={"sites": 0})])
         return FederatedResult(local, answers, linking)
+
+    def test_connection(self, ae_title: str, actor: Actor) -> list[ConnectionCheck]:
+        """Ask the site whether it answers us each way it is registered for (C-ECHO on its
+        DICOM port; an authenticated QIDO-RS when it has a DICOMweb URL). Audited."""
+        node = self._nodes.get(ae_title)
+        ways = [("DICOM", self._clients["dimse"])]
+        if node.dicomweb_url and "dicomweb" in self._clients:
+            ways.append(("DICOMweb", self._clients["dicomweb"]))
+        checks = []
+        for label, client in ways:
+            try:
+                checks.append(ConnectionCheck(label, True, client.check(node, self._timeout)))
+            except SiteUnreachable as exc:
+                checks.append(ConnectionCheck(label, False, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - a broken site must not break the page
+                checks.append(ConnectionCheck(label, False, f"failed ({type(exc).__name__})"))
+        self._audit.record(AuditEvent(
+            actor=actor, action="node.test",
+            outcome="success" if all(c.ok for c in checks) else "failure",
+            detail={"ae_title": node.ae_title,
+                    "checks": {c.protocol: c.detail for c in checks}}))
+        return checks
 
     def _remember(self, key: str, answers: list[SiteAnswer]) -> None:
         now = datetime.now(UTC)
@@ -277,15 +310,22 @@ class ExchangeService:
         node = self._nodes.get(site)
         if not node.retrieve_from:
             raise ImageShareError(f"retrieving from {node.label} is not allowed")
-        kind, client = self._client(node)
-        job = self._jobs.submit(actor.name, "retrieve", f"Retrieve from {node.label}",
-                                lambda job: self._run_retrieve(job, node, client, study_uid,
-                                                               actor))
-        return job
+        return self._jobs.submit(actor.name, "retrieve", f"Retrieve from {node.label}",
+                                 {"site": node.ae_title, "study_uid": study_uid,
+                                  "actor": actor_params(actor)})
+
+    def _handle_retrieve(self, job: Job, params: dict[str, Any]) -> None:
+        """Run a queued retrieval (on whichever instance leased it)."""
+        node = self._nodes.get(params["site"])
+        if not node.retrieve_from:
+            raise ImageShareError(f"retrieving from {node.label} is not allowed")
+        _kind, client = self._client(node)
+        self._run_retrieve(job, node, client, params["study_uid"], actor_from(params["actor"]))
 
     def _run_retrieve(self, job: Job, node: Node, client: SiteClient, study_uid: str,
                       actor: Actor) -> None:
-        started = datetime.now(UTC)
+        # Since the job was queued: what an earlier attempt received is marked too.
+        started = datetime.fromtimestamp(job.created, UTC)
 
         def progress(p: RetrieveProgress) -> None:
             job.done, job.total = p.received, max(p.expected, p.received)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, Row, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from imageshare.access.policy import DICOM_QUERY, DICOM_RETRIEVE, DICOM_STORE, INBOX
 from imageshare.audit.trail import AuditEvent, AuditTrail
-from imageshare.domain.actors import Actor
+from imageshare.domain.actors import SYSTEM, Actor
 from imageshare.domain.errors import ImageShareError, NotFound, UnknownNode
 from imageshare.storage.index.schema import nodes, refused_callers
 from imageshare.storage.secret_box import SecretBox
@@ -60,14 +61,26 @@ class Node:
 
 
 class NodeRegistry:
-    """Adds, lists and finds nodes in the index database."""
+    """Adds, lists and finds nodes in the index database; every change is audited (when built
+    with an audit trail: the composition root always does)."""
 
-    def __init__(self, engine: Engine, secrets_box: SecretBox) -> None:
+    def __init__(self, engine: Engine, secrets_box: SecretBox,
+                 audit: AuditTrail | None = None) -> None:
         self._engine = engine
         self._box = secrets_box
+        self._audit = audit
 
-    def add(self, node: Node, replace: bool = False) -> None:
-        """Register ``node``; with ``replace`` an existing AE title is updated."""
+    def _audited(self, conn: Connection, actor: Actor, action: str,
+                 detail: dict[str, object]) -> None:
+        if self._audit is not None:
+            self._audit.record(AuditEvent(actor=actor, action=action, outcome="success",
+                                          detail=detail), conn)
+
+    def add(self, node: Node, replace: bool = False, actor: Actor = SYSTEM,
+            origin: str = "") -> None:
+        """Register ``node`` (``actor``'s ``node.add``, audited in the same transaction;
+        ``origin`` says where it came from); with ``replace`` an existing AE title is
+        updated."""
         ae = node.ae_title.strip()
         if not _AE.match(ae) or not ae:
             raise ImageShareError("an AE title has 1 to 16 printable characters, no backslash")
@@ -90,12 +103,17 @@ class NodeRegistry:
                 conn.execute(update(nodes).where(nodes.c.pk == exists).values(**values))
             else:
                 conn.execute(insert(nodes).values(created_at=datetime.now(UTC), **values))
+            detail: dict[str, object] = {"ae_title": ae, "host": node.host, "port": node.port}
+            if origin:
+                detail["from"] = origin
+            self._audited(conn, actor, "node.add", detail)
 
-    def remove(self, ae_title: str) -> None:
-        """Forget a node."""
+    def remove(self, ae_title: str, actor: Actor = SYSTEM) -> None:
+        """Forget a node (``actor``'s ``node.remove``, audited)."""
         with self._engine.begin() as conn:
             if not conn.execute(delete(nodes).where(nodes.c.ae_title == ae_title)).rowcount:
                 raise UnknownNode(f"no node {ae_title}")
+            self._audited(conn, actor, "node.remove", {"ae_title": ae_title})
 
     def find(self, ae_title: str) -> Node | None:
         """The node with this AE title, or None."""
@@ -128,8 +146,8 @@ class NodeRegistry:
                     sealed += 1
         return sealed
 
-    def _node(self, row: object) -> Node:
-        m = row._mapping  # type: ignore[attr-defined]
+    def _node(self, row: Row[Any]) -> Node:
+        m = row._mapping
         return Node(
             ae_title=m["ae_title"], host=m["host"], port=m["port"],
             dicomweb_url=m["dicomweb_url"], display_name=m["display_name"],
@@ -228,12 +246,8 @@ class RefusedCallers:
         node = Node(ae_title=ae_title, host=host, port=port, may_query=may_query,
                     may_retrieve=may_query, may_store=True, searchable=False,
                     retrieve_from=False, send_to=False)
-        self._nodes.add(node)
+        self._nodes.add(node, actor=actor, origin="refused callers")  # audited there
         with self._engine.begin() as conn:
             conn.execute(delete(refused_callers).where(refused_callers.c.ae_title == ae_title,
                                                        refused_callers.c.host == host))
-            self._audit.record(AuditEvent(
-                actor=actor, action="node.add", outcome="success",
-                detail={"ae_title": ae_title, "host": host, "port": port,
-                        "from": "refused callers"}), conn)
         return node

@@ -18,7 +18,7 @@ from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.exchange.nodes import Node, NodeRegistry
-from imageshare.sharing.notify import Notifier
+from imageshare.notify import Notifier
 from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import imaging_requests
 

@@ -1,6 +1,6 @@
 """How ImageShare talks to other sites, whatever the protocol: the interface the exchange
-services use (adapters: DIMSE in :mod:`imageshare.dicom.scu`, DICOMweb in
-:mod:`imageshare.exchange.dicomweb_site`)."""
+services use (adapters, side by side: DIMSE in :mod:`imageshare.dicom.scu`, DICOMweb in
+:mod:`imageshare.dicom.dicomweb_site`)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from imageshare.domain.errors import ImageShareError
 from imageshare.exchange.nodes import Node
-
-
-class SiteUnreachable(ImageShareError):
-    """The site did not answer (connection refused, timed out, association rejected)."""
-
-    http_status = 502
-    title = "Site unreachable"
 
 
 @dataclass(frozen=True)
@@ -45,6 +37,11 @@ class SiteClient(Protocol):
 
     def retrieve_study(self, node: Node, study_uid: str, progress: Progress) -> RetrieveProgress:
         """Bring the study here (into the archive's ingest pipeline)."""
+        ...
+
+    def check(self, node: Node, timeout: float) -> str:
+        """Whether the site answers us this way (C-ECHO; an authenticated QIDO-RS): what it
+        said, for people. Raises :class:`SiteUnreachable` with the reason when it does not."""
         ...
 
     def send(self, node: Node, files: Iterable[Path], progress: Progress,

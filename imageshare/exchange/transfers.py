@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,13 +17,13 @@ from sqlalchemy import Engine, insert, select, update
 from imageshare.archive.retrieve import RetrieveService
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import SYSTEM, Actor
-from imageshare.domain.errors import ImageShareError, NotFound, StorageError
+from imageshare.domain.errors import ImageShareError, NotFound, SiteUnreachable, StorageError
 from imageshare.exchange.nodes import Node, NodeRegistry
-from imageshare.exchange.sites import RetrieveProgress, SiteClient, SiteUnreachable
-from imageshare.jobs import JobRunner
-from imageshare.sharing.notify import Notifier
+from imageshare.exchange.sites import RetrieveProgress, SiteClient
+from imageshare.jobs import Job, JobInterrupted, JobQueue, actor_from, actor_params
+from imageshare.notify import Notifier
 from imageshare.storage.index.database import from_row
-from imageshare.storage.index.schema import transfer_deliveries, transfers
+from imageshare.storage.index.schema import background_jobs, transfer_deliveries, transfers
 
 log = logging.getLogger("imageshare.exchange")
 PRIORITIES = ("urgent", "routine")
@@ -64,7 +64,7 @@ class Transfers:
     """
 
     def __init__(self, engine: Engine, nodes: NodeRegistry, clients: dict[str, SiteClient],
-                 retrieve: RetrieveService, jobs: JobRunner, notifier: Notifier,
+                 retrieve: RetrieveService, jobs: JobQueue, notifier: Notifier,
                  audit: AuditTrail, retry_delays: tuple[float, ...] = RETRY_DELAYS) -> None:
         self._engine = engine
         self._nodes = nodes
@@ -75,10 +75,11 @@ class Transfers:
         self._audit = audit
         self._delays = retry_delays
         self._stopping = threading.Event()
+        jobs.register("push", self._handle)
 
     def send(self, study_uid: str, site: str, actor: Actor, priority: str = "routine",
              note: str = "", notify: tuple[str, ...] = (),
-             allowed_studies: frozenset[str] | None = None) -> Transfer:
+             allowed_studies: Collection[str] | None = None) -> Transfer:
         """Queue the study for the site; returns the transfer (follow it by its id)."""
         if priority not in PRIORITIES:
             raise ImageShareError("priority is urgent or routine")
@@ -99,18 +100,37 @@ class Transfers:
         return self.get(public_id)
 
     def _start(self, public_id: str, actor: Actor, notify: tuple[str, ...], label: str,
-               priority: str) -> None:
-        self._jobs.submit(actor.name, "push", f"Send to {label} ({priority})",
-                          lambda job: self._run(public_id, actor, notify))
+               priority: str, resumed_after: int | None = None) -> None:
+        params = {"transfer": public_id, "actor": actor_params(actor), "notify": list(notify)}
+        description = f"Send to {label} ({priority})"
+        if resumed_after is None:
+            self._jobs.submit(actor.name, "push", description, params, notify=False)
+        else:  # instances starting together queue it once
+            self._jobs.submit_once(f"push:{public_id}:{resumed_after}", "push", description,
+                                   params, owner=actor.name)
+
+    def _handle(self, job: Job, params: dict[str, Any]) -> None:
+        """Run a queued transfer (on whichever instance leased it)."""
+        self._run(params["transfer"], actor_from(params["actor"]),
+                  tuple(params.get("notify", ())))
 
     def resume_interrupted(self) -> int:
-        """On start: transfers left queued or sending (by a stop or a crash) go on, sending
-        only what the site has not acknowledged. Returns how many were resumed."""
+        """On start: transfers left queued or sending with no job to run them (queued by an
+        older version, or whose job gave up after its instance died again and again) go on,
+        sending only what the site has not acknowledged. Returns how many were resumed."""
         with self._engine.connect() as conn:
             rows = conn.execute(select(transfers).where(
                 transfers.c.state.in_(("queued", "sending")))).mappings().all()
+            active = {
+                (params or {}).get("transfer") for params in conn.execute(
+                    select(background_jobs.c.params).where(
+                        background_jobs.c.kind == "push",
+                        background_jobs.c.state.in_(("queued", "running")))).scalars()}
+        resumed = 0
         for row in rows:
             transfer = from_row(Transfer, row)
+            if transfer.public_id in active:
+                continue
             label = transfer.site
             try:
                 label = self._nodes.get(transfer.site).label
@@ -119,10 +139,12 @@ class Transfers:
             self._update(transfer.public_id, state="queued",
                          reason="interrupted by a restart; resumed")
             owner = Actor(kind="user", name=transfer.created_by, role="", source="resume")
-            self._start(transfer.public_id, owner, (), label, transfer.priority)
-        if rows:
-            log.warning("resumed %d interrupted transfer(s)", len(rows))
-        return len(rows)
+            self._start(transfer.public_id, owner, (), label, transfer.priority,
+                        resumed_after=transfer.attempts)
+            resumed += 1
+        if resumed:
+            log.warning("resumed %d interrupted transfer(s)", resumed)
+        return resumed
 
     def close(self) -> None:
         """Stop running transfers between instances (they are resumed on the next start)."""
@@ -155,7 +177,8 @@ class Transfers:
             self._attempts(public_id, actor, notify)
         except TransferInterrupted:
             self._quietly(self._update, public_id, state="queued",
-                          reason="interrupted by a shutdown; resumes on the next start")
+                          reason="interrupted by a shutdown; resumed by a running instance")
+            raise JobInterrupted from None
         except Exception as exc:  # noqa: BLE001 - the transfer ends failed, with the reason
             log.error("transfer %s failed: %s", public_id, type(exc).__name__)
             reason = str(exc) if isinstance(exc, ImageShareError) else (
@@ -234,9 +257,6 @@ class Transfers:
             label = self._nodes.get(transfer.site).label
         except ImageShareError:
             label = transfer.site
-        self._update(public_id, state="delivered" if delivered else "failed",
-                     failed=0 if delivered else max(transfer.total - transfer.sent, 0),
-                     reason=reason)
         self._audit.record(AuditEvent(
             actor=actor, action="exchange.push", outcome="success" if delivered else "failure",
             study_uid=transfer.study_uid, instance_count=transfer.sent,
@@ -247,6 +267,10 @@ class Transfers:
                 else f"Sending a study to {label} failed: {reason}")
         for username in {actor.name, transfer.created_by, *notify}:
             self._notifier.notify(username, "exchange.push", text, f"/transfers/{public_id}")
+        # Last: whoever sees the transfer ended finds it audited and its people told.
+        self._update(public_id, state="delivered" if delivered else "failed",
+                     failed=0 if delivered else max(transfer.total - transfer.sent, 0),
+                     reason=reason)
 
     def get(self, public_id: str) -> Transfer:
         """One transfer; NotFound otherwise."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import typing
 from fractions import Fraction
 
 import numpy as np
@@ -51,7 +52,7 @@ def cine_to_mp4(ds: Dataset) -> bytes:
     return out.getvalue()
 
 
-def still_image(stream: io.BufferedIOBase | io.BytesIO, media_type: str = "image/png",
+def still_image(stream: typing.BinaryIO, media_type: str = "image/png",
                 frame: int = 0) -> bytes:
     """One frame rendered as PNG or JPEG with the file's own window."""
     return render_frame(stream, frame, RenderOptions(media_type=media_type, quality=95))

@@ -8,8 +8,8 @@ from __future__ import annotations
 import io
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -22,7 +22,8 @@ from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError
 from imageshare.export.media import cine_to_mp4, still_image
 from imageshare.export.writers import DicomdirWriter, Numbering, ZipWriter
-from imageshare.jobs import Job, JobRunner
+from imageshare.jobs import Job, JobQueue, actor_from, actor_params
+from imageshare.storage.blobs import BlobStore, copy_to_file, new_blob_key, store_file
 from imageshare.verify import SourceIdentity
 
 FORMATS = ("zip", "dicomdir", "mp4", "png", "jpeg")
@@ -49,36 +50,58 @@ class ExportRequest:
 
 
 class ExportService:
-    """Starts export jobs and writes their files into the exports folder."""
+    """Starts export jobs (on the shared job queue) and keeps their files in the results
+    store, so that any instance can finish an export and any instance can hand it out."""
 
-    def __init__(self, retrieve: RetrieveService, audit: AuditTrail, jobs: JobRunner,
-                 folder: Path, deidentifier: Callable[[str], Deidentifier]) -> None:
+    def __init__(self, retrieve: RetrieveService, audit: AuditTrail, jobs: JobQueue,
+                 folder: Path, deidentifier: Callable[[str], Deidentifier],
+                 results: BlobStore) -> None:
         self._retrieve = retrieve
         self._audit = audit
         self._jobs = jobs
         self._folder = folder
         self._deidentifier = deidentifier
+        self._results = results
+        jobs.register("export", self._handle)
 
     def start(self, request: ExportRequest, actor: Actor,
-              allowed_studies: frozenset[str] | None) -> Job:
+              allowed_studies: Collection[str] | None) -> Job:
         """Check and queue an export; the selection is audited now, the export when done."""
         request = request.checked()
-        deidentifier = self._deidentifier(request.profile) if request.deidentify else None
+        if request.deidentify:
+            self._deidentifier(request.profile)  # an unknown profile is refused now
         instances = self._retrieve.select(
             actor, "study.export", study_uids=[request.study_uid],
             series_uids=list(request.series_uids), allowed_studies=allowed_studies)
         kind = f"{'de-identified' if request.deidentify else 'identifiable'} {request.format}"
-        job = self._jobs.submit(actor.name, "export", f"Export ({kind}) of "
-                                f"{len(instances)} instance(s)",
-                                lambda job: self._run(job, request, instances, deidentifier,
-                                                      actor))
-        job.total = len(instances)
-        return job
+        described = {**asdict(request), "series_uids": list(request.series_uids)}
+        described.pop("password")
+        return self._jobs.submit(
+            actor.name, "export", f"Export ({kind}) of {len(instances)} instance(s)",
+            {"request": described, "actor": actor_params(actor),
+             "allowed": None if allowed_studies is None else sorted(allowed_studies)},
+            secret_params={"password": request.password} if request.password else None,
+            total=len(instances))
+
+    def _handle(self, job: Job, params: dict[str, Any]) -> None:
+        """Run a queued export (on whichever instance leased it)."""
+        request = ExportRequest(**{**params["request"],
+                                   "series_uids": tuple(params["request"]["series_uids"]),
+                                   "password": params.get("password", "")})
+        actor = actor_from(params["actor"])
+        allowed = params.get("allowed")
+        instances = self._retrieve.select(
+            actor, "study.export", study_uids=[request.study_uid],
+            series_uids=list(request.series_uids),
+            allowed_studies=None if allowed is None else frozenset(allowed), audit=False)
+        deidentifier = self._deidentifier(request.profile) if request.deidentify else None
+        job.total, job.done = len(instances), 0
+        self._run(job, request, instances, deidentifier, actor)
 
     def _run(self, job: Job, request: ExportRequest, instances: list, deidentifier:
              Deidentifier | None, actor: Actor) -> None:
         self._folder.mkdir(parents=True, exist_ok=True)
-        target = self._folder / f"{job.id}.zip"
+        target = self._folder / f"{new_blob_key()}.zip"
         held_back = written = 0
         media_dir = None
         staging = Path(tempfile.mkdtemp(prefix="staging-", dir=self._folder))
@@ -115,11 +138,16 @@ class ExportService:
                 target.unlink(missing_ok=True)
                 raise ImageShareError("the export's file names carry identifying data; "
                                       "nothing was exported")
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             if media_dir is not None:
                 media_dir.cleanup()
-        job.result = target
+        key = new_blob_key()
+        store_file(self._results, key, target)
+        job.result = key
         job.summary = (f"{written} file(s) exported"
                        + (f", {held_back} held back for review (identifying data could not be "
                           "shown to be removed)" if held_back else ""))
@@ -189,14 +217,32 @@ class ExportService:
         return f"{stem}.{fmt if fmt == 'png' else 'jpg'}", still_image(buffer, media,
                                                                        frames // 2)
 
-    def result(self, job_id: str, actor: Actor) -> tuple[Job, Path]:
-        """The finished job's file, for its owner; audited as a download."""
+    def result(self, job_id: str, actor: Actor) -> tuple[Job, Path, bool]:
+        """The finished job's file, for its owner, and whether it is a temporary copy the
+        caller removes once sent; audited as a download."""
         job = self._jobs.get(job_id, actor.name)
-        if job.state != "done" or job.result is None or not job.result.exists():
+        if job.state != "done" or not job.result:
             raise ImageShareError("the export is not ready")
+        local = getattr(self._results, "local_path", None)
+        path = local(job.result) if local is not None else None
+        temporary = path is None
+        if path is None:
+            self._folder.mkdir(parents=True, exist_ok=True)
+            path = self._folder / f"{new_blob_key()}.zip"
+            try:
+                copy_to_file(self._results, job.result, path)
+            except (KeyError, OSError) as exc:
+                path.unlink(missing_ok=True)
+                raise ImageShareError("the export is no longer available") from exc
+        elif not path.exists():
+            raise ImageShareError("the export is no longer available")
         self._audit.record(AuditEvent(actor=actor, action="study.export.download",
                                       outcome="success", detail={"job": job.id}))
-        return job, job.result
+        return job, path, temporary
+
+    def forget(self, key: str) -> None:
+        """Remove a result file (its job was forgotten)."""
+        self._results.delete(key)
 
 
 def _zip_folder(folder: Path, target: Path, password: str) -> None:

@@ -93,7 +93,7 @@ class ZipWriter:
                 raise ImageShareError("an export password needs at least 8 characters")
             self._zip: zipfile.ZipFile = pyzipper.AESZipFile(
                 path, "w", compression=pyzipper.ZIP_DEFLATED, encryption=pyzipper.WZ_AES)
-            self._zip.setpassword(password.encode())  # type: ignore[attr-defined]
+            self._zip.setpassword(password.encode())
         else:
             self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED)
         self._names = Numbering()

@@ -37,11 +37,13 @@ from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
     Forbidden,
     ImageShareError,
+    LinkGone,
     NotFound,
     PublicUrlMissing,
 )
 from imageshare.domain.identifiers import is_email_address
-from imageshare.sharing.notify import Mailer, Notifier
+from imageshare.jobs import JobQueue
+from imageshare.notify import Mailer, Notifier
 from imageshare.sharing.reports import comment_document
 from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import (
@@ -56,13 +58,6 @@ from imageshare.storage.index.schema import (
 MAX_PASSCODE_FAILURES = 10
 _PASSCODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 _hasher = PasswordHasher()
-
-
-class LinkGone(ImageShareError):
-    """The link expired, was revoked or is locked: the recipient is told only that."""
-
-    http_status = 410
-    title = "Link no longer valid"
 
 
 @dataclass(frozen=True)
@@ -171,8 +166,10 @@ class ShareService:
                  notifier: Notifier, deidentifier: Callable[[str], Deidentifier],
                  pseudonyms: Callable[[], Pseudonyms], cache_dir: Path, default_days: int,
                  max_days: int, ingest: IngestService | None = None,
-                 users: UserDirectory | None = None, public_url: str = "") -> None:
+                 users: UserDirectory | None = None, public_url: str = "",
+                 jobs: JobQueue | None = None) -> None:
         self._ingest = ingest
+        self._jobs = jobs
         self._users = users
         self.public_url = public_url.rstrip("/")
         self._engine = engine
@@ -255,7 +252,7 @@ class ShareService:
             return pseudonyms.uid(uid) if pseudonyms else uid
 
         with self._engine.begin() as conn:
-            share_pk = conn.execute(insert(shares).values(
+            share_pk = conn.execute(insert(shares).values(  # type: ignore[index]  # an INSERT has a key
                 public_id=public_id, token_hash=secret_hash(token), owner=owner.name,
                 title=(request.title or "Shared images")[:128], message=request.message[:4000],
                 recipient_email=email[:254], recipient_user=recipient_user[:128],
@@ -285,9 +282,11 @@ class ShareService:
 
     def create_and_send(self, request: NewShare, owner: Actor,
                         allowed_studies: Collection[str] | None) -> CreatedShare:
-        """Create the share and e-mail its link to the recipient's address, if any (and, for
-        an identifiable share to an address, the invitation to make the account that is to
-        receive it). With an address but no IMAGESHARE_PUBLIC_URL nothing is created."""
+        """Create the share, e-mail its link to the recipient's address, if any (and, for an
+        identifiable share to an address, the invitation to make the account that is to
+        receive it), and queue the making of its de-identified copies (a job of the owner's).
+        With an address but no IMAGESHARE_PUBLIC_URL nothing is created. The one call every
+        way of sharing uses."""
         email = request.recipient_email.strip()
         if email:
             self.link_base()
@@ -296,6 +295,10 @@ class ShareService:
             self.invite(created, email, self.link_base() + created.path, owner.name)
             if not request.deidentified and not request.recipient_user.strip():
                 self.invite_account(self.by_public_id(created.public_id, owner.name), owner)
+        if request.deidentified and self._jobs is not None:
+            # The "share" job kind prepares the copies (registered by the app's housekeeping).
+            self._jobs.submit(owner.name, "share", "Preparing de-identified copies",
+                              {"share": created.public_id}, notify=False)
         return created
 
     def invite(self, created: CreatedShare, email: str, url: str, sender: str) -> None:

@@ -9,6 +9,7 @@ import highdicom as hd
 from highdicom.sr import (
     CodedConcept,
     ContainerContentItem,
+    ContentItem,
     ImageContentItem,
     RelationshipTypeValues,
     TextContentItem,
@@ -27,7 +28,7 @@ SERIES_NUMBER = 9903
 def comment_document(source: Dataset, body: str, author: str, about_image: bool) -> bytes:
     """A Comprehensive SR (Part 10 bytes) holding ``body`` by ``author``, referencing the image
     or clip ``source`` when the comment is about it."""
-    items = [TextContentItem(name=COMMENT, value=f"{author}: {body}"[:10_000],
+    items: list[ContentItem] = [TextContentItem(name=COMMENT, value=f"{author}: {body}"[:10_000],
                              relationship_type=RelationshipTypeValues.CONTAINS)]
     if about_image:
         items.append(ImageContentItem(
@@ -35,7 +36,7 @@ def comment_document(source: Dataset, body: str, author: str, about_image: bool)
             referenced_sop_instance_uid=source.SOPInstanceUID,
             relationship_type=RelationshipTypeValues.CONTAINS))
     root = ContainerContentItem(name=NARRATIVE)
-    root.ContentSequence = items
+    root.ContentSequence = items  # type: ignore[assignment]  # pydicom accepts a list
     sr = hd.sr.ComprehensiveSR(
         evidence=[source], content=root, series_instance_uid=generate_uid(),
         series_number=SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,

@@ -203,6 +203,18 @@ class BoundedReader(io.BufferedIOBase):
 # -- choosing a store by URL ------------------------------------------------------------------
 
 
+def results_store_url(url: str) -> str:
+    """Where job results (export files) are kept beside the blob store at ``url``: the folder
+    ``job-results`` next to a store folder, the prefix ``PREFIX/job-results`` in a bucket
+    (whose keys the blob store's listing skips), so that every instance sharing the store
+    shares them."""
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        return f"s3://{parsed.netloc}/{(parsed.path.strip('/') + '/job-results').lstrip('/')}"
+    folder = Path(parsed.path if parsed.scheme else url)
+    return (folder.parent / "job-results").as_uri()
+
+
 def open_blob_store(url: str, s3_endpoint_url: str = "") -> BlobStore:
     """The blob store named by ``url``: ``file:///path`` (or a plain path), or
     ``s3://BUCKET/PREFIX`` (endpoint ``s3_endpoint_url``, else AWS; credentials and region

@@ -188,7 +188,7 @@ class FileBlobStore:
         """``length`` bytes from offset ``start`` (fewer at the end); KeyError if absent."""
         fh = self.open(key)
         fh.seek(start)
-        return BoundedReader(fh, length)  # type: ignore[return-value]
+        return BoundedReader(fh, length)  # type: ignore[return-value]  # a file-like
 
     def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are ignored."""

@@ -207,11 +207,11 @@ class S3BlobStore:
 
     def open(self, key: str) -> BinaryIO:
         """The bytes under ``key`` as a seekable stream of ranged GETs; KeyError if absent."""
-        return _ObjectReader(self, self._name(key), 0, None)  # type: ignore[return-value]
+        return _ObjectReader(self, self._name(key), 0, None)  # type: ignore[return-value]  # file-like
 
     def open_range(self, key: str, start: int, length: int) -> BinaryIO:
         """``length`` bytes from offset ``start`` (fewer at the end), in one GET."""
-        return _ObjectReader(self, self._name(key), start,  # type: ignore[return-value]
+        return _ObjectReader(self, self._name(key), start,  # type: ignore[return-value]  # file-like
                              start + length)
 
     def delete(self, key: str) -> None:

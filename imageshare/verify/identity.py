@@ -91,7 +91,8 @@ def words_of(text: str) -> list[str]:
     """The normalised words of ``text``."""
     if text.isascii():
         return text.upper().translate(_ASCII_SEPARATORS).split()
-    out, current = [], []
+    out: list[str] = []
+    current: list[str] = []
     for c in text:
         if c in _SEPARATORS or c.isspace():
             if current:

@@ -502,7 +502,8 @@ class Verifier:
                 texts = [str(v) for v in container.metadata.values()]
                 for stream in container.streams:
                     texts += [str(v) for v in stream.metadata.values()]
-                frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+                frames = [f.to_ndarray(format="rgb24")
+                          for f in container.decode(video=0)]  # type: ignore[union-attr]  # read
         except Exception as exc:  # noqa: BLE001
             return [*findings, Finding(name, "unreadable video", type(exc).__name__)]
         for text in texts:
@@ -675,7 +676,7 @@ def _open_zip(stream: BinaryIO, password: str) -> zipfile.ZipFile:
         import pyzipper
 
         archive: zipfile.ZipFile = pyzipper.AESZipFile(stream)
-        archive.setpassword(password.encode())  # type: ignore[attr-defined]
+        archive.setpassword(password.encode())
         return archive
     return zipfile.ZipFile(stream)
 

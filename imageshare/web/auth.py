@@ -16,6 +16,7 @@ from imageshare.access.sessions import COOKIE
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import ANONYMOUS, Actor
 from imageshare.domain.errors import Forbidden, NotAuthenticated, TooManyRequests
+from imageshare.web.deps import archive_of
 
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
@@ -40,7 +41,7 @@ def resolve_actor(request: Request) -> Actor:
     cached = getattr(request.state, "actor", None)
     if cached is not None:
         return cached
-    archive = request.app.state.archive
+    archive = archive_of(request)
     header = request.headers.get("authorization", "")
     scheme, _, credentials = header.partition(" ")
     source = client_address(request)
@@ -149,7 +150,7 @@ class Permission:
             await run_in_threadpool(_record_denial, request, ANONYMOUS, self.action, study_uid,
                                     exc)
             raise
-        archive = request.app.state.archive
+        archive = archive_of(request)
         try:
             if (getattr(request.state, "channel", None) in (BASIC, BEARER)
                     and request.method not in SAFE_METHODS and self.action != PUBLIC
@@ -180,7 +181,7 @@ def _is_page_route(request: Request) -> bool:
 
 def _record_denial(request: Request, actor: Actor, action: str, study_uid: str,
                    exc: Exception) -> None:
-    request.app.state.archive.audit.record(AuditEvent(
+    archive_of(request).audit.record(AuditEvent(
         actor=actor, action="access.denied", outcome="refused", study_uid=study_uid,
         detail={"wanted": action, "method": request.method,
                 "route": _route_template(request), "reason": str(exc)}))
@@ -190,7 +191,7 @@ def authorise_also(request: Request, actor: Actor, action: str, study_uid: str =
     """A second, narrower check inside a route (e.g. identifiable export), through the same
     policy and audited the same way when refused."""
     try:
-        request.app.state.archive.policy.authorise(actor, action, study_uid or None)
+        archive_of(request).policy.authorise(actor, action, study_uid or None)
     except (Forbidden, NotAuthenticated) as exc:
         _record_denial(request, actor, action, study_uid, exc)
         raise

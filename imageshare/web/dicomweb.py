@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -52,10 +53,10 @@ from imageshare.domain.errors import (
     InvalidQuery,
     NotAcceptable,
     NotFound,
-    OutOfResources,
-    WrongStudy,
+    UnsupportedMediaType,
 )
 from imageshare.web.auth import allowed, authorise_also
+from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.multipart import (
     PartBody,
     PartSink,
@@ -201,7 +202,7 @@ def _base(request: Request) -> str:
     """The DICOMweb root for URLs in answers (Retrieve URL, BulkDataURI): from the public URL
     when one is set, else from the request (some clients, dicomweb-client among them, send a
     Host header without the port)."""
-    configured = request.app.state.archive.settings.public_url.rstrip("/")
+    configured = archive_of(request).settings.public_url.rstrip("/")
     return (configured or str(request.base_url).rstrip("/")) + "/dicomweb"
 
 
@@ -256,7 +257,7 @@ def _first_value(attrs: dict[str, Any], tag: str) -> str:
 
 
 def _qido(request: Request, actor: Actor, level: Level, **fixed: str) -> Response:
-    archive = request.app.state.archive
+    archive = archive_of(request)
     xml = _wants_xml(request, "a search result")
     identifier, return_all = _identifier(request, level, fixed)
     query = Query(
@@ -332,7 +333,7 @@ def _select(
     request: Request, actor: Actor, action: str, study: str, series: str | None = None,
     instance: str | None = None, right: str = VIEW,
 ) -> list[StoredInstance]:
-    archive = request.app.state.archive
+    archive = archive_of(request)
     return archive.retrieve.select(
         actor, action, study_uids=[study], series_uids=[series] if series else (),
         sop_uids=[instance] if instance else (),
@@ -395,7 +396,7 @@ def _instance_body(request: Request, inst: StoredInstance, syntax: str) -> tuple
 ]:
     """(transfer syntax, bytes or open file) of an instance in the planned syntax; one that
     cannot be converted after all is sent as stored, labelled with its real syntax."""
-    retrieve = request.app.state.archive.retrieve
+    retrieve = archive_of(request).retrieve
     if syntax == inst.transfer_syntax:
         return inst.transfer_syntax, retrieve.open(inst)
     try:
@@ -461,14 +462,14 @@ def retrieve_instance(
 
 
 def _metadata(request: Request, found: list[StoredInstance], xml: bool) -> Response:
-    retrieve = request.app.state.archive.retrieve
+    retrieve = archive_of(request).retrieve
     base = _base(request)
     body = []
     for inst in found:
         url = f"{base}/studies/{inst.study_uid}/series/{inst.series_uid}/instances/{inst.sop_uid}"
         try:
             header = retrieve.header_json(
-                inst.blob_key, lambda path, url=url: f"{url}/bulkdata/{path}"
+                inst.blob_key, partial(_bulkdata_url, url)
             )
         except Exception as exc:  # noqa: BLE001 - an unreadable file still has its UIDs
             log.warning("instance %s: stored header unreadable (%s); metadata holds its "
@@ -553,7 +554,7 @@ def _pixel_representation(request: Request, inst: StoredInstance) -> str:
 def _decoded_frames(request: Request, inst: StoredInstance, numbers: list[int]) -> list[bytes]:
     if not can_decode(inst.transfer_syntax):
         raise NotAcceptable("the frames cannot be decoded here; ask with transfer-syntax=*")
-    retrieve = request.app.state.archive.retrieve
+    retrieve = archive_of(request).retrieve
     frames = []
     for number in numbers:
         with retrieve.open(inst) as stream:
@@ -573,7 +574,7 @@ def _decoded_frames(request: Request, inst: StoredInstance, numbers: list[int]) 
 def _pixel_parts(request: Request, inst: StoredInstance, numbers: list[int]) -> Response:
     """The given frames as a multipart/related answer, fully read before it is sent."""
     representation = _pixel_representation(request, inst)
-    retrieve = request.app.state.archive.retrieve
+    retrieve = archive_of(request).retrieve
     stored_media = COMPRESSED_MEDIA_TYPES.get(inst.transfer_syntax)
     if representation == "stored" and stored_media:
         kind = stored_media
@@ -622,12 +623,13 @@ def _wants_octet_stream(request: Request) -> None:
     summary="WADO-RS: retrieve bulk data",
 )
 def retrieve_bulkdata(
-    request: Request, study: str, series: str, instance: str, path: str, actor: Reader
+    request: Request, archive: ArchiveDep,
+    study: str, series: str, instance: str, path: str, actor: Reader
 ) -> Response:
     """A large attribute's value, named by the BulkDataURI the metadata gave (at any depth of
     sequences); pixel data as all frames, as stored or decoded (video as its bitstream)."""
     inst = _select(request, actor, "study.retrieve", study, series, instance)[0]
-    retrieve = request.app.state.archive.retrieve
+    retrieve = archive.retrieve
     boundary = new_boundary()
     path = path.upper().strip("/")
     if path == "7FE00010":
@@ -701,7 +703,7 @@ def _render(
     multipart answer is asked for and ``frame`` is 0)."""
     shape, media = _rendered_media(request)
     options = render_options(request, thumbnail, media)
-    retrieve = request.app.state.archive.retrieve
+    retrieve = archive_of(request).retrieve
     with retrieve.open(inst) as stream:
         if shape == "multipart":
             images = render_frames(stream, None if frame == 0 else [frame - 1], options)
@@ -725,7 +727,7 @@ def _render_selection(request: Request, found: list[StoredInstance]) -> Response
     frame for a cine), or in multipart/related the first frame of every image."""
     shape, media = _rendered_media(request)
     options = render_options(request, False, media)
-    retrieve = request.app.state.archive.retrieve
+    retrieve = archive_of(request).retrieve
     if shape == "single":
         chosen = _renderable(found)
         with retrieve.open(chosen) as stream:
@@ -778,7 +780,8 @@ def rendered_instance(
     summary="WADO-RS: rendered frames",
 )
 def rendered_frame(
-    request: Request, study: str, series: str, instance: str, frame: str, actor: Reader
+    request: Request, archive: ArchiveDep,
+    study: str, series: str, instance: str, frame: str, actor: Reader
 ) -> Response:
     """One frame as JPEG/PNG/GIF; several (a comma-separated list) in multipart/related."""
     numbers = _frame_numbers(frame)
@@ -789,7 +792,7 @@ def rendered_frame(
     if len(numbers) == 1:
         return _render(request, inst, numbers[0])
     options = render_options(request, False, media)
-    with request.app.state.archive.retrieve.open(inst) as stream:
+    with archive.retrieve.open(inst) as stream:
         images = render_frames(stream, [n - 1 for n in numbers], options)
     return _image_parts(media, images)
 
@@ -879,6 +882,10 @@ async def _receive(request: Request, sink: PartSink) -> None:
         sink.close()
 
 
+def _bulkdata_url(instance_url: str, path: str) -> str:
+    return f"{instance_url}/bulkdata/{path}"
+
+
 def _store_part(
     archive: Any, base: str, part: Any, actor: Actor, study: str | None
 ) -> tuple[bool, Dataset]:
@@ -890,22 +897,17 @@ def _store_part(
             raise InvalidInstance(f"parts must be application/dicom, not {media}",
                                   *_uids_of(part.path))
         result = archive.ingest.store_staged(part.path, actor, expected_study=study)
-    except OutOfResources as exc:
-        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = _uids_of(part.path)
-        item.FailureReason = FAILURE_OUT_OF_RESOURCES.code
-        item.ErrorComment = str(exc)[:64]
-        return False, item
-    except (InvalidInstance, ConflictingInstance) as exc:
-        item.ReferencedSOPClassUID = exc.sop_class_uid
-        item.ReferencedSOPInstanceUID = exc.sop_instance_uid
-        item.FailureReason = (
-            FAILURE_CONFLICT if isinstance(exc, ConflictingInstance)
-            else FAILURE_STUDY_MISMATCH if isinstance(exc, WrongStudy)
-            else FAILURE_CANNOT_UNDERSTAND
-        ).code
-        item.ErrorComment = str(exc)[:64]
-        return False, item
-    except Exception:  # noqa: BLE001 - reported as a processing failure, nothing stored
+    except Exception as exc:  # noqa: BLE001 - reported as a processing failure, nothing stored
+        # A typed error answers its own DICOM status (imageshare.domain.errors), which is
+        # one of STOW_REASONS; anything else is a processing failure.
+        if isinstance(exc, ImageShareError) and exc.dicom_status is not None:
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = (
+                (exc.sop_class_uid, exc.sop_instance_uid)
+                if isinstance(exc, (InvalidInstance, ConflictingInstance))
+                else _uids_of(part.path))
+            item.FailureReason = exc.dicom_status
+            item.ErrorComment = str(exc)[:64]
+            return False, item
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = "", ""
         item.FailureReason = FAILURE_PROCESSING.code
         item.ErrorComment = "the archive could not store the instance"
@@ -940,7 +942,7 @@ def _stow_wants_xml(request: Request) -> bool:
 def _store_parts(
     request: Request, sink: PartSink, actor: Actor, study: str | None, xml: bool = False
 ) -> Response:
-    archive = request.app.state.archive
+    archive = archive_of(request)
     base = _base(request)
     # Parts are stored side by side: their index writes then share commits.
     with ThreadPoolExecutor(max_workers=_STOW_PARALLEL) as pool:
@@ -981,18 +983,11 @@ async def _stow(request: Request, actor: Actor, study: str | None) -> Response:
     xml = _stow_wants_xml(request)
     media, params = parse_media_type(request.headers.get("content-type", ""))
     if media != "multipart/related" or "boundary" not in params:
-        return JSONResponse(
-            {"type": "about:blank", "title": "Unsupported media type", "status": 415,
-             "detail": 'send multipart/related; type="application/dicom" with a boundary'},
-            status_code=415, media_type="application/problem+json",
-        )
+        raise UnsupportedMediaType(
+            'send multipart/related; type="application/dicom" with a boundary')
     if params.get("type", "application/dicom") not in ("application/dicom",):
-        return JSONResponse(
-            {"type": "about:blank", "title": "Unsupported media type", "status": 415,
-             "detail": "only application/dicom parts are accepted"},
-            status_code=415, media_type="application/problem+json",
-        )
-    archive = request.app.state.archive
+        raise UnsupportedMediaType("only application/dicom parts are accepted")
+    archive = archive_of(request)
     archive.ingest.ensure_room(actor)  # below the free-space floor: 507 before reading the body
     sink = PartSink(params["boundary"], archive.ingest.staging_file,
                     max_parts=archive.settings.stow_max_parts)
@@ -1021,7 +1016,7 @@ async def store_study_instances(request: Request, study: str, actor: Writer) -> 
 
 
 @router.get("/wado", summary="WADO-URI: retrieve one object")
-def wado_uri(request: Request, actor: Reader) -> Response:
+def wado_uri(request: Request, archive: ArchiveDep, actor: Reader) -> Response:
     """``requestType=WADO&studyUID=&seriesUID=&objectUID=``; contentType application/dicom
     (optionally ``transferSyntax``) or image/jpeg, image/png (``frameNumber``, ``windowCenter``,
     ``windowWidth``, ``rows``, ``columns``)."""
@@ -1035,7 +1030,7 @@ def wado_uri(request: Request, actor: Reader) -> Response:
     as_file = content_type == "application/dicom"
     if as_file:
         authorise_also(request, actor, STUDY_DOWNLOAD, uids[0])
-    inst = _select(request, actor, "study.retrieve", *uids,
+    inst = _select(request, actor, "study.retrieve", uids[0], uids[1], uids[2],
                    right=DOWNLOAD if as_file else VIEW)[0]
     if as_file:
         wanted = params.get("transferSyntax")
@@ -1057,6 +1052,6 @@ def wado_uri(request: Request, actor: Reader) -> Response:
         media_type=content_type, window=window, viewport=viewport,
         quality=max(1, min(_int_param(request, "imageQuality", 90) or 90, 100)),
     )
-    with request.app.state.archive.retrieve.open(inst) as stream:
+    with archive.retrieve.open(inst) as stream:
         data = render_frame(stream, (_int_param(request, "frameNumber", 1) or 1) - 1, options)
     return Response(data, media_type=content_type)

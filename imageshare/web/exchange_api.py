@@ -15,6 +15,7 @@ from imageshare.audit.trail import AuditEvent
 from imageshare.domain.errors import InvalidQuery
 from imageshare.exchange.federated import PatientQuery
 from imageshare.web.auth import allowed
+from imageshare.web.deps import ArchiveDep
 from imageshare.web.exports import job_view
 from imageshare.web.params import RowId
 
@@ -38,10 +39,9 @@ class PatientSearchIn(BaseModel):
 
 
 @router.post("/search", summary="Federated search for a patient's studies")
-async def federated_search(request: Request, body: PatientSearchIn, actor: allowed(EXCHANGE)
+async def federated_search(archive: ArchiveDep, body: PatientSearchIn, actor: allowed(EXCHANGE)
                            ) -> dict[str, Any]:
     """Local studies and those of every searchable site, each site within its timeout."""
-    archive = request.app.state.archive
     query = patient_query(body.nhs, body.hospital_number, body.name, body.dob)
     result = await run_in_threadpool(archive.exchange.search, query, actor,
                                      archive.policy.study_scope(actor))
@@ -59,9 +59,9 @@ class RetrieveIn(BaseModel):
 
 
 @router.post("/retrieve", status_code=202, summary="Retrieve a study from a site")
-def retrieve(request: Request, body: RetrieveIn, actor: allowed(EXCHANGE)) -> dict[str, Any]:
+def retrieve(archive: ArchiveDep, body: RetrieveIn, actor: allowed(EXCHANGE)) -> dict[str, Any]:
     """Starts the retrieval (a temporary copy); follow it at /api/jobs/{id}."""
-    job = request.app.state.archive.exchange.retrieve(body.site, body.study_uid, actor)
+    job = archive.exchange.retrieve(body.site, body.study_uid, actor)
     return job_view(job)
 
 
@@ -81,10 +81,9 @@ def _transfer(transfer: Any) -> dict[str, Any]:
 
 
 @router.post("/push", status_code=202, summary="Send a study to a site")
-async def push(request: Request, body: PushIn, actor: allowed(EXCHANGE)) -> dict[str, Any]:
+async def push(archive: ArchiveDep, body: PushIn, actor: allowed(EXCHANGE)) -> dict[str, Any]:
     """Queued -> sending -> delivered or failed (with the reason); retried; the sender and the
     named users are notified."""
-    archive = request.app.state.archive
     transfer = await run_in_threadpool(
         archive.transfers.send, body.study_uid, body.site, actor, body.priority, body.note,
         tuple(body.notify), archive.policy.study_scope(actor))
@@ -92,16 +91,15 @@ async def push(request: Request, body: PushIn, actor: allowed(EXCHANGE)) -> dict
 
 
 @router.get("/transfers/{transfer_id}", summary="A transfer's receipt")
-def transfer(request: Request, transfer_id: str, actor: allowed(EXCHANGE)) -> dict[str, Any]:
+def transfer(archive: ArchiveDep, transfer_id: str, actor: allowed(EXCHANGE)) -> dict[str, Any]:
     """State and counts of one transfer."""
-    return _transfer(request.app.state.archive.transfers.get(transfer_id))
+    return _transfer(archive.transfers.get(transfer_id))
 
 
 @router.get("/inbox", summary="Studies received from other sites")
-def inbox(request: Request, actor: allowed(EXCHANGE), status: str = "pending"
+def inbox(archive: ArchiveDep, actor: allowed(EXCHANGE), status: str = "pending"
           ) -> list[dict[str, Any]]:
     """Each item with the local patient it would be reconciled to (by NHS number)."""
-    archive = request.app.state.archive
     out = []
     for item in archive.inbox.items(status):
         match = archive.inbox.local_match(item) if status == "pending" else None
@@ -123,11 +121,10 @@ class DecisionIn(BaseModel):
 
 
 @router.post("/inbox/{item}/accept", summary="Accept an inbox item into the archive")
-async def accept(request: Request, item: RowId, body: DecisionIn, actor: allowed(EXCHANGE)
+async def accept(archive: ArchiveDep, item: RowId, body: DecisionIn, actor: allowed(EXCHANGE)
                  ) -> dict[str, str]:
     """Reconcile to the local patient (by NHS number), keep the study, and optionally forward
     it to the local PACS."""
-    archive = request.app.state.archive
     done = await run_in_threadpool(archive.inbox.accept, item, actor, body.reconcile,
                                    body.note)
     if body.forward_to:
@@ -139,10 +136,10 @@ async def accept(request: Request, item: RowId, body: DecisionIn, actor: allowed
 
 
 @router.post("/inbox/{item}/reject", summary="Reject an inbox item")
-async def reject(request: Request, item: RowId, body: DecisionIn, actor: allowed(EXCHANGE)
+async def reject(archive: ArchiveDep, item: RowId, body: DecisionIn, actor: allowed(EXCHANGE)
                  ) -> dict[str, int]:
     """Delete the received instances (audited)."""
-    removed = await run_in_threadpool(request.app.state.archive.inbox.reject, item, actor,
+    removed = await run_in_threadpool(archive.inbox.reject, item, actor,
                                       body.note)
     return {"deleted": removed.instances}
 
@@ -160,32 +157,32 @@ class RequestIn(BaseModel):
 
 
 @router.post("/requests", status_code=201, summary="Request prior imaging from a site")
-async def request_imaging(request: Request, body: RequestIn, actor: allowed(EXCHANGE)
+async def request_imaging(archive: ArchiveDep, body: RequestIn, actor: allowed(EXCHANGE)
                           ) -> dict[str, Any]:
     """Delivered to the site's staff when it runs ImageShare; otherwise says to use its usual
     contact route."""
     sent = await run_in_threadpool(
-        request.app.state.archive.requests.send, body.site, actor, body.reason, body.priority,
+        archive.requests.send, body.site, actor, body.reason, body.priority,
         normalise_nhs_number(body.nhs_number) if body.nhs_number else "",
         body.hospital_number, body.patient_name, body.birth_date.replace("-", ""))
     return _transfer(sent)
 
 
 @router.post("/requests/incoming", status_code=201, summary="Receive a request (site to site)")
-def receive_request(request: Request, body: dict[str, str],
+def receive_request(archive: ArchiveDep, body: dict[str, str],
                     actor: allowed(EXCHANGE_RECEIVE)) -> dict[str, str]:
     """Another ImageShare site asks our staff for a patient's prior imaging."""
-    received = request.app.state.archive.requests.receive(actor, body)
+    received = archive.requests.receive(actor, body)
     return {"id": received.public_id}
 
 
 @router.get("/requests", summary="Requests for prior imaging")
-def list_requests(request: Request, actor: allowed(EXCHANGE), direction: str = "incoming"
+def list_requests(archive: ArchiveDep, actor: allowed(EXCHANGE), direction: str = "incoming"
                   ) -> list[dict[str, Any]]:
     """Incoming (for our staff to fulfil) or outgoing requests, newest first."""
     if direction not in ("incoming", "outgoing"):
         raise InvalidQuery("direction is incoming or outgoing")
-    return [_transfer(r) for r in request.app.state.archive.requests.listed(direction)]
+    return [_transfer(r) for r in archive.requests.listed(direction)]
 
 
 class FulfilIn(BaseModel):
@@ -197,10 +194,10 @@ class FulfilIn(BaseModel):
 
 @router.post("/requests/{request_id}/fulfil", status_code=202,
              summary="Answer a request by sending a study")
-async def fulfil(request: Request, request_id: str, body: FulfilIn, actor: allowed(EXCHANGE)
+async def fulfil(request: Request, archive: ArchiveDep,
+                 request_id: str, body: FulfilIn, actor: allowed(EXCHANGE)
                  ) -> dict[str, Any]:
     """Push the study to the requesting site and mark the request fulfilled."""
-    archive = request.app.state.archive
     wanted = archive.requests.get(request_id)
     transfer = await run_in_threadpool(
         archive.transfers.send, body.study_uid, wanted.site, actor, body.priority,

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 
 from imageshare.access.policy import (
     ACCOUNT_SELF,
@@ -19,6 +20,7 @@ from imageshare.domain.actors import Actor
 from imageshare.export.service import FORMATS, ExportRequest
 from imageshare.jobs import Job
 from imageshare.web.auth import allowed, authorise_also
+from imageshare.web.deps import ArchiveDep, archive_of
 
 router = APIRouter(prefix="/api", tags=["API"])
 
@@ -44,7 +46,7 @@ def job_view(job: Job) -> dict[str, Any]:
 
 async def start_export(request: Request, actor: Actor, study_uid: str, body: ExportIn) -> Job:
     """Check the caller may make this kind of export, then queue it."""
-    archive = request.app.state.archive
+    archive = archive_of(request)
     if not body.deidentify:
         authorise_also(request, actor, EXPORT_IDENTIFIABLE, study_uid)
     export = ExportRequest(study_uid, tuple(body.series_uids), body.format, body.deidentify,
@@ -63,18 +65,26 @@ async def create_export(request: Request, study_uid: str, body: ExportIn,
 
 
 @router.get("/jobs/{job_id}", summary="A background job's progress")
-def job_status(request: Request, job_id: str, actor: allowed(ACCOUNT_SELF)) -> dict[str, Any]:
+def job_status(archive: ArchiveDep, job_id: str, actor: allowed(ACCOUNT_SELF)) -> dict[str, Any]:
     """State and progress of one of the caller's jobs."""
-    return job_view(request.app.state.archive.jobs.get(job_id, actor.name))
+    return job_view(archive.jobs.get(job_id, actor.name))
+
+
+@router.post("/jobs/{job_id}/cancel", summary="Cancel a job that has not started")
+def job_cancel(archive: ArchiveDep, job_id: str, actor: allowed(ACCOUNT_SELF)) -> dict[str, Any]:
+    """Cancel one of the caller's jobs while it is still queued (a running job goes on)."""
+    return job_view(archive.jobs.cancel(job_id, actor.name))
 
 
 @router.get("/jobs/{job_id}/file", summary="Download a finished export")
-def job_file(request: Request, job_id: str, actor: allowed(ACCOUNT_SELF)) -> FileResponse:
+def job_file(archive: ArchiveDep, job_id: str, actor: allowed(ACCOUNT_SELF)) -> FileResponse:
     """The export's file (a zip whose names carry no patient data)."""
-    job, path = request.app.state.archive.exports.result(job_id, actor)
+    job, path, temporary = archive.exports.result(job_id, actor)
     return FileResponse(path, media_type="application/zip",
                         filename=f"imageshare-export-{job.id[:8]}.zip",
-                        headers={"Cache-Control": "no-store"})
+                        headers={"Cache-Control": "no-store"},
+                        background=BackgroundTask(path.unlink, missing_ok=True)
+                        if temporary else None)
 
 
 class MarksIn(BaseModel):
@@ -86,10 +96,9 @@ class MarksIn(BaseModel):
 
 
 @router.post("/studies/{study_uid}/annotations", summary="Save marks drawn on an image")
-async def save_marks(request: Request, study_uid: str, body: MarksIn,
+async def save_marks(archive: ArchiveDep, study_uid: str, body: MarksIn,
                      actor: allowed(STUDY_COMMENT, "study_uid")) -> dict[str, int]:
     """Keeps the marks for the viewer and stores them as a presentation state in the study."""
-    archive = request.app.state.archive
     kept = await run_in_threadpool(
         archive.annotations.save, study_uid, body.sop_uid, body.frame, body.marks, actor,
         actor.name, archive.policy.study_scope(actor))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -60,7 +60,7 @@ class PartSink:
     """Feeds a multipart body in chunks and writes each part to its own staging file; more
     than ``max_parts`` parts, or oversized part headers, stop it with a reason."""
 
-    def __init__(self, boundary: str, new_file: callable,  # type: ignore[valid-type]
+    def __init__(self, boundary: str, new_file: Callable[[], tuple[BinaryIO, Path]],
                  max_parts: int = 10000) -> None:
         self._new_file = new_file
         self._max_parts = max_parts
@@ -81,7 +81,7 @@ class PartSink:
             "on_header_end": self._header_end,
             "on_end": self._done,
         }
-        self._parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        self._parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]  # a TypedDict
 
     def feed(self, chunk: bytes) -> None:
         """Parse the next chunk of the body."""
@@ -171,9 +171,9 @@ def part_stream(boundary: str, parts: Iterable[tuple[str, PartBody]]) -> Iterato
         for data in (f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode(), body,
                      b"\r\n"):
             if isinstance(data, bytes | bytearray | memoryview):
-                source: BinaryIO = io.BytesIO(data)
+                source: io.BufferedIOBase = io.BytesIO(data)
             else:
-                source = data
+                source = data  # type: ignore[assignment]  # an open file: it has readinto
             with source:
                 while True:
                     if used == _PIECE:

@@ -29,6 +29,7 @@ from imageshare.web import (
     share_api,
 )
 from imageshare.web.auth import allowed
+from imageshare.web.deps import Archive, ArchiveDep
 from imageshare.web.pages import (
     account,
     admin,
@@ -36,6 +37,7 @@ from imageshare.web.pages import (
     cases,
     exchange,
     patients,
+    reports,
     shared,
     shares,
     sign_in,
@@ -44,7 +46,7 @@ from imageshare.web.pages import (
 )
 
 
-def create_app(archive: Any) -> FastAPI:
+def create_app(archive: Archive) -> FastAPI:
     """The web application serving ``archive``."""
     app = FastAPI(
         title="ImageShare", version=__version__, openapi_url=None, docs_url=None,
@@ -59,8 +61,8 @@ def create_app(archive: Any) -> FastAPI:
     app.include_router(exchange_api.router)
     app.include_router(fhir.router)
     app.include_router(iid.router)
-    for pages in (sign_in, studies, viewer, patients, account, admin, shares, shared, cases,
-                  exchange, assets):
+    for pages in (sign_in, studies, viewer, patients, account, admin, reports, shares, shared,
+                  cases, exchange, assets):
         app.include_router(pages.router)
     app.add_middleware(RequestLimits, settings=archive.settings)
     origins = [o.strip() for o in archive.settings.cors_origins.split(",") if o.strip()]
@@ -72,10 +74,10 @@ def create_app(archive: Any) -> FastAPI:
         )
 
     @app.get("/healthz", tags=["health"], summary="Liveness and readiness")
-    def healthz(request: Request, _actor: allowed(PUBLIC)) -> JSONResponse:
+    def healthz(archive: ArchiveDep, _actor: allowed(PUBLIC)) -> JSONResponse:
         """``ok`` when the index answers; no patient data."""
         try:
-            with request.app.state.archive.engine.connect() as conn:
+            with archive.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception:  # noqa: BLE001 - reported as not ready
             return JSONResponse({"status": "unavailable"}, status_code=503)
@@ -98,6 +100,7 @@ def http_server_config(app: FastAPI, settings: Settings) -> Any:
     config = uvicorn.Config(
         app, host=settings.http_host, port=settings.http_port, log_level="warning",
         access_log=False, http=LimitedHttpProtocol,
+        proxy_headers=True, forwarded_allow_ips=settings.trusted_proxies,
         # On SIGTERM/SIGINT requests in flight get the grace, then are ended.
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
         ssl_certfile=settings.tls_certificate if https else None,

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from imageshare.access.policy import EXPORT_IDENTIFIABLE, SHARE_CREATE
 from imageshare.sharing.links import NewShare, Share
 from imageshare.web.auth import allowed, authorise_also
+from imageshare.web.deps import ArchiveDep
 from imageshare.web.pages.shares import shown_link
 
 router = APIRouter(prefix="/api", tags=["API"])
@@ -44,10 +45,9 @@ def _view(share: Share) -> dict[str, Any]:
 
 
 @router.post("/studies/{study_uid}/shares", status_code=201, summary="Create a share link")
-async def create_share(request: Request, study_uid: str, body: ShareIn,
+async def create_share(request: Request, archive: ArchiveDep, study_uid: str, body: ShareIn,
                        actor: allowed(SHARE_CREATE, "study_uid")) -> dict[str, Any]:
     """Answers with the link and its passcode, shown only here."""
-    archive = request.app.state.archive
     if not body.deidentified:
         authorise_also(request, actor, EXPORT_IDENTIFIABLE, study_uid)
     share_request = NewShare(
@@ -62,15 +62,15 @@ async def create_share(request: Request, study_uid: str, body: ShareIn,
 
 
 @router.get("/shares", summary="My shares")
-def list_shares(request: Request, actor: allowed(SHARE_CREATE)) -> list[dict[str, Any]]:
+def list_shares(archive: ArchiveDep, actor: allowed(SHARE_CREATE)) -> list[dict[str, Any]]:
     """The caller's shares, newest first."""
-    return [_view(s) for s in request.app.state.archive.shares.owned(actor.name)]
+    return [_view(s) for s in archive.shares.owned(actor.name)]
 
 
 @router.get("/shares/{share_id}", summary="One share with its accesses and feedback")
-def get_share(request: Request, share_id: str, actor: allowed(SHARE_CREATE)) -> dict[str, Any]:
+def get_share(archive: ArchiveDep, share_id: str, actor: allowed(SHARE_CREATE)) -> dict[str, Any]:
     """State, every use of the link, comments and feedback."""
-    service = request.app.state.archive.shares
+    service = archive.shares
     share = service.by_public_id(share_id, actor.name)
     return {**_view(share),
             "accesses": [{"at": a["at"].isoformat(), "action": a["action"],
@@ -84,6 +84,6 @@ def get_share(request: Request, share_id: str, actor: allowed(SHARE_CREATE)) -> 
 
 
 @router.delete("/shares/{share_id}", status_code=204, summary="Revoke a share")
-def revoke_share(request: Request, share_id: str, actor: allowed(SHARE_CREATE)) -> None:
+def revoke_share(archive: ArchiveDep, share_id: str, actor: allowed(SHARE_CREATE)) -> None:
     """End the share for good."""
-    request.app.state.archive.shares.revoke(share_id, actor)
+    archive.shares.revoke(share_id, actor)

@@ -285,3 +285,27 @@ def test_an_nhs_number_kept_in_other_patient_ids_is_found_or_the_site_says_it_wa
         assert "add the name and date of birth" in site["detail"]
         named = search(server, nhs="9449304424", name="Lovelace^Ada", dob="19700101")
         assert named["sites"][0]["status"] == "incomplete"
+
+
+def test_test_connection_says_which_way_works_and_why_not(hospitals):
+    server, orthanc, _files = hospitals
+    server.cli("node", "add", "ORTHANC", "--host", "127.0.0.1", "--port",
+               str(orthanc.dicom_port), "--name", "Other Hospital", "--dicomweb",
+               f"{orthanc.url}/dicom-web")
+    server.cli("node", "add", "CLOSED", "--host", "127.0.0.1", "--port", str(free_port()),
+               "--name", "Closed Hospital")
+    server.cli("node", "add", "LOCKED", "--host", "127.0.0.1", "--port", str(free_port()),
+               "--name", "Locked Hospital", "--dicomweb", server.dicomweb,
+               "--dicomweb-auth", "Bearer not-a-token")
+    with server.http() as http:
+        works = http.post("/api/nodes/ORTHANC/test").json()
+        closed = http.post("/api/nodes/CLOSED/test").json()
+        locked = http.post("/api/nodes/LOCKED/test").json()
+        audit = http.get("/api/audit", params={"action": "node.test"})
+    assert [(c["protocol"], c["ok"]) for c in works] == [("DICOM", True), ("DICOMweb", True)]
+    assert "C-ECHO answered" in works[0]["detail"] and "QIDO-RS answered" in works[1]["detail"]
+    assert closed == [{"protocol": "DICOM", "ok": False,
+                       "detail": "Closed Hospital cannot be reached"}]
+    assert locked[1] == {"protocol": "DICOMweb", "ok": False,
+                         "detail": "Locked Hospital refused our credentials"}
+    assert [e["outcome"] for e in audit.json()] == ["failure", "failure", "success"]

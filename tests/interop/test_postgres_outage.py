@@ -81,7 +81,7 @@ def test_postgresql_stopped_mid_ingest_loses_nothing_and_the_server_recovers(
         cluster, tmp_path):
     server = RunningServer(tmp_path / "data", extra_env={
         "IMAGESHARE_DATABASE_URL": cluster.url, "IMAGESHARE_DICOM_PROCESSES": "1"}).start()
-    server.admin_token()  # made while the database is up
+    server.admin_token()  # made on the command line, which needs the database: before it stops
     paths = ct_series(tmp_path / "ct", count=90, size=64, patient_id="PGOUT1")
     acknowledged: list[Path] = []
     refused: list[int] = []

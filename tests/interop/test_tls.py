@@ -14,8 +14,9 @@ import pytest
 from pydicom import dcmread
 
 from imageshare.dicom.scu import DimseSites
+from imageshare.domain.errors import SiteUnreachable
 from imageshare.exchange.nodes import Node
-from imageshare.exchange.sites import RetrieveProgress, SiteUnreachable
+from imageshare.exchange.sites import RetrieveProgress
 from imageshare.settings import load_settings
 from imageshare.tls import client_context
 from tests.conftest import require, require_tool
@@ -182,7 +183,7 @@ def test_imageshare_finds_and_sends_to_a_node_over_dicom_tls(pki, tls_orthanc, t
 
 def test_dicomweb_sites_over_https_are_checked_against_the_configured_authorities(
         tls_server, pki, tmp_path):
-    from imageshare.exchange.dicomweb_site import DicomwebSites
+    from imageshare.dicom.dicomweb_site import DicomwebSites
 
     tls_server.cli("user", "add", "partner", "--role", "radiographer", "--password",
                    "partner-password")

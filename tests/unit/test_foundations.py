@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,14 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
 
+from imageshare.app import create_admin
 from imageshare.domain.errors import ConfigurationError
 from imageshare.domain.identifiers import is_valid_nhs_number, is_valid_uid, normalise_name
 from imageshare.settings import env_name, load_settings, setting_docs
 from imageshare.storage.files import FileBlobStore
 from imageshare.storage.index.database import make_engine, migrate
 from imageshare.storage.index.schema import metadata
+from tests.conftest import make_archive
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,6 +43,20 @@ def test_invalid_setting_values_are_refused_clearly():
         load_settings({"no_such_setting": 1}, environ={})
 
 
+def test_settings_with_a_list_of_choices_are_checked_when_loaded():
+    with pytest.raises(ConfigurationError, match="smtp_tls is one of none, starttls, ssl"):
+        load_settings(environ={"IMAGESHARE_SMTP_TLS": "tls"})
+    with pytest.raises(ConfigurationError, match="log_level"):
+        load_settings(environ={"IMAGESHARE_LOG_LEVEL": "loud"})
+    with pytest.raises(ConfigurationError, match="push_retry_seconds"):
+        load_settings(environ={"IMAGESHARE_PUSH_RETRY_SECONDS": "2,soon"})
+    loaded = load_settings(environ={"IMAGESHARE_LOG_LEVEL": "debug",
+                                    "IMAGESHARE_SQLITE_SYNCHRONOUS": "full",
+                                    "IMAGESHARE_PUSH_RETRY_SECONDS": "1, 5"})
+    assert (loaded.log_level, loaded.sqlite_synchronous) == ("DEBUG", "FULL")
+    assert loaded.push_retry_schedule == (1.0, 5.0)
+
+
 def test_readme_documents_every_setting_and_command():
     readme = (ROOT / "README.md").read_text()
     table = subprocess.run([sys.executable, "-m", "imageshare", "settings", "--markdown"],
@@ -49,6 +66,10 @@ def test_readme_documents_every_setting_and_command():
     for name, env, _default, _help in setting_docs():
         assert env in readme, f"{env} is not documented in README.md"
         assert env == env_name(name)
+    commands = subprocess.run([sys.executable, "-m", "imageshare", "commands"],
+                              capture_output=True, text=True, check=True).stdout
+    listed = readme.split("<!-- commands:start -->")[1].split("<!-- commands:end -->")[0]
+    assert listed.strip() == f"```sh\n{commands}```", "regenerate: imageshare commands"
     for command in ("imageshare serve", "imageshare user add", "imageshare node add",
                     "imageshare import", "imageshare audit export", "make run", "make test"):
         assert command in readme, command
@@ -111,6 +132,24 @@ def test_first_start_creates_admin_and_prints_generated_password_once(tmp_path):
                          text=True, check=True).stdout.split()
     assert re.fullmatch(r"[A-Za-z0-9_-]{20}", out[0])
     assert out[1] == "None"
+
+
+@pytest.mark.parametrize("on_a_terminal", [True, False])
+def test_a_generated_admin_password_is_kept_in_a_file_only_its_owner_can_read(
+        tmp_path, on_a_terminal):
+    archive = make_archive(tmp_path)
+    try:
+        console = io.StringIO()
+        path = create_admin(archive, console, interactive=on_a_terminal)
+        password = path.read_text().strip()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.parent == tmp_path / "data"
+        assert str(path.resolve()) in console.getvalue()
+        # The console (perhaps a log) shows the password only when it is a terminal.
+        assert (password in console.getvalue()) is on_a_terminal
+        assert archive.users.sign_in("admin", password) is not None
+        assert create_admin(archive, io.StringIO(), interactive=on_a_terminal) is None
+    finally:
+        archive.close()
 
 
 def test_blob_stores_of_several_processes_share_new_folders_safely(tmp_path):

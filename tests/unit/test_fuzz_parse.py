@@ -95,7 +95,7 @@ def _whole(archive) -> None:
 
 
 def _check_stored(archive, data: bytes, sop_uid: str) -> None:
-    (inst,) = archive.retrieve.select(ACTOR, "test", sop_uids=[sop_uid], audit=False)
+    (inst,) = archive.retrieve.select(ACTOR, "study.retrieve", sop_uids=[sop_uid], audit=False)
     with archive.retrieve.open(inst) as fh:
         stored = fh.read()
     if stored == data:  # (a duplicate UID keeps the first copy)

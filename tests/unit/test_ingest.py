@@ -36,7 +36,8 @@ def test_stored_instance_is_indexed_and_byte_identical(any_archive, tmp_path):
     path = ct_series(tmp_path / "in", count=1)[0]
     result = any_archive.ingest.store_copy(path, ACTOR)
     assert result.outcome == "stored"
-    (inst,) = any_archive.retrieve.select(ACTOR, "test", sop_uids=[result.sop_instance_uid])
+    (inst,) = any_archive.retrieve.select(ACTOR, "study.retrieve",
+                                          sop_uids=[result.sop_instance_uid])
     with any_archive.retrieve.open(inst) as fh:
         assert fh.read() == path.read_bytes()
     assert counts(any_archive) == {"patients": 1, "studies": 1, "series": 1, "instances": 1}
@@ -76,7 +77,7 @@ def test_new_content_under_known_uid_keeps_the_first_and_is_audited(archive, tmp
     changed = _changed_copy(path, tmp_path / "changed.dcm")
     result = archive.ingest.store_copy(changed, ACTOR)
     assert result.outcome == "kept_first" and result.warning
-    (inst,) = archive.retrieve.select(ACTOR, "test", sop_uids=[result.sop_instance_uid])
+    (inst,) = archive.retrieve.select(ACTOR, "study.retrieve", sop_uids=[result.sop_instance_uid])
     with archive.retrieve.open(inst) as fh:
         assert fh.read() == path.read_bytes()
     assert blob_files(archive) == 1
@@ -94,7 +95,8 @@ def test_overwrite_setting_replaces_content(tmp_path):
         archive.ingest.store_copy(path, ACTOR)
         changed = _changed_copy(path, tmp_path / "changed.dcm")
         assert archive.ingest.store_copy(changed, ACTOR).outcome == "replaced"
-        (inst,) = archive.retrieve.select(ACTOR, "t", sop_uids=[dcmread(path).SOPInstanceUID])
+        (inst,) = archive.retrieve.select(ACTOR, "study.retrieve",
+                                          sop_uids=[dcmread(path).SOPInstanceUID])
         with archive.retrieve.open(inst) as fh:
             assert fh.read() == changed.read_bytes()
         assert blob_files(archive) == 1
@@ -120,7 +122,8 @@ def test_compressed_transfer_syntaxes_are_stored_as_received(archive, tmp_path):
     for name in ("US1_J2KR.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm", "JPEG-LL.dcm"):
         source = Path(get_testdata_file(name))
         result = archive.ingest.store_copy(source, ACTOR)
-        (inst,) = archive.retrieve.select(ACTOR, "t", sop_uids=[result.sop_instance_uid])
+        (inst,) = archive.retrieve.select(ACTOR, "study.retrieve",
+                                          sop_uids=[result.sop_instance_uid])
         assert inst.transfer_syntax == dcmread(source).file_meta.TransferSyntaxUID
         with archive.retrieve.open(inst) as fh:
             assert fh.read() == source.read_bytes()

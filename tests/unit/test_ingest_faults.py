@@ -81,7 +81,8 @@ def test_values_that_do_not_fit_their_vr_are_kept_as_received_and_indexed(archiv
     for name, data in odd_but_storable(tmp_path / "odd").items():
         result = archive.ingest.store_stream(io.BytesIO(data), ACTOR)
         assert result.outcome == "stored", name
-        (inst,) = archive.retrieve.select(ACTOR, "test", sop_uids=[result.sop_instance_uid])
+        (inst,) = archive.retrieve.select(ACTOR, "study.retrieve",
+                                          sop_uids=[result.sop_instance_uid])
         with archive.retrieve.open(inst) as fh:
             assert fh.read() == data, name
     with archive.engine.connect() as conn:

@@ -32,7 +32,7 @@ def found(archive, **criteria):
 
 
 def stored_header(archive, study_uid):
-    inst = archive.retrieve.select(STAFF, "test.read", study_uids=[study_uid])
+    inst = archive.retrieve.select(STAFF, "study.retrieve", study_uids=[study_uid])
     with archive.retrieve.open(inst[0]) as fp:
         return dcmread(fp, stop_before_pixels=True)
 
@@ -84,7 +84,7 @@ def test_a_pdf_report_is_stored_as_encapsulated_pdf_in_the_same_study(archive, t
     record = archive.catalogue.record(study)
     docs = [s for s in record.series if s.is_documents]
     assert len(docs) == 1 and docs[0].modality == "DOC"
-    inst = archive.retrieve.select(STAFF, "test.read", sop_uids=[result.sop_instance_uid])[0]
+    inst = archive.retrieve.select(STAFF, "study.retrieve", sop_uids=[result.sop_instance_uid])[0]
     with archive.retrieve.open(inst) as fp:
         ds = dcmread(fp)
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.104.1"
@@ -98,7 +98,7 @@ def test_a_photo_of_a_paper_report_becomes_secondary_capture(archive, tmp_path):
     photo = io.BytesIO()
     Image.fromarray(np.full((40, 30, 3), 200, np.uint8)).save(photo, "JPEG")
     result = archive.attachments.attach(study, "paper.jpg", photo.getvalue(), "", STAFF)
-    inst = archive.retrieve.select(STAFF, "test.read", sop_uids=[result.sop_instance_uid])[0]
+    inst = archive.retrieve.select(STAFF, "study.retrieve", sop_uids=[result.sop_instance_uid])[0]
     with archive.retrieve.open(inst) as fp:
         ds = dcmread(fp)
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
@@ -128,7 +128,7 @@ def test_correcting_an_emergency_study_rewrites_headers_and_keeps_history(archiv
     events = list(archive.audit.events("patient.correction"))
     assert events[0]["study_uid"] == study and events[0]["actor"] == "user:sono"
     # pixels are untouched and the old blob is gone
-    inst = archive.retrieve.select(STAFF, "test.read", study_uids=[study])[0]
+    inst = archive.retrieve.select(STAFF, "study.retrieve", study_uids=[study])[0]
     with archive.retrieve.open(inst) as fp:
         assert dcmread(fp).pixel_array.shape == (3, 120, 160, 3)
     assert len(list(archive.blobs.keys())) == 1

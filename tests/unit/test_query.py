@@ -180,3 +180,46 @@ def test_every_query_is_audited(loaded):
     (event,) = list(archive.audit.events(action="study.query", limit=1))
     assert event["detail"]["keys"] == {"00100020": "H100"}
     assert event["instance_count"] == 1
+
+
+def _default_instance_keys(**keys: str) -> dict:
+    """An instance-level identifier with QIDO-RS's default return keys (PS3.18 Table 10.6.3-5)."""
+    ds = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "InstanceAvailability",
+                    "TimezoneOffsetFromUTC", "InstanceNumber", "Rows", "Columns",
+                    "BitsAllocated", "NumberOfFrames", "StudyInstanceUID", "SeriesInstanceUID"):
+        setattr(ds, keyword, "")
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds.to_json_dict()
+
+
+def test_instance_search_with_default_keys_answers_from_the_index_without_opening_files(
+        loaded, monkeypatch):
+    archive, made = loaded
+    opened = []
+    read_header = archive.query._instance_header
+    monkeypatch.setattr(archive.query, "_instance_header",
+                        lambda key: opened.append(key) or read_header(key))
+    study = dcmread(made["muller"][0]).StudyInstanceUID
+    images = archive.query.find(Query("IMAGE", _default_instance_keys(StudyInstanceUID=study)),
+                                ACTOR)
+    assert values(images, "00200013") == ["1", "2"]
+    assert all(m.attributes["00080201"] == {"vr": "SH"} for m in images)
+    assert opened == []
+    # an attribute kept only in the instance's own header is still read from its file
+    images = archive.query.find(Query("IMAGE", _default_instance_keys(
+        StudyInstanceUID=study, SliceThickness="")), ACTOR)
+    assert all(m.attributes["00180050"]["Value"] == [1.0] for m in images)
+    assert len(opened) == 2
+
+
+def test_timezone_offset_of_instances_is_answered_as_stored(any_archive, tmp_path):
+    paths = ct_series(tmp_path / "tz", count=2, patient_id="H400", patient_name="Tz^Test",
+                      TimezoneOffsetFromUTC="+0100")
+    for path in paths:
+        any_archive.ingest.store_copy(path, ACTOR)
+    study = dcmread(paths[0]).StudyInstanceUID
+    images = any_archive.query.find(
+        Query("IMAGE", _default_instance_keys(StudyInstanceUID=study)), ACTOR)
+    assert [m.attributes["00080201"].get("Value") for m in images] == [["+0100"], ["+0100"]]

@@ -6,6 +6,7 @@ import io
 import math
 import re
 import shutil
+import time
 import zipfile
 from datetime import UTC, datetime, timedelta
 
@@ -279,6 +280,25 @@ def test_a_selection_of_clips_is_shared_over_the_api(archive, anonymous, study):
     assert anonymous.get(f"/api/shares/{body['id']}", auth=auth).json()["state"] == "revoked"
     too_long = anonymous.post(f"/api/studies/{study}/shares", auth=auth, json={"days": 400})
     assert too_long.status_code == 400 and "1 to 90 days" in too_long.json()["detail"]
+
+
+def test_a_deidentified_share_made_over_the_api_has_its_copies_prepared_at_once(
+        archive, anonymous, study):
+    made = anonymous.post(f"/api/studies/{study}/shares", auth=("sono", "a-long-password"),
+                          json={"days": 7})
+    assert made.status_code == 201
+    share = archive.shares.by_public_id(made.json()["id"], "sono")
+    folder = archive.settings.data_dir / "share-cache" / share.public_id
+    deadline = time.monotonic() + 120
+    while True:
+        items = archive.shares.items(share)
+        prepared = {p.stem for p in folder.glob("*.dcm")} | {
+            i.public_sop_uid for i in items if i.held_back}
+        if prepared >= {i.public_sop_uid for i in items} or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    # Every copy was made before the recipient asked for any (as for shares made on a page).
+    assert prepared >= {i.public_sop_uid for i in items} and len(items) == 3
 
 
 def test_a_recipient_is_invited_to_create_a_reviewer_account(archive, anonymous, study):

@@ -345,7 +345,8 @@ def test_http_basic_failures_are_throttled_per_address_and_audited(archive, stud
     accounts(archive, "clin")
     from imageshare.access.throttle import SignInThrottle
 
-    archive.throttle = SignInThrottle(limit=6)  # the default is 20 (each try costs argon2)
+    # the default is 20 (each try costs argon2)
+    archive.throttle = SignInThrottle(archive.engine, limit=6)
     guesser, colleague = client_for(archive, "203.0.113.9"), client_for(archive, "10.1.1.5")
     for _ in range(6):
         assert guesser.get("/api/me", auth=("clin", "guess")).status_code == 401

@@ -259,11 +259,11 @@ def test_verify_command_passes_a_clean_export_and_reports_a_leaky_one(made, tmp_
     assert json.loads(report.read_text())["findings"][0]["file"] == "IM000002.dcm"
 
 
-def test_bare_verify_is_kept_for_the_blob_check_and_says_so(tmp_path):
+def test_bare_verify_scrubs_the_blob_store_instead_of_an_export(tmp_path):
     done = subprocess.run([sys.executable, "-m", "imageshare", "verify", "--data-dir",
                            str(tmp_path)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2
-    assert "not available yet" in done.stderr and "--source" in done.stderr
+    assert done.returncode == 0, done.stderr
+    assert "0 blob(s) checked" in done.stdout and "0 corrupt, 0 missing" in done.stdout
 
 
 def test_identity_collects_names_in_every_order_ids_dates_and_uids(made):

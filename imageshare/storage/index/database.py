@@ -109,4 +109,4 @@ def migrate(engine: Engine, upgrade: bool = True) -> None:
 
 def from_row(cls: type[T], row: Any) -> T:
     """A dataclass built from the like-named columns of a result row (mapping)."""
-    return cls(**{name: row[name] for name in cls.__dataclass_fields__})  # type: ignore[attr-defined]
+    return cls(**{name: row[name] for name in cls.__dataclass_fields__})  # type: ignore[attr-defined]  # T: a dataclass

@@ -1,6 +1,5 @@
 """Tables of the index. Every change here comes with an Alembic migration."""
 
-from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
@@ -223,6 +222,30 @@ audit_events = Table(
     Column("study_uid", String(64), nullable=False, default="", index=True),
     Column("detail", Text, nullable=False, default=""),
     Column("instance_count", Integer, nullable=False, default=0),
+    # Tamper evidence (imageshare/audit/chain.py): place in the chain and the SHA-256 links.
+    Column("seq", BigInteger, nullable=True, index=True, unique=True),
+    Column("prev_hash", String(64), nullable=True),
+    Column("row_hash", String(64), nullable=True),
+)
+
+# The newest link of the audit chain (one row, id 1); writers lock it to extend the chain.
+audit_chain_head = Table(
+    "audit_chain_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+# How far the audit trail was sent to the ATNA audit repository (one row, id 1), and which
+# process holds the lease to send (one sender at a time, also with several instances).
+atna_cursor = Table(
+    "atna_cursor",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("sent_seq", BigInteger, nullable=False),
+    Column("owner", String(64), nullable=False, default=""),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
 )
 
 study_comments = Table(
@@ -502,6 +525,56 @@ transfer_deliveries = Table(
     Column("sop_uid", String(64), nullable=False),
     Column("delivered_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("transfer_pk", "sop_uid"),
+)
+
+# Background work shared by every instance: one row per job, leased by the instance running
+# it (lease_owner until lease_expires); a job whose lease ran out is taken again by another.
+background_jobs = Table(
+    "background_jobs",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("public_id", String(32), nullable=False, unique=True),
+    Column("kind", String(32), nullable=False),
+    Column("description", String(256), nullable=False),
+    Column("params", JSON, nullable=False),
+    Column("sealed_params", Text, nullable=True),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("max_attempts", Integer, nullable=False),
+    Column("run_after", DateTime(timezone=True), nullable=False),
+    Column("done", Integer, nullable=False),
+    Column("total", Integer, nullable=False),
+    Column("summary", String(512), nullable=False),
+    Column("error", String(512), nullable=False),
+    Column("result", String(64), nullable=True),
+    Column("started_by", String(128), nullable=False),
+    Column("notify", Boolean, nullable=False),
+    Column("dedupe_key", String(128), nullable=True, unique=True),
+    Column("lease_owner", String(96), nullable=True),
+    Column("lease_expires", DateTime(timezone=True), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Index("ix_background_jobs_state_run_after", "state", "run_after"),
+)
+
+# Failed sign-ins per source address (the throttle across accounts), shared by instances.
+sign_in_failures = Table(
+    "sign_in_failures",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("source", String(255), nullable=False),
+    Column("failed_at", DateTime(timezone=True), nullable=False),
+    Index("ix_sign_in_failures_source_failed_at", "source", "failed_at"),
+)
+
+# Generation counters of what instances remember in memory (e.g. "parents": studies and series
+# the index writer knows): a change bumps the counter, every instance forgets on seeing it.
+cache_generations = Table(
+    "cache_generations",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("generation", BigInteger, nullable=False),
 )
 
 # Electronic health records allowed to launch ImageShare with signed URLs (IHE IID): the

@@ -13,6 +13,7 @@ from imageshare.access.sessions import COOKIE
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.errors import ImageShareError
 from imageshare.web.auth import allowed
+from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.pages.sign_in import set_session_cookie
 from imageshare.web.pages.templating import page, redirect
 from imageshare.web.params import RowId
@@ -21,7 +22,7 @@ router = APIRouter(include_in_schema=False)
 
 
 def _account_page(request: Request, status_code: int = 200, **extra: object) -> Response:
-    archive = request.app.state.archive
+    archive = archive_of(request)
     actor = request.state.actor
     user = archive.users.account(actor.name)
     return page(
@@ -39,9 +40,9 @@ def account(request: Request, _actor: allowed(ACCOUNT_SELF)) -> Response:
 
 
 @router.post("/account/two-factor")
-def begin_two_factor(request: Request, actor: allowed(ACCOUNT_SELF)) -> Response:
+def begin_two_factor(request: Request, archive: ArchiveDep,
+                     actor: allowed(ACCOUNT_SELF)) -> Response:
     """Make a TOTP secret and show it as a QR code until it is confirmed."""
-    archive = request.app.state.archive
     try:
         uri = archive.users.begin_two_factor(actor.name)
     except ImageShareError as exc:
@@ -52,10 +53,9 @@ def begin_two_factor(request: Request, actor: allowed(ACCOUNT_SELF)) -> Response
 
 
 @router.post("/account/two-factor/confirm")
-def confirm_two_factor(request: Request, actor: allowed(ACCOUNT_SELF),
+def confirm_two_factor(request: Request, archive: ArchiveDep, actor: allowed(ACCOUNT_SELF),
                        code: Annotated[str, Form()]) -> Response:
     """Turn two-factor sign-in on once a code proves the app has the secret."""
-    archive = request.app.state.archive
     try:
         archive.users.confirm_two_factor(actor.name, code[:16])
     except ImageShareError as exc:
@@ -73,10 +73,9 @@ def confirm_two_factor(request: Request, actor: allowed(ACCOUNT_SELF),
 
 
 @router.post("/account/password")
-def change_password(request: Request, actor: allowed(ACCOUNT_SELF),
+def change_password(request: Request, archive: ArchiveDep, actor: allowed(ACCOUNT_SELF),
                     current: Annotated[str, Form()], new: Annotated[str, Form()]) -> Response:
     """Change the user's own password."""
-    archive = request.app.state.archive
     if actor.role == ENROLLING:
         return _account_page(request, 403, error="set up two-factor sign-in first")
     try:
@@ -94,21 +93,15 @@ def change_password(request: Request, actor: allowed(ACCOUNT_SELF),
 
 
 @router.post("/account/tokens")
-def create_token(request: Request, actor: allowed(TOKEN_SELF),
+def create_token(request: Request, archive: ArchiveDep, actor: allowed(TOKEN_SELF),
                  name: Annotated[str, Form()]) -> Response:
     """A new personal API token, shown once."""
-    archive = request.app.state.archive
-    token = archive.users.create_token(actor.name, name.strip()[:128] or "token")
-    archive.audit.record(AuditEvent(actor=actor, action="token.create", outcome="success",
-                                    detail={"name": name[:128]}))
+    token = archive.users.create_token(actor.name, name.strip()[:128] or "token", actor=actor)
     return _account_page(request, new_token=token)
 
 
 @router.post("/account/tokens/{token_pk}/revoke")
-def revoke_token(request: Request, token_pk: RowId, actor: allowed(TOKEN_SELF)) -> Response:
+def revoke_token(archive: ArchiveDep, token_pk: RowId, actor: allowed(TOKEN_SELF)) -> Response:
     """Revoke one of the user's tokens."""
-    archive = request.app.state.archive
-    archive.users.revoke_token(actor.name, token_pk)
-    archive.audit.record(AuditEvent(actor=actor, action="token.revoke", outcome="success",
-                                    detail={"token": token_pk}))
+    archive.users.revoke_token(actor.name, token_pk, actor)
     return redirect("/account?notice=token-revoked#tokens")

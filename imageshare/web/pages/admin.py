@@ -9,25 +9,26 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
 
 from imageshare.access.policy import AUDIT_READ, PERSON_ROLES, USER_MANAGE
-from imageshare.audit.trail import AuditEvent
+from imageshare.audit.trail import AuditEvent, Outcome
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import Forbidden, ImageShareError
 from imageshare.web.auth import allowed
+from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
 
 
 def _users_page(request: Request, status_code: int = 200, **extra: object) -> Response:
-    archive = request.app.state.archive
+    archive = archive_of(request)
     return page(request, "users.html", status_code=status_code,
                 accounts=archive.users.accounts(), roles=PERSON_ROLES, **extra)
 
 
 def _record(request: Request, actor: Actor, action: str, username: str,
-            outcome: str = "success") -> None:
-    request.app.state.archive.audit.record(AuditEvent(
-        actor=actor, action=action, outcome=outcome, detail={"user": username}))  # type: ignore[arg-type]
+            outcome: Outcome = "success") -> None:
+    archive_of(request).audit.record(AuditEvent(
+        actor=actor, action=action, outcome=outcome, detail={"user": username}))
 
 
 @router.get("/admin/users")
@@ -37,10 +38,10 @@ def users(request: Request, _actor: allowed(USER_MANAGE)) -> Response:
 
 
 @router.post("/admin/users")
-def add_user(request: Request, actor: allowed(USER_MANAGE), username: Annotated[str, Form()],
+def add_user(request: Request, archive: ArchiveDep,
+             actor: allowed(USER_MANAGE), username: Annotated[str, Form()],
              role: Annotated[str, Form()], password: Annotated[str, Form()] = "") -> Response:
     """Add an account; without a password a temporary one is generated and shown once."""
-    archive = request.app.state.archive
     generated = "" if password else secrets.token_urlsafe(12)
     try:
         if role not in PERSON_ROLES:
@@ -56,10 +57,10 @@ def add_user(request: Request, actor: allowed(USER_MANAGE), username: Annotated[
 
 
 @router.post("/admin/users/{username}/{change}")
-def change_user(request: Request, username: str, change: str, actor: allowed(USER_MANAGE),
+def change_user(request: Request, archive: ArchiveDep,
+                username: str, change: str, actor: allowed(USER_MANAGE),
                 reset_two_factor: Annotated[str, Form()] = "") -> Response:
     """Disable, enable or reset (new temporary password, lockout lifted) an account."""
-    archive = request.app.state.archive
     if change in ("disable", "enable") and username == actor.name:
         raise Forbidden("you cannot disable your own account")
     if change == "disable":
@@ -80,10 +81,10 @@ def change_user(request: Request, username: str, change: str, actor: allowed(USE
 
 
 @router.get("/admin/audit")
-def audit(request: Request, actor: allowed(AUDIT_READ), action: str = "", study: str = ""
+def audit(request: Request, archive: ArchiveDep,
+          actor: allowed(AUDIT_READ), action: str = "", study: str = ""
           ) -> Response:
     """The latest audit events, optionally for one action or study."""
-    archive = request.app.state.archive
     events = list(archive.audit.events(action.strip() or None, study.strip() or None, 500))
     archive.audit.record(AuditEvent(actor=actor, action="audit.read", outcome="success",
                                     study_uid=study.strip()[:64], instance_count=len(events)))

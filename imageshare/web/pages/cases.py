@@ -10,10 +10,12 @@ from fastapi.responses import Response
 
 from imageshare.access.policy import CASE_MANAGE, SHARE_CREATE
 from imageshare.archive.attachments import MAX_ATTACHMENT
+from imageshare.archive.studies import StudyRecord
 from imageshare.domain.errors import ImageShareError
 from imageshare.sharing.cases import CaseItem
 from imageshare.sharing.links import NewShare
 from imageshare.web.auth import allowed, authorise_also
+from imageshare.web.deps import ArchiveDep
 from imageshare.web.pages.shares import shown_link
 from imageshare.web.pages.templating import page, redirect
 
@@ -21,9 +23,9 @@ router = APIRouter(include_in_schema=False)
 
 
 @router.get("/cases")
-def my_cases(request: Request, actor: allowed(CASE_MANAGE)) -> Response:
+def my_cases(request: Request, archive: ArchiveDep, actor: allowed(CASE_MANAGE)) -> Response:
     """The user's cases, filed by folder."""
-    cases = request.app.state.archive.cases.of(actor.name)
+    cases = archive.cases.of(actor.name)
     folders: dict[str, list] = {}
     for case in cases:
         folders.setdefault(case.folder or "Unfiled", []).append(case)
@@ -31,12 +33,11 @@ def my_cases(request: Request, actor: allowed(CASE_MANAGE)) -> Response:
 
 
 @router.post("/studies/{study_uid}/case")
-async def add_to_case(request: Request, study_uid: str,
+async def add_to_case(request: Request, archive: ArchiveDep, study_uid: str,
                       actor: allowed(CASE_MANAGE, "study_uid"),
                       case: Annotated[str, Form()] = "", title: Annotated[str, Form()] = "",
                       folder: Annotated[str, Form()] = "") -> Response:
     """Put the study (or the ticked series) into an existing or a new case."""
-    archive = request.app.state.archive
     form = await request.form()
     series = [str(v) for v in form.getlist("series")][:500] or [""]
     target = (archive.cases.get(case, actor.name) if case
@@ -49,12 +50,12 @@ async def add_to_case(request: Request, study_uid: str,
 
 
 @router.get("/cases/{public_id}")
-def case_page(request: Request, public_id: str, actor: allowed(CASE_MANAGE)) -> Response:
+def case_page(request: Request, archive: ArchiveDep,
+              public_id: str, actor: allowed(CASE_MANAGE)) -> Response:
     """A case: its items, description, folder, files, and sharing it."""
-    archive = request.app.state.archive
     case = archive.cases.get(public_id, actor.name)
     items = archive.cases.items(case)
-    records = {}
+    records: dict[str, StudyRecord | None] = {}
     for item in items:
         if item.study_uid not in records:
             try:
@@ -68,22 +69,21 @@ def case_page(request: Request, public_id: str, actor: allowed(CASE_MANAGE)) -> 
 
 
 @router.post("/cases/{public_id}")
-def update_case(request: Request, public_id: str, actor: allowed(CASE_MANAGE),
+def update_case(archive: ArchiveDep, public_id: str, actor: allowed(CASE_MANAGE),
                 title: Annotated[str, Form()], description: Annotated[str, Form()] = "",
                 folder: Annotated[str, Form()] = "") -> Response:
     """Rename, describe or refile the case."""
-    archive = request.app.state.archive
     archive.cases.update(archive.cases.get(public_id, actor.name), title, description, folder)
     return redirect(f"/cases/{public_id}")
 
 
 @router.post("/cases/{public_id}/files")
-async def attach_file(request: Request, public_id: str, actor: allowed(CASE_MANAGE),
+async def attach_file(request: Request, archive: ArchiveDep,
+                      public_id: str, actor: allowed(CASE_MANAGE),
                       file: Annotated[UploadFile, File()],
                       title: Annotated[str, Form()] = "") -> Response:
     """Attach a scanned report or photo: stored as DICOM in the case's first study (so it
     can be viewed, exported and shared like the images) and added to the case."""
-    archive = request.app.state.archive
     case = archive.cases.get(public_id, actor.name)
     items = archive.cases.items(case)
     if not items:
@@ -100,22 +100,20 @@ async def attach_file(request: Request, public_id: str, actor: allowed(CASE_MANA
 
 
 @router.post("/cases/{public_id}/delete")
-def delete_case(request: Request, public_id: str, actor: allowed(CASE_MANAGE)) -> Response:
+def delete_case(archive: ArchiveDep, public_id: str, actor: allowed(CASE_MANAGE)) -> Response:
     """Delete the case; its images stay in the archive."""
-    archive = request.app.state.archive
     archive.cases.delete(archive.cases.get(public_id, actor.name), actor)
     return redirect("/cases")
 
 
 @router.post("/cases/{public_id}/share")
 async def share_case(
-    request: Request, public_id: str, actor: allowed(SHARE_CREATE),
+    request: Request, archive: ArchiveDep, public_id: str, actor: allowed(SHARE_CREATE),
     recipient_email: Annotated[str, Form()] = "", days: Annotated[int, Form()] = 0,
     download: Annotated[str, Form()] = "", profile: Annotated[str, Form()] = "teaching",
     message: Annotated[str, Form()] = "",
 ) -> Response:
     """Share the whole case as one de-identified link."""
-    archive = request.app.state.archive
     case = archive.cases.get(public_id, actor.name)
     items = archive.cases.items(case)
     if not items:
@@ -128,8 +126,5 @@ async def share_case(
     created = await run_in_threadpool(archive.shares.create_and_send, request_, actor,
                                       archive.policy.study_scope(actor))
     url = shown_link(request, created.path)
-    share = archive.shares.by_public_id(created.public_id, actor.name)
-    archive.jobs.submit(actor.name, "share", "Preparing de-identified copies",
-                        lambda job: archive.shares.prepare(share))
     return page(request, "share_created.html", url=url, passcode=created.passcode,
                 created=created, emailed=bool(recipient_email.strip()))

@@ -16,6 +16,7 @@ from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.exchange.nodes import Node
 from imageshare.web.auth import allowed
+from imageshare.web.deps import Archive, ArchiveDep
 from imageshare.web.dicomweb import render_stored
 from imageshare.web.exchange_api import patient_query
 from imageshare.web.pages.templating import dicom_date, page, person, redirect
@@ -35,12 +36,11 @@ def exchange_form(request: Request, actor: allowed(EXCHANGE)) -> Response:
 
 
 @router.post("/exchange")
-async def exchange(request: Request, actor: allowed(EXCHANGE),
+async def exchange(request: Request, archive: ArchiveDep, actor: allowed(EXCHANGE),
                    nhs: Annotated[str, Form()] = "", hospital_number: Annotated[str, Form()] = "",
                    name: Annotated[str, Form()] = "", dob: Annotated[str, Form()] = "",
                    ) -> Response:
     """Search this archive and every connected site for a patient's studies."""
-    archive = request.app.state.archive
     form = {"nhs": nhs[:32], "hospital_number": hospital_number[:64], "name": name[:200],
             "dob": dob[:10]}
     if not any(form.values()):
@@ -56,42 +56,41 @@ async def exchange(request: Request, actor: allowed(EXCHANGE),
 
 
 @router.post("/exchange/retrieve")
-def retrieve(request: Request, actor: allowed(EXCHANGE), site: Annotated[str, Form()],
+def retrieve(archive: ArchiveDep, actor: allowed(EXCHANGE), site: Annotated[str, Form()],
              study_uid: Annotated[str, Form()]) -> Response:
     """Bring a remote study here (a temporary copy) and follow the job."""
-    job = request.app.state.archive.exchange.retrieve(site, study_uid, actor)
+    job = archive.exchange.retrieve(site, study_uid, actor)
     return redirect(f"/jobs/{job.id}")
 
 
 @router.post("/studies/{study_uid}/send")
-async def send(request: Request, study_uid: str, actor: allowed(EXCHANGE, "study_uid"),
+async def send(archive: ArchiveDep, study_uid: str, actor: allowed(EXCHANGE, "study_uid"),
                site: Annotated[str, Form()], priority: Annotated[str, Form()] = "routine",
                note: Annotated[str, Form()] = "") -> Response:
     """Send the study to a connected site; follow its receipt."""
-    archive = request.app.state.archive
     transfer = await run_in_threadpool(archive.transfers.send, study_uid, site, actor,
                                        priority, note, (), archive.policy.study_scope(actor))
     return redirect(f"/transfers/{transfer.public_id}")
 
 
 @router.get("/transfers")
-def transfers(request: Request, actor: allowed(EXCHANGE)) -> Response:
+def transfers(request: Request, archive: ArchiveDep, actor: allowed(EXCHANGE)) -> Response:
     """Recent transfers to other sites with their state."""
-    return page(request, "transfers.html", transfers=request.app.state.archive.transfers
+    return page(request, "transfers.html", transfers=archive.transfers
                 .recent())
 
 
 @router.get("/transfers/{transfer_id}")
-def transfer(request: Request, transfer_id: str, actor: allowed(EXCHANGE)) -> Response:
+def transfer(request: Request, archive: ArchiveDep,
+             transfer_id: str, actor: allowed(EXCHANGE)) -> Response:
     """One transfer's receipt (refreshes while it runs)."""
-    item = request.app.state.archive.transfers.get(transfer_id)
+    item = archive.transfers.get(transfer_id)
     return page(request, "transfers.html", transfers=[item], single=True)
 
 
 @router.get("/inbox")
-def inbox(request: Request, actor: allowed(EXCHANGE)) -> Response:
+def inbox(request: Request, archive: ArchiveDep, actor: allowed(EXCHANGE)) -> Response:
     """Studies received from other sites, waiting for a decision."""
-    archive = request.app.state.archive
     items = archive.inbox.items()
     rows = [{"item": i, "study": archive.catalogue.record(i.study_uid),
              "match": archive.inbox.local_match(i)} for i in items]
@@ -102,11 +101,10 @@ def inbox(request: Request, actor: allowed(EXCHANGE)) -> Response:
 
 
 @router.get("/inbox/{item}/viewer")
-async def inbox_viewer(request: Request, item: RowId, actor: allowed(EXCHANGE),
-                       series: str = "") -> Response:
+async def inbox_viewer(request: Request, archive: ArchiveDep, item: RowId,
+                       actor: allowed(EXCHANGE), series: str = "") -> Response:
     """The inbox's own viewer: a received study before anyone accepted it (it is in no
     search, query or retrieval until then)."""
-    archive = request.app.state.archive
     received = archive.inbox.item(item)
     study = await run_in_threadpool(archive.catalogue.view, received.study_uid, actor, None,
                                     True)
@@ -119,9 +117,8 @@ async def inbox_viewer(request: Request, item: RowId, actor: allowed(EXCHANGE),
                 back_label="Inbox", comment_action="")
 
 
-def _received(request: Request, actor: Actor, item: int, study: str, series: str,
+def _received(archive: Archive, actor: Actor, item: int, study: str, series: str,
               sop: str = "") -> StoredInstance:
-    archive = request.app.state.archive
     received = archive.inbox.item(item)
     if study != received.study_uid:
         raise NotFound("no such study, series or instance")
@@ -132,37 +129,37 @@ def _received(request: Request, actor: Actor, item: int, study: str, series: str
 
 
 @router.get("/inbox/{item}/dicomweb/studies/{study}/series/{series}/thumbnail")
-def inbox_thumbnail(request: Request, item: RowId, study: str, series: str,
-                    actor: allowed(EXCHANGE)) -> Response:
+def inbox_thumbnail(request: Request, archive: ArchiveDep, item: RowId, study: str,
+                    series: str, actor: allowed(EXCHANGE)) -> Response:
     """A received series' thumbnail, for the inbox viewer."""
-    inst = _received(request, actor, item, study, series)
+    inst = _received(archive, actor, item, study, series)
     return render_stored(request, inst, max(1, (inst.number_of_frames + 1) // 2),
                          thumbnail=True)
 
 
 @router.get("/inbox/{item}/dicomweb/studies/{study}/series/{series}/instances/{sop}/rendered")
-def inbox_rendered(request: Request, item: RowId, study: str, series: str, sop: str,
-                   actor: allowed(EXCHANGE)) -> Response:
+def inbox_rendered(request: Request, archive: ArchiveDep, item: RowId, study: str,
+                   series: str, sop: str, actor: allowed(EXCHANGE)) -> Response:
     """A received image, rendered for the inbox viewer."""
-    return render_stored(request, _received(request, actor, item, study, series, sop), 1)
+    return render_stored(request, _received(archive, actor, item, study, series, sop), 1)
 
 
 @router.get("/inbox/{item}/dicomweb/studies/{study}/series/{series}/instances/{sop}"
             "/frames/{frame}/rendered")
-def inbox_rendered_frame(request: Request, item: RowId, study: str, series: str, sop: str,
-                         frame: int, actor: allowed(EXCHANGE)) -> Response:
+def inbox_rendered_frame(request: Request, archive: ArchiveDep, item: RowId, study: str,
+                         series: str, sop: str, frame: int, actor: allowed(EXCHANGE)
+                         ) -> Response:
     """One frame of a received clip, rendered for the inbox viewer."""
-    return render_stored(request, _received(request, actor, item, study, series, sop),
+    return render_stored(request, _received(archive, actor, item, study, series, sop),
                          max(frame, 1))
 
 
 @router.post("/inbox/{item}/{decision}")
-async def decide(request: Request, item: RowId, decision: str, actor: allowed(EXCHANGE),
+async def decide(archive: ArchiveDep, item: RowId, decision: str, actor: allowed(EXCHANGE),
                  note: Annotated[str, Form()] = "", forward_to: Annotated[str, Form()] = ""
                  ) -> Response:
     """Accept (reconciled to the local patient, optionally forwarded to the PACS) or reject an
     inbox item."""
-    archive = request.app.state.archive
     if decision == "accept":
         await run_in_threadpool(archive.inbox.accept, item, actor, True, note)
         if forward_to:
@@ -176,21 +173,20 @@ async def decide(request: Request, item: RowId, decision: str, actor: allowed(EX
 
 
 @router.get("/admin/sites")
-def sites(request: Request, actor: allowed(NODE_MANAGE)) -> Response:
+def sites(request: Request, archive: ArchiveDep, actor: allowed(NODE_MANAGE)) -> Response:
     """Connected sites and DICOM nodes, and the DICOM callers that were refused."""
-    archive = request.app.state.archive
     return page(request, "sites.html", nodes=archive.nodes.all(),
                 refused=archive.refused_callers.all())
 
 
 @router.post("/admin/sites/refused")
 def register_refused(
-    request: Request, actor: allowed(NODE_MANAGE), ae_title: Annotated[str, Form()],
+    request: Request, archive: ArchiveDep,
+    actor: allowed(NODE_MANAGE), ae_title: Annotated[str, Form()],
     host: Annotated[str, Form()], port: Annotated[int, Form()] = 104,
     may_query: Annotated[str, Form()] = "",
 ) -> Response:
     """Register a refused caller at the host it called from, in one step (audited)."""
-    archive = request.app.state.archive
     try:
         archive.refused_callers.register(ae_title, host, actor, port, bool(may_query))
     except ImageShareError as exc:
@@ -201,7 +197,8 @@ def register_refused(
 
 @router.post("/admin/sites")
 def add_site(
-    request: Request, actor: allowed(NODE_MANAGE), ae_title: Annotated[str, Form()],
+    request: Request, archive: ArchiveDep,
+    actor: allowed(NODE_MANAGE), ae_title: Annotated[str, Form()],
     host: Annotated[str, Form()], port: Annotated[int, Form()],
     display_name: Annotated[str, Form()] = "", dicomweb_url: Annotated[str, Form()] = "",
     dicomweb_auth: Annotated[str, Form()] = "", searchable: Annotated[str, Form()] = "",
@@ -210,7 +207,6 @@ def add_site(
     inbox: Annotated[str, Form()] = "", tls: Annotated[str, Form()] = "",
 ) -> Response:
     """Register (or update) a site."""
-    archive = request.app.state.archive
     node = Node(ae_title=ae_title.strip(), host=host.strip(), port=port,
                 dicomweb_url=dicomweb_url.strip(), display_name=display_name.strip(),
                 may_query=bool(may_query), may_retrieve=bool(may_query),
@@ -218,20 +214,26 @@ def add_site(
                 retrieve_from=bool(retrieve_from), send_to=bool(send_to),
                 dicomweb_auth=dicomweb_auth.strip(), inbox=bool(inbox), tls=bool(tls))
     try:
-        archive.nodes.add(node, replace=True)
+        archive.nodes.add(node, replace=True, actor=actor)
     except ImageShareError as exc:
         return page(request, "sites.html", status_code=400, nodes=archive.nodes.all(),
                     refused=archive.refused_callers.all(), error=str(exc))
-    archive.audit.record(AuditEvent(actor=actor, action="node.add", outcome="success",
-                                    detail={"ae_title": node.ae_title}))
     return redirect("/admin/sites")
 
 
+@router.post("/admin/sites/{ae_title}/test")
+async def test_site(request: Request, archive: ArchiveDep, ae_title: str,
+                    actor: allowed(NODE_MANAGE)) -> Response:
+    """Test the connection to a site (C-ECHO; an authenticated QIDO-RS over DICOMweb) and
+    show the result."""
+    checks = await run_in_threadpool(archive.exchange.test_connection, ae_title, actor)
+    return page(request, "sites.html", nodes=archive.nodes.all(),
+                refused=archive.refused_callers.all(), tested=archive.nodes.get(ae_title),
+                checks=checks)
+
+
 @router.post("/admin/sites/{ae_title}/remove")
-def remove_site(request: Request, ae_title: str, actor: allowed(NODE_MANAGE)) -> Response:
+def remove_site(archive: ArchiveDep, ae_title: str, actor: allowed(NODE_MANAGE)) -> Response:
     """Forget a site."""
-    archive = request.app.state.archive
-    archive.nodes.remove(ae_title)
-    archive.audit.record(AuditEvent(actor=actor, action="node.remove", outcome="success",
-                                    detail={"ae_title": ae_title}))
+    archive.nodes.remove(ae_title, actor)
     return redirect("/admin/sites")

@@ -12,6 +12,7 @@ from imageshare.access.policy import PATIENT_CORRECT
 from imageshare.archive.corrections import PatientDetails
 from imageshare.domain.errors import ImageShareError
 from imageshare.web.auth import allowed
+from imageshare.web.deps import ArchiveDep
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
@@ -26,10 +27,9 @@ def _form_of(details: PatientDetails, reason: str = "") -> dict[str, str]:
 
 
 @router.get("/studies/{study_uid}/patient")
-def correction_form(request: Request, study_uid: str,
+def correction_form(request: Request, archive: ArchiveDep, study_uid: str,
                     actor: allowed(PATIENT_CORRECT, "study_uid")) -> Response:
     """The form to correct the details the study is filed under."""
-    archive = request.app.state.archive
     study = archive.catalogue.view(study_uid, actor, archive.policy.study_scope(actor))
     return page(request, "correct.html", study=study,
                 form=_form_of(PatientDetails.of(study.patient)), same_record_note=False)
@@ -37,14 +37,14 @@ def correction_form(request: Request, study_uid: str,
 
 @router.post("/studies/{study_uid}/patient")
 async def correct(
-    request: Request, study_uid: str, actor: allowed(PATIENT_CORRECT, "study_uid"),
+    request: Request, archive: ArchiveDep,
+    study_uid: str, actor: allowed(PATIENT_CORRECT, "study_uid"),
     family: Annotated[str, Form()], patient_id: Annotated[str, Form()],
     reason: Annotated[str, Form()] = "", given: Annotated[str, Form()] = "",
     issuer: Annotated[str, Form()] = "", nhs_number: Annotated[str, Form()] = "",
     birth_date: Annotated[str, Form()] = "", sex: Annotated[str, Form()] = "",
 ) -> Response:
     """Apply the correction to the index and every stored image; kept in the history."""
-    archive = request.app.state.archive
     name = "^".join(p for p in (family.strip(), " ".join(given.split())) if p)
     details = PatientDetails(name, patient_id, issuer, nhs_number, birth_date, sex)
     try:
@@ -61,12 +61,12 @@ async def correct(
 
 @router.post("/studies/{study_uid}/merge")
 async def merge(
-    request: Request, study_uid: str, actor: allowed(PATIENT_CORRECT, "study_uid"),
+    request: Request, archive: ArchiveDep,
+    study_uid: str, actor: allowed(PATIENT_CORRECT, "study_uid"),
     target_patient_id: Annotated[str, Form()], reason: Annotated[str, Form()] = "",
     target_issuer: Annotated[str, Form()] = "",
 ) -> Response:
     """Move every study of this study's patient to the record with the given number."""
-    archive = request.app.state.archive
     try:
         await run_in_threadpool(archive.corrections.merge, study_uid, target_patient_id,
                                 target_issuer, reason, actor)

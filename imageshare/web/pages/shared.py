@@ -3,14 +3,12 @@ download. Everything under /s/{token} sees only the share's own instances."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
-from pydicom import dcmread
 from starlette.background import BackgroundTask
 
 from imageshare.access.policy import PUBLIC, SHARE_COMMENT, SHARE_DOWNLOAD, SHARE_VIEW
@@ -18,12 +16,12 @@ from imageshare.archive.annotations import share_author
 from imageshare.archive.rendering import render_frame
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ImageShareError, NotFound
-from imageshare.export.media import cine_to_mp4
-from imageshare.export.writers import Numbering, ZipWriter
-from imageshare.sharing.links import LinkGone, Share
+from imageshare.domain.errors import ImageShareError, LinkGone, NotFound, TooManyRequests
+from imageshare.export.share_download import build_share_download
+from imageshare.sharing.links import Share
 from imageshare.sharing.viewer import share_manifest
 from imageshare.web.auth import LINK_COOKIE, allowed, client_address, resolve_actor
+from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.dicomweb import render_options
 from imageshare.web.exports import MarksIn
 from imageshare.web.pages.templating import page, redirect
@@ -47,9 +45,9 @@ def _gone(request: Request, exc: ImageShareError) -> Response:
 
 
 @router.get("/s/{token}")
-def landing(request: Request, token: str, _anyone: allowed(PUBLIC)) -> Response:
+def landing(request: Request, archive: ArchiveDep,
+            token: str, _anyone: allowed(PUBLIC)) -> Response:
     """The link's first page: the passcode form (or the shared case once opened)."""
-    archive = request.app.state.archive
     try:
         share = archive.shares.by_token(token)
     except ImageShareError as exc:
@@ -63,16 +61,15 @@ def landing(request: Request, token: str, _anyone: allowed(PUBLIC)) -> Response:
 
 
 @router.post("/s/{token}")
-def open_link(request: Request, token: str, _anyone: allowed(PUBLIC),
+def open_link(request: Request, archive: ArchiveDep, token: str, _anyone: allowed(PUBLIC),
               passcode: Annotated[str, Form()]) -> Response:
     """Check the passcode; ten wrong ones lock the link."""
-    archive = request.app.state.archive
     source = client_address(request)
     try:
         share = archive.shares.by_token(token)
         archive.throttle.check(source)
     except ImageShareError as exc:
-        if getattr(exc, "http_status", 0) == 429:
+        if isinstance(exc, TooManyRequests):
             return page(request, "link_passcode.html", status_code=429, token=token,
                         error=str(exc), needs_login=False)
         return _gone(request, exc)
@@ -105,9 +102,8 @@ def open_link(request: Request, token: str, _anyone: allowed(PUBLIC),
 
 
 @router.get("/s/{token}/case")
-def case(request: Request, token: str, actor: allowed(SHARE_VIEW)) -> Response:
+def case(request: Request, archive: ArchiveDep, token: str, actor: allowed(SHARE_VIEW)) -> Response:
     """What was shared: message, series, comments, feedback form, downloads."""
-    archive = request.app.state.archive
     share = _share(request)
     manifest = share_manifest(archive.shares, share, f"/s/{token}/dicomweb")
     archive.shares.record(share, actor, "share.view", count=sum(
@@ -121,9 +117,9 @@ def case(request: Request, token: str, actor: allowed(SHARE_VIEW)) -> Response:
 
 
 @router.get("/s/{token}/viewer")
-def viewer(request: Request, token: str, actor: allowed(SHARE_VIEW)) -> Response:
+def viewer(request: Request, archive: ArchiveDep,
+           token: str, actor: allowed(SHARE_VIEW)) -> Response:
     """The same viewer as the web app, over the share's instances only."""
-    archive = request.app.state.archive
     share = _share(request)
     manifest = share_manifest(archive.shares, share, f"/s/{token}/dicomweb")
     can_mark = archive.policy.allows(actor, SHARE_COMMENT)
@@ -139,7 +135,7 @@ def viewer(request: Request, token: str, actor: allowed(SHARE_VIEW)) -> Response
 
 async def _render(request: Request, actor: Actor, study: str, series: str | None,
                   sop: str | None, frame: int, thumbnail: bool = False) -> Response:
-    archive = request.app.state.archive
+    archive = archive_of(request)
     share = _share(request)
     items = archive.shares.item(share, study, series, sop)
     item = items[len(items) // 2] if sop is None else items[0]
@@ -181,18 +177,18 @@ async def rendered_frame(request: Request, token: str, study: str, series: str, 
 
 
 @router.post("/s/{token}/comments")
-def comment(request: Request, token: str, actor: allowed(SHARE_COMMENT),
+def comment(request: Request, archive: ArchiveDep, token: str, actor: allowed(SHARE_COMMENT),
             body: Annotated[str, Form()], sop: Annotated[str, Form()] = "") -> Response:
     """A comment on the case, or on the image or clip on screen."""
-    request.app.state.archive.shares.comment(_share(request), actor, body, sop[:64])
+    archive.shares.comment(_share(request), actor, body, sop[:64])
     return redirect(f"/s/{token}/case#comments")
 
 
 @router.post("/s/{token}/annotations")
-async def save_marks(request: Request, token: str, actor: allowed(SHARE_COMMENT)
+async def save_marks(request: Request, archive: ArchiveDep,
+                     token: str, actor: allowed(SHARE_COMMENT)
                      ) -> dict[str, int]:
     """The reviewer's arrows and measurements on one shared image or clip frame."""
-    archive = request.app.state.archive
     share = _share(request)
     body = MarksIn.model_validate(await request.json())
     item = next((i for i in archive.shares.items(share)
@@ -208,49 +204,24 @@ async def save_marks(request: Request, token: str, actor: allowed(SHARE_COMMENT)
 
 
 @router.post("/s/{token}/feedback")
-def feedback(request: Request, token: str, actor: allowed(SHARE_COMMENT),
+def feedback(request: Request, archive: ArchiveDep, token: str, actor: allowed(SHARE_COMMENT),
              view_obtained: Annotated[str, Form()], image_quality: Annotated[int, Form()],
              agreement: Annotated[str, Form()], findings: Annotated[str, Form()] = "",
              comments: Annotated[str, Form()] = "") -> Response:
     """Mark the case reviewed with structured feedback; the sender is told."""
-    request.app.state.archive.shares.give_feedback(
+    archive.shares.give_feedback(
         _share(request), actor, view_obtained, image_quality, findings, agreement, comments)
     return redirect(f"/s/{token}/case#feedback")
 
 
 @router.get("/s/{token}/download")
-async def download(request: Request, token: str, actor: allowed(SHARE_DOWNLOAD),
+async def download(request: Request, archive: ArchiveDep,
+                   token: str, actor: allowed(SHARE_DOWNLOAD),
                    format: str = "zip") -> Response:
     """The shared instances as a ZIP of DICOM files, or of MP4 videos of the clips."""
-    if format not in ("zip", "mp4"):
-        raise ImageShareError("format is zip or mp4")
-    archive = request.app.state.archive
     share = _share(request)
-
-    def build() -> Path:
-        folder = Path(tempfile.mkdtemp(prefix="share-", dir=archive.settings.staging_dir))
-        target = folder / "shared.zip"
-        writer = ZipWriter(target)
-        names = Numbering()
-        count = 0
-        for item in archive.shares.items(share):
-            path = archive.shares.content(share, item) if not item.held_back else None
-            if path is None:
-                continue
-            if format == "zip":
-                writer.add_file(names.name(dcmread(path, stop_before_pixels=True)),
-                                path.read_bytes())
-                count += 1
-                continue
-            ds = dcmread(path)
-            if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-                writer.add_file(names.name(ds)[:-4] + ".mp4", cine_to_mp4(ds))
-                count += 1
-        writer.close()
-        archive.shares.record(share, actor, "share.download", count=count, format=format)
-        return target
-
-    target = await run_in_threadpool(build)
+    target = await run_in_threadpool(build_share_download, archive.shares, share, actor, format,
+                                     archive.settings.staging_dir)
     return FileResponse(target, media_type="application/zip",
                         filename=f"shared-{share.public_id[:8]}.zip",
                         headers={"Cache-Control": "no-store"},

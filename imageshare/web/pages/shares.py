@@ -13,6 +13,7 @@ from imageshare.access.policy import ACCOUNT_SELF, EXPORT_IDENTIFIABLE, PUBLIC, 
 from imageshare.domain.errors import ImageShareError
 from imageshare.sharing.links import NewShare
 from imageshare.web.auth import allowed, authorise_also, client_address
+from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
@@ -21,13 +22,14 @@ router = APIRouter(include_in_schema=False)
 def shown_link(request: Request, path: str) -> str:
     """A link to show the person who made it, on the page they asked for (e-mails use only
     IMAGESHARE_PUBLIC_URL: ShareService.link_base)."""
-    configured = request.app.state.archive.settings.public_url.rstrip("/")
+    configured = archive_of(request).settings.public_url.rstrip("/")
     return (configured or str(request.base_url).rstrip("/")) + path
 
 
 @router.post("/studies/{study_uid}/share")
 async def create_share(
-    request: Request, study_uid: str, actor: allowed(SHARE_CREATE, "study_uid"),
+    request: Request, archive: ArchiveDep,
+    study_uid: str, actor: allowed(SHARE_CREATE, "study_uid"),
     recipient_email: Annotated[str, Form()] = "", recipient_user: Annotated[str, Form()] = "",
     days: Annotated[int, Form()] = 0, download: Annotated[str, Form()] = "",
     comment: Annotated[str, Form()] = "1",
@@ -35,7 +37,6 @@ async def create_share(
     message: Annotated[str, Form()] = "", title: Annotated[str, Form()] = "",
 ) -> Response:
     """Share the study (or the series ticked) and show the link and passcode once."""
-    archive = request.app.state.archive
     form = await request.form()
     series = tuple(str(v) for v in form.getlist("series"))[:500]
     if identifiable:
@@ -48,25 +49,22 @@ async def create_share(
     created = await run_in_threadpool(archive.shares.create_and_send, share_request, actor,
                                       archive.policy.study_scope(actor))
     url = shown_link(request, created.path)
-    if share_request.deidentified:
-        share = archive.shares.by_public_id(created.public_id, actor.name)
-        archive.jobs.submit(actor.name, "share", "Preparing de-identified copies",
-                            lambda job: archive.shares.prepare(share))
     return page(request, "share_created.html", url=url, passcode=created.passcode,
                 created=created, emailed=bool(recipient_email.strip()))
 
 
 @router.get("/shares")
-def my_shares(request: Request, actor: allowed(SHARE_CREATE)) -> Response:
+def my_shares(request: Request, archive: ArchiveDep, actor: allowed(SHARE_CREATE)) -> Response:
     """Every share the user made, with its state."""
-    return page(request, "shares.html", shares=request.app.state.archive.shares.owned(
+    return page(request, "shares.html", shares=archive.shares.owned(
         actor.name))
 
 
 @router.get("/shares/{public_id}")
-def share_detail(request: Request, public_id: str, actor: allowed(SHARE_CREATE)) -> Response:
+def share_detail(request: Request, archive: ArchiveDep,
+                 public_id: str, actor: allowed(SHARE_CREATE)) -> Response:
     """One share: its items, every access, comments and feedback; revoke."""
-    service = request.app.state.archive.shares
+    service = archive.shares
     share = service.by_public_id(public_id, actor.name)
     return page(request, "share_detail.html", share=share, items=service.items(share),
                 accesses=service.accesses(share), comments=service.comments(share),
@@ -74,23 +72,22 @@ def share_detail(request: Request, public_id: str, actor: allowed(SHARE_CREATE))
 
 
 @router.post("/shares/{public_id}/revoke")
-def revoke(request: Request, public_id: str, actor: allowed(SHARE_CREATE)) -> Response:
+def revoke(archive: ArchiveDep, public_id: str, actor: allowed(SHARE_CREATE)) -> Response:
     """End the share for good."""
-    request.app.state.archive.shares.revoke(public_id, actor)
+    archive.shares.revoke(public_id, actor)
     return redirect(f"/shares/{public_id}")
 
 
 @router.get("/notifications")
-def notifications(request: Request, actor: allowed(ACCOUNT_SELF)) -> Response:
+def notifications(request: Request, archive: ArchiveDep, actor: allowed(ACCOUNT_SELF)) -> Response:
     """The user's notifications (no patient data in them)."""
-    items = request.app.state.archive.notifier.recent(actor.name)
+    items = archive.notifier.recent(actor.name)
     return page(request, "notifications.html", items=items)
 
 
 @router.get("/shared-with-me")
-def shared_with_me(request: Request, actor: allowed(ACCOUNT_SELF)) -> Response:
+def shared_with_me(request: Request, archive: ArchiveDep, actor: allowed(ACCOUNT_SELF)) -> Response:
     """Everything shared with this account (by name or by its e-mail address) in one place."""
-    archive = request.app.state.archive
     received = archive.shares.received(actor.name, archive.users.email_of(actor.name))
     entries = []
     for share in received:
@@ -103,29 +100,28 @@ def shared_with_me(request: Request, actor: allowed(ACCOUNT_SELF)) -> Response:
 
 
 @router.post("/shares/{public_id}/invite")
-def invite_reviewer(request: Request, public_id: str, actor: allowed(SHARE_CREATE)) -> Response:
+def invite_reviewer(archive: ArchiveDep, public_id: str, actor: allowed(SHARE_CREATE)) -> Response:
     """Invite the share's recipient to create a reviewer account (link by e-mail)."""
-    archive = request.app.state.archive
     share = archive.shares.by_public_id(public_id, actor.name)
     archive.shares.invite_account(share, actor)
     return redirect(f"/shares/{public_id}?notice=invited")
 
 
 @router.get("/invite/{secret}")
-def invitation_form(request: Request, secret: str, _anyone: allowed(PUBLIC)) -> Response:
+def invitation_form(request: Request, archive: ArchiveDep,
+                    secret: str, _anyone: allowed(PUBLIC)) -> Response:
     """The form to create an invited account."""
-    if request.app.state.archive.users.invitation(secret) is None:
+    if archive.users.invitation(secret) is None:
         return page(request, "error.html", status_code=410, title="Invitation not valid",
                     detail="This invitation has expired or was used already.")
     return page(request, "invitation.html", secret=secret)
 
 
 @router.post("/invite/{secret}")
-def accept_invitation(request: Request, secret: str, _anyone: allowed(PUBLIC),
+def accept_invitation(request: Request, archive: ArchiveDep, secret: str, _anyone: allowed(PUBLIC),
                       username: Annotated[str, Form()], password: Annotated[str, Form()]
                       ) -> Response:
     """Create the invited account, then sign in (two-factor sign-in can be set up there)."""
-    archive = request.app.state.archive
     try:
         archive.shares.accept_invitation(secret, username[:128], password[:1024],
                                          client_address(request))

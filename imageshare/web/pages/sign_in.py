@@ -10,9 +10,10 @@ from fastapi.responses import Response
 
 from imageshare.access.policy import ACCOUNT_SELF, PUBLIC, SESSION_CODE
 from imageshare.access.sessions import COOKIE
-from imageshare.audit.trail import AuditEvent
-from imageshare.domain.actors import Actor
+from imageshare.access.sign_in import SignedIn
+from imageshare.domain.errors import NotAuthenticated
 from imageshare.web.auth import allowed, client_address, resolve_actor
+from imageshare.web.deps import ArchiveDep
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
@@ -32,47 +33,38 @@ def set_session_cookie(request: Request, response: Response, secret: str) -> Non
                         secure=request.url.scheme == "https")
 
 
-def start_session(request: Request, actor: Actor, stage: str, next_url: str) -> Response:
-    """Start a session at ``stage`` and send the browser on to the right page."""
-    archive = request.app.state.archive
-    secret, _csrf = archive.sessions.start(actor.name, client_address(request), stage)
-    archive.audit.record(AuditEvent(actor=actor, action="session.start", outcome="success",
-                                    detail={"stage": stage}))
+def _to_next_stage(request: Request, signed_in: SignedIn, next_url: str) -> Response:
+    """Send the browser on to the page its session's stage needs, with the cookie."""
     target = {"code": f"/login/code?next={quote(next_url)}",
-              "enrol": "/account#two-factor"}.get(stage, next_url)
+              "enrol": "/account#two-factor"}.get(signed_in.stage, next_url)
     response = redirect(target)
-    set_session_cookie(request, response, secret)
+    set_session_cookie(request, response, signed_in.secret)
     return response
 
 
 @router.get("/login")
-def login_form(request: Request, _anyone: allowed(PUBLIC), next: str = "/") -> Response:
+def login_form(request: Request, archive: ArchiveDep,
+               _anyone: allowed(PUBLIC), next: str = "/") -> Response:
     """The sign-in page."""
     actor = resolve_actor(request)
-    if actor.kind == "user" and request.app.state.archive.policy.allows(actor, ACCOUNT_SELF):
+    if actor.kind == "user" and archive.policy.allows(actor, ACCOUNT_SELF):
         return redirect(safe_next(next))
     return page(request, "login.html", next=safe_next(next), username="")
 
 
 @router.post("/login")
 def login(
-    request: Request, _anyone: allowed(PUBLIC), username: Annotated[str, Form()],
+    request: Request, archive: ArchiveDep,
+    _anyone: allowed(PUBLIC), username: Annotated[str, Form()],
     password: Annotated[str, Form()], next: Annotated[str, Form()] = "/",
 ) -> Response:
     """Check the password; a wrong one, a locked or disabled account all get one answer."""
-    archive = request.app.state.archive
-    source = client_address(request)
-    archive.throttle.check(source)
-    result = archive.users.sign_in(username[:128], password[:1024], source)
-    if result is None:
-        archive.throttle.failed(source)
-        archive.audit.record(AuditEvent(
-            actor=Actor("anonymous", username[:64], source=source, registered=False),
-            action="session.start", outcome="failure"))
+    try:
+        signed_in = archive.sign_in.start(username, password, client_address(request))
+    except NotAuthenticated:
         return page(request, "login.html", status_code=401, error=WRONG,
                     next=safe_next(next), username=username[:128])
-    actor, stage = result
-    return start_session(request, actor, stage, safe_next(next))
+    return _to_next_stage(request, signed_in, safe_next(next))
 
 
 @router.get("/login/code")
@@ -83,33 +75,26 @@ def code_form(request: Request, _actor: allowed(SESSION_CODE), next: str = "/") 
 
 @router.post("/login/code")
 def code(
-    request: Request, actor: allowed(SESSION_CODE), code: Annotated[str, Form()],
+    request: Request, archive: ArchiveDep,
+    actor: allowed(SESSION_CODE), code: Annotated[str, Form()],
     next: Annotated[str, Form()] = "/",
 ) -> Response:
     """Check the TOTP code; the session then gets full access (and a new secret)."""
-    archive = request.app.state.archive
-    source = client_address(request)
-    archive.throttle.check(source)
-    if not archive.users.check_code(actor.name, code[:16], source):
-        archive.throttle.failed(source)
-        archive.audit.record(AuditEvent(actor=actor, action="session.code", outcome="failure"))
+    try:
+        secret = archive.sign_in.confirm_code(actor, request.cookies[COOKIE], code,
+                                              client_address(request))
+    except NotAuthenticated:
         return page(request, "code.html", status_code=401, next=safe_next(next),
                     error="That code is not right. Codes change every 30 seconds.")
-    secret, _csrf = archive.sessions.advance(request.cookies[COOKIE], "full")
-    archive.audit.record(AuditEvent(actor=actor, action="session.code", outcome="success"))
     response = redirect(safe_next(next))
     set_session_cookie(request, response, secret)
     return response
 
 
 @router.post("/logout")
-def logout(request: Request, actor: allowed(ACCOUNT_SELF)) -> Response:
+def logout(request: Request, archive: ArchiveDep, actor: allowed(ACCOUNT_SELF)) -> Response:
     """End the session."""
-    archive = request.app.state.archive
-    secret = request.cookies.get(COOKIE)
-    if secret:
-        archive.sessions.end(secret)
-    archive.audit.record(AuditEvent(actor=actor, action="session.end", outcome="success"))
+    archive.sign_in.end(actor, request.cookies.get(COOKIE))
     response = redirect("/login?notice=signed-out")
     response.delete_cookie(COOKIE, path="/")
     return response

@@ -25,10 +25,11 @@ from imageshare.access.policy import (
 from imageshare.archive.attachments import MAX_ATTACHMENT
 from imageshare.archive.rendering import RenderOptions, render_frame
 from imageshare.archive.search import StudySearch
-from imageshare.archive.studies import ENCAPSULATED_PDF
+from imageshare.archive.studies import ENCAPSULATED_PDF, StudyRecord
 from imageshare.deid.profiles import load_profiles
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.web.auth import allowed
+from imageshare.web.deps import Archive, ArchiveDep, archive_of
 from imageshare.web.exports import ExportIn, start_export
 from imageshare.web.pages.templating import page, redirect
 
@@ -55,7 +56,7 @@ async def _search_from(request: Request) -> StudySearch:
 
 
 def _results_page(request: Request, search: StudySearch, searched: bool) -> Response:
-    archive = request.app.state.archive
+    archive = archive_of(request)
     actor = request.state.actor
     scope = archive.policy.study_scope(actor)
     error = ""
@@ -73,9 +74,9 @@ def _results_page(request: Request, search: StudySearch, searched: bool) -> Resp
 
 
 @router.get("/")
-def home(request: Request, _actor: allowed(ACCOUNT_SELF)) -> Response:
+def home(request: Request, archive: ArchiveDep, _actor: allowed(ACCOUNT_SELF)) -> Response:
     """The start page: the search form and the most recent studies."""
-    if not request.app.state.archive.policy.allows(request.state.actor, STUDY_READ):
+    if not archive.policy.allows(request.state.actor, STUDY_READ):
         return page(request, "home.html", search=StudySearch(), page=None, searched=False)
     return _results_page(request, StudySearch(), searched=False)
 
@@ -94,9 +95,9 @@ async def search(request: Request, _actor: allowed(STUDY_READ)) -> Response:
     return await run_in_threadpool(_results_page, request, criteria, not criteria.is_empty)
 
 
-def _documents(study: object) -> list[dict[str, object]]:
-    docs = []
-    for series in study.series:  # type: ignore[attr-defined]
+def _documents(study: StudyRecord) -> list[dict[str, object]]:
+    docs: list[dict[str, object]] = []
+    for series in study.series:
         if not series.is_documents:
             continue
         for inst in series.instances:
@@ -108,11 +109,10 @@ def _documents(study: object) -> list[dict[str, object]]:
 
 
 @router.get("/studies/{study_uid}")
-def study_page(request: Request, study_uid: str,
+def study_page(request: Request, archive: ArchiveDep, study_uid: str,
                actor: allowed(STUDY_READ, "study_uid")) -> Response:
     """Patient banner, series with thumbnails and devices, reports, comments, history; for
     administrators also who viewed the study."""
-    archive = request.app.state.archive
     scope = archive.policy.study_scope(actor)
     study = archive.catalogue.view(study_uid, actor, scope)
     documents = _document_titles(request, study)
@@ -145,18 +145,18 @@ def study_page(request: Request, study_uid: str,
     )
 
 
-def _exchange_panel(archive: object, study: object) -> dict[str, object]:
+def _exchange_panel(archive: Archive, study: StudyRecord) -> dict[str, object]:
     """What other sites last said about this patient, and where the study can be sent."""
-    patient = study.patient  # type: ignore[attr-defined]
+    patient = study.patient
     key = f"nhs:{patient.nhs_number}" if patient.nhs_number else f"id:{patient.patient_id}"
-    checks = archive.exchange.status(key)  # type: ignore[attr-defined]
+    checks = archive.exchange.status(key)
     return {"checks": checks, "nhs": patient.nhs_number, "key": key,
-            "sites": [n for n in archive.nodes.all() if n.send_to]}  # type: ignore[attr-defined]
+            "sites": [n for n in archive.nodes.all() if n.send_to]}
 
 
-def _document_titles(request: Request, study: object) -> list[dict[str, object]]:
+def _document_titles(request: Request, study: StudyRecord) -> list[dict[str, object]]:
     """Documents with their own titles (read from the stored headers)."""
-    archive = request.app.state.archive
+    archive = archive_of(request)
     docs = _documents(study)
     for doc in docs:
         title, date = archive.retrieve.document_title(str(doc["sop_uid"]))
@@ -166,10 +166,9 @@ def _document_titles(request: Request, study: object) -> list[dict[str, object]]
 
 
 @router.post("/studies/{study_uid}/comments")
-def add_comment(request: Request, study_uid: str, body: Annotated[str, Form()],
+def add_comment(archive: ArchiveDep, study_uid: str, body: Annotated[str, Form()],
                 actor: allowed(STUDY_COMMENT, "study_uid")) -> Response:
     """Add a comment to the study."""
-    archive = request.app.state.archive
     study = archive.catalogue.record(study_uid)
     archive.comments.add(study_uid, study.patient.patient_id, body, actor)
     return redirect(f"/studies/{study_uid}?notice=commented#comments")
@@ -177,11 +176,10 @@ def add_comment(request: Request, study_uid: str, body: Annotated[str, Form()],
 
 @router.post("/studies/{study_uid}/documents")
 async def attach_document(
-    request: Request, study_uid: str, file: Annotated[UploadFile, File()],
+    archive: ArchiveDep, study_uid: str, file: Annotated[UploadFile, File()],
     actor: allowed(STUDY_STORE, "study_uid"), title: Annotated[str, Form()] = "",
 ) -> Response:
     """Attach a PDF report or a photo of a paper report; it is stored as DICOM in the study."""
-    archive = request.app.state.archive
     content = await file.read(MAX_ATTACHMENT + 1)
     await run_in_threadpool(archive.attachments.attach, study_uid, file.filename or "",
                             content, title[:64], actor)
@@ -201,17 +199,17 @@ async def export_study(
 
 
 @router.get("/jobs/{job_id}")
-def job_page(request: Request, job_id: str, actor: allowed(ACCOUNT_SELF)) -> Response:
+def job_page(request: Request, archive: ArchiveDep,
+             job_id: str, actor: allowed(ACCOUNT_SELF)) -> Response:
     """A job's progress; the page refreshes itself until the job ends."""
-    job = request.app.state.archive.jobs.get(job_id, actor.name)
+    job = archive.jobs.get(job_id, actor.name)
     return page(request, "job.html", job=job)
 
 
 @router.get("/studies/{study_uid}/documents/{sop_uid}")
-def document(request: Request, study_uid: str, sop_uid: str,
+def document(archive: ArchiveDep, study_uid: str, sop_uid: str,
              actor: allowed(STUDY_READ, "study_uid")) -> Response:
     """An attached document: the PDF itself, or the photo rendered as JPEG. Audited."""
-    archive = request.app.state.archive
     found = archive.retrieve.select(actor, "study.download", study_uids=[study_uid],
                                     sop_uids=[sop_uid],
                                     allowed_studies=archive.policy.study_scope(actor))

@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from imageshare.domain.actors import ANONYMOUS, Actor
+from imageshare.web.deps import archive_of
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 # Messages shown after a redirect, chosen by a code in the URL: the URL never carries text.
@@ -91,10 +92,10 @@ def page(request: Request, template: str, status_code: int = 200, **context: Any
     """Render ``template`` with the caller, their CSRF token and permissions in the context."""
     actor: Actor = getattr(request.state, "actor", None) or ANONYMOUS
     session = getattr(request.state, "session", None)
-    policy = request.app.state.archive.policy
+    policy = archive_of(request).policy
     notice = NOTICES.get(request.query_params.get("notice", ""))
     messages = [{"kind": notice[0], "text": notice[1]}] if notice else []
-    archive = request.app.state.archive
+    archive = archive_of(request)
     unread = archive.notifier.unread(actor.name) if actor.kind == "user" else 0
     html = environment.get_template(template).render(
         unread=unread,

@@ -9,16 +9,17 @@ from fastapi.responses import Response
 from imageshare.access.policy import STUDY_COMMENT, STUDY_READ
 from imageshare.archive.viewing import viewer_manifest
 from imageshare.web.auth import allowed
+from imageshare.web.deps import ArchiveDep
 from imageshare.web.pages.templating import dicom_date, page, person
 
 router = APIRouter(include_in_schema=False)
 
 
 @router.get("/viewer/{study_uid}")
-async def viewer(request: Request, study_uid: str, actor: allowed(STUDY_READ, "study_uid"),
+async def viewer(request: Request, archive: ArchiveDep,
+                 study_uid: str, actor: allowed(STUDY_READ, "study_uid"),
                  series: str = "") -> Response:
     """The viewer for a study, opening ``series`` (or the first image series)."""
-    archive = request.app.state.archive
     scope = archive.policy.study_scope(actor)
     study = await run_in_threadpool(archive.catalogue.view, study_uid, actor, scope)
     manifest = await run_in_threadpool(viewer_manifest, study, archive.retrieve.header, series)

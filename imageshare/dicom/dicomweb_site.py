@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import ssl
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -13,16 +14,16 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
 from requests.adapters import HTTPAdapter
 
+from imageshare.domain.errors import SiteUnreachable
 from imageshare.exchange.nodes import Node
 from imageshare.exchange.sites import (
     Criteria,
     Delivered,
     Progress,
     RetrieveProgress,
-    SiteUnreachable,
 )
 
-Store = Callable[[io.BytesIO], None]
+Store = Callable[[io.BytesIO], object]
 
 
 class _TlsAdapter(HTTPAdapter):
@@ -59,7 +60,7 @@ class DicomwebSites:
         elif ":" in auth:
             user, _, password = auth.partition(":")
             session.auth = (user, password)
-        session.request = _with_timeout(session.request, timeout or self.timeout)
+        session.request = _with_timeout(session.request, timeout or self.timeout)  # type: ignore[method-assign]  # requests has no per-session timeout: its method is wrapped
         return DICOMwebClient(url=node.dicomweb_url.rstrip("/"), session=session)
 
     def find_studies(self, node: Node, criteria: Criteria, timeout: float
@@ -73,6 +74,20 @@ class DicomwebSites:
                         *{k.split(".")[0] for k in criteria if "." in k}])
         except (requests.RequestException, OSError) as exc:
             raise SiteUnreachable(f"{node.label} cannot be reached") from exc
+
+    def check(self, node: Node, timeout: float) -> str:
+        """An authenticated QIDO-RS asking for one study: its answer, for people."""
+        started = time.monotonic()
+        try:
+            self._client(node, timeout).search_for_studies(limit=1, fields=["StudyDate"])
+        except requests.HTTPError as exc:
+            code = exc.response.status_code if exc.response is not None else 0
+            reason = {401: "refused our credentials", 403: "does not let our account search"
+                      }.get(code, f"answered HTTP {code}")
+            raise SiteUnreachable(f"{node.label} {reason}") from exc
+        except (requests.RequestException, OSError, ValueError) as exc:
+            raise SiteUnreachable(f"{node.label} cannot be reached over DICOMweb") from exc
+        return f"QIDO-RS answered in {round((time.monotonic() - started) * 1000)} ms"
 
     def retrieve_study(self, node: Node, study_uid: str, progress: Progress
                        ) -> RetrieveProgress:

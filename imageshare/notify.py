@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import smtplib
 import ssl
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -78,7 +79,7 @@ class Mailer:
 class Notifier:
     """In-app notifications for users, with an e-mail copy when the user has an address."""
 
-    def __init__(self, engine: Engine, mailer: Mailer, email_of: object,
+    def __init__(self, engine: Engine, mailer: Mailer, email_of: Callable[[str], str],
                  public_url: str = "") -> None:
         self._engine = engine
         self.mailer = mailer
@@ -94,7 +95,7 @@ class Notifier:
             conn.execute(insert(notifications).values(
                 username=username, kind=kind, text=text[:512], link=link[:512],
                 created_at=datetime.now(UTC)))
-        address = self._email_of(username)  # type: ignore[operator]
+        address = self._email_of(username)
         if address:
             target = url or (self._public_url + link if self._public_url else "")
             where = (f"Open ImageShare to see it: {target}" if target

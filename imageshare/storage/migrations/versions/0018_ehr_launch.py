@@ -1,14 +1,14 @@
 """EHR launch (IHE IID): registered EHR systems with their sealed shared secrets, and the
 nonces of signed launch URLs already used.
 
-Revision ID: 0016
+Revision ID: 0018
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0016"
-down_revision = "0015"
+revision = "0018"
+down_revision = "0017"
 branch_labels = None
 depends_on = None
 

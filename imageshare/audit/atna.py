@@ -1,0 +1,365 @@
+"""ATNA: every audit event also sent to an audit repository as a DICOM PS3.15 A.5 message.
+
+Each row of the audit trail becomes a DICOM audit message (XML per the DICOM Audit Message
+Schema, PS3.15 A.5.1, with the codes of :mod:`imageshare.audit.events`), wrapped in an RFC 5424
+syslog message (facility authpriv, severity notice, MSGID ``IHE+RFC-3881``) and sent over TLS
+with RFC 5425 octet-counting framing to the configured repository (``atna_host``/``atna_port``,
+its authority in ``atna_ca_file``, our client certificate in ``atna_client_certificate``).
+
+The audit table itself is the buffer on disk: the sender follows the chain's sequence numbers
+(which commit in order) and keeps how far it got in the ``atna_cursor`` row, so events written
+while the repository is down are sent, in order, when it is back, and the request that
+recorded an event never waits for the network. One process sends at a time (a lease in the
+cursor row), also with several instances on one database.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import logging
+import os
+import select
+import socket
+import ssl
+import threading
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+from sqlalchemy import Engine, or_, update
+from sqlalchemy import select as sql_select
+
+from imageshare.audit.chain import _at_text
+from imageshare.audit.events import (
+    BEGIN_TRANSFERRING,
+    CATALOGUE,
+    EXPORT,
+    IMPORT,
+    INSTANCES_TRANSFERRED,
+    PARTICIPANT_OBJECTS,
+    Code,
+)
+from imageshare.storage.index.schema import atna_cursor, audit_events
+
+log = logging.getLogger("imageshare.atna")
+
+CURSOR_ROW = 1
+PRIORITY = 10 * 8 + 5  # facility 10 (security/authorization), severity 5 (notice)
+MSGID = "IHE+RFC-3881"
+BOM = b"\xef\xbb\xbf"
+OUTCOMES = {"success": "0", "warning": "4", "refused": "4", "failure": "8"}
+SOURCE_ROLE = Code("110153", "DCM", "Source Role ID")
+DESTINATION_ROLE = Code("110152", "DCM", "Destination Role ID")
+_TRANSFERS = {BEGIN_TRANSFERRING.code, INSTANCES_TRANSFERRED.code, EXPORT.code, IMPORT.code}
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+AUDIT_TRAIL_URI = "urn:imageshare:audit-trail"
+
+
+@dataclass(frozen=True)
+class AtnaConfig:
+    """Where audit messages go and how ImageShare names itself in them."""
+
+    host: str
+    port: int
+    ca_file: str = ""
+    client_certificate: str = ""
+    client_private_key: str = ""
+    audit_source_id: str = "IMAGESHARE"
+    enterprise_site_id: str = ""
+    ae_title: str = "IMAGESHARE"
+
+
+def _coded(tag: str, code: Code) -> str:
+    return (f"<{tag} csd-code={quoteattr(code.code)} codeSystemName={quoteattr(code.system)} "
+            f"originalText={quoteattr(code.meaning)}/>")
+
+
+def _network_point(source: str) -> str:
+    """NetworkAccessPointID and its type code attributes for an actor's source."""
+    host = source.rsplit("@", 1)[-1].strip()
+    if not host or host in ("cli", "local", "tests", "internal"):
+        return ""
+    try:
+        ipaddress.ip_address(host)
+        kind = "2"
+    except ValueError:
+        kind = "1"
+    return f" NetworkAccessPointID={quoteattr(host)} NetworkAccessPointTypeCode=\"{kind}\""
+
+
+def _object_id(kind: str, row: dict[str, Any], detail: dict[str, Any]) -> str:
+    if kind == "patient":
+        return row.get("patient_id") or ""
+    if kind == "study":
+        return row.get("study_uid") or ""
+    if kind == "audit-log":
+        return AUDIT_TRAIL_URI
+    if kind == "query":
+        return STUDY_ROOT_FIND
+    keys = {"user": ("username", "user"), "node": ("ae_title", "calling_ae", "site", "origin"),
+            "share": ("share",), "job": ("job", "snapshot"), "case": ("case",),
+            "request": ("request",), "token": ("token", "name")}[kind]
+    for key in keys:
+        if detail.get(key) not in (None, ""):
+            return str(detail[key])
+    return ""
+
+
+def _participant_object(kind: str, row: dict[str, Any], detail: dict[str, Any]) -> str:
+    object_id = _object_id(kind, row, detail)
+    if not object_id:
+        return ""
+    p = PARTICIPANT_OBJECTS[kind]
+    parts = [f"<ParticipantObjectIdentification ParticipantObjectID={quoteattr(object_id)} "
+             f"ParticipantObjectTypeCode=\"{p.type_code}\" "
+             f"ParticipantObjectTypeCodeRole=\"{p.role}\">",
+             _coded("ParticipantObjectIDTypeCode", p.id_type)]
+    if kind == "query":
+        query = json.dumps(detail, sort_keys=True, default=str).encode()
+        parts.append(f"<ParticipantObjectQuery>{base64.b64encode(query).decode()}"
+                     "</ParticipantObjectQuery>")
+        parts.append("<ParticipantObjectDetail type=\"QueryEncoding\" "
+                     f"value=\"{base64.b64encode(b'UTF-8').decode()}\"/>")
+    else:
+        parts.append(f"<ParticipantObjectName>{_text(object_id)}</ParticipantObjectName>")
+    if kind == "study" and row.get("instance_count"):
+        parts.append("<ParticipantObjectDescription><SOPClass NumberOfInstances="
+                     f"\"{int(row['instance_count'])}\"/></ParticipantObjectDescription>")
+    parts.append("</ParticipantObjectIdentification>")
+    return "".join(parts)
+
+
+def _text(value: str) -> str:
+    # Characters XML 1.0 cannot carry are dropped; the rest is escaped.
+    kept = "".join(c for c in value if c in "\t\n\r" or ord(c) >= 0x20)
+    return kept.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def audit_message(row: dict[str, Any], config: AtnaConfig) -> bytes:
+    """The DICOM PS3.15 A.5 audit message (XML, UTF-8) for one audit trail row."""
+    event = CATALOGUE[row["action"]]
+    try:
+        detail = json.loads(row.get("detail") or "{}")
+    except ValueError:
+        detail = {}
+    detail = detail if isinstance(detail, dict) else {}
+    parts = [
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><AuditMessage>",
+        f"<EventIdentification EventActionCode=\"{event.action_code}\" "
+        f"EventDateTime=\"{_at_text(row['at'])}\" "
+        f"EventOutcomeIndicator=\"{OUTCOMES.get(row['outcome'], '4')}\">",
+        _coded("EventID", event.event_id),
+    ]
+    if event.event_type is not None:
+        parts.append(_coded("EventTypeCode", event.event_type))
+    reason = detail.get("reason") or detail.get("error")
+    if reason and row["outcome"] != "success":
+        parts.append(f"<EventOutcomeDescription>{_text(str(reason))}</EventOutcomeDescription>")
+    parts.append("</EventIdentification>")
+    transfer = event.event_id.code in _TRANSFERS
+    we_send = event.action_code != "C"  # a read sends from us; a create received at us
+    requestor_role = own_role = ""
+    if transfer:
+        requestor_role = _coded("RoleIDCode", DESTINATION_ROLE if we_send else SOURCE_ROLE)
+        own_role = _coded("RoleIDCode", SOURCE_ROLE if we_send else DESTINATION_ROLE)
+    parts.append(f"<ActiveParticipant UserID={quoteattr(row['actor'])} "
+                 f"UserIsRequestor=\"true\"{_network_point(row.get('source') or '')}>"
+                 f"{requestor_role}</ActiveParticipant>")
+    parts.append(f"<ActiveParticipant UserID={quoteattr(config.ae_title)} "
+                 f"AlternativeUserID={quoteattr(str(os.getpid()))} "
+                 f"UserIsRequestor=\"false\" NetworkAccessPointID="
+                 f"{quoteattr(socket.gethostname())} NetworkAccessPointTypeCode=\"1\">"
+                 f"{own_role}</ActiveParticipant>")
+    site = (f" AuditEnterpriseSiteID={quoteattr(config.enterprise_site_id)}"
+            if config.enterprise_site_id else "")
+    parts.append(f"<AuditSourceIdentification{site} "
+                 f"AuditSourceID={quoteattr(config.audit_source_id)}>"
+                 "<AuditSourceTypeCode csd-code=\"4\"/></AuditSourceIdentification>")
+    for kind in event.objects:
+        parts.append(_participant_object(kind, row, detail))
+    parts.append("</AuditMessage>")
+    return "".join(parts).encode("utf-8")
+
+
+def syslog_message(xml: bytes, at: datetime | str, app_name: str = "imageshare") -> bytes:
+    """An RFC 5424 syslog message carrying ``xml`` (UTF-8 with BOM, as RFC 5424 asks)."""
+    host = socket.gethostname()[:255] or "-"
+    header = (f"<{PRIORITY}>1 {_at_text(at)} {host} {app_name[:48]} {os.getpid()} {MSGID} - ")
+    return header.encode("ascii", "replace") + BOM + xml
+
+
+def frame(message: bytes) -> bytes:
+    """RFC 5425 octet-counting: the length, a space, the message."""
+    return b"%d " % len(message) + message
+
+
+class AtnaSender:
+    """Sends the audit trail, in order, to the audit repository in a background thread."""
+
+    def __init__(self, engine: Engine, config: AtnaConfig, poll_seconds: float = 1.0,
+                 retry_seconds: float = 2.0, batch: int = 200, lease_seconds: float = 60.0
+                 ) -> None:
+        self._engine = engine
+        self._config = config
+        self._poll = poll_seconds
+        self._retry = retry_seconds
+        self._batch = batch
+        self._lease = timedelta(seconds=lease_seconds)
+        self._owner = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sock: ssl.SSLSocket | None = None
+        self._context = self._tls_context()
+
+    def _tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self._config.ca_file or None)
+        if self._config.client_certificate:
+            context.load_cert_chain(self._config.client_certificate,
+                                    self._config.client_private_key or None)
+        return context
+
+    # -- the lease and the cursor ------------------------------------------------------------
+
+    def _claim(self) -> int | None:
+        """Take (or renew) the right to send; the sequence number sent so far, or None."""
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            taken = conn.execute(update(atna_cursor).where(
+                atna_cursor.c.id == CURSOR_ROW,
+                or_(atna_cursor.c.owner == self._owner, atna_cursor.c.owner == "",
+                    atna_cursor.c.lease_until.is_(None), atna_cursor.c.lease_until < now))
+                .values(owner=self._owner, lease_until=now + self._lease)).rowcount
+            if not taken:
+                if conn.execute(sql_select(atna_cursor.c.id)).first() is not None:
+                    return None  # another process sends
+                conn.execute(atna_cursor.insert().values(  # the migration's row was lost
+                    id=CURSOR_ROW, sent_seq=0, owner=self._owner,
+                    lease_until=now + self._lease))
+            return conn.execute(sql_select(atna_cursor.c.sent_seq)
+                                .where(atna_cursor.c.id == CURSOR_ROW)).scalar()
+
+    def _advance(self, seq: int) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(update(atna_cursor).where(
+                atna_cursor.c.id == CURSOR_ROW, atna_cursor.c.owner == self._owner)
+                .values(sent_seq=seq, lease_until=datetime.now(UTC) + self._lease))
+
+    def _release(self) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(update(atna_cursor).where(
+                atna_cursor.c.id == CURSOR_ROW, atna_cursor.c.owner == self._owner)
+                .values(owner="", lease_until=None))
+
+    def _pending(self, after: int) -> list[dict[str, Any]]:
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(
+                sql_select(audit_events).where(audit_events.c.seq > after)
+                .order_by(audit_events.c.seq).limit(self._batch)).mappings()]
+
+    # -- the connection -----------------------------------------------------------------------
+
+    def _connected(self) -> ssl.SSLSocket:
+        if self._sock is not None:
+            # A repository never writes to us: anything readable is its close (or a reset).
+            readable, _, _ = select.select([self._sock], [], [], 0)
+            if not readable:
+                return self._sock
+            self._disconnect()
+        raw = socket.create_connection((self._config.host, self._config.port), timeout=10)
+        try:
+            self._sock = self._context.wrap_socket(raw, server_hostname=self._config.host)
+        except (OSError, ssl.SSLError):
+            raw.close()
+            raise
+        log.info("connected to the audit repository %s:%s", self._config.host,
+                 self._config.port)
+        return self._sock
+
+    def _disconnect(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+
+    def _send(self, rows: Iterable[dict[str, Any]]) -> int:
+        sock = self._connected()
+        last = 0
+        try:
+            for row in rows:
+                message = syslog_message(audit_message(row, self._config), row["at"])
+                sock.sendall(frame(message))
+                last = row["seq"]
+        except (OSError, ssl.SSLError):
+            if last:  # what went out before the failure is not sent twice
+                self._advance(last)
+            raise
+        return last
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def send_pending(self) -> int:
+        """Send what is waiting (if this process holds the lease); returns how many were sent.
+        Raises OSError when the repository cannot be reached (nothing is marked sent)."""
+        sent = 0
+        while not self._stop.is_set():
+            after = self._claim()
+            if after is None:
+                return sent
+            rows = self._pending(after)
+            if not rows:
+                return sent
+            last = self._send(rows)
+            self._advance(last)
+            sent += len(rows)
+        return sent
+
+    def _run(self) -> None:
+        down = False
+        while not self._stop.is_set():
+            try:
+                self.send_pending()
+                if down:
+                    log.info("the audit repository is reachable again; backlog sent")
+                down = False
+                wait = self._poll
+            except (OSError, ssl.SSLError) as exc:
+                self._disconnect()
+                if not down:
+                    log.warning("audit repository %s:%s unreachable (%s); events wait in the "
+                                "audit trail", self._config.host, self._config.port,
+                                type(exc).__name__)
+                down = True
+                wait = self._retry
+            except Exception as exc:  # noqa: BLE001 - the loop must go on; logged without data
+                log.error("ATNA sender failed: %s", type(exc).__name__)
+                wait = self._retry
+            self._stop.wait(wait)
+
+    def start(self) -> AtnaSender:
+        """Start sending in a background thread."""
+        self._thread = threading.Thread(target=self._run, name="atna-sender", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread after the batch in flight, close the connection, free the lease."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._sock is not None:
+            try:
+                self._sock.unwrap()
+            except (OSError, ssl.SSLError, ValueError):
+                pass
+        self._disconnect()
+        try:
+            self._release()
+        except Exception:  # noqa: BLE001 - the lease simply expires
+            pass

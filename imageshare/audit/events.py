@@ -1,0 +1,328 @@
+"""The catalogue of audit events: every action ImageShare records, its fields and its ATNA form.
+
+Each entry names one action string (``study.retrieve``, ``session.start`` ...), what it means,
+the ``detail`` fields it carries, and how it is written as a DICOM PS3.15 A.5 audit message
+(IHE ITI ATNA): the EventID and EventTypeCode (DCM codes of CID 400 / CID 401), the
+EventActionCode (C, R, U, D, E) and the participant objects it names (patient, study, user,
+node, ...). :meth:`imageshare.audit.trail.AuditTrail.record` refuses an action that is not in
+the catalogue, and ``docs/audit-events.md`` is generated from it (``imageshare audit events``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ActionCode = Literal["C", "R", "U", "D", "E"]
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded value as the audit schema writes it (csd-code, codeSystemName, originalText)."""
+
+    code: str
+    system: str
+    meaning: str
+
+    def __str__(self) -> str:
+        return f"({self.code}, {self.system}, \"{self.meaning}\")"
+
+
+# DICOM CID 400 Audit Event ID.
+APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
+AUDIT_LOG_USED = Code("110101", "DCM", "Audit Log Used")
+BEGIN_TRANSFERRING = Code("110102", "DCM", "Begin Transferring DICOM Instances")
+INSTANCES_ACCESSED = Code("110103", "DCM", "DICOM Instances Accessed")
+INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
+STUDY_DELETED = Code("110105", "DCM", "DICOM Study Deleted")
+EXPORT = Code("110106", "DCM", "Export")
+IMPORT = Code("110107", "DCM", "Import")
+ORDER_RECORD = Code("110109", "DCM", "Order Record")
+PATIENT_RECORD = Code("110110", "DCM", "Patient Record")
+QUERY = Code("110112", "DCM", "Query")
+SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
+USER_AUTHENTICATION = Code("110114", "DCM", "User Authentication")
+
+# DICOM CID 401 Audit Event Type Code.
+LOGIN = Code("110122", "DCM", "Login")
+LOGOUT = Code("110123", "DCM", "Logout")
+NODE_AUTHENTICATION = Code("110126", "DCM", "Node Authentication")
+NETWORK_CONFIGURATION = Code("110128", "DCM", "Network Configuration")
+SECURITY_CONFIGURATION = Code("110129", "DCM", "Security Configuration")
+USE_OF_RESTRICTED_FUNCTION = Code("110132", "DCM", "Use of Restricted Function")
+OBJECT_SECURITY_ATTRIBUTES_CHANGED = Code("110135", "DCM", "Object Security Attributes Changed")
+SECURITY_ROLES_CHANGED = Code("110136", "DCM", "Security Roles Changed")
+USER_SECURITY_ATTRIBUTES_CHANGED = Code("110137", "DCM", "User security Attributes Changed")
+
+ObjectKind = Literal["patient", "study", "user", "node", "share", "query", "audit-log", "job",
+                     "case", "request", "token"]
+
+
+@dataclass(frozen=True)
+class ParticipantObjectType:
+    """How one kind of participant object is identified in an ATNA message."""
+
+    kind: ObjectKind
+    type_code: str            # ParticipantObjectTypeCode: 1 person, 2 system object, ...
+    role: str                 # ParticipantObjectTypeCodeRole (PS3.15 A.5.1.2.2)
+    id_type: Code             # ParticipantObjectIDTypeCode
+    source: str               # where the object's ID comes from in the audit row
+
+
+PARTICIPANT_OBJECTS: dict[str, ParticipantObjectType] = {p.kind: p for p in (
+    ParticipantObjectType("patient", "1", "1", Code("2", "RFC-3881", "Patient Number"),
+                          "patient_id"),
+    ParticipantObjectType("study", "2", "3", Code("110180", "DCM", "Study Instance UID"),
+                          "study_uid"),
+    ParticipantObjectType("user", "1", "11", Code("11", "RFC-3881", "User Identifier"),
+                          "detail.username / detail.user"),
+    ParticipantObjectType("node", "2", "13", Code("110182", "DCM", "Node ID"),
+                          "detail.ae_title / detail.calling_ae / detail.site"),
+    ParticipantObjectType("share", "2", "13", Code("share", "IMAGESHARE", "Share link"),
+                          "detail.share"),
+    ParticipantObjectType("query", "2", "24", Code("110181", "DCM", "SOP Class UID"),
+                          "detail (the query, base64 in ParticipantObjectQuery)"),
+    ParticipantObjectType("audit-log", "2", "13", Code("12", "RFC-3881", "URI"),
+                          "the audit trail's URI"),
+    ParticipantObjectType("job", "2", "20", Code("job", "IMAGESHARE", "Job"),
+                          "detail.job"),
+    ParticipantObjectType("case", "2", "3", Code("case", "IMAGESHARE", "Teaching case"),
+                          "detail.case"),
+    ParticipantObjectType("request", "2", "3", Code("request", "IMAGESHARE",
+                                                    "Imaging request"),
+                          "detail.request"),
+    ParticipantObjectType("token", "2", "13", Code("token", "IMAGESHARE", "API token"),
+                          "detail.token / detail.name"),
+)}
+
+
+@dataclass(frozen=True)
+class EventType:
+    """One action the audit trail records, with its fields and its ATNA mapping."""
+
+    action: str
+    description: str
+    event_id: Code
+    action_code: ActionCode
+    objects: tuple[ObjectKind, ...] = ()
+    fields: tuple[str, ...] = ()
+    event_type: Code | None = None
+
+
+def _e(action: str, description: str, event_id: Code, action_code: ActionCode,
+       objects: tuple[ObjectKind, ...] = (), fields: tuple[str, ...] = (),
+       event_type: Code | None = None) -> EventType:
+    return EventType(action, description, event_id, action_code, objects, fields, event_type)
+
+
+_STUDY: tuple[ObjectKind, ...] = ("patient", "study")
+_REFUSAL = ("service", "reason", "calling_ae", "host")
+_SHARE_USE = ("share",)
+
+CATALOGUE: dict[str, EventType] = {e.action: e for e in (
+    # Images: stores, reads, queries, changes.
+    _e("instance.store", "An instance was stored (C-STORE, STOW-RS, import), found a duplicate, "
+       "or was refused or kept aside (conflict, mismatch).", INSTANCES_TRANSFERRED, "C",
+       _STUDY, ("sop_instance_uid", "result", "reason", "conflict")),
+    _e("instance.delete", "Instances were deleted from the archive.", STUDY_DELETED, "D",
+       _STUDY, ("reason",)),
+    _e("study.query", "A query (C-FIND, QIDO-RS, search page) was answered.", QUERY, "E",
+       ("query",), ("level", "keys", "error")),
+    _e("study.view", "A study was viewed or rendered in the browser.", INSTANCES_ACCESSED,
+       "R", _STUDY, ("reason",)),
+    _e("study.retrieve", "Instances were sent over WADO-RS/WADO-URI.", BEGIN_TRANSFERRING, "R",
+       _STUDY, ("reason",)),
+    _e("study.metadata", "A study's metadata was read (WADO-RS metadata).", INSTANCES_ACCESSED,
+       "R", _STUDY, ("reason",)),
+    _e("study.move", "Instances were sent to another node by C-MOVE.", BEGIN_TRANSFERRING, "R",
+       _STUDY, ("reason",)),
+    _e("study.get", "Instances were sent back over the association by C-GET.",
+       BEGIN_TRANSFERRING, "R", _STUDY, ("reason",)),
+    _e("study.download", "A study was downloaded from the web app.", EXPORT, "R", _STUDY,
+       ("reason",)),
+    _e("study.export", "A study was exported (ZIP, DICOMDIR, video, images; de-identified or "
+       "not).", EXPORT, "R", _STUDY, ("format", "deidentified", "profile", "held_back",
+                                      "encrypted", "reason")),
+    _e("study.export.download", "A prepared export was downloaded.", EXPORT, "R", ("job",),
+       ("job",)),
+    _e("study.annotate", "Marks were saved on a study's images.", INSTANCES_ACCESSED, "U",
+       _STUDY, ("reason",)),
+    _e("study.comment", "A comment was added to a study.", INSTANCES_ACCESSED, "U", _STUDY),
+    _e("patient.correction", "A study's patient details were corrected (the history keeps "
+       "the old values).", PATIENT_RECORD, "U", _STUDY,
+       ("change_id", "previous_patient_id", "attributes")),
+    _e("patient.merge", "A study was filed under another patient record.", PATIENT_RECORD, "U",
+       _STUDY, ("change_id", "previous_patient_id", "attributes")),
+    # Sharing and teaching.
+    _e("share.create", "A share link was made for a study.", INSTANCES_ACCESSED, "C",
+       _STUDY + ("share",), ("share", "deidentified", "download", "comment", "days",
+                             "recipient", "reason")),
+    _e("share.resolve", "A share's instances were looked up to serve them.",
+       INSTANCES_ACCESSED, "R", _STUDY, ("reason",)),
+    _e("share.open", "A share link was opened with its passcode.", USER_AUTHENTICATION, "E",
+       ("share",), ("share",), LOGIN),
+    _e("share.passcode", "A wrong or locked-out passcode was given for a share link.",
+       USER_AUTHENTICATION, "E", ("share",), ("share", "failures", "locked", "reason"), LOGIN),
+    _e("share.bind", "A share link was bound to a reviewer's account.", USER_AUTHENTICATION,
+       "U", ("share",), ("share",)),
+    _e("share.view", "A share's images were viewed.", INSTANCES_ACCESSED, "R",
+       ("study", "share"), ("share", "format", "image")),
+    _e("share.render", "An image of a share was rendered.", INSTANCES_ACCESSED, "R",
+       ("study", "share"), ("share",)),
+    _e("share.annotate", "Marks were saved on a shared image.", INSTANCES_ACCESSED, "U",
+       ("study", "share"), ("share",)),
+    _e("share.download", "A share was downloaded.", EXPORT, "R", ("study", "share"),
+       ("share", "format")),
+    _e("share.comment", "A reviewer commented on a share.", INSTANCES_ACCESSED, "U",
+       ("study", "share"), ("share", "image")),
+    _e("share.comment.sr", "A reviewer's comment could not be kept as a DICOM SR.",
+       INSTANCES_ACCESSED, "C", ("study", "share"), ("share", "error")),
+    _e("share.feedback", "A reviewer gave feedback on a share.", INSTANCES_ACCESSED, "U",
+       ("study", "share"), ("share",)),
+    _e("share.revoke", "A share link was revoked.", SECURITY_ALERT, "U", ("share",),
+       ("share",), OBJECT_SECURITY_ATTRIBUTES_CHANGED),
+    _e("case.add", "A study's images were added to a teaching case.", INSTANCES_ACCESSED, "R",
+       _STUDY, ("reason",)),
+    _e("case.delete", "A teaching case was deleted.", STUDY_DELETED, "D", ("case",), ("case",)),
+    # Exchange with other sites.
+    _e("exchange.search", "Other sites were searched for a patient's imaging.", QUERY, "E",
+       ("query", "node"), ("site", "status", "by", "sites")),
+    _e("exchange.retrieve", "A study was retrieved from another site.", IMPORT, "C",
+       ("study", "node"), ("site", "failed", "temporary", "error")),
+    _e("exchange.push", "A study was sent to another site.", INSTANCES_TRANSFERRED, "R",
+       _STUDY + ("node",), ("site", "transfer", "priority", "reason", "error", "receipt")),
+    _e("exchange.request", "Imaging was requested from another site.", ORDER_RECORD, "C",
+       ("patient", "node"), ("site", "state")),
+    _e("exchange.request.receive", "Another site asked us for imaging.", ORDER_RECORD, "C",
+       ("request", "node"), ("origin", "request")),
+    _e("exchange.request.fulfilled", "A request from another site was answered.",
+       ORDER_RECORD, "U", ("request",), ("request",)),
+    _e("exchange.request.declined", "A request from another site was declined.",
+       ORDER_RECORD, "U", ("request",), ("request",)),
+    _e("inbox.read", "The inbox of received studies was listed.", INSTANCES_ACCESSED, "R"),
+    _e("inbox.view", "A received study waiting in the inbox was viewed (before it was "
+       "accepted).", INSTANCES_ACCESSED, "R", _STUDY, ("reason",)),
+    _e("inbox.accept", "A received study was accepted into the archive.", IMPORT, "C",
+       ("study", "node"), ("site", "done")),
+    _e("inbox.reject", "A received study was rejected.", STUDY_DELETED, "D",
+       ("study", "node"), ("site",)),
+    # Sign-in, accounts, tokens.
+    _e("session.start", "A user signed in (or failed to).", USER_AUTHENTICATION, "E", (),
+       ("stage",), LOGIN),
+    _e("session.code", "A second-factor code was checked.", USER_AUTHENTICATION, "E", (), (),
+       LOGIN),
+    _e("session.basic", "HTTP Basic credentials were refused.", USER_AUTHENTICATION, "E", (),
+       ("route",), LOGIN),
+    _e("session.end", "A user signed out.", USER_AUTHENTICATION, "E", (), (), LOGOUT),
+    _e("access.denied", "A request was refused by the access policy.", SECURITY_ALERT, "E",
+       ("study",), ("wanted", "method", "route", "reason"), USE_OF_RESTRICTED_FUNCTION),
+    _e("account.password", "A user changed their password.", SECURITY_ALERT, "U", (),
+       ("sessions_ended",), USER_SECURITY_ATTRIBUTES_CHANGED),
+    _e("account.two-factor", "A user enrolled a second factor.", SECURITY_ALERT, "U", (), (),
+       USER_SECURITY_ATTRIBUTES_CHANGED),
+    _e("token.create", "An API token was made.", SECURITY_ALERT, "C", ("token",), ("name",),
+       USER_SECURITY_ATTRIBUTES_CHANGED),
+    _e("token.revoke", "An API token was revoked.", SECURITY_ALERT, "D", ("token",),
+       ("token",), USER_SECURITY_ATTRIBUTES_CHANGED),
+    _e("user.add", "An account was created.", SECURITY_ALERT, "C", ("user",),
+       ("username", "role", "user"), SECURITY_ROLES_CHANGED),
+    _e("user.disable", "An account was disabled.", SECURITY_ALERT, "U", ("user",), ("user",),
+       USER_SECURITY_ATTRIBUTES_CHANGED),
+    _e("user.enable", "An account was enabled again.", SECURITY_ALERT, "U", ("user",),
+       ("user",), USER_SECURITY_ATTRIBUTES_CHANGED),
+    _e("user.reset", "An account's password (and optionally second factor) was reset.",
+       SECURITY_ALERT, "U", ("user",), ("user",), USER_SECURITY_ATTRIBUTES_CHANGED),
+    _e("user.invite", "A reviewer was invited to an account for a share.", SECURITY_ALERT, "C",
+       ("share",), ("share", "bound"), SECURITY_ROLES_CHANGED),
+    _e("user.accept-invite", "A reviewer accepted an invitation (or presented a bad one).",
+       USER_AUTHENTICATION, "E", (), ("reason",), LOGIN),
+    # Sites (DICOM nodes) and refused callers.
+    _e("node.add", "A remote DICOM node or site was registered.", SECURITY_ALERT, "C",
+       ("node",), ("ae_title", "host", "port", "from"), NETWORK_CONFIGURATION),
+    _e("node.remove", "A remote DICOM node or site was removed.", SECURITY_ALERT, "D",
+       ("node",), ("ae_title",), NETWORK_CONFIGURATION),
+    _e("ehr.launch", "An EHR opened ImageShare (IHE IID): a study list or the viewer; or a "
+       "launch URL was refused (reason).", USER_AUTHENTICATION, "E", ("study",),
+       ("ehr", "signed", "request_type", "opened", "reason"), LOGIN),
+    _e("ehr.add", "An EHR was registered for signed launch URLs.", SECURITY_ALERT, "C", (),
+       ("ehr",), SECURITY_CONFIGURATION),
+    _e("ehr.remove", "A registered EHR was removed.", SECURITY_ALERT, "D", (), ("ehr",),
+       SECURITY_CONFIGURATION),
+    _e("node.test", "The connection to a site was tested (C-ECHO, an authenticated QIDO-RS).",
+       APPLICATION_ACTIVITY, "E", ("node",), ("ae_title", "checks"), NETWORK_CONFIGURATION),
+    _e("node.refused.read", "The list of refused DICOM callers was read.", SECURITY_ALERT, "R",
+       (), (), NETWORK_CONFIGURATION),
+    _e("dicom.echo", "A C-ECHO was refused.", SECURITY_ALERT, "E", ("node",), _REFUSAL,
+       NODE_AUTHENTICATION),
+    _e("dicom.store", "A C-STORE association or request was refused.", SECURITY_ALERT, "E",
+       ("node",), _REFUSAL, NODE_AUTHENTICATION),
+    _e("dicom.query", "A C-FIND was refused.", SECURITY_ALERT, "E", ("node",), _REFUSAL,
+       NODE_AUTHENTICATION),
+    _e("dicom.retrieve", "A C-MOVE or C-GET was refused.", SECURITY_ALERT, "E", ("node",),
+       _REFUSAL, NODE_AUTHENTICATION),
+    # The archive as a whole: backups, restores, scrubs.
+    _e("archive.backup", "A backup of the index and every blob was written (imageshare "
+       "backup).", EXPORT, "R", ("job",), ("destination", "snapshot", "blobs", "copied",
+                                           "missing", "corrupt")),
+    _e("archive.restore", "The installation was rebuilt from a backup (imageshare restore).",
+       IMPORT, "C", ("job",), ("source", "snapshot", "blobs")),
+    _e("archive.verify", "Every blob was checked against its recorded digest (imageshare "
+       "verify).", INSTANCES_ACCESSED, "R", (), ("checked", "corrupt", "missing",
+                                                 "recorded")),
+    # The audit trail itself.
+    _e("audit.read", "The audit trail (or a study's access list) was read.", AUDIT_LOG_USED,
+       "R", ("audit-log",)),
+    _e("audit.report", "An access report was made (a patient's accesses, or one user's "
+       "activity).", AUDIT_LOG_USED, "R", ("audit-log", "patient", "user"),
+       ("report", "user", "format", "since", "until")),
+    _e("audit.export", "The audit trail was exported (imageshare audit export).",
+       AUDIT_LOG_USED, "R", ("audit-log",)),
+)}
+
+
+def event_type(action: str) -> EventType | None:
+    """The catalogue entry of ``action``, or None when it is not catalogued."""
+    return CATALOGUE.get(action)
+
+
+def markdown() -> str:
+    """The catalogue as the Markdown page ``docs/audit-events.md``."""
+    lines = [
+        "# Audit events",
+        "",
+        "Generated from `imageshare/audit/events.py` by `imageshare audit events --markdown`;",
+        "a test keeps this page in step. Every event is kept in the audit table (hash-chained)",
+        "and, when an audit repository is configured, sent as a DICOM PS3.15 A.5 audit",
+        "message (IHE ATNA) over syslog/TLS. Codes are DICOM's (DCM, CID 400 and 401) unless",
+        "noted; the action codes are C create, R read, U update, D delete, E execute.",
+        "",
+        "| action | what happened | EventID | EventTypeCode | action code | participant "
+        "objects | detail fields |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in sorted(CATALOGUE.values(), key=lambda e: e.action):
+        lines.append(
+            f"| `{e.action}` | {e.description} | {e.event_id.code} {e.event_id.meaning} | "
+            f"{f'{e.event_type.code} {e.event_type.meaning}' if e.event_type else ''} | "
+            f"{e.action_code} | {', '.join(e.objects)} | "
+            f"{', '.join(f'`{f}`' for f in e.fields)} |")
+    lines += [
+        "",
+        "## Participant objects",
+        "",
+        "| object | ParticipantObjectTypeCode | ParticipantObjectTypeCodeRole | "
+        "ParticipantObjectIDTypeCode | ID taken from |",
+        "|---|---|---|---|---|",
+    ]
+    for p in PARTICIPANT_OBJECTS.values():
+        lines.append(f"| {p.kind} | {p.type_code} | {p.role} | {p.id_type} | {p.source} |")
+    lines += [
+        "",
+        "Every message names two active participants: the requesting actor (user, node, share",
+        "link or the system; `UserIsRequestor=true`, with the network address it came from)",
+        "and ImageShare itself (its AE title), and the audit source "
+        "(`audit_source_id`, type 4,",
+        "application server).",
+        "",
+    ]
+    return "\n".join(lines)

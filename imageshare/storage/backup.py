@@ -1,0 +1,436 @@
+"""Backup, restore and scrub: a consistent copy of the index and the blobs while the server
+runs, an installation rebuilt from it, and every blob checked against its recorded digest.
+
+A backup folder holds the blobs once (``blobs/``, laid out like the file store, each copied
+at most once over all snapshots: later backups are incremental) and one folder per snapshot
+(``snapshots/<UTC time>/``) with the index (``index.sqlite`` from SQLite's online backup API,
+or ``index.pgdump`` from ``pg_dump`` in custom format on the same MVCC snapshot as the blob
+list), the list of the snapshot's blobs with their sizes and SHA-256 digests (``blobs.jsonl``),
+and ``manifest.json`` naming both files with their own digests. ``LATEST`` names the newest
+snapshot. The installation key (``secret_key`` / ``secret_key_file``) is never in a backup:
+keep it apart; a restore needs it for sealed secrets (second factors, site credentials).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, inspect, select, text, update
+from sqlalchemy.engine import make_url
+
+from imageshare.domain.errors import ConfigurationError, ImageShareError, StorageError
+from imageshare.storage.blobs import CHUNK, BlobStore, check_key
+from imageshare.storage.index.schema import instances
+
+FORMAT = "imageshare-backup-1"
+Progress = Callable[[int], None]
+
+
+def _noop(_n: int) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    """One blob of a snapshot."""
+
+    key: str
+    size: int
+    sha256: str | None
+
+
+@dataclass
+class BackupReport:
+    """What a backup wrote."""
+
+    snapshot: Path
+    database: str
+    blobs: int = 0
+    copied: int = 0
+    reused: int = 0
+    bytes_copied: int = 0
+    missing: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """True when every blob of the snapshot is in the backup with its recorded digest."""
+        return not self.missing and not self.corrupt
+
+
+@dataclass
+class ScrubReport:
+    """What a scrub of the blob store found."""
+
+    checked: int = 0
+    bytes_read: int = 0
+    recorded: int = 0
+    corrupt: list[tuple[str, str]] = field(default_factory=list)  # (sop_uid, key)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+    wrong_size: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def intact(self) -> bool:
+        """True when every blob was found with its recorded digest and size."""
+        return not (self.corrupt or self.missing or self.wrong_size)
+
+
+def _blob_path(root: Path, key: str) -> Path:
+    check_key(key)
+    return root / key[:4] / key[4:8] / key
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# -- PostgreSQL tools ----------------------------------------------------------------------------
+
+def pg_tool(name: str, bin_dir: str = "") -> str:
+    """The path of ``pg_dump`` / ``pg_restore``: in ``bin_dir``, else on PATH, else the newest
+    Debian PostgreSQL's."""
+    if bin_dir:
+        candidate = Path(bin_dir) / name
+        if candidate.exists():
+            return str(candidate)
+        raise ConfigurationError(f"{name} is not in pg_bin_dir {bin_dir}")
+    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
+                      key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    if versions:
+        return str(versions[-1])
+    found = shutil.which(name)
+    if found:
+        return found
+    raise ConfigurationError(f"{name} is needed for a PostgreSQL index (Debian package "
+                             "postgresql-client) or set pg_bin_dir")
+
+
+def _libpq(url: str) -> tuple[list[str], dict[str, str]]:
+    """Connection options for the PostgreSQL command-line tools (the password in the
+    environment, never on the command line)."""
+    parsed = make_url(url)
+    args = ["--host", parsed.host or "127.0.0.1", "--port", str(parsed.port or 5432),
+            "--username", parsed.username or "postgres", "--dbname", parsed.database or ""]
+    env = {**os.environ}
+    if parsed.password:
+        env["PGPASSWORD"] = str(parsed.password)
+    return args, env
+
+
+# -- backup --------------------------------------------------------------------------------------
+
+def _snapshot_sqlite(engine: Engine, folder: Path) -> tuple[Path, list[BlobEntry]]:
+    source_path = engine.url.database
+    if not source_path:
+        raise ConfigurationError("an in-memory SQLite index cannot be backed up")
+    target = folder / "index.sqlite"
+    source = sqlite3.connect(source_path, timeout=60)
+    try:
+        copy = sqlite3.connect(target)
+        try:
+            # One step: the whole database under one read transaction, a consistent snapshot
+            # that writers (WAL mode) are not held up by.
+            source.backup(copy)
+            copy.execute("PRAGMA journal_mode=DELETE")
+            rows = copy.execute("SELECT blob_key, size, sha256 FROM instances ORDER BY pk"
+                                ).fetchall()
+        finally:
+            copy.close()
+    finally:
+        source.close()
+    with open(target, "rb+") as fh:
+        os.fsync(fh.fileno())
+    return target, [BlobEntry(k, s, d) for k, s, d in rows]
+
+
+def _snapshot_postgres(engine: Engine, folder: Path, bin_dir: str
+                       ) -> tuple[Path, list[BlobEntry]]:
+    target = folder / "index.pgdump"
+    args, env = _libpq(engine.url.render_as_string(hide_password=False))
+    with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
+        with conn.begin():
+            # pg_dump reads the snapshot this transaction exported: index and blob list agree.
+            snapshot = conn.execute(text("SELECT pg_export_snapshot()")).scalar()
+            rows = conn.execute(select(instances.c.blob_key, instances.c.size,
+                                       instances.c.sha256).order_by(instances.c.pk)).all()
+            done = subprocess.run(
+                [pg_tool("pg_dump", bin_dir), *args, "--format=custom", "--no-owner",
+                 "--no-privileges", f"--snapshot={snapshot}", f"--file={target}"],
+                env=env, capture_output=True, text=True, timeout=24 * 3600)
+    if done.returncode != 0:
+        raise StorageError(f"pg_dump failed: {done.stderr.strip()[-500:]}")
+    with open(target, "rb+") as fh:
+        os.fsync(fh.fileno())
+    return target, [BlobEntry(k, s, d) for k, s, d in rows]
+
+
+def _copy_blob(blobs: BlobStore, entry: BlobEntry, target: Path) -> tuple[int, str]:
+    """Copy one blob to ``target`` durably; returns its size and SHA-256."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    digest = hashlib.sha256()
+    size = 0
+    with blobs.open(entry.key) as src, open(tmp, "wb") as out:
+        while chunk := src.read(CHUNK):
+            out.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    return size, digest.hexdigest()
+
+
+def _known_copies(dest: Path) -> dict[str, str]:
+    """Blobs already copied to ``dest`` and checked: key -> SHA-256."""
+    known: dict[str, str] = {}
+    catalogue = dest / "blobs.jsonl"
+    if catalogue.exists():
+        for line in catalogue.read_text().splitlines():
+            try:
+                item = json.loads(line)
+                known[item["key"]] = item["sha256"]
+            except (ValueError, KeyError, TypeError):
+                continue
+    return known
+
+
+def backup(engine: Engine, blobs: BlobStore, dest: Path, pg_bin_dir: str = "",
+           progress: Progress = _noop, on_total: Progress = _noop) -> BackupReport:
+    """Write a consistent snapshot of the index and its blobs to ``dest`` (while the server
+    runs); blobs already in ``dest`` are not copied again."""
+    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(dest, 0o700)
+    name = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    folder = dest / "snapshots" / name
+    folder.mkdir(parents=True, mode=0o700)
+    kind = engine.dialect.name
+    if kind == "sqlite":
+        index_file, entries = _snapshot_sqlite(engine, folder)
+    elif kind == "postgresql":
+        index_file, entries = _snapshot_postgres(engine, folder, pg_bin_dir)
+    else:
+        raise ConfigurationError(f"backup of a {kind} index is not supported")
+    report = BackupReport(folder, kind, blobs=len(entries))
+    on_total(len(entries))
+    known = _known_copies(dest)
+    root = dest / "blobs"
+    with open(dest / "blobs.jsonl", "a") as catalogue:
+        for entry in entries:
+            target = _blob_path(root, entry.key)
+            if entry.key in known and target.exists() and (
+                    entry.sha256 is None or known[entry.key] == entry.sha256):
+                report.reused += 1
+                progress(1)
+                continue
+            try:
+                size, digest = _copy_blob(blobs, entry, target)
+            except KeyError:
+                report.missing.append(entry.key)  # deleted (or lost) since the snapshot
+                progress(1)
+                continue
+            if (entry.sha256 and digest != entry.sha256) or size != entry.size:
+                report.corrupt.append(entry.key)  # the live copy does not match its digest
+                target.unlink(missing_ok=True)
+            else:
+                catalogue.write(json.dumps({"key": entry.key, "sha256": digest}) + "\n")
+                catalogue.flush()
+                report.copied += 1
+                report.bytes_copied += size
+            progress(1)
+        os.fsync(catalogue.fileno())
+    listing = "".join(json.dumps({"key": e.key, "size": e.size, "sha256": e.sha256}) + "\n"
+                      for e in entries).encode()
+    _write_durably(folder / "blobs.jsonl", listing)
+    with engine.connect() as conn:
+        revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    manifest = {
+        "format": FORMAT, "created": name, "database": kind, "revision": revision,
+        "index": {"file": index_file.name, "sha256": _sha256_file(index_file)},
+        "blobs": {"file": "blobs.jsonl", "count": len(entries),
+                  "sha256": hashlib.sha256(listing).hexdigest()},
+        "missing": report.missing, "corrupt": report.corrupt,
+    }
+    _write_durably(folder / "manifest.json", json.dumps(manifest, indent=2).encode())
+    _write_durably(dest / "LATEST", (name + "\n").encode())
+    return report
+
+
+# -- restore -------------------------------------------------------------------------------------
+
+@dataclass
+class RestoreReport:
+    """What a restore rebuilt."""
+
+    snapshot: Path
+    database: str
+    blobs: int = 0
+
+
+def _snapshot_folder(src: Path, name: str = "") -> Path:
+    if not name:
+        latest = src / "LATEST"
+        if not latest.exists():
+            raise ImageShareError(f"{src} is not an ImageShare backup (no LATEST)")
+        name = latest.read_text().strip()
+    folder = src / "snapshots" / name
+    if not (folder / "manifest.json").exists():
+        raise ImageShareError(f"no snapshot {name!r} in {src}")
+    return folder
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if manifest.get("format") != FORMAT:
+        raise ImageShareError("unknown backup format")
+    if _sha256_file(folder / manifest["index"]["file"]) != manifest["index"]["sha256"]:
+        raise ImageShareError("the backup's index file does not match its digest")
+    if _sha256_file(folder / manifest["blobs"]["file"]) != manifest["blobs"]["sha256"]:
+        raise ImageShareError("the backup's blob list does not match its digest")
+    if manifest.get("missing") or manifest.get("corrupt"):
+        raise ImageShareError("this snapshot is incomplete (blobs were missing or corrupt when "
+                              "it was taken); restore another one")
+    return manifest
+
+
+def _entries(folder: Path) -> Iterator[BlobEntry]:
+    for line in (folder / "blobs.jsonl").read_text().splitlines():
+        item = json.loads(line)
+        yield BlobEntry(item["key"], item["size"], item["sha256"])
+
+
+def _empty_database(url: str) -> bool:
+    engine = create_engine(url)
+    try:
+        return not inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str = "",
+            pg_bin_dir: str = "", progress: Progress = _noop, on_total: Progress = _noop
+            ) -> RestoreReport:
+    """Rebuild an installation from a backup: the index into ``database_url`` (which must be
+    empty) and every blob into ``blobs``, each checked against its digest first."""
+    folder = _snapshot_folder(src, snapshot)
+    manifest = _read_manifest(folder)
+    entries = list(_entries(folder))
+    on_total(len(entries))
+    root = src / "blobs"
+    for entry in entries:  # everything is checked before anything is written
+        path = _blob_path(root, entry.key)
+        if not path.exists() or path.stat().st_size != entry.size:
+            raise ImageShareError(f"blob {entry.key} is missing from the backup or damaged")
+    url = make_url(database_url)
+    if manifest["database"] != url.get_backend_name():
+        raise ImageShareError(f"the backup holds a {manifest['database']} index; the target "
+                              f"is {url.get_backend_name()}")
+    if url.get_backend_name() == "sqlite":
+        target = Path(url.database or "")
+        if target.exists() and target.stat().st_size and not _empty_database(database_url):
+            raise ImageShareError(f"{target} already holds an index; restore into an empty "
+                                  "installation")
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for suffix in ("-wal", "-shm"):
+            Path(str(target) + suffix).unlink(missing_ok=True)
+        tmp = target.with_name(target.name + ".restoring")
+        shutil.copyfile(folder / "index.sqlite", tmp)
+        os.chmod(tmp, 0o600)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    else:
+        if not _empty_database(database_url):
+            raise ImageShareError("the target database is not empty; restore into an empty "
+                                  "installation")
+        args, env = _libpq(database_url)
+        done = subprocess.run(
+            [pg_tool("pg_restore", pg_bin_dir), *args, "--no-owner", "--no-privileges",
+             "--exit-on-error", "--single-transaction", str(folder / "index.pgdump")],
+            env=env, capture_output=True, text=True, timeout=24 * 3600)
+        if done.returncode != 0:
+            raise StorageError(f"pg_restore failed: {done.stderr.strip()[-500:]}")
+    report = RestoreReport(folder, manifest["database"])
+    for entry in entries:
+        with open(_blob_path(root, entry.key), "rb") as fh:
+            stored = blobs.put(entry.key, fh, entry.size)
+        if entry.sha256 and stored.sha256 != entry.sha256:
+            blobs.delete(entry.key)
+            raise StorageError(f"blob {entry.key} in the backup does not match its digest")
+        report.blobs += 1
+        progress(1)
+    return report
+
+
+# -- scrub ---------------------------------------------------------------------------------------
+
+def scrub(engine: Engine, blobs: BlobStore, progress: Progress = _noop,
+          on_total: Progress = _noop) -> ScrubReport:
+    """Read every stored blob and compare it with its recorded SHA-256 and size; a digest not
+    yet recorded (instances stored before digests were kept) is recorded now."""
+    report = ScrubReport()
+    with engine.connect() as conn:
+        rows = conn.execute(select(instances.c.pk, instances.c.sop_uid, instances.c.blob_key,
+                                   instances.c.size, instances.c.sha256)
+                            .order_by(instances.c.pk)).all()
+    on_total(len(rows))
+    for pk, sop_uid, key, size, recorded in rows:
+        digest = hashlib.sha256()
+        read = 0
+        try:
+            with blobs.open(key) as fh:
+                while chunk := fh.read(CHUNK):
+                    digest.update(chunk)
+                    read += len(chunk)
+        except KeyError:
+            report.missing.append((sop_uid, key))
+            progress(1)
+            continue
+        report.checked += 1
+        report.bytes_read += read
+        if recorded is None:
+            with engine.begin() as conn:
+                conn.execute(update(instances).where(instances.c.pk == pk,
+                                                     instances.c.sha256.is_(None))
+                             .values(sha256=digest.hexdigest()))
+            report.recorded += 1
+        elif digest.hexdigest() != recorded:
+            report.corrupt.append((sop_uid, key))
+        elif read != size:
+            report.wrong_size.append((sop_uid, key))
+        progress(1)
+    return report
