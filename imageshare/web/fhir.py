@@ -26,6 +26,7 @@ from imageshare.fhir.imaging_study import (
     parse_search,
 )
 from imageshare.web.auth import allowed
+from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.negotiation import parse_accept
 
 router = APIRouter(prefix="/fhir", tags=["FHIR"])
@@ -34,7 +35,7 @@ Reader = allowed(STUDY_READ)
 
 def public_base(request: Request) -> str:
     """ImageShare's public root: ``public_url`` when set, else from the request."""
-    configured = request.app.state.archive.settings.public_url.rstrip("/")
+    configured = archive_of(request).settings.public_url.rstrip("/")
     return configured or str(request.base_url).rstrip("/")
 
 
@@ -78,11 +79,10 @@ def metadata(request: Request, _actor: allowed(ACCOUNT_SELF)) -> JSONResponse:
 
 
 @router.get("/ImagingStudy", summary="FHIR ImagingStudy search")
-async def search(request: Request, actor: Reader) -> JSONResponse:
+async def search(request: Request, actor: Reader, archive: ArchiveDep) -> JSONResponse:
     """A searchset Bundle of the studies matching the search parameters that the caller may
     see, newest first, ``_count`` at a time with a ``next`` link."""
     _check_format(request)
-    archive = request.app.state.archive
     service = archive.imaging_studies
     wanted = parse_search(list(request.query_params.multi_items()), service.hospital_system)
     resources, more = await run_in_threadpool(
@@ -92,10 +92,10 @@ async def search(request: Request, actor: Reader) -> JSONResponse:
 
 
 @router.get("/ImagingStudy/{resource_id}", summary="FHIR ImagingStudy read")
-async def read(request: Request, resource_id: str, actor: Reader) -> JSONResponse:
+async def read(request: Request, resource_id: str, actor: Reader, archive: ArchiveDep
+               ) -> JSONResponse:
     """One ImagingStudy by id (404 OperationOutcome when the caller may not see it)."""
     _check_format(request)
-    archive = request.app.state.archive
     resource = await run_in_threadpool(
         archive.imaging_studies.read, resource_id, actor, archive.policy.study_scope(actor),
         _endpoints(request))

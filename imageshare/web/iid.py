@@ -29,6 +29,7 @@ from imageshare.domain.errors import ImageShareError, InvalidQuery
 from imageshare.domain.identifiers import is_valid_nhs_number
 from imageshare.ehr.launch import SIGNATURE, LaunchRefused
 from imageshare.web.auth import LinkSession, allowed, authorise_also, client_address, resolve_actor
+from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.pages.sign_in import set_session_cookie
 from imageshare.web.pages.templating import page
 
@@ -94,11 +95,10 @@ def _refused(request: Request, status: int, title: str, detail: str) -> Response
 
 
 @router.get("/iid")
-async def launch(request: Request, _anyone: allowed(PUBLIC)) -> Response:
+async def launch(request: Request, _anyone: allowed(PUBLIC), archive: ArchiveDep) -> Response:
     """Open what the EHR asks for (the route is open so that a signed launch URL can sign
     the user in; without a valid signature the caller must already be signed in, and the
     policy then decides as everywhere)."""
-    archive = request.app.state.archive
     params = list(request.query_params.multi_items())
     values = dict(params)
     try:
@@ -130,7 +130,7 @@ async def launch(request: Request, _anyone: allowed(PUBLIC)) -> Response:
 
 def _open(request: Request, actor: Actor, context: LaunchContext, ehr: str,
           signed: bool) -> Response:
-    archive = request.app.state.archive
+    archive = archive_of(request)
     scope = archive.policy.study_scope(actor)
     audit = {"ehr": ehr, "signed": signed, "request_type": context.request_type}
     if context.study_uids:
