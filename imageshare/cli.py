@@ -624,6 +624,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         else:
             for e in sorted(CATALOGUE.values(), key=lambda e: e.action):
                 print(f"{e.action}\t{e.event_id.code}\t{e.action_code}\t{e.description}")
+        return 0
     if args.command == "commands":
         sys.stdout.write(command_reference())
         return 0
