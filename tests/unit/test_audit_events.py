@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,4 +204,7 @@ def test_audit_events_page_is_generated_from_the_catalogue() -> None:
     documented = (ROOT / "docs" / "audit-events.md").read_text()
     assert documented == markdown(), \
         "regenerate: imageshare audit events --markdown > docs/audit-events.md"
+    printed = subprocess.run([sys.executable, "-m", "imageshare", "audit", "events",
+                              "--markdown"], capture_output=True, text=True, timeout=60)
+    assert (printed.returncode, printed.stdout) == (0, documented), printed.stderr
     assert "docs/audit-events.md" in (ROOT / "README.md").read_text()
