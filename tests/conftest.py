@@ -180,6 +180,34 @@ def client(archive: Archive) -> Iterator[httpx.Client]:
         yield test_client
 
 
+@dataclass
+class Ran:
+    """What one in-process run of the command line gave."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def imageshare(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """Run `imageshare ...` in this process (as the command line would) for a data folder;
+    ``env`` adds settings for that run."""
+    from imageshare.cli import main
+
+    def run(data: Path, *args: str, database_url: str = "", **env: str) -> Ran:
+        monkeypatch.setenv("IMAGESHARE_DATA_DIR", str(data))
+        monkeypatch.setenv("IMAGESHARE_DATABASE_URL", database_url)
+        monkeypatch.setenv("IMAGESHARE_LOG_LEVEL", "WARNING")
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        code = main(list(args))
+        out = capsys.readouterr()
+        return Ran(code, out.out, out.err)
+    return run
+
+
 @pytest.fixture
 def anonymous(archive: Archive) -> Iterator[httpx.Client]:
     """An in-process HTTP client with no credentials."""

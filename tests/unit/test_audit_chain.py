@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, delete, insert, select, text, update
 
 from imageshare.audit.chain import verify_chain
 from imageshare.audit.trail import AuditEvent, AuditTrail
-from imageshare.cli import main
 from imageshare.domain.actors import cli_actor
 from imageshare.storage.index.database import make_engine, migrate
 from imageshare.storage.index.schema import audit_chain_head, audit_events
@@ -23,27 +20,6 @@ from imageshare.storage.index.schema import audit_chain_head, audit_events
 ACTOR = cli_actor()
 
 
-@dataclass
-class Ran:
-    """What one in-process run of the command line gave."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def imageshare(monkeypatch, capsys):
-    """Run `imageshare ...` in this process (as the command line would) for a data folder."""
-    def run(data: Path, *args: str, database_url: str = "") -> Ran:
-        monkeypatch.setenv("IMAGESHARE_DATA_DIR", str(data))
-        monkeypatch.setenv("IMAGESHARE_DATABASE_URL", database_url)
-        monkeypatch.setenv("IMAGESHARE_LOG_LEVEL", "WARNING")
-        capsys.readouterr()
-        code = main(list(args))
-        out = capsys.readouterr()
-        return Ran(code, out.out, out.err)
-    return run
 
 
 def _trail_of(archive, count: int = 10) -> list[int]:

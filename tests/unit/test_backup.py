@@ -7,14 +7,12 @@ targets are refused, and `imageshare verify` finds a flipped bit and a missing b
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from imageshare.audit.chain import verify_chain
-from imageshare.cli import main
 from imageshare.domain.actors import cli_actor
 from imageshare.storage.index.database import make_engine
 from imageshare.storage.index.schema import audit_events, instances, metadata
@@ -26,28 +24,13 @@ ACTOR = cli_actor()
 MOVING = {"audit_events", "audit_chain_head", "atna_cursor"}
 
 
-@dataclass
-class Ran:
-    """What one in-process run of the command line gave."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture
-def imageshare(monkeypatch, capsys):
-    """Run `imageshare ...` in this process (as the command line would) for a data folder."""
-    def run(data: Path, *args: str, database_url: str = "") -> Ran:
-        monkeypatch.setenv("IMAGESHARE_DATA_DIR", str(data))
-        monkeypatch.setenv("IMAGESHARE_DATABASE_URL", database_url)
-        monkeypatch.setenv("IMAGESHARE_LOG_LEVEL", "WARNING")
-        monkeypatch.setenv("IMAGESHARE_SECRET_KEY", "k" * 40)
-        capsys.readouterr()
+def imageshare(imageshare):
+    """The command line in this process, with a fixed secret key; backup and restore quiet."""
+    def run(data: Path, *args: str, database_url: str = ""):
         quiet = ["--quiet"] if args[0] in ("backup", "restore") else []
-        code = main([*args, *quiet])
-        out = capsys.readouterr()
-        return Ran(code, out.out, out.err)
+        return imageshare(data, *args, *quiet, database_url=database_url,
+                          IMAGESHARE_SECRET_KEY="k" * 40)
     return run
 
 
