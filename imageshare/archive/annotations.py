@@ -1,5 +1,7 @@
-"""Arrows and length measurements drawn on images: kept for the viewer and stored as a DICOM
-Softcopy Presentation State in the study, so that PACS and other viewers show them too.
+"""Arrows, length measurements, text and ellipse (area) marks drawn on images, per frame: kept
+for the viewer and stored as a DICOM Softcopy Presentation State in the study (Grayscale for
+monochrome images, Color with a valid ICC profile for RGB, YBR and palette colour images), so
+that PACS and other viewers show them too.
 
 Each author sees and replaces their own marks; staff see everyone's. A share link's recipient
 is an author of their own (``share:<public id>``) and sees only their own marks, under the
@@ -7,6 +9,7 @@ share's UIDs, named "you" (never anyone's address)."""
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import pkgutil
@@ -32,7 +35,10 @@ from imageshare.domain.errors import ImageShareError, NotFound
 # (imported under another name: `annotations` is taken by the __future__ import)
 from imageshare.storage.index.schema import annotations as marks_table
 
-KINDS = ("arrow", "length")
+KINDS = ("arrow", "length", "text", "ellipse")
+# Kinds drawn from one point (the text's anchor); the others run from the first point to the
+# second (an ellipse fills the box the two points span).
+ONE_POINT = ("text",)
 MAX_MARKS = 50
 SERIES_NUMBER = 9904
 # ICC profile device classes a presentation state may carry (PS3.3 C.11.15: input or colour
@@ -63,13 +69,58 @@ def _standard_srgb() -> bytes:
     return data
 
 
+def _first_number(value: Any) -> float | None:
+    """The first of a possibly multi-valued number, or None."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str | bytes | int | float):
+        try:
+            value = value[0]
+        except (TypeError, IndexError):
+            return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _modality_lut(header: Any) -> Any:
+    """The image's rescale (identity when it has none), given explicitly so that multi-frame
+    images without functional groups are handled too."""
+    slope = _first_number(header.get("RescaleSlope")) or 1.0
+    intercept = _first_number(header.get("RescaleIntercept")) or 0.0
+    kind = str(header.get("RescaleType", "") or "")
+    if not kind:
+        kind = "HU" if str(header.get("Modality", "")) == "CT" else "US"
+    return hd.ModalityLUTTransformation(
+        rescale_intercept=intercept, rescale_slope=slope, rescale_type=kind)
+
+
+def _voi_lut(header: Any) -> Any:
+    """The image's first window, else one spanning its stored values."""
+    center = _first_number(header.get("WindowCenter"))
+    width = _first_number(header.get("WindowWidth"))
+    if center is not None and width is not None and width >= 1:
+        return hd.pr.SoftcopyVOILUTTransformation(window_center=center, window_width=width)
+    bits = int(header.get("BitsStored", 8) or 8)
+    slope = _first_number(header.get("RescaleSlope")) or 1.0
+    intercept = _first_number(header.get("RescaleIntercept")) or 0.0
+    signed = int(header.get("PixelRepresentation", 0) or 0) == 1
+    low = -(2 ** (bits - 1)) if signed else 0
+    span = 2 ** bits
+    return hd.pr.SoftcopyVOILUTTransformation(
+        window_center=(low + span / 2) * slope + intercept,
+        window_width=max(span * abs(slope), 1))
+
+
 @dataclass(frozen=True)
 class Mark:
-    """One arrow (from the first point to the second) or length measurement, in image pixels
+    """One arrow (from the first point to the second), length measurement, ellipse (in the box
+    the two points span; its area is shown) or text (at one point), in image pixels
     (column, row)."""
 
     kind: str
-    points: tuple[tuple[float, float], tuple[float, float]]
+    points: tuple[tuple[float, float], ...]
     label: str = ""
 
     @staticmethod
@@ -77,15 +128,23 @@ class Mark:
         """A mark from JSON; raises ImageShareError for anything malformed."""
         kind = str(data.get("kind", ""))
         if kind not in KINDS:
-            raise ImageShareError("a mark is an arrow or a length")
+            raise ImageShareError("a mark is an arrow, a length, a text or an ellipse")
+        wanted = 1 if kind in ONE_POINT else 2
         try:
-            (x1, y1), (x2, y2) = ((float(p[0]), float(p[1])) for p in data["points"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ImageShareError("a mark has two points [x, y]") from exc
-        for x, y in ((x1, y1), (x2, y2)):
-            if not (0 <= x <= columns and 0 <= y <= rows):
+            raw = list(data["points"])
+            points = tuple((float(p[0]), float(p[1])) for p in raw)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ImageShareError(f"a mark has {wanted} point(s) [x, y]") from exc
+        if len(points) != wanted:
+            raise ImageShareError(f"a mark of kind {kind} has {wanted} point(s) [x, y]")
+        for x, y in points:
+            if not (math.isfinite(x) and math.isfinite(y)
+                    and 0 <= x <= columns and 0 <= y <= rows):
                 raise ImageShareError("a mark lies outside the image")
-        return Mark(kind, ((x1, y1), (x2, y2)), str(data.get("label", ""))[:64])
+        label = str(data.get("label", ""))[:64]
+        if kind == "text" and not label.strip():
+            raise ImageShareError("a text mark needs its text")
+        return Mark(kind, points, label)
 
     def as_json(self) -> dict[str, Any]:
         """JSON for the viewer."""
@@ -99,6 +158,52 @@ def _length_text(mark: Mark, spacing: tuple[float, float] | None) -> str:
         length = math.hypot((x2 - x1) * spacing[1], (y2 - y1) * spacing[0])
         return f"{length:.1f} mm"
     return f"{math.hypot(x2 - x1, y2 - y1):.0f} px"
+
+
+def _area_text(mark: Mark, spacing: tuple[float, float] | None) -> str:
+    (x1, y1), (x2, y2) = mark.points
+    area = math.pi * abs(x2 - x1) / 2 * abs(y2 - y1) / 2
+    if spacing:
+        return f"{area * spacing[0] * spacing[1]:.1f} mm2"
+    return f"{area:.0f} px2"
+
+
+def _mark_text(mark: Mark, spacing: tuple[float, float] | None) -> str:
+    """What is written next to a mark: its label, else its length or area."""
+    if mark.label:
+        return mark.label
+    if mark.kind == "length":
+        return _length_text(mark, spacing)
+    if mark.kind == "ellipse":
+        return _area_text(mark, spacing)
+    return ""
+
+
+# Patient and study attributes a presentation state copies from the image it marks (highdicom
+# requires them present; an image without them gets them empty, as Type 2 allows).
+_COPIED_EMPTY = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
+                 "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName")
+
+
+def _conformant(keyword: str, value: str) -> bool:
+    """Whether a stored date (YYYYMMDD) or time (HHMMSS.FFFFFF) is written as PS3.5 says."""
+    if not value:
+        return True
+    if keyword.endswith("Date"):
+        return len(value) == 8 and value.isdigit()
+    whole, _, fraction = value.strip().partition(".")
+    return (len(whole) in (2, 4, 6) and whole.isdigit()
+            and (not fraction or (len(fraction) <= 6 and fraction.isdigit())))
+
+
+def _multiframe_iod(header: Any) -> bool:
+    """Whether the image's IOD has frames (a Number of Frames in a single-frame IOD, as some
+    Secondary Capture files carry, does not make it one)."""
+    try:
+        from highdicom._standard_utils import is_multiframe_image
+        return bool(is_multiframe_image(header))
+    except (KeyError, ValueError, AttributeError):
+        return False
 
 
 class AnnotationBook:
@@ -172,6 +277,18 @@ class AnnotationBook:
     def _build_state(self, header: Any, frame: int, frames: int, marks: list[Mark],
                      author_label: str) -> io.BytesIO:
         columns, rows = float(header.Columns), float(header.Rows)
+        reference = copy.deepcopy(header)
+        for keyword in _COPIED_EMPTY:
+            if keyword not in reference:
+                setattr(reference, keyword, "")
+        for keyword in ("StudyDate", "StudyTime", "PatientBirthDate"):
+            if not _conformant(keyword, str(reference.get(keyword) or "")):
+                setattr(reference, keyword, "")  # a non-conformant stored value is not copied
+        if str(reference.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
+            # Palette colour images are colour images for a presentation state (PS3.3
+            # A.35.2); the copy only serves to reference them, so it may say RGB.
+            reference.SamplesPerPixel = 3
+            reference.PhotometricInterpretation = "RGB"
 
         def inside(x: float, y: float) -> list[float]:
             # Arrowheads of marks near an edge would point outside the image, which a
@@ -184,36 +301,62 @@ class AnnotationBook:
         layer = hd.pr.GraphicLayer("IMAGESHARE", 1, description="Marks drawn in ImageShare")
         objects, texts = [], []
         for mark in marks:
+            text = _mark_text(mark, spacing)
+            if mark.kind == "text":
+                (x, y), = mark.points
+                texts.append(hd.pr.TextObject(text, "PIXEL", anchor_point=(x, y)))
+                continue
             (x1, y1), (x2, y2) = mark.points
-            objects.append(hd.pr.GraphicObject(
-                "POLYLINE", np.array([[x1, y1], [x2, y2]], dtype=float), "PIXEL"))
-            if mark.kind == "arrow":
-                angle = math.atan2(y1 - y2, x1 - x2)
-                for turn in (0.4, -0.4):
-                    head = inside(x2 + 12 * math.cos(angle + turn),
-                                  y2 + 12 * math.sin(angle + turn))
-                    objects.append(hd.pr.GraphicObject(
-                        "POLYLINE", np.array([[x2, y2], head], dtype=float), "PIXEL"))
-            text = mark.label or (_length_text(mark, spacing) if mark.kind == "length" else "")
+            if mark.kind == "ellipse":
+                cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+                rx, ry = max(abs(x2 - x1) / 2, 0.5), max(abs(y2 - y1) / 2, 0.5)
+                horizontal = [[cx - rx, cy], [cx + rx, cy]]
+                vertical = [[cx, cy - ry], [cx, cy + ry]]
+                axes = horizontal + vertical if rx >= ry else vertical + horizontal
+                objects.append(hd.pr.GraphicObject(
+                    "ELLIPSE", np.array([inside(*p) for p in axes], dtype=float), "PIXEL",
+                    is_filled=False))
+                anchor = (cx, cy)
+            else:
+                objects.append(hd.pr.GraphicObject(
+                    "POLYLINE", np.array([[x1, y1], [x2, y2]], dtype=float), "PIXEL"))
+                if mark.kind == "arrow":
+                    angle = math.atan2(y1 - y2, x1 - x2)
+                    for turn in (0.4, -0.4):
+                        head = inside(x2 + 12 * math.cos(angle + turn),
+                                      y2 + 12 * math.sin(angle + turn))
+                        objects.append(hd.pr.GraphicObject(
+                            "POLYLINE", np.array([[x2, y2], head], dtype=float), "PIXEL"))
+                anchor = ((x1 + x2) / 2, (y1 + y2) / 2)
             if text:
-                texts.append(hd.pr.TextObject(text, "PIXEL", anchor_point=(
-                    (x1 + x2) / 2, (y1 + y2) / 2)))
+                texts.append(hd.pr.TextObject(text, "PIXEL", anchor_point=anchor))
+        per_frame = frames > 1 and _multiframe_iod(reference)
         annotation = hd.pr.GraphicAnnotation(
-            referenced_images=[header], graphic_layer=layer,
-            referenced_frame_number=frame if frames > 1 else None,
-            graphic_objects=objects, text_objects=texts or None)
-        colour = int(header.get("SamplesPerPixel", 1) or 1) > 1
-        cls = (hd.pr.ColorSoftcopyPresentationState if colour
-               else hd.pr.GrayscaleSoftcopyPresentationState)
-        extra: dict[str, Any] = {"icc_profile": self._icc_profile(header)} if colour else {}
-        state = cls(
-            referenced_images=[header], series_instance_uid=generate_uid(),
+            referenced_images=[reference], graphic_layer=layer,
+            referenced_frame_number=frame if per_frame else None,
+            graphic_objects=objects or None, text_objects=texts or None)
+        colour = (int(header.get("SamplesPerPixel", 1) or 1) > 1
+                  or str(header.get("PhotometricInterpretation", "")) == "PALETTE COLOR")
+        common: dict[str, Any] = dict(
+            referenced_images=[reference], series_instance_uid=generate_uid(),
             series_number=SERIES_NUMBER, sop_instance_uid=generate_uid(),
             instance_number=1, manufacturer="ImageShare",
             manufacturer_model_name="ImageShare", software_versions=__version__,
             device_serial_number="0", content_label="MARKS",
             content_description=f"Marks by {author_label}"[:64],
-            graphic_annotations=[annotation], graphic_layers=[layer], **extra)
+            graphic_annotations=[annotation], graphic_layers=[layer])
+        state: Any
+        if colour:
+            state = hd.pr.ColorSoftcopyPresentationState(
+                icc_profile=self._icc_profile(header), **common)
+        else:
+            state = hd.pr.GrayscaleSoftcopyPresentationState(
+                modality_lut_transformation=_modality_lut(header),
+                voi_lut_transformations=[_voi_lut(header)], **common)
+        if "Laterality" not in state:
+            state.Laterality = ""  # Type 2C in General Series; its body part is not known
+        if any(not m.label.isascii() for m in marks) or not author_label.isascii():
+            state.SpecificCharacterSet = "ISO_IR 192"
         out = io.BytesIO()
         state.save_as(out, enforce_file_format=True)
         out.seek(0)

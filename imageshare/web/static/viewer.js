@@ -157,7 +157,7 @@
     overlayBr.textContent = `${state.window ? `W ${Math.round(state.window[1])} L ${Math.round(state.window[0])}` : "W/L as stored"} · ${Math.round(state.zoom * 100)}%`;
   }
 
-  // -- marks (arrows, lengths) ----------------------------------------------------------
+  // -- marks (arrows, lengths, text, ellipses) -------------------------------------------
 
   function frameKey() {
     const frame = state.series.frames[state.index];
@@ -171,6 +171,14 @@
     return `${Math.hypot(x2 - x1, y2 - y1).toFixed(0)} px`;
   }
 
+  function areaText(mark) {
+    const [[x1, y1], [x2, y2]] = mark.points;
+    const area = Math.PI * (Math.abs(x2 - x1) / 2) * (Math.abs(y2 - y1) / 2);
+    const spacing = state.series.spacing;
+    if (spacing) return `${(area * spacing[0] * spacing[1]).toFixed(1)} mm2`;
+    return `${area.toFixed(0)} px2`;
+  }
+
   function drawMarks(scale) {
     const marks = (state.marks[frameKey()] || []).concat(state.pending ? [state.pending] : []);
     ctx.lineWidth = 2 / scale;
@@ -178,8 +186,18 @@
     ctx.fillStyle = "#ffd400";
     ctx.font = `${14 / scale}px sans-serif`;
     for (const mark of marks) {
+      if (mark.kind === "text") {
+        const [x, y] = mark.points[0];
+        ctx.fillText(mark.label || "", x, y);
+        continue;
+      }
       const [[x1, y1], [x2, y2]] = mark.points;
-      ctx.beginPath(); ctx.moveTo(x1, y1); ctx.lineTo(x2, y2);
+      ctx.beginPath();
+      if (mark.kind === "ellipse") {
+        ctx.ellipse((x1 + x2) / 2, (y1 + y2) / 2, Math.abs(x2 - x1) / 2, Math.abs(y2 - y1) / 2, 0, 0, 2 * Math.PI);
+      } else {
+        ctx.moveTo(x1, y1); ctx.lineTo(x2, y2);
+      }
       if (mark.kind === "arrow") {
         const angle = Math.atan2(y1 - y2, x1 - x2);
         for (const turn of [0.4, -0.4]) {
@@ -188,9 +206,16 @@
         }
       }
       ctx.stroke();
-      const text = mark.label || (mark.kind === "length" ? lengthText(mark) : "");
+      const text = mark.label || (mark.kind === "length" ? lengthText(mark)
+        : mark.kind === "ellipse" ? areaText(mark) : "");
       if (text) ctx.fillText(text, (x1 + x2) / 2 + 6 / scale, (y1 + y2) / 2 - 6 / scale);
     }
+  }
+
+  function clampPoint([x, y]) {
+    const frame = bitmapAt(state.index) || lastBitmap;
+    if (!frame) return [x, y];
+    return [Math.max(0, Math.min(frame.width, x)), Math.max(0, Math.min(frame.height, y))];
   }
 
   function imagePoint(event) {
@@ -387,9 +412,22 @@
   let drag = null;
   canvas.addEventListener("pointerdown", (event) => {
     canvas.focus();
-    if (state.tool === "arrow" || state.tool === "length") {
+    if (state.tool === "text") {
       stop();
-      const start = imagePoint(event);
+      const at = clampPoint(imagePoint(event));
+      const label = (window.prompt("Text for this mark") || "").trim().slice(0, 64);
+      if (label) {
+        const key = frameKey();
+        (state.marks[key] = state.marks[key] || []).push({kind: "text", points: [at], label});
+        state.unsaved.add(key);
+        updateSaveButton();
+        draw();
+      }
+      return;
+    }
+    if (state.tool === "arrow" || state.tool === "length" || state.tool === "ellipse") {
+      stop();
+      const start = clampPoint(imagePoint(event));
       state.pending = {kind: state.tool, points: [start, start]};
       canvas.setPointerCapture(event.pointerId);
       return;
@@ -402,7 +440,7 @@
   });
   canvas.addEventListener("pointermove", (event) => {
     if (state.pending) {
-      state.pending.points = [state.pending.points[0], imagePoint(event)];
+      state.pending.points = [state.pending.points[0], clampPoint(imagePoint(event))];
       draw();
       return;
     }
@@ -509,6 +547,8 @@
       w: () => setTool("window"), p: () => setTool("pan"), z: () => setTool("zoom"),
       a: () => manifest.annotationsUrl && setTool("arrow"),
       m: () => manifest.annotationsUrl && setTool("length"),
+      e: () => manifest.annotationsUrl && setTool("ellipse"),
+      t: () => manifest.annotationsUrl && setTool("text"),
     };
     const action = keys[event.key];
     if (action) { event.preventDefault(); action(); }
