@@ -22,6 +22,7 @@ from imageshare.access.policy import ENROLLING, ROLES, effective_role
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import SYSTEM, Actor
 from imageshare.domain.errors import ImageShareError, NotFound
+from imageshare.domain.identifiers import is_email_address
 from imageshare.storage.index.schema import account_invites, api_tokens, users
 from imageshare.storage.secret_box import SecretBox
 
@@ -44,6 +45,7 @@ class Account:
     two_factor: bool
     created_at: datetime
     tokens: int
+    email: str = ""
 
 
 def _check_password(password: str) -> None:
@@ -257,6 +259,18 @@ class UserDirectory:
             raise
         return role
 
+    def set_email(self, username: str, email: str) -> None:
+        """Set (or, with "", clear) the address the user's notifications go to; raises
+        ImageShareError for an address that is not valid, NotFound for no such user."""
+        email = email.strip()
+        if email and (len(email) > 254 or not is_email_address(email)):
+            raise ImageShareError("that e-mail address is not valid")
+        with self._engine.begin() as conn:
+            changed = conn.execute(update(users).where(users.c.username == username)
+                                   .values(email=email)).rowcount
+        if not changed:
+            raise NotFound("no such user")
+
     def email_of(self, username: str) -> str:
         """The user's e-mail address ("" when none is known)."""
         with self._engine.connect() as conn:
@@ -281,7 +295,7 @@ class UserDirectory:
             rows = conn.execute(
                 select(users.c.pk, users.c.username, users.c.role, users.c.disabled,
                        users.c.locked_until, users.c.totp_enabled, users.c.created_at,
-                       tokens.label("tokens"))
+                       users.c.email, tokens.label("tokens"))
                 .order_by(users.c.username)
             ).all()
         locked = self.lockout.locked_accounts()
@@ -289,7 +303,7 @@ class UserDirectory:
             Account(r.username, r.role, r.disabled,
                     r.pk in locked or (r.locked_until is not None
                                        and as_utc(r.locked_until) > now),
-                    r.totp_enabled, as_utc(r.created_at), r.tokens)
+                    r.totp_enabled, as_utc(r.created_at), r.tokens, r.email or "")
             for r in rows
         ]
 

@@ -76,6 +76,10 @@ class NewShare:
     profile: str = "teaching"
     message: str = ""
     title: str = ""
+    # What the case is (e.g. a case's description) and the sender's own reading of it: the
+    # reviewer sees both.
+    description: str = ""
+    interpretation: str = ""
     # Further (study, series, instance) selections, e.g. the items of a case; empty UIDs
     # mean all of the study or series.
     selection: tuple[tuple[str, str, str], ...] = ()
@@ -118,6 +122,10 @@ class Share:
     revoked_at: datetime | None
     reviewed_at: datetime | None
     opened_at: datetime | None
+    description: str = ""
+    interpretation: str = ""
+    signed_off_at: datetime | None = None
+    sign_off_note: str = ""
 
     @property
     def state(self) -> str:
@@ -261,6 +269,8 @@ class ShareService:
                 deidentified=request.deidentified,
                 profile=request.profile if request.deidentified else "",
                 failed_attempts=0, locked=False, created_at=now, expires_at=expires,
+                description=request.description.strip()[:10_000],
+                interpretation=request.interpretation.strip()[:10_000],
             )).inserted_primary_key[0]
             conn.execute(insert(share_items), [
                 {"share_pk": share_pk, "study_uid": i.study_uid, "series_uid": i.series_uid,
@@ -574,27 +584,76 @@ class ShareService:
                                                   "error": type(exc).__name__}))
 
     def give_feedback(self, share: Share, actor: Actor, view_obtained: str,
-                      image_quality: int, findings: str, agreement: str,
-                      comments: str) -> None:
-        """Structured review of a case (point-of-care ultrasound accreditation)."""
+                      image_quality: str | int, findings: str, agreement: str,
+                      comments: str, public_sop_uid: str = "") -> None:
+        """Structured review (point-of-care ultrasound accreditation) of the case, or of one
+        clip (``public_sop_uid``): every choice must be made (nothing is preset), or nothing
+        is kept."""
         if view_obtained not in ("yes", "partly", "no"):
             raise ImageShareError("say whether the view was obtained: yes, partly or no")
-        if not 1 <= image_quality <= 5:
-            raise ImageShareError("image quality is graded 1 to 5")
+        try:
+            quality = int(image_quality)
+        except (TypeError, ValueError):
+            quality = 0
+        if not 1 <= quality <= 5:
+            raise ImageShareError("grade the image quality from 1 to 5")
         if agreement not in ("agree", "disagree", "unsure"):
-            raise ImageShareError("agreement is agree, disagree or unsure")
+            raise ImageShareError("say whether you agree with the sender's interpretation: "
+                                  "agree, disagree or unsure")
+        item = self._clip(share, public_sop_uid)
         now = datetime.now(UTC)
         with self._engine.begin() as conn:
             conn.execute(insert(share_feedback).values(
                 share_pk=share.pk, reviewer=share.recipient_email or "reviewer",
-                view_obtained=view_obtained, image_quality=image_quality,
+                view_obtained=view_obtained, image_quality=quality,
                 findings=findings.strip()[:10_000], agreement=agreement,
-                comments=comments.strip()[:10_000], created_at=now))
+                comments=comments.strip()[:10_000], created_at=now,
+                public_sop_uid=public_sop_uid))
             conn.execute(update(shares).where(shares.c.pk == share.pk).values(reviewed_at=now))
-        self.record(share, actor, "share.feedback")
+        self.record(share, actor, "share.feedback", item, clip=bool(public_sop_uid))
         self.notifier.notify(share.owner, "share.feedback",
                              "A reviewer gave feedback on a case you shared",
                              f"/shares/{share.public_id}")
+
+    def _clip(self, share: Share, public_sop_uid: str) -> ShareItem | None:
+        """The shared item a comment or feedback is on (None: the whole case); NotFound for
+        an image that is not in the share."""
+        if not public_sop_uid:
+            return None
+        item = next((i for i in self.items(share) if i.public_sop_uid == public_sop_uid
+                     and not i.held_back), None)
+        if item is None:
+            raise NotFound("no such image in this share")
+        return item
+
+    def sign_off(self, share: Share, actor: Actor, note: str) -> None:
+        """The mentor's final sign-off of the case (once; after feedback was given)."""
+        if share.signed_off_at is not None:
+            raise ImageShareError("this case was signed off already")
+        if not self.feedback(share):
+            raise ImageShareError("give feedback on the case before signing it off")
+        with self._engine.begin() as conn:
+            conn.execute(update(shares).where(shares.c.pk == share.pk).values(
+                signed_off_at=datetime.now(UTC), sign_off_note=note.strip()[:10_000]))
+        self.record(share, actor, "share.signoff")
+        self.notifier.notify(share.owner, "share.signoff",
+                             "A mentor signed off a case you shared",
+                             f"/shares/{share.public_id}")
+
+    def clip_names(self, share: Share) -> dict[str, str]:
+        """A name for each shared image or clip, by its public SOP Instance UID ("Clip 2 of
+        series 1: US ..."), for the owner and the reviewer alike (no patient data)."""
+        names: dict[str, str] = {}
+        series_order: dict[str, int] = {}
+        counts: dict[str, int] = {}
+        for item in self.items(share):
+            if item.held_back:
+                continue
+            number = series_order.setdefault(item.public_series_uid, len(series_order) + 1)
+            counts[item.public_series_uid] = counts.get(item.public_series_uid, 0) + 1
+            names[item.public_sop_uid] = (
+                f"Series {number}, image {counts[item.public_series_uid]}")
+        return names
 
     def comments(self, share: Share) -> list[dict[str, Any]]:
         """Comments on the share, oldest first."""
@@ -635,6 +694,39 @@ class ShareService:
         """Every use of the link, newest first."""
         return [e for e in self._audit.events(limit=limit, detail=("share", share.public_id))
                 if e["detail"].get("share") == share.public_id]
+
+    def visits(self, share: Share, limit: int = 5000,
+               gap: timedelta = timedelta(minutes=30)) -> list[dict[str, Any]]:
+        """Uses of the link grouped per visit (the same party from the same address, with no
+        pause longer than ``gap``), newest first: who, from where, when it began and ended,
+        and how many images were viewed, downloads, comments, feedback and marks."""
+        events = sorted(self.accesses(share, limit), key=lambda e: e["at"])
+        open_visits: dict[tuple[str, str], dict[str, Any]] = {}
+        done: list[dict[str, Any]] = []
+        counted = {"share.view": "views", "share.render": "images", "share.download":
+                   "downloads", "share.comment": "comments", "share.feedback": "feedback",
+                   "share.annotate": "marks", "share.signoff": "signoffs",
+                   "share.passcode": "wrong_passcodes", "share.open": "opens"}
+        for event in events:
+            who = (str(event.get("actor") or ""), str(event.get("source") or ""))
+            at = as_utc(event["at"]) if isinstance(event["at"], datetime) else event["at"]
+            visit = open_visits.get(who)
+            if visit is None or not isinstance(at, datetime) or at - visit["last"] > gap:
+                visit = {"who": "the link's recipient" if event.get("actor_kind") == "share"
+                         else (who[0] or "someone"),
+                         "source": who[1], "first": at, "last": at,
+                         **{name: 0 for name in counted.values()}, "other": []}
+                open_visits[who] = visit
+                done.append(visit)
+            visit["last"] = at
+            name = counted.get(event["action"])
+            if name is not None:
+                visit[name] += 1
+            elif event["action"] not in visit["other"]:
+                visit["other"].append(event["action"])
+        for visit in done:
+            visit["summary"] = _visit_summary(visit)
+        return list(reversed(done))
 
     def grants_for(self, actor: Actor) -> tuple[Grant, ...]:
         """The items of live identifiable shares naming this user account that they opened
@@ -686,6 +778,20 @@ class ShareService:
             self.notifier.notify(row.owner, "share.expiring", "A share link expires soon",
                                  f"/shares/{row.public_id}")
         return len(rows)
+
+
+def _visit_summary(visit: dict[str, Any]) -> str:
+    """What happened in one visit, in words."""
+    words = [
+        ("opens", "opened with the passcode", False), ("views", "viewed the case", False),
+        ("images", "{} image(s) shown", True), ("downloads", "{} download(s)", True),
+        ("comments", "{} comment(s)", True), ("feedback", "{} feedback", True),
+        ("marks", "saved marks", False), ("signoffs", "signed off", False),
+        ("wrong_passcodes", "{} wrong passcode(s)", True)]
+    done = [text.format(visit[key]) if counted else text
+            for key, text, counted in words if visit[key]]
+    done += [str(action) for action in visit["other"]]
+    return ", ".join(done)
 
 
 def require_owner(share: Share, actor: Actor) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,6 +54,11 @@ def _page_for(request: Request, status: int, title: str, detail: str) -> Respons
     """What a browser gets instead of a problem document."""
     actor = getattr(request.state, "actor", None)
     role = getattr(actor, "role", "")
+    if status == 401 and request.url.path.startswith("/s/"):
+        # Someone using a share link whose session ended (revoked, expired, locked): the
+        # link's own page says what happened (never the staff sign-in page).
+        token = request.path_params.get("token") or request.url.path.split("/")[2]
+        return redirect(f"/s/{quote(token, safe='')}")
     if status == 401:
         target = request.url.path
         if request.url.query:

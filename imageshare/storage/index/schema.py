@@ -304,6 +304,12 @@ shares = Table(
     # When the named recipient of an identifiable share, signed in, first gave the passcode:
     # only then do the share's items reach their account.
     Column("opened_at", DateTime(timezone=True), nullable=True),
+    # What the sender wrote about the case and their own reading of it (the reviewer sees
+    # both), and the mentor's final sign-off (accreditation logbooks).
+    Column("description", Text, nullable=False, default="", server_default=""),
+    Column("interpretation", Text, nullable=False, default="", server_default=""),
+    Column("signed_off_at", DateTime(timezone=True), nullable=True),
+    Column("sign_off_note", Text, nullable=False, default="", server_default=""),
 )
 
 # One row per shared instance, with the UIDs the recipient sees (new ones when de-identified).
@@ -355,6 +361,8 @@ share_feedback = Table(
     Column("agreement", String(16), nullable=False),
     Column("comments", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # The clip (the share's public SOP Instance UID) the feedback is on; empty: the case.
+    Column("public_sop_uid", String(64), nullable=False, default="", server_default=""),
 )
 
 notifications = Table(
@@ -381,6 +389,33 @@ cases = Table(
     Column("folder", String(128), nullable=False, default="", server_default=""),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # "case" (a user's group of studies) or "teaching" (a de-identified teaching case).
+    Column("kind", String(16), nullable=False, default="case", server_default="case"),
+    Column("history", Text, nullable=False, default="", server_default=""),
+    Column("findings", Text, nullable=False, default="", server_default=""),
+    Column("diagnosis", Text, nullable=False, default="", server_default=""),
+    Column("differential", Text, nullable=False, default="", server_default=""),
+    Column("keywords", Text, nullable=False, default="", server_default=""),
+    Column("modality", String(16), nullable=False, default="", server_default=""),
+    Column("body_part", String(64), nullable=False, default="", server_default=""),
+    Column("difficulty", String(16), nullable=False, default="", server_default=""),
+    Column("collection", String(128), nullable=False, default="", server_default=""),
+)
+
+# Non-DICOM material of a case (PDF, photos, video, office documents), kept as it came, with
+# the type sniffed from its content.
+case_attachments = Table(
+    "case_attachments",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("case_pk", ForeignKey("cases.pk", ondelete="CASCADE"), nullable=False, index=True),
+    Column("public_id", String(32), nullable=False, unique=True),
+    Column("title", String(128), nullable=False),
+    Column("media_type", String(128), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("blob_key", String(256), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
 case_items = Table(

@@ -26,7 +26,7 @@ def _account_page(request: Request, status_code: int = 200, **extra: object) -> 
     actor = request.state.actor
     user = archive.users.account(actor.name)
     return page(
-        request, "account.html", status_code=status_code, role=user.role,
+        request, "account.html", status_code=status_code, role=user.role, email=user.email,
         two_factor=user.two_factor, enrolling=actor.role == ENROLLING,
         tokens=archive.users.tokens(actor.name) if actor.role != ENROLLING else [],
         **extra,
@@ -70,6 +70,19 @@ def confirm_two_factor(request: Request, archive: ArchiveDep, actor: allowed(ACC
         set_session_cookie(request, response, secret)
         response.headers["location"] = "/?notice=two-factor-on"
     return response
+
+
+@router.post("/account/email")
+def change_email(request: Request, archive: ArchiveDep, actor: allowed(ACCOUNT_SELF),
+                 email: Annotated[str, Form()] = "") -> Response:
+    """Set the address the user's notifications (comments, feedback, sign-offs) go to."""
+    try:
+        archive.users.set_email(actor.name, email[:254])
+    except ImageShareError as exc:
+        return _account_page(request, 400, error=str(exc))
+    archive.audit.record(AuditEvent(actor=actor, action="user.email", outcome="success",
+                                    detail={"user": actor.name}))
+    return redirect("/account?notice=email-saved")
 
 
 @router.post("/account/password")

@@ -59,8 +59,10 @@ def add_user(request: Request, archive: ArchiveDep,
 @router.post("/admin/users/{username}/{change}")
 def change_user(request: Request, archive: ArchiveDep,
                 username: str, change: str, actor: allowed(USER_MANAGE),
-                reset_two_factor: Annotated[str, Form()] = "") -> Response:
-    """Disable, enable or reset (new temporary password, lockout lifted) an account."""
+                reset_two_factor: Annotated[str, Form()] = "",
+                email: Annotated[str, Form()] = "") -> Response:
+    """Disable, enable, reset (new temporary password, lockout lifted) an account, or set its
+    e-mail address (where its notifications go)."""
     if change in ("disable", "enable") and username == actor.name:
         raise Forbidden("you cannot disable your own account")
     if change == "disable":
@@ -68,6 +70,12 @@ def change_user(request: Request, archive: ArchiveDep,
         archive.sessions.end_all(username)
     elif change == "enable":
         archive.users.set_disabled(username, False)
+    elif change == "email":
+        try:
+            archive.users.set_email(username, email[:254])
+        except ImageShareError as exc:
+            _record(request, actor, "user.email", username[:128], "failure")
+            return _users_page(request, 400, error=str(exc))
     elif change == "reset":
         temporary = secrets.token_urlsafe(12)
         archive.users.set_password(username, temporary, reset_two_factor=bool(reset_two_factor))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
@@ -11,15 +12,22 @@ from fastapi.responses import Response
 from imageshare.access.policy import CASE_MANAGE, SHARE_CREATE
 from imageshare.archive.attachments import MAX_ATTACHMENT
 from imageshare.archive.studies import StudyRecord
+from imageshare.deid.profiles import load_profiles
 from imageshare.domain.errors import ImageShareError
 from imageshare.sharing.cases import CaseItem
 from imageshare.sharing.links import NewShare
 from imageshare.web.auth import allowed, authorise_also
-from imageshare.web.deps import ArchiveDep
+from imageshare.web.deps import Archive, ArchiveDep
 from imageshare.web.pages.shares import shown_link
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
+
+
+def profile_names(archive: Archive) -> list[str]:
+    """The de-identification profiles a share can be made under."""
+    configured = archive.settings.deid_profiles_file
+    return sorted(load_profiles(Path(configured) if configured else None))
 
 
 @router.get("/cases")
@@ -64,6 +72,7 @@ def case_page(request: Request, archive: ArchiveDep,
             except ImageShareError:
                 records[item.study_uid] = None
     return page(request, "case.html", case=case, items=items, records=records,
+                profiles=profile_names(archive),
                 share_default_days=archive.settings.share_default_days,
                 share_max_days=archive.settings.share_max_days)
 
@@ -110,10 +119,13 @@ def delete_case(archive: ArchiveDep, public_id: str, actor: allowed(CASE_MANAGE)
 async def share_case(
     request: Request, archive: ArchiveDep, public_id: str, actor: allowed(SHARE_CREATE),
     recipient_email: Annotated[str, Form()] = "", days: Annotated[int, Form()] = 0,
-    download: Annotated[str, Form()] = "", profile: Annotated[str, Form()] = "teaching",
-    message: Annotated[str, Form()] = "",
+    download: Annotated[str, Form()] = "",
+    profile: Annotated[str, Form()] = "accreditation",
+    message: Annotated[str, Form()] = "", interpretation: Annotated[str, Form()] = "",
 ) -> Response:
-    """Share the whole case as one de-identified link."""
+    """Share the whole case as one de-identified link, under the de-identification profile
+    chosen (accreditation by default: cases go to mentors for review); the reviewer sees the
+    case's description and the sender's interpretation."""
     case = archive.cases.get(public_id, actor.name)
     items = archive.cases.items(case)
     if not items:
@@ -122,7 +134,7 @@ async def share_case(
         "", selection=tuple((i.study_uid, i.series_uid, i.sop_uid) for i in items),
         recipient_email=recipient_email, days=days or archive.shares.default_days,
         allow_download=bool(download), deidentified=True, profile=profile, message=message,
-        title=case.title)
+        title=case.title, description=case.description, interpretation=interpretation)
     created = await run_in_threadpool(archive.shares.create_and_send, request_, actor,
                                       archive.policy.study_scope(actor))
     url = shown_link(request, created.path)

@@ -108,8 +108,9 @@ def case(request: Request, archive: ArchiveDep, token: str, actor: allowed(SHARE
     manifest = share_manifest(archive.shares, share, f"/s/{token}/dicomweb")
     archive.shares.record(share, actor, "share.view", count=sum(
         len({f["sop"] for f in s["frames"]}) for s in manifest["series"]))
+    clips = archive.shares.clip_names(share)
     return page(request, "link_case.html", token=token, share=share, manifest=manifest,
-                comments=archive.shares.comments(share),
+                comments=archive.shares.comments(share), clips=clips,
                 feedback=archive.shares.feedback(share),
                 held_back=sum(1 for i in archive.shares.items(share) if i.held_back),
                 can_download=archive.policy.allows(actor, SHARE_DOWNLOAD),
@@ -205,13 +206,25 @@ async def save_marks(request: Request, archive: ArchiveDep,
 
 @router.post("/s/{token}/feedback")
 def feedback(request: Request, archive: ArchiveDep, token: str, actor: allowed(SHARE_COMMENT),
-             view_obtained: Annotated[str, Form()], image_quality: Annotated[int, Form()],
-             agreement: Annotated[str, Form()], findings: Annotated[str, Form()] = "",
-             comments: Annotated[str, Form()] = "") -> Response:
-    """Mark the case reviewed with structured feedback; the sender is told."""
+             view_obtained: Annotated[str, Form()] = "",
+             image_quality: Annotated[str, Form()] = "",
+             agreement: Annotated[str, Form()] = "", findings: Annotated[str, Form()] = "",
+             comments: Annotated[str, Form()] = "", sop: Annotated[str, Form()] = ""
+             ) -> Response:
+    """Structured feedback on the case or on one clip (every choice made by the reviewer:
+    nothing is preset); the sender is told, the reviewer sees a confirmation."""
     archive.shares.give_feedback(
-        _share(request), actor, view_obtained, image_quality, findings, agreement, comments)
-    return redirect(f"/s/{token}/case#feedback")
+        _share(request), actor, view_obtained[:16], image_quality[:4], findings, agreement[:16],
+        comments, sop[:64])
+    return redirect(f"/s/{token}/case?notice=feedback-sent#feedback")
+
+
+@router.post("/s/{token}/signoff")
+def sign_off(request: Request, archive: ArchiveDep, token: str, actor: allowed(SHARE_COMMENT),
+             note: Annotated[str, Form()] = "") -> Response:
+    """The mentor's final sign-off of the case (after their feedback)."""
+    archive.shares.sign_off(_share(request), actor, note)
+    return redirect(f"/s/{token}/case?notice=signed-off#signoff")
 
 
 @router.get("/s/{token}/download")

@@ -10,8 +10,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from imageshare.access.policy import ACCOUNT_SELF, EXPORT_IDENTIFIABLE, PUBLIC, SHARE_CREATE
-from imageshare.domain.errors import ImageShareError
+from imageshare.audit.trail import AuditEvent
+from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.sharing.links import NewShare
+from imageshare.sharing.logbook import as_csv as logbook_csv
+from imageshare.sharing.logbook import as_pdf as logbook_pdf
+from imageshare.sharing.logbook import logbook
 from imageshare.web.auth import allowed, authorise_also, client_address
 from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.pages.templating import page, redirect
@@ -67,15 +71,49 @@ def share_detail(request: Request, archive: ArchiveDep,
     service = archive.shares
     share = service.by_public_id(public_id, actor.name)
     return page(request, "share_detail.html", share=share, items=service.items(share),
-                accesses=service.accesses(share), comments=service.comments(share),
-                feedback=service.feedback(share))
+                visits=service.visits(share), comments=service.comments(share),
+                feedback=service.feedback(share), clips=service.clip_names(share))
+
+
+@router.get("/shares/{public_id}/revoke")
+def confirm_revoke(request: Request, archive: ArchiveDep, public_id: str,
+                   actor: allowed(SHARE_CREATE)) -> Response:
+    """Ask before ending the share for good."""
+    share = archive.shares.by_public_id(public_id, actor.name)
+    return page(request, "share_revoke.html", share=share)
 
 
 @router.post("/shares/{public_id}/revoke")
-def revoke(archive: ArchiveDep, public_id: str, actor: allowed(SHARE_CREATE)) -> Response:
-    """End the share for good."""
+def revoke(archive: ArchiveDep, public_id: str, actor: allowed(SHARE_CREATE),
+           confirm: Annotated[str, Form()] = "") -> Response:
+    """End the share for good, once the owner confirmed it (else ask first)."""
+    if confirm != "yes":
+        return redirect(f"/shares/{public_id}/revoke")
     archive.shares.revoke(public_id, actor)
-    return redirect(f"/shares/{public_id}")
+    return redirect(f"/shares/{public_id}?notice=revoked")
+
+
+@router.get("/logbook")
+def logbook_page(request: Request, archive: ArchiveDep, actor: allowed(SHARE_CREATE)
+                 ) -> Response:
+    """The trainee's review logbook: cases shared for review, feedback and sign-offs."""
+    return page(request, "logbook.html", entries=logbook(archive.shares, actor.name))
+
+
+@router.get("/logbook.{format}")
+def logbook_export(archive: ArchiveDep, format: str, actor: allowed(SHARE_CREATE)
+                   ) -> Response:
+    """The logbook as PDF or CSV (no patient data in it)."""
+    if format not in ("pdf", "csv"):
+        raise NotFound("the logbook is exported as pdf or csv")
+    entries = logbook(archive.shares, actor.name)
+    archive.audit.record(AuditEvent(actor=actor, action="logbook.export", outcome="success",
+                                    detail={"format": format, "cases": len(entries)}))
+    if format == "csv":
+        return Response(logbook_csv(entries), media_type="text/csv; charset=utf-8", headers={
+            "Content-Disposition": 'attachment; filename="logbook.csv"'})
+    return Response(logbook_pdf(entries, actor.name), media_type="application/pdf", headers={
+        "Content-Disposition": 'attachment; filename="logbook.pdf"'})
 
 
 @router.get("/notifications")

@@ -31,6 +31,15 @@ NOTICES = {
     "token-revoked": ("success", "The token was revoked."),
     "invited": ("success", "The recipient was invited by e-mail to create an account."),
     "account-created": ("success", "Your account is ready: sign in."),
+    "email-saved": ("success", "Your e-mail address was saved."),
+    "feedback-sent": ("success", "Thank you: your feedback was sent to the person who shared "
+                                 "this case."),
+    "signed-off": ("success", "You signed off this case; the trainee's logbook shows it."),
+    "revoked": ("success", "The share was revoked: the link no longer opens, also for anyone "
+                           "who has it open now."),
+    "teaching-created": ("success", "The teaching case was made from a de-identified, "
+                                    "verified copy of the images."),
+    "file-attached": ("success", "The file was attached to the case."),
 }
 
 
