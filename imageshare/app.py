@@ -76,6 +76,7 @@ from imageshare.storage.index.database import make_engine, migrate
 from imageshare.storage.index.schema import instances
 from imageshare.storage.secret_box import KEY_FILE as SECRET_KEY_FILE
 from imageshare.storage.secret_box import SecretBox, load_secret_key
+from imageshare.teaching.library import TeachingLibrary
 from imageshare.tls import (
     check_tls_settings,
     client_context,
@@ -116,6 +117,7 @@ class Archive:
     shares: ShareService
     cases: CaseBook
     annotations: AnnotationBook
+    teaching: TeachingLibrary
     exchange: ExchangeService
     transfers: Transfers
     inbox: Inbox
@@ -318,6 +320,8 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         jobs=jobs, exports=exports,
         notifier=notifier, shares=shares, cases=CaseBook(engine, retrieve, audit),
         annotations=AnnotationBook(engine, retrieve, ingest, audit),
+        teaching=TeachingLibrary(engine, retrieve, ingest, deidentifier, blobs, audit,
+                                 settings.max_upload_bytes),
         exchange=ExchangeService(engine, nodes, clients, search, audit, jobs,
                                  settings.exchange_timeout,
                                  settings.link_by_name_and_birth_date),

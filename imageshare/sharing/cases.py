@@ -65,7 +65,8 @@ class CaseBook:
                 public_id=secrets.token_hex(8), owner=owner.name, title=title[:128],
                 description=description.strip()[:10_000], folder=folder.strip()[:128],
                 created_at=now, updated_at=now))
-            row = conn.execute(select(cases).where(cases.c.owner == owner.name)
+            row = conn.execute(select(cases).where(cases.c.owner == owner.name,
+                                                   cases.c.kind == "case")
                                .order_by(cases.c.pk.desc()).limit(1)).mappings().one()
         return _case(row)
 
@@ -73,7 +74,8 @@ class CaseBook:
         """One of ``owner``'s cases; NotFound otherwise."""
         with self._engine.connect() as conn:
             row = conn.execute(select(cases).where(cases.c.public_id == public_id,
-                                                   cases.c.owner == owner)).mappings().first()
+                                                   cases.c.owner == owner,
+                                                   cases.c.kind == "case")).mappings().first()
         if row is None:
             raise NotFound("no such case")
         return _case(row)
@@ -81,7 +83,8 @@ class CaseBook:
     def of(self, owner: str) -> list[Case]:
         """The owner's cases, by folder then title."""
         with self._engine.connect() as conn:
-            rows = conn.execute(select(cases).where(cases.c.owner == owner)
+            rows = conn.execute(select(cases).where(cases.c.owner == owner,
+                                                    cases.c.kind == "case")
                                 .order_by(cases.c.folder, cases.c.title)).mappings().all()
         return [_case(r) for r in rows]
 

@@ -1,0 +1,389 @@
+"""The teaching library: de-identified teaching cases with history, findings, diagnosis,
+differential, keywords, modality, body part and difficulty; non-DICOM attachments (PDF,
+photos, video, office documents); filed in folders and collections (a conference, a course);
+found by keyword, diagnosis, modality and body part.
+
+A teaching case never points at the patient's record: when it is made, the chosen images are
+copied through the de-identification profile ``teaching`` (the same engine and independent
+verifier as every export; an image that may still show the patient is held back) and the copy
+is stored as a study of its own, under pseudonymous identifiers. Marks drawn on the images go
+with them (their presentation states are copied through the profile, the viewer's marks are
+moved to the copy's UIDs). Whoever may manage cases sees the library; only the case's author
+changes it.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, BinaryIO
+
+from sqlalchemy import Engine, and_, delete, insert, or_, select, update
+
+from imageshare.archive.ingest import IngestService
+from imageshare.archive.retrieve import RetrieveService, StoredInstance
+from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.deid.service import Deidentifier, seekable
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import Forbidden, ImageShareError, NotFound
+from imageshare.storage.blobs import BlobStore, new_blob_key
+from imageshare.storage.index.database import from_row
+from imageshare.storage.index.schema import annotations as marks_table
+from imageshare.storage.index.schema import case_attachments, case_items, cases
+from imageshare.teaching.files import FileType, sniff
+
+PROFILE = "teaching"
+DIFFICULTIES = ("", "beginner", "intermediate", "advanced")
+TEXT_FIELDS = ("history", "findings", "diagnosis", "differential", "keywords")
+
+
+@dataclass(frozen=True)
+class TeachingCase:
+    """A teaching case as stored."""
+
+    pk: int
+    public_id: str
+    owner: str
+    title: str
+    description: str
+    folder: str
+    collection: str
+    history: str
+    findings: str
+    diagnosis: str
+    differential: str
+    keywords: str
+    modality: str
+    body_part: str
+    difficulty: str
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def path(self) -> str:
+        """The case's stable address in the web app (no patient data in it)."""
+        return f"/teaching/{self.public_id}"
+
+
+@dataclass(frozen=True)
+class CaseFields:
+    """What an educator writes about a case."""
+
+    title: str
+    history: str = ""
+    findings: str = ""
+    diagnosis: str = ""
+    differential: str = ""
+    keywords: str = ""
+    modality: str = ""
+    body_part: str = ""
+    difficulty: str = ""
+    folder: str = ""
+    collection: str = ""
+    description: str = ""
+
+    def values(self) -> dict[str, str]:
+        """Checked, trimmed column values; ImageShareError for what cannot be kept."""
+        if not self.title.strip():
+            raise ImageShareError("a teaching case needs a title")
+        if self.difficulty not in DIFFICULTIES:
+            raise ImageShareError("difficulty is beginner, intermediate or advanced")
+        out = {name: getattr(self, name).strip()[:10_000] for name in TEXT_FIELDS}
+        out.update(title=self.title.strip()[:128], modality=self.modality.strip()[:16].upper(),
+                   body_part=self.body_part.strip()[:64].upper(), difficulty=self.difficulty,
+                   folder=self.folder.strip()[:128], collection=self.collection.strip()[:128],
+                   description=self.description.strip()[:10_000])
+        return out
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A non-DICOM file of a case."""
+
+    public_id: str
+    title: str
+    media_type: str
+    kind: str
+    size: int
+    blob_key: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class CopiedImages:
+    """The outcome of copying a study into a case: the copy's study UID (empty when every
+    image was held back), how many images were copied and held back."""
+
+    study_uid: str
+    copied: int
+    held_back: int
+
+
+def authorise_teaching_use(actor: Actor, found: Collection[StoredInstance]) -> None:
+    """The one place that decides whether these images may become teaching material (beyond
+    the route's permission to see them). Nothing more is checked today; consent or
+    governance rules hook in here and raise :class:`Forbidden` with the reason."""
+
+
+class TeachingLibrary:
+    """Makes teaching cases from de-identified copies, keeps their attachments, finds them."""
+
+    def __init__(self, engine: Engine, retrieve: RetrieveService, ingest: IngestService,
+                 deidentifier: Callable[[str], Deidentifier], blobs: BlobStore,
+                 audit: AuditTrail, max_attachment_bytes: int) -> None:
+        self._engine = engine
+        self._retrieve = retrieve
+        self._ingest = ingest
+        self._deidentifier = deidentifier
+        self._blobs = blobs
+        self._audit = audit
+        self.max_attachment_bytes = max_attachment_bytes
+
+    # -- cases ------------------------------------------------------------------------------
+
+    def create(self, actor: Actor, fields: CaseFields, study_uid: str,
+               series_uids: Collection[str] = (),
+               allowed_studies: Collection[str] | None = None) -> TeachingCase:
+        """A new teaching case holding a de-identified, verified copy of the study (or of the
+        chosen series); ImageShareError when nothing could be copied."""
+        values = fields.values()
+        found = self._retrieve.select(actor, "teaching.create", study_uids=[study_uid],
+                                      series_uids=list(series_uids),
+                                      allowed_studies=allowed_studies, audit=False)
+        authorise_teaching_use(actor, found)
+        public_id = secrets.token_hex(8)
+        copied = self._copy(actor, found, public_id)
+        if not copied.copied:
+            raise ImageShareError("no image of the study could be de-identified safely (all "
+                                  "were held back); nothing was made")
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            pk = conn.execute(insert(cases).values(  # type: ignore[index]  # an INSERT has a key
+                public_id=public_id, owner=actor.name, kind="teaching", created_at=now,
+                updated_at=now, **values)).inserted_primary_key[0]
+            conn.execute(insert(case_items).values(case_pk=pk, study_uid=copied.study_uid,
+                                                   series_uid="", sop_uid=""))
+        return self.get(public_id)
+
+    def _copy(self, actor: Actor, found: list[StoredInstance], public_id: str) -> CopiedImages:
+        """Copy each instance through the teaching profile into the archive, and the viewer's
+        marks with them; audited as one event."""
+        deidentifier = self._deidentifier(PROFILE)
+        mapping: dict[str, str] = {}
+        copy_study = ""
+        held_back = 0
+        for inst in found:
+            out = io.BytesIO()
+            with self._retrieve.open(inst) as fp, seekable(fp) as source:
+                outcome = deidentifier.write(source, out)
+            if outcome.held_back or outcome.dataset is None:
+                held_back += 1
+                continue
+            out.seek(0)
+            stored = self._ingest.store_stream(out, actor)
+            mapping[inst.sop_uid] = stored.sop_instance_uid
+            copy_study = copy_study or stored.study_uid
+        with self._engine.begin() as conn:
+            if mapping:
+                self._copy_marks(conn, mapping, copy_study)
+            self._audit.record(AuditEvent(
+                actor=actor, action="teaching.create", outcome="success",
+                patient_id=found[0].patient_id, study_uid=found[0].study_uid,
+                instance_count=len(found),
+                detail={"case": public_id, "profile": PROFILE, "copied": len(mapping),
+                        "held_back": held_back}), conn=conn)
+        return CopiedImages(copy_study, len(mapping), held_back)
+
+    def _copy_marks(self, conn: Any, mapping: dict[str, str], copy_study: str) -> None:
+        """The viewer's marks on the originals, kept on the copies (the coordinates are the
+        same pixels; author labels are user names, never patient data)."""
+        rows = conn.execute(select(marks_table).where(
+            marks_table.c.sop_uid.in_(list(mapping)))).mappings().all()
+        for row in rows:
+            conn.execute(delete(marks_table).where(
+                marks_table.c.sop_uid == mapping[row["sop_uid"]],
+                marks_table.c.frame == row["frame"], marks_table.c.author == row["author"]))
+            conn.execute(insert(marks_table).values(
+                study_uid=copy_study, sop_uid=mapping[row["sop_uid"]], frame=row["frame"],
+                author=row["author"], author_label=row["author_label"], marks=row["marks"],
+                created_at=row["created_at"]))
+
+    def get(self, public_id: str) -> TeachingCase:
+        """A teaching case by its public id; NotFound otherwise."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(cases).where(cases.c.public_id == public_id,
+                                                   cases.c.kind == "teaching")
+                               ).mappings().first()
+        if row is None:
+            raise NotFound("no such teaching case")
+        return from_row(TeachingCase, row)
+
+    def studies(self, case: TeachingCase) -> list[str]:
+        """The de-identified copies' study UIDs the case shows, in order."""
+        with self._engine.connect() as conn:
+            return list(dict.fromkeys(conn.execute(
+                select(case_items.c.study_uid).where(case_items.c.case_pk == case.pk)
+                .order_by(case_items.c.pk)).scalars()))
+
+    def add_study(self, case: TeachingCase, actor: Actor, study_uid: str,
+                  allowed_studies: Collection[str] | None = None) -> CopiedImages:
+        """Copy another study (de-identified, verified) into the author's case."""
+        self._require_author(case, actor)
+        found = self._retrieve.select(actor, "teaching.create", study_uids=[study_uid],
+                                      allowed_studies=allowed_studies, audit=False)
+        authorise_teaching_use(actor, found)
+        copied = self._copy(actor, found, case.public_id)
+        if copied.copied:
+            with self._engine.begin() as conn:
+                exists = conn.execute(select(case_items.c.pk).where(
+                    case_items.c.case_pk == case.pk,
+                    case_items.c.study_uid == copied.study_uid)).first()
+                if exists is None:
+                    conn.execute(insert(case_items).values(
+                        case_pk=case.pk, study_uid=copied.study_uid, series_uid="",
+                        sop_uid=""))
+        return copied
+
+    def update(self, case: TeachingCase, actor: Actor, fields: CaseFields) -> None:
+        """Change what the case says (its author only)."""
+        self._require_author(case, actor)
+        with self._engine.begin() as conn:
+            conn.execute(update(cases).where(cases.c.pk == case.pk).values(
+                updated_at=datetime.now(UTC), **fields.values()))
+
+    def _require_author(self, case: TeachingCase, actor: Actor) -> None:
+        if actor.kind != "user" or actor.name != case.owner:
+            raise Forbidden("only the case's author changes it")
+
+    def search(self, text: str = "", modality: str = "", body_part: str = "",
+               diagnosis: str = "", collection: str = "",
+               limit: int = 200) -> list[TeachingCase]:
+        """Teaching cases matching every given criterion (words of ``text`` in the title,
+        keywords, diagnosis, differential, findings or history; the others compared without
+        regard to case), by collection, folder then title. The words are bound as values
+        (LIKE patterns with their wildcards escaped), never built into the query's text."""
+        stmt = select(cases).where(cases.c.kind == "teaching")
+        for word in text.split()[:8]:
+            pattern = f"%{_escape(word.lower()[:64])}%"
+            stmt = stmt.where(or_(*(
+                _lower(cases.c[name]).like(pattern, escape="\\")
+                for name in ("title", "keywords", "diagnosis", "differential", "findings",
+                             "history"))))
+        if modality.strip():
+            stmt = stmt.where(_lower(cases.c.modality) == modality.strip().lower()[:16])
+        if body_part.strip():
+            stmt = stmt.where(_lower(cases.c.body_part) == body_part.strip().lower()[:64])
+        if diagnosis.strip():
+            stmt = stmt.where(_lower(cases.c.diagnosis).like(
+                f"%{_escape(diagnosis.strip().lower()[:128])}%", escape="\\"))
+        if collection.strip():
+            stmt = stmt.where(and_(cases.c.collection == collection.strip()[:128]))
+        stmt = stmt.order_by(cases.c.collection, cases.c.folder, cases.c.title).limit(limit)
+        with self._engine.connect() as conn:
+            return [from_row(TeachingCase, r) for r in conn.execute(stmt).mappings()]
+
+    def collections(self) -> list[str]:
+        """The collections (conference, course ...) teaching cases are filed in."""
+        with self._engine.connect() as conn:
+            return sorted(c for c in conn.execute(
+                select(cases.c.collection).where(cases.c.kind == "teaching").distinct()
+            ).scalars() if c)
+
+    def record_view(self, case: TeachingCase, actor: Actor, format: str = "page") -> None:  # noqa: A002
+        """Audit that the case was shown (its page, or presented)."""
+        self._audit.record(AuditEvent(actor=actor, action="case.view", outcome="success",
+                                      detail={"case": case.public_id, "format": format}))
+
+    def delete(self, case: TeachingCase, actor: Actor) -> None:
+        """Delete the case and its attachments (its de-identified copies stay in the
+        archive, where retention governs them)."""
+        self._require_author(case, actor)
+        keys = [a.blob_key for a in self.attachments(case)]
+        with self._engine.begin() as conn:
+            conn.execute(delete(cases).where(cases.c.pk == case.pk))
+            self._audit.record(AuditEvent(actor=actor, action="case.delete", outcome="success",
+                                          detail={"case": case.public_id}), conn=conn)
+        for key in keys:
+            try:
+                self._blobs.delete(key)
+            except (KeyError, OSError):  # already gone: nothing to keep
+                pass
+
+    # -- attachments ------------------------------------------------------------------------
+
+    def attach(self, case: TeachingCase, actor: Actor, content: BinaryIO, size: int,
+               title: str) -> Attachment:
+        """Keep a file with the case (type sniffed from its content; too large or unknown
+        files are refused and nothing is kept)."""
+        self._require_author(case, actor)
+        if size > self.max_attachment_bytes:
+            raise ImageShareError(f"an attachment may be at most "
+                                  f"{self.max_attachment_bytes // (1 << 20)} MB")
+        if size == 0:
+            raise ImageShareError("the file is empty")
+        content.seek(0)
+        head = content.read(1 << 20 if size > (1 << 20) else size)
+        kind = _sniff_whole(content, head, size)
+        content.seek(0)
+        key = new_blob_key()
+        self._blobs.put(key, content, size)
+        public_id = secrets.token_hex(8)
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            conn.execute(insert(case_attachments).values(
+                case_pk=case.pk, public_id=public_id,
+                title=(title.strip() or f"{kind.kind.capitalize()} attachment")[:128],
+                media_type=kind.media_type, kind=kind.kind, size=size, blob_key=key,
+                created_at=now))
+            self._audit.record(AuditEvent(actor=actor, action="case.attach", outcome="success",
+                                          detail={"case": case.public_id, "kind": kind.kind}),
+                               conn=conn)
+        return self.attachment(case, public_id)
+
+    def attachments(self, case: TeachingCase) -> list[Attachment]:
+        """The case's files, in the order they were attached."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(case_attachments).where(
+                case_attachments.c.case_pk == case.pk).order_by(case_attachments.c.pk)
+            ).mappings().all()
+        return [from_row(Attachment, r) for r in rows]
+
+    def attachment(self, case: TeachingCase, public_id: str) -> Attachment:
+        """One of the case's files; NotFound otherwise."""
+        for found in self.attachments(case):
+            if found.public_id == public_id:
+                return found
+        raise NotFound("no such attachment")
+
+    def open_attachment(self, case: TeachingCase, attachment: Attachment,
+                        actor: Actor) -> BinaryIO:
+        """The file's bytes (audited)."""
+        self._audit.record(AuditEvent(actor=actor, action="case.attachment", outcome="success",
+                                      detail={"case": case.public_id,
+                                              "kind": attachment.kind}))
+        return self._blobs.open(attachment.blob_key)
+
+
+def _sniff_whole(content: BinaryIO, head: bytes, size: int) -> FileType:
+    """The type of the file: from its start, or (for ZIP packages, whose directory is at the
+    end) from the whole file when it is small enough to open as a package."""
+    if head.startswith(b"PK\x03\x04") and size > len(head):
+        if size > 64 << 20:
+            raise ImageShareError("office documents may be at most 64 MB")
+        content.seek(0)
+        return sniff(content.read(size))
+    return sniff(head)
+
+
+def _escape(text: str) -> str:
+    """``text`` for a LIKE pattern with its wildcards taken literally."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _lower(column: Any) -> Any:
+    from sqlalchemy import func
+
+    return func.lower(column)

@@ -1,0 +1,244 @@
+"""The teaching library's pages: make a teaching case from a study (a de-identified copy),
+describe it, attach files, find cases, view and present them, share one. No page here shows a
+patient's name, identifier, birth date or accession number: they show the case's own words and
+the de-identified copy's images."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response, StreamingResponse
+
+from imageshare.access.policy import CASE_MANAGE, SHARE_CREATE
+from imageshare.archive.viewing import viewer_manifest
+from imageshare.domain.errors import ImageShareError
+from imageshare.sharing.links import NewShare
+from imageshare.teaching.library import DIFFICULTIES, CaseFields, TeachingCase
+from imageshare.web.auth import allowed
+from imageshare.web.deps import Archive, ArchiveDep
+from imageshare.web.pages.cases import profile_names
+from imageshare.web.pages.shares import shown_link
+from imageshare.web.pages.templating import page, redirect
+
+router = APIRouter(include_in_schema=False)
+_CHUNK = 1 << 20
+
+
+def _fields(form: Any) -> CaseFields:
+    def text(name: str, limit: int = 10_000) -> str:
+        value = form.get(name)
+        return value[:limit] if isinstance(value, str) else ""
+
+    return CaseFields(
+        title=text("title", 128), history=text("history"), findings=text("findings"),
+        diagnosis=text("diagnosis"), differential=text("differential"),
+        keywords=text("keywords", 1000), modality=text("modality", 16),
+        body_part=text("body_part", 64), difficulty=text("difficulty", 16),
+        folder=text("folder", 128), collection=text("collection", 128),
+        description=text("description"))
+
+
+def _images(archive: Archive, case: TeachingCase) -> list[dict[str, Any]]:
+    """The copy's image series, for thumbnails (no patient data)."""
+    shown = []
+    for study_uid in archive.teaching.studies(case):
+        try:
+            record = archive.catalogue.record(study_uid)
+        except ImageShareError:
+            continue
+        for series in record.series:
+            if series.modality in ("PR", "SR") or series.is_documents:
+                continue
+            frames = sum(max(1, i.frames or 1) for i in series.instances)
+            shown.append({"study": study_uid, "series": series.series_uid,
+                          "modality": series.modality, "description": series.description,
+                          "frames": frames})
+    return shown
+
+
+@router.get("/teaching")
+def library(request: Request, archive: ArchiveDep, _actor: allowed(CASE_MANAGE)) -> Response:
+    """The teaching library: every teaching case, by collection and folder."""
+    return page(request, "teaching.html", cases=archive.teaching.search(),
+                collections=archive.teaching.collections(), query={},
+                difficulties=DIFFICULTIES)
+
+
+@router.post("/teaching")
+def search(request: Request, archive: ArchiveDep, _actor: allowed(CASE_MANAGE),
+           q: Annotated[str, Form()] = "", modality: Annotated[str, Form()] = "",
+           body_part: Annotated[str, Form()] = "", diagnosis: Annotated[str, Form()] = "",
+           collection: Annotated[str, Form()] = "") -> Response:
+    """Teaching cases by keyword, diagnosis, modality, body part or collection (the search
+    is posted: it never goes into an address)."""
+    query = {"q": q[:256], "modality": modality[:16], "body_part": body_part[:64],
+             "diagnosis": diagnosis[:128], "collection": collection[:128]}
+    found = archive.teaching.search(query["q"], query["modality"], query["body_part"],
+                                    query["diagnosis"], query["collection"])
+    return page(request, "teaching.html", cases=found, query=query,
+                collections=archive.teaching.collections(), difficulties=DIFFICULTIES)
+
+
+@router.post("/studies/{study_uid}/teaching")
+async def create(request: Request, archive: ArchiveDep, study_uid: str,
+                 actor: allowed(CASE_MANAGE, "study_uid")) -> Response:
+    """Make a teaching case from the study (or the ticked series): a de-identified, verified
+    copy under the ``teaching`` profile; the patient's record is not referenced."""
+    form = await request.form()
+    series = [str(v) for v in form.getlist("series")][:500]
+    fields = _fields(form)
+    case = await run_in_threadpool(archive.teaching.create, actor, fields, study_uid, series,
+                                   archive.policy.study_scope(actor))
+    return redirect(f"{case.path}?notice=teaching-created")
+
+
+@router.get("/teaching/{public_id}")
+def case_page(request: Request, archive: ArchiveDep, public_id: str,
+              actor: allowed(CASE_MANAGE)) -> Response:
+    """A teaching case: what it says, its images, its files; edit, present, share."""
+    case = archive.teaching.get(public_id)
+    archive.teaching.record_view(case, actor)
+    return page(request, "teaching_case.html", case=case, images=_images(archive, case),
+                attachments=archive.teaching.attachments(case),
+                mine=actor.kind == "user" and actor.name == case.owner,
+                difficulties=DIFFICULTIES, profiles=profile_names(archive),
+                share_default_days=archive.settings.share_default_days,
+                share_max_days=archive.settings.share_max_days)
+
+
+@router.post("/teaching/{public_id}")
+async def update(request: Request, archive: ArchiveDep, public_id: str,
+                 actor: allowed(CASE_MANAGE)) -> Response:
+    """Change what the case says (its author only)."""
+    form = await request.form()
+    archive.teaching.update(archive.teaching.get(public_id), actor, _fields(form))
+    return redirect(f"/teaching/{public_id}")
+
+
+@router.post("/teaching/{public_id}/files")
+async def attach(archive: ArchiveDep, public_id: str, actor: allowed(CASE_MANAGE),
+                 file: Annotated[UploadFile, File()],
+                 title: Annotated[str, Form()] = "") -> Response:
+    """Attach a PDF, photo, video or office document (kept as it is, type told by its
+    content)."""
+    case = archive.teaching.get(public_id)
+    limit = archive.teaching.max_attachment_bytes
+    with tempfile.TemporaryFile(dir=archive.settings.staging_dir) as spool:
+        size = 0
+        while chunk := await file.read(_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise ImageShareError(f"an attachment may be at most {limit // (1 << 20)} MB")
+            spool.write(chunk)
+        await run_in_threadpool(archive.teaching.attach, case, actor, spool, size,
+                                title[:128] or (file.filename or "")[:128])
+    return redirect(f"/teaching/{public_id}?notice=file-attached#files")
+
+
+@router.get("/teaching/{public_id}/files/{file_id}")
+def open_file(archive: ArchiveDep, public_id: str, file_id: str,
+              actor: allowed(CASE_MANAGE), download: str = "") -> Response:
+    """An attached file, shown in the browser (PDF, photo, video) or downloaded."""
+    case = archive.teaching.get(public_id)
+    found = archive.teaching.attachment(case, file_id)
+    stream = archive.teaching.open_attachment(case, found, actor)
+    inline = found.kind in ("pdf", "image", "video") and not download
+    extension = found.media_type.rsplit("/", 1)[-1].split(".")[-1][:8]
+    name = f"attachment-{found.public_id}.{extension}"
+
+    def chunks() -> Any:
+        with stream:
+            while block := stream.read(_CHUNK):
+                yield block
+
+    return StreamingResponse(chunks(), media_type=found.media_type, headers={
+        "Content-Length": str(found.size), "Cache-Control": "private, no-store",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Disposition": f'{"inline" if inline else "attachment"}; filename="{name}"'})
+
+
+@router.post("/teaching/{public_id}/delete")
+def delete(archive: ArchiveDep, public_id: str, actor: allowed(CASE_MANAGE)) -> Response:
+    """Delete the case and its files (its de-identified images stay in the archive)."""
+    archive.teaching.delete(archive.teaching.get(public_id), actor)
+    return redirect("/teaching")
+
+
+@router.get("/teaching/{public_id}/viewer")
+async def viewer(request: Request, archive: ArchiveDep, public_id: str,
+                 actor: allowed(CASE_MANAGE), series: str = "") -> Response:
+    """The case's images in the viewer, titled by the case (no patient banner)."""
+    case = archive.teaching.get(public_id)
+    studies = archive.teaching.studies(case)
+    if not studies:
+        raise ImageShareError("the case has no images")
+    study_uid = next((s for s in studies if series and any(
+        i["series"] == series for i in _images(archive, case) if i["study"] == s)), studies[0])
+    study = await run_in_threadpool(archive.catalogue.view, study_uid, actor, None)
+    manifest = await run_in_threadpool(viewer_manifest, study, archive.retrieve.header, series)
+    can_mark = archive.policy.allows(actor, "study.comment", study_uid)
+    manifest.update(base="/dicomweb", me=actor.name,
+                    annotations=archive.annotations.for_study(study_uid),
+                    annotationsUrl=f"/api/studies/{study_uid}/annotations" if can_mark else "")
+    return page(request, "viewer.html", manifest=manifest, banner_name=case.title,
+                banner_id="", banner_date="", back_link=case.path,
+                back_label="Back to the case", comment_action="")
+
+
+@router.get("/teaching/{public_id}/present")
+async def present(request: Request, archive: ArchiveDep, public_id: str,
+                  actor: allowed(CASE_MANAGE)) -> Response:
+    """Presentation mode: full screen, question first, images (cine plays, marks shown),
+    findings and diagnosis revealed on demand; keyboard and clicker navigation."""
+    case = archive.teaching.get(public_id)
+    archive.teaching.record_view(case, actor, "presentation")
+    slides = await run_in_threadpool(presentation_slides, archive, case)
+    return page(request, "present.html", case=case, slides=slides)
+
+
+def presentation_slides(archive: Archive, case: TeachingCase) -> dict[str, Any]:
+    """What presentation mode shows, in order: the question, every image series (frames,
+    frame rate, marks), the attachments, then findings, differential and diagnosis."""
+    series_slides = []
+    for study_uid in archive.teaching.studies(case):
+        try:
+            study = archive.catalogue.record(study_uid)
+        except ImageShareError:
+            continue
+        manifest = viewer_manifest(study, archive.retrieve.header, "")
+        marks = archive.annotations.for_study(study_uid)
+        for s in manifest["series"]:
+            series_slides.append({"kind": "series", "study": study_uid, **s,
+                                  "marks": {k: v for k, v in marks.items()
+                                            if k.split("|")[0] in {f["sop"] for f in
+                                                                   s["frames"]}}})
+    attachments = [{"kind": "attachment", "title": a.title, "type": a.kind,
+                    "url": f"{case.path}/files/{a.public_id}"}
+                   for a in archive.teaching.attachments(case) if a.kind in ("image", "video")]
+    return {"base": "/dicomweb", "slides": series_slides + attachments}
+
+
+@router.post("/teaching/{public_id}/share")
+async def share(request: Request, archive: ArchiveDep, public_id: str,
+                actor: allowed(SHARE_CREATE),
+                recipient_email: Annotated[str, Form()] = "", days: Annotated[int, Form()] = 0,
+                download: Annotated[str, Form()] = "",
+                profile: Annotated[str, Form()] = "teaching",
+                message: Annotated[str, Form()] = "") -> Response:
+    """Share the teaching case as one link (its de-identified images, its history)."""
+    case = archive.teaching.get(public_id)
+    studies = archive.teaching.studies(case)
+    if not studies:
+        raise ImageShareError("the case has no images")
+    request_ = NewShare(
+        "", selection=tuple((s, "", "") for s in studies), recipient_email=recipient_email,
+        days=days or archive.shares.default_days, allow_download=bool(download),
+        deidentified=True, profile=profile, message=message, title=case.title,
+        description=case.history)
+    created = await run_in_threadpool(archive.shares.create_and_send, request_, actor, None)
+    return page(request, "share_created.html", url=shown_link(request, created.path),
+                passcode=created.passcode, created=created,
+                emailed=bool(recipient_email.strip()))

@@ -1,0 +1,212 @@
+"""The teaching library: a teaching case is a de-identified, verified copy made when it is
+created (no patient identifier on any of its pages), with its own words, non-DICOM files of
+every kind told by their content, search, a stable address, presentation mode, and the marks
+drawn on the images carried into the copy."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import zipfile
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from imageshare.domain.actors import Actor
+from tests.conftest import require
+from tests.factory import us_cine
+
+HTML = {"Accept": "text/html"}
+PASSWORD = "a-long-password"
+SYSTEM = Actor("system", "tests", "admin", "tests")
+# What identifies the source patient (tests/factory.py writes the accession and birth date).
+IDENTIFIERS = ("Marple", "Jane", "H31337", "ACC001", "19700101", "1970-01-01")
+
+
+@pytest.fixture(autouse=True)
+def _tesseract():
+    require(shutil.which("tesseract") is not None, "Tesseract OCR (Debian package tesseract-ocr)")
+
+
+def csrf(text: str) -> str:
+    return re.search(r'name="csrf-token" content="([^"]+)"', text).group(1)
+
+
+def pdf_bytes() -> bytes:
+    return b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
+
+
+def png_bytes() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def mp4_bytes() -> bytes:
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(5):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 40, np.uint8),
+                                               format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
+def pptx_bytes() -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as package:
+        package.writestr("[Content_Types].xml", "<Types/>")
+        package.writestr("ppt/presentation.xml", "<p:presentation/>")
+    return out.getvalue()
+
+
+@pytest.fixture
+def educator(archive, anonymous, tmp_path):
+    """An educator, signed in, and a colour ultrasound study with a mark drawn on it."""
+    archive.users.add("edu", PASSWORD, "educator")
+    stored = archive.ingest.store_copy(us_cine(tmp_path / "us", frames=4, patient_id="H31337",
+                                               patient_name="Marple^Jane"), SYSTEM)
+    archive.annotations.save(stored.study_uid, stored.sop_instance_uid, 2, [
+        {"kind": "arrow", "points": [[10, 10], [40, 40]], "label": "effusion"}],
+        SYSTEM, "edu", None, author_key="edu")
+    anonymous.post("/login", data={"username": "edu", "password": PASSWORD}, headers=HTML)
+    anonymous.source = stored
+    return anonymous
+
+
+def make_case(educator, **fields):
+    page = educator.get(f"/studies/{educator.source.study_uid}", headers=HTML)
+    assert 'action="/studies/' in page.text and "Make a teaching case" in page.text
+    made = educator.post(f"/studies/{educator.source.study_uid}/teaching", headers=HTML,
+                         follow_redirects=False, data={
+                             "csrf_token": csrf(page.text), "title": "Pericardial effusion",
+                             "modality": "US", "body_part": "heart", "collection": "MDT June",
+                             "history": "Breathless, hypotensive.",
+                             "diagnosis": "Pericardial effusion with tamponade", **fields})
+    assert made.status_code == 303, made.text
+    return made.headers["location"].split("?")[0]
+
+
+def test_a_teaching_case_is_a_verified_de_identified_copy_with_no_identifier_on_its_pages(
+        archive, educator):
+    path = make_case(educator)
+    assert re.fullmatch(r"/teaching/[0-9a-f]{16}", path)
+    case = archive.teaching.get(path.rsplit("/", 1)[1])
+    (copy_uid,) = archive.teaching.studies(case)
+    assert copy_uid != educator.source.study_uid
+    copy = archive.catalogue.record(copy_uid)
+    assert copy.patient.patient_id != "H31337" and "Marple" not in str(copy.patient.name)
+    (event,) = archive.audit.events("teaching.create")
+    # the clip and the presentation state of its mark
+    assert event["detail"]["profile"] == "teaching" and event["detail"]["copied"] == 2
+    assert event["detail"]["held_back"] == 0
+    pages = [educator.get(p, headers=HTML) for p in (
+        path, f"{path}/viewer", f"{path}/present", "/teaching")]
+    for shown in pages:
+        assert shown.status_code == 200
+        for identifier in IDENTIFIERS + (educator.source.study_uid,
+                                         educator.source.sop_instance_uid):
+            assert identifier not in shown.text, (shown.url, identifier)
+    assert "Pericardial effusion with tamponade" in pages[0].text
+
+
+def test_marks_drawn_on_the_images_are_carried_into_the_copy(archive, educator):
+    case = archive.teaching.get(make_case(educator).rsplit("/", 1)[1])
+    (copy_uid,) = archive.teaching.studies(case)
+    marks = archive.annotations.for_study(copy_uid)
+    ((key, shown),) = marks.items()
+    assert key.endswith("|2") and shown[0]["label"] == "effusion"
+    assert key.split("|")[0] != educator.source.sop_instance_uid
+    states = [s for s in archive.catalogue.record(copy_uid).series if s.modality == "PR"]
+    assert states, "the presentation state went through the profile with the images"
+
+
+def test_educators_attach_pdfs_photos_videos_and_slides_typed_by_content(archive, educator,
+                                                                         anonymous):
+    path = make_case(educator)
+    page = educator.get(path, headers=HTML)
+    files = {"report.pdf": pdf_bytes(), "photo.bin": png_bytes(), "clip.mp4": mp4_bytes(),
+             "talk.pptx": pptx_bytes()}
+    for name, content in files.items():
+        sent = educator.post(f"{path}/files", headers=HTML, files={
+            "file": (name, content, "application/octet-stream")},
+            data={"csrf_token": csrf(page.text), "title": name})
+        assert sent.status_code == 200 and "The file was attached" in sent.text, name
+    refused = educator.post(f"{path}/files", headers=HTML, files={
+        "file": ("run.pdf", b"MZ\x90\x00 not a pdf", "application/pdf")},
+        data={"csrf_token": csrf(page.text)})
+    assert refused.status_code == 400 and "cannot be attached" in refused.text
+    case = archive.teaching.get(path.rsplit("/", 1)[1])
+    kept = {a.title: a for a in archive.teaching.attachments(case)}
+    assert {t: a.media_type for t, a in kept.items()} == {
+        "report.pdf": "application/pdf", "photo.bin": "image/png", "clip.mp4": "video/mp4",
+        "talk.pptx": "application/vnd.openxmlformats-officedocument.presentationml."
+                     "presentation"}
+    video = educator.get(f"{path}/files/{kept['clip.mp4'].public_id}")
+    assert video.headers["content-type"] == "video/mp4" and video.content == files["clip.mp4"]
+    assert video.headers["content-disposition"].startswith("inline")
+    slides = educator.get(f"{path}/files/{kept['talk.pptx'].public_id}")
+    assert slides.headers["content-disposition"].startswith("attachment")
+    assert slides.content == files["talk.pptx"]
+    assert {e["detail"]["kind"] for e in archive.audit.events("case.attach")} == {
+        "pdf", "image", "video", "document"}
+    present = educator.get(f"{path}/present", headers=HTML)
+    assert f"/files/{kept['clip.mp4'].public_id}" in present.text  # videos are presented
+
+
+def test_only_the_author_changes_a_case_others_may_read_it(archive, educator, anonymous):
+    path = make_case(educator)
+    archive.users.add("edu2", PASSWORD, "educator")
+    from fastapi.testclient import TestClient
+
+    from imageshare.web.server import create_app
+
+    with TestClient(create_app(archive)) as other:
+        other.post("/login", data={"username": "edu2", "password": PASSWORD}, headers=HTML)
+        page = other.get(path, headers=HTML)
+        assert page.status_code == 200 and "Pericardial effusion" in page.text
+        assert 'action="' + path + '/files"' not in page.text
+        refused = other.post(f"{path}/files", headers=HTML, files={
+            "file": ("a.pdf", pdf_bytes(), "application/pdf")},
+            data={"csrf_token": csrf(page.text)})
+        assert refused.status_code == 403
+
+
+def test_the_library_is_searched_by_keyword_diagnosis_modality_body_part_and_collection(
+        archive, educator):
+    make_case(educator)
+    make_case(educator, title="Gallstones", modality="US", body_part="abdomen",
+              diagnosis="Cholelithiasis", collection="Course 3", keywords="gallbladder stones")
+    library = educator.get("/teaching", headers=HTML)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', library.text).group(1)
+
+    def titles(**query):
+        found = educator.post("/teaching", headers=HTML, data={"csrf_token": token, **query})
+        return re.findall(r'<a href="/teaching/[0-9a-f]+">([^<]+)</a>', found.text)
+
+    assert sorted(titles()) == ["Gallstones", "Pericardial effusion"]
+    assert titles(q="gallbladder") == ["Gallstones"]
+    assert titles(diagnosis="tamponade") == ["Pericardial effusion"]
+    assert titles(body_part="HEART") == ["Pericardial effusion"]
+    assert sorted(titles(modality="us")) == ["Gallstones", "Pericardial effusion"]
+    assert titles(collection="Course 3") == ["Gallstones"]
+    assert titles(q="100%_") == []  # wildcards are literal
+
+
+def test_presentation_asks_first_and_reveals_the_diagnosis_on_demand(educator):
+    path = make_case(educator)
+    shown = educator.get(f"{path}/present", headers=HTML)
+    assert "What are the findings, and what is the diagnosis?" in shown.text
+    assert '<div class="reveal" id="reveal" hidden>' in shown.text
+    assert "Pericardial effusion with tamponade" in shown.text.split('id="reveal"')[1]
+    assert '"frameRate": 30' in shown.text or '"frameRate": 30.0' in shown.text
+    assert '"effusion"' in shown.text  # the marks go with the slides
+    assert '<script src="/static/present.js">' in shown.text
