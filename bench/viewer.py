@@ -5,12 +5,21 @@ side with Orthanc's own web viewer (Debian package orthanc-webviewer) on the sam
 One command: ``python bench/viewer.py`` (or ``make bench-viewer``). Prints a table and writes
 bench/out/viewer.json.
 
+It also opens pydicom's 120-frame 640x480 echo loop (``color3d_jpeg_baseline.dcm``, JPEG
+baseline YBR_FULL_422, 33.3 ms frame time) and measures the time to the first frame and to
+the first full-rate playback: the first moment from which one second of playback shows at
+least 90 % of the file's 30 frames. ``--current PATH`` runs the same measurement against the
+ImageShare code in another checkout (e.g. ``git worktree add /tmp/main main``): the current
+viewer, side by side with this one. ``--echo-only`` skips the CT and 60-frame measurements.
+
 Both viewers are measured the same way: a script injected before the page loads samples the
 centre of every canvas on each animation frame; the first image is the first time a canvas
 shows non-black pixels (milliseconds since navigation started), and the cine rate is the
 number of distinct pictures shown per second over a few seconds of playback.
 
     --slices N   CT slices (default 300)      --runs N   cold page loads per viewer (default 5)
+    --current PATH   another checkout's ImageShare as the "current" column
+    --echo-only      only the 120-frame echo loop
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from pathlib import Path
 
 import httpx
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -105,11 +115,60 @@ def cine_fps(browser: object, url: str, login: callable | None, start: callable,
         return len(changes) / seconds
 
 
+ECHO_FPS = 30.0
+FULL_RATE = 0.9
+
+
+def echo_playback(browser: object, url: str, login: callable | None,
+                  seconds: float = 25.0) -> tuple[float, float, float]:
+    """(ms to the first frame, to the first motion (the second distinct picture), to the first
+    full-rate second of playback) from navigation start, in a fresh context; NaN for what did
+    not happen within ``seconds``."""
+    with probed_page(browser, url, login) as page:
+        first = float(page.evaluate("window.__probe.first"))
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            page.wait_for_timeout(250)
+            changes = page.evaluate("window.__probe.changes")
+            reached = _full_rate_from(changes)
+            if reached is not None:
+                return first, float(changes[1]), reached
+        changes = page.evaluate("window.__probe.changes")
+        return first, float(changes[1]) if len(changes) > 1 else float("nan"), float("nan")
+
+
+def _full_rate_from(changes: list[float]) -> float | None:
+    """The first change time from which the next second holds >= 90 % of 30 pictures."""
+    needed = int(ECHO_FPS * FULL_RATE)
+    for i, start in enumerate(changes):
+        if i + needed - 1 < len(changes) and changes[i + needed - 1] - start <= 1000.0:
+            return float(start)
+    return None
+
+
+def _echo_rows(browser: object, server: RunningServer, study: str, label: str, runs: int,
+               results: dict[str, dict[str, float | str]]) -> None:
+    def login(context: object) -> None:
+        context.request.post(server.url + "/api/session",
+                             data={"username": "bench", "password": PASSWORD})
+
+    measured = [echo_playback(browser, f"{server.url}/viewer/{study}", login)
+                for _ in range(runs)]
+    results.setdefault("echo 120 frames: first frame", {"unit": "ms"})[label] = median(
+        [m[0] for m in measured])
+    results.setdefault("echo 120 frames: cine starts", {"unit": "ms"})[label] = median(
+        [m[1] for m in measured])
+    results.setdefault("echo 120 frames: first full-rate second", {"unit": "ms"})[label] = (
+        median([m[2] for m in measured]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--work", type=Path, default=OUT / "viewer-work")
+    parser.add_argument("--current", type=Path, default=None)
+    parser.add_argument("--echo-only", action="store_true")
     args = parser.parse_args()
     chromium = chromium_path()
     if chromium is None:
@@ -122,21 +181,34 @@ def main() -> None:
     us = us_cine(data / "us", frames=60, rows=480, cols=640, patient_id="BENCH2")
     ct_study = dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID
     us_study = dcmread(us, stop_before_pixels=True).StudyInstanceUID
+    echo = Path(get_testdata_file("color3d_jpeg_baseline.dcm"))
+    (data / "echo").mkdir(parents=True, exist_ok=True)
+    shutil.copy(echo, data / "echo" / "echo.dcm")
+    echo_study = dcmread(echo, stop_before_pixels=True).StudyInstanceUID
 
     imageshare = RunningServer(args.work / "imageshare").start()
+    current = None
+    if args.current is not None:
+        current = RunningServer(args.work / "current", modalities=(),
+                                extra_env={"PYTHONPATH": str(args.current.resolve()),
+                                           "PYTHONSAFEPATH": "1"}).start()
     orthanc = None
     results: dict[str, dict[str, float | str]] = {}
     try:
-        imageshare.cli("import", "--quiet", str(data))
-        imageshare.cli("user", "add", "bench", "--role", "clinician", "--password", PASSWORD)
-        orthanc_ct = ""
+        for server in (imageshare, current):
+            if server is None:
+                continue
+            server.cli("import", "--quiet", str(data))
+            server.cli("user", "add", "bench", "--role", "clinician", "--password", PASSWORD)
+        orthanc_ct = orthanc_echo = ""
         if Path(WEBVIEWER_PLUGIN).exists() and shutil.which("Orthanc"):
             orthanc = OrthancServer(args.work / "orthanc")
             orthanc.start({}, plugins=[WEBVIEWER_PLUGIN])
             with orthanc.http() as client:
-                for path in [*ct, us]:
+                for path in [*ct, us, echo]:
                     client.post("/instances", content=path.read_bytes()).raise_for_status()
                 orthanc_ct = _orthanc_series(client, ct_study)
+                orthanc_echo = _orthanc_series(client, echo_study)
 
         def login(context: object) -> None:
             context.request.post(imageshare.url + "/api/session",
@@ -146,6 +218,19 @@ def main() -> None:
 
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            _echo_rows(browser, imageshare, echo_study, "imageshare", args.runs, results)
+            if current is not None:
+                _echo_rows(browser, current, echo_study, "current", args.runs, results)
+            if orthanc is not None:
+                url = f"{orthanc.url}/web-viewer/app/viewer.html?series={orthanc_echo}"
+                results["echo 120 frames: first frame"]["orthanc-webviewer"] = median(
+                    [first_image_ms(browser, url, None) for _ in range(args.runs)])
+                results["echo 120 frames: cine starts"]["orthanc-webviewer"] = "no cine"
+                results["echo 120 frames: first full-rate second"]["orthanc-webviewer"] = (
+                    "no cine")
+            if args.echo_only:
+                browser.close()
+                return
             ours = [first_image_ms(browser, f"{imageshare.url}/viewer/{ct_study}", login)
                     for _ in range(args.runs)]
             first_image = f"first image, {args.slices}-slice CT"
@@ -166,9 +251,11 @@ def main() -> None:
             browser.close()
     finally:
         imageshare.stop()
+        if current is not None:
+            current.stop()
         if orthanc is not None:
             orthanc.stop()
-    _report(results, args)
+        _report(results, args)
 
 
 def _orthanc_series(client: httpx.Client, study_uid: str) -> str:
@@ -179,14 +266,19 @@ def _orthanc_series(client: httpx.Client, study_uid: str) -> str:
 
 def _report(results: dict[str, dict[str, float | str]], args: argparse.Namespace) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    print(f"\n{'metric':<40} {'unit':<9} {'ImageShare':>11} {'Orthanc viewer':>15}  ratio")
+    print(f"\n{'metric':<42} {'unit':<9} {'ImageShare':>11} {'current':>9} "
+          f"{'Orthanc viewer':>15}  ratio")
     for metric, row in results.items():
         mine, theirs = row.get("imageshare"), row.get("orthanc-webviewer")
         ratio = ""
         if isinstance(mine, float) and isinstance(theirs, float) and mine and theirs:
             ratio = f"x{(theirs / mine if row['unit'] == 'ms' else mine / theirs):.2f}"
-        theirs_text = f"{theirs:,.1f}" if isinstance(theirs, float) else str(theirs or "n/a")
-        print(f"{metric:<40} {row['unit']:<9} {mine:>11,.1f} {theirs_text:>15}  {ratio}")
+
+        def shown(value: object) -> str:
+            return f"{value:,.1f}" if isinstance(value, float) else str(value or "n/a")
+
+        print(f"{metric:<42} {row['unit']:<9} {shown(mine):>11} "
+              f"{shown(row.get('current')):>9} {shown(theirs):>15}  {ratio}")
     payload = {"date": time.strftime("%Y-%m-%d"), "slices": args.slices, "runs": args.runs,
                "results": results}
     (OUT / "viewer.json").write_text(json.dumps(payload, indent=2))

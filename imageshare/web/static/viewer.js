@@ -34,6 +34,7 @@
     unsaved: new Set(),     // frames whose marks changed since the last save
     view: null,             // {scale, ox, oy} of the image on the canvas
     firstImageMs: null,
+    firstPlayMs: null,      // ms from opening the series to cine starting (for benchmarks)
     errors: 0,
   };
   window.imageshareViewer = state;
@@ -304,19 +305,36 @@
       if (generation !== state.generation) return;
       if (state.firstImageMs === null) state.firstImageMs = performance.now() - started;
       show(start);
-      prefetch();
-      if (state.series.cine) waitAndPlay(generation);
+      if (state.series.cine) waitAndPlay(generation, started);
     }, (error) => { status.textContent = `Could not load the image (${error.message}).`; });
+    // The other frames are asked for at once, behind the first (which goes first).
+    prefetch();
   }
 
-  function waitAndPlay(generation) {
-    // Cine starts when every frame is here, so it plays at its real rate from the first loop.
+  function waitAndPlay(generation, started) {
+    // Cine starts as soon as the frames already here, played at the file's rate, last until
+    // the rest have arrived at the rate they are arriving: it plays at once on a fast link
+    // and never stalls on a slow one. (Frames load in playing order, nearest first.)
     const n = state.series.frames.length;
     const check = () => {
-      if (generation !== state.generation) return;
-      const have = buffered();
-      status.textContent = have < n ? `Loading ${have} / ${n} frames` : "";
-      if (have >= n) play(); else setTimeout(check, 50);
+      if (generation !== state.generation || state.playing) return;
+      let ahead = 0;
+      while (ahead < n && bitmapAt((state.index + ahead) % n)) ahead += 1;
+      const elapsed = Math.max(1, performance.now() - started);
+      const perFrameLoad = elapsed / Math.max(1, buffered());
+      const remainingLoad = (n - buffered()) * perFrameLoad;
+      const playable = (ahead * 1000) / (state.fps || 10);
+      status.textContent = ahead < n ? `Loading ${buffered()} / ${n} frames` : "";
+      if (ahead >= n || (ahead >= 2 && remainingLoad <= playable)) {
+        if (state.firstPlayMs === null) state.firstPlayMs = performance.now() - started;
+        play();
+        const clear = () => {
+          if (generation !== state.generation) return;
+          if (buffered() >= n) status.textContent = "";
+          else { status.textContent = `Loading ${buffered()} / ${n} frames`; setTimeout(clear, 100); }
+        };
+        clear();
+      } else setTimeout(check, 20);
     };
     check();
   }
