@@ -235,6 +235,8 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        SECURITY_ALERT, "C", ("patient",), ("role",), SECURITY_ROLES_CHANGED),
     _e("patient.bind", "A patient account was bound to its record on first sign-in.",
        SECURITY_ALERT, "U", (), (), SECURITY_ROLES_CHANGED),
+    _e("patient.studies", "A patient looked at the list of their own studies.",
+       INSTANCES_ACCESSED, "R", (), ()),
     _e("patient.download", "A patient downloaded their own study.", EXPORT, "R", _STUDY,
        ("format",)),
     # Sign-in, accounts, tokens.

@@ -90,6 +90,12 @@ def _open(client: TestClient, created) -> str:
     return csrf_of(page.text)
 
 
+def _refused(response) -> bool:
+    """Not served: 401, or (a browser page) sent to the sign-in page."""
+    return response.status_code == 401 or (
+        response.status_code == 303 and response.headers["location"].startswith("/login"))
+
+
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
@@ -161,7 +167,8 @@ def test_an_invitation_opens_only_with_its_passcode_and_locks_after_ten_wrong_on
     assert "Lovelace" not in body and "H100" not in body and NHS not in body
     assert len(created.token) >= 43  # 256 bits
     with TestClient(create_app(archive)) as client:
-        assert client.get(created.path + "/upload", headers=HTML).status_code == 401
+        assert _refused(client.get(created.path + "/upload", headers=HTML,
+                                   follow_redirects=False))
         for _ in range(10):
             answer = client.post(created.path, data={"passcode": "WRONG"})
             if answer.status_code == 429:
@@ -184,9 +191,10 @@ def test_the_uploader_sees_only_their_own_upload_and_nothing_of_the_archive(hosp
         upload_id = url.rsplit("/", 1)[1]
         assert client.head(theirs.path + f"/files/{upload_id}", headers=TUS
                            ).status_code == 401
-        assert client.get(theirs.path + "/upload", headers=HTML).status_code == 401
+        assert _refused(client.get(theirs.path + "/upload", headers=HTML,
+                                   follow_redirects=False))
         for path in ("/dicomweb/studies", "/uploads", "/my", "/inbox"):
-            assert client.get(path, headers=HTML).status_code == 401, path
+            assert _refused(client.get(path, headers=HTML, follow_redirects=False)), path
 
 
 def test_a_second_browser_opening_the_invitation_ends_the_first_ones_session(hospital):
@@ -196,7 +204,8 @@ def test_a_second_browser_opening_the_invitation_ends_the_first_ones_session(hos
     with TestClient(app) as first, TestClient(app) as second:
         _open(first, created)
         _open(second, created)
-        assert first.get(created.path + "/upload", headers=HTML).status_code == 401
+        assert _refused(first.get(created.path + "/upload", headers=HTML,
+                                  follow_redirects=False))
         assert second.get(created.path + "/upload", headers=HTML).status_code == 200
 
 

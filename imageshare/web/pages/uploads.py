@@ -556,8 +556,8 @@ def _own_studies(archive: Archive, actor: Actor) -> list[Any]:
 def my_images(request: Request, archive: ArchiveDep, actor: allowed(PATIENT_SELF)) -> Response:
     """A patient's own studies, with view, download and share, and the links they made."""
     studies = _own_studies(archive, actor)
-    archive.audit.record(AuditEvent(actor=actor, action="study.read", outcome="success",
-                                    instance_count=len(studies)))
+    archive.audit.record(AuditEvent(actor=actor, action="patient.studies",
+                                    outcome="success", instance_count=len(studies)))
     return page(request, "my_images.html", studies=studies,
                 shares=archive.shares.owned(actor.name))
 
