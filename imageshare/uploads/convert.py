@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydicom import Dataset, Sequence
+from pydicom import Dataset, FileMetaDataset, Sequence
 from pydicom.encaps import encapsulate
 from pydicom.filewriter import write_dataset
-from pydicom.uid import JPEGBaseline8Bit, generate_uid
+from pydicom.uid import UID, JPEGBaseline8Bit, generate_uid
 
 from imageshare import __version__
 from imageshare.archive.attachments import MANUFACTURER, MAX_PIXELS
@@ -146,8 +146,8 @@ def _base(details: PatientDetails, where: Placement, sop_class: str, modality: s
 
 
 def _save(ds: Dataset, transfer_syntax: str, out: BinaryIO) -> None:
-    ds.file_meta = Dataset()
-    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.save_as(out, enforce_file_format=True, implicit_vr=False, little_endian=True)
@@ -268,8 +268,8 @@ def _write_around(ds: Dataset, tag: int, out: BinaryIO, bulk: Callable[[BinaryIO
     after = Dataset()
     for element in ds:
         (before if element.tag < tag else after).add(element)
-    before.file_meta = Dataset()
-    before.file_meta.TransferSyntaxUID = transfer_syntax
+    before.file_meta = FileMetaDataset()
+    before.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     before.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     before.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     before.save_as(out, enforce_file_format=True, implicit_vr=False, little_endian=True)

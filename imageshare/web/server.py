@@ -40,9 +40,9 @@ from imageshare.web.pages import (
     reports,
     shared,
     shares,
-    uploads,
     sign_in,
     studies,
+    uploads,
     viewer,
 )
 

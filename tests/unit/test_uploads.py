@@ -23,6 +23,7 @@ from imageshare.uploads.invitations import UploadRequest
 from imageshare.uploads.receiving import safe_parts
 from imageshare.web.server import create_app
 from tests.conftest import ADMIN_PASSWORD, make_archive, require_tool
+from tests.multipart_helpers import parse_multipart
 from tests.peers import free_port
 from tests.unit.test_web_pages import browser_sign_in, csrf_of
 from tests.upload_media import cd_folder, mp4, pdf, photo, png
@@ -347,6 +348,19 @@ def test_review_rejects_with_a_mail_and_accepts_into_the_record_where_a_patient_
     listed = clerk.get("/dicomweb/studies", headers=auth).json()
     assert [s["0020000D"]["Value"][0] for s in listed] == [own.item.study_uid]
     assert listed[0]["00100020"]["Value"] == ["H100"]
+    # The video round-trips through WADO-RS as MPEG-4: the very bytes that were uploaded.
+    [video] = [f for f in own.files if f["kind"] == "video"]
+    series = clerk.get(f"/dicomweb/studies/{own.item.study_uid}/instances", headers=auth,
+                       params={"SOPInstanceUID": video["sop_uid"]}).json()
+    series_uid = series[0]["0020000E"]["Value"][0]
+    answer = clerk.get(f"/dicomweb/studies/{own.item.study_uid}/series/{series_uid}/instances/"
+                       f"{video['sop_uid']}/bulkdata/7FE00010", headers={
+                           **auth, "Accept": 'multipart/related; type="video/mp4"'})
+    assert answer.status_code == 200, answer.text
+    [(headers, body)] = parse_multipart(answer)
+    assert headers["content-type"].startswith("video/mp4")
+    original = media["video"].read_bytes()
+    assert body[:len(original)] == original and len(body) - len(original) in (0, 1)
     # The patient, invited to an account, sees and downloads only that study.
     archive.uploads.patients.invite("ada@home.example", "H100", "", STAFF)
     archive.uploads.invitations.mailer.flush()
