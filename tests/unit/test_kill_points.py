@@ -4,9 +4,10 @@ Each round forks a child that opens the archive as a server process would and st
 instances through the real ingest service, the way C-STORE (a received file in staging) and
 STOW-RS (a multipart body split into parts) hand them over, telling the parent each
 acknowledgement. The parent waits for a random number of those acknowledgements and kills
-it with SIGKILL within the next store (or after the last), runs start-up recovery, and checks: every acknowledged instance is indexed
-and byte-identical; nothing indexed is half-stored; no blob is left that the index does not
-know; no staging or partial file is left; the study counts agree with the instances.
+it with SIGKILL within the next store (or after the last), runs start-up recovery, and
+checks: every acknowledged instance is indexed and byte-identical; nothing indexed is
+half-stored; no blob is left that the index does not know; no staging or partial file is
+left; the study counts agree with the instances.
 
 ``IMAGESHARE_KILL_ROUNDS`` sets the number of rounds (default 240). The whole-server
 SIGKILL test is in tests/interop/test_durability.py.
