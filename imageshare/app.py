@@ -42,6 +42,7 @@ from imageshare.archive.search import StudySearchService
 from imageshare.archive.studies import StudyCatalogue
 from imageshare.audit.atna import AtnaConfig, AtnaSender
 from imageshare.audit.chain import SignedHead, export_head, head_key
+from imageshare.audit.reports import AccessReports
 from imageshare.audit.trail import AuditTrail
 from imageshare.deid.pseudonyms import Pseudonyms, installation_secret
 from imageshare.deid.service import Deidentifier
@@ -132,6 +133,7 @@ class Archive:
     ehr_launches: EhrLaunches
     imaging_studies: ImagingStudies
     uploads: UploadService
+    reports: AccessReports
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -342,6 +344,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
                                  settings.iid_launch_max_seconds),
         imaging_studies=ImagingStudies(query, settings.fhir_hospital_number_system),
         uploads=uploads,
+        reports=AccessReports(engine, audit),
     )
     jobs.register("recover", lambda job, params: _recover_job(archive, job, params))
     return archive

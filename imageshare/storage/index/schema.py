@@ -41,7 +41,9 @@ patients = Table(
     Column("attrs", JSON, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("patient_id", "issuer"),
-    Index(None, "name_norm"),
+    # On PostgreSQL the pattern operator class lets a name prefix (LIKE 'CAM%') use the index
+    # under any collation; equality still does.
+    Index(None, "name_norm", postgresql_ops={"name_norm": "varchar_pattern_ops"}),
     Index(None, "birth_date"),
 )
 
