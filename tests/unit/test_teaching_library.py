@@ -210,3 +210,26 @@ def test_presentation_asks_first_and_reveals_the_diagnosis_on_demand(educator):
     assert '"frameRate": 30' in shown.text or '"frameRate": 30.0' in shown.text
     assert '"effusion"' in shown.text  # the marks go with the slides
     assert '<script src="/static/present.js">' in shown.text
+
+
+def test_a_teaching_case_shared_by_link_is_presented_with_the_answer_on_demand(archive,
+                                                                              educator):
+    path = make_case(educator, findings="Large effusion, RV diastolic collapse")
+    page = educator.get(path, headers=HTML)
+    shared = educator.post(f"{path}/share", headers=HTML, data={"csrf_token": csrf(page.text)})
+    passcode = re.search(r'class="share-passcode[^"]*">([^<]+)<', shared.text).group(1)
+    link = re.search(r'class="share-link">[^<]*(/s/[^<]+)<', shared.text).group(1)
+    from fastapi.testclient import TestClient
+
+    from imageshare.web.server import create_app
+
+    with TestClient(create_app(archive)) as audience:
+        audience.post(link, data={"passcode": passcode}, headers=HTML)
+        shown = audience.get(link + "/present", headers=HTML)
+    assert shown.status_code == 200
+    assert "Breathless, hypotensive." in shown.text.split('id="reveal"')[0]
+    answer = shown.text.split('<div class="reveal" id="reveal" hidden>')[1]
+    assert "RV diastolic collapse" in answer and "tamponade" in answer
+    assert '"frameRate": 30' in shown.text and f"{link}/dicomweb" in shown.text
+    for identifier in IDENTIFIERS:
+        assert identifier not in shown.text

@@ -117,6 +117,22 @@ def case(request: Request, archive: ArchiveDep, token: str, actor: allowed(SHARE
                 can_comment=archive.policy.allows(actor, SHARE_COMMENT))
 
 
+@router.get("/s/{token}/present")
+def present(request: Request, archive: ArchiveDep, token: str,
+            actor: allowed(SHARE_VIEW)) -> Response:
+    """Presentation mode over the link (a teaching case shown at an MDT or a course): the
+    question first, the shared images (cine plays), the sender's findings and diagnosis
+    revealed on demand."""
+    share = _share(request)
+    manifest = share_manifest(archive.shares, share, f"/s/{token}/dicomweb")
+    archive.shares.record(share, actor, "share.view", format="presentation")
+    slides = {"base": manifest["base"], "slides": [
+        {"kind": "series", **s, "marks": {}} for s in manifest["series"]]}
+    return page(request, "present.html", title=share.title, history=share.description,
+                answers=[("Findings and diagnosis", share.interpretation or "—")],
+                leave=f"/s/{token}/case", slides=slides)
+
+
 @router.get("/s/{token}/viewer")
 def viewer(request: Request, archive: ArchiveDep,
            token: str, actor: allowed(SHARE_VIEW)) -> Response:

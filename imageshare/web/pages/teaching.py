@@ -196,7 +196,14 @@ async def present(request: Request, archive: ArchiveDep, public_id: str,
     case = archive.teaching.get(public_id)
     archive.teaching.record_view(case, actor, "presentation")
     slides = await run_in_threadpool(presentation_slides, archive, case)
-    return page(request, "present.html", case=case, slides=slides)
+    return page(request, "present.html", title=case.title, history=case.history,
+                answers=answers_of(case), leave=case.path, slides=slides)
+
+
+def answers_of(case: TeachingCase) -> list[tuple[str, str]]:
+    """What presentation mode reveals on demand, in order."""
+    return [("Findings", case.findings), ("Differential", case.differential),
+            ("Diagnosis", case.diagnosis or "—")]
 
 
 def presentation_slides(archive: Archive, case: TeachingCase) -> dict[str, Any]:
@@ -237,7 +244,8 @@ async def share(request: Request, archive: ArchiveDep, public_id: str,
         "", selection=tuple((s, "", "") for s in studies), recipient_email=recipient_email,
         days=days or archive.shares.default_days, allow_download=bool(download),
         deidentified=True, profile=profile, message=message, title=case.title,
-        description=case.history)
+        description=case.history, interpretation="\n".join(
+            f"{label}: {text}" for label, text in answers_of(case) if text and text != "—"))
     created = await run_in_threadpool(archive.shares.create_and_send, request_, actor, None)
     return page(request, "share_created.html", url=shown_link(request, created.path),
                 passcode=created.passcode, created=created,
