@@ -201,15 +201,38 @@ def test_the_library_is_searched_by_keyword_diagnosis_modality_body_part_and_col
     assert titles(q="100%_") == []  # wildcards are literal
 
 
+def slides_of(html: str) -> list[dict]:
+    import json
+
+    return json.loads(html.split('<script id="present-manifest" type="application/json">')[1]
+                      .split("</script>")[0])["slides"]
+
+
 def test_presentation_asks_first_and_reveals_the_diagnosis_on_demand(educator):
     path = make_case(educator)
     shown = educator.get(f"{path}/present", headers=HTML)
     assert "What are the findings, and what is the diagnosis?" in shown.text
-    assert '<div class="reveal" id="reveal" hidden>' in shown.text
-    assert "Pericardial effusion with tamponade" in shown.text.split('id="reveal"')[1]
-    assert '"frameRate": 30' in shown.text or '"frameRate": 30.0' in shown.text
-    assert '"effusion"' in shown.text  # the marks go with the slides
+    assert '<div class="reveal" id="reveal" hidden></div>' in shown.text  # filled on demand
+    slides = slides_of(shown.text)
+    assert [s["kind"] for s in slides] == ["question", "series", "answer"]
+    assert slides[0]["history"] == "Breathless, hypotensive."
+    assert ["Diagnosis", "Pericardial effusion with tamponade"] in slides[-1]["answers"]
+    assert round(slides[1]["frameRate"]) == 30 and slides[1]["cine"]  # Frame Time 33.3 ms
+    assert any(m["label"] == "effusion" for marks in slides[1]["marks"].values()
+               for m in marks)  # the marks go with the slides
     assert '<script src="/static/present.js">' in shown.text
+
+
+def test_a_collection_is_presented_case_after_case(educator):
+    first = make_case(educator)
+    make_case(educator, title="Another effusion", collection="MDT June")
+    make_case(educator, title="Elsewhere", collection="Course 3")
+    shown = educator.get(f"{first}/present?collection=1", headers=HTML)
+    slides = slides_of(shown.text)
+    questions = [(s["title"], s["number"], s["count"]) for s in slides
+                 if s["kind"] == "question"]
+    assert questions == [("Another effusion", 1, 2), ("Pericardial effusion", 2, 2)]
+    assert [s["kind"] for s in slides].count("answer") == 2
 
 
 def test_a_teaching_case_shared_by_link_is_presented_with_the_answer_on_demand(archive,
@@ -227,9 +250,11 @@ def test_a_teaching_case_shared_by_link_is_presented_with_the_answer_on_demand(a
         audience.post(link, data={"passcode": passcode}, headers=HTML)
         shown = audience.get(link + "/present", headers=HTML)
     assert shown.status_code == 200
-    assert "Breathless, hypotensive." in shown.text.split('id="reveal"')[0]
-    answer = shown.text.split('<div class="reveal" id="reveal" hidden>')[1]
+    slides = slides_of(shown.text)
+    assert slides[0]["kind"] == "question"
+    assert slides[0]["history"] == "Breathless, hypotensive."
+    ((label, answer),) = slides[-1]["answers"]
     assert "RV diastolic collapse" in answer and "tamponade" in answer
-    assert '"frameRate": 30' in shown.text and f"{link}/dicomweb" in shown.text
+    assert round(slides[1]["frameRate"]) == 30 and f"{link}/dicomweb" in shown.text
     for identifier in IDENTIFIERS:
         assert identifier not in shown.text

@@ -127,10 +127,13 @@ def present(request: Request, archive: ArchiveDep, token: str,
     manifest = share_manifest(archive.shares, share, f"/s/{token}/dicomweb")
     archive.shares.record(share, actor, "share.view", format="presentation")
     slides = {"base": manifest["base"], "slides": [
-        {"kind": "series", **s, "marks": {}} for s in manifest["series"]]}
-    return page(request, "present.html", title=share.title, history=share.description,
-                answers=[("Findings and diagnosis", share.interpretation or "—")],
-                leave=f"/s/{token}/case", slides=slides)
+        {"kind": "question", "title": share.title, "history": share.description,
+         "number": 1, "count": 1},
+        *({"kind": "series", **s, "marks": {}} for s in manifest["series"]),
+        {"kind": "answer", "answers": [("Findings and diagnosis",
+                                        share.interpretation or "—")]}]}
+    return page(request, "present.html", title=share.title, leave=f"/s/{token}/case",
+                slides=slides)
 
 
 @router.get("/s/{token}/viewer")

@@ -190,14 +190,25 @@ async def viewer(request: Request, archive: ArchiveDep, public_id: str,
 
 @router.get("/teaching/{public_id}/present")
 async def present(request: Request, archive: ArchiveDep, public_id: str,
-                  actor: allowed(CASE_MANAGE)) -> Response:
+                  actor: allowed(CASE_MANAGE), collection: str = "") -> Response:
     """Presentation mode: full screen, question first, images (cine plays, marks shown),
-    findings and diagnosis revealed on demand; keyboard and clicker navigation."""
+    findings and diagnosis revealed on demand; keyboard and clicker navigation. With
+    ``collection=1``, every case of this case's collection (conference, course) in order, by
+    folder then title."""
     case = archive.teaching.get(public_id)
-    archive.teaching.record_view(case, actor, "presentation")
-    slides = await run_in_threadpool(presentation_slides, archive, case)
-    return page(request, "present.html", title=case.title, history=case.history,
-                answers=answers_of(case), leave=case.path, slides=slides)
+    cases = (archive.teaching.search(collection=case.collection)
+             if collection and case.collection else [case])
+    slides: list[dict[str, Any]] = []
+    for number, shown in enumerate(cases, start=1):
+        archive.teaching.record_view(shown, actor, "presentation")
+        series = await run_in_threadpool(presentation_slides, archive, shown)
+        slides.append({"kind": "question", "title": shown.title, "history": shown.history,
+                       "number": number, "count": len(cases)})
+        slides += series["slides"]
+        slides.append({"kind": "answer", "answers": answers_of(shown)})
+    title = case.collection if len(cases) > 1 else case.title
+    return page(request, "present.html", title=title, leave=case.path,
+                slides={"base": "/dicomweb", "slides": slides})
 
 
 def answers_of(case: TeachingCase) -> list[tuple[str, str]]:

@@ -1,6 +1,6 @@
-// Presentation mode for teaching cases: the question, then every image series (cine plays at
-// its frame rate, marks drawn), attached photos and videos, then the answer, revealed on
-// demand. Keyboard and presentation clickers: →, PageDown, space next; ←, PageUp back;
+// Presentation mode for teaching cases: for each case in order, the question, then every
+// image series (cine plays at its frame rate, marks drawn), attached photos and videos, then
+// the answer, revealed on demand. Keyboard and presentation clickers: →, PageDown, space next; ←, PageUp back;
 // R reveals; F full screen. State for tests is exposed as window.imagesharePresentation.
 "use strict";
 
@@ -17,8 +17,9 @@
     images: root.querySelector('[data-slide="images"]'),
     answer: root.querySelector('[data-slide="answer"]'),
   };
-  // The running order: question, each series or attachment, answer.
-  const order = [{kind: "question"}].concat(manifest.slides, [{kind: "answer"}]);
+  // The running order, as the server sent it: per case a question, its series and
+  // attachments, and its answer.
+  const order = manifest.slides;
   const state = {index: 0, revealed: false, frame: 0, shownFrames: 0, timer: null,
                  bitmaps: new Map(), media: null};
   window.imagesharePresentation = state;
@@ -108,15 +109,34 @@
     state.index = Math.max(0, Math.min(order.length - 1, index));
     const slide = order[state.index];
     for (const s of Object.values(sections)) s.hidden = true;
-    if (slide.kind === "question") sections.question.hidden = false;
-    else if (slide.kind === "answer") sections.answer.hidden = false;
+    if (slide.kind === "question") {
+      sections.question.hidden = false;
+      document.getElementById("question-title").textContent = slide.title;
+      document.getElementById("question-history").textContent = slide.history || "";
+      document.getElementById("case-count").textContent = slide.count > 1 ? `Case ${slide.number} of ${slide.count}` : "";
+    } else if (slide.kind === "answer") {
+      sections.answer.hidden = false;
+      state.revealed = false;
+      reveal.hidden = true;
+      reveal.replaceChildren();
+      for (const [label, text] of slide.answers) {
+        if (!text) continue;
+        const h = document.createElement("h3"); h.textContent = label;
+        const p = document.createElement("p"); p.textContent = text; p.className = label.toLowerCase();
+        reveal.append(h, p);
+      }
+      document.getElementById("reveal-button").hidden = false;
+    }
     else if (slide.kind === "series") showSeries(slide);
     else showAttachment(slide);
     position.textContent = `${state.index + 1} / ${order.length}`;
     root.dataset.slide = slide.kind;
   }
 
-  function showAnswer() { state.revealed = true; reveal.hidden = false; document.getElementById("reveal-button").hidden = true; }
+  function showAnswer() {
+    if (order[state.index].kind !== "answer") return;
+    state.revealed = true; reveal.hidden = false; document.getElementById("reveal-button").hidden = true;
+  }
   const fullscreen = () => (document.fullscreenElement ? document.exitFullscreen() : root.requestFullscreen().catch(() => {}));
 
   document.getElementById("present-next").addEventListener("click", () => go(state.index + 1));
