@@ -207,11 +207,8 @@ def test_trainee_shares_mentor_reviews_signs_off_and_the_logbook_lists_it(chromi
     _no_identifier(mentor)
     clip = mentor.eval_on_selector("#feedback select[name=sop] option:nth-child(3)",
                                    "o => ({value: o.value, name: o.textContent})")
+    mentor.select_option("#comments select[name=sop]", clip["value"])
     mentor.fill("#comments textarea[name=body]", "Apex foreshortened in this clip")
-    mentor.evaluate(  # the case page's comment form is about the case; name the clip
-        "sop => { const f = document.querySelector('#comments form');"
-        " const i = document.createElement('input'); i.type = 'hidden'; i.name = 'sop';"
-        " i.value = sop; f.appendChild(i); }", clip["value"])
     mentor.click("#comments button[type=submit]")
     mentor.wait_for_selector(f"text=on {clip['name']}")
     mentor.select_option("#feedback select[name=sop]", clip["value"])

@@ -106,7 +106,8 @@ def test_feedback_has_no_preset_choice_and_incomplete_feedback_keeps_nothing(arc
 def test_feedback_on_a_named_clip_is_confirmed_and_the_owner_sees_which_clip(archive, mentor,
                                                                              trainee):
     case = mentor.get(mentor.link + "/case", headers=HTML)
-    clips = re.findall(r'<option value="([0-9.]+)">(Series \d+, image \d+)</option>', case.text)
+    form = case.text.split('class="grid feedback-form"')[1]
+    clips = re.findall(r'<option value="([0-9.]+)">(Series \d+, image \d+)</option>', form)
     assert len(clips) == 2
     sop, name = clips[1]
     mentor.post(mentor.link + "/comments", headers=HTML, data={
