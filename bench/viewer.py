@@ -188,13 +188,14 @@ def main() -> None:
 
     imageshare = RunningServer(args.work / "imageshare").start()
     current = None
-    if args.current is not None:
-        current = RunningServer(args.work / "current", modalities=(),
-                                extra_env={"PYTHONPATH": str(args.current.resolve()),
-                                           "PYTHONSAFEPATH": "1"}).start()
     orthanc = None
     results: dict[str, dict[str, float | str]] = {}
     try:
+        if args.current is not None:
+            # Only the server runs the other checkout's code: no in-process registration.
+            current = RunningServer(args.work / "current", modalities=(),
+                                    extra_env={"PYTHONPATH": str(args.current.resolve()),
+                                               "PYTHONSAFEPATH": "1"}).start()
         for server in (imageshare, current):
             if server is None:
                 continue
