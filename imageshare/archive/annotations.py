@@ -380,6 +380,23 @@ class AnnotationBook:
                 {**m, "author": label} for m in row["marks"])
         return out
 
+    def senders_for_share(self, owner: str, items: Iterable[Any]) -> dict[str, list[dict[str,
+                                                                                      Any]]]:
+        """The marks the share's sender (``owner``) drew on its images, keyed by the share's
+        public ``SOP|frame``, without any author name: what a teaching case presented from its
+        link shows (the sender chose to share them)."""
+        public = {i.sop_uid: i.public_sop_uid for i in items if not i.held_back}
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(marks_table).where(
+                marks_table.c.author == owner,
+                marks_table.c.sop_uid.in_(list(public)))).mappings().all()
+        out: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            out.setdefault(f"{public[row['sop_uid']]}|{row['frame']}", []).extend(
+                {"kind": m["kind"], "points": m["points"], "label": m.get("label", "")}
+                for m in row["marks"])
+        return out
+
     def for_share(self, public_id: str, items: Iterable[Any],
                   label: str = "you") -> dict[str, list[dict[str, Any]]]:
         """The marks a share link's recipient made through it, keyed by the share's public

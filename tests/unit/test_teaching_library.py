@@ -256,5 +256,8 @@ def test_a_teaching_case_shared_by_link_is_presented_with_the_answer_on_demand(a
     ((label, answer),) = slides[-1]["answers"]
     assert "RV diastolic collapse" in answer and "tamponade" in answer
     assert round(slides[1]["frameRate"]) == 30 and f"{link}/dicomweb" in shown.text
+    ((key, marks),) = slides[1]["marks"].items()  # the educator's mark, under the share's UIDs
+    assert marks[0]["label"] == "effusion" and "author" not in marks[0]
+    assert key.split("|")[0] in {f["sop"] for f in slides[1]["frames"]}
     for identifier in IDENTIFIERS:
         assert identifier not in shown.text

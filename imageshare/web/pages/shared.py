@@ -121,15 +121,16 @@ def case(request: Request, archive: ArchiveDep, token: str, actor: allowed(SHARE
 def present(request: Request, archive: ArchiveDep, token: str,
             actor: allowed(SHARE_VIEW)) -> Response:
     """Presentation mode over the link (a teaching case shown at an MDT or a course): the
-    question first, the shared images (cine plays), the sender's findings and diagnosis
-    revealed on demand."""
+    question first, the shared images (cine plays, the sender's marks drawn), the sender's
+    findings and diagnosis revealed on demand."""
     share = _share(request)
     manifest = share_manifest(archive.shares, share, f"/s/{token}/dicomweb")
     archive.shares.record(share, actor, "share.view", format="presentation")
+    marks = archive.annotations.senders_for_share(share.owner, archive.shares.items(share))
     slides = {"base": manifest["base"], "slides": [
         {"kind": "question", "title": share.title, "history": share.description,
          "number": 1, "count": 1},
-        *({"kind": "series", **s, "marks": {}} for s in manifest["series"]),
+        *({"kind": "series", **s, "marks": marks} for s in manifest["series"]),
         {"kind": "answer", "answers": [("Findings and diagnosis",
                                         share.interpretation or "—")]}]}
     return page(request, "present.html", title=share.title, leave=f"/s/{token}/case",
