@@ -21,14 +21,16 @@ log = logging.getLogger("imageshare.web")
 PROBLEM = "application/problem+json"
 
 
-def problem(status: int, title: str, detail: str = "", **extra: object) -> JSONResponse:
-    """A problem-details response."""
+def problem(status: int, title: str, detail: str = "", challenge: bool = True,
+            **extra: object) -> JSONResponse:
+    """A problem-details response; a 401 carries a Basic challenge unless ``challenge`` is
+    false (share links: a browser would answer one with a sign-in prompt)."""
     body = {"type": "about:blank", "title": title, "status": status}
     if detail:
         body["detail"] = detail
     body.update(extra)
     headers = {}
-    if status == 401:
+    if status == 401 and challenge:
         headers["WWW-Authenticate"] = 'Basic realm="ImageShare", charset="UTF-8"'
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
@@ -81,7 +83,11 @@ def install(app: FastAPI) -> None:
             return outcome_response(status, str(exc))
         if wants_page(request):
             return _page_for(request, status, exc.title, str(exc))
-        return problem(status, exc.title, str(exc))
+        # Under a share link nobody signs in with a password: no Basic challenge (a browser
+        # would prompt for one mid-session when the link ends; the viewer goes to the link's
+        # own page instead).
+        return problem(status, exc.title, str(exc),
+                       challenge=not request.url.path.startswith("/s/"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:

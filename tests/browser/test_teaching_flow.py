@@ -246,5 +246,21 @@ def test_trainee_shares_mentor_reviews_signs_off_and_the_logbook_lists_it(chromi
     assert "FUSIC heart: case 12" in text and "Competent in PLAX and A4C" in text
     for identifier in IDENTIFIERS:
         assert identifier not in text
+
+    # Revoked while the mentor has the viewer open: the next image they ask for takes them to
+    # the link's own "revoked" page, not the staff sign-in page.
+    mentor.goto(link + "/viewer")
+    mentor.wait_for_function("() => window.imageshareViewer && window.imageshareViewer.view")
+    trainee.goto(base + "/shares")
+    trainee.click("text=FUSIC heart: case 12")
+    trainee.click("text=Revoke this share")
+    _shot(trainee, "13-revoke-asks-first")
+    trainee.click("text=Yes, revoke the link")
+    trainee.wait_for_selector("text=The share was revoked")
+    mentor.click(".series-button[aria-current=false] >> nth=0")
+    mentor.wait_for_selector("text=This link no longer works", timeout=30000)
+    assert "revoked" in mentor.inner_text("main")
+    assert mentor.locator("input[name=password]").count() == 0
+    _shot(mentor, "14-revoked-mid-session")
     mentor_context.close()
     context.close()

@@ -188,6 +188,13 @@ def test_revoking_asks_first_and_a_reviewer_mid_session_is_told_the_link_was_rev
     assert after.status_code == 410
     assert "This link no longer works" in after.text and "revoked" in after.text
     assert 'name="password"' not in after.text  # not the staff sign-in page
+    item = archive.shares.items(share)[0]
+    frame = mentor.get(f"{mentor.link}/dicomweb/studies/{item.public_study_uid}/series/"
+                       f"{item.public_series_uid}/instances/{item.public_sop_uid}/frames/1/"
+                       "rendered", headers={"Accept": "image/jpeg"})
+    # No Basic challenge: a browser would answer it with a password prompt mid-session.
+    assert frame.status_code == 401 and "www-authenticate" not in frame.headers
+    assert "www-authenticate" in mentor.get("/dicomweb/studies").headers
 
 
 def test_staff_set_their_e_mail_address_on_the_account_page_and_admins_on_the_users_page(

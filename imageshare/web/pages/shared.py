@@ -127,7 +127,7 @@ def present(request: Request, archive: ArchiveDep, token: str,
     manifest = share_manifest(archive.shares, share, f"/s/{token}/dicomweb")
     archive.shares.record(share, actor, "share.view", format="presentation")
     marks = archive.annotations.senders_for_share(share.owner, archive.shares.items(share))
-    slides = {"base": manifest["base"], "slides": [
+    slides = {"base": manifest["base"], "linkHome": f"/s/{token}", "slides": [
         {"kind": "question", "title": share.title, "history": share.description,
          "number": 1, "count": 1},
         *({"kind": "series", **s, "marks": marks} for s in manifest["series"]),
@@ -147,7 +147,7 @@ def viewer(request: Request, archive: ArchiveDep,
     manifest.update(annotations=archive.annotations.for_share(
                         share.public_id, archive.shares.items(share)),
                     annotationsUrl=f"/s/{token}/annotations" if can_mark else "",
-                    me=YOU)
+                    me=YOU, linkHome=f"/s/{token}")
     return page(request, "viewer.html", manifest=manifest, banner_name=share.title,
                 banner_id="", banner_date="", back_link=f"/s/{token}/case",
                 back_label="Back to the case",

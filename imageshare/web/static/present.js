@@ -34,7 +34,10 @@
     if (!state.bitmaps.has(key)) {
       state.bitmaps.set(key, fetch(frameUrl(slide, slide.frames[i]), {credentials: "same-origin",
         headers: {Accept: slide.colour ? "image/jpeg" : "image/png"}})
-        .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(`HTTP ${r.status}`))))
+        .then((r) => {
+          if (r.status === 401 && manifest.linkHome) window.location.assign(manifest.linkHome);
+          return r.ok ? r.blob() : Promise.reject(new Error(`HTTP ${r.status}`));
+        })
         .then((b) => createImageBitmap(b)));
     }
     return state.bitmaps.get(key);

@@ -74,6 +74,7 @@
           credentials: "same-origin",
           headers: {Accept: series.colour ? "image/jpeg" : "image/png"},
         });
+        if (response.status === 401 && manifest.linkHome) linkEnded();
         if (!response.ok) throw new Error(`frame ${index + 1}: HTTP ${response.status}`);
         const blob = await response.blob();
         entry.bitmap = await createImageBitmap(blob);
@@ -85,6 +86,14 @@
     state.cache.set(key, entry);
     pump();
     return entry.promise;
+  }
+
+  function linkEnded() {
+    // The link ended (revoked, expired, locked) while open: its own page says so.
+    if (state.linkEnded) return;
+    state.linkEnded = true;
+    queue = [];
+    window.location.replace(manifest.linkHome);
   }
 
   function pump() {
