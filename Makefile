@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= ./var
 
-.PHONY: install run test peers lint bench bench-viewer bench-deid bench-exchange bench-blobstore bench-scale clean
+.PHONY: install run test peers lint bench bench-viewer bench-deid bench-exchange bench-blobstore bench-scale bench-upload clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -70,6 +70,9 @@ bench-blobstore: $(VENV)/.installed-test
 
 bench-scale: $(VENV)/.installed-test
 	$(BIN)/python bench/scale.py
+
+bench-upload: $(VENV)/.installed-test
+	$(BIN)/python bench/upload.py
 
 clean:
 	rm -rf $(VENV) var
