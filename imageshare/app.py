@@ -49,9 +49,10 @@ from imageshare.deid.setup import deidentifier_for
 from imageshare.dicom.dicomweb_site import DicomwebSites
 from imageshare.dicom.scu import DimseSites
 from imageshare.domain.actors import SYSTEM, Actor
+from imageshare.domain.retention import RetentionPeriods
 from imageshare.ehr.launch import EhrLaunches
 from imageshare.exchange.federated import ExchangeService
-from imageshare.exchange.inbox import Inbox, Retention
+from imageshare.exchange.inbox import Inbox
 from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 from imageshare.exchange.requests import ImagingRequests
 from imageshare.exchange.sites import SiteClient
@@ -61,6 +62,7 @@ from imageshare.fhir.imaging_study import ImagingStudies
 from imageshare.jobs import DatabaseJobQueue, Job
 from imageshare.jobs.periodic import PeriodicTask, PeriodicTasks
 from imageshare.notify import Mailer, MailSettings, Notifier
+from imageshare.retention.service import RetentionService
 from imageshare.settings import Settings
 from imageshare.sharing.cases import CaseBook
 from imageshare.sharing.links import ShareService
@@ -119,7 +121,7 @@ class Archive:
     exchange: ExchangeService
     transfers: Transfers
     inbox: Inbox
-    retention: Retention
+    retention: RetentionService
     deletion: ArchiveDeletion
     requests: ImagingRequests
     refused_callers: RefusedCallers
@@ -269,7 +271,10 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
 
     corrections = PatientCorrections(engine, writer, blobs, audit, catalogue,
                                      settings.staging_dir, ingest.parents_changed)
-    deletion = ArchiveDeletion(writer, blobs, audit, ingest.parents_changed)
+    deletion = ArchiveDeletion(writer, blobs, audit, ingest.parents_changed, RetentionPeriods(
+        clinical_years=settings.clinical_retention_years,
+        clinical_until_age=settings.clinical_retention_until_age,
+        temporary_days=settings.temporary_days, upload_days=settings.upload_retention_days))
     tls = client_context(settings)  # for nodes reached over DICOM TLS and https sites
     clients: dict[str, SiteClient] = {
         "dimse": DimseSites(settings.ae_title, settings.dicom_timeout, tls),
@@ -301,7 +306,11 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         open_blob_store(results_store_url(settings.resolved_storage_url),
                         settings.s3_endpoint_url))
     jobs.set_on_forget(exports.forget)
-    retention = Retention(deletion, settings.temporary_days)
+    retention = RetentionService(
+        engine, deletion, audit,
+        lambda name: any(a.username == name and a.role == "admin" and not a.disabled
+                         for a in users_directory.accounts()))
+    ingest.classify = retention.arrival_class
     throttle = SignInThrottle(engine)
     _register_housekeeping(jobs, shares, retention, throttle)
     archive = Archive(
@@ -336,7 +345,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
 
 
 def _register_housekeeping(jobs: DatabaseJobQueue, shares: ShareService,
-                           retention: Retention, throttle: SignInThrottle) -> None:
+                           retention: RetentionService, throttle: SignInThrottle) -> None:
     """The jobs that keep the installation tidy (queued by :func:`periodic_tasks` and the
     share pages)."""
 
@@ -346,7 +355,7 @@ def _register_housekeeping(jobs: DatabaseJobQueue, shares: ShareService,
     def run_retention(job: Job, _params: dict[str, Any]) -> None:
         removed = retention.run(SYSTEM)
         job.summary = (f"{removed.instances} instance(s) of {len(removed.studies)} study(ies) "
-                       "removed")
+                       f"removed; {removed.kept} kept (hold or class)")
 
     def share_notices(job: Job, _params: dict[str, Any]) -> None:
         told = shares.notify_expiring()
@@ -380,7 +389,7 @@ def periodic_tasks(archive: Archive) -> PeriodicTasks:
     settings = archive.settings
     return PeriodicTasks(archive.jobs, [
         PeriodicTask("retention", settings.retention_every_seconds,
-                     "Retention of temporary copies and inbox items"),
+                     "Retention: deleting what its class lets go"),
         PeriodicTask("share-notices", settings.share_notices_every_seconds,
                      "Notices of share links about to expire"),
     ])

@@ -110,10 +110,14 @@ class IngestService:
         quarantine_dir: Path | None = None,
         patient_mismatch: str = "refuse",
         arrival_class: Callable[[Actor], str] = lambda _actor: "clinical",
+        classify: Callable[[Actor, str], str] = lambda _actor, _modality: "clinical",
     ) -> None:
         # Where a new instance lands ("inbox" or "clinical") for the actor storing it: the
         # policy of the installation (imageshare.access.policy.arrival_class).
         self.arrival_class = arrival_class
+        # The retention class of an arrival that is the archive's own, by the retention
+        # policy's rules (source, modality): imageshare.retention.service.
+        self.classify = classify
         self.blobs = blobs
         self.writer = writer
         self.audit = audit
@@ -317,7 +321,8 @@ class IngestService:
             # inbox for review) or it is the archive's own.
             from_site = self.arrival_class(actor) == "inbox"
             outcome = index_instance(conn, h, key, stored.size, actor.source, now, self._known,
-                                     retention_class="inbox" if from_site else "clinical",
+                                     retention_class="inbox" if from_site else
+                                     self.classify(actor, h.series["modality"]),
                                      patient_mismatch=self.patient_mismatch,
                                      sha256=stored.sha256)
             if from_site and outcome.status == "stored":

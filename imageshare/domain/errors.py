@@ -189,3 +189,10 @@ class UnsupportedMediaType(ImageShareError):
 
     http_status = 415
     title = "Unsupported media type"
+
+
+class DeletionRefused(ImageShareError):
+    """A deletion that a legal hold or the images' retention class does not allow yet."""
+
+    http_status = 409
+    title = "Kept by retention rules"
