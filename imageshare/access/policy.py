@@ -22,6 +22,8 @@ STUDY_STORE = "study.store"
 NODE_MANAGE = "node.manage"
 USER_MANAGE = "user.manage"
 AUDIT_READ = "audit.read"
+# Retention policy, legal holds, two-administrator deletion.
+RETENTION_MANAGE = "retention.manage"
 TOKEN_SELF = "token.self"
 ACCOUNT_SELF = "account.self"
 STUDY_COMMENT = "study.comment"
@@ -57,7 +59,7 @@ ENROLLING = "enrolling"
 AWAITING_CODE = "awaiting-code"
 SESSION_CODE = "session.code"
 ROLES: dict[str, frozenset[str]] = {
-    "admin": _STAFF | {NODE_MANAGE, USER_MANAGE, AUDIT_READ},
+    "admin": _STAFF | {NODE_MANAGE, USER_MANAGE, AUDIT_READ, RETENTION_MANAGE},
     "clinician": _STAFF,
     "radiographer": _STAFF,
     "sonographer": _STAFF,

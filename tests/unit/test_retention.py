@@ -296,3 +296,37 @@ def test_policy_rules_give_arrivals_their_class_by_source_and_modality(governed,
                                                   grants=frozenset({"dicom.store"})),
                   patient_id="R2")
     assert archive.retention.study_retention(uid2).classes[0].retention_class == "clinical"
+
+
+def test_the_command_line_places_and_lifts_holds_and_needs_two_administrators_to_delete(
+        governed, tmp_path, imageshare):
+    archive, _clock = governed
+    uid = _store(archive, tmp_path / "s", Actor("system", "t", "admin", "t"),
+                 patient_id="CLI1", PatientBirthDate="19500101")
+    data = archive.settings.data_dir
+    env = {"IMAGESHARE_CLINICAL_RETENTION_YEARS": "0"}  # this site keeps adults' images 0 years
+    placed = imageshare(data, "hold", "place", "--patient", "CLI1", "--reason", "litigation",
+                        "--by", "ig-lead", **env)
+    assert placed.returncode == 0, placed.stderr
+    hold_id = placed.stdout.split()[2]
+    not_admin = imageshare(data, "hold", "lift", hold_id, "--reason", "x", "--by", "clerk")
+    assert not_admin.returncode == 2 and "only administrators" in not_admin.stderr
+    refused = imageshare(data, "deletion", "request", uid, "--reason", "test study",
+                         "--by", "ig-lead", **env)
+    assert refused.returncode == 2 and "legal hold" in refused.stderr
+    kept = imageshare(data, "retention", "run", "--at", "2090-01-01T00:00:00", **env)
+    assert kept.stdout.startswith("0 instance(s)") and uid in _present(archive)
+    assert imageshare(data, "hold", "lift", hold_id, "--reason", "settled",
+                      "--by", "caldicott").returncode == 0
+    assert "lifted by caldicott" in imageshare(data, "hold", "list", "--all").stdout
+    asked = imageshare(data, "deletion", "request", uid, "--reason", "test study",
+                       "--by", "ig-lead", **env)
+    assert asked.returncode == 0, asked.stderr
+    request_id = asked.stdout.split()[2].rstrip(":")
+    same = imageshare(data, "deletion", "approve", request_id, "--by", "ig-lead", **env)
+    assert same.returncode == 2 and "another administrator" in same.stderr
+    assert uid in _present(archive)
+    approved = imageshare(data, "deletion", "approve", request_id, "--by", "caldicott", **env)
+    assert approved.returncode == 0 and "1 instance(s)" in approved.stdout
+    assert uid not in _present(archive)
+    assert "deleted" in imageshare(data, "deletion", "list").stdout
