@@ -59,6 +59,7 @@ from imageshare.exchange.sites import SiteClient
 from imageshare.exchange.transfers import Transfers
 from imageshare.export.service import ExportService
 from imageshare.fhir.imaging_study import ImagingStudies
+from imageshare.governance.consent import ConsentBook
 from imageshare.jobs import DatabaseJobQueue, Job
 from imageshare.jobs.periodic import PeriodicTask, PeriodicTasks
 from imageshare.notify import Mailer, MailSettings, Notifier
@@ -127,6 +128,7 @@ class Archive:
     refused_callers: RefusedCallers
     ehr_launches: EhrLaunches
     imaging_studies: ImagingStudies
+    consents: ConsentBook
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -311,6 +313,8 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         lambda name: any(a.username == name and a.role == "admin" and not a.disabled
                          for a in users_directory.accounts()))
     ingest.classify = retention.arrival_class
+    consents = ConsentBook(engine, audit)
+    shares.consent_check = consents.require
     throttle = SignInThrottle(engine)
     _register_housekeeping(jobs, shares, retention, throttle)
     archive = Archive(
@@ -339,6 +343,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         ehr_launches=EhrLaunches(engine, box, users_directory, audit,
                                  settings.iid_launch_max_seconds),
         imaging_studies=ImagingStudies(query, settings.fhir_hospital_number_system),
+        consents=consents,
     )
     jobs.register("recover", lambda job, params: _recover_job(archive, job, params))
     return archive

@@ -24,6 +24,8 @@ USER_MANAGE = "user.manage"
 AUDIT_READ = "audit.read"
 # Retention policy, legal holds, two-administrator deletion.
 RETENTION_MANAGE = "retention.manage"
+# Recording and reading a patient's consent decisions (teaching, research, publication).
+CONSENT_RECORD = "consent.record"
 TOKEN_SELF = "token.self"
 ACCOUNT_SELF = "account.self"
 STUDY_COMMENT = "study.comment"
@@ -50,7 +52,7 @@ INBOX = "inbox"
 _STAFF = frozenset(
     {STUDY_READ, STUDY_DOWNLOAD, STUDY_STORE, STUDY_COMMENT, PATIENT_CORRECT, TOKEN_SELF,
      ACCOUNT_SELF, EXPORT_IDENTIFIABLE, EXPORT_DEIDENTIFIED, SHARE_CREATE, CASE_MANAGE, EXCHANGE,
-     EXCHANGE_RECEIVE}
+     EXCHANGE_RECEIVE, CONSENT_RECORD}
 )
 # An administrator signed in with a password who has not yet set up two-factor sign-in
 # (required for admins) may only do that.

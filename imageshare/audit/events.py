@@ -157,7 +157,7 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
     # Sharing and teaching.
     _e("share.create", "A share link was made for a study.", INSTANCES_ACCESSED, "C",
        _STUDY + ("share",), ("share", "deidentified", "download", "comment", "days",
-                             "recipient", "reason")),
+                             "recipient", "purpose", "reason")),
     _e("share.resolve", "A share's instances were looked up to serve them.",
        INSTANCES_ACCESSED, "R", _STUDY, ("reason",)),
     _e("share.open", "A share link was opened with its passcode.", USER_AUTHENTICATION, "E",
@@ -270,7 +270,7 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
     _e("archive.verify", "Every blob was checked against its recorded digest (imageshare "
        "verify).", INSTANCES_ACCESSED, "R", (), ("checked", "corrupt", "missing",
                                                  "recorded")),
-    # Retention: policy rules, legal holds, deletion by two administrators.
+    # Retention: policy rules, legal holds, deletion by two administrators, consent.
     _e("retention.rule.set", "A retention policy rule was set (arrivals of a source, modality, "
        "collection or case type get a retention class).", SECURITY_ALERT, "U", (),
        ("kind", "value", "class"), SECURITY_CONFIGURATION),
@@ -291,6 +291,14 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        _STUDY, ("request", "requested_by", "reason"), USE_OF_RESTRICTED_FUNCTION),
     _e("deletion.refuse", "A deletion request was refused or withdrawn.", STUDY_DELETED, "E",
        _STUDY, ("request", "state"), USE_OF_RESTRICTED_FUNCTION),
+    _e("consent.record", "A patient's consent decision (teaching, research, publication) was "
+       "recorded.", PATIENT_RECORD, "C", ("patient",),
+       ("purpose", "decision", "source", "given_on"), OBJECT_SECURITY_ATTRIBUTES_CHANGED),
+    _e("consent.read", "A patient's consent records were read.", PATIENT_RECORD, "R",
+       ("patient",), ()),
+    _e("consent.refused", "A teaching or research use of identifiable images was refused for "
+       "want of the patient's consent.", SECURITY_ALERT, "E", _STUDY, ("purpose", "reason"),
+       USE_OF_RESTRICTED_FUNCTION),
     # The audit trail itself.
     _e("audit.read", "The audit trail (or a study's access list) was read.", AUDIT_LOG_USED,
        "R", ("audit-log",)),

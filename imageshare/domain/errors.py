@@ -196,3 +196,10 @@ class DeletionRefused(ImageShareError):
 
     http_status = 409
     title = "Kept by retention rules"
+
+
+class ConsentMissing(ImageShareError):
+    """A use of identifiable images the patient has not consented to (or withdrew from)."""
+
+    http_status = 403
+    title = "No consent recorded"

@@ -39,6 +39,7 @@ NOTICES = {
     "deletion-refused": ("success", "The deletion request was closed; nothing was deleted."),
     "rule-set": ("success", "The retention rule was saved."),
     "rule-removed": ("success", "The retention rule was removed."),
+    "consent-recorded": ("success", "The consent decision was recorded."),
 }
 
 
