@@ -74,6 +74,7 @@ from imageshare.storage.blobs import (
     open_blob_store,
     results_store_url,
 )
+from imageshare.storage.encrypted import EncryptedBlobStore, blob_master_key
 from imageshare.storage.files import make_private
 from imageshare.storage.index.database import make_engine, migrate
 from imageshare.storage.index.schema import instances
@@ -171,6 +172,14 @@ def installation_key(settings: Settings) -> bytes:
     return load_secret_key(settings.secret_key, key_file)
 
 
+def blob_store(settings: Settings) -> BlobStore:
+    """The blob store of ``settings``: sealed (AES-256-GCM) when ``encrypt_blobs`` is on."""
+    store = open_blob_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+    if not settings.encrypt_blobs:
+        return store
+    return EncryptedBlobStore(store, blob_master_key(installation_key(settings)))
+
+
 def _secret_box(settings: Settings) -> SecretBox:
     return SecretBox(installation_key(settings))
 
@@ -243,7 +252,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     box = _secret_box(settings)
     engine = make_engine(settings.resolved_database_url, settings.sqlite_synchronous)
     migrate(engine, upgrade=upgrade)
-    blobs = open_blob_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+    blobs = blob_store(settings)
     audit = AuditTrail(engine)
     writer_engine = (
         make_engine(settings.resolved_database_url, settings.sqlite_synchronous, for_writer=True)

@@ -586,13 +586,12 @@ def _backup(archive: Any, args: argparse.Namespace) -> int:
 
 
 def _restore(settings: Settings, args: argparse.Namespace) -> int:
-    from imageshare.app import build_archive
+    from imageshare.app import blob_store, build_archive
     from imageshare.audit.trail import AuditEvent
     from imageshare.storage.backup import restore
-    from imageshare.storage.blobs import open_blob_store
 
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    blobs = open_blob_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+    blobs = blob_store(settings)
     bar = _bar(args, "restoring blobs")
     try:
         report = restore(args.src, settings.resolved_database_url, blobs, args.snapshot,

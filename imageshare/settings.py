@@ -43,6 +43,12 @@ class Settings:
         "s3://BUCKET/PREFIX an S3-compatible object store (credentials and region from "
         "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."
     )
+    encrypt_blobs: bool = _setting(
+        False, "Encrypt every blob written from now on (AES-256-GCM in 64 KiB chunks, a key per "
+        "blob derived from the secret key, which is kept apart from the data: back it up "
+        "separately, without it the images cannot be read). Blobs written before stay "
+        "readable; keep it on once on."
+    )
     s3_endpoint_url: str = _setting(
         "", "Endpoint of the S3-compatible object store (e.g. http://127.0.0.1:8333); empty: "
         "AWS S3."

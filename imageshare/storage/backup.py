@@ -420,6 +420,11 @@ def scrub(engine: Engine, blobs: BlobStore, progress: Progress = _noop,
             report.missing.append((sop_uid, key))
             progress(1)
             continue
+        except StorageError:  # an encrypted blob whose chunk fails authentication
+            report.checked += 1
+            report.corrupt.append((sop_uid, key))
+            progress(1)
+            continue
         report.checked += 1
         report.bytes_read += read
         if recorded is None:
