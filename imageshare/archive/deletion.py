@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, Connection, and_, delete, func, select, update
+from sqlalchemy import ColumnElement, Connection, and_, delete, func, or_, select, update
 
 from imageshare.archive.index_writer import IndexWriter
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import DeletionRefused
 from imageshare.domain.retention import (
+    CASE_GRACE,
     EXPIRING,
     Clock,
     DeletionPath,
@@ -75,8 +76,19 @@ class ArchiveDeletion:
     def expired(self, actor: Actor, now: datetime | None = None) -> Removed:
         """Delete every instance whose class lets it go at ``now`` (the retention job); the
         rest is kept and counted."""
-        return self._delete(None, sorted(EXPIRING), actor, "retention period over", "expiry",
-                            now or self.clock())
+        moment = now or self.clock()
+        p = self.periods
+        cls, received, since = (instances.c.retention_class, instances.c.received_at,
+                                instances.c.class_since)
+        # What could have expired (the rule itself decides, row by row, below).
+        candidates = or_(
+            and_(cls.in_(["temporary", "inbox"]),
+                 received <= moment - timedelta(days=p.temporary_days)),
+            and_(cls == "upload", since.is_not(None),
+                 since <= moment - timedelta(days=p.upload_days)),
+            and_(cls.in_(["teaching", "research"]), received <= moment - CASE_GRACE))
+        return self._delete(candidates, sorted(EXPIRING), actor, "retention period over",
+                            "expiry", moment)
 
     def _delete(self, condition: ColumnElement[bool] | None, classes: Collection[str] | None,
                 actor: Actor, reason: str, path: DeletionPath, now: datetime) -> Removed:
