@@ -206,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     rule.add_argument("kind", choices=["source", "modality", "collection", "case_type"])
     rule.add_argument("value", help="AE title or account, modality code, collection or type")
     rule.add_argument("retention_class", nargs="?", default="",
-                      help="clinical, temporary, teaching, research or upload")
+                      help="clinical, temporary, teaching or research")
     rule.add_argument("--remove", action="store_true", help="remove the rule")
     rule.add_argument("--by", required=True, help="the administrator's account name")
 

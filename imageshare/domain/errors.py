@@ -191,6 +191,20 @@ class UnsupportedMediaType(ImageShareError):
     title = "Unsupported media type"
 
 
+class UploadOffsetMismatch(ImageShareError):
+    """A resumable upload's chunk does not start where the received bytes end (tus 409)."""
+
+    http_status = 409
+    title = "Upload offset mismatch"
+
+
+class UploadQuotaExceeded(ImageShareError):
+    """An upload would take an invitation (or a file) past its size limit."""
+
+    http_status = 413
+    title = "Upload too large"
+
+
 class DeletionRefused(ImageShareError):
     """A deletion that a legal hold or the images' retention class does not allow yet."""
 

@@ -44,7 +44,9 @@ class RetentionClass(StrEnum):
     # Copies made for teaching or research: as long as a case holds them.
     TEACHING = "teaching"
     RESEARCH = "research"
-    # Uploaded by a patient or partner: until its quality review, then ``upload_days``.
+    # Uploaded by a patient or partner, waiting for its quality review (not yet part of the
+    # record): accepted it becomes clinical, rejected it is deleted; one marked reviewed but
+    # left in this class goes ``upload_days`` after the review; never by time before it.
     UPLOAD = "upload"
 
 
@@ -56,11 +58,12 @@ CLASS_HELP: dict[RetentionClass, str] = {
     RetentionClass.HELD: "held for reconciliation: kept until a person decides",
     RetentionClass.TEACHING: "teaching copy: kept while a case holds it",
     RetentionClass.RESEARCH: "research copy: kept while a case holds it",
-    RetentionClass.UPLOAD: "patient or partner upload: kept until its review and 30 days after",
+    RetentionClass.UPLOAD: "patient or partner upload waiting for review: accepted it becomes "
+    "clinical, rejected it is deleted; never expires before its review, 30 days after it",
 }
 
 # Classes a person decides about by accepting or rejecting (rejection deletes them).
-REJECTABLE = frozenset({RetentionClass.INBOX, RetentionClass.HELD})
+REJECTABLE = frozenset({RetentionClass.INBOX, RetentionClass.HELD, RetentionClass.UPLOAD})
 # Classes the retention job may delete once their time has passed.
 EXPIRING = frozenset({RetentionClass.TEMPORARY, RetentionClass.INBOX, RetentionClass.UPLOAD,
                       RetentionClass.TEACHING, RetentionClass.RESEARCH})

@@ -39,9 +39,10 @@ from imageshare.storage.index.schema import (
 
 RuleKind = Literal["source", "modality", "collection", "case_type"]
 RULE_KINDS: tuple[RuleKind, ...] = ("source", "modality", "collection", "case_type")
-# Classes a policy rule may give (inbox and held are given by how things arrive).
+# Classes a policy rule may give (inbox, held and upload are given by how things arrive, and
+# keep them out of the record until a person decides).
 RULE_CLASSES = (RetentionClass.CLINICAL, RetentionClass.TEMPORARY, RetentionClass.TEACHING,
-                RetentionClass.RESEARCH, RetentionClass.UPLOAD)
+                RetentionClass.RESEARCH)
 # Policy rules are read again after this many seconds (other instances may have changed them).
 RULES_REFRESH_SECONDS = 30.0
 

@@ -59,6 +59,14 @@ def _store(archive, folder, actor, count=1, **dicom) -> str:
     return uid
 
 
+def _upload(archive, folder, actor, **dicom) -> str:
+    """A patient's upload, waiting for review in the upload class (as the upload service
+    stores it)."""
+    [path] = ct_series(folder, 1, **dicom)
+    with open(path, "rb") as stream:
+        return archive.ingest.store_stream(stream, actor, review_site="portal").study_uid
+
+
 def _present(archive) -> set[str]:
     with archive.engine.connect() as conn:
         return set(conn.execute(select(studies.c.study_uid)).scalars())
@@ -91,7 +99,6 @@ def test_over_thirty_simulated_years_nothing_is_deleted_before_its_class_allows(
     # The policy: classes by source (the retrieval cache, teaching copies, uploads).
     service.set_rule("source", "RETRIEVED", "temporary", IG1)
     service.set_rule("source", "TEACHING", "teaching", IG1)
-    service.set_rule("source", "PORTAL", "upload", IG1)
 
     adult = _store(archive, tmp_path / "adult", modality, patient_id="ADULT",
                    PatientBirthDate="19700101", StudyDate=_da(today))
@@ -114,8 +121,8 @@ def test_over_thirty_simulated_years_nothing_is_deleted_before_its_class_allows(
     accepted = _store(archive, tmp_path / "inbox2", district, patient_id="SENT2",
                       PatientBirthDate="19900101", StudyDate=_da(today))
     teaching = _store(archive, tmp_path / "teach", teaching_tool, patient_id="ANON1")
-    unreviewed = _store(archive, tmp_path / "up1", portal, patient_id="UPLOADER1")
-    reviewed = _store(archive, tmp_path / "up2", portal, patient_id="UPLOADER2")
+    unreviewed = _upload(archive, tmp_path / "up1", portal, patient_id="UPLOADER1")
+    reviewed = _upload(archive, tmp_path / "up2", portal, patient_id="UPLOADER2")
 
     [item] = [i for i in archive.inbox.items() if i.study_uid == accepted]
     archive.inbox.accept(item.pk, IG1)
