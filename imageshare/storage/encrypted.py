@@ -264,6 +264,45 @@ class EncryptedBlobStore:
         fh.seek(start)
         return BoundedReader(fh, length)  # type: ignore[return-value]
 
+    # -- backups keep blobs sealed ----------------------------------------------------------
+
+    def open_sealed(self, key: str) -> BinaryIO:
+        """The bytes under ``key`` as stored (sealed, or plaintext from before encryption was
+        enabled): what a backup copies, so that backup media hold no readable image."""
+        return self.inner.open(key)
+
+    def digest_of_stored(self, key: str, stream: BinaryIO) -> StoredBlob:
+        """Plaintext size and SHA-256 of bytes as :meth:`open_sealed` gives them (each chunk
+        authenticated); StorageError when they fail authentication."""
+        header = _read_exactly(stream, HEADER)
+        digest = hashlib.sha256()
+        if len(header) < HEADER or not header.startswith(MAGIC):
+            size = len(header)
+            digest.update(header)
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+            return StoredBlob(size, digest.hexdigest())
+        sealed = stream.seek(0, io.SEEK_END)
+        reader = _OpeningReader(stream, key, header, sealed, self._master)
+        size = 0
+        while chunk := reader.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        return StoredBlob(size, digest.hexdigest())
+
+    def put_stored(self, key: str, stream: BinaryIO, size: int) -> StoredBlob:
+        """Store bytes as :meth:`open_sealed` gave them (a restore); returns the plaintext's
+        size and SHA-256, checked by reading them back. Nothing stays stored when they fail
+        authentication."""
+        self.inner.put(key, stream, size)
+        try:
+            with self.inner.open(key) as fh:
+                return self.digest_of_stored(key, fh)
+        except StorageError:
+            self.inner.delete(key)
+            raise
+
     def delete(self, key: str) -> None:
         """Remove ``key``."""
         self.inner.delete(key)

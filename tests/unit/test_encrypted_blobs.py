@@ -158,3 +158,31 @@ def _blob_key(archive, study_uid: str) -> str:
                             .join(series, series.c.pk == instances.c.series_pk)
                             .join(studies, studies.c.pk == series.c.study_pk)
                             .where(studies.c.study_uid == study_uid)).scalar_one()
+
+
+def test_a_backup_of_an_encrypted_store_holds_no_readable_image_and_restores_identical(
+        tmp_path, imageshare):
+    key_env = {"IMAGESHARE_SECRET_KEY": "s" * 40, "IMAGESHARE_ENCRYPT_BLOBS": "true"}
+    source = make_archive(tmp_path / "src", encrypt_blobs=True, secret_key="s" * 40)
+    cine = us_cine(tmp_path / "us", frames=6, patient_name="Confidential^Carol")
+    stored = source.ingest.store_copy(cine, cli_actor())
+    blob = _blob_key(source, stored.study_uid)
+    source.close()
+    backup_dir = tmp_path / "backup"
+    made = imageshare(tmp_path / "src" / "data", "backup", "--quiet", str(backup_dir),
+                      **key_env)
+    assert made.returncode == 0, made.stdout + made.stderr
+    copies = [p for p in (backup_dir / "blobs").rglob("*") if p.is_file()]
+    assert len(copies) == 1 and b"Confidential" not in copies[0].read_bytes()
+    plain = imageshare(tmp_path / "plain", "restore", "--quiet", str(backup_dir),
+                       IMAGESHARE_SECRET_KEY="s" * 40, IMAGESHARE_ENCRYPT_BLOBS="false")
+    assert plain.returncode == 1 and "blobs are encrypted" in plain.stderr
+    restored = imageshare(tmp_path / "new", "restore", "--quiet", str(backup_dir), **key_env)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    again = make_archive(tmp_path / "new-check", data_dir=tmp_path / "new",
+                         encrypt_blobs=True, secret_key="s" * 40)
+    try:
+        with again.blobs.open(blob) as fh:
+            assert fh.read() == cine.read_bytes()
+    finally:
+        again.close()
