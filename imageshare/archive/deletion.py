@@ -25,12 +25,15 @@ from imageshare.domain.retention import (
 from imageshare.retention.facts import instance_facts
 from imageshare.storage.blobs import BlobStore
 from imageshare.storage.index.schema import (
+    annotations,
+    case_items,
     inbox_items,
     instances,
     patient_identifiers,
     patients,
     series,
     studies,
+    study_comments,
 )
 
 
@@ -121,6 +124,8 @@ class ArchiveDeletion:
             for start in range(0, len(pks), 500):
                 conn.execute(delete(instances).where(instances.c.pk.in_(pks[start:start + 500])))
             _recount(conn, list(counts))
+            if path == "approved":
+                _forget_study_notes(conn, list(counts))
             self._parents_changed(conn)
             self._audit.record([AuditEvent(
                 actor=actor, action="instance.delete", outcome="success",
@@ -133,6 +138,16 @@ class ArchiveDeletion:
         for key in keys:
             self._blobs.delete(key)
         return Removed(sum(counts.values()), sorted(counts), kept)
+
+
+def _forget_study_notes(conn: Connection, study_uids: list[str]) -> None:
+    """A study deleted by two administrators takes its comments, annotations and places in
+    cases with it (the audit trail keeps that it existed and who deleted it)."""
+    for uid in study_uids:
+        if conn.execute(select(studies.c.pk).where(studies.c.study_uid == uid)).first():
+            continue  # not all of it went
+        for table in (study_comments, annotations, case_items):
+            conn.execute(delete(table).where(table.c.study_uid == uid))
 
 
 def _recount(conn: Connection, study_uids: list[str]) -> None:

@@ -233,6 +233,8 @@ def test_the_requester_cannot_approve_their_own_deletion(governed, tmp_path):
     archive, clock = governed
     uid = _store(archive, tmp_path / "s", Actor("system", "t", "admin", "t"),
                  patient_id="P1", PatientBirthDate="19500101")
+    blob = _keys(archive)[0]
+    archive.comments.add(uid, "P1", "Seen in clinic", CLERK)
     clock.now = clock.now + timedelta(days=366 * 9)
     request = archive.retention.request_deletion(uid, IG1, "duplicate of another study")
     with pytest.raises(Forbidden):
@@ -243,7 +245,8 @@ def test_the_requester_cannot_approve_their_own_deletion(governed, tmp_path):
     removed = archive.retention.approve_deletion(request.public_id, IG2)
     assert removed.instances == 1 and uid not in _present(archive)
     assert archive.retention.deletion_request(request.public_id).state == "deleted"
-    assert not any(archive.blobs.exists(k) for k in _keys(archive))
+    assert _keys(archive) == [] and not archive.blobs.exists(blob)
+    assert archive.comments.for_study(uid) == []
     [approve] = [e for e in archive.audit.events("deletion.approve")
                  if e["outcome"] == "success"]
     assert approve["actor"] == "user:caldicott" and approve["study_uid"] == uid
