@@ -32,6 +32,7 @@ from imageshare.storage.index.schema import (
     patient_identifiers,
     patients,
     series,
+    share_items,
     studies,
     study_comments,
 )
@@ -141,12 +142,12 @@ class ArchiveDeletion:
 
 
 def _forget_study_notes(conn: Connection, study_uids: list[str]) -> None:
-    """A study deleted by two administrators takes its comments, annotations and places in
-    cases with it (the audit trail keeps that it existed and who deleted it)."""
+    """A study deleted by two administrators takes its comments, annotations, places in cases
+    and in share links with it (the audit trail keeps that it existed and who deleted it)."""
     for uid in study_uids:
         if conn.execute(select(studies.c.pk).where(studies.c.study_uid == uid)).first():
             continue  # not all of it went
-        for table in (study_comments, annotations, case_items):
+        for table in (study_comments, annotations, case_items, share_items):
             conn.execute(delete(table).where(table.c.study_uid == uid))
 
 

@@ -23,6 +23,7 @@ from imageshare.domain.retention import (
     deletion_verdict,
 )
 from imageshare.sharing.cases import CaseItem
+from imageshare.sharing.links import NewShare
 from imageshare.storage.index.schema import instances, studies
 from tests.factory import ct_series
 
@@ -235,6 +236,7 @@ def test_the_requester_cannot_approve_their_own_deletion(governed, tmp_path):
                  patient_id="P1", PatientBirthDate="19500101")
     blob = _keys(archive)[0]
     archive.comments.add(uid, "P1", "Seen in clinic", CLERK)
+    share = archive.shares.create(NewShare(uid), CLERK, None)
     clock.now = clock.now + timedelta(days=366 * 9)
     request = archive.retention.request_deletion(uid, IG1, "duplicate of another study")
     with pytest.raises(Forbidden):
@@ -247,6 +249,7 @@ def test_the_requester_cannot_approve_their_own_deletion(governed, tmp_path):
     assert archive.retention.deletion_request(request.public_id).state == "deleted"
     assert _keys(archive) == [] and not archive.blobs.exists(blob)
     assert archive.comments.for_study(uid) == []
+    assert archive.shares.items(archive.shares.by_public_id(share.public_id, "clerk")) == []
     [approve] = [e for e in archive.audit.events("deletion.approve")
                  if e["outcome"] == "success"]
     assert approve["actor"] == "user:caldicott" and approve["study_uid"] == uid
