@@ -337,7 +337,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     _register_housekeeping(jobs, shares, retention, throttle)
     inbox = Inbox(engine, catalogue, corrections, deletion, audit)
     uploads = _uploads(settings, engine, audit, ingest, inbox, catalogue, corrections, mailer,
-                       users_directory)
+                       users_directory, jobs)
     archive = Archive(
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
         ingest=ingest, query=query, retrieve=retrieve, users=users_directory,
@@ -375,7 +375,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
 
 def _uploads(settings: Settings, engine: Engine, audit: AuditTrail, ingest: IngestService,
              inbox: Inbox, catalogue: StudyCatalogue, corrections: PatientCorrections,
-             mailer: Mailer, users: UserDirectory) -> UploadService:
+             mailer: Mailer, users: UserDirectory, jobs: DatabaseJobQueue) -> UploadService:
     """The uploads capability: received files and kept originals live in the data folder
     (``uploads/`` and ``upload-originals/``)."""
     invitations = UploadInvitations(engine, audit, mailer, settings.public_url,
@@ -390,6 +390,7 @@ def _uploads(settings: Settings, engine: Engine, audit: AuditTrail, ingest: Inge
                             audit),
         patients=PatientAccounts(engine, users, audit, mailer,
                                  settings.public_url),
+        jobs=jobs,
     )
 
 

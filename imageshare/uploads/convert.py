@@ -85,6 +85,7 @@ class Placement:
     reference: str
     description: str
     body_part: str = ""
+    sop_uid: str = ""  # given when a re-run must make the same instance again
 
 
 # Body parts an invitation may name (DICOM Body Part Examined) and their SNOMED CT codes; any
@@ -110,7 +111,7 @@ def _base(details: PatientDetails, where: Placement, sop_class: str, modality: s
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = generate_uid()
+    ds.SOPInstanceUID = where.sop_uid or generate_uid()
     stamp_date = where.uploaded_at.strftime("%Y%m%d")
     stamp_time = where.uploaded_at.strftime("%H%M%S")
     ds.InstanceCreationDate, ds.InstanceCreationTime = stamp_date, stamp_time
