@@ -25,7 +25,9 @@ from imageshare.domain.retention import (
 from imageshare.retention.facts import instance_facts
 from imageshare.storage.blobs import BlobStore
 from imageshare.storage.index.schema import (
-    annotations,
+    annotations as annotation_rows,
+)
+from imageshare.storage.index.schema import (
     case_items,
     inbox_items,
     instances,
@@ -147,7 +149,7 @@ def _forget_study_notes(conn: Connection, study_uids: list[str]) -> None:
     for uid in study_uids:
         if conn.execute(select(studies.c.pk).where(studies.c.study_uid == uid)).first():
             continue  # not all of it went
-        for table in (study_comments, annotations, case_items, share_items):
+        for table in (study_comments, annotation_rows, case_items, share_items):
             conn.execute(delete(table).where(table.c.study_uid == uid))
 
 
