@@ -343,3 +343,25 @@ def test_the_command_line_places_and_lifts_holds_and_needs_two_administrators_to
     assert approved.returncode == 0 and "1 instance(s)" in approved.stdout
     assert uid not in _present(archive)
     assert "deleted" in imageshare(data, "deletion", "list").stdout
+
+
+def test_the_retention_job_keeps_a_held_copy_and_deletes_an_expired_one_on_either_index(
+        any_archive, tmp_path):
+    archive = any_archive
+    archive.users.add(IG1.name, "long-enough-password", "admin")
+    clock = SimulatedClock(datetime.now(UTC))
+    archive.deletion.clock = clock
+    archive.retention.set_rule("source", "RETRIEVED", "temporary", IG1)
+    site = Actor("node", "RETRIEVED", "node", "RETRIEVED@10.9.0.1",
+                 grants=frozenset({"dicom.store"}))
+    kept = _store(archive, tmp_path / "a", site, patient_id="T1")
+    gone = _store(archive, tmp_path / "b", site, patient_id="T2")
+    clinical = _store(archive, tmp_path / "c", Actor("system", "t", "admin", "t"),
+                      patient_id="T3")
+    archive.retention.place_hold(IG1, "incident", patient_id="T1")
+    clock.now += timedelta(days=29)
+    assert archive.retention.run(IG1).instances == 0
+    clock.now += timedelta(days=2)
+    removed = archive.retention.run(IG1)
+    assert (removed.instances, removed.studies, removed.kept) == (1, [gone], 1)
+    assert _present(archive) == {kept, clinical}
