@@ -6,7 +6,7 @@ rejected. Unaccepted items expire with the temporary retention class."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from sqlalchemy import Engine, and_, select, update
 
@@ -27,8 +27,6 @@ from imageshare.storage.index.schema import (
     series,
     studies,
 )
-
-TEMPORARY_CLASSES = ("temporary", "inbox")
 
 
 @dataclass(frozen=True)
@@ -164,20 +162,6 @@ class Inbox:
                                           instance_count=removed.instances,
                                           detail={"site": item.site}), conn=conn)
         return removed
-
-
-class Retention:
-    """The retention job: temporary copies and unaccepted inbox items go after their time."""
-
-    def __init__(self, deletion: ArchiveDeletion, days: int) -> None:
-        self._deletion = deletion
-        self.days = days
-
-    def run(self, actor: Actor, now: datetime | None = None) -> Removed:
-        """Delete what has expired at ``now`` (default: the present)."""
-        moment = now or datetime.now(UTC)
-        return self._deletion.expired(TEMPORARY_CLASSES, moment - timedelta(days=self.days),
-                                      actor)
 
 
 def _looks_nhs(patient: PatientRecord) -> bool:

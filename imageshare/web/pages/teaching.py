@@ -255,6 +255,7 @@ async def share(request: Request, archive: ArchiveDep, public_id: str,
         "", selection=tuple((s, "", "") for s in studies), recipient_email=recipient_email,
         days=days or archive.shares.default_days, allow_download=bool(download),
         deidentified=True, profile=profile, message=message, title=case.title,
+        purpose="teaching",
         description=case.history, interpretation="\n".join(
             f"{label}: {text}" for label, text in answers_of(case) if text and text != "—"))
     created = await run_in_threadpool(archive.shares.create_and_send, request_, actor, None)

@@ -40,6 +40,15 @@ NOTICES = {
     "teaching-created": ("success", "The teaching case was made from a de-identified, "
                                     "verified copy of the images."),
     "file-attached": ("success", "The file was attached to the case."),
+    "hold-placed": ("success", "The legal hold is in force: nothing it covers is deleted."),
+    "hold-lifted": ("success", "The legal hold was lifted."),
+    "deletion-requested": ("success", "The deletion was requested: another administrator "
+                                      "must approve it."),
+    "deletion-approved": ("success", "The study was deleted."),
+    "deletion-refused": ("success", "The deletion request was closed; nothing was deleted."),
+    "rule-set": ("success", "The retention rule was saved."),
+    "rule-removed": ("success", "The retention rule was removed."),
+    "consent-recorded": ("success", "The consent decision was recorded."),
 }
 
 

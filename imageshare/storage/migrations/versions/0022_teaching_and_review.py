@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0022"
-down_revision = "0021"  # was "0018"; re-chained after main brought 0023 and 0021 (one head)
+down_revision = "0020"  # was "0018"; re-chained after main brought 0023, 0021 and 0020 (one head)
 branch_labels = None
 depends_on = None
 
