@@ -4,53 +4,24 @@ then the share is revoked. Real SMTP server (aiosmtpd) on loopback, real Chromiu
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from email import message_from_bytes
 
 import httpx
 import pytest
 from pydicom import dcmread
 
 from tests.factory import us_cine
-from tests.peers import RunningServer, free_port
+from tests.mail import MailSink, smtp_server
+from tests.peers import RunningServer
 
 pytestmark = pytest.mark.browser
 PASSWORD = "sonographer-password"
 
 
-class MailSink:
-    """Collects every message the SMTP server receives."""
-
-    def __init__(self) -> None:
-        self.messages: list = []
-        self.arrived = threading.Condition()
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
-        with self.arrived:
-            self.messages.append(message_from_bytes(envelope.content))
-            self.arrived.notify_all()
-        return "250 OK"
-
-    def wait_for(self, to: str, count: int = 1, timeout: float = 30.0) -> list:
-        def mine() -> list:
-            return [m for m in self.messages if to in m["To"]]
-
-        with self.arrived:
-            self.arrived.wait_for(lambda: len(mine()) >= count, timeout=timeout)
-        return mine()
-
-
 @pytest.fixture(scope="module")
 def mail() -> Iterator[tuple[MailSink, int]]:
-    from aiosmtpd.controller import Controller
-
-    sink = MailSink()
-    port = free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield sink, port
-    controller.stop()
+    with smtp_server() as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.browser.test_sharing_flow import MailSink
 from tests.conftest import ROOT
-from tests.peers import RunningServer, free_port
+from tests.mail import smtp_server
+from tests.peers import RunningServer
 from tests.upload_media import cd_folder, mp4, pdf, photo, png
 
 pytestmark = pytest.mark.browser
@@ -25,12 +25,11 @@ SCREENSHOTS = ROOT / "docs" / "screenshots"
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Iterator[dict]:
-    from aiosmtpd.controller import Controller
+    with smtp_server() as (sink, port):
+        yield from _site(tmp_path_factory, sink, port)
 
-    sink = MailSink()
-    port = free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
-    controller.start()
+
+def _site(tmp_path_factory, sink, port: int) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("uploads")
     server = RunningServer(root / "data", extra_env={
         "IMAGESHARE_SMTP_HOST": "127.0.0.1", "IMAGESHARE_SMTP_PORT": str(port),
@@ -46,7 +45,6 @@ def site(tmp_path_factory) -> Iterator[dict]:
                "video": mp4(media / "knee.mp4", frames=60), "pdf": pdf(media / "letter.pdf")}
     finally:
         server.stop()
-        controller.stop()
 
 
 def _shot(page, name: str) -> None:

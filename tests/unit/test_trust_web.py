@@ -10,9 +10,7 @@ details out of URLs, marks saved whole.
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
-from email import message_from_bytes
 from html.parser import HTMLParser
 
 import pytest
@@ -26,7 +24,7 @@ from imageshare.storage.index.schema import shares, users
 from imageshare.web.server import create_app
 from tests.conftest import ADMIN_PASSWORD, make_archive
 from tests.factory import ct_series, us_cine
-from tests.peers import free_port
+from tests.mail import smtp_server
 from tests.unit.test_sessions import enrol_two_factor, next_code
 from tests.unit.test_web_pages import HTML, browser_sign_in, csrf_of
 
@@ -218,43 +216,20 @@ def test_an_identifiable_share_link_needs_its_recipient_signed_in_before_the_pas
 # -- item 3: identifiable shares go only to real accounts, or to bound invitations --------------
 
 
-class MailSink:
-    """A real SMTP server on loopback (aiosmtpd) keeping every message."""
-
-    def __init__(self) -> None:
-        self.messages: list = []
-        self.lock = threading.Lock()
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
-        with self.lock:
-            self.messages.append(message_from_bytes(envelope.content))
-        return "250 OK"
-
-    def bodies(self, to: str) -> list[str]:
-        with self.lock:
-            return [m.get_payload(decode=True).decode() for m in self.messages if to in m["To"]]
-
-
 @pytest.fixture
 def mailing(tmp_path) -> Iterator[tuple]:
     """An archive that sends e-mail to a real SMTP server; its public URL is set."""
-    from aiosmtpd.controller import Controller
-
-    sink = MailSink()
-    port = free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
-    controller.start()
-    built = make_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
-                         public_url="https://images.hospital.example")
-    built.users.ensure_admin(ADMIN_PASSWORD)
-    built.users.add("sono", PASSWORD, "sonographer")
-    uid = built.ingest.store_copy(us_cine(tmp_path / "us", frames=2, patient_id="H77",
-                                          patient_name="Lovelace^Ada"), OWNER).study_uid
-    try:
-        yield built, sink, uid
-    finally:
-        built.close()
-        controller.stop()
+    with smtp_server() as (sink, port):
+        built = make_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
+                             public_url="https://images.hospital.example")
+        built.users.ensure_admin(ADMIN_PASSWORD)
+        built.users.add("sono", PASSWORD, "sonographer")
+        uid = built.ingest.store_copy(us_cine(tmp_path / "us", frames=2, patient_id="H77",
+                                              patient_name="Lovelace^Ada"), OWNER).study_uid
+        try:
+            yield built, sink, uid
+        finally:
+            built.close()
 
 
 def test_identifiable_shares_go_only_to_existing_accounts(archive, study):

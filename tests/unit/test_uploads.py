@@ -7,12 +7,10 @@ from __future__ import annotations
 import base64
 import re
 import subprocess
-import threading
 import time
 import zipfile
 from collections.abc import Iterator
 from datetime import datetime
-from email import message_from_bytes
 from pathlib import Path
 
 import pytest
@@ -27,8 +25,8 @@ from imageshare.uploads.invitations import UploadRequest
 from imageshare.uploads.receiving import safe_parts
 from imageshare.web.server import create_app
 from tests.conftest import ADMIN_PASSWORD, make_archive, require_tool
+from tests.mail import smtp_server
 from tests.multipart_helpers import parse_multipart
-from tests.peers import free_port
 from tests.unit.test_web_pages import browser_sign_in, csrf_of
 from tests.upload_media import cd_folder, mp4, pdf, photo, png
 
@@ -39,43 +37,20 @@ NHS = "9434765919"
 STAFF = Actor("user", "clerk", "radiographer", "127.0.0.1")
 
 
-class MailSink:
-    """A real SMTP server's handler (aiosmtpd) keeping every message."""
-
-    def __init__(self) -> None:
-        self.messages: list = []
-        self.lock = threading.Lock()
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
-        with self.lock:
-            self.messages.append(message_from_bytes(envelope.content))
-        return "250 OK"
-
-    def bodies(self, to: str) -> list[str]:
-        with self.lock:
-            return [m.get_payload(decode=True).decode() for m in self.messages if to in m["To"]]
-
-
 @pytest.fixture
 def hospital(tmp_path) -> Iterator[tuple]:
     """An archive with a real SMTP server and its public URL, a clerk and the patient's
     record (hospital number H100)."""
-    from aiosmtpd.controller import Controller
-
-    sink = MailSink()
-    port = free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
-    controller.start()
-    archive = make_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
-                           public_url="https://images.hospital.example",
-                           upload_chunk_bytes=256 * 1024)
-    archive.users.ensure_admin(ADMIN_PASSWORD)
-    archive.users.add("clerk", PASSWORD, "radiographer")
-    try:
-        yield archive, sink
-    finally:
-        archive.close()
-        controller.stop()
+    with smtp_server() as (sink, port):
+        archive = make_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
+                               public_url="https://images.hospital.example",
+                               upload_chunk_bytes=256 * 1024)
+        archive.users.ensure_admin(ADMIN_PASSWORD)
+        archive.users.add("clerk", PASSWORD, "radiographer")
+        try:
+            yield archive, sink
+        finally:
+            archive.close()
 
 
 def _invite(archive, **extra) -> tuple:
