@@ -50,10 +50,12 @@ from imageshare.dicom.dicomweb_site import DicomwebSites
 from imageshare.dicom.scu import DimseSites
 from imageshare.domain.actors import SYSTEM, Actor
 from imageshare.ehr.launch import EhrLaunches
+from imageshare.exchange.arrivals import Arrivals
 from imageshare.exchange.federated import ExchangeService
 from imageshare.exchange.inbox import Inbox, Retention
 from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 from imageshare.exchange.requests import ImagingRequests
+from imageshare.exchange.site_api import SiteApi
 from imageshare.exchange.sites import SiteClient
 from imageshare.exchange.transfers import Transfers
 from imageshare.export.service import ExportService
@@ -122,6 +124,7 @@ class Archive:
     retention: Retention
     deletion: ArchiveDeletion
     requests: ImagingRequests
+    arrivals: Arrivals
     refused_callers: RefusedCallers
     ehr_launches: EhrLaunches
     imaging_studies: ImagingStudies
@@ -304,6 +307,13 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     retention = Retention(deletion, settings.temporary_days)
     throttle = SignInThrottle(engine)
     _register_housekeeping(jobs, shares, retention, throttle)
+    site_api = SiteApi(nodes, jobs, tls, settings.push_retry_schedule)
+    transfers = Transfers(engine, nodes, clients, retrieve, jobs, notifier, audit,
+                          settings.push_retry_schedule, site_api, settings.ae_title)
+    inbox = Inbox(engine, catalogue, corrections, deletion, audit)
+    arrivals = Arrivals(engine, nodes, site_api, mailer, audit, settings.ae_title,
+                        settings.exchange_team_email, settings.public_url)
+    inbox.on_decided(arrivals.send_receipt)
     archive = Archive(
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
         ingest=ingest, query=query, retrieve=retrieve, users=users_directory,
@@ -321,11 +331,10 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         exchange=ExchangeService(engine, nodes, clients, search, audit, jobs,
                                  settings.exchange_timeout,
                                  settings.link_by_name_and_birth_date),
-        transfers=Transfers(engine, nodes, clients, retrieve, jobs, notifier, audit,
-                            settings.push_retry_schedule),
-        inbox=Inbox(engine, catalogue, corrections, deletion, audit),
+        transfers=transfers, inbox=inbox, arrivals=arrivals,
         retention=retention, deletion=deletion,
-        requests=ImagingRequests(engine, nodes, notifier, audit, settings.ae_title, tls),
+        requests=ImagingRequests(engine, nodes, notifier, audit, settings.ae_title, tls,
+                                 site_api, transfers),
         refused_callers=RefusedCallers(engine, nodes, audit),
         ehr_launches=EhrLaunches(engine, box, users_directory, audit,
                                  settings.iid_launch_max_seconds),

@@ -36,6 +36,7 @@ from imageshare.web.pages import (
     assets,
     cases,
     exchange,
+    imaging_requests,
     patients,
     reports,
     shared,
@@ -62,7 +63,7 @@ def create_app(archive: Archive) -> FastAPI:
     app.include_router(fhir.router)
     app.include_router(iid.router)
     for pages in (sign_in, studies, viewer, patients, account, admin, reports, shares, shared,
-                  cases, exchange, assets):
+                  cases, exchange, imaging_requests, assets):
         app.include_router(pages.router)
     app.add_middleware(RequestLimits, settings=archive.settings)
     origins = [o.strip() for o in archive.settings.cors_origins.split(",") if o.strip()]
