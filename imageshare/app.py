@@ -56,6 +56,7 @@ from imageshare.exchange.inbox import Inbox, Retention
 from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 from imageshare.exchange.requests import ImagingRequests
 from imageshare.exchange.site_api import SiteApi
+from imageshare.exchange.site_status import SiteStatusBoard
 from imageshare.exchange.sites import SiteClient
 from imageshare.exchange.transfers import Transfers
 from imageshare.export.service import ExportService
@@ -125,6 +126,7 @@ class Archive:
     deletion: ArchiveDeletion
     requests: ImagingRequests
     arrivals: Arrivals
+    site_status: SiteStatusBoard
     refused_callers: RefusedCallers
     ehr_launches: EhrLaunches
     imaging_studies: ImagingStudies
@@ -330,7 +332,9 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         annotations=AnnotationBook(engine, retrieve, ingest, audit),
         exchange=ExchangeService(engine, nodes, clients, search, audit, jobs,
                                  settings.exchange_timeout,
-                                 settings.link_by_name_and_birth_date),
+                                 settings.link_by_name_and_birth_date,
+                                 settings.temporary_days),
+        site_status=SiteStatusBoard(engine, nodes, settings.temporary_days),
         transfers=transfers, inbox=inbox, arrivals=arrivals,
         retention=retention, deletion=deletion,
         requests=ImagingRequests(engine, nodes, notifier, audit, settings.ae_title, tls,

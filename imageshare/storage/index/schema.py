@@ -499,7 +499,24 @@ site_checks = Table(
     Column("detail", String(256), nullable=False),
     Column("found", Integer, nullable=False),
     Column("checked_at", DateTime(timezone=True), nullable=False),
+    # What the site answered with (JSON list of studies, each with how it links to the
+    # patient), for the live status per site on the study page.
+    Column("studies", Text, nullable=False, default="[]", server_default="[]"),
     UniqueConstraint("patient_key", "site"),
+)
+
+# Temporary copies retrieved from other sites: where from, by whom, and until when kept.
+retrieved_copies = Table(
+    "retrieved_copies",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("study_uid", String(64), nullable=False, unique=True),
+    Column("site", String(16), nullable=False),
+    Column("job_id", String(64), nullable=False, default="", server_default=""),
+    Column("retrieved_by", String(128), nullable=False, default="", server_default=""),
+    Column("retrieved_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("instances", Integer, nullable=False, default=0, server_default="0"),
 )
 
 # Requests for a patient's prior imaging: sent to other sites, or received from them.

@@ -52,14 +52,19 @@ async def exchange(request: Request, archive: ArchiveDep, actor: allowed(EXCHANG
     except ImageShareError as exc:
         return page(request, "exchange.html", status_code=400, form=form, result=None,
                     error=str(exc))
-    return page(request, "exchange.html", form=form, result=result)
+    uids = [st.study_uid for site in result.sites for st in site.studies]
+    return page(request, "exchange.html", form=form, result=result,
+                copies=archive.site_status.copies(uids))
 
 
 @router.post("/exchange/retrieve")
 def retrieve(archive: ArchiveDep, actor: allowed(EXCHANGE), site: Annotated[str, Form()],
-             study_uid: Annotated[str, Form()]) -> Response:
-    """Bring a remote study here (a temporary copy) and follow the job."""
+             study_uid: Annotated[str, Form()], back: Annotated[str, Form()] = "") -> Response:
+    """Bring a remote study here (a temporary copy) and follow it: on the study page it came
+    from (``back``, a study page of ours) or on the job's page."""
     job = archive.exchange.retrieve(site, study_uid, actor)
+    if back.startswith("/studies/") and "//" not in back and len(back) < 100:
+        return redirect(f"{back.split('#')[0]}#other-sites")
     return redirect(f"/jobs/{job.id}")
 
 

@@ -1,7 +1,8 @@
 """Exchange as the receiving hospital lives it: what travels with a pushed study (sender,
 priority, note, contact, the transfer it belongs to) kept on the inbox item with the state of
 the receipt sent back; the receipt on the sender's transfer; the other site's id of a request
-for prior imaging, with who answered it.
+for prior imaging, with who answered it; the studies each site last answered with (for the
+live status per site); where each temporary copy came from and until when it is kept.
 
 Revision ID: 0019
 """
@@ -43,6 +44,21 @@ def upgrade() -> None:
         batch.add_column(_text("receipt_by", 128))
         batch.add_column(sa.Column("receipt_at", TS, nullable=True))
         batch.add_column(_text("receipt_note"))
+    with op.batch_alter_table("site_checks") as batch:
+        batch.add_column(sa.Column("studies", sa.Text, nullable=False, server_default="[]"))
+    op.create_table(
+        "retrieved_copies",
+        sa.Column("pk", sa.Integer, primary_key=True),
+        sa.Column("study_uid", sa.String(64), nullable=False),
+        sa.Column("site", sa.String(16), nullable=False),
+        sa.Column("job_id", sa.String(64), nullable=False, server_default=""),
+        sa.Column("retrieved_by", sa.String(128), nullable=False, server_default=""),
+        sa.Column("retrieved_at", TS, nullable=False),
+        sa.Column("expires_at", TS, nullable=False),
+        sa.Column("instances", sa.Integer, nullable=False, server_default="0"),
+        sa.PrimaryKeyConstraint("pk", name="pk_retrieved_copies"),
+        sa.UniqueConstraint("study_uid", name="uq_retrieved_copies_study_uid"),
+    )
     with op.batch_alter_table("imaging_requests") as batch:
         batch.add_column(_text("remote_id", 32))
         batch.add_column(_text("answered_by", 128))
@@ -50,6 +66,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("retrieved_copies")
+    with op.batch_alter_table("site_checks") as batch:
+        batch.drop_column("studies")
     with op.batch_alter_table("imaging_requests") as batch:
         for name in ("answered_at", "answered_by", "remote_id"):
             batch.drop_column(name)
