@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from pydicom import dcmread
 
 from tests.factory import ct_series
 from tests.peers import RunningServer, free_port
+from tests.sites import Preparing
 
 pytestmark = pytest.mark.browser
 PASSWORD = "clinician-password"
@@ -81,21 +83,28 @@ class SlowLink:
 
 @pytest.fixture
 def hospitals(tmp_path) -> Iterator[dict]:
-    a = RunningServer(tmp_path / "a", ae_title="SITEA").start()
-    b = RunningServer(tmp_path / "b", ae_title="SITEB").start()
-    link = SlowLink(b.http_port, 0.6).start()
+    a = RunningServer(tmp_path / "a", ae_title="SITEA")
+    b = RunningServer(tmp_path / "b", ae_title="SITEB")
+    link = SlowLink(b.http_port, 0.6)
+    here = ct_series(tmp_path / "here", 1, patient_id=NHS, patient_name="Franklin^Rosalind")
+    there = ct_series(tmp_path / "there", 6, patient_id=NHS, patient_name="Franklin^Rosalind")
+    at_a, at_b = Preparing(a), Preparing(b)
     try:
-        here = ct_series(tmp_path / "here", 1, patient_id=NHS, patient_name="Franklin^Rosalind")
-        a.cli("import", "--quiet", str(tmp_path / "here"))
-        there = ct_series(tmp_path / "there", 6, patient_id=NHS,
-                          patient_name="Franklin^Rosalind")
-        b.cli("import", "--quiet", str(tmp_path / "there"))
-        a.cli("user", "add", "doctor", "--role", "clinician", "--password", PASSWORD)
-        b.cli("user", "add", "site-a", "--role", "service", "--password", "service-password")
-        token = b.cli("user", "token", "site-a", "--name", "Hospital A").stdout.strip()
-        a.cli("node", "add", "SITEB", "--host", "127.0.0.1", "--port", str(b.dicom_port),
-              "--name", "Hospital B", "--dicomweb", f"http://127.0.0.1:{link.port}/dicomweb",
-              "--dicomweb-auth", f"Bearer {token}")
+        at_a.studies(here)
+        at_b.studies(there)
+        at_a.user("doctor", PASSWORD, "clinician")
+        token = at_b.user("site-a", "service-password", "service", token=True)
+        # Hospital B is reached through the slow line.
+        at_a.site("SITEB", b, "Hospital B", token, inbox=False)
+        at_a.archive.nodes.add(replace(at_a.archive.nodes.get("SITEB"), dicomweb_url=(
+            f"http://127.0.0.1:{link.port}/dicomweb")), replace=True)
+    finally:
+        at_a.close()
+        at_b.close()
+    link.start()
+    try:
+        a.start()
+        b.start()
         yield {"a": a, "here": dcmread(here[0], stop_before_pixels=True).StudyInstanceUID,
                "there": dcmread(there[0], stop_before_pixels=True).StudyInstanceUID}
     finally:

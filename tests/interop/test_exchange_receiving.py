@@ -17,6 +17,7 @@ from pydicom import dcmread
 
 from tests.factory import ct_series
 from tests.peers import RunningServer, free_port
+from tests.sites import Preparing
 
 pytestmark = pytest.mark.interop
 STAFF = ("staff", "staff-password-1")
@@ -74,44 +75,47 @@ def mail():
         controller.stop()
 
 
-def _know_each_other(a: RunningServer, b: RunningServer) -> None:
-    """Each site has an account for the other (its site API and STOW-RS) and registers the
-    other by name, over DICOM and DICOMweb with that account's token."""
-    for server in (a, b):
-        server.cli("user", "add", STAFF[0], "--role", "clinician", "--password", STAFF[1])
-    for here, there, ae, name in ((a, b, "SITEB", "Hospital B"),
-                                  (b, a, "SITEA", "Hospital A")):
-        account = f"site-{ae.lower()}"
-        there.cli("user", "add", account, "--role", "site", "--password", "service-password")
-        token = there.cli("user", "token", account, "--name", ae).stdout.strip()
-        here.cli("node", "add", ae, "--host", "127.0.0.1", "--port", str(there.dicom_port),
-                 "--name", name, "--inbox", "--dicomweb", there.dicomweb,
-                 "--dicomweb-auth", f"Bearer {token}")
-
-
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory, mail):
-    """Two sites for the whole module (each test works on its own studies)."""
+    """Two sites for the whole module, each knowing the other by name over DICOM and its
+    site API (an account with the ``site`` role at the other); A holds the studies it will
+    push, B a prior study of the same patient."""
     tmp_path = tmp_path_factory.mktemp("sites")
     _sink, smtp_port = mail
     quick = {"IMAGESHARE_PUSH_RETRY_SECONDS": "0.5,1,1"}
-    a = RunningServer(tmp_path / "a", ae_title="SITEA", extra_env=quick).start()
+    a = RunningServer(tmp_path / "a", ae_title="SITEA", extra_env=quick)
     b = RunningServer(tmp_path / "b", ae_title="SITEB", extra_env={
         **quick, "IMAGESHARE_SMTP_HOST": "127.0.0.1", "IMAGESHARE_SMTP_PORT": str(smtp_port),
         "IMAGESHARE_EXCHANGE_TEAM_EMAIL": "radiology-team@b.example",
-        "IMAGESHARE_PUBLIC_URL": "https://images.b.example"}).start()
+        "IMAGESHARE_PUBLIC_URL": "https://images.b.example"})
+    at_a, at_b = Preparing(a), Preparing(b)
+    uids = {}
     try:
-        _know_each_other(a, b)
-        yield a, b
+        for here in (at_a, at_b):
+            here.user(*STAFF, "clinician")
+        a_at_b = at_b.user("site-sitea", "service-password", "site", token=True)
+        b_at_a = at_a.user("site-siteb", "service-password", "site", token=True)
+        at_a.site("SITEB", b, "Hospital B", a_at_b)
+        at_b.site("SITEA", a, "Hospital A", b_at_a)
+        for name, count, holder in (("urgent", 2, at_a), ("routine", 2, at_a),
+                                    ("prior", 2, at_b)):
+            files = ct_series(tmp_path / name, count, patient_id=NHS,
+                              patient_name="Franklin^Rosalind")
+            holder.studies(files)
+            uids[name] = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    finally:
+        at_a.close()
+        at_b.close()
+    a.start()
+    try:
+        b.start()
+        yield a, b, uids
     finally:
         a.stop()
         b.stop()
 
 
-def _push(a, tmp_path, name, priority, note="", contact="", count=2):
-    files = ct_series(tmp_path / name, count, patient_id=NHS, patient_name="Franklin^Rosalind")
-    a.cli("import", "--quiet", str(tmp_path / name))
-    study_uid = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+def _push(a, study_uid, priority, note="", contact=""):
     queued = api(a, "POST", "/api/exchange/push", json={
         "site": "SITEB", "study_uid": study_uid, "priority": priority, "note": note,
         "contact": contact})
@@ -119,7 +123,7 @@ def _push(a, tmp_path, name, priority, note="", contact="", count=2):
     done = until(lambda: (t := api(a, "GET", transfer))["state"] in ("delivered", "failed")
                  and t, what="the delivery")
     assert done["state"] == "delivered", done
-    return study_uid, queued["public_id"]
+    return queued["public_id"]
 
 
 def _item(b, study_uid):
@@ -130,12 +134,13 @@ def _item(b, study_uid):
 
 
 def test_an_urgent_push_alerts_the_receiving_team_and_the_receipt_reaches_the_sender(
-        sites, mail, tmp_path):
-    a, b = sites
+        sites, mail):
+    a, b, uids = sites
     sink, _port = mail
-    study_uid, transfer_id = _push(a, tmp_path, "urgent", "urgent",
-                                   note="Head injury, transferring to your neurosurgery",
-                                   contact="Dr Okafor, ED registrar, bleep 4412")
+    study_uid = uids["urgent"]
+    transfer_id = _push(a, study_uid, "urgent",
+                        note="Head injury, transferring to your neurosurgery",
+                        contact="Dr Okafor, ED registrar, bleep 4412")
     item = _item(b, study_uid)
     assert (item["sender_name"], item["priority"], item["origin"]) == (
         "Hospital A", "urgent", "SITEA")
@@ -171,10 +176,11 @@ def test_an_urgent_push_alerts_the_receiving_team_and_the_receipt_reaches_the_se
 
 
 def test_a_rejection_receipt_survives_the_sender_down_and_the_receiver_restarting(
-        sites, mail, tmp_path):
-    a, b = sites
+        sites, mail):
+    a, b, uids = sites
     sink, _port = mail
-    study_uid, transfer_id = _push(a, tmp_path, "routine", "routine", note="for your records")
+    study_uid = uids["routine"]
+    transfer_id = _push(a, study_uid, "routine", note="for your records")
     item = _item(b, study_uid)
     assert item["priority"] == "routine" and item["sender_name"] == "Hospital A"
     html = page(b, "/")
@@ -197,12 +203,9 @@ def test_a_rejection_receipt_survives_the_sender_down_and_the_receiver_restartin
     assert "rejected" in page(a, f"/transfers/{transfer_id}")
 
 
-def test_a_request_for_prior_imaging_is_fulfilled_and_the_requester_sees_it(sites, tmp_path):
-    a, b = sites
-    prior = ct_series(tmp_path / "b-prior", 2, patient_id=NHS,
-                      patient_name="Franklin^Rosalind")
-    b.cli("import", "--quiet", str(tmp_path / "b-prior"))
-    prior_uid = dcmread(prior[0], stop_before_pixels=True).StudyInstanceUID
+def test_a_request_for_prior_imaging_is_fulfilled_and_the_requester_sees_it(sites):
+    a, b, uids = sites
+    prior_uid = uids["prior"]
     # A asks B from its request page (a browser form: posted with the session's CSRF token).
     with httpx.Client(base_url=a.url, timeout=60) as browser:
         browser.post("/login", data={"username": STAFF[0], "password": STAFF[1]},

@@ -96,8 +96,12 @@ async def incoming_request(request: Request, archive: ArchiveDep, request_id: st
     wanted = _incoming(archive, request_id)
     studies = await run_in_threadpool(_candidates, archive, wanted, actor)
     return page(request, "request.html", wanted=wanted, studies=studies,
-                label=archive.nodes.find(wanted.site).label
-                if archive.nodes.find(wanted.site) else wanted.site)
+                label=_label(archive, wanted.site))
+
+
+def _label(archive: Archive, site: str) -> str:
+    node = archive.nodes.find(site)
+    return node.label if node is not None else site
 
 
 @router.post("/requests/{request_id}/fulfil")
@@ -114,7 +118,7 @@ async def fulfil(request: Request, archive: ArchiveDep, request_id: str,
     except ImageShareError as exc:
         studies = await run_in_threadpool(_candidates, archive, wanted, actor)
         return page(request, "request.html", status_code=400, wanted=wanted,
-                    studies=studies, label=wanted.site, error=str(exc))
+                    studies=studies, label=_label(archive, wanted.site), error=str(exc))
     return redirect("/requests")
 
 
@@ -129,5 +133,5 @@ async def decline(request: Request, archive: ArchiveDep, request_id: str,
     except ImageShareError as exc:
         studies = await run_in_threadpool(_candidates, archive, wanted, actor)
         return page(request, "request.html", status_code=400, wanted=wanted,
-                    studies=studies, label=wanted.site, error=str(exc))
+                    studies=studies, label=_label(archive, wanted.site), error=str(exc))
     return redirect("/requests")
