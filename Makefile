@@ -42,7 +42,7 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff check imageshare tests bench
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 3 --dist loadfile tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # The real peers of the interop and browser tests (Debian packages; needs root).
 peers:

@@ -42,6 +42,7 @@ from imageshare.archive.search import StudySearchService
 from imageshare.archive.studies import StudyCatalogue
 from imageshare.audit.atna import AtnaConfig, AtnaSender
 from imageshare.audit.chain import SignedHead, export_head, head_key
+from imageshare.audit.reports import AccessReports
 from imageshare.audit.trail import AuditTrail
 from imageshare.deid.pseudonyms import Pseudonyms, installation_secret
 from imageshare.deid.service import Deidentifier
@@ -86,6 +87,12 @@ from imageshare.tls import (
     exposure_warnings,
     https_enabled,
 )
+from imageshare.uploads.intake import UploadIntake, ZipLimits
+from imageshare.uploads.invitations import UploadInvitations
+from imageshare.uploads.patients import PatientAccounts
+from imageshare.uploads.receiving import UploadReceiver
+from imageshare.uploads.review import UploadReview
+from imageshare.uploads.service import UploadService
 
 log = logging.getLogger("imageshare")
 
@@ -130,6 +137,8 @@ class Archive:
     refused_callers: RefusedCallers
     ehr_launches: EhrLaunches
     imaging_studies: ImagingStudies
+    uploads: UploadService
+    reports: AccessReports
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -316,13 +325,16 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     arrivals = Arrivals(engine, nodes, site_api, mailer, audit, settings.ae_title,
                         settings.exchange_team_email, settings.public_url)
     inbox.on_decided(arrivals.send_receipt)
+    uploads = _uploads(settings, engine, audit, ingest, inbox, catalogue, corrections, mailer,
+                       users_directory)
     archive = Archive(
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
         ingest=ingest, query=query, retrieve=retrieve, users=users_directory,
         sessions=sessions,
         nodes=nodes,
         policy=Policy(store_from_any_ae=settings.store_from_any_ae,
-                      shared_with=shares.grants_for),
+                      shared_with=lambda actor: (*shares.grants_for(actor),
+                                                 *uploads.patients.grants_for(actor))),
         search=search, catalogue=catalogue,
         comments=CommentBook(engine, audit), attachments=AttachmentService(catalogue, ingest),
         corrections=corrections,
@@ -343,9 +355,31 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         ehr_launches=EhrLaunches(engine, box, users_directory, audit,
                                  settings.iid_launch_max_seconds),
         imaging_studies=ImagingStudies(query, settings.fhir_hospital_number_system),
+        uploads=uploads,
+        reports=AccessReports(engine, audit),
     )
     jobs.register("recover", lambda job, params: _recover_job(archive, job, params))
     return archive
+
+
+def _uploads(settings: Settings, engine: Engine, audit: AuditTrail, ingest: IngestService,
+             inbox: Inbox, catalogue: StudyCatalogue, corrections: PatientCorrections,
+             mailer: Mailer, users: UserDirectory) -> UploadService:
+    """The uploads capability: received files and kept originals live in the data folder
+    (``uploads/`` and ``upload-originals/``)."""
+    invitations = UploadInvitations(engine, audit, mailer, settings.public_url,
+                                    settings.upload_max_mb << 20, settings.upload_max_days)
+    originals = open_blob_store((settings.data_dir / "upload-originals").resolve().as_uri())
+    return UploadService(
+        invitations=invitations,
+        receiver=UploadReceiver(engine, audit, settings.data_dir / "uploads"),
+        intake=UploadIntake(engine, ingest, originals, audit, settings.staging_dir,
+                            ZipLimits(max_ratio=settings.upload_zip_max_ratio)),
+        review=UploadReview(engine, invitations, inbox, catalogue, corrections, originals,
+                            audit),
+        patients=PatientAccounts(engine, users, audit, mailer,
+                                 settings.public_url),
+    )
 
 
 def _register_housekeeping(jobs: DatabaseJobQueue, shares: ShareService,

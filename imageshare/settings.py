@@ -118,6 +118,21 @@ class Settings:
     )
     share_default_days: int = _setting(30, "Days a share link stays valid unless chosen.")
     share_max_days: int = _setting(90, "Longest validity a share link may be given (days).")
+    upload_max_mb: int = _setting(
+        4096, "Size limit of one invitation to upload (all its files, in MB) unless staff "
+        "choose a smaller one; staff may choose up to 16 times this."
+    )
+    upload_max_days: int = _setting(
+        30, "Longest validity of an invitation to upload (days)."
+    )
+    upload_chunk_bytes: int = _setting(
+        64 << 20, "Largest chunk of a resumable upload (one tus PATCH request body, bytes); "
+        "the browser sends 8 MB chunks."
+    )
+    upload_zip_max_ratio: int = _setting(
+        200, "A zip file in an upload is refused as a zip bomb when a member expands more "
+        "than this many times its compressed size (or all members to more than 8 GB)."
+    )
     exchange_timeout: float = _setting(
         10.0, "Seconds a connected site may take to answer a federated search."
     )

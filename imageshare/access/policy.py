@@ -37,6 +37,11 @@ SHARE_VIEW = "share.view"
 SHARE_DOWNLOAD = "share.download"
 SHARE_COMMENT = "share.comment"
 PATIENT_CORRECT = "patient.correct"
+# Uploads: staff invite, import in the browser and review (QC); someone holding an opened
+# invitation to upload sends files (to that invitation only); a patient reaches their own.
+UPLOAD_MANAGE = "upload.manage"
+UPLOAD_SEND = "upload.send"
+PATIENT_SELF = "patient.self"
 # DICOM services, asked for by remote nodes.
 DICOM_ECHO = "dicom.echo"
 DICOM_STORE = "dicom.store"
@@ -48,7 +53,7 @@ INBOX = "inbox"
 _STAFF = frozenset(
     {STUDY_READ, STUDY_DOWNLOAD, STUDY_STORE, STUDY_COMMENT, PATIENT_CORRECT, TOKEN_SELF,
      ACCOUNT_SELF, EXPORT_IDENTIFIABLE, EXPORT_DEIDENTIFIED, SHARE_CREATE, CASE_MANAGE, EXCHANGE,
-     EXCHANGE_RECEIVE}
+     EXCHANGE_RECEIVE, UPLOAD_MANAGE}
 )
 # An administrator signed in with a password who has not yet set up two-factor sign-in
 # (required for admins) may only do that.
@@ -64,7 +69,7 @@ ROLES: dict[str, frozenset[str]] = {
     "educator": frozenset({STUDY_READ, STUDY_DOWNLOAD, STUDY_COMMENT, EXPORT_DEIDENTIFIED,
                            SHARE_CREATE, CASE_MANAGE, TOKEN_SELF, ACCOUNT_SELF}),
     "reviewer": frozenset({TOKEN_SELF, ACCOUNT_SELF}),
-    "patient": frozenset({ACCOUNT_SELF}),
+    "patient": frozenset({ACCOUNT_SELF, PATIENT_SELF}),
     "service": frozenset({STUDY_READ, STUDY_DOWNLOAD, STUDY_STORE, ACCOUNT_SELF}),
     # Another hospital's ImageShare: what it stores lands in the inbox; it may send requests.
     "site": frozenset({STUDY_STORE, ACCOUNT_SELF, EXCHANGE_RECEIVE}),
@@ -130,6 +135,8 @@ class Policy:
             if action in (DICOM_QUERY, DICOM_RETRIEVE):
                 return actor.registered and action in actor.grants
             return False
+        if actor.kind == "upload":
+            return action == UPLOAD_SEND
         if actor.kind == "share":
             if action == SHARE_VIEW:
                 return True

@@ -151,9 +151,12 @@ class IngestService:
         return os.fdopen(fd, "wb"), Path(name)
 
     def store_stream(
-        self, stream: BinaryIO, actor: Actor, expected_study: str | None = None
+        self, stream: BinaryIO, actor: Actor, expected_study: str | None = None,
+        review_site: str = "",
     ) -> StoreResult:
-        """Store a Part 10 file read from ``stream`` (STOW-RS parts, uploads)."""
+        """Store a Part 10 file read from ``stream`` (STOW-RS parts, uploads). With
+        ``review_site`` (uploads) the instance waits for review in the ``upload`` class, listed
+        under that name, and a patient mismatch is held rather than refused."""
         self.ensure_room(actor)
         out, path = self.staging_file()
         try:
@@ -166,7 +169,7 @@ class IngestService:
                     self._audit_quietly(actor, "out of resources")
                     raise out_of_room() from exc
                 raise
-            return self.store_staged(path, actor, expected_study)
+            return self.store_staged(path, actor, expected_study, review_site)
         finally:
             path.unlink(missing_ok=True)
 
@@ -176,7 +179,8 @@ class IngestService:
             return self.store_stream(stream, actor)
 
     def store_staged(
-        self, path: Path, actor: Actor, expected_study: str | None = None
+        self, path: Path, actor: Actor, expected_study: str | None = None,
+        review_site: str = "",
     ) -> StoreResult:
         """Store the Part 10 file at ``path``, which the pipeline may move or delete.
 
@@ -187,7 +191,7 @@ class IngestService:
         """
         self.ensure_room(actor)
         try:
-            return self._store_staged(path, actor, expected_study)
+            return self._store_staged(path, actor, expected_study, review_site)
         except Exception as exc:
             if no_room(exc):
                 self._audit_quietly(actor, "out of resources")
@@ -213,7 +217,7 @@ class IngestService:
             log.warning("refusal could not be audited: %s", type(exc).__name__)
 
     def _store_staged(
-        self, path: Path, actor: Actor, expected_study: str | None
+        self, path: Path, actor: Actor, expected_study: str | None, review_site: str = "",
     ) -> StoreResult:
         key = new_blob_key()
         on_disk = Prerequisite()
@@ -247,7 +251,7 @@ class IngestService:
                 self._discard(moving, key)  # nothing was acknowledged: nothing may stay
                 raise
         pending = self.writer.submit_async(
-            lambda conn: self._index(conn, header, key, moving, actor), on_disk
+            lambda conn: self._index(conn, header, key, moving, actor, review_site), on_disk
         )
         try:
             moving.result()
@@ -307,7 +311,7 @@ class IngestService:
 
     def _index(
         self, conn: Connection, h: InstanceHeader, key: str, moving: Future[StoredBlob],
-        actor: Actor,
+        actor: Actor, review_site: str = "",
     ) -> IndexOutcome:
         now = datetime.now(UTC)
         existing = find_instance(conn, h.sop_instance_uid)
@@ -315,15 +319,19 @@ class IngestService:
             stored = moving.result()  # its digest goes into the row (the SQL above overlapped)
             # The caller's policy says whether another site sent it (then it waits in the
             # inbox for review) or it is the archive's own.
-            from_site = self.arrival_class(actor) == "inbox"
+            # An upload waits for review (QC) in its own class, listed under its name.
+            from_site = not review_site and self.arrival_class(actor) == "inbox"
+            arrival = "upload" if review_site else ("inbox" if from_site else "clinical")
             outcome = index_instance(conn, h, key, stored.size, actor.source, now, self._known,
-                                     retention_class="inbox" if from_site else "clinical",
-                                     patient_mismatch=self.patient_mismatch,
+                                     retention_class=arrival,
+                                     patient_mismatch=("hold" if review_site
+                                                       else self.patient_mismatch),
                                      sha256=stored.sha256)
-            if from_site and outcome.status == "stored":
-                note_inbox_arrival(conn, h.study_uid, actor.name, now)
+            site = review_site or actor.name
+            if (from_site or review_site) and outcome.status == "stored":
+                note_inbox_arrival(conn, h.study_uid, site, now)
             elif outcome.status == "held":
-                note_inbox_arrival(conn, h.study_uid, actor.name, now, outcome.reason)
+                note_inbox_arrival(conn, h.study_uid, site, now, outcome.reason)
         elif (existing.study_uid, existing.series_uid) != (h.study_uid, h.series_uid):
             outcome = IndexOutcome(
                 "conflict",

@@ -13,8 +13,9 @@ from sqlalchemy import exists
 
 from imageshare.storage.index.schema import instances, series, studies
 
-# Retention classes of instances waiting for a person's decision.
-REVIEW_CLASSES = ("inbox", "held")
+# Retention classes of instances waiting for a person's decision ("upload": sent by a patient
+# or partner, or imported by staff in the browser, waiting for quality control).
+REVIEW_CLASSES = ("inbox", "held", "upload")
 
 
 def instance_in_record() -> Any:

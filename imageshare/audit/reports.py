@@ -19,6 +19,8 @@ from typing import Any
 from sqlalchemy import Engine, or_, select
 
 from imageshare.audit.events import CATALOGUE
+from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.domain.actors import Actor
 from imageshare.storage.index.schema import audit_events, patients, studies
 
 MAX_ROWS = 50_000
@@ -119,6 +121,40 @@ def user_report(engine: Engine, actor_label: str, since: date | None = None,
     """Everything the actor (``user:NAME``, ``node:AE``, ...) did in the period."""
     rows, truncated = _run(engine, audit_events.c.actor == actor_label, since, until)
     return AccessReport("Activity of one user", actor_label, since, until, rows, truncated)
+
+
+class AccessReports:
+    """Access reports for information governance, each one audited as it is made."""
+
+    def __init__(self, engine: Engine, audit: AuditTrail) -> None:
+        self._engine = engine
+        self._audit = audit
+
+    def for_patient(self, actor: Actor, patient_id: str, since: date | None,
+                    until: date | None, fmt: str) -> AccessReport:
+        """Every access to ``patient_id``'s images in the period; the request is audited."""
+        report = patient_report(self._engine, patient_id, since, until)
+        self._audit.record(AuditEvent(
+            actor=actor, action="audit.report", outcome="success", patient_id=patient_id,
+            instance_count=len(report.rows),
+            detail={"report": "patient", "format": fmt, **_period(since, until)}))
+        return report
+
+    def for_user(self, actor: Actor, actor_label: str, since: date | None,
+                 until: date | None, fmt: str) -> AccessReport:
+        """Everything ``actor_label`` did in the period; the request is audited."""
+        report = user_report(self._engine, actor_label, since, until)
+        self._audit.record(AuditEvent(
+            actor=actor, action="audit.report", outcome="success",
+            instance_count=len(report.rows),
+            detail={"report": "user", "user": actor_label, "format": fmt,
+                    **_period(since, until)}))
+        return report
+
+
+def _period(since: date | None, until: date | None) -> dict[str, str]:
+    return {"since": since.isoformat() if since else "",
+            "until": until.isoformat() if until else ""}
 
 
 def as_csv(report: AccessReport) -> bytes:

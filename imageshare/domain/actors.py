@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-ActorKind = Literal["user", "node", "system", "anonymous", "share"]
+ActorKind = Literal["user", "node", "system", "anonymous", "share", "upload"]
 
 
 @dataclass(frozen=True)

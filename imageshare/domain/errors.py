@@ -189,3 +189,17 @@ class UnsupportedMediaType(ImageShareError):
 
     http_status = 415
     title = "Unsupported media type"
+
+
+class UploadOffsetMismatch(ImageShareError):
+    """A resumable upload's chunk does not start where the received bytes end (tus 409)."""
+
+    http_status = 409
+    title = "Upload offset mismatch"
+
+
+class UploadQuotaExceeded(ImageShareError):
+    """An upload would take an invitation (or a file) past its size limit."""
+
+    http_status = 413
+    title = "Upload too large"

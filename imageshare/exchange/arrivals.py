@@ -54,6 +54,8 @@ class Arrivals:
         node = self._nodes.find(item.origin or item.site)
         if node is not None:
             return node.label
+        if item.site.startswith("upload:"):
+            return "a patient's upload"
         return f"site account {item.site}"
 
     def announce(self, actor: Actor, body: dict[str, Any]) -> InboxItem:

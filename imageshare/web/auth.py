@@ -74,6 +74,8 @@ def resolve_actor(request: Request) -> Actor:
     token = request.path_params.get("token")
     if token and request.url.path.startswith("/s/"):
         actor = _share_actor(request, archive, token, actor, source) or actor
+    elif token and request.url.path.startswith("/u/"):
+        actor = _upload_actor(request, archive, token, source) or actor
     result = actor or ANONYMOUS
     request.state.actor = result
     return result
@@ -107,6 +109,28 @@ def _share_actor(request: Request, archive: Any, token: str, user: Actor | None,
     request.state.share = share
     request.state.session = LinkSession(csrf)
     return share.actor(source)
+
+
+UPLOAD_COOKIE = "imageshare_upload"
+
+
+def _upload_actor(request: Request, archive: Any, token: str, source: str) -> Actor | None:
+    """The uploader's actor when this browser opened the invitation to upload with its
+    passcode (its live session); else None."""
+    from imageshare.domain.errors import ImageShareError
+
+    try:
+        invitation = archive.uploads.invitations.by_token(token)
+    except ImageShareError:
+        return None
+    csrf = archive.uploads.invitations.session(invitation,
+                                               request.cookies.get(UPLOAD_COOKIE, ""))
+    if csrf is None:
+        return None
+    request.state.invitation = invitation
+    request.state.session = LinkSession(csrf)
+    actor: Actor = invitation.actor(source)
+    return actor
 
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")

@@ -43,6 +43,7 @@ from imageshare.web.pages import (
     shares,
     sign_in,
     studies,
+    uploads,
     viewer,
 )
 
@@ -63,7 +64,7 @@ def create_app(archive: Archive) -> FastAPI:
     app.include_router(fhir.router)
     app.include_router(iid.router)
     for pages in (sign_in, studies, viewer, patients, account, admin, reports, shares, shared,
-                  cases, exchange, imaging_requests, assets):
+                  cases, exchange, imaging_requests, assets, uploads):
         app.include_router(pages.router)
     app.add_middleware(RequestLimits, settings=archive.settings)
     origins = [o.strip() for o in archive.settings.cors_origins.split(",") if o.strip()]
@@ -146,6 +147,8 @@ class RequestLimits:
     def _limit(self, scope: dict[str, Any], content_type: str) -> tuple[int, str]:
         if scope["path"].startswith("/dicomweb/studies") and scope["method"] == "POST":
             return self.settings.stow_max_bytes, "stow_max_bytes"
+        if content_type.startswith("application/offset+octet-stream"):
+            return self.settings.upload_chunk_bytes, "upload_chunk_bytes"  # tus PATCH
         if content_type.startswith("multipart/form-data"):
             return self.settings.max_upload_bytes, "max_upload_bytes"
         return self.settings.max_body_bytes, "max_body_bytes"

@@ -106,6 +106,21 @@ def test_migrations_on_postgresql_match_too(postgres):
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
 
 
+def test_patient_name_prefix_search_uses_the_name_index_on_postgresql(postgres):
+    engine = make_engine(postgres.new_database())
+    migrate(engine)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO patients (patient_id, issuer, name, name_norm, birth_date, sex, attrs,"
+            " created_at) SELECT 'P' || g, '', 'N', 'NAME' || g, '', '', '{}', now()"
+            " FROM generate_series(1, 5000) g"))
+        conn.execute(text("ANALYZE patients"))
+        plan = "\n".join(conn.execute(text(
+            "EXPLAIN SELECT pk FROM patients WHERE name_norm LIKE 'NAME123%' ESCAPE '\\'"
+        )).scalars())
+    assert "ix_patients_name_norm" in plan, plan
+
+
 def test_database_from_a_newer_version_is_refused(tmp_path):
     engine = make_engine(f"sqlite:///{tmp_path / 'i.sqlite'}")
     migrate(engine)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,9 @@ def test_a_refusal_is_not_retried(engine):
 
 
 def test_a_job_whose_instance_died_is_finished_by_another_once_its_lease_runs_out(engine):
-    dying = _queue(engine, lease_seconds=1.0)
+    # Long leases, so a slow machine cannot run one out early; the end of the lease is
+    # reached by moving its expiry into the past, as the clock would.
+    dying = _queue(engine, lease_seconds=60.0)
     job = dying.submit_once("one-export", "export", "Export", {"n": 1}, owner="u")
     dying.close()  # its workers stop; it takes the job below, then dies without a word
     dying._stop.clear()
@@ -119,11 +122,13 @@ def test_a_job_whose_instance_died_is_finished_by_another_once_its_lease_runs_ou
     assert claimed is not None and claimed[1].state == "running"
     dying._stop.set()
 
-    survivor = _queue(engine, lease_seconds=1.0)
+    survivor = _queue(engine, lease_seconds=60.0)
     ran = []
     survivor.register("export", lambda job, params: ran.append(params["n"]))
     assert survivor.run_pending() == 0  # leased: nobody else runs it yet
-    time.sleep(1.2)
+    with engine.begin() as conn:
+        conn.execute(background_jobs.update().values(
+            lease_expires=datetime.now(UTC) - timedelta(seconds=1)))
     assert survivor.run_pending() == 1 and ran == [1]
     with engine.connect() as conn:
         row = conn.execute(select(background_jobs)).mappings().one()
@@ -132,14 +137,14 @@ def test_a_job_whose_instance_died_is_finished_by_another_once_its_lease_runs_ou
 
 
 def test_a_running_job_keeps_its_lease_while_its_instance_lives(engine):
-    first = _queue(engine, lease_seconds=1.0)
+    first = _queue(engine, lease_seconds=2.0)
     release = threading.Event()
     first.register("export", lambda job, params: release.wait(10))
-    second = _queue(engine, lease_seconds=1.0)
+    second = _queue(engine, lease_seconds=2.0)
     second.register("export", lambda job, params: pytest.fail("ran twice"))
     try:
         job = first.submit("u", "export", "Export", {})
-        time.sleep(2.5)  # two and a half leases: the heartbeat renewed it
+        time.sleep(5.0)  # two and a half leases: the heartbeat renewed it
         assert second.run_pending() == 0
         release.set()
         assert _wait(first, job).state == "done"

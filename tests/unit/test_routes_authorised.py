@@ -15,6 +15,8 @@ PUBLIC_ROUTES = {
     ("GET", "/healthz"), ("POST", "/api/session"), ("GET", "/login"), ("POST", "/login"),
     ("GET", "/static/{name}"), ("GET", "/s/{token}"), ("POST", "/s/{token}"),
     ("GET", "/invite/{secret}"), ("POST", "/invite/{secret}"),
+    # An invitation to upload: authorised by its token, then its passcode (like share links).
+    ("GET", "/u/{token}"), ("POST", "/u/{token}"),
     # Open so that a signed EHR launch URL can sign its user in; unsigned, the caller must be
     # signed in and allowed study.read (checked inside, audited like every refusal).
     ("GET", "/iid"),
@@ -112,7 +114,7 @@ def test_errors_share_one_problem_shape(client):
 
 def test_a_patient_account_reaches_only_its_own_account(archive, anonymous):
     """Walk every route as a patient: anything beyond the account itself is refused."""
-    from imageshare.access.policy import ACCOUNT_SELF
+    from imageshare.access.policy import ACCOUNT_SELF, PATIENT_SELF
 
     archive.users.add("pat", "long-enough-password", "patient")
     opened, refused = [], 0
@@ -122,7 +124,7 @@ def test_a_patient_account_reaches_only_its_own_account(archive, anonymous):
             response = anonymous.request(method, _concrete(route.path),
                                          auth=("pat", "long-enough-password"))
             refused += response.status_code == 403
-            if action in (PUBLIC, ACCOUNT_SELF):
+            if action in (PUBLIC, ACCOUNT_SELF, PATIENT_SELF):
                 continue
             assert response.status_code == 403, (method, route.path, response.status_code)
             opened.append(route.path)

@@ -41,7 +41,9 @@ patients = Table(
     Column("attrs", JSON, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("patient_id", "issuer"),
-    Index(None, "name_norm"),
+    # On PostgreSQL the pattern operator class lets a name prefix (LIKE 'CAM%') use the index
+    # under any collation; equality still does.
+    Index(None, "name_norm", postgresql_ops={"name_norm": "varchar_pattern_ops"}),
     Index(None, "birth_date"),
 )
 
@@ -642,4 +644,104 @@ launch_nonces = Table(
     Column("nonce", String(128), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
     UniqueConstraint("ehr", "nonce"),
+)
+
+# Uploads (issue 13): an invitation to upload for one person (or a staff import batch), with
+# the patient's identity as the hospital knows it; only hashes of its token and passcode.
+upload_invitations = Table(
+    "upload_invitations",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("public_id", String(32), nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),  # invitation | staff
+    Column("token_hash", String(128), nullable=True, unique=True),
+    Column("passcode_hash", String(256), nullable=False, default="", server_default=""),
+    Column("created_by", String(128), nullable=False),
+    Column("email", String(254), nullable=False, default="", server_default=""),
+    Column("patient_name", String(324), nullable=False),
+    Column("birth_date", String(8), nullable=False, default="", server_default=""),
+    Column("nhs_number", String(16), nullable=False, default="", server_default=""),
+    Column("hospital_number", String(64), nullable=False),
+    Column("issuer", String(64), nullable=False, default="", server_default=""),
+    Column("reference", String(256), nullable=False, default="", server_default=""),
+    Column("expected_modality", String(16), nullable=False, default="", server_default=""),
+    Column("expected_body_part", String(64), nullable=False, default="", server_default=""),
+    Column("max_bytes", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),  # open | submitted | closed
+    Column("message", Text, nullable=False, default="", server_default=""),
+    Column("failed_attempts", Integer, nullable=False, default=0, server_default="0"),
+    Column("locked", Boolean, nullable=False, default=False, server_default=false()),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column("opened_at", DateTime(timezone=True), nullable=True),
+    Column("submitted_at", DateTime(timezone=True), nullable=True),
+)
+
+# Browser sessions of people who opened an upload invitation with its passcode (one live
+# session per invitation: opening it again ends the previous one).
+upload_sessions = Table(
+    "upload_sessions",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("invitation_pk", ForeignKey("upload_invitations.pk", ondelete="CASCADE"),
+           nullable=False),
+    Column("token_hash", String(128), nullable=False, unique=True),
+    Column("csrf_token", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True), nullable=True),
+)
+
+# Files received for an invitation (tus uploads): progress, then what became of them.
+upload_files = Table(
+    "upload_files",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("invitation_pk", ForeignKey("upload_invitations.pk", ondelete="CASCADE"),
+           nullable=False),
+    Column("upload_id", String(64), nullable=False, unique=True),
+    Column("round", Integer, nullable=False, default=1, server_default="1"),
+    Column("path", String(1024), nullable=False),
+    Column("length", BigInteger, nullable=False),
+    Column("offset", BigInteger, nullable=False, default=0, server_default="0"),
+    Column("status", String(16), nullable=False),  # receiving | received | done | removed
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("completed_at", DateTime(timezone=True), nullable=True),
+)
+
+# What each received file (or each file inside a received folder or zip) became.
+upload_results = Table(
+    "upload_results",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("invitation_pk", ForeignKey("upload_invitations.pk", ondelete="CASCADE"),
+           nullable=False),
+    Column("round", Integer, nullable=False),
+    Column("label", String(1024), nullable=False),
+    Column("kind", String(16), nullable=False),  # dicom | photo | video | pdf | refused
+    Column("outcome", String(16), nullable=False),  # stored | held | duplicate | refused
+    Column("detail", Text, nullable=False, default="", server_default=""),
+    Column("identity", String(16), nullable=False, default="", server_default=""),
+    Column("study_uid", String(64), nullable=False, default="", server_default=""),
+    Column("sop_uid", String(64), nullable=False, default="", server_default=""),
+    Column("modality", String(16), nullable=False, default="", server_default=""),
+    Column("body_part", String(64), nullable=False, default="", server_default=""),
+    Column("original_key", String(64), nullable=False, default="", server_default=""),
+    Column("original_sha256", String(64), nullable=False, default="", server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# Patient accounts (role ``patient``) and the record they are the patient of; the account is
+# bound when the person invited at ``email`` first signs in.
+patient_accounts = Table(
+    "patient_accounts",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("email", String(254), nullable=False),
+    Column("username", String(128), nullable=False, default="", server_default=""),
+    Column("patient_id", String(64), nullable=False),
+    Column("issuer", String(64), nullable=False, default="", server_default=""),
+    Column("invited_by", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_patient_accounts_username", "username"),
 )

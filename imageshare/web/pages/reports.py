@@ -11,8 +11,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
 
 from imageshare.access.policy import AUDIT_READ
-from imageshare.audit.reports import AccessReport, as_csv, as_pdf, patient_report, user_report
-from imageshare.audit.trail import AuditEvent
+from imageshare.audit.reports import AccessReport, as_csv, as_pdf
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError
 from imageshare.web.auth import allowed
@@ -71,11 +70,7 @@ def patient_accesses(
     patient_id = patient_id.strip()[:64]
     if not patient_id:
         raise ImageShareError("a patient ID is needed")
-    report = patient_report(archive.engine, patient_id, start, end)
-    archive.audit.record(AuditEvent(
-        actor=actor, action="audit.report", outcome="success", patient_id=patient_id,
-        instance_count=len(report.rows),
-        detail={"report": "patient", "format": fmt, "since": since, "until": until}))
+    report = archive.reports.for_patient(actor, patient_id, start, end, fmt)
     return _answer(request, report, fmt, actor)
 
 
@@ -92,9 +87,5 @@ def user_activity(
     if not username:
         raise ImageShareError("a user name is needed")
     label = username if ":" in username else f"user:{username}"
-    report = user_report(archive.engine, label, start, end)
-    archive.audit.record(AuditEvent(
-        actor=actor, action="audit.report", outcome="success", instance_count=len(report.rows),
-        detail={"report": "user", "user": label, "format": fmt, "since": since,
-                "until": until}))
+    report = archive.reports.for_user(actor, label, start, end, fmt)
     return _answer(request, report, fmt, actor)

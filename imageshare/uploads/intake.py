@@ -1,0 +1,315 @@
+"""Everything a round of an upload holds becomes DICOM through the one ingest pipeline, into the
+``upload`` review class (kept out of search, QIDO-RS, C-FIND and C-MOVE until accepted).
+
+The round's folder is walked like media given to ``imageshare import`` (the same walker: a
+folder with a DICOMDIR is read through its references, each opened inside the folder without
+following symbolic links; zip members are checked), after each zip file passed the bomb
+limits. DICOM files are stored as they are, their patient checked against the invitation
+(a mismatch is flagged and held for review, never merged). Photos, videos and PDFs are made
+DICOM with the invitation's identity (:mod:`imageshare.uploads.convert`); the original file
+is kept beside it in the originals store, its SHA-256 recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import zipfile
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import Engine, insert, select
+
+from imageshare.archive.dicom_json import NHS_ISSUER
+from imageshare.archive.importing import Candidate, DicomInputs, ImportReport
+from imageshare.archive.ingest import IngestService
+from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import ImageShareError
+from imageshare.domain.identifiers import normalise_name
+from imageshare.storage.blobs import BlobStore, new_blob_key, store_file
+from imageshare.storage.index.schema import upload_results
+from imageshare.uploads import convert
+from imageshare.uploads.invitations import Invitation
+
+_MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
+_SERIES = {"photo": (901, "Photos"), "video": (902, "Videos"), "pdf": (903, "Documents")}
+
+
+@dataclass(frozen=True)
+class ZipLimits:
+    """Limits on a zip file before anything in it is read."""
+
+    max_members: int = 10_000
+    max_total_bytes: int = 8 << 30
+    max_ratio: int = 200  # uncompressed / compressed, per member
+
+
+def check_zip(path: Path, limits: ZipLimits) -> str:
+    """"" when the zip file may be opened; else the reason it is refused (a zip bomb, too
+    many members, encrypted or unreadable)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return "an unreadable zip file"
+    if len(infos) > limits.max_members:
+        return f"the zip file holds more than {limits.max_members} files"
+    total = 0
+    for info in infos:
+        total += info.file_size
+        if info.file_size > 1 << 20 and info.file_size > limits.max_ratio * max(
+                info.compress_size, 1):
+            return "the zip file expands far beyond its size (refused as a zip bomb)"
+    if total > limits.max_total_bytes:
+        return (f"the zip file expands to more than {limits.max_total_bytes >> 30} GB "
+                "(refused as a zip bomb)")
+    return ""
+
+
+@dataclass
+class RoundReport:
+    """What one round became: counts and a line per file."""
+
+    stored: int = 0
+    held: int = 0
+    refused: int = 0
+    skipped: int = 0
+    studies: set[str] = field(default_factory=set)
+    lines: list[tuple[str, str, str]] = field(default_factory=list)  # (label, outcome, why)
+
+
+def identity_of(ds: object, invitation: Invitation) -> str:
+    """How a DICOM file's patient compares with the invitation's: ``match`` (same NHS
+    number), ``name`` (no NHS number to compare; same name and date of birth) or
+    ``mismatch``."""
+    get = getattr(ds, "get", None)
+    if get is None:
+        return "mismatch"
+    numbers = set()
+    if str(get("IssuerOfPatientID", "")).upper() == NHS_ISSUER:
+        numbers.add(str(get("PatientID", "")).replace(" ", ""))
+    for item in get("OtherPatientIDsSequence", []) or []:
+        value = str(item.get("PatientID", "")).replace(" ", "")
+        issuer = str(item.get("IssuerOfPatientID", "")).upper()
+        if issuer == NHS_ISSUER or (not issuer and value.isdigit() and len(value) == 10):
+            numbers.add(value)
+    patient_id = str(get("PatientID", "")).replace(" ", "")
+    if patient_id.isdigit() and len(patient_id) == 10:
+        numbers.add(patient_id)
+    if invitation.nhs_number and invitation.nhs_number in numbers:
+        return "match"
+    if numbers and invitation.nhs_number:
+        return "mismatch"
+    same_name = normalise_name(str(get("PatientName", ""))) == normalise_name(
+        invitation.patient_name)
+    same_birth = str(get("PatientBirthDate", "")) == invitation.birth_date
+    return "name" if same_name and same_birth else "mismatch"
+
+
+class UploadIntake:
+    """Turns a received round into DICOM instances waiting for review."""
+
+    def __init__(self, engine: Engine, ingest: IngestService, originals: BlobStore,
+                 audit: AuditTrail, staging_dir: Path, zip_limits: ZipLimits,
+                 parallel: int = 4) -> None:
+        self._engine = engine
+        self._ingest = ingest
+        self._originals = originals
+        self._audit = audit
+        self._staging = staging_dir
+        self._zip_limits = zip_limits
+        self._parallel = parallel
+
+    def process(self, invitation: Invitation, round_: int, folder: Path, actor: Actor,
+                uploader: str) -> RoundReport:
+        """Store everything in ``folder`` (one round) for review; never stops on one bad
+        file. ``actor`` is who stores (the uploader, or the member of staff importing)."""
+        report = RoundReport()
+        lock = threading.Lock()
+        now = datetime.now(UTC)
+        study_uid = generate_uid()
+        numbers: dict[str, int] = {}
+        series_uids = {kind: generate_uid() for kind in _SERIES}
+
+        def note(label: str, kind: str, outcome: str, detail: str = "", identity: str = "",
+                 study: str = "", sop: str = "", modality: str = "", body_part: str = "",
+                 original: tuple[str, str] = ("", "")) -> None:
+            with lock:
+                report.lines.append((label, outcome, detail))
+                if outcome in ("stored", "duplicate"):
+                    report.stored += 1
+                elif outcome == "held":
+                    report.held += 1
+                elif outcome == "skipped":
+                    report.skipped += 1
+                else:
+                    report.refused += 1
+                if study:
+                    report.studies.add(study)
+            with self._engine.begin() as conn:
+                conn.execute(insert(upload_results).values(
+                    invitation_pk=invitation.pk, round=round_, label=label[:1024], kind=kind,
+                    outcome=outcome, detail=detail[:2000], identity=identity,
+                    study_uid=study, sop_uid=sop, modality=modality[:16],
+                    body_part=body_part[:64], original_key=original[0],
+                    original_sha256=original[1], created_at=datetime.now(UTC)))
+
+        def placement(kind: str, label: str) -> convert.Placement:
+            with lock:
+                numbers[kind] = numbers.get(kind, 0) + 1
+                number = numbers[kind]
+            series_number, _ = _SERIES[kind]
+            return convert.Placement(
+                study_uid, series_uids[kind], series_number, number, now.astimezone(),
+                uploader, invitation.reference, f"original file {Path(label).name}"[:200],
+                invitation.expected_body_part)
+
+        def one(candidate: Candidate) -> None:
+            label = self._label(folder, candidate.label)
+            try:
+                self._one(candidate, label, invitation, actor, note, placement)
+            except Exception as exc:  # noqa: BLE001 - one bad file never stops a round
+                note(label, "refused", "refused", f"unexpected error ({type(exc).__name__})")
+
+        entries = sorted(folder.iterdir()) if folder.exists() else []
+        for path in [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]:
+            try:
+                with open(path, "rb") as fh:
+                    kind = convert.sniff(fh.read(16))
+            except OSError:
+                continue
+            if kind == "zip":
+                reason = check_zip(path, self._zip_limits)
+                if reason:
+                    note(self._label(folder, str(path)), "zip", "refused", reason)
+                    path.unlink()
+        walker = DicomInputs()
+        walk_report = ImportReport()
+        try:
+            with ThreadPoolExecutor(max_workers=self._parallel) as pool:
+                window: list[Future[None]] = []
+                for candidate in walker.candidates([e for e in entries if e.exists()],
+                                                   walk_report):
+                    window.append(pool.submit(one, candidate))
+                    if len(window) >= 4 * self._parallel:
+                        window.pop(0).result()
+                for future in window:
+                    future.result()
+        finally:
+            walker.close()
+        for label, reason in walk_report.refused:
+            note(self._label(folder, label), "refused", "refused", reason)
+        self._audit.record(AuditEvent(
+            actor=actor, action="upload.receive", outcome="success",
+            patient_id=invitation.hospital_number,
+            instance_count=report.stored + report.held,
+            detail={"upload": invitation.public_id, "round": round_,
+                    "refused": report.refused}))
+        return report
+
+    @staticmethod
+    def _label(folder: Path, label: str) -> str:
+        """A file's name as the uploader knows it (relative to the round's folder)."""
+        return label.replace(str(folder) + os.sep, "").replace(str(folder), "")
+
+    def _one(self, candidate: Candidate, label: str, invitation: Invitation, actor: Actor,
+             note: Callable[..., None],
+             placement: Callable[[str, str], convert.Placement]) -> None:
+        with candidate.open() as stream:
+            head = stream.read(132)
+        kind = convert.sniff(head)
+        if kind == "dicom":
+            self._dicom(candidate, label, invitation, actor, note)
+            return
+        if kind in ("unknown", "zip"):
+            if kind == "zip":
+                note(label, "zip", "refused", "a zip file inside a zip file is not opened")
+            elif Path(label).name.upper() == "DICOMDIR" or not candidate.explicit:
+                note(label, "other", "skipped", "not DICOM, a photo, a video or a PDF")
+            else:
+                note(label, "other", "refused",
+                     "not a kind of file the hospital can take (DICOM, photos, videos, PDF)")
+            return
+        spool = self._spool(candidate)
+        try:
+            converted_kind = {"jpeg": "photo", "png": "photo", "heic": "photo"}.get(kind, kind)
+            if kind == "heic" and not convert.heic_supported():
+                note(label, "photo", "refused", "HEIC photos cannot be read here; send JPEG")
+                return
+            where = placement(converted_kind, label)
+            out, staged = self._ingest.staging_file()
+            try:
+                with out:
+                    if converted_kind == "photo":
+                        convert.photo(spool, invitation.details(), where, out)
+                    elif converted_kind == "video":
+                        convert.video(spool, invitation.details(), where, out)
+                    else:
+                        convert.pdf(spool, invitation.details(), where,
+                                    Path(label).stem, out)
+                result = self._ingest.store_staged(staged, actor,
+                                                   review_site=invitation.review_site)
+            except ImageShareError as exc:
+                note(label, converted_kind, "refused", str(exc))
+                return
+            finally:
+                staged.unlink(missing_ok=True)
+            key = new_blob_key()
+            kept = store_file(self._originals, key, spool)
+            note(label, converted_kind, result.outcome, "", "match", result.study_uid,
+                 result.sop_instance_uid, "XC" if converted_kind != "pdf" else "DOC",
+                 invitation.expected_body_part, (key, kept.sha256))
+        finally:
+            spool.unlink(missing_ok=True)
+
+    def _spool(self, candidate: Candidate) -> Path:
+        """A private copy of a non-DICOM file (readers need a path; zip members have none)."""
+        fd, name = tempfile.mkstemp(dir=self._staging, suffix=".upload")
+        with os.fdopen(fd, "wb") as out, candidate.open() as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+        return Path(name)
+
+    def _dicom(self, candidate: Candidate, label: str, invitation: Invitation, actor: Actor,
+               note: Callable[..., None]) -> None:
+        try:
+            with candidate.open() as stream:
+                header = dcmread(stream, stop_before_pixels=True, specific_tags=[
+                    "SOPClassUID", "PatientID", "PatientName", "PatientBirthDate",
+                    "IssuerOfPatientID", "OtherPatientIDsSequence", "Modality",
+                    "BodyPartExamined"])
+        except Exception:  # noqa: BLE001 - the pipeline gives the reason below
+            header = None
+        if header is not None and str(header.get("SOPClassUID", "")) == _MEDIA_DIRECTORY:
+            note(label, "dicom", "skipped", "the CD's DICOMDIR (its references were followed)")
+            return
+        identity = identity_of(header, invitation) if header is not None else ""
+        try:
+            with candidate.open() as stream:
+                result = self._ingest.store_stream(stream, actor,
+                                                   review_site=invitation.review_site)
+        except ImageShareError as exc:
+            note(label, "dicom", "refused", str(exc))
+            return
+        detail = {"match": "", "name": "no NHS number; name and date of birth match",
+                  "mismatch": "the patient in the file is not the invited patient"}[identity]
+        note(label, "dicom", result.outcome, detail if identity else result.warning, identity,
+             result.study_uid, result.sop_instance_uid,
+             str(header.get("Modality", "")) if header is not None else "",
+             str(header.get("BodyPartExamined", "")) if header is not None else "")
+
+
+def results(engine: Engine, invitation: Invitation) -> list[dict[str, object]]:
+    """What every file of the invitation became, in order."""
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(select(upload_results).where(
+            upload_results.c.invitation_pk == invitation.pk).order_by(
+            upload_results.c.pk)).mappings()]
+

@@ -1,0 +1,223 @@
+"""Receiving the files of an upload, resumably: the state behind the tus 1.0 protocol (core,
+creation, termination) that the web layer speaks.
+
+Each file is announced with its length and its path inside what was dropped (a folder's
+relative path, or just its name); the bytes arrive in chunks at the offset received so far
+and are written straight to a file on disk (never whole in memory), so that a dropped
+connection resumes where it stopped. A file complete is moved into the round's folder at its
+path (checked: no absolute paths, no ``..``, no empty or hidden tricks), where the intake
+(:mod:`imageshare.uploads.intake`) finds a CD's folder with its DICOMDIR as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import Engine, func, insert, select, update
+
+from imageshare.audit.trail import AuditTrail
+from imageshare.domain.errors import (
+    ImageShareError,
+    NotFound,
+    UploadOffsetMismatch,
+    UploadQuotaExceeded,
+)
+from imageshare.storage.index.schema import upload_files
+from imageshare.uploads.invitations import Invitation
+
+MAX_PATH_PARTS = 16
+MAX_FILES = 20_000
+
+
+@dataclass(frozen=True)
+class UploadFile:
+    """One announced file and how much of it arrived."""
+
+    upload_id: str
+    path: str
+    length: int
+    offset: int
+    status: str
+    round: int
+
+
+def safe_parts(path: str) -> list[str]:
+    """The components of a path given by a browser (a folder's relative path or a file's
+    name), checked to stay inside the upload; ImageShareError otherwise."""
+    parts = [p for p in path.replace("\\", "/").split("/")]
+    if not path or len(path) > 1024 or len(parts) > MAX_PATH_PARTS:
+        raise ImageShareError("the file's name or folder path is too long")
+    for part in parts:
+        if part in ("", ".", "..") or "\0" in part or len(part.encode()) > 255 or (
+                part.startswith(".") and part.strip(".") == ""):
+            raise ImageShareError("the file's path is not allowed (it would leave the upload)")
+    if parts[0].endswith(":"):
+        raise ImageShareError("the file's path is not allowed (a drive name)")
+    return parts
+
+
+class UploadReceiver:
+    """Announced files, their received bytes and where complete ones are kept."""
+
+    def __init__(self, engine: Engine, audit: AuditTrail, root: Path) -> None:
+        self._engine = engine
+        self._audit = audit
+        self.root = root
+
+    def folder(self, invitation: Invitation) -> Path:
+        """Where this invitation's files are kept until they are reviewed."""
+        return self.root / invitation.public_id
+
+    def round_folder(self, invitation: Invitation, round_: int) -> Path:
+        """The folder of one round's complete files, at their paths."""
+        return self.folder(invitation) / f"round-{round_}" / "files"
+
+    def current_round(self, invitation: Invitation) -> int:
+        """The round files go to now (a rejection opens the next one)."""
+        with self._engine.connect() as conn:
+            done = conn.execute(select(func.max(upload_files.c.round)).where(
+                upload_files.c.invitation_pk == invitation.pk,
+                upload_files.c.status == "done")).scalar()
+        return int(done or 0) + 1
+
+    def used_bytes(self, invitation: Invitation) -> int:
+        """Bytes announced for the invitation so far (every round)."""
+        with self._engine.connect() as conn:
+            return int(conn.execute(select(func.coalesce(func.sum(upload_files.c.length), 0))
+                                    .where(upload_files.c.invitation_pk == invitation.pk,
+                                           upload_files.c.status != "removed")).scalar() or 0)
+
+    def create(self, invitation: Invitation, length: int, path: str) -> UploadFile:
+        """Announce a file of ``length`` bytes at ``path``; refused past the invitation's
+        size limit or file count."""
+        parts = safe_parts(path)
+        if length < 0:
+            raise ImageShareError("Upload-Length must be a whole number of bytes")
+        with self._engine.connect() as conn:
+            count = int(conn.execute(select(func.count()).select_from(upload_files).where(
+                upload_files.c.invitation_pk == invitation.pk)).scalar() or 0)
+        if count >= MAX_FILES:
+            raise UploadQuotaExceeded(f"an upload holds at most {MAX_FILES} files")
+        used = self.used_bytes(invitation)
+        if used + length > invitation.max_bytes:
+            raise UploadQuotaExceeded(
+                f"this upload is limited to {invitation.max_bytes >> 20} MB in all; "
+                f"{max(0, invitation.max_bytes - used) >> 20} MB are left")
+        upload_id = secrets.token_hex(16)
+        round_ = self.current_round(invitation)
+        parts_dir = self.folder(invitation) / "parts"
+        parts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (parts_dir / upload_id).touch(mode=0o600)
+        with self._engine.begin() as conn:
+            conn.execute(insert(upload_files).values(
+                invitation_pk=invitation.pk, upload_id=upload_id, round=round_,
+                path="/".join(parts), length=length, offset=0, status="receiving",
+                created_at=datetime.now(UTC)))
+        return self.file(invitation, upload_id)
+
+    def file(self, invitation: Invitation, upload_id: str) -> UploadFile:
+        """One of the invitation's files; NotFound for anyone else's."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(upload_files).where(
+                upload_files.c.invitation_pk == invitation.pk,
+                upload_files.c.upload_id == upload_id,
+                upload_files.c.status != "removed")).mappings().first()
+        if row is None:
+            raise NotFound("no such upload")
+        return UploadFile(row["upload_id"], row["path"], row["length"], row["offset"],
+                          row["status"], row["round"])
+
+    def files(self, invitation: Invitation, round_: int | None = None) -> list[UploadFile]:
+        """The invitation's files (of one round), in the order they were announced."""
+        stmt = select(upload_files).where(upload_files.c.invitation_pk == invitation.pk,
+                                          upload_files.c.status != "removed")
+        if round_ is not None:
+            stmt = stmt.where(upload_files.c.round == round_)
+        with self._engine.connect() as conn:
+            rows = conn.execute(stmt.order_by(upload_files.c.pk)).mappings().all()
+        return [UploadFile(r["upload_id"], r["path"], r["length"], r["offset"], r["status"],
+                           r["round"]) for r in rows]
+
+    def part_path(self, invitation: Invitation, upload_id: str) -> Path:
+        """Where a file's bytes are received."""
+        return self.folder(invitation) / "parts" / upload_id
+
+    def begin_append(self, invitation: Invitation, upload_id: str, offset: int) -> UploadFile:
+        """Check that a chunk may be written at ``offset`` (tus: the offset received so far)."""
+        found = self.file(invitation, upload_id)
+        if found.status != "receiving":
+            raise UploadOffsetMismatch("this file was received completely already")
+        on_disk = self.part_path(invitation, upload_id).stat().st_size
+        if on_disk != found.offset:  # bytes written after the last recorded offset: resync
+            found = self._record_offset(invitation, found, min(on_disk, found.length))
+        if offset != found.offset:
+            raise UploadOffsetMismatch(
+                f"the upload continues at byte {found.offset}, not at {offset}")
+        return found
+
+    def _record_offset(self, invitation: Invitation, found: UploadFile,
+                       offset: int) -> UploadFile:
+        with self._engine.begin() as conn:
+            conn.execute(update(upload_files).where(
+                upload_files.c.invitation_pk == invitation.pk,
+                upload_files.c.upload_id == found.upload_id).values(offset=offset))
+        return UploadFile(found.upload_id, found.path, found.length, offset, found.status,
+                          found.round)
+
+    def end_append(self, invitation: Invitation, upload_id: str, offset: int) -> UploadFile:
+        """Record the bytes received up to ``offset``; a complete file is fsynced and moved
+        to its path in the round's folder."""
+        found = self.file(invitation, upload_id)
+        part = self.part_path(invitation, upload_id)
+        if offset < found.length:
+            return self._record_offset(invitation, found, offset)
+        fd = os.open(part, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        target = self.round_folder(invitation, found.round).joinpath(*found.path.split("/"))
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if target.exists():  # the same name twice: keep both
+            target = target.with_name(f"{target.stem}-{upload_id[:6]}{target.suffix}")
+        os.replace(part, target)
+        with self._engine.begin() as conn:
+            conn.execute(update(upload_files).where(
+                upload_files.c.invitation_pk == invitation.pk,
+                upload_files.c.upload_id == upload_id).values(
+                offset=offset, status="received", completed_at=datetime.now(UTC)))
+        return self.file(invitation, upload_id)
+
+    def terminate(self, invitation: Invitation, upload_id: str) -> None:
+        """Forget a file not yet sent for review (tus termination); its bytes are removed."""
+        found = self.file(invitation, upload_id)
+        if found.status == "done":
+            raise ImageShareError("this file was sent to the hospital already")
+        self.part_path(invitation, upload_id).unlink(missing_ok=True)
+        if found.status == "received":
+            self.round_folder(invitation, found.round).joinpath(
+                *found.path.split("/")).unlink(missing_ok=True)
+        with self._engine.begin() as conn:
+            conn.execute(update(upload_files).where(
+                upload_files.c.invitation_pk == invitation.pk,
+                upload_files.c.upload_id == upload_id).values(status="removed"))
+
+    def finish_round(self, invitation: Invitation, round_: int) -> None:
+        """Mark the round's received files as sent; unfinished ones are dropped."""
+        with self._engine.begin() as conn:
+            conn.execute(update(upload_files).where(
+                upload_files.c.invitation_pk == invitation.pk, upload_files.c.round == round_,
+                upload_files.c.status == "received").values(status="done"))
+            conn.execute(update(upload_files).where(
+                upload_files.c.invitation_pk == invitation.pk, upload_files.c.round == round_,
+                upload_files.c.status == "receiving").values(status="removed"))
+        shutil.rmtree(self.folder(invitation) / "parts", ignore_errors=True)
+
+    def discard_round(self, invitation: Invitation, round_: int) -> None:
+        """Remove a round's files from disk (after intake; originals are kept elsewhere)."""
+        shutil.rmtree(self.folder(invitation) / f"round-{round_}", ignore_errors=True)

@@ -1,0 +1,213 @@
+"""Quality control of uploads: each study an upload made, with its checks, accepted into the
+record (filed under the invited patient, through the inbox's own accept) or rejected with a
+message e-mailed to the uploader, which reopens the invitation for new images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from sqlalchemy import Engine, delete, select
+
+from imageshare.archive.corrections import PatientCorrections
+from imageshare.archive.studies import StudyCatalogue, StudyRecord
+from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import ImageShareError, NotFound
+from imageshare.domain.identifiers import normalise_name
+from imageshare.exchange.inbox import Inbox, InboxItem
+from imageshare.storage.blobs import BlobStore
+from imageshare.storage.index.schema import inbox_items, upload_results
+from imageshare.uploads.invitations import Invitation, UploadInvitations
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check shown to the reviewer: what, whether it passed, and why."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class UploadedStudy:
+    """A study an upload made, waiting for a decision (or decided)."""
+
+    item: InboxItem
+    study: StudyRecord | None
+    checks: tuple[Check, ...]
+    files: tuple[dict[str, object], ...]
+
+    @property
+    def passed(self) -> bool:
+        """True when every check passed."""
+        return all(c.passed for c in self.checks)
+
+
+class UploadReview:
+    """The QC queue: studies of uploads, their checks, accept and reject."""
+
+    def __init__(self, engine: Engine, invitations: UploadInvitations, inbox: Inbox,
+                 catalogue: StudyCatalogue, corrections: PatientCorrections,
+                 originals: BlobStore, audit: AuditTrail) -> None:
+        self._engine = engine
+        self._invitations = invitations
+        self._inbox = inbox
+        self._catalogue = catalogue
+        self._corrections = corrections
+        self._originals = originals
+        self._audit = audit
+
+    def items(self, invitation: Invitation) -> list[InboxItem]:
+        """Every inbox item the invitation's uploads made (pending and decided)."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(inbox_items.c.pk).where(
+                inbox_items.c.site == invitation.review_site).order_by(inbox_items.c.pk)
+            ).scalars().all()
+        return [self._inbox.item(pk) for pk in rows]
+
+    def pending_count(self, invitation: Invitation) -> int:
+        """Studies of the invitation still waiting for a decision."""
+        return sum(1 for i in self.items(invitation) if i.status == "pending")
+
+    def studies(self, invitation: Invitation) -> list[UploadedStudy]:
+        """The invitation's studies with their checks and files."""
+        with self._engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(select(upload_results).where(
+                upload_results.c.invitation_pk == invitation.pk).order_by(
+                upload_results.c.pk)).mappings()]
+        found = []
+        for item in self.items(invitation):
+            files = tuple(r for r in rows if r["study_uid"] == item.study_uid)
+            try:
+                study: StudyRecord | None = self._catalogue.record(item.study_uid)
+            except NotFound:
+                study = None
+            found.append(UploadedStudy(item, study, self.checks(invitation, study, files),
+                                       files))
+        return found
+
+    def checks(self, invitation: Invitation, study: StudyRecord | None,
+               files: tuple[dict[str, object], ...]) -> tuple[Check, ...]:
+        """Identity by NHS number, readability, and the expected modality and body part."""
+        if study is None:
+            return (Check("Readable", False, "nothing of it is stored any more"),)
+        identities = {str(f["identity"]) for f in files if f["identity"]}
+        patient = study.patient
+        if "mismatch" in identities:
+            identity = Check("Patient", False, "the patient in the files is not the invited "
+                             "patient (name, date of birth or NHS number differ)")
+        elif invitation.nhs_number and patient.nhs_number == invitation.nhs_number:
+            identity = Check("Patient", True, "NHS number matches the invitation")
+        elif "name" in identities:
+            identity = Check("Patient", True, "no NHS number in the files; name and date of "
+                             "birth match the invitation")
+        elif (normalise_name(patient.name) == normalise_name(invitation.patient_name)
+              and patient.birth_date == invitation.birth_date):
+            identity = Check("Patient", True, "made from the invitation's details")
+        else:
+            identity = Check("Patient", False, "the details differ from the invitation's")
+        count = sum(len(s.instances) for s in study.series)
+        readable = Check("Readable", count > 0, f"{count} instance(s) stored and indexed")
+        checks = [identity, readable]
+        modalities = {s.modality for s in study.series}
+        if invitation.expected_modality:
+            ok = invitation.expected_modality in modalities
+            checks.append(Check("Modality", ok, f"expected {invitation.expected_modality}, "
+                                f"found {', '.join(sorted(modalities)) or 'none'}"))
+        if invitation.expected_body_part:
+            parts = {str(f["body_part"]).upper() for f in files if f["body_part"]}
+            ok = invitation.expected_body_part in parts
+            checks.append(Check("Body part", ok, f"expected {invitation.expected_body_part}, "
+                                f"found {', '.join(sorted(parts)) or 'not recorded'}"))
+        return tuple(checks)
+
+    def _own_item(self, invitation: Invitation, pk: int) -> InboxItem:
+        item = self._inbox.item(pk)
+        if item.site != invitation.review_site:
+            raise NotFound("no such study in this upload")
+        if item.status != "pending":
+            raise ImageShareError("this study was decided already")
+        return item
+
+    def accept(self, invitation: Invitation, pk: int, actor: Actor, file_anyway: bool = False,
+               note: str = "") -> str:
+        """Accept a study into the record, filed under the invited patient (the files' own
+        patient ID kept as an other ID). A study whose patient is not the invited one is
+        accepted only with ``file_anyway`` (a person checked it). Returns what was done."""
+        item = self._own_item(invitation, pk)
+        study = self._catalogue.record(item.study_uid)
+        target = invitation.details().checked()
+        patient = study.patient
+        uploaded = [r for r in self._files(invitation) if r["study_uid"] == item.study_uid]
+        if any(r["identity"] == "mismatch" for r in uploaded) and not file_anyway:
+            raise ImageShareError("the patient in these files is not the invited patient; "
+                                  "check them, then confirm filing them under the invited "
+                                  "patient, or reject them")
+        same = ((patient.patient_id, patient.issuer) == (target.patient_id, target.issuer)
+                and normalise_name(patient.name) == normalise_name(target.name)
+                and patient.birth_date == target.birth_date
+                and (not target.nhs_number or patient.nhs_number == target.nhs_number))
+        done = "accepted"
+        if not same:
+            if (patient.patient_id, patient.issuer) == (target.patient_id, target.issuer):
+                raise ImageShareError(
+                    "the files carry the invited hospital number with other details; correct "
+                    "the patient's record first, then accept")
+            other = ((patient.patient_id, "upload"),) if patient.patient_id else ()
+            self._corrections.correct_study(
+                item.study_uid, replace(target, other_ids=other),
+                f"upload {invitation.public_id} filed under the invited patient", actor)
+            done = f"filed under hospital number {target.patient_id} and accepted"
+        self._inbox.accept(pk, actor, reconcile=False, note=note)
+        self._audit.record(AuditEvent(actor=actor, action="upload.accept", outcome="success",
+                                      patient_id=target.patient_id, study_uid=item.study_uid,
+                                      detail={"upload": invitation.public_id, "done": done}))
+        if self.pending_count(invitation) == 0 and invitation.status == "submitted":
+            self._invitations.close(invitation)
+        return done
+
+    def reject(self, invitation: Invitation, pk: int, actor: Actor, message: str) -> None:
+        """Reject a study (its instances and originals are deleted), tell the uploader why by
+        e-mail, and reopen the invitation for new images."""
+        message = message.strip()
+        if not message:
+            raise ImageShareError("say what the uploader should send instead")
+        item = self._own_item(invitation, pk)
+        self._inbox.reject(pk, actor, message[:2000])
+        for row in self._files(invitation):
+            if row["study_uid"] == item.study_uid and row["original_key"]:
+                self._originals.delete(str(row["original_key"]))
+        with self._engine.begin() as conn:
+            conn.execute(delete(upload_results).where(
+                upload_results.c.invitation_pk == invitation.pk,
+                upload_results.c.study_uid == item.study_uid))
+        self._audit.record(AuditEvent(actor=actor, action="upload.reject", outcome="success",
+                                      patient_id=invitation.hospital_number,
+                                      study_uid=item.study_uid,
+                                      detail={"upload": invitation.public_id}))
+        if invitation.kind == "invitation":
+            self._invitations.reopen(invitation, message)
+            if invitation.email and self._invitations.public_url:
+                self._invitations.mailer.send(
+                    invitation.email, "The hospital asks you to send images again",
+                    "The hospital looked at the images you sent and could not use some of "
+                    f"them. Their message:\n\n{message}\n\n"
+                    "Please send new images with the same link and passcode as before "
+                    f"(the link works until {invitation.expires_at:%d %B %Y}).\n")
+
+    def _files(self, invitation: Invitation) -> list[dict[str, object]]:
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(upload_results).where(
+                upload_results.c.invitation_pk == invitation.pk)).mappings()]
+
+    def original(self, invitation: Invitation, result_pk: int) -> tuple[dict[str, object],
+                                                                          BlobStore]:
+        """A kept original file's row (and the store holding it)."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(upload_results).where(
+                upload_results.c.pk == result_pk,
+                upload_results.c.invitation_pk == invitation.pk)).mappings().first()
+        if row is None or not row["original_key"]:
+            raise NotFound("no such original file")
+        return dict(row), self._originals

@@ -1,0 +1,613 @@
+"""Upload pages and the tus 1.0 endpoints (core, creation, termination).
+
+Invited people: ``/u/{token}`` asks for the passcode, then ``/u/{token}/upload`` takes files
+and folders (tus under ``/u/{token}/files``) and ``/u/{token}/send`` hands them to the
+hospital. They see only their own upload. Staff: ``/uploads`` (invite, the QC queue),
+``/uploads/import`` (a USB stick or CD from the study list, the same page and pipeline), and
+``/uploads/{id}`` (checks, files, accept, reject). Patients: ``/my`` (their own studies,
+download, share with a doctor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
+
+from imageshare.access.policy import PATIENT_SELF, PUBLIC, UPLOAD_MANAGE, UPLOAD_SEND
+from imageshare.access.scope import DOWNLOAD
+from imageshare.audit.trail import AuditEvent
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import (
+    Forbidden,
+    ImageShareError,
+    LinkGone,
+    NotFound,
+    TooManyRequests,
+    UnsupportedMediaType,
+)
+from imageshare.sharing.links import NewShare
+from imageshare.uploads.invitations import Invitation, UploadRequest
+from imageshare.web.auth import UPLOAD_COOKIE, allowed, client_address, resolve_actor
+from imageshare.web.deps import Archive, ArchiveDep
+from imageshare.web.pages.templating import page, redirect
+from imageshare.web.params import RowId
+
+router = APIRouter(include_in_schema=False)
+TUS_VERSION = "1.0.0"
+_TUS = {"Tus-Resumable": TUS_VERSION}
+_locks: dict[str, asyncio.Lock] = {}
+
+
+# -- the invited person's side --------------------------------------------------------------
+
+
+def _gone(request: Request, exc: ImageShareError) -> Response:
+    status = 410 if isinstance(exc, LinkGone) else 404
+    title = "This link no longer works" if status == 410 else "No such link"
+    detail = (str(exc).capitalize() + ". Ask the hospital for a new one." if status == 410
+              else "Check the address, or ask the hospital for a new link.")
+    return page(request, "error.html", status_code=status, title=title, detail=detail)
+
+
+@router.get("/u/{token}")
+def invitation_landing(request: Request, archive: ArchiveDep, token: str,
+                       _anyone: allowed(PUBLIC)) -> Response:
+    """The invitation's first page: the passcode form (or the upload page once opened)."""
+    try:
+        archive.uploads.invitations.by_token(token)
+    except ImageShareError as exc:
+        return _gone(request, exc)
+    if resolve_actor(request).kind == "upload":
+        return redirect(f"/u/{token}/upload")
+    return page(request, "upload_passcode.html", token=token)
+
+
+@router.post("/u/{token}")
+def invitation_open(request: Request, archive: ArchiveDep, token: str,
+                    _anyone: allowed(PUBLIC), passcode: Annotated[str, Form()]) -> Response:
+    """Check the passcode (ten wrong ones lock the invitation) and start this browser's
+    session (ending any other: one person at a time)."""
+    source = client_address(request)
+    invitations = archive.uploads.invitations
+    try:
+        invitation = invitations.by_token(token)
+        archive.throttle.check(source)
+    except ImageShareError as exc:
+        if isinstance(exc, TooManyRequests):
+            return page(request, "upload_passcode.html", status_code=429, token=token,
+                        error=str(exc))
+        return _gone(request, exc)
+    if not invitations.check_passcode(invitation, passcode[:64], source):
+        archive.throttle.failed(source)
+        try:
+            invitations.by_token(token)
+        except ImageShareError as exc:
+            return _gone(request, exc)
+        return page(request, "upload_passcode.html", status_code=401, token=token,
+                    error="That passcode is not right.")
+    secret, _csrf = invitations.start_session(invitation)
+    response = redirect(f"/u/{token}/upload")
+    response.set_cookie(UPLOAD_COOKIE, secret, httponly=True, samesite="strict",
+                        path=f"/u/{token}", secure=request.url.scheme == "https")
+    return response
+
+
+def _invitation(request: Request) -> Invitation:
+    found: Invitation = request.state.invitation
+    return found
+
+
+def _upload_page(request: Request, archive: Archive, invitation: Invitation, base: str,
+                 staff: bool) -> Response:
+    receiver = archive.uploads.receiver
+    round_ = receiver.current_round(invitation)
+    waiting = [f for f in receiver.files(invitation, round_) if f.status == "received"]
+    return page(request, "upload.html", invitation=invitation, base=base, staff=staff,
+                waiting=waiting, chunk=min(8 << 20, archive.settings.upload_chunk_bytes),
+                left=max(0, invitation.max_bytes - receiver.used_bytes(invitation)),
+                results=_own_results(archive, invitation))
+
+
+def _own_results(archive: Archive, invitation: Invitation) -> list[dict[str, Any]]:
+    from imageshare.uploads.intake import results
+
+    return [{"label": r["label"], "outcome": r["outcome"], "detail": r["detail"]}
+            for r in results(archive.engine, invitation)]
+
+
+@router.get("/u/{token}/upload")
+def invitee_upload_page(request: Request, archive: ArchiveDep, token: str,
+                        _uploader: allowed(UPLOAD_SEND)) -> Response:
+    """The upload page: drop files and folders, watch them arrive, send them."""
+    return _upload_page(request, archive, _invitation(request), f"/u/{token}", staff=False)
+
+
+@router.options("/u/{token}/files")
+def invitee_tus_options(_uploader: allowed(UPLOAD_SEND)) -> Response:
+    """tus: what this server offers."""
+    return _tus_options()
+
+
+@router.post("/u/{token}/files")
+async def invitee_tus_create(request: Request, archive: ArchiveDep, token: str,
+                             _uploader: allowed(UPLOAD_SEND)) -> Response:
+    """tus creation: announce a file (Upload-Length, Upload-Metadata)."""
+    return await _tus_create(request, archive, _invitation(request), f"/u/{token}/files")
+
+
+@router.head("/u/{token}/files/{upload_id}")
+def invitee_tus_head(request: Request, archive: ArchiveDep, upload_id: str,
+                     _uploader: allowed(UPLOAD_SEND)) -> Response:
+    """tus: how many bytes of the file arrived."""
+    return _tus_head(archive, _invitation(request), upload_id)
+
+
+@router.patch("/u/{token}/files/{upload_id}")
+async def invitee_tus_patch(request: Request, archive: ArchiveDep, upload_id: str,
+                            _uploader: allowed(UPLOAD_SEND)) -> Response:
+    """tus: the next chunk of the file, at the offset received so far."""
+    return await _tus_patch(request, archive, _invitation(request), upload_id)
+
+
+@router.delete("/u/{token}/files/{upload_id}")
+def invitee_tus_delete(request: Request, archive: ArchiveDep, upload_id: str,
+                       _uploader: allowed(UPLOAD_SEND)) -> Response:
+    """tus termination: forget a file not yet sent."""
+    return _tus_delete(archive, _invitation(request), upload_id)
+
+
+@router.post("/u/{token}/send")
+async def invitee_send(request: Request, archive: ArchiveDep, token: str,
+                       uploader: allowed(UPLOAD_SEND)) -> Response:
+    """Hand the received files to the hospital (they become DICOM waiting for review)."""
+    invitation = _invitation(request)
+    return await _send(request, archive, invitation, uploader, "the invited person",
+                       f"/u/{token}", staff=False)
+
+
+async def _send(request: Request, archive: Archive, invitation: Invitation, actor: Actor,
+                uploader: str, base: str, staff: bool) -> Response:
+    try:
+        report = await run_in_threadpool(archive.uploads.submit, invitation, actor, uploader)
+    except ImageShareError as exc:
+        response = _upload_page(request, archive, invitation, base, staff)
+        response.status_code = 400 if not isinstance(exc, Forbidden) else 403
+        return page(request, "upload.html", status_code=response.status_code,
+                    invitation=invitation, base=base, staff=staff, waiting=[],
+                    chunk=min(8 << 20, archive.settings.upload_chunk_bytes), left=0,
+                    results=_own_results(archive, invitation), error=str(exc))
+    return page(request, "upload_sent.html", report=report, staff=staff,
+                invitation=archive.uploads.invitations.by_public_id(invitation.public_id))
+
+
+# -- tus 1.0 (core, creation, termination) ----------------------------------------------
+
+
+def _tus_options() -> Response:
+    return Response(status_code=204, headers={
+        **_TUS, "Tus-Version": TUS_VERSION, "Tus-Extension": "creation,termination"})
+
+
+def _metadata(header: str) -> dict[str, str]:
+    """tus Upload-Metadata: comma-separated ``key base64value`` pairs."""
+    found = {}
+    for pair in header.split(","):
+        key, _, value = pair.strip().partition(" ")
+        if not key:
+            continue
+        try:
+            found[key] = base64.b64decode(value, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise ImageShareError("Upload-Metadata is not valid (base64 of UTF-8)") from exc
+    return found
+
+
+def _check_version(request: Request) -> None:
+    if request.headers.get("tus-resumable") != TUS_VERSION:
+        raise _TusVersion()
+
+
+class _TusVersion(ImageShareError):
+    http_status = 412
+    title = "Precondition failed"
+
+    def __init__(self) -> None:
+        super().__init__(f"this server speaks tus {TUS_VERSION} (Tus-Resumable header)")
+
+
+async def _tus_create(request: Request, archive: Archive, invitation: Invitation,
+                      base: str) -> Response:
+    _check_version(request)
+    archive.uploads.invitations.require_open(invitation)
+    length = request.headers.get("upload-length", "")
+    if not length.isdigit():
+        raise ImageShareError("Upload-Length is required (deferred lengths are not taken)")
+    meta = _metadata(request.headers.get("upload-metadata", "")[:4096])
+    path = meta.get("relativePath") or meta.get("filename") or "file"
+    created = await run_in_threadpool(archive.uploads.receiver.create, invitation,
+                                      int(length), path)
+    return Response(status_code=201, headers={**_TUS, "Location": f"{base}/{created.upload_id}",
+                                              "Upload-Offset": "0"})
+
+
+def _tus_head(archive: Archive, invitation: Invitation, upload_id: str) -> Response:
+    found = archive.uploads.receiver.file(invitation, upload_id)
+    offset = found.offset
+    if found.status == "receiving":
+        on_disk = archive.uploads.receiver.part_path(invitation, upload_id)
+        offset = min(on_disk.stat().st_size if on_disk.exists() else 0, found.length)
+    return Response(status_code=200, headers={
+        **_TUS, "Upload-Offset": str(offset), "Upload-Length": str(found.length),
+        "Cache-Control": "no-store"})
+
+
+async def _tus_patch(request: Request, archive: Archive, invitation: Invitation,
+                     upload_id: str) -> Response:
+    _check_version(request)
+    if request.headers.get("content-type", "") != "application/offset+octet-stream":
+        raise UnsupportedMediaType("a tus PATCH carries application/offset+octet-stream")
+    offset_text = request.headers.get("upload-offset", "")
+    if not offset_text.isdigit():
+        raise ImageShareError("Upload-Offset is required")
+    archive.uploads.invitations.require_open(invitation)
+    receiver = archive.uploads.receiver
+    lock = _locks.setdefault(upload_id, asyncio.Lock())
+    if lock.locked():
+        raise UploadBusy()
+    async with lock:
+        found = await run_in_threadpool(receiver.begin_append, invitation, upload_id,
+                                        int(offset_text))
+        position = found.offset
+        fd = os.open(receiver.part_path(invitation, upload_id), os.O_WRONLY)
+        buffer = bytearray()
+        try:
+            try:
+                async for chunk in request.stream():
+                    if position + len(buffer) + len(chunk) > found.length:
+                        raise ImageShareError("more bytes than Upload-Length announced")
+                    buffer += chunk
+                    if len(buffer) >= 1 << 20:
+                        await run_in_threadpool(os.pwrite, fd, bytes(buffer), position)
+                        position += len(buffer)
+                        buffer.clear()
+            except ClientDisconnect:
+                pass  # keep what arrived: the client resumes from there
+            if buffer:
+                await run_in_threadpool(os.pwrite, fd, bytes(buffer), position)
+                position += len(buffer)
+        finally:
+            os.close(fd)
+        done = await run_in_threadpool(receiver.end_append, invitation, upload_id, position)
+    _locks.pop(upload_id, None)
+    return Response(status_code=204, headers={**_TUS, "Upload-Offset": str(done.offset)})
+
+
+class UploadBusy(ImageShareError):
+    """Another request is writing this file now."""
+
+    http_status = 423
+    title = "Locked"
+
+    def __init__(self) -> None:
+        super().__init__("another request is sending this file now; try again shortly")
+
+
+def _tus_delete(archive: Archive, invitation: Invitation, upload_id: str) -> Response:
+    archive.uploads.receiver.terminate(invitation, upload_id)
+    return Response(status_code=204, headers=_TUS)
+
+
+# -- staff: invitations, browser import, the QC queue -------------------------------------
+
+
+def _staff_batch(archive: Archive, public_id: str, actor: Actor) -> Invitation:
+    """A staff import batch of this member of staff (nobody else's)."""
+    invitation = archive.uploads.invitations.by_public_id(public_id)
+    if invitation.kind != "staff" or invitation.created_by != actor.name:
+        raise NotFound("no such upload")
+    return invitation
+
+
+@router.get("/uploads")
+def uploads_queue(request: Request, archive: ArchiveDep,
+                  actor: allowed(UPLOAD_MANAGE)) -> Response:
+    """Invitations and imports with what waits for review, the invite form, patient
+    accounts invited."""
+    rows = []
+    for invitation in archive.uploads.invitations.all():
+        rows.append({"invitation": invitation,
+                     "pending": archive.uploads.review.pending_count(invitation)})
+    archive.audit.record(AuditEvent(actor=actor, action="upload.read", outcome="success",
+                                    instance_count=len(rows)))
+    return page(request, "uploads.html", rows=rows,
+                patients=archive.uploads.patients.invited(),
+                max_days=archive.settings.upload_max_days)
+
+
+def _request_from(form: dict[str, str]) -> UploadRequest:
+    days = form.get("days", "") or "14"
+    max_mb = form.get("max_mb", "") or "0"
+    if not days.isdigit() or not max_mb.isdigit():
+        raise ImageShareError("days and size limit are whole numbers")
+    return UploadRequest(
+        patient_name=form.get("patient_name", ""), hospital_number=form.get(
+            "hospital_number", ""), birth_date=form.get("birth_date", ""),
+        nhs_number=form.get("nhs_number", ""), issuer=form.get("issuer", ""),
+        email=form.get("email", ""), reference=form.get("reference", ""),
+        expected_modality=form.get("expected_modality", ""),
+        expected_body_part=form.get("expected_body_part", ""), days=int(days),
+        max_mb=int(max_mb))
+
+
+_FIELDS = ("patient_name", "hospital_number", "birth_date", "nhs_number", "issuer", "email",
+           "reference", "expected_modality", "expected_body_part", "days", "max_mb")
+
+
+async def _form(request: Request) -> dict[str, str]:
+    form = await request.form()
+    return {k: str(form.get(k, ""))[:400] for k in _FIELDS}
+
+
+@router.post("/uploads/invite")
+async def uploads_invite(request: Request, archive: ArchiveDep,
+                         actor: allowed(UPLOAD_MANAGE)) -> Response:
+    """Invite someone by e-mail to upload for a patient; shows the passcode once."""
+    form = await _form(request)
+    try:
+        created = await run_in_threadpool(archive.uploads.invitations.invite,
+                                          _request_from(form), actor)
+    except ImageShareError as exc:
+        rows = [{"invitation": i, "pending": archive.uploads.review.pending_count(i)}
+                for i in archive.uploads.invitations.all()]
+        return page(request, "uploads.html", status_code=400, rows=rows, form=form,
+                    patients=archive.uploads.patients.invited(),
+                    max_days=archive.settings.upload_max_days, error=str(exc))
+    return page(request, "upload_invited.html", created=created,
+                link=archive.uploads.invitations.public_url + created.path)
+
+
+@router.get("/uploads/import")
+def staff_import_form(request: Request, archive: ArchiveDep, actor: allowed(UPLOAD_MANAGE),
+                      study: str = "") -> Response:
+    """Import a USB stick or CD in the browser, for a patient (filled in from a study)."""
+    form = {k: "" for k in _FIELDS}
+    if study:
+        record = archive.catalogue.view(study, actor, archive.policy.study_scope(actor))
+        p = record.patient
+        form.update(patient_name=p.name, hospital_number=p.patient_id, issuer=p.issuer,
+                    birth_date=p.birth_date, nhs_number=p.nhs_number)
+    return page(request, "upload_import.html", form=form)
+
+
+@router.post("/uploads/import")
+async def staff_import_start(request: Request, archive: ArchiveDep,
+                             actor: allowed(UPLOAD_MANAGE)) -> Response:
+    """Start an import batch for the patient as the hospital knows them."""
+    form = await _form(request)
+    try:
+        batch = await run_in_threadpool(archive.uploads.invitations.staff_import,
+                                        _request_from(form), actor)
+    except ImageShareError as exc:
+        return page(request, "upload_import.html", status_code=400, form=form, error=str(exc))
+    return redirect(f"/uploads/{batch.public_id}/upload")
+
+
+@router.get("/uploads/{public_id}/upload")
+def staff_upload_page(request: Request, archive: ArchiveDep, public_id: str,
+                      actor: allowed(UPLOAD_MANAGE)) -> Response:
+    """The same upload page, for a member of staff's own import."""
+    batch = _staff_batch(archive, public_id, actor)
+    return _upload_page(request, archive, batch, f"/uploads/{public_id}", staff=True)
+
+
+@router.options("/uploads/{public_id}/files")
+def staff_tus_options(_actor: allowed(UPLOAD_MANAGE)) -> Response:
+    """tus: what this server offers."""
+    return _tus_options()
+
+
+@router.post("/uploads/{public_id}/files")
+async def staff_tus_create(request: Request, archive: ArchiveDep, public_id: str,
+                           actor: allowed(UPLOAD_MANAGE)) -> Response:
+    """tus creation for a staff import."""
+    batch = _staff_batch(archive, public_id, actor)
+    return await _tus_create(request, archive, batch, f"/uploads/{public_id}/files")
+
+
+@router.head("/uploads/{public_id}/files/{upload_id}")
+def staff_tus_head(archive: ArchiveDep, public_id: str, upload_id: str,
+                   actor: allowed(UPLOAD_MANAGE)) -> Response:
+    """tus: how many bytes arrived."""
+    return _tus_head(archive, _staff_batch(archive, public_id, actor), upload_id)
+
+
+@router.patch("/uploads/{public_id}/files/{upload_id}")
+async def staff_tus_patch(request: Request, archive: ArchiveDep, public_id: str,
+                          upload_id: str, actor: allowed(UPLOAD_MANAGE)) -> Response:
+    """tus: the next chunk."""
+    return await _tus_patch(request, archive, _staff_batch(archive, public_id, actor),
+                            upload_id)
+
+
+@router.delete("/uploads/{public_id}/files/{upload_id}")
+def staff_tus_delete(archive: ArchiveDep, public_id: str, upload_id: str,
+                     actor: allowed(UPLOAD_MANAGE)) -> Response:
+    """tus termination."""
+    return _tus_delete(archive, _staff_batch(archive, public_id, actor), upload_id)
+
+
+@router.post("/uploads/{public_id}/send")
+async def staff_send(request: Request, archive: ArchiveDep, public_id: str,
+                     actor: allowed(UPLOAD_MANAGE)) -> Response:
+    """Send the imported files for review (then the QC page of the import)."""
+    batch = _staff_batch(archive, public_id, actor)
+    response = await _send(request, archive, batch, actor, actor.name,
+                           f"/uploads/{public_id}", staff=True)
+    if response.status_code == 200:
+        return redirect(f"/uploads/{public_id}")
+    return response
+
+
+@router.get("/uploads/{public_id}")
+def upload_detail(request: Request, archive: ArchiveDep, public_id: str,
+                  actor: allowed(UPLOAD_MANAGE)) -> Response:
+    """One upload: its studies with checks, files, viewer links, accept and reject."""
+    invitation = archive.uploads.invitations.by_public_id(public_id)
+    studies = archive.uploads.review.studies(invitation)
+    archive.audit.record(AuditEvent(actor=actor, action="upload.read", outcome="success",
+                                    patient_id=invitation.hospital_number,
+                                    detail={"upload": public_id}))
+    return page(request, "upload_review.html", invitation=invitation, studies=studies)
+
+
+@router.post("/uploads/{public_id}/studies/{item}/{decision}")
+async def upload_decide(request: Request, archive: ArchiveDep, public_id: str, item: RowId,
+                        decision: str, actor: allowed(UPLOAD_MANAGE)) -> Response:
+    """Accept a study into the record, or reject it with a message to the uploader."""
+    form = await request.form()
+    invitation = archive.uploads.invitations.by_public_id(public_id)
+    message = str(form.get("message", ""))[:4000]
+    try:
+        if decision == "accept":
+            await run_in_threadpool(archive.uploads.review.accept, invitation, item, actor,
+                                    bool(form.get("file_anyway")), message)
+        elif decision == "reject":
+            await run_in_threadpool(archive.uploads.review.reject, invitation, item, actor,
+                                    message)
+        else:
+            raise NotFound("decide accept or reject")
+    except ImageShareError as exc:
+        return page(request, "upload_review.html", status_code=400, invitation=invitation,
+                    studies=archive.uploads.review.studies(invitation), error=str(exc))
+    return redirect(f"/uploads/{public_id}")
+
+
+@router.get("/uploads/{public_id}/originals/{result}")
+def upload_original(archive: ArchiveDep, public_id: str, result: RowId,
+                    actor: allowed(UPLOAD_MANAGE)) -> Response:
+    """An uploaded file as it was sent (videos play, PDFs open), audited."""
+    invitation = archive.uploads.invitations.by_public_id(public_id)
+    row, store = archive.uploads.review.original(invitation, result)
+    archive.audit.record(AuditEvent(actor=actor, action="upload.original", outcome="success",
+                                    patient_id=invitation.hospital_number,
+                                    study_uid=str(row["study_uid"]),
+                                    detail={"upload": public_id}))
+    media = {"photo": "image/jpeg", "video": "video/mp4", "pdf": "application/pdf"}.get(
+        str(row["kind"]), "application/octet-stream")
+    stream = store.open(str(row["original_key"]))
+
+    def chunks() -> Any:
+        with stream:
+            while chunk := stream.read(1 << 20):
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type=media,
+                             headers={"Content-Disposition": "inline"})
+
+
+@router.post("/uploads/{public_id}/revoke")
+def upload_revoke(archive: ArchiveDep, public_id: str,
+                  actor: allowed(UPLOAD_MANAGE)) -> Response:
+    """End an invitation for good."""
+    invitation = archive.uploads.invitations.by_public_id(public_id)
+    archive.uploads.invitations.revoke(invitation, actor)
+    return redirect("/uploads")
+
+
+@router.post("/uploads/patients")
+async def patient_invite(request: Request, archive: ArchiveDep,
+                         actor: allowed(UPLOAD_MANAGE)) -> Response:
+    """Invite a patient to an account for their own images."""
+    form = await request.form()
+    try:
+        await run_in_threadpool(archive.uploads.patients.invite, str(form.get("email", "")),
+                                str(form.get("hospital_number", "")),
+                                str(form.get("issuer", "")), actor)
+    except ImageShareError as exc:
+        rows = [{"invitation": i, "pending": archive.uploads.review.pending_count(i)}
+                for i in archive.uploads.invitations.all()]
+        return page(request, "uploads.html", status_code=400, rows=rows,
+                    patients=archive.uploads.patients.invited(),
+                    max_days=archive.settings.upload_max_days, error=str(exc))
+    return redirect("/uploads")
+
+
+# -- patients: their own studies ------------------------------------------------------------
+
+
+def _own_studies(archive: Archive, actor: Actor) -> list[Any]:
+    grants = archive.uploads.patients.grants_for(actor)
+    return [archive.catalogue.record(g.study_uid, include_review=False) for g in grants]
+
+
+@router.get("/my")
+def my_images(request: Request, archive: ArchiveDep, actor: allowed(PATIENT_SELF)) -> Response:
+    """A patient's own studies, with view, download and share, and the links they made."""
+    studies = _own_studies(archive, actor)
+    archive.audit.record(AuditEvent(actor=actor, action="patient.studies",
+                                    outcome="success", instance_count=len(studies)))
+    return page(request, "my_images.html", studies=studies,
+                shares=archive.shares.owned(actor.name))
+
+
+def _own_study(archive: Archive, actor: Actor, study_uid: str) -> None:
+    if not any(g.study_uid == study_uid and DOWNLOAD in g.rights
+               for g in archive.uploads.patients.grants_for(actor)):
+        raise NotFound("no such study")
+
+
+@router.get("/my/studies/{study_uid}/download")
+def my_download(archive: ArchiveDep, study_uid: str,
+                actor: allowed(PATIENT_SELF)) -> Response:
+    """The patient's own study as a zip of its DICOM files."""
+    _own_study(archive, actor, study_uid)
+    found = archive.retrieve.select(actor, "patient.download", study_uids=[study_uid],
+                                    audit=False)
+    fd, name = tempfile.mkstemp(suffix=".zip", dir=archive.settings.staging_dir)
+    os.close(fd)
+    with zipfile.ZipFile(name, "w", zipfile.ZIP_STORED) as archive_zip:
+        for number, inst in enumerate(found, 1):
+            with archive.retrieve.open(inst) as src, archive_zip.open(
+                    f"IMAGES/IM{number:05d}.dcm", "w", force_zip64=True) as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+    archive.audit.record(AuditEvent(actor=actor, action="patient.download", outcome="success",
+                                    patient_id=found[0].patient_id, study_uid=study_uid,
+                                    instance_count=len(found), detail={"format": "zip"}))
+    return FileResponse(name, media_type="application/zip", filename="my-images.zip",
+                        background=BackgroundTask(Path(name).unlink, missing_ok=True))
+
+
+@router.post("/my/studies/{study_uid}/share")
+async def my_share(request: Request, archive: ArchiveDep, study_uid: str,
+                   actor: allowed(PATIENT_SELF)) -> Response:
+    """Share one's own study with a named doctor (a link with a passcode and an expiry)."""
+    form = await request.form()
+    try:
+        _own_study(archive, actor, study_uid)
+        days = str(form.get("days", "") or "14")
+        created = await run_in_threadpool(
+            archive.shares.create_and_send,
+            NewShare(study_uid, recipient_email=str(form.get("email", ""))[:254],
+                     days=int(days) if days.isdigit() else 0, allow_download=True,
+                     deidentified=False, title="Images shared by the patient",
+                     message=str(form.get("message", ""))[:2000]),
+            actor, archive.policy.study_scope(actor))
+    except ImageShareError as exc:
+        return page(request, "my_images.html", status_code=400,
+                    studies=_own_studies(archive, actor),
+                    shares=archive.shares.owned(actor.name), error=str(exc))
+    return page(request, "share_created.html", created=created, passcode=created.passcode,
+                url=archive.shares.link_base() + created.path, emailed=True)

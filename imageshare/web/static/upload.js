@@ -1,0 +1,209 @@
+// A small tus 1.0 client (core, creation) for the upload page: files and folders (dropped or
+// chosen), per-file and overall progress, chunks of data-chunk bytes, and resumption after a
+// dropped connection (HEAD for the offset, then PATCH from there; retried with back-off, also
+// after a reload of the page, from the upload URLs remembered in localStorage).
+(function () {
+  "use strict";
+  const drop = document.getElementById("drop");
+  if (!drop) return;
+  const base = drop.dataset.base;
+  const chunkSize = parseInt(drop.dataset.chunk, 10) || 8 * 1024 * 1024;
+  const csrf = document.querySelector('meta[name="csrf-token"]').content;
+  const list = document.getElementById("files");
+  const overall = document.getElementById("overall");
+  const overallText = document.getElementById("overall-text");
+  const sendButton = document.getElementById("send");
+  const storeKey = "imageshare-upload-" + drop.dataset.key;
+  const queue = [];
+  const items = [];
+  let running = 0;
+  const PARALLEL = 3;
+
+  function b64(text) {
+    return btoa(unescape(encodeURIComponent(text)));
+  }
+
+  function remembered() {
+    try { return JSON.parse(localStorage.getItem(storeKey) || "{}"); } catch (e) { return {}; }
+  }
+
+  function remember(fingerprint, url) {
+    const all = remembered();
+    if (url) { all[fingerprint] = url; } else { delete all[fingerprint]; }
+    try { localStorage.setItem(storeKey, JSON.stringify(all)); } catch (e) { /* private mode */ }
+  }
+
+  function updateOverall() {
+    let total = 0, sent = 0, done = 0, failed = 0;
+    for (const item of items) {
+      total += item.file.size; sent += item.sent;
+      if (item.state === "done") done += 1;
+      if (item.state === "failed") failed += 1;
+    }
+    overall.max = Math.max(total, 1);
+    overall.value = sent;
+    const mb = (n) => (n / 1048576).toFixed(1);
+    overallText.textContent = items.length
+      ? `${done} of ${items.length} file(s) arrived (${mb(sent)} of ${mb(total)} MB)` +
+        (failed ? `, ${failed} could not be sent` : "")
+      : "No files yet";
+    const busy = items.some((i) => i.state !== "done" && i.state !== "failed");
+    sendButton.disabled = busy || done === 0;
+  }
+
+  function show(item, state, text) {
+    item.state = state;
+    item.row.className = state;
+    item.status.textContent = text;
+    item.bar.max = Math.max(item.file.size, 1);
+    item.bar.value = item.sent;
+    updateOverall();
+  }
+
+  function add(file, path) {
+    const row = document.createElement("li");
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = path;
+    const bar = document.createElement("progress");
+    const status = document.createElement("span");
+    status.className = "state";
+    row.append(name, " ", bar, " ", status);
+    list.append(row);
+    const item = { file, path, row, bar, status, sent: 0, state: "waiting", url: null,
+                   fingerprint: [path, file.size, file.lastModified].join("|"), tries: 0 };
+    items.push(item);
+    show(item, "waiting", "waiting");
+    queue.push(item);
+    pump();
+  }
+
+  function pump() {
+    while (running < PARALLEL && queue.length) {
+      const item = queue.shift();
+      running += 1;
+      upload(item).finally(() => { running -= 1; pump(); });
+    }
+  }
+
+  function request(method, url, headers, body, onProgress) {
+    return new Promise((resolve, reject) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open(method, url);
+      xhr.setRequestHeader("Tus-Resumable", "1.0.0");
+      xhr.setRequestHeader("X-CSRF-Token", csrf);
+      for (const [k, v] of Object.entries(headers)) xhr.setRequestHeader(k, v);
+      if (onProgress) xhr.upload.onprogress = (e) => onProgress(e.loaded);
+      xhr.onload = () => resolve(xhr);
+      xhr.onerror = () => reject(new Error("network"));
+      xhr.onabort = () => reject(new Error("network"));
+      xhr.ontimeout = () => reject(new Error("network"));
+      xhr.send(body);
+    });
+  }
+
+  function problem(xhr) {
+    try { return JSON.parse(xhr.responseText).detail || xhr.statusText; } catch (e) {
+      return xhr.statusText || "refused";
+    }
+  }
+
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+  async function upload(item) {
+    item.url = remembered()[item.fingerprint] || null;
+    for (;;) {
+      try {
+        if (!item.url) {
+          const created = await request("POST", base, {
+            "Upload-Length": String(item.file.size),
+            "Upload-Metadata": "filename " + b64(item.file.name) + ",relativePath " + b64(item.path),
+          }, null);
+          if (created.status !== 201) {
+            return show(item, "failed", "not sent: " + problem(created));
+          }
+          item.url = created.getResponseHeader("Location");
+          remember(item.fingerprint, item.url);
+        } else {
+          const head = await request("HEAD", item.url, {}, null);
+          if (head.status === 404 || head.status === 410) {
+            item.url = null; remember(item.fingerprint, null); item.sent = 0; continue;
+          }
+          if (head.status !== 200) throw new Error("network");
+          item.sent = parseInt(head.getResponseHeader("Upload-Offset"), 10) || 0;
+        }
+        while (item.sent < item.file.size) {
+          show(item, "sending", "sending " + Math.floor(100 * item.sent / Math.max(item.file.size, 1)) + "%");
+          const start = item.sent;
+          const piece = item.file.slice(start, Math.min(start + chunkSize, item.file.size));
+          const answer = await request("PATCH", item.url, {
+            "Upload-Offset": String(start), "Content-Type": "application/offset+octet-stream",
+          }, piece, (loaded) => { item.bar.value = start + loaded; });
+          if (answer.status === 204) {
+            item.sent = parseInt(answer.getResponseHeader("Upload-Offset"), 10);
+            item.tries = 0;
+          } else if (answer.status === 409 || answer.status === 423 || answer.status >= 500) {
+            throw new Error("network");
+          } else {
+            return show(item, "failed", "not sent: " + problem(answer));
+          }
+        }
+        remember(item.fingerprint, null);
+        return show(item, "done", "arrived");
+      } catch (error) {
+        item.tries += 1;
+        const wait = Math.min(30000, 1000 * 2 ** Math.min(item.tries - 1, 5));
+        show(item, "retrying", "connection lost: trying again in " + Math.round(wait / 1000) + " s");
+        await sleep(wait);
+      }
+    }
+  }
+
+  function readEntries(reader) {
+    return new Promise((resolve) => reader.readEntries(resolve, () => resolve([])));
+  }
+
+  async function walk(entry, prefix) {
+    if (entry.isFile) {
+      const file = await new Promise((resolve) => entry.file(resolve, () => resolve(null)));
+      if (file) add(file, prefix + entry.name);
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) {
+        const batch = await readEntries(reader);
+        if (!batch.length) break;
+        for (const child of batch) await walk(child, prefix + entry.name + "/");
+      }
+    }
+  }
+
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", async (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    const entries = [...e.dataTransfer.items].map((i) => i.webkitGetAsEntry && i.webkitGetAsEntry());
+    if (entries.every(Boolean)) {
+      for (const entry of entries) await walk(entry, "");
+    } else {
+      for (const file of e.dataTransfer.files) add(file, file.name);
+    }
+  });
+  document.getElementById("pick-files").addEventListener("change", (e) => {
+    for (const file of e.target.files) add(file, file.name);
+    e.target.value = "";
+  });
+  document.getElementById("pick-folder").addEventListener("change", (e) => {
+    for (const file of e.target.files) add(file, file.webkitRelativePath || file.name);
+    e.target.value = "";
+  });
+  document.getElementById("send-form").addEventListener("submit", () => {
+    sendButton.disabled = true;
+    sendButton.textContent = "Sending… (large CDs take a few minutes)";
+  });
+  window.addEventListener("beforeunload", (e) => {
+    if (items.some((i) => i.state === "sending" || i.state === "retrying" || i.state === "waiting")) {
+      e.preventDefault();
+    }
+  });
+})();

@@ -1,0 +1,459 @@
+"""Uploads by invitation (issue 13): invitations protected like share links, tus uploads that
+resume, everything made DICOM for review (and kept out of the record until accepted), the
+QC queue with its e-mail to the uploader, and patients' own access."""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+import threading
+import zipfile
+from collections.abc import Iterator
+from email import message_from_bytes
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydicom import dcmread
+
+from imageshare.domain.actors import Actor
+from imageshare.uploads.convert import sniff
+from imageshare.uploads.invitations import UploadRequest
+from imageshare.uploads.receiving import safe_parts
+from imageshare.web.server import create_app
+from tests.conftest import ADMIN_PASSWORD, make_archive, require_tool
+from tests.multipart_helpers import parse_multipart
+from tests.peers import free_port
+from tests.unit.test_web_pages import browser_sign_in, csrf_of
+from tests.upload_media import cd_folder, mp4, pdf, photo, png
+
+PASSWORD = "uploads-password"
+HTML = {"Accept": "text/html"}
+TUS = {"Tus-Resumable": "1.0.0"}
+NHS = "9434765919"
+STAFF = Actor("user", "clerk", "radiographer", "127.0.0.1")
+
+
+class MailSink:
+    """A real SMTP server's handler (aiosmtpd) keeping every message."""
+
+    def __init__(self) -> None:
+        self.messages: list = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
+        with self.lock:
+            self.messages.append(message_from_bytes(envelope.content))
+        return "250 OK"
+
+    def bodies(self, to: str) -> list[str]:
+        with self.lock:
+            return [m.get_payload(decode=True).decode() for m in self.messages if to in m["To"]]
+
+
+@pytest.fixture
+def hospital(tmp_path) -> Iterator[tuple]:
+    """An archive with a real SMTP server and its public URL, a clerk and the patient's
+    record (hospital number H100)."""
+    from aiosmtpd.controller import Controller
+
+    sink = MailSink()
+    port = free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller.start()
+    archive = make_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
+                           public_url="https://images.hospital.example",
+                           upload_chunk_bytes=256 * 1024)
+    archive.users.ensure_admin(ADMIN_PASSWORD)
+    archive.users.add("clerk", PASSWORD, "radiographer")
+    try:
+        yield archive, sink
+    finally:
+        archive.close()
+        controller.stop()
+
+
+def _invite(archive, **extra) -> tuple:
+    fields = {"patient_name": "Lovelace^Ada", "hospital_number": "H100",
+              "birth_date": "19151210", "nhs_number": NHS, "email": "ada@home.example",
+              "reference": "Knee clinic 3 March", **extra}
+    created = archive.uploads.invitations.invite(UploadRequest(**fields), STAFF)
+    return created
+
+
+def _open(client: TestClient, created) -> str:
+    answer = client.post(created.path, data={"passcode": created.passcode},
+                         follow_redirects=False)
+    assert answer.status_code == 303, answer.text
+    page = client.get(created.path + "/upload", headers=HTML)
+    assert page.status_code == 200
+    return csrf_of(page.text)
+
+
+def _refused(response) -> bool:
+    """Not served: 401, or (a browser page) sent to the sign-in page."""
+    return response.status_code == 401 or (
+        response.status_code == 303 and response.headers["location"].startswith("/login"))
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _tus_upload(client: TestClient, base: str, csrf: str, path: Path, name: str,
+                chunk: int = 200 * 1024, drop_after: int | None = None) -> str:
+    """Upload ``path`` with tus; with ``drop_after`` the connection "drops" after that many
+    chunks and the upload is resumed from the offset the server gives."""
+    size = path.stat().st_size
+    created = client.post(base + "/files", headers={
+        **TUS, "X-CSRF-Token": csrf, "Upload-Length": str(size),
+        "Upload-Metadata": f"filename {_b64(Path(name).name)},relativePath {_b64(name)}"})
+    assert created.status_code == 201, created.text
+    url = created.headers["location"]
+    data = path.read_bytes()
+    offset, sent = 0, 0
+    while offset < size:
+        if drop_after is not None and sent == drop_after:
+            # the connection drops halfway through a chunk: half of it arrives
+            partial = data[offset:offset + chunk // 2]
+            client.patch(url, content=partial, headers={
+                **TUS, "X-CSRF-Token": csrf, "Upload-Offset": str(offset),
+                "Content-Type": "application/offset+octet-stream"})
+            head = client.head(url, headers={**TUS, "X-CSRF-Token": csrf})
+            assert head.status_code == 200
+            offset = int(head.headers["upload-offset"])
+            assert 0 < offset < size
+            drop_after = None
+            continue
+        answer = client.patch(url, content=data[offset:offset + chunk], headers={
+            **TUS, "X-CSRF-Token": csrf, "Upload-Offset": str(offset),
+            "Content-Type": "application/offset+octet-stream"})
+        assert answer.status_code == 204, answer.text
+        offset = int(answer.headers["upload-offset"])
+        sent += 1
+    return url
+
+
+def _media(tmp_path: Path) -> dict[str, Path]:
+    media = tmp_path / "media"
+    media.mkdir()
+    return {"cd": cd_folder(media / "CD", nhs=NHS), "photo": photo(media / "IMG_0001.jpg"),
+            "png": png(media / "screen.png"), "video": mp4(media / "clip.mp4"),
+            "pdf": pdf(media / "letter.pdf")}
+
+
+def _send_everything(client: TestClient, created, media: dict[str, Path],
+                     drop_video: bool = False) -> None:
+    csrf = _open(client, created)
+    base = created.path
+    cd = media["cd"]
+    for file in sorted(p for p in cd.rglob("*") if p.is_file()):
+        _tus_upload(client, base, csrf, file, "CD/" + str(file.relative_to(cd)))
+    for key in ("photo", "png", "pdf"):
+        _tus_upload(client, base, csrf, media[key], media[key].name)
+    _tus_upload(client, base, csrf, media["video"], "clip.mp4",
+                drop_after=2 if drop_video else None)
+    sent = client.post(base + "/send", data={"csrf_token": csrf}, headers=HTML)
+    assert sent.status_code == 200, sent.text
+    assert "your images were sent" in sent.text
+
+
+def test_an_invitation_opens_only_with_its_passcode_and_locks_after_ten_wrong_ones(hospital):
+    archive, sink = hospital
+    created = _invite(archive)
+    archive.uploads.invitations.mailer.flush()
+    [body] = sink.bodies("ada@home.example")
+    assert created.path in body and created.passcode not in body
+    assert "Lovelace" not in body and "H100" not in body and NHS not in body
+    assert len(created.token) >= 43  # 256 bits
+    with TestClient(create_app(archive)) as client:
+        assert _refused(client.get(created.path + "/upload", headers=HTML,
+                                   follow_redirects=False))
+        for _ in range(10):
+            answer = client.post(created.path, data={"passcode": "WRONG"})
+            if answer.status_code == 429:
+                break
+            assert answer.status_code in (401, 410)
+        archive.throttle.forget_old()
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    assert invitation.failed_attempts + (10 if invitation.locked else 0) >= 1
+    failures = archive.audit.events("upload.passcode")
+    assert failures and all(e["outcome"] == "failure" for e in failures)
+
+
+def test_the_uploader_sees_only_their_own_upload_and_nothing_of_the_archive(hospital,
+                                                                             tmp_path):
+    archive, _sink = hospital
+    mine, theirs = _invite(archive), _invite(archive, email="bob@home.example")
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, mine)
+        url = _tus_upload(client, mine.path, csrf, photo(tmp_path / "a.jpg"), "a.jpg")
+        upload_id = url.rsplit("/", 1)[1]
+        assert client.head(theirs.path + f"/files/{upload_id}", headers=TUS
+                           ).status_code == 401
+        assert _refused(client.get(theirs.path + "/upload", headers=HTML,
+                                   follow_redirects=False))
+        for path in ("/dicomweb/studies", "/uploads", "/my", "/inbox"):
+            assert _refused(client.get(path, headers=HTML, follow_redirects=False)), path
+
+
+def test_a_second_browser_opening_the_invitation_ends_the_first_ones_session(hospital):
+    archive, _sink = hospital
+    created = _invite(archive)
+    app = create_app(archive)
+    with TestClient(app) as first, TestClient(app) as second:
+        _open(first, created)
+        _open(second, created)
+        assert _refused(first.get(created.path + "/upload", headers=HTML,
+                                  follow_redirects=False))
+        assert second.get(created.path + "/upload", headers=HTML).status_code == 200
+
+
+def test_tus_refuses_a_chunk_at_the_wrong_offset_and_an_upload_past_the_limit(hospital,
+                                                                             tmp_path):
+    archive, _sink = hospital
+    created = _invite(archive, max_mb=1)
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        options = client.options(created.path + "/files", headers=TUS)
+        assert options.headers["tus-version"] == "1.0.0"
+        assert "creation" in options.headers["tus-extension"]
+        made = client.post(created.path + "/files", headers={
+            **TUS, "X-CSRF-Token": csrf, "Upload-Length": "1000",
+            "Upload-Metadata": f"filename {_b64('x.jpg')}"})
+        url = made.headers["location"]
+        wrong = client.patch(url, content=b"x" * 10, headers={
+            **TUS, "X-CSRF-Token": csrf, "Upload-Offset": "5",
+            "Content-Type": "application/offset+octet-stream"})
+        assert wrong.status_code == 409
+        no_version = client.patch(url, content=b"x", headers={
+            "X-CSRF-Token": csrf, "Upload-Offset": "0",
+            "Content-Type": "application/offset+octet-stream"})
+        assert no_version.status_code == 412
+        too_big = client.post(created.path + "/files", headers={
+            **TUS, "X-CSRF-Token": csrf, "Upload-Length": str(2 << 20),
+            "Upload-Metadata": f"filename {_b64('big.mp4')}"})
+        assert too_big.status_code == 413
+        assert "limited to 1 MB" in too_big.json()["detail"]
+        escaping = client.post(created.path + "/files", headers={
+            **TUS, "X-CSRF-Token": csrf, "Upload-Length": "10",
+            "Upload-Metadata": f"relativePath {_b64('../../etc/passwd')}"})
+        assert escaping.status_code == 400
+        assert client.delete(url, headers={**TUS, "X-CSRF-Token": csrf}).status_code == 204
+        assert client.head(url, headers=TUS).status_code == 404
+
+
+@pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/../../b", "C:/x", "a//b", ".."])
+def test_paths_that_would_leave_the_upload_are_refused(path):
+    from imageshare.domain.errors import ImageShareError
+
+    with pytest.raises(ImageShareError):
+        safe_parts(path)
+
+
+def test_files_are_recognised_by_their_content_not_their_name(tmp_path):
+    assert sniff(photo(tmp_path / "x.pdf").read_bytes()[:16]) == "jpeg"
+    assert sniff(pdf(tmp_path / "y.jpg").read_bytes()[:16]) == "pdf"
+    assert sniff(mp4(tmp_path / "z.png", frames=3).read_bytes()[:16]) == "video"
+    assert sniff(b"MZ\x90\x00 not anything") == "unknown"
+
+
+def test_a_cd_photos_video_and_pdf_become_valid_dicom_waiting_for_review(hospital, tmp_path):
+    """The whole intake, with the video's connection dropped halfway and resumed."""
+    dciodvfy = require_tool("dciodvfy")
+    archive, _sink = hospital
+    created = _invite(archive)
+    media = _media(tmp_path)
+    with TestClient(create_app(archive)) as client:
+        _send_everything(client, created, media, drop_video=True)
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    assert invitation.status == "submitted"
+    studies = archive.uploads.review.studies(invitation)
+    assert len(studies) == 2  # the CD's study, and the study of the converted files
+    files = [f for s in studies for f in s.files]
+    kinds = sorted(str(f["kind"]) for f in files)
+    assert kinds == ["dicom", "dicom", "dicom", "pdf", "photo", "photo", "video"]
+    cd_study = next(s for s in studies if s.files[0]["kind"] == "dicom")
+    assert all(f["identity"] == "match" for f in cd_study.files)  # NHS number matches
+    # Nothing of it is in the record: QIDO-RS, search, retrieval see none of it.
+    admin = archive.users.create_token("admin", "t", origin="cli")
+    with TestClient(create_app(archive)) as api:
+        listed = api.get("/dicomweb/studies", headers={"Authorization": f"Bearer {admin}"})
+        assert listed.status_code == 200 and listed.json() == []
+    # Each converted file is valid DICOM of the right class, with the invited identity, and
+    # its original is kept with its SHA-256.
+    import hashlib
+
+    for f in files:
+        if f["kind"] == "dicom":
+            continue
+        [inst] = archive.retrieve.select(Actor("system", "t", "admin", "t"), "t",
+                                         sop_uids=[str(f["sop_uid"])], include_review=True,
+                                         audit=False)
+        target = tmp_path / f"{f['kind']}-{f['pk']}.dcm"
+        with archive.retrieve.open(inst) as src:
+            target.write_bytes(src.read())
+        checked = subprocess.run([dciodvfy, str(target)], capture_output=True, text=True)
+        assert "Error" not in checked.stdout + checked.stderr, checked.stderr
+        ds = dcmread(target)
+        assert ds.PatientID == "H100" and str(ds.PatientName) == "Lovelace^Ada"
+        assert ds.OtherPatientIDsSequence[0].PatientID == NHS
+        assert "Uploaded by the invited person" in ds.ContributingEquipmentSequence[0]\
+            .ContributionDescription
+        original = media[{"photo": "photo", "video": "video", "pdf": "pdf"}[str(f["kind"])]] \
+            if f["label"] != "screen.png" else media["png"]
+        assert f["original_sha256"] == hashlib.sha256(original.read_bytes()).hexdigest()
+        if f["kind"] == "video":
+            assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.77.1.4.1"
+            assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.102"
+        if f["kind"] == "photo":
+            assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.77.1.4"
+            if f["label"] == "IMG_0001.jpg":  # EXIF orientation 6: turned upright
+                assert (ds.Rows, ds.Columns) == (640, 480)
+        if f["kind"] == "pdf":
+            assert bytes(ds.EncapsulatedDocument)[:5] == b"%PDF-"
+
+
+def test_review_rejects_with_a_mail_and_accepts_into_the_record_where_a_patient_sees_it(
+        hospital, tmp_path):
+    archive, sink = hospital
+    created = _invite(archive)
+    media = _media(tmp_path)
+    with TestClient(create_app(archive)) as client:
+        _send_everything(client, created, media)
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    studies = archive.uploads.review.studies(invitation)
+    cd_study = next(s for s in studies if s.files[0]["kind"] == "dicom")
+    own = next(s for s in studies if s is not cd_study)
+    clerk = TestClient(create_app(archive))
+    browser_sign_in(clerk, "clerk", PASSWORD)
+    csrf = csrf_of(clerk.get("/uploads", headers=HTML).text)
+    review = clerk.get(f"/uploads/{created.public_id}", headers=HTML)
+    assert "NHS number matches the invitation" in review.text
+    rejected = clerk.post(f"/uploads/{created.public_id}/studies/{cd_study.item.pk}/reject",
+                          data={"csrf_token": csrf, "message": "Please send the 2024 CD"},
+                          follow_redirects=False)
+    assert rejected.status_code == 303
+    accepted = clerk.post(f"/uploads/{created.public_id}/studies/{own.item.pk}/accept",
+                          data={"csrf_token": csrf}, follow_redirects=False)
+    assert accepted.status_code == 303
+    archive.uploads.invitations.mailer.flush()
+    assert any("Please send the 2024 CD" in b for b in sink.bodies("ada@home.example"))
+    assert archive.uploads.invitations.by_public_id(created.public_id).status == "open"
+    # The accepted study is in the record, under the hospital's patient; the rejected one
+    # is gone.
+    admin = archive.users.create_token("admin", "t", origin="cli")
+    auth = {"Authorization": f"Bearer {admin}"}
+    listed = clerk.get("/dicomweb/studies", headers=auth).json()
+    assert [s["0020000D"]["Value"][0] for s in listed] == [own.item.study_uid]
+    assert listed[0]["00100020"]["Value"] == ["H100"]
+    # The video round-trips through WADO-RS as MPEG-4: the very bytes that were uploaded.
+    [video] = [f for f in own.files if f["kind"] == "video"]
+    series = clerk.get(f"/dicomweb/studies/{own.item.study_uid}/instances", headers=auth,
+                       params={"SOPInstanceUID": video["sop_uid"]}).json()
+    series_uid = series[0]["0020000E"]["Value"][0]
+    answer = clerk.get(f"/dicomweb/studies/{own.item.study_uid}/series/{series_uid}/instances/"
+                       f"{video['sop_uid']}/bulkdata/7FE00010", headers={
+                           **auth, "Accept": 'multipart/related; type="video/mp4"'})
+    assert answer.status_code == 200, answer.text
+    [(headers, body)] = parse_multipart(answer)
+    assert headers["content-type"].startswith("video/mp4")
+    original = media["video"].read_bytes()
+    assert body[:len(original)] == original and len(body) - len(original) in (0, 1)
+    # The patient, invited to an account, sees and downloads only that study.
+    archive.uploads.patients.invite("ada@home.example", "H100", "", STAFF)
+    archive.uploads.invitations.mailer.flush()
+    secret = re.search(r"/invite/([\w-]+)", "".join(sink.bodies("ada@home.example"))).group(1)
+    patient = TestClient(create_app(archive))
+    made = patient.post(f"/invite/{secret}", data={"username": "ada", "password": PASSWORD},
+                        follow_redirects=False)
+    assert made.status_code in (200, 303), made.text
+    browser_sign_in(patient, "ada", PASSWORD)
+    mine = patient.get("/my", headers=HTML)
+    assert own.item.study_uid in mine.text and cd_study.item.study_uid not in mine.text
+    download = patient.get(f"/my/studies/{own.item.study_uid}/download")
+    assert download.status_code == 200
+    with zipfile.ZipFile(__import__("io").BytesIO(download.content)) as z:
+        assert len(z.namelist()) == 4
+    assert patient.get(f"/viewer/{own.item.study_uid}", headers=HTML).status_code == 200
+    other = archive.ingest.store_copy(cd_folder(tmp_path / "other", patient_id="X9")
+                                      .joinpath("PT000000/ST000000/SE000000/IM000000"),
+                                      Actor("system", "t", "admin", "t")).study_uid
+    assert patient.get(f"/viewer/{other}", headers=HTML).status_code in (403, 404)
+    assert patient.get(f"/my/studies/{other}/download").status_code == 404
+    csrf = csrf_of(mine.text)
+    shared = patient.post(f"/my/studies/{own.item.study_uid}/share",
+                          data={"csrf_token": csrf, "email": "dr.who@elsewhere.example",
+                                "days": "7"}, headers=HTML)
+    assert shared.status_code == 200 and "Passcode" in shared.text
+    assert [e for e in archive.audit.events("share.create") if e["actor"] == "user:ada"]
+    clerk.close()
+    patient.close()
+
+
+def test_a_zip_bomb_and_a_zip_that_climbs_out_are_refused(hospital, tmp_path):
+    archive, _sink = hospital
+    created = _invite(archive)
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("zeros.dcm", b"\0" * (50 << 20))
+    climb = tmp_path / "climb.zip"
+    with zipfile.ZipFile(climb, "w") as z:
+        z.writestr("../../evil.jpg", photo(tmp_path / "e.jpg").read_bytes())
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        _tus_upload(client, created.path, csrf, bomb, "bomb.zip")
+        _tus_upload(client, created.path, csrf, climb, "climb.zip")
+        sent = client.post(created.path + "/send", data={"csrf_token": csrf}, headers=HTML)
+        assert sent.status_code == 200
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    from imageshare.uploads.intake import results
+
+    outcomes = {str(r["label"]): (r["outcome"], r["detail"])
+                for r in results(archive.engine, invitation)}
+    assert outcomes["bomb.zip"][0] == "refused" and "zip bomb" in str(outcomes["bomb.zip"][1])
+    assert any("unsafe path" in str(d) for o, d in outcomes.values())
+    assert not (tmp_path.parent / "evil.jpg").exists()
+
+
+def test_a_video_that_is_not_h264_is_refused_saying_so(hospital, tmp_path):
+    archive, _sink = hospital
+    created = _invite(archive)
+    clip = mp4(tmp_path / "clip.mp4", frames=5, codec="mpeg4")
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        _tus_upload(client, created.path, csrf, clip, "clip.mp4")
+        client.post(created.path + "/send", data={"csrf_token": csrf}, headers=HTML)
+    from imageshare.uploads.intake import results
+
+    [row] = results(archive.engine, archive.uploads.invitations.by_public_id(
+        created.public_id))
+    assert row["outcome"] == "refused" and "not H.264" in str(row["detail"])
+
+
+def test_staff_import_a_cd_in_the_browser_for_the_patient_of_a_study(hospital, tmp_path):
+    archive, _sink = hospital
+    cd = cd_folder(tmp_path / "CD", patient_id="THEIRS-1", name="Lovelace^Ada")
+    clerk = TestClient(create_app(archive))
+    browser_sign_in(clerk, "clerk", PASSWORD)
+    form = clerk.get("/uploads/import", headers=HTML)
+    csrf = csrf_of(form.text)
+    started = clerk.post("/uploads/import", data={
+        "csrf_token": csrf, "patient_name": "Lovelace^Ada", "hospital_number": "H100",
+        "birth_date": "1915-12-10", "reference": "CD from St Elsewhere"},
+        follow_redirects=False)
+    assert started.status_code == 303
+    base = started.headers["location"].removesuffix("/upload")
+    for file in sorted(p for p in cd.rglob("*") if p.is_file()):
+        _tus_upload(clerk, base, csrf, file, "CD/" + str(file.relative_to(cd)))
+    sent = clerk.post(base + "/send", data={"csrf_token": csrf}, follow_redirects=False)
+    assert sent.status_code == 303
+    public_id = base.rsplit("/", 1)[1]
+    invitation = archive.uploads.invitations.by_public_id(public_id)
+    [study] = archive.uploads.review.studies(invitation)
+    assert {f["identity"] for f in study.files} == {"name"}
+    archive.uploads.review.accept(invitation, study.item.pk, STAFF)
+    record = archive.catalogue.record(study.item.study_uid, include_review=False)
+    assert record.patient.patient_id == "H100"
+    clerk.close()
