@@ -167,7 +167,9 @@ def test_a_clinician_retrieves_a_temporary_copy_and_sees_each_state(
     assert "Temporary copy from Hospital B, stored here until" in banner
     shot("5-temporary-copy-study")
 
-    # Wherever the copy is listed it says where it came from and until when.
+    # Wherever the copy is shown it says where it came from and until when.
+    page.click("text=Open viewer")
+    assert "temporary copy from Hospital B until" in page.inner_text(".viewer-banner")
     page.goto(base + "/")
     assert "temporary copy from Hospital B until" in page.inner_text("table.results")
     # The finished retrieval's page opens the study (it used to offer a download: 400).
