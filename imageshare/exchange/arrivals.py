@@ -71,9 +71,10 @@ class Arrivals:
         node = self._nodes.find(origin)
         name = node.label if node is not None else f"{origin} (not registered here)"
         with self._engine.begin() as conn:
+            # Only a study this account stored (a push to another ImageShare goes by STOW-RS
+            # with its site account): nobody can dress up another sender's study.
             row = conn.execute(select(inbox_items).where(
-                inbox_items.c.study_uid == study_uid,
-                inbox_items.c.site.in_((actor.name, origin)))
+                inbox_items.c.study_uid == study_uid, inbox_items.c.site == actor.name)
                 .order_by(inbox_items.c.last_received.desc()).limit(1)).mappings().first()
             if row is None:
                 raise NotFound("no study with this UID was received from you")
