@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= ./var
 
-.PHONY: install run test peers lint bench bench-viewer bench-deid bench-exchange bench-blobstore bench-scale clean
+.PHONY: install run test peers lint bench bench-viewer bench-deid bench-exchange bench-blobstore bench-scale bench-upload bench-encryption clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -68,8 +68,14 @@ bench-exchange: $(VENV)/.installed-test
 bench-blobstore: $(VENV)/.installed-test
 	$(BIN)/python bench/blobstore.py
 
+bench-encryption: $(VENV)/.installed-test
+	$(BIN)/python bench/encryption.py
+
 bench-scale: $(VENV)/.installed-test
 	$(BIN)/python bench/scale.py
+
+bench-upload: $(VENV)/.installed-test
+	$(BIN)/python bench/upload.py
 
 clean:
 	rm -rf $(VENV) var

@@ -50,10 +50,11 @@ from imageshare.deid.setup import deidentifier_for
 from imageshare.dicom.dicomweb_site import DicomwebSites
 from imageshare.dicom.scu import DimseSites
 from imageshare.domain.actors import SYSTEM, Actor
+from imageshare.domain.retention import RetentionPeriods
 from imageshare.ehr.launch import EhrLaunches
 from imageshare.exchange.arrivals import Arrivals
 from imageshare.exchange.federated import ExchangeService
-from imageshare.exchange.inbox import Inbox, Retention
+from imageshare.exchange.inbox import Inbox
 from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 from imageshare.exchange.requests import ImagingRequests
 from imageshare.exchange.site_api import SiteApi
@@ -62,9 +63,11 @@ from imageshare.exchange.sites import SiteClient
 from imageshare.exchange.transfers import Transfers
 from imageshare.export.service import ExportService
 from imageshare.fhir.imaging_study import ImagingStudies
+from imageshare.governance.consent import ConsentBook
 from imageshare.jobs import DatabaseJobQueue, Job
 from imageshare.jobs.periodic import PeriodicTask, PeriodicTasks
 from imageshare.notify import Mailer, MailSettings, Notifier
+from imageshare.retention.service import RetentionService
 from imageshare.settings import Settings
 from imageshare.sharing.cases import CaseBook
 from imageshare.sharing.links import ShareService
@@ -75,6 +78,7 @@ from imageshare.storage.blobs import (
     open_blob_store,
     results_store_url,
 )
+from imageshare.storage.encrypted import EncryptedBlobStore, blob_master_key
 from imageshare.storage.files import make_private
 from imageshare.storage.index.database import make_engine, migrate
 from imageshare.storage.index.schema import instances
@@ -129,7 +133,7 @@ class Archive:
     exchange: ExchangeService
     transfers: Transfers
     inbox: Inbox
-    retention: Retention
+    retention: RetentionService
     deletion: ArchiveDeletion
     requests: ImagingRequests
     arrivals: Arrivals
@@ -139,6 +143,7 @@ class Archive:
     imaging_studies: ImagingStudies
     uploads: UploadService
     reports: AccessReports
+    consents: ConsentBook
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -179,6 +184,14 @@ def installation_key(settings: Settings) -> bytes:
     key_file = (Path(settings.secret_key_file) if settings.secret_key_file
                 else settings.data_dir / SECRET_KEY_FILE)
     return load_secret_key(settings.secret_key, key_file)
+
+
+def blob_store(settings: Settings) -> BlobStore:
+    """The blob store of ``settings``: sealed (AES-256-GCM) when ``encrypt_blobs`` is on."""
+    store = open_blob_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+    if not settings.encrypt_blobs:
+        return store
+    return EncryptedBlobStore(store, blob_master_key(installation_key(settings)))
 
 
 def _secret_box(settings: Settings) -> SecretBox:
@@ -253,7 +266,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     box = _secret_box(settings)
     engine = make_engine(settings.resolved_database_url, settings.sqlite_synchronous)
     migrate(engine, upgrade=upgrade)
-    blobs = open_blob_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+    blobs = blob_store(settings)
     audit = AuditTrail(engine)
     writer_engine = (
         make_engine(settings.resolved_database_url, settings.sqlite_synchronous, for_writer=True)
@@ -283,7 +296,10 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
 
     corrections = PatientCorrections(engine, writer, blobs, audit, catalogue,
                                      settings.staging_dir, ingest.parents_changed)
-    deletion = ArchiveDeletion(writer, blobs, audit, ingest.parents_changed)
+    deletion = ArchiveDeletion(writer, blobs, audit, ingest.parents_changed, RetentionPeriods(
+        clinical_years=settings.clinical_retention_years,
+        clinical_until_age=settings.clinical_retention_until_age,
+        temporary_days=settings.temporary_days, upload_days=settings.upload_retention_days))
     tls = client_context(settings)  # for nodes reached over DICOM TLS and https sites
     clients: dict[str, SiteClient] = {
         "dimse": DimseSites(settings.ae_title, settings.dicom_timeout, tls),
@@ -315,7 +331,13 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         open_blob_store(results_store_url(settings.resolved_storage_url),
                         settings.s3_endpoint_url))
     jobs.set_on_forget(exports.forget)
-    retention = Retention(deletion, settings.temporary_days)
+    retention = RetentionService(
+        engine, deletion, audit,
+        lambda name: any(a.username == name and a.role == "admin" and not a.disabled
+                         for a in users_directory.accounts()))
+    ingest.classify = retention.arrival_class
+    consents = ConsentBook(engine, audit)
+    shares.consent_check = consents.require
     throttle = SignInThrottle(engine)
     _register_housekeeping(jobs, shares, retention, throttle)
     site_api = SiteApi(nodes, jobs, tls, settings.push_retry_schedule)
@@ -326,7 +348,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
                         settings.exchange_team_email, settings.public_url)
     inbox.on_decided(arrivals.send_receipt)
     uploads = _uploads(settings, engine, audit, ingest, inbox, catalogue, corrections, mailer,
-                       users_directory)
+                       users_directory, jobs)
     archive = Archive(
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
         ingest=ingest, query=query, retrieve=retrieve, users=users_directory,
@@ -357,6 +379,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         imaging_studies=ImagingStudies(query, settings.fhir_hospital_number_system),
         uploads=uploads,
         reports=AccessReports(engine, audit),
+        consents=consents,
     )
     jobs.register("recover", lambda job, params: _recover_job(archive, job, params))
     return archive
@@ -364,7 +387,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
 
 def _uploads(settings: Settings, engine: Engine, audit: AuditTrail, ingest: IngestService,
              inbox: Inbox, catalogue: StudyCatalogue, corrections: PatientCorrections,
-             mailer: Mailer, users: UserDirectory) -> UploadService:
+             mailer: Mailer, users: UserDirectory, jobs: DatabaseJobQueue) -> UploadService:
     """The uploads capability: received files and kept originals live in the data folder
     (``uploads/`` and ``upload-originals/``)."""
     invitations = UploadInvitations(engine, audit, mailer, settings.public_url,
@@ -379,11 +402,12 @@ def _uploads(settings: Settings, engine: Engine, audit: AuditTrail, ingest: Inge
                             audit),
         patients=PatientAccounts(engine, users, audit, mailer,
                                  settings.public_url),
+        jobs=jobs,
     )
 
 
 def _register_housekeeping(jobs: DatabaseJobQueue, shares: ShareService,
-                           retention: Retention, throttle: SignInThrottle) -> None:
+                           retention: RetentionService, throttle: SignInThrottle) -> None:
     """The jobs that keep the installation tidy (queued by :func:`periodic_tasks` and the
     share pages)."""
 
@@ -393,7 +417,7 @@ def _register_housekeeping(jobs: DatabaseJobQueue, shares: ShareService,
     def run_retention(job: Job, _params: dict[str, Any]) -> None:
         removed = retention.run(SYSTEM)
         job.summary = (f"{removed.instances} instance(s) of {len(removed.studies)} study(ies) "
-                       "removed")
+                       f"removed; {removed.kept} kept (hold or class)")
 
     def share_notices(job: Job, _params: dict[str, Any]) -> None:
         told = shares.notify_expiring()
@@ -427,7 +451,7 @@ def periodic_tasks(archive: Archive) -> PeriodicTasks:
     settings = archive.settings
     return PeriodicTasks(archive.jobs, [
         PeriodicTask("retention", settings.retention_every_seconds,
-                     "Retention of temporary copies and inbox items"),
+                     "Retention: deleting what its class lets go"),
         PeriodicTask("share-notices", settings.share_notices_every_seconds,
                      "Notices of share links about to expire"),
     ])

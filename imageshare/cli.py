@@ -185,13 +185,68 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--snapshot", default="", help="snapshot name (default: the latest)")
     restore.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    retention = sub.add_parser("retention", help="retention of temporary data").add_subparsers(
+    retention = sub.add_parser(
+        "retention", help="retention classes and their rules").add_subparsers(
         dest="action", required=True)
     run_retention = retention.add_parser(
-        "run", help="delete temporary copies and inbox items past their time")
+        "run", help="delete what its retention class lets go (never clinical, never on hold)")
     _common(run_retention)
     run_retention.add_argument("--at", default="",
                                help="act as if it were this moment (ISO 8601), e.g. to check")
+    show = retention.add_parser("show", help="a study's retention classes, holds and "
+                                "whether it may be deleted")
+    _common(show)
+    show.add_argument("study_uid")
+    rules = retention.add_parser("rules", help="list the retention policy rules")
+    _common(rules)
+    rule = retention.add_parser(
+        "rule", help="set (or --remove) the class arrivals of a source, modality, collection "
+        "or case type get")
+    _common(rule)
+    rule.add_argument("kind", choices=["source", "modality", "collection", "case_type"])
+    rule.add_argument("value", help="AE title or account, modality code, collection or type")
+    rule.add_argument("retention_class", nargs="?", default="",
+                      help="clinical, temporary, teaching or research")
+    rule.add_argument("--remove", action="store_true", help="remove the rule")
+    rule.add_argument("--by", required=True, help="the administrator's account name")
+
+    hold = sub.add_parser("hold", help="legal holds: nothing they cover is deleted"
+                          ).add_subparsers(dest="action", required=True)
+    place = hold.add_parser("place", help="place a legal hold on a patient or a study")
+    _common(place)
+    place.add_argument("--patient", default="", help="Patient ID")
+    place.add_argument("--issuer", default="", help="issuer of the Patient ID")
+    place.add_argument("--study", default="", help="Study Instance UID")
+    place.add_argument("--reason", required=True)
+    place.add_argument("--by", required=True, help="the administrator's account name")
+    lift = hold.add_parser("lift", help="lift a legal hold")
+    _common(lift)
+    lift.add_argument("hold_id")
+    lift.add_argument("--reason", required=True)
+    lift.add_argument("--by", required=True, help="the administrator's account name")
+    holds = hold.add_parser("list", help="list legal holds in force (--all: lifted too)")
+    _common(holds)
+    holds.add_argument("--all", action="store_true")
+
+    deletion = sub.add_parser(
+        "deletion", help="deleting a study: one administrator asks, another approves"
+    ).add_subparsers(dest="action", required=True)
+    ask = deletion.add_parser("request", help="ask for a study's deletion")
+    _common(ask)
+    ask.add_argument("study_uid")
+    ask.add_argument("--reason", required=True)
+    ask.add_argument("--by", required=True, help="the administrator's account name")
+    for verb, text in (("approve", "approve a request (another administrator): the study is "
+                        "deleted"), ("refuse", "refuse (or withdraw) a request")):
+        decide = deletion.add_parser(verb, help=text)
+        _common(decide)
+        decide.add_argument("request_id")
+        decide.add_argument("--note", default="")
+        decide.add_argument("--by", required=True, help="the administrator's account name")
+    requests = deletion.add_parser("list", help="list deletion requests")
+    _common(requests)
+    requests.add_argument("--state", default="",
+                          help="pending, deleted, refused or withdrawn (default: all)")
 
     sub.add_parser("conformance",
                    help="print the DICOM conformance statement (docs/conformance.md)")
@@ -531,13 +586,12 @@ def _backup(archive: Any, args: argparse.Namespace) -> int:
 
 
 def _restore(settings: Settings, args: argparse.Namespace) -> int:
-    from imageshare.app import build_archive
+    from imageshare.app import blob_store, build_archive
     from imageshare.audit.trail import AuditEvent
     from imageshare.storage.backup import restore
-    from imageshare.storage.blobs import open_blob_store
 
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    blobs = open_blob_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+    blobs = blob_store(settings)
     bar = _bar(args, "restoring blobs")
     try:
         report = restore(args.src, settings.resolved_database_url, blobs, args.snapshot,
@@ -605,6 +659,101 @@ def _audit_export(archive: Any, args: argparse.Namespace) -> int:
         if args.out:
             out.close()
     return 0
+
+
+def _admin(name: str) -> Any:
+    """The administrator named by ``--by`` (the service checks the account is one)."""
+    from imageshare.domain.actors import Actor
+
+    return Actor("user", name, "admin", "cli")
+
+
+def _retention(archive: Any, args: argparse.Namespace) -> int:
+    """imageshare retention | hold | deletion ..."""
+    from datetime import UTC, datetime
+
+    from imageshare.audit.trail import AuditEvent
+
+    service = archive.retention
+    if args.command == "retention" and args.action == "run":
+        moment = datetime.fromisoformat(args.at) if args.at else service.clock()
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        removed = service.run(cli_actor(), moment)
+        print(f"{removed.instances} instance(s) of {len(removed.studies)} study(ies) removed; "
+              f"{removed.kept} kept (legal hold, or their class keeps them)")
+        return 0
+    if args.command == "retention" and args.action == "show":
+        shown = service.study_retention(args.study_uid)
+        for c in shown.classes:
+            until = f"{c.earliest:%Y-%m-%d}" if c.earliest else "not by time"
+            print(f"{c.retention_class}\t{c.instances} instance(s)\tearliest deletion {until}"
+                  f"\t{c.explanation}")
+        for h in shown.holds:
+            print(f"legal hold {h.public_id} on {h.covers} by {h.placed_by}: {h.reason}")
+        print("may be deleted now (two administrators)" if shown.deletable_now
+              else f"may not be deleted now: {shown.why_not}")
+        return 0
+    if args.command == "retention" and args.action == "rules":
+        archive.audit.record(AuditEvent(cli_actor(), "retention.read", "success",
+                                        detail={"list": "rules"}))
+        for r in service.rules():
+            print(f"{r.kind}\t{r.value}\t{r.retention_class}\t{r.created_by}")
+        return 0
+    if args.command == "retention" and args.action == "rule":
+        if args.remove:
+            service.remove_rule(args.kind, args.value, _admin_checked(archive, args.by))
+            print(f"rule {args.kind}={args.value} removed")
+        else:
+            service.set_rule(args.kind, args.value, args.retention_class,
+                             _admin_checked(archive, args.by))
+            print(f"arrivals with {args.kind}={args.value} are {args.retention_class} now")
+        return 0
+    if args.command == "hold" and args.action == "place":
+        placed = service.place_hold(_admin(args.by), args.reason, patient_id=args.patient,
+                                    issuer=args.issuer, study_uid=args.study)
+        print(f"legal hold {placed.public_id} placed on {placed.covers}")
+        return 0
+    if args.command == "hold" and args.action == "lift":
+        lifted = service.lift_hold(args.hold_id, _admin(args.by), args.reason)
+        print(f"legal hold {lifted.public_id} on {lifted.covers} lifted")
+        return 0
+    if args.command == "hold" and args.action == "list":
+        archive.audit.record(AuditEvent(cli_actor(), "retention.read", "success",
+                                        detail={"list": "holds"}))
+        for h in service.holds(in_force_only=not args.all):
+            state = "in force" if h.in_force else f"lifted by {h.lifted_by}"
+            print(f"{h.public_id}\t{h.covers}\t{h.placed_by}\t{h.placed_at:%Y-%m-%d %H:%M}"
+                  f"\t{state}\t{h.reason}")
+        return 0
+    if args.command == "deletion" and args.action == "request":
+        asked = service.request_deletion(args.study_uid, _admin(args.by), args.reason)
+        print(f"deletion request {asked.public_id}: another administrator must approve it")
+        return 0
+    if args.command == "deletion" and args.action == "approve":
+        removed = service.approve_deletion(args.request_id, _admin(args.by), args.note)
+        print(f"study deleted: {removed.instances} instance(s)")
+        return 0
+    if args.command == "deletion" and args.action == "refuse":
+        decided = service.refuse_deletion(args.request_id, _admin(args.by), args.note)
+        print(f"deletion request {decided.public_id} {decided.state}")
+        return 0
+    archive.audit.record(AuditEvent(cli_actor(), "retention.read", "success",
+                                    detail={"list": "deletions"}))
+    for d in service.deletion_requests(args.state):
+        print(f"{d.public_id}\t{d.state}\t{d.study_uid}\t{d.requested_by}\t"
+              f"{d.requested_at:%Y-%m-%d %H:%M}\t{d.decided_by}\t{d.reason}")
+    return 0
+
+
+def _admin_checked(archive: Any, name: str) -> Any:
+    """The administrator named by ``--by``, refused unless the account is an administrator."""
+    from imageshare.domain.errors import Forbidden
+
+    if not any(a.username == name and a.role == "admin" and not a.disabled
+               for a in archive.users.accounts()):
+        raise Forbidden("--by must name an administrator's account")
+    return _admin(name)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -724,17 +873,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "audit":
             return _audit_export(archive, args)
-        if args.command == "retention":
-            from datetime import UTC, datetime
-
-            moment = datetime.fromisoformat(args.at) if args.at else datetime.now(UTC)
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=UTC)
-            removed = archive.retention.run(cli_actor(), moment)
-            print(f"{removed.instances} instance(s) of {len(removed.studies)} study(ies) "
-                  f"removed (temporary copies and inbox items older than "
-                  f"{archive.retention.days} days)")
-            return 0
+        if args.command in ("retention", "hold", "deletion"):
+            return _retention(archive, args)
     finally:
         archive.close()
     return 2

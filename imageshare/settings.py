@@ -43,6 +43,12 @@ class Settings:
         "s3://BUCKET/PREFIX an S3-compatible object store (credentials and region from "
         "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."
     )
+    encrypt_blobs: bool = _setting(
+        False, "Encrypt every blob written from now on (AES-256-GCM in 64 KiB chunks, a key per "
+        "blob derived from the secret key, which is kept apart from the data: back it up "
+        "separately, without it the images cannot be read). Blobs written before stay "
+        "readable; keep it on once on."
+    )
     s3_endpoint_url: str = _setting(
         "", "Endpoint of the S3-compatible object store (e.g. http://127.0.0.1:8333); empty: "
         "AWS S3."
@@ -147,6 +153,17 @@ class Settings:
     temporary_days: int = _setting(
         30, "Days copies retrieved from other sites and inbox items are kept unless accepted."
     )
+    clinical_retention_years: int = _setting(
+        8, "Clinical images are kept at least this many years after the patient's latest "
+        "study (and see clinical_retention_until_age); only two administrators delete them."
+    )
+    clinical_retention_until_age: int = _setting(
+        25, "Clinical images of a patient are kept at least until this birthday (children's "
+        "records); with the birth date unknown, this many years after the latest study."
+    )
+    upload_retention_days: int = _setting(
+        30, "Days patient and partner uploads are kept after their quality review."
+    )
     job_workers: int = _setting(
         2, "Background jobs (exports, retrievals, pushes, share preparation) each instance "
         "runs at once; the jobs themselves are kept in the index and shared by instances."
@@ -160,8 +177,9 @@ class Settings:
         "background job; a job fails for good after the last."
     )
     retention_every_seconds: float = _setting(
-        86400.0, "How often the retention task (temporary copies and inbox items past "
-        "temporary_days) runs by itself, once across all instances; 0: only by command."
+        86400.0, "How often the retention task (deleting what its retention class lets go: "
+        "temporary copies, unaccepted inbox items, reviewed uploads, copies no case holds) "
+        "runs by itself, once across all instances; 0: only by command."
     )
     share_notices_every_seconds: float = _setting(
         3600.0, "How often owners are told about share links about to expire (and finished "

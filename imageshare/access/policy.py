@@ -22,6 +22,10 @@ STUDY_STORE = "study.store"
 NODE_MANAGE = "node.manage"
 USER_MANAGE = "user.manage"
 AUDIT_READ = "audit.read"
+# Retention policy, legal holds, two-administrator deletion.
+RETENTION_MANAGE = "retention.manage"
+# Recording and reading a patient's consent decisions (teaching, research, publication).
+CONSENT_RECORD = "consent.record"
 TOKEN_SELF = "token.self"
 ACCOUNT_SELF = "account.self"
 STUDY_COMMENT = "study.comment"
@@ -53,7 +57,7 @@ INBOX = "inbox"
 _STAFF = frozenset(
     {STUDY_READ, STUDY_DOWNLOAD, STUDY_STORE, STUDY_COMMENT, PATIENT_CORRECT, TOKEN_SELF,
      ACCOUNT_SELF, EXPORT_IDENTIFIABLE, EXPORT_DEIDENTIFIED, SHARE_CREATE, CASE_MANAGE, EXCHANGE,
-     EXCHANGE_RECEIVE, UPLOAD_MANAGE}
+     EXCHANGE_RECEIVE, UPLOAD_MANAGE, CONSENT_RECORD}
 )
 # An administrator signed in with a password who has not yet set up two-factor sign-in
 # (required for admins) may only do that.
@@ -62,7 +66,7 @@ ENROLLING = "enrolling"
 AWAITING_CODE = "awaiting-code"
 SESSION_CODE = "session.code"
 ROLES: dict[str, frozenset[str]] = {
-    "admin": _STAFF | {NODE_MANAGE, USER_MANAGE, AUDIT_READ},
+    "admin": _STAFF | {NODE_MANAGE, USER_MANAGE, AUDIT_READ, RETENTION_MANAGE},
     "clinician": _STAFF,
     "radiographer": _STAFF,
     "sonographer": _STAFF,

@@ -110,10 +110,14 @@ class IngestService:
         quarantine_dir: Path | None = None,
         patient_mismatch: str = "refuse",
         arrival_class: Callable[[Actor], str] = lambda _actor: "clinical",
+        classify: Callable[[Actor, str], str] = lambda _actor, _modality: "clinical",
     ) -> None:
         # Where a new instance lands ("inbox" or "clinical") for the actor storing it: the
         # policy of the installation (imageshare.access.policy.arrival_class).
         self.arrival_class = arrival_class
+        # The retention class of an arrival that is the archive's own, by the retention
+        # policy's rules (source, modality): imageshare.retention.service.
+        self.classify = classify
         self.blobs = blobs
         self.writer = writer
         self.audit = audit
@@ -321,7 +325,9 @@ class IngestService:
             # inbox for review) or it is the archive's own.
             # An upload waits for review (QC) in its own class, listed under its name.
             from_site = not review_site and self.arrival_class(actor) == "inbox"
-            arrival = "upload" if review_site else ("inbox" if from_site else "clinical")
+            # Otherwise the retention policy's rules (source, modality) give its class.
+            arrival = "upload" if review_site else (
+                "inbox" if from_site else self.classify(actor, h.series["modality"]))
             outcome = index_instance(conn, h, key, stored.size, actor.source, now, self._known,
                                      retention_class=arrival,
                                      patient_mismatch=("hold" if review_site

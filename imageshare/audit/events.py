@@ -124,8 +124,9 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
     _e("instance.store", "An instance was stored (C-STORE, STOW-RS, import), found a duplicate, "
        "or was refused or kept aside (conflict, mismatch).", INSTANCES_TRANSFERRED, "C",
        _STUDY, ("sop_instance_uid", "result", "reason", "conflict")),
-    _e("instance.delete", "Instances were deleted from the archive.", STUDY_DELETED, "D",
-       _STUDY, ("reason",)),
+    _e("instance.delete", "Instances were deleted from the archive (way: expiry by the "
+       "retention job, rejection from the inbox, or approved by two administrators).",
+       STUDY_DELETED, "D", _STUDY, ("reason", "way")),
     _e("study.query", "A query (C-FIND, QIDO-RS, search page) was answered.", QUERY, "E",
        ("query",), ("level", "keys", "error")),
     _e("study.view", "A study was viewed or rendered in the browser.", INSTANCES_ACCESSED,
@@ -156,7 +157,7 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
     # Sharing and teaching.
     _e("share.create", "A share link was made for a study.", INSTANCES_ACCESSED, "C",
        _STUDY + ("share",), ("share", "deidentified", "download", "comment", "days",
-                             "recipient", "reason")),
+                             "recipient", "purpose", "reason")),
     _e("share.resolve", "A share's instances were looked up to serve them.",
        INSTANCES_ACCESSED, "R", _STUDY, ("reason",)),
     _e("share.open", "A share link was opened with its passcode.", USER_AUTHENTICATION, "E",
@@ -311,6 +312,35 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
     _e("archive.verify", "Every blob was checked against its recorded digest (imageshare "
        "verify).", INSTANCES_ACCESSED, "R", (), ("checked", "corrupt", "missing",
                                                  "recorded")),
+    # Retention: policy rules, legal holds, deletion by two administrators, consent.
+    _e("retention.rule.set", "A retention policy rule was set (arrivals of a source, modality, "
+       "collection or case type get a retention class).", SECURITY_ALERT, "U", (),
+       ("kind", "value", "class"), SECURITY_CONFIGURATION),
+    _e("retention.rule.remove", "A retention policy rule was removed.", SECURITY_ALERT, "D",
+       (), ("kind", "value"), SECURITY_CONFIGURATION),
+    _e("retention.hold.place", "A legal hold was placed on a patient or a study: nothing it "
+       "covers is deleted.", SECURITY_ALERT, "C", _STUDY, ("hold", "reason"),
+       OBJECT_SECURITY_ATTRIBUTES_CHANGED),
+    _e("retention.hold.lift", "A legal hold was lifted.", SECURITY_ALERT, "U", _STUDY,
+       ("hold", "reason"), OBJECT_SECURITY_ATTRIBUTES_CHANGED),
+    _e("retention.read", "Legal holds, deletion requests or retention rules were listed.",
+       SECURITY_ALERT, "R", (), ("list",), SECURITY_CONFIGURATION),
+    _e("deletion.request", "An administrator asked for a study's deletion (a second one must "
+       "approve).", STUDY_DELETED, "E", _STUDY, ("request", "reason"),
+       USE_OF_RESTRICTED_FUNCTION),
+    _e("deletion.approve", "A second administrator approved a study's deletion (or the "
+       "approval was refused: requester, hold, retention class).", STUDY_DELETED, "D",
+       _STUDY, ("request", "requested_by", "reason"), USE_OF_RESTRICTED_FUNCTION),
+    _e("deletion.refuse", "A deletion request was refused or withdrawn.", STUDY_DELETED, "E",
+       _STUDY, ("request", "state"), USE_OF_RESTRICTED_FUNCTION),
+    _e("consent.record", "A patient's consent decision (teaching, research, publication) was "
+       "recorded.", PATIENT_RECORD, "C", ("patient",),
+       ("purpose", "decision", "source", "given_on"), OBJECT_SECURITY_ATTRIBUTES_CHANGED),
+    _e("consent.read", "A patient's consent records were read.", PATIENT_RECORD, "R",
+       ("patient",), ()),
+    _e("consent.refused", "A teaching or research use of identifiable images was refused for "
+       "want of the patient's consent.", SECURITY_ALERT, "E", _STUDY, ("purpose", "reason"),
+       USE_OF_RESTRICTED_FUNCTION),
     # The audit trail itself.
     _e("audit.read", "The audit trail (or a study's access list) was read.", AUDIT_LOG_USED,
        "R", ("audit-log",)),

@@ -203,3 +203,17 @@ class UploadQuotaExceeded(ImageShareError):
 
     http_status = 413
     title = "Upload too large"
+
+
+class DeletionRefused(ImageShareError):
+    """A deletion that a legal hold or the images' retention class does not allow yet."""
+
+    http_status = 409
+    title = "Kept by retention rules"
+
+
+class ConsentMissing(ImageShareError):
+    """A use of identifiable images the patient has not consented to (or withdrew from)."""
+
+    http_status = 403
+    title = "No consent recorded"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from sqlalchemy import Engine, and_, func, select, update
 
@@ -29,7 +29,6 @@ from imageshare.storage.index.schema import (
     studies,
 )
 
-TEMPORARY_CLASSES = ("temporary", "inbox")
 # Told of each decision (item, "accepted" or "rejected", who, their note): the receipt back.
 Decided = Callable[["InboxItem", str, Actor, str], None]
 
@@ -211,20 +210,6 @@ class Inbox:
                                           detail={"site": item.site}), conn=conn)
         self._tell(item, "rejected", actor, note)
         return removed
-
-
-class Retention:
-    """The retention job: temporary copies and unaccepted inbox items go after their time."""
-
-    def __init__(self, deletion: ArchiveDeletion, days: int) -> None:
-        self._deletion = deletion
-        self.days = days
-
-    def run(self, actor: Actor, now: datetime | None = None) -> Removed:
-        """Delete what has expired at ``now`` (default: the present)."""
-        moment = now or datetime.now(UTC)
-        return self._deletion.expired(TEMPORARY_CLASSES, moment - timedelta(days=self.days),
-                                      actor)
 
 
 def _looks_nhs(patient: PatientRecord) -> bool:

@@ -79,6 +79,12 @@ class NewShare:
     # Further (study, series, instance) selections, e.g. the items of a case; empty UIDs
     # mean all of the study or series.
     selection: tuple[tuple[str, str, str], ...] = ()
+    # Why: "care" (direct care), "teaching" or "research"; identifiable teaching and research
+    # shares need the patient's consent.
+    purpose: str = "care"
+
+
+SHARE_PURPOSES = ("care", "teaching", "research")
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,9 @@ class ShareService:
         self.max_days = max_days
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # Asked before an identifiable teaching or research share: (study, purpose, actor),
+        # raising when the patient has not consented (the composition root sets it).
+        self.consent_check: Callable[[str, str, Actor], None] | None = None
 
     @property
     def mailer(self) -> Mailer:
@@ -224,8 +233,17 @@ class ShareService:
                                       "to invite") from exc
             if account.disabled:
                 raise ImageShareError(f"the account {recipient_user!r} is disabled")
+        if request.purpose not in SHARE_PURPOSES:
+            raise ImageShareError(f"a share is for one of: {', '.join(SHARE_PURPOSES)}")
         if request.deidentified:
             self._deidentifier(request.profile)  # unknown profile: refused now
+        elif request.purpose != "care":
+            if self.consent_check is None:
+                raise ImageShareError("consent cannot be checked here: share de-identified")
+            for study_uid in dict.fromkeys([request.study_uid, *(
+                    study for study, _series, _sop in request.selection)]):
+                if study_uid:
+                    self.consent_check(study_uid, request.purpose, owner)
         wanted = [(request.study_uid, request.series_uids, request.sop_uids)] + [
             (study, (series,) if series else (), (sop,) if sop else ())
             for study, series, sop in request.selection]
@@ -277,7 +295,8 @@ class ShareService:
                         "download": request.allow_download,
                         "comment": request.allow_comment, "days": days,
                         "recipient": "e-mail" if email else (
-                            "user" if request.recipient_user else "link")}), conn=conn)
+                            "user" if request.recipient_user else "link"),
+                        "purpose": request.purpose}), conn=conn)
         return CreatedShare(public_id, token, passcode, expires)
 
     def create_and_send(self, request: NewShare, owner: Actor,

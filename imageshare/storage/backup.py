@@ -30,6 +30,7 @@ from sqlalchemy.engine import make_url
 
 from imageshare.domain.errors import ConfigurationError, ImageShareError, StorageError
 from imageshare.storage.blobs import CHUNK, BlobStore, check_key
+from imageshare.storage.encrypted import MAGIC, EncryptedBlobStore, plain_size
 from imageshare.storage.index.schema import instances
 
 FORMAT = "imageshare-backup-1"
@@ -202,16 +203,45 @@ def _copy_blob(blobs: BlobStore, entry: BlobEntry, target: Path) -> tuple[int, s
     tmp = target.with_name(target.name + ".part")
     digest = hashlib.sha256()
     size = 0
-    with blobs.open(entry.key) as src, open(tmp, "wb") as out:
+    # An encrypted store's blobs are copied as stored: the backup holds them encrypted.
+    sealed = blobs if isinstance(blobs, EncryptedBlobStore) else None
+    with (sealed.open_sealed(entry.key) if sealed else blobs.open(entry.key)) as src, \
+            open(tmp, "wb") as out:
         while chunk := src.read(CHUNK):
             out.write(chunk)
             digest.update(chunk)
             size += len(chunk)
         out.flush()
         os.fsync(out.fileno())
+    if sealed:
+        try:
+            with open(tmp, "rb") as copied:
+                plain = sealed.digest_of_stored(entry.key, copied)
+        except StorageError:
+            tmp.unlink(missing_ok=True)
+            return -1, ""  # fails authentication: corrupt
+        size, hexdigest = plain.size, plain.sha256
+    else:
+        hexdigest = digest.hexdigest()
     os.replace(tmp, target)
     _fsync_dir(target.parent)
-    return size, digest.hexdigest()
+    return size, hexdigest
+
+
+def _is_sealed(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(len(MAGIC)) == MAGIC
+
+
+def _plain_size(path: Path) -> int:
+    """Bytes of the blob a backup file holds (sealed files are longer); -1 when impossible."""
+    size = path.stat().st_size
+    if not _is_sealed(path):
+        return size
+    try:
+        return plain_size(size)
+    except StorageError:
+        return -1
 
 
 def _known_copies(dest: Path) -> dict[str, str]:
@@ -352,8 +382,12 @@ def restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str = "",
     root = src / "blobs"
     for entry in entries:  # everything is checked before anything is written
         path = _blob_path(root, entry.key)
-        if not path.exists() or path.stat().st_size != entry.size:
+        if not path.exists() or _plain_size(path) != entry.size:
             raise ImageShareError(f"blob {entry.key} is missing from the backup or damaged")
+        if _is_sealed(path) and not isinstance(blobs, EncryptedBlobStore):
+            raise ImageShareError("the backup's blobs are encrypted: restore with "
+                                  "IMAGESHARE_ENCRYPT_BLOBS on and the secret key of the "
+                                  "installation that wrote them")
     url = make_url(database_url)
     if manifest["database"] != url.get_backend_name():
         raise ImageShareError(f"the backup holds a {manifest['database']} index; the target "
@@ -386,8 +420,12 @@ def restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str = "",
             raise StorageError(f"pg_restore failed: {done.stderr.strip()[-500:]}")
     report = RestoreReport(folder, manifest["database"])
     for entry in entries:
-        with open(_blob_path(root, entry.key), "rb") as fh:
-            stored = blobs.put(entry.key, fh, entry.size)
+        path = _blob_path(root, entry.key)
+        with open(path, "rb") as fh:
+            if isinstance(blobs, EncryptedBlobStore):  # kept as the backup holds it
+                stored = blobs.put_stored(entry.key, fh, path.stat().st_size)
+            else:
+                stored = blobs.put(entry.key, fh, entry.size)
         if entry.sha256 and stored.sha256 != entry.sha256:
             blobs.delete(entry.key)
             raise StorageError(f"blob {entry.key} in the backup does not match its digest")
@@ -418,6 +456,11 @@ def scrub(engine: Engine, blobs: BlobStore, progress: Progress = _noop,
                     read += len(chunk)
         except KeyError:
             report.missing.append((sop_uid, key))
+            progress(1)
+            continue
+        except StorageError:  # an encrypted blob whose chunk fails authentication
+            report.checked += 1
+            report.corrupt.append((sop_uid, key))
             progress(1)
             continue
         report.checked += 1

@@ -85,6 +85,7 @@ class Placement:
     reference: str
     description: str
     body_part: str = ""
+    sop_uid: str = ""  # given when a re-run must make the same instance again
 
 
 # Body parts an invitation may name (DICOM Body Part Examined) and their SNOMED CT codes; any
@@ -110,7 +111,7 @@ def _base(details: PatientDetails, where: Placement, sop_class: str, modality: s
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = generate_uid()
+    ds.SOPInstanceUID = where.sop_uid or generate_uid()
     stamp_date = where.uploaded_at.strftime("%Y%m%d")
     stamp_time = where.uploaded_at.strftime("%H%M%S")
     ds.InstanceCreationDate, ds.InstanceCreationTime = stamp_date, stamp_time
@@ -153,6 +154,28 @@ def _save(ds: Dataset, transfer_syntax: str, out: BinaryIO) -> None:
     ds.save_as(out, enforce_file_format=True, implicit_vr=False, little_endian=True)
 
 
+def _colour_image(details: PatientDetails, where: Placement, sop_class: str, series: str,
+                  image_type: list[str], photometric: str, rows: int, columns: int) -> Dataset:
+    """The attributes a VL photographic or video image shares: identity and placement,
+    acquisition context, anatomic region, and an 8-bit colour Image Pixel module."""
+    ds = _base(details, where, sop_class, "XC", series)
+    ds.ImageType = image_type
+    ds.PatientOrientation = ""
+    ds.BurnedInAnnotation = "NO"
+    ds.AcquisitionDateTime = where.uploaded_at.strftime("%Y%m%d%H%M%S")
+    ds.AcquisitionContextSequence = Sequence()
+    ds.AnatomicRegionSequence = _region(where.body_part)
+    if where.body_part.upper() in _REGIONS:
+        ds.BodyPartExamined = where.body_part.upper()
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = photometric
+    ds.PlanarConfiguration = 0
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelRepresentation = 0
+    return ds
+
+
 def photo(source: Path, details: PatientDetails, where: Placement, out: BinaryIO) -> None:
     """Write ``source`` (JPEG, PNG or HEIC) as a VL Photographic Image to ``out``."""
     heic_supported()
@@ -168,21 +191,8 @@ def photo(source: Path, details: PatientDetails, where: Placement, out: BinaryIO
     encoded = io.BytesIO()
     rgb.save(encoded, format="JPEG", quality=92, subsampling=1)  # 4:2:2, as YBR_FULL_422
     jpeg = encoded.getvalue()
-    ds = _base(details, where, VL_PHOTOGRAPHIC, "XC", "Photos")
-    ds.ImageType = ["DERIVED", "PRIMARY"]
-    ds.PatientOrientation = ""
-    ds.BurnedInAnnotation = "NO"
-    ds.AcquisitionDateTime = where.uploaded_at.strftime("%Y%m%d%H%M%S")
-    ds.AcquisitionContextSequence = Sequence()
-    ds.AnatomicRegionSequence = _region(where.body_part)
-    if where.body_part.upper() in _REGIONS:
-        ds.BodyPartExamined = where.body_part.upper()
-    ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = "YBR_FULL_422"
-    ds.PlanarConfiguration = 0
-    ds.Rows, ds.Columns = rgb.height, rgb.width
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-    ds.PixelRepresentation = 0
+    ds = _colour_image(details, where, VL_PHOTOGRAPHIC, "Photos", ["DERIVED", "PRIMARY"],
+                       "YBR_FULL_422", rgb.height, rgb.width)
     ds.LossyImageCompression = "01"
     ds.LossyImageCompressionRatio = f"{(rgb.width * rgb.height * 3) / len(jpeg):.2f}"[:16]
     ds.LossyImageCompressionMethod = "ISO_10918_1"
@@ -290,21 +300,8 @@ def video(source: Path, details: PatientDetails, where: Placement, out: BinaryIO
     size = os.path.getsize(source)
     if size >= 0xFFFFFFF0:
         raise ImageShareError("the video is larger than 4 GB, which DICOM cannot hold")
-    ds = _base(details, where, VIDEO_PHOTOGRAPHIC, "XC", "Videos")
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.PatientOrientation = ""
-    ds.BurnedInAnnotation = "NO"
-    ds.AcquisitionDateTime = where.uploaded_at.strftime("%Y%m%d%H%M%S")
-    ds.AcquisitionContextSequence = Sequence()
-    ds.AnatomicRegionSequence = _region(where.body_part)
-    if where.body_part.upper() in _REGIONS:
-        ds.BodyPartExamined = where.body_part.upper()
-    ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = "YBR_PARTIAL_420"
-    ds.PlanarConfiguration = 0
-    ds.Rows, ds.Columns = facts.height, facts.width
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-    ds.PixelRepresentation = 0
+    ds = _colour_image(details, where, VIDEO_PHOTOGRAPHIC, "Videos", ["ORIGINAL", "PRIMARY"],
+                       "YBR_PARTIAL_420", facts.height, facts.width)
     ds.NumberOfFrames = facts.frames
     ds.FrameIncrementPointer = 0x00181063
     ds.FrameTime = f"{facts.frame_time_ms:.4f}"[:16]

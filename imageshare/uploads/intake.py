@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, delete, insert, select
 
 from imageshare.archive.dicom_json import NHS_ISSUER
 from imageshare.archive.importing import Candidate, DicomInputs, ImportReport
@@ -129,15 +129,24 @@ class UploadIntake:
         self._parallel = parallel
 
     def process(self, invitation: Invitation, round_: int, folder: Path, actor: Actor,
-                uploader: str) -> RoundReport:
+                uploader: str, uploaded_at: datetime | None = None,
+                progress: Callable[[], None] | None = None) -> RoundReport:
         """Store everything in ``folder`` (one round) for review; never stops on one bad
-        file. ``actor`` is who stores (the uploader, or the member of staff importing)."""
+        file. ``actor`` is who stores (the uploader, or the member of staff importing);
+        ``progress`` is called after each file. Running a round again (after a restart)
+        makes the same instances again: the UIDs of converted files follow from the round
+        and the file's name, and the round's earlier results are replaced."""
         report = RoundReport()
         lock = threading.Lock()
-        now = datetime.now(UTC)
-        study_uid = generate_uid()
-        numbers: dict[str, int] = {}
-        series_uids = {kind: generate_uid() for kind in _SERIES}
+        now = uploaded_at or datetime.now(UTC)
+        seed = f"{invitation.public_id}:{round_}"
+        study_uid = generate_uid(entropy_srcs=[seed, "study"])
+        series_uids = {kind: generate_uid(entropy_srcs=[seed, "series", kind])
+                       for kind in _SERIES}
+        with self._engine.begin() as conn:
+            conn.execute(delete(upload_results).where(
+                upload_results.c.invitation_pk == invitation.pk,
+                upload_results.c.round == round_))
 
         def note(label: str, kind: str, outcome: str, detail: str = "", identity: str = "",
                  study: str = "", sop: str = "", modality: str = "", body_part: str = "",
@@ -162,22 +171,23 @@ class UploadIntake:
                     body_part=body_part[:64], original_key=original[0],
                     original_sha256=original[1], created_at=datetime.now(UTC)))
 
-        def placement(kind: str, label: str) -> convert.Placement:
-            with lock:
-                numbers[kind] = numbers.get(kind, 0) + 1
-                number = numbers[kind]
+        def placement(kind: str, label: str, number: int) -> convert.Placement:
             series_number, _ = _SERIES[kind]
             return convert.Placement(
                 study_uid, series_uids[kind], series_number, number, now.astimezone(),
                 uploader, invitation.reference, f"original file {Path(label).name}"[:200],
-                invitation.expected_body_part)
+                invitation.expected_body_part,
+                generate_uid(entropy_srcs=[seed, "instance", label]))
 
-        def one(candidate: Candidate) -> None:
+        def one(number: int, candidate: Candidate) -> None:
             label = self._label(folder, candidate.label)
             try:
-                self._one(candidate, label, invitation, actor, note, placement)
+                self._one(candidate, label, invitation, actor, note,
+                          lambda kind, label: placement(kind, label, number))
             except Exception as exc:  # noqa: BLE001 - one bad file never stops a round
                 note(label, "refused", "refused", f"unexpected error ({type(exc).__name__})")
+            if progress is not None:
+                progress()
 
         entries = sorted(folder.iterdir()) if folder.exists() else []
         for path in [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]:
@@ -196,9 +206,10 @@ class UploadIntake:
         try:
             with ThreadPoolExecutor(max_workers=self._parallel) as pool:
                 window: list[Future[None]] = []
-                for candidate in walker.candidates([e for e in entries if e.exists()],
-                                                   walk_report):
-                    window.append(pool.submit(one, candidate))
+                for number, candidate in enumerate(
+                        walker.candidates([e for e in entries if e.exists()], walk_report),
+                        start=1):
+                    window.append(pool.submit(one, number, candidate))
                     if len(window) >= 4 * self._parallel:
                         window.pop(0).result()
                 for future in window:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, case, func, insert, select, update
 
 from imageshare.audit.trail import AuditTrail
 from imageshare.domain.errors import (
@@ -99,11 +99,13 @@ class UploadReceiver:
         if length < 0:
             raise ImageShareError("Upload-Length must be a whole number of bytes")
         with self._engine.connect() as conn:
-            count = int(conn.execute(select(func.count()).select_from(upload_files).where(
-                upload_files.c.invitation_pk == invitation.pk)).scalar() or 0)
+            count, used = conn.execute(select(
+                func.count(), func.coalesce(func.sum(case(
+                    (upload_files.c.status != "removed", upload_files.c.length), else_=0)), 0))
+                .where(upload_files.c.invitation_pk == invitation.pk)).one()
         if count >= MAX_FILES:
             raise UploadQuotaExceeded(f"an upload holds at most {MAX_FILES} files")
-        used = self.used_bytes(invitation)
+        used = int(used or 0)
         if used + length > invitation.max_bytes:
             raise UploadQuotaExceeded(
                 f"this upload is limited to {invitation.max_bytes >> 20} MB in all; "
@@ -118,7 +120,7 @@ class UploadReceiver:
                 invitation_pk=invitation.pk, upload_id=upload_id, round=round_,
                 path="/".join(parts), length=length, offset=0, status="receiving",
                 created_at=datetime.now(UTC)))
-        return self.file(invitation, upload_id)
+        return UploadFile(upload_id, "/".join(parts), length, 0, "receiving", round_)
 
     def file(self, invitation: Invitation, upload_id: str) -> UploadFile:
         """One of the invitation's files; NotFound for anyone else's."""
@@ -191,7 +193,8 @@ class UploadReceiver:
                 upload_files.c.invitation_pk == invitation.pk,
                 upload_files.c.upload_id == upload_id).values(
                 offset=offset, status="received", completed_at=datetime.now(UTC)))
-        return self.file(invitation, upload_id)
+        return UploadFile(found.upload_id, found.path, found.length, offset, "received",
+                          found.round)
 
     def terminate(self, invitation: Invitation, upload_id: str) -> None:
         """Forget a file not yet sent for review (tus termination); its bytes are removed."""

@@ -35,7 +35,9 @@ from imageshare.web.pages import (
     admin,
     assets,
     cases,
+    consent,
     exchange,
+    governance,
     imaging_requests,
     patients,
     reports,
@@ -63,8 +65,9 @@ def create_app(archive: Archive) -> FastAPI:
     app.include_router(exchange_api.router)
     app.include_router(fhir.router)
     app.include_router(iid.router)
+    app.include_router(consent.api)
     for pages in (sign_in, studies, viewer, patients, account, admin, reports, shares, shared,
-                  cases, exchange, imaging_requests, assets, uploads):
+                  cases, exchange, imaging_requests, governance, consent, assets, uploads):
         app.include_router(pages.router)
     app.add_middleware(RequestLimits, settings=archive.settings)
     origins = [o.strip() for o in archive.settings.cors_origins.split(",") if o.strip()]

@@ -3,7 +3,7 @@ and revoke shares."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -32,6 +32,9 @@ class ShareIn(BaseModel):
     profile: str = Field(default="teaching", max_length=64)
     message: str = Field(default="", max_length=4000)
     title: str = Field(default="", max_length=128)
+    # Why the images are shared: identifiable teaching or research shares need the patient's
+    # recorded consent.
+    purpose: Literal["care", "teaching", "research"] = "care"
 
 
 def _view(share: Share) -> dict[str, Any]:
@@ -53,7 +56,8 @@ async def create_share(request: Request, archive: ArchiveDep, study_uid: str, bo
     share_request = NewShare(
         study_uid, tuple(body.series_uids), tuple(body.sop_uids), body.recipient_email,
         body.recipient_user, body.days or archive.shares.default_days, body.allow_download,
-        body.allow_comment, body.deidentified, body.profile, body.message, body.title)
+        body.allow_comment, body.deidentified, body.profile, body.message, body.title,
+        purpose=body.purpose)
     created = await run_in_threadpool(archive.shares.create_and_send, share_request, actor,
                                       archive.policy.study_scope(actor))
     url = shown_link(request, created.path)

@@ -119,6 +119,9 @@ def test_invite_upload_resume_review_and_patient_access(chromium, site):
     _shot(ada, "2-uploaded-on-a-phone")
     ada.click("#send")
     ada.wait_for_selector("text=your images were sent", timeout=120000)
+    # the files are checked in the background; the page follows until that is done
+    ada.wait_for_selector("#intake[data-state=done]", timeout=120000)
+    assert "could not be used" not in ada.inner_text("#intake")
     _shot(ada, "3-sent")
 
     clerk.goto(base + "/uploads")

@@ -1,6 +1,7 @@
-"""One contract for every blob store: the file store and S3 on a real server (SeaweedFS).
+"""One contract for every blob store: the file store, the file store encrypted at rest, and
+S3 on a real server (SeaweedFS).
 
-Each test runs on both; S3-only tests at the end check what only an object store can get
+Each test runs on each; S3-only tests at the end check what only an object store can get
 wrong (credentials, an unreachable endpoint, a write the store did not confirm).
 """
 
@@ -24,6 +25,7 @@ from imageshare.storage.blobs import (
     open_blob_store,
     store_file,
 )
+from imageshare.storage.encrypted import EncryptedBlobStore, blob_master_key
 from imageshare.storage.files import FileBlobStore
 from imageshare.storage.s3 import MiB, S3BlobStore
 from tests.peers import free_port
@@ -32,11 +34,14 @@ from tests.s3_server import BUCKET
 pytestmark = pytest.mark.interop
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", "encrypted", "s3"])
 def store(request, tmp_path):
     """An empty store of each kind; S3 stores go to parts above 5 MiB, to test them cheaply."""
     if request.param == "file":
         return FileBlobStore(tmp_path / "blobs")
+    if request.param == "encrypted":
+        return EncryptedBlobStore(FileBlobStore(tmp_path / "blobs"),
+                                  blob_master_key(os.urandom(32)))
     server = request.getfixturevalue("s3_server")
     return S3BlobStore(server.client(), BUCKET, server.new_prefix(), where=server.endpoint,
                        part_size=5 * MiB, multipart_threshold=5 * MiB)

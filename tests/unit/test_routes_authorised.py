@@ -135,7 +135,8 @@ def test_a_patient_account_reaches_only_its_own_account(archive, anonymous):
 
 def test_clinicians_are_refused_administration_pages(archive, anonymous):
     archive.users.add("clin", "long-enough-password", "clinician")
-    for path in ("/admin/users", "/admin/audit"):
+    for path in ("/admin/users", "/admin/audit", "/admin/holds", "/admin/deletions",
+                 "/admin/retention"):
         response = anonymous.get(path, auth=("clin", "long-enough-password"))
         assert response.status_code == 403, path
 

@@ -8,16 +8,20 @@ import base64
 import re
 import subprocess
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
+from datetime import datetime
 from email import message_from_bytes
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from pydicom import dcmread
+from sqlalchemy import func, select
 
 from imageshare.domain.actors import Actor
+from imageshare.storage.index.schema import background_jobs, instances
 from imageshare.uploads.convert import sniff
 from imageshare.uploads.invitations import UploadRequest
 from imageshare.uploads.receiving import safe_parts
@@ -135,6 +139,25 @@ def _tus_upload(client: TestClient, base: str, csrf: str, path: Path, name: str,
     return url
 
 
+def _send(client: TestClient, base: str, csrf: str) -> str:
+    """Press "Send": the files are taken at once and checked in the background; the page it
+    leads to refreshes itself until the checks end. Returns that page once they have."""
+    sent = client.post(base + "/send", data={"csrf_token": csrf}, headers=HTML,
+                       follow_redirects=False)
+    assert sent.status_code == 303, sent.text
+    progress = sent.headers["location"]
+    assert progress.startswith(base + "/sent/")
+    deadline = time.monotonic() + 90
+    while True:
+        shown = client.get(progress, headers=HTML)
+        assert shown.status_code == 200 and "your images were sent" in shown.text
+        if 'data-state="done"' in shown.text or 'data-state="failed"' in shown.text:
+            return shown.text
+        assert 'http-equiv="refresh"' in shown.text  # it keeps the sender informed
+        assert time.monotonic() < deadline, "the uploaded files were never checked"
+        time.sleep(0.1)
+
+
 def _media(tmp_path: Path) -> dict[str, Path]:
     media = tmp_path / "media"
     media.mkdir()
@@ -154,9 +177,7 @@ def _send_everything(client: TestClient, created, media: dict[str, Path],
         _tus_upload(client, base, csrf, media[key], media[key].name)
     _tus_upload(client, base, csrf, media["video"], "clip.mp4",
                 drop_after=2 if drop_video else None)
-    sent = client.post(base + "/send", data={"csrf_token": csrf}, headers=HTML)
-    assert sent.status_code == 200, sent.text
-    assert "your images were sent" in sent.text
+    assert 'data-state="done"' in _send(client, base, csrf)
 
 
 def test_an_invitation_opens_only_with_its_passcode_and_locks_after_ten_wrong_ones(hospital):
@@ -405,8 +426,7 @@ def test_a_zip_bomb_and_a_zip_that_climbs_out_are_refused(hospital, tmp_path):
         csrf = _open(client, created)
         _tus_upload(client, created.path, csrf, bomb, "bomb.zip")
         _tus_upload(client, created.path, csrf, climb, "climb.zip")
-        sent = client.post(created.path + "/send", data={"csrf_token": csrf}, headers=HTML)
-        assert sent.status_code == 200
+        assert "zip bomb" in _send(client, created.path, csrf)
     invitation = archive.uploads.invitations.by_public_id(created.public_id)
     from imageshare.uploads.intake import results
 
@@ -424,7 +444,7 @@ def test_a_video_that_is_not_h264_is_refused_saying_so(hospital, tmp_path):
     with TestClient(create_app(archive)) as client:
         csrf = _open(client, created)
         _tus_upload(client, created.path, csrf, clip, "clip.mp4")
-        client.post(created.path + "/send", data={"csrf_token": csrf}, headers=HTML)
+        assert "not H.264" in _send(client, created.path, csrf)
     from imageshare.uploads.intake import results
 
     [row] = results(archive.engine, archive.uploads.invitations.by_public_id(
@@ -447,8 +467,7 @@ def test_staff_import_a_cd_in_the_browser_for_the_patient_of_a_study(hospital, t
     base = started.headers["location"].removesuffix("/upload")
     for file in sorted(p for p in cd.rglob("*") if p.is_file()):
         _tus_upload(clerk, base, csrf, file, "CD/" + str(file.relative_to(cd)))
-    sent = clerk.post(base + "/send", data={"csrf_token": csrf}, follow_redirects=False)
-    assert sent.status_code == 303
+    assert "Review the imported studies" in _send(clerk, base, csrf)
     public_id = base.rsplit("/", 1)[1]
     invitation = archive.uploads.invitations.by_public_id(public_id)
     [study] = archive.uploads.review.studies(invitation)
@@ -457,3 +476,40 @@ def test_staff_import_a_cd_in_the_browser_for_the_patient_of_a_study(hospital, t
     record = archive.catalogue.record(study.item.study_uid, include_review=False)
     assert record.patient.patient_id == "H100"
     clerk.close()
+
+
+def test_an_intake_cut_off_by_a_restart_runs_again_without_doubling_anything(
+        hospital, tmp_path):
+    """Sending queues the intake as a durable job. A first attempt that stored everything and
+    then died (before the job was marked done) is run again by the next worker: the same
+    instances are made again, so nothing is stored twice and every file has one result."""
+    archive, _sink = hospital
+    created = _invite(archive)
+    media = _media(tmp_path)
+    archive.jobs.close()  # no worker runs the job before the first attempt below
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        for key in ("photo", "png", "pdf", "video"):
+            _tus_upload(client, created.path, csrf, media[key], media[key].name)
+        sent = client.post(created.path + "/send", data={"csrf_token": csrf}, headers=HTML,
+                           follow_redirects=False)
+        assert sent.status_code == 303
+        waiting = client.get(sent.headers["location"], headers=HTML)
+        assert 'data-state="queued"' in waiting.text and "0 of 4" in waiting.text
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    with archive.engine.connect() as conn:
+        params = conn.execute(select(background_jobs.c.params)).scalar_one()
+    first = archive.uploads.intake.process(
+        invitation, params["round"], archive.uploads.receiver.round_folder(
+            invitation, params["round"]), STAFF, params["uploader"],
+        datetime.fromisoformat(params["at"]))
+    assert first.stored == 4
+    archive.jobs._stop.clear()
+    assert archive.jobs.run_pending() == 1  # the job itself, as after the restart
+    [study] = archive.uploads.review.studies(invitation)
+    assert sorted(str(f["kind"]) for f in study.files) == ["pdf", "photo", "photo", "video"]
+    with archive.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(instances)).scalar() == 4
+        job = conn.execute(select(background_jobs)).mappings().one()
+    assert job["state"] == "done" and job["summary"] == "4 file(s) received"
+    assert not archive.uploads.receiver.round_folder(invitation, params["round"]).exists()

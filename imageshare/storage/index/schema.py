@@ -120,6 +120,8 @@ instances = Table(
     Column("retention_class", String(32), nullable=False, default="clinical"),
     Column("received_from", String(128), nullable=False, default=""),
     Column("received_at", DateTime(timezone=True), nullable=False),
+    # When the retention class's own period began (an upload's quality review); NULL: not yet.
+    Column("class_since", DateTime(timezone=True), nullable=True),
     Index(None, "sop_class_uid"),
 )
 
@@ -744,4 +746,75 @@ patient_accounts = Table(
     Column("invited_by", String(128), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_patient_accounts_username", "username"),
+)
+
+# Retention policy: instances arriving from a source (AE title or account), of a modality, or
+# made for a collection or case type get this retention class instead of ``clinical``.
+retention_rules = Table(
+    "retention_rules",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("value", String(128), nullable=False),
+    Column("retention_class", String(32), nullable=False),
+    Column("created_by", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("kind", "value"),
+)
+
+# Legal holds on a patient (study_uid empty) or one study (patient_id empty): while one is in
+# force (lifted_at NULL) nothing it covers is deleted, whatever its retention class.
+legal_holds = Table(
+    "legal_holds",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("public_id", String(32), nullable=False, unique=True),
+    Column("patient_id", String(64), nullable=False, index=True),
+    Column("issuer", String(64), nullable=False),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("reason", Text, nullable=False),
+    Column("placed_by", String(128), nullable=False),
+    Column("placed_at", DateTime(timezone=True), nullable=False),
+    Column("lifted_by", String(128), nullable=False, default="", server_default=""),
+    Column("lifted_at", DateTime(timezone=True), nullable=True),
+    Column("lift_reason", Text, nullable=False, default="", server_default=""),
+)
+
+# Deletion of a study asked for by one administrator and approved (or refused) by another.
+deletion_requests = Table(
+    "deletion_requests",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("public_id", String(32), nullable=False, unique=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("patient_id", String(64), nullable=False),
+    Column("reason", Text, nullable=False),
+    # pending, deleted, refused, cancelled
+    Column("state", String(16), nullable=False),
+    Column("requested_by", String(128), nullable=False),
+    Column("requested_at", DateTime(timezone=True), nullable=False),
+    Column("decided_by", String(128), nullable=False, default="", server_default=""),
+    Column("decided_at", DateTime(timezone=True), nullable=True),
+    Column("note", Text, nullable=False, default="", server_default=""),
+    Column("deleted", Integer, nullable=False, default=0, server_default="0"),
+)
+
+# Consent decisions per patient and purpose (teaching, research, publication); the newest row
+# of a patient and purpose is in force, older ones are the history.
+consents = Table(
+    "consents",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("patient_id", String(64), nullable=False, index=True),
+    Column("issuer", String(64), nullable=False),
+    Column("purpose", String(16), nullable=False),
+    # granted, refused, withdrawn
+    Column("decision", String(16), nullable=False),
+    # The day the patient decided (YYYY-MM-DD).
+    Column("given_on", String(10), nullable=False),
+    # form, verbal, electronic, other
+    Column("source", String(16), nullable=False),
+    Column("note", Text, nullable=False),
+    Column("recorded_by", String(128), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
 )

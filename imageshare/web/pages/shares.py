@@ -35,6 +35,7 @@ async def create_share(
     comment: Annotated[str, Form()] = "1",
     identifiable: Annotated[str, Form()] = "", profile: Annotated[str, Form()] = "teaching",
     message: Annotated[str, Form()] = "", title: Annotated[str, Form()] = "",
+    purpose: Annotated[str, Form()] = "care",
 ) -> Response:
     """Share the study (or the series ticked) and show the link and passcode once."""
     form = await request.form()
@@ -45,7 +46,8 @@ async def create_share(
         study_uid, series_uids=series, recipient_email=recipient_email,
         recipient_user=recipient_user.strip(), days=days or archive.shares.default_days,
         allow_download=bool(download), allow_comment=bool(comment),
-        deidentified=not identifiable, profile=profile, message=message, title=title)
+        deidentified=not identifiable, profile=profile, message=message, title=title,
+        purpose=purpose)
     created = await run_in_threadpool(archive.shares.create_and_send, share_request, actor,
                                       archive.policy.study_scope(actor))
     url = shown_link(request, created.path)

@@ -32,6 +32,15 @@ NOTICES = {
     "token-revoked": ("success", "The token was revoked."),
     "invited": ("success", "The recipient was invited by e-mail to create an account."),
     "account-created": ("success", "Your account is ready: sign in."),
+    "hold-placed": ("success", "The legal hold is in force: nothing it covers is deleted."),
+    "hold-lifted": ("success", "The legal hold was lifted."),
+    "deletion-requested": ("success", "The deletion was requested: another administrator "
+                                      "must approve it."),
+    "deletion-approved": ("success", "The study was deleted."),
+    "deletion-refused": ("success", "The deletion request was closed; nothing was deleted."),
+    "rule-set": ("success", "The retention rule was saved."),
+    "rule-removed": ("success", "The retention rule was removed."),
+    "consent-recorded": ("success", "The consent decision was recorded."),
 }
 
 

@@ -180,16 +180,30 @@ async def invitee_send(request: Request, archive: ArchiveDep, token: str,
 async def _send(request: Request, archive: Archive, invitation: Invitation, actor: Actor,
                 uploader: str, base: str, staff: bool) -> Response:
     try:
-        report = await run_in_threadpool(archive.uploads.submit, invitation, actor, uploader)
+        job = await run_in_threadpool(archive.uploads.submit, invitation, actor, uploader)
     except ImageShareError as exc:
-        response = _upload_page(request, archive, invitation, base, staff)
-        response.status_code = 400 if not isinstance(exc, Forbidden) else 403
-        return page(request, "upload.html", status_code=response.status_code,
+        status = 400 if not isinstance(exc, Forbidden) else 403
+        return page(request, "upload.html", status_code=status,
                     invitation=invitation, base=base, staff=staff, waiting=[],
                     chunk=min(8 << 20, archive.settings.upload_chunk_bytes), left=0,
                     results=_own_results(archive, invitation), error=str(exc))
-    return page(request, "upload_sent.html", report=report, staff=staff,
+    return redirect(f"{base}/sent/{job.id}")
+
+
+def _sent_page(request: Request, archive: Archive, invitation: Invitation, job_id: str,
+               actor: Actor, staff: bool) -> Response:
+    job = archive.jobs.get(job_id, actor.name)
+    return page(request, "upload_sent.html", job=job, staff=staff,
+                results=_own_results(archive, invitation) if job.state == "done" else [],
                 invitation=archive.uploads.invitations.by_public_id(invitation.public_id))
+
+
+@router.get("/u/{token}/sent/{job_id}")
+def invitee_sent(request: Request, archive: ArchiveDep, token: str, job_id: str,
+                 uploader: allowed(UPLOAD_SEND)) -> Response:
+    """After sending: how far the hospital's checks of the files got, then what each became
+    (the page refreshes itself until the checks end)."""
+    return _sent_page(request, archive, _invitation(request), job_id, uploader, staff=False)
 
 
 # -- tus 1.0 (core, creation, termination) ----------------------------------------------
@@ -451,13 +465,18 @@ def staff_tus_delete(archive: ArchiveDep, public_id: str, upload_id: str,
 @router.post("/uploads/{public_id}/send")
 async def staff_send(request: Request, archive: ArchiveDep, public_id: str,
                      actor: allowed(UPLOAD_MANAGE)) -> Response:
-    """Send the imported files for review (then the QC page of the import)."""
+    """Send the imported files for review (then their progress, then the QC page)."""
     batch = _staff_batch(archive, public_id, actor)
-    response = await _send(request, archive, batch, actor, actor.name,
-                           f"/uploads/{public_id}", staff=True)
-    if response.status_code == 200:
-        return redirect(f"/uploads/{public_id}")
-    return response
+    return await _send(request, archive, batch, actor, actor.name,
+                       f"/uploads/{public_id}", staff=True)
+
+
+@router.get("/uploads/{public_id}/sent/{job_id}")
+def staff_sent(request: Request, archive: ArchiveDep, public_id: str, job_id: str,
+               actor: allowed(UPLOAD_MANAGE)) -> Response:
+    """How far the intake of imported files got; a link to the QC page when it is done."""
+    return _sent_page(request, archive, _staff_batch(archive, public_id, actor), job_id,
+                      actor, staff=True)
 
 
 @router.get("/uploads/{public_id}")

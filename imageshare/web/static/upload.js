@@ -17,7 +17,7 @@
   const queue = [];
   const items = [];
   let running = 0;
-  const PARALLEL = 3;
+  const PARALLEL = 4;
 
   function b64(text) {
     return btoa(unescape(encodeURIComponent(text)));

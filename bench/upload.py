@@ -1,0 +1,226 @@
+"""Browser upload (tus) of a CD-sized folder against ``imageshare import`` of the same folder.
+
+One command: ``python bench/upload.py`` (or ``make bench-upload``). Writes a folder of 512 KB
+CT slices (700 MB by default, as a full CD), then, interleaved and repeated:
+
+- **upload**: a member of staff signs in to a fresh ``imageshare serve`` and imports the
+  folder from the browser's import page: every file sent with tus 1.0 over loopback (one
+  POST and 8 MB PATCH chunks per file, four files at a time, as ``static/upload.js``
+  does), then **Send**, timed until the intake job has made every file an instance waiting
+  for review (the page's ``data-state="done"``). The server's peak RSS (VmHWM of the
+  process and its children) is read afterwards.
+- **import**: ``imageshare import FOLDER --quiet`` into a fresh data folder (no server), timed
+  to its exit; its peak RSS from ``wait4``.
+
+Every run is checked (the right number of instances indexed). Prints a table and writes JSON
+(bench/out/upload.json). Targets (issue 13): upload at least 0.8x the CLI's rate; the
+server's peak memory under 300 MB.
+
+    --size-mb N   size of the folder (default 700)
+    --repeats N   runs of each (median kept; default 2)
+    --parallel N  files sent at once (default 4, as the browser page)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.run import peak_rss_mb  # noqa: E402
+from tests.factory import ct_series  # noqa: E402
+from tests.peers import RunningServer  # noqa: E402
+
+OUT = ROOT / "bench" / "out"
+SLICE_BYTES = 512 * 512 * 2
+CHUNK = 8 << 20
+PARALLEL = 4
+TUS = {"Tus-Resumable": "1.0.0"}
+HTML = {"Accept": "text/html"}
+CLERK_PASSWORD = "bench-clerk-password"
+TARGET_RATE = 0.8
+TARGET_RSS_MB = 300
+
+
+def _csrf(html: str) -> str:
+    found = re.search(r'name="csrf-token" content="([^"]*)"', html)
+    if not found:
+        raise SystemExit("no CSRF token on the page")
+    return found.group(1)
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def make_folder(root: Path, megabytes: int) -> list[Path]:
+    """A CD-like folder: one study of 512 KB CT slices adding up to ``megabytes``."""
+    count = max(1, (megabytes << 20) // SLICE_BYTES)
+    return ct_series(root / "CD" / "DICOM", count=count, size=512, patient_id="CD-1",
+                     patient_name="Bench^Upload")
+
+
+def _send_file(client: httpx.Client, base: str, csrf: str, path: Path, name: str) -> None:
+    size = path.stat().st_size
+    created = client.post(base + "/files", headers={
+        **TUS, "X-CSRF-Token": csrf, "Upload-Length": str(size),
+        "Upload-Metadata": f"filename {_b64(path.name)},relativePath {_b64(name)}"})
+    if created.status_code != 201:
+        raise SystemExit(f"tus creation refused: {created.status_code} {created.text[:200]}")
+    url = created.headers["location"]
+    offset = 0
+    with open(path, "rb") as fh:
+        while offset < size:
+            chunk = fh.read(CHUNK)
+            answer = client.patch(url, content=chunk, headers={
+                **TUS, "X-CSRF-Token": csrf, "Upload-Offset": str(offset),
+                "Content-Type": "application/offset+octet-stream"})
+            if answer.status_code != 204:
+                raise SystemExit(f"tus PATCH refused: {answer.status_code} {answer.text[:200]}")
+            offset = int(answer.headers["upload-offset"])
+
+
+def upload_run(work: Path, folder: Path, files: list[Path],
+               parallel: int = PARALLEL) -> dict[str, float]:
+    """Seconds from the first byte to every file waiting for review, and the peak RSS."""
+    server = RunningServer(work / "upload-data", modalities=())
+    server.cli("user", "add", "clerk", "--role", "radiographer", "--password", CLERK_PASSWORD)
+    server.start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=300, headers=HTML) as client:
+            signed = client.post("/login", data={"username": "clerk",
+                                                 "password": CLERK_PASSWORD})
+            if signed.status_code != 303 or "/account" in signed.headers.get("location", ""):
+                raise SystemExit(f"sign-in failed: {signed.status_code}")
+            csrf = _csrf(client.get("/uploads/import").text)
+            started = client.post("/uploads/import", follow_redirects=False, data={
+                "csrf_token": csrf, "patient_name": "Bench^Upload", "hospital_number": "B1",
+                "birth_date": "1970-01-01", "reference": "bench"})
+            if started.status_code != 303:
+                raise SystemExit(f"import page refused: {started.status_code}")
+            base = started.headers["location"].removesuffix("/upload")
+            begin = time.perf_counter()
+            with ThreadPoolExecutor(parallel) as pool:
+                for done in [pool.submit(_send_file, client, base, csrf, path,
+                                         str(path.relative_to(folder.parent)))
+                             for path in files]:
+                    done.result()
+            uploaded = time.perf_counter() - begin
+            sent = client.post(base + "/send", data={"csrf_token": csrf},
+                               follow_redirects=False)
+            if sent.status_code != 303:
+                raise SystemExit(f"send refused: {sent.status_code} {sent.text[:300]}")
+            progress = sent.headers["location"]
+            while 'data-state="done"' not in (shown := client.get(progress).text):
+                if 'data-state="failed"' in shown:
+                    raise SystemExit("the intake failed")
+                time.sleep(0.2)
+            seconds = time.perf_counter() - begin
+            received = re.search(r"(\d+) file\(s\) received", shown)
+            if not received or int(received.group(1)) != len(files):
+                raise SystemExit(f"not every file was received: {received and received[0]}")
+        rss = peak_rss_mb(server.process.pid)
+    finally:
+        server.stop()
+    return {"seconds": seconds, "upload_seconds": uploaded,
+            "intake_seconds": seconds - uploaded, "peak_rss_mb": rss}
+
+
+def import_run(work: Path, folder: Path, count: int) -> dict[str, float]:
+    """Seconds for ``imageshare import`` of the folder into a fresh installation."""
+    data = work / "import-data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGESHARE_")}
+    env.update(IMAGESHARE_DATA_DIR=str(data), IMAGESHARE_LOG_LEVEL="WARNING")
+    begin = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "imageshare", "import", str(folder),
+                                "--quiet"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    _pid, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - begin
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit("imageshare import failed: " + process.stderr.read().decode()[-500:])
+    from sqlalchemy import func, select
+
+    from imageshare.storage.index.database import make_engine
+    from imageshare.storage.index.schema import instances
+
+    engine = make_engine(f"sqlite:///{data / 'index.sqlite'}")
+    with engine.connect() as conn:
+        stored = conn.execute(select(func.count()).select_from(instances)).scalar()
+    engine.dispose()
+    if stored != count:
+        raise SystemExit(f"import stored {stored} of {count}")
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}  # KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mb", type=int, default=700)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--parallel", type=int, default=PARALLEL,
+                        help="files sent at once (the browser page sends 4)")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="imageshare-bench-upload-"))
+    try:
+        files = make_folder(root, args.size_mb)
+        folder = root / "CD"
+        size = sum(p.stat().st_size for p in files)
+        runs: dict[str, list[dict[str, float]]] = {"upload": [], "import": []}
+        for repeat in range(args.repeats):
+            for kind in ("upload", "import") if repeat % 2 == 0 else ("import", "upload"):
+                work = root / f"{kind}-{repeat}"
+                work.mkdir()
+                result = (upload_run(work, folder, files, args.parallel) if kind == "upload"
+                          else import_run(work, folder, len(files)))
+                runs[kind].append(result)
+                phases = (f" (sending {result['upload_seconds']:.1f} s, intake "
+                          f"{result['intake_seconds']:.1f} s)" if kind == "upload" else "")
+                print(f"  {kind} run {repeat + 1}: {result['seconds']:.1f} s{phases}, "
+                      f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+                shutil.rmtree(work, ignore_errors=True)
+        summary = {}
+        for kind, results in runs.items():
+            seconds = statistics.median(r["seconds"] for r in results)
+            summary[kind] = {"seconds": seconds, "mb_per_s": size / (1 << 20) / seconds,
+                             "files_per_s": len(files) / seconds,
+                             "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
+        ratio = summary["upload"]["mb_per_s"] / summary["import"]["mb_per_s"]
+        print(f"\n{len(files)} files, {size / (1 << 20):.0f} MB, median of {args.repeats}, "
+              f"load average {os.getloadavg()[0]:.1f}\n")
+        print("| way in | seconds | MB/s | files/s | peak RSS MB |")
+        print("|---|---:|---:|---:|---:|")
+        for kind, label in (("upload", "browser upload (tus) + intake job"),
+                            ("import", "`imageshare import`")):
+            row = summary[kind]
+            print(f"| {label} | {row['seconds']:.1f} | {row['mb_per_s']:.1f} | "
+                  f"{row['files_per_s']:.1f} | {row['peak_rss_mb']:.0f} |")
+        rss = summary["upload"]["peak_rss_mb"]
+        print(f"\nupload / import rate: x{ratio:.2f} (target >= {TARGET_RATE}); server peak "
+              f"RSS {rss:.0f} MB (target < {TARGET_RSS_MB})")
+        (OUT / "upload.json").write_text(json.dumps({
+            "files": len(files), "bytes": size, "repeats": args.repeats, "runs": runs,
+            "summary": summary, "ratio": ratio, "targets": {
+                "rate_ratio": TARGET_RATE, "peak_rss_mb": TARGET_RSS_MB},
+            "load_average": os.getloadavg()}, indent=2))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

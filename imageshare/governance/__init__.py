@@ -1,0 +1,1 @@
+"""Information governance beyond retention: the patient's consent records."""

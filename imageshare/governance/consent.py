@@ -1,0 +1,140 @@
+"""Consent records: per patient and purpose (identifiable teaching use, research use,
+publication), whether the patient agreed, when, how it was given and who recorded it.
+
+Records are never changed: a new decision (a withdrawal, say) is a new row, and the newest
+row of a patient and purpose is the one in force. Teaching and research shares of identifiable
+images ask :meth:`ConsentBook.require` first and are refused with the reason when consent is
+missing, refused or withdrawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+from sqlalchemy import Engine, select
+
+from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import ConsentMissing, ImageShareError, NotFound
+from imageshare.domain.retention import Clock, system_clock
+from imageshare.storage.index.schema import consents, patients, studies
+
+PURPOSES = ("teaching", "research", "publication")
+DECISIONS = ("granted", "refused", "withdrawn")
+SOURCES = ("form", "verbal", "electronic", "other")
+PURPOSE_TEXT = {"teaching": "identifiable teaching use", "research": "research use",
+                "publication": "publication"}
+
+
+@dataclass(frozen=True)
+class ConsentRecord:
+    """One recorded decision of a patient."""
+
+    purpose: str
+    decision: str
+    given_on: str
+    source: str
+    note: str
+    recorded_by: str
+    recorded_at: datetime
+
+
+@dataclass(frozen=True)
+class PatientRef:
+    """The patient a study is filed under (Patient ID and issuer)."""
+
+    patient_id: str
+    issuer: str
+
+
+class ConsentBook:
+    """Records and answers consent decisions; every record and read is audited."""
+
+    def __init__(self, engine: Engine, audit: AuditTrail, clock: Clock = system_clock) -> None:
+        self._engine = engine
+        self._audit = audit
+        self._clock = clock
+
+    def patient_of(self, study_uid: str) -> PatientRef:
+        """The patient of a study; NotFound otherwise."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(patients.c.patient_id, patients.c.issuer).join(
+                studies, studies.c.patient_pk == patients.c.pk).where(
+                studies.c.study_uid == study_uid)).first()
+        if row is None:
+            raise NotFound("no such study")
+        return PatientRef(row.patient_id, row.issuer)
+
+    def record_decision(self, study_uid: str, purpose: str, decision: str, given_on: str,
+                        source: str, actor: Actor, note: str = "") -> ConsentRecord:
+        """Record a decision of the patient of ``study_uid``; refused with the reason when a
+        value is not one of the known ones or the date is not a past or present day."""
+        if purpose not in PURPOSES:
+            raise ImageShareError(f"consent is recorded for one of: {', '.join(PURPOSES)}")
+        if decision not in DECISIONS:
+            raise ImageShareError(f"the decision is one of: {', '.join(DECISIONS)}")
+        if source not in SOURCES:
+            raise ImageShareError(f"the consent was given by one of: {', '.join(SOURCES)}")
+        try:
+            day = date.fromisoformat(given_on.strip())
+        except ValueError as exc:
+            raise ImageShareError("give the day of the decision as YYYY-MM-DD") from exc
+        now = self._clock()
+        if day > now.astimezone(UTC).date():
+            raise ImageShareError("the day of the decision cannot be in the future")
+        patient = self.patient_of(study_uid)
+        with self._engine.begin() as conn:
+            conn.execute(consents.insert().values(
+                patient_id=patient.patient_id, issuer=patient.issuer, purpose=purpose,
+                decision=decision, given_on=day.isoformat(), source=source,
+                note=note.strip()[:2000], recorded_by=actor.name[:128], recorded_at=now))
+            self._audit.record(AuditEvent(
+                actor=actor, action="consent.record", outcome="success",
+                patient_id=patient.patient_id, study_uid=study_uid,
+                detail={"purpose": purpose, "decision": decision, "source": source,
+                        "given_on": day.isoformat()}), conn=conn)
+        return ConsentRecord(purpose, decision, day.isoformat(), source, note.strip()[:2000],
+                             actor.name[:128], now)
+
+    def history(self, study_uid: str, actor: Actor) -> list[ConsentRecord]:
+        """Every decision of the study's patient, newest first (audited as a read)."""
+        patient = self.patient_of(study_uid)
+        records = self._records(patient)
+        self._audit.record(AuditEvent(actor=actor, action="consent.read", outcome="success",
+                                      patient_id=patient.patient_id, study_uid=study_uid,
+                                      instance_count=len(records)))
+        return records
+
+    def in_force(self, study_uid: str) -> dict[str, ConsentRecord | None]:
+        """Per purpose, the decision in force for the study's patient (None: none recorded)."""
+        records = self._records(self.patient_of(study_uid))
+        return {p: next((r for r in records if r.purpose == p), None) for p in PURPOSES}
+
+    def require(self, study_uid: str, purpose: str, actor: Actor) -> None:
+        """Refuse (:class:`ConsentMissing`, audited) unless the study's patient granted
+        ``purpose`` and has not withdrawn it since."""
+        current = self.in_force(study_uid).get(purpose)
+        if current is not None and current.decision == "granted":
+            return
+        what = PURPOSE_TEXT.get(purpose, purpose)
+        if current is None:
+            reason = f"no consent to {what} is recorded for this patient"
+        else:
+            reason = (f"the patient's consent to {what} was {current.decision} "
+                      f"on {current.given_on}")
+        patient = self.patient_of(study_uid)
+        self._audit.record(AuditEvent(actor=actor, action="consent.refused", outcome="failure",
+                                      patient_id=patient.patient_id, study_uid=study_uid,
+                                      detail={"purpose": purpose, "reason": reason}))
+        raise ConsentMissing(reason + "; record it on the study page first, or share "
+                             "de-identified images")
+
+    def _records(self, patient: PatientRef) -> list[ConsentRecord]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(consents).where(
+                consents.c.patient_id == patient.patient_id,
+                consents.c.issuer == patient.issuer).order_by(consents.c.pk.desc())
+            ).mappings().all()
+        return [ConsentRecord(r["purpose"], r["decision"], r["given_on"], r["source"],
+                              r["note"], r["recorded_by"], r["recorded_at"]) for r in rows]

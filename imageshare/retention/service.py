@@ -1,0 +1,481 @@
+"""Retention as a service: the class each arrival gets (policy rules), legal holds, deletion
+of a study by two administrators, the expiry job, and what a study page shows about it."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time as wall
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from sqlalchemy import Engine, Select, and_, delete, func, or_, select, update
+
+from imageshare.archive.deletion import ArchiveDeletion, Removed
+from imageshare.archive.indexing import HELD_PREFIX
+from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import DeletionRefused, Forbidden, ImageShareError, NotFound
+from imageshare.domain.retention import (
+    CLASS_HELP,
+    Clock,
+    RetentionClass,
+    RetentionPeriods,
+    deletion_verdict,
+    earliest_deletion,
+)
+from imageshare.retention.facts import instance_facts
+from imageshare.storage.index.schema import (
+    deletion_requests,
+    instances,
+    legal_holds,
+    patients,
+    retention_rules,
+    series,
+    studies,
+)
+
+RuleKind = Literal["source", "modality", "collection", "case_type"]
+RULE_KINDS: tuple[RuleKind, ...] = ("source", "modality", "collection", "case_type")
+# Classes a policy rule may give (inbox, held and upload are given by how things arrive, and
+# keep them out of the record until a person decides).
+RULE_CLASSES = (RetentionClass.CLINICAL, RetentionClass.TEMPORARY, RetentionClass.TEACHING,
+                RetentionClass.RESEARCH)
+# Policy rules are read again after this many seconds (other instances may have changed them).
+RULES_REFRESH_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class RetentionRule:
+    """Arrivals matching ``kind`` = ``value`` get ``retention_class``."""
+
+    kind: str
+    value: str
+    retention_class: str
+    created_by: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class LegalHold:
+    """A hold on a patient (``patient_id``, ``issuer``) or on one study (``study_uid``)."""
+
+    public_id: str
+    patient_id: str
+    issuer: str
+    study_uid: str
+    reason: str
+    placed_by: str
+    placed_at: datetime
+    lifted_by: str
+    lifted_at: datetime | None
+    lift_reason: str
+
+    @property
+    def in_force(self) -> bool:
+        """Not lifted."""
+        return self.lifted_at is None
+
+    @property
+    def covers(self) -> str:
+        """What the hold covers, for people."""
+        if self.study_uid:
+            return f"study {self.study_uid}"
+        return f"patient {self.patient_id}" + (f" ({self.issuer})" if self.issuer else "")
+
+
+@dataclass(frozen=True)
+class DeletionRequest:
+    """A study's deletion asked for by one administrator, for another to approve."""
+
+    public_id: str
+    study_uid: str
+    patient_id: str
+    reason: str
+    state: str
+    requested_by: str
+    requested_at: datetime
+    decided_by: str
+    decided_at: datetime | None
+    note: str
+    deleted: int
+
+
+@dataclass(frozen=True)
+class ClassCount:
+    """How many instances of a study are in one class, and when they may go at the earliest."""
+
+    retention_class: str
+    instances: int
+    explanation: str
+    earliest: datetime | None
+
+
+@dataclass(frozen=True)
+class StudyRetention:
+    """What a study page shows: classes, holds in force, and whether deletion is possible."""
+
+    classes: list[ClassCount]
+    holds: list[LegalHold]
+    deletable_now: bool
+    why_not: str
+
+
+class RetentionService:
+    """Policy rules, legal holds, two-administrator deletion and the expiry job."""
+
+    def __init__(self, engine: Engine, deletion: ArchiveDeletion, audit: AuditTrail,
+                 is_admin: Callable[[str], bool]) -> None:
+        self._engine = engine
+        self._deletion = deletion
+        self._audit = audit
+        self._is_admin = is_admin
+        self._rules: dict[tuple[str, str], str] = {}
+        self._rules_read = float("-inf")
+        self._lock = threading.Lock()
+
+    @property
+    def periods(self) -> RetentionPeriods:
+        """How long each class keeps its images here."""
+        return self._deletion.periods
+
+    @property
+    def clock(self) -> Clock:
+        """The clock every retention decision reads."""
+        return self._deletion.clock
+
+    # -- the expiry job ------------------------------------------------------------------
+
+    def run(self, actor: Actor, now: datetime | None = None) -> Removed:
+        """Delete what its class lets go at ``now`` (default: the clock's present); holds and
+        classes that keep their images are respected, the rest is counted as kept."""
+        return self._deletion.expired(actor, now)
+
+    def mark_reviewed(self, study_uid: str, at: datetime | None = None) -> int:
+        """The quality review of an uploaded study happened at ``at``: its upload period
+        starts. Returns the instances marked."""
+        moment = at or self.clock()
+        with self._engine.begin() as conn:
+            return conn.execute(update(instances).where(
+                instances.c.series_pk.in_(_series_of(study_uid)),
+                instances.c.retention_class == RetentionClass.UPLOAD.value,
+                instances.c.class_since.is_(None)).values(class_since=moment)).rowcount
+
+    # -- policy rules --------------------------------------------------------------------
+
+    def rules(self) -> list[RetentionRule]:
+        """Every policy rule, by kind and value."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(retention_rules).order_by(
+                retention_rules.c.kind, retention_rules.c.value)).mappings().all()
+        return [RetentionRule(r["kind"], r["value"], r["retention_class"], r["created_by"],
+                              r["created_at"]) for r in rows]
+
+    def set_rule(self, kind: str, value: str, retention_class: str, actor: Actor) -> None:
+        """Arrivals matching ``kind`` = ``value`` get ``retention_class`` from now on."""
+        value = value.strip()
+        if kind not in RULE_KINDS:
+            raise ImageShareError(f"a rule matches one of: {', '.join(RULE_KINDS)}")
+        if retention_class not in {c.value for c in RULE_CLASSES}:
+            raise ImageShareError("a rule gives one of the classes: "
+                                  + ", ".join(c.value for c in RULE_CLASSES))
+        if not value or len(value) > 128:
+            raise ImageShareError("a rule needs a value of at most 128 characters")
+        with self._engine.begin() as conn:
+            conn.execute(delete(retention_rules).where(retention_rules.c.kind == kind,
+                                                       retention_rules.c.value == value))
+            conn.execute(retention_rules.insert().values(
+                kind=kind, value=value, retention_class=retention_class,
+                created_by=actor.name[:128], created_at=self.clock()))
+            self._audit.record(AuditEvent(actor=actor, action="retention.rule.set",
+                                          outcome="success", detail={
+                                              "kind": kind, "value": value,
+                                              "class": retention_class}), conn=conn)
+        self._rules_read = float("-inf")
+
+    def remove_rule(self, kind: str, value: str, actor: Actor) -> None:
+        """Remove a policy rule (arrivals matching it are clinical again)."""
+        with self._engine.begin() as conn:
+            gone = conn.execute(delete(retention_rules).where(
+                retention_rules.c.kind == kind, retention_rules.c.value == value)).rowcount
+            if not gone:
+                raise NotFound("no such rule")
+            self._audit.record(AuditEvent(actor=actor, action="retention.rule.remove",
+                                          outcome="success",
+                                          detail={"kind": kind, "value": value}), conn=conn)
+        self._rules_read = float("-inf")
+
+    def class_for(self, source: str = "", modality: str = "", collection: str = "",
+                  case_type: str = "") -> str:
+        """The class policy gives an arrival (``clinical`` when no rule matches). The most
+        specific rule wins: case type, collection, source, then modality."""
+        with self._lock:
+            if wall.monotonic() - self._rules_read > RULES_REFRESH_SECONDS:
+                self._rules = {(r.kind, r.value): r.retention_class for r in self.rules()}
+                self._rules_read = wall.monotonic()
+            rules = self._rules
+        for kind, value in (("case_type", case_type), ("collection", collection),
+                            ("source", source), ("modality", modality)):
+            if value and (kind, value) in rules:
+                return rules[(kind, value)]
+        return RetentionClass.CLINICAL.value
+
+    def arrival_class(self, actor: Actor, modality: str) -> str:
+        """The class of an instance ``actor`` stores (not from a site's inbox)."""
+        return self.class_for(source=actor.name, modality=modality)
+
+    # -- legal holds ---------------------------------------------------------------------
+
+    def place_hold(self, actor: Actor, reason: str, patient_id: str = "", issuer: str = "",
+                   study_uid: str = "") -> LegalHold:
+        """Place a legal hold on a patient or a study: nothing it covers is deleted until it
+        is lifted."""
+        self._require_admin(actor)
+        reason = reason.strip()
+        if not reason:
+            raise ImageShareError("a legal hold needs a reason")
+        if bool(patient_id.strip()) == bool(study_uid.strip()):
+            raise ImageShareError("a legal hold covers either a patient or a study")
+        public_id = secrets.token_hex(8)
+        with self._engine.begin() as conn:
+            if study_uid and conn.execute(select(studies.c.pk).where(
+                    studies.c.study_uid == study_uid.strip())).scalar() is None:
+                raise NotFound("no such study")
+            if patient_id and conn.execute(select(patients.c.pk).where(
+                    patients.c.patient_id == patient_id.strip(),
+                    patients.c.issuer.in_([issuer.strip(), HELD_PREFIX + issuer.strip()]))
+                    ).first() is None:
+                raise NotFound("no such patient")
+            conn.execute(legal_holds.insert().values(
+                public_id=public_id, patient_id=patient_id.strip()[:64],
+                issuer=issuer.strip()[:64], study_uid=study_uid.strip()[:64],
+                reason=reason[:2000], placed_by=actor.name[:128], placed_at=self.clock()))
+            self._audit.record(AuditEvent(
+                actor=actor, action="retention.hold.place", outcome="success",
+                patient_id=patient_id.strip(), study_uid=study_uid.strip(),
+                detail={"hold": public_id, "reason": reason[:200]}), conn=conn)
+        return self.hold(public_id)
+
+    def lift_hold(self, public_id: str, actor: Actor, reason: str) -> LegalHold:
+        """Lift a hold (kept, with who lifted it and why)."""
+        self._require_admin(actor)
+        if not reason.strip():
+            raise ImageShareError("say why the hold is lifted")
+        hold = self.hold(public_id)
+        if not hold.in_force:
+            raise ImageShareError("this hold was lifted already")
+        with self._engine.begin() as conn:
+            conn.execute(update(legal_holds).where(legal_holds.c.public_id == public_id)
+                         .values(lifted_by=actor.name[:128], lifted_at=self.clock(),
+                                 lift_reason=reason.strip()[:2000]))
+            self._audit.record(AuditEvent(
+                actor=actor, action="retention.hold.lift", outcome="success",
+                patient_id=hold.patient_id, study_uid=hold.study_uid,
+                detail={"hold": public_id, "reason": reason.strip()[:200]}), conn=conn)
+        return self.hold(public_id)
+
+    def hold(self, public_id: str) -> LegalHold:
+        """One hold; NotFound otherwise."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(legal_holds).where(
+                legal_holds.c.public_id == public_id)).mappings().first()
+        if row is None:
+            raise NotFound("no such legal hold")
+        return _hold(row)
+
+    def holds(self, in_force_only: bool = True) -> list[LegalHold]:
+        """Legal holds, newest first."""
+        stmt = select(legal_holds).order_by(legal_holds.c.placed_at.desc(), legal_holds.c.pk)
+        if in_force_only:
+            stmt = stmt.where(legal_holds.c.lifted_at.is_(None))
+        with self._engine.connect() as conn:
+            return [_hold(r) for r in conn.execute(stmt).mappings()]
+
+    def holds_on_study(self, study_uid: str) -> list[LegalHold]:
+        """Holds in force covering the study (on it, or on its patient)."""
+        with self._engine.connect() as conn:
+            patient = conn.execute(select(patients.c.patient_id, patients.c.issuer).join(
+                studies, studies.c.patient_pk == patients.c.pk).where(
+                studies.c.study_uid == study_uid)).first()
+            covers = legal_holds.c.study_uid == study_uid
+            if patient is not None:
+                covers = or_(covers, and_(legal_holds.c.patient_id == patient.patient_id,
+                                          legal_holds.c.issuer == patient.issuer.removeprefix(
+                                              HELD_PREFIX)))
+            rows = conn.execute(select(legal_holds).where(
+                legal_holds.c.lifted_at.is_(None), covers)
+                .order_by(legal_holds.c.placed_at)).mappings().all()
+        return [_hold(r) for r in rows]
+
+    # -- deletion by two administrators --------------------------------------------------
+
+    def request_deletion(self, study_uid: str, actor: Actor, reason: str) -> DeletionRequest:
+        """Ask for a study's deletion; another administrator approves it. Refused at once when
+        a hold or the study's retention classes would refuse it now."""
+        self._require_admin(actor)
+        if not reason.strip():
+            raise ImageShareError("a deletion request needs a reason")
+        retention = self.study_retention(study_uid)
+        if not retention.deletable_now:
+            raise DeletionRefused(f"this study cannot be deleted: {retention.why_not}")
+        with self._engine.begin() as conn:
+            patient_id = conn.execute(select(patients.c.patient_id).join(
+                studies, studies.c.patient_pk == patients.c.pk).where(
+                studies.c.study_uid == study_uid)).scalar() or ""
+            if conn.execute(select(deletion_requests.c.pk).where(
+                    deletion_requests.c.study_uid == study_uid,
+                    deletion_requests.c.state == "pending")).first() is not None:
+                raise ImageShareError("a deletion of this study is already waiting for approval")
+            public_id = secrets.token_hex(8)
+            conn.execute(deletion_requests.insert().values(
+                public_id=public_id, study_uid=study_uid, patient_id=patient_id,
+                reason=reason.strip()[:2000], state="pending", requested_by=actor.name[:128],
+                requested_at=self.clock()))
+            self._audit.record(AuditEvent(
+                actor=actor, action="deletion.request", outcome="success",
+                patient_id=patient_id, study_uid=study_uid,
+                detail={"request": public_id, "reason": reason.strip()[:200]}), conn=conn)
+        return self.deletion_request(public_id)
+
+    def approve_deletion(self, public_id: str, actor: Actor, note: str = "") -> Removed:
+        """A second administrator approves: the study's blobs and index rows are deleted
+        (audited), unless a hold or a retention class refuses it now."""
+        self._require_admin(actor)
+        request = self._pending(public_id)
+        if request.requested_by == actor.name:
+            self._audit.record(AuditEvent(
+                actor=actor, action="deletion.approve", outcome="failure",
+                patient_id=request.patient_id, study_uid=request.study_uid,
+                detail={"request": public_id, "reason": "the requester cannot approve"}))
+            raise Forbidden("another administrator than the one who asked must approve")
+        try:
+            removed = self._deletion.approved_study(
+                request.study_uid, actor,
+                f"deletion requested by {request.requested_by}, approved by {actor.name}: "
+                f"{request.reason}"[:500])
+        except DeletionRefused as exc:
+            self._audit.record(AuditEvent(
+                actor=actor, action="deletion.approve", outcome="failure",
+                patient_id=request.patient_id, study_uid=request.study_uid,
+                detail={"request": public_id, "reason": str(exc)[:200]}))
+            raise
+        with self._engine.begin() as conn:
+            conn.execute(update(deletion_requests).where(
+                deletion_requests.c.public_id == public_id).values(
+                state="deleted", decided_by=actor.name[:128], decided_at=self.clock(),
+                note=note.strip()[:2000], deleted=removed.instances))
+            self._audit.record(AuditEvent(
+                actor=actor, action="deletion.approve", outcome="success",
+                patient_id=request.patient_id, study_uid=request.study_uid,
+                instance_count=removed.instances,
+                detail={"request": public_id, "requested_by": request.requested_by}),
+                conn=conn)
+        return removed
+
+    def refuse_deletion(self, public_id: str, actor: Actor, note: str = "") -> DeletionRequest:
+        """Refuse (or, by the requester, withdraw) a pending deletion: nothing is deleted."""
+        self._require_admin(actor)
+        request = self._pending(public_id)
+        state = "withdrawn" if request.requested_by == actor.name else "refused"
+        with self._engine.begin() as conn:
+            conn.execute(update(deletion_requests).where(
+                deletion_requests.c.public_id == public_id).values(
+                state=state, decided_by=actor.name[:128], decided_at=self.clock(),
+                note=note.strip()[:2000]))
+            self._audit.record(AuditEvent(
+                actor=actor, action="deletion.refuse", outcome="success",
+                patient_id=request.patient_id, study_uid=request.study_uid,
+                detail={"request": public_id, "state": state}), conn=conn)
+        return self.deletion_request(public_id)
+
+    def deletion_request(self, public_id: str) -> DeletionRequest:
+        """One deletion request; NotFound otherwise."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(deletion_requests).where(
+                deletion_requests.c.public_id == public_id)).mappings().first()
+        if row is None:
+            raise NotFound("no such deletion request")
+        return _request(row)
+
+    def deletion_requests(self, state: str = "") -> list[DeletionRequest]:
+        """Deletion requests (of one state, if given), newest first."""
+        stmt = select(deletion_requests).order_by(deletion_requests.c.requested_at.desc(),
+                                                  deletion_requests.c.pk.desc())
+        if state:
+            stmt = stmt.where(deletion_requests.c.state == state)
+        with self._engine.connect() as conn:
+            return [_request(r) for r in conn.execute(stmt).mappings()]
+
+    def _pending(self, public_id: str) -> DeletionRequest:
+        request = self.deletion_request(public_id)
+        if request.state != "pending":
+            raise ImageShareError(f"this request was decided already ({request.state})")
+        return request
+
+    def _require_admin(self, actor: Actor) -> None:
+        if actor.role != "admin" or (actor.kind == "user" and not self._is_admin(actor.name)):
+            raise Forbidden("only administrators manage legal holds and deletions")
+
+    # -- what a study page shows ---------------------------------------------------------
+
+    def study_retention(self, study_uid: str) -> StudyRetention:
+        """The study's retention classes (with counts and earliest deletion), the holds in
+        force on it, and whether two administrators could delete it now (and if not, why)."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(instances.c.retention_class, instances.c.received_at,
+                       instances.c.class_since, studies.c.study_uid,
+                       patients.c.pk.label("patient_pk"), patients.c.patient_id,
+                       patients.c.issuer, patients.c.birth_date)
+                .join(series, series.c.pk == instances.c.series_pk)
+                .join(studies, studies.c.pk == series.c.study_pk)
+                .join(patients, patients.c.pk == studies.c.patient_pk)
+                .where(studies.c.study_uid == study_uid)).all()
+            if not rows:
+                raise NotFound("no such study")
+            facts = instance_facts(conn, rows)
+        now = self.clock()
+        by_class: dict[str, list[datetime | None]] = {}
+        for f in facts:
+            by_class.setdefault(f.retention_class, []).append(
+                earliest_deletion(f, self.periods))
+        classes = []
+        for cls, moments in sorted(by_class.items()):
+            known = [m for m in moments if m is not None]
+            latest = max(known) if len(known) == len(moments) else None
+            explanation = (CLASS_HELP[RetentionClass(cls)]
+                           if cls in {c.value for c in RetentionClass} else cls)
+            classes.append(ClassCount(cls, len(moments), explanation, latest))
+        verdicts = [deletion_verdict(f, self.periods, now, "approved") for f in facts]
+        refused = [v for v in verdicts if not v.allowed]
+        return StudyRetention(classes, self.holds_on_study(study_uid), not refused,
+                              refused[0].reason if refused else "")
+
+
+def _series_of(study_uid: str) -> Select[tuple[int]]:
+    return select(series.c.pk).join(studies, studies.c.pk == series.c.study_pk).where(
+        studies.c.study_uid == study_uid)
+
+
+def _hold(row: object) -> LegalHold:
+    r = dict(row)  # type: ignore[call-overload]
+    return LegalHold(r["public_id"], r["patient_id"], r["issuer"], r["study_uid"], r["reason"],
+                     r["placed_by"], r["placed_at"], r["lifted_by"], r["lifted_at"],
+                     r["lift_reason"])
+
+
+def _request(row: object) -> DeletionRequest:
+    r = dict(row)  # type: ignore[call-overload]
+    return DeletionRequest(r["public_id"], r["study_uid"], r["patient_id"], r["reason"],
+                           r["state"], r["requested_by"], r["requested_at"], r["decided_by"],
+                           r["decided_at"], r["note"], r["deleted"])
+
+
+def count_by_class(engine: Engine) -> dict[str, int]:
+    """Instances per retention class in the whole archive."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(instances.c.retention_class, func.count())
+                            .group_by(instances.c.retention_class)).all()
+    return {cls: n for cls, n in rows}

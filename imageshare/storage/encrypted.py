@@ -1,0 +1,321 @@
+"""Encryption at rest for a blob store: AES-256-GCM in a streaming, chunked format.
+
+A stored blob is a header and a run of sealed chunks::
+
+    header   = MAGIC (8 bytes) || salt (32 random bytes)
+    chunk i  = AES-256-GCM(file key, nonce_i, plaintext[i*64 KiB : (i+1)*64 KiB], aad)
+    nonce_i  = i as 11 bytes big-endian || final flag (1 byte: 1 for the last chunk, else 0)
+    aad      = header || blob key
+    file key = HKDF-SHA256(blob key of the installation, salt, "imageshare blob v1")
+
+Every blob has a key of its own (the random salt), so chunk nonces never repeat under one
+key; the chunk index and the final flag are in the nonce, so reordered, dropped or appended
+chunks and a blob cut at a chunk boundary fail authentication; the header and the blob's key
+are authenticated with every chunk, so a blob moved under another key fails too. The last
+chunk is always present (empty when the length is a multiple of 64 KiB). Reads seek: a range
+read decrypts only the chunks it touches, so frames of a multi-frame instance are read
+without decrypting the file.
+
+The installation key comes from the secret key (``IMAGESHARE_SECRET_KEY`` or the key file,
+kept apart from the data) through HKDF with its own label. Blobs written before encryption
+was enabled (no MAGIC) are read as they are. Digests recorded at ingest are of the
+plaintext, so ``imageshare verify`` checks what the archive serves; a blob whose chunk fails
+authentication raises :class:`StorageError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from imageshare.domain.errors import StorageError
+from imageshare.storage.blobs import BlobStore, BoundedReader, StoredBlob, size_mismatch
+
+MAGIC = b"ISBLOB\x01\x00"
+SALT = 32
+HEADER = len(MAGIC) + SALT
+PLAIN_CHUNK = 64 * 1024
+TAG = 16
+SEALED_CHUNK = PLAIN_CHUNK + TAG
+_INFO = b"imageshare blob v1"
+
+
+def blob_master_key(installation_key: bytes) -> bytes:
+    """The key blobs are encrypted under, derived from the installation's secret key (a
+    label of its own, so that it is never the key secrets in the index are sealed with)."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"imageshare blob encryption key").derive(installation_key)
+
+
+def sealed_size(plain: int) -> int:
+    """Bytes a blob of ``plain`` bytes takes when sealed."""
+    return HEADER + plain + TAG * (plain // PLAIN_CHUNK + 1)
+
+
+def plain_size(sealed: int) -> int:
+    """Bytes of plaintext in a sealed blob of ``sealed`` bytes; StorageError if impossible."""
+    body = sealed - HEADER
+    chunks, rest = divmod(body, SEALED_CHUNK)
+    if body < TAG or rest < TAG:
+        raise StorageError("an encrypted blob is truncated")
+    return chunks * PLAIN_CHUNK + rest - TAG
+
+
+def _nonce(index: int, final: bool) -> bytes:
+    return index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
+
+
+class _Sealer:
+    """Seals one blob's chunks in order."""
+
+    def __init__(self, master: bytes, key: str) -> None:
+        salt = os.urandom(SALT)
+        self.header = MAGIC + salt
+        self._aad = self.header + key.encode("ascii")
+        self._aes = AESGCM(_file_key(master, salt))
+        self._index = 0
+
+    def seal(self, chunk: bytes, final: bool) -> bytes:
+        sealed = self._aes.encrypt(_nonce(self._index, final), chunk, self._aad)
+        self._index += 1
+        return sealed
+
+
+def _file_key(master: bytes, salt: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=_INFO).derive(master)
+
+
+class _SealingStream(io.RawIOBase):
+    """The sealed form of ``size`` plaintext bytes read from ``source``, as a stream (for the
+    inner store's put), hashing the plaintext on the way."""
+
+    def __init__(self, source: BinaryIO, size: int, sealer: _Sealer, key: str) -> None:
+        super().__init__()
+        self._source = source
+        self._size = size
+        self._sealer = sealer
+        self._key = key
+        self._read = 0
+        self._pending = bytearray(sealer.header)
+        self._done = False
+        self.digest = hashlib.sha256()
+
+    def readable(self) -> bool:
+        """Always true."""
+        return True
+
+    def _fill(self) -> None:
+        want = min(PLAIN_CHUNK, self._size - self._read)
+        chunk = _read_exactly(self._source, want)
+        if len(chunk) < want:
+            raise size_mismatch(self._key, self._size, self._read + len(chunk))
+        self._read += len(chunk)
+        self.digest.update(chunk)
+        # The first short chunk is the last (empty when the length is a multiple of 64 KiB).
+        final = len(chunk) < PLAIN_CHUNK
+        if final and self._source.read(1):
+            raise size_mismatch(self._key, self._size, self._size + 1)
+        self._pending += self._sealer.seal(chunk, final)
+        self._done = final
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        """Fill ``buffer`` with the next sealed bytes."""
+        while not self._pending and not self._done:
+            self._fill()
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        del self._pending[:n]
+        return n
+
+
+def _read_exactly(stream: BinaryIO, n: int) -> bytes:
+    parts = []
+    left = n
+    while left > 0:
+        part = stream.read(left)
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+class _OpeningReader(io.BufferedIOBase):
+    """A seekable plaintext view of a sealed blob; decrypts the chunks that reads touch."""
+
+    def __init__(self, inner: BinaryIO, key: str, header: bytes, sealed: int,
+                 master: bytes) -> None:
+        super().__init__()
+        self._inner = inner
+        self._key = key
+        self._size = plain_size(sealed)
+        self._chunks = self._size // PLAIN_CHUNK + 1
+        self._aad = header + key.encode("ascii")
+        self._aes = AESGCM(_file_key(master, header[len(MAGIC):]))
+        self._pos = 0
+        self._cached: tuple[int, bytes] | None = None
+
+    def readable(self) -> bool:
+        """Always true."""
+        return True
+
+    def seekable(self) -> bool:
+        """Always true."""
+        return True
+
+    def tell(self) -> int:
+        """The plaintext position."""
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move in the plaintext."""
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def _chunk(self, index: int) -> bytes:
+        if self._cached is not None and self._cached[0] == index:
+            return self._cached[1]
+        final = index == self._chunks - 1
+        want = (self._size - index * PLAIN_CHUNK if final else PLAIN_CHUNK) + TAG
+        self._inner.seek(HEADER + index * SEALED_CHUNK)
+        sealed = _read_exactly(self._inner, want)
+        try:
+            plain = self._aes.decrypt(_nonce(index, final), sealed, self._aad)
+        except InvalidTag as exc:
+            raise StorageError(f"blob {self._key}: chunk {index} fails authentication "
+                               "(altered, truncated or reordered on disk)") from exc
+        self._cached = (index, plain)
+        return plain
+
+    def read(self, size: int | None = -1) -> bytes:
+        """``size`` bytes from the current position (fewer only at the end; all of the rest
+        when negative)."""
+        end = self._size if size is None or size < 0 else min(self._size, self._pos + size)
+        parts = []
+        while self._pos < end:
+            index, offset = divmod(self._pos, PLAIN_CHUNK)
+            data = self._chunk(index)[offset:offset + end - self._pos]
+            parts.append(data)
+            self._pos += len(data)
+        return b"".join(parts)
+
+    def read1(self, size: int = -1) -> bytes:
+        """As :meth:`read`."""
+        return self.read(size)
+
+    def close(self) -> None:
+        """Close the sealed blob too."""
+        if not self.closed:
+            self._inner.close()
+        super().close()
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        """Fill ``buffer`` from the current position."""
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+class EncryptedBlobStore:
+    """A blob store whose blobs are sealed (AES-256-GCM, chunked) in an inner store.
+
+    It offers no local file paths (callers that need a file get a temporary plaintext copy
+    in the staging folder, removed after use)."""
+
+    def __init__(self, inner: BlobStore, master_key: bytes) -> None:
+        self.inner = inner
+        self._master = master_key
+
+    def put(self, key: str, stream: BinaryIO, size: int) -> StoredBlob:
+        """Seal and store exactly ``size`` bytes; the digest is of the plaintext."""
+        sealing = _SealingStream(stream, size, _Sealer(self._master, key), key)
+        self.inner.put(key, io.BufferedReader(sealing, PLAIN_CHUNK), sealed_size(size))
+        return StoredBlob(size, sealing.digest.hexdigest())
+
+    def open(self, key: str) -> BinaryIO:
+        """The plaintext under ``key`` as a seekable stream; KeyError if absent. A chunk that
+        fails authentication raises StorageError when read. A blob stored in plaintext
+        (before encryption was enabled) is opened as it is."""
+        fh = self.inner.open(key)
+        try:
+            header = _read_exactly(fh, HEADER)
+            if len(header) < HEADER or not header.startswith(MAGIC):
+                fh.seek(0)
+                return fh
+            sealed = fh.seek(0, io.SEEK_END)
+            return _OpeningReader(fh, key, header, sealed,  # type: ignore[return-value]
+                                  self._master)
+        except BaseException:
+            fh.close()
+            raise
+
+    def open_range(self, key: str, start: int, length: int) -> BinaryIO:
+        """``length`` plaintext bytes from ``start``: only the chunks they lie in are read."""
+        fh = self.open(key)
+        fh.seek(start)
+        return BoundedReader(fh, length)  # type: ignore[return-value]
+
+    # -- backups keep blobs sealed ----------------------------------------------------------
+
+    def open_sealed(self, key: str) -> BinaryIO:
+        """The bytes under ``key`` as stored (sealed, or plaintext from before encryption was
+        enabled): what a backup copies, so that backup media hold no readable image."""
+        return self.inner.open(key)
+
+    def digest_of_stored(self, key: str, stream: BinaryIO) -> StoredBlob:
+        """Plaintext size and SHA-256 of bytes as :meth:`open_sealed` gives them (each chunk
+        authenticated); StorageError when they fail authentication."""
+        header = _read_exactly(stream, HEADER)
+        digest = hashlib.sha256()
+        if len(header) < HEADER or not header.startswith(MAGIC):
+            size = len(header)
+            digest.update(header)
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+            return StoredBlob(size, digest.hexdigest())
+        sealed = stream.seek(0, io.SEEK_END)
+        reader = _OpeningReader(stream, key, header, sealed, self._master)
+        size = 0
+        while chunk := reader.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        return StoredBlob(size, digest.hexdigest())
+
+    def put_stored(self, key: str, stream: BinaryIO, size: int) -> StoredBlob:
+        """Store bytes as :meth:`open_sealed` gave them (a restore); returns the plaintext's
+        size and SHA-256, checked by reading them back. Nothing stays stored when they fail
+        authentication."""
+        self.inner.put(key, stream, size)
+        try:
+            with self.inner.open(key) as fh:
+                return self.digest_of_stored(key, fh)
+        except StorageError:
+            self.inner.delete(key)
+            raise
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``."""
+        self.inner.delete(key)
+
+    def exists(self, key: str) -> bool:
+        """True when ``key`` is stored."""
+        return bool(getattr(self.inner, "exists")(key))  # noqa: B009 - optional capability
+
+    def keys(self, since: str = "") -> Iterator[str]:
+        """Every stored key at or after ``since``."""
+        return self.inner.keys(since)
+
+    def clear_partial_writes(self) -> int:
+        """Remove what a crash left half-written in the inner store."""
+        clear = getattr(self.inner, "clear_partial_writes", None)
+        return int(clear()) if clear is not None else 0

@@ -1,0 +1,100 @@
+"""Consent records: what a patient agreed to, recorded with its day, way and recorder, and
+enforced on identifiable teaching and research shares."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import ConsentMissing, ImageShareError
+from imageshare.sharing.links import NewShare
+from imageshare.web.server import create_app
+from tests.factory import ct_series
+from tests.unit.test_web_pages import HTML, browser_sign_in, csrf_of
+
+PASSWORD = "consent-password"
+DOCTOR = Actor("user", "dr-who", "clinician", "10.0.0.4")
+
+
+@pytest.fixture
+def study(archive, tmp_path) -> str:
+    archive.users.add("dr-who", PASSWORD, "clinician")
+    archive.users.add("colleague", PASSWORD, "clinician")
+    return archive.ingest.store_copy(ct_series(tmp_path / "s", 1, patient_id="CONS1")[0],
+                                     Actor("system", "t", "admin", "t")).study_uid
+
+
+def _identifiable(study_uid: str, purpose: str) -> NewShare:
+    return NewShare(study_uid, recipient_user="colleague", deidentified=False, purpose=purpose)
+
+
+def test_an_identifiable_teaching_share_needs_the_patients_consent_and_stops_at_withdrawal(
+        archive, study):
+    today = datetime.now(UTC).date()
+    with pytest.raises(ConsentMissing, match="no consent to identifiable teaching use"):
+        archive.shares.create(_identifiable(study, "teaching"), DOCTOR, None)
+    archive.consents.record_decision(study, "teaching", "granted", today.isoformat(), "form",
+                                     DOCTOR, "signed at clinic")
+    assert archive.shares.create(_identifiable(study, "teaching"), DOCTOR, None).public_id
+    with pytest.raises(ConsentMissing, match="no consent to research use"):
+        archive.shares.create(_identifiable(study, "research"), DOCTOR, None)
+    archive.consents.record_decision(study, "teaching", "withdrawn", today.isoformat(),
+                                     "verbal", DOCTOR)
+    with pytest.raises(ConsentMissing, match=f"was withdrawn on {today.isoformat()}"):
+        archive.shares.create(_identifiable(study, "teaching"), DOCTOR, None)
+    # Direct care and de-identified teaching need no consent.
+    assert archive.shares.create(_identifiable(study, "care"), DOCTOR, None).public_id
+    assert archive.shares.create(NewShare(study, purpose="teaching"), DOCTOR, None).public_id
+    refusals = list(archive.audit.events("consent.refused"))
+    assert len(refusals) == 3 and {r["detail"]["purpose"] for r in refusals} == {
+        "teaching", "research"}
+    [record, withdrawal] = sorted(archive.audit.events("consent.record"),
+                                  key=lambda e: e["pk"])
+    assert (record["detail"]["decision"], withdrawal["detail"]["decision"]) == (
+        "granted", "withdrawn")
+    assert record["actor"] == "user:dr-who" and record["patient_id"] == "CONS1"
+
+
+def test_a_consent_record_needs_a_known_purpose_and_a_day_not_in_the_future(archive, study):
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+    with pytest.raises(ImageShareError, match="future"):
+        archive.consents.record_decision(study, "research", "granted", tomorrow, "form",
+                                         DOCTOR)
+    with pytest.raises(ImageShareError, match="one of: teaching, research, publication"):
+        archive.consents.record_decision(study, "marketing", "granted", "2026-01-01", "form",
+                                         DOCTOR)
+    assert archive.consents.in_force(study) == {"teaching": None, "research": None,
+                                                "publication": None}
+
+
+def test_staff_record_consent_on_the_page_and_read_it_over_the_api(archive, study):
+    archive.users.add("teacher", PASSWORD, "educator")
+    app = create_app(archive)
+    with TestClient(app) as browser, TestClient(app) as educator, TestClient(app) as api:
+        browser_sign_in(browser, "dr-who", PASSWORD)
+        form = browser.get(f"/studies/{study}/consent", headers=HTML)
+        assert "No consent recorded" in form.text
+        done = browser.post(f"/studies/{study}/consent", headers=HTML, follow_redirects=False,
+                            data={"csrf_token": csrf_of(form.text), "purpose": "research",
+                                  "decision": "granted", "given_on": "2026-01-05",
+                                  "source": "electronic", "note": "trial portal"})
+        assert done.status_code == 303
+        page = browser.get(f"/studies/{study}", headers=HTML).text
+        assert 'class="consent-research">granted (electronic, 2026-01-05)' in page
+        assert 'class="consent-teaching">not recorded' in page
+        browser_sign_in(educator, "teacher", PASSWORD)
+        assert educator.get(f"/studies/{study}/consent", headers=HTML).status_code == 403
+        listed = api.get(f"/api/studies/{study}/consent", auth=("dr-who", PASSWORD))
+        assert listed.status_code == 200
+        assert [(r["purpose"], r["decision"], r["recorded_by"]) for r in listed.json()] == [
+            ("research", "granted", "dr-who")]
+        shared = api.post(f"/api/studies/{study}/shares", auth=("dr-who", PASSWORD),
+                          json={"deidentified": False, "recipient_user": "colleague",
+                                "purpose": "teaching"})
+        assert shared.status_code == 403
+        assert "no consent to identifiable teaching use" in shared.json()["detail"]
+    # The consent page and the API read (the study page is audited as a study view).
+    assert len(list(archive.audit.events("consent.read"))) == 2
