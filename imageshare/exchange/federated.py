@@ -311,15 +311,6 @@ class ExchangeService:
         answer.studies = [self._judge(s, query, s.study_uid in here) for s in answer.studies]
         return answer
 
-    def status(self, key: str) -> list[dict[str, Any]]:
-        """What each site last answered about the patient filed under ``key`` (empty: not
-        yet checked)."""
-        labels = {n.ae_title: n.label for n in self._nodes.all()}
-        with self._engine.connect() as conn:
-            rows = conn.execute(select(site_checks).where(site_checks.c.patient_key == key)
-                                .order_by(site_checks.c.site)).mappings().all()
-        return [{**dict(r), "label": labels.get(r["site"], r["site"])} for r in rows]
-
     def _ask(self, node: Node, query: PatientQuery) -> SiteAnswer:
         started = time.monotonic()
         kind, client = self._client(node)
