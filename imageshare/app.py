@@ -52,10 +52,13 @@ from imageshare.dicom.scu import DimseSites
 from imageshare.domain.actors import SYSTEM, Actor
 from imageshare.domain.retention import RetentionPeriods
 from imageshare.ehr.launch import EhrLaunches
+from imageshare.exchange.arrivals import Arrivals
 from imageshare.exchange.federated import ExchangeService
 from imageshare.exchange.inbox import Inbox
 from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 from imageshare.exchange.requests import ImagingRequests
+from imageshare.exchange.site_api import SiteApi
+from imageshare.exchange.site_status import SiteStatusBoard
 from imageshare.exchange.sites import SiteClient
 from imageshare.exchange.transfers import Transfers
 from imageshare.export.service import ExportService
@@ -135,6 +138,8 @@ class Archive:
     retention: RetentionService
     deletion: ArchiveDeletion
     requests: ImagingRequests
+    arrivals: Arrivals
+    site_status: SiteStatusBoard
     refused_callers: RefusedCallers
     ehr_launches: EhrLaunches
     imaging_studies: ImagingStudies
@@ -337,7 +342,13 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     shares.consent_check = consents.require
     throttle = SignInThrottle(engine)
     _register_housekeeping(jobs, shares, retention, throttle)
+    site_api = SiteApi(nodes, jobs, tls, settings.push_retry_schedule)
+    transfers = Transfers(engine, nodes, clients, retrieve, jobs, notifier, audit,
+                          settings.push_retry_schedule, site_api, settings.ae_title)
     inbox = Inbox(engine, catalogue, corrections, deletion, audit)
+    arrivals = Arrivals(engine, nodes, site_api, mailer, audit, settings.ae_title,
+                        settings.exchange_team_email, settings.public_url)
+    inbox.on_decided(arrivals.send_receipt)
     uploads = _uploads(settings, engine, audit, ingest, inbox, catalogue, corrections, mailer,
                        users_directory, jobs)
     archive = Archive(
@@ -359,12 +370,13 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
                                  settings.max_upload_bytes),
         exchange=ExchangeService(engine, nodes, clients, search, audit, jobs,
                                  settings.exchange_timeout,
-                                 settings.link_by_name_and_birth_date),
-        transfers=Transfers(engine, nodes, clients, retrieve, jobs, notifier, audit,
-                            settings.push_retry_schedule),
-        inbox=inbox,
+                                 settings.link_by_name_and_birth_date,
+                                 settings.temporary_days),
+        site_status=SiteStatusBoard(engine, nodes, settings.temporary_days),
+        transfers=transfers, inbox=inbox, arrivals=arrivals,
         retention=retention, deletion=deletion,
-        requests=ImagingRequests(engine, nodes, notifier, audit, settings.ae_title, tls),
+        requests=ImagingRequests(engine, nodes, notifier, audit, settings.ae_title, tls,
+                                 site_api, transfers),
         refused_callers=RefusedCallers(engine, nodes, audit),
         ehr_launches=EhrLaunches(engine, box, users_directory, audit,
                                  settings.iid_launch_max_seconds),

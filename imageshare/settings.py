@@ -145,6 +145,11 @@ class Settings:
     push_retry_seconds: str = _setting(
         "2,10,30", "Pauses (seconds, comma-separated) before each retry of a failed push."
     )
+    exchange_team_email: str = _setting(
+        "", "E-mail address of the team that receives studies from other sites (e.g. the "
+        "radiology department's shared mailbox): urgent arrivals in the inbox are announced "
+        "to it (sender, priority and a link; no patient details); empty: only in the app."
+    )
     temporary_days: int = _setting(
         30, "Days copies retrieved from other sites and inbox items are kept unless accepted."
     )

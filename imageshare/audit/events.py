@@ -213,6 +213,15 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        ORDER_RECORD, "U", ("request",), ("request",)),
     _e("exchange.request.declined", "A request from another site was declined.",
        ORDER_RECORD, "U", ("request",), ("request",)),
+    _e("exchange.request.answer", "Another site answered a request for imaging we sent "
+       "(fulfilled or declined).", ORDER_RECORD, "U", ("request", "node"),
+       ("request", "state", "site")),
+    _e("exchange.arrival", "Another ImageShare said what travels with a study it sent us "
+       "(its site, priority, note, contact and transfer).", IMPORT, "U", ("study", "node"),
+       ("origin", "priority", "transfer")),
+    _e("exchange.receipt", "A site's receipt for a study we sent arrived (accepted or "
+       "rejected, by whom, when).", INSTANCES_TRANSFERRED, "U", _STUDY + ("node",),
+       ("site", "transfer", "receipt")),
     _e("inbox.read", "The inbox of received studies was listed.", INSTANCES_ACCESSED, "R"),
     _e("inbox.view", "A received study waiting in the inbox was viewed (before it was "
        "accepted).", INSTANCES_ACCESSED, "R", _STUDY, ("reason",)),

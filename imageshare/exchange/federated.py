@@ -5,11 +5,13 @@ bring a remote study here as a temporary copy."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Collection
-from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import TimeoutError as FuturesTimeout
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, delete, insert, select, update
@@ -26,6 +28,7 @@ from imageshare.jobs import Job, JobQueue, actor_from, actor_params
 from imageshare.storage.index.schema import (
     inbox_items,
     instances,
+    retrieved_copies,
     series,
     site_checks,
     studies,
@@ -137,8 +140,10 @@ class ExchangeService:
 
     def __init__(self, engine: Engine, nodes: NodeRegistry, clients: dict[str, SiteClient],
                  search: StudySearchService, audit: AuditTrail, jobs: JobQueue,
-                 timeout: float, link_by_name_and_birth_date: bool) -> None:
+                 timeout: float, link_by_name_and_birth_date: bool,
+                 temporary_days: int = 30) -> None:
         self._engine = engine
+        self._temporary_days = temporary_days
         self._nodes = nodes
         self._clients = clients
         self._search = search
@@ -148,6 +153,7 @@ class ExchangeService:
         self._by_name = link_by_name_and_birth_date
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="site")
         jobs.register("retrieve", self._handle_retrieve)
+        jobs.register("site-check", self._handle_check)
 
     def _client(self, node: Node) -> tuple[str, SiteClient]:
         if node.dicomweb_url and "dicomweb" in self._clients:
@@ -228,19 +234,82 @@ class ExchangeService:
         with self._engine.begin() as conn:
             conn.execute(delete(site_checks).where(site_checks.c.patient_key == key[:128]))
             if answers:
-                conn.execute(insert(site_checks), [
-                    {"patient_key": key[:128], "site": a.site[:16], "status": a.status,
-                     "detail": (a.detail or "")[:256], "found": len(a.studies),
-                     "checked_at": now} for a in answers])
+                conn.execute(insert(site_checks), [_check_row(key, a, now) for a in answers])
 
-    def status(self, key: str) -> list[dict[str, Any]]:
-        """What each site last answered about the patient filed under ``key`` (empty: not
-        yet checked)."""
-        labels = {n.ae_title: n.label for n in self._nodes.all()}
-        with self._engine.connect() as conn:
-            rows = conn.execute(select(site_checks).where(site_checks.c.patient_key == key)
-                                .order_by(site_checks.c.site)).mappings().all()
-        return [{**dict(r), "label": labels.get(r["site"], r["site"])} for r in rows]
+    def _remember_site(self, key: str, answer: SiteAnswer) -> None:
+        """Record one site's answer as soon as it came (the others may still be checking)."""
+        with self._engine.begin() as conn:
+            conn.execute(delete(site_checks).where(site_checks.c.patient_key == key[:128],
+                                                   site_checks.c.site == answer.site[:16]))
+            conn.execute(insert(site_checks).values(
+                **_check_row(key, answer, datetime.now(UTC))))
+
+    # -- checking in the background (the live status per site) -------------------------------
+
+    def check(self, query: PatientQuery, actor: Actor) -> Job:
+        """Ask every searchable site about the patient in the background: each site shows
+        ``checking`` until it answers (the study page follows it live)."""
+        query.criteria()
+        now = datetime.now(UTC)
+        sites = [n for n in self._nodes.all() if n.searchable]
+        with self._engine.begin() as conn:
+            for node in sites:
+                updated = conn.execute(update(site_checks).where(
+                    site_checks.c.patient_key == query.key[:128],
+                    site_checks.c.site == node.ae_title).values(
+                    status="checking")).rowcount
+                if not updated:
+                    conn.execute(insert(site_checks).values(
+                        patient_key=query.key[:128], site=node.ae_title, status="checking",
+                        detail="", found=0, checked_at=now, studies="[]"))
+        return self._jobs.submit(actor.name, "site-check", "Check other sites",
+                                 {"actor": actor_params(actor), "key": query.key[:128]},
+                                 secret_params={"query": asdict(query)}, notify=False)
+
+    def _handle_check(self, job: Job, params: dict[str, Any]) -> None:
+        """Run a queued check: each site's answer is recorded as soon as it comes."""
+        query = PatientQuery(**params["query"])
+        actor = actor_from(params["actor"])
+        key = params.get("key") or query.key
+        if query.nhs_number and not (query.name and query.birth_date):
+            known = self._search.search(StudySearch(nhs_number=query.nhs_number), actor,
+                                        None).studies
+            if known:
+                query = replace(query, name=known[0].patient_name,
+                                birth_date=known[0].birth_date)
+        sites = [n for n in self._nodes.all() if n.searchable]
+        job.total = len(sites)
+        started = time.monotonic()
+        futures = {self._pool.submit(self._ask, node, query): node for node in sites}
+        answers: list[SiteAnswer] = []
+        try:
+            for future in as_completed(futures, timeout=self._timeout + 1):
+                answers.append(self._judged(future.result(), query))
+                self._remember_site(key, answers[-1])
+                job.done = len(answers)
+        except FuturesTimeout:
+            pass
+        for future, node in futures.items():
+            if not future.done():
+                answer = SiteAnswer(node.ae_title, node.label, "timeout",
+                                    round(time.monotonic() - started, 2),
+                                    f"no answer within {self._timeout:g} s")
+                answers.append(answer)
+                self._remember_site(key, answer)
+        self._audit.record([AuditEvent(
+            actor=actor, action="exchange.search", outcome="success" if a.status == "answered"
+            else "failure", instance_count=len(a.studies),
+            detail={"site": a.site, "status": a.status,
+                    "by": "nhs" if query.nhs_number else "id" if query.hospital_number
+                    else "name+dob"}) for a in answers] or [AuditEvent(
+                actor=actor, action="exchange.search", outcome="success",
+                detail={"sites": 0})])
+        job.summary = f"{len(answers)} site(s) checked"
+
+    def _judged(self, answer: SiteAnswer, query: PatientQuery) -> SiteAnswer:
+        here = self._local_study_uids([s.study_uid for s in answer.studies])
+        answer.studies = [self._judge(s, query, s.study_uid in here) for s in answer.studies]
+        return answer
 
     def _ask(self, node: Node, query: PatientQuery) -> SiteAnswer:
         started = time.monotonic()
@@ -338,6 +407,8 @@ class ExchangeService:
                                           detail={"site": node.ae_title, "error": str(exc)}))
             raise
         marked = self._mark_temporary(study_uid, node.ae_title, started)
+        if marked:
+            self._record_copy(study_uid, node.ae_title, job.id, actor.name, marked)
         job.summary = (f"{result.received} instance(s) received from {node.label}"
                        + (f", {result.failed} failed" if result.failed else ""))
         self._audit.record(AuditEvent(
@@ -345,6 +416,19 @@ class ExchangeService:
             outcome="success" if not result.failed else "warning", study_uid=study_uid,
             instance_count=result.received,
             detail={"site": node.ae_title, "failed": result.failed, "temporary": marked}))
+
+    def _record_copy(self, study_uid: str, site: str, job_id: str, by: str, count: int
+                     ) -> None:
+        """Where the temporary copy came from and until when it is kept."""
+        now = datetime.now(UTC)
+        values = {"site": site[:16], "job_id": job_id[:64], "retrieved_by": by[:128],
+                  "retrieved_at": now,
+                  "expires_at": now + timedelta(days=self._temporary_days),
+                  "instances": count}
+        with self._engine.begin() as conn:
+            if not conn.execute(update(retrieved_copies).where(
+                    retrieved_copies.c.study_uid == study_uid).values(**values)).rowcount:
+                conn.execute(insert(retrieved_copies).values(study_uid=study_uid, **values))
 
     def _mark_temporary(self, study_uid: str, site: str, since: datetime) -> int:
         """Instances of the study that arrived during the retrieval are a temporary copy (not
@@ -360,6 +444,15 @@ class ExchangeService:
                 inbox_items.c.study_uid == study_uid, inbox_items.c.site == site,
                 inbox_items.c.first_received >= since, inbox_items.c.status == "pending"))
             return marked
+
+
+def _check_row(key: str, answer: SiteAnswer, now: datetime) -> dict[str, Any]:
+    studies_found = [{"study_uid": s.study_uid, "study_date": s.study_date,
+                      "description": s.description[:64], "modalities": s.modalities,
+                      "instances": s.instances, "link": s.link} for s in answer.studies[:50]]
+    return {"patient_key": key[:128], "site": answer.site[:16], "status": answer.status,
+            "detail": (answer.detail or "")[:256], "found": len(answer.studies),
+            "checked_at": now, "studies": json.dumps(studies_found)}
 
 
 def _belongs(study: RemoteStudy, way: str, query: PatientQuery) -> bool:

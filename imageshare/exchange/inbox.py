@@ -5,10 +5,11 @@ rejected. Unaccepted items expire with the temporary retention class."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, and_, select, update
+from sqlalchemy import Engine, and_, func, select, update
 
 from imageshare.archive.corrections import PatientCorrections, PatientDetails
 from imageshare.archive.deletion import ArchiveDeletion, Removed
@@ -28,6 +29,9 @@ from imageshare.storage.index.schema import (
     studies,
 )
 
+# Told of each decision (item, "accepted" or "rejected", who, their note): the receipt back.
+Decided = Callable[["InboxItem", str, Actor, str], None]
+
 
 @dataclass(frozen=True)
 class InboxItem:
@@ -43,6 +47,16 @@ class InboxItem:
     decided_by: str
     decided_at: datetime | None
     note: str
+    origin: str = ""  # the sending ImageShare's AE title (from its announcement)
+    sender_name: str = ""
+    priority: str = "routine"
+    message: str = ""  # the sender's note
+    contact: str = ""
+    transfer_id: str = ""  # the sender's transfer (a receipt goes back to it)
+    request_id: str = ""  # our request for prior imaging it answers
+    announced_at: datetime | None = None
+    receipt_state: str = ""
+    receipt_detail: str = ""
 
 
 class Inbox:
@@ -56,6 +70,28 @@ class Inbox:
         self._corrections = corrections
         self._deletion = deletion
         self._audit = audit
+        self._decided: list[Decided] = []
+
+    def on_decided(self, decided: Decided) -> None:
+        """Call ``decided`` after each accept or reject (the receipt to the sender)."""
+        self._decided.append(decided)
+
+    def _tell(self, item: InboxItem, outcome: str, actor: Actor, note: str) -> None:
+        item = replace(item, status=outcome, decided_by=actor.name,
+                       decided_at=datetime.now(UTC), note=note[:2000])
+        for decided in self._decided:
+            decided(item, outcome, actor, note)
+
+    def counts(self) -> tuple[int, list[InboxItem]]:
+        """How many items wait for a decision, and the urgent ones among them (newest
+        first): for the inbox count and the urgent-arrival banner of every staff page."""
+        with self._engine.connect() as conn:
+            pending = conn.execute(select(func.count()).select_from(inbox_items).where(
+                inbox_items.c.status == "pending")).scalar() or 0
+            urgent = conn.execute(select(inbox_items).where(
+                inbox_items.c.status == "pending", inbox_items.c.priority == "urgent")
+                .order_by(inbox_items.c.last_received.desc()).limit(5)).mappings().all()
+        return int(pending), [InboxItem(**dict(r)) for r in urgent]
 
     def items(self, status: str = "pending") -> list[InboxItem]:
         """Items with ``status``, newest first."""
@@ -130,6 +166,7 @@ class Inbox:
             self._audit.record(AuditEvent(actor=actor, action="inbox.accept",
                                           outcome="success", study_uid=item.study_uid,
                                           detail={"site": item.site, "done": done}), conn=conn)
+        self._tell(item, "accepted", actor, note)
         return done
 
     def _keep_sender_id(self, item: InboxItem, sender_id: str) -> None:
@@ -151,16 +188,27 @@ class Inbox:
         item = self.item(pk)
         if item.status != "pending":
             raise ImageShareError("this item was decided already")
-        removed = self._deletion.study(item.study_uid, actor, f"rejected from the inbox: {note}"
-                                       [:200], only_classes=REVIEW_CLASSES)
+        # Decided first (the item stays, with its receipt, as the record of the decision);
+        # pending again if the deletion fails.
         with self._engine.begin() as conn:
             conn.execute(update(inbox_items).where(inbox_items.c.pk == pk).values(
                 status="rejected", decided_by=actor.name, decided_at=datetime.now(UTC),
                 note=note[:2000]))
+        try:
+            removed = self._deletion.study(item.study_uid, actor,
+                                           f"rejected from the inbox: {note}"[:200],
+                                           only_classes=REVIEW_CLASSES)
+        except Exception:
+            with self._engine.begin() as conn:
+                conn.execute(update(inbox_items).where(inbox_items.c.pk == pk).values(
+                    status="pending", decided_by="", decided_at=None, note=item.note))
+            raise
+        with self._engine.begin() as conn:
             self._audit.record(AuditEvent(actor=actor, action="inbox.reject",
                                           outcome="success", study_uid=item.study_uid,
                                           instance_count=removed.instances,
                                           detail={"site": item.site}), conn=conn)
+        self._tell(item, "rejected", actor, note)
         return removed
 
 

@@ -19,6 +19,7 @@ from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import SYSTEM, Actor
 from imageshare.domain.errors import ImageShareError, NotFound, SiteUnreachable, StorageError
 from imageshare.exchange.nodes import Node, NodeRegistry
+from imageshare.exchange.site_api import SiteApi
 from imageshare.exchange.sites import RetrieveProgress, SiteClient
 from imageshare.jobs import Job, JobInterrupted, JobQueue, actor_from, actor_params
 from imageshare.notify import Notifier
@@ -48,6 +49,13 @@ class Transfer:
     created_by: str
     created_at: datetime
     updated_at: datetime
+    contact: str = ""
+    request_id: str = ""  # the other site's request for prior imaging it answers
+    announced: str = ""  # whether the receiving ImageShare took what travels with the study
+    receipt_outcome: str = ""  # accepted or rejected, by the receiving site
+    receipt_by: str = ""
+    receipt_at: datetime | None = None
+    receipt_note: str = ""
 
 
 class TransferInterrupted(Exception):
@@ -65,8 +73,14 @@ class Transfers:
 
     def __init__(self, engine: Engine, nodes: NodeRegistry, clients: dict[str, SiteClient],
                  retrieve: RetrieveService, jobs: JobQueue, notifier: Notifier,
-                 audit: AuditTrail, retry_delays: tuple[float, ...] = RETRY_DELAYS) -> None:
+                 audit: AuditTrail, retry_delays: tuple[float, ...] = RETRY_DELAYS,
+                 site_api: SiteApi | None = None, own_ae_title: str = "") -> None:
         self._engine = engine
+        self._site_api = site_api
+        self._own = own_ae_title
+        if site_api is not None:
+            site_api.on_outcome("announce", lambda ref, state, detail: self._update(
+                ref, announced=state[:16]))
         self._nodes = nodes
         self._clients = clients
         self._retrieve = retrieve
@@ -79,7 +93,8 @@ class Transfers:
 
     def send(self, study_uid: str, site: str, actor: Actor, priority: str = "routine",
              note: str = "", notify: tuple[str, ...] = (),
-             allowed_studies: Collection[str] | None = None) -> Transfer:
+             allowed_studies: Collection[str] | None = None, contact: str = "",
+             request_id: str = "") -> Transfer:
         """Queue the study for the site; returns the transfer (follow it by its id)."""
         if priority not in PRIORITIES:
             raise ImageShareError("priority is urgent or routine")
@@ -95,7 +110,8 @@ class Transfers:
                 public_id=public_id, study_uid=study_uid, site=node.ae_title,
                 priority=priority, note=note[:2000], state="queued", sent=0,
                 total=len(found), failed=0, attempts=0, reason="", created_by=actor.name,
-                created_at=now, updated_at=now))
+                created_at=now, updated_at=now, contact=contact[:256],
+                request_id=request_id[:32]))
         self._start(public_id, actor, notify, node.label, priority)
         return self.get(public_id)
 
@@ -267,10 +283,62 @@ class Transfers:
                 else f"Sending a study to {label} failed: {reason}")
         for username in {actor.name, transfer.created_by, *notify}:
             self._notifier.notify(username, "exchange.push", text, f"/transfers/{public_id}")
+        announced = ""
+        if delivered:
+            announced = self._announce(transfer, actor)
         # Last: whoever sees the transfer ended finds it audited and its people told.
         self._update(public_id, state="delivered" if delivered else "failed",
                      failed=0 if delivered else max(transfer.total - transfer.sent, 0),
-                     reason=reason)
+                     reason=reason, **({"announced": announced} if announced else {}))
+
+    def _announce(self, transfer: Transfer, actor: Actor) -> str:
+        """Tell a receiving ImageShare what travels with the study it now has (sender,
+        priority, note, contact; the transfer its receipt answers): queued, delivered by the
+        job queue. Sites without an ImageShare address get the images only."""
+        if self._site_api is None:
+            return ""
+        node = self._nodes.find(transfer.site)
+        if node is None or not node.dicomweb_url:
+            return "dicom-only"
+        self._site_api.queue(
+            node.ae_title, "/api/exchange/arrivals",
+            {"origin": self._own, "transfer": transfer.public_id,
+             "study_uid": transfer.study_uid, "priority": transfer.priority,
+             "note": transfer.note, "contact": transfer.contact,
+             "request": transfer.request_id, "instances": transfer.sent,
+             "sent_by": actor.name},
+            "announce", transfer.public_id, actor.name,
+            f"Transfer details to {node.label} ({transfer.priority})")
+        return "queued"
+
+    def record_receipt(self, actor: Actor, body: dict[str, Any]) -> Transfer:
+        """The receiving ImageShare's receipt (accepted or rejected, by whom, when, its
+        note) for a transfer of ours; the person who sent it is told."""
+        transfer_id = str(body.get("transfer", ""))[:32]
+        origin = str(body.get("origin", ""))[:16]
+        outcome = str(body.get("outcome", ""))
+        if outcome not in ("accepted", "rejected"):
+            raise ImageShareError("a receipt says accepted or rejected")
+        transfer = self.get(transfer_id)
+        if transfer.site != origin:
+            raise NotFound("no such transfer")
+        try:
+            at = datetime.fromisoformat(str(body.get("at", "")))
+            at = at if at.tzinfo else at.replace(tzinfo=UTC)
+        except ValueError:
+            at = datetime.now(UTC)
+        self._update(transfer_id, receipt_outcome=outcome,
+                     receipt_by=str(body.get("by", ""))[:128], receipt_at=at,
+                     receipt_note=str(body.get("note", ""))[:2000])
+        self._audit.record(AuditEvent(
+            actor=actor, action="exchange.receipt", outcome="success",
+            study_uid=transfer.study_uid,
+            detail={"site": origin, "transfer": transfer_id, "receipt": outcome}))
+        label = self._nodes.find(origin)
+        text = f"{label.label if label else origin} {outcome} a study you sent"
+        self._notifier.notify(transfer.created_by, "exchange.receipt", text,
+                              f"/transfers/{transfer_id}")
+        return self.get(transfer_id)
 
     def get(self, public_id: str) -> Transfer:
         """One transfer; NotFound otherwise."""

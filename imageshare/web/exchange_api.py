@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
@@ -72,6 +72,8 @@ class PushIn(BaseModel):
     study_uid: str = Field(min_length=1, max_length=64)
     priority: str = Field(default="routine", pattern="^(urgent|routine)$")
     note: str = Field(default="", max_length=2000)
+    contact: str = Field(default="", max_length=256,
+                         description="who the receiving team should call about it")
     notify: list[str] = Field(default_factory=list, max_length=20)
 
 
@@ -86,8 +88,52 @@ async def push(archive: ArchiveDep, body: PushIn, actor: allowed(EXCHANGE)) -> d
     named users are notified."""
     transfer = await run_in_threadpool(
         archive.transfers.send, body.study_uid, body.site, actor, body.priority, body.note,
-        tuple(body.notify), archive.policy.study_scope(actor))
+        tuple(body.notify), archive.policy.study_scope(actor), body.contact)
     return _transfer(transfer)
+
+
+class ArrivalIn(BaseModel):
+    """What travels with a study another ImageShare pushed to us (site to site)."""
+
+    origin: str = Field(min_length=1, max_length=16, description="the sender's AE title")
+    study_uid: str = Field(min_length=1, max_length=64)
+    transfer: str = Field(default="", max_length=32,
+                          description="the sender's transfer id (receipts answer it)")
+    priority: str = Field(default="routine", pattern="^(urgent|routine)$")
+    note: str = Field(default="", max_length=2000)
+    contact: str = Field(default="", max_length=256)
+    request: str = Field(default="", max_length=32,
+                         description="our request for prior imaging that this answers")
+    instances: int = Field(default=0, ge=0)
+    sent_by: str = Field(default="", max_length=128)
+
+
+@router.post("/arrivals", summary="What travels with a pushed study (site to site)")
+def arrival(archive: ArchiveDep, body: ArrivalIn, actor: allowed(EXCHANGE_RECEIVE)
+            ) -> dict[str, Any]:
+    """Another ImageShare says who sent the study it pushed, how urgent it is, its note and
+    contact: kept on the inbox item; an urgent arrival alerts the receiving team."""
+    item = archive.arrivals.announce(actor, body.model_dump())
+    return {"inbox_item": item.pk, "status": item.status}
+
+
+class ReceiptIn(BaseModel):
+    """A receiving site's receipt for a study we sent (site to site)."""
+
+    origin: str = Field(min_length=1, max_length=16, description="the receiver's AE title")
+    transfer: str = Field(min_length=1, max_length=32)
+    study_uid: str = Field(default="", max_length=64)
+    outcome: str = Field(pattern="^(accepted|rejected)$")
+    by: str = Field(default="", max_length=128)
+    at: str = Field(default="", max_length=64, description="ISO 8601")
+    note: str = Field(default="", max_length=2000)
+
+
+@router.post("/receipts", summary="A receipt for a study we sent (site to site)")
+def receipt(archive: ArchiveDep, body: ReceiptIn, actor: allowed(EXCHANGE_RECEIVE)
+            ) -> dict[str, Any]:
+    """Shown on the transfer's page; the person who sent the study is told."""
+    return _transfer(archive.transfers.record_receipt(actor, body.model_dump()))
 
 
 @router.get("/transfers/{transfer_id}", summary="A transfer's receipt")
@@ -176,6 +222,24 @@ def receive_request(archive: ArchiveDep, body: dict[str, str],
     return {"id": received.public_id}
 
 
+class AnswerIn(BaseModel):
+    """The other site's answer to a request for prior imaging we sent (site to site)."""
+
+    origin: str = Field(min_length=1, max_length=16)
+    request: str = Field(min_length=1, max_length=32)
+    state: str = Field(pattern="^(fulfilled|declined)$")
+    detail: str = Field(default="", max_length=2000)
+    by: str = Field(default="", max_length=128)
+    at: str = Field(default="", max_length=64)
+
+
+@router.post("/requests/answers", summary="An answer to a request we sent (site to site)")
+def request_answer(archive: ArchiveDep, body: AnswerIn, actor: allowed(EXCHANGE_RECEIVE)
+                   ) -> dict[str, Any]:
+    """The requester's list shows the new state; the person who asked is told."""
+    return _transfer(archive.requests.record_answer(actor, body.model_dump()))
+
+
 @router.get("/requests", summary="Requests for prior imaging")
 def list_requests(archive: ArchiveDep, actor: allowed(EXCHANGE), direction: str = "incoming"
                   ) -> list[dict[str, Any]]:
@@ -186,21 +250,34 @@ def list_requests(archive: ArchiveDep, actor: allowed(EXCHANGE), direction: str 
 
 
 class FulfilIn(BaseModel):
-    """The study that answers an incoming request."""
+    """The studies that answer an incoming request."""
 
-    study_uid: str = Field(min_length=1, max_length=64)
-    priority: str = Field(default="routine", pattern="^(urgent|routine)$")
+    study_uid: str = Field(default="", max_length=64)
+    study_uids: list[str] = Field(default_factory=list, max_length=50)
+    contact: str = Field(default="", max_length=256)
 
 
 @router.post("/requests/{request_id}/fulfil", status_code=202,
-             summary="Answer a request by sending a study")
-async def fulfil(request: Request, archive: ArchiveDep,
-                 request_id: str, body: FulfilIn, actor: allowed(EXCHANGE)
-                 ) -> dict[str, Any]:
-    """Push the study to the requesting site and mark the request fulfilled."""
-    wanted = archive.requests.get(request_id)
-    transfer = await run_in_threadpool(
-        archive.transfers.send, body.study_uid, wanted.site, actor, body.priority,
-        f"answer to request {request_id}", (), archive.policy.study_scope(actor))
-    archive.requests.mark(request_id, "fulfilled", f"transfer {transfer.public_id}", actor)
-    return _transfer(transfer)
+             summary="Answer a request by sending studies")
+async def fulfil(archive: ArchiveDep, request_id: str, body: FulfilIn,
+                 actor: allowed(EXCHANGE)) -> dict[str, Any]:
+    """Push the studies to the requesting site, mark the request fulfilled and tell the
+    requester (through the job queue). Answers the first transfer (and all of them)."""
+    uids = [u[:64] for u in body.study_uids] or ([body.study_uid] if body.study_uid else [])
+    sent = await run_in_threadpool(archive.requests.fulfil, request_id, uids, actor,
+                                   archive.policy.study_scope(actor), body.contact)
+    return {**_transfer(sent[0]), "transfers": [_transfer(t) for t in sent]}
+
+
+class DeclineIn(BaseModel):
+    """Why an incoming request is declined."""
+
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+@router.post("/requests/{request_id}/decline", summary="Decline a request, saying why")
+def decline(archive: ArchiveDep, request_id: str, body: DeclineIn, actor: allowed(EXCHANGE)
+            ) -> dict[str, Any]:
+    """Mark the request declined and tell the requester why (through the job queue)."""
+    archive.requests.decline(request_id, body.reason, actor)
+    return _transfer(archive.requests.get(request_id))

@@ -38,6 +38,7 @@ from imageshare.web.pages import (
     consent,
     exchange,
     governance,
+    imaging_requests,
     patients,
     reports,
     shared,
@@ -67,7 +68,8 @@ def create_app(archive: Archive) -> FastAPI:
     app.include_router(iid.router)
     app.include_router(consent.api)
     for pages in (sign_in, studies, viewer, patients, account, admin, reports, shares, shared,
-                  cases, teaching, exchange, governance, consent, assets, uploads):
+                  cases, teaching, exchange, imaging_requests, governance, consent, assets,
+                  uploads):
         app.include_router(pages.router)
     app.add_middleware(RequestLimits, settings=archive.settings)
     origins = [o.strip() for o in archive.settings.cors_origins.split(",") if o.strip()]

@@ -71,6 +71,9 @@ GET         /admin/retention           401 403 403 403 403 401 403 403 403 403 4
 GET         /api/me                    401 200 200 200 200 401 200 200 200 200 200 200 200 200 200
 POST:token  /api/tokens                401 403 201 201 201 401 201 201 201 201 403 403 403 201 201
 GET         /api/nodes                 401 403 403 403 403 401 403 403 403 403 403 403 403 200 200
+GET         /requests                  401 403 403 403 403 401 200 200 200 403 403 403 403 200 200
+GET         /studies/{S}/sites         401 403 403 403 403 401 200 200 200 403 403 403 403 200 200
+POST:receipt /api/exchange/receipts    401 403 403 403 403 401 404 404 404 403 403 403 403 404 404
 GET         /api/audit                 401 403 403 403 403 401 403 403 403 403 403 403 403 200 200
 POST:export /api/studies/{S}/exports   401 403 403 403 403 401 202 202 202 202 403 403 403 202 202
 POST:share  /api/studies/{S}/shares    401 403 403 403 403 401 201 201 201 201 403 403 403 201 201
@@ -207,7 +210,8 @@ def _body(kind: str, caller: Caller, world: dict, counter: int) -> dict:
         body, content_type = encode_multipart([world["stow"]])
         return {"content": body, "headers": {"Content-Type": content_type, **header}}
     payload = {"token": {"name": f"t{counter}"}, "export": {"format": "zip"},
-               "share": {"days": 1}}[kind]
+               "share": {"days": 1},
+               "receipt": {"origin": "SITEB", "transfer": "0123", "outcome": "accepted"}}[kind]
     return {"json": payload, "headers": header}
 
 

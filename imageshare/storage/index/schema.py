@@ -480,6 +480,20 @@ inbox_items = Table(
     Column("decided_by", String(128), nullable=False, default="", server_default=""),
     Column("decided_at", DateTime(timezone=True), nullable=True),
     Column("note", Text, nullable=False, default="", server_default=""),
+    # What travelled with the study from another ImageShare (its transfer announcement): the
+    # sending site's AE title and name, priority, note and contact, and the transfer (and
+    # request) it answers; the receipt sent back when it was decided.
+    Column("origin", String(16), nullable=False, default="", server_default=""),
+    Column("sender_name", String(128), nullable=False, default="", server_default=""),
+    Column("priority", String(16), nullable=False, default="routine",
+           server_default="routine"),
+    Column("message", Text, nullable=False, default="", server_default=""),
+    Column("contact", String(256), nullable=False, default="", server_default=""),
+    Column("transfer_id", String(32), nullable=False, default="", server_default=""),
+    Column("request_id", String(32), nullable=False, default="", server_default=""),
+    Column("announced_at", DateTime(timezone=True), nullable=True),
+    Column("receipt_state", String(16), nullable=False, default="", server_default=""),
+    Column("receipt_detail", String(512), nullable=False, default="", server_default=""),
     UniqueConstraint("study_uid", "site"),
 )
 
@@ -502,6 +516,15 @@ transfers = Table(
     Column("created_by", String(128), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # Who to call about it, the request it answers, whether the receiving ImageShare took
+    # its announcement, and the receipt it sent back (accepted or rejected, by whom, when).
+    Column("contact", String(256), nullable=False, default="", server_default=""),
+    Column("request_id", String(32), nullable=False, default="", server_default=""),
+    Column("announced", String(16), nullable=False, default="", server_default=""),
+    Column("receipt_outcome", String(16), nullable=False, default="", server_default=""),
+    Column("receipt_by", String(128), nullable=False, default="", server_default=""),
+    Column("receipt_at", DateTime(timezone=True), nullable=True),
+    Column("receipt_note", Text, nullable=False, default="", server_default=""),
 )
 
 # The latest answer of each connected site about a patient (keyed "nhs:...", "id:...").
@@ -515,7 +538,24 @@ site_checks = Table(
     Column("detail", String(256), nullable=False),
     Column("found", Integer, nullable=False),
     Column("checked_at", DateTime(timezone=True), nullable=False),
+    # What the site answered with (JSON list of studies, each with how it links to the
+    # patient), for the live status per site on the study page.
+    Column("studies", Text, nullable=False, default="[]", server_default="[]"),
     UniqueConstraint("patient_key", "site"),
+)
+
+# Temporary copies retrieved from other sites: where from, by whom, and until when kept.
+retrieved_copies = Table(
+    "retrieved_copies",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("study_uid", String(64), nullable=False, unique=True),
+    Column("site", String(16), nullable=False),
+    Column("job_id", String(64), nullable=False, default="", server_default=""),
+    Column("retrieved_by", String(128), nullable=False, default="", server_default=""),
+    Column("retrieved_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("instances", Integer, nullable=False, default=0, server_default="0"),
 )
 
 # Requests for a patient's prior imaging: sent to other sites, or received from them.
@@ -537,6 +577,11 @@ imaging_requests = Table(
     Column("created_by", String(128), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # The other site's id of the request (each side files it under its own id), and who
+    # answered it when.
+    Column("remote_id", String(32), nullable=False, default="", server_default=""),
+    Column("answered_by", String(128), nullable=False, default="", server_default=""),
+    Column("answered_at", DateTime(timezone=True), nullable=True),
 )
 
 # DICOM callers refused by the listener (unregistered AE title, wrong host, service not

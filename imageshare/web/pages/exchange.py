@@ -52,32 +52,39 @@ async def exchange(request: Request, archive: ArchiveDep, actor: allowed(EXCHANG
     except ImageShareError as exc:
         return page(request, "exchange.html", status_code=400, form=form, result=None,
                     error=str(exc))
-    return page(request, "exchange.html", form=form, result=result)
+    uids = [st.study_uid for site in result.sites for st in site.studies]
+    return page(request, "exchange.html", form=form, result=result,
+                copies=archive.site_status.copies(uids))
 
 
 @router.post("/exchange/retrieve")
 def retrieve(archive: ArchiveDep, actor: allowed(EXCHANGE), site: Annotated[str, Form()],
-             study_uid: Annotated[str, Form()]) -> Response:
-    """Bring a remote study here (a temporary copy) and follow the job."""
+             study_uid: Annotated[str, Form()], back: Annotated[str, Form()] = "") -> Response:
+    """Bring a remote study here (a temporary copy) and follow it: on the study page it came
+    from (``back``, a study page of ours) or on the job's page."""
     job = archive.exchange.retrieve(site, study_uid, actor)
+    if back.startswith("/studies/") and "//" not in back and len(back) < 100:
+        return redirect(f"{back.split('#')[0]}#other-sites")
     return redirect(f"/jobs/{job.id}")
 
 
 @router.post("/studies/{study_uid}/send")
 async def send(archive: ArchiveDep, study_uid: str, actor: allowed(EXCHANGE, "study_uid"),
                site: Annotated[str, Form()], priority: Annotated[str, Form()] = "routine",
-               note: Annotated[str, Form()] = "") -> Response:
+               note: Annotated[str, Form()] = "", contact: Annotated[str, Form()] = ""
+               ) -> Response:
     """Send the study to a connected site; follow its receipt."""
     transfer = await run_in_threadpool(archive.transfers.send, study_uid, site, actor,
-                                       priority, note, (), archive.policy.study_scope(actor))
+                                       priority, note, (), archive.policy.study_scope(actor),
+                                       contact[:256])
     return redirect(f"/transfers/{transfer.public_id}")
 
 
 @router.get("/transfers")
 def transfers(request: Request, archive: ArchiveDep, actor: allowed(EXCHANGE)) -> Response:
     """Recent transfers to other sites with their state."""
-    return page(request, "transfers.html", transfers=archive.transfers
-                .recent())
+    return page(request, "transfers.html", transfers=archive.transfers.recent(),
+                labels=_labels(archive))
 
 
 @router.get("/transfers/{transfer_id}")
@@ -85,18 +92,29 @@ def transfer(request: Request, archive: ArchiveDep,
              transfer_id: str, actor: allowed(EXCHANGE)) -> Response:
     """One transfer's receipt (refreshes while it runs)."""
     item = archive.transfers.get(transfer_id)
-    return page(request, "transfers.html", transfers=[item], single=True)
+    return page(request, "transfers.html", transfers=[item], single=True,
+                labels=_labels(archive))
+
+
+def _labels(archive: Archive) -> dict[str, str]:
+    """Site names by AE title (people read names, not AE titles)."""
+    return {n.ae_title: n.label for n in archive.nodes.all()}
 
 
 @router.get("/inbox")
 def inbox(request: Request, archive: ArchiveDep, actor: allowed(EXCHANGE)) -> Response:
     """Studies received from other sites, waiting for a decision."""
-    items = archive.inbox.items()
+    items = sorted(archive.inbox.items(), key=lambda i: i.priority != "urgent")
     rows = [{"item": i, "study": archive.catalogue.record(i.study_uid),
-             "match": archive.inbox.local_match(i)} for i in items]
+             "match": archive.inbox.local_match(i), "sender": archive.arrivals.sender(i)}
+            for i in items]
+    decided = sorted(archive.inbox.items("accepted") + archive.inbox.items("rejected"),
+                     key=lambda i: i.decided_at or i.last_received, reverse=True)[:20]
     archive.audit.record(AuditEvent(actor=actor, action="inbox.read", outcome="success",
                                     instance_count=len(rows)))
     return page(request, "inbox.html", rows=rows,
+                urgent_count=sum(i.priority == "urgent" for i in items),
+                decided=[{"item": i, "sender": archive.arrivals.sender(i)} for i in decided],
                 forward_sites=[n for n in archive.nodes.all() if n.send_to and not n.inbox])
 
 

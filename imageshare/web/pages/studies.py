@@ -30,6 +30,8 @@ from imageshare.archive.search import StudySearch
 from imageshare.archive.studies import ENCAPSULATED_PDF, StudyRecord
 from imageshare.deid.profiles import load_profiles
 from imageshare.domain.errors import ImageShareError, NotFound
+from imageshare.domain.identifiers import is_valid_nhs_number
+from imageshare.exchange.federated import PatientQuery
 from imageshare.web.auth import allowed
 from imageshare.web.deps import Archive, ArchiveDep, archive_of
 from imageshare.web.exports import ExportIn, start_export
@@ -70,8 +72,10 @@ def _results_page(request: Request, search: StudySearch, searched: bool) -> Resp
         error = str(exc)
     # The pager posts the search again (hidden fields): no patient detail goes in a URL.
     fields = {param: getattr(search, name) for param, name in _SEARCH_PARAMS.items()}
+    copies = archive.site_status.copies(s.study_uid for s in results.studies) if results \
+        else {}
     return page(request, "home.html", status_code=400 if error else 200, search=search,
-                page=results, searched=searched, error=error,
+                page=results, searched=searched, error=error, copies=copies,
                 search_fields={k: v for k, v in fields.items() if v})
 
 
@@ -143,6 +147,7 @@ def study_page(request: Request, archive: ArchiveDep, study_uid: str,
         can_share=allows(actor, SHARE_CREATE, study_uid),
         my_cases=archive.cases.of(actor.name) if allows(actor, CASE_MANAGE) else None,
         exchange=_exchange_panel(archive, study) if allows(actor, EXCHANGE) else None,
+        copy=archive.site_status.copies([study_uid]).get(study_uid),
         share_default_days=archive.settings.share_default_days,
         share_max_days=archive.settings.share_max_days,
         can_export_identifiable=allows(actor, EXPORT_IDENTIFIABLE, study_uid),
@@ -151,13 +156,53 @@ def study_page(request: Request, archive: ArchiveDep, study_uid: str,
     )
 
 
-def _exchange_panel(archive: Archive, study: StudyRecord) -> dict[str, object]:
-    """What other sites last said about this patient, and where the study can be sent."""
+def _nhs_number(study: StudyRecord) -> str:
+    """The patient's NHS number: recorded as such, or the Patient ID when it is one (no
+    other issuer)."""
     patient = study.patient
-    key = f"nhs:{patient.nhs_number}" if patient.nhs_number else f"id:{patient.patient_id}"
-    checks = archive.exchange.status(key)
-    return {"checks": checks, "nhs": patient.nhs_number, "key": key,
+    if patient.nhs_number:
+        return patient.nhs_number
+    if patient.issuer in ("", "NHS") and is_valid_nhs_number(patient.patient_id):
+        return patient.patient_id
+    return ""
+
+
+def _patient_key(study: StudyRecord) -> str:
+    nhs = _nhs_number(study)
+    return f"nhs:{nhs}" if nhs else f"id:{study.patient.patient_id}"
+
+
+def _exchange_panel(archive: Archive, study: StudyRecord) -> dict[str, object]:
+    """What other sites last said about this patient (live), and where the study can be
+    sent."""
+    statuses = archive.site_status.sites(_patient_key(study))
+    return {"statuses": statuses, "busy": any(s.busy for s in statuses),
+            "nhs": _nhs_number(study),
             "sites": [n for n in archive.nodes.all() if n.send_to]}
+
+
+@router.get("/studies/{study_uid}/sites")
+def site_status(request: Request, archive: ArchiveDep, study_uid: str,
+                actor: allowed(EXCHANGE, "study_uid")) -> Response:
+    """The live status per site of this study's patient (the study page follows it while a
+    site is being checked or a study downloaded)."""
+    study = archive.catalogue.record(study_uid)
+    return page(request, "_site_status.html", study=study,
+                exchange=_exchange_panel(archive, study))
+
+
+@router.post("/studies/{study_uid}/check")
+async def check_sites(archive: ArchiveDep, study_uid: str,
+                      actor: allowed(EXCHANGE, "study_uid")) -> Response:
+    """Ask every connected site about this study's patient in the background; the study
+    page shows each site checking, then its answer."""
+    study = archive.catalogue.record(study_uid)
+    patient, nhs = study.patient, _nhs_number(study)
+    query = PatientQuery(nhs_number=nhs, hospital_number="" if nhs else patient.patient_id,
+                         name=patient.name if nhs else "",
+                         birth_date=patient.birth_date if nhs else "")
+    await run_in_threadpool(archive.exchange.check, query, actor)
+    return redirect(f"/studies/{study_uid}#other-sites")
 
 
 def _document_titles(request: Request, study: StudyRecord) -> list[dict[str, object]]:
@@ -209,7 +254,9 @@ def job_page(request: Request, archive: ArchiveDep,
              job_id: str, actor: allowed(ACCOUNT_SELF)) -> Response:
     """A job's progress; the page refreshes itself until the job ends."""
     job = archive.jobs.get(job_id, actor.name)
-    return page(request, "job.html", job=job)
+    retrieved = archive.site_status.retrieved_by_job(job.id) if job.kind == "retrieve" \
+        else None
+    return page(request, "job.html", job=job, retrieved=retrieved)
 
 
 @router.get("/studies/{study_uid}/documents/{sop_uid}")

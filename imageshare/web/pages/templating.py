@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from imageshare.access.policy import EXCHANGE
 from imageshare.domain.actors import ANONYMOUS, Actor
 from imageshare.web.deps import archive_of
 
@@ -115,8 +116,13 @@ def page(request: Request, template: str, status_code: int = 200, **context: Any
     messages = [{"kind": notice[0], "text": notice[1]}] if notice else []
     archive = archive_of(request)
     unread = archive.notifier.unread(actor.name) if actor.kind == "user" else 0
+    waiting, urgent = 0, []
+    if actor.kind == "user" and policy.allows(actor, EXCHANGE):
+        # The receiving team sees urgent arrivals on every page, and the inbox count.
+        waiting, items = archive.inbox.counts()
+        urgent = [{"item": i, "sender": archive.arrivals.sender(i)} for i in items]
     html = environment.get_template(template).render(
-        unread=unread,
+        unread=unread, inbox_waiting=waiting, inbox_urgent=urgent,
         request=request, actor=actor, csrf_token=session.csrf_token if session else "",
         can=lambda action, resource=None: policy.allows(actor, action, resource),
         messages=messages, **context,

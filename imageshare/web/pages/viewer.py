@@ -31,4 +31,5 @@ async def viewer(request: Request, archive: ArchiveDep,
     return page(request, "viewer.html", manifest=manifest,
                 banner_name=person(study.patient.name), banner_id=study.patient.patient_id,
                 banner_date=dicom_date(study.study_date), back_link=f"/studies/{study_uid}",
-                back_label="Study page", comment_action="")
+                back_label="Study page", comment_action="",
+                copy=archive.site_status.copies([study_uid]).get(study_uid))

@@ -1,0 +1,126 @@
+"""The site-to-site messages of a transfer, in one process: an announcement only ever lands on
+a study its sender really sent; an urgent one puts a banner on every staff page (and only
+theirs) until someone decides; a receipt only lands on a transfer of ours sent to the site
+that answers; a site message to a site that cannot be reached is tried again later."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import insert, select
+
+from imageshare.domain.actors import Actor, cli_actor
+from imageshare.exchange.nodes import Node
+from imageshare.exchange.site_api import SiteApi
+from imageshare.storage.index.schema import background_jobs, transfers
+from imageshare.web.server import create_app
+from tests.factory import ct_series
+from tests.peers import free_port
+
+PASSWORD = "exchange-password"
+HTML = {"Accept": "text/html"}
+
+
+@pytest.fixture
+def web(archive):
+    archive.users.add("site-a", PASSWORD, "site")
+    archive.users.add("doctor", PASSWORD, "clinician")
+    archive.users.add("pat", PASSWORD, "patient")
+    archive.nodes.add(Node("SITEA", "127.0.0.1", 104, display_name="Hospital A", inbox=True))
+    with TestClient(create_app(archive)) as client:
+        yield client
+
+
+def _received(archive, tmp_path) -> str:
+    site = Actor("user", "site-a", "site", "127.0.0.1")
+    stored = [archive.ingest.store_copy(p, site)
+              for p in ct_series(tmp_path / "sent", 2, patient_id="9434765919")]
+    return stored[0].study_uid
+
+
+def test_an_announcement_only_lands_on_a_study_its_sender_sent(archive, web, tmp_path):
+    study_uid = _received(archive, tmp_path)
+    elsewhere = archive.ingest.store_copy(
+        ct_series(tmp_path / "ours", 1, patient_id="OURS1")[0], cli_actor()).study_uid
+    for uid in (elsewhere, "1.2.3.4"):
+        answer = web.post("/api/exchange/arrivals", auth=("site-a", PASSWORD), json={
+            "origin": "SITEA", "study_uid": uid, "priority": "urgent", "note": "x"})
+        assert answer.status_code == 404, answer.text
+    assert web.post("/api/exchange/arrivals", auth=("site-a", PASSWORD), json={
+        "origin": "SITEA", "study_uid": study_uid, "priority": "sometime"}).status_code == 422
+    # Another account (here a member of staff) cannot dress up site A's study.
+    assert web.post("/api/exchange/arrivals", auth=("doctor", PASSWORD), json={
+        "origin": "SITEA", "study_uid": study_uid, "priority": "urgent"}).status_code == 404
+    [item] = archive.inbox.items()
+    assert (item.priority, item.message, item.announced_at) == ("routine", "", None)
+    assert archive.arrivals.sender(item) == "site account site-a"
+
+
+def test_an_urgent_arrival_shows_on_every_staff_page_until_someone_decides(
+        archive, web, tmp_path):
+    study_uid = _received(archive, tmp_path)
+    answer = web.post("/api/exchange/arrivals", auth=("site-a", PASSWORD), json={
+        "origin": "SITEA", "study_uid": study_uid, "priority": "urgent", "transfer": "t1",
+        "note": "Trauma call, CT head", "contact": "ED 4412"})
+    assert answer.status_code == 200, answer.text
+    for path in ("/", "/inbox", "/requests", "/transfers"):
+        page = web.get(path, auth=("doctor", PASSWORD), headers=HTML).text
+        assert "urgent-banner" in page and "Hospital A" in page, path
+        assert "Trauma call, CT head" in page and "ED 4412" in page
+    patient_page = web.get("/account", auth=("pat", PASSWORD), headers=HTML).text
+    assert "urgent-banner" not in patient_page and "Hospital A" not in patient_page
+    [item] = archive.inbox.items()
+    archive.inbox.accept(item.pk, cli_actor("doctor"), note="seen")
+    assert "urgent-banner" not in web.get("/", auth=("doctor", PASSWORD), headers=HTML).text
+    decided = archive.inbox.item(item.pk)
+    # The receipt is queued for Hospital A, which has no ImageShare address here: the inbox
+    # says so rather than pretending it went.
+    assert decided.receipt_state in ("queued", "undeliverable")
+
+
+def test_a_receipt_only_lands_on_our_transfer_to_the_site_that_answers(archive, web):
+    now = datetime.now(UTC)
+    with archive.engine.begin() as conn:
+        conn.execute(insert(transfers).values(
+            public_id="abc123", study_uid="1.2.3", site="SITEB", priority="urgent", note="",
+            state="delivered", sent=2, total=2, failed=0, attempts=1, reason="",
+            created_by="doctor", created_at=now, updated_at=now))
+    receipt = {"origin": "SITEA", "transfer": "abc123", "outcome": "accepted", "by": "x"}
+    assert web.post("/api/exchange/receipts", auth=("site-a", PASSWORD),
+                    json=receipt).status_code == 404  # sent to B: A cannot answer for it
+    assert archive.transfers.get("abc123").receipt_outcome == ""
+    answer = web.post("/api/exchange/receipts", auth=("site-a", PASSWORD),
+                      json={**receipt, "origin": "SITEB", "note": "thanks"})
+    assert answer.status_code == 200, answer.text
+    got = archive.transfers.get("abc123")
+    assert (got.receipt_outcome, got.receipt_by, got.receipt_note) == ("accepted", "x",
+                                                                        "thanks")
+    assert [e["detail"]["receipt"] for e in archive.audit.events("exchange.receipt")] == [
+        "accepted"]
+    assert "accepted a study you sent" in archive.notifier.recent("doctor")[0]["text"]
+
+
+def test_a_site_message_to_a_site_that_is_down_is_tried_again_later(archive):
+    archive.nodes.add(Node("DOWN", "127.0.0.1", 104, display_name="Down Hospital",
+                           dicomweb_url=f"http://127.0.0.1:{free_port()}/dicomweb"))
+    site_api = SiteApi(archive.nodes, archive.jobs, retry_delays=(30.0,))
+    heard: list[tuple[str, str]] = []
+    site_api.on_outcome("probe", lambda ref, state, _detail: heard.append((ref, state)))
+    site_api.queue("DOWN", "/api/exchange/receipts", {"outcome": "accepted"}, "probe", "r1",
+                   "doctor", "Receipt to Down Hospital")
+    archive.jobs.run_pending()  # or a worker of the queue takes it first
+    deadline = time.monotonic() + 20
+    while not heard and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert heard == [("r1", "retrying")]
+    with archive.engine.connect() as conn:
+        again = conn.execute(select(background_jobs).where(
+            background_jobs.c.kind == "site-message",
+            background_jobs.c.state == "queued")).mappings().all()
+    assert len(again) == 1 and again[0]["dedupe_key"].endswith(":1")
+    assert again[0]["params"]["body"] == {"outcome": "accepted"}
+    waits = (again[0]["run_after"].replace(tzinfo=UTC) - datetime.now(UTC)).total_seconds()
+    assert 20 < waits <= 30
