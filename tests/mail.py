@@ -16,11 +16,13 @@ class MailSink:
 
     def __init__(self) -> None:
         self.messages: list[Message] = []
+        self.recipients: list[list[str]] = []  # each message's envelope recipients
         self.arrived = threading.Condition()
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
         with self.arrived:
             self.messages.append(message_from_bytes(envelope.content))
+            self.recipients.append(list(envelope.rcpt_tos))
             self.arrived.notify_all()
         return "250 OK"
 

@@ -7,16 +7,15 @@ Requests for prior imaging go from one site to the other and their answers come 
 
 from __future__ import annotations
 
-import threading
 import time
-from email import message_from_bytes
 
 import httpx
 import pytest
 from pydicom import dcmread
 
 from tests.factory import ct_series
-from tests.peers import RunningServer, free_port
+from tests.mail import smtp_server
+from tests.peers import RunningServer
 from tests.sites import Preparing
 
 pytestmark = pytest.mark.interop
@@ -48,31 +47,10 @@ def until(check, timeout=60, what="the condition"):
     raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
-class MailSink:
-    """A real SMTP server's handler (aiosmtpd) keeping every message."""
-
-    def __init__(self) -> None:
-        self.messages: list = []
-        self.lock = threading.Lock()
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
-        with self.lock:
-            self.messages.append((envelope.rcpt_tos, message_from_bytes(envelope.content)))
-        return "250 OK"
-
-
 @pytest.fixture(scope="module")
 def mail():
-    from aiosmtpd.controller import Controller
-
-    sink = MailSink()
-    port = free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield sink, port
-    finally:
-        controller.stop()
+    with smtp_server() as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +133,8 @@ def test_an_urgent_push_alerts_the_receiving_team_and_the_receipt_reaches_the_se
     assert "SITEA" not in page(b, "/inbox").split("<main>")[1].split("</table>")[0]
 
     # By e-mail to the team address: who sent it and how urgent, no patient details.
-    rcpt, message = until(lambda: sink.messages and sink.messages[0], what="the e-mail")
-    assert rcpt == ["radiology-team@b.example"]
+    message = until(lambda: sink.messages and sink.messages[0], what="the e-mail")
+    assert sink.recipients[0] == ["radiology-team@b.example"]
     body = message.get_content() if hasattr(message, "get_content") else message.get_payload()
     assert "URGENT" in message["Subject"] and "Hospital A" in message["Subject"]
     assert "https://images.b.example/inbox" in body and "bleep 4412" in body
