@@ -34,7 +34,8 @@ EXPORT_DEIDENTIFIED = "study.export.deidentified"
 SHARE_CREATE = "share.create"
 CASE_MANAGE = "case.manage"
 EXCHANGE = "exchange.use"
-# Another ImageShare site (a service account) hands us a request for prior imaging.
+# Site-to-site messages (a request for prior imaging, an arrival's announcement, a receipt,
+# an answer): only another ImageShare's ``site`` account sends them, never staff.
 EXCHANGE_RECEIVE = "exchange.receive"
 # What someone holding an opened share link may do (within the share's items only).
 SHARE_VIEW = "share.view"
@@ -57,7 +58,7 @@ INBOX = "inbox"
 _STAFF = frozenset(
     {STUDY_READ, STUDY_DOWNLOAD, STUDY_STORE, STUDY_COMMENT, PATIENT_CORRECT, TOKEN_SELF,
      ACCOUNT_SELF, EXPORT_IDENTIFIABLE, EXPORT_DEIDENTIFIED, SHARE_CREATE, CASE_MANAGE, EXCHANGE,
-     EXCHANGE_RECEIVE, UPLOAD_MANAGE, CONSENT_RECORD}
+     UPLOAD_MANAGE, CONSENT_RECORD}
 )
 # An administrator signed in with a password who has not yet set up two-factor sign-in
 # (required for admins) may only do that.

@@ -51,9 +51,10 @@ def test_an_announcement_only_lands_on_a_study_its_sender_sent(archive, web, tmp
         assert answer.status_code == 404, answer.text
     assert web.post("/api/exchange/arrivals", auth=("site-a", PASSWORD), json={
         "origin": "SITEA", "study_uid": study_uid, "priority": "sometime"}).status_code == 422
-    # Another account (here a member of staff) cannot dress up site A's study.
+    # Another account (here a member of staff) cannot dress up site A's study: only site
+    # accounts may send site-to-site messages at all.
     assert web.post("/api/exchange/arrivals", auth=("doctor", PASSWORD), json={
-        "origin": "SITEA", "study_uid": study_uid, "priority": "urgent"}).status_code == 404
+        "origin": "SITEA", "study_uid": study_uid, "priority": "urgent"}).status_code == 403
     [item] = archive.inbox.items()
     assert (item.priority, item.message, item.announced_at) == ("routine", "", None)
     assert archive.arrivals.sender(item) == "site account site-a"
