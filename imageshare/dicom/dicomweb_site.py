@@ -54,12 +54,8 @@ class DicomwebSites:
         session = requests.Session()
         if self._tls is not None:
             session.mount("https://", _TlsAdapter(self._tls))
-        auth = node.dicomweb_auth
-        if auth.lower().startswith("bearer "):
-            session.headers["Authorization"] = auth
-        elif ":" in auth:
-            user, _, password = auth.partition(":")
-            session.auth = (user, password)
+        headers, session.auth = node.credentials()
+        session.headers.update(headers)
         session.request = _with_timeout(session.request, timeout or self.timeout)  # type: ignore[method-assign]  # requests has no per-session timeout: its method is wrapped
         return DICOMwebClient(url=node.dicomweb_url.rstrip("/"), session=session)
 

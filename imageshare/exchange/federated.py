@@ -197,15 +197,19 @@ class ExchangeService:
         linking = ("linked by NHS number" if query.nhs_number else
                    "linked by name and date of birth" if self._by_name and query.name else
                    "cannot link: no NHS number (studies are shown, not attached)")
+        self._audit_search(actor, query, answers)
+        return FederatedResult(local, answers, linking)
+
+    def _audit_search(self, actor: Actor, query: PatientQuery,
+                      answers: list[SiteAnswer]) -> None:
+        """One ``exchange.search`` event per site asked (one saying none when none was)."""
+        by = "nhs" if query.nhs_number else "id" if query.hospital_number else "name+dob"
         self._audit.record([AuditEvent(
             actor=actor, action="exchange.search", outcome="success" if a.status == "answered"
             else "failure", instance_count=len(a.studies),
-            detail={"site": a.site, "status": a.status,
-                    "by": "nhs" if query.nhs_number else "id" if query.hospital_number
-                    else "name+dob"}) for a in answers] or [AuditEvent(
-                actor=actor, action="exchange.search", outcome="success",
-                detail={"sites": 0})])
-        return FederatedResult(local, answers, linking)
+            detail={"site": a.site, "status": a.status, "by": by}) for a in answers] or [
+            AuditEvent(actor=actor, action="exchange.search", outcome="success",
+                       detail={"sites": 0})])
 
     def test_connection(self, ae_title: str, actor: Actor) -> list[ConnectionCheck]:
         """Ask the site whether it answers us each way it is registered for (C-ECHO on its
@@ -296,14 +300,7 @@ class ExchangeService:
                                     f"no answer within {self._timeout:g} s")
                 answers.append(answer)
                 self._remember_site(key, answer)
-        self._audit.record([AuditEvent(
-            actor=actor, action="exchange.search", outcome="success" if a.status == "answered"
-            else "failure", instance_count=len(a.studies),
-            detail={"site": a.site, "status": a.status,
-                    "by": "nhs" if query.nhs_number else "id" if query.hospital_number
-                    else "name+dob"}) for a in answers] or [AuditEvent(
-                actor=actor, action="exchange.search", outcome="success",
-                detail={"sites": 0})])
+        self._audit_search(actor, query, answers)
         job.summary = f"{len(answers)} site(s) checked"
 
     def _judged(self, answer: SiteAnswer, query: PatientQuery) -> SiteAnswer:

@@ -40,6 +40,16 @@ class Node:
     inbox: bool = False
     tls: bool = False
 
+    def credentials(self) -> tuple[dict[str, str], tuple[str, str] | None]:
+        """What to present to this site over HTTP: headers (a bearer token) and HTTP Basic
+        credentials (user, password), from ``dicomweb_auth``."""
+        if self.dicomweb_auth.lower().startswith("bearer "):
+            return {"Authorization": self.dicomweb_auth}, None
+        if ":" in self.dicomweb_auth:
+            user, _, password = self.dicomweb_auth.partition(":")
+            return {}, (user, password)
+        return {}, None
+
     @property
     def label(self) -> str:
         """How people name the site."""

@@ -113,13 +113,7 @@ class ImagingRequests:
             return "contact", (f"{node.label} does not run ImageShare: ask them by their usual "
                                "route (phone or e-mail); the request is recorded here"), ""
         base = node.dicomweb_url.rstrip("/").removesuffix("/dicomweb")
-        headers = {}
-        auth = None
-        if node.dicomweb_auth.lower().startswith("bearer "):
-            headers["Authorization"] = node.dicomweb_auth
-        elif ":" in node.dicomweb_auth:
-            user, _, password = node.dicomweb_auth.partition(":")
-            auth = (user, password)
+        headers, auth = node.credentials()
         try:
             answer = httpx.post(f"{base}/api/exchange/requests/incoming", json=body,
                                 headers=headers, auth=auth, timeout=15,

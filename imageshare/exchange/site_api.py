@@ -55,13 +55,7 @@ class SiteApi:
         base = site_api_base(node)
         if not base:
             raise ImageShareError(f"{node.label} has no ImageShare address registered")
-        headers: dict[str, str] = {}
-        auth = None
-        if node.dicomweb_auth.lower().startswith("bearer "):
-            headers["Authorization"] = node.dicomweb_auth
-        elif ":" in node.dicomweb_auth:
-            user, _, password = node.dicomweb_auth.partition(":")
-            auth = (user, password)
+        headers, auth = node.credentials()
         try:
             return httpx.post(f"{base}{path}", json=body, headers=headers, auth=auth,
                               timeout=timeout,

@@ -110,6 +110,19 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def read_up_to(stream: BinaryIO, count: int) -> bytes:
+    """``count`` bytes from ``stream``, fewer only at its end."""
+    chunks = []
+    left = count
+    while left > 0:
+        chunk = stream.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 def size_mismatch(key: str, expected: int, got: int) -> StorageError:
     """The error for a stream that did not hold the announced number of bytes."""
     more = "more" if got > expected else "fewer"

@@ -37,7 +37,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from imageshare.domain.errors import StorageError
-from imageshare.storage.blobs import BlobStore, BoundedReader, StoredBlob, size_mismatch
+from imageshare.storage.blobs import (
+    BlobStore,
+    BoundedReader,
+    StoredBlob,
+    read_up_to,
+    size_mismatch,
+)
 
 MAGIC = b"ISBLOB\x01\x00"
 SALT = 32
@@ -114,7 +120,7 @@ class _SealingStream(io.RawIOBase):
 
     def _fill(self) -> None:
         want = min(PLAIN_CHUNK, self._size - self._read)
-        chunk = _read_exactly(self._source, want)
+        chunk = read_up_to(self._source, want)
         if len(chunk) < want:
             raise size_mismatch(self._key, self._size, self._read + len(chunk))
         self._read += len(chunk)
@@ -134,18 +140,6 @@ class _SealingStream(io.RawIOBase):
         buffer[:n] = self._pending[:n]
         del self._pending[:n]
         return n
-
-
-def _read_exactly(stream: BinaryIO, n: int) -> bytes:
-    parts = []
-    left = n
-    while left > 0:
-        part = stream.read(left)
-        if not part:
-            break
-        parts.append(part)
-        left -= len(part)
-    return b"".join(parts)
 
 
 class _OpeningReader(io.BufferedIOBase):
@@ -187,7 +181,7 @@ class _OpeningReader(io.BufferedIOBase):
         final = index == self._chunks - 1
         want = (self._size - index * PLAIN_CHUNK if final else PLAIN_CHUNK) + TAG
         self._inner.seek(HEADER + index * SEALED_CHUNK)
-        sealed = _read_exactly(self._inner, want)
+        sealed = read_up_to(self._inner, want)
         try:
             plain = self._aes.decrypt(_nonce(index, final), sealed, self._aad)
         except InvalidTag as exc:
@@ -247,7 +241,7 @@ class EncryptedBlobStore:
         (before encryption was enabled) is opened as it is."""
         fh = self.inner.open(key)
         try:
-            header = _read_exactly(fh, HEADER)
+            header = read_up_to(fh, HEADER)
             if len(header) < HEADER or not header.startswith(MAGIC):
                 fh.seek(0)
                 return fh
@@ -274,7 +268,7 @@ class EncryptedBlobStore:
     def digest_of_stored(self, key: str, stream: BinaryIO) -> StoredBlob:
         """Plaintext size and SHA-256 of bytes as :meth:`open_sealed` gives them (each chunk
         authenticated); StorageError when they fail authentication."""
-        header = _read_exactly(stream, HEADER)
+        header = read_up_to(stream, HEADER)
         digest = hashlib.sha256()
         if len(header) < HEADER or not header.startswith(MAGIC):
             size = len(header)

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
 from imageshare.domain.errors import ConfigurationError, StorageError
-from imageshare.storage.blobs import BLOB_KEY, StoredBlob, check_key, size_mismatch
+from imageshare.storage.blobs import BLOB_KEY, StoredBlob, check_key, read_up_to, size_mismatch
 
 MiB = 1024 * 1024
 _FIRST_WINDOW = 256 * 1024  # the first GET after opening or seeking
@@ -138,7 +138,7 @@ class S3BlobStore:
         object store confirmed them, with their SHA-256. Otherwise nothing is stored."""
         name = self._name(key)
         if size <= self.multipart_threshold:
-            data = _read_up_to(stream, size + 1)
+            data = read_up_to(stream, size + 1)
             if len(data) != size:
                 raise size_mismatch(key, size, len(data))
             digest = hashlib.sha256(data)
@@ -167,7 +167,7 @@ class S3BlobStore:
         written = 0
         try:
             while written < size:
-                data = _read_up_to(stream, min(self.part_size, size - written))
+                data = read_up_to(stream, min(self.part_size, size - written))
                 if not data:
                     raise size_mismatch(key, size, written)
                 digest.update(data)
@@ -252,19 +252,6 @@ class S3BlobStore:
 
 class _InvalidRange(Exception):
     """A range starting at or after the end of the object."""
-
-
-def _read_up_to(stream: BinaryIO, count: int) -> bytes:
-    """``count`` bytes from ``stream``, fewer only at its end."""
-    chunks = []
-    left = count
-    while left > 0:
-        chunk = stream.read(left)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
 
 
 class _ObjectReader(io.BufferedIOBase):
