@@ -73,6 +73,11 @@ and encoded again in a syntax the receiver accepted for its SOP class (Explicit 
 Endian first); big-endian, compressed and deflated instances all reach receivers that take
 only Implicit VR Little Endian. An instance that cannot be converted is offered as stored,
 and only its sub-operation fails.
+
+C-STORE Priority: a node registered with an inbox (another hospital) that stores with
+Priority HIGH makes its study an urgent arrival in the inbox (the team alerted once, by
+e-mail to `IMAGESHARE_EXCHANGE_TEAM_EMAIL`); MEDIUM and LOW are routine. Priority changes
+nothing else.
 """
 
 

@@ -44,6 +44,7 @@ from imageshare.access.policy import (
     DICOM_RETRIEVE,
     DICOM_STORE,
     Policy,
+    arrival_class,
 )
 from imageshare.archive.dicom_json import NUMBER_STRING_VRS, left_out
 from imageshare.archive.ingest import IngestService, no_room
@@ -64,6 +65,7 @@ from imageshare.domain.errors import (
     NotAcceptable,
     NotFound,
 )
+from imageshare.exchange.arrivals import Arrivals
 from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
 
 log = logging.getLogger("imageshare.dicom")
@@ -102,6 +104,7 @@ class DicomListener:
         check_calling_host: bool = True,
         shared_port: bool = False,
         refusals: RefusedCallers | None = None,
+        arrivals: Arrivals | None = None,
         tls_port: int = 0,
         ssl_context: ssl.SSLContext | None = None,
         client_ssl_context: ssl.SSLContext | None = None,
@@ -116,6 +119,7 @@ class DicomListener:
         self.check_calling_host = check_calling_host
         self.shared_port = shared_port
         self.refusals = refusals
+        self.arrivals = arrivals  # C-STORE Priority HIGH into the inbox: an urgent arrival
         # DICOM TLS (BCP 195) on a port of its own, served by the same handlers.
         self.tls_port = tls_port
         self.ssl_context = ssl_context
@@ -280,6 +284,12 @@ class DicomListener:
             return _status(STORE_OUT_OF_RESOURCES, "the archive could not store the instance")
         if result.outcome == "kept_first":
             log.info("instance arrived again with new content; stored copy kept")
+        if self.arrivals is not None and int(getattr(event.request, "Priority", 0) or 0) == 1 \
+                and arrival_class(actor) == "inbox":
+            try:
+                self.arrivals.urgent_from_dicom(actor, result.study_uid)
+            except Exception as exc:  # noqa: BLE001 - the store stands; the flag is extra
+                log.error("urgent arrival could not be flagged: %s", type(exc).__name__)
         return 0x0000
 
     def _query_for(self, event: Any) -> Query:

@@ -95,6 +95,27 @@ class Arrivals:
             self._alert(item)
         return item
 
+    def urgent_from_dicom(self, actor: Actor, study_uid: str) -> None:
+        """A DICOM sender stored an instance with C-STORE Priority HIGH: its pending inbox
+        item of the study becomes urgent, named by the registered site's name, and the team
+        is alerted once (DICOM carries no note or contact)."""
+        node = self._nodes.find(actor.name)
+        with self._engine.begin() as conn:
+            row = conn.execute(select(inbox_items).where(
+                inbox_items.c.study_uid == study_uid, inbox_items.c.site == actor.name,
+                inbox_items.c.status == "pending")).mappings().first()
+            if row is None or row["priority"] == "urgent":
+                return
+            conn.execute(update(inbox_items).where(inbox_items.c.pk == row["pk"]).values(
+                priority="urgent", origin=actor.name[:16],
+                sender_name=(node.label if node is not None else actor.name)[:128]))
+            self._audit.record(AuditEvent(
+                actor=actor, action="exchange.arrival", outcome="success",
+                study_uid=study_uid, instance_count=row["instances"],
+                detail={"origin": actor.name, "priority": "urgent", "by": "C-STORE priority"}),
+                conn=conn)
+        self._alert(InboxItem(**dict(_row(self._engine, row["pk"]))))
+
     def _alert(self, item: InboxItem) -> None:
         """E-mail the team about an urgent arrival (no patient details: the sender, the
         priority, how many images, who to call, and where to look)."""

@@ -125,3 +125,50 @@ def test_a_site_message_to_a_site_that_is_down_is_tried_again_later(archive):
     assert again[0]["params"]["body"] == {"outcome": "accepted"}
     waits = (again[0]["run_after"].replace(tzinfo=UTC) - datetime.now(UTC)).total_seconds()
     assert 20 < waits <= 30
+
+
+def test_a_dicom_sender_asking_high_priority_makes_an_urgent_arrival_and_alerts_the_team(
+        tmp_path):
+    """DICOM carries a priority (C-STORE Priority HIGH) but no note: a registered inbox node
+    sending with it makes its pending study urgent under the site's name, and the team is
+    told once by e-mail; a routine send stays routine."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from imageshare.app import _make_listener
+    from tests.conftest import make_archive
+    from tests.mail import smtp_server
+
+    with smtp_server() as (sink, port):
+        archive = make_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
+                               exchange_team_email="team@hospital.example")
+        archive.nodes.add(Node("REMOTEPACS", "127.0.0.1", 104, display_name="St Elsewhere",
+                               inbox=True, may_query=False, may_retrieve=False))
+        listener = _make_listener(archive, shared_port=False)
+        listener.start()
+        try:
+            routine, urgent = (ct_series(tmp_path / name, 2, patient_id=f"P-{name}")
+                               for name in ("routine", "urgent"))
+            ae = AE(ae_title="REMOTEPACS")
+            ae.add_requested_context(CTImageStorage)
+            assoc = ae.associate("127.0.0.1", listener.port)
+            assert assoc.is_established
+            for path in routine:
+                assert assoc.send_c_store(dcmread(path)).Status == 0
+            for path in urgent:
+                assert assoc.send_c_store(dcmread(path), priority=1).Status == 0
+            assoc.release()
+            items = {i.study_uid: i for i in archive.inbox.items()}
+            urgent_uid = str(dcmread(urgent[0]).StudyInstanceUID)
+            routine_uid = str(dcmread(routine[0]).StudyInstanceUID)
+            assert items[urgent_uid].priority == "urgent"
+            assert items[routine_uid].priority == "routine"
+            assert archive.arrivals.sender(items[urgent_uid]) == "St Elsewhere"
+            [mail] = sink.wait_for("team@hospital.example")
+            assert "URGENT" in mail["Subject"] and "St Elsewhere" in mail["Subject"]
+            time.sleep(0.5)
+            assert len(sink.to("team@hospital.example")) == 1  # once, not per instance
+        finally:
+            listener.stop()
+            archive.close()
