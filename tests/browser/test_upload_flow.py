@@ -90,7 +90,7 @@ def test_invite_upload_resume_review_and_patient_access(chromium, site):
     ada.goto(link)
     ada.fill("input[name=passcode]", passcode)
     ada.click("button[type=submit]")
-    ada.wait_for_selector("#drop")
+    ada.wait_for_selector("#drop[data-ready]")  # the page's script listens for files
     dropped = {"patches": 0, "aborted": False}
 
     def drop_once(route) -> None:
@@ -104,7 +104,7 @@ def test_invite_upload_resume_review_and_patient_access(chromium, site):
 
     ada.route("**/files/*", drop_once)
     ada.set_input_files("#pick-files", [str(site["video"])])
-    ada.wait_for_selector("#files li.retrying, #files li.done", timeout=30000)
+    ada.wait_for_selector("#files li.retrying, #files li.done", timeout=120000)
     ada.wait_for_selector("#files li.done", timeout=60000)
     assert dropped["aborted"]
     ada.unroute("**/files/*")

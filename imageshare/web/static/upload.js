@@ -206,4 +206,5 @@
       e.preventDefault();
     }
   });
+  drop.dataset.ready = "1";  // files chosen from now on are taken (tests wait for it)
 })();
