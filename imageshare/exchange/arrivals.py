@@ -14,7 +14,7 @@ from sqlalchemy import Engine, select, update
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import InvalidQuery, NotFound
-from imageshare.exchange.inbox import InboxItem
+from imageshare.exchange.inbox import UPLOAD_SITE_PREFIX, InboxItem
 from imageshare.exchange.nodes import NodeRegistry
 from imageshare.exchange.site_api import SiteApi
 from imageshare.notify import Mailer
@@ -54,7 +54,7 @@ class Arrivals:
         node = self._nodes.find(item.origin or item.site)
         if node is not None:
             return node.label
-        if item.site.startswith("upload:"):
+        if item.site.startswith(UPLOAD_SITE_PREFIX):
             return "a patient's upload"
         return f"site account {item.site}"
 

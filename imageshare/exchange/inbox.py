@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Engine, and_, func, select, update
 
@@ -28,6 +29,15 @@ from imageshare.storage.index.schema import (
     series,
     studies,
 )
+
+# Items under this prefix are uploads (imageshare.uploads), decided on their QC page, where
+# the uploader is told and the invitation reopened: the exchange inbox neither lists nor
+# decides them.
+UPLOAD_SITE_PREFIX = "upload:"
+
+
+def _from_sites() -> Any:
+    return inbox_items.c.site.not_like(UPLOAD_SITE_PREFIX + "%")
 
 # Told of each decision (item, "accepted" or "rejected", who, their note): the receipt back.
 Decided = Callable[["InboxItem", str, Actor, str], None]
@@ -87,18 +97,27 @@ class Inbox:
         first): for the inbox count and the urgent-arrival banner of every staff page."""
         with self._engine.connect() as conn:
             pending = conn.execute(select(func.count()).select_from(inbox_items).where(
-                inbox_items.c.status == "pending")).scalar() or 0
+                inbox_items.c.status == "pending", _from_sites())).scalar() or 0
             urgent = conn.execute(select(inbox_items).where(
-                inbox_items.c.status == "pending", inbox_items.c.priority == "urgent")
+                inbox_items.c.status == "pending", inbox_items.c.priority == "urgent",
+                _from_sites())
                 .order_by(inbox_items.c.last_received.desc()).limit(5)).mappings().all()
         return int(pending), [InboxItem(**dict(r)) for r in urgent]
 
     def items(self, status: str = "pending") -> list[InboxItem]:
-        """Items with ``status``, newest first."""
+        """Items from other sites with ``status``, newest first (uploads are not listed)."""
         with self._engine.connect() as conn:
-            rows = conn.execute(select(inbox_items).where(inbox_items.c.status == status)
+            rows = conn.execute(select(inbox_items).where(inbox_items.c.status == status,
+                                                          _from_sites())
                                 .order_by(inbox_items.c.last_received.desc())).mappings().all()
         return [InboxItem(**dict(r)) for r in rows]
+
+    def _decidable(self, pk: int, upload_review: bool) -> InboxItem:
+        item = self.item(pk)
+        if item.site.startswith(UPLOAD_SITE_PREFIX) and not upload_review:
+            raise ImageShareError("this is an upload: accept or reject it on its page under "
+                                  "Uploads, where the uploader is told")
+        return item
 
     def item(self, pk: int) -> InboxItem:
         """One item; NotFound otherwise."""
@@ -135,10 +154,12 @@ class Inbox:
                 .order_by(studies.c.pk).limit(1)).scalar()
         return self._catalogue.record(uid).patient if uid else None
 
-    def accept(self, pk: int, actor: Actor, reconcile: bool = True, note: str = "") -> str:
+    def accept(self, pk: int, actor: Actor, reconcile: bool = True, note: str = "",
+               upload_review: bool = False) -> str:
         """Accept into the archive; with ``reconcile`` the study is filed under the local
-        patient found by NHS number. Returns what was done, for people."""
-        item = self.item(pk)
+        patient found by NHS number. Returns what was done, for people. An upload is
+        accepted only by its QC (``upload_review``)."""
+        item = self._decidable(pk, upload_review)
         if item.status != "pending":
             raise ImageShareError("this item was decided already")
         done = "accepted"
@@ -183,9 +204,11 @@ class Inbox:
                     patient_pk=patient_pk, value=sender_id[:64], issuer=item.site[:64],
                     kind="TEXT"))
 
-    def reject(self, pk: int, actor: Actor, note: str = "") -> Removed:
-        """Reject: the received instances are deleted (audited)."""
-        item = self.item(pk)
+    def reject(self, pk: int, actor: Actor, note: str = "",
+               upload_review: bool = False) -> Removed:
+        """Reject: the received instances are deleted (audited). An upload is rejected only
+        by its QC (``upload_review``)."""
+        item = self._decidable(pk, upload_review)
         if item.status != "pending":
             raise ImageShareError("this item was decided already")
         # Decided first (the item stays, with its receipt, as the record of the decision);

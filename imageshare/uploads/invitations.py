@@ -33,6 +33,7 @@ from imageshare.domain.errors import (
     PublicUrlMissing,
 )
 from imageshare.domain.identifiers import is_email_address
+from imageshare.exchange.inbox import UPLOAD_SITE_PREFIX
 from imageshare.notify import Mailer
 from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import upload_invitations, upload_sessions
@@ -116,7 +117,7 @@ class Invitation:
     @property
     def review_site(self) -> str:
         """The name its uploads wait under for review (no patient data)."""
-        return f"upload:{self.public_id}"
+        return f"{UPLOAD_SITE_PREFIX}{self.public_id}"
 
     def actor(self, source: str) -> Actor:
         """The person using this invitation's link."""

@@ -159,7 +159,7 @@ class UploadReview:
                 item.study_uid, replace(target, other_ids=other),
                 f"upload {invitation.public_id} filed under the invited patient", actor)
             done = f"filed under hospital number {target.patient_id} and accepted"
-        self._inbox.accept(pk, actor, reconcile=False, note=note)
+        self._inbox.accept(pk, actor, reconcile=False, note=note, upload_review=True)
         self._audit.record(AuditEvent(actor=actor, action="upload.accept", outcome="success",
                                       patient_id=target.patient_id, study_uid=item.study_uid,
                                       detail={"upload": invitation.public_id, "done": done}))
@@ -174,7 +174,7 @@ class UploadReview:
         if not message:
             raise ImageShareError("say what the uploader should send instead")
         item = self._own_item(invitation, pk)
-        self._inbox.reject(pk, actor, message[:2000])
+        self._inbox.reject(pk, actor, message[:2000], upload_review=True)
         for row in self._files(invitation):
             if row["study_uid"] == item.study_uid and row["original_key"]:
                 self._originals.delete(str(row["original_key"]))

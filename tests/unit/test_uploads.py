@@ -277,6 +277,15 @@ def test_a_cd_photos_video_and_pdf_become_valid_dicom_waiting_for_review(hospita
     with TestClient(create_app(archive)) as api:
         listed = api.get("/dicomweb/studies", headers={"Authorization": f"Bearer {admin}"})
         assert listed.status_code == 200 and listed.json() == []
+        # Nor is it another hospital's arrival: the exchange inbox neither lists nor decides
+        # it (the QC page does, where the uploader is told).
+        auth = {"Authorization": f"Bearer {admin}"}
+        assert api.get("/api/exchange/inbox", headers=auth).json() == []
+        assert archive.inbox.counts()[0] == 0
+        taken = api.post(f"/api/exchange/inbox/{studies[0].item.pk}/accept", headers=auth,
+                         json={"reconcile": True})
+        assert taken.status_code == 400 and "on its page under Uploads" in taken.text
+    assert all(s.item.status == "pending" for s in archive.uploads.review.studies(invitation))
     # Each converted file is valid DICOM of the right class, with the invited identity, and
     # its original is kept with its SHA-256.
     import hashlib
