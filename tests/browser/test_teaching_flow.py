@@ -170,6 +170,7 @@ def test_educator_builds_and_presents_a_teaching_case(chromium, site):
     _shot(edu, "6-present-answer-hidden")
     edu.keyboard.press("r")
     edu.wait_for_selector("#reveal >> text=Pericardial effusion with tamponade")
+    assert edu.is_hidden("#reveal-button")  # revealed: the button has done its work
     _shot(edu, "7-present-diagnosis-revealed")
     context.close()
 
