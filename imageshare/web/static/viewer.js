@@ -291,6 +291,7 @@
 
   function openSeries(seriesIndex) {
     stop();
+    state.autoplay = true;  // a cine loop plays by itself once enough has arrived
     state.seriesIndex = seriesIndex;
     state.series = manifest.series[seriesIndex];
     state.generation += 1;
@@ -327,6 +328,12 @@
     const n = state.series.frames.length;
     const check = () => {
       if (generation !== state.generation || state.playing) return;
+      if (!state.autoplay) {
+        // Someone who paused, stepped or started a mark meanwhile keeps their frame.
+        status.textContent = buffered() < n ? `Loading ${buffered()} / ${n} frames` : "";
+        if (buffered() < n) setTimeout(check, 100);
+        return;
+      }
       let ahead = 0;
       while (ahead < n && bitmapAt((state.index + ahead) % n)) ahead += 1;
       const elapsed = Math.max(1, performance.now() - started);
@@ -379,6 +386,7 @@
 
   function stop() {
     state.playing = false;
+    state.autoplay = false;
     playButton.textContent = "Play";
     playButton.setAttribute("aria-pressed", "false");
   }
