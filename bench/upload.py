@@ -4,11 +4,12 @@ One command: ``python bench/upload.py`` (or ``make bench-upload``). Writes a fol
 CT slices (700 MB by default, as a full CD), then, interleaved and repeated:
 
 - **upload**: a member of staff signs in to a fresh ``imageshare serve`` and imports the
-  folder from the browser's import page: every file sent with tus 1.0 over loopback (one
-  POST and 8 MB PATCH chunks per file, four files at a time, as ``static/upload.js``
-  does), then **Send**, timed until the intake job has made every file an instance waiting
-  for review (the page's ``data-state="done"``). The server's peak RSS (VmHWM of the
-  process and its children) is read afterwards.
+  folder from the browser's import page: every file sent with tus 1.0 over loopback
+  (creation-with-upload: one POST carrying the first 8 MB of each file, PATCH chunks for
+  the rest; four files at a time, as ``static/upload.js`` does; each DICOM file is stored
+  for review as it arrives), then **Send**, timed until the intake job has made every file
+  an instance waiting for review (the page's ``data-state="done"``). The server's peak RSS
+  (VmHWM of the process and its children) is read afterwards.
 - **import**: ``imageshare import FOLDER --quiet`` into a fresh data folder (no server), timed
   to its exit; its peak RSS from ``wait4``.
 
@@ -77,14 +78,18 @@ def make_folder(root: Path, megabytes: int) -> list[Path]:
 
 def _send_file(client: httpx.Client, base: str, csrf: str, path: Path, name: str) -> None:
     size = path.stat().st_size
-    created = client.post(base + "/files", headers={
-        **TUS, "X-CSRF-Token": csrf, "Upload-Length": str(size),
-        "Upload-Metadata": f"filename {_b64(path.name)},relativePath {_b64(name)}"})
-    if created.status_code != 201:
-        raise SystemExit(f"tus creation refused: {created.status_code} {created.text[:200]}")
-    url = created.headers["location"]
-    offset = 0
     with open(path, "rb") as fh:
+        first = fh.read(CHUNK)
+        created = client.post(base + "/files", content=first, headers={
+            **TUS, "X-CSRF-Token": csrf, "Upload-Length": str(size),
+            "Upload-Metadata": f"filename {_b64(path.name)},relativePath {_b64(name)}",
+            "Content-Type": "application/offset+octet-stream"})
+        if created.status_code != 201:
+            raise SystemExit(f"tus creation refused: {created.status_code} "
+                             f"{created.text[:200]}")
+        url = created.headers["location"]
+        offset = int(created.headers["upload-offset"])
+        fh.seek(offset)
         while offset < size:
             chunk = fh.read(CHUNK)
             answer = client.patch(url, content=chunk, headers={

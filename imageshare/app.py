@@ -77,6 +77,7 @@ from imageshare.storage.blobs import (
     key_prefix_for,
     open_blob_store,
     results_store_url,
+    sibling_store_url,
 )
 from imageshare.storage.encrypted import EncryptedBlobStore, blob_master_key
 from imageshare.storage.files import make_private
@@ -188,9 +189,12 @@ def installation_key(settings: Settings) -> bytes:
     return load_secret_key(settings.secret_key, key_file)
 
 
-def blob_store(settings: Settings) -> BlobStore:
-    """The blob store of ``settings``: sealed (AES-256-GCM) when ``encrypt_blobs`` is on."""
-    store = open_blob_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+def blob_store(settings: Settings, beside: str = "") -> BlobStore:
+    """The blob store of ``settings`` (or the store ``beside`` it, e.g. the kept originals
+    of uploads): sealed (AES-256-GCM) when ``encrypt_blobs`` is on."""
+    url = settings.resolved_storage_url
+    store = open_blob_store(sibling_store_url(url, beside) if beside else url,
+                            settings.s3_endpoint_url)
     if not settings.encrypt_blobs:
         return store
     return EncryptedBlobStore(store, blob_master_key(installation_key(settings)))
@@ -350,7 +354,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
                         settings.exchange_team_email, settings.public_url)
     inbox.on_decided(arrivals.send_receipt)
     uploads = _uploads(settings, engine, audit, ingest, inbox, catalogue, corrections, mailer,
-                       users_directory, jobs)
+                       users_directory, jobs, deletion)
     archive = Archive(
         settings=settings, engine=engine, blobs=blobs, audit=audit, writer=writer,
         ingest=ingest, query=query, retrieve=retrieve, users=users_directory,
@@ -391,12 +395,14 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
 
 def _uploads(settings: Settings, engine: Engine, audit: AuditTrail, ingest: IngestService,
              inbox: Inbox, catalogue: StudyCatalogue, corrections: PatientCorrections,
-             mailer: Mailer, users: UserDirectory, jobs: DatabaseJobQueue) -> UploadService:
-    """The uploads capability: received files and kept originals live in the data folder
-    (``uploads/`` and ``upload-originals/``)."""
+             mailer: Mailer, users: UserDirectory, jobs: DatabaseJobQueue,
+             deletion: ArchiveDeletion) -> UploadService:
+    """The uploads capability: files being received live in the data folder (``uploads/``),
+    the kept originals beside the blob store (``upload-originals``: a folder next to it, or
+    a prefix in its bucket; sealed like the blobs when they are)."""
     invitations = UploadInvitations(engine, audit, mailer, settings.public_url,
                                     settings.upload_max_mb << 20, settings.upload_max_days)
-    originals = open_blob_store((settings.data_dir / "upload-originals").resolve().as_uri())
+    originals = blob_store(settings, beside="upload-originals")
     return UploadService(
         invitations=invitations,
         receiver=UploadReceiver(engine, audit, settings.data_dir / "uploads"),
@@ -407,6 +413,7 @@ def _uploads(settings: Settings, engine: Engine, audit: AuditTrail, ingest: Inge
         patients=PatientAccounts(engine, users, audit, mailer,
                                  settings.public_url),
         jobs=jobs,
+        deletion=deletion,
     )
 
 
@@ -458,6 +465,8 @@ def periodic_tasks(archive: Archive) -> PeriodicTasks:
                      "Retention: deleting what its class lets go"),
         PeriodicTask("share-notices", settings.share_notices_every_seconds,
                      "Notices of share links about to expire"),
+        PeriodicTask("upload-cleanup", settings.retention_every_seconds,
+                     "Uploads: removing files of invitations that ended unsent"),
     ])
 
 
@@ -609,6 +618,7 @@ def _make_listener(archive: Archive, shared_port: bool) -> Any:
         shared_port=shared_port, refusals=archive.refused_callers, arrivals=archive.arrivals,
         tls_port=settings.dicom_tls_port, ssl_context=dicom_server_context(settings),
         client_ssl_context=client_context(settings),
+        proxy_protocol_from=settings.trusted_proxies if settings.dicom_proxy_protocol else "",
     )
 
 

@@ -231,9 +231,15 @@ class Settings:
         "certificates, remote DICOM TLS nodes and DICOMweb sites over https (besides the "
         "system's own)."
     )
+    dicom_proxy_protocol: bool = _setting(
+        False, "The DICOM ports sit behind a TCP load balancer sending the PROXY protocol "
+        "(HAProxy send-proxy / send-proxy-v2) from the trusted_proxies addresses: each "
+        "association is checked and audited as coming from the balancer's client."
+    )
     trusted_proxies: str = _setting(
         "127.0.0.1", "Addresses (comma-separated) of load balancers or proxies whose "
-        "X-Forwarded-For / X-Forwarded-Proto name the caller; nobody else's are believed."
+        "X-Forwarded-For / X-Forwarded-Proto (and, with dicom_proxy_protocol, PROXY protocol "
+        "headers) name the caller; nobody else's are believed."
     )
     http_tls: bool = _setting(
         True, "Serve HTTPS (only) when tls_certificate and tls_private_key are set; false: "

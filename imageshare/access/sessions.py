@@ -19,6 +19,10 @@ from imageshare.storage.index.schema import sessions, users
 
 IDLE = timedelta(minutes=30)
 LIFETIME = timedelta(hours=12)
+# A session's last use is written at most this often: every request reads the session, but a
+# write (a commit, and the index's write lock) per request would slow every page, frame and
+# upload chunk; the idle limit is then kept to within this much.
+SEEN_EVERY = timedelta(seconds=30)
 COOKIE = "imageshare_session"
 
 
@@ -54,7 +58,8 @@ class SessionStore:
         return secret, csrf
 
     def find(self, secret: str, source: str) -> Session | None:
-        """The live session for a cookie secret (its use is noted), or None."""
+        """The live session for a cookie secret (its use is noted, at most every
+        :data:`SEEN_EVERY`), or None."""
         now = datetime.now(UTC)
         with self._engine.begin() as conn:
             row = conn.execute(
@@ -70,8 +75,9 @@ class SessionStore:
             if (now - as_utc(row.last_seen_at) > IDLE
                     or now - as_utc(row.created_at) > LIFETIME):
                 return None
-            conn.execute(update(sessions).where(sessions.c.pk == row.pk)
-                         .values(last_seen_at=now))
+            if now - as_utc(row.last_seen_at) >= SEEN_EVERY:
+                conn.execute(update(sessions).where(sessions.c.pk == row.pk)
+                             .values(last_seen_at=now))
         role = {"enrol": ENROLLING, "code": AWAITING_CODE}.get(
             row.stage, effective_role(row.role, row.totp_enabled))
         return Session(Actor("user", row.username, role, source), row.csrf_token)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from imageshare.access.lockout import Lockout
@@ -23,6 +23,7 @@ from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import SYSTEM, Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.domain.identifiers import is_email_address
+from imageshare.storage.index.database import run_read
 from imageshare.storage.index.schema import account_invites, api_tokens, users
 from imageshare.storage.secret_box import SecretBox
 
@@ -461,16 +462,11 @@ class UserDirectory:
     def authenticate_token(self, secret: str, source: str = "") -> Actor | None:
         """The Actor owning a valid (not expired, not revoked) token, else None."""
         now = datetime.now(UTC)
-        with self._engine.connect() as conn:
-            row = conn.execute(
-                select(
-                    api_tokens.c.pk, api_tokens.c.expires_at, api_tokens.c.revoked_at,
-                    api_tokens.c.origin, api_tokens.c.last_used_at, users.c.username,
-                    users.c.role, users.c.disabled, users.c.totp_enabled,
-                )
-                .join(users, users.c.pk == api_tokens.c.user_pk)
-                .where(api_tokens.c.token_hash == secret_hash(secret))
-            ).first()
+        # Looked up in the database on every request (no cache: a revocation or a disabled
+        # account counts at once on every instance), as one statement without a transaction
+        # around it.
+        row = run_read(self._engine, lambda conn: conn.execute(
+            _TOKEN_LOOKUP, {"token_hash": secret_hash(secret)}).first())
         if row is None or row.revoked_at is not None or row.disabled:
             return None
         if row.expires_at is not None and as_utc(row.expires_at) <= now:
@@ -492,6 +488,15 @@ class UserDirectory:
         except OperationalError as exc:
             log.warning("could not record when an API token was last used (%s)",
                         type(exc).__name__)
+
+
+_TOKEN_LOOKUP = (
+    select(api_tokens.c.pk, api_tokens.c.expires_at, api_tokens.c.revoked_at,
+           api_tokens.c.origin, api_tokens.c.last_used_at, users.c.username, users.c.role,
+           users.c.disabled, users.c.totp_enabled)
+    .join(users, users.c.pk == api_tokens.c.user_pk)
+    .where(api_tokens.c.token_hash == bindparam("token_hash"))
+)
 
 
 def as_utc(moment: datetime) -> datetime:

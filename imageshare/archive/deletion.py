@@ -73,6 +73,15 @@ class ArchiveDeletion:
         condition = studies.c.study_uid == study_uid
         return self._delete(condition, only_classes, actor, reason, "rejection", self.clock())
 
+    def instances(self, sop_uids: Collection[str], actor: Actor, reason: str,
+                  only_classes: Collection[str]) -> Removed:
+        """Remove the instances of ``only_classes`` with these SOP Instance UIDs (files of an
+        upload withdrawn before they were sent): all of them, or none."""
+        if not sop_uids:
+            return Removed(0, [])
+        condition = instances.c.sop_uid.in_(sorted(sop_uids))
+        return self._delete(condition, only_classes, actor, reason, "rejection", self.clock())
+
     def approved_study(self, study_uid: str, actor: Actor, reason: str) -> Removed:
         """Delete a whole study two administrators agreed on: all of it, or nothing
         (:class:`DeletionRefused` naming why: a legal hold, a class still keeping it)."""

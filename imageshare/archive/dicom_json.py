@@ -10,6 +10,7 @@ the log naming the instance and the attribute by UID and tag (never the value).
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import math
 import xml.etree.ElementTree as ET
@@ -230,23 +231,36 @@ def dataset_json(
     return _Builder(bulk_uri, threshold, instance).dataset(ds, "")
 
 
-def safe_json(attrs: dict[str, Any], instance: str = "") -> dict[str, Any]:
+def safe_json(attrs: dict[str, Any], instance: str = "", check_values: bool = True
+              ) -> dict[str, Any]:
     """Stored DICOM JSON with every element that JSON cannot carry left out (with a warning):
-    non-finite numbers, strings that are not Unicode."""
+    non-finite numbers, strings that are not Unicode.
+
+    ``check_values=False`` keeps only the shape (elements and sequence items that are
+    objects) and leaves the values unchecked, for a caller that renders with
+    :func:`json_bytes` (which refuses what JSON cannot carry) and calls this again with the
+    check when it is refused."""
     out = {}
     for tag, element in attrs.items():
         if not isinstance(element, dict):
             continue
         if element.get("vr") == "SQ":
-            items = [safe_json(item, instance) for item in element.get("Value") or []
-                     if isinstance(item, dict)]
+            items = [safe_json(item, instance, check_values)
+                     for item in element.get("Value") or [] if isinstance(item, dict)]
             out[tag] = {**element, "Value": items} if items else {"vr": "SQ"}
-        elif _json_safe(element):
+        elif not check_values or _json_safe(element):
             out[tag] = element
         else:
             left_out(instance, tag, str(element.get("vr", "")),
                      "value not representable in DICOM JSON")
     return out
+
+
+def json_bytes(value: Any) -> bytes:
+    """``value`` as compact UTF-8 JSON; raises ValueError (UnicodeEncodeError included) for
+    a non-finite number or a string that is not Unicode, which JSON cannot carry."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, indent=None,
+                      separators=(",", ":")).encode("utf-8")
 
 
 # -- DICOM XML (PS3.19 Native DICOM Model) ----------------------------------------------------

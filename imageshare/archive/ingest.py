@@ -12,14 +12,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 from sqlalchemy import Connection
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from imageshare.archive.header import InstanceHeader, read_header
 from imageshare.archive.index_writer import IndexWriter, Prerequisite
@@ -27,6 +27,7 @@ from imageshare.archive.indexing import (
     ExistingInstance,
     IndexOutcome,
     KnownParents,
+    RacedAnotherWriter,
     find_instance,
     index_instance,
     note_inbox_arrival,
@@ -39,9 +40,17 @@ from imageshare.domain.errors import (
     ConflictingInstance,
     InvalidInstance,
     OutOfResources,
+    StorageError,
     WrongStudy,
 )
-from imageshare.storage.blobs import BlobStore, StoredBlob, digest_of, new_blob_key, store_file
+from imageshare.storage.blobs import (
+    BlobStore,
+    StoredBlob,
+    digest_of,
+    new_blob_key,
+    store_file,
+    sync_folders,
+)
 
 log = logging.getLogger("imageshare.ingest")
 _CHUNK = 1 << 20
@@ -202,6 +211,101 @@ class IngestService:
                 raise out_of_room() from exc
             raise
 
+    def store_staged_many(
+        self, paths: list[Path], actor: Actor, expected_study: str | None = None,
+    ) -> list[StoreResult | Exception]:
+        """Store the Part 10 files at ``paths`` (the parts of one STOW-RS request), which the
+        pipeline may move or delete, as one :class:`StoreBatch`: for each file, in order,
+        what :meth:`store_staged` would return for it, or the error it would raise."""
+        batch = self.begin_batch(actor, expected_study)
+        for path in paths:
+            batch.add(path)
+        return batch.finish()
+
+    def begin_batch(self, actor: Actor, expected_study: str | None = None) -> StoreBatch:
+        """A :class:`StoreBatch` for files stored by ``actor`` (of ``expected_study`` only,
+        when given)."""
+        return StoreBatch(self, actor, expected_study)
+
+    def _parse_staged(self, path: Path, reader: BinaryIO, expected_study: str | None
+                      ) -> InstanceHeader:
+        """The checked header of the file open as ``reader`` (closed on return)."""
+        with reader:
+            _ds, header = read_header(path, reader)
+        if expected_study and header.study_uid != expected_study:
+            raise WrongStudy(
+                "the instance belongs to another study than the one in the request URL",
+                header.sop_class_uid, header.sop_instance_uid,
+            )
+        return header
+
+    def _index_many(
+        self, conn: Connection,
+        batch: list[tuple[int, InstanceHeader, str, Future[StoredBlob]]], actor: Actor,
+        refusals: list[AuditEvent],
+    ) -> dict[int, IndexOutcome | Exception]:
+        """Index a batch inside ``conn``'s transaction and audit every file with one write. A
+        file that fails, or whose bytes could not be stored, leaves no row: the files are
+        indexed together in one savepoint and, if any of them fails, again each in its own."""
+        results: dict[int, IndexOutcome | Exception] = {}
+        events = list(refusals)
+        ready = []
+        for i, h, key, moving in batch:
+            try:
+                moving.result()
+            except Exception as exc:  # noqa: BLE001 - reported for this file alone
+                results[i] = exc
+                events.append(self._refusal_event(
+                    actor, "instance.store",
+                    "out of resources" if no_room(exc) else "the bytes could not be stored",
+                    h, outcome="failure"))
+                continue
+            ready.append((i, h, key, moving))
+        together: list[tuple[int, InstanceHeader, IndexOutcome]] | None = None
+        if len(ready) > 1:
+            try:
+                with conn.begin_nested():  # the common case: one savepoint for all
+                    together = [(i, h, self._index_only(conn, h, key, moving, actor))
+                                for i, h, key, moving in ready]
+            except Exception:  # noqa: BLE001 - rolled back; each file again on its own below
+                self._known.clear()  # what it remembered may name rolled-back rows
+        if together is not None:
+            for i, h, outcome in together:
+                results[i] = outcome
+                events.append(self._stored_event(actor, h, outcome))
+            self.audit.record(events, conn)
+            return results
+        for i, h, key, moving in ready:
+            for attempt in (1, 2):
+                try:
+                    with conn.begin_nested():
+                        outcome = self._index_only(conn, h, key, moving, actor)
+                except Exception as exc:  # noqa: BLE001 - this file's rows were rolled back
+                    self._known.clear()  # what it remembered may name rolled-back rows
+                    raced = isinstance(exc, IntegrityError | OperationalError
+                                       | RacedAnotherWriter)
+                    if raced and attempt == 1:
+                        continue  # another process took a row meanwhile: once more, fresh
+                    results[i] = exc
+                    events.append(self._refusal_event(
+                        actor, "instance.store",
+                        f"the index could not record it ({type(exc).__name__})", h,
+                        outcome="failure"))
+                    break
+                results[i] = outcome
+                events.append(self._stored_event(actor, h, outcome))
+                break
+        self.audit.record(events, conn)
+        return results
+
+    def _audit_quietly_many(self, events: list[AuditEvent]) -> None:
+        """Audit failed stores in one write; like :meth:`_audit_quietly`, a failing audit
+        does not hide the first error."""
+        try:
+            self.audit.record(events)
+        except Exception as exc:  # noqa: BLE001 - the refusal itself is what counts
+            log.warning("refusals could not be audited: %s", type(exc).__name__)
+
     def ensure_room(self, actor: Actor) -> None:
         """:meth:`check_room`, auditing a refusal as a failed store by ``actor``."""
         try:
@@ -274,6 +378,11 @@ class IngestService:
             self._audit_quietly(actor, f"the index could not record it ({type(exc).__name__})",
                                 header)
             raise
+        return self._settle(header, key, outcome)
+
+    def _settle(self, header: InstanceHeader, key: str, outcome: IndexOutcome) -> StoreResult:
+        """After the commit: drop the blobs the index did not keep; the answer (or raise
+        :class:`ConflictingInstance`)."""
         if outcome.status in ("duplicate", "kept_first", "conflict"):
             self.blobs.delete(key)
         if outcome.obsolete_blob:
@@ -317,6 +426,15 @@ class IngestService:
         self, conn: Connection, h: InstanceHeader, key: str, moving: Future[StoredBlob],
         actor: Actor, review_site: str = "",
     ) -> IndexOutcome:
+        outcome = self._index_only(conn, h, key, moving, actor, review_site)
+        self.audit.record(self._stored_event(actor, h, outcome), conn)
+        return outcome
+
+    def _index_only(
+        self, conn: Connection, h: InstanceHeader, key: str, moving: Future[StoredBlob],
+        actor: Actor, review_site: str = "",
+    ) -> IndexOutcome:
+        """Index one instance whose bytes are (being) stored under ``key``; not audited."""
         now = datetime.now(UTC)
         existing = find_instance(conn, h.sop_instance_uid)
         if existing is None:
@@ -356,38 +474,44 @@ class IngestService:
                     "an instance with this SOP Instance UID but different content is already "
                     "stored; the stored one was kept",
                 )
-        self.audit.record(
-            AuditEvent(
-                actor=actor,
-                action="instance.store",
-                outcome="refused" if outcome.status == "conflict" else (
-                    "success" if outcome.status in ("stored", "duplicate") else "warning"
-                ),  # held: stored, with a warning
-                patient_id=h.patient_id,
-                study_uid=h.study_uid,
-                instance_count=1,
-                detail={
-                    "sop_instance_uid": h.sop_instance_uid,
-                    "result": outcome.status,
-                    **({"reason": outcome.reason} if outcome.reason else {}),
-                    **({"conflict": outcome.audit_reason} if outcome.audit_reason else {}),
-                },
-            ),
-            conn,
-        )
         return outcome
+
+    @staticmethod
+    def _stored_event(actor: Actor, h: InstanceHeader, outcome: IndexOutcome) -> AuditEvent:
+        """The audit event of one instance the index took (or refused as a conflict)."""
+        return AuditEvent(
+            actor=actor,
+            action="instance.store",
+            outcome="refused" if outcome.status == "conflict" else (
+                "success" if outcome.status in ("stored", "duplicate") else "warning"
+            ),  # held: stored, with a warning
+            patient_id=h.patient_id,
+            study_uid=h.study_uid,
+            instance_count=1,
+            detail={
+                "sop_instance_uid": h.sop_instance_uid,
+                "result": outcome.status,
+                **({"reason": outcome.reason} if outcome.reason else {}),
+                **({"conflict": outcome.audit_reason} if outcome.audit_reason else {}),
+            },
+        )
 
     def _audit_refusal(
         self, actor: Actor, action: str, reason: str, header: InstanceHeader | None,
         outcome: Literal["refused", "failure"] = "refused",
     ) -> None:
-        self.audit.record(
-            AuditEvent(
-                actor=actor, action=action, outcome=outcome,
-                patient_id=header.patient_id if header else "",
-                study_uid=header.study_uid if header else "",
-                detail={"reason": reason},
-            )
+        self.audit.record(self._refusal_event(actor, action, reason, header, outcome))
+
+    @staticmethod
+    def _refusal_event(
+        actor: Actor, action: str, reason: str, header: InstanceHeader | None,
+        outcome: Literal["refused", "failure"] = "refused",
+    ) -> AuditEvent:
+        return AuditEvent(
+            actor=actor, action=action, outcome=outcome,
+            patient_id=header.patient_id if header else "",
+            study_uid=header.study_uid if header else "",
+            detail={"reason": reason},
         )
 
     # -- recovery ------------------------------------------------------------------------------
@@ -446,3 +570,141 @@ class IngestService:
             f"{datetime.now(UTC).isoformat()} not recovered: {reason}\n")
         log.warning("start-up recovery: blob %s could not be stored (%s); moved to %s",
                     key, type(exc).__name__, target)
+
+
+@dataclass
+class _BatchFile:
+    """One file of a :class:`StoreBatch` and the work started for it."""
+
+    key: str
+    move: Future[StoredBlob] | None = None
+    parse: Future[InstanceHeader] | None = None
+    answer: StoreResult | Exception | None = None
+
+
+class StoreBatch:
+    """The files of one STOW-RS request, stored as one unit of work.
+
+    Each file added is moved into the blob store, fsynced and parsed at once, in the
+    background, while the next ones arrive; :meth:`finish` then fsyncs each blob folder once,
+    indexes every file in one transaction (in one savepoint; each file in its own when one of
+    them fails, so that it alone is refused), and writes their audit events (one per file,
+    refusals included) in that transaction. A file that is refused, or whose bytes or index
+    rows cannot be stored, changes nothing else. When :meth:`finish`
+    returns every stored file is fsynced and its index commit done; if that commit fails,
+    every file fails and nothing of the batch stays. A batch that is not finished (the body
+    was malformed, too large, or cut) is :meth:`abandon`-ed: nothing of it stays.
+    """
+
+    def __init__(self, service: IngestService, actor: Actor,
+                 expected_study: str | None = None) -> None:
+        self._service = service
+        self._actor = actor
+        self._expected_study = expected_study
+        self._files: list[_BatchFile] = []
+        self._refusals: list[AuditEvent] = []
+        self._finishing = False
+
+    def add(self, path: Path) -> None:
+        """Start storing the Part 10 file at ``path`` (the batch moves or deletes it)."""
+        service = self._service
+        entry = _BatchFile(new_blob_key())
+        self._files.append(entry)
+        try:
+            # Opened by descriptor: readable while the file is moved into the store.
+            reader = open(os.open(path, os.O_RDONLY), "rb")  # noqa: SIM115 - closed by the parse
+        except OSError as exc:
+            entry.answer = exc
+            self._refusals.append(service._refusal_event(
+                self._actor, "instance.store", "the bytes could not be stored", None,
+                outcome="failure"))
+            return
+        # Making the bytes durable (I/O, no GIL) and parsing run beside the next arrivals;
+        # the folders are fsynced once in finish(), before anything is committed.
+        entry.move = service._blob_io.submit(store_file, service.blobs, entry.key, path, False)
+        entry.parse = service._blob_io.submit(service._parse_staged, path, reader,
+                                              self._expected_study)
+
+    @property
+    def finishing(self) -> bool:
+        """True once :meth:`finish` was called (then :meth:`abandon` does nothing)."""
+        return self._finishing
+
+    def abandon(self) -> None:
+        """Undo the work started unless the batch was finished: no blob of it stays."""
+        if self._finishing:
+            return
+        self._undo()
+
+    def _undo(self) -> None:
+        for entry in self._files:
+            if entry.parse is not None:
+                wait([entry.parse])  # its reader is closed
+            if entry.move is not None:
+                self._service._discard(entry.move, entry.key)
+
+    def finish(self) -> list[StoreResult | Exception]:
+        """Store the files added, as one unit; per file, in order, its result or the error
+        :meth:`IngestService.store_staged` would raise for it."""
+        service, actor = self._service, self._actor
+        files = self._files
+        self._finishing = True
+        if not files:
+            return []
+        try:
+            service.ensure_room(actor)
+        except OutOfResources as exc:
+            self._undo()
+            return [exc] * len(files)
+        refusals = list(self._refusals)
+        batch: list[tuple[int, InstanceHeader, str, Future[StoredBlob]]] = []
+        for i, entry in enumerate(files):
+            if entry.parse is None or entry.move is None:
+                continue
+            try:
+                batch.append((i, entry.parse.result(), entry.key, entry.move))
+            except InvalidInstance as exc:
+                entry.answer = exc
+                refusals.append(service._refusal_event(actor, "instance.store", str(exc), None))
+            except Exception as exc:  # noqa: BLE001 - this file fails, the others go on
+                entry.answer = exc
+        on_disk = Prerequisite()
+        pending = service.writer.submit_async(
+            lambda conn: service._index_many(conn, batch, actor, refusals), on_disk)
+        try:
+            wait([moving for _i, _h, _k, moving in batch])
+            sync_folders(service.blobs, [key for _i, _h, key, moving in batch
+                                         if moving.exception() is None])
+        except BaseException as exc:
+            on_disk.failed(exc)  # the index change fails with it: nothing is committed
+        else:
+            on_disk.succeeded()
+        try:
+            indexed = pending.result()
+        except Exception as exc:
+            # Nothing of the batch was committed: no blob of it may stay.
+            for entry in files:
+                if entry.move is not None:
+                    service._discard(entry.move, entry.key)
+            service._audit_quietly_many(refusals + [
+                service._refusal_event(actor, "instance.store",
+                                       f"the index could not record it ({type(exc).__name__})",
+                                       h, outcome="failure") for _i, h, _k, _m in batch])
+            failure = out_of_room() if no_room(exc) else exc
+            return [e.answer if e.answer is not None else failure for e in files]
+        headers = {i: h for i, h, _k, _m in batch}
+        for i, entry in enumerate(files):
+            if entry.move is None:
+                continue
+            result = indexed.get(i)
+            if i not in headers or not isinstance(result, IndexOutcome):
+                service._discard(entry.move, entry.key)  # refused, or not indexed: not kept
+                if isinstance(result, Exception):
+                    entry.answer = out_of_room() if no_room(result) else result
+                continue
+            try:
+                entry.answer = service._settle(headers[i], entry.key, result)
+            except ConflictingInstance as exc:
+                entry.answer = exc
+        return [e.answer if e.answer is not None else StorageError("the file was not stored")
+                for e in files]

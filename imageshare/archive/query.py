@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydicom.tag import Tag
 from sqlalchemy import (
+    Connection,
     Engine,
     Select,
     and_,
@@ -42,6 +43,7 @@ from imageshare.archive.record import (
 from imageshare.audit.trail import AuditEvent, AuditTrail, Outcome
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import InvalidQuery
+from imageshare.storage.index.database import run_transaction
 from imageshare.storage.index.schema import (
     instances,
     patient_identifiers,
@@ -235,22 +237,30 @@ class QueryService:
         self._ae_title = ae_title
         self._instance_header = instance_header
         self._max_results = max_results
+        self._selects: dict[tuple[int, bool], Select[Any]] = {}
 
     def find(self, query: Query, actor: Actor) -> list[Match]:
         """Every match of ``query`` (after ``offset``, at most ``limit``), in index order.
 
-        The search is audited with its keys and the number of matches.
+        The search is audited with its keys and the number of matches: the event is written
+        in the same transaction as the reads and committed before the matches are returned
+        (one connection and one commit per search). A search that fails is audited as a
+        failure in a transaction of its own.
         """
+        def search_and_audit(conn: Connection) -> list[Match]:
+            found = self._find(query, conn)
+            self._audit_query(query, actor, "success", len(found), conn=conn)
+            return found
+
         try:
-            matches = self._find(query)
+            return run_transaction(self._engine, search_and_audit)
         except Exception as exc:
             self._audit_query(query, actor, "failure", 0, type(exc).__name__)
             raise
-        self._audit_query(query, actor, "success", len(matches))
-        return matches
 
     def _audit_query(
-        self, query: Query, actor: Actor, outcome: Outcome, count: int, error: str = ""
+        self, query: Query, actor: Actor, outcome: Outcome, count: int, error: str = "",
+        conn: Connection | None = None,
     ) -> None:
         keys = {
             tag: _first_text(element)
@@ -262,10 +272,11 @@ class QueryService:
                 actor=actor, action="study.query", outcome=outcome,
                 instance_count=count,
                 detail={"level": query.level, "keys": keys, **({"error": error} if error else {})},
-            )
+            ),
+            conn,
         )
 
-    def _find(self, query: Query) -> list[Match]:
+    def _find(self, query: Query, conn: Connection) -> list[Match]:
         if query.level not in LEVELS:
             raise InvalidQuery(f"unknown query level {query.level!r}")
         depth = LEVELS.index(query.level)
@@ -293,23 +304,30 @@ class QueryService:
         limit = min(query.limit or self._max_results, self._max_results)
         if not python_filters:
             stmt = stmt.offset(query.offset).limit(limit)
-        with self._engine.connect() as conn:
-            rows = conn.execute(stmt).mappings().all()
-            matches = [self._build(row, depth, query) for row in rows]
-            if isinstance(query.allowed_studies, Scope):
-                _count_within(conn, matches, depth, query.allowed_studies)
-            if python_filters:
-                matches = [
-                    m for m in matches
-                    if all(json_matches(m.attributes.get(t), e) for t, e in python_filters)
-                ]
-                matches = matches[query.offset: query.offset + limit]
-            self._add_counts(conn, matches, depth, query)
+        rows = conn.execute(stmt).mappings().all()
+        matches = [self._build(row, depth, query) for row in rows]
+        if isinstance(query.allowed_studies, Scope):
+            _count_within(conn, matches, depth, query.allowed_studies)
+        if python_filters:
+            matches = [
+                m for m in matches
+                if all(json_matches(m.attributes.get(t), e) for t, e in python_filters)
+            ]
+            matches = matches[query.offset: query.offset + limit]
+        self._add_counts(conn, matches, depth, query)
         return [self._select_keys(m, query) for m in matches]
 
     # -- SQL --------------------------------------------------------------------------------
 
     def _select(self, depth: int, newest_first: bool = False) -> Select[Any]:
+        """The statement every search at ``depth`` starts from (built once: statements are
+        immutable, each search adds its conditions to a copy)."""
+        stmt = self._selects.get((depth, newest_first))
+        if stmt is None:
+            stmt = self._selects[(depth, newest_first)] = self._base_select(depth, newest_first)
+        return stmt
+
+    def _base_select(self, depth: int, newest_first: bool) -> Select[Any]:
         cols: list[Any] = [
             patients.c.pk.label("patient_pk"), patients.c.patient_id, patients.c.attrs.label(
                 "patient_attrs"),

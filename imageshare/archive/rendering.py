@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.encaps import get_frame
+from pydicom.encaps import generate_fragments, get_frame
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import JPEGBaseline8Bit
 
@@ -263,6 +263,35 @@ def render_frame(stream: BinaryIO, frame_index: int, options: RenderOptions) -> 
         if stored is not None:
             return stored
         return _encode(frames.image(frame_index, options), options)
+
+    return _rendering(work)
+
+
+def render_video_still(stream: BinaryIO, options: RenderOptions) -> bytes:
+    """The first picture of a video instance (its poster: thumbnails, a still asked for
+    as an image), decoded from its MPEG stream."""
+    _check_media(options)
+
+    def work() -> bytes:
+        import av
+
+        ds = dcmread(stream)
+        syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        data = b"".join(generate_fragments(ds.PixelData))
+        form = None if data[4:8] == b"ftyp" else (
+            "hevc" if syntax.startswith(("1.2.840.10008.1.2.4.107",
+                                         "1.2.840.10008.1.2.4.108")) else
+            "mpegvideo" if syntax.startswith(("1.2.840.10008.1.2.4.100",
+                                              "1.2.840.10008.1.2.4.101")) else "h264")
+        with av.open(io.BytesIO(data), format=form) as container:
+            for picture in container.decode(video=0):  # type: ignore[union-attr]
+                image = picture.to_image()
+                break
+            else:
+                raise NotAcceptable("the video holds no picture to show")
+        if options.viewport:
+            image.thumbnail(options.viewport, Image.Resampling.LANCZOS)
+        return _encode(image, options)
 
     return _rendering(work)
 

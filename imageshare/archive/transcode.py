@@ -9,8 +9,10 @@ receiver that takes an uncompressed one.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import BinaryIO
+from fractions import Fraction
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 from pydicom import dcmread
@@ -80,6 +82,98 @@ def is_video(transfer_syntax: str) -> bool:
 def is_known_syntax(transfer_syntax: str) -> bool:
     """True for a transfer syntax UID of the standard (pydicom's registry)."""
     return UID(transfer_syntax).is_transfer_syntax
+
+
+_PLAYABLE = {"video/mp4": "h264", "video/H265": "hevc"}  # elementary stream formats (PyAV)
+
+
+def playable_video(stream: BinaryIO, transfer_syntax: str) -> bytes:
+    """A stored video instance as an MP4 file a browser plays (the rendered video of PS3.18):
+    its bitstream as it is when it is an MP4 file already, else its H.264 or HEVC stream put
+    into an MP4 container (not re-encoded). NotAcceptable for MPEG-2, which browsers do not
+    play."""
+    kind = COMPRESSED_MEDIA_TYPES.get(transfer_syntax, "")
+    if kind not in _PLAYABLE:
+        raise NotAcceptable("this video (MPEG-2) cannot be played in a browser; retrieve "
+                            "the instance")
+    from pydicom.encaps import generate_fragments
+
+    ds = dcmread(stream)
+    data = b"".join(generate_fragments(ds.PixelData))
+    if data[4:8] == b"ftyp":
+        # without the pad byte of an odd-length file
+        return data[:_boxes_end(lambda at: data[at:at + 16], len(data))]
+    import av
+
+    out = io.BytesIO()
+    try:
+        with cast(Any, av.open(io.BytesIO(data), format=_PLAYABLE[kind])) as source, av.open(
+                out, "w", format="mp4",
+                options={"movflags": "frag_keyframe+empty_moov"}) as target:
+            video = source.streams.video[0]
+            copy = target.add_stream_from_template(video)
+            rate = Fraction(video.guessed_rate or video.average_rate or 25)
+            copy.time_base = 1 / rate
+            number = 0
+            for packet in source.demux(video):
+                if not packet.size:
+                    continue  # the end of the stream
+                # A bare stream has no timestamps: one frame per packet at the stream's rate,
+                # in the order stored (right for streams without B-frames).
+                packet.stream, packet.time_base = copy, copy.time_base
+                packet.pts = packet.dts = number
+                number += 1
+                target.mux(packet)
+    except (av.error.FFmpegError, IndexError, ValueError) as exc:
+        raise ImageShareError("the video in this instance cannot be read") from exc
+    return out.getvalue()
+
+
+def mp4_span(stream: BinaryIO) -> tuple[int, int] | None:
+    """Where, in a stored video instance read from ``stream`` (seekable), its MP4 file lies:
+    (offset, length), when the pixel data is one fragment holding an MP4 file (as uploads
+    and many devices store it); else None. Only the headers are read."""
+    stream.seek(0)
+    dcmread(stream, stop_before_pixels=True)
+    head = stream.read(12)  # (7FE0,0010) OB, two reserved bytes, undefined length
+    if len(head) != 12 or head[:6] != b"\xe0\x7f\x10\x00OB" or head[8:] != b"\xff" * 4:
+        return None
+    item = stream.read(8)  # the Basic Offset Table item
+    if len(item) != 8 or item[:4] != b"\xfe\xff\x00\xe0":
+        return None
+    stream.seek(int.from_bytes(item[4:], "little"), 1)
+    item = stream.read(8)  # the one fragment
+    if len(item) != 8 or item[:4] != b"\xfe\xff\x00\xe0":
+        return None
+    start, length = stream.tell(), int.from_bytes(item[4:], "little")
+    if stream.read(8)[4:8] != b"ftyp":
+        return None
+    stream.seek(start + length)
+    if stream.read(4) != b"\xfe\xff\xdd\xe0":  # more than one fragment: not one file
+        return None
+
+    def box_at(position: int) -> bytes:
+        stream.seek(start + position)
+        return stream.read(16)
+
+    return start, _boxes_end(box_at, length)  # without the fragment's pad byte
+
+
+def _boxes_end(box_at: Callable[[int], bytes], length: int) -> int:
+    """Where an MP4 file's last top-level box ends, within ``length`` bytes whose box
+    headers ``box_at(position)`` gives (up to 16 bytes from there)."""
+    position = 0
+    while position + 8 <= length:
+        box = box_at(position)
+        size = int.from_bytes(box[:4], "big")
+        if size == 1 and len(box) >= 16:
+            size = int.from_bytes(box[8:16], "big")
+        elif size == 0:  # the last box runs to the end
+            return length
+        if size < 8:
+            break
+        position += size
+    return min(position, length) or length
 
 
 def can_decode(transfer_syntax: str) -> bool:

@@ -11,6 +11,7 @@ from pydicom import Dataset
 from pydicom.multival import MultiValue
 
 from imageshare.archive.studies import StudyRecord
+from imageshare.archive.transcode import is_video
 
 _MAX_HEADERS = 200
 
@@ -70,6 +71,17 @@ def _first(value: Any) -> Any:
     return value[0] if isinstance(value, MultiValue | list | tuple) else value
 
 
+# Video Endoscopic, Video Microscopic and Video Photographic Image Storage
+VIDEO_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.77.1.1.1", "1.2.840.10008.5.1.4.1.1.77.1.2.1",
+                           "1.2.840.10008.5.1.4.1.1.77.1.4.1"})
+
+
+def _is_video_file(ds: Dataset | None) -> bool:
+    """True when a stored header says its pixel data is a video stream (MPEG-2/4, HEVC)."""
+    meta = getattr(ds, "file_meta", None) if ds is not None else None
+    return bool(meta is not None and is_video(str(meta.get("TransferSyntaxUID", ""))))
+
+
 def viewer_manifest(
     study: StudyRecord, header: Callable[[str], Dataset | None], initial_series: str = ""
 ) -> dict[str, Any]:
@@ -84,10 +96,14 @@ def viewer_manifest(
         budget -= 1
         frames: list[dict[str, Any]] = []
         rate = None
+        video_file = _is_video_file(first)
         for inst in series.instances:
             if inst.rows is None:
                 continue
-            if inst.frames > 1:
+            if inst.sop_class_uid in VIDEO_CLASSES or video_file:
+                # a video plays in the browser's own player (rendered as video/mp4)
+                frames.append({"sop": inst.sop_uid, "frame": 1, "multi": False, "video": True})
+            elif inst.frames > 1:
                 frames.extend({"sop": inst.sop_uid, "frame": n, "multi": True}
                               for n in range(1, inst.frames + 1))
                 if rate is None:
@@ -105,6 +121,7 @@ def viewer_manifest(
             "description": series.description,
             "colour": colour,
             "cine": any(i.frames > 1 for i in series.instances),
+            "video": any(f.get("video") for f in frames),
             "frameRate": round(rate, 3) if rate else None,
             "window": starting_window(first) if first is not None else None,
             "spacing": pixel_spacing(first) if first is not None else None,

@@ -61,6 +61,9 @@ _LOCK_HEAD = (update(audit_chain_head).where(audit_chain_head.c.id == HEAD_ROW)
 _MOVE_HEAD = (update(audit_chain_head).where(audit_chain_head.c.id == HEAD_ROW)
               .values(seq=bindparam("new_seq"), hash=bindparam("new_hash")))
 _INSERT_ROWS = insert(audit_events)
+_ADD_ONE_AND_MOVE_HEAD = _MOVE_HEAD.add_cte(insert(audit_events).values(
+    {name: bindparam(name) for name in (*_CONTENT, "seq", "prev_hash", "row_hash")}
+).cte("added"))
 
 
 def append(conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -73,10 +76,15 @@ def append(conn: Connection, rows: list[dict[str, Any]]) -> None:
         digest = row_hash(prev, seq, row)
         chained.append({**row, "seq": seq, "prev_hash": prev, "row_hash": digest})
         prev = digest
-    conn.execute(_INSERT_ROWS, chained)
     if head is None:
+        conn.execute(_INSERT_ROWS, chained)
         conn.execute(insert(audit_chain_head).values(id=HEAD_ROW, seq=seq, hash=prev))
+    elif len(chained) == 1 and conn.dialect.name == "postgresql":
+        # The row and the new head in one statement (one round trip fewer on every audited
+        # request): the insert rides along as a data-modifying WITH of the head's update.
+        conn.execute(_ADD_ONE_AND_MOVE_HEAD, {**chained[0], "new_seq": seq, "new_hash": prev})
     else:
+        conn.execute(_INSERT_ROWS, chained)
         conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
 
 

@@ -57,6 +57,7 @@ from imageshare.dicom.contexts import (
     SCP_SOP_CLASSES,
     storage_contexts_for,
 )
+from imageshare.dicom.proxy_protocol import proxy_server_class
 from imageshare.dicom.tls_server import tls_server_class
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
@@ -108,6 +109,7 @@ class DicomListener:
         tls_port: int = 0,
         ssl_context: ssl.SSLContext | None = None,
         client_ssl_context: ssl.SSLContext | None = None,
+        proxy_protocol_from: str = "",
     ) -> None:
         self.ingest = ingest
         self.query = query
@@ -126,6 +128,8 @@ class DicomListener:
         self._tls_server: Any = None
         # C-MOVE to a node registered with TLS opens its association over TLS.
         self.client_ssl_context = client_ssl_context
+        # Behind a TCP balancer sending the PROXY protocol: its addresses (setting text).
+        self.proxy_protocol_from = proxy_protocol_from
         self._actors: weakref.WeakKeyDictionary[Any, Actor] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         _config.STORE_RECV_CHUNKED_DATASET = True
@@ -158,7 +162,15 @@ class DicomListener:
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_C_GET, self._on_get),
         ]
-        server_class = _SharedPortServer if self.shared_port else ThreadedAssociationServer
+        base = _SharedPortServer if self.shared_port else ThreadedAssociationServer
+
+        def served(server: type) -> type:
+            """``server``, reading the PROXY protocol from the balancer when it sends it."""
+            if not self.proxy_protocol_from:
+                return server
+            return proxy_server_class(server, self.proxy_protocol_from)
+
+        server_class = served(base)
         if self.port is not None:  # None: DICOM TLS only
             self._server = self.ae.make_server(
                 (self.host, self.port), evt_handlers=handlers,  # type: ignore[arg-type]  # see below
@@ -171,7 +183,7 @@ class DicomListener:
         if self.ssl_context is not None:
             self._tls_server = self.ae.make_server(
                 (self.host, self.tls_port), evt_handlers=handlers,  # type: ignore[arg-type]  # see above
-                server_class=tls_server_class(server_class), ssl_context=self.ssl_context,
+                server_class=served(tls_server_class(base)), ssl_context=self.ssl_context,
             )
             threading.Thread(
                 target=self._tls_server.serve_forever, name="dicom-tls-acceptor", daemon=True

@@ -5,12 +5,12 @@ rejected. Unaccepted items expire with the temporary retention class."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, select, update
+from sqlalchemy import ColumnElement, Engine, and_, func, select, update
 
 from imageshare.archive.corrections import PatientCorrections, PatientDetails
 from imageshare.archive.deletion import ArchiveDeletion, Removed
@@ -155,10 +155,11 @@ class Inbox:
         return self._catalogue.record(uid).patient if uid else None
 
     def accept(self, pk: int, actor: Actor, reconcile: bool = True, note: str = "",
-               upload_review: bool = False) -> str:
+               upload_review: bool = False, sop_uids: Collection[str] | None = None) -> str:
         """Accept into the archive; with ``reconcile`` the study is filed under the local
         patient found by NHS number. Returns what was done, for people. An upload is
-        accepted only by its QC (``upload_review``)."""
+        accepted only by its QC (``upload_review``), and only its instances ``sop_uids``
+        (the files it sent) enter the record."""
         item = self._decidable(pk, upload_review)
         if item.status != "pending":
             raise ImageShareError("this item was decided already")
@@ -175,11 +176,13 @@ class Inbox:
                     self._keep_sender_id(item, received.patient_id)
                 done = f"reconciled to hospital number {local.patient_id} and accepted"
         with self._engine.begin() as conn:
+            chosen: ColumnElement[bool] = instances.c.series_pk.in_(
+                select(series.c.pk).join(studies, studies.c.pk == series.c.study_pk)
+                .where(studies.c.study_uid == item.study_uid))
+            if sop_uids is not None:
+                chosen = and_(chosen, instances.c.sop_uid.in_(sorted(sop_uids)))
             conn.execute(update(instances).where(
-                instances.c.series_pk.in_(
-                    select(series.c.pk).join(studies, studies.c.pk == series.c.study_pk)
-                    .where(studies.c.study_uid == item.study_uid)),
-                instances.c.retention_class.in_(REVIEW_CLASSES)).values(
+                chosen, instances.c.retention_class.in_(REVIEW_CLASSES)).values(
                     retention_class="clinical"))
             conn.execute(update(inbox_items).where(inbox_items.c.pk == pk).values(
                 status="accepted", decided_by=actor.name, decided_at=datetime.now(UTC),
@@ -205,9 +208,9 @@ class Inbox:
                     kind="TEXT"))
 
     def reject(self, pk: int, actor: Actor, note: str = "",
-               upload_review: bool = False) -> Removed:
+               upload_review: bool = False, sop_uids: Collection[str] | None = None) -> Removed:
         """Reject: the received instances are deleted (audited). An upload is rejected only
-        by its QC (``upload_review``)."""
+        by its QC (``upload_review``), and only its instances ``sop_uids`` go."""
         item = self._decidable(pk, upload_review)
         if item.status != "pending":
             raise ImageShareError("this item was decided already")
@@ -218,9 +221,12 @@ class Inbox:
                 status="rejected", decided_by=actor.name, decided_at=datetime.now(UTC),
                 note=note[:2000]))
         try:
-            removed = self._deletion.study(item.study_uid, actor,
-                                           f"rejected from the inbox: {note}"[:200],
-                                           only_classes=REVIEW_CLASSES)
+            why = f"rejected from the inbox: {note}"[:200]
+            removed = (self._deletion.study(item.study_uid, actor, why,
+                                            only_classes=REVIEW_CLASSES)
+                       if sop_uids is None else
+                       self._deletion.instances(set(sop_uids), actor, why,
+                                                only_classes=REVIEW_CLASSES))
         except Exception:
             with self._engine.begin() as conn:
                 conn.execute(update(inbox_items).where(inbox_items.c.pk == pk).values(

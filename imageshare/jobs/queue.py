@@ -84,6 +84,15 @@ class JobInterrupted(Exception):
     it."""
 
 
+class JobElsewhere(Exception):
+    """Raised by a handler whose job needs what only another instance keeps (files in its
+    data dir): the job goes back to the queue for a moment (the attempt is not counted) so
+    that another instance takes it. The message says why."""
+
+
+ELSEWHERE_DELAY = 2.0  # seconds before a job that belongs elsewhere may be taken again
+
+
 class JobQueue(Protocol):
     """The port: background work kept as records, handlers registered by kind."""
 
@@ -383,6 +392,9 @@ class DatabaseJobQueue:
         except JobInterrupted:
             self._quietly(self._requeue, running, count_attempt=False, delay=0.0,
                           error="interrupted by a shutdown; queued again")
+        except JobElsewhere as exc:
+            self._quietly(self._requeue, running, count_attempt=False,
+                          delay=ELSEWHERE_DELAY, error=str(exc))
         except Exception as exc:  # noqa: BLE001 - the job ends failed or is retried, with why
             reason = failure_reason(exc)
             log.warning("job %s (%s) attempt %d failed: %s", job.id[:8], job.kind,

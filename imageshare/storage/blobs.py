@@ -15,7 +15,7 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +74,15 @@ class LocalBlobs(Protocol):
         """The file holding ``key`` (it may not exist)."""
         ...
 
-    def put_file(self, key: str, path: Path) -> StoredBlob:
-        """Move the local file ``path`` into the store under ``key``; durable on return."""
+    def put_file(self, key: str, path: Path, sync_folder: bool = True) -> StoredBlob:
+        """Move the local file ``path`` into the store under ``key``; durable on return. With
+        ``sync_folder=False`` the bytes are durable on return but the file's name only after
+        :meth:`sync_folders` (one fsync per folder for many files)."""
+        ...
+
+    def sync_folders(self, keys: Iterable[str]) -> None:
+        """Make the names of files moved in with ``sync_folder=False`` durable: each folder
+        holding one of ``keys`` is fsynced once."""
         ...
 
 
@@ -132,15 +139,23 @@ def size_mismatch(key: str, expected: int, got: int) -> StorageError:
 # -- shared helpers for callers -------------------------------------------------------------
 
 
-def store_file(blobs: BlobStore, key: str, path: Path) -> StoredBlob:
+def store_file(blobs: BlobStore, key: str, path: Path, sync_folder: bool = True) -> StoredBlob:
     """Put the local file ``path`` under ``key`` and remove the file: moved into a local
-    store, streamed into any other."""
+    store, streamed into any other. With ``sync_folder=False`` the move is durable only after
+    :func:`sync_folders` for its key (a batch of files costs one fsync per folder)."""
     if isinstance(blobs, LocalBlobs):
-        return blobs.put_file(key, path)
+        return blobs.put_file(key, path, sync_folder=sync_folder)
     with open(path, "rb") as src:
         stored = blobs.put(key, src, os.fstat(src.fileno()).st_size)
     path.unlink(missing_ok=True)
     return stored
+
+
+def sync_folders(blobs: BlobStore, keys: Iterable[str]) -> None:
+    """Finish the durability of blobs stored with ``store_file(..., sync_folder=False)``
+    (nothing to do for a store that is not local: its puts are confirmed when they return)."""
+    if isinstance(blobs, LocalBlobs):
+        blobs.sync_folders(keys)
 
 
 def copy_to_file(blobs: BlobStore, key: str, target: Path) -> None:
@@ -216,16 +231,20 @@ class BoundedReader(io.BufferedIOBase):
 # -- choosing a store by URL ------------------------------------------------------------------
 
 
-def results_store_url(url: str) -> str:
-    """Where job results (export files) are kept beside the blob store at ``url``: the folder
-    ``job-results`` next to a store folder, the prefix ``PREFIX/job-results`` in a bucket
-    (whose keys the blob store's listing skips), so that every instance sharing the store
-    shares them."""
+def sibling_store_url(url: str, name: str) -> str:
+    """A store kept beside the blob store at ``url``: the folder ``name`` next to a store
+    folder, the prefix ``PREFIX/name`` in a bucket (whose keys the blob store's listing
+    skips), so that every instance sharing the store shares it too."""
     parsed = urlparse(url)
     if parsed.scheme == "s3":
-        return f"s3://{parsed.netloc}/{(parsed.path.strip('/') + '/job-results').lstrip('/')}"
+        return f"s3://{parsed.netloc}/{(parsed.path.strip('/') + '/' + name).lstrip('/')}"
     folder = Path(parsed.path if parsed.scheme else url)
-    return (folder.parent / "job-results").as_uri()
+    return (folder.parent / name).as_uri()
+
+
+def results_store_url(url: str) -> str:
+    """Where job results (export files) are kept beside the blob store at ``url``."""
+    return sibling_store_url(url, "job-results")
 
 
 def open_blob_store(url: str, s3_endpoint_url: str = "") -> BlobStore:

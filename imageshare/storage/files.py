@@ -10,7 +10,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -149,8 +149,9 @@ class FileBlobStore:
             tmp.unlink(missing_ok=True)
         return StoredBlob(size, digest.hexdigest())
 
-    def put_file(self, key: str, path: Path) -> StoredBlob:
-        """Move the local file ``path`` into the store under ``key``; durable on return.
+    def put_file(self, key: str, path: Path, sync_folder: bool = True) -> StoredBlob:
+        """Move the local file ``path`` into the store under ``key``; durable on return (with
+        ``sync_folder=False``: once :meth:`sync_folders` has run for ``key``).
 
         The file is renamed first and then read once (for its SHA-256) and fsynced with its
         folder: on journalling file systems the file's fsync commits the rename too, so the
@@ -161,7 +162,8 @@ class FileBlobStore:
             self._ensure_dir(final.parent)
             os.replace(path, final)
             stored = _digest_and_fsync(final)
-            _fsync_dir(final.parent)
+            if sync_folder:
+                _fsync_dir(final.parent)
             return stored
         except OSError as exc:
             if exc.errno != errno.EXDEV:  # another file system: copy instead
@@ -170,6 +172,12 @@ class FileBlobStore:
                 stored = self.put(key, src, os.fstat(src.fileno()).st_size)
             path.unlink(missing_ok=True)
             return stored
+
+    def sync_folders(self, keys: Iterable[str]) -> None:
+        """fsync each folder holding one of ``keys`` once (after moves without the folder's
+        fsync): their names are durable on return."""
+        for folder in sorted({self._path(key).parent for key in keys}):
+            _fsync_dir(folder)
 
     def _install(self, key: str, source: Path) -> None:
         final = self._path(key)

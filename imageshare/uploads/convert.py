@@ -18,13 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom import Dataset, FileMetaDataset, Sequence
 from pydicom.encaps import encapsulate
 from pydicom.filewriter import write_dataset
-from pydicom.uid import UID, JPEGBaseline8Bit, generate_uid
+from pydicom.pixels import get_encoder
+from pydicom.uid import UID, JPEGBaseline8Bit, RLELossless, generate_uid
 
 from imageshare import __version__
 from imageshare.archive.attachments import MANUFACTURER, MAX_PIXELS
@@ -176,8 +178,12 @@ def _colour_image(details: PatientDetails, where: Placement, sop_class: str, ser
     return ds
 
 
+_EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"})
+
+
 def photo(source: Path, details: PatientDetails, where: Placement, out: BinaryIO) -> None:
-    """Write ``source`` (JPEG, PNG or HEIC) as a VL Photographic Image to ``out``."""
+    """Write ``source`` (JPEG, PNG or HEIC) as a VL Photographic Image to ``out``: a PNG
+    (a screenshot, a scan) losslessly, a photo as JPEG."""
     heic_supported()
     try:
         with Image.open(source) as img:
@@ -185,9 +191,30 @@ def photo(source: Path, details: PatientDetails, where: Placement, out: BinaryIO
                 raise ImageShareError("not a photo the hospital can take (JPEG, PNG or HEIC)")
             if img.width * img.height > MAX_PIXELS:
                 raise ImageShareError("the photo has too many pixels (at most 60 million)")
-            rgb = ImageOps.exif_transpose(img).convert("RGB")
+            # 8-bit PNGs (screenshots, scans) are kept exactly; a 16-bit one is scaled to
+            # 8 bits, which loses detail, so it is stored (and marked) as lossy JPEG
+            lossless = img.format == "PNG" and img.mode in _EIGHT_BIT_MODES
+            upright = ImageOps.exif_transpose(img)
+            if upright.mode not in _EIGHT_BIT_MODES:
+                values = np.asarray(upright, dtype=np.float64)
+                top = float(values.max()) or 1.0
+                upright = Image.fromarray(np.clip(values * 255.0 / top, 0, 255).astype(
+                    np.uint8))
+            rgb = upright.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise ImageShareError("the photo cannot be read (damaged or not a photo)") from exc
+    if lossless:  # a screenshot or scan: its text and lines stay exact (RLE Lossless)
+        ds = _colour_image(details, where, VL_PHOTOGRAPHIC, "Photos", ["DERIVED", "PRIMARY"],
+                           "RGB", rgb.height, rgb.width)
+        ds.LossyImageCompression = "00"
+        ds.PixelData = encapsulate([get_encoder(RLELossless).encode(
+            np.asarray(rgb), encoding_plugin="pylibjpeg", rows=rgb.height,
+            columns=rgb.width, samples_per_pixel=3, bits_allocated=8, bits_stored=8,
+            photometric_interpretation="RGB", pixel_representation=0, number_of_frames=1,
+            planar_configuration=0)])
+        ds["PixelData"].VR = "OB"
+        _save(ds, RLELossless, out)
+        return
     encoded = io.BytesIO()
     rgb.save(encoded, format="JPEG", quality=92, subsampling=1)  # 4:2:2, as YBR_FULL_422
     jpeg = encoded.getvalue()
@@ -292,11 +319,45 @@ def _write_around(ds: Dataset, tag: int, out: BinaryIO, bulk: Callable[[BinaryIO
         write_dataset(fp, after)
 
 
+def without_metadata(source: Path, target: Path) -> None:
+    """``source``'s video and sound streams, as they are (not re-encoded), in a new MP4 file
+    at ``target`` without the container's metadata: a phone's video carries where it was
+    filmed (GPS), the device and the owner's details there."""
+    import av
+
+    try:
+        with cast(Any, av.open(str(source))) as src, av.open(
+                str(target), "w", format="mp4") as dst:
+            kept = [s for s in src.streams if s.type in ("video", "audio")]
+            copies = {s.index: dst.add_stream_from_template(s) for s in kept}
+            for copy in copies.values():
+                copy.metadata.clear()
+            for packet in src.demux(kept):
+                if packet.dts is None:
+                    continue  # the demuxer's end-of-stream marker
+                packet.stream = copies[packet.stream.index]
+                dst.mux(packet)
+    except av.error.FFmpegError as exc:
+        raise ImageShareError("the video cannot be read (damaged or not a video)") from exc
+
+
 def video(source: Path, details: PatientDetails, where: Placement, out: BinaryIO) -> str:
-    """Write ``source`` (MP4/MOV) as a Video Photographic Image to ``out``, the file itself
-    in one fragment of the pixel data; returns the transfer syntax."""
+    """Write ``source`` (MP4/MOV) as a Video Photographic Image to ``out``: its streams as they
+    are, in an MP4 file without the phone's metadata (GPS), in one fragment of the pixel
+    data; returns the transfer syntax."""
     facts = probe_video(source)
     syntax = video_syntax(facts)
+    clean = source.with_name(source.name + ".clean.mp4")
+    try:
+        without_metadata(source, clean)
+        _video_instance(clean, facts, syntax, details, where, out)
+    finally:
+        clean.unlink(missing_ok=True)
+    return syntax
+
+
+def _video_instance(source: Path, facts: VideoFacts, syntax: str, details: PatientDetails,
+                    where: Placement, out: BinaryIO) -> None:
     size = os.path.getsize(source)
     if size >= 0xFFFFFFF0:
         raise ImageShareError("the video is larger than 4 GB, which DICOM cannot hold")
@@ -322,7 +383,6 @@ def video(source: Path, details: PatientDetails, where: Placement, out: BinaryIO
         fh.write(struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
 
     _write_around(ds, 0x7FE00010, out, pixel_data, syntax)
-    return syntax
 
 
 def pdf(source: Path, details: PatientDetails, where: Placement, title: str,

@@ -12,7 +12,9 @@ is kept beside it in the originals store, its SHA-256 recorded.
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -22,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.uid import generate_uid
@@ -35,11 +38,15 @@ from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError
 from imageshare.domain.identifiers import normalise_name
 from imageshare.storage.blobs import BlobStore, new_blob_key, store_file
-from imageshare.storage.index.schema import upload_results
+from imageshare.storage.index.schema import upload_files, upload_results
 from imageshare.uploads import convert
 from imageshare.uploads.invitations import Invitation
 
+log = logging.getLogger("imageshare.uploads")
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
+_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "PatientID",
+                "PatientName", "PatientBirthDate", "IssuerOfPatientID",
+                "OtherPatientIDsSequence", "Modality", "BodyPartExamined"]
 _SERIES = {"photo": (901, "Photos"), "video": (902, "Videos"), "pdf": (903, "Documents")}
 
 
@@ -128,6 +135,60 @@ class UploadIntake:
         self._zip_limits = zip_limits
         self._parallel = parallel
 
+    def on_arrival(self, path: Path, invitation: Invitation, actor: Actor) -> tuple[str, str]:
+        """Store a DICOM file for review as soon as it has arrived, before Send (the intake
+        at Send then only reports it): returns the instance it became and the store's
+        outcome, or ``("", "")`` when the file waits for the intake (not DICOM, a DICOMDIR,
+        or refused: the intake gives the reason). The received file stays where it is; the
+        blob store takes a second name of it, so its bytes are written once."""
+        if path.name.upper() == "DICOMDIR":
+            return "", ""
+        try:
+            with open(path, "rb") as fh:
+                if convert.sniff(fh.read(132)) != "dicom":
+                    return "", ""
+            staged = self._ingest.staging_dir / f"{secrets.token_hex(12)}.dcm"
+            try:
+                os.link(path, staged)
+            except OSError:  # another file system, or links not allowed: a copy
+                shutil.copyfile(path, staged)
+            try:
+                result = self._ingest.store_staged(staged, actor,
+                                                   review_site=invitation.review_site)
+            finally:
+                staged.unlink(missing_ok=True)
+        except ImageShareError:
+            return "", ""
+        except Exception as exc:  # noqa: BLE001 - the intake at Send tries it again
+            log.warning("an uploaded file waits for the intake at Send (%s)",
+                        type(exc).__name__)
+            return "", ""
+        return result.sop_instance_uid, result.outcome
+
+    def _arrivals(self, invitation: Invitation,
+                  round_: int) -> dict[str, list[tuple[str, str]]]:
+        """The round's files stored on arrival: (outcome, path) by SOP Instance UID."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(upload_files.c.sop_uid, upload_files.c.outcome,
+                                       upload_files.c.path).where(
+                upload_files.c.invitation_pk == invitation.pk,
+                upload_files.c.round == round_, upload_files.c.sop_uid != "",
+                upload_files.c.status.in_(["received", "done"])).order_by(
+                upload_files.c.pk)).all()
+        found: dict[str, list[tuple[str, str]]] = {}
+        for sop_uid, outcome, path in rows:
+            found.setdefault(sop_uid, []).append((outcome, path))
+        return found
+
+    def reported(self, invitation: Invitation, round_: int) -> tuple[int, int] | None:
+        """(files made instances, files refused) of a round whose intake finished, or None
+        when it has no results."""
+        with self._engine.connect() as conn:
+            outcomes = list(conn.execute(select(upload_results.c.outcome).where(
+                upload_results.c.invitation_pk == invitation.pk,
+                upload_results.c.round == round_)).scalars())
+        return _counted(outcomes) if outcomes else None
+
     def process(self, invitation: Invitation, round_: int, folder: Path, actor: Actor,
                 uploader: str, uploaded_at: datetime | None = None,
                 progress: Callable[[], None] | None = None) -> RoundReport:
@@ -147,6 +208,7 @@ class UploadIntake:
             conn.execute(delete(upload_results).where(
                 upload_results.c.invitation_pk == invitation.pk,
                 upload_results.c.round == round_))
+        rows: list[dict[str, object]] = []
 
         def note(label: str, kind: str, outcome: str, detail: str = "", identity: str = "",
                  study: str = "", sop: str = "", modality: str = "", body_part: str = "",
@@ -163,13 +225,20 @@ class UploadIntake:
                     report.refused += 1
                 if study:
                     report.studies.add(study)
-            with self._engine.begin() as conn:
-                conn.execute(insert(upload_results).values(
+                rows.append(dict(
                     invitation_pk=invitation.pk, round=round_, label=label[:1024], kind=kind,
                     outcome=outcome, detail=detail[:2000], identity=identity,
                     study_uid=study, sop_uid=sop, modality=modality[:16],
                     body_part=body_part[:64], original_key=original[0],
                     original_sha256=original[1], created_at=datetime.now(UTC)))
+
+        def flush() -> None:
+            """Write the round's results, all at once at its end: results on record mean the
+            round's intake finished (a restart runs it again whole)."""
+            if rows:
+                with self._engine.begin() as conn:
+                    conn.execute(insert(upload_results), rows)
+                rows.clear()
 
         def placement(kind: str, label: str, number: int) -> convert.Placement:
             series_number, _ = _SERIES[kind]
@@ -179,10 +248,18 @@ class UploadIntake:
                 invitation.expected_body_part,
                 generate_uid(entropy_srcs=[seed, "instance", label]))
 
+        arrivals = self._arrivals(invitation, round_)
+
+        def arrived(sop_uid: str) -> str:
+            """The outcome of this instance's store on arrival ("" if it was not stored)."""
+            with lock:
+                waiting = arrivals.get(sop_uid)
+                return waiting.pop(0)[0] if waiting else ""
+
         def one(number: int, candidate: Candidate) -> None:
             label = self._label(folder, candidate.label)
             try:
-                self._one(candidate, label, invitation, actor, note,
+                self._one(candidate, label, invitation, actor, note, arrived,
                           lambda kind, label: placement(kind, label, number))
             except Exception as exc:  # noqa: BLE001 - one bad file never stops a round
                 note(label, "refused", "refused", f"unexpected error ({type(exc).__name__})")
@@ -216,8 +293,23 @@ class UploadIntake:
                     future.result()
         finally:
             walker.close()
+        # Stored on arrival but not met above (e.g. not listed in the CD's DICOMDIR): reported
+        # too, so that the reviewer sees every instance the upload made.
+        for sop_uid, waiting in arrivals.items():
+            while waiting:
+                relative = waiting[0][1]
+                file = folder.joinpath(*relative.split("/"))
+                try:
+                    self._dicom(Candidate(str(file), _opener(file)), relative, invitation,
+                                actor, note, arrived)
+                except OSError:
+                    pass
+                if waiting and waiting[0][1] == relative:  # not readable now: what is known
+                    note(relative, "dicom", waiting.pop(0)[0], "", "", "", sop_uid)
         for label, reason in walk_report.refused:
             note(self._label(folder, label), "refused", "refused", reason)
+        with lock:
+            flush()
         self._audit.record(AuditEvent(
             actor=actor, action="upload.receive", outcome="success",
             patient_id=invitation.hospital_number,
@@ -232,13 +324,13 @@ class UploadIntake:
         return label.replace(str(folder) + os.sep, "").replace(str(folder), "")
 
     def _one(self, candidate: Candidate, label: str, invitation: Invitation, actor: Actor,
-             note: Callable[..., None],
+             note: Callable[..., None], arrived: Callable[[str], str],
              placement: Callable[[str, str], convert.Placement]) -> None:
         with candidate.open() as stream:
             head = stream.read(132)
         kind = convert.sniff(head)
         if kind == "dicom":
-            self._dicom(candidate, label, invitation, actor, note)
+            self._dicom(candidate, label, invitation, actor, note, arrived)
             return
         if kind in ("unknown", "zip"):
             if kind == "zip":
@@ -289,32 +381,49 @@ class UploadIntake:
         return Path(name)
 
     def _dicom(self, candidate: Candidate, label: str, invitation: Invitation, actor: Actor,
-               note: Callable[..., None]) -> None:
+               note: Callable[..., None], arrived: Callable[[str], str]) -> None:
         try:
             with candidate.open() as stream:
-                header = dcmread(stream, stop_before_pixels=True, specific_tags=[
-                    "SOPClassUID", "PatientID", "PatientName", "PatientBirthDate",
-                    "IssuerOfPatientID", "OtherPatientIDsSequence", "Modality",
-                    "BodyPartExamined"])
+                header = dcmread(stream, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         except Exception:  # noqa: BLE001 - the pipeline gives the reason below
             header = None
         if header is not None and str(header.get("SOPClassUID", "")) == _MEDIA_DIRECTORY:
             note(label, "dicom", "skipped", "the CD's DICOMDIR (its references were followed)")
             return
         identity = identity_of(header, invitation) if header is not None else ""
-        try:
-            with candidate.open() as stream:
-                result = self._ingest.store_stream(stream, actor,
-                                                   review_site=invitation.review_site)
-        except ImageShareError as exc:
-            note(label, "dicom", "refused", str(exc))
-            return
+        sop_uid = str(header.get("SOPInstanceUID", "")) if header is not None else ""
+        outcome = arrived(sop_uid) if sop_uid else ""
+        if outcome and header is not None:  # stored on arrival: reported, not made again
+            study_uid, warning = str(header.get("StudyInstanceUID", "")), ""
+        else:
+            try:
+                with candidate.open() as stream:
+                    result = self._ingest.store_stream(stream, actor,
+                                                       review_site=invitation.review_site)
+            except ImageShareError as exc:
+                note(label, "dicom", "refused", str(exc))
+                return
+            outcome, study_uid, warning = result.outcome, result.study_uid, result.warning
+            sop_uid = result.sop_instance_uid
         detail = {"match": "", "name": "no NHS number; name and date of birth match",
                   "mismatch": "the patient in the file is not the invited patient"}[identity]
-        note(label, "dicom", result.outcome, detail if identity else result.warning, identity,
-             result.study_uid, result.sop_instance_uid,
+        note(label, "dicom", outcome, detail if identity else warning, identity,
+             study_uid, sop_uid,
              str(header.get("Modality", "")) if header is not None else "",
              str(header.get("BodyPartExamined", "")) if header is not None else "")
+
+
+def _counted(rows: list[str]) -> tuple[int, int]:
+    """(made instances, could not be used) as :class:`RoundReport` counts them."""
+    made = sum(1 for r in rows if r in ("stored", "duplicate", "held"))
+    return made, sum(1 for r in rows if r not in ("stored", "duplicate", "held", "skipped"))
+
+
+def _opener(path: Path) -> Callable[[], BinaryIO]:
+    def opener() -> BinaryIO:
+        return open(path, "rb")
+
+    return opener
 
 
 def results(engine: Engine, invitation: Invitation) -> list[dict[str, object]]:

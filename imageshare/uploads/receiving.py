@@ -14,9 +14,11 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, case, func, insert, select, update
 
@@ -27,7 +29,12 @@ from imageshare.domain.errors import (
     UploadOffsetMismatch,
     UploadQuotaExceeded,
 )
-from imageshare.storage.index.schema import upload_files
+from imageshare.storage.index.schema import (
+    instances,
+    upload_files,
+    upload_invitations,
+    upload_results,
+)
 from imageshare.uploads.invitations import Invitation
 
 MAX_PATH_PARTS = 16
@@ -44,6 +51,13 @@ class UploadFile:
     offset: int
     status: str
     round: int
+    sop_uid: str = ""
+    outcome: str = ""
+
+
+def _from_row(row: Any) -> UploadFile:
+    return UploadFile(row["upload_id"], row["path"], row["length"], row["offset"],
+                      row["status"], row["round"], row["sop_uid"], row["outcome"])
 
 
 def safe_parts(path: str) -> list[str]:
@@ -98,10 +112,12 @@ class UploadReceiver:
         parts = safe_parts(path)
         if length < 0:
             raise ImageShareError("Upload-Length must be a whole number of bytes")
+        self._drop_restarted(invitation, "/".join(parts), length)
         with self._engine.connect() as conn:
-            count, used = conn.execute(select(
+            count, used, done_round = conn.execute(select(
                 func.count(), func.coalesce(func.sum(case(
-                    (upload_files.c.status != "removed", upload_files.c.length), else_=0)), 0))
+                    (upload_files.c.status != "removed", upload_files.c.length), else_=0)), 0),
+                func.max(case((upload_files.c.status == "done", upload_files.c.round))))
                 .where(upload_files.c.invitation_pk == invitation.pk)).one()
         if count >= MAX_FILES:
             raise UploadQuotaExceeded(f"an upload holds at most {MAX_FILES} files")
@@ -111,7 +127,7 @@ class UploadReceiver:
                 f"this upload is limited to {invitation.max_bytes >> 20} MB in all; "
                 f"{max(0, invitation.max_bytes - used) >> 20} MB are left")
         upload_id = secrets.token_hex(16)
-        round_ = self.current_round(invitation)
+        round_ = int(done_round or 0) + 1  # as current_round()
         parts_dir = self.folder(invitation) / "parts"
         parts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (parts_dir / upload_id).touch(mode=0o600)
@@ -122,6 +138,24 @@ class UploadReceiver:
                 created_at=datetime.now(UTC)))
         return UploadFile(upload_id, "/".join(parts), length, 0, "receiving", round_)
 
+    def _drop_restarted(self, invitation: Invitation, path: str, length: int) -> None:
+        """A file announced again (the page sends it from its start after a connection was
+        lost during its announcement): the unfinished earlier announcements of the same path
+        and length are dropped, so that they do not count against the size limit."""
+        with self._engine.connect() as conn:
+            stale = list(conn.execute(select(upload_files.c.upload_id).where(
+                upload_files.c.invitation_pk == invitation.pk, upload_files.c.path == path,
+                upload_files.c.length == length,
+                upload_files.c.status == "receiving")).scalars())
+        if not stale:
+            return
+        with self._engine.begin() as conn:
+            conn.execute(update(upload_files).where(
+                upload_files.c.upload_id.in_(stale),
+                upload_files.c.status == "receiving").values(status="removed"))
+        for upload_id in stale:
+            self.part_path(invitation, upload_id).unlink(missing_ok=True)
+
     def file(self, invitation: Invitation, upload_id: str) -> UploadFile:
         """One of the invitation's files; NotFound for anyone else's."""
         with self._engine.connect() as conn:
@@ -131,8 +165,7 @@ class UploadReceiver:
                 upload_files.c.status != "removed")).mappings().first()
         if row is None:
             raise NotFound("no such upload")
-        return UploadFile(row["upload_id"], row["path"], row["length"], row["offset"],
-                          row["status"], row["round"])
+        return _from_row(row)
 
     def files(self, invitation: Invitation, round_: int | None = None) -> list[UploadFile]:
         """The invitation's files (of one round), in the order they were announced."""
@@ -142,19 +175,29 @@ class UploadReceiver:
             stmt = stmt.where(upload_files.c.round == round_)
         with self._engine.connect() as conn:
             rows = conn.execute(stmt.order_by(upload_files.c.pk)).mappings().all()
-        return [UploadFile(r["upload_id"], r["path"], r["length"], r["offset"], r["status"],
-                           r["round"]) for r in rows]
+        return [_from_row(r) for r in rows]
 
     def part_path(self, invitation: Invitation, upload_id: str) -> Path:
         """Where a file's bytes are received."""
         return self.folder(invitation) / "parts" / upload_id
 
-    def begin_append(self, invitation: Invitation, upload_id: str, offset: int) -> UploadFile:
-        """Check that a chunk may be written at ``offset`` (tus: the offset received so far)."""
-        found = self.file(invitation, upload_id)
+    def received_bytes(self, invitation: Invitation, upload_id: str) -> int:
+        """How much of a file being received is on this instance's disk; NotFound when its
+        bytes are kept by another instance (the sender starts the file again)."""
+        try:
+            return self.part_path(invitation, upload_id).stat().st_size
+        except FileNotFoundError as exc:
+            raise NotFound("this file's upload continues on another server; send it "
+                           "again") from exc
+
+    def begin_append(self, invitation: Invitation, upload_id: str, offset: int,
+                     found: UploadFile | None = None) -> UploadFile:
+        """Check that a chunk may be written at ``offset`` (tus: the offset received so far);
+        ``found``: the file as just created (not looked up again)."""
+        found = found or self.file(invitation, upload_id)
         if found.status != "receiving":
             raise UploadOffsetMismatch("this file was received completely already")
-        on_disk = self.part_path(invitation, upload_id).stat().st_size
+        on_disk = self.received_bytes(invitation, upload_id)
         if on_disk != found.offset:  # bytes written after the last recorded offset: resync
             found = self._record_offset(invitation, found, min(on_disk, found.length))
         if offset != found.offset:
@@ -169,12 +212,15 @@ class UploadReceiver:
                 upload_files.c.invitation_pk == invitation.pk,
                 upload_files.c.upload_id == found.upload_id).values(offset=offset))
         return UploadFile(found.upload_id, found.path, found.length, offset, found.status,
-                          found.round)
+                          found.round, found.sop_uid, found.outcome)
 
-    def end_append(self, invitation: Invitation, upload_id: str, offset: int) -> UploadFile:
-        """Record the bytes received up to ``offset``; a complete file is fsynced and moved
-        to its path in the round's folder."""
-        found = self.file(invitation, upload_id)
+    def end_append(self, invitation: Invitation, found: UploadFile, offset: int,
+                   arrived: Callable[[Path], tuple[str, str]] | None = None) -> UploadFile:
+        """Record the bytes of ``found`` (as :meth:`begin_append` gave it) received up to
+        ``offset``; a complete file is fsynced and moved to its path in the round's folder,
+        and ``arrived`` (given that path) may store it at once, returning the instance it
+        became and the store's outcome."""
+        upload_id = found.upload_id
         part = self.part_path(invitation, upload_id)
         if offset < found.length:
             return self._record_offset(invitation, found, offset)
@@ -188,27 +234,113 @@ class UploadReceiver:
         if target.exists():  # the same name twice: keep both
             target = target.with_name(f"{target.stem}-{upload_id[:6]}{target.suffix}")
         os.replace(part, target)
+        sop_uid, outcome = arrived(target) if arrived is not None else ("", "")
         with self._engine.begin() as conn:
-            conn.execute(update(upload_files).where(
+            changed = conn.execute(update(upload_files).where(
                 upload_files.c.invitation_pk == invitation.pk,
-                upload_files.c.upload_id == upload_id).values(
-                offset=offset, status="received", completed_at=datetime.now(UTC)))
+                upload_files.c.upload_id == upload_id,
+                upload_files.c.status == "receiving").values(
+                offset=offset, status="received", completed_at=datetime.now(UTC),
+                sop_uid=sop_uid, outcome=outcome)).rowcount
+        if not changed:  # withdrawn (or its round sent) while its last bytes were stored
+            target.unlink(missing_ok=True)
+            return UploadFile(found.upload_id, found.path, found.length, offset, "removed",
+                              found.round, sop_uid, outcome)
         return UploadFile(found.upload_id, found.path, found.length, offset, "received",
-                          found.round)
+                          found.round, sop_uid, outcome)
 
-    def terminate(self, invitation: Invitation, upload_id: str) -> None:
-        """Forget a file not yet sent for review (tus termination); its bytes are removed."""
+    def unsent(self, invitation: Invitation, upload_id: str) -> UploadFile:
+        """A file that may still be withdrawn (not sent yet); ImageShareError otherwise."""
         found = self.file(invitation, upload_id)
         if found.status == "done":
             raise ImageShareError("this file was sent to the hospital already")
-        self.part_path(invitation, upload_id).unlink(missing_ok=True)
-        if found.status == "received":
-            self.round_folder(invitation, found.round).joinpath(
-                *found.path.split("/")).unlink(missing_ok=True)
+        return found
+
+    def withdraw(self, invitation: Invitation, found: UploadFile) -> None:
+        """Mark a file not yet sent as withdrawn (tus termination), at once for everyone (a
+        Send from now on leaves it out); refused when it was sent meanwhile. Its bytes stay
+        until :meth:`drop_bytes` (:meth:`restore` undoes the withdrawal)."""
+        with self._engine.begin() as conn:
+            changed = conn.execute(update(upload_files).where(
+                upload_files.c.invitation_pk == invitation.pk,
+                upload_files.c.upload_id == found.upload_id,
+                upload_files.c.status.in_(["receiving", "received"])).values(
+                status="removed")).rowcount
+        if not changed:
+            raise ImageShareError("this file was sent to the hospital already")
+
+    def restore(self, invitation: Invitation, found: UploadFile) -> None:
+        """Undo :meth:`withdraw` (what it was stored as could not be removed)."""
         with self._engine.begin() as conn:
             conn.execute(update(upload_files).where(
                 upload_files.c.invitation_pk == invitation.pk,
-                upload_files.c.upload_id == upload_id).values(status="removed"))
+                upload_files.c.upload_id == found.upload_id,
+                upload_files.c.status == "removed").values(status=found.status))
+
+    def terminate(self, invitation: Invitation, found: UploadFile) -> None:
+        """Forget a file not yet sent for review, with its bytes; refused when it was sent
+        (or withdrawn) meanwhile."""
+        self.withdraw(invitation, found)
+        self.drop_bytes(invitation, found)
+
+    def drop_bytes(self, invitation: Invitation, found: UploadFile) -> None:
+        """Remove a withdrawn file's bytes."""
+        self.part_path(invitation, found.upload_id).unlink(missing_ok=True)
+        if found.status == "received":
+            self.round_folder(invitation, found.round).joinpath(
+                *found.path.split("/")).unlink(missing_ok=True)
+
+    def referenced(self, sop_uids: set[str], besides: Collection[str] = ()) -> set[str]:
+        """Those of ``sop_uids`` that a file of any upload (received, or sent and reported)
+        other than the files ``besides`` (upload ids) still refers to."""
+        if not sop_uids:
+            return set()
+        wanted = sorted(sop_uids)
+        with self._engine.connect() as conn:
+            held = set(conn.execute(select(upload_files.c.sop_uid).where(
+                upload_files.c.sop_uid.in_(wanted),
+                upload_files.c.upload_id.not_in(sorted(besides)),
+                upload_files.c.status != "removed")).scalars())
+            held |= set(conn.execute(select(upload_results.c.sop_uid).where(
+                upload_results.c.sop_uid.in_(wanted))).scalars())
+        return held
+
+    def orphans(self, before: datetime) -> set[str]:
+        """Instances waiting in the ``upload`` class since before ``before`` that no upload
+        refers to any more (their files withdrawn or ended unsent, on every upload that had
+        them)."""
+        with self._engine.connect() as conn:
+            return set(conn.execute(select(instances.c.sop_uid).where(
+                instances.c.retention_class == "upload", instances.c.received_at < before,
+                instances.c.sop_uid.not_in(select(upload_files.c.sop_uid).where(
+                    upload_files.c.status != "removed", upload_files.c.sop_uid != "")),
+                instances.c.sop_uid.not_in(select(upload_results.c.sop_uid).where(
+                    upload_results.c.sop_uid != "")))).scalars())
+
+    def with_unsent_files(self) -> list[str]:
+        """The invitations (public ids) holding files that were never sent."""
+        with self._engine.connect() as conn:
+            return list(conn.execute(select(upload_invitations.c.public_id).where(
+                upload_invitations.c.pk.in_(select(upload_files.c.invitation_pk).where(
+                    upload_files.c.status.in_(["receiving", "received"]))))).scalars())
+
+    def all_unsent(self, invitation: Invitation) -> list[UploadFile]:
+        """Every file of the invitation that was never sent."""
+        return [f for f in self.files(invitation) if f.status in ("receiving", "received")]
+
+    def forget_unsent(self, invitation: Invitation, unsent: list[UploadFile]) -> None:
+        """Forget these files that were never sent (the invitation ended before Send), with
+        their bytes."""
+        if not unsent:
+            return
+        with self._engine.begin() as conn:
+            conn.execute(update(upload_files).where(
+                upload_files.c.invitation_pk == invitation.pk,
+                upload_files.c.upload_id.in_([f.upload_id for f in unsent]),
+                upload_files.c.status.in_(["receiving", "received"])).values(status="removed"))
+        shutil.rmtree(self.folder(invitation) / "parts", ignore_errors=True)
+        for round_ in {f.round for f in unsent}:
+            self.discard_round(invitation, round_)
 
     def finish_round(self, invitation: Invitation, round_: int) -> None:
         """Mark the round's received files as sent; unfinished ones are dropped."""

@@ -5,8 +5,9 @@ message e-mailed to the uploader, which reopens the invitation for new images.""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete, or_, select, union, update
 
 from imageshare.archive.corrections import PatientCorrections
 from imageshare.archive.studies import StudyCatalogue, StudyRecord
@@ -16,7 +17,14 @@ from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.domain.identifiers import normalise_name
 from imageshare.exchange.inbox import Inbox, InboxItem
 from imageshare.storage.blobs import BlobStore
-from imageshare.storage.index.schema import inbox_items, upload_results
+from imageshare.storage.index.schema import (
+    inbox_items,
+    instances,
+    series,
+    studies,
+    upload_files,
+    upload_results,
+)
 from imageshare.uploads.invitations import Invitation, UploadInvitations
 
 
@@ -59,12 +67,59 @@ class UploadReview:
         self._audit = audit
 
     def items(self, invitation: Invitation) -> list[InboxItem]:
-        """Every inbox item the invitation's uploads made (pending and decided)."""
+        """Every inbox item the invitation's sent uploads made (pending and decided); a
+        study whose files were stored on arrival but not yet sent is not shown."""
         with self._engine.connect() as conn:
             rows = conn.execute(select(inbox_items.c.pk).where(
-                inbox_items.c.site == invitation.review_site).order_by(inbox_items.c.pk)
-            ).scalars().all()
+                inbox_items.c.site == invitation.review_site,
+                or_(inbox_items.c.status != "pending",
+                    inbox_items.c.study_uid.in_(self._sent_studies(invitation))))
+                .order_by(inbox_items.c.pk)).scalars().all()
         return [self._inbox.item(pk) for pk in rows]
+
+    @staticmethod
+    def _sent_instances(invitation: Invitation) -> Any:
+        """The instances the invitation sent: reported by an intake, or files of a sent
+        round stored on arrival (reviewable even when their intake never finished)."""
+        return union(
+            select(upload_results.c.sop_uid).where(
+                upload_results.c.invitation_pk == invitation.pk, upload_results.c.sop_uid != ""),
+            select(upload_files.c.sop_uid).where(
+                upload_files.c.invitation_pk == invitation.pk,
+                upload_files.c.status == "done", upload_files.c.sop_uid != ""))
+
+    def _sent_studies(self, invitation: Invitation) -> Any:
+        return (select(studies.c.study_uid)
+                .join(series, series.c.study_pk == studies.c.pk)
+                .join(instances, instances.c.series_pk == series.c.pk)
+                .where(instances.c.sop_uid.in_(self._sent_instances(invitation))))
+
+    def sent_of(self, invitation: Invitation, study_uid: str) -> set[str]:
+        """The SOP Instance UIDs of ``study_uid`` that the invitation sent (what its review
+        decides: nothing uploaded and not sent)."""
+        with self._engine.connect() as conn:
+            return set(conn.execute(
+                select(instances.c.sop_uid)
+                .join(series, series.c.pk == instances.c.series_pk)
+                .join(studies, studies.c.pk == series.c.study_pk)
+                .where(studies.c.study_uid == study_uid,
+                       instances.c.sop_uid.in_(self._sent_instances(invitation)))).scalars())
+
+    def reopen_sent(self, invitation: Invitation, study_uids: set[str]) -> None:
+        """Studies a round just sent that still have instances waiting for review are to be
+        decided again (a study decided before got more of it in this round)."""
+        for uid in study_uids:
+            waiting = self.sent_of(invitation, uid)
+            with self._engine.begin() as conn:
+                if not waiting or not conn.execute(select(instances.c.pk).where(
+                        instances.c.sop_uid.in_(sorted(waiting)),
+                        instances.c.retention_class.in_(["upload", "held"])).limit(1)
+                        ).first():
+                    continue
+                conn.execute(update(inbox_items).where(
+                    inbox_items.c.site == invitation.review_site,
+                    inbox_items.c.study_uid == uid, inbox_items.c.status != "pending")
+                    .values(status="pending", decided_by="", decided_at=None))
 
     def pending_count(self, invitation: Invitation) -> int:
         """Studies of the invitation still waiting for a decision."""
@@ -128,6 +183,8 @@ class UploadReview:
             raise NotFound("no such study in this upload")
         if item.status != "pending":
             raise ImageShareError("this study was decided already")
+        if not self.sent_of(invitation, item.study_uid):
+            raise NotFound("no such study in this upload")  # nothing of it was sent yet
         return item
 
     def accept(self, invitation: Invitation, pk: int, actor: Actor, file_anyway: bool = False,
@@ -159,7 +216,8 @@ class UploadReview:
                 item.study_uid, replace(target, other_ids=other),
                 f"upload {invitation.public_id} filed under the invited patient", actor)
             done = f"filed under hospital number {target.patient_id} and accepted"
-        self._inbox.accept(pk, actor, reconcile=False, note=note, upload_review=True)
+        self._inbox.accept(pk, actor, reconcile=False, note=note, upload_review=True,
+                           sop_uids=self.sent_of(invitation, item.study_uid))
         self._audit.record(AuditEvent(actor=actor, action="upload.accept", outcome="success",
                                       patient_id=target.patient_id, study_uid=item.study_uid,
                                       detail={"upload": invitation.public_id, "done": done}))
@@ -174,7 +232,8 @@ class UploadReview:
         if not message:
             raise ImageShareError("say what the uploader should send instead")
         item = self._own_item(invitation, pk)
-        self._inbox.reject(pk, actor, message[:2000], upload_review=True)
+        self._inbox.reject(pk, actor, message[:2000], upload_review=True,
+                           sop_uids=self.sent_of(invitation, item.study_uid))
         for row in self._files(invitation):
             if row["study_uid"] == item.study_uid and row["original_key"]:
                 self._originals.delete(str(row["original_key"]))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -21,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from imageshare.access.policy import STUDY_DOWNLOAD, STUDY_READ, STUDY_STORE
 from imageshare.access.scope import DOWNLOAD, VIEW
-from imageshare.archive.dicom_json import native_dicom_xml, safe_json
+from imageshare.archive.dicom_json import json_bytes, native_dicom_xml, safe_json
 from imageshare.archive.pixel_budget import decode_frame
 from imageshare.archive.query import Level, Query
 from imageshare.archive.rendering import (
@@ -34,6 +33,7 @@ from imageshare.archive.rendering import (
     render_animation,
     render_frame,
     render_frames,
+    render_video_still,
 )
 from imageshare.archive.retrieve import StoredInstance
 from imageshare.archive.transcode import (
@@ -43,6 +43,8 @@ from imageshare.archive.transcode import (
     can_produce,
     is_known_syntax,
     is_video,
+    mp4_span,
+    playable_video,
     transcode,
 )
 from imageshare.domain.actors import Actor
@@ -60,6 +62,7 @@ from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.multipart import (
     PartBody,
     PartSink,
+    ReceivedPart,
     file_chunks,
     new_boundary,
     part_stream,
@@ -92,6 +95,8 @@ RESOURCE_MEDIA_TYPES: dict[str, tuple[str, ...]] = {
         '*/* (as stored)'),
     "WADO-RS rendered": (
         "image/jpeg (default), image/png, image/gif (animated for a multi-frame instance)",
+        "video/mp4 for a video instance (MPEG-4 AVC or HEVC as stored, in an MP4 file; "
+        "`*/*` asks for it too; as an image: its first picture)",
         'multipart/related; type="image/jpeg" (or image/png, image/gif): every frame of an '
         "instance, or the first frame of every image of a study or series"),
     "STOW-RS request": (f'multipart/related; type="{DICOM}"',),
@@ -238,9 +243,17 @@ def _wants_xml(request: Request, what: str) -> bool:
 def _dicom_answer(request: Request, datasets: list[dict[str, Any]], xml: bool,
                   headers: dict[str, str] | None = None) -> Response:
     """A list of data sets as DICOM JSON, or as multipart/related DICOM XML (one part each);
-    built in full before anything is sent. No match is 200 with an empty list."""
+    built in full before anything is sent. No match is 200 with an empty list.
+
+    JSON is rendered in one pass; only when that finds a value JSON cannot carry are the
+    data sets checked element by element, leaving such elements out (with a warning)."""
     if not xml:
-        return JSONResponse(datasets, media_type=DICOM_JSON, headers=headers)
+        try:
+            body = json_bytes(datasets)
+        except ValueError:
+            body = json_bytes([safe_json(attrs, _first_value(attrs, "00080018"))
+                               for attrs in datasets])
+        return Response(body, media_type=DICOM_JSON, headers=headers)
     boundary = new_boundary()
     body = b"".join(
         f"--{boundary}\r\nContent-Type: {DICOM_XML}\r\n\r\n".encode()
@@ -272,7 +285,9 @@ def _qido(request: Request, actor: Actor, level: Level, **fixed: str) -> Respons
     matches = archive.query.find(query, actor)
     body = []
     for match in matches:
-        attrs = safe_json(dict(match.attributes), _first_value(match.attributes, "00080018"))
+        # The values are checked while the answer is rendered (see _dicom_answer) for JSON.
+        attrs = safe_json(dict(match.attributes), _first_value(match.attributes, "00080018"),
+                          check_values=xml)
         attrs.pop("00080052", None)
         attrs["00081190"] = {"vr": "UR", "Value": [_retrieve_url(request, attrs, level)]}
         body.append(dict(sorted(attrs.items())))
@@ -705,6 +720,9 @@ def _render(
     options = render_options(request, thumbnail, media)
     retrieve = archive_of(request).retrieve
     with retrieve.open(inst) as stream:
+        if is_video(inst.transfer_syntax) and shape == "single":  # its first picture
+            _check_playable(inst)
+            return Response(render_video_still(stream, options), media_type=media)
         if shape == "multipart":
             images = render_frames(stream, None if frame == 0 else [frame - 1], options)
             return _image_parts(media, images)
@@ -714,12 +732,75 @@ def _render(
     return Response(data, media_type=media)
 
 
+MAX_PLAYED_BYTES = 256 << 20  # a video is read whole to be played or shown; larger: download
+
+
+def _check_playable(inst: StoredInstance) -> None:
+    """Refuse, before reading it, a video too large to be played here."""
+    if inst.size > MAX_PLAYED_BYTES:
+        raise NotAcceptable(f"this video is larger than {MAX_PLAYED_BYTES >> 20} MB and is not "
+                            "played here; retrieve the instance to watch it")
+
+
 def render_stored(
     request: Request, inst: StoredInstance, frame: int, thumbnail: bool = False
 ) -> Response:
     """One frame of a stored instance rendered as the request asks (for pages that chose
-    the instance themselves, such as the inbox viewer)."""
+    the instance themselves, such as the inbox viewer); a video, when video/mp4 is
+    acceptable, as an MP4 file a browser plays."""
+    if not thumbnail and is_video(inst.transfer_syntax) and _wants_video(request):
+        stream = archive_of(request).retrieve.open(inst)
+        try:
+            span = mp4_span(stream) if stream.seekable() else None
+        except Exception:  # noqa: BLE001 - an odd layout is played the other way below
+            span = None
+        if span is not None:  # streamed from the store as it lies, in ranges on request
+            return _ranged_video(request, stream, *span)
+        stream.close()
+        _check_playable(inst)
+        with archive_of(request).retrieve.open(inst) as stream:
+            data = playable_video(stream, inst.transfer_syntax)
+        return Response(data, media_type="video/mp4", headers={"Accept-Ranges": "none"})
     return _render(request, inst, frame, thumbnail)
+
+
+def _ranged_video(request: Request, stream: BinaryIO, start: int, length: int) -> Response:
+    """The MP4 file lying at ``start`` of ``stream``: whole, or the one byte range asked for
+    (206; 416 when it lies outside; several ranges are answered whole). Its extent is known
+    before the first byte goes out."""
+    first, last, status = 0, length - 1, 200
+    asked = request.headers.get("range", "")
+    if asked.startswith("bytes=") and "," not in asked:
+        low, _, high = asked[6:].strip().partition("-")
+        if low.isdigit() and (high.isdigit() or not high):
+            first, last = int(low), min(int(high) if high else length - 1, length - 1)
+        elif not low and high.isdigit() and int(high) > 0:
+            first, last = max(0, length - int(high)), length - 1
+        else:
+            first = length  # not a range this server understands: refused below
+        if first > last or first >= length:
+            stream.close()
+            return Response(status_code=416, headers={"Content-Range": f"bytes */{length}"})
+        status = 206
+    headers = {"Accept-Ranges": "bytes", "Content-Length": str(last - first + 1)}
+    if status == 206:
+        headers["Content-Range"] = f"bytes {first}-{last}/{length}"
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            stream.seek(start + first)
+            left = last - first + 1
+            while left > 0:
+                chunk = stream.read(min(1 << 20, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                yield chunk
+        finally:
+            stream.close()
+
+    return StreamingResponse(chunks(), status_code=status, media_type="video/mp4",
+                             headers=headers)
 
 
 def _render_selection(request: Request, found: list[StoredInstance]) -> Response:
@@ -769,10 +850,23 @@ def rendered_instance(
     request: Request, study: str, series: str, instance: str, actor: Reader
 ) -> Response:
     """The first frame as JPEG/PNG, windowed by ``window=center,width``; every frame as an
-    animated GIF (image/gif) or in multipart/related."""
-    _rendered_media(request)
+    animated GIF (image/gif) or in multipart/related; a video as video/mp4 (MPEG-4 AVC or
+    HEVC, as stored, in an MP4 file a browser plays)."""
+    if not _wants_video(request):
+        _rendered_media(request)
     inst = _select(request, actor, "study.view", study, series, instance)[0]
-    return _render(request, inst, 0)
+    return render_stored(request, inst, 0)
+
+
+def _wants_video(request: Request) -> bool:
+    """True when video/mp4 is preferred to a still image (a browser's video element asks
+    for */*; an image element prefers image/*)."""
+    for media_range in parse_accept(request.headers.get("accept"), default="*/*"):
+        if media_range.media in ("video/mp4", "video/*", "*/*"):
+            return True
+        if media_range.media == "image/*" or media_range.media in RENDERED_MEDIA_TYPES:
+            return False
+    return False
 
 
 @router.get(
@@ -824,16 +918,14 @@ def study_thumbnail(request: Request, study: str, actor: Reader) -> Response:
 
 
 def _renderable(found: list[StoredInstance]) -> StoredInstance:
-    images = [i for i in found if not is_video(i.transfer_syntax)]
+    """The middle image of a selection (else its middle video, shown by its first picture)."""
+    images = [i for i in found if not is_video(i.transfer_syntax)] or found
     if not images:
         raise NotFound("nothing in this selection can be rendered")
     return images[len(images) // 2]
 
 
 # -- STOW-RS ---------------------------------------------------------------------------------
-
-_STOW_PARALLEL = 4
-
 
 @dataclass(frozen=True)
 class StowReason:
@@ -886,34 +978,25 @@ def _bulkdata_url(instance_url: str, path: str) -> str:
     return f"{instance_url}/bulkdata/{path}"
 
 
-def _store_part(
-    archive: Any, base: str, part: Any, actor: Actor, study: str | None
-) -> tuple[bool, Dataset]:
-    """Store one STOW-RS part: (stored?, its ReferencedSOPSequence or FailedSOPSequence item)."""
-    media, _ = parse_media_type(part.content_type or "application/dicom")
+def _part_answer(base: str, part: Any, result: Any) -> tuple[bool, Dataset]:
+    """One STOW-RS part's outcome: (stored?, its ReferencedSOPSequence or FailedSOPSequence
+    item), from what the ingest gave for it (a result or an error)."""
     item = Dataset()
-    try:
-        if media not in ("application/dicom", "application/octet-stream"):
-            raise InvalidInstance(f"parts must be application/dicom, not {media}",
-                                  *_uids_of(part.path))
-        result = archive.ingest.store_staged(part.path, actor, expected_study=study)
-    except Exception as exc:  # noqa: BLE001 - reported as a processing failure, nothing stored
+    if isinstance(result, Exception):
         # A typed error answers its own DICOM status (imageshare.domain.errors), which is
         # one of STOW_REASONS; anything else is a processing failure.
-        if isinstance(exc, ImageShareError) and exc.dicom_status is not None:
+        if isinstance(result, ImageShareError) and result.dicom_status is not None:
             item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = (
-                (exc.sop_class_uid, exc.sop_instance_uid)
-                if isinstance(exc, (InvalidInstance, ConflictingInstance))
+                (result.sop_class_uid, result.sop_instance_uid)
+                if isinstance(result, (InvalidInstance, ConflictingInstance))
                 else _uids_of(part.path))
-            item.FailureReason = exc.dicom_status
-            item.ErrorComment = str(exc)[:64]
+            item.FailureReason = result.dicom_status
+            item.ErrorComment = str(result)[:64]
             return False, item
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = "", ""
         item.FailureReason = FAILURE_PROCESSING.code
         item.ErrorComment = "the archive could not store the instance"
         return False, item
-    finally:
-        part.path.unlink(missing_ok=True)
     item.ReferencedSOPClassUID = result.sop_class_uid
     item.ReferencedSOPInstanceUID = result.sop_instance_uid
     if result.outcome == "kept_first":
@@ -939,16 +1022,45 @@ def _stow_wants_xml(request: Request) -> bool:
     raise NotAcceptable(f"the answer to a store is available as {DICOM_JSON} or {DICOM_XML}")
 
 
+def _is_dicom(part: ReceivedPart) -> bool:
+    media, _ = parse_media_type(part.content_type or "application/dicom")
+    return media in ("application/dicom", "application/octet-stream")
+
+
+def _answers(
+    base: str, parts: list[ReceivedPart], handed: list[int], stored: list[Any]
+) -> list[tuple[bool, Dataset]]:
+    """Per part (stored?, its ReferencedSOPSequence or FailedSOPSequence item), from what the
+    batch gave for the parts numbered ``handed``; the others were not application/dicom."""
+    results: list[Any] = [None] * len(parts)
+    for number, result in zip(handed, stored, strict=True):
+        results[number] = result
+    for number, part in enumerate(parts):
+        if results[number] is None:
+            media, _ = parse_media_type(part.content_type)
+            results[number] = InvalidInstance(f"parts must be application/dicom, not {media}",
+                                              *_uids_of(part.path))
+    return [_part_answer(base, part, result) for part, result in zip(parts, results, strict=True)]
+
+
+def _store_part_batch(
+    archive: Any, base: str, parts: list[ReceivedPart], actor: Actor, study: str | None
+) -> list[tuple[bool, Dataset]]:
+    """Store parts already received as one batch (``StoreBatch``); per part (stored?, its
+    ReferencedSOPSequence or FailedSOPSequence item)."""
+    batch = archive.ingest.begin_batch(actor, expected_study=study)
+    handed = [number for number, part in enumerate(parts) if _is_dicom(part)]
+    for number in handed:
+        batch.add(parts[number].path)
+    return _answers(base, parts, handed, batch.finish())
+
+
 def _store_parts(
-    request: Request, sink: PartSink, actor: Actor, study: str | None, xml: bool = False
+    request: Request, sink: PartSink, batch: Any, handed: list[int], xml: bool = False
 ) -> Response:
-    archive = archive_of(request)
-    base = _base(request)
-    # Parts are stored side by side: their index writes then share commits.
-    with ThreadPoolExecutor(max_workers=_STOW_PARALLEL) as pool:
-        outcomes = list(pool.map(
-            lambda part: _store_part(archive, base, part, actor, study), sink.parts
-        ))
+    if not sink.parts:
+        raise ImageShareError("the request holds no DICOM parts")
+    outcomes = _answers(_base(request), sink.parts, handed, batch.finish())
     stored = [item for ok, item in outcomes if ok]
     failed = [item for ok, item in outcomes if not ok]
     answer = Dataset()
@@ -959,8 +1071,6 @@ def _store_parts(
         answer.ReferencedSOPSequence = stored
     if failed:
         answer.FailedSOPSequence = failed
-    if not sink.parts:
-        raise ImageShareError("the request holds no DICOM parts")
     status = 200 if not failed else (202 if stored else 409)
     if not stored and any(i.FailureReason == FAILURE_OUT_OF_RESOURCES.code for i in failed):
         status = 507  # nothing stored for lack of room: the reason is in each ErrorComment
@@ -989,12 +1099,26 @@ async def _stow(request: Request, actor: Actor, study: str | None) -> Response:
         raise UnsupportedMediaType("only application/dicom parts are accepted")
     archive = archive_of(request)
     archive.ingest.ensure_room(actor)  # below the free-space floor: 507 before reading the body
+    # The parts are stored as one batch (imageshare.archive.ingest.StoreBatch): each is moved
+    # into the blob store, fsynced and parsed as soon as it has arrived, while the next ones
+    # arrive; then all are indexed in one transaction (a failing part alone rolled back) and
+    # audited in one write. A bad part is refused with its reason and changes nothing else.
+    batch = archive.ingest.begin_batch(actor, expected_study=study)
+    handed: list[int] = []  # the numbers of the parts given to the batch
+
+    def arrived(part: ReceivedPart) -> None:
+        if _is_dicom(part):
+            handed.append(len(sink.parts) - 1)
+            batch.add(part.path)
+
     sink = PartSink(params["boundary"], archive.ingest.staging_file,
-                    max_parts=archive.settings.stow_max_parts)
+                    max_parts=archive.settings.stow_max_parts, on_part=arrived)
     try:
         await _receive(request, sink)
-        return await run_in_threadpool(_store_parts, request, sink, actor, study, xml)
+        return await run_in_threadpool(_store_parts, request, sink, batch, handed, xml)
     finally:
+        if not batch.finishing:  # a body that was cut, malformed or too large leaves nothing
+            await run_in_threadpool(batch.abandon)
         for part in sink.parts:
             part.path.unlink(missing_ok=True)
 

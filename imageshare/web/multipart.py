@@ -57,12 +57,15 @@ class ReceivedPart:
 
 
 class PartSink:
-    """Feeds a multipart body in chunks and writes each part to its own staging file; more
-    than ``max_parts`` parts, or oversized part headers, stop it with a reason."""
+    """Feeds a multipart body in chunks and writes each part to its own staging file (and
+    tells ``on_part`` of each one complete); more than ``max_parts`` parts, or oversized part
+    headers, stop it with a reason."""
 
     def __init__(self, boundary: str, new_file: Callable[[], tuple[BinaryIO, Path]],
-                 max_parts: int = 10000) -> None:
+                 max_parts: int = 10000,
+                 on_part: Callable[[ReceivedPart], None] | None = None) -> None:
         self._new_file = new_file
+        self._on_part = on_part  # told of each part once it is complete
         self._max_parts = max_parts
         self._count = 0
         self.parts: list[ReceivedPart] = []
@@ -112,11 +115,13 @@ class PartSink:
     def _end(self) -> None:
         if self._out is not None and self._path is not None:
             self._out.close()
-            self.parts.append(
-                ReceivedPart(
-                    self._path, self._headers.get("content-type", ""), dict(self._headers)
-                )
+            part = ReceivedPart(
+                self._path, self._headers.get("content-type", ""), dict(self._headers)
             )
+            self.parts.append(part)
+            self._out = None
+            if self._on_part is not None:
+                self._on_part(part)
         self._out = None
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:

@@ -136,6 +136,20 @@ def test_invite_upload_resume_review_and_patient_access(chromium, site):
     assert "open" in clerk.inner_text(".banner")  # the invitation reopened
     own = clerk.locator(".upload-study[data-status=pending]")
     assert "knee.mp4" in own.inner_text() and "letter.pdf" in own.inner_text()
+    # the video, made DICOM, plays in the viewer (its MPEG-4 stream as video/mp4)
+    review_page = clerk.url
+    own.locator("text=Open in the viewer").click()
+    clerk.wait_for_selector(".series-list .series-button")
+    videos = clerk.locator(".series-button", has_text="Videos")
+    if videos.count():
+        videos.first.click()
+    clerk.wait_for_function(
+        "() => { const v = document.getElementById('video');"
+        " return v && !v.hidden && v.readyState >= 2 && v.videoWidth === 320; }",
+        timeout=60000)
+    _shot(clerk, "4b-video-in-the-viewer")
+    clerk.goto(review_page)
+    own = clerk.locator(".upload-study[data-status=pending]")
     own.locator("text=Accept into the record").click()
     clerk.wait_for_selector(".upload-study[data-status=accepted]")
     _shot(clerk, "5-decided")

@@ -63,6 +63,28 @@ def test_qido_studies_returns_default_attributes_and_retrieve_url(client, stored
     assert study["00081190"]["Value"][0].endswith(f"/dicomweb/studies/{_uids(stored['ct'][0])[0]}")
 
 
+def test_qido_leaves_out_stored_values_json_cannot_carry_and_answers_the_rest(
+        archive, client, stored):
+    from sqlalchemy import update
+
+    from imageshare.storage.index.schema import studies
+
+    study_uid = _uids(stored["ct"][0])[0]
+    with archive.engine.begin() as conn:  # as an old or damaged index might hold them
+        attrs = conn.execute(studies.select().where(studies.c.study_uid == study_uid)
+                             ).mappings().one()["attrs"]
+        conn.execute(update(studies).where(studies.c.study_uid == study_uid).values(attrs={
+            **attrs, "00081030": {"vr": "LO", "Value": ["Chest \ud800"]},
+            "00080050": {"vr": "SH", "Value": [float("nan")]}}))
+    for fields in ((), ("includefield", "all")):
+        response = client.get("/dicomweb/studies", params=[("PatientID", "H1"), fields]
+                              if fields else {"PatientID": "H1"})
+        assert response.status_code == 200
+        (study,) = response.json()
+        assert "00081030" not in study and "00080050" not in study
+        assert study["0020000D"]["Value"] == [study_uid] and study["00201208"]["Value"] == [3]
+
+
 def test_qido_without_matches_answers_200_with_an_empty_list(client, stored):
     for url in ("/dicomweb/studies?PatientID=nobody", "/dicomweb/studies/1.2.3/series",
                 "/dicomweb/studies/1.2.3/instances"):

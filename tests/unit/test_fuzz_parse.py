@@ -28,7 +28,7 @@ from imageshare.archive.importing import Importer
 from imageshare.domain.actors import cli_actor
 from imageshare.domain.errors import ConflictingInstance, InvalidInstance
 from imageshare.storage.index.schema import instances
-from imageshare.web.dicomweb import _store_part
+from imageshare.web.dicomweb import _store_part_batch
 from imageshare.web.multipart import PartSink
 from tests.conftest import make_archive
 from tests.multipart_helpers import encode_multipart
@@ -142,8 +142,7 @@ def test_stow_part_survives_any_bytes(archive, data):
     sink = PartSink(boundary, archive.ingest.staging_file)
     sink.feed(body)
     sink.close()
-    for part in sink.parts:
-        ok, item = _store_part(archive, "http://x/dicomweb", part, ACTOR, None)
+    for ok, item in _store_part_batch(archive, "http://x/dicomweb", sink.parts, ACTOR, None):
         answer = Dataset()
         answer.ReferencedSOPSequence = [item] if ok else []
         answer.to_json_dict()  # the STOW-RS answer can always be written

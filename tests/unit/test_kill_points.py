@@ -2,12 +2,12 @@
 
 Each round forks a child that opens the archive as a server process would and stores a few
 instances through the real ingest service, the way C-STORE (a received file in staging) and
-STOW-RS (a multipart body split into parts) hand them over, telling the parent each
-acknowledgement. The parent waits for a random number of those acknowledgements and kills
-it with SIGKILL within the next store (or after the last), runs start-up recovery, and
-checks: every acknowledged instance is indexed and byte-identical; nothing indexed is
-half-stored; no blob is left that the index does not know; no staging or partial file is
-left; the study counts agree with the instances.
+STOW-RS (a multipart body split into parts, stored as one batch) hand them over, telling
+the parent each acknowledgement. The parent waits for a random number of those
+acknowledgements and kills it with SIGKILL within the next store (or after the last), runs
+start-up recovery, and checks: every acknowledged instance is indexed and byte-identical;
+nothing indexed is half-stored; no blob is left that the index does not know; no staging or
+partial file is left; the study counts agree with the instances.
 
 ``IMAGESHARE_KILL_ROUNDS`` sets the number of rounds (default 240). The whole-server
 SIGKILL test is in tests/interop/test_durability.py.
@@ -68,21 +68,30 @@ def _child(settings, batch: list[tuple[str, bytes, str]], pipe: int) -> None:
     """Store ``batch`` as a server process would; report readiness and each acknowledgement."""
     archive = build_archive(settings, upgrade=False)
     os.write(pipe, b"R\n")
-    for uid, data, way in batch:
+    request: list[tuple[str, bytes]] = []  # STOW-RS parts that arrive in one request
+    for number, (uid, data, way) in enumerate(batch):
         if way == "c-store":  # pynetdicom has written the data set to a staging file
             out, path = archive.ingest.staging_file()
             with out:
                 out.write(data)
             archive.ingest.store_staged(path, ACTOR)
-        else:  # STOW-RS: the body is split into part files, each stored
-            body, content_type = encode_multipart([data])
-            sink = PartSink(content_type.split("boundary=")[1].strip('"'),
-                            archive.ingest.staging_file)
-            sink.feed(body)
-            sink.close()
-            for part in sink.parts:
-                archive.ingest.store_staged(part.path, ACTOR)
-        os.write(pipe, f"A {uid}\n".encode())
+            os.write(pipe, f"A {uid}\n".encode())
+            continue
+        request.append((uid, data))
+        if number + 1 < len(batch) and batch[number + 1][2] == "stow":
+            continue  # the next instance is a part of the same request
+        # STOW-RS: the body is split into part files, stored as one batch, acknowledged
+        # together when the batch returns.
+        body, content_type = encode_multipart([d for _u, d in request])
+        sink = PartSink(content_type.split("boundary=")[1].strip('"'),
+                        archive.ingest.staging_file)
+        sink.feed(body)
+        sink.close()
+        results = archive.ingest.store_staged_many([p.path for p in sink.parts], ACTOR)
+        for (part_uid, _data), result in zip(request, results, strict=True):
+            assert not isinstance(result, Exception), result
+            os.write(pipe, f"A {part_uid}\n".encode())
+        request = []
     archive.close()
 
 

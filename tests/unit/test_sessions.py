@@ -100,3 +100,32 @@ def test_two_factor_accounts_need_the_current_code_once(archive, anonymous):
     assert sign_in(anonymous, code=code).status_code == 401  # a code works once
     # programs cannot skip the second factor with HTTP Basic: they use API tokens
     assert anonymous.get("/api/me", auth=("clin", CLINICIAN_PASSWORD)).status_code == 401
+
+
+def test_a_session_idle_for_half_an_hour_ends_and_one_in_use_lives_on(archive):
+    """Every request reads the session; its last use is written at most every half minute
+    (not once per request), and the 30-minute idle limit holds to within that."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import select, update
+
+    from imageshare.storage.index.schema import sessions
+
+    archive.users.add("idle", "idle-password-123", "clinician")
+    secret, _csrf = archive.sessions.start("idle", "testclient")
+
+    def seen(ago: timedelta | None = None) -> datetime:
+        with archive.engine.begin() as conn:
+            if ago is not None:
+                conn.execute(update(sessions).values(last_seen_at=datetime.now(UTC) - ago))
+            value = conn.execute(select(sessions.c.last_seen_at)).scalar_one()
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+    before = seen(timedelta(seconds=5))
+    assert archive.sessions.find(secret, "testclient") is not None
+    assert seen() == before  # used a moment ago: nothing written
+    seen(timedelta(minutes=29))
+    assert archive.sessions.find(secret, "testclient") is not None
+    assert datetime.now(UTC) - seen() < timedelta(seconds=30)  # in use: it lives on
+    seen(timedelta(minutes=31))
+    assert archive.sessions.find(secret, "testclient") is None  # idle too long: ended

@@ -25,6 +25,7 @@ from imageshare.uploads.invitations import UploadRequest
 from imageshare.uploads.receiving import safe_parts
 from imageshare.web.server import create_app
 from tests.conftest import ADMIN_PASSWORD, make_archive, require_tool
+from tests.factory import ct_series
 from tests.mail import smtp_server
 from tests.multipart_helpers import parse_multipart
 from tests.unit.test_web_pages import browser_sign_in, csrf_of
@@ -316,6 +317,14 @@ def test_a_cd_photos_video_and_pdf_become_valid_dicom_waiting_for_review(hospita
             assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.77.1.4"
             if f["label"] == "IMG_0001.jpg":  # EXIF orientation 6: turned upright
                 assert (ds.Rows, ds.Columns) == (640, 480)
+            if f["label"] == "screen.png":  # a screenshot stays exact: lossless
+                import numpy as np
+                from PIL import Image
+
+                assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"  # RLE
+                assert ds.LossyImageCompression == "00"
+                with Image.open(media["png"]) as shot:
+                    assert np.array_equal(ds.pixel_array, np.asarray(shot.convert("RGB")))
         if f["kind"] == "pdf":
             assert bytes(ds.EncapsulatedDocument)[:5] == b"%PDF-"
 
@@ -353,7 +362,8 @@ def test_review_rejects_with_a_mail_and_accepts_into_the_record_where_a_patient_
     listed = clerk.get("/dicomweb/studies", headers=auth).json()
     assert [s["0020000D"]["Value"][0] for s in listed] == [own.item.study_uid]
     assert listed[0]["00100020"]["Value"] == ["H100"]
-    # The video round-trips through WADO-RS as MPEG-4: the very bytes that were uploaded.
+    # The video round-trips through WADO-RS as MPEG-4: the very pictures that were uploaded
+    # (the same H.264 packets, not re-encoded; the phone's metadata left out).
     [video] = [f for f in own.files if f["kind"] == "video"]
     series = clerk.get(f"/dicomweb/studies/{own.item.study_uid}/instances", headers=auth,
                        params={"SOPInstanceUID": video["sop_uid"]}).json()
@@ -364,8 +374,8 @@ def test_review_rejects_with_a_mail_and_accepts_into_the_record_where_a_patient_
     assert answer.status_code == 200, answer.text
     [(headers, body)] = parse_multipart(answer)
     assert headers["content-type"].startswith("video/mp4")
-    original = media["video"].read_bytes()
-    assert body[:len(original)] == original and len(body) - len(original) in (0, 1)
+    assert body[4:8] == b"ftyp"
+    assert _video_packets(body) == _video_packets(media["video"].read_bytes())
     # The patient, invited to an account, sees and downloads only that study.
     archive.uploads.patients.invite("ada@home.example", "H100", "", STAFF)
     archive.uploads.invitations.mailer.flush()
@@ -497,3 +507,496 @@ def test_an_intake_cut_off_by_a_restart_runs_again_without_doubling_anything(
         job = conn.execute(select(background_jobs)).mappings().one()
     assert job["state"] == "done" and job["summary"] == "4 file(s) received"
     assert not archive.uploads.receiver.round_folder(invitation, params["round"]).exists()
+
+
+def _instances(archive) -> list[tuple[str, str]]:
+    """Every indexed instance: (SOP Instance UID, retention class)."""
+    with archive.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(select(
+            instances.c.sop_uid, instances.c.retention_class))]
+
+
+def test_tus_creation_with_upload_takes_the_first_bytes_with_the_announcement(hospital,
+                                                                             tmp_path):
+    archive, _sink = hospital
+    created = _invite(archive)
+    data = photo(tmp_path / "IMG_0002.jpg").read_bytes()
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        options = client.options(created.path + "/files", headers=TUS)
+        assert "creation-with-upload" in options.headers["tus-extension"].split(",")
+        meta = f"filename {_b64('IMG_0002.jpg')}"
+        octets = {"Content-Type": "application/offset+octet-stream"}
+        whole = client.post(created.path + "/files", content=data, headers={
+            **TUS, **octets, "X-CSRF-Token": csrf, "Upload-Length": str(len(data)),
+            "Upload-Metadata": meta})
+        assert whole.status_code == 201 and whole.headers["upload-offset"] == str(len(data))
+        head = client.head(whole.headers["location"], headers=TUS)
+        assert head.headers["upload-offset"] == str(len(data))
+        half = len(data) // 2
+        part = client.post(created.path + "/files", content=data[:half], headers={
+            **TUS, **octets, "X-CSRF-Token": csrf, "Upload-Length": str(len(data)),
+            "Upload-Metadata": f"filename {_b64('IMG_0003.jpg')}"})
+        assert part.status_code == 201 and part.headers["upload-offset"] == str(half)
+        rest = client.patch(part.headers["location"], content=data[half:], headers={
+            **TUS, **octets, "X-CSRF-Token": csrf, "Upload-Offset": str(half)})
+        assert rest.status_code == 204 and rest.headers["upload-offset"] == str(len(data))
+        wrong_type = client.post(created.path + "/files", content=data, headers={
+            **TUS, "Content-Type": "image/jpeg", "X-CSRF-Token": csrf,
+            "Upload-Length": str(len(data)), "Upload-Metadata": meta})
+        assert wrong_type.status_code == 415
+        too_long = client.post(created.path + "/files", content=data, headers={
+            **TUS, **octets, "X-CSRF-Token": csrf, "Upload-Length": "100",
+            "Upload-Metadata": f"filename {_b64('IMG_0004.jpg')}"})
+        assert too_long.status_code == 400 and "Upload-Length" in too_long.json()["detail"]
+        files = archive.uploads.receiver.files(
+            archive.uploads.invitations.by_public_id(created.public_id))
+        assert [f.status for f in files] == ["received", "received", "receiving"]
+        assert files[2].offset == 0  # nothing of the refused body was kept
+
+
+def test_a_cd_is_stored_for_review_as_it_arrives_and_reaches_the_qc_queue_only_once_sent(
+        hospital, tmp_path):
+    """Each DICOM file is stored (in the upload class, out of the record) when its last byte
+    arrives, so that Send has little left to do; the reviewer sees nothing before Send, and
+    then one result per file, nothing stored twice. A DICOM file the CD's DICOMDIR does not
+    list is reported too (it was sent, so the reviewer sees it)."""
+    archive, _sink = hospital
+    created = _invite(archive)
+    cd = cd_folder(tmp_path / "CD", nhs=NHS)
+    extra = ct_series(tmp_path / "loose", 1, patient_id="OTHER-77",
+                      patient_name="Lovelace^Ada", PatientBirthDate="19151210")[0]
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        for file in sorted(p for p in cd.rglob("*") if p.is_file()):
+            _tus_upload(client, created.path, csrf, file, "CD/" + str(file.relative_to(cd)))
+        _tus_upload(client, created.path, csrf, extra, "CD/LOOSE.dcm")
+        stored = _instances(archive)
+        assert len(stored) == 4 and {c for _uid, c in stored} == {"upload"}
+        assert archive.uploads.review.studies(invitation) == []  # not sent: not shown
+        admin = archive.users.create_token("admin", "t", origin="cli")
+        listed = client.get("/dicomweb/studies", headers={"Authorization": f"Bearer {admin}"})
+        assert listed.status_code == 200 and listed.json() == []
+        assert 'data-state="done"' in _send(client, created.path, csrf)
+    assert len(_instances(archive)) == 4  # nothing made twice
+    cd_study, loose = archive.uploads.review.studies(invitation)  # the loose file's own study
+    files = cd_study.files + loose.files
+    assert sorted(str(f["outcome"]) for f in files) == ["stored"] * 4
+    assert len({f["sop_uid"] for f in files}) == 4
+    assert [str(f["label"]) for f in loose.files] == ["CD/LOOSE.dcm"]
+    assert all(f["identity"] == "match" for f in cd_study.files)
+
+
+def test_a_file_withdrawn_before_send_and_an_upload_that_ended_unsent_leave_nothing_behind(
+        hospital, tmp_path):
+    archive, _sink = hospital
+    cd = cd_folder(tmp_path / "CD", nhs=NHS)
+    files = sorted(p for p in cd.rglob("*") if p.is_file() and p.name != "DICOMDIR")
+    withdrawn, revoked, expired = _invite(archive), _invite(archive), _invite(archive)
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, withdrawn)
+        urls = [_tus_upload(client, withdrawn.path, csrf, f, f.name) for f in files[:2]]
+        assert len(_instances(archive)) == 2
+        gone = client.delete(urls[0], headers={**TUS, "X-CSRF-Token": csrf})
+        assert gone.status_code == 204
+        assert len(_instances(archive)) == 1  # the withdrawn file's instance went with it
+    for created in (revoked, expired):
+        with TestClient(create_app(archive)) as client:
+            csrf = _open(client, created)
+            _tus_upload(client, created.path, csrf, files[2], files[2].name)
+    # the same instance in two invitations: stored once, kept while one still holds it
+    assert len(_instances(archive)) == 2
+    staff = TestClient(create_app(archive))
+    browser_sign_in(staff, "clerk", PASSWORD)
+    token = csrf_of(staff.get("/uploads", headers=HTML).text)
+    ended = staff.post(f"/uploads/{revoked.public_id}/revoke", data={"csrf_token": token},
+                       headers=HTML, follow_redirects=False)
+    assert ended.status_code == 303 and ended.headers["location"] == "/uploads"
+    assert archive.uploads.invitations.by_public_id(revoked.public_id).state == "revoked"
+    assert len(_instances(archive)) == 2  # the expiring invitation still holds it
+    from sqlalchemy import update
+
+    from imageshare.storage.index.schema import upload_invitations
+
+    with archive.engine.begin() as conn:
+        conn.execute(update(upload_invitations).where(
+            upload_invitations.c.public_id == expired.public_id).values(
+            expires_at=datetime(2020, 1, 1)))
+    assert archive.uploads.forget_abandoned() == 1
+    # the expired invitation's file was the same instance as the revoked one's: nothing of
+    # either upload refers to it now; it goes once it is two days old (an intake running
+    # now may still be about to report an instance it made)
+    assert len(_instances(archive)) == 2
+    with archive.engine.begin() as conn:
+        conn.execute(update(instances).values(received_at=datetime(2020, 1, 1)))
+    assert archive.uploads.forget_abandoned() == 0
+    assert len(_instances(archive)) == 1  # only the first invitation's file, still unsent
+    ended_invitation = archive.uploads.invitations.by_public_id(expired.public_id)
+    assert archive.uploads.receiver.files(ended_invitation) == []
+    assert not archive.uploads.receiver.folder(ended_invitation).joinpath("round-1").exists()
+    staff.close()
+
+
+def test_an_intake_waits_for_the_instance_that_keeps_the_files_and_is_not_run_twice(
+        hospital, tmp_path):
+    """With several instances the received files are in the data folder of the one that
+    took them: another instance that leases the intake job hands it back (not counted as
+    an attempt); once its results are written, a repeat keeps them instead of emptying
+    them."""
+    from imageshare.storage.index.schema import upload_results
+
+    archive, _sink = hospital
+    created = _invite(archive)
+    media = _media(tmp_path)
+    archive.jobs.close()  # the jobs are run below, by hand
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        for key in ("photo", "pdf"):
+            _tus_upload(client, created.path, csrf, media[key], media[key].name)
+        sent = client.post(created.path + "/send", data={"csrf_token": csrf}, headers=HTML,
+                           follow_redirects=False)
+        assert sent.status_code == 303
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    folder = archive.uploads.receiver.round_folder(invitation, 1)
+    away = folder.rename(tmp_path / "on-the-other-instance")  # as seen from another one
+    archive.jobs._stop.clear()
+    assert archive.jobs.run_pending() == 1
+    with archive.engine.connect() as conn:
+        job = conn.execute(select(background_jobs)).mappings().one()
+    assert job["state"] == "queued" and job["attempts"] == 0
+    assert "another ImageShare instance" in job["error"]
+    away.rename(folder)  # the instance that keeps the files takes it
+    with archive.engine.begin() as conn:
+        conn.execute(background_jobs.update().values(run_after=datetime(2020, 1, 1)))
+    assert archive.jobs.run_pending() == 1
+    with archive.engine.connect() as conn:
+        job = conn.execute(select(background_jobs)).mappings().one()
+        results = conn.execute(select(func.count()).select_from(upload_results)).scalar()
+    assert job["state"] == "done" and job["summary"] == "2 file(s) received"
+    assert results == 2 and not folder.exists()
+    # run again (as after a crash between the intake's end and the job's): results stand
+    archive.uploads._run_intake(_job_of(job), job["params"])
+    with archive.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(upload_results)).scalar() == 2
+
+
+def _job_of(row):
+    """The job of a ``background_jobs`` row, as a worker holds it."""
+    from imageshare.jobs.queue import Job
+
+    return Job(row["public_id"], row["started_by"], row["kind"], row["description"],
+               total=row["total"])
+
+
+def test_kept_originals_are_sealed_like_the_images_when_encryption_is_on(tmp_path):
+    """A patient's photo is kept as they sent it, beside the images: with encryption at rest
+    on, its bytes on disk are sealed too, and the reviewer still gets the original back."""
+    with smtp_server() as (_sink, port):
+        archive = make_archive(tmp_path, encrypt_blobs=True, smtp_host="127.0.0.1",
+                               smtp_port=port, public_url="https://images.hospital.example")
+        _sealed_original(archive, tmp_path)
+
+
+def _sealed_original(archive, tmp_path: Path) -> None:
+    try:
+        created = _invite(archive)
+        picture = photo(tmp_path / "IMG_0005.jpg")
+        with TestClient(create_app(archive)) as client:
+            csrf = _open(client, created)
+            _tus_upload(client, created.path, csrf, picture, picture.name)
+            assert 'data-state="done"' in _send(client, created.path, csrf)
+        invitation = archive.uploads.invitations.by_public_id(created.public_id)
+        [study] = archive.uploads.review.studies(invitation)
+        [kept] = study.files
+        row, store = archive.uploads.review.original(invitation, int(kept["pk"]))
+        with store.open(str(row["original_key"])) as original:
+            assert original.read() == picture.read_bytes()
+        folder = archive.settings.data_dir / "upload-originals"
+        [on_disk] = [p for p in folder.rglob("*") if p.is_file()]
+        assert b"\xff\xd8\xff" not in on_disk.read_bytes()[:64]  # not the JPEG as it was
+        assert on_disk.read_bytes() != picture.read_bytes()
+    finally:
+        archive.close()
+
+
+def test_a_video_plays_in_the_viewer_as_mp4_whether_stored_as_a_file_or_a_bare_stream(
+        hospital, tmp_path):
+    """WADO-RS rendered gives a video instance as video/mp4 (PS3.18), which the viewer puts
+    in the browser's player: the uploaded MP4 as it was, and a bare H.264 stream (as
+    modalities store it) put into an MP4 file without re-encoding."""
+    import io
+
+    import av
+    from pydicom.encaps import encapsulate
+
+    from imageshare.archive.viewing import viewer_manifest
+
+    archive, _sink = hospital
+    created = _invite(archive)
+    clip = mp4(tmp_path / "clip.mp4", frames=12)
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        _tus_upload(client, created.path, csrf, clip, clip.name)
+        assert 'data-state="done"' in _send(client, created.path, csrf)
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    [study] = archive.uploads.review.studies(invitation)
+    [video] = study.files
+    record = archive.catalogue.record(study.item.study_uid, include_review=True)
+    [series] = viewer_manifest(record, archive.retrieve.header)["series"]
+    assert series["video"] and series["frames"][0]["video"]
+    admin = archive.users.create_token("admin", "t", origin="cli")
+    auth = {"Authorization": f"Bearer {admin}"}
+    url = (f"/dicomweb/studies/{study.item.study_uid}/series/{series['uid']}/instances/"
+           f"{video['sop_uid']}/rendered")
+    # a bare H.264 stream of the same clip, stored as another instance of the series
+    [inst] = archive.retrieve.select(Actor("system", "t", "admin", "t"), "t",
+                                     sop_uids=[str(video["sop_uid"])], include_review=True,
+                                     audit=False)
+    with archive.retrieve.open(inst) as src:
+        ds = dcmread(src)
+    bare = io.BytesIO()
+    with av.open(str(clip)) as source, av.open(bare, "w", format="h264") as target:
+        copy = target.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = copy
+                target.mux(packet)
+    assert bare.getvalue()[:4] == b"\0\0\0\1"  # Annex B, no MP4 box
+    from pydicom.uid import generate_uid
+
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PixelData = encapsulate([bare.getvalue()], has_bot=False)
+    stored = tmp_path / "bare.dcm"
+    ds.save_as(stored)
+    archive.uploads.review.accept(invitation, study.item.pk, STAFF)  # now in the record
+    with open(stored, "rb") as fh:  # a modality's clip of the same study, in the record
+        archive.ingest.store_stream(fh, STAFF)
+    with TestClient(create_app(archive)) as api:
+        played = api.get(url, headers={**auth, "Accept": "*/*"})
+        assert played.status_code == 200, played.text
+        assert played.headers["content-type"] == "video/mp4"
+        assert played.content[4:8] == b"ftyp"  # the uploaded clip, as an MP4 file
+        assert played.headers["accept-ranges"] == "bytes"
+        whole = played.content
+        part = api.get(url, headers={**auth, "Accept": "*/*", "Range": "bytes=100-199"})
+        assert part.status_code == 206 and part.content == whole[100:200]
+        assert part.headers["content-range"] == f"bytes 100-199/{len(whole)}"
+        tail = api.get(url, headers={**auth, "Accept": "*/*", "Range": "bytes=-50"})
+        assert tail.status_code == 206 and tail.content == whole[-50:]
+        beyond = api.get(url, headers={**auth, "Accept": "*/*",
+                                       "Range": f"bytes={len(whole)}-"})
+        assert beyond.status_code == 416
+        assert beyond.headers["content-range"] == f"bytes */{len(whole)}"
+        with av.open(io.BytesIO(played.content)) as container:
+            assert sum(1 for _ in container.decode(video=0)) == 12
+        remuxed = api.get(url.replace(str(video["sop_uid"]), str(ds.SOPInstanceUID)),
+                          headers={**auth, "Accept": "video/mp4"})
+        assert remuxed.status_code == 200 and remuxed.content[4:8] == b"ftyp"
+        with av.open(io.BytesIO(remuxed.content)) as container:
+            frames = sum(1 for _ in container.decode(video=0))
+        assert frames == 12  # every frame, not re-encoded
+        still = api.get(url, headers={**auth, "Accept": "image/png"})  # its first picture
+        assert still.status_code == 200 and still.content[:8] == b"\x89PNG\r\n\x1a\n"
+        thumbnail = api.get(f"/dicomweb/studies/{study.item.study_uid}/series/"
+                            f"{series['uid']}/thumbnail", headers={**auth, "Accept": "image/jpeg"})
+        assert thumbnail.status_code == 200 and thumbnail.content[:3] == b"\xff\xd8\xff"
+
+
+def _cd_slices(tmp_path: Path, name: str, count: int, **extra) -> list[Path]:
+    return ct_series(tmp_path / name, count, size=16, patient_id="OTHER-77",
+                     patient_name="Lovelace^Ada", PatientBirthDate="19151210", **extra)
+
+
+def _file_of(archive, created, name: str):
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    return next(f for f in archive.uploads.receiver.files(invitation) if f.path == name)
+
+
+def test_what_is_withdrawn_goes_also_when_held_for_another_patients_details_but_not_under_a_hold(
+        hospital, tmp_path):
+    """A file whose patient is on record with other details is held (not merged); withdrawn,
+    its held instance goes with it. Under a legal hold nothing is deleted, and the file is
+    kept too (the refusal is the answer)."""
+    archive, _sink = hospital
+    [known] = ct_series(tmp_path / "known", 1, size=16, patient_id="OTHER-77",
+                        patient_name="Someone^Else", PatientBirthDate="19800101")
+    with open(known, "rb") as fh:
+        archive.ingest.store_stream(fh, STAFF)  # the record's own patient OTHER-77
+    created = _invite(archive)
+    first, second = _cd_slices(tmp_path, "cd", 2)
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        url = _tus_upload(client, created.path, csrf, first, "a.dcm")
+        assert _file_of(archive, created, "a.dcm").outcome == "held"
+        assert len(_instances(archive)) == 2
+        assert client.delete(url, headers={**TUS, "X-CSRF-Token": csrf}).status_code == 204
+        assert len(_instances(archive)) == 1  # the held copy went with its file
+        url = _tus_upload(client, created.path, csrf, second, "b.dcm")
+        sop = _file_of(archive, created, "b.dcm").sop_uid
+        admin = Actor("user", "admin", "admin", "t")
+        study_uid = dcmread(second).StudyInstanceUID
+        archive.retention.place_hold(admin, "litigation", study_uid=study_uid)
+        refused = client.delete(url, headers={**TUS, "X-CSRF-Token": csrf})
+        assert refused.status_code == 409 and "legal hold" in refused.json()["detail"]
+        assert _file_of(archive, created, "b.dcm").status == "received"  # kept, to be sent
+        assert sop in {uid for uid, _class in _instances(archive)}
+
+
+def test_a_review_decides_only_what_was_sent_and_a_study_whose_intake_failed_is_shown(
+        hospital, tmp_path):
+    """Round 1 sends a slice of a study and a photo; the photo is rejected (the invitation
+    reopens); another slice of the same study is uploaded but not sent. Accepting the study
+    takes in the sent slice only; the unsent one can still be withdrawn and leaves nothing.
+    The rejected study stays listed as decided. Then the intake of round 2 (another study)
+    never runs: its study is still shown for review, from the files sent, and accepted."""
+    archive, _sink = hospital
+    created = _invite(archive)
+    study_uid = "1.2.826.0.1.3680043.8.498.777"
+    first, second = _cd_slices(tmp_path, "cd", 2, study_uid=study_uid)
+    [third] = _cd_slices(tmp_path, "later", 1)  # another study, sent in round 2
+    picture = photo(tmp_path / "IMG_7.jpg")
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        _tus_upload(client, created.path, csrf, first, "one.dcm")
+        _tus_upload(client, created.path, csrf, picture, picture.name)
+        assert 'data-state="done"' in _send(client, created.path, csrf)
+        ct, photos = archive.uploads.review.studies(invitation)
+        archive.uploads.review.reject(invitation, photos.item.pk, STAFF, "Not this photo.")
+        unsent = _tus_upload(client, created.path, csrf, second, "two.dcm")
+        pending = [s for s in archive.uploads.review.studies(invitation)
+                   if s.item.status == "pending"]
+        assert [s.item.study_uid for s in pending] == [study_uid]
+        archive.uploads.review.accept(invitation, ct.item.pk, STAFF)
+        classes = dict(_instances(archive))
+        assert classes[dcmread(first).SOPInstanceUID] == "clinical"
+        assert classes[dcmread(second).SOPInstanceUID] == "upload"  # not sent: not decided
+        assert client.delete(unsent, headers={**TUS, "X-CSRF-Token": csrf}).status_code == 204
+        assert dcmread(second).SOPInstanceUID not in dict(_instances(archive))
+        decided = {s.item.status for s in archive.uploads.review.studies(invitation)}
+        assert decided == {"accepted", "rejected"}  # the rejected study is still listed
+        archive.jobs.close()  # the next intake never runs
+        _tus_upload(client, created.path, csrf, third, "three.dcm")
+        sent = client.post(created.path + "/send", data={"csrf_token": csrf}, headers=HTML,
+                           follow_redirects=False)
+        assert sent.status_code == 303
+    later = [s for s in archive.uploads.review.studies(invitation) if s.item.status == "pending"]
+    assert [s.item.study_uid for s in later] == [dcmread(third).StudyInstanceUID]
+    archive.uploads.review.accept(invitation, later[0].item.pk, STAFF)
+    assert dict(_instances(archive))[dcmread(third).SOPInstanceUID] == "clinical"
+
+
+def test_a_file_withdrawn_while_its_last_bytes_are_stored_is_not_brought_back(hospital,
+                                                                           tmp_path):
+    archive, _sink = hospital
+    created = _invite(archive)
+    [slice_] = _cd_slices(tmp_path, "cd", 1)
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    receiver, intake = archive.uploads.receiver, archive.uploads.intake
+    made = receiver.create(invitation, slice_.stat().st_size, "late.dcm")
+    found = receiver.begin_append(invitation, made.upload_id, 0, made)
+    receiver.part_path(invitation, made.upload_id).write_bytes(slice_.read_bytes())
+    store = intake.on_arrival
+
+    def withdrawn_meanwhile(path: Path, *args):  # the DELETE comes while it is stored
+        stored = store(path, *args)
+        receiver.terminate(invitation, receiver.unsent(invitation, made.upload_id))
+        return stored
+
+    intake.on_arrival = withdrawn_meanwhile
+    from imageshare.domain.errors import NotFound
+
+    with pytest.raises(NotFound, match="withdrawn"):
+        archive.uploads.received(invitation, found, slice_.stat().st_size, STAFF)
+    assert receiver.files(invitation) == []  # not brought back as received
+    assert _instances(archive) == []  # and what it was stored as is gone
+    assert not any(receiver.round_folder(invitation, 1).rglob("*.dcm"))
+
+
+def test_a_phone_video_keeps_its_pictures_but_not_where_it_was_filmed(hospital, tmp_path):
+    """A phone's video carries the place it was filmed (GPS) and other details in its
+    container's metadata: the DICOM video keeps the streams as they are, not that."""
+    import av
+
+
+    archive, _sink = hospital
+    clip = mp4(tmp_path / "IMG_0042.MOV.mp4", frames=10, width=64, height=48, metadata={
+        "com.apple.quicktime.location.ISO6709": "+51.5074-000.1278+011/",
+        "title": "Ada at home"})
+    assert b"+51.5074" in clip.read_bytes() and b"Ada at home" in clip.read_bytes()
+    inst = _the_one_uploaded(archive, clip)
+    with archive.retrieve.open(inst) as src:
+        stored = src.read()
+    assert b"+51.5074" not in stored and b"Ada at home" not in stored
+    with archive.retrieve.open(inst) as src:
+        ds = dcmread(src)
+    import io
+
+    from pydicom.encaps import generate_fragments
+
+    video = b"".join(generate_fragments(ds.PixelData))
+    with av.open(io.BytesIO(video)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 10
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_and_marked_lossy_not_clipped(hospital, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+
+    archive, _sink = hospital
+    scan = tmp_path / "scan.png"
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(scan)
+    with archive.retrieve.open(_the_one_uploaded(archive, scan)) as src:
+        ds = dcmread(src)
+    assert ds.LossyImageCompression == "01"  # not claimed exact
+    grey = ds.pixel_array[..., 0].astype(int)
+    assert grey.max() >= 250 and len(np.unique(grey)) > 200  # the whole range, not clipped
+
+
+def test_a_file_announced_again_from_its_start_does_not_count_twice_against_the_limit(
+        hospital, tmp_path):
+    """A phone loses its connection while announcing a large video and sends it again from
+    its start: the unfinished first announcement is dropped, not counted against the size
+    limit."""
+    archive, _sink = hospital
+    created = _invite(archive, max_mb=1)
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        headers = {**TUS, "X-CSRF-Token": csrf, "Upload-Length": str(700 * 1024),
+                   "Upload-Metadata": f"filename {_b64('clip.mp4')}"}
+        first = client.post(created.path + "/files", headers=headers)
+        assert first.status_code == 201
+        again = client.post(created.path + "/files", headers=headers)  # the same file, anew
+        assert again.status_code == 201  # 1.4 MB would pass the 1 MB limit
+        other = client.post(created.path + "/files", headers={
+            **headers, "Upload-Metadata": f"filename {_b64('other.mp4')}"})
+        assert other.status_code == 413  # a different file still counts
+        assert client.head(first.headers["location"], headers=TUS).status_code == 404
+
+
+def _video_packets(mp4_bytes: bytes) -> list[bytes]:
+    """The coded pictures of an MP4 file's video stream, in order."""
+    import io
+
+    import av
+
+    with av.open(io.BytesIO(mp4_bytes)) as container:
+        return [bytes(p) for p in container.demux(video=0) if p.size]
+
+
+def _the_one_uploaded(archive, path: Path):
+    """Invite, upload ``path`` alone, send it; the instance it became (waiting for review)."""
+    from imageshare.storage.index.schema import upload_results
+
+    created = _invite(archive)
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        _tus_upload(client, created.path, csrf, path, path.name)
+        assert 'data-state="done"' in _send(client, created.path, csrf)
+    with archive.engine.connect() as conn:
+        sop = conn.execute(select(upload_results.c.sop_uid)).scalar_one()
+    [inst] = archive.retrieve.select(Actor("system", "t", "admin", "t"), "t", sop_uids=[sop],
+                                     include_review=True, audit=False)
+    return inst

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import select
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from psycopg.pq import ConnStatus
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 
 from imageshare.domain.errors import ConfigurationError
 
 T = TypeVar("T")
+log = logging.getLogger("imageshare.index")
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -59,7 +67,85 @@ def make_engine(
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(parsed, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # No ping before each use (a round trip on every check-out, several per request): a
+    # pooled connection is checked locally instead (below), connections are replaced after
+    # POOL_RECYCLE_SECONDS, TCP keepalives expose a peer that vanished silently, and the hot
+    # read paths run through :func:`run_transaction`, which retries once on a fresh
+    # connection when the database dropped the one it was given.
+    engine = create_engine(
+        parsed, pool_size=10, max_overflow=20, pool_recycle=POOL_RECYCLE_SECONDS,
+        connect_args={"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                      "keepalives_count": 3})
+    event.listen(engine, "checkout", _refuse_dropped_connection)
+    return engine
+
+
+POOL_RECYCLE_SECONDS = 1800
+
+
+def _refuse_dropped_connection(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+    """A pooled PostgreSQL connection the server has closed (restart, administrator,
+    idle timeout, broken TCP) is found without a round trip: an idle connection receives
+    nothing unasked but the server's goodbye, so anything to read means it must be looked at;
+    the pool then replaces a dead one with a new connection."""
+    if dbapi_conn.closed or dbapi_conn.pgconn.status != ConnStatus.OK:
+        raise DisconnectionError("the pooled database connection is closed")
+    waiting = select.poll()  # not select.select: a busy server has descriptors above 1024
+    waiting.register(dbapi_conn.pgconn.socket, select.POLLIN)
+    if not waiting.poll(0):
+        return
+    try:
+        dbapi_conn.pgconn.consume_input()  # a notice keeps it alive; a goodbye or EOF does not
+    except psycopg.OperationalError as exc:
+        raise DisconnectionError("the database closed the pooled connection") from exc
+    if dbapi_conn.pgconn.status != ConnStatus.OK:
+        raise DisconnectionError("the database closed the pooled connection")
+
+
+def run_read(engine: Engine, work: Callable[[Connection], T]) -> T:
+    """``work`` (reads only) on a connection in autocommit: each statement is its own
+    snapshot, with no BEGIN and ROLLBACK round trips around it. When the database dropped the
+    pooled connection, the reads run once more on a fresh connection."""
+    for attempt in (1, 2):
+        try:
+            with engine.connect() as conn:
+                return work(conn.execution_options(isolation_level="AUTOCOMMIT"))
+        except DBAPIError as exc:
+            if attempt == 1 and exc.connection_invalidated:
+                log.warning("the database dropped a pooled connection; retrying on a new one")
+                continue
+            raise
+    raise AssertionError("unreachable")
+
+
+def run_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
+    """``work`` inside one transaction, committed once it returns.
+
+    When the database dropped the connection before the commit was sent (a restart or
+    failover since the connection was pooled), nothing was committed: the work runs once more
+    on a fresh connection instead of failing the caller. A failure of the commit itself is
+    not retried (its outcome is unknown) and reaches the caller.
+    """
+    for attempt in (1, 2):
+        with engine.connect() as conn:
+            trans = conn.begin()
+            try:
+                result = work(conn)
+            except DBAPIError as exc:
+                if trans.is_active:
+                    with contextlib.suppress(DBAPIError):
+                        trans.rollback()
+                if attempt == 1 and exc.connection_invalidated:
+                    log.warning("the database dropped a pooled connection; retrying on a new one")
+                    continue
+                raise
+            except BaseException:
+                if trans.is_active:
+                    trans.rollback()
+                raise
+            trans.commit()
+            return result
+    raise AssertionError("unreachable")
 
 
 def _alembic_config(engine: Engine) -> Config:

@@ -744,6 +744,10 @@ upload_files = Table(
     Column("status", String(16), nullable=False),  # receiving | received | done | removed
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("completed_at", DateTime(timezone=True), nullable=True),
+    # A DICOM file stored for review on arrival: its instance and the store's outcome
+    # (stored, held, duplicate, ...); "" when it waits for the intake at Send.
+    Column("sop_uid", String(64), nullable=False, default="", server_default=""),
+    Column("outcome", String(16), nullable=False, default="", server_default=""),
 )
 
 # What each received file (or each file inside a received folder or zip) became.

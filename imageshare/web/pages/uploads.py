@@ -39,6 +39,7 @@ from imageshare.domain.errors import (
 )
 from imageshare.sharing.links import NewShare
 from imageshare.uploads.invitations import Invitation, UploadRequest
+from imageshare.uploads.receiving import UploadFile
 from imageshare.web.auth import UPLOAD_COOKIE, allowed, client_address, resolve_actor
 from imageshare.web.deps import Archive, ArchiveDep
 from imageshare.web.pages.templating import page, redirect
@@ -142,9 +143,11 @@ def invitee_tus_options(_uploader: allowed(UPLOAD_SEND)) -> Response:
 
 @router.post("/u/{token}/files")
 async def invitee_tus_create(request: Request, archive: ArchiveDep, token: str,
-                             _uploader: allowed(UPLOAD_SEND)) -> Response:
-    """tus creation: announce a file (Upload-Length, Upload-Metadata)."""
-    return await _tus_create(request, archive, _invitation(request), f"/u/{token}/files")
+                             uploader: allowed(UPLOAD_SEND)) -> Response:
+    """tus creation: announce a file (Upload-Length, Upload-Metadata), perhaps with its
+    first bytes (creation-with-upload)."""
+    return await _tus_create(request, archive, _invitation(request), f"/u/{token}/files",
+                             uploader)
 
 
 @router.head("/u/{token}/files/{upload_id}")
@@ -156,16 +159,16 @@ def invitee_tus_head(request: Request, archive: ArchiveDep, upload_id: str,
 
 @router.patch("/u/{token}/files/{upload_id}")
 async def invitee_tus_patch(request: Request, archive: ArchiveDep, upload_id: str,
-                            _uploader: allowed(UPLOAD_SEND)) -> Response:
+                            uploader: allowed(UPLOAD_SEND)) -> Response:
     """tus: the next chunk of the file, at the offset received so far."""
-    return await _tus_patch(request, archive, _invitation(request), upload_id)
+    return await _tus_patch(request, archive, _invitation(request), upload_id, uploader)
 
 
 @router.delete("/u/{token}/files/{upload_id}")
 def invitee_tus_delete(request: Request, archive: ArchiveDep, upload_id: str,
-                       _uploader: allowed(UPLOAD_SEND)) -> Response:
+                       uploader: allowed(UPLOAD_SEND)) -> Response:
     """tus termination: forget a file not yet sent."""
-    return _tus_delete(archive, _invitation(request), upload_id)
+    return _tus_delete(archive, _invitation(request), upload_id, uploader)
 
 
 @router.post("/u/{token}/send")
@@ -211,7 +214,8 @@ def invitee_sent(request: Request, archive: ArchiveDep, token: str, job_id: str,
 
 def _tus_options() -> Response:
     return Response(status_code=204, headers={
-        **_TUS, "Tus-Version": TUS_VERSION, "Tus-Extension": "creation,termination"})
+        **_TUS, "Tus-Version": TUS_VERSION,
+        "Tus-Extension": "creation,creation-with-upload,termination"})
 
 
 def _metadata(header: str) -> dict[str, str]:
@@ -242,33 +246,41 @@ class _TusVersion(ImageShareError):
 
 
 async def _tus_create(request: Request, archive: Archive, invitation: Invitation,
-                      base: str) -> Response:
+                      base: str, actor: Actor) -> Response:
     _check_version(request)
     archive.uploads.invitations.require_open(invitation)
     length = request.headers.get("upload-length", "")
     if not length.isdigit():
         raise ImageShareError("Upload-Length is required (deferred lengths are not taken)")
+    with_bytes = request.headers.get("content-type", "") == "application/offset+octet-stream"
+    if not with_bytes and request.headers.get("content-length", "0") not in ("", "0"):
+        raise UnsupportedMediaType("bytes sent with a tus creation are "
+                                   "application/offset+octet-stream")
     meta = _metadata(request.headers.get("upload-metadata", "")[:4096])
     path = meta.get("relativePath") or meta.get("filename") or "file"
     created = await run_in_threadpool(archive.uploads.receiver.create, invitation,
                                       int(length), path)
+    offset = created.offset
+    if with_bytes:  # tus creation-with-upload: the first bytes (often all) come along
+        offset = await _receive(request, archive, invitation, created.upload_id, 0, actor,
+                                created)
     return Response(status_code=201, headers={**_TUS, "Location": f"{base}/{created.upload_id}",
-                                              "Upload-Offset": "0"})
+                                              "Upload-Offset": str(offset)})
 
 
 def _tus_head(archive: Archive, invitation: Invitation, upload_id: str) -> Response:
     found = archive.uploads.receiver.file(invitation, upload_id)
     offset = found.offset
     if found.status == "receiving":
-        on_disk = archive.uploads.receiver.part_path(invitation, upload_id)
-        offset = min(on_disk.stat().st_size if on_disk.exists() else 0, found.length)
+        offset = min(archive.uploads.receiver.received_bytes(invitation, upload_id),
+                     found.length)
     return Response(status_code=200, headers={
         **_TUS, "Upload-Offset": str(offset), "Upload-Length": str(found.length),
         "Cache-Control": "no-store"})
 
 
 async def _tus_patch(request: Request, archive: Archive, invitation: Invitation,
-                     upload_id: str) -> Response:
+                     upload_id: str, actor: Actor) -> Response:
     _check_version(request)
     if request.headers.get("content-type", "") != "application/offset+octet-stream":
         raise UnsupportedMediaType("a tus PATCH carries application/offset+octet-stream")
@@ -276,36 +288,69 @@ async def _tus_patch(request: Request, archive: Archive, invitation: Invitation,
     if not offset_text.isdigit():
         raise ImageShareError("Upload-Offset is required")
     archive.uploads.invitations.require_open(invitation)
-    receiver = archive.uploads.receiver
+    offset = await _receive(request, archive, invitation, upload_id, int(offset_text), actor)
+    return Response(status_code=204, headers={**_TUS, "Upload-Offset": str(offset)})
+
+
+async def _receive(request: Request, archive: Archive, invitation: Invitation,
+                   upload_id: str, offset: int, actor: Actor,
+                   created: UploadFile | None = None) -> int:
+    """Write the request's bytes at ``offset`` of the file (one writer at a time; ``created``:
+    the file just announced); a file complete is stored (:meth:`UploadService.received`).
+    Returns the offset reached."""
     lock = _locks.setdefault(upload_id, asyncio.Lock())
     if lock.locked():
         raise UploadBusy()
-    async with lock:
-        found = await run_in_threadpool(receiver.begin_append, invitation, upload_id,
-                                        int(offset_text))
-        position = found.offset
-        fd = os.open(receiver.part_path(invitation, upload_id), os.O_WRONLY)
-        buffer = bytearray()
+    try:
+        async with lock:
+            return await _write(request, archive, invitation, upload_id, offset, actor, created)
+    finally:
+        if not lock.locked():
+            _locks.pop(upload_id, None)
+
+
+async def _write(request: Request, archive: Archive, invitation: Invitation, upload_id: str,
+                 offset: int, actor: Actor, created: UploadFile | None) -> int:
+    """The body of :func:`_receive`, under the file's lock."""
+    receiver = archive.uploads.receiver
+    found = (receiver.begin_append(invitation, upload_id, offset, created) if created
+             else await run_in_threadpool(receiver.begin_append, invitation, upload_id,
+                                          offset))
+    position = found.offset
+    fd = os.open(receiver.part_path(invitation, upload_id), os.O_WRONLY)
+    buffer = bytearray()
+    closed = False
+    try:
         try:
+            async for chunk in request.stream():
+                if position + len(buffer) + len(chunk) > found.length:
+                    raise ImageShareError("more bytes than Upload-Length announced")
+                buffer += chunk
+                if len(buffer) >= 1 << 20:
+                    await run_in_threadpool(os.pwrite, fd, bytes(buffer), position)
+                    position += len(buffer)
+                    buffer.clear()
+        except ClientDisconnect:
+            pass  # keep what arrived: the client resumes from there
+
+        def finish() -> UploadFile:
+            """The last bytes written, then the file's state recorded (one thread hop)."""
+            nonlocal closed
+            end = position
             try:
-                async for chunk in request.stream():
-                    if position + len(buffer) + len(chunk) > found.length:
-                        raise ImageShareError("more bytes than Upload-Length announced")
-                    buffer += chunk
-                    if len(buffer) >= 1 << 20:
-                        await run_in_threadpool(os.pwrite, fd, bytes(buffer), position)
-                        position += len(buffer)
-                        buffer.clear()
-            except ClientDisconnect:
-                pass  # keep what arrived: the client resumes from there
-            if buffer:
-                await run_in_threadpool(os.pwrite, fd, bytes(buffer), position)
-                position += len(buffer)
-        finally:
+                if buffer:
+                    os.pwrite(fd, buffer, position)
+                    end += len(buffer)
+            finally:
+                closed = True
+                os.close(fd)
+            return archive.uploads.received(invitation, found, end, actor)
+
+        done = await run_in_threadpool(finish)
+    finally:
+        if not closed:
             os.close(fd)
-        done = await run_in_threadpool(receiver.end_append, invitation, upload_id, position)
-    _locks.pop(upload_id, None)
-    return Response(status_code=204, headers={**_TUS, "Upload-Offset": str(done.offset)})
+    return done.offset
 
 
 class UploadBusy(ImageShareError):
@@ -318,8 +363,9 @@ class UploadBusy(ImageShareError):
         super().__init__("another request is sending this file now; try again shortly")
 
 
-def _tus_delete(archive: Archive, invitation: Invitation, upload_id: str) -> Response:
-    archive.uploads.receiver.terminate(invitation, upload_id)
+def _tus_delete(archive: Archive, invitation: Invitation, upload_id: str,
+                actor: Actor) -> Response:
+    archive.uploads.withdraw(invitation, upload_id, actor)
     return Response(status_code=204, headers=_TUS)
 
 
@@ -435,9 +481,9 @@ def staff_tus_options(_actor: allowed(UPLOAD_MANAGE)) -> Response:
 @router.post("/uploads/{public_id}/files")
 async def staff_tus_create(request: Request, archive: ArchiveDep, public_id: str,
                            actor: allowed(UPLOAD_MANAGE)) -> Response:
-    """tus creation for a staff import."""
-    batch = _staff_batch(archive, public_id, actor)
-    return await _tus_create(request, archive, batch, f"/uploads/{public_id}/files")
+    """tus creation for a staff import (creation-with-upload too)."""
+    batch = await run_in_threadpool(_staff_batch, archive, public_id, actor)
+    return await _tus_create(request, archive, batch, f"/uploads/{public_id}/files", actor)
 
 
 @router.head("/uploads/{public_id}/files/{upload_id}")
@@ -451,22 +497,22 @@ def staff_tus_head(archive: ArchiveDep, public_id: str, upload_id: str,
 async def staff_tus_patch(request: Request, archive: ArchiveDep, public_id: str,
                           upload_id: str, actor: allowed(UPLOAD_MANAGE)) -> Response:
     """tus: the next chunk."""
-    return await _tus_patch(request, archive, _staff_batch(archive, public_id, actor),
-                            upload_id)
+    batch = await run_in_threadpool(_staff_batch, archive, public_id, actor)
+    return await _tus_patch(request, archive, batch, upload_id, actor)
 
 
 @router.delete("/uploads/{public_id}/files/{upload_id}")
 def staff_tus_delete(archive: ArchiveDep, public_id: str, upload_id: str,
                      actor: allowed(UPLOAD_MANAGE)) -> Response:
     """tus termination."""
-    return _tus_delete(archive, _staff_batch(archive, public_id, actor), upload_id)
+    return _tus_delete(archive, _staff_batch(archive, public_id, actor), upload_id, actor)
 
 
 @router.post("/uploads/{public_id}/send")
 async def staff_send(request: Request, archive: ArchiveDep, public_id: str,
                      actor: allowed(UPLOAD_MANAGE)) -> Response:
     """Send the imported files for review (then their progress, then the QC page)."""
-    batch = _staff_batch(archive, public_id, actor)
+    batch = await run_in_threadpool(_staff_batch, archive, public_id, actor)
     return await _send(request, archive, batch, actor, actor.name,
                        f"/uploads/{public_id}", staff=True)
 
@@ -541,7 +587,7 @@ def upload_revoke(archive: ArchiveDep, public_id: str,
                   actor: allowed(UPLOAD_MANAGE)) -> Response:
     """End an invitation for good."""
     invitation = archive.uploads.invitations.by_public_id(public_id)
-    archive.uploads.invitations.revoke(invitation, actor)
+    archive.uploads.revoke(invitation, actor)
     return redirect("/uploads")
 
 

@@ -1,4 +1,4 @@
-// A small tus 1.0 client (core, creation) for the upload page: files and folders (dropped or
+// A small tus 1.0 client (core, creation, creation-with-upload) for the upload page: files and folders (dropped or
 // chosen), per-file and overall progress, chunks of data-chunk bytes, and resumption after a
 // dropped connection (HEAD for the offset, then PATCH from there; retried with back-off, also
 // after a reload of the page, from the upload URLs remembered in localStorage).
@@ -71,7 +71,8 @@
     row.append(name, " ", bar, " ", status);
     list.append(row);
     const item = { file, path, row, bar, status, sent: 0, state: "waiting", url: null,
-                   fingerprint: [path, file.size, file.lastModified].join("|"), tries: 0 };
+                   fingerprint: [path, file.size, file.lastModified].join("|"), tries: 0,
+                   restarts: 0 };
     items.push(item);
     show(item, "waiting", "waiting");
     queue.push(item);
@@ -112,22 +113,34 @@
 
   async function upload(item) {
     item.url = remembered()[item.fingerprint] || null;
-    for (;;) {
+    attempt: for (;;) {
       try {
         if (!item.url) {
+          // tus creation-with-upload: the first chunk (all of a small file) goes with it
+          const first = item.file.slice(0, Math.min(chunkSize, item.file.size));
+          show(item, "sending", "sending");
           const created = await request("POST", base, {
             "Upload-Length": String(item.file.size),
             "Upload-Metadata": "filename " + b64(item.file.name) + ",relativePath " + b64(item.path),
-          }, null);
+            "Content-Type": "application/offset+octet-stream",
+          }, first, (loaded) => { item.bar.value = loaded; });
           if (created.status !== 201) {
+            if (created.status === 409 || created.status === 423 || created.status >= 500) {
+              throw new Error("network");
+            }
             return show(item, "failed", "not sent: " + problem(created));
           }
           item.url = created.getResponseHeader("Location");
+          item.sent = parseInt(created.getResponseHeader("Upload-Offset"), 10) || 0;
+          item.tries = 0;
           remember(item.fingerprint, item.url);
         } else {
           const head = await request("HEAD", item.url, {}, null);
           if (head.status === 404 || head.status === 410) {
-            item.url = null; remember(item.fingerprint, null); item.sent = 0; continue;
+            remember(item.fingerprint, null);
+            if (item.restarts >= 3) return show(item, "failed", "not sent: add this file again");
+            item.restarts += 1; item.url = null; item.sent = 0;
+            continue attempt;
           }
           if (head.status !== 200) throw new Error("network");
           item.sent = parseInt(head.getResponseHeader("Upload-Offset"), 10) || 0;
@@ -142,6 +155,12 @@
           if (answer.status === 204) {
             item.sent = parseInt(answer.getResponseHeader("Upload-Offset"), 10);
             item.tries = 0;
+          } else if (answer.status === 404 || answer.status === 410) {
+            // the server has no bytes of it (kept by another server): send it again
+            remember(item.fingerprint, null);
+            if (item.restarts >= 3) return show(item, "failed", "not sent: add this file again");
+            item.restarts += 1; item.url = null; item.sent = 0;
+            continue attempt;
           } else if (answer.status === 409 || answer.status === 423 || answer.status >= 500) {
             throw new Error("network");
           } else {

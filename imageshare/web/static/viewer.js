@@ -263,6 +263,45 @@
     if (button) button.disabled = !state.unsaved.has(frameKey());
   }
 
+  // -- video (MPEG-4 AVC / HEVC instances): the browser's own player, rendered as video/mp4 --
+
+  let player = null;
+
+  function showVideo(index) {
+    const series = state.series;
+    const frame = series.frames[index];
+    if (!player) {
+      player = document.createElement("video");
+      player.id = "video";
+      player.className = "video-player";
+      player.controls = true; player.muted = true; player.loop = true; player.playsInline = true;
+      player.addEventListener("error", () => {
+        status.textContent = "This video cannot be played here; download the study instead.";
+      });
+      wrap.append(player);
+    }
+    canvas.hidden = true;
+    player.hidden = false;
+    const url = `${manifest.base || "/dicomweb"}/studies/${series.study || manifest.study}` +
+      `/series/${series.uid}/instances/${frame.sop}/rendered`;
+    if (player.dataset.src !== url) {
+      player.dataset.src = url;
+      player.src = url;
+      player.play().catch(() => { /* autoplay refused: the controls start it */ });
+    }
+    status.textContent = "";
+  }
+
+  function hideVideo() {
+    if (!player) return;
+    player.pause();
+    player.removeAttribute("src");
+    delete player.dataset.src;
+    player.load();
+    player.hidden = true;
+    canvas.hidden = false;
+  }
+
   function show(index) {
     const n = state.series.frames.length;
     state.index = Math.max(0, Math.min(n - 1, index));
@@ -272,6 +311,11 @@
     const target = document.getElementById("comment-sop");
     if (target) target.value = state.series.frames[state.index].sop;
     updateSaveButton();
+    if (state.series.video) {
+      overlayTl.textContent = `${state.series.modality} ${state.series.description || ""} · video ${state.index + 1}/${n}`;
+      showVideo(state.index);
+      return;
+    }
     const bitmap = bitmapAt(state.index);
     if (bitmap) {
       lastBitmap = bitmap;
@@ -308,6 +352,8 @@
       b.setAttribute("aria-current", String(Number(b.dataset.index) === seriesIndex));
     });
     status.textContent = "";
+    if (state.series.video) { show(0); return; }
+    hideVideo();
     const started = performance.now();
     const generation = state.generation;
     const start = 0;
@@ -375,6 +421,10 @@
   }
 
   function play() {
+    if (state.series.video) {  // the player's own playback
+      if (player) player.play().catch(() => {});
+      return;
+    }
     if (state.playing || state.series.frames.length < 2) return;
     state.playing = true;
     state.clockStart = performance.now();

@@ -306,6 +306,60 @@ def test_behind_the_load_balancer_stores_and_a_session_work_whichever_instance_a
             assert study["00201208"]["Value"] == [4]
 
 
+def test_an_upload_received_by_one_instance_is_checked_by_it_whichever_leases_the_job(
+        pair, tmp_path):
+    """The files of a browser upload stay in the data folder of the instance that received
+    them until they are sent (the load balancer keeps one uploader on one instance): the
+    other instance refuses to continue a file it does not have (the browser starts that
+    file again), and the intake job, leased by either, is run by the one with the files."""
+    import base64
+    import re
+
+    from tests.upload_media import photo
+
+    first, second = pair
+    _directory_call(first, lambda users: users.add("clerk9", "a long password 9",
+                                                   "radiographer"))
+    slices = ct_series(tmp_path / "cd", 3, patient_id="CD-9", patient_name="Upload^Nine")
+    picture = photo(tmp_path / "IMG_9.jpg")
+    html = {"Accept": "text/html"}
+    with httpx.Client(base_url=first.url, timeout=120, headers=html) as browser:
+        assert browser.post("/login", data={"username": "clerk9",
+                                            "password": "a long password 9"}).status_code == 303
+        csrf = re.search(r'name="csrf-token" content="([^"]*)"',
+                         browser.get("/uploads/import").text).group(1)
+        started = browser.post("/uploads/import", follow_redirects=False, data={
+            "csrf_token": csrf, "patient_name": "Upload^Nine", "hospital_number": "U9",
+            "birth_date": "1970-01-01", "reference": "two instances"})
+        assert started.status_code == 303
+        base = started.headers["location"].removesuffix("/upload")
+        tus = {"Tus-Resumable": "1.0.0", "X-CSRF-Token": csrf}
+        for path in [*slices, picture]:
+            data = path.read_bytes()
+            name = base64.b64encode(path.name.encode()).decode()
+            made = browser.post(base + "/files", content=data, headers={
+                **tus, "Upload-Length": str(len(data)), "Upload-Metadata": f"filename {name}",
+                "Content-Type": "application/offset+octet-stream"})
+            assert made.status_code == 201 and made.headers["upload-offset"] == str(len(data))
+        half = browser.post(base + "/files", content=b"\0" * 10, headers={
+            **tus, "Upload-Length": "20", "Upload-Metadata": "filename eC5iaW4=",
+            "Content-Type": "application/offset+octet-stream"})
+        cookies = browser.cookies
+        with httpx.Client(base_url=second.url, timeout=120, headers=html,
+                          cookies=cookies) as elsewhere:
+            moved = elsewhere.head(half.headers["location"], headers=tus)
+            assert moved.status_code == 404  # kept by the first: the browser starts it again
+        browser.delete(half.headers["location"], headers=tus)
+        sent = browser.post(base + "/send", data={"csrf_token": csrf}, follow_redirects=False)
+        assert sent.status_code == 303
+        deadline = time.monotonic() + 120
+        while 'data-state="done"' not in (shown := browser.get(sent.headers["location"]).text):
+            assert 'data-state="failed"' not in shown
+            assert time.monotonic() < deadline, "the intake never finished"
+            time.sleep(0.5)
+        assert "4 file(s) received" in shown
+
+
 def test_an_export_whose_instance_is_killed_mid_job_is_finished_by_the_other(pair, tmp_path):
     first, second = pair
     paths = ct_series(tmp_path / "ct", count=COUNT, patient_id="TWOINST4")
@@ -340,3 +394,4 @@ def test_an_export_whose_instance_is_killed_mid_job_is_finished_by_the_other(pai
         dicom_files = [n for n in exported.namelist() if not n.endswith("/")
                        and n.upper() != "DICOMDIR"]
     assert len(dicom_files) == COUNT
+
