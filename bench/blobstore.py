@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import _children, storescu  # noqa: E402
+from bench.run import cpu_seconds, storescu  # noqa: E402
 from tests.factory import ct_series  # noqa: E402
 from tests.peers import RunningServer, free_port  # noqa: E402
 from tests.s3_server import RcloneS3, SeaweedS3  # noqa: E402
@@ -86,16 +86,6 @@ class ThrowawayPostgres:
         subprocess.run([*self.run_as, str(self.bin / "pg_ctl"), "-D", str(self.base / "data"),
                         "-m", "fast", "-w", "stop"], capture_output=True)
         shutil.rmtree(self.base, ignore_errors=True)
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) used so far by ``pid`` and its live descendants."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return own + sum(cpu_seconds(child) for child in _children(pid))
 
 
 def send(work: Path, name: str, env: dict[str, str], files: list[Path], associations: int,

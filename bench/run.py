@@ -101,7 +101,8 @@ def start_orthanc(work: Path, name: str) -> OrthancServer:
     raise AssertionError("unreachable")
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -117,7 +118,7 @@ def _children(pid: int) -> list[int]:
 def peak_rss_mb(pid: int) -> float:
     """The highest peak RSS (VmHWM) of ``pid`` and its descendants (the DICOM workers)."""
     peaks = []
-    for process in [pid, *_children(pid)]:
+    for process in [pid, *child_pids(pid)]:
         try:
             status = Path(f"/proc/{process}/status").read_text()
         except OSError:
@@ -125,7 +126,7 @@ def peak_rss_mb(pid: int) -> float:
         for line in status.splitlines():
             if line.startswith("VmHWM:"):
                 peaks.append(int(line.split()[1]) / 1024)
-        peaks.extend(peak_rss_mb(child) for child in _children(process) if child != pid)
+        peaks.extend(peak_rss_mb(child) for child in child_pids(process) if child != pid)
     return max(peaks) if peaks else float("nan")
 
 
@@ -201,14 +202,14 @@ def _multipart(paths: list[Path], boundary: str) -> bytes:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time used so far by ``pid`` and its descendants (all their threads)."""
     total = 0.0
-    for process in [pid, *_children(pid)]:
+    for process in [pid, *child_pids(pid)]:
         try:
             fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         if process != pid:
-            total += sum(cpu_seconds(child) for child in _children(process))
+            total += sum(cpu_seconds(child) for child in child_pids(process))
     return total
 
 

@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import catalogue as cat  # noqa: E402
 from bench.blobstore import ThrowawayPostgres  # noqa: E402
-from bench.run import _children, storescu  # noqa: E402
+from bench.run import child_pids, storescu  # noqa: E402
 from tests.factory import ct_series  # noqa: E402
 from tests.peers import OrthancServer, RunningServer, free_port, wait_for_port  # noqa: E402
 
@@ -307,7 +307,7 @@ def cpu_and_wait(pid: int, reaped: bool = True) -> tuple[float, float]:
             continue
         cpu += int(ran) / 1e9
         wait += int(waited) / 1e9
-    for child in _children(pid):
+    for child in child_pids(pid):
         more = cpu_and_wait(child, reaped=False)
         cpu, wait = cpu + more[0], wait + more[1]
     return cpu, wait

@@ -43,7 +43,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import peak_rss_mb  # noqa: E402
+from bench.run import child_pids, cpu_seconds, peak_rss_mb  # noqa: E402
 from tests.factory import ct_series  # noqa: E402
 from tests.peers import RunningServer  # noqa: E402
 
@@ -102,7 +102,8 @@ def _send_file(client: httpx.Client, base: str, csrf: str, path: Path, name: str
 
 def upload_run(work: Path, folder: Path, files: list[Path],
                parallel: int = PARALLEL) -> dict[str, float]:
-    """Seconds from the first byte to every file waiting for review, and the peak RSS."""
+    """Seconds from the first byte to every file waiting for review, the peak RSS, and the
+    CPU time per file of each process (and of the whole machine) while the files are sent."""
     server = RunningServer(work / "upload-data", modalities=())
     server.cli("user", "add", "clerk", "--role", "radiographer", "--password", CLERK_PASSWORD)
     server.start()
@@ -120,12 +121,15 @@ def upload_run(work: Path, folder: Path, files: list[Path],
                 raise SystemExit(f"import page refused: {started.status_code}")
             base = started.headers["location"].removesuffix("/upload")
             begin = time.perf_counter()
+            cpu_before = _cpu(server.process.pid)
             with ThreadPoolExecutor(parallel) as pool:
                 for done in [pool.submit(_send_file, client, base, csrf, path,
                                          str(path.relative_to(folder.parent)))
                              for path in files]:
                     done.result()
             uploaded = time.perf_counter() - begin
+            cpu = {k: (v - cpu_before[k]) * 1000 / len(files)
+                   for k, v in _cpu(server.process.pid).items()}
             sent = client.post(base + "/send", data={"csrf_token": csrf},
                                follow_redirects=False)
             if sent.status_code != 303:
@@ -143,7 +147,19 @@ def upload_run(work: Path, folder: Path, files: list[Path],
     finally:
         server.stop()
     return {"seconds": seconds, "upload_seconds": uploaded,
-            "intake_seconds": seconds - uploaded, "peak_rss_mb": rss}
+            "intake_seconds": seconds - uploaded, "peak_rss_mb": rss,
+            **{f"cpu_ms_per_file_{k}": v for k, v in cpu.items()}}
+
+
+def _cpu(server: int) -> dict[str, float]:
+    """CPU seconds so far of the web server's own process, of its worker processes, and of
+    this client."""
+    own = cpu_seconds(os.getpid()) - sum(cpu_seconds(c) for c in child_pids(os.getpid()))
+    workers = sum(cpu_seconds(child) for child in child_pids(server))
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # not idle, iowait
+    return {"server": cpu_seconds(server) - workers, "server_workers": workers,
+            "client": own, "machine": busy}
 
 
 def import_run(work: Path, folder: Path, count: int) -> dict[str, float]:
@@ -195,7 +211,12 @@ def main() -> None:
                           else import_run(work, folder, len(files)))
                 runs[kind].append(result)
                 phases = (f" (sending {result['upload_seconds']:.1f} s, intake "
-                          f"{result['intake_seconds']:.1f} s)" if kind == "upload" else "")
+                          f"{result['intake_seconds']:.1f} s; CPU ms per file while sending: "
+                          f"server {result['cpu_ms_per_file_server']:.1f}, its workers "
+                          f"{result['cpu_ms_per_file_server_workers']:.1f}, client "
+                          f"{result['cpu_ms_per_file_client']:.1f}, whole machine "
+                          f"{result['cpu_ms_per_file_machine']:.1f})"
+                          if kind == "upload" else "")
                 print(f"  {kind} run {repeat + 1}: {result['seconds']:.1f} s{phases}, "
                       f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
                 shutil.rmtree(work, ignore_errors=True)

@@ -5,6 +5,8 @@ QC queue with its e-mail to the uploader, and patients' own access."""
 from __future__ import annotations
 
 import base64
+import fcntl
+import os
 import re
 import subprocess
 import time
@@ -586,6 +588,38 @@ def test_a_cd_is_stored_for_review_as_it_arrives_and_reaches_the_qc_queue_only_o
     assert len({f["sop_uid"] for f in files}) == 4
     assert [str(f["label"]) for f in loose.files] == ["CD/LOOSE.dcm"]
     assert all(f["identity"] == "match" for f in cd_study.files)
+
+
+def test_one_writer_per_file_across_the_processes_of_a_server(hospital, tmp_path):
+    """A file being written by one process of the server (several serve HTTP on one port)
+    refuses a second writer in any other with 423, changing nothing; once the first is done
+    the upload goes on from where it is."""
+    archive, _sink = hospital
+    created = _invite(archive)
+    data = photo(tmp_path / "IMG_0007.jpg").read_bytes()
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        started = client.post(created.path + "/files", headers={
+            **TUS, "X-CSRF-Token": csrf, "Upload-Length": str(len(data)),
+            "Upload-Metadata": f"filename {_b64('IMG_0007.jpg')}"})
+        assert started.status_code == 201
+        url = started.headers["location"]
+        invitation = archive.uploads.invitations.by_public_id(created.public_id)
+        part = archive.uploads.receiver.part_path(invitation, url.rsplit("/", 1)[1])
+        patch = {**TUS, "X-CSRF-Token": csrf, "Upload-Offset": "0",
+                 "Content-Type": "application/offset+octet-stream"}
+        other = os.open(part, os.O_WRONLY)  # another process writing this file now
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            busy = client.patch(url, content=data, headers=patch)
+            assert busy.status_code == 423 and "try again" in busy.json()["detail"]
+            assert part.stat().st_size == 0
+        finally:
+            os.close(other)
+        done = client.patch(url, content=data, headers=patch)
+        assert done.status_code == 204 and done.headers["upload-offset"] == str(len(data))
+        (file,) = archive.uploads.receiver.files(invitation)
+        assert file.status == "received"
 
 
 def test_a_file_withdrawn_before_send_and_an_upload_that_ended_unsent_leave_nothing_behind(

@@ -10,9 +10,9 @@ download, share with a doctor).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
+import fcntl
 import os
 import tempfile
 import zipfile
@@ -48,7 +48,6 @@ from imageshare.web.params import RowId
 router = APIRouter(include_in_schema=False)
 TUS_VERSION = "1.0.0"
 _TUS = {"Tus-Resumable": TUS_VERSION}
-_locks: dict[str, asyncio.Lock] = {}
 
 
 # -- the invited person's side --------------------------------------------------------------
@@ -298,29 +297,36 @@ async def _receive(request: Request, archive: Archive, invitation: Invitation,
     """Write the request's bytes at ``offset`` of the file (one writer at a time; ``created``:
     the file just announced); a file complete is stored (:meth:`UploadService.received`).
     Returns the offset reached."""
-    lock = _locks.setdefault(upload_id, asyncio.Lock())
-    if lock.locked():
-        raise UploadBusy()
+    receiver = archive.uploads.receiver
     try:
-        async with lock:
-            return await _write(request, archive, invitation, upload_id, offset, actor, created)
-    finally:
-        if not lock.locked():
-            _locks.pop(upload_id, None)
+        fd = os.open(receiver.part_path(invitation, upload_id), os.O_WRONLY)
+    except FileNotFoundError:  # not this upload's, withdrawn, or kept by another instance
+        await run_in_threadpool(receiver.begin_append, invitation, upload_id, offset)
+        raise NotFound("no such upload") from None
+    try:
+        # One writer per file, whichever process of this server (or instance on this data
+        # folder) the request reached: a lock on the file itself.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UploadBusy() from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return await _write(request, archive, invitation, upload_id, offset, actor, created, fd)
 
 
 async def _write(request: Request, archive: Archive, invitation: Invitation, upload_id: str,
-                 offset: int, actor: Actor, created: UploadFile | None) -> int:
-    """The body of :func:`_receive`, under the file's lock."""
+                 offset: int, actor: Actor, created: UploadFile | None, fd: int) -> int:
+    """The body of :func:`_receive`, holding the file open as ``fd`` (locked; closed here)."""
     receiver = archive.uploads.receiver
-    found = (receiver.begin_append(invitation, upload_id, offset, created) if created
-             else await run_in_threadpool(receiver.begin_append, invitation, upload_id,
-                                          offset))
-    position = found.offset
-    fd = os.open(receiver.part_path(invitation, upload_id), os.O_WRONLY)
     buffer = bytearray()
     closed = False
     try:
+        found = (receiver.begin_append(invitation, upload_id, offset, created) if created
+                 else await run_in_threadpool(receiver.begin_append, invitation, upload_id,
+                                              offset))
+        position = found.offset
         try:
             async for chunk in request.stream():
                 if position + len(buffer) + len(chunk) > found.length:
@@ -334,17 +340,18 @@ async def _write(request: Request, archive: Archive, invitation: Invitation, upl
             pass  # keep what arrived: the client resumes from there
 
         def finish() -> UploadFile:
-            """The last bytes written, then the file's state recorded (one thread hop)."""
+            """The last bytes written, then the file's state recorded (one thread hop); the
+            lock is given up only then."""
             nonlocal closed
-            end = position
             try:
+                end = position
                 if buffer:
                     os.pwrite(fd, buffer, position)
                     end += len(buffer)
+                return archive.uploads.received(invitation, found, end, actor)
             finally:
                 closed = True
                 os.close(fd)
-            return archive.uploads.received(invitation, found, end, actor)
 
         done = await run_in_threadpool(finish)
     finally:
