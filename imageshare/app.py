@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -622,7 +623,7 @@ def _make_listener(archive: Archive, shared_port: bool) -> Any:
     )
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Ask Linux to kill this process when its parent dies (even by SIGKILL)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -634,7 +635,7 @@ def _die_with_parent() -> None:
 def run_dicom_worker(settings: Settings, ready: Any) -> None:
     """A further process accepting DICOM associations on the shared port until SIGTERM;
     ``ready`` (an Event) is set once it listens."""
-    _die_with_parent()
+    die_with_parent()
     configure_logging(settings, "[worker]")
     archive = build_archive(settings, upgrade=False)
     listener = _make_listener(archive, shared_port=True)
@@ -646,6 +647,76 @@ def run_dicom_worker(settings: Settings, ready: Any) -> None:
     stop.wait()
     listener.stop(settings.shutdown_grace_seconds)
     archive.close()
+
+
+def http_socket(settings: Settings) -> socket.socket:
+    """A listening socket on the HTTP address that every process of this server binds too
+    (SO_REUSEPORT): the kernel spreads new connections over them."""
+    family, kind, proto, _name, address = socket.getaddrinfo(
+        settings.http_host, settings.http_port, type=socket.SOCK_STREAM,
+        flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_http_worker(settings: Settings, ready: Any) -> None:
+    """A further process serving HTTP on the server's port (its own socket on it) until
+    SIGTERM; ``ready`` (an Event) is set once it listens. It runs background jobs too
+    (queued by any process), so that a job started here begins at once."""
+    import uvicorn
+
+    from imageshare.web.server import create_app, http_server_config
+
+    die_with_parent()
+    configure_logging(settings, "[http]")
+    archive = build_archive(settings, upgrade=False)
+    archive.jobs.start()
+    try:
+        server = uvicorn.Server(http_server_config(create_app(archive), settings))
+        sock = http_socket(settings)
+        ready.set()
+        server.run(sockets=[sock])
+    finally:
+        archive.jobs.close(settings.shutdown_grace_seconds)
+        archive.close()
+
+
+def _start_http_workers(settings: Settings) -> list[multiprocessing.process.BaseProcess]:
+    """``http_processes - 1`` further processes serving HTTP on the server's port."""
+    spawn = multiprocessing.get_context("spawn")
+    workers: list[multiprocessing.process.BaseProcess] = []
+    ready = []
+    for number in range(max(0, settings.http_processes - 1)):
+        ready.append(spawn.Event())
+        worker = spawn.Process(target=run_http_worker, args=(settings, ready[-1]),
+                               name=f"http-worker-{number}", daemon=True)
+        worker.start()
+        workers.append(worker)
+    # Report healthy (this process's HTTP starts after) only once every process listens.
+    for number, event in enumerate(ready):
+        if not event.wait(120):
+            log.error("HTTP worker %d did not start; continuing without it", number)
+    return workers
+
+
+def _stop_processes(workers: list[multiprocessing.process.BaseProcess], grace: float) -> None:
+    """SIGTERM to each (they drain at once, together), then wait; killed if they do not stop."""
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(grace + 5)
+        if worker.is_alive():
+            log.warning("%s did not stop in time; killed", worker.name)
+            worker.kill()
 
 
 def serve(settings: Settings) -> None:
@@ -711,17 +782,16 @@ def serve(settings: Settings) -> None:
     if atna is not None:
         atna.start()
 
+    http_workers: list[multiprocessing.process.BaseProcess] = []
+
     def stop_dicom() -> None:
-        """Drain DICOM in every process at once: the workers on their SIGTERM, this one here."""
-        for worker in workers:
+        """Drain DICOM and HTTP in every process at once: the workers on their SIGTERM, this
+        one here."""
+        for worker in workers + http_workers:
             worker.terminate()
         if listener is not None:
             listener.stop(grace)
-        for worker in workers:
-            worker.join(grace + 5)
-            if worker.is_alive():
-                log.warning("DICOM worker %s did not stop in time; killed", worker.name)
-                worker.kill()
+        _stop_processes(workers + http_workers, grace)
 
     draining = threading.Thread(target=stop_dicom, name="dicom-drain")
 
@@ -734,6 +804,10 @@ def serve(settings: Settings) -> None:
 
     app = create_app(archive)
     server = _Server(http_server_config(app, settings))
+    sockets = None
+    if settings.http_processes > 1 and not stopping.is_set():
+        sockets = [http_socket(settings)]  # each process its own socket on the one port
+        http_workers.extend(_start_http_workers(settings))
     scheme = "https" if https_enabled(settings) else "http"
     tls = f", DICOM TLS port {settings.dicom_tls_port}" if settings.dicom_tls_port else ""
     print(
@@ -743,7 +817,7 @@ def serve(settings: Settings) -> None:
     )
     try:
         if not stopping.is_set():
-            server.run()
+            server.run(sockets=sockets)
     finally:
         periodic.stop()
         head_export.set()

@@ -85,6 +85,10 @@ class Settings:
         0, "Processes sharing the DICOM port, so that concurrent associations use every "
         "core (0: two per core, at most 8)."
     )
+    http_processes: int = _setting(
+        1, "Processes serving HTTP on its one port (each takes connections as it has room), so "
+        "that large uploads and busy APIs use more than one core; each costs about 200 MB."
+    )
     dicom_timeout: float = _setting(60.0, "Seconds a DICOM association may stay silent.")
     max_pdu_size: int = _setting(262144, "Largest PDU the DICOM listener accepts (bytes).")
     cors_origins: str = _setting(
