@@ -41,6 +41,7 @@ from imageshare.storage.blobs import BlobStore, new_blob_key, store_file
 from imageshare.storage.index.schema import upload_files, upload_results
 from imageshare.uploads import convert
 from imageshare.uploads.invitations import Invitation
+from imageshare.uploads.receiving import NOT_STORED, Arrival
 
 log = logging.getLogger("imageshare.uploads")
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -48,6 +49,8 @@ _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "PatientID"
                 "PatientName", "PatientBirthDate", "IssuerOfPatientID",
                 "OtherPatientIDsSequence", "Modality", "BodyPartExamined"]
 _SERIES = {"photo": (901, "Photos"), "video": (902, "Videos"), "pdf": (903, "Documents")}
+_IDENTITY_DETAIL = {"": "", "match": "", "name": "no NHS number; name and date of birth match",
+                    "mismatch": "the patient in the file is not the invited patient"}
 
 
 @dataclass(frozen=True)
@@ -135,18 +138,23 @@ class UploadIntake:
         self._zip_limits = zip_limits
         self._parallel = parallel
 
-    def on_arrival(self, path: Path, invitation: Invitation, actor: Actor) -> tuple[str, str]:
+    def on_arrival(self, path: Path, invitation: Invitation, actor: Actor) -> Arrival:
         """Store a DICOM file for review as soon as it has arrived, before Send (the intake
-        at Send then only reports it): returns the instance it became and the store's
-        outcome, or ``("", "")`` when the file waits for the intake (not DICOM, a DICOMDIR,
-        or refused: the intake gives the reason). The received file stays where it is; the
-        blob store takes a second name of it, so its bytes are written once."""
+        at Send then only reports it, from what this returns): the instance it became, the
+        store's outcome and what the file showed, or :data:`NOT_STORED` when the file waits
+        for the intake (not DICOM, a DICOMDIR, or refused: the intake gives the reason). The
+        received file stays where it is; the blob store takes a second name of it, so its
+        bytes are written once."""
         if path.name.upper() == "DICOMDIR":
-            return "", ""
+            return NOT_STORED
         try:
             with open(path, "rb") as fh:
                 if convert.sniff(fh.read(132)) != "dicom":
-                    return "", ""
+                    return NOT_STORED
+                fh.seek(0)
+                header = dcmread(fh, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            if str(header.get("SOPClassUID", "")) == _MEDIA_DIRECTORY:
+                return NOT_STORED
             staged = self._ingest.staging_dir / f"{secrets.token_hex(12)}.dcm"
             try:
                 os.link(path, staged)
@@ -158,26 +166,30 @@ class UploadIntake:
             finally:
                 staged.unlink(missing_ok=True)
         except ImageShareError:
-            return "", ""
+            return NOT_STORED
         except Exception as exc:  # noqa: BLE001 - the intake at Send tries it again
             log.warning("an uploaded file waits for the intake at Send (%s)",
                         type(exc).__name__)
-            return "", ""
-        return result.sop_instance_uid, result.outcome
+            return NOT_STORED
+        return Arrival(result.sop_instance_uid, result.outcome, result.study_uid,
+                       identity_of(header, invitation), str(header.get("Modality", "")),
+                       str(header.get("BodyPartExamined", "")))
 
     def _arrivals(self, invitation: Invitation,
-                  round_: int) -> dict[str, list[tuple[str, str]]]:
-        """The round's files stored on arrival: (outcome, path) by SOP Instance UID."""
+                  round_: int) -> dict[str, list[tuple[str, str, Arrival]]]:
+        """The round's files stored on arrival: (outcome, path, what it became) by SOP
+        Instance UID."""
+        c = upload_files.c
         with self._engine.connect() as conn:
-            rows = conn.execute(select(upload_files.c.sop_uid, upload_files.c.outcome,
-                                       upload_files.c.path).where(
-                upload_files.c.invitation_pk == invitation.pk,
-                upload_files.c.round == round_, upload_files.c.sop_uid != "",
-                upload_files.c.status.in_(["received", "done"])).order_by(
-                upload_files.c.pk)).all()
-        found: dict[str, list[tuple[str, str]]] = {}
-        for sop_uid, outcome, path in rows:
-            found.setdefault(sop_uid, []).append((outcome, path))
+            rows = conn.execute(select(
+                c.sop_uid, c.outcome, c.path, c.study_uid, c.identity, c.modality,
+                c.body_part).where(
+                c.invitation_pk == invitation.pk, c.round == round_, c.sop_uid != "",
+                c.status.in_(["received", "done"])).order_by(c.pk)).all()
+        found: dict[str, list[tuple[str, str, Arrival]]] = {}
+        for sop_uid, outcome, path, *facts in rows:
+            found.setdefault(sop_uid, []).append((outcome, path,
+                                                  Arrival(sop_uid, outcome, *facts)))
         return found
 
     def reported(self, invitation: Invitation, round_: int) -> tuple[int, int] | None:
@@ -249,6 +261,10 @@ class UploadIntake:
                 generate_uid(entropy_srcs=[seed, "instance", label]))
 
         arrivals = self._arrivals(invitation, round_)
+        # Files stored on arrival whose facts were recorded then, by their path: reported
+        # from the record, not read again.
+        recorded = {path: made for waiting in arrivals.values()
+                    for _outcome, path, made in waiting if made.study_uid}
 
         def arrived(sop_uid: str) -> str:
             """The outcome of this instance's store on arrival ("" if it was not stored)."""
@@ -256,8 +272,30 @@ class UploadIntake:
                 waiting = arrivals.get(sop_uid)
                 return waiting.pop(0)[0] if waiting else ""
 
+        def known(label: str) -> Arrival | None:
+            """The file at ``label`` as stored on arrival, taken from those waiting to be
+            reported (None: it is to be read)."""
+            made = recorded.get(label)
+            if made is None:
+                return None
+            with lock:
+                waiting = arrivals.get(made.sop_uid, [])
+                for index, (_outcome, path, _made) in enumerate(waiting):
+                    if path == label:
+                        del waiting[index]
+                        return made
+            return None
+
         def one(number: int, candidate: Candidate) -> None:
             label = self._label(folder, candidate.label)
+            made = known(label)
+            if made is not None:
+                note(label, "dicom", made.outcome, _IDENTITY_DETAIL[made.identity],
+                     made.identity, made.study_uid, made.sop_uid, made.modality,
+                     made.body_part)
+                if progress is not None:
+                    progress()
+                return
             try:
                 self._one(candidate, label, invitation, actor, note, arrived,
                           lambda kind, label: placement(kind, label, number))
@@ -298,6 +336,12 @@ class UploadIntake:
         for sop_uid, waiting in arrivals.items():
             while waiting:
                 relative = waiting[0][1]
+                if known(relative) is not None:
+                    made = recorded[relative]
+                    note(relative, "dicom", made.outcome, _IDENTITY_DETAIL[made.identity],
+                         made.identity, made.study_uid, made.sop_uid, made.modality,
+                         made.body_part)
+                    continue
                 file = folder.joinpath(*relative.split("/"))
                 try:
                     self._dicom(Candidate(str(file), _opener(file)), relative, invitation,
@@ -405,8 +449,7 @@ class UploadIntake:
                 return
             outcome, study_uid, warning = result.outcome, result.study_uid, result.warning
             sop_uid = result.sop_instance_uid
-        detail = {"match": "", "name": "no NHS number; name and date of birth match",
-                  "mismatch": "the patient in the file is not the invited patient"}[identity]
+        detail = _IDENTITY_DETAIL[identity]
         note(label, "dicom", outcome, detail if identity else warning, identity,
              study_uid, sop_uid,
              str(header.get("Modality", "")) if header is not None else "",

@@ -75,6 +75,23 @@ def safe_parts(path: str) -> list[str]:
     return parts
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """What a complete file became on arrival: the instance and the store's outcome, and
+    what it showed (its study, how its patient compares with the invitation's, modality and
+    body part); all "" when it waits for the intake at Send."""
+
+    sop_uid: str = ""
+    outcome: str = ""
+    study_uid: str = ""
+    identity: str = ""
+    modality: str = ""
+    body_part: str = ""
+
+
+NOT_STORED = Arrival()
+
+
 class UploadReceiver:
     """Announced files, their received bytes and where complete ones are kept."""
 
@@ -215,7 +232,7 @@ class UploadReceiver:
                           found.round, found.sop_uid, found.outcome)
 
     def end_append(self, invitation: Invitation, found: UploadFile, offset: int,
-                   arrived: Callable[[Path], tuple[str, str]] | None = None) -> UploadFile:
+                   arrived: Callable[[Path], Arrival] | None = None) -> UploadFile:
         """Record the bytes of ``found`` (as :meth:`begin_append` gave it) received up to
         ``offset``; a complete file is fsynced and moved to its path in the round's folder,
         and ``arrived`` (given that path) may store it at once, returning the instance it
@@ -234,14 +251,17 @@ class UploadReceiver:
         if target.exists():  # the same name twice: keep both
             target = target.with_name(f"{target.stem}-{upload_id[:6]}{target.suffix}")
         os.replace(part, target)
-        sop_uid, outcome = arrived(target) if arrived is not None else ("", "")
+        made = arrived(target) if arrived is not None else NOT_STORED
+        sop_uid, outcome = made.sop_uid, made.outcome
         with self._engine.begin() as conn:
             changed = conn.execute(update(upload_files).where(
                 upload_files.c.invitation_pk == invitation.pk,
                 upload_files.c.upload_id == upload_id,
                 upload_files.c.status == "receiving").values(
                 offset=offset, status="received", completed_at=datetime.now(UTC),
-                sop_uid=sop_uid, outcome=outcome)).rowcount
+                sop_uid=sop_uid, outcome=outcome, study_uid=made.study_uid,
+                identity=made.identity, modality=made.modality[:16],
+                body_part=made.body_part[:64])).rowcount
         if not changed:  # withdrawn (or its round sent) while its last bytes were stored
             target.unlink(missing_ok=True)
             return UploadFile(found.upload_id, found.path, found.length, offset, "removed",

@@ -590,6 +590,37 @@ def test_a_cd_is_stored_for_review_as_it_arrives_and_reaches_the_qc_queue_only_o
     assert all(f["identity"] == "match" for f in cd_study.files)
 
 
+def test_send_reports_what_was_stored_on_arrival_without_reading_the_files_again(
+        hospital, tmp_path):
+    """What each DICOM file showed when it was stored on arrival (study, the patient's match
+    with the invitation, modality, body part) is recorded then, so that Send only reports
+    it: a received file changed afterwards does not change the report (the instance stored
+    is what counts)."""
+    archive, _sink = hospital
+    created = _invite(archive)
+    cd = cd_folder(tmp_path / "CD", nhs=NHS)
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        for file in sorted(p for p in cd.rglob("*") if p.is_file()):
+            _tus_upload(client, created.path, csrf, file, "CD/" + str(file.relative_to(cd)))
+        studies = {str(dcmread(p, stop_before_pixels=True).StudyInstanceUID)
+                   for p in cd.rglob("*") if p.is_file() and p.name != "DICOMDIR"}
+        received = archive.uploads.receiver.round_folder(invitation, 1)
+        for file in received.rglob("*"):
+            if file.is_file() and file.name != "DICOMDIR":
+                spoiled = file.with_name(file.name + ".new")
+                spoiled.write_bytes(b"\0" * 200)
+                os.replace(spoiled, file)  # a new file at the path; the stored blob stays
+        assert 'data-state="done"' in _send(client, created.path, csrf)
+    (study,) = archive.uploads.review.studies(invitation)
+    assert len(study.files) == 3
+    assert {str(f["outcome"]) for f in study.files} == {"stored"}
+    assert {str(f["identity"]) for f in study.files} == {"match"}
+    assert {str(f["modality"]) for f in study.files} == {"CT"}
+    assert {str(f["study_uid"]) for f in study.files} == studies
+
+
 def test_one_writer_per_file_across_the_processes_of_a_server(hospital, tmp_path):
     """A file being written by one process of the server (several serve HTTP on one port)
     refuses a second writer in any other with 423, changing nothing; once the first is done

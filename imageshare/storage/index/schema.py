@@ -748,6 +748,11 @@ upload_files = Table(
     # (stored, held, duplicate, ...); "" when it waits for the intake at Send.
     Column("sop_uid", String(64), nullable=False, default="", server_default=""),
     Column("outcome", String(16), nullable=False, default="", server_default=""),
+    # What it showed (Send reports it from these, not reading it again); "" when unknown.
+    Column("study_uid", String(64), nullable=False, default="", server_default=""),
+    Column("identity", String(16), nullable=False, default="", server_default=""),
+    Column("modality", String(16), nullable=False, default="", server_default=""),
+    Column("body_part", String(64), nullable=False, default="", server_default=""),
 )
 
 # What each received file (or each file inside a received folder or zip) became.
