@@ -13,11 +13,12 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from pydicom import Dataset
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
@@ -85,7 +86,8 @@ Outcome = Literal["stored", "duplicate", "replaced", "kept_first", "held"]
 
 @dataclass(frozen=True)
 class StoreResult:
-    """The answer to one stored instance. ``warning`` is set when stored data was kept."""
+    """The answer to one stored instance. ``warning`` is set when stored data was kept;
+    ``dataset`` is the instance's header as it was read (no pixel data)."""
 
     outcome: Outcome
     sop_class_uid: str
@@ -93,6 +95,7 @@ class StoreResult:
     study_uid: str
     series_uid: str
     warning: str = ""
+    dataset: Dataset | None = field(default=None, repr=False, compare=False)
 
 
 def _same_content(blobs: BlobStore, existing: ExistingInstance, new: StoredBlob) -> bool:
@@ -398,6 +401,7 @@ class IngestService:
             study_uid=header.study_uid,
             series_uid=header.series_uid,
             warning=outcome.reason,
+            dataset=header.dataset,
         )
 
     def _discard(self, moving: Future[StoredBlob], key: str) -> None:

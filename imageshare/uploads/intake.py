@@ -151,10 +151,6 @@ class UploadIntake:
             with open(path, "rb") as fh:
                 if convert.sniff(fh.read(132)) != "dicom":
                     return NOT_STORED
-                fh.seek(0)
-                header = dcmread(fh, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-            if str(header.get("SOPClassUID", "")) == _MEDIA_DIRECTORY:
-                return NOT_STORED
             staged = self._ingest.staging_dir / f"{secrets.token_hex(12)}.dcm"
             try:
                 os.link(path, staged)
@@ -171,6 +167,9 @@ class UploadIntake:
             log.warning("an uploaded file waits for the intake at Send (%s)",
                         type(exc).__name__)
             return NOT_STORED
+        header = result.dataset
+        if header is None:
+            return Arrival(result.sop_instance_uid, result.outcome)
         return Arrival(result.sop_instance_uid, result.outcome, result.study_uid,
                        identity_of(header, invitation), str(header.get("Modality", "")),
                        str(header.get("BodyPartExamined", "")))
