@@ -6,7 +6,7 @@ CT slices (700 MB by default, as a full CD), then, interleaved and repeated:
 - **upload**: a member of staff signs in to a fresh ``imageshare serve`` and imports the
   folder from the browser's import page: every file sent with tus 1.0 over loopback
   (creation-with-upload: one POST carrying the first 8 MB of each file, PATCH chunks for
-  the rest; four files at a time, as ``static/upload.js`` does; each DICOM file is stored
+  the rest; six files at a time, as ``static/upload.js`` does; each DICOM file is stored
   for review as it arrives), then **Send**, timed until the intake job has made every file
   an instance waiting for review (the page's ``data-state="done"``). The server's peak RSS
   (VmHWM of the process and its children) is read afterwards.
@@ -19,7 +19,7 @@ server's peak memory under 300 MB.
 
     --size-mb N   size of the folder (default 700)
     --repeats N   runs of each (median kept; default 2)
-    --parallel N  files sent at once (default 4, as the browser page)
+    --parallel N  files sent at once (default 6, as the browser page)
     --http-processes N  processes serving HTTP (IMAGESHARE_HTTP_PROCESSES; default 1)
 """
 
@@ -51,7 +51,7 @@ from tests.peers import RunningServer  # noqa: E402
 OUT = ROOT / "bench" / "out"
 SLICE_BYTES = 512 * 512 * 2
 CHUNK = 8 << 20
-PARALLEL = 4
+PARALLEL = 6
 TUS = {"Tus-Resumable": "1.0.0"}
 HTML = {"Accept": "text/html"}
 CLERK_PASSWORD = "bench-clerk-password"
@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=700)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=PARALLEL,
-                        help="files sent at once (the browser page sends 4)")
+                        help="files sent at once (the browser page sends 6)")
     parser.add_argument("--http-processes", type=int, default=1,
                         help="the server's IMAGESHARE_HTTP_PROCESSES (default 1)")
     args = parser.parse_args()

@@ -753,6 +753,9 @@ upload_files = Table(
     Column("identity", String(16), nullable=False, default="", server_default=""),
     Column("modality", String(16), nullable=False, default="", server_default=""),
     Column("body_part", String(64), nullable=False, default="", server_default=""),
+    # A file announced again is found by its path; the size limit's sums read the index only.
+    Index(None, "invitation_pk", "path"),
+    Index(None, "invitation_pk", "status", "length", "round"),
 )
 
 # What each received file (or each file inside a received folder or zip) became.
