@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -650,70 +650,88 @@ def run_dicom_worker(settings: Settings, ready: Any) -> None:
 
 
 def http_socket(settings: Settings) -> socket.socket:
-    """A listening socket on the HTTP address that every process of this server binds too
-    (SO_REUSEPORT): the kernel spreads new connections over them."""
-    family, kind, proto, _name, address = socket.getaddrinfo(
-        settings.http_host, settings.http_port, type=socket.SOCK_STREAM,
-        flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
+    """A listening socket on the HTTP address, bound as uvicorn binds it, that every process
+    of this server binds too (SO_REUSEPORT: the kernel spreads new connections over them by
+    their addresses)."""
+    family = socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
+        sock.bind((settings.http_host, settings.http_port))
         sock.listen(2048)
     except BaseException:
         sock.close()
         raise
-    sock.set_inheritable(True)
     return sock
 
 
 def run_http_worker(settings: Settings, ready: Any) -> None:
     """A further process serving HTTP on the server's port (its own socket on it) until
     SIGTERM; ``ready`` (an Event) is set once it listens. It runs background jobs too
-    (queued by any process), so that a job started here begins at once."""
+    (queued by any process), so that a job started here begins at once; on SIGTERM they get
+    the grace, as the server's own."""
     import uvicorn
 
     from imageshare.web.server import create_app, http_server_config
 
+    stop = threading.Event()  # a signal before uvicorn runs (or re-raised by it) ends here
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     die_with_parent()
     configure_logging(settings, "[http]")
     archive = build_archive(settings, upgrade=False)
     archive.jobs.start()
     try:
-        server = uvicorn.Server(http_server_config(create_app(archive), settings))
-        sock = http_socket(settings)
-        ready.set()
-        server.run(sockets=[sock])
+        if not stop.is_set():
+            server = uvicorn.Server(http_server_config(create_app(archive), settings))
+            sock = http_socket(settings)
+            ready.set()
+            server.run(sockets=[sock])
     finally:
         archive.jobs.close(settings.shutdown_grace_seconds)
         archive.close()
 
 
-def _start_http_workers(settings: Settings) -> list[multiprocessing.process.BaseProcess]:
-    """``http_processes - 1`` further processes serving HTTP on the server's port."""
+def _wait_until_ready(started: Sequence[tuple[multiprocessing.process.BaseProcess, Any]],
+                      stopping: threading.Event, what: str) -> None:
+    """Wait (up to two minutes each) until every started process has set its ready Event;
+    not for one that died, nor once the server is asked to stop."""
+    for process, ready in started:
+        deadline = time.monotonic() + 120
+        while not ready.wait(0.2):
+            if stopping.is_set():
+                return
+            if not process.is_alive() or time.monotonic() > deadline:
+                log.error("%s %s did not start; continuing without it", what, process.name)
+                break
+
+
+def _start_http_workers(settings: Settings, stopping: threading.Event
+                        ) -> list[multiprocessing.process.BaseProcess]:
+    """``http_processes - 1`` further processes serving HTTP on the server's port, once they
+    listen."""
     spawn = multiprocessing.get_context("spawn")
-    workers: list[multiprocessing.process.BaseProcess] = []
-    ready = []
+    started = []
     for number in range(max(0, settings.http_processes - 1)):
-        ready.append(spawn.Event())
-        worker = spawn.Process(target=run_http_worker, args=(settings, ready[-1]),
+        ready = spawn.Event()
+        worker = spawn.Process(target=run_http_worker, args=(settings, ready),
                                name=f"http-worker-{number}", daemon=True)
         worker.start()
-        workers.append(worker)
+        started.append((worker, ready))
     # Report healthy (this process's HTTP starts after) only once every process listens.
-    for number, event in enumerate(ready):
-        if not event.wait(120):
-            log.error("HTTP worker %d did not start; continuing without it", number)
-    return workers
+    _wait_until_ready(started, stopping, "HTTP worker")
+    return [worker for worker, _ready in started]
 
 
 def _stop_processes(workers: list[multiprocessing.process.BaseProcess], grace: float) -> None:
-    """SIGTERM to each (they drain at once, together), then wait; killed if they do not stop."""
+    """SIGTERM to each (they drain at once, together), then wait for all of them until one
+    deadline (HTTP, then background jobs, each get the grace); killed if they do not stop."""
     for worker in workers:
         worker.terminate()
+    deadline = time.monotonic() + 2 * grace + 5
     for worker in workers:
-        worker.join(grace + 5)
+        worker.join(max(0.0, deadline - time.monotonic()))
         if worker.is_alive():
             log.warning("%s did not stop in time; killed", worker.name)
             worker.kill()
@@ -759,19 +777,18 @@ def serve(settings: Settings) -> None:
         listener = _make_listener(archive, shared_port=processes > 1)
         listener.start()
         spawn = multiprocessing.get_context("spawn")
-        ready = []
+        started = []
         for number in range(processes - 1):
-            ready.append(spawn.Event())
+            ready = spawn.Event()
             worker = spawn.Process(
-                target=run_dicom_worker, args=(settings, ready[-1]),
+                target=run_dicom_worker, args=(settings, ready),
                 name=f"dicom-worker-{number}", daemon=True,
             )
             worker.start()
             workers.append(worker)
+            started.append((worker, ready))
         # Report healthy (HTTP starts below) only once every process accepts associations.
-        for number, event in enumerate(ready):
-            if not event.wait(120):
-                log.error("DICOM worker %d did not start; continuing without it", number)
+        _wait_until_ready(started, stopping, "DICOM worker")
         log.info("DICOM listener %s on port %s, TLS port %s (%d processes)",
                  settings.ae_title, listener.port, listener.tls_port or "none", processes)
     archive.jobs.start()  # this instance runs jobs queued by any instance
@@ -804,10 +821,6 @@ def serve(settings: Settings) -> None:
 
     app = create_app(archive)
     server = _Server(http_server_config(app, settings))
-    sockets = None
-    if settings.http_processes > 1 and not stopping.is_set():
-        sockets = [http_socket(settings)]  # each process its own socket on the one port
-        http_workers.extend(_start_http_workers(settings))
     scheme = "https" if https_enabled(settings) else "http"
     tls = f", DICOM TLS port {settings.dicom_tls_port}" if settings.dicom_tls_port else ""
     print(
@@ -816,6 +829,10 @@ def serve(settings: Settings) -> None:
         file=sys.stderr, flush=True,
     )
     try:
+        sockets = None
+        if settings.http_processes > 1 and settings.http_port and not stopping.is_set():
+            sockets = [http_socket(settings)]  # each process its own socket on the one port
+            http_workers.extend(_start_http_workers(settings, stopping))
         if not stopping.is_set():
             server.run(sockets=sockets)
     finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import secrets
+import tempfile
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -523,11 +524,18 @@ class ShareService:
                 return target
             inst = self.stored(share, item)
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(".part")
-            # de-identified and checked by the verifier before the copy can be served
-            with self._retrieve.open(inst) as fp, seekable(fp) as source, \
-                    open(partial, "w+b") as out:
-                outcome = self._deidentifier(share.profile).write(source, out)
+            # A file of this writer's own (another process may make the same copy at the
+            # same moment; the one renamed last wins, both whole), de-identified and checked
+            # by the verifier before the copy can be served.
+            fd, name = tempfile.mkstemp(dir=target.parent, suffix=".part")
+            partial = Path(name)
+            try:
+                with self._retrieve.open(inst) as fp, seekable(fp) as source, \
+                        open(fd, "w+b") as out:
+                    outcome = self._deidentifier(share.profile).write(source, out)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
             if outcome.held_back:
                 partial.unlink(missing_ok=True)
                 with self._engine.begin() as conn:

@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, delete, func, insert, select
 
 from imageshare.archive.dicom_json import NHS_ISSUER
 from imageshare.archive.importing import Candidate, DicomInputs, ImportReport
@@ -191,6 +191,15 @@ class UploadIntake:
                                                   Arrival(sop_uid, outcome, *facts)))
         return found
 
+    def _paths_sent_twice(self, invitation: Invitation, round_: int) -> set[str]:
+        """Paths of more than one of the round's received files."""
+        c = upload_files.c
+        with self._engine.connect() as conn:
+            return set(conn.execute(select(c.path).where(
+                c.invitation_pk == invitation.pk, c.round == round_,
+                c.status.in_(["received", "done"])).group_by(c.path).having(
+                func.count() > 1)).scalars())
+
     def reported(self, invitation: Invitation, round_: int) -> tuple[int, int] | None:
         """(files made instances, files refused) of a round whose intake finished, or None
         when it has no results."""
@@ -261,9 +270,12 @@ class UploadIntake:
 
         arrivals = self._arrivals(invitation, round_)
         # Files stored on arrival whose facts were recorded then, by their path: reported
-        # from the record, not read again.
+        # from the record, not read again. A path sent twice in the round (the second file
+        # was kept under another name) is read, as which file is which is not recorded.
+        twice = self._paths_sent_twice(invitation, round_)
         recorded = {path: made for waiting in arrivals.values()
-                    for _outcome, path, made in waiting if made.study_uid}
+                    for _outcome, path, made in waiting
+                    if made.study_uid and path not in twice}
 
         def arrived(sop_uid: str) -> str:
             """The outcome of this instance's store on arrival ("" if it was not stored)."""

@@ -621,6 +621,45 @@ def test_send_reports_what_was_stored_on_arrival_without_reading_the_files_again
     assert {str(f["study_uid"]) for f in study.files} == studies
 
 
+def test_two_files_sent_under_one_name_are_each_reported_once_as_themselves(hospital,
+                                                                          tmp_path):
+    """Two different DICOM files announced at the same path (the second kept under another
+    name): the report has one line for each, with its own instance."""
+    archive, _sink = hospital
+    created = _invite(archive)
+    first, second = (ct_series(tmp_path / name, 1, patient_id="OTHER-77",
+                               patient_name="Lovelace^Ada", PatientBirthDate="19151210")[0]
+                     for name in ("a", "b"))
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        for path in (first, second):
+            _tus_upload(client, created.path, csrf, path, "IM0001.dcm")
+        kept = sorted(p.name for p in
+                      archive.uploads.receiver.round_folder(invitation, 1).iterdir())
+        assert 'data-state="done"' in _send(client, created.path, csrf)
+    lines = {str(f["label"]): str(f["sop_uid"])
+             for study in archive.uploads.review.studies(invitation) for f in study.files}
+    assert len(lines) == 2 and sorted(lines) == kept
+    assert lines["IM0001.dcm"] == str(dcmread(first, stop_before_pixels=True).SOPInstanceUID)
+    assert set(lines.values()) == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                                   for p in (first, second)}
+
+
+def test_a_chunk_for_a_file_id_that_is_no_file_is_not_found(hospital):
+    """Ids that are no file's (dots, too long for a file name, unknown) answer 404, not an
+    error of the server."""
+    archive, _sink = hospital
+    created = _invite(archive)
+    with TestClient(create_app(archive), raise_server_exceptions=False) as client:
+        csrf = _open(client, created)
+        for upload_id in ("%2E", "%2E%2E", "x" * 300, "0" * 32):
+            answer = client.patch(created.path + "/files/" + upload_id, content=b"0123",
+                                  headers={**TUS, "X-CSRF-Token": csrf, "Upload-Offset": "0",
+                                           "Content-Type": "application/offset+octet-stream"})
+            assert answer.status_code == 404, (upload_id, answer.status_code)
+
+
 def test_one_writer_per_file_across_the_processes_of_a_server(hospital, tmp_path):
     """A file being written by one process of the server (several serve HTTP on one port)
     refuses a second writer in any other with 423, changing nothing; once the first is done

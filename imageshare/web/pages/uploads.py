@@ -300,7 +300,7 @@ async def _receive(request: Request, archive: Archive, invitation: Invitation,
     receiver = archive.uploads.receiver
     try:
         fd = os.open(receiver.part_path(invitation, upload_id), os.O_WRONLY)
-    except FileNotFoundError:  # not this upload's, withdrawn, or kept by another instance
+    except OSError:  # none such (or no file name), withdrawn, or kept by another instance
         await run_in_threadpool(receiver.begin_append, invitation, upload_id, offset)
         raise NotFound("no such upload") from None
     try:
