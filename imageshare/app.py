@@ -623,7 +623,7 @@ def _make_listener(archive: Archive, shared_port: bool) -> Any:
     )
 
 
-def die_with_parent() -> None:
+def _die_with_parent() -> None:
     """Ask Linux to kill this process when its parent dies (even by SIGKILL)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -635,7 +635,7 @@ def die_with_parent() -> None:
 def run_dicom_worker(settings: Settings, ready: Any) -> None:
     """A further process accepting DICOM associations on the shared port until SIGTERM;
     ``ready`` (an Event) is set once it listens."""
-    die_with_parent()
+    _die_with_parent()
     configure_logging(settings, "[worker]")
     archive = build_archive(settings, upgrade=False)
     listener = _make_listener(archive, shared_port=True)
@@ -678,7 +678,7 @@ def run_http_worker(settings: Settings, ready: Any) -> None:
     stop = threading.Event()  # a signal before uvicorn runs (or re-raised by it) ends here
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    die_with_parent()
+    _die_with_parent()
     configure_logging(settings, "[http]")
     archive = build_archive(settings, upgrade=False)
     archive.jobs.start()
@@ -724,11 +724,9 @@ def _start_http_workers(settings: Settings, stopping: threading.Event
     return [worker for worker, _ready in started]
 
 
-def _stop_processes(workers: list[multiprocessing.process.BaseProcess], grace: float) -> None:
-    """SIGTERM to each (they drain at once, together), then wait for all of them until one
-    deadline (HTTP, then background jobs, each get the grace); killed if they do not stop."""
-    for worker in workers:
-        worker.terminate()
+def _join_processes(workers: list[multiprocessing.process.BaseProcess], grace: float) -> None:
+    """Wait for processes sent SIGTERM, all until one deadline (HTTP, then background jobs,
+    each get the grace); killed if they have not stopped by then."""
     deadline = time.monotonic() + 2 * grace + 5
     for worker in workers:
         worker.join(max(0.0, deadline - time.monotonic()))
@@ -808,7 +806,7 @@ def serve(settings: Settings) -> None:
             worker.terminate()
         if listener is not None:
             listener.stop(grace)
-        _stop_processes(workers + http_workers, grace)
+        _join_processes(workers + http_workers, grace)
 
     draining = threading.Thread(target=stop_dicom, name="dicom-drain")
 
