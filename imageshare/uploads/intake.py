@@ -297,13 +297,16 @@ class UploadIntake:
                         return made
             return None
 
+        def as_recorded(label: str, made: Arrival) -> None:
+            """The result of a file stored on arrival, as recorded then."""
+            note(label, "dicom", made.outcome, _IDENTITY_DETAIL[made.identity], made.identity,
+                 made.study_uid, made.sop_uid, made.modality, made.body_part)
+
         def one(number: int, candidate: Candidate) -> None:
             label = self._label(folder, candidate.label)
             made = known(label)
             if made is not None:
-                note(label, "dicom", made.outcome, _IDENTITY_DETAIL[made.identity],
-                     made.identity, made.study_uid, made.sop_uid, made.modality,
-                     made.body_part)
+                as_recorded(label, made)
                 if progress is not None:
                     progress()
                 return
@@ -347,11 +350,9 @@ class UploadIntake:
         for sop_uid, waiting in arrivals.items():
             while waiting:
                 relative = waiting[0][1]
-                if known(relative) is not None:
-                    made = recorded[relative]
-                    note(relative, "dicom", made.outcome, _IDENTITY_DETAIL[made.identity],
-                         made.identity, made.study_uid, made.sop_uid, made.modality,
-                         made.body_part)
+                made = known(relative)
+                if made is not None:
+                    as_recorded(relative, made)
                     continue
                 file = folder.joinpath(*relative.split("/"))
                 try:
