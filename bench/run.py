@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -234,23 +235,20 @@ def stow_round(work: Path, files: list[Path], results: Results, repeats: int = 3
     batches = [files[i:i + 25] for i in range(0, len(files), 25)]
     bodies = [_multipart(b, boundary) for b in batches]
     runs: dict[str, list[tuple[float, float]]] = {"imageshare": [], "orthanc": []}
+    peers: list[tuple[str, Any, str, str]] = [
+        ("imageshare", start_imageshare, "is", "/dicomweb/studies"),
+        ("orthanc", start_orthanc, "orthanc", "/dicom-web/studies")]
     for repeat in range(repeats):
-        server = start_imageshare(work, f"is-stow-{repeat}")
-        try:
-            with server.http() as http:
-                runs["imageshare"].append(
-                    _stow_send(http, "/dicomweb/studies", bodies, headers, server.process.pid))
-        finally:
-            server.stop()
-        shutil.rmtree(work / f"is-stow-{repeat}", ignore_errors=True)
-        orthanc = start_orthanc(work, f"orthanc-stow-{repeat}")
-        try:
-            with orthanc.http() as http:
-                runs["orthanc"].append(
-                    _stow_send(http, "/dicom-web/studies", bodies, headers, orthanc.process.pid))
-        finally:
-            orthanc.stop()
-        shutil.rmtree(work / f"orthanc-stow-{repeat}", ignore_errors=True)
+        for name, start, prefix, path in peers:
+            folder = f"{prefix}-stow-{repeat}"
+            server = start(work, folder)
+            try:
+                with server.http() as http:
+                    runs[name].append(
+                        _stow_send(http, path, bodies, headers, server.process.pid))
+            finally:
+                server.stop()
+            shutil.rmtree(work / folder, ignore_errors=True)
     each = "; ".join(f"{k}: " + ", ".join(f"{len(files) / s:.0f}" for s, _c in v)
                      for k, v in runs.items())
     results.add("STOW-RS CT, 25 per request", "inst/s",

@@ -36,6 +36,19 @@ def weed_binary() -> str | None:
     return str(beside) if beside.exists() else shutil.which("weed")
 
 
+
+def _make_bucket(client: Any) -> Exception | None:
+    """Create the tests' bucket (there already: fine); the error while the server does not
+    answer yet, None once the bucket is there."""
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except Exception as exc:  # noqa: BLE001 - not up yet
+        if getattr(exc, "response", {}).get("Error", {}).get("Code") in (
+                "BucketAlreadyExists", "BucketAlreadyOwnedByYou"):
+            return None
+        return exc
+    return None
+
 class PortTaken(Exception):
     """Another process bound one of the chosen ports first."""
 
@@ -128,17 +141,13 @@ class SeaweedS3:
                 if "address already in use" in log:
                     raise PortTaken()
                 raise RuntimeError(f"SeaweedFS exited: {log[-1500:]}")
-            try:
-                client.create_bucket(Bucket=BUCKET)
+            not_yet = _make_bucket(client)
+            if not_yet is None:
                 return self
-            except Exception as exc:  # noqa: BLE001 - not up yet
-                if getattr(exc, "response", {}).get("Error", {}).get("Code") in (
-                        "BucketAlreadyExists", "BucketAlreadyOwnedByYou"):
-                    return self
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError("SeaweedFS S3 did not answer") from exc
-                time.sleep(0.25)
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError("SeaweedFS S3 did not answer") from not_yet
+            time.sleep(0.25)
 
     def client(self, secret: str | None = None) -> Any:
         """A boto3 client for this server (with ``secret`` instead of the right one)."""
@@ -249,17 +258,13 @@ class RcloneS3:
                         self._client = None
                         break
                     raise RuntimeError(f"rclone exited: {log[-1500:]}")
-                try:
-                    client.create_bucket(Bucket=BUCKET)
+                not_yet = _make_bucket(client)
+                if not_yet is None:
                     return self
-                except Exception as exc:  # noqa: BLE001 - not up yet
-                    if getattr(exc, "response", {}).get("Error", {}).get("Code") in (
-                            "BucketAlreadyExists", "BucketAlreadyOwnedByYou"):
-                        return self
-                    if time.monotonic() > deadline:
-                        self.stop()
-                        raise TimeoutError("rclone serve s3 did not answer") from exc
-                    time.sleep(0.1)
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError("rclone serve s3 did not answer") from not_yet
+                time.sleep(0.1)
         raise AssertionError("unreachable")
 
     def stop(self) -> None:

@@ -802,17 +802,24 @@ def test_kept_originals_are_sealed_like_the_images_when_encryption_is_on(tmp_pat
         _sealed_original(archive, tmp_path)
 
 
+def _send_one(archive, path: Path) -> tuple:
+    """An invitation that sent the one file at ``path``, once checked: the invitation, its
+    one study and that study's one file."""
+    created = _invite(archive)
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        _tus_upload(client, created.path, csrf, path, path.name)
+        assert 'data-state="done"' in _send(client, created.path, csrf)
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    [study] = archive.uploads.review.studies(invitation)
+    [file] = study.files
+    return invitation, study, file
+
+
 def _sealed_original(archive, tmp_path: Path) -> None:
     try:
-        created = _invite(archive)
         picture = photo(tmp_path / "IMG_0005.jpg")
-        with TestClient(create_app(archive)) as client:
-            csrf = _open(client, created)
-            _tus_upload(client, created.path, csrf, picture, picture.name)
-            assert 'data-state="done"' in _send(client, created.path, csrf)
-        invitation = archive.uploads.invitations.by_public_id(created.public_id)
-        [study] = archive.uploads.review.studies(invitation)
-        [kept] = study.files
+        invitation, _study, kept = _send_one(archive, picture)
         row, store = archive.uploads.review.original(invitation, int(kept["pk"]))
         with store.open(str(row["original_key"])) as original:
             assert original.read() == picture.read_bytes()
@@ -837,15 +844,8 @@ def test_a_video_plays_in_the_viewer_as_mp4_whether_stored_as_a_file_or_a_bare_s
     from imageshare.archive.viewing import viewer_manifest
 
     archive, _sink = hospital
-    created = _invite(archive)
     clip = mp4(tmp_path / "clip.mp4", frames=12)
-    with TestClient(create_app(archive)) as client:
-        csrf = _open(client, created)
-        _tus_upload(client, created.path, csrf, clip, clip.name)
-        assert 'data-state="done"' in _send(client, created.path, csrf)
-    invitation = archive.uploads.invitations.by_public_id(created.public_id)
-    [study] = archive.uploads.review.studies(invitation)
-    [video] = study.files
+    invitation, study, video = _send_one(archive, clip)
     record = archive.catalogue.record(study.item.study_uid, include_review=True)
     [series] = viewer_manifest(record, archive.retrieve.header)["series"]
     assert series["video"] and series["frames"][0]["video"]
