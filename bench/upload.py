@@ -20,7 +20,8 @@ server's peak memory under 300 MB.
     --size-mb N   size of the folder (default 700)
     --repeats N   runs of each (median kept; default 2)
     --parallel N  files sent at once (default 6, as the browser page)
-    --http-processes N  processes serving HTTP (IMAGESHARE_HTTP_PROCESSES; default 1)
+    --http-processes N  processes serving HTTP (IMAGESHARE_HTTP_PROCESSES; default 0, the
+                        server's own default: one per core, at most 4)
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.run import child_pids, cpu_seconds, peak_rss_mb  # noqa: E402
+from imageshare.app import http_processes  # noqa: E402
+from imageshare.settings import Settings  # noqa: E402
 from tests.factory import ct_series  # noqa: E402
 from tests.peers import RunningServer  # noqa: E402
 
@@ -102,7 +105,7 @@ def _send_file(client: httpx.Client, base: str, csrf: str, path: Path, name: str
 
 
 def upload_run(work: Path, folder: Path, files: list[Path], parallel: int = PARALLEL,
-               http_processes: int = 1) -> dict[str, float]:
+               http_processes: int = 0) -> dict[str, float]:
     """Seconds from the first byte to every file waiting for review, the peak RSS (of the
     largest process, and of all the server's processes added), and the CPU time per file of
     each process (and of the whole machine) while the files are sent."""
@@ -215,9 +218,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=PARALLEL,
                         help="files sent at once (the browser page sends 6)")
-    parser.add_argument("--http-processes", type=int, default=1,
-                        help="the server's IMAGESHARE_HTTP_PROCESSES (default 1)")
+    parser.add_argument("--http-processes", type=int, default=0,
+                        help="the server's IMAGESHARE_HTTP_PROCESSES (0, the default: the "
+                        "server's own, one per core up to 4)")
     args = parser.parse_args()
+    processes = http_processes(Settings(http_processes=args.http_processes))
     OUT.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="imageshare-bench-upload-"))
     try:
@@ -268,10 +273,10 @@ def main() -> None:
         print(f"\nupload / import rate: x{ratio:.2f} (target >= {TARGET_RATE}); server peak "
               f"RSS {rss:.0f} MB in its largest process, "
               f"{summary['upload']['peak_rss_mb_all_processes']:.0f} MB in all its processes "
-              f"added (target < {TARGET_RSS_MB}); {args.http_processes} HTTP process(es)")
+              f"added (target < {TARGET_RSS_MB}); {processes} HTTP process(es)")
         (OUT / "upload.json").write_text(json.dumps({
             "files": len(files), "bytes": size, "repeats": args.repeats, "runs": runs,
-            "summary": summary, "ratio": ratio, "http_processes": args.http_processes,
+            "summary": summary, "ratio": ratio, "http_processes": processes,
             "targets": {
                 "rate_ratio": TARGET_RATE, "peak_rss_mb": TARGET_RSS_MB},
             "load_average": os.getloadavg()}, indent=2))

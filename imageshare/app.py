@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +51,7 @@ from imageshare.deid.setup import deidentifier_for
 from imageshare.dicom.dicomweb_site import DicomwebSites
 from imageshare.dicom.scu import DimseSites
 from imageshare.domain.actors import SYSTEM, Actor
+from imageshare.domain.errors import ConfigurationError
 from imageshare.domain.retention import RetentionPeriods
 from imageshare.ehr.launch import EhrLaunches
 from imageshare.exchange.arrivals import Arrivals
@@ -100,6 +101,7 @@ from imageshare.uploads.patients import PatientAccounts
 from imageshare.uploads.receiving import UploadReceiver
 from imageshare.uploads.review import UploadReview
 from imageshare.uploads.service import UploadService
+from imageshare.workers import Worker, Workers
 
 log = logging.getLogger("imageshare")
 
@@ -649,30 +651,55 @@ def run_dicom_worker(settings: Settings, ready: Any) -> None:
     archive.close()
 
 
+def _port_in_use(host: str, port: int, what: str, exc: OSError) -> ConfigurationError:
+    return ConfigurationError(
+        f"cannot listen for {what} on {host or '*'}:{port}: {exc.strerror or exc} (is another "
+        "server running on this port?)")
+
+
+def refuse_taken_port(host: str, port: int, what: str) -> None:
+    """ConfigurationError when something else listens on ``port``: the processes of one
+    server bind a shared port with SO_REUSEPORT, which would otherwise share it silently with
+    another server run by the same user."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise _port_in_use(host, port, what, exc) from exc
+
+
 def http_socket(settings: Settings) -> socket.socket:
-    """A listening socket on the HTTP address, bound as uvicorn binds it, that every process
-    of this server binds too (SO_REUSEPORT: the kernel spreads new connections over them by
-    their addresses)."""
+    """The listening socket on the HTTP address, bound as uvicorn binds it, from which every
+    process of this server accepts (a new connection goes to the process that takes it
+    first). Bound once, by the server's own process: a port another server holds is refused
+    ("address in use")."""
     family = socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((settings.http_host, settings.http_port))
         sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise _port_in_use(settings.http_host, settings.http_port, "HTTP", exc) from exc
     except BaseException:
         sock.close()
         raise
     return sock
 
 
-def run_http_worker(settings: Settings, ready: Any) -> None:
-    """A further process serving HTTP on the server's port (its own socket on it) until
-    SIGTERM; ``ready`` (an Event) is set once it listens. It runs background jobs too
-    (queued by any process), so that a job started here begins at once; on SIGTERM they get
-    the grace, as the server's own."""
+def run_http_worker(settings: Settings, sock: socket.socket, counts: Any, slot: int,
+                    ready: Any) -> None:
+    """A further process serving HTTP from the server's listening socket ``sock`` until
+    SIGTERM; ``counts`` and ``slot``: its place in the table of connections each process
+    holds; ``ready`` (an Event) is set once it listens. It runs background jobs too (queued by
+    any process), so that a job started here begins at once; on SIGTERM they get the grace,
+    as the server's own."""
     import uvicorn
 
+    from imageshare.web.balance import ConnectionShares
     from imageshare.web.server import create_app, http_server_config
 
     stop = threading.Event()  # a signal before uvicorn runs (or re-raised by it) ends here
@@ -684,8 +711,8 @@ def run_http_worker(settings: Settings, ready: Any) -> None:
     archive.jobs.start()
     try:
         if not stop.is_set():
-            server = uvicorn.Server(http_server_config(create_app(archive), settings))
-            sock = http_socket(settings)
+            server = uvicorn.Server(http_server_config(
+                create_app(archive), settings, ConnectionShares(counts, slot)))
             ready.set()
             server.run(sockets=[sock])
     finally:
@@ -693,46 +720,26 @@ def run_http_worker(settings: Settings, ready: Any) -> None:
         archive.close()
 
 
-def _wait_until_ready(started: Sequence[tuple[multiprocessing.process.BaseProcess, Any]],
-                      stopping: threading.Event, what: str) -> None:
-    """Wait (up to two minutes each) until every started process has set its ready Event;
-    not for one that died, nor once the server is asked to stop."""
-    for process, ready in started:
-        deadline = time.monotonic() + 120
-        while not ready.wait(0.2):
-            if stopping.is_set():
-                return
-            if not process.is_alive() or time.monotonic() > deadline:
-                log.error("%s %s did not start; continuing without it", what, process.name)
-                break
+def http_processes(settings: Settings) -> int:
+    """How many processes serve HTTP."""
+    if settings.http_processes > 0:
+        return settings.http_processes
+    return max(1, min(os.cpu_count() or 1, 4))
 
 
-def _start_http_workers(settings: Settings, stopping: threading.Event
-                        ) -> list[multiprocessing.process.BaseProcess]:
-    """``http_processes - 1`` further processes serving HTTP on the server's port, once they
-    listen."""
-    spawn = multiprocessing.get_context("spawn")
-    started = []
-    for number in range(max(0, settings.http_processes - 1)):
-        ready = spawn.Event()
-        worker = spawn.Process(target=run_http_worker, args=(settings, ready),
-                               name=f"http-worker-{number}", daemon=True)
-        worker.start()
-        started.append((worker, ready))
-    # Report healthy (this process's HTTP starts after) only once every process listens.
-    _wait_until_ready(started, stopping, "HTTP worker")
-    return [worker for worker, _ready in started]
+def _http_workers(settings: Settings, sock: socket.socket, counts: Any) -> list[Worker]:
+    """``http_processes - 1`` further processes serving HTTP from ``sock`` (``counts``: the
+    table of connections each process holds; slot 0 is this process's)."""
+    found = []
+    for number in range(http_processes(settings) - 1):
+        slot = number + 1
 
+        def forget(slot: int = slot) -> None:
+            counts[slot] = 0  # the connections of a process that died closed with it
 
-def _join_processes(workers: list[multiprocessing.process.BaseProcess], grace: float) -> None:
-    """Wait for processes sent SIGTERM, all until one deadline (HTTP, then background jobs,
-    each get the grace); killed if they have not stopped by then."""
-    deadline = time.monotonic() + 2 * grace + 5
-    for worker in workers:
-        worker.join(max(0.0, deadline - time.monotonic()))
-        if worker.is_alive():
-            log.warning("%s did not stop in time; killed", worker.name)
-            worker.kill()
+        found.append(Worker(f"http-worker-{number}", "HTTP worker", run_http_worker,
+                            (settings, sock, counts, slot), on_restart=forget))
+    return found
 
 
 def serve(settings: Settings) -> None:
@@ -745,6 +752,7 @@ def serve(settings: Settings) -> None:
     """
     import uvicorn
 
+    from imageshare.web.balance import ConnectionShares
     from imageshare.web.server import create_app, http_server_config
 
     stopping = threading.Event()
@@ -761,6 +769,9 @@ def serve(settings: Settings) -> None:
     for warning in exposure_warnings(settings):
         log.warning("%s", warning)
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+    # The shared HTTP socket is bound first: a port already taken stops the start here.
+    several = http_processes(settings) > 1 and bool(settings.http_port)
+    sockets = [http_socket(settings)] if several else None  # every process accepts from it
     archive = build_archive(settings)
     create_admin(archive, sys.stdout, interactive=sys.stdout.isatty())
     for warning in shared_index_warnings(archive):
@@ -769,24 +780,18 @@ def serve(settings: Settings) -> None:
     archive.transfers.resume_interrupted()
     _checkpoint(archive.engine)
     listener = None
-    workers: list[multiprocessing.process.BaseProcess] = []
+    workers = Workers()
     if (settings.dicom_port or settings.dicom_tls_port) and not stopping.is_set():
         processes = dicom_processes(settings)
+        if processes > 1:
+            for port in (settings.dicom_port, settings.dicom_tls_port):
+                if port:
+                    refuse_taken_port(settings.dicom_host or settings.http_host, port, "DICOM")
         listener = _make_listener(archive, shared_port=processes > 1)
         listener.start()
-        spawn = multiprocessing.get_context("spawn")
-        started = []
-        for number in range(processes - 1):
-            ready = spawn.Event()
-            worker = spawn.Process(
-                target=run_dicom_worker, args=(settings, ready),
-                name=f"dicom-worker-{number}", daemon=True,
-            )
-            worker.start()
-            workers.append(worker)
-            started.append((worker, ready))
         # Report healthy (HTTP starts below) only once every process accepts associations.
-        _wait_until_ready(started, stopping, "DICOM worker")
+        workers.start([Worker(f"dicom-worker-{number}", "DICOM worker", run_dicom_worker,
+                              (settings,)) for number in range(processes - 1)], stopping)
         log.info("DICOM listener %s on port %s, TLS port %s (%d processes)",
                  settings.ae_title, listener.port, listener.tls_port or "none", processes)
     archive.jobs.start()  # this instance runs jobs queued by any instance
@@ -797,16 +802,13 @@ def serve(settings: Settings) -> None:
     if atna is not None:
         atna.start()
 
-    http_workers: list[multiprocessing.process.BaseProcess] = []
-
     def stop_dicom() -> None:
         """Drain DICOM and HTTP in every process at once: the workers on their SIGTERM, this
         one here."""
-        for worker in workers + http_workers:
-            worker.terminate()
+        workers.terminate()
         if listener is not None:
             listener.stop(grace)
-        _join_processes(workers + http_workers, grace)
+        workers.join(grace)
 
     draining = threading.Thread(target=stop_dicom, name="dicom-drain")
 
@@ -818,7 +820,10 @@ def serve(settings: Settings) -> None:
             super().handle_exit(sig, frame)
 
     app = create_app(archive)
-    server = _Server(http_server_config(app, settings))
+    counts = multiprocessing.get_context("spawn").Array(
+        "i", http_processes(settings), lock=False) if several else None
+    server = _Server(http_server_config(
+        app, settings, ConnectionShares(counts, 0) if several else None))
     scheme = "https" if https_enabled(settings) else "http"
     tls = f", DICOM TLS port {settings.dicom_tls_port}" if settings.dicom_tls_port else ""
     print(
@@ -827,10 +832,10 @@ def serve(settings: Settings) -> None:
         file=sys.stderr, flush=True,
     )
     try:
-        sockets = None
-        if settings.http_processes > 1 and settings.http_port and not stopping.is_set():
-            sockets = [http_socket(settings)]  # each process its own socket on the one port
-            http_workers.extend(_start_http_workers(settings, stopping))
+        if sockets and not stopping.is_set():
+            # Report healthy (this process's HTTP starts after) once every process listens.
+            workers.start(_http_workers(settings, sockets[0], counts), stopping)
+        workers.supervise()
         if not stopping.is_set():
             server.run(sockets=sockets)
     finally:

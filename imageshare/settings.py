@@ -86,9 +86,9 @@ class Settings:
         "core (0: two per core, at most 8)."
     )
     http_processes: int = _setting(
-        1, "Processes serving HTTP on its one port (the kernel spreads new connections over "
-        "them), so that large uploads and busy APIs use more than one core; each runs "
-        "job_workers background jobs too, and costs about 200 MB."
+        0, "Processes serving HTTP from its one port, so that large uploads and busy APIs use "
+        "more than one core (0: one per core, at most 4); connections are spread evenly "
+        "over them, each runs job_workers background jobs too, and costs about 200 MB."
     )
     dicom_timeout: float = _setting(60.0, "Seconds a DICOM association may stay silent.")
     max_pdu_size: int = _setting(262144, "Largest PDU the DICOM listener accepts (bytes).")

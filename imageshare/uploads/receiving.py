@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, case, func, insert, select, update
+from sqlalchemy import Connection, Engine, case, func, insert, select, update
 
 from imageshare.audit.trail import AuditTrail
 from imageshare.domain.errors import (
@@ -129,49 +129,55 @@ class UploadReceiver:
         parts = safe_parts(path)
         if length < 0:
             raise ImageShareError("Upload-Length must be a whole number of bytes")
-        self._drop_restarted(invitation, "/".join(parts), length)
-        with self._engine.connect() as conn:
-            count, used, done_round = conn.execute(select(
-                func.count(), func.coalesce(func.sum(case(
-                    (upload_files.c.status != "removed", upload_files.c.length), else_=0)), 0),
-                func.max(case((upload_files.c.status == "done", upload_files.c.round))))
-                .where(upload_files.c.invitation_pk == invitation.pk)).one()
-        if count >= MAX_FILES:
-            raise UploadQuotaExceeded(f"an upload holds at most {MAX_FILES} files")
-        used = int(used or 0)
-        if used + length > invitation.max_bytes:
-            raise UploadQuotaExceeded(
-                f"this upload is limited to {invitation.max_bytes >> 20} MB in all; "
-                f"{max(0, invitation.max_bytes - used) >> 20} MB are left")
+        relative = "/".join(parts)
         upload_id = secrets.token_hex(16)
-        round_ = int(done_round or 0) + 1  # as current_round()
-        parts_dir = self.folder(invitation) / "parts"
-        parts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (parts_dir / upload_id).touch(mode=0o600)
-        with self._engine.begin() as conn:
-            conn.execute(insert(upload_files).values(
-                invitation_pk=invitation.pk, upload_id=upload_id, round=round_,
-                path="/".join(parts), length=length, offset=0, status="receiving",
-                created_at=datetime.now(UTC)))
-        return UploadFile(upload_id, "/".join(parts), length, 0, "receiving", round_)
+        part = self.part_path(invitation, upload_id)
+        part.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        part.touch(mode=0o600)  # before its record: a recorded file always has its bytes
+        try:
+            with self._engine.begin() as conn:  # one transaction: the checks and the record
+                stale = self._drop_restarted(conn, invitation, relative, length)
+                count, used, done_round = conn.execute(select(
+                    func.count(), func.coalesce(func.sum(case(
+                        (upload_files.c.status != "removed", upload_files.c.length),
+                        else_=0)), 0),
+                    func.max(case((upload_files.c.status == "done", upload_files.c.round))))
+                    .where(upload_files.c.invitation_pk == invitation.pk)).one()
+                if count >= MAX_FILES:
+                    raise UploadQuotaExceeded(f"an upload holds at most {MAX_FILES} files")
+                used = int(used or 0)
+                if used + length > invitation.max_bytes:
+                    raise UploadQuotaExceeded(
+                        f"this upload is limited to {invitation.max_bytes >> 20} MB in all; "
+                        f"{max(0, invitation.max_bytes - used) >> 20} MB are left")
+                round_ = int(done_round or 0) + 1  # as current_round()
+                conn.execute(insert(upload_files).values(
+                    invitation_pk=invitation.pk, upload_id=upload_id, round=round_,
+                    path=relative, length=length, offset=0, status="receiving",
+                    created_at=datetime.now(UTC)))
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        for dropped in stale:
+            self.part_path(invitation, dropped).unlink(missing_ok=True)
+        return UploadFile(upload_id, relative, length, 0, "receiving", round_)
 
-    def _drop_restarted(self, invitation: Invitation, path: str, length: int) -> None:
+    @staticmethod
+    def _drop_restarted(conn: Connection, invitation: Invitation, path: str,
+                        length: int) -> list[str]:
         """A file announced again (the page sends it from its start after a connection was
         lost during its announcement): the unfinished earlier announcements of the same path
-        and length are dropped, so that they do not count against the size limit."""
-        with self._engine.connect() as conn:
-            stale = list(conn.execute(select(upload_files.c.upload_id).where(
-                upload_files.c.invitation_pk == invitation.pk, upload_files.c.path == path,
-                upload_files.c.length == length,
-                upload_files.c.status == "receiving")).scalars())
-        if not stale:
-            return
-        with self._engine.begin() as conn:
+        and length are dropped, so that they do not count against the size limit. Returns
+        their ids (their bytes are removed once this is committed)."""
+        stale = list(conn.execute(select(upload_files.c.upload_id).where(
+            upload_files.c.invitation_pk == invitation.pk, upload_files.c.path == path,
+            upload_files.c.length == length,
+            upload_files.c.status == "receiving")).scalars())
+        if stale:
             conn.execute(update(upload_files).where(
                 upload_files.c.upload_id.in_(stale),
                 upload_files.c.status == "receiving").values(status="removed"))
-        for upload_id in stale:
-            self.part_path(invitation, upload_id).unlink(missing_ok=True)
+        return stale
 
     def file(self, invitation: Invitation, upload_id: str) -> UploadFile:
         """One of the invitation's files; NotFound for anyone else's."""

@@ -29,6 +29,7 @@ from imageshare.web import (
     share_api,
 )
 from imageshare.web.auth import allowed
+from imageshare.web.balance import ConnectionShares
 from imageshare.web.deps import Archive, ArchiveDep
 from imageshare.web.pages import (
     account,
@@ -59,6 +60,9 @@ def create_app(archive: Archive) -> FastAPI:
     )
     app.state.archive = archive
     problems.install(app)
+    # Routes are matched in order, one by one: those of the busiest paths (a CD's slices sent
+    # to the upload page, DICOMweb) come first. No two routers share a path.
+    app.include_router(uploads.router)
     app.include_router(dicomweb.router)
     app.include_router(api.router)
     app.include_router(exports.router)
@@ -68,8 +72,7 @@ def create_app(archive: Archive) -> FastAPI:
     app.include_router(iid.router)
     app.include_router(consent.api)
     for pages in (sign_in, studies, viewer, patients, account, admin, reports, shares, shared,
-                  cases, teaching, exchange, imaging_requests, governance, consent, assets,
-                  uploads):
+                  cases, teaching, exchange, imaging_requests, governance, consent, assets):
         app.include_router(pages.router)
     app.add_middleware(RequestLimits, settings=archive.settings)
     origins = [o.strip() for o in archive.settings.cors_origins.split(",") if o.strip()]
@@ -98,15 +101,19 @@ def create_app(archive: Archive) -> FastAPI:
     return app
 
 
-def http_server_config(app: FastAPI, settings: Settings) -> Any:
+def http_server_config(app: FastAPI, settings: Settings,
+                       shares: ConnectionShares | None = None) -> Any:
     """The uvicorn configuration: the limited protocol, and HTTPS (BCP 195) when the server
-    has a certificate and ``http_tls`` is on."""
+    has a certificate and ``http_tls`` is on; ``shares``: this process's part in evening out
+    the connections of several processes serving the port."""
     import uvicorn
 
     https = https_enabled(settings)
+    protocol = LimitedHttpProtocol if shares is None else type(
+        "BalancedHttpProtocol", (LimitedHttpProtocol,), {"shares": shares})
     config = uvicorn.Config(
         app, host=settings.http_host, port=settings.http_port, log_level="warning",
-        access_log=False, http=LimitedHttpProtocol,
+        access_log=False, http=protocol,
         proxy_headers=True, forwarded_allow_ips=settings.trusted_proxies,
         # On SIGTERM/SIGINT requests in flight get the grace, then are ended.
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
@@ -214,15 +221,36 @@ async def _answer(send: Any, status: int, title: str, detail: str) -> None:
 class LimitedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a bound on the request head: httptools itself
     accumulates a header of any length (a 200 MB header took a minute and 200 MB), so at
-    most 64 KiB of request line and headers are fed to it; beyond that the answer is 431."""
+    most 64 KiB of request line and headers are fed to it; beyond that the answer is 431.
+
+    With ``shares`` (several processes serving the port), a process holding more than its
+    share of connections closes one after answering its next request (:mod:`balance`)."""
+
+    shares: ConnectionShares | None = None
 
     def connection_made(self, transport: Any) -> None:  # noqa: D102 - asyncio protocol
         self._in_head, self._head_bytes = True, 0
+        self._requests, self._counted = 0, self.shares is not None
+        if self.shares is not None:
+            self.shares.opened()
         super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
+        if self.shares is not None and self._counted:
+            self._counted = False
+            self.shares.closed()
+        super().connection_lost(exc)
 
     def on_headers_complete(self) -> None:  # noqa: D102 - parser callback
         self._in_head = False
         super().on_headers_complete()
+        self._requests += 1
+        if (self.shares is not None and self._counted and self._requests > 1
+                and self.cycle is not None and self.cycle.keep_alive
+                and self.shares.over_share()):
+            self.cycle.keep_alive = False  # answered with Connection: close
+            self._counted = False  # no longer this process's: others see the room at once
+            self.shares.closed()
 
     def on_message_complete(self) -> None:  # noqa: D102 - parser callback
         self._in_head, self._head_bytes = True, 0

@@ -1,6 +1,6 @@
 """Several processes serving HTTP on one port (IMAGESHARE_HTTP_PROCESSES): both take
-connections, a tus upload whose chunks reach either process is stored whole, and SIGTERM
-stops them all."""
+connections and keep even shares of them, a tus upload whose chunks reach either process is
+stored whole, a worker that dies is started again, and SIGTERM stops them all."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import base64
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,23 +25,30 @@ HTML = {"Accept": "text/html"}
 TUS = {"Tus-Resumable": "1.0.0"}
 
 
-def _listening(port: int) -> set[int]:
-    """The processes holding a socket that listens on ``port``."""
+def _holding(port: int, state: str) -> dict[int, int]:
+    """How many sockets on local ``port`` in ``state`` (0A: listening, 01: established) each
+    process holds."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
-                inodes.add(fields[9])
-    holders = set()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
+                inodes.add(f"socket:[{fields[9]}]")
+    holders = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
         except OSError:
             continue
-        if any(link == f"socket:[{inode}]" for link in links for inode in inodes):
-            holders.add(int(pid))
+        held = sum(link in inodes for link in links)
+        if held:
+            holders[int(pid)] = held
     return holders
+
+
+def _listening(port: int) -> set[int]:
+    """The processes holding a socket that listens on ``port``."""
+    return set(_holding(port, "0A"))
 
 
 def _cpu(pid: int) -> float:
@@ -54,7 +63,8 @@ def test_two_http_processes_share_the_port_and_the_work_and_stop_together(tmp_pa
     server.start()
     try:
         processes = _listening(server.http_port)
-        assert len(processes) == 2 and server.process.pid in processes
+        assert len(processes) == 2 and server.process.pid in processes, (
+            processes, server.process.pid)
         (worker,) = processes - {server.process.pid}
 
         signed = httpx.Client(base_url=server.url, headers=HTML)
@@ -108,6 +118,31 @@ def test_two_http_processes_share_the_port_and_the_work_and_stop_together(tmp_pa
             time.sleep(0.2)
         assert "1 file(s) received" in shown
 
+        # Six keep-alive connections, as a browser opens: however the processes took them at
+        # first, they end up holding three each (one more for the signed-in client's own, if
+        # it is still open).
+        browsers = [fresh() for _ in range(6)]
+        for _ in range(20):
+            for browser in browsers:
+                assert browser.get("/uploads/import").status_code == 200
+        held = _holding(server.http_port, "01")
+        fewer, more = sorted(held.get(pid, 0) for pid in processes)
+        assert fewer + more >= 6 and more - fewer <= 1, held
+        for browser in browsers:
+            browser.close()
+
+        # A worker that dies is started again, and serves.
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(_listening(server.http_port) - {server.process.pid, worker}) != 1:
+            assert time.monotonic() < deadline, "the HTTP worker was not started again"
+            time.sleep(0.2)
+        (worker,) = _listening(server.http_port) - {server.process.pid}
+        for _ in range(20):
+            with fresh() as client:
+                assert client.get("/uploads/import").status_code == 200
+        assert "HTTP worker http-worker-0 stopped unexpectedly" in server.log_path.read_text()
+
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(40) == 0
         deadline = time.monotonic() + 10
@@ -116,5 +151,29 @@ def test_two_http_processes_share_the_port_and_the_work_and_stop_together(tmp_pa
         assert not Path(f"/proc/{worker}").exists(), "the HTTP worker outlived the server"
         log = server.log_path.read_text()
         assert "ImageShare stopped" in log and "Traceback" not in log
+    finally:
+        server.stop()
+
+
+def test_a_second_server_on_the_same_ports_is_refused_with_a_reason(tmp_path):
+    """The processes of one server share its ports; another server started on them fails
+    at once, saying why, instead of silently taking part of their connections."""
+    server = RunningServer(tmp_path / "data", modalities=(), extra_env={
+        "IMAGESHARE_HTTP_PROCESSES": "2", "IMAGESHARE_DICOM_PROCESSES": "2"}).start()
+    try:
+        for same in ({"http_port": server.http_port}, {"dicom_port": server.dicom_port}):
+            what = "HTTP" if "http_port" in same else "DICOM"
+            other = RunningServer(tmp_path / f"other-{what}", modalities=(), extra_env={
+                "IMAGESHARE_HTTP_PROCESSES": "2", "IMAGESHARE_DICOM_PROCESSES": "2"}, **same)
+            other.data_dir.mkdir(parents=True)
+            ended = subprocess.run([sys.executable, "-m", "imageshare", "serve"],
+                                   env=other.env(), capture_output=True, text=True,
+                                   timeout=120)
+            assert ended.returncode == 2, ended.stderr
+            assert f"cannot listen for {what} on 127.0.0.1:" in ended.stderr
+            assert "is another server running on this port?" in ended.stderr
+            assert "Traceback" not in ended.stderr
+        with server.http() as http:
+            assert http.get("/healthz").status_code == 200
     finally:
         server.stop()

@@ -3,9 +3,13 @@ bound), the index is closed, and the process exits 0."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -81,3 +85,47 @@ def test_sigint_with_an_idle_association_ends_it_after_the_grace_and_exits_0(tmp
     while assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not assoc.is_established  # the server ended it
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_ctrl_c_while_the_workers_start_stops_everything_quietly(tmp_path):
+    """Ctrl-C in a terminal reaches the whole process group: workers still importing do not
+    each print a KeyboardInterrupt; the server stops them and exits 0."""
+    server = RunningServer(tmp_path / "data", extra_env={
+        "IMAGESHARE_DICOM_PROCESSES": "2", "IMAGESHARE_HTTP_PROCESSES": "2"})
+    server.data_dir.mkdir(parents=True)
+    output = tmp_path / "serve.log"
+    with open(output, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "imageshare", "serve"],
+                                   env=server.env(), stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _children(process.pid):
+            assert process.poll() is None and time.monotonic() < deadline, output.read_text()
+            time.sleep(0.02)
+        workers = _children(process.pid)
+        time.sleep(0.3)  # the worker is importing now
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(60) == 0, output.read_text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    text = output.read_text()
+    assert "KeyboardInterrupt" not in text and "Traceback" not in text, text
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived the server"
+        time.sleep(0.1)

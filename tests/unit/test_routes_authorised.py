@@ -160,3 +160,18 @@ def test_programs_reach_no_page_route_that_changes_something(archive, anonymous)
                 assert response.status_code == 403, (method, route.path, credentials)
             checked += 1
     assert checked >= 30
+
+
+def test_no_path_is_claimed_by_two_routers(archive):
+    """Routers are ordered for speed (the upload page's first), so none may answer a path
+    another router also answers: the order must not change what a request reaches."""
+    routers = [r.original_router for r in create_app(archive).routes
+               if hasattr(r, "original_router")]
+    for i, router in enumerate(routers):
+        for route in router.routes:
+            concrete = _concrete(route.path)
+            for other in routers[:i] + routers[i + 1:]:
+                for rival in other.routes:
+                    assert not (rival.path_regex.match(concrete)
+                                and set(rival.methods) & set(route.methods)), (
+                        route.path, rival.path)

@@ -32,8 +32,9 @@ def make_engine(
 ) -> Engine:
     """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout.
 
-    ``for_writer``: on SQLite, transactions start with BEGIN IMMEDIATE, taking the write lock
-    first, so that writers in several processes never read a snapshot they cannot update.
+    ``for_writer``: on SQLite, transactions begun explicitly start with BEGIN IMMEDIATE,
+    taking the write lock first, so that writers in several processes never read a snapshot
+    they cannot update; reads (statements run without ``begin()``) take no lock.
     """
     parsed = make_url(url)
     if parsed.drivername == "postgresql":
@@ -61,10 +62,15 @@ def make_engine(
                 dbapi_conn.isolation_level = None  # transactions are begun below
 
         if for_writer:
+            engine._connection_cls = _SqliteConnection  # noqa: SLF001 - marks reads, below
 
             @event.listens_for(engine, "begin")
-            def _begin_immediate(conn) -> None:  # noqa: ANN001
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            def _begin(conn) -> None:  # noqa: ANN001
+                if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+                    return  # each statement is its own transaction
+                # Reads (a connection's statements without begin()) take no lock; a
+                # transaction begun explicitly (engine.begin(), conn.begin()) is a writer.
+                conn.exec_driver_sql("BEGIN" if conn.reading else "BEGIN IMMEDIATE")
 
         return engine
     # No ping before each use (a round trip on every check-out, several per request): a
@@ -81,6 +87,21 @@ def make_engine(
 
 
 POOL_RECYCLE_SECONDS = 1800
+
+
+class _SqliteConnection(Connection):
+    """A connection that knows whether its transaction began by itself, at the first
+    statement of ``engine.connect()`` (reads: a plain BEGIN, which in WAL mode waits for no
+    writer), or by ``begin()`` (writes: BEGIN IMMEDIATE)."""
+
+    reading = False
+
+    def _autobegin(self) -> None:
+        self.reading = True
+        try:
+            super()._autobegin()
+        finally:
+            self.reading = False
 
 
 def _refuse_dropped_connection(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:

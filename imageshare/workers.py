@@ -1,0 +1,143 @@
+"""The server's further processes (DICOM workers sharing the DICOM port, HTTP workers sharing
+the HTTP socket): started so that a Ctrl-C during their start-up reaches only the server,
+waited for until they listen, started again when one dies, and stopped together under one
+deadline."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+READY_SECONDS = 120  # a worker still not listening by then is reported and left out
+RESTARTS_PER_HOUR = 20  # beyond this a worker that keeps dying is left stopped
+
+
+@dataclass
+class Worker:
+    """One further process: ``target(*args, ready)`` runs in it (``ready``: an Event it sets
+    once it serves)."""
+
+    name: str
+    what: str  # "DICOM worker", "HTTP worker"
+    target: Callable[..., None]
+    args: tuple[Any, ...]
+    process: multiprocessing.process.BaseProcess | None = None
+    ready: Any = None
+    restarts: list[float] = field(default_factory=list)
+    on_restart: Callable[[], None] | None = None  # e.g. forget what the dead process held
+
+
+class Workers:
+    """The further processes of one server."""
+
+    def __init__(self) -> None:
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: list[Worker] = []
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._watch: threading.Thread | None = None
+
+    @property
+    def processes(self) -> list[multiprocessing.process.BaseProcess]:
+        """The processes running now."""
+        return [w.process for w in self._workers if w.process is not None]
+
+    def start(self, workers: Sequence[Worker], stopping: threading.Event) -> None:
+        """Start ``workers`` and wait (up to two minutes each) until each serves; not for one
+        that died, nor once the server is asked to stop (``stopping``)."""
+        with self._lock:
+            for worker in workers:
+                self._spawn(worker)
+                self._workers.append(worker)
+        for worker in workers:
+            self._wait_ready(worker, stopping)
+
+    def _spawn(self, worker: Worker) -> None:
+        worker.ready = self._context.Event()
+        worker.process = self._context.Process(
+            target=worker.target, args=(*worker.args, worker.ready), name=worker.name,
+            daemon=True)
+        # The child starts with SIGINT ignored (kept across exec) until it sets its own
+        # handler: a Ctrl-C in the terminal reaches the whole process group, and the server
+        # stops its workers itself, rather than each printing a KeyboardInterrupt from
+        # wherever its start-up was.
+        # (Signal handlers can be changed only by the main thread: a worker started again by
+        # the supervisor starts with the server running, and needs none of this.)
+        if threading.current_thread() is not threading.main_thread():
+            worker.process.start()
+            return
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            worker.process.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _wait_ready(self, worker: Worker, stopping: threading.Event) -> None:
+        deadline = time.monotonic() + READY_SECONDS
+        while not worker.ready.wait(0.2):
+            if stopping.is_set() or self._stopping.is_set():
+                return
+            process = worker.process
+            if process is None or not process.is_alive() or time.monotonic() > deadline:
+                log.error("%s %s did not start; continuing without it", worker.what,
+                          worker.name)
+                return
+
+    def supervise(self, interval: float = 1.0) -> None:
+        """From now on, a worker that dies is started again (at most RESTARTS_PER_HOUR
+        times an hour each), with the reason in the log."""
+        self._watch = threading.Thread(target=self._supervise, args=(interval,),
+                                       name="worker-watch", daemon=True)
+        self._watch.start()
+
+    def _supervise(self, interval: float) -> None:
+        while not self._stopping.wait(interval):
+            for worker in list(self._workers):
+                with self._lock:
+                    if self._stopping.is_set():
+                        return
+                    process = worker.process
+                    if process is None or process.is_alive() or process.exitcode is None:
+                        continue
+                    now = time.monotonic()
+                    worker.restarts = [t for t in worker.restarts if now - t < 3600]
+                    if len(worker.restarts) >= RESTARTS_PER_HOUR:
+                        if worker.process is not None:
+                            log.error("%s %s keeps stopping (%d times within the hour); it is "
+                                      "not started again", worker.what, worker.name,
+                                      len(worker.restarts))
+                            worker.process = None
+                        continue
+                    log.error("%s %s stopped unexpectedly (exit code %s); starting it again",
+                              worker.what, worker.name, process.exitcode)
+                    worker.restarts.append(now)
+                    if worker.on_restart is not None:
+                        worker.on_restart()
+                    self._spawn(worker)
+
+    def terminate(self) -> None:
+        """Send every worker SIGTERM (once); none is started again from now on."""
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
+            for process in self.processes:
+                process.terminate()
+
+    def join(self, grace: float) -> None:
+        """After :meth:`terminate`: wait for every worker until one deadline (HTTP, then
+        background jobs, each get the grace); any still running then is killed."""
+        deadline = time.monotonic() + 2 * grace + 5
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.warning("%s did not stop in time; killed", process.name)
+                process.kill()
