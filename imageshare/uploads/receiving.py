@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, case, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, case, func, insert, select, update
 
 from imageshare.audit.trail import AuditTrail
 from imageshare.domain.errors import (
@@ -92,6 +92,24 @@ class Arrival:
 NOT_STORED = Arrival()
 
 
+# Statements run for every file announced (built once: building one costs more than running it)
+_USAGE = select(  # files, bytes announced, the last round sent
+    func.count(), func.coalesce(func.sum(case(
+        (upload_files.c.status != "removed", upload_files.c.length), else_=0)), 0),
+    func.max(case((upload_files.c.status == "done", upload_files.c.round)))).where(
+    upload_files.c.invitation_pk == bindparam("pk"))
+_UNFINISHED = select(upload_files.c.upload_id).where(
+    upload_files.c.invitation_pk == bindparam("pk"), upload_files.c.path == bindparam("path"),
+    upload_files.c.length == bindparam("length"), upload_files.c.status == "receiving")
+_ANNOUNCE = insert(upload_files)
+_RECEIVED = update(upload_files).where(  # a file complete, and what it was stored as
+    upload_files.c.invitation_pk == bindparam("invitation"),
+    upload_files.c.upload_id == bindparam("id"), upload_files.c.status == "receiving").values(
+    offset=bindparam("new_offset"), status="received", completed_at=bindparam("at"),
+    sop_uid=bindparam("sop"), outcome=bindparam("how"), study_uid=bindparam("study"),
+    identity=bindparam("who"), modality=bindparam("kind"), body_part=bindparam("part"))
+
+
 class UploadReceiver:
     """Announced files, their received bytes and where complete ones are kept."""
 
@@ -137,12 +155,7 @@ class UploadReceiver:
         try:
             with self._engine.begin() as conn:  # one transaction: the checks and the record
                 stale = self._drop_restarted(conn, invitation, relative, length)
-                count, used, done_round = conn.execute(select(
-                    func.count(), func.coalesce(func.sum(case(
-                        (upload_files.c.status != "removed", upload_files.c.length),
-                        else_=0)), 0),
-                    func.max(case((upload_files.c.status == "done", upload_files.c.round))))
-                    .where(upload_files.c.invitation_pk == invitation.pk)).one()
+                count, used, done_round = conn.execute(_USAGE, {"pk": invitation.pk}).one()
                 if count >= MAX_FILES:
                     raise UploadQuotaExceeded(f"an upload holds at most {MAX_FILES} files")
                 used = int(used or 0)
@@ -151,10 +164,10 @@ class UploadReceiver:
                         f"this upload is limited to {invitation.max_bytes >> 20} MB in all; "
                         f"{max(0, invitation.max_bytes - used) >> 20} MB are left")
                 round_ = int(done_round or 0) + 1  # as current_round()
-                conn.execute(insert(upload_files).values(
-                    invitation_pk=invitation.pk, upload_id=upload_id, round=round_,
-                    path=relative, length=length, offset=0, status="receiving",
-                    created_at=datetime.now(UTC)))
+                conn.execute(_ANNOUNCE, {
+                    "invitation_pk": invitation.pk, "upload_id": upload_id, "round": round_,
+                    "path": relative, "length": length, "offset": 0, "status": "receiving",
+                    "created_at": datetime.now(UTC)})
         except BaseException:
             part.unlink(missing_ok=True)
             raise
@@ -169,10 +182,8 @@ class UploadReceiver:
         lost during its announcement): the unfinished earlier announcements of the same path
         and length are dropped, so that they do not count against the size limit. Returns
         their ids (their bytes are removed once this is committed)."""
-        stale = list(conn.execute(select(upload_files.c.upload_id).where(
-            upload_files.c.invitation_pk == invitation.pk, upload_files.c.path == path,
-            upload_files.c.length == length,
-            upload_files.c.status == "receiving")).scalars())
+        stale = list(conn.execute(_UNFINISHED, {
+            "pk": invitation.pk, "path": path, "length": length}).scalars())
         if stale:
             conn.execute(update(upload_files).where(
                 upload_files.c.upload_id.in_(stale),
@@ -260,14 +271,11 @@ class UploadReceiver:
         made = arrived(target) if arrived is not None else NOT_STORED
         sop_uid, outcome = made.sop_uid, made.outcome
         with self._engine.begin() as conn:
-            changed = conn.execute(update(upload_files).where(
-                upload_files.c.invitation_pk == invitation.pk,
-                upload_files.c.upload_id == upload_id,
-                upload_files.c.status == "receiving").values(
-                offset=offset, status="received", completed_at=datetime.now(UTC),
-                sop_uid=sop_uid, outcome=outcome, study_uid=made.study_uid,
-                identity=made.identity, modality=made.modality[:16],
-                body_part=made.body_part[:64])).rowcount
+            changed = conn.execute(_RECEIVED, {
+                "invitation": invitation.pk, "id": upload_id, "new_offset": offset,
+                "at": datetime.now(UTC), "sop": sop_uid, "how": outcome,
+                "study": made.study_uid, "who": made.identity, "kind": made.modality[:16],
+                "part": made.body_part[:64]}).rowcount
         if not changed:  # withdrawn (or its round sent) while its last bytes were stored
             target.unlink(missing_ok=True)
             return UploadFile(found.upload_id, found.path, found.length, offset, "removed",

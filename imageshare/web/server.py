@@ -62,7 +62,7 @@ def create_app(archive: Archive) -> FastAPI:
     problems.install(app)
     # Routes are matched in order, one by one: those of the busiest paths (a CD's slices sent
     # to the upload page, DICOMweb) come first. No two routers share a path.
-    app.include_router(uploads.router)
+    app.include_router(uploads.tus)
     app.include_router(dicomweb.router)
     app.include_router(api.router)
     app.include_router(exports.router)
@@ -72,7 +72,8 @@ def create_app(archive: Archive) -> FastAPI:
     app.include_router(iid.router)
     app.include_router(consent.api)
     for pages in (sign_in, studies, viewer, patients, account, admin, reports, shares, shared,
-                  cases, teaching, exchange, imaging_requests, governance, consent, assets):
+                  cases, teaching, exchange, imaging_requests, governance, consent, assets,
+                  uploads):
         app.include_router(pages.router)
     app.add_middleware(RequestLimits, settings=archive.settings)
     origins = [o.strip() for o in archive.settings.cors_origins.split(",") if o.strip()]

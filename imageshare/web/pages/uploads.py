@@ -16,6 +16,7 @@ import fcntl
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -46,6 +47,9 @@ from imageshare.web.pages.templating import page, redirect
 from imageshare.web.params import RowId
 
 router = APIRouter(include_in_schema=False)
+# The tus file transfer (a CD is a thousand requests or more): a router of its own, matched
+# before every other (routes are tried one by one).
+tus = APIRouter(include_in_schema=False)
 TUS_VERSION = "1.0.0"
 _TUS = {"Tus-Resumable": TUS_VERSION}
 
@@ -134,36 +138,36 @@ def invitee_upload_page(request: Request, archive: ArchiveDep, token: str,
     return _upload_page(request, archive, _invitation(request), f"/u/{token}", staff=False)
 
 
-@router.options("/u/{token}/files")
+@tus.options("/u/{token}/files")
 def invitee_tus_options(_uploader: allowed(UPLOAD_SEND)) -> Response:
     """tus: what this server offers."""
     return _tus_options()
 
 
-@router.post("/u/{token}/files")
+@tus.post("/u/{token}/files")
 async def invitee_tus_create(request: Request, archive: ArchiveDep, token: str,
                              uploader: allowed(UPLOAD_SEND)) -> Response:
     """tus creation: announce a file (Upload-Length, Upload-Metadata), perhaps with its
     first bytes (creation-with-upload)."""
-    return await _tus_create(request, archive, _invitation(request), f"/u/{token}/files",
-                             uploader)
+    return await _tus_create(request, archive, lambda: _invitation(request),
+                             f"/u/{token}/files", uploader)
 
 
-@router.head("/u/{token}/files/{upload_id}")
+@tus.head("/u/{token}/files/{upload_id}")
 def invitee_tus_head(request: Request, archive: ArchiveDep, upload_id: str,
                      _uploader: allowed(UPLOAD_SEND)) -> Response:
     """tus: how many bytes of the file arrived."""
     return _tus_head(archive, _invitation(request), upload_id)
 
 
-@router.patch("/u/{token}/files/{upload_id}")
+@tus.patch("/u/{token}/files/{upload_id}")
 async def invitee_tus_patch(request: Request, archive: ArchiveDep, upload_id: str,
                             uploader: allowed(UPLOAD_SEND)) -> Response:
     """tus: the next chunk of the file, at the offset received so far."""
     return await _tus_patch(request, archive, _invitation(request), upload_id, uploader)
 
 
-@router.delete("/u/{token}/files/{upload_id}")
+@tus.delete("/u/{token}/files/{upload_id}")
 def invitee_tus_delete(request: Request, archive: ArchiveDep, upload_id: str,
                        uploader: allowed(UPLOAD_SEND)) -> Response:
     """tus termination: forget a file not yet sent."""
@@ -244,10 +248,11 @@ class _TusVersion(ImageShareError):
         super().__init__(f"this server speaks tus {TUS_VERSION} (Tus-Resumable header)")
 
 
-async def _tus_create(request: Request, archive: Archive, invitation: Invitation,
+async def _tus_create(request: Request, archive: Archive, invitation_of: Callable[[], Invitation],
                       base: str, actor: Actor) -> Response:
+    """tus creation for the invitation ``invitation_of()`` gives (looked up, when it must
+    be, in the same thread hop as the file's announcement)."""
     _check_version(request)
-    archive.uploads.invitations.require_open(invitation)
     length = request.headers.get("upload-length", "")
     if not length.isdigit():
         raise ImageShareError("Upload-Length is required (deferred lengths are not taken)")
@@ -257,8 +262,13 @@ async def _tus_create(request: Request, archive: Archive, invitation: Invitation
                                    "application/offset+octet-stream")
     meta = _metadata(request.headers.get("upload-metadata", "")[:4096])
     path = meta.get("relativePath") or meta.get("filename") or "file"
-    created = await run_in_threadpool(archive.uploads.receiver.create, invitation,
-                                      int(length), path)
+
+    def announce() -> tuple[Invitation, UploadFile]:
+        invitation = invitation_of()
+        archive.uploads.invitations.require_open(invitation)
+        return invitation, archive.uploads.receiver.create(invitation, int(length), path)
+
+    invitation, created = await run_in_threadpool(announce)
     offset = created.offset
     if with_bytes:  # tus creation-with-upload: the first bytes (often all) come along
         offset = await _receive(request, archive, invitation, created.upload_id, 0, actor,
@@ -479,28 +489,28 @@ def staff_upload_page(request: Request, archive: ArchiveDep, public_id: str,
     return _upload_page(request, archive, batch, f"/uploads/{public_id}", staff=True)
 
 
-@router.options("/uploads/{public_id}/files")
+@tus.options("/uploads/{public_id}/files")
 def staff_tus_options(_actor: allowed(UPLOAD_MANAGE)) -> Response:
     """tus: what this server offers."""
     return _tus_options()
 
 
-@router.post("/uploads/{public_id}/files")
+@tus.post("/uploads/{public_id}/files")
 async def staff_tus_create(request: Request, archive: ArchiveDep, public_id: str,
                            actor: allowed(UPLOAD_MANAGE)) -> Response:
     """tus creation for a staff import (creation-with-upload too)."""
-    batch = await run_in_threadpool(_staff_batch, archive, public_id, actor)
-    return await _tus_create(request, archive, batch, f"/uploads/{public_id}/files", actor)
+    return await _tus_create(request, archive, lambda: _staff_batch(archive, public_id, actor),
+                             f"/uploads/{public_id}/files", actor)
 
 
-@router.head("/uploads/{public_id}/files/{upload_id}")
+@tus.head("/uploads/{public_id}/files/{upload_id}")
 def staff_tus_head(archive: ArchiveDep, public_id: str, upload_id: str,
                    actor: allowed(UPLOAD_MANAGE)) -> Response:
     """tus: how many bytes arrived."""
     return _tus_head(archive, _staff_batch(archive, public_id, actor), upload_id)
 
 
-@router.patch("/uploads/{public_id}/files/{upload_id}")
+@tus.patch("/uploads/{public_id}/files/{upload_id}")
 async def staff_tus_patch(request: Request, archive: ArchiveDep, public_id: str,
                           upload_id: str, actor: allowed(UPLOAD_MANAGE)) -> Response:
     """tus: the next chunk."""
@@ -508,7 +518,7 @@ async def staff_tus_patch(request: Request, archive: ArchiveDep, public_id: str,
     return await _tus_patch(request, archive, batch, upload_id, actor)
 
 
-@router.delete("/uploads/{public_id}/files/{upload_id}")
+@tus.delete("/uploads/{public_id}/files/{upload_id}")
 def staff_tus_delete(archive: ArchiveDep, public_id: str, upload_id: str,
                      actor: allowed(UPLOAD_MANAGE)) -> Response:
     """tus termination."""
