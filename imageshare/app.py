@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import faulthandler
 import logging
 import multiprocessing
@@ -101,7 +99,7 @@ from imageshare.uploads.patients import PatientAccounts
 from imageshare.uploads.receiving import UploadReceiver
 from imageshare.uploads.review import UploadReview
 from imageshare.uploads.service import UploadService
-from imageshare.workers import Worker, Workers
+from imageshare.workers import Worker, Workers, die_with_parent
 
 log = logging.getLogger("imageshare")
 
@@ -625,19 +623,10 @@ def _make_listener(archive: Archive, shared_port: bool) -> Any:
     )
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when its parent dies (even by SIGKILL)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def run_dicom_worker(settings: Settings, ready: Any) -> None:
     """A further process accepting DICOM associations on the shared port until SIGTERM;
     ``ready`` (an Event) is set once it listens."""
-    _die_with_parent()
+    die_with_parent()
     configure_logging(settings, "[worker]")
     archive = build_archive(settings, upgrade=False)
     listener = _make_listener(archive, shared_port=True)
@@ -705,7 +694,7 @@ def run_http_worker(settings: Settings, sock: socket.socket, counts: Any, slot: 
     stop = threading.Event()  # a signal before uvicorn runs (or re-raised by it) ends here
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    _die_with_parent()
+    die_with_parent()
     configure_logging(settings, "[http]")
     archive = build_archive(settings, upgrade=False)
     archive.jobs.start()
@@ -730,6 +719,8 @@ def http_processes(settings: Settings) -> int:
 def _http_workers(settings: Settings, sock: socket.socket, counts: Any) -> list[Worker]:
     """``http_processes - 1`` further processes serving HTTP from ``sock`` (``counts``: the
     table of connections each process holds; slot 0 is this process's)."""
+    from imageshare.web.balance import GONE
+
     found = []
     for number in range(http_processes(settings) - 1):
         slot = number + 1
@@ -737,8 +728,12 @@ def _http_workers(settings: Settings, sock: socket.socket, counts: Any) -> list[
         def forget(slot: int = slot) -> None:
             counts[slot] = 0  # the connections of a process that died closed with it
 
+        def leave(slot: int = slot) -> None:
+            counts[slot] = GONE  # the others share its part
+
         found.append(Worker(f"http-worker-{number}", "HTTP worker", run_http_worker,
-                            (settings, sock, counts, slot), on_restart=forget))
+                            (settings, sock, counts, slot), on_restart=forget,
+                            on_give_up=leave))
     return found
 
 

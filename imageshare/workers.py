@@ -5,6 +5,8 @@ deadline."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
 import signal
@@ -33,6 +35,18 @@ class Worker:
     ready: Any = None
     restarts: list[float] = field(default_factory=list)
     on_restart: Callable[[], None] | None = None  # e.g. forget what the dead process held
+    on_give_up: Callable[[], None] | None = None  # not started again: e.g. leave its place
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies (even by SIGKILL). The parent is
+    the *thread* that started it: workers are started, and started again, from threads that
+    live until the workers were joined."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class Workers:
@@ -42,6 +56,7 @@ class Workers:
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[Worker] = []
         self._stopping = threading.Event()
+        self._joined = threading.Event()
         self._lock = threading.Lock()
         self._watch: threading.Thread | None = None
 
@@ -93,35 +108,59 @@ class Workers:
 
     def supervise(self, interval: float = 1.0) -> None:
         """From now on, a worker that dies is started again (at most RESTARTS_PER_HOUR
-        times an hour each), with the reason in the log."""
+        times an hour each), with the reason in the log; one that ended by itself with exit
+        code 0 (asked to stop) is not."""
+        if self._stopping.is_set():
+            return
         self._watch = threading.Thread(target=self._supervise, args=(interval,),
                                        name="worker-watch", daemon=True)
         self._watch.start()
 
     def _supervise(self, interval: float) -> None:
+        # Processes started from here begin with SIGINT blocked (the mask is inherited):
+        # the server stops them itself. And this thread lives until they were joined: Linux
+        # kills a process whose parent *thread* ended (the workers ask for it, to die with
+        # the server).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         while not self._stopping.wait(interval):
             for worker in list(self._workers):
-                with self._lock:
-                    if self._stopping.is_set():
-                        return
-                    process = worker.process
-                    if process is None or process.is_alive() or process.exitcode is None:
-                        continue
-                    now = time.monotonic()
-                    worker.restarts = [t for t in worker.restarts if now - t < 3600]
-                    if len(worker.restarts) >= RESTARTS_PER_HOUR:
-                        if worker.process is not None:
-                            log.error("%s %s keeps stopping (%d times within the hour); it is "
-                                      "not started again", worker.what, worker.name,
-                                      len(worker.restarts))
-                            worker.process = None
-                        continue
-                    log.error("%s %s stopped unexpectedly (exit code %s); starting it again",
-                              worker.what, worker.name, process.exitcode)
-                    worker.restarts.append(now)
-                    if worker.on_restart is not None:
-                        worker.on_restart()
-                    self._spawn(worker)
+                try:
+                    self._look_after(worker)
+                except Exception:  # noqa: BLE001 - the others are still looked after
+                    log.exception("%s %s could not be started again", worker.what,
+                                  worker.name)
+        self._joined.wait()
+
+    def _look_after(self, worker: Worker) -> None:
+        with self._lock:
+            process = worker.process
+            if (self._stopping.is_set() or process is None or process.is_alive()
+                    or process.exitcode is None):
+                return
+            if process.exitcode == 0:
+                log.warning("%s %s stopped (asked to); it is not started again",
+                            worker.what, worker.name)
+                self._give_up(worker)
+                return
+            now = time.monotonic()
+            worker.restarts = [t for t in worker.restarts if now - t < 3600]
+            if len(worker.restarts) >= RESTARTS_PER_HOUR:
+                log.error("%s %s keeps stopping (%d times within the hour); it is not started "
+                          "again", worker.what, worker.name, len(worker.restarts))
+                self._give_up(worker)
+                return
+            log.error("%s %s stopped unexpectedly (exit code %s); starting it again",
+                      worker.what, worker.name, process.exitcode)
+            worker.restarts.append(now)
+            if worker.on_restart is not None:
+                worker.on_restart()
+            self._spawn(worker)
+
+    @staticmethod
+    def _give_up(worker: Worker) -> None:
+        worker.process = None
+        if worker.on_give_up is not None:
+            worker.on_give_up()
 
     def terminate(self) -> None:
         """Send every worker SIGTERM (once); none is started again from now on."""
@@ -141,3 +180,4 @@ class Workers:
             if process.is_alive():
                 log.warning("%s did not stop in time; killed", process.name)
                 process.kill()
+        self._joined.set()

@@ -98,9 +98,14 @@ _USAGE = select(  # files, bytes announced, the last round sent
         (upload_files.c.status != "removed", upload_files.c.length), else_=0)), 0),
     func.max(case((upload_files.c.status == "done", upload_files.c.round)))).where(
     upload_files.c.invitation_pk == bindparam("pk"))
-_UNFINISHED = select(upload_files.c.upload_id).where(
-    upload_files.c.invitation_pk == bindparam("pk"), upload_files.c.path == bindparam("path"),
-    upload_files.c.length == bindparam("length"), upload_files.c.status == "receiving")
+_INVITATION_LOCK = select(upload_invitations.c.pk).where(
+    upload_invitations.c.pk == bindparam("pk")).with_for_update()
+_UNFINISHED = update(upload_files).where(  # always run: on SQLite, the first write
+    upload_files.c.invitation_pk == bindparam("invitation"),
+    upload_files.c.path == bindparam("same_path"),
+    upload_files.c.length == bindparam("same_length"),
+    upload_files.c.status == "receiving").values(status="removed").returning(
+    upload_files.c.upload_id)
 _ANNOUNCE = insert(upload_files)
 _RECEIVED = update(upload_files).where(  # a file complete, and what it was stored as
     upload_files.c.invitation_pk == bindparam("invitation"),
@@ -154,6 +159,10 @@ class UploadReceiver:
         part.touch(mode=0o600)  # before its record: a recorded file always has its bytes
         try:
             with self._engine.begin() as conn:  # one transaction: the checks and the record
+                # Announcements to one invitation, in any process, one at a time (else two
+                # could each pass the size limit alone): PostgreSQL locks the invitation's
+                # row; on SQLite the first write (just below) takes the database's lock.
+                conn.execute(_INVITATION_LOCK, {"pk": invitation.pk})
                 stale = self._drop_restarted(conn, invitation, relative, length)
                 count, used, done_round = conn.execute(_USAGE, {"pk": invitation.pk}).one()
                 if count >= MAX_FILES:
@@ -181,14 +190,10 @@ class UploadReceiver:
         """A file announced again (the page sends it from its start after a connection was
         lost during its announcement): the unfinished earlier announcements of the same path
         and length are dropped, so that they do not count against the size limit. Returns
-        their ids (their bytes are removed once this is committed)."""
-        stale = list(conn.execute(_UNFINISHED, {
-            "pk": invitation.pk, "path": path, "length": length}).scalars())
-        if stale:
-            conn.execute(update(upload_files).where(
-                upload_files.c.upload_id.in_(stale),
-                upload_files.c.status == "receiving").values(status="removed"))
-        return stale
+        their ids (their bytes are removed once this is committed). The statement runs every
+        time: on SQLite it is the announcement's first write, which takes the lock."""
+        return list(conn.execute(_UNFINISHED, {
+            "invitation": invitation.pk, "same_path": path, "same_length": length}).scalars())
 
     def file(self, invitation: Invitation, upload_id: str) -> UploadFile:
         """One of the invitation's files; NotFound for anyone else's."""

@@ -33,6 +33,10 @@ class ConnectionShares:
         self._counts[self._slot] = max(0, self._counts[self._slot] - 1)
 
     def over_share(self) -> bool:
-        """Whether this process holds more connections than an even share (rounded up)."""
-        counts = list(self._counts)
-        return counts[self._slot] > math.ceil(sum(counts) / len(counts))
+        """Whether this process holds more connections than an even share (rounded up) among
+        the processes serving (a slot below zero: a process that no longer does)."""
+        serving = [count for count in self._counts if count >= 0]
+        return self._counts[self._slot] > math.ceil(sum(serving) / max(1, len(serving)))
+
+
+GONE = -1  # the slot of a process that no longer serves

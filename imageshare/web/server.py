@@ -114,7 +114,7 @@ def http_server_config(app: FastAPI, settings: Settings,
         "BalancedHttpProtocol", (LimitedHttpProtocol,), {"shares": shares})
     config = uvicorn.Config(
         app, host=settings.http_host, port=settings.http_port, log_level="warning",
-        access_log=False, http=protocol,
+        access_log=False, http=protocol, ws="none",  # no WebSocket routes
         proxy_headers=True, forwarded_allow_ips=settings.trusted_proxies,
         # On SIGTERM/SIGINT requests in flight get the grace, then are ended.
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
@@ -246,16 +246,20 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         super().on_headers_complete()
         self._requests += 1
-        if (self.shares is not None and self._counted and self._requests > 1
-                and self.cycle is not None and self.cycle.keep_alive
-                and self.shares.over_share()):
-            self.cycle.keep_alive = False  # answered with Connection: close
-            self._counted = False  # no longer this process's: others see the room at once
-            self.shares.closed()
 
     def on_message_complete(self) -> None:  # noqa: D102 - parser callback
         self._in_head, self._head_bytes = True, 0
         super().on_message_complete()
+        # A connection is let go once its request has arrived whole (closing while a body
+        # still arrives would reset it, losing an early answer such as 423) and before its
+        # answer begins (so that the answer says Connection: close).
+        cycle = self.cycle
+        if (self.shares is not None and self._counted and self._requests > 1
+                and cycle is not None and cycle.keep_alive and not cycle.response_started
+                and self.shares.over_share()):
+            cycle.keep_alive = False  # answered with Connection: close
+            self._counted = False  # no longer this process's: others see the room at once
+            self.shares.closed()
 
     def data_received(self, data: bytes) -> None:  # noqa: D102 - asyncio protocol
         while data and not self.transport.is_closing():

@@ -9,6 +9,7 @@ import fcntl
 import os
 import re
 import subprocess
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -1104,3 +1105,31 @@ def _the_one_uploaded(archive, path: Path):
     [inst] = archive.retrieve.select(Actor("system", "t", "admin", "t"), "t", sop_uids=[sop],
                                      include_review=True, audit=False)
     return inst
+
+
+def test_files_announced_at_once_by_several_processes_cannot_pass_the_size_limit_together(
+        hospital):
+    """Several HTTP processes take one uploader's files at the same moment: each
+    announcement sees the others', so together they stay within the limit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imageshare.domain.errors import UploadQuotaExceeded
+
+    archive, _sink = hospital
+    created = _invite(archive, max_mb=1)
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    start = threading.Barrier(8)
+
+    def announce(number: int) -> bool:
+        start.wait()
+        try:
+            archive.uploads.receiver.create(invitation, 300 * 1024, f"file-{number}.dcm")
+        except UploadQuotaExceeded:
+            return False
+        return True
+
+    for _ in range(3):
+        with ThreadPoolExecutor(8) as pool:
+            taken = list(pool.map(announce, range(8)))
+        assert sum(taken) <= 3  # 3 x 300 KB fit in 1 MB, 4 do not
+        assert archive.uploads.receiver.used_bytes(invitation) <= 1 << 20

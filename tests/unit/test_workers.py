@@ -1,0 +1,57 @@
+"""The server's further processes: a worker that dies is started again, and one started
+again still gets its grace on stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from imageshare.workers import Worker, Workers, die_with_parent
+
+
+def drain_slowly(ready) -> None:  # noqa: ANN001 - a multiprocessing Event
+    """A worker that takes a moment to drain on SIGTERM, then exits 0 (and dies with its
+    parent, as the server's workers do)."""
+    die_with_parent()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    ready.set()
+    stop.wait()
+    time.sleep(0.5)
+
+
+def test_a_dead_worker_is_started_again_and_drains_on_stop_like_the_first():
+    workers = Workers()
+    workers.start([Worker("test-worker", "test worker", drain_slowly, ())],
+                  threading.Event())
+    (first,) = workers.processes
+    workers.supervise(interval=0.1)
+    os.kill(first.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        (current,) = workers.processes or [first]
+        if current is not first and current.is_alive():
+            break
+        assert time.monotonic() < deadline, "the worker was not started again"
+        time.sleep(0.05)
+    time.sleep(0.5)  # it has set its handler
+    workers.terminate()
+    workers.join(grace=2)
+    assert current.exitcode == 0  # drained, not killed with its parent thread
+
+
+def exit_at_once(ready) -> None:  # noqa: ANN001
+    """A worker that stops by itself, as asked to."""
+    ready.set()
+
+
+def test_a_worker_that_ended_by_itself_with_exit_code_0_is_not_started_again():
+    workers = Workers()
+    workers.start([Worker("quiet-worker", "test worker", exit_at_once, ())], threading.Event())
+    workers.supervise(interval=0.05)
+    time.sleep(1)
+    assert workers.processes == []
+    workers.terminate()
+    workers.join(grace=1)
