@@ -662,14 +662,14 @@ def refuse_taken_port(host: str, port: int, what: str) -> None:
 def http_socket(settings: Settings) -> socket.socket:
     """The listening socket on the HTTP address, bound as uvicorn binds it, from which every
     process of this server accepts (a new connection goes to the process that takes it
-    first). Bound once, by the server's own process: a port another server holds is refused
-    ("address in use")."""
+    first). Bound once, by the server's own process, as it starts: a port another server
+    holds is refused ("address in use"); it listens only once HTTP is served (before that, a
+    connection is refused rather than left waiting)."""
     family = socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((settings.http_host, settings.http_port))
-        sock.listen(2048)
+        sock.bind((settings.http_host, settings.http_port))  # each uvicorn listens on it
     except OSError as exc:
         sock.close()
         raise _port_in_use(settings.http_host, settings.http_port, "HTTP", exc) from exc
