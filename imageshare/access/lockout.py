@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from imageshare.storage.index.database import take_write_lock
 from imageshare.storage.index.schema import login_failures
 
 MAX_FAILURES = 5
@@ -43,8 +44,11 @@ class Lockout:
         now = datetime.now(UTC)
         key = (login_failures.c.user_pk == user_pk, login_failures.c.source == source[:255])
         with self._engine.begin() as conn:
+            # Failures counted at once by several processes each count (no lost update).
+            take_write_lock(conn)
             row = conn.execute(select(login_failures.c.failures, login_failures.c.locked_until,
-                                      login_failures.c.last_failure_at).where(*key)).first()
+                                      login_failures.c.last_failure_at).where(*key)
+                               .with_for_update()).first()
             if row is None:
                 try:
                     with conn.begin_nested():
@@ -56,7 +60,7 @@ class Lockout:
                     row = conn.execute(select(login_failures.c.failures,
                                               login_failures.c.locked_until,
                                               login_failures.c.last_failure_at)
-                                       .where(*key)).first()
+                                       .where(*key).with_for_update()).first()
             assert row is not None
             # Failures older than a lockout period are forgotten.
             stale = now - _utc(row.last_failure_at) > LOCKOUT

@@ -29,6 +29,7 @@ from imageshare.domain.errors import (
     UploadOffsetMismatch,
     UploadQuotaExceeded,
 )
+from imageshare.storage.index.database import take_write_lock
 from imageshare.storage.index.schema import (
     instances,
     upload_files,
@@ -100,7 +101,7 @@ _USAGE = select(  # files, bytes announced, the last round sent
     upload_files.c.invitation_pk == bindparam("pk"))
 _INVITATION_LOCK = select(upload_invitations.c.pk).where(
     upload_invitations.c.pk == bindparam("pk")).with_for_update()
-_UNFINISHED = update(upload_files).where(  # always run: on SQLite, the first write
+_UNFINISHED = update(upload_files).where(
     upload_files.c.invitation_pk == bindparam("invitation"),
     upload_files.c.path == bindparam("same_path"),
     upload_files.c.length == bindparam("same_length"),
@@ -160,8 +161,8 @@ class UploadReceiver:
         try:
             with self._engine.begin() as conn:  # one transaction: the checks and the record
                 # Announcements to one invitation, in any process, one at a time (else two
-                # could each pass the size limit alone): PostgreSQL locks the invitation's
-                # row; on SQLite the first write (just below) takes the database's lock.
+                # could each pass the size limit alone).
+                take_write_lock(conn)
                 conn.execute(_INVITATION_LOCK, {"pk": invitation.pk})
                 stale = self._drop_restarted(conn, invitation, relative, length)
                 count, used, done_round = conn.execute(_USAGE, {"pk": invitation.pk}).one()
@@ -190,8 +191,7 @@ class UploadReceiver:
         """A file announced again (the page sends it from its start after a connection was
         lost during its announcement): the unfinished earlier announcements of the same path
         and length are dropped, so that they do not count against the size limit. Returns
-        their ids (their bytes are removed once this is committed). The statement runs every
-        time: on SQLite it is the announcement's first write, which takes the lock."""
+        their ids (their bytes are removed once this is committed)."""
         return list(conn.execute(_UNFINISHED, {
             "invitation": invitation.pk, "same_path": path, "same_length": length}).scalars())
 

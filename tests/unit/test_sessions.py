@@ -129,3 +129,34 @@ def test_a_session_idle_for_half_an_hour_ends_and_one_in_use_lives_on(archive):
     assert datetime.now(UTC) - seen() < timedelta(seconds=30)  # in use: it lives on
     seen(timedelta(minutes=31))
     assert archive.sessions.find(secret, "testclient") is None  # idle too long: ended
+
+
+def test_wrong_passwords_tried_at_once_by_several_processes_are_each_counted(archive):
+    """A guesser spreading tries over the server's HTTP processes gets no extra ones: failures
+    counted at the same moment all count, and the fifth locks the account."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import select
+
+    from imageshare.access.lockout import Lockout
+    from imageshare.storage.index.schema import login_failures, users
+
+    archive.users.add("guessed", "long-enough-password", "clinician")
+    with archive.engine.connect() as conn:
+        user_pk = conn.execute(select(users.c.pk).where(users.c.username == "guessed")).scalar()
+    lockouts = [Lockout(archive.engine) for _ in range(4)]  # one per process
+    start = threading.Barrier(4)
+    for round_ in range(30):
+        source = f"203.0.113.{round_}"
+
+        def fail(number: int, source: str = source) -> bool:
+            start.wait()
+            return lockouts[number].failed(user_pk, source)
+
+        with ThreadPoolExecutor(4) as pool:
+            assert not any(pool.map(fail, range(4)))
+        with archive.engine.connect() as conn:
+            assert conn.execute(select(login_failures.c.failures).where(
+                login_failures.c.source == source)).scalar() == 4
+        assert lockouts[0].failed(user_pk, source)  # the fifth locks

@@ -123,6 +123,18 @@ def _refuse_dropped_connection(dbapi_conn: Any, _record: Any, _proxy: Any) -> No
         raise DisconnectionError("the database closed the pooled connection")
 
 
+def take_write_lock(conn: Connection) -> None:
+    """Called first in a transaction that reads what it then changes (a count to increase, a
+    total to check against a limit): on SQLite, the database's write lock is taken now
+    (BEGIN IMMEDIATE), so that no other writer, in this process or another, commits between
+    the read and the write. On PostgreSQL the reads say FOR UPDATE instead."""
+    if conn.dialect.name != "sqlite":
+        return
+    dbapi = conn.connection.dbapi_connection
+    if dbapi is not None and not dbapi.in_transaction:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def run_read(engine: Engine, work: Callable[[Connection], T]) -> T:
     """``work`` (reads only) on a connection in autocommit: each statement is its own
     snapshot, with no BEGIN and ROLLBACK round trips around it. When the database dropped the
