@@ -784,11 +784,14 @@ def serve(settings: Settings) -> None:
                     refuse_taken_port(settings.dicom_host or settings.http_host, port, "DICOM")
         listener = _make_listener(archive, shared_port=processes > 1)
         listener.start()
-        # Report healthy (HTTP starts below) only once every process accepts associations.
         workers.start([Worker(f"dicom-worker-{number}", "DICOM worker", run_dicom_worker,
-                              (settings,)) for number in range(processes - 1)], stopping)
+                              (settings,)) for number in range(processes - 1)])
         log.info("DICOM listener %s on port %s, TLS port %s (%d processes)",
                  settings.ae_title, listener.port, listener.tls_port or "none", processes)
+    counts = multiprocessing.get_context("spawn").Array(
+        "i", http_processes(settings), lock=False) if sockets else None
+    if sockets and not stopping.is_set():  # they start beside the DICOM workers
+        workers.start(_http_workers(settings, sockets[0], counts))
     archive.jobs.start()  # this instance runs jobs queued by any instance
     periodic = periodic_tasks(archive)
     periodic.start()
@@ -815,10 +818,8 @@ def serve(settings: Settings) -> None:
             super().handle_exit(sig, frame)
 
     app = create_app(archive)
-    counts = multiprocessing.get_context("spawn").Array(
-        "i", http_processes(settings), lock=False) if several else None
     server = _Server(http_server_config(
-        app, settings, ConnectionShares(counts, 0) if several else None))
+        app, settings, ConnectionShares(counts, 0) if counts is not None else None))
     scheme = "https" if https_enabled(settings) else "http"
     tls = f", DICOM TLS port {settings.dicom_tls_port}" if settings.dicom_tls_port else ""
     print(
@@ -827,9 +828,8 @@ def serve(settings: Settings) -> None:
         file=sys.stderr, flush=True,
     )
     try:
-        if sockets and not stopping.is_set():
-            # Report healthy (this process's HTTP starts after) once every process listens.
-            workers.start(_http_workers(settings, sockets[0], counts), stopping)
+        # Report healthy (this process's HTTP starts after) only once every process serves.
+        workers.wait_ready(stopping)
         workers.supervise()
         if not stopping.is_set():
             server.run(sockets=sockets)

@@ -65,14 +65,17 @@ class Workers:
         """The processes running now."""
         return [w.process for w in self._workers if w.process is not None]
 
-    def start(self, workers: Sequence[Worker], stopping: threading.Event) -> None:
-        """Start ``workers`` and wait (up to two minutes each) until each serves; not for one
-        that died, nor once the server is asked to stop (``stopping``)."""
+    def start(self, workers: Sequence[Worker]) -> None:
+        """Start ``workers`` (see :meth:`wait_ready`)."""
         with self._lock:
             for worker in workers:
                 self._spawn(worker)
                 self._workers.append(worker)
-        for worker in workers:
+
+    def wait_ready(self, stopping: threading.Event) -> None:
+        """Wait (up to two minutes each) until every worker started serves; not for one that
+        died, nor once the server is asked to stop (``stopping``)."""
+        for worker in list(self._workers):
             self._wait_ready(worker, stopping)
 
     def _spawn(self, worker: Worker) -> None:

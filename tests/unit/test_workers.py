@@ -24,8 +24,8 @@ def drain_slowly(ready) -> None:  # noqa: ANN001 - a multiprocessing Event
 
 def test_a_dead_worker_is_started_again_and_drains_on_stop_like_the_first():
     workers = Workers()
-    workers.start([Worker("test-worker", "test worker", drain_slowly, ())],
-                  threading.Event())
+    workers.start([Worker("test-worker", "test worker", drain_slowly, ())])
+    workers.wait_ready(threading.Event())
     (first,) = workers.processes
     workers.supervise(interval=0.1)
     os.kill(first.pid, signal.SIGKILL)
@@ -49,7 +49,8 @@ def exit_at_once(ready) -> None:  # noqa: ANN001
 
 def test_a_worker_that_ended_by_itself_with_exit_code_0_is_not_started_again():
     workers = Workers()
-    workers.start([Worker("quiet-worker", "test worker", exit_at_once, ())], threading.Event())
+    workers.start([Worker("quiet-worker", "test worker", exit_at_once, ())])
+    workers.wait_ready(threading.Event())
     workers.supervise(interval=0.05)
     time.sleep(1)
     assert workers.processes == []
