@@ -663,13 +663,13 @@ def http_socket(settings: Settings) -> socket.socket:
     """The listening socket on the HTTP address, bound as uvicorn binds it, from which every
     process of this server accepts (a new connection goes to the process that takes it
     first). Bound once, by the server's own process, as it starts: a port another server
-    holds is refused ("address in use"); it listens only once HTTP is served (before that, a
-    connection is refused rather than left waiting)."""
+    holds is refused ("address in use")."""
     family = socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((settings.http_host, settings.http_port))  # each uvicorn listens on it
+        sock.bind((settings.http_host, settings.http_port))
+        sock.listen(2048)  # at once: another server binding the port now is refused
     except OSError as exc:
         sock.close()
         raise _port_in_use(settings.http_host, settings.http_port, "HTTP", exc) from exc
@@ -828,9 +828,11 @@ def serve(settings: Settings) -> None:
         file=sys.stderr, flush=True,
     )
     try:
-        # Report healthy (this process's HTTP starts after) only once every process serves.
+        # Report healthy (this process's HTTP starts after) only once every worker is ready
+        # to serve (an HTTP worker's connections wait in the shared socket meanwhile).
         workers.wait_ready(stopping)
-        workers.supervise()
+        if not stopping.is_set():
+            workers.supervise()
         if not stopping.is_set():
             server.run(sockets=sockets)
     finally:

@@ -63,7 +63,8 @@ class Workers:
     @property
     def processes(self) -> list[multiprocessing.process.BaseProcess]:
         """The processes running now."""
-        return [w.process for w in self._workers if w.process is not None]
+        return [w.process for w in self._workers
+                if w.process is not None and w.process.pid is not None]
 
     def start(self, workers: Sequence[Worker]) -> None:
         """Start ``workers`` (see :meth:`wait_ready`)."""
@@ -79,10 +80,15 @@ class Workers:
             self._wait_ready(worker, stopping)
 
     def _spawn(self, worker: Worker) -> None:
-        worker.ready = self._context.Event()
-        worker.process = self._context.Process(
-            target=worker.target, args=(*worker.args, worker.ready), name=worker.name,
-            daemon=True)
+        """Start ``worker``'s process; it becomes ``worker.process`` only once started (a
+        start that fails leaves the one before, to be tried again)."""
+        ready = self._context.Event()
+        process = self._context.Process(
+            target=worker.target, args=(*worker.args, ready), name=worker.name, daemon=True)
+        self._start(process)
+        worker.ready, worker.process = ready, process
+
+    def _start(self, process: multiprocessing.process.BaseProcess) -> None:
         # The child starts with SIGINT ignored (kept across exec) until it sets its own
         # handler: a Ctrl-C in the terminal reaches the whole process group, and the server
         # stops its workers itself, rather than each printing a KeyboardInterrupt from
@@ -90,11 +96,11 @@ class Workers:
         # (Signal handlers can be changed only by the main thread: a worker started again by
         # the supervisor starts with the server running, and needs none of this.)
         if threading.current_thread() is not threading.main_thread():
-            worker.process.start()
+            process.start()
             return
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            worker.process.start()
+            process.start()
         finally:
             signal.signal(signal.SIGINT, previous)
 
@@ -172,15 +178,20 @@ class Workers:
                 return
             self._stopping.set()
             for process in self.processes:
-                process.terminate()
+                try:
+                    process.terminate()
+                except OSError as exc:  # gone meanwhile: the others still get theirs
+                    log.warning("%s could not be sent SIGTERM: %s", process.name, exc)
 
     def join(self, grace: float) -> None:
         """After :meth:`terminate`: wait for every worker until one deadline (HTTP, then
         background jobs, each get the grace); any still running then is killed."""
         deadline = time.monotonic() + 2 * grace + 5
-        for process in self.processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                log.warning("%s did not stop in time; killed", process.name)
-                process.kill()
-        self._joined.set()
+        try:
+            for process in self.processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+                if process.is_alive():
+                    log.warning("%s did not stop in time; killed", process.name)
+                    process.kill()
+        finally:
+            self._joined.set()

@@ -242,6 +242,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.shares.closed()
         super().connection_lost(exc)
 
+    def _unsupported_upgrade_warning(self) -> None:
+        # An Upgrade header (WebSocket, h2c) is ignored and the request answered as HTTP/1.1;
+        # anyone can send one, so it is not worth a warning (uvicorn's also gives bad advice).
+        self.logger.debug("Upgrade header ignored")
+
     def on_headers_complete(self) -> None:  # noqa: D102 - parser callback
         self._in_head = False
         super().on_headers_complete()

@@ -56,3 +56,35 @@ def test_a_worker_that_ended_by_itself_with_exit_code_0_is_not_started_again():
     assert workers.processes == []
     workers.terminate()
     workers.join(grace=1)
+
+
+def test_a_restart_that_fails_is_tried_again_and_the_stop_still_reaches_everyone(
+        monkeypatch):
+    workers = Workers()
+    workers.start([Worker("flaky-worker", "test worker", drain_slowly, ()),
+                   Worker("steady-worker", "test worker", drain_slowly, ())])
+    workers.wait_ready(threading.Event())
+    first, steady = workers.processes
+    real_start, failed = Workers._start, []
+
+    def start_failing_once(self, process) -> None:  # noqa: ANN001
+        if not failed:
+            failed.append(process.name)
+            raise OSError(24, "Too many open files")
+        real_start(self, process)
+
+    monkeypatch.setattr(Workers, "_start", start_failing_once)
+    workers.supervise(interval=0.1)
+    os.kill(first.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        current = workers.processes[0]
+        if current is not first and current.is_alive():
+            break
+        assert time.monotonic() < deadline, "the worker was not started again"
+        time.sleep(0.05)
+    assert failed == ["flaky-worker"]  # the first try failed, the next one started it
+    time.sleep(0.5)
+    workers.terminate()
+    workers.join(grace=2)
+    assert current.exitcode == 0 and steady.exitcode == 0
