@@ -9,7 +9,8 @@ CT slices (700 MB by default, as a full CD), then, interleaved and repeated:
   the rest; six files at a time, as ``static/upload.js`` does; each DICOM file is stored
   for review as it arrives), then **Send**, timed until the intake job has made every file
   an instance waiting for review (the page's ``data-state="done"``). The server's peak RSS
-  (VmHWM of the process and its children) is read afterwards.
+  (VmHWM of the process and its children) is read afterwards; the peak of the memory all its
+  processes use together (their PSS added) is sampled four times a second throughout.
 - **import**: ``imageshare import FOLDER --quiet`` into a fresh data folder (no server), timed
   to its exit; its peak RSS from ``wait4``.
 
@@ -36,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -126,6 +128,7 @@ def upload_run(work: Path, folder: Path, files: list[Path], parallel: int = PARA
             if started.status_code != 303:
                 raise SystemExit(f"import page refused: {started.status_code}")
             base = started.headers["location"].removesuffix("/upload")
+            memory = PssSampler(server.process.pid)
             begin = time.perf_counter()
             cpu_before = _cpu(server.process.pid)
             with ThreadPoolExecutor(parallel) as pool:
@@ -149,19 +152,58 @@ def upload_run(work: Path, folder: Path, files: list[Path], parallel: int = PARA
             received = re.search(r"(\d+) file\(s\) received", shown)
             if not received or int(received.group(1)) != len(files):
                 raise SystemExit(f"not every file was received: {received and received[0]}")
+            pss_all = memory.stop()
         rss = peak_rss_mb(server.process.pid)
         rss_all = sum(_own_peak_mb(pid) for pid in _tree(server.process.pid))
     finally:
         server.stop()
     return {"seconds": seconds, "upload_seconds": uploaded,
             "intake_seconds": seconds - uploaded, "peak_rss_mb": rss,
-            "peak_rss_mb_all_processes": rss_all,
+            "peak_rss_mb_all_processes": rss_all, "peak_pss_mb_all_processes": pss_all,
+            "pss_mb_each_process_at_peak": sorted(memory.at_peak.values(), reverse=True),
             **{f"cpu_ms_per_file_{k}": v for k, v in cpu.items()}}
 
 
 def _tree(pid: int) -> list[int]:
     """``pid`` and all its descendants."""
     return [pid, *(p for child in child_pids(pid) for p in _tree(child))]
+
+
+class PssSampler:
+    """The highest memory of ``pid`` and all its descendants together, sampled four times a
+    second from now until :meth:`stop`: the sum of their proportional set sizes (PSS: a page
+    that n processes share counts 1/n in each, so the sum is the memory they use; a sum of
+    RSS would count every shared page once per process)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, 0.0
+        self.at_peak: dict[int, float] = {}  # each process's PSS at the peak
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while True:
+            each = {pid: _pss_mb(pid) for pid in _tree(self.pid)}
+            if sum(each.values()) > self.peak:
+                self.peak, self.at_peak = sum(each.values()), each
+            if self._done.wait(0.25):
+                return
+
+    def stop(self) -> float:
+        """The peak in MB."""
+        self._done.set()
+        self._thread.join()
+        return self.peak
+
+
+def _pss_mb(pid: int) -> float:
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0.0
+    found = [line.split()[1] for line in rollup.splitlines() if line.startswith("Pss:")]
+    return int(found[0]) / 1024 if found else 0.0
 
 
 def _own_peak_mb(pid: int) -> float:
@@ -245,7 +287,10 @@ def main() -> None:
                           f"{result['cpu_ms_per_file_client']:.1f}, whole machine "
                           f"{result['cpu_ms_per_file_machine']:.1f})"
                           if kind == "upload" else "")
-                together = (f", all {result['peak_rss_mb_all_processes']:.0f} MB"
+                each = " + ".join(f"{mb:.0f}"
+                                  for mb in result.get("pss_mb_each_process_at_peak", []))
+                together = (f", all processes {result['peak_rss_mb_all_processes']:.0f} MB; "
+                            f"PSS added {result['peak_pss_mb_all_processes']:.0f} MB ({each})"
                             if kind == "upload" else "")
                 print(f"  {kind} run {repeat + 1}: {result['seconds']:.1f} s{phases}, "
                       f"peak RSS {result['peak_rss_mb']:.0f} MB{together}", flush=True)
@@ -257,8 +302,8 @@ def main() -> None:
                              "files_per_s": len(files) / seconds,
                              "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
             if kind == "upload":
-                summary[kind]["peak_rss_mb_all_processes"] = max(
-                    r["peak_rss_mb_all_processes"] for r in results)
+                for key in ("peak_rss_mb_all_processes", "peak_pss_mb_all_processes"):
+                    summary[kind][key] = max(r[key] for r in results)
         ratio = summary["upload"]["mb_per_s"] / summary["import"]["mb_per_s"]
         print(f"\n{len(files)} files, {size / (1 << 20):.0f} MB, median of {args.repeats}, "
               f"load average {os.getloadavg()[0]:.1f}\n")
@@ -273,7 +318,9 @@ def main() -> None:
         print(f"\nupload / import rate: x{ratio:.2f} (target >= {TARGET_RATE}); server peak "
               f"RSS {rss:.0f} MB in its largest process, "
               f"{summary['upload']['peak_rss_mb_all_processes']:.0f} MB in all its processes "
-              f"added (target < {TARGET_RSS_MB}); {processes} HTTP process(es)")
+              f"added, {summary['upload']['peak_pss_mb_all_processes']:.0f} MB used by all "
+              f"its processes (PSS added; target < {TARGET_RSS_MB}); {processes} HTTP "
+              "process(es)")
         (OUT / "upload.json").write_text(json.dumps({
             "files": len(files), "bytes": size, "repeats": args.repeats, "runs": runs,
             "summary": summary, "ratio": ratio, "http_processes": processes,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import faulthandler
 import logging
-import multiprocessing
 import os
 import signal
 import socket
@@ -709,6 +708,12 @@ def run_http_worker(settings: Settings, sock: socket.socket, counts: Any, slot: 
         archive.close()
 
 
+# What the DICOM and HTTP workers run, imported once by the process they are forked from
+# (and then kept from its garbage collector, so that the pages stay shared).
+WORKER_MODULES = ("imageshare.app", "imageshare.dicom.scp", "imageshare.web.server", "uvicorn",
+                  "imageshare.worker_preload")
+
+
 def http_processes(settings: Settings) -> int:
     """How many processes serve HTTP."""
     if settings.http_processes > 0:
@@ -767,6 +772,10 @@ def serve(settings: Settings) -> None:
     # The shared HTTP socket is bound first: a port already taken stops the start here.
     several = http_processes(settings) > 1 and bool(settings.http_port)
     sockets = [http_socket(settings)] if several else None  # every process accepts from it
+    workers = Workers(preload=WORKER_MODULES)
+    dicom = bool(settings.dicom_port or settings.dicom_tls_port)
+    if several or (dicom and dicom_processes(settings) > 1):
+        workers.prepare()  # their modules load meanwhile
     archive = build_archive(settings)
     create_admin(archive, sys.stdout, interactive=sys.stdout.isatty())
     for warning in shared_index_warnings(archive):
@@ -775,8 +784,7 @@ def serve(settings: Settings) -> None:
     archive.transfers.resume_interrupted()
     _checkpoint(archive.engine)
     listener = None
-    workers = Workers()
-    if (settings.dicom_port or settings.dicom_tls_port) and not stopping.is_set():
+    if dicom and not stopping.is_set():
         processes = dicom_processes(settings)
         if processes > 1:
             for port in (settings.dicom_port, settings.dicom_tls_port):
@@ -788,7 +796,7 @@ def serve(settings: Settings) -> None:
                               (settings,)) for number in range(processes - 1)])
         log.info("DICOM listener %s on port %s, TLS port %s (%d processes)",
                  settings.ae_title, listener.port, listener.tls_port or "none", processes)
-    counts = multiprocessing.get_context("spawn").Array(
+    counts = workers.context.Array(
         "i", http_processes(settings), lock=False) if sockets else None
     if sockets and not stopping.is_set():  # they start beside the DICOM workers
         workers.start(_http_workers(settings, sockets[0], counts))

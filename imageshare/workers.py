@@ -9,10 +9,12 @@ import ctypes
 import ctypes.util
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +40,23 @@ class Worker:
     on_give_up: Callable[[], None] | None = None  # not started again: e.g. leave its place
 
 
+@contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored meanwhile (in the main thread; elsewhere signal handlers cannot be
+    changed), and so in the processes started meanwhile until they set their own handler: an
+    ignored signal stays ignored across fork and exec. A Ctrl-C in a terminal reaches the
+    whole process group: the server stops its workers itself, rather than each printing a
+    KeyboardInterrupt from wherever its start-up was."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def die_with_parent() -> None:
     """Ask Linux to kill this process when its parent dies (even by SIGKILL). The parent is
     the *thread* that started it: workers are started, and started again, from threads that
@@ -49,11 +68,27 @@ def die_with_parent() -> None:
         pass
 
 
-class Workers:
-    """The further processes of one server."""
+def worker_context(
+        preload: Sequence[str] = (),
+) -> multiprocessing.context.ForkServerContext | multiprocessing.context.SpawnContext:
+    """How workers are started: forked from one process that imported ``preload`` once (the
+    forkserver, itself started afresh), so that the workers share those modules' memory
+    rather than each importing its own copy; where Linux's forkserver is not available, a
+    fresh interpreter each (spawn). ``preload`` counts only before the first worker starts."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    if preload:
+        context.set_forkserver_preload(list(preload))
+    return context
 
-    def __init__(self) -> None:
-        self._context = multiprocessing.get_context("spawn")
+
+class Workers:
+    """The further processes of one server (``preload``: the modules they run, imported once
+    for all of them; see :func:`worker_context`)."""
+
+    def __init__(self, preload: Sequence[str] = ()) -> None:
+        self.context = worker_context(preload)
         self._workers: list[Worker] = []
         self._stopping = threading.Event()
         self._joined = threading.Event()
@@ -82,27 +117,27 @@ class Workers:
     def _spawn(self, worker: Worker) -> None:
         """Start ``worker``'s process; it becomes ``worker.process`` only once started (a
         start that fails leaves the one before, to be tried again)."""
-        ready = self._context.Event()
-        process = self._context.Process(
+        ready = self.context.Event()
+        process = self.context.Process(
             target=worker.target, args=(*worker.args, ready), name=worker.name, daemon=True)
         self._start(process)
         worker.ready, worker.process = ready, process
 
     def _start(self, process: multiprocessing.process.BaseProcess) -> None:
-        # The child starts with SIGINT ignored (kept across exec) until it sets its own
-        # handler: a Ctrl-C in the terminal reaches the whole process group, and the server
-        # stops its workers itself, rather than each printing a KeyboardInterrupt from
-        # wherever its start-up was.
-        # (Signal handlers can be changed only by the main thread: a worker started again by
-        # the supervisor starts with the server running, and needs none of this.)
-        if threading.current_thread() is not threading.main_thread():
-            process.start()
+        if self.context.get_start_method() == "forkserver":
+            self.prepare()  # its processes start with SIGINT ignored, as it did
+            process.start()  # (waits, with Ctrl-C heard, until it has its modules)
             return
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
+        with sigint_ignored():  # spawn: briefly, while the new interpreter is started
             process.start()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+
+    def prepare(self) -> None:
+        """Start the process workers are forked from now (if not running), so that it imports
+        their modules while this one starts (the first worker's start would otherwise wait
+        for that)."""
+        if self.context.get_start_method() == "forkserver":
+            with sigint_ignored():
+                multiprocessing.forkserver.ensure_running()
 
     def _wait_ready(self, worker: Worker, stopping: threading.Event) -> None:
         deadline = time.monotonic() + READY_SECONDS
@@ -126,10 +161,9 @@ class Workers:
         self._watch.start()
 
     def _supervise(self, interval: float) -> None:
-        # Processes started from here begin with SIGINT blocked (the mask is inherited):
-        # the server stops them itself. And this thread lives until they were joined: Linux
-        # kills a process whose parent *thread* ended (the workers ask for it, to die with
-        # the server).
+        # This thread lives until the workers were joined: under spawn, Linux kills a
+        # process whose parent *thread* ended (the workers ask for it, to die with the
+        # server).
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         while not self._stopping.wait(interval):
             for worker in list(self._workers):

@@ -10,6 +10,7 @@ share's UIDs, named "you" (never anyone's address)."""
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 import pkgutil
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import highdicom as hd
 import numpy as np
 from PIL import ImageCms
 from pydicom.uid import generate_uid
@@ -61,8 +61,10 @@ def _valid_icc(profile: bytes) -> bool:
             and parsed.connection_space.strip() in ("Lab", "XYZ"))
 
 
+@functools.cache
 def _standard_srgb() -> bytes:
-    """highdicom's sRGB profile (device class 'spac'), valid in presentation states."""
+    """highdicom's sRGB profile (device class 'spac'), valid in presentation states (read when
+    first needed: it loads highdicom)."""
     data = pkgutil.get_data("highdicom", "_icc_profiles/sRGB_v4_ICC_preference.icc")
     if data is None:  # pragma: no cover - part of highdicom's wheel
         raise ImageShareError("no sRGB colour profile is available")
@@ -92,12 +94,15 @@ def _modality_lut(header: Any) -> Any:
     kind = str(header.get("RescaleType", "") or "")
     if not kind:
         kind = "HU" if str(header.get("Modality", "")) == "CT" else "US"
+    import highdicom as hd  # loaded by the processes that draw marks, not every process
+
     return hd.ModalityLUTTransformation(
         rescale_intercept=intercept, rescale_slope=slope, rescale_type=kind)
 
 
 def _voi_lut(header: Any) -> Any:
     """The image's first window, else one spanning its stored values."""
+    import highdicom as hd
     center = _first_number(header.get("WindowCenter"))
     width = _first_number(header.get("WindowWidth"))
     if center is not None and width is not None and width >= 1:
@@ -215,7 +220,6 @@ class AnnotationBook:
         self._retrieve = retrieve
         self._ingest = ingest
         self._audit = audit
-        self._srgb = _standard_srgb()
 
     def save(self, study_uid: str, sop_uid: str, frame: int, marks: list[dict[str, Any]],
              author: Actor, author_label: str,
@@ -261,7 +265,7 @@ class AnnotationBook:
             own = None
         if isinstance(own, bytes) and own and _valid_icc(own):
             return own
-        return self._srgb
+        return _standard_srgb()
 
     def _presentation_state(self, header: Any, frame: int, frames: int, marks: list[Mark],
                             author_label: str) -> io.BytesIO:
@@ -276,6 +280,8 @@ class AnnotationBook:
 
     def _build_state(self, header: Any, frame: int, frames: int, marks: list[Mark],
                      author_label: str) -> io.BytesIO:
+        import highdicom as hd
+
         columns, rows = float(header.Columns), float(header.Rows)
         reference = copy.deepcopy(header)
         for keyword in _COPIED_EMPTY:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import highdicom as hd
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom import Dataset, dcmread
@@ -125,6 +124,8 @@ class AttachmentService:
         ds.DocumentTitle = title
 
     def _pdf(self, study: StudyRecord, content: bytes, title: str) -> Dataset:
+        import highdicom as hd  # loaded by the processes that build attachments
+
         series_uid, number = self._series_uid(study, "DOC")
         ds = hd.SOPClass(
             **_base_kwargs(study, series_uid, _SERIES_NUMBER["DOC"], "DOC", ENCAPSULATED_PDF),
@@ -154,6 +155,8 @@ class AttachmentService:
         kwargs = _base_kwargs(study, series_uid, _SERIES_NUMBER["OT"], "OT", SECONDARY_CAPTURE)
         for key in ("sop_class_uid", "modality"):
             kwargs.pop(key)
+        import highdicom as hd
+
         ds = hd.sc.SCImage(
             pixel_array=np.asarray(rgb), photometric_interpretation="YBR_FULL_422",
             bits_allocated=8,

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 from sqlalchemy import Engine, insert, select, update
 
 from imageshare.audit.trail import AuditEvent, AuditTrail
@@ -109,6 +108,8 @@ class ImagingRequests:
 
     def _deliver(self, node: Node, body: dict[str, str]) -> tuple[str, str, str]:
         """(state, what to tell the user, the site's id of the request)."""
+        import httpx  # loaded by the processes that talk to other sites
+
         if not node.dicomweb_url:
             return "contact", (f"{node.label} does not run ImageShare: ask them by their usual "
                                "route (phone or e-mail); the request is recorded here"), ""

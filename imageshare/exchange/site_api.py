@@ -10,13 +10,14 @@ import secrets
 import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from imageshare.domain.errors import ImageShareError, SiteUnreachable
 from imageshare.exchange.nodes import Node, NodeRegistry
 from imageshare.jobs import Job, JobQueue
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("imageshare.exchange")
 GIVE_UP_AFTER = timedelta(days=3)
@@ -52,6 +53,8 @@ class SiteApi:
              ) -> httpx.Response:
         """POST ``body`` to ``path`` of the site's API now. Raises :class:`SiteUnreachable`
         when the site cannot be reached, :class:`ImageShareError` when it has no address."""
+        import httpx  # loaded by the processes that talk to other sites
+
         base = site_api_base(node)
         if not base:
             raise ImageShareError(f"{node.label} has no ImageShare address registered")

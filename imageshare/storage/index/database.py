@@ -9,12 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from psycopg.pq import ConnStatus
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
@@ -109,6 +107,9 @@ def _refuse_dropped_connection(dbapi_conn: Any, _record: Any, _proxy: Any) -> No
     idle timeout, broken TCP) is found without a round trip: an idle connection receives
     nothing unasked but the server's goodbye, so anything to read means it must be looked at;
     the pool then replaces a dead one with a new connection."""
+    from psycopg import OperationalError  # only PostgreSQL installations load the driver
+    from psycopg.pq import ConnStatus
+
     if dbapi_conn.closed or dbapi_conn.pgconn.status != ConnStatus.OK:
         raise DisconnectionError("the pooled database connection is closed")
     waiting = select.poll()  # not select.select: a busy server has descriptors above 1024
@@ -117,7 +118,7 @@ def _refuse_dropped_connection(dbapi_conn: Any, _record: Any, _proxy: Any) -> No
         return
     try:
         dbapi_conn.pgconn.consume_input()  # a notice keeps it alive; a goodbye or EOF does not
-    except psycopg.OperationalError as exc:
+    except OperationalError as exc:
         raise DisconnectionError("the database closed the pooled connection") from exc
     if dbapi_conn.pgconn.status != ConnStatus.OK:
         raise DisconnectionError("the database closed the pooled connection")
