@@ -19,7 +19,13 @@ from imageshare.domain.errors import ConfigurationError
 from imageshare.domain.identifiers import is_valid_nhs_number, is_valid_uid, normalise_name
 from imageshare.settings import env_name, load_settings, setting_docs
 from imageshare.storage.files import FileBlobStore
-from imageshare.storage.index.database import make_engine, migrate
+from imageshare.storage.index.database import (
+    current_revision,
+    head_revision,
+    make_engine,
+    migrate,
+    newest_migration,
+)
 from imageshare.storage.index.schema import metadata
 from tests.conftest import make_archive
 
@@ -119,6 +125,16 @@ def test_patient_name_prefix_search_uses_the_name_index_on_postgresql(postgres):
             "EXPLAIN SELECT pk FROM patients WHERE name_norm LIKE 'NAME123%' ESCAPE '\\'"
         )).scalars())
     assert "ix_patients_name_norm" in plan, plan
+
+
+def test_the_head_revision_is_found_without_alembic(tmp_path):
+    """A start checks the schema without loading alembic: the head read from the migration
+    files is the one alembic finds, and a database migrated to it is recognised."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'i.sqlite'}")
+    assert newest_migration() == head_revision(engine)
+    migrate(engine)
+    assert current_revision(engine) == newest_migration()
+    migrate(engine, upgrade=False)  # at the head: nothing to do
 
 
 def test_database_from_a_newer_version_is_refused(tmp_path):

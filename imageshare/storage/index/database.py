@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
 import select
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 
 from imageshare.domain.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 T = TypeVar("T")
 log = logging.getLogger("imageshare.index")
@@ -183,6 +183,8 @@ def run_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
 
 
 def _alembic_config(engine: Engine) -> Config:
+    from alembic.config import Config  # loaded only when the schema is not at the head
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     return cfg
@@ -190,11 +192,44 @@ def _alembic_config(engine: Engine) -> Config:
 
 def head_revision(engine: Engine) -> str:
     """The newest migration this version of ImageShare knows."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(_alembic_config(engine)).get_current_head() or ""
+
+
+def newest_migration() -> str | None:
+    """The head revision: the one migration no other follows, read from the migrations'
+    ``revision`` and ``down_revision`` without loading alembic; None when that is not one
+    revision (alembic then decides)."""
+    revisions: set[str] = set()
+    followed: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("[0-9]*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+                    and isinstance(node.value.value, str) and len(node.targets) == 1
+                    and isinstance(node.targets[0], ast.Name)):
+                if node.targets[0].id == "revision":
+                    revisions.add(node.value.value)
+                elif node.targets[0].id == "down_revision":
+                    followed.add(node.value.value)
+    heads = revisions - followed
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _recorded_revision(engine: Engine) -> str | None:
+    """The revision alembic recorded in the database; None when there is none (or no table
+    yet)."""
+    try:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+    except DBAPIError:
+        return None
 
 
 def current_revision(engine: Engine) -> str | None:
     """The migration the database is at, or None for an empty database."""
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
@@ -205,6 +240,12 @@ def migrate(engine: Engine, upgrade: bool = True) -> None:
     A database written by a newer ImageShare (unknown revision) is always refused; an older
     one is upgraded only when ``upgrade`` is true.
     """
+    newest = newest_migration()
+    if newest is not None and _recorded_revision(engine) == newest:
+        return  # the usual start: alembic (and its template engine) is not even loaded
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
     cfg = _alembic_config(engine)
     script = ScriptDirectory.from_config(cfg)
     current = current_revision(engine)
