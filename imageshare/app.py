@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import importlib
 import logging
 import os
 import signal
@@ -98,7 +99,7 @@ from imageshare.uploads.patients import PatientAccounts
 from imageshare.uploads.receiving import UploadReceiver
 from imageshare.uploads.review import UploadReview
 from imageshare.uploads.service import UploadService
-from imageshare.workers import Worker, Workers, die_with_parent
+from imageshare.workers import Worker, Workers, die_with_server
 
 log = logging.getLogger("imageshare")
 
@@ -622,23 +623,6 @@ def _make_listener(archive: Archive, shared_port: bool) -> Any:
     )
 
 
-def run_dicom_worker(settings: Settings, ready: Any) -> None:
-    """A further process accepting DICOM associations on the shared port until SIGTERM;
-    ``ready`` (an Event) is set once it listens."""
-    die_with_parent()
-    configure_logging(settings, "[worker]")
-    archive = build_archive(settings, upgrade=False)
-    listener = _make_listener(archive, shared_port=True)
-    listener.start()
-    ready.set()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
-    listener.stop(settings.shutdown_grace_seconds)
-    archive.close()
-
-
 def _port_in_use(host: str, port: int, what: str, exc: OSError) -> ConfigurationError:
     return ConfigurationError(
         f"cannot listen for {what} on {host or '*'}:{port}: {exc.strerror or exc} (is another "
@@ -678,13 +662,14 @@ def http_socket(settings: Settings) -> socket.socket:
     return sock
 
 
-def run_http_worker(settings: Settings, sock: socket.socket, counts: Any, slot: int,
-                    ready: Any) -> None:
-    """A further process serving HTTP from the server's listening socket ``sock`` until
-    SIGTERM; ``counts`` and ``slot``: its place in the table of connections each process
-    holds; ``ready`` (an Event) is set once it listens. It runs background jobs too (queued by
-    any process), so that a job started here begins at once; on SIGTERM they get the grace,
-    as the server's own."""
+def run_worker(settings: Settings, dicom: bool, sock: socket.socket | None, counts: Any,
+               slot: int, ready: Any) -> None:
+    """A further process of the server, until SIGTERM: it accepts DICOM associations on the
+    shared port (``dicom``) and serves HTTP from the server's listening socket ``sock`` (if
+    given; ``counts`` and ``slot``: its place in the table of connections each process
+    holds), running background jobs too (queued by any process, so that a job started here
+    begins at once). ``ready`` (an Event) is set once it serves. On SIGTERM, DICOM and HTTP
+    drain at once, then the jobs, each within the grace."""
     import uvicorn
 
     from imageshare.web.balance import ConnectionShares
@@ -693,22 +678,44 @@ def run_http_worker(settings: Settings, sock: socket.socket, counts: Any, slot: 
     stop = threading.Event()  # a signal before uvicorn runs (or re-raised by it) ends here
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    die_with_parent()
-    configure_logging(settings, "[http]")
+    die_with_server()
+    configure_logging(settings, "[worker]")
+    grace = settings.shutdown_grace_seconds
     archive = build_archive(settings, upgrade=False)
-    archive.jobs.start()
+    listener = _make_listener(archive, shared_port=True) if dicom else None
+    draining = threading.Thread(target=listener.stop, args=(grace,), name="dicom-drain",
+                                daemon=True) if listener is not None else None
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if draining is not None and draining.ident is None:
+                draining.start()  # DICOM drains while HTTP does
+            super().handle_exit(sig, frame)
+
     try:
+        if listener is not None:
+            listener.start()
+        if sock is None:
+            ready.set()
+            stop.wait()
+            return
+        archive.jobs.start()
         if not stop.is_set():
-            server = uvicorn.Server(http_server_config(
+            server = _Server(http_server_config(
                 create_app(archive), settings, ConnectionShares(counts, slot)))
             ready.set()
             server.run(sockets=[sock])
     finally:
-        archive.jobs.close(settings.shutdown_grace_seconds)
+        if draining is not None:
+            if draining.ident is None:
+                draining.start()
+            draining.join()
+        if sock is not None:
+            archive.jobs.close(grace)
         archive.close()
 
 
-# What the DICOM and HTTP workers run, imported once by the process they are forked from
+# What the workers run, imported once by the process they are forked from
 # (and then kept from its garbage collector, so that the pages stay shared).
 WORKER_MODULES = ("imageshare.app", "imageshare.dicom.scp", "imageshare.web.server", "uvicorn",
                   "imageshare.worker_preload")
@@ -721,14 +728,24 @@ def http_processes(settings: Settings) -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
-def _http_workers(settings: Settings, sock: socket.socket, counts: Any) -> list[Worker]:
-    """``http_processes - 1`` further processes serving HTTP from ``sock`` (``counts``: the
-    table of connections each process holds; slot 0 is this process's)."""
+def _workers(settings: Settings, dicom: int, sock: socket.socket | None,
+             counts: Any) -> list[Worker]:
+    """The server's further processes: ``dicom`` of them accept DICOM associations and, with
+    ``sock``, ``http_processes - 1`` of them serve HTTP (``counts``: the table of connections
+    each process holds; slot 0 is this process's); the first ones do both, so that a process
+    is not started for each alone."""
     from imageshare.web.balance import GONE
 
+    http = http_processes(settings) - 1 if sock is not None else 0
     found = []
-    for number in range(http_processes(settings) - 1):
+    for number in range(max(dicom, http)):
         slot = number + 1
+        serves = [kind for kind, on in (("DICOM", number < dicom), ("HTTP", number < http))
+                  if on]
+        if number >= http:
+            found.append(Worker(f"worker-{slot}", "+".join(serves), run_worker,
+                                (settings, True, None, None, 0)))
+            continue
 
         def forget(slot: int = slot) -> None:
             counts[slot] = 0  # the connections of a process that died closed with it
@@ -736,9 +753,9 @@ def _http_workers(settings: Settings, sock: socket.socket, counts: Any) -> list[
         def leave(slot: int = slot) -> None:
             counts[slot] = GONE  # the others share its part
 
-        found.append(Worker(f"http-worker-{number}", "HTTP worker", run_http_worker,
-                            (settings, sock, counts, slot), on_restart=forget,
-                            on_give_up=leave))
+        found.append(Worker(f"worker-{slot}", "+".join(serves), run_worker,
+                            (settings, number < dicom, sock, counts, slot),
+                            on_restart=forget, on_give_up=leave))
     return found
 
 
@@ -769,13 +786,18 @@ def serve(settings: Settings) -> None:
     for warning in exposure_warnings(settings):
         log.warning("%s", warning)
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
-    # The shared HTTP socket is bound first: a port already taken stops the start here.
     several = http_processes(settings) > 1 and bool(settings.http_port)
-    sockets = [http_socket(settings)] if several else None  # every process accepts from it
-    workers = Workers(preload=WORKER_MODULES)
     dicom = bool(settings.dicom_port or settings.dicom_tls_port)
+    workers = Workers(preload=WORKER_MODULES)
     if several or (dicom and dicom_processes(settings) > 1):
-        workers.prepare()  # their modules load meanwhile
+        # The process the workers are forked from starts first, while this one has a single
+        # thread and holds no socket or database: as a fork of it, once what the workers run
+        # is imported, they all share those modules' memory.
+        for module in WORKER_MODULES:
+            importlib.import_module(module)
+        workers.prepare()
+    # The shared HTTP socket is bound next: a port already taken stops the start here.
+    sockets = [http_socket(settings)] if several else None  # every process accepts from it
     archive = build_archive(settings)
     create_admin(archive, sys.stdout, interactive=sys.stdout.isatty())
     for warning in shared_index_warnings(archive):
@@ -792,14 +814,13 @@ def serve(settings: Settings) -> None:
                     refuse_taken_port(settings.dicom_host or settings.http_host, port, "DICOM")
         listener = _make_listener(archive, shared_port=processes > 1)
         listener.start()
-        workers.start([Worker(f"dicom-worker-{number}", "DICOM worker", run_dicom_worker,
-                              (settings,)) for number in range(processes - 1)])
         log.info("DICOM listener %s on port %s, TLS port %s (%d processes)",
                  settings.ae_title, listener.port, listener.tls_port or "none", processes)
     counts = workers.context.Array(
         "i", http_processes(settings), lock=False) if sockets else None
-    if sockets and not stopping.is_set():  # they start beside the DICOM workers
-        workers.start(_http_workers(settings, sockets[0], counts))
+    if not stopping.is_set():
+        workers.start(_workers(settings, dicom_processes(settings) - 1 if listener else 0,
+                               sockets[0] if sockets else None, counts))
     archive.jobs.start()  # this instance runs jobs queued by any instance
     periodic = periodic_tasks(archive)
     periodic.start()

@@ -1,16 +1,19 @@
-"""The server's further processes (DICOM workers sharing the DICOM port, HTTP workers sharing
-the HTTP socket): started so that a Ctrl-C during their start-up reaches only the server,
-waited for until they listen, started again when one dies, and stopped together under one
-deadline."""
+"""The server's further processes (sharing the DICOM port, the HTTP socket, or both):
+started so that a Ctrl-C during their start-up reaches only the server, waited for until they
+serve, started again when one dies, and stopped together under one deadline."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
+import inspect
 import logging
 import multiprocessing
 import multiprocessing.forkserver
+import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +33,7 @@ class Worker:
     once it serves)."""
 
     name: str
-    what: str  # "DICOM worker", "HTTP worker"
+    what: str  # what it serves: "DICOM", "HTTP", "DICOM+HTTP"
     target: Callable[..., None]
     args: tuple[Any, ...]
     process: multiprocessing.process.BaseProcess | None = None
@@ -57,10 +60,77 @@ def sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def fork_forkserver() -> bool:
+    """Start multiprocessing's forkserver as a fork of this process, not a fresh interpreter:
+    it, and every worker it forks, then share the pages of every module this process
+    imported (kept from the garbage collector, which would otherwise copy them), instead of
+    importing their own copies. Only while this process has a single thread (forking a
+    process with several is unsafe), and only on a Python whose forkserver works as this
+    expects (3.11 and 3.12; later ones authenticate their clients); False, having done
+    nothing, when it cannot, or when a forkserver was started already."""
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    known = ("_lock", "_forkserver_pid", "_forkserver_address", "_forkserver_alive_fd")
+    if (threading.active_count() != 1 or server is None
+            or not all(hasattr(server, name) for name in known)
+            or set(inspect.signature(multiprocessing.forkserver.main).parameters)
+            != {"listener_fd", "alive_r", "preload", "main_path", "sys_path"}):
+        return False
+    from multiprocessing import connection, resource_tracker, util
+
+    with server._lock:
+        if server._forkserver_pid is not None:
+            return False
+        resource_tracker.ensure_running()  # its descriptor is handed to every worker
+        with socket.socket(socket.AF_UNIX) as listener:
+            address = connection.arbitrary_address("AF_UNIX")  # type: ignore[attr-defined]
+            listener.bind(address)
+            if not util.is_abstract_socket_namespace(address):
+                os.chmod(address, 0o600)
+            listener.listen()
+            alive_r, alive_w = os.pipe()  # EOF for the forkserver when this process ends
+            gc.freeze()  # here and in the fork: what exists now stays shared
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    os.close(alive_w)
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the server's handler
+                    die_with_parent()
+                    multiprocessing.forkserver.main(listener.fileno(), alive_r, [])
+                except SystemExit as stop:  # how it ends once this process has ended
+                    code = stop.code if isinstance(stop.code, int) else 0
+                except BaseException:  # noqa: BLE001 - reported; the fork must not return
+                    code = 1
+                    log.exception("the forkserver failed")
+                finally:
+                    os._exit(code)
+            os.close(alive_r)
+        server._forkserver_address = address
+        server._forkserver_alive_fd = alive_w
+        server._forkserver_pid = pid
+    return True
+
+
+def die_with_server() -> None:
+    """In a worker: end it at once (SIGKILL) when the server's process has ended, even if
+    that was killed, so that no worker outlives the server holding its ports. Watched
+    through the pipe multiprocessing keeps from the process that started the worker to it
+    (that end closes when the process ends), whichever process forked it."""
+    server = multiprocessing.parent_process()
+    if server is None:
+        return
+
+    def watch() -> None:
+        server.join()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="server-watch", daemon=True).start()
+
+
 def die_with_parent() -> None:
     """Ask Linux to kill this process when its parent dies (even by SIGKILL). The parent is
-    the *thread* that started it: workers are started, and started again, from threads that
-    live until the workers were joined."""
+    the *thread* that started it (for the forkserver forked by the server: its main
+    thread)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -132,12 +202,14 @@ class Workers:
             process.start()
 
     def prepare(self) -> None:
-        """Start the process workers are forked from now (if not running), so that it imports
-        their modules while this one starts (the first worker's start would otherwise wait
-        for that)."""
+        """Start the process workers are forked from now (if not running): while this
+        process has a single thread, as a fork of it, sharing every module it imported (see
+        :func:`fork_forkserver`); otherwise a fresh interpreter, which imports the modules
+        while this process starts (the first worker's start would otherwise wait for that)."""
         if self.context.get_start_method() == "forkserver":
             with sigint_ignored():
-                multiprocessing.forkserver.ensure_running()
+                if not fork_forkserver():
+                    multiprocessing.forkserver.ensure_running()
 
     def _wait_ready(self, worker: Worker, stopping: threading.Event) -> None:
         deadline = time.monotonic() + READY_SECONDS

@@ -141,7 +141,7 @@ def test_two_http_processes_share_the_port_and_the_work_and_stop_together(tmp_pa
         for _ in range(20):
             with fresh() as client:
                 assert client.get("/uploads/import").status_code == 200
-        assert "HTTP worker http-worker-0 stopped unexpectedly" in server.log_path.read_text()
+        assert "HTTP worker-1 stopped unexpectedly" in server.log_path.read_text()
 
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(40) == 0

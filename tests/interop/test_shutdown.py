@@ -129,3 +129,42 @@ def test_ctrl_c_while_the_workers_start_stops_everything_quietly(tmp_path):
     while any(Path(f"/proc/{pid}").exists() for pid in workers):
         assert time.monotonic() < deadline, "a worker outlived the server"
         time.sleep(0.1)
+
+
+def _descendants(pid: int) -> list[int]:
+    return [p for child in _children(pid) for p in (child, *_descendants(child))]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_no_process_of_a_killed_server_outlives_it(tmp_path):
+    """A server killed outright (SIGKILL, the OOM killer) leaves no worker behind holding its
+    ports: a new server on the same ports and data then takes every association."""
+    server = RunningServer(tmp_path / "data", extra_env={
+        "IMAGESHARE_DICOM_PROCESSES": "3", "IMAGESHARE_HTTP_PROCESSES": "2"}).start()
+    try:
+        others = _descendants(server.process.pid)
+        assert len(others) >= 4, others  # the workers, and what forks and tracks them
+        server.process.kill()
+        server.process.wait(10)
+        deadline = time.monotonic() + 15
+        while alive := [pid for pid in others if _running(pid)]:
+            assert time.monotonic() < deadline, f"outlived the server: {alive}"
+            time.sleep(0.1)
+        server.start()
+        paths = ct_series(tmp_path / "ct", count=12, size=16, patient_id="AFTERKILL")
+        ae = AE()
+        ae.add_requested_context(CTImageStorage)
+        for path in paths:
+            assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
+            assert assoc.is_established
+            assert assoc.send_c_store(dcmread(path)).Status == 0
+            assoc.release()
+        assert _stored_count(server) == 12
+    finally:
+        server.stop()

@@ -8,13 +8,13 @@ import signal
 import threading
 import time
 
-from imageshare.workers import Worker, Workers, die_with_parent
+from imageshare.workers import Worker, Workers, die_with_server
 
 
 def drain_slowly(ready) -> None:  # noqa: ANN001 - a multiprocessing Event
-    """A worker that takes a moment to drain on SIGTERM, then exits 0 (and dies with its
-    parent, as the server's workers do)."""
-    die_with_parent()
+    """A worker that takes a moment to drain on SIGTERM, then exits 0 (and dies with the
+    process that started it, as the server's workers do)."""
+    die_with_server()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     ready.set()
