@@ -83,12 +83,15 @@ class Settings:
     max_associations: int = _setting(32, "Most DICOM associations served at once.")
     dicom_processes: int = _setting(
         0, "Processes sharing the DICOM port, so that concurrent associations use every "
-        "core (0: two per core, at most 8)."
+        "core (0: two per core, at most 8); the first ones serve HTTP too (http_processes), "
+        "and an idle one uses about 40 MB."
     )
     http_processes: int = _setting(
         0, "Processes serving HTTP from its one port, so that large uploads and busy APIs use "
         "more than one core (0: one per core, at most 4); connections are spread evenly "
-        "over them, each runs job_workers background jobs too, and costs about 200 MB."
+        "over them, and each runs job_workers background jobs too. A process serves the "
+        "DICOM port as well where dicom_processes asks for one (about 70 MB each while an "
+        "upload arrives: the processes share the modules' memory)."
     )
     dicom_timeout: float = _setting(60.0, "Seconds a DICOM association may stay silent.")
     max_pdu_size: int = _setting(262144, "Largest PDU the DICOM listener accepts (bytes).")
