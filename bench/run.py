@@ -32,6 +32,7 @@ from tests.factory import ct_series, us_cine  # noqa: E402
 from tests.peers import (  # noqa: E402
     OrthancServer,
     RunningServer,
+    child_pids,
     free_port,
     wait_for_port,
 )
@@ -100,20 +101,6 @@ def start_orthanc(work: Path, name: str) -> OrthancServer:
                 raise
             time.sleep(1)
     raise AssertionError("unreachable")
-
-
-def child_pids(pid: int) -> list[int]:
-    """The processes whose parent is ``pid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -64,9 +64,15 @@ sys.path.insert(0, str(ROOT))
 
 from bench import catalogue as cat  # noqa: E402
 from bench.blobstore import ThrowawayPostgres  # noqa: E402
-from bench.run import child_pids, storescu  # noqa: E402
+from bench.run import storescu  # noqa: E402
 from tests.factory import ct_series  # noqa: E402
-from tests.peers import OrthancServer, RunningServer, free_port, wait_for_port  # noqa: E402
+from tests.peers import (  # noqa: E402
+    OrthancServer,
+    RunningServer,
+    child_pids,
+    free_port,
+    wait_for_port,
+)
 
 OUT = ROOT / "bench" / "out"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"

@@ -47,11 +47,11 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import child_pids, cpu_seconds, peak_rss_mb  # noqa: E402
+from bench.run import cpu_seconds, peak_rss_mb  # noqa: E402
 from imageshare.app import http_processes  # noqa: E402
 from imageshare.settings import Settings  # noqa: E402
 from tests.factory import ct_series  # noqa: E402
-from tests.peers import RunningServer  # noqa: E402
+from tests.peers import RunningServer, child_pids  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 SLICE_BYTES = 512 * 512 * 2
@@ -198,21 +198,23 @@ class PssSampler:
 
 
 def _pss_mb(pid: int) -> float:
-    try:
-        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return 0.0
-    found = [line.split()[1] for line in rollup.splitlines() if line.startswith("Pss:")]
-    return int(found[0]) / 1024 if found else 0.0
+    """The PSS of ``pid`` now."""
+    return _proc_mb(pid, "smaps_rollup", "Pss:")
 
 
 def _own_peak_mb(pid: int) -> float:
     """The peak RSS (VmHWM) of ``pid`` alone."""
+    return _proc_mb(pid, "status", "VmHWM:")
+
+
+def _proc_mb(pid: int, name: str, field: str) -> float:
+    """A size in kB that /proc/PID/``name`` gives on its line starting with ``field``, in MB
+    (0 for a process gone meanwhile)."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
+        text = Path(f"/proc/{pid}/{name}").read_text()
     except OSError:
         return 0.0
-    found = [line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")]
+    found = [line.split()[1] for line in text.splitlines() if line.startswith(field)]
     return int(found[0]) / 1024 if found else 0.0
 
 

@@ -550,10 +550,11 @@ def recover(archive: Archive) -> int:
 
 
 def configure_logging(settings: Settings, tag: str = "") -> None:
-    """The one logging set-up (level from settings; libraries' chatter kept to warnings)."""
+    """The one logging set-up (level from settings; libraries' chatter kept to warnings).
+    A worker's lines carry its ``tag`` (replacing the set-up it inherited when forked)."""
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s", force=bool(tag),
     )
     for noisy in ("pynetdicom", "alembic", "botocore", "boto3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import select
 import signal
 import socket
 import threading
@@ -41,6 +42,39 @@ class Worker:
     restarts: list[float] = field(default_factory=list)
     on_restart: Callable[[], None] | None = None  # e.g. forget what the dead process held
     on_give_up: Callable[[], None] | None = None  # not started again: e.g. leave its place
+    handle: int | None = None  # a pidfd of ``process``: whether it runs, asked of the kernel
+
+    def ended(self, timeout: float = 0.0) -> bool:
+        """Whether its process has ended (waiting up to ``timeout`` seconds), asked of the
+        kernel: multiprocessing learns of it from the forkserver, so a forkserver that died
+        would make every worker look ended."""
+        if self.process is None:
+            return True
+        if self.handle is None:
+            self.process.join(timeout)
+            return not self.process.is_alive()
+        waiting = select.poll()  # a pidfd is readable once its process has ended
+        waiting.register(self.handle, select.POLLIN)
+        return bool(waiting.poll(int(timeout * 1000)))
+
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to its process (through the pidfd: never to a process that took
+        the number of one that ended); nothing if it has ended."""
+        if self.process is None or self.ended():
+            return
+        try:
+            if self.handle is not None:
+                signal.pidfd_send_signal(self.handle, signum)
+            elif self.process.pid is not None:
+                os.kill(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def forget_process(self) -> None:
+        """Let go of the process (ended, or replaced) and its pidfd."""
+        if self.handle is not None:
+            os.close(self.handle)
+        self.process, self.handle = None, None
 
 
 @contextmanager
@@ -89,12 +123,21 @@ def fork_forkserver() -> bool:
             listener.listen()
             alive_r, alive_w = os.pipe()  # EOF for the forkserver when this process ends
             gc.freeze()  # here and in the fork: what exists now stays shared
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError:
+                log.warning("could not fork the workers' forkserver; starting a fresh one")
+                os.close(alive_r)
+                os.close(alive_w)
+                return False
             if pid == 0:
                 code = 0
                 try:
                     os.close(alive_w)
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the server's handler
+                    # Not the server's handler; and a SIGTERM sent to every process of the
+                    # service (systemd's stop) is for the workers: this one ends with the
+                    # server (the pipe, and the parent-death signal).
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
                     die_with_parent()
                     multiprocessing.forkserver.main(listener.fileno(), alive_r, [])
                 except SystemExit as stop:  # how it ends once this process has ended
@@ -164,6 +207,7 @@ class Workers:
         self._joined = threading.Event()
         self._lock = threading.Lock()
         self._watch: threading.Thread | None = None
+        self._prepared = False
 
     @property
     def processes(self) -> list[multiprocessing.process.BaseProcess]:
@@ -191,11 +235,17 @@ class Workers:
         process = self.context.Process(
             target=worker.target, args=(*worker.args, ready), name=worker.name, daemon=True)
         self._start(process)
-        worker.ready, worker.process = ready, process
+        try:
+            handle = os.pidfd_open(process.pid) if process.pid else None
+        except OSError:  # a kernel without pidfds: multiprocessing's word is taken
+            handle = None
+        worker.forget_process()
+        worker.ready, worker.process, worker.handle = ready, process, handle
 
     def _start(self, process: multiprocessing.process.BaseProcess) -> None:
         if self.context.get_start_method() == "forkserver":
-            self.prepare()  # its processes start with SIGINT ignored, as it did
+            if not self._prepared:
+                self.prepare()  # its processes start with SIGINT ignored, as it did
             process.start()  # (waits, with Ctrl-C heard, until it has its modules)
             return
         with sigint_ignored():  # spawn: briefly, while the new interpreter is started
@@ -210,14 +260,14 @@ class Workers:
             with sigint_ignored():
                 if not fork_forkserver():
                     multiprocessing.forkserver.ensure_running()
+        self._prepared = True
 
     def _wait_ready(self, worker: Worker, stopping: threading.Event) -> None:
         deadline = time.monotonic() + READY_SECONDS
         while not worker.ready.wait(0.2):
             if stopping.is_set() or self._stopping.is_set():
                 return
-            process = worker.process
-            if process is None or not process.is_alive() or time.monotonic() > deadline:
+            if worker.ended() or time.monotonic() > deadline:
                 log.error("%s %s did not start; continuing without it", worker.what,
                           worker.name)
                 return
@@ -249,9 +299,9 @@ class Workers:
     def _look_after(self, worker: Worker) -> None:
         with self._lock:
             process = worker.process
-            if (self._stopping.is_set() or process is None or process.is_alive()
-                    or process.exitcode is None):
+            if self._stopping.is_set() or process is None or not worker.ended():
                 return
+            process.join(1)  # its exit code, if the forkserver still tells it
             if process.exitcode == 0:
                 log.warning("%s %s stopped (asked to); it is not started again",
                             worker.what, worker.name)
@@ -273,7 +323,7 @@ class Workers:
 
     @staticmethod
     def _give_up(worker: Worker) -> None:
-        worker.process = None
+        worker.forget_process()
         if worker.on_give_up is not None:
             worker.on_give_up()
 
@@ -283,21 +333,24 @@ class Workers:
             if self._stopping.is_set():
                 return
             self._stopping.set()
-            for process in self.processes:
+            for worker in self._workers:
                 try:
-                    process.terminate()
-                except OSError as exc:  # gone meanwhile: the others still get theirs
-                    log.warning("%s could not be sent SIGTERM: %s", process.name, exc)
+                    worker.send_signal(signal.SIGTERM)
+                except OSError as exc:  # the others still get theirs
+                    log.warning("%s could not be sent SIGTERM: %s", worker.name, exc)
 
     def join(self, grace: float) -> None:
         """After :meth:`terminate`: wait for every worker until one deadline (HTTP, then
         background jobs, each get the grace); any still running then is killed."""
         deadline = time.monotonic() + 2 * grace + 5
         try:
-            for process in self.processes:
-                process.join(max(0.0, deadline - time.monotonic()))
-                if process.is_alive():
-                    log.warning("%s did not stop in time; killed", process.name)
-                    process.kill()
+            for worker in self._workers:
+                if worker.process is None:
+                    continue
+                if not worker.ended(max(0.0, deadline - time.monotonic())):
+                    log.warning("%s did not stop in time; killed", worker.name)
+                    worker.send_signal(signal.SIGKILL)
+                    worker.ended(5)
+                worker.process.join(1)  # its exit code, as far as the forkserver tells it
         finally:
             self._joined.set()

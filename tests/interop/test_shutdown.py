@@ -17,7 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from tests.factory import ct_series
-from tests.peers import RunningServer
+from tests.peers import RunningServer, child_pids
 
 pytestmark = pytest.mark.interop
 
@@ -87,19 +87,6 @@ def test_sigint_with_an_idle_association_ends_it_after_the_grace_and_exits_0(tmp
     assert not assoc.is_established  # the server ended it
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def test_ctrl_c_while_the_workers_start_stops_everything_quietly(tmp_path):
     """Ctrl-C in a terminal reaches the whole process group: workers still importing do not
     each print a KeyboardInterrupt; the server stops them and exits 0."""
@@ -113,10 +100,10 @@ def test_ctrl_c_while_the_workers_start_stops_everything_quietly(tmp_path):
                                    start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not _children(process.pid):
+        while not child_pids(process.pid):
             assert process.poll() is None and time.monotonic() < deadline, output.read_text()
             time.sleep(0.02)
-        workers = _children(process.pid)
+        workers = child_pids(process.pid)
         time.sleep(0.3)  # the worker is importing now
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(60) == 0, output.read_text()
@@ -132,7 +119,7 @@ def test_ctrl_c_while_the_workers_start_stops_everything_quietly(tmp_path):
 
 
 def _descendants(pid: int) -> list[int]:
-    return [p for child in _children(pid) for p in (child, *_descendants(child))]
+    return [p for child in child_pids(pid) for p in (child, *_descendants(child))]
 
 
 def _running(pid: int) -> bool:

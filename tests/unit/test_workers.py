@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 from imageshare.workers import Worker, Workers, die_with_server
 
@@ -88,3 +89,37 @@ def test_a_restart_that_fails_is_tried_again_and_the_stop_still_reaches_everyone
     workers.terminate()
     workers.join(grace=2)
     assert current.exitcode == 0 and steady.exitcode == 0
+
+
+def test_workers_outlive_a_dead_forkserver_and_still_drain_on_stop():
+    """The forkserver that forked the workers is killed (the OOM killer, an operator):
+    multiprocessing then believes every worker ended, but they still serve, so none is
+    started again or cut off, and a stop still waits for each to drain."""
+    import multiprocessing.forkserver
+
+    workers = Workers()
+    workers.start([Worker("lasting-worker", "test worker", drain_slowly, ())])
+    workers.wait_ready(threading.Event())
+    (first,) = workers.processes
+    workers.supervise(interval=0.1)
+    forkserver = multiprocessing.forkserver._forkserver._forkserver_pid
+    assert forkserver is not None
+    os.kill(forkserver, signal.SIGKILL)
+    time.sleep(1.5)  # the supervisor looked several times
+    assert workers.processes == [first]
+    assert Path(f"/proc/{first.pid}").exists()
+    workers.terminate()
+    began = time.monotonic()
+    workers.join(grace=5)
+    assert time.monotonic() - began >= 0.4  # it drained (0.5 s) rather than being left
+    deadline = time.monotonic() + 5
+    while _running(first.pid):
+        assert time.monotonic() < deadline, "the worker did not stop"
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
