@@ -741,12 +741,8 @@ def _workers(settings: Settings, dicom: int, sock: socket.socket | None,
     found = []
     for number in range(max(dicom, http)):
         slot = number + 1
-        serves = [kind for kind, on in (("DICOM", number < dicom), ("HTTP", number < http))
-                  if on]
-        if number >= http:
-            found.append(Worker(f"worker-{slot}", "+".join(serves), run_worker,
-                                (settings, True, None, None, 0)))
-            continue
+        serves_http = number < http
+        serves = [kind for kind, on in (("DICOM", number < dicom), ("HTTP", serves_http)) if on]
 
         def forget(slot: int = slot) -> None:
             counts[slot] = 0  # the connections of a process that died closed with it
@@ -754,9 +750,11 @@ def _workers(settings: Settings, dicom: int, sock: socket.socket | None,
         def leave(slot: int = slot) -> None:
             counts[slot] = GONE  # the others share its part
 
-        found.append(Worker(f"worker-{slot}", "+".join(serves), run_worker,
-                            (settings, number < dicom, sock, counts, slot),
-                            on_restart=forget, on_give_up=leave))
+        found.append(Worker(
+            f"worker-{slot}", "+".join(serves), run_worker,
+            (settings, number < dicom, sock if serves_http else None, counts, slot),
+            on_restart=forget if serves_http else None,
+            on_give_up=leave if serves_http else None))
     return found
 
 
