@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import logging
 import select
 from collections.abc import Callable
@@ -197,6 +198,7 @@ def head_revision(engine: Engine) -> str:
     return ScriptDirectory.from_config(_alembic_config(engine)).get_current_head() or ""
 
 
+@functools.cache  # the migrations do not change while the program runs
 def newest_migration() -> str | None:
     """The head revision: the one migration no other follows, read from the migrations'
     ``revision`` and ``down_revision`` without loading alembic; None when that is not one
