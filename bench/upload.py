@@ -21,6 +21,8 @@ server's peak memory under 300 MB.
     --size-mb N   size of the folder (default 700)
     --repeats N   runs of each (median kept; default 2)
     --parallel N  files sent at once (default 6, as the browser page)
+    --client browser  send with the import page itself in Debian's Chromium (Playwright)
+                      instead of httpx threads: the browser's own CPU, as a user's would be
     --http-processes N  processes serving HTTP (IMAGESHARE_HTTP_PROCESSES; default 0, the
                         server's own default: one per core, at most 4)
 """
@@ -39,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,6 +63,10 @@ PARALLEL = 6
 TUS = {"Tus-Resumable": "1.0.0"}
 HTML = {"Accept": "text/html"}
 CLERK_PASSWORD = "bench-clerk-password"
+IMPORT_FORM = {"patient_name": "Bench^Upload", "hospital_number": "B1",
+               "birth_date": "1970-01-01", "reference": "bench"}
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--no-first-run"]
 TARGET_RATE = 0.8
 TARGET_RSS_MB = 300
 
@@ -107,60 +114,129 @@ def _send_file(client: httpx.Client, base: str, csrf: str, path: Path, name: str
 
 
 def upload_run(work: Path, folder: Path, files: list[Path], parallel: int = PARALLEL,
-               http_processes: int = 0) -> dict[str, float]:
+               http_processes: int = 0, client: str = "python") -> dict[str, float]:
     """Seconds from the first byte to every file waiting for review, the peak RSS (of the
     largest process, and of all the server's processes added), and the CPU time per file of
-    each process (and of the whole machine) while the files are sent."""
+    each process (and of the whole machine) while the files are sent. ``client``: "python"
+    (httpx, ``parallel`` files at once) or "browser" (the import page itself in Debian's
+    Chromium, driven by Playwright: the folder chosen as a user would)."""
     server = RunningServer(work / "upload-data", modalities=(), extra_env={
         "IMAGESHARE_HTTP_PROCESSES": str(http_processes)})
     server.cli("user", "add", "clerk", "--role", "radiographer", "--password", CLERK_PASSWORD)
     server.start()
     try:
-        with httpx.Client(base_url=server.url, timeout=300, headers=HTML) as client:
-            signed = client.post("/login", data={"username": "clerk",
-                                                 "password": CLERK_PASSWORD})
-            if signed.status_code != 303 or "/account" in signed.headers.get("location", ""):
-                raise SystemExit(f"sign-in failed: {signed.status_code}")
-            csrf = _csrf(client.get("/uploads/import").text)
-            started = client.post("/uploads/import", follow_redirects=False, data={
-                "csrf_token": csrf, "patient_name": "Bench^Upload", "hospital_number": "B1",
-                "birth_date": "1970-01-01", "reference": "bench"})
-            if started.status_code != 303:
-                raise SystemExit(f"import page refused: {started.status_code}")
-            base = started.headers["location"].removesuffix("/upload")
-            memory = PssSampler(server.process.pid)
-            begin = time.perf_counter()
-            cpu_before = _cpu(server.process.pid)
-            with ThreadPoolExecutor(parallel) as pool:
-                for done in [pool.submit(_send_file, client, base, csrf, path,
-                                         str(path.relative_to(folder.parent)))
-                             for path in files]:
-                    done.result()
-            uploaded = time.perf_counter() - begin
-            cpu = {k: (v - cpu_before[k]) * 1000 / len(files)
-                   for k, v in _cpu(server.process.pid).items()}
-            sent = client.post(base + "/send", data={"csrf_token": csrf},
-                               follow_redirects=False)
-            if sent.status_code != 303:
-                raise SystemExit(f"send refused: {sent.status_code} {sent.text[:300]}")
-            progress = sent.headers["location"]
-            while 'data-state="done"' not in (shown := client.get(progress).text):
-                if 'data-state="failed"' in shown:
-                    raise SystemExit("the intake failed")
-                time.sleep(0.2)
-            seconds = time.perf_counter() - begin
-            received = re.search(r"(\d+) file\(s\) received", shown)
-            if not received or int(received.group(1)) != len(files):
-                raise SystemExit(f"not every file was received: {received and received[0]}")
-            pss_all = memory.stop()
+        send = _send_with_browser if client == "browser" else _send_with_python
+        sampling: list[PssSampler] = []  # from the first byte sent (after the sign-in)
+        timing = send(server, folder, files, parallel,
+                      lambda: sampling.append(PssSampler(server.process.pid)))
+        memory = sampling[0]
+        pss_all = memory.stop()
         rss = peak_rss_mb(server.process.pid)
         rss_all = sum(_own_peak_mb(pid) for pid in _tree(server.process.pid))
     finally:
         server.stop()
-    return {"seconds": seconds, "upload_seconds": uploaded,
-            "intake_seconds": seconds - uploaded, "peak_rss_mb": rss,
-            "peak_rss_mb_all_processes": rss_all, "peak_pss_mb_all_processes": pss_all,
-            "pss_mb_each_process_at_peak": sorted(memory.at_peak.values(), reverse=True),
+    return {**timing, "peak_rss_mb": rss, "peak_rss_mb_all_processes": rss_all,
+            "peak_pss_mb_all_processes": pss_all,
+            "pss_mb_each_process_at_peak": sorted(memory.at_peak.values(), reverse=True)}
+
+
+def _send_with_python(server: RunningServer, folder: Path, files: list[Path], parallel: int,
+                      sending: Callable[[], None]) -> dict[str, float]:
+    """Sign in, open an import, send every file with tus (``parallel`` at once), press Send
+    and wait for the intake; the seconds and CPU per file. ``sending()`` is called just
+    before the first byte."""
+    with httpx.Client(base_url=server.url, timeout=300, headers=HTML) as client:
+        signed = client.post("/login", data={"username": "clerk", "password": CLERK_PASSWORD})
+        if signed.status_code != 303 or "/account" in signed.headers.get("location", ""):
+            raise SystemExit(f"sign-in failed: {signed.status_code}")
+        csrf = _csrf(client.get("/uploads/import").text)
+        started = client.post("/uploads/import", follow_redirects=False, data={
+            "csrf_token": csrf, **IMPORT_FORM})
+        if started.status_code != 303:
+            raise SystemExit(f"import page refused: {started.status_code}")
+        base = started.headers["location"].removesuffix("/upload")
+        sending()
+        begin = time.perf_counter()
+        cpu_before = _cpu(server.process.pid)
+        with ThreadPoolExecutor(parallel) as pool:
+            for done in [pool.submit(_send_file, client, base, csrf, path,
+                                     str(path.relative_to(folder.parent)))
+                         for path in files]:
+                done.result()
+        uploaded = time.perf_counter() - begin
+        cpu = _cpu_per_file(server.process.pid, cpu_before, len(files))
+        sent = client.post(base + "/send", data={"csrf_token": csrf}, follow_redirects=False)
+        if sent.status_code != 303:
+            raise SystemExit(f"send refused: {sent.status_code} {sent.text[:300]}")
+        progress = sent.headers["location"]
+        while 'data-state="done"' not in (shown := client.get(progress).text):
+            if 'data-state="failed"' in shown:
+                raise SystemExit("the intake failed")
+            time.sleep(0.2)
+        seconds = time.perf_counter() - begin
+    return _checked(shown, len(files), seconds, uploaded, cpu)
+
+
+def _send_with_browser(server: RunningServer, folder: Path, files: list[Path],
+                       _parallel: int, sending: Callable[[], None]) -> dict[str, float]:
+    """The same in Chromium: sign in, fill the import form, choose the folder (the page
+    sends six files at once), wait until every row is done, press Send, wait for the
+    intake. The client's CPU is Chromium's (all its processes)."""
+    from playwright.sync_api import sync_playwright
+
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        raise SystemExit("--client browser needs Debian's chromium")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context().new_page()
+            page.goto(server.url + "/login")
+            page.fill("input[name=username]", "clerk")
+            page.fill("input[name=password]", CLERK_PASSWORD)
+            page.click("button:has-text('Sign in')")
+            page.wait_for_load_state()
+            page.goto(server.url + "/uploads/import")
+            for name, value in IMPORT_FORM.items():
+                page.fill(f"input[name={name}]", value)
+            page.click("button:has-text('Choose the files')")
+            page.wait_for_selector("#pick-folder", state="attached")
+            sending()
+            begin = time.perf_counter()
+            cpu_before = _cpu(server.process.pid)
+            page.set_input_files("#pick-folder", str(folder))
+            page.wait_for_function(  # every file arrived, or some could not be sent
+                "n => { const rows = document.querySelectorAll('#files li');"
+                " return rows.length >= n && [...rows].every("
+                "r => r.className === 'done' || r.className === 'failed'); }",
+                arg=len(files), polling=250, timeout=3_600_000)
+            failed = page.locator("#files li.failed")
+            if failed.count():
+                raise SystemExit(f"{failed.count()} file(s) not sent: "
+                                 f"{failed.first.inner_text()}")
+            uploaded = time.perf_counter() - begin
+            cpu = _cpu_per_file(server.process.pid, cpu_before, len(files))
+            page.click("#send")
+            page.wait_for_selector("#intake[data-state=done]", timeout=3_600_000)
+            seconds = time.perf_counter() - begin
+            shown = page.inner_text("#intake")
+        finally:
+            browser.close()
+    return _checked(shown, len(files), seconds, uploaded, cpu)
+
+
+def _cpu_per_file(server: int, before: dict[str, float], count: int) -> dict[str, float]:
+    """Milliseconds of CPU per file of each of :func:`_cpu`'s parts since ``before``."""
+    return {k: (v - before[k]) * 1000 / count for k, v in _cpu(server).items()}
+
+
+def _checked(shown: str, count: int, seconds: float, uploaded: float,
+             cpu: dict[str, float]) -> dict[str, float]:
+    """A run's figures, once the page after Send (``shown``) reports every file received."""
+    received = re.search(r"(\d+) file\(s\) received", shown)
+    if not received or int(received.group(1)) != count:
+        raise SystemExit(f"not every file was received: {received and received[0]}")
+    return {"seconds": seconds, "upload_seconds": uploaded, "intake_seconds": seconds - uploaded,
             **{f"cpu_ms_per_file_{k}": v for k, v in cpu.items()}}
 
 
@@ -220,8 +296,8 @@ def _proc_mb(pid: int, name: str, field: str) -> float:
 
 def _cpu(server: int) -> dict[str, float]:
     """CPU seconds so far of the web server's own process, of its worker processes, and of
-    this client."""
-    own = cpu_seconds(os.getpid()) - sum(cpu_seconds(c) for c in child_pids(os.getpid()))
+    this client (this process and its other descendants: Playwright and Chromium)."""
+    own = cpu_seconds(os.getpid()) - cpu_seconds(server)  # with a browser, its processes
     workers = sum(cpu_seconds(child) for child in child_pids(server))
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # not idle, iowait
@@ -262,6 +338,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=PARALLEL,
                         help="files sent at once (the browser page sends 6)")
+    parser.add_argument("--client", choices=("python", "browser"), default="python",
+                        help="who sends the files: httpx threads (python) or the import "
+                        "page itself in Debian's Chromium (browser)")
     parser.add_argument("--http-processes", type=int, default=0,
                         help="the server's IMAGESHARE_HTTP_PROCESSES (0, the default: the "
                         "server's own, one per core up to 4)")
@@ -278,7 +357,8 @@ def main() -> None:
             for kind in ("upload", "import") if repeat % 2 == 0 else ("import", "upload"):
                 work = root / f"{kind}-{repeat}"
                 work.mkdir()
-                result = (upload_run(work, folder, files, args.parallel, args.http_processes)
+                result = (upload_run(work, folder, files, args.parallel, args.http_processes,
+                                     args.client)
                           if kind == "upload"
                           else import_run(work, folder, len(files)))
                 runs[kind].append(result)
@@ -307,11 +387,13 @@ def main() -> None:
                 for key in ("peak_rss_mb_all_processes", "peak_pss_mb_all_processes"):
                     summary[kind][key] = max(r[key] for r in results)
         ratio = summary["upload"]["mb_per_s"] / summary["import"]["mb_per_s"]
+        client_label = ("the import page in Chromium" if args.client == "browser"
+                        else f"httpx, {args.parallel} files at once")
         print(f"\n{len(files)} files, {size / (1 << 20):.0f} MB, median of {args.repeats}, "
               f"load average {os.getloadavg()[0]:.1f}\n")
         print("| way in | seconds | MB/s | files/s | peak RSS MB |")
         print("|---|---:|---:|---:|---:|")
-        for kind, label in (("upload", "browser upload (tus) + intake job"),
+        for kind, label in (("upload", f"browser upload (tus, {client_label}) + intake job"),
                             ("import", "`imageshare import`")):
             row = summary[kind]
             print(f"| {label} | {row['seconds']:.1f} | {row['mb_per_s']:.1f} | "
@@ -325,6 +407,7 @@ def main() -> None:
               "process(es)")
         (OUT / "upload.json").write_text(json.dumps({
             "files": len(files), "bytes": size, "repeats": args.repeats, "runs": runs,
+            "client": args.client,
             "summary": summary, "ratio": ratio, "http_processes": processes,
             "targets": {
                 "rate_ratio": TARGET_RATE, "peak_rss_mb": TARGET_RSS_MB},

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, bindparam, select, text
 from sqlalchemy.engine import make_url
 
 from imageshare.access.policy import Policy, arrival_class
@@ -492,21 +492,39 @@ def _recovery_lock(engine: Engine) -> Iterator[None]:
 
 def _recover_range(archive: Archive, since: str, until: str = "") -> int:
     """Index the blobs with keys from ``since`` (before ``until``) that the index lost."""
+    referenced_key = select(instances.c.pk).where(instances.c.blob_key == bindparam("key"))
+
+    def referenced(key: str) -> bool:
+        with archive.engine.connect() as conn:
+            return conn.execute(referenced_key, {"key": key}).first() is not None
+
     with _recovery_lock(archive.engine):
         with archive.engine.connect() as conn:
             known = set(
                 conn.execute(select(instances.c.blob_key).where(instances.c.blob_key >= since))
                 .scalars()
             )
-        recovered = archive.ingest.recover_unindexed(known, SYSTEM, since, until)
+        recovered = archive.ingest.recover_unindexed(known, SYSTEM, since, until, referenced)
     if recovered:
         log.warning("re-indexed %d stored instance(s) missing from the index", recovered)
     return recovered
 
 
+def _recovery_grace(archive: Archive) -> float:
+    """How old a blob must be before recovery judges it (0 on SQLite: one process writes)."""
+    if archive.engine.dialect.name == "sqlite":
+        return 0.0
+    return archive.settings.recovery_grace_seconds
+
+
 def _recover_job(archive: Archive, job: Job, params: dict[str, Any]) -> None:
-    """The delayed part of start-up recovery (blobs too young to judge at the start)."""
-    recovered = _recover_range(archive, params["since"], params.get("until", ""))
+    """The delayed part of start-up recovery (blobs too young to judge at the start); never
+    blobs younger than the grace period now, whatever the job was given."""
+    until = params.get("until", "")
+    younger = key_prefix_for(time.time() - _recovery_grace(archive))
+    if not until or younger < until:
+        until = younger
+    recovered = _recover_range(archive, params["since"], until)
     job.summary = f"{recovered} instance(s) re-indexed"
 
 
@@ -530,8 +548,7 @@ def recover(archive: Archive) -> int:
     mark_file = archive.settings.data_dir / "recovered-until"
     since = mark_file.read_text().strip() if mark_file.exists() else ""
     started = time.time()
-    grace = (archive.settings.recovery_grace_seconds
-             if archive.engine.dialect.name != "sqlite" else 0.0)
+    grace = _recovery_grace(archive)
     until = key_prefix_for(started - grace) if grace > 0 else ""
     if until and since and until < since:
         until = since
@@ -540,7 +557,9 @@ def recover(archive: Archive) -> int:
         archive.jobs.submit_once(
             f"recover:{until}:{archive.jobs.instance}", "recover",
             "Recovery of blobs written just before a start",
-            {"since": until, "until": key_prefix_for(started + 120)}, delay=grace)
+            # Every key made before this start (up to the end of its minute), once the
+            # youngest of them is older than the grace period.
+            {"since": until, "until": key_prefix_for(started + 60)}, delay=grace + 60)
     # One minute of margin: keys made during this start are looked at again next time.
     temporary = mark_file.with_suffix(".tmp")
     temporary.write_text(key_prefix_for(started - 60))

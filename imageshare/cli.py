@@ -51,9 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("username")
     add.add_argument("--role", default="clinician")
     add.add_argument("--email", default="", help="address for notifications")
+    add.add_argument("--site", default="",
+                     help="for --role site: the AE title of the connected site (a registered "
+                     "node) this account speaks for")
     add.add_argument(
         "--password", help="password (else IMAGESHARE_NEW_USER_PASSWORD, else asked for)"
     )
+    link = user.add_parser("link-site", help="tie a site account to its connected site")
+    _common(link)
+    link.add_argument("username")
+    link.add_argument("ae_title", help="the AE title of a registered node ('' unlinks)")
     token = user.add_parser("token", help="create a personal API token for a user")
     _common(token)
     token.add_argument("username")
@@ -810,11 +817,23 @@ def run(argv: Sequence[str] | None = None) -> int:
             password = args.password or os.environ.get("IMAGESHARE_NEW_USER_PASSWORD") or (
                 getpass.getpass(f"password for {args.username}: ")
             )
-            archive.users.add(args.username, password, args.role, args.email)
+            archive.users.add(args.username, password, args.role, args.email, args.site)
             archive.audit.record(AuditEvent(cli_actor(), "user.add", "success",
                                             detail={"username": args.username,
-                                                    "role": args.role}))
-            print(f"user {args.username} ({args.role}) created")
+                                                    "role": args.role, "site": args.site}))
+            print(f"user {args.username} ({args.role}) created"
+                  + (f", speaking for {args.site}" if args.site else ""))
+            if args.role == "site" and not args.site:
+                print("warning: not linked to a connected site, so it may store but send no "
+                      f"site-to-site message: imageshare user link-site {args.username} AE")
+            return 0
+        if args.command == "user" and args.action == "link-site":
+            linked = archive.users.link_site(args.username, args.ae_title)
+            archive.audit.record(AuditEvent(cli_actor(), "user.link-site", "success",
+                                            detail={"username": args.username,
+                                                    "site": linked}))
+            print(f"site account {args.username} "
+                  + (f"now speaks for {linked}" if linked else "is unlinked"))
             return 0
         if args.command == "user" and args.action == "token":
             print(archive.users.create_token(args.username, args.name, origin="cli",

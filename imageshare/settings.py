@@ -144,8 +144,9 @@ class Settings:
         "the browser sends 8 MB chunks."
     )
     upload_zip_max_ratio: int = _setting(
-        200, "A zip file in an upload is refused as a zip bomb when a member expands more "
-        "than this many times its compressed size (or all members to more than 8 GB)."
+        200, "A zip file in an upload is refused as a zip bomb when a member, or the whole "
+        "zip, expands more than this many times its compressed size (or all members to "
+        "more than 8 GB)."
     )
     exchange_timeout: float = _setting(
         10.0, "Seconds a connected site may take to answer a federated search."

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from alembic import command
+from sqlalchemy import Engine
 
 from imageshare.app import Archive, build_archive
 from imageshare.settings import load_settings
+from imageshare.storage.index.database import _alembic_config
 from tests.peers import (
     ADMIN_PASSWORD,
     OrthancServer,
@@ -140,6 +143,23 @@ def rclone_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rclon
 
 
 # -- archives ---------------------------------------------------------------------------------
+
+
+def upgrade_index(engine: Engine, revision: str) -> None:
+    """Migrate the index at ``engine`` up to ``revision`` only (as an older version left
+    it)."""
+    config = _alembic_config(engine)
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+
+
+def downgrade_index(engine: Engine, revision: str) -> None:
+    """Migrate the index at ``engine`` down to ``revision`` (as an older version keeps it)."""
+    config = _alembic_config(engine)
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, revision)
 
 
 def make_archive(tmp_path: Path, database_url: str = "", **settings: object) -> Archive:

@@ -18,8 +18,36 @@ import httpx
 ADMIN_PASSWORD = "admin-test-password"
 
 
+_PORT_SLICE = 2000  # ports of one pytest-xdist worker (gw0: 10000-11999, gw1: 12000-...)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now."""
+    """A TCP port nobody listens on right now, for a server started a little later.
+
+    Taken below the kernel's ephemeral range, where no outgoing connection (of this test or
+    of a test running beside it) can take it as its local port in the meantime, and from a
+    slice of its own for each pytest-xdist worker, so that tests running in parallel never
+    pick the same one. Where the ephemeral range leaves no room, any port the kernel gives."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "").removeprefix("gw")
+    first = 10000 + (int(worker) if worker.isdigit() else 7) * _PORT_SLICE
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    if first + _PORT_SLICE <= low:
+        start = int.from_bytes(os.urandom(2), "big") % _PORT_SLICE
+        for step in range(_PORT_SLICE):
+            port = first + (start + step) % _PORT_SLICE
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -19,6 +19,9 @@ STUDY_READ = "study.read"
 # Taking the stored DICOM bytes away (WADO-RS retrieve, WADO-URI application/dicom).
 STUDY_DOWNLOAD = "study.download"
 STUDY_STORE = "study.store"
+# Attaching a document (a letter, a report as PDF) to a local study from the study page:
+# staff only (a ``site`` account stores over STOW-RS into the inbox, never onto our studies).
+DOCUMENT_ATTACH = "study.document"
 NODE_MANAGE = "node.manage"
 USER_MANAGE = "user.manage"
 AUDIT_READ = "audit.read"
@@ -58,7 +61,7 @@ INBOX = "inbox"
 _STAFF = frozenset(
     {STUDY_READ, STUDY_DOWNLOAD, STUDY_STORE, STUDY_COMMENT, PATIENT_CORRECT, TOKEN_SELF,
      ACCOUNT_SELF, EXPORT_IDENTIFIABLE, EXPORT_DEIDENTIFIED, SHARE_CREATE, CASE_MANAGE, EXCHANGE,
-     UPLOAD_MANAGE, CONSENT_RECORD}
+     UPLOAD_MANAGE, CONSENT_RECORD, DOCUMENT_ATTACH}
 )
 # An administrator signed in with a password who has not yet set up two-factor sign-in
 # (required for admins) may only do that.
@@ -106,10 +109,30 @@ def arrival_class(actor: Actor) -> str:
     """Where instances ``actor`` stores land: ``inbox`` (held for review, expiring unless
     accepted) when another site sends them, a node registered with an inbox or another
     ImageShare storing over STOW-RS with its ``site`` account; else ``clinical``. Nothing else
-    expires unasked. Ingest asks this (given to it by the composition root)."""
-    from_site = (actor.kind == "node" and INBOX in actor.grants) or (
+    expires unasked. A DICOM caller nobody registered (let in by
+    ``IMAGESHARE_STORE_FROM_ANY_AE``, or calling from another host than the one registered)
+    is not trusted as a modality of ours: what it stores lands in the inbox too. Ingest asks
+    this (given to it by the composition root)."""
+    from_site = (actor.kind == "node" and (INBOX in actor.grants or not actor.registered)) or (
         actor.kind == "user" and actor.role == "site")
     return "inbox" if from_site else "clinical"
+
+
+def site_origin(actor: Actor, linked: str, claimed: str = "") -> str:
+    """The AE title a site-to-site message from ``actor`` comes from: always the node its
+    ``site`` account is linked to (``linked``, "" when none), never what the message says.
+    Raises Forbidden for an account that is not a site account, an unlinked one, or a message
+    that names another site (``claimed``, when given, must be the linked node)."""
+    if actor.kind != "user" or actor.role != "site":
+        raise Forbidden("only a connected site's account sends site-to-site messages")
+    if not linked:
+        raise Forbidden(f"site account {actor.name!r} is not linked to a connected site: an "
+                        "administrator links it (imageshare user link-site "
+                        f"{actor.name} AE_TITLE) before it may send site-to-site messages")
+    if claimed and claimed.strip().upper() != linked.upper():
+        raise Forbidden(f"site account {actor.name!r} speaks for {linked} only, not for "
+                        f"{claimed.strip()[:16]!r}")
+    return linked
 
 
 def _nothing_shared(_actor: Actor) -> Sequence[Grant]:

@@ -10,21 +10,35 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
 
 import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Engine, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from imageshare.access.lockout import Lockout
 from imageshare.access.policy import ENROLLING, ROLES, effective_role
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import SYSTEM, Actor
-from imageshare.domain.errors import ImageShareError, NotFound
+from imageshare.domain.errors import (
+    Forbidden,
+    ImageShareError,
+    LinkGone,
+    NotFound,
+    TooManyRequests,
+)
 from imageshare.domain.identifiers import is_email_address
+from imageshare.notify import Mailer
 from imageshare.storage.index.database import run_read
-from imageshare.storage.index.schema import account_invites, api_tokens, users
+from imageshare.storage.index.schema import (
+    account_invites,
+    api_tokens,
+    email_confirmations,
+    nodes,
+    users,
+)
 from imageshare.storage.secret_box import SecretBox
 
 _hasher = PasswordHasher()
@@ -33,6 +47,15 @@ _CACHE_SECONDS = 300.0
 TOKEN_USE_RESOLUTION = timedelta(seconds=60)
 log = logging.getLogger(__name__)
 TOTP_ISSUER = "ImageShare"
+# A link that confirms an address an account set for itself: how long it works, how soon
+# another may be mailed, and how many may be mailed to one account in a day.
+CONFIRM_LINK_HOURS = 24
+CONFIRM_LINK_INTERVAL = timedelta(seconds=60)
+CONFIRM_LINKS_PER_DAY = 5
+# What became of a link after an address change or a request for one: mailed; not mailed
+# because ImageShare sends no e-mail with links (no SMTP host or no IMAGESHARE_PUBLIC_URL), or
+# because links were asked for too often; none due (no address, or the address is confirmed).
+LinkOutcome = Literal["sent", "no-mail", "throttled", "none"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,10 @@ class Account:
     created_at: datetime
     tokens: int
     email: str = ""
+    site_node: str = ""  # a ``site`` account's connected site (AE title), "" when unlinked
+    # True when ``email`` counts for what is addressed to it: set by an administrator, bound
+    # by an invitation, or confirmed through the link mailed to it.
+    email_verified: bool = False
 
 
 def _check_password(password: str) -> None:
@@ -68,23 +95,48 @@ class UserDirectory:
         self._verified: dict[tuple[str, bytes], tuple[float, Actor, str]] = {}
         self._lock = threading.Lock()
 
-    def add(self, username: str, password: str, role: str, email: str = "") -> None:
-        """Create a user; raises ImageShareError for an unknown role or a taken name."""
-        if role not in ROLES:
-            raise ImageShareError(f"unknown role {role!r}; roles: {', '.join(sorted(ROLES))}")
-        if not username or len(username) > 128 or username != username.strip():
-            raise ImageShareError("a username has 1 to 128 characters, no surrounding spaces")
+    def add(self, username: str, password: str, role: str, email: str = "",
+            site_node: str = "") -> None:
+        """Create a user; raises ImageShareError for an unknown role or a taken name.
+
+        A ``site`` account (another hospital's ImageShare) is tied to the connected site it
+        speaks for: ``site_node``, the AE title of a registered node. Made without one it may
+        store (into the inbox) but send no site-to-site message until linked
+        (:meth:`link_site`)."""
+        _check_new_user(username, role)
         _check_password(password)
+        if site_node and role != "site":
+            raise ImageShareError("only a site account is linked to a connected site")
         try:
             with self._engine.begin() as conn:
-                conn.execute(
-                    insert(users).values(
-                        username=username, password_hash=_hasher.hash(password), role=role,
-                        disabled=False, created_at=datetime.now(UTC), email=email.strip()[:254],
-                    )
-                )
+                linked = _registered_node(conn, site_node) if site_node else ""
+                _insert_user(conn, username, password, role, email)
+                if linked:
+                    conn.execute(update(users).where(users.c.username == username)
+                                 .values(site_node=linked))
         except IntegrityError as exc:
             raise ImageShareError(f"user {username!r} exists already") from exc
+
+    def link_site(self, username: str, ae_title: str) -> str:
+        """Tie the ``site`` account ``username`` to the connected site ``ae_title`` (a
+        registered node); "" unlinks it. Returns the node's AE title as registered."""
+        with self._engine.begin() as conn:
+            role = conn.execute(select(users.c.role).where(users.c.username == username)
+                                ).scalar()
+            if role is None:
+                raise NotFound(f"no user {username!r}")
+            if role != "site":
+                raise ImageShareError(f"{username!r} is not a site account (role {role})")
+            linked = _registered_node(conn, ae_title) if ae_title.strip() else ""
+            conn.execute(update(users).where(users.c.username == username)
+                         .values(site_node=linked))
+        self.forget_cached(username)
+        return linked
+
+    def site_node(self, username: str) -> str:
+        """The connected site a ``site`` account speaks for ("" when unlinked or when its
+        node is no longer registered)."""
+        return linked_site(self._engine, username)
 
     def ensure_admin(self, password: str) -> str | None:
         """Create ``admin`` if there are no users; returns a generated password, if any."""
@@ -117,7 +169,9 @@ class UserDirectory:
         sign-in, which is required for administrators.
         """
         verified = self._verify(username, password, source, None, defer_code=True)
-        if verified is None:
+        if verified is None or verified[0].role == "site":
+            # A site account is a machine (STOW-RS and the exchange API): it has no pages to
+            # use, so it gets no browser session (the same answer as a wrong password).
             return None
         actor, has_code = verified
         if has_code:
@@ -215,16 +269,23 @@ class UserDirectory:
         """A one-time invitation for ``email`` to create an account with ``role``; returns
         its secret (only the hash is kept). ``share_pk`` binds it to the identifiable share
         that the new account is to receive."""
+        with self._engine.begin() as conn:
+            return self.new_invitation(conn, email, invited_by, role, days, share_pk)[1]
+
+    def new_invitation(self, conn: Connection, email: str, invited_by: str,
+                       role: str = "reviewer", days: int = 14, share_pk: int | None = None
+                       ) -> tuple[int, str]:
+        """:meth:`invite` within the caller's transaction ``conn``: (the invitation's row
+        key, its secret), so that what the invitation is for can be stored with it, once."""
         if role not in ("reviewer", "patient"):
             raise ImageShareError("only reviewers and patients are invited by link")
         secret = secrets.token_urlsafe(32)
         now = datetime.now(UTC)
-        with self._engine.begin() as conn:
-            conn.execute(insert(account_invites).values(
-                token_hash=secret_hash(secret), email=email.strip()[:254], role=role,
-                invited_by=invited_by, created_at=now, expires_at=now + timedelta(days=days),
-                share_pk=share_pk))
-        return secret
+        pk = conn.execute(insert(account_invites).values(
+            token_hash=secret_hash(secret), email=email.strip()[:254], role=role,
+            invited_by=invited_by, created_at=now, expires_at=now + timedelta(days=days),
+            share_pk=share_pk).returning(account_invites.c.pk)).scalar_one()
+        return int(pk), secret
 
     def invitation(self, secret: str) -> tuple[str, str] | None:
         """(e-mail, role) of a live invitation, else None."""
@@ -237,46 +298,212 @@ class UserDirectory:
         return row["email"], row["role"]
 
     def accept_invitation(self, secret: str, username: str, password: str) -> str:
-        """Create the invited account (once: the invitation is used up first, so two
-        acceptances cannot both make one); returns its role."""
+        """Create the invited account (once: the invitation is used up in the transaction
+        that makes the account, so two acceptances cannot both make one); returns its role.
+
+        The invitation records the account made with it (``accepted_by``): what the
+        invitation was for (a patient's record, a share) belongs to that account alone."""
         found = self.invitation(secret)
         if found is None:
             raise ImageShareError("this invitation has expired or was used already")
         email, role = found
+        username = username.strip()
+        _check_new_user(username, role)
         _check_password(password)
-        with self._engine.begin() as conn:
-            taken = conn.execute(update(account_invites).where(
-                account_invites.c.token_hash == secret_hash(secret),
-                account_invites.c.used_at.is_(None)).values(used_at=datetime.now(UTC))
-            ).rowcount
-        if not taken:
-            raise ImageShareError("this invitation has expired or was used already")
         try:
-            self.add(username.strip(), password, role, email)
-        except ImageShareError:
-            with self._engine.begin() as conn:  # a taken name: the invitation stays usable
-                conn.execute(update(account_invites).where(
-                    account_invites.c.token_hash == secret_hash(secret)).values(used_at=None))
-            raise
+            with self._engine.begin() as conn:
+                taken = conn.execute(update(account_invites).where(
+                    account_invites.c.token_hash == secret_hash(secret),
+                    account_invites.c.used_at.is_(None)).values(
+                    used_at=datetime.now(UTC), accepted_by=username)).rowcount
+                if not taken:
+                    raise ImageShareError("this invitation has expired or was used already")
+                _insert_user(conn, username, password, role, email)
+        except IntegrityError as exc:  # a taken name: the invitation stays usable
+            raise ImageShareError(f"user {username!r} exists already") from exc
         return role
 
     def set_email(self, username: str, email: str) -> None:
-        """Set (or, with "", clear) the address the user's notifications go to; raises
+        """An administrator's setting (or, with "", clearing) of the address the user's
+        notifications go to: it counts as confirmed at once (what is addressed to it is the
+        account's), and any confirmation link mailed earlier stops working. Raises
         ImageShareError for an address that is not valid, NotFound for no such user."""
-        email = email.strip()
-        if email and (len(email) > 254 or not is_email_address(email)):
-            raise ImageShareError("that e-mail address is not valid")
+        email = _valid_email(email)
+        now = datetime.now(UTC)
         with self._engine.begin() as conn:
-            changed = conn.execute(update(users).where(users.c.username == username)
-                                   .values(email=email)).rowcount
-        if not changed:
+            user_pk = conn.execute(select(users.c.pk).where(users.c.username == username)
+                                   ).scalar()
+            if user_pk is None:
+                raise NotFound("no such user")
+            conn.execute(update(users).where(users.c.pk == user_pk).values(
+                email=email, email_verified_at=now if email else None))
+            _void_links(conn, user_pk, now)
+
+    def change_own_email(self, username: str, current: str, email: str,
+                         source: str = "", *, mailer: Mailer | None = None,
+                         link_base: str = "", actor: Actor = SYSTEM) -> LinkOutcome:
+        """The user's own change of e-mail address; the current password must be right (a
+        wrong one counts towards the account's lockout from ``source``, and a locked
+        account gets the same answer). Raises ImageShareError.
+
+        A new address is unconfirmed: notifications go to it, but what is addressed to it
+        (shares sent to it) is the account's only after the person follows the one-time link
+        mailed to it (:meth:`confirm_email`) through ``mailer``, starting ``link_base``
+        (IMAGESHARE_PUBLIC_URL). Links mailed for an earlier address stop working. Giving
+        the address the account has already changes nothing. Returns what became of the
+        link."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(users.c.pk, users.c.password_hash, users.c.disabled,
+                                      users.c.email, users.c.email_verified_at)
+                               .where(users.c.username == username)).first()
+        if row is None:
+            _hasher.hash(current)  # same cost for unknown users
+            raise ImageShareError("the current password is wrong")
+        locked = self.lockout.locked(row.pk, source)
+        try:
+            _hasher.verify(row.password_hash, current)
+        except (VerificationError, InvalidHashError) as exc:
+            self.lockout.failed(row.pk, source)
+            raise ImageShareError("the current password is wrong") from exc
+        if locked or row.disabled:
+            raise ImageShareError("the current password is wrong")
+        email = _valid_email(email)
+        if email == (row.email or "") and (row.email_verified_at is not None or not email):
+            return "none"
+        if email == (row.email or ""):  # the same unconfirmed address: one more link, if due
+            return self._mail_link(row.pk, username, email, mailer, link_base, actor)
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            conn.execute(update(users).where(users.c.pk == row.pk)
+                         .values(email=email, email_verified_at=None))
+            _void_links(conn, row.pk, now)
+        if not email:
+            return "none"
+        return self._mail_link(row.pk, username, email, mailer, link_base, actor)
+
+    def send_confirmation(self, username: str, *, mailer: Mailer | None, link_base: str,
+                          actor: Actor = SYSTEM) -> str:
+        """Mail a new link that confirms the user's unconfirmed address (earlier ones stop
+        working); returns the address. Raises ImageShareError when there is nothing to
+        confirm or no e-mail can be sent, TooManyRequests when a link was mailed less than a
+        minute ago or five in the last day (audited)."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(users.c.pk, users.c.email, users.c.email_verified_at)
+                               .where(users.c.username == username)).first()
+        if row is None:
             raise NotFound("no such user")
+        if not row.email:
+            raise ImageShareError("your account has no e-mail address to confirm")
+        if row.email_verified_at is not None:
+            raise ImageShareError("your e-mail address is confirmed already")
+        outcome = self._mail_link(row.pk, username, row.email, mailer, link_base, actor)
+        if outcome == "throttled":
+            raise TooManyRequests("a confirmation link was mailed a moment ago: wait a minute "
+                                  f"(at most {CONFIRM_LINKS_PER_DAY} a day), then ask again")
+        if outcome == "no-mail":
+            raise ImageShareError(_NO_MAIL)
+        return str(row.email)
+
+    def _mail_link(self, user_pk: int, username: str, email: str, mailer: Mailer | None,
+                   link_base: str, actor: Actor) -> LinkOutcome:
+        """Make a confirmation link for ``email`` and mail it (earlier links are void), unless
+        no e-mail with links can be sent or links were asked for too often (audited)."""
+        if mailer is None or not mailer.settings.enabled or not link_base:
+            return "no-mail"
+        secret = secrets.token_urlsafe(32)  # 256 bits
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            made = conn.execute(select(email_confirmations.c.created_at).where(
+                email_confirmations.c.user_pk == user_pk,
+                email_confirmations.c.created_at > now - timedelta(days=1))).scalars().all()
+            if made and (len(made) >= CONFIRM_LINKS_PER_DAY
+                         or max(as_utc(m) for m in made) > now - CONFIRM_LINK_INTERVAL):
+                self._record(AuditEvent(actor=actor, action="user.email-link",
+                                        outcome="failure",
+                                        detail={"user": username, "reason": "too often"}),
+                             conn)
+                return "throttled"
+            _void_links(conn, user_pk, now)
+            conn.execute(insert(email_confirmations).values(
+                user_pk=user_pk, email=email, token_hash=secret_hash(secret), created_at=now,
+                expires_at=now + timedelta(hours=CONFIRM_LINK_HOURS)))
+            self._record(AuditEvent(actor=actor, action="user.email-link", outcome="success",
+                                    detail={"user": username}), conn)
+        mailer.send(
+            email, "Confirm your e-mail address on ImageShare",
+            f"The ImageShare account \"{username}\" gave this address as its own. If that "
+            "was you, confirm it here, signed in as that account (the link works once, for "
+            f"{CONFIRM_LINK_HOURS} hours):\n{link_base.rstrip('/')}"
+            f"/account/email/confirm/{secret}\n\nUntil it is confirmed, nothing addressed to "
+            "you is shown to that account. If it was not you, ignore this message.\n\n"
+            "This message contains no patient information.\n")
+        return "sent"
+
+    def confirmation_for(self, secret: str, username: str) -> str:
+        """The address a live confirmation link of ``username``'s would confirm. Raises
+        LinkGone (expired, used, replaced, not valid) or Forbidden (another account's link),
+        each with a message for the user; nothing is changed."""
+        with self._engine.connect() as conn:
+            return str(_live_link(conn, secret, username, datetime.now(UTC)).email)
+
+    def confirm_email(self, secret: str, actor: Actor) -> str:
+        """Follow a confirmation link mailed to an address ``actor`` set for itself: the
+        address then counts for what is addressed to it. Returns the address. The link works
+        once, for 24 hours, for the account that asked for it and only while it is that
+        account's newest link for its current address; anything else raises LinkGone or
+        Forbidden with a message for the user. Both outcomes are audited."""
+        now = datetime.now(UTC)
+        try:
+            with self._engine.begin() as conn:
+                link = _live_link(conn, secret, actor.name, now)
+                taken = conn.execute(update(email_confirmations).where(
+                    email_confirmations.c.pk == link.pk, email_confirmations.c.used_at.is_(None),
+                    email_confirmations.c.voided_at.is_(None)).values(used_at=now)).rowcount
+                confirmed = taken and conn.execute(update(users).where(
+                    users.c.pk == link.user_pk, users.c.email == link.email).values(
+                    email_verified_at=now)).rowcount
+                if not confirmed:  # another request took it (or changed the address) meanwhile
+                    raise LinkGone(_USED)
+                self._record(AuditEvent(actor=actor, action="user.email-confirm",
+                                        outcome="success", detail={"user": actor.name}), conn)
+        except (LinkGone, Forbidden) as exc:
+            self._record(AuditEvent(actor=actor, action="user.email-confirm", outcome="failure",
+                                    detail={"user": actor.name, "reason": str(exc)[:120]}))
+            raise
+        return str(link.email)
+
+    def _record(self, event: AuditEvent, conn: Connection | None = None) -> None:
+        if self._audit is not None:
+            self._audit.record(event, conn)
 
     def email_of(self, username: str) -> str:
-        """The user's e-mail address ("" when none is known)."""
+        """The user's e-mail address, confirmed or not ("" when none is known): where the
+        user's notifications go."""
         with self._engine.connect() as conn:
             return conn.execute(select(users.c.email).where(users.c.username == username)
                                 ).scalar() or ""
+
+    def verified_email_of(self, username: str) -> str:
+        """The user's e-mail address when it is confirmed, else "": the only address for
+        which anything addressed to it (a share) is the user's."""
+        with self._engine.connect() as conn:
+            return conn.execute(select(users.c.email).where(
+                users.c.username == username, users.c.email_verified_at.is_not(None))
+            ).scalar() or ""
+
+    def confirmation_pending(self, username: str) -> datetime | None:
+        """When the user's live confirmation link (for the current, unconfirmed address) was
+        mailed; None when there is none."""
+        now = datetime.now(UTC)
+        with self._engine.connect() as conn:
+            made = conn.execute(select(func.max(email_confirmations.c.created_at)).select_from(
+                email_confirmations.join(users, users.c.pk == email_confirmations.c.user_pk))
+                .where(users.c.username == username, users.c.email_verified_at.is_(None),
+                       email_confirmations.c.email == users.c.email,
+                       email_confirmations.c.used_at.is_(None),
+                       email_confirmations.c.voided_at.is_(None),
+                       email_confirmations.c.expires_at > now)).scalar()
+        return as_utc(made) if made is not None else None
 
     def forget_cached(self, username: str) -> None:
         """Drop remembered password checks of ``username`` (after a change to the account)."""
@@ -296,7 +523,8 @@ class UserDirectory:
             rows = conn.execute(
                 select(users.c.pk, users.c.username, users.c.role, users.c.disabled,
                        users.c.locked_until, users.c.totp_enabled, users.c.created_at,
-                       users.c.email, tokens.label("tokens"))
+                       users.c.email, users.c.email_verified_at, users.c.site_node,
+                       tokens.label("tokens"))
                 .order_by(users.c.username)
             ).all()
         locked = self.lockout.locked_accounts()
@@ -304,7 +532,8 @@ class UserDirectory:
             Account(r.username, r.role, r.disabled,
                     r.pk in locked or (r.locked_until is not None
                                        and as_utc(r.locked_until) > now),
-                    r.totp_enabled, as_utc(r.created_at), r.tokens, r.email or "")
+                    r.totp_enabled, as_utc(r.created_at), r.tokens, r.email or "",
+                    r.site_node or "", bool(r.email and r.email_verified_at is not None))
             for r in rows
         ]
 
@@ -332,7 +561,8 @@ class UserDirectory:
         """Give ``username`` another role."""
         if role not in ROLES:
             raise ImageShareError(f"unknown role {role!r}")
-        self._change(username, role=role)
+        # A new role starts unlinked: a site account is linked to its site deliberately.
+        self._change(username, role=role, site_node="")
 
     def set_password(self, username: str, password: str, *, reset_two_factor: bool = False
                      ) -> None:
@@ -497,6 +727,91 @@ _TOKEN_LOOKUP = (
     .join(users, users.c.pk == api_tokens.c.user_pk)
     .where(api_tokens.c.token_hash == bindparam("token_hash"))
 )
+
+
+def linked_site(engine: Engine, username: str) -> str:
+    """The AE title of the connected site the ``site`` account ``username`` is linked to, ""
+    when unlinked, not a site account, or its node is no longer registered."""
+    row = run_read(engine, lambda conn: conn.execute(
+        select(nodes.c.ae_title).select_from(users.join(
+            nodes, func.upper(nodes.c.ae_title) == func.upper(users.c.site_node)))
+        .where(users.c.username == username, users.c.role == "site",
+               users.c.site_node != "")).first())
+    return str(row.ae_title) if row is not None else ""
+
+
+def _registered_node(conn: Connection, ae_title: str) -> str:
+    """The AE title of the registered node ``ae_title`` (case-insensitively); raises
+    ImageShareError when there is none."""
+    found = conn.execute(select(nodes.c.ae_title).where(
+        func.upper(nodes.c.ae_title) == ae_title.strip().upper())).scalars().all()
+    if len(found) != 1:
+        raise ImageShareError(f"no connected site {ae_title.strip()!r}: register its node "
+                              "first (imageshare node add)")
+    return str(found[0])
+
+
+def _check_new_user(username: str, role: str) -> None:
+    if role not in ROLES:
+        raise ImageShareError(f"unknown role {role!r}; roles: {', '.join(sorted(ROLES))}")
+    if not username or len(username) > 128 or username != username.strip():
+        raise ImageShareError("a username has 1 to 128 characters, no surrounding spaces")
+
+
+def _insert_user(conn: Connection, username: str, password: str, role: str,
+                 email: str) -> None:
+    """A new account; its address (given by an administrator, or bound by the invitation it
+    was made with) counts as confirmed."""
+    now = datetime.now(UTC)
+    email = email.strip()[:254]
+    conn.execute(insert(users).values(
+        username=username, password_hash=_hasher.hash(password), role=role, disabled=False,
+        created_at=now, email=email, email_verified_at=now if email else None))
+
+
+_NO_MAIL = ("ImageShare cannot mail the confirmation link: an administrator has not set up "
+            "e-mail with links (IMAGESHARE_SMTP_HOST and IMAGESHARE_PUBLIC_URL)")
+_USED = "This confirmation link was used already."
+
+
+def _valid_email(email: str) -> str:
+    """``email`` without surrounding spaces; raises ImageShareError when it is not valid."""
+    email = email.strip()
+    if email and (len(email) > 254 or not is_email_address(email)):
+        raise ImageShareError("that e-mail address is not valid")
+    return email
+
+
+def _void_links(conn: Connection, user_pk: int, now: datetime) -> None:
+    """Links mailed earlier to the account stop working (a new address or a new link)."""
+    conn.execute(update(email_confirmations).where(
+        email_confirmations.c.user_pk == user_pk, email_confirmations.c.used_at.is_(None),
+        email_confirmations.c.voided_at.is_(None)).values(voided_at=now))
+
+
+def _live_link(conn: Connection, secret: str, username: str, now: datetime) -> Any:
+    """The confirmation link row for ``secret`` when ``username`` may follow it now; raises
+    LinkGone or Forbidden saying why not."""
+    link = conn.execute(
+        select(email_confirmations, users.c.username, users.c.email.label("current"))
+        .join(users, users.c.pk == email_confirmations.c.user_pk)
+        .where(email_confirmations.c.token_hash == secret_hash(secret))).first()
+    if link is None:
+        raise LinkGone("This confirmation link is not valid: check that the whole link was "
+                       "opened, or ask for a new one under \"Shared with me\".")
+    if link.username != username:
+        raise Forbidden("This link confirms the address of another account: sign in as the "
+                        "account that asked for it, then open the link again.")
+    if link.used_at is not None:
+        raise LinkGone(_USED)
+    if link.voided_at is not None or link.current != link.email:
+        raise LinkGone("This confirmation link was replaced: the address was changed again or "
+                       "a newer link was mailed. Use the newest link.")
+    if as_utc(link.expires_at) <= now:
+        raise LinkGone(f"This confirmation link has expired (links work for "
+                       f"{CONFIRM_LINK_HOURS} hours): ask for a new one under \"Shared with "
+                       "me\" or on your account page.")
+    return link
 
 
 def as_utc(moment: datetime) -> datetime:

@@ -25,6 +25,7 @@ from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, u
 from imageshare.archive.dicom_json import NHS_ISSUER
 from imageshare.archive.header import PATIENT_KEYWORDS, level_json
 from imageshare.archive.index_writer import IndexWriter
+from imageshare.archive.record import patient_in_record
 from imageshare.archive.studies import PatientRecord, StudyCatalogue
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
@@ -231,7 +232,8 @@ class PatientCorrections:
         with self._engine.connect() as conn:
             study_uid = conn.execute(
                 select(studies.c.study_uid).join(patients, patients.c.pk == studies.c.patient_pk)
-                .where(and_(patients.c.patient_id == patient_id, patients.c.issuer == issuer))
+                .where(and_(patients.c.patient_id == patient_id, patients.c.issuer == issuer),
+                       patient_in_record(patients.c.pk))  # not one known only from the inbox
                 .limit(1)
             ).scalar()
         return self._catalogue.record(study_uid).patient if study_uid else None

@@ -7,9 +7,10 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, Connection, and_, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, delete, exists, func, or_, select
 
 from imageshare.archive.index_writer import IndexWriter
+from imageshare.archive.indexing import summarise_studies
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import DeletionRefused
@@ -163,36 +164,28 @@ def _forget_study_notes(conn: Connection, study_uids: list[str]) -> None:
 
 
 def _recount(conn: Connection, study_uids: list[str]) -> None:
-    """Fix counts, drop emptied series and studies, and patients left with no study."""
+    """Drop emptied series and studies, and patients left with no study; summarise what
+    remains."""
+    remaining = []
     for uid in study_uids:
-        study_pk = conn.execute(select(studies.c.pk).where(studies.c.study_uid == uid)).scalar()
+        study_pk = conn.execute(select(studies.c.pk).where(studies.c.study_uid == uid)
+                                .with_for_update()).scalar()  # the study before its series
         if study_pk is None:
             continue
-        for series_pk, count in conn.execute(
-                select(series.c.pk, select(func.count(instances.c.pk))
-                       .where(instances.c.series_pk == series.c.pk).scalar_subquery())
-                .where(series.c.study_pk == study_pk)).all():
-            if count:
-                conn.execute(update(series).where(series.c.pk == series_pk)
-                             .values(num_instances=count))
-            else:
-                conn.execute(delete(series).where(series.c.pk == series_pk))
-        remaining = conn.execute(select(func.count(series.c.pk), func.sum(series.c.num_instances))
-                                 .where(series.c.study_pk == study_pk)).one()
-        if not remaining[0]:
-            patient_pk = conn.execute(select(studies.c.patient_pk)
-                                      .where(studies.c.pk == study_pk)).scalar()
-            conn.execute(delete(studies).where(studies.c.pk == study_pk))
-            conn.execute(delete(inbox_items).where(and_(inbox_items.c.study_uid == uid,
-                                                        inbox_items.c.status == "pending")))
-            if not conn.execute(select(func.count()).select_from(studies)
-                                .where(studies.c.patient_pk == patient_pk)).scalar():
-                conn.execute(delete(patient_identifiers)
-                             .where(patient_identifiers.c.patient_pk == patient_pk))
-                conn.execute(delete(patients).where(patients.c.pk == patient_pk))
-        else:
-            modalities = sorted({m for (m,) in conn.execute(
-                select(series.c.modality).where(series.c.study_pk == study_pk)) if m})
-            conn.execute(update(studies).where(studies.c.pk == study_pk).values(
-                num_series=remaining[0], num_instances=remaining[1] or 0,
-                modalities="\\".join(modalities)[:128]))
+        emptied = select(series.c.pk).where(series.c.study_pk == study_pk, ~exists().where(
+            instances.c.series_pk == series.c.pk))
+        conn.execute(delete(series).where(series.c.pk.in_(emptied.scalar_subquery())))
+        if conn.execute(select(series.c.pk).where(series.c.study_pk == study_pk)).first():
+            remaining.append(study_pk)
+            continue
+        patient_pk = conn.execute(select(studies.c.patient_pk)
+                                  .where(studies.c.pk == study_pk)).scalar()
+        conn.execute(delete(studies).where(studies.c.pk == study_pk))
+        conn.execute(delete(inbox_items).where(and_(inbox_items.c.study_uid == uid,
+                                                    inbox_items.c.status == "pending")))
+        if not conn.execute(select(func.count()).select_from(studies)
+                            .where(studies.c.patient_pk == patient_pk)).scalar():
+            conn.execute(delete(patient_identifiers)
+                         .where(patient_identifiers.c.patient_pk == patient_pk))
+            conn.execute(delete(patients).where(patients.c.pk == patient_pk))
+    summarise_studies(conn, remaining)

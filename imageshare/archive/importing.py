@@ -1,4 +1,10 @@
-"""Importing files, folders, zip files and CD/DVD media (DICOMDIR) through the one pipeline."""
+"""Importing files, folders, zip files and CD/DVD media (DICOMDIR) through the one pipeline.
+
+Every zip file the walker opens (whatever its name or first bytes: a zip file is found from
+its end, so bytes put before it do not hide it) is checked against :class:`ZipLimits` before
+any member is read, and each member is read through a counter that stops at its stated size
+and at the walk's allowance of expanded bytes: the stated sizes are never trusted alone.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO, Any, BinaryIO, cast
 
 from pydicom import Dataset, dcmread
 
@@ -49,6 +55,138 @@ class ImportReport:
 
 
 
+@dataclass(frozen=True)
+class ZipLimits:
+    """Limits on a zip file, checked before anything in it is read."""
+
+    max_members: int = 10_000
+    max_total_bytes: int = 8 << 30  # expanded, all members together
+    # uncompressed / compressed: per member (above 1 MiB) and for the whole zip file
+    max_ratio: int = 200
+
+
+_SMALL = 1 << 20  # members (and zip files) expanding to less than this escape the ratio rule
+
+
+class ZipExpandsTooFar(InvalidInstance):
+    """A zip member gave more bytes than the zip file states, or more than the walk allows."""
+
+
+def zip_refusal(archive: zipfile.ZipFile, size: int, limits: ZipLimits,
+                allowance: int | None = None, limit_text: str = "the limit") -> str:
+    """"" when the zip file (``size`` bytes on disk) may be read; else why it is refused (a
+    zip bomb, too many members, or more expanded bytes than ``allowance``, when given, left
+    of ``limit_text``)."""
+    infos = archive.infolist()
+    if len(infos) > limits.max_members:
+        return f"the zip file holds more than {limits.max_members} files"
+    total = 0
+    for info in infos:
+        total += info.file_size
+        if info.file_size > _SMALL and info.file_size > limits.max_ratio * max(
+                info.compress_size, 1):
+            return "the zip file expands far beyond its size (refused as a zip bomb)"
+    if total > _SMALL and total > limits.max_ratio * max(size, 1):
+        return "the zip file expands far beyond its size (refused as a zip bomb)"
+    if total > limits.max_total_bytes:
+        return (f"the zip file expands to more than {limits.max_total_bytes >> 30} GB "
+                "(refused as a zip bomb)")
+    if allowance is not None and total > allowance:
+        return (f"the zip file expands to {_megabytes(total)} MB, more than {limit_text} "
+                f"allows ({max(allowance, 0) >> 20} MB left); nothing in it was used")
+    return ""
+
+
+def _megabytes(count: int) -> int:
+    return -(-count // (1 << 20))  # rounded up: never "0 MB" for a few bytes over
+
+
+class _Allowance:
+    """Expanded bytes a walk may take from zip members (None: only the zip limits)."""
+
+    def __init__(self, limit: int | None, text: str) -> None:
+        self.limit = limit
+        self.text = text
+        self.left = limit  # what the zip files checked so far leave of it, by stated sizes
+        self._lock = threading.Lock()
+        self._read: dict[int, int] = {}
+        self._total = 0
+
+    def take(self, stated: int) -> None:
+        """A zip file stating ``stated`` expanded bytes was let through."""
+        if self.left is not None:
+            self.left -= stated
+
+    def reached(self, member: int, position: int, stated: int) -> None:
+        """Member ``member`` was read up to ``position``: ZipExpandsTooFar past its stated
+        size, or when the bytes read of all members (each counted once, at the most read of
+        it: a member is opened several times) pass the limit."""
+        if position > stated:
+            raise ZipExpandsTooFar("a file in the zip file is larger than the zip file "
+                                   "states (refused as a zip bomb)")
+        with self._lock:
+            before = self._read.get(member, 0)
+            if position > before:
+                self._read[member] = position
+                self._total += position - before
+            if self.limit is not None and self._total > self.limit:
+                raise ZipExpandsTooFar(f"the zip files expand to more than {self.text} "
+                                       "allows (refused)")
+
+
+class _CountedMember:
+    """A zip member's stream that stops at its stated size and the walk's allowance."""
+
+    def __init__(self, raw: IO[bytes], member: int, declared: int,
+                 allowance: _Allowance) -> None:
+        self._raw = raw
+        self._member = member
+        self._declared = declared
+        self._allowance = allowance
+        self._position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (never more than one byte past the stated size is asked
+        for, so a member that lies is caught without reading on)."""
+        left = self._declared + 1 - self._position
+        want = left if size is None or size < 0 else min(size, left)
+        data = self._raw.read(want) if want > 0 else b""
+        self._position += len(data)
+        self._allowance.reached(self._member, self._position, self._declared)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._position = self._raw.seek(offset, whence)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def seekable(self) -> bool:
+        return bool(self._raw.seekable())
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._raw.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._raw.closed)
+
+    def __enter__(self) -> _CountedMember:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
 def _file_opener(path: Path) -> Callable[[], BinaryIO]:
     def opener() -> BinaryIO:
         return open(path, "rb")
@@ -56,9 +194,13 @@ def _file_opener(path: Path) -> Callable[[], BinaryIO]:
     return opener
 
 
-def _member_opener(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], BinaryIO]:
+def _member_opener(archive: zipfile.ZipFile, info: zipfile.ZipInfo,
+                   allowance: _Allowance) -> Callable[[], BinaryIO]:
+    member = id(info)
+
     def opener() -> BinaryIO:
-        return archive.open(info)  # type: ignore[return-value]  # a binary stream
+        return cast(BinaryIO, _CountedMember(archive.open(info), member, info.file_size,
+                                             allowance))
 
     return opener
 
@@ -188,14 +330,22 @@ class DicomInputs:
     Refusals name the entry as the media writes it, never what it points at.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, zip_limits: ZipLimits | None = None,
+                 expanded_limit: int | None = None, limit_text: str = "the limit") -> None:
+        """``zip_limits`` apply to every zip file met; ``expanded_limit`` (when given) caps
+        the bytes all zip members of the walk expand to together, named in refusals as
+        ``limit_text`` (e.g. "this upload's limit of 100 MB")."""
         self._open_zips: list[zipfile.ZipFile] = []
+        self._open_files: list[BinaryIO] = []
+        self._zip_limits = zip_limits or ZipLimits()
+        self._allowance = _Allowance(expanded_limit, limit_text)
 
     def close(self) -> None:
         """Close the zip files opened while walking."""
-        for archive in self._open_zips:
-            archive.close()
-        self._open_zips.clear()
+        while self._open_zips:
+            self._open_zips.pop().close()
+        while self._open_files:
+            self._open_files.pop().close()
 
     def candidates(self, inputs: list[Path], report: ImportReport) -> Iterator[Candidate]:
         """Every file the inputs hold, zip members and DICOMDIR references included."""
@@ -268,13 +418,32 @@ class DicomInputs:
 
     def _zip(self, label_base: str, opener: Callable[[], BinaryIO],
              report: ImportReport) -> Iterator[Candidate]:
+        """The members of a zip file, once it passed the zip limits (else its refusal)."""
         try:
-            archive = zipfile.ZipFile(opener())
-        except (zipfile.BadZipFile, OSError, OutsideTheMedia) as exc:
+            fh = opener()
+        except (OSError, OutsideTheMedia) as exc:
             report.refused.append(
                 (label_base, f"unreadable zip file ({exc.__class__.__name__})"))
             return
-        self._open_zips.append(archive)  # members are read by other threads; run() closes it
+        try:
+            size = fh.seek(0, os.SEEK_END)
+            archive = zipfile.ZipFile(fh)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            fh.close()
+            report.refused.append(
+                (label_base, f"unreadable zip file ({exc.__class__.__name__})"))
+            return
+        reason = zip_refusal(archive, size, self._zip_limits, self._allowance.left,
+                             self._allowance.text)
+        if reason:
+            archive.close()
+            fh.close()
+            report.refused.append((label_base, reason))
+            return
+        self._allowance.take(sum(info.file_size for info in archive.infolist()))
+        # members are read by other threads; close() closes them
+        self._open_zips.append(archive)
+        self._open_files.append(fh)
         for info in archive.infolist():
             label = f"{label_base}!{info.filename}"
             if info.is_dir():
@@ -291,7 +460,7 @@ class DicomInputs:
             if PurePosixPath(info.filename).name.upper() == "DICOMDIR":
                 report.skipped += 1
                 continue
-            yield Candidate(label, _member_opener(archive, info))
+            yield Candidate(label, _member_opener(archive, info, self._allowance))
 
 
 class Importer(DicomInputs):
@@ -334,8 +503,7 @@ class Importer(DicomInputs):
                 for future in window:
                     future.result()
         finally:
-            while self._open_zips:
-                self._open_zips.pop().close()
+            self.close()
         return report
 
     def _one(self, candidate: Candidate, actor: Actor) -> Callable[[ImportReport], None]:

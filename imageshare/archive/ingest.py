@@ -33,10 +33,11 @@ from imageshare.archive.indexing import (
     index_instance,
     note_inbox_arrival,
     parents_changed_in,
+    patient_differs,
     replace_instance_blob,
 )
 from imageshare.audit.trail import AuditEvent, AuditTrail
-from imageshare.domain.actors import Actor
+from imageshare.domain.actors import SYSTEM, Actor
 from imageshare.domain.errors import (
     ConflictingInstance,
     InvalidInstance,
@@ -106,6 +107,15 @@ def _same_content(blobs: BlobStore, existing: ExistingInstance, new: StoredBlob)
         return existing.sha256 == new.sha256
     with blobs.open(existing.blob_key) as fh:  # stored before digests were recorded
         return digest_of(fh).sha256 == new.sha256
+
+
+def received_from(actor: Actor) -> str:
+    """Who an instance came from, as the index records it: ``NAME@ADDRESS`` (a DICOM node's
+    actor carries it already; an account's is its name at its address), so that what one
+    sender sent can be told from another's in the same study."""
+    if actor.kind == "user" and "@" not in actor.source:
+        return f"{actor.name}@{actor.source}"
+    return actor.source
 
 
 class IngestService:
@@ -450,11 +460,15 @@ class IngestService:
             # Otherwise the retention policy's rules (source, modality) give its class.
             arrival = "upload" if review_site else (
                 "inbox" if from_site else self.classify(actor, h.series["modality"]))
-            outcome = index_instance(conn, h, key, stored.size, actor.source, now, self._known,
+            outcome = index_instance(conn, h, key, stored.size, received_from(actor), now,
+                                     self._known,
                                      retention_class=arrival,
                                      patient_mismatch=("hold" if review_site
                                                        else self.patient_mismatch),
-                                     sha256=stored.sha256)
+                                     sha256=stored.sha256,
+                                     under_review=bool(review_site) or from_site,
+                                     # found again by start-up recovery: origin unknown
+                                     joins_waiting=actor == SYSTEM)
             site = review_site or actor.name
             if (from_site or review_site) and outcome.status == "stored":
                 note_inbox_arrival(conn, h.study_uid, site, now)
@@ -469,9 +483,10 @@ class IngestService:
             stored = moving.result()  # compare with the new bytes once they are in the store
             if _same_content(self.blobs, existing, stored):
                 outcome = IndexOutcome("duplicate")
-            elif self.overwrite:
+            elif self.overwrite and self._may_replace(conn, h, actor, review_site):
                 outcome = replace_instance_blob(conn, existing, h, key, stored.size,
-                                                actor.source, now, sha256=stored.sha256)
+                                                received_from(actor), now,
+                                                sha256=stored.sha256)
             else:
                 outcome = IndexOutcome(
                     "kept_first",
@@ -479,6 +494,18 @@ class IngestService:
                     "stored; the stored one was kept",
                 )
         return outcome
+
+    def _may_replace(self, conn: Connection, h: InstanceHeader, actor: Actor,
+                     review_site: str) -> bool:
+        """With ``overwrite`` on: a new version of a stored instance replaces it only when it
+        is the archive's own arrival (not another site's, nor an upload, which wait for a
+        person) and names the same patient as the study it is in."""
+        if review_site or self.arrival_class(actor) != "clinical":
+            return False
+        study = self._known.study(conn, h.study_uid)
+        return study is not None and (study.patient_id, study.issuer) == (
+            h.patient_id, h.issuer) and not patient_differs(h, study.name_norm,
+                                                             study.birth_date)
 
     @staticmethod
     def _stored_event(actor: Actor, h: InstanceHeader, outcome: IndexOutcome) -> AuditEvent:
@@ -521,9 +548,15 @@ class IngestService:
     # -- recovery ------------------------------------------------------------------------------
 
     def recover_unindexed(self, known_keys: set[str], actor: Actor, since: str = "",
-                          until: str = "") -> int:
+                          until: str = "",
+                          referenced: Callable[[str], bool] = lambda _key: False) -> int:
         """Index blobs (keys from ``since`` on, and before ``until`` if given) that are in the
         store but missing from the index, e.g. after a power loss took the last index commits.
+
+        ``known_keys`` (read before the listing) skips the keys indexed already; ``referenced``
+        asks the index again, for each other key, at the moment it is handled and once more
+        before the blob is removed: a blob another instance indexed meanwhile is left alone,
+        never removed from under its row.
 
         A blob that cannot be stored again (damaged, refused, or failing in any other way than
         the index being unreachable) is moved to the quarantine folder with a note of the
@@ -531,7 +564,7 @@ class IngestService:
         the start."""
         recovered = 0
         for key in self.blobs.keys(since):
-            if key in known_keys or (until and key >= until):
+            if key in known_keys or (until and key >= until) or referenced(key):
                 continue
             out, path = self.staging_file()
             try:
@@ -544,13 +577,15 @@ class IngestService:
                           key, type(exc).__name__)
                 continue
             try:
-                self.store_staged(path, actor)
-                recovered += 1
+                if self.store_staged(path, actor).outcome == "stored":
+                    recovered += 1
             except DBAPIError:
                 path.unlink(missing_ok=True)
                 raise  # the index is unreachable: the start fails and says so
             except Exception as exc:  # noqa: BLE001 - anything else about this one blob
                 path.unlink(missing_ok=True)
+                if referenced(key):
+                    continue  # indexed by its writer meanwhile: nothing to quarantine
                 try:
                     self._quarantine(key, exc)
                 except OSError as failed:
@@ -558,7 +593,12 @@ class IngestService:
                               "left in place", key, type(failed).__name__)
                     continue
             path.unlink(missing_ok=True)
-            self.blobs.delete(key)
+            # The instance is in the index now (stored again under a new key, or by the
+            # instance that wrote this blob, which may have used this very key): this copy
+            # goes only if no row refers to it. No later commit can refer to it: its instance
+            # is indexed, so a writer still on its way finds it a duplicate.
+            if not referenced(key):
+                self.blobs.delete(key)
         return recovered
 
     def _quarantine(self, key: str, exc: BaseException) -> None:

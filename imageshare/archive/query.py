@@ -105,7 +105,8 @@ def _int_condition(column: Any, value: str) -> Any:
 def _modalities_condition(value: str, scope: Scope | None = None) -> Any:
     condition = text_condition(series.c.modality, value, "CS")
     within = [scope.condition(studies.c.study_uid, series.c.series_uid)] if scope else []
-    return exists().where(and_(series.c.study_pk == studies.c.pk, condition, *within))
+    return exists().where(and_(series.c.study_pk == studies.c.pk, condition,
+                               series_in_record(), *within))
 
 
 def _scope_condition(allowed: Collection[str], depth: int) -> Any:
@@ -429,7 +430,7 @@ class QueryService:
                     studies.c.patient_pk, func.count(studies.c.pk),
                     func.sum(studies.c.num_series), func.sum(studies.c.num_instances),
                 )
-                .where(studies.c.patient_pk.in_(pks))
+                .where(studies.c.patient_pk.in_(pks), studies.c.num_instances > 0)
                 .group_by(studies.c.patient_pk)
             ).all()
             by_pk = {r[0]: r[1:] for r in counts}

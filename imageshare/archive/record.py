@@ -3,6 +3,10 @@
 Instances received from outside — another hospital's studies in the inbox, arrivals held for
 reconciliation — are not part of the record until a person accepted them: every search,
 query and retrieval leaves them out, and only the inbox (and its viewer) shows them.
+
+An instance's retention class says whether it is part of the record; a series' or a study's
+count of instances (kept by :mod:`imageshare.archive.indexing`, of the record's instances
+alone) says whether it holds any, read from the row rather than looked for among instances.
 """
 
 from __future__ import annotations
@@ -24,22 +28,17 @@ def instance_in_record() -> Any:
 
 
 def series_in_record() -> Any:
-    """SQL condition: the series row (``series``) holds an instance of the record."""
-    return exists().where(instances.c.series_pk == series.c.pk, instance_in_record())
+    """SQL condition: the series row (``series``) holds an instance of the record (its count
+    is of the record's instances alone: see :mod:`imageshare.archive.indexing`)."""
+    return series.c.num_instances > 0
 
 
 def study_in_record() -> Any:
     """SQL condition: the study row (``studies``) holds an instance of the record."""
-    inner = series.alias("record_series")
-    return exists().where(
-        inner.c.study_pk == studies.c.pk, instances.c.series_pk == inner.c.pk,
-        instance_in_record())
+    return studies.c.num_instances > 0
 
 
 def patient_in_record(patient_pk: Any) -> Any:
     """SQL condition: the patient (by its key column) has a study of the record."""
     outer = studies.alias("record_studies")
-    inner = series.alias("record_series")
-    return exists().where(
-        outer.c.patient_pk == patient_pk, inner.c.study_pk == outer.c.pk,
-        instances.c.series_pk == inner.c.pk, instance_in_record())
+    return exists().where(outer.c.patient_pk == patient_pk, outer.c.num_instances > 0)

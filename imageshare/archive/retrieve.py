@@ -42,6 +42,16 @@ class StoredInstance:
     series_uid: str
     study_uid: str
     patient_id: str
+    # SHA-256 (hex) of the blob as recorded at ingest (None for instances stored before 0013).
+    sha256: str | None = None
+
+    @property
+    def copy_name(self) -> str:
+        """The file name of a local copy made from this instance's stored bytes: its blob
+        key (a correction writes a new one) and recorded digest, so that a copy is never
+        taken for the bytes of another version of the instance."""
+        digest = f"-{self.sha256[:16]}" if self.sha256 else ""
+        return f"{self.blob_key}{digest}.dcm"
 
 
 class RetrieveService:
@@ -81,6 +91,7 @@ class RetrieveService:
                 instances.c.sop_uid, instances.c.sop_class_uid, instances.c.transfer_syntax,
                 instances.c.blob_key, instances.c.size, instances.c.number_of_frames,
                 series.c.series_uid, studies.c.study_uid, patients.c.patient_id,
+                instances.c.sha256,
             )
             .join(series, series.c.pk == instances.c.series_pk)
             .join(studies, studies.c.pk == series.c.study_pk)
@@ -104,7 +115,7 @@ class RetrieveService:
         elif allowed_studies is not None:
             stmt = stmt.where(studies.c.study_uid.in_(list(allowed_studies)))
         with self._engine.connect() as conn:
-            found = [StoredInstance(*row) for row in conn.execute(stmt)]
+            found = [StoredInstance(**row._asdict()) for row in conn.execute(stmt)]
         by_study: dict[str, list[StoredInstance]] = {}
         for inst in found:
             by_study.setdefault(inst.study_uid, []).append(inst)
@@ -152,14 +163,19 @@ class RetrieveService:
         """The stored Part 10 bytes of ``inst`` as received."""
         return self.blobs.open(inst.blob_key)
 
-    def local_file(self, inst: StoredInstance, cache: Path) -> Path:
+    def local_file(self, inst: StoredInstance, folder: Path) -> Path:
         """A lasting local file with the instance's bytes: the store's own file when it is
-        local, else a copy kept at ``cache`` (made once; the caller removes it)."""
+        local, else a copy in ``folder`` named by what it was made from
+        (:attr:`StoredInstance.copy_name`: the blob key and its digest), made once and
+        written whole under a temporary name before it appears. A changed instance has a new
+        blob key, so a copy of its old bytes is never returned; the caller removes copies it
+        no longer needs."""
         if isinstance(self.blobs, LocalBlobs):
             return self.blobs.local_path(inst.blob_key)
-        if not cache.exists():
-            copy_to_file(self.blobs, inst.blob_key, cache)
-        return cache
+        target = folder / inst.copy_name
+        if not target.exists():
+            copy_to_file(self.blobs, inst.blob_key, target)  # temporary file, then rename
+        return target
 
     @contextmanager
     def local_files(self, found: list[StoredInstance]) -> Iterator[list[Path]]:

@@ -10,7 +10,7 @@ from sqlalchemy import Engine, select
 
 from imageshare.access.scope import Scope
 from imageshare.archive.dicom_json import all_text, nhs_number_of
-from imageshare.archive.record import instance_in_record
+from imageshare.archive.record import instance_in_record, study_in_record
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import NotFound
@@ -110,6 +110,13 @@ class StudyCatalogue:
         self._engine = engine
         self._audit = audit
 
+    def in_record(self, study_uid: str) -> bool:
+        """Whether the study exists and is part of the patient record (not only waiting in
+        the inbox or for review)."""
+        with self._engine.connect() as conn:
+            return conn.execute(select(studies.c.pk).where(
+                studies.c.study_uid == study_uid, study_in_record())).first() is not None
+
     def record(self, study_uid: str, include_review: bool = True) -> StudyRecord:
         """The study as indexed, not audited (for services that audit their own work); with
         ``include_review`` false only what is part of the record (NotFound when nothing is)."""
@@ -153,7 +160,8 @@ class StudyCatalogue:
             study_uid=study_uid, patient=patient, study_date=row["study_date"],
             study_time=row["study_time"], accession=row["accession_number"],
             study_id=row["study_id"], description=row["description"],
-            referring=row["referring_name"], modalities=row["modalities"],
+            referring=row["referring_name"],
+            modalities="\\".join(sorted({s["modality"] for s in series_rows if s["modality"]})),
             series=[
                 SeriesSummary(
                     s["series_uid"], s["modality"], s["series_number"], s["description"],

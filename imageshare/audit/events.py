@@ -291,6 +291,16 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
     _e("user.email", "An account's e-mail address (where its notifications go) was set by an "
        "administrator or its owner.", SECURITY_ALERT, "U", ("user",), ("user",),
        USER_SECURITY_ATTRIBUTES_CHANGED),
+    _e("user.email-link", "A one-time link confirming the address an account set for itself "
+       "was mailed to that address (or was not: asked for too often).", SECURITY_ALERT, "C",
+       ("user",), ("user", "reason"), USER_SECURITY_ATTRIBUTES_CHANGED),
+    _e("user.email-confirm", "An account confirmed its own e-mail address with the link "
+       "mailed to it (or the link was refused: expired, used, replaced, another account's); "
+       "shares sent to the address are the account's from then on.", USER_AUTHENTICATION, "U",
+       ("user",), ("user", "reason"), USER_SECURITY_ATTRIBUTES_CHANGED),
+    _e("user.link-site", "A site account was tied to the connected site it speaks for (or "
+       "untied).", SECURITY_ALERT, "U", ("user",), ("username", "site"),
+       USER_SECURITY_ATTRIBUTES_CHANGED),
     _e("user.invite", "A reviewer was invited to an account for a share.", SECURITY_ALERT, "C",
        ("share",), ("share", "bound"), SECURITY_ROLES_CHANGED),
     _e("user.accept-invite", "A reviewer accepted an invitation (or presented a bad one).",

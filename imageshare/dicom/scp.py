@@ -51,13 +51,14 @@ from imageshare.archive.ingest import IngestService, no_room
 from imageshare.archive.query import LEVELS, Query, QueryService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
 from imageshare.archive.transcode import CONVERSION_TARGETS, can_produce, transcode
-from imageshare.dicom import statuses
+from imageshare.dicom import reactor, statuses
 from imageshare.dicom.contexts import (
     LISTENER_SYNTAXES,
     SCP_SOP_CLASSES,
     storage_contexts_for,
 )
 from imageshare.dicom.proxy_protocol import proxy_server_class
+from imageshare.dicom.reactor import no_delay
 from imageshare.dicom.tls_server import tls_server_class
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
@@ -155,6 +156,7 @@ class DicomListener:
 
     def start(self) -> None:
         """Listen in background threads."""
+        reactor.install()
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -162,7 +164,7 @@ class DicomListener:
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_C_GET, self._on_get),
         ]
-        base = _SharedPortServer if self.shared_port else ThreadedAssociationServer
+        base = _SharedPortServer if self.shared_port else _AssociationServer
 
         def served(server: type) -> type:
             """``server``, reading the PROXY protocol from the balancer when it sends it."""
@@ -551,7 +553,25 @@ def response_identifier(attrs: dict[str, Any], level: str, syntax: UID) -> Datas
     return ds
 
 
-class _SharedPortServer(ThreadedAssociationServer):
+class _AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's association server, whose accepted connections wait for their peer at
+    most the network timeout in any one read or write: a peer that stops in the middle of a
+    PDU is let go (the connection closed) instead of holding its association, one of the
+    server's limited number, and the server's shutdown, for ever. Their PDUs go out at once
+    (TCP_NODELAY): a small data PDU after its command PDU otherwise waits for the peer's
+    delayed acknowledgement, 40 ms for every C-GET sub-operation of a small instance."""
+
+    def get_request(self) -> tuple[Any, Any]:
+        """Accept a connection, with the network timeout on its reads and writes, and its
+        small PDUs sent at once."""
+        client, address = super().get_request()
+        no_delay(client)
+        if not isinstance(client, ssl.SSLSocket):  # TLS: set after the handshake
+            client.settimeout(self.ae.network_timeout)
+        return client, address
+
+
+class _SharedPortServer(_AssociationServer):
     """An association server whose port other ImageShare processes share (SO_REUSEPORT):
     the kernel spreads new associations over the processes, so that they use every core."""
 

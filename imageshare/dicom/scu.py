@@ -18,6 +18,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from imageshare.dicom import reactor
 from imageshare.dicom.contexts import storage_contexts_for
 from imageshare.domain.errors import SiteUnreachable
 from imageshare.exchange.nodes import Node
@@ -43,6 +44,7 @@ class DimseSites:
         self.ae_title = ae_title
         self.timeout = timeout
         self.tls = tls  # for nodes registered with TLS (BCP 195, imageshare/tls.py)
+        reactor.install()  # PDUs sent at once (TCP_NODELAY)
 
     def _ae(self, timeout: float) -> AE:
         ae = AE(ae_title=self.ae_title)

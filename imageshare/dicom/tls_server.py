@@ -13,6 +13,8 @@ import ssl
 import threading
 from typing import Any
 
+from imageshare.dicom.reactor import no_delay
+
 log = logging.getLogger("imageshare.dicom")
 HANDSHAKE_SECONDS = 30.0
 
@@ -25,6 +27,7 @@ class _HandshakeInThread:
     def get_request(self) -> tuple[Any, Any]:
         """Accept a connection; wrap it for TLS without shaking hands yet."""
         client, address = self.socket.accept()  # type: ignore[attr-defined]  # mixin
+        no_delay(client)
         context = self.ssl_context  # type: ignore[attr-defined]  # mixin
         if context is not None:
             client.settimeout(self.handshake_seconds)
@@ -37,7 +40,9 @@ class _HandshakeInThread:
         if isinstance(request, ssl.SSLSocket):
             try:
                 request.do_handshake()
-                request.settimeout(None)
+                # From now on, as plain connections: no read or write waits longer than the
+                # network timeout (a peer stopping in the middle of a PDU is let go).
+                request.settimeout(self.ae.network_timeout)  # type: ignore[attr-defined]  # mixin
             except (OSError, ValueError) as exc:
                 log.warning("DICOM TLS handshake with %s failed: %s", client_address[0],
                             getattr(exc, "reason", None) or type(exc).__name__)

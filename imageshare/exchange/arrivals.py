@@ -11,6 +11,8 @@ from typing import Any
 
 from sqlalchemy import Engine, select, update
 
+from imageshare.access.policy import site_origin
+from imageshare.access.users import linked_site
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import InvalidQuery, NotFound
@@ -60,12 +62,15 @@ class Arrivals:
 
     def announce(self, actor: Actor, body: dict[str, Any]) -> InboxItem:
         """Another ImageShare (``actor``, its site account here) says what it sent: kept on
-        the inbox item its instances made; an urgent one alerts the team."""
+        the inbox item its instances made; an urgent one alerts the team. The sending site is
+        the one the account is linked to (Forbidden when unlinked or when ``origin`` in the
+        body names another site)."""
         study_uid = _text(body, "study_uid", 64)
-        origin = _text(body, "origin", 16)
+        origin = site_origin(actor, linked_site(self._engine, actor.name),
+                             _text(body, "origin", 16))
         priority = _text(body, "priority", 16) or "routine"
-        if not study_uid or not origin:
-            raise InvalidQuery("an announcement names its study and its site")
+        if not study_uid:
+            raise InvalidQuery("an announcement names its study")
         if priority not in PRIORITIES:
             raise InvalidQuery("priority is urgent or routine")
         node = self._nodes.find(origin)

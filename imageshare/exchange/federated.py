@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, insert, select, update
 
 from imageshare.archive.dicom_json import text_of
+from imageshare.archive.indexing import file_under_record, summarise_studies
 from imageshare.archive.search import StudySearch, StudySearchService, StudySummary
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
@@ -403,7 +404,9 @@ class ExchangeService:
                                           outcome="failure", study_uid=study_uid,
                                           detail={"site": node.ae_title, "error": str(exc)}))
             raise
-        marked = self._mark_temporary(study_uid, node.ae_title, started)
+        kind, _client = self._client(node)
+        marked = self._mark_temporary(study_uid, node.ae_title, started,
+                                      "dicomweb" if kind == "dicomweb" else "")
         if marked:
             self._record_copy(study_uid, node.ae_title, job.id, actor.name, marked)
         job.summary = (f"{result.received} instance(s) received from {node.label}"
@@ -427,16 +430,29 @@ class ExchangeService:
                     retrieved_copies.c.study_uid == study_uid).values(**values)).rowcount:
                 conn.execute(insert(retrieved_copies).values(study_uid=study_uid, **values))
 
-    def _mark_temporary(self, study_uid: str, site: str, since: datetime) -> int:
-        """Instances of the study that arrived during the retrieval are a temporary copy (not
-        an inbox item: we asked for them)."""
+    def _mark_temporary(self, study_uid: str, site: str, since: datetime,
+                        source: str = "") -> int:
+        """Instances of the study that arrived from the site during the retrieval are a
+        temporary copy (not an inbox item: we asked for them). Only those the site sent
+        (``source``: what our DICOMweb client records, else the site's AE title calling):
+        instances others stored into the study meanwhile (our modality, another hospital)
+        keep their class."""
+        sent_by_site = (instances.c.received_from == source if source
+                        else instances.c.received_from.startswith(f"{site}@", autoescape=True))
         with self._engine.begin() as conn:
             series_pks = select(series.c.pk).join(studies, studies.c.pk == series.c.study_pk) \
                 .where(studies.c.study_uid == study_uid).scalar_subquery()
             marked = conn.execute(update(instances).where(
                 instances.c.series_pk.in_(series_pks), instances.c.received_at >= since,
+                sent_by_site,
                 instances.c.retention_class.in_(["clinical", "inbox"])).values(
                 retention_class=TEMPORARY)).rowcount
+            if marked:  # what waited in the inbox is part of the record now
+                study_pks = list(conn.execute(select(studies.c.pk).where(
+                    studies.c.study_uid == study_uid)).scalars())
+                for study_pk in study_pks:
+                    file_under_record(conn, study_pk)
+                summarise_studies(conn, study_pks, datetime.now(UTC))
             conn.execute(delete(inbox_items).where(
                 inbox_items.c.study_uid == study_uid, inbox_items.c.site == site,
                 inbox_items.c.first_received >= since, inbox_items.c.status == "pending"))

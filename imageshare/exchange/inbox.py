@@ -14,13 +14,13 @@ from sqlalchemy import ColumnElement, Engine, and_, func, select, update
 
 from imageshare.archive.corrections import PatientCorrections, PatientDetails
 from imageshare.archive.deletion import ArchiveDeletion, Removed
-from imageshare.archive.indexing import HELD_PREFIX
-from imageshare.archive.record import REVIEW_CLASSES
+from imageshare.archive.indexing import HELD_PREFIX, file_under_record, summarise_studies
+from imageshare.archive.record import REVIEW_CLASSES, patient_in_record
 from imageshare.archive.studies import PatientRecord, StudyCatalogue
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
-from imageshare.domain.identifiers import is_valid_nhs_number
+from imageshare.domain.identifiers import is_valid_nhs_number, normalise_name
 from imageshare.storage.index.schema import (
     inbox_items,
     instances,
@@ -145,14 +145,18 @@ class Inbox:
         if not nhs:
             return None
         with self._engine.connect() as conn:
-            uid = conn.execute(
-                select(studies.c.study_uid).join(patients, patients.c.pk == studies.c.patient_pk)
-                .where(patients.c.pk != received.pk)
+            found = conn.execute(
+                select(patients.c.pk, func.min(studies.c.study_uid))
+                .join(studies, patients.c.pk == studies.c.patient_pk)
+                .where(patients.c.pk != received.pk, patient_in_record(patients.c.pk))
                 .where((patients.c.patient_id == nhs) | patients.c.pk.in_(
                     select(patient_identifiers.c.patient_pk)
                     .where(patient_identifiers.c.value == nhs)))
-                .order_by(studies.c.pk).limit(1)).scalar()
-        return self._catalogue.record(uid).patient if uid else None
+                .group_by(patients.c.pk).limit(2)).all()
+        if len(found) != 1:  # none, or several records with this NHS number: a person decides
+            return None
+        local = self._catalogue.record(found[0][1]).patient
+        return local if _may_be_same_person(received, local) else None
 
     def accept(self, pk: int, actor: Actor, reconcile: bool = True, note: str = "",
                upload_review: bool = False, sop_uids: Collection[str] | None = None) -> str:
@@ -175,15 +179,21 @@ class Inbox:
                 if not received.issuer.startswith(HELD_PREFIX):
                     self._keep_sender_id(item, received.patient_id)
                 done = f"reconciled to hospital number {local.patient_id} and accepted"
+        if sop_uids is None:
+            sop_uids = self.sent_by(item)
         with self._engine.begin() as conn:
             chosen: ColumnElement[bool] = instances.c.series_pk.in_(
                 select(series.c.pk).join(studies, studies.c.pk == series.c.study_pk)
                 .where(studies.c.study_uid == item.study_uid))
-            if sop_uids is not None:
-                chosen = and_(chosen, instances.c.sop_uid.in_(sorted(sop_uids)))
+            chosen = and_(chosen, instances.c.sop_uid.in_(sorted(sop_uids)))
+            study_pks = list(conn.execute(select(studies.c.pk).where(
+                studies.c.study_uid == item.study_uid)).scalars())
+            for study_pk in study_pks:  # a patient we had no record of: one now
+                file_under_record(conn, study_pk)
             conn.execute(update(instances).where(
                 chosen, instances.c.retention_class.in_(REVIEW_CLASSES)).values(
                     retention_class="clinical"))
+            summarise_studies(conn, study_pks, datetime.now(UTC))
             conn.execute(update(inbox_items).where(inbox_items.c.pk == pk).values(
                 status="accepted", decided_by=actor.name, decided_at=datetime.now(UTC),
                 note=note[:2000]))
@@ -192,6 +202,19 @@ class Inbox:
                                           detail={"site": item.site, "done": done}), conn=conn)
         self._tell(item, "accepted", actor, note)
         return done
+
+    def sent_by(self, item: InboxItem) -> set[str]:
+        """The instances of the item's study waiting for review that its site sent (not
+        another site's, nor an upload's, in the same study). Instances recorded before
+        senders were told apart (an address alone) count as the item's."""
+        with self._engine.connect() as conn:
+            return set(conn.execute(select(instances.c.sop_uid).join(
+                series, series.c.pk == instances.c.series_pk).join(
+                studies, studies.c.pk == series.c.study_pk).where(
+                studies.c.study_uid == item.study_uid,
+                instances.c.retention_class.in_(REVIEW_CLASSES),
+                instances.c.received_from.startswith(f"{item.site}@", autoescape=True)
+                | instances.c.received_from.not_like("%@%"))).scalars())
 
     def _keep_sender_id(self, item: InboxItem, sender_id: str) -> None:
         """Keep the sending site's patient ID as an other patient ID of the local record."""
@@ -222,11 +245,9 @@ class Inbox:
                 note=note[:2000]))
         try:
             why = f"rejected from the inbox: {note}"[:200]
-            removed = (self._deletion.study(item.study_uid, actor, why,
-                                            only_classes=REVIEW_CLASSES)
-                       if sop_uids is None else
-                       self._deletion.instances(set(sop_uids), actor, why,
-                                                only_classes=REVIEW_CLASSES))
+            removed = self._deletion.instances(
+                set(self.sent_by(item) if sop_uids is None else sop_uids), actor, why,
+                only_classes=REVIEW_CLASSES)
         except Exception:
             with self._engine.begin() as conn:
                 conn.execute(update(inbox_items).where(inbox_items.c.pk == pk).values(
@@ -243,3 +264,13 @@ class Inbox:
 
 def _looks_nhs(patient: PatientRecord) -> bool:
     return is_valid_nhs_number(patient.patient_id)
+
+
+def _may_be_same_person(received: PatientRecord, local: PatientRecord) -> bool:
+    """Whether a received study's patient may be the local one its NHS number points at:
+    not when both give a birth date and they differ, nor when both give a family name and
+    they differ (filing it there is then a person's decision)."""
+    if received.birth_date and local.birth_date and received.birth_date != local.birth_date:
+        return False
+    family = [normalise_name(p.name).split("^")[0].strip() for p in (received, local)]
+    return not (family[0] and family[1] and family[0] != family[1])

@@ -14,6 +14,8 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
+from imageshare.access.policy import site_origin
+from imageshare.access.users import linked_site
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
@@ -132,8 +134,10 @@ class ImagingRequests:
                            " ask them by their usual route"), ""
 
     def receive(self, actor: Actor, body: dict[str, str]) -> ImagingRequest:
-        """A request from another ImageShare site, for our staff."""
-        origin = str(body.get("origin", ""))[:64] or actor.name
+        """A request from another ImageShare site, for our staff: from the site the caller's
+        account is linked to (Forbidden when unlinked or when ``origin`` names another)."""
+        origin = site_origin(actor, linked_site(self._engine, actor.name),
+                             str(body.get("origin", ""))[:16])
         priority = body.get("priority", "routine")
         request = self._insert(
             direction="incoming", site=origin, nhs_number=str(body.get("nhs_number", ""))[:16],
@@ -229,12 +233,13 @@ class ImagingRequests:
         """The other site answered one of our requests: its state shows in our list and the
         person who asked is told."""
         public_id = str(body.get("request", ""))[:32]
-        origin = str(body.get("origin", ""))[:16]
+        origin = site_origin(actor, linked_site(self._engine, actor.name),
+                             str(body.get("origin", ""))[:16])
         state = str(body.get("state", ""))
         if state not in ("fulfilled", "declined"):
             raise ImageShareError("an answer says fulfilled or declined")
         wanted = self.get(public_id)
-        if wanted.direction != "outgoing" or wanted.site != origin:
+        if wanted.direction != "outgoing" or wanted.site.upper() != origin.upper():
             raise NotFound("no such request")
         try:
             at = datetime.fromisoformat(str(body.get("at", "")))

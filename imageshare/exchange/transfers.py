@@ -14,6 +14,8 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
+from imageshare.access.policy import site_origin
+from imageshare.access.users import linked_site
 from imageshare.archive.retrieve import RetrieveService
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import SYSTEM, Actor
@@ -128,7 +130,7 @@ class Transfers:
     def _handle(self, job: Job, params: dict[str, Any]) -> None:
         """Run a queued transfer (on whichever instance leased it)."""
         self._run(params["transfer"], actor_from(params["actor"]),
-                  tuple(params.get("notify", ())))
+                  tuple(params.get("notify", ())), job.check)
 
     def resume_interrupted(self) -> int:
         """On start: transfers left queued or sending with no job to run them (queued by an
@@ -187,10 +189,15 @@ class Transfers:
             conn.execute(update(transfers).where(transfers.c.public_id == public_id).values(
                 sent=len(delivered), updated_at=datetime.now(UTC)))
 
-    def _run(self, public_id: str, actor: Actor, notify: tuple[str, ...]) -> None:
-        """Run one transfer to its end; nothing it raises is left uncaught."""
+    def _run(self, public_id: str, actor: Actor, notify: tuple[str, ...],
+             check: Callable[[], None] = lambda: None) -> None:
+        """Run one transfer to its end; nothing it raises is left uncaught but
+        :class:`JobInterrupted` from ``check`` (its job's lease was lost: another instance
+        runs the transfer now, and this one leaves its state alone)."""
         try:
-            self._attempts(public_id, actor, notify)
+            self._attempts(public_id, actor, notify, check)
+        except JobInterrupted:
+            raise
         except TransferInterrupted:
             self._quietly(self._update, public_id, state="queued",
                           reason="interrupted by a shutdown; resumed by a running instance")
@@ -208,7 +215,8 @@ class Transfers:
         except Exception as exc:  # noqa: BLE001 - the index is gone: the next start resumes it
             log.error("transfer state could not be saved: %s", type(exc).__name__)
 
-    def _attempts(self, public_id: str, actor: Actor, notify: tuple[str, ...]) -> None:
+    def _attempts(self, public_id: str, actor: Actor, notify: tuple[str, ...],
+                  check: Callable[[], None]) -> None:
         transfer = self.get(public_id)
         node = self._nodes.get(transfer.site)
         client = self._clients["dicomweb" if node.dicomweb_url else "dimse"]
@@ -222,19 +230,20 @@ class Transfers:
             with self._retrieve.local_files(found) as paths:
                 self._send(public_id, transfer, node, client, transfer_pk,
                            dict(zip(paths, (i.sop_uid for i in found), strict=True)),
-                           actor, notify)
+                           actor, notify, check)
         except StorageError as exc:
             raise ImageShareError("the stored images could not be read") from exc
 
     def _send(self, public_id: str, transfer: Transfer, node: Node, client: SiteClient,
               transfer_pk: int, by_path: dict[Path, str], actor: Actor,
-              notify: tuple[str, ...]) -> None:
+              notify: tuple[str, ...], check: Callable[[], None]) -> None:
         delivered = self._delivered(transfer_pk)
         self._update(public_id, total=len(by_path), sent=len(delivered & set(by_path.values())))
         reason = ""
         for attempt, delay in enumerate((0.0, *self._delays), start=1):
             if delay and self._stopping.wait(delay):
                 raise TransferInterrupted
+            check()
             remaining = [p for p, uid in by_path.items() if uid not in delivered]
             if not remaining:
                 break
@@ -243,13 +252,14 @@ class Transfers:
             def progress(_p: RetrieveProgress) -> None:
                 if self._stopping.is_set():
                     raise TransferInterrupted
+                check()
 
             def acknowledged(path: Path) -> None:
                 self._record_delivery(transfer_pk, public_id, by_path[path], delivered)
 
             try:
                 result = client.send(node, remaining, progress, acknowledged)
-            except TransferInterrupted:
+            except (TransferInterrupted, JobInterrupted):
                 raise
             except SiteUnreachable as exc:
                 reason = str(exc)
@@ -315,12 +325,14 @@ class Transfers:
         """The receiving ImageShare's receipt (accepted or rejected, by whom, when, its
         note) for a transfer of ours; the person who sent it is told."""
         transfer_id = str(body.get("transfer", ""))[:32]
-        origin = str(body.get("origin", ""))[:16]
+        # Only the site the caller's account is linked to answers, for our transfers to it.
+        origin = site_origin(actor, linked_site(self._engine, actor.name),
+                             str(body.get("origin", ""))[:16])
         outcome = str(body.get("outcome", ""))
         if outcome not in ("accepted", "rejected"):
             raise ImageShareError("a receipt says accepted or rejected")
         transfer = self.get(transfer_id)
-        if transfer.site != origin:
+        if transfer.site.upper() != origin.upper():
             raise NotFound("no such transfer")
         try:
             at = datetime.fromisoformat(str(body.get("at", "")))

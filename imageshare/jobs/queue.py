@@ -9,12 +9,23 @@ is a refusal that a retry cannot change; a worker that dies stops renewing its l
 another instance takes the job again once the lease has run out. Every job ends ``done`` or
 ``failed`` with the reason (or ``cancelled`` before it ran), and the person who started it
 is told.
+
+A job runs on one instance at a time. Lease times are the database's (``now()`` on
+PostgreSQL, so hosts whose clocks differ agree; this host's clock on SQLite, a file on this
+host). The heartbeat renews a lease a third of the way through it and, when that fails,
+tries again every second; an instance that could not renew a lease for three quarters of it
+gives the job up before the lease runs out in the database: the handler is interrupted at its
+next progress point (:class:`JobInterrupted`) and hands the job back. Each claim is its own
+lease (``lease_owner``), and every write of a job's state or outcome is conditional on still
+holding it, so a handler that goes on after losing its lease changes nothing.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -25,8 +36,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
-from sqlalchemy import Engine, and_, delete, insert, or_, select, update
+from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
@@ -46,12 +58,23 @@ State = Literal["queued", "running", "done", "failed", "cancelled"]
 FINISHED = ("done", "failed", "cancelled")
 KEEP = timedelta(hours=24)  # finished jobs (and their result files) are kept this long
 KEEP_PERIODIC = timedelta(days=8)  # the record that a periodic task ran in its period
+RENEW_AT = 1 / 3  # a lease is renewed this far through it ...
+GIVE_UP_AT = 3 / 4  # ... and given up here, unrenewed, before it runs out in the database
+RENEW_RETRY = 1.0  # seconds between tries to renew a lease that could not be renewed
+PROGRESS = frozenset({"done", "total", "summary", "result"})  # a handler's progress points
+LAPSED = "its lease could not be renewed in time"
 
 
 @dataclass
 class Job:
     """One piece of background work and how far it got (a handler updates ``done``,
-    ``total``, ``summary`` and ``result`` as it goes)."""
+    ``total``, ``summary`` and ``result`` as it goes).
+
+    Each of those updates is a progress point: once this instance may no longer run the job
+    (its lease was lost, or the instance is stopping), the update raises
+    :class:`JobInterrupted` instead, and the job goes back to the queue. A handler that waits
+    long between updates can look at :attr:`interrupted` or call :meth:`check`.
+    """
 
     id: str
     owner: str
@@ -65,6 +88,38 @@ class Job:
     summary: str = ""
     attempts: int = 0
     created: float = field(default_factory=time.time)
+    # While a handler runs: the moment (time.monotonic) to stop by unless the lease is
+    # renewed, and why the job was stopped here.
+    _until: float = field(default=math.inf, init=False, repr=False, compare=False)
+    _stopped: str = field(default="", init=False, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in PROGRESS:
+            self.check()
+        super().__setattr__(name, value)
+
+    @property
+    def interrupted(self) -> str:
+        """Why this instance must stop running the job ("" while it may go on). A stop for a
+        lease not renewed in time ends when the lease is renewed after all; the others
+        stay."""
+        if not self._stopped and time.monotonic() >= self._until:
+            self._stopped = LAPSED
+        return self._stopped
+
+    def check(self) -> None:
+        """A progress point: raises :class:`JobInterrupted` once the job must stop here."""
+        if reason := self.interrupted:
+            raise JobInterrupted(reason)
+
+    def _interrupt(self, reason: str) -> None:
+        if not self._stopped:
+            self._stopped = reason
+
+    def _hold(self, until: float) -> None:
+        self._until = until
+        if self._stopped == LAPSED:  # renewed after all (the database came back)
+            self._stopped = ""
 
     @property
     def percent(self) -> int:
@@ -79,9 +134,10 @@ Notify = Callable[[str, str, str, str], None]  # username, kind, text, link
 
 
 class JobInterrupted(Exception):
-    """Raised by a handler when its instance is stopping: the job goes back to the queue at
-    once (the attempt is not counted) and another instance, or this one's next start, runs
-    it."""
+    """Raised by a handler when its instance is stopping, and at a handler's progress point
+    once its instance may no longer run the job (see :class:`Job`): the job goes back to the
+    queue at once if this instance still holds it (the attempt is not counted) and another
+    instance, or this one's next start, runs it."""
 
 
 class JobElsewhere(Exception):
@@ -158,8 +214,11 @@ def _utc(moment: datetime | None) -> datetime | None:
 class _Running:
     pk: int
     job: Job
+    lease: str  # this claim's lease_owner
     written: tuple[int, int, str]
-    lost: bool = False
+    renew_at: float = 0.0  # time.monotonic() when the lease is renewed next
+    failing: bool = False  # the last try to renew it failed
+    stopped: bool = False  # its handler was told to stop
 
 
 class DatabaseJobQueue:
@@ -175,6 +234,10 @@ class DatabaseJobQueue:
         self._box = box
         self._workers = max(1, workers)
         self._lease = timedelta(seconds=max(lease_seconds, 1.0))
+        seconds = self._lease.total_seconds()
+        self._renew_every = seconds * RENEW_AT
+        self._give_up_after = seconds * GIVE_UP_AT
+        self._retry = min(RENEW_RETRY, seconds / 12)
         self._delays = tuple(retry_delays)
         self._poll = poll_seconds
         self._on_forget = on_forget
@@ -183,8 +246,10 @@ class DatabaseJobQueue:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._ended = threading.Event()  # the heartbeat stops (after the last handler)
         self._threads: list[threading.Thread] = []
         self.instance = f"{socket.gethostname()[:48]}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._claims = itertools.count(1)
 
     def set_notify(self, notify: Notify) -> None:
         """Tell people about their finished jobs with ``notify(username, kind, text, link)``."""
@@ -198,6 +263,14 @@ class DatabaseJobQueue:
     def now() -> datetime:
         """The present, in UTC."""
         return datetime.now(UTC)
+
+    def _clock(self) -> Any:
+        """The present for the jobs' times, as a value for a statement: the database server's
+        ``now()`` on PostgreSQL (so that hosts whose clocks differ agree on when a lease runs
+        out), this host's clock on SQLite (the database is a file on this host)."""
+        if self._engine.dialect.name == "postgresql":
+            return func.now()
+        return self.now()
 
     # -- the port --------------------------------------------------------------------------
 
@@ -238,7 +311,7 @@ class DatabaseJobQueue:
         if secret_params:
             text = json.dumps(secret_params)
             sealed = self._box.seal(text) if self._box is not None else text
-        now = self.now()
+        now = self._clock()
         with self._engine.begin() as conn:
             conn.execute(insert(jobs_table).values(
                 public_id=job.id, kind=job.kind, description=job.description[:256],
@@ -260,7 +333,7 @@ class DatabaseJobQueue:
     def cancel(self, job_id: str, owner: str) -> Job:
         """Cancel a job of ``owner``'s that is still waiting; a running job goes on."""
         job = self.get(job_id, owner)
-        now = self.now()
+        now = self._clock()
         with self._engine.begin() as conn:
             cancelled = conn.execute(update(jobs_table).where(
                 jobs_table.c.public_id == job.id, jobs_table.c.state == "queued").values(
@@ -294,25 +367,32 @@ class DatabaseJobQueue:
                 thread.start()
 
     def close(self, grace: float = 0.0) -> None:
-        """Stop taking work; jobs still running here after ``grace`` seconds are handed back
-        to the queue so that another instance (or the next start) runs them at once."""
+        """Stop taking work; jobs still running here after ``grace`` seconds (their leases
+        renewed meanwhile) are interrupted at their next progress point and handed back to
+        the queue so that another instance (or the next start) runs them at once."""
         self._stop.set()
         self._wake.set()
         deadline = time.monotonic() + grace
         while self._running and time.monotonic() < deadline:
             time.sleep(0.1)
-        for thread in self._threads:
+        with self._lock:
+            left = list(self._running.values())
+        for running in left:  # each hands its job back at its next progress point
+            running.job._interrupt("its instance stopped")
+        self._ended.set()  # the heartbeat renews leases until here
+        deadline = time.monotonic() + 0.5
+        for thread in self._threads:  # idle workers end at once; busy ones are handed back
             if thread is not threading.current_thread():
-                thread.join(0.5)  # idle workers end at once; busy ones are handed back below
+                thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             left = list(self._running.values())
         for running in left:
-            try:
-                self._requeue(running, count_attempt=False, delay=0.0,
-                              error="its instance stopped; queued again")
-            except DBAPIError:
-                log.warning("job %s could not be handed back; its lease runs out instead",
-                            running.job.id[:8])
+            # Its handler runs still (until its next progress point, or this process ends):
+            # not handed back, so that no other instance runs it meanwhile; its lease, no
+            # longer renewed, runs out, and another instance takes it then.
+            log.warning("job %s (%s) still running as its instance stops; another instance "
+                        "takes it when its lease runs out", running.job.id[:8],
+                        running.job.kind)
 
     def run_pending(self) -> int:
         """Run every job that is due now in the calling thread; returns how many ran."""
@@ -336,7 +416,7 @@ class DatabaseJobQueue:
                 continue
             self._execute(*claimed)
 
-    def _claimable(self, now: datetime) -> Any:
+    def _claimable(self, now: Any) -> Any:
         t = jobs_table.c
         return or_(and_(t.state == "queued", t.run_after <= now),
                    and_(t.state == "running", t.lease_expires < now))
@@ -346,7 +426,8 @@ class DatabaseJobQueue:
         if self._stop.is_set() or not self._handlers:
             return None
         for _ in range(3):
-            now = self.now()
+            started, now = time.monotonic(), self._clock()
+            lease = f"{self.instance}/{next(self._claims)}"
             claimable = self._claimable(now)
             query = (select(jobs_table.c.pk)
                      .where(claimable, jobs_table.c.kind.in_(list(self._handlers)))
@@ -359,7 +440,7 @@ class DatabaseJobQueue:
                     return None
                 taken = conn.execute(update(jobs_table).where(
                     jobs_table.c.pk == pk, claimable).values(
-                    state="running", lease_owner=self.instance,
+                    state="running", lease_owner=lease,
                     lease_expires=now + self._lease, attempts=jobs_table.c.attempts + 1,
                     updated_at=now)).rowcount
                 if taken != 1:
@@ -372,43 +453,64 @@ class DatabaseJobQueue:
                         else row["sealed_params"])
                 params.update(json.loads(text))
             job = self._job(row)
-            running = _Running(pk, job, (job.done, job.total, job.summary))
+            # The lease runs out no sooner than a lease after ``started`` in the database.
+            job._hold(started + self._give_up_after)
+            running = _Running(pk, job, lease, (job.done, job.total, job.summary),
+                               renew_at=started + self._renew_every)
             if row["attempts"] > row["max_attempts"]:
                 self._finish(running, "failed", "its instance stopped while running it "
                              f"{row['max_attempts']} times", row["notify"])
                 continue
             with self._lock:
-                self._running[job.id] = running
+                self._running[lease] = running
             return pk, job, params, bool(row["notify"])
         return None
 
     def _execute(self, pk: int, job: Job, params: dict[str, Any], notify: bool) -> None:
-        running = self._running.get(job.id) or _Running(pk, job, (0, 0, ""))
+        with self._lock:
+            running = next((r for r in self._running.values() if r.job is job),
+                           None) or _Running(pk, job, "", (0, 0, ""))  # not leased here
         handler = self._handlers.get(job.kind)
         try:
             if handler is None:
                 raise ImageShareError("no handler for this kind of job")
             handler(job, params)
-        except JobInterrupted:
-            self._quietly(self._requeue, running, count_attempt=False, delay=0.0,
-                          error="interrupted by a shutdown; queued again")
-        except JobElsewhere as exc:
-            self._quietly(self._requeue, running, count_attempt=False,
-                          delay=ELSEWHERE_DELAY, error=str(exc))
         except Exception as exc:  # noqa: BLE001 - the job ends failed or is retried, with why
-            reason = failure_reason(exc)
-            log.warning("job %s (%s) attempt %d failed: %s", job.id[:8], job.kind,
-                        job.attempts, type(exc).__name__)
-            if is_lasting(exc) or job.attempts > len(self._delays):
-                self._quietly(self._finish, running, "failed", reason, notify)
+            stopped = job.interrupted or (
+                "interrupted by a shutdown" if isinstance(exc, JobInterrupted) else "")
+            if stopped == LAPSED:
+                # Its lease could not be kept (the index unreachable for most of a lease):
+                # an attempt that failed, retried later and in the end failed for good.
+                log.warning("job %s (%s) stopped here: %s", job.id[:8], job.kind, stopped)
+                if job.attempts > len(self._delays):
+                    self._quietly(self._finish, running, "failed", stopped, notify)
+                else:
+                    self._quietly(self._requeue, running, count_attempt=True,
+                                  delay=self._delays[job.attempts - 1],
+                                  error=f"{stopped}; queued again")
+            elif stopped:
+                # Stopped here (whatever a stopped handler raised on its way out): back to
+                # the queue if this instance still holds it, the attempt not counted.
+                log.warning("job %s (%s) stopped here: %s", job.id[:8], job.kind, stopped)
+                self._quietly(self._requeue, running, count_attempt=False, delay=0.0,
+                              error=f"{stopped}; queued again")
+            elif isinstance(exc, JobElsewhere):
+                self._quietly(self._requeue, running, count_attempt=False,
+                              delay=ELSEWHERE_DELAY, error=str(exc))
             else:
-                self._quietly(self._requeue, running, count_attempt=True,
-                              delay=self._delays[job.attempts - 1], error=reason)
+                reason = failure_reason(exc)
+                log.warning("job %s (%s) attempt %d failed: %s", job.id[:8], job.kind,
+                            job.attempts, type(exc).__name__)
+                if is_lasting(exc) or job.attempts > len(self._delays):
+                    self._quietly(self._finish, running, "failed", reason, notify)
+                else:
+                    self._quietly(self._requeue, running, count_attempt=True,
+                                  delay=self._delays[job.attempts - 1], error=reason)
         else:
             self._quietly(self._finish, running, "done", "", notify)
         finally:
             with self._lock:
-                self._running.pop(job.id, None)
+                self._running.pop(running.lease, None)
 
     @staticmethod
     def _quietly(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -417,13 +519,15 @@ class DatabaseJobQueue:
         except DBAPIError as exc:  # the index is gone: the lease runs out, the job runs again
             log.error("job state could not be saved (%s)", type(exc).__name__)
 
-    def _mine(self, running: _Running) -> Any:
+    @staticmethod
+    def _mine(running: _Running) -> Any:
+        """The job's row while this claim still holds its lease (nobody took it since)."""
         return and_(jobs_table.c.pk == running.pk, jobs_table.c.state == "running",
-                    jobs_table.c.lease_owner == self.instance)
+                    jobs_table.c.lease_owner == running.lease)
 
     def _finish(self, running: _Running, state: State, error: str, notify: bool) -> None:
         job = running.job
-        now = self.now()
+        now = self._clock()
         with self._engine.begin() as conn:
             ended = conn.execute(update(jobs_table).where(self._mine(running)).values(
                 state=state, error=error[:512], summary=job.summary[:512], result=job.result,
@@ -445,7 +549,7 @@ class DatabaseJobQueue:
 
     def _requeue(self, running: _Running, *, count_attempt: bool, delay: float,
                  error: str) -> None:
-        now = self.now()
+        now = self._clock()
         values: dict[str, Any] = {
             "state": "queued", "run_after": now + timedelta(seconds=delay),
             "error": error[:512], "lease_owner": None, "lease_expires": None,
@@ -457,35 +561,64 @@ class DatabaseJobQueue:
         self._wake.set()
 
     def _heartbeat(self) -> None:
-        """Renew the leases of the jobs running here and save their progress."""
-        every = min(1.0, self._lease.total_seconds() / 3)
-        renewed = time.monotonic()
-        while not self._stop.wait(every):
+        """Renew the leases of the jobs running here and save their progress (until the
+        last handler has stopped, when the queue closes)."""
+        while not self._ended.wait(self._retry):
             with self._lock:
                 running = list(self._running.values())
-            due = time.monotonic() - renewed >= self._lease.total_seconds() / 3
             for item in running:
-                progress = (item.job.done, item.job.total, item.job.summary)
-                if not due and progress == item.written:
-                    continue
-                now = self.now()
                 try:
-                    with self._engine.begin() as conn:
-                        kept = conn.execute(update(jobs_table).where(self._mine(item)).values(
-                            lease_expires=now + self._lease, done=progress[0],
-                            total=progress[1], summary=progress[2][:512], updated_at=now)
-                        ).rowcount
-                except DBAPIError as exc:
-                    log.warning("job lease not renewed (%s)", type(exc).__name__)
-                    continue
-                item.written = progress
-                with self._lock:
-                    still_here = item.job.id in self._running
-                if not kept and still_here and not item.lost:
-                    item.lost = True
-                    log.warning("job %s: lease lost to another instance", item.job.id[:8])
-            if due:
-                renewed = time.monotonic()
+                    self._renew(item)
+                except Exception:  # noqa: BLE001 - the thread lives on; tried again soon
+                    item.renew_at = time.monotonic() + self._retry
+                    log.exception("job %s: lease renewal failed", item.job.id[:8])
+
+    def _renew(self, item: _Running) -> None:
+        """Renew one lease when due (a third of the way through it, or a second after a try
+        that failed) or when the job's progress changed, saving the progress with it."""
+        job = item.job
+        stopped = job.interrupted
+        if stopped and not item.stopped:
+            item.stopped = True
+            log.warning("job %s: stopping it here: %s", job.id[:8], stopped)
+        if stopped and stopped != LAPSED:
+            return  # taken over, or the instance stops: its handler hands the job back
+        # Not renewed in time, perhaps: renewed still while this claim holds it (a handler
+        # with no progress point since runs on, and the stop ends once renewed).
+        started = time.monotonic()
+        progress = (job.done, job.total, job.summary)
+        if started < item.renew_at and progress == item.written:
+            return
+        now = self._clock()
+        try:
+            with self._engine.begin() as conn:
+                kept = conn.execute(update(jobs_table).where(self._mine(item)).values(
+                    lease_expires=now + self._lease, done=progress[0], total=progress[1],
+                    summary=progress[2][:512], updated_at=now)).rowcount
+        except (DBAPIError, SQLAlchemyTimeoutError) as exc:
+            item.renew_at = time.monotonic() + self._retry
+            if not item.failing:
+                item.failing = True
+                log.warning("job %s: lease not renewed (%s); trying again every %g s, "
+                            "stopping the job here in %.0f s unless renewed", job.id[:8],
+                            type(exc).__name__, self._retry,
+                            max(0.0, job._until - time.monotonic()))
+            return
+        if not kept:
+            with self._lock:
+                still_here = item.lease in self._running
+            if still_here:
+                job._interrupt("its lease went to another instance")
+            return  # told on the next turn
+        if item.failing:
+            item.failing = False
+            item.stopped = False
+            log.warning("job %s: lease renewed again", job.id[:8])
+        item.written = progress
+        item.renew_at = started + self._renew_every
+        # The database's clock read ``now`` after ``started``: the lease lasts at least a
+        # lease from ``started``; the job stops here a quarter of a lease before that.
+        job._hold(started + self._give_up_after)
 
     # -- housekeeping ----------------------------------------------------------------------
 

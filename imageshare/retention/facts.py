@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from imageshare.archive.indexing import HELD_PREFIX
+from imageshare.archive.indexing import issuers_standing_for
 from imageshare.domain.retention import InstanceFacts
 from imageshare.storage.index.schema import case_items, legal_holds, studies
 
@@ -27,11 +27,14 @@ def parse_da(value: str) -> date | None:
 
 
 def holds_in_force(conn: Connection) -> tuple[set[tuple[str, str]], set[str]]:
-    """(patients as (Patient ID, issuer), Study Instance UIDs) under a legal hold now."""
+    """(patients as (Patient ID, issuer), Study Instance UIDs) under a legal hold now; a
+    patient's hold covers the issuers under which arrivals for its record wait (held, for
+    review) too."""
     rows = conn.execute(select(legal_holds.c.patient_id, legal_holds.c.issuer,
                                legal_holds.c.study_uid)
                         .where(legal_holds.c.lifted_at.is_(None))).all()
-    on_patients = {(r.patient_id, r.issuer) for r in rows if r.patient_id}
+    on_patients = {(r.patient_id, issuer) for r in rows if r.patient_id
+                   for issuer in issuers_standing_for(r.issuer)}
     on_studies = {r.study_uid for r in rows if r.study_uid}
     return on_patients, on_studies
 
@@ -79,6 +82,6 @@ def instance_facts(conn: Connection, rows: Sequence[Any]) -> list[InstanceFacts]
         class_since=_as_utc(r.class_since) if r.class_since is not None else None,
         last_study=latest.get(r.patient_pk), birth_date=parse_da(r.birth_date),
         in_case=r.study_uid in in_cases,
-        on_hold=((r.patient_id, r.issuer.removeprefix(HELD_PREFIX)) in on_patients
+        on_hold=((r.patient_id, r.issuer) in on_patients
                  or r.study_uid in on_studies),
     ) for r in rows]

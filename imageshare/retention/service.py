@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import Engine, Select, and_, delete, func, or_, select, update
+from sqlalchemy import Engine, Select, delete, func, or_, select, update
 
 from imageshare.archive.deletion import ArchiveDeletion, Removed
-from imageshare.archive.indexing import HELD_PREFIX
+from imageshare.archive.indexing import issuers_standing_for
+from imageshare.archive.record import instance_in_record
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import DeletionRefused, Forbidden, ImageShareError, NotFound
@@ -245,7 +246,7 @@ class RetentionService:
                 raise NotFound("no such study")
             if patient_id and conn.execute(select(patients.c.pk).where(
                     patients.c.patient_id == patient_id.strip(),
-                    patients.c.issuer.in_([issuer.strip(), HELD_PREFIX + issuer.strip()]))
+                    patients.c.issuer.in_(issuers_standing_for(issuer.strip())))
                     ).first() is None:
                 raise NotFound("no such patient")
             conn.execute(legal_holds.insert().values(
@@ -301,13 +302,13 @@ class RetentionService:
                 studies.c.study_uid == study_uid)).first()
             covers = legal_holds.c.study_uid == study_uid
             if patient is not None:
-                covers = or_(covers, and_(legal_holds.c.patient_id == patient.patient_id,
-                                          legal_holds.c.issuer == patient.issuer.removeprefix(
-                                              HELD_PREFIX)))
+                covers = or_(covers, legal_holds.c.patient_id == patient.patient_id)
             rows = conn.execute(select(legal_holds).where(
                 legal_holds.c.lifted_at.is_(None), covers)
                 .order_by(legal_holds.c.placed_at)).mappings().all()
-        return [_hold(r) for r in rows]
+        # A patient's hold covers the issuers under which arrivals for its record wait.
+        return [_hold(r) for r in rows if r["study_uid"] == study_uid or (
+            patient is not None and patient.issuer in issuers_standing_for(r["issuer"]))]
 
     # -- deletion by two administrators --------------------------------------------------
 
@@ -420,11 +421,13 @@ class RetentionService:
 
     # -- what a study page shows ---------------------------------------------------------
 
-    def study_retention(self, study_uid: str) -> StudyRetention:
+    def study_retention(self, study_uid: str, record_only: bool = False) -> StudyRetention:
         """The study's retention classes (with counts and earliest deletion), the holds in
-        force on it, and whether two administrators could delete it now (and if not, why)."""
+        force on it, and whether two administrators could delete it now (and if not, why).
+        ``record_only``: only the instances that are part of the record (for the study page,
+        which shows nothing of what waits for a person's decision)."""
         with self._engine.connect() as conn:
-            rows = conn.execute(
+            stmt = (
                 select(instances.c.retention_class, instances.c.received_at,
                        instances.c.class_since, studies.c.study_uid,
                        patients.c.pk.label("patient_pk"), patients.c.patient_id,
@@ -432,7 +435,10 @@ class RetentionService:
                 .join(series, series.c.pk == instances.c.series_pk)
                 .join(studies, studies.c.pk == series.c.study_pk)
                 .join(patients, patients.c.pk == studies.c.patient_pk)
-                .where(studies.c.study_uid == study_uid)).all()
+                .where(studies.c.study_uid == study_uid))
+            if record_only:
+                stmt = stmt.where(instance_in_record())
+            rows = conn.execute(stmt).all()
             if not rows:
                 raise NotFound("no such study")
             facts = instance_facts(conn, rows)

@@ -14,9 +14,12 @@ link's passcode: through the link and through the archive's own routes alike.
 from __future__ import annotations
 
 import io
+import logging
 import secrets
+import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -49,14 +52,18 @@ from imageshare.sharing.reports import comment_document
 from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import (
     account_invites,
+    instances,
     share_comments,
     share_feedback,
     share_items,
     share_sessions,
     shares,
+    users,
 )
 
+log = logging.getLogger("imageshare.sharing")
 MAX_PASSCODE_FAILURES = 10
+_SWEEP_SECONDS = 600  # how often an instance serving shares tidies its local copies
 _PASSCODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 _hasher = PasswordHasher()
 
@@ -198,6 +205,8 @@ class ShareService:
         self.max_days = max_days
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._last_sweep = float("-inf")  # time.monotonic() of the last remove_ended_copies()
+        self._sweep_guard = threading.Lock()
         # Asked before an identifiable teaching or research share: (study, purpose, actor),
         # raising when the patient has not consented (the composition root sets it).
         self.consent_check: Callable[[str, str, Actor], None] | None = None
@@ -427,31 +436,45 @@ class ShareService:
         return _share(row)
 
     def check_passcode(self, share: Share, passcode: str, source: str) -> bool:
-        """True for the right passcode; wrong ones count, and the tenth locks the link."""
+        """True for the right passcode; wrong ones count, and the tenth locks the link. Each
+        try is counted before the passcode is checked (and uncounted when right), so that
+        tries sent at the same moment cannot get past the ten between them; a locked link
+        refuses even the right passcode."""
         actor = share.actor(source)
+        with self._engine.begin() as conn:
+            tries = conn.execute(
+                update(shares).where(shares.c.pk == share.pk, shares.c.locked.is_(False),
+                                     shares.c.failed_attempts < MAX_PASSCODE_FAILURES)
+                .values(failed_attempts=shares.c.failed_attempts + 1)
+                .returning(shares.c.failed_attempts)).scalar()
+        if tries is None:  # locked meanwhile (or by the tries in flight)
+            self._audit.record(AuditEvent(
+                actor=actor, action="share.passcode", outcome="failure",
+                detail={"share": share.public_id, "locked": True}))
+            return False
         try:
             _hasher.verify(self._passcode_hash(share.pk), passcode.strip().upper())
         except (VerificationError, InvalidHashError):
+            locked = tries >= MAX_PASSCODE_FAILURES
             with self._engine.begin() as conn:
-                failures = conn.execute(
-                    update(shares).where(shares.c.pk == share.pk)
-                    .values(failed_attempts=shares.c.failed_attempts + 1)
-                    .returning(shares.c.failed_attempts)).scalar_one()
-                if failures >= MAX_PASSCODE_FAILURES:
+                if locked:
                     conn.execute(update(shares).where(shares.c.pk == share.pk)
                                  .values(locked=True))
                 self._audit.record(AuditEvent(
                     actor=actor, action="share.passcode", outcome="failure",
-                    detail={"share": share.public_id, "failures": failures,
-                            "locked": failures >= MAX_PASSCODE_FAILURES}), conn=conn)
-            if failures >= MAX_PASSCODE_FAILURES:
+                    detail={"share": share.public_id, "failures": tries,
+                            "locked": locked}), conn=conn)
+            if locked:
                 self.notifier.notify(share.owner, "share.locked",
                                      "A share link was locked after ten wrong passcodes",
                                      f"/shares/{share.public_id}")
             return False
         with self._engine.begin() as conn:
-            conn.execute(update(shares).where(shares.c.pk == share.pk)
-                         .values(failed_attempts=0))
+            still_open = conn.execute(update(shares).where(
+                shares.c.pk == share.pk, shares.c.locked.is_(False))
+                .values(failed_attempts=0)).rowcount
+            if not still_open:
+                return False
             if not share.deidentified:
                 # The named recipient (the caller checked the signed-in account) gave the
                 # passcode: from now on the share's items reach their account.
@@ -512,22 +535,30 @@ class ShareService:
 
     def content(self, share: Share, item: ShareItem) -> Path | None:
         """A local file with what the recipient may see of ``item``: the de-identified copy
-        (made once, kept for the share's life) or the stored instance. None when the
-        instance was held back by de-identification."""
+        or the stored instance (its own file in a local store, else a local copy). None when
+        the instance was held back by de-identification.
+
+        Copies are kept under ``share-cache/<share>/<public SOP UID>/`` named by the blob key
+        (and digest) they were made from: a corrected instance has a new key, so its old
+        copy is never served, on any instance, and is removed when the new one is made.
+        Copies appear whole (written under a temporary name, then renamed)."""
+        self._sweep_now_and_then()
+        inst = self.stored(share, item)
+        folder = self._item_folder(share, item)
         if not share.deidentified:
-            return self._retrieve.local_file(
-                self.stored(share, item),
-                self._cache / share.public_id / f"{item.public_sop_uid}.dcm")
-        target = self._cache / share.public_id / f"{item.public_sop_uid}.dcm"
+            path = self._retrieve.local_file(inst, folder)
+            if path.parent == folder:
+                _forget_other_copies(folder, keep=path)
+            return path
+        target = folder / inst.copy_name
         with self._lock_for(str(target)):
             if target.exists():
                 return target
-            inst = self.stored(share, item)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
             # A file of this writer's own (another process may make the same copy at the
             # same moment; the one renamed last wins, both whole), de-identified and checked
             # by the verifier before the copy can be served.
-            fd, name = tempfile.mkstemp(dir=target.parent, suffix=".part")
+            fd, name = tempfile.mkstemp(dir=folder, prefix=".", suffix=".part")
             partial = Path(name)
             try:
                 with self._retrieve.open(inst) as fp, seekable(fp) as source, \
@@ -538,6 +569,7 @@ class ShareService:
                 raise
             if outcome.held_back:
                 partial.unlink(missing_ok=True)
+                _forget_other_copies(folder, keep=None)
                 with self._engine.begin() as conn:
                     conn.execute(update(share_items).where(
                         share_items.c.share_pk == share.pk,
@@ -545,7 +577,91 @@ class ShareService:
                         held_back=True))
                 return None
             partial.replace(target)
+            _forget_other_copies(folder, keep=target)
             return target
+
+    def _item_folder(self, share: Share, item: ShareItem) -> Path:
+        """Where this instance keeps its local copies of one shared item."""
+        return self._cache / share.public_id / item.public_sop_uid
+
+    def remove_copies(self, public_id: str) -> None:
+        """Remove this instance's local copies of a share's items (all of them)."""
+        if public_id and "/" not in public_id and public_id not in (".", ".."):
+            shutil.rmtree(self._cache / public_id, ignore_errors=True)
+
+    def remove_ended_copies(self) -> int:
+        """Remove this instance's local copies that may no longer be served: every copy of a
+        share that was revoked, expired, locked or deleted, of an item no longer in its share,
+        and of an instance's bytes since replaced (a correction); returns how many shares'
+        copies went. Safe to run at any time on every instance (each has its own
+        ``share-cache``)."""
+        self._last_sweep = time.monotonic()
+        if not self._cache.is_dir():
+            return 0
+        try:
+            folders = {p.name: p for p in self._cache.iterdir()}
+        except FileNotFoundError:
+            return 0
+        if not folders:
+            return 0
+        names = list(folders)
+        rows: dict[str, Share] = {}
+        current: dict[tuple[int, str], str] = {}
+        with self._engine.connect() as conn:
+            for start in range(0, len(names), 500):
+                rows.update((r.public_id, _share(r)) for r in conn.execute(
+                    select(shares).where(shares.c.public_id.in_(names[start:start + 500]))
+                ).mappings())
+            live_pks = [s.pk for s in rows.values() if s.state == "active"]
+            for start in range(0, len(live_pks), 500):
+                for row in conn.execute(
+                        select(share_items.c.share_pk, share_items.c.public_sop_uid,
+                               instances.c.blob_key, instances.c.sha256)
+                        .join(instances, instances.c.sop_uid == share_items.c.sop_uid,
+                              isouter=True)
+                        .where(share_items.c.share_pk.in_(live_pks[start:start + 500]))):
+                    current[(row.share_pk, row.public_sop_uid)] = _copy_name(
+                        row.blob_key, row.sha256)
+        removed = 0
+        for name, folder in folders.items():
+            share = rows.get(name)
+            if share is None or share.state != "active" or not folder.is_dir():
+                if folder.is_dir():
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    folder.unlink(missing_ok=True)
+                removed += 1
+                continue
+            try:
+                entries = list(folder.iterdir())
+            except (FileNotFoundError, NotADirectoryError):  # revoked meanwhile
+                continue
+            for entry in entries:
+                wanted = current.get((share.pk, entry.name))
+                if not entry.is_dir() or not wanted:
+                    # an item no longer shared, or a copy in the layout before copies were
+                    # named by their blob key
+                    _remove(entry)
+                    continue
+                _forget_other_copies(entry, keep=entry / wanted, stale_after=3600,
+                                     young=_SWEEP_SECONDS / 10)
+        return removed
+
+    def _sweep_now_and_then(self) -> None:
+        """Every instance that serves shares tidies its own copies now and then (the
+        periodic job runs on one instance only)."""
+        if time.monotonic() - self._last_sweep < _SWEEP_SECONDS:
+            return
+        if not self._sweep_guard.acquire(blocking=False):
+            return
+        try:
+            if time.monotonic() - self._last_sweep >= _SWEEP_SECONDS:
+                self.remove_ended_copies()
+        except Exception:  # noqa: BLE001 - tidying must not fail what is being served
+            self._last_sweep = time.monotonic()
+            log.warning("could not tidy the share copies in %s", self._cache, exc_info=True)
+        finally:
+            self._sweep_guard.release()
 
     def prepare(self, share: Share) -> int:
         """Make every de-identified copy now (after creation); returns how many were held
@@ -709,6 +825,7 @@ class ShareService:
         """End a share for good."""
         share = self.by_public_id(public_id, owner.name)
         if share.revoked_at is not None:
+            self.remove_copies(share.public_id)
             return
         with self._engine.begin() as conn:
             conn.execute(update(shares).where(shares.c.pk == share.pk)
@@ -716,6 +833,7 @@ class ShareService:
             self._audit.record(AuditEvent(actor=owner, action="share.revoke",
                                           outcome="success",
                                           detail={"share": public_id}), conn=conn)
+        self.remove_copies(share.public_id)
 
     def accesses(self, share: Share, limit: int = 200) -> list[dict[str, Any]]:
         """Every use of the link, newest first."""
@@ -781,18 +899,26 @@ class ShareService:
         return tuple(Grant(study, series, sop, frozenset(r))
                      for (study, series, sop), r in rights.items())
 
-    def received(self, username: str, email: str) -> list[Share]:
-        """Live shares naming this user or their e-mail address, newest first."""
-        conditions = [shares.c.recipient_user == username]
-        if email:
-            conditions.append(shares.c.recipient_email == email)
+    def received(self, username: str) -> list[Share]:
+        """Live shares naming this user, or sent to their e-mail address once it is confirmed
+        (set by an administrator, bound by an invitation, or proven through the link mailed
+        to it: an address an account typed for itself is not yet its own), newest first."""
+        confirmed = (select(users.c.email).where(
+            users.c.username == username, users.c.email != "",
+            users.c.email_verified_at.is_not(None)).scalar_subquery())
         with self._engine.connect() as conn:
-            rows = conn.execute(select(shares).where(or_(*conditions))
-                                .order_by(shares.c.pk.desc())).mappings().all()
+            rows = conn.execute(select(shares).where(or_(
+                shares.c.recipient_user == username, shares.c.recipient_email == confirmed))
+                .order_by(shares.c.pk.desc())).mappings().all()
         return [s for s in (_share(r) for r in rows) if s.state == "active"]
 
     def notify_expiring(self, within: timedelta = timedelta(days=3)) -> int:
-        """Tell owners about shares ending soon (once each); returns how many."""
+        """Tell owners about shares ending soon (once each); returns how many. Also removes
+        this instance's local copies of shares that ended (:meth:`remove_ended_copies`)."""
+        try:
+            self.remove_ended_copies()
+        except OSError:  # tidying must not stop the notices
+            log.warning("could not tidy the share copies in %s", self._cache, exc_info=True)
         now = datetime.now(UTC)
         with self._engine.begin() as conn:
             rows = conn.execute(select(shares.c.pk, shares.c.owner, shares.c.public_id).where(
@@ -805,6 +931,45 @@ class ShareService:
             self.notifier.notify(row.owner, "share.expiring", "A share link expires soon",
                                  f"/shares/{row.public_id}")
         return len(rows)
+
+
+def _copy_name(blob_key: str | None, sha256: str | None) -> str:
+    """The name of a local copy made from this blob (as :attr:`StoredInstance.copy_name`);
+    empty when the instance is gone."""
+    if not blob_key:
+        return ""
+    return StoredInstance("", "", "", blob_key, 0, 1, "", "", "", sha256).copy_name
+
+
+def _forget_other_copies(folder: Path, keep: Path | None, stale_after: float = 0,
+                         young: float = 0) -> None:
+    """Remove the copies in an item's folder other than ``keep`` (made from bytes since
+    replaced). Another writer's unfinished file is left alone unless older than
+    ``stale_after`` seconds (a writer that died); with ``young``, so is any copy made less
+    than that many seconds ago (the sweep's view of the index may be older than it)."""
+    try:
+        entries = list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    now = time.time()
+    for entry in entries:
+        if keep is not None and entry.name == keep.name:
+            continue
+        unfinished = entry.name.endswith(".part")
+        try:
+            age = now - entry.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if (unfinished and (not stale_after or age < stale_after)) or age < young:
+            continue
+        _remove(entry)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _visit_summary(visit: dict[str, Any]) -> str:

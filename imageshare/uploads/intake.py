@@ -3,8 +3,9 @@
 
 The round's folder is walked like media given to ``imageshare import`` (the same walker: a
 folder with a DICOMDIR is read through its references, each opened inside the folder without
-following symbolic links; zip members are checked), after each zip file passed the bomb
-limits. DICOM files are stored as they are, their patient checked against the invitation
+following symbolic links; every zip file it opens, whatever its name or first bytes, passes
+the bomb limits first, and what zip files expand to counts against the invitation's size
+limit). DICOM files are stored as they are, their patient checked against the invitation
 (a mismatch is flagged and held for review, never merged). Photos, videos and PDFs are made
 DICOM with the invitation's identity (:mod:`imageshare.uploads.convert`); the original file
 is kept beside it in the originals store, its SHA-256 recorded.
@@ -31,11 +32,16 @@ from pydicom.uid import generate_uid
 from sqlalchemy import Engine, delete, func, insert, select
 
 from imageshare.archive.dicom_json import NHS_ISSUER
-from imageshare.archive.importing import Candidate, DicomInputs, ImportReport
+from imageshare.archive.importing import (
+    Candidate,
+    DicomInputs,
+    ImportReport,
+    ZipLimits,
+)
 from imageshare.archive.ingest import IngestService
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ImageShareError
+from imageshare.domain.errors import ConflictingInstance, ImageShareError, InvalidInstance
 from imageshare.domain.identifiers import normalise_name
 from imageshare.storage.blobs import BlobStore, new_blob_key, store_file
 from imageshare.storage.index.schema import upload_files, upload_results
@@ -53,45 +59,52 @@ _IDENTITY_DETAIL = {"": "", "match": "", "name": "no NHS number; name and date o
                     "mismatch": "the patient in the file is not the invited patient"}
 
 
-@dataclass(frozen=True)
-class ZipLimits:
-    """Limits on a zip file before anything in it is read."""
-
-    max_members: int = 10_000
-    max_total_bytes: int = 8 << 30
-    max_ratio: int = 200  # uncompressed / compressed, per member
+# What the uploader is told of a file depends on the file alone, never on what the archive
+# holds: every outcome of a readable file (new, a duplicate, held for other patient details,
+# or refused as another patient's study: ``conflict``) reads "received"; the reviewer sees
+# which it was. ``failed``: something went wrong here, not with the file.
+RECEIVED = frozenset({"stored", "duplicate", "kept_first", "replaced", "held", "conflict"})
 
 
-def check_zip(path: Path, limits: ZipLimits) -> str:
-    """"" when the zip file may be opened; else the reason it is refused (a zip bomb, too
-    many members, encrypted or unreadable)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return "an unreadable zip file"
-    if len(infos) > limits.max_members:
-        return f"the zip file holds more than {limits.max_members} files"
-    total = 0
-    for info in infos:
-        total += info.file_size
-        if info.file_size > 1 << 20 and info.file_size > limits.max_ratio * max(
-                info.compress_size, 1):
-            return "the zip file expands far beyond its size (refused as a zip bomb)"
-    if total > limits.max_total_bytes:
-        return (f"the zip file expands to more than {limits.max_total_bytes >> 30} GB "
-                "(refused as a zip bomb)")
-    return ""
+def uploader_says(outcome: str, detail: str) -> str:
+    """A file's outcome in plain words for the person who uploaded it: "received", "not
+    needed", "needs checking by the hospital", or "could not be used" with the reason (a
+    reason about the file itself: unreadable, a kind not taken, a zip bomb)."""
+    if outcome in RECEIVED:
+        return "received"
+    if outcome == "skipped":
+        return "not needed"
+    if outcome == "failed":
+        return "needs checking by the hospital"
+    return f"could not be used: {detail}" if detail else "could not be used"
+
+
+def staff_says(outcome: str, detail: str) -> str:
+    """A file's outcome for staff, with what the archive said of it."""
+    return f"{outcome} ({detail})" if detail else outcome
+
+
+def _refusal(exc: ImageShareError) -> str:
+    """The outcome of a file the store or a conversion refused: ``conflict`` (what the
+    archive holds stands against it), ``refused`` (the file itself) or ``failed`` (here)."""
+    if isinstance(exc, ConflictingInstance):
+        return "conflict"
+    if isinstance(exc, InvalidInstance) or type(exc) is ImageShareError:
+        return "refused"
+    return "failed"
 
 
 @dataclass
 class RoundReport:
-    """What one round became: counts and a line per file."""
+    """What one round became: counts and a line per file. ``received`` and ``refused`` count
+    as the uploader is told (:func:`uploader_says`); ``stored`` and ``held`` are instances
+    made."""
 
     stored: int = 0
     held: int = 0
     refused: int = 0
     skipped: int = 0
+    received: int = 0
     studies: set[str] = field(default_factory=set)
     lines: list[tuple[str, str, str]] = field(default_factory=list)  # (label, outcome, why)
 
@@ -239,6 +252,8 @@ class UploadIntake:
                     report.stored += 1
                 elif outcome == "held":
                     report.held += 1
+                if outcome in RECEIVED:
+                    report.received += 1
                 elif outcome == "skipped":
                     report.skipped += 1
                 else:
@@ -314,23 +329,17 @@ class UploadIntake:
                 self._one(candidate, label, invitation, actor, note, arrived,
                           lambda kind, label: placement(kind, label, number))
             except Exception as exc:  # noqa: BLE001 - one bad file never stops a round
-                note(label, "refused", "refused", f"unexpected error ({type(exc).__name__})")
+                note(label, "refused", "failed", f"unexpected error ({type(exc).__name__})")
             if progress is not None:
                 progress()
 
         entries = sorted(folder.iterdir()) if folder.exists() else []
-        for path in [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]:
-            try:
-                with open(path, "rb") as fh:
-                    kind = convert.sniff(fh.read(16))
-            except OSError:
-                continue
-            if kind == "zip":
-                reason = check_zip(path, self._zip_limits)
-                if reason:
-                    note(self._label(folder, str(path)), "zip", "refused", reason)
-                    path.unlink()
-        walker = DicomInputs()
+        # Zip files count by what they expand to against the invitation's limit: what the
+        # upload's other files left of it, plus the round's zip files' own bytes.
+        allowance = invitation.max_bytes - self._used_bytes(invitation) + sum(
+            _zip_size(p) for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+        walker = DicomInputs(self._zip_limits, allowance,
+                             f"this upload's limit of {invitation.max_bytes >> 20} MB")
         walk_report = ImportReport()
         try:
             with ThreadPoolExecutor(max_workers=self._parallel) as pool:
@@ -374,6 +383,14 @@ class UploadIntake:
                     "refused": report.refused}))
         return report
 
+    def _used_bytes(self, invitation: Invitation) -> int:
+        """Bytes announced for the invitation so far, every round (as the receiver counts
+        them against its limit)."""
+        c = upload_files.c
+        with self._engine.connect() as conn:
+            return int(conn.execute(select(func.coalesce(func.sum(c.length), 0)).where(
+                c.invitation_pk == invitation.pk, c.status != "removed")).scalar() or 0)
+
     @staticmethod
     def _label(folder: Path, label: str) -> str:
         """A file's name as the uploader knows it (relative to the round's folder)."""
@@ -397,7 +414,11 @@ class UploadIntake:
                 note(label, "other", "refused",
                      "not a kind of file the hospital can take (DICOM, photos, videos, PDF)")
             return
-        spool = self._spool(candidate)
+        try:
+            spool = self._spool(candidate)
+        except ImageShareError as exc:  # a zip member larger than stated, or than allowed
+            note(label, "other", _refusal(exc), str(exc))
+            return
         try:
             converted_kind = {"jpeg": "photo", "png": "photo", "heic": "photo"}.get(kind, kind)
             if kind == "heic" and not convert.heic_supported():
@@ -417,7 +438,7 @@ class UploadIntake:
                 result = self._ingest.store_staged(staged, actor,
                                                    review_site=invitation.review_site)
             except ImageShareError as exc:
-                note(label, converted_kind, "refused", str(exc))
+                note(label, converted_kind, _refusal(exc), str(exc))
                 return
             finally:
                 staged.unlink(missing_ok=True)
@@ -432,8 +453,12 @@ class UploadIntake:
     def _spool(self, candidate: Candidate) -> Path:
         """A private copy of a non-DICOM file (readers need a path; zip members have none)."""
         fd, name = tempfile.mkstemp(dir=self._staging, suffix=".upload")
-        with os.fdopen(fd, "wb") as out, candidate.open() as src:
-            shutil.copyfileobj(src, out, 1 << 20)
+        try:
+            with os.fdopen(fd, "wb") as out, candidate.open() as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
         return Path(name)
 
     def _dicom(self, candidate: Candidate, label: str, invitation: Invitation, actor: Actor,
@@ -457,7 +482,7 @@ class UploadIntake:
                     result = self._ingest.store_stream(stream, actor,
                                                        review_site=invitation.review_site)
             except ImageShareError as exc:
-                note(label, "dicom", "refused", str(exc))
+                note(label, "dicom", _refusal(exc), str(exc))
                 return
             outcome, study_uid, warning = result.outcome, result.study_uid, result.warning
             sop_uid = result.sop_instance_uid
@@ -469,9 +494,19 @@ class UploadIntake:
 
 
 def _counted(rows: list[str]) -> tuple[int, int]:
-    """(made instances, could not be used) as :class:`RoundReport` counts them."""
-    made = sum(1 for r in rows if r in ("stored", "duplicate", "held"))
-    return made, sum(1 for r in rows if r not in ("stored", "duplicate", "held", "skipped"))
+    """(received, could not be used) as :class:`RoundReport` counts them."""
+    made = sum(1 for r in rows if r in RECEIVED)
+    return made, sum(1 for r in rows if r not in RECEIVED and r != "skipped")
+
+
+def _zip_size(path: Path) -> int:
+    """The size of the file at ``path`` when it is a zip file (as the walker finds one: from
+    its end), else 0."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.seek(0, os.SEEK_END) if zipfile.is_zipfile(fh) else 0
+    except OSError:
+        return 0
 
 
 def _opener(path: Path) -> Callable[[], BinaryIO]:

@@ -142,6 +142,14 @@ class UploadReview:
                                        files))
         return found
 
+    def unused(self, invitation: Invitation) -> list[dict[str, object]]:
+        """The invitation's files that are in none of its studies to review: refused,
+        skipped, refused as against what the archive holds, or found in the archive already
+        (a duplicate of a study in the record), with what the archive said: the reviewer's
+        to read (the uploader is told only what depends on their file)."""
+        reviewed = {i.study_uid for i in self.items(invitation)}
+        return [r for r in self._files(invitation) if r["study_uid"] not in reviewed]
+
     def checks(self, invitation: Invitation, study: StudyRecord | None,
                files: tuple[dict[str, object], ...]) -> tuple[Check, ...]:
         """Identity by NHS number, readability, and the expected modality and body part."""
@@ -258,7 +266,8 @@ class UploadReview:
     def _files(self, invitation: Invitation) -> list[dict[str, object]]:
         with self._engine.connect() as conn:
             return [dict(r) for r in conn.execute(select(upload_results).where(
-                upload_results.c.invitation_pk == invitation.pk)).mappings()]
+                upload_results.c.invitation_pk == invitation.pk).order_by(
+                upload_results.c.pk)).mappings()]
 
     def original(self, invitation: Invitation, result_pk: int) -> tuple[dict[str, object],
                                                                           BlobStore]:

@@ -159,7 +159,8 @@ class UploadService:
         self.review.reopen_sent(invitation, report.studies)
         self.receiver.discard_round(invitation, round_)
         job.done = max(job.done, job.total)
-        job.summary = (f"{report.stored + report.held} file(s) received"
+        # the uploader reads it too: counted as they are told (nothing of the archive)
+        job.summary = (f"{report.received} file(s) received"
                        + (f", {report.refused} could not be used" if report.refused else ""))
 
     def _not_here(self, job: Job, invitation: Invitation, round_: int,

@@ -15,7 +15,7 @@ from imageshare.access.policy import PUBLIC
 from imageshare.access.sessions import COOKIE
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import ANONYMOUS, Actor
-from imageshare.domain.errors import Forbidden, NotAuthenticated, TooManyRequests
+from imageshare.domain.errors import Forbidden, NotAuthenticated, NotFound, TooManyRequests
 from imageshare.web.deps import archive_of
 
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
@@ -151,16 +151,19 @@ class Permission:
 
     Every route declares one (``Permission(PUBLIC)`` for the few open ones); a test walks the
     routes and checks that none lacks it. ``study_param`` names the path parameter holding the
-    Study Instance UID when access depends on the study (shares grant single studies).
-    Refusals are audited.
+    Study Instance UID when access depends on the study (shares grant single studies); such a
+    study must be part of the record unless ``in_record`` is false. Refusals are audited.
     """
 
-    def __init__(self, action: str, study_param: str | None = None) -> None:
+    def __init__(self, action: str, study_param: str | None = None,
+                 in_record: bool = True) -> None:
         self.action = action
         self.study_param = study_param
+        self.in_record = in_record
 
     async def __call__(self, request: Request) -> Actor:
-        """Authorise the request, raising NotAuthenticated, Forbidden or TooManyRequests.
+        """Authorise the request, raising NotAuthenticated, Forbidden, NotFound (a study not
+        part of the record) or TooManyRequests.
 
         A browser session (cookie) must also send its CSRF token with every request that
         changes something; HTTP Basic and bearer tokens never reach a page (HTML form) route
@@ -188,7 +191,12 @@ class Permission:
                 if not hmac.compare_digest(sent.encode(), session.csrf_token.encode()):
                     raise Forbidden("the request lacks this session's CSRF token")
             archive.policy.authorise(actor, self.action, study_uid or None)
-        except (Forbidden, NotAuthenticated) as exc:
+            if study_uid and self.in_record and not await run_in_threadpool(
+                    archive.catalogue.in_record, study_uid):
+                # Unknown, or still waiting for a person's decision (inbox, uploads): the
+                # same answer, so that nobody learns what waits there.
+                raise NotFound("no such study")
+        except (Forbidden, NotAuthenticated, NotFound) as exc:
             await run_in_threadpool(_record_denial, request, actor, self.action, study_uid, exc)
             raise
         return actor
@@ -227,6 +235,10 @@ def _route_template(request: Request) -> str:
     return getattr(route, "path", "") or ""
 
 
-def allowed(action: str, study_param: str | None = None) -> Any:
-    """``Annotated[Actor, Depends(Permission(action))]`` for a route parameter."""
-    return Annotated[Actor, Depends(Permission(action, study_param))]
+def allowed(action: str, study_param: str | None = None, in_record: bool = True) -> Any:
+    """``Annotated[Actor, Depends(Permission(action))]`` for a route parameter. With a
+    ``study_param``, a study that is not part of the record (unknown, or waiting in the inbox
+    or for review) is not found, unless ``in_record`` is false: for routes whose own answers
+    keep to the record (DICOMweb's searches answer an empty list, as for any study without
+    matches)."""
+    return Annotated[Actor, Depends(Permission(action, study_param, in_record))]

@@ -71,9 +71,11 @@ from imageshare.web.negotiation import MediaRange, matches, parse_accept, parse_
 
 log = logging.getLogger("imageshare.dicomweb")
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
-Reader = allowed(STUDY_READ, "study")
+# The services' own queries keep to the record (a search under a study nobody may see finds
+# nothing, a retrieval of it is not found), so the permission does not look for the study.
+Reader = allowed(STUDY_READ, "study", in_record=False)
 # Instances as DICOM files leave with download rights (shares may grant only viewing).
-Downloader = allowed(STUDY_DOWNLOAD, "study")
+Downloader = allowed(STUDY_DOWNLOAD, "study", in_record=False)
 Writer = allowed(STUDY_STORE)
 DICOM_JSON = "application/dicom+json"
 DICOM_XML = "application/dicom+xml"
@@ -612,11 +614,14 @@ def _pixel_parts(request: Request, inst: StoredInstance, numbers: list[int]) -> 
     summary="WADO-RS: retrieve frames",
 )
 def retrieve_frames(
-    request: Request, study: str, series: str, instance: str, frames: str, actor: Reader
+    request: Request, study: str, series: str, instance: str, frames: str, actor: Downloader
 ) -> Response:
-    """Frames as stored (compressed bitstreams) or as uncompressed pixel bytes."""
+    """Frames as stored (compressed bitstreams) or as uncompressed pixel bytes: the stored
+    pixels, which with the metadata make the instance again, so for those who may download
+    it (viewing alone gets rendered frames)."""
     numbers = _frame_numbers(frames)
-    inst = _select(request, actor, "study.retrieve", study, series, instance)[0]
+    inst = _select(request, actor, "study.retrieve", study, series, instance,
+                   right=DOWNLOAD)[0]
     if is_video(inst.transfer_syntax):
         raise NotAcceptable("frames of a video are not separable; retrieve the instance")
     return _pixel_parts(request, inst, numbers)
@@ -639,11 +644,14 @@ def _wants_octet_stream(request: Request) -> None:
 )
 def retrieve_bulkdata(
     request: Request, archive: ArchiveDep,
-    study: str, series: str, instance: str, path: str, actor: Reader
+    study: str, series: str, instance: str, path: str, actor: Downloader
 ) -> Response:
     """A large attribute's value, named by the BulkDataURI the metadata gave (at any depth of
-    sequences); pixel data as all frames, as stored or decoded (video as its bitstream)."""
-    inst = _select(request, actor, "study.retrieve", study, series, instance)[0]
+    sequences); pixel data as all frames, as stored or decoded (video as its bitstream).
+    For those who may download the instance (with the metadata it makes the instance again;
+    viewing alone gets rendered frames)."""
+    inst = _select(request, actor, "study.retrieve", study, series, instance,
+                   right=DOWNLOAD)[0]
     retrieve = archive.retrieve
     boundary = new_boundary()
     path = path.upper().strip("/")

@@ -95,7 +95,9 @@ async def push(archive: ArchiveDep, body: PushIn, actor: allowed(EXCHANGE)) -> d
 class ArrivalIn(BaseModel):
     """What travels with a study another ImageShare pushed to us (site to site)."""
 
-    origin: str = Field(min_length=1, max_length=16, description="the sender's AE title")
+    origin: str = Field(default="", max_length=16,
+                        description="the sending site's AE title: taken from the site account's "
+                        "linked site; when given it must be that site (else 403)")
     study_uid: str = Field(min_length=1, max_length=64)
     transfer: str = Field(default="", max_length=32,
                           description="the sender's transfer id (receipts answer it)")
@@ -120,7 +122,9 @@ def arrival(archive: ArchiveDep, body: ArrivalIn, actor: allowed(EXCHANGE_RECEIV
 class ReceiptIn(BaseModel):
     """A receiving site's receipt for a study we sent (site to site)."""
 
-    origin: str = Field(min_length=1, max_length=16, description="the receiver's AE title")
+    origin: str = Field(default="", max_length=16,
+                        description="the sending site's AE title: taken from the site account's "
+                        "linked site; when given it must be that site (else 403)")
     transfer: str = Field(min_length=1, max_length=32)
     study_uid: str = Field(default="", max_length=64)
     outcome: str = Field(pattern="^(accepted|rejected)$")
@@ -225,7 +229,9 @@ def receive_request(archive: ArchiveDep, body: dict[str, str],
 class AnswerIn(BaseModel):
     """The other site's answer to a request for prior imaging we sent (site to site)."""
 
-    origin: str = Field(min_length=1, max_length=16)
+    origin: str = Field(default="", max_length=16,
+                        description="the sending site's AE title: taken from the site account's "
+                        "linked site; when given it must be that site (else 403)")
     request: str = Field(min_length=1, max_length=32)
     state: str = Field(pattern="^(fulfilled|declined)$")
     detail: str = Field(default="", max_length=2000)

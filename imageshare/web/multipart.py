@@ -148,12 +148,16 @@ class PartSink:
         self.finished = True
 
     def close(self) -> None:
-        """Close a part left open by a body that ended early."""
+        """Close a part left open by a body that ended early (and remove it); closing never
+        raises (its buffered bytes may not fit on a full disk: they are thrown away)."""
         if self._out is not None:
-            self._out.close()
+            out, self._out = self._out, None
+            try:
+                out.close()
+            except OSError:
+                pass  # the part is discarded; the error that ended the body is the one told
             if self._path is not None:
                 self._path.unlink(missing_ok=True)
-            self._out = None
 
 
 def new_boundary() -> str:

@@ -75,6 +75,9 @@ def sites(tmp_path_factory, mail):
         b_at_a = at_a.user("site-siteb", "service-password", "site", token=True)
         at_a.site("SITEB", b, "Hospital B", a_at_b)
         at_b.site("SITEA", a, "Hospital A", b_at_a)
+        # Each site account speaks for the site it belongs to.
+        at_b.archive.users.link_site("site-sitea", "SITEA")
+        at_a.archive.users.link_site("site-siteb", "SITEB")
         for name, count, holder in (("urgent", 2, at_a), ("routine", 2, at_a),
                                     ("prior", 2, at_b)):
             files = ct_series(tmp_path / name, count, patient_id=NHS,

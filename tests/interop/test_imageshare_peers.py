@@ -41,10 +41,11 @@ def sites(tmp_path):
         for server in (a, b):
             server.cli("user", "add", STAFF[0], "--role", "clinician", "--password", STAFF[1])
         # B knows A: a service account for A's STOW-RS and requests, and A's DICOM address
-        b.cli("user", "add", "site-a", "--role", "site", "--password", "service-password")
-        token = b.cli("user", "token", "site-a", "--name", "site A").stdout.strip()
         b.cli("node", "add", "SITEA", "--host", "127.0.0.1", "--port", str(a.dicom_port),
               "--name", "Hospital A", "--inbox")
+        b.cli("user", "add", "site-a", "--role", "site", "--password", "service-password",
+              "--site", "SITEA")
+        token = b.cli("user", "token", "site-a", "--name", "site A").stdout.strip()
         # A knows B over DICOMweb (with the token) and DIMSE
         a.cli("node", "add", "SITEB", "--host", "127.0.0.1", "--port", str(b.dicom_port),
               "--name", "Hospital B", "--inbox", "--dicomweb", b.dicomweb,

@@ -43,7 +43,8 @@ SYSTEM = Actor("system", "tests", "admin", "tests")
 #   adC  the same, token made on the command line (for machines)
 #   bos  administrator with 2FA, session
 # Cells: a status code, or "all" / "own": 200 listing everything / only share I's items.
-# Paths: DW is /dicomweb/studies; {a} and {b} are an instance of series A and of B (WADO-RS).
+# Paths: DW is /dicomweb/studies; {a} and {b} are an instance of series A and of B (WADO-RS);
+# {X} is an e-mail confirmation link's secret that was never mailed (410 to whoever may ask).
 MATRIX = """
 request     path                       ano pat rev rcp rcT lnk cli clB clT edu svT adB adW adC bos
 GET         DW                         401 403 403 own own 401 all all all all all 403 403 all all
@@ -92,6 +93,10 @@ GET         /fhir/metadata             401 200 200 200 200 401 200 200 200 200 2
 GET         /iid?{S:iid}               401 403 403 200 200 401 200 200 200 200 200 403 403 200 200
 GET         /uploads                   401 403 403 403 403 401 200 200 200 403 403 403 403 200 200
 GET         /my                        401 200 403 403 403 401 403 403 403 403 403 403 403 403 403
+GET         /shared-with-me            401 200 200 200 200 401 200 200 200 200 200 200 200 200 200
+POST:form   /account/email/confirmation 401 400 400 400 403 401 400 403 403 400 403 403 403 403 400
+GET         /account/email/confirm/{X} 401 410 410 410 410 401 410 410 410 410 410 410 410 410 410
+POST:form   /account/email/confirm/{X} 401 410 410 410 403 401 410 403 403 410 403 403 403 403 410
 """
 
 
@@ -154,7 +159,7 @@ def world(archive, tmp_path):
              "{b}": "/dicomweb/" + instance(b_series), "{D}": deid.path.removeprefix("/s/"),
              "{I}": ident.path.removeprefix("/s/"), "{S:fhir}": resource_id(study_uid),
              "{T:fhir}": resource_id(other),
-             "{S:iid}": f"requestType=STUDY&studyUID={study_uid}"}
+             "{S:iid}": f"requestType=STUDY&studyUID={study_uid}", "{X}": "0" * 43}
     app = create_app(archive)
 
     def browser(username: str | None, code: str | None = None) -> Caller:
@@ -199,6 +204,8 @@ def _body(kind: str, caller: Caller, world: dict, counter: int) -> dict:
     header = {"X-CSRF-Token": caller.csrf} if caller.csrf else {}
     if kind == "-":
         return {}
+    if kind == "form":  # a page form with nothing but the CSRF token
+        return {"data": {**csrf}}
     if kind == "note":
         return {"data": {"body": "Seen in the matrix", **csrf}}
     if kind == "search":
@@ -273,6 +280,6 @@ def test_the_matrix_covers_every_kind_of_route():
     _callers, rows = _table()
     paths = {path for _method, path, _body, _expected in rows}
     for prefix in ("/dicomweb/", "/studies/", "/viewer/", "/admin/", "/api/", "/s/", "/fhir/",
-                   "/iid"):
+                   "/iid", "/account/email/"):
         assert any(p.startswith(prefix) for p in paths), prefix
     assert Path(__file__).name == "test_access_matrix.py"

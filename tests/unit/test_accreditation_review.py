@@ -202,12 +202,15 @@ def test_staff_set_their_e_mail_address_on_the_account_page_and_admins_on_the_us
     page = trainee.get("/account", headers=HTML)
     assert "None is set: you get no e-mail" in page.text
     bad = trainee.post("/account/email", headers=HTML,
-                       data={"csrf_token": csrf(page.text), "email": "not an address"})
+                       data={"csrf_token": csrf(page.text), "email": "not an address",
+                             "current": PASSWORD})
     assert bad.status_code == 400 and archive.users.email_of("trainee") == ""
     trainee.post("/account/email", headers=HTML,
-                 data={"csrf_token": csrf(page.text), "email": "trainee@example.org"})
+                 data={"csrf_token": csrf(page.text), "email": "trainee@example.org",
+                       "current": PASSWORD})
     assert archive.users.email_of("trainee") == "trainee@example.org"
-    assert [e["detail"]["user"] for e in archive.audit.events("user.email")] == ["trainee"]
+    assert [(e["detail"]["user"], e["outcome"]) for e in archive.audit.events("user.email")
+            ] == [("trainee", "success"), ("trainee", "failure")]
 
 
 def test_an_administrator_sets_a_staff_members_e_mail_address_on_the_users_page(archive):

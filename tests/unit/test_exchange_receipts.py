@@ -26,10 +26,12 @@ HTML = {"Accept": "text/html"}
 
 @pytest.fixture
 def web(archive):
-    archive.users.add("site-a", PASSWORD, "site")
+    archive.nodes.add(Node("SITEA", "127.0.0.1", 104, display_name="Hospital A", inbox=True))
+    archive.nodes.add(Node("SITEB", "127.0.0.2", 104, display_name="Hospital B", inbox=True))
+    archive.users.add("site-a", PASSWORD, "site", site_node="SITEA")
+    archive.users.add("site-b", PASSWORD, "site", site_node="SITEB")
     archive.users.add("doctor", PASSWORD, "clinician")
     archive.users.add("pat", PASSWORD, "patient")
-    archive.nodes.add(Node("SITEA", "127.0.0.1", 104, display_name="Hospital A", inbox=True))
     with TestClient(create_app(archive)) as client:
         yield client
 
@@ -92,8 +94,10 @@ def test_a_receipt_only_lands_on_our_transfer_to_the_site_that_answers(archive, 
     receipt = {"origin": "SITEA", "transfer": "abc123", "outcome": "accepted", "by": "x"}
     assert web.post("/api/exchange/receipts", auth=("site-a", PASSWORD),
                     json=receipt).status_code == 404  # sent to B: A cannot answer for it
+    assert web.post("/api/exchange/receipts", auth=("site-a", PASSWORD),  # nor pose as B
+                    json={**receipt, "origin": "SITEB"}).status_code == 403
     assert archive.transfers.get("abc123").receipt_outcome == ""
-    answer = web.post("/api/exchange/receipts", auth=("site-a", PASSWORD),
+    answer = web.post("/api/exchange/receipts", auth=("site-b", PASSWORD),
                       json={**receipt, "origin": "SITEB", "note": "thanks"})
     assert answer.status_code == 200, answer.text
     got = archive.transfers.get("abc123")

@@ -238,3 +238,34 @@ def test_instances_stored_before_digests_were_recorded_are_still_recognised(arch
     assert archive.ingest.store_copy(path, ACTOR).outcome == "duplicate"
     changed = _changed_copy(path, tmp_path / "changed.dcm")
     assert archive.ingest.store_copy(changed, ACTOR).outcome == "kept_first"
+
+
+def test_overwrite_never_lets_another_site_or_another_patient_replace_what_is_stored(
+        tmp_path):
+    """With overwrite on, another hospital's new version of a stored instance, or one that
+    names another patient, is kept out (the stored instance stays); our own replaces it."""
+    from imageshare.access.policy import INBOX
+    from imageshare.domain.actors import Actor
+
+    archive = make_archive(tmp_path, overwrite_instances=True)
+    try:
+        path = ct_series(tmp_path / "in", count=1, patient_id="OWN8",
+                         patient_name="Own^Oscar")[0]
+        archive.ingest.store_copy(path, ACTOR)
+        original = path.read_bytes()
+        hospital = Actor("node", "HOSP_B", "node", "HOSP_B@10.1.0.9",
+                         grants=frozenset({"dicom.store", INBOX}))
+        changed = _changed_copy(path, tmp_path / "changed.dcm")
+        assert archive.ingest.store_copy(changed, hospital).outcome == "kept_first"
+        stranger = dcmread(changed)
+        stranger.PatientName = "Stranger^Sam"
+        stranger.save_as(tmp_path / "stranger.dcm")
+        assert archive.ingest.store_copy(tmp_path / "stranger.dcm",
+                                         ACTOR).outcome == "kept_first"
+        (inst,) = archive.retrieve.select(ACTOR, "study.retrieve",
+                                          sop_uids=[dcmread(path).SOPInstanceUID])
+        with archive.retrieve.open(inst) as fh:
+            assert fh.read() == original
+        assert archive.ingest.store_copy(changed, ACTOR).outcome == "replaced"
+    finally:
+        archive.close()

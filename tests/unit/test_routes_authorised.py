@@ -175,3 +175,18 @@ def test_no_path_is_claimed_by_two_routers(archive):
                     assert not (rival.path_regex.match(concrete)
                                 and set(rival.methods) & set(route.methods)), (
                         route.path, rival.path)
+
+
+def test_the_e_mail_confirmation_routes_are_the_signed_in_accounts_own(archive, anonymous):
+    """Confirming an address (the link mailed to it, the button that mails it again) needs a
+    signed-in account, and is for that account only: never open to anonymous callers."""
+    from imageshare.access.policy import ACCOUNT_SELF
+
+    found = {(method, route.path): _permissions(route.dependant)[0].action
+             for route in _routes(archive) for method in route.methods
+             if route.path.startswith("/account/email/")}
+    assert found == {("POST", "/account/email/confirmation"): ACCOUNT_SELF,
+                     ("GET", "/account/email/confirm/{secret}"): ACCOUNT_SELF,
+                     ("POST", "/account/email/confirm/{secret}"): ACCOUNT_SELF}
+    for method, path in found:
+        assert anonymous.request(method, _concrete(path)).status_code == 401

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pyotp
 import pytest
-from alembic import command
-from sqlalchemy import insert, select, text
+from sqlalchemy import select, text
 
 from imageshare.domain.errors import ConfigurationError
 from imageshare.exchange.nodes import Node
-from imageshare.storage.index.database import _alembic_config, make_engine
+from imageshare.storage.index.database import make_engine
 from imageshare.storage.index.schema import users
-from tests.conftest import make_archive
+from tests.conftest import make_archive, upgrade_index
 from tests.factory import ct_series
 from tests.multipart_helpers import encode_multipart
 from tests.peers import RunningServer
@@ -63,18 +62,16 @@ def test_plaintext_secrets_of_an_older_version_are_encrypted_on_start(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     engine = make_engine(f"sqlite:///{data / 'index.sqlite'}")
-    config = _alembic_config(engine)
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0011")
+    upgrade_index(engine, "0011")
     secret = pyotp.random_base32()
     from datetime import UTC, datetime
 
     now = datetime.now(UTC)
     with engine.begin() as conn:  # as version 0011 wrote them
-        conn.execute(insert(users).values(
-            username="old", password_hash="x", role="clinician", disabled=False,
-            created_at=now, totp_secret=secret, totp_enabled=True))
+        conn.execute(text(  # the columns 0011 had (not those added since)
+            "INSERT INTO users (username, password_hash, role, disabled, created_at, "
+            "totp_secret, totp_enabled) VALUES ('old', 'x', 'clinician', 0, :now, :secret, 1)"),
+            {"now": now, "secret": secret})
         conn.execute(text(
             "INSERT INTO nodes (ae_title, host, port, dicomweb_url, display_name, may_query, "
             "may_retrieve, may_store, created_at, dicomweb_auth) VALUES ('OLDSITE', "

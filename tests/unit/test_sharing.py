@@ -149,6 +149,30 @@ def test_ten_wrong_passcodes_lock_the_link(archive, anonymous, study):
     assert len(failures) == 10 and failures[0]["detail"]["locked"] is True
 
 
+def test_passcodes_tried_at_the_same_moment_get_no_more_than_ten_tries(archive, study):
+    """Twenty wrong passcodes at once (as from many addresses): no more than ten are
+    checked, the link ends locked, and the right passcode then opens nothing."""
+    import threading
+
+    created = make_share(archive, study)
+    share = archive.shares.by_token(created.path.removeprefix("/s/"))
+    start = threading.Barrier(20)
+
+    def guess(passcode: str) -> None:
+        start.wait()
+        assert not archive.shares.check_passcode(share, passcode, "192.0.2.1")
+
+    guesses = [threading.Thread(target=guess, args=(f"WRONG{n:02d}",)) for n in range(20)]
+    for thread in guesses:
+        thread.start()
+    for thread in guesses:
+        thread.join(60)
+    checked = [e for e in archive.audit.events("share.passcode")
+               if e["outcome"] == "failure" and "failures" in e["detail"]]
+    assert len(checked) == 10
+    assert not archive.shares.check_passcode(share, created.passcode, "192.0.2.1")
+
+
 def test_revoking_ends_the_link_for_good(archive, anonymous, study):
     created = make_share(archive, study)
     open_link(anonymous, created)
@@ -156,7 +180,9 @@ def test_revoking_ends_the_link_for_good(archive, anonymous, study):
     item = archive.shares.items(share)[0]
     url = (f"{created.path}/dicomweb/studies/{item.public_study_uid}/series/"
            f"{item.public_series_uid}/thumbnail")
-    assert anonymous.get(url).status_code == 200
+    shown = anonymous.get(url)
+    # No browser keeps a shared image to show it again after a revocation.
+    assert shown.status_code == 200 and "no-store" in shown.headers["cache-control"]
     archive.shares.revoke(created.public_id, OWNER)
     assert anonymous.get(url).status_code == 401
     landing = anonymous.get(created.path, headers=HTML)
@@ -292,7 +318,7 @@ def test_a_deidentified_share_made_over_the_api_has_its_copies_prepared_at_once(
     deadline = time.monotonic() + 120
     while True:
         items = archive.shares.items(share)
-        prepared = {p.stem for p in folder.glob("*.dcm")} | {
+        prepared = {p.parent.name for p in folder.glob("*/*.dcm")} | {
             i.public_sop_uid for i in items if i.held_back}
         if prepared >= {i.public_sop_uid for i in items} or time.monotonic() > deadline:
             break

@@ -170,11 +170,17 @@ def test_an_identifiable_share_reaches_only_its_items_with_only_its_rights(archi
     us_path = f"{base}/series/{us.series_uid}/instances/{us_sop}"
     assert anonymous.get(f"{ct_path}/metadata", headers=token).status_code == 200
     assert anonymous.get(f"{ct_path}/rendered", headers=token).status_code == 200
-    for unshared in (f"{us_path}/metadata", f"{us_path}/rendered", f"{us_path}/frames/1",
+    for unshared in (f"{us_path}/metadata", f"{us_path}/rendered",
                      f"{base}/series/{us.series_uid}/metadata"):
         assert anonymous.get(unshared, headers=token).status_code == 404, unshared
-    # View only: no DICOM files, no exports, no comments, no marks.
+    # View only: no DICOM files, nor their stored pixels (frames, bulk data: with the
+    # metadata they make the file again), no exports, no comments, no marks.
     assert anonymous.get(ct_path, headers=token).status_code == 403
+    for pixels in (f"{ct_path}/frames/1", f"{ct_path}/bulkdata/7FE00010",
+                   f"{us_path}/frames/1"):
+        assert anonymous.get(pixels, headers={**token, "Accept": 'multipart/related; '
+                             'type="application/octet-stream"; transfer-syntax=*'}
+                             ).status_code == 403, pixels
     assert anonymous.get(base, headers=token).status_code == 403
     assert anonymous.post(f"/api/studies/{uid}/exports", headers=token, json={}
                           ).status_code == 403

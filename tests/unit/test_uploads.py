@@ -1133,3 +1133,32 @@ def test_files_announced_at_once_by_several_processes_cannot_pass_the_size_limit
             taken = list(pool.map(announce, range(8)))
         assert sum(taken) <= 3  # 3 x 300 KB fit in 1 MB, 4 do not
         assert archive.uploads.receiver.used_bytes(invitation) <= 1 << 20
+
+
+def test_an_upload_waiting_for_review_never_becomes_the_record_of_its_patient_id(
+        hospital, tmp_path):
+    """Files an uploader sent for a hospital number the archive does not know yet are kept
+    apart until a person accepted them: the hospital's own images of that number, with the
+    real patient's details, are stored, not refused as "on record with another name"; once
+    accepted, the upload is filed under the invited patient."""
+    archive, _sink = hospital
+    created = _invite(archive, hospital_number="H300", patient_name="Person^Real",
+                      birth_date="19700101", nhs_number="")
+    planted = ct_series(tmp_path / "planted", 1, patient_id="H300",
+                        patient_name="Fake^Planted", PatientBirthDate="19990909")[0]
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        _tus_upload(client, created.path, csrf, planted, "scan.dcm")
+        assert _instances(archive)[0][1] == "upload"  # stored for review as it arrived
+        own = ct_series(tmp_path / "own", 2, patient_id="H300", patient_name="Person^Real",
+                        PatientBirthDate="19700101")
+        for path in own:
+            assert archive.ingest.store_copy(path, STAFF).outcome == "stored"
+        assert 'data-state="done"' in _send(client, created.path, csrf)
+    record = archive.catalogue.record(dcmread(own[0]).StudyInstanceUID).patient
+    assert (record.patient_id, record.issuer, record.name) == ("H300", "", "Person^Real")
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    (uploaded,) = archive.uploads.review.studies(invitation)
+    archive.uploads.review.accept(invitation, uploaded.item.pk, STAFF, file_anyway=True)
+    filed = archive.catalogue.record(uploaded.item.study_uid).patient
+    assert (filed.patient_id, filed.issuer, filed.name) == ("H300", "", "Person^Real")

@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 
 from imageshare.domain.errors import ConfigurationError
+from imageshare.storage.index.writer_gate import TIMED_OUT, WriterGate, gate_for
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -24,6 +25,7 @@ T = TypeVar("T")
 log = logging.getLogger("imageshare.index")
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+BUSY_TIMEOUT = 30  # seconds a writer on SQLite waits for the write lock before it is refused
 
 
 def make_engine(
@@ -42,7 +44,8 @@ def make_engine(
         if parsed.database:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            parsed, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8,
+            parsed, connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT},
+            pool_size=8,
             max_overflow=16,
         )
         synchronous = sqlite_synchronous.upper()
@@ -55,13 +58,18 @@ def make_engine(
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT * 1000}")
             cur.close()
             if for_writer:
                 dbapi_conn.isolation_level = None  # transactions are begun below
 
+        # Marks reads (below) and ends a writer's turn at the gate after its commit.
+        engine._connection_cls = type(  # noqa: SLF001
+            "GatedSqliteConnection", (_SqliteConnection,),
+            {"gate": gate_for(Path(parsed.database), BUSY_TIMEOUT) if parsed.database
+             and parsed.database != ":memory:" and not parsed.database.startswith("file:")
+             else None})
         if for_writer:
-            engine._connection_cls = _SqliteConnection  # noqa: SLF001 - marks reads, below
 
             @event.listens_for(engine, "begin")
             def _begin(conn) -> None:  # noqa: ANN001
@@ -69,7 +77,10 @@ def make_engine(
                     return  # each statement is its own transaction
                 # Reads (a connection's statements without begin()) take no lock; a
                 # transaction begun explicitly (engine.begin(), conn.begin()) is a writer.
-                conn.exec_driver_sql("BEGIN" if conn.reading else "BEGIN IMMEDIATE")
+                if conn.reading:
+                    conn.exec_driver_sql("BEGIN")
+                else:
+                    _begin_immediate(conn)
 
         return engine
     # No ping before each use (a round trip on every check-out, several per request): a
@@ -91,9 +102,11 @@ POOL_RECYCLE_SECONDS = 1800
 class _SqliteConnection(Connection):
     """A connection that knows whether its transaction began by itself, at the first
     statement of ``engine.connect()`` (reads: a plain BEGIN, which in WAL mode waits for no
-    writer), or by ``begin()`` (writes: BEGIN IMMEDIATE)."""
+    writer), or by ``begin()`` (writes: BEGIN IMMEDIATE), and that ends its turn at the
+    writers' gate (:class:`WriterGate`) once its transaction has ended."""
 
     reading = False
+    gate: WriterGate | None = None
 
     def _autobegin(self) -> None:
         self.reading = True
@@ -101,6 +114,45 @@ class _SqliteConnection(Connection):
             super()._autobegin()
         finally:
             self.reading = False
+
+    def _then_leave_gate(self, end: Callable[[], None]) -> None:
+        try:
+            end()
+        finally:
+            if self.gate is not None:
+                self.gate.leave(self)
+
+    def _commit_impl(self) -> None:
+        self._then_leave_gate(super()._commit_impl)
+
+    def _rollback_impl(self) -> None:
+        self._then_leave_gate(super()._rollback_impl)
+
+    def close(self) -> None:
+        """Close; a turn at the gate that no commit or rollback ended (a connection the
+        database dropped) ends here."""
+        self._then_leave_gate(super().close)
+
+
+def _begin_immediate(conn: Connection) -> None:
+    """BEGIN IMMEDIATE (SQLite's write lock), after this connection's turn at the gate. When
+    the turn did not come within the busy timeout, SQLite's lock is tried once without
+    waiting again: refused ("database is locked") after one busy timeout, as without the gate."""
+    gate: WriterGate | None = getattr(conn, "gate", None)
+    turn = gate.enter(conn) if gate is not None else ""
+    try:
+        if turn == TIMED_OUT:
+            conn.exec_driver_sql("PRAGMA busy_timeout=0")
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            finally:
+                conn.exec_driver_sql(f"PRAGMA busy_timeout={BUSY_TIMEOUT * 1000}")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+    except BaseException:
+        if gate is not None:
+            gate.leave(conn)
+        raise
 
 
 def _refuse_dropped_connection(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
@@ -134,7 +186,7 @@ def take_write_lock(conn: Connection) -> None:
         return
     dbapi = conn.connection.dbapi_connection
     if dbapi is not None and not dbapi.in_transaction:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        _begin_immediate(conn)
 
 
 def run_read(engine: Engine, work: Callable[[Connection], T]) -> T:

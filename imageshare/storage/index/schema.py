@@ -141,6 +141,13 @@ users = Table(
     Column("totp_enabled", Boolean, nullable=False, default=False, server_default=false()),
     Column("totp_last_step", BigInteger, nullable=True),
     Column("email", String(254), nullable=False, default="", server_default=""),
+    # When ``email`` was confirmed: set by an administrator, bound by an accepted invitation
+    # or proven through a link mailed to it. NULL while an address the account set for itself
+    # is unconfirmed: only a confirmed address receives what is addressed to it.
+    Column("email_verified_at", DateTime(timezone=True), nullable=True),
+    # A ``site`` account's connected site (the AE title of its node): the only site it may
+    # speak for in site-to-site messages; "" for every other account and an unlinked one.
+    Column("site_node", String(16), nullable=False, default="", server_default=""),
 )
 
 # Failed sign-ins per account and source address: a lockout holds only for the address that
@@ -464,6 +471,24 @@ account_invites = Table(
     Column("used_at", DateTime(timezone=True), nullable=True),
     # The identifiable share the new account is to receive (bound to this invitation).
     Column("share_pk", ForeignKey("shares.pk", ondelete="CASCADE"), nullable=True),
+    # The account made with this invitation (set when it is used, in the same transaction).
+    Column("accepted_by", String(128), nullable=False, default="", server_default=""),
+)
+
+# One-time links that confirm an address an account set for itself (only the hash of the
+# secret is kept). A link works once, until it expires, and only while it is the account's
+# newest for its current address (a new address or a new link voids it).
+email_confirmations = Table(
+    "email_confirmations",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("user_pk", ForeignKey("users.pk", ondelete="CASCADE"), nullable=False, index=True),
+    Column("email", String(254), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("used_at", DateTime(timezone=True), nullable=True),
+    Column("voided_at", DateTime(timezone=True), nullable=True),
 )
 
 # Studies received from other sites, waiting for staff to reconcile and accept (or reject).
@@ -792,6 +817,10 @@ patient_accounts = Table(
     Column("issuer", String(64), nullable=False, default="", server_default=""),
     Column("invited_by", String(128), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # The one-time account invitation sent for this record: the account made with it (its
+    # ``accepted_by``), and no other, is bound to the record. Never matched by e-mail.
+    Column("invite_pk", ForeignKey("account_invites.pk", ondelete="SET NULL"), nullable=True,
+           index=True),
     Index("ix_patient_accounts_username", "username"),
 )
 

@@ -1,4 +1,5 @@
-"""The signed-in user's own account: two-factor sign-in, password, API tokens."""
+"""The signed-in user's own account: two-factor sign-in, e-mail address (and the link that
+confirms it), password, API tokens."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from imageshare.access.policy import ACCOUNT_SELF, ENROLLING, TOKEN_SELF
 from imageshare.access.sessions import COOKIE
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.errors import ImageShareError
-from imageshare.web.auth import allowed
+from imageshare.web.auth import allowed, client_address
 from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.pages.sign_in import set_session_cookie
 from imageshare.web.pages.templating import page, redirect
@@ -27,6 +28,9 @@ def _account_page(request: Request, status_code: int = 200, **extra: object) -> 
     user = archive.users.account(actor.name)
     return page(
         request, "account.html", status_code=status_code, role=user.role, email=user.email,
+        email_verified=user.email_verified,
+        link_sent_at=(archive.users.confirmation_pending(actor.name)
+                      if user.email and not user.email_verified else None),
         two_factor=user.two_factor, enrolling=actor.role == ENROLLING,
         tokens=archive.users.tokens(actor.name) if actor.role != ENROLLING else [],
         **extra,
@@ -74,15 +78,71 @@ def confirm_two_factor(request: Request, archive: ArchiveDep, actor: allowed(ACC
 
 @router.post("/account/email")
 def change_email(request: Request, archive: ArchiveDep, actor: allowed(ACCOUNT_SELF),
-                 email: Annotated[str, Form()] = "") -> Response:
-    """Set the address the user's notifications (comments, feedback, sign-offs) go to."""
+                 email: Annotated[str, Form()] = "",
+                 current: Annotated[str, Form()] = "") -> Response:
+    """Set the address the user's notifications (comments, feedback, sign-offs) go to; the
+    current password must be given (a session alone does not change it). A new address is
+    unconfirmed until the link mailed to it is followed: only then are shares sent to it
+    listed under "Shared with me". It decides nothing else: not which patient's images an
+    account sees."""
+    if actor.role == ENROLLING:
+        return _account_page(request, 403, error="set up two-factor sign-in first")
     try:
-        archive.users.set_email(actor.name, email[:254])
+        archive.users.change_own_email(actor.name, current[:1024], email[:254],
+                                       client_address(request),
+                                       mailer=archive.notifier.mailer,
+                                       link_base=archive.settings.public_url, actor=actor)
     except ImageShareError as exc:
+        archive.audit.record(AuditEvent(actor=actor, action="user.email", outcome="failure",
+                                        detail={"user": actor.name}))
         return _account_page(request, 400, error=str(exc))
     archive.audit.record(AuditEvent(actor=actor, action="user.email", outcome="success",
                                     detail={"user": actor.name}))
-    return redirect("/account?notice=email-saved")
+    return redirect("/account?notice=email-saved#email")
+
+
+@router.post("/account/email/confirmation")
+def send_confirmation(request: Request, archive: ArchiveDep,
+                      actor: allowed(ACCOUNT_SELF)) -> Response:
+    """Mail the link that confirms the user's address again (at most one a minute, five a
+    day); the earlier link stops working."""
+    if actor.role == ENROLLING:
+        return _account_page(request, 403, error="set up two-factor sign-in first")
+    try:
+        sent_to = archive.users.send_confirmation(actor.name, mailer=archive.notifier.mailer,
+                                                  link_base=archive.settings.public_url,
+                                                  actor=actor)
+    except ImageShareError as exc:
+        return _account_page(request, exc.http_status, error=str(exc))
+    return _account_page(request, email_message=f"A new confirmation link was mailed to "
+                                                f"{sent_to}; it works for 24 hours.")
+
+
+@router.get("/account/email/confirm/{secret}")
+def confirmation_form(request: Request, archive: ArchiveDep, secret: str,
+                      actor: allowed(ACCOUNT_SELF)) -> Response:
+    """The page a mailed confirmation link opens: which address it confirms, and a button
+    (following the link alone changes nothing, so a mail scanner cannot use it up)."""
+    try:
+        address = archive.users.confirmation_for(secret[:128], actor.name)
+    except ImageShareError as exc:
+        return page(request, "email_confirm.html", status_code=exc.http_status,
+                    refused=str(exc))
+    return page(request, "email_confirm.html", secret=secret, address=address)
+
+
+@router.post("/account/email/confirm/{secret}")
+def confirm_email(request: Request, archive: ArchiveDep, secret: str,
+                  actor: allowed(ACCOUNT_SELF)) -> Response:
+    """Confirm the address: shares sent to it are listed under "Shared with me" from now."""
+    if actor.role == ENROLLING:
+        return _account_page(request, 403, error="set up two-factor sign-in first")
+    try:
+        address = archive.users.confirm_email(secret[:128], actor)
+    except ImageShareError as exc:
+        return page(request, "email_confirm.html", status_code=exc.http_status,
+                    refused=str(exc))
+    return page(request, "email_confirm.html", confirmed=address)
 
 
 @router.post("/account/password")

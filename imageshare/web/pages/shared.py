@@ -172,7 +172,7 @@ async def _render(request: Request, actor: Actor, study: str, series: str | None
     data = await run_in_threadpool(render)
     await run_in_threadpool(archive.shares.record, share, actor, "share.render", item)
     return Response(data, media_type=options.media_type,
-                    headers={"Cache-Control": "private, max-age=300"})
+                    headers={"Cache-Control": "private, no-store"})  # revocation works at once
 
 
 @router.get("/s/{token}/dicomweb/studies/{study}/series/{series}/thumbnail")

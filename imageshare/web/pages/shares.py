@@ -127,8 +127,12 @@ def notifications(request: Request, archive: ArchiveDep, actor: allowed(ACCOUNT_
 
 @router.get("/shared-with-me")
 def shared_with_me(request: Request, archive: ArchiveDep, actor: allowed(ACCOUNT_SELF)) -> Response:
-    """Everything shared with this account (by name or by its e-mail address) in one place."""
-    received = archive.shares.received(actor.name, archive.users.email_of(actor.name))
+    """Everything shared with this account (by name, or by its e-mail address once that is
+    confirmed) in one place; an unconfirmed address is named, with a button that mails the
+    link confirming it again."""
+    received = archive.shares.received(actor.name)
+    email = archive.users.email_of(actor.name)
+    unconfirmed = email if email and not archive.users.verified_email_of(actor.name) else ""
     entries = []
     for share in received:
         # An identifiable share's studies open here once its passcode was given (signed in).
@@ -136,7 +140,9 @@ def shared_with_me(request: Request, archive: ArchiveDep, actor: allowed(ACCOUNT
                   and share.opened_at is not None)
         studies = sorted({i.study_uid for i in archive.shares.items(share)}) if opened else []
         entries.append({"share": share, "studies": studies})
-    return page(request, "shared_with_me.html", entries=entries)
+    return page(request, "shared_with_me.html", entries=entries, unconfirmed=unconfirmed,
+                link_sent_at=archive.users.confirmation_pending(actor.name)
+                if unconfirmed else None)
 
 
 @router.post("/shares/{public_id}/invite")

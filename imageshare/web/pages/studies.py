@@ -14,6 +14,7 @@ from imageshare.access.policy import (
     AUDIT_READ,
     CASE_MANAGE,
     CONSENT_RECORD,
+    DOCUMENT_ATTACH,
     EXCHANGE,
     EXPORT_DEIDENTIFIED,
     EXPORT_IDENTIFIABLE,
@@ -22,7 +23,6 @@ from imageshare.access.policy import (
     SHARE_CREATE,
     STUDY_COMMENT,
     STUDY_READ,
-    STUDY_STORE,
 )
 from imageshare.archive.attachments import MAX_ATTACHMENT
 from imageshare.archive.rendering import RenderOptions, render_frame
@@ -136,12 +136,13 @@ def study_page(request: Request, archive: ArchiveDep, study_uid: str,
         history=archive.corrections.history(study_uid) if scope is None else [],
         viewers=archive.catalogue.viewers(study_uid, actor) if allows(actor, AUDIT_READ)
         else None,
-        retention=archive.retention.study_retention(study_uid) if scope is None else None,
+        retention=(archive.retention.study_retention(study_uid, record_only=True)
+                   if scope is None else None),
         can_govern=allows(actor, RETENTION_MANAGE),
         consent=archive.consents.in_force(study_uid)
         if scope is None and allows(actor, CONSENT_RECORD) else None,
         can_correct=allows(actor, PATIENT_CORRECT),
-        can_attach=allows(actor, STUDY_STORE),
+        can_attach=allows(actor, DOCUMENT_ATTACH),
         can_comment=allows(actor, STUDY_COMMENT, study_uid),
         can_export=allows(actor, EXPORT_DEIDENTIFIED, study_uid),
         can_share=allows(actor, SHARE_CREATE, study_uid),
@@ -228,7 +229,7 @@ def add_comment(archive: ArchiveDep, study_uid: str, body: Annotated[str, Form()
 @router.post("/studies/{study_uid}/documents")
 async def attach_document(
     archive: ArchiveDep, study_uid: str, file: Annotated[UploadFile, File()],
-    actor: allowed(STUDY_STORE, "study_uid"), title: Annotated[str, Form()] = "",
+    actor: allowed(DOCUMENT_ATTACH, "study_uid"), title: Annotated[str, Form()] = "",
 ) -> Response:
     """Attach a PDF report or a photo of a paper report; it is stored as DICOM in the study."""
     content = await file.read(MAX_ATTACHMENT + 1)

@@ -121,13 +121,18 @@ def _upload_page(request: Request, archive: Archive, invitation: Invitation, bas
     return page(request, "upload.html", invitation=invitation, base=base, staff=staff,
                 waiting=waiting, chunk=min(8 << 20, archive.settings.upload_chunk_bytes),
                 left=max(0, invitation.max_bytes - receiver.used_bytes(invitation)),
-                results=_own_results(archive, invitation))
+                results=_own_results(archive, invitation, staff))
 
 
-def _own_results(archive: Archive, invitation: Invitation) -> list[dict[str, Any]]:
-    from imageshare.uploads.intake import results
+def _own_results(archive: Archive, invitation: Invitation,
+                 staff: bool) -> list[dict[str, Any]]:
+    """What each file sent became, in words for who asks: staff read what the archive said;
+    the uploader (an invitation's holder) only what depends on their file, nothing of what
+    the archive holds (a duplicate, another patient's study)."""
+    from imageshare.uploads.intake import results, staff_says, uploader_says
 
-    return [{"label": r["label"], "outcome": r["outcome"], "detail": r["detail"]}
+    says = staff_says if staff else uploader_says
+    return [{"label": r["label"], "says": says(str(r["outcome"]), str(r["detail"]))}
             for r in results(archive.engine, invitation)]
 
 
@@ -192,7 +197,7 @@ async def _send(request: Request, archive: Archive, invitation: Invitation, acto
         return page(request, "upload.html", status_code=status,
                     invitation=invitation, base=base, staff=staff, waiting=[],
                     chunk=min(8 << 20, archive.settings.upload_chunk_bytes), left=0,
-                    results=_own_results(archive, invitation), error=str(exc))
+                    results=_own_results(archive, invitation, staff), error=str(exc))
     return redirect(f"{base}/sent/{job.id}")
 
 
@@ -200,7 +205,8 @@ def _sent_page(request: Request, archive: Archive, invitation: Invitation, job_i
                actor: Actor, staff: bool) -> Response:
     job = archive.jobs.get(job_id, actor.name)
     return page(request, "upload_sent.html", job=job, staff=staff,
-                results=_own_results(archive, invitation) if job.state == "done" else [],
+                results=_own_results(archive, invitation, staff) if job.state == "done"
+                else [],
                 invitation=archive.uploads.invitations.by_public_id(invitation.public_id))
 
 
@@ -235,6 +241,20 @@ def _metadata(header: str) -> dict[str, str]:
     return found
 
 
+_MAX_DIGITS = 19  # a byte count or offset fits a signed 64-bit integer
+
+
+def _whole_number(text: str, header: str, missing: str) -> int:
+    """A tus header's byte count: ASCII digits only (``str.isdigit`` takes "²" too, which
+    ``int`` refuses), at most 19; else a 400 saying so (``missing`` when it is absent)."""
+    if not text:
+        raise ImageShareError(missing)
+    if not (text.isascii() and text.isdigit()) or len(text) > _MAX_DIGITS:
+        raise ImageShareError(f"{header} must be a whole number of bytes written with the "
+                              f"digits 0-9 (at most {_MAX_DIGITS} of them)")
+    return int(text)
+
+
 def _check_version(request: Request) -> None:
     if request.headers.get("tus-resumable") != TUS_VERSION:
         raise _TusVersion()
@@ -253,9 +273,8 @@ async def _tus_create(request: Request, archive: Archive, invitation_of: Callabl
     """tus creation for the invitation ``invitation_of()`` gives (looked up, when it must
     be, in the same thread hop as the file's announcement)."""
     _check_version(request)
-    length = request.headers.get("upload-length", "")
-    if not length.isdigit():
-        raise ImageShareError("Upload-Length is required (deferred lengths are not taken)")
+    length = _whole_number(request.headers.get("upload-length", ""), "Upload-Length",
+                           "Upload-Length is required (deferred lengths are not taken)")
     with_bytes = request.headers.get("content-type", "") == "application/offset+octet-stream"
     if not with_bytes and request.headers.get("content-length", "0") not in ("", "0"):
         raise UnsupportedMediaType("bytes sent with a tus creation are "
@@ -266,7 +285,7 @@ async def _tus_create(request: Request, archive: Archive, invitation_of: Callabl
     def announce() -> tuple[Invitation, UploadFile]:
         invitation = invitation_of()
         archive.uploads.invitations.require_open(invitation)
-        return invitation, archive.uploads.receiver.create(invitation, int(length), path)
+        return invitation, archive.uploads.receiver.create(invitation, length, path)
 
     invitation, created = await run_in_threadpool(announce)
     offset = created.offset
@@ -293,11 +312,10 @@ async def _tus_patch(request: Request, archive: Archive, invitation: Invitation,
     _check_version(request)
     if request.headers.get("content-type", "") != "application/offset+octet-stream":
         raise UnsupportedMediaType("a tus PATCH carries application/offset+octet-stream")
-    offset_text = request.headers.get("upload-offset", "")
-    if not offset_text.isdigit():
-        raise ImageShareError("Upload-Offset is required")
+    start = _whole_number(request.headers.get("upload-offset", ""), "Upload-Offset",
+                          "Upload-Offset is required")
     archive.uploads.invitations.require_open(invitation)
-    offset = await _receive(request, archive, invitation, upload_id, int(offset_text), actor)
+    offset = await _receive(request, archive, invitation, upload_id, start, actor)
     return Response(status_code=204, headers={**_TUS, "Upload-Offset": str(offset)})
 
 
@@ -551,7 +569,8 @@ def upload_detail(request: Request, archive: ArchiveDep, public_id: str,
     archive.audit.record(AuditEvent(actor=actor, action="upload.read", outcome="success",
                                     patient_id=invitation.hospital_number,
                                     detail={"upload": public_id}))
-    return page(request, "upload_review.html", invitation=invitation, studies=studies)
+    return page(request, "upload_review.html", invitation=invitation, studies=studies,
+                unused=archive.uploads.review.unused(invitation))
 
 
 @router.post("/uploads/{public_id}/studies/{item}/{decision}")
@@ -572,7 +591,8 @@ async def upload_decide(request: Request, archive: ArchiveDep, public_id: str, i
             raise NotFound("decide accept or reject")
     except ImageShareError as exc:
         return page(request, "upload_review.html", status_code=400, invitation=invitation,
-                    studies=archive.uploads.review.studies(invitation), error=str(exc))
+                    studies=archive.uploads.review.studies(invitation),
+                    unused=archive.uploads.review.unused(invitation), error=str(exc))
     return redirect(f"/uploads/{public_id}")
 
 
@@ -595,8 +615,11 @@ def upload_original(archive: ArchiveDep, public_id: str, result: RowId,
             while chunk := stream.read(1 << 20):
                 yield chunk
 
-    return StreamingResponse(chunks(), media_type=media,
-                             headers={"Content-Disposition": "inline"})
+    # The bytes are the uploader's, as sent: never sniffed into another type, and shown
+    # sandboxed (no script, no same-origin access), as studies' documents are.
+    return StreamingResponse(chunks(), media_type=media, headers={
+        "Content-Disposition": "inline", "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"})
 
 
 @router.post("/uploads/{public_id}/revoke")
@@ -683,12 +706,14 @@ async def my_share(request: Request, archive: ArchiveDep, study_uid: str,
         created = await run_in_threadpool(
             archive.shares.create_and_send,
             NewShare(study_uid, recipient_email=str(form.get("email", ""))[:254],
-                     days=int(days) if days.isdigit() else 0, allow_download=True,
+                     days=int(days) if days.isascii() and days.isdigit() and len(days) < 6
+                     else 0, allow_download=True,
                      deidentified=False, title="Images shared by the patient",
                      message=str(form.get("message", ""))[:2000]),
             actor, archive.policy.study_scope(actor))
-    except ImageShareError as exc:
-        return page(request, "my_images.html", status_code=400,
+    except ImageShareError as exc:  # another's study: not found, as for its download
+        return page(request, "my_images.html",
+                    status_code=404 if isinstance(exc, NotFound) else 400,
                     studies=_own_studies(archive, actor),
                     shares=archive.shares.owned(actor.name), error=str(exc))
     return page(request, "share_created.html", created=created, passcode=created.passcode,

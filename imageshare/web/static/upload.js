@@ -51,13 +51,22 @@
     sendButton.disabled = busy || done === 0;
   }
 
+  // The overall line counts every file: with a CD's thousand files it is redrawn at most
+  // ten times a second, not once per change of every file.
+  let overallDue = null;
+  function scheduleOverall() {
+    if (overallDue === null) {
+      overallDue = setTimeout(() => { overallDue = null; updateOverall(); }, 100);
+    }
+  }
+
   function show(item, state, text) {
     item.state = state;
-    item.row.className = state;
-    item.status.textContent = text;
+    if (item.row.className !== state) item.row.className = state;
+    if (item.status.textContent !== text) item.status.textContent = text;
     item.bar.max = Math.max(item.file.size, 1);
     item.bar.value = item.sent;
-    updateOverall();
+    scheduleOverall();
   }
 
   function add(file, path) {
