@@ -205,16 +205,31 @@ def _comparable_name(name_norm: str) -> str:
     return name_norm.split("=")[0].rstrip("^ ")
 
 
+def _person_differs(name_norm: str, birth_date: str, other_name_norm: str,
+                    other_birth_date: str) -> str:
+    """What of one person's folded name and birth date contradicts another's ("" when
+    nothing does). A value missing on either side contradicts nothing."""
+    differences = []
+    theirs, ours = _comparable_name(name_norm), _comparable_name(other_name_norm)
+    if theirs and ours and theirs != ours:
+        differences.append("name")
+    if birth_date and other_birth_date and birth_date != other_birth_date:
+        differences.append("birth date")
+    return " and ".join(differences)
+
+
 def patient_differs(h: InstanceHeader, name_norm: str, birth_date: str) -> str:
     """What of the instance's patient contradicts the record ("" when nothing does). A value
     missing on either side contradicts nothing."""
-    differences = []
-    theirs, ours = _comparable_name(h.name_norm), _comparable_name(name_norm)
-    if theirs and ours and theirs != ours:
-        differences.append("name")
-    if h.birth_date and birth_date and h.birth_date != birth_date:
-        differences.append("birth date")
-    return " and ".join(differences)
+    return _person_differs(h.name_norm, h.birth_date, name_norm, birth_date)
+
+
+def _filed_patient(conn: Connection, patient_id: str, issuer: str) -> tuple[str, str] | None:
+    """The folded name and birth date of the patient filed under this Patient ID and issuer
+    (None when there is none)."""
+    row = conn.execute(select(patients.c.name_norm, patients.c.birth_date).where(
+        patients.c.patient_id == patient_id, patients.c.issuer == issuer)).first()
+    return (row[0], row[1]) if row is not None else None
 
 
 def _mismatch(h: InstanceHeader, differs: str) -> IndexOutcome:
@@ -387,9 +402,7 @@ def index_instance(
         if differs and not study.issuer.startswith(HELD_PREFIX):
             return _mismatch(h, differs)
     else:
-        record = conn.execute(
-            select(patients.c.name_norm, patients.c.birth_date).where(
-                patients.c.patient_id == h.patient_id, patients.c.issuer == h.issuer)).first()
+        record = _filed_patient(conn, h.patient_id, h.issuer)
         differs = patient_differs(h, record[0], record[1]) if record is not None else ""
         if differs and patient_mismatch != "hold":
             return _mismatch(h, differs)
@@ -400,10 +413,7 @@ def index_instance(
         elif record is None and under_review:
             real_issuer = h.issuer
             h = replace(h, issuer=waiting_issuer(waiting_prefix, h.issuer))
-            waiting = conn.execute(
-                select(patients.c.name_norm, patients.c.birth_date).where(
-                    patients.c.patient_id == h.patient_id, patients.c.issuer == h.issuer)
-            ).first()
+            waiting = _filed_patient(conn, h.patient_id, h.issuer)
             differs = patient_differs(h, waiting[0], waiting[1]) if waiting is not None else ""
             # Another person under this Patient ID waits already: not mixed in (an upload is
             # filed under the invited patient when accepted, whatever its files say).
@@ -520,13 +530,12 @@ def file_under_record(conn: Connection, study_pk: int) -> None:
             if target is None:
                 raise
     if target is not None:
-        ours, theirs = _comparable_name(target["name_norm"]), _comparable_name(row["name_norm"])
-        if ((ours and theirs and ours != theirs) or (
-                target["birth_date"] and row["birth_date"]
-                and target["birth_date"] != row["birth_date"])):
+        differs = _person_differs(row["name_norm"], row["birth_date"], target["name_norm"],
+                                  target["birth_date"])
+        if differs:
             raise ImageShareError(
-                f"hospital number {row['patient_id']} is on record with another name or date "
-                "of birth: reconcile the patient first")
+                f"hospital number {row['patient_id']} is on record with another {differs}: "
+                "reconcile the patient first")
         target_pk = target["pk"]
     conn.execute(update(studies).where(studies.c.pk == study_pk).values(patient_pk=target_pk))
     if conn.execute(select(studies.c.pk).where(studies.c.patient_pk == row["pk"])).first() \
