@@ -7,17 +7,15 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from imageshare.access.policy import INBOX
 from imageshare.archive.corrections import PatientDetails
 from imageshare.archive.query import Query
 from imageshare.archive.search import StudySearch
-from imageshare.domain.actors import Actor, cli_actor
+from imageshare.domain.actors import cli_actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.storage.index.schema import patients, studies
 from tests.factory import ct_series
+from tests.unit.test_closed_inbox import HOSPITAL
 
-HOSPITAL = Actor("node", "DISTRICT", "node", "DISTRICT@10.1.0.9",
-                 grants=frozenset({"dicom.store", INBOX}))
 STAFF = cli_actor()
 HTML = {"Accept": "text/html"}
 

@@ -72,6 +72,15 @@ def _links(archive, sink, address: str, count: int = 1) -> list[str]:
     return [m.group(1) for body in sink.bodies(address) for m in LINK.finditer(body)]
 
 
+def _asking(archive, sink, username: str) -> tuple[TestClient, str]:
+    """``username`` signed in, having typed the colleague's address for itself: its client
+    and the one confirmation link mailed to that address."""
+    client = _signed_in(archive, username)
+    assert _change_email(client, COLLEAGUE).status_code == 303
+    [link] = _links(archive, sink, COLLEAGUE)
+    return client, link
+
+
 def _confirm(client: TestClient, link: str):
     form = client.get(link, headers=HTML)
     csrf = csrf_of(form.text)
@@ -132,9 +141,7 @@ def test_following_the_mailed_link_shows_the_shares_sent_to_the_address(hospital
 def test_a_confirmation_link_works_once(hospital):
     archive, sink = hospital
     archive.users.add("house", PASSWORD, "reviewer")
-    house = _signed_in(archive, "house")
-    _change_email(house, COLLEAGUE)
-    [link] = _links(archive, sink, COLLEAGUE)
+    house, link = _asking(archive, sink, "house")
     form = house.get(link, headers=HTML)
     assert _confirm(house, link).status_code == 200
     again = house.post(link, headers=HTML, data={"csrf_token": csrf_of(form.text)})
@@ -147,9 +154,7 @@ def test_a_confirmation_link_works_once(hospital):
 
 def test_an_expired_link_is_refused_and_confirms_nothing(hospital):
     archive, sink = hospital
-    nosy = _signed_in(archive, "nosy")
-    _change_email(nosy, COLLEAGUE)
-    [link] = _links(archive, sink, COLLEAGUE)
+    nosy, link = _asking(archive, sink, "nosy")
     form = nosy.get(link, headers=HTML)
     with archive.engine.begin() as conn:  # a day later
         conn.execute(update(email_confirmations).values(
@@ -163,9 +168,7 @@ def test_an_expired_link_is_refused_and_confirms_nothing(hospital):
 
 def test_a_link_expires_after_24_hours(hospital):
     archive, sink = hospital
-    nosy = _signed_in(archive, "nosy")
-    _change_email(nosy, COLLEAGUE)
-    _links(archive, sink, COLLEAGUE)
+    nosy, _link = _asking(archive, sink, "nosy")
     with archive.engine.connect() as conn:
         row = conn.execute(select(email_confirmations.c.created_at,
                                   email_confirmations.c.expires_at)).one()
@@ -176,9 +179,7 @@ def test_a_link_expires_after_24_hours(hospital):
 def test_changing_the_address_again_voids_the_earlier_link(hospital):
     archive, sink = hospital
     archive.users.add("house", PASSWORD, "reviewer")
-    house = _signed_in(archive, "house")
-    _change_email(house, COLLEAGUE)
-    [first] = _links(archive, sink, COLLEAGUE)
+    house, first = _asking(archive, sink, "house")
     form = house.get(first, headers=HTML)
     assert _change_email(house, "house@home.example").status_code == 303
     refused = house.post(first, headers=HTML, data={"csrf_token": csrf_of(form.text)})
@@ -195,9 +196,7 @@ def test_a_link_works_only_for_the_account_that_asked_for_it(hospital):
     archive, sink = hospital
     archive.users.add("house", PASSWORD, "reviewer")
     house = _signed_in(archive, "house")
-    nosy = _signed_in(archive, "nosy")
-    _change_email(nosy, COLLEAGUE)
-    [link] = _links(archive, sink, COLLEAGUE)
+    nosy, link = _asking(archive, sink, "nosy")
     # The colleague, signed in as himself, follows the link nosy asked for: refused.
     answer = house.get(link, headers=HTML)
     assert answer.status_code == 403 and "another account" in answer.text
@@ -212,9 +211,7 @@ def test_a_link_works_only_for_the_account_that_asked_for_it(hospital):
 def test_the_send_again_button_is_throttled_and_a_new_link_replaces_the_old(hospital):
     archive, sink = hospital
     archive.users.add("house", PASSWORD, "reviewer")
-    house = _signed_in(archive, "house")
-    _change_email(house, COLLEAGUE)
-    [first] = _links(archive, sink, COLLEAGUE)
+    house, first = _asking(archive, sink, "house")
     listing = house.get("/shared-with-me", headers=HTML)
     assert 'action="/account/email/confirmation"' in listing.text
     again = house.post("/account/email/confirmation", headers=HTML,
