@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 
 from imageshare.app import Archive, build_archive
 from imageshare.settings import load_settings
-from imageshare.storage.index.database import _alembic_config
+from imageshare.storage.index.database import _alembic_config, schema_transaction
 from tests.peers import (
     ADMIN_PASSWORD,
     OrthancServer,
@@ -149,7 +149,7 @@ def upgrade_index(engine: Engine, revision: str) -> None:
     """Migrate the index at ``engine`` up to ``revision`` only (as an older version left
     it)."""
     config = _alembic_config(engine)
-    with engine.begin() as conn:
+    with schema_transaction(engine) as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
 
@@ -157,7 +157,7 @@ def upgrade_index(engine: Engine, revision: str) -> None:
 def downgrade_index(engine: Engine, revision: str) -> None:
     """Migrate the index at ``engine`` down to ``revision`` (as an older version keeps it)."""
     config = _alembic_config(engine)
-    with engine.begin() as conn:
+    with schema_transaction(engine) as conn:
         config.attributes["connection"] = conn
         command.downgrade(config, revision)
 

@@ -31,7 +31,7 @@ from imageshare.domain.errors import (
 )
 from imageshare.domain.identifiers import is_email_address
 from imageshare.notify import Mailer
-from imageshare.storage.index.database import run_read
+from imageshare.storage.index.database import run_read, take_write_lock
 from imageshare.storage.index.schema import (
     account_invites,
     api_tokens,
@@ -110,6 +110,8 @@ class UserDirectory:
         try:
             with self._engine.begin() as conn:
                 linked = _registered_node(conn, site_node) if site_node else ""
+                if role == "site":
+                    _refuse_name_of_another_site(conn, username, linked or None)
                 _insert_user(conn, username, password, role, email)
                 if linked:
                     conn.execute(update(users).where(users.c.username == username)
@@ -128,6 +130,8 @@ class UserDirectory:
             if role != "site":
                 raise ImageShareError(f"{username!r} is not a site account (role {role})")
             linked = _registered_node(conn, ae_title) if ae_title.strip() else ""
+            if linked:
+                _refuse_name_of_another_site(conn, username, linked)
             conn.execute(update(users).where(users.c.username == username)
                          .values(site_node=linked))
         self.forget_cached(username)
@@ -413,6 +417,9 @@ class UserDirectory:
         secret = secrets.token_urlsafe(32)  # 256 bits
         now = datetime.now(UTC)
         with self._engine.begin() as conn:
+            # Two requests at once count one after the other: the user's row is locked first.
+            take_write_lock(conn)
+            conn.execute(select(users.c.pk).where(users.c.pk == user_pk).with_for_update())
             made = conn.execute(select(email_confirmations.c.created_at).where(
                 email_confirmations.c.user_pk == user_pk,
                 email_confirmations.c.created_at > now - timedelta(days=1))).scalars().all()
@@ -749,6 +756,19 @@ def _registered_node(conn: Connection, ae_title: str) -> str:
         raise ImageShareError(f"no connected site {ae_title.strip()!r}: register its node "
                               "first (imageshare node add)")
     return str(found[0])
+
+
+def _refuse_name_of_another_site(conn: Connection, username: str, linked: str | None) -> None:
+    """Raises ImageShareError when the site account ``username`` is spelled like a registered
+    node other than the one it is linked to (``linked``; None: made without a link): what
+    a sender stores waits in the inbox under its name, so the two would mix."""
+    named = conn.execute(select(nodes.c.ae_title).where(
+        func.upper(nodes.c.ae_title) == username.strip().upper())).scalar()
+    if named is not None and (linked is None or linked.upper() != named.upper()):
+        raise ImageShareError(
+            f"a site account named {username!r} speaks only for the connected site "
+            f"{named!r} (what each sender stores waits under its name): link it to "
+            f"{named!r} or choose another name")
 
 
 def _check_new_user(username: str, role: str) -> None:

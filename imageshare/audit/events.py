@@ -257,7 +257,7 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
     _e("patient.invite", "A patient was invited to an account for their own images.",
        SECURITY_ALERT, "C", ("patient",), ("role",), SECURITY_ROLES_CHANGED),
     _e("patient.bind", "A patient account was bound to its record on first sign-in.",
-       SECURITY_ALERT, "U", (), (), SECURITY_ROLES_CHANGED),
+       SECURITY_ALERT, "U", ("patient",), ("issuer", "record"), SECURITY_ROLES_CHANGED),
     _e("patient.studies", "A patient looked at the list of their own studies.",
        INSTANCES_ACCESSED, "R", (), ()),
     _e("patient.download", "A patient downloaded their own study.", EXPORT, "R", _STUDY,
@@ -309,7 +309,7 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
     _e("node.add", "A remote DICOM node or site was registered.", SECURITY_ALERT, "C",
        ("node",), ("ae_title", "host", "port", "from"), NETWORK_CONFIGURATION),
     _e("node.remove", "A remote DICOM node or site was removed.", SECURITY_ALERT, "D",
-       ("node",), ("ae_title",), NETWORK_CONFIGURATION),
+       ("node",), ("ae_title", "unlinked_site_accounts"), NETWORK_CONFIGURATION),
     _e("ehr.launch", "An EHR opened ImageShare (IHE IID): a study list or the viewer; or a "
        "launch URL was refused (reason).", USER_AUTHENTICATION, "E", ("study",),
        ("ehr", "signed", "request_type", "opened", "reason"), LOGIN),

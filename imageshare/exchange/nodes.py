@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, delete, insert, select, update
+from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from imageshare.access.policy import DICOM_QUERY, DICOM_RETRIEVE, DICOM_STORE, INBOX
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import SYSTEM, Actor
 from imageshare.domain.errors import ImageShareError, NotFound, UnknownNode
-from imageshare.storage.index.schema import nodes, refused_callers
+from imageshare.storage.index.schema import nodes, refused_callers, users
 from imageshare.storage.secret_box import SecretBox
 
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
@@ -109,6 +109,14 @@ class NodeRegistry:
             exists = conn.execute(select(nodes.c.pk).where(nodes.c.ae_title == ae)).scalar()
             if exists is not None and not replace:
                 raise ImageShareError(f"node {ae} is registered already (use --replace)")
+            other = conn.execute(select(users.c.username).where(
+                users.c.role == "site", func.upper(users.c.username) == ae.upper(),
+                users.c.site_node != "", func.upper(users.c.site_node) != ae.upper())).scalar()
+            if other is not None:  # what each sender stores waits in the inbox under its name
+                raise ImageShareError(
+                    f"the site account {other!r}, linked to another site, is spelled like "
+                    f"{ae}: the two senders' arrivals would mix; register the node under "
+                    "another AE title or rename the account")
             if exists is not None:
                 conn.execute(update(nodes).where(nodes.c.pk == exists).values(**values))
             else:
@@ -123,7 +131,19 @@ class NodeRegistry:
         with self._engine.begin() as conn:
             if not conn.execute(delete(nodes).where(nodes.c.ae_title == ae_title)).rowcount:
                 raise UnknownNode(f"no node {ae_title}")
-            self._audited(conn, actor, "node.remove", {"ae_title": ae_title})
+            # Its site accounts are unlinked: a node registered later under this AE title
+            # (another endpoint, perhaps another hospital) is not spoken for by them unless
+            # someone links them again.
+            unlinked = conn.execute(select(users.c.username).where(
+                users.c.role == "site", func.upper(users.c.site_node) == ae_title.upper())
+            ).scalars().all()
+            if unlinked:
+                conn.execute(update(users).where(users.c.username.in_(unlinked))
+                             .values(site_node=""))
+            detail: dict[str, object] = {"ae_title": ae_title}
+            if unlinked:
+                detail["unlinked_site_accounts"] = sorted(unlinked)
+            self._audited(conn, actor, "node.remove", detail)
 
     def find(self, ae_title: str) -> Node | None:
         """The node with this AE title, or None."""

@@ -90,8 +90,10 @@ class PatientAccounts:
                         patient_accounts.c.pk == row.pk, patient_accounts.c.username == "")
                         .values(username=actor.name)).rowcount
                     if bound:
-                        self._audit.record(AuditEvent(actor=actor, action="patient.bind",
-                                                      outcome="success"), conn=conn)
+                        self._audit.record(AuditEvent(
+                            actor=actor, action="patient.bind", outcome="success",
+                            patient_id=row.patient_id,
+                            detail={"issuer": row.issuer, "record": row.pk}), conn=conn)
                 rows = conn.execute(select(patient_accounts.c.pk, patient_accounts.c.username,
                                            patient_accounts.c.patient_id,
                                            patient_accounts.c.issuer)

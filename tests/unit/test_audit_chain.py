@@ -16,6 +16,7 @@ from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import cli_actor
 from imageshare.storage.index.database import make_engine, migrate
 from imageshare.storage.index.schema import audit_chain_head, audit_events
+from tests.conftest import upgrade_index
 
 ACTOR = cli_actor()
 
@@ -139,14 +140,7 @@ def test_a_forged_signed_head_is_reported(archive, imageshare):
 def test_the_migration_chains_the_rows_already_in_the_trail(tmp_path):
     url = f"sqlite:///{tmp_path / 'old.sqlite'}"
     engine = make_engine(url)
-    from alembic import command
-
-    from imageshare.storage.index.database import _alembic_config
-
-    with engine.begin() as conn:
-        cfg = _alembic_config(engine)
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0015")
+    upgrade_index(engine, "0015")
     old = create_engine(url)
     with old.begin() as conn:
         for i in range(5):

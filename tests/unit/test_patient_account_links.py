@@ -179,8 +179,9 @@ def test_a_taken_user_name_leaves_the_invitation_usable_and_unclaimed(hospital):
 
 def test_the_migration_keeps_existing_links_and_links_the_unambiguous_ones(tmp_path):
     """At revision 0026 links were made by e-mail at first use. After 0027: a bound record
-    keeps its account; an unbound one is linked to its invitation, and a used invitation to
-    the one account made just after it was used, whatever address that account has now."""
+    keeps its account unless its invitation made another account; an unbound one is linked
+    to its invitation, and a used invitation to the one account made just after it was used,
+    whatever address that account has now."""
     data = tmp_path / "data"
     data.mkdir()
     engine = make_engine(f"sqlite:///{data / 'index.sqlite'}")
@@ -196,7 +197,8 @@ def test_the_migration_keeps_existing_links_and_links_the_unambiguous_ones(tmp_p
                 (2, "dan@home.example", at(10), at(200)),    # signed up, never looked
                 (3, "eve@home.example", at(20), None),       # not signed up yet
                 (4, "fay@home.example", at(30), at(300)),    # two accounts made at once
-                (5, "gus@home.example", at(40), at(300))):
+                (5, "gus@home.example", at(40), at(300)),
+                (6, "hal@home.example", at(50), at(400))):   # taken by mallory's address
             conn.execute(text(
                 "INSERT INTO account_invites (pk, token_hash, email, role, invited_by, "
                 "created_at, expires_at, used_at) VALUES (:pk, :hash, :email, 'patient', "
@@ -206,13 +208,15 @@ def test_the_migration_keeps_existing_links_and_links_the_unambiguous_ones(tmp_p
             conn.execute(text(
                 "INSERT INTO patient_accounts (email, username, patient_id, issuer, "
                 "invited_by, created_at) VALUES (:email, :user, :pid, '', 'clerk', "
-                ":created)"), {"email": email, "user": "carol" if pk == 1 else "",
+                ":created)"), {"email": email,
+                               "user": {1: "carol", 6: "mallory"}.get(pk, ""),
                                "pid": f"H{pk}00", "created": created + timedelta(
                                    milliseconds=5)})
         for username, email, created in (
                 ("carol", "carol@home.example", at(101)),
                 ("dan", "eve@home.example", at(201)),  # changed his address to Eve's
-                ("fay", "fay@home.example", at(301)), ("gus", "gus@home.example", at(302))):
+                ("fay", "fay@home.example", at(301)), ("gus", "gus@home.example", at(302)),
+                ("mallory", "hal@home.example", at(60)), ("hal", "hal@home.example", at(401))):
             conn.execute(text(
                 "INSERT INTO users (username, password_hash, role, disabled, created_at, "
                 "email) VALUES (:u, 'x', 'patient', 0, :created, :email)"),
@@ -225,9 +229,11 @@ def test_the_migration_keeps_existing_links_and_links_the_unambiguous_ones(tmp_p
         accepted = dict(conn.execute(select(account_invites.c.pk,
                                             account_invites.c.accepted_by)).all())
     engine.dispose()
+    # Mallory had typed Hal's address before Hal signed in and was given his record: the
+    # invitation made Hal's account, so the record is unbound (and Hal's on first use).
     assert links == {"H100": (1, "carol"), "H200": (2, ""), "H300": (3, ""),
-                     "H400": (4, ""), "H500": (5, "")}
-    assert accepted == {1: "carol", 2: "dan", 3: "", 4: "", 5: ""}
+                     "H400": (4, ""), "H500": (5, ""), "H600": (6, "")}
+    assert accepted == {1: "carol", 2: "dan", 3: "", 4: "", 5: "", 6: "hal"}
     archive = make_archive(tmp_path)
     try:
         records = archive.uploads.patients.records
@@ -235,5 +241,7 @@ def test_the_migration_keeps_existing_links_and_links_the_unambiguous_ones(tmp_p
         assert records(Actor("user", "dan", "patient")) == [("H200", "")]
         assert records(Actor("user", "fay", "patient")) == []
         assert records(Actor("user", "gus", "patient")) == []
+        assert records(Actor("user", "mallory", "patient")) == []
+        assert records(Actor("user", "hal", "patient")) == [("H600", "")]
     finally:
         archive.close()

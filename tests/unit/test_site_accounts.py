@@ -65,6 +65,37 @@ def test_a_site_account_is_linked_to_a_registered_node(archive, web):
     assert archive.users.site_node("loose") == ""
 
 
+def test_a_site_account_is_not_spelled_like_another_site(archive, web):
+    """What a sender stores waits in the inbox under its name (an AE title for a DICOM node,
+    the username for a site account): an account named like another site's node would mix
+    its arrivals with that site's and could announce them."""
+    with pytest.raises(ImageShareError, match="speaks only for the connected site 'HOSPC'"):
+        archive.users.add("hospc", PASSWORD, "site", site_node="SITEB")
+    with pytest.raises(ImageShareError, match="speaks only for the connected site 'HOSPC'"):
+        archive.users.add("HOSPC", PASSWORD, "site")
+    archive.users.add("hospc", PASSWORD, "site", site_node="hospc")  # its own: fine
+    archive.users.add("york", PASSWORD, "site", site_node="SITEB")
+    archive.nodes.add(Node("LEEDS", "127.0.0.1", 106, inbox=True))
+    with pytest.raises(ImageShareError, match="speaks only for the connected site 'LEEDS'"):
+        archive.users.add("leeds", PASSWORD, "site", site_node="SITEB")
+    # A node is not registered under the name of a site account linked to another site.
+    with pytest.raises(ImageShareError, match="'york', linked to another site"):
+        archive.nodes.add(Node("YORK", "127.0.0.1", 107, inbox=True))
+    assert archive.nodes.find("YORK") is None
+
+
+def test_removing_a_node_unlinks_its_site_accounts(archive, web):
+    """A node removed and registered again (another endpoint, perhaps another hospital) is
+    not spoken for by the accounts linked to the old one until someone links them again."""
+    archive.nodes.remove("SITEB", cli_actor())
+    archive.nodes.add(Node("SITEB", "10.9.9.9", 104, inbox=True))
+    assert archive.users.site_node("siteb") == ""
+    assert archive.users.account("siteb").site_node == ""
+    [removed] = archive.audit.events("node.remove")
+    assert removed["detail"]["unlinked_site_accounts"] == ["siteb"]
+    assert archive.users.link_site("siteb", "SITEB") == "SITEB"
+
+
 def test_an_announcement_comes_from_the_accounts_own_site(archive, web, tmp_path):
     study_uid = _received(archive, tmp_path)
     posed = web.post("/api/exchange/arrivals", auth=SITEB, json={

@@ -307,10 +307,14 @@ def _email_event(conn, pk: int, actor: str, username: str, outcome: str = "succe
          "outcome": outcome, "detail": f'{{"user": "{username}"}}'})
 
 
+LONG = "r" * 125  # a username may have 128 characters; the trail keeps 128 of an actor's
+
+
 def test_the_migration_trusts_addresses_an_account_did_not_type_for_itself(tmp_path):
     """At 0029 every address counted. After 0030: an address given when the account was made
     or last set by an administrator is confirmed; one the account last set itself is not
-    (unless an invitation bound it). Downgrading drops the column and the links."""
+    (unless an invitation bound it). Downgrading drops the column and the links, and nothing
+    that refers to an account."""
     data = tmp_path / "data"
     data.mkdir()
     engine = make_engine(f"sqlite:///{data / 'index.sqlite'}")
@@ -321,11 +325,20 @@ def test_the_migration_trusts_addresses_an_account_did_not_type_for_itself(tmp_p
         _add_user(conn, 3, "fixed", "fixed@example.org")        # typed, then admin set
         _add_user(conn, 4, "invited", "inv@example.org")        # typed its invited address
         _add_user(conn, 5, "empty", "")
+        _add_user(conn, 6, LONG, COLLEAGUE)                     # typed; its actor label cut
         _email_event(conn, 1, "user:fixed", "fixed")
         _email_event(conn, 2, "user:typed", "typed")
         _email_event(conn, 3, "user:admin", "fixed")
         _email_event(conn, 4, "user:admin", "typed", outcome="failure")
         _email_event(conn, 5, "user:invited", "invited")
+        _email_event(conn, 6, f"user:{LONG}"[:128], LONG)       # as the trail keeps actors
+        conn.execute(text(  # the one API token and the one session of an account
+            "INSERT INTO api_tokens (user_pk, name, token_hash, created_at, origin) "
+            "VALUES (1, 'pacs', :h, :at, 'cli')"), {"h": "a" * 64, "at": datetime.now(UTC)})
+        conn.execute(text(
+            "INSERT INTO sessions (token_hash, user_pk, csrf_token, source, created_at, "
+            "last_seen_at) VALUES (:h, 2, 'c', '', :at, :at)"),
+            {"h": "b" * 64, "at": datetime.now(UTC)})
         conn.execute(text(
             "INSERT INTO account_invites (token_hash, email, role, invited_by, created_at, "
             "expires_at, accepted_by) VALUES ('h', 'inv@example.org', 'reviewer', 'sono', "
@@ -335,12 +348,15 @@ def test_the_migration_trusts_addresses_an_account_did_not_type_for_itself(tmp_p
         verified = dict(conn.execute(select(users.c.username,
                                             users.c.email_verified_at.is_not(None))).all())
     assert verified == {"made": True, "typed": False, "fixed": True, "invited": True,
-                        "empty": False}
+                        "empty": False, LONG: False}
     downgrade_index(engine, "0029")
     inspector = inspect(engine)
     assert "email_confirmations" not in inspector.get_table_names()
     assert "email_verified_at" not in {c["name"] for c in inspector.get_columns("users")}
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT COUNT(*) FROM users")).scalar() == 5
+        assert conn.execute(text("SELECT COUNT(*) FROM users")).scalar() == 6
+        # Rebuilding the users table on SQLite cascaded to nothing that refers to it.
+        assert conn.execute(text("SELECT COUNT(*) FROM api_tokens")).scalar() == 1
+        assert conn.execute(text("SELECT COUNT(*) FROM sessions")).scalar() == 1
     upgrade_index(engine, "0030")
     engine.dispose()

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 import select
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -317,9 +317,44 @@ def migrate(engine: Engine, upgrade: bool = True) -> None:
             f"the index database is at revision {current or 'empty'} but this ImageShare needs "
             f"{head}; run `imageshare db upgrade`"
         )
-    with engine.begin() as conn:
+    with schema_transaction(engine) as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+@contextlib.contextmanager
+def schema_transaction(engine: Engine) -> Iterator[Connection]:
+    """One transaction for changing the schema. On SQLite foreign keys are not enforced
+    while it runs (rebuilding a table drops the old one, and ON DELETE CASCADE would take
+    every row that refers to it along: sessions, API tokens, instances) and are checked
+    before it commits: a change that leaves a reference broken is refused whole."""
+    with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:  # only outside a transaction does SQLite take this
+            _sqlite_pragma(conn, "PRAGMA foreign_keys=OFF")
+        try:
+            with conn.begin():
+                yield conn
+                if sqlite:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").first()
+                    if broken is not None:
+                        raise ConfigurationError(
+                            f"the schema change would leave a row of {broken[0]} referring "
+                            f"to a missing row of {broken[2]}; nothing was changed")
+        finally:
+            if sqlite:
+                _sqlite_pragma(conn, "PRAGMA foreign_keys=ON")
+
+
+def _sqlite_pragma(conn: Connection, pragma: str) -> None:
+    """Run ``pragma`` on the connection's SQLite connection itself, outside any transaction."""
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    cursor = dbapi.cursor()
+    try:
+        cursor.execute(pragma)
+    finally:
+        cursor.close()
 
 
 def from_row(cls: type[T], row: Any) -> T:

@@ -3,7 +3,9 @@ were made with, never by e-mail address: ``account_invites.accepted_by`` (the ac
 with the invitation) and ``patient_accounts.invite_pk`` (the invitation sent for the record).
 
 Existing data: a record already bound to an account (``patient_accounts.username``) keeps
-its account. For the others, the invitation sent with each record is found (the patient
+its account, unless the invitation sent for it is found to have made another account (then
+the binding came from an address typed by the account that took it, and is undone). For
+the others, the invitation sent with each record is found (the patient
 invitation to the same address from the same member of staff made just before the record,
 as ``PatientAccounts.invite`` made them), and a used invitation records the account made
 with it when exactly one patient account was created in the minute after it was used and no
@@ -60,7 +62,7 @@ def _link_existing(conn: sa.Connection) -> None:
                        sa.column("used_at", _TS), sa.column("accepted_by"))
     records = sa.table("patient_accounts", sa.column("pk"), sa.column("email"),
                        sa.column("invited_by"), sa.column("created_at", _TS),
-                       sa.column("invite_pk"))
+                       sa.column("invite_pk"), sa.column("username"))
     users = sa.table("users", sa.column("username"), sa.column("role"),
                      sa.column("created_at", _TS))
     sent = conn.execute(sa.select(invites.c.pk, invites.c.email, invites.c.invited_by,
@@ -90,7 +92,18 @@ def _link_existing(conn: sa.Connection) -> None:
                     if used <= _utc(u.created_at) <= used + _MADE_WITHIN]
         if len(accounts) == 1:
             claims[invite.pk] = accounts[0]
-    for pk, username in claims.items():
-        if list(claims.values()).count(username) == 1:
-            conn.execute(sa.update(invites).where(invites.c.pk == pk)
-                         .values(accepted_by=username))
+    accepted = {pk: username for pk, username in claims.items()
+                if list(claims.values()).count(username) == 1}
+    for pk, username in accepted.items():
+        conn.execute(sa.update(invites).where(invites.c.pk == pk)
+                     .values(accepted_by=username))
+    # A record bound to another account than the one its invitation made was bound by the
+    # old rule (an address an account could type for itself): it is unbound, so that
+    # nobody keeps a record they took that way (the patient is invited again).
+    for bound in conn.execute(sa.select(records.c.pk, records.c.username, records.c.invite_pk)
+                              .where(records.c.username != "",
+                                     records.c.invite_pk.is_not(None))).all():
+        made_it = accepted.get(bound.invite_pk)
+        if made_it is not None and made_it != bound.username:
+            conn.execute(sa.update(records).where(records.c.pk == bound.pk)
+                         .values(username=""))

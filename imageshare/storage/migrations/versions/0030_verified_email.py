@@ -87,7 +87,8 @@ def _trust_existing(conn: sa.Connection) -> None:
     now = datetime.now(UTC)
     for account in conn.execute(sa.select(users.c.pk, users.c.username, users.c.email)
                                 .where(users.c.email != "")).all():
-        self_set = set_by.get(account.username) == f"user:{account.username}"
+        # (the trail keeps an actor's first 128 characters)
+        self_set = set_by.get(account.username) == f"user:{account.username}"[:128]
         if self_set and (account.username, account.email.strip().lower()) not in invited:
             continue
         conn.execute(sa.update(users).where(users.c.pk == account.pk)
