@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, and_, func, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, and_, func, select, update
 
 from imageshare.archive.corrections import PatientCorrections, PatientDetails
 from imageshare.archive.deletion import ArchiveDeletion, Removed
@@ -67,6 +67,17 @@ class InboxItem:
     announced_at: datetime | None = None
     receipt_state: str = ""
     receipt_detail: str = ""
+
+
+def _claim(conn: Connection, pk: int, status: str, actor: Actor, note: str) -> None:
+    """Decide the pending item ``pk``; raises ImageShareError when it is no longer pending
+    (someone else decided it meanwhile)."""
+    claimed = conn.execute(update(inbox_items).where(
+        inbox_items.c.pk == pk, inbox_items.c.status == "pending").values(
+        status=status, decided_by=actor.name, decided_at=datetime.now(UTC),
+        note=note[:2000])).rowcount
+    if claimed != 1:
+        raise ImageShareError("this item was decided already")
 
 
 class Inbox:
@@ -182,6 +193,9 @@ class Inbox:
         if sop_uids is None:
             sop_uids = self.sent_by(item)
         with self._engine.begin() as conn:
+            # Claimed first: of two decisions at once (two people, two processes), one wins
+            # and the other changes nothing.
+            _claim(conn, pk, "accepted", actor, note)
             chosen: ColumnElement[bool] = instances.c.series_pk.in_(
                 select(series.c.pk).join(studies, studies.c.pk == series.c.study_pk)
                 .where(studies.c.study_uid == item.study_uid))
@@ -194,9 +208,6 @@ class Inbox:
                 chosen, instances.c.retention_class.in_(REVIEW_CLASSES)).values(
                     retention_class="clinical"))
             summarise_studies(conn, study_pks, datetime.now(UTC))
-            conn.execute(update(inbox_items).where(inbox_items.c.pk == pk).values(
-                status="accepted", decided_by=actor.name, decided_at=datetime.now(UTC),
-                note=note[:2000]))
             self._audit.record(AuditEvent(actor=actor, action="inbox.accept",
                                           outcome="success", study_uid=item.study_uid,
                                           detail={"site": item.site, "done": done}), conn=conn)
@@ -240,9 +251,7 @@ class Inbox:
         # Decided first (the item stays, with its receipt, as the record of the decision);
         # pending again if the deletion fails.
         with self._engine.begin() as conn:
-            conn.execute(update(inbox_items).where(inbox_items.c.pk == pk).values(
-                status="rejected", decided_by=actor.name, decided_at=datetime.now(UTC),
-                note=note[:2000]))
+            _claim(conn, pk, "rejected", actor, note)
         try:
             why = f"rejected from the inbox: {note}"[:200]
             removed = self._deletion.instances(

@@ -27,6 +27,9 @@ from imageshare.storage.index.schema import (
 )
 from imageshare.uploads.invitations import Invitation, UploadInvitations
 
+# The store's outcomes that made an instance out of an uploaded file (not one found stored).
+_MADE_HERE = ("stored", "held", "replaced")
+
 
 @dataclass(frozen=True)
 class Check:
@@ -80,13 +83,27 @@ class UploadReview:
     @staticmethod
     def _sent_instances(invitation: Invitation) -> Any:
         """The instances the invitation sent: reported by an intake, or files of a sent
-        round stored on arrival (reviewable even when their intake never finished)."""
-        return union(
-            select(upload_results.c.sop_uid).where(
-                upload_results.c.invitation_pk == invitation.pk, upload_results.c.sop_uid != ""),
-            select(upload_files.c.sop_uid).where(
-                upload_files.c.invitation_pk == invitation.pk,
-                upload_files.c.status == "done", upload_files.c.sop_uid != ""))
+        round stored on arrival (reviewable even when their intake never finished). A file
+        it found stored already is its own only when no other upload made that instance
+        (another upload's waits for that one's review; a re-run intake finds its own)."""
+        def rows(table: Any, mine: bool, made: bool) -> Any:
+            chosen = select(table.c.sop_uid).where(
+                table.c.invitation_pk == invitation.pk if mine
+                else table.c.invitation_pk != invitation.pk, table.c.sop_uid != "")
+            if table is upload_files and mine:
+                chosen = chosen.where(table.c.status == "done")
+            return chosen.where(table.c.outcome.in_(_MADE_HERE) if made
+                                else table.c.outcome.not_in(_MADE_HERE))
+
+        found = union(rows(upload_results, True, False), rows(upload_files, True, False)
+                      ).subquery()
+        made_elsewhere = union(
+            rows(upload_results, False, True).where(
+                upload_results.c.sop_uid.in_(select(found.c.sop_uid))),
+            rows(upload_files, False, True).where(
+                upload_files.c.sop_uid.in_(select(found.c.sop_uid))))
+        return union(rows(upload_results, True, True), rows(upload_files, True, True),
+                     select(found.c.sop_uid).where(found.c.sop_uid.not_in(made_elsewhere)))
 
     def _sent_studies(self, invitation: Invitation) -> Any:
         return (select(studies.c.study_uid)
@@ -219,6 +236,13 @@ class UploadReview:
                 raise ImageShareError(
                     "the files carry the invited hospital number with other details; correct "
                     "the patient's record first, then accept")
+            if self._catalogue.in_record(item.study_uid):
+                # Filing it under the invited patient would move what the record holds of
+                # this study (never uploaded) along with the files.
+                raise ImageShareError(
+                    "these files belong to a study already in the record under another "
+                    "patient; they cannot be filed under the invited patient: reject them, "
+                    "or reconcile the patients first")
             other = ((patient.patient_id, "upload"),) if patient.patient_id else ()
             self._corrections.correct_study(
                 item.study_uid, replace(target, other_ids=other),

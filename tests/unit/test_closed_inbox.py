@@ -4,6 +4,8 @@ and its own viewer; accepting it makes it part of the record everywhere at once.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
@@ -288,3 +290,24 @@ def test_two_hospitals_people_under_one_unknown_number_are_not_mixed(archive, tm
                                                patient_name="First^Person")[0], county)
     assert same.outcome == "stored"
     assert len(archive.inbox.items()) == 2
+
+
+def test_of_two_decisions_at_once_one_wins_and_the_other_changes_nothing(archive, received,
+                                                                         monkeypatch):
+    """Two people (or two processes) decide one item at the same moment: both saw it
+    pending. The first acceptance wins; the rejection that read it pending too is refused
+    and deletes nothing of what was just accepted."""
+    _ours, theirs, item = received
+    archive.inbox.accept(item.pk, STAFF, reconcile=False)
+    seen_pending = archive.inbox._decidable  # noqa: SLF001
+    monkeypatch.setattr(archive.inbox, "_decidable", lambda pk, upload_review: replace(
+        seen_pending(pk, upload_review), status="pending"))
+    with pytest.raises(ImageShareError, match="decided already"):
+        archive.inbox.reject(item.pk, STAFF, "not ours")
+    with pytest.raises(ImageShareError, match="decided already"):
+        archive.inbox.accept(item.pk, STAFF, reconcile=False)
+    assert archive.inbox.item(item.pk).status == "accepted"
+    assert archive.catalogue.in_record(theirs.study_uid)
+    with archive.engine.connect() as conn:
+        assert conn.execute(select(studies.c.num_instances).where(
+            studies.c.study_uid == theirs.study_uid)).scalar() == 3

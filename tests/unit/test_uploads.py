@@ -22,6 +22,7 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 
 from imageshare.domain.actors import Actor
+from imageshare.domain.errors import ImageShareError
 from imageshare.storage.index.schema import background_jobs, instances
 from imageshare.uploads.convert import sniff
 from imageshare.uploads.invitations import UploadRequest
@@ -1162,3 +1163,52 @@ def test_an_upload_waiting_for_review_never_becomes_the_record_of_its_patient_id
     archive.uploads.review.accept(invitation, uploaded.item.pk, STAFF, file_anyway=True)
     filed = archive.catalogue.record(uploaded.item.study_uid).patient
     assert (filed.patient_id, filed.issuer, filed.name) == ("H300", "", "Person^Real")
+
+
+def test_a_file_another_upload_sent_too_is_decided_only_by_that_uploads_review(hospital,
+                                                                               tmp_path):
+    """Two invitations for one patient send the same CD slice (the second finds it stored:
+    a duplicate), and the second one a slice of its own. Rejecting the second's study deletes
+    only its own slice: the first's waits for the first's review, whose page still shows it."""
+    archive, _sink = hospital
+    shared, own = _cd_slices(tmp_path, "cd", 2)
+    first, second = _invite(archive), _invite(archive, email="ada.daughter@home.example")
+    with TestClient(create_app(archive)) as client:
+        for created, files in ((first, [shared]), (second, [shared, own])):
+            csrf = _open(client, created)
+            for path in files:
+                _tus_upload(client, created.path, csrf, path, path.name)
+            assert 'data-state="done"' in _send(client, created.path, csrf)
+    review = archive.uploads.review
+    invitation_b = archive.uploads.invitations.by_public_id(second.public_id)
+    [study_b] = review.studies(invitation_b)
+    assert review.sent_of(invitation_b, study_b.item.study_uid) == {dcmread(own).SOPInstanceUID}
+    review.reject(invitation_b, study_b.item.pk, STAFF, "Please send the knee, not the hip.")
+    left = dict(_instances(archive))
+    assert left == {dcmread(shared).SOPInstanceUID: "upload"}
+    invitation_a = archive.uploads.invitations.by_public_id(first.public_id)
+    [study_a] = review.studies(invitation_a)
+    assert study_a.item.status == "pending"
+    review.accept(invitation_a, study_a.item.pk, STAFF, file_anyway=True)
+    assert dict(_instances(archive)) == {dcmread(shared).SOPInstanceUID: "clinical"}
+
+
+def test_files_of_a_study_already_in_the_record_are_not_moved_to_the_invited_patient(
+        hospital, tmp_path):
+    """An uploaded slice belongs to a study the record holds for another patient (a CD of
+    the wrong patient from this hospital): filing it under the invited patient would move
+    the record's own instances of that study too, so it is refused even when confirmed."""
+    archive, _sink = hospital
+    study_uid = "1.2.826.0.1.3680043.8.498.4242"
+    ours, uploaded = ct_series(tmp_path / "ours", 2, size=16, patient_id="R555",
+                               patient_name="Babbage^Charles", study_uid=study_uid,
+                               PatientBirthDate="17911226")
+    with open(ours, "rb") as fh:
+        archive.ingest.store_stream(fh, STAFF)
+    invitation, study, _file = _send_one(archive, uploaded)
+    with pytest.raises(ImageShareError, match="already in the record under another patient"):
+        archive.uploads.review.accept(invitation, study.item.pk, STAFF, file_anyway=True)
+    record = archive.catalogue.record(study_uid, include_review=False)
+    assert record.patient.patient_id == "R555"
+    assert dict(_instances(archive)) == {dcmread(ours).SOPInstanceUID: "clinical",
+                                         dcmread(uploaded).SOPInstanceUID: "upload"}

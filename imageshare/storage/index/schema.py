@@ -781,6 +781,7 @@ upload_files = Table(
     # A file announced again is found by its path; the size limit's sums read the index only.
     Index(None, "invitation_pk", "path"),
     Index(None, "invitation_pk", "status", "length", "round"),
+    Index(None, "sop_uid"),  # which upload made an instance
 )
 
 # What each received file (or each file inside a received folder or zip) became.
@@ -803,6 +804,7 @@ upload_results = Table(
     Column("original_key", String(64), nullable=False, default="", server_default=""),
     Column("original_sha256", String(64), nullable=False, default="", server_default=""),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Index(None, "sop_uid"),  # which upload made an instance
 )
 
 # Patient accounts (role ``patient``) and the record they are the patient of; the account is
