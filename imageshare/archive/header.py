@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info
@@ -43,6 +44,11 @@ SERIES_KEYWORDS = (
     "StationName", "DeviceSerialNumber", "InstitutionName", "InstitutionalDepartmentName",
     "SoftwareVersions",
 )
+# The sequences among those keywords hold a handful of items in real instances.
+MAX_INDEXED_ITEMS = 64
+_INDEXED_SEQUENCES = frozenset(
+    int(tag_for_keyword(k) or 0) for k in (*PATIENT_KEYWORDS, *STUDY_KEYWORDS, *SERIES_KEYWORDS)
+    if dictionary_VR(tag_for_keyword(k) or 0) == "SQ")
 log = logging.getLogger("imageshare.ingest")
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
@@ -335,6 +341,18 @@ def read_header(path: Path, fp: BinaryIO | None = None) -> tuple[Dataset, Instan
         raise InvalidInstance(f"the DICOM data cannot be parsed: {type(exc).__name__}") from exc
 
 
+def _check_indexed_sequences(structure: Structure) -> None:
+    """Refuse a file whose patient, study or series sequences (read, kept in the index and
+    answered to queries) hold more items than any real instance does: each parsed item
+    costs about a kilobyte of memory, and a few megabytes of file can hold hundreds of
+    thousands."""
+    for tag, count in structure.top_items.items():
+        if count > MAX_INDEXED_ITEMS and tag in _INDEXED_SEQUENCES:
+            raise InvalidInstance(
+                f"{keyword_for_tag(tag)} holds {count} items (at most {MAX_INDEXED_ITEMS} "
+                "are accepted)")
+
+
 def _meta_only(path: Path, fp: BinaryIO | None) -> Dataset | None:
     """The file meta information alone (a data set holding nothing else), or None."""
     try:
@@ -363,6 +381,7 @@ def _read_header(
         # The structure first: nothing decodes a file whose element lengths lie or whose
         # sequences nest without end.
         structure = check_structure(source, size)
+        _check_indexed_sequences(structure)
         source.seek(0)
         try:
             ds = dcmread(source, stop_before_pixels=True)

@@ -63,6 +63,8 @@ class Structure:
     meta_end: int
     pixel_data: PixelData | None
     deepest: int
+    # How many items each top-level sequence holds (by tag), counted without parsing them.
+    top_items: dict[int, int] = field(default_factory=dict)
 
 
 def _tag_text(tag: int) -> str:
@@ -80,6 +82,7 @@ class _Walker:
         self._implicit_head = struct.Struct(self.endian + "HHI").unpack_from
         self.pixel_data: PixelData | None = None
         self.deepest = 0
+        self.top_items: dict[int, int] = {}
 
     def _u16(self, pos: int) -> int:
         return struct.unpack_from(self.endian + "H", self.buf, pos)[0]
@@ -101,13 +104,14 @@ class _Walker:
 
     def walk(self, start: int, end: int) -> int:
         """Walk the data set in ``[start, end)``; returns where it ends."""
-        # Each frame: [kind, end, explicit, depth, undefined length]; kind "dataset" is the
-        # top level or an item, "sequence" holds items until its end or its delimiter.
+        # Each frame: [kind, end, explicit, depth, undefined length, tag]; kind "dataset" is
+        # the top level or an item, "sequence" (tag: its own) holds items until its end or
+        # its delimiter.
         stack: list[list] = [
-            ["dataset", end, self._explicit_here(start, end, self.explicit), 0, False]]
+            ["dataset", end, self._explicit_here(start, end, self.explicit), 0, False, 0]]
         pos = start
         while stack:
-            kind, limit, explicit, depth, undefined = stack[-1]
+            kind, limit, explicit, depth, undefined, top = stack[-1]
             if kind == "sequence":
                 if not undefined and pos >= limit:
                     if pos > limit:
@@ -125,6 +129,8 @@ class _Walker:
                 if tag != _ITEM:
                     raise InvalidInstance(
                         f"a sequence holds something other than items at byte {pos - 8}")
+                if depth == 1:
+                    self.top_items[top] = self.top_items.get(top, 0) + 1
                 if length == _UNDEFINED:
                     item_end, item_undefined = limit, True
                 else:
@@ -133,7 +139,7 @@ class _Walker:
                         raise InvalidInstance("a sequence item runs past its sequence")
                 stack.append(["dataset", item_end,
                               self._explicit_here(pos, item_end, explicit), depth,
-                              item_undefined])
+                              item_undefined, 0])
                 continue
             # a data set: the top level (depth 0) or an item
             if pos >= limit or (depth == 0 and limit - pos < 8
@@ -189,7 +195,8 @@ class _Walker:
                             f"element {_tag_text(tag)} runs past the end of its data set")
                 # An undefined-length UN is a sequence encoded implicit VR little endian.
                 items_explicit = explicit and vr != b"UN"
-                stack.append(["sequence", seq_end, items_explicit, depth + 1, seq_undefined])
+                stack.append(["sequence", seq_end, items_explicit, depth + 1, seq_undefined,
+                              tag])
                 continue
             if pos + length > limit:
                 raise InvalidInstance(
@@ -292,7 +299,7 @@ def check_structure(fp: BinaryIO, size: int) -> Structure:
             walker = _Walker(data, little=True, explicit=True)
             walker.walk(0, len(data))
             # Offsets in an inflated data set do not point into the file.
-            return Structure(syntax, start, None, walker.deepest)
+            return Structure(syntax, start, None, walker.deepest, walker.top_items)
         walker = _Walker(buf, little=syntax != EXPLICIT_BIG, explicit=syntax != IMPLICIT_LITTLE)
         walker.walk(start, size)
-        return Structure(syntax, start, walker.pixel_data, walker.deepest)
+        return Structure(syntax, start, walker.pixel_data, walker.deepest, walker.top_items)

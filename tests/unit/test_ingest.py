@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from sqlalchemy import func, select
 
 from imageshare.domain.actors import cli_actor
@@ -269,3 +271,24 @@ def test_overwrite_never_lets_another_site_or_another_patient_replace_what_is_st
         assert archive.ingest.store_copy(changed, ACTOR).outcome == "replaced"
     finally:
         archive.close()
+
+
+def _other_ids(count: int) -> Sequence:
+    return Sequence([Dataset(PatientID=f"ALT{i}", IssuerOfPatientID="ELSEWHERE",
+                             TypeOfPatientID="TEXT") for i in range(count)])
+
+
+def test_a_patient_sequence_of_thousands_of_items_is_refused_before_it_is_parsed(
+        archive, tmp_path):
+    """Other Patient IDs are kept in the index and answered to queries: a real instance lists
+    a handful. One listing thousands (a few megabytes that would take hundreds of megabytes
+    to parse, and as many index rows) is refused with the reason; nothing is kept."""
+    [many] = ct_series(tmp_path / "many", 1, size=16, patient_id="P9",
+                       OtherPatientIDsSequence=_other_ids(5000))
+    with pytest.raises(InvalidInstance, match="OtherPatientIDsSequence holds 5000 items"):
+        archive.ingest.store_copy(many, cli_actor())
+    with archive.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(instances)).scalar() == 0
+    [few] = ct_series(tmp_path / "few", 1, size=16, patient_id="P9",
+                      OtherPatientIDsSequence=_other_ids(3))
+    assert archive.ingest.store_copy(few, cli_actor()).outcome == "stored"
