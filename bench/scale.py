@@ -658,6 +658,7 @@ def load_equal(work: Path, postgres: ThrowawayPostgres, instances: int, shape: c
         shutil.rmtree(folder, ignore_errors=True)
     server = start_imageshare(folder, {"IMAGESHARE_DATABASE_URL": url})
     if reused:
+        _orthanc_database(postgres, orthanc_db, wait_for_flush=True)  # as it is measured
         orthanc = PostgresOrthanc(orthanc_folder).start_with(postgres, orthanc_db)
         with orthanc.http() as client:
             held = client.get("/statistics").json()["CountInstances"]
@@ -675,7 +676,7 @@ def load_equal(work: Path, postgres: ThrowawayPostgres, instances: int, shape: c
 
     def imageshare_import() -> float:
         started = time.perf_counter()
-        load = server.cli("import", "--quiet", str(data))
+        load = server.cli("import", "--quiet", str(data), timeout=None)  # a large load
         if "refused:" in load.stdout:
             raise RuntimeError(load.stdout[-500:])
         return time.perf_counter() - started

@@ -107,11 +107,13 @@ class RunningServer:
         env.update(self.extra_env)
         return env
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run ``imageshare ARGS`` against this server's data."""
+    def cli(self, *args: str, check: bool = True, timeout: float | None = 300
+            ) -> subprocess.CompletedProcess[str]:
+        """Run ``imageshare ARGS`` against this server's data (killed after ``timeout``
+        seconds; None: however long it takes)."""
         return subprocess.run(
             [sys.executable, "-m", "imageshare", *args], env=self.env(), text=True,
-            capture_output=True, check=check, timeout=300,
+            capture_output=True, check=check, timeout=timeout,
         )
 
     def register(self, *ae_titles: str, host: str = "127.0.0.1", port: int = 104) -> None:
