@@ -242,6 +242,8 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        LOGIN),
     _e("upload.submit", "An uploader sent their files for review.", IMPORT, "C", ("patient",),
        ("upload",)),
+    _e("upload.withdraw", "An uploader withdrew a file before sending it (its bytes, and "
+       "what it was stored as, removed).", IMPORT, "D", ("patient",), ("upload", "file")),
     _e("upload.receive", "An upload's files were made DICOM and stored for review.", IMPORT,
        "C", ("patient",), ("upload", "round", "refused")),
     _e("upload.accept", "An uploaded study was accepted into the record.", IMPORT, "C",

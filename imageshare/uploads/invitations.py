@@ -308,6 +308,13 @@ class UploadInvitations:
             raise Forbidden("this upload was sent already; the hospital will tell you if "
                             "they need anything else")
 
+    def record_withdrawal(self, invitation: Invitation, actor: Actor, upload_id: str) -> None:
+        """Audit that ``actor`` withdrew the file ``upload_id`` before sending it."""
+        self._audit.record(AuditEvent(actor=actor, action="upload.withdraw", outcome="success",
+                                      patient_id=invitation.hospital_number,
+                                      detail={"upload": invitation.public_id,
+                                              "file": upload_id}))
+
     def mark_submitted(self, invitation: Invitation, actor: Actor) -> None:
         """The uploader (or member of staff) finished sending this round."""
         with self._engine.begin() as conn:

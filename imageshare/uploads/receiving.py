@@ -381,16 +381,18 @@ class UploadReceiver:
         for round_ in {f.round for f in unsent}:
             self.discard_round(invitation, round_)
 
-    def finish_round(self, invitation: Invitation, round_: int) -> None:
-        """Mark the round's received files as sent; unfinished ones are dropped."""
+    def finish_round(self, invitation: Invitation, round_: int) -> int:
+        """Mark the round's received files as sent (returns how many: none when another
+        Send took them a moment before); unfinished ones are dropped."""
         with self._engine.begin() as conn:
-            conn.execute(update(upload_files).where(
+            sent = conn.execute(update(upload_files).where(
                 upload_files.c.invitation_pk == invitation.pk, upload_files.c.round == round_,
-                upload_files.c.status == "received").values(status="done"))
+                upload_files.c.status == "received").values(status="done")).rowcount
             conn.execute(update(upload_files).where(
                 upload_files.c.invitation_pk == invitation.pk, upload_files.c.round == round_,
                 upload_files.c.status == "receiving").values(status="removed"))
         shutil.rmtree(self.folder(invitation) / "parts", ignore_errors=True)
+        return int(sent)
 
     def discard_round(self, invitation: Invitation, round_: int) -> None:
         """Remove a round's files from disk (after intake; originals are kept elsewhere)."""

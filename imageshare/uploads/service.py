@@ -76,6 +76,7 @@ class UploadService:
             self.receiver.restore(invitation, found)
             raise
         self.receiver.drop_bytes(invitation, found)
+        self.invitations.record_withdrawal(invitation, actor, upload_id)
 
     def revoke(self, invitation: Invitation, actor: Actor) -> None:
         """End an invitation for good; what was uploaded and never sent is removed."""
@@ -132,7 +133,9 @@ class UploadService:
         files = [f for f in self.receiver.files(invitation, round_) if f.status == "received"]
         if not files:
             raise ImageShareError("no file has arrived completely yet; add files first")
-        self.receiver.finish_round(invitation, round_)
+        if not self.receiver.finish_round(invitation, round_):
+            # Sent a moment ago (a second press, another tab): that Send's job checks them.
+            raise ImageShareError("these files were sent already")
         self.invitations.mark_submitted(invitation, actor)
         return self.jobs.submit(
             actor.name, INTAKE_JOB, f"Checking {len(files)} uploaded file(s)",

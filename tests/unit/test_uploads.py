@@ -27,6 +27,7 @@ from imageshare.storage.index.schema import background_jobs, instances
 from imageshare.uploads.convert import sniff
 from imageshare.uploads.invitations import UploadRequest
 from imageshare.uploads.receiving import safe_parts
+from imageshare.uploads.service import INTAKE_JOB
 from imageshare.web.server import create_app
 from tests.conftest import ADMIN_PASSWORD, make_archive, require_tool
 from tests.factory import ct_series
@@ -707,6 +708,10 @@ def test_a_file_withdrawn_before_send_and_an_upload_that_ended_unsent_leave_noth
         gone = client.delete(urls[0], headers={**TUS, "X-CSRF-Token": csrf})
         assert gone.status_code == 204
         assert len(_instances(archive)) == 1  # the withdrawn file's instance went with it
+        [audited] = archive.audit.events("upload.withdraw")
+        assert audited["detail"] == {"upload": withdrawn.public_id,
+                                     "file": urls[0].rsplit("/", 1)[1]}
+        assert audited["patient_id"] == "H100"
     for created in (revoked, expired):
         with TestClient(create_app(archive)) as client:
             csrf = _open(client, created)
@@ -1212,3 +1217,28 @@ def test_files_of_a_study_already_in_the_record_are_not_moved_to_the_invited_pat
     assert record.patient.patient_id == "R555"
     assert dict(_instances(archive)) == {dcmread(ours).SOPInstanceUID: "clinical",
                                          dcmread(uploaded).SOPInstanceUID: "upload"}
+
+
+def test_send_pressed_twice_at_once_queues_one_check_of_the_files(hospital, tmp_path,
+                                                                  monkeypatch):
+    """Two Sends at the same moment (a double press, two tabs, two processes) both saw the
+    round's files waiting: the first takes them and queues their check; the second is told
+    they were sent already and queues nothing."""
+    archive, _sink = hospital
+    created = _invite(archive)
+    [slice_] = _cd_slices(tmp_path, "cd", 1)
+    archive.jobs.close()  # the check stays queued: the jobs are counted below
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        _tus_upload(client, created.path, csrf, slice_, "a.dcm")
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    receiver = archive.uploads.receiver
+    round_, files = receiver.current_round(invitation), receiver.files(invitation)
+    archive.uploads.submit(invitation, STAFF, "clerk")
+    monkeypatch.setattr(receiver, "current_round", lambda _invitation: round_)  # as both read
+    monkeypatch.setattr(receiver, "files", lambda _invitation, _round=None: files)
+    with pytest.raises(ImageShareError, match="sent already"):
+        archive.uploads.submit(invitation, STAFF, "clerk")
+    with archive.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(background_jobs).where(
+            background_jobs.c.kind == INTAKE_JOB)).scalar() == 1
