@@ -268,11 +268,15 @@ class UploadReceiver:
             os.fsync(fd)
         finally:
             os.close(fd)
-        target = self.round_folder(invitation, found.round).joinpath(*found.path.split("/"))
+        target = self._named(invitation, found)
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if target.exists():  # the same name twice: keep both
-            target = target.with_name(f"{target.stem}-{upload_id[:6]}{target.suffix}")
-        os.replace(part, target)
+        try:  # a link fails where a file of that name is, even one placed a moment ago
+            os.link(part, target)
+        except FileExistsError:  # the same name twice: both kept, this one under its id
+            target = self._named(invitation, found, own=True)
+            os.replace(part, target)
+        else:
+            os.unlink(part)
         made = arrived(target) if arrived is not None else NOT_STORED
         sop_uid, outcome = made.sop_uid, made.outcome
         with self._engine.begin() as conn:
@@ -322,12 +326,20 @@ class UploadReceiver:
         self.withdraw(invitation, found)
         self.drop_bytes(invitation, found)
 
+    def _named(self, invitation: Invitation, found: UploadFile, own: bool = False) -> Path:
+        """Where a complete file lies in its round's folder: at its path, or (``own``: when
+        another file of that name was there first) beside it under a name with its id."""
+        target = self.round_folder(invitation, found.round).joinpath(*found.path.split("/"))
+        if own:
+            target = target.with_name(f"{target.stem}-{found.upload_id[:6]}{target.suffix}")
+        return target
+
     def drop_bytes(self, invitation: Invitation, found: UploadFile) -> None:
-        """Remove a withdrawn file's bytes."""
+        """Remove a withdrawn file's bytes (not those of another file of the same name)."""
         self.part_path(invitation, found.upload_id).unlink(missing_ok=True)
         if found.status == "received":
-            self.round_folder(invitation, found.round).joinpath(
-                *found.path.split("/")).unlink(missing_ok=True)
+            own = self._named(invitation, found, own=True)
+            (own if own.exists() else self._named(invitation, found)).unlink(missing_ok=True)
 
     def referenced(self, sop_uids: set[str], besides: Collection[str] = ()) -> set[str]:
         """Those of ``sop_uids`` that a file of any upload (received, or sent and reported)

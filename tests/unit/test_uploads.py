@@ -1242,3 +1242,26 @@ def test_send_pressed_twice_at_once_queues_one_check_of_the_files(hospital, tmp_
     with archive.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(background_jobs).where(
             background_jobs.c.kind == INTAKE_JOB)).scalar() == 1
+
+
+def test_withdrawing_the_second_of_two_files_of_one_name_removes_its_own_bytes(hospital,
+                                                                              tmp_path):
+    """Two files announced at one path (the second kept under a name with its id): the
+    second withdrawn, the first is still sent and the second is not."""
+    archive, _sink = hospital
+    created = _invite(archive)
+    first, second = (ct_series(tmp_path / name, 1, patient_id="OTHER-77",
+                               patient_name="Lovelace^Ada", PatientBirthDate="19151210")[0]
+                     for name in ("a", "b"))
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        _tus_upload(client, created.path, csrf, first, "IM0001.dcm")
+        again = _tus_upload(client, created.path, csrf, second, "IM0001.dcm")
+        assert client.delete(again, headers={**TUS, "X-CSRF-Token": csrf}).status_code == 204
+        [left] = list(archive.uploads.receiver.round_folder(invitation, 1).iterdir())
+        assert left.name == "IM0001.dcm" and left.read_bytes() == first.read_bytes()
+        assert 'data-state="done"' in _send(client, created.path, csrf)
+    sent = {str(f["sop_uid"]) for study in archive.uploads.review.studies(invitation)
+            for f in study.files}
+    assert sent == {str(dcmread(first, stop_before_pixels=True).SOPInstanceUID)}
