@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, case, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, case, func, insert, or_, select, update
 
 from imageshare.audit.trail import AuditTrail
 from imageshare.domain.errors import (
@@ -54,6 +54,22 @@ class UploadFile:
     round: int
     sop_uid: str = ""
     outcome: str = ""
+
+
+def _refuse_file_and_folder_of_one_name(conn: Connection, invitation: Invitation, round_: int,
+                                        parts: list[str]) -> None:
+    """Raises ImageShareError when the round holds a file where ``parts`` has a folder, or
+    a folder (a file inside it) where ``parts`` ends: the two could not both be kept."""
+    relative = "/".join(parts)
+    folders = ["/".join(parts[:i]) for i in range(1, len(parts))]
+    clash = conn.execute(select(upload_files.c.path).where(
+        upload_files.c.invitation_pk == invitation.pk, upload_files.c.round == round_,
+        upload_files.c.status != "removed",
+        or_(upload_files.c.path.in_(folders),
+            upload_files.c.path.startswith(relative + "/", autoescape=True))).limit(1)).scalar()
+    if clash is not None:
+        raise ImageShareError("a file and a folder of this upload have the same name "
+                              f"({str(clash)}): rename one of them and add it again")
 
 
 def _from_row(row: Any) -> UploadFile:
@@ -174,6 +190,7 @@ class UploadReceiver:
                         f"this upload is limited to {invitation.max_bytes >> 20} MB in all; "
                         f"{max(0, invitation.max_bytes - used) >> 20} MB are left")
                 round_ = int(done_round or 0) + 1  # as current_round()
+                _refuse_file_and_folder_of_one_name(conn, invitation, round_, parts)
                 conn.execute(_ANNOUNCE, {
                     "invitation_pk": invitation.pk, "upload_id": upload_id, "round": round_,
                     "path": relative, "length": length, "offset": 0, "status": "receiving",

@@ -1265,3 +1265,43 @@ def test_withdrawing_the_second_of_two_files_of_one_name_removes_its_own_bytes(h
     sent = {str(f["sop_uid"]) for study in archive.uploads.review.studies(invitation)
             for f in study.files}
     assert sent == {str(dcmread(first, stop_before_pixels=True).SOPInstanceUID)}
+
+
+def test_a_file_whose_bytes_all_arrived_but_never_completed_is_completed_when_asked(
+        hospital, tmp_path):
+    """The process writing a file's last bytes ended before completing it: asked how far
+    the file got (HEAD), the server completes it, so that the client (told it has all) sends
+    nothing more and the file is still sent and stored."""
+    archive, _sink = hospital
+    created = _invite(archive)
+    [slice_] = _cd_slices(tmp_path, "cd", 1)
+    data = slice_.read_bytes()
+    invitation = archive.uploads.invitations.by_public_id(created.public_id)
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        announced = client.post(created.path + "/files", headers={
+            **TUS, "X-CSRF-Token": csrf, "Upload-Length": str(len(data)),
+            "Upload-Metadata": f"filename {_b64('a.dcm')},relativePath {_b64('a.dcm')}"})
+        url = announced.headers["location"]
+        upload_id = url.rsplit("/", 1)[1]
+        archive.uploads.receiver.part_path(invitation, upload_id).write_bytes(data)
+        head = client.head(url, headers={**TUS, "X-CSRF-Token": csrf})
+        assert head.headers["upload-offset"] == str(len(data))
+        assert _file_of(archive, created, "a.dcm").status == "received"
+        assert 'data-state="done"' in _send(client, created.path, csrf)
+    [study] = archive.uploads.review.studies(invitation)
+    assert [str(f["sop_uid"]) for f in study.files] == [dcmread(slice_).SOPInstanceUID]
+
+
+def test_a_file_and_a_folder_of_one_name_are_refused_saying_so(hospital, tmp_path):
+    archive, _sink = hospital
+    created = _invite(archive)
+    [slice_] = _cd_slices(tmp_path, "cd", 1)
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        _tus_upload(client, created.path, csrf, slice_, "scan")
+        refused = client.post(created.path + "/files", headers={
+            **TUS, "X-CSRF-Token": csrf, "Upload-Length": "10",
+            "Upload-Metadata": f"filename {_b64('a.dcm')},relativePath {_b64('scan/a.dcm')}"})
+        assert refused.status_code == 400, refused.text
+        assert "a file and a folder of this upload have the same name" in refused.text

@@ -37,6 +37,7 @@ from imageshare.domain.errors import (
     NotFound,
     TooManyRequests,
     UnsupportedMediaType,
+    UploadOffsetMismatch,
 )
 from imageshare.sharing.links import NewShare
 from imageshare.uploads.invitations import Invitation, UploadRequest
@@ -162,7 +163,7 @@ async def invitee_tus_create(request: Request, archive: ArchiveDep, token: str,
 def invitee_tus_head(request: Request, archive: ArchiveDep, upload_id: str,
                      _uploader: allowed(UPLOAD_SEND)) -> Response:
     """tus: how many bytes of the file arrived."""
-    return _tus_head(archive, _invitation(request), upload_id)
+    return _tus_head(archive, _invitation(request), upload_id, _uploader)
 
 
 @tus.patch("/u/{token}/files/{upload_id}")
@@ -296,12 +297,18 @@ async def _tus_create(request: Request, archive: Archive, invitation_of: Callabl
                                               "Upload-Offset": str(offset)})
 
 
-def _tus_head(archive: Archive, invitation: Invitation, upload_id: str) -> Response:
-    found = archive.uploads.receiver.file(invitation, upload_id)
+def _tus_head(archive: Archive, invitation: Invitation, upload_id: str,
+              actor: Actor) -> Response:
+    receiver = archive.uploads.receiver
+    found = receiver.file(invitation, upload_id)
     offset = found.offset
     if found.status == "receiving":
-        offset = min(archive.uploads.receiver.received_bytes(invitation, upload_id),
-                     found.length)
+        offset = min(receiver.received_bytes(invitation, upload_id), found.length)
+        if offset == found.length:
+            # Every byte is here, but the file was never completed (the process writing its
+            # last bytes ended before): completed now, or the client, told it has all, would
+            # send nothing more and the file would never be sent.
+            _complete(archive, invitation, found, actor)
     return Response(status_code=200, headers={
         **_TUS, "Upload-Offset": str(offset), "Upload-Length": str(found.length),
         "Cache-Control": "no-store"})
@@ -317,6 +324,25 @@ async def _tus_patch(request: Request, archive: Archive, invitation: Invitation,
     archive.uploads.invitations.require_open(invitation)
     offset = await _receive(request, archive, invitation, upload_id, start, actor)
     return Response(status_code=204, headers={**_TUS, "Upload-Offset": str(offset)})
+
+
+def _complete(archive: Archive, invitation: Invitation, found: UploadFile,
+              actor: Actor) -> None:
+    """Complete a file all of whose bytes arrived, unless a writer holds it (and is doing
+    just that)."""
+    receiver = archive.uploads.receiver
+    try:
+        fd = os.open(receiver.part_path(invitation, found.upload_id), os.O_WRONLY)
+    except OSError:
+        return  # completed (or withdrawn) a moment ago
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        whole = receiver.begin_append(invitation, found.upload_id, found.length)
+        archive.uploads.received(invitation, whole, found.length, actor)
+    except (BlockingIOError, UploadOffsetMismatch):
+        pass  # a writer is at it, or it is complete already
+    finally:
+        os.close(fd)
 
 
 async def _receive(request: Request, archive: Archive, invitation: Invitation,
@@ -525,7 +551,7 @@ async def staff_tus_create(request: Request, archive: ArchiveDep, public_id: str
 def staff_tus_head(archive: ArchiveDep, public_id: str, upload_id: str,
                    actor: allowed(UPLOAD_MANAGE)) -> Response:
     """tus: how many bytes arrived."""
-    return _tus_head(archive, _staff_batch(archive, public_id, actor), upload_id)
+    return _tus_head(archive, _staff_batch(archive, public_id, actor), upload_id, actor)
 
 
 @tus.patch("/uploads/{public_id}/files/{upload_id}")
