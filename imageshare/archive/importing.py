@@ -4,13 +4,24 @@ Every zip file the walker opens (whatever its name or first bytes: a zip file is
 its end, so bytes put before it do not hide it) is checked against :class:`ZipLimits` before
 any member is read, and each member is read through a counter that stops at its stated size
 and at the walk's allowance of expanded bytes: the stated sizes are never trusted alone.
+
+A walk given a budget of items (an upload's: files met, files a DICOMDIR lists and members
+of zip files all count) reads no more, so that a small upload cannot make it copy, hash and
+store without end: a zip file that does not fit in what is left is
+refused whole, and the walk stops there, saying so. A DICOMDIR is read one record at a time,
+only when its size is sane (:data:`MAX_DICOMDIR_BYTES`), and each file it lists is read once
+however often, or under whatever spelling, it is listed; one that lists more than the budget
+is not used, and its folder is read file by file instead (every real file is still found).
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
+import struct
+import sys
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
@@ -20,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO, cast
 
 from pydicom import Dataset, dcmread
+from pydicom.filereader import read_partial, read_sequence_item
 
 from imageshare.archive.ingest import IngestService
 from imageshare.domain.actors import Actor
@@ -27,6 +39,18 @@ from imageshare.domain.errors import ConflictingInstance, InvalidInstance
 
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
 _ID_SEPARATOR = "\\"  # between the components of a Referenced File ID
+_RECORDS = 0x00041220  # Directory Record Sequence
+
+MAX_DICOMDIR_BYTES = 32 << 20  # a DICOMDIR larger than this is not read
+# A DICOMDIR holds a record (a sequence item) per patient, study, series and file, and now and
+# then an item within a record (an icon): at most this many items per file it may list, and a
+# few more for the smallest media. Items are counted in its bytes before any is parsed.
+_ITEMS_PER_FILE = 4
+_FEW_ITEMS = 16
+_ITEM_TAGS = (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00")  # (FFFE,E000) little, big endian
+# The central directory of a zip file takes some 100 bytes per member; one stating more bytes
+# per member than this (on average) is not opened (reading it costs memory before any check).
+_CENTRAL_ENTRY_BYTES = 512
 
 
 @dataclass
@@ -39,6 +63,7 @@ class ImportReport:
     replaced: int = 0
     held: int = 0
     skipped: int = 0
+    repeated: int = 0  # files a DICOMDIR lists more than once (read once)
     refused: list[tuple[str, str]] = field(default_factory=list)
     studies: set[str] = field(default_factory=set)
 
@@ -49,6 +74,8 @@ class ImportReport:
             f"(different content, stored copy kept), {self.replaced} replaced, "
             + (f"{self.held} held for reconciliation (patient details differ), "
                if self.held else "")
+            + (f"{self.repeated} listed again on the media (read once), "
+               if self.repeated else "")
             + f"{len(self.refused)} refused, {self.skipped} skipped (not DICOM); "
             f"{len(self.studies)} studies"
         )
@@ -114,8 +141,21 @@ class _Allowance:
 
     def take(self, stated: int) -> None:
         """A zip file stating ``stated`` expanded bytes was let through."""
-        if self.left is not None:
-            self.left -= stated
+        with self._lock:
+            if self.left is not None:
+                self.left -= stated
+
+    def claim(self, count: int) -> bool:
+        """Take ``count`` bytes more than the walk read (what a file grows to when it is
+        converted); False, taking nothing, when they are not left."""
+        with self._lock:
+            if self.left is None or self.limit is None:
+                return True
+            if count > self.left or self._total + count > self.limit:
+                return False
+            self.left -= count
+            self._total += count
+            return True
 
     def reached(self, member: int, position: int, stated: int) -> None:
         """Member ``member`` was read up to ``position``: ZipExpandsTooFar past its stated
@@ -232,26 +272,36 @@ def _check_component(part: str) -> None:
         raise OutsideTheMedia("outside the media (refused)")
 
 
-def _actual_name(dir_fd: int, part: str) -> str:
+# Folders' names by their case-folded spelling, by folder (device, inode): one walk lists each
+# folder once, however many of its names are looked up.
+FolderNames = dict[tuple[int, int], dict[str, str]]
+
+
+def _actual_name(dir_fd: int, part: str, names: FolderNames | None = None) -> str:
     """``part`` as it is spelt in the folder (CD media names are upper case, mounted file
-    systems vary); the name itself when absent."""
+    systems vary); the name itself when absent. ``names`` keeps folders' listings."""
     try:
         os.stat(part, dir_fd=dir_fd, follow_symlinks=False)
         return part
     except FileNotFoundError:
         pass
-    folded = part.lower()
-    for name in sorted(os.listdir(dir_fd)):
-        if name.lower() == folded:
-            return name
-    return part
+    facts = os.fstat(dir_fd)
+    known = names.get((facts.st_dev, facts.st_ino)) if names is not None else None
+    if known is None:
+        # the first name in sorted order wins when several fold alike
+        known = {name.lower(): name for name in sorted(os.listdir(dir_fd), reverse=True)}
+        if names is not None:
+            names[(facts.st_dev, facts.st_ino)] = known
+    return known.get(part.lower(), part)
 
 
-def open_inside(root: Path, parts: list[str] | tuple[str, ...]) -> BinaryIO:
+def open_inside(root: Path, parts: list[str] | tuple[str, ...],
+                names: FolderNames | None = None) -> BinaryIO:
     """Open the regular file ``root/parts[0]/.../parts[-1]`` for reading without leaving
     ``root`` and without following a symbolic link at any step (each component is opened
     relative to its folder with O_NOFOLLOW, so nothing can be swapped in between). Raises
-    :class:`OutsideTheMedia` or :class:`FileNotFoundError`."""
+    :class:`OutsideTheMedia` or :class:`FileNotFoundError`. ``names`` (when given) keeps the
+    listings of folders whose names were looked up, for the next call."""
     if not parts:
         raise OutsideTheMedia("outside the media (refused)")
     for part in parts:
@@ -260,7 +310,7 @@ def open_inside(root: Path, parts: list[str] | tuple[str, ...]) -> BinaryIO:
     try:
         for part in parts[:-1]:
             try:
-                fd = os.open(_actual_name(dir_fd, part), _DIR_FLAGS, dir_fd=dir_fd)
+                fd = os.open(_actual_name(dir_fd, part, names), _DIR_FLAGS, dir_fd=dir_fd)
             except NotADirectoryError as exc:
                 raise OutsideTheMedia("a symbolic link or not a folder (not followed)") from exc
             except OSError as exc:
@@ -270,7 +320,7 @@ def open_inside(root: Path, parts: list[str] | tuple[str, ...]) -> BinaryIO:
             os.close(dir_fd)
             dir_fd = fd
         try:
-            fd = os.open(_actual_name(dir_fd, parts[-1]), _FILE_FLAGS, dir_fd=dir_fd)
+            fd = os.open(_actual_name(dir_fd, parts[-1], names), _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise OutsideTheMedia("a symbolic link (not followed)") from exc
@@ -293,22 +343,71 @@ def _file_ids(record: Dataset) -> list[str] | None:
     return [str(ref)]
 
 
-def _dicomdir_entries(path: Path) -> list[list[str]] | None:
-    """The Referenced File IDs of the DICOMDIR at ``path`` as written (components), or None
-    when it is not a readable DICOMDIR."""
+@dataclass(frozen=True)
+class _Listing:
+    """What a DICOMDIR lists: each file once, as written (components), in order; or why
+    the list is not used (``refusal``)."""
+
+    files: list[tuple[str, ...]]
+    refusal: str = ""
+
+
+def _dicomdir_listing(path: Path, most: int) -> _Listing | None:
+    """The files the DICOMDIR at ``path`` lists, or why they are not used: it is larger than
+    :data:`MAX_DICOMDIR_BYTES` (not read at all), it holds more records than ``most`` files
+    need (not parsed), or it lists more than ``most`` files. None when it is not a readable
+    DICOMDIR. Its records are parsed one at a time: memory holds its bytes and one record."""
+    too_large = _Listing([], f"the CD's index (DICOMDIR) is larger than "
+                             f"{MAX_DICOMDIR_BYTES >> 20} MB (not read)")
     try:
         with open_inside(path.parent, [path.name]) as fh:
-            ds = dcmread(fh)
+            if os.fstat(fh.fileno()).st_size > MAX_DICOMDIR_BYTES:
+                return too_large
+            data = fh.read(MAX_DICOMDIR_BYTES + 1)
     except Exception:  # noqa: BLE001 - an unreadable DICOMDIR: fall back to walking
         return None
-    if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) != _MEDIA_DIRECTORY:
+    if len(data) > MAX_DICOMDIR_BYTES:  # it grew since
+        return too_large
+    if sum(data.count(tag) for tag in _ITEM_TAGS) > _ITEMS_PER_FILE * max(most, 0) + _FEW_ITEMS:
+        return _Listing([], "the CD's index (DICOMDIR) holds more entries than the files "
+                            "read in one go need (not used)")
+    try:
+        return _listed_files(io.BytesIO(data), most)
+    except Exception:  # noqa: BLE001 - as above
         return None
-    entries = []
-    for record in ds.get("DirectoryRecordSequence", []):
+
+
+def _listed_files(fh: BinaryIO, most: int) -> _Listing | None:
+    """:func:`_dicomdir_listing` of the open file ``fh``."""
+    head = read_partial(fh, stop_when=lambda tag, _vr, _length: tag == _RECORDS)
+    if str(head.file_meta.get("MediaStorageSOPClassUID", "")) != _MEDIA_DIRECTORY:
+        return None
+    implicit, little = head.original_encoding
+    if implicit is None or little is None:
+        return None
+    encoding = head.original_character_set
+    # read_partial stopped at the start of the Directory Record Sequence (if there is one)
+    element = struct.Struct(("<" if little else ">") + ("HHL" if implicit else "HH2s2xL"))
+    start = fh.read(element.size)
+    if len(start) < element.size:
+        return _Listing([])  # no records
+    length = element.unpack(start)[-1]
+    end = None if length == 0xFFFFFFFF else fh.tell() + length
+    files: list[tuple[str, ...]] = []
+    seen: set[tuple[str, ...]] = set()
+    while end is None or fh.tell() < end:
+        record = read_sequence_item(fh, implicit, little, encoding)
+        if record is None:  # the end of a sequence of undefined length
+            break
         parts = _file_ids(record)
-        if parts:
-            entries.append(parts)
-    return entries
+        if not parts or tuple(parts) in seen:
+            continue
+        if len(files) >= most:
+            return _Listing([], "the CD's index (DICOMDIR) lists more files than are read "
+                                "in one go (not used)")
+        seen.add(tuple(parts))
+        files.append(tuple(parts))
+    return _Listing(files)
 
 
 def _safe_member(name: str) -> bool:
@@ -321,24 +420,57 @@ def _is_link_member(info: zipfile.ZipInfo) -> bool:
     return info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)
 
 
+# The end record of a zip file as ZipFile itself reads it, to learn what the central directory
+# states before ZipFile reads all of it into memory; indexes of its members and bytes.
+_end_record: Callable[[BinaryIO], list[Any] | None] = (
+    zipfile._EndRecData)  # type: ignore[attr-defined]
+_END_MEMBERS, _END_DIRECTORY_BYTES = 4, 5
+
+
+def _directory_refusal(members: int, directory: int, limits: ZipLimits) -> str:
+    """Why a zip file whose end record states ``members`` members in a central directory of
+    ``directory`` bytes is not opened (opening it reads all of that directory); "" when it
+    may be."""
+    if members > limits.max_members:
+        return f"the zip file holds more than {limits.max_members} files"
+    if directory > max(members, 1) * _CENTRAL_ENTRY_BYTES:
+        return ("the zip file is damaged or built to mislead (its list of files is far "
+                "larger than its files need)")
+    return ""
+
+
+def over_budget(budget: int) -> str:
+    """Why an item was not read: the walk's budget of ``budget`` items was spent."""
+    return (f"not read: at most {budget} files are read in one go, counting the files in zip "
+            "files and those a CD's index (DICOMDIR) lists; nothing from here on was read")
+
+
 class DicomInputs:
     """Walks files, folders, zip files and DICOMDIR media, yielding every file they hold.
 
     Nothing outside the media is opened: DICOMDIR references and zip members are checked
     before use, symbolic links inside folders and media are not followed (paths named on the
     command line are the operator's and are taken as given), and only regular files are read.
-    Refusals name the entry as the media writes it, never what it points at.
+    Refusals name the entry as the media writes it, never what it points at. At most
+    ``max_items`` items are read (see the module's documentation); what staff import on the
+    server (``imageshare import``) has no such budget.
     """
 
     def __init__(self, zip_limits: ZipLimits | None = None,
-                 expanded_limit: int | None = None, limit_text: str = "the limit") -> None:
+                 expanded_limit: int | None = None, limit_text: str = "the limit",
+                 max_items: int | None = None) -> None:
         """``zip_limits`` apply to every zip file met; ``expanded_limit`` (when given) caps
         the bytes all zip members of the walk expand to together, named in refusals as
-        ``limit_text`` (e.g. "this upload's limit of 100 MB")."""
+        ``limit_text`` (e.g. "this upload's limit of 100 MB"); ``max_items`` is the walk's
+        budget of items (None: none)."""
         self._open_zips: list[zipfile.ZipFile] = []
         self._open_files: list[BinaryIO] = []
         self._zip_limits = zip_limits or ZipLimits()
         self._allowance = _Allowance(expanded_limit, limit_text)
+        self._budget = sys.maxsize if max_items is None else max_items
+        self._left = self._budget
+        self._spent_all = False
+        self._names: FolderNames = {}
 
     def close(self) -> None:
         """Close the zip files opened while walking."""
@@ -347,15 +479,45 @@ class DicomInputs:
         while self._open_files:
             self._open_files.pop().close()
 
+    def bytes_left(self) -> int | None:
+        """Bytes of the walk's allowance (``expanded_limit``) not yet taken; None: no limit."""
+        left = self._allowance.left
+        return None if left is None else max(left, 0)
+
+    def claim_bytes(self, count: int) -> bool:
+        """Take ``count`` bytes from the walk's allowance for what a file grew to when it was
+        converted; False, taking nothing, when they are not left (safe from any thread)."""
+        return self._allowance.claim(count)
+
+    def _spend(self, count: int, label: str, report: ImportReport) -> bool:
+        """Take ``count`` items from the budget; when they are not left, record ``label`` as
+        not read, end the walk and return False."""
+        if self._spent_all or count > self._left:
+            if not self._spent_all:
+                report.refused.append((label, over_budget(self._budget)))
+            self._spent_all = True
+            return False
+        self._left -= count
+        return True
+
     def candidates(self, inputs: list[Path], report: ImportReport) -> Iterator[Candidate]:
-        """Every file the inputs hold, zip members and DICOMDIR references included."""
-        for item in inputs:
+        """Every file the inputs hold, zip members and DICOMDIR references included (when
+        the budget is spent, each input not reached is recorded as not read)."""
+        for index, item in enumerate(inputs):
+            if self._spent_all:
+                report.refused.extend((str(rest), over_budget(self._budget))
+                                      for rest in inputs[index:])
+                return
             if item.is_dir():
                 yield from self._folder(item, report)
-            elif item.is_file() and item.name.upper() == "DICOMDIR" and (
-                    _dicomdir_entries(item) is not None):
-                yield from self._folder(item.parent, report)
             elif item.is_file():
+                if not self._spend(1, str(item), report):
+                    continue
+                listing = (_dicomdir_listing(item, self._left)
+                           if item.name.upper() == "DICOMDIR" else None)
+                if listing is not None:
+                    yield from self._media(item.parent, item, listing, report)
+                    continue
                 try:
                     with open(item, "rb") as fh:
                         is_zip = zipfile.is_zipfile(fh)
@@ -374,28 +536,67 @@ class DicomInputs:
             (p for p in sorted(folder.iterdir())
              if p.name.upper() == "DICOMDIR" and not p.is_symlink() and p.is_file()), None
         )
-        listed = _dicomdir_entries(dicomdir) if dicomdir else None
-        if dicomdir is not None and listed is not None:
-            for parts in listed:
-                label = f"{dicomdir}: {_ID_SEPARATOR.join(parts)}"  # as written
-                yield from self._media_file(folder, parts, label, report)
+        if dicomdir is not None:
+            if not self._spend(1, str(dicomdir), report):
+                return
+            listing = _dicomdir_listing(dicomdir, self._left)
+            if listing is not None:
+                yield from self._media(folder, dicomdir, listing, report)
+                return
+            # not a DICOMDIR that can be read: a file like the others
+            yield from self._media_file(folder, [dicomdir.name], str(dicomdir), report,
+                                        listed=False)
+        yield from self._walk(folder, report, leave_out=dicomdir)
+
+    def _media(self, folder: Path, dicomdir: Path, listing: _Listing,
+               report: ImportReport) -> Iterator[Candidate]:
+        """The files of media whose DICOMDIR is ``dicomdir``: those it lists, each once; or,
+        when the listing is not used, every file in the folder."""
+        if listing.refusal:
+            report.refused.append(
+                (str(dicomdir), f"{listing.refusal}; its folder was read file by file instead"))
+            yield from self._walk(folder, report, leave_out=dicomdir)
             return
+        seen: set[tuple[int, int]] = set()
+        for parts in listing.files:
+            label = f"{dicomdir}: {_ID_SEPARATOR.join(parts)}"  # as written
+            if not self._spend(1, label, report):
+                return
+            yield from self._media_file(folder, list(parts), label, report, seen=seen)
+
+    def _walk(self, folder: Path, report: ImportReport,
+              leave_out: Path | None) -> Iterator[Candidate]:
+        """Every file under ``folder`` but ``leave_out`` (counted already)."""
         for root, dirs, files in os.walk(folder):  # symbolic links to folders: not entered
             for name in [d for d in dirs if (Path(root) / d).is_symlink()]:
+                if not self._spend(1, str(Path(root) / name), report):
+                    return
                 report.refused.append((str(Path(root) / name), "a symbolic link (not followed)"))
                 dirs.remove(name)
             dirs.sort()
             relative = Path(root).relative_to(folder).parts
             for name in sorted(files):
-                label = str(Path(root) / name)
-                yield from self._media_file(folder, [*relative, name], label, report,
+                path = Path(root) / name
+                if path == leave_out:
+                    continue
+                if not self._spend(1, str(path), report):
+                    return
+                yield from self._media_file(folder, [*relative, name], str(path), report,
                                             listed=False)
 
     def _media_file(self, root: Path, parts: list[str], label: str, report: ImportReport,
-                    listed: bool = True) -> Iterator[Candidate]:
-        """The file at ``parts`` under ``root`` (a zip file's members, if it is one)."""
+                    listed: bool = True,
+                    seen: set[tuple[int, int]] | None = None) -> Iterator[Candidate]:
+        """The file at ``parts`` under ``root`` (a zip file's members, if it is one); none
+        when it is one of ``seen`` (a file listed before under another spelling)."""
         try:
-            with open_inside(root, parts) as fh:
+            with open_inside(root, parts, self._names) as fh:
+                if seen is not None:
+                    facts = os.fstat(fh.fileno())
+                    if (facts.st_dev, facts.st_ino) in seen:
+                        report.repeated += 1
+                        return
+                    seen.add((facts.st_dev, facts.st_ino))
                 is_zip = zipfile.is_zipfile(fh)
         except OutsideTheMedia as exc:
             report.refused.append((label, str(exc)))
@@ -409,7 +610,7 @@ class DicomInputs:
             return
 
         def opener(r: Path = root, p: tuple[str, ...] = tuple(parts)) -> BinaryIO:
-            return open_inside(r, p)
+            return open_inside(r, p, self._names)
 
         if is_zip and not listed:
             yield from self._zip(label, opener, report)
@@ -418,33 +619,47 @@ class DicomInputs:
 
     def _zip(self, label_base: str, opener: Callable[[], BinaryIO],
              report: ImportReport) -> Iterator[Candidate]:
-        """The members of a zip file, once it passed the zip limits (else its refusal)."""
+        """The members of a zip file, once it passed the zip limits and fits in what is left
+        of the budget (else its refusal; when it does not fit, the walk ends)."""
         try:
             fh = opener()
         except (OSError, OutsideTheMedia) as exc:
             report.refused.append(
                 (label_base, f"unreadable zip file ({exc.__class__.__name__})"))
             return
+        archive = None
         try:
             size = fh.seek(0, os.SEEK_END)
-            archive = zipfile.ZipFile(fh)
+            end = _end_record(fh)
+            if end is None:
+                raise zipfile.BadZipFile("no end record")
+            reason = _directory_refusal(int(end[_END_MEMBERS]),
+                                        int(end[_END_DIRECTORY_BYTES]), self._zip_limits)
+            if not reason:
+                archive = zipfile.ZipFile(fh)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
             fh.close()
             report.refused.append(
                 (label_base, f"unreadable zip file ({exc.__class__.__name__})"))
             return
-        reason = zip_refusal(archive, size, self._zip_limits, self._allowance.left,
-                             self._allowance.text)
-        if reason:
-            archive.close()
+        infos = archive.infolist() if archive is not None else []
+        if archive is not None:
+            reason = zip_refusal(archive, size, self._zip_limits, self._allowance.left,
+                                 self._allowance.text)
+        files = sum(1 for info in infos if not info.is_dir())
+        # (a refused zip file costs the one item it was; its members count once let in)
+        if reason or archive is None or not self._spend(files, label_base, report):
+            if archive is not None:
+                archive.close()
             fh.close()
-            report.refused.append((label_base, reason))
-            return
-        self._allowance.take(sum(info.file_size for info in archive.infolist()))
+            if reason:
+                report.refused.append((label_base, reason))
+            return  # else _spend recorded why (the budget) and ended the walk
+        self._allowance.take(sum(info.file_size for info in infos))
         # members are read by other threads; close() closes them
         self._open_zips.append(archive)
         self._open_files.append(fh)
-        for info in archive.infolist():
+        for info in infos:
             label = f"{label_base}!{info.filename}"
             if info.is_dir():
                 continue
@@ -466,8 +681,8 @@ class DicomInputs:
 class Importer(DicomInputs):
     """Walks inputs and feeds every DICOM file to the ingest pipeline."""
 
-    def __init__(self, ingest: IngestService) -> None:
-        super().__init__()
+    def __init__(self, ingest: IngestService, max_items: int | None = None) -> None:
+        super().__init__(max_items=max_items)
         self.ingest = ingest
 
     def run(

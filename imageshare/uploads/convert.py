@@ -7,6 +7,12 @@ file itself under the matching MPEG-4 transfer syntax (not re-encoded), and PDF 
 Encapsulated PDF instances. Each carries the patient's identity as the hospital knows it (the
 invitation's), the upload time and who uploaded it (Contributing Equipment). The big values
 (video, PDF) are copied from the file into the DICOM file in chunks, never whole in memory.
+
+A photo may grow when it is converted (a PNG kept exactly takes about as many bytes as its
+pixels, whatever the PNG took): up to :data:`FREE_GROWTH` times its file is free, and what it
+grows beyond that is taken from the upload's allowance (:class:`ByteAllowance`, the one that
+zip files expand into); a photo the allowance cannot take is refused, before it is encoded
+when its pixels alone tell.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Protocol, cast
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -42,6 +48,8 @@ AVC_HP42 = "1.2.840.10008.1.2.4.104"
 HEVC_MAIN = "1.2.840.10008.1.2.4.107"
 HEVC_MAIN10 = "1.2.840.10008.1.2.4.108"
 _CHUNK = 1 << 20
+FREE_GROWTH = 8  # times a photo's file: what its conversion may take without counting
+_RLE_BEST = 64  # RLE takes at least 2 bytes per 128 bytes of pixels
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
 
 
@@ -181,9 +189,41 @@ def _colour_image(details: PatientDetails, where: Placement, sop_class: str, ser
 _EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"})
 
 
-def photo(source: Path, details: PatientDetails, where: Placement, out: BinaryIO) -> None:
+class ByteAllowance(Protocol):
+    """Bytes an upload may still grow by (the walk's allowance, e.g.
+    :class:`imageshare.archive.importing.DicomInputs`)."""
+
+    def bytes_left(self) -> int | None:
+        """Bytes left (None: no limit)."""
+        ...
+
+    def claim_bytes(self, count: int) -> bool:
+        """Take ``count`` bytes; False, taking nothing, when they are not left."""
+        ...
+
+
+def _grown_too_far(made: int, sent: int) -> ImageShareError:
+    return ImageShareError(
+        f"the picture would take {-(-made // (1 << 20))} MB once converted for the hospital, "
+        f"far more than the file sent ({-(-sent // 1024)} kB), and more than is left of this "
+        "upload's limit; send it as a JPEG photo or as a smaller picture")
+
+
+def photo(source: Path, details: PatientDetails, where: Placement, out: BinaryIO,
+          allowance: ByteAllowance | None = None) -> None:
     """Write ``source`` (JPEG, PNG or HEIC) as a VL Photographic Image to ``out``: a PNG
-    (a screenshot, a scan) losslessly, a photo as JPEG."""
+    (a screenshot, a scan) losslessly, a photo as JPEG. Pixel data of more than
+    :data:`FREE_GROWTH` times ``source``'s size takes the rest from ``allowance`` (None: no
+    limit), else the photo is refused (ImageShareError, saying so)."""
+    sent = os.path.getsize(source)
+    free = FREE_GROWTH * sent
+    left = allowance.bytes_left() if allowance is not None else None
+
+    def take(made: int) -> None:
+        """Pixel data of ``made`` bytes: its growth beyond what is free, from ``allowance``."""
+        if made > free and allowance is not None and not allowance.claim_bytes(made - free):
+            raise _grown_too_far(made, sent)
+
     heic_supported()
     try:
         with Image.open(source) as img:
@@ -204,20 +244,26 @@ def photo(source: Path, details: PatientDetails, where: Placement, out: BinaryIO
     except (UnidentifiedImageError, OSError) as exc:
         raise ImageShareError("the photo cannot be read (damaged or not a photo)") from exc
     if lossless:  # a screenshot or scan: its text and lines stay exact (RLE Lossless)
-        ds = _colour_image(details, where, VL_PHOTOGRAPHIC, "Photos", ["DERIVED", "PRIMARY"],
-                           "RGB", rgb.height, rgb.width)
-        ds.LossyImageCompression = "00"
-        ds.PixelData = encapsulate([get_encoder(RLELossless).encode(
+        least = rgb.width * rgb.height * 3 // _RLE_BEST
+        if left is not None and least > free + left:  # too large however well it encodes
+            raise _grown_too_far(least, sent)
+        encoded_rle = get_encoder(RLELossless).encode(
             np.asarray(rgb), encoding_plugin="pylibjpeg", rows=rgb.height,
             columns=rgb.width, samples_per_pixel=3, bits_allocated=8, bits_stored=8,
             photometric_interpretation="RGB", pixel_representation=0, number_of_frames=1,
-            planar_configuration=0)])
+            planar_configuration=0)
+        take(len(encoded_rle))
+        ds = _colour_image(details, where, VL_PHOTOGRAPHIC, "Photos", ["DERIVED", "PRIMARY"],
+                           "RGB", rgb.height, rgb.width)
+        ds.LossyImageCompression = "00"
+        ds.PixelData = encapsulate([encoded_rle])
         ds["PixelData"].VR = "OB"
         _save(ds, RLELossless, out)
         return
     encoded = io.BytesIO()
     rgb.save(encoded, format="JPEG", quality=92, subsampling=1)  # 4:2:2, as YBR_FULL_422
     jpeg = encoded.getvalue()
+    take(len(jpeg))
     ds = _colour_image(details, where, VL_PHOTOGRAPHIC, "Photos", ["DERIVED", "PRIMARY"],
                        "YBR_FULL_422", rgb.height, rgb.width)
     ds.LossyImageCompression = "01"

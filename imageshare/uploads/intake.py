@@ -7,12 +7,18 @@ following symbolic links; every zip file it opens, whatever its name or first by
 the bomb limits first, and what zip files expand to counts against the invitation's size
 limit). DICOM files are stored as they are, their patient checked against the invitation
 (a mismatch is flagged and held for review, never merged). Photos, videos and PDFs are made
-DICOM with the invitation's identity (:mod:`imageshare.uploads.convert`); the original file
-is kept beside it in the originals store, its SHA-256 recorded.
+DICOM with the invitation's identity (:mod:`imageshare.uploads.convert`; what a photo grows
+by beyond a few times its file counts against that limit too); the original file is kept
+beside it in the originals store, its SHA-256 recorded.
+
+A round reads at most as many items as an upload may hold files (``MAX_FILES``: files, the
+files a CD's DICOMDIR lists and the members of zip files all count); what is beyond that is
+reported as not read. Its results wait on disk, not in memory, until the round ends.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -25,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.uid import generate_uid
@@ -47,7 +53,7 @@ from imageshare.storage.blobs import BlobStore, new_blob_key, store_file
 from imageshare.storage.index.schema import upload_files, upload_results
 from imageshare.uploads import convert
 from imageshare.uploads.invitations import Invitation
-from imageshare.uploads.receiving import NOT_STORED, Arrival
+from imageshare.uploads.receiving import MAX_FILES, NOT_STORED, Arrival
 
 log = logging.getLogger("imageshare.uploads")
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -55,6 +61,7 @@ _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "PatientID"
                 "PatientName", "PatientBirthDate", "IssuerOfPatientID",
                 "OtherPatientIDsSequence", "Modality", "BodyPartExamined"]
 _SERIES = {"photo": (901, "Photos"), "video": (902, "Videos"), "pdf": (903, "Documents")}
+_RESULTS_AT_ONCE = 500  # result rows held in memory (and written) at a time
 _IDENTITY_DETAIL = {"": "", "match": "", "name": "no NHS number; name and date of birth match",
                     "mismatch": "the patient in the file is not the invited patient"}
 
@@ -96,9 +103,9 @@ def _refusal(exc: ImageShareError) -> str:
 
 @dataclass
 class RoundReport:
-    """What one round became: counts and a line per file. ``received`` and ``refused`` count
-    as the uploader is told (:func:`uploader_says`); ``stored`` and ``held`` are instances
-    made."""
+    """What one round became, in counts (each file's result is in ``upload_results``).
+    ``received`` and ``refused`` count as the uploader is told (:func:`uploader_says`);
+    ``stored`` and ``held`` are instances made."""
 
     stored: int = 0
     held: int = 0
@@ -106,7 +113,55 @@ class RoundReport:
     skipped: int = 0
     received: int = 0
     studies: set[str] = field(default_factory=set)
-    lines: list[tuple[str, str, str]] = field(default_factory=list)  # (label, outcome, why)
+
+
+class _Results:
+    """A round's result rows, kept in a private file as they come (memory holds a few at a
+    time however many files the round has) and written at the round's end."""
+
+    def __init__(self, folder: Path) -> None:
+        self._file: IO[bytes] = tempfile.TemporaryFile(dir=folder, suffix=".results")
+        self._waiting: list[dict[str, Any]] = []
+        self._count = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        """One file's result."""
+        self._waiting.append(row)
+        self._count += 1
+        if len(self._waiting) >= _RESULTS_AT_ONCE:
+            self._spill()
+
+    def _spill(self) -> None:
+        for row in self._waiting:
+            self._file.write(json.dumps(
+                {**row, "created_at": row["created_at"].isoformat()}).encode() + b"\n")
+        self._waiting.clear()
+
+    def write(self, engine: Engine) -> None:
+        """Record every result, all in one transaction (results on record mean the round's
+        intake finished: a restart runs it again whole)."""
+        if not self._count:
+            return
+        self._spill()
+        self._file.seek(0)
+        with engine.begin() as conn:
+            rows: list[dict[str, Any]] = []
+            for line in self._file:
+                row = json.loads(line)
+                row["created_at"] = datetime.fromisoformat(row["created_at"])
+                rows.append(row)
+                if len(rows) >= _RESULTS_AT_ONCE:
+                    conn.execute(insert(upload_results), rows)
+                    rows = []
+            if rows:
+                conn.execute(insert(upload_results), rows)
+        self._file.seek(0)
+        self._file.truncate()
+        self._count = 0
+
+    def close(self) -> None:
+        """Forget what was not written."""
+        self._file.close()
 
 
 def identity_of(ds: object, invitation: Invitation) -> str:
@@ -241,13 +296,11 @@ class UploadIntake:
             conn.execute(delete(upload_results).where(
                 upload_results.c.invitation_pk == invitation.pk,
                 upload_results.c.round == round_))
-        rows: list[dict[str, object]] = []
 
         def note(label: str, kind: str, outcome: str, detail: str = "", identity: str = "",
                  study: str = "", sop: str = "", modality: str = "", body_part: str = "",
                  original: tuple[str, str] = ("", "")) -> None:
             with lock:
-                report.lines.append((label, outcome, detail))
                 if outcome in ("stored", "duplicate"):
                     report.stored += 1
                 elif outcome == "held":
@@ -260,20 +313,12 @@ class UploadIntake:
                     report.refused += 1
                 if study:
                     report.studies.add(study)
-                rows.append(dict(
+                outcomes.add(dict(
                     invitation_pk=invitation.pk, round=round_, label=label[:1024], kind=kind,
                     outcome=outcome, detail=detail[:2000], identity=identity,
                     study_uid=study, sop_uid=sop, modality=modality[:16],
                     body_part=body_part[:64], original_key=original[0],
                     original_sha256=original[1], created_at=datetime.now(UTC)))
-
-        def flush() -> None:
-            """Write the round's results, all at once at its end: results on record mean the
-            round's intake finished (a restart runs it again whole)."""
-            if rows:
-                with self._engine.begin() as conn:
-                    conn.execute(insert(upload_results), rows)
-                rows.clear()
 
         def placement(kind: str, label: str, number: int) -> convert.Placement:
             series_number, _ = _SERIES[kind]
@@ -327,7 +372,7 @@ class UploadIntake:
                 return
             try:
                 self._one(candidate, label, invitation, actor, note, arrived,
-                          lambda kind, label: placement(kind, label, number))
+                          lambda kind, label: placement(kind, label, number), walker)
             except Exception as exc:  # noqa: BLE001 - one bad file never stops a round
                 note(label, "refused", "failed", f"unexpected error ({type(exc).__name__})")
             if progress is not None:
@@ -339,42 +384,51 @@ class UploadIntake:
         allowance = invitation.max_bytes - self._used_bytes(invitation) + sum(
             _zip_size(p) for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
         walker = DicomInputs(self._zip_limits, allowance,
-                             f"this upload's limit of {invitation.max_bytes >> 20} MB")
+                             f"this upload's limit of {invitation.max_bytes >> 20} MB",
+                             max_items=MAX_FILES)
         walk_report = ImportReport()
+        outcomes = _Results(self._staging)
         try:
-            with ThreadPoolExecutor(max_workers=self._parallel) as pool:
-                window: list[Future[None]] = []
-                for number, candidate in enumerate(
-                        walker.candidates([e for e in entries if e.exists()], walk_report),
-                        start=1):
-                    window.append(pool.submit(one, number, candidate))
-                    if len(window) >= 4 * self._parallel:
-                        window.pop(0).result()
-                for future in window:
-                    future.result()
+            try:
+                with ThreadPoolExecutor(max_workers=self._parallel) as pool:
+                    window: list[Future[None]] = []
+                    for number, candidate in enumerate(
+                            walker.candidates([e for e in entries if e.exists()], walk_report),
+                            start=1):
+                        window.append(pool.submit(one, number, candidate))
+                        if len(window) >= 4 * self._parallel:
+                            window.pop(0).result()
+                    for future in window:
+                        future.result()
+            finally:
+                walker.close()
+            # Stored on arrival but not met above (e.g. not listed in the CD's DICOMDIR, or
+            # past the round's budget): reported too, so that the reviewer sees every
+            # instance the upload made (and not as "not read").
+            reported_late: set[str] = set()
+            for sop_uid, waiting in arrivals.items():
+                while waiting:
+                    relative = waiting[0][1]
+                    reported_late.add(relative)
+                    made = known(relative)
+                    if made is not None:
+                        as_recorded(relative, made)
+                        continue
+                    file = folder.joinpath(*relative.split("/"))
+                    try:
+                        self._dicom(Candidate(str(file), _opener(file)), relative, invitation,
+                                    actor, note, arrived)
+                    except OSError:
+                        pass
+                    if waiting and waiting[0][1] == relative:  # not readable now: what is known
+                        note(relative, "dicom", waiting.pop(0)[0], "", "", "", sop_uid)
+            for label, reason in walk_report.refused:
+                if self._label(folder, label) not in reported_late:
+                    note(self._label(folder, label), "refused", "refused", reason)
+            with lock:
+                outcomes.write(self._engine)
         finally:
-            walker.close()
-        # Stored on arrival but not met above (e.g. not listed in the CD's DICOMDIR): reported
-        # too, so that the reviewer sees every instance the upload made.
-        for sop_uid, waiting in arrivals.items():
-            while waiting:
-                relative = waiting[0][1]
-                made = known(relative)
-                if made is not None:
-                    as_recorded(relative, made)
-                    continue
-                file = folder.joinpath(*relative.split("/"))
-                try:
-                    self._dicom(Candidate(str(file), _opener(file)), relative, invitation,
-                                actor, note, arrived)
-                except OSError:
-                    pass
-                if waiting and waiting[0][1] == relative:  # not readable now: what is known
-                    note(relative, "dicom", waiting.pop(0)[0], "", "", "", sop_uid)
-        for label, reason in walk_report.refused:
-            note(self._label(folder, label), "refused", "refused", reason)
-        with lock:
-            flush()
+            outcomes.close()
         self._audit.record(AuditEvent(
             actor=actor, action="upload.receive", outcome="success",
             patient_id=invitation.hospital_number,
@@ -398,7 +452,8 @@ class UploadIntake:
 
     def _one(self, candidate: Candidate, label: str, invitation: Invitation, actor: Actor,
              note: Callable[..., None], arrived: Callable[[str], str],
-             placement: Callable[[str, str], convert.Placement]) -> None:
+             placement: Callable[[str, str], convert.Placement],
+             allowance: convert.ByteAllowance) -> None:
         with candidate.open() as stream:
             head = stream.read(132)
         kind = convert.sniff(head)
@@ -429,7 +484,7 @@ class UploadIntake:
             try:
                 with out:
                     if converted_kind == "photo":
-                        convert.photo(spool, invitation.details(), where, out)
+                        convert.photo(spool, invitation.details(), where, out, allowance)
                     elif converted_kind == "video":
                         convert.video(spool, invitation.details(), where, out)
                     else:
