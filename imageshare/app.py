@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -698,6 +699,7 @@ def run_worker(settings: Settings, dicom: bool, sock: socket.socket | None, coun
     stop = threading.Event()  # a signal before uvicorn runs (or re-raised by it) ends here
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: stop.set())
     die_with_server()
     configure_logging(settings, "[worker]")
     grace = settings.shutdown_grace_seconds
@@ -781,7 +783,7 @@ def serve(settings: Settings) -> None:
     """Run HTTP and the DICOM listener until SIGINT/SIGTERM; further processes share the
     DICOM port (``dicom_processes``) so that concurrent associations use every core.
 
-    On SIGTERM or SIGINT no new association or request is taken; open ones get
+    On SIGTERM, SIGINT or SIGHUP no new association or request is taken; open ones get
     ``shutdown_grace_seconds`` to finish (then they are ended), running transfers stop between
     instances (resumed on the next start), the index is closed, and the process exits 0.
     """
@@ -800,6 +802,12 @@ def serve(settings: Settings) -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     signal.signal(signal.SIGTERM, _early_stop)
     signal.signal(signal.SIGINT, _early_stop)
+    # A closed terminal (SIGHUP to the process group): drained, not cut off. The helper
+    # process multiprocessing keeps (its resource tracker) is started now, with SIGHUP
+    # ignored, which it keeps: else it dies, is started again and complains.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    resource_tracker.ensure_running()
+    signal.signal(signal.SIGHUP, _early_stop)
     grace = settings.shutdown_grace_seconds
     for warning in exposure_warnings(settings):
         log.warning("%s", warning)

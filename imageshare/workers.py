@@ -138,6 +138,7 @@ def fork_forkserver() -> bool:
                     # service (systemd's stop) is for the workers: this one ends with the
                     # server (the pipe, and the parent-death signal).
                     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                    signal.signal(signal.SIGHUP, signal.SIG_IGN)
                     die_with_parent()
                     multiprocessing.forkserver.main(listener.fileno(), alive_r, [])
                 except SystemExit as stop:  # how it ends once this process has ended

@@ -3,8 +3,9 @@
 Each caller waits for its own result, so a store is acknowledged only after the commit that
 contains it. Within a batch every change runs in its own savepoint: one failure does not
 sink the others. A change may come with a :class:`Prerequisite` (e.g. "the blob is on disk"):
-the writer runs the SQL while the caller finishes that work, and commits nothing of the
-change until the prerequisite is met.
+the writer commits nothing of the change until the prerequisite is met (on PostgreSQL it runs
+the SQL while the caller finishes that work; on SQLite, whose write lock stops every other
+writer, it waits for the work before taking the lock).
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ class IndexWriter:
 
     def __init__(self, engine: Engine, max_batch: int = 64) -> None:
         self._engine = engine
+        # SQLite's write lock is the whole database's: taken only once the batch's work
+        # (blobs hashed and fsynced) is done, so that other writers (audit events, sessions,
+        # job leases, in every process) do not wait for that I/O too. PostgreSQL locks rows:
+        # there the SQL runs while the work finishes.
+        self._work_first = engine.dialect.name == "sqlite"
         self._failure_hooks: list[Callable[[], None]] = []
         self._queue: queue.Queue[Any] = queue.Queue()
         self._max_batch = max_batch
@@ -115,6 +121,10 @@ class IndexWriter:
             self._apply(batch)
 
     def _apply(self, batch: list[Any]) -> None:
+        if self._work_first:
+            for _change, _future, prerequisite in batch:
+                if prerequisite is not None:
+                    prerequisite.wait_quietly()
         if len(batch) == 1:
             self._apply_one(*batch[0])
             return

@@ -155,3 +155,34 @@ def test_no_process_of_a_killed_server_outlives_it(tmp_path):
         assert _stored_count(server) == 12
     finally:
         server.stop()
+
+
+def test_a_closed_terminal_sighup_to_every_process_drains_and_stops_them_all(tmp_path):
+    """Closing the terminal (or a habit of `kill -HUP`) sends SIGHUP to the whole process
+    group: the server and its workers stop as on SIGTERM, exit 0, and leave nothing behind
+    (before, each died at once, undrained, and systemd saw no failure to restart)."""
+    server = RunningServer(tmp_path / "data", extra_env={
+        "IMAGESHARE_DICOM_PROCESSES": "2", "IMAGESHARE_HTTP_PROCESSES": "2"})
+    server.data_dir.mkdir(parents=True)
+    output = tmp_path / "serve.log"
+    with open(output, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "imageshare", "serve"],
+                                   env=server.env(), stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while "ImageShare listening" not in output.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, output.read_text()
+            time.sleep(0.1)
+        others = _descendants(process.pid)
+        os.killpg(process.pid, signal.SIGHUP)
+        assert process.wait(60) == 0, output.read_text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    text = output.read_text()
+    assert "ImageShare stopped" in text and "Traceback" not in text, text
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in others):
+        assert time.monotonic() < deadline, "a process outlived the server"
+        time.sleep(0.1)

@@ -3,6 +3,7 @@ between two look-ups is a race to run again, never a refusal of a valid instance
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future
 
 import pytest
@@ -59,3 +60,39 @@ def _system():
     from imageshare.domain.actors import cli_actor
 
     return cli_actor()
+
+
+def test_on_sqlite_the_write_lock_is_not_held_while_a_store_finishes_its_blob(tmp_path):
+    """A store's index change waits for its blob (hashed, fsynced) before it commits. On
+    SQLite the database's one write lock is taken only after that: meanwhile another writer
+    (an audit event, a session, in any process) commits at once instead of waiting for the
+    blob's I/O too."""
+    from sqlalchemy import text
+
+    from imageshare.archive.index_writer import Prerequisite
+    from imageshare.storage.index.database import make_engine
+
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    writer_engine, other = make_engine(url, for_writer=True), make_engine(url)
+    with other.begin() as conn:
+        conn.execute(text("CREATE TABLE t (v INTEGER)"))
+    writer = IndexWriter(writer_engine)
+    blob_on_disk, ran = Prerequisite(), threading.Event()
+
+    def change(conn):
+        inserted = conn.execute(text("INSERT INTO t VALUES (1)")).rowcount
+        ran.set()
+        return inserted
+
+    future: Future = writer.submit_async(change, blob_on_disk)
+    ran.wait(1.0)  # the writer's SQL, had it begun before the blob was done
+    with other.connect() as conn:
+        conn.execute(text("PRAGMA busy_timeout = 500"))  # would fail, not wait 30 s
+        conn.execute(text("INSERT INTO t VALUES (2)"))
+        conn.commit()
+    assert not future.done()
+    blob_on_disk.succeeded()
+    assert future.result(timeout=30) == 1
+    writer.close()
+    with other.connect() as conn:
+        assert sorted(conn.execute(text("SELECT v FROM t")).scalars()) == [1, 2]
