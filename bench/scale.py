@@ -477,7 +477,9 @@ class PostgresOrthanc(OrthancServer):
 # -- concurrent clients ----------------------------------------------------------------------
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, int]:
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, int, bool]:
+    """The status, the body's size, and whether the server closes the connection after it
+    (``Connection: close``)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
@@ -486,9 +488,10 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, int]:
         if ":" in line:
             name, value = line.split(":", 1)
             headers[name.strip().lower()] = value.strip()
+    closes = headers.get("connection", "").lower() == "close"
     if "content-length" in headers:
         body = await reader.readexactly(int(headers["content-length"]))
-        return status, len(body)
+        return status, len(body), closes
     size = 0
     if headers.get("transfer-encoding", "").lower() == "chunked":
         while True:
@@ -496,29 +499,34 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, int]:
             size += length
             await reader.readexactly(length + 2)
             if length == 0:
-                return status, size
+                return status, size, closes
     raise RuntimeError("a response without a length")
 
 
 async def _client(port: int, paths: list[str], authorization: str, start: int,
                   seconds: float, warmup: float, results: list[float], errors: list[str],
-                  warmups: list[float]) -> None:
+                  warmups: list[float], reconnects: list[int]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     began = time.perf_counter()
-    n = start
+    n, reconnect = start, False
     try:
         while True:
             now = time.perf_counter()
             if now - began > warmup + seconds:
                 return
+            if reconnect:  # as a browser does (the next request's time includes it)
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                reconnects.append(1)
             path = paths[n % len(paths)]
             n += 1
             writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                          f"Accept: application/dicom+json\r\nAuthorization: {authorization}\r\n"
                          "\r\n".encode())
             await writer.drain()
-            status, _size = await _read_response(reader)
+            status, _size, closes = await _read_response(reader)
             done = time.perf_counter()
+            reconnect = closes
             if status != 200:
                 errors.append(f"{status} {path}")
             elif now - began >= warmup:
@@ -536,11 +544,12 @@ def throughput(port: int, paths: list[str], authorization: str, clients: int,
     results: list[float] = []
     errors: list[str] = []
     warmups: list[float] = []
+    reconnects: list[int] = []
 
     async def run() -> None:
         await asyncio.gather(*(
             _client(port, paths, authorization, i * 7, seconds, warmup, results, errors,
-                    warmups)
+                    warmups, reconnects)
             for i in range(clients)))
 
     asyncio.run(run())
@@ -548,7 +557,8 @@ def throughput(port: int, paths: list[str], authorization: str, clients: int,
     return {"requests_per_s": len(results) / seconds, "p50": statistics.median(results),
             "p95": results[int(len(results) * 0.95) - 1], "requests": len(results),
             "warmup_requests": len(warmups) + len(errors),
-            "errors": len(errors), "first_errors": errors[:3]}
+            "errors": len(errors), "first_errors": errors[:3],
+            "reconnects": len(reconnects)}
 
 
 # -- the rounds ------------------------------------------------------------------------------
