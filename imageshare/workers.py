@@ -25,7 +25,16 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 READY_SECONDS = 120  # a worker still not listening by then is reported and left out
-RESTARTS_PER_HOUR = 20  # beyond this a worker that keeps dying is left stopped
+# A worker that keeps dying is started again after a pause that doubles with each death
+# within the hour (from the third), up to this: never left stopped for good.
+MAX_RESTART_PAUSE = 300.0
+
+
+def restart_pause(deaths_within_the_hour: int) -> float:
+    """Seconds to wait before starting again a worker that died this often in the hour."""
+    if deaths_within_the_hour < 3:
+        return 0.0
+    return min(MAX_RESTART_PAUSE, 2.0 ** (deaths_within_the_hour - 2))
 
 
 @dataclass
@@ -40,6 +49,7 @@ class Worker:
     process: multiprocessing.process.BaseProcess | None = None
     ready: Any = None
     restarts: list[float] = field(default_factory=list)
+    pausing: bool = False  # waiting before it is started again (it keeps dying)
     on_restart: Callable[[], None] | None = None  # e.g. forget what the dead process held
     on_give_up: Callable[[], None] | None = None  # not started again: e.g. leave its place
     handle: int | None = None  # a pidfd of ``process``: whether it runs, asked of the kernel
@@ -310,11 +320,15 @@ class Workers:
                 return
             now = time.monotonic()
             worker.restarts = [t for t in worker.restarts if now - t < 3600]
-            if len(worker.restarts) >= RESTARTS_PER_HOUR:
-                log.error("%s %s keeps stopping (%d times within the hour); it is not started "
-                          "again", worker.what, worker.name, len(worker.restarts))
-                self._give_up(worker)
+            pause = restart_pause(len(worker.restarts))
+            if worker.restarts and now - worker.restarts[-1] < pause:
+                if not worker.pausing:
+                    worker.pausing = True
+                    log.error("%s %s keeps stopping (%d times within the hour); starting it "
+                              "again in %.0f s", worker.what, worker.name,
+                              len(worker.restarts), pause)
                 return
+            worker.pausing = False
             log.error("%s %s stopped unexpectedly (exit code %s); starting it again",
                       worker.what, worker.name, process.exitcode)
             worker.restarts.append(now)

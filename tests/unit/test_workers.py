@@ -9,7 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-from imageshare.workers import Worker, Workers, die_with_server
+from imageshare import workers as workers_module
+from imageshare.workers import Worker, Workers, die_with_server, restart_pause
 
 
 def drain_slowly(ready) -> None:  # noqa: ANN001 - a multiprocessing Event
@@ -123,3 +124,34 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _restarted(workers, old, deadline: float):
+    while True:
+        (current,) = workers.processes or [old]
+        if current is not old and current.is_alive():
+            return current
+        assert time.monotonic() < deadline, "the worker was not started again"
+        time.sleep(0.02)
+
+
+def test_a_worker_that_keeps_dying_is_started_again_after_a_growing_pause_never_given_up(
+        monkeypatch):
+    """Killed again and again (the OOM killer under memory pressure): the worker is started
+    again after a pause that grows (here shortened), not left stopped for good after twenty
+    deaths in an hour as before."""
+    assert [restart_pause(n) for n in (0, 2, 3, 4, 6, 20)] == [0, 0, 2, 4, 16, 300]
+    pauses: list[int] = []
+    monkeypatch.setattr(workers_module, "restart_pause",
+                        lambda deaths: pauses.append(deaths) or (0.3 if deaths == 22 else 0.0))
+    workers = Workers()
+    workers.start([Worker("dying-worker", "test worker", drain_slowly, ())])
+    workers.wait_ready(threading.Event())
+    (current,) = workers.processes
+    workers.supervise(interval=0.02)
+    for _ in range(23):
+        os.kill(current.pid, signal.SIGKILL)
+        current = _restarted(workers, current, time.monotonic() + 30)
+    assert max(pauses) == 22  # asked after each death, the count of the hour growing
+    workers.terminate()
+    workers.join(grace=2)
