@@ -87,9 +87,9 @@ def test_sigint_with_an_idle_association_ends_it_after_the_grace_and_exits_0(tmp
     assert not assoc.is_established  # the server ended it
 
 
-def test_ctrl_c_while_the_workers_start_stops_everything_quietly(tmp_path):
-    """Ctrl-C in a terminal reaches the whole process group: workers still importing do not
-    each print a KeyboardInterrupt; the server stops them and exits 0."""
+def _serve_in_own_group(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """``imageshare serve`` with two DICOM and two HTTP processes, in a process group of its
+    own (as a terminal's), its output in a file."""
     server = RunningServer(tmp_path / "data", extra_env={
         "IMAGESHARE_DICOM_PROCESSES": "2", "IMAGESHARE_HTTP_PROCESSES": "2"})
     server.data_dir.mkdir(parents=True)
@@ -98,6 +98,13 @@ def test_ctrl_c_while_the_workers_start_stops_everything_quietly(tmp_path):
         process = subprocess.Popen([sys.executable, "-m", "imageshare", "serve"],
                                    env=server.env(), stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
+    return process, output
+
+
+def test_ctrl_c_while_the_workers_start_stops_everything_quietly(tmp_path):
+    """Ctrl-C in a terminal reaches the whole process group: workers still importing do not
+    each print a KeyboardInterrupt; the server stops them and exits 0."""
+    process, output = _serve_in_own_group(tmp_path)
     try:
         deadline = time.monotonic() + 60
         while not child_pids(process.pid):
@@ -161,14 +168,7 @@ def test_a_closed_terminal_sighup_to_every_process_drains_and_stops_them_all(tmp
     """Closing the terminal (or a habit of `kill -HUP`) sends SIGHUP to the whole process
     group: the server and its workers stop as on SIGTERM, exit 0, and leave nothing behind
     (before, each died at once, undrained, and systemd saw no failure to restart)."""
-    server = RunningServer(tmp_path / "data", extra_env={
-        "IMAGESHARE_DICOM_PROCESSES": "2", "IMAGESHARE_HTTP_PROCESSES": "2"})
-    server.data_dir.mkdir(parents=True)
-    output = tmp_path / "serve.log"
-    with open(output, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "imageshare", "serve"],
-                                   env=server.env(), stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+    process, output = _serve_in_own_group(tmp_path)
     try:
         deadline = time.monotonic() + 90
         while "ImageShare listening" not in output.read_text():

@@ -630,9 +630,7 @@ def test_two_files_sent_under_one_name_are_each_reported_once_as_themselves(hosp
     name): the report has one line for each, with its own instance."""
     archive, _sink = hospital
     created = _invite(archive)
-    first, second = (ct_series(tmp_path / name, 1, patient_id="OTHER-77",
-                               patient_name="Lovelace^Ada", PatientBirthDate="19151210")[0]
-                     for name in ("a", "b"))
+    first, second = (_cd_slices(tmp_path, name, 1)[0] for name in ("a", "b"))
     invitation = archive.uploads.invitations.by_public_id(created.public_id)
     with TestClient(create_app(archive)) as client:
         csrf = _open(client, created)
@@ -1250,9 +1248,7 @@ def test_withdrawing_the_second_of_two_files_of_one_name_removes_its_own_bytes(h
     second withdrawn, the first is still sent and the second is not."""
     archive, _sink = hospital
     created = _invite(archive)
-    first, second = (ct_series(tmp_path / name, 1, patient_id="OTHER-77",
-                               patient_name="Lovelace^Ada", PatientBirthDate="19151210")[0]
-                     for name in ("a", "b"))
+    first, second = (_cd_slices(tmp_path, name, 1)[0] for name in ("a", "b"))
     invitation = archive.uploads.invitations.by_public_id(created.public_id)
     with TestClient(create_app(archive)) as client:
         csrf = _open(client, created)
