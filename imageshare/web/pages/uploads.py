@@ -326,21 +326,34 @@ async def _tus_patch(request: Request, archive: Archive, invitation: Invitation,
     return Response(status_code=204, headers={**_TUS, "Upload-Offset": str(offset)})
 
 
+def _locked_part(path: Path) -> int:
+    """The part file of an upload at ``path``, open for writing and locked: one writer per
+    file, whichever process of this server (or instance on this data folder) a request
+    reached. Raises BlockingIOError when another writer holds it, OSError when there is
+    none such."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _complete(archive: Archive, invitation: Invitation, found: UploadFile,
               actor: Actor) -> None:
     """Complete a file all of whose bytes arrived, unless a writer holds it (and is doing
     just that)."""
     receiver = archive.uploads.receiver
     try:
-        fd = os.open(receiver.part_path(invitation, found.upload_id), os.O_WRONLY)
+        fd = _locked_part(receiver.part_path(invitation, found.upload_id))
     except OSError:
-        return  # completed (or withdrawn) a moment ago
+        return  # a writer is at it, or it was completed (or withdrawn) a moment ago
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         whole = receiver.begin_append(invitation, found.upload_id, found.length)
         archive.uploads.received(invitation, whole, found.length, actor)
-    except (BlockingIOError, UploadOffsetMismatch):
-        pass  # a writer is at it, or it is complete already
+    except UploadOffsetMismatch:
+        pass  # complete already
     finally:
         os.close(fd)
 
@@ -353,20 +366,12 @@ async def _receive(request: Request, archive: Archive, invitation: Invitation,
     Returns the offset reached."""
     receiver = archive.uploads.receiver
     try:
-        fd = os.open(receiver.part_path(invitation, upload_id), os.O_WRONLY)
+        fd = _locked_part(receiver.part_path(invitation, upload_id))
+    except BlockingIOError:
+        raise UploadBusy() from None
     except OSError:  # none such (or no file name), withdrawn, or kept by another instance
         await run_in_threadpool(receiver.begin_append, invitation, upload_id, offset)
         raise NotFound("no such upload") from None
-    try:
-        # One writer per file, whichever process of this server (or instance on this data
-        # folder) the request reached: a lock on the file itself.
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UploadBusy() from None
-    except BaseException:
-        os.close(fd)
-        raise
     return await _write(request, archive, invitation, upload_id, offset, actor, created, fd)
 
 
