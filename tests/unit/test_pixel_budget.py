@@ -80,7 +80,12 @@ def test_unreadable_image_dimensions_are_a_refusal_with_the_reason(archive, tmp_
     ds = dcmread(bomb)
     ds.NumberOfFrames = "7531"
     ds.save_as(bomb, enforce_file_format=True)
-    bomb.write_bytes(bomb.read_bytes().replace(b"7531", b"many", 1))
+    # The value of (0028,0008) itself, explicit VR little endian: a random UID may hold
+    # "7531" too (the first "7531" in the file was once a UID's, and the test failed).
+    frames = b"\x28\x00\x08\x00IS\x04\x00"
+    data = bomb.read_bytes()
+    assert data.count(frames + b"7531") == 1
+    bomb.write_bytes(data.replace(frames + b"7531", frames + b"many"))
     with pytest.raises(UndecodableImage, match="NumberOfFrames is not a whole number"):
         archive.ingest.store_copy(bomb, ACTOR)
 
