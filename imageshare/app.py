@@ -81,7 +81,7 @@ from imageshare.storage.blobs import (
     sibling_store_url,
 )
 from imageshare.storage.encrypted import EncryptedBlobStore, blob_master_key
-from imageshare.storage.files import make_private
+from imageshare.storage.files import make_private, remove_leftovers
 from imageshare.storage.index.database import make_engine, migrate
 from imageshare.storage.index.schema import instances
 from imageshare.storage.secret_box import KEY_FILE as SECRET_KEY_FILE
@@ -170,8 +170,11 @@ def configure_process(settings: Settings) -> None:
 
 def _private_data_dir(settings: Settings) -> None:
     """The data folder and everything in it private to this user (0700/0600), the SQLite
-    index made 0600 before SQLite creates it (its -wal and -shm files take its mode)."""
-    make_private(settings.data_dir, skip_after_first=("blobs",))
+    index made 0600 before SQLite creates it (its -wal and -shm files take its mode). The
+    folders that can hold many files are walked the first time only: since then everything
+    in them was made private by this process's umask."""
+    make_private(settings.data_dir, skip_after_first=(
+        "blobs", "exports", "share-cache", "uploads", "quarantine", "staging"))
     url = make_url(settings.resolved_database_url)
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         path = Path(url.database)
@@ -242,6 +245,25 @@ def _start_head_export(archive: Archive) -> threading.Event:
 
     if every > 0:
         threading.Thread(target=run, name="audit-head", daemon=True).start()
+    return stop
+
+
+def _start_staging_sweep(archive: Archive, every: float = 600.0) -> threading.Event:
+    """Every ``every`` seconds, remove from staging what processes of this machine that have
+    ended (a DICOM worker that died mid-receive, an import that was killed) left there."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(every):
+            try:
+                removed = remove_leftovers(archive.settings.staging_dir)
+            except OSError as exc:  # tried again next time; logged
+                log.warning("clearing staging failed: %s", exc.strerror or type(exc).__name__)
+                continue
+            if removed:
+                log.info("removed %d leftover staging file(s)", removed)
+
+    threading.Thread(target=run, name="staging-sweep", daemon=True).start()
     return stop
 
 
@@ -541,8 +563,7 @@ def recover(archive: Archive) -> int:
     into the index from another instance: those are looked at by a job that runs once the
     grace period is over (on whichever instance takes it).
     """
-    for leftover in archive.settings.staging_dir.glob("*"):
-        leftover.unlink(missing_ok=True)
+    remove_leftovers(archive.settings.staging_dir, starting=True)
     clear = getattr(archive.blobs, "clear_partial_writes", None)
     if clear is not None:
         clear()
@@ -851,6 +872,7 @@ def serve(settings: Settings) -> None:
     periodic = periodic_tasks(archive)
     periodic.start()
     head_export = _start_head_export(archive)
+    staging_sweep = _start_staging_sweep(archive)
     atna = atna_sender(archive)
     if atna is not None:
         atna.start()
@@ -893,6 +915,7 @@ def serve(settings: Settings) -> None:
     finally:
         periodic.stop()
         head_export.set()
+        staging_sweep.set()
         if atna is not None:
             atna.stop()
         archive.transfers.close()

@@ -32,6 +32,7 @@ from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.domain.identifiers import is_valid_nhs_number, normalise_name
 from imageshare.storage.blobs import BlobStore, StoredBlob, new_blob_key, store_file
+from imageshare.storage.files import owned_prefix
 from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import (
     instances,
@@ -255,7 +256,7 @@ class PatientCorrections:
                  ) -> tuple[str, StoredBlob, Dataset]:
         """A new durable blob holding the instance with ``details``; (key, blob, header)."""
         key = new_blob_key()
-        path = self._staging / f"correct-{uuid.uuid4().hex}.dcm"
+        path = self._staging / f"{owned_prefix('correct-')}{uuid.uuid4().hex}.dcm"
         try:
             with self._blobs.open(blob_key) as fp:
                 ds = dcmread(fp, defer_size="512 KB")

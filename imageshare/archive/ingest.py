@@ -53,6 +53,7 @@ from imageshare.storage.blobs import (
     store_file,
     sync_folders,
 )
+from imageshare.storage.files import owned_prefix
 
 log = logging.getLogger("imageshare.ingest")
 _CHUNK = 1 << 20
@@ -173,7 +174,7 @@ class IngestService:
 
     def staging_file(self) -> tuple[BinaryIO, Path]:
         """A new writable file in the staging area (same disk as the blobs when local)."""
-        fd, name = tempfile.mkstemp(dir=self.staging_dir, suffix=".dcm")
+        fd, name = tempfile.mkstemp(dir=self.staging_dir, prefix=owned_prefix(), suffix=".dcm")
         return os.fdopen(fd, "wb"), Path(name)
 
     def store_stream(

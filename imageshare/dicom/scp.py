@@ -69,6 +69,7 @@ from imageshare.domain.errors import (
 )
 from imageshare.exchange.arrivals import Arrivals
 from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
+from imageshare.storage.files import owned_prefix
 
 log = logging.getLogger("imageshare.dicom")
 
@@ -163,6 +164,7 @@ class DicomListener:
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_CONN_CLOSE, _remove_cut_off),
         ]
         base = _SharedPortServer if self.shared_port else _AssociationServer
 
@@ -282,7 +284,7 @@ class DicomListener:
             reason = self._refused(event, actor, DICOM_STORE, "C-STORE")
             return _status(NOT_AUTHORISED, f"not allowed to store here: {reason}")
         path = Path(event.dataset_path)
-        received = _RECEIVED.pop(str(path), None)
+        received = _claim(str(path), event.assoc)
         if received is not None and received.error is not None:
             log.error("C-STORE could not be received: %s", received.error.strerror)
             comment = ("out of resources: the archive's disk is full" if no_room(received.error)
@@ -594,6 +596,31 @@ def _same_host(registered: str, address: str) -> bool:
 
 _STAGING: weakref.WeakKeyDictionary[Any, Path] = weakref.WeakKeyDictionary()
 _RECEIVED: weakref.WeakValueDictionary[str, _ReceivedFile] = weakref.WeakValueDictionary()
+# The files each association is receiving into and has not yet handed to a C-STORE handler:
+# what is left when its connection closes was cut off mid-transfer, and is removed then.
+_UNCLAIMED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+_UNCLAIMED_LOCK = threading.Lock()
+
+
+def _claim(path: str, assoc: Any) -> _ReceivedFile | None:
+    """Hand the received file ``path`` to the C-STORE handler (pynetdicom removes it after)."""
+    with _UNCLAIMED_LOCK:
+        _UNCLAIMED.get(assoc, set()).discard(path)
+    return _RECEIVED.pop(path, None)
+
+
+def _remove_cut_off(event: Any) -> None:
+    """On a closed connection, remove what the association received only in part."""
+    with _UNCLAIMED_LOCK:
+        names = _UNCLAIMED.pop(event.assoc, set())
+    for name in names:
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # left for the staging sweep
+            log.warning("a partly received data set could not be removed: %s",
+                        exc.strerror or type(exc).__name__)
 
 
 class _ReceivedFile:
@@ -602,11 +629,14 @@ class _ReceivedFile:
     instead of raised, so that the C-STORE is answered "out of resources" rather than the
     association being aborted with no status. The space is given back at once."""
 
-    def __init__(self, folder: Path) -> None:
-        fd, self.name = tempfile.mkstemp(dir=folder, suffix=".dcm")
+    def __init__(self, folder: Path, assoc: Any = None) -> None:
+        fd, self.name = tempfile.mkstemp(dir=folder, prefix=owned_prefix(), suffix=".dcm")
         self._raw = os.fdopen(fd, "wb", buffering=0)
         self.error: OSError | None = None
         _RECEIVED[self.name] = self
+        if assoc is not None:
+            with _UNCLAIMED_LOCK:
+                _UNCLAIMED.setdefault(assoc, set()).add(self.name)
 
     @property
     def file(self) -> _ReceivedFile:
@@ -648,7 +678,7 @@ def _received_file(*_args: Any, **_kwargs: Any) -> Any:
     assoc = getattr(threading.current_thread(), "assoc", None)
     folder = _STAGING.get(getattr(assoc, "ae", None)) or Path(tempfile.gettempdir())
     try:
-        return _ReceivedFile(folder)
+        return _ReceivedFile(folder, assoc)
     except OSError as exc:
         return _FailedFile(folder, exc)
 

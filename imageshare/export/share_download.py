@@ -14,6 +14,7 @@ from imageshare.domain.errors import ImageShareError
 from imageshare.export.media import cine_to_mp4
 from imageshare.export.writers import Numbering, ZipWriter
 from imageshare.sharing.links import Share, ShareService
+from imageshare.storage.files import owned_prefix
 
 FORMATS = ("zip", "mp4")
 
@@ -25,7 +26,7 @@ def build_share_download(shares: ShareService, share: Share, actor: Actor, fmt: 
     instances (``mp4``); held-back instances are left out."""
     if fmt not in FORMATS:
         raise ImageShareError("format is zip or mp4")
-    folder = Path(tempfile.mkdtemp(prefix="share-", dir=staging_dir))
+    folder = Path(tempfile.mkdtemp(prefix=owned_prefix("share-"), dir=staging_dir))
     target = folder / "shared.zip"
     writer = ZipWriter(target)
     names = Numbering()

@@ -9,7 +9,9 @@ import errno
 import hashlib
 import logging
 import os
+import shutil
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -26,6 +28,9 @@ from imageshare.storage.blobs import (
 log = logging.getLogger("imageshare.storage")
 PRIVATE_UMASK = 0o077
 _PRIVATE_MARK = ".private-v1"
+# A temporary file or folder nothing has written to for this long was left by a stopped
+# process: every live writer (a receive, an import, a ZIP being built) keeps its own fresher.
+LEFTOVER_AFTER_SECONDS = 3600.0
 
 
 def make_private(folder: Path, skip_after_first: tuple[str, ...] = ()) -> int:
@@ -41,7 +46,11 @@ def make_private(folder: Path, skip_after_first: tuple[str, ...] = ()) -> int:
     stack = [folder]
     while stack:
         current = stack.pop()
-        with os.scandir(current) as entries:
+        try:
+            entries = os.scandir(current)
+        except FileNotFoundError:
+            continue  # removed meanwhile by another process (a finished download's folder)
+        with entries:
             for entry in entries:
                 if entry.is_symlink():
                     continue
@@ -56,6 +65,75 @@ def make_private(folder: Path, skip_after_first: tuple[str, ...] = ()) -> int:
         fd = os.open(folder / _PRIVATE_MARK, os.O_WRONLY | os.O_CREAT, 0o600)
         os.close(fd)
     return changed
+
+
+def owned_prefix(kind: str = "") -> str:
+    """The start of the name of a temporary file or folder this process makes in a shared
+    folder (staging): it names the process, so that what a stopped process left can be told
+    from what a running one is writing."""
+    return f"{os.getpid()}-{kind}"
+
+
+def remove_leftovers(folder: Path, starting: bool = False) -> int:
+    """Remove what stopped processes left directly in ``folder``: files and folders named by
+    a process that is no longer running (``starting``: or by this one, whose namesake before
+    a restart is gone), and anything nothing changed for :data:`LEFTOVER_AFTER_SECONDS` (a
+    folder counts as changed when anything in it changed). What a running process (an import beside
+    a starting server) is writing is left alone; what cannot be removed is logged and left.
+    Returns how many entries were removed."""
+    cutoff = time.time() - LEFTOVER_AFTER_SECONDS
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for entry in entries:
+        try:
+            if not _writer_gone(entry.name, starting) and _last_change(entry) > cutoff:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        except FileNotFoundError:
+            continue  # its own process finished with it meanwhile
+        except OSError as exc:
+            log.warning("cannot remove the leftover %s: %s", entry.path,
+                        exc.strerror or type(exc).__name__)
+    return removed
+
+
+def _writer_gone(name: str, starting: bool) -> bool:
+    """True when ``name`` (made with :func:`owned_prefix`) names a process that has ended."""
+    number, dash, _rest = name.partition("-")
+    if not dash or not number.isdigit() or int(number) <= 0:
+        return False  # not named by a process: judged by its age alone
+    pid = int(number)
+    if pid == os.getpid():
+        return starting
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # running, as another user
+    return False
+
+
+def _last_change(entry: os.DirEntry[str]) -> float:
+    """When ``entry`` (or, for a folder, anything in it) last changed."""
+    info = entry.stat(follow_symlinks=False)
+    newest = max(info.st_mtime, info.st_ctime)
+    if entry.is_dir(follow_symlinks=False):
+        for root, dirs, files in os.walk(entry.path):
+            for name in (*dirs, *files):
+                try:
+                    inner = os.lstat(os.path.join(root, name))
+                except FileNotFoundError:
+                    continue
+                newest = max(newest, inner.st_mtime, inner.st_ctime)
+    return newest
 
 
 def _private(path: Path, mode: int) -> int:
@@ -128,7 +206,7 @@ class FileBlobStore:
     def put(self, key: str, stream: BinaryIO, size: int) -> StoredBlob:
         """Store exactly ``size`` bytes read from ``stream`` under ``key``; durable on
         return, with their SHA-256. A stream of another length stores nothing."""
-        tmp = self._tmp / f"{check_key(key)}.part"
+        tmp = self._tmp / f"{owned_prefix()}{check_key(key)}.part"
         digest = hashlib.sha256()
         written = 0
         try:
@@ -228,10 +306,7 @@ class FileBlobStore:
         return self._path(key)
 
     def clear_partial_writes(self) -> int:
-        """Remove temporary files left by a crash; returns how many were removed."""
-        removed = 0
-        for entry in os.scandir(self._tmp):
-            os.unlink(entry.path)
-            removed += 1
-        return removed
+        """Remove temporary files that processes no longer running left (at start-up: a
+        running import's are its writes in progress); returns how many were removed."""
+        return remove_leftovers(self._tmp, starting=True)
 

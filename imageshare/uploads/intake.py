@@ -50,6 +50,7 @@ from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ConflictingInstance, ImageShareError, InvalidInstance
 from imageshare.domain.identifiers import normalise_name
 from imageshare.storage.blobs import BlobStore, new_blob_key, store_file
+from imageshare.storage.files import owned_prefix
 from imageshare.storage.index.schema import upload_files, upload_results
 from imageshare.uploads import convert
 from imageshare.uploads.invitations import Invitation
@@ -219,7 +220,7 @@ class UploadIntake:
             with open(path, "rb") as fh:
                 if convert.sniff(fh.read(132)) != "dicom":
                     return NOT_STORED
-            staged = self._ingest.staging_dir / f"{secrets.token_hex(12)}.dcm"
+            staged = self._ingest.staging_dir / f"{owned_prefix()}{secrets.token_hex(12)}.dcm"
             try:
                 os.link(path, staged)
             except OSError:  # another file system, or links not allowed: a copy
@@ -507,7 +508,7 @@ class UploadIntake:
 
     def _spool(self, candidate: Candidate) -> Path:
         """A private copy of a non-DICOM file (readers need a path; zip members have none)."""
-        fd, name = tempfile.mkstemp(dir=self._staging, suffix=".upload")
+        fd, name = tempfile.mkstemp(dir=self._staging, prefix=owned_prefix(), suffix=".upload")
         try:
             with os.fdopen(fd, "wb") as out, candidate.open() as src:
                 shutil.copyfileobj(src, out, 1 << 20)

@@ -40,6 +40,7 @@ from imageshare.domain.errors import (
     UploadOffsetMismatch,
 )
 from imageshare.sharing.links import NewShare
+from imageshare.storage.files import owned_prefix
 from imageshare.uploads.invitations import Invitation, UploadRequest
 from imageshare.uploads.receiving import UploadFile
 from imageshare.web.auth import UPLOAD_COOKIE, allowed, client_address, resolve_actor
@@ -711,7 +712,8 @@ def my_download(archive: ArchiveDep, study_uid: str,
     _own_study(archive, actor, study_uid)
     found = archive.retrieve.select(actor, "patient.download", study_uids=[study_uid],
                                     audit=False)
-    fd, name = tempfile.mkstemp(suffix=".zip", dir=archive.settings.staging_dir)
+    fd, name = tempfile.mkstemp(suffix=".zip", prefix=owned_prefix(),
+                               dir=archive.settings.staging_dir)
     os.close(fd)
     with zipfile.ZipFile(name, "w", zipfile.ZIP_STORED) as archive_zip:
         for number, inst in enumerate(found, 1):
