@@ -29,6 +29,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
+from imageshare.storage.index.database import make_commits_durable
 from imageshare.storage.index.schema import audit_chain_head, audit_events
 
 GENESIS = "0" * 64
@@ -154,8 +155,10 @@ def current_head(engine: Engine) -> tuple[int, str]:
 
 
 def export_head(engine: Engine, key: bytes, heads_file: Path) -> SignedHead:
-    """Append the current head, signed, to ``heads_file`` (fsynced) and return it."""
+    """Append the current head, signed, to ``heads_file`` (fsynced) and return it. The rows
+    up to the head are on disk first: a head never names a row that power loss can take."""
     seq, digest = current_head(engine)
+    make_commits_durable(engine)
     at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     head = SignedHead(seq, digest, at, _signature(key, seq, digest, at))
     heads_file.parent.mkdir(parents=True, exist_ok=True)

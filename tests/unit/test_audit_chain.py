@@ -187,3 +187,28 @@ def test_the_chain_stays_whole_with_writers_in_several_processes(backend, tmp_pa
     report = verify_chain(engine)
     assert report.intact, [str(p) for p in report.problems]
     assert report.rows == report.head_seq == 3 * 25 * 2
+
+
+def test_a_signed_head_is_written_only_once_the_rows_it_names_are_on_disk(archive,
+                                                                          monkeypatch):
+    """With synchronous=NORMAL a commit waits in SQLite's write-ahead log until a checkpoint:
+    a head exported before the log reached the disk would name rows that power loss can take,
+    and `audit verify` would then call the lost rows tampering."""
+    import os
+
+    from imageshare.app import export_audit_head
+
+    _trail_of(archive)
+    wal = f"{archive.engine.url.database}-wal"
+    heads = str(archive.settings.resolved_audit_head_file)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    export_audit_head(archive)
+    assert wal in synced and heads in synced
+    assert synced.index(wal) < synced.index(heads)

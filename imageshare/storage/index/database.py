@@ -6,6 +6,7 @@ import ast
 import contextlib
 import functools
 import logging
+import os
 import select
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,26 @@ log = logging.getLogger("imageshare.index")
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 BUSY_TIMEOUT = 30  # seconds a writer on SQLite waits for the write lock before it is refused
+
+
+def make_commits_durable(engine: Engine) -> None:
+    """Put every transaction committed so far on disk. On SQLite with ``synchronous=NORMAL``
+    a commit waits in the write-ahead log until the next checkpoint, and power loss can take
+    it: this flushes that log. (PostgreSQL with ``synchronous_commit`` on, and SQLite with
+    FULL, have already done so at each commit.)"""
+    if engine.dialect.name != "sqlite":
+        return
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    try:
+        fd = os.open(f"{database}-wal", os.O_RDONLY)
+    except FileNotFoundError:
+        return  # no log: every commit is in the database file, synced at its checkpoint
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def make_engine(
