@@ -267,12 +267,13 @@ def convert_dataset(ds: Dataset, target: str) -> Dataset:
     # Every frame is decoded at once here: the whole instance must fit the pixel budget.
     with decoding(ds) if pixels else nullcontext():
         if source.is_compressed:
-            ds.decompress()  # to Explicit VR Little Endian, colour as RGB
+            # to Explicit VR Little Endian, colour as RGB; the instance keeps its identity
+            ds.decompress(generate_instance_uid=False)
         if swap:
             _swap_byte_order(ds)
         if target_uid.is_compressed and "PixelData" in ds:
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.compress(target_uid)
+            ds.compress(target_uid, generate_instance_uid=False)
         else:
             ds.file_meta.TransferSyntaxUID = target_uid
     return ds

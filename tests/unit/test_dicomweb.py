@@ -140,6 +140,23 @@ def test_wado_default_transfer_syntax_decompresses_jpeg2000(client, stored):
     assert received.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     original = dcmread(stored["j2k"])
     assert np.array_equal(received.pixel_array, original.pixel_array)
+    assert received.SOPInstanceUID == original.SOPInstanceUID == sop
+    assert received.file_meta.MediaStorageSOPInstanceUID == sop
+
+
+def test_an_instance_compressed_for_the_client_keeps_its_identity(client, stored):
+    study, series, sop = _uids(stored["ct"][0])
+    response = client.get(
+        f"/dicomweb/studies/{study}/series/{series}/instances/{sop}",
+        headers={"Accept": 'multipart/related; type="application/dicom"; '
+                           'transfer-syntax=1.2.840.10008.1.2.5'})
+    ((headers, body),) = parse_multipart(response)
+    assert "transfer-syntax=1.2.840.10008.1.2.5" in headers["content-type"]
+    received = dcmread(io.BytesIO(body))
+    assert received.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"
+    assert received.SOPInstanceUID == sop
+    assert received.file_meta.MediaStorageSOPInstanceUID == sop
+    assert np.array_equal(received.pixel_array, dcmread(stored["ct"][0]).pixel_array)
 
 
 def test_wado_unknown_uid_is_404(client, stored):
