@@ -116,40 +116,6 @@ def may_have_burned_in_text(ds: Dataset, has_pixels: bool | None = None) -> bool
     return annotation != "NO" or str(ds.get("Modality", "")).upper() in BURNED_IN_MODALITIES
 
 
-def embedded_text(head: bytes) -> list[str]:
-    """Text carried inside a compressed frame's header: JPEG comment (COM) and application
-    (APP1-APP15) segments, JPEG 2000 comment (COM) segments. ``head`` is the start of the
-    frame's bytes."""
-    texts: list[str] = []
-    if head[:2] == b"\xff\xd8":  # JPEG
-        position = 2
-        while position + 4 <= len(head) and head[position] == 0xFF:
-            marker = head[position + 1]
-            if marker in (0xDA, 0xD9):  # start of scan, end of image
-                break
-            if marker == 0x01 or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
-                position += 1 if marker == 0xFF else 2
-                continue
-            length = int.from_bytes(head[position + 2:position + 4], "big")
-            if marker == 0xFE or 0xE1 <= marker <= 0xEF:
-                texts.append(head[position + 4:position + 2 + length].decode("latin-1"))
-            position += 2 + length
-        return texts
-    start = head.find(b"\xff\x4f\xff\x51")  # JPEG 2000 codestream (also inside JP2)
-    if start < 0:
-        return texts
-    position = start + 2
-    while position + 4 <= len(head) and head[position] == 0xFF:
-        marker = head[position + 1]
-        if marker in (0x90, 0x93, 0xD9):  # start of tile, start of data, end
-            break
-        length = int.from_bytes(head[position + 2:position + 4], "big")
-        if marker == 0x64:  # comment
-            texts.append(head[position + 6:position + 2 + length].decode("latin-1"))
-        position += 2 + length
-    return texts
-
-
 def decode_frames(ds: Dataset) -> np.ndarray:
     """Every frame of ``ds``'s pixel data, decoded: (frames, rows, columns[, samples]).
     The one place the de-identifier decodes pixels (within the pixel budget)."""

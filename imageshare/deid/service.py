@@ -14,32 +14,37 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from pydicom import Dataset, dcmread
+from pydicom.encaps import encapsulate
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO, DicomFileLike
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from imageshare.archive.importing import DicomInputs, ImportReport
 from imageshare.deid.engine import AttributeCleaner, InstanceReport, PatientContext
-from imageshare.deid.pixels import (
-    BurnedInTextCleaner,
-    PixelReport,
-    embedded_text,
-    may_have_burned_in_text,
+from imageshare.deid.frame_extras import (
+    FrameUnreadable,
+    Stripped,
+    encapsulated_items,
+    frames_of,
+    is_frame_start,
+    strip_extras,
 )
+from imageshare.deid.pixels import BurnedInTextCleaner, PixelReport, may_have_burned_in_text
 from imageshare.deid.profiles import Profile
 from imageshare.deid.pseudonyms import Pseudonyms
 from imageshare.verify import SourceIdentity, Verifier
@@ -123,10 +128,16 @@ class Deidentifier:
     def _deidentify(self, ds: Dataset, has_pixels: bool) -> Outcome:
         context = self.attributes.context(ds)
         pixel_report = self._pixels(ds, context, has_pixels, clean=True)
-        if not pixel_report.held_back and has_pixels and _compressed_names(ds, context):
-            pixel_report.held_back, pixel_report.reason = True, _EMBEDDED_TEXT
+        removed = 0
+        if not pixel_report.held_back and has_pixels:
+            removed, reason = _strip_compressed(ds, context)
+            if reason:
+                pixel_report.held_back, pixel_report.reason = True, reason
         attributes = self.attributes.apply(ds, context)
-        return self._outcome(ds, attributes, pixel_report)
+        outcome = self._outcome(ds, attributes, pixel_report)
+        if removed:
+            outcome.report["compressed_extras_removed"] = removed
+        return outcome
 
     def _pixels(self, ds: Dataset, context: PatientContext, has_pixels: bool,
                 clean: bool) -> PixelReport:
@@ -197,13 +208,15 @@ class Deidentifier:
         end = self._pixel_end(source, pixel_at, size, header) if has_pixels else None
         if end is not None:
             context = self.attributes.context(header)
+            extras, reason = _compressed_extras(source, pixel_at, end, context)
+            if reason:
+                return Outcome(None, {"held_back": True, "reason": reason,
+                                      "sop_class_uid": str(header.get("SOPClassUID", ""))})
+        if end is not None:
             pixel_report = self._pixels(header, context, has_pixels, clean=False)
             if pixel_report.held_back:
                 return Outcome(None, {"held_back": True, "reason": pixel_report.reason,
                                       "pixels": pixel_report.as_dict(),
-                                      "sop_class_uid": str(header.get("SOPClassUID", ""))})
-            if _names_in_fragments(source, pixel_at, end, header, context):
-                return Outcome(None, {"held_back": True, "reason": _EMBEDDED_TEXT,
                                       "sop_class_uid": str(header.get("SOPClassUID", ""))})
             trailing = self._trailing(source, end, size, header, context)
             attributes = self.attributes.apply(header, context)
@@ -211,8 +224,17 @@ class Deidentifier:
             outcome.report["pixel_data"] = "copied as stored"
             if prepare:
                 prepare(header)
-            _save_header(header, target)
-            _copy(source, target, pixel_at, end - pixel_at)
+            if extras:
+                for tag in (0x7FE00001, 0x7FE00002):  # the extended offset table
+                    if tag in header:
+                        del header[tag]
+                _save_header(header, target)
+                removed = _copy_stripped(source, pixel_at, end, target)
+                outcome.report["pixel_data"] = "copied without the text its frames carried"
+                outcome.report["compressed_extras_removed"] = removed
+            else:
+                _save_header(header, target)
+                _copy(source, target, pixel_at, end - pixel_at)
             if len(trailing):
                 out = DicomFileLike(target)
                 out.is_implicit_VR, out.is_little_endian = _encoding_of(header)
@@ -280,46 +302,121 @@ class Deidentifier:
 
 _EMBEDDED_TEXT = ("the compressed pixel data carries text naming the patient (a JPEG or JPEG "
                   "2000 comment); review by hand")
-_FRAGMENT_HEAD = 64 * 1024
 
 
-def _compressed_names(ds: Dataset, context: PatientContext) -> bool:
-    """True when a compressed frame of ``ds`` (in memory) carries an identifier in its
-    header's comments or application segments."""
-    meta = getattr(ds, "file_meta", None)
-    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+def _strip_compressed(ds: Dataset, context: PatientContext) -> tuple[int, str]:
+    """Comments, application segments and trailing bytes removed from every compressed frame
+    of ``ds`` (in memory; the pixels themselves are untouched): how many were removed, and a
+    reason to hold the instance back ("" when none)."""
+    syntax = _syntax(ds)
     if syntax is None or not syntax.is_encapsulated or "PixelData" not in ds:
-        return False
-    from pydicom.encaps import generate_fragments
+        return 0, ""
+    source = io.BytesIO(ds.PixelData)
+    try:
+        items = list(encapsulated_items(source, len(ds.PixelData)))
+        if len(items) < 2 or not is_frame_start(items[1]):
+            return 0, ""  # RLE, video: no comment segments to strip
+        stripped = [strip_extras(frame) for frame in frames_of(items[1:])]
+    except FrameUnreadable as exc:
+        return 0, f"a compressed frame cannot be read for text it may carry ({exc}); " \
+                  "review by hand"
+    if any(context.identity.found_in(text) for one in stripped for text in _texts(one)):
+        return 0, _EMBEDDED_TEXT
+    removed = sum(one.removed for one in stripped)
+    if removed:
+        for tag in (0x7FE00001, 0x7FE00002):  # extended offset table: lengths have changed
+            if tag in ds:
+                del ds[tag]
+        ds.PixelData = encapsulate([one.frame for one in stripped], has_bot=bool(items[0]))
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+    return removed, ""
 
-    return any(context.identity.found_in(text)
-               for fragment in generate_fragments(ds.PixelData)
-               for text in embedded_text(bytes(fragment[:_FRAGMENT_HEAD])))
 
-
-def _names_in_fragments(source: BinaryIO, at: int, end: int, header: Dataset,
-                        context: PatientContext) -> bool:
-    """The same check on encapsulated pixel data in a file, reading only the start of each
-    fragment."""
+def _compressed_extras(source: BinaryIO, at: int, end: int,
+                       context: PatientContext) -> tuple[bool, str]:
+    """Whether the encapsulated pixel data in a file (its element at ``at``) carries
+    anything :func:`_strip_compressed` removes, and a reason to hold it back ("" when none);
+    read one frame at a time."""
     source.seek(at)
     head = source.read(12)
-    if head[4:6] not in (b"OB", b"OW", b"UN") or head[8:12] != b"\xff\xff\xff\xff":
-        if bytes(head[4:8]) != b"\xff\xff\xff\xff":
-            return False  # native pixel data
-        position = at + 8
+    if head[4:6] in (b"OB", b"OW", b"UN") and head[8:12] == b"\xff\xff\xff\xff":
+        source.seek(at + 12)
+    elif bytes(head[4:8]) == b"\xff\xff\xff\xff":
+        source.seek(at + 8)
     else:
-        position = at + 12
-    while position + 8 <= end:
-        source.seek(position)
-        group, element, length = struct.unpack("<HHL", source.read(8))
-        if (group, element) != (0xFFFE, 0xE000):
-            return False
-        if length:
-            text = embedded_text(source.read(min(length, _FRAGMENT_HEAD)))
-            if any(context.identity.found_in(t) for t in text):
-                return True
-        position += 8 + length
-    return False
+        return False, ""  # native pixel data
+    try:
+        items = encapsulated_items(source, end)
+        next(items, None)  # the basic offset table
+        fragments = iter(items)
+        first = next(fragments, None)
+        if first is None or not is_frame_start(first):
+            return False, ""
+        for frame in frames_of(itertools.chain([first], fragments)):
+            one = strip_extras(frame)
+            if one.changed:
+                return True, ""
+            if any(context.identity.found_in(text) for text in _texts(one)):
+                return False, _EMBEDDED_TEXT
+    except FrameUnreadable as exc:
+        return False, f"a compressed frame cannot be read for text it may carry ({exc}); " \
+                      "review by hand"
+    return False, ""
+
+
+def _copy_stripped(source: BinaryIO, at: int, end: int, target: BinaryIO) -> int:
+    """Copy the encapsulated pixel data element at ``at`` to the end of ``target`` with
+    every frame's extras removed, one frame in memory at a time; a basic offset table
+    present in the source is rebuilt for the new frame lengths. Returns how many extras
+    were removed."""
+    source.seek(at)
+    head = source.read(12)
+    header = head if head[4:6] in (b"OB", b"OW", b"UN") else head[:8]
+    first = at + len(header)
+
+    def stripped_frames() -> Iterator[Stripped]:
+        source.seek(first)
+        items = encapsulated_items(source, end)
+        next(items, None)
+        for frame in frames_of(items):
+            yield strip_extras(frame)
+
+    source.seek(first)
+    offsets = b""
+    if next(encapsulated_items(source, end), b""):  # the source has offsets: new ones
+        position, lengths = 0, []
+        for one in stripped_frames():
+            lengths.append(position)
+            position += 8 + len(one.frame) + len(one.frame) % 2
+        if position < 1 << 32:  # else too long for a basic offset table: none
+            offsets = struct.pack(f"<{len(lengths)}L", *lengths)
+    target.seek(0, os.SEEK_END)
+    target.write(header)
+    target.write(struct.pack("<HHL", 0xFFFE, 0xE000, len(offsets)) + offsets)
+    removed = 0
+    for one in stripped_frames():
+        removed += one.removed
+        frame = one.frame + b"\0" * (len(one.frame) % 2)
+        target.write(struct.pack("<HHL", 0xFFFE, 0xE000, len(frame)) + frame)
+    target.write(struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
+    return removed
+
+
+def _texts(stripped: Stripped) -> list[str]:
+    """The kept segments of a frame as text, in the encodings text is written in."""
+    texts = []
+    for body in stripped.kept:
+        texts.append(body.decode("latin-1"))
+        if b"\0" in body:
+            texts += [body.decode(codec, "ignore").replace("\0", " ")
+                      for codec in ("utf-16-le", "utf-16-be")]
+    return texts
+
+
+def _syntax(ds: Dataset) -> UID | None:
+    meta = getattr(ds, "file_meta", None)
+    return meta.get("TransferSyntaxUID") if meta is not None else None
 
 
 def _save_header(header: Dataset, target: BinaryIO) -> None:

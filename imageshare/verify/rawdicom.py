@@ -19,7 +19,6 @@ UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
              b"UT", b"UV"}
 _PIXEL_TAGS = {0x7FE00008, 0x7FE00009, 0x7FE00010}
-_FRAGMENT_HEAD = 16 * 1024
 _MAX_DEPTH = 16
 
 
@@ -41,7 +40,7 @@ class RawFile:
     elements: list[RawElement] = field(default_factory=list)
     top: dict[int, bytes] = field(default_factory=dict)  # top-level values, by tag
     sequences: set[int] = field(default_factory=set)  # top-level sequences, by tag
-    pixel_spans: list[tuple[int, int]] = field(default_factory=list)  # bytes to search
+    pixel_texts: list[bytes] = field(default_factory=list)  # of compressed frames, to search
     native_pixels: bool = False
     encapsulated_pixels: bool = False
     pixel_region: tuple[int, int] = (0, 0)  # where the top-level pixel data element is
@@ -149,8 +148,8 @@ class _Reader:
         return pos
 
     def pixels(self, start: int, length: int, end: int) -> int:
-        """Pixel data: native samples are skipped; of encapsulated data the item headers and
-        the start of every fragment are kept for the raw-bytes search."""
+        """Pixel data: native samples are skipped; of encapsulated data everything in its
+        frames but the coded image is kept for the raw-bytes search."""
         if length != UNDEFINED:
             if start + length > end:
                 raise ValueError("pixel data longer than the file")
@@ -158,15 +157,17 @@ class _Reader:
             return start + length
         self.found.encapsulated_pixels = True
         pos = start
+        fragments: list[tuple[int, int]] = []
         while True:
             if pos + 8 > end:
                 raise ValueError("encapsulated pixel data without its end")
             group, element, item_length = struct.unpack_from("<HHL", self.data, pos)
             if (group, element) == (0xFFFE, 0xE0DD):
+                self.found.pixel_texts = frame_texts(self.data, fragments[1:])
                 return pos + 8
             if (group, element) != (0xFFFE, 0xE000) or item_length == UNDEFINED:
                 raise ValueError("malformed encapsulated pixel data")
-            self.found.pixel_spans.append((pos, min(item_length, _FRAGMENT_HEAD) + 8))
+            fragments.append((pos + 8, item_length))
             pos += 8 + item_length
             if pos > end:
                 raise ValueError("encapsulated pixel data longer than the file")
@@ -203,3 +204,78 @@ def read(data: bytes) -> RawFile | None:
     implicit = found.syntax == "1.2.840.10008.1.2"
     reader.elements(pos, len(data), implicit, (), "", 0)
     return found
+
+
+def frame_texts(data: bytes, fragments: list[tuple[int, int]]) -> list[bytes]:
+    """Of the compressed frames in ``fragments`` ((start, length) in ``data``), every byte
+    that is not coded image: JPEG and JPEG 2000 marker segments, anything after the end of
+    the image, and the whole frame when its markers cannot be followed; UTF-16 text is also
+    given with its zero bytes taken out."""
+    frames: list[bytes] = []
+    for start, length in fragments:
+        fragment = bytes(data[start:start + length])
+        if frames and not fragment.startswith((b"\xff\xd8", b"\xff\x4f")):
+            frames[-1] += fragment  # a frame continued in the next fragment
+        else:
+            frames.append(fragment)
+    texts: list[bytes] = []
+    for frame in frames:
+        try:
+            parts = _outside_coded_data(frame)
+        except (ValueError, IndexError, struct.error):
+            parts = [frame]
+        texts += parts
+        texts += [part.replace(b"\0", b"") for part in parts if b"\0" in part]
+    return texts
+
+
+def _outside_coded_data(frame: bytes) -> list[bytes]:
+    """The parts of one JPEG or JPEG 2000 frame that are not entropy-coded (tile) data."""
+    if frame.startswith(b"\xff\x4f"):
+        return _j2k_headers(frame)
+    if not frame.startswith(b"\xff\xd8"):
+        return [frame[:4096]]  # RLE and others: headers only
+    parts: list[bytes] = []
+    pos = 2
+    while True:
+        if frame[pos] != 0xFF:
+            raise ValueError("marker expected")
+        marker = frame[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+        elif marker == 0xD9:
+            return [*parts, frame[pos + 2:]]
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            pos += 2
+        else:
+            length = int.from_bytes(frame[pos + 2:pos + 4], "big")
+            parts.append(frame[pos + 4:pos + 2 + length])
+            pos += 2 + length
+            if marker == 0xDA:  # coded data follows, up to the next marker
+                while not (frame[pos] == 0xFF and frame[pos + 1] >= 0xC0
+                           and not 0xD0 <= frame[pos + 1] <= 0xD7
+                           and frame[pos + 1] != 0xFF):
+                    pos = frame.index(b"\xff", pos + 1)
+
+
+def _j2k_headers(frame: bytes) -> list[bytes]:
+    """JPEG 2000: the main header, each tile-part header, and what follows the end."""
+    parts: list[bytes] = []
+    pos = 2
+    while True:
+        marker = frame[pos:pos + 2]
+        if marker == b"\xff\xd9":
+            return [*parts, frame[pos + 2:]]
+        if marker == b"\xff\x90":  # a tile-part: its header up to SOD, then its data
+            (psot,) = struct.unpack_from(">L", frame, pos + 6)
+            data_at = frame.index(b"\xff\x93", pos)
+            parts.append(frame[pos:data_at])
+            if psot == 0:
+                return [*parts, frame[frame.rindex(b"\xff\xd9") + 2:]]
+            pos += psot
+        elif marker[:1] == b"\xff":
+            length = int.from_bytes(frame[pos + 2:pos + 4], "big")
+            parts.append(frame[pos + 4:pos + 2 + length])
+            pos += 2 + length
+        else:
+            raise ValueError("marker expected")

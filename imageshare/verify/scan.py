@@ -195,7 +195,7 @@ class Verifier:
         if pixel_end:
             parts = [("header bytes", data[:pixel_at]),
                      ("bytes after the pixel data", data[pixel_end:])]
-            parts += [("encapsulated pixel data", data[a:a + n]) for a, n in raw.pixel_spans]
+            parts += [("encapsulated pixel data", text) for text in raw.pixel_texts]
         else:
             parts = [("header bytes", data[:])]
         for where, part in parts:
