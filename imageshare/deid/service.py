@@ -32,6 +32,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO, DicomFileLike
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
+from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from imageshare.archive.importing import DicomInputs, ImportReport
@@ -126,6 +127,10 @@ class Deidentifier:
         return self.verifier.identity([ds], self.keep), self.verifier.text_prone(ds)
 
     def _deidentify(self, ds: Dataset, has_pixels: bool) -> Outcome:
+        syntax = _syntax(ds)
+        if has_pixels and "PixelData" in ds and syntax is not None \
+                and not syntax.is_encapsulated:
+            _check_complete(ds, len(ds.PixelData))
         context = self.attributes.context(ds)
         pixel_report = self._pixels(ds, context, has_pixels, clean=True)
         removed = 0
@@ -266,9 +271,13 @@ class Deidentifier:
         if not self._streamable(header, True):
             return None
         try:
-            return _element_end(source, pixel_at, size, header.original_encoding)
+            end = _element_end(source, pixel_at, size, header.original_encoding)
         except InvalidDicomError:
             return None  # let pydicom read it (and refuse it if it must)
+        syntax = _syntax(header)
+        if syntax is not None and not syntax.is_encapsulated:
+            _check_complete(header, end - pixel_at - (8 if header.original_encoding[0] else 12))
+        return end
 
     def _streamable(self, header: Dataset, has_pixels: bool) -> bool:
         """True when the pixel data can be copied as stored: it needs no cleaning and the
@@ -412,6 +421,24 @@ def _texts(stripped: Stripped) -> list[str]:
             texts += [body.decode(codec, "ignore").replace("\0", " ")
                       for codec in ("utf-16-le", "utf-16-be")]
     return texts
+
+
+class IncompleteInstance(InvalidDicomError):
+    """A DICOM file whose pixel data is shorter than its image: it is reported as failed
+    (never skipped as not being DICOM, never written)."""
+
+
+def _check_complete(ds: Dataset, length: int) -> None:
+    """Raise :class:`IncompleteInstance` when native pixel data of ``length`` bytes is shorter than
+    the image its attributes describe (a file cut off, which would be exported broken)."""
+    try:
+        expected = get_expected_length(ds)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise IncompleteInstance("the image attributes (rows, columns, bits) are missing or "
+                                 "unreadable") from exc
+    if length < expected:
+        raise IncompleteInstance(f"the pixel data holds {length} bytes where its image needs "
+                                f"{expected} (the file is cut off)")
 
 
 def _syntax(ds: Dataset) -> UID | None:
@@ -603,6 +630,10 @@ def _one(candidate: Any, deidentifier: Deidentifier, writer: ExportWriter, stagi
             with os.fdopen(fd, "w+b") as target:
                 try:
                     outcome = deidentifier.write(source, target, writer.prepare)
+                except IncompleteInstance as exc:
+                    report.failed += 1
+                    report.files.append({"input": candidate.label, "error": str(exc)})
+                    return
                 except (InvalidDicomError, OSError, ValueError, EOFError, KeyError,
                         struct.error) as exc:
                     if candidate.explicit:

@@ -147,3 +147,25 @@ def test_deidentify_help_documents_the_exit_codes():
     assert done.returncode == 0
     for line in ("0  every input file", "3  some files were held back", "1  failure"):
         assert line in done.stdout
+
+
+@pytest.mark.parametrize("mode", ["streamed", "in memory"])
+def test_a_cut_off_image_in_a_folder_fails_with_the_reason_and_is_not_written(
+        tmp_path, mode):
+    folder = tmp_path / "in"
+    (whole,) = ct_series(folder, count=1, size=64, BurnedInAnnotation="NO", Modality="MR")
+    cut = whole.read_bytes()[:-3000]
+    if mode == "streamed":  # the element's length says what is there: the image needs more
+        ds = dcmread(whole)
+        ds.PixelData = ds.PixelData[:-3000]
+        ds.save_as(whole)
+    else:  # the element's length runs past the end of the file
+        whole.write_bytes(cut)
+    out = tmp_path / "out"
+    done = _cli("deidentify", str(folder), "--out", str(out), "--quiet", "--data-dir",
+                str(tmp_path / "var"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = json.loads((out / "deidentification-report.json").read_text())
+    assert report["written"] == 0 and report["failed"] == 1
+    assert "cut off" in report["files"][0]["error"]
+    assert not (out / "S0001").exists()
