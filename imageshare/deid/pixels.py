@@ -5,8 +5,10 @@ of it can still be read. Pixels are decoded and written back uncompressed (lossl
 nothing had to be blanked, the pixel data stays as it was, byte for byte.
 
 Frames read: the first, middle and last of a loop, every frame where bright (text-like) pixels
-change, and one composite of all frames (the brightest value of each pixel, or the darkest on
-light backgrounds), so that text shown on only some frames is read too.
+change, one composite of all frames (the brightest value of each pixel, or the darkest on
+light backgrounds), one image of how far each pixel rises above its median over the frames
+(text on a single frame of a speckled loop), and the composite turned a quarter each way
+(vertical text).
 """
 
 from __future__ import annotations
@@ -254,7 +256,7 @@ class BurnedInTextCleaner:
         found, hit_frames = self._find(pixels, samples, identity, report)
         if found:
             for x, y, w, h in found:
-                margin = max(4, h // 2)
+                margin = max(4, min(w, h) // 2)  # of the line's height, or width if vertical
                 pixels[:, max(0, y - margin):y + h + margin,
                        max(0, x - 2 * margin):x + w + 2 * margin, ...] = 0
             report.blanked_lines = len(found)
@@ -273,16 +275,22 @@ class BurnedInTextCleaner:
 
     def _find(self, pixels: np.ndarray, samples: list[int], identity: Identity,
               report: PixelReport) -> tuple[list[tuple[int, int, int, int]], set[int]]:
-        """The boxes of every line carrying an identifier, on the sampled frames and on the
-        composite of all frames; and the frames they were found on."""
+        """The boxes of every line carrying an identifier, on the sampled frames, on the
+        composite of all frames, on what shows on only some frames, and on the overview
+        turned a quarter each way (vertical text); and the frames they were found on."""
         found = []
         hit_frames: set[int] = set()
-        images: list[tuple[int, np.ndarray]] = [(s, pixels[s]) for s in samples]
+        overview = _composite(pixels) if pixels.shape[0] > 1 else pixels[0]
+        images: list[tuple[int, str, np.ndarray, int]] = [
+            (s, f"frame {s + 1}", pixels[s], 0) for s in samples]
         if pixels.shape[0] > 1:
-            images.append((-1, _composite(pixels)))
-        for (index, _image), lines in zip(images, self._read_all([i for _, i in images]),
-                                           strict=True):
-            place = f"frame {index + 1}" if index >= 0 else "all frames"
+            images.append((-1, "all frames", overview, 0))
+        if pixels.shape[0] > 3:
+            images.append((-1, "frames where it shows briefly", _transient(pixels), 0))
+        images += [(-1, "turned a quarter", overview, 1),
+                   (-1, "turned a quarter", overview, 3)]
+        read = self._read_all([(image, turns) for _, _, image, turns in images])
+        for (index, place, _image, _turns), lines in zip(images, read, strict=True):
             for line in lines:
                 report.ocr_words += len(line.words)
                 hits = self.identifying(line, identity)
@@ -298,12 +306,23 @@ class BurnedInTextCleaner:
                                                      "box": list(line.boxes[i])})
         return found, hit_frames
 
-    def _read_all(self, images: list[np.ndarray]) -> list[list[Line]]:
-        """Lines read on each image (OCR runs two at a time: Tesseract is a process)."""
+    def read_turned(self, image: np.ndarray, turns: int) -> list[Line]:
+        """Lines read on ``image`` turned ``turns`` quarters anticlockwise, with boxes in
+        the unturned image's pixels."""
+        if not turns % 4:
+            return self.read_lines(image)
+        height, width = image.shape[0], image.shape[1]
+        lines = self.read_lines(np.ascontiguousarray(np.rot90(image, turns)))
+        return [Line(line.words, tuple(_unturn(box, turns, width, height)
+                                       for box in line.boxes)) for line in lines]
+
+    def _read_all(self, images: list[tuple[np.ndarray, int]]) -> list[list[Line]]:
+        """Lines read on each (image, quarter turns) (OCR runs two at a time: Tesseract is a
+        process)."""
         if len(images) == 1:
-            return [self.read_lines(images[0])]
+            return [self.read_turned(*images[0])]
         with ThreadPoolExecutor(max_workers=_OCR_WORKERS) as pool:
-            return list(pool.map(self.read_lines, images))
+            return list(pool.map(lambda one: self.read_turned(*one), images))
 
     def clean_overlays(self, ds: Dataset, identity: Identity, report: PixelReport) -> None:
         """Clean Graphics for overlay planes: lines that carry an identifier are blanked; a
@@ -321,7 +340,8 @@ class BurnedInTextCleaner:
                 continue
             planes = planes if planes.ndim == 3 else planes[np.newaxis, ...]
             images = (1 - planes) * 255  # text dark on light
-            found = [line.box() for lines in self._read_all(list(images)) for line in lines
+            found = [line.box() for lines in self._read_all([(i, 0) for i in images])
+                     for line in lines
                      if self.identifying(line, identity)]
             if not found:
                 continue
@@ -330,7 +350,7 @@ class BurnedInTextCleaner:
                 planes[:, max(0, y - margin):y + h + margin,
                        max(0, x - 2 * margin):x + w + 2 * margin] = 0
             still = any(self.identifying(line, identity)
-                        for lines in self._read_all(list((1 - planes) * 255))
+                        for lines in self._read_all([(p, 0) for p in (1 - planes) * 255])
                         for line in lines)
             if still:
                 self._drop_group(ds, group)
@@ -407,3 +427,30 @@ def _composite(pixels: np.ndarray) -> np.ndarray:
     if float(grey[0].mean()) > float(grey[0].max()) / 2:
         return grey.min(axis=0)
     return grey.max(axis=0)
+
+
+def _transient(pixels: np.ndarray) -> np.ndarray:
+    """One image of what shows on only some frames (text put on a single frame of a loop):
+    how far each pixel rises above its usual (median) value at most, over all frames (how
+    far it falls, on light images)."""
+    grey = pixels if pixels.ndim == 3 else pixels[..., :3].max(axis=-1)
+    step = max(1, grey.shape[0] // 32)
+    usual = np.median(grey[::step], axis=0).astype(np.float32)
+    light = float(grey[0].mean()) > float(grey[0].max()) / 2
+    out = np.zeros(grey.shape[1:], np.float32)
+    for frame in grey:
+        rise = (usual - frame) if light else (frame - usual)
+        np.maximum(out, rise, out=out)
+    return out
+
+
+def _unturn(box: tuple[int, int, int, int], turns: int, width: int,
+            height: int) -> tuple[int, int, int, int]:
+    """A box read on an image turned ``turns`` quarters anticlockwise, in the unturned
+    image of ``width`` x ``height``."""
+    x, y, w, h = box
+    if turns % 4 == 1:
+        return width - y - h, x, h, w
+    if turns % 4 == 3:
+        return y, height - x - w, h, w
+    return width - x - w, height - y - h, w, h
