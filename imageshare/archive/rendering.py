@@ -33,28 +33,62 @@ MEDIA_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
 MAX_RENDERED_FRAMES = 1000
 
 
+# VOI LUT functions (PS3.3 C.11.2.1.3) by their PS3.18 ``window`` names.
+WINDOW_FUNCTIONS = {"linear": "LINEAR", "linear-exact": "LINEAR_EXACT", "sigmoid": "SIGMOID"}
+
+
+@dataclass(frozen=True)
+class Window:
+    """A VOI window: centre and width in modality units, and its function (LINEAR,
+    LINEAR_EXACT or SIGMOID, PS3.3 C.11.2.1.2-3)."""
+
+    center: float
+    width: float
+    function: str = "LINEAR"
+
+
 @dataclass(frozen=True)
 class RenderOptions:
-    """How to render: window (centre, width) or the file's own, viewport, format, quality."""
+    """How to render: window or the file's own, viewport (width, height in pixels), format,
+    JPEG quality (1 to 100)."""
 
     media_type: str = "image/jpeg"
-    window: tuple[float, float] | None = None
+    window: Window | None = None
     viewport: tuple[int, int] | None = None
     quality: int = 90
 
 
-def parse_window(value: str | None) -> tuple[float, float] | None:
-    """``center,width[,function]`` from a WADO-RS ``window`` parameter."""
-    if not value:
+def window_of(center: str, width: str, function: str = "linear") -> Window:
+    """A window from its centre, width and function as a request gives them (the function
+    named as PS3.18 names it: linear, linear-exact or sigmoid, in any case); InvalidQuery
+    with the reason for numbers that are not finite, or a width below what the function
+    allows (at least 1 for linear, above 0 for the others, PS3.3 C.11.2.1.2)."""
+    try:
+        centre, span = float(center), float(width)
+    except ValueError as exc:
+        raise InvalidQuery("window center and width must be numbers") from exc
+    if not (np.isfinite(centre) and np.isfinite(span)):
+        raise InvalidQuery("window center and width must be finite numbers")
+    kind = WINDOW_FUNCTIONS.get(function.strip().lower().replace("_", "-"))
+    if kind is None:
+        raise InvalidQuery("window function must be linear, linear-exact or sigmoid")
+    if kind == "LINEAR" and span < 1:
+        raise InvalidQuery("window width must be at least 1 for linear windowing")
+    if span <= 0:
+        raise InvalidQuery("window width must be greater than 0")
+    return Window(centre, span, kind)
+
+
+def parse_window(value: str | None) -> Window | None:
+    """``center,width[,function]`` from a WADO-RS ``window`` parameter (PS3.18; the function
+    linear when left out); None when the parameter is absent. InvalidQuery with
+    the reason for anything else, an empty value included."""
+    if value is None:
         return None
     parts = value.split(",")
-    try:
-        center, width = float(parts[0]), float(parts[1])
-    except (IndexError, ValueError) as exc:
-        raise InvalidQuery("window must be 'center,width[,function]'") from exc
-    if not (np.isfinite(center) and np.isfinite(width)) or width <= 0:
-        raise InvalidQuery("window width must be positive")
-    return center, width
+    if len(parts) not in (2, 3):
+        raise InvalidQuery("window must be 'center,width' or 'center,width,function'")
+    return window_of(*parts)
 
 
 def parse_viewport(value: str | None) -> tuple[int, int] | None:
@@ -78,7 +112,7 @@ def _strips(rows: int, columns: int) -> list[slice]:
     return [slice(start, start + step) for start in range(0, rows, step)]
 
 
-def _to_8bit(ds: Dataset, frame: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+def _to_8bit(ds: Dataset, frame: np.ndarray, window: Window | None) -> np.ndarray:
     """The frame as 8-bit pixels for display, converted a strip of rows at a time (so that a
     large frame needs little memory beyond itself and its 8-bit result)."""
     strips = _strips(frame.shape[0], frame.shape[1] if frame.ndim > 1 else 1)
@@ -101,15 +135,10 @@ def _to_8bit(ds: Dataset, frame: np.ndarray, window: tuple[float, float] | None)
             return frame[rows].astype(np.float64)
 
     if window is not None:
-        center, width = window
-        low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+        chosen: Window = window
 
         def scale(rows: slice) -> np.ndarray:
-            v = values(rows)
-            return np.where(
-                v <= low, 0.0,
-                np.where(v > high, 255.0, ((v - (center - 0.5)) / (width - 1) + 0.5) * 255),
-            )
+            return _windowed(values(rows), chosen)
     else:
         if "WindowCenter" in ds and "WindowWidth" in ds:
             def shown(rows: slice) -> np.ndarray:
@@ -145,6 +174,24 @@ def _to_8bit(ds: Dataset, frame: np.ndarray, window: tuple[float, float] | None)
             scaled = 255.0 - scaled
         out[rows] = scaled.clip(0, 255)
     return out
+
+
+def _windowed(v: np.ndarray, window: Window) -> np.ndarray:
+    """Modality values through a VOI window (PS3.3 C.11.2.1.2-3) onto 0..255 (the caller
+    clips)."""
+    center, width = window.center, window.width
+    # Whole-array arithmetic evaluates every branch: a width of 1 divides by zero in the one
+    # never chosen, and the sigmoid overflows far from the centre (to 0 or 255, as it should).
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if window.function == "SIGMOID":
+            return 255.0 / (1.0 + np.exp(-4.0 * (v - center) / width))
+        if window.function == "LINEAR_EXACT":
+            return ((v - center) / width + 0.5) * 255.0
+        low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+        return np.where(
+            v <= low, 0.0,
+            np.where(v > high, 255.0, ((v - (center - 0.5)) / (width - 1) + 0.5) * 255),
+        )
 
 
 # Colour JPEG photometric interpretations a browser's JPEG decoder renders as DICOM means them

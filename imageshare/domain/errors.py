@@ -83,6 +83,13 @@ class InvalidQuery(ImageShareError):
     dicom_status = 0xA900  # Identifier does not match SOP Class
 
 
+class UnsupportedParameter(ImageShareError):
+    """A request parameter the server does not carry out (e.g. WADO-URI ``anonymize``): refused
+    rather than ignored, so that nobody takes the answer for what they asked (PS3.18: 400)."""
+
+    title = "Unsupported parameter"
+
+
 class NotAcceptable(ImageShareError):
     """The requested representation cannot be produced."""
 

@@ -6,7 +6,7 @@ import base64
 import binascii
 import hmac
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -15,7 +15,13 @@ from imageshare.access.policy import PUBLIC
 from imageshare.access.sessions import COOKIE
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import ANONYMOUS, Actor
-from imageshare.domain.errors import Forbidden, NotAuthenticated, NotFound, TooManyRequests
+from imageshare.domain.errors import (
+    Forbidden,
+    ImageShareError,
+    NotAuthenticated,
+    NotFound,
+    TooManyRequests,
+)
 from imageshare.web.deps import archive_of
 
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
@@ -227,6 +233,15 @@ def authorise_also(request: Request, actor: Actor, action: str, study_uid: str =
     except (Forbidden, NotAuthenticated) as exc:
         _record_denial(request, actor, action, study_uid, exc)
         raise
+
+
+def refuse(request: Request, actor: Actor, action: str, error: ImageShareError,
+           study_uid: str = "") -> NoReturn:
+    """Refuse a request a route never carries out, whoever asks (e.g. WADO-URI
+    ``anonymize=yes``): audited as every refusal (``access.denied``, ``wanted`` the action
+    asked for in effect), then ``error`` is raised."""
+    _record_denial(request, actor, action, study_uid, error)
+    raise error
 
 
 def _route_template(request: Request) -> str:

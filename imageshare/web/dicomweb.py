@@ -18,7 +18,12 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from imageshare.access.policy import STUDY_DOWNLOAD, STUDY_READ, STUDY_STORE
+from imageshare.access.policy import (
+    EXPORT_DEIDENTIFIED,
+    STUDY_DOWNLOAD,
+    STUDY_READ,
+    STUDY_STORE,
+)
 from imageshare.access.scope import DOWNLOAD, VIEW
 from imageshare.archive.dicom_json import json_bytes, native_dicom_xml, safe_json
 from imageshare.archive.pixel_budget import decode_frame
@@ -28,12 +33,14 @@ from imageshare.archive.rendering import (
 )
 from imageshare.archive.rendering import (
     RenderOptions,
+    Window,
     parse_viewport,
     parse_window,
     render_animation,
     render_frame,
     render_frames,
     render_video_still,
+    window_of,
 )
 from imageshare.archive.retrieve import StoredInstance
 from imageshare.archive.transcode import (
@@ -56,8 +63,9 @@ from imageshare.domain.errors import (
     NotAcceptable,
     NotFound,
     UnsupportedMediaType,
+    UnsupportedParameter,
 )
-from imageshare.web.auth import allowed, authorise_also
+from imageshare.web.auth import allowed, authorise_also, refuse
 from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.multipart import (
     PartBody,
@@ -87,22 +95,28 @@ OCTET_STREAM = "application/octet-stream"
 RESOURCE_MEDIA_TYPES: dict[str, tuple[str, ...]] = {
     "QIDO-RS search": (f"{DICOM_JSON} (default)", f'multipart/related; type="{DICOM_XML}"'),
     "WADO-RS study, series, instance": (
-        f'multipart/related; type="{DICOM}" (default transfer-syntax '
-        f"{ExplicitVRLittleEndian}; `*` as stored)", f"{DICOM} (one instance)"),
+        f'multipart/related; type="{DICOM}" (the default, also for no Accept header or '
+        f"`*/*`; without a transfer-syntax parameter {ExplicitVRLittleEndian}, decompressed "
+        "as needed; `*` as stored)", f"{DICOM} (one instance; the same default)"),
     "WADO-RS metadata": (f"{DICOM_JSON} (default)", f'multipart/related; type="{DICOM_XML}"'),
     "WADO-RS frames, bulk data": (
         f'multipart/related; type="{OCTET_STREAM}" (decoded, little endian)',
         'multipart/related; type="image/jpeg" (or image/jls, image/jp2, image/jpx, '
         "image/dicom-rle, video/*: as stored when stored so)",
-        '*/* (as stored)'),
+        '*/* (as stored)',
+        f"{OCTET_STREAM} (bulk data only: one single-part body, uncompressed little endian)"),
     "WADO-RS rendered": (
         "image/jpeg (default), image/png, image/gif (animated for a multi-frame instance)",
         "video/mp4 for a video instance (MPEG-4 AVC or HEVC as stored, in an MP4 file; "
         "`*/*` asks for it too; as an image: its first picture)",
         'multipart/related; type="image/jpeg" (or image/png, image/gif): every frame of an '
         "instance, or the first frame of every image of a study or series"),
-    "STOW-RS request": (f'multipart/related; type="{DICOM}"',),
+    "STOW-RS request": (f'multipart/related; type="{DICOM}" (every part {DICOM}; a part '
+                        "without a Content-Type is taken as such, any other type fails "
+                        "with C000)",),
     "STOW-RS response": (f"{DICOM_JSON} (default)", DICOM_XML),
+    "WADO-URI": (f"contentType={DICOM} (transferSyntax; {ExplicitVRLittleEndian} when "
+                 "absent)", "contentType=image/jpeg (default), image/png"),
 }
 
 # -- QIDO-RS ---------------------------------------------------------------------------------
@@ -373,9 +387,11 @@ def _accepted_dicom_syntax(request: Request, found: list[StoredInstance] | None)
     str, str | None
 ]:
     """('multipart'|'single', transfer syntax or None for as-stored) from the Accept header:
-    the most preferred range that can be answered; 406 when none can. Called once before
-    the selection (so that a request nothing can answer is refused before it is audited as
-    a retrieval) and once with it."""
+    the most preferred range that can be answered; 406 when none can. A range without a
+    transfer-syntax parameter (no Accept header, ``*/*`` and ``type="*/*"`` included) asks for
+    the default, Explicit VR Little Endian (PS3.18 8.7.3.4); ``transfer-syntax=*`` for the
+    instances as stored. Called once before the selection (so that a request nothing can
+    answer is refused before it is audited as a retrieval) and once with it."""
     refused = ""
     for media_range in parse_accept(request.headers.get("accept")):
         media, kind = media_range.media, media_range.param("type", DICOM)
@@ -384,11 +400,11 @@ def _accepted_dicom_syntax(request: Request, found: list[StoredInstance] | None)
         elif media == DICOM:
             shape = "single"
         elif media in ("*/*", "multipart/*", "application/*"):
-            return "multipart", None
+            shape = "multipart"
         else:
             continue
         syntax = media_range.param("transfer-syntax", ExplicitVRLittleEndian)
-        if syntax == "*" or (kind == "*/*" and "transfer-syntax" not in media_range.params):
+        if syntax == "*":
             return shape, None
         if _producible(syntax, found):
             return shape, syntax
@@ -425,6 +441,9 @@ def _instance_body(request: Request, inst: StoredInstance, syntax: str) -> tuple
 
 
 def _dicom_response(request: Request, found: list[StoredInstance]) -> Response:
+    """The instances as the Accept header asks: multipart/related, or one application/dicom
+    body. For HEAD, the headers GET would send (the syntax each instance is planned in)
+    and nothing is read or converted."""
     shape, syntax = _accepted_dicom_syntax(request, found)
     # Every part's syntax is settled before the first byte is sent: a part that cannot be
     # converted goes as stored, so that the body is never cut.
@@ -432,6 +451,9 @@ def _dicom_response(request: Request, found: list[StoredInstance]) -> Response:
     if shape == "single":
         if len(found) != 1:
             raise NotAcceptable("application/dicom holds one instance; use multipart/related")
+        if request.method == "HEAD":
+            return _head_only(Response(media_type=f"{DICOM}; transfer-syntax={plan[0][1]}"),
+                              request)
         actual, body = _instance_body(request, *plan[0])
         data = body if isinstance(body, bytes) else file_chunks(body)
         return StreamingResponse(iter([data]) if isinstance(data, bytes) else data,
@@ -443,10 +465,22 @@ def _dicom_response(request: Request, found: list[StoredInstance]) -> Response:
             actual, body = _instance_body(request, inst, planned)
             yield f"{DICOM}; transfer-syntax={actual}", body
 
-    return StreamingResponse(
+    # For HEAD the parts are never produced: the generator is dropped unstarted.
+    return _head_only(StreamingResponse(
         part_stream(boundary, parts()),
         media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
-    )
+    ), request)
+
+
+def _head_only(response: Response, request: Request) -> Response:
+    """For a HEAD request: ``response``'s status and headers without its body (Content-Length
+    kept only when the response had one); for any other, ``response`` itself."""
+    if request.method != "HEAD":
+        return response
+    head = Response(status_code=response.status_code, headers=dict(response.headers))
+    if "content-length" not in response.headers:
+        del head.headers["content-length"]
+    return head
 
 
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
@@ -465,16 +499,21 @@ def retrieve_series(request: Request, study: str, series: str, actor: Downloader
                                             right=DOWNLOAD))
 
 
-@router.get(
-    "/studies/{study}/series/{series}/instances/{instance}",
-    summary="WADO-RS: retrieve an instance",
-)
+INSTANCE = "/studies/{study}/series/{series}/instances/{instance}"
+
+
+# HEAD routes share their GET route's function (and so its one permission); they stay out of
+# the OpenAPI document, whose operations each need an id of their own.
+@router.head(INSTANCE, summary="WADO-RS: retrieve an instance", include_in_schema=False)
+@router.get(INSTANCE, summary="WADO-RS: retrieve an instance")
 def retrieve_instance(
     request: Request, study: str, series: str, instance: str, actor: Downloader
 ) -> Response:
-    """One instance."""
+    """One instance. HEAD answers GET's headers without the body; nothing is sent, so it is
+    audited as a metadata read."""
     _accepted_dicom_syntax(request, None)
-    found = _select(request, actor, "study.retrieve", study, series, instance, DOWNLOAD)
+    action = "study.metadata" if request.method == "HEAD" else "study.retrieve"
+    found = _select(request, actor, action, study, series, instance, DOWNLOAD)
     return _dicom_response(request, found)
 
 
@@ -502,32 +541,39 @@ def _metadata(request: Request, found: list[StoredInstance], xml: bool) -> Respo
     return _dicom_answer(request, body, xml)
 
 
+@router.head("/studies/{study}/metadata", summary="WADO-RS: metadata of a study",
+             include_in_schema=False)
 @router.get("/studies/{study}/metadata", summary="WADO-RS: metadata of a study")
 def study_metadata(request: Request, study: str, actor: Reader) -> Response:
     """DICOM JSON (or XML) headers of every instance of the study (bulk data as
-    BulkDataURIs)."""
+    BulkDataURIs); HEAD: the same headers without the body."""
     xml = _wants_xml(request, "metadata")
-    return _metadata(request, _select(request, actor, "study.metadata", study), xml)
+    found = _select(request, actor, "study.metadata", study)
+    return _head_only(_metadata(request, found, xml), request)
 
 
+@router.head("/studies/{study}/series/{series}/metadata", summary="WADO-RS: series metadata",
+             include_in_schema=False)
 @router.get("/studies/{study}/series/{series}/metadata", summary="WADO-RS: series metadata")
 def series_metadata(request: Request, study: str, series: str, actor: Reader) -> Response:
-    """DICOM JSON (or XML) headers of every instance of the series."""
+    """DICOM JSON (or XML) headers of every instance of the series; HEAD: the same headers
+    without the body."""
     xml = _wants_xml(request, "metadata")
-    return _metadata(request, _select(request, actor, "study.metadata", study, series), xml)
+    found = _select(request, actor, "study.metadata", study, series)
+    return _head_only(_metadata(request, found, xml), request)
 
 
-@router.get(
-    "/studies/{study}/series/{series}/instances/{instance}/metadata",
-    summary="WADO-RS: instance metadata",
-)
+@router.head(f"{INSTANCE}/metadata", summary="WADO-RS: instance metadata",
+             include_in_schema=False)
+@router.get(f"{INSTANCE}/metadata", summary="WADO-RS: instance metadata")
 def instance_metadata(
     request: Request, study: str, series: str, instance: str, actor: Reader
 ) -> Response:
-    """DICOM JSON (or XML) header of one instance."""
+    """DICOM JSON (or XML) header of one instance; HEAD: the same headers without the
+    body."""
     xml = _wants_xml(request, "metadata")
     found = _select(request, actor, "study.metadata", study, series, instance)
-    return _metadata(request, found, xml)
+    return _head_only(_metadata(request, found, xml), request)
 
 
 def _frame_numbers(frames: str) -> list[int]:
@@ -638,6 +684,27 @@ def _wants_octet_stream(request: Request) -> None:
                         'type="application/octet-stream"')
 
 
+def _wants_single_part(request: Request) -> bool:
+    """True when the most preferred Accept range is a bare application/octet-stream (with no
+    transfer syntax, Explicit VR Little Endian or ``*``): bulk data then comes as one
+    single-part body, uncompressed little endian (PS3.18 lets bulk data be single part)."""
+    ranges = parse_accept(request.headers.get("accept"))
+    return bool(ranges) and ranges[0].media == OCTET_STREAM and ranges[0].param(
+        "transfer-syntax", "") in ("", "*", ExplicitVRLittleEndian)
+
+
+def _pixel_body(request: Request, inst: StoredInstance) -> Response:
+    """Every frame's pixels in one application/octet-stream body, uncompressed little endian
+    (native pixels as stored, others decoded), fully read before it is sent."""
+    numbers = list(range(1, inst.number_of_frames + 1))
+    if inst.transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        frames = list(archive_of(request).retrieve.frames(inst, numbers))
+    else:
+        frames = _decoded_frames(request, inst, numbers)
+    return Response(b"".join(frames),
+                    media_type=f"{OCTET_STREAM}; transfer-syntax={ExplicitVRLittleEndian}")
+
+
 @router.get(
     "/studies/{study}/series/{series}/instances/{instance}/bulkdata/{path:path}",
     summary="WADO-RS: retrieve bulk data",
@@ -648,15 +715,19 @@ def retrieve_bulkdata(
 ) -> Response:
     """A large attribute's value, named by the BulkDataURI the metadata gave (at any depth of
     sequences); pixel data as all frames, as stored or decoded (video as its bitstream).
-    For those who may download the instance (with the metadata it makes the instance again;
-    viewing alone gets rendered frames)."""
+    In multipart/related, or as one application/octet-stream body when that is asked for
+    first (uncompressed little endian). For those who may download the instance (with the
+    metadata it makes the instance again; viewing alone gets rendered frames)."""
     inst = _select(request, actor, "study.retrieve", study, series, instance,
                    right=DOWNLOAD)[0]
     retrieve = archive.retrieve
     boundary = new_boundary()
     path = path.upper().strip("/")
+    single = _wants_single_part(request)
     if path == "7FE00010":
         if not is_video(inst.transfer_syntax):
+            if single:
+                return _pixel_body(request, inst)
             return _pixel_parts(request, inst, list(range(1, inst.number_of_frames + 1)))
         kind = COMPRESSED_MEDIA_TYPES[inst.transfer_syntax]
         if not any(media_range.media in ("*/*", kind, "video/*") or (
@@ -674,6 +745,8 @@ def retrieve_bulkdata(
         )
     _wants_octet_stream(request)
     _vr, value = retrieve.bulk_data(inst, path)
+    if single:
+        return Response(value, media_type=OCTET_STREAM)
     return StreamingResponse(
         part_stream(boundary, [(OCTET_STREAM, value)]),
         media_type=f'multipart/related; type="{OCTET_STREAM}"; boundary={boundary}',
@@ -698,18 +771,48 @@ def _rendered_media(request: Request) -> tuple[str, str]:
                         "alone or in multipart/related")
 
 
+def _quality(request: Request, name: str) -> int:
+    """The JPEG quality a rendering parameter gives: a whole number from 1 to 100, 90 when
+    absent; anything else is refused with the reason (never quietly clamped)."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return 90
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 100:
+        raise InvalidQuery(f"{name} must be a whole number from 1 to 100")
+    return value
+
+
+def _render_parameters(request: Request, thumbnail: bool
+                       ) -> tuple[Window | None, tuple[int, int] | None, int]:
+    """(window, viewport, quality) of a WADO-RS rendered or thumbnail request; InvalidQuery
+    with the reason for a value that cannot be used (PS3.18 rendered query parameters)."""
+    window = parse_window(request.query_params.get("window"))
+    viewport = parse_viewport(request.query_params.get("viewport"))
+    quality = _quality(request, "quality")
+    if thumbnail and viewport is None:
+        viewport = (128, 128)
+    return window, viewport, quality
+
+
+def _check_rendering(request: Request, thumbnail: bool = False, video: bool = False) -> None:
+    """Refuse, before anything is selected (and audited as viewed), a rendering whose
+    parameters or Accept header cannot be answered (a video instance's own answer, video/mp4,
+    may be acceptable where ``video`` says so)."""
+    _render_parameters(request, thumbnail)
+    if not (video and _wants_video(request)):
+        _rendered_media(request)
+
+
 def render_options(request: Request, thumbnail: bool, media: str | None = None
                    ) -> RenderOptions:
     """How to render, from the request's Accept header and window/viewport/quality."""
     media = media or _rendered_media(request)[1]
-    quality = _int_param(request, "quality", 90) or 90
-    viewport = parse_viewport(request.query_params.get("viewport"))
-    if thumbnail and viewport is None:
-        viewport = (128, 128)
-    return RenderOptions(
-        media_type=media, window=parse_window(request.query_params.get("window")),
-        viewport=viewport, quality=max(1, min(quality, 100)),
-    )
+    window, viewport, quality = _render_parameters(request, thumbnail)
+    return RenderOptions(media_type=media, window=window, viewport=viewport, quality=quality)
 
 
 def _image_parts(media: str, images: list[bytes]) -> Response:
@@ -838,7 +941,7 @@ def _render_selection(request: Request, found: list[StoredInstance]) -> Response
 def rendered_study(request: Request, study: str, actor: Reader) -> Response:
     """The study as an image (its representative image), or every image's first frame in
     multipart/related."""
-    _rendered_media(request)
+    _check_rendering(request)
     return _render_selection(request, _select(request, actor, "study.view", study))
 
 
@@ -846,7 +949,7 @@ def rendered_study(request: Request, study: str, actor: Reader) -> Response:
 def rendered_series(request: Request, study: str, series: str, actor: Reader) -> Response:
     """The series as an image (its middle image), or every image's first frame in
     multipart/related."""
-    _rendered_media(request)
+    _check_rendering(request)
     return _render_selection(request, _select(request, actor, "study.view", study, series))
 
 
@@ -860,8 +963,7 @@ def rendered_instance(
     """The first frame as JPEG/PNG, windowed by ``window=center,width``; every frame as an
     animated GIF (image/gif) or in multipart/related; a video as video/mp4 (MPEG-4 AVC or
     HEVC, as stored, in an MP4 file a browser plays)."""
-    if not _wants_video(request):
-        _rendered_media(request)
+    _check_rendering(request, video=True)
     inst = _select(request, actor, "study.view", study, series, instance)[0]
     return render_stored(request, inst, 0)
 
@@ -887,6 +989,7 @@ def rendered_frame(
 ) -> Response:
     """One frame as JPEG/PNG/GIF; several (a comma-separated list) in multipart/related."""
     numbers = _frame_numbers(frame)
+    _check_rendering(request)
     shape, media = _rendered_media(request)
     if len(numbers) != 1 and shape != "multipart":
         raise NotAcceptable("several frames are rendered in multipart/related only")
@@ -907,6 +1010,7 @@ def instance_thumbnail(
     request: Request, study: str, series: str, instance: str, actor: Reader
 ) -> Response:
     """A small rendering of the instance's first (or middle, for cine) frame."""
+    _check_rendering(request, thumbnail=True)
     inst = _select(request, actor, "study.view", study, series, instance)[0]
     return _render(request, inst, max(1, (inst.number_of_frames + 1) // 2), thumbnail=True)
 
@@ -914,6 +1018,7 @@ def instance_thumbnail(
 @router.get("/studies/{study}/series/{series}/thumbnail", summary="WADO-RS: series thumbnail")
 def series_thumbnail(request: Request, study: str, series: str, actor: Reader) -> Response:
     """A small rendering of the series' middle image."""
+    _check_rendering(request, thumbnail=True)
     found = _select(request, actor, "study.view", study, series)
     return _render(request, _renderable(found), 1, thumbnail=True)
 
@@ -921,6 +1026,7 @@ def series_thumbnail(request: Request, study: str, series: str, actor: Reader) -
 @router.get("/studies/{study}/thumbnail", summary="WADO-RS: study thumbnail")
 def study_thumbnail(request: Request, study: str, actor: Reader) -> Response:
     """A small rendering of an image of the study."""
+    _check_rendering(request, thumbnail=True)
     found = _select(request, actor, "study.view", study)
     return _render(request, _renderable(found), 1, thumbnail=True)
 
@@ -949,7 +1055,8 @@ class StowReason:
 FAILURE_CANNOT_UNDERSTAND = StowReason(
     0xC000, "failure", "Error: Cannot understand",
     "the part is not a DICOM Part 10 file, a required UID is missing or invalid, the data "
-    "set or its pixel data is damaged, or the part is not application/dicom")
+    "set or its pixel data is damaged, or the part's Content-Type is not application/dicom "
+    "(application/octet-stream included; nothing of such a part is stored)")
 FAILURE_STUDY_MISMATCH = StowReason(
     0xA900, "failure", "Error: Data Set does not match",
     "the instance belongs to another study than the one in the request URL")
@@ -1031,8 +1138,11 @@ def _stow_wants_xml(request: Request) -> bool:
 
 
 def _is_dicom(part: ReceivedPart) -> bool:
-    media, _ = parse_media_type(part.content_type or "application/dicom")
-    return media in ("application/dicom", "application/octet-stream")
+    """Is the part application/dicom? One without a Content-Type is taken as the request's
+    type (application/dicom); any other type, application/octet-stream included, fails with
+    0xC000 (FAILURE_CANNOT_UNDERSTAND) and is not stored."""
+    media, _ = parse_media_type(part.content_type or DICOM)
+    return media == DICOM
 
 
 def _answers(
@@ -1147,26 +1257,55 @@ async def store_study_instances(request: Request, study: str, actor: Writer) -> 
 # -- WADO-URI (PS3.18 chapter 9), for viewers that predate WADO-RS ----------------------------
 
 
+ANONYMIZE_REFUSED = (
+    "anonymize is not carried out here: WADO-URI serves the stored, identifiable object. "
+    "De-identified copies are made through an export (POST /api/studies/{study}/exports, "
+    "de-identified with a profile by default), which is audited as such")
+
+
+def _wado_uri_render_options(request: Request, content_type: str) -> RenderOptions:
+    """How WADO-URI renders: ``windowCenter`` and ``windowWidth`` (both or neither, linear),
+    ``rows``/``columns`` and ``imageQuality`` (1 to 100); InvalidQuery with the reason for
+    a value that cannot be used (PS3.18 WADO-URI)."""
+    params = request.query_params
+    center, width = params.get("windowCenter"), params.get("windowWidth")
+    if (center is None) != (width is None):
+        raise InvalidQuery("windowCenter and windowWidth are given together or not at all")
+    window = window_of(center, width) if center is not None and width is not None else None
+    rows, columns = _int_param(request, "rows", None), _int_param(request, "columns", None)
+    # Only rows or only columns given: the other follows the image's aspect ratio.
+    viewport = (columns or 8192, rows or 8192) if (rows or columns) else None
+    return RenderOptions(media_type=content_type, window=window, viewport=viewport,
+                         quality=_quality(request, "imageQuality"))
+
+
 @router.get("/wado", summary="WADO-URI: retrieve one object")
 def wado_uri(request: Request, archive: ArchiveDep, actor: Reader) -> Response:
     """``requestType=WADO&studyUID=&seriesUID=&objectUID=``; contentType application/dicom
-    (optionally ``transferSyntax``) or image/jpeg, image/png (``frameNumber``, ``windowCenter``,
-    ``windowWidth``, ``rows``, ``columns``)."""
+    (``transferSyntax``, Explicit VR Little Endian when absent) or image/jpeg, image/png
+    (``frameNumber``, ``windowCenter``, ``windowWidth``, ``rows``, ``columns``,
+    ``imageQuality``). ``anonymize`` is refused (400, audited): nothing is de-identified here.
+    Every parameter is checked before anything is selected (and audited as retrieved)."""
     params = request.query_params
     if params.get("requestType") != "WADO":
         raise InvalidQuery("requestType must be WADO")
     uids = [params.get(name, "") for name in ("studyUID", "seriesUID", "objectUID")]
     if not all(uids):
         raise InvalidQuery("studyUID, seriesUID and objectUID are required")
+    if "anonymize" in params:
+        # Ignoring it would hand identifiable data to a caller who believes it is not.
+        refuse(request, actor, EXPORT_DEIDENTIFIED, UnsupportedParameter(ANONYMIZE_REFUSED),
+               uids[0])
     content_type = params.get("contentType", "image/jpeg").split(",")[0].strip()
-    as_file = content_type == "application/dicom"
-    if as_file:
+    if content_type == "application/dicom":
+        # PS3.18 WADO-URI: without transferSyntax, Explicit VR Little Endian.
+        wanted = params.get("transferSyntax") or ExplicitVRLittleEndian
+        if not _producible(wanted, None):
+            raise NotAcceptable(f"transfer syntax {wanted} is not offered")
         authorise_also(request, actor, STUDY_DOWNLOAD, uids[0])
-    inst = _select(request, actor, "study.retrieve", uids[0], uids[1], uids[2],
-                   right=DOWNLOAD if as_file else VIEW)[0]
-    if as_file:
-        wanted = params.get("transferSyntax")
-        if wanted and not _producible(wanted, [inst]):
+        inst = _select(request, actor, "study.retrieve", uids[0], uids[1], uids[2],
+                       right=DOWNLOAD)[0]
+        if not _producible(wanted, [inst]):
             raise NotAcceptable(f"transfer syntax {wanted} is not offered")
         _actual, body = _instance_body(request, inst, _planned_syntax(inst, wanted))
         data = body if isinstance(body, bytes) else file_chunks(body)
@@ -1174,16 +1313,9 @@ def wado_uri(request: Request, archive: ArchiveDep, actor: Reader) -> Response:
                                  media_type="application/dicom")
     if content_type not in ("image/jpeg", "image/png"):
         raise NotAcceptable("contentType must be application/dicom, image/jpeg or image/png")
-    window = None
-    if params.get("windowCenter") and params.get("windowWidth"):
-        window = parse_window(f"{params['windowCenter']},{params['windowWidth']}")
-    rows, columns = _int_param(request, "rows", None), _int_param(request, "columns", None)
-    # Only rows or only columns given: the other follows the image's aspect ratio.
-    viewport = (columns or 8192, rows or 8192) if (rows or columns) else None
-    options = RenderOptions(
-        media_type=content_type, window=window, viewport=viewport,
-        quality=max(1, min(_int_param(request, "imageQuality", 90) or 90, 100)),
-    )
+    options = _wado_uri_render_options(request, content_type)
+    frame = (_int_param(request, "frameNumber", 1) or 1) - 1
+    inst = _select(request, actor, "study.retrieve", uids[0], uids[1], uids[2], right=VIEW)[0]
     with archive.retrieve.open(inst) as stream:
-        data = render_frame(stream, (_int_param(request, "frameNumber", 1) or 1) - 1, options)
+        data = render_frame(stream, frame, options)
     return Response(data, media_type=content_type)
