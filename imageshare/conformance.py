@@ -7,6 +7,7 @@ indexed keys, DICOMweb routes and media types, limits, DIMSE statuses and STOW-R
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterable
 
 from pydicom.datadict import keyword_for_tag
@@ -22,7 +23,7 @@ from imageshare.archive.transcode import (
     can_decode,
     can_encode,
 )
-from imageshare.dicom.contexts import LISTENER_SYNTAXES, SCP_SOP_CLASSES
+from imageshare.dicom.contexts import LISTENER_SYNTAXES, SCP_SOP_CLASSES, STORAGE_RECOGNITION
 from imageshare.dicom.statuses import STATUSES
 from imageshare.settings import setting_docs
 from imageshare.web.dicomweb import RESOURCE_MEDIA_TYPES, STOW_REASONS, router
@@ -50,6 +51,11 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[object]]) -> str:
     return "\n".join(lines)
 
 
+def _wrapped(text: str, width: int = 92) -> str:
+    """``text`` as a Markdown paragraph of lines at most ``width`` characters long."""
+    return textwrap.fill(text, width=width, break_long_words=False, break_on_hyphens=False)
+
+
 def _name(uid: str) -> str:
     return UID(uid).name or uid
 
@@ -66,7 +72,8 @@ def _network() -> str:
                  "SCU (C-GET, on the requester's association)",
                  "what the requester accepted"))
     return "## DICOM network services\n\n" + _table(
-        ("SOP class", "UID", "role", "transfer syntaxes"), rows) + """
+        ("SOP class", "UID", "role", "transfer syntaxes"), rows) + "\n\n" + _wrapped(
+        STORAGE_RECOGNITION) + """
 
 An instance is sent as stored when the receiver accepted its syntax; otherwise it is decoded
 and encoded again in a syntax the receiver accepted for its SOP class (Explicit VR Little
@@ -125,12 +132,17 @@ and wildcards inside lists. Everything Orthanc finds, ImageShare finds.
 
 def _dicomweb() -> str:
     rows = []
+    # A HEAD route answers with its GET route's function: shown on the GET route's row.
+    heads = {getattr(r, "path", "") for r in router.routes
+             if set(getattr(r, "methods", []) or []) == {"HEAD"}}
     for route in router.routes:
-        methods = sorted(getattr(route, "methods", []) or [])
-        if "HEAD" in methods:
-            methods.remove("HEAD")
-        rows.append((", ".join(methods), f"`{getattr(route, 'path', '')}`",
-                     getattr(route, "summary", "") or ""))
+        path = getattr(route, "path", "")
+        methods = sorted(set(getattr(route, "methods", []) or []) - {"HEAD"})
+        if not methods:
+            continue
+        if "GET" in methods and path in heads:
+            methods.append("HEAD")
+        rows.append((", ".join(methods), f"`{path}`", getattr(route, "summary", "") or ""))
     media = _table(("resource", "media types (Accept)"),
                    ((name, "; or ".join(types)) for name, types in RESOURCE_MEDIA_TYPES.items()))
     return "## DICOMweb resources\n\n" + _table(("method", "path", "transaction"), rows) + """
@@ -149,6 +161,37 @@ Accept headers are honoured in order of quality; a request nothing can answer is
 406 and a problem document. Every part of a WADO-RS answer is known to be producible before
 the first byte is sent: an instance that cannot be converted to the syntax asked for is sent
 as stored, labelled with its real transfer syntax. A search with no match is 200 with `[]`.
+
+Default transfer syntax (PS3.18 8.7.3.4): a WADO-RS study, series or instance asked for
+without a transfer-syntax parameter (no Accept header, `*/*`, or
+`multipart/related; type="application/dicom"` alone) comes in Explicit VR Little Endian
+`1.2.840.10008.1.2.1`, decompressed as needed; so does a WADO-URI object
+(`contentType=application/dicom`) without `transferSyntax`. Only `transfer-syntax=*` (or
+naming the stored syntax) gives the stored bytes unchanged. An instance that cannot be
+decompressed here (video, or a codec ImageShare lacks) comes as stored, labelled so.
+
+HEAD on an instance or on metadata answers GET's status and headers without the body, under
+the same permission; no instance is read or converted for it, and it is audited as a metadata
+read.
+
+Bulk data asked for with a bare `Accept: application/octet-stream` comes as one single-part
+body (pixel data: every frame, uncompressed little endian); otherwise in multipart/related.
+
+Rendered resources (and WADO-URI images) refuse with 400 and the reason, before anything is
+read or audited: a `window` that is not `center,width` or `center,width,function` (function
+`linear`, `linear-exact` or `sigmoid`, PS3.3 C.11.2.1.3), a centre or width that is not a
+finite number, a width below 1 (linear) or not above 0 (the others); a `quality` (WADO-URI
+`imageQuality`) that is not a whole number from 1 to 100; a WADO-URI `windowCenter` without
+`windowWidth` or the other way round. The window function asked for is the one applied.
+
+WADO-URI `anonymize` is refused with 400 and audited as a refusal (`access.denied`): ImageShare
+never serves identifiable data to a caller who asked for it de-identified. De-identified copies
+are made by an export (`POST /api/studies/{study}/exports`, de-identified with a profile by
+default).
+
+STOW-RS parts must each be application/dicom: a part with another Content-Type
+(application/octet-stream included) fails with `C000` and is not stored, while the other parts
+are (202); a part without a Content-Type is taken as the request's type, application/dicom.
 """
 
 

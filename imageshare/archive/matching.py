@@ -10,6 +10,7 @@ escape character (PostgreSQL), both case-sensitive as PS3.4 asks.
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,13 @@ MATCHING_RULES: tuple[MatchingRule, ...] = (
                  "fractions to microseconds, `HH:MM:SS` accepted; DT offsets are applied"),
     MatchingRule("Single value on DA, TM, DT", "DA, TM, DT",
                  "a date matches that day; a (partial) time or date-time matches its span"),
+    MatchingRule("Invalid date or time", "DA, TM, DT",
+                 "refused before anything is searched: a malformed value, a reversed range, "
+                 "or a date or time that does not exist (month 13, 30 February, hour 24, "
+                 "minute 60), alone, in a range or in a list; C-FIND answers A900 and QIDO-RS "
+                 "400, naming the attribute and the reason. Legal: `YYYYMMDD` (and the old "
+                 "`YYYY.MM.DD`), `HH`, `HHMM`, `HHMMSS`, `HHMMSS.FFFFFF`, partial date-times, "
+                 "second 60 (a leap second)"),
     MatchingRule("Sequence", "SQ", "the attributes of the one query item must all match "
                  "within one stored item"),
     MatchingRule("Combined date-time", "DA with TM",
@@ -258,23 +266,57 @@ def _digits(value: str, allowed: str = "") -> bool:
     return value != "" and all(c.isdigit() or c in allowed for c in value) and value.isascii()
 
 
-def normalise_date(value: str) -> str:
-    """A DA key as YYYYMMDD (the old ``YYYY.MM.DD`` form accepted)."""
+def _date_problem(digits: str) -> str:
+    """Why the date digits ``YYYY``, ``YYYYMM`` or ``YYYYMMDD`` name no day of the calendar,
+    or ``""`` when they do."""
+    if len(digits) < 6:
+        return ""
+    month = int(digits[4:6])
+    if not 1 <= month <= 12:
+        return f"there is no month {digits[4:6]}"
+    if len(digits) < 8:
+        return ""
+    days = calendar.monthrange(2000 if calendar.isleap(int(digits[:4])) else 2001, month)[1]
+    if not 1 <= int(digits[6:8]) <= days:
+        return f"month {digits[4:6]} has no day {digits[6:8]}"
+    return ""
+
+
+def _clock_problem(digits: str) -> str:
+    """Why the time digits ``HH``, ``HHMM`` or ``HHMMSS`` name no time of day, or ``""`` when
+    they do (a second of 60 is a leap second, which PS3.5 allows)."""
+    for name, start, most in (("hour", 0, 23), ("minute", 2, 59), ("second", 4, 60)):
+        if len(digits) > start and int(digits[start:start + 2]) > most:
+            return f"{name} {digits[start:start + 2]} is past {most:02d}"
+    return ""
+
+
+def normalise_date(value: str, check: bool = True) -> str:
+    """A DA key as YYYYMMDD (the old ``YYYY.MM.DD`` form accepted). With ``check`` (keys), a
+    date that is not in the calendar (month 13, 30 February) is refused too; without it
+    (stored values) only the form is."""
     text = value.strip().replace(".", "") if len(value.strip()) == 10 else value.strip()
     if len(text) != 8 or not _digits(text):
         raise InvalidQuery(f"{value!r} is not a DICOM date (YYYYMMDD)")
+    problem = _date_problem(text) if check else ""
+    if problem:
+        raise InvalidQuery(f"{value!r} is not a date: {problem}")
     return text
 
 
-def normalise_time(value: str, upper: bool) -> str:
+def normalise_time(value: str, upper: bool, check: bool = True) -> str:
     """A TM key or bound as ``HHMMSS.FFFFFF``: a partial value becomes the start of its span
-    (``upper=False``) or its end (``upper=True``). ``HH:MM:SS`` is accepted."""
+    (``upper=False``) or its end (``upper=True``). ``HH:MM:SS`` is accepted. With ``check``
+    (keys), an hour past 23, a minute past 59 or a second past 60 is refused too."""
     text = value.strip().replace(":", "")
     whole, dot, fraction = text.partition(".")
     if (len(whole) not in (2, 4, 6) or not _digits(whole)
             or (dot and (len(whole) != 6 or not 1 <= len(fraction) <= 6
                          or not _digits(fraction)))):
         raise InvalidQuery(f"{value!r} is not a DICOM time (HHMMSS.FFFFFF)")
+    problem = _clock_problem(whole) if check else ""
+    if problem:
+        raise InvalidQuery(f"{value!r} is not a time: {problem}")
     template = _TIME_HIGH if upper else _TIME_LOW
     if not dot:
         return whole + template[len(whole):]
@@ -284,14 +326,15 @@ def normalise_time(value: str, upper: bool) -> str:
 def stored_time(value: str) -> str | None:
     """A stored TM value normalised for comparison (None when it is not a time)."""
     try:
-        return normalise_time(value, upper=False)
+        return normalise_time(value, upper=False, check=False)
     except InvalidQuery:
         return None
 
 
-def normalise_datetime(value: str, upper: bool) -> str:
+def normalise_datetime(value: str, upper: bool, check: bool = True) -> str:
     """A DT key or bound as ``YYYYMMDDHHMMSS.FFFFFF``, partial values widened to their span
-    and a UTC offset (``&ZZXX``) applied, so that moments compare in UTC."""
+    and a UTC offset (``&ZZXX``) applied, so that moments compare in UTC. With ``check``
+    (keys), a date or time of day that does not exist is refused too."""
     text = value.strip()
     offset = None
     for sign in "+-":
@@ -309,6 +352,9 @@ def normalise_datetime(value: str, upper: bool) -> str:
             or (dot and (len(whole) != 14 or not 1 <= len(fraction) <= 6
                          or not _digits(fraction)))):
         raise InvalidQuery(f"{value!r} is not a DICOM date-time (YYYYMMDDHHMMSS.FFFFFF&ZZXX)")
+    problem = (_date_problem(whole[:8]) or _clock_problem(whole[8:])) if check else ""
+    if problem:
+        raise InvalidQuery(f"{value!r} is not a date-time: {problem}")
     if upper:
         template = "99991231235959.999999"
         padded = whole + template[len(whole):14]
@@ -324,8 +370,11 @@ def normalise_datetime(value: str, upper: bool) -> str:
             fraction + "000000"[len(fraction):] if dot else "000000")
     if offset is None:
         return result
+    # A leap second (60) is taken as the last moment of its minute for the offset's sake.
+    leap = result[12:14] == "60"
     try:
-        moment = dt.datetime.strptime(result, "%Y%m%d%H%M%S.%f") - offset
+        moment = dt.datetime.strptime(
+            result[:12] + "59.999999" if leap else result, "%Y%m%d%H%M%S.%f") - offset
     except ValueError as exc:
         raise InvalidQuery(f"{value!r} is not a valid date-time") from exc
     return moment.strftime("%Y%m%d%H%M%S.%f")
@@ -334,40 +383,50 @@ def normalise_datetime(value: str, upper: bool) -> str:
 def stored_datetime(value: str) -> str | None:
     """A stored DT value normalised for comparison (None when it is not a date-time)."""
     try:
-        return normalise_datetime(value, upper=False)
+        return normalise_datetime(value, upper=False, check=False)
     except InvalidQuery:
         return None
 
 
-def _normalise(value: str, vr: str, upper: bool) -> str:
+def _normalise(value: str, vr: str, upper: bool, check: bool = True) -> str:
     if vr == "DA":
-        return normalise_date(value)
+        return normalise_date(value, check)
     if vr == "TM":
-        return normalise_time(value, upper)
-    return normalise_datetime(value, upper)
+        return normalise_time(value, upper, check)
+    return normalise_datetime(value, upper, check)
 
 
 def _bounds(value: str, vr: str) -> tuple[str | None, str | None]:
     """The normalised (low, high) of one DA/TM/DT key value: a range ``a-b``, ``a-``, ``-b``
-    or a single value, which stands for its whole span."""
+    or a single value, which stands for its whole span. The range is found by the form of its
+    bounds; then each bound must be a real date or time (month 13 and hour 25 are refused
+    with the reason)."""
     text = value.strip()
-    splits = []
     for position, char in enumerate(text):
         if char != "-":
             continue
         low, high = text[:position].strip(), text[position + 1:].strip()
         try:
-            bounds = (_normalise(low, vr, False) if low else None,
-                      _normalise(high, vr, True) if high else None)
+            bounds = (_normalise(low, vr, False, check=False) if low else None,
+                      _normalise(high, vr, True, check=False) if high else None)
         except InvalidQuery:
             continue
         if bounds[0] is None or bounds[1] is None or bounds[0] <= bounds[1]:
-            splits.append(bounds)
-    if splits:
-        return splits[0]
+            return (_normalise(low, vr, False) if low else None,
+                    _normalise(high, vr, True) if high else None)
     if "-" in text and vr != "DT":  # a DT value may end in a negative UTC offset
         raise InvalidQuery(f"{value!r} is not a valid {vr} range (a-b, a- or -b)")
     return _normalise(text, vr, False), _normalise(text, vr, True)
+
+
+def check_range_key(value: str, vr: str) -> None:
+    """Refuse a DA, TM or DT key (single values, ranges, or a ``\\``-separated list of
+    either) that cannot be matched: a malformed value, a reversed range, or a date or time
+    that does not exist (``20241315``, ``256099``), with the reason."""
+    for part in value.split("\\"):
+        part = part.strip()
+        if part and part != "*":
+            _bounds(part, vr)
 
 
 def _sql_time(column: Any) -> Any:
@@ -407,7 +466,7 @@ def range_condition(column: Any, value: str, vr: str) -> ColumnElement[bool]:
 def _stored_normalised(stored: str, vr: str) -> str | None:
     if vr == "DA":
         try:
-            return normalise_date(stored)
+            return normalise_date(stored, check=False)
         except InvalidQuery:
             return None
     if vr == "TM":
@@ -498,3 +557,18 @@ def is_universal(element: dict[str, Any]) -> bool:
         return not items or all(is_universal(v) for v in items[0].values())
     values = element.get("Value") or []
     return all(_as_text(v) in ("", "*") for v in values)
+
+
+def check_key(element: dict[str, Any]) -> None:
+    """Refuse a query element (DICOM JSON) whose DA, TM or DT value cannot be matched, in the
+    one item of a sequence key too, before anything is searched: an impossible date is
+    refused even where nothing is stored to compare it with."""
+    vr = element.get("vr", "")
+    if vr == "SQ":
+        items = element.get("Value") or []
+        for item in items[:1]:
+            for inner in (item or {}).values():
+                check_key(inner)
+        return
+    if vr in RANGE_VRS:
+        check_range_key("\\".join(_as_text(v) for v in _values(element)), vr)

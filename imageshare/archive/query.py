@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydicom.datadict import keyword_for_tag
 from pydicom.tag import Tag
 from sqlalchemy import (
     Connection,
@@ -27,6 +28,7 @@ from sqlalchemy import (
 from imageshare.access.scope import Scope, narrows
 from imageshare.archive.header import PATIENT_KEYWORDS, SERIES_KEYWORDS, STUDY_KEYWORDS
 from imageshare.archive.matching import (
+    check_key,
     is_universal,
     json_matches,
     name_condition,
@@ -136,6 +138,19 @@ def _other_ids_condition(element: dict[str, Any]) -> Any:
     if issuer:
         conditions.append(text_condition(patient_identifiers.c.issuer, issuer, "LO"))
     return exists().where(and_(*conditions))
+
+
+def _check(tag: str, element: dict[str, Any]) -> None:
+    """Refuse a key whose value cannot be matched (an impossible date or time), naming its
+    attribute: the reason reaches the C-FIND Error Comment and the QIDO-RS problem detail."""
+    try:
+        check_key(element)
+    except InvalidQuery as exc:
+        try:
+            name = keyword_for_tag(int(tag, 16)) or tag
+        except ValueError:
+            name = tag
+        raise InvalidQuery(f"{name}: {exc}") from exc
 
 
 def _first_text(element: dict[str, Any] | None) -> str:
@@ -291,6 +306,7 @@ class QueryService:
                 raise InvalidQuery(
                     f"attribute {tag} is below the {query.level} query level"
                 )
+            _check(tag, element)
             if tag == OTHER_IDS_SEQ:
                 stmt = stmt.where(_other_ids_condition(element))
             elif tag == MODALITIES_IN_STUDY and narrows(query.allowed_studies):

@@ -3,9 +3,23 @@ instances. The conformance statement is generated from these tables."""
 
 from __future__ import annotations
 
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import build_context
-from pynetdicom.presentation import PresentationContext
+from collections.abc import Sequence
+
+from pydicom.uid import (
+    RE_VALID_UID,
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import acse, build_context
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.presentation import (
+    PresentationContext,
+    negotiate_as_acceptor,
+    negotiate_unrestricted,
+)
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -14,13 +28,15 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
+    uid_to_service_class,
 )
 
 MAX_CONTEXTS = 128
 # Transfer syntaxes the listener accepts for verification and query/retrieve.
 LISTENER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 # SOP classes the listener serves as SCP besides storage (which takes every storage SOP class,
-# private ones included, in the transfer syntax the sender proposes first).
+# private ones included, in the transfer syntax the sender proposes first: see
+# is_storage_sop_class).
 SCP_SOP_CLASSES = (
     Verification,
     PatientRootQueryRetrieveInformationModelFind,
@@ -30,6 +46,76 @@ SCP_SOP_CLASSES = (
     PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelGet,
 )
+
+
+# UIDs the DICOM Standard assigns all start so; PS3.6 registers its Storage SOP Classes
+# (those of today and those to come) under the second.
+DICOM_UID_ROOT = "1.2.840.10008."
+STORAGE_SOP_CLASS_ARC = "1.2.840.10008.5.1.4.1.1."
+# How the listener tells a storage SOP class it has never heard of from a service it does not
+# offer (for the conformance statement).
+STORAGE_RECOGNITION = (
+    "Storage: a proposed abstract syntax is taken as a storage SOP class (and accepted in the "
+    "sender's first transfer syntax) when it is a valid UID and either a standard storage SOP "
+    "class, a standard UID not known here under `1.2.840.10008.5.1.4.1.1` (the arc where PS3.6 "
+    "registers new storage SOP classes), or a private UID (outside `1.2.840.10008`: a private "
+    "storage SOP class cannot be told from other private UIDs, so every private UID is "
+    "accepted, and only C-STORE is served on it). Every other abstract syntax is rejected "
+    "with result 3, abstract syntax not supported: Modality Worklist, Modality Performed "
+    "Procedure Step, Storage Commitment, Print, Instance Availability Notification, the "
+    "query/retrieve models not listed above, non-patient objects (Hanging Protocol, Color "
+    "Palette, Implant Templates), and unknown standard UIDs outside the storage arc."
+)
+
+
+def is_storage_sop_class(uid: str) -> bool:
+    """Is ``uid``, proposed as an abstract syntax, taken as a storage SOP class (see
+    ``STORAGE_RECOGNITION``)? A valid UID outside the DICOM root (private), a storage SOP
+    class pynetdicom knows, or a standard UID pynetdicom does not know under the storage arc
+    that pydicom does not name as something else."""
+    if len(uid) > 64 or not RE_VALID_UID.match(uid):  # (checked before UID() warns)
+        return False
+    syntax = UID(uid)
+    if not syntax.startswith(DICOM_UID_ROOT):
+        return True
+    service = uid_to_service_class(syntax)
+    if service is StorageServiceClass:
+        return True
+    if service is not ServiceClass or not syntax.startswith(STORAGE_SOP_CLASS_ARC):
+        return False  # another service (worklist, commitment, print, ...) or not storage
+    return not syntax.keyword or syntax.keyword.endswith("Storage")
+
+
+def negotiate_listener_contexts(
+    rq_contexts: Sequence[PresentationContext],
+    ac_contexts: Sequence[PresentationContext],
+    roles: dict[UID, tuple[bool | None, bool | None]] | None = None,
+) -> tuple[list[PresentationContext], list[SCP_SCU_RoleSelectionNegotiation]]:
+    """The listener's answer to proposed presentation contexts: the supported ones
+    (verification, query/retrieve) negotiated as usual, every storage SOP class
+    (``is_storage_sop_class``) accepted in the sender's first transfer syntax, and every other
+    abstract syntax rejected as not supported (result 3).
+
+    It replaces pynetdicom's ``negotiate_unrestricted``, which takes every abstract syntax it
+    has no name for (Modality Worklist FIND among them, made-up standard UIDs too) as storage.
+    """
+    supported = {str(cx.abstract_syntax) for cx in ac_contexts}
+    storage = [cx for cx in rq_contexts
+               if str(cx.abstract_syntax) not in supported
+               and is_storage_sop_class(str(cx.abstract_syntax))]
+    taken = {id(cx) for cx in storage}
+    others = [cx for cx in rq_contexts if id(cx) not in taken]
+    results, replies = negotiate_as_acceptor(others, list(ac_contexts), roles)
+    stored, stored_replies = negotiate_unrestricted(storage, [], roles)
+    return (sorted([*results, *stored], key=lambda cx: int(cx.context_id or 0)),
+            sorted([*replies, *stored_replies], key=lambda item: str(item.sop_class_uid)))
+
+
+def restrict_unrestricted_storage() -> None:
+    """Make pynetdicom's unrestricted storage service (``_config.UNRESTRICTED_STORAGE_SERVICE``)
+    answer with ``negotiate_listener_contexts``: storage SOP classes of every kind, but no
+    other service the listener does not offer. Process-wide, like that setting; idempotent."""
+    acse.negotiate_unrestricted = negotiate_listener_contexts
 
 
 def storage_contexts_for(pairs: set[tuple[str, str]]) -> list[PresentationContext]:

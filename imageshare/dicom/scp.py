@@ -55,6 +55,7 @@ from imageshare.dicom import reactor, statuses
 from imageshare.dicom.contexts import (
     LISTENER_SYNTAXES,
     SCP_SOP_CLASSES,
+    restrict_unrestricted_storage,
     storage_contexts_for,
 )
 from imageshare.dicom.proxy_protocol import proxy_server_class
@@ -136,8 +137,10 @@ class DicomListener:
         self._lock = threading.Lock()
         _config.STORE_RECV_CHUNKED_DATASET = True
         # Accept every storage SOP class (private and future ones too) in the transfer syntax
-        # the sender prefers (its first proposal): stored as received, never re-encoded.
+        # the sender prefers (its first proposal): stored as received, never re-encoded; and
+        # reject every other service not offered (worklist, MPPS, commitment, print...).
         _config.UNRESTRICTED_STORAGE_SERVICE = True
+        restrict_unrestricted_storage()
         ae = AE(ae_title=ae_title)
         # pynetdicom writes received data sets to temporary files: ours go to the staging
         # folder (next to the blobs, so that storing is a rename) and keep a full disk from

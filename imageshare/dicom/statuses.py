@@ -63,7 +63,9 @@ FIND_CANCEL = _status("C-FIND", 0xFE00, "Cancel", "Matching terminated due to Ca
                       "the peer sent C-CANCEL")
 FIND_IDENTIFIER_MISMATCH = _status(
     "C-FIND", 0xA900, "Failure", "Identifier does not match SOP Class",
-    "unknown Query/Retrieve Level, a key below the level, a malformed date, time or number")
+    "unknown Query/Retrieve Level, a key below the level, a malformed number, or a date or "
+    "time key that is malformed or names no real date or time (month 13, hour 25); the "
+    "Error Comment names the attribute and the reason")
 FIND_NOT_AUTHORISED = _status(
     "C-FIND", 0xC001, "Failure", "Unable to process (refused: not authorised)",
     "the calling AE title is not registered for queries (or not from its host)")
@@ -80,6 +82,10 @@ MOVE_WARNING = _status("C-MOVE", 0xB000, "Warning",
                        "the destination refused some instances (failed UIDs listed)")
 MOVE_CANCEL = _status("C-MOVE", 0xFE00, "Cancel", "Sub-operations terminated due to Cancel",
                       "the peer sent C-CANCEL")
+MOVE_SUB_OPERATIONS_FAILED = _status(
+    "C-MOVE", 0xA702, "Failure", "Refused: Out of Resources - Unable to perform sub-operations",
+    "every sub-operation failed: the destination refused every instance, or took none of "
+    "their SOP classes (failed UIDs listed; pynetdicom's final status)")
 MOVE_DESTINATION_UNKNOWN = _status(
     "C-MOVE", 0xA801, "Failure", "Refused: Move Destination unknown",
     "the Move Destination is not a registered node, or does not answer")
@@ -99,6 +105,11 @@ GET_WARNING = _status("C-GET", 0xB000, "Warning", "Sub-operations complete, one 
                       "the requester refused some instances (failed UIDs listed)")
 GET_CANCEL = _status("C-GET", 0xFE00, "Cancel", "Sub-operations terminated due to Cancel",
                      "the peer sent C-CANCEL")
+GET_SUB_OPERATIONS_FAILED = _status(
+    "C-GET", 0xA702, "Failure", "Refused: Out of Resources - Unable to perform sub-operations",
+    "every sub-operation failed: the requester refused every instance, or accepted no "
+    "context (with the SCP role) for their SOP classes (failed UIDs listed; pynetdicom's "
+    "final status)")
 GET_IDENTIFIER_MISMATCH = _status(
     "C-GET", 0xA900, "Failure", "Identifier does not match SOP Class",
     "unknown Query/Retrieve Level or missing unique keys")
@@ -112,8 +123,8 @@ STATUSES: tuple[DimseStatus, ...] = (
     STORE_CANNOT_UNDERSTAND,
     FIND_PENDING, FIND_SUCCESS, FIND_CANCEL, FIND_IDENTIFIER_MISMATCH, FIND_NOT_AUTHORISED,
     FIND_UNABLE,
-    MOVE_PENDING, MOVE_SUCCESS, MOVE_WARNING, MOVE_CANCEL, MOVE_DESTINATION_UNKNOWN,
-    MOVE_IDENTIFIER_MISMATCH, MOVE_NOT_AUTHORISED,
-    GET_PENDING, GET_SUCCESS, GET_WARNING, GET_CANCEL, GET_IDENTIFIER_MISMATCH,
-    GET_NOT_AUTHORISED,
+    MOVE_PENDING, MOVE_SUCCESS, MOVE_WARNING, MOVE_CANCEL, MOVE_SUB_OPERATIONS_FAILED,
+    MOVE_DESTINATION_UNKNOWN, MOVE_IDENTIFIER_MISMATCH, MOVE_NOT_AUTHORISED,
+    GET_PENDING, GET_SUCCESS, GET_WARNING, GET_CANCEL, GET_SUB_OPERATIONS_FAILED,
+    GET_IDENTIFIER_MISMATCH, GET_NOT_AUTHORISED,
 )
