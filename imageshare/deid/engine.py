@@ -7,7 +7,11 @@ replaced by a dummy where an IOD needs a value, except a short list of technical
 are kept once cleaned of identifiers; every date, date-time and time at any depth is replaced
 by a dummy, moved by the patient's offset (Retain Longitudinal Temporal Information with
 Modified Dates: dates move, times of day stay) or kept (Full Dates); UIDs that are not
-well-known DICOM UIDs are replaced consistently.
+well-known DICOM UIDs are replaced consistently. Dates written in text (``2024-03-15``,
+``15.03.2024``, ``20240315``, ``4th March 1981``, ``Mar 15, 2021``, ``March 2021``) are taken out
+of every text value that is kept: free text, technical labels, and safe private attributes
+(which go when they cannot be cleaned). File meta elements (group 0002) are not allowed in a
+data set (PS3.10): found there or in a sequence item, they are removed.
 
 Coded entries are judged as a whole: a code item is kept only when it is a code of the
 standard's context groups (and then carries the standard's meaning); codes of private or local
@@ -23,7 +27,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any
 
 from pydicom import Dataset
@@ -227,6 +231,91 @@ def identifiers_of(ds: Dataset) -> Identity:
 
 _DIGITS = re.compile(r"\b\d[\d\s\-/.]{5,}\d\b")
 _DATE_LIKE = re.compile(r"\b\d{1,4}[./-]\d{1,2}[./-]\d{1,4}\b")
+# Dates written in text. Every quantifier is bounded (a separator is at most three characters,
+# a day two digits, a year four), so each attempt reads a few characters from where it starts
+# and a whole scan is linear in the text, whatever the text holds.
+_A_DIGIT = re.compile(r"\d")
+_NOT_ALNUM_BEFORE, _NOT_ALNUM_AFTER = r"(?<![^\W_])", r"(?![^\W_])"
+_FULL_MONTH = (r"(?<![^\W\d_])(?:january|february|march|april|june|july|august|september"
+               r"|october|november|december)(?![^\W\d_])")
+# Any month, also abbreviated ("may" counts only with a year or an ordinal day: it is a verb)
+_MONTH = (r"(?<![^\W\d_])(?:january|february|march|april|june|july|august|september"
+          r"|october|november|december|jan|feb|mar|apr|may|jun|jul|aug|sept|sep|oct|nov"
+          r"|dec)(?![^\W\d_])")
+_DAY = r"(?<!\d)(?:3[01]|[12]\d|0?[1-9])(?!\d)"
+_NTH = r"(?:st|nd|rd|th)(?![^\W\d_])"
+_SEP = r"[\s,.\-/']{0,3}"
+_OF = rf"(?:of{_SEP})?"
+_YEAR4 = r"(?<!\d)(?:1[89]\d\d|2[01]\d\d)(?!\d)"
+_YEAR = rf"(?:{_YEAR4}|(?<!\d)\d\d(?!\d))"
+_WRITTEN_DATE = re.compile(
+    _NOT_ALNUM_BEFORE + "(?:"
+    + rf"{_DAY}(?:{_NTH})?{_SEP}{_OF}{_MONTH}{_SEP}{_YEAR}"  # 4 March 1981, 04-Mar-81
+    + rf"|{_MONTH}{_SEP}{_DAY}(?:{_NTH})?{_SEP}{_YEAR4}"  # March 4, 1981; Mar 15th 2021
+    + rf"|{_YEAR4}{_SEP}{_MONTH}(?:{_SEP}{_DAY}(?:{_NTH})?)?"  # 2021 Mar 15, 1981 March
+    + rf"|{_MONTH}{_SEP}{_YEAR4}"  # March 2021
+    + rf"|{_DAY}{_NTH}{_SEP}{_OF}{_MONTH}"  # 4th of March, 4th Mar
+    + rf"|{_DAY}{_SEP}{_OF}{_FULL_MONTH}"  # 4 March
+    + rf"|{_MONTH}{_SEP}{_DAY}{_NTH}"  # Mar 4th
+    + rf"|{_FULL_MONTH}{_SEP}{_DAY}"  # March 4
+    + ")" + _NOT_ALNUM_AFTER, re.IGNORECASE)
+# 2024-03-15, 15.03.2024, 03/15/2024 (the same separator twice), read as dates when real days
+_NUMERIC_DATE = re.compile(
+    _NOT_ALNUM_BEFORE + r"(?:(\d{4})([-./ ])(\d{1,2})\2(\d{1,2})"
+    r"|(\d{1,2})([-./ ])(\d{1,2})\6(\d{4}))" + _NOT_ALNUM_AFTER)
+# 20240315 (also with a time: 20240315101010), 15032024, 03152024, when real days
+_COMPACT_DATE = re.compile(_NOT_ALNUM_BEFORE + r"\d{8,14}" + _NOT_ALNUM_AFTER)
+_FIRST_YEAR, _LAST_YEAR = 1800, 2199
+
+
+def _calendar_date(year: int, month: int, day: int) -> bool:
+    """True when (year, month, day) is a real day in the years dates are written for."""
+    if not _FIRST_YEAR <= year <= _LAST_YEAR:
+        return False
+    try:
+        date(year, month, day)
+    except ValueError:
+        return False
+    return True
+
+
+def _compact_date(digits: str) -> bool:
+    """A run of digits that is a date: ``YYYYMMDD`` (also followed by a time of day, as in a
+    DT value), or ``DDMMYYYY`` / ``MMDDYYYY``."""
+    if 8 <= len(digits) <= 14 and _calendar_date(int(digits[:4]), int(digits[4:6]),
+                                                 int(digits[6:8])):
+        return True
+    if len(digits) != 8:
+        return False
+    first, second, year = int(digits[:2]), int(digits[2:4]), int(digits[4:])
+    return _calendar_date(year, second, first) or _calendar_date(year, first, second)
+
+
+def _numeric_date(match: re.Match[str]) -> str:
+    if match.group(1):
+        year, month, day = int(match.group(1)), int(match.group(3)), int(match.group(4))
+        return "*" if _calendar_date(year, month, day) else match.group()
+    first, second, year = int(match.group(5)), int(match.group(7)), int(match.group(8))
+    real = _calendar_date(year, second, first) or _calendar_date(year, first, second)
+    return "*" if real else match.group()
+
+
+def mask_dates(text: str) -> str:
+    """``text`` with every date written in it replaced by ``*``: numeric dates that are real
+    calendar days (``20240315``, ``2024-03-15``, ``15.03.2024``, ``03/15/2024``, also followed by
+    a time as in ``20240315101010``), and dates with English month names or their
+    abbreviations, with or without ordinals and commas (``4th March 1981``, ``4th of March``,
+    ``March 4, 1981``, ``Mar 15 2021``, ``15-Mar-21``, ``2021 Mar 15``, and the month with its
+    year: ``March 2021``). A day and month alone count when the month is written in full or
+    the day as an ordinal (``4 March``, ``March 4th``; not ``Mar 3`` nor ``may 2``).
+
+    The patterns are fixed (none is built from the text) and their quantifiers bounded, so
+    the time taken grows linearly with the text."""
+    if not text or _A_DIGIT.search(text) is None:
+        return text
+    text = _WRITTEN_DATE.sub("*", text)
+    text = _NUMERIC_DATE.sub(_numeric_date, text)
+    return _COMPACT_DATE.sub(lambda m: "*" if _compact_date(m.group()) else m.group(), text)
 
 
 def _local_char(char: str) -> bool:
@@ -269,12 +358,20 @@ def mask_emails(text: str) -> str:
 
 
 def clean_text(text: str, identity: Identity) -> str:
-    """Free ``text`` without the patient's identifiers (or anyone else's), dates, long numbers
-    and e-mail addresses."""
+    """Free ``text`` without the patient's identifiers (or anyone else's), dates (numeric or
+    with month names, see :func:`mask_dates`), long numbers and e-mail addresses."""
     cleaned = mask_emails(text)
+    cleaned = mask_dates(cleaned)
     cleaned = _DATE_LIKE.sub("*", cleaned)
     cleaned = _DIGITS.sub("*", cleaned)
     return identity.clean(cleaned)
+
+
+def clean_label(text: str, identity: Identity) -> str:
+    """A kept technical label (or kept private text) without dates, e-mail addresses and
+    anyone's identifiers; the rest of it (version numbers, kernel names, ...) as it was."""
+    cleaned = mask_dates(mask_emails(text))
+    return identity.clean(cleaned) if identity.found_in(cleaned) else cleaned
 
 
 def _dummy(vr: str, element: DataElement) -> Any:
@@ -385,7 +482,11 @@ class AttributeCleaner:
                 self._private(ds, tag, report, private_groups_kept, ctx)
                 continue
             if tag.group == 0x0002:
-                continue  # file meta is handled apart
+                # file meta belongs in the file meta group only (PS3.10), never in a data set
+                report.actions["X"] += 1
+                report.removed.append(keyword_for_tag(tag) or f"{int(tag):08X}")
+                del ds[tag]
+                continue
             if tag.element == 0:
                 del ds[tag]  # group lengths (retired) would be wrong afterwards
                 continue
@@ -562,18 +663,23 @@ class AttributeCleaner:
         element.value = _value_of(shifted)
 
     def _technical(self, element: DataElement, ctx: PatientContext,
-                   report: InstanceReport) -> None:
-        """A technical label or code string: kept unless it carries an identifier."""
+                   report: InstanceReport, identity: Identity | None = None) -> None:
+        """A technical label or code string, kept: without dates and identifiers (a code
+        string that carries one is replaced as a whole). ``identity``: what is looked for
+        (by default the patient's own in code strings, everyone's in other text)."""
         values = values_of(element.value)
-        identity = ctx.patient if element.VR == "CS" else ctx.identity
-        if not any(identity.found_in(str(v or "")) for v in values):
+        if identity is None:
+            identity = ctx.patient if element.VR == "CS" else ctx.identity
+        texts = [str(v or "") for v in values]
+        if element.VR == "CS":
+            cleaned = ["ANONYMOUS" if identity.found_in(t) or mask_dates(t) != t else t
+                       for t in texts]
+        else:
+            cleaned = [clean_label(t, identity) for t in texts]
+        if cleaned == texts:
             return
         report.text_cleaned += 1
-        if element.VR == "CS":
-            element.value = _value_of(["ANONYMOUS" if identity.found_in(str(v or ""))
-                                       else v for v in values])
-        else:
-            element.value = _value_of([ctx.identity.clean(str(v or "")) for v in values])
+        element.value = _value_of(cleaned)
 
     def _clean(self, element: DataElement, ctx: PatientContext, report: InstanceReport) -> None:
         vr = element.VR
@@ -601,15 +707,37 @@ class AttributeCleaner:
             creator is not None and self.profile.has("retain_safe_private")
             and (str(creator).strip(), tag.group, tag.element & 0xFF) in self.safe_private
         )
-        if safe:
+        if safe and self._safe_private(ds[tag], ctx, report):
             kept_blocks[(tag.group, block)] = True
             report.private_kept += 1
-            element = ds[tag]
-            if element.VR in TEMPORAL_VRS and not self._full_dates:
-                self._temporal(element, ctx, report, dummy=not self._modified_dates)
             return
         del ds[tag]
         report.private_removed += 1
+
+    def _safe_private(self, element: DataElement, ctx: PatientContext,
+                      report: InstanceReport) -> bool:
+        """A private attribute of the safe list, cleaned like other kept values: dates as
+        the profile says, text cleaned of dates and everyone's identifiers. False when it
+        must go: a sequence or person name (never safe), or bytes or a number that carry an
+        identifier or a date."""
+        vr = element.VR
+        if vr in TEMPORAL_VRS:
+            if not self._full_dates:
+                self._temporal(element, ctx, report, dummy=not self._modified_dates)
+            return True
+        if vr in ("SQ", "PN"):
+            return False
+        if vr in TEXT_VRS or vr == "CS":
+            self._technical(element, ctx, report, ctx.identity)
+            return True
+        value = element.value
+        if isinstance(value, bytes | bytearray):
+            texts = [bytes(value).decode("latin-1"), bytes(value).decode("utf-8", "ignore")]
+        elif vr in ("IS", "DS"):
+            texts = [str(v or "") for v in values_of(value)]
+        else:
+            return True  # binary numbers: nothing to read
+        return not any(ctx.identity.found_in(t) or mask_dates(t) != t for t in texts)
 
     def _drop_overlays_without_data(self, ds: Dataset) -> None:
         for group in range(0x6000, 0x6020, 2):

@@ -2,7 +2,11 @@
 burned-in text: every identifying value of the data set (names of anyone named, IDs, birth
 date in the usual written forms, addresses, phone numbers, institution and staff names), and
 a matcher that finds them in text or in a line of words read by OCR, ignoring case,
-punctuation and the order of name parts.
+punctuation and the order of name parts. Names are also found by each part of a compound
+(``Smith-Jones``: ``Smith``, ``Jones``, ``Smith Jones``, ``SmithJones``), with their parts
+run together (``MariaDelCarmen``), and, for names written in Chinese, Japanese or Korean
+characters (two or more), anywhere in running text, since those scripts put no space between
+words.
 
 No regular expression is ever built from these values: matching is plain string search on
 normalised text.
@@ -62,6 +66,14 @@ PERSON_CONTEXT_WORDS = ("Person", "Operator", "Physician", "Observer", "Institut
                         "Responsible", "Insurance")
 _SPLIT = re.compile(r"[\^=,;:/\\()\[\]{}<>\"'`|\s]+")
 _WORDS = re.compile(r"[\W_]+")
+# What separates the pieces of one name part: "Smith-Jones", "O'Brien", "St. John".
+_PIECES = re.compile(r"[\W_]+")
+# Consecutive name pieces run together are looked for up to this many pieces.
+_MAX_RUN = 4
+# Chinese, Japanese and Korean characters (Han, kana, half-width kana, Hangul).
+_CJK_RANGES = ((0x1100, 0x11FF), (0x3040, 0x30FF), (0x3130, 0x318F), (0x31F0, 0x31FF),
+               (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF),
+               (0xFF66, 0xFF9F), (0x20000, 0x2FFFF))
 
 
 _ASCII_NOT_ALNUM = {c: None for c in range(128) if not chr(c).isalnum()}
@@ -73,6 +85,25 @@ def normalise(text: str) -> str:
         return text.upper().translate(_ASCII_NOT_ALNUM)
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(c for c in decomposed.upper() if c.isalnum() and not unicodedata.combining(c))
+
+
+def _is_cjk(char: str) -> bool:
+    code = ord(char)
+    return any(low <= code <= high for low, high in _CJK_RANGES)
+
+
+def cjk_form(text: str) -> str:
+    """``text`` as CJK names are compared: compatibility forms folded (half-width kana become
+    full-width, voiced marks stay on their kana), letters and digits only, case folded."""
+    return "".join(c for c in unicodedata.normalize("NFKC", text).casefold() if c.isalnum())
+
+
+def _cjk_name(text: str) -> str:
+    """The CJK form of a name piece of two or more CJK characters; "" for any other."""
+    if text.isascii():
+        return ""
+    form = cjk_form(text)
+    return form if sum(1 for c in form if _is_cjk(c)) >= 2 else ""
 
 
 def values_of(value: Any) -> list[Any]:
@@ -96,10 +127,19 @@ def date_forms(value: str) -> set[str]:
                   f"{d}{sep}{m}{sep}{y[2:]}", f"{m}{sep}{d}{sep}{y}",
                   f"{day.month}{sep}{day.day}{sep}{y}"}
     month = _MONTHS[day.month - 1]
-    for name in (month, month[:3]):
+    nth = f"{day.day}{_ordinal_suffix(day.day)}"
+    for name in {month, month[:3], month[:4]}:
         forms |= {f"{d} {name} {y}", f"{day.day} {name} {y}", f"{name} {day.day} {y}",
-                  f"{d}-{name}-{y}", f"{d}{name}{y}"}
+                  f"{d}-{name}-{y}", f"{d}{name}{y}", f"{name} {day.day}, {y}",
+                  f"{name} {d}, {y}", f"{nth} {name} {y}", f"{nth} of {name} {y}",
+                  f"{name} {nth} {y}", f"{name} {nth}, {y}"}
     return forms
+
+
+def _ordinal_suffix(day: int) -> str:
+    if day in (11, 12, 13):
+        return "th"
+    return {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
 
 
 @dataclass(frozen=True)
@@ -109,10 +149,18 @@ class Identity:
     words: frozenset[str]  # name parts and single-word identifiers (normalised)
     phrases: tuple[str, ...]  # longer identifiers: IDs, numbers, dates (normalised)
     raw: tuple[str, ...]  # as written, longest first (for cleaning free text)
+    cjk: frozenset[str] = frozenset()  # CJK names (cjk_form), found anywhere in text
 
     def is_empty(self) -> bool:
         """True when nothing identifying was found."""
-        return not self.words and not self.phrases
+        return not self.words and not self.phrases and not self.cjk
+
+    def _cjk_in(self, text: str) -> bool:
+        """True when ``text`` carries a CJK name, wherever it is (no word boundaries)."""
+        if not self.cjk or text.isascii():
+            return False
+        form = cjk_form(text)
+        return any(name in form for name in self.cjk)
 
     def found_in(self, text: str) -> bool:
         """True when ``text`` carries any of the identifiers (any case, any punctuation)."""
@@ -123,10 +171,13 @@ class Identity:
             return False
         if any(p in norm for p in self.phrases):
             return True
-        return any(normalise(w) in self.words for w in _WORDS.split(text) if w)
+        if any(normalise(w) in self.words for w in _WORDS.split(text) if w):
+            return True
+        return self._cjk_in(text)
 
     def clean(self, text: str) -> str:
-        """``text`` with every identifier (as a whole word, any case) replaced by ``*``."""
+        """``text`` with every identifier (as a whole word, any case; a CJK name wherever it
+        is) replaced by ``*``."""
         if not text:
             return text
         lowered = text.casefold()
@@ -135,16 +186,18 @@ class Identity:
         spans: list[tuple[int, int]] = []
         for ident in self.raw:
             needle = ident.casefold()
+            anywhere = not needle.isascii() and bool(_cjk_name(needle))
             start = lowered.find(needle)
             while start >= 0:
                 end = start + len(needle)
                 before = lowered[start - 1] if start else " "
                 after = lowered[end] if end < len(lowered) else " "
-                if not before.isalnum() and not after.isalnum():
+                if anywhere or (not before.isalnum() and not after.isalnum()):
                     spans.append((start, end))
                 start = lowered.find(needle, start + 1)
         if not spans:
-            return text
+            # a CJK name written in another form (half-width kana, spaced out)
+            return "*" if self._cjk_in(text) else text
         out, last = [], 0
         for start, end in sorted(spans):
             if start < last:
@@ -154,7 +207,8 @@ class Identity:
             out.append("*")
             last = end
         out.append(text[last:])
-        return "".join(out)
+        cleaned = "".join(out)
+        return "*" if self._cjk_in(cleaned) else cleaned
 
     def hits_in_line(self, words: list[str]) -> set[int]:
         """Indexes of the OCR words (one line, in reading order) that carry an identifier or
@@ -173,6 +227,9 @@ class Identity:
                 hits.add(i)
                 continue
             if len(norm) >= 4 and any(w in norm for w in self.words if len(w) >= 4):
+                hits.add(i)
+                continue
+            if self._cjk_in(words[i]):
                 hits.add(i)
         # identifiers spread over several words ("943 476 5919", "04 / 03 / 1981")
         line = "".join(norms)
@@ -211,14 +268,46 @@ class _Collector:
         self.words: set[str] = set()
         self.phrases: set[str] = set()
         self.raw: set[str] = set()
+        self.cjk: set[str] = set()
 
     def name(self, value: Any) -> None:
-        for part in _SPLIT.split(str(value or "")):
+        """A person name (PN): every part as written, every piece of a compound part
+        (``Smith-Jones``), consecutive pieces run together or joined by a space or hyphen
+        (in the order written and in the order spoken: given, middle, family), and CJK
+        names to be found anywhere in text."""
+        text = str(value or "")
+        for part in _SPLIT.split(text):
             part = part.strip(".-")
             norm = normalise(part)
             if len(norm) >= 2 and norm not in ("ANONYMOUS", "UNKNOWN"):
                 self.words.add(norm)
                 self.raw.add(part)
+        for group in text.split("="):
+            components = [[p for p in _PIECES.split(c)
+                           if p and normalise(p) not in ("ANONYMOUS", "UNKNOWN")]
+                          for c in group.split("^")]
+            written = [p for component in components for p in component]
+            spoken = [p for i in (1, 2, 0) if i < len(components) for p in components[i]]
+            for pieces in (written, spoken):
+                self._pieces(pieces)
+
+    def _pieces(self, pieces: list[str]) -> None:
+        for piece in pieces:
+            norm = normalise(piece)
+            if len(norm) >= 2 and norm not in ("ANONYMOUS", "UNKNOWN"):
+                self.words.add(norm)
+                self.raw.add(piece)
+            cjk = _cjk_name(piece)
+            if cjk:
+                self.cjk.add(cjk)
+        for size in range(2, min(len(pieces), _MAX_RUN) + 1):
+            for start in range(len(pieces) - size + 1):
+                run = pieces[start:start + size]
+                norm = "".join(normalise(p) for p in run)
+                if len(norm) < 4:
+                    continue
+                self.words.add(norm)
+                self.raw.update(joiner.join(run) for joiner in ("", " ", "-"))
 
     def text(self, value: Any, whole: bool = True) -> None:
         """An identifying value: the whole of it, and its significant words and numbers."""
@@ -264,7 +353,7 @@ _COLLECTED_VRS = {"SQ", "PN", "LO", "SH", "ST", "LT", "UT", "UC"}
 def _identity(found: _Collector) -> Identity:
     raw = tuple(sorted((r for r in found.raw if len(r.strip()) >= 2), key=len, reverse=True))
     phrases = tuple(sorted(found.phrases, key=len, reverse=True))
-    return Identity(frozenset(found.words), phrases, raw)
+    return Identity(frozenset(found.words), phrases, raw, frozenset(found.cjk))
 
 
 def identities_of(ds: Dataset, keep_institution: bool = False,

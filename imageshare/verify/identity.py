@@ -6,6 +6,14 @@ the patient and of everyone else named (in every order and case), patient and ot
 and hospital numbers, accession numbers, the birth date in its usual written forms, addresses,
 phone numbers, institution and staff names and codes, the original UIDs, and the dates and
 times of the source (which must not come out unchanged unless the profile keeps them).
+
+Names are looked for by every part, every piece of a compound part (``Smith-Jones``) and
+consecutive pieces run together (``MariaDelCarmen``); a part that is also a common word (WARD,
+LANE) counts where it is written as a name (capitalised, or after a title: ``Mr Ward``), not
+as the word (``ward 5``); names in CJK characters (two or more) count anywhere in text. The
+source's dates (birth date, and the dates of the study and its parts unless the profile keeps
+dates) are read out of text however they are written (``15.03.2024``, ``20240315``,
+``4th March 1981``, ``Mar 15, 2021``; the birth date's month and year too).
 """
 
 from __future__ import annotations
@@ -70,7 +78,31 @@ _COMMON_WORDS = {
     "LANE", "AVENUE", "UNITED", "KINGDOM", "COUNTY", "DISTRICT", "REGIONAL", "COMMUNITY",
     "ANONYMOUS", "UNKNOWN", "NONE", "OTHER", "PATIENT", "WARD", "UNIT", "ENGLAND", "LONDON",
 }
+# Placeholders written where a name is not known: never a name part.
+_PLACEHOLDER_NAMES = {"ANONYMOUS", "ANON", "UNKNOWN", "NONE", "OTHER", "PATIENT"}
 _MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
+_MONTH_WORDS = {
+    **{m: i for i, m in enumerate(_MONTHS, start=1)},
+    **{m: i for i, m in enumerate(("JANUARY", "FEBRUARY", "MARCH", "APRIL", "MAY", "JUNE",
+                                   "JULY", "AUGUST", "SEPTEMBER", "OCTOBER", "NOVEMBER",
+                                   "DECEMBER"), start=1)},
+    "SEPT": 9,
+}
+_ORDINALS = {"ST", "ND", "RD", "TH"}
+# Titles after which a common word is a name ("Mr Ward").
+_TITLES = {"MR", "MRS", "MS", "MISS", "MX", "DR", "PROF", "PROFESSOR", "MASTER", "SIR",
+           "DAME", "LADY", "LORD", "REV"}
+# What else the verifier reads source dates from (besides the birth date): every top-level
+# DA, and the date part of these DT attributes (Acquisition DateTime).
+_EVENT_DATETIMES = {0x0008002A}
+_BIRTH_DATE_TAG = 0x00100030
+_A_DIGIT = re.compile(r"\d")
+# Digits and non-digits apart: "15MAR2021" -> 15, MAR, 2021; "4TH" -> 4, TH.
+_DIGIT_RUNS = re.compile(r"\d+|\D+")
+# Chinese, Japanese and Korean characters (Han, kana, half-width kana, Hangul).
+_CJK = ((0x1100, 0x11FF), (0x3040, 0x30FF), (0x3130, 0x318F), (0x31F0, 0x31FF),
+        (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF),
+        (0xFF66, 0xFF9F), (0x20000, 0x2FFFF))
 _SEPARATORS = set("^=,;:/\\()[]{}<>\"'`| \t\r\n.-_+*#@&")
 DUMMY_TEMPORAL = {"19000101", "000000", "19000101000000", "", "00000000"}
 
@@ -109,6 +141,134 @@ def _values(value: Any) -> list[Any]:
     return list(value) if isinstance(value, MultiValue | list) else [value]
 
 
+def folded(text: str) -> str:
+    """``text`` as CJK names are compared: NFKC (half-width kana made full-width, voiced
+    marks kept), case folded, letters and digits only."""
+    return "".join(c for c in unicodedata.normalize("NFKC", text).casefold() if c.isalnum())
+
+
+def _cjk_characters(text: str) -> int:
+    """How many Chinese, Japanese or Korean characters ``text`` has."""
+    return sum(1 for c in text if any(low <= ord(c) <= high for low, high in _CJK))
+
+
+def _day(year: int, month: int, day: int) -> tuple[int, int, int] | None:
+    """(year, month, day) when it is a real day, else None."""
+    try:
+        date(year, month, day)
+    except ValueError:
+        return None
+    return year, month, day
+
+
+def _date_value(text: str) -> tuple[int, int, int] | None:
+    """A DA value (or the date part of a DT) as (year, month, day)."""
+    text = text.strip()
+    if len(text) < 8 or not text[:8].isdigit():
+        return None
+    return _day(int(text[:4]), int(text[4:6]), int(text[6:8]))
+
+
+def _date_tokens(words: list[str]) -> list[str]:
+    """Normalised words, with a day, month and year written together taken apart
+    (``15MAR2021``: 15, MAR, 2021; ``4TH``: 4, TH); other words of letters and digits stay
+    whole (``2021X`` is no year)."""
+    out: list[str] = []
+    for word in words:
+        if word.isdigit() or word.isalpha():
+            out.append(word)
+            continue
+        runs = _DIGIT_RUNS.findall(word)
+        if all(r.isdigit() or r in _MONTH_WORDS or r in _ORDINALS for r in runs):
+            out += runs
+        else:
+            out.append(word)
+    return out
+
+
+def written_dates(words: list[str]) -> Iterator[tuple[int, int, int]]:
+    """Every (year, month, day) written in a text's normalised words: numbers with a
+    four-digit year in any order (``15 03 2024``, ``2024-03-15``, ``03/15/2024``: both
+    readings), ``20240315`` (also with a time after it) and ``15032024``, and month names
+    with a day and a year in any usual order (``4TH OF MARCH 1981``, ``MAR 15 2021``,
+    ``2021 MAR 15``, ``04 MAR 81``); a month with a year only gives day 0. Each date is read
+    from a few words, so the reading is linear in the text."""
+    tokens = _date_tokens(words)
+    count = len(tokens)
+    for i, token in enumerate(tokens):
+        if token.isdigit():
+            yield from _numeric_dates(tokens, i)
+            continue
+        month = _MONTH_WORDS.get(token)
+        if month is None:
+            continue
+        # a day before the month: "4 MARCH", "4 TH OF MARCH"
+        before: int | None = None
+        j = i - 1
+        if j >= 0 and tokens[j] == "OF":
+            j -= 1
+        if j >= 0 and tokens[j] in _ORDINALS:
+            j -= 1
+        if j >= 0 and tokens[j].isdigit() and len(tokens[j]) <= 2:
+            before = int(tokens[j])
+        # what follows: a day, a year, or both
+        k = i + 1
+        after: int | None = None
+        if k < count and tokens[k].isdigit() and len(tokens[k]) <= 2:
+            after = int(tokens[k])
+            k += 1
+            if k < count and tokens[k] in _ORDINALS:
+                k += 1
+        year: int | None = None
+        if k < count and tokens[k].isdigit() and len(tokens[k]) in (2, 4):
+            year = int(tokens[k])
+        elif after is not None and len(tokens[i + 1]) == 2 and before is not None:
+            year = after  # "04 MAR 81"
+            after = None
+        if year is None and i >= 1 and tokens[i - 1].isdigit() and len(tokens[i - 1]) == 4:
+            year, before = int(tokens[i - 1]), None  # "2021 MAR 15"
+        if year is None:
+            continue
+        for day in (before, after):
+            if day is not None:
+                for full in ((year,) if year >= 100 else (1900 + year, 2000 + year)):
+                    found = _day(full, month, day)
+                    if found:
+                        yield found
+        if year >= 1000:
+            yield year, month, 0
+
+
+def _numeric_dates(tokens: list[str], i: int) -> Iterator[tuple[int, int, int]]:
+    """The dates a number at ``tokens[i]`` starts: ``20240315`` (a time may follow),
+    ``15032024`` and ``03152024``, or three numbers with a four-digit year first or last."""
+    token = tokens[i]
+    if 8 <= len(token) <= 14:
+        found = _day(int(token[:4]), int(token[4:6]), int(token[6:8]))
+        if found:
+            yield found
+        if len(token) == 8:
+            for month, day in ((token[2:4], token[:2]), (token[:2], token[2:4])):
+                found = _day(int(token[4:]), int(month), int(day))
+                if found:
+                    yield found
+        return
+    if i + 2 >= len(tokens) or not (tokens[i + 1].isdigit() and tokens[i + 2].isdigit()):
+        return
+    middle, last = tokens[i + 1], tokens[i + 2]
+    if len(middle) > 2:
+        return
+    if len(token) == 4 and len(last) <= 2:
+        found = _day(int(token), int(middle), int(last))
+        if found:
+            yield found
+    elif len(token) <= 2 and len(last) == 4:
+        for month, day in ((middle, token), (token, middle)):
+            found = _day(int(last), int(month), int(day))
+            if found:
+                yield found
+
+
 @dataclass(frozen=True)
 class Token:
     """One identifying value to look for: its kind, normalised form, and whether it only
@@ -117,6 +277,27 @@ class Token:
     kind: str
     norm: str
     whole_word: bool
+
+
+_ASCII_SPACE = {c: " " for c in range(128) if not chr(c).isalnum()}
+
+
+def _cased_words(text: str) -> list[str]:
+    """The words of ``text`` as written (case kept), split where :func:`words_of` splits."""
+    if text.isascii():
+        return text.translate(_ASCII_SPACE).split()
+    out: list[str] = []
+    current: list[str] = []
+    for c in text:
+        if c in _SEPARATORS or c.isspace():
+            if current:
+                out.append("".join(current))
+                current = []
+        else:
+            current.append(c)
+    if current:
+        out.append("".join(current))
+    return out
 
 
 @dataclass
@@ -129,6 +310,9 @@ class SourceIdentity:
     temporal: dict[tuple[int, ...], tuple[str, str]] = field(default_factory=dict)
     charsets: set[str] = field(default_factory=set)
     keep: frozenset[str] = frozenset()
+    dates: dict[tuple[int, int, int], str] = field(default_factory=dict)  # (y, m, d) -> kind
+    cjk: dict[str, str] = field(default_factory=dict)  # CJK name (folded) -> kind
+    common: dict[str, str] = field(default_factory=dict)  # name parts that are common words
     _software: set[str] = field(default_factory=set)  # implementation UIDs: not identifying
     _indexes: dict[tuple[int, bool], tuple[dict[str, str], list[tuple[str, str]]]] = field(
         default_factory=dict)
@@ -152,6 +336,12 @@ class SourceIdentity:
             self.raw_forms.setdefault(form, kind)
         self.uids.update(other.uids)
         self.charsets |= other.charsets
+        for day, kind in other.dates.items():
+            self.dates.setdefault(day, kind)
+        for name, kind in other.cjk.items():
+            self.cjk.setdefault(name, kind)
+        for word, kind in other.common.items():
+            self.common.setdefault(word, kind)
 
     def add(self, ds: Dataset) -> None:
         """Add what ``ds`` says about who and where it is."""
@@ -165,6 +355,22 @@ class SourceIdentity:
         self._walk(ds, (), 0, context=False)
         for value in _values(ds.get("PatientBirthDate")):
             self._birth_date(str(value or ""))
+        if KEEP_DATES not in self.keep:
+            self._event_dates()
+
+    def _event_dates(self) -> None:
+        """The dates of the study and its parts (every top-level DA but the birth date, the
+        date of the acquisition date-time), as the walk found them, to be read out of text
+        wherever they are written."""
+        for path, (vr, value) in self.temporal.items():
+            if len(path) != 1 or path[0] == _BIRTH_DATE_TAG or not (
+                    vr == "DA" or path[0] in _EVENT_DATETIMES):
+                continue
+            for text in value.split("\\"):
+                if text.strip() not in DUMMY_TEMPORAL:
+                    day = _date_value(text)
+                    if day:
+                        self.dates.setdefault(day, "original date")
 
     # -- building ----------------------------------------------------------------------------
 
@@ -191,10 +397,44 @@ class SourceIdentity:
         for group in text.split("="):
             parts = [p for p in group.replace("^", " ").replace(",", " ").split() if p]
             for part in parts:
-                self._token(kind, part, whole_word=True)
+                self._name_part(kind, part)
             if len(parts) > 1:
                 self._token(kind, " ".join(parts))
                 self._token(kind, " ".join(reversed(parts)))
+            components = [[w for w in _cased_words(c)
+                           if normalised(w) not in _PLACEHOLDER_NAMES]
+                          for c in group.split("^")]
+            written = [w for component in components for w in component]
+            spoken = [w for i in (1, 2, 0) if i < len(components) for w in components[i]]
+            for pieces in (written, spoken):
+                self._name_pieces(kind, pieces)
+
+    def _name_part(self, kind: str, part: str) -> None:
+        """One part of a name, as a whole word; a common word only where written as a
+        name (see :meth:`in_text`)."""
+        norm = normalised(part)
+        if norm in _PLACEHOLDER_NAMES:
+            return
+        if norm in _COMMON_WORDS:
+            self.common.setdefault(norm, kind)
+        else:
+            self._token(kind, part, whole_word=True)
+
+    def _name_pieces(self, kind: str, pieces: list[str]) -> None:
+        """The pieces of a name (``Smith-Jones``: Smith, Jones; ``Del Carmen``), each as a
+        whole word, up to four consecutive ones run together (``SmithJones``,
+        ``MariaDelCarmen``), and CJK pieces of two or more characters."""
+        for piece in pieces:
+            self._name_part(kind, piece)
+            form = folded(piece)
+            if not piece.isascii() and _cjk_characters(form) >= 2:
+                self.cjk.setdefault(form, kind)
+                self.raw_forms.setdefault(unicodedata.normalize("NFC", piece).encode(), kind)
+        for size in range(2, min(len(pieces), 4) + 1):
+            for start in range(len(pieces) - size + 1):
+                run = "".join(pieces[start:start + size])
+                if len(normalised(run)) >= 4:
+                    self._token(kind, run, whole_word=True)
 
     def _text(self, kind: str, value: Any, words: bool = True) -> None:
         text = str(value or "").strip()
@@ -214,6 +454,8 @@ class SourceIdentity:
             day = date(int(value[:4]), int(value[4:6]), int(value[6:8]))
         except ValueError:
             return
+        self.dates[(day.year, day.month, day.day)] = "birth date"
+        self.dates[(day.year, day.month, 0)] = "birth date"  # its month and year
         d, m, y = f"{day.day:02d}", f"{day.month:02d}", f"{day.year:04d}"
         kind = "birth date"
         for form in (f"{y}{m}{d}", f"{d}{m}{y}", f"{m}{d}{y}", f"{d}/{m}/{y}", f"{y}-{m}-{d}",
@@ -308,14 +550,18 @@ class SourceIdentity:
 
     # -- looking -----------------------------------------------------------------------------
 
-    def in_text(self, text: str, coded: bool = False) -> list[str]:
+    def in_text(self, text: str, coded: bool = False, dates: bool = True) -> list[str]:
         """The kinds of identifier ``text`` carries (whole words for name parts and short
-        identifiers, anywhere for longer ones, punctuation and case ignored). ``coded``: a
-        coded string (CS), checked for the patient's own identifiers only."""
+        identifiers, anywhere for longer ones and for CJK names, punctuation and case
+        ignored; the source's dates however written). ``coded``: a coded string (CS),
+        checked for the patient's own identifiers only. ``dates``: False for values that
+        are dates, times, UIDs or numbers themselves (checked apart, by place)."""
         if not text:
             return []
         words, phrases = self._index(coded)
-        found = [words[w] for w in words.keys() & set(words_of(text))]
+        written = words_of(text)
+        present = set(written)
+        found = [words[w] for w in words.keys() & present]
         if phrases:
             norm = normalised(text)
             found += [kind for phrase, kind in phrases if phrase in norm]
@@ -323,6 +569,31 @@ class SourceIdentity:
             kind = self.uids.get(candidate)
             if kind:
                 found.append(kind)
+        if self.common and not present.isdisjoint(self.common):
+            found += self._common_names(text, coded)
+        if self.cjk and not text.isascii():
+            form = folded(text)
+            found += [kind for name, kind in self.cjk.items()
+                      if name in form and (not coded or kind in _CS_KINDS)]
+        if dates and self.dates and _A_DIGIT.search(text):
+            for day in written_dates(written):
+                kind = self.dates.get(day)
+                if kind and (not coded or kind in _CS_KINDS):
+                    found.append(kind)
+        return found
+
+    def _common_names(self, text: str, coded: bool) -> list[str]:
+        """Name parts that are common words (WARD, LANE), where written as a name:
+        capitalised (``Ward``, ``WARD``) or after a title (``mr ward``)."""
+        found = []
+        previous = ""
+        for word in _cased_words(text):
+            norm = normalised(word)
+            kind = self.common.get(norm)
+            if kind and (not coded or kind in _CS_KINDS) and (
+                    word[:1].isupper() or previous in _TITLES):
+                found.append(kind)
+            previous = norm
         return found
 
     def _index(self, coded: bool) -> tuple[dict[str, str], list[tuple[str, str]]]:
@@ -377,6 +648,11 @@ class SourceIdentity:
         found = []
         present = set(norms)
         line = "".join(norms)
+        if self.common and not present.isdisjoint(self.common):
+            found += self._common_names(" ".join(words), coded=False)
+        if self.cjk:
+            form = folded("".join(words))
+            found += [kind for name, kind in self.cjk.items() if name in form]
         for token in self.tokens.values():
             if len(token.norm) < 5:
                 if token.norm in present:

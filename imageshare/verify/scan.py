@@ -48,6 +48,9 @@ _TEXT_VRS = {"AE", "AS", "CS", "DS", "IS", "LO", "LT", "PN", "SH", "ST", "UC", "
              "UT", "DA", "DT", "TM"}
 _BYTES_VRS = {"OB", "OW", "UN", "OD", "OF", "OL", "OV"}
 _FREE_TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "PN", "OB", "UN", None}
+# Values that are dates, times, UIDs or numbers themselves: not read for written dates (the
+# source's dates and times are checked by place; a new UID or a number may hold any digits).
+_NOT_WRITTEN_DATES = {"DA", "DT", "TM", "UI", "DS", "IS", "AS"}
 _OCR_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -247,14 +250,18 @@ class Verifier:
             self._temporal(identity, element.path, vr, [text], name, "", findings)
         if vr in _FREE_TEXT_VRS:
             joined.append(normalised(text))
-        findings += [Finding(name, kind, "")
-                     for kind in dict.fromkeys(identity.in_text(text, coded=vr == "CS"))]
+        findings += [Finding(name, kind, "") for kind in dict.fromkeys(identity.in_text(
+            text, coded=vr == "CS", dates=vr not in _NOT_WRITTEN_DATES))]
         if len(findings) > found:  # named only when something was found (it costs)
             label = element.where + rawdicom.label(tag)
             findings[found:] = [Finding(f.file, f.kind, label) for f in findings[found:]]
 
     def _raw_documents(self, raw: rawdicom.RawFile, identity: SourceIdentity, name: str,
                        findings: list[Finding]) -> None:
+        """Encapsulated documents' text; and, since every element has been read by now, file
+        meta elements out of their place (see :func:`_misplaced_file_meta`)."""
+        findings += [Finding(name, _MISPLACED_META, element.where + rawdicom.label(element.tag))
+                     for element in _misplaced_file_meta(raw.elements)]
         document = raw.top.get(0x00420011)
         if not document:
             return
@@ -281,7 +288,7 @@ class Verifier:
         joined: list[str] = []
         meta = getattr(full, "file_meta", None)
         if meta is not None:
-            self._elements(meta, identity, name, (), "", joined, findings)
+            self._elements(meta, identity, name, (), "", joined, findings, file_meta=True)
         self._elements(full, identity, name, (), "", joined, findings)
         for kind in dict.fromkeys(identity.in_pieces(joined)):
             if not any(f.kind == kind for f in findings):
@@ -297,13 +304,17 @@ class Verifier:
 
     def _elements(self, ds: Dataset, identity: SourceIdentity, name: str,
                   path: tuple[int, ...], where: str, joined: list[str],
-                  findings: list[Finding], depth: int = 0) -> None:
+                  findings: list[Finding], depth: int = 0, file_meta: bool = False) -> None:
+        """Every element of ``ds`` at any depth (``file_meta``: ``ds`` is the file meta
+        group, the one place group 0002 belongs)."""
         if depth > 16:
             return
         for tag in list(ds.keys()):
             tag = BaseTag(tag)
             if tag.group == 0x7FE0 or (tag.group & 0xFF00 == 0x6000 and tag.element == 0x3000):
                 continue
+            if tag.group == 0x0002 and not file_meta:
+                findings.append(Finding(name, _MISPLACED_META, self._label(tag, where)))
             raw = ds.get_item(tag)
             vr = raw.VR
             if vr in (None, "UN") and not tag.is_private:
@@ -330,7 +341,8 @@ class Verifier:
             for text in texts:
                 if vr in _FREE_TEXT_VRS:
                     joined.append(normalised(text))
-                kinds = identity.in_text(text, coded=vr == "CS")
+                kinds = identity.in_text(text, coded=vr == "CS",
+                                         dates=vr not in _NOT_WRITTEN_DATES)
                 for kind in dict.fromkeys(kinds):
                     findings.append(Finding(name, kind, self._label(tag, where)))
 
@@ -623,6 +635,23 @@ class Verifier:
 
 
 _PIXEL_TAGS = {0x7FE00008, 0x7FE00009, 0x7FE00010}
+_MISPLACED_META = "file meta element (group 0002) inside the data set"
+
+
+def _misplaced_file_meta(elements: list[rawdicom.RawElement]) -> list[rawdicom.RawElement]:
+    """Group 0002 elements that are not the file meta group at the start of the file: at the
+    top level after the data set began, or in a sequence item (PS3.10 allows them in the file
+    meta group only)."""
+    misplaced = []
+    in_meta = True
+    for element in elements:
+        group = element.tag >> 16
+        if in_meta and group == 0x0002 and len(element.path) == 1:
+            continue
+        in_meta = False
+        if group == 0x0002:
+            misplaced.append(element)
+    return misplaced
 
 
 def _mapped(stream: BinaryIO) -> Any:
