@@ -419,11 +419,18 @@ class Verifier:
         count = frames.shape[0]
         images = [(f"{what}, frame {i + 1}", frames[i]) for i in sorted({0, count // 2,
                                                                           count - 1})]
+        overview = _grey(frames[0])
         if count > 1:
             grey = np.stack([_grey(frames[i]) for i in range(count)])
             light = float(np.median(grey[0])) >= 128
-            images.append((f"{what}, all frames", grey.min(axis=0) if light
-                           else grey.max(axis=0)))
+            overview = grey.min(axis=0) if light else grey.max(axis=0)
+            images.append((f"{what}, all frames", overview))
+        if count > 3:  # what one frame shows and the others do not (a speckled loop)
+            usual = np.percentile(grey, 50, axis=0)
+            apart = (usual - grey.min(axis=0)) if light else (grey.max(axis=0) - usual)
+            images.append((f"{what}, what shows on some frames only", _grey(apart)))
+        images += [(f"{what}, turned a quarter", np.rot90(overview, turns))
+                   for turns in (1, 3)]  # text written up or down the side
         reader = self.reader()
         with ThreadPoolExecutor(max_workers=_OCR_WORKERS) as pool:
             read = list(pool.map(lambda image: reader.lines(_grey(image)),

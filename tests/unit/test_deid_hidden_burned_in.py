@@ -67,3 +67,36 @@ def test_a_name_shown_on_one_frame_of_a_speckled_loop_is_found_and_blanked():
                for f in report["identifiers_found"]), report
     assert 18 not in report["frames_read"]  # it was not one of the frames read
     assert int(outcome.dataset.pixel_array[17, 385:407, 185:415].max()) == 0
+
+
+def _verifier_findings(ds) -> list[str]:
+    import io
+
+    from imageshare.verify import Verifier
+
+    identity = Verifier.identity([ds])
+    copy = ds.copy()
+    copy.PatientName, copy.PatientID, copy.PatientBirthDate = "Anon", "X1", ""
+    buffer = io.BytesIO()
+    copy.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return [f.where for f in Verifier(ocr="always").check_dicom(buffer, identity, "out.dcm")
+            if f.where.startswith("OCR")]
+
+
+def test_the_verifier_reads_a_name_up_the_side_and_on_one_frame_of_a_loop():
+    ds = ultrasound_with_text("SONOSITE EDGE", manufacturer="Unlisted")
+    pixels = ds.pixel_array.copy()
+    pixels[200:440, 590:622] = np.rot90(_text_image("GARCIA HX77123", (240, 32)))
+    ds.set_pixel_data(pixels, "RGB", 8, generate_instance_uid=False)
+    assert any("turned a quarter" in where for where in _verifier_findings(ds))
+
+    frames = 40
+    ds = ultrasound_with_text("SONOSITE EDGE", frames=frames, manufacturer="Unlisted")
+    loop = ds.pixel_array.copy()
+    speckle = np.random.default_rng(7).integers(0, 256, size=(frames, 200, 300),
+                                                dtype=np.uint8)
+    loop[:, 150:350, 170:470] = speckle[..., np.newaxis]
+    loop[17, 380:412, 180:420] = _text_image("GARCIA HX77123", (240, 32))
+    ds.set_pixel_data(loop, "RGB", 8, generate_instance_uid=False)
+    assert any("some frames only" in where for where in _verifier_findings(ds))
