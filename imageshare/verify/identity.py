@@ -123,6 +123,11 @@ def words_of(text: str) -> list[str]:
     """The normalised words of ``text``."""
     if text.isascii():
         return text.upper().translate(_ASCII_SEPARATORS).split()
+    return [w for w in (normalised(w) for w in _split(text)) if w]
+
+
+def _split(text: str) -> list[str]:
+    """The pieces of ``text`` between separators and spaces, as written."""
     out: list[str] = []
     current: list[str] = []
     for c in text:
@@ -134,7 +139,7 @@ def words_of(text: str) -> list[str]:
             current.append(c)
     if current:
         out.append("".join(current))
-    return [w for w in (normalised(w) for w in out) if w]
+    return out
 
 
 def _values(value: Any) -> list[Any]:
@@ -286,18 +291,7 @@ def _cased_words(text: str) -> list[str]:
     """The words of ``text`` as written (case kept), split where :func:`words_of` splits."""
     if text.isascii():
         return text.translate(_ASCII_SPACE).split()
-    out: list[str] = []
-    current: list[str] = []
-    for c in text:
-        if c in _SEPARATORS or c.isspace():
-            if current:
-                out.append("".join(current))
-                current = []
-        else:
-            current.append(c)
-    if current:
-        out.append("".join(current))
-    return out
+    return _split(text)
 
 
 @dataclass

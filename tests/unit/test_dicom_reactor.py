@@ -22,6 +22,7 @@ from imageshare.dicom import reactor
 from imageshare.dicom.scp import DicomListener
 from imageshare.exchange.nodes import Node
 from tests.factory import ct_series
+from tests.listener import listening
 
 SLOW_LOOK = 1.0  # the idle wait in these tests: an answer that waited for it shows
 
@@ -29,15 +30,8 @@ SLOW_LOOK = 1.0  # the idle wait in these tests: an answer that waited for it sh
 @pytest.fixture
 def listener(archive, monkeypatch) -> Iterator[DicomListener]:
     monkeypatch.setattr(reactor, "IDLE_WAIT", SLOW_LOOK)
-    archive.nodes.add(Node("PROBE", "127.0.0.1", 104))
-    temporary_folder = tempfile.tempdir  # the listener points it at its staging folder
-    served = DicomListener("IMAGESHARE", 0, "127.0.0.1", archive.ingest, archive.query,
-                           archive.retrieve, archive.nodes, archive.policy)
-    served.start()
-    yield served
-    with contextlib.suppress(ValueError):
-        served.stop()
-    tempfile.tempdir = temporary_folder
+    with listening(archive, "PROBE") as served:
+        yield served
 
 
 def _associate(listener: DicomListener) -> association.Association:

@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,9 +24,9 @@ from pynetdicom.sop_class import CTImageStorage
 import imageshare.storage.files as files_module
 from imageshare.app import _start_staging_sweep, recover
 from imageshare.dicom.scp import DicomListener
-from imageshare.exchange.nodes import Node
 from imageshare.storage.files import make_private
 from tests.factory import ct_series
+from tests.listener import listening
 
 
 @pytest.fixture
@@ -138,15 +137,8 @@ def test_a_folder_removed_while_its_privacy_is_checked_does_not_stop_the_start(
 
 @pytest.fixture
 def listener(archive) -> Iterator[DicomListener]:
-    archive.nodes.add(Node("PYNETDICOM", "127.0.0.1", 104))
-    temporary_folder = tempfile.tempdir
-    served = DicomListener("IMAGESHARE", 0, "127.0.0.1", archive.ingest, archive.query,
-                           archive.retrieve, archive.nodes, archive.policy)
-    served.start()
-    yield served
-    with contextlib.suppress(ValueError):
-        served.stop()
-    tempfile.tempdir = temporary_folder
+    with listening(archive, "PYNETDICOM") as served:
+        yield served
 
 
 def _staged(archive) -> list[Path]:
