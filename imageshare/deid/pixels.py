@@ -96,6 +96,7 @@ class PixelReport:
     blanked_lines: int = 0
     frames_read: list[int] = field(default_factory=list)
     overlays_removed: int = 0
+    unused_bits_cleared: bool = False  # data found outside Bits Stored was cleared
     held_back: bool = False
     reason: str = ""
 
@@ -105,6 +106,7 @@ class PixelReport:
                 "identifiers_found": self.identifiers_found,
                 "blanked_words": self.blanked_words, "blanked_lines": self.blanked_lines,
                 "frames_read": self.frames_read, "overlays_removed": self.overlays_removed,
+                "unused_bits_cleared": self.unused_bits_cleared,
                 "held_back": self.held_back, "reason": self.reason}
 
 

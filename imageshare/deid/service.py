@@ -33,7 +33,7 @@ from pydicom.filebase import DicomBytesIO, DicomFileLike
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.pixels.utils import get_expected_length
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from imageshare.archive.importing import DicomInputs, ImportReport
 from imageshare.deid.engine import AttributeCleaner, InstanceReport, PatientContext
@@ -48,6 +48,7 @@ from imageshare.deid.frame_extras import (
 from imageshare.deid.pixels import BurnedInTextCleaner, PixelReport, may_have_burned_in_text
 from imageshare.deid.profiles import Profile
 from imageshare.deid.pseudonyms import Pseudonyms
+from imageshare.deid.unused_bits import StoredBits
 from imageshare.verify import SourceIdentity, Verifier
 from imageshare.verify.identity import keep_for_options
 
@@ -128,11 +129,17 @@ class Deidentifier:
 
     def _deidentify(self, ds: Dataset, has_pixels: bool) -> Outcome:
         syntax = _syntax(ds)
-        if has_pixels and "PixelData" in ds and syntax is not None \
-                and not syntax.is_encapsulated:
+        native = has_pixels and "PixelData" in ds and syntax is not None \
+            and not syntax.is_encapsulated
+        if native:
             _check_complete(ds, len(ds.PixelData))
         context = self.attributes.context(ds)
         pixel_report = self._pixels(ds, context, has_pixels, clean=True)
+        bits = StoredBits.of(ds, syntax == ExplicitVRBigEndian) if native else None
+        if bits is not None and not pixel_report.held_back:
+            ds.PixelData, cleared = bits.canonical(ds.PixelData)
+            if cleared:
+                pixel_report.unused_bits_cleared = True
         removed = 0
         if not pixel_report.held_back and has_pixels:
             removed, reason = _strip_compressed(ds, context)
@@ -239,7 +246,15 @@ class Deidentifier:
                 outcome.report["compressed_extras_removed"] = removed
             else:
                 _save_header(header, target)
-                _copy(source, target, pixel_at, end - pixel_at)
+                bits, syntax = StoredBits.of(header), _syntax(header)
+                if bits is not None and syntax is not None and not syntax.is_encapsulated:
+                    value_at = pixel_at + (8 if header.original_encoding[0] else 12)
+                    target.write(_read_at(source, pixel_at, value_at - pixel_at))
+                    if _copy_canonical(source, target, value_at, end - value_at, bits):
+                        outcome.report["pixel_data"] = ("copied with the bits outside Bits "
+                                                        "Stored cleared")
+                else:
+                    _copy(source, target, pixel_at, end - pixel_at)
             if len(trailing):
                 out = DicomFileLike(target)
                 out.is_implicit_VR, out.is_little_endian = _encoding_of(header)
@@ -499,6 +514,30 @@ def _element_end(source: BinaryIO, at: int, size: int,
         position += 8 + item_length
         if position > size:
             raise InvalidDicomError("encapsulated pixel data runs past the end of the file")
+
+
+def _read_at(source: BinaryIO, offset: int, length: int) -> bytes:
+    source.seek(offset)
+    return source.read(length)
+
+
+def _copy_canonical(source: BinaryIO, target: BinaryIO, offset: int, length: int,
+                    bits: StoredBits) -> bool:
+    """Copy native pixel data (``length`` bytes at ``offset``) to the end of ``target`` with
+    the bits outside Bits Stored made canonical; True when any changed."""
+    target.seek(0, os.SEEK_END)
+    changed = False
+    done = 0
+    while done < length:
+        chunk = _read_at(source, offset + done, min(_COPY_CHUNK, length - done))
+        if not chunk:
+            raise InvalidDicomError("the source ended while its pixel data was copied")
+        whole = len(chunk) - len(chunk) % (bits.allocated // 8)
+        canonical, altered = bits.canonical(chunk[:whole])
+        target.write(canonical + chunk[whole:])
+        changed = changed or altered
+        done += len(chunk)
+    return changed
 
 
 def _copy(source: BinaryIO, target: BinaryIO, offset: int, length: int) -> None:

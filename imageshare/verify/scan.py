@@ -123,6 +123,36 @@ def _otsu(grey: np.ndarray) -> int:
     return int(np.argmax(between))
 
 
+def _unused_bits_carry_data(raw: rawdicom.RawFile, data: Any) -> bool:
+    """True when native pixel data holds anything outside Bits Stored but zeros (or, for
+    signed samples stored from bit 0, copies of the sign bit)."""
+    def number(tag: int, default: int) -> int:
+        value = raw.top.get(tag, b"")
+        return struct.unpack("<H", value[:2])[0] if len(value) >= 2 else default
+
+    allocated, stored = number(0x00280100, 0), number(0x00280101, 0)
+    high, signed = number(0x00280102, stored - 1), number(0x00280103, 0) == 1
+    at, end = raw.pixel_region
+    if allocated not in (8, 16, 32) or not 0 < stored < allocated \
+            or bytes(data[at:at + 4]) != b"\xe0\x7f\x10\x00":
+        return False
+    start = at + (8 if raw.syntax == "1.2.840.10008.1.2" else 12)
+    size = allocated // 8
+    count = (end - start) // size
+    extended = signed and high == stored - 1
+    for first in range(0, count, 1 << 22):  # a few million samples at a time
+        samples = np.frombuffer(data, f"<u{size}", min(1 << 22, count - first),
+                                start + first * size).astype(np.int64)
+        above = samples >> (high + 1)
+        if np.any(samples & ((1 << (high - stored + 1)) - 1)):
+            return True
+        expected = ((samples >> high) & 1) * ((1 << (allocated - high - 1)) - 1) \
+            if extended else 0
+        if np.any(above != expected):
+            return True
+    return False
+
+
 def _grey(image: np.ndarray) -> np.ndarray:
     if image.ndim == 3:
         image = image[..., :3].max(axis=2)
@@ -204,6 +234,9 @@ class Verifier:
         for where, part in parts:
             for kind in dict.fromkeys(identity.in_bytes(bytes(part))):
                 findings.append(Finding(name, kind, f"raw {where}"))
+        if raw.native_pixels and _unused_bits_carry_data(raw, data):
+            findings.append(Finding(name, "data hidden in the pixel data's unused bits",
+                                    "bits outside Bits Stored"))
         encodings = _encodings(raw.top.get(0x00080005, b""))
         joined: list[str] = []
         for element in raw.elements:
