@@ -46,6 +46,7 @@ from imageshare.deid.identity import (
     Identity,
     identities_of,
     identity_of,
+    normalise,
     values_of,
 )
 from imageshare.deid.profiles import BASIC_PROFILE_CODE, OPTIONS, Profile
@@ -58,6 +59,48 @@ DATE_VRS = {"DA", "DT"}
 TEMPORAL_VRS = {"DA", "DT", "TM"}
 _NUMBER_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"}
 PIXEL_DATA = 0x7FE00010
+# Pixel Data, Float and Double Float Pixel Data: kept at the top level only (the image); in a
+# sequence item (a thumbnail nested where no reader looks) they go.
+PIXEL_TAGS = {0x7FE00008, 0x7FE00009, PIXEL_DATA}
+BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN"}
+ICC_PROFILE = 0x00282000
+# Documents carried as bytes (PDF, CDA, HPGL drawings): never kept, at any depth.
+DOCUMENT_TAGS = {0x00420011, 0x00686300}
+_ANYWHERE, _TOP_LEVEL = -1, 0
+# Binary attributes the table does not name that are kept: the image, LUT and palette data
+# needed to display it, waveform and spectroscopy samples, and the geometry that is the content
+# of surface, tractography, registration, RT and presentation objects (numbers the IOD
+# requires). Each is kept where it belongs: anywhere (``_ANYWHERE``), at the top level only
+# (``_TOP_LEVEL``), or in an item of the sequence whose tag is given. Every other binary
+# attribute the table does not name goes (PS3.15 E.1: what may carry identifying information
+# and is not needed goes): documents (Encapsulated Document below the top level, HPGL
+# Document), certificates and signatures, selector values of hanging protocols, record keys,
+# calibration data, and retired ones.
+KEPT_BINARY: dict[str, int] = {
+    **dict.fromkeys((
+        "RedPaletteColorLookupTableData", "GreenPaletteColorLookupTableData",
+        "BluePaletteColorLookupTableData", "AlphaPaletteColorLookupTableData",
+        "LargeRedPaletteColorLookupTableData", "LargeGreenPaletteColorLookupTableData",
+        "LargeBluePaletteColorLookupTableData", "SegmentedRedPaletteColorLookupTableData",
+        "SegmentedGreenPaletteColorLookupTableData", "SegmentedBluePaletteColorLookupTableData",
+        "SegmentedAlphaPaletteColorLookupTableData", "GrayLookupTableData", "LUTData",
+        "BlendingLookupTableData", "FilterLookupTableData", "WeightingLookupTableData",
+        "ICCProfile", "VerticesOfThePolygonalOutline", "TwoDimensionalToThreeDimensionalMapData",
+        "VectorGridData", "PointCoordinatesData", "VectorCoordinateData",
+        "DoublePointCoordinatesData", "TrianglePointIndexList", "EdgePointIndexList",
+        "VertexPointIndexList", "PrimitivePointIndexList", "LongPrimitivePointIndexList",
+        "LongTrianglePointIndexList", "LongEdgePointIndexList", "LongVertexPointIndexList",
+        "RecommendedDisplayCIELabValueList", "FloatingPointValues", "TrackPointIndexList",
+        "AnnotationIndexList", "FillPattern", "VolumetricCurvePoints",
+        "VolumetricCurveUpDirections", "UValueData", "VValueData",
+        "CompensatorProximalThicknessMap", "CompensatorDistalThicknessMap", "BlockEdgeData",
+    ), _ANYWHERE),
+    **dict.fromkeys(("WaveformData", "ChannelMinimumValue", "ChannelMaximumValue",
+                     "WaveformPaddingValue"), tag_for_keyword("WaveformSequence") or 0),
+    **dict.fromkeys(("SpectroscopyData", "FirstOrderPhaseCorrectionAngle", "FloatPixelData",
+                     "DoubleFloatPixelData", "ExtendedOffsetTable",
+                     "ExtendedOffsetTableLengths"), _TOP_LEVEL),
+}
 # Technical labels the table does not name, that carry no identity and that IODs need: kept
 # once cleaned of the patient's (and everyone else's) identifiers.
 TECHNICAL_TEXT = {
@@ -85,6 +128,14 @@ TECHNICAL_TEXT = {
     "CodingSchemeDesignator", "CodingSchemeRegistry", "CodingSchemeExternalID",
     "CodingSchemeVersion",
 }
+# Defined terms of coded strings that are also words names may hold (a person called Text):
+# never taken for a staff or institution name (SR value and relationship types, Image Type).
+DEFINED_TERMS = frozenset({
+    "TEXT", "CODE", "NUM", "DATETIME", "DATE", "TIME", "UIDREF", "PNAME", "COMPOSITE", "IMAGE",
+    "WAVEFORM", "SCOORD", "SCOORD3D", "TCOORD", "CONTAINER", "TABLE", "CONTAINS", "SEPARATE",
+    "CONTINUOUS", "COMPLETE", "PARTIAL", "VERIFIED", "UNVERIFIED", "ORIGINAL", "DERIVED",
+    "PRIMARY", "SECONDARY", "AXIAL", "LOCALIZER", "OTHER", "NONE", "YES", "MIXED", "VOLUME",
+})
 # Text that IODs require to have a value where it appears (Type 1): a dummy when not kept.
 REQUIRED_TEXT = {"TextValue", "UnformattedTextValue"}
 _CODE_VALUE_TAGS = {int(Tag(k)) for k in ("CodeValue", "LongCodeValue", "URNCodeValue")}
@@ -195,6 +246,7 @@ class InstanceReport:
     dates_replaced: int = 0
     text_cleaned: int = 0
     codes_replaced: int = 0
+    documents_removed: int = 0  # documents (PDF, CDA, HPGL) in sequence items, removed
 
     def as_dict(self) -> dict[str, Any]:
         """The report as JSON-friendly data."""
@@ -204,6 +256,7 @@ class InstanceReport:
             "uids_replaced": self.uids_replaced, "dates_shifted": self.dates_shifted,
             "dates_replaced": self.dates_replaced, "text_cleaned": self.text_cleaned,
             "codes_replaced": self.codes_replaced,
+            "documents_removed": self.documents_removed,
         }
 
 
@@ -216,6 +269,9 @@ class PatientContext:
     offset: timedelta
     identity: Identity
     patient: Identity
+    # the source's dates (YYYYMMDD) that must not be left in numbers: the birth date, and
+    # every date of the data set unless the profile keeps full dates
+    dates: frozenset[str] = frozenset()
 
     @property
     def identifiers(self) -> tuple[str, ...]:
@@ -392,6 +448,89 @@ def _dummy(vr: str, element: DataElement) -> Any:
     return "ANONYMOUS"
 
 
+_KEPT_BINARY_TAGS = {tag_for_keyword(keyword): where for keyword, where in KEPT_BINARY.items()}
+# UTF-16 text (Latin-1 characters, big or little endian) in binary values: runs of at least
+# four characters (a fixed pattern, never built from data)
+_UTF16_BE = re.compile(rb"(?:\x00[\x20-\x7e\xa0-\xff]){4,}")
+_UTF16_LE = re.compile(rb"(?:[\x20-\x7e\xa0-\xff]\x00){4,}")
+
+
+def _kept_binary(tag: int, parent: int, top: bool) -> str:
+    """For a binary attribute the table does not name: ``K`` where :data:`KEPT_BINARY`
+    keeps it (``I``: an ICC profile, kept once read), ``X`` elsewhere."""
+    where = _KEPT_BINARY_TAGS.get(tag)
+    if where is None or not (where == _ANYWHERE or where == parent
+                             or (where == _TOP_LEVEL and top)):
+        return "X"
+    return "I" if tag == ICC_PROFILE else "K"
+
+
+def binary_texts(data: bytes) -> list[str]:
+    """The text that binary ``data`` may carry: all of it read as Latin-1, and its UTF-16
+    runs (big and little endian, Latin-1 characters) as text."""
+    texts = [data.decode("latin-1")]
+    for pattern, encoding in ((_UTF16_BE, "utf-16-be"), (_UTF16_LE, "utf-16-le")):
+        runs = [m.group().decode(encoding) for m in pattern.finditer(data)]
+        if runs:
+            texts.append("\n".join(runs))
+    return texts
+
+
+def _icc_identifies(value: Any, ctx: PatientContext) -> bool:
+    """True when an ICC profile's text (its descriptions and copyright, ASCII or UTF-16)
+    names anyone named in the data set, or carries one of its identifiers or a date."""
+    if not isinstance(value, bytes | bytearray) or not value:
+        return False
+    return any(ctx.identity.found_in(text) or mask_dates(text) != text
+               for text in binary_texts(bytes(value)))
+
+
+def _holds_date(value: Any, dates: frozenset[str]) -> bool:
+    """True when a number's value (as stored, or as read) holds one of ``dates``."""
+    if not dates or value is None:
+        return False
+    if isinstance(value, bytes | bytearray):
+        text = bytes(value).decode("latin-1")
+    else:
+        text = "\\".join(str(v) for v in values_of(value))
+    return any(day in text for day in dates)
+
+
+def _names_someone(value: str, everyone: Identity) -> bool:
+    """True when a coded string value is, as a whole, a word of the name of someone named
+    in the data set (staff, the institution; three characters or more), and not one of the
+    :data:`DEFINED_TERMS`."""
+    norm = normalise(value)
+    return len(norm) >= 3 and norm not in DEFINED_TERMS and norm in everyone.words
+
+
+def _add_date(value: str, dates: set[str]) -> None:
+    """Add the date (``YYYYMMDD``) that a DA or DT value starts with, if it is one."""
+    for part in value.split("\\"):
+        day = part.strip(" \0")[:8]
+        if len(day) == 8 and day.isdigit() and day not in ("19000101", "00000000"):
+            dates.add(day)
+
+
+def _dates_of(ds: Dataset, dates: set[str], depth: int = 0) -> None:
+    """Add the dates (``YYYYMMDD``) of every DA and DT value of ``ds``, at any depth."""
+    if depth > 16:
+        return
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        vr = raw.VR if raw.VR not in (None, "UN") else _dictionary_vr(BaseTag(tag))
+        try:
+            if vr == "SQ":
+                for item in ds[tag].value or []:
+                    _dates_of(item, dates, depth + 1)
+            elif vr in DATE_VRS and raw.value:
+                value = raw.value
+                _add_date(bytes(value).decode("latin-1") if isinstance(value, bytes | bytearray)
+                          else "\\".join(str(v) for v in values_of(value)), dates)
+        except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError):
+            continue  # what cannot be read here is dealt with by the walk
+
+
 class AttributeCleaner:
     """Applies a profile to data sets, with consistent pseudonyms."""
 
@@ -422,8 +561,14 @@ class AttributeCleaner:
             key = f"name|{ds.get('PatientName', '')}|{ds.get('PatientBirthDate', '')}"
         everyone, patient = identities_of(ds, self.profile.has("retain_institution_identity"),
                                           self._retained)
+        dates: set[str] = set()
+        if self._full_dates:
+            _add_date(str(ds.get("PatientBirthDate", "") or ""), dates)
+        else:
+            _dates_of(ds, dates)
         return PatientContext(key, self.pseudonyms.patient_id(key),
-                              self.pseudonyms.date_offset(key), everyone, patient)
+                              self.pseudonyms.date_offset(key), everyone, patient,
+                              frozenset(dates))
 
     def apply(self, ds: Dataset, ctx: PatientContext | None = None) -> InstanceReport:
         """De-identify ``ds`` in place (not its pixels); returns what was done."""
@@ -467,7 +612,10 @@ class AttributeCleaner:
     # -- walking ---------------------------------------------------------------------------
 
     def _walk(self, ds: Dataset, ctx: PatientContext, report: InstanceReport, mode: str,
-              top: bool = False, person: bool = False, trusted: bool = False) -> None:
+              top: bool = False, person: bool = False, trusted: bool = False,
+              parent: int = _TOP_LEVEL) -> None:
+        """De-identify the attributes of ``ds`` (the top level, or an item of the sequence
+        ``parent``) and of its sequences' items."""
         private_groups_kept: dict[tuple[int, int], bool] = {}
         code_item = not top and any(t in ds for t in _CODE_VALUE_TAGS)
         if code_item:
@@ -475,6 +623,12 @@ class AttributeCleaner:
         for tag in list(ds.keys()):
             tag = BaseTag(tag)
             if tag == PIXEL_DATA and top:
+                continue
+            if tag in PIXEL_TAGS and not top:
+                # an image in a sequence item (a thumbnail): not the instance's image
+                report.actions["X"] += 1
+                report.removed.append(keyword_for_tag(tag))
+                del ds[tag]
                 continue
             if code_item and tag in _CODE_TAGS:
                 continue
@@ -493,6 +647,18 @@ class AttributeCleaner:
             raw = ds.get_item(tag)
             vr = raw.VR if raw.VR not in (None, "UN") else _dictionary_vr(tag)
             action = self._decide(int(tag), vr, mode)
+            if action == "B":  # binary, not named by the table: kept only where it belongs
+                action = _kept_binary(int(tag), parent, top)
+                if action == "I":
+                    action = "X" if _icc_identifies(raw.value, ctx) else "K"
+            elif action == "N":  # a number the table does not name: not a source date
+                if _holds_date(raw.value, ctx.dates):
+                    report.actions["C"] += 1
+                    self._numbers(ds[tag], ctx, report)
+                    continue
+                action = "K"
+            if action == "X" and tag in DOCUMENT_TAGS:
+                report.documents_removed += 1
             if action == "K" and vr != "SQ":  # most attributes: no need to decode the value
                 report.actions["K"] += 1
                 continue
@@ -537,6 +703,10 @@ class AttributeCleaner:
             return "C" if self._modified_dates else "D"
         if not keyword or vr == "UN":
             return "X"
+        if vr in ("IS", "DS"):
+            return "N"  # kept unless it holds a source date
+        if any(part in BINARY_VRS for part in vr.split(" or ")):
+            return "B"  # kept only when it is image, LUT or geometry data (KEPT_BINARY)
         if vr == "PN":
             return "Z" if mode == NORMAL else "D"
         if vr == "CS":
@@ -599,7 +769,7 @@ class AttributeCleaner:
         inner_trusted = trusted or action == "K" and rule_for(int(element.tag)) is not None
         for item in element.value or []:
             self._walk(item, ctx, report, inner_mode, person=inner_person,
-                       trusted=inner_trusted)
+                       trusted=inner_trusted, parent=int(element.tag))
 
     def _code_item(self, item: Dataset, report: InstanceReport, person: bool,
                    trusted: bool) -> None:
@@ -672,14 +842,26 @@ class AttributeCleaner:
             identity = ctx.patient if element.VR == "CS" else ctx.identity
         texts = [str(v or "") for v in values]
         if element.VR == "CS":
-            cleaned = ["ANONYMOUS" if identity.found_in(t) or mask_dates(t) != t else t
-                       for t in texts]
+            # the patient's identifiers anywhere in it; anyone else's name (staff, the
+            # institution) as a whole value only, since defined terms are words too
+            cleaned = ["ANONYMOUS" if identity.found_in(t) or mask_dates(t) != t
+                       or _names_someone(t, ctx.identity) else t for t in texts]
         else:
             cleaned = [clean_label(t, identity) for t in texts]
         if cleaned == texts:
             return
         report.text_cleaned += 1
         element.value = _value_of(cleaned)
+
+    def _numbers(self, element: DataElement, ctx: PatientContext,
+                 report: InstanceReport) -> None:
+        """An IS or DS value the table does not name: each number that holds a source date
+        (``20240315``, ``20240315.1015``) replaced by 0."""
+        texts = [str(v if v is not None else "") for v in values_of(element.value)]
+        numbers = ["0" if any(day in t for day in ctx.dates) else t for t in texts]
+        if numbers != texts:
+            report.dates_replaced += 1
+            element.value = _value_of(numbers)
 
     def _clean(self, element: DataElement, ctx: PatientContext, report: InstanceReport) -> None:
         vr = element.VR

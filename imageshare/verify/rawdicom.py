@@ -5,7 +5,8 @@ encodings are read with pydicom by the caller.
 
 UN values of undefined length are read as the implicit VR sequences they are. Pixel data at
 the top level is not returned: its place is (native samples), or the starts of its fragments
-are (encapsulated), for the raw-bytes search.
+are (encapsulated), for the raw-bytes search. Pixel data in a sequence item is returned as an
+element (encapsulated: its fragments as stored), for the caller to report.
 """
 
 from __future__ import annotations
@@ -102,6 +103,13 @@ class _Reader:
                     self.found.pixel_region = (pos, after)
                 pos = after
                 continue
+            if tag in _PIXEL_TAGS and length == UNDEFINED:
+                # encapsulated pixel data in a sequence item: its fragments, as one value
+                after = self.fragments_end(start, end)
+                self.found.elements.append(
+                    RawElement((*path, tag), tag, vr, data[start:after], where))
+                pos = after
+                continue
             if vr == "SQ" or length == UNDEFINED:
                 if depth == 0:
                     self.found.sequences.add(tag)
@@ -146,6 +154,19 @@ class _Reader:
                 pos += 8 + item_length
             index += 1
         return pos
+
+    def fragments_end(self, pos: int, end: int) -> int:
+        """Where the fragments of encapsulated data starting at ``pos`` end (after their
+        sequence delimiter)."""
+        while True:
+            if pos + 8 > end:
+                raise ValueError("encapsulated pixel data without its end")
+            group, element, item_length = struct.unpack_from("<HHL", self.data, pos)
+            if (group, element) == (0xFFFE, 0xE0DD):
+                return pos + 8
+            if (group, element) != (0xFFFE, 0xE000) or item_length == UNDEFINED:
+                raise ValueError("malformed encapsulated pixel data")
+            pos += 8 + item_length
 
     def pixels(self, start: int, length: int, end: int) -> int:
         """Pixel data: native samples are skipped; of encapsulated data everything in its
