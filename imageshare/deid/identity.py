@@ -5,8 +5,14 @@ a matcher that finds them in text or in a line of words read by OCR, ignoring ca
 punctuation and the order of name parts. Names are also found by each part of a compound
 (``Smith-Jones``: ``Smith``, ``Jones``, ``Smith Jones``, ``SmithJones``), with their parts
 run together (``MariaDelCarmen``), and, for names written in Chinese, Japanese or Korean
-characters (two or more), anywhere in running text, since those scripts put no space between
-words.
+characters (two or more, also a one-character surname with a one-character given name),
+anywhere in running text, since those scripts put no space between words. Names written in
+other letters are also looked for in their usual ASCII spellings (``Müller``: ``Muller``,
+``Mueller``; ``Sørensen``: ``Sorensen``; ``Иванов``: ``Ivanov``), and everyone's surname (four
+letters or more) with an initial run into it as logins are written (``jsmith``, ``SMITHJ``).
+The birth date is also found written short (``4/3/81``, ``3.4.81``) as a whole token. Text
+with markup escapes (HTML entities, RTF ``\\'fc`` and ``\\u252?``, quoted-printable ``=FC``)
+is also read unescaped.
 
 No regular expression is ever built from these values: matching is plain string search on
 normalised text.
@@ -14,6 +20,7 @@ normalised text.
 
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -76,6 +83,41 @@ _CJK_RANGES = ((0x1100, 0x11FF), (0x3040, 0x30FF), (0x3130, 0x318F), (0x31F0, 0x
                (0xFF66, 0xFF9F), (0x20000, 0x2FFFF))
 
 
+# The birth date written short (``4/3/81``, ``04-03-81``, ``3.4.81``): a whole token, the
+# same separator twice, not part of a longer number or version (``1.4.3.81``, ``4/3/812``).
+_SHORT_DATE = re.compile(r"(?<!\w)(?<!\w[./-])\d{1,2}([./-])\d{1,2}\1\d{2}(?!\w)(?![./-]\w)")
+# Letters written another way in ASCII besides dropping their accents (German, Scandinavian,
+# Polish and other Latin letters), and a simple romanisation of Cyrillic and Greek (ISO 9 /
+# BGN-like, with the common alternatives). The first spelling is the usual one.
+_SPELLINGS: dict[str, tuple[str, ...]] = {
+    "ä": ("a", "ae"), "ö": ("o", "oe"), "ü": ("u", "ue"), "ß": ("ss",), "ø": ("o", "oe"),
+    "å": ("a", "aa"), "æ": ("ae",), "œ": ("oe",), "ł": ("l",), "đ": ("d", "dj"), "ð": ("d",),
+    "þ": ("th",), "ı": ("i",), "ħ": ("h",),
+    # Cyrillic (Russian, Ukrainian, Belarusian, Bulgarian, Serbian, Macedonian)
+    "а": ("a",), "б": ("b",), "в": ("v",), "г": ("g", "h"), "ґ": ("g",), "д": ("d",),
+    "е": ("e", "ye"), "ё": ("e", "yo", "jo"), "є": ("ye", "ie"), "ж": ("zh", "j", "z"),
+    "з": ("z",), "и": ("i", "y"), "і": ("i",), "ї": ("yi", "i"), "й": ("y", "i", "j"),
+    "к": ("k",), "л": ("l",), "м": ("m",), "н": ("n",), "о": ("o",), "п": ("p",),
+    "р": ("r",), "с": ("s",), "т": ("t",), "у": ("u",), "ў": ("u", "w"), "ф": ("f",),
+    "х": ("kh", "h", "ch"), "ц": ("ts", "c", "tz"), "ч": ("ch",), "ш": ("sh",),
+    "щ": ("shch", "sch", "sht"), "ъ": ("",), "ы": ("y",), "ь": ("",), "э": ("e",),
+    "ю": ("yu", "iu", "ju"), "я": ("ya", "ia", "ja"), "ђ": ("dj",), "ј": ("j",),
+    "љ": ("lj",), "њ": ("nj",), "ћ": ("c",), "џ": ("dz",), "ѓ": ("gj",), "ќ": ("kj",),
+    "ѕ": ("dz",),
+    # Greek (accents are dropped first)
+    "α": ("a",), "β": ("v", "b"), "γ": ("g",), "δ": ("d",), "ε": ("e",), "ζ": ("z",),
+    "η": ("i", "e"), "θ": ("th",), "ι": ("i",), "κ": ("k",), "λ": ("l",), "μ": ("m",),
+    "ν": ("n",), "ξ": ("x", "ks"), "ο": ("o",), "π": ("p",), "ρ": ("r",), "σ": ("s",),
+    "ς": ("s",), "τ": ("t",), "υ": ("y", "i", "u"), "φ": ("f", "ph"),
+    "χ": ("ch", "kh", "h"), "ψ": ("ps",), "ω": ("o",),
+}
+# Spellings of one name piece looked for, at most (beyond that, one per choice of spelling).
+_MAX_SPELLINGS = 64
+# What starts a markup escape: an HTML entity, an RTF escape, a quoted-printable byte.
+_ESCAPE_MARKS = ("&", "\\", "=")
+_HEX = frozenset("0123456789abcdefABCDEF")
+_ENTITY_CHARACTERS = frozenset("#abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+
 _ASCII_NOT_ALNUM = {c: None for c in range(128) if not chr(c).isalnum()}
 
 
@@ -106,6 +148,171 @@ def _cjk_name(text: str) -> str:
     return form if sum(1 for c in form if _is_cjk(c)) >= 2 else ""
 
 
+def _letter_spellings(char: str) -> tuple[str, ...]:
+    """How one (lower case) letter is written in ASCII: its usual spellings, or itself
+    without its accents."""
+    found = _SPELLINGS.get(char)
+    if found is not None:
+        return found
+    base = "".join(c for c in unicodedata.normalize("NFKD", char) if not unicodedata.combining(c))
+    return _SPELLINGS.get(base, (base,))
+
+
+def spellings(text: str) -> set[str]:
+    """The ASCII spellings of ``text`` (lower case): accents dropped, German ``ue`` for
+    ``ü``, Scandinavian ``oe`` for ``ø`` and ``aa`` for ``å``, Polish ``l`` for ``ł``,
+    Cyrillic and Greek romanised (every choice of spelling, or one spelling per choice when
+    there are too many). Empty for ASCII text and for text with letters that have no ASCII
+    spelling (CJK, Arabic, ...)."""
+    if text.isascii():
+        return set()
+    options = [_letter_spellings(c) for c in unicodedata.normalize("NFC", text.lower())]
+    if not all(spelling.isascii() for choice in options for spelling in choice):
+        return set()
+    count = 1
+    for choice in options:
+        count *= len(choice)
+        if count > _MAX_SPELLINGS:
+            width = max(len(c) for c in options)
+            return {"".join(c[min(k, len(c) - 1)] for c in options) for k in range(width)}
+    forms = [""]
+    for choice in options:
+        forms = [form + spelling for form in forms for spelling in choice]
+    return set(forms)
+
+
+def _spelling_choices(text: str) -> set[str]:
+    """The ASCII spellings of ``text``, one per choice of spelling (every letter spelt its
+    first way, every letter its second way, ...): for a whole name, where every choice of
+    every letter would be too many."""
+    if text.isascii():
+        return set()
+    options = [_letter_spellings(c) for c in unicodedata.normalize("NFC", text.lower())]
+    if not all(spelling.isascii() for choice in options for spelling in choice):
+        return set()
+    width = max((len(c) for c in options), default=0)
+    return {"".join(c[min(k, len(c) - 1)] for c in options) for k in range(width)}
+
+
+def _single_bytes(data: bytes) -> str:
+    """Escaped bytes as text: UTF-8 when they are, else Windows-1252 (Latin-1 where it has
+    no character)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(bytes([b]).decode("cp1252", "ignore") or chr(b) for b in data)
+
+
+def _hex_run(text: str, start: int, mark: str) -> tuple[bytes, int]:
+    """The bytes of consecutive ``mark`` + two hex digits escapes from ``start`` and where
+    they end."""
+    data = bytearray()
+    end, size = start, len(mark) + 2
+    while text.startswith(mark, end) and end + size <= len(text) and \
+            text[end + size - 2] in _HEX and text[end + size - 1] in _HEX:
+        data.append(int(text[end + size - 2:end + size], 16))
+        end += size
+    return bytes(data), end
+
+
+def _entity(text: str, start: int) -> tuple[str, int]:
+    """An HTML entity at ``start`` (``&uuml;``, ``&#252;``, ``&#xfc;``, ``&uuml``): what it
+    stands for and where it ends; ("", start) when there is none."""
+    end = start + 1
+    while end < len(text) and end - start <= 32 and text[end] in _ENTITY_CHARACTERS:
+        end += 1
+    if end < len(text) and text[end] == ";":
+        end += 1
+    piece = text[start:end]
+    decoded = html.unescape(piece)
+    return (decoded, end) if decoded != piece else ("", start)
+
+
+def _rtf_escape(text: str, start: int) -> tuple[str, int]:
+    """An RTF escape at ``start`` (``\\'fc``, ``\\u252?``, with its fallback character):
+    what it stands for and where it ends; ("", start) when there is none."""
+    if text.startswith("\\'", start):
+        data, end = _hex_run(text, start, "\\'")
+        return (_single_bytes(data), end) if data else ("", start)
+    if not text.startswith("\\u", start):
+        return "", start
+    end = start + 2
+    if end < len(text) and text[end] == "-":
+        end += 1
+    digits = end
+    while end < len(text) and end - digits < 6 and text[end].isdigit() and text[end].isascii():
+        end += 1
+    if end == digits:
+        return "", start
+    code = int(text[start + 2:end])
+    code = code + 65536 if code < 0 else code
+    if not 0 < code <= 0x10FFFF:
+        return "", start
+    if end < len(text) and text[end] == " ":
+        end += 1  # the control word's delimiter
+    if text.startswith("\\'", end) and end + 4 <= len(text):
+        end += 4  # its fallback, escaped
+    elif end < len(text) and text[end] not in "\\{}":
+        end += 1  # its fallback (one character: \\uc1)
+    return chr(code), end
+
+
+def _quoted_printable(text: str, start: int) -> tuple[str, int]:
+    """Quoted-printable bytes at ``start`` (``=FC``, ``=C3=BC``) or a soft line break
+    (``=`` at the end of a line): what they stand for and where they end; ("", start) when
+    there are none."""
+    for soft in ("=\r\n", "=\n"):
+        if text.startswith(soft, start):
+            return "", start + len(soft)
+    data, end = _hex_run(text, start, "=")
+    return (_single_bytes(data), end) if data else ("", start)
+
+
+_UNESCAPE = {"&": _entity, "\\": _rtf_escape, "=": _quoted_printable}
+
+
+def unescaped(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """``text`` with its markup escapes read (HTML entities, RTF ``\\'hh`` and ``\\uN?``,
+    quoted-printable ``=HH`` and soft line breaks), and for each of its characters the span
+    of ``text`` it was read from. One pass over the text."""
+    out: list[str] = []
+    where: list[tuple[int, int]] = []
+    at = 0
+    while at < len(text):
+        read = _UNESCAPE.get(text[at])
+        decoded, end = read(text, at) if read else ("", at)
+        if end > at:
+            out.append(decoded)
+            where.extend([(at, end)] * len(decoded))
+            at = end
+        else:
+            out.append(text[at])
+            where.append((at, at + 1))
+            at += 1
+    return "".join(out), where
+
+
+def _unescaped_text(text: str) -> str:
+    """``text`` with its markup escapes read (itself when it has none)."""
+    if not any(mark in text for mark in _ESCAPE_MARKS):
+        return text
+    return unescaped(text)[0]
+
+
+def _replaced(text: str, spans: Iterable[tuple[int, int]]) -> str:
+    """``text`` with every span replaced by ``*`` (overlapping spans as one)."""
+    out, last = [], 0
+    for start, end in sorted(spans):
+        if start < last:
+            last = max(last, end)
+            continue
+        out.append(text[last:start])
+        out.append("*")
+        last = end
+    out.append(text[last:])
+    return "".join(out)
+
+
 def values_of(value: Any) -> list[Any]:
     """An element value as a list (multi-valued or not)."""
     return list(value) if isinstance(value, MultiValue | list) else [value]
@@ -113,7 +320,9 @@ def values_of(value: Any) -> list[Any]:
 
 def date_forms(value: str) -> set[str]:
     """A DA value (``YYYYMMDD``) in the ways people write it: ISO, UK (dd/mm/yyyy, also with
-    dashes, dots, spaces and two-digit years), US, compact, and with month names."""
+    dashes, dots, spaces and two-digit years), US, compact, with month names, and short:
+    day and month with or without a leading zero, in either order, with a two- or four-digit
+    year (``4/3/81``, ``3.4.81``, ``4-03-1981``)."""
     text = str(value or "").strip()[:8]
     try:
         day = date(int(text[:4]), int(text[4:6]), int(text[6:8]))
@@ -126,6 +335,11 @@ def date_forms(value: str) -> set[str]:
         forms |= {f"{d}{sep}{m}{sep}{y}", f"{day.day}{sep}{day.month}{sep}{y}",
                   f"{d}{sep}{m}{sep}{y[2:]}", f"{m}{sep}{d}{sep}{y}",
                   f"{day.month}{sep}{day.day}{sep}{y}"}
+    for sep in ("/", "-", "."):
+        for first, second in ((day.day, day.month), (day.month, day.day)):
+            for a in {str(first), f"{first:02d}"}:
+                for b in {str(second), f"{second:02d}"}:
+                    forms |= {f"{a}{sep}{b}{sep}{y[2:]}", f"{a}{sep}{b}{sep}{y}"}
     month = _MONTHS[day.month - 1]
     nth = f"{day.day}{_ordinal_suffix(day.day)}"
     for name in {month, month[:3], month[:4]}:
@@ -150,10 +364,17 @@ class Identity:
     phrases: tuple[str, ...]  # longer identifiers: IDs, numbers, dates (normalised)
     raw: tuple[str, ...]  # as written, longest first (for cleaning free text)
     cjk: frozenset[str] = frozenset()  # CJK names (cjk_form), found anywhere in text
+    dates: frozenset[str] = frozenset()  # the birth date written short, as whole tokens
 
     def is_empty(self) -> bool:
         """True when nothing identifying was found."""
-        return not self.words and not self.phrases and not self.cjk
+        return not self.words and not self.phrases and not self.cjk and not self.dates
+
+    def _short_dates(self, text: str) -> list[tuple[int, int]]:
+        """Where ``text`` has the birth date written short (``4/3/81``), as a whole token."""
+        if not self.dates or not any(c.isdigit() for c in text):
+            return []
+        return [m.span() for m in _SHORT_DATE.finditer(text) if m.group() in self.dates]
 
     def _cjk_in(self, text: str) -> bool:
         """True when ``text`` carries a CJK name, wherever it is (no word boundaries)."""
@@ -163,9 +384,17 @@ class Identity:
         return any(name in form for name in self.cjk)
 
     def found_in(self, text: str) -> bool:
-        """True when ``text`` carries any of the identifiers (any case, any punctuation)."""
+        """True when ``text`` carries any of the identifiers (any case, any punctuation), as
+        written or once its markup escapes are read (``M&uuml;ller``, ``M\\'fcller``)."""
         if not text:
             return False
+        if self._found_as_written(text):
+            return True
+        decoded = _unescaped_text(text)
+        return decoded != text and self._found_as_written(decoded)
+
+    def _found_as_written(self, text: str) -> bool:
+        """True when ``text`` as it is (no escapes read) carries any of the identifiers."""
         norm = normalise(text)
         if not norm:
             return False
@@ -173,17 +402,38 @@ class Identity:
             return True
         if any(normalise(w) in self.words for w in _WORDS.split(text) if w):
             return True
+        if self._short_dates(text):
+            return True
         return self._cjk_in(text)
 
     def clean(self, text: str) -> str:
         """``text`` with every identifier (as a whole word, any case; a CJK name wherever it
-        is) replaced by ``*``."""
+        is) replaced by ``*``; an identifier written with markup escapes (``M&uuml;ller``,
+        ``M=FCller``) too, escapes and all. ``*`` alone when what is left of ``text`` would
+        still carry one."""
         if not text:
             return text
+        cleaned = self._clean_as_written(text)
+        if not any(mark in cleaned for mark in _ESCAPE_MARKS):
+            return cleaned
+        decoded, where = unescaped(cleaned)
+        if decoded == cleaned or not self._found_as_written(decoded):
+            return cleaned
+        spans = self._spans(decoded)
+        if not spans:
+            return "*"
+        out = _replaced(cleaned, [(where[start][0], where[end - 1][1])
+                                  for start, end in spans if end > start])
+        return "*" if self.found_in(out) else out
+
+    def _spans(self, text: str) -> list[tuple[int, int]] | None:
+        """Where ``text`` has an identifier written out (a name, ID, ... as a whole word, a
+        CJK name anywhere, the birth date written short); None when case folding changes its
+        length (the places would not be its own)."""
         lowered = text.casefold()
         if len(lowered) != len(text):
-            return "*" if self.found_in(text) else text
-        spans: list[tuple[int, int]] = []
+            return None
+        spans: list[tuple[int, int]] = self._short_dates(text)
         for ident in self.raw:
             needle = ident.casefold()
             anywhere = not needle.isascii() and bool(_cjk_name(needle))
@@ -195,19 +445,17 @@ class Identity:
                 if anywhere or (not before.isalnum() and not after.isalnum()):
                     spans.append((start, end))
                 start = lowered.find(needle, start + 1)
+        return spans
+
+    def _clean_as_written(self, text: str) -> str:
+        """``text`` (no escapes read) with every identifier replaced by ``*``."""
+        spans = self._spans(text)
+        if spans is None:
+            return "*" if self._found_as_written(text) else text
         if not spans:
             # a CJK name written in another form (half-width kana, spaced out)
             return "*" if self._cjk_in(text) else text
-        out, last = [], 0
-        for start, end in sorted(spans):
-            if start < last:
-                last = max(last, end)
-                continue
-            out.append(text[last:start])
-            out.append("*")
-            last = end
-        out.append(text[last:])
-        cleaned = "".join(out)
+        cleaned = _replaced(text, spans)
         return "*" if self._cjk_in(cleaned) else cleaned
 
     def hits_in_line(self, words: list[str]) -> set[int]:
@@ -231,6 +479,12 @@ class Identity:
                 continue
             if self._cjk_in(words[i]):
                 hits.add(i)
+        # the birth date written short ("4/3/81"), as whole tokens of the line
+        if self.dates:
+            spaced = " ".join(words)
+            at = [i for i, w in enumerate(words) for _ in range(len(w) + 1)]
+            for start, end in self._short_dates(spaced):
+                hits.update(at[start:end])
         # identifiers spread over several words ("943 476 5919", "04 / 03 / 1981")
         line = "".join(norms)
         owner = [i for i, n in enumerate(norms) for _ in n]
@@ -269,13 +523,24 @@ class _Collector:
         self.phrases: set[str] = set()
         self.raw: set[str] = set()
         self.cjk: set[str] = set()
+        self.dates: set[str] = set()
 
     def name(self, value: Any) -> None:
         """A person name (PN): every part as written, every piece of a compound part
         (``Smith-Jones``), consecutive pieces run together or joined by a space or hyphen
-        (in the order written and in the order spoken: given, middle, family), and CJK
-        names to be found anywhere in text."""
+        (in the order written and in the order spoken: given, middle, family), CJK names to
+        be found anywhere in text (also a one-character surname with a one-character given
+        name), the surname with an initial run into it as logins are written (``jsmith``,
+        ``smithj``), and all of these in the ASCII spellings of names written in other
+        letters (``Müller``: ``Muller``, ``Mueller``; ``Иванов``: ``Ivanov``)."""
         text = str(value or "")
+        self._name(text)
+        for group in text.split("="):
+            for spelt in _spelling_choices(group):
+                self._name(spelt)
+
+    def _name(self, text: str) -> None:
+        """A person name as it is written (see :meth:`name`)."""
         for part in _SPLIT.split(text):
             part = part.strip(".-")
             norm = normalise(part)
@@ -290,6 +555,35 @@ class _Collector:
             spoken = [p for i in (1, 2, 0) if i < len(components) for p in components[i]]
             for pieces in (written, spoken):
                 self._pieces(pieces)
+            self._logins(components)
+
+    def _logins(self, components: list[list[str]]) -> None:
+        """The surname (each piece of four letters or more, and a compound one run
+        together) with the initials of the given and middle names run into it, before and
+        after (``jsmith``, ``jqsmith``, ``smithj``): whole words only. A name written
+        without ``^`` (``John Smith``) is taken either way round."""
+        components = [c for c in components if c]
+        if not components:
+            return
+        if len(components) == 1:
+            if len(components[0]) < 2:
+                return
+            pieces = components[0]
+            ways = [([pieces[-1]], pieces[:-1]), ([pieces[0]], pieces[1:])]
+        else:
+            ways = [(components[0], [p for c in components[1:3] for p in c])]
+        for family, given in ways:
+            surnames = {p for p in family if sum(c.isalpha() for c in p) >= 4}
+            if len(family) > 1:
+                surnames.add("".join(family))
+            initials = {p[0] for p in given if p[0].isalnum()}
+            if len(given) > 1 and all(p[0].isalnum() for p in given):
+                initials.add("".join(p[0] for p in given))
+            for surname in surnames:
+                for initial in initials:
+                    for login in (initial + surname, surname + initial):
+                        self.words.add(normalise(login))
+                        self.raw.add(login)
 
     def _pieces(self, pieces: list[str]) -> None:
         for piece in pieces:
@@ -297,12 +591,20 @@ class _Collector:
             if len(norm) >= 2 and norm not in ("ANONYMOUS", "UNKNOWN"):
                 self.words.add(norm)
                 self.raw.add(piece)
+                for spelt in spellings(piece):
+                    if len(normalise(spelt)) >= 2:
+                        self.words.add(normalise(spelt))
+                        self.raw.add(spelt)
             cjk = _cjk_name(piece)
             if cjk:
                 self.cjk.add(cjk)
         for size in range(2, min(len(pieces), _MAX_RUN) + 1):
             for start in range(len(pieces) - size + 1):
                 run = pieces[start:start + size]
+                cjk = _cjk_name("".join(run))
+                if cjk:  # 王伟: a one-character surname and given name, run together
+                    self.cjk.add(cjk)
+                    self.raw.add("".join(run))
                 norm = "".join(normalise(p) for p in run)
                 if len(norm) < 4:
                     continue
@@ -338,8 +640,13 @@ class _Collector:
             forms = _DATE_FORMS[text] = frozenset(date_forms(text))
             if len(_DATE_FORMS) > 10_000:
                 _DATE_FORMS.clear()
-        self.raw.update(forms)
-        self.phrases.update(normalise(form) for form in forms)
+        for form in forms:
+            norm = normalise(form)
+            if _SHORT_DATE.fullmatch(form):
+                self.dates.add(form)
+            if len(norm) >= 6:  # short ones (4381) only as whole tokens, never inside others
+                self.raw.add(form)
+                self.phrases.add(norm)
 
 
 _PATIENT_NAMES = ("PatientName", "OtherPatientNames", "PatientBirthName",
@@ -353,7 +660,8 @@ _COLLECTED_VRS = {"SQ", "PN", "LO", "SH", "ST", "LT", "UT", "UC"}
 def _identity(found: _Collector) -> Identity:
     raw = tuple(sorted((r for r in found.raw if len(r.strip()) >= 2), key=len, reverse=True))
     phrases = tuple(sorted(found.phrases, key=len, reverse=True))
-    return Identity(frozenset(found.words), phrases, raw, frozenset(found.cjk))
+    return Identity(frozenset(found.words), phrases, raw, frozenset(found.cjk),
+                    frozenset(found.dates))
 
 
 def identities_of(ds: Dataset, keep_institution: bool = False,

@@ -10,14 +10,22 @@ times of the source (which must not come out unchanged unless the profile keeps 
 Names are looked for by every part, every piece of a compound part (``Smith-Jones``) and
 consecutive pieces run together (``MariaDelCarmen``); a part that is also a common word (WARD,
 LANE) counts where it is written as a name (capitalised, or after a title: ``Mr Ward``), not
-as the word (``ward 5``); names in CJK characters (two or more) count anywhere in text. The
-source's dates (birth date, and the dates of the study and its parts unless the profile keeps
-dates) are read out of text however they are written (``15.03.2024``, ``20240315``,
-``4th March 1981``, ``Mar 15, 2021``; the birth date's month and year too).
+as the word (``ward 5``); names in CJK characters (two or more, also a one-character surname
+run into a one-character given name: ``王伟``) count anywhere in text. Names written in other
+letters also count in their ASCII spellings (``Müller``: ``Muller``, ``Mueller``; ``Sørensen``:
+``Sorensen``; ``Иванов``: ``Ivanov``), and everyone's surname of four letters or more with an
+initial run into it as a login (``jsmith``, ``SMITHJ``), as a whole word. The source's dates
+(birth date, and the dates of the study and its parts unless the profile keeps dates) are read
+out of text however they are written (``15.03.2024``, ``20240315``, ``4th March 1981``,
+``Mar 15, 2021``; the birth date's month and year too, and the birth date written short as a
+whole token: ``4/3/81``, ``3.4.81``). Text is also read with its markup escapes undone (HTML
+entities, RTF ``\\'fc`` and ``\\u252?``, quoted-printable ``=FC``).
 """
 
 from __future__ import annotations
 
+import html
+import itertools
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -105,6 +113,37 @@ _CJK = ((0x1100, 0x11FF), (0x3040, 0x30FF), (0x3130, 0x318F), (0x31F0, 0x31FF),
         (0xFF66, 0xFF9F), (0x20000, 0x2FFFF))
 _SEPARATORS = set("^=,;:/\\()[]{}<>\"'`| \t\r\n.-_+*#@&")
 DUMMY_TEMPORAL = {"19000101", "000000", "19000101000000", "", "00000000"}
+# ASCII spellings of letters beyond dropping their accents: German, Scandinavian, Polish and
+# other Latin letters; Cyrillic and Greek romanised (ISO 9 / BGN-like, common alternatives).
+_ROMAN: dict[str, tuple[str, ...]] = {
+    "ä": ("a", "ae"), "ö": ("o", "oe"), "ü": ("u", "ue"), "ß": ("ss", "s"), "ø": ("o", "oe"),
+    "å": ("a", "aa"), "æ": ("ae", "e"), "œ": ("oe",), "ł": ("l",), "đ": ("d", "dj"),
+    "ð": ("d",), "þ": ("th",), "ı": ("i",), "ħ": ("h",),
+    "а": ("a",), "б": ("b",), "в": ("v", "w"), "г": ("g", "h"), "ґ": ("g",), "д": ("d",),
+    "е": ("e", "ye"), "ё": ("e", "yo", "jo"), "є": ("ye", "ie", "je"), "ж": ("zh", "j", "z"),
+    "з": ("z",), "и": ("i", "y"), "і": ("i",), "ї": ("yi", "i", "ji"), "й": ("y", "i", "j"),
+    "к": ("k",), "л": ("l",), "м": ("m",), "н": ("n",), "о": ("o",), "п": ("p",),
+    "р": ("r",), "с": ("s",), "т": ("t",), "у": ("u",), "ў": ("u", "w"), "ф": ("f",),
+    "х": ("kh", "h", "ch"), "ц": ("ts", "c", "tz"), "ч": ("ch", "tch"), "ш": ("sh", "ch"),
+    "щ": ("shch", "sch", "sht"), "ъ": ("",), "ы": ("y",), "ь": ("",), "э": ("e",),
+    "ю": ("yu", "iu", "ju"), "я": ("ya", "ia", "ja"), "ђ": ("dj",), "ј": ("j",),
+    "љ": ("lj",), "њ": ("nj",), "ћ": ("c",), "џ": ("dz",), "ѓ": ("gj",), "ќ": ("kj",),
+    "ѕ": ("dz",),
+    "α": ("a",), "β": ("v", "b"), "γ": ("g",), "δ": ("d",), "ε": ("e",), "ζ": ("z",),
+    "η": ("i", "e"), "θ": ("th",), "ι": ("i",), "κ": ("k",), "λ": ("l",), "μ": ("m",),
+    "ν": ("n",), "ξ": ("x", "ks"), "ο": ("o",), "π": ("p",), "ρ": ("r",), "σ": ("s",),
+    "ς": ("s",), "τ": ("t",), "υ": ("y", "i", "u"), "φ": ("f", "ph"),
+    "χ": ("ch", "kh", "h"), "ψ": ("ps",), "ω": ("o",),
+}
+# Spellings of one name part counted, at most (beyond that, one per choice of spelling).
+_MOST_SPELLINGS = 64
+# Markup escapes (fixed patterns, each a few characters): RTF \'hh (runs of them, one
+# character set), RTF \uN with its fallback character, quoted-printable =HH (runs), and a
+# quoted-printable soft line break.
+_RTF_BYTES = re.compile(r"(?:\\'[0-9a-fA-F]{2})+")
+_RTF_UNICODE = re.compile(r"\\u(-?[0-9]{1,6}) ?(?:\\'[0-9a-fA-F]{2}|[^\\{}])?")
+_QP_BYTES = re.compile(r"(?:=[0-9A-Fa-f]{2})+")
+_QP_SOFT_BREAK = re.compile(r"=\r?\n")
 
 
 _ASCII_NOT_ALNUM = {c: None for c in range(128) if not chr(c).isalnum()}
@@ -155,6 +194,111 @@ def folded(text: str) -> str:
 def _cjk_characters(text: str) -> int:
     """How many Chinese, Japanese or Korean characters ``text`` has."""
     return sum(1 for c in text if any(low <= ord(c) <= high for low, high in _CJK))
+
+
+def _letter_romanised(letter: str) -> tuple[str, ...]:
+    """The ASCII spellings of one lower-case letter (itself, accents dropped, when it has
+    no other)."""
+    if letter in _ROMAN:
+        return _ROMAN[letter]
+    plain = "".join(c for c in unicodedata.normalize("NFKD", letter)
+                    if not unicodedata.combining(c))
+    return _ROMAN.get(plain, (plain,))
+
+
+def romanised(text: str, every: bool = True) -> set[str]:
+    """How ``text`` written in other letters is written in ASCII (lower case): accents
+    dropped, ``ue`` for ``ü``, ``oe`` for ``ø``, ``aa`` for ``å``, ``l`` for ``ł``, Cyrillic
+    and Greek romanised. ``every``: every combination of the letters' spellings (up to
+    :data:`_MOST_SPELLINGS`), else one spelling per choice (all first spellings, all second,
+    ...). Empty for ASCII text and for letters with no ASCII spelling (CJK, Arabic, ...)."""
+    if text.isascii():
+        return set()
+    letters = [_letter_romanised(c) for c in unicodedata.normalize("NFC", text).lower()]
+    if any(not way.isascii() for ways in letters for way in ways):
+        return set()
+    combinations = 1
+    for ways in letters:
+        combinations *= len(ways)
+    if every and combinations <= _MOST_SPELLINGS:
+        return {"".join(choice) for choice in itertools.product(*letters)}
+    most = max((len(ways) for ways in letters), default=0)
+    return {"".join(ways[k] if k < len(ways) else ways[0] for ways in letters)
+            for k in range(most)}
+
+
+def _escaped_bytes(data: bytes) -> str:
+    """Bytes written as escapes, as text: UTF-8 when they are that, else Windows-1252
+    (Latin-1 for its gaps)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(bytes([b]).decode("cp1252", "ignore") or chr(b) for b in data)
+
+
+def _hex_bytes(escaped: str) -> bytes:
+    """``\\'fc\\'e9`` or ``=FC=E9``: the bytes."""
+    digits = [c for c in escaped if c in "0123456789abcdefABCDEF"]
+    return bytes.fromhex("".join(digits))
+
+
+def _rtf_unicode(match: re.Match[str]) -> str:
+    code = int(match.group(1))
+    code += 65536 if code < 0 else 0
+    return chr(code) if 0 < code <= 0x10FFFF else match.group()
+
+
+def unescape(text: str) -> str:
+    """``text`` with markup escapes undone: HTML entities (``&uuml;``, ``&#252;``), RTF
+    ``\\'fc`` and ``\\u252?``, quoted-printable ``=FC`` and soft line breaks."""
+    if "&" in text:
+        text = html.unescape(text)
+    if "\\" in text:
+        text = _RTF_BYTES.sub(lambda m: _escaped_bytes(_hex_bytes(m.group())), text)
+        text = _RTF_UNICODE.sub(_rtf_unicode, text)
+    if "=" in text:
+        text = _QP_SOFT_BREAK.sub("", text)
+        text = _QP_BYTES.sub(lambda m: _escaped_bytes(_hex_bytes(m.group())), text)
+    return text
+
+
+def short_dates(text: str) -> Iterator[tuple[int, int, int]]:
+    """Every (year, month, day) written short as a whole token in ``text``: day and month of
+    one or two digits and a two-digit year, one separator (``/``, ``.`` or ``-``) used twice
+    (``4/3/81``: both readings, 4 March and 3 April, of 1981 and of 2081); not part of a
+    longer number or version (``1.4.3.81``). One pass over the text."""
+    size = len(text)
+    at = 0
+    while at < size:
+        if not (text[at].isdigit() and text[at].isascii()):
+            at += 1
+            continue
+        end = at
+        while end < size and (text[end] in "./-" or (text[end].isdigit() and text[end].isascii())):
+            end += 1
+        token = text[at:end].rstrip("./-")  # "4/3/81." at the end of a sentence
+        boxed_in = (at > 0 and (text[at - 1].isalnum() or text[at - 1] == "_")) or (
+            end < size and (text[end].isalnum() or text[end] == "_"))
+        if not boxed_in and not token.startswith(("/", ".", "-")):
+            yield from _short_date(token)
+        at = max(end, at + 1)
+
+
+def _short_date(token: str) -> Iterator[tuple[int, int, int]]:
+    """The dates ``4/3/81`` (one token, one separator) may be."""
+    separators = {c for c in token if not c.isdigit()}
+    if len(separators) != 1:
+        return
+    parts = token.split(separators.pop())
+    if len(parts) != 3 or not (0 < len(parts[0]) <= 2 and 0 < len(parts[1]) <= 2
+                               and len(parts[2]) == 2):
+        return
+    first, second, year = int(parts[0]), int(parts[1]), int(parts[2])
+    for full in (1900 + year, 2000 + year):
+        for month, day in ((second, first), (first, second)):
+            found = _day(full, month, day)
+            if found:
+                yield found
 
 
 def _day(year: int, month: int, day: int) -> tuple[int, int, int] | None:
@@ -387,25 +531,63 @@ class SourceIdentity:
                         continue
 
     def _name(self, kind: str, value: Any) -> None:
+        """A person name: every part and piece, as written and in the ASCII spellings of
+        names written in other letters (``Müller``: ``Mueller``; ``Иванов``: ``Ivanov``), and
+        the surname with initials run into it as logins are written (``jsmith``)."""
         text = str(value or "")
         for group in text.split("="):
-            parts = [p for p in group.replace("^", " ").replace(",", " ").split() if p]
-            for part in parts:
-                self._name_part(kind, part)
-            if len(parts) > 1:
-                self._token(kind, " ".join(parts))
-                self._token(kind, " ".join(reversed(parts)))
-            components = [[w for w in _cased_words(c)
-                           if normalised(w) not in _PLACEHOLDER_NAMES]
-                          for c in group.split("^")]
-            written = [w for component in components for w in component]
-            spoken = [w for i in (1, 2, 0) if i < len(components) for w in components[i]]
-            for pieces in (written, spoken):
-                self._name_pieces(kind, pieces)
+            self._name_group(kind, group)
+            for spelt in romanised(group, every=False):
+                self._name_group(kind, spelt)
+
+    def _name_group(self, kind: str, group: str) -> None:
+        """One component group of a person name (see :meth:`_name`)."""
+        parts = [p for p in group.replace("^", " ").replace(",", " ").split() if p]
+        for part in parts:
+            self._name_part(kind, part)
+        if len(parts) > 1:
+            self._token(kind, " ".join(parts))
+            self._token(kind, " ".join(reversed(parts)))
+        components = [[w for w in _cased_words(c)
+                       if normalised(w) not in _PLACEHOLDER_NAMES]
+                      for c in group.split("^")]
+        written = [w for component in components for w in component]
+        spoken = [w for i in (1, 2, 0) if i < len(components) for w in components[i]]
+        for pieces in (written, spoken):
+            self._name_pieces(kind, pieces)
+        self._logins(kind, components)
+
+    def _logins(self, kind: str, components: list[list[str]]) -> None:
+        """Logins made of a surname of four letters or more (each piece of it, and a
+        compound one run together) and the initials of the given and middle names, run
+        into it before or after (``jsmith``, ``jqsmith``, ``smithj``), as whole words. A name
+        with no ``^`` (``John Smith``) counts either way round."""
+        components = [c for c in components if c]
+        if len(components) >= 2:
+            readings = [(components[0], components[1] + (components[2]
+                                                         if len(components) > 2 else []))]
+        elif components and len(components[0]) >= 2:
+            words = components[0]
+            readings = [(words[-1:], words[:-1]), (words[:1], words[1:])]
+        else:
+            return
+        for family, given in readings:
+            family = [normalised(w) for w in family]
+            given = [normalised(w) for w in given]
+            surnames = {w for w in family if sum(c.isalpha() for c in w) >= 4}
+            if len(family) > 1:
+                surnames.add("".join(family))
+            initials = {w[:1] for w in given if w}
+            if len(given) > 1 and all(given):
+                initials.add("".join(w[:1] for w in given))
+            for surname in surnames:
+                for initial in initials:
+                    self._token(kind, initial + surname, whole_word=True)
+                    self._token(kind, surname + initial, whole_word=True)
 
     def _name_part(self, kind: str, part: str) -> None:
-        """One part of a name, as a whole word; a common word only where written as a
-        name (see :meth:`in_text`)."""
+        """One part of a name, as a whole word, also in its ASCII spellings when written in
+        other letters; a common word only where written as a name (see :meth:`in_text`)."""
         norm = normalised(part)
         if norm in _PLACEHOLDER_NAMES:
             return
@@ -413,22 +595,34 @@ class SourceIdentity:
             self.common.setdefault(norm, kind)
         else:
             self._token(kind, part, whole_word=True)
+        for spelt in romanised(part):
+            spelt_norm = normalised(spelt)
+            if spelt_norm in _COMMON_WORDS:
+                self.common.setdefault(spelt_norm, kind)
+            elif spelt_norm not in _PLACEHOLDER_NAMES:
+                self._token(kind, spelt, whole_word=True)
 
     def _name_pieces(self, kind: str, pieces: list[str]) -> None:
         """The pieces of a name (``Smith-Jones``: Smith, Jones; ``Del Carmen``), each as a
         whole word, up to four consecutive ones run together (``SmithJones``,
-        ``MariaDelCarmen``), and CJK pieces of two or more characters."""
+        ``MariaDelCarmen``), and CJK pieces, or CJK pieces run together (``王伟``), of two or
+        more characters."""
         for piece in pieces:
             self._name_part(kind, piece)
-            form = folded(piece)
-            if not piece.isascii() and _cjk_characters(form) >= 2:
-                self.cjk.setdefault(form, kind)
-                self.raw_forms.setdefault(unicodedata.normalize("NFC", piece).encode(), kind)
+            self._cjk_name(kind, piece)
         for size in range(2, min(len(pieces), 4) + 1):
             for start in range(len(pieces) - size + 1):
                 run = "".join(pieces[start:start + size])
+                self._cjk_name(kind, run)
                 if len(normalised(run)) >= 4:
                     self._token(kind, run, whole_word=True)
+
+    def _cjk_name(self, kind: str, name: str) -> None:
+        """``name`` to be found anywhere in text when it has two or more CJK characters."""
+        form = folded(name)
+        if not name.isascii() and _cjk_characters(form) >= 2:
+            self.cjk.setdefault(form, kind)
+            self.raw_forms.setdefault(unicodedata.normalize("NFC", name).encode(), kind)
 
     def _text(self, kind: str, value: Any, words: bool = True) -> None:
         text = str(value or "").strip()
@@ -460,6 +654,10 @@ class SourceIdentity:
                      f"{day.day}/{day.month}/{y}"):
             for encoding in ("utf-8",):
                 self.raw_forms.setdefault(form.encode(encoding), kind)
+        for sep in "/.-":  # short: 4/3/81, 3/4/81
+            for form in (f"{day.day}{sep}{day.month}{sep}{y[2:]}",
+                         f"{day.month}{sep}{day.day}{sep}{y[2:]}"):
+                self.raw_forms.setdefault(form.encode(), kind)
 
     def _walk(self, ds: Dataset, path: tuple[int, ...], depth: int, context: bool) -> None:
         if depth > 16:
@@ -547,11 +745,22 @@ class SourceIdentity:
     def in_text(self, text: str, coded: bool = False, dates: bool = True) -> list[str]:
         """The kinds of identifier ``text`` carries (whole words for name parts and short
         identifiers, anywhere for longer ones and for CJK names, punctuation and case
-        ignored; the source's dates however written). ``coded``: a coded string (CS),
-        checked for the patient's own identifiers only. ``dates``: False for values that
-        are dates, times, UIDs or numbers themselves (checked apart, by place)."""
+        ignored; the source's dates however written), as written and with its markup
+        escapes undone (``M&uuml;ller``, ``M\\'fcller``, ``M=FCller``). ``coded``: a coded
+        string (CS), checked for the patient's own identifiers only. ``dates``: False for
+        values that are dates, times, UIDs or numbers themselves (checked apart, by
+        place)."""
         if not text:
             return []
+        found = self._in_text(text, coded, dates)
+        if "&" in text or "\\" in text or "=" in text:
+            plain = unescape(text)
+            if plain != text:
+                found += self._in_text(plain, coded, dates)
+        return found
+
+    def _in_text(self, text: str, coded: bool, dates: bool) -> list[str]:
+        """:meth:`in_text` for ``text`` as it is (no escapes undone)."""
         words, phrases = self._index(coded)
         written = words_of(text)
         present = set(written)
@@ -574,7 +783,13 @@ class SourceIdentity:
                 kind = self.dates.get(day)
                 if kind and (not coded or kind in _CS_KINDS):
                     found.append(kind)
+            found += self._short_birth_dates(text)
         return found
+
+    def _short_birth_dates(self, text: str) -> list[str]:
+        """The birth date written short as a whole token (``4/3/81``, ``3.4.81``)."""
+        return ["birth date" for day in short_dates(text)
+                if self.dates.get(day) == "birth date"]
 
     def _common_names(self, text: str, coded: bool) -> list[str]:
         """Name parts that are common words (WARD, LANE), where written as a name:
@@ -647,6 +862,8 @@ class SourceIdentity:
         if self.cjk:
             form = folded("".join(words))
             found += [kind for name, kind in self.cjk.items() if name in form]
+        if self.dates:
+            found += self._short_birth_dates(" ".join(words))
         for token in self.tokens.values():
             if len(token.norm) < 5:
                 if token.norm in present:
