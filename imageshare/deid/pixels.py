@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from pydicom import Dataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.tag import Tag
 
 from imageshare.archive.pixel_budget import decoding
@@ -128,6 +129,27 @@ def decode_frames(ds: Dataset) -> np.ndarray:
     if int(ds.get("NumberOfFrames", 1) or 1) == 1:
         pixels = pixels[np.newaxis, ...]
     return pixels
+
+
+def displayed(ds: Dataset, pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` (frames first, as decoded) in the colours a viewer shows, for reading text:
+    a palette's colours; otherwise ``pixels`` itself (a view: blanking it blanks them)."""
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+        return np.ascontiguousarray(apply_color_lut(pixels, ds))
+    return pixels
+
+
+def windowed(ds: Dataset, image: np.ndarray) -> np.ndarray | None:
+    """What shows bright in a grey ``image`` of more than 8 bits through its first stored
+    window, as a viewer first shows it (a few extreme pixels squash the rest into a grey
+    level or two when stretched from minimum to maximum): white where a pixel is in the top
+    fifth of the window's output, black elsewhere; None without a window."""
+    if image.ndim != 2 or "WindowCenter" not in ds or "WindowWidth" not in ds \
+            or int(ds.get("BitsStored", 8) or 8) <= 8:
+        return None
+    shown = np.asarray(apply_voi_lut(apply_modality_lut(image, ds), ds, index=0), np.float32)
+    low, high = float(shown.min()), float(shown.max())
+    return np.where(shown >= low + 0.8 * (high - low), 255, 0).astype(np.uint8)
 
 
 def _to_8bit(frame: np.ndarray) -> np.ndarray:
@@ -249,22 +271,30 @@ class BurnedInTextCleaner:
             return report
         frames = pixels.shape[0]
         photometric = str(ds.get("PhotometricInterpretation", ""))
+        try:
+            shown = displayed(ds, pixels)
+        except Exception as exc:  # noqa: BLE001 - a palette or LUT that cannot be applied
+            report.held_back = True
+            report.reason = f"pixels cannot be shown as a viewer would ({type(exc).__name__})"
+            return report
         boxes = self.boxes_for(ds)
         report.regions = [list(b) for b in boxes]
         for x, y, w, h in boxes:
-            pixels[:, max(0, y):y + h, max(0, x):x + w, ...] = 0
-        samples = _frames_to_read(pixels)
+            for array in (pixels, shown):
+                array[:, max(0, y):y + h, max(0, x):x + w, ...] = 0
+        samples = _frames_to_read(shown)
         report.frames_read = [s + 1 for s in samples]
-        found, hit_frames = self._find(pixels, samples, identity, report)
+        found, hit_frames = self._find(shown, samples, identity, report, ds)
         if found:
             for x, y, w, h in found:
                 margin = max(4, min(w, h) // 2)  # of the line's height, or width if vertical
-                pixels[:, max(0, y - margin):y + h + margin,
-                       max(0, x - 2 * margin):x + w + 2 * margin, ...] = 0
+                for array in (pixels, shown):
+                    array[:, max(0, y - margin):y + h + margin,
+                          max(0, x - 2 * margin):x + w + 2 * margin, ...] = 0
             report.blanked_lines = len(found)
             # read again: the frames where something was found, and the composite of all
-            remaining, _ = self._find(pixels, sorted(hit_frames or {samples[0]}), identity,
-                                      PixelReport())
+            remaining, _ = self._find(shown, sorted(hit_frames or {samples[0]}), identity,
+                                      PixelReport(), ds)
             if remaining:
                 report.held_back = True
                 report.reason = ("patient identifiers can still be read in the pixels after "
@@ -276,10 +306,12 @@ class BurnedInTextCleaner:
         return report
 
     def _find(self, pixels: np.ndarray, samples: list[int], identity: Identity,
-              report: PixelReport) -> tuple[list[tuple[int, int, int, int]], set[int]]:
+              report: PixelReport, ds: Dataset | None = None,
+              ) -> tuple[list[tuple[int, int, int, int]], set[int]]:
         """The boxes of every line carrying an identifier, on the sampled frames, on the
-        composite of all frames, on what shows on only some frames, and on the overview
-        turned a quarter each way (vertical text); and the frames they were found on."""
+        composite of all frames, on what shows on only some frames, on the overview turned a
+        quarter each way (vertical text) and through ``ds``'s stored window; and the frames
+        they were found on."""
         found = []
         hit_frames: set[int] = set()
         overview = _composite(pixels) if pixels.shape[0] > 1 else pixels[0]
@@ -291,6 +323,9 @@ class BurnedInTextCleaner:
             images.append((-1, "frames where it shows briefly", _transient(pixels), 0))
         images += [(-1, "turned a quarter", overview, 1),
                    (-1, "turned a quarter", overview, 3)]
+        shown = windowed(ds, overview) if ds is not None else None
+        if shown is not None:
+            images.append((-1, "through the stored window", shown, 0))
         read = self._read_all([(image, turns) for _, _, image, turns in images])
         for (index, place, _image, _turns), lines in zip(images, read, strict=True):
             for line in lines:

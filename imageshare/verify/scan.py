@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from imageshare.verify.identity import (
     KEEP_TIMES,
     SourceIdentity,
     normalised,
+    words_of,
 )
 
 OCR_AUTO, OCR_ALWAYS, OCR_NEVER = "auto", "always", "never"
@@ -180,6 +183,28 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
     return pixels
 
 
+def as_shown(ds: Dataset, frames: np.ndarray) -> np.ndarray:
+    """``frames`` in the colours a viewer shows: a palette's, not its indexes."""
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        return np.asarray(apply_color_lut(frames, ds))
+    return frames
+
+
+def through_window(ds: Dataset, frame: np.ndarray) -> np.ndarray | None:
+    """The bright part of a grey frame through the first stored window, as a viewer shows it
+    (a few extreme pixels cannot then squash the rest): 255 at or above three quarters of the
+    window's output, 0 below; None when there is no window."""
+    if frame.ndim != 2 or "WindowWidth" not in ds or "WindowCenter" not in ds:
+        return None
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    shown = np.asarray(apply_voi_lut(apply_modality_lut(frame, ds), ds, index=0), np.float32)
+    cut = np.percentile(shown, 0) + 0.75 * float(np.ptp(shown))
+    return np.where(shown >= cut, 255, 0).astype(np.uint8)
+
+
 class Verifier:
     """Compares outputs with their sources; findings hold a file back."""
 
@@ -263,38 +288,46 @@ class Verifier:
     def _raw_element(self, element: rawdicom.RawElement, identity: SourceIdentity, name: str,
                      encodings: list[str], joined: list[str], findings: list[Finding]) -> None:
         tag, vr, value = element.tag, element.vr, element.value
+        if value and tag in _PIXEL_TAGS and _nested_pixels(element.path[:-1]):
+            findings.append(Finding(name, _NESTED_PIXELS, element.where + rawdicom.label(tag)))
+            return
         if not value or tag in _PIXEL_TAGS or (
                 (tag >> 16) & 0xFF00 == 0x6000 and tag & 0xFFFF == 0x3000):
             return
         if vr in _BYTES_VRS:
-            for kind in dict.fromkeys(identity.in_bytes(value)):
-                findings.append(Finding(name, kind, element.where + rawdicom.label(tag)))
-            text = value.decode("latin-1")
+            blobs, texts = _binary_texts(value, utf16=vr in ("OB", "UN"))
+            for blob in blobs:
+                for kind in dict.fromkeys(identity.in_bytes(blob)):
+                    findings.append(Finding(name, kind, element.where + rawdicom.label(tag)))
         elif vr in _TEXT_VRS:
             if value.isascii() and b"\x1b" not in value:
                 text = value.decode("ascii")
             else:  # other character sets (ISO 2022 ones switch with escape sequences)
                 text = _decode(value, encodings, vr)
-            text = text.strip(" \0")
+            texts = [text.strip(" \0")]
         else:
             return  # numbers
         found = len(findings)
         if vr in ("DA", "DT", "TM"):
-            self._temporal(identity, element.path, vr, [text], name, "", findings)
+            self._temporal(identity, element.path, vr, texts, name, "", findings)
         if vr in _FREE_TEXT_VRS:
-            joined.append(normalised(text))
-        findings += [Finding(name, kind, "") for kind in dict.fromkeys(identity.in_text(
-            text, coded=vr == "CS", dates=vr not in _NOT_WRITTEN_DATES))]
+            joined.append(normalised(texts[0]))
+        findings += [Finding(name, kind, "") for kind in dict.fromkeys(
+            kind for text in texts for kind in _kinds_in(identity, text, vr))]
         if len(findings) > found:  # named only when something was found (it costs)
             label = element.where + rawdicom.label(tag)
             findings[found:] = [Finding(f.file, f.kind, label) for f in findings[found:]]
 
     def _raw_documents(self, raw: rawdicom.RawFile, identity: SourceIdentity, name: str,
                        findings: list[Finding]) -> None:
-        """Encapsulated documents' text; and, since every element has been read by now, file
-        meta elements out of their place (see :func:`_misplaced_file_meta`)."""
+        """Encapsulated documents' text, and documents the de-identifier removes (in sequence
+        items, HPGL: see :func:`_kept_document`); and, since every element has been read by
+        now, file meta elements out of their place (see :func:`_misplaced_file_meta`)."""
         findings += [Finding(name, _MISPLACED_META, element.where + rawdicom.label(element.tag))
                      for element in _misplaced_file_meta(raw.elements)]
+        findings += [Finding(name, _KEPT_DOCUMENT, element.where + rawdicom.label(element.tag))
+                     for element in raw.elements
+                     if element.value and _kept_document(element.tag, len(element.path) - 1)]
         document = raw.top.get(0x00420011)
         if not document:
             return
@@ -344,6 +377,11 @@ class Verifier:
             return
         for tag in list(ds.keys()):
             tag = BaseTag(tag)
+            if tag in _PIXEL_TAGS and _nested_pixels(path) and ds.get_item(tag).value:
+                findings.append(Finding(name, _NESTED_PIXELS, self._label(tag, where)))
+                continue
+            if _kept_document(tag, depth) and ds.get_item(tag).value:
+                findings.append(Finding(name, _KEPT_DOCUMENT, self._label(tag, where)))
             if tag.group == 0x7FE0 or (tag.group & 0xFF00 == 0x6000 and tag.element == 0x3000):
                 continue
             if tag.group == 0x0002 and not file_meta:
@@ -371,28 +409,29 @@ class Verifier:
             if vr in ("DA", "DT", "TM"):
                 self._temporal(identity, (*path, int(tag)), vr, texts, name,
                                self._label(tag, where), findings)
-            for text in texts:
-                if vr in _FREE_TEXT_VRS:
-                    joined.append(normalised(text))
-                kinds = identity.in_text(text, coded=vr == "CS",
-                                         dates=vr not in _NOT_WRITTEN_DATES)
-                for kind in dict.fromkeys(kinds):
-                    findings.append(Finding(name, kind, self._label(tag, where)))
+            if vr in _FREE_TEXT_VRS:
+                joined.append(normalised(texts[0]))
+            kinds = [kind for text in texts for kind in _kinds_in(identity, text, vr)]
+            for kind in dict.fromkeys(kinds):
+                findings.append(Finding(name, kind, self._label(tag, where)))
 
     def _texts(self, ds: Dataset, tag: BaseTag, raw: Any, vr: str | None,
                identity: SourceIdentity, name: str, where: str,
                findings: list[Finding]) -> list[str]:
         """An element's value as text: ASCII bytes as they are, other text decoded with the
-        data set's character set, binary values as Latin-1 (and searched as bytes)."""
+        data set's character set, binary values as Latin-1 and their UTF-16 runs, inflated
+        when compressed (and searched as bytes: see :func:`_binary_texts`)."""
         value = raw.value
         if value is None or value == "" or value == b"":
             return []
         if isinstance(value, bytes | bytearray):
             data = bytes(value)
             if vr in _BYTES_VRS or vr is None:
-                for kind in dict.fromkeys(identity.in_bytes(data)):
-                    findings.append(Finding(name, kind, self._label(tag, where)))
-                return [data.decode("latin-1")]
+                blobs, texts = _binary_texts(data, utf16=vr in ("OB", "UN", None))
+                for blob in blobs:
+                    for kind in dict.fromkeys(identity.in_bytes(blob)):
+                        findings.append(Finding(name, kind, self._label(tag, where)))
+                return texts
             if data.isascii():
                 return [data.decode("ascii").strip(" \0")]
             try:
@@ -441,14 +480,14 @@ class Verifier:
     def _ocr_pixels(self, ds: Dataset, identity: SourceIdentity, name: str, what: str,
                     findings: list[Finding]) -> None:
         try:
-            frames = decode_pixels(ds)
+            frames = as_shown(ds, decode_pixels(ds))
         except Exception as exc:  # noqa: BLE001 - pixels we cannot read cannot be shown safe
             findings.append(Finding(name, "pixels that cannot be decoded", type(exc).__name__))
             return
-        self._ocr_frames(frames, identity, name, what, findings)
+        self._ocr_frames(frames, identity, name, what, findings, through_window(ds, frames[0]))
 
     def _ocr_frames(self, frames: np.ndarray, identity: SourceIdentity, name: str, what: str,
-                    findings: list[Finding]) -> None:
+                    findings: list[Finding], windowed: np.ndarray | None = None) -> None:
         count = frames.shape[0]
         images = [(f"{what}, frame {i + 1}", frames[i]) for i in sorted({0, count // 2,
                                                                           count - 1})]
@@ -464,6 +503,8 @@ class Verifier:
             images.append((f"{what}, what shows on some frames only", _grey(apart)))
         images += [(f"{what}, turned a quarter", np.rot90(overview, turns))
                    for turns in (1, 3)]  # text written up or down the side
+        if windowed is not None:
+            images.append((f"{what}, frame 1 through its window", windowed))
         reader = self.reader()
         with ThreadPoolExecutor(max_workers=_OCR_WORKERS) as pool:
             read = list(pool.map(lambda image: reader.lines(_grey(image)),
@@ -676,6 +717,116 @@ class Verifier:
 
 _PIXEL_TAGS = {0x7FE00008, 0x7FE00009, 0x7FE00010}
 _MISPLACED_META = "file meta element (group 0002) inside the data set"
+_NESTED_PIXELS = "pixel data inside a sequence item"
+_KEPT_DOCUMENT = "document left in the data set"
+_ICON_IMAGE_SEQUENCE = 0x00880200  # read with OCR instead
+_ENCAPSULATED_DOCUMENT, _HPGL_DOCUMENT = 0x00420011, 0x00686300
+# Kinds of identifier that, as a whole coded string value (three characters or more), are a
+# finding: words of the names of anyone named, the institution's words.
+_NAMED_KINDS = {"patient name", "person name", "institution"}
+# Defined terms that are also words names may hold (a person called Text): not a finding as
+# a whole coded value (SR value and relationship types, Image Type values).
+_DEFINED_TERMS = frozenset({
+    "TEXT", "CODE", "NUM", "DATETIME", "DATE", "TIME", "UIDREF", "PNAME", "COMPOSITE", "IMAGE",
+    "WAVEFORM", "SCOORD", "SCOORD3D", "TCOORD", "CONTAINER", "TABLE", "CONTAINS", "SEPARATE",
+    "CONTINUOUS", "COMPLETE", "PARTIAL", "VERIFIED", "UNVERIFIED", "ORIGINAL", "DERIVED",
+    "PRIMARY", "SECONDARY", "AXIAL", "LOCALIZER", "OTHER", "NONE", "YES", "MIXED", "VOLUME",
+})
+# UTF-16 text (Latin-1 characters, big or little endian) in binary values: runs of at least
+# four characters (a fixed pattern, never built from data)
+_UTF16_BE = re.compile(rb"(?:\x00[\x20-\x7e\xa0-\xff]){4,}")
+_UTF16_LE = re.compile(rb"(?:[\x20-\x7e\xa0-\xff]\x00){4,}")
+_MAX_INFLATED = 64 << 20
+
+
+def _nested_pixels(item_path: tuple[int, ...]) -> bool:
+    """True when pixel data in the item at ``item_path`` ((sequence tag, index) pairs; empty
+    at the top level) is an image nested where the de-identifier removes it: in any sequence
+    item but the Icon Image Sequence's (read with OCR)."""
+    return len(item_path) >= 2 and item_path[-2] != _ICON_IMAGE_SEQUENCE
+
+
+def _kept_document(tag: int, depth: int) -> bool:
+    """True for a document the de-identifier removes where it is: an HPGL document anywhere,
+    an Encapsulated Document in a sequence item (a top-level one is read as a document)."""
+    return tag == _HPGL_DOCUMENT or (tag == _ENCAPSULATED_DOCUMENT and depth > 0)
+
+
+def _inflated(data: bytes) -> bytes:
+    """What a zlib- or gzip-compressed value inflates to (at most 64 MiB); empty when it is
+    not one."""
+    if data[:2] == b"\x1f\x8b":
+        wbits = 31
+    elif len(data) > 2 and data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0:
+        wbits = 15
+    else:
+        return b""
+    try:
+        return zlib.decompressobj(wbits).decompress(data, _MAX_INFLATED)
+    except zlib.error:
+        return b""
+
+
+def _binary_texts(data: bytes, utf16: bool) -> tuple[list[bytes], list[str]]:
+    """What to search in a binary value: its bytes and, when it is compressed, what it
+    inflates to; and their text: as Latin-1 and (``utf16``: OB and UN values) their UTF-16
+    runs, big and little endian, decoded (where each letter would otherwise be a word)."""
+    blobs = [data]
+    inflated = _inflated(data)
+    if inflated:
+        blobs.append(inflated)
+    texts = []
+    for blob in blobs:
+        texts.append(blob.decode("latin-1"))
+        if utf16:
+            for pattern, encoding in ((_UTF16_BE, "utf-16-be"), (_UTF16_LE, "utf-16-le")):
+                runs = [m.group().decode(encoding) for m in pattern.finditer(blob)]
+                if runs:
+                    texts.append("\n".join(runs))
+    return blobs, texts
+
+
+def _kinds_in(identity: SourceIdentity, text: str, vr: str | None) -> list[str]:
+    """The kinds of identifier in one element's ``text``, read as its VR says: numbers (IS,
+    DS) without short identifiers but with the source's dates, coded strings (CS) for the
+    patient and as whole values for anyone's name."""
+    if vr in ("IS", "DS"):
+        return _numeric_kinds(identity, text)
+    kinds = identity.in_text(text, coded=vr == "CS", dates=vr not in _NOT_WRITTEN_DATES)
+    if vr == "CS":
+        kinds += _coded_names(identity, text)
+    return kinds
+
+
+def _numeric_kinds(identity: SourceIdentity, text: str) -> list[str]:
+    """Identifiers in an IS or DS value: not those shorter than five characters (a patient ID
+    400 is not found in a window width of 400), and the source's dates as ``YYYYMMDD``
+    (``20240315``, ``20240315.1015``)."""
+    kinds = identity.in_text(text, dates=False)
+    if kinds:
+        words = words_of(text)
+        short = {w for w in words if len(w) < 5 and w in identity.tokens}
+        if short:
+            kinds = identity.in_text(" ".join(w for w in words if w not in short),
+                                     dates=False)
+    kinds += [kind for (year, month, day), kind in identity.dates.items()
+              if day and f"{year:04d}{month:02d}{day:02d}" in text]
+    return kinds
+
+
+def _coded_names(identity: SourceIdentity, text: str) -> list[str]:
+    """Values of a coded string that are, as a whole, a word (three characters or more) of
+    the name of anyone named or of the institution (defined terms are words too, so no less
+    than a whole value counts)."""
+    kinds = []
+    for value in text.split("\\"):
+        norm = normalised(value)
+        token = identity.tokens.get(norm) if len(norm) >= 3 else None
+        if norm in _DEFINED_TERMS:
+            continue
+        if token is not None and token.kind in _NAMED_KINDS:
+            kinds.append(token.kind)
+    return kinds
 
 
 def _misplaced_file_meta(elements: list[rawdicom.RawElement]) -> list[rawdicom.RawElement]:

@@ -100,3 +100,48 @@ def test_the_verifier_reads_a_name_up_the_side_and_on_one_frame_of_a_loop():
     loop[17, 380:412, 180:420] = _text_image("GARCIA HX77123", (240, 32))
     ds.set_pixel_data(loop, "RGB", 8, generate_instance_uid=False)
     assert any("some frames only" in where for where in _verifier_findings(ds))
+
+
+def _palette_image():
+    """A PALETTE COLOR image whose name is drawn in palette index 1, which the palette shows
+    white: the stored indexes look black."""
+    ds = ultrasound_with_text("SONOSITE EDGE", manufacturer="Unlisted")
+    text = _text_image("GARCIA HX77123", (300, 32))[..., 0]
+    indexes = np.zeros((480, 640), np.uint8)
+    indexes[200:232, 100:400] = (text > 128).astype(np.uint8)
+    indexes[300:420, 150:500] = np.random.default_rng(5).integers(2, 256, (120, 350))
+    ds.set_pixel_data(indexes, "MONOCHROME2", 8, generate_instance_uid=False)
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    lut = np.arange(256, dtype=np.uint16) * 257
+    lut[1] = 65535
+    for colour in ("Red", "Green", "Blue"):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", lut.tobytes())
+    return ds
+
+
+def _wide_range_image():
+    """16-bit grey: the name at 600 over noise up to 300 and one saturated marker; the stored
+    window (300/600) shows the name plainly, a minimum-to-maximum stretch does not."""
+    ds = ultrasound_with_text("SONOSITE EDGE", manufacturer="Unlisted")
+    values = np.random.default_rng(2).integers(0, 300, (480, 640)).astype(np.uint16)
+    values[200:232, 100:400][_text_image("GARCIA HX77123", (300, 32))[..., 0] > 128] = 600
+    values[470:480, 630:640] = 65535
+    ds.set_pixel_data(values, "MONOCHROME2", 16, generate_instance_uid=False)
+    ds.WindowCenter, ds.WindowWidth = 300, 600
+    return ds
+
+
+@pytest.mark.parametrize("make", [_palette_image, _wide_range_image])
+def test_text_a_viewer_shows_is_read_as_shown_and_blanked(make):
+    ds = make()
+    outcome = Deidentifier(DEFAULT_PROFILES["basic"], Pseudonyms(SECRET)).instance(ds)
+    assert not outcome.held_back, outcome.report.get("reason")
+    assert outcome.report["pixels"]["identifiers_found"], outcome.report["pixels"]
+    written = outcome.dataset.pixel_array[200:232, 100:400]
+    assert not np.any(written == (1 if make is _palette_image else 600))  # no stroke left
+
+
+@pytest.mark.parametrize("make", [_palette_image, _wide_range_image])
+def test_the_verifier_reads_text_a_viewer_shows(make):
+    assert _verifier_findings(make())
