@@ -23,7 +23,13 @@ from imageshare.archive.transcode import (
     can_decode,
     can_encode,
 )
-from imageshare.dicom.contexts import LISTENER_SYNTAXES, SCP_SOP_CLASSES, STORAGE_RECOGNITION
+from imageshare.dicom.contexts import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    LISTENER_SYNTAXES,
+    SCP_SOP_CLASSES,
+    STORAGE_RECOGNITION,
+)
 from imageshare.dicom.statuses import STATUSES
 from imageshare.settings import setting_docs
 from imageshare.web.dicomweb import RESOURCE_MEDIA_TYPES, STOW_REASONS, router
@@ -81,6 +87,24 @@ Endian first); big-endian, compressed and deflated instances all reach receivers
 only Implicit VR Little Endian. An instance that cannot be converted is offered as stored,
 and only its sub-operation fails.
 
+ImageShare's Implementation Class UID is
+`""" + IMPLEMENTATION_CLASS_UID + """`
+and its Implementation Version Name `""" + IMPLEMENTATION_VERSION_NAME + """`, in every
+association it accepts or requests (listener, C-MOVE sub-operations, exchange with other
+sites) and in the File Meta Information of the instances the listener receives.
+
+C-STORE checks that the data set is the instance the request announced: a SOP Class UID other
+than the Affected SOP Class UID is refused with `A900`, a SOP Instance UID other than the
+Affected SOP Instance UID with `C000`; nothing is stored and the refusal is audited. An
+instance whose SOP Instance UID is stored already is a duplicate (Success, the stored copy
+kept) when its data set is the stored one: the File Meta Information (group 0002: source AE
+title, implementation) is not compared (PS3.10 7.1), so a C-STORE and a STOW-RS of the same
+instance agree. In another transfer syntax it is the same instance when every other attribute
+is equal and its pixels decode equal; pixels that do not decode here within 32 MiB are not
+compared (equal attributes suffice). Other content under a stored SOP Instance UID is refused
+with `0111` (C-STORE) or Failure Reason `0111` (STOW-RS), Error Comment `stored copy kept`;
+the stored copy stays.
+
 C-STORE Priority: a node registered with an inbox (another hospital) that stores with
 Priority HIGH makes its study an urgent arrival in the inbox (the team alerted once, by
 e-mail to `IMAGESHARE_EXCHANGE_TEAM_EMAIL`); MEDIUM and LOW are routine. Priority changes
@@ -127,6 +151,16 @@ Compared with Orthanc 1.10 (which compares date and time keys as text): ImageSha
 values stored with other precision (`1430` for `143000`) and times within the bound's own
 span (`-1430` includes 14:30:00; `143000` includes 14:30:00.5), and matches lists of times
 and wildcards inside lists. Everything Orthanc finds, ImageShare finds.
+
+Return keys carry the stored value or zero length, never a default (PS3.4 C.4.1.1.3.2,
+PS3.18): Number of Frames is the stored value when it is more than 1, or when the stored
+header is read for another key; else zero length (the index keeps 1 for an instance without
+one). Numbers of related studies, series and instances, Modalities and SOP Classes in Study,
+Retrieve AE Title, Instance Availability and Available Transfer Syntax are the archive's own.
+
+A C-FIND with more matches than `IMAGESHARE_QIDO_MAX_LIMIT` sends that many and then ends with
+`A700` (Refused: Out of Resources), Error Comment `more than N matches; narrow the query`,
+never with Success; exactly that many matches end with `0000`.
 """
 
 

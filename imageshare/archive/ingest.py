@@ -36,6 +36,7 @@ from imageshare.archive.indexing import (
     patient_differs,
     replace_instance_blob,
 )
+from imageshare.archive.ingest_compare import same_instance
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import SYSTEM, Actor
 from imageshare.domain.errors import (
@@ -86,6 +87,26 @@ def out_of_room(floor_mb: int = 0) -> OutOfResources:
 Outcome = Literal["stored", "duplicate", "replaced", "kept_first", "held"]
 
 
+class SopClassMismatch(InvalidInstance):
+    """The data set's SOP Class UID is not the one its C-STORE request named (PS3.4 B.2.3:
+    Error: Data Set does not match SOP Class)."""
+
+    dicom_status = 0xA900
+
+
+def check_announced(header: InstanceHeader, announced: tuple[str, str]) -> None:
+    """Refuse a data set whose SOP Class or SOP Instance UID is not the (class, instance)
+    ``announced`` for it (a C-STORE request's Affected SOP Class and Instance UIDs): it
+    would be stored with a File Meta Information saying one thing and a data set another."""
+    sop_class, sop_instance = (uid.strip().rstrip("\x00") for uid in announced)
+    if header.sop_class_uid != sop_class:
+        raise SopClassMismatch("SOP Class UID differs from Affected SOP Class UID",
+                               header.sop_class_uid, header.sop_instance_uid)
+    if header.sop_instance_uid != sop_instance:
+        raise InvalidInstance("SOP Instance UID differs from Affected SOP Instance UID",
+                              header.sop_class_uid, header.sop_instance_uid)
+
+
 @dataclass(frozen=True)
 class StoreResult:
     """The answer to one stored instance. ``warning`` is set when stored data was kept;
@@ -100,14 +121,20 @@ class StoreResult:
     dataset: Dataset | None = field(default=None, repr=False, compare=False)
 
 
-def _same_content(blobs: BlobStore, existing: ExistingInstance, new: StoredBlob) -> bool:
-    """Whether the stored instance holds exactly the newly stored bytes (by digest)."""
-    if existing.size != new.size:
-        return False
-    if existing.sha256:
-        return existing.sha256 == new.sha256
-    with blobs.open(existing.blob_key) as fh:  # stored before digests were recorded
-        return digest_of(fh).sha256 == new.sha256
+def _same_content(blobs: BlobStore, existing: ExistingInstance, new: StoredBlob,
+                  new_key: str) -> bool:
+    """Whether the stored instance is the one newly stored under ``new_key``: the same bytes
+    (by digest), or else an equal data set whatever the File Meta Information says
+    (:func:`imageshare.archive.ingest_compare.same_instance`)."""
+    if existing.size == new.size:
+        if existing.sha256:
+            if existing.sha256 == new.sha256:
+                return True
+        else:
+            with blobs.open(existing.blob_key) as fh:  # stored before digests were recorded
+                if digest_of(fh).sha256 == new.sha256:
+                    return True
+    return same_instance(blobs, existing.blob_key, new_key)
 
 
 def received_from(actor: Actor) -> str:
@@ -207,18 +234,19 @@ class IngestService:
 
     def store_staged(
         self, path: Path, actor: Actor, expected_study: str | None = None,
-        review_site: str = "",
+        review_site: str = "", announced: tuple[str, str] | None = None,
     ) -> StoreResult:
         """Store the Part 10 file at ``path``, which the pipeline may move or delete.
 
         Returns only when the bytes are fsynced and the index commit containing them is done.
         Raises :class:`InvalidInstance`, :class:`ConflictingInstance` or (no room on the disk)
         :class:`OutOfResources`, changing nothing. ``expected_study`` refuses instances of
-        any other study (STOW-RS to a study URL).
+        any other study (STOW-RS to a study URL); ``announced`` (SOP Class UID, SOP Instance
+        UID), those of any other class or instance (:func:`check_announced`: C-STORE).
         """
         self.ensure_room(actor)
         try:
-            return self._store_staged(path, actor, expected_study, review_site)
+            return self._store_staged(path, actor, expected_study, review_site, announced)
         except Exception as exc:
             if no_room(exc):
                 self._audit_quietly(actor, "out of resources")
@@ -340,6 +368,7 @@ class IngestService:
 
     def _store_staged(
         self, path: Path, actor: Actor, expected_study: str | None, review_site: str = "",
+        announced: tuple[str, str] | None = None,
     ) -> StoreResult:
         key = new_blob_key()
         on_disk = Prerequisite()
@@ -360,6 +389,8 @@ class IngestService:
             moving.add_done_callback(settled)
             try:
                 _ds, header = read_header(path, fp)
+                if announced is not None:
+                    check_announced(header, announced)
                 if expected_study and header.study_uid != expected_study:
                     raise WrongStudy(
                         "the instance belongs to another study than the one in the request URL",
@@ -482,7 +513,7 @@ class IngestService:
             )
         else:
             stored = moving.result()  # compare with the new bytes once they are in the store
-            if _same_content(self.blobs, existing, stored):
+            if _same_content(self.blobs, existing, stored, key):
                 outcome = IndexOutcome("duplicate")
             elif self.overwrite and self._may_replace(conn, h, actor, review_site):
                 outcome = replace_instance_blob(conn, existing, h, key, stored.size,

@@ -48,6 +48,13 @@ MATCHING_RULES: tuple[MatchingRule, ...] = (
                  "`*` (any run) and `?` (one character), case-sensitive except person names; "
                  "linear time, patterns up to "
                  f"{MAX_WILDCARD_PATTERN} characters"),
+    MatchingRule("Person name component groups", "PN",
+                 "a key with several component groups (`=`: alphabetic, ideographic, "
+                 "phonetic) matches when each non-empty group matches the stored value's group "
+                 "in the same place (wild cards within a group); `=山田^太郎` matches on the "
+                 "ideographic group alone, never everything. A key of one group is matched as "
+                 "before: Patient Name and Referring Physician Name on the whole stored value, "
+                 "other PN keys on the alphabetic group"),
     MatchingRule("List of UID", "UI", "`\\`-separated UIDs (commas in QIDO-RS): any of them"),
     MatchingRule("Multiple value", "every VR but LT, ST, UT, UR and SQ",
                  "`\\`-separated values (commas for UI and CS in QIDO-RS): an entity matches "
@@ -229,8 +236,31 @@ def text_condition(column: Any, value: str, vr: str = "LO") -> ColumnElement[boo
     return or_(*conditions) if len(conditions) > 1 else conditions[0]
 
 
-def name_condition(column: Any, value: str, fuzzy: bool = False) -> ColumnElement[bool]:
-    """Case- and accent-insensitive matching of a normalised name column (any of a list)."""
+def _pn_groups_condition(column: Any, folded: str) -> ColumnElement[bool]:
+    """A condition every stored name whose component groups match the folded query value
+    ``folded`` (which holds ``=``) meets: the query's first group at the start of the column,
+    each later non-empty group after some ``=``. It may let through names whose groups match
+    in other places: the query engine checks those group by group on the stored value."""
+    conditions: list[ColumnElement[bool]] = []
+    for index, group in enumerate(g.strip() for g in folded.split("=")):
+        if group == "":
+            continue
+        check_wildcard_pattern(group)
+        if index == 0:
+            conditions.append(or_(_one_text_condition(column, group),
+                                  _Glob(column, f"{group}=*")))
+        else:
+            conditions.append(_Glob(column, f"*={group}*"))
+    return and_(*conditions) if conditions else true()
+
+
+def name_condition(column: Any, value: str, fuzzy: bool = False,
+                   person_name: bool = True) -> ColumnElement[bool]:
+    """Case- and accent-insensitive matching of a normalised name column (any of a list).
+
+    A person name (``person_name``) with several component groups (``=``) is matched group
+    by group: this condition narrows the search, and :func:`pn_needs_groups` tells the query
+    engine to check the groups on the stored value (:func:`json_matches`)."""
     if is_universal_text(value, "PN"):
         return true()
     conditions = []
@@ -241,6 +271,8 @@ def name_condition(column: Any, value: str, fuzzy: bool = False) -> ColumnElemen
         if fuzzy and not has_wildcard(folded):
             words = [w for w in folded.replace("^", " ").replace("=", " ").split() if w]
             conditions.append(and_(*(_Glob(column, f"*{w}*") for w in words)))
+        elif person_name and "=" in folded:
+            conditions.append(_pn_groups_condition(column, folded))
         else:
             conditions.append(_one_text_condition(column, folded))
     if not conditions:
@@ -502,10 +534,45 @@ def _values(element: dict[str, Any] | None) -> list[Any]:
     return list(element.get("Value", []) or [])
 
 
+PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def pn_text(value: dict[str, Any]) -> str:
+    """A person name in DICOM JSON (``{"Alphabetic": ..., "Ideographic": ...}``) as its DICOM
+    string: the component groups joined by ``=``, trailing empty groups left off
+    (``=山田^太郎`` when only the ideographic group is given)."""
+    return "=".join(str(value.get(group) or "") for group in PN_GROUPS).rstrip("=")
+
+
 def _as_text(value: Any) -> str:
-    if isinstance(value, dict):  # PN in DICOM JSON
-        return str(value.get("Alphabetic", ""))
+    if isinstance(value, dict):  # PN in DICOM JSON: every component group
+        return pn_text(value)
     return str(value)
+
+
+def _pn_group_matches(stored: str, wanted: str) -> bool:
+    """Does the folded stored name match one folded query value, group by group? Each
+    non-empty component group of the query (alphabetic, ideographic, phonetic, separated by
+    ``=``) must match the stored value's group in the same place (PS3.4 C.2.2.2.1); empty
+    query groups match anything."""
+    stored_groups = [group.strip() for group in stored.split("=")]
+    for index, group in enumerate(group.strip() for group in wanted.split("=")):
+        if group == "":
+            continue
+        have = stored_groups[index] if index < len(stored_groups) else ""
+        if has_wildcard(group):
+            check_wildcard_pattern(group)
+            if not wildcard_match(have, group):
+                return False
+        elif have != group:
+            return False
+    return True
+
+
+def pn_needs_groups(value: str) -> bool:
+    """True when a PN key value (``\\``-separated) names more than one component group, so
+    that it is matched group by group on the stored value."""
+    return any("=" in one for one in split_values(value, "PN"))
 
 
 def _match_one(stored: str, query: str, vr: str) -> bool:
@@ -517,9 +584,10 @@ def _match_one(stored: str, query: str, vr: str) -> bool:
         if one == "":
             continue
         if vr == "PN":
-            stored_text, wanted = normalise_name(stored), normalise_name(one)
-        else:
-            stored_text, wanted = stored, one
+            if _pn_group_matches(normalise_name(stored), normalise_name(one)):
+                return True
+            continue
+        stored_text, wanted = stored, one
         if has_wildcard(wanted):
             check_wildcard_pattern(wanted)
             if wildcard_match(stored_text, wanted):

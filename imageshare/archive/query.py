@@ -32,6 +32,8 @@ from imageshare.archive.matching import (
     is_universal,
     json_matches,
     name_condition,
+    pn_needs_groups,
+    pn_text,
     range_condition,
     text_condition,
     uid_list_condition,
@@ -159,7 +161,7 @@ def _first_text(element: dict[str, Any] | None) -> str:
     values = element.get("Value") or []
     texts = []
     for v in values:
-        texts.append(str(v.get("Alphabetic", "")) if isinstance(v, dict) else str(v))
+        texts.append(pn_text(v) if isinstance(v, dict) else str(v))
     return "\\".join(texts)
 
 
@@ -175,7 +177,8 @@ _SQL: dict[str, Callable[[str, bool], Any]] = {
     STUDY_TIME: lambda v, f: range_condition(studies.c.study_time, v, "TM"),
     ACCESSION: lambda v, f: text_condition(studies.c.accession_number, v, "SH"),
     STUDY_ID: lambda v, f: text_condition(studies.c.study_id, v, "SH"),
-    STUDY_DESC: lambda v, f: name_condition(studies.c.description_norm, v, f),
+    STUDY_DESC: lambda v, f: name_condition(studies.c.description_norm, v, f,
+                                            person_name=False),
     REFERRING: lambda v, f: name_condition(studies.c.referring_norm, v, f),
     MODALITIES_IN_STUDY: lambda v, f: _modalities_condition(v),
     SERIES_UID: lambda v, f: uid_list_condition(series.c.series_uid, v),
@@ -217,6 +220,9 @@ class Query:
     allowed_studies: Collection[str] | None = None
     return_all: bool = False
     newest_first: bool = False
+    # One match more than the limit is fetched, so that the caller can tell that the answer
+    # was cut (C-FIND refuses with Out of Resources after the limit instead of ending well).
+    one_more: bool = False
 
 
 @dataclass
@@ -255,6 +261,15 @@ class QueryService:
         self._max_results = max_results
         self._selects: dict[tuple[int, bool], Select[Any]] = {}
 
+    @property
+    def max_results(self) -> int:
+        """The most matches one answer holds (``one_more`` fetches one past it)."""
+        return self._max_results
+
+    def _limit(self, query: Query) -> int:
+        """The most matches ``query`` answers: its limit, never more than the maximum."""
+        return min(query.limit or self._max_results, self._max_results)
+
     def find(self, query: Query, actor: Actor) -> list[Match]:
         """Every match of ``query`` (after ``offset``, at most ``limit``), in index order.
 
@@ -265,7 +280,8 @@ class QueryService:
         """
         def search_and_audit(conn: Connection) -> list[Match]:
             found = self._find(query, conn)
-            self._audit_query(query, actor, "success", len(found), conn=conn)
+            self._audit_query(query, actor, "success", min(len(found), self._limit(query)),
+                              conn=conn)
             return found
 
         try:
@@ -314,11 +330,15 @@ class QueryService:
                     _first_text(element), query.allowed_studies))  # type: ignore[arg-type]  # a Scope here
             elif tag in _SQL:
                 stmt = stmt.where(_SQL[tag](_first_text(element), query.fuzzy))
+                if (element.get("vr") == "PN" and not query.fuzzy
+                        and pn_needs_groups(_first_text(element))):
+                    # The index narrows; the component groups are matched on stored values.
+                    python_filters.append((tag, element))
             else:
                 python_filters.append((tag, element))
         if query.allowed_studies is not None:
             stmt = stmt.where(_scope_condition(query.allowed_studies, depth))
-        limit = min(query.limit or self._max_results, self._max_results)
+        limit = self._limit(query) + (1 if query.one_more else 0)
         if not python_filters:
             stmt = stmt.offset(query.offset).limit(limit)
         rows = conn.execute(stmt).mappings().all()
@@ -411,7 +431,11 @@ class QueryService:
             attrs[INSTANCE_NUMBER] = _element("IS", row["instance_number"])
             attrs[ROWS] = _element("US", row["rows"])
             attrs[COLUMNS] = _element("US", row["columns"])
-            attrs[FRAMES] = _element("IS", row["number_of_frames"])
+            # Number of Frames as stored (PS3.4 C.4.1.1.3.2, PS3.18): the index keeps 1 for an
+            # instance without one, so a 1 there is answered from the stored header when it
+            # was read for another key, else with zero length; never an invented 1.
+            frames = row["number_of_frames"]
+            attrs.setdefault(FRAMES, _element("IS", frames if (frames or 0) > 1 else None))
             attrs[BITS_ALLOCATED] = _element("US", row["bits_allocated"])
             attrs[AVAILABLE_TS] = _element("UI", row["transfer_syntax"])
             blob_key = row["blob_key"]

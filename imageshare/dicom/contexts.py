@@ -12,7 +12,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import acse, build_context
+from pynetdicom import AE, acse, build_context
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import (
     PresentationContext,
@@ -31,7 +31,14 @@ from pynetdicom.sop_class import (
     uid_to_service_class,
 )
 
+from imageshare import __version__
+
 MAX_CONTEXTS = 128
+# Who ImageShare is on the wire (A-ASSOCIATE-RQ/AC, PS3.7 D.3.3.2) and in the File Meta
+# Information of the files its listener writes (PS3.10 7.1): a fixed UID under the root of
+# the UIDs ImageShare generates (pydicom's), and "IMAGESHARE_<major><minor>".
+IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.8.498.10091129315452597871770911711567289866")
+IMPLEMENTATION_VERSION_NAME = "IMAGESHARE_" + "".join(__version__.split(".")[:2])
 # Transfer syntaxes the listener accepts for verification and query/retrieve.
 LISTENER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 # SOP classes the listener serves as SCP besides storage (which takes every storage SOP class,
@@ -132,3 +139,11 @@ def storage_contexts_for(pairs: set[tuple[str, str]]) -> list[PresentationContex
                 seen.add(key)
                 contexts.append(build_context(sop_class, list(syntaxes)))
     return contexts
+
+
+def identify(ae: AE) -> AE:
+    """Give the pynetdicom AE ``ae`` ImageShare's Implementation Class UID and Version Name
+    (in place of pynetdicom's own); returns ``ae``."""
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    return ae

@@ -33,6 +33,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.dsutils import create_file_meta
 from pynetdicom.sop_class import (
     SecondaryCaptureImageStorage,
 )
@@ -53,8 +55,11 @@ from imageshare.archive.retrieve import RetrieveService, StoredInstance
 from imageshare.archive.transcode import CONVERSION_TARGETS, can_produce, transcode
 from imageshare.dicom import reactor, statuses
 from imageshare.dicom.contexts import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
     LISTENER_SYNTAXES,
     SCP_SOP_CLASSES,
+    identify,
     restrict_unrestricted_storage,
     storage_contexts_for,
 )
@@ -79,6 +84,9 @@ log = logging.getLogger("imageshare.dicom")
 # error's own DICOM status (imageshare.domain.errors).
 NOT_AUTHORISED = statuses.STORE_NOT_AUTHORISED.code
 STORE_OUT_OF_RESOURCES = statuses.STORE_OUT_OF_RESOURCES.code
+STORED_COPY_KEPT = "stored copy kept: this UID is stored with other content"
+DESTINATION_NOT_REGISTERED = "destination AE title not registered"
+DESTINATION_DID_NOT_ACCEPT = "destination did not accept the association"
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -141,12 +149,14 @@ class DicomListener:
         # reject every other service not offered (worklist, MPPS, commitment, print...).
         _config.UNRESTRICTED_STORAGE_SERVICE = True
         restrict_unrestricted_storage()
-        ae = AE(ae_title=ae_title)
+        ae = identify(AE(ae_title=ae_title))
         # pynetdicom writes received data sets to temporary files: ours go to the staging
         # folder (next to the blobs, so that storing is a rename) and keep a full disk from
         # aborting the association (the store is answered A700 instead).
         _STAGING[ae] = ingest.staging_dir
         dimse_messages.NamedTemporaryFile = _received_file
+        # ... after a File Meta Information naming ImageShare, not pynetdicom.
+        dimse_messages.create_file_meta = _file_meta
         ae.maximum_associations = max_associations
         ae.acse_timeout = timeout
         ae.dimse_timeout = timeout
@@ -293,8 +303,13 @@ class DicomListener:
             comment = ("out of resources: the archive's disk is full" if no_room(received.error)
                        else "the archive could not write the received data set")
             return _status(STORE_OUT_OF_RESOURCES, comment)
+        # The data set must be the instance the request announced: the file's meta
+        # information is written from the request (pynetdicom), its data set as received.
+        request = event.request
+        announced = (str(getattr(request, "AffectedSOPClassUID", "") or ""),
+                     str(getattr(request, "AffectedSOPInstanceUID", "") or ""))
         try:
-            result = self.ingest.store_staged(path, actor)
+            result = self.ingest.store_staged(path, actor, announced=announced)
         except Exception as exc:  # noqa: BLE001 - nothing was acknowledged; no details
             if isinstance(exc, ImageShareError) and exc.dicom_status is not None:
                 return _status(exc.dicom_status, str(exc))
@@ -302,7 +317,9 @@ class DicomListener:
             log.debug("C-STORE trace", exc_info=exc)
             return _status(STORE_OUT_OF_RESOURCES, "the archive could not store the instance")
         if result.outcome == "kept_first":
+            # Audited by the ingest; the sender must see that its content was not stored.
             log.info("instance arrived again with new content; stored copy kept")
+            return statuses.STORE_DUPLICATE.dataset(STORED_COPY_KEPT)
         if self.arrivals is not None and int(getattr(event.request, "Priority", 0) or 0) == 1 \
                 and arrival_class(actor) == "inbox":
             try:
@@ -324,7 +341,8 @@ class DicomListener:
             if element.tag.group in (0x0000, 0x0002) or element.keyword == "QueryRetrieveLevel":
                 continue
             body.add(element)
-        return Query(level=level, identifier=body.to_json_dict(), fuzzy=False)
+        # One match past the maximum is fetched, to tell a cut answer from a complete one.
+        return Query(level=level, identifier=body.to_json_dict(), fuzzy=False, one_more=True)
 
     def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         actor = self._actor(event)
@@ -345,12 +363,17 @@ class DicomListener:
             yield statuses.FIND_UNABLE.dataset("the query could not be processed"), None
             return
         syntax = UID(str(event.context.transfer_syntax))
-        for match in matches:
+        most = self.query.max_results
+        for match in matches[:most]:
             if event.is_cancelled:
                 yield statuses.FIND_CANCEL.code, None
                 return
             yield statuses.FIND_PENDING.code, response_identifier(
                 match.attributes, query.level, syntax)
+        if len(matches) > most:
+            # The list is incomplete: never end it with Success.
+            yield statuses.FIND_TOO_MANY.dataset(
+                f"more than {most} matches; narrow the query"), None
 
     def _instances_for(self, event: Any, actor: Actor, action: str) -> list[StoredInstance]:
         identifier = event.identifier
@@ -426,11 +449,17 @@ class DicomListener:
         self.policy.authorise(actor, DICOM_RETRIEVE)
         wanted = str(event.move_destination).strip()
         destination = self.nodes.find(wanted)
+        # pynetdicom answers A801 itself (unknown destination, or one that did not accept the
+        # association), without a comment: the one the answer gets.
+        comments = _move_comments(event.assoc)
+        message_id = int(getattr(event.request, "MessageID", 0) or 0)
         if destination is None:
             self._refused(event, actor, DICOM_RETRIEVE, "C-MOVE",
                           f"move destination {wanted[:16]} not registered")
+            comments[message_id] = DESTINATION_NOT_REGISTERED
             yield None, None
             return
+        comments[message_id] = DESTINATION_DID_NOT_ACCEPT
         refusal = ""
         try:
             found = self._instances_for(event, actor, "study.move")
@@ -455,6 +484,7 @@ class DicomListener:
             yield statuses.MOVE_IDENTIFIER_MISMATCH.dataset(refusal), None
             return
         yield len(found)
+        comments.pop(message_id, None)  # the destination accepted: no A801 from here on
         yield from self._datasets(
             found, event, lambda: self._store_association_to(destination.ae_title)
         )
@@ -585,6 +615,44 @@ class _SharedPortServer(_AssociationServer):
         assert self.socket is not None  # made by the constructor before it binds
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+
+def _file_meta(**kwargs: Any) -> Any:
+    """pynetdicom's File Meta Information for a received data set, naming ImageShare's
+    implementation."""
+    kwargs["implementation_uid"] = IMPLEMENTATION_CLASS_UID
+    kwargs["implementation_version"] = IMPLEMENTATION_VERSION_NAME
+    return create_file_meta(**kwargs)
+
+
+_MOVE_COMMENTS: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+_MOVE_COMMENTS_LOCK = threading.Lock()
+
+
+def _move_comments(assoc: Any) -> dict[int, str]:
+    """The Error Comments (by C-MOVE Message ID) that the association's A801 answers get:
+    pynetdicom sends A801 on its own, with no comment, so its DIMSE sender is wrapped (once)
+    to add the one the C-MOVE handler chose."""
+    with _MOVE_COMMENTS_LOCK:
+        comments = _MOVE_COMMENTS.get(assoc)
+        if comments is not None:
+            return comments
+        comments = _MOVE_COMMENTS[assoc] = {}
+    dimse = assoc.dimse
+    send = dimse.send_msg
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        """Send ``primitive``; a C-MOVE A801 answer without a comment gets its own."""
+        reply: Any = primitive  # pynetdicom types ErrorComment as always None
+        if isinstance(primitive, C_MOVE) and reply.Status == \
+                statuses.MOVE_DESTINATION_UNKNOWN.code and not reply.ErrorComment:
+            comment = comments.pop(int(reply.MessageIDBeingRespondedTo or 0), "")
+            if comment:
+                reply.ErrorComment = comment
+        send(primitive, context_id)
+
+    dimse.send_msg = send_msg
+    return comments
 
 
 def _same_host(registered: str, address: str) -> bool:

@@ -19,7 +19,7 @@ from pynetdicom.sop_class import (
 )
 
 from imageshare.dicom import reactor
-from imageshare.dicom.contexts import storage_contexts_for
+from imageshare.dicom.contexts import identify, storage_contexts_for
 from imageshare.domain.errors import SiteUnreachable
 from imageshare.exchange.nodes import Node
 from imageshare.exchange.sites import (
@@ -47,7 +47,7 @@ class DimseSites:
         reactor.install()  # PDUs sent at once (TCP_NODELAY)
 
     def _ae(self, timeout: float) -> AE:
-        ae = AE(ae_title=self.ae_title)
+        ae = identify(AE(ae_title=self.ae_title))
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         ae.connection_timeout = min(timeout, 10)
         return ae

@@ -42,7 +42,15 @@ ECHO_NOT_AUTHORISED = _status(
     "the calling AE title may not use the listener")
 
 STORE_SUCCESS = _status("C-STORE", 0x0000, "Success", "Success",
-                        "the instance is fsynced and indexed (or was already stored as sent)")
+                        "the instance is fsynced and indexed, or was already stored: the same "
+                        "data set (the File Meta Information is not compared), or the same "
+                        "attributes in another transfer syntax (pixels compared when they "
+                        "decode here within 32 MiB); the stored copy is kept")
+STORE_DUPLICATE = _status(
+    "C-STORE", 0x0111, "Failure", "Duplicate SOP Instance (PS3.7 C)",
+    "an instance with this SOP Instance UID but other content is stored: the stored copy is "
+    "kept, nothing of the new one (Error Comment 'stored copy kept: this UID is stored with "
+    "other content'; audited)")
 STORE_NOT_AUTHORISED = _status(
     "C-STORE", 0x0124, "Failure", "Refused: Not Authorized",
     "the calling AE title may not store here")
@@ -52,13 +60,24 @@ STORE_OUT_OF_RESOURCES = _status(
 STORE_CONFLICT = _status(
     "C-STORE", 0xA910, "Failure", "Error: Data Set does not match (conflict with stored data)",
     "the study belongs to another patient, or the instance is stored in another series")
+STORE_CLASS_MISMATCH = _status(
+    "C-STORE", 0xA900, "Failure", "Error: Data Set does not match SOP Class",
+    "the data set's SOP Class UID is not the request's Affected SOP Class UID; nothing is "
+    "stored (audited as a refusal)")
 STORE_CANNOT_UNDERSTAND = _status(
     "C-STORE", 0xC000, "Failure", "Error: Cannot understand",
-    "the data set cannot be parsed, lacks a required UID, or its pixel data is damaged")
+    "the data set cannot be parsed, lacks a required UID, or its pixel data is damaged; or "
+    "its SOP Instance UID is not the request's Affected SOP Instance UID (Error Comment "
+    "names the mismatch; nothing is stored)")
 
 FIND_PENDING = _status("C-FIND", 0xFF00, "Pending", "Pending: Matches are continuing",
                        "one per match")
 FIND_SUCCESS = _status("C-FIND", 0x0000, "Success", "Success", "every match was sent")
+FIND_TOO_MANY = _status(
+    "C-FIND", 0xA700, "Failure", "Refused: Out of Resources",
+    "there are more matches than one answer holds (IMAGESHARE_QIDO_MAX_LIMIT): that many "
+    "were sent as pending responses, the rest were not (Error Comment 'more than N matches; "
+    "narrow the query')")
 FIND_CANCEL = _status("C-FIND", 0xFE00, "Cancel", "Matching terminated due to Cancel",
                       "the peer sent C-CANCEL")
 FIND_IDENTIFIER_MISMATCH = _status(
@@ -88,7 +107,9 @@ MOVE_SUB_OPERATIONS_FAILED = _status(
     "their SOP classes (failed UIDs listed; pynetdicom's final status)")
 MOVE_DESTINATION_UNKNOWN = _status(
     "C-MOVE", 0xA801, "Failure", "Refused: Move Destination unknown",
-    "the Move Destination is not a registered node, or does not answer")
+    "the Move Destination is not a registered node (Error Comment 'destination AE title not "
+    "registered'), or does not answer or accept the association (Error Comment 'destination "
+    "did not accept the association')")
 MOVE_IDENTIFIER_MISMATCH = _status(
     "C-MOVE", 0xA900, "Failure", "Identifier does not match SOP Class",
     "unknown Query/Retrieve Level or missing unique keys")
@@ -120,9 +141,9 @@ GET_NOT_AUTHORISED = _status(
 STATUSES: tuple[DimseStatus, ...] = (
     ECHO_SUCCESS, ECHO_NOT_AUTHORISED,
     STORE_SUCCESS, STORE_NOT_AUTHORISED, STORE_OUT_OF_RESOURCES, STORE_CONFLICT,
-    STORE_CANNOT_UNDERSTAND,
+    STORE_DUPLICATE, STORE_CLASS_MISMATCH, STORE_CANNOT_UNDERSTAND,
     FIND_PENDING, FIND_SUCCESS, FIND_CANCEL, FIND_IDENTIFIER_MISMATCH, FIND_NOT_AUTHORISED,
-    FIND_UNABLE,
+    FIND_UNABLE, FIND_TOO_MANY,
     MOVE_PENDING, MOVE_SUCCESS, MOVE_WARNING, MOVE_CANCEL, MOVE_SUB_OPERATIONS_FAILED,
     MOVE_DESTINATION_UNKNOWN, MOVE_IDENTIFIER_MISMATCH, MOVE_NOT_AUTHORISED,
     GET_PENDING, GET_SUCCESS, GET_WARNING, GET_CANCEL, GET_SUB_OPERATIONS_FAILED,
