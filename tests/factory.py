@@ -151,3 +151,23 @@ def broken_files(tmp_path: Path) -> dict[str, Path]:
     frag = Path(get_testdata_file("JPEG2000.dcm")).read_bytes()
     put("truncated-encapsulated", frag[: len(frag) - 3000])
     return files
+
+
+def ct_header(name: str, patient_id: str, birth_date: str, study_date: str,
+              charset: str = "ISO_IR 192") -> Dataset:
+    """A CT header of one patient (no pixel data), as a Part 10 data set with fresh UIDs."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SpecificCharacterSet = charset
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "CT"
+    ds.PatientName = name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = birth_date
+    ds.StudyDate = ds.SeriesDate = study_date
+    return ds

@@ -14,15 +14,14 @@ from copy import deepcopy
 import numpy as np
 import pytest
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from imageshare.deid.engine import AttributeCleaner
 from imageshare.deid.profiles import Profile
 from imageshare.deid.pseudonyms import Pseudonyms
 from imageshare.deid.service import TRUST_PIXELS, Deidentifier
 from imageshare.verify import SourceIdentity, Verifier
+from tests.factory import ct_header
 
 SECRET = b"binary-leaks-secret-0123456789ab"
 BIRTH_DATE, STUDY_DATE = "19810304", "20240315"
@@ -37,20 +36,7 @@ KEPT_DOCUMENT = "document left in the data set"
 
 def _source(patient_id: str = PATIENT_ID) -> Dataset:
     """A CT header of one patient with staff and institution, as a Part 10 data set."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality = "CT"
-    ds.PatientName = "Smith^John"
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = BIRTH_DATE
-    ds.StudyDate = ds.SeriesDate = STUDY_DATE
+    ds = ct_header("Smith^John", patient_id, BIRTH_DATE, STUDY_DATE)
     ds.StudyTime = "101500"
     ds.ReferringPhysicianName = "Houseman^Gregory"
     ds.OperatorsName = "Cole^Ann"

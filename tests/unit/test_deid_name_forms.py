@@ -13,9 +13,7 @@ from copy import deepcopy
 
 import pytest
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from imageshare.deid.engine import clean_label, clean_text
 from imageshare.deid.identity import date_forms, identity_of, patient_identity_of
@@ -23,6 +21,7 @@ from imageshare.deid.profiles import Profile
 from imageshare.deid.pseudonyms import Pseudonyms
 from imageshare.deid.service import TRUST_PIXELS, Deidentifier
 from imageshare.verify import SourceIdentity, Verifier
+from tests.factory import ct_header
 
 SECRET = b"name-forms-secret-0123456789abcd"
 BIRTH_DATE = "19810304"
@@ -32,20 +31,7 @@ DESCRIPTORS = Profile("descriptors", frozenset({"clean_descriptors"}))
 
 def _source(name: str = "Smith^John", birth_date: str = BIRTH_DATE) -> Dataset:
     """A CT header of one patient, as a Part 10 data set (no pixel data)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality = "CT"
-    ds.PatientName = name
-    ds.PatientID = "HX77123"
-    ds.PatientBirthDate = birth_date
-    ds.StudyDate = ds.SeriesDate = "20240315"
+    ds = ct_header(name, "HX77123", birth_date, "20240315")
     ds.StudyTime = "101112"
     ds.ReferringPhysicianName = "Houseman^Gregory"
     ds.OperatorsName = "Brownlow^Alice"

@@ -14,9 +14,8 @@ from copy import deepcopy
 
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from imageshare.deid.engine import AttributeCleaner, clean_text, mask_dates
 from imageshare.deid.identity import identity_of
@@ -25,6 +24,7 @@ from imageshare.deid.pseudonyms import Pseudonyms
 from imageshare.deid.service import SAFE_PRIVATE, TRUST_PIXELS, Deidentifier
 from imageshare.verify import SourceIdentity, Verifier
 from imageshare.verify.identity import KEEP_DATES, written_dates
+from tests.factory import ct_header
 
 SECRET = b"text-leaks-secret-0123456789abcd"
 BIRTH_DATE, STUDY_DATE = "19810304", "20240315"
@@ -36,20 +36,8 @@ SAFE = Profile("safe", frozenset({"retain_safe_private", "clean_descriptors"}))
 
 def _source(name: str = "Garcia^Maria", charset: str = "ISO_IR 192") -> Dataset:
     """A CT header of one patient, as a Part 10 data set (no pixel data)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SpecificCharacterSet = charset
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality = "CT"
-    ds.PatientName = name
-    ds.PatientID = PATIENT_ID
-    ds.PatientBirthDate = BIRTH_DATE
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = STUDY_DATE
+    ds = ct_header(name, PATIENT_ID, BIRTH_DATE, STUDY_DATE, charset)
+    ds.ContentDate = STUDY_DATE
     ds.StudyTime = "101112"
     return ds
 
