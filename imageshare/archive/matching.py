@@ -52,9 +52,8 @@ MATCHING_RULES: tuple[MatchingRule, ...] = (
                  "a key with several component groups (`=`: alphabetic, ideographic, "
                  "phonetic) matches when each non-empty group matches the stored value's group "
                  "in the same place (wild cards within a group); `=山田^太郎` matches on the "
-                 "ideographic group alone, never everything. A key of one group is matched as "
-                 "before: Patient Name and Referring Physician Name on the whole stored value, "
-                 "other PN keys on the alphabetic group"),
+                 "ideographic group alone, never everything; a key of one group "
+                 "(`Yamada^Tarou`) matches the alphabetic group of a name stored with more"),
     MatchingRule("List of UID", "UI", "`\\`-separated UIDs (commas in QIDO-RS): any of them"),
     MatchingRule("Multiple value", "every VR but LT, ST, UT, UR and SQ",
                  "`\\`-separated values (commas for UI and CS in QIDO-RS): an entity matches "
@@ -271,7 +270,7 @@ def name_condition(column: Any, value: str, fuzzy: bool = False,
         if fuzzy and not has_wildcard(folded):
             words = [w for w in folded.replace("^", " ").replace("=", " ").split() if w]
             conditions.append(and_(*(_Glob(column, f"*{w}*") for w in words)))
-        elif person_name and "=" in folded:
+        elif person_name:  # also one group: a stored name may carry more
             conditions.append(_pn_groups_condition(column, folded))
         else:
             conditions.append(_one_text_condition(column, folded))

@@ -181,3 +181,13 @@ def test_number_of_frames_is_never_invented_over_qido(frames, client):
     everything = archive.query.find(Query("IMAGE", {"0020000D": {"vr": "UI", "Value": [ct]}},
                                           return_all=True), ACTOR)
     assert [m.attributes.get("00280008", {}).get("Value") for m in everything] == [None, None]
+
+
+@pytest.mark.parametrize("name", ["Yamada^Tarou", "yamada^tarou", "Yamada^T*"])
+def test_an_alphabetic_key_finds_a_name_stored_with_more_groups(japanese, client, name):
+    listener, study = japanese
+    found, final = _c_find(listener, "STUDY", PatientName=name)
+    assert final.Status == 0x0000
+    assert [str(ds.StudyInstanceUID) for ds in found] == [study]
+    answer = client.get("/dicomweb/studies", params={"PatientName": name})
+    assert [s["0020000D"]["Value"][0] for s in answer.json()] == [study]
