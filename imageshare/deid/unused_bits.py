@@ -38,12 +38,18 @@ class StoredBits:
         """``data`` (whole samples) with the unused bits canonical, and whether any changed."""
         order = ">" if self.big_endian else "<"
         samples = np.frombuffer(data, f"{order}u{self.allocated // 8}")
+        kind = samples.dtype.type
         low = self.high - self.stored + 1
         full = (1 << self.allocated) - 1
         mask = ((1 << self.stored) - 1) << low
-        kept = samples & samples.dtype.type(mask)
-        if self.signed and low == 0:
-            sign = (samples >> samples.dtype.type(self.high)) & samples.dtype.type(1)
-            kept = kept | (sign * samples.dtype.type(full & ~mask))
-        changed = bool(np.any(kept != samples))
-        return (kept.astype(samples.dtype).tobytes() if changed else data), changed
+        if self.signed and low == 0:  # the bits from the sign bit up: all 0 or all 1
+            top = samples >> kind(self.high)
+            if not np.any((top != 0) & (top != kind(full >> self.high))):
+                return data, False
+            sign = top & kind(1)
+            kept = (samples & kind(mask)) | (sign * kind(full & ~mask))
+        else:
+            if not np.any(samples & kind(full & ~mask)):
+                return data, False
+            kept = samples & kind(mask)
+        return kept.astype(samples.dtype).tobytes(), True

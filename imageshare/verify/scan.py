@@ -142,16 +142,16 @@ def _unused_bits_carry_data(raw: rawdicom.RawFile, data: Any) -> bool:
     start = at + (8 if raw.syntax == "1.2.840.10008.1.2" else 12)
     size = allocated // 8
     count = (end - start) // size
-    extended = signed and high == stored - 1
-    for first in range(0, count, 1 << 22):  # a few million samples at a time
+    unused = ((1 << allocated) - 1) ^ (((1 << stored) - 1) << (high - stored + 1))
+    for first in range(0, count, 1 << 22):  # a few million samples at a time, not copied
         samples = np.frombuffer(data, f"<u{size}", min(1 << 22, count - first),
-                                start + first * size).astype(np.int64)
-        above = samples >> (high + 1)
-        if np.any(samples & ((1 << (high - stored + 1)) - 1)):
-            return True
-        expected = ((samples >> high) & 1) * ((1 << (allocated - high - 1)) - 1) \
-            if extended else 0
-        if np.any(above != expected):
+                                start + first * size)
+        kind = samples.dtype.type
+        if signed and high == stored - 1:  # from the sign bit up: all zeros or all ones
+            top = samples >> kind(high)
+            if np.any((top != 0) & (top != kind((1 << (allocated - high)) - 1))):
+                return True
+        elif np.any(samples & kind(unused)):
             return True
     return False
 
