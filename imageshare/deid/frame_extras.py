@@ -20,6 +20,8 @@ _SOI, _EOI, _SOS = 0xD8, 0xD9, 0xDA
 _J2K_SOC = b"\xff\x4f\xff\x51"
 _J2K_COM, _J2K_SOT, _J2K_SOD, _J2K_EOC, _J2K_TLM = 0x64, 0x90, 0x93, 0xD9, 0x55
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: no length
+# One frame is read whole to be walked: larger ones are not read (held back, for review).
+MAX_FRAME_BYTES = 512 * 1024 * 1024
 
 
 class FrameUnreadable(ValueError):
@@ -218,6 +220,8 @@ def encapsulated_items(source: BinaryIO, end: int) -> Iterator[bytes]:
             return
         if (group, element) != (0xFFFE, 0xE000) or position + 8 + length > end:
             raise FrameUnreadable("malformed encapsulated pixel data")
+        if length > MAX_FRAME_BYTES:
+            raise FrameUnreadable("a fragment too large to be read for the text it may carry")
         yield source.read(length)
         position += 8 + length
 
@@ -226,10 +230,14 @@ def frames_of(fragments: Iterable[bytes]) -> Iterator[bytes]:
     """Whole frames from fragments: a fragment that does not begin a JPEG or JPEG 2000 frame
     continues the one before. Fragments of other codecs come one per frame."""
     frame: list[bytes] = []
+    size = 0
     for fragment in fragments:
         if frame and is_frame_start(fragment):
             yield b"".join(frame)
-            frame = []
+            frame, size = [], 0
         frame.append(fragment)
+        size += len(fragment)
+        if size > MAX_FRAME_BYTES:
+            raise FrameUnreadable("a frame too large to be read for the text it may carry")
     if frame:
         yield b"".join(frame)

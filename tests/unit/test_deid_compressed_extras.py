@@ -195,3 +195,16 @@ def test_a_multi_frame_instance_in_split_fragments_keeps_every_frame_and_its_off
     for frame in generate_frames(copy.PixelData, number_of_frames=len(images)):
         starts.append(starts[-1] + 8 + len(frame))
     assert list(offsets) == starts[:-1]
+
+
+def test_a_frame_too_large_to_walk_is_refused_before_it_is_read(monkeypatch):
+    from imageshare.deid import frame_extras
+
+    monkeypatch.setattr(frame_extras, "MAX_FRAME_BYTES", 500)
+    frame = _jpeg(np.zeros((64, 64), np.uint8))
+    pieces = [frame[:200], frame[200:]]
+    with pytest.raises(FrameUnreadable, match="too large"):
+        list(frame_extras.frames_of(pieces + [b"x" * 500]))
+    items = io.BytesIO(struct.pack("<HHL", 0xFFFE, 0xE000, 2000) + b"\0" * 2000)
+    with pytest.raises(FrameUnreadable, match="too large"):
+        next(frame_extras.encapsulated_items(items, 2008))
