@@ -814,9 +814,12 @@ def serve(settings: Settings) -> None:
     from imageshare.web.server import create_app, http_server_config
 
     stopping = threading.Event()
+    serving: list[uvicorn.Server] = []  # the HTTP server, once made
 
-    def _early_stop(_signum: int, _frame: Any) -> None:
+    def _early_stop(signum: int, frame: Any) -> None:
         stopping.set()
+        if serving:  # uvicorn takes SIGTERM and SIGINT while it runs, never SIGHUP: pass on
+            serving[0].handle_exit(signum, frame)
 
     # From here on a signal asks for a clean stop (also while starting); SIGUSR1 writes
     # every thread's stack to the log (for an operator asking what a busy server is doing).
@@ -897,6 +900,7 @@ def serve(settings: Settings) -> None:
     app = create_app(archive)
     server = _Server(http_server_config(
         app, settings, ConnectionShares(counts, 0) if counts is not None else None))
+    serving.append(server)  # a signal from now on also stops it, before or while it runs
     scheme = "https" if https_enabled(settings) else "http"
     tls = f", DICOM TLS port {settings.dicom_tls_port}" if settings.dicom_tls_port else ""
     print(

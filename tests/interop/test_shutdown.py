@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from pydicom import dcmread
 from pynetdicom import AE
@@ -85,6 +86,14 @@ def test_sigint_with_an_idle_association_ends_it_after_the_grace_and_exits_0(tmp
     while assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not assoc.is_established  # the server ended it
+
+
+def _answers(url: str) -> bool:
+    """True when ``url`` answers 200."""
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _serve_in_own_group(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
@@ -172,6 +181,10 @@ def test_a_closed_terminal_sighup_to_every_process_drains_and_stops_them_all(tmp
     try:
         deadline = time.monotonic() + 90
         while "ImageShare listening" not in output.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, output.read_text()
+            time.sleep(0.1)
+        address = output.read_text().split("ImageShare listening: ", 1)[1].split(" ", 1)[0]
+        while not _answers(f"{address}healthz"):  # the HTTP server itself runs: uvicorn
             assert process.poll() is None and time.monotonic() < deadline, output.read_text()
             time.sleep(0.1)
         others = _descendants(process.pid)
