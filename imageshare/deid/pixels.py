@@ -473,12 +473,9 @@ def _transient(pixels: np.ndarray) -> np.ndarray:
     grey = pixels if pixels.ndim == 3 else pixels[..., :3].max(axis=-1)
     step = max(1, grey.shape[0] // 32)
     usual = np.median(grey[::step], axis=0).astype(np.float32)
-    light = float(grey[0].mean()) > float(grey[0].max()) / 2
-    out = np.zeros(grey.shape[1:], np.float32)
-    for frame in grey:
-        rise = (usual - frame) if light else (frame - usual)
-        np.maximum(out, rise, out=out)
-    return out
+    if float(grey[0].mean()) > float(grey[0].max()) / 2:  # light
+        return usual - grey.min(axis=0)
+    return grey.max(axis=0) - usual
 
 
 def _unturn(box: tuple[int, int, int, int], turns: int, width: int,

@@ -220,11 +220,10 @@ class Deidentifier:
         end = self._pixel_end(source, pixel_at, size, header) if has_pixels else None
         if end is not None:
             context = self.attributes.context(header)
-            extras, reason = _compressed_extras(source, pixel_at, end, context)
+            extras, reason = _compressed_extras(source, pixel_at, end, header, context)
             if reason:
                 return Outcome(None, {"held_back": True, "reason": reason,
                                       "sop_class_uid": str(header.get("SOPClassUID", ""))})
-        if end is not None:
             pixel_report = self._pixels(header, context, has_pixels, clean=False)
             if pixel_report.held_back:
                 return Outcome(None, {"held_back": True, "reason": pixel_report.reason,
@@ -237,19 +236,18 @@ class Deidentifier:
             if prepare:
                 prepare(header)
             if extras:
-                for tag in (0x7FE00001, 0x7FE00002):  # the extended offset table
-                    if tag in header:
-                        del header[tag]
+                _drop_extended_offsets(header)
                 _save_header(header, target)
-                removed = _copy_stripped(source, pixel_at, end, target)
+                removed = _copy_stripped(source, pixel_at, end, header, target)
                 outcome.report["pixel_data"] = "copied without the text its frames carried"
                 outcome.report["compressed_extras_removed"] = removed
             else:
                 _save_header(header, target)
                 bits, syntax = StoredBits.of(header), _syntax(header)
                 if bits is not None and syntax is not None and not syntax.is_encapsulated:
-                    value_at = pixel_at + (8 if header.original_encoding[0] else 12)
-                    target.write(_read_at(source, pixel_at, value_at - pixel_at))
+                    element = _element_header(source, pixel_at, header)
+                    value_at = pixel_at + len(element)
+                    target.write(element)
                     if _copy_canonical(source, target, value_at, end - value_at, bits):
                         outcome.report["pixel_data"] = ("copied with the bits outside Bits "
                                                         "Stored cleared")
@@ -291,7 +289,8 @@ class Deidentifier:
             return None  # let pydicom read it (and refuse it if it must)
         syntax = _syntax(header)
         if syntax is not None and not syntax.is_encapsulated:
-            _check_complete(header, end - pixel_at - (8 if header.original_encoding[0] else 12))
+            _check_complete(header, end - pixel_at - len(_element_header(source, pixel_at,
+                                                                         header)))
         return end
 
     def _streamable(self, header: Dataset, has_pixels: bool) -> bool:
@@ -342,33 +341,25 @@ def _strip_compressed(ds: Dataset, context: PatientContext) -> tuple[int, str]:
             return 0, ""  # RLE, video: no comment segments to strip
         stripped = [strip_extras(frame) for frame in frames_of(items[1:])]
     except FrameUnreadable as exc:
-        return 0, f"a compressed frame cannot be read for text it may carry ({exc}); " \
-                  "review by hand"
+        return 0, _unreadable(exc)
     if any(context.identity.found_in(text) for one in stripped for text in _texts(one)):
         return 0, _EMBEDDED_TEXT
     removed = sum(one.removed for one in stripped)
     if removed:
-        for tag in (0x7FE00001, 0x7FE00002):  # extended offset table: lengths have changed
-            if tag in ds:
-                del ds[tag]
+        _drop_extended_offsets(ds)
         ds.PixelData = encapsulate([one.frame for one in stripped], has_bot=bool(items[0]))
         ds["PixelData"].VR = "OB"
         ds["PixelData"].is_undefined_length = True
     return removed, ""
 
 
-def _compressed_extras(source: BinaryIO, at: int, end: int,
+def _compressed_extras(source: BinaryIO, at: int, end: int, header: Dataset,
                        context: PatientContext) -> tuple[bool, str]:
     """Whether the encapsulated pixel data in a file (its element at ``at``) carries
     anything :func:`_strip_compressed` removes, and a reason to hold it back ("" when none);
     read one frame at a time."""
-    source.seek(at)
-    head = source.read(12)
-    if head[4:6] in (b"OB", b"OW", b"UN") and head[8:12] == b"\xff\xff\xff\xff":
-        source.seek(at + 12)
-    elif bytes(head[4:8]) == b"\xff\xff\xff\xff":
-        source.seek(at + 8)
-    else:
+    element = _element_header(source, at, header)
+    if element[-4:] != b"\xff\xff\xff\xff":
         return False, ""  # native pixel data
     try:
         items = encapsulated_items(source, end)
@@ -384,20 +375,18 @@ def _compressed_extras(source: BinaryIO, at: int, end: int,
             if any(context.identity.found_in(text) for text in _texts(one)):
                 return False, _EMBEDDED_TEXT
     except FrameUnreadable as exc:
-        return False, f"a compressed frame cannot be read for text it may carry ({exc}); " \
-                      "review by hand"
+        return False, _unreadable(exc)
     return False, ""
 
 
-def _copy_stripped(source: BinaryIO, at: int, end: int, target: BinaryIO) -> int:
+def _copy_stripped(source: BinaryIO, at: int, end: int, header: Dataset,
+                   target: BinaryIO) -> int:
     """Copy the encapsulated pixel data element at ``at`` to the end of ``target`` with
     every frame's extras removed, one frame in memory at a time; a basic offset table
     present in the source is rebuilt for the new frame lengths. Returns how many extras
     were removed."""
-    source.seek(at)
-    head = source.read(12)
-    header = head if head[4:6] in (b"OB", b"OW", b"UN") else head[:8]
-    first = at + len(header)
+    element = _element_header(source, at, header)
+    first = at + len(element)
 
     def stripped_frames() -> Iterator[Stripped]:
         source.seek(first)
@@ -416,7 +405,7 @@ def _copy_stripped(source: BinaryIO, at: int, end: int, target: BinaryIO) -> int
         if position < 1 << 32:  # else too long for a basic offset table: none
             offsets = struct.pack(f"<{len(lengths)}L", *lengths)
     target.seek(0, os.SEEK_END)
-    target.write(header)
+    target.write(element)
     target.write(struct.pack("<HHL", 0xFFFE, 0xE000, len(offsets)) + offsets)
     removed = 0
     for one in stripped_frames():
@@ -425,6 +414,24 @@ def _copy_stripped(source: BinaryIO, at: int, end: int, target: BinaryIO) -> int
         target.write(struct.pack("<HHL", 0xFFFE, 0xE000, len(frame)) + frame)
     target.write(struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
     return removed
+
+
+def _element_header(source: BinaryIO, at: int, header: Dataset) -> bytes:
+    """The tag, VR and length of the pixel data element at ``at`` as stored: 8 bytes in
+    implicit VR, 12 in explicit VR (OB, OW or UN)."""
+    source.seek(at)
+    return source.read(8 if header.original_encoding[0] else 12)
+
+
+def _drop_extended_offsets(ds: Dataset) -> None:
+    """Remove the extended offset table: the frames' lengths have changed."""
+    for tag in (0x7FE00001, 0x7FE00002):
+        if tag in ds:
+            del ds[tag]
+
+
+def _unreadable(exc: FrameUnreadable) -> str:
+    return f"a compressed frame cannot be read for text it may carry ({exc}); review by hand"
 
 
 def _texts(stripped: Stripped) -> list[str]:
@@ -516,11 +523,6 @@ def _element_end(source: BinaryIO, at: int, size: int,
             raise InvalidDicomError("encapsulated pixel data runs past the end of the file")
 
 
-def _read_at(source: BinaryIO, offset: int, length: int) -> bytes:
-    source.seek(offset)
-    return source.read(length)
-
-
 def _copy_canonical(source: BinaryIO, target: BinaryIO, offset: int, length: int,
                     bits: StoredBits) -> bool:
     """Copy native pixel data (``length`` bytes at ``offset``) to the end of ``target`` with
@@ -529,7 +531,8 @@ def _copy_canonical(source: BinaryIO, target: BinaryIO, offset: int, length: int
     changed = False
     done = 0
     while done < length:
-        chunk = _read_at(source, offset + done, min(_COPY_CHUNK, length - done))
+        source.seek(offset + done)
+        chunk = source.read(min(_COPY_CHUNK, length - done))
         if not chunk:
             raise InvalidDicomError("the source ended while its pixel data was copied")
         whole = len(chunk) - len(chunk) % (bits.allocated // 8)
