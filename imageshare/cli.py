@@ -594,6 +594,7 @@ def _backup(archive: Any, args: argparse.Namespace) -> int:
 
 def _restore(settings: Settings, args: argparse.Namespace) -> int:
     from imageshare.app import blob_store, build_archive
+    from imageshare.audit.chain import chain_problems
     from imageshare.audit.trail import AuditEvent
     from imageshare.storage.backup import restore
 
@@ -602,7 +603,8 @@ def _restore(settings: Settings, args: argparse.Namespace) -> int:
     bar = _bar(args, "restoring blobs")
     try:
         report = restore(args.src, settings.resolved_database_url, blobs, args.snapshot,
-                         settings.pg_bin_dir, bar.update, _set_total(bar))
+                         settings.pg_bin_dir, bar.update, _set_total(bar),
+                         trail_problems=chain_problems)
     except ImageShareError as exc:
         print(f"imageshare restore: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -105,6 +105,14 @@ def effective_role(role: str, two_factor: bool, cli_token: bool = False) -> str:
     return role
 
 
+def fully_signed_in(actor: Actor) -> bool:
+    """True for a person's account past every stage of signing in: not one that still owes
+    its TOTP code (AWAITING_CODE) nor one that must first set up its second factor
+    (ENROLLING). What an account reaches by being named (an identifiable share) needs this,
+    as everything else of the account's does."""
+    return actor.kind == "user" and actor.role not in _STAGES and actor.role in ROLES
+
+
 def arrival_class(actor: Actor) -> str:
     """Where instances ``actor`` stores land: ``inbox`` (held for review, expiring unless
     accepted) when another site sends them, a node registered with an inbox or another

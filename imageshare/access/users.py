@@ -8,6 +8,7 @@ import logging
 import secrets
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -771,11 +772,29 @@ def _refuse_name_of_another_site(conn: Connection, username: str, linked: str | 
             f"{named!r} or choose another name")
 
 
+# Unicode categories no user name holds: control and format characters, line and paragraph
+# separators.
+_NOT_IN_NAMES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def one_line(text: str, limit: int = 128) -> str:
+    """``text`` as one line for an e-mail the hospital sends: its line breaks and other
+    control characters become spaces (a name its owner chose cannot add lines of its own),
+    at most ``limit`` characters."""
+    cleaned = "".join(" " if unicodedata.category(c) in _NOT_IN_NAMES else c for c in text)
+    return " ".join(cleaned.split())[:limit]
+
+
 def _check_new_user(username: str, role: str) -> None:
     if role not in ROLES:
         raise ImageShareError(f"unknown role {role!r}; roles: {', '.join(sorted(ROLES))}")
     if not username or len(username) > 128 or username != username.strip():
         raise ImageShareError("a username has 1 to 128 characters, no surrounding spaces")
+    if any(unicodedata.category(c) in _NOT_IN_NAMES for c in username):
+        # A name is shown in pages, audit reports and the hospital's e-mails ("... has shared
+        # images with you"): line breaks and other control characters would let its owner
+        # write lines of their own there.
+        raise ImageShareError("a username has no line breaks or other control characters")
 
 
 def _insert_user(conn: Connection, username: str, password: str, role: str,

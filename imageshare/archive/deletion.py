@@ -1,11 +1,20 @@
 """Removing instances from the archive (retention, rejected inbox items): index rows, counts
-and emptied parents in one transaction, audited; blobs deleted after the commit."""
+and emptied parents in one transaction, audited; blobs deleted after the commit.
+
+Every attempt leaves a trace in the audit trail: the deletion itself (``instance.delete``,
+success, per study, in the deleting transaction), a deletion refused by a legal hold or a
+retention class (outcome ``refused``), one that failed and so deleted nothing (``failure``:
+the transaction was rolled back), and blobs that could not be removed after the commit
+(``warning``, naming the blob keys for a person to remove).
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 from sqlalchemy import ColumnElement, Connection, and_, delete, exists, func, or_, select
 
@@ -40,14 +49,24 @@ from imageshare.storage.index.schema import (
     study_comments,
 )
 
+log = logging.getLogger("imageshare.deletion")
+
+
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC; a moment without a zone is taken to be UTC already (the index and the
+    clocks ImageShare is given keep UTC)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
 
 @dataclass(frozen=True)
 class Removed:
-    """What a deletion took out (and, for the retention job, what it had to keep)."""
+    """What a deletion took out (and, for the retention job, what it had to keep);
+    ``blobs_left``: blobs of deleted instances that could not be removed (audited)."""
 
     instances: int
     studies: list[str]
     kept: int = 0
+    blobs_left: list[str] = field(default_factory=list)
 
 
 class ArchiveDeletion:
@@ -72,7 +91,7 @@ class ArchiveDeletion:
         """Reject a study's instances of ``only_classes`` (inbox, held): all of them are
         deleted, or none (:class:`DeletionRefused`, e.g. under a legal hold)."""
         condition = studies.c.study_uid == study_uid
-        return self._delete(condition, only_classes, actor, reason, "rejection", self.clock())
+        return self._delete(condition, only_classes, actor, reason, "rejection", self._now())
 
     def instances(self, sop_uids: Collection[str], actor: Actor, reason: str,
                   only_classes: Collection[str]) -> Removed:
@@ -81,18 +100,20 @@ class ArchiveDeletion:
         if not sop_uids:
             return Removed(0, [])
         condition = instances.c.sop_uid.in_(sorted(sop_uids))
-        return self._delete(condition, only_classes, actor, reason, "rejection", self.clock())
+        return self._delete(condition, only_classes, actor, reason, "rejection", self._now())
 
     def approved_study(self, study_uid: str, actor: Actor, reason: str) -> Removed:
         """Delete a whole study two administrators agreed on: all of it, or nothing
         (:class:`DeletionRefused` naming why: a legal hold, a class still keeping it)."""
         condition = studies.c.study_uid == study_uid
-        return self._delete(condition, None, actor, reason, "approved", self.clock())
+        return self._delete(condition, None, actor, reason, "approved", self._now())
 
     def expired(self, actor: Actor, now: datetime | None = None) -> Removed:
         """Delete every instance whose class lets it go at ``now`` (the retention job); the
         rest is kept and counted."""
-        moment = now or self.clock()
+        # In UTC: on SQLite the stored times have no zone, and a moment with another offset
+        # would be compared by its wall time.
+        moment = as_utc(now) if now is not None else self._now()
         p = self.periods
         cls, received, since = (instances.c.retention_class, instances.c.received_at,
                                 instances.c.class_since)
@@ -106,9 +127,17 @@ class ArchiveDeletion:
         return self._delete(candidates, sorted(EXPIRING), actor, "retention period over",
                             "expiry", moment)
 
+    def _now(self) -> datetime:
+        return as_utc(self.clock())
+
     def _delete(self, condition: ColumnElement[bool] | None, classes: Collection[str] | None,
                 actor: Actor, reason: str, path: DeletionPath, now: datetime) -> Removed:
-        def change(conn: Connection) -> tuple[list[str], dict[str, int], int]:
+        # The studies (and their patients) the deletion found, kept for the audit of an
+        # attempt that did not go through.
+        seen: dict[str, str] = {}
+
+        def change(conn: Connection
+                   ) -> tuple[list[tuple[str, str]], dict[str, int], dict[str, str], int]:
             stmt = (select(instances.c.pk, instances.c.blob_key, instances.c.retention_class,
                            instances.c.received_at, instances.c.class_since,
                            studies.c.study_uid, patients.c.pk.label("patient_pk"),
@@ -121,13 +150,14 @@ class ArchiveDeletion:
             if classes is not None:
                 stmt = stmt.where(instances.c.retention_class.in_(list(classes)))
             found = conn.execute(stmt).all()
+            seen.update((r.study_uid, r.patient_id) for r in found)
             verdicts = [deletion_verdict(f, self.periods, now, path)
                         for f in instance_facts(conn, found)]
             refused = [v for v in verdicts if not v.allowed]
             if refused and path != "expiry":
                 raise DeletionRefused(f"nothing was deleted: {refused[0].reason}")
             rows = [r for r, v in zip(found, verdicts, strict=True) if v.allowed]
-            keys = [r.blob_key for r in rows]
+            keys = [(r.blob_key, r.study_uid) for r in rows]
             counts: dict[str, int] = {}
             patients_of: dict[str, str] = {}
             for row in rows:
@@ -145,12 +175,57 @@ class ArchiveDeletion:
                 patient_id=patients_of[uid], study_uid=uid, instance_count=n,
                 detail={"reason": reason, "way": path}) for uid, n in counts.items()],
                 conn=conn)
-            return keys, counts, len(refused)
+            return keys, counts, patients_of, len(refused)
 
-        keys, counts, kept = self._writer.submit(change)
-        for key in keys:
-            self._blobs.delete(key)
-        return Removed(sum(counts.values()), sorted(counts), kept)
+        try:
+            keys, counts, patients_of, kept = self._writer.submit(change)
+        except DeletionRefused as exc:
+            self._audit_attempt(actor, "refused", seen, str(exc), path)
+            raise
+        except Exception as exc:
+            self._audit_attempt(actor, "failure", seen, f"nothing was deleted: {reason} "
+                                f"failed ({type(exc).__name__})", path)
+            raise
+        # After the commit: every blob is tried, whatever happens to the others; one that
+        # cannot be removed is named in the audit trail (its instance is gone from the index,
+        # its bytes are not: a person must remove them).
+        left: dict[str, list[str]] = {}
+        for key, uid in keys:
+            try:
+                self._blobs.delete(key)
+            except Exception as exc:  # noqa: BLE001 - audited below, without patient data
+                log.error("blob %s of a deleted instance could not be removed (%s)", key,
+                          type(exc).__name__)
+                left.setdefault(uid, []).append(key)
+        if left:
+            self._audit_blobs_left(actor, left, patients_of, path)
+        return Removed(sum(counts.values()), sorted(counts), kept,
+                       sorted(k for ks in left.values() for k in ks))
+
+    def _audit_attempt(self, actor: Actor, outcome: Literal["refused", "failure"],
+                       seen: dict[str, str], reason: str, path: DeletionPath) -> None:
+        """Record a deletion that did not happen (refused, or failed and rolled back)."""
+        uids = sorted(seen) or [""]
+        try:
+            self._audit.record([AuditEvent(
+                actor=actor, action="instance.delete", outcome=outcome,
+                patient_id=seen.get(uid, ""), study_uid=uid,
+                detail={"reason": reason[:500], "way": path}) for uid in uids])
+        except Exception as exc:  # noqa: BLE001 - the deletion's own error is the one raised
+            log.error("a %s deletion could not be audited (%s)", outcome, type(exc).__name__)
+
+    def _audit_blobs_left(self, actor: Actor, left: dict[str, list[str]],
+                          patients_of: dict[str, str], path: DeletionPath) -> None:
+        try:
+            self._audit.record([AuditEvent(
+                actor=actor, action="instance.delete", outcome="warning",
+                patient_id=patients_of.get(uid, ""), study_uid=uid, instance_count=len(keys),
+                detail={"reason": "deleted from the index, but these blobs could not be "
+                                  "removed: " + ", ".join(sorted(keys)), "way": path})
+                for uid, keys in sorted(left.items())])
+        except Exception as exc:  # noqa: BLE001 - logged; the keys are in the log too
+            log.error("blobs left after a deletion could not be audited (%s)",
+                      type(exc).__name__)
 
 
 def _forget_study_notes(conn: Connection, study_uids: list[str]) -> None:

@@ -20,6 +20,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import select
 import socket
 import ssl
@@ -36,6 +37,7 @@ from sqlalchemy import select as sql_select
 
 from imageshare.audit.chain import _at_text
 from imageshare.audit.events import (
+    APPLICATION_ACTIVITY,
     BEGIN_TRANSFERRING,
     CATALOGUE,
     EXPORT,
@@ -43,6 +45,7 @@ from imageshare.audit.events import (
     INSTANCES_TRANSFERRED,
     PARTICIPANT_OBJECTS,
     Code,
+    EventType,
 )
 from imageshare.storage.index.schema import atna_cursor, audit_events
 
@@ -55,9 +58,31 @@ BOM = b"\xef\xbb\xbf"
 OUTCOMES = {"success": "0", "warning": "4", "refused": "4", "failure": "8"}
 SOURCE_ROLE = Code("110153", "DCM", "Source Role ID")
 DESTINATION_ROLE = Code("110152", "DCM", "Destination Role ID")
-_TRANSFERS = {BEGIN_TRANSFERRING.code, INSTANCES_TRANSFERRED.code, EXPORT.code, IMPORT.code}
+DESTINATION_MEDIA = Code("110154", "DCM", "Destination Media")
+SOURCE_MEDIA = Code("110155", "DCM", "Source Media")
+# CID 405 Media Type: a download, an upload and a backup folder are all reached by a URI.
+MEDIA_URI = Code("110037", "DCM", "URI")
+# Network transfers: the requestor and ImageShare are the two ends (Source / Destination Role
+# ID). Export and Import (A.5.3.5, A.5.3.6) are media: ImageShare is the exporting process
+# (Source) or the importing one (Destination), and the media is an active participant of its
+# own (Destination Media / Source Media, with its MediaIdentifier).
+_TRANSFERS = {BEGIN_TRANSFERRING.code, INSTANCES_TRANSFERRED.code}
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 AUDIT_TRAIL_URI = "urn:imageshare:audit-trail"
+# ImageShare's own action (``study.view`` ...) as a further EventTypeCode, in a private coding
+# scheme (PS3.16 8.2: designators of private schemes begin with "99").
+ACTION_SCHEME = "99IMAGESHARE"
+# RFC 5425 4.3.1 / RFC 5424 6.1: a receiver need keep no more than 8192 octets of a message
+# (rsyslog's default, for one), and cuts the rest: an XML document cut short is lost. Values
+# that can be long (reasons, queries, names from the outside) are shortened to stay below.
+MAX_MESSAGE = 8192
+MAX_XML = MAX_MESSAGE - 512  # room for the syslog header
+MAX_ID = 256
+MAX_TEXT = 512
+MAX_QUERY = 2048
+# What XML 1.0 cannot carry (section 2.2 Char): C0 controls other than tab, newline and
+# carriage return, lone surrogates (json.loads gives them back), U+FFFE and U+FFFF.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 @dataclass(frozen=True)
@@ -74,9 +99,23 @@ class AtnaConfig:
     ae_title: str = "IMAGESHARE"
 
 
+def _xml_chars(value: object, limit: int) -> str:
+    """``value`` as text XML 1.0 can carry: at most ``limit`` characters, each character it
+    cannot carry replaced by U+FFFD (so that a reader sees something was there)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        text = text[:limit - 1] + "\u2026"
+    return _NOT_XML.sub("\ufffd", text)
+
+
+def _attr(value: object, limit: int = MAX_ID) -> str:
+    """An attribute value, quoted and escaped (also tab, newline, carriage return)."""
+    return quoteattr(_xml_chars(value, limit))
+
+
 def _coded(tag: str, code: Code) -> str:
-    return (f"<{tag} csd-code={quoteattr(code.code)} codeSystemName={quoteattr(code.system)} "
-            f"originalText={quoteattr(code.meaning)}/>")
+    return (f"<{tag} csd-code={_attr(code.code)} codeSystemName={_attr(code.system)} "
+            f"originalText={_attr(code.meaning)}/>")
 
 
 def _network_point(source: str) -> str:
@@ -89,7 +128,7 @@ def _network_point(source: str) -> str:
         kind = "2"
     except ValueError:
         kind = "1"
-    return f" NetworkAccessPointID={quoteattr(host)} NetworkAccessPointTypeCode=\"{kind}\""
+    return f" NetworkAccessPointID={_attr(host)} NetworkAccessPointTypeCode=\"{kind}\""
 
 
 def _object_id(kind: str, row: dict[str, Any], detail: dict[str, Any]) -> str:
@@ -115,12 +154,12 @@ def _participant_object(kind: str, row: dict[str, Any], detail: dict[str, Any]) 
     if not object_id:
         return ""
     p = PARTICIPANT_OBJECTS[kind]
-    parts = [f"<ParticipantObjectIdentification ParticipantObjectID={quoteattr(object_id)} "
+    parts = [f"<ParticipantObjectIdentification ParticipantObjectID={_attr(object_id)} "
              f"ParticipantObjectTypeCode=\"{p.type_code}\" "
              f"ParticipantObjectTypeCodeRole=\"{p.role}\">",
              _coded("ParticipantObjectIDTypeCode", p.id_type)]
     if kind == "query":
-        query = json.dumps(detail, sort_keys=True, default=str).encode()
+        query = _query_bytes(detail)
         parts.append(f"<ParticipantObjectQuery>{base64.b64encode(query).decode()}"
                      "</ParticipantObjectQuery>")
         parts.append("<ParticipantObjectDetail type=\"QueryEncoding\" "
@@ -134,18 +173,62 @@ def _participant_object(kind: str, row: dict[str, Any], detail: dict[str, Any]) 
     return "".join(parts)
 
 
-def _text(value: str) -> str:
-    # Characters XML 1.0 cannot carry are dropped; the rest is escaped.
-    kept = "".join(c for c in value if c in "\t\n\r" or ord(c) >= 0x20)
-    return kept.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+def _query_bytes(detail: dict[str, Any]) -> bytes:
+    """The query (the event's detail) as UTF-8 JSON of at most ``MAX_QUERY`` bytes: long values
+    are shortened (the JSON stays whole), surrogates are written as JSON escapes."""
+    query = json.dumps(detail, sort_keys=True, default=str).encode()
+    if len(query) <= MAX_QUERY:
+        return query
+    short = {str(k)[:64]: (v if isinstance(v, bool | int | float) or v is None
+                           else _xml_chars(v, 128)) for k, v in list(detail.items())[:32]}
+    query = json.dumps(short, sort_keys=True, default=str).encode()
+    return query if len(query) <= MAX_QUERY else b'{"truncated":true}'
+
+
+def _text(value: object, limit: int = MAX_TEXT) -> str:
+    """Element content: characters XML 1.0 cannot carry replaced, the rest escaped."""
+    return (_xml_chars(value, limit).replace("&", "&amp;").replace("<", "&lt;")
+            .replace(">", "&gt;"))
+
+
+def _media_id(action: str, detail: dict[str, Any], export: bool) -> str:
+    """What names the media of an export (where it went) or an import (where it came from)."""
+    for key in (("destination", "format", "share", "job") if export
+                else ("source", "upload", "site", "origin", "job")):
+        if detail.get(key) not in (None, ""):
+            return f"{action}:{key}:{detail[key]}"
+    return action or "media"
+
+
+def _event(action: str) -> EventType:
+    """The catalogue's entry for ``action``; an action this version does not catalogue (a row
+    written by another version) is sent as an application activity naming it, never refused:
+    one row the sender cannot write would hold back every row after it."""
+    known = CATALOGUE.get(action)
+    if known is not None:
+        return known
+    return EventType(action, "", APPLICATION_ACTIVITY, "E", ("patient", "study"))
 
 
 def audit_message(row: dict[str, Any], config: AtnaConfig) -> bytes:
-    """The DICOM PS3.15 A.5 audit message (XML, UTF-8) for one audit trail row."""
-    event = CATALOGUE[row["action"]]
+    """The DICOM PS3.15 A.5 audit message (XML, UTF-8) for one audit trail row, at most
+    ``MAX_MESSAGE`` octets with its syslog header: should the detail make it longer, the
+    message carries a note pointing at the row of the audit trail instead."""
+    xml = _audit_message(row, config)
+    if len(xml) <= MAX_XML:
+        return xml
+    note = {"reason": f"the detail is in the audit trail, seq={row.get('seq')} (too long "
+                      "for a syslog message)"}
+    return _audit_message({**row, "actor": str(row.get("actor") or "-")[:64],
+                           "detail": json.dumps(note)}, config)
+
+
+def _audit_message(row: dict[str, Any], config: AtnaConfig) -> bytes:
+    action = str(row.get("action") or "")
+    event = _event(action)
     try:
         detail = json.loads(row.get("detail") or "{}")
-    except ValueError:
+    except (ValueError, TypeError):
         detail = {}
     detail = detail if isinstance(detail, dict) else {}
     parts = [
@@ -157,33 +240,64 @@ def audit_message(row: dict[str, Any], config: AtnaConfig) -> bytes:
     ]
     if event.event_type is not None:
         parts.append(_coded("EventTypeCode", event.event_type))
+    if action:
+        parts.append(_coded("EventTypeCode", Code(action, ACTION_SCHEME, action)))
     reason = detail.get("reason") or detail.get("error")
     if reason and row["outcome"] != "success":
         parts.append(f"<EventOutcomeDescription>{_text(str(reason))}</EventOutcomeDescription>")
     parts.append("</EventIdentification>")
     transfer = event.event_id.code in _TRANSFERS
     we_send = event.action_code != "C"  # a read sends from us; a create received at us
-    requestor_role = own_role = ""
+    requestor_role = own_role = media = ""
     if transfer:
         requestor_role = _coded("RoleIDCode", DESTINATION_ROLE if we_send else SOURCE_ROLE)
         own_role = _coded("RoleIDCode", SOURCE_ROLE if we_send else DESTINATION_ROLE)
-    parts.append(f"<ActiveParticipant UserID={quoteattr(row['actor'])} "
+    elif event.event_id.code in (EXPORT.code, IMPORT.code):
+        export = event.event_id.code == EXPORT.code
+        own_role = _coded("RoleIDCode", SOURCE_ROLE if export else DESTINATION_ROLE)
+        media = (f"<ActiveParticipant UserID={_attr(_media_id(action, detail, export))} "
+                 "UserIsRequestor=\"false\">"
+                 + _coded("RoleIDCode", DESTINATION_MEDIA if export else SOURCE_MEDIA)
+                 + "<MediaIdentifier>" + _coded("MediaType", MEDIA_URI)
+                 + "</MediaIdentifier></ActiveParticipant>")
+    parts.append(f"<ActiveParticipant UserID={_attr(row['actor'] or '-')} "
                  f"UserIsRequestor=\"true\"{_network_point(row.get('source') or '')}>"
                  f"{requestor_role}</ActiveParticipant>")
-    parts.append(f"<ActiveParticipant UserID={quoteattr(config.ae_title)} "
-                 f"AlternativeUserID={quoteattr(str(os.getpid()))} "
+    parts.append(f"<ActiveParticipant UserID={_attr(config.ae_title)} "
+                 f"AlternativeUserID={_attr(os.getpid())} "
                  f"UserIsRequestor=\"false\" NetworkAccessPointID="
-                 f"{quoteattr(socket.gethostname())} NetworkAccessPointTypeCode=\"1\">"
+                 f"{_attr(socket.gethostname())} NetworkAccessPointTypeCode=\"1\">"
                  f"{own_role}</ActiveParticipant>")
-    site = (f" AuditEnterpriseSiteID={quoteattr(config.enterprise_site_id)}"
+    if media:
+        parts.append(media)
+    site = (f" AuditEnterpriseSiteID={_attr(config.enterprise_site_id)}"
             if config.enterprise_site_id else "")
     parts.append(f"<AuditSourceIdentification{site} "
-                 f"AuditSourceID={quoteattr(config.audit_source_id)}>"
+                 f"AuditSourceID={_attr(config.audit_source_id)}>"
                  "<AuditSourceTypeCode csd-code=\"4\"/></AuditSourceIdentification>")
     for kind in event.objects:
         parts.append(_participant_object(kind, row, detail))
     parts.append("</AuditMessage>")
     return "".join(parts).encode("utf-8")
+
+
+def sendable_message(row: dict[str, Any], config: AtnaConfig) -> bytes:
+    """The audit message of ``row``; should the row itself not make one (a damaged row), a
+    message that says so, with what could be read of it, rather than an exception: the sender
+    goes on with the rows after it (PS3.15 A.5: every event reaches the repository)."""
+    try:
+        return audit_message(row, config)
+    except Exception as exc:  # noqa: BLE001 - logged without data; a message goes anyway
+        log.error("audit row %s could not be written whole (%s); sent without its detail",
+                  row.get("seq"), type(exc).__name__)
+        bare = {"seq": row.get("seq"), "at": row.get("at") or datetime.now(UTC),
+                "actor": str(row.get("actor") or "-"), "source": "",
+                "action": str(row.get("action") or ""), "outcome": "failure",
+                "patient_id": str(row.get("patient_id") or ""),
+                "study_uid": str(row.get("study_uid") or ""), "instance_count": 0,
+                "detail": json.dumps({"reason": f"audit row {row.get('seq')} unreadable "
+                                                f"({type(exc).__name__})"})}
+        return audit_message(bare, config)
 
 
 def syslog_message(xml: bytes, at: datetime | str, app_name: str = "imageshare") -> bytes:
@@ -198,6 +312,36 @@ def frame(message: bytes) -> bytes:
     return b"%d " % len(message) + message
 
 
+# How long after a batch the connection must still be open for the batch to count as
+# delivered (a repository that closed it resets the connection within a round trip).
+CONFIRM_SECONDS = 0.05
+
+
+def _closed(sock: ssl.SSLSocket, wait: float) -> bool:
+    """Whether the repository closed (or reset) the connection: it never writes to us, so
+    anything readable within ``wait`` seconds is its close."""
+    try:
+        readable, _, _ = select.select([sock], [], [], wait)
+    except (OSError, ValueError):
+        return True
+    if not readable:
+        return False
+    # Readable may also be TLS records that carry no data (TLS 1.3 session tickets).
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+        return False
+    except (OSError, ssl.SSLError):
+        return True
+    finally:
+        try:
+            sock.settimeout(timeout)
+        except OSError:
+            pass
+
+
 class AtnaSender:
     """Sends the audit trail, in order, to the audit repository in a background thread."""
 
@@ -209,6 +353,7 @@ class AtnaSender:
         self._poll = poll_seconds
         self._retry = retry_seconds
         self._batch = batch
+        self._size = batch  # smaller after a connection dropped in the middle of a batch
         self._lease = timedelta(seconds=lease_seconds)
         self._owner = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
@@ -259,15 +404,13 @@ class AtnaSender:
         with self._engine.connect() as conn:
             return [dict(r) for r in conn.execute(
                 sql_select(audit_events).where(audit_events.c.seq > after)
-                .order_by(audit_events.c.seq).limit(self._batch)).mappings()]
+                .order_by(audit_events.c.seq).limit(self._size)).mappings()]
 
     # -- the connection -----------------------------------------------------------------------
 
     def _connected(self) -> ssl.SSLSocket:
         if self._sock is not None:
-            # A repository never writes to us: anything readable is its close (or a reset).
-            readable, _, _ = select.select([self._sock], [], [], 0)
-            if not readable:
+            if not _closed(self._sock, 0):
                 return self._sock
             self._disconnect()
         raw = socket.create_connection((self._config.host, self._config.port), timeout=10)
@@ -289,17 +432,28 @@ class AtnaSender:
             self._sock = None
 
     def _send(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Write ``rows`` and return the last sequence number, once the batch is taken to be
+        delivered. RFC 5425 has no acknowledgement, and a repository that closes the
+        connection (a restart, an idle cut) throws away what it had not read while the
+        kernel took our bytes all the same: so nothing of a batch counts as sent unless the
+        connection is still open before each message and a moment after the last one.
+        Otherwise OSError: the whole batch is sent again (a repository may then see some
+        messages twice, never none), in smaller batches until the connection holds one."""
         sock = self._connected()
         last = 0
         try:
             for row in rows:
-                message = syslog_message(audit_message(row, self._config), row["at"])
+                if _closed(sock, 0):
+                    raise ConnectionResetError("the audit repository closed the connection")
+                message = syslog_message(sendable_message(row, self._config), row["at"])
                 sock.sendall(frame(message))
                 last = row["seq"]
+            if last and _closed(sock, CONFIRM_SECONDS):
+                raise ConnectionResetError("the audit repository closed the connection")
         except (OSError, ssl.SSLError):
-            if last:  # what went out before the failure is not sent twice
-                self._advance(last)
+            self._size = max(1, self._size // 2)
             raise
+        self._size = min(self._batch, self._size * 2)
         return last
 
     # -- the loop -----------------------------------------------------------------------------

@@ -279,6 +279,12 @@ def verify_chain(engine: Engine, key: bytes | None = None, heads_file: Path | No
     return ChainReport(rows, head_seq, checked, problems)
 
 
+def chain_problems(engine: Engine) -> list[str]:
+    """What :func:`verify_chain` finds wrong in the audit trail of ``engine`` (nothing when
+    it is intact), each said in a line."""
+    return [str(problem) for problem in verify_chain(engine).problems]
+
+
 def _mappings(result: Any) -> Iterable[dict[str, Any]]:
     for row in result.mappings():
         yield dict(row)

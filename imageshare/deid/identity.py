@@ -90,16 +90,16 @@ _SHORT_DATE = re.compile(r"(?<!\w)(?<!\w[./-])\d{1,2}([./-])\d{1,2}\1\d{2}(?!\w)
 # Polish and other Latin letters), and a simple romanisation of Cyrillic and Greek (ISO 9 /
 # BGN-like, with the common alternatives). The first spelling is the usual one.
 _SPELLINGS: dict[str, tuple[str, ...]] = {
-    "ä": ("a", "ae"), "ö": ("o", "oe"), "ü": ("u", "ue"), "ß": ("ss",), "ø": ("o", "oe"),
-    "å": ("a", "aa"), "æ": ("ae",), "œ": ("oe",), "ł": ("l",), "đ": ("d", "dj"), "ð": ("d",),
+    "ä": ("a", "ae"), "ö": ("o", "oe"), "ü": ("u", "ue"), "ß": ("ss", "s"), "ø": ("o", "oe"),
+    "å": ("a", "aa"), "æ": ("ae", "e"), "œ": ("oe",), "ł": ("l",), "đ": ("d", "dj"), "ð": ("d",),
     "þ": ("th",), "ı": ("i",), "ħ": ("h",),
     # Cyrillic (Russian, Ukrainian, Belarusian, Bulgarian, Serbian, Macedonian)
-    "а": ("a",), "б": ("b",), "в": ("v",), "г": ("g", "h"), "ґ": ("g",), "д": ("d",),
-    "е": ("e", "ye"), "ё": ("e", "yo", "jo"), "є": ("ye", "ie"), "ж": ("zh", "j", "z"),
-    "з": ("z",), "и": ("i", "y"), "і": ("i",), "ї": ("yi", "i"), "й": ("y", "i", "j"),
+    "а": ("a",), "б": ("b",), "в": ("v", "w"), "г": ("g", "h"), "ґ": ("g",), "д": ("d",),
+    "е": ("e", "ye"), "ё": ("e", "yo", "jo"), "є": ("ye", "ie", "je"), "ж": ("zh", "j", "z"),
+    "з": ("z",), "и": ("i", "y"), "і": ("i",), "ї": ("yi", "i", "ji"), "й": ("y", "i", "j"),
     "к": ("k",), "л": ("l",), "м": ("m",), "н": ("n",), "о": ("o",), "п": ("p",),
     "р": ("r",), "с": ("s",), "т": ("t",), "у": ("u",), "ў": ("u", "w"), "ф": ("f",),
-    "х": ("kh", "h", "ch"), "ц": ("ts", "c", "tz"), "ч": ("ch",), "ш": ("sh",),
+    "х": ("kh", "h", "ch"), "ц": ("ts", "c", "tz"), "ч": ("ch", "tch"), "ш": ("sh", "ch"),
     "щ": ("shch", "sch", "sht"), "ъ": ("",), "ы": ("y",), "ь": ("",), "э": ("e",),
     "ю": ("yu", "iu", "ju"), "я": ("ya", "ia", "ja"), "ђ": ("dj",), "ј": ("j",),
     "љ": ("lj",), "њ": ("nj",), "ћ": ("c",), "џ": ("dz",), "ѓ": ("gj",), "ќ": ("kj",),
@@ -111,6 +111,21 @@ _SPELLINGS: dict[str, tuple[str, ...]] = {
     "ς": ("s",), "τ": ("t",), "υ": ("y", "i", "u"), "φ": ("f", "ph"),
     "χ": ("ch", "kh", "h"), "ψ": ("ps",), "ω": ("o",),
 }
+# Whole transliteration systems of Cyrillic besides the English-like one above (French,
+# German, Polish): a name written in text follows one of them throughout (Шевчук: Chevtchouk,
+# Schewtschuk, Szewczuk), which choosing letter by letter among a few spellings misses.
+# Letters a system does not name are spelt their usual way.
+_CYRILLIC_SYSTEMS: tuple[dict[str, str], ...] = (
+    dict(zip("вгеёжзийухцчшщъьыэюя", ("v", "g", "e", "io", "j", "z", "i", "i", "ou", "kh",
+                                      "ts", "tch", "ch", "chtch", "", "", "y", "e", "iou",
+                                      "ia"), strict=True)),
+    dict(zip("вгеёжзийухцчшщъьыэюя", ("w", "g", "e", "jo", "sch", "s", "i", "j", "u", "ch",
+                                      "z", "tsch", "sch", "schtsch", "", "", "y", "e", "ju",
+                                      "ja"), strict=True)),
+    dict(zip("вгеёжзийухцчшщъьыэюя", ("w", "g", "e", "io", "z", "z", "i", "j", "u", "ch", "c",
+                                      "cz", "sz", "szcz", "", "", "y", "e", "ju", "ja"),
+             strict=True)),
+)
 # Spellings of one name piece looked for, at most (beyond that, one per choice of spelling).
 _MAX_SPELLINGS = 64
 # What starts a markup escape: an HTML entity, an RTF escape, a quoted-printable byte.
@@ -119,6 +134,39 @@ _HEX = frozenset("0123456789abcdefABCDEF")
 _ENTITY_CHARACTERS = frozenset("#abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 
 _ASCII_NOT_ALNUM = {c: None for c in range(128) if not chr(c).isalnum()}
+# Name prefixes and suffixes (PS3.5 6.2: the fourth and fifth components of a person name)
+# that say nothing of who someone is: titles, honorifics, generations and degrees. As name
+# words they would take "MR" out of an MR image's Modality and descriptions.
+_TITLES = frozenset({
+    "MR", "MRS", "MS", "MISS", "MX", "MSTR", "MASTER", "DR", "PROF", "SIR", "DAME", "LADY",
+    "LORD", "REV", "REVD", "FR", "HERR", "FRAU", "MME", "MLLE", "SR", "JR", "SNR", "JNR", "II",
+    "III", "IV", "MD", "PHD", "DO", "RN", "DDS", "BSC", "MSC", "MBBS", "FRCR", "FRCS", "MRCP",
+})
+
+
+def utf8_misread(text: str) -> str:
+    """``text`` as it was written when its UTF-8 bytes were read as Latin-1 (files that hold
+    UTF-8 without declaring it: ``MÃ¼ller`` is ``Müller``); "" when it is not that."""
+    if text.isascii():
+        return ""
+    try:
+        written = text.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return ""
+    return written if written != text else ""
+
+
+def _without_titles(name: str) -> str:
+    """A person name without the prefixes and suffixes of :data:`_TITLES` (every other
+    value of those components stays: it may be anything)."""
+    groups = []
+    for group in name.split("="):
+        components = group.split("^")
+        for i in range(3, len(components)):
+            components[i] = " ".join(p for p in components[i].split()
+                                     if normalise(p) not in _TITLES)
+        groups.append("^".join(components))
+    return "=".join(groups)
 
 
 def normalise(text: str) -> str:
@@ -166,15 +214,29 @@ def spellings(text: str) -> set[str]:
     spelling (CJK, Arabic, ...)."""
     if text.isascii():
         return set()
-    options = [_letter_spellings(c) for c in unicodedata.normalize("NFC", text.lower())]
+    letters = unicodedata.normalize("NFC", text.lower())
+    options = [_letter_spellings(c) for c in letters]
     if not all(spelling.isascii() for choice in options for spelling in choice):
         return set()
+    return _systems(letters, options) | _every_spelling(options)
+
+
+def _systems(letters: str, options: list[tuple[str, ...]]) -> set[str]:
+    """``letters`` spelt in each of :data:`_CYRILLIC_SYSTEMS` (when it has Cyrillic ones)."""
+    if not any("\u0400" <= c <= "\u04ff" for c in letters):
+        return set()
+    return {"".join(system.get(c, choice[0]) for c, choice in zip(letters, options,
+                                                                   strict=True))
+            for system in _CYRILLIC_SYSTEMS}
+
+
+def _every_spelling(options: list[tuple[str, ...]]) -> set[str]:
+    """Every choice of every letter's spelling (or one per choice, when too many)."""
     count = 1
     for choice in options:
         count *= len(choice)
         if count > _MAX_SPELLINGS:
-            width = max(len(c) for c in options)
-            return {"".join(c[min(k, len(c) - 1)] for c in options) for k in range(width)}
+            return _one_per_choice(options)
     forms = [""]
     for choice in options:
         forms = [form + spelling for form in forms for spelling in choice]
@@ -187,11 +249,19 @@ def _spelling_choices(text: str) -> set[str]:
     every letter would be too many."""
     if text.isascii():
         return set()
-    options = [_letter_spellings(c) for c in unicodedata.normalize("NFC", text.lower())]
+    letters = unicodedata.normalize("NFC", text.lower())
+    options = [_letter_spellings(c) for c in letters]
     if not all(spelling.isascii() for choice in options for spelling in choice):
         return set()
+    return _systems(letters, options) | _one_per_choice(options)
+
+
+def _one_per_choice(options: list[tuple[str, ...]]) -> set[str]:
+    """One spelling per choice: every letter spelt its k-th way, where it has one; where it
+    has fewer, its last way and (again) its usual way."""
     width = max((len(c) for c in options), default=0)
-    return {"".join(c[min(k, len(c) - 1)] for c in options) for k in range(width)}
+    return {"".join(c[min(k, len(c) - 1)] if last else (c[k] if k < len(c) else c[0])
+                    for c in options) for k in range(width) for last in (True, False)}
 
 
 def _single_bytes(data: bytes) -> str:
@@ -534,13 +604,15 @@ class _Collector:
         ``smithj``), and all of these in the ASCII spellings of names written in other
         letters (``Müller``: ``Muller``, ``Mueller``; ``Иванов``: ``Ivanov``)."""
         text = str(value or "")
-        self._name(text)
-        for group in text.split("="):
-            for spelt in _spelling_choices(group):
-                self._name(spelt)
+        for written in filter(None, (text, utf8_misread(text))):
+            self._name(written)
+            for group in written.split("="):
+                for spelt in _spelling_choices(group):
+                    self._name(spelt)
 
     def _name(self, text: str) -> None:
         """A person name as it is written (see :meth:`name`)."""
+        text = _without_titles(text)
         for part in _SPLIT.split(text):
             part = part.strip(".-")
             norm = normalise(part)

@@ -376,6 +376,10 @@ class BurnedInTextCleaner:
                 report.overlays_removed += 1
                 continue
             planes = planes if planes.ndim == 3 else planes[np.newaxis, ...]
+            stored = bytes(ds[Tag(group, 0x3000)].value or b"")
+            if stored[(planes.size + 7) // 8:].strip(b"\0"):
+                # bytes after the plane's bits: no viewer shows them, so they go
+                ds[Tag(group, 0x3000)].value = pack_bits(planes.ravel())
             images = (1 - planes) * 255  # text dark on light
             found = [line.box() for lines in self._read_all([(i, 0) for i in images])
                      for line in lines

@@ -62,6 +62,7 @@ SAFE_PRIVATE: frozenset[tuple[str, int, int]] = frozenset({
 CHECK_PIXELS, TRUST_PIXELS = "check", "trust"
 _MAX_TRAILING = 64 * 1024 * 1024  # bytes after the pixel data that are read as attributes
 _COPY_CHUNK = 1 << 20
+MAX_OFFSETS = 1 << 20  # frames a basic offset table is read for (more: it is written empty)
 
 
 
@@ -135,6 +136,9 @@ class Deidentifier:
             _check_complete(ds, len(ds.PixelData))
         context = self.attributes.context(ds)
         pixel_report = self._pixels(ds, context, has_pixels, clean=True)
+        excess = 0
+        if native and not pixel_report.held_back:
+            ds.PixelData, excess = _without_excess(ds, ds.PixelData)
         bits = StoredBits.of(ds, syntax == ExplicitVRBigEndian) if native else None
         if bits is not None and not pixel_report.held_back:
             ds.PixelData, cleared = bits.canonical(ds.PixelData)
@@ -149,6 +153,8 @@ class Deidentifier:
         outcome = self._outcome(ds, attributes, pixel_report)
         if removed:
             outcome.report["compressed_extras_removed"] = removed
+        if excess:
+            outcome.report["pixel_data_after_the_image_cleared"] = excess
         return outcome
 
     def _pixels(self, ds: Dataset, context: PatientContext, has_pixels: bool,
@@ -243,25 +249,25 @@ class Deidentifier:
                 outcome.report["compressed_extras_removed"] = removed
             else:
                 _save_header(header, target)
-                bits, syntax = StoredBits.of(header), _syntax(header)
-                if bits is not None and syntax is not None and not syntax.is_encapsulated:
-                    element = _element_header(source, pixel_at, header)
-                    value_at = pixel_at + len(element)
-                    target.write(element)
-                    if _copy_canonical(source, target, value_at, end - value_at, bits):
-                        outcome.report["pixel_data"] = ("copied with the bits outside Bits "
-                                                        "Stored cleared")
-                else:
-                    _copy(source, target, pixel_at, end - pixel_at)
+                syntax = _syntax(header)
+                if syntax is not None and not syntax.is_encapsulated:
+                    outcome.report["pixel_data"] = _copy_native(source, target, pixel_at, end,
+                                                                header)
+                elif not _copy_encapsulated(source, target, pixel_at, end, header):
+                    outcome.report["pixel_data"] = ("copied without the basic offset table "
+                                                    "(it held no offsets of its frames)")
             if len(trailing):
                 out = DicomFileLike(target)
                 out.is_implicit_VR, out.is_little_endian = _encoding_of(header)
                 write_dataset(out, trailing)
         else:
             ds = header
-            if has_pixels:
+            deflated = _syntax(header) == DeflatedExplicitVRLittleEndian
+            if has_pixels or deflated:
                 source.seek(0)
                 ds = dcmread(source)
+            if deflated:  # the header was read to the end of the inflated stream
+                has_pixels = "PixelData" in ds
             outcome = self._deidentify(ds, has_pixels)
             if outcome.held_back:
                 return outcome
@@ -337,6 +343,12 @@ def _strip_compressed(ds: Dataset, context: PatientContext) -> tuple[int, str]:
     source = io.BytesIO(ds.PixelData)
     try:
         items = list(encapsulated_items(source, len(ds.PixelData)))
+        if items and items[0] and not _offsets_of_frames(items[0], _item_starts(items[1:])):
+            items[0] = b""  # an offset table that holds something else: an empty one
+            ds.PixelData = b"".join(struct.pack("<HHL", 0xFFFE, 0xE000, len(item)) + item
+                                    for item in items)
+            ds["PixelData"].VR = "OB"
+            ds["PixelData"].is_undefined_length = True
         if len(items) < 2 or not is_frame_start(items[1]):
             return 0, ""  # RLE, video: no comment segments to strip
         stripped = [strip_extras(frame) for frame in frames_of(items[1:])]
@@ -377,6 +389,103 @@ def _compressed_extras(source: BinaryIO, at: int, end: int, header: Dataset,
     except FrameUnreadable as exc:
         return False, _unreadable(exc)
     return False, ""
+
+
+def _item_starts(fragments: list[bytes]) -> set[int]:
+    """Where each of ``fragments`` starts, from the start of the first (as a basic offset
+    table counts)."""
+    starts, position = set(), 0
+    for fragment in fragments:
+        starts.add(position)
+        position += 8 + len(fragment)
+    return starts
+
+
+def _offsets_of_frames(table: bytes, is_item_start: set[int] | Callable[[int], bool]) -> bool:
+    """True when a basic offset table holds offsets of frames and nothing else: whole 32-bit
+    values, the first 0, increasing, each the start of a fragment (PS3.5 A.4). Anything else
+    it holds (text, a thumbnail) would be copied unseen."""
+    if len(table) % 4:
+        return False
+    offsets = struct.unpack(f"<{len(table) // 4}L", table)
+    starts = is_item_start.__contains__ if isinstance(is_item_start, set) else is_item_start
+    return bool(offsets) and offsets[0] == 0 and all(
+        b > a for a, b in itertools.pairwise(offsets)) and all(starts(o) for o in offsets)
+
+
+def _copy_encapsulated(source: BinaryIO, target: BinaryIO, at: int, end: int,
+                       header: Dataset) -> bool:
+    """Copy the encapsulated pixel data element at ``at`` to the end of ``target`` as stored,
+    but for a basic offset table that does not hold its frames' offsets (see
+    :func:`_offsets_of_frames`): that one is written empty. False when it was."""
+    element = _element_header(source, at, header)
+    first = at + len(element)
+    source.seek(first)
+    group, number, length = struct.unpack("<HHL", source.read(8))
+    table_end = first + 8 + length
+    if (group, number) != (0xFFFE, 0xE000) or length == 0 or table_end > end:
+        _copy(source, target, at, end - at)
+        return True
+    source.seek(first + 8)
+    table = source.read(length) if length <= 4 * MAX_OFFSETS else b"\0"
+    sizes = source.seek(0, os.SEEK_END)
+
+    def is_item_start(offset: int) -> bool:
+        position = table_end + offset
+        if position + 8 > min(end, sizes):
+            return False
+        source.seek(position)
+        return source.read(4) == b"\xfe\xff\x00\xe0"
+
+    if _offsets_of_frames(table, is_item_start):
+        _copy(source, target, at, end - at)
+        return True
+    target.seek(0, os.SEEK_END)
+    target.write(element + struct.pack("<HHL", 0xFFFE, 0xE000, 0))
+    _copy(source, target, table_end, end - table_end)
+    return False
+
+
+def _without_excess(ds: Dataset, data: bytes) -> tuple[bytes, int]:
+    """Native pixel data ``data`` with whatever follows the image (bytes beyond the length
+    the image attributes give, which decoders drop and no viewer shows) zeroed, and how many
+    non-zero bytes were there."""
+    image = get_expected_length(ds)
+    excess = data[image:]
+    if not excess.strip(b"\0"):
+        return data, 0
+    return data[:image] + bytes(len(excess)), len(excess.strip(b"\0"))
+
+
+def _copy_native(source: BinaryIO, target: BinaryIO, at: int, end: int,
+                 header: Dataset) -> str:
+    """Copy the native pixel data element at ``at`` to the end of ``target``: the image with
+    the bits outside Bits Stored made canonical, and zeros for anything after the image (see
+    :func:`_without_excess`). Returns what the report says of it."""
+    element = _element_header(source, at, header)
+    value_at = at + len(element)
+    length = end - value_at
+    image = min(length, get_expected_length(header))
+    target.seek(0, os.SEEK_END)
+    target.write(element)
+    said = "copied as stored"
+    bits = StoredBits.of(header)
+    if bits is not None:
+        if _copy_canonical(source, target, value_at, image, bits):
+            said = "copied with the bits outside Bits Stored cleared"
+    else:
+        _copy(source, target, value_at, image)
+    done = image
+    while done < length:
+        source.seek(value_at + done)
+        chunk = source.read(min(_COPY_CHUNK, length - done))
+        if not chunk:
+            raise InvalidDicomError("the source ended while its pixel data was copied")
+        if chunk.strip(b"\0"):
+            said = "copied with what followed the image zeroed"
+        target.write(bytes(len(chunk)))
+        done += len(chunk)
+    return said
 
 
 def _copy_stripped(source: BinaryIO, at: int, end: int, header: Dataset,

@@ -139,13 +139,15 @@ class EhrLaunches:
         with self._engine.connect() as conn:
             sealed = conn.execute(select(ehr_systems.c.secret)
                                   .where(ehr_systems.c.name == ehr)).scalar()
+        # An unknown EHR and a wrong signature read the same (the audit trail tells them
+        # apart): a stranger cannot learn which systems are registered by trying names.
+        unsigned = ("The launch link's signature is not right: the link was changed or signed "
+                    "with another key.")
         if sealed is None:
-            raise LaunchRefused("The launch link names a system that is not registered here.",
-                                "unknown-ehr")
+            raise LaunchRefused(unsigned, "unknown-ehr")
         expected = sign_launch(params, self._box.open(sealed))
         if not hmac.compare_digest(expected.encode(), values[SIGNATURE].lower().encode()):
-            raise LaunchRefused("The launch link's signature is not right: the link was "
-                                "changed or signed with another key.", "bad-signature")
+            raise LaunchRefused(unsigned, "bad-signature")
         now = datetime.now(UTC)
         try:
             expires = datetime.fromtimestamp(int(values["expires"]), UTC)

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Engine, select, update
 
 from imageshare.access.policy import site_origin
-from imageshare.access.users import linked_site
+from imageshare.access.users import linked_site, one_line
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import InvalidQuery, NotFound
@@ -128,10 +128,12 @@ class Arrivals:
             return
         where = (f"Open the inbox: {self._public_url}/inbox" if self._public_url
                  else "Sign in to ImageShare and open the inbox.")
-        contact = f"\nContact at the sender: {item.contact}" if item.contact else ""
+        # The contact is the sending site's words: one line of them, never lines of its own.
+        contact = (f"\nContact at the sender: {one_line(item.contact, 256)}" if item.contact
+                   else "")
         self._mailer.send(
-            self._team, f"ImageShare: URGENT study from {self.sender(item)}"[:200],
-            f"An URGENT study from {self.sender(item)} arrived in the ImageShare inbox "
+            self._team, f"ImageShare: URGENT study from {one_line(self.sender(item))}"[:200],
+            f"An URGENT study from {one_line(self.sender(item))} arrived in the ImageShare inbox "
             f"({item.instances} image(s), "
             f"{item.last_received.astimezone(UTC).strftime('%d %b %Y %H:%M UTC')}).{contact}\n"
             f"The sender's note is shown with the study in the inbox.\n\n{where}\n\n"

@@ -107,8 +107,11 @@ class ConsentBook:
         return records
 
     def in_force(self, study_uid: str) -> dict[str, ConsentRecord | None]:
-        """Per purpose, the decision in force for the study's patient (None: none recorded)."""
-        records = self._records(self.patient_of(study_uid))
+        """Per purpose, the decision in force for the study's patient (None: none recorded):
+        the one made last (its day; of one day, the one recorded last), not the one typed in
+        last: an old form filed after a withdrawal does not bring the consent back."""
+        records = sorted(self._records(self.patient_of(study_uid)),
+                         key=lambda r: r.given_on, reverse=True)  # stable: newest row first
         return {p: next((r for r in records if r.purpose == p), None) for p in PURPOSES}
 
     def require(self, study_uid: str, purpose: str, actor: Actor) -> None:

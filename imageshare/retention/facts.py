@@ -10,9 +10,20 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
+from imageshare.archive.corrections import _LABELS as CHANGE_LABELS
 from imageshare.archive.indexing import issuers_standing_for
 from imageshare.domain.retention import InstanceFacts
-from imageshare.storage.index.schema import case_items, legal_holds, studies
+from imageshare.storage.index.schema import (
+    case_items,
+    legal_holds,
+    patient_changes,
+    patients,
+    studies,
+)
+
+# How the patient-details history names a change of hospital number and of its issuer.
+_ID_CHANGE = CHANGE_LABELS["patient_id"]
+_ISSUER_CHANGE = CHANGE_LABELS["issuer"]
 
 
 def parse_da(value: str) -> date | None:
@@ -26,21 +37,81 @@ def parse_da(value: str) -> date | None:
         return None
 
 
-def holds_in_force(conn: Connection) -> tuple[set[tuple[str, str]], set[str]]:
+def holds_in_force(conn: Connection, study_uids: Iterable[str] = ()
+                   ) -> tuple[set[tuple[str, str]], set[str]]:
     """(patients as (Patient ID, issuer), Study Instance UIDs) under a legal hold now; a
     patient's hold covers the issuers under which arrivals for its record wait (held, for
-    review) too."""
+    review) too, and those of ``study_uids`` that were its patient's when it was placed and
+    were re-filed under another patient since (a correction or a merge does not take a
+    study out of a hold)."""
     rows = conn.execute(select(legal_holds.c.patient_id, legal_holds.c.issuer,
-                               legal_holds.c.study_uid)
+                               legal_holds.c.study_uid, legal_holds.c.placed_at)
                         .where(legal_holds.c.lifted_at.is_(None))).all()
     on_patients = {(r.patient_id, issuer) for r in rows if r.patient_id
                    for issuer in issuers_standing_for(r.issuer)}
     on_studies = {r.study_uid for r in rows if r.study_uid}
+    if any(r.patient_id for r in rows):
+        on_studies |= set(held_away(rows, former_patients(conn, study_uids)))
     return on_patients, on_studies
 
 
 def _as_utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def former_patients(conn: Connection, study_uids: Iterable[str]
+                    ) -> dict[str, list[tuple[str, str, datetime]]]:
+    """Per study re-filed by a correction or a merge: each (Patient ID, issuer) it was filed
+    under before, with the moment it left that patient (from the patient-details history,
+    walked back from the study's patient now)."""
+    uids = sorted(set(study_uids))
+    found: dict[str, list[tuple[str, str, datetime]]] = {}
+    for start in range(0, len(uids), 500):
+        chunk = uids[start:start + 500]
+        changes = conn.execute(
+            select(patient_changes.c.study_uid, patient_changes.c.change_id,
+                   patient_changes.c.attribute, patient_changes.c.old_value,
+                   patient_changes.c.at)
+            .where(patient_changes.c.study_uid.in_(chunk),
+                   patient_changes.c.attribute.in_([_ID_CHANGE, _ISSUER_CHANGE]))
+            .order_by(patient_changes.c.pk.desc())).all()
+        if not changes:
+            continue
+        now_under = {r.study_uid: (r.patient_id, r.issuer) for r in conn.execute(
+            select(studies.c.study_uid, patients.c.patient_id, patients.c.issuer)
+            .join(patients, patients.c.pk == studies.c.patient_pk)
+            .where(studies.c.study_uid.in_(sorted({c.study_uid for c in changes}))))}
+        # Newest change first: each one's old values give the record before it.
+        by_change: dict[tuple[str, str], dict[str, Any]] = {}
+        for c in changes:
+            entry = by_change.setdefault((c.study_uid, c.change_id), {"at": _as_utc(c.at)})
+            entry[c.attribute] = c.old_value
+        for (uid, _change), entry in by_change.items():
+            current = now_under.get(uid)
+            if current is None:
+                continue
+            before = (entry.get(_ID_CHANGE, current[0]), entry.get(_ISSUER_CHANGE, current[1]))
+            found.setdefault(uid, []).append((before[0], before[1], entry["at"]))
+            now_under[uid] = before
+    return found
+
+
+def held_away(holds: Sequence[Any], former: dict[str, list[tuple[str, str, datetime]]]
+              ) -> dict[str, list[Any]]:
+    """Per study: the patient holds (rows with ``patient_id``, ``issuer``, ``placed_at``)
+    placed while the study was still filed under their patient, which follow it when a
+    correction or a merge re-files it under another one."""
+    covered: dict[str, list[Any]] = {}
+    for uid, records in former.items():
+        for hold in holds:
+            if not hold.patient_id:
+                continue
+            issuers = issuers_standing_for(hold.issuer)
+            placed = _as_utc(hold.placed_at)
+            if any(pid == hold.patient_id and issuer in issuers and left >= placed
+                   for pid, issuer, left in records):
+                covered.setdefault(uid, []).append(hold)
+    return covered
 
 
 def latest_studies(conn: Connection, patient_pks: Iterable[int]) -> dict[int, date]:
@@ -72,7 +143,7 @@ def studies_in_cases(conn: Connection, study_uids: Iterable[str]) -> set[str]:
 def instance_facts(conn: Connection, rows: Sequence[Any]) -> list[InstanceFacts]:
     """Facts for each row; a row has ``retention_class``, ``received_at``, ``class_since``,
     ``study_uid``, ``patient_pk``, ``patient_id``, ``issuer`` and ``birth_date``."""
-    on_patients, on_studies = holds_in_force(conn)
+    on_patients, on_studies = holds_in_force(conn, [r.study_uid for r in rows])
     latest = latest_studies(conn, [r.patient_pk for r in rows
                                    if r.retention_class == "clinical"])
     in_cases = studies_in_cases(conn, [r.study_uid for r in rows

@@ -8,12 +8,12 @@ import threading
 import time as wall
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import Engine, Select, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Engine, Select, and_, delete, func, or_, select, update
 
-from imageshare.archive.deletion import ArchiveDeletion, Removed
+from imageshare.archive.deletion import ArchiveDeletion, Removed, as_utc
 from imageshare.archive.indexing import issuers_standing_for
 from imageshare.archive.record import instance_in_record
 from imageshare.audit.trail import AuditEvent, AuditTrail
@@ -27,7 +27,7 @@ from imageshare.domain.retention import (
     deletion_verdict,
     earliest_deletion,
 )
-from imageshare.retention.facts import instance_facts
+from imageshare.retention.facts import former_patients, held_away, instance_facts
 from imageshare.storage.index.schema import (
     deletion_requests,
     instances,
@@ -46,6 +46,10 @@ RULE_CLASSES = (RetentionClass.CLINICAL, RetentionClass.TEMPORARY, RetentionClas
                 RetentionClass.RESEARCH)
 # Policy rules are read again after this many seconds (other instances may have changed them).
 RULES_REFRESH_SECONDS = 30.0
+# A pending deletion request being approved is marked (``decided_by``) with this prefix and
+# the approver's name; a mark older than APPROVAL_STALE is of an approval that died.
+APPROVING = "approving:"
+APPROVAL_STALE = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -306,9 +310,16 @@ class RetentionService:
             rows = conn.execute(select(legal_holds).where(
                 legal_holds.c.lifted_at.is_(None), covers)
                 .order_by(legal_holds.c.placed_at)).mappings().all()
+            # A patient's hold placed while the study was theirs follows it when a correction
+            # or a merge re-filed it under another patient since.
+            followed = held_away(conn.execute(select(legal_holds).where(
+                legal_holds.c.lifted_at.is_(None), legal_holds.c.patient_id != "")).all(),
+                former_patients(conn, [study_uid])).get(study_uid, [])
         # A patient's hold covers the issuers under which arrivals for its record wait.
-        return [_hold(r) for r in rows if r["study_uid"] == study_uid or (
+        direct = [_hold(r) for r in rows if r["study_uid"] == study_uid or (
             patient is not None and patient.issuer in issuers_standing_for(r["issuer"]))]
+        known = {h.public_id for h in direct}
+        return direct + [_hold(h._mapping) for h in followed if h.public_id not in known]
 
     # -- deletion by two administrators --------------------------------------------------
 
@@ -351,20 +362,28 @@ class RetentionService:
                 patient_id=request.patient_id, study_uid=request.study_uid,
                 detail={"request": public_id, "reason": "the requester cannot approve"}))
             raise Forbidden("another administrator than the one who asked must approve")
+        # The request is claimed for this approval first: a withdrawal or a refusal in the
+        # meantime is refused (it would otherwise be overwritten by a deletion done anyway).
+        claim = self._claim_for_approval(public_id, actor)
         try:
             removed = self._deletion.approved_study(
                 request.study_uid, actor,
                 f"deletion requested by {request.requested_by}, approved by {actor.name}: "
                 f"{request.reason}"[:500])
         except DeletionRefused as exc:
+            self._release_claim(public_id, claim)
             self._audit.record(AuditEvent(
                 actor=actor, action="deletion.approve", outcome="failure",
                 patient_id=request.patient_id, study_uid=request.study_uid,
                 detail={"request": public_id, "reason": str(exc)[:200]}))
             raise
+        except BaseException:
+            self._release_claim(public_id, claim)
+            raise
         with self._engine.begin() as conn:
             conn.execute(update(deletion_requests).where(
-                deletion_requests.c.public_id == public_id).values(
+                deletion_requests.c.public_id == public_id,
+                deletion_requests.c.decided_by == claim).values(
                 state="deleted", decided_by=actor.name[:128], decided_at=self.clock(),
                 note=note.strip()[:2000], deleted=removed.instances))
             self._audit.record(AuditEvent(
@@ -381,10 +400,12 @@ class RetentionService:
         request = self._pending(public_id)
         state = "withdrawn" if request.requested_by == actor.name else "refused"
         with self._engine.begin() as conn:
-            conn.execute(update(deletion_requests).where(
-                deletion_requests.c.public_id == public_id).values(
-                state=state, decided_by=actor.name[:128], decided_at=self.clock(),
-                note=note.strip()[:2000]))
+            if not conn.execute(update(deletion_requests).where(
+                    deletion_requests.c.public_id == public_id,
+                    deletion_requests.c.state == "pending", _unclaimed()).values(
+                    state=state, decided_by=actor.name[:128], decided_at=self.clock(),
+                    note=note.strip()[:2000])).rowcount:
+                raise ImageShareError("this request is being approved or was decided already")
             self._audit.record(AuditEvent(
                 actor=actor, action="deletion.refuse", outcome="success",
                 patient_id=request.patient_id, study_uid=request.study_uid,
@@ -408,6 +429,25 @@ class RetentionService:
             stmt = stmt.where(deletion_requests.c.state == state)
         with self._engine.connect() as conn:
             return [_request(r) for r in conn.execute(stmt).mappings()]
+
+    def _claim_for_approval(self, public_id: str, actor: Actor) -> str:
+        """Mark a pending request as being approved by ``actor``; the mark, to release or to
+        finish with. ImageShareError when another decision is under way or was made."""
+        claim = (APPROVING + actor.name)[:128]
+        with self._engine.begin() as conn:
+            if not conn.execute(update(deletion_requests).where(
+                    deletion_requests.c.public_id == public_id,
+                    deletion_requests.c.state == "pending", _unclaimed()).values(
+                    decided_by=claim, decided_at=datetime.now(UTC))).rowcount:
+                raise ImageShareError("this request is being approved or was decided already")
+        return claim
+
+    def _release_claim(self, public_id: str, claim: str) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(update(deletion_requests).where(
+                deletion_requests.c.public_id == public_id,
+                deletion_requests.c.state == "pending",
+                deletion_requests.c.decided_by == claim).values(decided_by="", decided_at=None))
 
     def _pending(self, public_id: str) -> DeletionRequest:
         request = self.deletion_request(public_id)
@@ -442,7 +482,7 @@ class RetentionService:
             if not rows:
                 raise NotFound("no such study")
             facts = instance_facts(conn, rows)
-        now = self.clock()
+        now = as_utc(self.clock())
         by_class: dict[str, list[datetime | None]] = {}
         for f in facts:
             by_class.setdefault(f.retention_class, []).append(
@@ -458,6 +498,13 @@ class RetentionService:
         refused = [v for v in verdicts if not v.allowed]
         return StudyRetention(classes, self.holds_on_study(study_uid), not refused,
                               refused[0].reason if refused else "")
+
+
+def _unclaimed() -> ColumnElement[bool]:
+    """A pending request no approval is working on (or one that died: its mark is stale)."""
+    return or_(deletion_requests.c.decided_by == "",
+               and_(deletion_requests.c.decided_by.startswith(APPROVING, autoescape=True),
+                    deletion_requests.c.decided_at < datetime.now(UTC) - APPROVAL_STALE))
 
 
 def _series_of(study_uid: str) -> Select[tuple[int]]:

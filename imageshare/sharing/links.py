@@ -30,8 +30,10 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Engine, insert, or_, select, update
 
+from imageshare.access.policy import fully_signed_in
 from imageshare.access.scope import COMMENT, DOWNLOAD, VIEW, Grant
-from imageshare.access.users import UserDirectory, as_utc, secret_hash
+from imageshare.access.sessions import LIFETIME as SESSION_LIFETIME
+from imageshare.access.users import UserDirectory, as_utc, one_line, secret_hash
 from imageshare.archive.ingest import IngestService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
 from imageshare.audit.trail import AuditEvent, AuditTrail
@@ -151,6 +153,16 @@ class Share:
         if as_utc(self.expires_at) <= datetime.now(UTC):
             return "expired"
         return "active"
+
+    def opens_for(self, user: Actor | None) -> bool:
+        """Whether the link may be opened (and used) by a browser signed in as ``user``: a
+        de-identified share by anyone with its passcode; an identifiable one only by its
+        named recipient, fully signed in (a session still owing its TOTP code, or an
+        administrator yet to set up a second factor, is not)."""
+        if self.deidentified:
+            return True
+        return (user is not None and fully_signed_in(user)
+                and user.name == self.recipient_user)
 
     def actor(self, source: str) -> Actor:
         """The party using this share's link, with the share's rights."""
@@ -344,7 +356,7 @@ class ShareService:
         """E-mail the link (never the passcode, never patient data) to the recipient."""
         self.mailer.send(
             email, "Images have been shared with you on ImageShare",
-            f"{sender} has shared medical images with you on ImageShare.\n\n"
+            f"{one_line(sender)} has shared medical images with you on ImageShare.\n\n"
             f"Open them here: {url}\n\n"
             "You will need the passcode, which the sender gives you separately (by phone or "
             f"text message).\nThe link works until {created.expires_at:%d %B %Y}.\n\n"
@@ -364,8 +376,8 @@ class ShareService:
                                     share_pk=share.pk if bound else None)
         self.mailer.send(
             share.recipient_email, "You are invited to an ImageShare account",
-            f"{owner.name} invites you to create an ImageShare account, to see what is shared "
-            f"with you.\n\nCreate it here (the link works once, for 14 days): "
+            f"{one_line(owner.name)} invites you to create an ImageShare account, to see what "
+            "is shared with you.\n\nCreate it here (the link works once, for 14 days): "
             f"{base}/invite/{secret}\n\nThis message contains no patient information.\n")
         self._audit.record(AuditEvent(actor=owner, action="user.invite", outcome="success",
                                       detail={"share": share.public_id, "bound": bound}))
@@ -500,13 +512,16 @@ class ShareService:
         return secret, csrf
 
     def session(self, share: Share, secret: str) -> str | None:
-        """The CSRF token of the link session with this cookie secret, or None."""
+        """The CSRF token of the live link session with this cookie secret, or None. A link
+        session lasts :data:`~imageshare.access.sessions.LIFETIME` (as a staff session): a
+        browser left with the case open asks for the passcode again after that."""
         if not secret:
             return None
         with self._engine.connect() as conn:
             return conn.execute(select(share_sessions.c.csrf_token).where(
                 share_sessions.c.share_pk == share.pk,
-                share_sessions.c.token_hash == secret_hash(secret))).scalar()
+                share_sessions.c.token_hash == secret_hash(secret),
+                share_sessions.c.created_at > datetime.now(UTC) - SESSION_LIFETIME)).scalar()
 
     # -- what the recipient sees -------------------------------------------------------------
 

@@ -35,6 +35,9 @@ from imageshare.storage.index.schema import instances
 
 FORMAT = "imageshare-backup-1"
 Progress = Callable[[int], None]
+# The audit chain's check of an index (what it finds wrong; nothing when intact): given by
+# the caller, the audit trail being a layer above storage.
+TrailCheck = Callable[[Engine], list[str]]
 
 
 def _noop(_n: int) -> None:
@@ -152,6 +155,11 @@ def _libpq(url: str) -> tuple[list[str], dict[str, str]]:
 
 # -- backup --------------------------------------------------------------------------------------
 
+# Blobs of the index besides the instances' own, in the same store: the files attached to
+# teaching cases (their size is what was kept, which the copy tells; no digest is recorded).
+_ATTACHMENTS_SQL = ("SELECT blob_key, -1 AS size, NULL AS sha256 FROM case_attachments "
+                    "ORDER BY pk")
+
 def _snapshot_sqlite(engine: Engine, folder: Path) -> tuple[Path, list[BlobEntry]]:
     source_path = engine.url.database
     if not source_path:
@@ -167,6 +175,7 @@ def _snapshot_sqlite(engine: Engine, folder: Path) -> tuple[Path, list[BlobEntry
             copy.execute("PRAGMA journal_mode=DELETE")
             rows = copy.execute("SELECT blob_key, size, sha256 FROM instances ORDER BY pk"
                                 ).fetchall()
+            rows += copy.execute(_ATTACHMENTS_SQL).fetchall()
         finally:
             copy.close()
     finally:
@@ -184,8 +193,9 @@ def _snapshot_postgres(engine: Engine, folder: Path, bin_dir: str
         with conn.begin():
             # pg_dump reads the snapshot this transaction exported: index and blob list agree.
             snapshot = conn.execute(text("SELECT pg_export_snapshot()")).scalar()
-            rows = conn.execute(select(instances.c.blob_key, instances.c.size,
-                                       instances.c.sha256).order_by(instances.c.pk)).all()
+            rows = [*conn.execute(select(instances.c.blob_key, instances.c.size,
+                                         instances.c.sha256).order_by(instances.c.pk)),
+                    *conn.execute(text(_ATTACHMENTS_SQL))]
             done = subprocess.run(
                 [pg_tool("pg_dump", bin_dir), *args, "--format=custom", "--no-owner",
                  "--no-privileges", f"--snapshot={snapshot}", f"--file={target}"],
@@ -279,10 +289,17 @@ def backup(engine: Engine, blobs: BlobStore, dest: Path, pg_bin_dir: str = "",
     known = _known_copies(dest)
     root = dest / "blobs"
     with open(dest / "blobs.jsonl", "a") as catalogue:
-        for entry in entries:
+        for position, entry in enumerate(entries):
             target = _blob_path(root, entry.key)
+            # A copy already in the backup is re-used when it is still whole (its size: a
+            # file cut short is copied again; a full check is the restore's).
             if entry.key in known and target.exists() and (
-                    entry.sha256 is None or known[entry.key] == entry.sha256):
+                    entry.sha256 is None or known[entry.key] == entry.sha256) and (
+                    entry.size < 0 or _plain_size(target) == entry.size):
+                if entry.sha256 is None or entry.size < 0:
+                    size = _plain_size(target)
+                    entries[position] = BlobEntry(entry.key, size if size >= 0 else entry.size,
+                                                  known[entry.key])
                 report.reused += 1
                 progress(1)
                 continue
@@ -292,10 +309,14 @@ def backup(engine: Engine, blobs: BlobStore, dest: Path, pg_bin_dir: str = "",
                 report.missing.append(entry.key)  # deleted (or lost) since the snapshot
                 progress(1)
                 continue
-            if (entry.sha256 and digest != entry.sha256) or size != entry.size:
+            if (entry.sha256 and digest != entry.sha256) or size < 0 or (
+                    entry.size >= 0 and size != entry.size):
                 report.corrupt.append(entry.key)  # the live copy does not match its digest
                 target.unlink(missing_ok=True)
             else:
+                # The listing keeps what the copy was checked to be (size and digest), also
+                # for blobs the index recorded none of, so that a restore can check each.
+                entries[position] = BlobEntry(entry.key, size, digest)
                 catalogue.write(json.dumps({"key": entry.key, "sha256": digest}) + "\n")
                 catalogue.flush()
                 report.copied += 1
@@ -343,13 +364,25 @@ def _snapshot_folder(src: Path, name: str = "") -> Path:
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
-    manifest = json.loads((folder / "manifest.json").read_text())
-    if manifest.get("format") != FORMAT:
-        raise ImageShareError("unknown backup format")
-    if _sha256_file(folder / manifest["index"]["file"]) != manifest["index"]["sha256"]:
-        raise ImageShareError("the backup's index file does not match its digest")
-    if _sha256_file(folder / manifest["blobs"]["file"]) != manifest["blobs"]["sha256"]:
-        raise ImageShareError("the backup's blob list does not match its digest")
+    """The snapshot's manifest, its index file and blob list checked against their digests;
+    ImageShareError naming what is wrong otherwise."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ImageShareError("unknown backup format")
+        files = {part: (str(manifest[part]["file"]), str(manifest[part]["sha256"]))
+                 for part in ("index", "blobs")}
+        str(manifest["database"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ImageShareError(f"the backup's manifest is damaged ({type(exc).__name__})"
+                              ) from exc
+    for part, what in (("index", "index file"), ("blobs", "blob list")):
+        name, digest = files[part]
+        path = folder / name
+        if Path(name).name != name or not path.is_file():
+            raise ImageShareError(f"the backup's {what} is missing")
+        if _sha256_file(path) != digest:
+            raise ImageShareError(f"the backup's {what} does not match its digest")
     if manifest.get("missing") or manifest.get("corrupt"):
         raise ImageShareError("this snapshot is incomplete (blobs were missing or corrupt when "
                               "it was taken); restore another one")
@@ -357,9 +390,61 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def _entries(folder: Path) -> Iterator[BlobEntry]:
-    for line in (folder / "blobs.jsonl").read_text().splitlines():
-        item = json.loads(line)
-        yield BlobEntry(item["key"], item["size"], item["sha256"])
+    for number, line in enumerate((folder / "blobs.jsonl").read_text().splitlines(), 1):
+        try:
+            item = json.loads(line)
+            entry = BlobEntry(str(item["key"]), int(item["size"]),
+                              None if item["sha256"] is None else str(item["sha256"]))
+            check_key(entry.key)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ImageShareError(f"the backup's blob list is damaged (line {number})"
+                                  ) from exc
+        yield entry
+
+
+def _check_audit_trail(url: str, trail_problems: TrailCheck | None, note: str = "") -> None:
+    """Refuse an index whose audit trail's hash chain shows rows edited, deleted, inserted or
+    moved, as ``trail_problems`` finds them (the manifest's digests prove nothing against
+    someone who can write the backup: they are not secret)."""
+    if trail_problems is None:
+        return
+    engine = create_engine(url)
+    try:
+        problems = trail_problems(engine)
+    except Exception as exc:  # noqa: BLE001 - an index that cannot be read is damaged
+        raise ImageShareError(f"the backup's index cannot be read ({type(exc).__name__})"
+                              f"{note}") from exc
+    finally:
+        engine.dispose()
+    if problems:
+        raise ImageShareError(f"the backup's audit trail was edited ({len(problems)} "
+                              f"problem(s), first: {problems[0]}){note}")
+
+
+def _check_blob(blobs: BlobStore, root: Path, entry: BlobEntry) -> None:
+    """Refuse a blob of the backup that is missing, of another size or another digest."""
+    path = _blob_path(root, entry.key)
+    if not path.is_file() or _plain_size(path) != entry.size:
+        raise ImageShareError(f"blob {entry.key} is missing from the backup or damaged")
+    if _is_sealed(path):
+        if not isinstance(blobs, EncryptedBlobStore):
+            raise ImageShareError("the backup's blobs are encrypted: restore with "
+                                  "IMAGESHARE_ENCRYPT_BLOBS on and the secret key of the "
+                                  "installation that wrote them")
+        try:
+            with open(path, "rb") as fh:
+                plain = blobs.digest_of_stored(entry.key, fh)
+        except StorageError as exc:
+            raise ImageShareError(f"blob {entry.key} in the backup is damaged (it fails "
+                                  "authentication)") from exc
+        digest = plain.sha256
+    elif entry.sha256:
+        digest = _sha256_file(path)
+    else:
+        return
+    if entry.sha256 and digest != entry.sha256:
+        raise ImageShareError(f"blob {entry.key} in the backup is damaged (it does not match "
+                              "its digest)")
 
 
 def _empty_database(url: str) -> bool:
@@ -371,24 +456,33 @@ def _empty_database(url: str) -> bool:
 
 
 def restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str = "",
-            pg_bin_dir: str = "", progress: Progress = _noop, on_total: Progress = _noop
-            ) -> RestoreReport:
+            pg_bin_dir: str = "", progress: Progress = _noop, on_total: Progress = _noop,
+            trail_problems: TrailCheck | None = None) -> RestoreReport:
     """Rebuild an installation from a backup: the index into ``database_url`` (which must be
-    empty) and every blob into ``blobs``, each checked against its digest first."""
+    empty) and every blob into ``blobs``, each checked against its digest first; the index
+    is refused when ``trail_problems`` (the audit chain's check) finds any."""
     folder = _snapshot_folder(src, snapshot)
     manifest = _read_manifest(folder)
     entries = list(_entries(folder))
+    if manifest["blobs"].get("count") not in (None, len(entries)):
+        raise ImageShareError("the backup's blob list does not have the blobs its manifest "
+                              "counts")
     on_total(len(entries))
     root = src / "blobs"
-    for entry in entries:  # everything is checked before anything is written
-        path = _blob_path(root, entry.key)
-        if not path.exists() or _plain_size(path) != entry.size:
-            raise ImageShareError(f"blob {entry.key} is missing from the backup or damaged")
-        if _is_sealed(path) and not isinstance(blobs, EncryptedBlobStore):
-            raise ImageShareError("the backup's blobs are encrypted: restore with "
-                                  "IMAGESHARE_ENCRYPT_BLOBS on and the secret key of the "
-                                  "installation that wrote them")
+    for entry in entries:  # everything is checked (size and digest) before anything is written
+        _check_blob(blobs, root, entry)
+    # Blobs of another installation left in the target would be indexed by the first start's
+    # recovery (it indexes every blob the index does not know): images deleted there would
+    # come back. Those of this backup may be there from a restore that stopped half-way.
+    restoring = {e.key for e in entries}
+    stray = next((key for key in blobs.keys() if key not in restoring), None)
+    if stray is not None:
+        raise ImageShareError(f"the target blob store is not empty (blob {stray} is not in "
+                              "the backup); restore into an empty installation")
     url = make_url(database_url)
+    if manifest["database"] == "sqlite":
+        _check_audit_trail(f"sqlite:///file:{folder / manifest['index']['file']}"
+                           "?mode=ro&uri=true", trail_problems)
     if manifest["database"] != url.get_backend_name():
         raise ImageShareError(f"the backup holds a {manifest['database']} index; the target "
                               f"is {url.get_backend_name()}")
@@ -418,6 +512,10 @@ def restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str = "",
             env=env, capture_output=True, text=True, timeout=24 * 3600)
         if done.returncode != 0:
             raise StorageError(f"pg_restore failed: {done.stderr.strip()[-500:]}")
+        # A dump cannot be read before it is restored: its audit trail is checked now, before
+        # any blob is written (the index is left in the target for a person to look at).
+        _check_audit_trail(database_url, trail_problems, "; the restored index is left in "
+                           "the target database for inspection")
     report = RestoreReport(folder, manifest["database"])
     for entry in entries:
         path = _blob_path(root, entry.key)

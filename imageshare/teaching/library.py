@@ -14,11 +14,15 @@ changes it.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import secrets
+import tempfile
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from sqlalchemy import Engine, and_, delete, insert, or_, select, update
@@ -33,7 +37,12 @@ from imageshare.storage.blobs import BlobStore, new_blob_key
 from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import annotations as marks_table
 from imageshare.storage.index.schema import case_attachments, case_items, cases
-from imageshare.teaching.files import FileType, sniff
+from imageshare.teaching.files import (
+    FileType,
+    sniff,
+    video_without_metadata,
+    without_metadata,
+)
 
 PROFILE = "teaching"
 DIFFICULTIES = ("", "beginner", "intermediate", "advanced")
@@ -126,6 +135,10 @@ def authorise_teaching_use(actor: Actor, found: Collection[StoredInstance]) -> N
     """The one place that decides whether these images may become teaching material (beyond
     the route's permission to see them). Nothing more is checked today; consent or
     governance rules hook in here and raise :class:`Forbidden` with the reason."""
+
+
+# A photo is read whole to be kept without its metadata (EXIF, GPS, text).
+MAX_PHOTO_BYTES = 64 << 20
 
 
 class TeachingLibrary:
@@ -315,9 +328,12 @@ class TeachingLibrary:
     # -- attachments ------------------------------------------------------------------------
 
     def attach(self, case: TeachingCase, actor: Actor, content: BinaryIO, size: int,
-               title: str) -> Attachment:
+               title: str, scratch_dir: Path | None = None) -> Attachment:
         """Keep a file with the case (type sniffed from its content; too large or unknown
-        files are refused and nothing is kept)."""
+        files are refused and nothing is kept). A teaching case is de-identified, so what a
+        photo or video says besides its picture (EXIF, GPS, text chunks, a phone video's
+        place and device) is not kept (:func:`~imageshare.teaching.files.without_metadata`);
+        ``scratch_dir``: where a video is written again without it."""
         self._require_author(case, actor)
         if size > self.max_attachment_bytes:
             raise ImageShareError(f"an attachment may be at most "
@@ -328,8 +344,22 @@ class TeachingLibrary:
         head = content.read(1 << 20 if size > (1 << 20) else size)
         kind = _sniff_whole(content, head, size)
         content.seek(0)
-        key = new_blob_key()
-        self._blobs.put(key, content, size)
+        with contextlib.ExitStack() as cleanup:
+            if kind.kind == "image":
+                if size > MAX_PHOTO_BYTES:  # read whole to leave its metadata out
+                    raise ImageShareError(f"photos may be at most {MAX_PHOTO_BYTES >> 20} MB")
+                data = without_metadata(content.read(size), kind)
+                content, size = io.BytesIO(data), len(data)
+            elif kind.kind == "video":
+                cleaned = cleanup.enter_context(tempfile.TemporaryFile(dir=scratch_dir))
+                if video_without_metadata(content, cleaned, kind):
+                    size = cleaned.seek(0, os.SEEK_END)
+                    cleaned.seek(0)
+                    content = cleaned
+                else:
+                    content.seek(0)
+            key = new_blob_key()
+            self._blobs.put(key, content, size)
         public_id = secrets.token_hex(8)
         now = datetime.now(UTC)
         with self._engine.begin() as conn:

@@ -248,30 +248,45 @@ class UploadInvitations:
     # -- opening -----------------------------------------------------------------------------
 
     def check_passcode(self, invitation: Invitation, passcode: str, source: str) -> bool:
-        """True for the right passcode; wrong ones count, and the tenth locks the link."""
+        """True for the right passcode; wrong ones count, and the tenth locks the link. Each
+        try is counted before the passcode is checked (and uncounted when right), so that
+        tries sent at the same moment (from many addresses, to several instances) cannot get
+        past the ten between them; a locked invitation refuses even the right passcode."""
         actor = invitation.actor(source)
+        with self._engine.begin() as conn:
+            tries = conn.execute(
+                update(upload_invitations).where(
+                    upload_invitations.c.pk == invitation.pk,
+                    upload_invitations.c.locked.is_(False),
+                    upload_invitations.c.failed_attempts < MAX_PASSCODE_FAILURES)
+                .values(failed_attempts=upload_invitations.c.failed_attempts + 1)
+                .returning(upload_invitations.c.failed_attempts)).scalar()
+        if tries is None:  # locked meanwhile (or by the tries in flight)
+            self._audit.record(AuditEvent(
+                actor=actor, action="upload.passcode", outcome="failure",
+                detail={"upload": invitation.public_id, "locked": True}))
+            return False
         try:
             _hasher.verify(invitation_hash(self._engine, invitation.pk),
                            passcode.strip().upper())
         except (VerificationError, InvalidHashError):
+            locked = tries >= MAX_PASSCODE_FAILURES
             with self._engine.begin() as conn:
-                failures = conn.execute(
-                    update(upload_invitations).where(upload_invitations.c.pk == invitation.pk)
-                    .values(failed_attempts=upload_invitations.c.failed_attempts + 1)
-                    .returning(upload_invitations.c.failed_attempts)).scalar_one()
-                locked = failures >= MAX_PASSCODE_FAILURES
                 if locked:
                     conn.execute(update(upload_invitations).where(
                         upload_invitations.c.pk == invitation.pk).values(locked=True))
                 self._audit.record(AuditEvent(
                     actor=actor, action="upload.passcode", outcome="failure",
-                    detail={"upload": invitation.public_id, "failures": failures,
+                    detail={"upload": invitation.public_id, "failures": tries,
                             "locked": locked}), conn=conn)
             return False
         with self._engine.begin() as conn:
-            conn.execute(update(upload_invitations).where(
-                upload_invitations.c.pk == invitation.pk).values(
-                failed_attempts=0, opened_at=datetime.now(UTC)))
+            still_open = conn.execute(update(upload_invitations).where(
+                upload_invitations.c.pk == invitation.pk,
+                upload_invitations.c.locked.is_(False)).values(
+                failed_attempts=0, opened_at=datetime.now(UTC))).rowcount
+            if not still_open:
+                return False
             self._audit.record(AuditEvent(actor=actor, action="upload.open", outcome="success",
                                           detail={"upload": invitation.public_id}), conn=conn)
         return True

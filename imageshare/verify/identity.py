@@ -9,14 +9,17 @@ times of the source (which must not come out unchanged unless the profile keeps 
 
 Names are looked for by every part, every piece of a compound part (``Smith-Jones``) and
 consecutive pieces run together (``MariaDelCarmen``); a part that is also a common word (WARD,
-LANE) counts where it is written as a name (capitalised, or after a title: ``Mr Ward``), not
-as the word (``ward 5``); names in CJK characters (two or more, also a one-character surname
-run into a one-character given name: ``王伟``) count anywhere in text. Names written in other
-letters also count in their ASCII spellings (``Müller``: ``Muller``, ``Mueller``; ``Sørensen``:
-``Sorensen``; ``Иванов``: ``Ivanov``), and everyone's surname of four letters or more with an
-initial run into it as a login (``jsmith``, ``SMITHJ``), as a whole word. The source's dates
-(birth date, and the dates of the study and its parts unless the profile keeps dates) are read
-out of text however they are written (``15.03.2024``, ``20240315``, ``4th March 1981``,
+LANE) counts where it is written as a name (capitalised, or after a title: ``Mr Ward``), not as
+the word (``ward 5``); names in CJK characters (two or more, also a one-character surname run
+into a one-character given name: ``王伟``) count anywhere in text. Names written in other letters
+also count in their ASCII spellings (``Müller``: ``Muller``, ``Mueller``; ``Sørensen``:
+``Sorensen``; ``Иванов``: ``Ivanov``; Cyrillic also in the French, German and Polish systems:
+``Chevtchouk``, ``Schewtschuk``, ``Szewczuk``), names stored as UTF-8 in files read as Latin-1
+(``MÃ¼ller``) as what they spell, and everyone's surname of four letters or more with an
+initial run into it as a login (``jsmith``, ``SMITHJ``), as a whole word. Titles and suffixes
+in a name's prefix and suffix components (Mr, Dr, Jr) are no part of the name. The source's
+dates (birth date, and the dates of the study and its parts unless the profile keeps dates) are
+read out of text however they are written (``15.03.2024``, ``20240315``, ``4th March 1981``,
 ``Mar 15, 2021``; the birth date's month and year too, and the birth date written short as a
 whole token: ``4/3/81``, ``3.4.81``). Text is also read with its markup escapes undone (HTML
 entities, RTF ``\\'fc`` and ``\\u252?``, quoted-printable ``=FC``).
@@ -100,6 +103,10 @@ _ORDINALS = {"ST", "ND", "RD", "TH"}
 # Titles after which a common word is a name ("Mr Ward").
 _TITLES = {"MR", "MRS", "MS", "MISS", "MX", "DR", "PROF", "PROFESSOR", "MASTER", "SIR",
            "DAME", "LADY", "LORD", "REV"}
+# Name prefixes and suffixes that are no part of who someone is (in those components only).
+_AFFIXES = _TITLES | {"MSTR", "REVD", "FR", "HERR", "FRAU", "MME", "MLLE", "SR", "JR", "SNR",
+                      "JNR", "II", "III", "IV", "MD", "PHD", "DO", "RN", "DDS", "BSC", "MSC",
+                      "MBBS", "FRCR", "FRCS", "MRCP"}
 # What else the verifier reads source dates from (besides the birth date): every top-level
 # DA, and the date part of these DT attributes (Acquisition DateTime).
 _EVENT_DATETIMES = {0x0008002A}
@@ -135,6 +142,17 @@ _ROMAN: dict[str, tuple[str, ...]] = {
     "ς": ("s",), "τ": ("t",), "υ": ("y", "i", "u"), "φ": ("f", "ph"),
     "χ": ("ch", "kh", "h"), "ψ": ("ps",), "ω": ("o",),
 }
+# Cyrillic names in text are often spelt in one other language's system throughout: French
+# (Chevtchouk), German (Schewtschuk), Polish (Szewczuk). Each is given here as the letters it
+# spells its own way; others keep their first spelling in :data:`_ROMAN`.
+_SYSTEMS: tuple[dict[str, str], ...] = (
+    {"в": "v", "ё": "io", "ж": "j", "й": "i", "у": "ou", "х": "kh", "ц": "ts", "ч": "tch",
+     "ш": "ch", "щ": "chtch", "ю": "iou", "я": "ia", "е": "e"},
+    {"в": "w", "ё": "jo", "ж": "sch", "з": "s", "й": "j", "х": "ch", "ц": "z", "ч": "tsch",
+     "ш": "sch", "щ": "schtsch", "ю": "ju", "я": "ja", "е": "e"},
+    {"в": "w", "ё": "io", "ж": "z", "й": "j", "х": "ch", "ц": "c", "ч": "cz", "ш": "sz",
+     "щ": "szcz", "ю": "ju", "я": "ja", "е": "e"},
+)
 # Spellings of one name part counted, at most (beyond that, one per choice of spelling).
 _MOST_SPELLINGS = 64
 # Markup escapes (fixed patterns, each a few characters): RTF \'hh (runs of them, one
@@ -181,6 +199,23 @@ def _split(text: str) -> list[str]:
     return out
 
 
+def _as_utf8(text: str) -> str:
+    """The name a value read as Latin-1 (or the default repertoire) spells when its bytes
+    were UTF-8, as many systems write without saying so (``JÃ¼rgen``: ``Jürgen``); ""
+    when they were not."""
+    if text.isascii():
+        return ""
+    try:
+        data = text.encode("latin-1")
+    except UnicodeEncodeError:
+        return ""
+    try:
+        reading = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+    return "" if reading == text else reading
+
+
 def _values(value: Any) -> list[Any]:
     return list(value) if isinstance(value, MultiValue | list) else [value]
 
@@ -214,17 +249,23 @@ def romanised(text: str, every: bool = True) -> set[str]:
     ...). Empty for ASCII text and for letters with no ASCII spelling (CJK, Arabic, ...)."""
     if text.isascii():
         return set()
-    letters = [_letter_romanised(c) for c in unicodedata.normalize("NFC", text).lower()]
+    lower = unicodedata.normalize("NFC", text).lower()
+    letters = [_letter_romanised(c) for c in lower]
     if any(not way.isascii() for ways in letters for way in ways):
         return set()
+    systems: set[str] = set()
+    if any(0x400 <= ord(c) <= 0x4FF for c in lower):
+        systems = {"".join(system.get(c, ways[0]) for c, ways in zip(lower, letters,
+                                                                      strict=True))
+                   for system in _SYSTEMS}
     combinations = 1
     for ways in letters:
         combinations *= len(ways)
     if every and combinations <= _MOST_SPELLINGS:
-        return {"".join(choice) for choice in itertools.product(*letters)}
+        return systems | {"".join(choice) for choice in itertools.product(*letters)}
     most = max((len(ways) for ways in letters), default=0)
-    return {"".join(ways[k] if k < len(ways) else ways[0] for ways in letters)
-            for k in range(most)}
+    return systems | {"".join(ways[k] if k < len(ways) else ways[0] for ways in letters)
+                      for k in range(most)}
 
 
 def _escaped_bytes(data: bytes) -> str:
@@ -535,13 +576,20 @@ class SourceIdentity:
         names written in other letters (``Müller``: ``Mueller``; ``Иванов``: ``Ivanov``), and
         the surname with initials run into it as logins are written (``jsmith``)."""
         text = str(value or "")
-        for group in text.split("="):
-            self._name_group(kind, group)
-            for spelt in romanised(group, every=False):
-                self._name_group(kind, spelt)
+        for reading in (text, _as_utf8(text)):
+            for group in reading.split("=") if reading else ():
+                self._name_group(kind, group)
+                for spelt in romanised(group, every=False):
+                    self._name_group(kind, spelt)
 
     def _name_group(self, kind: str, group: str) -> None:
-        """One component group of a person name (see :meth:`_name`)."""
+        """One component group of a person name (see :meth:`_name`); titles and suffixes in
+        its prefix and suffix components (Mr, Dr, Jr, III) are not the person's name."""
+        components_written = group.split("^")
+        if len(components_written) > 3:
+            group = "^".join(components_written[:3] + [
+                " ".join(w for w in c.split() if normalised(w) not in _AFFIXES)
+                for c in components_written[3:]])
         parts = [p for p in group.replace("^", " ").replace(",", " ").split() if p]
         for part in parts:
             self._name_part(kind, part)

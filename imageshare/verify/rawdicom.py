@@ -4,9 +4,11 @@ output costs little next to making it. Little endian (explicit or implicit VR) o
 encodings are read with pydicom by the caller.
 
 UN values of undefined length are read as the implicit VR sequences they are. Pixel data at
-the top level is not returned: its place is (native samples), or the starts of its fragments
-are (encapsulated), for the raw-bytes search. Pixel data in a sequence item is returned as an
-element (encapsulated: its fragments as stored), for the caller to report.
+the top level is not returned: its place is (native samples), or its items and what its
+frames hold outside their coded data are (encapsulated: JPEG and JPEG 2000 marker segments,
+anything between or after the segments of RLE frames), for the raw-bytes search. Pixel data
+in a sequence item is returned as an element (encapsulated: its fragments as stored), for
+the caller to report.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class RawFile:
     encapsulated_pixels: bool = False
     pixel_region: tuple[int, int] = (0, 0)  # where the top-level pixel data element is
     syntax: str = ""
+    # encapsulated: every item (the basic offset table first) as (start of its value, length)
+    pixel_items: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _vr_of(tag: int) -> str:
@@ -168,6 +172,13 @@ class _Reader:
                 raise ValueError("malformed encapsulated pixel data")
             pos += 8 + item_length
 
+    def pixels_a_plane(self) -> int:
+        """Rows times columns: what each RLE segment decodes to (0 when unknown)."""
+        rows, columns = self.found.top.get(0x00280010, b""), self.found.top.get(0x00280011, b"")
+        if len(rows) < 2 or len(columns) < 2:
+            return 0
+        return int(struct.unpack("<H", rows[:2])[0]) * int(struct.unpack("<H", columns[:2])[0])
+
     def pixels(self, start: int, length: int, end: int) -> int:
         """Pixel data: native samples are skipped; of encapsulated data everything in its
         frames but the coded image is kept for the raw-bytes search."""
@@ -184,7 +195,9 @@ class _Reader:
                 raise ValueError("encapsulated pixel data without its end")
             group, element, item_length = struct.unpack_from("<HHL", self.data, pos)
             if (group, element) == (0xFFFE, 0xE0DD):
-                self.found.pixel_texts = frame_texts(self.data, fragments[1:])
+                self.found.pixel_texts = frame_texts(self.data, fragments[1:],
+                                                     self.pixels_a_plane())
+                self.found.pixel_items = fragments
                 return pos + 8
             if (group, element) != (0xFFFE, 0xE000) or item_length == UNDEFINED:
                 raise ValueError("malformed encapsulated pixel data")
@@ -227,7 +240,11 @@ def read(data: bytes) -> RawFile | None:
     return found
 
 
-def frame_texts(data: bytes, fragments: list[tuple[int, int]]) -> list[bytes]:
+_STARTS = (b"\xff\xd8", b"\xff\x4f")  # of a JPEG (-LS, lossless) and a JPEG 2000 frame
+
+
+def frame_texts(data: bytes, fragments: list[tuple[int, int]], samples: int = 0
+                ) -> list[bytes]:
     """Of the compressed frames in ``fragments`` ((start, length) in ``data``), every byte
     that is not coded image: JPEG and JPEG 2000 marker segments, anything after the end of
     the image, and the whole frame when its markers cannot be followed; UTF-16 text is also
@@ -235,14 +252,14 @@ def frame_texts(data: bytes, fragments: list[tuple[int, int]]) -> list[bytes]:
     frames: list[bytes] = []
     for start, length in fragments:
         fragment = bytes(data[start:start + length])
-        if frames and not fragment.startswith((b"\xff\xd8", b"\xff\x4f")):
-            frames[-1] += fragment  # a frame continued in the next fragment
+        if frames and frames[-1].startswith(_STARTS) and not fragment.startswith(_STARTS):
+            frames[-1] += fragment  # a JPEG frame continued in the next fragment
         else:
             frames.append(fragment)
     texts: list[bytes] = []
     for frame in frames:
         try:
-            parts = _outside_coded_data(frame)
+            parts = _outside_coded_data(frame, samples)
         except (ValueError, IndexError, struct.error):
             parts = [frame]
         texts += parts
@@ -250,12 +267,14 @@ def frame_texts(data: bytes, fragments: list[tuple[int, int]]) -> list[bytes]:
     return texts
 
 
-def _outside_coded_data(frame: bytes) -> list[bytes]:
+def _outside_coded_data(frame: bytes, samples: int = 0) -> list[bytes]:
     """The parts of one JPEG or JPEG 2000 frame that are not entropy-coded (tile) data."""
     if frame.startswith(b"\xff\x4f"):
         return _j2k_headers(frame)
+    if _rle(frame):
+        return _rle_texts(frame, samples)
     if not frame.startswith(b"\xff\xd8"):
-        return [frame[:4096]]  # RLE and others: headers only
+        return [frame[:4096]]  # video and others: headers only
     parts: list[bytes] = []
     pos = 2
     while True:
@@ -277,6 +296,46 @@ def _outside_coded_data(frame: bytes) -> list[bytes]:
                            and not 0xD0 <= frame[pos + 1] <= 0xD7
                            and frame[pos + 1] != 0xFF):
                     pos = frame.index(b"\xff", pos + 1)
+
+
+def _rle_texts(frame: bytes, samples: int) -> list[bytes]:
+    """What an RLE frame holds outside its coded data, where no decoder looks: its header,
+    and whatever follows each segment's coded data (``samples`` bytes once decoded) up to the
+    next segment or the end of the frame. Each segment's run headers are followed, not the
+    whole frame searched (fast: one step per run). Without ``samples``: the whole frame."""
+    if samples <= 0:
+        return [frame]
+    count, *offsets = struct.unpack_from("<16L", frame)
+    bounds = [*offsets[:count], len(frame)]
+    parts = [frame[:64]]
+    for first, limit in zip(bounds, bounds[1:], strict=False):
+        position, decoded = first, 0
+        while decoded < samples and position < limit:
+            header = frame[position]
+            if header < 128:
+                position += header + 2
+                decoded += header + 1
+            elif header > 128:
+                position += 2
+                decoded += 257 - header
+            else:
+                position += 1
+        if position < limit:
+            parts.append(frame[position:limit])
+    return parts
+
+
+def _rle(frame: bytes) -> bool:
+    """True for an RLE frame (PS3.5 G.3): its header counts 1 to 15 segments, the first at
+    byte 64, and every offset of a segment lies within the frame and after the one before."""
+    if len(frame) < 64:
+        return False
+    count, *offsets = struct.unpack_from("<16L", frame)
+    if not 1 <= count <= 15 or offsets[0] != 64:
+        return False
+    used = offsets[:count]
+    return all(a < b for a, b in zip(used, used[1:], strict=False)) and used[-1] <= len(frame) \
+        and not any(offsets[count:])
 
 
 def _j2k_headers(frame: bytes) -> list[bytes]:

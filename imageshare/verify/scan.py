@@ -1,12 +1,13 @@
 """Looking for a source's identifiers in everything an output holds.
 
-A DICOM output is read three ways: every element value at any depth (standard, private, UN,
-SR content, overlay and graphic text; identifiers split across elements too), its raw bytes
+A DICOM output is read three ways: every element value at any depth (standard, private, UN, SR
+content, overlay and graphic text; identifiers split across elements too), its raw bytes
 (preamble, file meta, header, encapsulated fragments' headers, anything after the pixel data;
-not the pixel samples themselves), and with OCR its pixels, icon images and overlay planes.
-Encapsulated PDFs are read as text. Other outputs: PNG/JPEG metadata and pixels, MP4 metadata
-and frames, PDF text, ZIP member names and comments, file and folder names. Findings name the
-kind of identifier and where it is, never its value.
+not the pixel samples themselves, though anything but zeros after a native image's samples and
+a basic offset table holding anything but its frames' offsets are findings), and with OCR its
+pixels, icon images and overlay planes. Encapsulated PDFs are read as text. Other outputs:
+PNG/JPEG metadata and pixels, MP4 metadata and frames, PDF text, ZIP member names and comments,
+file and folder names. Findings name the kind of identifier and where it is, never its value.
 """
 
 from __future__ import annotations
@@ -156,6 +157,69 @@ def _unused_bits_carry_data(raw: rawdicom.RawFile, data: Any) -> bool:
     return False
 
 
+def _image_bytes(rows: int, columns: int, frames: int, samples: int, allocated: int,
+                 photometric: str) -> int:
+    """How many bytes a native image of these attributes takes (PS3.5 8.1.1; 4:2:2 colour
+    stores two samples a pixel; single bits are packed)."""
+    if photometric.startswith("YBR") and photometric.endswith("422"):
+        samples = 2
+    return (rows * columns * frames * samples * allocated + 7) // 8
+
+
+def _after_the_image(raw: rawdicom.RawFile, data: Any) -> bool:
+    """True when native pixel data holds anything but zeros after its image: bytes that
+    decoders drop (and no viewer shows, nor OCR reads)."""
+    def number(tag: int) -> int:
+        value = raw.top.get(tag, b"")
+        return struct.unpack("<H", value[:2])[0] if len(value) >= 2 else 0
+
+    try:
+        frames = int(raw.top.get(0x00280008, b"1").decode("ascii").strip(" \0") or 1)
+    except ValueError:
+        return False  # the image cannot be decoded at all: not this check's finding
+    photometric = raw.top.get(0x00280004, b"").decode("latin-1").strip(" \0").upper()
+    image = _image_bytes(number(0x00280010), number(0x00280011), frames,
+                         number(0x00280002) or 1, number(0x00280100), photometric)
+    at, end = raw.pixel_region
+    start = at + (8 if raw.syntax == "1.2.840.10008.1.2" else 12)
+    if not image or start + image >= end:
+        return False
+    return bool(bytes(data[start + image:end]).strip(b"\0"))
+
+
+def _after_the_image_in(ds: Dataset) -> bool:
+    """:func:`_after_the_image` for a data set read by pydicom (big endian, deflated)."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    value = ds.get("PixelData")
+    if value is None or (syntax is not None and syntax.is_encapsulated):
+        return False
+    try:
+        image = _image_bytes(int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames") or 1),
+                             int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated),
+                             str(ds.get("PhotometricInterpretation", "")).upper())
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return bool(image) and bool(bytes(value[image:]).strip(b"\0"))
+
+
+def _offset_table_holds_offsets(raw: rawdicom.RawFile, data: Any) -> bool:
+    """True when the basic offset table of encapsulated pixel data is empty or holds its
+    frames' offsets only (whole 32-bit values, the first 0, increasing, each the start of a
+    fragment): anything else in it is never decoded nor shown."""
+    if not raw.pixel_items:
+        return True
+    (table_at, length), fragments = raw.pixel_items[0], raw.pixel_items[1:]
+    if length == 0:
+        return True
+    if length % 4 or not fragments:
+        return False
+    offsets = struct.unpack(f"<{length // 4}L", bytes(data[table_at:table_at + length]))
+    first = fragments[0][0] - 8
+    starts = {start - 8 - first for start, _ in fragments}
+    return offsets[0] == 0 and all(b > a for a, b in zip(offsets, offsets[1:], strict=False)) \
+        and all(o in starts for o in offsets)
+
+
 def _grey(image: np.ndarray) -> np.ndarray:
     if image.ndim == 3:
         image = image[..., :3].max(axis=2)
@@ -262,6 +326,10 @@ class Verifier:
         if raw.native_pixels and _unused_bits_carry_data(raw, data):
             findings.append(Finding(name, "data hidden in the pixel data's unused bits",
                                     "bits outside Bits Stored"))
+        if raw.native_pixels and _after_the_image(raw, data):
+            findings.append(Finding(name, _AFTER_THE_IMAGE, "pixel data"))
+        if raw.encapsulated_pixels and not _offset_table_holds_offsets(raw, data):
+            findings.append(Finding(name, _NOT_OFFSETS, "encapsulated pixel data"))
         encodings = _encodings(raw.top.get(0x00080005, b""))
         joined: list[str] = []
         for element in raw.elements:
@@ -360,6 +428,8 @@ class Verifier:
             if not any(f.kind == kind for f in findings):
                 findings.append(Finding(name, kind, "split across the values of two elements"))
         self._documents(full, identity, name, findings)
+        if _after_the_image_in(full):
+            findings.append(Finding(name, _AFTER_THE_IMAGE, "pixel data"))
         if self.ocr == OCR_ALWAYS or (self.ocr == OCR_AUTO and (
                 text_prone or self.text_prone(full))):
             if "PixelData" in full:
@@ -718,6 +788,8 @@ class Verifier:
 _PIXEL_TAGS = {0x7FE00008, 0x7FE00009, 0x7FE00010}
 _MISPLACED_META = "file meta element (group 0002) inside the data set"
 _NESTED_PIXELS = "pixel data inside a sequence item"
+_AFTER_THE_IMAGE = "data after the image in the pixel data"
+_NOT_OFFSETS = "data other than frame offsets in the basic offset table"
 _KEPT_DOCUMENT = "document left in the data set"
 _ICON_IMAGE_SEQUENCE = 0x00880200  # read with OCR instead
 _ENCAPSULATED_DOCUMENT, _HPGL_DOCUMENT = 0x00420011, 0x00686300

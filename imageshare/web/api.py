@@ -17,11 +17,11 @@ from imageshare.access.policy import (
 from imageshare.access.sessions import COOKIE
 from imageshare.audit.trail import AuditEvent
 from imageshare.exchange.nodes import Node
-from imageshare.web.auth import allowed, client_address
+from imageshare.web.auth import PrivateRoute, allowed, client_address
 from imageshare.web.deps import ArchiveDep
 from imageshare.web.pages.sign_in import set_session_cookie
 
-router = APIRouter(prefix="/api", tags=["API"])
+router = APIRouter(prefix="/api", tags=["API"], route_class=PrivateRoute)
 
 
 class NodeIn(BaseModel):

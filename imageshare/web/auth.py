@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 
 from imageshare.access.policy import PUBLIC
 from imageshare.access.sessions import COOKIE
@@ -110,7 +112,7 @@ def _share_actor(request: Request, archive: Any, token: str, user: Actor | None,
     csrf = archive.shares.session(share, request.cookies.get(LINK_COOKIE, ""))
     if csrf is None:
         return None
-    if not share.deidentified and (user is None or user.name != share.recipient_user):
+    if not share.opens_for(user):
         return None
     request.state.share = share
     request.state.session = LinkSession(csrf)
@@ -257,3 +259,28 @@ def allowed(action: str, study_param: str | None = None, in_record: bool = True)
     keep to the record (DICOMweb's searches answer an empty list, as for any study without
     matches)."""
     return Annotated[Actor, Depends(Permission(action, study_param, in_record))]
+
+
+# What every answer of a route carrying patient data (JSON API, DICOMweb, FHIR) says about
+# caches and type sniffing, unless the route says otherwise itself.
+PRIVATE_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
+class PrivateRoute(APIRoute):
+    """A route whose answers no browser or shared cache keeps (``Cache-Control: no-store``)
+    and no browser sniffs into another type (``nosniff``): answers name patients, studies,
+    reviewers and their addresses, and a revoked right must not live on in a cache. A route
+    that sets its own Cache-Control keeps it. Routers of such routes say
+    ``APIRouter(route_class=PrivateRoute)``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """The route's handler, adding :data:`PRIVATE_HEADERS` to its answer."""
+        handler = super().get_route_handler()
+
+        async def private(request: Request) -> Response:
+            response = await handler(request)
+            for name, value in PRIVATE_HEADERS.items():
+                response.headers.setdefault(name, value)
+            return response
+
+        return private

@@ -14,12 +14,12 @@ from imageshare.archive.search import normalise_nhs_number
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.errors import InvalidQuery
 from imageshare.exchange.federated import PatientQuery
-from imageshare.web.auth import allowed
+from imageshare.web.auth import PrivateRoute, allowed
 from imageshare.web.deps import ArchiveDep
 from imageshare.web.exports import job_view
 from imageshare.web.params import RowId
 
-router = APIRouter(prefix="/api/exchange", tags=["API"])
+router = APIRouter(prefix="/api/exchange", tags=["API"], route_class=PrivateRoute)
 
 
 def patient_query(nhs: str, hospital_number: str, name: str, dob: str) -> PatientQuery:

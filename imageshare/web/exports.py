@@ -19,10 +19,10 @@ from imageshare.access.policy import (
 from imageshare.domain.actors import Actor
 from imageshare.export.service import FORMATS, ExportRequest
 from imageshare.jobs import Job
-from imageshare.web.auth import allowed, authorise_also
+from imageshare.web.auth import PrivateRoute, allowed, authorise_also
 from imageshare.web.deps import ArchiveDep, archive_of
 
-router = APIRouter(prefix="/api", tags=["API"])
+router = APIRouter(prefix="/api", tags=["API"], route_class=PrivateRoute)
 
 
 class ExportIn(BaseModel):
@@ -76,9 +76,21 @@ def job_cancel(archive: ArchiveDep, job_id: str, actor: allowed(ACCOUNT_SELF)) -
     return job_view(archive.jobs.cancel(job_id, actor.name))
 
 
+# How the export service describes an identifiable export's job (``Export (identifiable zip)
+# of 3 instance(s)``): its file needs the right to export identifiable images.
+IDENTIFIABLE_EXPORT = "Export (identifiable "
+
+
 @router.get("/jobs/{job_id}/file", summary="Download a finished export")
-def job_file(archive: ArchiveDep, job_id: str, actor: allowed(ACCOUNT_SELF)) -> FileResponse:
-    """The export's file (a zip whose names carry no patient data)."""
+def job_file(request: Request, archive: ArchiveDep, job_id: str,
+             actor: allowed(EXPORT_DEIDENTIFIED)) -> FileResponse:
+    """The export's file (a zip whose names carry no patient data), for the one who asked
+    for it while they may still export: the right is checked again when the bytes leave (a
+    role taken away, an administrator's second factor reset, meanwhile), as for an
+    identifiable export when it was asked for."""
+    job = archive.jobs.get(job_id, actor.name)
+    if job.kind != "export" or job.description.startswith(IDENTIFIABLE_EXPORT):
+        authorise_also(request, actor, EXPORT_IDENTIFIABLE)
     job, path, temporary = archive.exports.result(job_id, actor)
     return FileResponse(path, media_type="application/zip",
                         filename=f"imageshare-export-{job.id[:8]}.zip",

@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse
 
 from imageshare import __version__
 from imageshare.access.policy import ACCOUNT_SELF, STUDY_READ
-from imageshare.domain.errors import NotAcceptable
+from imageshare.audit.trail import AuditEvent
+from imageshare.domain.errors import NotAcceptable, NotFound
 from imageshare.fhir.imaging_study import (
     FHIR_JSON,
     Endpoints,
@@ -24,6 +25,7 @@ from imageshare.fhir.imaging_study import (
     capability_statement,
     operation_outcome,
     parse_search,
+    study_uid_of,
 )
 from imageshare.web.auth import allowed
 from imageshare.web.deps import ArchiveDep, archive_of
@@ -48,19 +50,28 @@ JSON_MEDIA = ("application/fhir+json", "application/json", "application/json+fhi
               "application/*")
 
 
-def _check_format(request: Request) -> None:
-    """406 unless the client takes JSON (FHIR XML is not offered); ``_format`` as well."""
+def _check_format(request: Request) -> str:
+    """The media type to answer with (``application/json`` to a client that asked for that,
+    else ``application/fhir+json``); 406 unless the client takes FHIR R4 JSON (FHIR XML is
+    not offered, nor another FHIR version). ``_format`` overrides the Accept header (FHIR R4
+    http, content types)."""
     wanted = request.query_params.get("_format", "")
-    if wanted and wanted not in ("json", *JSON_MEDIA):
-        raise NotAcceptable("only FHIR JSON (application/fhir+json) is offered")
-    accept = request.headers.get("accept")
-    if accept and not any(r.media in JSON_MEDIA for r in parse_accept(accept)):
-        raise NotAcceptable("only FHIR JSON (application/fhir+json) is offered")
+    if wanted:
+        if wanted not in ("json", *JSON_MEDIA):
+            raise NotAcceptable("only FHIR JSON (application/fhir+json) is offered")
+        return "application/json" if wanted == "application/json" else FHIR_JSON
+    for taken in parse_accept(request.headers.get("accept")):
+        version = taken.params.get("fhirversion", "4.0")
+        if taken.media in JSON_MEDIA and version.split(".")[:2] == ["4", "0"]:
+            return "application/json" if taken.media == "application/json" else FHIR_JSON
+    raise NotAcceptable("only FHIR R4 JSON (application/fhir+json; fhirVersion=4.0) is "
+                        "offered")
 
 
-def fhir_response(body: dict[str, Any], status_code: int = 200) -> JSONResponse:
+def fhir_response(body: dict[str, Any], status_code: int = 200,
+                  media_type: str = FHIR_JSON) -> JSONResponse:
     """A FHIR JSON answer."""
-    return JSONResponse(body, status_code=status_code, media_type=FHIR_JSON)
+    return JSONResponse(body, status_code=status_code, media_type=media_type)
 
 
 def outcome_response(status: int, message: str) -> JSONResponse:
@@ -74,29 +85,53 @@ def outcome_response(status: int, message: str) -> JSONResponse:
 @router.get("/metadata", summary="FHIR CapabilityStatement")
 def metadata(request: Request, _actor: allowed(ACCOUNT_SELF)) -> JSONResponse:
     """What this FHIR server offers."""
-    _check_format(request)
-    return fhir_response(capability_statement(f"{public_base(request)}/fhir", __version__))
+    media = _check_format(request)
+    return fhir_response(capability_statement(f"{public_base(request)}/fhir", __version__),
+                         media_type=media)
 
 
 @router.get("/ImagingStudy", summary="FHIR ImagingStudy search")
 async def search(request: Request, actor: Reader, archive: ArchiveDep) -> JSONResponse:
     """A searchset Bundle of the studies matching the search parameters that the caller may
-    see, newest first, ``_count`` at a time with a ``next`` link."""
-    _check_format(request)
+    see, newest first, ``_count`` at a time with ``next`` and ``previous`` links, and
+    ``total`` when it is known. ``Prefer: handling=lenient`` ignores unknown parameters."""
+    media = _check_format(request)
     service = archive.imaging_studies
-    wanted = parse_search(list(request.query_params.multi_items()), service.hospital_system)
-    resources, more = await run_in_threadpool(
+    wanted = parse_search(list(request.query_params.multi_items()), service.hospital_system,
+                          lenient=prefers_lenient(request))
+    found = await run_in_threadpool(
         service.search, wanted, actor, archive.policy.study_scope(actor), _endpoints(request))
     base = f"{public_base(request)}/fhir/ImagingStudy"
-    return fhir_response(bundle(resources, wanted, base, more))
+    return fhir_response(bundle(found.resources, wanted, base, found.more, found.total),
+                         media_type=media)
+
+
+def prefers_lenient(request: Request) -> bool:
+    """True when the client asked to have unknown search parameters ignored
+    (``Prefer: handling=lenient``, FHIR R4 search, handling errors); strict is the default."""
+    preferences = request.headers.get("prefer", "").replace(";", ",").split(",")
+    return any(p.strip().replace(" ", "").lower() == "handling=lenient" for p in preferences)
 
 
 @router.get("/ImagingStudy/{resource_id}", summary="FHIR ImagingStudy read")
 async def read(request: Request, resource_id: str, actor: Reader, archive: ArchiveDep
                ) -> JSONResponse:
     """One ImagingStudy by id (404 OperationOutcome when the caller may not see it)."""
-    _check_format(request)
-    resource = await run_in_threadpool(
-        archive.imaging_studies.read, resource_id, actor, archive.policy.study_scope(actor),
-        _endpoints(request))
-    return fhir_response(resource)
+    media = _check_format(request)
+    uid = study_uid_of(resource_id) or ""
+    try:
+        resource, patient_id = await run_in_threadpool(
+            archive.imaging_studies.read_study, resource_id, actor,
+            archive.policy.study_scope(actor), _endpoints(request))
+    except NotFound:
+        if uid:  # a study id made here that the caller may not see: audited as WADO-RS is
+            await run_in_threadpool(archive.audit.record, AuditEvent(
+                actor=actor, action="study.metadata", outcome="failure", study_uid=uid,
+                detail={"reason": "not found"}))
+        raise
+    # A read shows the study's details: it belongs in the study's own access report, as a
+    # WADO-RS metadata read does (the query engine audits only the search behind it).
+    await run_in_threadpool(archive.audit.record, AuditEvent(
+        actor=actor, action="study.metadata", outcome="success", patient_id=patient_id,
+        study_uid=uid, instance_count=int(resource.get("numberOfInstances", 0))))
+    return fhir_response(resource, media_type=media)

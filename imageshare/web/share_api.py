@@ -11,11 +11,11 @@ from pydantic import BaseModel, Field
 
 from imageshare.access.policy import EXPORT_IDENTIFIABLE, SHARE_CREATE
 from imageshare.sharing.links import NewShare, Share
-from imageshare.web.auth import allowed, authorise_also
+from imageshare.web.auth import PrivateRoute, allowed, authorise_also
 from imageshare.web.deps import ArchiveDep
 from imageshare.web.pages.shares import shown_link
 
-router = APIRouter(prefix="/api", tags=["API"])
+router = APIRouter(prefix="/api", tags=["API"], route_class=PrivateRoute)
 
 
 class ShareIn(BaseModel):

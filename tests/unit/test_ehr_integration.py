@@ -356,3 +356,17 @@ def test_ehrs_are_added_listed_and_removed_on_the_command_line(tmp_path, capsys)
     assert main(["ehr", "remove", "ward-epr", *data]) == 0
     assert main(["ehr", "list", *data]) == 0
     assert "ward-epr" not in capsys.readouterr().out.split("removed")[-1]
+
+
+def test_a_refused_launch_does_not_tell_a_stranger_which_ehr_names_are_registered(world):
+    """Before the signature is checked, every refusal reads the same: an unknown EHR name
+    and a registered one with a wrong signature give the same page (the audit trail keeps
+    the reason), so nobody maps the connected systems by trying names."""
+    ct = world["uid"]["ct"]
+    with TestClient(world["app"]) as browser:
+        unknown = browser.get(launch_url("x" * 43, ehr="elsewhere", requestType="STUDY",
+                                         studyUID=ct), headers=HTML)
+        forged = browser.get(launch_url("x" * 43, requestType="STUDY", studyUID=ct),
+                             headers=HTML)
+    assert unknown.status_code == forged.status_code == 403
+    assert unknown.text == forged.text

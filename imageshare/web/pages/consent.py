@@ -15,12 +15,12 @@ from imageshare.access.policy import CONSENT_RECORD
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError
 from imageshare.governance.consent import DECISIONS, PURPOSES, SOURCES, ConsentRecord
-from imageshare.web.auth import allowed
+from imageshare.web.auth import PrivateRoute, allowed
 from imageshare.web.deps import Archive, ArchiveDep
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
-api = APIRouter(prefix="/api", tags=["API"])
+api = APIRouter(prefix="/api", tags=["API"], route_class=PrivateRoute)
 
 
 def _consent_page(request: Request, archive: Archive, study_uid: str, actor: Actor,

@@ -55,9 +55,8 @@ def landing(request: Request, archive: ArchiveDep,
     actor = resolve_actor(request)
     if actor.kind == "share":
         return redirect(f"/s/{token}/case")
-    return page(request, "link_passcode.html", token=token, needs_login=(
-        not share.deidentified and (actor.kind != "user"
-                                    or actor.name != share.recipient_user)))
+    return page(request, "link_passcode.html", token=token,
+                needs_login=not share.opens_for(actor))
 
 
 @router.post("/s/{token}")
@@ -76,9 +75,10 @@ def open_link(request: Request, archive: ArchiveDep, token: str, _anyone: allowe
     user = resolve_actor(request)
     if user.kind == "share":  # this browser has the link open already
         return redirect(f"/s/{token}/case")
-    if not share.deidentified and (user.kind != "user" or user.name != share.recipient_user):
-        # Only the named recipient, signed in, may try the passcode of an identifiable share
-        # (giving it opens the share's items to their account).
+    if not share.opens_for(user):
+        # Only the named recipient, fully signed in (their second factor given when their
+        # account has one), may try the passcode of an identifiable share (giving it opens
+        # the share's items to their account).
         archive.audit.record(AuditEvent(
             actor=user if user.kind != "anonymous" else share.actor(source),
             action="share.passcode", outcome="failure",

@@ -134,7 +134,8 @@ async def attach(archive: ArchiveDep, public_id: str, actor: allowed(CASE_MANAGE
                 raise ImageShareError(f"an attachment may be at most {limit // (1 << 20)} MB")
             spool.write(chunk)
         await run_in_threadpool(archive.teaching.attach, case, actor, spool, size,
-                                title[:128] or (file.filename or "")[:128])
+                                title[:128] or (file.filename or "")[:128],
+                                archive.settings.staging_dir)
     return redirect(f"/teaching/{public_id}?notice=file-attached#files")
 
 
