@@ -65,7 +65,7 @@ from imageshare.domain.errors import (
     UnsupportedMediaType,
     UnsupportedParameter,
 )
-from imageshare.web.auth import allowed, authorise_also, refuse
+from imageshare.web.auth import PrivateRoute, allowed, authorise_also, refuse
 from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.multipart import (
     PartBody,
@@ -78,7 +78,7 @@ from imageshare.web.multipart import (
 from imageshare.web.negotiation import MediaRange, matches, parse_accept, parse_media_type
 
 log = logging.getLogger("imageshare.dicomweb")
-router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
+router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"], route_class=PrivateRoute)
 # The services' own queries keep to the record (a search under a study nobody may see finds
 # nothing, a retrieval of it is not found), so the permission does not look for the study.
 Reader = allowed(STUDY_READ, "study", in_record=False)

@@ -27,11 +27,11 @@ from imageshare.fhir.imaging_study import (
     parse_search,
     study_uid_of,
 )
-from imageshare.web.auth import allowed
+from imageshare.web.auth import PrivateRoute, allowed
 from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.negotiation import parse_accept
 
-router = APIRouter(prefix="/fhir", tags=["FHIR"])
+router = APIRouter(prefix="/fhir", tags=["FHIR"], route_class=PrivateRoute)
 Reader = allowed(STUDY_READ)
 
 

@@ -52,6 +52,27 @@ from imageshare.web.pages import (
 )
 
 
+class DicomwebCors:
+    """Cross-origin access for the viewer origins of ``cors_origins``, to /dicomweb only and
+    without credentials: the viewer sends its own API token (a script on the viewer's host
+    must not read the app's pages, or call it, with the user's session cookie)."""
+
+    def __init__(self, app: Any, origins: list[str]) -> None:
+        self.app = app
+        self.cors = CORSMiddleware(
+            app, allow_origins=origins, allow_credentials=False,
+            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+            expose_headers=["Content-Type", "Content-Length"],
+        )
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path == "/dicomweb" or path.startswith("/dicomweb/"):
+            await self.cors(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
 def create_app(archive: Archive) -> FastAPI:
     """The web application serving ``archive``."""
     app = FastAPI(
@@ -78,11 +99,7 @@ def create_app(archive: Archive) -> FastAPI:
     app.add_middleware(RequestLimits, settings=archive.settings)
     origins = [o.strip() for o in archive.settings.cors_origins.split(",") if o.strip()]
     if origins:
-        app.add_middleware(
-            CORSMiddleware, allow_origins=origins, allow_credentials=True,
-            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
-            expose_headers=["Content-Type", "Content-Length"],
-        )
+        app.add_middleware(DicomwebCors, origins=origins)
 
     @app.get("/healthz", tags=["health"], summary="Liveness and readiness")
     def healthz(archive: ArchiveDep, _actor: allowed(PUBLIC)) -> JSONResponse:

@@ -363,3 +363,48 @@ def test_qido_warns_when_results_are_cut_at_the_maximum(tmp_path):
         assert len(paged.json()) == 1 and "warning" not in paged.headers
     finally:
         archive.close()
+
+
+def test_cors_opens_only_dicomweb_and_never_with_the_session_cookie(tmp_path):
+    """An allowed viewer origin may call /dicomweb with its own token, nothing else: a script
+    there (one XSS on the viewer's host) could otherwise read the app's pages with the user's
+    session cookie, take the CSRF token and mint an API token."""
+    from fastapi.testclient import TestClient
+
+    from imageshare.web.server import create_app
+    from tests.conftest import make_archive
+
+    origin = "https://viewer.example.org"
+    archive = make_archive(tmp_path, cors_origins=origin)
+    try:
+        with TestClient(create_app(archive)) as client:
+            dicomweb = client.options("/dicomweb/studies", headers={
+                "Origin": origin, "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "authorization"})
+            answers = [
+                client.get("/api/me", headers={"Origin": origin}),
+                client.get("/", headers={"Origin": origin}),
+                client.options("/api/tokens", headers={
+                    "Origin": origin, "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "x-csrf-token,content-type"}),
+            ]
+        assert dicomweb.headers["access-control-allow-origin"] == origin
+        assert "authorization" in dicomweb.headers["access-control-allow-headers"].lower()
+        assert "access-control-allow-credentials" not in dicomweb.headers
+        for answer in answers:
+            assert "access-control-allow-origin" not in answer.headers, answer.request.url
+            assert "access-control-allow-credentials" not in answer.headers
+    finally:
+        archive.close()
+
+
+def test_dicomweb_and_fhir_answers_are_never_kept_by_a_cache(client, stored):
+    """Metadata, searches and pixels name a patient: a shared or browser cache must not keep
+    them after a right is revoked."""
+    study, _series, _sop = _uids(stored["ct"][0])
+    for path in (f"/dicomweb/studies/{study}/metadata", "/dicomweb/studies",
+                 f"/dicomweb/studies/{study}/thumbnail", "/fhir/ImagingStudy"):
+        answer = client.get(path)
+        assert answer.status_code == 200, path
+        assert answer.headers.get("cache-control") == "no-store", path
+        assert answer.headers.get("x-content-type-options") == "nosniff", path
