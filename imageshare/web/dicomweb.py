@@ -622,7 +622,12 @@ def _decoded_frames(request: Request, inst: StoredInstance, numbers: list[int]) 
     for number in numbers:
         with retrieve.open(inst) as stream:
             try:
-                array = decode_frame(stream, number - 1, raw=True)
+                header = dcmread(stream, stop_before_pixels=True)
+                # YBR_FULL_422 has no uncompressed layout of whole pixels: its frames go out
+                # as RGB (as the instance does when converted); other colour spaces as
+                # decoded, which is what the instance's metadata says they are.
+                as_rgb = header.get("PhotometricInterpretation") == "YBR_FULL_422"
+                array = decode_frame(stream, number - 1, raw=not as_rgb, header=header)
             except ImageShareError:  # over the pixel budget, busy: said as it is
                 raise
             except Exception as exc:  # noqa: BLE001 - no decoder, or damaged pixel data

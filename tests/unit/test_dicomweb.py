@@ -408,3 +408,27 @@ def test_dicomweb_and_fhir_answers_are_never_kept_by_a_cache(client, stored):
         assert answer.status_code == 200, path
         assert answer.headers.get("cache-control") == "no-store", path
         assert answer.headers.get("x-content-type-options") == "nosniff", path
+
+
+def test_uncompressed_frames_of_a_jpeg_ybr_full_422_loop_come_as_rgb(archive, client):
+    """A JPEG loop stored as YBR_FULL_422 asked for uncompressed: YBR_FULL_422 has no layout of
+    whole pixels, so the frame comes as RGB (what OHIF and the converted instance show), not
+    as decoded YCbCr, which a viewer painted teal."""
+    from pydicom.pixels import convert_color_space
+
+    from tests.multipart_helpers import parse_multipart
+
+    source = Path(get_testdata_file("color3d_jpeg_baseline.dcm"))
+    archive.ingest.store_copy(source, ACTOR)
+    study, series, sop = _uids(source)
+    answer = client.get(
+        f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/2",
+        headers={"Accept": 'multipart/related; type="application/octet-stream"; '
+                           "transfer-syntax=1.2.840.10008.1.2.1"})
+    assert answer.status_code == 200
+    (_headers, body), = parse_multipart(answer)
+    rgb = dcmread(source).pixel_array[1]  # pydicom converts to RGB by default
+    got = np.frombuffer(body, dtype=np.uint8).reshape(rgb.shape)
+    assert np.abs(got.astype(int) - rgb.astype(int)).mean() < 2
+    raw = convert_color_space(rgb, "RGB", "YBR_FULL")
+    assert np.abs(got.astype(int) - raw.astype(int)).mean() > 10
