@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imageshare.domain.errors import ImageShareError
+from imageshare.uploads.convert import copy_streams
 
 # How many bytes of the start of a file are enough to tell its type (an OOXML or ODF package
 # is opened as a ZIP instead).
@@ -309,15 +310,7 @@ def video_without_metadata(source: Any, target: Any, found: FileType) -> bool:
             if all(key in _HARMLESS_TAGS for found_tags in tags for key in found_tags):
                 return False
             with av.open(target, "w", format=container_format) as dst:
-                kept = [s for s in src.streams if s.type in ("video", "audio")]
-                copies = {s.index: dst.add_stream_from_template(s) for s in kept}
-                for copy in copies.values():
-                    copy.metadata.clear()
-                for packet in src.demux(kept):
-                    if packet.dts is None:
-                        continue  # the demuxer's end-of-stream marker
-                    packet.stream = copies[packet.stream.index]
-                    dst.mux(packet)
+                copy_streams(src, dst)
     except (av.error.FFmpegError, ValueError, OSError) as exc:
         raise ImageShareError(_DAMAGED.format("video")) from exc
     return True

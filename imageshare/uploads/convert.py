@@ -365,6 +365,20 @@ def _write_around(ds: Dataset, tag: int, out: BinaryIO, bulk: Callable[[BinaryIO
         write_dataset(fp, after)
 
 
+def copy_streams(src: Any, dst: Any) -> None:
+    """Copy the video and sound streams of the open PyAV container ``src`` into ``dst``
+    packet by packet (not re-encoded), without the streams' metadata."""
+    kept = [s for s in src.streams if s.type in ("video", "audio")]
+    copies = {s.index: dst.add_stream_from_template(s) for s in kept}
+    for copy in copies.values():
+        copy.metadata.clear()
+    for packet in src.demux(kept):
+        if packet.dts is None:
+            continue  # the demuxer's end-of-stream marker
+        packet.stream = copies[packet.stream.index]
+        dst.mux(packet)
+
+
 def without_metadata(source: Path, target: Path) -> None:
     """``source``'s video and sound streams, as they are (not re-encoded), in a new MP4 file
     at ``target`` without the container's metadata: a phone's video carries where it was
@@ -374,15 +388,7 @@ def without_metadata(source: Path, target: Path) -> None:
     try:
         with cast(Any, av.open(str(source))) as src, av.open(
                 str(target), "w", format="mp4") as dst:
-            kept = [s for s in src.streams if s.type in ("video", "audio")]
-            copies = {s.index: dst.add_stream_from_template(s) for s in kept}
-            for copy in copies.values():
-                copy.metadata.clear()
-            for packet in src.demux(kept):
-                if packet.dts is None:
-                    continue  # the demuxer's end-of-stream marker
-                packet.stream = copies[packet.stream.index]
-                dst.mux(packet)
+            copy_streams(src, dst)
     except av.error.FFmpegError as exc:
         raise ImageShareError("the video cannot be read (damaged or not a video)") from exc
 
