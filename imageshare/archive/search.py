@@ -11,7 +11,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
-from imageshare.archive.dicom_json import nhs_number_of, text_of
+from imageshare.archive.dicom_json import NHS_ISSUER, nhs_number_of, text_of
 from imageshare.archive.query import Query, QueryService
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import InvalidQuery
@@ -70,6 +70,23 @@ class SearchPage:
     studies: list[StudySummary]
     page: int
     has_next: bool
+
+
+NHS_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
+# Issuers of Patient ID that mean the NHS (the index's, the OID, the FHIR system).
+NHS_ISSUERS = frozenset({NHS_ISSUER, "2.16.840.1.113883.2.1.4.1", NHS_SYSTEM.upper()})
+
+
+def holds_nhs_number(attrs: dict[str, Any], nhs: str) -> bool:
+    """True when the study's patient has ``nhs`` as an NHS number: as the Patient ID or an
+    Other Patient ID issued by the NHS or by nobody. The same ten digits issued by another
+    authority (a hospital number that happens to pass the check digit) are someone else."""
+    ids = [(text_of(attrs.get("00100020")), text_of(attrs.get("00100021")))]
+    ids += [(text_of(item.get("00100020")), text_of(item.get("00100021")))
+            for item in (attrs.get("00101002") or {}).get("Value") or []]
+    return any(value.strip() == nhs and (not issuer.strip()
+                                         or issuer.strip().upper() in NHS_ISSUERS)
+               for value, issuer in ids)
 
 
 def normalise_nhs_number(value: str) -> str:
@@ -136,17 +153,21 @@ class StudySearchService:
             ident["00080050"] = {"vr": "SH", "Value": [search.accession.strip()]}
         return ident
 
-    def _alternatives(self, search: StudySearch) -> list[dict[str, dict[str, Any]]]:
-        """One identifier per way the search box (and NHS number field) may match."""
+    def _alternatives(self, search: StudySearch) -> list[tuple[dict[str, dict[str, Any]], str]]:
+        """One identifier per way the search box (and NHS number field) may match, each with
+        the NHS number its matches must hold (issued by the NHS or by nobody), if any.
+
+        Ten digits typed in the box also find a hospital number that happens to have them
+        (as the Patient ID, whoever issued it); the NHS number field finds NHS numbers only.
+        """
         base = self._filters(search)
-        nhs_values = []
-        if search.nhs_number.strip():
-            nhs_values.append(normalise_nhs_number(search.nhs_number))
+        field = normalise_nhs_number(search.nhs_number) if search.nhs_number.strip() else ""
         text = search.text.strip()
+        typed = ""
         if not text:
             options = [base]
         elif re.fullmatch(r"[\d\s-]{10,13}", text) and len(re.sub(r"\D", "", text)) == 10:
-            nhs_values.append(normalise_nhs_number(text))
+            typed = normalise_nhs_number(text)
             options = [base]
         else:
             options = [
@@ -154,20 +175,20 @@ class StudySearchService:
                 {**base, "00100020": {"vr": "LO", "Value": [text]}},
                 {**base, "00080050": {"vr": "SH", "Value": [text]}},
             ]
-        if len(set(nhs_values)) > 1:
+        if field and typed and field != typed:
             raise InvalidQuery("two different NHS numbers were given")
-        if nhs_values:
-            nhs = nhs_values[0]
-            options = [
-                alt
-                for option in options
-                for alt in (
-                    {**option, "00100020": {"vr": "LO", "Value": [nhs]}},
-                    {**option, "00101002": {"vr": "SQ", "Value": [
-                        {"00100020": {"vr": "LO", "Value": [nhs]}}]}},
-                )
-            ]
-        return options
+        nhs = field or typed
+        if not nhs:
+            return [(option, "") for option in options]
+        return [
+            alt
+            for option in options
+            for alt in (
+                ({**option, "00100020": {"vr": "LO", "Value": [nhs]}}, field),
+                ({**option, "00101002": {"vr": "SQ", "Value": [
+                    {"00100020": {"vr": "LO", "Value": [nhs]}}]}}, nhs),
+            )
+        ]
 
     def search(
         self, search: StudySearch, actor: Actor, allowed_studies: Collection[str] | None
@@ -185,10 +206,12 @@ class StudySearchService:
             ("00100040", "CS"), ("00101002", "SQ"), ("00080020", "DA"), ("00080030", "TM"),
             ("00081030", "LO"), ("00080061", "CS"), ("00080050", "SH"), ("00201206", "IS"),
             ("00201208", "IS"))}
-        for order, ident in enumerate(self._alternatives(search)):
+        for order, (ident, nhs) in enumerate(self._alternatives(search)):
             query = Query("STUDY", {**returned, **ident}, limit=wanted, fuzzy=True,
                           allowed_studies=allowed_studies, newest_first=True)
             for rank, match in enumerate(self._query.find(query, actor)):
+                if nhs and not holds_nhs_number(match.attributes, nhs):
+                    continue
                 if match.study_uid not in found:
                     summary = _summary(match.attributes, match.study_uid)
                     key = (summary.study_date, -(order * 100000 + rank))

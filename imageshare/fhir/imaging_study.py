@@ -16,11 +16,11 @@ from urllib.parse import urlencode
 
 from imageshare.archive.dicom_json import NHS_ISSUER, nhs_number_of, text_of
 from imageshare.archive.query import Match, Query, QueryService
+from imageshare.archive.search import NHS_SYSTEM, holds_nhs_number
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import InvalidQuery, NotFound
 from imageshare.domain.identifiers import is_valid_nhs_number
 
-NHS_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
@@ -317,22 +317,6 @@ _STUDY_KEYS = {tag: {"vr": vr} for tag, vr in (
 _PATIENT_KEYS = {tag: {"vr": vr} for tag, vr in (
     ("00100020", "LO"), ("00100021", "LO"), ("00101002", "SQ"), ("00080020", "DA"),
     ("00080030", "TM"))}
-# Issuers of Patient ID that mean the NHS (the index's, the OID, the FHIR system).
-NHS_ISSUERS = frozenset({NHS_ISSUER, "2.16.840.1.113883.2.1.4.1", NHS_SYSTEM.upper()})
-
-
-def _holds_nhs_number(attrs: dict[str, Any], nhs: str) -> bool:
-    """True when the study's patient has ``nhs`` as an NHS number: as the Patient ID or an
-    Other Patient ID issued by the NHS or by nobody. The same ten digits issued by another
-    authority (a hospital number that happens to pass the check digit) are someone else."""
-    ids = [(text_of(attrs.get("00100020")), text_of(attrs.get("00100021")))]
-    ids += [(text_of(item.get("00100020")), text_of(item.get("00100021")))
-            for item in (attrs.get("00101002") or {}).get("Value") or []]
-    return any(value.strip() == nhs and (not issuer.strip()
-                                         or issuer.strip().upper() in NHS_ISSUERS)
-               for value, issuer in ids)
-
-
 _SERIES_KEYS = {tag: {"vr": vr} for tag, vr in (
     ("0020000E", "UI"), ("00080060", "CS"), ("00200011", "IS"), ("0008103E", "LO"),
     ("00180015", "CS"), ("00201209", "IS"), ("0020000D", "UI"))}
@@ -393,7 +377,7 @@ class ImagingStudies:
             query = Query("STUDY", {**_PATIENT_KEYS, **ident}, allowed_studies=allowed,
                           newest_first=True)
             for match in self._find(query, actor, MAX_MATCHES + 1):
-                if not search.nhs_number or _holds_nhs_number(match.attributes,
+                if not search.nhs_number or holds_nhs_number(match.attributes,
                                                               search.nhs_number):
                     found.setdefault(match.study_uid, match)
         if len(found) > MAX_MATCHES:

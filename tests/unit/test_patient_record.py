@@ -61,6 +61,31 @@ def test_nhs_number_is_checked_and_found_in_other_patient_ids(archive, tmp_path)
         found(archive, nhs_number="9434765918")
 
 
+def test_nhs_number_field_ignores_the_same_digits_issued_by_another_hospital(archive, tmp_path):
+    """Ten digits that pass the check digit but are another trust's hospital number belong to
+    someone else: the NHS number field does not find them; the free-text box does (as a
+    hospital number) and the row says whose number it is."""
+    from pydicom import Dataset
+
+    theirs = Dataset()
+    theirs.PatientID = VALID_NHS
+    theirs.IssuerOfPatientID = "RXH-HOSPITAL"
+    other = store_all(archive, ct_series(tmp_path / "a", 1, patient_id="H8",
+                                         patient_name="Other^Person",
+                                         OtherPatientIDsSequence=[theirs]))
+    hospital = store_all(archive, ct_series(tmp_path / "b", 1, patient_id=VALID_NHS,
+                                            patient_name="Hospital^Number",
+                                            IssuerOfPatientID="RXH-HOSPITAL"))
+    ours = Dataset()
+    ours.PatientID = VALID_NHS
+    ours.IssuerOfPatientID = "NHS"
+    mine = store_all(archive, ct_series(tmp_path / "c", 1, patient_id="H9",
+                                        OtherPatientIDsSequence=[ours]))
+    assert found(archive, nhs_number=VALID_NHS) == [mine]
+    assert other not in found(archive, text=VALID_NHS)
+    assert set(found(archive, text=VALID_NHS)) == {mine, hospital}
+
+
 def test_search_filters_and_pages(archive, tmp_path):
     for i in range(30):
         ct_paths = ct_series(tmp_path / f"s{i}", 1, patient_id=f"P{i:02d}",
