@@ -40,6 +40,7 @@ from imageshare.archive.query import QueryService
 from imageshare.archive.retrieve import RetrieveService
 from imageshare.archive.search import StudySearchService
 from imageshare.archive.studies import StudyCatalogue
+from imageshare.archive.tombstones import is_tombstoned, remove_tombstoned, tombstoned_keys
 from imageshare.audit.atna import AtnaConfig, AtnaSender
 from imageshare.audit.chain import SignedHead, export_head, head_key
 from imageshare.audit.reports import AccessReports
@@ -514,19 +515,22 @@ def _recovery_lock(engine: Engine) -> Iterator[None]:
 
 
 def _recover_range(archive: Archive, since: str, until: str = "") -> int:
-    """Index the blobs with keys from ``since`` (before ``until``) that the index lost."""
+    """Index the blobs with keys from ``since`` (before ``until``) that the index lost; the
+    blobs of deleted instances (tombstoned) are removed instead, never indexed again."""
     referenced_key = select(instances.c.pk).where(instances.c.blob_key == bindparam("key"))
 
     def referenced(key: str) -> bool:
         with archive.engine.connect() as conn:
-            return conn.execute(referenced_key, {"key": key}).first() is not None
+            return (conn.execute(referenced_key, {"key": key}).first() is not None
+                    or is_tombstoned(conn, key))
 
     with _recovery_lock(archive.engine):
+        remove_tombstoned(archive.blobs, archive.writer)
         with archive.engine.connect() as conn:
             known = set(
                 conn.execute(select(instances.c.blob_key).where(instances.c.blob_key >= since))
                 .scalars()
-            )
+            ) | tombstoned_keys(conn)
         recovered = archive.ingest.recover_unindexed(known, SYSTEM, since, until, referenced)
     if recovered:
         log.warning("re-indexed %d stored instance(s) missing from the index", recovered)

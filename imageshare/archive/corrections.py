@@ -27,6 +27,7 @@ from imageshare.archive.header import PATIENT_KEYWORDS, level_json
 from imageshare.archive.index_writer import IndexWriter
 from imageshare.archive.record import patient_in_record
 from imageshare.archive.studies import PatientRecord, StudyCatalogue
+from imageshare.archive.tombstones import remove_blobs, tombstone
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
@@ -287,8 +288,7 @@ class PatientCorrections:
                     self._blobs.delete(new_key)
                 raise
             if done:
-                for _pk, _new, _size, old_key in written:
-                    self._blobs.delete(old_key)
+                remove_blobs(self._blobs, self._writer, [old for *_rest, old in written])
                 return change_id
             for _pk, new_key, _size, _old in written:
                 self._blobs.delete(new_key)
@@ -324,6 +324,7 @@ class PatientCorrections:
         for pk, key, stored, _old in written:
             conn.execute(update(instances).where(instances.c.pk == pk)
                          .values(blob_key=key, size=stored.size, sha256=stored.sha256))
+        tombstone(conn, [old_key for *_rest, old_key in written])
         conn.execute(delete(patient_identifiers).where(and_(
             patient_identifiers.c.patient_pk == target_pk,
             patient_identifiers.c.issuer == NHS_ISSUER)))

@@ -20,6 +20,7 @@ from sqlalchemy import ColumnElement, Connection, and_, delete, exists, func, or
 
 from imageshare.archive.index_writer import IndexWriter
 from imageshare.archive.indexing import summarise_studies
+from imageshare.archive.tombstones import remove_blobs, tombstone
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import DeletionRefused
@@ -166,6 +167,7 @@ class ArchiveDeletion:
             pks = [r.pk for r in rows]
             for start in range(0, len(pks), 500):
                 conn.execute(delete(instances).where(instances.c.pk.in_(pks[start:start + 500])))
+            tombstone(conn, [r.blob_key for r in rows])
             _recount(conn, list(counts))
             if path == "approved":
                 _forget_study_notes(conn, list(counts))
@@ -187,15 +189,12 @@ class ArchiveDeletion:
                                 f"failed ({type(exc).__name__})", path)
             raise
         # After the commit: every blob is tried, whatever happens to the others; one that
-        # cannot be removed is named in the audit trail (its instance is gone from the index,
-        # its bytes are not: a person must remove them).
+        # cannot be removed is named in the audit trail and keeps its tombstone (its instance
+        # is gone from the index, its bytes are not: the next start removes them).
         left: dict[str, list[str]] = {}
+        failed = set(remove_blobs(self._blobs, self._writer, [key for key, _uid in keys]))
         for key, uid in keys:
-            try:
-                self._blobs.delete(key)
-            except Exception as exc:  # noqa: BLE001 - audited below, without patient data
-                log.error("blob %s of a deleted instance could not be removed (%s)", key,
-                          type(exc).__name__)
+            if key in failed:
                 left.setdefault(uid, []).append(key)
         if left:
             self._audit_blobs_left(actor, left, patients_of, path)
@@ -221,7 +220,8 @@ class ArchiveDeletion:
                 actor=actor, action="instance.delete", outcome="warning",
                 patient_id=patients_of.get(uid, ""), study_uid=uid, instance_count=len(keys),
                 detail={"reason": "deleted from the index, but these blobs could not be "
-                                  "removed: " + ", ".join(sorted(keys)), "way": path})
+                                  "removed yet (the next start removes them): "
+                                  + ", ".join(sorted(keys)), "way": path})
                 for uid, keys in sorted(left.items())])
         except Exception as exc:  # noqa: BLE001 - logged; the keys are in the log too
             log.error("blobs left after a deletion could not be audited (%s)",

@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from imageshare.archive.header import InstanceHeader
 from imageshare.archive.record import REVIEW_CLASSES, instance_in_record
+from imageshare.archive.tombstones import tombstone
 from imageshare.domain.errors import ImageShareError
 from imageshare.storage.index.schema import (
     cache_generations,
@@ -590,6 +591,7 @@ def replace_instance_blob(
             **h.instance,
         )
     )
+    tombstone(conn, [existing.blob_key])
     return IndexOutcome("replaced", obsolete_blob=existing.blob_key)
 
 

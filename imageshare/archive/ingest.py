@@ -37,6 +37,7 @@ from imageshare.archive.indexing import (
     replace_instance_blob,
 )
 from imageshare.archive.ingest_compare import same_instance
+from imageshare.archive.tombstones import remove_blobs
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import SYSTEM, Actor
 from imageshare.domain.errors import (
@@ -431,7 +432,7 @@ class IngestService:
         if outcome.status in ("duplicate", "kept_first", "conflict"):
             self.blobs.delete(key)
         if outcome.obsolete_blob:
-            self.blobs.delete(outcome.obsolete_blob)
+            remove_blobs(self.blobs, self.writer, [outcome.obsolete_blob])
         if outcome.status == "conflict":
             raise ConflictingInstance(
                 outcome.reason, header.sop_class_uid, header.sop_instance_uid

@@ -858,6 +858,16 @@ legal_holds = Table(
     Column("lift_reason", Text, nullable=False, default="", server_default=""),
 )
 
+# Blobs whose instances were deleted from the index, written in the deletion's transaction and
+# removed once the blob is gone: start-up recovery never indexes them again (a crash between
+# the commit and the removal would bring deleted images back), and removes them for good.
+blob_tombstones = Table(
+    "blob_tombstones",
+    metadata,
+    Column("blob_key", String(64), primary_key=True),
+    Column("deleted_at", DateTime(timezone=True), nullable=False),
+)
+
 # Deletion of a study asked for by one administrator and approved (or refused) by another.
 deletion_requests = Table(
     "deletion_requests",
