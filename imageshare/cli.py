@@ -199,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="delete what its retention class lets go (never clinical, never on hold)")
     _common(run_retention)
     run_retention.add_argument("--at", default="",
-                               help="act as if it were this moment (ISO 8601), e.g. to check")
+                               help="act as if it were this past moment (ISO 8601)")
     show = retention.add_parser("show", help="a study's retention classes, holds and "
                                 "whether it may be deleted")
     _common(show)
@@ -682,12 +682,20 @@ def _retention(archive: Any, args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from imageshare.audit.trail import AuditEvent
+    from imageshare.domain.errors import DeletionRefused, InvalidQuery
 
     service = archive.retention
     if args.command == "retention" and args.action == "run":
-        moment = datetime.fromisoformat(args.at) if args.at else service.clock()
+        try:
+            moment = datetime.fromisoformat(args.at) if args.at else service.clock()
+        except ValueError:
+            raise InvalidQuery(f"--at takes a moment in ISO 8601 (e.g. 2026-01-31T00:00:00Z), "
+                               f"not {args.at!r}") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
+        if moment > datetime.now(UTC):
+            raise DeletionRefused("nothing was deleted: --at cannot be in the future (images "
+                                  "would go before their retention period is over)")
         removed = service.run(cli_actor(), moment)
         print(f"{removed.instances} instance(s) of {len(removed.studies)} study(ies) removed; "
               f"{removed.kept} kept (legal hold, or their class keeps them)")

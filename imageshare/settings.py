@@ -308,13 +308,22 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
-        """Check every value at load: a setting with a list of choices has one of them, the
-        retry schedule is parsed (once)."""
+        """Check every value at load: a setting with a list of choices has one of them, a
+        number is finite and 0 or more (a retention period 1 or more), the retry schedules
+        are parsed (once)."""
         for name, choices in _choices().items():
             if getattr(self, name) not in choices:
                 raise ConfigurationError(
                     f"setting {name} is one of {', '.join(choices)}, not "
                     f"{getattr(self, name)!r}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            least = _AT_LEAST.get(f.name, 0)
+            if not value >= least or value == float("inf"):
+                raise ConfigurationError(
+                    f"setting {f.name} is a number of {least} or more, not {value!r}")
         object.__setattr__(self, "_push_retry",
                            _schedule(self.push_retry_seconds, "push_retry_seconds"))
         object.__setattr__(self, "_job_retry",
@@ -366,6 +375,11 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with some values changed (values are converted like environment values)."""
         return dataclasses.replace(self, **_convert_all(changes))
+
+
+# Numbers with a floor above 0: a retention period of 0 (or less) would let the retention
+# task delete on the day of arrival what the hospital meant to keep.
+_AT_LEAST = {"temporary_days": 1, "upload_retention_days": 1}
 
 
 def _choices() -> dict[str, tuple[str, ...]]:

@@ -49,6 +49,17 @@ def test_invalid_setting_values_are_refused_clearly():
         load_settings({"no_such_setting": 1}, environ={})
 
 
+def test_numbers_below_their_floor_are_refused_before_anything_runs():
+    """A negative size limit, an endless or NaN timeout, or a retention period of 0 days (the
+    retention task would delete arrivals the day they came) stops the start with a reason."""
+    for name, value in (("temporary_days", "0"), ("upload_retention_days", "-3"),
+                        ("http_port", "-1"), ("recovery_grace_seconds", "nan"),
+                        ("recovery_grace_seconds", "inf")):
+        with pytest.raises(ConfigurationError, match=f"{name} is a number of"):
+            load_settings(environ={f"IMAGESHARE_{name.upper()}": value})
+    assert load_settings(environ={"IMAGESHARE_TEMPORARY_DAYS": "1"}).temporary_days == 1
+
+
 def test_settings_with_a_list_of_choices_are_checked_when_loaded():
     with pytest.raises(ConfigurationError, match="smtp_tls is one of none, starttls, ssl"):
         load_settings(environ={"IMAGESHARE_SMTP_TLS": "tls"})

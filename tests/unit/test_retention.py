@@ -327,7 +327,9 @@ def test_the_command_line_places_and_lifts_holds_and_needs_two_administrators_to
     refused = imageshare(data, "deletion", "request", uid, "--reason", "test study",
                          "--by", "ig-lead", **env)
     assert refused.returncode == 2 and "legal hold" in refused.stderr
-    kept = imageshare(data, "retention", "run", "--at", "2090-01-01T00:00:00", **env)
+    early = imageshare(data, "retention", "run", "--at", "2090-01-01T00:00:00", **env)
+    assert early.returncode != 0 and "cannot be in the future" in early.stderr
+    kept = imageshare(data, "retention", "run", **env)
     assert kept.stdout.startswith("0 instance(s)") and uid in _present(archive)
     assert imageshare(data, "hold", "lift", hold_id, "--reason", "settled",
                       "--by", "caldicott").returncode == 0
