@@ -19,7 +19,7 @@ from imageshare.archive.retrieve import RetrieveService
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.deid.service import Deidentifier, seekable
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ImageShareError
+from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.export.media import cine_to_mp4, still_image
 from imageshare.export.writers import DicomdirWriter, Numbering, ZipWriter
 from imageshare.jobs import Job, JobQueue, actor_from, actor_params
@@ -217,10 +217,21 @@ class ExportService:
         return f"{stem}.{fmt if fmt == 'png' else 'jpg'}", still_image(buffer, media,
                                                                        frames // 2)
 
+    def is_identifiable(self, job_id: str, actor: Actor) -> bool:
+        """True when ``actor``'s export job writes identifiable images (its file needs the
+        right to export them); NotFound when it is not one of their exports."""
+        job = self._jobs.get(job_id, actor.name)
+        if job.kind != "export":
+            raise NotFound("no such export")
+        request = self._jobs.params(job_id, actor.name).get("request") or {}
+        return not request.get("deidentify", False)
+
     def result(self, job_id: str, actor: Actor) -> tuple[Job, Path, bool]:
         """The finished job's file, for its owner, and whether it is a temporary copy the
         caller removes once sent; audited as a download."""
         job = self._jobs.get(job_id, actor.name)
+        if job.kind != "export":
+            raise NotFound("no such export")
         if job.state != "done" or not job.result:
             raise ImageShareError("the export is not ready")
         local = getattr(self._results, "local_path", None)

@@ -168,6 +168,10 @@ class JobQueue(Protocol):
     def get(self, job_id: str, owner: str) -> Job:
         """The job with this id started by ``owner``; NotFound otherwise."""
 
+    def params(self, job_id: str, owner: str) -> dict[str, Any]:
+        """The parameters (not the secret ones) ``owner``'s job was queued with; NotFound
+        otherwise."""
+
     def cancel(self, job_id: str, owner: str) -> Job:
         """Cancel a job of ``owner``'s that has not started yet."""
 
@@ -329,6 +333,16 @@ class DatabaseJobQueue:
         if row is None or row["started_by"] != owner:
             raise NotFound("no such job")
         return self._job(row)
+
+    def params(self, job_id: str, owner: str) -> dict[str, Any]:
+        """The parameters (not the secret ones) ``owner``'s job was queued with; NotFound
+        otherwise."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(jobs_table.c.started_by, jobs_table.c.params).where(
+                jobs_table.c.public_id == job_id[:32])).first()
+        if row is None or row.started_by != owner:
+            raise NotFound("no such job")
+        return dict(row.params or {})
 
     def cancel(self, job_id: str, owner: str) -> Job:
         """Cancel a job of ``owner``'s that is still waiting; a running job goes on."""

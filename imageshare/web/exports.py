@@ -76,11 +76,6 @@ def job_cancel(archive: ArchiveDep, job_id: str, actor: allowed(ACCOUNT_SELF)) -
     return job_view(archive.jobs.cancel(job_id, actor.name))
 
 
-# How the export service describes an identifiable export's job (``Export (identifiable zip)
-# of 3 instance(s)``): its file needs the right to export identifiable images.
-IDENTIFIABLE_EXPORT = "Export (identifiable "
-
-
 @router.get("/jobs/{job_id}/file", summary="Download a finished export")
 def job_file(request: Request, archive: ArchiveDep, job_id: str,
              actor: allowed(EXPORT_DEIDENTIFIED)) -> FileResponse:
@@ -88,8 +83,7 @@ def job_file(request: Request, archive: ArchiveDep, job_id: str,
     for it while they may still export: the right is checked again when the bytes leave (a
     role taken away, an administrator's second factor reset, meanwhile), as for an
     identifiable export when it was asked for."""
-    job = archive.jobs.get(job_id, actor.name)
-    if job.kind != "export" or job.description.startswith(IDENTIFIABLE_EXPORT):
+    if archive.exports.is_identifiable(job_id, actor):
         authorise_also(request, actor, EXPORT_IDENTIFIABLE)
     job, path, temporary = archive.exports.result(job_id, actor)
     return FileResponse(path, media_type="application/zip",

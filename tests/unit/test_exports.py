@@ -126,3 +126,21 @@ def test_jobs_belong_to_whoever_started_them(archive, anonymous, study):
     assert anonymous.get(f"/api/jobs/{job['id']}", auth=("other", PASSWORD)).status_code == 404
     assert anonymous.get(f"/api/jobs/{job['id']}/file",
                          auth=("other", PASSWORD)).status_code == 404
+
+
+def test_only_an_export_job_has_a_file_and_its_right_comes_from_what_it_exports(
+        archive, anonymous, study):
+    """The download asks the export itself whether it is identifiable (not the words of its
+    description), and another kind of job with a result is no export to download."""
+    archive.users.add("clin", PASSWORD, "clinician")
+    job, _zip = run_export(anonymous, study, ("clin", PASSWORD), format="zip")
+    clin = Actor("user", "clin", "clinician", "tests")
+    assert archive.exports.is_identifiable(job["id"], clin) is False
+    other = archive.jobs.submit("clin", "recover", "Export (de-identified zip) of 1 instance(s)",
+                                {"since": "", "until": ""}, notify=False)
+    from imageshare.domain.errors import NotFound
+
+    with pytest.raises(NotFound):
+        archive.exports.is_identifiable(other.id, clin)
+    assert anonymous.get(f"/api/jobs/{other.id}/file",
+                         auth=("clin", PASSWORD)).status_code == 404
