@@ -69,6 +69,7 @@ from imageshare.governance.consent import ConsentBook
 from imageshare.jobs import DatabaseJobQueue, Job
 from imageshare.jobs.periodic import PeriodicTask, PeriodicTasks
 from imageshare.notify import Mailer, MailSettings, Notifier
+from imageshare.retention.facts import study_on_hold
 from imageshare.retention.service import RetentionService
 from imageshare.settings import Settings
 from imageshare.sharing.cases import CaseBook
@@ -367,6 +368,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         lambda name: any(a.username == name and a.role == "admin" and not a.disabled
                          for a in users_directory.accounts()))
     ingest.classify = retention.arrival_class
+    ingest.on_hold = corrections.on_hold = study_on_hold
     consents = ConsentBook(engine, audit)
     shares.consent_check = consents.require
     throttle = SignInThrottle(engine)

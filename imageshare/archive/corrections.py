@@ -173,6 +173,9 @@ class PatientCorrections:
         self._catalogue = catalogue
         self._staging = staging_dir
         self._parents_changed = parents_changed
+        # Whether a legal hold covers a study (imageshare.retention.facts.study_on_hold): its
+        # content before a change is kept as evidence.
+        self.on_hold: Callable[[Connection, str], bool] = lambda _conn, _uid: False
 
     # -- public --------------------------------------------------------------------------
 
@@ -287,8 +290,9 @@ class PatientCorrections:
                 for _pk, new_key, _size, _old in written:
                     self._blobs.delete(new_key)
                 raise
-            if done:
-                remove_blobs(self._blobs, self._writer, [old for *_rest, old in written])
+            if done is not None:
+                remove_blobs(self._blobs, self._writer,
+                             [old for *_rest, old in written if old not in done])
                 return change_id
             for _pk, new_key, _size, _old in written:
                 self._blobs.delete(new_key)
@@ -298,15 +302,22 @@ class PatientCorrections:
     def _commit(self, conn: Connection, study_uids: list[str], old_pk: int,
                 new: PatientDetails, header: Dataset | None,
                 written: list[tuple[int, str, StoredBlob, str]], change_id: str, kind: str,
-                reason: str, actor: Actor, old: PatientDetails) -> bool:
-        """The index side of a change, in the index writer's transaction; False when the set
-        of instances changed meanwhile (nothing is then changed)."""
+                reason: str, actor: Actor, old: PatientDetails) -> set[str] | None:
+        """The index side of a change, in the index writer's transaction: the old blobs kept
+        as evidence (their study is under a legal hold); None when the set of instances
+        changed meanwhile (nothing is then changed)."""
         current = {r[0] for r in conn.execute(
             select(instances.c.pk).join(series, series.c.pk == instances.c.series_pk)
             .join(studies, studies.c.pk == series.c.study_pk)
             .where(studies.c.study_uid.in_(study_uids)))}
         if current != {w[0] for w in written}:
-            return False
+            return None
+        held = {uid for uid in study_uids if self.on_hold(conn, uid)}
+        study_of = dict(conn.execute(
+            select(instances.c.pk, studies.c.study_uid)
+            .join(series, series.c.pk == instances.c.series_pk)
+            .join(studies, studies.c.pk == series.c.study_pk)
+            .where(studies.c.study_uid.in_(study_uids))).tuples().all())
         now = datetime.now(UTC)
         attrs = level_json(header, PATIENT_KEYWORDS) if header is not None else {}
         values = {"name": new.name, "name_norm": normalise_name(new.name),
@@ -324,7 +335,12 @@ class PatientCorrections:
         for pk, key, stored, _old in written:
             conn.execute(update(instances).where(instances.c.pk == pk)
                          .values(blob_key=key, size=stored.size, sha256=stored.sha256))
-        tombstone(conn, [old_key for *_rest, old_key in written])
+        kept: set[str] = set()
+        for uid in study_uids:
+            olds = [old_key for pk, *_rest, old_key in written if study_of.get(pk) == uid]
+            tombstone(conn, olds, uid, kept=uid in held)
+            if uid in held:
+                kept.update(olds)
         conn.execute(delete(patient_identifiers).where(and_(
             patient_identifiers.c.patient_pk == target_pk,
             patient_identifiers.c.issuer == NHS_ISSUER)))
@@ -350,11 +366,13 @@ class PatientCorrections:
                        patient_id=new.patient_id, study_uid=uid,
                        instance_count=len(written),
                        detail={"change_id": change_id, "previous_patient_id": old.patient_id,
-                               "attributes": [d[0] for d in _differences(old, new)]})
+                               "attributes": [d[0] for d in _differences(old, new)],
+                               **({"originals_kept_for_legal_hold": True}
+                                  if uid in held else {})})
             for uid in study_uids
         ], conn=conn)
         self._parents_changed(conn)
-        return True
+        return kept
 
 
 def _reason(reason: str) -> str:

@@ -20,7 +20,7 @@ from sqlalchemy import ColumnElement, Connection, and_, delete, exists, func, or
 
 from imageshare.archive.index_writer import IndexWriter
 from imageshare.archive.indexing import summarise_studies
-from imageshare.archive.tombstones import remove_blobs, tombstone
+from imageshare.archive.tombstones import remove_blobs, remove_tombstoned, tombstone
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import DeletionRefused
@@ -200,6 +200,11 @@ class ArchiveDeletion:
             self._audit_blobs_left(actor, left, patients_of, path)
         return Removed(sum(counts.values()), sorted(counts), kept,
                        sorted(k for ks in left.values() for k in ks))
+
+    def remove_released(self) -> int:
+        """Remove the blobs the index let go of that nothing keeps any more (a legal hold that
+        kept a study's old content was lifted); returns how many."""
+        return remove_tombstoned(self._blobs, self._writer)
 
     def _audit_attempt(self, actor: Actor, outcome: Literal["refused", "failure"],
                        seen: dict[str, str], reason: str, path: DeletionPath) -> None:

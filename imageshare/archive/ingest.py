@@ -169,6 +169,9 @@ class IngestService:
         # The retention class of an arrival that is the archive's own, by the retention
         # policy's rules (source, modality): imageshare.retention.service.
         self.classify = classify
+        # Whether a legal hold covers a study (imageshare.retention.facts.study_on_hold): its
+        # stored content is evidence, never replaced.
+        self.on_hold: Callable[[Connection, str], bool] = lambda _conn, _uid: False
         self.blobs = blobs
         self.writer = writer
         self.audit = audit
@@ -516,6 +519,11 @@ class IngestService:
             stored = moving.result()  # compare with the new bytes once they are in the store
             if _same_content(self.blobs, existing, stored, key):
                 outcome = IndexOutcome("duplicate")
+            elif (self.overwrite and self._may_replace(conn, h, actor, review_site)
+                  and self.on_hold(conn, h.study_uid)):
+                outcome = IndexOutcome(
+                    "kept_first", "the study is under a legal hold: the stored version of "
+                    "this instance was kept and the new one not stored")
             elif self.overwrite and self._may_replace(conn, h, actor, review_site):
                 outcome = replace_instance_blob(conn, existing, h, key, stored.size,
                                                 received_from(actor), now,

@@ -11,11 +11,11 @@ and removes them for good.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, delete, select
+from sqlalchemy import Connection, delete, func, select, update
 
 from imageshare.storage.blobs import BlobStore
 from imageshare.storage.index.schema import blob_tombstones
@@ -27,12 +27,35 @@ log = logging.getLogger(__name__)
 _BATCH = 500
 
 
-def tombstone(conn: Connection, keys: Collection[str]) -> None:
-    """Mark ``keys`` as let go of, in the caller's transaction (the one that let go of them)."""
+def tombstone(conn: Connection, keys: Collection[str], study_uid: str = "",
+              kept: bool = False) -> None:
+    """Mark ``keys`` (of ``study_uid``) as let go of, in the caller's transaction (the one that
+    let go of them); ``kept``: they stay in the store while a legal hold covers the study."""
     now = datetime.now(UTC)
-    rows = [{"blob_key": key, "deleted_at": now} for key in sorted(set(keys))]
+    rows = [{"blob_key": key, "deleted_at": now, "study_uid": study_uid, "kept": kept}
+            for key in sorted(set(keys))]
     if rows:
         conn.execute(blob_tombstones.insert(), rows)
+
+
+def release_kept(conn: Connection, still_held: Callable[[Connection, str], bool]) -> int:
+    """Let the old content kept for legal holds go where no hold covers its study any more
+    (it is then removed like any other tombstoned blob); returns how many blobs."""
+    uids = set(conn.execute(select(blob_tombstones.c.study_uid)
+                            .where(blob_tombstones.c.kept)).scalars())
+    released = sorted(uid for uid in uids if not still_held(conn, uid))
+    count = 0
+    for start in range(0, len(released), _BATCH):
+        count += conn.execute(update(blob_tombstones).where(
+            blob_tombstones.c.kept, blob_tombstones.c.study_uid.in_(
+                released[start:start + _BATCH])).values(kept=False)).rowcount
+    return count
+
+
+def kept_for_holds(conn: Connection, study_uid: str) -> int:
+    """How many blobs of old content the study's legal holds keep."""
+    return int(conn.execute(select(func.count()).select_from(blob_tombstones).where(
+        blob_tombstones.c.kept, blob_tombstones.c.study_uid == study_uid)).scalar() or 0)
 
 
 def is_tombstoned(conn: Connection, key: str) -> bool:
@@ -75,9 +98,11 @@ def remove_blobs(blobs: BlobStore, writer: IndexWriter, keys: Collection[str]) -
 
 def remove_tombstoned(blobs: BlobStore, writer: IndexWriter) -> int:
     """Remove the tombstoned blobs still in the store (a crash or a store failure came
-    between the commit and their removal); returns how many were settled."""
+    between the commit and their removal, or a legal hold that kept them was lifted), but
+    not those a hold keeps; returns how many were settled."""
     with writer.engine.connect() as conn:
-        keys = sorted(tombstoned_keys(conn))
+        keys = sorted(conn.execute(select(blob_tombstones.c.blob_key)
+                                   .where(~blob_tombstones.c.kept)).scalars())
     left = remove_blobs(blobs, writer, keys)
     if len(left) < len(keys):
         log.warning("removed %d blob(s) the index had let go of before an interruption",

@@ -55,6 +55,20 @@ def holds_in_force(conn: Connection, study_uids: Iterable[str] = ()
     return on_patients, on_studies
 
 
+def study_on_hold(conn: Connection, study_uid: str) -> bool:
+    """True when a legal hold in force covers the study (on it, on its patient now, or on a
+    patient it was re-filed away from after the hold was placed): its content is evidence."""
+    on_patients, on_studies = holds_in_force(conn, [study_uid])
+    if study_uid in on_studies:
+        return True
+    if not on_patients:
+        return False
+    patient = conn.execute(select(patients.c.patient_id, patients.c.issuer).join(
+        studies, studies.c.patient_pk == patients.c.pk).where(
+        studies.c.study_uid == study_uid)).first()
+    return patient is not None and (patient.patient_id, patient.issuer) in on_patients
+
+
 def _as_utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 

@@ -16,6 +16,7 @@ from sqlalchemy import ColumnElement, Engine, Select, and_, delete, func, or_, s
 from imageshare.archive.deletion import ArchiveDeletion, Removed, as_utc
 from imageshare.archive.indexing import issuers_standing_for
 from imageshare.archive.record import instance_in_record
+from imageshare.archive.tombstones import release_kept
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import DeletionRefused, Forbidden, ImageShareError, NotFound
@@ -27,7 +28,7 @@ from imageshare.domain.retention import (
     deletion_verdict,
     earliest_deletion,
 )
-from imageshare.retention.facts import former_patients, held_away, instance_facts
+from imageshare.retention.facts import former_patients, held_away, instance_facts, study_on_hold
 from imageshare.storage.index.schema import (
     deletion_requests,
     instances,
@@ -275,10 +276,14 @@ class RetentionService:
             conn.execute(update(legal_holds).where(legal_holds.c.public_id == public_id)
                          .values(lifted_by=actor.name[:128], lifted_at=self.clock(),
                                  lift_reason=reason.strip()[:2000]))
+            released = release_kept(conn, study_on_hold)
             self._audit.record(AuditEvent(
                 actor=actor, action="retention.hold.lift", outcome="success",
                 patient_id=hold.patient_id, study_uid=hold.study_uid,
-                detail={"hold": public_id, "reason": reason.strip()[:200]}), conn=conn)
+                detail={"hold": public_id, "reason": reason.strip()[:200],
+                        **({"originals_released": released} if released else {})}), conn=conn)
+        if released:
+            self._deletion.remove_released()
         return self.hold(public_id)
 
     def hold(self, public_id: str) -> LegalHold:

@@ -99,3 +99,48 @@ def test_a_correction_is_not_undone_by_its_old_blobs_after_a_stop(archive, tmp_p
         with archive.retrieve.open(inst) as fp:
             ds = dcmread(fp, stop_before_pixels=True)
         assert ds.PatientID == "H12345" and str(ds.PatientName) == "Jones^Peter"
+
+
+def test_a_correction_under_a_legal_hold_keeps_the_original_content_until_the_hold_is_lifted(
+        archive, tmp_path):
+    """A hold freezes evidence: correcting a misfiled study still works (clinical safety),
+    but the bytes as they were stay in the store (never indexed again, never removed) until
+    the hold is lifted."""
+    archive.users.add(ADMIN.name, "long-enough-password", "admin")
+    study = _store(archive, tmp_path / "a", patient_id="LIT1", patient_name="Doe^Jane")
+    originals = set(archive.blobs.keys())
+    hold = archive.retention.place_hold(ADMIN, "litigation", patient_id="LIT1")
+    archive.corrections.correct_study(study, PatientDetails("Roe^Richard", "H777"),
+                                      "filed under the wrong patient", STAFF)
+    assert originals <= set(archive.blobs.keys()) and len(list(archive.blobs.keys())) == 4
+    [event] = [e for e in archive.audit.events(action="patient.correction")
+               if e["study_uid"] == study]
+    assert "originals_kept_for_legal_hold" in str(event["detail"])
+
+    assert recover(archive) == 0  # kept, not indexed again, not removed
+    assert originals <= set(archive.blobs.keys())
+    archive.retention.lift_hold(hold.public_id, ADMIN, "settled")
+    assert not originals & set(archive.blobs.keys())
+    assert len(list(archive.blobs.keys())) == 2 and _count(archive, blob_tombstones) == 0
+
+
+def test_a_new_version_does_not_replace_an_instance_under_a_legal_hold(tmp_path):
+    from tests.conftest import make_archive
+
+    archive = make_archive(tmp_path, overwrite_instances=True)
+    try:
+        archive.users.add(ADMIN.name, "long-enough-password", "admin")
+        path = ct_series(tmp_path / "in", 1, patient_id="LIT2")[0]
+        archive.ingest.store_copy(path, STAFF)
+        archive.retention.place_hold(ADMIN, "litigation", patient_id="LIT2")
+        ds = dcmread(path)
+        ds.SeriesDescription = "changed after the hold"
+        changed = tmp_path / "changed.dcm"
+        ds.save_as(changed, enforce_file_format=True)
+        result = archive.ingest.store_copy(changed, STAFF)
+        assert result.outcome == "kept_first" and "legal hold" in result.warning
+        (inst,) = archive.retrieve.select(STAFF, "study.retrieve", sop_uids=[ds.SOPInstanceUID])
+        with archive.retrieve.open(inst) as fh:
+            assert fh.read() == path.read_bytes()
+    finally:
+        archive.close()

@@ -858,14 +858,19 @@ legal_holds = Table(
     Column("lift_reason", Text, nullable=False, default="", server_default=""),
 )
 
-# Blobs whose instances were deleted from the index, written in the deletion's transaction and
-# removed once the blob is gone: start-up recovery never indexes them again (a crash between
-# the commit and the removal would bring deleted images back), and removes them for good.
+# Blobs the index let go of (a deleted instance, the old content of a corrected or replaced
+# one), written in the transaction that let go of them and removed once the blob is gone:
+# start-up recovery never indexes them again (a crash between the commit and the removal would
+# bring deleted images back), and removes them for good. ``kept``: the old content of a study
+# under a legal hold, kept as evidence until no hold covers ``study_uid``.
 blob_tombstones = Table(
     "blob_tombstones",
     metadata,
     Column("blob_key", String(64), primary_key=True),
     Column("deleted_at", DateTime(timezone=True), nullable=False),
+    Column("study_uid", String(64), nullable=False, default="", server_default="",
+           index=True),
+    Column("kept", Boolean, nullable=False, default=False, server_default=false()),
 )
 
 # Deletion of a study asked for by one administrator and approved (or refused) by another.
