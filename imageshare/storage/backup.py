@@ -156,9 +156,12 @@ def _libpq(url: str) -> tuple[list[str], dict[str, str]]:
 # -- backup --------------------------------------------------------------------------------------
 
 # Blobs of the index besides the instances' own, in the same store: the files attached to
-# teaching cases (their size is what was kept, which the copy tells; no digest is recorded).
+# teaching cases, and the original content of corrected studies kept for a legal hold (their
+# size is what was kept, which the copy tells; no digest is recorded).
 _ATTACHMENTS_SQL = ("SELECT blob_key, -1 AS size, NULL AS sha256 FROM case_attachments "
                     "ORDER BY pk")
+_KEPT_SQL = ("SELECT blob_key, -1 AS size, NULL AS sha256 FROM blob_tombstones WHERE kept "
+             "ORDER BY blob_key")
 
 def _snapshot_sqlite(engine: Engine, folder: Path) -> tuple[Path, list[BlobEntry]]:
     source_path = engine.url.database
@@ -176,6 +179,7 @@ def _snapshot_sqlite(engine: Engine, folder: Path) -> tuple[Path, list[BlobEntry
             rows = copy.execute("SELECT blob_key, size, sha256 FROM instances ORDER BY pk"
                                 ).fetchall()
             rows += copy.execute(_ATTACHMENTS_SQL).fetchall()
+            rows += copy.execute(_KEPT_SQL).fetchall()
         finally:
             copy.close()
     finally:
@@ -195,7 +199,7 @@ def _snapshot_postgres(engine: Engine, folder: Path, bin_dir: str
             snapshot = conn.execute(text("SELECT pg_export_snapshot()")).scalar()
             rows = [*conn.execute(select(instances.c.blob_key, instances.c.size,
                                          instances.c.sha256).order_by(instances.c.pk)),
-                    *conn.execute(text(_ATTACHMENTS_SQL))]
+                    *conn.execute(text(_ATTACHMENTS_SQL)), *conn.execute(text(_KEPT_SQL))]
             done = subprocess.run(
                 [pg_tool("pg_dump", bin_dir), *args, "--format=custom", "--no-owner",
                  "--no-privileges", f"--snapshot={snapshot}", f"--file={target}"],

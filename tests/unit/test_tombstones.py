@@ -14,6 +14,7 @@ from imageshare.app import recover
 from imageshare.archive.corrections import PatientDetails
 from imageshare.archive.query import Query
 from imageshare.domain.actors import Actor
+from imageshare.storage.backup import backup
 from imageshare.storage.index.schema import blob_tombstones, instances
 from tests.factory import ct_series
 
@@ -119,6 +120,8 @@ def test_a_correction_under_a_legal_hold_keeps_the_original_content_until_the_ho
 
     assert recover(archive) == 0  # kept, not indexed again, not removed
     assert originals <= set(archive.blobs.keys())
+    report = backup(archive.engine, archive.blobs, tmp_path / "backup")
+    assert report.complete and report.blobs == 4  # the evidence is in the backup too
     archive.retention.lift_hold(hold.public_id, ADMIN, "settled")
     assert not originals & set(archive.blobs.keys())
     assert len(list(archive.blobs.keys())) == 2 and _count(archive, blob_tombstones) == 0
