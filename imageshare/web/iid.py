@@ -25,7 +25,7 @@ from imageshare.archive.query import Match, Query
 from imageshare.archive.search import SearchPage, StudySearch, StudySummary
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ImageShareError, InvalidQuery
+from imageshare.domain.errors import ImageShareError, InvalidQuery, TooManyRequests
 from imageshare.domain.identifiers import is_valid_nhs_number
 from imageshare.ehr.launch import SIGNATURE, LaunchRefused
 from imageshare.web.auth import LinkSession, allowed, authorise_also, client_address, resolve_actor
@@ -108,9 +108,15 @@ async def launch(request: Request, _anyone: allowed(PUBLIC), archive: ArchiveDep
     source = client_address(request)
     signed = any(name == SIGNATURE for name, _ in params)
     if signed:
+        # Refused launch links count as failed sign-ins from their address (they sign in).
+        try:
+            await run_in_threadpool(archive.throttle.check, source)
+        except TooManyRequests as exc:
+            return _refused(request, 429, "Too many refused launches", str(exc))
         try:
             actor = await run_in_threadpool(archive.ehr_launches.verify, params, source)
         except LaunchRefused as exc:
+            await run_in_threadpool(archive.throttle.failed, source)
             return _refused(request, 403, "The launch link was refused", str(exc))
     else:  # anonymous callers get 401 (browsers: the sign-in page) from the policy
         actor = await run_in_threadpool(resolve_actor, request)

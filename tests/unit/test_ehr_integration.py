@@ -289,6 +289,19 @@ def test_tampered_expired_replayed_and_unknown_launch_urls_are_refused_and_audit
     assert all(r["ehr"] in ("epr", "elsewhere") for r in refused)
 
 
+def test_refused_launch_links_count_as_failed_sign_ins_from_their_address(world):
+    """A stream of forged or replayed links from one address is held back like password
+    guessing (429), and a good link from there waits for the window too."""
+    secret, ct = world["secret"], world["uid"]["ct"]
+    forged = launch_url(secret, requestType="STUDY", studyUID=ct).replace(
+        "signature=", "signature=0")
+    with TestClient(world["app"], client=("10.66.0.1", 50000)) as browser:
+        answers = [browser.get(forged, headers=HTML).status_code for _ in range(21)]
+        assert answers[:20] == [403] * 20 and answers[20] == 429
+        good = browser.get(launch_url(secret, requestType="STUDY", studyUID=ct), headers=HTML)
+        assert good.status_code == 429 and "set-cookie" not in good.headers
+
+
 def test_patient_details_alone_open_nothing(world):
     """Without a valid signature the caller must be signed in; a patient account is refused
     by the policy like everywhere else."""
