@@ -271,6 +271,8 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        LOGIN),
     _e("session.basic", "HTTP Basic credentials were refused.", USER_AUTHENTICATION, "E", (),
        ("route",), LOGIN),
+    _e("session.token", "An API token was refused (unknown, revoked or expired).",
+       USER_AUTHENTICATION, "E", (), ("route",), LOGIN),
     _e("session.end", "A user signed out.", USER_AUTHENTICATION, "E", (), (), LOGOUT),
     _e("access.denied", "A request was refused by the access policy.", SECURITY_ALERT, "E",
        ("study",), ("wanted", "method", "route", "reason"), USE_OF_RESTRICTED_FUNCTION),

@@ -72,7 +72,14 @@ def resolve_actor(request: Request) -> Actor:
                 detail={"route": _route_template(request)}))
     elif scheme.lower() == "bearer" and credentials:
         request.state.channel = BEARER
+        archive.throttle.check(source)
         actor = archive.users.authenticate_token(credentials.strip()[:256], source)
+        if actor is None:
+            archive.throttle.failed(source)
+            archive.audit.record(AuditEvent(
+                actor=Actor("anonymous", "", source=source, registered=False),
+                action="session.token", outcome="failure",
+                detail={"route": _route_template(request)}))
     elif not header and request.cookies.get(COOKIE):
         session = archive.sessions.find(request.cookies[COOKIE], source)
         if session is not None:

@@ -74,11 +74,14 @@ def fhir_response(body: dict[str, Any], status_code: int = 200,
     return JSONResponse(body, status_code=status_code, media_type=media_type)
 
 
-def outcome_response(status: int, message: str) -> JSONResponse:
-    """An OperationOutcome answer (401 also says how to authenticate)."""
+def outcome_response(status: int, message: str, token_refused: bool = False) -> JSONResponse:
+    """An OperationOutcome answer (401 also says how to authenticate, and, when a bearer token
+    was presented and refused, that it was invalid: RFC 6750 3.1)."""
     response = fhir_response(operation_outcome(status, message), status)
     if status == 401:
-        response.headers["WWW-Authenticate"] = 'Bearer realm="ImageShare FHIR"'
+        response.headers["WWW-Authenticate"] = 'Bearer realm="ImageShare FHIR"' + (
+            ', error="invalid_token", error_description="the token is unknown, revoked or '
+            'expired"' if token_refused else "")
     return response
 
 

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imageshare.access.policy import AWAITING_CODE, ENROLLING
 from imageshare.domain.errors import ImageShareError, NotAuthenticated
+from imageshare.web.auth import BEARER
 from imageshare.web.fhir import outcome_response
 from imageshare.web.pages.templating import page, redirect
 
@@ -80,7 +81,8 @@ def install(app: FastAPI) -> None:
     async def _known(request: Request, exc: ImageShareError) -> Response:
         status = 401 if isinstance(exc, NotAuthenticated) else exc.http_status
         if is_fhir(request):
-            return outcome_response(status, str(exc))
+            return outcome_response(status, str(exc), token_refused=getattr(
+                request.state, "channel", None) == BEARER and isinstance(exc, NotAuthenticated))
         if wants_page(request):
             return _page_for(request, status, exc.title, str(exc))
         # Under a share link nobody signs in with a password: no Basic challenge (a browser

@@ -302,6 +302,25 @@ def test_refused_launch_links_count_as_failed_sign_ins_from_their_address(world)
         assert good.status_code == 429 and "set-cookie" not in good.headers
 
 
+def test_a_refused_bearer_token_is_told_invalid_audited_and_throttled(world):
+    """RFC 6750: a presented token that is not (or no longer) valid gets 401 with
+    error="invalid_token"; each refusal is audited, and a stream of them from one address is
+    held back like password guessing."""
+    archive = world["archive"]
+    before = len(list(archive.audit.events(action="session.token")))
+    with TestClient(world["app"], client=("10.66.0.2", 50000), headers={
+            "Authorization": "Bearer not-a-token", "Accept": "application/fhir+json"}) as ehr:
+        answer = ehr.get("/fhir/ImagingStudy", params={"patient.identifier": "H100"})
+        assert answer.status_code == 401
+        assert 'error="invalid_token"' in answer.headers["www-authenticate"]
+        assert answer.json()["resourceType"] == "OperationOutcome"
+        statuses = [ehr.get("/fhir/metadata").status_code for _ in range(20)]
+        assert statuses[-1] == 429 and set(statuses[:19]) == {401}
+    refused = list(archive.audit.events(action="session.token"))[before:]
+    assert refused and all(e["outcome"] == "failure" for e in refused)
+    assert all(e["source"] == "10.66.0.2" for e in refused)
+
+
 def test_patient_details_alone_open_nothing(world):
     """Without a valid signature the caller must be signed in; a patient account is refused
     by the policy like everywhere else."""
