@@ -9,6 +9,7 @@ Thin adapter over :mod:`imageshare.fhir.imaging_study`; callers authenticate as 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -16,8 +17,16 @@ from fastapi.responses import JSONResponse
 
 from imageshare import __version__
 from imageshare.access.policy import ACCOUNT_SELF, STUDY_READ
+from imageshare.app import Archive
 from imageshare.audit.trail import AuditEvent
-from imageshare.domain.errors import NotAcceptable, NotFound
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import (
+    InvalidQuery,
+    NotAcceptable,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from imageshare.fhir.imaging_study import (
     FHIR_JSON,
     Endpoints,
@@ -98,10 +107,41 @@ async def search(request: Request, actor: Reader, archive: ArchiveDep) -> JSONRe
     """A searchset Bundle of the studies matching the search parameters that the caller may
     see, newest first, ``_count`` at a time with ``next`` and ``previous`` links, and
     ``total`` when it is known. ``Prefer: handling=lenient`` ignores unknown parameters."""
+    return await _search(request, list(request.query_params.multi_items()), actor, archive)
+
+
+# A search's parameters in a POST body: far more than any search needs.
+MAX_SEARCH_BODY = 64 * 1024
+FORM = "application/x-www-form-urlencoded"
+
+
+@router.post("/ImagingStudy/_search", summary="FHIR ImagingStudy search (POST)")
+async def search_by_post(request: Request, actor: Reader, archive: ArchiveDep) -> JSONResponse:
+    """The same search with its parameters in an ``application/x-www-form-urlencoded`` body
+    (and any in the URL too), as FHIR R4 allows for searches too long or too private for a
+    URL; the answer is the same searchset Bundle (its page links are GET searches)."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != FORM:
+        raise UnsupportedMediaType(f"a search by POST sends its parameters as {FORM}")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_SEARCH_BODY:
+        raise PayloadTooLarge(f"search parameters of at most {MAX_SEARCH_BODY} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_SEARCH_BODY:
+            raise PayloadTooLarge(f"search parameters of at most {MAX_SEARCH_BODY} bytes")
+    try:
+        sent = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=200)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidQuery("the search parameters are not a form in UTF-8") from exc
+    return await _search(request, [*request.query_params.multi_items(), *sent], actor, archive)
+
+
+async def _search(request: Request, params: list[tuple[str, str]], actor: Actor,
+                  archive: Archive) -> JSONResponse:
     media = _check_format(request)
     service = archive.imaging_studies
-    wanted = parse_search(list(request.query_params.multi_items()), service.hospital_system,
-                          lenient=prefers_lenient(request))
+    wanted = parse_search(params, service.hospital_system, lenient=prefers_lenient(request))
     found = await run_in_threadpool(
         service.search, wanted, actor, archive.policy.study_scope(actor), _endpoints(request))
     base = f"{public_base(request)}/fhir/ImagingStudy"

@@ -126,6 +126,28 @@ def test_an_ehr_finds_a_patients_studies_by_nhs_number_as_valid_r4_imaging_studi
     assert all(e.fullUrl == f"{PUBLIC}/fhir/ImagingStudy/{e.resource.id}" for e in bundle.entry)
 
 
+def test_a_search_by_post_keeps_the_patient_out_of_the_url_and_answers_the_same(world):
+    """FHIR R4 search by POST to ImagingStudy/_search with a form body: the same Bundle as
+    the GET search; any other body type, an oversized body or no credentials are refused."""
+    wanted = {"patient.identifier": f"{NHS_SYSTEM}|{NHS}"}
+    with fhir_client(world) as client:
+        by_get = search(client, **wanted)
+        answer = client.post("/fhir/ImagingStudy/_search", data=wanted)
+        assert answer.status_code == 200, answer.text
+        by_post = Bundle.model_validate(answer.json())
+        assert [uid_of(s) for s in studies(by_post)] == [uid_of(s) for s in studies(by_get)]
+        assert NHS not in str(answer.url)
+        as_json = client.post("/fhir/ImagingStudy/_search", json=wanted)
+        assert as_json.status_code == 415
+        assert as_json.json()["resourceType"] == "OperationOutcome"
+        huge = client.post("/fhir/ImagingStudy/_search", content=b"a=" + b"x" * 70000,
+                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert huge.status_code == 413
+    with TestClient(world["app"]) as stranger:
+        assert stranger.post("/fhir/ImagingStudy/_search", data=wanted,
+                             headers={"Accept": "application/fhir+json"}).status_code == 401
+
+
 def test_a_study_read_by_its_id_matches_the_search_and_the_id_carries_no_patient_data(world):
     with fhir_client(world) as client:
         [entry] = search(client, identifier="|ACC-CT").entry
