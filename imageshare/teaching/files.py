@@ -314,3 +314,88 @@ def video_without_metadata(source: Any, target: Any, found: FileType) -> bool:
     except (av.error.FFmpegError, ValueError, OSError) as exc:
         raise ImageShareError(_DAMAGED.format("video")) from exc
     return True
+
+
+# -- what a document says about who wrote it ---------------------------------------------------
+
+# Office packages of at most this many bytes once unpacked are written again (a ZIP bomb is
+# refused before any of it is unpacked).
+MAX_UNPACKED = 512 << 20
+# The document properties of a package, each replaced by an empty one of its kind (removing
+# the part would leave the package's relationships pointing at nothing).
+_EMPTY_PARTS = {
+    "docProps/core.xml": (
+        '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n<cp:coreProperties '
+        'xmlns:cp="http://schemas.openxmlformats.org/package/2006/metadata/core-properties" '
+        'xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:dcterms="http://purl.org/dc/terms/" '
+        'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"/>'),
+    "docProps/app.xml": (
+        '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n<Properties xmlns="http://'
+        'schemas.openxmlformats.org/officeDocument/2006/extended-properties"/>'),
+    "docProps/custom.xml": (
+        '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n<Properties xmlns="http://'
+        'schemas.openxmlformats.org/officeDocument/2006/custom-properties" xmlns:vt="http://'
+        'schemas.openxmlformats.org/officeDocument/2006/docPropsVTypes"/>'),
+    "meta.xml": (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<office:document-meta xmlns:office="urn:'
+        'oasis:names:tc:opendocument:xmlns:office:1.0" office:version="1.2"><office:meta/>'
+        '</office:document-meta>'),
+}
+
+
+def document_without_metadata(source: Any, target: Any, found: FileType) -> bool:
+    """Write ``source`` (an open PDF or office file) to ``target`` without what it says about
+    who made it: a PDF's document information (author, title, subject, keywords, the making
+    program) and XMP metadata; an OOXML or OpenDocument package's document properties (author,
+    last editor, company, manager, custom properties). The pages and their text are kept as
+    they are. Returns False (nothing written) for kinds it does not clean (legacy OLE office
+    files). ImageShareError when the document cannot be read."""
+    if found == PDF:
+        return _pdf(source, target)
+    if found.kind == "document" and found != OLE:
+        return _office_package(source, target)
+    return False
+
+
+def _pdf(source: Any, target: Any) -> bool:
+    from pypdf import PdfReader, PdfWriter
+    from pypdf.errors import PyPdfError
+
+    try:
+        reader = PdfReader(source, strict=False)
+        if reader.is_encrypted:
+            raise ImageShareError("the PDF is encrypted: attach it without a password")
+        writer = PdfWriter(clone_from=reader)
+        writer.metadata = None
+        root = writer.root_object
+        if "/Metadata" in root:
+            del root["/Metadata"]
+        for page in writer.pages:
+            if "/Metadata" in page:
+                del page["/Metadata"]
+        writer.write(target)
+    except (PyPdfError, ValueError, KeyError, TypeError, OSError, RecursionError) as exc:
+        raise ImageShareError(_DAMAGED.format("PDF")) from exc
+    return True
+
+
+def _office_package(source: Any, target: Any) -> bool:
+    try:
+        with zipfile.ZipFile(source) as package:
+            entries = package.infolist()
+            if sum(e.file_size for e in entries) > MAX_UNPACKED:
+                raise ImageShareError(f"the document unpacks to more than {MAX_UNPACKED >> 20} "
+                                      "MB: it was not attached")
+            with zipfile.ZipFile(target, "w") as cleaned:
+                for entry in entries:
+                    empty = _EMPTY_PARTS.get(entry.filename)
+                    if empty is not None:
+                        cleaned.writestr(entry, empty.encode(), compress_type=entry.compress_type)
+                        continue
+                    with package.open(entry) as part, cleaned.open(entry, "w") as out:
+                        while chunk := part.read(1 << 20):
+                            out.write(chunk)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, KeyError,
+            NotImplementedError, EOFError) as exc:
+        raise ImageShareError(_DAMAGED.format("document")) from exc
+    return True

@@ -39,6 +39,7 @@ from imageshare.storage.index.schema import annotations as marks_table
 from imageshare.storage.index.schema import case_attachments, case_items, cases
 from imageshare.teaching.files import (
     FileType,
+    document_without_metadata,
     sniff,
     video_without_metadata,
     without_metadata,
@@ -332,7 +333,9 @@ class TeachingLibrary:
         """Keep a file with the case (type sniffed from its content; too large or unknown
         files are refused and nothing is kept). A teaching case is de-identified, so what a
         photo or video says besides its picture (EXIF, GPS, text chunks, a phone video's
-        place and device) is not kept (:func:`~imageshare.teaching.files.without_metadata`);
+        place and device) is not kept (:func:`~imageshare.teaching.files.without_metadata`),
+        nor what a PDF or office document says about who made it
+        (:func:`~imageshare.teaching.files.document_without_metadata`);
         ``scratch_dir``: where a video is written again without it."""
         self._require_author(case, actor)
         if size > self.max_attachment_bytes:
@@ -350,6 +353,14 @@ class TeachingLibrary:
                     raise ImageShareError(f"photos may be at most {MAX_PHOTO_BYTES >> 20} MB")
                 data = without_metadata(content.read(size), kind)
                 content, size = io.BytesIO(data), len(data)
+            elif kind.kind in ("pdf", "document"):
+                cleaned = cleanup.enter_context(tempfile.TemporaryFile(dir=scratch_dir))
+                if document_without_metadata(content, cleaned, kind):
+                    size = cleaned.seek(0, os.SEEK_END)
+                    cleaned.seek(0)
+                    content = cleaned
+                else:
+                    content.seek(0)
             elif kind.kind == "video":
                 cleaned = cleanup.enter_context(tempfile.TemporaryFile(dir=scratch_dir))
                 if video_without_metadata(content, cleaned, kind):

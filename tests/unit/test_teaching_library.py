@@ -35,8 +35,16 @@ def csrf(text: str) -> str:
     return re.search(r'name="csrf-token" content="([^"]+)"', text).group(1)
 
 
-def pdf_bytes() -> bytes:
-    return b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
+def pdf_bytes(**info: str) -> bytes:
+    from pypdf import PdfWriter
+
+    writer = PdfWriter()
+    writer.add_blank_page(200, 100)
+    if info:
+        writer.add_metadata({f"/{k}": v for k, v in info.items()})
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
 
 
 def png_bytes() -> bytes:
@@ -60,12 +68,19 @@ def mp4_bytes() -> bytes:
     return out.getvalue()
 
 
-def pptx_bytes() -> bytes:
+def pptx_bytes(core: str = "") -> bytes:
     out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as package:
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as package:
         package.writestr("[Content_Types].xml", "<Types/>")
         package.writestr("ppt/presentation.xml", "<p:presentation/>")
+        if core:
+            package.writestr("docProps/core.xml", core)
     return out.getvalue()
+
+
+def parts(content: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(content)) as package:
+        return {name: package.read(name) for name in package.namelist()}
 
 
 @pytest.fixture
@@ -155,11 +170,49 @@ def test_educators_attach_pdfs_photos_videos_and_slides_typed_by_content(archive
     assert video.headers["content-disposition"].startswith("inline")
     slides = educator.get(f"{path}/files/{kept['talk.pptx'].public_id}")
     assert slides.headers["content-disposition"].startswith("attachment")
-    assert slides.content == files["talk.pptx"]
+    assert parts(slides.content) == parts(files["talk.pptx"])
     assert {e["detail"]["kind"] for e in archive.audit.events("case.attach")} == {
         "pdf", "image", "video", "document"}
     present = educator.get(f"{path}/present", headers=HTML)
     assert f"/files/{kept['clip.mp4'].public_id}" in present.text  # videos are presented
+
+
+def test_documents_are_kept_without_what_they_say_about_who_made_them(
+        archive, educator, monkeypatch):
+    """A teaching case is de-identified: a PDF's author, title and XMP, an office document's
+    properties (author, last editor, company) are not kept; the pages are. An office package
+    that would unpack to too much is refused before it is unpacked."""
+    import imageshare.teaching.files as files
+
+    path = make_case(educator)
+    page = educator.get(path, headers=HTML)
+    core = ('<cp:coreProperties xmlns:cp="http://schemas.openxmlformats.org/package/2006/'
+            'metadata/core-properties" xmlns:dc="http://purl.org/dc/elements/1.1/">'
+            '<dc:creator>Dr Amelia Pond</dc:creator><cp:lastModifiedBy>John Smith H31337'
+            '</cp:lastModifiedBy></cp:coreProperties>')
+    sent = {"report.pdf": pdf_bytes(Author="Dr Amelia Pond", Title="John Smith H31337"),
+            "talk.pptx": pptx_bytes(core)}
+    for name, content in sent.items():
+        answer = educator.post(f"{path}/files", headers=HTML, files={
+            "file": (name, content, "application/octet-stream")},
+            data={"csrf_token": csrf(page.text), "title": name})
+        assert answer.status_code == 200 and "The file was attached" in answer.text, name
+    case = archive.teaching.get(path.rsplit("/", 1)[1])
+    kept = {a.title: a for a in archive.teaching.attachments(case)}
+    pdf = educator.get(f"{path}/files/{kept['report.pdf'].public_id}").content
+    slides = educator.get(f"{path}/files/{kept['talk.pptx'].public_id}").content
+    for leak in (b"Amelia", b"Pond", b"H31337", b"John Smith"):
+        assert leak not in pdf and all(leak not in v for v in parts(slides).values()), leak
+    from pypdf import PdfReader
+
+    assert len(PdfReader(io.BytesIO(pdf)).pages) == 1
+    assert parts(slides)["ppt/presentation.xml"] == b"<p:presentation/>"
+    monkeypatch.setattr(files, "MAX_UNPACKED", 40)
+    bomb = educator.post(f"{path}/files", headers=HTML, files={
+        "file": ("big.pptx", pptx_bytes(core), "application/octet-stream")},
+        data={"csrf_token": csrf(page.text), "title": "big"})
+    assert bomb.status_code == 400 and "unpacks to more than" in bomb.text
+    assert {a.title for a in archive.teaching.attachments(case)} == set(sent)
 
 
 def test_only_the_author_changes_a_case_others_may_read_it(archive, educator, anonymous):
