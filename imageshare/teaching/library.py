@@ -353,17 +353,11 @@ class TeachingLibrary:
                     raise ImageShareError(f"photos may be at most {MAX_PHOTO_BYTES >> 20} MB")
                 data = without_metadata(content.read(size), kind)
                 content, size = io.BytesIO(data), len(data)
-            elif kind.kind in ("pdf", "document"):
+            elif kind.kind in ("pdf", "document", "video"):
+                clean = (video_without_metadata if kind.kind == "video"
+                         else document_without_metadata)
                 cleaned = cleanup.enter_context(tempfile.TemporaryFile(dir=scratch_dir))
-                if document_without_metadata(content, cleaned, kind):
-                    size = cleaned.seek(0, os.SEEK_END)
-                    cleaned.seek(0)
-                    content = cleaned
-                else:
-                    content.seek(0)
-            elif kind.kind == "video":
-                cleaned = cleanup.enter_context(tempfile.TemporaryFile(dir=scratch_dir))
-                if video_without_metadata(content, cleaned, kind):
+                if clean(content, cleaned, kind):
                     size = cleaned.seek(0, os.SEEK_END)
                     cleaned.seek(0)
                     content = cleaned
