@@ -570,7 +570,8 @@ def _backup(archive: Any, args: argparse.Namespace) -> int:
     bar = _bar(args, "backing up blobs")
     try:
         report = backup(archive.engine, archive.blobs, args.dest, archive.settings.pg_bin_dir,
-                        bar.update, _set_total(bar))
+                        bar.update, _set_total(bar),
+                        heads_file=archive.settings.resolved_audit_head_file)
     except ImageShareError as exc:
         print(f"imageshare backup: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -604,7 +605,8 @@ def _restore(settings: Settings, args: argparse.Namespace) -> int:
     try:
         report = restore(args.src, settings.resolved_database_url, blobs, args.snapshot,
                          settings.pg_bin_dir, bar.update, _set_total(bar),
-                         trail_problems=chain_problems)
+                         trail_problems=chain_problems,
+                         heads_file=settings.resolved_audit_head_file)
     except ImageShareError as exc:
         print(f"imageshare restore: {exc}", file=sys.stderr)
         return EXIT_FAILED

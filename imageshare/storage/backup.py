@@ -163,7 +163,10 @@ _ATTACHMENTS_SQL = ("SELECT blob_key, -1 AS size, NULL AS sha256 FROM case_attac
 _KEPT_SQL = ("SELECT blob_key, -1 AS size, NULL AS sha256 FROM blob_tombstones WHERE kept "
              "ORDER BY blob_key")
 
-def _snapshot_sqlite(engine: Engine, folder: Path) -> tuple[Path, list[BlobEntry]]:
+_HEAD_SQL = "SELECT seq FROM audit_chain_head"
+
+
+def _snapshot_sqlite(engine: Engine, folder: Path) -> tuple[Path, list[BlobEntry], int]:
     source_path = engine.url.database
     if not source_path:
         raise ConfigurationError("an in-memory SQLite index cannot be backed up")
@@ -180,17 +183,18 @@ def _snapshot_sqlite(engine: Engine, folder: Path) -> tuple[Path, list[BlobEntry
                                 ).fetchall()
             rows += copy.execute(_ATTACHMENTS_SQL).fetchall()
             rows += copy.execute(_KEPT_SQL).fetchall()
+            head = copy.execute(_HEAD_SQL).fetchone()
         finally:
             copy.close()
     finally:
         source.close()
     with open(target, "rb+") as fh:
         os.fsync(fh.fileno())
-    return target, [BlobEntry(k, s, d) for k, s, d in rows]
+    return target, [BlobEntry(k, s, d) for k, s, d in rows], head[0] if head else 0
 
 
 def _snapshot_postgres(engine: Engine, folder: Path, bin_dir: str
-                       ) -> tuple[Path, list[BlobEntry]]:
+                       ) -> tuple[Path, list[BlobEntry], int]:
     target = folder / "index.pgdump"
     args, env = _libpq(engine.url.render_as_string(hide_password=False))
     with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
@@ -200,6 +204,7 @@ def _snapshot_postgres(engine: Engine, folder: Path, bin_dir: str
             rows = [*conn.execute(select(instances.c.blob_key, instances.c.size,
                                          instances.c.sha256).order_by(instances.c.pk)),
                     *conn.execute(text(_ATTACHMENTS_SQL)), *conn.execute(text(_KEPT_SQL))]
+            head = conn.execute(text(_HEAD_SQL)).scalar() or 0
             done = subprocess.run(
                 [pg_tool("pg_dump", bin_dir), *args, "--format=custom", "--no-owner",
                  "--no-privileges", f"--snapshot={snapshot}", f"--file={target}"],
@@ -208,7 +213,29 @@ def _snapshot_postgres(engine: Engine, folder: Path, bin_dir: str
         raise StorageError(f"pg_dump failed: {done.stderr.strip()[-500:]}")
     with open(target, "rb+") as fh:
         os.fsync(fh.fileno())
-    return target, [BlobEntry(k, s, d) for k, s, d in rows]
+    return target, [BlobEntry(k, s, d) for k, s, d in rows], head
+
+
+HEADS_FILE = "audit-heads.jsonl"
+
+
+def _copy_heads(heads_file: Path | None, folder: Path, head_seq: int) -> dict[str, Any] | None:
+    """The signed audit chain heads up to the snapshot's head (a later one would name rows
+    the snapshot does not have: after a restore, the trail would look cut short), kept with
+    the snapshot; None when there is no heads file."""
+    if heads_file is None or not heads_file.exists():
+        return None
+    kept = []
+    for line in heads_file.read_text().splitlines():
+        try:
+            seq = json.loads(line).get("seq")
+        except (ValueError, AttributeError):
+            continue  # a line cut by a crash: not a head
+        if isinstance(seq, int) and seq <= head_seq:
+            kept.append(line.strip() + "\n")
+    data = "".join(kept).encode()
+    _write_durably(folder / HEADS_FILE, data)
+    return {"file": HEADS_FILE, "count": len(kept), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _copy_blob(blobs: BlobStore, entry: BlobEntry, target: Path) -> tuple[int, str]:
@@ -273,9 +300,11 @@ def _known_copies(dest: Path) -> dict[str, str]:
 
 
 def backup(engine: Engine, blobs: BlobStore, dest: Path, pg_bin_dir: str = "",
-           progress: Progress = _noop, on_total: Progress = _noop) -> BackupReport:
+           progress: Progress = _noop, on_total: Progress = _noop,
+           heads_file: Path | None = None) -> BackupReport:
     """Write a consistent snapshot of the index and its blobs to ``dest`` (while the server
-    runs); blobs already in ``dest`` are not copied again."""
+    runs), with the signed audit chain heads of ``heads_file`` up to the snapshot's; blobs
+    already in ``dest`` are not copied again."""
     dest.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(dest, 0o700)
     name = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
@@ -283,9 +312,9 @@ def backup(engine: Engine, blobs: BlobStore, dest: Path, pg_bin_dir: str = "",
     folder.mkdir(parents=True, mode=0o700)
     kind = engine.dialect.name
     if kind == "sqlite":
-        index_file, entries = _snapshot_sqlite(engine, folder)
+        index_file, entries, head_seq = _snapshot_sqlite(engine, folder)
     elif kind == "postgresql":
-        index_file, entries = _snapshot_postgres(engine, folder, pg_bin_dir)
+        index_file, entries, head_seq = _snapshot_postgres(engine, folder, pg_bin_dir)
     else:
         raise ConfigurationError(f"backup of a {kind} index is not supported")
     report = BackupReport(folder, kind, blobs=len(entries))
@@ -339,6 +368,9 @@ def backup(engine: Engine, blobs: BlobStore, dest: Path, pg_bin_dir: str = "",
                   "sha256": hashlib.sha256(listing).hexdigest()},
         "missing": report.missing, "corrupt": report.corrupt,
     }
+    heads = _copy_heads(heads_file, folder, head_seq)
+    if heads is not None:
+        manifest["audit_heads"] = heads
     _write_durably(folder / "manifest.json", json.dumps(manifest, indent=2).encode())
     _write_durably(dest / "LATEST", (name + "\n").encode())
     return report
@@ -461,12 +493,15 @@ def _empty_database(url: str) -> bool:
 
 def restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str = "",
             pg_bin_dir: str = "", progress: Progress = _noop, on_total: Progress = _noop,
-            trail_problems: TrailCheck | None = None) -> RestoreReport:
+            trail_problems: TrailCheck | None = None,
+            heads_file: Path | None = None) -> RestoreReport:
     """Rebuild an installation from a backup: the index into ``database_url`` (which must be
-    empty) and every blob into ``blobs``, each checked against its digest first; the index
+    empty), every blob into ``blobs``, each checked against its digest first, and the
+    snapshot's signed audit chain heads into ``heads_file`` (which must be empty); the index
     is refused when ``trail_problems`` (the audit chain's check) finds any."""
     folder = _snapshot_folder(src, snapshot)
     manifest = _read_manifest(folder)
+    heads = _checked_heads(folder, manifest, heads_file)
     entries = list(_entries(folder))
     if manifest["blobs"].get("count") not in (None, len(entries)):
         raise ImageShareError("the backup's blob list does not have the blobs its manifest "
@@ -533,7 +568,30 @@ def restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str = "",
             raise StorageError(f"blob {entry.key} in the backup does not match its digest")
         report.blobs += 1
         progress(1)
+    if heads is not None and heads_file is not None:
+        heads_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _write_durably(heads_file, heads)
+        os.chmod(heads_file, 0o600)
     return report
+
+
+def _checked_heads(folder: Path, manifest: dict[str, Any], heads_file: Path | None
+                   ) -> bytes | None:
+    """The snapshot's signed heads, checked against the manifest, for ``heads_file``; refused
+    when that file already holds heads (another installation's)."""
+    listed = manifest.get("audit_heads")
+    if not listed or heads_file is None:
+        return None
+    try:
+        data = (folder / str(listed["file"])).read_bytes()
+    except (OSError, KeyError, TypeError) as exc:
+        raise ImageShareError("the backup's signed audit heads are missing") from exc
+    if hashlib.sha256(data).hexdigest() != listed.get("sha256"):
+        raise ImageShareError("the backup's signed audit heads do not match their digest")
+    if heads_file.exists() and heads_file.stat().st_size:
+        raise ImageShareError(f"{heads_file} already holds signed audit heads; restore into "
+                              "an empty installation")
+    return data
 
 
 # -- scrub ---------------------------------------------------------------------------------------

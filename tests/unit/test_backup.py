@@ -143,6 +143,43 @@ def test_a_restore_refuses_a_damaged_backup_and_a_target_that_is_not_empty(tmp_p
     assert not (tmp_path / "new" / "index.sqlite").exists()
 
 
+def test_the_signed_audit_heads_up_to_the_snapshot_travel_with_it(tmp_path, imageshare):
+    """A restored installation keeps its trail's tamper evidence: the signed chain heads up
+    to the snapshot's are restored with it (a later head would make the restored trail look
+    cut short), `audit verify` checks them, and a target that has heads of its own is
+    refused before anything is written."""
+    from imageshare.app import export_audit_head
+
+    source = make_archive(tmp_path / "src", secret_key="k" * 40)
+    data = source.settings.data_dir
+    try:
+        for path in ct_series(tmp_path / "s", 2):
+            source.ingest.store_copy(path, ACTOR)
+        before = export_audit_head(source)
+        assert imageshare(data, "backup", str(tmp_path / "backup")).returncode == 0
+        for path in ct_series(tmp_path / "t", 2, patient_id="LATER"):
+            source.ingest.store_copy(path, ACTOR)
+        after = export_audit_head(source)
+        assert after.seq > before.seq
+    finally:
+        source.close()
+    target = tmp_path / "copy" / "data"
+    restored = imageshare(target, "restore", str(tmp_path / "backup"))
+    assert restored.returncode == 0, restored.stderr
+    heads = (target / "audit-heads.jsonl").read_text().splitlines()
+    assert heads == [before.line()]
+    verified = imageshare(target, "audit", "verify")
+    assert verified.returncode == 0 and "1 signed head(s) checked" in verified.stdout, \
+        verified.stdout
+
+    other = tmp_path / "other" / "data"
+    other.mkdir(parents=True)
+    (other / "audit-heads.jsonl").write_text(after.line() + "\n")
+    refused = imageshare(other, "restore", str(tmp_path / "backup"))
+    assert refused.returncode == 1 and "already holds signed audit heads" in refused.stderr
+    assert not (other / "index.sqlite").exists()
+
+
 def test_the_scrub_names_a_flipped_bit_and_a_missing_blob(tmp_path, imageshare):
     archive = make_archive(tmp_path, secret_key="k" * 40)
     results = [archive.ingest.store_copy(p, ACTOR) for p in ct_series(tmp_path / "s", 3)]
