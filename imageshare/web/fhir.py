@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from imageshare import __version__
-from imageshare.access.policy import ACCOUNT_SELF, STUDY_READ
+from imageshare.access.policy import PUBLIC, STUDY_READ
 from imageshare.app import Archive
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
@@ -95,8 +95,9 @@ def outcome_response(status: int, message: str, token_refused: bool = False) -> 
 
 
 @router.get("/metadata", summary="FHIR CapabilityStatement")
-def metadata(request: Request, _actor: allowed(ACCOUNT_SELF)) -> JSONResponse:
-    """What this FHIR server offers."""
+def metadata(request: Request, _anyone: allowed(PUBLIC)) -> JSONResponse:
+    """What this FHIR server offers (open, as FHIR clients discover a server before they
+    authenticate; it holds no patient data)."""
     media = _check_format(request)
     return fhir_response(capability_statement(f"{public_base(request)}/fhir", __version__),
                          media_type=media)

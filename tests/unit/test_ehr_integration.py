@@ -228,8 +228,10 @@ def test_fhir_errors_are_operation_outcomes_with_their_http_status(world):
 
 
 def test_the_capability_statement_lists_imaging_study_search_and_read(world):
-    with fhir_client(world) as client:
+    """Read before any credentials, as FHIR clients discover a server."""
+    with TestClient(world["app"], headers={"Accept": "application/fhir+json"}) as client:
         answer = client.get("/fhir/metadata")
+    assert answer.status_code == 200
     statement = CapabilityStatement.model_validate(answer.json())
     [resource] = statement.rest[0].resource
     assert resource.type == "ImagingStudy"
@@ -336,7 +338,7 @@ def test_a_refused_bearer_token_is_told_invalid_audited_and_throttled(world):
         assert answer.status_code == 401
         assert 'error="invalid_token"' in answer.headers["www-authenticate"]
         assert answer.json()["resourceType"] == "OperationOutcome"
-        statuses = [ehr.get("/fhir/metadata").status_code for _ in range(20)]
+        statuses = [ehr.get("/fhir/ImagingStudy").status_code for _ in range(20)]
         assert statuses[-1] == 429 and set(statuses[:19]) == {401}
     refused = list(archive.audit.events(action="session.token"))[before:]
     assert refused and all(e["outcome"] == "failure" for e in refused)

@@ -20,6 +20,8 @@ PUBLIC_ROUTES = {
     # Open so that a signed EHR launch URL can sign its user in; unsigned, the caller must be
     # signed in and allowed study.read (checked inside, audited like every refusal).
     ("GET", "/iid"),
+    # The FHIR CapabilityStatement: clients read it before they authenticate (no patient data).
+    ("GET", "/fhir/metadata"),
 }
 
 
