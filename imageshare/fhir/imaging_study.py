@@ -317,6 +317,11 @@ _STUDY_KEYS = {tag: {"vr": vr} for tag, vr in (
 _PATIENT_KEYS = {tag: {"vr": vr} for tag, vr in (
     ("00100020", "LO"), ("00100021", "LO"), ("00101002", "SQ"), ("00080020", "DA"),
     ("00080030", "TM"))}
+# A study read by its id lists its instances when it has at most this many (a search never
+# does: a page of studies would be too large).
+MAX_LISTED_INSTANCES = 5000
+_INSTANCE_KEYS = {tag: {"vr": vr} for tag, vr in (
+    ("0020000E", "UI"), ("00080018", "UI"), ("00080016", "UI"), ("00200013", "IS"))}
 _SERIES_KEYS = {tag: {"vr": vr} for tag, vr in (
     ("0020000E", "UI"), ("00080060", "CS"), ("00200011", "IS"), ("0008103E", "LO"),
     ("00180015", "CS"), ("00201209", "IS"), ("0020000D", "UI"))}
@@ -414,7 +419,32 @@ class ImagingStudies:
         matches = self._query.find(query, actor)
         if not matches:
             raise NotFound("no such ImagingStudy")
-        return self._resources(matches, actor, allowed, endpoints)[0], matches[0].patient_id
+        study = self._resources(matches, actor, allowed, endpoints)[0]
+        if 0 < study.get("numberOfInstances", 0) <= MAX_LISTED_INSTANCES:
+            self._list_instances(study, uid, actor, allowed)
+        return study, matches[0].patient_id
+
+    def _list_instances(self, study: dict[str, Any], uid: str, actor: Actor,
+                        allowed: Collection[str] | None) -> None:
+        """Each series' instances (SOP Instance UID, SOP Class, number), in number order."""
+        query = Query("IMAGE", {"0020000D": {"vr": "UI", "Value": [uid]}, **_INSTANCE_KEYS},
+                      allowed_studies=allowed)
+        by_series: dict[str, list[dict[str, Any]]] = {}
+        for match in self._find(query, actor, MAX_LISTED_INSTANCES + 1):
+            attrs = match.attributes
+            sop_uid, sop_class = text_of(attrs.get("00080018")), text_of(attrs.get("00080016"))
+            if not sop_uid or not sop_class:
+                continue
+            instance: dict[str, Any] = {"uid": sop_uid, "sopClass": {
+                "system": "urn:ietf:rfc:3986", "code": f"urn:oid:{sop_class}"}}
+            number = text_of(attrs.get("00200013")).strip()
+            if number.isdigit():  # an unsignedInt
+                instance["number"] = int(number)
+            by_series.setdefault(text_of(attrs.get("0020000E")), []).append(instance)
+        for series in study.get("series", []):
+            listed = by_series.get(series["uid"], [])
+            if listed:
+                series["instance"] = sorted(listed, key=lambda i: (i.get("number", 0), i["uid"]))
 
     def _resources(self, matches: list[Match], actor: Actor,
                    allowed: Collection[str] | None, endpoints: Endpoints) -> list[dict[str, Any]]:
