@@ -17,7 +17,6 @@ from fastapi.responses import JSONResponse
 
 from imageshare import __version__
 from imageshare.access.policy import PUBLIC, STUDY_READ
-from imageshare.app import Archive
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
@@ -139,7 +138,7 @@ async def search_by_post(request: Request, actor: Reader, archive: ArchiveDep) -
 
 
 async def _search(request: Request, params: list[tuple[str, str]], actor: Actor,
-                  archive: Archive) -> JSONResponse:
+                  archive: ArchiveDep) -> JSONResponse:
     media = _check_format(request)
     service = archive.imaging_studies
     wanted = parse_search(params, service.hospital_system, lenient=prefers_lenient(request))
