@@ -196,6 +196,10 @@ def installation_key(settings: Settings) -> bytes:
     return load_secret_key(settings.secret_key, key_file)
 
 
+# The store beside the blob store that keeps the files of uploads as they came.
+ORIGINALS = "upload-originals"
+
+
 def blob_store(settings: Settings, beside: str = "") -> BlobStore:
     """The blob store of ``settings`` (or the store ``beside`` it, e.g. the kept originals
     of uploads): sealed (AES-256-GCM) when ``encrypt_blobs`` is on."""
@@ -429,7 +433,7 @@ def _uploads(settings: Settings, engine: Engine, audit: AuditTrail, ingest: Inge
     a prefix in its bucket; sealed like the blobs when they are)."""
     invitations = UploadInvitations(engine, audit, mailer, settings.public_url,
                                     settings.upload_max_mb << 20, settings.upload_max_days)
-    originals = blob_store(settings, beside="upload-originals")
+    originals = blob_store(settings, beside=ORIGINALS)
     return UploadService(
         invitations=invitations,
         receiver=UploadReceiver(engine, audit, settings.data_dir / "uploads"),

@@ -564,6 +564,7 @@ def _scrub(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _backup(archive: Any, args: argparse.Namespace) -> int:
+    from imageshare.app import ORIGINALS, blob_store
     from imageshare.audit.trail import AuditEvent
     from imageshare.storage.backup import backup
 
@@ -571,7 +572,8 @@ def _backup(archive: Any, args: argparse.Namespace) -> int:
     try:
         report = backup(archive.engine, archive.blobs, args.dest, archive.settings.pg_bin_dir,
                         bar.update, _set_total(bar),
-                        heads_file=archive.settings.resolved_audit_head_file)
+                        heads_file=archive.settings.resolved_audit_head_file,
+                        originals=blob_store(archive.settings, beside=ORIGINALS))
     except ImageShareError as exc:
         print(f"imageshare backup: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -594,7 +596,7 @@ def _backup(archive: Any, args: argparse.Namespace) -> int:
 
 
 def _restore(settings: Settings, args: argparse.Namespace) -> int:
-    from imageshare.app import blob_store, build_archive
+    from imageshare.app import ORIGINALS, blob_store, build_archive
     from imageshare.audit.chain import chain_problems
     from imageshare.audit.trail import AuditEvent
     from imageshare.storage.backup import restore
@@ -606,7 +608,8 @@ def _restore(settings: Settings, args: argparse.Namespace) -> int:
         report = restore(args.src, settings.resolved_database_url, blobs, args.snapshot,
                          settings.pg_bin_dir, bar.update, _set_total(bar),
                          trail_problems=chain_problems,
-                         heads_file=settings.resolved_audit_head_file)
+                         heads_file=settings.resolved_audit_head_file,
+                         originals=blob_store(settings, beside=ORIGINALS))
     except ImageShareError as exc:
         print(f"imageshare restore: {exc}", file=sys.stderr)
         return EXIT_FAILED

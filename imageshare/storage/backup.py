@@ -162,11 +162,30 @@ _ATTACHMENTS_SQL = ("SELECT blob_key, -1 AS size, NULL AS sha256 FROM case_attac
                     "ORDER BY pk")
 _KEPT_SQL = ("SELECT blob_key, -1 AS size, NULL AS sha256 FROM blob_tombstones WHERE kept "
              "ORDER BY blob_key")
+# The files patients and partners uploaded as they came (photos, videos, PDFs made DICOM),
+# kept in the originals store beside the blob store.
+_ORIGINALS_SQL = ("SELECT original_key, -1 AS size, original_sha256 FROM upload_results "
+                  "WHERE original_key <> '' ORDER BY pk")
+
+
+@dataclass
+class _Snapshot:
+    """The index copied, and what it lists: the blobs, the kept originals of uploads, and
+    the audit chain's head."""
+
+    index_file: Path
+    blobs: list[BlobEntry]
+    originals: list[BlobEntry]
+    head_seq: int
+
+
+def _listed(rows: Any) -> list[BlobEntry]:
+    return [BlobEntry(k, s, d or None) for k, s, d in rows]
 
 _HEAD_SQL = "SELECT seq FROM audit_chain_head"
 
 
-def _snapshot_sqlite(engine: Engine, folder: Path) -> tuple[Path, list[BlobEntry], int]:
+def _snapshot_sqlite(engine: Engine, folder: Path) -> _Snapshot:
     source_path = engine.url.database
     if not source_path:
         raise ConfigurationError("an in-memory SQLite index cannot be backed up")
@@ -183,6 +202,7 @@ def _snapshot_sqlite(engine: Engine, folder: Path) -> tuple[Path, list[BlobEntry
                                 ).fetchall()
             rows += copy.execute(_ATTACHMENTS_SQL).fetchall()
             rows += copy.execute(_KEPT_SQL).fetchall()
+            originals = copy.execute(_ORIGINALS_SQL).fetchall()
             head = copy.execute(_HEAD_SQL).fetchone()
         finally:
             copy.close()
@@ -190,11 +210,10 @@ def _snapshot_sqlite(engine: Engine, folder: Path) -> tuple[Path, list[BlobEntry
         source.close()
     with open(target, "rb+") as fh:
         os.fsync(fh.fileno())
-    return target, [BlobEntry(k, s, d) for k, s, d in rows], head[0] if head else 0
+    return _Snapshot(target, _listed(rows), _listed(originals), head[0] if head else 0)
 
 
-def _snapshot_postgres(engine: Engine, folder: Path, bin_dir: str
-                       ) -> tuple[Path, list[BlobEntry], int]:
+def _snapshot_postgres(engine: Engine, folder: Path, bin_dir: str) -> _Snapshot:
     target = folder / "index.pgdump"
     args, env = _libpq(engine.url.render_as_string(hide_password=False))
     with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
@@ -204,6 +223,7 @@ def _snapshot_postgres(engine: Engine, folder: Path, bin_dir: str
             rows = [*conn.execute(select(instances.c.blob_key, instances.c.size,
                                          instances.c.sha256).order_by(instances.c.pk)),
                     *conn.execute(text(_ATTACHMENTS_SQL)), *conn.execute(text(_KEPT_SQL))]
+            originals = list(conn.execute(text(_ORIGINALS_SQL)))
             head = conn.execute(text(_HEAD_SQL)).scalar() or 0
             done = subprocess.run(
                 [pg_tool("pg_dump", bin_dir), *args, "--format=custom", "--no-owner",
@@ -213,7 +233,7 @@ def _snapshot_postgres(engine: Engine, folder: Path, bin_dir: str
         raise StorageError(f"pg_dump failed: {done.stderr.strip()[-500:]}")
     with open(target, "rb+") as fh:
         os.fsync(fh.fileno())
-    return target, [BlobEntry(k, s, d) for k, s, d in rows], head
+    return _Snapshot(target, _listed(rows), _listed(originals), head)
 
 
 HEADS_FILE = "audit-heads.jsonl"
@@ -285,10 +305,9 @@ def _plain_size(path: Path) -> int:
         return -1
 
 
-def _known_copies(dest: Path) -> dict[str, str]:
-    """Blobs already copied to ``dest`` and checked: key -> SHA-256."""
+def _known_copies(catalogue: Path) -> dict[str, str]:
+    """Blobs already copied to the backup and checked (``catalogue``): key -> SHA-256."""
     known: dict[str, str] = {}
-    catalogue = dest / "blobs.jsonl"
     if catalogue.exists():
         for line in catalogue.read_text().splitlines():
             try:
@@ -301,10 +320,12 @@ def _known_copies(dest: Path) -> dict[str, str]:
 
 def backup(engine: Engine, blobs: BlobStore, dest: Path, pg_bin_dir: str = "",
            progress: Progress = _noop, on_total: Progress = _noop,
-           heads_file: Path | None = None) -> BackupReport:
+           heads_file: Path | None = None, originals: BlobStore | None = None
+           ) -> BackupReport:
     """Write a consistent snapshot of the index and its blobs to ``dest`` (while the server
-    runs), with the signed audit chain heads of ``heads_file`` up to the snapshot's; blobs
-    already in ``dest`` are not copied again."""
+    runs), with the uploads' kept originals (from ``originals``) and the signed audit chain
+    heads of ``heads_file`` up to the snapshot's; blobs already in ``dest`` are not copied
+    again."""
     dest.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(dest, 0o700)
     name = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
@@ -312,16 +333,54 @@ def backup(engine: Engine, blobs: BlobStore, dest: Path, pg_bin_dir: str = "",
     folder.mkdir(parents=True, mode=0o700)
     kind = engine.dialect.name
     if kind == "sqlite":
-        index_file, entries, head_seq = _snapshot_sqlite(engine, folder)
+        snap = _snapshot_sqlite(engine, folder)
     elif kind == "postgresql":
-        index_file, entries, head_seq = _snapshot_postgres(engine, folder, pg_bin_dir)
+        snap = _snapshot_postgres(engine, folder, pg_bin_dir)
     else:
         raise ConfigurationError(f"backup of a {kind} index is not supported")
-    report = BackupReport(folder, kind, blobs=len(entries))
-    on_total(len(entries))
-    known = _known_copies(dest)
-    root = dest / "blobs"
-    with open(dest / "blobs.jsonl", "a") as catalogue:
+    kept = snap.originals if originals is not None else []
+    report = BackupReport(folder, kind, blobs=len(snap.blobs) + len(kept))
+    on_total(report.blobs)
+    _copy_all(blobs, snap.blobs, dest, "blobs", report, progress)
+    if originals is not None:
+        _copy_all(originals, kept, dest, "originals", report, progress)
+    with engine.connect() as conn:
+        revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    manifest = {
+        "format": FORMAT, "created": name, "database": kind, "revision": revision,
+        "index": {"file": snap.index_file.name, "sha256": _sha256_file(snap.index_file)},
+        "blobs": _write_listing(folder / "blobs.jsonl", snap.blobs),
+        "missing": report.missing, "corrupt": report.corrupt,
+    }
+    if originals is not None:
+        manifest["originals"] = _write_listing(folder / "originals.jsonl", kept)
+    heads = _copy_heads(heads_file, folder, snap.head_seq)
+    if heads is not None:
+        manifest["audit_heads"] = heads
+    _write_durably(folder / "manifest.json", json.dumps(manifest, indent=2).encode())
+    _write_durably(dest / "LATEST", (name + "\n").encode())
+    return report
+
+
+def _write_listing(path: Path, entries: list[BlobEntry]) -> dict[str, Any]:
+    """Write a snapshot's list of blobs (what each copy was checked to be); its manifest
+    entry."""
+    listing = "".join(json.dumps({"key": e.key, "size": e.size, "sha256": e.sha256}) + "\n"
+                      for e in entries).encode()
+    _write_durably(path, listing)
+    return {"file": path.name, "count": len(entries),
+            "sha256": hashlib.sha256(listing).hexdigest()}
+
+
+def _copy_all(blobs: BlobStore, entries: list[BlobEntry], dest: Path, part: str,
+              report: BackupReport, progress: Progress) -> None:
+    """Copy ``entries`` of ``blobs`` into ``dest/<part>/`` (those already there and whole
+    are kept), counting in ``report``; each entry is updated to what its copy was checked
+    to be (size and digest), also for blobs the index recorded none of, so that a restore
+    can check each."""
+    known = _known_copies(dest / f"{part}.jsonl")
+    root = dest / part
+    with open(dest / f"{part}.jsonl", "a") as catalogue:
         for position, entry in enumerate(entries):
             target = _blob_path(root, entry.key)
             # A copy already in the backup is re-used when it is still whole (its size: a
@@ -347,8 +406,6 @@ def backup(engine: Engine, blobs: BlobStore, dest: Path, pg_bin_dir: str = "",
                 report.corrupt.append(entry.key)  # the live copy does not match its digest
                 target.unlink(missing_ok=True)
             else:
-                # The listing keeps what the copy was checked to be (size and digest), also
-                # for blobs the index recorded none of, so that a restore can check each.
                 entries[position] = BlobEntry(entry.key, size, digest)
                 catalogue.write(json.dumps({"key": entry.key, "sha256": digest}) + "\n")
                 catalogue.flush()
@@ -356,24 +413,6 @@ def backup(engine: Engine, blobs: BlobStore, dest: Path, pg_bin_dir: str = "",
                 report.bytes_copied += size
             progress(1)
         os.fsync(catalogue.fileno())
-    listing = "".join(json.dumps({"key": e.key, "size": e.size, "sha256": e.sha256}) + "\n"
-                      for e in entries).encode()
-    _write_durably(folder / "blobs.jsonl", listing)
-    with engine.connect() as conn:
-        revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    manifest = {
-        "format": FORMAT, "created": name, "database": kind, "revision": revision,
-        "index": {"file": index_file.name, "sha256": _sha256_file(index_file)},
-        "blobs": {"file": "blobs.jsonl", "count": len(entries),
-                  "sha256": hashlib.sha256(listing).hexdigest()},
-        "missing": report.missing, "corrupt": report.corrupt,
-    }
-    heads = _copy_heads(heads_file, folder, head_seq)
-    if heads is not None:
-        manifest["audit_heads"] = heads
-    _write_durably(folder / "manifest.json", json.dumps(manifest, indent=2).encode())
-    _write_durably(dest / "LATEST", (name + "\n").encode())
-    return report
 
 
 # -- restore -------------------------------------------------------------------------------------
@@ -407,12 +446,15 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ImageShareError("unknown backup format")
         files = {part: (str(manifest[part]["file"]), str(manifest[part]["sha256"]))
-                 for part in ("index", "blobs")}
+                 for part in ("index", "blobs", "originals") if part in manifest}
         str(manifest["database"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ImageShareError(f"the backup's manifest is damaged ({type(exc).__name__})"
                               ) from exc
-    for part, what in (("index", "index file"), ("blobs", "blob list")):
+    for part, what in (("index", "index file"), ("blobs", "blob list"),
+                       ("originals", "list of uploads' originals")):
+        if part not in files:
+            continue
         name, digest = files[part]
         path = folder / name
         if Path(name).name != name or not path.is_file():
@@ -425,8 +467,8 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _entries(folder: Path) -> Iterator[BlobEntry]:
-    for number, line in enumerate((folder / "blobs.jsonl").read_text().splitlines(), 1):
+def _entries(folder: Path, listing: str = "blobs.jsonl") -> Iterator[BlobEntry]:
+    for number, line in enumerate((folder / listing).read_text().splitlines(), 1):
         try:
             item = json.loads(line)
             entry = BlobEntry(str(item["key"]), int(item["size"]),
@@ -494,30 +536,38 @@ def _empty_database(url: str) -> bool:
 def restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str = "",
             pg_bin_dir: str = "", progress: Progress = _noop, on_total: Progress = _noop,
             trail_problems: TrailCheck | None = None,
-            heads_file: Path | None = None) -> RestoreReport:
+            heads_file: Path | None = None, originals: BlobStore | None = None
+            ) -> RestoreReport:
     """Rebuild an installation from a backup: the index into ``database_url`` (which must be
-    empty), every blob into ``blobs``, each checked against its digest first, and the
-    snapshot's signed audit chain heads into ``heads_file`` (which must be empty); the index
-    is refused when ``trail_problems`` (the audit chain's check) finds any."""
+    empty), every blob into ``blobs`` and every kept original of an upload into
+    ``originals``, each checked against its digest first, and the snapshot's signed audit
+    chain heads into ``heads_file`` (which must be empty); the index is refused when
+    ``trail_problems`` (the audit chain's check) finds any."""
     folder = _snapshot_folder(src, snapshot)
     manifest = _read_manifest(folder)
     heads = _checked_heads(folder, manifest, heads_file)
-    entries = list(_entries(folder))
-    if manifest["blobs"].get("count") not in (None, len(entries)):
-        raise ImageShareError("the backup's blob list does not have the blobs its manifest "
-                              "counts")
-    on_total(len(entries))
-    root = src / "blobs"
-    for entry in entries:  # everything is checked (size and digest) before anything is written
-        _check_blob(blobs, root, entry)
+    parts = [(blobs, "blobs", "blob store")]
+    if originals is not None and "originals" in manifest:
+        parts.append((originals, "originals", "store of uploads' originals"))
+    listed = {part: list(_entries(folder, f"{part}.jsonl")) for _store, part, _what in parts}
+    for _store, part, what in parts:
+        if manifest[part].get("count") not in (None, len(listed[part])):
+            raise ImageShareError(f"the backup's list for the {what} does not have the blobs "
+                                  "its manifest counts")
+    on_total(sum(len(entries) for entries in listed.values()))
+    # Everything is checked (size and digest) before anything is written.
+    for store, part, _what in parts:
+        for entry in listed[part]:
+            _check_blob(store, src / part, entry)
     # Blobs of another installation left in the target would be indexed by the first start's
     # recovery (it indexes every blob the index does not know): images deleted there would
     # come back. Those of this backup may be there from a restore that stopped half-way.
-    restoring = {e.key for e in entries}
-    stray = next((key for key in blobs.keys() if key not in restoring), None)
-    if stray is not None:
-        raise ImageShareError(f"the target blob store is not empty (blob {stray} is not in "
-                              "the backup); restore into an empty installation")
+    for store, part, what in parts:
+        restoring = {e.key for e in listed[part]}
+        stray = next((key for key in store.keys() if key not in restoring), None)
+        if stray is not None:
+            raise ImageShareError(f"the target {what} is not empty (blob {stray} is not in "
+                                  "the backup); restore into an empty installation")
     url = make_url(database_url)
     if manifest["database"] == "sqlite":
         _check_audit_trail(f"sqlite:///file:{folder / manifest['index']['file']}"
@@ -556,18 +606,19 @@ def restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str = "",
         _check_audit_trail(database_url, trail_problems, "; the restored index is left in "
                            "the target database for inspection")
     report = RestoreReport(folder, manifest["database"])
-    for entry in entries:
-        path = _blob_path(root, entry.key)
-        with open(path, "rb") as fh:
-            if isinstance(blobs, EncryptedBlobStore):  # kept as the backup holds it
-                stored = blobs.put_stored(entry.key, fh, path.stat().st_size)
-            else:
-                stored = blobs.put(entry.key, fh, entry.size)
-        if entry.sha256 and stored.sha256 != entry.sha256:
-            blobs.delete(entry.key)
-            raise StorageError(f"blob {entry.key} in the backup does not match its digest")
-        report.blobs += 1
-        progress(1)
+    for store, part, _what in parts:
+        for entry in listed[part]:
+            path = _blob_path(src / part, entry.key)
+            with open(path, "rb") as fh:
+                if isinstance(store, EncryptedBlobStore):  # kept as the backup holds it
+                    stored = store.put_stored(entry.key, fh, path.stat().st_size)
+                else:
+                    stored = store.put(entry.key, fh, entry.size)
+            if entry.sha256 and stored.sha256 != entry.sha256:
+                store.delete(entry.key)
+                raise StorageError(f"blob {entry.key} in the backup does not match its digest")
+            report.blobs += 1
+            progress(1)
     if heads is not None and heads_file is not None:
         heads_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         _write_durably(heads_file, heads)

@@ -180,6 +180,58 @@ def test_the_signed_audit_heads_up_to_the_snapshot_travel_with_it(tmp_path, imag
     assert not (other / "index.sqlite").exists()
 
 
+def test_the_files_uploads_kept_as_they_came_are_backed_up_and_restored(tmp_path, imageshare):
+    """A patient's photo kept beside the DICOM made of it (the originals store) is part of
+    the backup: restored byte for byte, and checked like every blob before anything is
+    written."""
+    import io
+    from datetime import UTC, datetime
+
+    from imageshare.app import ORIGINALS, blob_store
+    from imageshare.storage.blobs import new_blob_key
+    from imageshare.storage.index.schema import upload_results
+    from imageshare.uploads.invitations import UploadRequest
+
+    source = make_archive(tmp_path / "src", secret_key="k" * 40,
+                          public_url="https://images.example")
+    data = source.settings.data_dir
+    photo = b"\xff\xd8\xff\xe0 the photo as the patient sent it" * 50
+    key = new_blob_key()
+    try:
+        created = source.uploads.invitations.invite(UploadRequest(
+            patient_name="Lovelace^Ada", hospital_number="H100", birth_date="19151210",
+            nhs_number="9434765919", email="ada@home.example", reference="knee"), ACTOR)
+        invitation = source.uploads.invitations.by_public_id(created.public_id)
+        stored = blob_store(source.settings, beside=ORIGINALS).put(
+            key, io.BytesIO(photo), len(photo))
+        with source.engine.begin() as conn:
+            conn.execute(upload_results.insert().values(
+                invitation_pk=invitation.pk, round=1, label="IMG_0001.jpg", kind="photo",
+                outcome="stored", original_key=key, original_sha256=stored.sha256,
+                created_at=datetime.now(UTC)))
+    finally:
+        source.close()
+    made = imageshare(data, "backup", str(tmp_path / "backup"))
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert (tmp_path / "backup" / "originals.jsonl").read_text().count(key) == 1
+
+    target = tmp_path / "copy" / "data"
+    restored = imageshare(target, "restore", str(tmp_path / "backup"))
+    assert restored.returncode == 0, restored.stderr
+    copy = make_archive(tmp_path / "copy", secret_key="k" * 40)
+    try:
+        with blob_store(copy.settings, beside=ORIGINALS).open(key) as fh:
+            assert fh.read() == photo
+    finally:
+        copy.close()
+
+    kept = next(p for p in (tmp_path / "backup" / "originals").rglob("*") if p.is_file())
+    kept.write_bytes(kept.read_bytes()[:-1])
+    damaged = imageshare(tmp_path / "other" / "data", "restore", str(tmp_path / "backup"))
+    assert damaged.returncode == 1 and key in damaged.stderr
+    assert not (tmp_path / "other" / "data" / "index.sqlite").exists()
+
+
 def test_the_scrub_names_a_flipped_bit_and_a_missing_blob(tmp_path, imageshare):
     archive = make_archive(tmp_path, secret_key="k" * 40)
     results = [archive.ingest.store_copy(p, ACTOR) for p in ct_series(tmp_path / "s", 3)]
