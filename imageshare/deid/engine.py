@@ -485,6 +485,20 @@ def _icc_identifies(value: Any, ctx: PatientContext) -> bool:
                for text in binary_texts(bytes(value)))
 
 
+def _stray_overlay(tag: BaseTag, top: bool) -> bool:
+    """True for an attribute of a 60xx group that is no overlay a viewer shows (PS3.3
+    C.9.2: overlays are the even groups 6000-601E of the top-level data set): in a sequence
+    item, or in a group beyond 601E."""
+    group = tag.group
+    return group & 0xFF00 == 0x6000 and group % 2 == 0 and (not top or group > 0x601E)
+
+
+def _curve_audio(tag: BaseTag) -> bool:
+    """True for the retired Audio Sample Data of a curve group (50xx,200C): recorded sound,
+    which Clean Graphics (that keeps curves) cannot clean."""
+    return tag.group & 0xFF00 == 0x5000 and tag.group % 2 == 0 and tag.element == 0x200C
+
+
 def _holds_date(value: Any, dates: frozenset[str]) -> bool:
     """True when a number's value (as stored, or as read) holds one of ``dates``."""
     if not dates or value is None:
@@ -643,6 +657,13 @@ class AttributeCleaner:
                 continue
             if tag.element == 0:
                 del ds[tag]  # group lengths (retired) would be wrong afterwards
+                continue
+            if _stray_overlay(tag, top) or _curve_audio(tag):
+                # an overlay where no viewer shows it (a hidden bitmap, never read by OCR), or
+                # sound kept in a curve group: nothing can check either
+                report.actions["X"] += 1
+                report.removed.append(keyword_for_tag(tag) or f"{int(tag):08X}")
+                del ds[tag]
                 continue
             raw = ds.get_item(tag)
             vr = raw.VR if raw.VR not in (None, "UN") else _dictionary_vr(tag)

@@ -182,10 +182,17 @@ def _is_cjk(char: str) -> bool:
     return any(low <= code <= high for low, high in _CJK_RANGES)
 
 
+# Katakana (ァ-ヶ) as the hiragana of the same sound: a reading stored in one is written in
+# the other (PN phonetic groups in hiragana, free text in katakana, or the other way).
+_KATAKANA_AS_HIRAGANA = {code: code - 0x60 for code in range(0x30A1, 0x30F7)}
+
+
 def cjk_form(text: str) -> str:
     """``text`` as CJK names are compared: compatibility forms folded (half-width kana become
-    full-width, voiced marks stay on their kana), letters and digits only, case folded."""
-    return "".join(c for c in unicodedata.normalize("NFKC", text).casefold() if c.isalnum())
+    full-width, voiced marks stay on their kana), katakana as hiragana, letters and digits
+    only, case folded."""
+    return "".join(c for c in unicodedata.normalize("NFKC", text).casefold().translate(
+        _KATAKANA_AS_HIRAGANA) if c.isalnum())
 
 
 def _cjk_name(text: str) -> str:

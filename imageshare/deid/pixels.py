@@ -34,7 +34,9 @@ from imageshare.domain.errors import ConfigurationError
 DEFAULT_REGIONS = Path(__file__).with_name("regions.toml")
 # Modalities and SOP classes whose images often carry burned-in text.
 BURNED_IN_MODALITIES = {"US", "IVUS", "ES", "XC", "GM", "SC", "OT", "OP", "SM", "DOC", "XA",
-                        "RF", "ECG", "IO", "PX", "DX", "CR", "MG"}
+                        "RF", "ECG", "IO", "PX", "DX", "CR", "MG", "TG"}
+# Visible Light SOP classes (photographs, endoscopy, microscopy, scanned documents).
+VISIBLE_LIGHT_SOP_CLASSES = "1.2.840.10008.5.1.4.1.1.77"
 _MIN_CONFIDENCE = 30.0
 _EXTRA_FRAMES = 5  # frames read besides first, middle, last (where text-like pixels change)
 _OCR_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -112,13 +114,22 @@ class PixelReport:
 
 
 def may_have_burned_in_text(ds: Dataset, has_pixels: bool | None = None) -> bool:
-    """True when the instance may carry burned-in text: Burned In Annotation YES or absent, or
-    a modality known for it. ``has_pixels`` says whether it has pixel data when ``ds`` is a
+    """True when the instance may carry burned-in text: Burned In Annotation YES or absent, a
+    modality known for it, or (whatever the flag says) a colour image or a Visible Light one,
+    as the verifier reads them. ``has_pixels`` says whether it has pixel data when ``ds`` is a
     header read without it."""
     if not (has_pixels if has_pixels is not None else "PixelData" in ds):
         return False
     annotation = str(ds.get("BurnedInAnnotation", "") or "").upper()
-    return annotation != "NO" or str(ds.get("Modality", "")).upper() in BURNED_IN_MODALITIES
+    if annotation != "NO" or str(ds.get("Modality", "")).upper() in BURNED_IN_MODALITIES:
+        return True
+    # colour images (a workstation's screenshot, a photograph) say NO as often as not: the
+    # verifier reads them whatever the flag says, so they are cleaned here first
+    try:
+        return int(ds.get("SamplesPerPixel", 1) or 1) > 1 or str(
+            ds.get("SOPClassUID", "") or "").startswith(VISIBLE_LIGHT_SOP_CLASSES)
+    except (TypeError, ValueError):
+        return True
 
 
 def decode_frames(ds: Dataset) -> np.ndarray:

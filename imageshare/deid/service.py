@@ -60,10 +60,52 @@ SAFE_PRIVATE: frozenset[tuple[str, int, int]] = frozenset({
     ("Philips MR Imaging DD 001", 0x2001, 0x03), ("Philips MR Imaging DD 001", 0x2005, 0x0E),
 })
 CHECK_PIXELS, TRUST_PIXELS = "check", "trust"
+# Recorded sound (the Basic Voice Audio and General Audio Waveform IODs of PS3.3 A.34): a
+# dictation speaks the patient's name and date of birth, which nothing here can hear. Audio is
+# also any waveform sampled as mu-law or A-law (Waveform Sample Interpretation MB, AB).
+AUDIO_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.9.4.1", "1.2.840.10008.5.1.4.1.1.9.4.2"})
+AUDIO_INTERPRETATIONS = frozenset({"MB", "AB"})
 _MAX_TRAILING = 64 * 1024 * 1024  # bytes after the pixel data that are read as attributes
 _COPY_CHUNK = 1 << 20
 MAX_OFFSETS = 1 << 20  # frames a basic offset table is read for (more: it is written empty)
 
+
+
+def records_sound(ds: Dataset) -> bool:
+    """True when ``ds`` carries recorded sound: an audio waveform SOP class, or a waveform
+    sampled as mu-law or A-law."""
+    if str(ds.get("SOPClassUID", "") or "").strip() in AUDIO_SOP_CLASSES:
+        return True
+    try:
+        items = ds.get("WaveformSequence", None) or []
+        return any(str(item.get("WaveformSampleInterpretation", "") or "").strip().upper()
+                   in AUDIO_INTERPRETATIONS for item in items)
+    except (TypeError, ValueError, AttributeError):
+        return True  # a waveform that cannot be read cannot be shown to be no sound
+
+
+def _read_otherwise(ds: Dataset, implicit: bool) -> bool:
+    """True when the elements of ``ds`` were stored in another VR encoding than ``implicit``
+    says (a data set in implicit VR under an explicit VR transfer syntax: pydicom reads it,
+    but its bytes cannot be copied into a file of the syntax)."""
+    for tag in ds.keys():
+        stored = getattr(ds.get_item(tag), "is_implicit_VR", None)  # elements still raw
+        if stored is not None:
+            return bool(stored) != implicit
+    return False
+
+
+def _with_known_vrs(ds: Dataset) -> None:
+    """Give the top-level elements read without a VR (a data set stored in implicit VR under
+    an explicit VR transfer syntax) their dictionary VR, so that ``ds`` can be written in the
+    encoding its transfer syntax says."""
+    implicit = ds.original_encoding[0]
+    if implicit is None or implicit:
+        return
+    for tag in list(ds.keys()):
+        element = ds.get_item(tag)
+        if getattr(element, "VR", "") is None:
+            ds[tag]  # noqa: B018 - reading it converts the raw element (VR from the dictionary)
 
 
 def _encoding_of(ds: Dataset) -> tuple[bool, bool]:
@@ -117,6 +159,7 @@ class Deidentifier:
         if outcome.held_back or self.verifier is None or identity is None:
             return outcome
         buffer = io.BytesIO()
+        _with_known_vrs(ds)
         ds.save_as(buffer, enforce_file_format=True)
         buffer.seek(0)
         return self._verified(outcome, buffer)
@@ -165,6 +208,11 @@ class Deidentifier:
             report.held_back = True
             report.reason = ("encapsulated documents (PDF, CDA, ...) cannot be de-identified "
                              "automatically")
+            return report
+        if records_sound(ds):
+            report.held_back = True
+            report.reason = ("recorded sound (a dictation may speak the patient's name) cannot "
+                             "be de-identified automatically")
             return report
         if has_pixels and self.burned_in == CHECK_PIXELS and may_have_burned_in_text(
                 ds, has_pixels=True):
@@ -273,6 +321,7 @@ class Deidentifier:
                 return outcome
             if prepare:
                 prepare(ds)
+            _with_known_vrs(ds)
             ds.save_as(target, enforce_file_format=True)
         outcome.identity, outcome.text_prone = identity, text_prone
         if self.verifier is None or identity is None:
@@ -311,7 +360,7 @@ class Deidentifier:
             return False
         implicit, little = header.original_encoding
         return bool(little) and implicit is not None and bool(implicit) == syntax.is_implicit_VR \
-            and syntax.is_little_endian
+            and syntax.is_little_endian and not _read_otherwise(header, bool(implicit))
 
     def _trailing(self, source: BinaryIO, end: int, size: int, header: Dataset,
                   context: PatientContext) -> Dataset:
@@ -567,6 +616,9 @@ def _check_complete(ds: Dataset, length: int) -> None:
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise IncompleteInstance("the image attributes (rows, columns, bits) are missing or "
                                  "unreadable") from exc
+    if not isinstance(expected, int):  # a Number of Frames that is no number ("1A")
+        raise IncompleteInstance("the image attributes (rows, columns, frames, bits) are "
+                                 "unreadable")
     if length < expected:
         raise IncompleteInstance(f"the pixel data holds {length} bytes where its image needs "
                                 f"{expected} (the file is cut off)")

@@ -220,10 +220,16 @@ def _values(value: Any) -> list[Any]:
     return list(value) if isinstance(value, MultiValue | list) else [value]
 
 
+# Katakana (ァ-ヶ) as the hiragana of the same sound: a reading stored in one is written in
+# the other (PN phonetic groups in hiragana, free text in katakana, or the other way).
+_KATAKANA_AS_HIRAGANA = {code: code - 0x60 for code in range(0x30A1, 0x30F7)}
+
+
 def folded(text: str) -> str:
     """``text`` as CJK names are compared: NFKC (half-width kana made full-width, voiced
-    marks kept), case folded, letters and digits only."""
-    return "".join(c for c in unicodedata.normalize("NFKC", text).casefold() if c.isalnum())
+    marks kept), katakana as hiragana, case folded, letters and digits only."""
+    return "".join(c for c in unicodedata.normalize("NFKC", text).casefold().translate(
+        _KATAKANA_AS_HIRAGANA) if c.isalnum())
 
 
 def _cjk_characters(text: str) -> int:

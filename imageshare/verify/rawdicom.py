@@ -56,9 +56,11 @@ def _vr_of(tag: int) -> str:
     if (tag >> 16) % 2:
         return "UN" if tag & 0xFF00 else "LO"  # private data, or a private creator
     try:
-        return dictionary_VR(tag).split(" ")[0]
+        choices = dictionary_VR(tag).split(" or ")
     except KeyError:
         return "UN"
+    # "US or OW" (LUT Data), "US or SS or OW": read as the bytes they may be, not as numbers
+    return next((vr for vr in choices if vr in ("OB", "OW")), choices[0])
 
 
 def label(tag: int) -> str:

@@ -5,7 +5,9 @@ content, overlay and graphic text; identifiers split across elements too), its r
 (preamble, file meta, header, encapsulated fragments' headers, anything after the pixel data;
 not the pixel samples themselves, though anything but zeros after a native image's samples and
 a basic offset table holding anything but its frames' offsets are findings), and with OCR its
-pixels, icon images and overlay planes. Encapsulated PDFs are read as text. Other outputs:
+pixels, icon images and overlay planes. Encapsulated PDFs are read as text. What cannot be
+read at all is a finding: recorded sound (audio waveforms, curves' audio), overlay bitmaps
+where no viewer shows them (beyond group 601E, in sequence items). Other outputs:
 PNG/JPEG metadata and pixels, MP4 metadata and frames, PDF text, ZIP member names and comments,
 file and folder names. Findings name the kind of identifier and where it is, never its value.
 """
@@ -363,7 +365,7 @@ class Verifier:
                 (tag >> 16) & 0xFF00 == 0x6000 and tag & 0xFFFF == 0x3000):
             return
         if vr in _BYTES_VRS:
-            blobs, texts = _binary_texts(value, utf16=vr in ("OB", "UN"))
+            blobs, texts = _binary_texts(value, utf16=vr in _UTF16_VRS)
             for blob in blobs:
                 for kind in dict.fromkeys(identity.in_bytes(blob)):
                     findings.append(Finding(name, kind, element.where + rawdicom.label(tag)))
@@ -390,12 +392,25 @@ class Verifier:
                        findings: list[Finding]) -> None:
         """Encapsulated documents' text, and documents the de-identifier removes (in sequence
         items, HPGL: see :func:`_kept_document`); and, since every element has been read by
-        now, file meta elements out of their place (see :func:`_misplaced_file_meta`)."""
+        now, file meta elements out of their place (see :func:`_misplaced_file_meta`),
+        overlays no viewer shows (:func:`_misplaced_overlay`) and recorded sound."""
         findings += [Finding(name, _MISPLACED_META, element.where + rawdicom.label(element.tag))
                      for element in _misplaced_file_meta(raw.elements)]
         findings += [Finding(name, _KEPT_DOCUMENT, element.where + rawdicom.label(element.tag))
                      for element in raw.elements
                      if element.value and _kept_document(element.tag, len(element.path) - 1)]
+        findings += [Finding(name, _MISPLACED_OVERLAY,
+                             element.where + rawdicom.label(element.tag))
+                     for element in raw.elements
+                     if element.value and _misplaced_overlay(element.tag, len(element.path) - 1)]
+        interpretations = [e.value.decode("latin-1") for e in raw.elements
+                           if e.tag == _SAMPLE_INTERPRETATION]
+        if _sound(raw.top.get(_SOP_CLASS_UID, b"").decode("latin-1"), interpretations,
+                  any(e.value for e in raw.elements if e.tag == _WAVEFORM_DATA)):
+            findings.append(Finding(name, _SOUND, rawdicom.label(_WAVEFORM_DATA)))
+        findings += [Finding(name, _SOUND, element.where + rawdicom.label(element.tag))
+                     for element in raw.elements
+                     if element.value and _curve_audio(element.tag)]
         document = raw.top.get(0x00420011)
         if not document:
             return
@@ -428,6 +443,12 @@ class Verifier:
             if not any(f.kind == kind for f in findings):
                 findings.append(Finding(name, kind, "split across the values of two elements"))
         self._documents(full, identity, name, findings)
+        if _sound(str(full.get("SOPClassUID", "") or ""), [
+                str(item.get("WaveformSampleInterpretation", "") or "")
+                for item in full.get("WaveformSequence", None) or []],
+                any(item.get("WaveformData") for item in full.get("WaveformSequence", None)
+                    or [])):
+            findings.append(Finding(name, _SOUND, rawdicom.label(_WAVEFORM_DATA)))
         if _after_the_image_in(full):
             findings.append(Finding(name, _AFTER_THE_IMAGE, "pixel data"))
         if self.ocr == OCR_ALWAYS or (self.ocr == OCR_AUTO and (
@@ -452,6 +473,10 @@ class Verifier:
                 continue
             if _kept_document(tag, depth) and ds.get_item(tag).value:
                 findings.append(Finding(name, _KEPT_DOCUMENT, self._label(tag, where)))
+            if _misplaced_overlay(int(tag), depth) and ds.get_item(tag).value:
+                findings.append(Finding(name, _MISPLACED_OVERLAY, self._label(tag, where)))
+            if _curve_audio(int(tag)) and ds.get_item(tag).value:
+                findings.append(Finding(name, _SOUND, self._label(tag, where)))
             if tag.group == 0x7FE0 or (tag.group & 0xFF00 == 0x6000 and tag.element == 0x3000):
                 continue
             if tag.group == 0x0002 and not file_meta:
@@ -497,7 +522,7 @@ class Verifier:
         if isinstance(value, bytes | bytearray):
             data = bytes(value)
             if vr in _BYTES_VRS or vr is None:
-                blobs, texts = _binary_texts(data, utf16=vr in ("OB", "UN", None))
+                blobs, texts = _binary_texts(data, utf16=vr in _UTF16_VRS or vr is None)
                 for blob in blobs:
                     for kind in dict.fromkeys(identity.in_bytes(blob)):
                         findings.append(Finding(name, kind, self._label(tag, where)))
@@ -791,6 +816,13 @@ _NESTED_PIXELS = "pixel data inside a sequence item"
 _AFTER_THE_IMAGE = "data after the image in the pixel data"
 _NOT_OFFSETS = "data other than frame offsets in the basic offset table"
 _KEPT_DOCUMENT = "document left in the data set"
+_SOUND = "recorded sound (cannot be checked)"
+_MISPLACED_OVERLAY = "overlay data outside the overlay groups (6000-601E, top level)"
+# Recorded sound: the audio waveform SOP classes, and waveforms sampled as mu-law or A-law.
+_AUDIO_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.9.4.1",
+                                "1.2.840.10008.5.1.4.1.1.9.4.2"})
+_AUDIO_INTERPRETATIONS = frozenset({"MB", "AB"})
+_SOP_CLASS_UID, _SAMPLE_INTERPRETATION, _WAVEFORM_DATA = 0x00080016, 0x54001006, 0x54001010
 _ICON_IMAGE_SEQUENCE = 0x00880200  # read with OCR instead
 _ENCAPSULATED_DOCUMENT, _HPGL_DOCUMENT = 0x00420011, 0x00686300
 # Kinds of identifier that, as a whole coded string value (three characters or more), are a
@@ -809,6 +841,9 @@ _DEFINED_TERMS = frozenset({
 _UTF16_BE = re.compile(rb"(?:\x00[\x20-\x7e\xa0-\xff]){4,}")
 _UTF16_LE = re.compile(rb"(?:[\x20-\x7e\xa0-\xff]\x00){4,}")
 _MAX_INFLATED = 64 << 20
+# Binary values read for UTF-16 text too: bytes and words (a LUT or waveform kept as it is can
+# carry a name written two bytes a letter as well as one)
+_UTF16_VRS = {"OB", "OW", "UN"}
 
 
 def _nested_pixels(item_path: tuple[int, ...]) -> bool:
@@ -816,6 +851,28 @@ def _nested_pixels(item_path: tuple[int, ...]) -> bool:
     at the top level) is an image nested where the de-identifier removes it: in any sequence
     item but the Icon Image Sequence's (read with OCR)."""
     return len(item_path) >= 2 and item_path[-2] != _ICON_IMAGE_SEQUENCE
+
+
+def _misplaced_overlay(tag: int, depth: int) -> bool:
+    """True for overlay data (60xx,3000) that no viewer shows: in a sequence item, or in a
+    group beyond the sixteen overlay groups (6000-601E, even)."""
+    group = tag >> 16
+    if group & 0xFF00 != 0x6000 or tag & 0xFFFF != 0x3000:
+        return False
+    return group % 2 == 0 and (depth > 0 or group > 0x601E)
+
+
+def _curve_audio(tag: int) -> bool:
+    """True for the retired Audio Sample Data of a curve group (50xx,200C): sound."""
+    return (tag >> 16) & 0xFF00 == 0x5000 and (tag >> 16) % 2 == 0 and tag & 0xFFFF == 0x200C
+
+
+def _sound(sop_class: str, interpretations: list[str], has_waveform_data: bool) -> bool:
+    """True when an output carries recorded sound: waveform data of an audio SOP class or
+    sampled as mu-law or A-law (a dictation may speak the patient's name)."""
+    return has_waveform_data and (
+        sop_class.strip(" \0") in _AUDIO_SOP_CLASSES
+        or any(i.strip(" \0").upper() in _AUDIO_INTERPRETATIONS for i in interpretations))
 
 
 def _kept_document(tag: int, depth: int) -> bool:
@@ -841,7 +898,7 @@ def _inflated(data: bytes) -> bytes:
 
 def _binary_texts(data: bytes, utf16: bool) -> tuple[list[bytes], list[str]]:
     """What to search in a binary value: its bytes and, when it is compressed, what it
-    inflates to; and their text: as Latin-1 and (``utf16``: OB and UN values) their UTF-16
+    inflates to; and their text: as Latin-1 and (``utf16``: OB, OW and UN values) their UTF-16
     runs, big and little endian, decoded (where each letter would otherwise be a word)."""
     blobs = [data]
     inflated = _inflated(data)
