@@ -84,6 +84,18 @@ def records_sound(ds: Dataset) -> bool:
         return True  # a waveform that cannot be read cannot be shown to be no sound
 
 
+def shows_recognisable_features(ds: Dataset) -> bool:
+    """True when ``ds`` says its image would let someone recognise the patient
+    (Recognizable Visual Features (0028,0302) YES, PS3.3 C.7.6.16): a face photograph, a
+    volume rendering of the head; PS3.15 E.1 has them de-identified only by the Clean
+    Recognizable Visual Features Option, which no profile here offers."""
+    try:
+        value = ds.get("RecognizableVisualFeatures", "")
+    except (TypeError, ValueError):
+        return True  # unreadable: cannot be shown to be NO
+    return str(value or "").strip().upper() == "YES"
+
+
 def _read_otherwise(ds: Dataset, implicit: bool) -> bool:
     """True when the elements of ``ds`` were stored in another VR encoding than ``implicit``
     says (a data set in implicit VR under an explicit VR transfer syntax: pydicom reads it,
@@ -213,6 +225,12 @@ class Deidentifier:
             report.held_back = True
             report.reason = ("recorded sound (a dictation may speak the patient's name) cannot "
                              "be de-identified automatically")
+            return report
+        if has_pixels and shows_recognisable_features(ds):
+            report.held_back = True
+            report.reason = ("the image shows recognisable features (a face, a tattoo, a "
+                             "surface rendering; Recognizable Visual Features is YES): no "
+                             "profile here removes them")
             return report
         if has_pixels and self.burned_in == CHECK_PIXELS and may_have_burned_in_text(
                 ds, has_pixels=True):

@@ -137,6 +137,22 @@ def test_recorded_sound_is_held_back_in_memory():
     assert outcome.held_back and outcome.report["reason"].startswith("recorded sound")
 
 
+@pytest.mark.parametrize("profile", [BASIC, TEACHING], ids=["basic", "teaching"])
+def test_an_image_that_shows_the_patients_face_is_held_back(tmp_path, profile):
+    """Recognizable Visual Features YES (a face photograph, a head surface rendering): only
+    the Clean Recognizable Visual Features Option removes them (PS3.15 E.1), which no profile
+    offers; the image went out as it was. A NO image is de-identified as before."""
+    face = _source()
+    face.RecognizableVisualFeatures = "YES"
+    outcome, data = _deidentify(_save(face, tmp_path / "face.dcm"), profile)
+    assert outcome.held_back and "recognisable features" in outcome.report["reason"]
+    assert data == b""
+    plain = _source()
+    plain.RecognizableVisualFeatures = "NO"
+    outcome, data = _deidentify(_save(plain, tmp_path / "plain.dcm"), profile)
+    assert not outcome.held_back and data
+
+
 def test_an_ecg_is_still_de_identified(tmp_path):
     path = _save(_waveform(GENERAL_ECG, "SS", "ECG"), tmp_path / "ecg.dcm")
     outcome, data = _deidentify(path)
