@@ -21,7 +21,7 @@ from imageshare.archive.indexing import file_under_record, summarise_studies
 from imageshare.archive.search import StudySearch, StudySearchService, StudySummary
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ImageShareError, SiteUnreachable
+from imageshare.domain.errors import ImageShareError, InvalidQuery, SiteUnreachable
 from imageshare.domain.identifiers import normalise_name
 from imageshare.exchange.nodes import Node, NodeRegistry
 from imageshare.exchange.sites import RetrieveProgress, SiteClient
@@ -373,7 +373,12 @@ class ExchangeService:
     # -- retrieval ------------------------------------------------------------------------------
 
     def retrieve(self, site: str, study_uid: str, actor: Actor) -> Job:
-        """Bring a remote study here in the background (a temporary copy)."""
+        """Bring a remote study here in the background (a temporary copy). A Study Instance
+        UID that is not one (digits and dots, at most 64: leading zeros, which some devices
+        write, are let through) is refused here, before anything is asked of the site."""
+        if not (0 < len(study_uid) <= 64 and set(study_uid) <= set("0123456789.")
+                and "" not in study_uid.split(".")):
+            raise InvalidQuery("the Study Instance UID is not a valid UID")
         node = self._nodes.get(site)
         if not node.retrieve_from:
             raise ImageShareError(f"retrieving from {node.label} is not allowed")
@@ -397,6 +402,10 @@ class ExchangeService:
         def progress(p: RetrieveProgress) -> None:
             job.done, job.total = p.received, max(p.expected, p.received)
 
+        # The record's own instances of the study before anything arrives: a version the
+        # site sends of one of them (replacing it where overwrite is on) stays the record's,
+        # never a temporary copy that expires.
+        in_record = self._record_instances(study_uid)
         try:
             result = client.retrieve_study(node, study_uid, progress)
         except SiteUnreachable as exc:
@@ -406,16 +415,18 @@ class ExchangeService:
             raise
         kind, _client = self._client(node)
         marked = self._mark_temporary(study_uid, node.ae_title, started,
-                                      "dicomweb" if kind == "dicomweb" else "")
+                                      "dicomweb" if kind == "dicomweb" else "", in_record)
         if marked:
             self._record_copy(study_uid, node.ae_title, job.id, actor.name, marked)
         job.summary = (f"{result.received} instance(s) received from {node.label}"
-                       + (f", {result.failed} failed" if result.failed else ""))
+                       + (f", {result.failed} failed" if result.failed else "")
+                       + (f" ({'; '.join(result.problems)})" if result.problems else ""))[:500]
         self._audit.record(AuditEvent(
             actor=actor, action="exchange.retrieve",
             outcome="success" if not result.failed else "warning", study_uid=study_uid,
             instance_count=result.received,
-            detail={"site": node.ae_title, "failed": result.failed, "temporary": marked}))
+            detail={"site": node.ae_title, "failed": result.failed, "temporary": marked,
+                    **({"problems": list(result.problems)} if result.problems else {})}))
 
     def _record_copy(self, study_uid: str, site: str, job_id: str, by: str, count: int
                      ) -> None:
@@ -430,23 +441,38 @@ class ExchangeService:
                     retrieved_copies.c.study_uid == study_uid).values(**values)).rowcount:
                 conn.execute(insert(retrieved_copies).values(study_uid=study_uid, **values))
 
+    def _record_instances(self, study_uid: str) -> set[str]:
+        """SOP Instance UIDs of the study that are part of the record (clinical)."""
+        with self._engine.connect() as conn:
+            return set(conn.execute(select(instances.c.sop_uid).join(
+                series, series.c.pk == instances.c.series_pk).join(
+                studies, studies.c.pk == series.c.study_pk).where(
+                studies.c.study_uid == study_uid,
+                instances.c.retention_class == "clinical")).scalars())
+
     def _mark_temporary(self, study_uid: str, site: str, since: datetime,
-                        source: str = "") -> int:
+                        source: str = "", in_record: Collection[str] = ()) -> int:
         """Instances of the study that arrived from the site during the retrieval are a
         temporary copy (not an inbox item: we asked for them). Only those the site sent
         (``source``: what our DICOMweb client records, else the site's AE title calling):
         instances others stored into the study meanwhile (our modality, another hospital)
-        keep their class."""
+        keep their class, and so do those that were part of the record before it began
+        (``in_record``), whatever the site sent of them."""
         sent_by_site = (instances.c.received_from == source if source
                         else instances.c.received_from.startswith(f"{site}@", autoescape=True))
         with self._engine.begin() as conn:
             series_pks = select(series.c.pk).join(studies, studies.c.pk == series.c.study_pk) \
                 .where(studies.c.study_uid == study_uid).scalar_subquery()
-            marked = conn.execute(update(instances).where(
+            arrived = [pk for pk, sop_uid in conn.execute(select(
+                instances.c.pk, instances.c.sop_uid).where(
                 instances.c.series_pk.in_(series_pks), instances.c.received_at >= since,
-                sent_by_site,
-                instances.c.retention_class.in_(["clinical", "inbox"])).values(
-                retention_class=TEMPORARY)).rowcount
+                sent_by_site, instances.c.retention_class.in_(["clinical", "inbox"])))
+                if sop_uid not in in_record]
+            marked = 0
+            for start in range(0, len(arrived), 500):
+                marked += conn.execute(update(instances).where(
+                    instances.c.pk.in_(arrived[start:start + 500])).values(
+                    retention_class=TEMPORARY)).rowcount
             if marked:  # what waited in the inbox is part of the record now
                 study_pks = list(conn.execute(select(studies.c.pk).where(
                     studies.c.study_uid == study_uid)).scalars())

@@ -170,16 +170,41 @@ class Inbox:
         return local if _may_be_same_person(received, local) else None
 
     def accept(self, pk: int, actor: Actor, reconcile: bool = True, note: str = "",
-               upload_review: bool = False, sop_uids: Collection[str] | None = None) -> str:
+               upload_review: bool = False, sop_uids: Collection[str] | None = None,
+               prepare: Callable[[InboxItem], str] | None = None) -> str:
         """Accept into the archive; with ``reconcile`` the study is filed under the local
         patient found by NHS number. Returns what was done, for people. An upload is
         accepted only by its QC (``upload_review``), and only its instances ``sop_uids``
-        (the files it sent) enter the record."""
+        (the files it sent) enter the record; ``prepare`` (the QC's filing under the invited
+        patient) runs once the item is this decision's, and says what it did.
+
+        The item is claimed before anything changes: of two decisions at once (two people,
+        two processes) one wins and the other changes nothing, not even the patient's
+        details. A failure on the way gives the item back to the queue, pending."""
         item = self._decidable(pk, upload_review)
         if item.status != "pending":
             raise ImageShareError("this item was decided already")
+        with self._engine.begin() as conn:
+            _claim(conn, pk, "accepted", actor, note)
+        try:
+            done = self._file(item, actor, reconcile, sop_uids, prepare)
+        except BaseException:
+            with self._engine.begin() as conn:
+                conn.execute(update(inbox_items).where(inbox_items.c.pk == pk).values(
+                    status="pending", decided_by="", decided_at=None, note=item.note))
+            raise
+        self._tell(item, "accepted", actor, note)
+        return done
+
+    def _file(self, item: InboxItem, actor: Actor, reconcile: bool,
+              sop_uids: Collection[str] | None,
+              prepare: Callable[[InboxItem], str] | None) -> str:
+        """The work of an accepted item: reconciled (or ``prepare``d), then its instances
+        made part of the record, audited."""
         done = "accepted"
-        if reconcile:
+        if prepare is not None:
+            done = prepare(item)
+        elif reconcile:
             local = self.local_match(item)
             if local is not None:
                 received = self._catalogue.record(item.study_uid).patient
@@ -193,9 +218,6 @@ class Inbox:
         if sop_uids is None:
             sop_uids = self.sent_by(item)
         with self._engine.begin() as conn:
-            # Claimed first: of two decisions at once (two people, two processes), one wins
-            # and the other changes nothing.
-            _claim(conn, pk, "accepted", actor, note)
             chosen: ColumnElement[bool] = instances.c.series_pk.in_(
                 select(series.c.pk).join(studies, studies.c.pk == series.c.study_pk)
                 .where(studies.c.study_uid == item.study_uid))
@@ -211,7 +233,6 @@ class Inbox:
             self._audit.record(AuditEvent(actor=actor, action="inbox.accept",
                                           outcome="success", study_uid=item.study_uid,
                                           detail={"site": item.site, "done": done}), conn=conn)
-        self._tell(item, "accepted", actor, note)
         return done
 
     def sent_by(self, item: InboxItem) -> set[str]:

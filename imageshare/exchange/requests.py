@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 import ssl
+import string
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,13 +19,15 @@ from imageshare.access.policy import site_origin
 from imageshare.access.users import linked_site
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ImageShareError, NotFound
+from imageshare.domain.errors import ImageShareError, NotFound, SiteUnreachable
 from imageshare.exchange.nodes import Node, NodeRegistry
-from imageshare.exchange.site_api import SiteApi
+from imageshare.exchange.site_api import SiteApi, post_json
 from imageshare.exchange.transfers import Transfer, Transfers
 from imageshare.notify import Notifier
 from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import imaging_requests
+
+_ID_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-_")
 
 PRIORITIES = ("urgent", "routine")
 
@@ -118,17 +121,20 @@ class ImagingRequests:
         base = node.dicomweb_url.rstrip("/").removesuffix("/dicomweb")
         headers, auth = node.credentials()
         try:
-            answer = httpx.post(f"{base}/api/exchange/requests/incoming", json=body,
-                                headers=headers, auth=auth, timeout=15,
-                                verify=self._tls if self._tls is not None else True)
-        except httpx.HTTPError:
+            answer = post_json(f"{base}/api/exchange/requests/incoming", body, headers, auth,
+                               15, self._tls if self._tls is not None else True)
+        except (httpx.HTTPError, SiteUnreachable):
             return ("contact", f"{node.label} could not be reached: ask them by their usual "
                     "route", "")
         if answer.status_code in (200, 201):
             try:
-                remote = str(answer.json().get("id", ""))
+                said = answer.json()
             except ValueError:
-                remote = ""
+                said = {}
+            remote = said.get("id", "") if isinstance(said, dict) else ""
+            # The site's id of the request: a short token, or nothing (never its words).
+            remote = remote if isinstance(remote, str) and 0 < len(remote) <= 32 and set(
+                remote) <= _ID_CHARACTERS else ""
             return "sent", f"delivered to {node.label}'s staff", remote
         return "contact", (f"{node.label} did not take the request (HTTP {answer.status_code}):"
                            " ask them by their usual route"), ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import secrets
 import ssl
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,36 @@ GIVE_UP_AFTER = timedelta(days=3)
 # (purpose's ref, state, what to tell people) after each try: delivered, retrying, refused,
 # undeliverable, failed.
 Outcome = Callable[[str, str, str], None]
+
+
+ANSWER_MAX_BYTES = 64 << 10  # the site API answers a message with a few lines of JSON
+
+
+def post_json(url: str, body: dict[str, Any], headers: dict[str, str], auth: Any,
+              timeout: float, verify: ssl.SSLContext | bool) -> httpx.Response:
+    """POST ``body`` as JSON to another site and read its answer: no redirect followed (the
+    3xx is the answer), at most :data:`ANSWER_MAX_BYTES` of it read and in at most
+    ``timeout`` seconds all told; a longer or slower answer raises :class:`SiteUnreachable`
+    (an endless answer never fills our memory). Raises ``httpx.HTTPError`` when the site
+    cannot be reached."""
+    import httpx  # loaded by the processes that talk to other sites
+
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=timeout, verify=verify, follow_redirects=False) as client, \
+            client.stream("POST", url, json=body, headers=headers, auth=auth) as answer:
+        declared = answer.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > ANSWER_MAX_BYTES:
+            raise SiteUnreachable("the site answered with far more than a message's answer")
+        content = bytearray()
+        for chunk in answer.iter_bytes():
+            content += chunk
+            if len(content) > ANSWER_MAX_BYTES:
+                raise SiteUnreachable("the site answered with far more than a message's "
+                                      "answer")
+            if time.monotonic() > deadline:
+                raise SiteUnreachable("the site took too long to answer")
+    return httpx.Response(answer.status_code, headers=answer.headers, content=bytes(content),
+                          request=answer.request)
 
 
 def site_api_base(node: Node) -> str:
@@ -60,9 +91,10 @@ class SiteApi:
             raise ImageShareError(f"{node.label} has no ImageShare address registered")
         headers, auth = node.credentials()
         try:
-            return httpx.post(f"{base}{path}", json=body, headers=headers, auth=auth,
-                              timeout=timeout,
-                              verify=self._tls if self._tls is not None else True)
+            return post_json(f"{base}{path}", body, headers, auth, timeout,
+                             self._tls if self._tls is not None else True)
+        except SiteUnreachable as exc:
+            raise SiteUnreachable(f"{node.label}: {exc}") from exc
         except httpx.HTTPError as exc:
             raise SiteUnreachable(f"{node.label} could not be reached") from exc
 

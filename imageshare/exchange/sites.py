@@ -19,6 +19,7 @@ class RetrieveProgress:
     received: int
     expected: int
     failed: int = 0
+    problems: tuple[str, ...] = ()  # why instances failed, for people ("2 not asked for")
 
 
 Progress = Callable[[RetrieveProgress], None]

@@ -39,6 +39,7 @@ from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import upload_invitations, upload_sessions
 
 MAX_PASSCODE_FAILURES = 10
+REOPEN_DAYS = 7  # how long, at least, a link reopened by a rejection works again
 _PASSCODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 _hasher = PasswordHasher()
 
@@ -341,12 +342,17 @@ class UploadInvitations:
                                           .hospital_number,
                                           detail={"upload": invitation.public_id}), conn=conn)
 
-    def reopen(self, invitation: Invitation, message: str) -> None:
-        """Let the uploader send again (after a rejection), with the hospital's message."""
+    def reopen(self, invitation: Invitation, message: str) -> datetime:
+        """Let the uploader send again (after a rejection), with the hospital's message; the
+        link works at least :data:`REOPEN_DAYS` more days (a rejection after it expired
+        must not ask for images through a dead link). Returns until when it works."""
+        until = max(as_utc(invitation.expires_at),
+                    datetime.now(UTC) + timedelta(days=REOPEN_DAYS))
         with self._engine.begin() as conn:
             conn.execute(update(upload_invitations).where(
                 upload_invitations.c.pk == invitation.pk).values(
-                status="open", message=message[:4000]))
+                status="open", message=message[:4000], expires_at=until))
+        return until
 
     def close(self, invitation: Invitation) -> None:
         """Nothing more to send or review."""

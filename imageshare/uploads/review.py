@@ -9,7 +9,8 @@ from typing import Any
 
 from sqlalchemy import Engine, delete, or_, select, union, update
 
-from imageshare.archive.corrections import PatientCorrections
+from imageshare.archive.corrections import PatientCorrections, PatientDetails
+from imageshare.archive.record import patient_in_record
 from imageshare.archive.studies import StudyCatalogue, StudyRecord
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
@@ -20,6 +21,8 @@ from imageshare.storage.blobs import BlobStore
 from imageshare.storage.index.schema import (
     inbox_items,
     instances,
+    patient_changes,
+    patients,
     series,
     studies,
     upload_files,
@@ -219,7 +222,7 @@ class UploadReview:
         accepted only with ``file_anyway`` (a person checked it). Returns what was done."""
         item = self._own_item(invitation, pk)
         study = self._catalogue.record(item.study_uid)
-        target = invitation.details().checked()
+        target = self._invited_record(invitation)
         patient = study.patient
         uploaded = [r for r in self._files(invitation) if r["study_uid"] == item.study_uid]
         if any(r["identity"] == "mismatch" for r in uploaded) and not file_anyway:
@@ -230,7 +233,6 @@ class UploadReview:
                 and normalise_name(patient.name) == normalise_name(target.name)
                 and patient.birth_date == target.birth_date
                 and (not target.nhs_number or patient.nhs_number == target.nhs_number))
-        done = "accepted"
         if not same:
             if (patient.patient_id, patient.issuer) == (target.patient_id, target.issuer):
                 raise ImageShareError(
@@ -243,19 +245,62 @@ class UploadReview:
                     "these files belong to a study already in the record under another "
                     "patient; they cannot be filed under the invited patient: reject them, "
                     "or reconcile the patients first")
+
+        def file_under_invited(claimed: InboxItem) -> str:
+            """Once the item is this decision's (two reviewers at once change nothing
+            twice): the study filed under the invited patient."""
+            if same:
+                return "accepted"
             other = ((patient.patient_id, "upload"),) if patient.patient_id else ()
             self._corrections.correct_study(
-                item.study_uid, replace(target, other_ids=other),
+                claimed.study_uid, replace(target, other_ids=other),
                 f"upload {invitation.public_id} filed under the invited patient", actor)
-            done = f"filed under hospital number {target.patient_id} and accepted"
-        self._inbox.accept(pk, actor, reconcile=False, note=note, upload_review=True,
-                           sop_uids=self.sent_of(invitation, item.study_uid))
+            return f"filed under hospital number {target.patient_id} and accepted"
+
+        done = self._inbox.accept(pk, actor, reconcile=False, note=note, upload_review=True,
+                                  sop_uids=self.sent_of(invitation, item.study_uid),
+                                  prepare=file_under_invited)
         self._audit.record(AuditEvent(actor=actor, action="upload.accept", outcome="success",
                                       patient_id=target.patient_id, study_uid=item.study_uid,
                                       detail={"upload": invitation.public_id, "done": done}))
         if self.pending_count(invitation) == 0 and invitation.status == "submitted":
             self._invitations.close(invitation)
         return done
+
+    def _invited_record(self, invitation: Invitation) -> PatientDetails:
+        """Whom an upload is filed under: the record with the invited hospital number as it
+        is now (its NHS number, sex and any correction since the invitation kept: the
+        invitation's copy may lack them), else the invitation's details (a patient new
+        here). A record merged into another since the invitation is refused with the
+        number it went to, rather than made again."""
+        invited = invitation.details().checked()
+        with self._engine.connect() as conn:
+            study_uid = conn.execute(
+                select(studies.c.study_uid).join(patients, patients.c.pk == studies.c.patient_pk)
+                .where(patients.c.patient_id == invited.patient_id,
+                       patients.c.issuer == invited.issuer, patient_in_record(patients.c.pk))
+                .order_by(studies.c.pk).limit(1)).scalar()
+            merged_into = None if study_uid else conn.execute(
+                select(patient_changes.c.new_value).where(
+                    patient_changes.c.kind == "merge",
+                    patient_changes.c.attribute == "Hospital number",
+                    patient_changes.c.old_value == invited.patient_id)
+                .order_by(patient_changes.c.pk.desc()).limit(1)).scalar()
+        if study_uid:
+            record = PatientDetails.of(self._catalogue.record(study_uid).patient)
+            if invited.nhs_number and record.nhs_number and (
+                    invited.nhs_number != record.nhs_number):
+                raise ImageShareError(
+                    "the invitation gives another NHS number than the patient's record with "
+                    f"hospital number {invited.patient_id}; check which is right, correct it, "
+                    "then accept")
+            return replace(record, nhs_number=record.nhs_number or invited.nhs_number)
+        if merged_into:
+            raise ImageShareError(
+                f"the invited patient's record (hospital number {invited.patient_id}) was "
+                f"merged into hospital number {merged_into} after the invitation; check that "
+                "record, then invite again for it or import the files there")
+        return invited
 
     def reject(self, invitation: Invitation, pk: int, actor: Actor, message: str) -> None:
         """Reject a study (its instances and originals are deleted), tell the uploader why by
@@ -278,14 +323,14 @@ class UploadReview:
                                       study_uid=item.study_uid,
                                       detail={"upload": invitation.public_id}))
         if invitation.kind == "invitation":
-            self._invitations.reopen(invitation, message)
+            until = self._invitations.reopen(invitation, message)
             if invitation.email and self._invitations.public_url:
                 self._invitations.mailer.send(
                     invitation.email, "The hospital asks you to send images again",
                     "The hospital looked at the images you sent and could not use some of "
                     f"them. Their message:\n\n{message}\n\n"
                     "Please send new images with the same link and passcode as before "
-                    f"(the link works until {invitation.expires_at:%d %B %Y}).\n")
+                    f"(the link works until {until:%d %B %Y}).\n")
 
     def _files(self, invitation: Invitation) -> list[dict[str, object]]:
         with self._engine.connect() as conn:
