@@ -540,8 +540,9 @@ class IngestService:
                      review_site: str) -> bool:
         """With ``overwrite`` on: a new version of a stored instance replaces it only when it
         is the archive's own arrival (not another site's, nor an upload, which wait for a
-        person) and names the same patient as the study it is in."""
-        if review_site or self.arrival_class(actor) != "clinical":
+        person, nor what the archive's own processes store: a retrieval from another site,
+        start-up recovery) and names the same patient as the study it is in."""
+        if review_site or actor.role == "system" or self.arrival_class(actor) != "clinical":
             return False
         study = self._known.study(conn, h.study_uid)
         return study is not None and (study.patient_id, study.issuer) == (

@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from sqlalchemy import func, select
 
-from imageshare.domain.actors import cli_actor
+from imageshare.domain.actors import Actor, cli_actor
 from imageshare.domain.errors import ConflictingInstance, InvalidInstance
 from imageshare.storage.index.schema import audit_events, instances, patients, series, studies
 from tests.conftest import make_archive
@@ -102,6 +102,24 @@ def test_overwrite_setting_replaces_content(tmp_path):
         with archive.retrieve.open(inst) as fh:
             assert fh.read() == changed.read_bytes()
         assert blob_files(archive) == 1
+    finally:
+        archive.close()
+
+
+def test_a_retrieval_from_another_site_never_replaces_a_stored_instance(tmp_path):
+    """With overwrite on, a partner's different version of an instance (a DICOMweb retrieval
+    stores as the exchange's system actor) leaves ours as it is."""
+    archive = make_archive(tmp_path, overwrite_instances=True)
+    try:
+        path = ct_series(tmp_path / "in", count=1)[0]
+        archive.ingest.store_copy(path, ACTOR)
+        changed = _changed_copy(path, tmp_path / "changed.dcm")
+        exchange = Actor("system", "exchange", "system", "dicomweb")
+        assert archive.ingest.store_copy(changed, exchange).outcome == "kept_first"
+        (inst,) = archive.retrieve.select(ACTOR, "study.retrieve",
+                                          sop_uids=[dcmread(path).SOPInstanceUID])
+        with archive.retrieve.open(inst) as fh:
+            assert fh.read() == path.read_bytes()
     finally:
         archive.close()
 
