@@ -53,7 +53,9 @@ MATCHING_RULES: tuple[MatchingRule, ...] = (
                  "phonetic) matches when each non-empty group matches the stored value's group "
                  "in the same place (wild cards within a group); `=山田^太郎` matches on the "
                  "ideographic group alone, never everything; a key of one group "
-                 "(`Yamada^Tarou`) matches the alphabetic group of a name stored with more"),
+                 "(`Yamada^Tarou`) matches the alphabetic group of a name stored with more; "
+                 "empty trailing components are insignificant (`DOE^JANE` and "
+                 "`DOE^JANE^^^` match each other)"),
     MatchingRule("List of UID", "UI", "`\\`-separated UIDs (commas in QIDO-RS): any of them"),
     MatchingRule("Multiple value", "every VR but LT, ST, UT, UR and SQ",
                  "`\\`-separated values (commas for UI and CS in QIDO-RS): an entity matches "
@@ -235,19 +237,32 @@ def text_condition(column: Any, value: str, vr: str = "LO") -> ColumnElement[boo
     return or_(*conditions) if len(conditions) > 1 else conditions[0]
 
 
+# A person name has at most five components (four ``^``) in each component group.
+_PN_MOST_CARETS = 4
+
+
+def _with_trailing_carets(group: str) -> list[str]:
+    """``group`` (trimmed) and the same followed by the empty components a stored name may
+    carry: ``DOE^JANE``, ``DOE^JANE^``, ``DOE^JANE^^`` and ``DOE^JANE^^^``."""
+    return [group + "^" * n for n in range(max(1, _PN_MOST_CARETS + 1 - group.count("^")))]
+
+
 def _pn_groups_condition(column: Any, folded: str) -> ColumnElement[bool]:
     """A condition every stored name whose component groups match the folded query value
     ``folded`` (which holds ``=``) meets: the query's first group at the start of the column,
     each later non-empty group after some ``=``. It may let through names whose groups match
-    in other places: the query engine checks those group by group on the stored value."""
+    in other places: the query engine checks those group by group on the stored value.
+    Empty trailing components do not count, in the query or in the stored name."""
     conditions: list[ColumnElement[bool]] = []
-    for index, group in enumerate(g.strip() for g in folded.split("=")):
+    for index, group in enumerate(g.strip().rstrip("^ ") for g in folded.split("=")):
         if group == "":
             continue
         check_wildcard_pattern(group)
         if index == 0:
-            conditions.append(or_(_one_text_condition(column, group),
-                                  _Glob(column, f"{group}=*")))
+            conditions.append(or_(*(
+                condition for spelled in _with_trailing_carets(group)
+                for condition in (_one_text_condition(column, spelled),
+                                  _Glob(column, f"{spelled}=*")))))
         else:
             conditions.append(_Glob(column, f"*={group}*"))
     return and_(*conditions) if conditions else true()
@@ -553,9 +568,10 @@ def _pn_group_matches(stored: str, wanted: str) -> bool:
     """Does the folded stored name match one folded query value, group by group? Each
     non-empty component group of the query (alphabetic, ideographic, phonetic, separated by
     ``=``) must match the stored value's group in the same place (PS3.4 C.2.2.2.1); empty
-    query groups match anything."""
-    stored_groups = [group.strip() for group in stored.split("=")]
-    for index, group in enumerate(group.strip() for group in wanted.split("=")):
+    query groups match anything. Empty trailing components are left off both (``DOE^JANE^^^``
+    is ``DOE^JANE``)."""
+    stored_groups = [group.strip().rstrip("^ ") for group in stored.split("=")]
+    for index, group in enumerate(group.strip().rstrip("^ ") for group in wanted.split("=")):
         if group == "":
             continue
         have = stored_groups[index] if index < len(stored_groups) else ""

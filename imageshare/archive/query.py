@@ -46,7 +46,7 @@ from imageshare.archive.record import (
 )
 from imageshare.audit.trail import AuditEvent, AuditTrail, Outcome
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import InvalidQuery
+from imageshare.domain.errors import InvalidQuery, OutOfResources
 from imageshare.storage.index.database import run_transaction
 from imageshare.storage.index.schema import (
     instances,
@@ -208,6 +208,12 @@ _KEPT_AT_LEVELS = frozenset(
 )
 
 
+# A search matching keys on stored instance headers reads at most this many headers per match
+# one answer may hold (IMAGESHARE_QIDO_MAX_LIMIT): one that would read more is refused before
+# any is read, instead of reading every instance of the archive for one C-FIND or QIDO-RS.
+HEADER_READS_PER_RESULT = 10
+
+
 @dataclass(frozen=True)
 class Query:
     """A search at one level. ``identifier`` is DICOM JSON; ``allowed_studies`` limits scope."""
@@ -341,6 +347,15 @@ class QueryService:
         limit = self._limit(query) + (1 if query.one_more else 0)
         if not python_filters:
             stmt = stmt.offset(query.offset).limit(limit)
+        elif depth == 3 and _reads_headers(query):
+            # Every candidate's stored header would be read to match it: count them first.
+            most = self._max_results * HEADER_READS_PER_RESULT
+            candidates = conn.execute(select(func.count()).select_from(
+                stmt.order_by(None).limit(most + 1).subquery())).scalar_one()
+            if candidates > most:
+                # (Short: the C-FIND Error Comment holds 64 characters.)
+                raise OutOfResources(
+                    f"too broad: over {most} instances; narrow by patient/study/series")
         rows = conn.execute(stmt).mappings().all()
         matches = [self._build(row, depth, query) for row in rows]
         if isinstance(query.allowed_studies, Scope):
@@ -422,8 +437,7 @@ class QueryService:
             attrs[N_SERIES_INSTANCES] = _element("IS", row["series_instances"])
         blob_key = None
         if depth >= 3:
-            wanted = set(query.identifier) - set(_LEVEL_OF_TAG) - _SKIP_MATCH - _KEPT_AT_LEVELS
-            if query.return_all or any(t not in attrs for t in wanted):
+            if query.return_all or any(t not in attrs for t in _header_keys(query)):
                 header = self._stored_header(row["blob_key"], row["sop_uid"])
                 attrs.update({k: v for k, v in header.items() if k not in attrs})
             attrs[SOP_UID] = _element("UI", row["sop_uid"])
@@ -514,6 +528,16 @@ class QueryService:
                 out[tag] = {"vr": query.identifier[tag].get("vr", "UN")}
         match.attributes = out
         return match
+
+
+def _header_keys(query: Query) -> set[str]:
+    """The keys of an instance-level ``query`` that only the stored headers hold."""
+    return set(query.identifier) - set(_LEVEL_OF_TAG) - _SKIP_MATCH - _KEPT_AT_LEVELS
+
+
+def _reads_headers(query: Query) -> bool:
+    """Does an instance-level ``query`` read the stored header of every candidate?"""
+    return query.return_all or bool(_header_keys(query))
 
 
 def _count_within(conn: Any, matches: list[Match], depth: int, scope: Scope) -> None:

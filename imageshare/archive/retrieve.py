@@ -18,6 +18,7 @@ from sqlalchemy import Engine, select
 from imageshare.access.scope import Scope
 from imageshare.archive.dicom_json import BULK_DATA_THRESHOLD, dataset_json
 from imageshare.archive.header import locate_pixel_data
+from imageshare.archive.matching import is_universal_text, text_condition
 from imageshare.archive.record import instance_in_record
 from imageshare.archive.transcode import little_endian_value
 from imageshare.audit.trail import AuditEvent, AuditTrail
@@ -75,14 +76,18 @@ class RetrieveService:
         allowed_studies: Collection[str] | None = None,
         audit: bool = True,
         include_review: bool = False,
+        issuer: str = "",
     ) -> list[StoredInstance]:
         """Instances matching every given list of UIDs, audited as ``action`` (unless the
         caller audits the use itself and says ``audit=False``). Only instances of the record
         unless ``include_review`` (the inbox's own viewer): nothing waiting in the inbox.
 
         ``allowed_studies`` limits the selection to those studies; a :class:`Scope` limits it
-        to the series and instances it grants. Raises :class:`NotFound` when nothing matches
-        (also for UIDs outside the scope).
+        to the series and instances it grants. ``issuer`` (an Issuer of Patient ID key, matched
+        as C-FIND matches it; empty or ``*``: any) limits ``patient_ids`` to patients of that
+        issuer: a retrieve takes what a query with the same keys finds, never the patient of
+        another issuer who has the same Patient ID. Raises :class:`NotFound` when nothing
+        matches (also for UIDs outside the scope).
         """
         if not (study_uids or series_uids or sop_uids or patient_ids):
             raise InvalidQuery("a retrieve must name a patient, study, series or instance")
@@ -109,6 +114,8 @@ class RetrieveService:
             stmt = stmt.where(instances.c.sop_uid.in_(list(sop_uids)))
         if patient_ids:
             stmt = stmt.where(patients.c.patient_id.in_(list(patient_ids)))
+        if issuer and not is_universal_text(issuer, "LO"):
+            stmt = stmt.where(text_condition(patients.c.issuer, issuer, "LO"))
         if isinstance(allowed_studies, Scope):
             stmt = stmt.where(allowed_studies.condition(
                 studies.c.study_uid, series.c.series_uid, instances.c.sop_uid))

@@ -32,6 +32,7 @@ from pynetdicom.sop_class import (
 )
 
 from imageshare import __version__
+from imageshare.archive.transcode import can_encode
 
 MAX_CONTEXTS = 128
 # Who ImageShare is on the wire (A-ASSOCIATE-RQ/AC, PS3.7 D.3.3.2) and in the File Meta
@@ -114,8 +115,28 @@ def negotiate_listener_contexts(
     others = [cx for cx in rq_contexts if id(cx) not in taken]
     results, replies = negotiate_as_acceptor(others, list(ac_contexts), roles)
     stored, stored_replies = negotiate_unrestricted(storage, [], roles)
+    proposed = {cx.context_id: cx for cx in storage}
+    for cx in stored:
+        wanted = (roles or {}).get(UID(str(cx.abstract_syntax)))
+        if wanted and wanted[1] and not wanted[0]:  # C-GET: the requestor only receives
+            cx.transfer_syntax = [retrieval_syntax(proposed[cx.context_id].transfer_syntax)]
     return (sorted([*results, *stored], key=lambda cx: int(cx.context_id or 0)),
             sorted([*replies, *stored_replies], key=lambda item: str(item.sop_class_uid)))
+
+
+def retrieval_syntax(proposed: Sequence[str]) -> UID:
+    """The transfer syntax to accept, of those a C-GET requestor proposed for a storage SOP
+    class in which it takes the SCP role (it only receives there): the first one every
+    stored instance can be sent in (uncompressed, or a lossless one that is encoded here),
+    so that an instance stored in another syntax is converted rather than failed; the
+    requestor's first when it proposed none of those (only instances stored in that syntax
+    can then be sent). The requestor's first would be taken for storage (instances are kept
+    as received), but a requestor preferring lossy JPEG would then get no instance stored
+    uncompressed, though it proposed uncompressed syntaxes too."""
+    for syntax in proposed:
+        if can_encode(str(syntax)):
+            return UID(str(syntax))
+    return UID(str(proposed[0]))
 
 
 def restrict_unrestricted_storage() -> None:

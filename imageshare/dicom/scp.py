@@ -72,6 +72,7 @@ from imageshare.domain.errors import (
     InvalidQuery,
     NotAcceptable,
     NotFound,
+    OutOfResources,
 )
 from imageshare.exchange.arrivals import Arrivals
 from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
@@ -333,8 +334,7 @@ class DicomListener:
         level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
         if level not in LEVELS:
             raise InvalidQuery("QueryRetrieveLevel must be PATIENT, STUDY, SERIES or IMAGE")
-        model = str(event.context.abstract_syntax)
-        if level == "PATIENT" and model.startswith("1.2.840.10008.5.1.4.1.2.2"):
+        if level == "PATIENT" and _study_root(event):
             raise InvalidQuery("the Study Root model has no PATIENT level")
         body = Dataset()
         for element in identifier:
@@ -356,6 +356,9 @@ class DicomListener:
         except (InvalidQuery, ValueError) as exc:
             # InvalidQuery's own DICOM status is this one (0xA900).
             yield statuses.FIND_IDENTIFIER_MISMATCH.dataset(str(exc)), None
+            return
+        except OutOfResources as exc:  # too broad: refused before the work
+            yield statuses.FIND_TOO_MANY.dataset(str(exc)), None
             return
         except Exception as exc:  # noqa: BLE001
             log.error("C-FIND failed: %s", type(exc).__name__)
@@ -386,22 +389,27 @@ class DicomListener:
             values = [value] if isinstance(value, str) else list(value)
             return [str(v).strip() for v in values if str(v).strip()]
 
+        if level not in LEVELS:
+            raise InvalidQuery("QueryRetrieveLevel must be PATIENT, STUDY, SERIES or IMAGE")
+        if level == "PATIENT" and _study_root(event):
+            raise InvalidQuery("the Study Root model has no PATIENT level")
+        # The unique key of the retrieve level (PS3.4 C.4.2.2.1): without it a retrieve
+        # would answer Success having sent nothing.
+        unique = _UNIQUE_KEYS[level]
+        if not uids(unique):
+            raise InvalidQuery(f"a {level} level retrieve names its {unique}")
         if level == "PATIENT":
-            return self.retrieve.select(actor, action, patient_ids=uids("PatientID"))
+            # Of the issuer named, if any: the patients a C-FIND with these keys finds.
+            issuer = "\\".join(uids("IssuerOfPatientID"))
+            return self.retrieve.select(actor, action, patient_ids=uids("PatientID"),
+                                        issuer=issuer)
         if level == "STUDY":
             return self.retrieve.select(actor, action, study_uids=uids("StudyInstanceUID"))
-        if level == "SERIES":
-            return self.retrieve.select(
-                actor, action, study_uids=uids("StudyInstanceUID"),
-                series_uids=uids("SeriesInstanceUID") or ["-"],
-            )
-        if level == "IMAGE":
-            return self.retrieve.select(
-                actor, action, study_uids=uids("StudyInstanceUID"),
-                series_uids=uids("SeriesInstanceUID"),
-                sop_uids=uids("SOPInstanceUID") or ["-"],
-            )
-        raise InvalidQuery("QueryRetrieveLevel must be PATIENT, STUDY, SERIES or IMAGE")
+        return self.retrieve.select(
+            actor, action, study_uids=uids("StudyInstanceUID"),
+            series_uids=uids("SeriesInstanceUID"),
+            sop_uids=uids("SOPInstanceUID") if level == "IMAGE" else (),
+        )
 
     def _datasets(
         self, found: list[StoredInstance], event: Any,
@@ -410,35 +418,46 @@ class DicomListener:
         """The instances to send. ``accepted()`` gives the (SOP class, transfer syntax) pairs
         the receiving side took, if known: an instance it cannot take as stored is converted
         (decoded and encoded again) to a syntax it took for that SOP class; one that cannot
-        be converted is offered as stored, and that sub-operation fails alone."""
+        be converted is offered as stored, and that sub-operation fails alone. So does one
+        whose stored bytes cannot be read (a missing or damaged file): it is listed among the
+        failed instances, and the others are still sent."""
         for inst in found:
             if event.is_cancelled:
                 yield statuses.MOVE_CANCEL.code, None
                 return
             target = sending_syntax(inst.sop_class_uid, inst.transfer_syntax, accepted())
-            with self.retrieve.open(inst) as fp:
-                ds = None
-                if target is not None:
-                    try:
-                        # Within the pixel budget (transcode checks it before decoding).
-                        ds = dcmread(io.BytesIO(transcode(fp, target)))
-                    except NotAcceptable as exc:
-                        log.info("instance %s not convertible for the receiver: %s",
-                                 inst.sop_uid, exc)
-                        fp.seek(0)
-                if ds is None:
-                    ds = dcmread(fp)
+            try:
+                ds = self._for_sending(inst, target)
+            except Exception as exc:  # noqa: BLE001 - this sub-operation fails alone
+                log.error("instance %s could not be read to be sent: %s", inst.sop_uid,
+                          type(exc).__name__)
+                ds = _unsendable(inst)
             yield statuses.MOVE_PENDING.code, ds
 
-    def _store_association_to(self, ae_title: str) -> set[tuple[str, str]] | None:
-        """What the C-MOVE destination accepted on the association pynetdicom opened to it."""
-        for assoc in self.ae.active_associations:
-            if assoc.is_requestor and str(assoc.acceptor.ae_title).strip() == ae_title:
-                return {
-                    (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                    for cx in assoc.accepted_contexts
-                }
-        return None
+    def _for_sending(self, inst: StoredInstance, target: str | None) -> Dataset:
+        """The stored instance, converted to ``target`` when given and possible."""
+        with self.retrieve.open(inst) as fp:
+            if target is not None:
+                try:
+                    # Within the pixel budget (transcode checks it before decoding).
+                    return dcmread(io.BytesIO(transcode(fp, target)))
+                except NotAcceptable as exc:
+                    log.info("instance %s not convertible for the receiver: %s",
+                             inst.sop_uid, exc)
+                except Exception as exc:  # noqa: BLE001 - a codec failed: offered as stored
+                    log.warning("instance %s could not be converted for the receiver: %s",
+                                inst.sop_uid, type(exc).__name__)
+                fp.seek(0)
+            return dcmread(fp)
+
+    @staticmethod
+    def _taken_by(store: list[Any]) -> set[tuple[str, str]] | None:
+        """What the C-MOVE destination accepted on the association this C-MOVE opened to it
+        (``store`` holds it once established; None before)."""
+        if not store:
+            return None
+        return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                for cx in store[0].accepted_contexts}
 
     def _on_move(self, event: Any) -> Iterator[Any]:
         actor = self._actor(event)
@@ -474,7 +493,13 @@ class DicomListener:
             {(i.sop_class_uid, i.transfer_syntax) for i in found}
             or {(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)}
         )
-        options: dict[str, Any] = {"contexts": contexts}
+        # The association pynetdicom opens to the destination for this C-MOVE (not another
+        # C-MOVE's to the same destination, whose accepted contexts may differ).
+        store: list[Any] = []
+        options: dict[str, Any] = {
+            "contexts": contexts,
+            "evt_handlers": [(evt.EVT_ESTABLISHED, lambda opened: store.append(opened.assoc))],
+        }
         if destination.tls and self.client_ssl_context is not None:
             options["tls_args"] = (self.client_ssl_context, destination.host)
         yield destination.host, destination.port, options
@@ -485,9 +510,7 @@ class DicomListener:
             return
         yield len(found)
         comments.pop(message_id, None)  # the destination accepted: no A801 from here on
-        yield from self._datasets(
-            found, event, lambda: self._store_association_to(destination.ae_title)
-        )
+        yield from self._datasets(found, event, lambda: self._taken_by(store))
 
     def _on_get(self, event: Any) -> Iterator[Any]:
         actor = self._actor(event)
@@ -653,6 +676,25 @@ def _move_comments(assoc: Any) -> dict[int, str]:
 
     dimse.send_msg = send_msg
     return comments
+
+
+_UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
+                "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
+
+
+def _unsendable(inst: StoredInstance) -> Dataset:
+    """A stand-in for an instance that cannot be read: its UIDs and no transfer syntax, so
+    that pynetdicom fails its sub-operation (and lists its SOP Instance UID as failed)
+    without sending anything."""
+    ds = Dataset()
+    ds.SOPClassUID = inst.sop_class_uid
+    ds.SOPInstanceUID = inst.sop_uid
+    return ds
+
+
+def _study_root(event: Any) -> bool:
+    """Is the request on a Study Root model (FIND, MOVE or GET), which has no PATIENT level?"""
+    return str(event.context.abstract_syntax).startswith("1.2.840.10008.5.1.4.1.2.2.")
 
 
 def _same_host(registered: str, address: str) -> bool:

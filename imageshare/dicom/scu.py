@@ -108,7 +108,9 @@ class DimseSites:
                 if not status:
                     raise SiteUnreachable(f"{node.label} stopped answering")
                 if status.Status in (0xFF00, 0xFF01) and identifier is not None:
-                    results.append(identifier.to_json_dict())
+                    # A value that does not fit its VR (an IS of "abc") is left out of its
+                    # study; it does not lose the site's whole answer.
+                    results.append(identifier.to_json_dict(suppress_invalid_tags=True))
                 elif status.Status not in (0x0000, 0xFF00, 0xFF01):
                     log.info("C-FIND to %s ended with status 0x%04X", node.ae_title,
                              status.Status)

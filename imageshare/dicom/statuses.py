@@ -77,7 +77,9 @@ FIND_TOO_MANY = _status(
     "C-FIND", 0xA700, "Failure", "Refused: Out of Resources",
     "there are more matches than one answer holds (IMAGESHARE_QIDO_MAX_LIMIT): that many "
     "were sent as pending responses, the rest were not (Error Comment 'more than N matches; "
-    "narrow the query')")
+    "narrow the query'); or, with no match sent, matching the keys would read the stored "
+    "headers of more than ten times that many instances (Error Comment says to narrow it "
+    "with a patient, study or series)")
 FIND_CANCEL = _status("C-FIND", 0xFE00, "Cancel", "Matching terminated due to Cancel",
                       "the peer sent C-CANCEL")
 FIND_IDENTIFIER_MISMATCH = _status(
@@ -98,7 +100,8 @@ MOVE_SUCCESS = _status("C-MOVE", 0x0000, "Success", "Sub-operations complete, no
                        "every instance was stored by the destination")
 MOVE_WARNING = _status("C-MOVE", 0xB000, "Warning",
                        "Sub-operations complete, one or more failures",
-                       "the destination refused some instances (failed UIDs listed)")
+                       "the destination refused some instances, or their stored files could "
+                       "not be read (failed UIDs listed; the others are still sent)")
 MOVE_CANCEL = _status("C-MOVE", 0xFE00, "Cancel", "Sub-operations terminated due to Cancel",
                       "the peer sent C-CANCEL")
 MOVE_SUB_OPERATIONS_FAILED = _status(
@@ -112,7 +115,8 @@ MOVE_DESTINATION_UNKNOWN = _status(
     "did not accept the association')")
 MOVE_IDENTIFIER_MISMATCH = _status(
     "C-MOVE", 0xA900, "Failure", "Identifier does not match SOP Class",
-    "unknown Query/Retrieve Level or missing unique keys")
+    "unknown Query/Retrieve Level, PATIENT level on a Study Root model, or missing unique "
+    "keys")
 MOVE_NOT_AUTHORISED = _status(
     "C-MOVE", 0xC514, "Failure", "Unable to process (refused: not authorised)",
     "the calling AE title is not registered for retrieval (pynetdicom gives no Error Comment "
@@ -123,7 +127,8 @@ GET_PENDING = _status("C-GET", 0xFF00, "Pending", "Sub-operations are continuing
 GET_SUCCESS = _status("C-GET", 0x0000, "Success", "Sub-operations complete, no failures",
                       "every instance was stored by the requester")
 GET_WARNING = _status("C-GET", 0xB000, "Warning", "Sub-operations complete, one or more failures",
-                      "the requester refused some instances (failed UIDs listed)")
+                      "the requester refused some instances, or their stored files could not "
+                      "be read (failed UIDs listed; the others are still sent)")
 GET_CANCEL = _status("C-GET", 0xFE00, "Cancel", "Sub-operations terminated due to Cancel",
                      "the peer sent C-CANCEL")
 GET_SUB_OPERATIONS_FAILED = _status(
@@ -133,7 +138,8 @@ GET_SUB_OPERATIONS_FAILED = _status(
     "final status)")
 GET_IDENTIFIER_MISMATCH = _status(
     "C-GET", 0xA900, "Failure", "Identifier does not match SOP Class",
-    "unknown Query/Retrieve Level or missing unique keys")
+    "unknown Query/Retrieve Level, PATIENT level on a Study Root model, or missing unique "
+    "keys")
 GET_NOT_AUTHORISED = _status(
     "C-GET", 0xC001, "Failure", "Unable to process (refused: not authorised)",
     "the calling AE title is not registered for retrieval (or not from its host)")
