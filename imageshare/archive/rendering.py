@@ -48,14 +48,27 @@ class Window:
 
 
 @dataclass(frozen=True)
+class Region:
+    """The part of a frame to show, cut out before the picture is fitted to the viewport:
+    either ``fractions`` of its width and height (left, top, right, bottom, from 0.0 to 1.0:
+    the WADO-URI ``region``) or ``pixels`` (sx, sy, sw, sh: the top-left corner and the
+    size in source pixels, a negative size flipping that axis: the WADO-RS ``viewport``'s
+    source rectangle, sw and sh None for 'to the edge of the frame')."""
+
+    fractions: tuple[float, float, float, float] | None = None
+    pixels: tuple[int, int, int | None, int | None] | None = None
+
+
+@dataclass(frozen=True)
 class RenderOptions:
-    """How to render: window or the file's own, viewport (width, height in pixels), format,
-    JPEG quality (1 to 100)."""
+    """How to render: window or the file's own, viewport (width, height in pixels), the
+    region of the frame shown (all of it when None), format, JPEG quality (1 to 100)."""
 
     media_type: str = "image/jpeg"
     window: Window | None = None
     viewport: tuple[int, int] | None = None
     quality: int = 90
+    region: Region | None = None
 
 
 def window_of(center: str, width: str, function: str = "linear") -> Window:
@@ -92,16 +105,103 @@ def parse_window(value: str | None) -> Window | None:
 
 
 def parse_viewport(value: str | None) -> tuple[int, int] | None:
-    """``width,height`` from a WADO-RS ``viewport`` parameter."""
+    """``vw,vh`` of a WADO-RS ``viewport`` parameter (``vw,vh[,sx,sy,sw,sh]``; the source
+    rectangle is :func:`parse_viewport_source`'s); InvalidQuery with the reason for anything
+    else, more or fewer values included."""
     if not value:
         return None
+    parts = value.split(",")
+    if not 2 <= len(parts) <= 6:
+        raise InvalidQuery("viewport must be 'vw,vh' or 'vw,vh,sx,sy,sw,sh'")
     try:
-        w, h = (int(p) for p in value.split(",")[:2])
+        w, h = (int(p) for p in parts[:2])
     except ValueError as exc:
-        raise InvalidQuery("viewport must be 'width,height'") from exc
+        raise InvalidQuery("viewport width and height must be whole numbers") from exc
     if not (0 < w <= 8192 and 0 < h <= 8192):
         raise InvalidQuery("viewport must be between 1 and 8192 pixels")
     return w, h
+
+
+def parse_viewport_source(value: str | None) -> Region | None:
+    """The source rectangle ``sx,sy,sw,sh`` of a WADO-RS ``viewport=vw,vh,sx,sy,sw,sh``
+    (PS3.18 8.3.5.1.3): its top-left corner in source pixels (0 when left empty or out)
+    and its width and height (to the frame's edge when left empty or out; negative flips
+    the axis); None when the viewport has no source rectangle. InvalidQuery with the
+    reason otherwise."""
+    if not value:
+        return None
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) <= 2 or not any(parts[2:]):
+        return None  # no source rectangle (parse_viewport refuses other shapes)
+    parts += [""] * (6 - len(parts))
+    try:
+        sx, sy = (int(p) if p else 0 for p in parts[2:4])
+        sw, sh = (int(p) if p else None for p in parts[4:6])
+    except ValueError as exc:
+        raise InvalidQuery("viewport source values must be whole numbers") from exc
+    if sx < 0 or sy < 0 or sw == 0 or sh == 0:
+        raise InvalidQuery("viewport source must start inside the image and not be empty")
+    return Region(pixels=(sx, sy, sw, sh))
+
+
+def parse_region(value: str | None) -> Region | None:
+    """``left,top,right,bottom`` of a WADO-URI ``region`` (fractions of the image from 0.0
+    to 1.0, left below right and top below bottom); None when absent. InvalidQuery with
+    the reason for anything else."""
+    if value is None:
+        return None
+    parts = value.split(",")
+    if len(parts) != 4:
+        raise InvalidQuery("region must be 'left,top,right,bottom' (fractions from 0 to 1)")
+    try:
+        left, top, right, bottom = (float(p) for p in parts)
+    except ValueError as exc:
+        raise InvalidQuery("region values must be numbers from 0 to 1") from exc
+    if not all(0.0 <= v <= 1.0 for v in (left, top, right, bottom)):
+        raise InvalidQuery("region values must be numbers from 0 to 1")
+    if not (left < right and top < bottom):
+        raise InvalidQuery("region's left must be below its right, its top below its bottom")
+    return Region(fractions=(left, top, right, bottom))
+
+
+def _cut(image: Image.Image, region: Region | None) -> Image.Image:
+    """The part of ``image`` that ``region`` names (flipped where its size is negative);
+    InvalidQuery when it lies outside the image."""
+    if region is None:
+        return image
+    width, height = image.size
+    if region.fractions is not None:
+        left, top, right, bottom = region.fractions
+        box = (int(left * width), int(top * height),
+               max(int(left * width) + 1, round(right * width)),
+               max(int(top * height) + 1, round(bottom * height)))
+        return image.crop(box)
+    assert region.pixels is not None
+    sx, sy, sw, sh = region.pixels
+    if sx >= width or sy >= height:
+        raise InvalidQuery(f"the viewport source lies outside the image ({width}x{height})")
+    sw = width - sx if sw is None else sw
+    sh = height - sy if sh is None else sh
+    # A negative size reaches back from the corner (and flips): PS3.18 8.3.5.1.3.
+    x0, x1 = sorted((sx, sx + sw))
+    y0, y1 = sorted((sy, sy + sh))
+    box = (max(0, x0), max(0, y0), min(width, x1), min(height, y1))
+    if box[0] >= box[2] or box[1] >= box[3]:
+        raise InvalidQuery(f"the viewport source lies outside the image ({width}x{height})")
+    cut = image.crop(box)
+    if sw < 0:
+        cut = cut.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if sh < 0:
+        cut = cut.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    return cut
+
+
+def _shaped(image: Image.Image, options: RenderOptions) -> Image.Image:
+    """``image`` cut to the options' region, then fitted into their viewport."""
+    image = _cut(image, options.region)
+    if options.viewport:
+        image.thumbnail(options.viewport, Image.Resampling.LANCZOS)
+    return image
 
 
 _STRIP_PIXELS = 1 << 22  # pixels converted at a time: temporaries stay small for huge frames
@@ -229,9 +329,7 @@ class _Frames:
                 ) from exc
             image = Image.fromarray(_to_8bit(self.header, array, options.window))
             del array
-        if options.viewport:
-            image.thumbnail(options.viewport, Image.Resampling.LANCZOS)
-        return image
+        return _shaped(image, options)
 
     def stored_jpeg(self, index: int, options: RenderOptions) -> bytes | None:
         """The frame's stored baseline JPEG bitstream when it can be sent as the rendering
@@ -241,7 +339,7 @@ class _Frames:
         header = self.header
         syntax = str(header.file_meta.get("TransferSyntaxUID", ""))
         if (options.media_type != "image/jpeg" or options.window or options.viewport
-                or syntax != JPEGBaseline8Bit
+                or options.region or syntax != JPEGBaseline8Bit
                 or str(header.get("PhotometricInterpretation", "")) not in _BROWSER_YBR
                 or int(header.get("SamplesPerPixel", 1) or 1) != 3
                 or int(header.get("BitsAllocated", 0) or 0) != 8):
@@ -336,9 +434,7 @@ def render_video_still(stream: BinaryIO, options: RenderOptions) -> bytes:
                 break
             else:
                 raise NotAcceptable("the video holds no picture to show")
-        if options.viewport:
-            image.thumbnail(options.viewport, Image.Resampling.LANCZOS)
-        return _encode(image, options)
+        return _encode(_shaped(image, options), options)
 
     return _rendering(work)
 

@@ -74,6 +74,20 @@ COMPRESSED_MEDIA_TYPES = {
 }
 
 
+# Compressed transfer syntaxes whose pixels were changed by compression (lossy): what such
+# an instance holds is only the compressed data, so that PS3.18 8.7.3.3 sends its bulk data
+# as stored where the default is otherwise uncompressed.
+LOSSY_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.203",
+})
+
+
+def is_lossy(transfer_syntax: str) -> bool:
+    """True for lossy image compression and for video (MPEG-2/MPEG-4/HEVC)."""
+    return transfer_syntax in LOSSY_SYNTAXES or is_video(transfer_syntax)
+
+
 def is_video(transfer_syntax: str) -> bool:
     """True for MPEG-2/MPEG-4/HEVC transfer syntaxes (frames are not separable)."""
     return COMPRESSED_MEDIA_TYPES.get(transfer_syntax, "").startswith("video/")
@@ -216,6 +230,50 @@ def can_produce(source: str, target: str) -> bool:
     if UID(source).is_compressed and not can_decode(source):
         return False
     return can_encode(target)
+
+
+# WADO-RS frames of an uncompressed instance asked for in a compressed media type: the
+# lossless transfer syntax each media type means without a transfer-syntax parameter (its
+# default, PS3.18 Table 8.7.3-5), for those ImageShare encodes. image/jpeg means JPEG
+# Lossless (1.2.840.10008.1.2.4.70), which no codec here writes.
+FRAME_ENCODINGS: dict[str, str] = {
+    "image/jls": JPEGLSLossless, "image/jp2": JPEG2000Lossless, "image/dicom-rle": RLELossless,
+}
+_NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+
+
+def can_encode_frames(source: str, target: str) -> bool:
+    """Can frames stored uncompressed little endian as ``source`` be sent compressed as
+    ``target`` (one of :data:`FRAME_ENCODINGS`' syntaxes, when its codec is installed)?"""
+    return (source in _NATIVE_LITTLE_ENDIAN and target in FRAME_ENCODINGS.values()
+            and can_encode(target))
+
+
+def encode_frame(header: Dataset, frame: bytes, target: str) -> bytes:
+    """One uncompressed little-endian frame of the instance whose header (pixel description
+    included) is ``header``, compressed losslessly as ``target``; the pixels decode to the
+    same values in the same colour space (no colour transform). NotAcceptable when the
+    codec refuses them."""
+    from pydicom.pixels import get_encoder
+
+    try:
+        description: dict[str, Any] = {
+            "rows": int(header.Rows), "columns": int(header.Columns),
+            "samples_per_pixel": int(header.get("SamplesPerPixel", 1) or 1),
+            "bits_allocated": int(header.BitsAllocated),
+            "bits_stored": int(header.get("BitsStored") or header.BitsAllocated),
+            "pixel_representation": int(header.get("PixelRepresentation", 0) or 0),
+            "photometric_interpretation": str(header.PhotometricInterpretation),
+            "planar_configuration": int(header.get("PlanarConfiguration", 0) or 0),
+            "number_of_frames": 1,
+        }
+        with decoding(header):  # a slot of the pixel budget while the codec works
+            return bytes(get_encoder(UID(target)).encode(frame, use_mct=False, **description))
+    except ImageShareError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - codec plugins raise many kinds
+        raise NotAcceptable(f"the frames cannot be compressed as {target}; ask for "
+                            "application/octet-stream or with transfer-syntax=*") from exc
 
 
 def little_endian_value(vr: str, value: bytes, transfer_syntax: str) -> bytes:

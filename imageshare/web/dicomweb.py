@@ -16,6 +16,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from imageshare.access.policy import (
@@ -32,9 +33,12 @@ from imageshare.archive.rendering import (
     MEDIA_TYPES as RENDERED_MEDIA_TYPES,
 )
 from imageshare.archive.rendering import (
+    Region,
     RenderOptions,
     Window,
+    parse_region,
     parse_viewport,
+    parse_viewport_source,
     parse_window,
     render_animation,
     render_frame,
@@ -46,9 +50,13 @@ from imageshare.archive.retrieve import StoredInstance
 from imageshare.archive.transcode import (
     COMPRESSED_MEDIA_TYPES,
     CONVERSION_TARGETS,
+    FRAME_ENCODINGS,
     can_decode,
+    can_encode_frames,
     can_produce,
+    encode_frame,
     is_known_syntax,
+    is_lossy,
     is_video,
     mp4_span,
     playable_video,
@@ -103,8 +111,12 @@ RESOURCE_MEDIA_TYPES: dict[str, tuple[str, ...]] = {
         f'multipart/related; type="{OCTET_STREAM}" (decoded, little endian)',
         'multipart/related; type="image/jpeg" (or image/jls, image/jp2, image/jpx, '
         "image/dicom-rle, video/*: as stored when stored so)",
-        '*/* (as stored)',
-        f"{OCTET_STREAM} (bulk data only: one single-part body, uncompressed little endian)"),
+        'multipart/related; type="image/jls" (or image/jp2, image/dicom-rle: frames of an '
+        "uncompressed instance compressed losslessly, JPEG-LS, JPEG 2000 or RLE)",
+        "*/* (without a transfer-syntax parameter uncompressed little endian, as stored when "
+        "stored lossy (PS3.18 8.7.3.3); transfer-syntax=* as stored)",
+        f"{OCTET_STREAM} (bulk data only: one single-part body, uncompressed little endian)",
+        "Range: bytes=first-last (bulk data answered as one value: only those bytes, 206)"),
     "WADO-RS rendered": (
         "image/jpeg (default), image/png, image/gif (animated for a multi-frame instance)",
         "video/mp4 for a video instance (MPEG-4 AVC or HEVC as stored, in an MP4 file; "
@@ -116,7 +128,10 @@ RESOURCE_MEDIA_TYPES: dict[str, tuple[str, ...]] = {
                         "with C000)",),
     "STOW-RS response": (f"{DICOM_JSON} (default)", DICOM_XML),
     "WADO-URI": (f"contentType={DICOM} (transferSyntax; {ExplicitVRLittleEndian} when "
-                 "absent)", "contentType=image/jpeg (default), image/png"),
+                 "absent)", "contentType=image/jpeg (default), image/png (region, rows, "
+                 "columns, windowCenter, windowWidth, frameNumber, imageQuality; a video: "
+                 "its first picture); a list with q values takes its most preferred type "
+                 "offered"),
 }
 
 # -- QIDO-RS ---------------------------------------------------------------------------------
@@ -139,7 +154,18 @@ _DEFAULTS: dict[Level, tuple[str, ...]] = {
         "StudyInstanceUID", "SeriesInstanceUID",
     ),
 }
-_RESERVED = {"limit", "offset", "includefield", "fuzzymatching"}
+# Query parameters that are not attributes to match (PS3.18 8.3.3 and 8.3.4): ``accept``
+# and ``charset`` may come with any request.
+_RESERVED = {"limit", "offset", "includefield", "fuzzymatching", "accept", "charset"}
+
+
+def _accept(request: Request) -> str | None:
+    """The media types acceptable for the answer: those of the ``accept`` query parameter
+    (PS3.18 8.3.3.1, for user agents that cannot set headers) before those of the Accept
+    header; None when neither is given."""
+    asked = [v for v in request.query_params.getlist("accept") if v.strip()]
+    header = request.headers.get("accept")
+    return ", ".join([*asked, *([header] if header else [])]) or None
 
 
 def _tag(name: str) -> str:
@@ -241,7 +267,7 @@ def _retrieve_url(request: Request, attrs: dict[str, Any], level: Level) -> str:
 
 def _wants_xml(request: Request, what: str) -> bool:
     """True when the client asks for DICOM XML, False for DICOM JSON; 406 otherwise."""
-    for media_range in parse_accept(request.headers.get("accept")):
+    for media_range in parse_accept(_accept(request)):
         media = media_range.media
         if media in (DICOM_JSON, "application/json") or media in ("*/*", "application/*"):
             return False
@@ -383,6 +409,23 @@ def _producible(syntax: str, found: list[StoredInstance] | None) -> bool:
     return syntax in CONVERSION_TARGETS or any(i.transfer_syntax == syntax for i in found)
 
 
+def _dicom_ranges(request: Request) -> Iterator[tuple[str, str]]:
+    """('multipart'|'single', transfer syntax or ``*``) of each Accept range that asks for
+    DICOM instances, most preferred first (Explicit VR Little Endian where a range names
+    no transfer syntax)."""
+    for media_range in parse_accept(_accept(request)):
+        media, kind = media_range.media, media_range.param("type", DICOM)
+        if media == "multipart/related" and kind in (DICOM, "*/*"):
+            shape = "multipart"
+        elif media == DICOM:
+            shape = "single"
+        elif media in ("*/*", "multipart/*", "application/*"):
+            shape = "multipart"
+        else:
+            continue
+        yield shape, media_range.param("transfer-syntax", ExplicitVRLittleEndian)
+
+
 def _accepted_dicom_syntax(request: Request, found: list[StoredInstance] | None) -> tuple[
     str, str | None
 ]:
@@ -393,17 +436,7 @@ def _accepted_dicom_syntax(request: Request, found: list[StoredInstance] | None)
     instances as stored. Called once before the selection (so that a request nothing can
     answer is refused before it is audited as a retrieval) and once with it."""
     refused = ""
-    for media_range in parse_accept(request.headers.get("accept")):
-        media, kind = media_range.media, media_range.param("type", DICOM)
-        if media == "multipart/related" and kind in (DICOM, "*/*"):
-            shape = "multipart"
-        elif media == DICOM:
-            shape = "single"
-        elif media in ("*/*", "multipart/*", "application/*"):
-            shape = "multipart"
-        else:
-            continue
-        syntax = media_range.param("transfer-syntax", ExplicitVRLittleEndian)
+    for shape, syntax in _dicom_ranges(request):
         if syntax == "*":
             return shape, None
         if _producible(syntax, found):
@@ -416,12 +449,17 @@ def _accepted_dicom_syntax(request: Request, found: list[StoredInstance] | None)
     raise NotAcceptable('ask for multipart/related; type="application/dicom"')
 
 
-def _planned_syntax(inst: StoredInstance, syntax: str | None) -> str:
+def _planned_syntax(inst: StoredInstance, syntax: str | None,
+                    acceptable: list[str] | None = None) -> str:
     """The syntax an instance will be sent in, decided before anything is sent: the one
-    asked for when it can be produced, else the stored one (labelled as such)."""
-    if syntax is None or syntax == inst.transfer_syntax:
-        return inst.transfer_syntax
-    return syntax if can_produce(inst.transfer_syntax, syntax) else inst.transfer_syntax
+    asked for when it can be produced, else the first of the other ``acceptable`` syntaxes
+    (``*``: as stored) that can, else the stored one (labelled as such)."""
+    for wanted in [syntax or "*", *(acceptable or [])]:
+        if wanted in ("*", inst.transfer_syntax):
+            return inst.transfer_syntax
+        if can_produce(inst.transfer_syntax, wanted):
+            return wanted
+    return inst.transfer_syntax
 
 
 def _instance_body(request: Request, inst: StoredInstance, syntax: str) -> tuple[
@@ -445,9 +483,12 @@ def _dicom_response(request: Request, found: list[StoredInstance]) -> Response:
     body. For HEAD, the headers GET would send (the syntax each instance is planned in)
     and nothing is read or converted."""
     shape, syntax = _accepted_dicom_syntax(request, found)
-    # Every part's syntax is settled before the first byte is sent: a part that cannot be
-    # converted goes as stored, so that the body is never cut.
-    plan = [(inst, _planned_syntax(inst, syntax)) for inst in found]
+    # Every part's syntax is settled before the first byte is sent: an instance that cannot
+    # be converted to the syntax chosen goes in the next acceptable one it can be (a study
+    # of JPEG and CT images asked as JPEG baseline or else JPEG 2000), else as stored, so
+    # that the body is never cut.
+    acceptable = [ts for kind, ts in _dicom_ranges(request) if kind == shape]
+    plan = [(inst, _planned_syntax(inst, syntax, acceptable)) for inst in found]
     if shape == "single":
         if len(found) != 1:
             raise NotAcceptable("application/dicom holds one instance; use multipart/related")
@@ -586,19 +627,37 @@ def _frame_numbers(frames: str) -> list[int]:
     return numbers
 
 
+def _check_frame_count(numbers: list[int], inst: StoredInstance) -> None:
+    """Refuse a frame list longer than the instance has frames (it can only repeat them:
+    each repeat would be read, decoded and held again, a cheap way to exhaust memory)."""
+    if len(numbers) > max(1, inst.number_of_frames):
+        raise InvalidQuery(f"more frame numbers ({len(numbers)}) than the instance has "
+                           f"frames ({inst.number_of_frames})")
+
+
 def _pixel_representation(request: Request, inst: StoredInstance) -> str:
     """How pixel data goes out, from the Accept header: ``stored`` (the compressed bitstream,
-    or native little-endian pixels) or ``decoded`` (application/octet-stream, little endian).
-    406 when no acceptable range can be answered."""
+    or native little-endian pixels), ``decoded`` (application/octet-stream, little endian),
+    or the transfer syntax uncompressed frames are to be compressed in (image/jls,
+    image/jp2, image/dicom-rle: lossless, the media type's default syntax when the range
+    names none). 406 when no acceptable range can be answered."""
     stored_media = COMPRESSED_MEDIA_TYPES.get(inst.transfer_syntax)
     native = inst.transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
     as_stored = "stored" if (stored_media or native) else "decoded"
-    for media_range in parse_accept(request.headers.get("accept")):
+    # Without a transfer-syntax parameter, uncompressed (Explicit VR Little Endian) unless
+    # the pixels exist only lossy compressed (PS3.18 8.7.3.3), or cannot be decoded here.
+    default = as_stored if (native or is_lossy(inst.transfer_syntax)
+                            or not can_decode(inst.transfer_syntax)) else "decoded"
+    for media_range in parse_accept(_accept(request)):
         media = media_range.media
         kind = media_range.param("type", OCTET_STREAM) if media == "multipart/related" else media
         syntax = media_range.param("transfer-syntax", "")
         if media in ("*/*", "multipart/*") or kind == "*/*":
-            return as_stored
+            if syntax == "*" or syntax == inst.transfer_syntax:
+                return as_stored
+            if syntax in ("", ExplicitVRLittleEndian):
+                return default if syntax == "" else ("stored" if native else "decoded")
+            continue
         if kind == OCTET_STREAM:
             if syntax == "*":
                 return as_stored
@@ -608,9 +667,16 @@ def _pixel_representation(request: Request, inst: StoredInstance) -> str:
         if stored_media and matches(MediaRange(kind), stored_media) and syntax in (
                 "", "*", inst.transfer_syntax):
             return "stored"
+        target = FRAME_ENCODINGS.get(kind, "") if syntax in ("", "*") else syntax
+        if COMPRESSED_MEDIA_TYPES.get(target) == kind and can_encode_frames(
+                inst.transfer_syntax, target):
+            return target
+    encoded = (", ".join(m for m, t in FRAME_ENCODINGS.items()
+                         if can_encode_frames(inst.transfer_syntax, t)))
     raise NotAcceptable(
         "pixel data is available as multipart/related; type=\"application/octet-stream\""
         + (f" or as stored ({stored_media})" if stored_media else "")
+        + (f" or losslessly compressed ({encoded})" if encoded else "")
     )
 
 
@@ -641,9 +707,28 @@ def _decoded_frames(request: Request, inst: StoredInstance, numbers: list[int]) 
 
 def _pixel_parts(request: Request, inst: StoredInstance, numbers: list[int]) -> Response:
     """The given frames as a multipart/related answer, fully read before it is sent."""
+    kind, content_type, data = _pixel_data(request, inst, numbers)
+    boundary = new_boundary()
+    return StreamingResponse(
+        part_stream(boundary, ((content_type, d) for d in data)),
+        media_type=f'multipart/related; type="{kind}"; boundary={boundary}',
+    )
+
+
+def _pixel_data(request: Request, inst: StoredInstance, numbers: list[int]
+                ) -> tuple[str, str, list[bytes]]:
+    """(media type, part Content-Type, each frame's bytes) of the given frames in the
+    representation the Accept header asks for (406 when none can be answered)."""
     representation = _pixel_representation(request, inst)
     retrieve = archive_of(request).retrieve
     stored_media = COMPRESSED_MEDIA_TYPES.get(inst.transfer_syntax)
+    if representation not in ("stored", "decoded"):  # uncompressed frames compressed
+        kind = COMPRESSED_MEDIA_TYPES[representation]
+        frames = list(retrieve.frames(inst, numbers))  # frame numbers checked first
+        with retrieve.open(inst) as stream:
+            header = dcmread(stream, stop_before_pixels=True)
+        return kind, f"{kind}; transfer-syntax={representation}", [
+            encode_frame(header, frame, representation) for frame in frames]
     if representation == "stored" and stored_media:
         kind = stored_media
         content_type = f"{kind}; transfer-syntax={inst.transfer_syntax}"
@@ -653,11 +738,7 @@ def _pixel_parts(request: Request, inst: StoredInstance, numbers: list[int]) -> 
         content_type = f"{OCTET_STREAM}; transfer-syntax={ExplicitVRLittleEndian}"
         data = (list(retrieve.frames(inst, numbers)) if representation == "stored"
                 else _decoded_frames(request, inst, numbers))
-    boundary = new_boundary()
-    return StreamingResponse(
-        part_stream(boundary, ((content_type, d) for d in data)),
-        media_type=f'multipart/related; type="{kind}"; boundary={boundary}',
-    )
+    return kind, content_type, data
 
 
 @router.get(
@@ -675,11 +756,12 @@ def retrieve_frames(
                    right=DOWNLOAD)[0]
     if is_video(inst.transfer_syntax):
         raise NotAcceptable("frames of a video are not separable; retrieve the instance")
+    _check_frame_count(numbers, inst)
     return _pixel_parts(request, inst, numbers)
 
 
 def _wants_octet_stream(request: Request) -> None:
-    for media_range in parse_accept(request.headers.get("accept")):
+    for media_range in parse_accept(_accept(request)):
         media = media_range.media
         kind = media_range.param("type", OCTET_STREAM) if media == "multipart/related" else media
         if kind in (OCTET_STREAM, "*/*") or media in ("*/*", "multipart/*", "application/*"):
@@ -693,21 +775,72 @@ def _wants_single_part(request: Request) -> bool:
     """True when the most preferred Accept range is a bare application/octet-stream (with no
     transfer syntax, Explicit VR Little Endian or ``*``): bulk data then comes as one
     single-part body, uncompressed little endian (PS3.18 lets bulk data be single part)."""
-    ranges = parse_accept(request.headers.get("accept"))
+    ranges = parse_accept(_accept(request))
     return bool(ranges) and ranges[0].media == OCTET_STREAM and ranges[0].param(
         "transfer-syntax", "") in ("", "*", ExplicitVRLittleEndian)
 
 
 def _pixel_body(request: Request, inst: StoredInstance) -> Response:
     """Every frame's pixels in one application/octet-stream body, uncompressed little endian
-    (native pixels as stored, others decoded), fully read before it is sent."""
+    (native pixels as stored, others decoded), fully read before it is sent; the one byte
+    range asked for (206), as for any bulk data."""
     numbers = list(range(1, inst.number_of_frames + 1))
     if inst.transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
         frames = list(archive_of(request).retrieve.frames(inst, numbers))
     else:
         frames = _decoded_frames(request, inst, numbers)
-    return Response(b"".join(frames),
-                    media_type=f"{OCTET_STREAM}; transfer-syntax={ExplicitVRLittleEndian}")
+    return _bulk_answer(request, b"".join(frames),
+                        f"{OCTET_STREAM}; transfer-syntax={ExplicitVRLittleEndian}", None)
+
+
+def _byte_range(request: Request, length: int) -> tuple[int, int] | None | Response:
+    """The one byte range (first, last) of a ``length``-byte value a Range header asks for
+    (RFC 9110 14.1.2: ``bytes=a-b``, ``a-`` or ``-n``); None for the whole value (no Range,
+    another unit, several ranges or a header this server does not read, which RFC 9110
+    lets it ignore); a 416 answer when the range lies outside the value."""
+    asked = request.headers.get("range", "").strip()
+    if not asked.lower().startswith("bytes=") or "," in asked:
+        return None
+    low, dash, high = asked[6:].strip().partition("-")
+    low, high = low.strip(), high.strip()
+    if not dash or not (low.isdigit() or high.isdigit()) or (low and not low.isdigit()) or (
+            high and not high.isdigit()) or len(low) > 18 or len(high) > 18:
+        return None
+    if low:
+        first = int(low)
+        last = min(int(high), length - 1) if high else length - 1
+        if high and int(high) < first:
+            return None  # an invalid range: ignored (RFC 9110 14.1.1)
+    else:  # the last n bytes
+        first, last = max(0, length - int(high)), length - 1
+        if int(high) == 0:
+            first = length
+    if first >= length or first > last:
+        return Response(status_code=416, headers={"Content-Range": f"bytes */{length}"})
+    return first, last
+
+
+def _bulk_answer(request: Request, value: bytes, content_type: str, boundary: str | None
+                 ) -> Response:
+    """One bulk data value as a single-part body (``boundary`` None) or as the one part of
+    multipart/related, whole (200) or the byte range a Range header asks for (206, with
+    Content-Range; 416 when it lies outside the value): PS3.18 retrieves only the bytes
+    asked for."""
+    wanted = _byte_range(request, len(value))
+    if isinstance(wanted, Response):
+        return wanted
+    status, headers = 200, {"Accept-Ranges": "bytes"}
+    if wanted is not None:
+        first, last = wanted
+        headers["Content-Range"] = f"bytes {first}-{last}/{len(value)}"
+        value, status = value[first:last + 1], 206
+    if boundary is None:
+        return Response(value, status_code=status, media_type=content_type, headers=headers)
+    kind = parse_media_type(content_type)[0]
+    return StreamingResponse(
+        part_stream(boundary, [(content_type, value)]), status_code=status, headers=headers,
+        media_type=f'multipart/related; type="{kind}"; boundary={boundary}',
+    )
 
 
 @router.get(
@@ -719,10 +852,12 @@ def retrieve_bulkdata(
     study: str, series: str, instance: str, path: str, actor: Downloader
 ) -> Response:
     """A large attribute's value, named by the BulkDataURI the metadata gave (at any depth of
-    sequences); pixel data as all frames, as stored or decoded (video as its bitstream).
-    In multipart/related, or as one application/octet-stream body when that is asked for
-    first (uncompressed little endian). For those who may download the instance (with the
-    metadata it makes the instance again; viewing alone gets rendered frames)."""
+    sequences); pixel data as all frames, as stored (one part per compressed frame) or
+    uncompressed (one part; video as its bitstream). In multipart/related, or as one
+    application/octet-stream body when that is asked for first (uncompressed little
+    endian); a Range header gets only the bytes it names (206) where the answer is one
+    value. For those who may download the instance (with the metadata it makes the
+    instance again; viewing alone gets rendered frames)."""
     inst = _select(request, actor, "study.retrieve", study, series, instance,
                    right=DOWNLOAD)[0]
     retrieve = archive.retrieve
@@ -733,35 +868,36 @@ def retrieve_bulkdata(
         if not is_video(inst.transfer_syntax):
             if single:
                 return _pixel_body(request, inst)
-            return _pixel_parts(request, inst, list(range(1, inst.number_of_frames + 1)))
+            kind, content_type, frames = _pixel_data(
+                request, inst, list(range(1, inst.number_of_frames + 1)))
+            if kind == OCTET_STREAM or len(frames) == 1:
+                # Uncompressed pixel data is one value (PS3.18: the bulk data element in
+                # one part, as the metadata's BulkDataURI names it), of which a byte range
+                # may be asked for; compressed frames come one part each.
+                return _bulk_answer(request, b"".join(frames), content_type, boundary)
+            return StreamingResponse(
+                part_stream(boundary, ((content_type, f) for f in frames)),
+                media_type=f'multipart/related; type="{kind}"; boundary={boundary}')
         kind = COMPRESSED_MEDIA_TYPES[inst.transfer_syntax]
         if not any(media_range.media in ("*/*", kind, "video/*") or (
                 media_range.media == "multipart/related"
                 and media_range.param("type", "") in ("*/*", kind, "video/*"))
-                for media_range in parse_accept(request.headers.get("accept"))):
+                for media_range in parse_accept(_accept(request))):
             raise NotAcceptable(f"a video's pixel data is available as stored ({kind})")
         with retrieve.open(inst) as stream:
             ds = dcmread(stream)
         data = b"".join(generate_fragments(ds.PixelData))
-        parts = [(f"{kind}; transfer-syntax={inst.transfer_syntax}", data)]
-        return StreamingResponse(
-            part_stream(boundary, parts),
-            media_type=f'multipart/related; type="{kind}"; boundary={boundary}',
-        )
+        return _bulk_answer(request, data, f"{kind}; transfer-syntax={inst.transfer_syntax}",
+                            boundary)
     _wants_octet_stream(request)
     _vr, value = retrieve.bulk_data(inst, path)
-    if single:
-        return Response(value, media_type=OCTET_STREAM)
-    return StreamingResponse(
-        part_stream(boundary, [(OCTET_STREAM, value)]),
-        media_type=f'multipart/related; type="{OCTET_STREAM}"; boundary={boundary}',
-    )
+    return _bulk_answer(request, value, OCTET_STREAM, None if single else boundary)
 
 
 def _rendered_media(request: Request) -> tuple[str, str]:
     """('single'|'multipart', image media type) from the Accept header; 406 when none of
     image/jpeg, image/png, image/gif (alone or in multipart/related) is acceptable."""
-    for media_range in parse_accept(request.headers.get("accept"), default="image/jpeg"):
+    for media_range in parse_accept(_accept(request), default="image/jpeg"):
         media = media_range.media
         if media == "multipart/related":
             kind = media_range.param("type", "image/jpeg")
@@ -792,15 +928,17 @@ def _quality(request: Request, name: str) -> int:
 
 
 def _render_parameters(request: Request, thumbnail: bool
-                       ) -> tuple[Window | None, tuple[int, int] | None, int]:
-    """(window, viewport, quality) of a WADO-RS rendered or thumbnail request; InvalidQuery
-    with the reason for a value that cannot be used (PS3.18 rendered query parameters)."""
+                       ) -> tuple[Window | None, tuple[int, int] | None, int, Region | None]:
+    """(window, viewport, quality, source region) of a WADO-RS rendered or thumbnail
+    request; InvalidQuery with the reason for a value that cannot be used (PS3.18 rendered
+    query parameters: ``viewport=vw,vh[,sx,sy,sw,sh]`` shows the source rectangle only)."""
     window = parse_window(request.query_params.get("window"))
     viewport = parse_viewport(request.query_params.get("viewport"))
+    source = parse_viewport_source(request.query_params.get("viewport"))
     quality = _quality(request, "quality")
     if thumbnail and viewport is None:
         viewport = (128, 128)
-    return window, viewport, quality
+    return window, viewport, quality, source
 
 
 def _check_rendering(request: Request, thumbnail: bool = False, video: bool = False) -> None:
@@ -816,8 +954,9 @@ def render_options(request: Request, thumbnail: bool, media: str | None = None
                    ) -> RenderOptions:
     """How to render, from the request's Accept header and window/viewport/quality."""
     media = media or _rendered_media(request)[1]
-    window, viewport, quality = _render_parameters(request, thumbnail)
-    return RenderOptions(media_type=media, window=window, viewport=viewport, quality=quality)
+    window, viewport, quality, source = _render_parameters(request, thumbnail)
+    return RenderOptions(media_type=media, window=window, viewport=viewport, quality=quality,
+                         region=source)
 
 
 def _image_parts(media: str, images: list[bytes]) -> Response:
@@ -976,7 +1115,7 @@ def rendered_instance(
 def _wants_video(request: Request) -> bool:
     """True when video/mp4 is preferred to a still image (a browser's video element asks
     for */*; an image element prefers image/*)."""
-    for media_range in parse_accept(request.headers.get("accept"), default="*/*"):
+    for media_range in parse_accept(_accept(request), default="*/*"):
         if media_range.media in ("video/mp4", "video/*", "*/*"):
             return True
         if media_range.media == "image/*" or media_range.media in RENDERED_MEDIA_TYPES:
@@ -999,6 +1138,7 @@ def rendered_frame(
     if len(numbers) != 1 and shape != "multipart":
         raise NotAcceptable("several frames are rendered in multipart/related only")
     inst = _select(request, actor, "study.view", study, series, instance)[0]
+    _check_frame_count(numbers, inst)
     if len(numbers) == 1:
         return _render(request, inst, numbers[0])
     options = render_options(request, False, media)
@@ -1080,9 +1220,13 @@ FAILURE_OUT_OF_RESOURCES = StowReason(
     0xA700, "failure", "Refused: Out of resources",
     "the archive's disk is full or below its free-space floor; nothing was stored (the "
     "answer is 507 when no part was stored)")
+FAILURE_TRANSFER_SYNTAX = StowReason(
+    0xC122, "failure", "Referenced Transfer Syntax not supported",
+    "the part's File Meta Information names a transfer syntax that is not one of the "
+    "standard's (nothing of the part is stored)")
 STOW_REASONS: tuple[StowReason, ...] = (
-    FAILURE_CANNOT_UNDERSTAND, FAILURE_STUDY_MISMATCH, FAILURE_CONFLICT, FAILURE_DUPLICATE,
-    FAILURE_PROCESSING, FAILURE_OUT_OF_RESOURCES,
+    FAILURE_CANNOT_UNDERSTAND, FAILURE_TRANSFER_SYNTAX, FAILURE_STUDY_MISMATCH,
+    FAILURE_CONFLICT, FAILURE_DUPLICATE, FAILURE_PROCESSING, FAILURE_OUT_OF_RESOURCES,
 )
 
 
@@ -1098,9 +1242,11 @@ def _bulkdata_url(instance_url: str, path: str) -> str:
     return f"{instance_url}/bulkdata/{path}"
 
 
-def _part_answer(base: str, part: Any, result: Any) -> tuple[bool, Dataset]:
+def _part_answer(base: str, part: Any, result: Any, unknown_syntax: bool = False
+                 ) -> tuple[bool, Dataset]:
     """One STOW-RS part's outcome: (stored?, its ReferencedSOPSequence or FailedSOPSequence
-    item), from what the ingest gave for it (a result or an error)."""
+    item), from what the ingest gave for it (a result or an error); ``unknown_syntax``: its
+    File Meta Information names a transfer syntax the standard does not have."""
     item = Dataset()
     if isinstance(result, Exception):
         # A typed error answers its own DICOM status (imageshare.domain.errors), which is
@@ -1112,6 +1258,10 @@ def _part_answer(base: str, part: Any, result: Any) -> tuple[bool, Dataset]:
                 else _uids_of(part.path))
             item.FailureReason = result.dicom_status
             item.ErrorComment = str(result)[:64]
+            if unknown_syntax and result.dicom_status == FAILURE_CANNOT_UNDERSTAND.code:
+                # not understood because its transfer syntax is not one of the standard's
+                item.FailureReason = FAILURE_TRANSFER_SYNTAX.code
+                item.ErrorComment = "unknown transfer syntax"
             return False, item
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = "", ""
         item.FailureReason = FAILURE_PROCESSING.code
@@ -1124,6 +1274,10 @@ def _part_answer(base: str, part: Any, result: Any) -> tuple[bool, Dataset]:
         item.FailureReason = FAILURE_DUPLICATE.code
         item.ErrorComment = "stored copy kept: this UID is stored with other content"[:64]
         return False, item
+    if result.outcome == "held":
+        # Stored, but held in the inbox for reconciliation: no retrieval finds it until it
+        # is accepted, so no Retrieve URL points at it (the study's neither).
+        return True, item
     item.RetrieveURL = (
         f"{base}/studies/{result.study_uid}/series/{result.series_uid}/instances/"
         f"{result.sop_instance_uid}"
@@ -1134,7 +1288,7 @@ def _part_answer(base: str, part: Any, result: Any) -> tuple[bool, Dataset]:
 def _stow_wants_xml(request: Request) -> bool:
     """The answer's form: DICOM JSON (default) or DICOM XML; 406 otherwise (asked before
     anything is stored)."""
-    for media_range in parse_accept(request.headers.get("accept")):
+    for media_range in parse_accept(_accept(request)):
         if media_range.media in (DICOM_JSON, "application/json", "*/*", "application/*"):
             return False
         if media_range.media == DICOM_XML:
@@ -1151,10 +1305,12 @@ def _is_dicom(part: ReceivedPart) -> bool:
 
 
 def _answers(
-    base: str, parts: list[ReceivedPart], handed: list[int], stored: list[Any]
+    base: str, parts: list[ReceivedPart], handed: list[int], stored: list[Any],
+    unknown_syntax: set[int] | frozenset[int] = frozenset(),
 ) -> list[tuple[bool, Dataset]]:
     """Per part (stored?, its ReferencedSOPSequence or FailedSOPSequence item), from what the
-    batch gave for the parts numbered ``handed``; the others were not application/dicom."""
+    batch gave for the parts numbered ``handed``; the others were not application/dicom.
+    ``unknown_syntax``: the numbers of parts in a transfer syntax the standard lacks."""
     results: list[Any] = [None] * len(parts)
     for number, result in zip(handed, stored, strict=True):
         results[number] = result
@@ -1163,7 +1319,8 @@ def _answers(
             media, _ = parse_media_type(part.content_type)
             results[number] = InvalidInstance(f"parts must be application/dicom, not {media}",
                                               *_uids_of(part.path))
-    return [_part_answer(base, part, result) for part, result in zip(parts, results, strict=True)]
+    return [_part_answer(base, part, result, number in unknown_syntax)
+            for number, (part, result) in enumerate(zip(parts, results, strict=True))]
 
 
 def _store_part_batch(
@@ -1173,22 +1330,24 @@ def _store_part_batch(
     ReferencedSOPSequence or FailedSOPSequence item)."""
     batch = archive.ingest.begin_batch(actor, expected_study=study)
     handed = [number for number, part in enumerate(parts) if _is_dicom(part)]
+    unknown = {number for number in handed if _unknown_syntax(parts[number].path)}
     for number in handed:
         batch.add(parts[number].path)
-    return _answers(base, parts, handed, batch.finish())
+    return _answers(base, parts, handed, batch.finish(), unknown)
 
 
 def _store_parts(
-    request: Request, sink: PartSink, batch: Any, handed: list[int], xml: bool = False
+    request: Request, sink: PartSink, batch: Any, handed: list[int], xml: bool = False,
+    unknown_syntax: set[int] | frozenset[int] = frozenset(),
 ) -> Response:
     if not sink.parts:
         raise ImageShareError("the request holds no DICOM parts")
-    outcomes = _answers(_base(request), sink.parts, handed, batch.finish())
+    outcomes = _answers(_base(request), sink.parts, handed, batch.finish(), unknown_syntax)
     stored = [item for ok, item in outcomes if ok]
     failed = [item for ok, item in outcomes if not ok]
     answer = Dataset()
     # Retrieve URL (type 2) names the study only when something of it was stored.
-    studies = {str(i.RetrieveURL).split("/series/")[0] for i in stored}
+    studies = {str(i.RetrieveURL).split("/series/")[0] for i in stored if "RetrieveURL" in i}
     answer.RetrieveURL = studies.pop() if len(studies) == 1 else ""
     if stored:
         answer.ReferencedSOPSequence = stored
@@ -1201,6 +1360,16 @@ def _store_parts(
     if xml:
         return Response(native_dicom_xml(body), status_code=status, media_type=DICOM_XML)
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+
+
+def _unknown_syntax(path: Any) -> str | None:
+    """The transfer syntax a received part's File Meta Information names when it is not one
+    of the standard's (the reason the part could not be read); else None."""
+    try:
+        syntax = str(read_file_meta_info(path).get("TransferSyntaxUID", "") or "").strip()
+    except Exception:  # noqa: BLE001 - no readable File Meta Information: another reason
+        return None
+    return syntax if syntax and not is_known_syntax(syntax) else None
 
 
 def _uids_of(path: Any) -> tuple[str, str]:
@@ -1228,17 +1397,21 @@ async def _stow(request: Request, actor: Actor, study: str | None) -> Response:
     # audited in one write. A bad part is refused with its reason and changes nothing else.
     batch = archive.ingest.begin_batch(actor, expected_study=study)
     handed: list[int] = []  # the numbers of the parts given to the batch
+    unknown: set[int] = set()  # of those, the ones in a transfer syntax nobody knows
 
     def arrived(part: ReceivedPart) -> None:
         if _is_dicom(part):
             handed.append(len(sink.parts) - 1)
+            if _unknown_syntax(part.path):  # read before the batch takes the file
+                unknown.add(handed[-1])
             batch.add(part.path)
 
     sink = PartSink(params["boundary"], archive.ingest.staging_file,
                     max_parts=archive.settings.stow_max_parts, on_part=arrived)
     try:
         await _receive(request, sink)
-        return await run_in_threadpool(_store_parts, request, sink, batch, handed, xml)
+        return await run_in_threadpool(_store_parts, request, sink, batch, handed, xml,
+                                       unknown)
     finally:
         if not batch.finishing:  # a body that was cut, malformed or too large leaves nothing
             await run_in_threadpool(batch.abandon)
@@ -1270,6 +1443,7 @@ ANONYMIZE_REFUSED = (
 
 def _wado_uri_render_options(request: Request, content_type: str) -> RenderOptions:
     """How WADO-URI renders: ``windowCenter`` and ``windowWidth`` (both or neither, linear),
+    ``region`` (left,top,right,bottom as fractions of the image, cut out before scaling),
     ``rows``/``columns`` and ``imageQuality`` (1 to 100); InvalidQuery with the reason for
     a value that cannot be used (PS3.18 WADO-URI)."""
     params = request.query_params
@@ -1281,15 +1455,33 @@ def _wado_uri_render_options(request: Request, content_type: str) -> RenderOptio
     # Only rows or only columns given: the other follows the image's aspect ratio.
     viewport = (columns or 8192, rows or 8192) if (rows or columns) else None
     return RenderOptions(media_type=content_type, window=window, viewport=viewport,
-                         quality=_quality(request, "imageQuality"))
+                         quality=_quality(request, "imageQuality"),
+                         region=parse_region(params.get("region")))
+
+
+_WADO_URI_TYPES = ("application/dicom", "image/jpeg", "image/png")
+
+
+def _wado_uri_content_type(value: str | None) -> str:
+    """The media type a WADO-URI ``contentType`` asks for: its most preferred entry that
+    is offered (PS3.18 WADO-URI: a list of media types, with q values, wildcards
+    matching the images); image/jpeg when absent, 406 when none is offered."""
+    for media_range in parse_accept(value, default="image/jpeg"):
+        if media_range.media == "application/dicom":
+            return "application/dicom"
+        for candidate in _WADO_URI_TYPES[1:]:
+            if matches(media_range, candidate):
+                return candidate
+    raise NotAcceptable("contentType must be application/dicom, image/jpeg or image/png")
 
 
 @router.get("/wado", summary="WADO-URI: retrieve one object")
 def wado_uri(request: Request, archive: ArchiveDep, actor: Reader) -> Response:
-    """``requestType=WADO&studyUID=&seriesUID=&objectUID=``; contentType application/dicom
-    (``transferSyntax``, Explicit VR Little Endian when absent) or image/jpeg, image/png
-    (``frameNumber``, ``windowCenter``, ``windowWidth``, ``rows``, ``columns``,
-    ``imageQuality``). ``anonymize`` is refused (400, audited): nothing is de-identified here.
+    """``requestType=WADO&studyUID=&seriesUID=&objectUID=``; contentType (a list, with q
+    values) application/dicom (``transferSyntax``, Explicit VR Little Endian when absent)
+    or image/jpeg, image/png (``frameNumber`` from 1, ``windowCenter``, ``windowWidth``,
+    ``region``, ``rows``, ``columns``, ``imageQuality``). ``anonymize`` is refused (400,
+    audited): nothing is de-identified here.
     Every parameter is checked before anything is selected (and audited as retrieved)."""
     params = request.query_params
     if params.get("requestType") != "WADO":
@@ -1301,7 +1493,7 @@ def wado_uri(request: Request, archive: ArchiveDep, actor: Reader) -> Response:
         # Ignoring it would hand identifiable data to a caller who believes it is not.
         refuse(request, actor, EXPORT_DEIDENTIFIED, UnsupportedParameter(ANONYMIZE_REFUSED),
                uids[0])
-    content_type = params.get("contentType", "image/jpeg").split(",")[0].strip()
+    content_type = _wado_uri_content_type(params.get("contentType"))
     if content_type == "application/dicom":
         # PS3.18 WADO-URI: without transferSyntax, Explicit VR Little Endian.
         wanted = params.get("transferSyntax") or ExplicitVRLittleEndian
@@ -1316,11 +1508,19 @@ def wado_uri(request: Request, archive: ArchiveDep, actor: Reader) -> Response:
         data = body if isinstance(body, bytes) else file_chunks(body)
         return StreamingResponse(iter([data]) if isinstance(data, bytes) else data,
                                  media_type="application/dicom")
-    if content_type not in ("image/jpeg", "image/png"):
-        raise NotAcceptable("contentType must be application/dicom, image/jpeg or image/png")
     options = _wado_uri_render_options(request, content_type)
-    frame = (_int_param(request, "frameNumber", 1) or 1) - 1
+    number = _int_param(request, "frameNumber", 1)
+    if not number:
+        raise InvalidQuery("frameNumber starts at 1")
+    frame = number - 1
     inst = _select(request, actor, "study.retrieve", uids[0], uids[1], uids[2], right=VIEW)[0]
+    if is_video(inst.transfer_syntax):  # its first picture, as WADO-RS renders it
+        if frame:
+            raise NotAcceptable("the frames of a video are not separable: ask for frame 1, "
+                                "its first picture, or retrieve the instance")
+        _check_playable(inst)
+        with archive.retrieve.open(inst) as stream:
+            return Response(render_video_still(stream, options), media_type=content_type)
     with archive.retrieve.open(inst) as stream:
         data = render_frame(stream, frame, options)
     return Response(data, media_type=content_type)

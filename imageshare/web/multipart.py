@@ -19,6 +19,7 @@ _CHUNK = 1 << 20
 _PIECE = 4 << 20
 _MAX_PART_HEADER = 8192  # bytes of one part header (name and value)
 _MAX_PART_HEADERS = 64  # headers per part
+_MAX_PREAMBLE = 64 << 10  # bytes before the first boundary (RFC 2046 5.1.1 preamble)
 
 
 def _split_outside_quotes(value: str, separator: str) -> list[str]:
@@ -85,9 +86,46 @@ class PartSink:
             "on_end": self._done,
         }
         self._parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]  # a TypedDict
+        # Until the first boundary: the preamble, which RFC 2046 5.1.1 says to ignore (the
+        # parser takes none); kept only as far as a boundary split across chunks needs.
+        self._delimiter = b"--" + boundary.encode("latin-1")
+        self._preamble: bytearray | None = bytearray()
+        self._preamble_seen = 0
+
+    def _skip_preamble(self, chunk: bytes) -> bytes:
+        """What of the body so far the parser is to read: nothing while the preamble lasts,
+        then everything from the first boundary line on. A preamble longer than 64 KiB is a
+        malformed body."""
+        assert self._preamble is not None
+        seen = self._preamble_seen - len(self._preamble)  # body offset of the kept bytes
+        self._preamble += chunk
+        self._preamble_seen += len(chunk)
+        text, delimiter, start = self._preamble, self._delimiter, 0
+        while (at := text.find(delimiter, start)) >= 0:
+            after = at + len(delimiter)
+            if after >= len(text):
+                break  # the boundary may go on in the next chunk
+            if seen + at > _MAX_PREAMBLE:
+                break
+            at_line_start = at == 0 and seen == 0 or at > 0 and text[at - 1:at] == b"\n"
+            if at_line_start and text[after:after + 1] in (b"\r", b"\n", b" ", b"\t", b"-"):
+                rest = bytes(text[at:])
+                self._preamble = None
+                return rest
+            start = at + 1
+        if self._preamble_seen > _MAX_PREAMBLE:
+            raise ImageShareError("the multipart body is malformed: no boundary in its "
+                                  f"first {_MAX_PREAMBLE >> 10} KiB")
+        del self._preamble[:max(0, len(text) - len(delimiter) - 1)]
+        return b""
 
     def feed(self, chunk: bytes) -> None:
-        """Parse the next chunk of the body."""
+        """Parse the next chunk of the body (a preamble before the first boundary is
+        skipped)."""
+        if self._preamble is not None:
+            chunk = self._skip_preamble(chunk)
+            if not chunk:
+                return
         try:
             self._parser.write(chunk)
         except ImageShareError:

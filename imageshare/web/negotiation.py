@@ -60,15 +60,23 @@ def _unquote(value: str) -> str:
     return value
 
 
+# Parameters whose values are case-insensitive tokens (a media type, a character set), so
+# lower-cased: ``type="Application/DICOM"`` is application/dicom (RFC 2045 5.1, RFC 2387).
+_CASELESS_PARAMS = ("type", "charset")
+
+
 def parse_media_type(value: str) -> tuple[str, dict[str, str]]:
     """``type/subtype; a=b; c="d"`` as the lower-cased type and its parameters (names
-    lower-cased, values unquoted)."""
+    lower-cased, values unquoted; the values of ``type`` and ``charset`` lower-cased)."""
     pieces = _split(value, ";")
     params: dict[str, str] = {}
     for piece in pieces[1:]:
         name, sep, raw = piece.partition("=")
         if sep and name.strip():
-            params[name.strip().lower()] = _unquote(raw)
+            key = name.strip().lower()
+            params[key] = _unquote(raw)
+            if key in _CASELESS_PARAMS:
+                params[key] = params[key].lower()
     return pieces[0].strip().lower(), params
 
 
