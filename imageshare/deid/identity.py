@@ -24,7 +24,7 @@ import html
 import re
 import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 
@@ -825,3 +825,40 @@ def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
         elif person_context and keyword in ("CodeValue", "CodeMeaning", "LongCodeValue"):
             for v in values_of(_text_value(ds, tag, vr)):
                 found.text(v)
+
+
+# Titles that, written before a family name alone ("Mrs Lovelace"), make it name the patient
+# ("Dr Smith" is more likely a colleague of the same name).
+_NAME_TITLES = frozenset({"MR", "MRS", "MS", "MISS", "MX", "MASTER"})
+_TEXT_WORDS = re.compile(r"[^\W\d_]+")
+
+
+def _long_enough(identifier: str) -> bool:
+    """Whether an identifier (normalised) is long enough to look for in typed text."""
+    return len(identifier) >= (6 if identifier.isdigit() else 4)
+
+
+def names_the_patient(header: Dataset, text: str) -> bool:
+    """True when ``text`` (words a person typed for a de-identified audience) names the patient
+    of ``header``: an identifier of theirs or their birth date (any common form), a family and
+    a given name of theirs together, or the family name after a title ("Mrs Lovelace"). A
+    name word alone does not count (a patient called Long must not stop "long axis")."""
+    if not text.strip():
+        return False
+    identity = patient_identity_of(header)
+    components = str(header.get("PatientName", "") or "").split("=")[0].split("^")
+    family = {normalise(p) for p in components[0].split() if len(normalise(p)) >= 2}
+    given = {normalise(p) for c in components[1:3] for p in c.split()
+             if len(normalise(p)) >= 2}
+    # Very short identifiers (a Patient ID "12") would refuse every text with a number.
+    without_single_names = replace(
+        identity, words=frozenset(w for w in identity.words
+                                  if w not in family | given and _long_enough(w)),
+        phrases=tuple(p for p in identity.phrases if _long_enough(p)))
+    if without_single_names.found_in(text):
+        return True
+    words = [normalise(w) for w in _TEXT_WORDS.findall(text)]
+    if family & set(words) and given & set(words):
+        return True
+    return any(word in family and words[n - 1] in _NAME_TITLES
+               for n, word in enumerate(words) if n)

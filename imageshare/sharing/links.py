@@ -28,7 +28,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Engine, insert, or_, select, update
+from sqlalchemy import Engine, exists, insert, literal, or_, select, update
 
 from imageshare.access.policy import fully_signed_in
 from imageshare.access.scope import COMMENT, DOWNLOAD, VIEW, Grant
@@ -37,6 +37,7 @@ from imageshare.access.users import UserDirectory, as_utc, one_line, secret_hash
 from imageshare.archive.ingest import IngestService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
 from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.deid.identity import names_the_patient
 from imageshare.deid.pseudonyms import Pseudonyms
 from imageshare.deid.service import Deidentifier, seekable
 from imageshare.domain.actors import Actor
@@ -65,6 +66,10 @@ from imageshare.storage.index.schema import (
 
 log = logging.getLogger("imageshare.sharing")
 MAX_PASSCODE_FAILURES = 10
+# The longest comment, feedback text or sign-off note (longer ones are refused, not cut).
+MAX_TEXT = 10_000
+# The same comment or feedback sent again within this time is one form sent twice.
+RESUBMIT_WINDOW = timedelta(minutes=10)
 _SWEEP_SECONDS = 600  # how often an instance serving shares tidies its local copies
 _PASSCODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 _hasher = PasswordHasher()
@@ -246,6 +251,15 @@ class ShareService:
         days = request.days or self.default_days
         if not 1 <= days <= self.max_days:
             raise ImageShareError(f"a share lasts 1 to {self.max_days} days")
+        for name, text, limit in (("title", request.title, 128),
+                                  ("message", request.message, 4000),
+                                  ("description", request.description, MAX_TEXT),
+                                  # a teaching case's findings, differential and
+                                  # diagnosis together
+                                  ("interpretation", request.interpretation, 4 * MAX_TEXT)):
+            if len(text.strip()) > limit:
+                raise ImageShareError(f"the {name} may have at most {limit:,} characters "
+                                      f"(this has {len(text.strip()):,}); nothing was shared")
         email = request.recipient_email.strip()
         if email and not is_email_address(email):
             raise ImageShareError("the recipient's e-mail address is not valid")
@@ -289,6 +303,11 @@ class ShareService:
         found = list(found_by_sop.values())
         if not found:
             raise NotFound("nothing to share")
+        if request.deidentified:
+            self._refuse_words_naming_the_patient(found, {
+                "title": request.title, "message": request.message,
+                "description": request.description,
+                "interpretation": request.interpretation})
         token = secrets.token_urlsafe(32)
         passcode = "".join(secrets.choice(_PASSCODE_ALPHABET) for _ in range(10))
         public_id = secrets.token_hex(8)
@@ -302,15 +321,15 @@ class ShareService:
         with self._engine.begin() as conn:
             share_pk = conn.execute(insert(shares).values(  # type: ignore[index]  # an INSERT has a key
                 public_id=public_id, token_hash=secret_hash(token), owner=owner.name,
-                title=(request.title or "Shared images")[:128], message=request.message[:4000],
+                title=(request.title.strip() or "Shared images"), message=request.message,
                 recipient_email=email[:254], recipient_user=recipient_user[:128],
                 passcode_hash=_hasher.hash(passcode), allow_download=request.allow_download,
                 allow_comment=request.allow_comment,
                 deidentified=request.deidentified,
                 profile=request.profile if request.deidentified else "",
                 failed_attempts=0, locked=False, created_at=now, expires_at=expires,
-                description=request.description.strip()[:10_000],
-                interpretation=request.interpretation.strip()[:10_000],
+                description=request.description.strip(),
+                interpretation=request.interpretation.strip(),
             )).inserted_primary_key[0]
             conn.execute(insert(share_items), [
                 {"share_pk": share_pk, "study_uid": i.study_uid, "series_uid": i.series_uid,
@@ -319,17 +338,44 @@ class ShareService:
                  "public_sop_uid": public(i.sop_uid), "held_back": False}
                 for i in found
             ])
-            self._audit.record(AuditEvent(
-                actor=owner, action="share.create", outcome="success",
-                patient_id=found[0].patient_id, study_uid=request.study_uid or found[0].study_uid,
-                instance_count=len(found),
-                detail={"share": public_id, "deidentified": request.deidentified,
-                        "download": request.allow_download,
-                        "comment": request.allow_comment, "days": days,
-                        "recipient": "e-mail" if email else (
-                            "user" if request.recipient_user else "link"),
-                        "purpose": request.purpose}), conn=conn)
+            # One event per study shared (a case may gather several patients' studies):
+            # each patient's access report shows that their images were shared.
+            per_study: dict[tuple[str, str], int] = {}
+            for inst in found:
+                key = (inst.study_uid, inst.patient_id)
+                per_study[key] = per_study.get(key, 0) + 1
+            for (study_uid, patient_id), count in per_study.items():
+                self._audit.record(AuditEvent(
+                    actor=owner, action="share.create", outcome="success",
+                    patient_id=patient_id, study_uid=study_uid, instance_count=count,
+                    detail={"share": public_id, "deidentified": request.deidentified,
+                            "download": request.allow_download,
+                            "comment": request.allow_comment, "days": days,
+                            "recipient": "e-mail" if email else (
+                                "user" if request.recipient_user else "link"),
+                            "purpose": request.purpose}, at=now), conn=conn)
         return CreatedShare(public_id, token, passcode, expires)
+
+    def _refuse_words_naming_the_patient(self, found: Collection[StoredInstance],
+                                         texts: dict[str, str]) -> None:
+        """ImageShareError (naming the field, never the identifier) when a text the sender
+        wrote for a de-identified share names a patient of the shared images."""
+        texts = {name: text for name, text in texts.items() if text.strip()}
+        if not texts:
+            return
+        patients: dict[str, str] = {}
+        for inst in found:
+            patients.setdefault(inst.patient_id, inst.sop_uid)
+        for sop_uid in patients.values():
+            header = self._retrieve.header(sop_uid)
+            if header is None:
+                continue
+            for name, text in texts.items():
+                if names_the_patient(header, text):
+                    raise ImageShareError(
+                        f"the {name} names the patient (a name, an identifier or the birth "
+                        "date), and the share is de-identified: reword it; nothing was "
+                        "shared")
 
     def create_and_send(self, request: NewShare, owner: Actor,
                         allowed_studies: Collection[str] | None) -> CreatedShare:
@@ -693,27 +739,53 @@ class ShareService:
 
     def record(self, share: Share, actor: Actor, action: str, item: ShareItem | None = None,
                count: int = 1, **detail: Any) -> None:
-        """Audit a use of the share (the owner sees these as the share's accesses)."""
-        self._audit.record(AuditEvent(
-            actor=actor, action=action, outcome="success",
-            study_uid=item.study_uid if item else "", instance_count=count,
-            detail={"share": share.public_id, **detail}))
+        """Audit a use of the share (the owner sees these as the share's accesses). A use of
+        one item names its study; a use of the whole share (the case viewed, downloaded,
+        commented on, reviewed, signed off) names every study it holds, one event each at
+        the same moment (a patient's access report finds them by study; :meth:`accesses`
+        lists the use once), the instance count of each being that study's share of
+        ``count`` when there are several."""
+        if item is not None:
+            targets = [(item.study_uid, count)]
+        else:
+            per_study: dict[str, int] = {}
+            for shared in self.items(share):
+                if not shared.held_back:
+                    per_study[shared.study_uid] = per_study.get(shared.study_uid, 0) + 1
+            targets = ([(study, count if len(per_study) == 1 else n)
+                        for study, n in per_study.items()] or [("", count)])
+        at = datetime.now(UTC)
+        for study_uid, instance_count in targets:
+            self._audit.record(AuditEvent(
+                actor=actor, action=action, outcome="success", study_uid=study_uid,
+                instance_count=instance_count, detail={"share": share.public_id, **detail},
+                at=at))
 
     # -- recipient's words ------------------------------------------------------------------
 
     def comment(self, share: Share, actor: Actor, body: str, public_sop_uid: str = "") -> None:
-        """A recipient's comment on the case or on one shared image or clip."""
+        """A recipient's comment on the case or on one shared image or clip (one the
+        recipient can see: not one held back by de-identification). The same words on the
+        same image again within :data:`RESUBMIT_WINDOW` are a form sent twice: kept once."""
         body = body.strip()
-        if not body or len(body) > 10_000:
+        if not body or len(body) > MAX_TEXT:
             raise ImageShareError("a comment has 1 to 10,000 characters")
-        if public_sop_uid and not any(i.public_sop_uid == public_sop_uid
-                                      for i in self.items(share)):
-            raise NotFound("no such image in this share")
+        self._clip(share, public_sop_uid)
+        now = datetime.now(UTC)
         with self._engine.begin() as conn:
-            conn.execute(insert(share_comments).values(
-                share_pk=share.pk, public_sop_uid=public_sop_uid,
-                author=share.recipient_email or "reviewer", body=body,
-                created_at=datetime.now(UTC)))
+            kept = conn.execute(insert(share_comments).from_select(
+                ["share_pk", "public_sop_uid", "author", "body", "created_at"],
+                select(*(literal(v, share_comments.c[k].type) for k, v in (
+                    ("share_pk", share.pk), ("public_sop_uid", public_sop_uid),
+                    ("author", share.recipient_email or "reviewer"), ("body", body),
+                    ("created_at", now))))
+                .where(~exists().where(
+                    share_comments.c.share_pk == share.pk,
+                    share_comments.c.public_sop_uid == public_sop_uid,
+                    share_comments.c.body == body,
+                    share_comments.c.created_at > now - RESUBMIT_WINDOW)))).rowcount
+        if not kept:
+            return
         self.record(share, actor, "share.comment", image=bool(public_sop_uid))
         self._store_as_sr(share, actor, body, public_sop_uid)
         self.notifier.notify(share.owner, "share.comment",
@@ -746,7 +818,9 @@ class ShareService:
                       comments: str, public_sop_uid: str = "") -> None:
         """Structured review (point-of-care ultrasound accreditation) of the case, or of one
         clip (``public_sop_uid``): every choice must be made (nothing is preset), or nothing
-        is kept."""
+        is kept. A signed-off case takes no more feedback (the logbook's record is final)."""
+        if share.signed_off_at is not None:
+            raise ImageShareError("this case was signed off: it takes no more feedback")
         if view_obtained not in ("yes", "partly", "no"):
             raise ImageShareError("say whether the view was obtained: yes, partly or no")
         try:
@@ -758,15 +832,28 @@ class ShareService:
         if agreement not in ("agree", "disagree", "unsure"):
             raise ImageShareError("say whether you agree with the sender's interpretation: "
                                   "agree, disagree or unsure")
+        findings, comments = findings.strip(), comments.strip()
+        for name, text in (("findings", findings), ("comments", comments)):
+            if len(text) > MAX_TEXT:
+                raise ImageShareError(f"the {name} may have at most 10,000 characters (this "
+                                      f"has {len(text):,}); nothing was kept")
         item = self._clip(share, public_sop_uid)
         now = datetime.now(UTC)
+        values = {"share_pk": share.pk, "reviewer": share.recipient_email or "reviewer",
+                  "view_obtained": view_obtained, "image_quality": quality,
+                  "findings": findings, "agreement": agreement, "comments": comments,
+                  "public_sop_uid": public_sop_uid}
         with self._engine.begin() as conn:
-            conn.execute(insert(share_feedback).values(
-                share_pk=share.pk, reviewer=share.recipient_email or "reviewer",
-                view_obtained=view_obtained, image_quality=quality,
-                findings=findings.strip()[:10_000], agreement=agreement,
-                comments=comments.strip()[:10_000], created_at=now,
-                public_sop_uid=public_sop_uid))
+            # The same feedback again within RESUBMIT_WINDOW is the form sent twice.
+            kept = conn.execute(insert(share_feedback).from_select(
+                [*values, "created_at"],
+                select(*(literal(v, share_feedback.c[k].type) for k, v in values.items()),
+                       literal(now, share_feedback.c.created_at.type))
+                .where(~exists().where(
+                    *(share_feedback.c[k] == v for k, v in values.items()),
+                    share_feedback.c.created_at > now - RESUBMIT_WINDOW)))).rowcount
+            if not kept:
+                return
             conn.execute(update(shares).where(shares.c.pk == share.pk).values(reviewed_at=now))
         self.record(share, actor, "share.feedback", item, clip=bool(public_sop_uid))
         self.notifier.notify(share.owner, "share.feedback",
@@ -786,13 +873,22 @@ class ShareService:
 
     def sign_off(self, share: Share, actor: Actor, note: str) -> None:
         """The mentor's final sign-off of the case (once; after feedback was given)."""
+        note = note.strip()
+        if len(note) > MAX_TEXT:
+            raise ImageShareError(f"a sign-off note may have at most 10,000 characters (this "
+                                  f"has {len(note):,}); the case was not signed off")
         if share.signed_off_at is not None:
             raise ImageShareError("this case was signed off already")
         if not self.feedback(share):
             raise ImageShareError("give feedback on the case before signing it off")
         with self._engine.begin() as conn:
-            conn.execute(update(shares).where(shares.c.pk == share.pk).values(
-                signed_off_at=datetime.now(UTC), sign_off_note=note.strip()[:10_000]))
+            # Only the first of two sign-offs sent together counts (the second is refused,
+            # the first one's note kept).
+            signed = conn.execute(update(shares).where(
+                shares.c.pk == share.pk, shares.c.signed_off_at.is_(None)).values(
+                signed_off_at=datetime.now(UTC), sign_off_note=note)).rowcount
+        if not signed:
+            raise ImageShareError("this case was signed off already")
         self.record(share, actor, "share.signoff")
         self.notifier.notify(share.owner, "share.signoff",
                              "A mentor signed off a case you shared",
@@ -851,9 +947,19 @@ class ShareService:
         self.remove_copies(share.public_id)
 
     def accesses(self, share: Share, limit: int = 200) -> list[dict[str, Any]]:
-        """Every use of the link, newest first."""
-        return [e for e in self._audit.events(limit=limit, detail=("share", share.public_id))
-                if e["detail"].get("share") == share.public_id]
+        """Every use of the link, newest first: once each (a use of a share of several
+        studies is recorded once per study, at the same moment)."""
+        seen: set[tuple[str, str, str, str]] = set()
+        uses = []
+        for event in self._audit.events(limit=limit, detail=("share", share.public_id)):
+            if event["detail"].get("share") != share.public_id:
+                continue
+            use = (str(event.get("actor") or ""), str(event.get("source") or ""),
+                   str(event["action"]), str(event["at"]))
+            if use not in seen:
+                seen.add(use)
+                uses.append(event)
+        return uses
 
     def visits(self, share: Share, limit: int = 5000,
                gap: timedelta = timedelta(minutes=30)) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ from sqlalchemy import Engine, and_, delete, insert, or_, select, update
 from imageshare.archive.ingest import IngestService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
 from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.deid.identity import names_the_patient
 from imageshare.deid.service import Deidentifier, seekable
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import Forbidden, ImageShareError, NotFound
@@ -48,6 +49,9 @@ from imageshare.teaching.files import (
 PROFILE = "teaching"
 DIFFICULTIES = ("", "beginner", "intermediate", "advanced")
 TEXT_FIELDS = ("history", "findings", "diagnosis", "differential", "keywords")
+# The most characters each field of a case holds.
+FIELD_LIMITS = {"title": 128, **dict.fromkeys(TEXT_FIELDS, 10_000), "modality": 16,
+                "body_part": 64, "folder": 128, "collection": 128, "description": 10_000}
 
 
 @dataclass(frozen=True)
@@ -96,16 +100,20 @@ class CaseFields:
     description: str = ""
 
     def values(self) -> dict[str, str]:
-        """Checked, trimmed column values; ImageShareError for what cannot be kept."""
+        """Checked, trimmed column values; ImageShareError for what cannot be kept (a text
+        longer than its field holds is refused, naming the field, never cut short)."""
         if not self.title.strip():
             raise ImageShareError("a teaching case needs a title")
         if self.difficulty not in DIFFICULTIES:
             raise ImageShareError("difficulty is beginner, intermediate or advanced")
-        out = {name: getattr(self, name).strip()[:10_000] for name in TEXT_FIELDS}
-        out.update(title=self.title.strip()[:128], modality=self.modality.strip()[:16].upper(),
-                   body_part=self.body_part.strip()[:64].upper(), difficulty=self.difficulty,
-                   folder=self.folder.strip()[:128], collection=self.collection.strip()[:128],
-                   description=self.description.strip()[:10_000])
+        out = {name: getattr(self, name).strip() for name in FIELD_LIMITS}
+        for name, limit in FIELD_LIMITS.items():
+            if len(out[name]) > limit:
+                raise ImageShareError(
+                    f"the {name.replace('_', ' ')} may have at most {limit:,} characters "
+                    f"(this has {len(out[name]):,}); nothing was saved")
+        out.update(modality=out["modality"].upper(), body_part=out["body_part"].upper(),
+                   difficulty=self.difficulty)
         return out
 
 
@@ -168,6 +176,7 @@ class TeachingLibrary:
                                       series_uids=list(series_uids),
                                       allowed_studies=allowed_studies, audit=False)
         authorise_teaching_use(actor, found)
+        self._refuse_words_naming_the_patient(found, values)
         public_id = secrets.token_hex(8)
         copied = self._copy(actor, found, public_id)
         if not copied.copied:
@@ -181,6 +190,24 @@ class TeachingLibrary:
             conn.execute(insert(case_items).values(case_pk=pk, study_uid=copied.study_uid,
                                                    series_uid="", sop_uid=""))
         return self.get(public_id)
+
+    def _refuse_words_naming_the_patient(self, found: Collection[StoredInstance],
+                                         values: dict[str, str]) -> None:
+        """ImageShareError (naming the field, never the identifier) when what the educator
+        wrote names the patient of the images: a teaching case is de-identified."""
+        patients: dict[str, str] = {}
+        for inst in found:
+            patients.setdefault(inst.patient_id, inst.sop_uid)
+        for sop_uid in patients.values():
+            header = self._retrieve.header(sop_uid)
+            if header is None:
+                continue
+            for name, text in values.items():
+                if name not in ("modality", "difficulty") and names_the_patient(header, text):
+                    raise ImageShareError(
+                        f"the {name.replace('_', ' ')} names the patient (a name, an "
+                        "identifier or the birth date); a teaching case is de-identified: "
+                        "reword it; nothing was made")
 
     def _copy(self, actor: Actor, found: list[StoredInstance], public_id: str) -> CopiedImages:
         """Copy each instance through the teaching profile into the archive, and the viewer's
@@ -242,10 +269,31 @@ class TeachingLibrary:
                 select(case_items.c.study_uid).where(case_items.c.case_pk == case.pk)
                 .order_by(case_items.c.pk)).scalars()))
 
+    def marks(self, case: TeachingCase, study_uid: str,
+              viewer: str = "") -> dict[str, list[dict[str, Any]]]:
+        """The marks on one of the case's copies that belong to the case, keyed ``SOP|frame``
+        (as the viewer takes them): those carried from the originals when it was made and
+        its author's; with ``viewer``, that user's own too (to see and change them). Marks
+        other staff drew on the copy later do not show in the author's presentation."""
+        made = _utc(case.created_at)
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(marks_table).where(
+                marks_table.c.study_uid == study_uid).order_by(marks_table.c.pk)
+            ).mappings().all()
+        out: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            if (row["author"] not in (case.owner, viewer or case.owner)
+                    and _utc(row["created_at"]) > made):
+                continue
+            label = row["author_label"] or row["author"]
+            out.setdefault(f"{row['sop_uid']}|{row['frame']}", []).extend(
+                {**m, "author": label} for m in row["marks"])
+        return out
+
     def add_study(self, case: TeachingCase, actor: Actor, study_uid: str,
                   allowed_studies: Collection[str] | None = None) -> CopiedImages:
         """Copy another study (de-identified, verified) into the author's case."""
-        self._require_author(case, actor)
+        self._require_author(case, actor, "case.add")
         found = self._retrieve.select(actor, "teaching.create", study_uids=[study_uid],
                                       allowed_studies=allowed_studies, audit=False)
         authorise_teaching_use(actor, found)
@@ -263,13 +311,19 @@ class TeachingLibrary:
 
     def update(self, case: TeachingCase, actor: Actor, fields: CaseFields) -> None:
         """Change what the case says (its author only)."""
-        self._require_author(case, actor)
+        self._require_author(case, actor, "case.update")
         with self._engine.begin() as conn:
             conn.execute(update(cases).where(cases.c.pk == case.pk).values(
                 updated_at=datetime.now(UTC), **fields.values()))
 
-    def _require_author(self, case: TeachingCase, actor: Actor) -> None:
+    def _require_author(self, case: TeachingCase, actor: Actor, wanted: str) -> None:
+        """Raise Forbidden (audited as a refusal naming ``wanted``) unless ``actor`` wrote
+        the case."""
         if actor.kind != "user" or actor.name != case.owner:
+            self._audit.record(AuditEvent(
+                actor=actor, action="access.denied", outcome="refused",
+                detail={"wanted": wanted, "reason": "not the teaching case's author",
+                        "route": case.path}))
             raise Forbidden("only the case's author changes it")
 
     def search(self, text: str = "", modality: str = "", body_part: str = "",
@@ -314,7 +368,7 @@ class TeachingLibrary:
     def delete(self, case: TeachingCase, actor: Actor) -> None:
         """Delete the case and its attachments (its de-identified copies stay in the
         archive, where retention governs them)."""
-        self._require_author(case, actor)
+        self._require_author(case, actor, "case.delete")
         keys = [a.blob_key for a in self.attachments(case)]
         with self._engine.begin() as conn:
             conn.execute(delete(cases).where(cases.c.pk == case.pk))
@@ -337,7 +391,7 @@ class TeachingLibrary:
         nor what a PDF or office document says about who made it
         (:func:`~imageshare.teaching.files.document_without_metadata`);
         ``scratch_dir``: where a video is written again without it."""
-        self._require_author(case, actor)
+        self._require_author(case, actor, "case.attach")
         if size > self.max_attachment_bytes:
             raise ImageShareError(f"an attachment may be at most "
                                   f"{self.max_attachment_bytes // (1 << 20)} MB")
@@ -411,6 +465,11 @@ def _sniff_whole(content: BinaryIO, head: bytes, size: int) -> FileType:
         content.seek(0)
         return sniff(content.read(size))
     return sniff(head)
+
+
+def _utc(moment: datetime) -> datetime:
+    """``moment`` with its time zone (SQLite gives naive UTC values back)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _escape(text: str) -> str:

@@ -29,13 +29,15 @@ _CHUNK = 1 << 20
 
 def _fields(form: Any) -> CaseFields:
     def text(name: str, limit: int = 10_000) -> str:
+        # One character over the limit is kept, so that CaseFields refuses an over-long
+        # text with the reason instead of it being cut short unseen.
         value = form.get(name)
-        return value[:limit] if isinstance(value, str) else ""
+        return value[:limit + 1] if isinstance(value, str) else ""
 
     return CaseFields(
         title=text("title", 128), history=text("history"), findings=text("findings"),
         diagnosis=text("diagnosis"), differential=text("differential"),
-        keywords=text("keywords", 1000), modality=text("modality", 16),
+        keywords=text("keywords"), modality=text("modality", 16),
         body_part=text("body_part", 64), difficulty=text("difficulty", 16),
         folder=text("folder", 128), collection=text("collection", 128),
         description=text("description"))
@@ -176,13 +178,14 @@ async def viewer(request: Request, archive: ArchiveDep, public_id: str,
     studies = archive.teaching.studies(case)
     if not studies:
         raise ImageShareError("the case has no images")
+    archive.teaching.record_view(case, actor, "viewer")
     study_uid = next((s for s in studies if series and any(
         i["series"] == series for i in _images(archive, case) if i["study"] == s)), studies[0])
     study = await run_in_threadpool(archive.catalogue.view, study_uid, actor, None)
     manifest = await run_in_threadpool(viewer_manifest, study, archive.retrieve.header, series)
     can_mark = archive.policy.allows(actor, "study.comment", study_uid)
     manifest.update(base="/dicomweb", me=actor.name,
-                    annotations=archive.annotations.for_study(study_uid),
+                    annotations=archive.teaching.marks(case, study_uid, actor.name),
                     annotationsUrl=f"/api/studies/{study_uid}/annotations" if can_mark else "")
     return page(request, "viewer.html", manifest=manifest, banner_name=case.title,
                 banner_id="", banner_date="", back_link=case.path,
@@ -228,7 +231,7 @@ def presentation_slides(archive: Archive, case: TeachingCase) -> dict[str, Any]:
         except ImageShareError:
             continue
         manifest = viewer_manifest(study, archive.retrieve.header, "")
-        marks = archive.annotations.for_study(study_uid)
+        marks = archive.teaching.marks(case, study_uid)
         for s in manifest["series"]:
             series_slides.append({"kind": "series", "study": study_uid, **s,
                                   "marks": {k: v for k, v in marks.items()
