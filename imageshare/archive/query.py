@@ -46,7 +46,7 @@ from imageshare.archive.record import (
 )
 from imageshare.audit.trail import AuditEvent, AuditTrail, Outcome
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import InvalidQuery, OutOfResources
+from imageshare.domain.errors import InvalidQuery, QueryTooBroad
 from imageshare.storage.index.database import run_transaction
 from imageshare.storage.index.schema import (
     instances,
@@ -354,7 +354,7 @@ class QueryService:
                 stmt.order_by(None).limit(most + 1).subquery())).scalar_one()
             if candidates > most:
                 # (Short: the C-FIND Error Comment holds 64 characters.)
-                raise OutOfResources(
+                raise QueryTooBroad(
                     f"too broad: over {most} instances; narrow by patient/study/series")
         rows = conn.execute(stmt).mappings().all()
         matches = [self._build(row, depth, query) for row in rows]

@@ -120,6 +120,13 @@ class OutOfResources(ImageShareError):
     dicom_status = 0xA700  # Refused: Out of Resources
 
 
+class QueryTooBroad(OutOfResources):
+    """A search that would read more than the archive reads for one answer: narrow it."""
+
+    http_status = 413  # PS3.18 search: the query is too broad
+    title = "Query too broad"
+
+
 class AuditUnavailable(ImageShareError):
     """The audit trail cannot be written, so nothing that must be audited is done."""
 

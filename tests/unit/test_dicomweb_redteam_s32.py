@@ -429,3 +429,27 @@ def test_wado_uri_shows_a_video_by_its_first_picture(archive, client, stored, tm
     assert part.size == (160, 120)
     second = client.get("/dicomweb/wado", params=_wado(path, frameNumber="2"))
     assert second.status_code == 406
+
+
+def test_a_search_too_broad_to_answer_is_refused_413_naming_how_to_narrow_it(tmp_path):
+    """QIDO-RS on a key with no index column across the archive would read every stored
+    header: refused before the work with 413 (PS3.18: the query is too broad), not 507
+    (the disk is not full)."""
+    from fastapi.testclient import TestClient
+
+    from imageshare.web.server import create_app
+    from tests.conftest import ADMIN_PASSWORD, act_as_admin, make_archive
+
+    archive = make_archive(tmp_path, qido_max_limit=2)
+    archive.users.ensure_admin(ADMIN_PASSWORD)
+    try:
+        for path in ct_series(tmp_path / "many", count=24, size=16, patient_id="MANY",
+                              ImageType=["DERIVED", "SECONDARY"]):
+            archive.ingest.store_copy(path, cli_actor())
+        with TestClient(create_app(archive)) as client:
+            act_as_admin(client, archive)
+            answer = client.get("/dicomweb/instances", params={"ImageType": "DERIVED*"})
+            assert answer.status_code == 413, answer.text
+            assert "narrow by patient/study/series" in answer.json()["detail"]
+    finally:
+        archive.close()
