@@ -446,7 +446,8 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ImageShareError("unknown backup format")
         files = {part: (str(manifest[part]["file"]), str(manifest[part]["sha256"]))
-                 for part in ("index", "blobs", "originals") if part in manifest}
+                 for part in ("index", "blobs", "originals")
+                 if part != "originals" or part in manifest}
         str(manifest["database"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ImageShareError(f"the backup's manifest is damaged ({type(exc).__name__})"

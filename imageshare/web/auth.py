@@ -72,9 +72,10 @@ def resolve_actor(request: Request) -> Actor:
                 detail={"route": _route_template(request)}))
     elif scheme.lower() == "bearer" and credentials:
         request.state.channel = BEARER
-        archive.throttle.check(source)
         actor = archive.users.authenticate_token(credentials.strip()[:256], source)
         if actor is None:
+            # Checked only once a token was refused: a valid token costs no extra query.
+            archive.throttle.check(source)
             archive.throttle.failed(source)
             archive.audit.record(AuditEvent(
                 actor=Actor("anonymous", "", source=source, registered=False),

@@ -48,7 +48,7 @@ def site(tmp_path_factory, mail) -> Iterator[dict]:  # noqa: F811 - the fixture 
     server.start()
     files = root / "files"
     files.mkdir()
-    (files / "pathology.pdf").write_bytes(b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n")
+    _pdf(files / "pathology.pdf")
     Image.new("RGB", (120, 90), (180, 60, 60)).save(files / "specimen.png")
     (files / "echo-clip.mp4").write_bytes(_mp4())
     try:
@@ -76,6 +76,17 @@ def _beating(path) -> None:
         data[f][ring] = (230, 200, 120)
     ds.PixelData = data.tobytes()
     ds.save_as(path, enforce_file_format=True)
+
+
+def _pdf(path) -> None:
+    """A one-page PDF (a pathology report) with an author in its document information."""
+    from pypdf import PdfWriter
+
+    writer = PdfWriter()
+    writer.add_blank_page(595, 842)
+    writer.add_metadata({"/Author": "Dr Pathologist", "/Title": "Specimen report"})
+    with open(path, "wb") as out:
+        writer.write(out)
 
 
 def _mp4() -> bytes:

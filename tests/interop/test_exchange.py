@@ -244,7 +244,23 @@ def test_retention_removes_expired_temporary_copies_and_inbox_items_only(hospita
         orthanc_id = client.post("/tools/find", json={"Level": "Study", "Query": {
             "StudyInstanceUID": inbox_study}}).json()[0]
         client.post("/modalities/IMAGESHARE/store", json=[orthanc_id]).raise_for_status()
-    soon = server.cli("retention", "run", "--at", "2099-01-01T00:00:00").stdout
+    # Two months pass (the arrivals are made older: a retention run never acts in the future).
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import create_engine, update
+
+    from imageshare.storage.index.schema import instances
+
+    index = create_engine(f"sqlite:///{server.data_dir / 'index.sqlite'}")
+    try:
+        with index.begin() as conn:
+            conn.execute(update(instances).values(
+                received_at=datetime.now(UTC) - timedelta(days=60)))
+    finally:
+        index.dispose()
+    refused = server.cli("retention", "run", "--at", "2099-01-01T00:00:00", check=False)
+    assert refused.returncode == 2 and "cannot be in the future" in refused.stderr
+    soon = server.cli("retention", "run").stdout
     assert "7 instance(s) of 2 study(ies) removed" in soon, soon
     with server.http() as c:
         remaining = {s["0020000D"]["Value"][0] for s in c.get("/dicomweb/studies").json()}
