@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +151,13 @@ class RetrieveService:
         if ds is None:
             return "", ""
         return str(ds.get("DocumentTitle", "") or ""), str(ds.get("ContentDate", "") or "")
+
+    def patients_headers(self, found: Iterable[StoredInstance]) -> list[Dataset]:
+        """One stored header per patient of ``found`` (not audited, as :meth:`header`)."""
+        first: dict[str, str] = {}
+        for inst in found:
+            first.setdefault(inst.patient_id, inst.sop_uid)
+        return [h for h in (self.header(uid) for uid in first.values()) if h is not None]
 
     def header(self, sop_uid: str) -> Dataset | None:
         """The stored header of an instance (large values not loaded), or None; not audited:

@@ -862,3 +862,13 @@ def names_the_patient(header: Dataset, text: str) -> bool:
         return True
     return any(word in family and words[n - 1] in _NAME_TITLES
                for n, word in enumerate(words) if n)
+
+
+def field_naming_the_patient(headers: Iterable[Dataset], texts: dict[str, str]) -> str:
+    """The name of the first of ``texts`` (field name -> what a person typed) that names the
+    patient of one of ``headers`` (:func:`names_the_patient`); "" when none does."""
+    for header in headers:
+        for name, text in texts.items():
+            if names_the_patient(header, text):
+                return name
+    return ""

@@ -37,7 +37,7 @@ from imageshare.access.users import UserDirectory, as_utc, one_line, secret_hash
 from imageshare.archive.ingest import IngestService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
 from imageshare.audit.trail import AuditEvent, AuditTrail
-from imageshare.deid.identity import names_the_patient
+from imageshare.deid.identity import field_naming_the_patient
 from imageshare.deid.pseudonyms import Pseudonyms
 from imageshare.deid.service import Deidentifier, seekable
 from imageshare.domain.actors import Actor
@@ -363,19 +363,11 @@ class ShareService:
         texts = {name: text for name, text in texts.items() if text.strip()}
         if not texts:
             return
-        patients: dict[str, str] = {}
-        for inst in found:
-            patients.setdefault(inst.patient_id, inst.sop_uid)
-        for sop_uid in patients.values():
-            header = self._retrieve.header(sop_uid)
-            if header is None:
-                continue
-            for name, text in texts.items():
-                if names_the_patient(header, text):
-                    raise ImageShareError(
-                        f"the {name} names the patient (a name, an identifier or the birth "
-                        "date), and the share is de-identified: reword it; nothing was "
-                        "shared")
+        name = field_naming_the_patient(self._retrieve.patients_headers(found), texts)
+        if name:
+            raise ImageShareError(
+                f"the {name} names the patient (a name, an identifier or the birth date), and "
+                "the share is de-identified: reword it; nothing was shared")
 
     def create_and_send(self, request: NewShare, owner: Actor,
                         allowed_studies: Collection[str] | None) -> CreatedShare:

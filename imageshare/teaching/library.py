@@ -30,7 +30,7 @@ from sqlalchemy import Engine, and_, delete, insert, or_, select, update
 from imageshare.archive.ingest import IngestService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
 from imageshare.audit.trail import AuditEvent, AuditTrail
-from imageshare.deid.identity import names_the_patient
+from imageshare.deid.identity import field_naming_the_patient
 from imageshare.deid.service import Deidentifier, seekable
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import Forbidden, ImageShareError, NotFound
@@ -195,19 +195,13 @@ class TeachingLibrary:
                                          values: dict[str, str]) -> None:
         """ImageShareError (naming the field, never the identifier) when what the educator
         wrote names the patient of the images: a teaching case is de-identified."""
-        patients: dict[str, str] = {}
-        for inst in found:
-            patients.setdefault(inst.patient_id, inst.sop_uid)
-        for sop_uid in patients.values():
-            header = self._retrieve.header(sop_uid)
-            if header is None:
-                continue
-            for name, text in values.items():
-                if name not in ("modality", "difficulty") and names_the_patient(header, text):
-                    raise ImageShareError(
-                        f"the {name.replace('_', ' ')} names the patient (a name, an "
-                        "identifier or the birth date); a teaching case is de-identified: "
-                        "reword it; nothing was made")
+        texts = {name: text for name, text in values.items()
+                 if name not in ("modality", "difficulty")}
+        name = field_naming_the_patient(self._retrieve.patients_headers(found), texts)
+        if name:
+            raise ImageShareError(
+                f"the {name.replace('_', ' ')} names the patient (a name, an identifier or the "
+                "birth date); a teaching case is de-identified: reword it; nothing was made")
 
     def _copy(self, actor: Actor, found: list[StoredInstance], public_id: str) -> CopiedImages:
         """Copy each instance through the teaching profile into the archive, and the viewer's

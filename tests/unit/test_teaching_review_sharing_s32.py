@@ -250,14 +250,13 @@ def test_a_teaching_case_whose_history_names_the_patient_is_not_made(archive, tm
 def test_what_counts_as_naming_the_patient_in_typed_words(text, named):
     from pydicom import Dataset
 
-    from imageshare.sharing.links import names_the_patient
-    from imageshare.teaching.library import names_the_patient as teaching_check
+    from imageshare.deid.identity import field_naming_the_patient, names_the_patient
 
     header = Dataset()
     header.PatientName, header.PatientID, header.PatientBirthDate = (
         "Long^Grace", "12", "19810203")
     assert names_the_patient(header, text) is named
-    assert teaching_check(header, text) is named
+    assert field_naming_the_patient([header], {"message": text}) == ("message" if named else "")
 
 
 def test_marks_another_educator_draws_on_a_case_do_not_show_in_its_authors_presentation(
