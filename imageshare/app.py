@@ -375,6 +375,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     ingest.on_hold = corrections.on_hold = study_on_hold
     consents = ConsentBook(engine, audit)
     shares.consent_check = consents.require
+    consents.on_withdrawn = shares.end_for_withdrawn_consent
     throttle = SignInThrottle(engine)
     _register_housekeeping(jobs, shares, retention, throttle)
     site_api = SiteApi(nodes, jobs, tls, settings.push_retry_schedule)

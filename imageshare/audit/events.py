@@ -184,8 +184,9 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        INSTANCES_ACCESSED, "U", ("share",), ("share",)),
     _e("logbook.export", "A trainee exported their review logbook (PDF or CSV).", EXPORT, "R",
        (), ("format", "cases")),
-    _e("share.revoke", "A share link was revoked.", SECURITY_ALERT, "U", ("share",),
-       ("share",), OBJECT_SECURITY_ATTRIBUTES_CHANGED),
+    _e("share.revoke", "A share link was revoked (by its owner, or because the patient "
+       "withdrew the consent it was made under).", SECURITY_ALERT, "U", ("share",),
+       ("share", "reason"), OBJECT_SECURITY_ATTRIBUTES_CHANGED),
     _e("case.add", "A study's images were added to a teaching case.", INSTANCES_ACCESSED, "R",
        _STUDY, ("reason",)),
     _e("case.delete", "A teaching case was deleted.", STUDY_DELETED, "D", ("case",), ("case",)),

@@ -9,6 +9,7 @@ missing, refused or withdrawn.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
@@ -55,6 +56,11 @@ class ConsentBook:
         self._engine = engine
         self._audit = audit
         self._clock = clock
+        # Called when a patient withdraws or refuses a purpose (patient ID, issuer, purpose,
+        # who recorded it): what was shared under that consent ends
+        # (imageshare.sharing.links.ShareService.end_for_withdrawn_consent).
+        self.on_withdrawn: Callable[[str, str, str, Actor], int] = (
+            lambda _pid, _issuer, _purpose, _actor: 0)
 
     def patient_of(self, study_uid: str) -> PatientRef:
         """The patient of a study; NotFound otherwise."""
@@ -94,6 +100,9 @@ class ConsentBook:
                 patient_id=patient.patient_id, study_uid=study_uid,
                 detail={"purpose": purpose, "decision": decision, "source": source,
                         "given_on": day.isoformat()}), conn=conn)
+        current = self.in_force(study_uid).get(purpose)
+        if current is not None and current.decision != "granted":
+            self.on_withdrawn(patient.patient_id, patient.issuer, purpose, actor)
         return ConsentRecord(purpose, decision, day.isoformat(), source, note.strip()[:2000],
                              actor.name[:128], now)
 

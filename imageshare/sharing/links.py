@@ -56,11 +56,13 @@ from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import (
     account_invites,
     instances,
+    patients,
     share_comments,
     share_feedback,
     share_items,
     share_sessions,
     shares,
+    studies,
     users,
 )
 
@@ -329,7 +331,7 @@ class ShareService:
                 profile=request.profile if request.deidentified else "",
                 failed_attempts=0, locked=False, created_at=now, expires_at=expires,
                 description=request.description.strip(),
-                interpretation=request.interpretation.strip(),
+                interpretation=request.interpretation.strip(), purpose=request.purpose,
             )).inserted_primary_key[0]
             conn.execute(insert(share_items), [
                 {"share_pk": share_pk, "study_uid": i.study_uid, "series_uid": i.series_uid,
@@ -923,6 +925,35 @@ class ShareService:
             rows = conn.execute(select(shares).where(shares.c.owner == owner)
                                 .order_by(shares.c.pk.desc())).mappings().all()
         return [_share(r) for r in rows]
+
+    def end_for_withdrawn_consent(self, patient_id: str, issuer: str, purpose: str,
+                                  actor: Actor) -> int:
+        """End the patient's live identifiable shares made for ``purpose`` (the patient
+        withdrew or refused that consent); each is audited as revoked with the reason.
+        Returns how many."""
+        now = datetime.now(UTC)
+        of_patient = (select(studies.c.study_uid)
+                      .join(patients, patients.c.pk == studies.c.patient_pk)
+                      .where(patients.c.patient_id == patient_id, patients.c.issuer == issuer))
+        with self._engine.begin() as conn:
+            ended = list(conn.execute(
+                select(shares.c.pk, shares.c.public_id).where(
+                    shares.c.purpose == purpose, ~shares.c.deidentified,
+                    shares.c.revoked_at.is_(None), shares.c.expires_at > now,
+                    shares.c.pk.in_(select(share_items.c.share_pk).where(
+                        share_items.c.study_uid.in_(of_patient.scalar_subquery())))))
+                .tuples())
+            for pk, public_id in ended:
+                conn.execute(update(shares).where(shares.c.pk == pk).values(revoked_at=now))
+                self._audit.record(AuditEvent(
+                    actor=actor, action="share.revoke", outcome="success",
+                    patient_id=patient_id,
+                    detail={"share": public_id,
+                            "reason": f"the patient's consent to {purpose} was withdrawn"}),
+                    conn=conn)
+        for _pk, public_id in ended:
+            self.remove_copies(public_id)
+        return len(ended)
 
     def revoke(self, public_id: str, owner: Actor) -> None:
         """End a share for good."""

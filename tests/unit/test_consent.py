@@ -58,6 +58,33 @@ def test_an_identifiable_teaching_share_needs_the_patients_consent_and_stops_at_
     assert record["actor"] == "user:dr-who" and record["patient_id"] == "CONS1"
 
 
+def test_withdrawing_consent_ends_the_identifiable_shares_made_under_it(archive, study,
+                                                                         tmp_path):
+    """A patient who withdraws consent to teaching use: the identifiable teaching shares of
+    their images end at once (audited, with the reason); their care shares, de-identified
+    shares and other patients' teaching shares go on."""
+    today = datetime.now(UTC).date().isoformat()
+    other = archive.ingest.store_copy(ct_series(tmp_path / "o", 1, patient_id="CONS2")[0],
+                                      Actor("system", "t", "admin", "t")).study_uid
+    for uid in (study, other):
+        archive.consents.record_decision(uid, "teaching", "granted", today, "form", DOCTOR)
+    teaching = archive.shares.create(_identifiable(study, "teaching"), DOCTOR, None)
+    care = archive.shares.create(_identifiable(study, "care"), DOCTOR, None)
+    anonymous = archive.shares.create(NewShare(study, purpose="teaching"), DOCTOR, None)
+    theirs = archive.shares.create(_identifiable(other, "teaching"), DOCTOR, None)
+
+    archive.consents.record_decision(study, "teaching", "withdrawn", today, "verbal", DOCTOR)
+    ended = {s.public_id: s.revoked_at is not None for s in (
+        archive.shares.by_public_id(c.public_id, DOCTOR.name)
+        for c in (teaching, care, anonymous, theirs))}
+    assert ended == {teaching.public_id: True, care.public_id: False,
+                     anonymous.public_id: False, theirs.public_id: False}
+    [revoked] = list(archive.audit.events("share.revoke"))
+    assert revoked["detail"] == {"share": teaching.public_id,
+                                 "reason": "the patient's consent to teaching was withdrawn"}
+    assert revoked["patient_id"] == "CONS1" and revoked["actor"] == "user:dr-who"
+
+
 def test_a_consent_record_needs_a_known_purpose_and_a_day_not_in_the_future(archive, study):
     tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
     with pytest.raises(ImageShareError, match="future"):

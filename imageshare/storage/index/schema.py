@@ -321,6 +321,9 @@ shares = Table(
     Column("interpretation", Text, nullable=False, default="", server_default=""),
     Column("signed_off_at", DateTime(timezone=True), nullable=True),
     Column("sign_off_note", Text, nullable=False, default="", server_default=""),
+    # What an identifiable share is for (care, teaching, research): one for teaching or
+    # research ends when the patient withdraws (or refuses) that consent.
+    Column("purpose", String(16), nullable=False, default="care", server_default="care"),
 )
 
 # One row per shared instance, with the UIDs the recipient sees (new ones when de-identified).
