@@ -376,6 +376,9 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     consents = ConsentBook(engine, audit)
     shares.consent_check = consents.require
     consents.on_withdrawn = shares.end_for_withdrawn_consent
+    teaching = TeachingLibrary(engine, retrieve, ingest, deidentifier, blobs, audit,
+                               settings.max_upload_bytes)
+    teaching.teaching_refused = consents.refusal_of_teaching
     throttle = SignInThrottle(engine)
     _register_housekeeping(jobs, shares, retention, throttle)
     site_api = SiteApi(nodes, jobs, tls, settings.push_retry_schedule)
@@ -402,8 +405,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         jobs=jobs, exports=exports,
         notifier=notifier, shares=shares, cases=CaseBook(engine, retrieve, audit),
         annotations=AnnotationBook(engine, retrieve, ingest, audit),
-        teaching=TeachingLibrary(engine, retrieve, ingest, deidentifier, blobs, audit,
-                                 settings.max_upload_bytes),
+        teaching=teaching,
         exchange=ExchangeService(engine, nodes, clients, search, audit, jobs,
                                  settings.exchange_timeout,
                                  settings.link_by_name_and_birth_date,

@@ -189,6 +189,8 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        ("share", "reason"), OBJECT_SECURITY_ATTRIBUTES_CHANGED),
     _e("case.add", "A study's images were added to a teaching case.", INSTANCES_ACCESSED, "R",
        _STUDY, ("reason",)),
+    _e("case.update", "A teaching case's texts (title, history, findings, diagnosis, ...) "
+       "were changed by its author.", INSTANCES_ACCESSED, "U", ("case",), ("case", "fields")),
     _e("case.delete", "A teaching case was deleted.", STUDY_DELETED, "D", ("case",), ("case",)),
     _e("teaching.create", "A de-identified, verified copy of a study was made for a teaching "
        "case.", INSTANCES_ACCESSED, "C", _STUDY + ("case",),

@@ -123,6 +123,15 @@ class ConsentBook:
                          key=lambda r: r.given_on, reverse=True)  # stable: newest row first
         return {p: next((r for r in records if r.purpose == p), None) for p in PURPOSES}
 
+    def refusal_of_teaching(self, study_uid: str) -> str:
+        """Why the study's patient may not be taught from, even de-identified: their refusal
+        or withdrawal of teaching consent in force ("" when none is)."""
+        current = self.in_force(study_uid).get("teaching")
+        if current is None or current.decision == "granted":
+            return ""
+        return f"the patient's consent to teaching use was {current.decision} on " \
+               f"{current.given_on}"
+
     def require(self, study_uid: str, purpose: str, actor: Actor) -> None:
         """Refuse (:class:`ConsentMissing`, audited) unless the study's patient granted
         ``purpose`` and has not withdrawn it since."""

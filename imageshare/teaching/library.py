@@ -140,12 +140,6 @@ class CopiedImages:
     held_back: int
 
 
-def authorise_teaching_use(actor: Actor, found: Collection[StoredInstance]) -> None:
-    """The one place that decides whether these images may become teaching material (beyond
-    the route's permission to see them). Nothing more is checked today; consent or
-    governance rules hook in here and raise :class:`Forbidden` with the reason."""
-
-
 # A photo is read whole to be kept without its metadata (EXIF, GPS, text).
 MAX_PHOTO_BYTES = 64 << 20
 
@@ -163,6 +157,23 @@ class TeachingLibrary:
         self._blobs = blobs
         self._audit = audit
         self.max_attachment_bytes = max_attachment_bytes
+        # Why the patient of a study may not be taught from ("" when they may): a refusal or
+        # withdrawal of teaching consent on record (imageshare.governance.consent).
+        self.teaching_refused: Callable[[str], str] = lambda _study_uid: ""
+
+    def _authorise_teaching_use(self, actor: Actor, found: Collection[StoredInstance]
+                                ) -> None:
+        """The one place that decides whether these images may become teaching material
+        (beyond the route's permission to see them): not when their patient refused or
+        withdrew consent to teaching use, even de-identified (audited, Forbidden)."""
+        for study_uid in sorted({inst.study_uid for inst in found}):
+            reason = self.teaching_refused(study_uid)
+            if reason:
+                self._audit.record(AuditEvent(
+                    actor=actor, action="consent.refused", outcome="failure",
+                    patient_id=next(i.patient_id for i in found if i.study_uid == study_uid),
+                    study_uid=study_uid, detail={"purpose": "teaching", "reason": reason}))
+                raise Forbidden(f"{reason}: no teaching case is made from these images")
 
     # -- cases ------------------------------------------------------------------------------
 
@@ -175,7 +186,7 @@ class TeachingLibrary:
         found = self._retrieve.select(actor, "teaching.create", study_uids=[study_uid],
                                       series_uids=list(series_uids),
                                       allowed_studies=allowed_studies, audit=False)
-        authorise_teaching_use(actor, found)
+        self._authorise_teaching_use(actor, found)
         self._refuse_words_naming_the_patient(found, values)
         public_id = secrets.token_hex(8)
         copied = self._copy(actor, found, public_id)
@@ -290,7 +301,7 @@ class TeachingLibrary:
         self._require_author(case, actor, "case.add")
         found = self._retrieve.select(actor, "teaching.create", study_uids=[study_uid],
                                       allowed_studies=allowed_studies, audit=False)
-        authorise_teaching_use(actor, found)
+        self._authorise_teaching_use(actor, found)
         copied = self._copy(actor, found, case.public_id)
         if copied.copied:
             with self._engine.begin() as conn:
@@ -306,9 +317,13 @@ class TeachingLibrary:
     def update(self, case: TeachingCase, actor: Actor, fields: CaseFields) -> None:
         """Change what the case says (its author only)."""
         self._require_author(case, actor, "case.update")
+        values = fields.values()
         with self._engine.begin() as conn:
             conn.execute(update(cases).where(cases.c.pk == case.pk).values(
-                updated_at=datetime.now(UTC), **fields.values()))
+                updated_at=datetime.now(UTC), **values))
+            self._audit.record(AuditEvent(
+                actor=actor, action="case.update", outcome="success",
+                detail={"case": case.public_id, "fields": sorted(values)}), conn=conn)
 
     def _require_author(self, case: TeachingCase, actor: Actor, wanted: str) -> None:
         """Raise Forbidden (audited as a refusal naming ``wanted``) unless ``actor`` wrote

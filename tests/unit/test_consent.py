@@ -85,6 +85,31 @@ def test_withdrawing_consent_ends_the_identifiable_shares_made_under_it(archive,
     assert revoked["patient_id"] == "CONS1" and revoked["actor"] == "user:dr-who"
 
 
+def test_a_patient_who_refused_teaching_use_is_not_made_a_teaching_case(archive, study,
+                                                                          tmp_path):
+    """De-identified teaching needs no consent, but a refusal (or withdrawal) on record is
+    respected: no case is made from that patient's images (audited); another patient's
+    study, and the same one once consent is granted again, are taught from; the case's
+    later edits are audited."""
+    from imageshare.domain.errors import Forbidden
+    from imageshare.teaching.library import CaseFields
+
+    archive.users.add("edu", PASSWORD, "educator")
+    educator = Actor("user", "edu", "educator", "10.0.0.5")
+    archive.consents.record_decision(study, "teaching", "refused", "2026-01-05", "form", DOCTOR)
+    with pytest.raises(Forbidden, match="consent to teaching use was refused on 2026-01-05"):
+        archive.teaching.create(educator, CaseFields(title="Pneumothorax"), study)
+    [refusal] = list(archive.audit.events("consent.refused"))
+    assert refusal["patient_id"] == "CONS1" and refusal["actor"] == "user:edu"
+    assert archive.teaching.search() == []
+    archive.consents.record_decision(study, "teaching", "granted", "2026-02-01", "form", DOCTOR)
+    case = archive.teaching.create(educator, CaseFields(title="Pneumothorax"), study)
+    archive.teaching.update(case, educator, CaseFields(title="Tension pneumothorax",
+                                                       findings="Mediastinal shift"))
+    [edit] = list(archive.audit.events("case.update"))
+    assert edit["detail"]["case"] == case.public_id and "findings" in edit["detail"]["fields"]
+
+
 def test_a_consent_record_needs_a_known_purpose_and_a_day_not_in_the_future(archive, study):
     tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
     with pytest.raises(ImageShareError, match="future"):
