@@ -588,6 +588,7 @@ def recover(archive: Archive) -> int:
     if until and since and until < since:
         until = since
     recovered = _recover_range(archive, since, until)
+    archive.inbox.release_unfinished()
     if until:
         archive.jobs.submit_once(
             f"recover:{until}:{archive.jobs.instance}", "recover",

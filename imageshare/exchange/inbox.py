@@ -5,9 +5,10 @@ rejected. Unaccepted items expire with the temporary retention class."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Engine, and_, func, select, update
@@ -67,6 +68,13 @@ class InboxItem:
     announced_at: datetime | None = None
     receipt_state: str = ""
     receipt_detail: str = ""
+
+
+log = logging.getLogger(__name__)
+# An item being decided: claimed by one decision (no other may take it), not yet done. A stop
+# on the way leaves it so; the next start gives it back to the queue (release_unfinished).
+ACCEPTING, REJECTING = "accepting", "rejecting"
+UNFINISHED_AFTER = timedelta(hours=1)  # no decision takes this long
 
 
 def _claim(conn: Connection, pk: int, status: str, actor: Actor, note: str) -> None:
@@ -185,7 +193,7 @@ class Inbox:
         if item.status != "pending":
             raise ImageShareError("this item was decided already")
         with self._engine.begin() as conn:
-            _claim(conn, pk, "accepted", actor, note)
+            _claim(conn, pk, ACCEPTING, actor, note)
         try:
             done = self._file(item, actor, reconcile, sop_uids, prepare)
         except BaseException:
@@ -233,6 +241,11 @@ class Inbox:
             self._audit.record(AuditEvent(actor=actor, action="inbox.accept",
                                           outcome="success", study_uid=item.study_uid,
                                           detail={"site": item.site, "done": done}), conn=conn)
+            # Decided with the instances' move into the record, in one commit (an arrival
+            # meanwhile opened the item for review again: it stays pending).
+            conn.execute(update(inbox_items).where(
+                inbox_items.c.pk == item.pk, inbox_items.c.status == ACCEPTING)
+                .values(status="accepted"))
         return done
 
     def sent_by(self, item: InboxItem) -> set[str]:
@@ -262,6 +275,20 @@ class Inbox:
                     patient_pk=patient_pk, value=sender_id[:64], issuer=item.site[:64],
                     kind="TEXT"))
 
+    def release_unfinished(self, now: datetime | None = None) -> int:
+        """Give back to the queue (pending) the items whose decision a stop interrupted
+        (claimed more than an hour ago, never finished); returns how many."""
+        moment = now or datetime.now(UTC)
+        with self._engine.begin() as conn:
+            released = conn.execute(update(inbox_items).where(
+                inbox_items.c.status.in_((ACCEPTING, REJECTING)),
+                inbox_items.c.decided_at < moment - UNFINISHED_AFTER).values(
+                status="pending", decided_by="", decided_at=None)).rowcount
+        if released:
+            log.warning("%d inbox decision(s) interrupted by a stop are pending again",
+                        released)
+        return released
+
     def reject(self, pk: int, actor: Actor, note: str = "",
                upload_review: bool = False, sop_uids: Collection[str] | None = None) -> Removed:
         """Reject: the received instances are deleted (audited). An upload is rejected only
@@ -272,7 +299,7 @@ class Inbox:
         # Decided first (the item stays, with its receipt, as the record of the decision);
         # pending again if the deletion fails.
         with self._engine.begin() as conn:
-            _claim(conn, pk, "rejected", actor, note)
+            _claim(conn, pk, REJECTING, actor, note)
         try:
             why = f"rejected from the inbox: {note}"[:200]
             removed = self._deletion.instances(
@@ -288,6 +315,9 @@ class Inbox:
                                           outcome="success", study_uid=item.study_uid,
                                           instance_count=removed.instances,
                                           detail={"site": item.site}), conn=conn)
+            conn.execute(update(inbox_items).where(
+                inbox_items.c.pk == pk, inbox_items.c.status == REJECTING)
+                .values(status="rejected"))
         self._tell(item, "rejected", actor, note)
         return removed
 

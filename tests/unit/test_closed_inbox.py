@@ -311,3 +311,37 @@ def test_of_two_decisions_at_once_one_wins_and_the_other_changes_nothing(archive
     with archive.engine.connect() as conn:
         assert conn.execute(select(studies.c.num_instances).where(
             studies.c.study_uid == theirs.study_uid)).scalar() == 3
+
+
+@pytest.mark.parametrize("decision", ["accept", "reject"])
+def test_a_decision_a_stop_interrupted_goes_back_to_the_queue_at_the_next_start(
+        archive, received, decision):
+    """The machine stops after an item was claimed and before its decision was done (the
+    process killed mid-request): the item must not stay "accepted" with its images outside
+    the record. While claimed nobody else decides it; the next start gives it back (once the
+    claim is old enough that no running decision can still own it), and it is decided then."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from imageshare.app import recover
+    from imageshare.exchange.inbox import ACCEPTING, REJECTING, _claim
+    from imageshare.storage.index.schema import inbox_items
+
+    _ours, theirs, item = received
+    claimed = ACCEPTING if decision == "accept" else REJECTING
+    with archive.engine.begin() as conn:
+        _claim(conn, item.pk, claimed, STAFF, "")  # ... and then the power went
+    assert not archive.catalogue.in_record(theirs.study_uid)
+    with pytest.raises(ImageShareError, match="decided already"):
+        archive.inbox.accept(item.pk, STAFF, reconcile=False)
+    recover(archive)  # a start right after: the claim may still be a running decision's
+    assert archive.inbox.item(item.pk).status == claimed
+    with archive.engine.begin() as conn:
+        conn.execute(update(inbox_items).where(inbox_items.c.pk == item.pk).values(
+            decided_at=datetime.now(UTC) - timedelta(hours=2)))
+    recover(archive)
+    assert archive.inbox.item(item.pk).status == "pending"
+    getattr(archive.inbox, decision)(item.pk, STAFF)
+    assert archive.inbox.item(item.pk).status == f"{decision}ed"
+    assert archive.catalogue.in_record(theirs.study_uid) is (decision == "accept")
