@@ -26,10 +26,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Engine, exists, insert, literal, or_, select, update
 
+from imageshare.access.passcodes import (
+    count_try,
+    forget_tries,
+    hash_passcode,
+    lock_when_used_up,
+    passcode_matches,
+)
 from imageshare.access.policy import fully_signed_in
 from imageshare.access.scope import COMMENT, DOWNLOAD, VIEW, Grant
 from imageshare.access.sessions import LIFETIME as SESSION_LIFETIME
@@ -67,14 +72,12 @@ from imageshare.storage.index.schema import (
 )
 
 log = logging.getLogger("imageshare.sharing")
-MAX_PASSCODE_FAILURES = 10
 # The longest comment, feedback text or sign-off note (longer ones are refused, not cut).
 MAX_TEXT = 10_000
 # The same comment or feedback sent again within this time is one form sent twice.
 RESUBMIT_WINDOW = timedelta(minutes=10)
 _SWEEP_SECONDS = 600  # how often an instance serving shares tidies its local copies
 _PASSCODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
-_hasher = PasswordHasher()
 
 
 @dataclass(frozen=True)
@@ -325,7 +328,7 @@ class ShareService:
                 public_id=public_id, token_hash=secret_hash(token), owner=owner.name,
                 title=(request.title.strip() or "Shared images"), message=request.message,
                 recipient_email=email[:254], recipient_user=recipient_user[:128],
-                passcode_hash=_hasher.hash(passcode), allow_download=request.allow_download,
+                passcode_hash=hash_passcode(passcode), allow_download=request.allow_download,
                 allow_comment=request.allow_comment,
                 deidentified=request.deidentified,
                 profile=request.profile if request.deidentified else "",
@@ -494,24 +497,15 @@ class ShareService:
         refuses even the right passcode."""
         actor = share.actor(source)
         with self._engine.begin() as conn:
-            tries = conn.execute(
-                update(shares).where(shares.c.pk == share.pk, shares.c.locked.is_(False),
-                                     shares.c.failed_attempts < MAX_PASSCODE_FAILURES)
-                .values(failed_attempts=shares.c.failed_attempts + 1)
-                .returning(shares.c.failed_attempts)).scalar()
+            tries = count_try(conn, shares, share.pk)
         if tries is None:  # locked meanwhile (or by the tries in flight)
             self._audit.record(AuditEvent(
                 actor=actor, action="share.passcode", outcome="failure",
                 detail={"share": share.public_id, "locked": True}))
             return False
-        try:
-            _hasher.verify(self._passcode_hash(share.pk), passcode.strip().upper())
-        except (VerificationError, InvalidHashError):
-            locked = tries >= MAX_PASSCODE_FAILURES
+        if not passcode_matches(self._passcode_hash(share.pk), passcode):
             with self._engine.begin() as conn:
-                if locked:
-                    conn.execute(update(shares).where(shares.c.pk == share.pk)
-                                 .values(locked=True))
+                locked = lock_when_used_up(conn, shares, share.pk, tries)
                 self._audit.record(AuditEvent(
                     actor=actor, action="share.passcode", outcome="failure",
                     detail={"share": share.public_id, "failures": tries,
@@ -522,10 +516,7 @@ class ShareService:
                                      f"/shares/{share.public_id}")
             return False
         with self._engine.begin() as conn:
-            still_open = conn.execute(update(shares).where(
-                shares.c.pk == share.pk, shares.c.locked.is_(False))
-                .values(failed_attempts=0)).rowcount
-            if not still_open:
+            if not forget_tries(conn, shares, share.pk):
                 return False
             if not share.deidentified:
                 # The named recipient (the caller checked the signed-in account) gave the

@@ -17,10 +17,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Engine, insert, select, update
 
+from imageshare.access.passcodes import (
+    count_try,
+    forget_tries,
+    hash_passcode,
+    lock_when_used_up,
+    passcode_matches,
+)
 from imageshare.access.users import as_utc, secret_hash
 from imageshare.archive.corrections import PatientDetails
 from imageshare.audit.trail import AuditEvent, AuditTrail
@@ -38,10 +43,8 @@ from imageshare.notify import Mailer
 from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import upload_invitations, upload_sessions
 
-MAX_PASSCODE_FAILURES = 10
 REOPEN_DAYS = 7  # how long, at least, a link reopened by a rejection works again
 _PASSCODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
-_hasher = PasswordHasher()
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ class UploadInvitations:
         passcode = "".join(secrets.choice(_PASSCODE_ALPHABET) for _ in range(10))
         expires = datetime.now(UTC) + timedelta(days=request.days)
         made = self._insert("invitation", details, request, max_bytes, owner,
-                            secret_hash(token), _hasher.hash(passcode), expires)
+                            secret_hash(token), hash_passcode(passcode), expires)
         created = CreatedInvitation(made.public_id, token, passcode, expires)
         self.mailer.send(
             email, "You are invited to send images to the hospital",
@@ -255,38 +258,23 @@ class UploadInvitations:
         past the ten between them; a locked invitation refuses even the right passcode."""
         actor = invitation.actor(source)
         with self._engine.begin() as conn:
-            tries = conn.execute(
-                update(upload_invitations).where(
-                    upload_invitations.c.pk == invitation.pk,
-                    upload_invitations.c.locked.is_(False),
-                    upload_invitations.c.failed_attempts < MAX_PASSCODE_FAILURES)
-                .values(failed_attempts=upload_invitations.c.failed_attempts + 1)
-                .returning(upload_invitations.c.failed_attempts)).scalar()
+            tries = count_try(conn, upload_invitations, invitation.pk)
         if tries is None:  # locked meanwhile (or by the tries in flight)
             self._audit.record(AuditEvent(
                 actor=actor, action="upload.passcode", outcome="failure",
                 detail={"upload": invitation.public_id, "locked": True}))
             return False
-        try:
-            _hasher.verify(invitation_hash(self._engine, invitation.pk),
-                           passcode.strip().upper())
-        except (VerificationError, InvalidHashError):
-            locked = tries >= MAX_PASSCODE_FAILURES
+        if not passcode_matches(invitation_hash(self._engine, invitation.pk), passcode):
             with self._engine.begin() as conn:
-                if locked:
-                    conn.execute(update(upload_invitations).where(
-                        upload_invitations.c.pk == invitation.pk).values(locked=True))
+                locked = lock_when_used_up(conn, upload_invitations, invitation.pk, tries)
                 self._audit.record(AuditEvent(
                     actor=actor, action="upload.passcode", outcome="failure",
                     detail={"upload": invitation.public_id, "failures": tries,
                             "locked": locked}), conn=conn)
             return False
         with self._engine.begin() as conn:
-            still_open = conn.execute(update(upload_invitations).where(
-                upload_invitations.c.pk == invitation.pk,
-                upload_invitations.c.locked.is_(False)).values(
-                failed_attempts=0, opened_at=datetime.now(UTC))).rowcount
-            if not still_open:
+            if not forget_tries(conn, upload_invitations, invitation.pk,
+                                opened_at=datetime.now(UTC)):
                 return False
             self._audit.record(AuditEvent(actor=actor, action="upload.open", outcome="success",
                                           detail={"upload": invitation.public_id}), conn=conn)
