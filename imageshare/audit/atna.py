@@ -346,9 +346,10 @@ class AtnaSender:
     """Sends the audit trail, in order, to the audit repository in a background thread."""
 
     def __init__(self, engine: Engine, config: AtnaConfig, poll_seconds: float = 1.0,
-                 retry_seconds: float = 2.0, batch: int = 200, lease_seconds: float = 60.0
-                 ) -> None:
+                 retry_seconds: float = 2.0, batch: int = 200, lease_seconds: float = 60.0,
+                 confirm_seconds: float = CONFIRM_SECONDS) -> None:
         self._engine = engine
+        self._confirm = confirm_seconds
         self._config = config
         self._poll = poll_seconds
         self._retry = retry_seconds
@@ -448,7 +449,7 @@ class AtnaSender:
                 message = syslog_message(sendable_message(row, self._config), row["at"])
                 sock.sendall(frame(message))
                 last = row["seq"]
-            if last and _closed(sock, CONFIRM_SECONDS):
+            if last and _closed(sock, self._confirm):
                 raise ConnectionResetError("the audit repository closed the connection")
         except (OSError, ssl.SSLError):
             self._size = max(1, self._size // 2)

@@ -654,7 +654,10 @@ def test_atna_events_in_flight_when_the_repository_drops_the_connection_are_sent
                                         "session.end", "success"))
     sender = AtnaSender(archive.engine, AtnaConfig(host="127.0.0.1", port=port,
                                                    ca_file=str(pki.ca)),
-                        poll_seconds=0.1, retry_seconds=0.1, batch=10)
+                        poll_seconds=0.1, retry_seconds=0.1, batch=10,
+                        # This repository, a thread of a busy test process, may take longer
+                        # than 50 ms to read and drop: the sender waits long enough to see it.
+                        confirm_seconds=0.5)
     sender.start()
     try:
         deadline = time.monotonic() + 40
