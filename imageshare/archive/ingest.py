@@ -22,6 +22,7 @@ from pydicom import Dataset
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from imageshare.archive.file_meta import copy_with_dataset_meta, meta_disagrees
 from imageshare.archive.header import InstanceHeader, read_header
 from imageshare.archive.index_writer import IndexWriter, Prerequisite
 from imageshare.archive.indexing import (
@@ -274,16 +275,27 @@ class IngestService:
         return StoreBatch(self, actor, expected_study)
 
     def _parse_staged(self, path: Path, reader: BinaryIO, expected_study: str | None
-                      ) -> InstanceHeader:
-        """The checked header of the file open as ``reader`` (closed on return)."""
+                      ) -> tuple[InstanceHeader, Dataset | None]:
+        """The checked header of the file open as ``reader`` (closed on return), and its
+        data set when the file meta information must be rewritten (:func:`meta_disagrees`).
+        """
         with reader:
-            _ds, header = read_header(path, reader)
+            ds, header = read_header(path, reader)
         if expected_study and header.study_uid != expected_study:
             raise WrongStudy(
                 "the instance belongs to another study than the one in the request URL",
                 header.sop_class_uid, header.sop_instance_uid,
             )
-        return header
+        return header, (ds if meta_disagrees(ds) else None)
+
+    def _with_dataset_meta(self, moving: Future[StoredBlob], key: str, ds: Dataset) -> Path:
+        """A staged copy of the blob being stored under ``key`` whose file meta information
+        names the data set ``ds``; the blob itself is discarded."""
+        moving.result()
+        try:
+            return copy_with_dataset_meta(self.blobs, key, ds, self.staging_dir)
+        finally:
+            self._discard(moving, key)
 
     def _index_many(
         self, conn: Connection,
@@ -392,7 +404,7 @@ class IngestService:
 
             moving.add_done_callback(settled)
             try:
-                _ds, header = read_header(path, fp)
+                ds, header = read_header(path, fp)
                 if announced is not None:
                     check_announced(header, announced)
                 if expected_study and header.study_uid != expected_study:
@@ -400,6 +412,7 @@ class IngestService:
                         "the instance belongs to another study than the one in the request URL",
                         header.sop_class_uid, header.sop_instance_uid,
                     )
+                fixed = self._with_dataset_meta(moving, key, ds) if meta_disagrees(ds) else None
             except InvalidInstance as exc:
                 self._discard(moving, key)
                 self._audit_refusal(actor, "instance.store", str(exc), None)
@@ -407,6 +420,11 @@ class IngestService:
             except BaseException:
                 self._discard(moving, key)  # nothing was acknowledged: nothing may stay
                 raise
+        if fixed is not None:
+            try:
+                return self._store_staged(fixed, actor, expected_study, review_site, announced)
+            finally:
+                fixed.unlink(missing_ok=True)
         pending = self.writer.submit_async(
             lambda conn: self._index(conn, header, key, moving, actor, review_site), on_disk
         )
@@ -664,7 +682,7 @@ class _BatchFile:
 
     key: str
     move: Future[StoredBlob] | None = None
-    parse: Future[InstanceHeader] | None = None
+    parse: Future[tuple[InstanceHeader, Dataset | None]] | None = None
     answer: StoreResult | Exception | None = None
 
 
@@ -711,6 +729,24 @@ class StoreBatch:
         entry.parse = service._blob_io.submit(service._parse_staged, path, reader,
                                               self._expected_study)
 
+    def _restage(self, entry: _BatchFile, ds: Dataset) -> InstanceHeader:
+        """Store ``entry`` again with file meta information naming its data set ``ds``
+        (:func:`meta_disagrees`); the header of the new file."""
+        service = self._service
+        assert entry.move is not None
+        fixed = service._with_dataset_meta(entry.move, entry.key, ds)
+        entry.key = new_blob_key()
+        reader = open(os.open(fixed, os.O_RDONLY), "rb")  # noqa: SIM115 - closed by the parse
+        # The move removes the file; the parse reads it through the descriptor.
+        entry.move = service._blob_io.submit(store_file, service.blobs, entry.key, fixed, False)
+        try:
+            header, _again = service._parse_staged(fixed, reader, self._expected_study)
+        except BaseException:
+            wait([entry.move])
+            fixed.unlink(missing_ok=True)
+            raise
+        return header
+
     @property
     def finishing(self) -> bool:
         """True once :meth:`finish` was called (then :meth:`abandon` does nothing)."""
@@ -748,7 +784,10 @@ class StoreBatch:
             if entry.parse is None or entry.move is None:
                 continue
             try:
-                batch.append((i, entry.parse.result(), entry.key, entry.move))
+                header, ds = entry.parse.result()
+                if ds is not None:
+                    header = self._restage(entry, ds)
+                batch.append((i, header, entry.key, entry.move))
             except InvalidInstance as exc:
                 entry.answer = exc
                 refusals.append(service._refusal_event(actor, "instance.store", str(exc), None))
