@@ -88,6 +88,7 @@ from imageshare.storage.index.database import make_engine, migrate
 from imageshare.storage.index.schema import instances
 from imageshare.storage.secret_box import KEY_FILE as SECRET_KEY_FILE
 from imageshare.storage.secret_box import SecretBox, load_secret_key
+from imageshare.storage.submissions import FormSubmissions
 from imageshare.teaching.library import TeachingLibrary
 from imageshare.tls import (
     check_tls_settings,
@@ -151,6 +152,7 @@ class Archive:
     uploads: UploadService
     reports: AccessReports
     consents: ConsentBook
+    submissions: FormSubmissions
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -422,6 +424,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         uploads=uploads,
         reports=AccessReports(engine, audit),
         consents=consents,
+        submissions=FormSubmissions(engine),
     )
     jobs.register("recover", lambda job, params: _recover_job(archive, job, params))
     return archive

@@ -711,6 +711,21 @@ launch_nonces = Table(
     UniqueConstraint("ehr", "nonce"),
 )
 
+# Forms already handled: a key drawn for each rendering of a form that creates something (a
+# share link, a teaching case), so that the same form sent twice (a double click, a resend
+# after a dropped answer) creates it once; the second sending finds ``result``. A day long.
+form_submissions = Table(
+    "form_submissions",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("actor", String(128), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("form_key", String(64), nullable=False),
+    Column("result", String(128), nullable=False, default="", server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    UniqueConstraint("actor", "kind", "form_key"),
+)
+
 # Uploads (issue 13): an invitation to upload for one person (or a staff import batch), with
 # the patient's identity as the hospital knows it; only hashes of its token and passcode.
 upload_invitations = Table(

@@ -12,10 +12,11 @@ from fastapi.responses import Response
 from imageshare.access.policy import ACCOUNT_SELF, EXPORT_IDENTIFIABLE, PUBLIC, SHARE_CREATE
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.errors import ImageShareError, NotFound
-from imageshare.sharing.links import NewShare
+from imageshare.sharing.links import CreatedShare, NewShare
 from imageshare.sharing.logbook import as_csv as logbook_csv
 from imageshare.sharing.logbook import as_pdf as logbook_pdf
 from imageshare.sharing.logbook import logbook
+from imageshare.storage.submissions import KEY_FIELD
 from imageshare.web.auth import allowed, authorise_also, client_address
 from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.pages.templating import page, redirect
@@ -52,8 +53,19 @@ async def create_share(
         allow_download=bool(download), allow_comment=bool(comment),
         deidentified=not identifiable, profile=profile, message=message, title=title,
         purpose=purpose)
-    created = await run_in_threadpool(archive.shares.create_and_send, share_request, actor,
-                                      archive.policy.study_scope(actor))
+    made: list[CreatedShare] = []
+
+    def create() -> str:
+        made.append(archive.shares.create_and_send(share_request, actor,
+                                                   archive.policy.study_scope(actor)))
+        return made[0].public_id
+
+    public_id, first = await run_in_threadpool(
+        archive.submissions.once, actor.name, "share", str(form.get(KEY_FIELD, "")), create)
+    if not first:
+        # The same form sent again (a double click): the share and its e-mail exist once.
+        return redirect(f"/shares/{public_id}?notice=share-made-once")
+    created = made[0]
     url = shown_link(request, created.path)
     return page(request, "share_created.html", url=url, passcode=created.passcode,
                 created=created, emailed=bool(recipient_email.strip()))

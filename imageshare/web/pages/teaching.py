@@ -16,6 +16,7 @@ from imageshare.access.policy import CASE_MANAGE, SHARE_CREATE
 from imageshare.archive.viewing import viewer_manifest
 from imageshare.domain.errors import ImageShareError
 from imageshare.sharing.links import NewShare
+from imageshare.storage.submissions import KEY_FIELD
 from imageshare.teaching.library import DIFFICULTIES, CaseFields, TeachingCase
 from imageshare.web.auth import allowed
 from imageshare.web.deps import Archive, ArchiveDep
@@ -92,9 +93,15 @@ async def create(request: Request, archive: ArchiveDep, study_uid: str,
     form = await request.form()
     series = [str(v) for v in form.getlist("series")][:500]
     fields = _fields(form)
-    case = await run_in_threadpool(archive.teaching.create, actor, fields, study_uid, series,
-                                   archive.policy.study_scope(actor))
-    return redirect(f"{case.path}?notice=teaching-created")
+
+    def make() -> str:
+        return archive.teaching.create(actor, fields, study_uid, series,
+                                       archive.policy.study_scope(actor)).path
+
+    # The same form sent twice (a double click) makes one case: the second finds it.
+    path, _first = await run_in_threadpool(
+        archive.submissions.once, actor.name, "teaching", str(form.get(KEY_FIELD, "")), make)
+    return redirect(f"{path}?notice=teaching-created")
 
 
 @router.get("/teaching/{public_id}")

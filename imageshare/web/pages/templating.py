@@ -12,6 +12,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from imageshare.access.policy import EXCHANGE
 from imageshare.domain.actors import ANONYMOUS, Actor
+from imageshare.storage.submissions import new_form_key
 from imageshare.web.deps import archive_of
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -36,6 +37,9 @@ NOTICES = {
     "feedback-sent": ("success", "Thank you: your feedback was sent to the person who shared "
                                  "this case."),
     "signed-off": ("success", "You signed off this case; the trainee's logbook shows it."),
+    "share-made-once": ("info", "This form was sent twice: the share link was made, and "
+                                "e-mailed, once. Its passcode was shown on the first answer; "
+                                "if you did not see it, revoke this share and make a new one."),
     "revoked": ("success", "The share was revoked: the link no longer opens, also for anyone "
                            "who has it open now."),
     "teaching-created": ("success", "The teaching case was made from a de-identified, "
@@ -104,6 +108,8 @@ environment = Environment(
 )
 environment.filters.update(person=person, dicom_date=dicom_date, iso_date=iso_date,
                            dicom_time=dicom_time, nhs=nhs, when=when)
+# A fresh key in each rendering of a form that creates something (storage.submissions).
+environment.globals["form_key"] = new_form_key
 
 
 def page(request: Request, template: str, status_code: int = 200, **context: Any
