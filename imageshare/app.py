@@ -679,6 +679,7 @@ def _make_listener(archive: Archive, shared_port: bool) -> Any:
         tls_port=settings.dicom_tls_port, ssl_context=dicom_server_context(settings),
         client_ssl_context=client_context(settings),
         proxy_protocol_from=settings.trusted_proxies if settings.dicom_proxy_protocol else "",
+        retrievals=archive.exchange.retrieving_from,
     )
 
 

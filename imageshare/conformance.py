@@ -103,7 +103,14 @@ instance agree. In another transfer syntax it is the same instance when every ot
 is equal and its pixels decode equal; pixels that do not decode here within 32 MiB are not
 compared (equal attributes suffice). Other content under a stored SOP Instance UID is refused
 with `0111` (C-STORE) or Failure Reason `0111` (STOW-RS), Error Comment `stored copy kept`;
-the stored copy stays.
+the stored copy stays. A Part 10 file (STOW-RS, import, upload) whose File Meta Information
+names another SOP Class or Instance than its data set, or none, is stored with its Media
+Storage SOP Class and Instance UIDs set from the data set; the data set is kept byte for byte.
+
+A C-STORE sub-operation of a C-MOVE this archive asked for (Move Originator AE title: ours)
+may bring only the studies this archive is retrieving from the calling site; an instance of
+any other study is refused with `A900` and audited, whatever the site's registration would
+let it store unasked.
 
 C-STORE Priority: a node registered with an inbox (another hospital) that stores with
 Priority HIGH makes its study an urgent arrival in the inbox (the team alerted once, by

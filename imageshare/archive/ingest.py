@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -240,6 +240,7 @@ class IngestService:
     def store_staged(
         self, path: Path, actor: Actor, expected_study: str | None = None,
         review_site: str = "", announced: tuple[str, str] | None = None,
+        requested: Collection[str] | None = None,
     ) -> StoreResult:
         """Store the Part 10 file at ``path``, which the pipeline may move or delete.
 
@@ -247,11 +248,14 @@ class IngestService:
         Raises :class:`InvalidInstance`, :class:`ConflictingInstance` or (no room on the disk)
         :class:`OutOfResources`, changing nothing. ``expected_study`` refuses instances of
         any other study (STOW-RS to a study URL); ``announced`` (SOP Class UID, SOP Instance
-        UID), those of any other class or instance (:func:`check_announced`: C-STORE).
+        UID), those of any other class or instance (:func:`check_announced`: C-STORE);
+        ``requested`` (the studies this archive asked the caller to send: C-MOVE), those of
+        any other study.
         """
         self.ensure_room(actor)
         try:
-            return self._store_staged(path, actor, expected_study, review_site, announced)
+            return self._store_staged(path, actor, expected_study, review_site, announced,
+                                      requested)
         except Exception as exc:
             if no_room(exc):
                 self._audit_quietly(actor, "out of resources")
@@ -384,7 +388,7 @@ class IngestService:
 
     def _store_staged(
         self, path: Path, actor: Actor, expected_study: str | None, review_site: str = "",
-        announced: tuple[str, str] | None = None,
+        announced: tuple[str, str] | None = None, requested: Collection[str] | None = None,
     ) -> StoreResult:
         key = new_blob_key()
         on_disk = Prerequisite()
@@ -412,6 +416,10 @@ class IngestService:
                         "the instance belongs to another study than the one in the request URL",
                         header.sop_class_uid, header.sop_instance_uid,
                     )
+                if requested is not None and header.study_uid not in requested:
+                    raise WrongStudy(
+                        "the instance belongs to none of the studies this archive asked the "
+                        "caller to send", header.sop_class_uid, header.sop_instance_uid)
                 fixed = self._with_dataset_meta(moving, key, ds) if meta_disagrees(ds) else None
             except InvalidInstance as exc:
                 self._discard(moving, key)
@@ -422,7 +430,8 @@ class IngestService:
                 raise
         if fixed is not None:
             try:
-                return self._store_staged(fixed, actor, expected_study, review_site, announced)
+                return self._store_staged(fixed, actor, expected_study, review_site, announced,
+                                          requested)
             finally:
                 fixed.unlink(missing_ok=True)
         pending = self.writer.submit_async(

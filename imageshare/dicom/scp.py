@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +122,13 @@ class DicomListener:
         ssl_context: ssl.SSLContext | None = None,
         client_ssl_context: ssl.SSLContext | None = None,
         proxy_protocol_from: str = "",
+        retrievals: Callable[[str], Collection[str]] | None = None,
     ) -> None:
         self.ingest = ingest
+        self.ae_title = ae_title.strip()
+        # The studies we are retrieving from a site (by its AE title): all a C-STORE under
+        # our own C-MOVE (Move Originator: our AE title) may bring.
+        self.retrievals = retrievals
         self.query = query
         self.retrieve = retrieve
         self.nodes = nodes
@@ -310,7 +315,8 @@ class DicomListener:
         announced = (str(getattr(request, "AffectedSOPClassUID", "") or ""),
                      str(getattr(request, "AffectedSOPInstanceUID", "") or ""))
         try:
-            result = self.ingest.store_staged(path, actor, announced=announced)
+            result = self.ingest.store_staged(path, actor, announced=announced,
+                                              requested=self._requested(request, actor))
         except Exception as exc:  # noqa: BLE001 - nothing was acknowledged; no details
             if isinstance(exc, ImageShareError) and exc.dicom_status is not None:
                 return _status(exc.dicom_status, str(exc))
@@ -328,6 +334,15 @@ class DicomListener:
             except Exception as exc:  # noqa: BLE001 - the store stands; the flag is extra
                 log.error("urgent arrival could not be flagged: %s", type(exc).__name__)
         return 0x0000
+
+    def _requested(self, request: Any, actor: Actor) -> Collection[str] | None:
+        """For a C-STORE sub-operation of a C-MOVE this archive asked for (PS3.7 9.1.1:
+        its Move Originator is our AE title), the studies it may bring: those we are
+        retrieving from the caller; None for any other C-STORE."""
+        originator = str(getattr(request, "MoveOriginatorApplicationEntityTitle", "") or "")
+        if self.retrievals is None or originator.strip() != self.ae_title:
+            return None
+        return self.retrievals(actor.name)
 
     def _query_for(self, event: Any) -> Query:
         identifier = event.identifier

@@ -27,6 +27,7 @@ from imageshare.exchange.nodes import Node, NodeRegistry
 from imageshare.exchange.sites import RetrieveProgress, SiteClient
 from imageshare.jobs import Job, JobQueue, actor_from, actor_params
 from imageshare.storage.index.schema import (
+    background_jobs,
     inbox_items,
     instances,
     retrieved_copies,
@@ -385,6 +386,16 @@ class ExchangeService:
         return self._jobs.submit(actor.name, "retrieve", f"Retrieve from {node.label}",
                                  {"site": node.ae_title, "study_uid": study_uid,
                                   "actor": actor_params(actor)})
+
+    def retrieving_from(self, site: str) -> frozenset[str]:
+        """The Study Instance UIDs this archive is retrieving from the site with AE title
+        ``site`` now (on any instance): what the site may send us under our C-MOVE."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(background_jobs.c.params).where(
+                background_jobs.c.kind == "retrieve",
+                background_jobs.c.state.in_(("queued", "running")))).scalars().all()
+        return frozenset(str(p.get("study_uid", "")) for p in rows
+                         if isinstance(p, dict) and p.get("site") == site)
 
     def _handle_retrieve(self, job: Job, params: dict[str, Any]) -> None:
         """Run a queued retrieval (on whichever instance leased it)."""
