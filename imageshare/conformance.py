@@ -165,6 +165,11 @@ header is read for another key; else zero length (the index keeps 1 for an insta
 one). Numbers of related studies, series and instances, Modalities and SOP Classes in Study,
 Retrieve AE Title, Instance Availability and Available Transfer Syntax are the archive's own.
 
+C-FIND answers are written in the Specific Character Set the request named when every value
+of the answer fits it (the default repertoire, `ISO_IR 100` to `ISO_IR 166` single-byte sets,
+`GB18030`, `GBK`): a workstation that knows only Latin-1 reads its own. An answer that needs
+more, or a request naming ISO 2022 code extensions, is written in UTF-8 (`ISO_IR 192`).
+
 A C-FIND with more matches than `IMAGESHARE_QIDO_MAX_LIMIT` sends that many and then ends with
 `A700` (Refused: Out of Resources), Error Comment `more than N matches; narrow the query`,
 never with Success; exactly that many matches end with `0000`.

@@ -387,7 +387,8 @@ class DicomListener:
                 yield statuses.FIND_CANCEL.code, None
                 return
             yield statuses.FIND_PENDING.code, response_identifier(
-                match.attributes, query.level, syntax)
+                match.attributes, query.level, syntax,
+                answer_charset(event.identifier.get("SpecificCharacterSet"), match.attributes))
         if len(matches) > most:
             # The list is incomplete: never end it with Success.
             yield statuses.FIND_TOO_MANY.dataset(
@@ -587,14 +588,66 @@ def _encodes(ds: Dataset, implicit: bool, little: bool) -> bool:
 _NOT_RETURNED = ("00080005", "00080052")
 
 
-def response_identifier(attrs: dict[str, Any], level: str, syntax: UID) -> Dataset:
-    """A C-FIND response identifier from stored DICOM JSON that always encodes: a value that
-    does not fit its VR is sent as stored (IS, DS) or left out with a warning."""
+# The character sets a C-FIND answer is given in when the request named one and every value
+# of the answer can be written in it (Python's codec for each): a requester that does not
+# know UTF-8 reads its own. ISO 2022 code extensions and JIS X 0201 are answered in UTF-8.
+_ANSWER_CODECS = {
+    "": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin_1", "ISO_IR 101": "iso8859_2",
+    "ISO_IR 109": "iso8859_3", "ISO_IR 110": "iso8859_4", "ISO_IR 126": "iso8859_7",
+    "ISO_IR 127": "iso8859_6", "ISO_IR 138": "iso8859_8", "ISO_IR 144": "iso8859_5",
+    "ISO_IR 148": "iso8859_9", "ISO_IR 166": "tis_620", "GB18030": "gb18030", "GBK": "gbk",
+    "ISO_IR 192": "utf_8",
+}
+UTF8 = "ISO_IR 192"
+
+
+def answer_charset(asked: Any, attrs: dict[str, Any]) -> str:
+    """The Specific Character Set of a C-FIND answer holding ``attrs`` (stored DICOM JSON)
+    to a request whose identifier named ``asked`` (absent: the default repertoire, written
+    ``""``): the requester's own when every text value fits it, else UTF-8."""
+    if asked is not None and not isinstance(asked, str):
+        values = [str(v).strip() for v in asked]
+        if len(values) != 1:
+            return UTF8
+        asked = values[0]
+    name = str(asked or "").strip()
+    codec = _ANSWER_CODECS.get(name)
+    if codec is None:
+        return UTF8
+    try:
+        for text in _texts(attrs):
+            text.encode(codec)
+    except UnicodeEncodeError:
+        return UTF8
+    return name
+
+
+def _texts(attrs: dict[str, Any]) -> Iterator[str]:
+    """Every string value of stored DICOM JSON, in sequences and person names too."""
+    for element in attrs.values():
+        if not isinstance(element, dict):
+            continue
+        for value in element.get("Value") or ():
+            if isinstance(value, str):
+                yield value
+            elif isinstance(value, dict):
+                if element.get("vr") == "SQ":
+                    yield from _texts(value)
+                else:  # a person name's groups
+                    yield from (v for v in value.values() if isinstance(v, str))
+
+
+def response_identifier(attrs: dict[str, Any], level: str, syntax: UID,
+                        charset: str = UTF8) -> Dataset:
+    """A C-FIND response identifier from stored DICOM JSON, in the Specific Character Set
+    ``charset`` (:func:`answer_charset`; ``""``: the default repertoire), that always
+    encodes: a value that does not fit its VR is sent as stored (IS, DS) or left out with a
+    warning."""
     implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
     clean = {tag: element for tag, element in attrs.items() if tag not in _NOT_RETURNED}
     try:
         ds = Dataset.from_json(clean)
-        ds.SpecificCharacterSet = "ISO_IR 192"
+        _set_charset(ds, charset)
         ds.QueryRetrieveLevel = level
         if _encodes(ds, implicit, little):
             return ds
@@ -602,12 +655,12 @@ def response_identifier(attrs: dict[str, Any], level: str, syntax: UID) -> Datas
         pass
     instance = str(((attrs.get("00080018") or {}).get("Value") or [""])[0])
     ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
+    _set_charset(ds, charset)
     ds.QueryRetrieveLevel = level
     for tag, element in sorted(clean.items()):
         try:
             part = Dataset.from_json({tag: element})
-            part.SpecificCharacterSet = "ISO_IR 192"
+            _set_charset(part, charset)
             if not _encodes(part, implicit, little):
                 raise ValueError("not encodable")
             ds[int(tag, 16)] = part[int(tag, 16)]
@@ -624,6 +677,15 @@ def response_identifier(attrs: dict[str, Any], level: str, syntax: UID) -> Datas
             continue
         left_out(instance, tag, vr, reason)
     return ds
+
+
+def _set_charset(ds: Dataset, charset: str) -> None:
+    """Name ``charset`` as the Specific Character Set of ``ds`` (none for the default
+    repertoire)."""
+    if charset:
+        ds.SpecificCharacterSet = charset
+    elif "SpecificCharacterSet" in ds:
+        del ds.SpecificCharacterSet
 
 
 class _AssociationServer(ThreadedAssociationServer):
