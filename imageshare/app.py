@@ -190,12 +190,16 @@ def _private_data_dir(settings: Settings) -> None:
                 side.chmod(0o600)
 
 
+def installation_key_file(settings: Settings) -> Path:
+    """Where the installation key is kept when ``secret_key`` does not give it."""
+    return (Path(settings.secret_key_file) if settings.secret_key_file
+            else settings.data_dir / SECRET_KEY_FILE)
+
+
 def installation_key(settings: Settings) -> bytes:
     """The per-installation key (``secret_key`` or ``secret_key_file``), kept apart from the
-    database: it seals secrets at rest and signs the audit chain's heads."""
-    key_file = (Path(settings.secret_key_file) if settings.secret_key_file
-                else settings.data_dir / SECRET_KEY_FILE)
-    return load_secret_key(settings.secret_key, key_file)
+    database: it seals secrets at rest and signs the audit chain's heads and backups."""
+    return load_secret_key(settings.secret_key, installation_key_file(settings))
 
 
 # The store beside the blob store that keeps the files of uploads as they came.

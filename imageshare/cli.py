@@ -191,6 +191,10 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("src", type=Path, help="backup folder written by imageshare backup")
     restore.add_argument("--snapshot", default="", help="snapshot name (default: the latest)")
     restore.add_argument("--quiet", action="store_true", help="no progress bar")
+    restore.add_argument(
+        "--accept-unsigned", action="store_true",
+        help="restore a backup whose manifest signature cannot be checked (made by an older "
+             "version, or the installation key is lost); audited")
 
     retention = sub.add_parser(
         "retention", help="retention classes and their rules").add_subparsers(
@@ -564,7 +568,7 @@ def _scrub(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _backup(archive: Any, args: argparse.Namespace) -> int:
-    from imageshare.app import ORIGINALS, blob_store
+    from imageshare.app import ORIGINALS, blob_store, installation_key
     from imageshare.audit.trail import AuditEvent
     from imageshare.storage.backup import backup
 
@@ -573,7 +577,8 @@ def _backup(archive: Any, args: argparse.Namespace) -> int:
         report = backup(archive.engine, archive.blobs, args.dest, archive.settings.pg_bin_dir,
                         bar.update, _set_total(bar),
                         heads_file=archive.settings.resolved_audit_head_file,
-                        originals=blob_store(archive.settings, beside=ORIGINALS))
+                        originals=blob_store(archive.settings, beside=ORIGINALS),
+                        manifest_key=installation_key(archive.settings))
     except ImageShareError as exc:
         print(f"imageshare backup: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -596,11 +601,25 @@ def _backup(archive: Any, args: argparse.Namespace) -> int:
 
 
 def _restore(settings: Settings, args: argparse.Namespace) -> int:
-    from imageshare.app import ORIGINALS, blob_store, build_archive
+    from imageshare.app import (
+        ORIGINALS,
+        blob_store,
+        build_archive,
+        installation_key,
+        installation_key_file,
+    )
     from imageshare.audit.chain import chain_problems
     from imageshare.audit.trail import AuditEvent
     from imageshare.storage.backup import restore
 
+    key_file = installation_key_file(settings)
+    if not args.accept_unsigned and not settings.secret_key and not key_file.exists():
+        # A new key would be made, and the backup's signature never match: say what to do.
+        print("imageshare restore: the installation key of the installation that made the "
+              f"backup is needed to check it: set IMAGESHARE_SECRET_KEY or put its key file "
+              f"at {key_file} first (or, if it is lost, restore with --accept-unsigned)",
+              file=sys.stderr)
+        return EXIT_FAILED
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     blobs = blob_store(settings)
     bar = _bar(args, "restoring blobs")
@@ -609,7 +628,9 @@ def _restore(settings: Settings, args: argparse.Namespace) -> int:
                          settings.pg_bin_dir, bar.update, _set_total(bar),
                          trail_problems=chain_problems,
                          heads_file=settings.resolved_audit_head_file,
-                         originals=blob_store(settings, beside=ORIGINALS))
+                         originals=blob_store(settings, beside=ORIGINALS),
+                         manifest_key=None if args.accept_unsigned
+                         else installation_key(settings))
     except ImageShareError as exc:
         print(f"imageshare restore: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -620,7 +641,7 @@ def _restore(settings: Settings, args: argparse.Namespace) -> int:
         archive.audit.record(AuditEvent(
             cli_actor(), "archive.restore", "success", instance_count=report.blobs,
             detail={"source": str(args.src), "snapshot": report.snapshot.name,
-                    "blobs": report.blobs}))
+                    "blobs": report.blobs, "signature_checked": not args.accept_unsigned}))
     finally:
         archive.close()
     print(f"restored snapshot {report.snapshot.name} ({report.database} index) with "

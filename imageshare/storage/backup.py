@@ -9,11 +9,22 @@ list), the list of the snapshot's blobs with their sizes and SHA-256 digests (``
 and ``manifest.json`` naming both files with their own digests. ``LATEST`` names the newest
 snapshot. The installation key (``secret_key`` / ``secret_key_file``) is never in a backup:
 keep it apart; a restore needs it for sealed secrets (second factors, site credentials).
+
+Given the installation key (``manifest_key``), a backup signs its manifest with an HMAC-SHA256
+under a key derived from it (a label of its own), and a restore given the key refuses a
+manifest that is unsigned or not signed with it: the manifest's digests then bind the index,
+the blob lists (each blob's digest) and the audit heads to the installation that wrote them,
+so that someone who can write the backup cannot slip in another index or blob and rewrite
+the digests. A backup refuses to start when the destination has too little free space for
+the index and the blobs it would copy; a restore writes the blobs first and the index last,
+so that a restore that stops half-way leaves no index naming blobs that are not there (and
+can be run again).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -28,12 +39,24 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, inspect, select, text, update
 from sqlalchemy.engine import make_url
 
-from imageshare.domain.errors import ConfigurationError, ImageShareError, StorageError
+from imageshare.domain.errors import (
+    ConfigurationError,
+    ImageShareError,
+    OutOfResources,
+    StorageError,
+)
 from imageshare.storage.blobs import CHUNK, BlobStore, check_key
-from imageshare.storage.encrypted import MAGIC, EncryptedBlobStore, plain_size
+from imageshare.storage.encrypted import MAGIC, EncryptedBlobStore, plain_size, sealed_size
 from imageshare.storage.index.schema import instances
 
 FORMAT = "imageshare-backup-1"
+# The only file names a manifest may give for its parts: a restore reads these files, so a
+# manifest naming another (checked) file would leave the one restored unchecked.
+INDEX_FILES = {"sqlite": "index.sqlite", "postgresql": "index.pgdump"}
+LISTING_FILES = {"blobs": "blobs.jsonl", "originals": "originals.jsonl"}
+SIGNATURE = "signature"
+# Free space a backup leaves on its destination beyond what it computes it needs.
+SPARE_BYTES = 16 * 1024 * 1024
 Progress = Callable[[int], None]
 # The audit chain's check of an index (what it finds wrong; nothing when intact): given by
 # the caller, the audit trail being a layer above storage.
@@ -118,6 +141,52 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def manifest_signing_key(installation_key: bytes) -> bytes:
+    """The HMAC key backup manifests are signed with, derived from the installation key (a
+    label of its own: never the key of the audit heads, the blobs or the sealed secrets)."""
+    return hashlib.sha256(b"imageshare backup manifest\0" + installation_key).digest()
+
+
+def _manifest_mac(installation_key: bytes, manifest: dict[str, Any]) -> str:
+    """The HMAC-SHA256 (hex) of the manifest without its signature, in canonical JSON."""
+    unsigned = {name: value for name, value in manifest.items() if name != SIGNATURE}
+    canonical = json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(manifest_signing_key(installation_key), canonical,
+                    hashlib.sha256).hexdigest()
+
+
+def _check_free_space(dest: Path, needed: int, what: str) -> None:
+    """Refuse (:class:`OutOfResources`) before any work when ``dest`` has too little free
+    space for ``needed`` bytes plus :data:`SPARE_BYTES`."""
+    free = shutil.disk_usage(dest).free
+    if needed + SPARE_BYTES > free:
+        raise OutOfResources(f"the backup destination {dest} has {free} bytes free and "
+                             f"{what} need about {needed + SPARE_BYTES}: nothing was copied; "
+                             "free space or choose another destination")
+
+
+def _index_bytes(engine: Engine) -> int:
+    """About how many bytes the copy of the index takes (SQLite: its files; PostgreSQL: not
+    known before the dump, which is compressed)."""
+    if engine.dialect.name != "sqlite" or not engine.url.database:
+        return 0
+    return sum(Path(engine.url.database + suffix).stat().st_size
+               for suffix in ("", "-wal") if Path(engine.url.database + suffix).exists())
+
+
+def _bytes_to_copy(blobs: BlobStore, entries: list[BlobEntry], root: Path,
+                   known: dict[str, str]) -> int:
+    """Bytes the copies of ``entries`` not yet in the backup take (as stored: sealed blobs
+    are longer); blobs of unrecorded size count nothing."""
+    sealed = isinstance(blobs, EncryptedBlobStore)
+    total = 0
+    for entry in entries:
+        if entry.size < 0 or (entry.key in known and _blob_path(root, entry.key).exists()):
+            continue
+        total += sealed_size(entry.size) if sealed else entry.size
+    return total
 
 
 # -- PostgreSQL tools ----------------------------------------------------------------------------
@@ -266,14 +335,18 @@ def _copy_blob(blobs: BlobStore, entry: BlobEntry, target: Path) -> tuple[int, s
     size = 0
     # An encrypted store's blobs are copied as stored: the backup holds them encrypted.
     sealed = blobs if isinstance(blobs, EncryptedBlobStore) else None
-    with (sealed.open_sealed(entry.key) if sealed else blobs.open(entry.key)) as src, \
-            open(tmp, "wb") as out:
-        while chunk := src.read(CHUNK):
-            out.write(chunk)
-            digest.update(chunk)
-            size += len(chunk)
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        with (sealed.open_sealed(entry.key) if sealed else blobs.open(entry.key)) as src, \
+                open(tmp, "wb") as out:
+            while chunk := src.read(CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a disk that filled up, a read that failed: no leftover
+        raise
     if sealed:
         try:
             with open(tmp, "rb") as copied:
@@ -320,17 +393,45 @@ def _known_copies(catalogue: Path) -> dict[str, str]:
 
 def backup(engine: Engine, blobs: BlobStore, dest: Path, pg_bin_dir: str = "",
            progress: Progress = _noop, on_total: Progress = _noop,
-           heads_file: Path | None = None, originals: BlobStore | None = None
-           ) -> BackupReport:
+           heads_file: Path | None = None, originals: BlobStore | None = None,
+           manifest_key: bytes | None = None) -> BackupReport:
     """Write a consistent snapshot of the index and its blobs to ``dest`` (while the server
     runs), with the uploads' kept originals (from ``originals``) and the signed audit chain
     heads of ``heads_file`` up to the snapshot's; blobs already in ``dest`` are not copied
-    again."""
-    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(dest, 0o700)
-    name = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    folder = dest / "snapshots" / name
-    folder.mkdir(parents=True, mode=0o700)
+    again. With ``manifest_key`` (the installation key) the manifest is signed.
+
+    Refused (:class:`OutOfResources`) before copying when ``dest`` lacks the space; a backup
+    that fails leaves no snapshot folder behind (copies of blobs it made stay, for the next
+    one to re-use)."""
+    if engine.dialect.name not in INDEX_FILES:
+        raise ConfigurationError(f"backup of a {engine.dialect.name} index is not supported")
+    try:
+        dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(dest, 0o700)
+        _check_free_space(dest, _index_bytes(engine), "the copy of the index")
+        name = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        folder = dest / "snapshots" / name
+        folder.mkdir(parents=True, mode=0o700)
+    except OSError as exc:
+        raise StorageError(f"cannot write a backup to {dest} "
+                           f"({exc.strerror or type(exc).__name__})") from exc
+    try:
+        return _backup_into(engine, blobs, dest, folder, pg_bin_dir, progress, on_total,
+                            heads_file, originals, manifest_key)
+    except OSError as exc:  # a full or failing disk: a reason, not a traceback
+        shutil.rmtree(folder, ignore_errors=True)
+        raise StorageError(f"the backup stopped ({exc.strerror or type(exc).__name__}); no "
+                           "snapshot was kept") from exc
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _backup_into(engine: Engine, blobs: BlobStore, dest: Path, folder: Path, pg_bin_dir: str,
+                 progress: Progress, on_total: Progress, heads_file: Path | None,
+                 originals: BlobStore | None, manifest_key: bytes | None) -> BackupReport:
+    """The work of :func:`backup` once the snapshot's ``folder`` is made."""
+    name = folder.name
     kind = engine.dialect.name
     if kind == "sqlite":
         snap = _snapshot_sqlite(engine, folder)
@@ -340,10 +441,15 @@ def backup(engine: Engine, blobs: BlobStore, dest: Path, pg_bin_dir: str = "",
         raise ConfigurationError(f"backup of a {kind} index is not supported")
     kept = snap.originals if originals is not None else []
     report = BackupReport(folder, kind, blobs=len(snap.blobs) + len(kept))
-    on_total(report.blobs)
-    _copy_all(blobs, snap.blobs, dest, "blobs", report, progress)
+    known = {part: _known_copies(dest / f"{part}.jsonl") for part in LISTING_FILES}
+    needed = _bytes_to_copy(blobs, snap.blobs, dest / "blobs", known["blobs"])
     if originals is not None:
-        _copy_all(originals, kept, dest, "originals", report, progress)
+        needed += _bytes_to_copy(originals, kept, dest / "originals", known["originals"])
+    _check_free_space(dest, needed, f"the {report.blobs} blob(s) of the snapshot")
+    on_total(report.blobs)
+    _copy_all(blobs, snap.blobs, dest, "blobs", report, progress, known["blobs"])
+    if originals is not None:
+        _copy_all(originals, kept, dest, "originals", report, progress, known["originals"])
     with engine.connect() as conn:
         revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
     manifest = {
@@ -357,6 +463,9 @@ def backup(engine: Engine, blobs: BlobStore, dest: Path, pg_bin_dir: str = "",
     heads = _copy_heads(heads_file, folder, snap.head_seq)
     if heads is not None:
         manifest["audit_heads"] = heads
+    if manifest_key is not None:
+        manifest[SIGNATURE] = {"alg": "HMAC-SHA256",
+                               "hmac": _manifest_mac(manifest_key, manifest)}
     _write_durably(folder / "manifest.json", json.dumps(manifest, indent=2).encode())
     _write_durably(dest / "LATEST", (name + "\n").encode())
     return report
@@ -373,12 +482,11 @@ def _write_listing(path: Path, entries: list[BlobEntry]) -> dict[str, Any]:
 
 
 def _copy_all(blobs: BlobStore, entries: list[BlobEntry], dest: Path, part: str,
-              report: BackupReport, progress: Progress) -> None:
+              report: BackupReport, progress: Progress, known: dict[str, str]) -> None:
     """Copy ``entries`` of ``blobs`` into ``dest/<part>/`` (those already there and whole
     are kept), counting in ``report``; each entry is updated to what its copy was checked
     to be (size and digest), also for blobs the index recorded none of, so that a restore
     can check each."""
-    known = _known_copies(dest / f"{part}.jsonl")
     root = dest / part
     with open(dest / f"{part}.jsonl", "a") as catalogue:
         for position, entry in enumerate(entries):
@@ -432,15 +540,20 @@ def _snapshot_folder(src: Path, name: str = "") -> Path:
         if not latest.exists():
             raise ImageShareError(f"{src} is not an ImageShare backup (no LATEST)")
         name = latest.read_text().strip()
+    # A snapshot is a folder of ``snapshots/``: a name with a separator or ``..`` (from the
+    # command line or an edited LATEST) would read a manifest from elsewhere.
+    if not name or Path(name).name != name or name.startswith("."):
+        raise ImageShareError(f"{name!r} is not the name of a snapshot")
     folder = src / "snapshots" / name
     if not (folder / "manifest.json").exists():
         raise ImageShareError(f"no snapshot {name!r} in {src}")
     return folder
 
 
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    """The snapshot's manifest, its index file and blob list checked against their digests;
-    ImageShareError naming what is wrong otherwise."""
+def _read_manifest(folder: Path, manifest_key: bytes | None = None) -> dict[str, Any]:
+    """The snapshot's manifest, its index file and blob list checked against their digests
+    (and, given the installation key ``manifest_key``, its signature); ImageShareError naming
+    what is wrong otherwise."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -448,10 +561,19 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         files = {part: (str(manifest[part]["file"]), str(manifest[part]["sha256"]))
                  for part in ("index", "blobs", "originals")
                  if part != "originals" or part in manifest}
-        str(manifest["database"])
+        database = str(manifest["database"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ImageShareError(f"the backup's manifest is damaged ({type(exc).__name__})"
                               ) from exc
+    if manifest_key is not None:
+        _check_signature(manifest, manifest_key)
+    # The restore reads these very files: a manifest naming others would have one file
+    # checked and another restored.
+    if database not in INDEX_FILES:
+        raise ImageShareError("the backup's manifest names an unknown kind of index")
+    expected = {"index": INDEX_FILES[database], **LISTING_FILES}
+    if any(files[part][0] != expected[part] for part in files):
+        raise ImageShareError("the backup's manifest names files a backup does not write")
     for part, what in (("index", "index file"), ("blobs", "blob list"),
                        ("originals", "list of uploads' originals")):
         if part not in files:
@@ -466,6 +588,20 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise ImageShareError("this snapshot is incomplete (blobs were missing or corrupt when "
                               "it was taken); restore another one")
     return manifest
+
+
+def _check_signature(manifest: dict[str, Any], installation_key: bytes) -> None:
+    """Refuse a manifest that is unsigned or not signed with ``installation_key``."""
+    signature = manifest.get(SIGNATURE)
+    if not isinstance(signature, dict) or not isinstance(signature.get("hmac"), str):
+        raise ImageShareError("the backup's manifest is not signed (a backup of an older "
+                              "version, or edited): it cannot be shown to be this "
+                              "installation's")
+    if signature.get("alg") != "HMAC-SHA256" or not hmac.compare_digest(
+            signature["hmac"].encode(), _manifest_mac(installation_key, manifest).encode()):
+        raise ImageShareError("the backup's manifest does not carry this installation's "
+                              "signature: it was edited, or the secret key is not the one of "
+                              "the installation that wrote it")
 
 
 def _entries(folder: Path, listing: str = "blobs.jsonl") -> Iterator[BlobEntry]:
@@ -537,15 +673,34 @@ def _empty_database(url: str) -> bool:
 def restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str = "",
             pg_bin_dir: str = "", progress: Progress = _noop, on_total: Progress = _noop,
             trail_problems: TrailCheck | None = None,
-            heads_file: Path | None = None, originals: BlobStore | None = None
-            ) -> RestoreReport:
+            heads_file: Path | None = None, originals: BlobStore | None = None,
+            manifest_key: bytes | None = None) -> RestoreReport:
     """Rebuild an installation from a backup: the index into ``database_url`` (which must be
     empty), every blob into ``blobs`` and every kept original of an upload into
     ``originals``, each checked against its digest first, and the snapshot's signed audit
     chain heads into ``heads_file`` (which must be empty); the index is refused when
-    ``trail_problems`` (the audit chain's check) finds any."""
+    ``trail_problems`` (the audit chain's check) finds any, the whole backup when, given the
+    installation key ``manifest_key``, its manifest is not signed with it.
+
+    The blobs are written first and the index last: a restore that stops half-way (a full
+    disk, an object store that went away) leaves no index naming blobs that are not there,
+    and can be run again. Blobs from a backup of an installation without encryption are
+    sealed when ``blobs`` encrypts."""
+    try:
+        return _restore(src, database_url, blobs, snapshot, pg_bin_dir, progress, on_total,
+                        trail_problems, heads_file, originals, manifest_key)
+    except OSError as exc:  # an unreadable backup, a full or failing disk
+        raise StorageError(f"the restore stopped ({exc.strerror or type(exc).__name__}); "
+                           "run it again once the cause is removed") from exc
+
+
+def _restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str, pg_bin_dir: str,
+             progress: Progress, on_total: Progress, trail_problems: TrailCheck | None,
+             heads_file: Path | None, originals: BlobStore | None,
+             manifest_key: bytes | None) -> RestoreReport:
+    """The work of :func:`restore`."""
     folder = _snapshot_folder(src, snapshot)
-    manifest = _read_manifest(folder)
+    manifest = _read_manifest(folder, manifest_key)
     heads = _checked_heads(folder, manifest, heads_file)
     parts = [(blobs, "blobs", "blob store")]
     if originals is not None and "originals" in manifest:
@@ -570,9 +725,9 @@ def restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str = "",
             raise ImageShareError(f"the target {what} is not empty (blob {stray} is not in "
                                   "the backup); restore into an empty installation")
     url = make_url(database_url)
+    index_file = folder / manifest["index"]["file"]
     if manifest["database"] == "sqlite":
-        _check_audit_trail(f"sqlite:///file:{folder / manifest['index']['file']}"
-                           "?mode=ro&uri=true", trail_problems)
+        _check_audit_trail(f"sqlite:///file:{index_file}?mode=ro&uri=true", trail_problems)
     if manifest["database"] != url.get_backend_name():
         raise ImageShareError(f"the backup holds a {manifest['database']} index; the target "
                               f"is {url.get_backend_name()}")
@@ -581,50 +736,85 @@ def restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str = "",
         if target.exists() and target.stat().st_size and not _empty_database(database_url):
             raise ImageShareError(f"{target} already holds an index; restore into an empty "
                                   "installation")
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for suffix in ("-wal", "-shm"):
-            Path(str(target) + suffix).unlink(missing_ok=True)
-        tmp = target.with_name(target.name + ".restoring")
-        shutil.copyfile(folder / "index.sqlite", tmp)
-        os.chmod(tmp, 0o600)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
+    elif not _empty_database(database_url):
+        raise ImageShareError("the target database is not empty; restore into an empty "
+                              "installation")
+    report = RestoreReport(folder, manifest["database"])
+    written = _restore_blobs(src, parts, listed, report, progress)
+    if url.get_backend_name() == "sqlite":
+        _install_sqlite_index(index_file, str(manifest["index"]["sha256"]), target)
     else:
-        if not _empty_database(database_url):
-            raise ImageShareError("the target database is not empty; restore into an empty "
-                                  "installation")
         args, env = _libpq(database_url)
         done = subprocess.run(
             [pg_tool("pg_restore", pg_bin_dir), *args, "--no-owner", "--no-privileges",
-             "--exit-on-error", "--single-transaction", str(folder / "index.pgdump")],
+             "--exit-on-error", "--single-transaction", str(index_file)],
             env=env, capture_output=True, text=True, timeout=24 * 3600)
         if done.returncode != 0:
             raise StorageError(f"pg_restore failed: {done.stderr.strip()[-500:]}")
-        # A dump cannot be read before it is restored: its audit trail is checked now, before
-        # any blob is written (the index is left in the target for a person to look at).
-        _check_audit_trail(database_url, trail_problems, "; the restored index is left in "
-                           "the target database for inspection")
-    report = RestoreReport(folder, manifest["database"])
-    for store, part, _what in parts:
-        for entry in listed[part]:
-            path = _blob_path(src / part, entry.key)
-            with open(path, "rb") as fh:
-                if isinstance(store, EncryptedBlobStore):  # kept as the backup holds it
-                    stored = store.put_stored(entry.key, fh, path.stat().st_size)
-                else:
-                    stored = store.put(entry.key, fh, entry.size)
-            if entry.sha256 and stored.sha256 != entry.sha256:
-                store.delete(entry.key)
-                raise StorageError(f"blob {entry.key} in the backup does not match its digest")
-            report.blobs += 1
-            progress(1)
+        # A dump cannot be read before it is restored: its audit trail is checked now; the
+        # blobs written for it are taken out again when it is refused (the index is left in
+        # the target for a person to look at).
+        try:
+            _check_audit_trail(database_url, trail_problems, "; the restored index is left "
+                               "in the target database for inspection")
+        except ImageShareError:
+            for store, key in written:
+                store.delete(key)
+            raise
     if heads is not None and heads_file is not None:
         heads_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         _write_durably(heads_file, heads)
         os.chmod(heads_file, 0o600)
     return report
+
+
+def _restore_blobs(src: Path, parts: list[tuple[BlobStore, str, str]],
+                   listed: dict[str, list[BlobEntry]], report: RestoreReport,
+                   progress: Progress) -> list[tuple[BlobStore, str]]:
+    """Put every listed blob of the backup into its store, each checked against its digest
+    as it is written; returns the (store, key) pairs written."""
+    written: list[tuple[BlobStore, str]] = []
+    for store, part, _what in parts:
+        for entry in listed[part]:
+            path = _blob_path(src / part, entry.key)
+            with open(path, "rb") as fh:
+                if isinstance(store, EncryptedBlobStore) and _is_sealed(path):
+                    stored = store.put_stored(entry.key, fh, path.stat().st_size)
+                else:  # a plaintext copy is sealed on the way in by an encrypting store
+                    stored = store.put(entry.key, fh, path.stat().st_size)
+            written.append((store, entry.key))
+            if entry.sha256 and stored.sha256 != entry.sha256:
+                store.delete(entry.key)
+                raise StorageError(f"blob {entry.key} in the backup does not match its digest")
+            report.blobs += 1
+            progress(1)
+    return written
+
+
+def _install_sqlite_index(source: Path, sha256: str, target: Path) -> None:
+    """Copy the backup's SQLite index to ``target`` durably, checking on the way that it is
+    still the file whose digest the manifest gives (it is read again, after the blobs)."""
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for suffix in ("-wal", "-shm"):
+        Path(str(target) + suffix).unlink(missing_ok=True)
+    tmp = target.with_name(target.name + ".restoring")
+    digest = hashlib.sha256()
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(source, "rb") as src, os.fdopen(fd, "wb") as out:
+            while chunk := src.read(CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if digest.hexdigest() != sha256:
+            raise ImageShareError("the backup's index file changed while it was restored "
+                                  "(it no longer matches its digest)")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(target.parent)
 
 
 def _checked_heads(folder: Path, manifest: dict[str, Any], heads_file: Path | None

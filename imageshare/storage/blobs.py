@@ -24,7 +24,8 @@ from urllib.parse import urlparse
 
 from imageshare.domain.errors import ConfigurationError, StorageError
 
-BLOB_KEY = re.compile(r"^[0-9a-f]{8,64}$")
+# ``\Z``, not ``$``: ``$`` also matches before a final newline, so ``"deadbeef\n"`` passed.
+BLOB_KEY = re.compile(r"\A[0-9a-f]{8,64}\Z")
 CHUNK = 1 << 20
 
 
@@ -103,9 +104,17 @@ def new_blob_key() -> str:
 
 def check_key(key: str) -> str:
     """``key`` if it is a well-formed blob key; ValueError otherwise."""
-    if not BLOB_KEY.match(key):
+    if not isinstance(key, str) or not BLOB_KEY.match(key):
         raise ValueError("invalid blob key")
     return key
+
+
+def check_range(start: int, length: int) -> None:
+    """Refuse (ValueError) a byte range that starts before the blob or has a negative length:
+    every store answers the same instead of one reading from offset 0, one failing in the
+    operating system and one sending a malformed Range header."""
+    if start < 0 or length < 0:
+        raise ValueError("a byte range must start at 0 or later and not be negative")
 
 
 def fsync_file(path: Path) -> None:
@@ -158,14 +167,21 @@ def sync_folders(blobs: BlobStore, keys: Iterable[str]) -> None:
         blobs.sync_folders(keys)
 
 
-def copy_to_file(blobs: BlobStore, key: str, target: Path) -> None:
-    """Stream the blob into the local file ``target``, which appears complete or not at all."""
+def copy_to_file(blobs: BlobStore, key: str, target: Path, durable: bool = True) -> None:
+    """Stream the blob into the local file ``target``, which appears complete or not at all,
+    also after a power loss (its bytes are fsynced before it takes its name: copies kept
+    for later, such as the local copies of instances, were otherwise found empty or cut
+    short after one and served as they were). ``durable=False`` for a copy removed after use
+    (nothing can find it after a restart)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, blobs.open(key) as src:
             while chunk := src.read(CHUNK):
                 out.write(chunk)
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(name, target)
     except BaseException:
         Path(name).unlink(missing_ok=True)
@@ -182,7 +198,7 @@ def local_copy(blobs: BlobStore, key: str, folder: Path) -> Iterator[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"copy-{uuid.uuid4().hex}.dcm"
     try:
-        copy_to_file(blobs, key, target)
+        copy_to_file(blobs, key, target, durable=False)  # removed after use
         yield target
     finally:
         target.unlink(missing_ok=True)

@@ -41,6 +41,7 @@ from imageshare.storage.blobs import (
     BlobStore,
     BoundedReader,
     StoredBlob,
+    check_range,
     read_up_to,
     size_mismatch,
 )
@@ -170,9 +171,15 @@ class _OpeningReader(io.BufferedIOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        """Move in the plaintext."""
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
+        """Move in the plaintext; ValueError before its start (it moved to 0, so a reader
+        stepping back too far read the blob's first bytes as if they were the ones asked)."""
+        bases = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}
+        if whence not in bases:
+            raise ValueError(f"invalid whence ({whence})")
+        target = bases[whence] + offset
+        if target < 0:
+            raise ValueError("negative seek position")
+        self._pos = target
         return self._pos
 
     def _chunk(self, index: int) -> bytes:
@@ -219,6 +226,17 @@ class _OpeningReader(io.BufferedIOBase):
         return len(data)
 
 
+def _sealed_header(key: str, header: bytes) -> bool:
+    """True when ``header`` (the first :data:`HEADER` bytes of a stored blob) starts a sealed
+    blob, False for a blob stored before encryption; StorageError for a sealed blob cut
+    inside its header (it was served as plaintext: the magic and part of the salt)."""
+    if not header.startswith(MAGIC):
+        return False
+    if len(header) < HEADER:
+        raise StorageError(f"blob {key}: an encrypted blob is truncated")
+    return True
+
+
 class EncryptedBlobStore:
     """A blob store whose blobs are sealed (AES-256-GCM, chunked) in an inner store.
 
@@ -242,7 +260,7 @@ class EncryptedBlobStore:
         fh = self.inner.open(key)
         try:
             header = read_up_to(fh, HEADER)
-            if len(header) < HEADER or not header.startswith(MAGIC):
+            if not _sealed_header(key, header):
                 fh.seek(0)
                 return fh
             sealed = fh.seek(0, io.SEEK_END)
@@ -253,7 +271,9 @@ class EncryptedBlobStore:
             raise
 
     def open_range(self, key: str, start: int, length: int) -> BinaryIO:
-        """``length`` plaintext bytes from ``start``: only the chunks they lie in are read."""
+        """``length`` plaintext bytes from ``start``: only the chunks they lie in are read
+        (ValueError for a negative start or length, which used to read from offset 0)."""
+        check_range(start, length)
         fh = self.open(key)
         fh.seek(start)
         return BoundedReader(fh, length)  # type: ignore[return-value]
@@ -270,7 +290,7 @@ class EncryptedBlobStore:
         authenticated); StorageError when they fail authentication."""
         header = read_up_to(stream, HEADER)
         digest = hashlib.sha256()
-        if len(header) < HEADER or not header.startswith(MAGIC):
+        if not _sealed_header(key, header):
             size = len(header)
             digest.update(header)
             while chunk := stream.read(1 << 20):

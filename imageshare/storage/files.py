@@ -22,6 +22,7 @@ from imageshare.storage.blobs import (
     BoundedReader,
     StoredBlob,
     check_key,
+    check_range,
     size_mismatch,
 )
 
@@ -271,7 +272,9 @@ class FileBlobStore:
             raise KeyError(key) from exc
 
     def open_range(self, key: str, start: int, length: int) -> BinaryIO:
-        """``length`` bytes from offset ``start`` (fewer at the end); KeyError if absent."""
+        """``length`` bytes from offset ``start`` (fewer at the end); KeyError if absent,
+        ValueError for a negative start or length."""
+        check_range(start, length)
         fh = self.open(key)
         fh.seek(start)
         return BoundedReader(fh, length)  # type: ignore[return-value]  # a file-like

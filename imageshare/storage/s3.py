@@ -22,7 +22,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
 from imageshare.domain.errors import ConfigurationError, StorageError
-from imageshare.storage.blobs import BLOB_KEY, StoredBlob, check_key, read_up_to, size_mismatch
+from imageshare.storage.blobs import (
+    BLOB_KEY,
+    StoredBlob,
+    check_key,
+    check_range,
+    read_up_to,
+    size_mismatch,
+)
 
 MiB = 1024 * 1024
 _FIRST_WINDOW = 256 * 1024  # the first GET after opening or seeking
@@ -232,7 +239,11 @@ class S3BlobStore:
         return _ObjectReader(self, self._name(key), 0, None)  # type: ignore[return-value]  # file-like
 
     def open_range(self, key: str, start: int, length: int) -> BinaryIO:
-        """``length`` bytes from offset ``start`` (fewer at the end), in one GET."""
+        """``length`` bytes from offset ``start`` (fewer at the end), in one GET; ValueError
+        for a negative start or length."""
+        check_range(start, length)
+        if length == 0:  # nothing to fetch, but an absent key is still a KeyError
+            self._call("head_object", Bucket=self.bucket, Key=self._name(key))
         return _ObjectReader(self, self._name(key), start,  # type: ignore[return-value]  # file-like
                              start + length)
 
@@ -262,19 +273,33 @@ class S3BlobStore:
         """Abort multipart uploads under the prefix that a crash left more than a day ago
         (younger ones may belong to another instance still writing); returns how many."""
         cutoff = datetime.now(UTC) - _ABANDONED_AFTER
-        try:
-            page = self._call("list_multipart_uploads", Bucket=self.bucket, Prefix=self.prefix)
-        except StorageError as exc:
-            if isinstance(exc.__cause__, Exception) and _code(exc.__cause__) == "NoSuchUpload":
-                return 0  # rclone serve s3's way of saying there are none
-            raise
         aborted = 0
-        for upload in page.get("Uploads", []) or []:
+        for upload in self._uploads():
             if upload["Initiated"] < cutoff:
                 self._call("abort_multipart_upload", Bucket=self.bucket, Key=upload["Key"],
                            UploadId=upload["UploadId"])
                 aborted += 1
         return aborted
+
+    def _uploads(self) -> Iterator[dict[str, Any]]:
+        """Every multipart upload in progress under the prefix, page after page (a page
+        holds at most 1,000: those past the first were never cleared)."""
+        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix}
+        while True:
+            try:
+                page = self._call("list_multipart_uploads", **params)
+            except StorageError as exc:
+                if isinstance(exc.__cause__, Exception) and _code(exc.__cause__) == (
+                        "NoSuchUpload"):
+                    return  # rclone serve s3's way of saying there are none
+                raise
+            yield from page.get("Uploads", []) or []
+            key_marker = page.get("NextKeyMarker")
+            upload_marker = page.get("NextUploadIdMarker")
+            if not page.get("IsTruncated") or not (key_marker or upload_marker):
+                return
+            params["KeyMarker"] = key_marker or ""
+            params["UploadIdMarker"] = upload_marker or ""
 
 
 class _InvalidRange(Exception):
@@ -332,6 +357,11 @@ class _ObjectReader(io.BufferedIOBase):
             body.close()
         if len(data) != int(response["ContentLength"]):
             raise StorageError("the object store ended a read early")
+        if not content_range:
+            # A store that ignores Range answers 200 with the whole object: its bytes from 0,
+            # not from ``first`` (taking them for the range served the wrong bytes).
+            self._clip(len(data))
+            data = data[first:first + length]
         self._buf = data
 
     def _head_size(self) -> int:

@@ -74,24 +74,56 @@ def _key_from_text(text: str) -> bytes:
 
 def load_secret_key(configured: str, key_file: Path) -> bytes:
     """The installation key: ``configured`` when set, else the key file's, made (0600) on
-    first use."""
+    first use.
+
+    A new key file appears whole or not at all, and its name is durable before the key is
+    used: it is written and fsynced under a temporary name, linked to ``key_file`` (which
+    fails if another process made it first: then that one's key is used) and its folder
+    fsynced. Written in place, a crash or a second process starting at the same moment read
+    an empty file, and after a power loss the key of sealed blobs could be gone."""
     if configured:
         return _key_from_text(configured)
     if not key_file.exists():
-        key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process made it a moment ago
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(Fernet.generate_key().decode() + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            log.info("made a new key for secrets at rest: %s", key_file)
+        _make_key_file(key_file)
     if key_file.stat().st_mode & 0o077:
         key_file.chmod(0o600)
     try:
         return _key_from_text(key_file.read_text())
     except OSError as exc:
         raise ConfigurationError(f"cannot read the secret key file {key_file}") from exc
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Create ``path`` (0600; FileExistsError if it exists) holding ``text``, fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _make_key_file(key_file: Path) -> None:
+    """Make ``key_file`` with a new key, atomically and durably, unless it exists."""
+    folder = key_file.parent
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = folder / f".{key_file.name}.{os.getpid()}.{os.urandom(4).hex()}.part"
+    key = Fernet.generate_key().decode() + "\n"
+    try:
+        _write_new(tmp, key)
+        try:
+            os.link(tmp, key_file)
+        except FileExistsError:
+            return  # another process made it a moment ago, whole: its key is the one
+        except OSError:  # a file system without hard links: create it in place
+            try:
+                _write_new(key_file, key)
+            except FileExistsError:
+                return
+        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder_fd)
+        finally:
+            os.close(folder_fd)
+        log.info("made a new key for secrets at rest: %s", key_file)
+    finally:
+        tmp.unlink(missing_ok=True)
