@@ -60,7 +60,7 @@ def test_a_share_form_sent_twice_makes_one_share_and_one_email(mailing):
         assert again.status_code == 303
         assert again.headers["location"] == f"/shares/{share.public_id}?notice=share-made-once"
         shown = sender.get(again.headers["location"], headers=HTML)
-        assert "sent twice" in shown.text
+        assert "sent twice" in shown.text and "first answer only" in shown.text
         # A new rendering of the form makes a new share.
         page = sender.get(f"/studies/{uid}", headers=HTML)
         other = sender.post(f"/studies/{uid}/share", headers=HTML, data={

@@ -18,7 +18,7 @@ from imageshare.sharing.cases import CaseItem
 from imageshare.sharing.links import NewShare
 from imageshare.web.auth import allowed, authorise_also
 from imageshare.web.deps import Archive, ArchiveDep
-from imageshare.web.pages.shares import shown_link
+from imageshare.web.pages.shares import made_once, shown_link
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
@@ -135,8 +135,12 @@ async def share_case(
         recipient_email=recipient_email, days=days or archive.shares.default_days,
         allow_download=bool(download), deidentified=True, profile=profile, message=message,
         title=case.title, description=case.description, interpretation=interpretation)
-    created = await run_in_threadpool(archive.shares.create_and_send, request_, actor,
-                                      archive.policy.study_scope(actor))
+    created = await made_once(
+        request, actor, await request.form(), "share",
+        lambda: archive.shares.create_and_send(request_, actor,
+                                               archive.policy.study_scope(actor)))
+    if isinstance(created, Response):
+        return created
     url = shown_link(request, created.path)
     return page(request, "share_created.html", url=url, passcode=created.passcode,
                 created=created, emailed=bool(recipient_email.strip()))

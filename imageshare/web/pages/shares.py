@@ -3,7 +3,8 @@ notifications."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Form, Request
 from fastapi.concurrency import run_in_threadpool
@@ -11,12 +12,14 @@ from fastapi.responses import Response
 
 from imageshare.access.policy import ACCOUNT_SELF, EXPORT_IDENTIFIABLE, PUBLIC, SHARE_CREATE
 from imageshare.audit.trail import AuditEvent
+from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.sharing.links import CreatedShare, NewShare
 from imageshare.sharing.logbook import as_csv as logbook_csv
 from imageshare.sharing.logbook import as_pdf as logbook_pdf
 from imageshare.sharing.logbook import logbook
 from imageshare.storage.submissions import KEY_FIELD
+from imageshare.uploads.invitations import CreatedInvitation
 from imageshare.web.auth import allowed, authorise_also, client_address
 from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.pages.templating import page, redirect
@@ -29,6 +32,29 @@ def shown_link(request: Request, path: str) -> str:
     IMAGESHARE_PUBLIC_URL: ShareService.link_base)."""
     configured = archive_of(request).settings.public_url.rstrip("/")
     return (configured or str(request.base_url).rstrip("/")) + path
+
+
+Made = TypeVar("Made", CreatedShare, CreatedInvitation)
+
+
+async def made_once(request: Request, actor: Actor, form: Mapping[str, Any], kind: str,
+                    make: Callable[[], Made], shown_at: str = "") -> Made | Response:
+    """What ``make`` creates (a share link, an upload invitation: mailed, its passcode
+    shown once), made once per rendering of its form (``storage.submissions``): for the same
+    form sent again (a double click, a resend) a redirect to where the first one is listed
+    (``shown_at``, else the share's page), made and mailed once."""
+    made: list[Made] = []
+
+    def create() -> str:
+        made.append(make())
+        return made[0].public_id
+
+    public_id, first = await run_in_threadpool(
+        archive_of(request).submissions.once, actor.name, kind,
+        str(form.get(KEY_FIELD, "")), create)
+    if not first:
+        return redirect(f"{shown_at or f'/shares/{public_id}'}?notice={kind}-made-once")
+    return made[0]
 
 
 @router.post("/studies/{study_uid}/share")
@@ -53,19 +79,12 @@ async def create_share(
         allow_download=bool(download), allow_comment=bool(comment),
         deidentified=not identifiable, profile=profile, message=message, title=title,
         purpose=purpose)
-    made: list[CreatedShare] = []
-
-    def create() -> str:
-        made.append(archive.shares.create_and_send(share_request, actor,
-                                                   archive.policy.study_scope(actor)))
-        return made[0].public_id
-
-    public_id, first = await run_in_threadpool(
-        archive.submissions.once, actor.name, "share", str(form.get(KEY_FIELD, "")), create)
-    if not first:
-        # The same form sent again (a double click): the share and its e-mail exist once.
-        return redirect(f"/shares/{public_id}?notice=share-made-once")
-    created = made[0]
+    created = await made_once(
+        request, actor, form, "share",
+        lambda: archive.shares.create_and_send(share_request, actor,
+                                               archive.policy.study_scope(actor)))
+    if isinstance(created, Response):
+        return created
     url = shown_link(request, created.path)
     return page(request, "share_created.html", url=url, passcode=created.passcode,
                 created=created, emailed=bool(recipient_email.strip()))

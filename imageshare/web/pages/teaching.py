@@ -21,7 +21,7 @@ from imageshare.teaching.library import DIFFICULTIES, CaseFields, TeachingCase
 from imageshare.web.auth import allowed
 from imageshare.web.deps import Archive, ArchiveDep
 from imageshare.web.pages.cases import profile_names
-from imageshare.web.pages.shares import shown_link
+from imageshare.web.pages.shares import made_once, shown_link
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
@@ -269,7 +269,11 @@ async def share(request: Request, archive: ArchiveDep, public_id: str,
         purpose="teaching",
         description=case.history, interpretation="\n".join(
             f"{label}: {text}" for label, text in answers_of(case) if text and text != "—"))
-    created = await run_in_threadpool(archive.shares.create_and_send, request_, actor, None)
+    created = await made_once(
+        request, actor, await request.form(), "share",
+        lambda: archive.shares.create_and_send(request_, actor, None))
+    if isinstance(created, Response):
+        return created
     return page(request, "share_created.html", url=shown_link(request, created.path),
                 passcode=created.passcode, created=created,
                 emailed=bool(recipient_email.strip()))

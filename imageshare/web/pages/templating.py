@@ -38,8 +38,12 @@ NOTICES = {
                                  "this case."),
     "signed-off": ("success", "You signed off this case; the trainee's logbook shows it."),
     "share-made-once": ("info", "This form was sent twice: the share link was made, and "
-                                "e-mailed, once. Its passcode was shown on the first answer; "
-                                "if you did not see it, revoke this share and make a new one."),
+                                "e-mailed, once. Its passcode was shown on the first answer "
+                                "only."),
+    "invitation-made-once": ("info", "This form was sent twice: the invitation was made, and "
+                                     "e-mailed, once. Its passcode was shown on the first "
+                                     "answer; if you did not see it, revoke the invitation "
+                                     "and make a new one."),
     "revoked": ("success", "The share was revoked: the link no longer opens, also for anyone "
                            "who has it open now."),
     "teaching-created": ("success", "The teaching case was made from a de-identified, "

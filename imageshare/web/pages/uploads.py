@@ -45,6 +45,7 @@ from imageshare.uploads.invitations import Invitation, UploadRequest
 from imageshare.uploads.receiving import UploadFile
 from imageshare.web.auth import UPLOAD_COOKIE, allowed, client_address, resolve_actor
 from imageshare.web.deps import Archive, ArchiveDep
+from imageshare.web.pages.shares import made_once
 from imageshare.web.pages.templating import page, redirect
 from imageshare.web.params import RowId
 
@@ -493,14 +494,18 @@ async def uploads_invite(request: Request, archive: ArchiveDep,
     """Invite someone by e-mail to upload for a patient; shows the passcode once."""
     form = await _form(request)
     try:
-        created = await run_in_threadpool(archive.uploads.invitations.invite,
-                                          _request_from(form), actor)
+        created = await made_once(
+            request, actor, await request.form(), "invitation",
+            lambda: archive.uploads.invitations.invite(_request_from(form), actor),
+            shown_at="/uploads")
     except ImageShareError as exc:
         rows = [{"invitation": i, "pending": archive.uploads.review.pending_count(i)}
                 for i in archive.uploads.invitations.all()]
         return page(request, "uploads.html", status_code=400, rows=rows, form=form,
                     patients=archive.uploads.patients.invited(),
                     max_days=archive.settings.upload_max_days, error=str(exc))
+    if isinstance(created, Response):
+        return created
     return page(request, "upload_invited.html", created=created,
                 link=archive.uploads.invitations.public_url + created.path)
 
@@ -736,18 +741,22 @@ async def my_share(request: Request, archive: ArchiveDep, study_uid: str,
     try:
         _own_study(archive, actor, study_uid)
         days = str(form.get("days", "") or "14")
-        created = await run_in_threadpool(
-            archive.shares.create_and_send,
-            NewShare(study_uid, recipient_email=str(form.get("email", ""))[:254],
-                     days=int(days) if days.isascii() and days.isdigit() and len(days) < 6
-                     else 0, allow_download=True,
-                     deidentified=False, title="Images shared by the patient",
-                     message=str(form.get("message", ""))[:2000]),
-            actor, archive.policy.study_scope(actor))
+        share_request = NewShare(
+            study_uid, recipient_email=str(form.get("email", ""))[:254],
+            days=int(days) if days.isascii() and days.isdigit() and len(days) < 6 else 0,
+            allow_download=True, deidentified=False, title="Images shared by the patient",
+            message=str(form.get("message", ""))[:2000])
+        created = await made_once(
+            request, actor, form, "share",
+            lambda: archive.shares.create_and_send(share_request, actor,
+                                                   archive.policy.study_scope(actor)),
+            shown_at="/my")
     except ImageShareError as exc:  # another's study: not found, as for its download
         return page(request, "my_images.html",
                     status_code=404 if isinstance(exc, NotFound) else 400,
                     studies=_own_studies(archive, actor),
                     shares=archive.shares.owned(actor.name), error=str(exc))
+    if isinstance(created, Response):
+        return created
     return page(request, "share_created.html", created=created, passcode=created.passcode,
                 url=archive.shares.link_base() + created.path, emailed=True)
