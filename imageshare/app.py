@@ -371,7 +371,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     exports = ExportService(
         retrieve, audit, jobs, settings.data_dir / "exports", deidentifier,
         open_blob_store(results_store_url(settings.resolved_storage_url),
-                        settings.s3_endpoint_url))
+                        settings.s3_endpoint_url), min_free_mb=settings.min_free_disk_mb)
     jobs.set_on_forget(exports.forget)
     retention = RetentionService(
         engine, deletion, audit,

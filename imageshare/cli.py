@@ -668,6 +668,7 @@ def _audit_verify(archive: Any) -> int:
 
 
 def _audit_export(archive: Any, args: argparse.Namespace) -> int:
+    from imageshare.audit.reports import spreadsheet_safe
     from imageshare.audit.trail import AuditEvent
 
     events = list(archive.audit.events(limit=args.limit))
@@ -689,7 +690,7 @@ def _audit_export(archive: Any, args: argparse.Namespace) -> int:
             for event in reversed(events):
                 event["at"] = event["at"].isoformat()
                 event["detail"] = json.dumps(event["detail"], sort_keys=True)
-                writer.writerow([event[c] for c in columns])
+                writer.writerow(spreadsheet_safe([str(event[c]) for c in columns]))
     finally:
         if args.out:
             out.close()

@@ -284,9 +284,9 @@ class Workers:
                 return
 
     def supervise(self, interval: float = 1.0) -> None:
-        """From now on, a worker that dies is started again (at most RESTARTS_PER_HOUR
-        times an hour each), with the reason in the log; one that ended by itself with exit
-        code 0 (asked to stop) is not."""
+        """From now on, a worker that dies is started again (after a pause that grows while
+        it keeps dying: :func:`restart_pause`), with the reason in the log; one that ended
+        by itself with exit code 0 (asked to stop) is not."""
         if self._stopping.is_set():
             return
         self._watch = threading.Thread(target=self._supervise, args=(interval,),

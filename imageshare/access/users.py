@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from imageshare.access.lockout import Lockout
 from imageshare.access.policy import ENROLLING, ROLES, effective_role
 from imageshare.audit.trail import AuditEvent, AuditTrail
-from imageshare.domain.actors import SYSTEM, Actor
+from imageshare.domain.actors import ANONYMOUS, SYSTEM, Actor
 from imageshare.domain.errors import (
     Forbidden,
     ImageShareError,
@@ -785,6 +785,11 @@ def one_line(text: str, limit: int = 128) -> str:
     return " ".join(cleaned.split())[:limit]
 
 
+# Names the archive acts under itself (the system actor, the owner of periodic jobs, the
+# anonymous caller), never given to an account.
+RESERVED_NAMES = frozenset({SYSTEM.name, "system", ANONYMOUS.name})
+
+
 def _check_new_user(username: str, role: str) -> None:
     if role not in ROLES:
         raise ImageShareError(f"unknown role {role!r}; roles: {', '.join(sorted(ROLES))}")
@@ -795,6 +800,10 @@ def _check_new_user(username: str, role: str) -> None:
         # images with you"): line breaks and other control characters would let its owner
         # write lines of their own there.
         raise ImageShareError("a username has no line breaks or other control characters")
+    if username.casefold() in RESERVED_NAMES:
+        # Names ImageShare itself acts under (periodic jobs are owned by "system"): an
+        # account of that name would pass as it.
+        raise ImageShareError(f"the username {username!r} is reserved")
 
 
 def _insert_user(conn: Connection, username: str, password: str, role: str,

@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-from sqlalchemy import Engine, or_, update
+from sqlalchemy import Engine, String, or_, type_coerce, update
 from sqlalchemy import select as sql_select
 
 from imageshare.audit.chain import _at_text
@@ -44,6 +44,7 @@ from imageshare.audit.events import (
     IMPORT,
     INSTANCES_TRANSFERRED,
     PARTICIPANT_OBJECTS,
+    QUERY,
     Code,
     EventType,
 )
@@ -248,14 +249,28 @@ def _audit_message(row: dict[str, Any], config: AtnaConfig) -> bytes:
     parts.append("</EventIdentification>")
     transfer = event.event_id.code in _TRANSFERS
     we_send = event.action_code != "C"  # a read sends from us; a create received at us
-    requestor_role = own_role = media = ""
+    requestor_role = own_role = other = ""
     if transfer:
-        requestor_role = _coded("RoleIDCode", DESTINATION_ROLE if we_send else SOURCE_ROLE)
+        other_role = _coded("RoleIDCode", DESTINATION_ROLE if we_send else SOURCE_ROLE)
         own_role = _coded("RoleIDCode", SOURCE_ROLE if we_send else DESTINATION_ROLE)
+        other_end = _object_id("node", row, detail) if "node" in event.objects else ""
+        if other_end and row.get("actor_kind") != "node":
+            # A member of staff pushed to a site (A.5.3.2/A.5.3.3): the site is the other
+            # end of the transfer, an active participant of its own; the requestor received
+            # or sent nothing and takes no role.
+            other = (f"<ActiveParticipant UserID={_attr(other_end)} "
+                     f"UserIsRequestor=\"false\">{other_role}</ActiveParticipant>")
+        else:
+            requestor_role = other_role
+    elif event.event_id.code == QUERY.code:
+        # PS3.15 A.5.3.12: the process issuing the query (Source Role ID) and the one that
+        # answers it (Destination Role ID, ImageShare) each carry their RoleIDCode.
+        requestor_role = _coded("RoleIDCode", SOURCE_ROLE)
+        own_role = _coded("RoleIDCode", DESTINATION_ROLE)
     elif event.event_id.code in (EXPORT.code, IMPORT.code):
         export = event.event_id.code == EXPORT.code
         own_role = _coded("RoleIDCode", SOURCE_ROLE if export else DESTINATION_ROLE)
-        media = (f"<ActiveParticipant UserID={_attr(_media_id(action, detail, export))} "
+        other = (f"<ActiveParticipant UserID={_attr(_media_id(action, detail, export))} "
                  "UserIsRequestor=\"false\">"
                  + _coded("RoleIDCode", DESTINATION_MEDIA if export else SOURCE_MEDIA)
                  + "<MediaIdentifier>" + _coded("MediaType", MEDIA_URI)
@@ -268,8 +283,8 @@ def _audit_message(row: dict[str, Any], config: AtnaConfig) -> bytes:
                  f"UserIsRequestor=\"false\" NetworkAccessPointID="
                  f"{_attr(socket.gethostname())} NetworkAccessPointTypeCode=\"1\">"
                  f"{own_role}</ActiveParticipant>")
-    if media:
-        parts.append(media)
+    if other:  # the media of an export or import, or the site pushed to
+        parts.append(other)
     site = (f" AuditEnterpriseSiteID={_attr(config.enterprise_site_id)}"
             if config.enterprise_site_id else "")
     parts.append(f"<AuditSourceIdentification{site} "
@@ -290,7 +305,7 @@ def sendable_message(row: dict[str, Any], config: AtnaConfig) -> bytes:
     except Exception as exc:  # noqa: BLE001 - logged without data; a message goes anyway
         log.error("audit row %s could not be written whole (%s); sent without its detail",
                   row.get("seq"), type(exc).__name__)
-        bare = {"seq": row.get("seq"), "at": row.get("at") or datetime.now(UTC),
+        bare = {"seq": row.get("seq"), "at": _readable_at(row.get("at")),
                 "actor": str(row.get("actor") or "-"), "source": "",
                 "action": str(row.get("action") or ""), "outcome": "failure",
                 "patient_id": str(row.get("patient_id") or ""),
@@ -298,6 +313,18 @@ def sendable_message(row: dict[str, Any], config: AtnaConfig) -> bytes:
                 "detail": json.dumps({"reason": f"audit row {row.get('seq')} unreadable "
                                                 f"({type(exc).__name__})"})}
         return audit_message(bare, config)
+
+
+def _readable_at(value: object) -> datetime | str:
+    """``value`` when it is a moment the message can carry, else now (a damaged row is sent,
+    with the time it is sent, rather than holding back every row after it)."""
+    if isinstance(value, datetime | str):
+        try:
+            _at_text(value)
+            return value
+        except (ValueError, TypeError, OverflowError):
+            pass
+    return datetime.now(UTC)
 
 
 def syslog_message(xml: bytes, at: datetime | str, app_name: str = "imageshare") -> bytes:
@@ -340,6 +367,10 @@ def _closed(sock: ssl.SSLSocket, wait: float) -> bool:
             sock.settimeout(timeout)
         except OSError:
             pass
+
+
+_PENDING_COLUMNS = [type_coerce(c, String).label("at") if c.name == "at" else c
+                    for c in audit_events.c]
 
 
 class AtnaSender:
@@ -402,9 +433,12 @@ class AtnaSender:
                 .values(owner="", lease_until=None))
 
     def _pending(self, after: int) -> list[dict[str, Any]]:
+        """The next rows to send. The time is read as the database gives it (SQLite: text)
+        and parsed when the message is made: one damaged value fails that row's message (sent
+        all the same, see :func:`sendable_message`), not the reading of every batch."""
         with self._engine.connect() as conn:
             return [dict(r) for r in conn.execute(
-                sql_select(audit_events).where(audit_events.c.seq > after)
+                sql_select(*_PENDING_COLUMNS).where(audit_events.c.seq > after)
                 .order_by(audit_events.c.seq).limit(self._size)).mappings()]
 
     # -- the connection -----------------------------------------------------------------------
@@ -446,7 +480,8 @@ class AtnaSender:
             for row in rows:
                 if _closed(sock, 0):
                     raise ConnectionResetError("the audit repository closed the connection")
-                message = syslog_message(sendable_message(row, self._config), row["at"])
+                message = syslog_message(sendable_message(row, self._config),
+                                         _readable_at(row["at"]))
                 sock.sendall(frame(message))
                 last = row["seq"]
             if last and _closed(sock, self._confirm):

@@ -220,63 +220,99 @@ def _read_heads(heads_file: Path | None) -> list[dict[str, Any]]:
 def verify_chain(engine: Engine, key: bytes | None = None, heads_file: Path | None = None
                  ) -> ChainReport:
     """Walk every audit row in chain order and report each that was edited, deleted, inserted
-    or moved; check the head row and every signed head (when ``key`` is given)."""
-    problems: list[ChainProblem] = []
-    hashes: dict[int, str] = {}
-    expected_seq, prev = 1, GENESIS
-    rows = 0
+    or moved; check the head row and every signed head (when ``key`` is given).
+
+    Safe on a live installation: the signed heads are read before the rows (every head in the
+    file then names a row already committed), and rows committed while the walk ran, up to the
+    head row read at its end, are walked too, so that a write in the meantime is never taken
+    for deleted rows. Memory stays bounded: only the hashes the signed heads name are kept."""
+    signed = _read_heads(heads_file) if key is not None else []
+    wanted: set[int] = set()
+    for entry in signed:
+        try:
+            wanted.add(int(entry["seq"]))
+        except (KeyError, TypeError, ValueError):
+            pass
+    walk = _Walk(wanted)
     with engine.connect() as conn:
         unchained = conn.execute(select(audit_events.c.pk).where(audit_events.c.seq.is_(None))
                                  .order_by(audit_events.c.pk)).scalars().all()
         for pk in unchained:
-            problems.append(ChainProblem("inserted", None, pk,
-                                         "a row outside the chain (no sequence number)"))
-        result = conn.execution_options(stream_results=True, yield_per=2000).execute(
-            select(audit_events).where(audit_events.c.seq.is_not(None))
-            .order_by(audit_events.c.seq, audit_events.c.pk))
-        for row in _mappings(result):
-            rows += 1
-            seq, pk = row["seq"], row["pk"]
-            if seq in hashes:
-                problems.append(ChainProblem("inserted", seq, pk,
-                                             "a second row with this sequence number"))
-                continue
-            if seq > expected_seq:
-                missing = (f"row seq={expected_seq}" if seq == expected_seq + 1
-                           else f"rows seq={expected_seq}..{seq - 1}")
-                problems.append(ChainProblem("deleted", expected_seq, None,
-                                             f"{missing} missing before seq={seq}"))
-                prev = row["prev_hash"] or ""
-            own = row_hash(row["prev_hash"] or "", seq, dict(row))
-            if own != row["row_hash"]:
-                problems.append(ChainProblem(
-                    "edited", seq, pk, "its content does not match its hash (edited, or moved "
-                    "here from another place in the chain)"))
-            elif row["prev_hash"] != prev:
-                problems.append(ChainProblem(
-                    "moved", seq, pk, "it does not follow the row before it (inserted or "
-                    "reordered here, or the row before was rewritten with a new hash)"))
-            hashes[seq] = row["row_hash"]
-            prev = row["row_hash"]
-            expected_seq = seq + 1
+            walk.problems.append(ChainProblem("inserted", None, pk,
+                                              "a row outside the chain (no sequence number)"))
+        walk.rows_of(conn, select(audit_events).where(audit_events.c.seq.is_not(None)))
         head = conn.execute(select(audit_chain_head.c.seq, audit_chain_head.c.hash)
                             .where(audit_chain_head.c.id == HEAD_ROW)).first()
-    last_seq = expected_seq - 1
-    head_seq, head_hash = (head[0], head[1]) if head else (0, GENESIS)
+        head_seq, head_hash = (head[0], head[1]) if head else (0, GENESIS)
+        if head_seq > walk.last_seq:
+            # Rows written while the walk ran: the head is moved in the same transaction as
+            # its rows, so every row up to the head read now is committed and visible.
+            walk.rows_of(conn, select(audit_events).where(
+                audit_events.c.seq > walk.last_seq, audit_events.c.seq <= head_seq))
+    problems = walk.problems
+    last_seq = walk.last_seq
     if head_seq > last_seq:
         problems.append(ChainProblem(
             "deleted", last_seq + 1, None,
             f"the chain ends at seq={last_seq} but its head says seq={head_seq}: the newest "
             "rows were deleted"))
-    elif head_seq < last_seq or (last_seq and hashes.get(last_seq) != head_hash):
+    elif head_seq < last_seq or (last_seq and walk.last_hash != head_hash):
         problems.append(ChainProblem(
             "head", last_seq, None, "the head row does not match the newest row"))
-    checked = 0
-    if key is not None:
-        for entry in _read_heads(heads_file):
-            checked += 1
-            problems += _check_signed_head(entry, key, hashes, last_seq)
-    return ChainReport(rows, head_seq, checked, problems)
+    for entry in signed:
+        problems += _check_signed_head(entry, key or b"", walk.hashes, last_seq)
+    return ChainReport(walk.rows, head_seq, len(signed), problems)
+
+
+class _Walk:
+    """The state of a walk along the chain: where it is, what it found, and the hashes of
+    the rows the signed heads name."""
+
+    def __init__(self, wanted: set[int]) -> None:
+        self.wanted = wanted
+        self.hashes: dict[int, str] = {}
+        self.problems: list[ChainProblem] = []
+        self.rows = 0
+        self.expected_seq = 1
+        self.prev = GENESIS
+        self.last_seq = 0
+        self.last_hash = ""
+
+    def rows_of(self, conn: Connection, query: Any) -> None:
+        """Check the rows ``query`` selects, in chain order, after those already walked."""
+        result = conn.execution_options(stream_results=True, yield_per=2000).execute(
+            query.order_by(audit_events.c.seq, audit_events.c.pk))
+        for row in _mappings(result):
+            self.check(row)
+
+    def check(self, row: dict[str, Any]) -> None:
+        """Check one row against the row before it."""
+        self.rows += 1
+        seq, pk = row["seq"], row["pk"]
+        if self.rows > 1 and seq == self.last_seq:
+            self.problems.append(ChainProblem("inserted", seq, pk,
+                                              "a second row with this sequence number"))
+            return
+        if seq > self.expected_seq:
+            missing = (f"row seq={self.expected_seq}" if seq == self.expected_seq + 1
+                       else f"rows seq={self.expected_seq}..{seq - 1}")
+            self.problems.append(ChainProblem("deleted", self.expected_seq, None,
+                                              f"{missing} missing before seq={seq}"))
+            self.prev = row["prev_hash"] or ""
+        own = row_hash(row["prev_hash"] or "", seq, row)
+        if own != row["row_hash"]:
+            self.problems.append(ChainProblem(
+                "edited", seq, pk, "its content does not match its hash (edited, or moved "
+                "here from another place in the chain)"))
+        elif row["prev_hash"] != self.prev:
+            self.problems.append(ChainProblem(
+                "moved", seq, pk, "it does not follow the row before it (inserted or "
+                "reordered here, or the row before was rewritten with a new hash)"))
+        if seq in self.wanted:
+            self.hashes[seq] = row["row_hash"]
+        self.prev = row["row_hash"]
+        self.last_seq, self.last_hash = seq, row["row_hash"]
+        self.expected_seq = seq + 1
 
 
 def chain_problems(engine: Engine) -> list[str]:

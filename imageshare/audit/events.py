@@ -69,6 +69,9 @@ class ParticipantObjectType:
     source: str               # where the object's ID comes from in the audit row
 
 
+# The query of a Query message is a system object (2) in the role of a report (3), identified
+# by the SOP Class UID queried (PS3.15 A.5.3.12); 24 (query) is RFC 3881's, which IHE's own
+# transactions use but a DICOM Query message does not.
 PARTICIPANT_OBJECTS: dict[str, ParticipantObjectType] = {p.kind: p for p in (
     ParticipantObjectType("patient", "1", "1", Code("2", "RFC-3881", "Patient Number"),
                           "patient_id"),
@@ -80,7 +83,7 @@ PARTICIPANT_OBJECTS: dict[str, ParticipantObjectType] = {p.kind: p for p in (
                           "detail.ae_title / detail.calling_ae / detail.site"),
     ParticipantObjectType("share", "2", "13", Code("share", "IMAGESHARE", "Share link"),
                           "detail.share"),
-    ParticipantObjectType("query", "2", "24", Code("110181", "DCM", "SOP Class UID"),
+    ParticipantObjectType("query", "2", "3", Code("110181", "DCM", "SOP Class UID"),
                           "detail (the query, base64 in ParticipantObjectQuery)"),
     ParticipantObjectType("audit-log", "2", "13", Code("12", "RFC-3881", "URI"),
                           "the audit trail's URI"),
@@ -109,9 +112,37 @@ class EventType:
     event_type: Code | None = None
 
 
+# The EventActionCode each audit message may carry (PS3.15 A.5.3, one table per EventID): a
+# Security Alert, a User Authentication, a Query, the beginning of a transfer and an
+# application's activity are executions; a Study Deleted is a deletion, an Export a read, an
+# Import a creation. A repository that files events by these pairs (a deletion counted per
+# 110105 + D, ...) would miscount any other pairing.
+ACTION_CODES: dict[str, str] = {
+    APPLICATION_ACTIVITY.code: "E", AUDIT_LOG_USED.code: "R", BEGIN_TRANSFERRING.code: "E",
+    INSTANCES_ACCESSED.code: "CRUD", INSTANCES_TRANSFERRED.code: "CRU",
+    STUDY_DELETED.code: "D", EXPORT.code: "R", IMPORT.code: "C", ORDER_RECORD.code: "CRUD",
+    PATIENT_RECORD.code: "CRUD", QUERY.code: "E", SECURITY_ALERT.code: "E",
+    USER_AUTHENTICATION.code: "E",
+}
+# Events whose EventTypeCode is mandatory, and the codes it may take (None: any of CID 401).
+EVENT_TYPES_REQUIRED: dict[str, tuple[str, ...] | None] = {
+    SECURITY_ALERT.code: None, USER_AUTHENTICATION.code: (LOGIN.code, LOGOUT.code),
+}
+
+
 def _e(action: str, description: str, event_id: Code, action_code: ActionCode,
        objects: tuple[ObjectKind, ...] = (), fields: tuple[str, ...] = (),
        event_type: Code | None = None) -> EventType:
+    """A catalogue entry, refused (ValueError, at import) when its EventID, EventActionCode
+    and EventTypeCode do not make a message PS3.15 A.5.3 allows."""
+    if action_code not in ACTION_CODES.get(event_id.code, ""):
+        raise ValueError(f"{action}: EventID {event_id.code} ({event_id.meaning}) takes the "
+                         f"EventActionCode {ACTION_CODES.get(event_id.code)}, not {action_code}")
+    if event_id.code in EVENT_TYPES_REQUIRED:
+        allowed = EVENT_TYPES_REQUIRED[event_id.code]
+        if event_type is None or (allowed is not None and event_type.code not in allowed):
+            raise ValueError(f"{action}: EventID {event_id.code} ({event_id.meaning}) needs an "
+                             f"EventTypeCode{f' of {allowed}' if allowed else ''}")
     return EventType(action, description, event_id, action_code, objects, fields, event_type)
 
 
@@ -131,21 +162,21 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        ("query",), ("level", "keys", "error")),
     _e("study.view", "A study was viewed or rendered in the browser.", INSTANCES_ACCESSED,
        "R", _STUDY, ("reason",)),
-    _e("study.retrieve", "Instances were sent over WADO-RS/WADO-URI.", BEGIN_TRANSFERRING, "R",
+    _e("study.retrieve", "Instances were sent over WADO-RS/WADO-URI.", BEGIN_TRANSFERRING, "E",
        _STUDY, ("reason",)),
     _e("study.metadata", "A study's metadata was read (WADO-RS metadata).", INSTANCES_ACCESSED,
        "R", _STUDY, ("reason",)),
-    _e("study.move", "Instances were sent to another node by C-MOVE.", BEGIN_TRANSFERRING, "R",
+    _e("study.move", "Instances were sent to another node by C-MOVE.", BEGIN_TRANSFERRING, "E",
        _STUDY, ("reason",)),
     _e("study.get", "Instances were sent back over the association by C-GET.",
-       BEGIN_TRANSFERRING, "R", _STUDY, ("reason",)),
+       BEGIN_TRANSFERRING, "E", _STUDY, ("reason",)),
     _e("study.download", "A study was downloaded from the web app.", EXPORT, "R", _STUDY,
        ("reason",)),
     _e("study.export", "A study was exported (ZIP, DICOMDIR, video, images; de-identified or "
        "not).", EXPORT, "R", _STUDY, ("format", "deidentified", "profile", "held_back",
                                       "encrypted", "reason")),
-    _e("study.export.download", "A prepared export was downloaded.", EXPORT, "R", ("job",),
-       ("job",)),
+    _e("study.export.download", "A prepared export was downloaded.", EXPORT, "R",
+       _STUDY + ("job",), ("job", "reason")),
     _e("study.annotate", "Marks were saved on a study's images.", INSTANCES_ACCESSED, "U",
        _STUDY, ("reason",)),
     _e("study.comment", "A comment was added to a study.", INSTANCES_ACCESSED, "U", _STUDY),
@@ -164,8 +195,8 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        ("share",), ("share",), LOGIN),
     _e("share.passcode", "A wrong or locked-out passcode was given for a share link.",
        USER_AUTHENTICATION, "E", ("share",), ("share", "failures", "locked", "reason"), LOGIN),
-    _e("share.bind", "A share link was bound to a reviewer's account.", USER_AUTHENTICATION,
-       "U", ("share",), ("share",)),
+    _e("share.bind", "A share link was bound to a reviewer's account.", SECURITY_ALERT,
+       "E", ("share",), ("share",), OBJECT_SECURITY_ATTRIBUTES_CHANGED),
     _e("share.view", "A share's images were viewed.", INSTANCES_ACCESSED, "R",
        ("study", "share"), ("share", "format", "image")),
     _e("share.render", "An image of a share was rendered.", INSTANCES_ACCESSED, "R",
@@ -185,7 +216,7 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
     _e("logbook.export", "A trainee exported their review logbook (PDF or CSV).", EXPORT, "R",
        (), ("format", "cases")),
     _e("share.revoke", "A share link was revoked (by its owner, or because the patient "
-       "withdrew the consent it was made under).", SECURITY_ALERT, "U", ("share",),
+       "withdrew the consent it was made under).", SECURITY_ALERT, "E", ("share",),
        ("share", "reason"), OBJECT_SECURITY_ATTRIBUTES_CHANGED),
     _e("case.add", "A study's images were added to a teaching case.", INSTANCES_ACCESSED, "R",
        _STUDY, ("reason",)),
@@ -220,8 +251,8 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        "(fulfilled or declined).", ORDER_RECORD, "U", ("request", "node"),
        ("request", "state", "site")),
     _e("exchange.arrival", "Another ImageShare said what travels with a study it sent us "
-       "(its site, priority, note, contact and transfer).", IMPORT, "U", ("study", "node"),
-       ("origin", "priority", "transfer")),
+       "(its site, priority, note, contact and transfer).", INSTANCES_ACCESSED, "U",
+       ("study", "node"), ("origin", "priority", "transfer")),
     _e("exchange.receipt", "A site's receipt for a study we sent arrived (accepted or "
        "rejected, by whom, when).", INSTANCES_TRANSFERRED, "U", _STUDY + ("node",),
        ("site", "transfer", "receipt")),
@@ -230,11 +261,12 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        "accepted).", INSTANCES_ACCESSED, "R", _STUDY, ("reason",)),
     _e("inbox.accept", "A received study was accepted into the archive.", IMPORT, "C",
        ("study", "node"), ("site", "done")),
-    _e("inbox.reject", "A received study was rejected.", STUDY_DELETED, "D",
+    _e("inbox.reject", "A received study was rejected (its instances' deletion is the "
+       "instance.delete of the same moment).", INSTANCES_ACCESSED, "U",
        ("study", "node"), ("site",)),
     # Uploads by invitation, staff browser import, their review, patients' own accounts.
     _e("upload.invite", "Someone was invited by e-mail to upload images for a patient.",
-       SECURITY_ALERT, "C", ("patient",), ("upload", "max_bytes", "recipient"),
+       SECURITY_ALERT, "E", ("patient",), ("upload", "max_bytes", "recipient"),
        SECURITY_ROLES_CHANGED),
     _e("upload.import", "A member of staff began importing media in the browser.", IMPORT, "C",
        ("patient",), ("upload", "max_bytes", "recipient")),
@@ -246,23 +278,25 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
     _e("upload.submit", "An uploader sent their files for review.", IMPORT, "C", ("patient",),
        ("upload",)),
     _e("upload.withdraw", "An uploader withdrew a file before sending it (its bytes, and "
-       "what it was stored as, removed).", IMPORT, "D", ("patient",), ("upload", "file")),
+       "what it was stored as, removed).", INSTANCES_ACCESSED, "D", ("patient",),
+       ("upload", "file")),
     _e("upload.receive", "An upload's files were made DICOM and stored for review.", IMPORT,
        "C", ("patient",), ("upload", "round", "refused")),
     _e("upload.accept", "An uploaded study was accepted into the record.", IMPORT, "C",
        _STUDY, ("upload", "done")),
     _e("upload.reject", "An uploaded study was rejected (the uploader was asked for new "
-       "images).", STUDY_DELETED, "D", _STUDY, ("upload",)),
-    _e("upload.revoke", "An invitation to upload was ended.", SECURITY_ALERT, "U", (),
+       "images; the deletion is the instance.delete of the same moment).",
+       INSTANCES_ACCESSED, "U", _STUDY, ("upload",)),
+    _e("upload.revoke", "An invitation to upload was ended.", SECURITY_ALERT, "E", (),
        ("upload",), SECURITY_ROLES_CHANGED),
     _e("upload.original", "The original file of an upload was opened.", INSTANCES_ACCESSED,
        "R", _STUDY, ("upload",)),
     _e("upload.read", "The queue of uploads (or one upload) was looked at.",
        INSTANCES_ACCESSED, "R", ("patient",), ("upload",)),
     _e("patient.invite", "A patient was invited to an account for their own images.",
-       SECURITY_ALERT, "C", ("patient",), ("role",), SECURITY_ROLES_CHANGED),
+       SECURITY_ALERT, "E", ("patient",), ("role",), SECURITY_ROLES_CHANGED),
     _e("patient.bind", "A patient account was bound to its record on first sign-in.",
-       SECURITY_ALERT, "U", ("patient",), ("issuer", "record"), SECURITY_ROLES_CHANGED),
+       SECURITY_ALERT, "E", ("patient",), ("issuer", "record"), SECURITY_ROLES_CHANGED),
     _e("patient.studies", "A patient looked at the list of their own studies.",
        INSTANCES_ACCESSED, "R", (), ()),
     _e("patient.download", "A patient downloaded their own study.", EXPORT, "R", _STUDY,
@@ -279,54 +313,54 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
     _e("session.end", "A user signed out.", USER_AUTHENTICATION, "E", (), (), LOGOUT),
     _e("access.denied", "A request was refused by the access policy.", SECURITY_ALERT, "E",
        ("study",), ("wanted", "method", "route", "reason"), USE_OF_RESTRICTED_FUNCTION),
-    _e("account.password", "A user changed their password.", SECURITY_ALERT, "U", (),
+    _e("account.password", "A user changed their password.", SECURITY_ALERT, "E", (),
        ("sessions_ended",), USER_SECURITY_ATTRIBUTES_CHANGED),
-    _e("account.two-factor", "A user enrolled a second factor.", SECURITY_ALERT, "U", (), (),
+    _e("account.two-factor", "A user enrolled a second factor.", SECURITY_ALERT, "E", (), (),
        USER_SECURITY_ATTRIBUTES_CHANGED),
-    _e("token.create", "An API token was made.", SECURITY_ALERT, "C", ("token",), ("name",),
+    _e("token.create", "An API token was made.", SECURITY_ALERT, "E", ("token",), ("name",),
        USER_SECURITY_ATTRIBUTES_CHANGED),
-    _e("token.revoke", "An API token was revoked.", SECURITY_ALERT, "D", ("token",),
+    _e("token.revoke", "An API token was revoked.", SECURITY_ALERT, "E", ("token",),
        ("token",), USER_SECURITY_ATTRIBUTES_CHANGED),
-    _e("user.add", "An account was created.", SECURITY_ALERT, "C", ("user",),
+    _e("user.add", "An account was created.", SECURITY_ALERT, "E", ("user",),
        ("username", "role", "user"), SECURITY_ROLES_CHANGED),
-    _e("user.disable", "An account was disabled.", SECURITY_ALERT, "U", ("user",), ("user",),
+    _e("user.disable", "An account was disabled.", SECURITY_ALERT, "E", ("user",), ("user",),
        USER_SECURITY_ATTRIBUTES_CHANGED),
-    _e("user.enable", "An account was enabled again.", SECURITY_ALERT, "U", ("user",),
+    _e("user.enable", "An account was enabled again.", SECURITY_ALERT, "E", ("user",),
        ("user",), USER_SECURITY_ATTRIBUTES_CHANGED),
     _e("user.reset", "An account's password (and optionally second factor) was reset.",
-       SECURITY_ALERT, "U", ("user",), ("user",), USER_SECURITY_ATTRIBUTES_CHANGED),
+       SECURITY_ALERT, "E", ("user",), ("user",), USER_SECURITY_ATTRIBUTES_CHANGED),
     _e("user.email", "An account's e-mail address (where its notifications go) was set by an "
-       "administrator or its owner.", SECURITY_ALERT, "U", ("user",), ("user",),
+       "administrator or its owner.", SECURITY_ALERT, "E", ("user",), ("user",),
        USER_SECURITY_ATTRIBUTES_CHANGED),
     _e("user.email-link", "A one-time link confirming the address an account set for itself "
-       "was mailed to that address (or was not: asked for too often).", SECURITY_ALERT, "C",
+       "was mailed to that address (or was not: asked for too often).", SECURITY_ALERT, "E",
        ("user",), ("user", "reason"), USER_SECURITY_ATTRIBUTES_CHANGED),
     _e("user.email-confirm", "An account confirmed its own e-mail address with the link "
        "mailed to it (or the link was refused: expired, used, replaced, another account's); "
-       "shares sent to the address are the account's from then on.", USER_AUTHENTICATION, "U",
+       "shares sent to the address are the account's from then on.", SECURITY_ALERT, "E",
        ("user",), ("user", "reason"), USER_SECURITY_ATTRIBUTES_CHANGED),
     _e("user.link-site", "A site account was tied to the connected site it speaks for (or "
-       "untied).", SECURITY_ALERT, "U", ("user",), ("username", "site"),
+       "untied).", SECURITY_ALERT, "E", ("user",), ("username", "site"),
        USER_SECURITY_ATTRIBUTES_CHANGED),
-    _e("user.invite", "A reviewer was invited to an account for a share.", SECURITY_ALERT, "C",
+    _e("user.invite", "A reviewer was invited to an account for a share.", SECURITY_ALERT, "E",
        ("share",), ("share", "bound"), SECURITY_ROLES_CHANGED),
     _e("user.accept-invite", "A reviewer accepted an invitation (or presented a bad one).",
        USER_AUTHENTICATION, "E", (), ("reason",), LOGIN),
     # Sites (DICOM nodes) and refused callers.
-    _e("node.add", "A remote DICOM node or site was registered.", SECURITY_ALERT, "C",
+    _e("node.add", "A remote DICOM node or site was registered.", SECURITY_ALERT, "E",
        ("node",), ("ae_title", "host", "port", "from"), NETWORK_CONFIGURATION),
-    _e("node.remove", "A remote DICOM node or site was removed.", SECURITY_ALERT, "D",
+    _e("node.remove", "A remote DICOM node or site was removed.", SECURITY_ALERT, "E",
        ("node",), ("ae_title", "unlinked_site_accounts"), NETWORK_CONFIGURATION),
     _e("ehr.launch", "An EHR opened ImageShare (IHE IID): a study list or the viewer; or a "
        "launch URL was refused (reason).", USER_AUTHENTICATION, "E", ("study",),
        ("ehr", "signed", "request_type", "opened", "reason"), LOGIN),
-    _e("ehr.add", "An EHR was registered for signed launch URLs.", SECURITY_ALERT, "C", (),
+    _e("ehr.add", "An EHR was registered for signed launch URLs.", SECURITY_ALERT, "E", (),
        ("ehr",), SECURITY_CONFIGURATION),
-    _e("ehr.remove", "A registered EHR was removed.", SECURITY_ALERT, "D", (), ("ehr",),
+    _e("ehr.remove", "A registered EHR was removed.", SECURITY_ALERT, "E", (), ("ehr",),
        SECURITY_CONFIGURATION),
     _e("node.test", "The connection to a site was tested (C-ECHO, an authenticated QIDO-RS).",
        APPLICATION_ACTIVITY, "E", ("node",), ("ae_title", "checks"), NETWORK_CONFIGURATION),
-    _e("node.refused.read", "The list of refused DICOM callers was read.", SECURITY_ALERT, "R",
+    _e("node.refused.read", "The list of refused DICOM callers was read.", SECURITY_ALERT, "E",
        (), (), NETWORK_CONFIGURATION),
     _e("dicom.echo", "A C-ECHO was refused.", SECURITY_ALERT, "E", ("node",), _REFUSAL,
        NODE_AUTHENTICATION),
@@ -347,24 +381,25 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
                                                  "recorded")),
     # Retention: policy rules, legal holds, deletion by two administrators, consent.
     _e("retention.rule.set", "A retention policy rule was set (arrivals of a source, modality, "
-       "collection or case type get a retention class).", SECURITY_ALERT, "U", (),
+       "collection or case type get a retention class).", SECURITY_ALERT, "E", (),
        ("kind", "value", "class"), SECURITY_CONFIGURATION),
-    _e("retention.rule.remove", "A retention policy rule was removed.", SECURITY_ALERT, "D",
+    _e("retention.rule.remove", "A retention policy rule was removed.", SECURITY_ALERT, "E",
        (), ("kind", "value"), SECURITY_CONFIGURATION),
     _e("retention.hold.place", "A legal hold was placed on a patient or a study: nothing it "
-       "covers is deleted.", SECURITY_ALERT, "C", _STUDY, ("hold", "reason"),
+       "covers is deleted.", SECURITY_ALERT, "E", _STUDY, ("hold", "reason"),
        OBJECT_SECURITY_ATTRIBUTES_CHANGED),
-    _e("retention.hold.lift", "A legal hold was lifted.", SECURITY_ALERT, "U", _STUDY,
+    _e("retention.hold.lift", "A legal hold was lifted.", SECURITY_ALERT, "E", _STUDY,
        ("hold", "reason"), OBJECT_SECURITY_ATTRIBUTES_CHANGED),
     _e("retention.read", "Legal holds, deletion requests or retention rules were listed.",
-       SECURITY_ALERT, "R", (), ("list",), SECURITY_CONFIGURATION),
+       SECURITY_ALERT, "E", (), ("list",), SECURITY_CONFIGURATION),
     _e("deletion.request", "An administrator asked for a study's deletion (a second one must "
-       "approve).", STUDY_DELETED, "E", _STUDY, ("request", "reason"),
+       "approve).", SECURITY_ALERT, "E", _STUDY, ("request", "reason"),
        USE_OF_RESTRICTED_FUNCTION),
     _e("deletion.approve", "A second administrator approved a study's deletion (or the "
-       "approval was refused: requester, hold, retention class).", STUDY_DELETED, "D",
+       "approval was refused: requester, hold, retention class); the deletion itself is the "
+       "instance.delete (DICOM Study Deleted) it made.", SECURITY_ALERT, "E",
        _STUDY, ("request", "requested_by", "reason"), USE_OF_RESTRICTED_FUNCTION),
-    _e("deletion.refuse", "A deletion request was refused or withdrawn.", STUDY_DELETED, "E",
+    _e("deletion.refuse", "A deletion request was refused or withdrawn.", SECURITY_ALERT, "E",
        _STUDY, ("request", "state"), USE_OF_RESTRICTED_FUNCTION),
     _e("consent.record", "A patient's consent decision (teaching, research, publication) was "
        "recorded.", PATIENT_RECORD, "C", ("patient",),
@@ -427,7 +462,13 @@ def markdown() -> str:
         "link or the system; `UserIsRequestor=true`, with the network address it came from)",
         "and ImageShare itself (its AE title), and the audit source "
         "(`audit_source_id`, type 4,",
-        "application server).",
+        "application server). Transfers and queries give each end its role (Source / "
+        "Destination",
+        "Role ID); an export or import adds the media, and a push by a member of staff the "
+        "receiving",
+        "site, as active participants of their own. Each EventID takes only the action codes "
+        "PS3.15",
+        "A.5.3 allows it (a security alert, a sign-in, a query: E; a study deleted: D).",
         "",
     ]
     return "\n".join(lines)

@@ -4,7 +4,10 @@ access request), and everything one user did, as rows, CSV or PDF.
 A patient's accesses are the audit rows that name the patient, or one of the patient's
 studies (those in the index now, and those the trail ever named with the patient: a study
 since deleted or moved stays in the report). Each row says who (staff, a share link, another
-site, the system), from where, what, which study, when and with what outcome.
+site, the system), from where, what, which study, when and with what outcome. A report never
+names another patient: a row of one of the patient's studies recorded while it was filed
+under another record shows that record as :data:`OTHER_RECORD`, and the accesses to a study
+after it was moved to another patient (a correction) are that patient's, not in the report.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, or_, select
+from sqlalchemy import Engine, and_, or_, select
 
 from imageshare.audit.events import CATALOGUE
 from imageshare.audit.trail import AuditEvent, AuditTrail
@@ -26,6 +29,7 @@ from imageshare.storage.index.schema import audit_events, patients, studies
 MAX_ROWS = 50_000
 CHANNELS = {"user": "staff", "share": "share link", "node": "other site", "system": "system",
             "anonymous": "anonymous"}
+OTHER_RECORD = "(filed under another record)"
 COLUMNS = ("when", "who", "channel", "from", "action", "what", "outcome", "patient", "study",
            "instances")
 
@@ -102,16 +106,25 @@ def patient_report(engine: Engine, patient_id: str, since: date | None = None,
                    until: date | None = None) -> AccessReport:
     """Every recorded access to ``patient_id``'s images in the period, oldest first."""
     with engine.connect() as conn:
-        uids = set(conn.execute(select(studies.c.study_uid).join(
+        current = set(conn.execute(select(studies.c.study_uid).join(
             patients, studies.c.patient_pk == patients.c.pk)
             .where(patients.c.patient_id == patient_id)).scalars())
-        uids |= set(conn.execute(select(audit_events.c.study_uid).distinct().where(
+        uids = set(conn.execute(select(audit_events.c.study_uid).distinct().where(
             audit_events.c.patient_id == patient_id, audit_events.c.study_uid != ""))
             .scalars())
     condition = audit_events.c.patient_id == patient_id
-    if uids:
-        condition = or_(condition, audit_events.c.study_uid.in_(sorted(uids)))
+    if current or uids:
+        # Rows of the patient's studies recorded without a patient, and rows of the studies
+        # filed under the patient now that were recorded under another record (before a
+        # correction): accesses to this patient's images. Rows of a study since moved to
+        # another patient that name that patient are accesses to someone else's images.
+        condition = or_(condition, and_(audit_events.c.study_uid.in_(sorted(uids | current)),
+                                        audit_events.c.patient_id == ""))
+        if current:
+            condition = or_(condition, audit_events.c.study_uid.in_(sorted(current)))
     rows, truncated = _run(engine, condition, since, until)
+    rows = [row if row.patient_id in ("", patient_id) else replace(row, patient_id=OTHER_RECORD)
+            for row in rows]
     return AccessReport("Access to a patient's images", f"patient {patient_id}", since,
                         until, rows, truncated)
 
@@ -163,13 +176,24 @@ def as_csv(report: AccessReport) -> bytes:
     writer = csv.writer(out)
     writer.writerow(COLUMNS)
     for row in report.rows:
-        writer.writerow(_safe_cells(row.values()))
+        writer.writerow(spreadsheet_safe(row.values()))
     return out.getvalue().encode("utf-8")
 
 
-def _safe_cells(cells: Sequence[str]) -> list[str]:
-    # A cell a spreadsheet would run as a formula is quoted with a leading apostrophe.
-    return [f"'{c}" if c[:1] in ("=", "+", "-", "@") else c for c in cells]
+# What makes a spreadsheet (Excel, LibreOffice, Sheets) read a cell as a formula: its first
+# character, also after leading blanks, which some of them skip, and the full-width forms
+# Excel takes for the ASCII ones; a leading tab or line break starts one too (OWASP CSV
+# injection).
+_FORMULA_START = frozenset("=+-@\uff1d\uff0b\uff0d\uff20")
+_BLANKS = " \t\r\n\x0b\x0c\u00a0\u3000"
+
+
+def spreadsheet_safe(cells: Sequence[str]) -> list[str]:
+    """The cells, each one a spreadsheet would run as a formula (``=HYPERLINK(...)`` as a
+    patient ID or an AE title, ``\\t=cmd|...``, `` =1+1`` ...) quoted with a leading
+    apostrophe."""
+    return [f"'{c}" if c and (c[0] in "\t\r\n" or c.lstrip(_BLANKS)[:1] in _FORMULA_START)
+            else c for c in cells]
 
 
 def as_pdf(report: AccessReport, generated_by: str) -> bytes:

@@ -36,19 +36,33 @@ class AuditEvent:
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def row(self) -> dict[str, Any]:
-        """The audit table row for this event."""
+        """The audit table row for this event. Text from the outside (a user name, an AE
+        title, a UID) is kept with each NUL written as U+FFFD: PostgreSQL refuses NUL in text,
+        and the write of the event, with the request it records, would fail on it."""
         return {
-            "at": self.at,
-            "actor": self.actor.label[:128],
+            "at": _utc(self.at),
+            "actor": _storable(self.actor.label, 128),
             "actor_kind": self.actor.kind,
-            "source": self.actor.source[:255],
+            "source": _storable(self.actor.source, 255),
             "action": self.action,
             "outcome": self.outcome,
-            "patient_id": (self.patient_id or "")[:64],
-            "study_uid": (self.study_uid or "")[:64],
+            "patient_id": _storable(self.patient_id, 64),
+            "study_uid": _storable(self.study_uid, 64),
             "instance_count": self.instance_count,
             "detail": json.dumps(self.detail, sort_keys=True, default=str),
         }
+
+
+def _utc(at: datetime) -> datetime:
+    """``at`` as a UTC moment (a naive one taken as UTC). SQLite keeps a moment's wall-clock
+    time without its zone: a moment given in another zone came back hours off, and the
+    chain, hashed over the UTC moment, then called the row edited."""
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def _storable(value: str | None, limit: int) -> str:
+    """``value`` cut to ``limit`` characters, each NUL replaced by U+FFFD."""
+    return (value or "")[:limit].replace("\x00", "\ufffd")
 
 
 class AuditTrail:
@@ -91,11 +105,12 @@ class AuditTrail:
         detail: tuple[str, str] | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Recorded events, newest first, optionally filtered (``detail``: a key and the text
-        value it must have)."""
+        value it must have; ``%`` and ``_`` in it are matched as themselves, not as LIKE
+        wildcards that would let other events take the places of the ``limit``)."""
         query = select(audit_events).order_by(audit_events.c.pk.desc()).limit(limit)
         if detail is not None:
             query = query.where(audit_events.c.detail.contains(
-                json.dumps({detail[0]: detail[1]})[1:-1]))
+                json.dumps({detail[0]: detail[1]}, sort_keys=True)[1:-1], autoescape=True))
         if action:
             query = query.where(audit_events.c.action == action)
         if study_uid:

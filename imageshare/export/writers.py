@@ -10,11 +10,39 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.fileset import FileSet
+from pydicom.uid import (
+    JPEG2000,
+    MPEG2MPHL,
+    MPEG2MPML,
+    MPEG4HP41,
+    MPEG4HP41BD,
+    MPEG4HP42STEREO,
+    MPEG4HP422D,
+    MPEG4HP423D,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+)
 
+from imageshare.archive.transcode import convert_dataset, is_video
 from imageshare.domain.errors import ImageShareError
+
+# Transfer syntaxes of the General Purpose media profiles (PS3.11 Annex D: STD-GEN-CD/DVD-RAM
+# takes Explicit VR Little Endian only; the DVD, BD and USB profiles add JPEG, JPEG 2000 and
+# MPEG-2/MPEG-4 video). Anything else (Implicit VR, big endian, deflated, RLE, JPEG-LS) is
+# written to the media as Explicit VR Little Endian.
+MEDIA_SYNTAXES = frozenset({
+    ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+    JPEG2000Lossless, JPEG2000, MPEG2MPML, MPEG2MPHL, MPEG4HP41, MPEG4HP41BD, MPEG4HP422D,
+    MPEG4HP423D, MPEG4HP42STEREO,
+})
 
 
 class Numbering:
@@ -118,9 +146,22 @@ class ZipWriter:
         self._zip.writestr(name, _part10(ds))
         return name
 
+    def add_stream(self, header: Dataset, stream: BinaryIO) -> str:
+        """Add the Part 10 bytes of ``stream`` (from where it is) unchanged as the next
+        instance of ``header``'s study and series, streamed; returns its name in the zip."""
+        name = self._names.name(header)
+        with self._zip.open(name, "w", force_zip64=True) as out:
+            shutil.copyfileobj(stream, out, 1 << 20)
+        return name
+
     def add_file(self, name: str, data: bytes) -> None:
         """Add another file (a report, a video) under ``name``."""
         self._zip.writestr(name, data)
+
+    def add_path(self, name: str, path: Path) -> None:
+        """Add the file at ``path`` under ``name``, streamed (never whole in memory)."""
+        with open(path, "rb") as source, self._zip.open(name, "w", force_zip64=True) as out:
+            shutil.copyfileobj(source, out, 1 << 20)
 
     def close(self) -> None:
         """Finish the zip."""
@@ -134,13 +175,21 @@ _DICOMDIR_KEYS = (("StudyDate", "19000101"), ("StudyTime", "000000"),
 
 class DicomdirWriter:
     """A PS3.10 file-set (general-purpose media profile): a DICOMDIR and 8-character file IDs,
-    readable by viewers shipped on CDs and by PACS importers."""
+    readable by viewers shipped on CDs and by PACS importers. Every file on the media is in a
+    transfer syntax of the General Purpose profiles (:data:`MEDIA_SYNTAXES`)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self._fileset = FileSet()
-        self._staging = tempfile.TemporaryDirectory(prefix="dicomdir-")
+        # pydicom stages every added instance in a folder of its own, by default in the
+        # system's temporary folder: keep those copies of patient data inside the output (the
+        # service's private data folder, on the same disk) instead; removed when closed.
+        self._staging = tempfile.TemporaryDirectory(prefix=".dicomdir-", dir=folder)
+        stage = getattr(self._fileset, "_stage", None)
+        if isinstance(stage, dict) and "t" in stage:
+            stage["t"].cleanup()
+            stage["t"], stage["path"] = self._staging, Path(self._staging.name)
         self._count = 0
 
     def staging(self) -> Path:
@@ -154,19 +203,21 @@ class DicomdirWriter:
                 setattr(ds, keyword, value)
 
     def add_staged(self, path: Path, ds: Dataset) -> str:
-        """Add the staging file ``path`` (prepared) to the file-set."""
-        self._count += 1
-        kept = Path(self._staging.name) / f"{self._count}.dcm"
-        shutil.move(path, kept)
-        instance = self._fileset.add(str(kept))
-        return "/".join(instance.FileID.split("\\")) if hasattr(instance, "FileID") else ""
+        """Add the staging file ``path`` (prepared) to the file-set; the file is removed."""
+        try:
+            return self._added(dcmread(path))
+        finally:
+            path.unlink(missing_ok=True)
 
     def add(self, ds: Dataset) -> str:
         """Add one instance to the file-set."""
         self.prepare(ds)
-        path = Path(self._staging.name) / f"in-{self._count + 1}.dcm"
-        path.write_bytes(_part10(ds))
-        return self.add_staged(path, ds)
+        return self._added(ds)
+
+    def _added(self, ds: Dataset) -> str:
+        self._count += 1
+        instance = self._fileset.add(in_media_syntax(ds))
+        return "/".join(instance.FileID.split("\\")) if hasattr(instance, "FileID") else ""
 
     def close(self) -> None:
         """Write the DICOMDIR and the files."""
@@ -175,3 +226,24 @@ class DicomdirWriter:
                 self._fileset.write(self.folder)
         finally:
             self._staging.cleanup()
+
+
+def in_media_syntax(ds: Dataset) -> Dataset:
+    """``ds`` (read from a Part 10 file) in Explicit VR Little Endian unless its transfer
+    syntax is one the General Purpose media profiles permit (values unchanged; compressed
+    pixel data decoded within the pixel budget). Video in a syntax no profile permits stays
+    as it is (it cannot be decoded here); any other failure is an ImageShareError."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "") if meta is not None else "")
+    if syntax in MEDIA_SYNTAXES or (syntax and is_video(syntax)):
+        return ds
+    if not syntax:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        return ds
+    try:
+        return convert_dataset(ds, ExplicitVRLittleEndian)
+    except ImageShareError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - codec plugins raise many kinds
+        raise ImageShareError("an instance could not be written in a transfer syntax of the "
+                              "DICOM media profiles; nothing was exported") from exc

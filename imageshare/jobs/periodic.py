@@ -2,8 +2,9 @@
 
 Each instance looks every few seconds whether a task's current period (the Unix time divided
 by the period) has its job yet; the job is named after the task and the period, and the index
-keeps one job per name, so whichever instance comes first queues it and the queue runs it
-once (retried, and taken over if its instance dies, like any job).
+keeps one job per name (its record kept at least until the period is over), so whichever
+instance comes first queues it and the queue runs it once (retried, and taken over if its
+instance dies, like any job).
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy.exc import DBAPIError
-
-from imageshare.jobs.queue import JobQueue
+from imageshare.jobs.queue import JobQueue, periodic_key
 
 log = logging.getLogger("imageshare.jobs")
 
@@ -49,7 +48,7 @@ class PeriodicTasks:
         for task in self._tasks:
             period = int(now // task.every)
             # Run a little into the period (at most a minute): not in the rush of a start.
-            if self._queue.submit_once(f"{task.kind}@{int(task.every)}:{period}", task.kind,
+            if self._queue.submit_once(periodic_key(task.kind, task.every, period), task.kind,
                                        task.description, {"period": period},
                                        delay=min(60.0, task.every / 10)):
                 queued.append(task.kind)
@@ -65,7 +64,8 @@ class PeriodicTasks:
             while True:
                 try:
                     self.queue_due()
-                except DBAPIError as exc:
+                except Exception as exc:  # noqa: BLE001 - e.g. the index away, or no pooled
+                    # connection in time: an ended thread would queue nothing any more
                     log.warning("periodic tasks not queued (%s); trying again",
                                 type(exc).__name__)
                 if self._stop.wait(pause):

@@ -6,9 +6,13 @@ candidate is picked with ``FOR UPDATE SKIP LOCKED``; SQLite has one writer at a 
 lease on it that a heartbeat renews while the handler runs, and write progress with the
 heartbeat. A handler that raises is retried after a pause (``retry_delays``) unless the error
 is a refusal that a retry cannot change; a worker that dies stops renewing its lease and
-another instance takes the job again once the lease has run out. Every job ends ``done`` or
-``failed`` with the reason (or ``cancelled`` before it ran), and the person who started it
-is told.
+another instance takes the job again once the lease has run out. A handler still running
+after ``max_run_seconds`` is stopped at its next progress point and its lease is no longer
+renewed; secret parameters this instance cannot open count as a failed attempt; a job of a
+kind that no instance runs (dropped by an upgrade) fails a day after its time. Every job
+ends ``done`` or ``failed`` with the reason (or ``cancelled`` before it ran), and the person
+who started it is told. Parameters are plain JSON of at most ``MAX_PARAMS`` characters;
+secret ones are refused without a key to seal them.
 
 A job runs on one instance at a time. Lease times are the database's (``now()`` on
 PostgreSQL, so hosts whose clocks differ agree; this host's clock on SQLite, a file on this
@@ -43,9 +47,11 @@ from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
     AuditUnavailable,
+    ConfigurationError,
     ImageShareError,
     NotFound,
     OutOfResources,
+    PayloadTooLarge,
     ServiceBusy,
     StorageError,
 )
@@ -63,6 +69,13 @@ GIVE_UP_AT = 3 / 4  # ... and given up here, unrenewed, before it runs out in th
 RENEW_RETRY = 1.0  # seconds between tries to renew a lease that could not be renewed
 PROGRESS = frozenset({"done", "total", "summary", "result"})  # a handler's progress points
 LAPSED = "its lease could not be renewed in time"
+OVERRUN = "it ran longer than a job may run"
+MAX_PARAMS = 1 << 20  # characters of a job's parameters as JSON (secret ones included)
+UNRUNNABLE_AFTER = timedelta(days=1)  # a job of a kind no instance runs fails this late
+UNRUNNABLE = ("no ImageShare instance runs this kind of job (was it dropped by an upgrade?); "
+              "start it again")
+UNOPENED = ("its secret parameters could not be opened here (sealed with another secret key: "
+            "every instance needs the same IMAGESHARE_SECRET_KEY)")
 
 
 @dataclass
@@ -194,6 +207,24 @@ def actor_from(params: dict[str, Any]) -> Actor:
                  frozenset(params.get("grants", ())))
 
 
+def _as_json(params: dict[str, Any]) -> str:
+    """``params`` as the JSON they are kept as; refused (ImageShareError) when JSON cannot
+    keep them as they are (NaN or infinity, which PostgreSQL refuses and SQLite keeps, or an
+    object that is not plain data)."""
+    try:
+        return json.dumps(params, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ImageShareError("a job's parameters must be plain JSON data "
+                              f"({type(exc).__name__})") from exc
+
+
+def _text(value: str, limit: int) -> str:
+    """``value`` as a job's text column keeps it: at most ``limit`` characters, without NUL
+    (which PostgreSQL refuses in text: the job's end could not be saved there, and it would
+    run again)."""
+    return str(value).replace("\x00", "")[:limit]
+
+
 def failure_reason(exc: BaseException) -> str:
     """What a person may read about a failure (an ImageShareError's own words; otherwise only
     the kind of error, which carries no patient data)."""
@@ -223,6 +254,7 @@ class _Running:
     renew_at: float = 0.0  # time.monotonic() when the lease is renewed next
     failing: bool = False  # the last try to renew it failed
     stopped: bool = False  # its handler was told to stop
+    deadline: float = math.inf  # time.monotonic() by which its handler is to have ended
 
 
 class DatabaseJobQueue:
@@ -232,8 +264,13 @@ class DatabaseJobQueue:
                  box: SecretBox | None = None, workers: int = 2, lease_seconds: float = 60.0,
                  retry_delays: Iterable[float] = (10.0, 60.0, 300.0),
                  poll_seconds: float = 1.0,
-                 on_forget: Callable[[str], None] | None = None) -> None:
+                 on_forget: Callable[[str], None] | None = None,
+                 max_run_seconds: float = 86400.0) -> None:
         self._engine = engine
+        # A handler still running after this long (hung on a peer that never answers, say)
+        # is stopped at its next progress point and its lease no longer renewed: a failed
+        # attempt, retried as any, so that its owner is told in the end.
+        self._max_run = max(max_run_seconds, 0.0)
         self._notify = notify
         self._box = box
         self._workers = max(1, workers)
@@ -312,13 +349,18 @@ class DatabaseJobQueue:
     def _insert(self, job: Job, params: dict[str, Any], secret_params: dict[str, Any] | None,
                 notify: bool, dedupe_key: str | None, delay: float = 0.0) -> None:
         sealed = None
-        if secret_params:
-            text = json.dumps(secret_params)
-            sealed = self._box.seal(text) if self._box is not None else text
+        secret = _as_json(secret_params) if secret_params else ""
+        if len(_as_json(params)) + len(secret) > MAX_PARAMS:
+            raise PayloadTooLarge(f"a job's parameters are limited to {MAX_PARAMS} characters")
+        if secret:
+            if self._box is None:  # never written in clear
+                raise ConfigurationError("secret job parameters need the installation's "
+                                         "secret key, and the job queue was given none")
+            sealed = self._box.seal(secret)
         now = self._clock()
         with self._engine.begin() as conn:
             conn.execute(insert(jobs_table).values(
-                public_id=job.id, kind=job.kind, description=job.description[:256],
+                public_id=job.id, kind=job.kind, description=_text(job.description, 256),
                 params=params, sealed_params=sealed, state="queued", attempts=0,
                 max_attempts=len(self._delays) + 1, run_after=now + timedelta(seconds=delay),
                 done=0, total=job.total,
@@ -417,6 +459,8 @@ class DatabaseJobQueue:
         return ran
 
     def _work(self) -> None:
+        """One worker thread: claims and runs jobs until the queue closes, whatever one job
+        or one claim raised (a thread that ended would leave the instance without it)."""
         while not self._stop.is_set():
             try:
                 claimed = self._claim()
@@ -424,11 +468,20 @@ class DatabaseJobQueue:
                 log.warning("job queue unreachable (%s); trying again", type(exc).__name__)
                 claimed = None
                 self._stop.wait(max(self._poll, 1.0))
+            except Exception as exc:  # noqa: BLE001 - e.g. no pooled connection in time
+                log.error("no job claimed (%s); trying again", type(exc).__name__)
+                claimed = None
+                self._stop.wait(max(self._poll, 1.0))
             if claimed is None:
                 self._wake.wait(self._poll)
                 self._wake.clear()
                 continue
-            self._execute(*claimed)
+            try:
+                self._execute(*claimed)
+            except Exception as exc:  # noqa: BLE001 - its state could not be saved; its
+                # lease runs out and the job runs again
+                log.error("job %s: its end could not be saved (%s)", claimed[1].id[:8],
+                          type(exc).__name__)
 
     def _claimable(self, now: Any) -> Any:
         t = jobs_table.c
@@ -461,24 +514,52 @@ class DatabaseJobQueue:
                     continue  # another instance took it between the two statements
                 row = conn.execute(select(jobs_table).where(jobs_table.c.pk == pk)
                                    ).mappings().one()
-            params = dict(row["params"] or {})
-            if row["sealed_params"]:
-                text = (self._box.open(row["sealed_params"]) if self._box is not None
-                        else row["sealed_params"])
-                params.update(json.loads(text))
             job = self._job(row)
             # The lease runs out no sooner than a lease after ``started`` in the database.
             job._hold(started + self._give_up_after)
             running = _Running(pk, job, lease, (job.done, job.total, job.summary),
-                               renew_at=started + self._renew_every)
+                               renew_at=started + self._renew_every,
+                               deadline=started + self._max_run)
             if row["attempts"] > row["max_attempts"]:
                 self._finish(running, "failed", "its instance stopped while running it "
                              f"{row['max_attempts']} times", row["notify"])
                 continue
+            try:
+                params = self._params_of(row)
+            except (ImageShareError, ValueError, TypeError) as exc:
+                # Not this worker's end: an attempt that failed (another instance may hold
+                # the key), retried as any, and in the end failed with the reason.
+                log.warning("job %s (%s): parameters not opened here (%s)", job.id[:8],
+                            job.kind, type(exc).__name__)
+                if job.attempts > len(self._delays):
+                    self._finish(running, "failed", UNOPENED, bool(row["notify"]))
+                else:
+                    self._requeue(running, count_attempt=True,
+                                  delay=self._delays[job.attempts - 1], error=UNOPENED)
+                continue
             with self._lock:
-                self._running[lease] = running
+                closed = self._stop.is_set()
+                if not closed:
+                    self._running[lease] = running
+            if closed:  # the queue closed meanwhile: not started here, handed back at once
+                self._requeue(running, count_attempt=False, delay=0.0,
+                              error="interrupted by a shutdown; queued again")
+                return None
             return pk, job, params, bool(row["notify"])
         return None
+
+    def _params_of(self, row: Any) -> dict[str, Any]:
+        """A claimed job's parameters with its secret ones opened (ConfigurationError when
+        they were sealed with another key, ValueError when they are not JSON)."""
+        params = dict(row["params"] or {})
+        if row["sealed_params"]:
+            if self._box is None:
+                raise ConfigurationError("no secret key to open a job's secret parameters")
+            opened = json.loads(self._box.open(row["sealed_params"]))
+            if not isinstance(opened, dict):
+                raise ValueError("a job's secret parameters are not an object")
+            params.update(opened)
+        return params
 
     def _execute(self, pk: int, job: Job, params: dict[str, Any], notify: bool) -> None:
         with self._lock:
@@ -489,12 +570,23 @@ class DatabaseJobQueue:
             if handler is None:
                 raise ImageShareError("no handler for this kind of job")
             handler(job, params)
-        except Exception as exc:  # noqa: BLE001 - the job ends failed or is retried, with why
+        except BaseException as exc:  # noqa: BLE001 - the job ends failed or is retried, with why
+            if (isinstance(exc, KeyboardInterrupt | SystemExit)
+                    and threading.current_thread() is threading.main_thread()):
+                # A signal's stop in the thread that runs jobs itself (run_pending): the job
+                # goes back to the queue, uncounted, and the stop goes on. Elsewhere (a worker
+                # thread, which no signal reaches) it is the handler's own failure, below.
+                log.warning("job %s (%s) stopped here: %s", job.id[:8], job.kind,
+                            type(exc).__name__)
+                self._quietly(self._requeue, running, count_attempt=False, delay=0.0,
+                              error="interrupted by a shutdown; queued again")
+                raise
             stopped = job.interrupted or (
                 "interrupted by a shutdown" if isinstance(exc, JobInterrupted) else "")
-            if stopped == LAPSED:
-                # Its lease could not be kept (the index unreachable for most of a lease):
-                # an attempt that failed, retried later and in the end failed for good.
+            if stopped in (LAPSED, OVERRUN):
+                # Its lease could not be kept (the index unreachable for most of a lease), or
+                # it ran too long: an attempt that failed, retried later and in the end
+                # failed for good.
                 log.warning("job %s (%s) stopped here: %s", job.id[:8], job.kind, stopped)
                 if job.attempts > len(self._delays):
                     self._quietly(self._finish, running, "failed", stopped, notify)
@@ -506,7 +598,11 @@ class DatabaseJobQueue:
                 # Stopped here (whatever a stopped handler raised on its way out): back to
                 # the queue if this instance still holds it, the attempt not counted.
                 log.warning("job %s (%s) stopped here: %s", job.id[:8], job.kind, stopped)
-                self._quietly(self._requeue, running, count_attempt=False, delay=0.0,
+                # At once when this queue stops or lost the job; a moment later when only
+                # the handler's service stops (the queue here would take it straight back).
+                soon = self._stop.is_set() or bool(job.interrupted)
+                self._quietly(self._requeue, running, count_attempt=False,
+                              delay=0.0 if soon else ELSEWHERE_DELAY,
                               error=f"{stopped}; queued again")
             elif isinstance(exc, JobElsewhere):
                 self._quietly(self._requeue, running, count_attempt=False,
@@ -530,7 +626,8 @@ class DatabaseJobQueue:
     def _quietly(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         try:
             call(*args, **kwargs)
-        except DBAPIError as exc:  # the index is gone: the lease runs out, the job runs again
+        except (DBAPIError, SQLAlchemyTimeoutError) as exc:  # the index is gone (or no
+            # connection came in time): the lease runs out, the job runs again
             log.error("job state could not be saved (%s)", type(exc).__name__)
 
     @staticmethod
@@ -542,9 +639,10 @@ class DatabaseJobQueue:
     def _finish(self, running: _Running, state: State, error: str, notify: bool) -> None:
         job = running.job
         now = self._clock()
+        error = _text(error, 512)
         with self._engine.begin() as conn:
             ended = conn.execute(update(jobs_table).where(self._mine(running)).values(
-                state=state, error=error[:512], summary=job.summary[:512], result=job.result,
+                state=state, error=error, summary=_text(job.summary, 512), result=job.result,
                 done=job.done, total=job.total, lease_owner=None, lease_expires=None,
                 finished_at=now, updated_at=now)).rowcount
         job.state, job.error = state, error
@@ -566,7 +664,7 @@ class DatabaseJobQueue:
         now = self._clock()
         values: dict[str, Any] = {
             "state": "queued", "run_after": now + timedelta(seconds=delay),
-            "error": error[:512], "lease_owner": None, "lease_expires": None,
+            "error": _text(error, 512), "lease_owner": None, "lease_expires": None,
             "done": running.job.done, "total": running.job.total, "updated_at": now}
         if not count_attempt:
             values["attempts"] = jobs_table.c.attempts - 1
@@ -591,12 +689,14 @@ class DatabaseJobQueue:
         """Renew one lease when due (a third of the way through it, or a second after a try
         that failed) or when the job's progress changed, saving the progress with it."""
         job = item.job
+        if time.monotonic() >= item.deadline:
+            job._interrupt(OVERRUN)  # and its lease is not renewed any more
         stopped = job.interrupted
         if stopped and not item.stopped:
             item.stopped = True
             log.warning("job %s: stopping it here: %s", job.id[:8], stopped)
         if stopped and stopped != LAPSED:
-            return  # taken over, or the instance stops: its handler hands the job back
+            return  # taken over, too long, or the instance stops: its handler hands it back
         # Not renewed in time, perhaps: renewed still while this claim holds it (a handler
         # with no progress point since runs on, and the stop ends once renewed).
         started = time.monotonic()
@@ -608,7 +708,7 @@ class DatabaseJobQueue:
             with self._engine.begin() as conn:
                 kept = conn.execute(update(jobs_table).where(self._mine(item)).values(
                     lease_expires=now + self._lease, done=progress[0], total=progress[1],
-                    summary=progress[2][:512], updated_at=now)).rowcount
+                    summary=_text(progress[2], 512), updated_at=now)).rowcount
         except (DBAPIError, SQLAlchemyTimeoutError) as exc:
             item.renew_at = time.monotonic() + self._retry
             if not item.failing:
@@ -638,14 +738,21 @@ class DatabaseJobQueue:
 
     def forget_finished(self, now: datetime | None = None) -> int:
         """Remove jobs finished more than a day ago (a periodic task's record after eight
-        days) and their result files; returns how many."""
+        days, and not before its period is over) and their result files; fail, telling
+        their owners, the jobs of a kind that no handler here runs which waited a day past
+        their time (no instance ran them: see :meth:`fail_unrunnable`); returns how many
+        were removed."""
         moment = now or self.now()
+        self.fail_unrunnable(moment)
         t = jobs_table.c
         old = or_(and_(t.dedupe_key.is_(None), t.finished_at < moment - KEEP),
                   t.finished_at < moment - KEEP_PERIODIC)
         with self._engine.connect() as conn:
-            rows = conn.execute(select(t.pk, t.result).where(
+            rows = [row for row in conn.execute(select(t.pk, t.result, t.dedupe_key).where(
                 t.state.in_(FINISHED), old)).all()
+                # The record that a period's job was queued stays while the period lasts,
+                # or it would be queued again within it.
+                if period_end(row.dedupe_key) <= moment.timestamp()]
         for row in rows:
             if row.result and self._on_forget is not None:
                 try:
@@ -657,3 +764,59 @@ class DatabaseJobQueue:
             with self._engine.begin() as conn:
                 conn.execute(delete(jobs_table).where(t.pk.in_([r.pk for r in rows])))
         return len(rows)
+
+    def fail_unrunnable(self, now: datetime | None = None) -> int:
+        """Fail, with the reason and a notice to their owners, the jobs of a kind that no
+        handler here runs and that waited a day past their time (or past the end of their
+        last lease): a kind an upgrade dropped, which no instance runs and which would
+        otherwise wait for ever. Nothing when this queue runs no kind at all (a command that
+        only tidies up). Returns how many failed."""
+        if not self._handlers:
+            return 0
+        moment = now or self.now()
+        t = jobs_table.c
+        late = moment - UNRUNNABLE_AFTER
+        stale = or_(and_(t.state == "queued", t.run_after < late),
+                    and_(t.state == "running", t.lease_expires < late))
+        unrunnable = and_(stale, t.kind.not_in(list(self._handlers)))
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(t.pk, t.public_id, t.started_by, t.description,
+                                       t.notify).where(unrunnable)).all()
+        failed = 0
+        for row in rows:
+            at = self._clock()
+            with self._engine.begin() as conn:  # unless an instance took it meanwhile
+                if not conn.execute(update(jobs_table).where(
+                        t.pk == row.pk, unrunnable).values(
+                        state="failed", error=UNRUNNABLE, lease_owner=None,
+                        lease_expires=None, finished_at=at, updated_at=at)).rowcount:
+                    continue
+            failed += 1
+            log.warning("job %s failed: no instance runs its kind", row.public_id[:8])
+            if row.notify and self._notify is not None:
+                try:
+                    self._notify(row.started_by, "job.failed",
+                                 f"{row.description}: failed ({UNRUNNABLE})",
+                                 f"/jobs/{row.public_id}")
+                except Exception as exc:  # noqa: BLE001 - the job's state stands; logged
+                    log.warning("job %s: the notice could not be sent (%s)",
+                                row.public_id[:8], type(exc).__name__)
+        return failed
+
+
+def periodic_key(kind: str, every: float, period: int) -> str:
+    """The name of the job that runs periodic task ``kind`` (every ``every`` seconds) in
+    ``period`` (the Unix time divided by ``every``)."""
+    return f"{kind}@{int(every)}:{period}"
+
+
+def period_end(key: str | None) -> float:
+    """The Unix time at which the period of the periodic task's job named ``key`` ends
+    (see :func:`periodic_key`); 0 for any other name."""
+    kind, at, timing = (key or "").partition("@")
+    every, colon, period = timing.partition(":")
+    if not kind or ":" in kind or not at or not colon:
+        return 0.0
+    if not (every.isdigit() and period.isdigit() and every.isascii() and period.isascii()):
+        return 0.0
+    return (int(period) + 1) * float(every)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from imageshare.audit.reports import spreadsheet_safe
 from imageshare.sharing.links import Share, ShareService
 
 
@@ -69,7 +70,7 @@ def as_csv(entries: Sequence[LogbookEntry]) -> bytes:
     writer = csv.writer(out)
     writer.writerow(HEADERS)
     for row in _rows(entries):
-        writer.writerow([f"'{c}" if c[:1] in ("=", "+", "-", "@") else c for c in row])
+        writer.writerow(spreadsheet_safe(row))
     return out.getvalue().encode("utf-8")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -16,6 +16,7 @@ from imageshare.access.policy import (
     EXPORT_IDENTIFIABLE,
     STUDY_COMMENT,
 )
+from imageshare.access.scope import DOWNLOAD
 from imageshare.domain.actors import Actor
 from imageshare.export.service import FORMATS, ExportRequest
 from imageshare.jobs import Job
@@ -28,7 +29,9 @@ router = APIRouter(prefix="/api", tags=["API"], route_class=PrivateRoute)
 class ExportIn(BaseModel):
     """An export of a study (or some of its series)."""
 
-    series_uids: list[str] = Field(default_factory=list, max_length=1000)
+    series_uids: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=1000, description="Series Instance UIDs (UI, at most "
+        "64 characters each); none: the whole study")
     format: str = Field(default="zip", description="one of " + ", ".join(FORMATS))
     deidentify: bool = True
     profile: str = Field(default="teaching", max_length=64)
@@ -51,8 +54,9 @@ async def start_export(request: Request, actor: Actor, study_uid: str, body: Exp
         authorise_also(request, actor, EXPORT_IDENTIFIABLE, study_uid)
     export = ExportRequest(study_uid, tuple(body.series_uids), body.format, body.deidentify,
                            body.profile, body.password)
+    # an export takes the images away: within what the caller may download, not only view
     return await run_in_threadpool(archive.exports.start, export, actor,
-                                   archive.policy.study_scope(actor))
+                                   archive.policy.study_scope(actor, DOWNLOAD))
 
 
 @router.post("/studies/{study_uid}/exports", status_code=202, summary="Start an export")
@@ -80,11 +84,13 @@ def job_cancel(archive: ArchiveDep, job_id: str, actor: allowed(ACCOUNT_SELF)) -
 def job_file(request: Request, archive: ArchiveDep, job_id: str,
              actor: allowed(EXPORT_DEIDENTIFIED)) -> FileResponse:
     """The export's file (a zip whose names carry no patient data), for the one who asked
-    for it while they may still export: the right is checked again when the bytes leave (a
-    role taken away, an administrator's second factor reset, meanwhile), as for an
-    identifiable export when it was asked for."""
-    if archive.exports.is_identifiable(job_id, actor):
-        authorise_also(request, actor, EXPORT_IDENTIFIABLE)
+    for it while they may still export that study: the right is checked again, on the study,
+    when the bytes leave (a role taken away, an administrator's second factor reset, the
+    study taken out of the record, meanwhile), as for an identifiable export when it was
+    asked for; and only while the images it was made of are still in the record unchanged."""
+    study_uid, identifiable = archive.exports.export_of(job_id, actor)
+    authorise_also(request, actor, EXPORT_IDENTIFIABLE if identifiable else EXPORT_DEIDENTIFIED,
+                   study_uid)
     job, path, temporary = archive.exports.result(job_id, actor)
     return FileResponse(path, media_type="application/zip",
                         filename=f"imageshare-export-{job.id[:8]}.zip",
