@@ -237,9 +237,11 @@ class UploadInvitations:
             raise NotFound("no such link")
         invitation = from_row(Invitation, row)
         state = invitation.state
-        if state in ("revoked", "locked", "expired"):
-            raise LinkGone("this link has expired" if state == "expired"
-                           else f"this link has been {state}")
+        if state in ("revoked", "locked"):
+            raise LinkGone(f"this link has been {state}")
+        if state == "expired" or as_utc(invitation.expires_at) <= datetime.now(UTC):
+            # Sent or closed, it ends on its date too: the page says what was sent for whom.
+            raise LinkGone("this link has expired")
         return invitation
 
     def all(self, limit: int = 200) -> list[Invitation]:
