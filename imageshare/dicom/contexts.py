@@ -147,18 +147,20 @@ def restrict_unrestricted_storage() -> None:
 
 
 def storage_contexts_for(pairs: set[tuple[str, str]]) -> list[PresentationContext]:
-    """One context per (SOP class, stored transfer syntax), plus an uncompressed fallback
-    per SOP class, within the 128 contexts an association may propose."""
+    """One context per (SOP class, stored transfer syntax), then, while there is room, an
+    uncompressed fallback per SOP class, within the 128 contexts an association may propose:
+    every pair gets its own context before any fallback takes a place (a study of more than
+    64 pairs is sent whole as long as it has at most 128)."""
+    uncompressed = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    wanted = [(sop_class, (syntax,) if syntax not in uncompressed else uncompressed)
+              for sop_class, syntax in sorted(pairs)]
+    fallbacks = [(sop_class, uncompressed) for sop_class in sorted({c for c, _s in pairs})]
     contexts: list[PresentationContext] = []
     seen: set[tuple[str, tuple[str, ...]]] = set()
-    uncompressed = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-    for sop_class, syntax in sorted(pairs):
-        wanted = (syntax,) if syntax not in uncompressed else uncompressed
-        for syntaxes in (wanted, uncompressed):
-            key = (sop_class, tuple(syntaxes))
-            if key not in seen and len(contexts) < MAX_CONTEXTS:
-                seen.add(key)
-                contexts.append(build_context(sop_class, list(syntaxes)))
+    for sop_class, syntaxes in wanted + fallbacks:
+        if (sop_class, syntaxes) not in seen and len(contexts) < MAX_CONTEXTS:
+            seen.add((sop_class, syntaxes))
+            contexts.append(build_context(sop_class, list(syntaxes)))
     return contexts
 
 
