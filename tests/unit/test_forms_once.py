@@ -6,17 +6,14 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterator
 
-import pytest
 from fastapi.testclient import TestClient
 
 from imageshare.domain.actors import Actor
 from imageshare.storage.submissions import new_form_key
 from imageshare.web.server import create_app
-from tests.conftest import ADMIN_PASSWORD, make_archive
 from tests.factory import us_cine
-from tests.mail import smtp_server
+from tests.unit.test_trust_web import mailing  # noqa: F401 - the fixture
 from tests.unit.test_web_pages import HTML, browser_sign_in, csrf_of
 
 OWNER = Actor("user", "sono", "sonographer", "127.0.0.1")
@@ -27,21 +24,6 @@ def form_key_of(html: str, action: str) -> str:
     """The form key of the form posting to ``action`` on the page."""
     form = html[html.index(f'action="{action}"'):]
     return re.search(r'name="form_key" value="([^"]+)"', form[:form.index("</form>")]).group(1)
-
-
-@pytest.fixture
-def mailing(tmp_path) -> Iterator[tuple]:
-    with smtp_server() as (sink, port):
-        built = make_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
-                             public_url="https://images.hospital.example")
-        built.users.ensure_admin(ADMIN_PASSWORD)
-        built.users.add("sono", PASSWORD, "sonographer")
-        uid = built.ingest.store_copy(us_cine(tmp_path / "us", frames=2, patient_id="H78",
-                                              patient_name="Nightingale^Flo"), OWNER).study_uid
-        try:
-            yield built, sink, uid
-        finally:
-            built.close()
 
 
 def test_a_share_form_sent_twice_makes_one_share_and_one_email(mailing):

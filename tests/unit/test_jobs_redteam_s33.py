@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,28 +19,9 @@ from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from imageshare.domain.errors import ConfigurationError, ImageShareError, PayloadTooLarge
 from imageshare.jobs import DatabaseJobQueue, Job, JobInterrupted
 from imageshare.jobs.periodic import PeriodicTask, PeriodicTasks
-from imageshare.storage.index.database import make_engine, migrate
 from imageshare.storage.index.schema import background_jobs
 from imageshare.storage.secret_box import SecretBox
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    url = (request.getfixturevalue("postgres").new_database()
-           if request.param == "postgresql" else f"sqlite:///{tmp_path / 'index.sqlite'}")
-    built = make_engine(url)
-    migrate(built)
-    yield built
-    built.dispose()
-
-
-def _queue(engine: Engine, notes: list | None = None, **options: Any) -> DatabaseJobQueue:
-    queue = DatabaseJobQueue(engine, lease_seconds=options.pop("lease_seconds", 60.0),
-                             retry_delays=options.pop("retry_delays", (0.1, 0.1)),
-                             poll_seconds=0.1, **options)
-    if notes is not None:
-        queue.set_notify(lambda *note: notes.append(note))
-    return queue
+from tests.unit.test_job_queue import _queue, engine  # noqa: F401 - the fixture
 
 
 def _wait(queue: DatabaseJobQueue, job: Job, timeout: float = 10.0) -> Job:
