@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from pydicom import Dataset, dcmread
+from pydicom.encaps import generate_fragments, get_frame
 from pydicom.pixels import iter_pixels, pixel_array
+from pydicom.uid import UID
 
 from imageshare.domain.errors import ImageTooLarge, ServiceBusy, UndecodableImage
 
@@ -160,12 +162,197 @@ def check_pixel_budget(ds: Dataset, limits: PixelLimits | None = None) -> Decode
     return size
 
 
+# Codestream headers a decoder sizes its buffers from (its own, not the DICOM header's): JPEG
+# (ISO 10918) and JPEG-LS (ISO 14495) start with SOI and carry the size in their SOF segment;
+# JPEG 2000 and HTJ2K (ISO 15444) start with SOC and carry it in the SIZ segment.
+_SOI, _SOC_SIZ = b"\xff\xd8", b"\xff\x4f\xff\x51"
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
+                       0xCF, 0xF7})  # 0xF7: JPEG-LS SOF55
+_HEADER_PREFIX = 1 << 12  # bytes read first to find a codestream's size
+_HEADER_LIMIT = 1 << 20  # most bytes read to find it (APPn segments come before SOF)
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
+
+
+class _ShortHeader(Exception):
+    """The codestream header runs past the bytes at hand."""
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int, int]:
+    """(rows, columns, components) of a JPEG or JPEG-LS codestream's frame header."""
+    at = 2
+    while True:
+        if at + 4 > len(data):
+            raise _ShortHeader
+        if data[at] != 0xFF:
+            raise UndecodableImage("a compressed frame's JPEG header is damaged")
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers
+            at += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            raise UndecodableImage("a compressed frame's JPEG header declares no frame size")
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        if marker in _JPEG_SOF:
+            if at + 10 > len(data):
+                raise _ShortHeader
+            rows = int.from_bytes(data[at + 5:at + 7], "big")
+            columns = int.from_bytes(data[at + 7:at + 9], "big")
+            return rows, columns, data[at + 9]
+        if length < 2:
+            raise UndecodableImage("a compressed frame's JPEG header is damaged")
+        at += 2 + length
+
+
+def _j2k_size(data: bytes) -> tuple[int, int, int]:
+    """(rows, columns, components) of a JPEG 2000 codestream's SIZ segment (ISO 15444-1
+    A.5.1); ``data`` starts with SOC."""
+    if len(data) < 42:
+        raise _ShortHeader
+    xsiz, ysiz, xosiz, yosiz = (int.from_bytes(data[at:at + 4], "big")
+                                for at in (8, 12, 16, 20))
+    if xosiz > xsiz or yosiz > ysiz:
+        raise UndecodableImage("a compressed frame's JPEG 2000 header is damaged")
+    return ysiz - yosiz, xsiz - xosiz, int.from_bytes(data[40:42], "big")
+
+
+def _codestream_size(data: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) a frame's codestream declares, from the start of the
+    frame's first fragment; None when it starts with no codestream ImageShare sizes (RLE, a
+    continuation fragment), _ShortHeader when more bytes are needed."""
+    if data.startswith(_SOI):
+        return _jpeg_size(data)
+    if data.startswith(_JP2_SIGNATURE):  # a JP2 file instead of a bare codestream
+        at = data.find(_SOC_SIZ)
+        if at < 0:
+            raise _ShortHeader
+        data = data[at:]
+    if data.startswith(_SOC_SIZ):
+        return _j2k_size(data)
+    return None
+
+
+def check_codestream(header: Dataset, start: bytes | Callable[[int], bytes]) -> None:
+    """Refuse (:class:`ImageTooLarge`) a compressed frame whose codestream declares more rows,
+    columns or components than the DICOM header: a decoder allocates what the codestream
+    declares, so a small frame could claim gigabytes the budget never saw (a decompression
+    bomb that lies in its header). ``start``: the fragment's bytes, or a function giving up
+    to that many of its first bytes. :class:`UndecodableImage` when the codestream's header
+    cannot be read."""
+    size = decoded_size(header)
+    if size is None:
+        return
+    read = start if callable(start) else (lambda n: start[:n])
+    data = read(_HEADER_PREFIX)
+    try:
+        declared = _codestream_size(data)
+    except _ShortHeader:
+        data = read(_HEADER_LIMIT)
+        try:
+            declared = _codestream_size(data)
+        except _ShortHeader:
+            raise UndecodableImage("a compressed frame's header cannot be read") from None
+    if declared is None:
+        return
+    rows, columns, components = declared
+    if rows > size.rows or columns > size.columns or components > size.samples:
+        raise ImageTooLarge(
+            f"a compressed frame declares {columns} × {rows} pixels of {components} "
+            f"component(s), more than the image's {size.columns} × {size.rows} of "
+            f"{size.samples}: refused before decoding")
+
+
+def _encapsulated(ds: Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    return bool(syntax) and UID(syntax).is_compressed
+
+
+def check_dataset_codestreams(ds: Dataset) -> None:
+    """:func:`check_codestream` for every fragment of a compressed data set's Pixel Data
+    (every frame starts a fragment); nothing for native pixel data."""
+    if "PixelData" not in ds or not _encapsulated(ds):
+        return
+    value = ds.PixelData
+    if not isinstance(value, bytes | bytearray):
+        return
+    try:
+        fragments = list(generate_fragments(value))
+    except (ValueError, EOFError) as exc:
+        raise UndecodableImage("the image's compressed pixel data is damaged") from exc
+    for fragment in fragments:
+        check_codestream(ds, fragment)
+
+
+def check_stream_codestreams(stream: BinaryIO, header: Dataset,
+                             index: int | None = None) -> None:
+    """:func:`check_codestream` for frame ``index`` (0-based) of the compressed Pixel Data of
+    the Part 10 instance in ``stream`` (seekable), or for every fragment when ``index`` is
+    None or the frame cannot be told apart (only each fragment's first bytes are read then);
+    nothing for native pixel data."""
+    if not _encapsulated(header):
+        return
+    start = _fragments_start(stream)
+    if start is None:
+        return  # no encapsulated Pixel Data here: the decoder refuses it
+    if index is not None:
+        stream.seek(start)
+        frames = decoded_size(header)
+        try:
+            frame = get_frame(stream, index, number_of_frames=frames.frames if frames else 1,
+                              extended_offsets=_extended_offsets(header))
+        except Exception:  # noqa: BLE001 - an odd layout: every fragment is checked below
+            frame = None
+        if frame is not None:
+            check_codestream(header, frame)
+            return
+    stream.seek(start)
+    first = True
+    while True:
+        item = stream.read(8)
+        if len(item) != 8 or item[:4] != b"\xfe\xff\x00\xe0":
+            return  # the sequence delimiter (or damage, which the decoder reports)
+        length = int.from_bytes(item[4:], "little")
+        position = stream.tell()
+        if not first and length:  # the first item is the Basic Offset Table
+
+            def read(n: int, at: int = position, most: int = length) -> bytes:
+                stream.seek(at)
+                return stream.read(min(n, most))
+
+            check_codestream(header, read)
+        first = False
+        stream.seek(position + length)
+
+
+def _fragments_start(stream: BinaryIO) -> int | None:
+    """Where the items of the encapsulated Pixel Data of the Part 10 instance in ``stream``
+    begin (its Basic Offset Table item), or None when it has none."""
+    stream.seek(0)
+    dcmread(stream, stop_before_pixels=True)
+    head = stream.read(12)  # (7FE0,0010) OB, two reserved bytes, undefined length
+    if len(head) != 12 or head[:4] != b"\xe0\x7f\x10\x00" or head[8:] != b"\xff" * 4:
+        return None
+    return stream.tell()
+
+
+def _extended_offsets(header: Dataset) -> tuple[bytes, bytes] | None:
+    offsets, lengths = header.get("ExtendedOffsetTable"), header.get("ExtendedOffsetTableLengths")
+    if isinstance(offsets, bytes) and isinstance(lengths, bytes):
+        return offsets, lengths
+    return None
+
+
 @contextmanager
 def decoding(ds: Dataset) -> Iterator[DecodedSize | None]:
-    """Check the budget of ``ds`` and hold one of the process's decode slots: decode (and
+    """Check the budget of ``ds`` (and the sizes its compressed frames declare, when ``ds``
+    holds its Pixel Data) and hold one of the process's decode slots: decode (and
     work on the decoded pixels) inside the ``with`` block. Raises :class:`ImageTooLarge`, or
     :class:`ServiceBusy` when no slot frees up in time."""
     size = check_pixel_budget(ds)
+    check_dataset_codestreams(ds)
     budget = _budget
     if not budget.slots.acquire(timeout=budget.limits.wait_seconds):
         raise ServiceBusy("too many images are being decoded at once; try again shortly")
@@ -173,6 +360,20 @@ def decoding(ds: Dataset) -> Iterator[DecodedSize | None]:
         yield size
     finally:
         budget.slots.release()
+
+
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def read_frame(stream: BinaryIO, header: Dataset, index: int, *, raw: bool = False) -> Any:
+    """Frame ``index`` (0-based) of the Part 10 instance in ``stream`` whose header is
+    ``header``, decoded (only that frame, except for a deflated data set, which is inflated
+    whole: ingest bounds its inflated size). Call it inside :func:`decoding`."""
+    stream.seek(0)
+    meta = getattr(header, "file_meta", None)
+    if meta is not None and str(meta.get("TransferSyntaxUID", "")) == _DEFLATED:
+        return pixel_array(dcmread(stream), index=index, raw=raw)
+    return pixel_array(stream, index=index, raw=raw)
 
 
 def decode_frame(stream: BinaryIO, index: int, *, raw: bool = False,
@@ -184,10 +385,11 @@ def decode_frame(stream: BinaryIO, index: int, *, raw: bool = False,
     if header is None:
         stream.seek(0)
         header = dcmread(stream, stop_before_pixels=True)
-    stream.seek(0)
+    check_pixel_budget(header)
+    check_stream_codestreams(stream, header, index)
     with decoding(header):
         try:
-            return pixel_array(stream, index=index, raw=raw)
+            return read_frame(stream, header, index, raw=raw)
         except MemoryError as exc:
             raise ImageTooLarge("the frame does not fit in memory now") from exc
 

@@ -14,11 +14,19 @@ import numpy as np
 from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_fragments, get_frame
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.encaps import get_frame
+from pydicom.pixels import apply_color_lut, apply_modality_lut
 from pydicom.uid import JPEGBaseline8Bit
 
-from imageshare.archive.pixel_budget import check_pixel_budget, decoding
+from imageshare.archive.pixel_budget import (
+    check_codestream,
+    check_pixel_budget,
+    check_stream_codestreams,
+    current_limits,
+    decoding,
+    read_frame,
+)
+from imageshare.archive.transcode import video_bitstream
 from imageshare.domain.errors import (
     ImageShareError,
     ImageTooLarge,
@@ -212,17 +220,150 @@ def _strips(rows: int, columns: int) -> list[slice]:
     return [slice(start, start + step) for start in range(0, rows, step)]
 
 
-def _to_8bit(ds: Dataset, frame: np.ndarray, window: Window | None) -> np.ndarray:
-    """The frame as 8-bit pixels for display, converted a strip of rows at a time (so that a
-    large frame needs little memory beyond itself and its 8-bit result)."""
+# What a functional group may say about how a frame is shown (PS3.3 C.7.6.16.2.9-10).
+_FRAME_DISPLAY_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+_FUNCTIONAL_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+
+
+def frame_display_header(ds: Dataset, index: int = 0) -> Dataset:
+    """The header that says how frame ``index`` (0-based) is shown: ``ds`` itself, or for an
+    enhanced multi-frame instance its top level with the rescale and window of the Shared,
+    then that frame's Per-frame Functional Groups (Pixel Value Transformation, Frame VOI LUT)
+    in place of the top level's. ``ds`` is not changed."""
+    groups: list[Dataset] = []
+    for keyword, position in zip(_FUNCTIONAL_GROUPS, (0, index), strict=True):
+        sequence = ds.get(keyword)
+        if sequence and 0 <= position < len(sequence):
+            groups.append(sequence[position])
+    found = [item for group in groups for keyword in _FRAME_DISPLAY_GROUPS
+             for item in (group.get(keyword) or [])[:1]]
+    if not found:
+        return ds
+    view = Dataset()
+    for element in ds:
+        if element.keyword not in _FUNCTIONAL_GROUPS:
+            view.add(element)
+    if hasattr(ds, "file_meta"):
+        view.file_meta = ds.file_meta
+    for item in found:
+        for element in item:
+            view.add(element)
+    return view
+
+
+def _header_window(ds: Dataset) -> Window | None:
+    """The header's first window (Window Center and Width, VOI LUT Function), or None when it
+    has none that can be used (missing, not numbers, too narrow for its function)."""
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None:
+        return None
+    try:
+        function = str(ds.get("VOILUTFunction") or "linear")
+        return window_of(str(_first(center)), str(_first(width)), function)
+    except (InvalidQuery, TypeError, ValueError, IndexError):
+        return None
+
+
+def _first(value: Any) -> Any:
+    if isinstance(value, str | bytes):
+        return value
+    try:
+        return value[0]
+    except TypeError:
+        return value
+
+
+def _voi_lut(ds: Dataset) -> tuple[np.ndarray, int, int] | None:
+    """The first VOI LUT of the header's VOI LUT Sequence (PS3.3 C.11.2.1.1) as (its
+    entries, the first value mapped, the largest value an entry can take), or None when it
+    has none that can be used."""
+    sequence = ds.get("VOILUTSequence")
+    if not sequence:
+        return None
+    item = sequence[0]
+    try:
+        entries, first, bits = (int(v) for v in item.LUTDescriptor)
+        data = item.LUTData
+        if isinstance(data, bytes | bytearray):
+            syntax = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
+            order = ">" if syntax == "1.2.840.10008.1.2.2" else "<"
+            table = np.frombuffer(bytes(data[: len(data) // 2 * 2]), dtype=f"{order}u2")
+        else:
+            table = np.asarray(_listed(data), dtype=np.int64)
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return None
+    table = table[: entries or 65536].astype(np.float64)
+    if not table.size or not 1 <= bits <= 16:
+        return None
+    top = (1 << bits) - 1
+    if bits > 8 and float(table.max()) <= 255:  # 8-bit entries under a 16-bit descriptor
+        top = 255
+    return table, first, top
+
+
+def _listed(value: Any) -> list[Any]:
+    return [value] if isinstance(value, int | float) else list(value)
+
+
+def _palette_rgb(ds: Dataset, frame: np.ndarray, strips: list[slice]) -> np.ndarray:
+    """A PALETTE COLOR frame through its palette (normal or segmented, 8 or 16 bits per
+    entry, PS3.3 C.7.6.3.1.5-6) as 8-bit RGB, a strip of rows at a time."""
+    bits = 16
+    try:
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    except (AttributeError, TypeError, ValueError, IndexError):
+        pass
+    parts = [apply_color_lut(frame[rows], ds) for rows in strips[:1]]
+    if parts[0].dtype == np.uint8:
+        top = 255.0
+    else:
+        top = float((1 << bits) - 1) if 8 < bits <= 16 else 65535.0
+        if _palette_peak(ds) <= 255:  # 8-bit entries under a 16-bit descriptor
+            top = 255.0
+    out = np.empty((*frame.shape, 3), dtype=np.uint8)
+    for number, rows in enumerate(strips):
+        rgb = parts[0] if number == 0 else apply_color_lut(frame[rows], ds)
+        out[rows] = (rgb.astype(np.float32) * (255.0 / top) + 0.5).clip(0, 255)
+    return out
+
+
+def _palette_peak(ds: Dataset) -> float:
+    """The largest entry of a palette (every colour and index), for telling 8-bit entries
+    in a 16-bit descriptor; the 16-bit maximum when it cannot be told."""
+    try:
+        return float(apply_color_lut(np.arange(1 << 16, dtype=np.uint16)[
+            : int(ds.RedPaletteColorLookupTableDescriptor[0] or 65536)]
+            + int(ds.RedPaletteColorLookupTableDescriptor[1]), ds).max())
+    except Exception:  # noqa: BLE001 - an odd palette: no quirk assumed
+        return 65535.0
+
+
+def _to_8bit(ds: Dataset, frame: np.ndarray, window: Window | None,
+             index: int = 0) -> np.ndarray:
+    """Frame ``index`` (0-based) as 8-bit pixels for display, converted a strip of rows at a
+    time (so that a large frame needs little memory beyond itself and its 8-bit result).
+    Greyscale goes through the modality LUT (rescale, or the frame's own in an enhanced
+    multi-frame instance), then ``window``, else the header's first window, else its VOI
+    LUT, else the range of the frame's values; MONOCHROME1 is inverted and values that are
+    not numbers (floating-point NaN) show black. A palette goes through its colour LUT, and
+    colour of more than 8 bits is scaled from the range its bits can hold."""
+    ds = frame_display_header(ds, index)
     strips = _strips(frame.shape[0], frame.shape[1] if frame.ndim > 1 else 1)
+    if frame.ndim == 2 and str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
+        return _palette_rgb(ds, frame, strips)
     if frame.ndim == 3 and frame.shape[-1] in (3, 4):
         if frame.dtype == np.uint8:
             return frame
-        top = float(frame.max()) or 1.0
+        try:
+            bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 0)
+        except (TypeError, ValueError):
+            bits = 0
+        top = float((1 << bits) - 1) if 8 < bits <= 32 and np.issubdtype(
+            frame.dtype, np.integer) else float(np.nanmax(frame)) or 1.0
         out = np.empty(frame.shape, dtype=np.uint8)
         for rows in strips:
-            out[rows] = (frame[rows].astype(np.float32) * (255.0 / top)).clip(0, 255)
+            part = np.nan_to_num(frame[rows].astype(np.float32) * (255.0 / top))
+            out[rows] = part.clip(0, 255)
         return out
 
     if frame.ndim != 2:
@@ -234,45 +375,45 @@ def _to_8bit(ds: Dataset, frame: np.ndarray, window: Window | None) -> np.ndarra
         except Exception:  # noqa: BLE001 - invalid rescale values: the stored values shown
             return frame[rows].astype(np.float64)
 
-    if window is not None:
-        chosen: Window = window
+    chosen = window or _header_window(ds)
+    lut = None if chosen is not None else _voi_lut(ds)
+    if chosen is not None:
+        windowed: Window = chosen
 
         def scale(rows: slice) -> np.ndarray:
-            return _windowed(values(rows), chosen)
-    else:
-        if "WindowCenter" in ds and "WindowWidth" in ds:
-            def shown(rows: slice) -> np.ndarray:
-                try:
-                    return apply_voi_lut(values(rows), ds, index=0).astype(np.float64,
-                                                                            copy=False)
-                except Exception:  # noqa: BLE001 - invalid window values: full range
-                    return values(rows)
-        else:
-            shown = values
-        if len(strips) == 1:
-            whole = shown(strips[0])
-            lowest, highest = float(whole.min()), float(whole.max())
+            return _windowed(values(rows), windowed)
+    elif lut is not None:
+        table, first, top = lut
 
-            def again(_rows: slice) -> np.ndarray:
-                return whole
-        else:  # two passes over the strips: the range first, then the pixels
-            lowest, highest = np.inf, -np.inf
-            for rows in strips:
-                part = shown(rows)
-                lowest, highest = min(lowest, float(part.min())), max(highest, float(part.max()))
-            again = shown  # type: ignore[assignment]  # same signature, another name
+        def scale(rows: slice) -> np.ndarray:
+            v = np.nan_to_num(values(rows), nan=float(first), posinf=float(first + table.size),
+                              neginf=float(first))
+            at = np.clip(np.floor(v) - first, 0, table.size - 1).astype(np.intp)
+            return table[at] * (255.0 / top)
+    else:  # no window: the range of the frame's (finite) values
+        lowest, highest = np.inf, -np.inf
+        whole = values(strips[0]) if len(strips) == 1 else None
+        for rows in strips:
+            part = whole if whole is not None else values(rows)
+            finite = part[np.isfinite(part)]
+            if finite.size:
+                lowest = min(lowest, float(finite.min()))
+                highest = max(highest, float(finite.max()))
+        if not np.isfinite(lowest):
+            lowest = highest = 0.0
         span = (highest - lowest) or 1.0
 
         def scale(rows: slice) -> np.ndarray:
-            return (again(rows) - lowest) * (255.0 / span)
+            part = whole if whole is not None else values(rows)
+            return (part - lowest) * (255.0 / span)
 
     out = np.empty(frame.shape[:2], dtype=np.uint8)
-    invert = getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1"
+    invert = str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1"
     for rows in strips:
         scaled = scale(rows)
         if invert:
             scaled = 255.0 - scaled
-        out[rows] = scaled.clip(0, 255)
+        out[rows] = np.nan_to_num(scaled.clip(0, 255), nan=255.0 if invert else 0.0)
     return out
 
 
@@ -316,10 +457,11 @@ class _Frames:
 
     def image(self, index: int, options: RenderOptions) -> Image.Image:
         self.check(index)
-        self.stream.seek(0)
+        # a compressed frame claiming more pixels than the header is refused before decoding
+        check_stream_codestreams(self.stream, self.header, index)
         with decoding(self.header):  # a decode slot is held until the frame is 8-bit
             try:
-                array = pixel_array(self.stream, index=index)
+                array = read_frame(self.stream, self.header, index)
             except MemoryError as exc:
                 raise ImageTooLarge("the image does not fit in memory now") from exc
             except Exception as exc:  # noqa: BLE001 - decoder plugins raise many kinds
@@ -327,7 +469,7 @@ class _Frames:
                     "the image cannot be decoded for rendering (no codec for its transfer "
                     "syntax, or damaged pixel data)"
                 ) from exc
-            image = Image.fromarray(_to_8bit(self.header, array, options.window))
+            image = Image.fromarray(_to_8bit(self.header, array, options.window, index))
             del array
         return _shaped(image, options)
 
@@ -354,7 +496,10 @@ class _Frames:
             frame = get_frame(self.stream, index, number_of_frames=self.count)
         except (ValueError, OSError, EOFError):
             return None
-        return frame if frame[:3] == b"\xff\xd8\xff" else None
+        if frame[:3] != b"\xff\xd8\xff":
+            return None
+        check_codestream(header, frame)  # no larger picture than the header says goes out
+        return frame
 
     def frame_duration_ms(self) -> int:
         """How long each frame shows: Frame Time, else Cine Rate, else the recommended rate."""
@@ -421,14 +566,17 @@ def render_video_still(stream: BinaryIO, options: RenderOptions) -> bytes:
         import av
 
         ds = dcmread(stream)
+        check_pixel_budget(ds)
         syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-        data = b"".join(generate_fragments(ds.PixelData))
+        data = video_bitstream(ds.PixelData)
         form = None if data[4:8] == b"ftyp" else (
             "hevc" if syntax.startswith(("1.2.840.10008.1.2.4.107",
                                          "1.2.840.10008.1.2.4.108")) else
             "mpegvideo" if syntax.startswith(("1.2.840.10008.1.2.4.100",
                                               "1.2.840.10008.1.2.4.101")) else "h264")
         with av.open(io.BytesIO(data), format=form) as container:
+            video = container.streams.video[0]
+            _check_picture_size(int(video.width or 0), int(video.height or 0))
             for picture in container.decode(video=0):  # type: ignore[union-attr]
                 image = picture.to_image()
                 break
@@ -437,6 +585,15 @@ def render_video_still(stream: BinaryIO, options: RenderOptions) -> bytes:
         return _encode(_shaped(image, options), options)
 
     return _rendering(work)
+
+
+def _check_picture_size(width: int, height: int) -> None:
+    """Refuse (:class:`ImageTooLarge`) a video picture whose size, as its stream declares it,
+    is over the budget of one decoded frame (RGB), before it is decoded."""
+    size = width * height * 3
+    if size > current_limits().max_frame_bytes:
+        raise ImageTooLarge(f"the video's pictures ({width} × {height} pixels) are over the "
+                            "budget of one decoded frame")
 
 
 def frame_count(stream: BinaryIO) -> int:
@@ -469,7 +626,16 @@ def render_animation(stream: BinaryIO, options: RenderOptions) -> bytes:
         frames = _Frames(stream)
         if frames.count > MAX_RENDERED_FRAMES:
             raise InvalidQuery(f"at most {MAX_RENDERED_FRAMES} frames are rendered at once")
-        images = [frames.image(i, options) for i in range(frames.count)]
+        images: list[Image.Image] = []
+        held, limit = 0, current_limits().max_frame_bytes
+        for i in range(frames.count):
+            image = frames.image(i, options)
+            held += image.width * image.height * len(image.getbands())
+            if held > limit:  # every picture is held until the GIF is written
+                raise ImageTooLarge(
+                    f"the animation would hold more than {limit >> 20} MiB of pictures; ask "
+                    "for a smaller viewport, or for the frames one at a time")
+            images.append(image)
         out = io.BytesIO()
         images[0].save(out, format="GIF", save_all=len(images) > 1, append_images=images[1:],
                        duration=frames.frame_duration_ms(), loop=0)

@@ -110,10 +110,8 @@ def playable_video(stream: BinaryIO, transfer_syntax: str) -> bytes:
     if kind not in _PLAYABLE:
         raise NotAcceptable("this video (MPEG-2) cannot be played in a browser; retrieve "
                             "the instance")
-    from pydicom.encaps import generate_fragments
-
     ds = dcmread(stream)
-    data = b"".join(generate_fragments(ds.PixelData))
+    data = video_bitstream(ds.PixelData)
     if data[4:8] == b"ftyp":
         # without the pad byte of an odd-length file
         return data[:_boxes_end(lambda at: data[at:at + 16], len(data))]
@@ -141,6 +139,18 @@ def playable_video(stream: BinaryIO, transfer_syntax: str) -> bytes:
     except (av.error.FFmpegError, IndexError, ValueError) as exc:
         raise ImageShareError("the video in this instance cannot be read") from exc
     return out.getvalue()
+
+
+def video_bitstream(pixel_data: bytes) -> bytes:
+    """The bitstream of a video instance's encapsulated Pixel Data: its fragments joined,
+    without the Basic Offset Table (which PS3.5 A.4 leaves empty for video, but which writers
+    such as pydicom's ``encapsulate`` fill)."""
+    from pydicom.encaps import generate_fragments
+
+    item = b"\xfe\xff\x00\xe0"
+    if len(pixel_data) >= 8 and pixel_data[:4] == item:
+        pixel_data = pixel_data[8 + int.from_bytes(pixel_data[4:8], "little"):]
+    return b"".join(generate_fragments(pixel_data))
 
 
 def mp4_span(stream: BinaryIO) -> tuple[int, int] | None:
@@ -311,6 +321,27 @@ def _swap_byte_order(ds: Dataset) -> None:
             element.value = _swapped(bytes(value), unit)
 
 
+# The Lossy Image Compression Method term of each lossy image syntax (PS3.3 C.7.6.1.1.5.1).
+_LOSSY_METHODS = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1", "1.2.840.10008.1.2.4.51": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1", "1.2.840.10008.1.2.4.91": "ISO_15444_1",
+    "1.2.840.10008.1.2.4.93": "ISO_15444_1", "1.2.840.10008.1.2.4.203": "ISO_15444_15",
+}
+
+
+def _mark_lossy(ds: Dataset, source: str) -> None:
+    """Say in ``ds`` that its pixels went through lossy compression (``source``): Lossy Image
+    Compression "01" and the method, which stay once set (PS3.3 C.7.6.1.1.5), so that an
+    instance decoded from lossy JPEG and sent in a lossless or uncompressed syntax is not
+    taken for an original."""
+    method = _LOSSY_METHODS.get(source)
+    if method is None:
+        return
+    ds.LossyImageCompression = "01"
+    if not ds.get("LossyImageCompressionMethod"):  # a method already named stays
+        ds.LossyImageCompressionMethod = method
+
+
 def convert_dataset(ds: Dataset, target: str) -> Dataset:
     """``ds`` (read from a Part 10 file) converted in place to ``target``: decoded,
     byte-swapped and encoded as needed. Raises on any failure (the caller decides)."""
@@ -327,6 +358,7 @@ def convert_dataset(ds: Dataset, target: str) -> Dataset:
         if source.is_compressed:
             # to Explicit VR Little Endian, colour as RGB; the instance keeps its identity
             ds.decompress(generate_instance_uid=False)
+            _mark_lossy(ds, str(source))
         if swap:
             _swap_byte_order(ds)
         if target_uid.is_compressed and "PixelData" in ds:

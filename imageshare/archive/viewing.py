@@ -10,6 +10,7 @@ from typing import Any
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 
+from imageshare.archive.rendering import frame_display_header
 from imageshare.archive.studies import StudyRecord
 from imageshare.archive.transcode import is_video
 
@@ -35,11 +36,23 @@ def frame_rate(ds: Dataset) -> float | None:
     return None
 
 
+def is_colour(ds: Dataset) -> bool:
+    """True for colour images: more than one sample per pixel, or a palette (PALETTE COLOR),
+    which are shown as they are, not windowed."""
+    try:
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError):
+        samples = 1
+    return samples != 1 or str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR"
+
+
 def starting_window(ds: Dataset) -> list[float] | None:
-    """The window (centre, width) in stored-value units after the modality LUT: the file's
-    first one, else the range its bits can hold."""
-    if ds.get("SamplesPerPixel", 1) != 1:
+    """The window (centre, width) in stored-value units after the modality LUT: the first
+    frame's first one (an enhanced multi-frame instance's from its functional groups), else
+    the range its bits can hold; None for colour."""
+    if is_colour(ds):
         return None
+    ds = frame_display_header(ds, 0)
     try:
         center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
         if center is not None and width is not None:
@@ -115,7 +128,7 @@ def viewer_manifest(
             continue
         if series.series_uid == initial_series:
             initial = len(out)
-        colour = first is not None and int(first.get("SamplesPerPixel", 1) or 1) > 1
+        colour = first is not None and is_colour(first)
         out.append({
             "uid": series.series_uid, "modality": series.modality, "number": series.number,
             "description": series.description,
