@@ -229,6 +229,13 @@ read or audited: a `window` that is not `center,width` or `center,width,function
 finite number, a width below 1 (linear) or not above 0 (the others); a `quality` (WADO-URI
 `imageQuality`) that is not a whole number from 1 to 100; a WADO-URI `windowCenter` without
 `windowWidth` or the other way round. The window function asked for is the one applied.
+Without one, a greyscale frame is shown through its modality LUT (rescale; in an enhanced
+multi-frame instance its own Shared or Per-frame Functional Groups' rescale and window), then
+the header's first window with its VOI LUT Function, else its VOI LUT Sequence, else the range
+of the frame's values, mapped onto the full grey range as DCMTK's `dcmj2pnm` does; MONOCHROME1
+is inverted; PALETTE COLOR goes through its palette (segmented palettes too). A compressed
+frame whose codestream (JPEG, JPEG-LS, JPEG 2000, HTJ2K) claims more rows, columns or
+components than the header is refused with 422 before it is decoded.
 
 WADO-URI `anonymize` is refused with 400 and audited as a refusal (`access.denied`): ImageShare
 never serves identifiable data to a caller who asked for it de-identified. De-identified copies

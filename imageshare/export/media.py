@@ -17,8 +17,8 @@ from imageshare.domain.errors import NotAcceptable
 DEFAULT_RATE = 25.0
 
 
-def _rgb(ds: Dataset, frame: np.ndarray) -> np.ndarray:
-    pixels = _to_8bit(ds, frame, None)
+def _rgb(ds: Dataset, frame: np.ndarray, index: int) -> np.ndarray:
+    pixels = _to_8bit(ds, frame, None, index)  # the frame's own window (functional groups)
     if pixels.ndim == 2:
         pixels = np.stack([pixels] * 3, axis=-1)
     return np.ascontiguousarray(pixels[..., :3])
@@ -39,8 +39,9 @@ def cine_to_mp4(ds: Dataset) -> bytes:
         stream.width, stream.height = width + width % 2, height + height % 2
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18", "preset": "veryfast"}
-        for pixels in decoded_frames(ds):  # one frame in memory at a time, within the budget
-            rgb = _rgb(ds, pixels)
+        # one frame in memory at a time, within the budget
+        for index, pixels in enumerate(decoded_frames(ds)):
+            rgb = _rgb(ds, pixels, index)
             if rgb.shape[0] != stream.height or rgb.shape[1] != stream.width:
                 rgb = np.pad(rgb, ((0, stream.height - height), (0, stream.width - width),
                                    (0, 0)))
