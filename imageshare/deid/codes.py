@@ -1,8 +1,11 @@
 """Which coded entries may leave a de-identified data set: codes of the standard's context
 groups (DCM, SCT and its older SRT form, LOINC, UCUM, RadLex, ...) as listed in pydicom's copy
-of PS3.16, with the standard's own meaning. Anything else (private or local schemes, codes the
-context groups do not list, or a standard code with a site's own meaning) cannot be shown to be
-safe and is replaced.
+of PS3.16, with the standard's own meaning; also the ECG leads in their SCP-ECG form (CID 3001
+``SCPECG 5.6.3-9-N``, still sent by most electrocardiographs), which are the MDC leads ``2:N``,
+and the SCP-ECG codes of the ECG annotations (CID 3335) and waveform durations (CID 3687) that
+name an ECG's fiducial points and measurements (PR interval, QRS duration, QT interval).
+Anything else (private or local schemes, codes the context groups do not list, or a standard
+code with a site's own meaning) cannot be shown to be safe and is replaced.
 """
 
 from __future__ import annotations
@@ -13,6 +16,26 @@ DUMMY_CODE = ("REMOVED", "99DEID", "Removed by de-identification")
 _UCUM_CHARACTERS = set("0123456789.*/^()[]%'-+ ")
 _lock = threading.Lock()
 _index: dict[tuple[str, str], str] | None = None
+ECG_LEADS_CID = 3001
+SCPECG_LEAD_PREFIX = "5.6.3-9-"  # SCP-ECG lead N is MDC lead 2:N (PS3.16 CID 3001)
+# PS3.16 CID 3335 ECG Annotations and CID 3687 Electrophysiology Waveform Durations in their
+# SCPECG form (pydicom's copy of PS3.16 lists them in MDC only).
+SCPECG_CODES: dict[str, str] = {
+    "5.7.1-3": "Fiducial point", "D.4.1-J": "J point", "D.4.1-ST20": "J point + 20 msec",
+    "D.4.1-ST60": "J point + 60 msec", "D.4.1-ST80": "J point +80 msec",
+    "5.10.1.2": "Pacemaker spike, suppressed", "D.4.1-PR": "PR segment (isoelectric point)",
+    "5.10.3-1": "P wave onset", "5.10.3-2": "P wave end", "D.4.1-P": "P wave peak",
+    "5.10.3-3": "QRS onset", "5.10.3-4": "QRS end", "D.4.1-Q": "Q wave",
+    "D.4.1-R": "R wave peak", "D.4.1-R2": "R' peak", "D.4.1-S": "S wave",
+    "D.4.1-S2": "S' wave", "D.4.1-STE": "T wave onset", "D.4.1-T": "T wave peak",
+    "5.10.3-5": "T wave end", "D.4.1-U": "U wave peak",
+    "5.13.5-5": "P Duration", "5.13.5-7": "PR Interval", "5.13.5-9": "QRS Duration",
+    "5.13.5-11": "QT Interval", "5.13.5-13": "Q Duration", "5.13.5-15": "R Duration",
+    "5.13.5-17": "S Duration", "5.13.5-19": "R' Duration", "5.13.5-21": "S' Duration",
+    "5.13.5-49": "Isoelectric Segment duration at the onset of QRS",
+    "5.13.5-51": "Isoelectric Segment duration at the end of QRS",
+    "5.13.5-53": "Intrisicoid Deflection duration",
+}
 
 
 def _build() -> dict[tuple[str, str], str]:
@@ -22,8 +45,12 @@ def _build() -> dict[tuple[str, str], str]:
     index: dict[tuple[str, str], str] = {}
     for scheme, names in concepts.items():
         for codes in names.values():
-            for value, (meaning, _cids) in codes.items():  # type: ignore[attr-defined]  # pydicom types its private concept table as object
+            for value, (meaning, cids) in codes.items():  # type: ignore[attr-defined]  # pydicom types its private concept table as object
                 index[(scheme, value)] = meaning
+                if scheme == "MDC" and value.startswith("2:") and ECG_LEADS_CID in cids:
+                    index[("SCPECG", SCPECG_LEAD_PREFIX + value[2:])] = meaning
+    for value, meaning in SCPECG_CODES.items():
+        index[("SCPECG", value)] = meaning
     for sct, srt in mapping.get("SCT", {}).items():
         meaning = index.get(("SCT", sct))
         if meaning is not None:

@@ -128,6 +128,14 @@ TECHNICAL_TEXT = {
     "CodingSchemeDesignator", "CodingSchemeRegistry", "CodingSchemeExternalID",
     "CodingSchemeVersion",
 }
+# UIDs that name a kind of object or an encoding, never an instance (a vendor's private SOP
+# class such as Philips' 1.3.46.670589.2.5.1.1): kept whether or not pydicom lists them, or
+# the copy would claim to be an object of no known class.
+CLASS_UID_TAGS = frozenset(int(tag_for_keyword(k) or 0) for k in (
+    "SOPClassUID", "ReferencedSOPClassUID", "MediaStorageSOPClassUID", "AffectedSOPClassUID",
+    "RequestedSOPClassUID", "ReferencedSOPClassUIDInFile", "SOPClassesInStudy",
+    "RelatedGeneralSOPClassUID", "OriginalSpecializedSOPClassUID", "TransferSyntaxUID",
+    "ReferencedTransferSyntaxUIDInFile"))
 # Defined terms of coded strings that are also words names may hold (a person called Text):
 # never taken for a staff or institution name (SR value and relationship types, Image Type).
 DEFINED_TERMS = frozenset({
@@ -137,7 +145,9 @@ DEFINED_TERMS = frozenset({
     "PRIMARY", "SECONDARY", "AXIAL", "LOCALIZER", "OTHER", "NONE", "YES", "MIXED", "VOLUME",
 })
 # Text that IODs require to have a value where it appears (Type 1): a dummy when not kept.
-REQUIRED_TEXT = {"TextValue", "UnformattedTextValue"}
+REQUIRED_TEXT = {"TextValue", "UnformattedTextValue",
+                 "RTImageLabel",  # RT Image module
+                 "ContentDescription"}  # Type 1 in an Alternate Content Description item
 _CODE_VALUE_TAGS = {int(Tag(k)) for k in ("CodeValue", "LongCodeValue", "URNCodeValue")}
 _CODE_TAGS = {int(Tag(k)) for k in (
     "CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning",
@@ -819,7 +829,8 @@ class AttributeCleaner:
         report.codes_replaced += 1
 
     def _replace_uids(self, element: DataElement, report: InstanceReport) -> None:
-        if element.VR != "UI" or self.profile.has("retain_uids"):
+        if element.VR != "UI" or self.profile.has("retain_uids") \
+                or int(element.tag) in CLASS_UID_TAGS:
             return
         new = []
         for value in values_of(element.value):

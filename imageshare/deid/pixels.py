@@ -26,6 +26,7 @@ from PIL import Image
 from pydicom import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from imageshare.archive.pixel_budget import decoding
 from imageshare.deid.identity import Identity, normalise
@@ -417,7 +418,16 @@ class BurnedInTextCleaner:
 
     @staticmethod
     def _store(ds: Dataset, pixels: np.ndarray, photometric: str) -> None:
-        """Write changed pixels back, uncompressed (no further loss)."""
+        """Write changed pixels back, uncompressed (no further loss); an instance in the
+        retired big endian syntax is written little endian (pydicom writes no big endian
+        pixels), as a compressed one is."""
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and meta.get("TransferSyntaxUID") == ExplicitVRBigEndian:
+            _words_to_little_endian(ds)
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.set_original_encoding(False, True, ds.original_character_set)
+        if pixels.dtype.byteorder == ">":  # decoded from big endian: stored little endian
+            pixels = pixels.astype(pixels.dtype.newbyteorder("<"))
         colour = pixels.ndim == (4 if int(ds.get("NumberOfFrames", 1) or 1) > 1 else 3)
         if colour:
             target = "RGB"
@@ -427,6 +437,26 @@ class BurnedInTextCleaner:
             target = "MONOCHROME2"
         bits_stored = int(ds.get("BitsStored", 8) or 8)
         ds.set_pixel_data(pixels, target, bits_stored, generate_instance_uid=False)
+
+
+# Binary values made of words, by word size: kept as the bytes read, so a data set read big
+# endian must have them swapped before it is written little endian.
+PIXEL_DATA = Tag(0x7FE0, 0x0010)
+_WORD_SIZES = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+
+
+def _words_to_little_endian(ds: Dataset) -> None:
+    """Swap the bytes of every word value (LUT data, overlays, ...) of ``ds``, read big
+    endian, at any depth, so that it means the same written little endian (pixel data is
+    written afresh by the caller)."""
+    for element in ds.iterall():
+        size = _WORD_SIZES.get(str(element.VR))
+        if size is None or element.tag == PIXEL_DATA or not isinstance(element.value, bytes):
+            continue
+        value = element.value
+        usable = len(value) - len(value) % size
+        words = np.frombuffer(value[:usable], dtype=f">u{size}")
+        element.value = words.astype(f"<u{size}").tobytes() + value[usable:]
 
 
 def _split_far_apart(words: list[tuple[str, tuple[int, int, int, int]]]) -> list[Line]:

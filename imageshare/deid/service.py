@@ -194,7 +194,8 @@ class Deidentifier:
         excess = 0
         if native and not pixel_report.held_back:
             ds.PixelData, excess = _without_excess(ds, ds.PixelData)
-        bits = StoredBits.of(ds, syntax == ExplicitVRBigEndian) if native else None
+        # (cleaned pixels of a big endian instance are written little endian)
+        bits = StoredBits.of(ds, _syntax(ds) == ExplicitVRBigEndian) if native else None
         if bits is not None and not pixel_report.held_back:
             ds.PixelData, cleared = bits.canonical(ds.PixelData)
             if cleared:

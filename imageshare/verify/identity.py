@@ -53,6 +53,13 @@ _DEVICE = {"DeviceSerialNumber", "StationName", "DeviceID", "DetectorID", "Casse
            "SourceSerialNumber", "TransducerIdentificationSequence", "DeviceUID",
            "SourceManufacturer", "SourceManufacturerModelName", "DeviceSettingDescription",
            "LensSpecification", "LensMake", "LensModel", "LensSerialNumber"}
+# UIDs of a kind of object or of an encoding (a vendor's private SOP class), not of an instance:
+# no original UID of the patient's data when they come out unchanged.
+_CLASS_UIDS = {"SOPClassUID", "ReferencedSOPClassUID", "MediaStorageSOPClassUID",
+               "AffectedSOPClassUID", "RequestedSOPClassUID", "ReferencedSOPClassUIDInFile",
+               "SOPClassesInStudy", "RelatedGeneralSOPClassUID",
+               "OriginalSpecializedSOPClassUID", "TransferSyntaxUID",
+               "ReferencedTransferSyntaxUIDInFile"}
 # What Retain Institution Identity keeps.
 _INSTITUTION_KEPT = {"InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
                      "InstitutionCodeSequence", "InstitutionalDepartmentTypeCodeSequence",
@@ -758,7 +765,7 @@ class SourceIdentity:
             for v in _values(value):
                 self._name(kind, v)
         elif vr == "UI":
-            if KEEP_UIDS not in self.keep:
+            if KEEP_UIDS not in self.keep and keyword not in _CLASS_UIDS:
                 for v in _values(value):
                     text = str(v or "").strip()
                     if text and text not in UID_dictionary and len(text) >= 8 \
