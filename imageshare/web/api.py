@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import Field, field_validator
 
 from imageshare.access.policy import (
     ACCOUNT_SELF,
@@ -16,22 +17,30 @@ from imageshare.access.policy import (
 )
 from imageshare.access.sessions import COOKIE
 from imageshare.audit.trail import AuditEvent
+from imageshare.domain.errors import ImageShareError
 from imageshare.exchange.nodes import Node
-from imageshare.web.auth import PrivateRoute, allowed, client_address
+from imageshare.web.auth import allowed, client_address
 from imageshare.web.deps import ArchiveDep
 from imageshare.web.pages.sign_in import set_session_cookie
+from imageshare.web.params import JsonApiRoute, Strict
 
-router = APIRouter(prefix="/api", tags=["API"], route_class=PrivateRoute)
+router = APIRouter(prefix="/api", tags=["API"], route_class=JsonApiRoute)
+
+# A person's live (unrevoked) API tokens: a stolen session cannot mint tokens without end.
+MAX_LIVE_TOKENS = 50
+# Text fields that are shown and logged on one line: no control characters.
+ONE_LINE = r"^[^\x00-\x1f\x7f]*$"
 
 
-class NodeIn(BaseModel):
-    """A remote DICOM node to register."""
+class NodeIn(Strict):
+    """A remote DICOM node to register (within the sizes the index keeps)."""
 
     ae_title: str = Field(min_length=1, max_length=16)
-    host: str = Field(min_length=1, max_length=255)
+    host: str = Field(min_length=1, max_length=255, pattern=ONE_LINE)
     port: int = Field(gt=0, lt=65536)
-    dicomweb_url: str = ""
-    display_name: str = ""
+    dicomweb_url: str = Field(default="", max_length=1024,
+                              description="the site's DICOMweb base URL (http or https)")
+    display_name: str = Field(default="", max_length=128, pattern=ONE_LINE)
     may_query: bool = True
     may_retrieve: bool = True
     may_store: bool = True
@@ -42,8 +51,25 @@ class NodeIn(BaseModel):
     inbox: bool = False
     tls: bool = Field(default=False, description="reach the node's DICOM AE over TLS")
 
+    @field_validator("dicomweb_url")
+    @classmethod
+    def _web_address(cls, value: str) -> str:
+        """An absolute http(s) URL with a host, or nothing (never ``file:``, ``javascript:``
+        or a relative path, which would be fetched or shown as a link)."""
+        if not value:
+            return value
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ValueError("not a valid URL") from None
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname or any(
+                ord(char) < 33 or ord(char) == 127 for char in value):
+            raise ValueError("a DICOMweb address is an http:// or https:// URL")
+        return value
 
-class RefusedIn(BaseModel):
+
+class RefusedIn(Strict):
     """A refused DICOM caller to register as a node (store only unless ``may_query``)."""
 
     ae_title: str = Field(min_length=1, max_length=16)
@@ -52,13 +78,13 @@ class RefusedIn(BaseModel):
     may_query: bool = False
 
 
-class TokenIn(BaseModel):
-    """A name for a new personal API token."""
+class TokenIn(Strict):
+    """A name for a new personal API token (one line)."""
 
-    name: str = Field(min_length=1, max_length=128)
+    name: str = Field(min_length=1, max_length=128, pattern=ONE_LINE)
 
 
-class LoginIn(BaseModel):
+class LoginIn(Strict):
     """Credentials for a browser session."""
 
     username: str = Field(min_length=1, max_length=128)
@@ -100,7 +126,12 @@ def me(actor: allowed(ACCOUNT_SELF)) -> dict[str, str]:
 
 @router.post("/tokens", status_code=201, summary="Create a personal API token")
 def create_token(archive: ArchiveDep, body: TokenIn, actor: allowed(TOKEN_SELF)) -> dict[str, str]:
-    """A new bearer token for DICOMweb clients; it is shown only in this answer."""
+    """A new bearer token for DICOMweb clients; it is shown only in this answer. An account
+    holds at most MAX_LIVE_TOKENS live tokens (revoke one on the account page first)."""
+    live = sum(1 for t in archive.users.tokens(actor.name) if t["revoked_at"] is None)
+    if live >= MAX_LIVE_TOKENS:
+        raise ImageShareError(f"this account has {live} live API tokens, the most it may "
+                              "hold: revoke one on the account page first")
     token = archive.users.create_token(actor.name, body.name, actor=actor)
     return {"name": body.name, "token": token}
 

@@ -3,33 +3,61 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from datetime import date
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from imageshare.access.policy import EXCHANGE, EXCHANGE_RECEIVE
 from imageshare.archive.search import normalise_nhs_number
 from imageshare.audit.trail import AuditEvent
-from imageshare.domain.errors import InvalidQuery
+from imageshare.domain.errors import ImageShareError, InvalidQuery
 from imageshare.exchange.federated import PatientQuery
-from imageshare.web.auth import PrivateRoute, allowed
+from imageshare.web.auth import allowed
 from imageshare.web.deps import ArchiveDep
 from imageshare.web.exports import job_view
-from imageshare.web.params import RowId
+from imageshare.web.params import TOTAL, JsonApiRoute, Limit, Offset, RowId, Strict, Uid
 
-router = APIRouter(prefix="/api/exchange", tags=["API"], route_class=PrivateRoute)
+router = APIRouter(prefix="/api/exchange", tags=["API"], route_class=JsonApiRoute)
+
+
+# Characters that make a DICOM search key match many patients (PS3.4 C.2.2.2: ``*`` and
+# ``?`` wildcards, ``\\`` a list of values): a federated search looks for one patient by who
+# they are, never lists the patients of this or another hospital.
+_MATCH_MANY = ("*", "?", "\\")
+
+
+def _birth_date(dob: str) -> str:
+    """YYYY-MM-DD or YYYYMMDD as a real date's YYYYMMDD ("" when not given); InvalidQuery
+    otherwise (a range or a mistyped date is never sent to a site)."""
+    value = dob.strip()
+    if not value:
+        return ""
+    digits = value.replace("-", "") if len(value) == 10 and value[4] == value[7] == "-" else value
+    try:
+        if len(digits) != 8 or not digits.isdigit():
+            raise ValueError(value)
+        date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
+    except ValueError:
+        raise InvalidQuery("the date of birth must be a date like 1970-01-31") from None
+    return digits
 
 
 def patient_query(nhs: str, hospital_number: str, name: str, dob: str) -> PatientQuery:
-    """The query from request parameters (the NHS number checked)."""
+    """The query from request parameters: the NHS number checked, the date of birth a real
+    date, and no wildcard or list of values in the hospital number or name (InvalidQuery,
+    without quoting what was sent)."""
+    for label, value in (("hospital number", hospital_number), ("name", name)):
+        if any(char in value for char in _MATCH_MANY):
+            raise InvalidQuery(f"the {label} must be given in full: wildcards (* ?) and lists "
+                               "of values (\\) would match other patients")
     return PatientQuery(normalise_nhs_number(nhs) if nhs.strip() else "",
-                        hospital_number.strip()[:64], name.strip()[:200],
-                        dob.strip().replace("-", "")[:8])
+                        hospital_number.strip()[:64], name.strip()[:200], _birth_date(dob))
 
 
-class PatientSearchIn(BaseModel):
+class PatientSearchIn(Strict):
     """Who to look for (in the body: patient details never go in a URL)."""
 
     nhs: str = Field(default="", max_length=32)
@@ -51,7 +79,7 @@ async def federated_search(archive: ArchiveDep, body: PatientSearchIn, actor: al
                        "studies": [asdict(s) for s in a.studies]} for a in result.sites]}
 
 
-class RetrieveIn(BaseModel):
+class RetrieveIn(Strict):
     """A remote study to bring here."""
 
     site: str = Field(min_length=1, max_length=16)
@@ -65,7 +93,7 @@ def retrieve(archive: ArchiveDep, body: RetrieveIn, actor: allowed(EXCHANGE)) ->
     return job_view(job)
 
 
-class PushIn(BaseModel):
+class PushIn(Strict):
     """A study to send to a site."""
 
     site: str = Field(min_length=1, max_length=16)
@@ -74,7 +102,8 @@ class PushIn(BaseModel):
     note: str = Field(default="", max_length=2000)
     contact: str = Field(default="", max_length=256,
                          description="who the receiving team should call about it")
-    notify: list[str] = Field(default_factory=list, max_length=20)
+    notify: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=list, max_length=20, description="user names to tell as it goes")
 
 
 def _transfer(transfer: Any) -> dict[str, Any]:
@@ -147,11 +176,15 @@ def transfer(archive: ArchiveDep, transfer_id: str, actor: allowed(EXCHANGE)) ->
 
 
 @router.get("/inbox", summary="Studies received from other sites")
-def inbox(archive: ArchiveDep, actor: allowed(EXCHANGE), status: str = "pending"
-          ) -> list[dict[str, Any]]:
-    """Each item with the local patient it would be reconciled to (by NHS number)."""
+def inbox(archive: ArchiveDep, response: Response, actor: allowed(EXCHANGE),
+          status: str = Query(default="pending", max_length=16), limit: Limit = 1000,
+          offset: Offset = 0) -> list[dict[str, Any]]:
+    """Each item with the local patient it would be reconciled to (by NHS number), newest
+    first, a page at a time (``X-Total-Count``: all of them)."""
     out = []
-    for item in archive.inbox.items(status):
+    items = archive.inbox.items(status)
+    response.headers[TOTAL] = str(len(items))
+    for item in items[offset:offset + limit]:
         match = archive.inbox.local_match(item) if status == "pending" else None
         out.append({**{k: (v.isoformat() if hasattr(v, "isoformat") else v)
                        for k, v in asdict(item).items()},
@@ -161,7 +194,7 @@ def inbox(archive: ArchiveDep, actor: allowed(EXCHANGE), status: str = "pending"
     return out
 
 
-class DecisionIn(BaseModel):
+class DecisionIn(Strict):
     """Accept (reconciling to the local patient) or reject an inbox item."""
 
     reconcile: bool = True
@@ -174,7 +207,13 @@ class DecisionIn(BaseModel):
 async def accept(archive: ArchiveDep, item: RowId, body: DecisionIn, actor: allowed(EXCHANGE)
                  ) -> dict[str, str]:
     """Reconcile to the local patient (by NHS number), keep the study, and optionally forward
-    it to the local PACS."""
+    it to the local PACS. A site it may not be forwarded to is refused before anything is
+    accepted (never an accepted study with an error answer)."""
+    if body.forward_to:
+        site = archive.nodes.get(body.forward_to)  # UnknownNode: 404, nothing accepted
+        if not site.send_to:
+            raise ImageShareError(f"sending to {site.label} is not allowed; nothing was "
+                                  "accepted")
     done = await run_in_threadpool(archive.inbox.accept, item, actor, body.reconcile,
                                    body.note)
     if body.forward_to:
@@ -194,7 +233,7 @@ async def reject(archive: ArchiveDep, item: RowId, body: DecisionIn, actor: allo
     return {"deleted": removed.instances}
 
 
-class RequestIn(BaseModel):
+class RequestIn(Strict):
     """A request for a patient's prior imaging from a site."""
 
     site: str = Field(min_length=1, max_length=16)
@@ -203,7 +242,7 @@ class RequestIn(BaseModel):
     nhs_number: str = Field(default="", max_length=16)
     hospital_number: str = Field(default="", max_length=64)
     patient_name: str = Field(default="", max_length=324)
-    birth_date: str = Field(default="", max_length=10)
+    birth_date: str = Field(default="", max_length=10, description="YYYY-MM-DD or YYYYMMDD")
 
 
 @router.post("/requests", status_code=201, summary="Request prior imaging from a site")
@@ -214,7 +253,7 @@ async def request_imaging(archive: ArchiveDep, body: RequestIn, actor: allowed(E
     sent = await run_in_threadpool(
         archive.requests.send, body.site, actor, body.reason, body.priority,
         normalise_nhs_number(body.nhs_number) if body.nhs_number else "",
-        body.hospital_number, body.patient_name, body.birth_date.replace("-", ""))
+        body.hospital_number, body.patient_name, _birth_date(body.birth_date))
     return _transfer(sent)
 
 
@@ -247,19 +286,23 @@ def request_answer(archive: ArchiveDep, body: AnswerIn, actor: allowed(EXCHANGE_
 
 
 @router.get("/requests", summary="Requests for prior imaging")
-def list_requests(archive: ArchiveDep, actor: allowed(EXCHANGE), direction: str = "incoming"
+def list_requests(archive: ArchiveDep, response: Response, actor: allowed(EXCHANGE),
+                  direction: str = "incoming", limit: Limit = 1000, offset: Offset = 0
                   ) -> list[dict[str, Any]]:
-    """Incoming (for our staff to fulfil) or outgoing requests, newest first."""
+    """Incoming (for our staff to fulfil) or outgoing requests, newest first, a page at a
+    time (``X-Total-Count``: all of them)."""
     if direction not in ("incoming", "outgoing"):
         raise InvalidQuery("direction is incoming or outgoing")
-    return [_transfer(r) for r in archive.requests.listed(direction)]
+    listed = archive.requests.listed(direction)
+    response.headers[TOTAL] = str(len(listed))
+    return [_transfer(r) for r in listed[offset:offset + limit]]
 
 
-class FulfilIn(BaseModel):
+class FulfilIn(Strict):
     """The studies that answer an incoming request."""
 
     study_uid: str = Field(default="", max_length=64)
-    study_uids: list[str] = Field(default_factory=list, max_length=50)
+    study_uids: list[Uid] = Field(default_factory=list, max_length=50)
     contact: str = Field(default="", max_length=256)
 
 
@@ -269,13 +312,13 @@ async def fulfil(archive: ArchiveDep, request_id: str, body: FulfilIn,
                  actor: allowed(EXCHANGE)) -> dict[str, Any]:
     """Push the studies to the requesting site, mark the request fulfilled and tell the
     requester (through the job queue). Answers the first transfer (and all of them)."""
-    uids = [u[:64] for u in body.study_uids] or ([body.study_uid] if body.study_uid else [])
+    uids = list(body.study_uids) or ([body.study_uid] if body.study_uid else [])
     sent = await run_in_threadpool(archive.requests.fulfil, request_id, uids, actor,
                                    archive.policy.study_scope(actor), body.contact)
     return {**_transfer(sent[0]), "transfers": [_transfer(t) for t in sent]}
 
 
-class DeclineIn(BaseModel):
+class DeclineIn(Strict):
     """Why an incoming request is declined."""
 
     reason: str = Field(min_length=1, max_length=2000)

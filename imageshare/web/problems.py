@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 from urllib.parse import quote, urlencode
 
 from fastapi import FastAPI, Request
@@ -30,7 +31,9 @@ def problem(status: int, title: str, detail: str = "", challenge: bool = True,
     if detail:
         body["detail"] = detail
     body.update(extra)
-    headers = {}
+    # An error can name what was asked for (an NHS number refused, a share that is gone): no
+    # cache keeps it (404 and 410 are otherwise cacheable by default, RFC 9111 4.2.2).
+    headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
     if status == 401 and challenge:
         headers["WWW-Authenticate"] = 'Basic realm="ImageShare", charset="UTF-8"'
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
@@ -47,6 +50,48 @@ def wants_page(request: Request) -> bool:
     if path.startswith(("/api/", "/dicomweb", "/static/", "/healthz", "/fhir/")):
         return False
     return "text/html" in request.headers.get("accept", "")
+
+
+def _is_json(content_type: str) -> bool:
+    """Is ``content_type`` JSON (``application/json`` or ``application/...+json``)?"""
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/")
+                                           and media.endswith("+json"))
+
+
+def _body_problem(request: Request, errors: list[dict[str, Any]]) -> JSONResponse | None:
+    """For the JSON API (``/api/``): a body that is not JSON at all is 415 (it was sent as
+    another media type, or as none), one that does not parse is 400 saying where; else None
+    (the fields are checked one by one: 422)."""
+    if not request.url.path.startswith("/api/"):
+        return None
+    on_body = [e for e in errors if tuple(e.get("loc", ()))[:1] == ("body",)]
+    if not on_body:
+        return None
+    sent = request.headers.get("content-type", "")
+    has_body = request.headers.get("content-length", "0") != "0" or (
+        "transfer-encoding" in request.headers)
+    if has_body and not _is_json(sent):
+        return problem(415, "Unsupported media type",
+                       "send the body as JSON, with Content-Type: application/json")
+    for error in on_body:
+        if error.get("type") == "json_invalid":
+            where = tuple(error.get("loc", ()))[1:2]
+            reason = str((error.get("ctx") or {}).get("error", "")).split(":")[0][:100]
+            detail = "the body is not valid JSON" + (f": {reason}" if reason else "") + (
+                f" (at character {where[0]})" if where else "")
+            return problem(400, "Bad request", detail)
+    return None
+
+
+def _unparsed_body(exc: StarletteHTTPException) -> str:
+    """Why FastAPI could not read a JSON body (its 400 says only that it could not)."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return "the body is not valid UTF-8 JSON (RFC 8259)"
+    if isinstance(cause, RecursionError):
+        return "the body's JSON is nested too deeply"
+    return "the body is not valid JSON (a number in it may be too long)"
 
 
 def _error_page(request: Request, status: int, title: str, detail: str) -> Response:
@@ -98,6 +143,9 @@ def install(app: FastAPI) -> None:
         if wants_page(request):
             return _error_page(request, exc.status_code, str(exc.detail) or "Error",
                                "The page does not exist." if exc.status_code == 404 else "")
+        if exc.status_code == 400 and exc.__cause__ is not None and (
+                request.url.path.startswith("/api/")):
+            return problem(400, "Bad request", _unparsed_body(exc))
         return problem(exc.status_code, str(exc.detail) or "Error")
 
     @app.exception_handler(RequestValidationError)
@@ -108,7 +156,8 @@ def install(app: FastAPI) -> None:
             return outcome_response(400, detail)
         if wants_page(request):
             return _error_page(request, 422, "Invalid request", detail)
-        return problem(422, "Invalid request", detail)
+        return _body_problem(request, list(exc.errors())) or problem(
+            422, "Invalid request", detail)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)

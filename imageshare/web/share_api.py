@@ -5,24 +5,28 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from imageshare.access.policy import EXPORT_IDENTIFIABLE, SHARE_CREATE
-from imageshare.sharing.links import NewShare, Share
-from imageshare.web.auth import PrivateRoute, allowed, authorise_also
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import NotFound
+from imageshare.sharing.links import NewShare, Share, ShareService
+from imageshare.web.auth import allowed, authorise_also, refuse
 from imageshare.web.deps import ArchiveDep
 from imageshare.web.pages.shares import shown_link
+from imageshare.web.params import TOTAL, JsonApiRoute, Limit, Offset, Strict, Uid
 
-router = APIRouter(prefix="/api", tags=["API"], route_class=PrivateRoute)
+router = APIRouter(prefix="/api", tags=["API"], route_class=JsonApiRoute)
 
 
-class ShareIn(BaseModel):
-    """A share of a study, some of its series or a selection of its instances."""
+class ShareIn(Strict):
+    """A share of a study, some of its series or a selection of its instances (a field it
+    does not define is refused: :class:`Strict`)."""
 
-    series_uids: list[str] = Field(default_factory=list, max_length=1000)
-    sop_uids: list[str] = Field(default_factory=list, max_length=10000)
+    series_uids: list[Uid] = Field(default_factory=list, max_length=1000)
+    sop_uids: list[Uid] = Field(default_factory=list, max_length=10000)
     recipient_email: str = Field(default="", max_length=254)
     recipient_user: str = Field(default="", max_length=128)
     days: int = Field(default=0, ge=0, le=3650)
@@ -66,16 +70,30 @@ async def create_share(request: Request, archive: ArchiveDep, study_uid: str, bo
 
 
 @router.get("/shares", summary="My shares")
-def list_shares(archive: ArchiveDep, actor: allowed(SHARE_CREATE)) -> list[dict[str, Any]]:
-    """The caller's shares, newest first."""
-    return [_view(s) for s in archive.shares.owned(actor.name)]
+def list_shares(archive: ArchiveDep, response: Response, actor: allowed(SHARE_CREATE),
+                limit: Limit = 1000, offset: Offset = 0) -> list[dict[str, Any]]:
+    """The caller's shares, newest first, a page at a time (``X-Total-Count``: all of
+    them)."""
+    owned = archive.shares.owned(actor.name)
+    response.headers[TOTAL] = str(len(owned))
+    return [_view(s) for s in owned[offset:offset + limit]]
+
+
+def _owned(request: Request, service: ShareService, share_id: str, actor: Actor) -> Share:
+    """One of the caller's shares; another's, or none, is the same 404 ("no such share"),
+    audited as a refusal like every other."""
+    try:
+        return service.by_public_id(share_id, actor.name)
+    except NotFound as exc:
+        refuse(request, actor, SHARE_CREATE, exc)
 
 
 @router.get("/shares/{share_id}", summary="One share with its accesses and feedback")
-def get_share(archive: ArchiveDep, share_id: str, actor: allowed(SHARE_CREATE)) -> dict[str, Any]:
+def get_share(request: Request, archive: ArchiveDep, share_id: str,
+              actor: allowed(SHARE_CREATE)) -> dict[str, Any]:
     """State, every use of the link, comments and feedback."""
     service = archive.shares
-    share = service.by_public_id(share_id, actor.name)
+    share = _owned(request, service, share_id, actor)
     return {**_view(share),
             "accesses": [{"at": a["at"].isoformat(), "action": a["action"],
                           "outcome": a["outcome"], "source": a["source"]}
@@ -88,6 +106,8 @@ def get_share(archive: ArchiveDep, share_id: str, actor: allowed(SHARE_CREATE)) 
 
 
 @router.delete("/shares/{share_id}", status_code=204, summary="Revoke a share")
-def revoke_share(archive: ArchiveDep, share_id: str, actor: allowed(SHARE_CREATE)) -> None:
-    """End the share for good."""
-    archive.shares.revoke(share_id, actor)
+def revoke_share(request: Request, archive: ArchiveDep, share_id: str,
+                 actor: allowed(SHARE_CREATE)) -> None:
+    """End the share for good (another's, or none: 404, audited)."""
+    share = _owned(request, archive.shares, share_id, actor)
+    archive.shares.revoke(share.public_id, actor)
