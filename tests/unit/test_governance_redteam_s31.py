@@ -655,12 +655,13 @@ def test_atna_events_in_flight_when_the_repository_drops_the_connection_are_sent
     sender = AtnaSender(archive.engine, AtnaConfig(host="127.0.0.1", port=port,
                                                    ca_file=str(pki.ca)),
                         poll_seconds=0.1, retry_seconds=0.1, batch=10,
-                        # This repository, a thread of a busy test process, may take longer
-                        # than 50 ms to read and drop: the sender waits long enough to see it.
-                        confirm_seconds=0.5)
+                        # This repository, a thread of a busy test process (on a machine
+                        # running other suites too), may take far longer than 50 ms to read
+                        # and drop: the sender waits long enough to see it.
+                        confirm_seconds=1.0)
     sender.start()
     try:
-        deadline = time.monotonic() + 40
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with archive.engine.connect() as conn:
                 if conn.execute(select(atna_cursor.c.sent_seq)).scalar() >= first + 30:
