@@ -17,9 +17,9 @@ from imageshare.access.policy import (
 )
 from imageshare.access.sessions import COOKIE
 from imageshare.audit.trail import AuditEvent
-from imageshare.domain.errors import ImageShareError
+from imageshare.domain.errors import Forbidden, ImageShareError
 from imageshare.exchange.nodes import Node
-from imageshare.web.auth import allowed, client_address
+from imageshare.web.auth import BEARER, allowed, client_address, refuse
 from imageshare.web.deps import ArchiveDep
 from imageshare.web.pages.sign_in import set_session_cookie
 from imageshare.web.params import JsonApiRoute, Strict
@@ -125,9 +125,15 @@ def me(actor: allowed(ACCOUNT_SELF)) -> dict[str, str]:
 
 
 @router.post("/tokens", status_code=201, summary="Create a personal API token")
-def create_token(archive: ArchiveDep, body: TokenIn, actor: allowed(TOKEN_SELF)) -> dict[str, str]:
+def create_token(request: Request, archive: ArchiveDep, body: TokenIn,
+                 actor: allowed(TOKEN_SELF)) -> dict[str, str]:
     """A new bearer token for DICOMweb clients; it is shown only in this answer. An account
-    holds at most MAX_LIVE_TOKENS live tokens (revoke one on the account page first)."""
+    holds at most MAX_LIVE_TOKENS live tokens (revoke one on the account page first). Made
+    by the person (HTTP Basic or a signed-in browser), never by another token: a stolen
+    token could otherwise make itself a successor that outlives its revocation."""
+    if getattr(request.state, "channel", None) == BEARER:
+        refuse(request, actor, TOKEN_SELF, Forbidden(
+            "an API token cannot make another: sign in (or use HTTP Basic) to make one"))
     live = sum(1 for t in archive.users.tokens(actor.name) if t["revoked_at"] is None)
     if live >= MAX_LIVE_TOKENS:
         raise ImageShareError(f"this account has {live} live API tokens, the most it may "

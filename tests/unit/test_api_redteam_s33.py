@@ -173,18 +173,29 @@ def test_a_node_the_index_cannot_keep_or_a_bad_dicomweb_address_is_refused(api, 
 
 def test_token_names_are_one_line_and_live_tokens_are_bounded(api, archive):
     client = api["client"]
-    control = client.post("/api/tokens", json={"name": "ci\nforged"}, headers=_as(api, "bob"))
+    bob = ("bob", PASSWORD)  # tokens are made by the person (HTTP Basic here), not a token
+    control = client.post("/api/tokens", json={"name": "ci\nforged"}, auth=bob)
     assert control.status_code == 422
     live = sum(1 for t in archive.users.tokens("bob") if t["revoked_at"] is None)
     for n in range(MAX_LIVE_TOKENS - live):
-        assert client.post("/api/tokens", json={"name": f"t{n}"},
-                           headers=_as(api, "bob")).status_code == 201
-    refused = client.post("/api/tokens", json={"name": "one more"}, headers=_as(api, "bob"))
+        assert client.post("/api/tokens", json={"name": f"t{n}"}, auth=bob).status_code == 201
+    refused = client.post("/api/tokens", json={"name": "one more"}, auth=bob)
     assert refused.status_code == 400 and "revoke one" in refused.json()["detail"]
     newest = archive.users.tokens("bob")[0]["pk"]
     archive.users.revoke_token("bob", int(str(newest)))
-    assert client.post("/api/tokens", json={"name": "after"},
-                       headers=_as(api, "bob")).status_code == 201
+    assert client.post("/api/tokens", json={"name": "after"}, auth=bob).status_code == 201
+
+
+def test_a_token_cannot_make_another_token(api, archive):
+    """A stolen token could otherwise make itself a successor that outlives its revocation."""
+    before = len(archive.users.tokens("bob"))
+    refused = api["client"].post("/api/tokens", json={"name": "successor"},
+                                 headers=_as(api, "bob"))
+    assert refused.status_code == 403 and "cannot make another" in refused.json()["detail"]
+    assert len(archive.users.tokens("bob")) == before
+    [denied] = [e for e in archive.audit.events("access.denied")
+                if e["detail"].get("route") == "/api/tokens"]
+    assert denied["actor"] == "user:bob" and denied["detail"]["wanted"] == "token.self"
 
 
 def test_an_error_answer_is_kept_by_no_cache(api):

@@ -3,6 +3,7 @@ answers from, the composition root reached through one typed dependency."""
 
 from __future__ import annotations
 
+import base64
 import inspect
 from pathlib import Path
 
@@ -60,7 +61,11 @@ def test_node_and_token_changes_are_audited_once_whichever_way_they_come(archive
                                            "port": 104}).status_code == 201
     assert client.delete("/api/nodes/PACS2").status_code == 204
     archive.nodes.add(Node("CT1", "10.0.0.3", 104), actor=cli_actor())
-    assert client.post("/api/tokens", json={"name": "ohif"}).status_code == 201
+    # Tokens are made by a person (HTTP Basic here), never with another token.
+    archive.users.add("clin", "a-long-password", "clinician")
+    assert client.post("/api/tokens", json={"name": "ohif"},
+                       headers={"Authorization": "Basic " + base64.b64encode(
+                           b"clin:a-long-password").decode()}).status_code == 201
     added = list(archive.audit.events(action="node.add"))
     assert [(e["detail"]["ae_title"], e["actor"]) for e in added] == [
         ("CT1", "system:cli"), ("PACS2", "user:admin")]
