@@ -241,6 +241,8 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        _STUDY + ("node",), ("site", "transfer", "priority", "reason", "error", "receipt")),
     _e("exchange.request", "Imaging was requested from another site.", ORDER_RECORD, "C",
        ("patient", "node"), ("site", "state")),
+    _e("exchange.request.read", "Requests for imaging (each naming its patient) were listed.",
+       ORDER_RECORD, "R", (), ("direction", "requests")),
     _e("exchange.request.receive", "Another site asked us for imaging.", ORDER_RECORD, "C",
        ("request", "node"), ("origin", "request")),
     _e("exchange.request.fulfilled", "A request from another site was answered.",

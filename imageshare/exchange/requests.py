@@ -168,12 +168,16 @@ class ImagingRequests:
             raise NotFound("no such request")
         return _request(row)
 
-    def listed(self, direction: str) -> list[ImagingRequest]:
-        """Requests in one direction, newest first."""
+    def listed(self, direction: str, actor: Actor) -> list[ImagingRequest]:
+        """Requests in one direction, newest first, as ``actor`` reads them (audited: they
+        name their patients)."""
         with self._engine.connect() as conn:
             rows = conn.execute(select(imaging_requests).where(
                 imaging_requests.c.direction == direction)
                 .order_by(imaging_requests.c.pk.desc())).mappings().all()
+        self._audit.record(AuditEvent(actor=actor, action="exchange.request.read",
+                                      outcome="success",
+                                      detail={"direction": direction, "requests": len(rows)}))
         return [_request(r) for r in rows]
 
     def mark(self, public_id: str, state: str, detail: str, actor: Actor) -> None:

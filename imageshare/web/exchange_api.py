@@ -293,7 +293,7 @@ def list_requests(archive: ArchiveDep, response: Response, actor: allowed(EXCHAN
     time (``X-Total-Count``: all of them)."""
     if direction not in ("incoming", "outgoing"):
         raise InvalidQuery("direction is incoming or outgoing")
-    listed = archive.requests.listed(direction)
+    listed = archive.requests.listed(direction, actor)
     response.headers[TOTAL] = str(len(listed))
     return [_transfer(r) for r in listed[offset:offset + limit]]
 

@@ -128,7 +128,7 @@ def test_an_unlinked_site_account_sends_no_site_message(archive, web, tmp_path):
         assert answer.status_code == 403, (path, answer.text)
         assert "not linked" in answer.text and "link-site" in answer.text
     assert archive.transfers.get("t-loose").receipt_outcome == ""
-    assert archive.requests.listed("incoming") == []
+    assert archive.requests.listed("incoming", cli_actor()) == []
 
 
 def test_a_receipt_only_lands_on_a_transfer_to_the_accounts_site(archive, web):
@@ -149,11 +149,11 @@ def test_a_request_and_an_answer_come_from_the_accounts_site(archive, web):
     posed = web.post("/api/exchange/requests/incoming", auth=SITEB, json={
         "origin": "HOSPC", "nhs_number": "9434765919", "reason": "priors"})
     assert posed.status_code == 403, posed.text
-    assert archive.requests.listed("incoming") == []
+    assert archive.requests.listed("incoming", cli_actor()) == []
     made = web.post("/api/exchange/requests/incoming", auth=SITEB, json={
         "nhs_number": "9434765919", "reason": "priors", "request_id": "theirs1"})
     assert made.status_code == 201, made.text
-    [incoming] = archive.requests.listed("incoming")
+    [incoming] = archive.requests.listed("incoming", cli_actor())
     assert incoming.site == "SITEB"  # fulfilling it pushes to B, never elsewhere
     now = datetime.now(UTC)
     with archive.engine.begin() as conn:
@@ -210,3 +210,12 @@ def test_upgrading_links_a_site_account_only_when_one_node_matches(tmp_path):
         linked = dict(conn.execute(sa.text("SELECT pk, site_node FROM users")).all())
     # 2, 6 and 7 all claim HOSPC: none is linked; 3 matches two nodes; 4 matches none.
     assert linked == {1: "HOSPB", 2: "", 3: "", 4: "", 5: "", 6: "", 7: ""}
+
+
+def test_listing_requests_for_imaging_is_audited(archive):
+    """They name their patients: every listing is a read of patient data."""
+    reader = Actor("user", "clerk", "radiographer", "10.0.0.5")
+    archive.requests.listed("incoming", reader)
+    [event] = archive.audit.events("exchange.request.read")
+    assert event["actor"] == "user:clerk" and event["detail"] == {
+        "direction": "incoming", "requests": 0}

@@ -22,11 +22,11 @@ from imageshare.web.pages.templating import page, redirect
 router = APIRouter(include_in_schema=False)
 
 
-def _lists(request: Request, archive: Archive, status_code: int = 200, **context: object
-           ) -> Response:
+def _lists(request: Request, archive: Archive, actor: Actor, status_code: int = 200,
+           **context: object) -> Response:
     return page(request, "requests.html", status_code=status_code,
-                incoming=archive.requests.listed("incoming"),
-                outgoing=archive.requests.listed("outgoing"),
+                incoming=archive.requests.listed("incoming", actor),
+                outgoing=archive.requests.listed("outgoing", actor),
                 sites=[n for n in archive.nodes.all() if n.send_to or n.dicomweb_url],
                 labels={n.ae_title: n.label for n in archive.nodes.all()}, **context)
 
@@ -36,7 +36,7 @@ def requests_page(request: Request, archive: ArchiveDep, actor: allowed(EXCHANGE
                   ) -> Response:
     """Requests for prior imaging: the form to ask another site, ours with their answers,
     and those other sites sent us."""
-    return _lists(request, archive, form={})
+    return _lists(request, archive, actor, form={})
 
 
 @router.post("/requests")
@@ -58,7 +58,7 @@ async def new_request(request: Request, archive: ArchiveDep, actor: allowed(EXCH
             form["hospital_number"].strip(), form["patient_name"].strip(),
             form["birth_date"].replace("-", ""))
     except ImageShareError as exc:
-        return _lists(request, archive, 400, form=form, error=str(exc))
+        return _lists(request, archive, actor, 400, form=form, error=str(exc))
     return redirect("/requests")
 
 
