@@ -90,6 +90,12 @@ DESTINATION_NOT_REGISTERED = "destination AE title not registered"
 DESTINATION_DID_NOT_ACCEPT = "destination did not accept the association"
 
 
+def _over_tls(assoc: Any) -> bool:
+    """Did ``assoc`` arrive over DICOM TLS?"""
+    transport = getattr(getattr(assoc, "dul", None), "socket", None)
+    return isinstance(getattr(transport, "socket", None), ssl.SSLSocket)
+
+
 def _status(code: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -257,7 +263,7 @@ class DicomListener:
         node = self.nodes.find(calling)
         registered = node is not None and (
             not self.check_calling_host or _same_host(node.host, address)
-        )
+        ) and (not node.tls or _over_tls(assoc))  # a TLS node is never taken in plain text
         actor = Actor(
             kind="node", name=calling, role="node", source=f"{calling}@{address}",
             registered=registered, grants=node.grants if (node and registered) else frozenset(),
@@ -273,6 +279,8 @@ class DicomListener:
         if not reason:
             node = self.nodes.find(actor.name)
             reason = ("AE title not registered" if node is None
+                      else "this AE title is registered for DICOM TLS: call the TLS port"
+                      if node.tls and not _over_tls(event.assoc)
                       else "calling host does not match the registered host"
                       if not actor.registered else f"{service} not granted to this AE title")
         if self.refusals is not None:
