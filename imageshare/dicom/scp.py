@@ -88,6 +88,7 @@ STORE_OUT_OF_RESOURCES = statuses.STORE_OUT_OF_RESOURCES.code
 STORED_COPY_KEPT = "stored copy kept: this UID is stored with other content"
 DESTINATION_NOT_REGISTERED = "destination AE title not registered"
 DESTINATION_DID_NOT_ACCEPT = "destination did not accept the association"
+DESTINATION_NEEDS_TLS = "destination is reached over DICOM TLS, which is not set up here"
 
 
 def _over_tls(assoc: Any) -> bool:
@@ -502,6 +503,13 @@ class DicomListener:
             comments[message_id] = DESTINATION_NOT_REGISTERED
             yield None, None
             return
+        if destination.tls and self.client_ssl_context is None:
+            # Registered for DICOM TLS and no TLS here to reach it: never in plain text.
+            self._refused(event, actor, DICOM_RETRIEVE, "C-MOVE",
+                          f"move destination {wanted[:16]} needs DICOM TLS, not set up here")
+            comments[message_id] = DESTINATION_NEEDS_TLS
+            yield None, None
+            return
         comments[message_id] = DESTINATION_DID_NOT_ACCEPT
         refusal = ""
         try:
@@ -524,7 +532,7 @@ class DicomListener:
             "contexts": contexts,
             "evt_handlers": [(evt.EVT_ESTABLISHED, lambda opened: store.append(opened.assoc))],
         }
-        if destination.tls and self.client_ssl_context is not None:
+        if destination.tls:
             options["tls_args"] = (self.client_ssl_context, destination.host)
         yield destination.host, destination.port, options
         if refusal:

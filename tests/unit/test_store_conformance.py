@@ -192,10 +192,13 @@ def _free_port() -> int:
 @pytest.mark.parametrize(("destination", "comment"), [
     ("NOBODY", "destination AE title not registered"),
     ("DEADNODE", "destination did not accept the association"),
+    # registered for DICOM TLS, and no TLS set up here: never reached in plain text
+    ("TLSNODE", "destination is reached over DICOM TLS, which is not set up here"),
 ])
 def test_c_move_without_a_destination_says_why(archive, ct, scu, destination, comment):
     archive.ingest.store_copy(ct, ACTOR)
     archive.nodes.add(Node("DEADNODE", "127.0.0.1", _free_port()))
+    archive.nodes.add(Node("TLSNODE", "127.0.0.1", _free_port(), tls=True))
     query = dcmread(ct, stop_before_pixels=True)
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
