@@ -40,7 +40,7 @@ FORMATS = ("zip", "dicomdir", "mp4", "png", "jpeg")
 # directory, the index's own writes.
 HEADROOM = 64 << 20
 EXPIRED = (f"the export has expired (exports are handed out for {KEEP.total_seconds() / 3600:g} "
-           "hours after they were asked for): make it again")
+           "hours after they are ready): make it again")
 STALE = ("the study changed after this export was made (images corrected or deleted); nothing "
          "was handed out: make the export again")
 
@@ -317,7 +317,7 @@ class ExportService:
         if job.state != "done" or not job.result:
             raise ImageShareError("the export is not ready")
         params = self._jobs.params(job_id, actor.name)
-        if time.time() - job.created > KEEP.total_seconds():
+        if time.time() - (job.finished or job.created) > KEEP.total_seconds():
             # whether or not the housekeeping that removes old jobs has run (it may be off)
             self._refuse_download(job, actor, params, EXPIRED)
             raise ImageShareError(EXPIRED)

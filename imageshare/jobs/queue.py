@@ -101,6 +101,7 @@ class Job:
     summary: str = ""
     attempts: int = 0
     created: float = field(default_factory=time.time)
+    finished: float | None = None  # when it ended (epoch seconds), once done or failed
     # While a handler runs: the moment (time.monotonic) to stop by unless the lease is
     # renewed, and why the job was stopped here.
     _until: float = field(default=math.inf, init=False, repr=False, compare=False)
@@ -401,11 +402,13 @@ class DatabaseJobQueue:
 
     @staticmethod
     def _job(row: Any) -> Job:
+        finished = _utc(row["finished_at"])
         return Job(id=row["public_id"], owner=row["started_by"], kind=row["kind"],
                    description=row["description"], state=row["state"], total=row["total"],
                    done=row["done"], error=row["error"], result=row["result"],
                    summary=row["summary"], attempts=row["attempts"],
-                   created=(_utc(row["created_at"]) or datetime.now(UTC)).timestamp())
+                   created=(_utc(row["created_at"]) or datetime.now(UTC)).timestamp(),
+                   finished=finished.timestamp() if finished is not None else None)
 
     # -- workers ---------------------------------------------------------------------------
 
