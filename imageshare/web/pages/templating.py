@@ -54,10 +54,25 @@ NOTICES = {
     "deletion-requested": ("success", "The deletion was requested: another administrator "
                                       "must approve it."),
     "deletion-approved": ("success", "The study was deleted."),
-    "deletion-refused": ("success", "The deletion request was closed; nothing was deleted."),
+    "deletion-refused": ("info", "The deletion request was closed; nothing was deleted."),
     "rule-set": ("success", "The retention rule was saved."),
     "rule-removed": ("success", "The retention rule was removed."),
     "consent-recorded": ("success", "The consent decision was recorded."),
+    # For routes that still redirect without saying what happened (each needs its code added
+    # to the redirect: ?notice=...).
+    "site-added": ("success", "The site was saved."),
+    "site-removed": ("success", "The site was removed."),
+    "site-registered": ("success", "The refused caller was registered as a site."),
+    "inbox-accepted": ("success", "The study was accepted into the patient's record."),
+    "inbox-rejected": ("info", "The study was rejected."),
+    "request-sent": ("success", "The request for images was sent."),
+    "request-fulfilled": ("success", "The request was fulfilled."),
+    "request-declined": ("info", "The request was declined."),
+    "case-added": ("success", "The images were added to the case."),
+    "case-saved": ("success", "The case was saved."),
+    "case-deleted": ("success", "The case was deleted."),
+    "teaching-saved": ("success", "The teaching case was saved."),
+    "teaching-deleted": ("success", "The teaching case was deleted."),
 }
 
 
@@ -98,6 +113,22 @@ def nhs(value: str | None) -> str:
     return f"{text[:3]} {text[3:6]} {text[6:]}" if len(text) == 10 and text.isdigit() else text
 
 
+SEXES = {"F": "female", "M": "male", "O": "other"}
+
+
+def sex(value: str | None) -> str:
+    """DICOM Patient's Sex (``F``, ``M``, ``O``) in words; a dash when not known."""
+    text = str(value or "").strip().upper()
+    return SEXES.get(text, text or "—")
+
+
+def count(value: object, noun: str, plural: str = "") -> str:
+    """``3 | count("instance")`` as "3 instances", 1 as "1 instance" (``plural`` when the
+    noun does not just take an s)."""
+    number = len(value) if isinstance(value, (list, tuple, set, dict)) else value
+    return f"{number} {noun if number == 1 else (plural or noun + 's')}"
+
+
 def when(value: datetime | None) -> str:
     """A moment in UTC, to the minute."""
     if value is None:
@@ -111,7 +142,8 @@ environment = Environment(
     trim_blocks=True, lstrip_blocks=True,
 )
 environment.filters.update(person=person, dicom_date=dicom_date, iso_date=iso_date,
-                           dicom_time=dicom_time, nhs=nhs, when=when)
+                           dicom_time=dicom_time, nhs=nhs, when=when, sex=sex,
+                           count=count)
 # A fresh key in each rendering of a form that creates something (storage.submissions).
 environment.globals["form_key"] = new_form_key
 
