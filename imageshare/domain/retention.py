@@ -50,17 +50,6 @@ class RetentionClass(StrEnum):
     UPLOAD = "upload"
 
 
-CLASS_HELP: dict[RetentionClass, str] = {
-    RetentionClass.CLINICAL: "part of the record: at least N years after the patient's latest "
-    "study and until their 25th birthday; deleted only by two administrators",
-    RetentionClass.TEMPORARY: "copy retrieved from another site: expires after 30 days",
-    RetentionClass.INBOX: "received from another site: expires after 30 days unless accepted",
-    RetentionClass.HELD: "held for reconciliation: kept until a person decides",
-    RetentionClass.TEACHING: "teaching copy: kept while a case holds it",
-    RetentionClass.RESEARCH: "research copy: kept while a case holds it",
-    RetentionClass.UPLOAD: "patient or partner upload waiting for review: accepted it becomes "
-    "clinical, rejected it is deleted; never expires before its review, 30 days after it",
-}
 
 # Classes a person decides about by accepting or rejecting (rejection deletes them).
 REJECTABLE = frozenset({RetentionClass.INBOX, RetentionClass.HELD, RetentionClass.UPLOAD})
@@ -84,6 +73,28 @@ class RetentionPeriods:
     clinical_until_age: int = 25
     temporary_days: int = 30
     upload_days: int = 30
+
+
+def class_help(periods: RetentionPeriods) -> dict[RetentionClass, str]:
+    """What each class means for how long its images are kept, with this installation's
+    periods."""
+    days = periods.temporary_days
+    return {
+        RetentionClass.CLINICAL: (
+            f"part of the record: at least {periods.clinical_years} years after the patient's "
+            f"latest study and until their {periods.clinical_until_age}th birthday; deleted "
+            "only by two administrators"),
+        RetentionClass.TEMPORARY: f"copy retrieved from another site: expires after {days} days",
+        RetentionClass.INBOX: (f"received from another site: expires after {days} days unless "
+                               "accepted"),
+        RetentionClass.HELD: "held for reconciliation: kept until a person decides",
+        RetentionClass.TEACHING: "teaching copy: kept while a case holds it",
+        RetentionClass.RESEARCH: "research copy: kept while a case holds it",
+        RetentionClass.UPLOAD: (
+            "patient or partner upload waiting for review: accepted it becomes clinical, "
+            f"rejected it is deleted; never expires before its review, {periods.upload_days} "
+            "days after it"),
+    }
 
 
 @dataclass(frozen=True)
@@ -167,7 +178,7 @@ def deletion_verdict(facts: InstanceFacts, periods: RetentionPeriods, now: datet
     if path == "expiry" and cls not in EXPIRING:
         return Verdict(False, f"{cls} images never expire by themselves", earliest)
     if earliest is None:
-        why = CLASS_HELP[RetentionClass(cls)] if cls in _KNOWN else "unknown class"
+        why = class_help(periods)[RetentionClass(cls)] if cls in _KNOWN else "unknown class"
         return Verdict(False, f"{cls} images are kept for now ({why})")
     if now < earliest:
         return Verdict(False, f"{cls} images must be kept until {earliest:%Y-%m-%d}", earliest)

@@ -21,10 +21,10 @@ from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import DeletionRefused, Forbidden, ImageShareError, NotFound
 from imageshare.domain.retention import (
-    CLASS_HELP,
     Clock,
     RetentionClass,
     RetentionPeriods,
+    class_help,
     deletion_verdict,
     earliest_deletion,
 )
@@ -496,7 +496,7 @@ class RetentionService:
         for cls, moments in sorted(by_class.items()):
             known = [m for m in moments if m is not None]
             latest = max(known) if len(known) == len(moments) else None
-            explanation = (CLASS_HELP[RetentionClass(cls)]
+            explanation = (class_help(self.periods)[RetentionClass(cls)]
                            if cls in {c.value for c in RetentionClass} else cls)
             classes.append(ClassCount(cls, len(moments), explanation, latest))
         verdicts = [deletion_verdict(f, self.periods, now, "approved") for f in facts]

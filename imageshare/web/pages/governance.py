@@ -12,7 +12,7 @@ from imageshare.access.policy import RETENTION_MANAGE
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError
-from imageshare.domain.retention import CLASS_HELP
+from imageshare.domain.retention import class_help
 from imageshare.retention.service import RULE_CLASSES, RULE_KINDS
 from imageshare.web.auth import allowed
 from imageshare.web.deps import Archive, ArchiveDep
@@ -117,7 +117,8 @@ def _rules_page(request: Request, archive: Archive, actor: Actor, status_code: i
     return page(request, "retention.html", status_code=status_code,
                 rules=archive.retention.rules(), kinds=RULE_KINDS,
                 classes=[c.value for c in RULE_CLASSES],
-                explained=[(c.value, text) for c, text in CLASS_HELP.items()],
+                explained=[(c.value, text)
+                           for c, text in class_help(archive.retention.periods).items()],
                 periods=archive.retention.periods, **extra)
 
 
