@@ -44,7 +44,7 @@ def trainee(archive, anonymous, tmp_path):
     token = re.search(r'name="csrf-token" content="([^"]+)"', page.text).group(1)
     made = anonymous.post(f"/studies/{study}/case", headers=HTML, follow_redirects=False,
                           data={"csrf_token": token, "title": "FUSIC heart 12"})
-    case_id = made.headers["location"].rsplit("/", 1)[1]
+    case_id = made.headers["location"].split("?")[0].rsplit("/", 1)[1]
     anonymous.post(f"/cases/{case_id}", headers=HTML, data={
         "csrf_token": token, "title": "FUSIC heart 12",
         "description": "Breathless after surgery; parasternal long axis and A4C."})

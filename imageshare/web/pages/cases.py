@@ -54,7 +54,7 @@ async def add_to_case(request: Request, archive: ArchiveDep, study_uid: str,
     for series_uid in series:
         await run_in_threadpool(archive.cases.add, target, actor,
                                 CaseItem(study_uid, series_uid), scope)
-    return redirect(f"/cases/{target.public_id}")
+    return redirect(f"/cases/{target.public_id}?notice=case-added")
 
 
 @router.get("/cases/{public_id}")
@@ -83,7 +83,7 @@ def update_case(archive: ArchiveDep, public_id: str, actor: allowed(CASE_MANAGE)
                 folder: Annotated[str, Form()] = "") -> Response:
     """Rename, describe or refile the case."""
     archive.cases.update(archive.cases.get(public_id, actor.name), title, description, folder)
-    return redirect(f"/cases/{public_id}")
+    return redirect(f"/cases/{public_id}?notice=case-saved")
 
 
 @router.post("/cases/{public_id}/files")
@@ -112,7 +112,7 @@ async def attach_file(request: Request, archive: ArchiveDep,
 def delete_case(archive: ArchiveDep, public_id: str, actor: allowed(CASE_MANAGE)) -> Response:
     """Delete the case; its images stay in the archive."""
     archive.cases.delete(archive.cases.get(public_id, actor.name), actor)
-    return redirect("/cases")
+    return redirect("/cases?notice=case-deleted")
 
 
 @router.post("/cases/{public_id}/share")

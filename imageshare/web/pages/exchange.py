@@ -187,7 +187,7 @@ async def decide(archive: ArchiveDep, item: RowId, decision: str, actor: allowed
         await run_in_threadpool(archive.inbox.reject, item, actor, note)
     else:
         raise ImageShareError("decide accept or reject")
-    return redirect("/inbox")
+    return redirect(f"/inbox?notice=inbox-{decision}ed")
 
 
 @router.get("/admin/sites")
@@ -210,7 +210,7 @@ def register_refused(
     except ImageShareError as exc:
         return page(request, "sites.html", status_code=400, nodes=archive.nodes.all(),
                     refused=archive.refused_callers.all(), error=str(exc))
-    return redirect("/admin/sites")
+    return redirect("/admin/sites?notice=site-registered")
 
 
 @router.post("/admin/sites")
@@ -236,7 +236,7 @@ def add_site(
     except ImageShareError as exc:
         return page(request, "sites.html", status_code=400, nodes=archive.nodes.all(),
                     refused=archive.refused_callers.all(), error=str(exc))
-    return redirect("/admin/sites")
+    return redirect("/admin/sites?notice=site-added")
 
 
 @router.post("/admin/sites/{ae_title}/test")
@@ -254,4 +254,4 @@ async def test_site(request: Request, archive: ArchiveDep, ae_title: str,
 def remove_site(archive: ArchiveDep, ae_title: str, actor: allowed(NODE_MANAGE)) -> Response:
     """Forget a site."""
     archive.nodes.remove(ae_title, actor)
-    return redirect("/admin/sites")
+    return redirect("/admin/sites?notice=site-removed")

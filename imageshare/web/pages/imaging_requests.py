@@ -59,7 +59,7 @@ async def new_request(request: Request, archive: ArchiveDep, actor: allowed(EXCH
             form["birth_date"].replace("-", ""))
     except ImageShareError as exc:
         return _lists(request, archive, actor, 400, form=form, error=str(exc))
-    return redirect("/requests")
+    return redirect("/requests?notice=request-sent")
 
 
 def _candidates(archive: Archive, wanted: ImagingRequest, actor: Actor
@@ -119,7 +119,7 @@ async def fulfil(request: Request, archive: ArchiveDep, request_id: str,
         studies = await run_in_threadpool(_candidates, archive, wanted, actor)
         return page(request, "request.html", status_code=400, wanted=wanted,
                     studies=studies, label=_label(archive, wanted.site), error=str(exc))
-    return redirect("/requests")
+    return redirect("/requests?notice=request-fulfilled")
 
 
 @router.post("/requests/{request_id}/decline")
@@ -134,4 +134,4 @@ async def decline(request: Request, archive: ArchiveDep, request_id: str,
         studies = await run_in_threadpool(_candidates, archive, wanted, actor)
         return page(request, "request.html", status_code=400, wanted=wanted,
                     studies=studies, label=_label(archive, wanted.site), error=str(exc))
-    return redirect("/requests")
+    return redirect("/requests?notice=request-declined")

@@ -124,7 +124,7 @@ async def update(request: Request, archive: ArchiveDep, public_id: str,
     """Change what the case says (its author only)."""
     form = await request.form()
     archive.teaching.update(archive.teaching.get(public_id), actor, _fields(form))
-    return redirect(f"/teaching/{public_id}")
+    return redirect(f"/teaching/{public_id}?notice=teaching-saved")
 
 
 @router.post("/teaching/{public_id}/files")
@@ -174,7 +174,7 @@ def open_file(archive: ArchiveDep, public_id: str, file_id: str,
 def delete(archive: ArchiveDep, public_id: str, actor: allowed(CASE_MANAGE)) -> Response:
     """Delete the case and its files (its de-identified images stay in the archive)."""
     archive.teaching.delete(archive.teaching.get(public_id), actor)
-    return redirect("/teaching")
+    return redirect("/teaching?notice=teaching-deleted")
 
 
 @router.get("/teaching/{public_id}/viewer")
