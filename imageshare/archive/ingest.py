@@ -139,6 +139,18 @@ def _same_content(blobs: BlobStore, existing: ExistingInstance, new: StoredBlob,
     return same_instance(blobs, existing.blob_key, new_key)
 
 
+def check_study(header: InstanceHeader, expected_study: str | None,
+                requested: Collection[str] | None = None) -> None:
+    """Raise :class:`WrongStudy` for an instance of another study than ``expected_study``
+    (STOW-RS to a study URL) or of none of the ``requested`` ones (C-MOVE sub-operations)."""
+    if expected_study and header.study_uid != expected_study:
+        raise WrongStudy("the instance belongs to another study than the one in the request URL",
+                         header.sop_class_uid, header.sop_instance_uid)
+    if requested is not None and header.study_uid not in requested:
+        raise WrongStudy("the instance belongs to none of the studies this archive asked the "
+                         "caller to send", header.sop_class_uid, header.sop_instance_uid)
+
+
 def received_from(actor: Actor) -> str:
     """Who an instance came from, as the index records it: ``NAME@ADDRESS`` (a DICOM node's
     actor carries it already; an account's is its name at its address), so that what one
@@ -285,11 +297,7 @@ class IngestService:
         """
         with reader:
             ds, header = read_header(path, reader)
-        if expected_study and header.study_uid != expected_study:
-            raise WrongStudy(
-                "the instance belongs to another study than the one in the request URL",
-                header.sop_class_uid, header.sop_instance_uid,
-            )
+        check_study(header, expected_study)
         return header, (ds if meta_disagrees(ds) else None)
 
     def _with_dataset_meta(self, moving: Future[StoredBlob], key: str, ds: Dataset) -> Path:
@@ -411,15 +419,7 @@ class IngestService:
                 ds, header = read_header(path, fp)
                 if announced is not None:
                     check_announced(header, announced)
-                if expected_study and header.study_uid != expected_study:
-                    raise WrongStudy(
-                        "the instance belongs to another study than the one in the request URL",
-                        header.sop_class_uid, header.sop_instance_uid,
-                    )
-                if requested is not None and header.study_uid not in requested:
-                    raise WrongStudy(
-                        "the instance belongs to none of the studies this archive asked the "
-                        "caller to send", header.sop_class_uid, header.sop_instance_uid)
+                check_study(header, expected_study, requested)
                 fixed = self._with_dataset_meta(moving, key, ds) if meta_disagrees(ds) else None
             except InvalidInstance as exc:
                 self._discard(moving, key)
