@@ -679,6 +679,7 @@ def _make_listener(archive: Archive, shared_port: bool) -> Any:
         archive.ingest, archive.query, archive.retrieve, archive.nodes, archive.policy,
         max_associations=settings.max_associations, timeout=settings.dicom_timeout,
         max_pdu=settings.max_pdu_size, check_calling_host=settings.check_calling_host,
+        check_called_ae=settings.check_called_ae,
         shared_port=shared_port, refusals=archive.refused_callers, arrivals=archive.arrivals,
         tls_port=settings.dicom_tls_port, ssl_context=dicom_server_context(settings),
         client_ssl_context=client_context(settings),

@@ -254,7 +254,8 @@ def _limits() -> str:
     rows = [(f"`{env}`", f"`{default}`", help_text)
             for name, (env, default, help_text) in settings.items()
             if name in ("qido_max_limit", "max_associations", "max_pdu_size", "dicom_timeout",
-                        "store_from_any_ae", "check_calling_host")]
+                        "store_from_any_ae", "check_calling_host",
+                        "check_called_ae")]
     rows += [
         ("wildcard pattern length", f"`{MAX_WILDCARD_PATTERN}`",
          "Longest key with `*` or `?` (longer ones are refused with a reason)."),

@@ -63,6 +63,12 @@ class Settings:
         False, "Accept C-STORE from any calling AE title (not only registered nodes); "
         "refused callers are listed for administrators either way."
     )
+    check_called_ae: bool = _setting(
+        True, "Refuse an association whose called AE title is not this server's ae_title "
+        "(A-ASSOCIATE-RJ 'called AE title not recognised'): a scanner set up for another "
+        "archive on this host does not store here by mistake; refusals are listed for "
+        "administrators."
+    )
     check_calling_host: bool = _setting(
         True, "Serve a registered AE title only from its registered host (a call from "
         "elsewhere is refused and audited as a spoofing attempt)."

@@ -168,12 +168,15 @@ class ArchiveDeletion:
             for start in range(0, len(pks), 500):
                 conn.execute(delete(instances).where(instances.c.pk.in_(pks[start:start + 500])))
             tombstone(conn, [r.blob_key for r in rows])
-            _recount(conn, list(counts))
+            whole = _recount(conn, list(counts))
             if path == "approved":
                 _forget_study_notes(conn, list(counts))
             self._parents_changed(conn)
+            # A study gone as a whole is a Study Deleted (PS3.15 A.5.3.8); some of its
+            # instances, with the study staying, are Instances Accessed with action D.
             self._audit.record([AuditEvent(
-                actor=actor, action="instance.delete", outcome="success",
+                actor=actor, action="study.delete" if uid in whole else "instance.delete",
+                outcome="success",
                 patient_id=patients_of[uid], study_uid=uid, instance_count=n,
                 detail={"reason": reason, "way": path}) for uid, n in counts.items()],
                 conn=conn)
@@ -243,10 +246,11 @@ def _forget_study_notes(conn: Connection, study_uids: list[str]) -> None:
             conn.execute(delete(table).where(table.c.study_uid == uid))
 
 
-def _recount(conn: Connection, study_uids: list[str]) -> None:
+def _recount(conn: Connection, study_uids: list[str]) -> set[str]:
     """Drop emptied series and studies, and patients left with no study; summarise what
-    remains."""
+    remains. Returns the studies that are gone as a whole."""
     remaining = []
+    gone: set[str] = set()
     for uid in study_uids:
         study_pk = conn.execute(select(studies.c.pk).where(studies.c.study_uid == uid)
                                 .with_for_update()).scalar()  # the study before its series
@@ -261,6 +265,7 @@ def _recount(conn: Connection, study_uids: list[str]) -> None:
         patient_pk = conn.execute(select(studies.c.patient_pk)
                                   .where(studies.c.pk == study_pk)).scalar()
         conn.execute(delete(studies).where(studies.c.pk == study_pk))
+        gone.add(uid)
         conn.execute(delete(inbox_items).where(and_(inbox_items.c.study_uid == uid,
                                                     inbox_items.c.status == "pending")))
         if not conn.execute(select(func.count()).select_from(studies)
@@ -269,3 +274,4 @@ def _recount(conn: Connection, study_uids: list[str]) -> None:
                          .where(patient_identifiers.c.patient_pk == patient_pk))
             conn.execute(delete(patients).where(patients.c.pk == patient_pk))
     summarise_studies(conn, remaining)
+    return gone

@@ -77,6 +77,7 @@ class RetrieveService:
         audit: bool = True,
         include_review: bool = False,
         issuer: str = "",
+        detail: dict[str, str] | None = None,
     ) -> list[StoredInstance]:
         """Instances matching every given list of UIDs, audited as ``action`` (unless the
         caller audits the use itself and says ``audit=False``). Only instances of the record
@@ -87,7 +88,8 @@ class RetrieveService:
         as C-FIND matches it; empty or ``*``: any) limits ``patient_ids`` to patients of that
         issuer: a retrieve takes what a query with the same keys finds, never the patient of
         another issuer who has the same Patient ID. Raises :class:`NotFound` when nothing
-        matches (also for UIDs outside the scope).
+        matches (also for UIDs outside the scope). ``detail`` goes into every audit event
+        (a C-MOVE's destination).
         """
         if not (study_uids or series_uids or sop_uids or patient_ids):
             raise InvalidQuery("a retrieve must name a patient, study, series or instance")
@@ -129,13 +131,14 @@ class RetrieveService:
         events = [
             AuditEvent(
                 actor=actor, action=action, outcome="success", patient_id=items[0].patient_id,
-                study_uid=study_uid, instance_count=len(items),
+                study_uid=study_uid, instance_count=len(items), detail=dict(detail or {}),
             )
             for study_uid, items in by_study.items()
         ] or [
             AuditEvent(
                 actor=actor, action=action, outcome="failure",
-                study_uid=next(iter(study_uids), ""), detail={"reason": "not found"},
+                study_uid=next(iter(study_uids), ""),
+                detail={**(detail or {}), "reason": "not found"},
             )
         ]
         if audit:

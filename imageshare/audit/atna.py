@@ -260,6 +260,10 @@ def _audit_message(row: dict[str, Any], config: AtnaConfig) -> bytes:
             # or sent nothing and takes no role.
             other = (f"<ActiveParticipant UserID={_attr(other_end)} "
                      f"UserIsRequestor=\"false\">{other_role}</ActiveParticipant>")
+        elif detail.get("destination") and detail["destination"] != row["actor"]:
+            # A C-MOVE to a third AE (A.5.3.3): that AE receives; the requestor only asked.
+            other = (f"<ActiveParticipant UserID={_attr(detail['destination'])} "
+                     f"UserIsRequestor=\"false\">{other_role}</ActiveParticipant>")
         else:
             requestor_role = other_role
     elif event.event_id.code == QUERY.code:

@@ -155,9 +155,12 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
     _e("instance.store", "An instance was stored (C-STORE, STOW-RS, import), found a duplicate, "
        "or was refused or kept aside (conflict, mismatch).", INSTANCES_TRANSFERRED, "C",
        _STUDY, ("sop_instance_uid", "result", "reason", "conflict")),
-    _e("instance.delete", "Instances were deleted from the archive (way: expiry by the "
-       "retention job, rejection from the inbox, or approved by two administrators).",
-       STUDY_DELETED, "D", _STUDY, ("reason", "way")),
+    _e("study.delete", "A study was deleted from the archive as a whole, its last instance "
+       "with it (way: expiry by the retention job, rejection from the inbox, or approved by "
+       "two administrators).", STUDY_DELETED, "D", _STUDY, ("reason", "way")),
+    _e("instance.delete", "Some instances of a study were deleted, the study staying (way as "
+       "for study.delete); also a deletion refused or rolled back, and blobs left after one.",
+       INSTANCES_ACCESSED, "D", _STUDY, ("reason", "way")),
     _e("study.query", "A query (C-FIND, QIDO-RS, search page) was answered.", QUERY, "E",
        ("query",), ("level", "keys", "error")),
     _e("study.view", "A study was viewed or rendered in the browser.", INSTANCES_ACCESSED,
@@ -166,8 +169,8 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        _STUDY, ("reason",)),
     _e("study.metadata", "A study's metadata was read (WADO-RS metadata).", INSTANCES_ACCESSED,
        "R", _STUDY, ("reason",)),
-    _e("study.move", "Instances were sent to another node by C-MOVE.", BEGIN_TRANSFERRING, "E",
-       _STUDY, ("reason",)),
+    _e("study.move", "Instances were sent to another node by C-MOVE (destination: its AE "
+       "title).", BEGIN_TRANSFERRING, "E", _STUDY, ("reason", "destination")),
     _e("study.get", "Instances were sent back over the association by C-GET.",
        BEGIN_TRANSFERRING, "E", _STUDY, ("reason",)),
     _e("study.download", "A study was downloaded from the web app.", EXPORT, "R", _STUDY,
@@ -364,6 +367,9 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        APPLICATION_ACTIVITY, "E", ("node",), ("ae_title", "checks"), NETWORK_CONFIGURATION),
     _e("node.refused.read", "The list of refused DICOM callers was read.", SECURITY_ALERT, "E",
        (), (), NETWORK_CONFIGURATION),
+    _e("dicom.association", "An association was rejected before any service (the called "
+       "AE title is not this archive's, too many open associations).", SECURITY_ALERT, "E",
+       ("node",), _REFUSAL, NODE_AUTHENTICATION),
     _e("dicom.echo", "A C-ECHO was refused.", SECURITY_ALERT, "E", ("node",), _REFUSAL,
        NODE_AUTHENTICATION),
     _e("dicom.store", "A C-STORE association or request was refused.", SECURITY_ALERT, "E",

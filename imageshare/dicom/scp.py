@@ -88,6 +88,7 @@ STORE_OUT_OF_RESOURCES = statuses.STORE_OUT_OF_RESOURCES.code
 STORED_COPY_KEPT = "stored copy kept: this UID is stored with other content"
 DESTINATION_NOT_REGISTERED = "destination AE title not registered"
 DESTINATION_DID_NOT_ACCEPT = "destination did not accept the association"
+DESTINATION_NOT_SENT_TO = "destination does not receive from this archive"
 DESTINATION_NEEDS_TLS = "destination is reached over DICOM TLS, which is not set up here"
 
 
@@ -122,6 +123,7 @@ class DicomListener:
         timeout: float = 60.0,
         max_pdu: int = 262144,
         check_calling_host: bool = True,
+        check_called_ae: bool = True,
         shared_port: bool = False,
         refusals: RefusedCallers | None = None,
         arrivals: Arrivals | None = None,
@@ -175,7 +177,9 @@ class DicomListener:
         ae.dimse_timeout = timeout
         ae.network_timeout = timeout
         ae.maximum_pdu_size = max_pdu
-        ae.require_called_aet = False
+        # A call to another AE title is refused before any service (the scanner meant
+        # another archive); pynetdicom rejects it with reason 7 and EVT_REJECTED lists it.
+        ae.require_called_aet = check_called_ae
         for uid in SCP_SOP_CLASSES:
             ae.add_supported_context(uid, list(LISTENER_SYNTAXES))
         self.ae = ae
@@ -191,6 +195,7 @@ class DicomListener:
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_C_GET, self._on_get),
             (evt.EVT_CONN_CLOSE, _remove_cut_off),
+            (evt.EVT_REJECTED, self._on_rejected),
         ]
         base = _SharedPortServer if self.shared_port else _AssociationServer
 
@@ -292,6 +297,21 @@ class DicomListener:
                             type(exc).__name__)
         log.info("refused %s from %s: %s", service, actor.name, reason)
         return reason
+
+    def _on_rejected(self, event: Any) -> None:
+        """List an association refused before any service (called AE title not ours, too
+        many associations) for administrators, with the reason."""
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        called = str(getattr(request, "called_ae_title", "") or "").strip()
+        if self.ae.require_called_aet and called != self.ae_title:
+            reason = f"called AE title {called!r} is not this archive's ({self.ae_title})"
+        else:
+            reason = "too many open associations"
+        actor = self._actor(event)
+        with self._lock:
+            self._actors.pop(assoc, None)
+        self._refused(event, actor, "dicom.association", "association", reason)
 
     # -- handlers --------------------------------------------------------------------------------
 
@@ -403,7 +423,8 @@ class DicomListener:
             yield statuses.FIND_TOO_MANY.dataset(
                 f"more than {most} matches; narrow the query"), None
 
-    def _instances_for(self, event: Any, actor: Actor, action: str) -> list[StoredInstance]:
+    def _instances_for(self, event: Any, actor: Actor, action: str,
+                       detail: dict[str, str] | None = None) -> list[StoredInstance]:
         identifier = event.identifier
         level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
 
@@ -427,11 +448,12 @@ class DicomListener:
             # Of the issuer named, if any: the patients a C-FIND with these keys finds.
             issuer = "\\".join(uids("IssuerOfPatientID"))
             return self.retrieve.select(actor, action, patient_ids=uids("PatientID"),
-                                        issuer=issuer)
+                                        issuer=issuer, detail=detail)
         if level == "STUDY":
-            return self.retrieve.select(actor, action, study_uids=uids("StudyInstanceUID"))
+            return self.retrieve.select(actor, action, study_uids=uids("StudyInstanceUID"),
+                                        detail=detail)
         return self.retrieve.select(
-            actor, action, study_uids=uids("StudyInstanceUID"),
+            actor, action, detail=detail, study_uids=uids("StudyInstanceUID"),
             series_uids=uids("SeriesInstanceUID"),
             sop_uids=uids("SOPInstanceUID") if level == "IMAGE" else (),
         )
@@ -510,10 +532,19 @@ class DicomListener:
             comments[message_id] = DESTINATION_NEEDS_TLS
             yield None, None
             return
+        if not destination.send_to and destination.ae_title != actor.name:
+            # A site this archive does not send to receives nothing because a third AE
+            # asked for it (a node may always retrieve to itself).
+            self._refused(event, actor, DICOM_RETRIEVE, "C-MOVE",
+                          f"move destination {wanted[:16]} does not receive from this archive")
+            comments[message_id] = DESTINATION_NOT_SENT_TO
+            yield None, None
+            return
         comments[message_id] = DESTINATION_DID_NOT_ACCEPT
         refusal = ""
         try:
-            found = self._instances_for(event, actor, "study.move")
+            found = self._instances_for(event, actor, "study.move",
+                                        {"destination": destination.ae_title})
         except NotFound:
             found = []
         except (ImageShareError, ValueError) as exc:

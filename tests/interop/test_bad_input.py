@@ -40,7 +40,7 @@ def test_c_store_of_broken_files_fails_per_file_and_server_keeps_running(
     for name, path in broken_files(tmp_path).items():
         if name in ("garbage", "empty", "no-preamble"):
             continue  # no file meta: a sender cannot even address these over DIMSE
-        assoc = ae.associate("127.0.0.1", server.dicom_port)
+        assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="IMAGESHARE")
         assert assoc.is_established
         try:
             status = assoc.send_c_store(path)
@@ -52,7 +52,7 @@ def test_c_store_of_broken_files_fails_per_file_and_server_keeps_running(
         assoc.release()
         sent += 1
     assert sent >= 4
-    assoc = ae.associate("127.0.0.1", server.dicom_port)
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="IMAGESHARE")
     assert assoc.send_c_echo().Status == 0
     assoc.release()
     assert _nothing_stored(server)

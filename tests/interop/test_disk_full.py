@@ -59,7 +59,7 @@ def _store(port: int, paths: list[Path]) -> list[tuple[Path, int, str]]:
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(CTImageStorage)
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port)
+    assoc = ae.associate("127.0.0.1", port, ae_title="IMAGESHARE")
     assert assoc.is_established
     answers = []
     try:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.interop
 def _store_all(port: int, paths, acknowledged: list, stop: threading.Event) -> None:
     ae = AE(ae_title="PYNETDICOM")  # a registered modality
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", port)
+    assoc = ae.associate("127.0.0.1", port, ae_title="IMAGESHARE")
     if not assoc.is_established:
         return
     try:

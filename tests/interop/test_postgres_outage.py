@@ -91,7 +91,7 @@ def test_postgresql_stopped_mid_ingest_loses_nothing_and_the_server_recovers(
     def send() -> None:
         ae = AE()
         ae.add_requested_context(CTImageStorage)
-        assoc = ae.associate("127.0.0.1", server.dicom_port)
+        assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="IMAGESHARE")
         for path in paths:
             if len(acknowledged) == 30 and not outage.is_set():
                 outage.set()
@@ -112,7 +112,7 @@ def test_postgresql_stopped_mid_ingest_loses_nothing_and_the_server_recovers(
     # While it is down: stores fail cleanly, reads say why.
     down_ae = AE()
     down_ae.add_requested_context(CTImageStorage)
-    assoc = down_ae.associate("127.0.0.1", server.dicom_port)
+    assoc = down_ae.associate("127.0.0.1", server.dicom_port, ae_title="IMAGESHARE")
     status = assoc.send_c_store(paths[-1])
     assoc.release()
     assert status.Status == 0xA700

@@ -73,7 +73,7 @@ def _store(port: int, source: str, tls: Any = None) -> bool:
     ae = AE(ae_title="VIAPROXY")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", port, bind_address=(source, 0),
+    assoc = ae.associate("127.0.0.1", port, ae_title="IMAGESHARE", bind_address=(source, 0),
                          tls_args=(tls, "localhost") if tls is not None else None)
     if not assoc.is_established:
         return False

@@ -39,7 +39,7 @@ def test_sigterm_lets_an_association_in_progress_finish_and_exits_0(tmp_path):
     def send() -> None:
         ae = AE()
         ae.add_requested_context(CTImageStorage)
-        assoc = ae.associate("127.0.0.1", server.dicom_port)
+        assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="IMAGESHARE")
         for path in paths:
             status = assoc.send_c_store(path)
             if status and status.Status == 0:
@@ -75,7 +75,8 @@ def test_sigint_with_an_idle_association_ends_it_after_the_grace_and_exits_0(tmp
         "IMAGESHARE_DICOM_PROCESSES": "1", "IMAGESHARE_SHUTDOWN_GRACE_SECONDS": "2"}).start()
     ae = AE()
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", server.dicom_port)  # opened, never released
+    # opened, never released
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="IMAGESHARE")
     assert assoc.is_established
     begun = time.monotonic()
     server.process.send_signal(signal.SIGINT)

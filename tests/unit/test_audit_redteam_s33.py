@@ -107,7 +107,9 @@ def test_one_deletion_is_one_study_deleted_message_and_a_request_is_none():
     for action in ("deletion.request", "deletion.refuse", "deletion.approve",
                    "inbox.reject", "upload.reject"):
         assert event_of(action)[0] != "110105", action
-    assert event_of("instance.delete") == ("110105", "D")
+    assert event_of("study.delete") == ("110105", "D")
+    # Some instances deleted, the study staying: Instances Accessed, action D (A.5.3.6).
+    assert event_of("instance.delete") == ("110103", "D")
 
 
 def test_a_query_message_names_who_asked_and_who_answered_by_their_roles():

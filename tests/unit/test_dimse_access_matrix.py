@@ -96,7 +96,8 @@ def _call(site: dict, caller: str, service: str) -> int:
         handlers = [(evt.EVT_C_STORE, lambda event: 0x0000)]
     else:
         roles = []
-    assoc = ae.associate("127.0.0.1", site["port"], ext_neg=roles, evt_handlers=handlers)
+    assoc = ae.associate("127.0.0.1", site["port"], ext_neg=roles, evt_handlers=handlers,
+                         ae_title="IMAGESHARE")
     assert assoc.is_established
     try:
         if service == "ECHO":
@@ -192,7 +193,7 @@ def test_an_impersonated_ae_title_cannot_be_registered_over_the_real_one(site):
 def test_move_to_an_unregistered_destination_is_refused_and_audited(site):
     ae = AE(ae_title="FULLNODE")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = ae.associate("127.0.0.1", site["port"])
+    assoc = ae.associate("127.0.0.1", site["port"], ae_title="IMAGESHARE")
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
     identifier.StudyInstanceUID = site["study"].StudyInstanceUID

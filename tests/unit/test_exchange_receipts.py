@@ -156,7 +156,7 @@ def test_a_dicom_sender_asking_high_priority_makes_an_urgent_arrival_and_alerts_
                                for name in ("routine", "urgent"))
             ae = AE(ae_title="REMOTEPACS")
             ae.add_requested_context(CTImageStorage)
-            assoc = ae.associate("127.0.0.1", listener.port)
+            assoc = ae.associate("127.0.0.1", listener.port, ae_title="IMAGESHARE")
             assert assoc.is_established
             for path in routine:
                 assert assoc.send_c_store(dcmread(path)).Status == 0

@@ -208,7 +208,7 @@ def test_over_thirty_simulated_years_nothing_is_deleted_before_its_class_allows(
         assert _present(archive) == expected_present(now), now
     assert _present(archive) == {unreviewed}
     assert refused_requests > 1000 and deleted_by_two == 8  # the clinical studies
-    deletions = list(archive.audit.events("instance.delete", limit=10_000))
+    deletions = list(archive.audit.events("study.delete", limit=10_000))
     assert {e["detail"]["way"] for e in deletions} == {"expiry", "approved"}
 
 

@@ -98,7 +98,7 @@ def _store(port: int, paths: list[Path]) -> int:
     ae = AE(ae_title="PYNETDICOM")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120  # a loaded machine
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", port)
+    assoc = ae.associate("127.0.0.1", port, ae_title="IMAGESHARE")
     assert assoc.is_established
     stored = 0
     try:
