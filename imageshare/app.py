@@ -360,7 +360,8 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     mailer = Mailer(MailSettings(settings.smtp_host, settings.smtp_port, settings.smtp_tls,
                                  settings.smtp_user, settings.smtp_password,
                                  settings.mail_sender))
-    notifier = Notifier(engine, mailer, users_directory.email_of, settings.public_url)
+    # Mail only to a confirmed address: one typed by mistake is nobody's inbox to fill.
+    notifier = Notifier(engine, mailer, users_directory.verified_email_of, settings.public_url)
     jobs.set_notify(notifier.notify)
     shares = ShareService(
         engine, retrieve, audit, notifier, deidentifier,

@@ -7,6 +7,7 @@ environment variables, command-line options.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -211,7 +212,8 @@ class Settings:
     smtp_host: str = _setting("", "SMTP server for e-mail notifications; empty: no e-mail.")
     smtp_port: int = _setting(25, "SMTP port.")
     smtp_tls: SmtpSecurity = _setting("none", "SMTP security: none, starttls or ssl.")
-    smtp_user: str = _setting("", "SMTP user name (empty: no login).")
+    smtp_user: str = _setting("", "SMTP user name (empty: no login); needs smtp_tls starttls "
+                              "or ssl unless the server is on this machine.")
     smtp_password: str = _setting("", "SMTP password.")
     mail_sender: str = _setting("imageshare@localhost", "From address of e-mails.")
     max_decoded_frame_bytes: int = _setting(
@@ -330,6 +332,11 @@ class Settings:
             if not value >= least or value == float("inf"):
                 raise ConfigurationError(
                     f"setting {f.name} is a number of {least} or more, not {value!r}")
+        if self.smtp_user and self.smtp_tls == "none" and not _loopback(self.smtp_host):
+            raise ConfigurationError(
+                "smtp_user with smtp_tls none would send the mail password in clear text to "
+                f"{self.smtp_host}: set smtp_tls to starttls or ssl (or relay through a mail "
+                "server on this machine)")
         object.__setattr__(self, "_push_retry",
                            _schedule(self.push_retry_seconds, "push_retry_seconds"))
         object.__setattr__(self, "_job_retry",
@@ -393,6 +400,16 @@ def _choices() -> dict[str, tuple[str, ...]]:
     hints = get_type_hints(Settings)
     return {name: get_args(hint) for name, hint in hints.items()
             if get_origin(hint) is Literal}
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (a name or address of the loopback interface)."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _schedule(text: str, name: str) -> tuple[float, ...]:

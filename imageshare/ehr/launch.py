@@ -5,8 +5,11 @@ sealed in the index. The EHR then opens ``/iid?...`` with the IID parameters plu
 (its name), ``user`` (the ImageShare account the clinician has), ``expires`` (Unix seconds),
 ``nonce`` (random, 16-128 characters) and ``signature``: the lower-case hex HMAC-SHA256, with
 the shared secret, of :func:`canonical_launch` of every other parameter. A signed URL opens
-once, before it expires, and never later than ``iid_launch_max_seconds`` from now; the
-patient's details alone never open anything.
+once, before it expires, and never later than ``iid_launch_max_seconds`` (plus
+:data:`CLOCK_SKEW_SECONDS` for an EHR whose clock runs ahead) from now; it opens a person's
+account, never an administrator's (second factor) or a machine's (a service or site account:
+what it then sees would be nobody's in the audit trail); the patient's details alone never
+open anything.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from urllib.parse import quote
 from sqlalchemy import Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from imageshare.access.policy import SECOND_FACTOR_ROLES
+from imageshare.access.policy import PERSON_ROLES, SECOND_FACTOR_ROLES
 from imageshare.access.users import UserDirectory
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor, cli_actor
@@ -32,6 +35,9 @@ from imageshare.storage.secret_box import SecretBox
 
 SIGNED_PARAMETERS = ("ehr", "user", "expires", "nonce")
 SIGNATURE = "signature"
+# How far ahead of ours an EHR's clock may run: a link it signs for the longest validity is
+# still taken (the nonce is kept until the link expires, so it still opens only once).
+CLOCK_SKEW_SECONDS = 60
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
@@ -157,7 +163,7 @@ class EhrLaunches:
         if expires <= now:
             raise LaunchRefused("The launch link has expired: open the images again from the "
                                 "record.", "expired")
-        if expires > now + timedelta(seconds=self.max_seconds):
+        if expires > now + timedelta(seconds=self.max_seconds + CLOCK_SKEW_SECONDS):
             raise LaunchRefused(f"The launch link is valid for longer than "
                                 f"{self.max_seconds} seconds.", "too-long")
         nonce = values["nonce"]
@@ -186,4 +192,7 @@ class EhrLaunches:
         if account.role in SECOND_FACTOR_ROLES:
             raise LaunchRefused("Administrators sign in with their second factor; a launch "
                                 "link cannot open an administrator's account.", "admin")
+        if account.role not in PERSON_ROLES:
+            raise LaunchRefused("A launch link opens a person's account, not a machine's.",
+                                "machine")
         return Actor("user", account.username, account.role, source)

@@ -8,6 +8,7 @@ appear (:mod:`imageshare.archive.record`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
@@ -37,6 +38,10 @@ PATIENT_PARAMETERS = ("patient.identifier", "patient:identifier", "subject.ident
                       "patient:Patient.identifier")
 SEARCH_PARAMETERS = (*PATIENT_PARAMETERS, "identifier", "started", "modality", "status", "_id",
                      "_count", "_offset", "_summary", "_sort")
+# Parameters (with any modifier or chain) that say whose or which studies are wanted: one
+# not understood is refused even with ``handling=lenient`` (ignoring ``patient=Patient/1`` or
+# ``subject.name=...`` would answer every patient's studies to a search for one).
+NEVER_IGNORED = ("patient", "subject", "identifier", "_id")
 # Parameters a client may send that change nothing here (left out of the self link).
 IGNORED_PARAMETERS = ("_format", "_pretty", "_total")
 SUMMARY_VALUES = ("true", "false", "text", "data", "count")
@@ -44,6 +49,10 @@ STATUS_CODES = ("registered", "available", "cancelled", "entered-in-error", "unk
 # DICOM matching characters: a FHIR token is matched exactly, so they are refused.
 _DICOM_MATCHING = frozenset("*?\\")
 
+# The time of a search's dateTime after its day: hours and minutes, optional seconds (with a
+# fraction), an optional zone (FHIR R4 search: without one, the server's zone is meant).
+_TIME = re.compile(r"T([01]\d|2[0-3]):[0-5]\d(:([0-5]\d|60)(\.\d{1,9})?)?"
+                   r"(Z|[+-](0\d|1[0-4]):[0-5]\d)?", re.ASCII)
 _UID_ALPHABET = "0123456789."
 _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuv"  # base 32, lower case
 
@@ -103,6 +112,7 @@ class ImagingStudySearch:
     count_only: bool = False
     ignored: tuple[str, ...] = field(default=())
     nhs_number: str = ""  # the patient's NHS number, when the search names one
+    hospital_number: str = ""  # the patient's hospital number, when the search names one
 
     def link(self, base: str, offset: int) -> str:
         """The address of the page starting at ``offset``."""
@@ -137,7 +147,9 @@ def _date_range(value: str) -> tuple[str, str]:
     if prefix in ("sa", "eb", "ne", "ap"):
         raise InvalidQuery(f"the prefix {prefix!r} is not supported for started (use eq, ge, "
                            "le, gt or lt)")
-    first, last = _period(text.split("T")[0] if len(text) > 10 else text)
+    if len(text) > 10:
+        _check_time(text[10:])
+    first, last = _period(text[:10] if len(text) > 10 else text)
     if prefix == "gt":
         if last == date.max:
             return "99991231", "00010101"  # nothing is after the last day
@@ -148,6 +160,15 @@ def _date_range(value: str) -> tuple[str, str]:
         return "", (first - timedelta(days=1)).strftime("%Y%m%d")
     low, high = first.strftime("%Y%m%d"), last.strftime("%Y%m%d")
     return {"eq": (low, high), "ge": (low, ""), "le": ("", high)}[prefix]
+
+
+def _check_time(text: str) -> None:
+    """Refuse the part of a ``started`` value after its day unless it is a time
+    (``T10:15``, ``T10:15:30``, ``T10:15:30.5``, optionally then ``Z`` or ``+01:00``): it is
+    matched by day, but a value that does not parse is refused, never read as another."""
+    if not _TIME.fullmatch(text):
+        raise InvalidQuery("started takes a time as T10:15:30, optionally with its zone (Z or "
+                           "+01:00); times are matched by day")
 
 
 def _period(text: str) -> tuple[date, date]:
@@ -179,7 +200,9 @@ def parse_search(params: Sequence[tuple[str, str]], hospital_system: str,
     understood. An unknown parameter is refused rather than ignored (ignoring a misspelt
     filter would return other patients' studies) unless the client asked for ``lenient``
     handling (``Prefer: handling=lenient``); then it is left out of the self link, which
-    shows the client what was applied. A repeated parameter means AND, a comma list OR."""
+    shows the client what was applied, except one naming the patient or the study
+    (:data:`NEVER_IGNORED`), which is refused all the same. A repeated parameter means AND, a
+    comma list OR."""
     patient_alternatives: list[dict[str, Any]] = [{}]
     uids: set[str] | None = None
     accessions: set[str] | None = None
@@ -194,7 +217,7 @@ def parse_search(params: Sequence[tuple[str, str]], hospital_system: str,
         if name in IGNORED_PARAMETERS:
             continue
         if name not in SEARCH_PARAMETERS:
-            if lenient:
+            if lenient and name.split(":")[0].split(".")[0] not in NEVER_IGNORED:
                 ignored.append(name[:64])
                 continue
             raise InvalidQuery(f"unknown search parameter {name[:64]!r}; supported: "
@@ -261,11 +284,13 @@ def parse_search(params: Sequence[tuple[str, str]], hospital_system: str,
         empty = empty or bool(low and high and low > high)
         ident["00080020"] = {"vr": "DA", "Value": [f"{low}-{high}" if low != high else low]}
     alternatives = tuple({**ident, **patient} for patient in patient_alternatives)
-    nhs = ""
+    nhs = hospital = ""
     if len(patient_alternatives) > 1:  # an NHS number: as the Patient ID or as another ID
         nhs = text_of(patient_alternatives[0]["00100020"])
+    elif patient_alternatives[0]:
+        hospital = text_of(patient_alternatives[0]["00100020"])
     return ImagingStudySearch(alternatives, 0 if count_only else count, offset, tuple(applied),
-                              empty, count_only or count == 0, tuple(ignored), nhs)
+                              empty, count_only or count == 0, tuple(ignored), nhs, hospital)
 
 
 def _identifiers(items: list[str]) -> tuple[set[str], set[str]]:
@@ -317,6 +342,8 @@ _STUDY_KEYS = {tag: {"vr": vr} for tag, vr in (
 _PATIENT_KEYS = {tag: {"vr": vr} for tag, vr in (
     ("00100020", "LO"), ("00100021", "LO"), ("00101002", "SQ"), ("00080020", "DA"),
     ("00080030", "TM"))}
+# The most patient records a hospital number is checked against (patients of one number).
+MAX_ISSUERS = 50
 # A study read by its id lists its instances when it has at most this many (a search never
 # does: a page of studies would be too large).
 MAX_LISTED_INSTANCES = 5000
@@ -366,6 +393,8 @@ class ImagingStudies:
         ``count_only``; else on the last page)."""
         if search.empty:
             return SearchResult([], False, 0)
+        if search.hospital_number:
+            self._check_one_issuer(search.hospital_number, actor, allowed)
         if len(search.alternatives) == 1 and not search.count_only:
             # One query: the index pages it (newest first), one match more than the page.
             query = Query("STUDY", {**_STUDY_KEYS, **search.alternatives[0]},
@@ -401,6 +430,20 @@ class ImagingStudies:
             whole = [read[uid] for uid in wanted if uid in read]
         return SearchResult(self._resources(whole, actor, allowed, endpoints), more,
                             len(ordered))
+
+    def _check_one_issuer(self, hospital_number: str, actor: Actor,
+                          allowed: Collection[str] | None) -> None:
+        """Refuse a search by hospital number when the number belongs here to patients of
+        more than one issuer (ours and another hospital's, from a study brought from there):
+        their studies answered together would be one patient's to the EHR."""
+        query = Query("PATIENT", {"00100020": {"vr": "LO", "Value": [hospital_number]},
+                                  "00100021": {"vr": "LO"}},
+                      allowed_studies=allowed, limit=MAX_ISSUERS)
+        issuers = {text_of(m.attributes.get("00100021")) for m in self._query.find(query, actor)}
+        if len(issuers) > 1:
+            raise InvalidQuery("this hospital number belongs to patients of more than one "
+                               "issuer here (studies brought from other sites): search by NHS "
+                               "number, or open the study by its identifier")
 
     def read(self, resource: str, actor: Actor, allowed: Collection[str] | None,
              endpoints: Endpoints) -> dict[str, Any]:
@@ -496,12 +539,16 @@ class ImagingStudies:
     def _subject(self, attrs: dict[str, Any]) -> dict[str, Any]:
         nhs = nhs_number_of(attrs)
         patient_id = text_of(attrs.get("00100020"))
+        identifier: dict[str, Any]
         if nhs:
             identifier = {"system": NHS_SYSTEM, "value": nhs}
         else:
             identifier = {"system": self.hospital_system, "value": patient_id}
-            if text_of(attrs.get("00100021")).upper() == NHS_ISSUER:
+            issuer = text_of(attrs.get("00100021")).strip()
+            if issuer.upper() == NHS_ISSUER:
                 identifier["system"] = NHS_SYSTEM
+            elif issuer:  # a number some issuer gave (another hospital's, for one): say so
+                identifier["assigner"] = {"display": issuer}
         subject: dict[str, Any] = {"type": "Patient"}
         if identifier["value"].strip():  # an empty string is not a FHIR value
             subject["identifier"] = identifier
@@ -628,7 +675,9 @@ def capability_statement(base: str, version: str) -> dict[str, Any]:
                     {"name": "patient", "type": "reference",
                      "documentation": "with the :identifier modifier (or the .identifier "
                                       f"chain): {NHS_SYSTEM}|NHS number, or the hospital "
-                                      "number system|number; matched exactly"},
+                                      "number system|number; matched exactly; a hospital "
+                                      "number that patients of several issuers hold here "
+                                      "is refused; never ignored"},
                     {"name": "subject", "type": "reference",
                      "documentation": "as patient (subject:identifier, subject.identifier)"},
                     {"name": "patient.identifier", "type": "token",

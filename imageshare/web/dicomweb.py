@@ -285,7 +285,8 @@ def _wants_xml(request: Request, what: str) -> bool:
 def _dicom_answer(request: Request, datasets: list[dict[str, Any]], xml: bool,
                   headers: dict[str, str] | None = None) -> Response:
     """A list of data sets as DICOM JSON, or as multipart/related DICOM XML (one part each);
-    built in full before anything is sent. No match is 200 with an empty list.
+    built in full before anything is sent. No match is 200 with an empty list (JSON) or an
+    empty payload (XML).
 
     JSON is rendered in one pass; only when that finds a value JSON cannot carry are the
     data sets checked element by element, leaving such elements out (with a warning)."""
@@ -297,6 +298,11 @@ def _dicom_answer(request: Request, datasets: list[dict[str, Any]], xml: bool,
                                for attrs in datasets])
         return Response(body, media_type=DICOM_JSON, headers=headers)
     boundary = new_boundary()
+    if not datasets:
+        # A multipart body has at least one part (RFC 2046 5.1.1): no match is 200 with an
+        # empty payload (PS3.18 CP-2473), as a JSON answer's empty list.
+        return Response(b"", headers=headers, media_type=(
+            f'multipart/related; type="{DICOM_XML}"; boundary={boundary}'))
     body = b"".join(
         f"--{boundary}\r\nContent-Type: {DICOM_XML}\r\n\r\n".encode()
         + native_dicom_xml(attrs, _first_value(attrs, "00080018")) + b"\r\n"

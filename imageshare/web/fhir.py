@@ -37,7 +37,7 @@ from imageshare.fhir.imaging_study import (
 )
 from imageshare.web.auth import PrivateRoute, allowed
 from imageshare.web.deps import ArchiveDep, archive_of
-from imageshare.web.negotiation import parse_accept
+from imageshare.web.negotiation import parse_accept, parse_media_type
 
 router = APIRouter(prefix="/fhir", tags=["FHIR"], route_class=PrivateRoute)
 Reader = allowed(STUDY_READ)
@@ -63,17 +63,24 @@ def _check_format(request: Request) -> str:
     else ``application/fhir+json``); 406 unless the client takes FHIR R4 JSON (FHIR XML is
     not offered, nor another FHIR version). ``_format`` overrides the Accept header (FHIR R4
     http, content types)."""
-    wanted = request.query_params.get("_format", "")
+    wanted = request.query_params.get("_format", "").strip()
     if wanted:
-        if wanted not in ("json", *JSON_MEDIA):
-            raise NotAcceptable("only FHIR JSON (application/fhir+json) is offered")
-        return "application/json" if wanted == "application/json" else FHIR_JSON
-    for taken in parse_accept(request.headers.get("accept")):
-        version = taken.params.get("fhirversion", "4.0")
-        if taken.media in JSON_MEDIA and version.split(".")[:2] == ["4", "0"]:
-            return "application/json" if taken.media == "application/json" else FHIR_JSON
+        # A MIME type may carry its parameters (``application/fhir+json; fhirVersion=4.0``).
+        taken = parse_media_type(wanted) if wanted.lower() != "json" else ("json", {})
+        if taken[0] not in ("json", *JSON_MEDIA) or not _is_r4(taken[1]):
+            raise NotAcceptable("only FHIR R4 JSON (application/fhir+json) is offered")
+        return "application/json" if taken[0] == "application/json" else FHIR_JSON
+    for media_range in parse_accept(request.headers.get("accept")):
+        if media_range.media in JSON_MEDIA and _is_r4(media_range.params):
+            return ("application/json" if media_range.media == "application/json"
+                    else FHIR_JSON)
     raise NotAcceptable("only FHIR R4 JSON (application/fhir+json; fhirVersion=4.0) is "
                         "offered")
+
+
+def _is_r4(params: dict[str, str]) -> bool:
+    """True unless a media type's ``fhirVersion`` parameter names another version than 4.0."""
+    return params.get("fhirversion", "4.0").split(".")[:2] == ["4", "0"]
 
 
 def fhir_response(body: dict[str, Any], status_code: int = 200,

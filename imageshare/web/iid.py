@@ -5,15 +5,22 @@ system's name; refusals too, with the reason.
 
 IID parameters: ``requestType=PATIENT`` with ``patientID`` (HL7 CX, e.g.
 ``9434765919^^^&2.16.840.1.113883.2.1.4.1&ISO`` or ``9434765919^^^NHS`` for an NHS number,
-``H123456`` for a hospital number); ``requestType=STUDY`` with ``studyUID`` or
-``accessionNumber`` (one value, or several separated by commas). The study list is shown in
-the answer itself and a single study opens the viewer at ``/viewer/{StudyInstanceUID}``: no
-patient detail goes into an address ImageShare makes.
+``H123456`` (or with this hospital's FHIR identifier system as its assigning authority) for a
+hospital number, ``H123456^^^OTHER`` for the number another issuer gave, matched with the
+DICOM Issuer of Patient ID); ``requestType=STUDY`` with ``studyUID`` or ``accessionNumber``
+(one value, or several separated by commas). Values are matched exactly: DICOM wildcards
+(``*``, ``?``) and value lists (``\\``) are refused, and a hospital number or accession number
+that matches more than one patient here is refused as ambiguous (the EHR's context is one
+patient) rather than shown. The study list is shown in the answer itself and a single study
+opens the viewer at ``/viewer/{StudyInstanceUID}``: no patient detail goes into an address
+ImageShare makes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -38,45 +45,71 @@ router = APIRouter(include_in_schema=False)
 NHS_AUTHORITIES = frozenset({"NHS", "2.16.840.1.113883.2.1.4.1",
                              "https://fhir.nhs.uk/Id/nhs-number"})
 MAX_VALUES = 20
+# The most studies a hospital-number launch lists (newest first).
+MAX_LISTED = 200
+# DICOM matching characters and control characters: an IID value is matched exactly, so a
+# value holding one would match other patients (``H*``) or several values (``H1\\H2``).
+_NOT_EXACT = frozenset("*?\\") | frozenset(chr(c) for c in (*range(32), 127))
 
 
 @dataclass(frozen=True)
 class LaunchContext:
-    """What the EHR asked to open."""
+    """What the EHR asked to open. ``issuer`` is the assigning authority of a hospital number
+    given by another issuer (the DICOM Issuer of Patient ID to match); empty for this
+    hospital's own numbers."""
 
     request_type: str
     nhs_number: str = ""
     hospital_number: str = ""
+    issuer: str = ""
     study_uids: tuple[str, ...] = ()
     accessions: tuple[str, ...] = ()
+
+
+def _exact(value: str, name: str) -> str:
+    """``value`` when it can only be matched exactly; InvalidQuery otherwise."""
+    if _NOT_EXACT & set(value):
+        raise InvalidQuery(f"{name} is matched exactly: it cannot hold *, ?, \\ or control "
+                           "characters")
+    return value
 
 
 def _values(text: str, name: str) -> tuple[str, ...]:
     values = tuple(v.strip() for v in text.split(",") if v.strip())
     if not values or len(values) > MAX_VALUES or any(len(v) > 64 for v in values):
         raise InvalidQuery(f"{name} takes 1-{MAX_VALUES} values of at most 64 characters")
-    return values
+    return tuple(_exact(v, name) for v in values)
 
 
-def launch_context(params: dict[str, str]) -> LaunchContext:
-    """The IID request in ``params``; InvalidQuery when it is not one."""
+def launch_context(params: dict[str, str], local_systems: Collection[str] = ()
+                   ) -> LaunchContext:
+    """The IID request in ``params``; InvalidQuery when it is not one. ``local_systems``
+    name this hospital's own patient numbers as an assigning authority may (besides none)."""
     request_type = params.get("requestType", "").upper()
     if request_type == "PATIENT":
         cx = params.get("patientID", "").strip()
         if not cx or len(cx) > 200:
             raise InvalidQuery("requestType=PATIENT needs patientID")
         parts = cx.split("^")
-        number = parts[0].strip()
+        number = _exact(parts[0].strip(), "patientID")
         authority = parts[3] if len(parts) > 3 else params.get("issuer", "")
-        names = {a.strip() for a in authority.split("&") if a.strip()}
-        if not number:
-            raise InvalidQuery("patientID has no identifier")
+        components = [a.strip() for a in authority.split("&")]
+        names = {a for a in components if a}
+        if not number or len(number) > 64:
+            raise InvalidQuery("patientID needs an identifier of at most 64 characters")
         if names & NHS_AUTHORITIES:
             digits = number.replace(" ", "")
             if not is_valid_nhs_number(digits):
                 raise InvalidQuery("patientID is not a valid NHS number")
             return LaunchContext("PATIENT", nhs_number=digits)
-        return LaunchContext("PATIENT", hospital_number=number)
+        if not names or names & set(local_systems):
+            return LaunchContext("PATIENT", hospital_number=number)
+        # Another issuer's number: only that issuer's patient (the namespace, else the
+        # universal id, as DICOM keeps it in Issuer of Patient ID), never ours of that number.
+        issuer = _exact(next(a for a in components if a), "the assigning authority")
+        if len(issuer) > 64:
+            raise InvalidQuery("patientID's assigning authority is at most 64 characters")
+        return LaunchContext("PATIENT", hospital_number=number, issuer=issuer)
     if request_type == "STUDY":
         if params.get("studyUID"):
             uids = _values(params["studyUID"], "studyUID")
@@ -102,7 +135,7 @@ async def launch(request: Request, _anyone: allowed(PUBLIC), archive: ArchiveDep
     params = list(request.query_params.multi_items())
     values = dict(params)
     try:
-        context = launch_context(values)
+        context = launch_context(values, (archive.imaging_studies.hospital_system,))
     except InvalidQuery as exc:
         return _refused(request, 400, "Cannot open this from the record", str(exc))
     source = client_address(request)
@@ -120,7 +153,8 @@ async def launch(request: Request, _anyone: allowed(PUBLIC), archive: ArchiveDep
             return _refused(request, 403, "The launch link was refused", str(exc))
     else:  # anonymous callers get 401 (browsers: the sign-in page) from the policy
         actor = await run_in_threadpool(resolve_actor, request)
-    ehr = values.get("ehr", "")[:64]
+    # The launching system is named in the audit trail only when its signature proved it.
+    ehr = values.get("ehr", "")[:64] if signed else ""
     await run_in_threadpool(authorise_also, request, actor, STUDY_READ)
     if signed:
         secret, csrf = await run_in_threadpool(archive.sessions.start, actor.name, source)
@@ -151,40 +185,107 @@ def _open(request: Request, actor: Actor, context: LaunchContext, ehr: str,
             listed = [_summary(matches[uid]) for uid in uids]
             return page(request, "home.html", search=StudySearch(), searched=True, error="",
                         page=SearchPage(listed, 1, False), search_fields={})
-    else:
-        searches = [StudySearch(accession=a) for a in context.accessions] or [
-            StudySearch(nhs_number=context.nhs_number,
-                        hospital_number=context.hospital_number)]
+        patients = {matches[uid].patient_id for uid in uids}
+    elif context.hospital_number:
+        return _patient_list(request, actor, context, scope, audit)
+    elif context.accessions:
+        query = Query("STUDY", {**_LIST_KEYS, "00080050": {"vr": "SH", "Value": [
+            "\\".join(context.accessions)]}}, allowed_studies=scope, limit=MAX_LISTED,
+            newest_first=True)
         try:
-            pages = [archive.search.search(s, actor, scope) for s in searches]
+            found = archive.query.find(query, actor)
         except ImageShareError as exc:
             return _refused(request, 400, "Cannot open this from the record", str(exc))
-        found = [study for result in pages for study in result.studies]
-        uids = [study.study_uid for study in found]
-        if context.request_type == "PATIENT" or len(uids) != 1:
-            archive.audit.record(AuditEvent(actor=actor, action="ehr.launch",
-                                            outcome="success", instance_count=len(uids),
-                                            detail={**audit, "opened": "study list"}))
-            search = searches[0] if len(searches) == 1 else StudySearch()
-            fields = {"nhs": search.nhs_number, "hospital_number": search.hospital_number,
-                      "accession": search.accession}
+        uids = [m.study_uid for m in found]
+        if len({_patient_of(m) for m in found}) > 1:
+            # Accession numbers are not unique between departments and sites: studies of
+            # several patients are not the one patient the EHR has open.
+            return _ambiguous(request, actor, audit, len(uids), "accession number")
+        patients = {m.patient_id for m in found}
+        if len(uids) > 1:
+            archive.audit.record(AuditEvent(
+                actor=actor, action="ehr.launch", outcome="success", patient_id=_one(patients),
+                instance_count=len(uids), detail={**audit, "opened": "study list"}))
+            search = StudySearch(accession=context.accessions[0]
+                                 if len(context.accessions) == 1 else "")
             return page(request, "home.html", search=search, searched=True, error="",
-                        page=pages[0] if len(pages) == 1 else SearchPage(found, 1, False),
-                        search_fields={k: v for k, v in fields.items() if v})
+                        page=SearchPage([_summary(m) for m in found], 1, False),
+                        search_fields={})
+    else:
+        search = StudySearch(nhs_number=context.nhs_number)
+        try:
+            result = archive.search.search(search, actor, scope)
+        except ImageShareError as exc:
+            return _refused(request, 400, "Cannot open this from the record", str(exc))
+        archive.audit.record(AuditEvent(
+            actor=actor, action="ehr.launch", outcome="success", patient_id=context.nhs_number,
+            instance_count=len(result.studies), detail={**audit, "opened": "study list"}))
+        return page(request, "home.html", search=search, searched=True, error="",
+                    page=result, search_fields={"nhs": search.nhs_number})
     if not uids:
         archive.audit.record(AuditEvent(actor=actor, action="ehr.launch", outcome="failure",
                                         detail={**audit, "reason": "not-found"}))
         return _refused(request, 404, "No such study",
                         "No study of the record is here, or you may not see it.")
     archive.audit.record(AuditEvent(actor=actor, action="ehr.launch", outcome="success",
-                                    study_uid=uids[0], detail={**audit, "opened": "viewer"}))
+                                    patient_id=_one(patients), study_uid=uids[0],
+                                    detail={**audit, "opened": "viewer"}))
     return page(request, "iid_open.html", target=f"/viewer/{uids[0]}")
 
+
+def _patient_of(match: Match) -> tuple[str, str]:
+    """The patient of a study as the index keeps patients apart: Patient ID and issuer."""
+    return match.patient_id, text_of(match.attributes.get("00100021"))
+
+
+def _one(patients: set[str]) -> str:
+    """The Patient ID when the studies are of one patient, else ""."""
+    return next(iter(patients)) if len(patients) == 1 else ""
+
+
+def _ambiguous(request: Request, actor: Actor, audit: dict[str, object], count: int,
+               what: str) -> Response:
+    """Refuse (409, audited) a launch whose value matches more than one patient here."""
+    archive_of(request).audit.record(AuditEvent(
+        actor=actor, action="ehr.launch", outcome="failure", instance_count=count,
+        detail={**audit, "reason": "ambiguous"}))
+    return _refused(request, 409, "More than one patient matches",
+                    f"The {what} from the record matches studies of more than one patient "
+                    "here, so nothing was opened: open the study by its UID, or search for "
+                    "the patient.")
+
+
+def _patient_list(request: Request, actor: Actor, context: LaunchContext,
+                  scope: Collection[str] | None, audit: dict[str, object]) -> Response:
+    """The studies of a hospital number (of ``context.issuer`` when given), newest first;
+    refused when the number belongs to patients of more than one issuer here."""
+    archive = archive_of(request)
+    ident: dict[str, Any] = {"00100020": {"vr": "LO", "Value": [context.hospital_number]}}
+    if context.issuer:
+        ident["00100021"] = {"vr": "LO", "Value": [context.issuer]}
+    query = Query("STUDY", {**_LIST_KEYS, **ident}, allowed_studies=scope,
+                  limit=MAX_LISTED, newest_first=True)
+    try:
+        matches = archive.query.find(query, actor)
+    except ImageShareError as exc:
+        return _refused(request, 400, "Cannot open this from the record", str(exc))
+    if len({text_of(m.attributes.get("00100021")) for m in matches}) > 1:
+        return _ambiguous(request, actor, audit, len(matches), "hospital number")
+    archive.audit.record(AuditEvent(
+        actor=actor, action="ehr.launch", outcome="success",
+        patient_id=context.hospital_number, instance_count=len(matches),
+        detail={**audit, "opened": "study list",
+                **({"issuer": context.issuer} if context.issuer else {})}))
+    search = StudySearch(hospital_number=context.hospital_number)
+    return page(request, "home.html", search=search, searched=True, error="",
+                page=SearchPage([_summary(m) for m in matches[:MAX_LISTED]], 1, False),
+                search_fields={})
 
 
 _LIST_KEYS = {tag: {"vr": vr} for tag, vr in (
     ("00100010", "PN"), ("00100020", "LO"), ("00100021", "LO"), ("00100030", "DA"),
-    ("00100040", "CS"), ("00101002", "SQ"), ("00080020", "DA"), ("00081030", "LO"),
+    ("00100040", "CS"), ("00101002", "SQ"), ("00080020", "DA"), ("00080030", "TM"),
+    ("00081030", "LO"),
     ("00080061", "CS"), ("00080050", "SH"), ("00201206", "IS"), ("00201208", "IS"))}
 
 

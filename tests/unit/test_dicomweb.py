@@ -91,6 +91,12 @@ def test_qido_without_matches_answers_200_with_an_empty_list(client, stored):
         response = client.get(url)
         assert (response.status_code, response.json()) == (200, []), url
         assert response.headers["content-type"] == "application/dicom+json"
+        # In DICOM XML: 200 with an empty payload (CP-2473), not a multipart body of no part
+        # (RFC 2046 has none) that parsers refuse.
+        xml = client.get(url, headers={
+            "Accept": 'multipart/related; type="application/dicom+xml"'})
+        assert (xml.status_code, xml.content) == (200, b""), url
+        assert xml.headers["content-type"].startswith("multipart/related")
 
 
 def test_qido_unknown_attribute_is_a_clear_400(client, stored):

@@ -38,3 +38,15 @@ def test_listening_beyond_loopback_without_tls_is_warned_about():
     (only,) = warnings(dicom_host="::")
     assert only.startswith("DICOM listens on :: port 11112")
     assert warnings(http_host="0.0.0.0", dicom_host="127.0.0.1", dicom_port=0) == [http]
+
+
+def test_a_mail_password_is_never_sent_in_clear_text_beyond_this_machine(tmp_path):
+    with pytest.raises(ConfigurationError, match="smtp_tls none would send the mail password"):
+        make_archive(tmp_path, smtp_host="mail.hospital.example", smtp_user="imageshare",
+                     smtp_password="secret")
+    for host in ("127.0.0.1", "localhost", "::1"):  # a relay on this machine
+        load_settings(environ={"IMAGESHARE_SMTP_HOST": host, "IMAGESHARE_SMTP_USER": "u",
+                               "IMAGESHARE_DATA_DIR": str(tmp_path)})
+    load_settings(environ={"IMAGESHARE_SMTP_HOST": "mail.hospital.example",
+                           "IMAGESHARE_SMTP_USER": "u", "IMAGESHARE_SMTP_TLS": "starttls",
+                           "IMAGESHARE_DATA_DIR": str(tmp_path)})

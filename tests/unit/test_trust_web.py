@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from html.parser import HTMLParser
 
 import pytest
@@ -399,7 +400,13 @@ def test_email_links_never_take_the_requests_host(mailing):
     # Notifications by e-mail link to the public address too.
     with archive.engine.begin() as conn:
         conn.execute(update(users).where(users.c.username == "sono")
-                     .values(email="sono@hospital.example"))
+                     .values(email="unconfirmed@hospital.example"))
+    archive.notifier.notify("sono", "share.comment", "A reviewer commented", "/shares/abc")
+    archive.shares.mailer.flush()
+    assert sink.bodies("unconfirmed@hospital.example") == []  # never confirmed: no mail
+    with archive.engine.begin() as conn:
+        conn.execute(update(users).where(users.c.username == "sono")
+                     .values(email="sono@hospital.example", email_verified_at=datetime.now(UTC)))
     archive.notifier.notify("sono", "share.comment", "A reviewer commented", "/shares/abc")
     archive.shares.mailer.flush()
     [notice] = sink.bodies("sono@hospital.example")
