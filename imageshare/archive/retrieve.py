@@ -23,7 +23,7 @@ from imageshare.archive.record import instance_in_record
 from imageshare.archive.transcode import little_endian_value
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import InvalidQuery, NotFound
+from imageshare.domain.errors import InvalidQuery, NotFound, QueryTooBroad
 from imageshare.storage.blobs import BlobStore, LocalBlobs, copy_to_file, local_copy
 from imageshare.storage.index.schema import instances, patients, series, studies
 
@@ -78,6 +78,7 @@ class RetrieveService:
         include_review: bool = False,
         issuer: str = "",
         detail: dict[str, str] | None = None,
+        most: int | None = None,
     ) -> list[StoredInstance]:
         """Instances matching every given list of UIDs, audited as ``action`` (unless the
         caller audits the use itself and says ``audit=False``). Only instances of the record
@@ -89,7 +90,8 @@ class RetrieveService:
         issuer: a retrieve takes what a query with the same keys finds, never the patient of
         another issuer who has the same Patient ID. Raises :class:`NotFound` when nothing
         matches (also for UIDs outside the scope). ``detail`` goes into every audit event
-        (a C-MOVE's destination).
+        (a C-MOVE's destination). More matches than ``most`` (what a DIMSE retrieve can
+        count) raise :class:`QueryTooBroad`, audited as a failure: nothing is sent.
         """
         if not (study_uids or series_uids or sop_uids or patient_ids):
             raise InvalidQuery("a retrieve must name a patient, study, series or instance")
@@ -125,6 +127,15 @@ class RetrieveService:
             stmt = stmt.where(studies.c.study_uid.in_(list(allowed_studies)))
         with self._engine.connect() as conn:
             found = [StoredInstance(**row._asdict()) for row in conn.execute(stmt)]
+        if most is not None and len(found) > most:
+            reason = (f"{len(found)} instances match, more than one retrieve can count "
+                      f"({most}): retrieve by study or series")
+            if audit:
+                self._audit.record([AuditEvent(
+                    actor=actor, action=action, outcome="failure", study_uid=uid,
+                    detail={**(detail or {}), "reason": reason})
+                    for uid in sorted({i.study_uid for i in found})[:100]])
+            raise QueryTooBroad(reason)
         by_study: dict[str, list[StoredInstance]] = {}
         for inst in found:
             by_study.setdefault(inst.study_uid, []).append(inst)

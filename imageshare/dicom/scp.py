@@ -73,6 +73,7 @@ from imageshare.domain.errors import (
     NotAcceptable,
     NotFound,
     OutOfResources,
+    QueryTooBroad,
 )
 from imageshare.exchange.arrivals import Arrivals
 from imageshare.exchange.nodes import NodeRegistry, RefusedCallers
@@ -86,6 +87,8 @@ log = logging.getLogger("imageshare.dicom")
 NOT_AUTHORISED = statuses.STORE_NOT_AUTHORISED.code
 STORE_OUT_OF_RESOURCES = statuses.STORE_OUT_OF_RESOURCES.code
 STORED_COPY_KEPT = "stored copy kept: this UID is stored with other content"
+# The Number of ... Sub-operations of a C-MOVE or C-GET response are US: no more can be counted.
+MAX_SUB_OPERATIONS = 65535
 DESTINATION_NOT_REGISTERED = "destination AE title not registered"
 DESTINATION_DID_NOT_ACCEPT = "destination did not accept the association"
 DESTINATION_NOT_SENT_TO = "destination does not receive from this archive"
@@ -448,12 +451,14 @@ class DicomListener:
             # Of the issuer named, if any: the patients a C-FIND with these keys finds.
             issuer = "\\".join(uids("IssuerOfPatientID"))
             return self.retrieve.select(actor, action, patient_ids=uids("PatientID"),
-                                        issuer=issuer, detail=detail)
+                                        issuer=issuer, detail=detail,
+                                        most=MAX_SUB_OPERATIONS)
         if level == "STUDY":
             return self.retrieve.select(actor, action, study_uids=uids("StudyInstanceUID"),
-                                        detail=detail)
+                                        detail=detail, most=MAX_SUB_OPERATIONS)
         return self.retrieve.select(
-            actor, action, detail=detail, study_uids=uids("StudyInstanceUID"),
+            actor, action, detail=detail, most=MAX_SUB_OPERATIONS,
+            study_uids=uids("StudyInstanceUID"),
             series_uids=uids("SeriesInstanceUID"),
             sop_uids=uids("SOPInstanceUID") if level == "IMAGE" else (),
         )
@@ -541,12 +546,14 @@ class DicomListener:
             yield None, None
             return
         comments[message_id] = DESTINATION_DID_NOT_ACCEPT
-        refusal = ""
+        refusal = too_many = ""
         try:
             found = self._instances_for(event, actor, "study.move",
                                         {"destination": destination.ae_title})
         except NotFound:
             found = []
+        except QueryTooBroad as exc:
+            found, too_many = [], _count_comment(exc)
         except (ImageShareError, ValueError) as exc:
             log.info("C-MOVE refused: %s", type(exc).__name__)
             found, refusal = [], str(exc)
@@ -571,6 +578,10 @@ class DicomListener:
             yield 1
             yield statuses.MOVE_IDENTIFIER_MISMATCH.dataset(refusal), None
             return
+        if too_many:
+            yield 1
+            yield statuses.MOVE_TOO_MANY.dataset(too_many), None
+            return
         yield len(found)
         comments.pop(message_id, None)  # the destination accepted: no A801 from here on
         yield from self._datasets(found, event, lambda: self._taken_by(store))
@@ -587,6 +598,10 @@ class DicomListener:
             found = self._instances_for(event, actor, "study.get")
         except NotFound:
             found = []
+        except QueryTooBroad as exc:
+            yield 1
+            yield statuses.GET_TOO_MANY.dataset(_count_comment(exc)), None
+            return
         except (ImageShareError, ValueError) as exc:
             yield 1
             yield statuses.GET_IDENTIFIER_MISMATCH.dataset(str(exc)), None
@@ -597,6 +612,11 @@ class DicomListener:
         }
         yield len(found)
         yield from self._datasets(found, event, lambda: accepted)
+
+
+def _count_comment(exc: QueryTooBroad) -> str:
+    """The Error Comment (64 characters) of a retrieve matching more than can be counted."""
+    return str(exc).split(",", 1)[0] + ": retrieve by study or series"
 
 
 _LITTLE_ENDIAN_NATIVE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}

@@ -112,7 +112,14 @@ MOVE_DESTINATION_UNKNOWN = _status(
     "C-MOVE", 0xA801, "Failure", "Refused: Move Destination unknown",
     "the Move Destination is not a registered node (Error Comment 'destination AE title not "
     "registered'), or does not answer or accept the association (Error Comment 'destination "
-    "did not accept the association')")
+    "did not accept the association'), or a site registered as one this archive does not "
+    "send to, asked for by another AE (Error Comment 'destination does not receive from this "
+    "archive')")
+MOVE_TOO_MANY = _status(
+    "C-MOVE", 0xA701, "Failure",
+    "Refused: Out of Resources - Unable to calculate number of matches",
+    "more instances match than a C-MOVE response can count (65,535): retrieve by study or "
+    "series (Error Comment gives the number)")
 MOVE_IDENTIFIER_MISMATCH = _status(
     "C-MOVE", 0xA900, "Failure", "Identifier does not match SOP Class",
     "unknown Query/Retrieve Level, PATIENT level on a Study Root model, or missing unique "
@@ -136,6 +143,11 @@ GET_SUB_OPERATIONS_FAILED = _status(
     "every sub-operation failed: the requester refused every instance, or accepted no "
     "context (with the SCP role) for their SOP classes (failed UIDs listed; pynetdicom's "
     "final status)")
+GET_TOO_MANY = _status(
+    "C-GET", 0xA701, "Failure",
+    "Refused: Out of Resources - Unable to calculate number of matches",
+    "more instances match than a C-GET response can count (65,535): retrieve by study or "
+    "series (Error Comment gives the number)")
 GET_IDENTIFIER_MISMATCH = _status(
     "C-GET", 0xA900, "Failure", "Identifier does not match SOP Class",
     "unknown Query/Retrieve Level, PATIENT level on a Study Root model, or missing unique "
@@ -151,7 +163,7 @@ STATUSES: tuple[DimseStatus, ...] = (
     FIND_PENDING, FIND_SUCCESS, FIND_CANCEL, FIND_IDENTIFIER_MISMATCH, FIND_NOT_AUTHORISED,
     FIND_UNABLE, FIND_TOO_MANY,
     MOVE_PENDING, MOVE_SUCCESS, MOVE_WARNING, MOVE_CANCEL, MOVE_SUB_OPERATIONS_FAILED,
-    MOVE_DESTINATION_UNKNOWN, MOVE_IDENTIFIER_MISMATCH, MOVE_NOT_AUTHORISED,
+    MOVE_DESTINATION_UNKNOWN, MOVE_TOO_MANY, MOVE_IDENTIFIER_MISMATCH, MOVE_NOT_AUTHORISED,
     GET_PENDING, GET_SUCCESS, GET_WARNING, GET_CANCEL, GET_SUB_OPERATIONS_FAILED,
-    GET_IDENTIFIER_MISMATCH, GET_NOT_AUTHORISED,
+    GET_TOO_MANY, GET_IDENTIFIER_MISMATCH, GET_NOT_AUTHORISED,
 )

@@ -106,3 +106,43 @@ def test_the_move_is_audited_with_its_destination_as_the_receiving_participant(s
             in message)
     requestor = message.split('UserID="node:WORKSTATION"', 1)[1].split("</ActiveParticipant>")[0]
     assert "RoleIDCode" not in requestor
+
+
+def test_a_retrieve_matching_more_than_a_response_can_count_is_refused_with_the_number(
+        site, monkeypatch) -> None:
+    """The Number of ... Sub-operations are US (at most 65,535): a patient or study with more
+    instances is refused A701 with the count and what to do, nothing sent, audited as a
+    failure (pynetdicom alone answered C516 without a word). Here the limit is lowered to 1
+    so that the two-instance study is over it."""
+    from pynetdicom import build_role
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    from imageshare.dicom import scp
+
+    monkeypatch.setattr(scp, "MAX_SUB_OPERATIONS", 1)
+    before = len(site["received"]["VIEWER"])
+    final = _move(site, "WORKSTATION", "VIEWER")
+    assert final.Status == 0xA701
+    assert final.ErrorComment == "2 instances match: retrieve by study or series"
+    assert len(site["received"]["VIEWER"]) == before
+    [failed] = [e for e in site["archive"].audit.events(action="study.move", limit=100)
+                if e["outcome"] == "failure"]
+    assert "2 instances match" in failed["detail"]["reason"]
+
+    ae = AE(ae_title="WORKSTATION")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    got: list[str] = []
+    assoc = ae.associate("127.0.0.1", site["port"], ae_title="IMAGESHARE",
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, lambda e: got.append("x") or 0)])
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = site["study"].StudyInstanceUID
+    try:
+        *_, (last, _i) = list(assoc.send_c_get(
+            identifier, StudyRootQueryRetrieveInformationModelGet))
+    finally:
+        assoc.release()
+    assert last.Status == 0xA701 and got == []
+    assert last.ErrorComment == "2 instances match: retrieve by study or series"
