@@ -3,7 +3,8 @@
 Five failures for one account from one address lock that account for that address for a
 while; the account still opens from everywhere else. So nobody can lock an account (an
 administrator's included) out by guessing from afar: at most they lock themselves out. The
-per-address throttle (:mod:`imageshare.access.throttle`) limits guessing across accounts.
+per-address throttle (:mod:`imageshare.access.throttle`) limits guessing across accounts. An
+IPv6 address counts as its /64 network (:func:`~imageshare.access.throttle.address_key`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from imageshare.access.throttle import address_key
 from imageshare.storage.index.database import take_write_lock
 from imageshare.storage.index.schema import login_failures
 
@@ -36,13 +38,14 @@ class Lockout:
         with self._engine.connect() as conn:
             until = conn.execute(select(login_failures.c.locked_until).where(
                 login_failures.c.user_pk == user_pk,
-                login_failures.c.source == source[:255])).scalar()
+                login_failures.c.source == address_key(source))).scalar()
         return until is not None and _utc(until) > datetime.now(UTC)
 
     def failed(self, user_pk: int, source: str) -> bool:
         """Count one failure from ``source``; returns True when it locked the account there."""
         now = datetime.now(UTC)
-        key = (login_failures.c.user_pk == user_pk, login_failures.c.source == source[:255])
+        key = (login_failures.c.user_pk == user_pk,
+               login_failures.c.source == address_key(source))
         with self._engine.begin() as conn:
             # Failures counted at once by several processes each count (no lost update).
             take_write_lock(conn)
@@ -53,7 +56,7 @@ class Lockout:
                 try:
                     with conn.begin_nested():
                         conn.execute(insert(login_failures).values(
-                            user_pk=user_pk, source=source[:255], failures=1,
+                            user_pk=user_pk, source=address_key(source), failures=1,
                             last_failure_at=now))
                     return False
                 except IntegrityError:
@@ -76,7 +79,7 @@ class Lockout:
         with self._engine.begin() as conn:
             conn.execute(delete(login_failures).where(
                 login_failures.c.user_pk == user_pk,
-                login_failures.c.source == source[:255]))
+                login_failures.c.source == address_key(source)))
 
     def clear_all(self, user_pk: int) -> None:
         """Lift every lockout of the account (an administrator reset it)."""

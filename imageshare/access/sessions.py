@@ -1,6 +1,7 @@
 """Browser sessions: an opaque cookie (only its hash is stored) and a CSRF token per session.
 
-A session ends when it is revoked (sign-out), after IDLE without use, or after LIFETIME.
+A session ends when it is revoked (sign-out), after IDLE without use, or after LIFETIME (one
+still owing its TOTP code after CODE_STAGE_LIFETIME).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from imageshare.storage.index.schema import sessions, users
 
 IDLE = timedelta(minutes=30)
 LIFETIME = timedelta(hours=12)
+# A session that gave the password and still owes its TOTP code: a code is at hand within a
+# minute, so a half-signed-in browser left open (or a stolen password) gets no hours.
+CODE_STAGE_LIFETIME = timedelta(minutes=10)
 # A session's last use is written at most this often: every request reads the session, but a
 # write (a commit, and the index's write lock) per request would slow every page, frame and
 # upload chunk; the idle limit is then kept to within this much.
@@ -72,8 +76,9 @@ class SessionStore:
             ).first()
             if row is None or row.revoked_at is not None or row.disabled:
                 return None
-            if (now - as_utc(row.last_seen_at) > IDLE
-                    or now - as_utc(row.created_at) > LIFETIME):
+            age = now - as_utc(row.created_at)
+            if (now - as_utc(row.last_seen_at) > IDLE or age > LIFETIME
+                    or (row.stage == "code" and age > CODE_STAGE_LIFETIME)):
                 return None
             if now - as_utc(row.last_seen_at) >= SEEN_EVERY:
                 conn.execute(update(sessions).where(sessions.c.pk == row.pk)

@@ -3,7 +3,9 @@ tokens (stored as hashes)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import logging
 import secrets
 import threading
@@ -46,6 +48,10 @@ _hasher = PasswordHasher()
 _CACHE_SECONDS = 300.0
 # How precisely an API token's last use is recorded (one write a minute, not one a request).
 TOKEN_USE_RESOLUTION = timedelta(seconds=60)
+# A person's live (unrevoked) API tokens: a stolen session cannot mint tokens without end.
+# Counted in the transaction that makes a token (those made on the server's command line are
+# counted but never refused).
+MAX_LIVE_TOKENS = 50
 log = logging.getLogger(__name__)
 TOTP_ISSUER = "ImageShare"
 # A link that confirms an address an account set for itself: how long it works, how soon
@@ -572,10 +578,12 @@ class UserDirectory:
         # A new role starts unlinked: a site account is linked to its site deliberately.
         self._change(username, role=role, site_node="")
 
-    def set_password(self, username: str, password: str, *, reset_two_factor: bool = False
-                     ) -> None:
+    def set_password(self, username: str, password: str, *, reset_two_factor: bool = False,
+                     revoke_tokens: bool = False, actor: Actor = SYSTEM) -> None:
         """Set a new password and lift a lockout; optionally remove the second factor (lost
-        phone), which the user must then set up again."""
+        phone), which the user must then set up again, and revoke every live API token
+        (an administrator's reset: whoever held the password may have made them), each
+        revocation audited as ``actor``'s."""
         _check_password(password)
         values: dict[str, object] = {
             "password_hash": _hasher.hash(password), "failed_logins": 0, "locked_until": None,
@@ -588,17 +596,39 @@ class UserDirectory:
                                    ).scalar()
         if user_pk is not None:
             self.lockout.clear_all(user_pk)
+        if revoke_tokens:
+            for token in self.tokens(username):
+                if token["revoked_at"] is None:
+                    with contextlib.suppress(NotFound):  # revoked meanwhile
+                        self.revoke_token(username, int(str(token["pk"])), actor=actor)
 
-    def change_own_password(self, username: str, current: str, new: str) -> None:
-        """The user's own password change; the current password must be right."""
-        with self._engine.connect() as conn:
-            stored = conn.execute(select(users.c.password_hash)
-                                  .where(users.c.username == username)).scalar()
-        try:
-            _hasher.verify(stored or "", current)
-        except (VerificationError, InvalidHashError) as exc:
-            raise ImageShareError("the current password is wrong") from exc
+    def change_own_password(self, username: str, current: str, new: str,
+                            source: str = "") -> None:
+        """The user's own password change; the current password must be right. Raises
+        ImageShareError otherwise (see :meth:`check_current_password`)."""
+        self.check_current_password(username, current, source)
         self.set_password(username, new)
+
+    def check_current_password(self, username: str, current: str, source: str = "") -> None:
+        """Re-authentication before a change a session alone may not make (a new password, a
+        new API token): raises ImageShareError unless ``current`` is the password. A wrong
+        one counts towards the account's lockout from ``source`` like a wrong sign-in, and a
+        locked or disabled account gets the same answer: a held session is no password
+        oracle."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(users.c.pk, users.c.password_hash, users.c.disabled)
+                               .where(users.c.username == username)).first()
+        if row is None:
+            _hasher.hash(current)  # same cost for unknown users
+            raise ImageShareError("the current password is wrong")
+        locked = self.lockout.locked(row.pk, source)
+        try:
+            _hasher.verify(row.password_hash, current)
+        except (VerificationError, InvalidHashError) as exc:
+            self.lockout.failed(row.pk, source)
+            raise ImageShareError("the current password is wrong") from exc
+        if locked or row.disabled:
+            raise ImageShareError("the current password is wrong")
 
     # -- two-factor sign-in ---------------------------------------------------------------
 
@@ -631,16 +661,44 @@ class UserDirectory:
         self._change(username, totp_secret=self._box.seal(secret))  # encrypted at rest
         return pyotp.TOTP(secret).provisioning_uri(name=username, issuer_name=TOTP_ISSUER)
 
-    def confirm_two_factor(self, username: str, code: str) -> None:
-        """Put the pending TOTP secret in force once the user proves it with a code."""
+    def pending_two_factor(self, username: str, key: str) -> str | None:
+        """The otpauth:// URI of the set-up of ``username`` still waiting for its first code,
+        when ``key`` (:func:`two_factor_key` of the URI shown) names it; else None (none is
+        pending, it is in force, or another set-up was started since). A page shows the same
+        key again after a wrong code with it, never a key it did not show."""
         with self._engine.connect() as conn:
-            row = conn.execute(select(users.c.pk, users.c.totp_secret)
+            row = conn.execute(select(users.c.totp_secret, users.c.totp_enabled)
+                               .where(users.c.username == username)).first()
+        if row is None or row.totp_enabled or not row.totp_secret or not key:
+            return None
+        uri = pyotp.TOTP(self._box.open(row.totp_secret)).provisioning_uri(
+            name=username, issuer_name=TOTP_ISSUER)
+        return uri if hmac.compare_digest(two_factor_key(uri), key[:64]) else None
+
+    def confirm_two_factor(self, username: str, code: str, key: str | None = None) -> None:
+        """Put the pending TOTP secret in force once the user proves it with a code. With
+        ``key`` (what the set-up page showed, :func:`two_factor_key`), only that set-up: one
+        started again meanwhile (by another session holding the password) is refused, so
+        nobody's phone but the one that scanned the page protects the account."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(users.c.pk, users.c.totp_secret, users.c.totp_enabled)
                                .where(users.c.username == username)).first()
         if row is None or not row.totp_secret:
             raise ImageShareError("start setting up two-factor sign-in first")
+        if row.totp_enabled:
+            raise ImageShareError("two-factor sign-in is already set up")
+        if key is not None and self.pending_two_factor(username, key) is None:
+            raise ImageShareError(TWO_FACTOR_RESTARTED)
         if not self._accept_code(row.pk, row.totp_secret, code):
             raise ImageShareError("that code is not right; check the phone's clock and retry")
-        self._change(username, totp_enabled=True)
+        with self._engine.begin() as conn:
+            # In force only if the secret proven is still the pending one.
+            changed = conn.execute(update(users).where(
+                users.c.pk == row.pk, users.c.totp_secret == row.totp_secret,
+                users.c.totp_enabled.is_(False)).values(totp_enabled=True)).rowcount
+        self.forget_cached(username)
+        if not changed:
+            raise ImageShareError(TWO_FACTOR_RESTARTED)
 
     # -- API tokens -----------------------------------------------------------------------
 
@@ -681,20 +739,35 @@ class UserDirectory:
         ``origin`` is ``cli`` for tokens made on the server's command line (they work for an
         administrator who has no second factor yet: machines), else ``web``."""
         secret = "is_" + secrets.token_urlsafe(32)
+        live = 0
         with self._engine.begin() as conn:
-            user_pk = conn.execute(select(users.c.pk).where(users.c.username == username)).scalar()
+            # The count and the new token in one transaction, the account's row locked first
+            # (SQLite: the write lock), so that tokens asked for at once count one by one.
+            take_write_lock(conn)
+            user_pk = conn.execute(select(users.c.pk).where(users.c.username == username)
+                                   .with_for_update()).scalar()
             if user_pk is None:
                 raise ImageShareError(f"no user {username!r}")
-            conn.execute(
-                insert(api_tokens).values(
-                    user_pk=user_pk, name=name[:128], token_hash=secret_hash(secret),
-                    created_at=datetime.now(UTC), origin="cli" if origin == "cli" else "web",
+            if origin != "cli":
+                live = conn.execute(select(func.count()).select_from(api_tokens).where(
+                    api_tokens.c.user_pk == user_pk,
+                    api_tokens.c.revoked_at.is_(None))).scalar_one()
+            if live < MAX_LIVE_TOKENS:
+                conn.execute(
+                    insert(api_tokens).values(
+                        user_pk=user_pk, name=name[:128], token_hash=secret_hash(secret),
+                        created_at=datetime.now(UTC),
+                        origin="cli" if origin == "cli" else "web",
+                    )
                 )
-            )
-            if self._audit is not None:
-                self._audit.record(AuditEvent(actor=actor, action="token.create",
-                                              outcome="success", detail={"name": name[:128]}),
-                                   conn)
+                self._record(AuditEvent(actor=actor, action="token.create",
+                                        outcome="success", detail={"name": name[:128]}),
+                             conn)
+        if live >= MAX_LIVE_TOKENS:
+            self._record(AuditEvent(actor=actor, action="token.create", outcome="failure",
+                                    detail={"name": name[:128]}))
+            raise ImageShareError(f"this account has {live} live API tokens, the most it "
+                                  "may hold: revoke one on the account page first")
         return secret
 
     def authenticate_token(self, secret: str, source: str = "") -> Actor | None:
@@ -806,10 +879,40 @@ def _check_new_user(username: str, role: str) -> None:
         raise ImageShareError(f"the username {username!r} is reserved")
 
 
+TWO_FACTOR_RESTARTED = ("two-factor set-up was started again (in another window or by "
+                        "someone else holding your password): start again here and scan the "
+                        "new code")
+
+
+def two_factor_key(uri: str) -> str:
+    """What a set-up page carries to name the TOTP key it showed (its otpauth:// URI): a
+    digest, not the key itself."""
+    return hashlib.sha256(uri.encode()).hexdigest()
+
+
+def name_fold(username: str) -> str:
+    """A user name as people read it: compatibility forms (full-width letters, ligatures) and
+    case do not tell two names apart."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", username).casefold())
+
+
+def _refuse_look_alike(conn: Connection, username: str) -> None:
+    """Raises ImageShareError when an account exists whose name reads the same as
+    ``username`` (``Admin``, full-width ``ａｄｍｉｎ`` beside ``admin``): one would pass for the
+    other in pages, audit reports and e-mails."""
+    folded = name_fold(username)
+    for existing in conn.execute(select(users.c.username)).scalars():
+        if name_fold(existing) == folded:
+            raise ImageShareError(f"user {username!r} exists already")
+
+
 def _insert_user(conn: Connection, username: str, password: str, role: str,
                  email: str) -> None:
     """A new account; its address (given by an administrator, or bound by the invitation it
-    was made with) counts as confirmed."""
+    was made with) counts as confirmed. Raises ImageShareError for a name that reads as an
+    existing one's."""
+    take_write_lock(conn)
+    _refuse_look_alike(conn, username)
     now = datetime.now(UTC)
     email = email.strip()[:254]
     conn.execute(insert(users).values(

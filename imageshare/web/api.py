@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Request, Response
 from pydantic import Field, field_validator
 
+from imageshare.access import users
 from imageshare.access.policy import (
     ACCOUNT_SELF,
     AUDIT_READ,
@@ -17,9 +18,9 @@ from imageshare.access.policy import (
 )
 from imageshare.access.sessions import COOKIE
 from imageshare.audit.trail import AuditEvent
-from imageshare.domain.errors import Forbidden, ImageShareError
+from imageshare.domain.errors import Forbidden
 from imageshare.exchange.nodes import Node
-from imageshare.web.auth import BEARER, allowed, client_address, refuse
+from imageshare.web.auth import BASIC, BEARER, allowed, client_address, refuse
 from imageshare.web.deps import ArchiveDep
 from imageshare.web.pages.sign_in import set_session_cookie
 from imageshare.web.params import JsonApiRoute, Strict
@@ -27,7 +28,8 @@ from imageshare.web.params import JsonApiRoute, Strict
 router = APIRouter(prefix="/api", tags=["API"], route_class=JsonApiRoute)
 
 # A person's live (unrevoked) API tokens: a stolen session cannot mint tokens without end.
-MAX_LIVE_TOKENS = 50
+# Counted where tokens are made, in the same transaction (imageshare.access.users).
+MAX_LIVE_TOKENS = users.MAX_LIVE_TOKENS
 # Text fields that are shown and logged on one line: no control characters.
 ONE_LINE = r"^[^\x00-\x1f\x7f]*$"
 
@@ -82,6 +84,9 @@ class TokenIn(Strict):
     """A name for a new personal API token (one line)."""
 
     name: str = Field(min_length=1, max_length=128, pattern=ONE_LINE)
+    password: str = Field(default="", max_length=1024, description=(
+        "the account's current password: required from a browser session (a token outlives "
+        "the session), not with HTTP Basic, which carries it"))
 
 
 class LoginIn(Strict):
@@ -134,10 +139,11 @@ def create_token(request: Request, archive: ArchiveDep, body: TokenIn,
     if getattr(request.state, "channel", None) == BEARER:
         refuse(request, actor, TOKEN_SELF, Forbidden(
             "an API token cannot make another: sign in (or use HTTP Basic) to make one"))
-    live = sum(1 for t in archive.users.tokens(actor.name) if t["revoked_at"] is None)
-    if live >= MAX_LIVE_TOKENS:
-        raise ImageShareError(f"this account has {live} live API tokens, the most it may "
-                              "hold: revoke one on the account page first")
+    if getattr(request.state, "channel", None) != BASIC:
+        # A session alone (a stolen cookie) does not mint a token that would outlive it.
+        archive.users.check_current_password(actor.name, body.password,
+                                             client_address(request))
+    # The limit is counted in the transaction that makes the token (ImageShareError, 400).
     token = archive.users.create_token(actor.name, body.name, actor=actor)
     return {"name": body.name, "token": token}
 

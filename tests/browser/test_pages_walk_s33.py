@@ -185,11 +185,8 @@ def test_an_administrators_first_sign_in_enrols_two_factor_and_the_menu_fits(
     page.click("#two-factor button[type=submit]")
     page.wait_for_load_state()
     assert page.locator("main [role=alert]").count() == 1
-    assert "new key" in page.locator("#two-factor").inner_text()
-    page.goto(base + "/account")
-    page.click("#two-factor button[type=submit]")
-    page.wait_for_load_state()
-    secret = page.locator(".totp-secret").inner_text().strip()
+    # A mistyped code shows the same key again: the one the phone has scanned still works.
+    assert page.locator(".totp-secret").inner_text().strip() == secret
     page.fill("#two-factor input[name=code]", pyotp.TOTP(secret).now())
     page.click("#two-factor button[type=submit]")
     page.wait_for_load_state()

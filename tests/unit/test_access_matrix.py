@@ -216,7 +216,8 @@ def _body(kind: str, caller: Caller, world: dict, counter: int) -> dict:
     if kind == "stow":
         body, content_type = encode_multipart([world["stow"]])
         return {"content": body, "headers": {"Content-Type": content_type, **header}}
-    payload = {"token": {"name": f"t{counter}"}, "export": {"format": "zip"},
+    # A token is made with the current password (a session alone makes none).
+    payload = {"token": {"name": f"t{counter}", "password": PASSWORD}, "export": {"format": "zip"},
                "share": {"days": 1},
                "receipt": {"origin": "SITEB", "transfer": "0123", "outcome": "accepted"}}[kind]
     return {"json": payload, "headers": header}

@@ -166,7 +166,11 @@ def test_admin_must_set_up_two_factor_then_manages_users(archive, anonymous):
         "csrf_token": csrf_of(users.text), "username": "rev1", "role": "reviewer"})
     temporary = re.search(r'class="temporary-password">([^<]+)<', added.text).group(1)
     assert archive.users.authenticate("rev1", temporary) is not None
-    anonymous.post("/admin/users/rev1/disable", data={"csrf_token": csrf_of(added.text)})
+    asked = anonymous.post("/admin/users/rev1/disable",
+                           data={"csrf_token": csrf_of(added.text)})
+    assert archive.users.authenticate("rev1", temporary) is not None  # asked, not done
+    anonymous.post("/admin/users/rev1/disable",
+                   data={"csrf_token": csrf_of(asked.text), "confirm": "yes"})
     assert archive.users.authenticate("rev1", temporary) is None
 
 

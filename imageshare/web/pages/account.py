@@ -3,7 +3,7 @@ confirms it), password, API tokens."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypedDict
 
 import segno
 from fastapi import APIRouter, Form, Request
@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from imageshare.access.policy import ACCOUNT_SELF, ENROLLING, TOKEN_SELF
 from imageshare.access.sessions import COOKIE
+from imageshare.access.users import two_factor_key
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.errors import ImageShareError
 from imageshare.web.auth import allowed, client_address
@@ -45,27 +46,55 @@ def account(request: Request, _actor: allowed(ACCOUNT_SELF)) -> Response:
 
 @router.post("/account/two-factor")
 def begin_two_factor(request: Request, archive: ArchiveDep,
-                     actor: allowed(ACCOUNT_SELF)) -> Response:
-    """Make a TOTP secret and show it as a QR code until it is confirmed."""
+                     actor: allowed(ACCOUNT_SELF),
+                     current: Annotated[str, Form()] = "") -> Response:
+    """Make a TOTP secret and show it as a QR code until it is confirmed. A signed-in person
+    gives the current password first (a session alone must not bind the account to another
+    phone); an administrator enrolling has just given it to sign in."""
     try:
+        if actor.role != ENROLLING:
+            archive.users.check_current_password(actor.name, current[:1024],
+                                                 client_address(request))
         uri = archive.users.begin_two_factor(actor.name)
     except ImageShareError as exc:
         return _account_page(request, 400, error=str(exc))
+    return _account_page(request, **_enrolment(uri))
+
+
+class Enrolment(TypedDict, total=False):
+    """What the account page shows of a pending two-factor set-up."""
+
+    enrol_uri: str
+    enrol_secret: str
+    enrol_qr: str
+    enrol_key: str
+
+
+def _enrolment(uri: str) -> Enrolment:
+    """What the set-up form shows of a pending TOTP key: its URI, the key to type, its QR
+    code, and the digest that names it in the form (:func:`two_factor_key`)."""
     secret = uri.split("secret=", 1)[1].split("&", 1)[0]
     qr = segno.make(uri, error="m").svg_inline(scale=4, omitsize=True)
-    return _account_page(request, enrol_uri=uri, enrol_secret=secret, enrol_qr=qr)
+    return Enrolment(enrol_uri=uri, enrol_secret=secret, enrol_qr=qr,
+                     enrol_key=two_factor_key(uri))
 
 
 @router.post("/account/two-factor/confirm")
 def confirm_two_factor(request: Request, archive: ArchiveDep, actor: allowed(ACCOUNT_SELF),
-                       code: Annotated[str, Form()]) -> Response:
-    """Turn two-factor sign-in on once a code proves the app has the secret."""
+                       code: Annotated[str, Form()],
+                       key: Annotated[str, Form()] = "") -> Response:
+    """Turn two-factor sign-in on once a code proves the app has the secret. ``key`` names
+    the set-up the page showed: a wrong code shows that same key again (the app holds it
+    already), and a set-up started again elsewhere meanwhile is neither turned on nor
+    shown."""
     try:
-        archive.users.confirm_two_factor(actor.name, code[:16])
+        archive.users.confirm_two_factor(actor.name, code[:16], key[:64] or None)
     except ImageShareError as exc:
         archive.audit.record(AuditEvent(actor=actor, action="account.two-factor",
                                         outcome="failure"))
-        return _account_page(request, 400, error=str(exc))
+        pending = archive.users.pending_two_factor(actor.name, key[:64])
+        shown = _enrolment(pending) if pending else Enrolment()
+        return _account_page(request, 400, error=str(exc), **shown)
     archive.audit.record(AuditEvent(actor=actor, action="account.two-factor",
                                     outcome="success"))
     response = redirect("/account?notice=two-factor-on")
@@ -152,7 +181,8 @@ def change_password(request: Request, archive: ArchiveDep, actor: allowed(ACCOUN
     if actor.role == ENROLLING:
         return _account_page(request, 403, error="set up two-factor sign-in first")
     try:
-        archive.users.change_own_password(actor.name, current, new)
+        archive.users.change_own_password(actor.name, current[:1024], new[:1024],
+                                          client_address(request))
     except ImageShareError as exc:
         archive.audit.record(AuditEvent(actor=actor, action="account.password",
                                         outcome="failure"))
@@ -167,9 +197,18 @@ def change_password(request: Request, archive: ArchiveDep, actor: allowed(ACCOUN
 
 @router.post("/account/tokens")
 def create_token(request: Request, archive: ArchiveDep, actor: allowed(TOKEN_SELF),
-                 name: Annotated[str, Form()]) -> Response:
-    """A new personal API token, shown once."""
-    token = archive.users.create_token(actor.name, name.strip()[:128] or "token", actor=actor)
+                 name: Annotated[str, Form()],
+                 current: Annotated[str, Form()] = "") -> Response:
+    """A new personal API token, shown once. A token outlives the session and a password
+    change, so the current password must be given (a session alone does not make one); an
+    account holds at most :data:`~imageshare.access.users.MAX_LIVE_TOKENS` live tokens."""
+    try:
+        archive.users.check_current_password(actor.name, current[:1024],
+                                             client_address(request))
+        token = archive.users.create_token(actor.name, " ".join(name.split())[:128] or "token",
+                                           actor=actor)
+    except ImageShareError as exc:
+        return _account_page(request, 400, error=str(exc))
     return _account_page(request, new_token=token)
 
 

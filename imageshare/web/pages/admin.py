@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from typing import Annotated, TypedDict
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
@@ -29,6 +29,36 @@ def _record(request: Request, actor: Actor, action: str, username: str,
             outcome: Outcome = "success") -> None:
     archive_of(request).audit.record(AuditEvent(
         actor=actor, action=action, outcome=outcome, detail={"user": username}))
+
+
+class Asked(TypedDict):
+    """What a confirmation page says: its heading, what will happen, its button."""
+
+    heading: str
+    consequence: str
+    button: str
+
+
+def _ask_disable(username: str, _two_factor: bool) -> Asked:
+    return Asked(heading=f"Disable {username}?",
+                 consequence=f"{username} is signed out everywhere at once, and their "
+                             "password and API tokens stop working until the account is "
+                             "enabled again.",
+                 button=f"Disable {username}")
+
+
+def _ask_reset(username: str, two_factor: bool) -> Asked:
+    also = (" Their two-factor sign-in is removed too: they set it up again at their next "
+            "sign-in.") if two_factor else ""
+    return Asked(heading=f"Reset the password of {username}?",
+                 consequence=f"{username}'s password and API tokens stop working and they "
+                             "are signed out everywhere; you get a temporary password to "
+                             f"give them in person.{also}",
+                 button="Reset password" + (" and two-factor" if two_factor else ""))
+
+
+# What the confirmation page of each change that locks a person out says.
+_ASK = {"disable": _ask_disable, "reset": _ask_reset}
 
 
 @router.get("/admin/users")
@@ -60,11 +90,19 @@ def add_user(request: Request, archive: ArchiveDep,
 def change_user(request: Request, archive: ArchiveDep,
                 username: str, change: str, actor: allowed(USER_MANAGE),
                 reset_two_factor: Annotated[str, Form()] = "",
-                email: Annotated[str, Form()] = "") -> Response:
+                email: Annotated[str, Form()] = "",
+                confirm: Annotated[str, Form()] = "") -> Response:
     """Disable, enable, reset (new temporary password, lockout lifted) an account, or set its
-    e-mail address (where its notifications go)."""
+    e-mail address (where its notifications go). Disabling and resetting end the person's
+    sessions and lock them out: the first press shows what will happen, and only a second
+    one with ``confirm=yes`` does it."""
     if change in ("disable", "enable") and username == actor.name:
         raise Forbidden("you cannot disable your own account")
+    if change in ("disable", "reset") and confirm != "yes":
+        archive.users.account(username)  # NotFound for no such account
+        return page(request, "user_confirm.html", username=username, change=change,
+                    reset_two_factor=bool(reset_two_factor), **_ASK[change](
+                        username, bool(reset_two_factor)))
     if change == "disable":
         archive.users.set_disabled(username, True)
         archive.sessions.end_all(username)
@@ -78,7 +116,8 @@ def change_user(request: Request, archive: ArchiveDep,
             return _users_page(request, 400, error=str(exc))
     elif change == "reset":
         temporary = secrets.token_urlsafe(12)
-        archive.users.set_password(username, temporary, reset_two_factor=bool(reset_two_factor))
+        archive.users.set_password(username, temporary, reset_two_factor=bool(reset_two_factor),
+                                   revoke_tokens=True, actor=actor)
         archive.sessions.end_all(username)
         _record(request, actor, "user.reset", username)
         return _users_page(request, temporary_password=temporary, temporary_for=username)

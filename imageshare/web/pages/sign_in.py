@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
@@ -11,6 +11,8 @@ from fastapi.responses import Response
 from imageshare.access.policy import ACCOUNT_SELF, PUBLIC, SESSION_CODE
 from imageshare.access.sessions import COOKIE
 from imageshare.access.sign_in import SignedIn
+from imageshare.audit.trail import AuditEvent
+from imageshare.domain.actors import Actor
 from imageshare.domain.errors import NotAuthenticated
 from imageshare.web.auth import allowed, client_address, resolve_actor
 from imageshare.web.deps import ArchiveDep
@@ -52,15 +54,57 @@ def login_form(request: Request, archive: ArchiveDep,
     return page(request, "login.html", next=safe_next(next), username="")
 
 
+def _host(url: str) -> str | None:
+    """The host name of an absolute http(s) URL (lower case); None when ``url`` is not one.
+    Scheme and port are not compared: behind a TLS-terminating proxy the server sees http
+    and another port than the browser does."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return None
+    return parts.hostname.lower()
+
+
+def from_another_site(request: Request, public_url: str = "") -> bool:
+    """True when the browser says the request was sent by a page of another site (Fetch
+    Metadata ``Sec-Fetch-Site``, or an ``Origin`` whose host is neither the one asked for
+    nor that of ``public_url``). A request saying neither (older browsers, programs) is not
+    refused."""
+    fetched_from = request.headers.get("sec-fetch-site", "").strip().lower()
+    if fetched_from and fetched_from not in ("same-origin", "none"):
+        return True
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False
+    sent = _host(origin)
+    ours = {request.url.hostname.lower() if request.url.hostname else None}
+    if public_url:
+        ours.add(_host(public_url))
+    return sent is None or sent not in ours
+
+
 @router.post("/login")
 def login(
     request: Request, archive: ArchiveDep,
     _anyone: allowed(PUBLIC), username: Annotated[str, Form()],
     password: Annotated[str, Form()], next: Annotated[str, Form()] = "/",
 ) -> Response:
-    """Check the password; a wrong one, a locked or disabled account all get one answer."""
+    """Check the password; a wrong one, a locked or disabled account all get one answer.
+
+    A sign-in posted by another site's page is refused (login CSRF: it would sign the
+    browser into someone else's account, where what its user then uploads would land)."""
+    source = client_address(request)
+    if from_another_site(request, archive.settings.public_url):
+        archive.audit.record(AuditEvent(
+            actor=Actor("anonymous", username[:64], source=source, registered=False),
+            action="session.start", outcome="refused"))  # posted by another site's page
+        return page(request, "login.html", status_code=403, next="/", username="",
+                    error="This sign-in was sent from another web site. Open ImageShare's "
+                          "own sign-in page and sign in there.")
     try:
-        signed_in = archive.sign_in.start(username, password, client_address(request))
+        signed_in = archive.sign_in.start(username, password, source)
     except NotAuthenticated:
         return page(request, "login.html", status_code=401, error=WRONG,
                     next=safe_next(next), username=username[:128])
@@ -88,6 +132,17 @@ def code(
                     error="That code is not right. Codes change every 30 seconds.")
     response = redirect(safe_next(next))
     set_session_cookie(request, response, secret)
+    return response
+
+
+@router.post("/login/code/cancel")
+def cancel_code(request: Request, archive: ArchiveDep,
+                actor: allowed(SESSION_CODE)) -> Response:
+    """Sign out at the code prompt (no phone at hand, the wrong account): the half-session
+    ends on the server, as a sign-out does."""
+    archive.sign_in.end(actor, request.cookies.get(COOKIE))
+    response = redirect("/login?notice=signed-out")
+    response.delete_cookie(COOKIE, path="/")
     return response
 
 

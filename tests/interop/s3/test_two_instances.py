@@ -193,8 +193,8 @@ def test_a_session_and_its_csrf_token_hold_on_both_instances(pair):
         assert on_second.get("/api/me").json()["username"] == "clinician7"
         refused = on_second.post("/api/tokens", json={"name": "no csrf"})
         assert refused.status_code == 403
-        made = on_second.post("/api/tokens", json={"name": "laptop"},
-                              headers={"X-CSRF-Token": csrf})
+        made = on_second.post("/api/tokens", headers={"X-CSRF-Token": csrf},
+                              json={"name": "laptop", "password": "a long password 7"})
         assert made.status_code == 201, made.text
 
 
@@ -295,8 +295,9 @@ def test_behind_the_load_balancer_stores_and_a_session_work_whichever_instance_a
         csrf = signed_in.json()["csrf_token"]
         for _ in range(4):  # round robin: every other request on the other instance
             assert browser.get("/api/me").json()["username"] == "clinician8"
-        token = browser.post("/api/tokens", json={"name": "viewer"},
-                             headers={"X-CSRF-Token": csrf}).json()["token"]
+        token = browser.post("/api/tokens", headers={"X-CSRF-Token": csrf},
+                             json={"name": "viewer", "password": "a long password 8"}
+                             ).json()["token"]
     study_uid = dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID
     with httpx.Client(base_url=url, timeout=60,
                       headers={"Authorization": f"Bearer {token}"}) as viewer:
