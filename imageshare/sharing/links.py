@@ -203,6 +203,15 @@ def _share(row: Any) -> Share:
     return from_row(Share, row)
 
 
+def _named(share: Share) -> dict[str, str]:
+    """What an audit event of a link's use adds about who used it: the user account an
+    identifiable share names (only they, signed in, can use its link), so that the trail
+    says which person saw the patient's images; nothing for a de-identified share."""
+    if share.deidentified or not share.recipient_user:
+        return {}
+    return {"user": share.recipient_user}
+
+
 class ShareService:
     """Creates, opens, scopes and revokes shares; everything audited."""
 
@@ -308,6 +317,7 @@ class ShareService:
         found = list(found_by_sop.values())
         if not found:
             raise NotFound("nothing to share")
+        _refuse_unmatched(request, found)
         if request.deidentified:
             self._refuse_words_naming_the_patient(found, {
                 "title": request.title, "message": request.message,
@@ -402,7 +412,8 @@ class ShareService:
             f"{one_line(sender)} has shared medical images with you on ImageShare.\n\n"
             f"Open them here: {url}\n\n"
             "You will need the passcode, which the sender gives you separately (by phone or "
-            f"text message).\nThe link works until {created.expires_at:%d %B %Y}.\n\n"
+            "text message).\nThe link works until "
+            f"{created.expires_at.astimezone(UTC):%d %B %Y, %H:%M} UTC, and no longer.\n\n"
             "This message contains no patient information.\n")
 
     def invite_account(self, share: Share, owner: Actor) -> None:
@@ -525,7 +536,7 @@ class ShareService:
                                                   shares.c.opened_at.is_(None))
                              .values(opened_at=datetime.now(UTC)))
         self._audit.record(AuditEvent(actor=actor, action="share.open", outcome="success",
-                                      detail={"share": share.public_id}))
+                                      detail={"share": share.public_id, **_named(share)}))
         return True
 
     def _passcode_hash(self, share_pk: int) -> str:
@@ -743,7 +754,8 @@ class ShareService:
         for study_uid, instance_count in targets:
             self._audit.record(AuditEvent(
                 actor=actor, action=action, outcome="success", study_uid=study_uid,
-                instance_count=instance_count, detail={"share": share.public_id, **detail},
+                instance_count=instance_count,
+                detail={"share": share.public_id, **_named(share), **detail},
                 at=at))
 
     # -- recipient's words ------------------------------------------------------------------
@@ -836,8 +848,15 @@ class ShareService:
                        literal(now, share_feedback.c.created_at.type))
                 .where(~exists().where(
                     *(share_feedback.c[k] == v for k, v in values.items()),
-                    share_feedback.c.created_at > now - RESUBMIT_WINDOW)))).rowcount
+                    share_feedback.c.created_at > now - RESUBMIT_WINDOW),
+                    # a sign-off made since this share was read is final all the same
+                    ~exists().where(shares.c.pk == share.pk,
+                                    shares.c.signed_off_at.is_not(None))))).rowcount
             if not kept:
+                if conn.execute(select(shares.c.signed_off_at).where(
+                        shares.c.pk == share.pk)).scalar() is not None:
+                    raise ImageShareError(
+                        "this case was signed off: it takes no more feedback")
                 return
             conn.execute(update(shares).where(shares.c.pk == share.pk).values(reviewed_at=now))
         self.record(share, actor, "share.feedback", item, clip=bool(public_sop_uid))
@@ -1125,3 +1144,19 @@ def require_owner(share: Share, actor: Actor) -> None:
     """Raise Forbidden unless ``actor`` owns ``share``."""
     if actor.kind != "user" or share.owner != actor.name:
         raise Forbidden("this is not your share")
+
+
+def _refuse_unmatched(request: NewShare, found: Collection[StoredInstance]) -> None:
+    """ImageShareError when a series or instance the sender named is not among what the share
+    would hold (not in the study, or not theirs to share): the sender would believe it shared
+    what it did not, so nothing is shared. The reason counts them (no UIDs echoed)."""
+    series_found = {i.series_uid for i in found}
+    sops_found = {i.sop_uid for i in found}
+    series_missing = set(request.series_uids) - series_found
+    sops_missing = set(request.sop_uids) - sops_found
+    if series_missing or sops_missing:
+        parts = ([f"{len(series_missing)} of the series"] if series_missing else []) + (
+            [f"{len(sops_missing)} of the images"] if sops_missing else [])
+        verb = "is" if len(series_missing) + len(sops_missing) == 1 else "are"
+        raise ImageShareError(f"{' and '.join(parts)} asked for {verb} not in this study (or "
+                              "not yours to share); nothing was shared")

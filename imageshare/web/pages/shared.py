@@ -9,21 +9,30 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
+from pydicom import dcmread
 from starlette.background import BackgroundTask
 
 from imageshare.access.policy import PUBLIC, SHARE_COMMENT, SHARE_DOWNLOAD, SHARE_VIEW
 from imageshare.archive.annotations import share_author
-from imageshare.archive.rendering import render_frame
+from imageshare.archive.rendering import render_frame, render_video_still
+from imageshare.archive.transcode import playable_video
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ImageShareError, LinkGone, NotFound, TooManyRequests
+from imageshare.domain.errors import (
+    ImageShareError,
+    LinkGone,
+    NotAcceptable,
+    NotFound,
+    TooManyRequests,
+)
 from imageshare.export.share_download import build_share_download
 from imageshare.sharing.links import Share
-from imageshare.sharing.viewer import share_manifest
+from imageshare.sharing.viewer import is_video_instance, share_manifest, shown_file
 from imageshare.web.auth import LINK_COOKIE, allowed, client_address, resolve_actor
 from imageshare.web.deps import ArchiveDep, archive_of
-from imageshare.web.dicomweb import render_options
+from imageshare.web.dicomweb import MAX_PLAYED_BYTES, render_options
 from imageshare.web.exports import MarksIn
+from imageshare.web.negotiation import parse_accept
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
@@ -154,25 +163,63 @@ def viewer(request: Request, archive: ArchiveDep,
                 comment_action=f"/s/{token}/comments" if can_mark else "")
 
 
+def _wants_video(request: Request) -> bool:
+    """True when video/mp4 is preferred to a still image (a browser's video element asks
+    for */*; an image element prefers image/*)."""
+    for media_range in parse_accept(request.headers.get("accept"), default="*/*"):
+        if media_range.media in ("video/mp4", "video/*", "*/*"):
+            return True
+        if media_range.media.startswith("image/"):
+            return False
+    return False
+
+
+# What every answer carrying a shared image says: no browser or proxy keeps it (a revoked or
+# expired link shows nothing more at once), and it is never sniffed into another type.
+_IMAGE_HEADERS = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff",
+                  "Referrer-Policy": "same-origin"}
+
+
 async def _render(request: Request, actor: Actor, study: str, series: str | None,
                   sop: str | None, frame: int, thumbnail: bool = False) -> Response:
+    """One frame of a shared instance as an image; a shared video as its first picture, or
+    as an MP4 file for the viewer's player (the video as it lies, never re-encoded)."""
     archive = archive_of(request)
     share = _share(request)
     items = archive.shares.item(share, study, series, sop)
     item = items[len(items) // 2] if sop is None else items[0]
-    path = await run_in_threadpool(archive.shares.content, share, item)
+    path = await run_in_threadpool(shown_file, archive.shares, share, item)
     if path is None:
         raise NotFound("no such study, series or instance")
+    header = await run_in_threadpool(dcmread, path, stop_before_pixels=True)
+    video = is_video_instance(header)
+    syntax = str(header.file_meta.get("TransferSyntaxUID", ""))
+    if video and path.stat().st_size > MAX_PLAYED_BYTES:  # read whole to be played or shown
+        raise NotAcceptable(f"this video is larger than {MAX_PLAYED_BYTES >> 20} MB and is "
+                            "not played here")
+    if video and not thumbnail and sop is not None and frame == 1 and _wants_video(request):
+        def play() -> bytes:
+            with open(path, "rb") as stream:
+                return playable_video(stream, syntax)
+
+        movie = await run_in_threadpool(play)
+        await run_in_threadpool(archive.shares.record, share, actor, "share.render", item)
+        return Response(movie, media_type="video/mp4",
+                        headers={**_IMAGE_HEADERS, "Accept-Ranges": "none"})
     options = render_options(request, thumbnail)
+    if video and frame != 1:
+        raise NotFound("a video's frames are not separable; ask for the video")
 
     def render() -> bytes:
         with open(path, "rb") as stream:
+            if video:
+                return render_video_still(stream, options)
             return render_frame(stream, frame - 1, options)
 
     data = await run_in_threadpool(render)
     await run_in_threadpool(archive.shares.record, share, actor, "share.render", item)
     return Response(data, media_type=options.media_type,
-                    headers={"Cache-Control": "private, no-store"})  # revocation works at once
+                    headers=_IMAGE_HEADERS)  # revocation works at once
 
 
 @router.get("/s/{token}/dicomweb/studies/{study}/series/{series}/thumbnail")
@@ -197,6 +244,25 @@ async def rendered_frame(request: Request, token: str, study: str, series: str, 
     return await _render(request, actor, study, series, sop, frame)
 
 
+@router.get("/s/{token}/documents/{sop}")
+def document(request: Request, archive: ArchiveDep, token: str, sop: str,
+             actor: allowed(SHARE_VIEW)) -> Response:
+    """A shared PDF document (a report), read in the browser with the view right (it is part
+    of what was shared, as its images are): kept by no cache, sandboxed, audited."""
+    share = _share(request)
+    item = next((i for i in archive.shares.items(share)
+                 if i.public_sop_uid == sop and not i.held_back), None)
+    path = shown_file(archive.shares, share, item) if item is not None else None
+    if item is None or path is None:
+        raise NotFound("no such document in this share")
+    with open(path, "rb") as stream:
+        doc = archive.attachments.document(stream)
+    archive.shares.record(share, actor, "share.view", item, format="document")
+    return Response(doc.content, media_type=doc.media_type, headers={
+        **_IMAGE_HEADERS, "Content-Security-Policy": "sandbox",
+        "Content-Disposition": 'inline; filename="document.pdf"'})
+
+
 @router.post("/s/{token}/comments")
 def comment(request: Request, archive: ArchiveDep, token: str, actor: allowed(SHARE_COMMENT),
             body: Annotated[str, Form()], sop: Annotated[str, Form()] = "") -> Response:
@@ -207,11 +273,11 @@ def comment(request: Request, archive: ArchiveDep, token: str, actor: allowed(SH
 
 @router.post("/s/{token}/annotations")
 async def save_marks(request: Request, archive: ArchiveDep,
-                     token: str, actor: allowed(SHARE_COMMENT)
+                     token: str, body: MarksIn, actor: allowed(SHARE_COMMENT)
                      ) -> dict[str, int]:
-    """The reviewer's arrows and measurements on one shared image or clip frame."""
+    """The reviewer's arrows and measurements on one shared image or clip frame (a body that
+    is not such JSON is refused saying which field, as on the archive's own route)."""
     share = _share(request)
-    body = MarksIn.model_validate(await request.json())
     item = next((i for i in archive.shares.items(share)
                  if i.public_sop_uid == body.sop_uid and not i.held_back), None)
     if item is None:

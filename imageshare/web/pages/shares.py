@@ -14,13 +14,13 @@ from imageshare.access.policy import ACCOUNT_SELF, EXPORT_IDENTIFIABLE, PUBLIC, 
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
-from imageshare.sharing.links import CreatedShare, NewShare
+from imageshare.sharing.links import CreatedShare, NewShare, Share
 from imageshare.sharing.logbook import as_csv as logbook_csv
 from imageshare.sharing.logbook import as_pdf as logbook_pdf
 from imageshare.sharing.logbook import logbook
 from imageshare.storage.submissions import KEY_FIELD
 from imageshare.uploads.invitations import CreatedInvitation
-from imageshare.web.auth import allowed, authorise_also, client_address
+from imageshare.web.auth import allowed, authorise_also, client_address, refuse
 from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.pages.templating import page, redirect
 
@@ -97,12 +97,21 @@ def my_shares(request: Request, archive: ArchiveDep, actor: allowed(SHARE_CREATE
         actor.name))
 
 
+def _mine(request: Request, public_id: str, actor: Actor) -> Share:
+    """One of the caller's shares; another's, or none, is the same 404 ("no such share"),
+    audited as a refusal like every other (as over the API)."""
+    try:
+        return archive_of(request).shares.by_public_id(public_id, actor.name)
+    except NotFound as exc:
+        refuse(request, actor, SHARE_CREATE, exc)
+
+
 @router.get("/shares/{public_id}")
 def share_detail(request: Request, archive: ArchiveDep,
                  public_id: str, actor: allowed(SHARE_CREATE)) -> Response:
     """One share: its items, every access, comments and feedback; revoke."""
     service = archive.shares
-    share = service.by_public_id(public_id, actor.name)
+    share = _mine(request, public_id, actor)
     return page(request, "share_detail.html", share=share, items=service.items(share),
                 visits=service.visits(share), comments=service.comments(share),
                 feedback=service.feedback(share), clips=service.clip_names(share))
@@ -112,18 +121,19 @@ def share_detail(request: Request, archive: ArchiveDep,
 def confirm_revoke(request: Request, archive: ArchiveDep, public_id: str,
                    actor: allowed(SHARE_CREATE)) -> Response:
     """Ask before ending the share for good."""
-    share = archive.shares.by_public_id(public_id, actor.name)
+    share = _mine(request, public_id, actor)
     return page(request, "share_revoke.html", share=share)
 
 
 @router.post("/shares/{public_id}/revoke")
-def revoke(archive: ArchiveDep, public_id: str, actor: allowed(SHARE_CREATE),
-           confirm: Annotated[str, Form()] = "") -> Response:
+def revoke(request: Request, archive: ArchiveDep, public_id: str,
+           actor: allowed(SHARE_CREATE), confirm: Annotated[str, Form()] = "") -> Response:
     """End the share for good, once the owner confirmed it (else ask first)."""
+    share = _mine(request, public_id, actor)
     if confirm != "yes":
-        return redirect(f"/shares/{public_id}/revoke")
-    archive.shares.revoke(public_id, actor)
-    return redirect(f"/shares/{public_id}?notice=revoked")
+        return redirect(f"/shares/{share.public_id}/revoke")
+    archive.shares.revoke(share.public_id, actor)
+    return redirect(f"/shares/{share.public_id}?notice=revoked")
 
 
 @router.get("/logbook")
@@ -142,11 +152,13 @@ def logbook_export(archive: ArchiveDep, format: str, actor: allowed(SHARE_CREATE
     entries = logbook(archive.shares, actor.name)
     archive.audit.record(AuditEvent(actor=actor, action="logbook.export", outcome="success",
                                     detail={"format": format, "cases": len(entries)}))
+    # Reviewers' names and words: no browser or proxy keeps a copy, nothing sniffs it.
+    private = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
     if format == "csv":
         return Response(logbook_csv(entries), media_type="text/csv; charset=utf-8", headers={
-            "Content-Disposition": 'attachment; filename="logbook.csv"'})
+            **private, "Content-Disposition": 'attachment; filename="logbook.csv"'})
     return Response(logbook_pdf(entries, actor.name), media_type="application/pdf", headers={
-        "Content-Disposition": 'attachment; filename="logbook.pdf"'})
+        **private, "Content-Disposition": 'attachment; filename="logbook.pdf"'})
 
 
 @router.get("/notifications")
@@ -177,9 +189,10 @@ def shared_with_me(request: Request, archive: ArchiveDep, actor: allowed(ACCOUNT
 
 
 @router.post("/shares/{public_id}/invite")
-def invite_reviewer(archive: ArchiveDep, public_id: str, actor: allowed(SHARE_CREATE)) -> Response:
+def invite_reviewer(request: Request, archive: ArchiveDep, public_id: str,
+                    actor: allowed(SHARE_CREATE)) -> Response:
     """Invite the share's recipient to create a reviewer account (link by e-mail)."""
-    share = archive.shares.by_public_id(public_id, actor.name)
+    share = _mine(request, public_id, actor)
     archive.shares.invite_account(share, actor)
     return redirect(f"/shares/{public_id}?notice=invited")
 

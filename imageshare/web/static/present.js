@@ -35,7 +35,7 @@
       state.bitmaps.set(key, fetch(frameUrl(slide, slide.frames[i]), {credentials: "same-origin",
         headers: {Accept: slide.colour ? "image/jpeg" : "image/png"}})
         .then((r) => {
-          if (r.status === 401 && manifest.linkHome) window.location.assign(manifest.linkHome);
+          if ((r.status === 401 || r.status === 403) && manifest.linkHome) window.location.assign(manifest.linkHome);
           return r.ok ? r.blob() : Promise.reject(new Error(`HTTP ${r.status}`));
         })
         .then((b) => createImageBitmap(b)));

@@ -74,7 +74,8 @@
           credentials: "same-origin",
           headers: {Accept: series.colour ? "image/jpeg" : "image/png"},
         });
-        if (response.status === 401 && manifest.linkHome) linkEnded();
+        // 401 (no link session) or 403 (a signed-in recipient the link no longer serves)
+        if ((response.status === 401 || response.status === 403) && manifest.linkHome) linkEnded();
         if (!response.ok) throw new Error(`frame ${index + 1}: HTTP ${response.status}`);
         const blob = await response.blob();
         entry.bitmap = await createImageBitmap(blob);
