@@ -526,7 +526,10 @@ class IngestService:
             outcome = index_instance(conn, h, key, stored.size, received_from(actor), now,
                                      self._known,
                                      retention_class=arrival,
-                                     patient_mismatch=("hold" if review_site
+                                     # Another hospital's patient under one of our
+                                     # numbers waits for a person, never refused: their
+                                     # push may be urgent, and nothing of it is filed.
+                                     patient_mismatch=("hold" if review_site or from_site
                                                        else self.patient_mismatch),
                                      sha256=stored.sha256,
                                      under_review=bool(review_site) or from_site,

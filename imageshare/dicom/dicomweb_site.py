@@ -1,7 +1,9 @@
 """DICOMweb to other sites (the dicomweb-client library): QIDO-RS, WADO-RS, STOW-RS.
 
 A site is trusted with nothing it was not asked for: a redirect is refused, not followed (it
-could point anywhere, an address inside our network included); an answer is read only up
+could point anywhere, an address inside our network included); no connection is made to an
+address no site has (link-local, where cloud metadata services answer: checked on the opened
+connection, so a host name that resolves there now is refused too); an answer is read only up
 to a size and for a time, both checked as it arrives (an endless or trickling answer ends
 with a refusal, never an exhausted memory or a job that never finishes); a search answer
 must be DICOM JSON; and a retrieved instance must be the one asked for (its study, series and
@@ -12,17 +14,22 @@ record unreviewed.
 from __future__ import annotations
 
 import io
+import ipaddress
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
 from requests.adapters import HTTPAdapter
 from urllib3 import exceptions as urllib3_errors
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from imageshare.domain.errors import (
     ImageShareError,
@@ -30,7 +37,7 @@ from imageshare.domain.errors import (
     SiteUnreachable,
     StorageError,
 )
-from imageshare.exchange.nodes import Node
+from imageshare.exchange.nodes import Node, forbidden_address
 from imageshare.exchange.sites import (
     Criteria,
     Delivered,
@@ -51,18 +58,64 @@ class BadAnswer(requests.RequestException):
     was asked): the message says which, for people, without the site's words."""
 
 
-class _TlsAdapter(HTTPAdapter):
-    """requests with our TLS context: BCP 195, the system's and ``tls_ca_file``'s
-    authorities, our certificate for sites that ask for one."""
+class ForbiddenAddress(Exception):
+    """A connection reached an address no site may have (link-local, metadata): closed
+    before anything was sent on it. Not an ``OSError``, so that urllib3 neither retries it
+    nor words it as an unreachable host."""
 
-    def __init__(self, context: ssl.SSLContext) -> None:
+
+def _refuse_forbidden_peer(sock: socket.socket) -> None:
+    """Close ``sock`` and raise :class:`ForbiddenAddress` when its peer is an address no site
+    may have (the host name resolved there: a DNS answer pointing at a metadata service)."""
+    why = forbidden_address(str(sock.getpeername()[0]))
+    if why:
+        sock.close()
+        raise ForbiddenAddress(why)
+
+
+class _GuardedHTTPConnection(HTTPConnection):
+    """A connection whose peer is checked as soon as it is open, before any byte is sent."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _refuse_forbidden_peer(sock)
+        return sock
+
+
+class _GuardedHTTPSConnection(HTTPSConnection):
+    """The TLS version of :class:`_GuardedHTTPConnection` (checked before the handshake)."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _refuse_forbidden_peer(sock)
+        return sock
+
+
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+class _SiteAdapter(HTTPAdapter):
+    """requests as sites are spoken to: every connection's peer checked
+    (:func:`imageshare.exchange.nodes.forbidden_address`, whatever the registered name
+    resolves to now), and, with a ``context``, our TLS: BCP 195, the system's and
+    ``tls_ca_file``'s authorities, our certificate for sites that ask for one."""
+
+    def __init__(self, context: ssl.SSLContext | None) -> None:
         self._context = context
         super().__init__()
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        """The pool manager, with our context."""
-        kwargs["ssl_context"] = self._context
+        """The pool manager, with our context and guarded connections."""
+        if self._context is not None:
+            kwargs["ssl_context"] = self._context
         super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _GuardedHTTPPool,
+                                                   "https": _GuardedHTTPSPool}
 
 
 class DicomwebSites:
@@ -88,8 +141,8 @@ class DicomwebSites:
         the timeout) and ``max_bytes`` (default a search's), without a redirect."""
         wait = timeout or self.timeout
         session = requests.Session()
-        if self._tls is not None:
-            session.mount("https://", _TlsAdapter(self._tls))
+        session.mount("http://", _SiteAdapter(None))
+        session.mount("https://", _SiteAdapter(self._tls))
         headers, session.auth = node.credentials()
         session.headers.update(headers)
         session.request = _guarded(  # type: ignore[method-assign]  # requests has no per-session limits: its method is wrapped
@@ -194,15 +247,22 @@ class DicomwebSites:
 
     def send(self, node: Node, files: Iterable[Path], progress: Progress,
              delivered: Delivered | None = None) -> RetrieveProgress:
-        """STOW-RS, one instance per request (so that one failure does not sink the rest); a
-        site that stops answering raises :class:`SiteUnreachable`."""
+        """STOW-RS, one instance per request (so that one failure does not sink the rest); an
+        instance counts as delivered only when the site's answer lists no failure; a site that
+        stops answering raises :class:`SiteUnreachable`."""
         client = self._client(node, max_bytes=STORE_ANSWER_MAX_BYTES,
                               seconds=self.instance_seconds)
         paths = list(files)
         sent = failed = 0
         for path in paths:
             try:
-                client.store_instances([dcmread(path)])
+                answer = client.store_instances([dcmread(path)])
+                # One instance per request: a Failed SOP Sequence in the answer (HTTP 200 or
+                # 202 from some sites, PS3.18 10.5.3) is this instance refused, not delivered.
+                if answer.get("FailedSOPSequence"):
+                    failed += 1
+                    progress(RetrieveProgress(sent, len(paths), failed))
+                    continue
                 sent += 1
                 if delivered is not None:
                     delivered(path)
@@ -271,11 +331,17 @@ def _guarded(request: Callable[..., Any], timeout: float, max_bytes: int, second
     refused as soon as it passes ``max_bytes`` (decoded) or takes longer than ``seconds``."""
 
     def call(method: str, url: str, **kwargs: Any) -> Any:
+        host = urlsplit(url).hostname or ""
+        if _is_ip(host) and forbidden_address(host):  # through a proxy: never connected to
+            raise BadAnswer(f"{forbidden_address(host)}: not connected to")
         kwargs["timeout"] = timeout
         kwargs["allow_redirects"] = False
         kwargs["stream"] = True
         started = time.monotonic()
-        response = request(method, url, **kwargs)
+        try:
+            response = request(method, url, **kwargs)
+        except ForbiddenAddress as exc:
+            raise BadAnswer(f"{exc}: not connected to") from None
         try:
             if response.is_redirect or 300 <= response.status_code < 400:
                 raise BadAnswer("answered with a redirect to another address, which is not "
@@ -288,6 +354,14 @@ def _guarded(request: Callable[..., Any], timeout: float, max_bytes: int, second
         return response
 
     return call
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _read_whole(response: requests.Response, max_bytes: int, deadline: float) -> None:

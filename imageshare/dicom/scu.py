@@ -30,6 +30,7 @@ from imageshare.exchange.sites import (
 )
 
 log = logging.getLogger("imageshare.scu")
+FIND_MAX_RESULTS = 2000  # studies of one patient at one site: far more than any has
 STUDY_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
               "StudyTime", "AccessionNumber", "StudyDescription", "ModalitiesInStudy",
               "NumberOfStudyRelatedInstances", "NumberOfStudyRelatedSeries",
@@ -40,9 +41,11 @@ class DimseSites:
     """The DIMSE side of :class:`imageshare.exchange.sites.SiteClient`."""
 
     def __init__(self, ae_title: str, timeout: float = 30.0,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None,
+                 find_max_results: int = FIND_MAX_RESULTS) -> None:
         self.ae_title = ae_title
         self.timeout = timeout
+        self.find_max_results = find_max_results  # studies one C-FIND may answer with
         self.tls = tls  # for nodes registered with TLS (BCP 195, imageshare/tls.py)
         reactor.install()  # PDUs sent at once (TCP_NODELAY)
 
@@ -87,7 +90,8 @@ class DimseSites:
 
     def find_studies(self, node: Node, criteria: Criteria, timeout: float
                      ) -> list[dict[str, Any]]:
-        """C-FIND at STUDY level (Study Root)."""
+        """C-FIND at STUDY level (Study Root): at most :attr:`find_max_results` studies, all
+        within ``timeout`` seconds (else :class:`SiteUnreachable`, the association aborted)."""
         ae = self._ae(timeout)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         query = Dataset()
@@ -101,12 +105,22 @@ class DimseSites:
                 setattr(item, keyword, value)
                 setattr(query, sequence, [item])
         assoc = self._associate(ae, node)
-        results = []
+        results: list[dict[str, Any]] = []
+        completed = False
+        deadline = time.monotonic() + timeout
         try:
             for status, identifier in assoc.send_c_find(
                     query, StudyRootQueryRetrieveInformationModelFind):
                 if not status:
                     raise SiteUnreachable(f"{node.label} stopped answering")
+                # An answer that never ends (or trickles) would hold a search worker and
+                # fill memory: cut off, the association aborted (finally, below).
+                if time.monotonic() > deadline:
+                    raise SiteUnreachable(f"{node.label} did not finish answering within "
+                                          f"{timeout:g} s")
+                if status.Status in (0xFF00, 0xFF01) and len(results) >= self.find_max_results:
+                    raise SiteUnreachable(f"{node.label} answered with more than "
+                                          f"{self.find_max_results} studies: not read")
                 if status.Status in (0xFF00, 0xFF01) and identifier is not None:
                     # A value that does not fit its VR (an IS of "abc") is left out of its
                     # study; it does not lose the site's whole answer.
@@ -114,8 +128,12 @@ class DimseSites:
                 elif status.Status not in (0x0000, 0xFF00, 0xFF01):
                     log.info("C-FIND to %s ended with status 0x%04X", node.ae_title,
                              status.Status)
+            completed = True
         finally:
-            assoc.release()
+            if completed:
+                assoc.release()
+            else:  # a release would wait for the rest of the answer
+                assoc.abort()
         return results
 
     def retrieve_study(self, node: Node, study_uid: str, progress: Progress

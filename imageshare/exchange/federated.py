@@ -417,16 +417,25 @@ class ExchangeService:
         # site sends of one of them (replacing it where overwrite is on) stays the record's,
         # never a temporary copy that expires.
         in_record = self._record_instances(study_uid)
+        kind, _client = self._client(node)
+        source = "dicomweb" if kind == "dicomweb" else ""
         try:
             result = client.retrieve_study(node, study_uid, progress)
-        except SiteUnreachable as exc:
+        except Exception as exc:
+            # What arrived before the site stopped (or the retrieval broke) is a temporary
+            # copy too, never part of the record: a person accepts nothing by a failure.
+            marked = self._mark_temporary(study_uid, node.ae_title, started, source,
+                                          in_record)
+            if marked:
+                self._record_copy(study_uid, node.ae_title, job.id, actor.name, marked)
+            reason = str(exc) if isinstance(exc, ImageShareError) else type(exc).__name__
             self._audit.record(AuditEvent(actor=actor, action="exchange.retrieve",
                                           outcome="failure", study_uid=study_uid,
-                                          detail={"site": node.ae_title, "error": str(exc)}))
+                                          instance_count=marked,
+                                          detail={"site": node.ae_title, "error": reason,
+                                                  "temporary": marked}))
             raise
-        kind, _client = self._client(node)
-        marked = self._mark_temporary(study_uid, node.ae_title, started,
-                                      "dicomweb" if kind == "dicomweb" else "", in_record)
+        marked = self._mark_temporary(study_uid, node.ae_title, started, source, in_record)
         if marked:
             self._record_copy(study_uid, node.ae_title, job.id, actor.name, marked)
         job.summary = (f"{result.received} instance(s) received from {node.label}"

@@ -25,10 +25,12 @@ from imageshare.domain.identifiers import is_valid_nhs_number, normalise_name
 from imageshare.storage.index.schema import (
     inbox_items,
     instances,
+    nodes,
     patient_identifiers,
     patients,
     series,
     studies,
+    users,
 )
 
 # Items under this prefix are uploads (imageshare.uploads), decided on their QC page, where
@@ -149,7 +151,9 @@ class Inbox:
 
     def local_match(self, item: InboxItem) -> PatientRecord | None:
         """The local patient with the same NHS number as the received study, if any (another
-        record than the one the study is filed under)."""
+        record than the one the study is filed under); for a study held because its Patient
+        ID is on record here, that record (when another hospital sent it, only if it may be
+        the same person: no other birth date or family name)."""
         received = self._catalogue.record(item.study_uid).patient
         if received.issuer.startswith(HELD_PREFIX):  # held: the record of its own Patient ID
             with self._engine.connect() as conn:
@@ -159,7 +163,15 @@ class Inbox:
                     .where(patients.c.patient_id == received.patient_id,
                            patients.c.issuer == received.issuer[len(HELD_PREFIX):])
                     .order_by(studies.c.pk).limit(1)).scalar()
-            return self._catalogue.record(uid).patient if uid else None
+            if not uid:
+                return None
+            # Held because its patient differs from that record. Our own modality's study is
+            # filed there (a name typed wrong in an emergency); the same Patient ID at
+            # another hospital is often another person: filed there only when it may be.
+            local = self._catalogue.record(uid).patient
+            if self._from_other_hospital(item) and not _may_be_same_person(received, local):
+                return None
+            return local
         nhs = received.nhs_number or (received.patient_id if _looks_nhs(received) else "")
         if not nhs:
             return None
@@ -176,6 +188,15 @@ class Inbox:
             return None
         local = self._catalogue.record(found[0][1]).patient
         return local if _may_be_same_person(received, local) else None
+
+    def _from_other_hospital(self, item: InboxItem) -> bool:
+        """Whether another hospital sent the item: a node registered with an inbox, or a
+        connected ImageShare's site account (not our own modalities or staff)."""
+        with self._engine.connect() as conn:
+            return conn.execute(select(nodes.c.pk).where(
+                nodes.c.ae_title == item.site, nodes.c.inbox.is_(True))).first() is not None \
+                or conn.execute(select(users.c.pk).where(
+                    users.c.username == item.site, users.c.role == "site")).first() is not None
 
     def accept(self, pk: int, actor: Actor, reconcile: bool = True, note: str = "",
                upload_review: bool = False, sop_uids: Collection[str] | None = None,
@@ -223,6 +244,9 @@ class Inbox:
                 if not received.issuer.startswith(HELD_PREFIX):
                     self._keep_sender_id(item, received.patient_id)
                 done = f"reconciled to hospital number {local.patient_id} and accepted"
+            elif self._catalogue.record(item.study_uid).patient.issuer.startswith(HELD_PREFIX):
+                done = ("accepted as sent, held for reconciliation: its patient is not the "
+                        "one on record under the same Patient ID")
         if sop_uids is None:
             sop_uids = self.sent_by(item)
         with self._engine.begin() as conn:

@@ -3,10 +3,12 @@ that a node added while the server runs is usable at once."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -19,6 +21,55 @@ from imageshare.storage.index.schema import nodes, refused_callers, users
 from imageshare.storage.secret_box import SecretBox
 
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+# Cloud metadata services outside the link-local range (AWS over IPv6, Alibaba Cloud).
+_METADATA = frozenset(ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200"))
+
+
+def forbidden_address(address: str) -> str:
+    """Why no site may be reached at the IP ``address`` ("" when one may): a link-local
+    address (where cloud metadata services answer, 169.254.169.254 among them), another known
+    metadata address, an unspecified (0.0.0.0, which reaches this machine) or multicast one.
+    Loopback and private addresses are allowed: hospitals' networks use them."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return "is not at an IP address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip in _METADATA:
+        return "is at a cloud metadata address"
+    if ip.is_link_local:
+        return "is at a link-local address (where cloud metadata services answer)"
+    if ip.is_unspecified or ip.is_multicast:
+        return "is at an address no site has (unspecified or multicast)"
+    return ""
+
+
+def check_dicomweb_url(url: str) -> None:
+    """Refuse (:class:`ImageShareError`, saying why) a DICOMweb address that is not an
+    absolute http(s) URL with a host, that carries credentials (they would be shown and
+    logged with the address: they go in the site's credentials), or whose host is an IP
+    address no site may have (:func:`forbidden_address`). Empty is allowed (no DICOMweb)."""
+    if not url:
+        return
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ImageShareError("the DICOMweb address is not a valid URL") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or any(
+            ord(char) < 33 or ord(char) == 127 for char in url):
+        raise ImageShareError("a DICOMweb address is an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ImageShareError("a DICOMweb address carries no user or password: give them as "
+                              "the site's DICOMweb credentials")
+    try:
+        ipaddress.ip_address(parts.hostname.split("%", 1)[0])
+    except ValueError:
+        return  # a host name: checked each time a connection is opened
+    why = forbidden_address(parts.hostname)
+    if why:
+        raise ImageShareError(f"the DICOMweb address {why}: no site is reached there")
 
 
 @dataclass(frozen=True)
@@ -49,6 +100,15 @@ class Node:
             user, _, password = self.dicomweb_auth.partition(":")
             return {}, (user, password)
         return {}, None
+
+    @property
+    def shown_url(self) -> str:
+        """The DICOMweb address as people may see it: without a user or password that an
+        older version let into it (they are credentials)."""
+        parts = urlsplit(self.dicomweb_url)
+        if "@" not in parts.netloc:
+            return self.dicomweb_url
+        return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
 
     @property
     def label(self) -> str:
@@ -96,6 +156,7 @@ class NodeRegistry:
             raise ImageShareError("an AE title has 1 to 16 printable characters, no backslash")
         if not node.host or not 0 < node.port < 65536:
             raise ImageShareError("a node needs a host and a port between 1 and 65535")
+        check_dicomweb_url(node.dicomweb_url)
         values = {
             "ae_title": ae, "host": node.host, "port": node.port,
             "dicomweb_url": node.dicomweb_url, "display_name": node.display_name or ae,

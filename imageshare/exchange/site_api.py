@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from imageshare.domain.errors import ImageShareError, SiteUnreachable
-from imageshare.exchange.nodes import Node, NodeRegistry
+from imageshare.exchange.nodes import Node, NodeRegistry, forbidden_address
 from imageshare.jobs import Job, JobQueue
 
 if TYPE_CHECKING:
@@ -40,7 +40,12 @@ def post_json(url: str, body: dict[str, Any], headers: dict[str, str], auth: Any
     import httpx  # loaded by the processes that talk to other sites
 
     deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=timeout, verify=verify, follow_redirects=False) as client, \
+    transport = httpx.HTTPTransport(verify=verify)
+    # Every connection's peer is checked before anything is sent on it: a site's name that
+    # resolves to a link-local (metadata) address now is never spoken to.
+    transport._pool._network_backend = _guarded_backend()  # noqa: SLF001 - httpx has no option
+    with httpx.Client(timeout=timeout, transport=transport,
+                      follow_redirects=False) as client, \
             client.stream("POST", url, json=body, headers=headers, auth=auth) as answer:
         declared = answer.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > ANSWER_MAX_BYTES:
@@ -55,6 +60,27 @@ def post_json(url: str, body: dict[str, Any], headers: dict[str, str], auth: Any
                 raise SiteUnreachable("the site took too long to answer")
     return httpx.Response(answer.status_code, headers=answer.headers, content=bytes(content),
                           request=answer.request)
+
+
+def _guarded_backend() -> Any:
+    """httpcore's network backend, refusing (:class:`SiteUnreachable`) a connection whose
+    peer is an address no site may have (:func:`imageshare.exchange.nodes.forbidden_address`),
+    closed before a byte is sent."""
+    import httpcore
+
+    class Guarded(httpcore.SyncBackend):
+        def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                        local_address: str | None = None, socket_options: Any = None
+                        ) -> httpcore.NetworkStream:
+            stream = super().connect_tcp(host, port, timeout, local_address, socket_options)
+            peer = stream.get_extra_info("socket").getpeername()[0]
+            why = forbidden_address(str(peer))
+            if why:
+                stream.close()
+                raise SiteUnreachable(f"the site {why}: not connected to")
+            return stream
+
+    return Guarded()
 
 
 def site_api_base(node: Node) -> str:

@@ -64,6 +64,13 @@ class TransferInterrupted(Exception):
     """The server is stopping: the transfer stops between instances and resumes on start."""
 
 
+class TransferCancelled(Exception):
+    """Someone cancelled the transfer: it stops between instances and is not resumed."""
+
+
+CANCELLABLE = ("queued", "sending")
+
+
 class Transfers:
     """Pushes studies to sites in the background and keeps their receipts.
 
@@ -100,9 +107,7 @@ class Transfers:
         """Queue the study for the site; returns the transfer (follow it by its id)."""
         if priority not in PRIORITIES:
             raise ImageShareError("priority is urgent or routine")
-        node = self._nodes.get(site)
-        if not node.send_to:
-            raise ImageShareError(f"sending to {node.label} is not allowed")
+        node = self.destination(site)
         found = self._retrieve.select(actor, "exchange.push", study_uids=[study_uid],
                                       allowed_studies=allowed_studies)
         public_id = secrets.token_hex(8)
@@ -154,8 +159,9 @@ class Transfers:
                 label = self._nodes.get(transfer.site).label
             except ImageShareError:
                 pass  # the site was removed: the run below fails with the reason
-            self._update(transfer.public_id, state="queued",
-                         reason="interrupted by a restart; resumed")
+            if not self._unless_cancelled(transfer.public_id, state="queued",
+                                          reason="interrupted by a restart; resumed"):
+                continue
             owner = Actor(kind="user", name=transfer.created_by, role="", source="resume")
             self._start(transfer.public_id, owner, (), label, transfer.priority,
                         resumed_after=transfer.attempts)
@@ -172,6 +178,14 @@ class Transfers:
         with self._engine.begin() as conn:
             conn.execute(update(transfers).where(transfers.c.public_id == public_id)
                          .values(updated_at=datetime.now(UTC), **values))
+
+    def _unless_cancelled(self, public_id: str, **values: Any) -> bool:
+        """Update the transfer unless someone cancelled it meanwhile (a cancel is final);
+        whether it was updated."""
+        with self._engine.begin() as conn:
+            return conn.execute(update(transfers).where(
+                transfers.c.public_id == public_id, transfers.c.state != "cancelled")
+                .values(updated_at=datetime.now(UTC), **values)).rowcount == 1
 
     def _delivered(self, transfer_pk: int) -> set[str]:
         with self._engine.connect() as conn:
@@ -199,9 +213,12 @@ class Transfers:
         except JobInterrupted:
             raise
         except TransferInterrupted:
-            self._quietly(self._update, public_id, state="queued",
+            self._quietly(self._unless_cancelled, public_id, state="queued",
                           reason="interrupted by a shutdown; resumed by a running instance")
             raise JobInterrupted from None
+        except TransferCancelled:  # what was acknowledged meanwhile counts as sent
+            ended = self.get(public_id)
+            self._quietly(self._update, public_id, failed=max(ended.total - ended.sent, 0))
         except Exception as exc:  # noqa: BLE001 - the transfer ends failed, with the reason
             log.error("transfer %s failed: %s", public_id, type(exc).__name__)
             reason = str(exc) if isinstance(exc, ImageShareError) else (
@@ -218,8 +235,9 @@ class Transfers:
     def _attempts(self, public_id: str, actor: Actor, notify: tuple[str, ...],
                   check: Callable[[], None]) -> None:
         transfer = self.get(public_id)
-        node = self._nodes.get(transfer.site)
-        client = self._clients["dicomweb" if node.dicomweb_url else "dimse"]
+        if transfer.state == "cancelled":  # before its job started
+            return
+        node, client = self._destination(transfer.site)
         with self._engine.connect() as conn:
             transfer_pk = conn.execute(select(transfers.c.pk).where(
                 transfers.c.public_id == public_id)).scalar_one()
@@ -234,32 +252,55 @@ class Transfers:
         except StorageError as exc:
             raise ImageShareError("the stored images could not be read") from exc
 
+    def destination(self, site: str) -> Node:
+        """The registered site ``site`` when studies may be sent to it (checked before an
+        accepted inbox item is forwarded, so that a refusal comes before the decision);
+        :class:`UnknownNode` or :class:`ImageShareError` otherwise."""
+        node = self._nodes.get(site)
+        if not node.send_to:
+            raise ImageShareError(f"sending to {node.label} is not allowed")
+        return node
+
+    def _destination(self, site: str) -> tuple[Node, SiteClient]:
+        """The registered site to send to now, and how; :class:`ImageShareError` when it is
+        gone or may not be sent to any more (a transfer queued before that sends nothing)."""
+        node = self.destination(site)
+        return node, self._clients["dicomweb" if node.dicomweb_url else "dimse"]
+
     def _send(self, public_id: str, transfer: Transfer, node: Node, client: SiteClient,
               transfer_pk: int, by_path: dict[Path, str], actor: Actor,
               notify: tuple[str, ...], check: Callable[[], None]) -> None:
         delivered = self._delivered(transfer_pk)
         self._update(public_id, total=len(by_path), sent=len(delivered & set(by_path.values())))
         reason = ""
+        cancelled = self._cancel_watch(public_id)
         for attempt, delay in enumerate((0.0, *self._delays), start=1):
             if delay and self._stopping.wait(delay):
                 raise TransferInterrupted
             check()
+            cancelled()
             remaining = [p for p, uid in by_path.items() if uid not in delivered]
             if not remaining:
                 break
-            self._update(public_id, state="sending", attempts=transfer.attempts + attempt)
+            # Read again before each attempt: a site that may no longer be sent to (changed
+            # while the transfer waited, retried or was resumed) receives nothing more.
+            node, client = self._destination(transfer.site)
+            if not self._unless_cancelled(public_id, state="sending",
+                                          attempts=transfer.attempts + attempt):
+                raise TransferCancelled
 
             def progress(_p: RetrieveProgress) -> None:
                 if self._stopping.is_set():
                     raise TransferInterrupted
                 check()
+                cancelled()
 
             def acknowledged(path: Path) -> None:
                 self._record_delivery(transfer_pk, public_id, by_path[path], delivered)
 
             try:
                 result = client.send(node, remaining, progress, acknowledged)
-            except (TransferInterrupted, JobInterrupted):
+            except (TransferInterrupted, TransferCancelled, JobInterrupted):
                 raise
             except SiteUnreachable as exc:
                 reason = str(exc)
@@ -272,8 +313,51 @@ class Transfers:
                 continue
             if result.failed:
                 reason = f"{result.failed} instance(s) were refused by {node.label}"
+        cancelled()
         done = set(by_path.values()) <= delivered
         self._finish(public_id, actor, notify, done, "" if done else reason or "not delivered")
+
+    def _cancel_watch(self, public_id: str) -> Callable[[], None]:
+        """A check, made between two instances, that raises :class:`TransferCancelled` once
+        the transfer was cancelled (through any instance: the index says)."""
+
+        def cancelled() -> None:
+            with self._engine.connect() as conn:
+                state = conn.execute(select(transfers.c.state).where(
+                    transfers.c.public_id == public_id)).scalar()
+            if state == "cancelled":
+                raise TransferCancelled
+
+        return cancelled
+
+    def cancel(self, public_id: str, actor: Actor) -> Transfer:
+        """Stop a transfer that is queued or sending (between two instances; what the site
+        acknowledged before stays delivered and counted). Audited; the sender is told."""
+        transfer = self.get(public_id)
+        with self._engine.begin() as conn:
+            stopped = conn.execute(update(transfers).where(
+                transfers.c.public_id == public_id, transfers.c.state.in_(CANCELLABLE))
+                .values(state="cancelled", reason=f"cancelled by {actor.name}"[:256],
+                        updated_at=datetime.now(UTC))).rowcount
+            if stopped != 1:
+                raise ImageShareError("only a transfer that is queued or sending can be "
+                                      "cancelled")
+            self._audit.record(AuditEvent(
+                actor=actor, action="exchange.push", outcome="failure",
+                study_uid=transfer.study_uid, instance_count=transfer.sent,
+                detail={"site": transfer.site, "transfer": public_id,
+                        "priority": transfer.priority, "reason": "cancelled"}), conn)
+        ended = self.get(public_id)
+        self._update(public_id, failed=max(ended.total - ended.sent, 0))
+        try:
+            label = self._nodes.get(transfer.site).label
+        except ImageShareError:
+            label = transfer.site
+        for username in {transfer.created_by} - {actor.name}:
+            self._notifier.notify(username, "exchange.push",
+                                  f"Sending a study to {label} was cancelled by {actor.name}",
+                                  f"/transfers/{public_id}")
+        return self.get(public_id)
 
     def _finish(self, public_id: str, actor: Actor, notify: tuple[str, ...], delivered: bool,
                 reason: str) -> None:
@@ -297,9 +381,12 @@ class Transfers:
         if delivered:
             announced = self._announce(transfer, actor)
         # Last: whoever sees the transfer ended finds it audited and its people told.
-        self._update(public_id, state="delivered" if delivered else "failed",
-                     failed=0 if delivered else max(transfer.total - transfer.sent, 0),
-                     reason=reason, **({"announced": announced} if announced else {}))
+        with self._engine.begin() as conn:
+            conn.execute(update(transfers).where(
+                transfers.c.public_id == public_id, transfers.c.state != "cancelled").values(
+                updated_at=datetime.now(UTC), state="delivered" if delivered else "failed",
+                failed=0 if delivered else max(transfer.total - transfer.sent, 0),
+                reason=reason, **({"announced": announced} if announced else {})))
 
     def _announce(self, transfer: Transfer, actor: Actor) -> str:
         """Tell a receiving ImageShare what travels with the study it now has (sender,

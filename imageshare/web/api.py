@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request, Response
 from pydantic import Field, field_validator
@@ -18,8 +17,8 @@ from imageshare.access.policy import (
 )
 from imageshare.access.sessions import COOKIE
 from imageshare.audit.trail import AuditEvent
-from imageshare.domain.errors import Forbidden
-from imageshare.exchange.nodes import Node
+from imageshare.domain.errors import Forbidden, ImageShareError
+from imageshare.exchange.nodes import Node, check_dicomweb_url
 from imageshare.web.auth import BASIC, BEARER, allowed, client_address, refuse
 from imageshare.web.deps import ArchiveDep
 from imageshare.web.pages.sign_in import set_session_cookie
@@ -56,18 +55,12 @@ class NodeIn(Strict):
     @field_validator("dicomweb_url")
     @classmethod
     def _web_address(cls, value: str) -> str:
-        """An absolute http(s) URL with a host, or nothing (never ``file:``, ``javascript:``
-        or a relative path, which would be fetched or shown as a link)."""
-        if not value:
-            return value
+        """An absolute http(s) URL with a host that no site may not have, or nothing (the
+        registry's one check: never ``file:``, a metadata address or a password in it)."""
         try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-        except ValueError:
-            raise ValueError("not a valid URL") from None
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname or any(
-                ord(char) < 33 or ord(char) == 127 for char in value):
-            raise ValueError("a DICOMweb address is an http:// or https:// URL")
+            check_dicomweb_url(value)
+        except ImageShareError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
 
@@ -151,8 +144,7 @@ def create_token(request: Request, archive: ArchiveDep, body: TokenIn,
 @router.get("/nodes", summary="List registered DICOM nodes")
 def list_nodes(archive: ArchiveDep, actor: allowed(NODE_MANAGE)) -> list[dict[str, Any]]:
     """Every registered node (credentials are not shown)."""
-    return [{**n.__dict__, "dicomweb_auth": "***" if n.dicomweb_auth else ""}
-            for n in archive.nodes.all()]
+    return [_shown(n) for n in archive.nodes.all()]
 
 
 @router.post("/nodes", status_code=201, summary="Register a DICOM node")
@@ -160,7 +152,14 @@ def add_node(archive: ArchiveDep, body: NodeIn, actor: allowed(NODE_MANAGE)) -> 
     """Register a node; usable at once by the running server."""
     node = Node(**body.model_dump())
     archive.nodes.add(node, actor=actor)
-    return {**node.__dict__, "dicomweb_auth": "***" if node.dicomweb_auth else ""}
+    return _shown(node)
+
+
+def _shown(node: Node) -> dict[str, Any]:
+    """A node as the API shows it: no credentials (its site password masked, and any left in
+    an older address)."""
+    return {**node.__dict__, "dicomweb_url": node.shown_url,
+            "dicomweb_auth": "***" if node.dicomweb_auth else ""}
 
 
 @router.get("/nodes/refused", summary="DICOM callers that were refused")

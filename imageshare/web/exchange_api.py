@@ -175,6 +175,15 @@ def transfer(archive: ArchiveDep, transfer_id: str, actor: allowed(EXCHANGE)) ->
     return _transfer(archive.transfers.get(transfer_id))
 
 
+@router.post("/transfers/{transfer_id}/cancel", summary="Cancel a transfer still running")
+async def cancel_transfer(archive: ArchiveDep, transfer_id: str, actor: allowed(EXCHANGE)
+                          ) -> dict[str, Any]:
+    """Stop a queued or sending transfer between two instances (what the site acknowledged
+    stays counted as sent); audited, its sender told. 400 once it has ended."""
+    return _transfer(await run_in_threadpool(archive.transfers.cancel, transfer_id[:32],
+                                             actor))
+
+
 @router.get("/inbox", summary="Studies received from other sites")
 def inbox(archive: ArchiveDep, response: Response, actor: allowed(EXCHANGE),
           status: str = Query(default="pending", max_length=16), limit: Limit = 1000,
@@ -210,10 +219,10 @@ async def accept(archive: ArchiveDep, item: RowId, body: DecisionIn, actor: allo
     it to the local PACS. A site it may not be forwarded to is refused before anything is
     accepted (never an accepted study with an error answer)."""
     if body.forward_to:
-        site = archive.nodes.get(body.forward_to)  # UnknownNode: 404, nothing accepted
-        if not site.send_to:
-            raise ImageShareError(f"sending to {site.label} is not allowed; nothing was "
-                                  "accepted")
+        try:  # UnknownNode: 404, nothing accepted
+            archive.transfers.destination(body.forward_to)
+        except ImageShareError as exc:
+            raise type(exc)(f"{exc}; nothing was accepted") from None
     done = await run_in_threadpool(archive.inbox.accept, item, actor, body.reconcile,
                                    body.note)
     if body.forward_to:

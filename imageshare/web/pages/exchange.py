@@ -96,6 +96,14 @@ def transfer(request: Request, archive: ArchiveDep,
                 labels=_labels(archive))
 
 
+@router.post("/transfers/{transfer_id}/cancel")
+async def cancel_transfer(archive: ArchiveDep, transfer_id: str, actor: allowed(EXCHANGE)
+                          ) -> Response:
+    """Stop a transfer that is queued or sending; back to its page."""
+    transfer = await run_in_threadpool(archive.transfers.cancel, transfer_id[:32], actor)
+    return redirect(f"/transfers/{transfer.public_id}")
+
+
 def _labels(archive: Archive) -> dict[str, str]:
     """Site names by AE title (people read names, not AE titles)."""
     return {n.ae_title: n.label for n in archive.nodes.all()}
@@ -179,6 +187,11 @@ async def decide(archive: ArchiveDep, item: RowId, decision: str, actor: allowed
     """Accept (reconciled to the local patient, optionally forwarded to the PACS) or reject an
     inbox item."""
     if decision == "accept":
+        if forward_to:  # refused before anything is accepted, as the API does
+            try:
+                archive.transfers.destination(forward_to)
+            except ImageShareError as exc:
+                raise type(exc)(f"{exc}; nothing was accepted") from None
         await run_in_threadpool(archive.inbox.accept, item, actor, True, note)
         if forward_to:
             await run_in_threadpool(archive.transfers.send, archive.inbox.item(item).study_uid,
