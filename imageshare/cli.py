@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     nadd.add_argument("--tls", action="store_true",
                       help="reach the node's DICOM port over TLS (BCP 195; its certificate "
                       "is checked against the system's authorities and IMAGESHARE_TLS_CA_FILE)")
+    nadd.add_argument("--pin-certificate", default="", metavar="FILE_OR_SHA256",
+                      help="with --tls: the only certificate this AE title is accepted with "
+                      "when it calls us (a PEM/DER file, or its SHA-256 fingerprint); without "
+                      "it any certificate the trusted authorities signed is accepted")
     nadd.add_argument("--dicomweb-auth", default="",
                       help="DICOMweb credentials: user:password or 'Bearer TOKEN'")
     nlist = node.add_parser("list", help="list registered nodes")
@@ -697,6 +701,15 @@ def _audit_export(archive: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _pinned_certificate(value: str) -> str:
+    """``--pin-certificate``: a certificate file's SHA-256 fingerprint, or the value itself (a
+    fingerprint the registry checks)."""
+    from imageshare.tls import certificate_file_fingerprint
+
+    path = Path(value)
+    return certificate_file_fingerprint(path) if value and path.is_file() else value
+
+
 def _admin(name: str) -> Any:
     """The administrator named by ``--by`` (the service checks the account is one)."""
     from imageshare.domain.actors import Actor
@@ -884,6 +897,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 may_store=not args.no_store, searchable=not args.no_search,
                 retrieve_from=not args.no_retrieve_from, send_to=not args.no_send_to,
                 dicomweb_auth=args.dicomweb_auth, inbox=args.inbox, tls=args.tls,
+                tls_certificate=_pinned_certificate(args.pin_certificate),
             )
             archive.nodes.add(node, replace=args.replace, actor=cli_actor())
             print(f"node {node.ae_title} registered ({node.host}:{node.port})")

@@ -17,6 +17,7 @@ import stat
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from imageshare.domain.errors import ConfigurationError
@@ -202,3 +203,18 @@ def exposure_warnings(settings: Settings) -> list[str]:
                 f"tls_certificate expires on {ends:%Y-%m-%d %H:%M} UTC: renew it before "
                 "then, or HTTPS and DICOM TLS peers will refuse this server.")
     return warnings
+
+
+def certificate_file_fingerprint(path: Path) -> str:
+    """SHA-256 (lowercase hex) of the certificate in ``path`` (PEM or DER): what a node's
+    pinned certificate is registered as. ConfigurationError if it holds no certificate."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        certificate = (x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data
+                       else x509.load_der_x509_certificate(data))
+    except ValueError as exc:
+        raise ConfigurationError(f"{path} holds no certificate (PEM or DER)") from exc
+    return certificate.fingerprint(hashes.SHA256()).hex()

@@ -7,6 +7,7 @@ by pynetdicom (``STORE_RECV_CHUNKED_DATASET``) and never decoded whole in memory
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -99,6 +100,19 @@ def _over_tls(assoc: Any) -> bool:
     """Did ``assoc`` arrive over DICOM TLS?"""
     transport = getattr(getattr(assoc, "dul", None), "socket", None)
     return isinstance(getattr(transport, "socket", None), ssl.SSLSocket)
+
+
+def _peer_certificate(assoc: Any) -> str:
+    """SHA-256 (lowercase hex) of the certificate the caller presented over DICOM TLS, or ""
+    (plain port, or no certificate)."""
+    transport = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if not isinstance(transport, ssl.SSLSocket):
+        return ""
+    try:
+        der = transport.getpeercert(binary_form=True)
+    except (OSError, ValueError):
+        return ""
+    return hashlib.sha256(der).hexdigest() if der else ""
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -272,7 +286,9 @@ class DicomListener:
         node = self.nodes.find(calling)
         registered = node is not None and (
             not self.check_calling_host or _same_host(node.host, address)
-        ) and (not node.tls or _over_tls(assoc))  # a TLS node is never taken in plain text
+        ) and (not node.tls or _over_tls(assoc)) and (  # a TLS node never in plain text,
+            # and, with a pinned certificate, only with that one (not any the CA signed)
+            not node.tls_certificate or _peer_certificate(assoc) == node.tls_certificate)
         actor = Actor(
             kind="node", name=calling, role="node", source=f"{calling}@{address}",
             registered=registered, grants=node.grants if (node and registered) else frozenset(),
@@ -290,6 +306,9 @@ class DicomListener:
             reason = ("AE title not registered" if node is None
                       else "this AE title is registered for DICOM TLS: call the TLS port"
                       if node.tls and not _over_tls(event.assoc)
+                      else "the certificate presented is not the one registered for this "
+                      "AE title" if node.tls_certificate
+                      and _peer_certificate(event.assoc) != node.tls_certificate
                       else "calling host does not match the registered host"
                       if not actor.registered else f"{service} not granted to this AE title")
         if self.refusals is not None:

@@ -72,6 +72,22 @@ def check_dicomweb_url(url: str) -> None:
         raise ImageShareError(f"the DICOMweb address {why}: no site is reached there")
 
 
+def certificate_fingerprint(value: str) -> str:
+    """A node's pinned certificate as stored: the SHA-256 fingerprint (64 hex digits, with or
+    without colons or spaces, as ``openssl x509 -fingerprint -sha256`` prints it) in lowercase,
+    or "" for none; ImageShareError for anything else."""
+    digits = "".join(value.split()).replace(":", "").lower()
+    if digits.startswith("sha256fingerprint="):
+        digits = digits.removeprefix("sha256fingerprint=")
+    if not digits:
+        return ""
+    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise ImageShareError("a certificate fingerprint is the SHA-256 of the certificate: "
+                              "64 hexadecimal digits (openssl x509 -noout -fingerprint "
+                              "-sha256 -in node.crt)")
+    return digits
+
+
 @dataclass(frozen=True)
 class Node:
     """A remote site's DICOM AE (and optional DICOMweb URL) with what it may do here."""
@@ -90,6 +106,9 @@ class Node:
     dicomweb_auth: str = ""
     inbox: bool = False
     tls: bool = False
+    # The certificate this node presents over DICOM TLS (SHA-256 of its DER form, lowercase
+    # hex): another certificate of the same authority calling as this AE title is refused.
+    tls_certificate: str = ""
 
     def credentials(self) -> tuple[dict[str, str], tuple[str, str] | None]:
         """What to present to this site over HTTP: headers (a bearer token) and HTTP Basic
@@ -157,6 +176,10 @@ class NodeRegistry:
         if not node.host or not 0 < node.port < 65536:
             raise ImageShareError("a node needs a host and a port between 1 and 65535")
         check_dicomweb_url(node.dicomweb_url)
+        pinned = certificate_fingerprint(node.tls_certificate)
+        if pinned and not node.tls:
+            raise ImageShareError("a certificate is pinned for a node reached over DICOM TLS "
+                                  "only: register it with TLS")
         values = {
             "ae_title": ae, "host": node.host, "port": node.port,
             "dicomweb_url": node.dicomweb_url, "display_name": node.display_name or ae,
@@ -164,7 +187,7 @@ class NodeRegistry:
             "may_store": node.may_store, "searchable": node.searchable,
             "retrieve_from": node.retrieve_from, "send_to": node.send_to,
             "dicomweb_auth": self._box.seal(node.dicomweb_auth), "inbox": node.inbox,
-            "tls": node.tls,
+            "tls": node.tls, "tls_certificate": pinned,
         }
         with self._engine.begin() as conn:
             exists = conn.execute(select(nodes.c.pk).where(nodes.c.ae_title == ae)).scalar()
@@ -246,7 +269,7 @@ class NodeRegistry:
             may_store=m["may_store"], searchable=m["searchable"],
             retrieve_from=m["retrieve_from"], send_to=m["send_to"],
             dicomweb_auth=self._box.open(m["dicomweb_auth"]), inbox=m["inbox"],
-            tls=bool(m["tls"]),
+            tls=bool(m["tls"]), tls_certificate=m["tls_certificate"] or "",
         )
 
 

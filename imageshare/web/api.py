@@ -51,6 +51,9 @@ class NodeIn(Strict):
     dicomweb_auth: str = Field(default="", max_length=512)
     inbox: bool = False
     tls: bool = Field(default=False, description="reach the node's DICOM AE over TLS")
+    tls_certificate: str = Field(default="", max_length=128, description=(
+        "with tls: SHA-256 fingerprint of the only certificate this AE title is accepted with "
+        "over DICOM TLS (empty: any the trusted authorities signed)"))
 
     @field_validator("dicomweb_url")
     @classmethod

@@ -217,6 +217,9 @@ nodes = Table(
     Column("inbox", Boolean, nullable=False, default=False, server_default=false()),
     # We reach the site's DICOM AE over TLS (BCP 195).
     Column("tls", Boolean, nullable=False, default=False, server_default=false()),
+    # SHA-256 of the certificate (DER) the node presents over DICOM TLS, lowercase hex;
+    # empty: any certificate the trusted authorities signed.
+    Column("tls_certificate", String(64), nullable=False, default="", server_default=""),
 )
 
 audit_events = Table(

@@ -236,6 +236,7 @@ def add_site(
     retrieve_from: Annotated[str, Form()] = "", send_to: Annotated[str, Form()] = "",
     may_store: Annotated[str, Form()] = "", may_query: Annotated[str, Form()] = "",
     inbox: Annotated[str, Form()] = "", tls: Annotated[str, Form()] = "",
+    tls_certificate: Annotated[str, Form()] = "",
 ) -> Response:
     """Register (or update) a site."""
     node = Node(ae_title=ae_title.strip(), host=host.strip(), port=port,
@@ -243,7 +244,8 @@ def add_site(
                 may_query=bool(may_query), may_retrieve=bool(may_query),
                 may_store=bool(may_store), searchable=bool(searchable),
                 retrieve_from=bool(retrieve_from), send_to=bool(send_to),
-                dicomweb_auth=dicomweb_auth.strip(), inbox=bool(inbox), tls=bool(tls))
+                dicomweb_auth=dicomweb_auth.strip(), inbox=bool(inbox), tls=bool(tls),
+                tls_certificate=tls_certificate[:128])
     try:
         archive.nodes.add(node, replace=True, actor=actor)
     except ImageShareError as exc:
