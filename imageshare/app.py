@@ -328,7 +328,8 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     jobs = DatabaseJobQueue(
         engine, box=box, workers=settings.job_workers,
         lease_seconds=settings.job_lease_seconds,
-        retry_delays=settings.job_retry_schedule)
+        retry_delays=settings.job_retry_schedule,
+        max_run_seconds=settings.job_max_run_seconds)
     deidentifiers: dict[str, Deidentifier] = {}
 
     def deidentifier(profile: str) -> Deidentifier:

@@ -192,6 +192,10 @@ class Settings:
         "10,60,300", "Pauses (seconds, comma-separated) before each retry of a failed "
         "background job; a job fails for good after the last."
     )
+    job_max_run_seconds: float = _setting(
+        86400.0, "A background job still running after this many seconds (a backup or export "
+        "that hangs) is stopped at its next progress point and fails with the reason."
+    )
     retention_every_seconds: float = _setting(
         86400.0, "How often the retention task (deleting what its retention class lets go: "
         "temporary copies, unaccepted inbox items, reviewed uploads, copies no case holds) "
@@ -392,7 +396,7 @@ class Settings:
 
 # Numbers with a floor above 0: a retention period of 0 (or less) would let the retention
 # task delete on the day of arrival what the hospital meant to keep.
-_AT_LEAST = {"temporary_days": 1, "upload_retention_days": 1}
+_AT_LEAST = {"temporary_days": 1, "upload_retention_days": 1, "job_max_run_seconds": 60}
 
 
 def _choices() -> dict[str, tuple[str, ...]]:

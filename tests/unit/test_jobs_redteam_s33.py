@@ -408,3 +408,18 @@ def test_two_instances_with_several_workers_run_each_job_exactly_once(engine):
     assert sorted(ran) == list(range(30))
     with engine.connect() as conn:
         assert set(conn.execute(select(background_jobs.c.attempts)).scalars()) == {1}
+
+
+def test_the_longest_a_job_may_run_is_a_setting(tmp_path):
+    """A large backup may need more than a day, a small installation may want hung jobs
+    failed sooner: ``job_max_run_seconds`` reaches the queue; less than a minute is refused."""
+    from imageshare.domain.errors import ConfigurationError
+    from tests.conftest import make_archive
+
+    built = make_archive(tmp_path / "a", job_max_run_seconds=7200)
+    try:
+        assert built.jobs._max_run == 7200
+    finally:
+        built.close()
+    with pytest.raises(ConfigurationError, match="job_max_run_seconds is a number of 60"):
+        make_archive(tmp_path / "b", job_max_run_seconds=5)
