@@ -67,15 +67,19 @@ class Region:
     pixels: tuple[int, int, int | None, int | None] | None = None
 
 
+DEFAULT_QUALITY = 90  # JPEG quality of a rendering that asks for none
+
+
 @dataclass(frozen=True)
 class RenderOptions:
     """How to render: window or the file's own, viewport (width, height in pixels), the
-    region of the frame shown (all of it when None), format, JPEG quality (1 to 100)."""
+    region of the frame shown (all of it when None), format, JPEG quality (1 to 100; None:
+    the default, 90, and a frame stored as baseline JPEG may be sent as stored)."""
 
     media_type: str = "image/jpeg"
     window: Window | None = None
     viewport: tuple[int, int] | None = None
-    quality: int = 90
+    quality: int | None = None
     region: Region | None = None
 
 
@@ -475,13 +479,13 @@ class _Frames:
 
     def stored_jpeg(self, index: int, options: RenderOptions) -> bytes | None:
         """The frame's stored baseline JPEG bitstream when it can be sent as the rendering
-        asked for (JPEG, no window, no viewport, 8-bit YBR colour that browsers decode as
-        DICOM means it), else None."""
+        asked for (JPEG, no window, no viewport, no quality of its own, 8-bit YBR colour
+        that browsers decode as DICOM means it), else None."""
         self.check(index)
         header = self.header
         syntax = str(header.file_meta.get("TransferSyntaxUID", ""))
         if (options.media_type != "image/jpeg" or options.window or options.viewport
-                or options.region or syntax != JPEGBaseline8Bit
+                or options.region or options.quality is not None or syntax != JPEGBaseline8Bit
                 or str(header.get("PhotometricInterpretation", "")) not in _BROWSER_YBR
                 or int(header.get("SamplesPerPixel", 1) or 1) != 3
                 or int(header.get("BitsAllocated", 0) or 0) != 8):
@@ -519,7 +523,8 @@ def _encode(image: Image.Image, options: RenderOptions) -> bytes:
     if fmt == "JPEG" and image.mode not in ("L", "RGB"):
         image = image.convert("RGB")
     out = io.BytesIO()
-    image.save(out, format=fmt, **({"quality": options.quality} if fmt == "JPEG" else {}))
+    image.save(out, format=fmt,
+               **({"quality": options.quality or DEFAULT_QUALITY} if fmt == "JPEG" else {}))
     return out.getvalue()
 
 

@@ -918,12 +918,13 @@ def _rendered_media(request: Request) -> tuple[str, str]:
                         "alone or in multipart/related")
 
 
-def _quality(request: Request, name: str) -> int:
-    """The JPEG quality a rendering parameter gives: a whole number from 1 to 100, 90 when
-    absent; anything else is refused with the reason (never quietly clamped)."""
+def _quality(request: Request, name: str) -> int | None:
+    """The JPEG quality a rendering parameter gives: a whole number from 1 to 100, None when
+    absent (the default); anything else is refused with the reason (never quietly
+    clamped)."""
     raw = request.query_params.get(name)
     if raw is None:
-        return 90
+        return None
     try:
         value = int(raw.strip())
     except ValueError:
@@ -934,7 +935,8 @@ def _quality(request: Request, name: str) -> int:
 
 
 def _render_parameters(request: Request, thumbnail: bool
-                       ) -> tuple[Window | None, tuple[int, int] | None, int, Region | None]:
+                       ) -> tuple[Window | None, tuple[int, int] | None, int | None,
+                                  Region | None]:
     """(window, viewport, quality, source region) of a WADO-RS rendered or thumbnail
     request; InvalidQuery with the reason for a value that cannot be used (PS3.18 rendered
     query parameters: ``viewport=vw,vh[,sx,sy,sw,sh]`` shows the source rectangle only)."""
