@@ -23,6 +23,25 @@ log = logging.getLogger("imageshare.web")
 PROBLEM = "application/problem+json"
 
 
+_ACRONYMS = {"ae": "AE", "nhs": "NHS", "url": "URL", "tls": "TLS", "id": "ID",
+             "dicomweb": "DICOMweb", "csrf": "CSRF"}
+
+
+def _form_problems(exc: RequestValidationError) -> str:
+    """What a person must correct in a page form, field by field in words ("Port: Input
+    should be a valid integer"), never echoing what was typed (it may be patient data)."""
+    said = []
+    for error in exc.errors()[:10]:
+        location = [str(p) for p in error.get("loc", ()) if p not in ("body", "query")]
+        words = (location[-1] if location else "form").replace("_", " ").split()
+        name = " ".join(_ACRONYMS.get(w.lower(), w.lower()) for w in words)
+        name = name[:1].upper() + name[1:]
+        message = "is required" if error.get("type") == "missing" else str(
+            error.get("msg", "is not valid"))
+        said.append(f"{name}: {message}")
+    return "; ".join(dict.fromkeys(said)) + "."
+
+
 def problem(status: int, title: str, detail: str = "", challenge: bool = True,
             **extra: object) -> JSONResponse:
     """A problem-details response; a 401 carries a Basic challenge unless ``challenge`` is
@@ -155,7 +174,7 @@ def install(app: FastAPI) -> None:
         if is_fhir(request):
             return outcome_response(400, detail)
         if wants_page(request):
-            return _error_page(request, 422, "Invalid request", detail)
+            return _error_page(request, 422, "Invalid request", _form_problems(exc))
         return _body_problem(request, list(exc.errors())) or problem(
             422, "Invalid request", detail)
 
