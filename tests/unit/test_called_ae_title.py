@@ -5,30 +5,15 @@ installation that wants the old behaviour turns the check off."""
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
-from collections.abc import Iterator
-
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from imageshare.dicom.scp import DicomListener
-from imageshare.exchange.nodes import Node
+from tests.listener import listening
 
 
-@contextlib.contextmanager
-def _listener(archive, check_called_ae: bool = True) -> Iterator[DicomListener]:
-    archive.nodes.add(Node("SCANNER", "127.0.0.1", 104))
-    temporary_folder = tempfile.tempdir
-    served = DicomListener("IMAGESHARE", 0, "127.0.0.1", archive.ingest, archive.query,
-                           archive.retrieve, archive.nodes, archive.policy,
-                           refusals=archive.refused_callers, check_called_ae=check_called_ae)
-    served.start()
-    try:
-        yield served
-    finally:
-        served.stop()
-        tempfile.tempdir = temporary_folder
+def _listener(archive, check_called_ae: bool = True):
+    return listening(archive, "SCANNER", refusals=archive.refused_callers,
+                     check_called_ae=check_called_ae)
 
 
 def _echo(port: int, called: str) -> tuple[bool, int | None]:

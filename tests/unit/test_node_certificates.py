@@ -6,7 +6,6 @@ and a wrong one is refused with the reason."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 
 import pytest
@@ -14,10 +13,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from imageshare.cli import run
-from imageshare.dicom.scp import DicomListener
 from imageshare.domain.errors import ImageShareError
 from imageshare.exchange.nodes import Node, certificate_fingerprint
 from imageshare.tls import server_context
+from tests.listener import listening
 from tests.unit.test_tls_node_downgrade import _find_status
 from tests.unit.test_tls_redteam_s33 import _client_context, _settings, pki  # noqa: F401
 
@@ -27,19 +26,11 @@ def _sha256(path) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-@contextlib.contextmanager
 def _listener(archive, pki):  # noqa: F811
-    served = DicomListener(
-        "IMAGESHARE", 0, "127.0.0.1", archive.ingest, archive.query, archive.retrieve,
-        archive.nodes, archive.policy, refusals=archive.refused_callers,
-        tls_port=0, ssl_context=server_context(_settings(pki),
+    """The listener with a DICOM TLS port that requires a client certificate."""
+    return listening(archive, None, refusals=archive.refused_callers, tls_port=0,
+                     ssl_context=server_context(_settings(pki),
                                                 require_client_certificate=True))
-    served.start()
-    try:
-        yield served
-    finally:
-        with contextlib.suppress(ValueError):
-            served.stop()
 
 
 def test_a_pinned_node_is_accepted_with_its_own_certificate_only(archive, pki):  # noqa: F811

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,38 +19,18 @@ from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError
 from imageshare.sharing.links import NewShare
 from imageshare.storage.index.schema import instances
-from tests.conftest import require
-from tests.factory import ct_series, us_cine
+from tests.factory import us_cine
+from tests.unit.test_sharing import (  # noqa: F401 - the sharing tests' fixtures
+    HTML,
+    OWNER,
+    _tesseract,
+    make_share,
+    open_link,
+    study,
+)
 from tests.upload_media import mp4
 
-OWNER = Actor("user", "sono", "sonographer", "127.0.0.1")
-HTML = {"Accept": "text/html"}
 REVIEWER = Actor("share", "x", "share-recipient", "192.0.2.9")
-
-
-@pytest.fixture(autouse=True)
-def _tesseract():
-    require(shutil.which("tesseract") is not None, "Tesseract OCR (Debian package tesseract-ocr)")
-
-
-@pytest.fixture
-def study(archive, tmp_path):
-    archive.users.add("sono", "a-long-password", "sonographer")
-    us = archive.ingest.store_copy(us_cine(tmp_path / "us", frames=4, patient_id="H4242",
-                                           patient_name="Hopper^Grace"), OWNER).study_uid
-    for path in ct_series(tmp_path / "ct", 2, patient_id="H4242", patient_name="Hopper^Grace",
-                          study_uid=us):
-        archive.ingest.store_copy(path, OWNER)
-    return us
-
-
-def make_share(archive, study, **options):
-    return archive.shares.create(NewShare(study, **options), OWNER, None)
-
-
-def open_link(client, created):
-    return client.post(created.path, data={"passcode": created.passcode}, headers=HTML,
-                       follow_redirects=False)
 
 
 def manifest_of(page: str) -> dict:

@@ -3,15 +3,13 @@ AE title from the same host calling in plain text is treated as an unknown calle
 
 from __future__ import annotations
 
-import contextlib
-
 from pydicom import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from imageshare.dicom.scp import DicomListener
 from imageshare.exchange.nodes import Node
 from imageshare.tls import server_context
+from tests.listener import listening
 from tests.unit.test_tls_redteam_s33 import _client_context, _settings, pki  # noqa: F401
 
 
@@ -35,18 +33,11 @@ def _find_status(port: int, tls_args=None) -> int:
 
 def test_a_tls_node_calling_the_plain_port_is_not_trusted(archive, pki):  # noqa: F811
     archive.nodes.add(Node("MODALITY", "127.0.0.1", 104, tls=True))
-    served = DicomListener(
-        "IMAGESHARE", 0, "127.0.0.1", archive.ingest, archive.query, archive.retrieve,
-        archive.nodes, archive.policy, refusals=archive.refused_callers,
-        tls_port=0, ssl_context=server_context(_settings(pki),
-                                                require_client_certificate=True))
-    served.start()
-    try:
+    with listening(archive, None, refusals=archive.refused_callers, tls_port=0,
+                   ssl_context=server_context(_settings(pki),
+                                              require_client_certificate=True)) as served:
         assert _find_status(served.tls_port,
                             (_client_context(pki, pki.client), "localhost")) == 0x0000
         assert _find_status(served.port) != 0x0000
-    finally:
-        with contextlib.suppress(ValueError):
-            served.stop()
     [caller] = archive.refused_callers.all()
     assert "TLS" in caller.reason
