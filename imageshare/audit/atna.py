@@ -279,7 +279,12 @@ def _audit_message(row: dict[str, Any], config: AtnaConfig) -> bytes:
                  + _coded("RoleIDCode", DESTINATION_MEDIA if export else SOURCE_MEDIA)
                  + "<MediaIdentifier>" + _coded("MediaType", MEDIA_URI)
                  + "</MediaIdentifier></ActiveParticipant>")
-    parts.append(f"<ActiveParticipant UserID={_attr(row['actor'] or '-')} "
+    # The person behind a process-like actor (an identifiable share link is used by the one
+    # account it is bound to): named as the requestor's UserName.
+    person = (f" UserName={_attr(detail['user'])}"
+              if str(row.get("actor") or "").startswith("share:")
+              and isinstance(detail.get("user"), str) and detail["user"] else "")
+    parts.append(f"<ActiveParticipant UserID={_attr(row['actor'] or '-')}{person} "
                  f"UserIsRequestor=\"true\"{_network_point(row.get('source') or '')}>"
                  f"{requestor_role}</ActiveParticipant>")
     parts.append(f"<ActiveParticipant UserID={_attr(config.ae_title)} "

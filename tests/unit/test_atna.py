@@ -85,3 +85,18 @@ def test_syslog_messages_are_rfc5424_with_a_bom_and_octet_counted():
     framed = frame(message)
     length, _, rest = framed.partition(b" ")
     assert int(length) == len(rest) == len(message)
+
+
+def test_the_person_using_an_identifiable_share_link_is_named_in_the_message():
+    """A bound share link is used by one named account: the requestor (the link) carries
+    that person as its UserName, and the message stays schema-valid; an administrator's
+    action on another user's account never names that user as the requestor."""
+    row = {**_row("share.view"), "actor": "share:a1b2c3", "actor_kind": "share"}
+    doc = etree.fromstring(audit_message(row, CONFIG))
+    assert audit_schema().validate(doc), str(audit_schema().error_log)
+    requestor = [p for p in doc.findall("ActiveParticipant")
+                 if p.get("UserIsRequestor") == "true"][0]
+    assert (requestor.get("UserID"), requestor.get("UserName")) == ("share:a1b2c3",
+                                                                   "value-user")
+    admin = etree.fromstring(audit_message(_row("user.reset"), CONFIG))
+    assert all(p.get("UserName") is None for p in admin.findall("ActiveParticipant"))
