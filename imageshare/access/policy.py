@@ -66,6 +66,9 @@ _STAFF = frozenset(
 # An administrator signed in with a password who has not yet set up two-factor sign-in
 # (required for admins) may only do that.
 ENROLLING = "enrolling"
+# An account signed in with a temporary password an administrator gave may only choose its
+# own (the account page), on every channel.
+CHANGING_PASSWORD = "changing-password"
 # A browser that gave the right password and still owes its TOTP code may only send that.
 AWAITING_CODE = "awaiting-code"
 SESSION_CODE = "session.code"
@@ -82,6 +85,7 @@ ROLES: dict[str, frozenset[str]] = {
     # Another hospital's ImageShare: what it stores lands in the inbox; it may send requests.
     "site": frozenset({STUDY_STORE, ACCOUNT_SELF, EXCHANGE_RECEIVE}),
     ENROLLING: frozenset({ACCOUNT_SELF}),
+    CHANGING_PASSWORD: frozenset({ACCOUNT_SELF}),
     AWAITING_CODE: frozenset({SESSION_CODE}),
 }
 # Roles a person can be given (``service`` is for machine accounts, ENROLLING is a stage).
@@ -92,15 +96,21 @@ SHARED_ACTIONS = {STUDY_READ: VIEW, STUDY_COMMENT: COMMENT, STUDY_DOWNLOAD: DOWN
 # Roles that must sign in with a second factor on every channel.
 SECOND_FACTOR_ROLES = frozenset({"admin"})
 # Stages of an account that can do nothing but finish signing in.
-_STAGES = (ENROLLING, AWAITING_CODE)
+_STAGES = (ENROLLING, CHANGING_PASSWORD, AWAITING_CODE)
 
 
-def effective_role(role: str, two_factor: bool, cli_token: bool = False) -> str:
+def effective_role(role: str, two_factor: bool, cli_token: bool = False,
+                   must_change_password: bool = False) -> str:
     """The role an account acts with: an account whose role requires a second factor and
-    that has not set one up may only enrol (ENROLLING), whatever the channel (HTTP Basic,
-    session, API token). Tokens made on the server's own command line are the exception: they
-    are for machines, made by someone who can already read the data folder."""
-    if role in SECOND_FACTOR_ROLES and not two_factor and not cli_token:
+    that has not set one up may only enrol (ENROLLING), and one holding a temporary password
+    may only choose its own (CHANGING_PASSWORD), whatever the channel (HTTP Basic, session,
+    API token). Tokens made on the server's own command line are the exception: they are for
+    machines, made by someone who can already read the data folder."""
+    if cli_token:
+        return role
+    if must_change_password:
+        return CHANGING_PASSWORD
+    if role in SECOND_FACTOR_ROLES and not two_factor:
         return ENROLLING
     return role
 

@@ -70,7 +70,7 @@ class SessionStore:
                 select(sessions.c.pk, sessions.c.csrf_token, sessions.c.created_at,
                        sessions.c.last_seen_at, sessions.c.revoked_at, users.c.username,
                        users.c.role, users.c.disabled, users.c.totp_enabled,
-                       sessions.c.stage)
+                       users.c.must_change_password, sessions.c.stage)
                 .join(users, users.c.pk == sessions.c.user_pk)
                 .where(sessions.c.token_hash == secret_hash(secret))
             ).first()
@@ -84,7 +84,8 @@ class SessionStore:
                 conn.execute(update(sessions).where(sessions.c.pk == row.pk)
                              .values(last_seen_at=now))
         role = {"enrol": ENROLLING, "code": AWAITING_CODE}.get(
-            row.stage, effective_role(row.role, row.totp_enabled))
+            row.stage, effective_role(row.role, row.totp_enabled,
+                                      must_change_password=row.must_change_password))
         return Session(Actor("user", row.username, role, source), row.csrf_token)
 
     def advance(self, secret: str, stage: str = "full") -> tuple[str, str]:

@@ -103,13 +103,14 @@ class UserDirectory:
         self._lock = threading.Lock()
 
     def add(self, username: str, password: str, role: str, email: str = "",
-            site_node: str = "") -> None:
+            site_node: str = "", temporary: bool = False) -> None:
         """Create a user; raises ImageShareError for an unknown role or a taken name.
 
         A ``site`` account (another hospital's ImageShare) is tied to the connected site it
         speaks for: ``site_node``, the AE title of a registered node. Made without one it may
         store (into the inbox) but send no site-to-site message until linked
-        (:meth:`link_site`)."""
+        (:meth:`link_site`). A ``temporary`` password (generated and shown to an
+        administrator) must be changed before the account does anything else."""
         _check_new_user(username, role)
         _check_password(password)
         if site_node and role != "site":
@@ -120,6 +121,9 @@ class UserDirectory:
                 if role == "site":
                     _refuse_name_of_another_site(conn, username, linked or None)
                 _insert_user(conn, username, password, role, email)
+                if temporary:
+                    conn.execute(update(users).where(users.c.username == username)
+                                 .values(must_change_password=True))
                 if linked:
                     conn.execute(update(users).where(users.c.username == username)
                                  .values(site_node=linked))
@@ -216,7 +220,7 @@ class UserDirectory:
         with self._engine.connect() as conn:
             row = conn.execute(
                 select(users.c.pk, users.c.password_hash, users.c.role, users.c.disabled,
-                       users.c.totp_enabled, users.c.totp_secret)
+                       users.c.totp_enabled, users.c.totp_secret, users.c.must_change_password)
                 .where(users.c.username == username)
             ).first()
         if row is None:
@@ -230,7 +234,8 @@ class UserDirectory:
             return None
         if row.disabled or locked:
             return None  # the same answer as a wrong password
-        actor = Actor("user", username, effective_role(row.role, row.totp_enabled), source)
+        actor = Actor("user", username, effective_role(
+            row.role, row.totp_enabled, must_change_password=row.must_change_password), source)
         if row.totp_enabled:
             if defer_code:
                 return actor, True
@@ -267,11 +272,13 @@ class UserDirectory:
         another role since the password was last checked (cheap, no argon2)."""
         with self._engine.connect() as conn:
             row = conn.execute(select(users.c.pk, users.c.disabled, users.c.totp_enabled,
-                                      users.c.password_hash, users.c.role)
+                                      users.c.password_hash, users.c.role,
+                                      users.c.must_change_password)
                                .where(users.c.username == username)).first()
         if (row is None or row.disabled or row.totp_enabled
                 or row.password_hash != password_hash
-                or effective_role(row.role, row.totp_enabled) != role):
+                or effective_role(row.role, row.totp_enabled,
+                                  must_change_password=row.must_change_password) != role):
             return False
         return not self.lockout.locked(row.pk, source)
 
@@ -579,14 +586,17 @@ class UserDirectory:
         self._change(username, role=role, site_node="")
 
     def set_password(self, username: str, password: str, *, reset_two_factor: bool = False,
-                     revoke_tokens: bool = False, actor: Actor = SYSTEM) -> None:
+                     revoke_tokens: bool = False, actor: Actor = SYSTEM,
+                     temporary: bool = False) -> None:
         """Set a new password and lift a lockout; optionally remove the second factor (lost
         phone), which the user must then set up again, and revoke every live API token
         (an administrator's reset: whoever held the password may have made them), each
-        revocation audited as ``actor``'s."""
+        revocation audited as ``actor``'s. A ``temporary`` password (one an administrator
+        gives) lets the account do nothing but choose its own; any other clears that."""
         _check_password(password)
         values: dict[str, object] = {
             "password_hash": _hasher.hash(password), "failed_logins": 0, "locked_until": None,
+            "must_change_password": temporary,
         }
         if reset_two_factor:
             values.update(totp_enabled=False, totp_secret=None, totp_last_step=None)
@@ -785,7 +795,8 @@ class UserDirectory:
         if row.last_used_at is None or now - as_utc(row.last_used_at) > TOKEN_USE_RESOLUTION:
             self._stamp_token_use(row.pk, now)
         return Actor("user", row.username,
-                     effective_role(row.role, row.totp_enabled, row.origin == "cli"), source)
+                     effective_role(row.role, row.totp_enabled, row.origin == "cli",
+                                    row.must_change_password), source)
 
 
     def _stamp_token_use(self, pk: int, now: datetime) -> None:
@@ -804,7 +815,7 @@ class UserDirectory:
 _TOKEN_LOOKUP = (
     select(api_tokens.c.pk, api_tokens.c.expires_at, api_tokens.c.revoked_at,
            api_tokens.c.origin, api_tokens.c.last_used_at, users.c.username, users.c.role,
-           users.c.disabled, users.c.totp_enabled)
+           users.c.disabled, users.c.totp_enabled, users.c.must_change_password)
     .join(users, users.c.pk == api_tokens.c.user_pk)
     .where(api_tokens.c.token_hash == bindparam("token_hash"))
 )

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from imageshare.access.policy import AWAITING_CODE, ENROLLING
+from imageshare.access.policy import AWAITING_CODE, CHANGING_PASSWORD, ENROLLING
 from imageshare.domain.errors import ImageShareError, NotAuthenticated
 from imageshare.web.auth import BEARER
 from imageshare.web.fhir import outcome_response
@@ -133,6 +133,8 @@ def _page_for(request: Request, status: int, title: str, detail: str) -> Respons
         return redirect("/login?" + urlencode({"next": target}))
     if status == 403 and role == ENROLLING:
         return redirect("/account#two-factor")
+    if status == 403 and role == CHANGING_PASSWORD:
+        return redirect("/account#password")
     if status == 403 and role == AWAITING_CODE:
         return redirect("/login/code")
     return _error_page(request, status, title, detail)

@@ -148,6 +148,10 @@ users = Table(
     # A ``site`` account's connected site (the AE title of its node): the only site it may
     # speak for in site-to-site messages; "" for every other account and an unlinked one.
     Column("site_node", String(16), nullable=False, default="", server_default=""),
+    # The password is a temporary one an administrator gave: the account may do nothing but
+    # choose its own (cleared when it has).
+    Column("must_change_password", Boolean, nullable=False, default=False,
+           server_default=false()),
 )
 
 # Failed sign-ins per account and source address: a lockout holds only for the address that

@@ -9,7 +9,7 @@ import segno
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
 
-from imageshare.access.policy import ACCOUNT_SELF, ENROLLING, TOKEN_SELF
+from imageshare.access.policy import ACCOUNT_SELF, CHANGING_PASSWORD, ENROLLING, TOKEN_SELF
 from imageshare.access.sessions import COOKIE
 from imageshare.access.users import two_factor_key
 from imageshare.audit.trail import AuditEvent
@@ -27,15 +27,25 @@ def _account_page(request: Request, status_code: int = 200, **extra: object) -> 
     archive = archive_of(request)
     actor = request.state.actor
     user = archive.users.account(actor.name)
+    if actor.role == CHANGING_PASSWORD and "error" not in extra:
+        extra["error"] = ("Your password is a temporary one an administrator gave you: choose "
+                          "your own below before you go on.")
     return page(
         request, "account.html", status_code=status_code, role=user.role, email=user.email,
         email_verified=user.email_verified,
         link_sent_at=(archive.users.confirmation_pending(actor.name)
                       if user.email and not user.email_verified else None),
         two_factor=user.two_factor, enrolling=actor.role == ENROLLING,
-        tokens=archive.users.tokens(actor.name) if actor.role != ENROLLING else [],
+        tokens=(archive.users.tokens(actor.name)
+                if actor.role not in (ENROLLING, CHANGING_PASSWORD) else []),
         **extra,
     )
+
+
+def _first(role: str) -> str:
+    """What an account at a stage of signing in must do before anything else."""
+    return ("choose your own password first" if role == CHANGING_PASSWORD
+            else "set up two-factor sign-in first")
 
 
 @router.get("/account")
@@ -114,8 +124,8 @@ def change_email(request: Request, archive: ArchiveDep, actor: allowed(ACCOUNT_S
     unconfirmed until the link mailed to it is followed: only then are shares sent to it
     listed under "Shared with me". It decides nothing else: not which patient's images an
     account sees."""
-    if actor.role == ENROLLING:
-        return _account_page(request, 403, error="set up two-factor sign-in first")
+    if actor.role in (ENROLLING, CHANGING_PASSWORD):
+        return _account_page(request, 403, error=_first(actor.role))
     try:
         archive.users.change_own_email(actor.name, current[:1024], email[:254],
                                        client_address(request),
@@ -135,8 +145,8 @@ def send_confirmation(request: Request, archive: ArchiveDep,
                       actor: allowed(ACCOUNT_SELF)) -> Response:
     """Mail the link that confirms the user's address again (at most one a minute, five a
     day); the earlier link stops working."""
-    if actor.role == ENROLLING:
-        return _account_page(request, 403, error="set up two-factor sign-in first")
+    if actor.role in (ENROLLING, CHANGING_PASSWORD):
+        return _account_page(request, 403, error=_first(actor.role))
     try:
         sent_to = archive.users.send_confirmation(actor.name, mailer=archive.notifier.mailer,
                                                   link_base=archive.settings.public_url,
@@ -164,8 +174,8 @@ def confirmation_form(request: Request, archive: ArchiveDep, secret: str,
 def confirm_email(request: Request, archive: ArchiveDep, secret: str,
                   actor: allowed(ACCOUNT_SELF)) -> Response:
     """Confirm the address: shares sent to it are listed under "Shared with me" from now."""
-    if actor.role == ENROLLING:
-        return _account_page(request, 403, error="set up two-factor sign-in first")
+    if actor.role in (ENROLLING, CHANGING_PASSWORD):
+        return _account_page(request, 403, error=_first(actor.role))
     try:
         address = archive.users.confirm_email(secret[:128], actor)
     except ImageShareError as exc:

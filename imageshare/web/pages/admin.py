@@ -53,7 +53,8 @@ def _ask_reset(username: str, two_factor: bool) -> Asked:
     return Asked(heading=f"Reset the password of {username}?",
                  consequence=f"{username}'s password and API tokens stop working and they "
                              "are signed out everywhere; you get a temporary password to "
-                             f"give them in person.{also}",
+                             "give them in person, which they must replace with their own "
+                             f"when they sign in.{also}",
                  button="Reset password" + (" and two-factor" if two_factor else ""))
 
 
@@ -76,7 +77,9 @@ def add_user(request: Request, archive: ArchiveDep,
     try:
         if role not in PERSON_ROLES:
             raise ImageShareError(f"choose one of the roles: {', '.join(PERSON_ROLES)}")
-        archive.users.add(username.strip(), password or generated, role)
+        # A generated password is the administrator's to hand over: temporary.
+        archive.users.add(username.strip(), password or generated, role,
+                          temporary=bool(generated))
     except ImageShareError as exc:
         _record(request, actor, "user.add", username[:128], "failure")
         return _users_page(request, 400, error=str(exc))
@@ -117,7 +120,7 @@ def change_user(request: Request, archive: ArchiveDep,
     elif change == "reset":
         temporary = secrets.token_urlsafe(12)
         archive.users.set_password(username, temporary, reset_two_factor=bool(reset_two_factor),
-                                   revoke_tokens=True, actor=actor)
+                                   revoke_tokens=True, actor=actor, temporary=True)
         archive.sessions.end_all(username)
         _record(request, actor, "user.reset", username)
         return _users_page(request, temporary_password=temporary, temporary_for=username)

@@ -8,7 +8,7 @@ from urllib.parse import quote, urlsplit
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
 
-from imageshare.access.policy import ACCOUNT_SELF, PUBLIC, SESSION_CODE
+from imageshare.access.policy import ACCOUNT_SELF, CHANGING_PASSWORD, PUBLIC, SESSION_CODE
 from imageshare.access.sessions import COOKIE
 from imageshare.access.sign_in import SignedIn
 from imageshare.audit.trail import AuditEvent
@@ -39,6 +39,8 @@ def _to_next_stage(request: Request, signed_in: SignedIn, next_url: str) -> Resp
     """Send the browser on to the page its session's stage needs, with the cookie."""
     target = {"code": f"/login/code?next={quote(next_url)}",
               "enrol": "/account#two-factor"}.get(signed_in.stage, next_url)
+    if signed_in.stage == "full" and signed_in.actor.role == CHANGING_PASSWORD:
+        target = "/account#password"  # a temporary password: the person's own comes first
     response = redirect(target)
     set_session_cookie(request, response, signed_in.secret)
     return response
