@@ -135,18 +135,29 @@ class Mark:
         if kind not in KINDS:
             raise ImageShareError("a mark is an arrow, a length, a text or an ellipse")
         wanted = 1 if kind in ONE_POINT else 2
-        try:
-            raw = list(data["points"])
-            points = tuple((float(p[0]), float(p[1])) for p in raw)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise ImageShareError(f"a mark has {wanted} point(s) [x, y]") from exc
+        raw = data.get("points")
+        if not isinstance(raw, list) or not all(
+                isinstance(p, list) and len(p) == 2
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in p)
+                for p in raw):
+            # "12" or ["1", "2"] are not points: refused, not read as digits.
+            raise ImageShareError(f"a mark has {wanted} point(s) [x, y], each two numbers")
+        points = tuple((float(p[0]), float(p[1])) for p in raw)
         if len(points) != wanted:
             raise ImageShareError(f"a mark of kind {kind} has {wanted} point(s) [x, y]")
         for x, y in points:
             if not (math.isfinite(x) and math.isfinite(y)
                     and 0 <= x <= columns and 0 <= y <= rows):
                 raise ImageShareError("a mark lies outside the image")
-        label = str(data.get("label", ""))[:64]
+        label = data.get("label", "")
+        if label is None:
+            label = ""
+        if not isinstance(label, str):
+            raise ImageShareError("a mark's label is text")
+        if len(label) > 64:
+            raise ImageShareError("a mark's label has at most 64 characters")
+        if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in label):
+            raise ImageShareError("a mark's label may not contain control characters")
         if kind == "text" and not label.strip():
             raise ImageShareError("a text mark needs its text")
         return Mark(kind, points, label)

@@ -75,6 +75,20 @@ def _base_kwargs(study: StudyRecord, series_uid: str, series_number: int, modali
     }
 
 
+def _base_name(filename: str) -> str:
+    """A browser's file name without its folders (``/`` or ``\\``, as old browsers and
+    Windows send them) or its extension."""
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[0] if "." in base[1:] else base
+
+
+def _title(text: str) -> str:
+    """``text`` fit for a Document Title: control characters (CR, LF, NUL...) made spaces,
+    runs of blanks made one, at most 64 characters."""
+    cleaned = "".join(" " if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in text or "")
+    return " ".join(cleaned.split())[:64]
+
+
 class AttachmentService:
     """Attaches PDFs and photos to studies and reads them back."""
 
@@ -97,11 +111,16 @@ class AttachmentService:
         if len(content) > MAX_ATTACHMENT:
             raise ImageShareError("attachments are limited to 100 MB")
         study = self._catalogue.record(study_uid)
-        title = (title or filename.rsplit("/", 1)[-1].rsplit(".", 1)[0] or "Document").strip()
+        title = _title(title) or _title(_base_name(filename)) or "Document"
         if content.startswith(b"%PDF-"):
-            ds = self._pdf(study, content, title[:64])
+            if b"%%EOF" not in content[-1024:]:
+                # A PDF ends with its trailer's end-of-file marker (ISO 32000-1 7.5.5): without
+                # it the file was cut short, or is something else behind a PDF header.
+                raise ImageShareError("the PDF is incomplete (it has no end-of-file marker); "
+                                      "save or download it again and attach that copy")
+            ds = self._pdf(study, content, title)
         else:
-            ds = self._photo(study, content, title[:64])
+            ds = self._photo(study, content, title)
         out = io.BytesIO()
         ds.save_as(out, enforce_file_format=True)
         out.seek(0)
@@ -149,7 +168,9 @@ class AttachmentService:
                 if img.width * img.height > MAX_PIXELS:
                     raise ImageShareError("the photo has too many pixels (at most 60 million)")
                 rgb = ImageOps.exif_transpose(img).convert("RGB")
-        except (UnidentifiedImageError, OSError) as exc:
+        except Image.DecompressionBombError as exc:  # more pixels than Pillow opens at all
+            raise ImageShareError("the photo has too many pixels (at most 60 million)") from exc
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise ImageShareError("attach a PDF, a JPEG or a PNG file") from exc
         series_uid, number = self._series_uid(study, "OT")
         kwargs = _base_kwargs(study, series_uid, _SERIES_NUMBER["OT"], "OT", SECONDARY_CAPTURE)

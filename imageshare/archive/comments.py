@@ -40,6 +40,10 @@ class CommentBook:
             raise ImageShareError("a comment cannot be empty")
         if len(body) > MAX_COMMENT:
             raise ImageShareError(f"a comment has at most {MAX_COMMENT} characters")
+        if any((ord(c) < 32 and c not in "\t\r\n") or c == "\x7f" for c in body):
+            # A NUL is refused by PostgreSQL (a server error instead of an answer); the
+            # others have no place in text a person wrote.
+            raise ImageShareError("a comment may not contain control characters")
         now = datetime.now(UTC)
         with self._engine.begin() as conn:
             conn.execute(insert(study_comments).values(

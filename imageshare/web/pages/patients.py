@@ -32,7 +32,7 @@ def correction_form(request: Request, archive: ArchiveDep, study_uid: str,
     """The form to correct the details the study is filed under."""
     study = archive.catalogue.view(study_uid, actor, archive.policy.study_scope(actor))
     return page(request, "correct.html", study=study,
-                form=_form_of(PatientDetails.of(study.patient)), same_record_note=False)
+                form=_form_of(PatientDetails.of(study.patient)))
 
 
 @router.post("/studies/{study_uid}/patient")
@@ -55,7 +55,7 @@ async def correct(
         form = _form_of(details, reason)
         form.update(family=family, given=given, birth_date=birth_date.replace("-", ""))
         return page(request, "correct.html", status_code=400, study=study, form=form,
-                    error=str(exc), same_record_note=False)
+                    error=str(exc))
     return redirect(f"/studies/{study_uid}?notice=corrected")
 
 
@@ -73,6 +73,5 @@ async def merge(
     except ImageShareError as exc:
         study = archive.catalogue.record(study_uid)
         return page(request, "correct.html", status_code=400, study=study,
-                    form=_form_of(PatientDetails.of(study.patient)), error=str(exc),
-                    same_record_note=False)
+                    form=_form_of(PatientDetails.of(study.patient)), error=str(exc))
     return redirect(f"/studies/{study_uid}?notice=merged")

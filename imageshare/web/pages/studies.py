@@ -29,7 +29,7 @@ from imageshare.archive.rendering import RenderOptions, render_frame
 from imageshare.archive.search import StudySearch
 from imageshare.archive.studies import ENCAPSULATED_PDF, StudyRecord
 from imageshare.deid.profiles import load_profiles
-from imageshare.domain.errors import ImageShareError, NotFound
+from imageshare.domain.errors import ImageShareError, NotFound, PayloadTooLarge
 from imageshare.domain.identifiers import is_valid_nhs_number
 from imageshare.exchange.federated import PatientQuery
 from imageshare.web.auth import allowed
@@ -231,7 +231,10 @@ async def attach_document(
     archive: ArchiveDep, study_uid: str, file: Annotated[UploadFile, File()],
     actor: allowed(DOCUMENT_ATTACH, "study_uid"), title: Annotated[str, Form()] = "",
 ) -> Response:
-    """Attach a PDF report or a photo of a paper report; it is stored as DICOM in the study."""
+    """Attach a PDF report or a photo of a paper report; it is stored as DICOM in the study.
+    Its size is checked before it is read."""
+    if file.size is not None and file.size > MAX_ATTACHMENT:
+        raise PayloadTooLarge("attachments are limited to 100 MB")
     content = await file.read(MAX_ATTACHMENT + 1)
     await run_in_threadpool(archive.attachments.attach, study_uid, file.filename or "",
                             content, title[:64], actor)
@@ -273,7 +276,8 @@ def document(archive: ArchiveDep, study_uid: str, sop_uid: str,
     if inst.sop_class_uid == ENCAPSULATED_PDF:
         with archive.retrieve.open(inst) as fp:
             doc = archive.attachments.document(fp)
-        headers["Content-Disposition"] = 'inline; filename="document.pdf"'
+        # Saved, not opened in the archive's origin: a PDF can carry scripts and forms.
+        headers["Content-Disposition"] = 'attachment; filename="document.pdf"'
         return Response(doc.content, media_type=doc.media_type, headers=headers)
     with archive.retrieve.open(inst) as fp:
         try:
