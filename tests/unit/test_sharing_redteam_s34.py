@@ -219,6 +219,7 @@ def test_the_report_shared_with_a_study_is_read_with_the_view_right_and_only_if_
     assert read.status_code == 200 and read.content == PDF
     assert read.headers["content-type"] == "application/pdf"
     assert read.headers["content-security-policy"] == "sandbox"
+    assert read.headers["content-disposition"].startswith("attachment;")
     assert "no-store" in read.headers["cache-control"]
     assert any(e["detail"].get("format") == "document"
                for e in archive.audit.events("share.view", study_uid=study))

@@ -260,7 +260,9 @@ def document(request: Request, archive: ArchiveDep, token: str, sop: str,
     archive.shares.record(share, actor, "share.view", item, format="document")
     return Response(doc.content, media_type=doc.media_type, headers={
         **_IMAGE_HEADERS, "Content-Security-Policy": "sandbox",
-        "Content-Disposition": 'inline; filename="document.pdf"'})
+        # Saved, not opened in the archive's origin (a PDF can carry scripts and forms; a
+        # sandboxed page would not show it in Chromium anyway), as on the study page.
+        "Content-Disposition": 'attachment; filename="document.pdf"'})
 
 
 @router.post("/s/{token}/comments")
