@@ -384,6 +384,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     consents = ConsentBook(engine, audit)
     shares.consent_check = consents.require
     consents.on_withdrawn = shares.end_for_withdrawn_consent
+    corrections.on_refiled = shares.end_patients_shares
     teaching = TeachingLibrary(engine, retrieve, ingest, deidentifier, blobs, audit,
                                settings.max_upload_bytes)
     teaching.teaching_refused = consents.refusal_of_teaching

@@ -198,6 +198,10 @@ class PatientCorrections:
         # Whether a legal hold covers a study (imageshare.retention.facts.study_on_hold): its
         # content before a change is kept as evidence.
         self.on_hold: Callable[[Connection, str], bool] = lambda _conn, _uid: False
+        # Told, in the change's transaction, of studies that left their hospital number (the
+        # shares a patient made of them are no longer that patient's to keep open).
+        self.on_refiled: Callable[[Connection, list[str], Actor], object] = (
+            lambda _conn, _uids, _actor: None)
 
     # -- public --------------------------------------------------------------------------
 
@@ -475,6 +479,10 @@ class PatientCorrections:
                                   if uid in held else {})})
             for uid in study_uids if _differences(before[uid], new)
         ], conn=conn)
+        left = [uid for uid in study_uids
+                if (before[uid].patient_id, before[uid].issuer) != (new.patient_id, new.issuer)]
+        if left:
+            self.on_refiled(conn, left, actor)
         self._parents_changed(conn)
         return kept
 

@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, exists, insert, literal, or_, select, update
+from sqlalchemy import Connection, Engine, exists, insert, literal, or_, select, update
 
 from imageshare.access.passcodes import (
     count_try,
@@ -935,6 +935,28 @@ class ShareService:
             rows = conn.execute(select(shares).where(shares.c.owner == owner)
                                 .order_by(shares.c.pk.desc())).mappings().all()
         return [_share(r) for r in rows]
+
+    def end_patients_shares(self, conn: Connection, study_uids: list[str],
+                            actor: Actor) -> int:
+        """End, in ``conn``'s transaction, the live shares patients made of ``study_uids``
+        (the studies were filed under another patient: they are no longer the sharer's to
+        show); each is audited as revoked with the reason. Returns how many."""
+        now = datetime.now(UTC)
+        ended = list(conn.execute(
+            select(shares.c.pk, shares.c.public_id).where(
+                shares.c.revoked_at.is_(None), shares.c.expires_at > now,
+                shares.c.owner.in_(select(users.c.username).where(users.c.role == "patient")),
+                shares.c.pk.in_(select(share_items.c.share_pk).where(
+                    share_items.c.study_uid.in_(study_uids))))).tuples())
+        for pk, public_id in ended:
+            conn.execute(update(shares).where(shares.c.pk == pk).values(revoked_at=now))
+            self._audit.record(AuditEvent(
+                actor=actor, action="share.revoke", outcome="success",
+                detail={"share": public_id,
+                        "reason": "the study was filed under another patient"}), conn=conn)
+        for _pk, public_id in ended:
+            self.remove_copies(public_id)
+        return len(ended)
 
     def end_for_withdrawn_consent(self, patient_id: str, issuer: str, purpose: str,
                                   actor: Actor) -> int:
