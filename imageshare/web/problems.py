@@ -23,6 +23,11 @@ log = logging.getLogger("imageshare.web")
 PROBLEM = "application/problem+json"
 
 
+# Pydantic's messages for the common refusals, in the words a person filling a form uses.
+_PLAIN_WORDS = {"int_parsing": "must be a whole number", "int_type": "must be a whole number",
+                "float_parsing": "must be a number", "bool_parsing": "must be yes or no",
+                "string_too_long": "is too long", "string_too_short": "is too short",
+                "greater_than": "is too small", "less_than": "is too large"}
 _ACRONYMS = {"ae": "AE", "nhs": "NHS", "url": "URL", "tls": "TLS", "id": "ID",
              "dicomweb": "DICOMweb", "csrf": "CSRF"}
 
@@ -36,8 +41,11 @@ def _form_problems(exc: RequestValidationError) -> str:
         words = (location[-1] if location else "form").replace("_", " ").split()
         name = " ".join(_ACRONYMS.get(w.lower(), w.lower()) for w in words)
         name = name[:1].upper() + name[1:]
-        message = "is required" if error.get("type") == "missing" else str(
-            error.get("msg", "is not valid"))
+        kind = str(error.get("type", ""))
+        if kind == "missing":
+            said.append(f"{name} is required")
+            continue
+        message = _PLAIN_WORDS.get(kind) or str(error.get("msg", "is not valid"))
         said.append(f"{name}: {message}")
     return "; ".join(dict.fromkeys(said)) + "."
 

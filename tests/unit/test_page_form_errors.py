@@ -1,5 +1,5 @@
 """A page form refused by its field rules says in words which field to correct and why
-("Port: Input should be a valid integer", "Ae title: is required"), never the framework's
+("Port: must be a whole number", "AE title is required"), never the framework's
 "body.port" nor what was typed (it may be patient data), and offers the way back to the
 form."""
 
@@ -15,7 +15,7 @@ def test_a_refused_page_form_names_the_fields_in_words(archive, admin_browser): 
         "csrf_token": csrf_of(sites.text), "host": "pacs.example", "port": "Smith^John"})
     assert refused.status_code == 422
     assert "Some fields are not right" in refused.text
-    assert "Port: Input should be a valid integer" in refused.text
-    assert "AE title: is required" in refused.text
+    assert "Port: must be a whole number" in refused.text
+    assert "AE title is required" in refused.text
     assert "body." not in refused.text and "Smith^John" not in refused.text
     assert "Back to the form" in refused.text

@@ -127,7 +127,8 @@ def change_user(request: Request, archive: ArchiveDep,
     else:
         raise ImageShareError("unknown change")
     _record(request, actor, f"user.{change}", username)
-    return redirect("/admin/users?notice=user-changed")
+    notice = {"disable": "user-disabled", "enable": "user-enabled", "email": "user-email"}
+    return redirect(f"/admin/users?notice={notice.get(change, 'user-changed')}")
 
 
 @router.get("/admin/audit")

@@ -101,7 +101,7 @@ async def cancel_transfer(archive: ArchiveDep, transfer_id: str, actor: allowed(
                           ) -> Response:
     """Stop a transfer that is queued or sending; back to its page."""
     transfer = await run_in_threadpool(archive.transfers.cancel, transfer_id[:32], actor)
-    return redirect(f"/transfers/{transfer.public_id}")
+    return redirect(f"/transfers/{transfer.public_id}")  # its page says it was cancelled
 
 
 def _labels(archive: Archive) -> dict[str, str]:

@@ -29,6 +29,11 @@ NOTICES = {
                                     "until you revoke them: check the list below."),
     "user-added": ("success", "The user was added."),
     "user-changed": ("success", "The account was changed."),
+    "user-disabled": ("success", "The account was disabled: its sessions ended and its "
+                                 "password and API tokens no longer work."),
+    "user-enabled": ("success", "The account was enabled again."),
+    "user-email": ("success", "The account's e-mail address was saved (confirmed, as an "
+                              "administrator set it)."),
     "signed-out": ("info", "You are signed out."),
     "token-revoked": ("success", "The token was revoked."),
     "invited": ("success", "The recipient was invited by e-mail to create an account."),

@@ -1,3 +1,14 @@
+// A form that stops something for good (data-confirm) asks first; declined, nothing is sent
+// and the form stays usable (this runs before the handlers below).
+document.addEventListener("submit", (event) => {
+  const form = event.target;
+  if (!(form instanceof HTMLFormElement) || !form.hasAttribute("data-confirm")) return;
+  if (!window.confirm(form.getAttribute("data-confirm") || "Are you sure?")) {
+    event.preventDefault();
+    event.stopImmediatePropagation();
+  }
+}, {capture: true});
+
 // Forms that create something (data-once) are sent once: a second click while the first
 // sending is on its way does nothing (the server also handles each rendering once).
 document.addEventListener("submit", (event) => {
@@ -44,7 +55,9 @@ function keptFields(form) {
 }
 
 function formFor(draft) {
-  for (const form of document.querySelectorAll("form")) {
+  // The page's own form before the header's (the quick search also posts to /search).
+  for (const form of [...document.querySelectorAll("main form"),
+                      ...document.querySelectorAll("form")]) {
     if ((form.getAttribute("action") || "") === draft.action) return form;
   }
   return null;
@@ -70,8 +83,8 @@ document.addEventListener("submit", (event) => {
   const form = event.target;
   if (!(form instanceof HTMLFormElement) || (form.method || "").toLowerCase() !== "post") return;
   if (form.hasAttribute("data-no-draft")) return;
+  // Kept also with nothing typed (a password-only form): the refusal is then shown by it.
   const fields = keptFields(form);
-  if (!fields.some(([, value, checked]) => checked === null ? value !== "" : checked)) return;
   const draft = {action: form.getAttribute("action") || "", path: location.pathname, fields,
                  refused: false};
   const text = JSON.stringify(draft);
@@ -102,8 +115,52 @@ document.addEventListener("DOMContentLoaded", () => {
     return;
   }
   const form = formFor(draft);
-  const refusedHere = document.querySelector("main [data-refusal]") !== null;
-  if (form && (refusedHere || (draft.refused && draft.path === location.pathname))) {
+  const refusal = document.querySelector("main [data-refusal]");
+  if (form && (refusal || (draft.refused && draft.path === location.pathname))) {
     putBack(form, draft.fields);
   }
+  if (form && refusal && form.closest("main")) showRefusalAt(form, refusal);
+});
+
+// A refusal shown on the form's own page (a wrong current password, a bad fingerprint) is
+// said next to that form, which may be far down the page or one of several alike (four
+// forms of the account page ask for the current password). The keyboard goes to the
+// required field left empty (the password or code, cleared), which the refusal then
+// describes; with none, to the refusal itself, from which Tab leads into the form.
+function showRefusalAt(form, refusal) {
+  if (!refusal.id) refusal.id = "refusal";
+  form.before(refusal);
+  const target = [...form.elements].find((el) =>
+    (el instanceof HTMLInputElement || el instanceof HTMLTextAreaElement ||
+     el instanceof HTMLSelectElement) && el.required && !el.disabled && el.value === "" &&
+    !["hidden", "checkbox", "radio"].includes(el.type) && el.getClientRects().length > 0);
+  if (target) {
+    const described = (target.getAttribute("aria-describedby") || "").split(" ");
+    if (!described.includes(refusal.id)) {
+      target.setAttribute("aria-describedby", [...described, refusal.id].join(" ").trim());
+    }
+    target.focus({preventScroll: true});
+  } else {
+    refusal.setAttribute("tabindex", "-1");
+    refusal.focus({preventScroll: true});
+  }
+  refusal.scrollIntoView({block: "center"});
+}
+
+// Pages that follow something under way (a transfer being sent) look again every few
+// seconds, but never while the person is using the page: a reload would drop the keyboard
+// focus (the Cancel button could not be reached by Tab) and interrupt a screen reader.
+document.addEventListener("DOMContentLoaded", () => {
+  const marker = document.querySelector("[data-refresh]");
+  if (!marker) return;
+  const seconds = Math.max(1, Number(marker.getAttribute("data-refresh")) || 5);
+  let touched = Date.now();
+  for (const kind of ["keydown", "pointerdown", "focusin", "scroll"]) {
+    document.addEventListener(kind, () => { touched = Date.now(); }, {passive: true});
+  }
+  setInterval(() => {
+    const idle = Date.now() - touched >= seconds * 1000;
+    const focused = document.activeElement && document.activeElement !== document.body;
+    if (idle && !focused && !document.hidden) location.reload();
+  }, seconds * 1000);
 });
