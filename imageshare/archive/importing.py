@@ -246,11 +246,15 @@ def _member_opener(archive: zipfile.ZipFile, info: zipfile.ZipInfo,
 
 @dataclass(frozen=True)
 class Candidate:
-    """A file to import: a label for reports and how to open it."""
+    """A file to import: a label for reports and how to open it; ``explicit``: named by
+    itself (listed in a DICOMDIR, or given as a file); ``on_media``: found in a folder of
+    a CD beside its DICOMDIR, which does not list it (a viewer program's file, unless it
+    is DICOM)."""
 
     label: str
     open: Callable[[], BinaryIO]
     explicit: bool = False
+    on_media: bool = False
 
 
 def _is_part10(stream: BinaryIO) -> bool:
@@ -319,8 +323,16 @@ def open_inside(root: Path, parts: list[str] | tuple[str, ...],
                 raise
             os.close(dir_fd)
             dir_fd = fd
+        name = _actual_name(dir_fd, parts[-1], names)
         try:
-            fd = os.open(_actual_name(dir_fd, parts[-1], names), _FILE_FLAGS, dir_fd=dir_fd)
+            # Looked at before it is opened: opening a device or a pipe has effects of its
+            # own (a tape rewinds, a waiting writer goes on), whatever is read afterwards.
+            kind = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            if stat.S_ISLNK(kind):
+                raise OutsideTheMedia("a symbolic link (not followed)")
+            if not stat.S_ISREG(kind):
+                raise OutsideTheMedia("not a regular file (refused)")
+            fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise OutsideTheMedia("a symbolic link (not followed)") from exc
@@ -502,13 +514,28 @@ class DicomInputs:
 
     def candidates(self, inputs: list[Path], report: ImportReport) -> Iterator[Candidate]:
         """Every file the inputs hold, zip members and DICOMDIR references included (when
-        the budget is spent, each input not reached is recorded as not read)."""
+        the budget is spent, each input not reached is recorded as not read).
+
+        A CD's contents given item by item (its DICOMDIR beside its folders: the files of a
+        disc selected and dropped, or ``/media/cdrom/*``) are read as the media they are:
+        the DICOMDIR first, through its references, and the folders beside it not walked
+        again (their other files are the disc's viewer program, its icons and manuals, not
+        the patient's images); files beside it are still read."""
+        inputs = sorted(inputs, key=lambda p: p.name.upper() != "DICOMDIR")  # stable
+        # folders whose DICOMDIR was read, with the files it listed (by device and inode)
+        media_roots: dict[Path, set[tuple[int, int]]] = {}
+        walked_whole: set[Path] = set()  # folders read file by file already
         for index, item in enumerate(inputs):
             if self._spent_all:
                 report.refused.extend((str(rest), over_budget(self._budget))
                                       for rest in inputs[index:])
                 return
-            if item.is_dir():
+            if item.parent in walked_whole:
+                continue
+            if item.parent in media_roots and item.is_dir() and not item.is_symlink():
+                yield from self._walk(item, report, leave_out=None,
+                                      seen=media_roots[item.parent], on_media=True)
+            elif item.is_dir():
                 yield from self._folder(item, report)
             elif item.is_file():
                 if not self._spend(1, str(item), report):
@@ -516,7 +543,12 @@ class DicomInputs:
                 listing = (_dicomdir_listing(item, self._left)
                            if item.name.upper() == "DICOMDIR" else None)
                 if listing is not None:
-                    yield from self._media(item.parent, item, listing, report)
+                    seen: set[tuple[int, int]] = set()
+                    if listing.refusal:
+                        walked_whole.add(item.parent)
+                    else:
+                        media_roots[item.parent] = seen
+                    yield from self._media(item.parent, item, listing, report, seen)
                     continue
                 try:
                     with open(item, "rb") as fh:
@@ -532,8 +564,15 @@ class DicomInputs:
                 report.refused.append((str(item), "no such file or folder"))
 
     def _folder(self, folder: Path, report: ImportReport) -> Iterator[Candidate]:
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError as exc:  # a disc that cannot be read: named, the other inputs go on
+            report.refused.append((str(folder), f"cannot read this folder "
+                                   f"({exc.strerror or type(exc).__name__}); nothing in it "
+                                   "was read"))
+            return
         dicomdir = next(
-            (p for p in sorted(folder.iterdir())
+            (p for p in entries
              if p.name.upper() == "DICOMDIR" and not p.is_symlink() and p.is_file()), None
         )
         if dicomdir is not None:
@@ -548,26 +587,37 @@ class DicomInputs:
                                         listed=False)
         yield from self._walk(folder, report, leave_out=dicomdir)
 
-    def _media(self, folder: Path, dicomdir: Path, listing: _Listing,
-               report: ImportReport) -> Iterator[Candidate]:
-        """The files of media whose DICOMDIR is ``dicomdir``: those it lists, each once; or,
-        when the listing is not used, every file in the folder."""
+    def _media(self, folder: Path, dicomdir: Path, listing: _Listing, report: ImportReport,
+               seen: set[tuple[int, int]] | None = None) -> Iterator[Candidate]:
+        """The files of media whose DICOMDIR is ``dicomdir``: those it lists, each once (each
+        added to ``seen``, when given); or, when the listing is not used, every file in the
+        folder."""
         if listing.refusal:
             report.refused.append(
                 (str(dicomdir), f"{listing.refusal}; its folder was read file by file instead"))
             yield from self._walk(folder, report, leave_out=dicomdir)
             return
-        seen: set[tuple[int, int]] = set()
+        seen = set() if seen is None else seen
         for parts in listing.files:
             label = f"{dicomdir}: {_ID_SEPARATOR.join(parts)}"  # as written
             if not self._spend(1, label, report):
                 return
             yield from self._media_file(folder, list(parts), label, report, seen=seen)
 
-    def _walk(self, folder: Path, report: ImportReport,
-              leave_out: Path | None) -> Iterator[Candidate]:
-        """Every file under ``folder`` but ``leave_out`` (counted already)."""
-        for root, dirs, files in os.walk(folder):  # symbolic links to folders: not entered
+    def _walk(self, folder: Path, report: ImportReport, leave_out: Path | None,
+              seen: set[tuple[int, int]] | None = None,
+              on_media: bool = False) -> Iterator[Candidate]:
+        """Every file under ``folder`` but ``leave_out`` (counted already) and those of
+        ``seen`` (listed by a DICOMDIR, read already); a folder that cannot be read (a
+        damaged disc) is named in the report, and the rest is read. ``on_media``: the
+        folder is part of a CD whose DICOMDIR was read (see :class:`Candidate`)."""
+
+        def unreadable(exc: OSError) -> None:
+            why = exc.strerror or type(exc).__name__
+            report.refused.append((str(exc.filename or folder), f"cannot read this folder "
+                                   f"({why}); the files in it were not read"))
+
+        for root, dirs, files in os.walk(folder, onerror=unreadable):  # links: not entered
             for name in [d for d in dirs if (Path(root) / d).is_symlink()]:
                 if not self._spend(1, str(Path(root) / name), report):
                     return
@@ -582,11 +632,11 @@ class DicomInputs:
                 if not self._spend(1, str(path), report):
                     return
                 yield from self._media_file(folder, [*relative, name], str(path), report,
-                                            listed=False)
+                                            listed=False, seen=seen, on_media=on_media)
 
     def _media_file(self, root: Path, parts: list[str], label: str, report: ImportReport,
-                    listed: bool = True,
-                    seen: set[tuple[int, int]] | None = None) -> Iterator[Candidate]:
+                    listed: bool = True, seen: set[tuple[int, int]] | None = None,
+                    on_media: bool = False) -> Iterator[Candidate]:
         """The file at ``parts`` under ``root`` (a zip file's members, if it is one); none
         when it is one of ``seen`` (a file listed before under another spelling)."""
         try:
@@ -594,7 +644,8 @@ class DicomInputs:
                 if seen is not None:
                     facts = os.fstat(fh.fileno())
                     if (facts.st_dev, facts.st_ino) in seen:
-                        report.repeated += 1
+                        if listed:
+                            report.repeated += 1
                         return
                     seen.add((facts.st_dev, facts.st_ino))
                 is_zip = zipfile.is_zipfile(fh)
@@ -613,12 +664,12 @@ class DicomInputs:
             return open_inside(r, p, self._names)
 
         if is_zip and not listed:
-            yield from self._zip(label, opener, report)
+            yield from self._zip(label, opener, report, on_media)
         else:
-            yield Candidate(label, opener, explicit=listed)
+            yield Candidate(label, opener, explicit=listed, on_media=on_media)
 
-    def _zip(self, label_base: str, opener: Callable[[], BinaryIO],
-             report: ImportReport) -> Iterator[Candidate]:
+    def _zip(self, label_base: str, opener: Callable[[], BinaryIO], report: ImportReport,
+             on_media: bool = False) -> Iterator[Candidate]:
         """The members of a zip file, once it passed the zip limits and fits in what is left
         of the budget (else its refusal; when it does not fit, the walk ends)."""
         try:
@@ -675,7 +726,8 @@ class DicomInputs:
             if PurePosixPath(info.filename).name.upper() == "DICOMDIR":
                 report.skipped += 1
                 continue
-            yield Candidate(label, _member_opener(archive, info, self._allowance))
+            yield Candidate(label, _member_opener(archive, info, self._allowance),
+                            on_media=on_media)
 
 
 class Importer(DicomInputs):

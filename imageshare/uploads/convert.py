@@ -437,6 +437,81 @@ def _video_instance(source: Path, facts: VideoFacts, syntax: str, details: Patie
     _write_around(ds, 0x7FE00010, out, pixel_data, syntax)
 
 
+ACTIVE_PDF = "the PDF holds "  # how a warning about a PDF's active content begins
+_PDF_CHECKED_BYTES = 64 << 20  # larger PDFs are not parsed (memory); the warning says so
+_RUNNING_ACTIONS = {"/JavaScript": "JavaScript", "/Launch": "an action that starts a program",
+                    "/SubmitForm": "a form that sends data elsewhere",
+                    "/ImportData": "an action that imports data", "/URI": ""}
+
+
+def pdf_warning(source: Path) -> str:
+    """What a reviewer should know before a PDF enters the record: "" for a plain document,
+    else a sentence beginning with :data:`ACTIVE_PDF` naming what runs or hides in it when
+    it is opened (JavaScript, actions that start programs or send data, embedded files,
+    XFA forms), which other systems' viewers may run. ImageShareError when it is not a PDF
+    that can be read (damaged, or locked with a password)."""
+    from pypdf import PdfReader
+    from pypdf.errors import PyPdfError
+
+    if os.path.getsize(source) > _PDF_CHECKED_BYTES:
+        return (ACTIVE_PDF + f"more than {_PDF_CHECKED_BYTES >> 20} MB and was not checked "
+                "for scripts; open it with care")
+    found: list[str] = []
+    try:
+        reader = PdfReader(source, strict=False)
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise ImageShareError("the PDF is protected by a password; send it without one")
+        root: Any = reader.trailer["/Root"].get_object()
+
+        def action(value: Any, depth: int = 0) -> None:
+            value = value.get_object() if value is not None else None
+            if not hasattr(value, "get") or depth > 8:
+                return
+            what = _RUNNING_ACTIONS.get(str(value.get("/S", "")), "")
+            if what:
+                found.append(what)
+            following = value.get("/Next")
+            for item in (following if isinstance(following, list) else [following]):
+                action(item, depth + 1)
+
+        def triggers(holder: Any) -> None:
+            found_aa = holder.get("/AA")
+            additional: Any = found_aa.get_object() if found_aa is not None else None
+            if additional is not None and hasattr(additional, "values"):
+                for value in additional.values():
+                    action(value)
+            action(holder.get("/A"))
+
+        action(root.get("/OpenAction"))
+        triggers(root)
+        names = root.get("/Names")
+        names = names.get_object() if names is not None else {}
+        if "/JavaScript" in names:
+            found.append("JavaScript")
+        if "/EmbeddedFiles" in names:
+            found.append("embedded files")
+        form = root.get("/AcroForm")
+        if form is not None and "/XFA" in form.get_object():
+            found.append("an XFA form")
+        for page in reader.pages:
+            triggers(page)
+            for annotation in page.get("/Annots") or []:
+                annotation = annotation.get_object()
+                triggers(annotation)
+                if annotation.get("/Subtype") == "/FileAttachment":
+                    found.append("embedded files")
+    except ImageShareError:
+        raise
+    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, OSError,
+            RecursionError) as exc:
+        raise ImageShareError("the PDF cannot be read (damaged or not a PDF)") from exc
+    if not found:
+        return ""
+    kinds = list(dict.fromkeys(found))
+    return (ACTIVE_PDF + ", ".join(kinds) + " (not run here; other viewers may run it when "
+            "it is opened: check it before accepting)")
+
+
 def pdf(source: Path, details: PatientDetails, where: Placement, title: str,
         out: BinaryIO) -> None:
     """Write ``source`` as an Encapsulated PDF instance to ``out``."""

@@ -44,10 +44,15 @@ from imageshare.archive.importing import (
     ImportReport,
     ZipLimits,
 )
-from imageshare.archive.ingest import IngestService
+from imageshare.archive.ingest import IngestService, no_room, out_of_room
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ConflictingInstance, ImageShareError, InvalidInstance
+from imageshare.domain.errors import (
+    ConflictingInstance,
+    ImageShareError,
+    InvalidInstance,
+    OutOfResources,
+)
 from imageshare.domain.identifiers import normalise_name
 from imageshare.storage.blobs import BlobStore, new_blob_key, store_file
 from imageshare.storage.files import owned_prefix
@@ -207,6 +212,33 @@ class UploadIntake:
         self._zip_limits = zip_limits
         self._parallel = parallel
 
+    def ensure_room(self, folder: Path, incoming: int, actor: Actor) -> None:
+        """Raise :class:`OutOfResources` (audited as a failed store by ``actor``) when the
+        archive's disks are below the free-space floor (``min_free_disk_mb``), or when
+        ``incoming`` more bytes written into ``folder`` (where uploads are received) would
+        take its disk below it: an upload is refused before its bytes are written, never by
+        a full disk halfway through (which would stop every other store too)."""
+        self._ingest.ensure_room(actor)
+        floor_mb = self._ingest.min_free_mb
+        if floor_mb <= 0:
+            return
+        where = folder
+        while not where.exists() and where != where.parent:
+            where = where.parent  # the folder is made with the first file
+        try:
+            facts = os.statvfs(where)
+        except OSError:
+            return
+        if facts.f_bavail * facts.f_frsize - max(incoming, 0) < floor_mb << 20:
+            refusal = out_of_room(floor_mb)
+            try:
+                self._audit.record(AuditEvent(actor=actor, action="instance.store",
+                                              outcome="failure",
+                                              detail={"reason": "out of resources"}))
+            except Exception as exc:  # noqa: BLE001 - the refusal itself is what counts
+                log.warning("refusal could not be audited: %s", type(exc).__name__)
+            raise refusal
+
     def on_arrival(self, path: Path, invitation: Invitation, actor: Actor) -> Arrival:
         """Store a DICOM file for review as soon as it has arrived, before Send (the intake
         at Send then only reports it, from what this returns): the instance it became, the
@@ -282,10 +314,13 @@ class UploadIntake:
                 uploader: str, uploaded_at: datetime | None = None,
                 progress: Callable[[], None] | None = None) -> RoundReport:
         """Store everything in ``folder`` (one round) for review; never stops on one bad
-        file. ``actor`` is who stores (the uploader, or the member of staff importing);
-        ``progress`` is called after each file. Running a round again (after a restart)
-        makes the same instances again: the UIDs of converted files follow from the round
-        and the file's name, and the round's earlier results are replaced."""
+        file, but stops with :class:`OutOfResources` when the archive has no room (below
+        its free-space floor, or a full disk): nothing is then recorded as failed and the
+        round's files stay for the job's next attempt. ``actor`` is who stores (the
+        uploader, or the member of staff importing); ``progress`` is called after each
+        file. Running a round again (after a restart) makes the same instances again: the
+        UIDs of converted files follow from the round and the file's name, and the round's
+        earlier results are replaced."""
         report = RoundReport()
         lock = threading.Lock()
         now = uploaded_at or datetime.now(UTC)
@@ -374,7 +409,11 @@ class UploadIntake:
             try:
                 self._one(candidate, label, invitation, actor, note, arrived,
                           lambda kind, label: placement(kind, label, number), walker)
+            except OutOfResources:
+                raise  # no room: the round stops, its files kept, and runs again later
             except Exception as exc:  # noqa: BLE001 - one bad file never stops a round
+                if no_room(exc):
+                    raise out_of_room() from exc
                 note(label, "refused", "failed", f"unexpected error ({type(exc).__name__})")
             if progress is not None:
                 progress()
@@ -461,6 +500,10 @@ class UploadIntake:
         if kind == "dicom":
             self._dicom(candidate, label, invitation, actor, note, arrived)
             return
+        if candidate.on_media:  # a CD's viewer program, its icons and manuals: not images
+            note(label, "other", "skipped", "on the CD but not listed in its index "
+                 "(DICOMDIR): part of the CD's viewer program, not the patient's images")
+            return
         if kind in ("unknown", "zip"):
             if kind == "zip":
                 note(label, "zip", "refused", "a zip file inside a zip file is not opened")
@@ -481,8 +524,11 @@ class UploadIntake:
                 note(label, "photo", "refused", "HEIC photos cannot be read here; send JPEG")
                 return
             where = placement(converted_kind, label)
+            warning = ""
             out, staged = self._ingest.staging_file()
             try:
+                if converted_kind == "pdf":  # unreadable: refused; active content: flagged
+                    warning = convert.pdf_warning(spool)
                 with out:
                     if converted_kind == "photo":
                         convert.photo(spool, invitation.details(), where, out, allowance)
@@ -493,6 +539,8 @@ class UploadIntake:
                                     Path(label).stem, out)
                 result = self._ingest.store_staged(staged, actor,
                                                    review_site=invitation.review_site)
+            except OutOfResources:
+                raise
             except ImageShareError as exc:
                 note(label, converted_kind, _refusal(exc), str(exc))
                 return
@@ -500,7 +548,7 @@ class UploadIntake:
                 staged.unlink(missing_ok=True)
             key = new_blob_key()
             kept = store_file(self._originals, key, spool)
-            note(label, converted_kind, result.outcome, "", "match", result.study_uid,
+            note(label, converted_kind, result.outcome, warning, "match", result.study_uid,
                  result.sop_instance_uid, "XC" if converted_kind != "pdf" else "DOC",
                  invitation.expected_body_part, (key, kept.sha256))
         finally:
@@ -537,6 +585,8 @@ class UploadIntake:
                 with candidate.open() as stream:
                     result = self._ingest.store_stream(stream, actor,
                                                        review_site=invitation.review_site)
+            except OutOfResources:
+                raise
             except ImageShareError as exc:
                 note(label, "dicom", _refusal(exc), str(exc))
                 return

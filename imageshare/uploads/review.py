@@ -28,6 +28,7 @@ from imageshare.storage.index.schema import (
     upload_files,
     upload_results,
 )
+from imageshare.uploads import convert
 from imageshare.uploads.invitations import Invitation, UploadInvitations
 
 # The store's outcomes that made an instance out of an uploaded file (not one found stored).
@@ -193,6 +194,12 @@ class UploadReview:
         count = sum(len(s.instances) for s in study.series)
         readable = Check("Readable", count > 0, f"{count} instance(s) stored and indexed")
         checks = [identity, readable]
+        active = [str(f["label"]) for f in files
+                  if str(f["detail"]).startswith(convert.ACTIVE_PDF)]
+        if active:
+            checks.append(Check("Documents", False, f"{len(active)} PDF document(s) hold "
+                                "scripts, actions or embedded files (see each file below); "
+                                "open them with care before accepting"))
         modalities = {s.modality for s in study.series}
         if invitation.expected_modality:
             ok = invitation.expected_modality in modalities

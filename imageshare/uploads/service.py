@@ -51,6 +51,11 @@ class UploadService:
         self.jobs.register(INTAKE_JOB, self._run_intake)
         self.jobs.register(CLEANUP_JOB, self._run_cleanup)
 
+    def ensure_room(self, incoming: int, actor: Actor) -> None:
+        """Raise OutOfResources (a 507, audited) unless ``incoming`` more bytes of an upload
+        fit on the disk above the free-space floor (checked before they are written)."""
+        self.intake.ensure_room(self.receiver.root, incoming, actor)
+
     def received(self, invitation: Invitation, file: UploadFile, offset: int,
                  actor: Actor) -> UploadFile:
         """Bytes of ``file`` arrived up to ``offset``; a DICOM file complete is stored for

@@ -28,6 +28,7 @@ _PLAIN_WORDS = {"int_parsing": "must be a whole number", "int_type": "must be a 
                 "float_parsing": "must be a number", "bool_parsing": "must be yes or no",
                 "string_too_long": "is too long", "string_too_short": "is too short",
                 "greater_than": "is too small", "less_than": "is too large"}
+TUS_VERSION = "1.0.0"  # the tus protocol the upload routes speak
 _ACRONYMS = {"ae": "AE", "nhs": "NHS", "url": "URL", "tls": "TLS", "id": "ID",
              "dicomweb": "DICOMweb", "csrf": "CSRF"}
 
@@ -162,8 +163,15 @@ def install(app: FastAPI) -> None:
         # Under a share link nobody signs in with a password: no Basic challenge (a browser
         # would prompt for one mid-session when the link ends; the viewer goes to the link's
         # own page instead).
-        return problem(status, exc.title, str(exc),
-                       challenge=not request.url.path.startswith("/s/"))
+        answer = problem(status, exc.title, str(exc),
+                         challenge=not request.url.path.startswith("/s/"))
+        if "tus-resumable" in request.headers:
+            # tus 1.0: every answer to a tus request says the version; a refused version
+            # (412) lists the ones the server speaks.
+            answer.headers["Tus-Resumable"] = TUS_VERSION
+            if status == 412:
+                answer.headers["Tus-Version"] = TUS_VERSION
+        return answer
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:

@@ -434,3 +434,21 @@ def test_a_png_too_large_for_any_lossless_encoding_is_refused_before_encoding(tm
     with pytest.raises(ImageShareError, match="once converted"):
         convert.photo(source, PatientDetails("Lovelace^Ada", "H100"), where, io.BytesIO(),
                       _NothingLeft())
+
+
+def test_every_tus_answer_says_the_version_also_when_refused(hospital):
+    """tus 1.0: every answer to a tus request carries Tus-Resumable, refusals too (a client
+    library checks it before reading the status); a refused version (412) lists the
+    versions the server speaks in Tus-Version."""
+    archive, _sink = hospital
+    created = _invite(archive)
+    with TestClient(create_app(archive)) as client:
+        csrf = _open(client, created)
+        refused = client.post(created.path + "/files", headers={
+            **TUS, "X-CSRF-Token": csrf, "Upload-Length": "-1"})
+        assert refused.status_code == 400 and refused.headers["tus-resumable"] == "1.0.0"
+        old = client.post(created.path + "/files", headers={
+            "Tus-Resumable": "0.2.2", "X-CSRF-Token": csrf, "Upload-Length": "10"})
+        assert old.status_code == 412
+        assert old.headers["tus-version"] == "1.0.0"
+        assert old.headers["tus-resumable"] == "1.0.0"

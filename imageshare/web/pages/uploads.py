@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import fcntl
 import os
 import tempfile
@@ -28,6 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from imageshare.access.policy import PATIENT_SELF, PUBLIC, UPLOAD_MANAGE, UPLOAD_SEND
 from imageshare.access.scope import DOWNLOAD
+from imageshare.archive.ingest import no_room, out_of_room
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
@@ -48,12 +50,12 @@ from imageshare.web.deps import Archive, ArchiveDep
 from imageshare.web.pages.shares import made_once
 from imageshare.web.pages.templating import page, redirect
 from imageshare.web.params import RowId
+from imageshare.web.problems import TUS_VERSION
 
 router = APIRouter(include_in_schema=False)
 # The tus file transfer (a CD is a thousand requests or more): a router of its own, matched
 # before every other (routes are tried one by one).
 tus = APIRouter(include_in_schema=False)
-TUS_VERSION = "1.0.0"
 _TUS = {"Tus-Resumable": TUS_VERSION}
 
 
@@ -288,6 +290,7 @@ async def _tus_create(request: Request, archive: Archive, invitation_of: Callabl
     def announce() -> tuple[Invitation, UploadFile]:
         invitation = invitation_of()
         archive.uploads.invitations.require_open(invitation)
+        archive.uploads.ensure_room(length, actor)  # the whole file must fit: a 507 now
         return invitation, archive.uploads.receiver.create(invitation, length, path)
 
     invitation, created = await run_in_threadpool(announce)
@@ -323,9 +326,36 @@ async def _tus_patch(request: Request, archive: Archive, invitation: Invitation,
         raise UnsupportedMediaType("a tus PATCH carries application/offset+octet-stream")
     start = _whole_number(request.headers.get("upload-offset", ""), "Upload-Offset",
                           "Upload-Offset is required")
+    given = request.headers.get("upload-length")  # tus: set once, at creation, for good
+    length = None if given is None else _whole_number(given, "Upload-Length", "")
     archive.uploads.invitations.require_open(invitation)
-    offset = await _receive(request, archive, invitation, upload_id, start, actor)
+    await run_in_threadpool(archive.uploads.ensure_room, _content_length(request), actor)
+    offset = await _receive(request, archive, invitation, upload_id, start, actor,
+                            length=length)
     return Response(status_code=204, headers={**_TUS, "Upload-Offset": str(offset)})
+
+
+def _content_length(request: Request) -> int:
+    """The bytes a request says it carries (0 when it does not say, or says nonsense)."""
+    text = request.headers.get("content-length", "")
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= _MAX_DIGITS else 0
+
+
+def _written(fd: int, data: bytes | bytearray, position: int) -> None:
+    """All of ``data`` written at ``position`` of the part file (a short write is carried
+    on, never counted as whole); a full disk is a 507 (the sender resumes later from what
+    was kept), not a 500."""
+    view = memoryview(data)
+    try:
+        while view:
+            done = os.pwrite(fd, view, position)
+            if done <= 0:
+                raise OSError(errno.ENOSPC, "nothing written")
+            view, position = view[done:], position + done
+    except OSError as exc:
+        if no_room(exc):
+            raise out_of_room() from exc
+        raise
 
 
 def _locked_part(path: Path) -> int:
@@ -362,10 +392,11 @@ def _complete(archive: Archive, invitation: Invitation, found: UploadFile,
 
 async def _receive(request: Request, archive: Archive, invitation: Invitation,
                    upload_id: str, offset: int, actor: Actor,
-                   created: UploadFile | None = None) -> int:
+                   created: UploadFile | None = None, length: int | None = None) -> int:
     """Write the request's bytes at ``offset`` of the file (one writer at a time; ``created``:
-    the file just announced); a file complete is stored (:meth:`UploadService.received`).
-    Returns the offset reached."""
+    the file just announced; ``length``: an Upload-Length sent again, which must be the one
+    announced); a file complete is stored (:meth:`UploadService.received`). Returns the
+    offset reached."""
     receiver = archive.uploads.receiver
     try:
         fd = _locked_part(receiver.part_path(invitation, upload_id))
@@ -374,11 +405,13 @@ async def _receive(request: Request, archive: Archive, invitation: Invitation,
     except OSError:  # none such (or no file name), withdrawn, or kept by another instance
         await run_in_threadpool(receiver.begin_append, invitation, upload_id, offset)
         raise NotFound("no such upload") from None
-    return await _write(request, archive, invitation, upload_id, offset, actor, created, fd)
+    return await _write(request, archive, invitation, upload_id, offset, actor, created, fd,
+                        length)
 
 
 async def _write(request: Request, archive: Archive, invitation: Invitation, upload_id: str,
-                 offset: int, actor: Actor, created: UploadFile | None, fd: int) -> int:
+                 offset: int, actor: Actor, created: UploadFile | None, fd: int,
+                 length: int | None = None) -> int:
     """The body of :func:`_receive`, holding the file open as ``fd`` (locked; closed here)."""
     receiver = archive.uploads.receiver
     buffer = bytearray()
@@ -387,6 +420,9 @@ async def _write(request: Request, archive: Archive, invitation: Invitation, upl
         found = (receiver.begin_append(invitation, upload_id, offset, created) if created
                  else await run_in_threadpool(receiver.begin_append, invitation, upload_id,
                                               offset))
+        if length is not None and length != found.length:
+            raise ImageShareError(f"Upload-Length cannot change: this file was announced as "
+                                  f"{found.length} bytes")
         position = found.offset
         try:
             async for chunk in request.stream():
@@ -394,7 +430,7 @@ async def _write(request: Request, archive: Archive, invitation: Invitation, upl
                     raise ImageShareError("more bytes than Upload-Length announced")
                 buffer += chunk
                 if len(buffer) >= 1 << 20:
-                    await run_in_threadpool(os.pwrite, fd, bytes(buffer), position)
+                    await run_in_threadpool(_written, fd, bytes(buffer), position)
                     position += len(buffer)
                     buffer.clear()
         except ClientDisconnect:
@@ -407,7 +443,7 @@ async def _write(request: Request, archive: Archive, invitation: Invitation, upl
             try:
                 end = position
                 if buffer:
-                    os.pwrite(fd, buffer, position)
+                    _written(fd, buffer, position)
                     end += len(buffer)
                 return archive.uploads.received(invitation, found, end, actor)
             finally:

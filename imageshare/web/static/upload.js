@@ -1,7 +1,9 @@
 // A small tus 1.0 client (core, creation, creation-with-upload) for the upload page: files and folders (dropped or
 // chosen), per-file and overall progress, chunks of data-chunk bytes, and resumption after a
 // dropped connection (HEAD for the offset, then PATCH from there; retried with back-off, also
-// after a reload of the page, from the upload URLs remembered in localStorage).
+// after a reload of the page, from the upload URLs remembered in localStorage). A connection
+// that stalls without failing (a network cut the browser does not notice) is given up after
+// STALL_MS without progress and resumed; coming back online retries at once.
 (function () {
   "use strict";
   const drop = document.getElementById("drop");
@@ -18,6 +20,10 @@
   const items = [];
   let running = 0;
   const PARALLEL = 6; // files at once: the connections a browser opens to one host
+  const STALL_MS = 60000; // no byte moved for this long: the connection is taken as lost
+  // files that arrived before this page was loaded (listed by the server) may be sent too
+  const arrivedBefore = list.querySelectorAll("li.done").length;
+  let wake = [];  // retries waiting for their back-off, woken when the browser is online
 
   function b64(text) {
     return btoa(unescape(encodeURIComponent(text)));
@@ -36,7 +42,7 @@
   function updateOverall() {
     let total = 0, sent = 0, done = 0, failed = 0;
     for (const item of items) {
-      total += item.file.size; sent += item.sent;
+      total += item.file.size; sent += Math.max(item.sent, item.moving || 0);
       if (item.state === "done") done += 1;
       if (item.state === "failed") failed += 1;
     }
@@ -48,7 +54,7 @@
         (failed ? `, ${failed} could not be sent` : "")
       : "No files yet";
     const busy = items.some((i) => i.state !== "done" && i.state !== "failed");
-    sendButton.disabled = busy || done === 0;
+    sendButton.disabled = busy || done + arrivedBefore === 0;
   }
 
   // The overall line counts every file: with a CD's thousand files it is redrawn at most
@@ -99,18 +105,34 @@
   function request(method, url, headers, body, onProgress) {
     return new Promise((resolve, reject) => {
       const xhr = new XMLHttpRequest();
+      let stalled = null;
+      const watch = () => {  // given up when nothing moves for STALL_MS (see above)
+        clearTimeout(stalled);
+        stalled = setTimeout(() => xhr.abort(), STALL_MS);
+      };
+      const end = (fn) => () => { clearTimeout(stalled); fn(); };
       xhr.open(method, url);
       xhr.setRequestHeader("Tus-Resumable", "1.0.0");
       xhr.setRequestHeader("X-CSRF-Token", csrf);
       for (const [k, v] of Object.entries(headers)) xhr.setRequestHeader(k, v);
-      if (onProgress) xhr.upload.onprogress = (e) => onProgress(e.loaded);
-      xhr.onload = () => resolve(xhr);
-      xhr.onerror = () => reject(new Error("network"));
-      xhr.onabort = () => reject(new Error("network"));
-      xhr.ontimeout = () => reject(new Error("network"));
+      xhr.upload.onprogress = (e) => { watch(); if (onProgress) onProgress(e.loaded); };
+      xhr.onprogress = watch;
+      xhr.onload = end(() => resolve(xhr));
+      xhr.onerror = end(() => reject(new Error("network")));
+      xhr.onabort = end(() => reject(new Error("network")));
+      xhr.ontimeout = end(() => reject(new Error("network")));
+      watch();
       xhr.send(body);
     });
   }
+
+  // The server's answer, as a number of bytes received (NaN: not one; the caller asks again)
+  function offsetOf(xhr) {
+    const text = xhr.getResponseHeader("Upload-Offset") || "";
+    return /^[0-9]+$/.test(text) ? parseInt(text, 10) : NaN;
+  }
+
+  class Refused extends Error {}  // the server cannot take it now (507): try again later
 
   function problem(xhr) {
     try { return JSON.parse(xhr.responseText).detail || xhr.statusText; } catch (e) {
@@ -118,7 +140,13 @@
     }
   }
 
-  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  // Waits ``ms``, or less when the browser comes back online.
+  const sleep = (ms) => new Promise((r) => {
+    const done = () => { clearTimeout(timer); wake = wake.filter((w) => w !== done); r(); };
+    const timer = setTimeout(done, ms);
+    wake.push(done);
+  });
+  window.addEventListener("online", () => { for (const w of [...wake]) w(); });
 
   async function upload(item) {
     item.url = remembered()[item.fingerprint] || null;
@@ -132,15 +160,17 @@
             "Upload-Length": String(item.file.size),
             "Upload-Metadata": "filename " + b64(item.file.name) + ",relativePath " + b64(item.path),
             "Content-Type": "application/offset+octet-stream",
-          }, first, (loaded) => { item.bar.value = loaded; });
+          }, first, (loaded) => { item.bar.value = loaded; item.moving = loaded; scheduleOverall(); });
+          item.moving = 0;
           if (created.status !== 201) {
+            if (created.status === 507) throw new Refused(problem(created));
             if (created.status === 409 || created.status === 423 || created.status >= 500) {
               throw new Error("network");
             }
             return show(item, "failed", "not sent: " + problem(created));
           }
           item.url = created.getResponseHeader("Location");
-          item.sent = parseInt(created.getResponseHeader("Upload-Offset"), 10) || 0;
+          item.sent = offsetOf(created) || 0;
           item.tries = 0;
           remember(item.fingerprint, item.url);
         } else {
@@ -152,7 +182,8 @@
             continue attempt;
           }
           if (head.status !== 200) throw new Error("network");
-          item.sent = parseInt(head.getResponseHeader("Upload-Offset"), 10) || 0;
+          item.sent = offsetOf(head);
+          if (Number.isNaN(item.sent)) { item.sent = 0; throw new Error("network"); }
         }
         while (item.sent < item.file.size) {
           show(item, "sending", "sending " + Math.floor(100 * item.sent / Math.max(item.file.size, 1)) + "%");
@@ -160,9 +191,14 @@
           const piece = item.file.slice(start, Math.min(start + chunkSize, item.file.size));
           const answer = await request("PATCH", item.url, {
             "Upload-Offset": String(start), "Content-Type": "application/offset+octet-stream",
-          }, piece, (loaded) => { item.bar.value = start + loaded; });
+          }, piece, (loaded) => {
+            item.bar.value = start + loaded; item.moving = start + loaded; scheduleOverall();
+          });
+          item.moving = 0;
           if (answer.status === 204) {
-            item.sent = parseInt(answer.getResponseHeader("Upload-Offset"), 10);
+            const reached = offsetOf(answer);
+            if (Number.isNaN(reached) || reached <= start) throw new Error("network");
+            item.sent = reached;
             item.tries = 0;
           } else if (answer.status === 404 || answer.status === 410) {
             // the server has no bytes of it (kept by another server): send it again
@@ -170,6 +206,8 @@
             if (item.restarts >= 3) return show(item, "failed", "not sent: add this file again");
             item.restarts += 1; item.url = null; item.sent = 0;
             continue attempt;
+          } else if (answer.status === 507) {
+            throw new Refused(problem(answer));
           } else if (answer.status === 409 || answer.status === 423 || answer.status >= 500) {
             throw new Error("network");
           } else {
@@ -180,8 +218,15 @@
         return show(item, "done", "arrived");
       } catch (error) {
         item.tries += 1;
-        const wait = Math.min(30000, 1000 * 2 ** Math.min(item.tries - 1, 5));
-        show(item, "retrying", "connection lost: trying again in " + Math.round(wait / 1000) + " s");
+        item.moving = 0;
+        const full = error instanceof Refused;
+        const offline = navigator.onLine === false;  // "online" wakes it (see sleep)
+        const wait = full ? 60000
+          : offline ? 30000 : Math.min(30000, 1000 * 2 ** Math.min(item.tries - 1, 5));
+        show(item, "retrying", (full ? "the hospital cannot take it now (" + error.message + ")"
+                                     : offline ? "offline" : "connection lost") +
+             ": trying again " + (offline ? "when back online" :
+                                  "in " + Math.round(wait / 1000) + " s"));
         await sleep(wait);
       }
     }
