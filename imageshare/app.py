@@ -383,11 +383,23 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     ingest.on_hold = corrections.on_hold = study_on_hold
     consents = ConsentBook(engine, audit)
     shares.consent_check = consents.require
-    consents.on_withdrawn = shares.end_for_withdrawn_consent
     corrections.on_refiled = shares.end_patients_shares
     teaching = TeachingLibrary(engine, retrieve, ingest, deidentifier, blobs, audit,
                                settings.max_upload_bytes)
     teaching.teaching_refused = consents.refusal_of_teaching
+
+    def withdrawn(patient_id: str, issuer: str, purpose: str, actor: Actor) -> int:
+        """What was shared under a consent the patient withdrew or refused ends: their
+        identifiable shares for that purpose and, for teaching, the shares of the teaching
+        cases made from their studies."""
+        ended = shares.end_for_withdrawn_consent(patient_id, issuer, purpose, actor)
+        if purpose == "teaching":
+            copies = teaching.copies_from(shares.patient_studies(patient_id, issuer))
+            ended += shares.end_shares_of(
+                copies, "the patient's consent to teaching use was withdrawn", actor)
+        return ended
+
+    consents.on_withdrawn = withdrawn
     throttle = SignInThrottle(engine)
     _register_housekeeping(jobs, shares, retention, throttle)
     site_api = SiteApi(nodes, jobs, tls, settings.push_retry_schedule)

@@ -60,14 +60,16 @@ class CaseBook:
         if not title:
             raise ImageShareError("a case needs a title")
         now = datetime.now(UTC)
+        public_id = secrets.token_hex(8)
         with self._engine.begin() as conn:
             conn.execute(insert(cases).values(
-                public_id=secrets.token_hex(8), owner=owner.name, title=title[:128],
+                public_id=public_id, owner=owner.name, title=title[:128],
                 description=description.strip()[:10_000], folder=folder.strip()[:128],
                 created_at=now, updated_at=now))
-            row = conn.execute(select(cases).where(cases.c.owner == owner.name,
-                                                   cases.c.kind == "case")
-                               .order_by(cases.c.pk.desc()).limit(1)).mappings().one()
+            # This case, by its own id: not the owner's newest, which a case made at the same
+            # moment (a double click, a second tab) may be.
+            row = conn.execute(select(cases).where(cases.c.public_id == public_id)
+                               ).mappings().one()
         return _case(row)
 
     def get(self, public_id: str, owner: str) -> Case:
@@ -88,14 +90,28 @@ class CaseBook:
                                 .order_by(cases.c.folder, cases.c.title)).mappings().all()
         return [_case(r) for r in rows]
 
-    def update(self, case: Case, title: str, description: str, folder: str) -> None:
-        """Rename, describe or refile a case."""
-        if not title.strip():
+    def update(self, case: Case, title: str, description: str, folder: str,
+               actor: Actor | None = None) -> None:
+        """Rename, describe or refile a case (audited as ``case.update`` naming the fields
+        changed, when ``actor`` is given). A text longer than its field holds is refused,
+        naming the field, never cut short."""
+        values = {"title": title.strip(), "description": description.strip(),
+                  "folder": folder.strip()}
+        if not values["title"]:
             raise ImageShareError("a case needs a title")
+        for name, limit in (("title", 128), ("description", 10_000), ("folder", 128)):
+            if len(values[name]) > limit:
+                raise ImageShareError(f"the {name} may have at most {limit:,} characters "
+                                      f"(this has {len(values[name]):,}); nothing was saved")
         with self._engine.begin() as conn:
             conn.execute(update(cases).where(cases.c.pk == case.pk).values(
-                title=title.strip()[:128], description=description.strip()[:10_000],
-                folder=folder.strip()[:128], updated_at=datetime.now(UTC)))
+                updated_at=datetime.now(UTC), **values))
+            if actor is not None:
+                self._audit.record(AuditEvent(
+                    actor=actor, action="case.update", outcome="success",
+                    detail={"case": case.public_id,
+                            "fields": sorted(n for n in values
+                                             if values[n] != getattr(case, n))}), conn=conn)
 
     def add(self, case: Case, actor: Actor, item: CaseItem,
             allowed_studies: Collection[str] | None) -> None:
@@ -114,13 +130,18 @@ class CaseBook:
         except IntegrityError:
             return  # already in the case
 
-    def remove(self, case: Case, item: CaseItem) -> None:
-        """Take an item out of the case."""
+    def remove(self, case: Case, item: CaseItem, actor: Actor | None = None) -> None:
+        """Take an item out of the case (audited as ``case.update`` of its items, when
+        ``actor`` is given)."""
         with self._engine.begin() as conn:
-            conn.execute(delete(case_items).where(
+            gone = conn.execute(delete(case_items).where(
                 case_items.c.case_pk == case.pk, case_items.c.study_uid == item.study_uid,
                 case_items.c.series_uid == item.series_uid,
-                case_items.c.sop_uid == item.sop_uid))
+                case_items.c.sop_uid == item.sop_uid)).rowcount
+            if gone and actor is not None:
+                self._audit.record(AuditEvent(
+                    actor=actor, action="case.update", outcome="success",
+                    detail={"case": case.public_id, "fields": ["items"]}), conn=conn)
 
     def items(self, case: Case) -> list[CaseItem]:
         """What the case holds, in the order it was added."""

@@ -958,6 +958,36 @@ class ShareService:
             self.remove_copies(public_id)
         return len(ended)
 
+    def patient_studies(self, patient_id: str, issuer: str) -> list[str]:
+        """The study UIDs of one patient record."""
+        with self._engine.connect() as conn:
+            return list(conn.execute(
+                select(studies.c.study_uid).join(patients, patients.c.pk == studies.c.patient_pk)
+                .where(patients.c.patient_id == patient_id, patients.c.issuer == issuer)
+            ).scalars())
+
+    def end_shares_of(self, study_uids: list[str], reason: str, actor: Actor) -> int:
+        """End every live share holding any of ``study_uids`` (de-identified teaching copies
+        whose patient withdrew teaching consent); each is audited as revoked with
+        ``reason``. Returns how many."""
+        if not study_uids:
+            return 0
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            ended = list(conn.execute(
+                select(shares.c.pk, shares.c.public_id).where(
+                    shares.c.revoked_at.is_(None), shares.c.expires_at > now,
+                    shares.c.pk.in_(select(share_items.c.share_pk).where(
+                        share_items.c.study_uid.in_(study_uids))))).tuples())
+            for pk, public_id in ended:
+                conn.execute(update(shares).where(shares.c.pk == pk).values(revoked_at=now))
+                self._audit.record(AuditEvent(
+                    actor=actor, action="share.revoke", outcome="success",
+                    detail={"share": public_id, "reason": reason}), conn=conn)
+        for _pk, public_id in ended:
+            self.remove_copies(public_id)
+        return len(ended)
+
     def end_for_withdrawn_consent(self, patient_id: str, issuer: str, purpose: str,
                                   actor: Actor) -> int:
         """End the patient's live identifiable shares made for ``purpose`` (the patient

@@ -348,13 +348,28 @@ def document_without_metadata(source: Any, target: Any, found: FileType) -> bool
     who made it: a PDF's document information (author, title, subject, keywords, the making
     program) and XMP metadata; an OOXML or OpenDocument package's document properties (author,
     last editor, company, manager, custom properties). The pages and their text are kept as
-    they are. Returns False (nothing written) for kinds it does not clean (legacy OLE office
-    files). ImageShareError when the document cannot be read."""
+    they are. Refused (ImageShareError, with what to do) when it cannot be kept without
+    them: a legacy Office file (.doc, .ppt, .xls), whose title, subject, author and comments
+    cannot be taken out, or a document carrying macros (which would run on the
+    learners' computers); also when the document cannot be read."""
     if found == PDF:
         return _pdf(source, target)
-    if found.kind == "document" and found != OLE:
+    if found == OLE:
+        raise ImageShareError(
+            "legacy Office files (.doc, .ppt, .xls) keep their title, author and comments "
+            "where they cannot be taken out: save it as .docx, .pptx, .xlsx or PDF and "
+            "attach that; it was not attached")
+    if found.kind == "document":
         return _office_package(source, target)
     return False
+
+
+def _is_macro_part(name: str) -> bool:
+    """Whether a package part is a macro project (OOXML ``vbaProject.bin``, OpenDocument
+    ``Basic/`` or ``Scripts/``)."""
+    lowered = name.lower()
+    return (lowered.endswith("vbaproject.bin") or lowered.startswith(("basic/", "scripts/"))
+            or lowered.endswith("vbadata.xml"))
 
 
 def _pdf(source: Any, target: Any) -> bool:
@@ -383,6 +398,10 @@ def _office_package(source: Any, target: Any) -> bool:
     try:
         with zipfile.ZipFile(source) as package:
             entries = package.infolist()
+            if any(_is_macro_part(e.filename) for e in entries):
+                raise ImageShareError("documents with macros are not attached (they would run "
+                                      "on the learners' computers): save it without macros "
+                                      "(.docx, .pptx, .xlsx) and attach that")
             if sum(e.file_size for e in entries) > MAX_UNPACKED:
                 raise ImageShareError(f"the document unpacks to more than {MAX_UNPACKED >> 20} "
                                       "MB: it was not attached")

@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from sqlalchemy import Engine, and_, delete, insert, or_, select, update
 
@@ -37,7 +37,14 @@ from imageshare.domain.errors import Forbidden, ImageShareError, NotFound
 from imageshare.storage.blobs import BlobStore, new_blob_key
 from imageshare.storage.index.database import from_row
 from imageshare.storage.index.schema import annotations as marks_table
-from imageshare.storage.index.schema import case_attachments, case_items, cases
+from imageshare.storage.index.schema import (
+    case_attachments,
+    case_items,
+    cases,
+    instances,
+    series,
+    studies,
+)
 from imageshare.teaching.files import (
     FileType,
     document_without_metadata,
@@ -45,6 +52,9 @@ from imageshare.teaching.files import (
     video_without_metadata,
     without_metadata,
 )
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 PROFILE = "teaching"
 DIFFICULTIES = ("", "beginner", "intermediate", "advanced")
@@ -187,9 +197,10 @@ class TeachingLibrary:
                                       series_uids=list(series_uids),
                                       allowed_studies=allowed_studies, audit=False)
         self._authorise_teaching_use(actor, found)
-        self._refuse_words_naming_the_patient(found, values)
+        headers = self._retrieve.patients_headers(found)
+        self._refuse_words_naming_the_patient(headers, values)
         public_id = secrets.token_hex(8)
-        copied = self._copy(actor, found, public_id)
+        copied = self._copy(actor, found, public_id, headers)
         if not copied.copied:
             raise ImageShareError("no image of the study could be de-identified safely (all "
                                   "were held back); nothing was made")
@@ -202,39 +213,124 @@ class TeachingLibrary:
                                                    series_uid="", sop_uid=""))
         return self.get(public_id)
 
-    def _refuse_words_naming_the_patient(self, found: Collection[StoredInstance],
-                                         values: dict[str, str]) -> None:
+    @staticmethod
+    def _refuse_words_naming_the_patient(headers: list[Dataset], values: dict[str, str],
+                                         outcome: str = "nothing was made") -> None:
         """ImageShareError (naming the field, never the identifier) when what the educator
-        wrote names the patient of the images: a teaching case is de-identified."""
+        wrote names the patient of the images (``headers``: one per patient): a teaching case
+        is de-identified."""
         texts = {name: text for name, text in values.items()
                  if name not in ("modality", "difficulty")}
-        name = field_naming_the_patient(self._retrieve.patients_headers(found), texts)
+        name = field_naming_the_patient(headers, texts)
         if name:
             raise ImageShareError(
                 f"the {name.replace('_', ' ')} names the patient (a name, an identifier or the "
-                "birth date); a teaching case is de-identified: reword it; nothing was made")
+                f"birth date); a teaching case is de-identified: reword it; {outcome}")
 
-    def _copy(self, actor: Actor, found: list[StoredInstance], public_id: str) -> CopiedImages:
+    def source_studies(self, case: TeachingCase) -> list[str]:
+        """The studies (of the patients' records) the case's copies were made from. The case
+        does not point at them; the audit trail's ``teaching.create`` events of the case
+        name them, and they are read only to protect the patient (their words kept out of
+        the case, their consent decisions followed)."""
+        found = self._audit.events("teaching.create", detail=("case", case.public_id))
+        return list(dict.fromkeys(e["study_uid"] for e in found if e.get("study_uid")))
+
+    def held_back(self, case: TeachingCase) -> int:
+        """How many images of the studies the case was made from were held back (not
+        copied into it) because they might still show the patient."""
+        return sum(int(e["detail"].get("held_back", 0) or 0) for e in self._audit.events(
+            "teaching.create", detail=("case", case.public_id)) if e["outcome"] == "success")
+
+    def _source_headers(self, case: TeachingCase) -> list[Dataset]:
+        """One stored header per source study of the case that is still in the archive."""
+        sources = self.source_studies(case)
+        if not sources:
+            return []
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(studies.c.study_uid, instances.c.sop_uid)
+                .join(series, series.c.study_pk == studies.c.pk)
+                .join(instances, instances.c.series_pk == series.c.pk)
+                .where(studies.c.study_uid.in_(sources))).all()
+        first: dict[str, str] = {}
+        for study_uid, sop_uid in rows:
+            first.setdefault(study_uid, sop_uid)
+        return [h for h in (self._retrieve.header(uid) for uid in first.values())
+                if h is not None]
+
+    def copies_from(self, study_uids: Collection[str]) -> list[str]:
+        """The de-identified copies (study UIDs) held by teaching cases made from any of
+        ``study_uids`` (a patient's studies): what must stop being shared when that patient
+        withdraws teaching consent."""
+        made: dict[str, None] = {}
+        for study_uid in dict.fromkeys(study_uids):
+            for found in self._audit.events("teaching.create", study_uid=study_uid):
+                made.setdefault(str(found["detail"].get("case", "")), None)
+        copies: list[str] = []
+        for public_id in made:
+            try:
+                copies += self.studies(self.get(public_id))
+            except NotFound:  # deleted since
+                continue
+        return list(dict.fromkeys(copies))
+
+    def withdrawn(self, case: TeachingCase) -> str:
+        """Why the case may no longer be shown ("" when it may): the patient of a study it
+        was made from refused or withdrew teaching consent after it was made."""
+        for study_uid in self.source_studies(case):
+            try:
+                reason = self.teaching_refused(study_uid)
+            except NotFound:  # the source study was deleted: no decision can be read
+                continue
+            if reason:
+                return reason
+        return ""
+
+    def require_usable(self, case: TeachingCase, actor: Actor) -> None:
+        """Forbidden (audited as a consent refusal) when the case may no longer be shown,
+        presented, opened or shared (:meth:`withdrawn`); its author may still delete it."""
+        reason = self.withdrawn(case)
+        if reason:
+            self._audit.record(AuditEvent(
+                actor=actor, action="consent.refused", outcome="failure",
+                detail={"purpose": "teaching", "reason": reason}))
+            raise Forbidden(f"{reason}: this teaching case is no longer shown")
+
+    def _copy(self, actor: Actor, found: list[StoredInstance], public_id: str,
+              headers: list[Dataset]) -> CopiedImages:
         """Copy each instance through the teaching profile into the archive, and the viewer's
-        marks with them; audited as one event."""
+        marks with them (not those whose words name the patient of ``headers``); audited as
+        one event."""
         deidentifier = self._deidentifier(PROFILE)
         mapping: dict[str, str] = {}
         copy_study = ""
         held_back = 0
-        for inst in found:
-            out = io.BytesIO()
-            with self._retrieve.open(inst) as fp, seekable(fp) as source:
-                outcome = deidentifier.write(source, out)
-            if outcome.held_back or outcome.dataset is None:
-                held_back += 1
-                continue
-            out.seek(0)
-            stored = self._ingest.store_stream(out, actor)
-            mapping[inst.sop_uid] = stored.sop_instance_uid
-            copy_study = copy_study or stored.study_uid
+        try:
+            for inst in found:
+                out = io.BytesIO()
+                with self._retrieve.open(inst) as fp, seekable(fp) as source:
+                    outcome = deidentifier.write(source, out)
+                if outcome.held_back or outcome.dataset is None:
+                    held_back += 1
+                    continue
+                out.seek(0)
+                stored = self._ingest.store_stream(out, actor)
+                mapping[inst.sop_uid] = stored.sop_instance_uid
+                copy_study = copy_study or stored.study_uid
+        except Exception:
+            # Copies stored before the failure stay in the archive: their making (the
+            # patient's images read and copied) is recorded, as a failure, before raising.
+            if mapping:
+                self._audit.record(AuditEvent(
+                    actor=actor, action="teaching.create", outcome="failure",
+                    patient_id=found[0].patient_id, study_uid=found[0].study_uid,
+                    instance_count=len(mapping),
+                    detail={"case": public_id, "profile": PROFILE, "copied": len(mapping),
+                            "held_back": held_back}))
+            raise
         with self._engine.begin() as conn:
             if mapping:
-                self._copy_marks(conn, mapping, copy_study)
+                self._copy_marks(conn, mapping, copy_study, headers)
             self._audit.record(AuditEvent(
                 actor=actor, action="teaching.create", outcome="success",
                 patient_id=found[0].patient_id, study_uid=found[0].study_uid,
@@ -243,12 +339,19 @@ class TeachingLibrary:
                         "held_back": held_back}), conn=conn)
         return CopiedImages(copy_study, len(mapping), held_back)
 
-    def _copy_marks(self, conn: Any, mapping: dict[str, str], copy_study: str) -> None:
+    def _copy_marks(self, conn: Any, mapping: dict[str, str], copy_study: str,
+                    headers: list[Dataset]) -> None:
         """The viewer's marks on the originals, kept on the copies (the coordinates are the
-        same pixels; author labels are user names, never patient data)."""
+        same pixels; author labels are user names, never patient data). A frame's marks whose
+        typed words (a label, a text mark) name the patient are not carried: a teaching case
+        is de-identified."""
         rows = conn.execute(select(marks_table).where(
             marks_table.c.sop_uid.in_(list(mapping)))).mappings().all()
         for row in rows:
+            words = {f"mark {n}": str(m.get("label") or "") for n, m in enumerate(row["marks"])
+                     if isinstance(m, dict)}
+            if field_naming_the_patient(headers, words):
+                continue
             conn.execute(delete(marks_table).where(
                 marks_table.c.sop_uid == mapping[row["sop_uid"]],
                 marks_table.c.frame == row["frame"], marks_table.c.author == row["author"]))
@@ -302,7 +405,10 @@ class TeachingLibrary:
         found = self._retrieve.select(actor, "teaching.create", study_uids=[study_uid],
                                       allowed_studies=allowed_studies, audit=False)
         self._authorise_teaching_use(actor, found)
-        copied = self._copy(actor, found, case.public_id)
+        headers = self._retrieve.patients_headers(found)
+        self._refuse_words_naming_the_patient(
+            headers, {name: getattr(case, name) for name in FIELD_LIMITS}, "nothing was added")
+        copied = self._copy(actor, found, case.public_id, headers)
         if copied.copied:
             with self._engine.begin() as conn:
                 exists = conn.execute(select(case_items.c.pk).where(
@@ -314,13 +420,31 @@ class TeachingLibrary:
                         sop_uid=""))
         return copied
 
-    def update(self, case: TeachingCase, actor: Actor, fields: CaseFields) -> None:
-        """Change what the case says (its author only)."""
+    def update(self, case: TeachingCase, actor: Actor, fields: CaseFields,
+               version: datetime | None = None) -> None:
+        """Change what the case says (its author only), never to words naming the patient
+        of its images. ``version``: when the case was last changed as the editor saw it; a
+        case changed since (another tab, another device) is not overwritten (refused with
+        the reason, nothing saved)."""
         self._require_author(case, actor, "case.update")
         values = fields.values()
+        self._refuse_words_naming_the_patient(self._source_headers(case), values,
+                                              "nothing was saved")
         with self._engine.begin() as conn:
-            conn.execute(update(cases).where(cases.c.pk == case.pk).values(
+            stored = conn.execute(select(cases.c.updated_at).where(
+                cases.c.pk == case.pk)).scalar()
+            if stored is None:
+                raise NotFound("no such teaching case")
+            if version is not None and _utc(stored) != _utc(version):
+                raise ImageShareError("the case was changed since this page was opened (in another "
+                               "tab or by another device): open it again and redo the "
+                               "change; nothing was saved")
+            changed = conn.execute(update(cases).where(
+                cases.c.pk == case.pk, cases.c.updated_at == stored).values(
                 updated_at=datetime.now(UTC), **values))
+            if changed.rowcount != 1:
+                raise ImageShareError("the case was changed at the same moment: open it again and "
+                               "redo the change; nothing was saved")
             self._audit.record(AuditEvent(
                 actor=actor, action="case.update", outcome="success",
                 detail={"case": case.public_id, "fields": sorted(values)}), conn=conn)
@@ -337,11 +461,13 @@ class TeachingLibrary:
 
     def search(self, text: str = "", modality: str = "", body_part: str = "",
                diagnosis: str = "", collection: str = "",
-               limit: int = 200) -> list[TeachingCase]:
+               limit: int = 200, offset: int = 0) -> list[TeachingCase]:
         """Teaching cases matching every given criterion (words of ``text`` in the title,
         keywords, diagnosis, differential, findings or history; the others compared without
-        regard to case), by collection, folder then title. The words are bound as values
-        (LIKE patterns with their wildcards escaped), never built into the query's text."""
+        regard to case), by collection, folder, title then age (a total order, so that pages
+        of ``limit`` cases from ``offset`` neither repeat nor skip one). The words are bound
+        as values (LIKE patterns with their wildcards escaped), never built into the query's
+        text."""
         stmt = select(cases).where(cases.c.kind == "teaching")
         for word in text.split()[:8]:
             pattern = f"%{_escape(word.lower()[:64])}%"
@@ -358,7 +484,8 @@ class TeachingLibrary:
                 f"%{_escape(diagnosis.strip().lower()[:128])}%", escape="\\"))
         if collection.strip():
             stmt = stmt.where(and_(cases.c.collection == collection.strip()[:128]))
-        stmt = stmt.order_by(cases.c.collection, cases.c.folder, cases.c.title).limit(limit)
+        stmt = (stmt.order_by(cases.c.collection, cases.c.folder, cases.c.title, cases.c.pk)
+                .limit(max(1, min(limit, 1000))).offset(max(0, offset)))
         with self._engine.connect() as conn:
             return [from_row(TeachingCase, r) for r in conn.execute(stmt).mappings()]
 
@@ -370,7 +497,9 @@ class TeachingLibrary:
             ).scalars() if c)
 
     def record_view(self, case: TeachingCase, actor: Actor, format: str = "page") -> None:  # noqa: A002
-        """Audit that the case was shown (its page, or presented)."""
+        """Audit that the case was shown (its page, or presented); Forbidden (audited as a
+        refusal) once the patient of its images withdrew teaching consent."""
+        self.require_usable(case, actor)
         self._audit.record(AuditEvent(actor=actor, action="case.view", outcome="success",
                                       detail={"case": case.public_id, "format": format}))
 
@@ -401,6 +530,9 @@ class TeachingLibrary:
         (:func:`~imageshare.teaching.files.document_without_metadata`);
         ``scratch_dir``: where a video is written again without it."""
         self._require_author(case, actor, "case.attach")
+        self._refuse_words_naming_the_patient(self._source_headers(case),
+                                              {"file's title": title},
+                                              "nothing was attached")
         if size > self.max_attachment_bytes:
             raise ImageShareError(f"an attachment may be at most "
                                   f"{self.max_attachment_bytes // (1 << 20)} MB")
@@ -458,7 +590,9 @@ class TeachingLibrary:
 
     def open_attachment(self, case: TeachingCase, attachment: Attachment,
                         actor: Actor) -> BinaryIO:
-        """The file's bytes (audited)."""
+        """The file's bytes (audited); Forbidden once the patient withdrew teaching
+        consent."""
+        self.require_usable(case, actor)
         self._audit.record(AuditEvent(actor=actor, action="case.attachment", outcome="success",
                                       detail={"case": case.public_id,
                                               "kind": attachment.kind}))

@@ -82,7 +82,8 @@ def update_case(archive: ArchiveDep, public_id: str, actor: allowed(CASE_MANAGE)
                 title: Annotated[str, Form()], description: Annotated[str, Form()] = "",
                 folder: Annotated[str, Form()] = "") -> Response:
     """Rename, describe or refile the case."""
-    archive.cases.update(archive.cases.get(public_id, actor.name), title, description, folder)
+    archive.cases.update(archive.cases.get(public_id, actor.name), title, description, folder,
+                         actor)
     return redirect(f"/cases/{public_id}?notice=case-saved")
 
 

@@ -6,14 +6,16 @@ the de-identified copy's images."""
 from __future__ import annotations
 
 import tempfile
+from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 
 from imageshare.access.policy import CASE_MANAGE, SHARE_CREATE
 from imageshare.archive.viewing import viewer_manifest
+from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError
 from imageshare.sharing.links import NewShare
 from imageshare.storage.submissions import KEY_FIELD
@@ -62,27 +64,52 @@ def _images(archive: Archive, case: TeachingCase) -> list[dict[str, Any]]:
     return shown
 
 
+def _shown(archive: Archive, actor: Actor, found: list[TeachingCase]) -> list[TeachingCase]:
+    """``found`` without the cases whose patient withdrew teaching consent (their authors
+    still see theirs, to delete them)."""
+    return [c for c in found if c.owner == actor.name or not archive.teaching.withdrawn(c)]
+
+
+# Teaching cases listed on one page of the library.
+PAGE_SIZE = 100
+# The most pages a search goes (10,000 cases).
+MAX_PAGES = 100
+
+
+def _listing(request: Request, archive: Archive, actor: Actor, query: dict[str, str],
+             number: int) -> Response:
+    """One page of the library for ``query`` (page ``number``, from 1)."""
+    if not 1 <= number <= MAX_PAGES:
+        raise ImageShareError(f"the page is a number from 1 to {MAX_PAGES}")
+    found = archive.teaching.search(
+        query.get("q", ""), query.get("modality", ""), query.get("body_part", ""),
+        query.get("diagnosis", ""), query.get("collection", ""), limit=PAGE_SIZE + 1,
+        offset=(number - 1) * PAGE_SIZE)
+    more = len(found) > PAGE_SIZE and number < MAX_PAGES
+    return page(request, "teaching.html", cases=_shown(archive, actor, found[:PAGE_SIZE]),
+                query=query, collections=archive.teaching.collections(),
+                difficulties=DIFFICULTIES, page_number=number, more=more)
+
+
 @router.get("/teaching")
-def library(request: Request, archive: ArchiveDep, _actor: allowed(CASE_MANAGE)) -> Response:
-    """The teaching library: every teaching case, by collection and folder."""
-    return page(request, "teaching.html", cases=archive.teaching.search(),
-                collections=archive.teaching.collections(), query={},
-                difficulties=DIFFICULTIES)
+def library(request: Request, archive: ArchiveDep, actor: allowed(CASE_MANAGE),
+            page_number: Annotated[int, Query(alias="page")] = 1) -> Response:
+    """The teaching library: every teaching case, by collection and folder, a page at a
+    time."""
+    return _listing(request, archive, actor, {}, page_number)
 
 
 @router.post("/teaching")
-def search(request: Request, archive: ArchiveDep, _actor: allowed(CASE_MANAGE),
+def search(request: Request, archive: ArchiveDep, actor: allowed(CASE_MANAGE),
            q: Annotated[str, Form()] = "", modality: Annotated[str, Form()] = "",
            body_part: Annotated[str, Form()] = "", diagnosis: Annotated[str, Form()] = "",
-           collection: Annotated[str, Form()] = "") -> Response:
-    """Teaching cases by keyword, diagnosis, modality, body part or collection (the search
-    is posted: it never goes into an address)."""
+           collection: Annotated[str, Form()] = "",
+           page_number: Annotated[int, Form(alias="page")] = 1) -> Response:
+    """Teaching cases by keyword, diagnosis, modality, body part or collection, a page at
+    a time (the search is posted: it never goes into an address)."""
     query = {"q": q[:256], "modality": modality[:16], "body_part": body_part[:64],
              "diagnosis": diagnosis[:128], "collection": collection[:128]}
-    found = archive.teaching.search(query["q"], query["modality"], query["body_part"],
-                                    query["diagnosis"], query["collection"])
-    return page(request, "teaching.html", cases=found, query=query,
-                collections=archive.teaching.collections(), difficulties=DIFFICULTIES)
+    return _listing(request, archive, actor, query, page_number)
 
 
 @router.post("/studies/{study_uid}/teaching")
@@ -109,11 +136,18 @@ def case_page(request: Request, archive: ArchiveDep, public_id: str,
               actor: allowed(CASE_MANAGE)) -> Response:
     """A teaching case: what it says, its images, its files; edit, present, share."""
     case = archive.teaching.get(public_id)
+    mine = actor.kind == "user" and actor.name == case.owner
+    withdrawn = archive.teaching.withdrawn(case) if mine else ""
+    if withdrawn:  # its author sees only that, to delete it: no image, no file, no text
+        return page(request, "teaching_case.html", case=case, withdrawn=withdrawn, mine=mine,
+                    images=[], attachments=[], difficulties=DIFFICULTIES, profiles=[],
+                    share_default_days=0, share_max_days=0)
     archive.teaching.record_view(case, actor)
     return page(request, "teaching_case.html", case=case, images=_images(archive, case),
                 attachments=archive.teaching.attachments(case),
-                mine=actor.kind == "user" and actor.name == case.owner,
-                difficulties=DIFFICULTIES, profiles=profile_names(archive),
+                mine=mine, withdrawn="", difficulties=DIFFICULTIES,
+                held_back=archive.teaching.held_back(case) if mine else 0,
+                profiles=profile_names(archive),
                 share_default_days=archive.settings.share_default_days,
                 share_max_days=archive.settings.share_max_days)
 
@@ -121,9 +155,18 @@ def case_page(request: Request, archive: ArchiveDep, public_id: str,
 @router.post("/teaching/{public_id}")
 async def update(request: Request, archive: ArchiveDep, public_id: str,
                  actor: allowed(CASE_MANAGE)) -> Response:
-    """Change what the case says (its author only)."""
+    """Change what the case says (its author only); the form says when the case was last
+    changed as it was shown, so that an edit made meanwhile (another tab) is not lost."""
     form = await request.form()
-    archive.teaching.update(archive.teaching.get(public_id), actor, _fields(form))
+    sent = form.get("version")
+    version = None
+    if isinstance(sent, str) and sent:
+        try:
+            version = datetime.fromisoformat(sent[:64])
+        except ValueError as exc:
+            raise ImageShareError("the form's version is not a time: open the case again"
+                                  ) from exc
+    archive.teaching.update(archive.teaching.get(public_id), actor, _fields(form), version)
     return redirect(f"/teaching/{public_id}?notice=teaching-saved")
 
 
@@ -131,8 +174,9 @@ async def update(request: Request, archive: ArchiveDep, public_id: str,
 async def attach(archive: ArchiveDep, public_id: str, actor: allowed(CASE_MANAGE),
                  file: Annotated[UploadFile, File()],
                  title: Annotated[str, Form()] = "") -> Response:
-    """Attach a PDF, photo, video or office document (kept as it is, type told by its
-    content)."""
+    """Attach a PDF, photo, video or office document (type told by its content). It is
+    titled by what the educator typed, never by the file's name (a name often carries the
+    patient's)."""
     case = archive.teaching.get(public_id)
     limit = archive.teaching.max_attachment_bytes
     with tempfile.TemporaryFile(dir=archive.settings.staging_dir) as spool:
@@ -143,7 +187,7 @@ async def attach(archive: ArchiveDep, public_id: str, actor: allowed(CASE_MANAGE
                 raise ImageShareError(f"an attachment may be at most {limit // (1 << 20)} MB")
             spool.write(chunk)
         await run_in_threadpool(archive.teaching.attach, case, actor, spool, size,
-                                title[:128] or (file.filename or "")[:128],
+                                title[:128],
                                 archive.settings.staging_dir)
     return redirect(f"/teaching/{public_id}?notice=file-attached#files")
 
@@ -207,8 +251,11 @@ async def present(request: Request, archive: ArchiveDep, public_id: str,
     ``collection=1``, every case of this case's collection (conference, course) in order, by
     folder then title."""
     case = archive.teaching.get(public_id)
-    cases = (archive.teaching.search(collection=case.collection)
+    cases = ([c for c in archive.teaching.search(collection=case.collection)
+              if not archive.teaching.withdrawn(c)]
              if collection and case.collection else [case])
+    if not cases:
+        archive.teaching.require_usable(case, actor)
     slides: list[dict[str, Any]] = []
     for number, shown in enumerate(cases, start=1):
         archive.teaching.record_view(shown, actor, "presentation")
@@ -259,6 +306,7 @@ async def share(request: Request, archive: ArchiveDep, public_id: str,
                 message: Annotated[str, Form()] = "") -> Response:
     """Share the teaching case as one link (its de-identified images, its history)."""
     case = archive.teaching.get(public_id)
+    archive.teaching.require_usable(case, actor)
     studies = archive.teaching.studies(case)
     if not studies:
         raise ImageShareError("the case has no images")
