@@ -129,7 +129,11 @@ def _midnight(day: date) -> datetime:
 
 
 def add_years(day: date, years: int) -> date:
-    """``day`` moved ``years`` on (29 February becomes 1 March in other years)."""
+    """``day`` moved ``years`` on (29 February becomes 1 March in other years); a day past
+    the calendar's end (a birth or study date written as 9999, say) is its last day: kept
+    for ever, never a failure of the page or job asking."""
+    if day.year + years > date.max.year:
+        return date.max
     try:
         return day.replace(year=day.year + years)
     except ValueError:  # 29 February

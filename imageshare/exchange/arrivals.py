@@ -20,7 +20,7 @@ from imageshare.exchange.inbox import UPLOAD_SITE_PREFIX, InboxItem
 from imageshare.exchange.nodes import NodeRegistry
 from imageshare.exchange.site_api import SiteApi
 from imageshare.notify import Mailer
-from imageshare.storage.index.schema import inbox_items
+from imageshare.storage.index.schema import imaging_requests, inbox_items
 
 PRIORITIES = ("urgent", "routine")
 
@@ -84,11 +84,19 @@ class Arrivals:
             if row is None:
                 raise NotFound("no study with this UID was received from you")
             first = row["announced_at"] is None
+            # "Answers our request" only for a request we sent to this very site: another
+            # site cannot dress its images up as the answer a team is waiting for.
+            answers = _text(body, "request", 32)
+            if answers and conn.execute(select(imaging_requests.c.pk).where(
+                    imaging_requests.c.public_id == answers,
+                    imaging_requests.c.direction == "outgoing",
+                    imaging_requests.c.site == origin)).first() is None:
+                answers = ""
             conn.execute(update(inbox_items).where(inbox_items.c.pk == row["pk"]).values(
                 origin=origin, sender_name=name[:128], priority=priority,
                 message=_text(body, "note", 2000), contact=_text(body, "contact", 256),
                 transfer_id=_text(body, "transfer", 32),
-                request_id=_text(body, "request", 32),
+                request_id=answers,
                 announced_at=row["announced_at"] or datetime.now(UTC)))
             self._audit.record(AuditEvent(
                 actor=actor, action="exchange.arrival", outcome="success",

@@ -10,16 +10,17 @@ import ssl
 import string
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, func, insert, select, update
 
 from imageshare.access.policy import site_origin
 from imageshare.access.users import linked_site
+from imageshare.archive.search import normalise_nhs_number
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import ImageShareError, NotFound, SiteUnreachable
+from imageshare.domain.errors import ImageShareError, NotFound, SiteUnreachable, TooManyRequests
 from imageshare.exchange.nodes import Node, NodeRegistry
 from imageshare.exchange.site_api import SiteApi, post_json
 from imageshare.exchange.transfers import Transfer, Transfers
@@ -30,6 +31,58 @@ from imageshare.storage.index.schema import imaging_requests
 _ID_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-_")
 
 PRIORITIES = ("urgent", "routine")
+# Characters that make a DICOM match key match more than one value (wildcards, a value list):
+# a request names one patient, never a pattern.
+_PATTERN_CHARACTERS = frozenset("*?\\")
+# Requests one site may have waiting for our staff, and send in an hour: more is flooding
+# (refused, audited, the site told to use its usual route).
+MAX_OPEN_PER_SITE = 100
+MAX_PER_SITE_HOUR = 60
+
+
+@dataclass(frozen=True)
+class PatientNamed:
+    """The patient a request names, checked: a valid NHS number, a hospital number, or a
+    name with a real date of birth (YYYYMMDD); never a pattern."""
+
+    nhs_number: str = ""
+    hospital_number: str = ""
+    patient_name: str = ""
+    birth_date: str = ""
+
+
+def patient_named(nhs_number: str = "", hospital_number: str = "", patient_name: str = "",
+                  birth_date: str = "") -> PatientNamed:
+    """The patient a request names, or ImageShareError saying what is wrong: wildcards or
+    value lists, control characters, an NHS number with a wrong check digit, a date of birth
+    that is not a real past day, or nothing that names one patient."""
+    nhs, number, name, born = (str(v or "").strip() for v in
+                               (nhs_number, hospital_number, patient_name, birth_date))
+    for value in (nhs, number, name, born):
+        if set(value) & _PATTERN_CHARACTERS or any(ord(c) < 32 or c == "\x7f" for c in value):
+            raise ImageShareError("a request names one patient: no wildcards (* ?), value "
+                                  "lists (\\) or control characters")
+    if len(nhs) > 16 or len(number) > 64 or len(name) > 324 or len(born) > 10:
+        raise ImageShareError("a patient identifier in the request is too long")
+    if nhs:
+        nhs = normalise_nhs_number(nhs)
+    if born:
+        digits = born.replace("-", "") if len(born) == 10 and born[4] == born[7] == "-" else born
+        try:
+            if len(digits) != 8 or not digits.isdigit():
+                raise ValueError(born)
+            day = date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
+        except ValueError:
+            raise ImageShareError("the date of birth must be a real day, YYYY-MM-DD") from None
+        if day > (datetime.now(UTC) + timedelta(hours=14)).date():
+            raise ImageShareError("the date of birth cannot be in the future")
+        born = digits
+    if name and sum(c.isalpha() for c in name) < 2:
+        raise ImageShareError("a patient's name needs at least two letters")
+    if not (nhs or number or (name and born)):
+        raise ImageShareError("name the patient: NHS number, hospital number, or name and "
+                              "date of birth")
+    return PatientNamed(nhs, number, name, born)
 
 
 @dataclass(frozen=True)
@@ -89,9 +142,9 @@ class ImagingRequests:
         """Ask ``site`` for a patient's prior imaging."""
         if priority not in PRIORITIES:
             raise ImageShareError("priority is urgent or routine")
-        if not (nhs_number or hospital_number or (patient_name and birth_date)):
-            raise ImageShareError("name the patient: NHS number, hospital number, or name "
-                                  "and date of birth")
+        named = patient_named(nhs_number, hospital_number, patient_name, birth_date)
+        nhs_number, hospital_number = named.nhs_number, named.hospital_number
+        patient_name, birth_date = named.patient_name, named.birth_date
         if not reason.strip():
             raise ImageShareError("say why the imaging is needed")
         node = self._nodes.get(site)
@@ -141,19 +194,47 @@ class ImagingRequests:
 
     def receive(self, actor: Actor, body: dict[str, str]) -> ImagingRequest:
         """A request from another ImageShare site, for our staff: from the site the caller's
-        account is linked to (Forbidden when unlinked or when ``origin`` names another)."""
+        account is linked to (Forbidden when unlinked or when ``origin`` names another).
+        Refused with the reason when it does not name one patient (:func:`patient_named`) or
+        gives no reason; TooManyRequests (audited) when the site has too many waiting or sent
+        too many this hour. The same request sent again (its ``request_id``) is the one
+        already received. Nothing in the answer says whether we know the patient."""
         origin = site_origin(actor, linked_site(self._engine, actor.name),
                              str(body.get("origin", ""))[:16])
+        named = patient_named(*(str(body.get(k, "") or "") for k in (
+            "nhs_number", "hospital_number", "patient_name", "birth_date")))
+        reason = str(body.get("reason", "") or "").strip()
+        if not reason:
+            raise ImageShareError("say why the imaging is needed")
         priority = body.get("priority", "routine")
+        remote_id = str(body.get("request_id", "") or "")[:32]
+        now = datetime.now(UTC)
+        with self._engine.connect() as conn:
+            mine = imaging_requests.c.direction == "incoming", imaging_requests.c.site == origin
+            if remote_id:
+                again = conn.execute(select(imaging_requests.c.public_id).where(
+                    *mine, imaging_requests.c.remote_id == remote_id)).scalar()
+                if again is not None:
+                    return self.get(again)
+            waiting = conn.execute(select(func.count()).select_from(imaging_requests).where(
+                *mine, imaging_requests.c.state == "open")).scalar() or 0
+            recent = conn.execute(select(func.count()).select_from(imaging_requests).where(
+                *mine, imaging_requests.c.created_at >= now - timedelta(hours=1))).scalar() or 0
+        if waiting >= MAX_OPEN_PER_SITE or recent >= MAX_PER_SITE_HOUR:
+            self._audit.record(AuditEvent(
+                actor=actor, action="exchange.request.receive", outcome="failure",
+                detail={"origin": origin, "reason": "too many requests", "open": waiting,
+                        "last_hour": recent}))
+            raise TooManyRequests(
+                f"too many requests from {origin} are waiting here or were sent this hour: "
+                "ask by the usual route (phone or e-mail)")
         request = self._insert(
-            direction="incoming", site=origin, nhs_number=str(body.get("nhs_number", ""))[:16],
-            hospital_number=str(body.get("hospital_number", ""))[:64],
-            patient_name=str(body.get("patient_name", ""))[:324],
-            birth_date=str(body.get("birth_date", ""))[:8],
-            reason=str(body.get("reason", ""))[:4000],
+            direction="incoming", site=origin, nhs_number=named.nhs_number,
+            hospital_number=named.hospital_number, patient_name=named.patient_name,
+            birth_date=named.birth_date, reason=reason[:4000],
             priority=priority if priority in PRIORITIES else "routine", state="open",
             detail="", created_by=str(body.get("requested_by", "") or actor.name)[:128],
-            remote_id=str(body.get("request_id", ""))[:32])
+            remote_id=remote_id)
         self._audit.record(AuditEvent(actor=actor, action="exchange.request.receive",
                                       outcome="success",
                                       detail={"origin": origin, "request": request.public_id}))
@@ -168,6 +249,18 @@ class ImagingRequests:
             raise NotFound("no such request")
         return _request(row)
 
+    def read(self, public_id: str, actor: Actor, direction: str = "incoming") -> ImagingRequest:
+        """One request of ``direction`` as ``actor`` reads it (audited: it names its patient);
+        NotFound otherwise."""
+        wanted = self.get(public_id)
+        if wanted.direction != direction:
+            raise NotFound("no such request")
+        self._audit.record(AuditEvent(actor=actor, action="exchange.request.read",
+                                      outcome="success",
+                                      patient_id=wanted.nhs_number or wanted.hospital_number,
+                                      detail={"direction": direction, "request": public_id}))
+        return wanted
+
     def listed(self, direction: str, actor: Actor) -> list[ImagingRequest]:
         """Requests in one direction, newest first, as ``actor`` reads them (audited: they
         name their patients)."""
@@ -181,41 +274,88 @@ class ImagingRequests:
         return [_request(r) for r in rows]
 
     def mark(self, public_id: str, state: str, detail: str, actor: Actor) -> None:
-        """Record that a request was fulfilled (or declined)."""
+        """Record that a request ``actor`` claimed (:meth:`_claim`) was fulfilled (or
+        declined), with what was done."""
         now = datetime.now(UTC)
         with self._engine.begin() as conn:
             conn.execute(update(imaging_requests).where(
-                imaging_requests.c.public_id == public_id).values(
-                state=state, detail=detail[:2000], updated_at=now,
-                answered_by=actor.name[:128], answered_at=now))
+                imaging_requests.c.public_id == public_id,
+                imaging_requests.c.state == state).values(
+                detail=detail[:2000], updated_at=now))
             self._audit.record(AuditEvent(actor=actor, action=f"exchange.request.{state}",
                                           outcome="success",
                                           detail={"request": public_id}), conn=conn)
 
+    def _claim(self, public_id: str, state: str, actor: Actor) -> None:
+        """Move an open request to ``state`` as ``actor``'s answer, in one statement: two
+        people answering at once (one declining, one sending) cannot both; the second is
+        refused before anything is sent or told to the site that asked."""
+        now = datetime.now(UTC)
+        with self._engine.begin() as conn:
+            if not conn.execute(update(imaging_requests).where(
+                    imaging_requests.c.public_id == public_id,
+                    imaging_requests.c.direction == "incoming",
+                    imaging_requests.c.state == "open").values(
+                    state=state, detail="", updated_at=now, answered_by=actor.name[:128],
+                    answered_at=now)).rowcount:
+                raise ImageShareError("this request was answered already (by someone else "
+                                      "just now): see the list")
+
+    def _unclaim(self, public_id: str, state: str, actor: Actor) -> None:
+        """Open again a request whose answer failed before anything was sent."""
+        with self._engine.begin() as conn:
+            conn.execute(update(imaging_requests).where(
+                imaging_requests.c.public_id == public_id,
+                imaging_requests.c.state == state,
+                imaging_requests.c.answered_by == actor.name[:128]).values(
+                state="open", detail="", answered_by="", answered_at=None,
+                updated_at=datetime.now(UTC)))
+
     def fulfil(self, public_id: str, study_uids: list[str], actor: Actor,
-               allowed_studies: Collection[str] | None = None, contact: str = ""
-               ) -> list[Transfer]:
+               allowed_studies: Collection[str] | None = None, contact: str = "",
+               of_patient: Collection[str] | None = None) -> list[Transfer]:
         """Answer an incoming request by pushing the chosen studies to the site that asked;
-        the request is marked fulfilled and the answer goes back to the requester."""
+        the request is marked fulfilled and the answer goes back to the requester.
+        ``of_patient``: the studies of the patient the request names (as the caller found
+        them); a chosen study outside them is refused, nothing sent (another patient's
+        images never answer a request)."""
         wanted = self._incoming(public_id)
         if not study_uids:
             raise ImageShareError("choose the studies to send")
+        if of_patient is not None and not set(study_uids) <= set(of_patient):
+            raise ImageShareError("only studies of the patient the request names can be sent "
+                                  "in answer to it")
         if self._transfers is None:
             raise ImageShareError("sending is not available")
-        sent = [self._transfers.send(
-            uid, wanted.site, actor, wanted.priority, f"answer to your request: {wanted.reason}"
-            [:2000], (), allowed_studies, contact, wanted.remote_id) for uid in study_uids]
+        self._claim(public_id, "fulfilled", actor)
+        sent: list[Transfer] = []
+        try:
+            for uid in study_uids:
+                sent.append(self._transfers.send(
+                    uid, wanted.site, actor, wanted.priority,
+                    f"answer to your request: {wanted.reason}"[:2000], (), allowed_studies,
+                    contact, wanted.remote_id))
+        except BaseException:
+            if not sent:
+                self._unclaim(public_id, "fulfilled", actor)
+                raise
+            self._fulfilled(wanted, sent, actor)  # what did go is the answer
+            raise
+        self._fulfilled(wanted, sent, actor)
+        return sent
+
+    def _fulfilled(self, wanted: ImagingRequest, sent: list[Transfer], actor: Actor) -> None:
         detail = (f"{len(sent)} study(ies) sent: transfer(s) "
                   + ", ".join(t.public_id for t in sent))
-        self.mark(public_id, "fulfilled", detail, actor)
+        self.mark(wanted.public_id, "fulfilled", detail, actor)
         self._answer(wanted, "fulfilled", f"{len(sent)} study(ies) sent", actor)
-        return sent
 
     def decline(self, public_id: str, reason: str, actor: Actor) -> None:
         """Decline an incoming request, saying why; the answer goes back to the requester."""
         wanted = self._incoming(public_id)
         if not reason.strip():
             raise ImageShareError("say why the request is declined")
+        self._claim(public_id, "declined", actor)
         self.mark(public_id, "declined", reason.strip(), actor)
         self._answer(wanted, "declined", reason.strip(), actor)
 
@@ -251,6 +391,10 @@ class ImagingRequests:
         wanted = self.get(public_id)
         if wanted.direction != "outgoing" or wanted.site.upper() != origin.upper():
             raise NotFound("no such request")
+        if wanted.state in ("fulfilled", "declined"):
+            if wanted.state == state:
+                return wanted  # the same answer sent again (a retry): already recorded
+            raise ImageShareError(f"this request was {wanted.state} already")
         try:
             at = datetime.fromisoformat(str(body.get("at", "")))
             at = at if at.tzinfo else at.replace(tzinfo=UTC)

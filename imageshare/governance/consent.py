@@ -19,6 +19,7 @@ from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ConsentMissing, ImageShareError, NotFound
 from imageshare.domain.retention import Clock, system_clock
+from imageshare.retention.facts import former_patients, parse_da
 from imageshare.storage.index.schema import consents, patients, studies
 
 PURPOSES = ("teaching", "research", "publication")
@@ -26,6 +27,8 @@ DECISIONS = ("granted", "refused", "withdrawn")
 SOURCES = ("form", "verbal", "electronic", "other")
 PURPOSE_TEXT = {"teaching": "identifiable teaching use", "research": "research use",
                 "publication": "publication"}
+# No decision recorded here was made before this day (a mistyped year is refused).
+_EARLIEST_DAY = date(1900, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class ConsentRecord:
     note: str
     recorded_by: str
     recorded_at: datetime
+    # The order it was recorded in (not a clock: a clock put back does not reorder records).
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class PatientRef:
 
     patient_id: str
     issuer: str
+    birth_date: str = ""
 
 
 class ConsentBook:
@@ -65,17 +71,20 @@ class ConsentBook:
     def patient_of(self, study_uid: str) -> PatientRef:
         """The patient of a study; NotFound otherwise."""
         with self._engine.connect() as conn:
-            row = conn.execute(select(patients.c.patient_id, patients.c.issuer).join(
+            row = conn.execute(select(patients.c.patient_id, patients.c.issuer,
+                                      patients.c.birth_date).join(
                 studies, studies.c.patient_pk == patients.c.pk).where(
                 studies.c.study_uid == study_uid)).first()
         if row is None:
             raise NotFound("no such study")
-        return PatientRef(row.patient_id, row.issuer)
+        return PatientRef(row.patient_id, row.issuer, row.birth_date or "")
 
     def record_decision(self, study_uid: str, purpose: str, decision: str, given_on: str,
                         source: str, actor: Actor, note: str = "") -> ConsentRecord:
         """Record a decision of the patient of ``study_uid``; refused with the reason when a
-        value is not one of the known ones or the date is not a past or present day."""
+        value is not one of the known ones, the date is not a past or present day or is before
+        the patient was born, or the study has no hospital number to file it under (a
+        decision filed under an empty one would stand for every unidentified patient)."""
         if purpose not in PURPOSES:
             raise ImageShareError(f"consent is recorded for one of: {', '.join(PURPOSES)}")
         if decision not in DECISIONS:
@@ -89,7 +98,17 @@ class ConsentBook:
         now = self._clock()
         if day > now.astimezone(UTC).date():
             raise ImageShareError("the day of the decision cannot be in the future")
+        if day < _EARLIEST_DAY:
+            raise ImageShareError("the day of the decision cannot be before 1900")
         patient = self.patient_of(study_uid)
+        if not patient.patient_id.strip():
+            raise ImageShareError("this study has no hospital number: correct the patient's "
+                                  "details first, so that the decision is filed under them")
+        born = parse_da(patient.birth_date)
+        if born is not None and day < born:
+            raise ImageShareError("the day of the decision is before the patient's date of "
+                                  "birth: check the day, and that this is the patient's study")
+        before = self.in_force(study_uid).get(purpose)
         with self._engine.begin() as conn:
             conn.execute(consents.insert().values(
                 patient_id=patient.patient_id, issuer=patient.issuer, purpose=purpose,
@@ -99,7 +118,9 @@ class ConsentBook:
                 actor=actor, action="consent.record", outcome="success",
                 patient_id=patient.patient_id, study_uid=study_uid,
                 detail={"purpose": purpose, "decision": decision, "source": source,
-                        "given_on": day.isoformat()}), conn=conn)
+                        "given_on": day.isoformat(),
+                        "before": (f"{before.decision} on {before.given_on}" if before
+                                   else "none recorded")}), conn=conn)
         current = self.in_force(study_uid).get(purpose)
         if current is not None and current.decision != "granted":
             self.on_withdrawn(patient.patient_id, patient.issuer, purpose, actor)
@@ -118,9 +139,24 @@ class ConsentBook:
     def in_force(self, study_uid: str) -> dict[str, ConsentRecord | None]:
         """Per purpose, the decision in force for the study's patient (None: none recorded):
         the one made last (its day; of one day, the one recorded last), not the one typed in
-        last: an old form filed after a withdrawal does not bring the consent back."""
-        records = sorted(self._records(self.patient_of(study_uid)),
-                         key=lambda r: r.given_on, reverse=True)  # stable: newest row first
+        last: an old form filed after a withdrawal does not bring the consent back. A refusal
+        or withdrawal recorded while one of the patient's studies was filed under another
+        number (before a correction or a merge) still counts, for all their studies; a consent
+        given under that other number does not (it may have been another person's)."""
+        patient = self.patient_of(study_uid)
+        records = list(self._records(patient))
+        with self._engine.connect() as conn:
+            theirs = list(conn.execute(select(studies.c.study_uid).join(
+                patients, patients.c.pk == studies.c.patient_pk).where(
+                patients.c.patient_id == patient.patient_id,
+                patients.c.issuer == patient.issuer)).scalars()
+                ) if patient.patient_id.strip() else []
+            former = {(pid, issuer) for moves in former_patients(
+                conn, [study_uid, *theirs]).values() for pid, issuer, _left in moves}
+        for pid, issuer in sorted(former - {(patient.patient_id, patient.issuer)}):
+            records += [r for r in self._records(PatientRef(pid, issuer))
+                        if r.decision != "granted"]
+        records.sort(key=lambda r: (r.given_on, r.seq), reverse=True)
         return {p: next((r for r in records if r.purpose == p), None) for p in PURPOSES}
 
     def refusal_of_teaching(self, study_uid: str) -> str:
@@ -152,10 +188,13 @@ class ConsentBook:
                              "de-identified images")
 
     def _records(self, patient: PatientRef) -> list[ConsentRecord]:
+        if not patient.patient_id.strip():
+            return []  # no hospital number: nothing recorded can be this patient's
         with self._engine.connect() as conn:
             rows = conn.execute(select(consents).where(
                 consents.c.patient_id == patient.patient_id,
                 consents.c.issuer == patient.issuer).order_by(consents.c.pk.desc())
             ).mappings().all()
         return [ConsentRecord(r["purpose"], r["decision"], r["given_on"], r["source"],
-                              r["note"], r["recorded_by"], r["recorded_at"]) for r in rows]
+                              r["note"], r["recorded_by"], r["recorded_at"], r["pk"])
+                for r in rows]

@@ -154,9 +154,27 @@ def studies_in_cases(conn: Connection, study_uids: Iterable[str]) -> set[str]:
     return found
 
 
-def instance_facts(conn: Connection, rows: Sequence[Any]) -> list[InstanceFacts]:
+def lock_against_holds(conn: Connection, study_uids: Iterable[str]) -> None:
+    """Lock the studies' rows until ``conn``'s transaction ends (on PostgreSQL; SQLite has
+    one writer at a time already; the order of the archive's own locks: the study first).
+    :meth:`RetentionService.place_hold` locks the rows of what it covers (the study, or the
+    patient's studies) before it looks for them, so a hold and a deletion of what it covers
+    are never both carried out: the hold waits and then finds the study gone (and says so),
+    or the deletion waits and then sees the hold (and refuses)."""
+    uids = sorted(set(study_uids))
+    for start in range(0, len(uids), 500):
+        conn.execute(select(studies.c.pk).where(studies.c.study_uid.in_(uids[start:start + 500]))
+                     .order_by(studies.c.pk).with_for_update()).all()
+
+
+def instance_facts(conn: Connection, rows: Sequence[Any], lock: bool = True
+                   ) -> list[InstanceFacts]:
     """Facts for each row; a row has ``retention_class``, ``received_at``, ``class_since``,
-    ``study_uid``, ``patient_pk``, ``patient_id``, ``issuer`` and ``birth_date``."""
+    ``study_uid``, ``patient_pk``, ``patient_id``, ``issuer`` and ``birth_date``. For a
+    deletion (``lock``) the rows' studies are locked first (:func:`lock_against_holds`): a
+    hold placed at the same moment is either seen here or refused for want of the study."""
+    if lock:
+        lock_against_holds(conn, [r.study_uid for r in rows])
     on_patients, on_studies = holds_in_force(conn, [r.study_uid for r in rows])
     latest = latest_studies(conn, [r.patient_pk for r in rows
                                    if r.retention_class == "clinical"])

@@ -11,7 +11,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import ColumnElement, Engine, Select, and_, delete, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Select,
+    and_,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
 
 from imageshare.archive.deletion import ArchiveDeletion, Removed, as_utc
 from imageshare.archive.indexing import issuers_standing_for
@@ -28,7 +39,12 @@ from imageshare.domain.retention import (
     deletion_verdict,
     earliest_deletion,
 )
-from imageshare.retention.facts import former_patients, held_away, instance_facts, study_on_hold
+from imageshare.retention.facts import (
+    former_patients,
+    held_away,
+    instance_facts,
+    study_on_hold,
+)
 from imageshare.storage.index.schema import (
     deletion_requests,
     instances,
@@ -189,7 +205,24 @@ class RetentionService:
                                   + ", ".join(c.value for c in RULE_CLASSES))
         if not value or len(value) > 128:
             raise ImageShareError("a rule needs a value of at most 128 characters")
+        if retention_class != RetentionClass.CLINICAL.value and kind in ("source", "modality"):
+            with self._engine.connect() as conn:
+                record = _clinical_from(conn, kind, value)
+            if record:
+                self._audit.record(AuditEvent(
+                    actor=actor, action="retention.rule.set", outcome="failure",
+                    detail={"kind": kind, "value": value, "class": retention_class,
+                            "reason": f"{record} clinical image(s) came this way"}))
+                raise ImageShareError(
+                    f"{record} image(s) in the patient record "
+                    f"{'came from' if kind == 'source' else 'are of'} {kind} {value}: a "
+                    f"rule making its arrivals {retention_class} would let the retention "
+                    "task delete the record's new images from it. Rules that expire images "
+                    "are for sources that send only copies (another site, a research or "
+                    "teaching system)")
         with self._engine.begin() as conn:
+            before = conn.execute(select(retention_rules.c.retention_class).where(
+                retention_rules.c.kind == kind, retention_rules.c.value == value)).scalar()
             conn.execute(delete(retention_rules).where(retention_rules.c.kind == kind,
                                                        retention_rules.c.value == value))
             conn.execute(retention_rules.insert().values(
@@ -198,19 +231,25 @@ class RetentionService:
             self._audit.record(AuditEvent(actor=actor, action="retention.rule.set",
                                           outcome="success", detail={
                                               "kind": kind, "value": value,
-                                              "class": retention_class}), conn=conn)
+                                              "class": retention_class,
+                                              "before": before or "clinical (no rule)"}),
+                               conn=conn)
         self._rules_read = float("-inf")
 
     def remove_rule(self, kind: str, value: str, actor: Actor) -> None:
         """Remove a policy rule (arrivals matching it are clinical again)."""
         with self._engine.begin() as conn:
+            before = conn.execute(select(retention_rules.c.retention_class).where(
+                retention_rules.c.kind == kind, retention_rules.c.value == value)).scalar()
             gone = conn.execute(delete(retention_rules).where(
                 retention_rules.c.kind == kind, retention_rules.c.value == value)).rowcount
             if not gone:
                 raise NotFound("no such rule")
             self._audit.record(AuditEvent(actor=actor, action="retention.rule.remove",
                                           outcome="success",
-                                          detail={"kind": kind, "value": value}), conn=conn)
+                                          detail={"kind": kind, "value": value,
+                                                  "before": before or "",
+                                                  "class": "clinical (no rule)"}), conn=conn)
         self._rules_read = float("-inf")
 
     def class_for(self, source: str = "", modality: str = "", collection: str = "",
@@ -246,18 +285,26 @@ class RetentionService:
             raise ImageShareError("a legal hold covers either a patient or a study")
         public_id = secrets.token_hex(8)
         with self._engine.begin() as conn:
-            if study_uid and conn.execute(select(studies.c.pk).where(
-                    studies.c.study_uid == study_uid.strip())).scalar() is None:
-                raise NotFound("no such study")
-            if patient_id and conn.execute(select(patients.c.pk).where(
-                    patients.c.patient_id == patient_id.strip(),
-                    patients.c.issuer.in_(issuers_standing_for(issuer.strip())))
-                    ).first() is None:
-                raise NotFound("no such patient")
+            # The hold is written first, then what it covers is looked for: on SQLite the
+            # write waits for a deletion under way (one writer at a time), which then has
+            # gone; on PostgreSQL the look locks the rows a deletion locks before it reads
+            # the holds (facts.lock_against_holds). Either the deletion finished first and
+            # the study is gone (NotFound, nothing placed), or it sees this hold.
             conn.execute(legal_holds.insert().values(
                 public_id=public_id, patient_id=patient_id.strip()[:64],
                 issuer=issuer.strip()[:64], study_uid=study_uid.strip()[:64],
                 reason=reason[:2000], placed_by=actor.name[:128], placed_at=self.clock()))
+            if study_uid and not conn.execute(select(studies.c.pk).where(
+                    studies.c.study_uid == study_uid.strip()).with_for_update()).all():
+                raise NotFound("no such study")
+            if patient_id:
+                theirs = (patients.c.patient_id == patient_id.strip(),
+                          patients.c.issuer.in_(issuers_standing_for(issuer.strip())))
+                conn.execute(select(studies.c.pk).join(
+                    patients, patients.c.pk == studies.c.patient_pk).where(*theirs)
+                    .order_by(studies.c.pk).with_for_update(of=studies)).all()
+                if conn.execute(select(patients.c.pk).where(*theirs)).first() is None:
+                    raise NotFound("no such patient")
             self._audit.record(AuditEvent(
                 actor=actor, action="retention.hold.place", outcome="success",
                 patient_id=patient_id.strip(), study_uid=study_uid.strip(),
@@ -273,9 +320,13 @@ class RetentionService:
         if not hold.in_force:
             raise ImageShareError("this hold was lifted already")
         with self._engine.begin() as conn:
-            conn.execute(update(legal_holds).where(legal_holds.c.public_id == public_id)
-                         .values(lifted_by=actor.name[:128], lifted_at=self.clock(),
-                                 lift_reason=reason.strip()[:2000]))
+            # Only a hold still in force: two administrators lifting it at once do not both
+            # (the second would overwrite who lifted it and why, and be audited twice).
+            if not conn.execute(update(legal_holds).where(
+                    legal_holds.c.public_id == public_id, legal_holds.c.lifted_at.is_(None))
+                    .values(lifted_by=actor.name[:128], lifted_at=self.clock(),
+                            lift_reason=reason.strip()[:2000])).rowcount:
+                raise ImageShareError("this hold was lifted already")
             released = release_kept(conn, study_on_hold)
             self._audit.record(AuditEvent(
                 actor=actor, action="retention.hold.lift", outcome="success",
@@ -486,7 +537,7 @@ class RetentionService:
             rows = conn.execute(stmt).all()
             if not rows:
                 raise NotFound("no such study")
-            facts = instance_facts(conn, rows)
+            facts = instance_facts(conn, rows, lock=False)  # a page: deletes nothing
         now = as_utc(self.clock())
         by_class: dict[str, list[datetime | None]] = {}
         for f in facts:
@@ -503,6 +554,21 @@ class RetentionService:
         refused = [v for v in verdicts if not v.allowed]
         return StudyRetention(classes, self.holds_on_study(study_uid), not refused,
                               refused[0].reason if refused else "")
+
+
+def _clinical_from(conn: Connection, kind: str, value: str) -> int:
+    """How many clinical instances (the patient record) came from the source ``value`` (an
+    AE title or account name) or are of the modality ``value``."""
+    stmt = select(func.count()).select_from(instances).where(
+        instances.c.retention_class == RetentionClass.CLINICAL.value)
+    if kind == "source":
+        stmt = stmt.where(or_(instances.c.received_from == value,
+                              instances.c.received_from.startswith(value + "@",
+                                                                   autoescape=True)))
+    else:
+        stmt = stmt.join(series, series.c.pk == instances.c.series_pk).where(
+            series.c.modality == value)
+    return int(conn.execute(stmt).scalar() or 0)
 
 
 def _unclaimed() -> ColumnElement[bool]:

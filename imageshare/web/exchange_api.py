@@ -18,6 +18,7 @@ from imageshare.exchange.federated import PatientQuery
 from imageshare.web.auth import allowed
 from imageshare.web.deps import ArchiveDep
 from imageshare.web.exports import job_view
+from imageshare.web.pages.imaging_requests import candidate_uids
 from imageshare.web.params import TOTAL, JsonApiRoute, Limit, Offset, RowId, Strict, Uid
 
 router = APIRouter(prefix="/api/exchange", tags=["API"], route_class=JsonApiRoute)
@@ -322,8 +323,11 @@ async def fulfil(archive: ArchiveDep, request_id: str, body: FulfilIn,
     """Push the studies to the requesting site, mark the request fulfilled and tell the
     requester (through the job queue). Answers the first transfer (and all of them)."""
     uids = list(body.study_uids) or ([body.study_uid] if body.study_uid else [])
+    wanted = archive.requests.get(request_id[:32])
+    named = (await run_in_threadpool(candidate_uids, archive, wanted, actor)
+             if wanted.direction == "incoming" else [])
     sent = await run_in_threadpool(archive.requests.fulfil, request_id, uids, actor,
-                                   archive.policy.study_scope(actor), body.contact)
+                                   archive.policy.study_scope(actor), body.contact, named)
     return {**_transfer(sent[0]), "transfers": [_transfer(t) for t in sent]}
 
 

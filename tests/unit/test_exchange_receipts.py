@@ -15,7 +15,7 @@ from sqlalchemy import insert, select
 from imageshare.domain.actors import Actor, cli_actor
 from imageshare.exchange.nodes import Node
 from imageshare.exchange.site_api import SiteApi
-from imageshare.storage.index.schema import background_jobs, transfers
+from imageshare.storage.index.schema import background_jobs, imaging_requests, transfers
 from imageshare.web.server import create_app
 from tests.factory import ct_series
 from tests.peers import free_port
@@ -176,3 +176,23 @@ def test_a_dicom_sender_asking_high_priority_makes_an_urgent_arrival_and_alerts_
         finally:
             listener.stop()
             archive.close()
+
+
+def test_only_an_answer_to_a_request_we_sent_that_site_is_shown_as_one(archive, web, tmp_path):
+    """Site A says its images answer request R: kept only when R is a request we sent to
+    site A; a made-up or another site's request id is not shown as 'answers our request'."""
+    now = datetime.now(UTC)
+    with archive.engine.begin() as conn:
+        for public_id, site in (("to-a", "SITEA"), ("to-b", "SITEB")):
+            conn.execute(insert(imaging_requests).values(
+                public_id=public_id, direction="outgoing", site=site, nhs_number="9434765919",
+                hospital_number="", patient_name="", birth_date="", reason="priors",
+                priority="routine", state="open", detail="", created_by="doctor",
+                created_at=now, updated_at=now))
+    study_uid = _received(archive, tmp_path)
+    for claimed, kept in (("to-b", ""), ("made-up", ""), ("to-a", "to-a")):
+        answer = web.post("/api/exchange/arrivals", auth=("site-a", PASSWORD), json={
+            "origin": "SITEA", "study_uid": study_uid, "request": claimed})
+        assert answer.status_code == 200, answer.text
+        [item] = archive.inbox.items()
+        assert item.request_id == kept, claimed

@@ -14,7 +14,7 @@ from imageshare.access.policy import EXCHANGE
 from imageshare.archive.search import StudySearch, StudySummary, normalise_nhs_number
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
-from imageshare.exchange.requests import ImagingRequest
+from imageshare.exchange.requests import ImagingRequest, patient_named
 from imageshare.web.auth import allowed
 from imageshare.web.deps import Archive, ArchiveDep
 from imageshare.web.pages.templating import page, redirect
@@ -65,7 +65,13 @@ async def new_request(request: Request, archive: ArchiveDep, actor: allowed(EXCH
 def _candidates(archive: Archive, wanted: ImagingRequest, actor: Actor
                 ) -> list[StudySummary]:
     """Our studies of the patient asked for (by NHS number, hospital number, or name and
-    date of birth), to choose from."""
+    date of birth), to choose from; none for a request that does not name one patient (a
+    wildcard or a value list kept from before requests were checked would list others)."""
+    try:
+        patient_named(wanted.nhs_number, wanted.hospital_number, wanted.patient_name,
+                      wanted.birth_date)
+    except ImageShareError:
+        return []
     if wanted.nhs_number:
         search = StudySearch(nhs_number=wanted.nhs_number)
     elif wanted.hospital_number:
@@ -81,6 +87,12 @@ def _candidates(archive: Archive, wanted: ImagingRequest, actor: Actor
         return []
 
 
+def candidate_uids(archive: Archive, wanted: ImagingRequest, actor: Actor) -> list[str]:
+    """The study UIDs an answer to ``wanted`` may send: our studies of the patient it names
+    that ``actor`` may see (the ones its page offers)."""
+    return [s.study_uid for s in _candidates(archive, wanted, actor)]
+
+
 def _incoming(archive: Archive, request_id: str) -> ImagingRequest:
     wanted = archive.requests.get(request_id)
     if wanted.direction != "incoming":
@@ -92,8 +104,8 @@ def _incoming(archive: Archive, request_id: str) -> ImagingRequest:
 async def incoming_request(request: Request, archive: ArchiveDep, request_id: str,
                            actor: allowed(EXCHANGE)) -> Response:
     """An incoming request with our studies of that patient: fulfil (send the chosen ones)
-    or decline with a reason."""
-    wanted = _incoming(archive, request_id)
+    or decline with a reason (the reading audited: it names the patient)."""
+    wanted = await run_in_threadpool(archive.requests.read, request_id, actor)
     studies = await run_in_threadpool(_candidates, archive, wanted, actor)
     return page(request, "request.html", wanted=wanted, studies=studies,
                 label=_label(archive, wanted.site))
@@ -112,9 +124,10 @@ async def fulfil(request: Request, archive: ArchiveDep, request_id: str,
     """Send the chosen studies to the site that asked; it is told the request is fulfilled."""
     wanted = _incoming(archive, request_id)
     try:
+        named = await run_in_threadpool(candidate_uids, archive, wanted, actor)
         await run_in_threadpool(archive.requests.fulfil, wanted.public_id,
                                 [u[:64] for u in (study_uid or [])][:50], actor,
-                                archive.policy.study_scope(actor), contact[:256])
+                                archive.policy.study_scope(actor), contact[:256], named)
     except ImageShareError as exc:
         studies = await run_in_threadpool(_candidates, archive, wanted, actor)
         return page(request, "request.html", status_code=400, wanted=wanted,
