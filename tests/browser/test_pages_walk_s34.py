@@ -16,6 +16,7 @@ from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID, generate_uid
 
+from tests.browser.test_pages_walk_s33 import PAGE_WIDER_THAN_SCREEN, sign_in
 from tests.factory import us_cine
 from tests.peers import ADMIN_PASSWORD, RunningServer
 from tests.upload_media import mp4, pdf
@@ -25,8 +26,6 @@ pytestmark = pytest.mark.browser
 PASSWORD = "sonographer-password"
 LAPTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
-PAGE_WIDER_THAN_SCREEN = ("() => document.documentElement.scrollWidth"
-                          " - document.documentElement.clientWidth")
 FINGERPRINT = "ab" * 32
 
 
@@ -79,14 +78,6 @@ def assert_fits(page, what: str) -> None:
     """Nothing on the page is wider than the screen."""
     wider = page.evaluate(PAGE_WIDER_THAN_SCREEN)
     assert wider <= 1, f"{what}: the page is {wider} px wider than the screen"
-
-
-def sign_in(page, base: str, username: str, password: str) -> None:
-    page.goto(base + "/login")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", password)
-    page.click("button[type=submit]")
-    page.wait_for_load_state()
 
 
 def alert(page) -> str:

@@ -283,6 +283,19 @@ def site(archive):
     archive.users.add("siteb", "site-account-password", "site", site_node="siteb")
     return archive
 
+def _request(site, public_id: str, **fields: str) -> None:
+    """A request for imaging as stored (an incoming one from SITEB, open, unless ``fields``
+    say otherwise), written straight into the index."""
+    now = datetime.now(UTC)
+    values = {"direction": "incoming", "site": "SITEB", "nhs_number": "",
+              "hospital_number": "", "patient_name": "", "birth_date": "", "reason": "priors",
+              "priority": "routine", "state": "open", "detail": "", "created_by": "them",
+              **fields}
+    with site.engine.begin() as conn:
+        conn.execute(insert(imaging_requests).values(
+            public_id=public_id, created_at=now, updated_at=now, **values))
+
+
 
 @pytest.mark.parametrize("named", [
     {"hospital_number": "*"},
@@ -310,13 +323,7 @@ def test_a_stored_pattern_request_lists_none_of_our_patients(site, tmp_path):
     for n in range(3):
         _store(site, tmp_path / str(n), cli_actor(), patient_id=f"H{n}",
                patient_name=f"Patient^Number{n}")
-    now = datetime.now(UTC)
-    with site.engine.begin() as conn:  # filed before requests were checked
-        conn.execute(insert(imaging_requests).values(
-            public_id="old-star", direction="incoming", site="SITEB", nhs_number="",
-            hospital_number="*", patient_name="", birth_date="", reason="priors",
-            priority="routine", state="open", detail="", created_by="them",
-            created_at=now, updated_at=now))
+    _request(site, "old-star", hospital_number="*")  # filed before requests were checked
     wanted = site.requests.get("old-star")
     admin = Actor("user", "admin", "admin", "127.0.0.1")
     assert _candidates(site, wanted, admin) == []
@@ -342,13 +349,8 @@ def test_the_same_request_sent_again_is_filed_once(site):
 
 
 def test_an_answer_does_not_overturn_the_answer_already_given(site):
-    now = datetime.now(UTC)
-    with site.engine.begin() as conn:
-        conn.execute(insert(imaging_requests).values(
-            public_id="ask-b", direction="outgoing", site="SITEB", nhs_number="",
-            hospital_number="H1", patient_name="", birth_date="", reason="r",
-            priority="routine", state="sent", detail="", created_by="doctor",
-            created_at=now, updated_at=now))
+    _request(site, "ask-b", direction="outgoing", hospital_number="H1", reason="r",
+             state="sent", created_by="doctor")
     site.requests.record_answer(SITEB, {"request": "ask-b", "state": "declined",
                                         "detail": "no such patient"})
     again = site.requests.record_answer(SITEB, {"request": "ask-b", "state": "declined"})
@@ -362,13 +364,7 @@ def test_an_answer_does_not_overturn_the_answer_already_given(site):
 def test_two_people_answering_one_request_at_once_cannot_both(site, monkeypatch):
     """One colleague sends the studies (slow) while another declines: both went through,
     the site that asked was told "declined" and was sent the images all the same."""
-    now = datetime.now(UTC)
-    with site.engine.begin() as conn:
-        conn.execute(insert(imaging_requests).values(
-            public_id="inc-1", direction="incoming", site="SITEB", nhs_number="9434765919",
-            hospital_number="", patient_name="", birth_date="", reason="priors",
-            priority="routine", state="open", detail="", created_by="them",
-            created_at=now, updated_at=now))
+    _request(site, "inc-1", nhs_number="9434765919")
     sends: list[str] = []
 
     class SlowTransfers:
@@ -432,13 +428,7 @@ def test_an_answer_sends_only_studies_of_the_patient_the_request_names(site, tmp
                                   cli_actor()).study_uid
     other = site.ingest.store_copy(ct_series(tmp_path / "b", 1, patient_id="H200")[0],
                                    cli_actor()).study_uid
-    now = datetime.now(UTC)
-    with site.engine.begin() as conn:
-        conn.execute(insert(imaging_requests).values(
-            public_id="inc-9", direction="incoming", site="SITEB", nhs_number="",
-            hospital_number="H100", patient_name="", birth_date="", reason="priors",
-            priority="routine", state="open", detail="", created_by="them",
-            created_at=now, updated_at=now))
+    _request(site, "inc-9", hospital_number="H100")
     sends: list[str] = []
 
     class Recorded:
