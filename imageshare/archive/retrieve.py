@@ -128,8 +128,8 @@ class RetrieveService:
         with self._engine.connect() as conn:
             found = [StoredInstance(**row._asdict()) for row in conn.execute(stmt)]
         if most is not None and len(found) > most:
-            reason = (f"{len(found)} instances match, more than one retrieve can count "
-                      f"({most}): retrieve by study or series")
+            # Short enough for a DIMSE Error Comment (64 characters) as it stands.
+            reason = f"{len(found)} instances match: retrieve by study or series"
             if audit:
                 self._audit.record([AuditEvent(
                     actor=actor, action=action, outcome="failure", study_uid=uid,

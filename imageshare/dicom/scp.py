@@ -7,6 +7,7 @@ by pynetdicom (``STORE_RECV_CHUNKED_DATASET``) and never decoded whole in memory
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -466,17 +467,16 @@ class DicomListener:
         unique = _UNIQUE_KEYS[level]
         if not uids(unique):
             raise InvalidQuery(f"a {level} level retrieve names its {unique}")
+        # At most what a response can count; the detail (a C-MOVE's destination) audited.
+        select = functools.partial(self.retrieve.select, actor, action, detail=detail,
+                                   most=MAX_SUB_OPERATIONS)
         if level == "PATIENT":
             # Of the issuer named, if any: the patients a C-FIND with these keys finds.
             issuer = "\\".join(uids("IssuerOfPatientID"))
-            return self.retrieve.select(actor, action, patient_ids=uids("PatientID"),
-                                        issuer=issuer, detail=detail,
-                                        most=MAX_SUB_OPERATIONS)
+            return select(patient_ids=uids("PatientID"), issuer=issuer)
         if level == "STUDY":
-            return self.retrieve.select(actor, action, study_uids=uids("StudyInstanceUID"),
-                                        detail=detail, most=MAX_SUB_OPERATIONS)
-        return self.retrieve.select(
-            actor, action, detail=detail, most=MAX_SUB_OPERATIONS,
+            return select(study_uids=uids("StudyInstanceUID"))
+        return select(
             study_uids=uids("StudyInstanceUID"),
             series_uids=uids("SeriesInstanceUID"),
             sop_uids=uids("SOPInstanceUID") if level == "IMAGE" else (),
@@ -565,17 +565,17 @@ class DicomListener:
             yield None, None
             return
         comments[message_id] = DESTINATION_DID_NOT_ACCEPT
-        refusal = too_many = ""
+        refusal: Dataset | None = None  # the failure to answer, with its comment
         try:
             found = self._instances_for(event, actor, "study.move",
                                         {"destination": destination.ae_title})
         except NotFound:
             found = []
         except QueryTooBroad as exc:
-            found, too_many = [], _count_comment(exc)
+            found, refusal = [], statuses.MOVE_TOO_MANY.dataset(str(exc))
         except (ImageShareError, ValueError) as exc:
             log.info("C-MOVE refused: %s", type(exc).__name__)
-            found, refusal = [], str(exc)
+            found, refusal = [], statuses.MOVE_IDENTIFIER_MISMATCH.dataset(str(exc))
         # pynetdicom associates with the destination before it sends any status, so even a
         # refusal proposes one context.
         contexts = storage_contexts_for(
@@ -592,14 +592,10 @@ class DicomListener:
         if destination.tls:
             options["tls_args"] = (self.client_ssl_context, destination.host)
         yield destination.host, destination.port, options
-        if refusal:
+        if refusal is not None:
             # pynetdicom sends a failure status only after the sub-operations count.
             yield 1
-            yield statuses.MOVE_IDENTIFIER_MISMATCH.dataset(refusal), None
-            return
-        if too_many:
-            yield 1
-            yield statuses.MOVE_TOO_MANY.dataset(too_many), None
+            yield refusal, None
             return
         yield len(found)
         comments.pop(message_id, None)  # the destination accepted: no A801 from here on
@@ -619,7 +615,7 @@ class DicomListener:
             found = []
         except QueryTooBroad as exc:
             yield 1
-            yield statuses.GET_TOO_MANY.dataset(_count_comment(exc)), None
+            yield statuses.GET_TOO_MANY.dataset(str(exc)), None
             return
         except (ImageShareError, ValueError) as exc:
             yield 1
@@ -631,11 +627,6 @@ class DicomListener:
         }
         yield len(found)
         yield from self._datasets(found, event, lambda: accepted)
-
-
-def _count_comment(exc: QueryTooBroad) -> str:
-    """The Error Comment (64 characters) of a retrieve matching more than can be counted."""
-    return str(exc).split(",", 1)[0] + ": retrieve by study or series"
 
 
 _LITTLE_ENDIAN_NATIVE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
