@@ -21,6 +21,7 @@ from imageshare.web.pages.templating import page, redirect
 
 log = logging.getLogger("imageshare.web")
 PROBLEM = "application/problem+json"
+TUS_VERSION = "1.0.0"  # the tus protocol the upload routes speak
 
 
 # Pydantic's messages for the common refusals, in the words a person filling a form uses.
@@ -28,14 +29,14 @@ _PLAIN_WORDS = {"int_parsing": "must be a whole number", "int_type": "must be a 
                 "float_parsing": "must be a number", "bool_parsing": "must be yes or no",
                 "string_too_long": "is too long", "string_too_short": "is too short",
                 "greater_than": "is too small", "less_than": "is too large"}
-TUS_VERSION = "1.0.0"  # the tus protocol the upload routes speak
 _ACRONYMS = {"ae": "AE", "nhs": "NHS", "url": "URL", "tls": "TLS", "id": "ID",
              "dicomweb": "DICOMweb", "csrf": "CSRF"}
 
 
 def _form_problems(exc: RequestValidationError) -> str:
-    """What a person must correct in a page form, field by field in words ("Port: Input
-    should be a valid integer"), never echoing what was typed (it may be patient data)."""
+    """What a person must correct in a page form, field by field in words ("Port: must be a
+    whole number", "Host is required"), never echoing what was typed (it may be patient
+    data)."""
     said = []
     for error in exc.errors()[:10]:
         location = [str(p) for p in error.get("loc", ()) if p not in ("body", "query")]
