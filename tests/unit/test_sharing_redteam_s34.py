@@ -94,10 +94,14 @@ def test_a_shared_video_plays_in_the_link_viewer_and_shows_its_first_picture(
     anonymous.post("/login", data={"username": "drwho", "password": "a-long-password"},
                    headers=HTML)
     assert open_link(anonymous, created).status_code == 303
-    shown = manifest_of(anonymous.get(created.path + "/viewer", headers=HTML).text)
+    viewer = anonymous.get(created.path + "/viewer", headers=HTML).text
+    shown = manifest_of(viewer)
     [series] = [s for s in shown["series"] if any(f["sop"] == video_sop for f in s["frames"])]
     assert series["video"] is True and series["frames"] == [
         {"sop": video_sop, "frame": 1, "multi": False, "video": True}]
+    # Its series is called a video, not "1 frame", in the viewer and on the case page.
+    assert '<span class="muted">1 video</span>' in viewer
+    assert "<p>1 video" in anonymous.get(created.path + "/case", headers=HTML).text
     base = f"{shown['base']}/studies/{series['study']}/series/{series['uid']}"
     thumbnail = anonymous.get(f"{base}/thumbnail", headers={"Accept": "image/*"})
     assert thumbnail.status_code == 200 and thumbnail.content.startswith(b"\xff\xd8")
@@ -268,3 +272,14 @@ def test_the_invitation_says_the_minute_the_link_ends_not_only_the_day(
     [body] = sent
     assert f"{created.expires_at:%d %B %Y, %H:%M} UTC" in body
     assert "Hopper" not in body and "H4242" not in body
+
+
+def test_a_series_is_described_by_what_it_holds():
+    from imageshare.web.pages.templating import series_size
+
+    still = {"sop": "1", "frame": 1}
+    clip = {"sop": "2", "frame": 1, "video": True}
+    assert series_size([still] * 12) == "12 frames"
+    assert series_size([still]) == "1 frame"
+    assert series_size([clip]) == "1 video"
+    assert series_size([clip, clip, still]) == "2 videos, 1 frame"

@@ -134,6 +134,16 @@ def count(value: object, noun: str, plural: str = "") -> str:
     return f"{number} {noun if number == 1 else (plural or noun + 's')}"
 
 
+def series_size(frames: list[dict[str, object]]) -> str:
+    """What a viewer's series holds, in words: "12 frames", "1 video", "1 video, 3 frames"
+    (a video plays in the browser's player; it is not one frame)."""
+    videos = sum(1 for f in frames if f.get("video"))
+    stills = count(len(frames) - videos, "frame")
+    if not videos:
+        return stills
+    return count(videos, "video") + (f", {stills}" if len(frames) > videos else "")
+
+
 def when(value: datetime | None) -> str:
     """A moment in UTC, to the minute."""
     if value is None:
@@ -148,7 +158,7 @@ environment = Environment(
 )
 environment.filters.update(person=person, dicom_date=dicom_date, iso_date=iso_date,
                            dicom_time=dicom_time, nhs=nhs, when=when, sex=sex,
-                           count=count)
+                           count=count, series_size=series_size)
 # A fresh key in each rendering of a form that creates something (storage.submissions).
 environment.globals["form_key"] = new_form_key
 
