@@ -258,6 +258,13 @@ def _parser() -> argparse.ArgumentParser:
         decide.add_argument("request_id")
         decide.add_argument("--note", default="")
         decide.add_argument("--by", required=True, help="the administrator's account name")
+    again = deletion.add_parser(
+        "allow-again", help="let a deleted study's instances be stored again (an approved "
+        "deletion refuses them when they are sent again)")
+    _common(again)
+    again.add_argument("study_uid")
+    again.add_argument("--reason", required=True)
+    again.add_argument("--by", required=True, help="the administrator's account name")
     requests = deletion.add_parser("list", help="list deletion requests")
     _common(requests)
     requests.add_argument("--state", default="",
@@ -790,6 +797,14 @@ def _retention(archive: Any, args: argparse.Namespace) -> int:
     if args.command == "deletion" and args.action == "approve":
         removed = service.approve_deletion(args.request_id, _admin(args.by), args.note)
         print(f"study deleted: {removed.instances} instance(s)")
+        return 0
+    if args.command == "deletion" and args.action == "allow-again":
+        count = archive.deletion.allow_again(args.study_uid, _admin_checked(archive, args.by),
+                                             args.reason)
+        if not count:
+            print("no instance of this study is refused", file=sys.stderr)
+            return 1
+        print(f"{count} instance(s) of the study may be stored again")
         return 0
     if args.command == "deletion" and args.action == "refuse":
         decided = service.refuse_deletion(args.request_id, _admin(args.by), args.note)

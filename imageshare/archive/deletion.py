@@ -20,6 +20,7 @@ from sqlalchemy import ColumnElement, Connection, and_, delete, exists, func, or
 
 from imageshare.archive.index_writer import IndexWriter
 from imageshare.archive.indexing import summarise_studies
+from imageshare.archive.rejections import allow_again, reject
 from imageshare.archive.tombstones import remove_blobs, remove_tombstoned, tombstone
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
@@ -103,11 +104,26 @@ class ArchiveDeletion:
         condition = instances.c.sop_uid.in_(sorted(sop_uids))
         return self._delete(condition, only_classes, actor, reason, "rejection", self._now())
 
-    def approved_study(self, study_uid: str, actor: Actor, reason: str) -> Removed:
-        """Delete a whole study two administrators agreed on: all of it, or nothing
-        (:class:`DeletionRefused` naming why: a legal hold, a class still keeping it)."""
+    def approved_study(self, study_uid: str, actor: Actor, reason: str,
+                       request: str = "") -> Removed:
+        """Delete a whole study two administrators agreed on (deletion ``request``): all of
+        it, or nothing (:class:`DeletionRefused` naming why: a legal hold, a class still
+        keeping it). Its instances are refused if they are sent again (IHE IOCM)."""
         condition = studies.c.study_uid == study_uid
-        return self._delete(condition, None, actor, reason, "approved", self._now())
+        return self._delete(condition, None, actor, reason, "approved", self._now(),
+                            request=request)
+
+    def allow_again(self, study_uid: str, actor: Actor, reason: str) -> int:
+        """Let the instances of ``study_uid`` an approved deletion took away be stored again
+        (audited); returns how many were refused until now."""
+        def change(conn: Connection) -> int:
+            count = allow_again(conn, study_uid)
+            self._audit.record(AuditEvent(
+                actor=actor, action="deletion.allow_again",
+                outcome="success" if count else "failure", study_uid=study_uid,
+                instance_count=count, detail={"reason": reason.strip()[:200]}), conn=conn)
+            return count
+        return self._writer.submit(change)
 
     def expired(self, actor: Actor, now: datetime | None = None) -> Removed:
         """Delete every instance whose class lets it go at ``now`` (the retention job); the
@@ -132,14 +148,16 @@ class ArchiveDeletion:
         return as_utc(self.clock())
 
     def _delete(self, condition: ColumnElement[bool] | None, classes: Collection[str] | None,
-                actor: Actor, reason: str, path: DeletionPath, now: datetime) -> Removed:
+                actor: Actor, reason: str, path: DeletionPath, now: datetime,
+                request: str = "") -> Removed:
         # The studies (and their patients) the deletion found, kept for the audit of an
         # attempt that did not go through.
         seen: dict[str, str] = {}
 
         def change(conn: Connection
                    ) -> tuple[list[tuple[str, str]], dict[str, int], dict[str, str], int]:
-            stmt = (select(instances.c.pk, instances.c.blob_key, instances.c.retention_class,
+            stmt = (select(instances.c.pk, instances.c.sop_uid, instances.c.blob_key,
+                           instances.c.retention_class,
                            instances.c.received_at, instances.c.class_since,
                            studies.c.study_uid, patients.c.pk.label("patient_pk"),
                            patients.c.patient_id, patients.c.issuer, patients.c.birth_date)
@@ -171,6 +189,9 @@ class ArchiveDeletion:
             whole = _recount(conn, list(counts))
             if path == "approved":
                 _forget_study_notes(conn, list(counts))
+                for uid in counts:
+                    reject(conn, [r.sop_uid for r in rows if r.study_uid == uid], uid,
+                           request, now)
             self._parents_changed(conn)
             # A study gone as a whole is a Study Deleted (PS3.15 A.5.3.8); some of its
             # instances, with the study staying, are Instances Accessed with action D.

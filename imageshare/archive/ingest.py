@@ -38,6 +38,7 @@ from imageshare.archive.indexing import (
     replace_instance_blob,
 )
 from imageshare.archive.ingest_compare import same_instance
+from imageshare.archive.rejections import rejection_of
 from imageshare.archive.tombstones import remove_blobs
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import SYSTEM, Actor
@@ -514,7 +515,11 @@ class IngestService:
         """Index one instance whose bytes are (being) stored under ``key``; not audited."""
         now = datetime.now(UTC)
         existing = find_instance(conn, h.sop_instance_uid)
-        if existing is None:
+        rejection = rejection_of(conn, h.sop_instance_uid) if existing is None else None
+        if rejection is not None:
+            outcome = IndexOutcome("conflict", rejection.reason(h.sop_instance_uid),
+                                   audit_reason="deleted by an approved deletion")
+        elif existing is None:
             stored = moving.result()  # its digest goes into the row (the SQL above overlapped)
             # The caller's policy says whether another site sent it (then it waits in the
             # inbox for review) or it is the archive's own.

@@ -410,6 +410,9 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        _STUDY, ("request", "requested_by", "reason"), USE_OF_RESTRICTED_FUNCTION),
     _e("deletion.refuse", "A deletion request was refused or withdrawn.", SECURITY_ALERT, "E",
        _STUDY, ("request", "state"), USE_OF_RESTRICTED_FUNCTION),
+    _e("deletion.allow_again", "An administrator let the instances an approved deletion took "
+       "away be stored again (until then they are refused when sent again, IHE IOCM).",
+       SECURITY_ALERT, "E", _STUDY, ("reason",), OBJECT_SECURITY_ATTRIBUTES_CHANGED),
     _e("consent.record", "A patient's consent decision (teaching, research, publication) was "
        "recorded.", PATIENT_RECORD, "C", ("patient",),
        ("purpose", "decision", "source", "given_on"), OBJECT_SECURITY_ATTRIBUTES_CHANGED),

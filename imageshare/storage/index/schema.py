@@ -936,3 +936,17 @@ consents = Table(
     Column("recorded_by", String(128), nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
 )
+
+# Instances a study deletion two administrators agreed on took away (IHE IOCM: rejected
+# objects): a modality or workstation that sends one of them again is refused, so a
+# wrong-patient image does not come back by a retry. An administrator can let a study's
+# instances in again (``imageshare deletion allow-again``), which removes its rows.
+rejected_instances = Table(
+    "rejected_instances",
+    metadata,
+    Column("sop_uid", String(64), primary_key=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    # The deletion request that took it away (its public id).
+    Column("request", String(32), nullable=False, default="", server_default=""),
+    Column("rejected_at", DateTime(timezone=True), nullable=False),
+)
