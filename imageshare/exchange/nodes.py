@@ -72,6 +72,21 @@ def check_dicomweb_url(url: str) -> None:
         raise ImageShareError(f"the DICOMweb address {why}: no site is reached there")
 
 
+def check_dicom_host(host: str) -> None:
+    """Refuse (:class:`ImageShareError`, saying why) a DICOM host that is an IP address no
+    site may have (:func:`forbidden_address`: a metadata service, link-local, unspecified,
+    multicast) or that holds characters no host name has."""
+    if any(ord(char) < 33 or ord(char) == 127 or char in "/\\@" for char in host):
+        raise ImageShareError("a node's host is a host name or an IP address")
+    try:
+        ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return  # a host name
+    why = forbidden_address(host.strip("[]"))
+    if why:
+        raise ImageShareError(f"the node's host {why}: no DICOM node is reached there")
+
+
 def certificate_fingerprint(value: str) -> str:
     """A node's pinned certificate as stored: the SHA-256 fingerprint (64 hex digits, with or
     without colons or spaces, as ``openssl x509 -fingerprint -sha256`` prints it) in lowercase,
@@ -176,6 +191,7 @@ class NodeRegistry:
         if not node.host or not 0 < node.port < 65536:
             raise ImageShareError("a node needs a host and a port between 1 and 65535")
         check_dicomweb_url(node.dicomweb_url)
+        check_dicom_host(node.host)
         pinned = certificate_fingerprint(node.tls_certificate)
         if pinned and not node.tls:
             raise ImageShareError("a certificate is pinned for a node reached over DICOM TLS "
