@@ -48,6 +48,7 @@ from imageshare.audit.events import (
     Code,
     EventType,
 )
+from imageshare.audit.trail import PATIENT_ISSUER
 from imageshare.storage.index.schema import atna_cursor, audit_events
 
 log = logging.getLogger("imageshare.atna")
@@ -132,9 +133,38 @@ def _network_point(source: str) -> str:
     return f" NetworkAccessPointID={_attr(host)} NetworkAccessPointTypeCode=\"{kind}\""
 
 
+# An issuer that is an ISO OID (Universal Entity ID of type ISO), not a local namespace.
+_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
+# HL7 v2 escapes of the delimiters a CX value uses (v2.5 2.7.1), the escape character first.
+_HL7_ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"),
+                ("~", "\\R\\"))
+
+
+def _hl7(text: str) -> str:
+    """``text`` with the HL7 v2 delimiters escaped (a value cannot end a component early)."""
+    for plain, escaped in _HL7_ESCAPES:
+        text = text.replace(plain, escaped)
+    return text
+
+
+def patient_cx(patient_id: str, issuer: str) -> str:
+    """The patient ID as IHE ITI ATNA writes it (HL7 v2 CX, PS3.15 A.5.3 "Patient"): the ID
+    with its assigning authority, ``ID^^^&OID&ISO`` for an issuer that is an OID and
+    ``ID^^^NAMESPACE`` for a local one (a patient ID is unique only with its issuer); the ID
+    alone when it has none."""
+    if not issuer:
+        return _hl7(patient_id)
+    if _OID.fullmatch(issuer):
+        return f"{_hl7(patient_id)}^^^&{issuer}&ISO"
+    return f"{_hl7(patient_id)}^^^{_hl7(issuer)}"
+
+
 def _object_id(kind: str, row: dict[str, Any], detail: dict[str, Any]) -> str:
     if kind == "patient":
-        return row.get("patient_id") or ""
+        patient_id = row.get("patient_id") or ""
+        issuer = detail.get(PATIENT_ISSUER)
+        return patient_cx(patient_id, issuer if isinstance(issuer, str) else "") \
+            if patient_id else ""
     if kind == "study":
         return row.get("study_uid") or ""
     if kind == "audit-log":
@@ -167,6 +197,11 @@ def _participant_object(kind: str, row: dict[str, Any], detail: dict[str, Any]) 
                      f"value=\"{base64.b64encode(b'UTF-8').decode()}\"/>")
     else:
         parts.append(f"<ParticipantObjectName>{_text(object_id)}</ParticipantObjectName>")
+    issuer = detail.get(PATIENT_ISSUER)
+    if kind == "patient" and isinstance(issuer, str) and issuer:
+        # The issuer also on its own (DICOM's Issuer of Patient ID, (0010,0021)).
+        value = base64.b64encode(issuer.encode("utf-8")).decode()
+        parts.append(f"<ParticipantObjectDetail type=\"IssuerOfPatientID\" value=\"{value}\"/>")
     if kind == "study" and row.get("instance_count"):
         parts.append("<ParticipantObjectDescription><SOPClass NumberOfInstances="
                      f"\"{int(row['instance_count'])}\"/></ParticipantObjectDescription>")
@@ -218,8 +253,14 @@ def audit_message(row: dict[str, Any], config: AtnaConfig) -> bytes:
     xml = _audit_message(row, config)
     if len(xml) <= MAX_XML:
         return xml
-    note = {"reason": f"the detail is in the audit trail, seq={row.get('seq')} (too long "
-                      "for a syslog message)"}
+    note: dict[str, Any] = {"reason": f"the detail is in the audit trail, seq={row.get('seq')} "
+                                      "(too long for a syslog message)"}
+    try:  # the patient stays named whole: its ID with its issuer
+        issuer = json.loads(row.get("detail") or "{}").get(PATIENT_ISSUER)
+    except (ValueError, TypeError, AttributeError):
+        issuer = None
+    if isinstance(issuer, str) and issuer:
+        note[PATIENT_ISSUER] = issuer[:64]
     return _audit_message({**row, "actor": str(row.get("actor") or "-")[:64],
                            "detail": json.dumps(note)}, config)
 

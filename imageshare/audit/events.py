@@ -74,7 +74,9 @@ class ParticipantObjectType:
 # transactions use but a DICOM Query message does not.
 PARTICIPANT_OBJECTS: dict[str, ParticipantObjectType] = {p.kind: p for p in (
     ParticipantObjectType("patient", "1", "1", Code("2", "RFC-3881", "Patient Number"),
-                          "patient_id"),
+                          "patient_id with its issuer (detail.patient_issuer) as HL7 CX: "
+                          "ID^^^NAMESPACE, or ID^^^&OID&ISO; the issuer also in "
+                          "ParticipantObjectDetail IssuerOfPatientID"),
     ParticipantObjectType("study", "2", "3", Code("110180", "DCM", "Study Instance UID"),
                           "study_uid"),
     ParticipantObjectType("user", "1", "11", Code("11", "RFC-3881", "User Identifier"),
@@ -226,7 +228,11 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        _STUDY, ("reason",)),
     _e("case.update", "A teaching case's texts (title, history, findings, diagnosis, ...) "
        "were changed by its author.", INSTANCES_ACCESSED, "U", ("case",), ("case", "fields")),
-    _e("case.delete", "A teaching case was deleted.", STUDY_DELETED, "D", ("case",), ("case",)),
+    _e("case.delete", "A case was deleted (its attachments with it; the images, and a "
+       "teaching case's de-identified copies, stay in the archive): one event per study it "
+       "was made from, naming that study and its patient. Not a DICOM deletion: no "
+       "instance is deleted.", INSTANCES_ACCESSED, "U", _STUDY + ("case",),
+       ("case", "copies", "attachments")),
     _e("teaching.create", "A de-identified, verified copy of a study was made for a teaching "
        "case.", INSTANCES_ACCESSED, "C", _STUDY + ("case",),
        ("case", "profile", "copied", "held_back")),
@@ -283,9 +289,18 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        LOGIN),
     _e("upload.submit", "An uploader sent their files for review.", IMPORT, "C", ("patient",),
        ("upload",)),
-    _e("upload.withdraw", "An uploader withdrew a file before sending it (its bytes, and "
-       "what it was stored as, removed).", INSTANCES_ACCESSED, "D", ("patient",),
-       ("upload", "file")),
+    _e("upload.announce", "A file of an upload was announced (tus creation; perhaps with its "
+       "first bytes), or the announcement was refused (reason).", INSTANCES_ACCESSED, "C",
+       ("patient",), ("upload", "file", "offset", "length", "reason")),
+    _e("upload.chunk", "Bytes of an uploaded file arrived (tus PATCH; offset: how far it "
+       "got), or were refused (reason).", INSTANCES_ACCESSED, "U", ("patient",),
+       ("upload", "file", "offset", "length", "reason")),
+    _e("upload.offset", "How much of an uploaded file arrived was asked (tus HEAD), or the "
+       "question was refused (reason).", INSTANCES_ACCESSED, "R", ("patient",),
+       ("upload", "file", "offset", "length", "reason")),
+    _e("upload.withdraw", "An uploader withdrew a file before sending it (tus termination: "
+       "its bytes, and what it was stored as, removed), or the withdrawal was refused "
+       "(reason).", INSTANCES_ACCESSED, "D", ("patient",), ("upload", "file", "reason")),
     _e("upload.receive", "An upload's files were made DICOM and stored for review.", IMPORT,
        "C", ("patient",), ("upload", "round", "refused")),
     _e("upload.accept", "An uploaded study was accepted into the record.", IMPORT, "C",
@@ -303,8 +318,8 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        SECURITY_ALERT, "E", ("patient",), ("role",), SECURITY_ROLES_CHANGED),
     _e("patient.bind", "A patient account was bound to its record on first sign-in.",
        SECURITY_ALERT, "E", ("patient",), ("issuer", "record"), SECURITY_ROLES_CHANGED),
-    _e("patient.studies", "A patient looked at the list of their own studies.",
-       INSTANCES_ACCESSED, "R", (), ()),
+    _e("patient.studies", "A patient looked at the list of their own studies (one event per "
+       "patient record the list showed).", INSTANCES_ACCESSED, "R", ("patient",), ()),
     _e("patient.download", "A patient downloaded their own study.", EXPORT, "R", _STUDY,
        ("format",)),
     # Sign-in, accounts, tokens.
@@ -419,7 +434,8 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
     _e("consent.read", "A patient's consent records were read.", PATIENT_RECORD, "R",
        ("patient",), ()),
     _e("consent.refused", "A teaching or research use of identifiable images was refused for "
-       "want of the patient's consent.", SECURITY_ALERT, "E", _STUDY, ("purpose", "reason"),
+       "want of the patient's consent (case: a teaching case no longer shown).",
+       SECURITY_ALERT, "E", _STUDY, ("purpose", "reason", "case"),
        USE_OF_RESTRICTED_FUNCTION),
     # The audit trail itself.
     _e("audit.read", "The audit trail (or a study's access list) was read.", AUDIT_LOG_USED,

@@ -9,22 +9,31 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, and_, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from imageshare.audit.chain import append
 from imageshare.audit.events import CATALOGUE
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import AuditUnavailable, UnknownAuditEvent
-from imageshare.storage.index.schema import audit_events
+from imageshare.storage.index.schema import audit_events, patients, studies
 
 Outcome = Literal["success", "failure", "refused", "warning"]
 log = logging.getLogger("imageshare.audit")
+# The detail key that carries the Issuer of Patient ID of the event's patient_id: a patient
+# ID is unique only with its issuer (DICOM (0010,0021); ATNA writes the two as one CX value).
+PATIENT_ISSUER = "patient_issuer"
+# A study of another site waiting in the inbox is filed under issuer "inbox:" + the issuer
+# it was sent with (imageshare.archive.indexing.INBOX_PREFIX): the audit names the latter.
+_INBOX_PREFIX = "inbox:"
 
 
 @dataclass(frozen=True)
 class AuditEvent:
-    """One access or change of patient data: who, what, which patient/study, outcome, detail."""
+    """One access or change of patient data: who, what, which patient/study, outcome, detail.
+    ``issuer``: the Issuer of Patient ID of ``patient_id`` (kept in the detail as
+    ``patient_issuer``); when not given for an event naming a study, the trail takes it from
+    the study's patient record (when that record has this patient ID)."""
 
     actor: Actor
     action: str
@@ -34,11 +43,17 @@ class AuditEvent:
     instance_count: int = 0
     detail: dict[str, Any] = field(default_factory=dict)
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    issuer: str = ""
 
-    def row(self) -> dict[str, Any]:
-        """The audit table row for this event. Text from the outside (a user name, an AE
-        title, a UID) is kept with each NUL written as U+FFFD: PostgreSQL refuses NUL in text,
-        and the write of the event, with the request it records, would fail on it."""
+    def row(self, issuer: str = "") -> dict[str, Any]:
+        """The audit table row for this event (``issuer``: the patient ID's issuer when the
+        event gives none). Text from the outside (a user name, an AE title, a UID) is kept
+        with each NUL written as U+FFFD: PostgreSQL refuses NUL in text, and the write of the
+        event, with the request it records, would fail on it."""
+        detail = self.detail
+        issuer = self.issuer or issuer
+        if issuer and self.patient_id and PATIENT_ISSUER not in detail:
+            detail = {**detail, PATIENT_ISSUER: issuer[:64]}
         return {
             "at": _utc(self.at),
             "actor": _storable(self.actor.label, 128),
@@ -49,7 +64,7 @@ class AuditEvent:
             "patient_id": _storable(self.patient_id, 64),
             "study_uid": _storable(self.study_uid, 64),
             "instance_count": self.instance_count,
-            "detail": json.dumps(self.detail, sort_keys=True, default=str),
+            "detail": json.dumps(detail, sort_keys=True, default=str),
         }
 
 
@@ -85,13 +100,12 @@ class AuditTrail:
             if e.action not in CATALOGUE:
                 raise UnknownAuditEvent(
                     f"audit action {e.action[:64]!r} is not in the event catalogue")
-        rows = [e.row() for e in batch]
         if conn is not None:
-            append(conn, rows)
+            append(conn, _rows(conn, batch))
         else:
             try:
                 with self._engine.begin() as own:
-                    append(own, rows)
+                    append(own, _rows(own, batch))
             except SQLAlchemyError as exc:
                 log.error("audit trail cannot be written: %s", type(exc).__name__)
                 raise AuditUnavailable(
@@ -120,3 +134,33 @@ class AuditTrail:
                 item = dict(row)
                 item["detail"] = json.loads(item["detail"] or "{}")
                 yield item
+
+
+def _rows(conn: Connection, batch: list[AuditEvent]) -> list[dict[str, Any]]:
+    """The rows of ``batch``, each naming a study's patient with the Issuer of Patient ID of
+    that patient's record (read in ``conn``: also a record made in the same transaction)."""
+    wanted = {(e.study_uid, e.patient_id) for e in batch
+              if e.study_uid and e.patient_id and not e.issuer
+              and "\x00" not in e.study_uid + e.patient_id}  # (PostgreSQL refuses NUL)
+    issuers: dict[tuple[str, str], str] = {}
+    pairs = sorted(wanted)
+    for start in range(0, len(pairs), 100):
+        found = conn.execute(
+            select(studies.c.study_uid, patients.c.patient_id, patients.c.issuer,
+                   patients.c.attrs)
+            .join(patients, studies.c.patient_pk == patients.c.pk)
+            .where(or_(*(and_(studies.c.study_uid == study, patients.c.patient_id == patient)
+                         for study, patient in pairs[start:start + 100]))))
+        for study, patient, issuer, attrs in found:
+            issuers[(study, patient)] = _issuer_as_sent(str(issuer or ""), attrs)
+    return [e.row(issuers.get((e.study_uid, e.patient_id), "")) for e in batch]
+
+
+def _issuer_as_sent(issuer: str, attrs: Any) -> str:
+    """The Issuer of Patient ID of a stored record: a study waiting in the inbox is kept
+    under ``inbox:`` + its issuer (cut to fit); the issuer as sent is in its attributes."""
+    if not issuer.startswith(_INBOX_PREFIX):
+        return issuer
+    element = attrs.get("00100021") if isinstance(attrs, dict) else None
+    sent = (element.get("Value") or []) if isinstance(element, dict) else []
+    return str(sent[0]) if sent else issuer[len(_INBOX_PREFIX):]

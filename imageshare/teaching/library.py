@@ -29,7 +29,7 @@ from sqlalchemy import Engine, and_, delete, insert, or_, select, update
 
 from imageshare.archive.ingest import IngestService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
-from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.audit.trail import PATIENT_ISSUER, AuditEvent, AuditTrail
 from imageshare.deid.identity import field_naming_the_patient
 from imageshare.deid.service import Deidentifier, seekable
 from imageshare.domain.actors import Actor
@@ -232,8 +232,20 @@ class TeachingLibrary:
         does not point at them; the audit trail's ``teaching.create`` events of the case
         name them, and they are read only to protect the patient (their words kept out of
         the case, their consent decisions followed)."""
-        found = self._audit.events("teaching.create", detail=("case", case.public_id))
-        return list(dict.fromkeys(e["study_uid"] for e in found if e.get("study_uid")))
+        return list(dict.fromkeys(study for study, _patient, _issuer in self._sources(case)))
+
+    def _sources(self, case: TeachingCase) -> list[tuple[str, str, str]]:
+        """The studies the case's copies were made from, each with its patient as the
+        ``teaching.create`` events of the case name them (study UID, patient ID, issuer),
+        oldest first."""
+        found = list(self._audit.events("teaching.create", detail=("case", case.public_id)))
+        sources: dict[str, tuple[str, str, str]] = {}
+        for e in reversed(found):  # oldest first: the first of each study is its making
+            if e.get("study_uid"):
+                sources.setdefault(str(e["study_uid"]), (
+                    str(e["study_uid"]), str(e.get("patient_id") or ""),
+                    str(e["detail"].get(PATIENT_ISSUER) or "")))
+        return list(sources.values())
 
     def held_back(self, case: TeachingCase) -> int:
         """How many images of the studies the case was made from were held back (not
@@ -277,23 +289,30 @@ class TeachingLibrary:
     def withdrawn(self, case: TeachingCase) -> str:
         """Why the case may no longer be shown ("" when it may): the patient of a study it
         was made from refused or withdrew teaching consent after it was made."""
-        for study_uid in self.source_studies(case):
+        return self._withdrawn_by(case)[1]
+
+    def _withdrawn_by(self, case: TeachingCase) -> tuple[tuple[str, str, str] | None, str]:
+        """The source (as :meth:`_sources` gives it) whose patient refused or withdrew
+        teaching consent, and why; (None, "") when the case may be shown."""
+        for source in self._sources(case):
             try:
-                reason = self.teaching_refused(study_uid)
+                reason = self.teaching_refused(source[0])
             except NotFound:  # the source study was deleted: no decision can be read
                 continue
             if reason:
-                return reason
-        return ""
+                return source, reason
+        return None, ""
 
     def require_usable(self, case: TeachingCase, actor: Actor) -> None:
         """Forbidden (audited as a consent refusal) when the case may no longer be shown,
         presented, opened or shared (:meth:`withdrawn`); its author may still delete it."""
-        reason = self.withdrawn(case)
-        if reason:
+        source, reason = self._withdrawn_by(case)
+        if source is not None:
+            # Whose decision refused it: the patient and the study the case was made from.
             self._audit.record(AuditEvent(
                 actor=actor, action="consent.refused", outcome="failure",
-                detail={"purpose": "teaching", "reason": reason}))
+                patient_id=source[1], study_uid=source[0], issuer=source[2],
+                detail={"purpose": "teaching", "reason": reason, "case": case.public_id}))
             raise Forbidden(f"{reason}: this teaching case is no longer shown")
 
     def _copy(self, actor: Actor, found: list[StoredInstance], public_id: str,
@@ -508,10 +527,18 @@ class TeachingLibrary:
         archive, where retention governs them)."""
         self._require_author(case, actor, "case.delete")
         keys = [a.blob_key for a in self.attachments(case)]
+        copies = self.studies(case)
+        detail = {"case": case.public_id, "copies": copies, "attachments": len(keys)}
+        # One event per study the case was made from, naming it and its patient (whose
+        # access report lists the deletion); one naming only the case when none is known.
+        events = [AuditEvent(actor=actor, action="case.delete", outcome="success",
+                             patient_id=patient, study_uid=study, issuer=issuer,
+                             detail=detail)
+                  for study, patient, issuer in self._sources(case)] or [
+            AuditEvent(actor=actor, action="case.delete", outcome="success", detail=detail)]
         with self._engine.begin() as conn:
             conn.execute(delete(cases).where(cases.c.pk == case.pk))
-            self._audit.record(AuditEvent(actor=actor, action="case.delete", outcome="success",
-                                          detail={"case": case.public_id}), conn=conn)
+            self._audit.record(events, conn=conn)
         for key in keys:
             try:
                 self._blobs.delete(key)

@@ -471,7 +471,7 @@ class UploadIntake:
             outcomes.close()
         self._audit.record(AuditEvent(
             actor=actor, action="upload.receive", outcome="success",
-            patient_id=invitation.hospital_number,
+            patient_id=invitation.hospital_number, issuer=invitation.issuer,
             instance_count=report.stored + report.held,
             detail={"upload": invitation.public_id, "round": round_,
                     "refused": report.refused}))

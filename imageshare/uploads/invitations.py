@@ -28,7 +28,7 @@ from imageshare.access.passcodes import (
 )
 from imageshare.access.users import as_utc, secret_hash
 from imageshare.archive.corrections import PatientDetails
-from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.audit.trail import AuditEvent, AuditTrail, Outcome
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
     Forbidden,
@@ -173,7 +173,7 @@ class UploadInvitations:
                 max_bytes=max_bytes, status="open", created_at=now, expires_at=expires))
             self._audit.record(AuditEvent(
                 actor=owner, action="upload.invite" if kind == "invitation" else "upload.import",
-                outcome="success", patient_id=details.patient_id,
+                outcome="success", patient_id=details.patient_id, issuer=details.issuer,
                 detail={"upload": public_id, "max_bytes": max_bytes,
                         "recipient": "e-mail" if request.email else ""}), conn=conn)
         return self.by_public_id(public_id)
@@ -318,8 +318,23 @@ class UploadInvitations:
         """Audit that ``actor`` withdrew the file ``upload_id`` before sending it."""
         self._audit.record(AuditEvent(actor=actor, action="upload.withdraw", outcome="success",
                                       patient_id=invitation.hospital_number,
+                                      issuer=invitation.issuer,
                                       detail={"upload": invitation.public_id,
                                               "file": upload_id}))
+
+    def record_file_step(self, actor: Actor, action: str, outcome: Outcome, public_id: str,
+                    detail: dict[str, Any]) -> None:
+        """Audit a step of a file's transfer on the upload ``public_id``, naming its patient
+        with the issuer (none when there is no such upload)."""
+        patient_id = issuer = ""
+        try:
+            invitation = self.by_public_id(public_id[:64])
+            patient_id, issuer = invitation.hospital_number, invitation.issuer
+        except NotFound:
+            pass
+        self._audit.record(AuditEvent(actor=actor, action=action, outcome=outcome,
+                                      patient_id=patient_id, issuer=issuer,
+                                      detail={"upload": public_id[:64], **detail}))
 
     def mark_submitted(self, invitation: Invitation, actor: Actor) -> None:
         """The uploader (or member of staff) finished sending this round."""
@@ -328,8 +343,9 @@ class UploadInvitations:
                 upload_invitations.c.pk == invitation.pk).values(
                 status="submitted", submitted_at=datetime.now(UTC)))
             self._audit.record(AuditEvent(actor=actor, action="upload.submit",
-                                          outcome="success", patient_id=invitation
-                                          .hospital_number,
+                                          outcome="success",
+                                          patient_id=invitation.hospital_number,
+                                          issuer=invitation.issuer,
                                           detail={"upload": invitation.public_id}), conn=conn)
 
     def reopen(self, invitation: Invitation, message: str) -> datetime:

@@ -59,7 +59,8 @@ class PatientAccounts:
                 invited_by=actor.name, created_at=datetime.now(UTC), invite_pk=invite_pk))
             self._audit.record(AuditEvent(actor=actor, action="patient.invite",
                                           outcome="success", patient_id=patient_id,
-                                          detail={"role": "patient"}), conn=conn)
+                                          issuer=issuer, detail={"role": "patient"}),
+                               conn=conn)
         self._mailer.send(
             email, "Your images at the hospital",
             "The hospital invites you to make an account to see and download your own images "
@@ -92,7 +93,7 @@ class PatientAccounts:
                     if bound:
                         self._audit.record(AuditEvent(
                             actor=actor, action="patient.bind", outcome="success",
-                            patient_id=row.patient_id,
+                            patient_id=row.patient_id, issuer=row.issuer,
                             detail={"issuer": row.issuer, "record": row.pk}), conn=conn)
                 rows = conn.execute(select(patient_accounts.c.pk, patient_accounts.c.username,
                                            patient_accounts.c.patient_id,

@@ -268,7 +268,8 @@ class UploadReview:
                                   sop_uids=self.sent_of(invitation, item.study_uid),
                                   prepare=file_under_invited)
         self._audit.record(AuditEvent(actor=actor, action="upload.accept", outcome="success",
-                                      patient_id=target.patient_id, study_uid=item.study_uid,
+                                      patient_id=target.patient_id, issuer=target.issuer,
+                                      study_uid=item.study_uid,
                                       detail={"upload": invitation.public_id, "done": done}))
         if self.pending_count(invitation) == 0 and invitation.status == "submitted":
             self._invitations.close(invitation)
@@ -327,6 +328,7 @@ class UploadReview:
                 upload_results.c.study_uid == item.study_uid))
         self._audit.record(AuditEvent(actor=actor, action="upload.reject", outcome="success",
                                       patient_id=invitation.hospital_number,
+                                      issuer=invitation.issuer,
                                       study_uid=item.study_uid,
                                       detail={"upload": invitation.public_id}))
         if invitation.kind == "invitation":

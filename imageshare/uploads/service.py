@@ -19,8 +19,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from imageshare.archive.deletion import ArchiveDeletion
+from imageshare.audit.trail import Outcome
 from imageshare.domain.actors import SYSTEM, Actor
-from imageshare.domain.errors import ImageShareError, NotFound
+from imageshare.domain.errors import (
+    AuditUnavailable,
+    Forbidden,
+    ImageShareError,
+    LinkGone,
+    NotAuthenticated,
+    NotFound,
+    OutOfResources,
+    TooManyRequests,
+    UploadQuotaExceeded,
+)
 from imageshare.jobs.queue import Job, JobElsewhere, JobQueue, actor_from, actor_params
 from imageshare.uploads.intake import UploadIntake
 from imageshare.uploads.invitations import Invitation, UploadInvitations
@@ -33,6 +44,11 @@ INTAKE_JOB = "upload-intake"
 CLEANUP_JOB = "upload-cleanup"
 ELSEWHERE_LIMIT = timedelta(days=1)  # an intake waits this long for the instance with the files
 ORPHAN_AGE = timedelta(days=2)  # an instance of no upload older than this is removed
+# The steps of the tus file transfer, each audited (tus termination is upload.withdraw).
+FILE_STEPS = ("upload.announce", "upload.chunk", "upload.offset", "upload.withdraw")
+# Errors that are a refusal (of a right, a limit) rather than a failure of the request.
+_REFUSALS = (Forbidden, NotAuthenticated, LinkGone, TooManyRequests, UploadQuotaExceeded,
+             OutOfResources)
 
 
 @dataclass
@@ -82,6 +98,31 @@ class UploadService:
             raise
         self.receiver.drop_bytes(invitation, found)
         self.invitations.record_withdrawal(invitation, actor, upload_id)
+
+    def record_step(self, action: str, actor: Actor, public_id: str, upload_id: str = "",
+                    offset: int | None = None, length: int | None = None,
+                    error: BaseException | None = None) -> None:
+        """Audit one step of a file's transfer (``action``, one of :data:`FILE_STEPS`) by
+        ``actor`` on the upload ``public_id`` (naming its patient, with the issuer), file
+        ``upload_id``: a success (how far the file got), or ``error``'s refusal or failure
+        with its reason. An error that is the audit trail's own is not recorded again."""
+        if action not in FILE_STEPS:
+            raise ValueError(f"not a step of a file's transfer: {action}")
+        if isinstance(error, AuditUnavailable):
+            return
+        detail: dict[str, Any] = {}
+        if upload_id:
+            detail["file"] = upload_id[:64]
+        if offset is not None:
+            detail["offset"] = offset
+        if length is not None:
+            detail["length"] = length
+        outcome: Outcome = "success"
+        if error is not None:
+            outcome = "refused" if isinstance(error, _REFUSALS) else "failure"
+            detail["reason"] = (str(error)[:200] if isinstance(error, ImageShareError)
+                                else type(error).__name__)
+        self.invitations.record_file_step(actor, action, outcome, public_id, detail)
 
     def revoke(self, invitation: Invitation, actor: Actor) -> None:
         """End an invitation for good; what was uploaded and never sent is removed."""

@@ -17,7 +17,7 @@ import fcntl
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -159,29 +159,40 @@ async def invitee_tus_create(request: Request, archive: ArchiveDep, token: str,
                              uploader: allowed(UPLOAD_SEND)) -> Response:
     """tus creation: announce a file (Upload-Length, Upload-Metadata), perhaps with its
     first bytes (creation-with-upload)."""
-    return await _tus_create(request, archive, lambda: _invitation(request),
-                             f"/u/{token}/files", uploader)
+    invitation = _invitation(request)
+    return await _audited_tus_step(archive, "upload.announce", uploader, invitation.public_id, "",
+                          lambda: _tus_create(request, archive, lambda: invitation,
+                                              f"/u/{token}/files", uploader))
 
 
 @tus.head("/u/{token}/files/{upload_id}")
-def invitee_tus_head(request: Request, archive: ArchiveDep, upload_id: str,
-                     _uploader: allowed(UPLOAD_SEND)) -> Response:
+async def invitee_tus_head(request: Request, archive: ArchiveDep, upload_id: str,
+                           _uploader: allowed(UPLOAD_SEND)) -> Response:
     """tus: how many bytes of the file arrived."""
-    return _tus_head(archive, _invitation(request), upload_id, _uploader)
+    invitation = _invitation(request)
+    return await _audited_tus_step(archive, "upload.offset", _uploader, invitation.public_id,
+                          upload_id, lambda: run_in_threadpool(
+                              _tus_head, archive, invitation, upload_id, _uploader))
 
 
 @tus.patch("/u/{token}/files/{upload_id}")
 async def invitee_tus_patch(request: Request, archive: ArchiveDep, upload_id: str,
                             uploader: allowed(UPLOAD_SEND)) -> Response:
     """tus: the next chunk of the file, at the offset received so far."""
-    return await _tus_patch(request, archive, _invitation(request), upload_id, uploader)
+    invitation = _invitation(request)
+    return await _audited_tus_step(archive, "upload.chunk", uploader, invitation.public_id,
+                          upload_id, lambda: _tus_patch(request, archive, invitation,
+                                                        upload_id, uploader))
 
 
 @tus.delete("/u/{token}/files/{upload_id}")
-def invitee_tus_delete(request: Request, archive: ArchiveDep, upload_id: str,
-                       uploader: allowed(UPLOAD_SEND)) -> Response:
+async def invitee_tus_delete(request: Request, archive: ArchiveDep, upload_id: str,
+                             uploader: allowed(UPLOAD_SEND)) -> Response:
     """tus termination: forget a file not yet sent."""
-    return _tus_delete(archive, _invitation(request), upload_id, uploader)
+    invitation = _invitation(request)
+    return await _audited_tus_step(archive, "upload.withdraw", uploader, invitation.public_id,
+                          upload_id, lambda: run_in_threadpool(
+                              _tus_delete, archive, invitation, upload_id, uploader))
 
 
 @router.post("/u/{token}/send")
@@ -224,6 +235,28 @@ def invitee_sent(request: Request, archive: ArchiveDep, token: str, job_id: str,
 
 
 # -- tus 1.0 (core, creation, termination) ----------------------------------------------
+
+
+async def _audited_tus_step(archive: Archive, action: str, actor: Actor, public_id: str,
+                   upload_id: str, step: Callable[[], Awaitable[Response]]) -> Response:
+    """Run one tus step on a file of the upload ``public_id`` and audit it (``action``):
+    how far the file got, or the step's refusal or failure with its reason, then raised
+    again. A withdrawal that succeeds is audited by the service that made it."""
+    try:
+        response = await step()
+    except Exception as exc:
+        await run_in_threadpool(archive.uploads.record_step, action, actor, public_id,
+                                upload_id, error=exc)
+        raise
+    if action != "upload.withdraw":
+        made = response.headers.get("location", "").rsplit("/", 1)[-1]
+        offset, length = (response.headers.get(h, "") for h in ("upload-offset",
+                                                                  "upload-length"))
+        await run_in_threadpool(
+            archive.uploads.record_step, action, actor, public_id, upload_id or made,
+            int(offset) if offset.isdigit() else None,
+            int(length) if length.isdigit() else None)
+    return response
 
 
 def _tus_options() -> Response:
@@ -577,6 +610,9 @@ def staff_upload_page(request: Request, archive: ArchiveDep, public_id: str,
                       actor: allowed(UPLOAD_MANAGE)) -> Response:
     """The same upload page, for a member of staff's own import."""
     batch = _staff_batch(archive, public_id, actor)
+    archive.audit.record(AuditEvent(actor=actor, action="upload.read", outcome="success",
+                                    patient_id=batch.hospital_number, issuer=batch.issuer,
+                                    detail={"upload": public_id}))
     return _upload_page(request, archive, batch, f"/uploads/{public_id}", staff=True)
 
 
@@ -590,30 +626,42 @@ def staff_tus_options(_actor: allowed(UPLOAD_MANAGE)) -> Response:
 async def staff_tus_create(request: Request, archive: ArchiveDep, public_id: str,
                            actor: allowed(UPLOAD_MANAGE)) -> Response:
     """tus creation for a staff import (creation-with-upload too)."""
-    return await _tus_create(request, archive, lambda: _staff_batch(archive, public_id, actor),
-                             f"/uploads/{public_id}/files", actor)
+    return await _audited_tus_step(
+        archive, "upload.announce", actor, public_id, "", lambda: _tus_create(
+            request, archive, lambda: _staff_batch(archive, public_id, actor),
+            f"/uploads/{public_id}/files", actor))
 
 
 @tus.head("/uploads/{public_id}/files/{upload_id}")
-def staff_tus_head(archive: ArchiveDep, public_id: str, upload_id: str,
-                   actor: allowed(UPLOAD_MANAGE)) -> Response:
+async def staff_tus_head(archive: ArchiveDep, public_id: str, upload_id: str,
+                         actor: allowed(UPLOAD_MANAGE)) -> Response:
     """tus: how many bytes arrived."""
-    return _tus_head(archive, _staff_batch(archive, public_id, actor), upload_id, actor)
+    return await _audited_tus_step(archive, "upload.offset", actor, public_id, upload_id,
+                          lambda: run_in_threadpool(lambda: _tus_head(
+                              archive, _staff_batch(archive, public_id, actor), upload_id,
+                              actor)))
 
 
 @tus.patch("/uploads/{public_id}/files/{upload_id}")
 async def staff_tus_patch(request: Request, archive: ArchiveDep, public_id: str,
                           upload_id: str, actor: allowed(UPLOAD_MANAGE)) -> Response:
     """tus: the next chunk."""
-    batch = await run_in_threadpool(_staff_batch, archive, public_id, actor)
-    return await _tus_patch(request, archive, batch, upload_id, actor)
+
+    async def step() -> Response:
+        batch = await run_in_threadpool(_staff_batch, archive, public_id, actor)
+        return await _tus_patch(request, archive, batch, upload_id, actor)
+
+    return await _audited_tus_step(archive, "upload.chunk", actor, public_id, upload_id, step)
 
 
 @tus.delete("/uploads/{public_id}/files/{upload_id}")
-def staff_tus_delete(archive: ArchiveDep, public_id: str, upload_id: str,
-                     actor: allowed(UPLOAD_MANAGE)) -> Response:
+async def staff_tus_delete(archive: ArchiveDep, public_id: str, upload_id: str,
+                           actor: allowed(UPLOAD_MANAGE)) -> Response:
     """tus termination."""
-    return _tus_delete(archive, _staff_batch(archive, public_id, actor), upload_id, actor)
+    return await _audited_tus_step(archive, "upload.withdraw", actor, public_id, upload_id,
+                          lambda: run_in_threadpool(lambda: _tus_delete(
+                              archive, _staff_batch(archive, public_id, actor), upload_id,
+                              actor)))
 
 
 @router.post("/uploads/{public_id}/send")
@@ -641,6 +689,7 @@ def upload_detail(request: Request, archive: ArchiveDep, public_id: str,
     studies = archive.uploads.review.studies(invitation)
     archive.audit.record(AuditEvent(actor=actor, action="upload.read", outcome="success",
                                     patient_id=invitation.hospital_number,
+                                    issuer=invitation.issuer,
                                     detail={"upload": public_id}))
     return page(request, "upload_review.html", invitation=invitation, studies=studies,
                 unused=archive.uploads.review.unused(invitation))
@@ -677,6 +726,7 @@ def upload_original(archive: ArchiveDep, public_id: str, result: RowId,
     row, store = archive.uploads.review.original(invitation, result)
     archive.audit.record(AuditEvent(actor=actor, action="upload.original", outcome="success",
                                     patient_id=invitation.hospital_number,
+                                    issuer=invitation.issuer,
                                     study_uid=str(row["study_uid"]),
                                     detail={"upload": public_id}))
     media = {"photo": "image/jpeg", "video": "video/mp4", "pdf": "application/pdf"}.get(
@@ -734,8 +784,18 @@ def _own_studies(archive: Archive, actor: Actor) -> list[Any]:
 def my_images(request: Request, archive: ArchiveDep, actor: allowed(PATIENT_SELF)) -> Response:
     """A patient's own studies, with view, download and share, and the links they made."""
     studies = _own_studies(archive, actor)
-    archive.audit.record(AuditEvent(actor=actor, action="patient.studies",
-                                    outcome="success", instance_count=len(studies)))
+    # One event per record the list showed (its patient, with the issuer), so that the
+    # patient's access report lists it; one naming nobody when the list was empty.
+    shown: dict[tuple[str, str], int] = {}
+    for study in studies:
+        key = (study.patient.patient_id, study.patient.issuer)
+        shown[key] = shown.get(key, 0) + 1
+    archive.audit.record([AuditEvent(actor=actor, action="patient.studies", outcome="success",
+                                     patient_id=patient_id, issuer=issuer,
+                                     instance_count=count)
+                          for (patient_id, issuer), count in shown.items()]
+                         or [AuditEvent(actor=actor, action="patient.studies",
+                                        outcome="success")])
     return page(request, "my_images.html", studies=studies,
                 shares=archive.shares.owned(actor.name))
 
