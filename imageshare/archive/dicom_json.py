@@ -127,6 +127,43 @@ def _as_stored_numbers(element: DataElement) -> list[str] | None:
     return texts if all(_json_safe(t) for t in texts) else None
 
 
+def _whole_numbers(element: DataElement) -> bool:
+    """True when every value of an IS element is a whole number (or empty), as IS must be;
+    False for a stored value such as ``1.5``, which pydicom keeps as a fraction."""
+    value = element.value
+    values = list(value) if isinstance(value, list | tuple) or type(value).__name__ == \
+        "MultiValue" else [value]
+    return all(one is None or one == "" or isinstance(one, int) for one in values)
+
+
+def _with_nulls(element: DataElement) -> dict[str, Any] | None:
+    """A multi-valued PN, IS or DS element some of whose values are empty (``A^B\\\\C^D``)
+    as DICOM JSON, each empty value null (PS3.18 F.2.5), which pydicom's writer cannot do
+    (it fails, and the element was left out or sent as strings); None for any other
+    element. A number that is not valid for its VR goes out as the string stored."""
+    value, vr = element.value, str(element.VR)
+    if vr not in ("PN", "IS", "DS") or not (isinstance(value, list | tuple) or type(
+            value).__name__ == "MultiValue"):
+        return None
+    values = list(value)
+    if not any(one is None or str(one).strip() == "" for one in values):
+        return None
+    out: list[Any] = []
+    for one in values:
+        if one is None or str(one).strip() == "":
+            out.append(None)
+        elif vr == "PN":
+            out.append(DataElement(element.tag, vr, one).to_json_dict(None, 0)["Value"][0])
+        elif vr == "IS" and isinstance(one, int):
+            out.append(int(one))
+        elif vr == "DS" and isinstance(one, float) and math.isfinite(one):
+            out.append(float(one))
+        else:
+            original = getattr(one, "original_string", None)
+            out.append(str(original if original is not None else one).strip())
+    return {"vr": vr, "Value": out}
+
+
 def _raw_number_strings(raw: RawDataElement) -> list[str] | None:
     value = raw.value
     if not isinstance(value, bytes):
@@ -194,6 +231,18 @@ class _Builder:
                 left_out(self.instance, path, vr, "binary value of an unexpected type")
                 return None
             return {"vr": _binary_vr(vr), "InlineBinary": base64.b64encode(value).decode()}
+        with_nulls = _with_nulls(converted)
+        if with_nulls is not None:
+            if _json_safe(with_nulls):
+                return with_nulls
+            left_out(self.instance, path, vr, "value not representable in DICOM JSON")
+            return None
+        if vr == "IS" and not _whole_numbers(converted):
+            # pydicom reads a stored "1.5" as a number that its JSON writer cuts to 1: a
+            # value that is not a whole number goes out as it was stored, never changed.
+            values = _as_stored_numbers(converted)
+            if values is not None:
+                return {"vr": vr, "Value": values} if any(values) else {"vr": vr}
         try:
             element = converted.to_json_dict(None, self.threshold)
         except Exception as exc:  # noqa: BLE001 - invalid for its VR
@@ -288,6 +337,8 @@ def _xml_values(parent: ET.Element, vr: str, values: list[Any]) -> None:
     for number, value in enumerate(values, start=1):
         if vr == "PN":
             name = ET.SubElement(parent, "PersonName", number=str(number))
+            if value is None:  # an empty value among others: an empty PersonName
+                continue
             groups = value if isinstance(value, dict) else {"Alphabetic": str(value)}
             for group in ("Alphabetic", "Ideographic", "Phonetic"):
                 if not groups.get(group):

@@ -252,20 +252,84 @@ FRAME_ENCODINGS: dict[str, str] = {
 _NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
 
 
-def can_encode_frames(source: str, target: str) -> bool:
-    """Can frames stored uncompressed little endian as ``source`` be sent compressed as
-    ``target`` (one of :data:`FRAME_ENCODINGS`' syntaxes, when its codec is installed)?"""
-    return (source in _NATIVE_LITTLE_ENDIAN and target in FRAME_ENCODINGS.values()
-            and can_encode(target))
+# Lossy JPEG baseline, made only when a client names it (image/jpeg with
+# transfer-syntax=1.2.840.10008.1.2.4.50), from 8-bit unsigned greyscale or RGB pixels.
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+JPEG_BASELINE_QUALITY = 90
+
+
+def fits_jpeg_baseline(header: Dataset) -> bool:
+    """Can the pixels ``header`` describes be written as JPEG baseline: 8 bits unsigned,
+    greyscale or RGB (for frames decoded here, :func:`encoding_header`'s description)?"""
+    photometric = str(header.get("PhotometricInterpretation", ""))
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    return (int(header.get("BitsAllocated", 0) or 0) == 8
+            and int(header.get("PixelRepresentation", 0) or 0) == 0
+            and ((samples == 1 and photometric in ("MONOCHROME1", "MONOCHROME2"))
+                 or (samples == 3 and photometric == "RGB")))
+
+
+def can_encode_frames(source: str, target: str, header: Dataset | None = None) -> bool:
+    """Can frames stored as ``source`` be sent compressed as ``target``: one of
+    :data:`FRAME_ENCODINGS`' lossless syntaxes when its codec is installed, or JPEG baseline
+    (lossy, only for pixels ``header`` says fit it)? Frames stored uncompressed little
+    endian are compressed; frames stored compressed in another syntax are decoded here
+    first (lossless targets add no loss to a lossy source)."""
+    if source == target:
+        return False
+    if target == JPEG_BASELINE:
+        if header is None or not fits_jpeg_baseline(header):
+            return False
+    elif target not in FRAME_ENCODINGS.values() or not can_encode(target):
+        return False
+    return source in _NATIVE_LITTLE_ENDIAN or (UID(source).is_compressed and not is_video(source)
+                                               and can_decode(source))
+
+
+def _jpeg_baseline(header: Dataset, frame: bytes) -> bytes:
+    """One 8-bit frame (greyscale, or RGB colour-by-pixel) as a JPEG baseline bitstream
+    (Pillow's codec, quality :data:`JPEG_BASELINE_QUALITY`, chroma 4:2:2 as YBR_FULL_422)."""
+    from PIL import Image
+
+    rows, columns = int(header.Rows), int(header.Columns)
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    array = np.frombuffer(frame, dtype=np.uint8)[:rows * columns * samples]
+    image = Image.fromarray(array.reshape((rows, columns, samples) if samples == 3
+                                          else (rows, columns)), "RGB" if samples == 3 else "L")
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=JPEG_BASELINE_QUALITY, subsampling=1)
+    return out.getvalue()
+
+
+def encoding_header(header: Dataset) -> Dataset:
+    """The pixel description that frames decoded from ``header``'s compressed pixel data
+    have when they are compressed again: colour decoded from YBR_FULL_422, YBR_ICT or
+    YBR_RCT is RGB (the codecs undo their colour transforms), the rest as stored."""
+    out = Dataset()
+    for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored",
+                    "PixelRepresentation", "PhotometricInterpretation", "PlanarConfiguration"):
+        if keyword in header:
+            setattr(out, keyword, header.get(keyword))
+    if str(header.get("PhotometricInterpretation", "")) in ("YBR_FULL_422", "YBR_ICT",
+                                                            "YBR_RCT"):
+        out.PhotometricInterpretation = "RGB"
+    out.PlanarConfiguration = 0  # decoded frames are colour-by-pixel
+    return out
 
 
 def encode_frame(header: Dataset, frame: bytes, target: str) -> bytes:
     """One uncompressed little-endian frame of the instance whose header (pixel description
-    included) is ``header``, compressed losslessly as ``target``; the pixels decode to the
-    same values in the same colour space (no colour transform). NotAcceptable when the
-    codec refuses them."""
+    included) is ``header``, compressed as ``target``: losslessly (the pixels decode to the
+    same values in the same colour space, no colour transform), or as JPEG baseline (lossy,
+    8-bit pixels only). NotAcceptable when the codec refuses them."""
     from pydicom.pixels import get_encoder
 
+    if target == JPEG_BASELINE:
+        if not fits_jpeg_baseline(header):
+            raise NotAcceptable("JPEG baseline holds 8-bit pixels only; ask for "
+                                "application/octet-stream or a lossless syntax")
+        with decoding(header):
+            return _jpeg_baseline(header, frame)
     try:
         description: dict[str, Any] = {
             "rows": int(header.Rows), "columns": int(header.Columns),

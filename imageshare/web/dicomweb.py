@@ -51,10 +51,12 @@ from imageshare.archive.transcode import (
     COMPRESSED_MEDIA_TYPES,
     CONVERSION_TARGETS,
     FRAME_ENCODINGS,
+    JPEG_BASELINE,
     can_decode,
     can_encode_frames,
     can_produce,
     encode_frame,
+    encoding_header,
     is_known_syntax,
     is_lossy,
     is_video,
@@ -111,8 +113,13 @@ RESOURCE_MEDIA_TYPES: dict[str, tuple[str, ...]] = {
         f'multipart/related; type="{OCTET_STREAM}" (decoded, little endian)',
         'multipart/related; type="image/jpeg" (or image/jls, image/jp2, image/jpx, '
         "image/dicom-rle, video/*: as stored when stored so)",
-        'multipart/related; type="image/jls" (or image/jp2, image/dicom-rle: frames of an '
-        "uncompressed instance compressed losslessly, JPEG-LS, JPEG 2000 or RLE)",
+        'multipart/related; type="image/jls" (or image/jp2, image/dicom-rle: frames stored '
+        "uncompressed, or compressed in another syntax and decoded here, compressed "
+        "losslessly, JPEG-LS, JPEG 2000 or RLE)",
+        'multipart/related; type="image/jpeg"; transfer-syntax=1.2.840.10008.1.2.4.50 '
+        "(frames of 8-bit greyscale or colour pixels stored otherwise compressed as JPEG "
+        "baseline, lossy, only when this transfer syntax is named; image/jpeg alone means "
+        "JPEG Lossless, which is sent only as stored)",
         "*/* (without a transfer-syntax parameter uncompressed little endian, as stored when "
         "stored lossy (PS3.18 8.7.3.3); transfer-syntax=* as stored)",
         f"{OCTET_STREAM} (bulk data only: one single-part body, uncompressed little endian)",
@@ -644,9 +651,11 @@ def _check_frame_count(numbers: list[int], inst: StoredInstance) -> None:
 def _pixel_representation(request: Request, inst: StoredInstance) -> str:
     """How pixel data goes out, from the Accept header: ``stored`` (the compressed bitstream,
     or native little-endian pixels), ``decoded`` (application/octet-stream, little endian),
-    or the transfer syntax uncompressed frames are to be compressed in (image/jls,
-    image/jp2, image/dicom-rle: lossless, the media type's default syntax when the range
-    names none). 406 when no acceptable range can be answered."""
+    or the transfer syntax frames are to be compressed in (image/jls, image/jp2,
+    image/dicom-rle: lossless, the media type's default syntax when the range names none;
+    frames stored compressed otherwise are decoded first; image/jpeg with
+    transfer-syntax=1.2.840.10008.1.2.4.50 named: JPEG baseline, lossy, for 8-bit pixels).
+    406 when no acceptable range can be answered."""
     stored_media = COMPRESSED_MEDIA_TYPES.get(inst.transfer_syntax)
     native = inst.transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
     as_stored = "stored" if (stored_media or native) else "decoded"
@@ -654,6 +663,16 @@ def _pixel_representation(request: Request, inst: StoredInstance) -> str:
     # the pixels exist only lossy compressed (PS3.18 8.7.3.3), or cannot be decoded here.
     default = as_stored if (native or is_lossy(inst.transfer_syntax)
                             or not can_decode(inst.transfer_syntax)) else "decoded"
+    headers: list[Dataset] = []
+
+    def header() -> Dataset:
+        """The pixel description frames are encoded from (read once, only when needed)."""
+        if not headers:
+            with archive_of(request).retrieve.open(inst) as stream:
+                stored = dcmread(stream, stop_before_pixels=True)
+            headers.append(stored if native else encoding_header(stored))
+        return headers[0]
+
     for media_range in parse_accept(_accept(request)):
         media = media_range.media
         kind = media_range.param("type", OCTET_STREAM) if media == "multipart/related" else media
@@ -675,20 +694,29 @@ def _pixel_representation(request: Request, inst: StoredInstance) -> str:
             return "stored"
         target = FRAME_ENCODINGS.get(kind, "") if syntax in ("", "*") else syntax
         if COMPRESSED_MEDIA_TYPES.get(target) == kind and can_encode_frames(
-                inst.transfer_syntax, target):
+                inst.transfer_syntax, target,
+                header() if target == JPEG_BASELINE and can_decode(inst.transfer_syntax)
+                else None):
             return target
     encoded = (", ".join(m for m, t in FRAME_ENCODINGS.items()
                          if can_encode_frames(inst.transfer_syntax, t)))
+    lossy = can_decode(inst.transfer_syntax) and not is_video(inst.transfer_syntax) and \
+        can_encode_frames(inst.transfer_syntax, JPEG_BASELINE, header())
     raise NotAcceptable(
         "pixel data is available as multipart/related; type=\"application/octet-stream\""
         + (f" or as stored ({stored_media})" if stored_media else "")
         + (f" or losslessly compressed ({encoded})" if encoded else "")
+        + (f" or, lossy, as image/jpeg; transfer-syntax={JPEG_BASELINE}" if lossy else "")
     )
 
 
 def _decoded_frames(request: Request, inst: StoredInstance, numbers: list[int]) -> list[bytes]:
     if not can_decode(inst.transfer_syntax):
         raise NotAcceptable("the frames cannot be decoded here; ask with transfer-syntax=*")
+    total = max(1, inst.number_of_frames)
+    for number in numbers:  # as the stored frames say it (not a decoder's failure)
+        if not 1 <= number <= total:
+            raise NotFound(f"frame {number} does not exist (the instance has {total})")
     retrieve = archive_of(request).retrieve
     frames = []
     for number in numbers:
@@ -730,9 +758,13 @@ def _pixel_data(request: Request, inst: StoredInstance, numbers: list[int]
     stored_media = COMPRESSED_MEDIA_TYPES.get(inst.transfer_syntax)
     if representation not in ("stored", "decoded"):  # uncompressed frames compressed
         kind = COMPRESSED_MEDIA_TYPES[representation]
-        frames = list(retrieve.frames(inst, numbers))  # frame numbers checked first
         with retrieve.open(inst) as stream:
-            header = dcmread(stream, stop_before_pixels=True)
+            header: Dataset = dcmread(stream, stop_before_pixels=True)
+        if inst.transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            frames = list(retrieve.frames(inst, numbers))  # frame numbers checked first
+        else:  # stored compressed in another syntax: decoded here, then compressed again
+            frames = _decoded_frames(request, inst, numbers)
+            header = encoding_header(header)
         return kind, f"{kind}; transfer-syntax={representation}", [
             encode_frame(header, frame, representation) for frame in frames]
     if representation == "stored" and stored_media:
