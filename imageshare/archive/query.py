@@ -78,6 +78,7 @@ SOP_UID, SOP_CLASS, INSTANCE_NUMBER, ROWS, COLUMNS, FRAMES, BITS_ALLOCATED = (
 )
 AVAILABLE_TS = "00083002"
 QR_LEVEL, RETRIEVE_AE, AVAILABILITY, CHARSET = "00080052", "00080054", "00080056", "00080005"
+TIMEZONE = "00080201"
 N_PAT_STUDIES, N_PAT_SERIES, N_PAT_INSTANCES = "00201200", "00201202", "00201204"
 N_STUDY_SERIES, N_STUDY_INSTANCES, N_SERIES_INSTANCES = "00201206", "00201208", "00201209"
 SOP_CLASSES_IN_STUDY = "00080062"
@@ -111,6 +112,18 @@ def _modalities_condition(value: str, scope: Scope | None = None) -> Any:
     within = [scope.condition(studies.c.study_uid, series.c.series_uid)] if scope else []
     return exists().where(and_(series.c.study_pk == studies.c.pk, condition,
                                series_in_record(), *within))
+
+
+def _sop_classes_condition(value: str, scope: Scope | None = None) -> Any:
+    """Studies holding an instance of any SOP class of the UID list ``value`` (within
+    ``scope``, when it narrows to series or instances): SOP Classes in Study is counted from
+    the instances, so it is matched there too."""
+    condition = uid_list_condition(instances.c.sop_class_uid, value)
+    within = ([scope.condition(studies.c.study_uid, series.c.series_uid, instances.c.sop_uid)]
+              if scope else [])
+    return exists().where(and_(
+        series.c.study_pk == studies.c.pk, instances.c.series_pk == series.c.pk, condition,
+        series_in_record(), instance_in_record(), *within))
 
 
 def _scope_condition(allowed: Collection[str], depth: int) -> Any:
@@ -181,6 +194,7 @@ _SQL: dict[str, Callable[[str, bool], Any]] = {
                                             person_name=False),
     REFERRING: lambda v, f: name_condition(studies.c.referring_norm, v, f),
     MODALITIES_IN_STUDY: lambda v, f: _modalities_condition(v),
+    SOP_CLASSES_IN_STUDY: lambda v, f: _sop_classes_condition(v),
     SERIES_UID: lambda v, f: uid_list_condition(series.c.series_uid, v),
     MODALITY: lambda v, f: text_condition(series.c.modality, v, "CS"),
     SERIES_NUMBER: lambda v, f: _int_condition(series.c.series_number, v),
@@ -199,7 +213,10 @@ INDEXED_KEYS: tuple[tuple[Level, str], ...] = tuple(
     sorted(((_LEVEL_OF_TAG[tag], tag) for tag in _SQL),
            key=lambda key: (LEVELS.index(key[0]), key[1]))
 )
-_SKIP_MATCH = {QR_LEVEL, CHARSET, RETRIEVE_AE, AVAILABILITY, "00080056", "00081190"}
+# Never matched: they qualify the request or name where to retrieve. Timezone Offset From UTC
+# in a query gives the requester's time zone (PS3.4 C.2.2.2.5), not a value to match: matched,
+# it found only studies stored with that very offset, and most have none.
+_SKIP_MATCH = {QR_LEVEL, CHARSET, RETRIEVE_AE, AVAILABILITY, TIMEZONE, "00081190"}
 # Attributes ingest keeps with the patient, study and series records: they are answered from
 # there, so an instance-level search never opens stored files for them (QIDO-RS asks for
 # TimezoneOffsetFromUTC by default, and most instances have none).
@@ -333,6 +350,9 @@ class QueryService:
                 stmt = stmt.where(_other_ids_condition(element))
             elif tag == MODALITIES_IN_STUDY and narrows(query.allowed_studies):
                 stmt = stmt.where(_modalities_condition(
+                    _first_text(element), query.allowed_studies))  # type: ignore[arg-type]  # a Scope here
+            elif tag == SOP_CLASSES_IN_STUDY and narrows(query.allowed_studies):
+                stmt = stmt.where(_sop_classes_condition(
                     _first_text(element), query.allowed_studies))  # type: ignore[arg-type]  # a Scope here
             elif tag in _SQL:
                 stmt = stmt.where(_SQL[tag](_first_text(element), query.fuzzy))
@@ -523,11 +543,36 @@ class QueryService:
         out: dict[str, Any] = {}
         for tag in sorted(keys):
             if tag in attrs:
-                out[tag] = attrs[tag]
+                out[tag] = _requested_items(attrs[tag], query.identifier.get(tag))
             elif tag in query.identifier:
                 out[tag] = {"vr": query.identifier[tag].get("vr", "UN")}
         match.attributes = out
         return match
+
+
+def _requested_items(stored: Any, key: dict[str, Any] | None) -> Any:
+    """The stored element ``stored`` as a sequence key ``key`` asks for it (PS3.4 C.2.2.2.6):
+    each item with the attributes of the key's item only (those not stored with zero length),
+    nested sequences alike. A key with no item, or an empty one, asks for whole items."""
+    if not key or key.get("vr") != "SQ" or not isinstance(stored, dict) \
+            or stored.get("vr") != "SQ":
+        return stored
+    wanted = (key.get("Value") or [None])[0]
+    if not wanted or not isinstance(wanted, dict):
+        return stored
+    items = []
+    for item in stored.get("Value") or []:
+        if not isinstance(item, dict):
+            continue
+        items.append({
+            tag: (_requested_items(item[tag], inner) if tag in item
+                  else {"vr": inner.get("vr", "UN")})
+            for tag, inner in sorted(wanted.items())
+        })
+    element = {k: v for k, v in stored.items() if k != "Value"}
+    if items:
+        element["Value"] = items
+    return element
 
 
 def _header_keys(query: Query) -> set[str]:

@@ -185,8 +185,10 @@ class StudySearchService:
             for option in options
             for alt in (
                 ({**option, "00100020": {"vr": "LO", "Value": [nhs]}}, field),
+                # the issuer asked back too: whose number it is decides (holds_nhs_number)
                 ({**option, "00101002": {"vr": "SQ", "Value": [
-                    {"00100020": {"vr": "LO", "Value": [nhs]}}]}}, nhs),
+                    {"00100020": {"vr": "LO", "Value": [nhs]},
+                     "00100021": {"vr": "LO"}}]}}, nhs),
             )
         ]
 

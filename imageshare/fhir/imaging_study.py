@@ -325,8 +325,10 @@ def _patient_alternatives(value: str, hospital_system: str) -> list[dict[str, An
         if not is_valid_nhs_number(code):
             raise InvalidQuery("that is not a valid NHS number (ten digits, right check digit)")
         return [{"00100020": {"vr": "LO", "Value": [code]}},
+                # the issuer asked back too: whose number it is decides
                 {"00101002": {"vr": "SQ", "Value": [{"00100020": {"vr": "LO",
-                                                                  "Value": [code]}}]}}]
+                                                                  "Value": [code]},
+                                                     "00100021": {"vr": "LO"}}]}}]
     if system in (None, "", hospital_system):
         return [{"00100020": {"vr": "LO", "Value": [_exact("the patient identifier", code)]}}]
     raise InvalidQuery(f"patient identifier systems known here: {NHS_SYSTEM} and "
