@@ -145,6 +145,19 @@ DEFINED_TERMS = frozenset({
     "PRIMARY", "SECONDARY", "AXIAL", "LOCALIZER", "OTHER", "NONE", "YES", "MIXED", "VOLUME",
 })
 # Text that IODs require to have a value where it appears (Type 1): a dummy when not kept.
+# The defined terms of Modality (PS3.3 C.7.3.1.1.1, current and retired): a modality is kept
+# whatever the patient is called (Ko, a Korean family name, is also KO, Key Object Selection).
+MODALITY_TERMS = frozenset({
+    "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CFM", "CR", "CT", "CTPROTOCOL", "DMS", "DG", "DOC",
+    "DX", "ECG", "EEG", "EMG", "EOG", "EPS", "ES", "FID", "GM", "HC", "HD", "IO", "IOL", "IVOCT",
+    "IVUS", "KER", "KO", "LEN", "LS", "MG", "MR", "M3D", "NM", "OAM", "OCT", "OP", "OPM", "OPT",
+    "OPTBSV", "OPTENF", "OPV", "OSS", "OT", "PA", "PLAN", "POS", "PR", "PT", "PX", "REG", "RESP",
+    "RF", "RG", "RTDOSE", "RTIMAGE", "RTINTENT", "RTPLAN", "RTRAD", "RTRECORD", "RTSEGANN",
+    "RTSTRUCT", "RWV", "SEG", "SM", "SMR", "SR", "SRF", "STAIN", "TEXTUREMAP", "TG", "US", "VA",
+    "XA", "XAPROTOCOL", "XC", "CD", "DD", "DF", "DM", "EC", "FA", "FS", "LP", "MA", "MS", "OPR",
+    "ST", "VF",
+})
+_MODALITY_TAGS = frozenset({0x00080060, 0x00080061})
 REQUIRED_TEXT = {"TextValue", "UnformattedTextValue",
                  "RTImageLabel",  # RT Image module
                  "ContentDescription"}  # Type 1 in an Alternate Content Description item
@@ -486,13 +499,31 @@ def binary_texts(data: bytes) -> list[str]:
     return texts
 
 
+# Encodings that text in binary values is written in besides Latin-1 and UTF-16 runs of Latin-1
+# letters: UTF-8, the Japanese, Chinese and Korean multi-byte encodings vendors write private
+# text in whatever the data set declares (Shift-JIS, EUC-JP, ISO 2022 JP, GB18030, Big5,
+# EUC-KR, ISO 2022 KR), and UTF-16 of any letters (a CJK name two bytes a character).
+LEGACY_ENCODINGS = ("utf-8", "shift_jis", "euc_jp", "iso2022_jp", "gb18030", "big5", "euc_kr",
+                    "iso2022_kr", "utf-16-le", "utf-16-be")
+
+
+def legacy_texts(data: bytes) -> list[str]:
+    """``data`` read in each of :data:`LEGACY_ENCODINGS` (what cannot be read skipped):
+    names written in other scripts' encodings that Latin-1 would read as noise. None when
+    ``data`` is plain ASCII without escape sequences (nothing else to read)."""
+    if data.isascii() and b"\x1b" not in data and b"\0" not in data:
+        return []
+    return [data.decode(encoding, "ignore") for encoding in LEGACY_ENCODINGS]
+
+
 def _icc_identifies(value: Any, ctx: PatientContext) -> bool:
     """True when an ICC profile's text (its descriptions and copyright, ASCII or UTF-16)
     names anyone named in the data set, or carries one of its identifiers or a date."""
     if not isinstance(value, bytes | bytearray) or not value:
         return False
     return any(ctx.identity.found_in(text) or mask_dates(text) != text
-               for text in binary_texts(bytes(value)))
+               for text in binary_texts(bytes(value))) or any(
+        ctx.identity.found_in(text) for text in legacy_texts(bytes(value)))
 
 
 def _stray_overlay(tag: BaseTag, top: bool) -> bool:
@@ -605,8 +636,9 @@ class AttributeCleaner:
         self._walk(ds, ctx, report, NORMAL, top=True)
         if age:
             ds.PatientAge = age
-        ds.PatientID = ctx.pseudonym
-        ds.PatientName = ctx.pseudonym
+        # with their own VRs (a name stored as OB would not take the pseudonym's text)
+        ds[0x00100020] = DataElement(0x00100020, "LO", ctx.pseudonym)
+        ds[0x00100010] = DataElement(0x00100010, "PN", ctx.pseudonym)
         self._mark(ds)
         if getattr(ds, "preamble", None):
             ds.preamble = b"\0" * 128  # the Part 10 preamble is free for anything
@@ -876,7 +908,9 @@ class AttributeCleaner:
         if element.VR == "CS":
             # the patient's identifiers anywhere in it; anyone else's name (staff, the
             # institution) as a whole value only, since defined terms are words too
-            cleaned = ["ANONYMOUS" if identity.found_in(t) or mask_dates(t) != t
+            modality = int(element.tag) in _MODALITY_TAGS
+            cleaned = [t if modality and t.strip() in MODALITY_TERMS else
+                       "ANONYMOUS" if identity.found_in(t) or mask_dates(t) != t
                        or _names_someone(t, ctx.identity) else t for t in texts]
         else:
             cleaned = [clean_label(t, identity) for t in texts]
@@ -921,12 +955,37 @@ class AttributeCleaner:
             creator is not None and self.profile.has("retain_safe_private")
             and (str(creator).strip(), tag.group, tag.element & 0xFF) in self.safe_private
         )
-        if safe and self._safe_private(ds[tag], ctx, report):
+        if safe and self._safe_private_kept(ds, tag, ctx, report):
             kept_blocks[(tag.group, block)] = True
             report.private_kept += 1
             return
         del ds[tag]
         report.private_removed += 1
+
+    def _safe_private_kept(self, ds: Dataset, tag: BaseTag, ctx: PatientContext,
+                           report: InstanceReport) -> bool:
+        """True when the safe private attribute ``tag`` of ``ds`` stays: cleaned (see
+        :meth:`_safe_private`) and still readable and writable as its VR says. A value that
+        does not fit its VR (an FD of ten bytes, text in an IS) cannot be shown to be
+        anything and goes, rather than failing the whole instance."""
+        try:
+            stored = ds.get_item(tag).value
+            if isinstance(stored, bytes | bytearray) and any(
+                    ctx.identity.found_in(text) for text in legacy_texts(bytes(stored))):
+                return False  # a name in another script's encoding, whatever the VR says
+            element = ds[tag]
+            if not self._safe_private(element, ctx, report):
+                return False
+            encoding = getattr(ds, "original_encoding", (False, True))
+            buffer = DicomBytesIO()
+            buffer.is_implicit_VR = bool(encoding[0]) if encoding[0] is not None else False
+            buffer.is_little_endian = encoding[1] if encoding[1] is not None else True
+            probe = Dataset()
+            probe.add(element)
+            write_dataset(buffer, probe)
+        except Exception:  # noqa: BLE001 - whatever cannot be read or written goes
+            return False
+        return True
 
     def _safe_private(self, element: DataElement, ctx: PatientContext,
                       report: InstanceReport) -> bool:
@@ -946,9 +1005,11 @@ class AttributeCleaner:
             return True
         value = element.value
         if isinstance(value, bytes | bytearray):
-            texts = [bytes(value).decode("latin-1"), bytes(value).decode("utf-8", "ignore")]
+            texts = binary_texts(bytes(value)) + legacy_texts(bytes(value))
         elif vr in ("IS", "DS"):
-            texts = [str(v or "") for v in values_of(value)]
+            texts = [str(v if v is not None else "").strip(" \0") for v in values_of(value)]
+            if not all(_is_number(t) for t in texts if t):
+                return False  # not a number (text in a number's place): cannot be read
         else:
             return True  # binary numbers: nothing to read
         return not any(ctx.identity.found_in(t) or mask_dates(t) != t for t in texts)
@@ -998,6 +1059,15 @@ class AttributeCleaner:
             self._encoded_marks[(implicit, little)] = raw
         for tag in raw.keys():
             ds[tag] = raw.get_item(tag)
+
+
+def _is_number(text: str) -> bool:
+    """True when ``text`` is a decimal number as IS and DS values are written."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.isascii() and not any(c.isalpha() and c not in "eE" for c in text)
 
 
 def _value_of(values: list[Any]) -> Any:

@@ -734,6 +734,21 @@ _PATIENT_TEXT = ("PatientID", "OtherPatientIDs", "PatientAddress", "PatientTelep
                  "MedicalRecordLocator", "AdmissionID")
 _DATE_FORMS: dict[str, frozenset[str]] = {}
 _COLLECTED_VRS = {"SQ", "PN", "LO", "SH", "ST", "LT", "UT", "UC"}
+_MISFILED_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}
+
+
+def _misfiled_text(value: Any) -> Any:
+    """The value of a text attribute stored with another VR, as text: bytes (OB, UN) read as
+    UTF-8 or else Latin-1, split at backslashes; text as it is."""
+    if not isinstance(value, bytes | bytearray):
+        return value
+    data = bytes(value)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    text = text.strip(" \0")
+    return text.split("\\") if "\\" in text else text
 
 
 def _identity(found: _Collector) -> Identity:
@@ -792,7 +807,13 @@ def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
         if tag.is_private or tag == PIXEL_DATA or tag.group in (0x0002,):
             continue
         raw = ds.get_item(tag)
-        vr = raw.VR if raw.VR not in (None, "UN") else _dictionary_vr(tag)
+        known = _dictionary_vr(tag)
+        vr = raw.VR if raw.VR not in (None, "UN") else known
+        # a standard text attribute written with another VR (a name as LO or OB): read as the
+        # dictionary says, or whoever it names is not looked for elsewhere
+        misfiled = vr != known and known in _MISFILED_VRS and vr != "SQ"
+        if misfiled:
+            vr = known
         if vr not in _COLLECTED_VRS or tag in retained:
             continue
         keyword = keyword_for_tag(tag)
@@ -809,7 +830,8 @@ def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
         if vr not in ("PN", "LO", "SH", "ST", "LT", "UT", "UC", "DA"):
             continue
         if vr == "PN":
-            for v in values_of(ds[tag].value):
+            names = _misfiled_text(ds[tag].value) if misfiled else ds[tag].value
+            for v in values_of(names):
                 found.name(v)
                 if patient is not None and keyword in _PATIENT_NAMES:
                     patient.name(v)
@@ -818,7 +840,8 @@ def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
         elif keyword in _IDENTIFYING_TEXT or keyword in _INSTITUTION_TEXT or (
                 vr in ("LO", "SH") and keyword.endswith(_ID_SUFFIXES)
                 and keyword not in _NOT_IDENTIFYING):
-            for v in values_of(_text_value(ds, tag, vr)):
+            texts = _text_value(ds, tag, vr)
+            for v in values_of(_misfiled_text(texts) if misfiled else texts):
                 found.text(v)
                 if patient is not None and keyword in _PATIENT_TEXT:
                     patient.text(v)

@@ -504,6 +504,9 @@ class SourceIdentity:
     keep: frozenset[str] = frozenset()
     dates: dict[tuple[int, int, int], str] = field(default_factory=dict)  # (y, m, d) -> kind
     cjk: dict[str, str] = field(default_factory=dict)  # CJK name (folded) -> kind
+    # CJK names in their multi-byte encodings (Shift-JIS, EUC, GB18030, Big5, UTF-16, ISO
+    # 2022 after its escape): found anywhere in raw bytes (their neighbours may be any bytes)
+    cjk_bytes: dict[bytes, str] = field(default_factory=dict)
     common: dict[str, str] = field(default_factory=dict)  # name parts that are common words
     _software: set[str] = field(default_factory=set)  # implementation UIDs: not identifying
     _indexes: dict[tuple[int, bool], tuple[dict[str, str], list[tuple[str, str]]]] = field(
@@ -532,6 +535,8 @@ class SourceIdentity:
             self.dates.setdefault(day, kind)
         for name, kind in other.cjk.items():
             self.cjk.setdefault(name, kind)
+        for form, kind in other.cjk_bytes.items():
+            self.cjk_bytes.setdefault(form, kind)
         for word, kind in other.common.items():
             self.common.setdefault(word, kind)
 
@@ -684,6 +689,14 @@ class SourceIdentity:
         if not name.isascii() and _cjk_characters(form) >= 2:
             self.cjk.setdefault(form, kind)
             self.raw_forms.setdefault(unicodedata.normalize("NFC", name).encode(), kind)
+            for written in {unicodedata.normalize("NFC", name),
+                            unicodedata.normalize("NFKC", name)}:
+                for encoding in _CJK_ENCODINGS:
+                    try:
+                        encoded = written.encode(encoding)
+                    except UnicodeEncodeError:
+                        continue
+                    self.cjk_bytes.setdefault(encoded.removesuffix(b"\x1b(B"), kind)
 
     def _text(self, kind: str, value: Any, words: bool = True) -> None:
         text = str(value or "").strip()
@@ -727,12 +740,22 @@ class SourceIdentity:
             tag = BaseTag(tag)
             if tag.group == 0x0002 or tag.is_private or tag.group == 0x7FE0:
                 continue
-            vr = ds.get_item(tag).VR
-            if vr in (None, "UN"):
-                try:
-                    vr = dictionary_VR(tag)
-                except KeyError:
+            stored = ds.get_item(tag).VR
+            try:
+                listed: str | None = dictionary_VR(tag)
+            except KeyError:
+                listed = None
+            if stored in (None, "UN"):
+                if listed is None:
                     continue
+                stored = listed
+            vr: str = stored
+            # text of the dictionary written with another VR (a name stored as LO or OB) is
+            # read as what the dictionary says it is
+            written_otherwise = listed is not None and listed in _TEXT_KINDS \
+                and vr != listed and vr != "SQ"
+            if written_otherwise and listed is not None:
+                vr = listed
             keyword = keyword_for_tag(tag)
             if not _worth_reading(vr, keyword, context):
                 continue
@@ -744,10 +767,16 @@ class SourceIdentity:
                     self._walk(item, (*path, int(tag), index), depth + 1, inner)
                 continue
             raw = ds.get_item(tag).value
+            value: Any
+            if written_otherwise:
+                value = _as_text(ds[tag].value)
+                if value not in (None, "", b""):
+                    self._attribute(keyword, vr, value, (*path, int(tag)), context)
+                continue
             if isinstance(raw, bytes) and raw.isascii() and b"\x1b" not in raw and vr != "PN":
                 # plain ASCII (UIDs, dates, IDs): no need for pydicom to convert it
                 text = raw.decode("ascii").strip(" \0")
-                value: Any = text.split("\\") if "\\" in text else text
+                value = text.split("\\") if "\\" in text else text
             else:
                 value = ds[tag].value
             if value in (None, "", b""):
@@ -909,6 +938,7 @@ class SourceIdentity:
                      upper, form.upper(), _ALNUM))]
         found += [kind for uid, kind in self.uids.items()
                   if _bounded(data, uid.encode(), _UID_CHARACTERS)]
+        found += [kind for form, kind in self.cjk_bytes.items() if form in data]
         return found
 
     def in_line(self, words: list[str]) -> list[str]:
@@ -937,6 +967,11 @@ class SourceIdentity:
         return found
 
 
+# Encodings vendors write CJK text in (in private and binary values whatever the data set
+# declares). ISO 2022 JP names are looked for as they start a run after its escape; ISO 2022
+# IR 149 (Korean) writes EUC-KR bytes after its escape.
+_CJK_ENCODINGS = ("shift_jis", "cp932", "euc_jp", "iso2022_jp", "gb18030", "big5", "euc_kr",
+                  "utf-16-le", "utf-16-be")
 _ALNUM = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 _UID_CHARACTERS = frozenset(b"0123456789.")
 
@@ -964,6 +999,23 @@ def _uid_like(text: str) -> Iterator[str]:
 
 
 _ALWAYS_READ = {"SQ", "PN", "UI", "DA", "DT", "TM"}
+# VRs of text: a value the dictionary gives one of these is read as text whatever VR it was
+# written with.
+_TEXT_KINDS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}
+
+
+def _as_text(value: Any) -> Any:
+    """A value written with a VR other than its own, as text: bytes read as UTF-8 (else
+    Latin-1), split at backslashes; anything else as it is."""
+    if not isinstance(value, bytes | bytearray):
+        return value
+    data = bytes(value)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    text = text.strip(" \0")
+    return text.split("\\") if "\\" in text else text
 _ID_ENDINGS = ("ID", "IDs", "Number", "Identifier")
 
 

@@ -34,6 +34,15 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 
 from imageshare.verify import rawdicom
+from imageshare.verify.codes import (
+    CODE_MEANING,
+    CODE_TAGS,
+    CODE_VALUE,
+    CODING_SCHEME,
+    MODALITY_TAGS,
+    defined_modalities,
+    standard_code,
+)
 from imageshare.verify.identity import (
     DUMMY_TEMPORAL,
     KEEP_DATES,
@@ -334,7 +343,10 @@ class Verifier:
             findings.append(Finding(name, _NOT_OFFSETS, "encapsulated pixel data"))
         encodings = _encodings(raw.top.get(0x00080005, b""))
         joined: list[str] = []
+        standard = _standard_items(raw.elements, encodings)
         for element in raw.elements:
+            if element.tag in CODE_TAGS and element.path[:-1] in standard:
+                continue  # a standard code with its standard meaning: no one's name
             self._raw_element(element, identity, name, encodings, joined, findings)
         for kind in dict.fromkeys(identity.in_pieces(joined)):
             if not any(f.kind == kind for f in findings):
@@ -377,6 +389,8 @@ class Verifier:
             texts = [text.strip(" \0")]
         else:
             return  # numbers
+        if tag in MODALITY_TAGS and defined_modalities(texts[0]):
+            return  # the standard's terms, whoever is called Ko
         found = len(findings)
         if vr in ("DA", "DT", "TM"):
             self._temporal(identity, element.path, vr, texts, name, "", findings)
@@ -466,8 +480,11 @@ class Verifier:
         group, the one place group 0002 belongs)."""
         if depth > 16:
             return
+        standard = depth > 0 and _standard_item(ds)
         for tag in list(ds.keys()):
             tag = BaseTag(tag)
+            if standard and tag in CODE_TAGS:
+                continue  # a standard code with its standard meaning: no one's name
             if tag in _PIXEL_TAGS and _nested_pixels(path) and ds.get_item(tag).value:
                 findings.append(Finding(name, _NESTED_PIXELS, self._label(tag, where)))
                 continue
@@ -504,6 +521,8 @@ class Verifier:
             if vr in ("DA", "DT", "TM"):
                 self._temporal(identity, (*path, int(tag)), vr, texts, name,
                                self._label(tag, where), findings)
+            if tag in MODALITY_TAGS and defined_modalities(texts[0]):
+                continue  # the standard's terms, whoever is called Ko
             if vr in _FREE_TEXT_VRS:
                 joined.append(normalised(texts[0]))
             kinds = [kind for text in texts for kind in _kinds_in(identity, text, vr)]
@@ -913,6 +932,32 @@ def _binary_texts(data: bytes, utf16: bool) -> tuple[list[bytes], list[str]]:
                 if runs:
                     texts.append("\n".join(runs))
     return blobs, texts
+
+
+def _standard_items(elements: list[rawdicom.RawElement], encodings: list[str]
+                    ) -> set[tuple[int, ...]]:
+    """The paths of the items that are standard code items (see
+    :func:`imageshare.verify.codes.standard_code`)."""
+    items: dict[tuple[int, ...], dict[int, str]] = {}
+    for element in elements:
+        if element.tag in CODE_TAGS and len(element.path) > 1:
+            value = element.value
+            text = value.decode("ascii") if value.isascii() else _decode(value, encodings,
+                                                                          element.vr)
+            items.setdefault(element.path[:-1], {})[element.tag] = text
+    return {path for path, code in items.items()
+            if standard_code(code.get(CODING_SCHEME, ""), code.get(CODE_VALUE, ""),
+                             code.get(CODE_MEANING, ""))}
+
+
+def _standard_item(ds: Dataset) -> bool:
+    """True when ``ds`` (a sequence item) is a standard code item."""
+    try:
+        return standard_code(str(ds.get("CodingSchemeDesignator", "") or ""),
+                             str(ds.get("CodeValue", "") or ""),
+                             str(ds.get("CodeMeaning", "") or ""))
+    except Exception:  # noqa: BLE001 - unreadable: read element by element instead
+        return False
 
 
 def _kinds_in(identity: SourceIdentity, text: str, vr: str | None) -> list[str]:
