@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
@@ -66,6 +66,7 @@ from imageshare.exchange.transfers import Transfers
 from imageshare.export.service import ExportService
 from imageshare.fhir.imaging_study import ImagingStudies
 from imageshare.governance.consent import ConsentBook
+from imageshare.governance.key_rotation import KeyRotation, StoreSeal
 from imageshare.jobs import DatabaseJobQueue, Job
 from imageshare.jobs.periodic import PeriodicTask, PeriodicTasks
 from imageshare.notify import Mailer, MailSettings, Notifier
@@ -82,7 +83,10 @@ from imageshare.storage.blobs import (
     results_store_url,
     sibling_store_url,
 )
-from imageshare.storage.encrypted import EncryptedBlobStore, blob_master_key
+from imageshare.storage.encrypted import (
+    EncryptedBlobStore,
+    blob_master_key,
+)
 from imageshare.storage.files import make_private, remove_leftovers
 from imageshare.storage.index.database import make_engine, migrate
 from imageshare.storage.index.schema import instances
@@ -206,19 +210,75 @@ def installation_key(settings: Settings) -> bytes:
 ORIGINALS = "upload-originals"
 
 
+def retired_installation_keys(settings: Settings) -> list[bytes]:
+    """The installation keys of earlier secret keys (``retired_secret_keys`` and the lines of
+    ``retired_secret_keys_file``), for a key rotation. ConfigurationError naming the entry's
+    place, never its value, when one is not a key; and when the file cannot be read or is
+    readable by anyone but its owner."""
+    listed = (v for v in settings.retired_secret_keys.split(",") if v.strip())
+    entries = [(f"retired_secret_keys entry {n}", value)
+               for n, value in enumerate(listed, 1)]
+    if settings.retired_secret_keys_file:
+        path = Path(settings.retired_secret_keys_file)
+        try:
+            if path.stat().st_mode & 0o077:
+                raise ConfigurationError(
+                    f"the retired secret keys file {path} is readable by others: make it "
+                    "readable by its owner only (chmod 600)")
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot read the retired secret keys file {path}") from exc
+        entries += [(f"line {n} of {path}", line) for n, line in enumerate(lines, 1)
+                    if line.strip() and not line.strip().startswith("#")]
+    keys = []
+    for place, value in entries:
+        try:
+            keys.append(load_secret_key(value, Path(os.devnull)))
+        except ConfigurationError:
+            raise ConfigurationError(
+                f"a retired secret key ({place}) is not a key: a Fernet key or at least 32 "
+                "random characters, as IMAGESHARE_SECRET_KEY") from None
+    return keys
+
+
 def blob_store(settings: Settings, beside: str = "") -> BlobStore:
     """The blob store of ``settings`` (or the store ``beside`` it, e.g. the kept originals
-    of uploads): sealed (AES-256-GCM) when ``encrypt_blobs`` is on."""
+    of uploads): sealed (AES-256-GCM) when ``encrypt_blobs`` is on; then it also reads blobs
+    sealed under retired secret keys, and with ``encrypted_blobs_only`` refuses a blob
+    without the encryption header. Refused (ConfigurationError) when the secret key opens
+    none of the sealed blobs it samples."""
     url = settings.resolved_storage_url
     store = open_blob_store(sibling_store_url(url, beside) if beside else url,
                             settings.s3_endpoint_url)
     if not settings.encrypt_blobs:
         return store
-    return EncryptedBlobStore(store, blob_master_key(installation_key(settings)))
+    return EncryptedBlobStore(
+        store, blob_master_key(installation_key(settings)),
+        plaintext=not settings.encrypted_blobs_only,
+        retired_keys=[blob_master_key(k) for k in retired_installation_keys(settings)])
+
+
+def seal_blob_stores(archive: Archive, actor: Actor,
+                     progress: Callable[[int], None] | None = None) -> list[StoreSeal]:
+    """Seal under the current secret key what ``imageshare storage seal`` seals (see
+    :meth:`KeyRotation.seal`): the blob store, the store of upload originals beside it and
+    the index's secrets. ConfigurationError when blobs are not encrypted."""
+    settings = archive.settings
+    if not settings.encrypt_blobs or not isinstance(archive.blobs, EncryptedBlobStore):
+        raise ConfigurationError(
+            "blobs are not encrypted here (encrypt_blobs is off): nothing can be sealed; set "
+            "IMAGESHARE_ENCRYPT_BLOBS=true, with the secret key backed up apart, first")
+    originals = blob_store(settings, beside=ORIGINALS)
+    assert isinstance(originals, EncryptedBlobStore)  # encrypt_blobs is on
+    rotation = KeyRotation(archive.engine, archive.audit, installation_key(settings),
+                           retired_installation_keys(settings))
+    return rotation.seal(actor, archive.blobs, (ORIGINALS, originals),
+                         settings.encrypted_blobs_only, progress)
 
 
 def _secret_box(settings: Settings) -> SecretBox:
-    return SecretBox(installation_key(settings))
+    return SecretBox(installation_key(settings), retired_installation_keys(settings))
 
 
 def export_audit_head(archive: Archive) -> SignedHead:

@@ -8,6 +8,7 @@ import getpass
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,15 @@ def _parser() -> argparse.ArgumentParser:
         help="restore a backup whose manifest signature cannot be checked (made by an older "
              "version, or the installation key is lost); audited")
 
+    storage = sub.add_parser("storage", help="the blob stores").add_subparsers(
+        dest="action", required=True)
+    seal = storage.add_parser(
+        "seal", help="seal blobs written before encryption or under a retired secret key "
+        "under the current key, each checked against its recorded digest",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SEAL_EXIT_CODES)
+    _common(seal)
+    seal.add_argument("--quiet", action="store_true", help="no progress bar")
+
     retention = sub.add_parser(
         "retention", help="retention classes and their rules").add_subparsers(
         dest="action", required=True)
@@ -388,6 +398,13 @@ BACKUP_EXIT_CODES = """exit codes:
   1  failure, or an incomplete snapshot (blobs deleted meanwhile or not matching their
      digests are printed; run the backup again after checking with imageshare verify)
   2  wrong usage"""
+SEAL_EXIT_CODES = """exit codes:
+  0  every blob is sealed under the current secret key
+  3  some blobs were refused and left as they are (each is printed with the reason: not
+     matching the digest the index recorded, or opened by no key); check them with
+     imageshare verify
+  1  failure (the index or a store unreachable); running it again is safe
+  2  wrong usage, or blobs are not encrypted (IMAGESHARE_ENCRYPT_BLOBS is off)"""
 RESTORE_EXIT_CODES = """exit codes:
   0  the installation was rebuilt
   1  failure (the backup is damaged or incomplete, or the target is not empty); nothing
@@ -611,6 +628,50 @@ def _backup(archive: Any, args: argparse.Namespace) -> int:
     return EXIT_WRITTEN if report.complete else EXIT_FAILED
 
 
+def _storage_seal(settings: Settings, args: argparse.Namespace) -> int:
+    """imageshare storage seal: refused before anything is opened when blobs are not
+    encrypted."""
+    from imageshare.app import build_archive, seal_blob_stores
+    from imageshare.governance.key_rotation import INDEX_SECRETS
+
+    if not settings.encrypt_blobs:
+        print("imageshare storage seal: blobs are not encrypted here (IMAGESHARE_ENCRYPT_BLOBS "
+              "is off): nothing was sealed. Back the secret key up apart from the data, set "
+              "IMAGESHARE_ENCRYPT_BLOBS=true, then run this again", file=sys.stderr)
+        return EXIT_USAGE
+    archive = build_archive(settings, upgrade=True)
+    try:
+        bar = _bar(args, "sealing blobs")
+        try:
+            done = seal_blob_stores(archive, cli_actor(), bar.update)
+        except (ImageShareError, OSError) as exc:
+            print(f"imageshare storage seal: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        finally:
+            bar.close()
+    finally:
+        archive.close()
+    for store in done:
+        what = "" if store.store == INDEX_SECRETS else " blob"
+        for key, why in store.report.refused:
+            print(f"refused: {store.store}{what} {key}: {why}")
+        for key in store.unchecked:
+            print(f"sealed without a recorded digest to check: {store.store} blob {key}")
+    for store in done:
+        r = store.report
+        what = "secret(s)" if store.store == INDEX_SECRETS else "blob(s)"
+        print(f"{store.store}: {r.checked} {what} checked, {r.already} already sealed under "
+              f"the current key, {len(r.sealed)} sealed, {len(r.rekeyed)} sealed again from a "
+              f"retired key, {len(r.refused)} refused")
+    if any(s.report.refused for s in done):
+        print("some were left as they are: with IMAGESHARE_ENCRYPTED_BLOBS_ONLY such blobs "
+              "are refused, and a retired key must stay until they are dealt with")
+        return EXIT_HELD_BACK
+    print("everything is sealed under the current secret key: IMAGESHARE_ENCRYPTED_BLOBS_ONLY "
+          "may be set, and retired secret keys removed")
+    return EXIT_WRITTEN
+
+
 def _restore(settings: Settings, args: argparse.Namespace) -> int:
     from imageshare.app import (
         ORIGINALS,
@@ -662,19 +723,35 @@ def _restore(settings: Settings, args: argparse.Namespace) -> int:
 
 def _audit_verify(archive: Any) -> int:
     """Exit 0: the chain is intact; 1: rows were edited, deleted, inserted or moved."""
-    from imageshare.app import installation_key
+    from imageshare.app import installation_key, retired_installation_keys
     from imageshare.audit.chain import head_key, verify_chain
 
     settings = archive.settings
     report = verify_chain(archive.engine, head_key(installation_key(settings)),
                           settings.resolved_audit_head_file)
-    for problem in report.problems:
+    problems = list(report.problems)
+    # After a key rotation, heads signed before it carry the retired key's signature: a head
+    # is forged only when no key signs it (counted, not merely matched: a forged copy of a
+    # genuine head reads alike); what a head signed by a retired key names is checked as for
+    # the current key's.
+    for retired in retired_installation_keys(settings):
+        again = verify_chain(archive.engine, head_key(retired),
+                             settings.resolved_audit_head_file).problems
+        unsigned = Counter(str(p) for p in again if p.kind == "signature")
+        seen = {str(p) for p in problems}
+        kept = []
+        for p in problems:
+            if p.kind != "signature" or unsigned[str(p)] > 0:
+                unsigned[str(p)] -= p.kind == "signature"
+                kept.append(p)
+        problems = kept + [p for p in again if p.kind != "signature" and str(p) not in seen]
+    for problem in problems:
         print(problem)
-    if report.intact:
+    if not problems:
         print(f"audit trail intact: {report.rows} row(s), head seq={report.head_seq}, "
               f"{report.heads_checked} signed head(s) checked")
         return 0
-    print(f"audit trail TAMPERED: {len(report.problems)} problem(s) in {report.rows} row(s)")
+    print(f"audit trail TAMPERED: {len(problems)} problem(s) in {report.rows} row(s)")
     return 1
 
 
@@ -869,6 +946,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _verify(settings, args)
     if args.command == "restore":
         return _restore(settings, args)
+    if args.command == "storage":
+        return _storage_seal(settings, args)
     from imageshare.app import build_archive
     from imageshare.audit.trail import AuditEvent
     from imageshare.exchange.nodes import Node

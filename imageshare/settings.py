@@ -50,6 +50,20 @@ class Settings:
         "separately, without it the images cannot be read). Blobs written before stay "
         "readable; keep it on once on."
     )
+    encrypted_blobs_only: bool = _setting(
+        False, "Serve encrypted blobs only (needs encrypt_blobs): a blob without the "
+        "encryption header is refused as planted by someone who can write the store. Run "
+        "imageshare storage seal first: it seals the blobs written before encryption."
+    )
+    retired_secret_keys: str = _setting(
+        "", "Earlier values of secret_key, comma-separated, after a key rotation: blobs "
+        "sealed under them are still read, and imageshare storage seal seals them again "
+        "under the current key; remove them once it reports nothing left (never logged)."
+    )
+    retired_secret_keys_file: str = _setting(
+        "", "File of earlier secret keys, one a line (# starts a comment), readable by the "
+        "owner only: e.g. the old secret-key file's content, as retired_secret_keys."
+    )
     s3_endpoint_url: str = _setting(
         "", "Endpoint of the S3-compatible object store (e.g. http://127.0.0.1:8333); empty: "
         "AWS S3."
@@ -336,6 +350,10 @@ class Settings:
             if not value >= least or value == float("inf"):
                 raise ConfigurationError(
                     f"setting {f.name} is a number of {least} or more, not {value!r}")
+        if self.encrypted_blobs_only and not self.encrypt_blobs:
+            raise ConfigurationError(
+                "encrypted_blobs_only needs encrypt_blobs: a store that does not encrypt "
+                "cannot serve encrypted blobs only")
         if self.smtp_user and self.smtp_tls == "none" and not _loopback(self.smtp_host):
             raise ConfigurationError(
                 "smtp_user with smtp_tls none would send the mail password in clear text to "

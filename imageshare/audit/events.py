@@ -403,6 +403,13 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
     _e("archive.verify", "Every blob was checked against its recorded digest (imageshare "
        "verify).", INSTANCES_ACCESSED, "R", (), ("checked", "corrupt", "missing",
                                                  "recorded")),
+    _e("storage.seal", "Blobs written before encryption, or sealed under a retired secret "
+       "key, and secrets in the index sealed under a retired key, were sealed again under the "
+       "current key (imageshare storage seal); refused: left as they were (not matching the "
+       "recorded digest, or opened by no key).",
+       SECURITY_ALERT, "E", (), ("checked", "already", "sealed", "rekeyed", "refused",
+                                 "unchecked", "secrets_rekeyed", "secrets_refused",
+                                 "encrypted_only"), SECURITY_CONFIGURATION),
     # Retention: policy rules, legal holds, deletion by two administrators, consent.
     _e("retention.rule.set", "A retention policy rule was set (arrivals of a source, modality, "
        "collection or case type get a retention class).", SECURITY_ALERT, "E", (),

@@ -76,6 +76,11 @@ UNRUNNABLE = ("no ImageShare instance runs this kind of job (was it dropped by a
               "start it again")
 UNOPENED = ("its secret parameters could not be opened here (sealed with another secret key: "
             "every instance needs the same IMAGESHARE_SECRET_KEY)")
+UNREADABLE = ("its parameters could not be read (not the form this version keeps them in: "
+              "was it queued by another version?); start it again")
+# A queued job last written this far after the present was written before the clock was set
+# back: it is due now (else it waited as long as the clock went back, hours perhaps).
+CLOCK_SLACK = timedelta(seconds=5)
 
 
 @dataclass
@@ -152,6 +157,10 @@ class JobInterrupted(Exception):
     once its instance may no longer run the job (see :class:`Job`): the job goes back to the
     queue at once if this instance still holds it (the attempt is not counted) and another
     instance, or this one's next start, runs it."""
+
+
+class _Unreadable(ValueError):
+    """A job's (plain) parameters are not the JSON object every version keeps them as."""
 
 
 class JobElsewhere(Exception):
@@ -487,8 +496,12 @@ class DatabaseJobQueue:
                           type(exc).__name__)
 
     def _claimable(self, now: Any) -> Any:
+        """Due jobs: queued ones whose time came (or that were written after ``now``: the
+        clock was set back since, and their time is measured from a present that has not
+        come again), and running ones whose lease ran out."""
         t = jobs_table.c
-        return or_(and_(t.state == "queued", t.run_after <= now),
+        written_later = t.updated_at > now + CLOCK_SLACK
+        return or_(and_(t.state == "queued", or_(t.run_after <= now, written_later)),
                    and_(t.state == "running", t.lease_expires < now))
 
     def _claim(self) -> tuple[int, Job, dict[str, Any], bool] | None:
@@ -529,6 +542,12 @@ class DatabaseJobQueue:
                 continue
             try:
                 params = self._params_of(row)
+            except _Unreadable:
+                # Not a key another instance may hold: no retry can read them.
+                log.warning("job %s (%s): its parameters are not an object", job.id[:8],
+                            job.kind)
+                self._finish(running, "failed", UNREADABLE, bool(row["notify"]))
+                continue
             except (ImageShareError, ValueError, TypeError) as exc:
                 # Not this worker's end: an attempt that failed (another instance may hold
                 # the key), retried as any, and in the end failed with the reason.
@@ -554,6 +573,8 @@ class DatabaseJobQueue:
     def _params_of(self, row: Any) -> dict[str, Any]:
         """A claimed job's parameters with its secret ones opened (ConfigurationError when
         they were sealed with another key, ValueError when they are not JSON)."""
+        if not isinstance(row["params"] or {}, dict):
+            raise _Unreadable("a job's parameters are not an object")
         params = dict(row["params"] or {})
         if row["sealed_params"]:
             if self._box is None:

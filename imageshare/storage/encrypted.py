@@ -18,9 +18,18 @@ without decrypting the file.
 
 The installation key comes from the secret key (``IMAGESHARE_SECRET_KEY`` or the key file,
 kept apart from the data) through HKDF with its own label. Blobs written before encryption
-was enabled (no MAGIC) are read as they are. Digests recorded at ingest are of the
-plaintext, so ``imageshare verify`` checks what the archive serves; a blob whose chunk fails
-authentication raises :class:`StorageError`.
+was enabled (no MAGIC) are read as they are unless the store is told to serve encrypted blobs
+only (``plaintext=False``): a key cannot tell a blob from before encryption from plaintext
+planted by someone who can write the store, so once :func:`seal_plaintext_blobs` (the
+operator's migration) has sealed the old ones, a blob without MAGIC is refused. Digests
+recorded at ingest are of the plaintext, so ``imageshare verify`` checks what the archive
+serves; a blob whose chunk fails authentication raises :class:`StorageError`.
+
+A store opened with the wrong key (a lost key file silently made anew, another installation's
+``IMAGESHARE_SECRET_KEY``) is refused when it is opened (:class:`ConfigurationError`), not
+served blob by blob as "altered on disk". Keys retired by a rotation (``retired_keys``) still
+open the blobs sealed under them, and :func:`seal_plaintext_blobs` seals those again under
+the current key.
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
@@ -36,12 +47,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from imageshare.domain.errors import StorageError
+from imageshare.domain.errors import ConfigurationError, StorageError
 from imageshare.storage.blobs import (
     BlobStore,
     BoundedReader,
     StoredBlob,
     check_range,
+    digest_of,
     read_up_to,
     size_mismatch,
 )
@@ -226,6 +238,26 @@ class _OpeningReader(io.BufferedIOBase):
         return len(data)
 
 
+def _first_chunk_opens(inner: BinaryIO, key: str, header: bytes, sealed: int,
+                       master: bytes) -> bool:
+    """True when the first chunk of the sealed blob open in ``inner`` (``sealed`` bytes long)
+    authenticates under ``master``: the blob was sealed with that key. (No reader is made:
+    one dropped would close ``inner``.)"""
+    try:
+        size = plain_size(sealed)
+    except StorageError:
+        return False
+    final = size < PLAIN_CHUNK
+    inner.seek(HEADER)
+    chunk = read_up_to(inner, (size if final else PLAIN_CHUNK) + TAG)
+    aes = AESGCM(_file_key(master, header[len(MAGIC):]))
+    try:
+        aes.decrypt(_nonce(0, final), chunk, header + key.encode("ascii"))
+    except InvalidTag:
+        return False
+    return True
+
+
 def _sealed_header(key: str, header: bytes) -> bool:
     """True when ``header`` (the first :data:`HEADER` bytes of a stored blob) starts a sealed
     blob, False for a blob stored before encryption; StorageError for a sealed blob cut
@@ -240,12 +272,85 @@ def _sealed_header(key: str, header: bytes) -> bool:
 class EncryptedBlobStore:
     """A blob store whose blobs are sealed (AES-256-GCM, chunked) in an inner store.
 
+    ``plaintext=False`` serves encrypted blobs only (a blob without the header is refused:
+    it was planted, or is from before encryption and :func:`seal_plaintext_blobs` was not
+    run). ``retired_keys`` are blob master keys of earlier secret keys: blobs sealed under
+    them are still read, and sealed again under ``master_key`` by :func:`seal_plaintext_blobs`.
+    With ``check_key`` (the default) a few sealed blobs are opened at once and the store is
+    refused (:class:`ConfigurationError`) when none opens with any of the keys.
+
     It offers no local file paths (callers that need a file get a temporary plaintext copy
     in the staging folder, removed after use)."""
 
-    def __init__(self, inner: BlobStore, master_key: bytes) -> None:
+    def __init__(self, inner: BlobStore, master_key: bytes, *, plaintext: bool = True,
+                 retired_keys: Sequence[bytes] = (), check_key: bool = True) -> None:
         self.inner = inner
         self._master = master_key
+        self._retired = tuple(k for k in retired_keys if k != master_key)
+        self.plaintext = plaintext
+        if check_key:
+            self.check_key()
+
+    # -- which key a sealed blob is under ----------------------------------------------------
+
+    def _opening(self, fh: BinaryIO, key: str, header: bytes, sealed: int) -> _OpeningReader:
+        """A reader of the sealed blob open in ``fh`` under the key it was sealed with: the
+        current one, else the first retired one whose first chunk authenticates (the current
+        one when none does: reads then fail authentication)."""
+        if self._retired:
+            for master in (self._master, *self._retired):
+                if _first_chunk_opens(fh, key, header, sealed, master):
+                    return _OpeningReader(fh, key, header, sealed, master)
+        return _OpeningReader(fh, key, header, sealed, self._master)
+
+    def sealed_under(self, key: str) -> str:
+        """What the stored blob ``key`` is: ``"current"`` (sealed under the current key),
+        ``"retired"`` (under a retired one), ``"plaintext"`` (no header), ``"unknown"``
+        (sealed, and no key opens its first chunk); KeyError if absent."""
+        with self.inner.open(key) as fh:
+            header = read_up_to(fh, HEADER)
+            try:
+                if not _sealed_header(key, header):
+                    return "plaintext"
+                sealed = fh.seek(0, io.SEEK_END)
+                for name, master in (("current", self._master),
+                                     *(("retired", m) for m in self._retired)):
+                    if _first_chunk_opens(fh, key, header, sealed, master):
+                        return name
+            except StorageError:
+                pass
+            return "unknown"
+
+    def check_key(self, sample: int = 3, look_at: int = 64) -> None:
+        """Refuse (:class:`ConfigurationError`) a key that opens none of the first ``sample``
+        sealed blobs among the first ``look_at`` stored ones: the secret key is not the one
+        the blobs were sealed with (a key file made anew because it was lost or not found,
+        or another installation's key), and every image would be refused as altered."""
+        tried: list[str] = []
+        for number, key in enumerate(self.inner.keys()):
+            if number >= look_at or len(tried) >= sample:
+                break
+            try:
+                state = self.sealed_under(key)
+            except KeyError:
+                continue  # deleted meanwhile
+            if state in ("current", "retired"):
+                return
+            if state == "unknown":
+                tried.append(key)
+        if tried:
+            raise ConfigurationError(
+                f"the blob store's encrypted blobs ({', '.join(tried)}) do not open with this "
+                "secret key: set IMAGESHARE_SECRET_KEY / the secret key file of the "
+                "installation that wrote them (a key file that was lost is not made again "
+                "from nothing); if the key is right, those blobs are damaged")
+
+    def _refuse_plaintext(self, key: str) -> StorageError:
+        return StorageError(f"blob {key} is not encrypted, and this store serves encrypted "
+                            "blobs only (it was written outside ImageShare, or before "
+                            "encryption and never sealed since)")
+
+    # -- the store -----------------------------------------------------------------------------
 
     def put(self, key: str, stream: BinaryIO, size: int) -> StoredBlob:
         """Seal and store exactly ``size`` bytes; the digest is of the plaintext."""
@@ -256,16 +361,18 @@ class EncryptedBlobStore:
     def open(self, key: str) -> BinaryIO:
         """The plaintext under ``key`` as a seekable stream; KeyError if absent. A chunk that
         fails authentication raises StorageError when read. A blob stored in plaintext
-        (before encryption was enabled) is opened as it is."""
+        (before encryption was enabled) is opened as it is, or refused (StorageError) by a
+        store that serves encrypted blobs only."""
         fh = self.inner.open(key)
         try:
             header = read_up_to(fh, HEADER)
             if not _sealed_header(key, header):
+                if not self.plaintext:
+                    raise self._refuse_plaintext(key)
                 fh.seek(0)
                 return fh
             sealed = fh.seek(0, io.SEEK_END)
-            return _OpeningReader(fh, key, header, sealed,  # type: ignore[return-value]
-                                  self._master)
+            return self._opening(fh, key, header, sealed)  # type: ignore[return-value]
         except BaseException:
             fh.close()
             raise
@@ -287,10 +394,13 @@ class EncryptedBlobStore:
 
     def digest_of_stored(self, key: str, stream: BinaryIO) -> StoredBlob:
         """Plaintext size and SHA-256 of bytes as :meth:`open_sealed` gives them (each chunk
-        authenticated); StorageError when they fail authentication."""
+        authenticated); StorageError when they fail authentication, or are plaintext and
+        this store serves encrypted blobs only."""
         header = read_up_to(stream, HEADER)
         digest = hashlib.sha256()
         if not _sealed_header(key, header):
+            if not self.plaintext:
+                raise self._refuse_plaintext(key)
             size = len(header)
             digest.update(header)
             while chunk := stream.read(1 << 20):
@@ -298,7 +408,7 @@ class EncryptedBlobStore:
                 size += len(chunk)
             return StoredBlob(size, digest.hexdigest())
         sealed = stream.seek(0, io.SEEK_END)
-        reader = _OpeningReader(stream, key, header, sealed, self._master)
+        reader = self._opening(stream, key, header, sealed)
         size = 0
         while chunk := reader.read(1 << 20):
             digest.update(chunk)
@@ -322,8 +432,17 @@ class EncryptedBlobStore:
         self.inner.delete(key)
 
     def exists(self, key: str) -> bool:
-        """True when ``key`` is stored."""
-        return bool(getattr(self.inner, "exists")(key))  # noqa: B009 - optional capability
+        """True when ``key`` is stored (asked of the inner store, or found by reading its
+        first byte: an object store has no other way)."""
+        probe = getattr(self.inner, "exists", None)
+        if probe is not None:
+            return bool(probe(key))
+        try:
+            with self.inner.open(key) as fh:
+                fh.read(1)
+        except KeyError:
+            return False
+        return True
 
     def keys(self, since: str = "") -> Iterator[str]:
         """Every stored key at or after ``since``."""
@@ -333,3 +452,92 @@ class EncryptedBlobStore:
         """Remove what a crash left half-written in the inner store."""
         clear = getattr(self.inner, "clear_partial_writes", None)
         return int(clear()) if clear is not None else 0
+
+    # -- sealing again -------------------------------------------------------------------------
+
+    def reseal(self, key: str, expected_sha256: str | None = None) -> StoredBlob:
+        """Seal the stored blob ``key`` (plaintext, or sealed under a retired key) again under
+        the current key, in place, and return its plaintext's size and SHA-256. The new form
+        is made aside (sealed, in a temporary file), checked to open under the current key
+        and to hold the same plaintext (and, when given, the digest ``expected_sha256`` the
+        index recorded), and only then stored over the old one in one atomic put.
+        StorageError when a check fails, KeyError when the blob is absent (or was deleted
+        meanwhile): the stored blob is left as it was."""
+        with tempfile.TemporaryFile() as spool:
+            with self.inner.open(key) as fh:
+                header = read_up_to(fh, HEADER)
+                source: BinaryIO = fh
+                if _sealed_header(key, header):
+                    source = self._opening(  # type: ignore[assignment]
+                        fh, key, header, fh.seek(0, io.SEEK_END))
+                size = source.seek(0, io.SEEK_END)
+                source.seek(0)
+                sealing = _SealingStream(source, size, _Sealer(self._master, key), key)
+                while chunk := sealing.read(1 << 20):
+                    spool.write(chunk)
+            plain = StoredBlob(size, sealing.digest.hexdigest())
+            if expected_sha256 is not None and plain.sha256 != expected_sha256:
+                raise StorageError(f"blob {key} does not match the digest the index recorded "
+                                   "for it: left as it is (it may have been altered)")
+            total = spool.tell()
+            spool.seek(0)
+            header = read_up_to(spool, HEADER)
+            check = _OpeningReader(spool, key, header, total,
+                                   self._master)
+            if digest_of(check) != plain:  # type: ignore[arg-type]
+                raise StorageError(f"blob {key} could not be sealed again (the sealed copy "
+                                   "does not read back): left as it is")
+            if not self.exists(key):
+                raise KeyError(key)  # deleted meanwhile: not brought back
+            spool.seek(0)
+            self.inner.put(key, spool, total)
+        return plain
+
+
+@dataclass
+class SealReport:
+    """What :func:`seal_plaintext_blobs` did, blob by blob (for the operator and the audit
+    trail)."""
+
+    checked: int = 0
+    already: int = 0
+    sealed: list[str] = field(default_factory=list)  # were plaintext, sealed now
+    rekeyed: list[str] = field(default_factory=list)  # were under a retired key
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (key, why left)
+
+    @property
+    def complete(self) -> bool:
+        """True when every blob of the store is now sealed under the current key: the store
+        can serve encrypted blobs only."""
+        return not self.refused
+
+
+def seal_plaintext_blobs(store: EncryptedBlobStore,
+                         recorded: Callable[[str], str | None] | None = None,
+                         progress: Callable[[int], None] | None = None) -> SealReport:
+    """The operator's migration to a store that serves encrypted blobs only (and the end of a
+    key rotation): every stored blob that is plaintext or sealed under a retired key is
+    sealed again under the current key (:meth:`EncryptedBlobStore.reseal`). ``recorded(key)``
+    gives the digest the index recorded for a blob (None when it records none): a blob that
+    no longer matches it is left and reported, not sealed as if it were the archive's own.
+    Safe to run while the server runs and to run again; a blob deleted meanwhile is not
+    brought back."""
+    report = SealReport()
+    for key in store.keys():
+        report.checked += 1
+        try:
+            state = store.sealed_under(key)
+            if state == "current":
+                report.already += 1
+            elif state == "unknown":
+                report.refused.append((key, "sealed, and no key opens it (damaged?)"))
+            else:
+                store.reseal(key, recorded(key) if recorded is not None else None)
+                (report.sealed if state == "plaintext" else report.rekeyed).append(key)
+        except KeyError:
+            report.checked -= 1  # deleted meanwhile
+        except StorageError as exc:
+            report.refused.append((key, str(exc)))
+        if progress is not None:
+            progress(1)
+    return report

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -26,10 +27,13 @@ KEY_FILE = "secret-key"
 
 
 class SecretBox:
-    """Seals and opens short secrets with one installation key."""
+    """Seals and opens short secrets with one installation key; opens those sealed under the
+    ``retired`` keys too (a key rotation must not lock out second factors, site credentials
+    or EHR secrets before ``imageshare storage seal`` sealed them again)."""
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, retired: Sequence[bytes] = ()) -> None:
         self._fernet = Fernet(key)
+        self._retired = tuple(Fernet(k) for k in retired if k != key)
 
     @staticmethod
     def is_sealed(value: str | None) -> bool:
@@ -50,13 +54,15 @@ class SecretBox:
             return ""
         if not value.startswith(PREFIX):
             return value
-        try:
-            return self._fernet.decrypt(value[len(PREFIX):].encode("ascii")).decode()
-        except InvalidToken as exc:
-            raise ConfigurationError(
-                "a secret in the database was encrypted with another key: check "
-                "IMAGESHARE_SECRET_KEY / the secret key file"
-            ) from exc
+        token = value[len(PREFIX):].encode("ascii")
+        for fernet in (self._fernet, *self._retired):
+            try:
+                return fernet.decrypt(token).decode()
+            except InvalidToken:
+                continue
+        raise ConfigurationError(
+            "a secret in the database was encrypted with another key: check "
+            "IMAGESHARE_SECRET_KEY / the secret key file")
 
 
 def _key_from_text(text: str) -> bytes:
