@@ -11,6 +11,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 from sqlalchemy import text
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from imageshare import __version__
@@ -73,6 +75,76 @@ class DicomwebCors:
             await self.app(scope, receive, send)
 
 
+class HeadAsGet:
+    """HEAD on a route that only has GET is answered as GET without the body (RFC 9110 9.3.2:
+    the same status and headers), instead of 405: health checks, link checkers and download
+    managers ask with HEAD. Routes with their own HEAD (WADO-RS, tus) keep it. The body is
+    not sent (the server drops it for HEAD) and a streamed one stops once the headers are
+    out."""
+
+    # GET routes that change something, which a HEAD (a link checker, a mail scanner) must
+    # not do: a signed EHR launch link signs its user in and spends its one-time nonce.
+    NOT_FOR_HEAD = frozenset({"/iid"})
+
+    def __init__(self, app: Any, routes: list[Any]) -> None:
+        self.app = app
+        self.routes = routes
+
+    def _own_head(self, scope: dict[str, Any]) -> bool:
+        probe = dict(scope)  # matching may note things in the scope: not in the request's
+        return any(route.matches(probe)[0] == Match.FULL for route in self.routes)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The ASGI entry point."""
+        if (scope["type"] != "http" or scope["method"] != "HEAD"
+                or scope["path"] in self.NOT_FOR_HEAD or self._own_head(scope)):
+            await self.app(scope, receive, send)
+            return
+        done = False
+
+        async def headers_only(message: dict[str, Any]) -> None:
+            nonlocal done
+            if done:
+                return  # the rest of the body: nobody reads it
+            await send(message)
+            if message["type"] == "http.response.start":
+                # The answer ends with its headers; the server's receive() then says the
+                # client left, which stops a streamed body.
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                done = True
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+HSTS = b"max-age=31536000"  # a year (RFC 6797); no includeSubDomains: other hosts are not ours
+
+
+class TransportSecurity:
+    """Every answer over HTTPS (TLS here, or at a trusted proxy that says so) tells the
+    browser to use nothing but HTTPS for this host for a year (HSTS, RFC 6797), so that a
+    later visit typed or linked as http:// cannot be stripped of TLS on a hostile network."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The ASGI entry point."""
+        if scope["type"] != "http" or scope.get("scheme") != "https":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_hsts(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"strict-transport-security"
+                           for name, _ in headers):
+                    headers.append((b"strict-transport-security", HSTS))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_hsts)
+
+
 def create_app(archive: Archive) -> FastAPI:
     """The web application serving ``archive``."""
     app = FastAPI(
@@ -97,9 +169,11 @@ def create_app(archive: Archive) -> FastAPI:
                   uploads):
         app.include_router(pages.router)
     app.add_middleware(RequestLimits, settings=archive.settings)
+    app.add_middleware(HeadAsGet, routes=app.router.routes)
     origins = [o.strip() for o in archive.settings.cors_origins.split(",") if o.strip()]
     if origins:
         app.add_middleware(DicomwebCors, origins=origins)
+    app.add_middleware(TransportSecurity)  # outermost: CORS preflights get HSTS too
 
     @app.get("/healthz", tags=["health"], summary="Liveness and readiness")
     def healthz(archive: ArchiveDep, _actor: allowed(PUBLIC)) -> JSONResponse:
@@ -149,6 +223,16 @@ def http_server_config(app: FastAPI, settings: Settings,
 MAX_URL_BYTES = 8192  # path and query string
 MAX_HEADERS = 100  # header fields of one request
 MAX_HEAD_BYTES = 65536  # request line and header fields together
+# A connection that sends no request, or whose request line and headers have not all arrived
+# this long after it opened or after their first byte, is closed (slowloris: a few hundred
+# connections trickling a header line every few seconds were otherwise held for ever).
+HEAD_SECONDS = 20.0
+# A request body must arrive at BODY_MIN_RATE bytes a second on average after a first
+# BODY_SECONDS (each 500 bytes earn a second more); time the server itself is not reading
+# (the application is busy, the client waits for 100 Continue) is not counted. An upload over
+# the slowest mobile link sends far more; a client trickling a byte at a time is cut off.
+BODY_SECONDS = 20.0
+BODY_MIN_RATE = 500
 
 
 def _amount(size: int) -> str:
@@ -168,7 +252,7 @@ class RequestLimits:
     8 KiB (414), more than 100 header fields (431), and bodies over the limit of their kind
     (413): STOW-RS ``stow_max_bytes``, uploads (multipart/form-data) ``max_upload_bytes``,
     anything else ``max_body_bytes``. A body without a length is counted as it arrives and
-    stopped at the limit."""
+    stopped at the limit. A request whose client left while its body was read ends quietly."""
 
     def __init__(self, app: Any, settings: Settings) -> None:
         self.app = app
@@ -225,7 +309,13 @@ class RequestLimits:
                     raise PayloadTooLarge(too_large)
             return message
 
-        await self.app(scope, counted, send)
+        try:
+            await self.app(scope, counted, send)
+        except ClientDisconnect:
+            # The client left, or was cut off for sending too slowly, while its body was
+            # read: nobody to answer, and no server error (logged, it would let each slow
+            # client write a traceback to the log).
+            return
 
 
 async def _answer(send: Any, status: int, title: str, detail: str) -> None:
@@ -249,15 +339,83 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: Any) -> None:  # noqa: D102 - asyncio protocol
         self._in_head, self._head_bytes = True, 0
         self._requests, self._counted = 0, self.shares is not None
+        self._deadline: Any = None  # the TimerHandle of the head or body time limit
+        self._head_begun = False
+        self._body_bytes, self._body_window = 0, (0.0, 0)
         if self.shares is not None:
             self.shares.opened()
         super().connection_made(transport)
+        self._time_limit(HEAD_SECONDS, self._head_too_slow)
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
+        self._time_limit(None)
         if self.shares is not None and self._counted:
             self._counted = False
             self.shares.closed()
         super().connection_lost(exc)
+
+    def _time_limit(self, seconds: float | None, then: Any = None) -> None:
+        """Replace the time limit running (if any) by ``then`` in ``seconds`` (None: none)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if seconds is not None:
+            self._deadline = self.loop.call_later(seconds, then)
+
+    def on_message_begin(self) -> None:  # noqa: D102 - parser callback: a request's 1st byte
+        super().on_message_begin()
+        self._head_started()
+
+    def _head_started(self) -> None:
+        """A byte of a request head (or of the blank lines a parser skips before one) has
+        arrived: the rest of the head must follow within HEAD_SECONDS."""
+        if not self._head_begun:
+            self._head_begun = True
+            self._time_limit(HEAD_SECONDS, self._head_too_slow)
+
+    def _head_too_slow(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if self.flow.read_paused or (cycle is not None and not cycle.response_complete):
+            # An earlier request is still being answered (this head was sent ahead of its
+            # answer, and the server may not even be reading it): not the client's time, and
+            # an answer written now would cut into that one.
+            self._time_limit(HEAD_SECONDS, self._head_too_slow)
+            return
+        if not self._head_begun:  # nothing asked: closed quietly, as an idle keep-alive one
+            self.transport.close()
+            return
+        self.logger.debug("HTTP request head not complete in %g s: closed", HEAD_SECONDS)
+        self._answer_and_close(408, "Request timeout",
+                               f"the request line and headers did not arrive within "
+                               f"{HEAD_SECONDS:g} seconds")
+
+    def _body_too_slow(self) -> None:
+        self._deadline = None
+        cycle = self.cycle
+        if self.transport.is_closing() or cycle is None or not cycle.more_body:
+            return
+        now = self.loop.time()
+        if self.flow.read_paused or cycle.waiting_for_100_continue:
+            # The server is not reading (or the client rightly waits for it): not the
+            # client's time; the rate is measured afresh from here.
+            self._body_window = (now, self._body_bytes)
+            self._time_limit(BODY_SECONDS, self._body_too_slow)
+            return
+        since, had = self._body_window
+        deadline = since + BODY_SECONDS + (self._body_bytes - had) / BODY_MIN_RATE
+        if now < deadline:
+            self._time_limit(deadline - now, self._body_too_slow)
+            return
+        self.logger.debug("HTTP request body slower than %d bytes/s: closed", BODY_MIN_RATE)
+        if cycle.response_started:
+            self.transport.close()  # answered already: nothing more can be said
+            return
+        self._answer_and_close(408, "Request timeout",
+                               f"the request body arrived slower than {BODY_MIN_RATE} bytes "
+                               "a second")
 
     def _unsupported_upgrade_warning(self) -> None:
         # An Upgrade header (WebSocket, h2c) is ignored and the request answered as HTTP/1.1;
@@ -265,12 +423,15 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.logger.debug("Upgrade header ignored")
 
     def on_headers_complete(self) -> None:  # noqa: D102 - parser callback
-        self._in_head = False
+        self._in_head, self._head_begun = False, False
+        self._body_bytes, self._body_window = 0, (self.loop.time(), 0)
+        self._time_limit(BODY_SECONDS, self._body_too_slow)
         super().on_headers_complete()
         self._requests += 1
 
     def on_message_complete(self) -> None:  # noqa: D102 - parser callback
         self._in_head, self._head_bytes = True, 0
+        self._time_limit(None)  # until the next request's first byte (or keep-alive's end)
         super().on_message_complete()
         # A connection is let go once its request has arrived whole (closing while a body
         # still arrives would reset it, losing an early answer such as 423) and before its
@@ -286,6 +447,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:  # noqa: D102 - asyncio protocol
         while data and not self.transport.is_closing():
             if self._in_head:
+                self._head_started()
                 room = MAX_HEAD_BYTES - self._head_bytes
                 if room <= 0:
                     self._refuse_head()
@@ -294,6 +456,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 self._head_bytes += len(piece)
             else:
                 piece, data = data, b""
+                self._body_bytes += len(piece)
             self._feed(piece)
 
     def _feed(self, data: bytes) -> None:
@@ -317,7 +480,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _answer_and_close(self, status: int, title: str, detail: str) -> None:
         body = _problem_bytes(status, title, detail)
-        reason = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}[status]
+        reason = {400: b"Bad Request", 408: b"Request Timeout",
+                  431: b"Request Header Fields Too Large"}[status]
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n" % (status, reason, len(body))
