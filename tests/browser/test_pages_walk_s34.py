@@ -333,7 +333,7 @@ def test_a_sonographer_is_asked_for_the_password_and_shares_a_report_and_a_video
     screenshot(page, "account-token-wrong-password")
     # Said at the token form (one of four asking for the password), the name kept, the
     # keyboard in the password field.
-    assert alert(page) == "the current password is wrong"
+    assert alert(page) == "The current password is wrong."
     assert page.locator("#tokens [role=alert]").count() == 1
     assert refusal_is_next_to(page, "form[action='/account/tokens']")
     assert page.input_value("#tokens input[name=name]") == "Weasis on my workstation"

@@ -166,7 +166,7 @@ def test_the_access_log_shows_one_row_per_visit_not_per_rendered_frame(archive, 
     visits = re.findall(r'<tr class="visit">.*?</tr>', detail.text, re.S)
     recipient = [v for v in visits if "the link&#39;s recipient" in v]
     assert len(recipient) == 1  # 2 page views and 12 rendered frames: one visit
-    assert "12 image(s) shown" in recipient[0] and "opened with the passcode" in recipient[0]
+    assert "12 images shown" in recipient[0] and "opened with the passcode" in recipient[0]
 
 
 def test_revoking_asks_first_and_a_reviewer_mid_session_is_told_the_link_was_revoked(

@@ -15,6 +15,7 @@ from starlette.background import BackgroundTask
 from imageshare.access.policy import PUBLIC, SHARE_COMMENT, SHARE_DOWNLOAD, SHARE_VIEW
 from imageshare.archive.annotations import share_author
 from imageshare.archive.rendering import render_frame, render_video_still
+from imageshare.archive.studies import ENCAPSULATED_PDF
 from imageshare.archive.transcode import playable_video
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
@@ -29,7 +30,7 @@ from imageshare.export.share_download import build_share_download
 from imageshare.sharing.links import Share
 from imageshare.sharing.viewer import is_video_instance, share_manifest, shown_file
 from imageshare.web.auth import LINK_COOKIE, allowed, client_address, resolve_actor
-from imageshare.web.deps import ArchiveDep, archive_of
+from imageshare.web.deps import Archive, ArchiveDep, archive_of
 from imageshare.web.dicomweb import MAX_PLAYED_BYTES, render_options
 from imageshare.web.exports import MarksIn
 from imageshare.web.negotiation import parse_accept
@@ -110,6 +111,19 @@ def open_link(request: Request, archive: ArchiveDep, token: str, _anyone: allowe
     return response
 
 
+def _held_back(archive: Archive, share: Share) -> dict[str, int]:
+    """How many shared images, and how many documents (PDF reports), de-identification held
+    back: the case page says which (a report left out is not "an image")."""
+    held = [i for i in archive.shares.items(share) if i.held_back]
+    documents = 0
+    for item in held:
+        try:
+            documents += archive.shares.stored(share, item).sop_class_uid == ENCAPSULATED_PDF
+        except ImageShareError:  # deleted since: not shown either way
+            continue
+    return {"held_back": len(held) - documents, "documents_held_back": documents}
+
+
 @router.get("/s/{token}/case")
 def case(request: Request, archive: ArchiveDep, token: str, actor: allowed(SHARE_VIEW)) -> Response:
     """What was shared: message, series, comments, feedback form, downloads."""
@@ -121,7 +135,7 @@ def case(request: Request, archive: ArchiveDep, token: str, actor: allowed(SHARE
     return page(request, "link_case.html", token=token, share=share, manifest=manifest,
                 comments=archive.shares.comments(share), clips=clips,
                 feedback=archive.shares.feedback(share),
-                held_back=sum(1 for i in archive.shares.items(share) if i.held_back),
+                **_held_back(archive, share),
                 can_download=archive.policy.allows(actor, SHARE_DOWNLOAD),
                 can_comment=archive.policy.allows(actor, SHARE_COMMENT))
 

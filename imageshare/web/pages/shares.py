@@ -4,6 +4,7 @@ notifications."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Form, Request
@@ -11,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from imageshare.access.policy import ACCOUNT_SELF, EXPORT_IDENTIFIABLE, PUBLIC, SHARE_CREATE
+from imageshare.archive.studies import ENCAPSULATED_PDF
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
@@ -21,7 +23,7 @@ from imageshare.sharing.logbook import logbook
 from imageshare.storage.submissions import KEY_FIELD
 from imageshare.uploads.invitations import CreatedInvitation
 from imageshare.web.auth import allowed, authorise_also, client_address, refuse
-from imageshare.web.deps import ArchiveDep, archive_of
+from imageshare.web.deps import Archive, ArchiveDep, archive_of
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
@@ -35,6 +37,30 @@ def shown_link(request: Request, path: str) -> str:
 
 
 Made = TypeVar("Made", CreatedShare, CreatedInvitation)
+
+
+def documents_left_out(archive: Archive, share: Share) -> list[str]:
+    """The titles of the documents (PDF reports) in a de-identified share, which its
+    recipient never sees: a document's text cannot be checked for the patient's details, so
+    de-identification holds every one back. Known when the share is made (before its copies
+    are prepared), for telling the sharer; [] for an identifiable share. Not audited: part
+    of making or following the share, which is."""
+    if not share.deidentified:
+        return []
+    items = archive.shares.items(share)
+    sops = {i.sop_uid for i in items}
+    titles = []
+    for study_uid in sorted({i.study_uid for i in items}):
+        try:
+            study = archive.catalogue.record(study_uid)
+        except NotFound:  # deleted since: nothing of it is shown either
+            continue
+        for series in study.series:
+            for inst in series.instances:
+                if inst.sop_uid in sops and inst.sop_class_uid == ENCAPSULATED_PDF:
+                    title, _date = archive.retrieve.document_title(inst.sop_uid)
+                    titles.append(title or series.description or "a PDF document")
+    return titles
 
 
 async def made_once(request: Request, actor: Actor, form: Mapping[str, Any], kind: str,
@@ -86,8 +112,14 @@ async def create_share(
     if isinstance(created, Response):
         return created
     url = shown_link(request, created.path)
+    share = archive.shares.by_public_id(created.public_id, actor.name)
+    # Said only when it was: without a mail server nothing goes out, and the sharer must
+    # pass the link on themselves.
+    addressed = bool(recipient_email.strip())
     return page(request, "share_created.html", url=url, passcode=created.passcode,
-                created=created, emailed=bool(recipient_email.strip()))
+                created=created, emailed=addressed and archive.shares.mailer.settings.enabled,
+                unmailed=addressed and not archive.shares.mailer.settings.enabled,
+                left_out=documents_left_out(archive, share))
 
 
 @router.get("/shares")
@@ -112,9 +144,50 @@ def share_detail(request: Request, archive: ArchiveDep,
     """One share: its items, every access, comments and feedback; revoke."""
     service = archive.shares
     share = _mine(request, public_id, actor)
-    return page(request, "share_detail.html", share=share, items=service.items(share),
-                visits=service.visits(share), comments=service.comments(share),
+    items = service.items(share)
+    left_out = documents_left_out(archive, share)
+    return page(request, "share_detail.html", share=share, items=items,
+                visits=[_in_words(v, share) for v in service.visits(share)],
+                comments=service.comments(share), left_out=left_out,
+                held_back_images=max(sum(1 for i in items if i.held_back) - len(left_out), 0),
                 feedback=service.feedback(share), clips=service.clip_names(share))
+
+
+# What the owner did to the share, in words (the audit trail keeps the action's code).
+_OWNER_ACTIONS = {"share.create": "made the share", "share.revoke": "revoked the share",
+                  "share.bind": "the invited account was made",
+                  "share.locked": "locked after wrong passcodes",
+                  "share.expiring": "told the share is about to end",
+                  "share.comment.sr": "a comment was filed as a report"}
+
+
+def _counted(number: int, noun: str, plural: str = "") -> str:
+    return f"{number} {noun if number == 1 else (plural or noun + 's')}"
+
+
+def _in_words(visit: dict[str, Any], share: Share) -> dict[str, Any]:
+    """One visit as the share's page shows it: who by name (the owner as "you"), and what
+    they did in words, never an audit code ("user:doc", "share.create") nor "image(s)"."""
+    who = str(visit.get("who") or "")
+    name = who.split(":", 1)[1] if who.startswith("user:") else who
+    done = [text for key, text in (("opens", "opened with the passcode"),
+                                   ("views", "viewed the case")) if visit.get(key)]
+    for key, noun, plural in (("images", "image shown", "images shown"),
+                              ("downloads", "download", ""), ("comments", "comment", ""),
+                              ("feedback", "feedback given", "feedback given"),
+                              ("wrong_passcodes", "wrong passcode", "")):
+        if visit.get(key):
+            done.append(_counted(int(visit[key]), noun, plural))
+    done += [text for key, text in (("marks", "saved marks"), ("signoffs", "signed off"))
+             if visit.get(key)]
+    done += [_OWNER_ACTIONS.get(str(a), str(a).removeprefix("share.").replace(".", " "))
+             for a in visit.get("other", ())]
+    same_minute = (isinstance(visit.get("first"), datetime) and isinstance(
+        visit.get("last"), datetime) and visit["first"].replace(second=0, microsecond=0)
+        == visit["last"].replace(second=0, microsecond=0))
+    return {**visit, "who": "you" if name == share.owner else name,
+            "summary": ", ".join(done), "last": visit["first"] if same_minute
+            else visit["last"]}
 
 
 @router.get("/shares/{public_id}/revoke")

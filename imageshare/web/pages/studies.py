@@ -26,9 +26,10 @@ from imageshare.access.policy import (
 )
 from imageshare.archive.attachments import MAX_ATTACHMENT
 from imageshare.archive.rendering import RenderOptions, render_frame
-from imageshare.archive.search import StudySearch
+from imageshare.archive.search import StudySearch, StudySummary
 from imageshare.archive.studies import ENCAPSULATED_PDF, StudyRecord
 from imageshare.deid.profiles import load_profiles
+from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound, PayloadTooLarge
 from imageshare.domain.identifiers import is_valid_nhs_number
 from imageshare.exchange.federated import PatientQuery
@@ -148,6 +149,7 @@ def study_page(request: Request, archive: ArchiveDep, study_uid: str,
         can_share=allows(actor, SHARE_CREATE, study_uid),
         my_cases=archive.cases.of(actor.name) if allows(actor, CASE_MANAGE) else None,
         exchange=_exchange_panel(archive, study) if allows(actor, EXCHANGE) else None,
+        others=_other_studies(archive, study, actor) if scope is None else None,
         copy=archive.site_status.copies([study_uid]).get(study_uid),
         share_default_days=archive.settings.share_default_days,
         share_max_days=archive.settings.share_max_days,
@@ -155,6 +157,21 @@ def study_page(request: Request, archive: ArchiveDep, study_uid: str,
         profiles=sorted(load_profiles(Path(archive.settings.deid_profiles_file)
                                       if archive.settings.deid_profiles_file else None)),
     )
+
+
+def _other_studies(archive: Archive, study: StudyRecord, actor: Actor) -> list[StudySummary]:
+    """The patient's other studies here, newest first, to compare this one with: by NHS
+    number when the patient has one, else by hospital number (exactly). Found by the
+    archive's (audited) search; [] when it refuses."""
+    nhs = _nhs_number(study)
+    patient_id = study.patient.patient_id
+    wanted = StudySearch(nhs_number=nhs) if nhs else StudySearch(hospital_number=patient_id)
+    try:
+        found = archive.search.search(wanted, actor, None).studies
+    except ImageShareError:
+        return []
+    return [s for s in found if s.study_uid != study.study_uid
+            and (nhs or s.patient_id == patient_id)]
 
 
 def _nhs_number(study: StudyRecord) -> str:

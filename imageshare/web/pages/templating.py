@@ -144,6 +144,17 @@ def series_size(frames: list[dict[str, object]]) -> str:
     return count(videos, "video") + (f", {stills}" if len(frames) > videos else "")
 
 
+def sentence(value: object) -> str:
+    """A message as a sentence for a page: its first letter capitalised and a full stop at
+    its end when it has none. The services' messages ("the current password is wrong") are
+    written to be embedded in others; shown on their own they read as sentences."""
+    text = str(value or "").strip()
+    if not text:
+        return ""
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?…" else text + "."
+
+
 def when(value: datetime | None) -> str:
     """A moment in UTC, to the minute."""
     if value is None:
@@ -158,7 +169,8 @@ environment = Environment(
 )
 environment.filters.update(person=person, dicom_date=dicom_date, iso_date=iso_date,
                            dicom_time=dicom_time, nhs=nhs, when=when, sex=sex,
-                           count=count, series_size=series_size)
+                           count=count, series_size=series_size,
+                           sentence=sentence)
 # A fresh key in each rendering of a form that creates something (storage.submissions).
 environment.globals["form_key"] = new_form_key
 

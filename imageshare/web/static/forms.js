@@ -1,9 +1,13 @@
 // A form that stops something for good (data-confirm) asks first; declined, nothing is sent
-// and the form stays usable (this runs before the handlers below).
+// and the form stays usable (this runs before the handlers below). A button of its own
+// (Reject beside Accept) asks with its own question.
 document.addEventListener("submit", (event) => {
   const form = event.target;
-  if (!(form instanceof HTMLFormElement) || !form.hasAttribute("data-confirm")) return;
-  if (!window.confirm(form.getAttribute("data-confirm") || "Are you sure?")) {
+  if (!(form instanceof HTMLFormElement)) return;
+  const button = event.submitter;
+  const asking = button && button.hasAttribute("data-confirm") ? button : form;
+  if (!asking.hasAttribute("data-confirm")) return;
+  if (!window.confirm(asking.getAttribute("data-confirm") || "Are you sure?")) {
     event.preventDefault();
     event.stopImmediatePropagation();
   }
