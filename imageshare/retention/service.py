@@ -425,7 +425,7 @@ class RetentionService:
             removed = self._deletion.approved_study(
                 request.study_uid, actor,
                 f"deletion requested by {request.requested_by}, approved by {actor.name}: "
-                f"{request.reason}"[:500])
+                f"{request.reason}"[:500], request=public_id)
         except DeletionRefused as exc:
             self._release_claim(public_id, claim)
             self._audit.record(AuditEvent(

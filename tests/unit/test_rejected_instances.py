@@ -64,6 +64,9 @@ def test_an_instance_sent_again_after_an_approved_deletion_is_refused(deleted):
         archive.ingest.store_copy(paths[0], MODALITY)
     assert "deleted here by an approved deletion" in str(refused.value)
     assert "allow it again" in str(refused.value)
+    # The refusal names the deletion request, so that the operator finds who approved it.
+    [approval] = list(archive.audit.events("deletion.approve"))
+    assert f"request {approval['detail']['request']}" in str(refused.value)
     assert "P1" not in str(refused.value)
     assert _count(archive) == 0 and set(archive.blobs.keys()) == blobs_before
     [event] = [e for e in archive.audit.events("instance.store") if e["outcome"] == "refused"]
