@@ -27,6 +27,7 @@ from sqlalchemy import (
 from imageshare.archive.deletion import ArchiveDeletion, Removed, as_utc
 from imageshare.archive.indexing import issuers_standing_for
 from imageshare.archive.record import instance_in_record
+from imageshare.archive.rejections import rejected_in
 from imageshare.archive.tombstones import release_kept
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor
@@ -467,6 +468,28 @@ class RetentionService:
                 patient_id=request.patient_id, study_uid=request.study_uid,
                 detail={"request": public_id, "state": state}), conn=conn)
         return self.deletion_request(public_id)
+
+    def allow_again(self, public_id: str, actor: Actor, reason: str) -> int:
+        """Let the instances the approved deletion ``public_id`` took away be stored again
+        (until then they are refused when sent again, IHE IOCM), saying why; audited
+        (``deletion.allow_again``). Returns how many were refused until now."""
+        self._require_admin(actor)
+        request = self.deletion_request(public_id)
+        if request.state != "deleted":
+            raise ImageShareError("only the images of a study an approved request deleted "
+                                  "can be allowed again")
+        if not reason.strip():
+            raise ImageShareError("say why the deleted images may be stored again")
+        return self._deletion.allow_again(request.study_uid, actor, reason,
+                                          patient_id=request.patient_id)
+
+    def refused_again(self, request: DeletionRequest) -> int:
+        """How many instances of the study ``request`` deleted are refused when sent again
+        (0 once allowed again, or when the deletion was not approved)."""
+        if request.state != "deleted":
+            return 0
+        with self._engine.connect() as conn:
+            return rejected_in(conn, request.study_uid)
 
     def deletion_request(self, public_id: str) -> DeletionRequest:
         """One deletion request; NotFound otherwise."""

@@ -134,3 +134,40 @@ def test_retention_expiry_is_no_rejection(archive, tmp_path):
     assert archive.deletion.expired(retriever, clock.now).instances == 1
     assert archive.ingest.store_copy(path, MODALITY).study_uid == stored.study_uid
     assert _count(archive) == 1
+
+
+def test_the_deletions_page_says_what_is_refused_and_lets_an_administrator_allow_it_again(
+        deleted):
+    """The deletions page says how many images of a deleted study are refused if sent again;
+    an administrator allows them again there, saying why (asked for), and then a modality's
+    copy is taken."""
+    from imageshare.web.server import create_app
+    from tests.unit.test_retention_pages import _admin_browser, _post
+    from tests.unit.test_web_pages import HTML
+
+    archive, paths, uid = deleted
+    [request] = archive.retention.deletion_requests()
+    app = create_app(archive)
+    admin, csrf = _admin_browser(archive, app, "records-lead")
+    page = admin.get("/admin/deletions", headers=HTML).text
+    assert "Its 3 images are refused if sent again." in page
+    action = f"/admin/deletions/{request.public_id}/allow-again"
+    assert f'action="{action}"' in page
+
+    unexplained = _post(admin, csrf, action, note="  ")
+    assert unexplained.status_code == 400 and "say why" in unexplained.text.lower()
+    with pytest.raises(ConflictingInstance):
+        archive.ingest.store_copy(paths[0], MODALITY)
+
+    allowed = _post(admin, csrf, action, note="deleted by mistake: wrong study chosen")
+    assert allowed.status_code == 303
+    page = admin.get(allowed.headers["location"], headers=HTML).text
+    assert "may be stored again" in page and action not in page
+    assert archive.ingest.store_copy(paths[0], MODALITY).study_uid == uid
+    [event] = list(archive.audit.events("deletion.allow_again"))
+    assert (event["actor"], event["outcome"], event["instance_count"]) == (
+        "user:records-lead", "success", 3)
+    assert event["patient_id"] == "P1"
+    # Once allowed, asking again is no change: the request is no longer refusing anything.
+    assert _post(admin, csrf, action, note="again").status_code == 303
+    assert archive.retention.refused_again(request) == 0

@@ -70,8 +70,10 @@ def lift_hold(request: Request, archive: ArchiveDep, hold_id: str,
 def _deletions_page(request: Request, archive: Archive, actor: Actor, status_code: int = 200,
                     **extra: object) -> Response:
     _listed(archive, actor, "deletions")
-    return page(request, "deletions.html", status_code=status_code,
-                requests=archive.retention.deletion_requests(), **extra)
+    requests = archive.retention.deletion_requests()
+    return page(request, "deletions.html", status_code=status_code, requests=requests,
+                refused={d.public_id: archive.retention.refused_again(d) for d in requests},
+                **extra)
 
 
 @router.get("/admin/deletions")
@@ -98,17 +100,21 @@ def request_deletion(request: Request, archive: ArchiveDep, actor: allowed(RETEN
 def decide_deletion(request: Request, archive: ArchiveDep, request_id: str, decision: str,
                     actor: allowed(RETENTION_MANAGE), note: Annotated[str, Form()] = ""
                     ) -> Response:
-    """Approve (another administrator than the requester: the study is deleted) or refuse."""
+    """Approve (another administrator than the requester: the study is deleted) or refuse;
+    after a deletion, allow its images to be stored again (``note``: why)."""
     try:
         if decision == "approve":
             archive.retention.approve_deletion(request_id, actor, note)
         elif decision == "refuse":
             archive.retention.refuse_deletion(request_id, actor, note)
+        elif decision == "allow-again":
+            archive.retention.allow_again(request_id, actor, note)
         else:
-            raise ImageShareError("approve or refuse")
+            raise ImageShareError("approve, refuse or allow again")
     except ImageShareError as exc:
         return _deletions_page(request, archive, actor, exc.http_status, error=str(exc))
-    return redirect(f"/admin/deletions?notice=deletion-{decision}d")
+    notice = "deletion-allow-again" if decision == "allow-again" else f"deletion-{decision}d"
+    return redirect(f"/admin/deletions?notice={notice}")
 
 
 def _rules_page(request: Request, archive: Archive, actor: Actor, status_code: int = 200,

@@ -60,6 +60,8 @@ NOTICES = {
                                       "must approve it."),
     "deletion-approved": ("success", "The study was deleted."),
     "deletion-refused": ("info", "The deletion request was closed; nothing was deleted."),
+    "deletion-allow-again": ("success", "The deleted study's images may be stored again: "
+                             "sent again, they are taken."),
     "rule-set": ("success", "The retention rule was saved."),
     "rule-removed": ("success", "The retention rule was removed."),
     "consent-recorded": ("success", "The consent decision was recorded."),
