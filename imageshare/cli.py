@@ -8,7 +8,6 @@ import getpass
 import json
 import os
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -679,10 +678,11 @@ def _restore(settings: Settings, args: argparse.Namespace) -> int:
         build_archive,
         installation_key,
         installation_key_file,
+        retired_installation_keys,
     )
     from imageshare.audit.chain import chain_problems
     from imageshare.audit.trail import AuditEvent
-    from imageshare.storage.backup import restore
+    from imageshare.storage.backup import SIGNED_BY_RETIRED, restore
 
     key_file = installation_key_file(settings)
     if not args.accept_unsigned and not settings.secret_key and not key_file.exists():
@@ -692,6 +692,8 @@ def _restore(settings: Settings, args: argparse.Namespace) -> int:
               f"at {key_file} first (or, if it is lost, restore with --accept-unsigned)",
               file=sys.stderr)
         return EXIT_FAILED
+    # A backup made before a key rotation is signed with a key now retired.
+    retired = [] if args.accept_unsigned else retired_installation_keys(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     blobs = blob_store(settings)
     bar = _bar(args, "restoring blobs")
@@ -702,7 +704,7 @@ def _restore(settings: Settings, args: argparse.Namespace) -> int:
                          heads_file=settings.resolved_audit_head_file,
                          originals=blob_store(settings, beside=ORIGINALS),
                          manifest_key=None if args.accept_unsigned
-                         else installation_key(settings))
+                         else installation_key(settings), retired_manifest_keys=retired)
     except ImageShareError as exc:
         print(f"imageshare restore: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -713,9 +715,14 @@ def _restore(settings: Settings, args: argparse.Namespace) -> int:
         archive.audit.record(AuditEvent(
             cli_actor(), "archive.restore", "success", instance_count=report.blobs,
             detail={"source": str(args.src), "snapshot": report.snapshot.name,
-                    "blobs": report.blobs, "signature_checked": not args.accept_unsigned}))
+                    "blobs": report.blobs, "signature_checked": not args.accept_unsigned,
+                    "signed_by": report.signed_by or None}))
     finally:
         archive.close()
+    if report.signed_by:
+        print("its manifest is signed with "
+              + ("a retired secret key (a backup made before the key rotation)"
+                 if report.signed_by == SIGNED_BY_RETIRED else "the current secret key"))
     print(f"restored snapshot {report.snapshot.name} ({report.database} index) with "
           f"{report.blobs} blob(s)")
     return EXIT_WRITTEN
@@ -727,24 +734,11 @@ def _audit_verify(archive: Any) -> int:
     from imageshare.audit.chain import head_key, verify_chain
 
     settings = archive.settings
+    # After a key rotation, heads signed before it carry a retired key's signature.
     report = verify_chain(archive.engine, head_key(installation_key(settings)),
-                          settings.resolved_audit_head_file)
-    problems = list(report.problems)
-    # After a key rotation, heads signed before it carry the retired key's signature: a head
-    # is forged only when no key signs it (counted, not merely matched: a forged copy of a
-    # genuine head reads alike); what a head signed by a retired key names is checked as for
-    # the current key's.
-    for retired in retired_installation_keys(settings):
-        again = verify_chain(archive.engine, head_key(retired),
-                             settings.resolved_audit_head_file).problems
-        unsigned = Counter(str(p) for p in again if p.kind == "signature")
-        seen = {str(p) for p in problems}
-        kept = []
-        for p in problems:
-            if p.kind != "signature" or unsigned[str(p)] > 0:
-                unsigned[str(p)] -= p.kind == "signature"
-                kept.append(p)
-        problems = kept + [p for p in again if p.kind != "signature" and str(p) not in seen]
+                          settings.resolved_audit_head_file,
+                          [head_key(key) for key in retired_installation_keys(settings)])
+    problems = report.problems
     for problem in problems:
         print(problem)
     if not problems:

@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -217,10 +217,14 @@ def _read_heads(heads_file: Path | None) -> list[dict[str, Any]]:
     return heads
 
 
-def verify_chain(engine: Engine, key: bytes | None = None, heads_file: Path | None = None
-                 ) -> ChainReport:
+def verify_chain(engine: Engine, key: bytes | None = None, heads_file: Path | None = None,
+                 retired: Sequence[bytes] = ()) -> ChainReport:
     """Walk every audit row in chain order and report each that was edited, deleted, inserted
-    or moved; check the head row and every signed head (when ``key`` is given).
+    or moved; check the head row and every signed head (when ``key``, the head key of the
+    installation key, is given). After a key rotation a head signed before it carries a
+    retired key's signature: ``retired`` are the head keys of the retired installation keys,
+    and a head is good when ``key`` or one of them signs it (a head signed by none is
+    reported, each head on its own); what a good head names is checked alike.
 
     Safe on a live installation: the signed heads are read before the rows (every head in the
     file then names a row already committed), and rows committed while the walk ran, up to the
@@ -260,7 +264,7 @@ def verify_chain(engine: Engine, key: bytes | None = None, heads_file: Path | No
         problems.append(ChainProblem(
             "head", last_seq, None, "the head row does not match the newest row"))
     for entry in signed:
-        problems += _check_signed_head(entry, key or b"", walk.hashes, last_seq)
+        problems += _check_signed_head(entry, [key or b"", *retired], walk.hashes, last_seq)
     return ChainReport(walk.rows, head_seq, len(signed), problems)
 
 
@@ -326,14 +330,18 @@ def _mappings(result: Any) -> Iterable[dict[str, Any]]:
         yield dict(row)
 
 
-def _check_signed_head(entry: dict[str, Any], key: bytes, hashes: dict[int, str],
+def _check_signed_head(entry: dict[str, Any], keys: Sequence[bytes], hashes: dict[int, str],
                        last_seq: int) -> list[ChainProblem]:
+    """What is wrong with one signed head: not signed by any of ``keys`` (the current head
+    key first), or naming a row the chain no longer has as it was signed."""
     if entry.get("broken"):
         return [ChainProblem("signature", None, None,
                              f"line {entry['line']} of the heads file cannot be read")]
     try:
         seq, digest, at = int(entry["seq"]), str(entry["hash"]), str(entry["at"])
-        good = hmac.compare_digest(_signature(key, seq, digest, at), str(entry["hmac"]))
+        signed = str(entry["hmac"])
+        good = any(hmac.compare_digest(_signature(key, seq, digest, at), signed)
+                   for key in keys)
     except (KeyError, TypeError, ValueError):
         return [ChainProblem("signature", None, None, "a head in the heads file is malformed")]
     if not good:

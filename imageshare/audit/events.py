@@ -399,7 +399,7 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        "backup).", EXPORT, "R", ("job",), ("destination", "snapshot", "blobs", "copied",
                                            "missing", "corrupt")),
     _e("archive.restore", "The installation was rebuilt from a backup (imageshare restore).",
-       IMPORT, "C", ("job",), ("source", "snapshot", "blobs")),
+       IMPORT, "C", ("job",), ("source", "snapshot", "blobs", "signature_checked", "signed_by")),
     _e("archive.verify", "Every blob was checked against its recorded digest (imageshare "
        "verify).", INSTANCES_ACCESSED, "R", (), ("checked", "corrupt", "missing",
                                                  "recorded")),

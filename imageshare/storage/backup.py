@@ -12,7 +12,9 @@ keep it apart; a restore needs it for sealed secrets (second factors, site crede
 
 Given the installation key (``manifest_key``), a backup signs its manifest with an HMAC-SHA256
 under a key derived from it (a label of its own), and a restore given the key refuses a
-manifest that is unsigned or not signed with it: the manifest's digests then bind the index,
+manifest that is unsigned or not signed with it (nor, after a key rotation, with one of the
+retired keys it is given: a backup made before the rotation is signed with the old key):
+the manifest's digests then bind the index,
 the blob lists (each blob's digest) and the audit heads to the installation that wrote them,
 so that someone who can write the backup cannot slip in another index or blob and rewrite
 the digests. A backup refuses to start when the destination has too little free space for
@@ -30,7 +32,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -525,13 +527,20 @@ def _copy_all(blobs: BlobStore, entries: list[BlobEntry], dest: Path, part: str,
 
 # -- restore -------------------------------------------------------------------------------------
 
+# Which key signed a restored backup's manifest (RestoreReport.signed_by).
+SIGNED_BY_CURRENT = "current"
+SIGNED_BY_RETIRED = "retired"
+
+
 @dataclass
 class RestoreReport:
-    """What a restore rebuilt."""
+    """What a restore rebuilt, and which key signed its manifest: :data:`SIGNED_BY_CURRENT`,
+    :data:`SIGNED_BY_RETIRED` (a backup made before a key rotation), or "" (not checked)."""
 
     snapshot: Path
     database: str
     blobs: int = 0
+    signed_by: str = ""
 
 
 def _snapshot_folder(src: Path, name: str = "") -> Path:
@@ -550,10 +559,13 @@ def _snapshot_folder(src: Path, name: str = "") -> Path:
     return folder
 
 
-def _read_manifest(folder: Path, manifest_key: bytes | None = None) -> dict[str, Any]:
+def _read_manifest(folder: Path, manifest_key: bytes | None = None,
+                   retired_keys: Sequence[bytes] = ()) -> tuple[dict[str, Any], str]:
     """The snapshot's manifest, its index file and blob list checked against their digests
-    (and, given the installation key ``manifest_key``, its signature); ImageShareError naming
-    what is wrong otherwise."""
+    (and, given the installation key ``manifest_key``, its signature, which may also be that
+    of one of the ``retired_keys``), with which key signed it (:data:`SIGNED_BY_CURRENT`,
+    :data:`SIGNED_BY_RETIRED`, or "" when no key was given); ImageShareError naming what is
+    wrong otherwise."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -565,8 +577,9 @@ def _read_manifest(folder: Path, manifest_key: bytes | None = None) -> dict[str,
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ImageShareError(f"the backup's manifest is damaged ({type(exc).__name__})"
                               ) from exc
+    signed_by = ""
     if manifest_key is not None:
-        _check_signature(manifest, manifest_key)
+        signed_by = _check_signature(manifest, manifest_key, retired_keys)
     # The restore reads these very files: a manifest naming others would have one file
     # checked and another restored.
     if database not in INDEX_FILES:
@@ -587,21 +600,29 @@ def _read_manifest(folder: Path, manifest_key: bytes | None = None) -> dict[str,
     if manifest.get("missing") or manifest.get("corrupt"):
         raise ImageShareError("this snapshot is incomplete (blobs were missing or corrupt when "
                               "it was taken); restore another one")
-    return manifest
+    return manifest, signed_by
 
 
-def _check_signature(manifest: dict[str, Any], installation_key: bytes) -> None:
-    """Refuse a manifest that is unsigned or not signed with ``installation_key``."""
+def _check_signature(manifest: dict[str, Any], installation_key: bytes,
+                     retired_keys: Sequence[bytes] = ()) -> str:
+    """Which key signed the manifest: :data:`SIGNED_BY_CURRENT` for ``installation_key``,
+    else :data:`SIGNED_BY_RETIRED` for one of ``retired_keys``; a manifest that is unsigned
+    or signed by none of them is refused."""
     signature = manifest.get(SIGNATURE)
     if not isinstance(signature, dict) or not isinstance(signature.get("hmac"), str):
         raise ImageShareError("the backup's manifest is not signed (a backup of an older "
                               "version, or edited): it cannot be shown to be this "
                               "installation's")
-    if signature.get("alg") != "HMAC-SHA256" or not hmac.compare_digest(
-            signature["hmac"].encode(), _manifest_mac(installation_key, manifest).encode()):
-        raise ImageShareError("the backup's manifest does not carry this installation's "
-                              "signature: it was edited, or the secret key is not the one of "
-                              "the installation that wrote it")
+    if signature.get("alg") == "HMAC-SHA256":
+        signed = signature["hmac"].encode()
+        if hmac.compare_digest(signed, _manifest_mac(installation_key, manifest).encode()):
+            return SIGNED_BY_CURRENT
+        if any(hmac.compare_digest(signed, _manifest_mac(key, manifest).encode())
+               for key in retired_keys):
+            return SIGNED_BY_RETIRED
+    raise ImageShareError("the backup's manifest does not carry this installation's "
+                          "signature: it was edited, or the secret key is not the one of "
+                          "the installation that wrote it")
 
 
 def _entries(folder: Path, listing: str = "blobs.jsonl") -> Iterator[BlobEntry]:
@@ -674,13 +695,16 @@ def restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str = "",
             pg_bin_dir: str = "", progress: Progress = _noop, on_total: Progress = _noop,
             trail_problems: TrailCheck | None = None,
             heads_file: Path | None = None, originals: BlobStore | None = None,
-            manifest_key: bytes | None = None) -> RestoreReport:
+            manifest_key: bytes | None = None,
+            retired_manifest_keys: Sequence[bytes] = ()) -> RestoreReport:
     """Rebuild an installation from a backup: the index into ``database_url`` (which must be
     empty), every blob into ``blobs`` and every kept original of an upload into
     ``originals``, each checked against its digest first, and the snapshot's signed audit
     chain heads into ``heads_file`` (which must be empty); the index is refused when
     ``trail_problems`` (the audit chain's check) finds any, the whole backup when, given the
-    installation key ``manifest_key``, its manifest is not signed with it.
+    installation key ``manifest_key``, its manifest is not signed with it nor with one of the
+    retired installation keys ``retired_manifest_keys`` (a backup made before a key rotation;
+    the report says which signed it).
 
     The blobs are written first and the index last: a restore that stops half-way (a full
     disk, an object store that went away) leaves no index naming blobs that are not there,
@@ -688,7 +712,8 @@ def restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str = "",
     sealed when ``blobs`` encrypts."""
     try:
         return _restore(src, database_url, blobs, snapshot, pg_bin_dir, progress, on_total,
-                        trail_problems, heads_file, originals, manifest_key)
+                        trail_problems, heads_file, originals, manifest_key,
+                        retired_manifest_keys)
     except OSError as exc:  # an unreadable backup, a full or failing disk
         raise StorageError(f"the restore stopped ({exc.strerror or type(exc).__name__}); "
                            "run it again once the cause is removed") from exc
@@ -697,10 +722,10 @@ def restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str = "",
 def _restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str, pg_bin_dir: str,
              progress: Progress, on_total: Progress, trail_problems: TrailCheck | None,
              heads_file: Path | None, originals: BlobStore | None,
-             manifest_key: bytes | None) -> RestoreReport:
+             manifest_key: bytes | None, retired_keys: Sequence[bytes]) -> RestoreReport:
     """The work of :func:`restore`."""
     folder = _snapshot_folder(src, snapshot)
-    manifest = _read_manifest(folder, manifest_key)
+    manifest, signed_by = _read_manifest(folder, manifest_key, retired_keys)
     heads = _checked_heads(folder, manifest, heads_file)
     parts = [(blobs, "blobs", "blob store")]
     if originals is not None and "originals" in manifest:
@@ -739,7 +764,7 @@ def _restore(src: Path, database_url: str, blobs: BlobStore, snapshot: str, pg_b
     elif not _empty_database(database_url):
         raise ImageShareError("the target database is not empty; restore into an empty "
                               "installation")
-    report = RestoreReport(folder, manifest["database"])
+    report = RestoreReport(folder, manifest["database"], signed_by=signed_by)
     written = _restore_blobs(src, parts, listed, report, progress)
     if url.get_backend_name() == "sqlite":
         _install_sqlite_index(index_file, str(manifest["index"]["sha256"]), target)
