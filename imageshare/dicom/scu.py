@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Iterable
@@ -21,7 +22,7 @@ from pynetdicom.sop_class import (
 from imageshare.dicom import reactor
 from imageshare.dicom.contexts import identify, storage_contexts_for
 from imageshare.domain.errors import SiteUnreachable
-from imageshare.exchange.nodes import Node
+from imageshare.exchange.nodes import Node, forbidden_address
 from imageshare.exchange.sites import (
     Criteria,
     Delivered,
@@ -35,6 +36,28 @@ STUDY_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "Stu
               "StudyTime", "AccessionNumber", "StudyDescription", "ModalitiesInStudy",
               "NumberOfStudyRelatedInstances", "NumberOfStudyRelatedSeries",
               "StudyInstanceUID", "IssuerOfPatientID")
+
+
+def _address_of(node: Node) -> str:
+    """The IP address to reach ``node`` at: its host name resolved once, here, and the
+    first address a site may have (:func:`forbidden_address`), so that a DNS answer pointing
+    at a metadata service or a link-local address is never connected to (and the address
+    checked is the one connected to). SiteUnreachable, saying why, otherwise."""
+    try:
+        found = socket.getaddrinfo(node.host, node.port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise SiteUnreachable(f"{node.label} cannot be reached (its host name does not "
+                              "resolve)") from exc
+    refused = ""
+    # IPv4 first, as the address was reached before it was resolved here
+    for _family, _type, _proto, _name, sockaddr in sorted(
+            found, key=lambda entry: entry[0] != socket.AF_INET):
+        address = str(sockaddr[0])
+        why = forbidden_address(address)
+        if not why:
+            return address
+        refused = refused or why
+    raise SiteUnreachable(f"{node.label} is not connected to: its host {refused}")
 
 
 class DimseSites:
@@ -61,8 +84,9 @@ class DimseSites:
             if self.tls is None:
                 raise SiteUnreachable(f"{node.label} needs DICOM TLS, which is not set up here")
             tls_args = (self.tls, node.host)
+        address = _address_of(node)
         try:
-            assoc = ae.associate(node.host, node.port, ae_title=node.ae_title,
+            assoc = ae.associate(address, node.port, ae_title=node.ae_title,
                                  tls_args=tls_args,
                                  evt_handlers=[(evt.EVT_ABORTED, _wake_waiting)])
         except (OSError, RuntimeError) as exc:
