@@ -43,18 +43,22 @@ def text_of(element: dict[str, Any] | None) -> str:
     values = element.get("Value") or []
     if not values:
         return ""
-    first = values[0]
-    return str(first.get("Alphabetic", "")) if isinstance(first, dict) else str(first)
+    return _value_text(values[0])
+
+
+def _value_text(value: Any) -> str:
+    """One DICOM JSON value as text: a person name's alphabetic form; "" for an empty value
+    among several (null, PS3.18 F.2.5)."""
+    if value is None:
+        return ""
+    return str(value.get("Alphabetic", "")) if isinstance(value, dict) else str(value)
 
 
 def all_text(element: dict[str, Any] | None) -> str:
-    """Every value of a DICOM JSON element, joined with commas."""
+    """Every value of a DICOM JSON element, joined with commas (empty values left out)."""
     if not element:
         return ""
-    return ", ".join(
-        str(v.get("Alphabetic", "")) if isinstance(v, dict) else str(v)
-        for v in element.get("Value") or []
-    )
+    return ", ".join(text for text in map(_value_text, element.get("Value") or []) if text)
 
 
 def nhs_number_of(attrs: dict[str, Any]) -> str:
@@ -68,6 +72,27 @@ def nhs_number_of(attrs: dict[str, Any]) -> str:
         if issuer == NHS_ISSUER or (not issuer and is_valid_nhs_number(value)):
             return value
     return ""
+
+
+# -- a reason as an Error Comment -------------------------------------------------------------
+
+LO_MAX = 64  # characters of an LO value, Error Comment (0000,0902) included
+_CUT_MARK = "..."  # ASCII: a DIMSE command set's Error Comment has no other repertoire
+
+
+def error_comment(reason: str, most: int = LO_MAX) -> str:
+    """``reason`` as an Error Comment (an LO value, PS3.5 6.2): one line, no backslash (LO's
+    value separator), at most ``most`` characters; a longer reason is cut at the last word
+    that fits and ends with ``...``, never in the middle of a word."""
+    text = " ".join(reason.replace("\\", "/").split())
+    if len(text) <= most:
+        return text
+    room = most - len(_CUT_MARK)
+    head = text[:room + 1]  # one more: does the cut fall just before a space?
+    cut = head[:room] if head[room:] == " " else head[:room].rsplit(" ", 1)[0]
+    if len(cut) < room // 2:  # one very long word: cut it rather than say almost nothing
+        cut = text[:room]
+    return cut.rstrip(" ,;:(") + _CUT_MARK
 
 
 # -- building DICOM JSON from a data set ---------------------------------------------------
@@ -176,10 +201,18 @@ def _raw_number_strings(raw: RawDataElement) -> list[str] | None:
 
 
 class _Builder:
-    def __init__(self, bulk_uri: BulkUri | None, threshold: int, instance: str) -> None:
+    def __init__(self, bulk_uri: BulkUri | None, threshold: int, instance: str,
+                 quiet: bool = False) -> None:
         self.bulk_uri = bulk_uri
         self.threshold = threshold
         self.instance = instance
+        # The caller logs what it does with a top-level attribute left out (inside a
+        # sequence, whatever is left out is logged here).
+        self.quiet = quiet
+
+    def left_out(self, path: str, vr: str, reason: str) -> None:
+        if not self.quiet or "/" in path:
+            left_out(self.instance, path, vr, reason)
 
     def dataset(self, ds: Dataset, prefix: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -189,7 +222,7 @@ class _Builder:
             try:
                 element = self.element(ds, tag, path)
             except Exception as exc:  # noqa: BLE001 - one bad value leaves out one attribute
-                left_out(self.instance, path, "", type(exc).__name__)
+                self.left_out(path, "", type(exc).__name__)
                 continue
             if element is not None:
                 out[key] = element
@@ -213,7 +246,7 @@ class _Builder:
                 if values is not None:
                     return {"vr": str(raw.VR), "Value": values} if values != [""] else {
                         "vr": str(raw.VR)}
-            left_out(self.instance, path, str(getattr(raw, "VR", "") or ""),
+            self.left_out(path, str(getattr(raw, "VR", "") or ""),
                      type(exc).__name__)
             return None
         vr = str(converted.VR)
@@ -228,14 +261,14 @@ class _Builder:
             if len(value) > self.threshold:
                 return self._bulk(_binary_vr(vr), path)
             if not isinstance(value, bytes | bytearray):
-                left_out(self.instance, path, vr, "binary value of an unexpected type")
+                self.left_out(path, vr, "binary value of an unexpected type")
                 return None
             return {"vr": _binary_vr(vr), "InlineBinary": base64.b64encode(value).decode()}
         with_nulls = _with_nulls(converted)
         if with_nulls is not None:
             if _json_safe(with_nulls):
                 return with_nulls
-            left_out(self.instance, path, vr, "value not representable in DICOM JSON")
+            self.left_out(path, vr, "value not representable in DICOM JSON")
             return None
         if vr == "IS" and not _whole_numbers(converted):
             # pydicom reads a stored "1.5" as a number that its JSON writer cuts to 1: a
@@ -250,14 +283,14 @@ class _Builder:
                 values = _as_stored_numbers(converted)
                 if values is not None:
                     return {"vr": vr, "Value": values} if any(values) else {"vr": vr}
-            left_out(self.instance, path, vr, type(exc).__name__)
+            self.left_out(path, vr, type(exc).__name__)
             return None
         if not _json_safe(element):
             if vr in NUMBER_STRING_VRS:
                 values = _as_stored_numbers(converted)
                 if values is not None:
                     return {"vr": vr, "Value": values}
-            left_out(self.instance, path, vr, "value not representable in DICOM JSON")
+            self.left_out(path, vr, "value not representable in DICOM JSON")
             return None
         return element
 
@@ -278,6 +311,19 @@ def dataset_json(
     ``instance`` (a SOP Instance UID) names the instance in warnings.
     """
     return _Builder(bulk_uri, threshold, instance).dataset(ds, "")
+
+
+def element_json(ds: Dataset, tag: int, instance: str = "") -> dict[str, Any] | None:
+    """DICOM JSON of the one attribute ``tag`` of ``ds``, exactly as :func:`dataset_json`
+    writes it (so that QIDO-RS and the WADO-RS metadata agree: a non-integer IS as the
+    string stored, an empty value among several as null); binary values over the bulk data
+    threshold are left out. None when the value cannot be written for its VR (nothing is
+    logged for the attribute itself: the caller decides what to do and says so)."""
+    builder = _Builder(None, BULK_DATA_THRESHOLD, instance, quiet=True)
+    try:
+        return builder.element(ds, tag, f"{int(tag):08X}")
+    except Exception:  # noqa: BLE001 - one bad value: the caller leaves it out or keeps it
+        return None
 
 
 def safe_json(attrs: dict[str, Any], instance: str = "", check_values: bool = True

@@ -19,6 +19,7 @@ from pydicom.filereader import _read_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from imageshare.archive.dicom_json import element_json
 from imageshare.archive.pixel_budget import check_pixel_budget
 from imageshare.archive.structure import Structure, check_structure
 from imageshare.domain.errors import InvalidInstance, UndecodableImage
@@ -103,33 +104,33 @@ def _as_received(element: Any) -> dict[str, Any] | None:
 
 
 def level_json(ds: Dataset, keywords: tuple[str, ...], instance: str = "") -> dict[str, Any]:
-    """DICOM JSON (PS3.18 F.2) of the given attributes of ``ds`` that are present.
+    """DICOM JSON (PS3.18 F.2) of the given attributes of ``ds`` that are present, written
+    as the WADO-RS metadata writes them (:func:`element_json`), so that a QIDO-RS answer
+    and the metadata agree on every stored value.
 
     An attribute whose value cannot be converted for its VR is kept as received when it is
     text, else left out; either way the log names the instance and the attribute (no value).
     """
     result: dict[str, Any] = {}
     for keyword in keywords:
+        tag = int(tag_for_keyword(keyword) or 0)
         try:
-            if keyword not in ds:
+            if not tag or tag not in ds:
                 continue
-            element = ds[keyword]
-        except Exception:  # noqa: BLE001 - undecodable element: left out below
-            element = None
-        one = Dataset()
-        try:
-            if element is None:
-                raise ValueError(keyword)
-            one.add(element)
-            result.update(one.to_json_dict(bulk_data_threshold=65536,
-                                           bulk_data_element_handler=None))
+        except Exception:  # noqa: BLE001 - undecodable data set: nothing to index
             continue
-        except Exception:  # noqa: BLE001 - a value that does not fit its VR
-            kept = _as_received(element) if element is not None else None
-        tag = f"{Tag(keyword):08X}" if Tag(keyword) else keyword
+        key = f"{tag:08X}"
+        written = element_json(ds, tag, instance)
+        if written is not None:
+            result[key] = written
+            continue
+        try:
+            kept = _as_received(ds[tag])
+        except Exception:  # noqa: BLE001 - undecodable element: left out
+            kept = None
         if kept is not None:
-            result[tag] = kept
-        log.warning("instance %s: attribute %s does not fit its VR; %s", instance or "?", tag,
+            result[key] = kept
+        log.warning("instance %s: attribute %s does not fit its VR; %s", instance or "?", key,
                     "kept as received" if kept is not None else "left out of the index")
     return result
 

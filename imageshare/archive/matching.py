@@ -561,7 +561,7 @@ def pn_text(value: dict[str, Any]) -> str:
 def _as_text(value: Any) -> str:
     if isinstance(value, dict):  # PN in DICOM JSON: every component group
         return pn_text(value)
-    return str(value)
+    return "" if value is None else str(value)  # an empty value among several is null
 
 
 def _pn_group_matches(stored: str, wanted: str) -> bool:

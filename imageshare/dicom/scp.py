@@ -50,7 +50,7 @@ from imageshare.access.policy import (
     Policy,
     arrival_class,
 )
-from imageshare.archive.dicom_json import NUMBER_STRING_VRS, left_out
+from imageshare.archive.dicom_json import NUMBER_STRING_VRS, error_comment, left_out
 from imageshare.archive.ingest import IngestService, no_room
 from imageshare.archive.query import LEVELS, Query, QueryService
 from imageshare.archive.retrieve import RetrieveService, StoredInstance
@@ -120,7 +120,7 @@ def _status(code: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = code
     if comment:
-        ds.ErrorComment = comment[:64]
+        ds.ErrorComment = error_comment(comment)
     return ds
 
 

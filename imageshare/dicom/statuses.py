@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
+from imageshare.archive.dicom_json import error_comment
+
 
 @dataclass(frozen=True)
 class DimseStatus:
@@ -24,11 +26,12 @@ class DimseStatus:
     when: str
 
     def dataset(self, comment: str = "") -> Dataset:
-        """The status as a data set, with an Error Comment (at most 64 characters)."""
+        """The status as a data set, with an Error Comment (at most 64 characters, cut at a
+        word)."""
         ds = Dataset()
         ds.Status = self.code
         if comment:
-            ds.ErrorComment = comment[:64]
+            ds.ErrorComment = error_comment(comment)
         return ds
 
 

@@ -26,7 +26,7 @@ from imageshare.access.policy import (
     STUDY_STORE,
 )
 from imageshare.access.scope import DOWNLOAD, VIEW
-from imageshare.archive.dicom_json import json_bytes, native_dicom_xml, safe_json
+from imageshare.archive.dicom_json import error_comment, json_bytes, native_dicom_xml, safe_json
 from imageshare.archive.pixel_budget import decode_frame
 from imageshare.archive.query import Level, Query
 from imageshare.archive.rendering import (
@@ -537,27 +537,34 @@ def _head_only(response: Response, request: Request) -> Response:
     return head
 
 
+# HEAD routes share their GET route's function (and so its one permission); they stay out of
+# the OpenAPI document, whose operations each need an id of their own.
+@router.head("/studies/{study}", summary="WADO-RS: retrieve a study", include_in_schema=False)
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
 def retrieve_study(request: Request, study: str, actor: Downloader) -> Response:
-    """Every instance of the study as multipart/related application/dicom."""
+    """Every instance of the study as multipart/related application/dicom; HEAD: the same
+    status and headers without the body, audited as a metadata read."""
     _accepted_dicom_syntax(request, None)
-    return _dicom_response(request, _select(request, actor, "study.retrieve", study,
-                                            right=DOWNLOAD))
+    # A HEAD sends no instance (only the index is consulted): a metadata read, no retrieval.
+    action = "study.metadata" if request.method == "HEAD" else "study.retrieve"
+    return _dicom_response(request, _select(request, actor, action, study, right=DOWNLOAD))
 
 
+@router.head("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series",
+             include_in_schema=False)
 @router.get("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
 def retrieve_series(request: Request, study: str, series: str, actor: Downloader) -> Response:
-    """Every instance of the series."""
+    """Every instance of the series; HEAD: the same status and headers without the body,
+    audited as a metadata read."""
     _accepted_dicom_syntax(request, None)
-    return _dicom_response(request, _select(request, actor, "study.retrieve", study, series,
+    action = "study.metadata" if request.method == "HEAD" else "study.retrieve"
+    return _dicom_response(request, _select(request, actor, action, study, series,
                                             right=DOWNLOAD))
 
 
 INSTANCE = "/studies/{study}/series/{series}/instances/{instance}"
 
 
-# HEAD routes share their GET route's function (and so its one permission); they stay out of
-# the OpenAPI document, whose operations each need an id of their own.
 @router.head(INSTANCE, summary="WADO-RS: retrieve an instance", include_in_schema=False)
 @router.get(INSTANCE, summary="WADO-RS: retrieve an instance")
 def retrieve_instance(
@@ -1297,7 +1304,7 @@ def _part_answer(base: str, part: Any, result: Any, unknown_syntax: bool = False
                 if isinstance(result, (InvalidInstance, ConflictingInstance))
                 else _uids_of(part.path))
             item.FailureReason = result.dicom_status
-            item.ErrorComment = str(result)[:64]
+            item.ErrorComment = error_comment(str(result))
             if unknown_syntax and result.dicom_status == FAILURE_CANNOT_UNDERSTAND.code:
                 # not understood because its transfer syntax is not one of the standard's
                 item.FailureReason = FAILURE_TRANSFER_SYNTAX.code
@@ -1312,7 +1319,7 @@ def _part_answer(base: str, part: Any, result: Any, unknown_syntax: bool = False
     if result.outcome == "kept_first":
         # The part's content was not stored: a failure, whose reason names the kept copy.
         item.FailureReason = FAILURE_DUPLICATE.code
-        item.ErrorComment = "stored copy kept: this UID is stored with other content"[:64]
+        item.ErrorComment = "stored copy kept: this UID is stored with other content"
         return False, item
     if result.outcome == "held":
         # Stored, but held in the inbox for reconciliation: no retrieval finds it until it
