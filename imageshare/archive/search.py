@@ -61,6 +61,7 @@ class StudySummary:
     accession: str
     series_count: int
     instance_count: int
+    issuer: str = ""  # Issuer of Patient ID: whose hospital number patient_id is
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ def _summary(attrs: dict[str, Any], study_uid: str) -> StudySummary:
         accession=text_of(attrs.get("00080050")),
         series_count=int(text_of(attrs.get("00201206")) or 0),
         instance_count=int(text_of(attrs.get("00201208")) or 0),
+        issuer=text_of(attrs.get("00100021")),
     )
 
 

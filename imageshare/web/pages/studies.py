@@ -161,17 +161,22 @@ def study_page(request: Request, archive: ArchiveDep, study_uid: str,
 
 def _other_studies(archive: Archive, study: StudyRecord, actor: Actor) -> list[StudySummary]:
     """The patient's other studies here, newest first, to compare this one with: by NHS
-    number when the patient has one, else by hospital number (exactly). Found by the
-    archive's (audited) search; [] when it refuses."""
+    number when the patient has one, else by hospital number and its issuer (exactly);
+    none for a study without a patient ID. Found by the archive's (audited) search; []
+    when it refuses."""
     nhs = _nhs_number(study)
-    patient_id = study.patient.patient_id
+    patient_id, issuer = study.patient.patient_id.strip(), study.patient.issuer.strip()
+    if not nhs and not patient_id:
+        return []  # nobody to look for: studies without an ID are not one patient's
     wanted = StudySearch(nhs_number=nhs) if nhs else StudySearch(hospital_number=patient_id)
     try:
         found = archive.search.search(wanted, actor, None).studies
     except ImageShareError:
         return []
+    # A hospital number is the patient's only with its issuer (another trust's H100 is
+    # someone else); an NHS number's search checks whose number it is already.
     return [s for s in found if s.study_uid != study.study_uid
-            and (nhs or s.patient_id == patient_id)]
+            and (nhs or (s.patient_id.strip() == patient_id and s.issuer.strip() == issuer))]
 
 
 def _nhs_number(study: StudyRecord) -> str:
