@@ -287,15 +287,21 @@ def can_encode_frames(source: str, target: str, header: Dataset | None = None) -
 
 
 def _jpeg_baseline(header: Dataset, frame: bytes) -> bytes:
-    """One 8-bit frame (greyscale, or RGB colour-by-pixel) as a JPEG baseline bitstream
-    (Pillow's codec, quality :data:`JPEG_BASELINE_QUALITY`, chroma 4:2:2 as YBR_FULL_422)."""
+    """One 8-bit frame (greyscale, or RGB colour-by-pixel or colour-by-plane as
+    ``header``'s Planar Configuration says) as a JPEG baseline bitstream (Pillow's codec,
+    quality :data:`JPEG_BASELINE_QUALITY`, chroma 4:2:2 as YBR_FULL_422)."""
     from PIL import Image
 
     rows, columns = int(header.Rows), int(header.Columns)
     samples = int(header.get("SamplesPerPixel", 1) or 1)
     array = np.frombuffer(frame, dtype=np.uint8)[:rows * columns * samples]
-    image = Image.fromarray(array.reshape((rows, columns, samples) if samples == 3
-                                          else (rows, columns)), "RGB" if samples == 3 else "L")
+    if samples == 3 and int(header.get("PlanarConfiguration", 0) or 0) == 1:
+        pixels = array.reshape((3, rows, columns)).transpose(1, 2, 0)  # RRR..GGG..BBB..
+    elif samples == 3:
+        pixels = array.reshape((rows, columns, 3))
+    else:
+        pixels = array.reshape((rows, columns))
+    image = Image.fromarray(np.ascontiguousarray(pixels), "RGB" if samples == 3 else "L")
     out = io.BytesIO()
     image.save(out, "JPEG", quality=JPEG_BASELINE_QUALITY, subsampling=1)
     return out.getvalue()

@@ -155,3 +155,28 @@ def test_an_empty_value_among_several_matches_no_wildcard_that_needs_letters():
     assert not json_matches(stored, {"vr": "LO", "Value": ["N*"]})
     assert not json_matches(stored, {"vr": "LO", "Value": ["*one"]})
     assert json_matches(stored, {"vr": "LO", "Value": ["SM*"]})
+
+
+def test_a_colour_frame_stored_by_plane_is_a_true_colour_jpeg_baseline_frame():
+    """Colour ultrasound and photographs are often stored colour-by-plane (Planar
+    Configuration 1): sent as JPEG baseline they keep their colours."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from pydicom import Dataset
+
+    from imageshare.archive.transcode import JPEG_BASELINE, can_encode_frames, encode_frame
+
+    header = Dataset()
+    header.Rows = header.Columns = 16
+    header.SamplesPerPixel, header.BitsAllocated, header.BitsStored = 3, 8, 8
+    header.HighBit, header.PixelRepresentation = 7, 0
+    header.PhotometricInterpretation, header.PlanarConfiguration = "RGB", 1
+    red = np.zeros((16, 16, 3), np.uint8)
+    red[..., 0] = 255
+    assert can_encode_frames("1.2.840.10008.1.2.1", JPEG_BASELINE, header)
+    sent = encode_frame(header, red.transpose(2, 0, 1).tobytes(), JPEG_BASELINE)
+    shown = np.asarray(Image.open(io.BytesIO(sent))).astype(int)
+    assert abs(shown[0, 0] - [255, 0, 0]).max() < 8
+    assert abs(shown[8, 8] - [255, 0, 0]).max() < 8
