@@ -342,11 +342,13 @@ def test_a_running_transfer_is_cancelled_between_instances_and_stays_cancelled(
     for path in ct_series(tmp_path / "s", 8, patient_id="9434765919"):
         uid = archive.ingest.store_copy(path, cli_actor()).study_uid
     archive.nodes.add(_node(hostile))
+    # Signed in first (password hashing takes a while on a loaded machine): the cancel then
+    # comes while the transfer is under way, not after its last instance.
+    browser, csrf = _admin_browser(archive, create_app(archive), "sender")
     transfer = archive.transfers.send(uid, "PARTNER", cli_actor())
     deadline = time.monotonic() + 30
     while not hostile.seen and time.monotonic() < deadline:
         time.sleep(0.05)
-    browser, csrf = _admin_browser(archive, create_app(archive), "sender")
     with browser:
         page = browser.get(f"/transfers/{transfer.public_id}", headers=HTML).text
         assert "Cancel this transfer" in page
