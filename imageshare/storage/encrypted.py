@@ -532,7 +532,13 @@ def seal_plaintext_blobs(store: EncryptedBlobStore,
             elif state == "unknown":
                 report.refused.append((key, "sealed, and no key opens it (damaged?)"))
             else:
-                store.reseal(key, recorded(key) if recorded is not None else None)
+                expected = recorded(key) if recorded is not None else None
+                store.reseal(key, expected)
+                if expected is not None and recorded is not None and recorded(key) is None:
+                    # the index let it go while it was sealed again (a deletion between the
+                    # check and the put): what was deleted is not left on disk
+                    store.delete(key)
+                    raise KeyError(key)
                 (report.sealed if state == "plaintext" else report.rekeyed).append(key)
         except KeyError:
             report.checked -= 1  # deleted meanwhile

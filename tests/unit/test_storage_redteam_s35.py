@@ -259,3 +259,22 @@ def test_a_job_whose_parameters_no_longer_parse_fails_at_once_with_the_reason(en
     assert failed.state == "failed" and failed.attempts == 1
     assert "parameters could not be read" in failed.error and "secret key" not in failed.error
     assert notes and notes[0][:2] == ("alice", "job.failed")
+
+
+def test_a_blob_the_index_let_go_while_it_was_sealed_again_is_not_left_on_disk(tmp_path):
+    """A deletion between reseal's last check and its put: the index no longer names the
+    blob once sealed, so the sealed copy is removed (patient data deleted stays deleted)."""
+    inner = FileBlobStore(tmp_path / "b")
+    data = b"deleted by an approved deletion while the migration runs"
+    key = _put(inner, data)
+    store = EncryptedBlobStore(inner, NEW)
+    digest = hashlib.sha256(data).hexdigest()
+    asked: list[str] = []
+
+    def recorded(k: str) -> str | None:
+        asked.append(k)
+        return digest if len(asked) == 1 else None  # deleted from the index meanwhile
+
+    report = seal_plaintext_blobs(store, recorded)
+    assert not report.sealed and report.complete
+    assert not inner.local_path(key).exists()
