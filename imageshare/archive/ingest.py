@@ -594,6 +594,7 @@ class IngestService:
                 "success" if outcome.status in ("stored", "duplicate") else "warning"
             ),  # held: stored, with a warning
             patient_id=h.patient_id,
+            issuer=h.issuer,  # known: the trail need not look it up (ingest's hot path)
             study_uid=h.study_uid,
             instance_count=1,
             detail={
@@ -618,6 +619,7 @@ class IngestService:
         return AuditEvent(
             actor=actor, action=action, outcome=outcome,
             patient_id=header.patient_id if header else "",
+            issuer=header.issuer if header else "",
             study_uid=header.study_uid if header else "",
             detail={"reason": reason},
         )

@@ -32,8 +32,9 @@ _INBOX_PREFIX = "inbox:"
 class AuditEvent:
     """One access or change of patient data: who, what, which patient/study, outcome, detail.
     ``issuer``: the Issuer of Patient ID of ``patient_id`` (kept in the detail as
-    ``patient_issuer``); when not given for an event naming a study, the trail takes it from
-    the study's patient record (when that record has this patient ID)."""
+    ``patient_issuer``; "" when it has none); when not given (None) for an event naming a
+    study, the trail takes it from the study's patient record (when that record has this
+    patient ID)."""
 
     actor: Actor
     action: str
@@ -43,7 +44,7 @@ class AuditEvent:
     instance_count: int = 0
     detail: dict[str, Any] = field(default_factory=dict)
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    issuer: str = ""
+    issuer: str | None = None
 
     def row(self, issuer: str = "") -> dict[str, Any]:
         """The audit table row for this event (``issuer``: the patient ID's issuer when the
@@ -51,7 +52,7 @@ class AuditEvent:
         with each NUL written as U+FFFD: PostgreSQL refuses NUL in text, and the write of the
         event, with the request it records, would fail on it."""
         detail = self.detail
-        issuer = self.issuer or issuer
+        issuer = self.issuer if self.issuer is not None else issuer
         if issuer and self.patient_id and PATIENT_ISSUER not in detail:
             detail = {**detail, PATIENT_ISSUER: issuer[:64]}
         return {
@@ -140,7 +141,7 @@ def _rows(conn: Connection, batch: list[AuditEvent]) -> list[dict[str, Any]]:
     """The rows of ``batch``, each naming a study's patient with the Issuer of Patient ID of
     that patient's record (read in ``conn``: also a record made in the same transaction)."""
     wanted = {(e.study_uid, e.patient_id) for e in batch
-              if e.study_uid and e.patient_id and not e.issuer
+              if e.study_uid and e.patient_id and e.issuer is None
               and "\x00" not in e.study_uid + e.patient_id}  # (PostgreSQL refuses NUL)
     issuers: dict[tuple[str, str], str] = {}
     pairs = sorted(wanted)
