@@ -200,7 +200,8 @@ def test_a_request_head_trickled_byte_by_byte_gets_408_and_the_connection_is_clo
         conn.close()
     _is_408(data)
     assert closed
-    assert HEAD_SECONDS <= took < HEAD_SECONDS + 2
+    # not cut before its time (asyncio may run a timer up to its clock's resolution early)
+    assert HEAD_SECONDS - 0.05 <= took < HEAD_SECONDS + 2
 
 
 def test_a_slow_but_complete_head_and_a_kept_alive_connection_are_served(site):
