@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from imageshare.storage.index.database import make_engine
 from imageshare.storage.index.schema import background_jobs
 from tests.conftest import make_archive
 from tests.factory import ct_series
-from tests.unit.test_job_queue import _queue, engine  # noqa: F401 - the fixture
+from tests.unit.test_job_queue import _queue, _wait, engine  # noqa: F401 - the fixture
 
 OLD = blob_master_key(b"o" * 40)
 NEW = blob_master_key(b"n" * 40)
@@ -230,9 +231,9 @@ def test_a_job_queued_before_the_clock_was_set_back_runs_now_not_hours_later(eng
                 .values(run_after=now + timedelta(minutes=5), updated_at=now))
         ran: list[str] = []
         queue.register("export", lambda job, params: ran.append(job.id))
-        queue.run_pending()
+        queue.run_pending()  # a worker started by submit may have claimed it meanwhile
+        assert _wait(queue, early).state == "done"
         assert ran == [early.id]
-        assert queue.get(early.id, "alice").state == "done"
         assert queue.get(delayed.id, "alice").state == "queued"
     finally:
         queue.close()
@@ -251,8 +252,11 @@ def test_a_job_whose_parameters_no_longer_parse_fails_at_once_with_the_reason(en
                          .values(params=["dicomweb", 3]))
         ran: list[str] = []
         queue.register("export", lambda job, params: ran.append(job.id))
-        queue.run_pending()
-        failed = queue.get(job.id, "alice")
+        queue.run_pending()  # a worker started by submit may have claimed it meanwhile
+        failed = _wait(queue, job)
+        deadline = time.monotonic() + 10
+        while not notes and time.monotonic() < deadline:  # told just after the state is saved
+            time.sleep(0.02)
     finally:
         queue.close()
     assert not ran
