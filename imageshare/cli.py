@@ -870,8 +870,8 @@ def _retention(archive: Any, args: argparse.Namespace) -> int:
         print(f"study deleted: {removed.instances} instance(s)")
         return 0
     if args.command == "deletion" and args.action == "allow-again":
-        count = archive.deletion.allow_again(args.study_uid, _admin_checked(archive, args.by),
-                                             args.reason)
+        count = service.allow_study_again(args.study_uid, _admin_checked(archive, args.by),
+                                          args.reason)
         if not count:
             print("no instance of this study is refused", file=sys.stderr)
             return 1

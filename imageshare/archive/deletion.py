@@ -114,16 +114,16 @@ class ArchiveDeletion:
                             request=request)
 
     def allow_again(self, study_uid: str, actor: Actor, reason: str,
-                    patient_id: str = "") -> int:
-        """Let the instances of ``study_uid`` (of ``patient_id``, when known: the study is
-        gone) an approved deletion took away be stored again (audited); returns how many
-        were refused until now."""
+                    patient_id: str = "", issuer: str = "") -> int:
+        """Let the instances of ``study_uid`` (of ``patient_id`` with ``issuer``, when known:
+        the study is gone) an approved deletion took away be stored again (audited); returns
+        how many were refused until now."""
         def change(conn: Connection) -> int:
             count = allow_again(conn, study_uid)
             self._audit.record(AuditEvent(
                 actor=actor, action="deletion.allow_again",
                 outcome="success" if count else "failure", study_uid=study_uid,
-                patient_id=patient_id,
+                patient_id=patient_id, issuer=issuer,
                 instance_count=count, detail={"reason": reason.strip()[:200]}), conn=conn)
             return count
         return self._writer.submit(change)

@@ -153,11 +153,11 @@ def _rows(conn: Connection, batch: list[AuditEvent]) -> list[dict[str, Any]]:
             .where(or_(*(and_(studies.c.study_uid == study, patients.c.patient_id == patient)
                          for study, patient in pairs[start:start + 100]))))
         for study, patient, issuer, attrs in found:
-            issuers[(study, patient)] = _issuer_as_sent(str(issuer or ""), attrs)
+            issuers[(study, patient)] = issuer_as_sent(str(issuer or ""), attrs)
     return [e.row(issuers.get((e.study_uid, e.patient_id), "")) for e in batch]
 
 
-def _issuer_as_sent(issuer: str, attrs: Any) -> str:
+def issuer_as_sent(issuer: str, attrs: Any) -> str:
     """The Issuer of Patient ID of a stored record: a study waiting in the inbox is kept
     under ``inbox:`` + its issuer (cut to fit); the issuer as sent is in its attributes."""
     if not issuer.startswith(_INBOX_PREFIX):

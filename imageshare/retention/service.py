@@ -29,7 +29,7 @@ from imageshare.archive.indexing import issuers_standing_for
 from imageshare.archive.record import instance_in_record
 from imageshare.archive.rejections import rejected_in
 from imageshare.archive.tombstones import release_kept
-from imageshare.audit.trail import AuditEvent, AuditTrail
+from imageshare.audit.trail import AuditEvent, AuditTrail, issuer_as_sent
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import DeletionRefused, Forbidden, ImageShareError, NotFound
 from imageshare.domain.retention import (
@@ -124,6 +124,7 @@ class DeletionRequest:
     decided_at: datetime | None
     note: str
     deleted: int
+    patient_issuer: str = ""
 
 
 @dataclass(frozen=True)
@@ -390,9 +391,12 @@ class RetentionService:
         if not retention.deletable_now:
             raise DeletionRefused(f"this study cannot be deleted: {retention.why_not}")
         with self._engine.begin() as conn:
-            patient_id = conn.execute(select(patients.c.patient_id).join(
+            patient = conn.execute(select(
+                patients.c.patient_id, patients.c.issuer, patients.c.attrs).join(
                 studies, studies.c.patient_pk == patients.c.pk).where(
-                studies.c.study_uid == study_uid)).scalar() or ""
+                studies.c.study_uid == study_uid)).first()
+            patient_id = str(patient.patient_id or "") if patient else ""
+            issuer = issuer_as_sent(str(patient.issuer or ""), patient.attrs) if patient else ""
             if conn.execute(select(deletion_requests.c.pk).where(
                     deletion_requests.c.study_uid == study_uid,
                     deletion_requests.c.state == "pending")).first() is not None:
@@ -400,8 +404,8 @@ class RetentionService:
             public_id = secrets.token_hex(8)
             conn.execute(deletion_requests.insert().values(
                 public_id=public_id, study_uid=study_uid, patient_id=patient_id,
-                reason=reason.strip()[:2000], state="pending", requested_by=actor.name[:128],
-                requested_at=self.clock()))
+                patient_issuer=issuer[:64], reason=reason.strip()[:2000], state="pending",
+                requested_by=actor.name[:128], requested_at=self.clock()))
             self._audit.record(AuditEvent(
                 actor=actor, action="deletion.request", outcome="success",
                 patient_id=patient_id, study_uid=study_uid,
@@ -481,7 +485,22 @@ class RetentionService:
         if not reason.strip():
             raise ImageShareError("say why the deleted images may be stored again")
         return self._deletion.allow_again(request.study_uid, actor, reason,
-                                          patient_id=request.patient_id)
+                                          patient_id=request.patient_id,
+                                          issuer=request.patient_issuer)
+
+    def allow_study_again(self, study_uid: str, actor: Actor, reason: str) -> int:
+        """:meth:`allow_again` for the newest approved deletion of ``study_uid`` (the study
+        is named, not the request); returns how many were refused until now."""
+        with self._engine.connect() as conn:
+            public_id = conn.execute(select(deletion_requests.c.public_id).where(
+                deletion_requests.c.study_uid == study_uid,
+                deletion_requests.c.state == "deleted").order_by(
+                deletion_requests.c.decided_at.desc(), deletion_requests.c.pk.desc())
+                .limit(1)).scalar()
+        if public_id is None:
+            self._require_admin(actor)
+            return 0  # no approved deletion took its images: none is refused
+        return self.allow_again(str(public_id), actor, reason)
 
     def refused_again(self, request: DeletionRequest) -> int:
         """How many instances of the study ``request`` deleted are refused when sent again
@@ -617,7 +636,8 @@ def _request(row: object) -> DeletionRequest:
     r = dict(row)  # type: ignore[call-overload]
     return DeletionRequest(r["public_id"], r["study_uid"], r["patient_id"], r["reason"],
                            r["state"], r["requested_by"], r["requested_at"], r["decided_by"],
-                           r["decided_at"], r["note"], r["deleted"])
+                           r["decided_at"], r["note"], r["deleted"],
+                           str(r.get("patient_issuer") or ""))
 
 
 def count_by_class(engine: Engine) -> dict[str, int]:

@@ -42,7 +42,8 @@ def deleted(archive, tmp_path):
         archive.users.add(actor.name, "long-enough-password", "admin")
     clock = _Clock()
     archive.deletion.clock = clock
-    paths = ct_series(tmp_path / "ct", 3, patient_id="P1", PatientBirthDate="19500101")
+    paths = ct_series(tmp_path / "ct", 3, patient_id="P1", PatientBirthDate="19500101",
+                      IssuerOfPatientID="RVJ")
     uid = ""
     for path in paths:
         uid = archive.ingest.store_copy(path, MODALITY).study_uid
@@ -117,6 +118,8 @@ def test_an_administrator_allows_a_deleted_study_again(deleted, imageshare):
     assert _count(archive) == 3
     [allowed] = archive.audit.events("deletion.allow_again")
     assert allowed["actor"] == f"user:{IG1.name}" and allowed["study_uid"] == uid
+    # The study is gone: the patient is named with the issuer recorded with the request.
+    assert (allowed["patient_id"], allowed["detail"]["patient_issuer"]) == ("P1", "RVJ")
     again = imageshare(data, "deletion", "allow-again", uid, "--reason", "twice",
                        "--by", IG1.name)
     assert again.returncode == 1 and "no instance" in again.stderr
@@ -167,7 +170,7 @@ def test_the_deletions_page_says_what_is_refused_and_lets_an_administrator_allow
     [event] = list(archive.audit.events("deletion.allow_again"))
     assert (event["actor"], event["outcome"], event["instance_count"]) == (
         "user:records-lead", "success", 3)
-    assert event["patient_id"] == "P1"
+    assert (event["patient_id"], event["detail"]["patient_issuer"]) == ("P1", "RVJ")
     # Once allowed, asking again is no change: the request is no longer refusing anything.
     assert _post(admin, csrf, action, note="again").status_code == 303
     assert archive.retention.refused_again(request) == 0

@@ -906,6 +906,8 @@ deletion_requests = Table(
     Column("public_id", String(32), nullable=False, unique=True),
     Column("study_uid", String(64), nullable=False, index=True),
     Column("patient_id", String(64), nullable=False),
+    # The Issuer of Patient ID of ``patient_id`` when it was asked for ("" when none).
+    Column("patient_issuer", String(64), nullable=False, default="", server_default=""),
     Column("reason", Text, nullable=False),
     # pending, deleted, refused, cancelled
     Column("state", String(16), nullable=False),
