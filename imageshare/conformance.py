@@ -172,7 +172,8 @@ more, or a request naming ISO 2022 code extensions, is written in UTF-8 (`ISO_IR
 
 A C-FIND with more matches than `IMAGESHARE_QIDO_MAX_LIMIT` sends that many and then ends with
 `A700` (Refused: Out of Resources), Error Comment `more than N matches; narrow the query`,
-never with Success; exactly that many matches end with `0000`.
+never with Success; exactly that many matches end with `0000`. QIDO-RS answers that many and
+a `Warning: 299` header saying there are more; exactly that many come without a Warning.
 """
 
 
@@ -275,7 +276,11 @@ def _statuses() -> str:
                   ((f"`{r.code:04X}`", r.kind, r.meaning, r.when) for r in STOW_REASONS))
     return "## DIMSE statuses\n\n" + dimse + """
 
-Refusals carry an Error Comment with the reason where pynetdicom allows one.
+Refusals carry an Error Comment with the reason where pynetdicom allows one. A request is
+served only on a presentation context negotiated for its Affected SOP Class UID (`0122`
+otherwise). The final C-MOVE or C-GET response (Success, Warning, Failure) counts the
+completed, failed and warning sub-operations only: the Number of Remaining Sub-operations is
+given in Pending and Canceled responses (PS3.4 C.4.2.1.6).
 
 ## STOW-RS results
 

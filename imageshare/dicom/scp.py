@@ -35,7 +35,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, _config, dimse_messages, evt
-from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.sop_class import (
     SecondaryCaptureImageStorage,
@@ -94,6 +94,7 @@ MAX_SUB_OPERATIONS = 65535
 DESTINATION_NOT_REGISTERED = "destination AE title not registered"
 DESTINATION_DID_NOT_ACCEPT = "destination did not accept the association"
 DESTINATION_NOT_SENT_TO = "destination does not receive from this archive"
+NOT_NEGOTIATED = "the SOP class was not negotiated on this presentation context"
 DESTINATION_NEEDS_TLS = "destination is reached over DICOM TLS, which is not set up here"
 
 
@@ -356,6 +357,11 @@ class DicomListener:
             return _status(NOT_AUTHORISED, f"not allowed to store here: {reason}")
         path = Path(event.dataset_path)
         received = _claim(str(path), event.assoc)
+        off_context = _not_negotiated(event)
+        if off_context:
+            # Nothing of it is stored: the association never agreed to this SOP class.
+            log.info("C-STORE refused: %s", off_context)
+            return statuses.STORE_CLASS_NOT_NEGOTIATED.dataset(off_context)
         if received is not None and received.error is not None:
             log.error("C-STORE could not be received: %s", received.error.strerror)
             comment = ("out of resources: the archive's disk is full" if no_room(received.error)
@@ -416,6 +422,10 @@ class DicomListener:
         if not self.policy.allows(actor, DICOM_QUERY):
             reason = self._refused(event, actor, DICOM_QUERY, "C-FIND")
             yield statuses.FIND_NOT_AUTHORISED.dataset(f"not allowed to query: {reason}"), None
+            return
+        off_context = _not_negotiated(event)
+        if off_context:
+            yield statuses.FIND_CLASS_NOT_NEGOTIATED.dataset(off_context), None
             return
         try:
             query = self._query_for(event)
@@ -566,9 +576,13 @@ class DicomListener:
             return
         comments[message_id] = DESTINATION_DID_NOT_ACCEPT
         refusal: Dataset | None = None  # the failure to answer, with its comment
+        off_context = _not_negotiated(event)
         try:
-            found = self._instances_for(event, actor, "study.move",
-                                        {"destination": destination.ae_title})
+            if off_context:
+                found, refusal = [], statuses.MOVE_CLASS_NOT_NEGOTIATED.dataset(off_context)
+            else:
+                found = self._instances_for(event, actor, "study.move",
+                                            {"destination": destination.ae_title})
         except NotFound:
             found = []
         except QueryTooBroad as exc:
@@ -603,11 +617,17 @@ class DicomListener:
 
     def _on_get(self, event: Any) -> Iterator[Any]:
         actor = self._actor(event)
+        _move_comments(event.assoc)  # (its final response checked: see _responses_checked)
         # pynetdicom answers Success to a count of 0: a refusal counts one sub-operation.
         if not self.policy.allows(actor, DICOM_RETRIEVE):
             reason = self._refused(event, actor, DICOM_RETRIEVE, "C-GET")
             yield 1
             yield statuses.GET_NOT_AUTHORISED.dataset(f"not allowed to retrieve: {reason}"), None
+            return
+        off_context = _not_negotiated(event)
+        if off_context:
+            yield 1
+            yield statuses.GET_CLASS_NOT_NEGOTIATED.dataset(off_context), None
             return
         try:
             found = self._instances_for(event, actor, "study.get")
@@ -808,28 +828,48 @@ _MOVE_COMMENTS_LOCK = threading.Lock()
 
 def _move_comments(assoc: Any) -> dict[int, str]:
     """The Error Comments (by C-MOVE Message ID) that the association's A801 answers get:
-    pynetdicom sends A801 on its own, with no comment, so its DIMSE sender is wrapped (once)
-    to add the one the C-MOVE handler chose."""
+    pynetdicom sends A801 on its own, with no comment, so its DIMSE sender is wrapped (once,
+    see :func:`_responses_checked`) to add the one the C-MOVE handler chose."""
     with _MOVE_COMMENTS_LOCK:
         comments = _MOVE_COMMENTS.get(assoc)
         if comments is not None:
             return comments
         comments = _MOVE_COMMENTS[assoc] = {}
+    _responses_checked(assoc, comments)
+    return comments
+
+
+# Statuses of a C-MOVE or C-GET response that may count the sub-operations not yet invoked:
+# Pending (and Canceled, where they are the ones left undone).
+_COUNTING_REMAINING = {0xFF00, 0xFF01, statuses.MOVE_CANCEL.code}
+
+
+def _responses_checked(assoc: Any, comments: dict[int, str]) -> None:
+    """Wrap the association's DIMSE sender (once) so that its C-MOVE and C-GET responses say
+    what PS3.4 C.4.2.1.6 and C.4.3.1.3 ask: a final response (Success, Warning, Failure)
+    has no Number of Remaining Sub-operations (pynetdicom sends the last pending one's 0
+    again), and an A801 answer gets the Error Comment in ``comments`` for its Message ID."""
     dimse = assoc.dimse
+    if getattr(dimse, "_imageshare_checked", False):
+        return
     send = dimse.send_msg
 
     def send_msg(primitive: Any, context_id: int) -> None:
-        """Send ``primitive``; a C-MOVE A801 answer without a comment gets its own."""
+        """Send ``primitive``, a final C-MOVE or C-GET response without a Remaining count
+        and a C-MOVE A801 answer with its comment."""
         reply: Any = primitive  # pynetdicom types ErrorComment as always None
-        if isinstance(primitive, C_MOVE) and reply.Status == \
-                statuses.MOVE_DESTINATION_UNKNOWN.code and not reply.ErrorComment:
-            comment = comments.pop(int(reply.MessageIDBeingRespondedTo or 0), "")
-            if comment:
-                reply.ErrorComment = comment
+        if isinstance(primitive, (C_MOVE, C_GET)) and reply.Status is not None:
+            if int(reply.Status) not in _COUNTING_REMAINING:
+                reply.NumberOfRemainingSuboperations = None
+            if isinstance(primitive, C_MOVE) and reply.Status == \
+                    statuses.MOVE_DESTINATION_UNKNOWN.code and not reply.ErrorComment:
+                comment = comments.pop(int(reply.MessageIDBeingRespondedTo or 0), "")
+                if comment:
+                    reply.ErrorComment = comment
         send(primitive, context_id)
 
     dimse.send_msg = send_msg
-    return comments
+    dimse._imageshare_checked = True
 
 
 _UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
@@ -844,6 +884,20 @@ def _unsendable(inst: StoredInstance) -> Dataset:
     ds.SOPClassUID = inst.sop_class_uid
     ds.SOPInstanceUID = inst.sop_uid
     return ds
+
+
+def _not_negotiated(event: Any) -> str:
+    """Why a request was sent on a presentation context negotiated for another SOP class
+    (its Affected SOP Class UID is not the context's abstract syntax: PS3.7 9.1, PS3.8
+    7.1.1.13), as an Error Comment; "" when it was sent on its own. pynetdicom serves a
+    request by its Affected SOP Class UID whatever the context, so a C-STORE of a SOP class
+    the association never negotiated (on a Verification or another class's context) would
+    otherwise be stored."""
+    asked = str(getattr(event.request, "AffectedSOPClassUID", "") or "").strip()
+    agreed = str(event.context.abstract_syntax).strip()
+    if not asked or asked == agreed:
+        return ""
+    return NOT_NEGOTIATED
 
 
 def _study_root(event: Any) -> bool:

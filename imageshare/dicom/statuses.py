@@ -67,6 +67,11 @@ STORE_CLASS_MISMATCH = _status(
     "C-STORE", 0xA900, "Failure", "Error: Data Set does not match SOP Class",
     "the data set's SOP Class UID is not the request's Affected SOP Class UID; nothing is "
     "stored (audited as a refusal)")
+STORE_CLASS_NOT_NEGOTIATED = _status(
+    "C-STORE", 0x0122, "Failure", "Refused: SOP Class not supported (PS3.7 C)",
+    "the request's Affected SOP Class UID is not the abstract syntax of the presentation "
+    "context it was sent on (a SOP class the association did not negotiate); nothing is "
+    "stored (Error Comment 'the SOP class was not negotiated on this presentation context')")
 STORE_CANNOT_UNDERSTAND = _status(
     "C-STORE", 0xC000, "Failure", "Error: Cannot understand",
     "the data set cannot be parsed, lacks a required UID, or its pixel data is damaged; or "
@@ -90,6 +95,10 @@ FIND_IDENTIFIER_MISMATCH = _status(
     "unknown Query/Retrieve Level, a key below the level, a malformed number, or a date or "
     "time key that is malformed or names no real date or time (month 13, hour 25); the "
     "Error Comment names the attribute and the reason")
+FIND_CLASS_NOT_NEGOTIATED = _status(
+    "C-FIND", 0x0122, "Failure", "Refused: SOP Class not supported (PS3.7 C)",
+    "the request's Affected SOP Class UID (its information model) is not the abstract "
+    "syntax of the presentation context it was sent on; nothing is matched")
 FIND_NOT_AUTHORISED = _status(
     "C-FIND", 0xC001, "Failure", "Unable to process (refused: not authorised)",
     "the calling AE title is not registered for queries (or not from its host)")
@@ -127,6 +136,10 @@ MOVE_IDENTIFIER_MISMATCH = _status(
     "C-MOVE", 0xA900, "Failure", "Identifier does not match SOP Class",
     "unknown Query/Retrieve Level, PATIENT level on a Study Root model, or missing unique "
     "keys")
+MOVE_CLASS_NOT_NEGOTIATED = _status(
+    "C-MOVE", 0x0122, "Failure", "Refused: SOP Class not supported (PS3.7 C)",
+    "the request's Affected SOP Class UID (its information model) is not the abstract "
+    "syntax of the presentation context it was sent on; nothing is sent")
 MOVE_NOT_AUTHORISED = _status(
     "C-MOVE", 0xC514, "Failure", "Unable to process (refused: not authorised)",
     "the calling AE title is not registered for retrieval (pynetdicom gives no Error Comment "
@@ -155,6 +168,10 @@ GET_IDENTIFIER_MISMATCH = _status(
     "C-GET", 0xA900, "Failure", "Identifier does not match SOP Class",
     "unknown Query/Retrieve Level, PATIENT level on a Study Root model, or missing unique "
     "keys")
+GET_CLASS_NOT_NEGOTIATED = _status(
+    "C-GET", 0x0122, "Failure", "Refused: SOP Class not supported (PS3.7 C)",
+    "the request's Affected SOP Class UID (its information model) is not the abstract "
+    "syntax of the presentation context it was sent on; nothing is sent")
 GET_NOT_AUTHORISED = _status(
     "C-GET", 0xC001, "Failure", "Unable to process (refused: not authorised)",
     "the calling AE title is not registered for retrieval (or not from its host)")
@@ -162,11 +179,14 @@ GET_NOT_AUTHORISED = _status(
 STATUSES: tuple[DimseStatus, ...] = (
     ECHO_SUCCESS, ECHO_NOT_AUTHORISED,
     STORE_SUCCESS, STORE_NOT_AUTHORISED, STORE_OUT_OF_RESOURCES, STORE_CONFLICT,
-    STORE_DUPLICATE, STORE_CLASS_MISMATCH, STORE_CANNOT_UNDERSTAND,
-    FIND_PENDING, FIND_SUCCESS, FIND_CANCEL, FIND_IDENTIFIER_MISMATCH, FIND_NOT_AUTHORISED,
+    STORE_DUPLICATE, STORE_CLASS_MISMATCH, STORE_CLASS_NOT_NEGOTIATED,
+    STORE_CANNOT_UNDERSTAND,
+    FIND_PENDING, FIND_SUCCESS, FIND_CANCEL, FIND_IDENTIFIER_MISMATCH,
+    FIND_CLASS_NOT_NEGOTIATED, FIND_NOT_AUTHORISED,
     FIND_UNABLE, FIND_TOO_MANY,
     MOVE_PENDING, MOVE_SUCCESS, MOVE_WARNING, MOVE_CANCEL, MOVE_SUB_OPERATIONS_FAILED,
-    MOVE_DESTINATION_UNKNOWN, MOVE_TOO_MANY, MOVE_IDENTIFIER_MISMATCH, MOVE_NOT_AUTHORISED,
+    MOVE_DESTINATION_UNKNOWN, MOVE_TOO_MANY, MOVE_IDENTIFIER_MISMATCH,
+    MOVE_CLASS_NOT_NEGOTIATED, MOVE_NOT_AUTHORISED,
     GET_PENDING, GET_SUCCESS, GET_WARNING, GET_CANCEL, GET_SUB_OPERATIONS_FAILED,
-    GET_TOO_MANY, GET_IDENTIFIER_MISMATCH, GET_NOT_AUTHORISED,
+    GET_TOO_MANY, GET_IDENTIFIER_MISMATCH, GET_CLASS_NOT_NEGOTIATED, GET_NOT_AUTHORISED,
 )

@@ -336,8 +336,11 @@ def _qido(request: Request, actor: Actor, level: Level, **fixed: str) -> Respons
         fuzzy=request.query_params.get("fuzzymatching", "").lower() == "true",
         allowed_studies=archive.policy.study_scope(actor),
         return_all=return_all,
+        one_more=True,  # to tell an answer cut at the maximum from one that is complete
     )
-    matches = archive.query.find(query, actor)
+    most = archive.settings.qido_max_limit
+    found = archive.query.find(query, actor)
+    matches = found[:min(query.limit or most, most)]
     body = []
     for match in matches:
         # The values are checked while the answer is rendered (see _dicom_answer) for JSON.
@@ -347,8 +350,8 @@ def _qido(request: Request, actor: Actor, level: Level, **fixed: str) -> Respons
         attrs["00081190"] = {"vr": "UR", "Value": [_retrieve_url(request, attrs, level)]}
         body.append(dict(sorted(attrs.items())))
     headers = {}
-    most = archive.settings.qido_max_limit
-    if len(body) == most and (query.limit is None or query.limit > most):
+    # More matches than one answer holds (not merely as many): a Warning says so (PS3.18).
+    if len(found) > most and (query.limit is None or query.limit > most):
         headers["Warning"] = (
             f'299 imageshare "There are more than {most} results; page with limit and '
             'offset, or narrow the search."'
