@@ -6,7 +6,8 @@ PYTHON ?= python3
 QUIET_PIP = { grep -v -e '^WARNING: Location' -e '^$$' || true; }
 VENV := .venv
 BIN := $(VENV)/bin
-DATA_DIR ?= ./var
+# make run's data folder: DATA_DIR=..., else IMAGESHARE_DATA_DIR from the environment, else ./var
+DATA_DIR ?= $(or $(IMAGESHARE_DATA_DIR),./var)
 
 .PHONY: install run test peers lint bench bench-viewer bench-deid bench-exchange bench-blobstore bench-scale bench-upload bench-encryption clean
 
