@@ -15,13 +15,19 @@ from imageshare.access.policy import (
     PUBLIC,
     TOKEN_SELF,
 )
-from imageshare.access.sessions import COOKIE
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.errors import Forbidden, ImageShareError
 from imageshare.exchange.nodes import Node, check_dicomweb_url
-from imageshare.web.auth import BASIC, BEARER, allowed, client_address, refuse
+from imageshare.web.auth import (
+    BASIC,
+    BEARER,
+    allowed,
+    client_address,
+    refuse,
+    session_secret,
+)
 from imageshare.web.deps import ArchiveDep
-from imageshare.web.pages.sign_in import set_session_cookie
+from imageshare.web.pages.sign_in import end_session_cookie, set_session_cookie
 from imageshare.web.params import JsonApiRoute, Strict
 
 router = APIRouter(prefix="/api", tags=["API"], route_class=JsonApiRoute)
@@ -115,8 +121,8 @@ def sign_in(
 def sign_out(request: Request, archive: ArchiveDep,
              response: Response, actor: allowed(ACCOUNT_SELF)) -> None:
     """End this browser session."""
-    archive.sign_in.end(actor, request.cookies.get(COOKIE))
-    response.delete_cookie(COOKIE, path="/")
+    archive.sign_in.end(actor, session_secret(request))
+    end_session_cookie(request, response)
 
 
 @router.get("/me", summary="The signed-in account")

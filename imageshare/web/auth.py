@@ -29,6 +29,24 @@ from imageshare.web.deps import archive_of
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 
+# Over HTTPS the session cookie is named with the __Host- prefix (RFC 6265bis 4.1.3.2): a
+# browser keeps such a cookie only when it is Secure, for path / and for this host alone, so
+# a page of a sibling host (another application under the hospital's domain) or a plain-HTTP
+# answer cannot plant one; a plainly named session cookie is then not read at all (a planted
+# one would fix the browser in the planter's session: what it uploads would go there).
+SECURE_COOKIE = "__Host-" + COOKIE
+
+
+def session_cookie_name(request: Request) -> str:
+    """The session cookie's name for this request: ``__Host-`` prefixed over HTTPS."""
+    return SECURE_COOKIE if request.url.scheme == "https" else COOKIE
+
+
+def session_secret(request: Request) -> str:
+    """The session cookie this request carries under the name for its scheme ("" if none)."""
+    return request.cookies.get(session_cookie_name(request), "")
+
+
 def client_address(request: Request) -> str:
     """The caller's IP address, for the audit trail."""
     return request.client.host if request.client else ""
@@ -81,8 +99,8 @@ def resolve_actor(request: Request) -> Actor:
                 actor=Actor("anonymous", "", source=source, registered=False),
                 action="session.token", outcome="failure",
                 detail={"route": _route_template(request)}))
-    elif not header and request.cookies.get(COOKIE):
-        session = archive.sessions.find(request.cookies[COOKIE], source)
+    elif not header and session_secret(request):
+        session = archive.sessions.find(session_secret(request), source)
         if session is not None:
             request.state.channel = SESSION
             request.state.session = session

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 from starlette.background import BackgroundTask
 
 from imageshare.access.policy import (
@@ -22,12 +22,15 @@ from imageshare.export.service import FORMATS, ExportRequest
 from imageshare.jobs import Job
 from imageshare.web.auth import PrivateRoute, allowed, authorise_also
 from imageshare.web.deps import ArchiveDep, archive_of
+from imageshare.web.params import Strict
 
 router = APIRouter(prefix="/api", tags=["API"], route_class=PrivateRoute)
 
 
-class ExportIn(BaseModel):
-    """An export of a study (or some of its series)."""
+class ExportIn(Strict):
+    """An export of a study (or some of its series). A field it does not define is refused: a
+    misspelt ``password`` would otherwise make an unencrypted zip, a misspelt ``series_uids``
+    an export of the whole study."""
 
     series_uids: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=list, max_length=1000, description="Series Instance UIDs (UI, at most "
@@ -99,7 +102,7 @@ def job_file(request: Request, archive: ArchiveDep, job_id: str,
                         if temporary else None)
 
 
-class MarksIn(BaseModel):
+class MarksIn(Strict):
     """Arrows and length measurements on one frame (replacing the caller's earlier ones)."""
 
     sop_uid: str = Field(min_length=1, max_length=64)

@@ -35,7 +35,7 @@ from imageshare.fhir.imaging_study import (
     parse_search,
     study_uid_of,
 )
-from imageshare.web.auth import PrivateRoute, allowed
+from imageshare.web.auth import PRIVATE_HEADERS, PrivateRoute, allowed
 from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.negotiation import parse_accept, parse_media_type
 
@@ -93,6 +93,10 @@ def outcome_response(status: int, message: str, token_refused: bool = False) -> 
     """An OperationOutcome answer (401 also says how to authenticate, and, when a bearer token
     was presented and refused, that it was invalid: RFC 6750 3.1)."""
     response = fhir_response(operation_outcome(status, message), status)
+    # An error can name what was asked for (a hospital number, a study): no cache keeps it,
+    # as for every other answer of the FHIR API (404 is cacheable by default, RFC 9111).
+    for name, value in PRIVATE_HEADERS.items():
+        response.headers.setdefault(name, value)
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="ImageShare FHIR"' + (
             ', error="invalid_token", error_description="the token is unknown, revoked or '

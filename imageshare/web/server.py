@@ -233,6 +233,12 @@ HEAD_SECONDS = 20.0
 # the slowest mobile link sends far more; a client trickling a byte at a time is cut off.
 BODY_SECONDS = 20.0
 BODY_MIN_RATE = 500
+# An answer the client stops reading (its window stays full: the transport's buffer stays
+# over its high-water mark) for this long is abandoned and the connection dropped: a client
+# that asks for a large download and never reads it otherwise holds the connection, the
+# handler and its open files for ever. A client reading a kilobyte a second still takes
+# what the buffer holds over its low-water mark (48 KiB) well within it.
+WRITE_SECONDS = 60.0
 
 
 def _amount(size: int) -> str:
@@ -342,6 +348,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._deadline: Any = None  # the TimerHandle of the head or body time limit
         self._head_begun = False
         self._body_bytes, self._body_window = 0, (0.0, 0)
+        self._write_deadline: Any = None  # the TimerHandle of the write time limit
         if self.shares is not None:
             self.shares.opened()
         super().connection_made(transport)
@@ -349,6 +356,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
         self._time_limit(None)
+        self._stop_write_limit()
         if self.shares is not None and self._counted:
             self._counted = False
             self.shares.closed()
@@ -417,6 +425,30 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                                f"the request body arrived slower than {BODY_MIN_RATE} bytes "
                                "a second")
 
+    def pause_writing(self) -> None:  # noqa: D102 - asyncio protocol: the buffer is full
+        super().pause_writing()
+        if self._write_deadline is None:
+            self._write_deadline = self.loop.call_later(WRITE_SECONDS, self._write_too_slow)
+
+    def resume_writing(self) -> None:  # noqa: D102 - asyncio protocol: the client read
+        self._stop_write_limit()
+        super().resume_writing()
+
+    def _stop_write_limit(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _write_too_slow(self) -> None:
+        self._write_deadline = None
+        if self.transport.is_closing() or not self.flow.write_paused:
+            return
+        self.logger.debug("HTTP answer not read for %g s: connection dropped", WRITE_SECONDS)
+        # Nothing more can be said to a client that does not read; close() would wait for it
+        # to read the buffer first. The handler sees the client gone (uvicorn's
+        # connection_lost lets its waiting write go on and marks the request disconnected).
+        self.transport.abort()
+
     def _unsupported_upgrade_warning(self) -> None:
         # An Upgrade header (WebSocket, h2c) is ignored and the request answered as HTTP/1.1;
         # anyone can send one, so it is not worth a warning (uvicorn's also gives bad advice).
@@ -482,8 +514,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         body = _problem_bytes(status, title, detail)
         reason = {400: b"Bad Request", 408: b"Request Timeout",
                   431: b"Request Header Fields Too Large"}[status]
+        # Over TLS these answers too say HSTS, as every answer of the application does
+        # (TransportSecurity): a browser's first answer from the host may be one of them.
+        hsts = b"strict-transport-security: %s\r\n" % HSTS if self.scheme == "https" else b""
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n" % (status, reason, len(body))
-            + body)
+            b"content-length: %d\r\n%sconnection: close\r\n\r\n"
+            % (status, reason, len(body), hsts) + body)
         self.transport.close()

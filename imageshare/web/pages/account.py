@@ -10,11 +10,10 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
 
 from imageshare.access.policy import ACCOUNT_SELF, CHANGING_PASSWORD, ENROLLING, TOKEN_SELF
-from imageshare.access.sessions import COOKIE
 from imageshare.access.users import two_factor_key
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.errors import ImageShareError
-from imageshare.web.auth import allowed, client_address
+from imageshare.web.auth import allowed, client_address, session_secret
 from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.pages.sign_in import set_session_cookie
 from imageshare.web.pages.templating import page, redirect
@@ -109,7 +108,7 @@ def confirm_two_factor(request: Request, archive: ArchiveDep, actor: allowed(ACC
                                     outcome="success"))
     response = redirect("/account?notice=two-factor-on")
     if actor.role == ENROLLING:
-        secret, _csrf = archive.sessions.advance(request.cookies[COOKIE], "full")
+        secret, _csrf = archive.sessions.advance(session_secret(request), "full")
         set_session_cookie(request, response, secret)
         response.headers["location"] = "/?notice=two-factor-on"
     return response
@@ -199,7 +198,7 @@ def change_password(request: Request, archive: ArchiveDep, actor: allowed(ACCOUN
         return _account_page(request, 400, error=str(exc))
     # Every other session of the account ends (someone who knew the old password may hold
     # one); API tokens are listed on the account page for the user to revoke.
-    ended = archive.sessions.end_all(actor.name, keep=request.cookies.get(COOKIE, ""))
+    ended = archive.sessions.end_all(actor.name, keep=session_secret(request))
     archive.audit.record(AuditEvent(actor=actor, action="account.password", outcome="success",
                                     detail={"sessions_ended": ended}))
     return redirect("/account?notice=password-changed#tokens")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from imageshare.access.policy import CONSENT_RECORD
 from imageshare.domain.actors import Actor
@@ -18,6 +18,7 @@ from imageshare.governance.consent import DECISIONS, PURPOSES, SOURCES, ConsentR
 from imageshare.web.auth import PrivateRoute, allowed
 from imageshare.web.deps import Archive, ArchiveDep
 from imageshare.web.pages.templating import page, redirect
+from imageshare.web.params import Strict
 
 router = APIRouter(include_in_schema=False)
 api = APIRouter(prefix="/api", tags=["API"], route_class=PrivateRoute)
@@ -55,8 +56,9 @@ def record_consent(request: Request, archive: ArchiveDep, study_uid: str,
     return redirect(f"/studies/{study_uid}/consent?notice=consent-recorded")
 
 
-class ConsentIn(BaseModel):
-    """A consent decision of the study's patient."""
+class ConsentIn(Strict):
+    """A consent decision of the study's patient (a field it does not define is refused: a
+    misspelt ``note`` would be lost from the record)."""
 
     purpose: str = Field(max_length=16)
     decision: str = Field(max_length=16)

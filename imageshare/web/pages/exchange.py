@@ -15,7 +15,7 @@ from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
 from imageshare.exchange.nodes import Node
-from imageshare.web.auth import allowed
+from imageshare.web.auth import PRIVATE_HEADERS, allowed
 from imageshare.web.deps import Archive, ArchiveDep
 from imageshare.web.dicomweb import render_stored
 from imageshare.web.exchange_api import patient_query
@@ -143,6 +143,15 @@ async def inbox_viewer(request: Request, archive: ArchiveDep, item: RowId,
                 back_label="Inbox", comment_action="")
 
 
+def _private(response: Response) -> Response:
+    """A received study's image: kept by no browser or proxy cache (it is another hospital's
+    patient, and a rejected study must not live on in a cache) and never sniffed into
+    another type, as the archive's own DICOMweb answers are (PrivateRoute)."""
+    for name, value in PRIVATE_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
 def _received(archive: Archive, actor: Actor, item: int, study: str, series: str,
               sop: str = "") -> StoredInstance:
     received = archive.inbox.item(item)
@@ -159,15 +168,16 @@ def inbox_thumbnail(request: Request, archive: ArchiveDep, item: RowId, study: s
                     series: str, actor: allowed(EXCHANGE)) -> Response:
     """A received series' thumbnail, for the inbox viewer."""
     inst = _received(archive, actor, item, study, series)
-    return render_stored(request, inst, max(1, (inst.number_of_frames + 1) // 2),
-                         thumbnail=True)
+    return _private(render_stored(request, inst, max(1, (inst.number_of_frames + 1) // 2),
+                                  thumbnail=True))
 
 
 @router.get("/inbox/{item}/dicomweb/studies/{study}/series/{series}/instances/{sop}/rendered")
 def inbox_rendered(request: Request, archive: ArchiveDep, item: RowId, study: str,
                    series: str, sop: str, actor: allowed(EXCHANGE)) -> Response:
     """A received image, rendered for the inbox viewer."""
-    return render_stored(request, _received(archive, actor, item, study, series, sop), 1)
+    return _private(render_stored(request, _received(archive, actor, item, study, series, sop),
+                                  1))
 
 
 @router.get("/inbox/{item}/dicomweb/studies/{study}/series/{series}/instances/{sop}"
@@ -176,8 +186,8 @@ def inbox_rendered_frame(request: Request, archive: ArchiveDep, item: RowId, stu
                          series: str, sop: str, frame: int, actor: allowed(EXCHANGE)
                          ) -> Response:
     """One frame of a received clip, rendered for the inbox viewer."""
-    return render_stored(request, _received(archive, actor, item, study, series, sop),
-                         max(frame, 1))
+    return _private(render_stored(request, _received(archive, actor, item, study, series, sop),
+                                  max(frame, 1)))
 
 
 @router.post("/inbox/{item}/{decision}")

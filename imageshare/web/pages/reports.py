@@ -32,13 +32,20 @@ def _day(value: str, label: str) -> date | None:
         raise ImageShareError(f"{label} must be a date (YYYY-MM-DD)") from exc
 
 
+# A downloaded report names a patient and everyone who saw their images: no browser or proxy
+# keeps a copy (a shared computer's cache, a caching proxy), and nothing sniffs its type.
+_PRIVATE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
 def _answer(request: Request, report: AccessReport, fmt: str, actor: Actor) -> Response:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     if fmt == "csv":
         return Response(as_csv(report), media_type="text/csv; charset=utf-8", headers={
+            **_PRIVATE,
             "Content-Disposition": f'attachment; filename="access-report-{stamp}.csv"'})
     if fmt == "pdf":
         return Response(as_pdf(report, actor.label), media_type="application/pdf", headers={
+            **_PRIVATE,
             "Content-Disposition": f'attachment; filename="access-report-{stamp}.pdf"'})
     return page(request, "reports.html", report=report)
 

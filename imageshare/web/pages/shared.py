@@ -34,6 +34,7 @@ from imageshare.web.deps import Archive, ArchiveDep, archive_of
 from imageshare.web.dicomweb import MAX_PLAYED_BYTES, render_options
 from imageshare.web.exports import MarksIn
 from imageshare.web.negotiation import parse_accept
+from imageshare.web.pages.sign_in import from_another_site
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
@@ -69,10 +70,16 @@ def landing(request: Request, archive: ArchiveDep,
                 needs_login=not share.opens_for(actor))
 
 
+_FROM_ELSEWHERE = ("This passcode was sent from another web site. Type it here, on "
+                   "ImageShare's own page.")
+
+
 @router.post("/s/{token}")
 def open_link(request: Request, archive: ArchiveDep, token: str, _anyone: allowed(PUBLIC),
               passcode: Annotated[str, Form()]) -> Response:
-    """Check the passcode; ten wrong ones lock the link."""
+    """Check the passcode; ten wrong ones lock the link. A passcode posted by another
+    site's page is refused before it is checked (it would open that site's link in this
+    browser: what its user then writes goes to the sender's share)."""
     source = client_address(request)
     try:
         share = archive.shares.by_token(token)
@@ -82,6 +89,12 @@ def open_link(request: Request, archive: ArchiveDep, token: str, _anyone: allowe
             return page(request, "link_passcode.html", status_code=429, token=token,
                         error=str(exc), needs_login=False)
         return _gone(request, exc)
+    if from_another_site(request, archive.settings.public_url):
+        archive.audit.record(AuditEvent(
+            actor=share.actor(source), action="share.passcode", outcome="failure",
+            detail={"share": share.public_id, "reason": "sent from another site"}))
+        return page(request, "link_passcode.html", status_code=403, token=token,
+                    needs_login=False, error=_FROM_ELSEWHERE)
     user = resolve_actor(request)
     if user.kind == "share":  # this browser has the link open already
         return redirect(f"/s/{token}/case")

@@ -9,12 +9,17 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
 
 from imageshare.access.policy import ACCOUNT_SELF, CHANGING_PASSWORD, PUBLIC, SESSION_CODE
-from imageshare.access.sessions import COOKIE
 from imageshare.access.sign_in import SignedIn
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import NotAuthenticated
-from imageshare.web.auth import allowed, client_address, resolve_actor
+from imageshare.web.auth import (
+    allowed,
+    client_address,
+    resolve_actor,
+    session_cookie_name,
+    session_secret,
+)
 from imageshare.web.deps import ArchiveDep
 from imageshare.web.pages.templating import page, redirect
 
@@ -30,9 +35,18 @@ def safe_next(target: str | None) -> str:
 
 
 def set_session_cookie(request: Request, response: Response, secret: str) -> None:
-    """The session cookie: HttpOnly, SameSite=Strict, Secure over HTTPS."""
-    response.set_cookie(COOKIE, secret, httponly=True, samesite="strict", path="/",
-                        secure=request.url.scheme == "https")
+    """The session cookie: HttpOnly, SameSite=Strict, for path / of this host only; over
+    HTTPS also Secure and named with the ``__Host-`` prefix
+    (:data:`imageshare.web.auth.SECURE_COOKIE`)."""
+    response.set_cookie(session_cookie_name(request), secret, httponly=True,
+                        samesite="strict", path="/", secure=request.url.scheme == "https")
+
+
+def end_session_cookie(request: Request, response: Response) -> None:
+    """Tell the browser to drop the session cookie (a ``__Host-`` one only goes when the
+    deletion is Secure too)."""
+    response.delete_cookie(session_cookie_name(request), path="/", httponly=True,
+                           samesite="strict", secure=request.url.scheme == "https")
 
 
 def _to_next_stage(request: Request, signed_in: SignedIn, next_url: str) -> Response:
@@ -127,7 +141,7 @@ def code(
 ) -> Response:
     """Check the TOTP code; the session then gets full access (and a new secret)."""
     try:
-        secret = archive.sign_in.confirm_code(actor, request.cookies[COOKIE], code,
+        secret = archive.sign_in.confirm_code(actor, session_secret(request), code,
                                               client_address(request))
     except NotAuthenticated:
         return page(request, "code.html", status_code=401, next=safe_next(next),
@@ -142,16 +156,16 @@ def cancel_code(request: Request, archive: ArchiveDep,
                 actor: allowed(SESSION_CODE)) -> Response:
     """Sign out at the code prompt (no phone at hand, the wrong account): the half-session
     ends on the server, as a sign-out does."""
-    archive.sign_in.end(actor, request.cookies.get(COOKIE))
+    archive.sign_in.end(actor, session_secret(request))
     response = redirect("/login?notice=signed-out")
-    response.delete_cookie(COOKIE, path="/")
+    end_session_cookie(request, response)
     return response
 
 
 @router.post("/logout")
 def logout(request: Request, archive: ArchiveDep, actor: allowed(ACCOUNT_SELF)) -> Response:
     """End the session."""
-    archive.sign_in.end(actor, request.cookies.get(COOKIE))
+    archive.sign_in.end(actor, session_secret(request))
     response = redirect("/login?notice=signed-out")
-    response.delete_cookie(COOKIE, path="/")
+    end_session_cookie(request, response)
     return response

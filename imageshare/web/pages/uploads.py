@@ -48,6 +48,7 @@ from imageshare.uploads.receiving import UploadFile
 from imageshare.web.auth import UPLOAD_COOKIE, allowed, client_address, resolve_actor
 from imageshare.web.deps import Archive, ArchiveDep
 from imageshare.web.pages.shares import made_once
+from imageshare.web.pages.sign_in import from_another_site
 from imageshare.web.pages.templating import page, redirect
 from imageshare.web.params import RowId
 from imageshare.web.problems import TUS_VERSION
@@ -87,7 +88,9 @@ def invitation_landing(request: Request, archive: ArchiveDep, token: str,
 def invitation_open(request: Request, archive: ArchiveDep, token: str,
                     _anyone: allowed(PUBLIC), passcode: Annotated[str, Form()]) -> Response:
     """Check the passcode (ten wrong ones lock the invitation) and start this browser's
-    session (ending any other: one person at a time)."""
+    session (ending any other: one person at a time). A passcode posted by another site's
+    page is refused before it is checked (it would open that site's invitation in this
+    browser, and end the session of the person uploading with it)."""
     source = client_address(request)
     invitations = archive.uploads.invitations
     try:
@@ -98,6 +101,13 @@ def invitation_open(request: Request, archive: ArchiveDep, token: str,
             return page(request, "upload_passcode.html", status_code=429, token=token,
                         error=str(exc))
         return _gone(request, exc)
+    if from_another_site(request, archive.settings.public_url):
+        archive.audit.record(AuditEvent(
+            actor=invitation.actor(source), action="upload.passcode", outcome="failure",
+            detail={"upload": invitation.public_id, "reason": "sent from another site"}))
+        return page(request, "upload_passcode.html", status_code=403, token=token,
+                    error="This passcode was sent from another web site. Type it here, on "
+                          "ImageShare's own page.")
     if not invitations.check_passcode(invitation, passcode[:64], source):
         archive.throttle.failed(source)
         try:
@@ -825,7 +835,11 @@ def my_download(archive: ArchiveDep, study_uid: str,
     archive.audit.record(AuditEvent(actor=actor, action="patient.download", outcome="success",
                                     patient_id=found[0].patient_id, study_uid=study_uid,
                                     instance_count=len(found), detail={"format": "zip"}))
+    # The patient's own images: no browser or proxy keeps a copy (a shared or library
+    # computer), as for every other download of images.
     return FileResponse(name, media_type="application/zip", filename="my-images.zip",
+                        headers={"Cache-Control": "no-store",
+                                 "X-Content-Type-Options": "nosniff"},
                         background=BackgroundTask(Path(name).unlink, missing_ok=True))
 
 
