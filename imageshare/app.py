@@ -66,7 +66,7 @@ from imageshare.exchange.transfers import Transfers
 from imageshare.export.service import ExportService
 from imageshare.fhir.imaging_study import ImagingStudies
 from imageshare.governance.consent import ConsentBook
-from imageshare.governance.key_rotation import KeyRotation, StoreSeal
+from imageshare.governance.key_rotation import KeyRotation, StoreSeal, check_index_key
 from imageshare.jobs import DatabaseJobQueue, Job
 from imageshare.jobs.periodic import PeriodicTask, PeriodicTasks
 from imageshare.notify import Mailer, MailSettings, Notifier
@@ -263,16 +263,15 @@ def seal_blob_stores(archive: Archive, actor: Actor,
                      progress: Callable[[int], None] | None = None) -> list[StoreSeal]:
     """Seal under the current secret key what ``imageshare storage seal`` seals (see
     :meth:`KeyRotation.seal`): the blob store, the store of upload originals beside it and
-    the index's secrets. ConfigurationError when blobs are not encrypted."""
+    the index's secrets; the index's secrets only when blobs are not encrypted (a key
+    rotation must still move them to the new key)."""
     settings = archive.settings
-    if not settings.encrypt_blobs or not isinstance(archive.blobs, EncryptedBlobStore):
-        raise ConfigurationError(
-            "blobs are not encrypted here (encrypt_blobs is off): nothing can be sealed; set "
-            "IMAGESHARE_ENCRYPT_BLOBS=true, with the secret key backed up apart, first")
-    originals = blob_store(settings, beside=ORIGINALS)
-    assert isinstance(originals, EncryptedBlobStore)  # encrypt_blobs is on
     rotation = KeyRotation(archive.engine, archive.audit, installation_key(settings),
                            retired_installation_keys(settings))
+    if not settings.encrypt_blobs or not isinstance(archive.blobs, EncryptedBlobStore):
+        return rotation.seal(actor, None, None, False, progress)
+    originals = blob_store(settings, beside=ORIGINALS)
+    assert isinstance(originals, EncryptedBlobStore)  # encrypt_blobs is on
     return rotation.seal(actor, archive.blobs, (ORIGINALS, originals),
                          settings.encrypted_blobs_only, progress)
 
@@ -368,6 +367,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     box = _secret_box(settings)
     engine = make_engine(settings.resolved_database_url, settings.sqlite_synchronous)
     migrate(engine, upgrade=upgrade)
+    check_index_key(engine, box)
     blobs = blob_store(settings)
     audit = AuditTrail(engine)
     writer_engine = (

@@ -34,10 +34,11 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the HTTP server and the DICOM listener")
     _common(serve)
-    serve.add_argument("--http-host")
-    serve.add_argument("--http-port", type=int)
-    serve.add_argument("--dicom-port", type=int)
-    serve.add_argument("--ae-title")
+    serve.add_argument("--http-host", help="address of the web app (IMAGESHARE_HTTP_HOST)")
+    serve.add_argument("--http-port", type=int, help="port of the web app and DICOMweb "
+                       "(IMAGESHARE_HTTP_PORT)")
+    serve.add_argument("--dicom-port", type=int, help="DICOM port (IMAGESHARE_DICOM_PORT)")
+    serve.add_argument("--ae-title", help="this archive's AE title (IMAGESHARE_AE_TITLE)")
     serve.add_argument("--dicom-tls-port", type=int, help="DICOM TLS port (needs a certificate)")
     serve.add_argument("--tls-certificate", help="PEM certificate for HTTPS and DICOM TLS")
     serve.add_argument("--tls-private-key", help="PEM private key of the certificate")
@@ -49,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     add = user.add_parser("add", help="create a user")
     _common(add)
     add.add_argument("username")
-    add.add_argument("--role", default="clinician")
+    add.add_argument("--role", default="clinician",
+                     help="admin, clinician (the default), radiographer, sonographer, educator, "
+                     "reviewer, patient, service (a machine) or site (another hospital)")
     add.add_argument("--email", default="", help="address for notifications")
     add.add_argument("--site", default="",
                      help="for --role site: the AE title of the connected site (a registered "
@@ -64,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     token = user.add_parser("token", help="create a personal API token for a user")
     _common(token)
     token.add_argument("username")
-    token.add_argument("--name", default="cli")
+    token.add_argument("--name", default="cli",
+                       help="the token's label, shown on the account page (default cli)")
 
     node = sub.add_parser("node", help="manage remote DICOM nodes").add_subparsers(
         dest="action", required=True
@@ -72,8 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     nadd = node.add_parser("add", help="register a remote DICOM AE / DICOMweb site")
     _common(nadd)
     nadd.add_argument("ae_title")
-    nadd.add_argument("--host", required=True)
-    nadd.add_argument("--port", type=int, required=True)
+    nadd.add_argument("--host", required=True,
+                      help="the host it calls from and is called at (checked on every call)")
+    nadd.add_argument("--port", type=int, required=True,
+                      help="its DICOM port (where C-MOVE sends to it)")
     nadd.add_argument("--dicomweb", default="", help="DICOMweb base URL of the site")
     nadd.add_argument("--name", default="", help="display name")
     nadd.add_argument("--no-query", action="store_true", help="may not query us")
@@ -128,9 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     export = audit.add_parser("export", help="write audit events as JSON lines or CSV")
     _common(export)
-    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                        help="JSON lines (the default) or CSV")
     export.add_argument("--out", type=Path, help="file to write (default: standard output)")
-    export.add_argument("--limit", type=int, default=1_000_000)
+    export.add_argument("--limit", type=int, default=1_000_000,
+                        help="at most this many events, the newest (default 1000000)")
     averify = audit.add_parser(
         "verify", help="check the audit hash chain and its signed heads (exit 0 intact, "
         "1 tampering found)")
@@ -628,19 +636,17 @@ def _backup(archive: Any, args: argparse.Namespace) -> int:
 
 
 def _storage_seal(settings: Settings, args: argparse.Namespace) -> int:
-    """imageshare storage seal: refused before anything is opened when blobs are not
-    encrypted."""
+    """imageshare storage seal: blobs and the index's secrets, or (blobs not encrypted) the
+    index's secrets only."""
     from imageshare.app import build_archive, seal_blob_stores
     from imageshare.governance.key_rotation import INDEX_SECRETS
 
     if not settings.encrypt_blobs:
-        print("imageshare storage seal: blobs are not encrypted here (IMAGESHARE_ENCRYPT_BLOBS "
-              "is off): nothing was sealed. Back the secret key up apart from the data, set "
-              "IMAGESHARE_ENCRYPT_BLOBS=true, then run this again", file=sys.stderr)
-        return EXIT_USAGE
+        print("blobs are not encrypted here (IMAGESHARE_ENCRYPT_BLOBS is off): only the "
+              "secrets in the index are sealed under the current key")
     archive = build_archive(settings, upgrade=True)
     try:
-        bar = _bar(args, "sealing blobs")
+        bar = _bar(args, "sealing blobs" if settings.encrypt_blobs else "sealing secrets")
         try:
             done = seal_blob_stores(archive, cli_actor(), bar.update)
         except (ImageShareError, OSError) as exc:
@@ -666,8 +672,12 @@ def _storage_seal(settings: Settings, args: argparse.Namespace) -> int:
         print("some were left as they are: with IMAGESHARE_ENCRYPTED_BLOBS_ONLY such blobs "
               "are refused, and a retired key must stay until they are dealt with")
         return EXIT_HELD_BACK
-    print("everything is sealed under the current secret key: IMAGESHARE_ENCRYPTED_BLOBS_ONLY "
-          "may be set, and retired secret keys removed")
+    if settings.encrypt_blobs:
+        print("everything is sealed under the current secret key: "
+              "IMAGESHARE_ENCRYPTED_BLOBS_ONLY may be set, and retired secret keys removed")
+    else:
+        print("every secret in the index is sealed under the current secret key: retired "
+              "secret keys may be removed")
     return EXIT_WRITTEN
 
 

@@ -50,22 +50,24 @@ class KeyRotation:
         self._current = current_key
         self._retired = tuple(retired_keys)
 
-    def seal(self, actor: Actor, blobs: EncryptedBlobStore,
-             originals: tuple[str, EncryptedBlobStore], encrypted_only: bool,
+    def seal(self, actor: Actor, blobs: EncryptedBlobStore | None,
+             originals: tuple[str, EncryptedBlobStore] | None, encrypted_only: bool,
              progress: Callable[[int], None] | None = None) -> list[StoreSeal]:
         """Seal under the current key every blob of ``blobs`` and of the store of upload
         originals (``originals``: its name and store) that is plaintext or under a retired
         key, each checked first against the digest the index recorded for it (one that
         differs is left as it is and reported refused), then the index's secrets sealed under
-        a retired key (:data:`INDEX_SECRETS`, last in the list); audited (``storage.seal``,
-        failure when it stopped, warning when something was refused)."""
-        name, original_store = originals
-        original_digests = self._original_digests()
+        a retired key (:data:`INDEX_SECRETS`, last in the list); without blob stores (blobs
+        not encrypted) the index's secrets only. Audited (``storage.seal``, failure when it
+        stopped, warning when something was refused)."""
+        stores: list[tuple[str, EncryptedBlobStore, Callable[[str], str | None]]] = []
+        if blobs is not None and originals is not None:
+            name, original_store = originals
+            stores = [("blobs", blobs, self._instance_digest),
+                      (name, original_store, self._original_digests().get)]
         done: list[StoreSeal] = []
         try:
-            for store_name, store, recorded in (
-                    ("blobs", blobs, self._instance_digest),
-                    (name, original_store, original_digests.get)):
+            for store_name, store, recorded in stores:
                 unrecorded: set[str] = set()
                 report = seal_plaintext_blobs(store, _noting(recorded, unrecorded), progress)
                 done.append(StoreSeal(store_name, report,
@@ -143,6 +145,33 @@ class KeyRotation:
                     "secrets_rekeyed": len(secrets.rekeyed),
                     "secrets_refused": len(secrets.refused),
                     "encrypted_only": encrypted_only}))
+
+
+def check_index_key(engine: Engine, box: SecretBox, sample: int = 3) -> None:
+    """Refuse (:class:`ConfigurationError`) a secret key (with the retired ones) that opens
+    none of the first ``sample`` secrets sealed in the index: the server would start, and
+    every second factor, site credential and EHR secret would then fail one by one (the
+    administrators' code prompt among them) instead of the start saying why."""
+    tried = 0
+    for table, column in _SEALED_COLUMNS:
+        with engine.connect() as conn:
+            values = conn.execute(select(column).where(column.like("fernet1:%"))
+                                  .order_by(table.c.pk).limit(sample)).scalars().all()
+        for value in values:
+            if _opened(box, value) is not None:
+                return
+            tried += 1
+            if tried >= sample:
+                break
+        if tried >= sample:
+            break
+    if tried:
+        raise ConfigurationError(
+            "the secrets in the database (second factors, site credentials, EHR secrets) do "
+            "not open with this secret key: set IMAGESHARE_SECRET_KEY / the secret key file of "
+            "the installation that sealed them, or, during a key rotation, name the old key in "
+            "IMAGESHARE_RETIRED_SECRET_KEYS_FILE (or IMAGESHARE_RETIRED_SECRET_KEYS) until "
+            "`imageshare storage seal` has sealed them again")
 
 
 def _opened(box: SecretBox, value: str) -> str | None:

@@ -343,7 +343,9 @@ class EncryptedBlobStore:
                 f"the blob store's encrypted blobs ({', '.join(tried)}) do not open with this "
                 "secret key: set IMAGESHARE_SECRET_KEY / the secret key file of the "
                 "installation that wrote them (a key file that was lost is not made again "
-                "from nothing); if the key is right, those blobs are damaged")
+                "from nothing; during a key rotation, name the old key in "
+                "IMAGESHARE_RETIRED_SECRET_KEYS_FILE); if the key is right, those blobs are "
+                "damaged")
 
     def _refuse_plaintext(self, key: str) -> StorageError:
         return StorageError(f"blob {key} is not encrypted, and this store serves encrypted "

@@ -62,7 +62,8 @@ class SecretBox:
                 continue
         raise ConfigurationError(
             "a secret in the database was encrypted with another key: check "
-            "IMAGESHARE_SECRET_KEY / the secret key file")
+            "IMAGESHARE_SECRET_KEY / the secret key file (during a key rotation, name the old "
+            "key in IMAGESHARE_RETIRED_SECRET_KEYS_FILE)")
 
 
 def _key_from_text(text: str) -> bytes:

@@ -275,16 +275,58 @@ def test_a_blob_altered_on_disk_is_reported_refused_by_seal_and_left_as_it_is(
     assert "Doe^Jane" not in str(event) and "PAT001" not in str(event)
 
 
-def test_seal_is_refused_when_blobs_are_not_encrypted(tmp_path, imageshare):
-    _files, keys = _ingest(tmp_path, 1)
+def test_a_key_rotation_without_blob_encryption_moves_the_index_secrets_to_the_new_key(
+        tmp_path, imageshare):
+    """On an installation that does not encrypt its blobs (make run's default) seal moved
+    nothing: once the retired key went, every second factor sealed before the rotation was
+    unreadable and administrators could not sign in. It now seals the index's secrets (and
+    leaves the plain blobs as they are)."""
+    _files, keys = _ingest(tmp_path, 1, secret_key=OLD_KEY)
     data = tmp_path / "data"
     before = _blob_file(tmp_path, keys[0]).read_bytes()
-    ran = imageshare(data, "storage", "seal", IMAGESHARE_ENCRYPT_BLOBS="false")
-    assert ran.returncode == 2
-    assert "blobs are not encrypted here" in ran.stderr and "nothing was sealed" in ran.stderr
-    assert _blob_file(tmp_path, keys[0]).read_bytes() == before
-    only = imageshare(data, "verify", IMAGESHARE_ENCRYPTED_BLOBS_ONLY="true")
+    archive = make_archive(tmp_path, secret_key=OLD_KEY)
+    try:
+        archive.users.ensure_admin("admin-password-long")
+        setup = archive.users.begin_two_factor("admin")  # a secret sealed in the index
+    finally:
+        archive.close()
+    retired = tmp_path / "retired-keys"
+    retired.write_text(f"{OLD_KEY}\n")
+    retired.chmod(0o600)
+    rotated = {"IMAGESHARE_ENCRYPT_BLOBS": "false", "IMAGESHARE_SECRET_KEY": NEW_KEY}
+    ran = imageshare(data, "storage", "seal", "--quiet",
+                     IMAGESHARE_RETIRED_SECRET_KEYS_FILE=str(retired), **rotated)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "blobs are not encrypted here" in ran.stdout
+    assert ("index secrets: 1 secret(s) checked, 0 already sealed under the current key, "
+            "0 sealed, 1 sealed again from a retired key, 0 refused") in ran.stdout
+    assert "retired secret keys may be removed" in ran.stdout
+    assert _blob_file(tmp_path, keys[0]).read_bytes() == before  # plain blobs left plain
+    archive = make_archive(tmp_path, secret_key=NEW_KEY)  # the retired key gone
+    try:
+        assert archive.users.pending_two_factor("admin", two_factor_key(setup)) == setup
+        [event] = list(archive.audit.events(action="storage.seal"))
+        assert event["outcome"] == "success" and event["detail"]["secrets_rekeyed"] == 1
+    finally:
+        archive.close()
+    only = imageshare(data, "verify", IMAGESHARE_ENCRYPTED_BLOBS_ONLY="true", **rotated)
     assert only.returncode == 2 and "encrypted_blobs_only needs encrypt_blobs" in only.stderr
+
+
+def test_a_secret_key_that_opens_none_of_the_index_secrets_is_refused_at_start(tmp_path):
+    """The server started with another key (the old one removed before seal ran) and the
+    administrators' code prompt failed; the start now says why, and which settings help."""
+    archive = make_archive(tmp_path, secret_key=OLD_KEY)
+    try:
+        archive.users.ensure_admin("admin-password-long")
+        archive.users.begin_two_factor("admin")
+    finally:
+        archive.close()
+    with pytest.raises(ConfigurationError, match="IMAGESHARE_RETIRED_SECRET_KEYS_FILE") as why:
+        make_archive(tmp_path, secret_key=NEW_KEY)
+    assert "do not open with this secret key" in str(why.value)
+    assert OLD_KEY not in str(why.value) and NEW_KEY not in str(why.value)
+    make_archive(tmp_path, secret_key=NEW_KEY, retired_secret_keys=OLD_KEY).close()
 
 
 def test_the_retired_keys_file_must_exist(tmp_path):
