@@ -10,8 +10,12 @@ Modified Dates: dates move, times of day stay) or kept (Full Dates); UIDs that a
 well-known DICOM UIDs are replaced consistently. Dates written in text (``2024-03-15``,
 ``15.03.2024``, ``20240315``, ``4th March 1981``, ``Mar 15, 2021``, ``March 2021``) are taken out
 of every text value that is kept: free text, technical labels, and safe private attributes
-(which go when they cannot be cleaned). File meta elements (group 0002) are not allowed in a
-data set (PS3.10): found there or in a sequence item, they are removed.
+(which go when they cannot be cleaned). Text whose bytes name someone only when read in another
+encoding than the file declares (a name typed in Windows-1251, KOI8-R or UTF-8 in a file
+declaring ISO 8859-5) is cleaned in that reading. File meta elements (group 0002) are not
+allowed in a data set (PS3.10): found there or in a sequence item, they are removed; of the file
+meta group, only what says what the file is and how it is encoded is kept. A report's birth
+date (Subject Birth Date) is replaced by a dummy under every option, as the header's is.
 
 Coded entries are judged as a whole: a code item is kept only when it is a code of the
 standard's context groups (and then carries the standard's meaning); codes of private or local
@@ -158,6 +162,17 @@ MODALITY_TERMS = frozenset({
     "ST", "VF",
 })
 _MODALITY_TAGS = frozenset({0x00080060, 0x00080061})
+# Concepts of report content items that hold the birth date (TID 1007 Subject Birth Date, and
+# its SNOMED CT and LOINC equivalents): their date goes under every option, as the birth date
+# of the header does (Table E.1-1: Z whatever the options), not shifted with the study's.
+BIRTH_DATE_CONCEPTS = frozenset({("DCM", "121033"), ("SCT", "184099003"),
+                                 ("SRT", "184099003"), ("LN", "21112-8")})
+_CONCEPT_NAME = 0x0040A043
+_BIRTH_DATE_VALUES = (0x0040A121, 0x0040A120)  # Date, DateTime
+# File meta elements a copy keeps (PS3.10 7.1: those that say what the file is and how it is
+# encoded; the group length is worked out again when the file is written).
+_KEPT_FILE_META = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010,
+                             0x00020012, 0x00020013})
 REQUIRED_TEXT = {"TextValue", "UnformattedTextValue",
                  "RTImageLabel",  # RT Image module
                  "ContentDescription"}  # Type 1 in an Alternate Content Description item
@@ -295,6 +310,9 @@ class PatientContext:
     # the source's dates (YYYYMMDD) that must not be left in numbers: the birth date, and
     # every date of the data set unless the profile keeps full dates
     dates: frozenset[str] = frozenset()
+    # identifiers written in letters beyond ASCII, as bytes in each single-byte code page
+    # (see :data:`SINGLE_BYTE_ENCODINGS`): (encoding, bytes)
+    encoded: frozenset[tuple[str, bytes]] = frozenset()
 
     @property
     def identifiers(self) -> tuple[str, ...]:
@@ -516,6 +534,53 @@ def legacy_texts(data: bytes) -> list[str]:
     return [data.decode(encoding, "ignore") for encoding in LEGACY_ENCODINGS]
 
 
+# Single-byte code pages that text is typed in at modalities and RIS terminals whatever the data
+# set declares (Windows and DOS code pages, KOI8, the ISO 8859 parts): a Cyrillic, Greek,
+# Central European, Baltic, Turkish, Hebrew, Arabic or Thai name written in one of them reads
+# as other letters in the declared character set, where no identifier is found.
+SINGLE_BYTE_ENCODINGS = ("cp1251", "koi8_r", "koi8_u", "cp866", "iso8859_5", "cp1250",
+                         "iso8859_2", "cp852", "cp1253", "iso8859_7", "cp1254", "iso8859_9",
+                         "cp1257", "iso8859_13", "cp1255", "iso8859_8", "cp1256", "iso8859_6",
+                         "cp874", "cp1252", "cp850", "mac_roman")
+
+
+def single_byte_texts(data: bytes) -> list[str]:
+    """``data`` (stored text) read in each of :data:`SINGLE_BYTE_ENCODINGS`, the readings
+    that differ. None when ``data`` is 7-bit (the same in every one of them) or valid UTF-8
+    beyond ASCII (text in those code pages never is: it was written in UTF-8)."""
+    if data.isascii():
+        return []
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(dict.fromkeys(data.decode(encoding, "ignore")
+                                  for encoding in SINGLE_BYTE_ENCODINGS))
+    return []
+
+
+def single_byte_forms(identity: Identity) -> frozenset[tuple[str, bytes]]:
+    """The identifiers of ``identity`` written in letters beyond ASCII (as written, in upper,
+    lower and title case), encoded in UTF-8 and in each of :data:`SINGLE_BYTE_ENCODINGS` that
+    can write them: what a value typed in one of those holds when it names someone."""
+    forms = set()
+    for ident in identity.raw:
+        if ident.isascii():
+            continue  # the same bytes in every code page: found as declared
+        for written in {ident, ident.upper(), ident.lower(), ident.title()}:
+            for encoding in ("utf-8", *SINGLE_BYTE_ENCODINGS):
+                try:
+                    forms.add((encoding, written.encode(encoding)))
+                except UnicodeEncodeError:
+                    continue
+    return frozenset(forms)
+
+
+def misread_texts(data: bytes) -> list[str]:
+    """``data`` read in every encoding it may really be written in: :func:`legacy_texts` and
+    :func:`single_byte_texts`."""
+    return legacy_texts(data) + single_byte_texts(data)
+
+
 def _icc_identifies(value: Any, ctx: PatientContext) -> bool:
     """True when an ICC profile's text (its descriptions and copyright, ASCII or UTF-16)
     names anyone named in the data set, or carries one of its identifiers or a date."""
@@ -623,7 +688,7 @@ class AttributeCleaner:
             _dates_of(ds, dates)
         return PatientContext(key, self.pseudonyms.patient_id(key),
                               self.pseudonyms.date_offset(key), everyone, patient,
-                              frozenset(dates))
+                              frozenset(dates), single_byte_forms(everyone))
 
     def apply(self, ds: Dataset, ctx: PatientContext | None = None) -> InstanceReport:
         """De-identify ``ds`` in place (not its pixels); returns what was done."""
@@ -649,13 +714,11 @@ class AttributeCleaner:
             # this copy is written by ImageShare, not by the software that made the original
             meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
             meta.ImplementationVersionName = "IMAGESHARE"
-            for keyword in ("PrivateInformationCreatorUID", "PrivateInformation",
-                            "SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
-                            "ReceivingApplicationEntityTitle",
-                            "SourcePresentationAddress", "SendingPresentationAddress",
-                            "ReceivingPresentationAddress"):
-                if keyword in meta:
-                    del meta[keyword]
+            # every other element of the group goes: application entity titles, presentation
+            # addresses, private information, RTV elements and elements no dictionary knows
+            # (a vendor's name, a site's) say who sent it or carry anything
+            for tag in [t for t in meta.keys() if int(t) not in _KEPT_FILE_META]:
+                del meta[tag]
         return report
 
     def apply_part(self, ds: Dataset, ctx: PatientContext) -> InstanceReport:
@@ -673,6 +736,7 @@ class AttributeCleaner:
         """De-identify the attributes of ``ds`` (the top level, or an item of the sequence
         ``parent``) and of its sequences' items."""
         private_groups_kept: dict[tuple[int, int], bool] = {}
+        birth_date = not top and _CONCEPT_NAME in ds and _holds_birth_date(ds)
         code_item = not top and any(t in ds for t in _CODE_VALUE_TAGS)
         if code_item:
             self._code_item(ds, report, person, trusted)
@@ -722,6 +786,8 @@ class AttributeCleaner:
                 action = "K"
             if action == "X" and tag in DOCUMENT_TAGS:
                 report.documents_removed += 1
+            if action in ("C", "T") and (vr in TEXT_VRS or vr == "CS") and vr != "PN":
+                self._reread(ds, tag, raw.value, ctx)
             if action == "K" and vr != "SQ":  # most attributes: no need to decode the value
                 report.actions["K"] += 1
                 continue
@@ -737,8 +803,36 @@ class AttributeCleaner:
                 creator_tag = Tag(group, block)
                 if creator_tag in ds:
                     del ds[creator_tag]
+        if birth_date:  # after the walk, which would have shifted it
+            for value_tag in _BIRTH_DATE_VALUES:
+                if value_tag in ds and ds[value_tag].value:
+                    ds[value_tag].value = _dummy(ds[value_tag].VR, ds[value_tag])
+                    report.dates_replaced += 1
         if top:
             self._drop_overlays_without_data(ds)
+
+    @staticmethod
+    def _reread(ds: Dataset, tag: BaseTag, stored: Any, ctx: PatientContext) -> None:
+        """A kept text value whose stored bytes name someone only when read in another
+        encoding than the data set declares (a surname typed in Windows-1251 or KOI8-R at a
+        modality, in a file declaring ISO 8859-5): given that reading, so that it is cleaned
+        like any other; the cleaned text is written in the declared character set."""
+        if not isinstance(stored, bytes | bytearray):
+            return  # a value made in memory: no other reading of it
+        data = bytes(stored)
+        if data.isascii() or not ctx.encoded:
+            return  # 7-bit, or no identifier beyond ASCII: the same in every code page
+        encodings = [encoding for encoding, form in ctx.encoded if form in data]
+        if not encodings or ctx.identity.found_in(
+                "\\".join(str(v or "") for v in values_of(ds[tag].value))):
+            return  # no identifier in any code page, or found as declared: cleaned as it is
+        single = ds[tag].VR in ("ST", "LT", "UT", "UR")  # a backslash is a character there
+        for encoding in sorted(set(encodings)):
+            text = data.decode(encoding, "ignore")
+            if ctx.identity.found_in(text):
+                text = text.strip(" \0")
+                ds[tag].value = text if single else _value_of(text.split("\\"))
+                return
 
     def _decide(self, tag: int, vr: str, mode: str) -> str:
         """The action for an attribute (cached per tag, VR and walking mode)."""
@@ -971,7 +1065,7 @@ class AttributeCleaner:
         try:
             stored = ds.get_item(tag).value
             if isinstance(stored, bytes | bytearray) and any(
-                    ctx.identity.found_in(text) for text in legacy_texts(bytes(stored))):
+                    ctx.identity.found_in(text) for text in misread_texts(bytes(stored))):
                 return False  # a name in another script's encoding, whatever the VR says
             element = ds[tag]
             if not self._safe_private(element, ctx, report):
@@ -1059,6 +1153,21 @@ class AttributeCleaner:
             self._encoded_marks[(implicit, little)] = raw
         for tag in raw.keys():
             ds[tag] = raw.get_item(tag)
+
+
+def _holds_birth_date(item: Dataset) -> bool:
+    """True when ``item`` is a report content item whose concept is the birth date (see
+    :data:`BIRTH_DATE_CONCEPTS`)."""
+    try:
+        concepts = item[_CONCEPT_NAME].value or []
+    except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError):
+        return False
+    for concept in concepts if isinstance(concepts, Sequence) else []:
+        scheme = str(concept.get("CodingSchemeDesignator", "") or "").strip()
+        value = str(concept.get("CodeValue", "") or "").strip()
+        if (scheme, value) in BIRTH_DATE_CONCEPTS:
+            return True
+    return False
 
 
 def _is_number(text: str) -> bool:

@@ -77,6 +77,10 @@ _WORDS = re.compile(r"[\W_]+")
 _PIECES = re.compile(r"[\W_]+")
 # Consecutive name pieces run together are looked for up to this many pieces.
 _MAX_RUN = 4
+# Runs of letters and digits, and how many of them an identifier written in pieces is looked
+# for in (see :meth:`Identity._joined_spans`).
+_ALNUM_RUN = re.compile(r"[^\W_]+")
+_MAX_PIECES = 4
 # Chinese, Japanese and Korean characters (Han, kana, half-width kana, Hangul).
 _CJK_RANGES = ((0x1100, 0x11FF), (0x3040, 0x30FF), (0x3130, 0x318F), (0x31F0, 0x31FF),
                (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF),
@@ -491,6 +495,12 @@ class Identity:
         if not text:
             return text
         cleaned = self._clean_as_written(text)
+        if self._found_as_written(cleaned):
+            # an identifier written in pieces (``acc-77312``, ``ACC 77312``): the pieces go;
+            # what still carries one goes whole
+            cleaned = _replaced(cleaned, self._joined_spans(cleaned))
+            if self._found_as_written(cleaned):
+                return "*"
         if not any(mark in cleaned for mark in _ESCAPE_MARKS):
             return cleaned
         decoded, where = unescaped(cleaned)
@@ -502,6 +512,21 @@ class Identity:
         out = _replaced(cleaned, [(where[start][0], where[end - 1][1])
                                   for start, end in spans if end > start])
         return "*" if self.found_in(out) else out
+
+    def _joined_spans(self, text: str) -> list[tuple[int, int]]:
+        """Where ``text`` has an identifier of six characters or more written in two to
+        four pieces of letters and digits with anything but letters and digits between them
+        (``acc-77312``, ``MRN 552 8194``)."""
+        targets = set(self.phrases) | {w for w in self.words if len(w) >= 6}
+        runs = [(m.start(), m.end(), normalise(m.group())) for m in _ALNUM_RUN.finditer(text)]
+        spans = []
+        for i in range(len(runs)):
+            joined = runs[i][2]
+            for j in range(i + 1, min(i + _MAX_PIECES, len(runs))):
+                joined += runs[j][2]
+                if joined in targets:
+                    spans.append((runs[i][0], runs[j][1]))
+        return spans
 
     def _spans(self, text: str) -> list[tuple[int, int]] | None:
         """Where ``text`` has an identifier written out (a name, ID, ... as a whole word, a

@@ -126,6 +126,12 @@ _CJK = ((0x1100, 0x11FF), (0x3040, 0x30FF), (0x3130, 0x318F), (0x31F0, 0x31FF),
         (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF),
         (0xFF66, 0xFF9F), (0x20000, 0x2FFFF))
 _SEPARATORS = set("^=,;:/\\()[]{}<>\"'`| \t\r\n.-_+*#@&")
+# Single-byte code pages text is typed in at modalities and RIS terminals, whatever the file
+# declares (Windows, DOS, KOI8, ISO 8859 parts, Mac).
+SINGLE_BYTE_ENCODINGS = ("cp1251", "koi8_r", "koi8_u", "cp866", "iso8859_5", "cp1250",
+                         "iso8859_2", "cp852", "cp1253", "iso8859_7", "cp1254", "iso8859_9",
+                         "cp1257", "iso8859_13", "cp1255", "iso8859_8", "cp1256", "iso8859_6",
+                         "cp874", "cp1252", "cp850", "mac_roman")
 DUMMY_TEMPORAL = {"19000101", "000000", "19000101000000", "", "00000000"}
 # ASCII spellings of letters beyond dropping their accents: German, Scandinavian, Polish and
 # other Latin letters; Cyrillic and Greek romanised (ISO 9 / BGN-like, common alternatives).
@@ -588,6 +594,20 @@ class SourceIdentity:
                         self.raw_forms.setdefault(form.encode(encoding), kind)
                     except UnicodeEncodeError:
                         continue
+            if not stripped.isascii():
+                self._single_byte_forms(kind, stripped)
+
+    def _single_byte_forms(self, kind: str, text: str) -> None:
+        """``text`` (beyond ASCII) as written, in upper, lower and title case, in each of the
+        single-byte code pages text is typed in whatever a file declares (a Cyrillic name in
+        Windows-1251 or KOI8-R in a file declaring ISO 8859-5 or UTF-8), to be found in raw
+        bytes."""
+        for form in {text, text.upper(), text.lower(), text.title()}:
+            for encoding in SINGLE_BYTE_ENCODINGS:
+                try:
+                    self.raw_forms.setdefault(form.encode(encoding), kind)
+                except UnicodeEncodeError:
+                    continue
 
     def _name(self, kind: str, value: Any) -> None:
         """A person name: every part and piece, as written and in the ASCII spellings of

@@ -1,7 +1,8 @@
 """Looking for a source's identifiers in everything an output holds.
 
 A DICOM output is read three ways: every element value at any depth (standard, private, UN, SR
-content, overlay and graphic text; identifiers split across elements too), its raw bytes
+content, overlay and graphic text; identifiers split across elements too; each in the character
+set its item declares, and a report's birth date, moved or not, is a finding), its raw bytes
 (preamble, file meta, header, encapsulated fragments' headers, anything after the pixel data;
 not the pixel samples themselves, though anything but zeros after a native image's samples and
 a basic offset table holding anything but its frames' offsets are findings), and with OCR its
@@ -47,6 +48,7 @@ from imageshare.verify.identity import (
     DUMMY_TEMPORAL,
     KEEP_DATES,
     KEEP_TIMES,
+    SINGLE_BYTE_ENCODINGS,
     SourceIdentity,
     normalised,
     words_of,
@@ -341,16 +343,22 @@ class Verifier:
             findings.append(Finding(name, _AFTER_THE_IMAGE, "pixel data"))
         if raw.encapsulated_pixels and not _offset_table_holds_offsets(raw, data):
             findings.append(Finding(name, _NOT_OFFSETS, "encapsulated pixel data"))
-        encodings = _encodings(raw.top.get(0x00080005, b""))
+        encodings = _encodings(raw.top.get(_CHARSET_TAG, b""))
+        charsets = {element.path[:-1]: _encodings(element.value) for element in raw.elements
+                    if element.tag == _CHARSET_TAG and len(element.path) > 1}
         joined: list[str] = []
         standard = _standard_items(raw.elements, encodings)
         for element in raw.elements:
             if element.tag in CODE_TAGS and element.path[:-1] in standard:
                 continue  # a standard code with its standard meaning: no one's name
-            self._raw_element(element, identity, name, encodings, joined, findings)
+            self._raw_element(element, identity, name,
+                              _item_encodings(element.path, charsets, encodings) if charsets
+                              else encodings, joined, findings)
         for kind in dict.fromkeys(identity.in_pieces(joined)):
             if not any(f.kind == kind for f in findings):
                 findings.append(Finding(name, kind, "split across the values of two elements"))
+        findings += [Finding(name, _BIRTH_DATE_ITEM, element.where + rawdicom.label(element.tag))
+                     for element in _birth_dates_left(raw.elements)]
         self._raw_documents(raw, identity, name, findings)
         wants_ocr = self.ocr == OCR_ALWAYS or (self.ocr == OCR_AUTO and (
             text_prone or _raw_text_prone(raw)))
@@ -481,6 +489,8 @@ class Verifier:
         if depth > 16:
             return
         standard = depth > 0 and _standard_item(ds)
+        if depth > 0 and _birth_date_item(ds):
+            findings.append(Finding(name, _BIRTH_DATE_ITEM, where.removesuffix(" > ")))
         for tag in list(ds.keys()):
             tag = BaseTag(tag)
             if standard and tag in CODE_TAGS:
@@ -552,6 +562,9 @@ class Verifier:
                 value = ds[tag].value
             except Exception:  # noqa: BLE001 - searched as Latin-1 instead
                 return [data.decode("latin-1")]
+            read = ("\\".join(str(v) for v in value if v is not None)
+                    if isinstance(value, MultiValue | list) else str(value))
+            return [read, *_other_readings(data, read)]
         if isinstance(value, MultiValue | list):
             return ["\\".join(str(v) for v in value if v is not None)]
         return [str(value)]
@@ -863,6 +876,50 @@ _MAX_INFLATED = 64 << 20
 # Binary values read for UTF-16 text too: bytes and words (a LUT or waveform kept as it is can
 # carry a name written two bytes a letter as well as one)
 _UTF16_VRS = {"OB", "OW", "UN"}
+# The single-byte code pages text is typed in at modalities and RIS terminals whatever the
+# file (or its sequence item) declares (Windows, DOS, KOI8, ISO 8859 parts, Mac): a name typed
+# in Windows-1251 in a file that declares ISO 8859-5 reads as other letters as declared. Raw
+# bytes are searched for names in them (:meth:`SourceIdentity.in_bytes`); values that pydicom
+# reads (big endian, deflated files) are also read in each.
+_CHARSET_TAG = 0x00080005
+# Concepts of report content items that hold the birth date: TID 1007 Subject Birth Date, and
+# its SNOMED CT and LOINC equivalents.
+_BIRTH_DATE_CONCEPTS = frozenset({("DCM", "121033"), ("SCT", "184099003"),
+                                  ("SRT", "184099003"), ("LN", "21112-8")})
+_CONCEPT_NAME = 0x0040A043
+_BIRTH_DATE_VALUES = (0x0040A121, 0x0040A120)  # Date, DateTime
+_BIRTH_DATE_ITEM = "birth date in a report (moved or not)"
+
+
+def _other_readings(data: bytes, read: str) -> list[str]:
+    """``data`` (a stored value) read in :data:`SINGLE_BYTE_ENCODINGS`, each reading that
+    differs from ``read`` (how it was read already); none when ``data`` is 7-bit (the same in
+    each) or valid UTF-8 beyond ASCII (text in those code pages never is)."""
+    if data.isascii():
+        return []
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        return []
+    readings = dict.fromkeys(data.decode(encoding, "ignore")
+                             for encoding in SINGLE_BYTE_ENCODINGS)
+    readings.pop(read, None)
+    return list(readings)
+
+
+def _item_encodings(path: tuple[int, ...], charsets: dict[tuple[int, ...], list[str]],
+                    default: list[str]) -> list[str]:
+    """The character set that applies to the element at ``path``: that of the nearest item
+    (the element's own, or an enclosing one) that declares Specific Character Set, else the
+    data set's (PS3.5 6.1.2.5.1: an item may declare its own)."""
+    item = path[:-1]
+    while item:
+        if item in charsets:
+            return charsets[item]
+        item = item[:-2]
+    return default
 
 
 def _nested_pixels(item_path: tuple[int, ...]) -> bool:
@@ -932,6 +989,41 @@ def _binary_texts(data: bytes, utf16: bool) -> tuple[list[bytes], list[str]]:
                 if runs:
                     texts.append("\n".join(runs))
     return blobs, texts
+
+
+def _birth_dates_left(elements: list[rawdicom.RawElement]) -> list[rawdicom.RawElement]:
+    """The dates of report content items whose concept is the birth date (see
+    :data:`_BIRTH_DATE_CONCEPTS`) that are not a dummy: moved or not, a birth date gives the
+    age to the day next to the study's date, and no option keeps it."""
+    concepts: dict[tuple[int, ...], dict[int, str]] = {}
+    dates: list[rawdicom.RawElement] = []
+    for element in elements:
+        path = element.path
+        text = element.value.decode("latin-1").strip(" \0")
+        if len(path) >= 3 and path[-3] == _CONCEPT_NAME and element.tag in (
+                CODE_VALUE, CODING_SCHEME):
+            concepts.setdefault(path[:-3], {})[element.tag] = text
+        elif element.tag in _BIRTH_DATE_VALUES and len(path) > 1 \
+                and text not in DUMMY_TEMPORAL:
+            dates.append(element)
+    left = []
+    for element in dates:
+        code = concepts.get(element.path[:-1], {})
+        if (code.get(CODING_SCHEME, ""), code.get(CODE_VALUE, "")) in _BIRTH_DATE_CONCEPTS:
+            left.append(element)
+    return left
+
+
+def _birth_date_item(ds: Dataset) -> bool:
+    """True when ``ds`` (a sequence item) is a report content item whose concept is the
+    birth date and whose date or date-time is not a dummy."""
+    concepts = ds.get("ConceptNameCodeSequence") or []
+    if not any((str(c.get("CodingSchemeDesignator", "") or "").strip(),
+                str(c.get("CodeValue", "") or "").strip()) in _BIRTH_DATE_CONCEPTS
+               for c in concepts):
+        return False
+    return any(str(ds.get(keyword, "") or "").strip(" \0") not in DUMMY_TEMPORAL
+               for keyword in ("Date", "DateTime"))
 
 
 def _standard_items(elements: list[rawdicom.RawElement], encodings: list[str]
