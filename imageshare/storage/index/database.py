@@ -309,12 +309,29 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def _check_reachable(engine: Engine) -> None:
+    """Refuse (:class:`ConfigurationError`) a database that cannot be connected to, saying
+    which (without its password) and the driver's reason: a server down, a database or role
+    not made yet, a refused password, a folder that cannot be written."""
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        reason = " ".join(str(exc.orig or exc).split())[:300] or type(exc).__name__
+        where = engine.url.render_as_string(hide_password=True)
+        raise ConfigurationError(
+            f"the index database {where} cannot be reached: {reason} (check "
+            "IMAGESHARE_DATABASE_URL; on PostgreSQL the database and its owner must exist)"
+        ) from None
+
+
 def migrate(engine: Engine, upgrade: bool = True) -> None:
     """Bring the schema to this version's head, or refuse with a clear message.
 
     A database written by a newer ImageShare (unknown revision) is always refused; an older
     one is upgraded only when ``upgrade`` is true.
     """
+    _check_reachable(engine)
     newest = newest_migration()
     if newest is not None and _recorded_revision(engine) == newest:
         return  # the usual start: alembic (and its template engine) is not even loaded
