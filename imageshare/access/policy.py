@@ -91,6 +91,9 @@ ROLES: dict[str, frozenset[str]] = {
 # Roles a person can be given (``service`` is for machine accounts, ENROLLING is a stage).
 PERSON_ROLES = ("admin", "clinician", "radiographer", "sonographer", "educator", "reviewer",
                 "patient")
+# Roles an account can be given: a person's, a machine's or another hospital's (never a stage
+# of signing in: an account made "awaiting-code" could only ever send codes).
+ACCOUNT_ROLES = (*PERSON_ROLES, "service", "site")
 # Actions a grant (an identifiable share naming the user) gives on its own items, by right.
 SHARED_ACTIONS = {STUDY_READ: VIEW, STUDY_COMMENT: COMMENT, STUDY_DOWNLOAD: DOWNLOAD}
 # Roles that must sign in with a second factor on every channel.

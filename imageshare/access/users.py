@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Engine, bindparam, func, insert, select, upda
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from imageshare.access.lockout import Lockout
-from imageshare.access.policy import ENROLLING, ROLES, effective_role
+from imageshare.access.policy import ACCOUNT_ROLES, ENROLLING, effective_role
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import ANONYMOUS, SYSTEM, Actor
 from imageshare.domain.errors import (
@@ -580,8 +580,8 @@ class UserDirectory:
 
     def set_role(self, username: str, role: str) -> None:
         """Give ``username`` another role."""
-        if role not in ROLES:
-            raise ImageShareError(f"unknown role {role!r}")
+        if role not in ACCOUNT_ROLES:
+            raise ImageShareError(f"unknown role {role!r}; roles: {', '.join(ACCOUNT_ROLES)}")
         # A new role starts unlinked: a site account is linked to its site deliberately.
         self._change(username, role=role, site_node="")
 
@@ -875,8 +875,8 @@ RESERVED_NAMES = frozenset({SYSTEM.name, "system", ANONYMOUS.name})
 
 
 def _check_new_user(username: str, role: str) -> None:
-    if role not in ROLES:
-        raise ImageShareError(f"unknown role {role!r}; roles: {', '.join(sorted(ROLES))}")
+    if role not in ACCOUNT_ROLES:
+        raise ImageShareError(f"unknown role {role!r}; roles: {', '.join(ACCOUNT_ROLES)}")
     if not username or len(username) > 128 or username != username.strip():
         raise ImageShareError("a username has 1 to 128 characters, no surrounding spaces")
     if any(unicodedata.category(c) in _NOT_IN_NAMES for c in username):

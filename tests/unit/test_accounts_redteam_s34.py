@@ -359,3 +359,20 @@ def test_a_session_alone_cannot_start_two_factor_set_up_for_a_person(archive, an
     started = anonymous.post("/account/two-factor", headers=HTML, data={
         "csrf_token": csrf_of(account.text), "current": PASSWORD})
     assert _secret_on(started.text)
+
+
+@pytest.mark.parametrize("stage", ["awaiting-code", "changing-password", "enrolling"])
+def test_a_stage_of_signing_in_is_not_a_role_an_account_can_be_given(archive, imageshare,
+                                                                      stage):
+    """`user add --role awaiting-code` made an account that could only ever send codes, and
+    the refusal of an unknown role listed the stages among the roles."""
+    ran = imageshare(archive.settings.data_dir, "user", "add", "carl", "--role", stage,
+                     "--password", "long-enough-password-1")
+    assert ran.returncode != 0 and f"unknown role {stage!r}" in ran.stderr
+    assert "site" in ran.stderr and not any(s in ran.stderr.split("roles:", 1)[1] for s in (
+        "awaiting-code", "changing-password", "enrolling"))
+    assert not [a for a in archive.users.accounts() if a.username == "carl"]
+    archive.users.add("dana", "long-enough-password-2", "clinician")
+    with pytest.raises(ImageShareError, match="unknown role"):
+        archive.users.set_role("dana", stage)
+    archive.users.set_role("dana", "site")  # a real role is still given
