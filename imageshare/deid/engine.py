@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from functools import lru_cache
+from types import MappingProxyType
 from typing import Any
 
 from pydicom import Dataset
@@ -165,7 +168,7 @@ _MODALITY_TAGS = frozenset({0x00080060, 0x00080061})
 # Concepts of report content items that hold the birth date (TID 1007 Subject Birth Date, and
 # its SNOMED CT and LOINC equivalents): their date goes under every option, as the birth date
 # of the header does (Table E.1-1: Z whatever the options), not shifted with the study's.
-BIRTH_DATE_CONCEPTS = frozenset({("DCM", "121033"), ("SCT", "184099003"),
+BIRTH_DATE_CONCEPTS = frozenset({("DCM", "121031"), ("SCT", "184099003"),
                                  ("SRT", "184099003"), ("LN", "21112-8")})
 _CONCEPT_NAME = 0x0040A043
 _BIRTH_DATE_VALUES = (0x0040A121, 0x0040A120)  # Date, DateTime
@@ -310,9 +313,10 @@ class PatientContext:
     # the source's dates (YYYYMMDD) that must not be left in numbers: the birth date, and
     # every date of the data set unless the profile keeps full dates
     dates: frozenset[str] = frozenset()
-    # identifiers written in letters beyond ASCII, as bytes in each single-byte code page
-    # (see :data:`SINGLE_BYTE_ENCODINGS`): (encoding, bytes)
-    encoded: frozenset[tuple[str, bytes]] = frozenset()
+    # identifiers written in letters beyond ASCII, as bytes in UTF-8 and each single-byte
+    # code page (see :data:`SINGLE_BYTE_ENCODINGS`): the code pages each form is written in,
+    # by its bytes (one test per distinct form)
+    encoded: Mapping[bytes, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def identifiers(self) -> tuple[str, ...]:
@@ -558,21 +562,40 @@ def single_byte_texts(data: bytes) -> list[str]:
     return []
 
 
-def single_byte_forms(identity: Identity) -> frozenset[tuple[str, bytes]]:
-    """The identifiers of ``identity`` written in letters beyond ASCII (as written, in upper,
-    lower and title case), encoded in UTF-8 and in each of :data:`SINGLE_BYTE_ENCODINGS` that
-    can write them: what a value typed in one of those holds when it names someone."""
-    forms = set()
-    for ident in identity.raw:
+@lru_cache(maxsize=256)
+def single_byte_forms(identifiers: tuple[str, ...]) -> Mapping[bytes, tuple[str, ...]]:
+    """``identifiers`` written in letters beyond ASCII (as written, in upper, lower and title
+    case), encoded in UTF-8 and in each of :data:`SINGLE_BYTE_ENCODINGS` that can write them:
+    what a value typed in one of those holds when it names someone; the encodings of each
+    distinct form by its bytes (the same patient's instances share one, cached)."""
+    forms: dict[bytes, list[str]] = {}
+    for ident in identifiers:
         if ident.isascii():
             continue  # the same bytes in every code page: found as declared
         for written in {ident, ident.upper(), ident.lower(), ident.title()}:
             for encoding in ("utf-8", *SINGLE_BYTE_ENCODINGS):
                 try:
-                    forms.add((encoding, written.encode(encoding)))
+                    form = written.encode(encoding)
                 except UnicodeEncodeError:
                     continue
-    return frozenset(forms)
+                forms.setdefault(form, []).append(encoding)
+    return MappingProxyType({form: tuple(encodings) for form, encodings in forms.items()})
+
+
+def _declares_utf8(ds: Dataset) -> bool:
+    """True when ``ds`` (or the data set its item belongs to) is read as UTF-8."""
+    charset = getattr(ds, "_character_set", None) or ()
+    names = [charset] if isinstance(charset, str) else list(charset)
+    return any(str(name).strip().upper() == "ISO_IR 192" or str(name).lower() in (
+        "utf_8", "utf-8", "utf8") for name in names)
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def misread_texts(data: bytes) -> list[str]:
@@ -688,7 +711,8 @@ class AttributeCleaner:
             _dates_of(ds, dates)
         return PatientContext(key, self.pseudonyms.patient_id(key),
                               self.pseudonyms.date_offset(key), everyone, patient,
-                              frozenset(dates), single_byte_forms(everyone))
+                              frozenset(dates), single_byte_forms(tuple(sorted(
+                                  ident for ident in everyone.raw if not ident.isascii()))))
 
     def apply(self, ds: Dataset, ctx: PatientContext | None = None) -> InstanceReport:
         """De-identify ``ds`` in place (not its pixels); returns what was done."""
@@ -822,7 +846,10 @@ class AttributeCleaner:
         data = bytes(stored)
         if data.isascii() or not ctx.encoded:
             return  # 7-bit, or no identifier beyond ASCII: the same in every code page
-        encodings = [encoding for encoding, form in ctx.encoded if form in data]
+        if _declares_utf8(ds) and _is_utf8(data):
+            return  # UTF-8 declared and written: the declared reading is the one
+        encodings = [encoding for form, found in ctx.encoded.items() if form in data
+                     for encoding in found]
         if not encodings or ctx.identity.found_in(
                 "\\".join(str(v or "") for v in values_of(ds[tag].value))):
             return  # no identifier in any code page, or found as declared: cleaned as it is

@@ -81,6 +81,8 @@ _MAX_RUN = 4
 # for in (see :meth:`Identity._joined_spans`).
 _ALNUM_RUN = re.compile(r"[^\W_]+")
 _MAX_PIECES = 4
+# What may stand between the pieces of an identifier written in pieces.
+_PIECE_GAPS = " -/_"
 # Chinese, Japanese and Korean characters (Han, kana, half-width kana, Hangul).
 _CJK_RANGES = ((0x1100, 0x11FF), (0x3040, 0x30FF), (0x3130, 0x318F), (0x31F0, 0x31FF),
                (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF),
@@ -496,11 +498,11 @@ class Identity:
             return text
         cleaned = self._clean_as_written(text)
         if self._found_as_written(cleaned):
-            # an identifier written in pieces (``acc-77312``, ``ACC 77312``): the pieces go;
-            # what still carries one goes whole
+            # an identifier written in pieces (``acc-77312``, ``ACC 77312``): the pieces go.
+            # What still carries one (``773.12`` for accession 77312: a measurement, perhaps)
+            # is left as it is, for the verifier to hold the file back for a person's review:
+            # nothing is rewritten on a guess.
             cleaned = _replaced(cleaned, self._joined_spans(cleaned))
-            if self._found_as_written(cleaned):
-                return "*"
         if not any(mark in cleaned for mark in _ESCAPE_MARKS):
             return cleaned
         decoded, where = unescaped(cleaned)
@@ -515,14 +517,17 @@ class Identity:
 
     def _joined_spans(self, text: str) -> list[tuple[int, int]]:
         """Where ``text`` has an identifier of six characters or more written in two to
-        four pieces of letters and digits with anything but letters and digits between them
-        (``acc-77312``, ``MRN 552 8194``)."""
+        four pieces of letters and digits with only spaces, hyphens, slashes or underscores
+        between them (``acc-77312``, ``MRN 552 8194``); never across a decimal point or a
+        comma (``773.12 mGy``, ``55,28`` are numbers, not pieces)."""
         targets = set(self.phrases) | {w for w in self.words if len(w) >= 6}
         runs = [(m.start(), m.end(), normalise(m.group())) for m in _ALNUM_RUN.finditer(text)]
         spans = []
         for i in range(len(runs)):
             joined = runs[i][2]
             for j in range(i + 1, min(i + _MAX_PIECES, len(runs))):
+                if text[runs[j - 1][1]:runs[j][0]].strip(_PIECE_GAPS):
+                    break  # another character between the pieces
                 joined += runs[j][2]
                 if joined in targets:
                     spans.append((runs[i][0], runs[j][1]))

@@ -884,7 +884,7 @@ _UTF16_VRS = {"OB", "OW", "UN"}
 _CHARSET_TAG = 0x00080005
 # Concepts of report content items that hold the birth date: TID 1007 Subject Birth Date, and
 # its SNOMED CT and LOINC equivalents.
-_BIRTH_DATE_CONCEPTS = frozenset({("DCM", "121033"), ("SCT", "184099003"),
+_BIRTH_DATE_CONCEPTS = frozenset({("DCM", "121031"), ("SCT", "184099003"),
                                   ("SRT", "184099003"), ("LN", "21112-8")})
 _CONCEPT_NAME = 0x0040A043
 _BIRTH_DATE_VALUES = (0x0040A121, 0x0040A120)  # Date, DateTime
@@ -998,13 +998,12 @@ def _birth_dates_left(elements: list[rawdicom.RawElement]) -> list[rawdicom.RawE
     concepts: dict[tuple[int, ...], dict[int, str]] = {}
     dates: list[rawdicom.RawElement] = []
     for element in elements:
-        path = element.path
-        text = element.value.decode("latin-1").strip(" \0")
-        if len(path) >= 3 and path[-3] == _CONCEPT_NAME and element.tag in (
-                CODE_VALUE, CODING_SCHEME):
-            concepts.setdefault(path[:-3], {})[element.tag] = text
-        elif element.tag in _BIRTH_DATE_VALUES and len(path) > 1 \
-                and text not in DUMMY_TEMPORAL:
+        path, tag = element.path, element.tag
+        # Only the few small values looked at are decoded (not documents or pixels).
+        if len(path) >= 3 and path[-3] == _CONCEPT_NAME and tag in (CODE_VALUE, CODING_SCHEME):
+            concepts.setdefault(path[:-3], {})[tag] = _stripped(element.value)
+        elif tag in _BIRTH_DATE_VALUES and len(path) > 1 \
+                and _stripped(element.value) not in DUMMY_TEMPORAL:
             dates.append(element)
     left = []
     for element in dates:
@@ -1012,6 +1011,10 @@ def _birth_dates_left(elements: list[rawdicom.RawElement]) -> list[rawdicom.RawE
         if (code.get(CODING_SCHEME, ""), code.get(CODE_VALUE, "")) in _BIRTH_DATE_CONCEPTS:
             left.append(element)
     return left
+
+
+def _stripped(value: bytes) -> str:
+    return value.decode("latin-1").strip(" \0")
 
 
 def _birth_date_item(ds: Dataset) -> bool:

@@ -31,6 +31,7 @@ import io
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import DataElement
 from pydicom.sequence import Sequence
+from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 
 from imageshare.deid.profiles import DEFAULT_PROFILES, Profile
@@ -192,7 +193,10 @@ def _report_with_subject_context() -> Dataset:
     ds.ConceptNameCodeSequence = Sequence([_code("18748-4", "LN", "Diagnostic Imaging Report")])
     items = []
     for concept, keyword, value in (
-            (_code("121033", "DCM", "Subject Birth Date"), "Date", BIRTH_DATE),
+            # The code from pydicom's dictionary of PS3.16, not from the code under test
+            # (121033, Subject Age, was taken for it once by both the engine and the verifier).
+            (_code(codes.DCM.SubjectBirthDate.value, "DCM", "Subject Birth Date"), "Date",
+             BIRTH_DATE),
             (_code("21112-8", "LN", "Birth date"), "DateTime", BIRTH_DATE + "0830"),
             (_code("111018", "DCM", "Content Date"), "Date", STUDY_DATE)):
         item = Dataset()
@@ -255,3 +259,16 @@ def test_a_name_in_utf_8_in_a_file_declaring_iso_8859_5_is_cleaned_not_held_back
     outcome, output = _written(source, TEACHING)
     assert not outcome.held_back, outcome.report.get("reason")
     assert SURNAME.encode() not in output
+
+
+def test_a_number_that_reads_like_an_identifier_is_not_rewritten_on_a_guess() -> None:
+    """The pieces of an identifier were joined across decimal points: a dose of 773.12 for
+    accession ACC77312 became '*' without a word, and a value still carrying one became '*'
+    whole. A number is not pieces: the value is kept as written (and the verifier, reading
+    it its own way, agrees)."""
+    source = ct_header("Thistlewood^Eberhardine", PATIENT_ID, BIRTH_DATE, STUDY_DATE)
+    source.AccessionNumber = "ACC77312"
+    source.StudyDescription = "DLP 773.12 mGy.cm"
+    outcome, output = _written(source, TEACHING)
+    assert not outcome.held_back, outcome.report.get("reason")
+    assert dcmread(io.BytesIO(output)).StudyDescription == "DLP 773.12 mGy.cm"
