@@ -360,7 +360,7 @@ class DicomListener:
         off_context = _not_negotiated(event)
         if off_context:
             # Nothing of it is stored: the association never agreed to this SOP class.
-            log.info("C-STORE refused: %s", off_context)
+            self._refused(event, actor, DICOM_STORE, "C-STORE", off_context)
             return statuses.STORE_CLASS_NOT_NEGOTIATED.dataset(off_context)
         if received is not None and received.error is not None:
             log.error("C-STORE could not be received: %s", received.error.strerror)
@@ -425,6 +425,7 @@ class DicomListener:
             return
         off_context = _not_negotiated(event)
         if off_context:
+            self._refused(event, actor, DICOM_QUERY, "C-FIND", off_context)
             yield statuses.FIND_CLASS_NOT_NEGOTIATED.dataset(off_context), None
             return
         try:
@@ -579,6 +580,7 @@ class DicomListener:
         off_context = _not_negotiated(event)
         try:
             if off_context:
+                self._refused(event, actor, DICOM_RETRIEVE, "C-MOVE", off_context)
                 found, refusal = [], statuses.MOVE_CLASS_NOT_NEGOTIATED.dataset(off_context)
             else:
                 found = self._instances_for(event, actor, "study.move",
@@ -626,6 +628,7 @@ class DicomListener:
             return
         off_context = _not_negotiated(event)
         if off_context:
+            self._refused(event, actor, DICOM_RETRIEVE, "C-GET", off_context)
             yield 1
             yield statuses.GET_CLASS_NOT_NEGOTIATED.dataset(off_context), None
             return

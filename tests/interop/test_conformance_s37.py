@@ -134,6 +134,11 @@ def test_a_c_store_of_a_sop_class_not_negotiated_is_refused_and_not_stored(
     assert status.Status == NOT_SUPPORTED
     assert status.ErrorComment == COMMENT
     assert _studies_of(site, "S37OFF", tmp_path / "found") == []
+    # The refusal is audited, and the caller listed for administrators with the reason.
+    refused = site.server.cli("node", "refused").stdout
+    assert "PYNETDICOM" in refused and COMMENT[:40] in refused
+    events = site.server.cli("audit", "export", "--limit", "200").stdout
+    assert '"outcome": "refused"' in events and "not negotiated" in events
 
 
 def test_a_c_store_on_its_own_context_is_still_stored(site, tmp_path):
