@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-import time
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -249,6 +249,15 @@ def test_a_client_that_never_reads_its_answer_is_let_go(tmp_path, monkeypatch):
     its handler for ever (the server waited for the window to open); it is dropped once it
     has read nothing for the write time limit, and a client that reads gets its answer."""
     monkeypatch.setattr(web_server, "WRITE_SECONDS", 1.0)
+    let_go = threading.Event()
+    too_slow = web_server.LimitedHttpProtocol._write_too_slow
+
+    def noted(protocol: web_server.LimitedHttpProtocol) -> None:
+        too_slow(protocol)
+        if protocol.transport.is_closing():
+            let_go.set()
+
+    monkeypatch.setattr(web_server.LimitedHttpProtocol, "_write_too_slow", noted)
     archive = make_archive(tmp_path, http_port=free_port())
     try:
         with serving(archive, _endless_download) as url:
@@ -257,7 +266,9 @@ def test_a_client_that_never_reads_its_answer_is_let_go(tmp_path, monkeypatch):
                 stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 stalled.connect(("127.0.0.1", port))
                 stalled.sendall(b"GET /big-for-test HTTP/1.1\r\nHost: x\r\n\r\n")
-                time.sleep(3.0)  # reads nothing: three times the limit
+                # Reads nothing until the server let it go (however long a busy machine
+                # takes to fill the buffers and run the timer).
+                assert let_go.wait(60), "the server still waits for a client that never reads"
                 stalled.settimeout(10)
                 received = 0
                 with contextlib.suppress(ConnectionError, TimeoutError):
