@@ -367,7 +367,13 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
     box = _secret_box(settings)
     engine = make_engine(settings.resolved_database_url, settings.sqlite_synchronous)
     migrate(engine, upgrade=upgrade)
-    check_index_key(engine, box)
+    try:
+        check_index_key(engine, box)
+    except ConfigurationError as exc:
+        # Said at every start, but not refused: with a lost key the archive must still
+        # receive, serve and restore; what needs a secret fails alone (an administrator
+        # clears the second factors, site credentials are entered again).
+        log.error("%s", exc)
     blobs = blob_store(settings)
     audit = AuditTrail(engine)
     writer_engine = (

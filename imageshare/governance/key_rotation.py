@@ -148,10 +148,10 @@ class KeyRotation:
 
 
 def check_index_key(engine: Engine, box: SecretBox, sample: int = 3) -> None:
-    """Refuse (:class:`ConfigurationError`) a secret key (with the retired ones) that opens
-    none of the first ``sample`` secrets sealed in the index: the server would start, and
-    every second factor, site credential and EHR secret would then fail one by one (the
-    administrators' code prompt among them) instead of the start saying why."""
+    """:class:`ConfigurationError` when the secret key (with the retired ones) opens none of
+    the first ``sample`` secrets sealed in the index: every second factor, site credential
+    and EHR secret would then fail one by one (the administrators' code prompt among them),
+    and the start says why."""
     tried = 0
     for table, column in _SEALED_COLUMNS:
         with engine.connect() as conn:

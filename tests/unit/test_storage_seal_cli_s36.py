@@ -9,6 +9,7 @@ Everything through the real command line, as an operator would run it.
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -313,20 +314,28 @@ def test_a_key_rotation_without_blob_encryption_moves_the_index_secrets_to_the_n
     assert only.returncode == 2 and "encrypted_blobs_only needs encrypt_blobs" in only.stderr
 
 
-def test_a_secret_key_that_opens_none_of_the_index_secrets_is_refused_at_start(tmp_path):
-    """The server started with another key (the old one removed before seal ran) and the
-    administrators' code prompt failed; the start now says why, and which settings help."""
+def test_a_secret_key_that_opens_none_of_the_index_secrets_is_named_at_start(tmp_path,
+                                                                              caplog):
+    """The server started with another key (the old one removed before seal ran) and only
+    the administrators' code prompt said something was wrong; every start now logs why and
+    which settings help, and still starts (a lost key must not stop the archive: images are
+    received, served and restored, and an administrator clears the second factors)."""
     archive = make_archive(tmp_path, secret_key=OLD_KEY)
     try:
         archive.users.ensure_admin("admin-password-long")
         archive.users.begin_two_factor("admin")
     finally:
         archive.close()
-    with pytest.raises(ConfigurationError, match="IMAGESHARE_RETIRED_SECRET_KEYS_FILE") as why:
-        make_archive(tmp_path, secret_key=NEW_KEY)
-    assert "do not open with this secret key" in str(why.value)
-    assert OLD_KEY not in str(why.value) and NEW_KEY not in str(why.value)
-    make_archive(tmp_path, secret_key=NEW_KEY, retired_secret_keys=OLD_KEY).close()
+    with caplog.at_level(logging.ERROR, logger="imageshare"):
+        make_archive(tmp_path, secret_key=NEW_KEY).close()
+    [said] = [r.getMessage() for r in caplog.records if "secret key" in r.getMessage()]
+    assert "do not open with this secret key" in said
+    assert "IMAGESHARE_RETIRED_SECRET_KEYS_FILE" in said
+    assert OLD_KEY not in said and NEW_KEY not in said
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="imageshare"):
+        make_archive(tmp_path, secret_key=NEW_KEY, retired_secret_keys=OLD_KEY).close()
+    assert not [r for r in caplog.records if "secret key" in r.getMessage()]
 
 
 def test_the_retired_keys_file_must_exist(tmp_path):
