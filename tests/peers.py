@@ -111,10 +111,9 @@ class RunningServer:
             ) -> subprocess.CompletedProcess[str]:
         """Run ``imageshare ARGS`` against this server's data (killed after ``timeout``
         seconds; None: however long it takes)."""
-        return subprocess.run(
-            [sys.executable, "-m", "imageshare", *args], env=self.env(), text=True,
-            capture_output=True, check=check, timeout=timeout,
-        )
+        from tests.cli_forker import run_cli
+
+        return run_cli(list(args), self.env(), check=check, timeout=timeout)
 
     def register(self, *ae_titles: str, host: str = "127.0.0.1", port: int = 104) -> None:
         """Register calling AE titles as modalities that may store (also while it runs)."""
