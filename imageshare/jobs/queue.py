@@ -635,6 +635,9 @@ class DatabaseJobQueue:
                 reason = failure_reason(exc)
                 log.warning("job %s (%s) attempt %d failed: %s", job.id[:8], job.kind,
                             job.attempts, type(exc).__name__)
+                # The trace may quote patient data: only at IMAGESHARE_LOG_LEVEL=DEBUG, for
+                # an operator chasing a failure (a module missing from an installation, say).
+                log.debug("job %s trace", job.id[:8], exc_info=exc)
                 if is_lasting(exc) or job.attempts > len(self._delays):
                     self._quietly(self._finish, running, "failed", reason, notify)
                 else:
