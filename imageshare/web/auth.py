@@ -8,6 +8,7 @@ import hmac
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -45,6 +46,37 @@ def session_cookie_name(request: Request) -> str:
 def session_secret(request: Request) -> str:
     """The session cookie this request carries under the name for its scheme ("" if none)."""
     return request.cookies.get(session_cookie_name(request), "")
+
+
+def _host(url: str) -> str | None:
+    """The host name of an absolute http(s) URL (lower case); None when ``url`` is not one.
+    Scheme and port are not compared: behind a TLS-terminating proxy the server sees http
+    and another port than the browser does."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return None
+    return parts.hostname.lower()
+
+
+def from_another_site(request: Request, public_url: str = "") -> bool:
+    """True when the browser says the request was sent by a page of another site (Fetch
+    Metadata ``Sec-Fetch-Site``, or an ``Origin`` whose host is neither the one asked for
+    nor that of ``public_url``). A request saying neither (older browsers, programs) is not
+    refused."""
+    fetched_from = request.headers.get("sec-fetch-site", "").strip().lower()
+    if fetched_from and fetched_from not in ("same-origin", "none"):
+        return True
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False
+    sent = _host(origin)
+    ours = {request.url.hostname.lower() if request.url.hostname else None}
+    if public_url:
+        ours.add(_host(public_url))
+    return sent is None or sent not in ours
 
 
 def client_address(request: Request) -> str:
@@ -218,6 +250,13 @@ class Permission:
                     and _is_page_route(request)):
                 raise Forbidden("pages that change something are for signed-in browsers; "
                                 "programs use the JSON API under /api")
+            if (getattr(request.state, "channel", None) == BASIC
+                    and request.method not in SAFE_METHODS and self.action != PUBLIC
+                    and from_another_site(request, archive.settings.public_url)):
+                # A browser that once answered a Basic prompt sends the credentials with a
+                # form another site's page posts: that page would act as its user.
+                raise Forbidden("a request sent by another site's page is not acted on with "
+                                "this browser's stored credentials")
             session = getattr(request.state, "session", None)
             if (session is not None and request.method not in SAFE_METHODS
                     and self.action != PUBLIC):

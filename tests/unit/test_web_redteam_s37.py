@@ -343,3 +343,22 @@ def test_over_https_the_session_cookie_is_host_only_and_a_planted_plain_one_is_n
         assert answer.headers["set-cookie"].startswith("imageshare_session=")
         assert "secure" not in answer.headers["set-cookie"].lower()
         assert plain.get("/api/me").json()["username"] == "sono"
+
+
+@pytest.mark.parametrize("sent_by", [{"Sec-Fetch-Site": "cross-site"},
+                                     {"Origin": "https://attacker.example"}])
+def test_another_sites_page_cannot_act_with_a_browsers_stored_basic_credentials(
+        archive, anonymous, sent_by):
+    """A browser that once answered an HTTP Basic prompt sends those credentials with every
+    request to the server, also a form another site's page posts: a route with no body
+    (cancel a job) ran as its user. Refused (403) and the job stays queued; a program (no
+    Origin, no Fetch Metadata) and the browser's own pages still act."""
+    archive.users.add("clin", "a long password 1", "clinician")
+    job = archive.jobs.submit("clin", "later", "Something later", {})
+    credentials = ("clin", "a long password 1")
+    forged = anonymous.post(f"/api/jobs/{job.id}/cancel", auth=credentials, headers=sent_by)
+    assert forged.status_code == 403
+    assert archive.jobs.get(job.id, "clin").state == "queued"
+    own = anonymous.post(f"/api/jobs/{job.id}/cancel", auth=credentials,
+                         headers={"Sec-Fetch-Site": "same-origin"})
+    assert own.status_code == 200 and own.json()["state"] == "cancelled"

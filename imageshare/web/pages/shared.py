@@ -29,12 +29,17 @@ from imageshare.domain.errors import (
 from imageshare.export.share_download import build_share_download
 from imageshare.sharing.links import Share
 from imageshare.sharing.viewer import is_video_instance, share_manifest, shown_file
-from imageshare.web.auth import LINK_COOKIE, allowed, client_address, resolve_actor
+from imageshare.web.auth import (
+    LINK_COOKIE,
+    allowed,
+    client_address,
+    from_another_site,
+    resolve_actor,
+)
 from imageshare.web.deps import Archive, ArchiveDep, archive_of
 from imageshare.web.dicomweb import MAX_PLAYED_BYTES, render_options
 from imageshare.web.exports import MarksIn
 from imageshare.web.negotiation import parse_accept
-from imageshare.web.pages.sign_in import from_another_site
 from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
@@ -16,6 +16,7 @@ from imageshare.domain.errors import NotAuthenticated
 from imageshare.web.auth import (
     allowed,
     client_address,
+    from_another_site,
     resolve_actor,
     session_cookie_name,
     session_secret,
@@ -68,37 +69,6 @@ def login_form(request: Request, archive: ArchiveDep,
     if actor.kind == "user" and archive.policy.allows(actor, ACCOUNT_SELF):
         return redirect(safe_next(next))
     return page(request, "login.html", next=safe_next(next), username="")
-
-
-def _host(url: str) -> str | None:
-    """The host name of an absolute http(s) URL (lower case); None when ``url`` is not one.
-    Scheme and port are not compared: behind a TLS-terminating proxy the server sees http
-    and another port than the browser does."""
-    try:
-        parts = urlsplit(url.strip())
-    except ValueError:
-        return None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        return None
-    return parts.hostname.lower()
-
-
-def from_another_site(request: Request, public_url: str = "") -> bool:
-    """True when the browser says the request was sent by a page of another site (Fetch
-    Metadata ``Sec-Fetch-Site``, or an ``Origin`` whose host is neither the one asked for
-    nor that of ``public_url``). A request saying neither (older browsers, programs) is not
-    refused."""
-    fetched_from = request.headers.get("sec-fetch-site", "").strip().lower()
-    if fetched_from and fetched_from not in ("same-origin", "none"):
-        return True
-    origin = request.headers.get("origin")
-    if origin is None:
-        return False
-    sent = _host(origin)
-    ours = {request.url.hostname.lower() if request.url.hostname else None}
-    if public_url:
-        ours.add(_host(public_url))
-    return sent is None or sent not in ours
 
 
 @router.post("/login")

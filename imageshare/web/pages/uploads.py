@@ -45,10 +45,15 @@ from imageshare.sharing.links import NewShare
 from imageshare.storage.files import owned_prefix
 from imageshare.uploads.invitations import Invitation, UploadRequest
 from imageshare.uploads.receiving import UploadFile
-from imageshare.web.auth import UPLOAD_COOKIE, allowed, client_address, resolve_actor
+from imageshare.web.auth import (
+    UPLOAD_COOKIE,
+    allowed,
+    client_address,
+    from_another_site,
+    resolve_actor,
+)
 from imageshare.web.deps import Archive, ArchiveDep
 from imageshare.web.pages.shares import made_once
-from imageshare.web.pages.sign_in import from_another_site
 from imageshare.web.pages.templating import page, redirect
 from imageshare.web.params import RowId
 from imageshare.web.problems import TUS_VERSION
