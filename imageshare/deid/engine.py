@@ -552,14 +552,10 @@ def single_byte_texts(data: bytes) -> list[str]:
     """``data`` (stored text) read in each of :data:`SINGLE_BYTE_ENCODINGS`, the readings
     that differ. None when ``data`` is 7-bit (the same in every one of them) or valid UTF-8
     beyond ASCII (text in those code pages never is: it was written in UTF-8)."""
-    if data.isascii():
+    if data.isascii() or _is_utf8(data):
         return []
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return list(dict.fromkeys(data.decode(encoding, "ignore")
-                                  for encoding in SINGLE_BYTE_ENCODINGS))
-    return []
+    return list(dict.fromkeys(data.decode(encoding, "ignore")
+                              for encoding in SINGLE_BYTE_ENCODINGS))
 
 
 @lru_cache(maxsize=256)
@@ -584,10 +580,10 @@ def single_byte_forms(identifiers: tuple[str, ...]) -> Mapping[bytes, tuple[str,
 
 def _declares_utf8(ds: Dataset) -> bool:
     """True when ``ds`` (or the data set its item belongs to) is read as UTF-8."""
-    charset = getattr(ds, "_character_set", None) or ()
+    charset = getattr(ds, "_character_set", None) or ()  # Python codec names (pydicom's)
     names = [charset] if isinstance(charset, str) else list(charset)
-    return any(str(name).strip().upper() == "ISO_IR 192" or str(name).lower() in (
-        "utf_8", "utf-8", "utf8") for name in names)
+    return any(str(name).lower().replace("-", "").replace("_", "") == "utf8"
+               for name in names)
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -711,8 +707,7 @@ class AttributeCleaner:
             _dates_of(ds, dates)
         return PatientContext(key, self.pseudonyms.patient_id(key),
                               self.pseudonyms.date_offset(key), everyone, patient,
-                              frozenset(dates), single_byte_forms(tuple(sorted(
-                                  ident for ident in everyone.raw if not ident.isascii()))))
+                              frozenset(dates), single_byte_forms(tuple(everyone.raw)))
 
     def apply(self, ds: Dataset, ctx: PatientContext | None = None) -> InstanceReport:
         """De-identify ``ds`` in place (not its pixels); returns what was done."""

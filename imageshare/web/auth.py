@@ -131,8 +131,8 @@ def resolve_actor(request: Request) -> Actor:
                 actor=Actor("anonymous", "", source=source, registered=False),
                 action="session.token", outcome="failure",
                 detail={"route": _route_template(request)}))
-    elif not header and session_secret(request):
-        session = archive.sessions.find(session_secret(request), source)
+    elif not header and (secret := session_secret(request)):
+        session = archive.sessions.find(secret, source)
         if session is not None:
             request.state.channel = SESSION
             request.state.session = session
