@@ -25,6 +25,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -395,15 +396,28 @@ CONFIRM_SECONDS = 0.05
 
 
 def _closed(sock: ssl.SSLSocket, wait: float) -> bool:
-    """Whether the repository closed (or reset) the connection: it never writes to us, so
-    anything readable within ``wait`` seconds is its close."""
-    try:
-        readable, _, _ = select.select([sock], [], [], wait)
-    except (OSError, ValueError):
-        return True
-    if not readable:
-        return False
-    # Readable may also be TLS records that carry no data (TLS 1.3 session tickets).
+    """Whether the repository closed (or reset) the connection within ``wait`` seconds. It
+    never writes to us, so a readable socket is its close, or a TLS record that carries no
+    data (TLS 1.3 session tickets, sent just after a new connection's handshake): such a
+    record is read and the wait goes on to its end, or a close seen after it would count the
+    batch as delivered."""
+    deadline = time.monotonic() + wait
+    while True:
+        remaining = max(0.0, deadline - time.monotonic())
+        try:
+            readable, _, _ = select.select([sock], [], [], remaining)
+        except (OSError, ValueError):
+            return True
+        if not readable:
+            return False
+        if _read_closed(sock):
+            return True
+        if remaining <= 0:
+            return False
+
+
+def _read_closed(sock: ssl.SSLSocket) -> bool:
+    """Read what made ``sock`` readable without blocking: True if it was the close."""
     timeout = sock.gettimeout()
     sock.setblocking(False)
     try:
