@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-certificate", help="PEM certificate for HTTPS and DICOM TLS")
     serve.add_argument("--tls-private-key", help="PEM private key of the certificate")
     serve.add_argument("--tls-ca-file", help="PEM authorities trusted for peers")
+    serve.add_argument("--tls-crl-file",
+                       help="PEM revocation lists of those authorities (DICOM TLS peers)")
 
     user = sub.add_parser("user", help="manage user accounts").add_subparsers(
         dest="action", required=True
@@ -355,6 +357,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "tls_certificate": getattr(args, "tls_certificate", None),
         "tls_private_key": getattr(args, "tls_private_key", None),
         "tls_ca_file": getattr(args, "tls_ca_file", None),
+        "tls_crl_file": getattr(args, "tls_crl_file", None),
     }
     return load_settings(overrides, config_file=getattr(args, "config", None))
 

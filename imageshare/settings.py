@@ -266,6 +266,11 @@ class Settings:
         "certificates, remote DICOM TLS nodes and DICOMweb sites over https (besides the "
         "system's own)."
     )
+    tls_crl_file: str = _setting(
+        "", "PEM file of the certificate revocation lists of the authorities in tls_ca_file: "
+        "a DICOM TLS peer whose client certificate is revoked is refused (each authority that "
+        "signs peers needs its current list here). Read again when the file changes."
+    )
     dicom_proxy_protocol: bool = _setting(
         False, "The DICOM ports sit behind a TCP load balancer sending the PROXY protocol "
         "(HAProxy send-proxy / send-proxy-v2) from the trusted_proxies addresses: each "

@@ -5,16 +5,23 @@ the AEAD cipher suites RFC 9325 recommends; TLS 1.3 suites are all AEAD).
 The server's certificate and key (``tls_certificate``, ``tls_private_key``) serve HTTPS and
 the DICOM TLS port and are shown as client certificate to remote DICOM TLS nodes; the
 authorities in ``tls_ca_file`` are trusted for peers (DICOM TLS client certificates, remote
-nodes, DICOMweb sites over https, besides the system's own).
+nodes, DICOMweb sites over https, besides the system's own). The revocation lists in
+``tls_crl_file`` are checked for the client certificates of DICOM TLS peers, and read again
+at the next handshake after the file changed.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
+import os
 import ssl
 import stat
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -22,6 +29,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from imageshare.domain.errors import ConfigurationError
 from imageshare.settings import Settings
+
+log = logging.getLogger(__name__)
 
 BCP195_CIPHERS = ":".join((
     "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
@@ -95,7 +104,7 @@ def check_tls_settings(settings: Settings) -> None:
     authorities to check them, a ``tls_ca_file`` without authorities."""
     if bool(settings.tls_certificate) != bool(settings.tls_private_key):
         raise ConfigurationError("set both tls_certificate and tls_private_key, or neither")
-    for name in ("tls_certificate", "tls_private_key", "tls_ca_file"):
+    for name in ("tls_certificate", "tls_private_key", "tls_ca_file", "tls_crl_file"):
         value = getattr(settings, name)
         if value and not Path(value).is_file():
             raise ConfigurationError(f"{name}: no such file {value}")
@@ -106,6 +115,12 @@ def check_tls_settings(settings: Settings) -> None:
         raise ConfigurationError(
             "dicom_tls_require_client_certificate needs tls_ca_file (the authorities that sign "
             "the peers' certificates); or set it to false")
+    if settings.tls_crl_file:
+        if not settings.tls_ca_file:
+            raise ConfigurationError(
+                "tls_crl_file needs tls_ca_file (the authorities whose revocation lists it "
+                "holds)")
+        _check_revocation_lists(Path(settings.tls_crl_file), Path(settings.tls_ca_file))
     if settings.tls_ca_file:
         try:
             ssl.create_default_context(cafile=settings.tls_ca_file)
@@ -132,7 +147,157 @@ def server_context(settings: Settings, require_client_certificate: bool) -> ssl.
         context.load_verify_locations(cafile=settings.tls_ca_file)
     if require_client_certificate:
         context.verify_mode = ssl.CERT_REQUIRED
+        if settings.tls_crl_file:
+            _RevocationLists(Path(settings.tls_crl_file)).check_with(context)
     return context
+
+
+# -- revocation lists ---------------------------------------------------------------------------
+
+_CRL_BEGIN = b"-----BEGIN X509 CRL-----"
+_CRL_END = b"-----END X509 CRL-----"
+
+
+@dataclass(frozen=True)
+class RevocationList:
+    """One authority's list as read from ``tls_crl_file``."""
+
+    issuer: str
+    next_update: datetime.datetime | None
+    crl: x509.CertificateRevocationList
+
+
+def _issuer_name(name: x509.Name) -> str:
+    common = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(common[0].value) if common else name.rfc4514_string()
+
+
+def read_revocation_lists(path: Path) -> list[RevocationList]:
+    """The revocation lists in the PEM file ``path``; ConfigurationError if it cannot be read
+    or holds none, or one of them is damaged."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"tls_crl_file cannot be read ({exc.__class__.__name__})"
+                                 ) from exc
+    lists: list[RevocationList] = []
+    start = data.find(_CRL_BEGIN)
+    while start >= 0:
+        end = data.find(_CRL_END, start)
+        if end < 0:
+            raise ConfigurationError("tls_crl_file: a revocation list is cut short")
+        try:
+            crl = x509.load_pem_x509_crl(data[start:end + len(_CRL_END)])
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"tls_crl_file: revocation list {len(lists) + 1} is damaged") from exc
+        lists.append(RevocationList(_issuer_name(crl.issuer), crl.next_update_utc, crl))
+        start = data.find(_CRL_BEGIN, end)
+    if not lists:
+        raise ConfigurationError("tls_crl_file holds no revocation list (PEM, "
+                                 "-----BEGIN X509 CRL-----)")
+    return lists
+
+
+def _authorities(path: Path) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError):
+        return []  # refused with its own reason by check_tls_settings
+
+
+def _check_revocation_lists(path: Path, authorities_file: Path) -> None:
+    """Refuse a revocation list that no authority in ``tls_ca_file`` signed, or whose time
+    is over: with it, every peer of that authority would be refused."""
+    now = datetime.datetime.now(datetime.UTC)
+    authorities = _authorities(authorities_file)
+    for entry in read_revocation_lists(path):
+        signers = [a for a in authorities if a.subject == entry.crl.issuer]
+        if not any(_signed_by(entry.crl, a) for a in signers):
+            raise ConfigurationError(
+                f"tls_crl_file: the revocation list of {entry.issuer!r} is not signed by an "
+                "authority in tls_ca_file")
+        if entry.next_update is not None and entry.next_update < now:
+            raise ConfigurationError(
+                f"tls_crl_file: the revocation list of {entry.issuer!r} was due to be renewed "
+                f"on {entry.next_update:%Y-%m-%d %H:%M} UTC; DICOM TLS peers of that "
+                "authority would all be refused: install its current list")
+
+
+def _signed_by(crl: x509.CertificateRevocationList, authority: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(authority.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return (status.st_mtime_ns, status.st_size, status.st_ino)
+
+
+class _RevocationLists:
+    """The revocation lists a server context checks client certificates against: loaded
+    into it at the first handshake after ``tls_crl_file`` changed (OpenSSL then uses the
+    newest list of each authority). A list whose time is over makes OpenSSL refuse that
+    authority's peers; that is said in the log, once per list."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._due: list[RevocationList] = []
+        self._said_over: set[tuple[str, datetime.datetime]] = set()
+        self._lock = threading.Lock()
+
+    def check_with(self, context: ssl.SSLContext) -> None:
+        """Check client certificates of ``context`` against the lists, kept current."""
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        self._load(context)
+        context.sni_callback = self._at_handshake
+
+    def _at_handshake(self, _sock: Any, _server_name: str | None,
+                      context: ssl.SSLContext) -> None:
+        self._load(context)
+        now = datetime.datetime.now(datetime.UTC)
+        for entry in self._due:
+            if entry.next_update is not None and entry.next_update < now:
+                said = (entry.issuer, entry.next_update)
+                if said not in self._said_over:
+                    self._said_over.add(said)
+                    log.error("tls_crl_file: the revocation list of %r was due to be renewed "
+                              "on %s UTC; DICOM TLS peers of that authority are refused "
+                              "until its current list is in tls_crl_file", entry.issuer,
+                              f"{entry.next_update:%Y-%m-%d %H:%M}")
+
+    def _load(self, context: ssl.SSLContext) -> None:
+        stamp = _file_stamp(self.path)
+        if stamp is None or stamp == self._stamp:
+            return
+        with self._lock:
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp
+            try:
+                lists = read_revocation_lists(self.path)
+                context.load_verify_locations(cafile=str(self.path))
+            except (ConfigurationError, ssl.SSLError, OSError) as exc:
+                if not self._due:
+                    raise ConfigurationError(f"tls_crl_file cannot be used: {exc}") from exc
+                log.error("tls_crl_file changed but cannot be read (%s); the revocation lists "
+                          "read before stay in force", exc)
+                return
+            # the newest list of each authority is the one OpenSSL checks against
+            newest: dict[str, RevocationList] = {e.issuer: e for e in self._due}
+            for entry in lists:
+                known = newest.get(entry.issuer)
+                if known is None or entry.crl.last_update_utc >= known.crl.last_update_utc:
+                    newest[entry.issuer] = entry
+            self._due = list(newest.values())
+            log.info("tls_crl_file: revocation lists of %d authorities in force",
+                     len(self._due))
 
 
 def dicom_server_context(settings: Settings) -> ssl.SSLContext | None:
@@ -168,8 +333,9 @@ EXPIRY_WARNING_DAYS = 14
 
 
 def exposure_warnings(settings: Settings) -> list[str]:
-    """What listens beyond this machine without TLS, a private key others can read, and a
-    certificate that expires within :data:`EXPIRY_WARNING_DAYS` (said at start)."""
+    """What listens beyond this machine without TLS, a private key others can read, a
+    certificate that expires within :data:`EXPIRY_WARNING_DAYS` and a revocation list due
+    within a day (said at start)."""
     warnings = []
     if not _loopback(settings.http_host) and not https_enabled(settings):
         warnings.append(
@@ -191,6 +357,18 @@ def exposure_warnings(settings: Settings) -> list[str]:
             warnings.append(
                 "tls_private_key can be read or changed by other users of this machine: "
                 "make it readable by this service only (chmod 600).")
+    if settings.tls_crl_file:
+        try:
+            lists = read_revocation_lists(Path(settings.tls_crl_file))
+        except ConfigurationError:  # refused by check_tls_settings
+            lists = []
+        soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)
+        for entry in lists:
+            if entry.next_update is not None and entry.next_update < soon:
+                warnings.append(
+                    f"tls_crl_file: the revocation list of {entry.issuer!r} is due to be "
+                    f"renewed on {entry.next_update:%Y-%m-%d %H:%M} UTC; DICOM TLS peers of "
+                    "that authority are refused from then until its current list is there.")
     if settings.tls_certificate:
         try:
             ends = x509.load_pem_x509_certificate(
