@@ -15,7 +15,9 @@ encoding than the file declares (a name typed in Windows-1251, KOI8-R or UTF-8 i
 declaring ISO 8859-5) is cleaned in that reading. File meta elements (group 0002) are not
 allowed in a data set (PS3.10): found there or in a sequence item, they are removed; of the file
 meta group, only what says what the file is and how it is encoded is kept. A report's birth
-date (Subject Birth Date) is replaced by a dummy under every option, as the header's is.
+date (Subject Birth Date) is replaced by a dummy under every option, as the header's is; so
+is the text of its observer, subject and participant context (an organisation, a login, a
+device name), unless an option keeps that identity.
 
 Coded entries are judged as a whole: a code item is kept only when it is a code of the
 standard's context groups (and then carries the standard's meaning); codes of private or local
@@ -172,6 +174,28 @@ BIRTH_DATE_CONCEPTS = frozenset({("DCM", "121031"), ("SCT", "184099003"),
                                  ("SRT", "184099003"), ("LN", "21112-8")})
 _CONCEPT_NAME = 0x0040A043
 _BIRTH_DATE_VALUES = (0x0040A121, 0x0040A120)  # Date, DateTime
+# Concepts of report content items whose text says who someone is, where they work or which
+# device made the report (TID 1003 Person Observer, TID 1004 Device Observer, TID 1007
+# Subject, TID 1020/1021 Person and Device Participant of dose reports, specimen identifiers),
+# with the option that keeps each (None: none does). A person's login or ID, or an
+# organisation named by no header attribute, is found by no identity check: when Clean
+# Structured Content keeps the report's text, theirs is replaced by a dummy.
+IDENTIFYING_CONCEPTS: Mapping[tuple[str, str], str | None] = MappingProxyType({
+    ("DCM", "128774"): None,  # Person Observer's Login Name
+    ("DCM", "121030"): None,  # Subject ID
+    ("DCM", "113871"): None,  # Person ID
+    ("DCM", "121041"): None,  # Specimen Identifier
+    ("DCM", "111705"): None,  # Parent Specimen Identifier
+    ("DCM", "121009"): "retain_institution_identity",  # Person Observer's Organization Name
+    ("DCM", "113872"): "retain_institution_identity",  # Person ID Issuer
+    ("DCM", "113873"): "retain_institution_identity",  # Organization Name
+    ("DCM", "121017"): "retain_institution_identity",  # Device Observer Physical Location
+    ("DCM", "121013"): "retain_device_identity",  # Device Observer Name
+    ("DCM", "121016"): "retain_device_identity",  # Device Observer Serial Number
+    ("DCM", "113877"): "retain_device_identity",  # Device Name
+    ("DCM", "113880"): "retain_device_identity",  # Device Serial Number
+})
+_TEXT_VALUE = 0x0040A160
 # File meta elements a copy keeps (PS3.10 7.1: those that say what the file is and how it is
 # encoded; the group length is worked out again when the file is written).
 _KEPT_FILE_META = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010,
@@ -755,7 +779,9 @@ class AttributeCleaner:
         """De-identify the attributes of ``ds`` (the top level, or an item of the sequence
         ``parent``) and of its sequences' items."""
         private_groups_kept: dict[tuple[int, int], bool] = {}
-        birth_date = not top and _CONCEPT_NAME in ds and _holds_birth_date(ds)
+        concept = not top and _CONCEPT_NAME in ds
+        birth_date = concept and _holds_birth_date(ds)
+        identifying = concept and _TEXT_VALUE in ds and self._identifying(ds)
         code_item = not top and any(t in ds for t in _CODE_VALUE_TAGS)
         if code_item:
             self._code_item(ds, report, person, trusted)
@@ -827,8 +853,20 @@ class AttributeCleaner:
                 if value_tag in ds and ds[value_tag].value:
                     ds[value_tag].value = _dummy(ds[value_tag].VR, ds[value_tag])
                     report.dates_replaced += 1
+        if identifying and _more_than_a_label(ds[_TEXT_VALUE].value):
+            ds[_TEXT_VALUE].value = _dummy("UT", ds[_TEXT_VALUE])
+            report.text_cleaned += 1
         if top:
             self._drop_overlays_without_data(ds)
+
+    def _identifying(self, item: Dataset) -> bool:
+        """True when ``item`` is a report content item whose concept is one of
+        :data:`IDENTIFYING_CONCEPTS` and the profile has no option that keeps it."""
+        for scheme, value in _concepts_of(item):
+            if (scheme, value) in IDENTIFYING_CONCEPTS:
+                option = IDENTIFYING_CONCEPTS[(scheme, value)]
+                return option is None or not self.profile.has(option)
+        return False
 
     @staticmethod
     def _reread(ds: Dataset, tag: BaseTag, stored: Any, ctx: PatientContext) -> None:
@@ -1177,19 +1215,28 @@ class AttributeCleaner:
             ds[tag] = raw.get_item(tag)
 
 
-def _holds_birth_date(item: Dataset) -> bool:
-    """True when ``item`` is a report content item whose concept is the birth date (see
-    :data:`BIRTH_DATE_CONCEPTS`)."""
+def _concepts_of(item: Dataset) -> list[tuple[str, str]]:
+    """The (scheme, code value) of the concept names of ``item`` (none if unreadable)."""
     try:
         concepts = item[_CONCEPT_NAME].value or []
     except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError):
-        return False
-    for concept in concepts if isinstance(concepts, Sequence) else []:
-        scheme = str(concept.get("CodingSchemeDesignator", "") or "").strip()
-        value = str(concept.get("CodeValue", "") or "").strip()
-        if (scheme, value) in BIRTH_DATE_CONCEPTS:
-            return True
-    return False
+        return []
+    return [(str(concept.get("CodingSchemeDesignator", "") or "").strip(),
+             str(concept.get("CodeValue", "") or "").strip())
+            for concept in (concepts if isinstance(concepts, Sequence) else [])]
+
+
+def _more_than_a_label(value: Any) -> bool:
+    """True when ``value`` has more than two letters or digits: a twin's Subject ID ``A`` or
+    ``2`` (TID 1008) says which fetus, not who anyone is, and is kept."""
+    text = value.decode("latin-1") if isinstance(value, bytes | bytearray) else str(value or "")
+    return sum(c.isalnum() for c in text) > 2
+
+
+def _holds_birth_date(item: Dataset) -> bool:
+    """True when ``item`` is a report content item whose concept is the birth date (see
+    :data:`BIRTH_DATE_CONCEPTS`)."""
+    return any(code in BIRTH_DATE_CONCEPTS for code in _concepts_of(item))
 
 
 def _is_number(text: str) -> bool:

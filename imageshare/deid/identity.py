@@ -764,7 +764,27 @@ _PATIENT_TEXT = ("PatientID", "OtherPatientIDs", "PatientAddress", "PatientTelep
                  "MedicalRecordLocator", "AdmissionID")
 _DATE_FORMS: dict[str, frozenset[str]] = {}
 _COLLECTED_VRS = {"SQ", "PN", "LO", "SH", "ST", "LT", "UT", "UC"}
+# Concepts (DCM code values) of report content items whose text is someone's login or ID
+# (TID 1003, 1007, 1020) or an organisation's name (TID 1003, 1020): collected like the
+# header's IDs and institution names, so that the report's other text and the descriptions
+# are cleaned of them too.
+_PERSON_CONCEPTS = frozenset({"128774", "121030", "113871"})
+_ORGANISATION_CONCEPTS = frozenset({"121009", "113873"})
+_TEXT_VALUE = BaseTag(0x0040A160)
 _MISFILED_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}
+
+
+def _names_in_report(item: Dataset, keep_institution: bool) -> bool:
+    """True when ``item`` is a report content item whose text is a login, an ID or (unless
+    the institution's identity is kept) an organisation (see :data:`_PERSON_CONCEPTS`)."""
+    try:
+        concepts = item.get("ConceptNameCodeSequence") or []
+        codes = [(str(c.get("CodingSchemeDesignator", "") or "").strip(),
+                  str(c.get("CodeValue", "") or "").strip()) for c in concepts]
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        return False
+    return any(scheme == "DCM" and (value in _PERSON_CONCEPTS or (
+        not keep_institution and value in _ORGANISATION_CONCEPTS)) for scheme, value in codes)
 
 
 def _misfiled_text(value: Any) -> Any:
@@ -875,6 +895,9 @@ def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
                 found.text(v)
                 if patient is not None and keyword in _PATIENT_TEXT:
                     patient.text(v)
+        elif tag == _TEXT_VALUE and depth and _names_in_report(ds, keep_institution):
+            for v in values_of(_text_value(ds, tag, vr)):
+                found.text(v)
         elif person_context and keyword in ("CodeValue", "CodeMeaning", "LongCodeValue"):
             for v in values_of(_text_value(ds, tag, vr)):
                 found.text(v)

@@ -65,8 +65,12 @@ class Pseudonyms:
 
 
 def shift_date(value: str, offset: timedelta) -> str | None:
-    """A DA value moved by ``offset``; None when it is not a full date."""
+    """A DA value moved by ``offset``; None when it is not a full date. A date in the
+    ACR-NEMA form (``2024.03.15``, which PS3.5 asks readers to accept) comes back as DICOM
+    writes it (``YYYYMMDD``)."""
     text = value.strip()
+    if len(text) == 10 and text[4] == text[7] == ".":
+        text = text.replace(".", "")
     try:
         day = datetime.strptime(text[:8], "%Y%m%d").date() if len(text) >= 8 else None
     except ValueError:
@@ -77,9 +81,19 @@ def shift_date(value: str, offset: timedelta) -> str | None:
 
 
 def shift_datetime(value: str, offset: timedelta) -> str | None:
-    """A DT value whose date part moves by ``offset`` (time and zone kept); None if the date
-    part is not complete."""
+    """A DT value whose date part moves by ``offset`` (time and zone kept). A year or a
+    month alone (``YYYY``, ``YYYYMM``, with or without a zone: PS3.5 lets a DT stop at any
+    component) moves as the middle of its year or month does and keeps its precision. None
+    if the date part cannot be read."""
     text = value.strip()
+    digits = len(text) - len(text.lstrip("0123456789"))
+    if digits in (4, 6):
+        zone = text[digits:]
+        if zone and not (len(zone) == 5 and zone[0] in "+-" and zone[1:].isdigit()):
+            return None
+        middle = text[:4] + "0701" if digits == 4 else text[:6] + "15"
+        shifted = shift_date(middle, offset)
+        return None if shifted is None else shifted[:digits] + zone
     shifted = shift_date(text[:8], offset)
     if shifted is None:
         return None

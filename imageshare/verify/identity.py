@@ -777,6 +777,12 @@ class SourceIdentity:
             if written_otherwise and listed is not None:
                 vr = listed
             keyword = keyword_for_tag(tag)
+            if tag == _TEXT_VALUE and depth:
+                kind = _report_identifier(ds, KEEP_INSTITUTION in self.keep)
+                if kind:
+                    for v in _values(_as_text(ds[tag].value)):
+                        self._text(kind, v)
+                continue
             if not _worth_reading(vr, keyword, context):
                 continue
             if vr == "SQ":
@@ -1019,6 +1025,29 @@ def _uid_like(text: str) -> Iterator[str]:
 
 
 _ALWAYS_READ = {"SQ", "PN", "UI", "DA", "DT", "TM"}
+# Report content items (DCM concepts) whose text is a login or an ID of someone (TID 1003
+# Person Observer's Login Name, TID 1007 Subject ID, TID 1020 Person ID) or an organisation
+# (TID 1003, TID 1020): looked for in the output like the header's IDs and institutions.
+_REPORT_IDENTIFIERS = {"128774": "login or ID in a report", "121030": "login or ID in a report",
+                       "113871": "login or ID in a report", "121009": "institution",
+                       "113873": "institution"}
+_TEXT_VALUE = 0x0040A160
+
+
+def _report_identifier(item: Dataset, institution_kept: bool) -> str:
+    """The kind of identifier the text of the report content item ``item`` is (see
+    :data:`_REPORT_IDENTIFIERS`; institutions not when ``institution_kept``), or ""."""
+    try:
+        concepts = item.get("ConceptNameCodeSequence") or []
+        for concept in concepts:
+            if str(concept.get("CodingSchemeDesignator", "") or "").strip() != "DCM":
+                continue
+            kind = _REPORT_IDENTIFIERS.get(str(concept.get("CodeValue", "") or "").strip(), "")
+            if kind and not (institution_kept and kind == "institution"):
+                return kind
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        return ""
+    return ""
 # VRs of text: a value the dictionary gives one of these is read as text whatever VR it was
 # written with.
 _TEXT_KINDS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}

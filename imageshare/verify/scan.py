@@ -2,7 +2,8 @@
 
 A DICOM output is read three ways: every element value at any depth (standard, private, UN, SR
 content, overlay and graphic text; identifiers split across elements too; each in the character
-set its item declares, and a report's birth date, moved or not, is a finding), its raw bytes
+set its item declares; a report's birth date, moved or not, and any text of a report's
+observer, subject or participant context that is not a placeholder are findings), its raw bytes
 (preamble, file meta, header, encapsulated fragments' headers, anything after the pixel data;
 not the pixel samples themselves, though anything but zeros after a native image's samples and
 a basic offset table holding anything but its frames' offsets are findings), and with OCR its
@@ -47,6 +48,8 @@ from imageshare.verify.codes import (
 from imageshare.verify.identity import (
     DUMMY_TEMPORAL,
     KEEP_DATES,
+    KEEP_DEVICE,
+    KEEP_INSTITUTION,
     KEEP_TIMES,
     SINGLE_BYTE_ENCODINGS,
     SourceIdentity,
@@ -359,6 +362,8 @@ class Verifier:
                 findings.append(Finding(name, kind, "split across the values of two elements"))
         findings += [Finding(name, _BIRTH_DATE_ITEM, element.where + rawdicom.label(element.tag))
                      for element in _birth_dates_left(raw.elements)]
+        findings += [Finding(name, _IDENTITY_ITEM, element.where + rawdicom.label(element.tag))
+                     for element in _identity_texts_left(raw.elements, identity.keep)]
         self._raw_documents(raw, identity, name, findings)
         wants_ocr = self.ocr == OCR_ALWAYS or (self.ocr == OCR_AUTO and (
             text_prone or _raw_text_prone(raw)))
@@ -491,6 +496,8 @@ class Verifier:
         standard = depth > 0 and _standard_item(ds)
         if depth > 0 and _birth_date_item(ds):
             findings.append(Finding(name, _BIRTH_DATE_ITEM, where.removesuffix(" > ")))
+        if depth > 0 and _identity_item(ds, identity.keep):
+            findings.append(Finding(name, _IDENTITY_ITEM, where.removesuffix(" > ")))
         for tag in list(ds.keys()):
             tag = BaseTag(tag)
             if standard and tag in CODE_TAGS:
@@ -889,6 +896,22 @@ _BIRTH_DATE_CONCEPTS = frozenset({("DCM", "121031"), ("SCT", "184099003"),
 _CONCEPT_NAME = 0x0040A043
 _BIRTH_DATE_VALUES = (0x0040A121, 0x0040A120)  # Date, DateTime
 _BIRTH_DATE_ITEM = "birth date in a report (moved or not)"
+# Concepts (DCM codes) of report content items whose text says who someone is, where they work
+# or which device made the report: TID 1003 Person Observer (login, organisation), TID 1004
+# Device Observer (name, serial number, location), TID 1007 Subject ID, TID 1020/1021 Person
+# and Device Participant (ID, issuer, organisation, device name and serial number), specimen
+# identifiers; with what a profile may keep of them (None: nothing). Such text is a finding
+# unless it is a placeholder, whether or not it holds an identifier of the source: a login or
+# an organisation is often named nowhere else.
+_IDENTITY_CONCEPTS: dict[str, str | None] = {
+    "128774": None, "121030": None, "113871": None, "121041": None, "111705": None,
+    "121009": KEEP_INSTITUTION, "113872": KEEP_INSTITUTION, "113873": KEEP_INSTITUTION,
+    "121017": KEEP_INSTITUTION, "121013": KEEP_DEVICE, "121016": KEEP_DEVICE,
+    "113877": KEEP_DEVICE, "113880": KEEP_DEVICE,
+}
+_TEXT_VALUE = 0x0040A160
+_PLACEHOLDER_TEXTS = frozenset({"", "ANONYMOUS", "ANON", "REMOVED", "UNKNOWN", "*"})
+_IDENTITY_ITEM = "identifying text in a report (an observer, subject, organisation or device)"
 
 
 def _other_readings(data: bytes, read: str) -> list[str]:
@@ -1011,6 +1034,55 @@ def _birth_dates_left(elements: list[rawdicom.RawElement]) -> list[rawdicom.RawE
         if (code.get(CODING_SCHEME, ""), code.get(CODE_VALUE, "")) in _BIRTH_DATE_CONCEPTS:
             left.append(element)
     return left
+
+
+def _identity_texts_left(elements: list[rawdicom.RawElement], keep: frozenset[str]
+                         ) -> list[rawdicom.RawElement]:
+    """The text values of report content items whose concept is one of
+    :data:`_IDENTITY_CONCEPTS` (and not kept by ``keep``) that are not a placeholder."""
+    concepts: dict[tuple[int, ...], dict[int, str]] = {}
+    texts: list[rawdicom.RawElement] = []
+    for element in elements:
+        path, tag = element.path, element.tag
+        if len(path) >= 3 and path[-3] == _CONCEPT_NAME and tag in (CODE_VALUE, CODING_SCHEME):
+            concepts.setdefault(path[:-3], {})[tag] = _stripped(element.value)
+        elif tag == _TEXT_VALUE and len(path) > 1 and _not_placeholder(element.value):
+            texts.append(element)
+    return [element for element in texts
+            if _identity_concept(concepts.get(element.path[:-1], {}).get(CODING_SCHEME, ""),
+                                 concepts.get(element.path[:-1], {}).get(CODE_VALUE, ""), keep)]
+
+
+def _not_placeholder(value: Any) -> bool:
+    """True when ``value`` (a text value, stored or read) is not a placeholder and has more
+    than two letters or digits (a fetus's ID ``A`` or ``2`` names no one)."""
+    text = value.decode("latin-1") if isinstance(value, bytes | bytearray) else str(value or "")
+    text = text.strip(" \0")
+    return text.upper() not in _PLACEHOLDER_TEXTS and sum(c.isalnum() for c in text) > 2
+
+
+def _identity_concept(scheme: str, value: str, keep: frozenset[str]) -> bool:
+    """True when the concept (``scheme``, ``value``) is one of :data:`_IDENTITY_CONCEPTS`
+    that ``keep`` does not keep."""
+    if scheme != "DCM" or value not in _IDENTITY_CONCEPTS:
+        return False
+    kept_by = _IDENTITY_CONCEPTS[value]
+    return kept_by is None or kept_by not in keep
+
+
+def _identity_item(ds: Dataset, keep: frozenset[str]) -> bool:
+    """True when ``ds`` (a sequence item) is a report content item of one of
+    :data:`_IDENTITY_CONCEPTS` (not kept by ``keep``) whose text is not a placeholder."""
+    if "TextValue" not in ds or "ConceptNameCodeSequence" not in ds:
+        return False
+    try:
+        concepts = ds.ConceptNameCodeSequence or []
+        return _not_placeholder(ds.TextValue) and any(
+            _identity_concept(str(c.get("CodingSchemeDesignator", "") or "").strip(),
+                              str(c.get("CodeValue", "") or "").strip(), keep)
+            for c in concepts)
+    except Exception:  # noqa: BLE001 - unreadable: its elements are read one by one instead
+        return False
 
 
 def _stripped(value: bytes) -> str:
