@@ -70,7 +70,7 @@ def _network() -> str:
     rows = [(_name(uid), f"`{uid}`", "SCP", ", ".join(_name(s) for s in LISTENER_SYNTAXES))
             for uid in SCP_SOP_CLASSES]
     rows.append(("Every storage SOP class (private ones too)", "any", "SCP",
-                 "the sender's first proposal, any transfer syntax; stored byte for byte"))
+                 "the sender's first proposal of a standard transfer syntax; stored byte for byte"))
     rows.append(("Every storage SOP class of the stored instances", "as stored",
                  "SCU (C-MOVE sub-operations)",
                  "the stored syntax, plus Explicit and Implicit VR Little Endian"))

@@ -74,7 +74,8 @@ MATCHING_RULES: tuple[MatchingRule, ...] = (
                  "`YYYY.MM.DD`), `HH`, `HHMM`, `HHMMSS`, `HHMMSS.FFFFFF`, partial date-times, "
                  "second 60 (a leap second)"),
     MatchingRule("Sequence", "SQ", "the attributes of the one query item must all match "
-                 "within one stored item"),
+                 "within one stored item; the answer holds the matching items only, each "
+                 "with the attributes the query item names"),
     MatchingRule("Combined date-time", "DA with TM",
                  "not offered: Study Date and Study Time are matched independently"),
 )

@@ -552,8 +552,10 @@ class QueryService:
 
 def _requested_items(stored: Any, key: dict[str, Any] | None) -> Any:
     """The stored element ``stored`` as a sequence key ``key`` asks for it (PS3.4 C.2.2.2.6):
-    each item with the attributes of the key's item only (those not stored with zero length),
-    nested sequences alike. A key with no item, or an empty one, asks for whole items."""
+    the items that match the key's item ("a sequence of matching Items"; every item when the
+    key's item matches universally), each with the attributes of the key's item only (those
+    not stored with zero length), nested sequences alike. A key with no item, or an empty
+    one, asks for whole items."""
     if not key or key.get("vr") != "SQ" or not isinstance(stored, dict) \
             or stored.get("vr") != "SQ":
         return stored
@@ -562,8 +564,9 @@ def _requested_items(stored: Any, key: dict[str, Any] | None) -> Any:
         return stored
     items = []
     for item in stored.get("Value") or []:
-        if not isinstance(item, dict):
-            continue
+        if not isinstance(item, dict) or not all(
+                json_matches(item.get(tag), inner) for tag, inner in wanted.items()):
+            continue  # an item that does not match is not one the key found
         items.append({
             tag: (_requested_items(item[tag], inner) if tag in item
                   else {"vr": inner.get("vr", "UN")})

@@ -32,7 +32,7 @@ from pynetdicom.sop_class import (
 )
 
 from imageshare import __version__
-from imageshare.archive.transcode import can_encode
+from imageshare.archive.transcode import can_encode, is_known_syntax
 
 MAX_CONTEXTS = 128
 # Who ImageShare is on the wire (A-ASSOCIATE-RQ/AC, PS3.7 D.3.3.2) and in the File Meta
@@ -64,11 +64,15 @@ STORAGE_SOP_CLASS_ARC = "1.2.840.10008.5.1.4.1.1."
 # offer (for the conformance statement).
 STORAGE_RECOGNITION = (
     "Storage: a proposed abstract syntax is taken as a storage SOP class (and accepted in the "
-    "sender's first transfer syntax) when it is a valid UID and either a standard storage SOP "
-    "class, a standard UID not known here under `1.2.840.10008.5.1.4.1.1` (the arc where PS3.6 "
-    "registers new storage SOP classes), or a private UID (outside `1.2.840.10008`: a private "
-    "storage SOP class cannot be told from other private UIDs, so every private UID is "
-    "accepted, and only C-STORE is served on it). Every other abstract syntax is rejected "
+    "first transfer syntax the sender proposes that is one of the standard's, under "
+    "`1.2.840.10008.1.2`; a context proposing only private transfer syntaxes is rejected with "
+    "result 4, transfer syntaxes not supported, as an instance sent in one could not be read) "
+    "when it is a valid UID and either a standard storage SOP class (retired and trial ones "
+    "too, such as the retired Ultrasound Image Storage `1.2.840.10008.5.1.4.1.1.6` older "
+    "scanners send), a standard UID not known here under `1.2.840.10008.5.1.4.1.1` (the arc "
+    "where PS3.6 registers new storage SOP classes), or a private UID (outside `1.2.840.10008`:"
+    " a private storage SOP class cannot be told from other private UIDs, so every private UID "
+    "is accepted, and only C-STORE is served on it). Every other abstract syntax is rejected "
     "with result 3, abstract syntax not supported: Modality Worklist, Modality Performed "
     "Procedure Step, Storage Commitment, Print, Instance Availability Notification, the "
     "query/retrieve models not listed above, non-patient objects (Hanging Protocol, Color "
@@ -91,7 +95,10 @@ def is_storage_sop_class(uid: str) -> bool:
         return True
     if service is not ServiceClass or not syntax.startswith(STORAGE_SOP_CLASS_ARC):
         return False  # another service (worklist, commitment, print, ...) or not storage
-    return not syntax.keyword or syntax.keyword.endswith("Storage")
+    # Retired and trial storage classes (pynetdicom serves them as no service at all):
+    # ``UltrasoundImageStorageRetired``, ``VLImageStorageTrial``, ...
+    keyword = syntax.keyword.removesuffix("Retired").removesuffix("Trial")
+    return not syntax.keyword or keyword.endswith("Storage")
 
 
 def negotiate_listener_contexts(
@@ -101,19 +108,22 @@ def negotiate_listener_contexts(
 ) -> tuple[list[PresentationContext], list[SCP_SCU_RoleSelectionNegotiation]]:
     """The listener's answer to proposed presentation contexts: the supported ones
     (verification, query/retrieve) negotiated as usual, every storage SOP class
-    (``is_storage_sop_class``) accepted in the sender's first transfer syntax, and every other
+    (``is_storage_sop_class``) accepted in the first transfer syntax of the standard the sender
+    proposed (result 4 when it proposed none: ``_readable_storage_contexts``), and every other
     abstract syntax rejected as not supported (result 3).
 
     It replaces pynetdicom's ``negotiate_unrestricted``, which takes every abstract syntax it
     has no name for (Modality Worklist FIND among them, made-up standard UIDs too) as storage.
     """
     supported = {str(cx.abstract_syntax) for cx in ac_contexts}
-    storage = [cx for cx in rq_contexts
-               if str(cx.abstract_syntax) not in supported
-               and is_storage_sop_class(str(cx.abstract_syntax))]
-    taken = {id(cx) for cx in storage}
+    proposed_storage = [cx for cx in rq_contexts
+                        if str(cx.abstract_syntax) not in supported
+                        and is_storage_sop_class(str(cx.abstract_syntax))]
+    taken = {id(cx) for cx in proposed_storage}
     others = [cx for cx in rq_contexts if id(cx) not in taken]
     results, replies = negotiate_as_acceptor(others, list(ac_contexts), roles)
+    storage, unreadable = _readable_storage_contexts(proposed_storage)
+    results += unreadable
     stored, stored_replies = negotiate_unrestricted(storage, [], roles)
     proposed = {cx.context_id: cx for cx in storage}
     for cx in stored:
@@ -122,6 +132,45 @@ def negotiate_listener_contexts(
             cx.transfer_syntax = [retrieval_syntax(proposed[cx.context_id].transfer_syntax)]
     return (sorted([*results, *stored], key=lambda cx: int(cx.context_id or 0)),
             sorted([*replies, *stored_replies], key=lambda item: str(item.sop_class_uid)))
+
+
+# Where PS3.6 registers transfer syntaxes: every one not named here (a newer one) encodes
+# its data set in Explicit VR Little Endian (PS3.5 A.4), so its header can be read.
+STANDARD_SYNTAX_ARC = "1.2.840.10008.1.2."
+
+
+def is_standard_syntax(uid: str) -> bool:
+    """Is ``uid`` a transfer syntax of the standard: one pydicom knows, or a newer one under
+    the standard's transfer syntax arc? Private syntaxes are not."""
+    if len(uid) > 64 or not RE_VALID_UID.match(uid):  # (checked before UID() warns)
+        return False
+    return uid.startswith(STANDARD_SYNTAX_ARC) or is_known_syntax(uid)
+
+
+def _readable_storage_contexts(
+    proposed: Sequence[PresentationContext],
+) -> tuple[list[PresentationContext], list[PresentationContext]]:
+    """The proposed storage contexts split into (copies holding only the transfer syntaxes
+    of the standard, in the sender's order; the contexts proposing none of those, rejected
+    with result 4, transfer syntaxes not supported). A sender proposing a private syntax
+    first (say GE's ``1.2.840.113619.5.2``) and Implicit VR Little Endian after it gets the
+    latter: in the private one, nothing it sent could be read."""
+    readable: list[PresentationContext] = []
+    rejected: list[PresentationContext] = []
+    for rq in proposed:
+        known: list[str | bytes | UID] = [
+            syntax for syntax in rq.transfer_syntax if is_standard_syntax(str(syntax))]
+        cx = PresentationContext()
+        cx.context_id = rq.context_id
+        cx.abstract_syntax = rq.abstract_syntax
+        if known:
+            cx.transfer_syntax = known
+            readable.append(cx)
+        else:
+            cx.transfer_syntax = list(rq.transfer_syntax[:1])
+            cx.result = 0x04
+            rejected.append(cx)
+    return readable, rejected
 
 
 def retrieval_syntax(proposed: Sequence[str]) -> UID:

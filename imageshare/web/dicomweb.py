@@ -210,6 +210,7 @@ def _element(tag: str, value: str) -> dict[str, Any]:
 def _identifier(request: Request, level: Level, fixed: dict[str, str]) -> tuple[dict, bool]:
     identifier: dict[str, Any] = {}
     return_all = False
+    nested: list[list[str]] = []  # includefield paths into a sequence (PS3.18 8.3.4.3)
     for name in _DEFAULTS.get(level, ()):
         tag = _tag(name)
         identifier[tag] = _element(tag, "")
@@ -220,7 +221,10 @@ def _identifier(request: Request, level: Level, fixed: dict[str, str]) -> tuple[
                     return_all = True
                 elif field.strip():
                     path = [_tag(p) for p in field.split(".")]
-                    identifier.setdefault(path[0], _element(path[0], ""))
+                    if len(path) > 1:
+                        nested.append(path)
+                    else:
+                        identifier.setdefault(path[0], _element(path[0], ""))
             continue
         if key in _RESERVED:
             continue
@@ -234,7 +238,22 @@ def _identifier(request: Request, level: Level, fixed: dict[str, str]) -> tuple[
             seq["Value"][0][path[-1]] = _element(path[-1], value)
     for tag, value in fixed.items():
         identifier[tag] = _element(tag, value)
+    for path in nested:
+        _include_nested(identifier, path)
     return identifier, return_all
+
+
+def _include_nested(identifier: dict[str, Any], path: list[str]) -> None:
+    """Ask for the attribute at ``path`` (a sequence's tag, then its item's) in the answer:
+    beside the attributes a matching key or another includefield names in that item; a
+    sequence asked for with an empty item (whole items) already holds it."""
+    sequence = identifier.get(path[0])
+    if sequence is None:
+        identifier[path[0]] = {"vr": "SQ", "Value": [{path[-1]: _element(path[-1], "")}]}
+        return
+    item = (sequence.get("Value") or [{}])[0]
+    if sequence.get("vr") == "SQ" and isinstance(item, dict) and item:
+        item.setdefault(path[-1], _element(path[-1], ""))
 
 
 def _int_param(request: Request, name: str, default: int | None) -> int | None:
@@ -1208,6 +1227,22 @@ def instance_thumbnail(
     _check_rendering(request, thumbnail=True)
     inst = _select(request, actor, "study.view", study, series, instance)[0]
     return _render(request, inst, max(1, (inst.number_of_frames + 1) // 2), thumbnail=True)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/thumbnail",
+    summary="WADO-RS: frame thumbnail",
+)
+def frame_thumbnail(
+    request: Request, study: str, series: str, instance: str, frame: str, actor: Reader
+) -> Response:
+    """A small rendering of the first frame of the list (PS3.18 10.4.1: the frames'
+    thumbnail is one image)."""
+    numbers = _frame_numbers(frame)
+    _check_rendering(request, thumbnail=True)
+    inst = _select(request, actor, "study.view", study, series, instance)[0]
+    _check_frame_count(numbers, inst)
+    return _render(request, inst, numbers[0], thumbnail=True)
 
 
 @router.get("/studies/{study}/series/{series}/thumbnail", summary="WADO-RS: series thumbnail")
