@@ -266,7 +266,8 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        "(its site, priority, note, contact and transfer).", INSTANCES_ACCESSED, "U",
        ("study", "node"), ("origin", "priority", "transfer")),
     _e("exchange.receipt", "A site's receipt for a study we sent arrived (accepted or "
-       "rejected, by whom, when).", INSTANCES_TRANSFERRED, "U", _STUDY + ("node",),
+       "rejected, by whom, when); a second one with another outcome is refused.",
+       INSTANCES_TRANSFERRED, "U", _STUDY + ("node",),
        ("site", "transfer", "receipt")),
     _e("inbox.read", "The inbox of received studies was listed.", INSTANCES_ACCESSED, "R"),
     _e("inbox.view", "A received study waiting in the inbox was viewed (before it was "
@@ -320,8 +321,9 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        SECURITY_ALERT, "E", ("patient",), ("issuer", "record"), SECURITY_ROLES_CHANGED),
     _e("patient.studies", "A patient looked at the list of their own studies (one event per "
        "patient record the list showed).", INSTANCES_ACCESSED, "R", ("patient",), ()),
-    _e("patient.download", "A patient downloaded their own study.", EXPORT, "R", _STUDY,
-       ("format",)),
+    _e("patient.download", "A patient downloaded their own study (or asked for a study not "
+       "of their own record: refused, with the reason).", EXPORT, "R", _STUDY,
+       ("format", "reason")),
     # Sign-in, accounts, tokens.
     _e("session.start", "A user signed in (or failed to).", USER_AUTHENTICATION, "E", (),
        ("stage",), LOGIN),

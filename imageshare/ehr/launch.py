@@ -30,7 +30,7 @@ from imageshare.access.users import UserDirectory
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor, cli_actor
 from imageshare.domain.errors import ImageShareError, NotFound
-from imageshare.storage.index.schema import ehr_systems, launch_nonces
+from imageshare.storage.index.schema import ehr_systems, launch_nonces, users
 from imageshare.storage.secret_box import SecretBox
 
 SIGNED_PARAMETERS = ("ehr", "user", "expires", "nonce")
@@ -195,4 +195,13 @@ class EhrLaunches:
         if account.role not in PERSON_ROLES:
             raise LaunchRefused("A launch link opens a person's account, not a machine's.",
                                 "machine")
+        with self._engine.connect() as conn:
+            temporary = conn.execute(select(users.c.must_change_password).where(
+                users.c.username == account.username)).scalar()
+        if temporary:
+            # A password an administrator gave (and saw) is changed before the account does
+            # anything else, on every channel (access.policy.effective_role): this one too.
+            raise LaunchRefused("This account must first choose its own password: sign in to "
+                                "ImageShare once with the password you were given, then open "
+                                "the images again from the record.", "password-change")
         return Actor("user", account.username, account.role, source)

@@ -426,9 +426,24 @@ class Transfers:
             at = at if at.tzinfo else at.replace(tzinfo=UTC)
         except ValueError:
             at = datetime.now(UTC)
-        self._update(transfer_id, receipt_outcome=outcome,
-                     receipt_by=str(body.get("by", ""))[:128], receipt_at=at,
-                     receipt_note=str(body.get("note", ""))[:2000])
+        # A receipt is given once (site messages are sent again when an answer was lost):
+        # the same one again changes nothing and tells nobody twice; another outcome
+        # afterwards (replayed, forged or mistaken) does not overturn what the sender was told.
+        with self._engine.begin() as conn:
+            taken = conn.execute(update(transfers).where(
+                transfers.c.public_id == transfer_id, transfers.c.receipt_outcome == "")
+                .values(updated_at=datetime.now(UTC), receipt_outcome=outcome,
+                        receipt_by=str(body.get("by", ""))[:128], receipt_at=at,
+                        receipt_note=str(body.get("note", ""))[:2000])).rowcount == 1
+        if not taken:
+            given = self.get(transfer_id).receipt_outcome
+            if given == outcome:
+                return self.get(transfer_id)
+            self._audit.record(AuditEvent(
+                actor=actor, action="exchange.receipt", outcome="refused",
+                study_uid=transfer.study_uid,
+                detail={"site": origin, "transfer": transfer_id, "receipt": outcome}))
+            raise ImageShareError(f"this transfer's receipt was given already: {given}")
         self._audit.record(AuditEvent(
             actor=actor, action="exchange.receipt", outcome="success",
             study_uid=transfer.study_uid,

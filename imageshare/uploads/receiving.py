@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import unicodedata
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -77,6 +78,11 @@ def _from_row(row: Any) -> UploadFile:
                       row["status"], row["round"], row["sop_uid"], row["outcome"])
 
 
+# Unicode text-direction controls (embeddings, overrides, isolates, marks): a name holding one
+# is shown in another order than it is written.
+_SPOOFING = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def safe_parts(path: str) -> list[str]:
     """The components of a path given by a browser (a folder's relative path or a file's
     name), checked to stay inside the upload; ImageShareError otherwise."""
@@ -87,6 +93,12 @@ def safe_parts(path: str) -> list[str]:
         if part in ("", ".", "..") or "\0" in part or len(part.encode()) > 255 or (
                 part.startswith(".") and part.strip(".") == ""):
             raise ImageShareError("the file's path is not allowed (it would leave the upload)")
+        if _SPOOFING & set(part) or any(unicodedata.category(c) == "Cc" for c in part):
+            # Shown to the staff who review the upload and written into the DICOM made of
+            # it: a line break, an escape (a DICOM character set switch) or a right-to-left
+            # override ("photo<RLO>gpj.exe" reads "photoexe.jpg") is no part of a real name.
+            raise ImageShareError("the file's name holds control or text-direction "
+                                  "characters: rename it and send it again")
     if parts[0].endswith(":"):
         raise ImageShareError("the file's path is not allowed (a drive name)")
     return parts

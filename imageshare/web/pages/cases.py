@@ -13,10 +13,11 @@ from imageshare.access.policy import CASE_MANAGE, SHARE_CREATE
 from imageshare.archive.attachments import MAX_ATTACHMENT
 from imageshare.archive.studies import StudyRecord
 from imageshare.deid.profiles import load_profiles
-from imageshare.domain.errors import ImageShareError
-from imageshare.sharing.cases import CaseItem
+from imageshare.domain.actors import Actor
+from imageshare.domain.errors import ImageShareError, NotFound
+from imageshare.sharing.cases import Case, CaseItem
 from imageshare.sharing.links import NewShare
-from imageshare.web.auth import allowed, authorise_also
+from imageshare.web.auth import allowed, authorise_also, refuse
 from imageshare.web.deps import Archive, ArchiveDep
 from imageshare.web.pages.shares import made_once, shown_link
 from imageshare.web.pages.templating import page, redirect
@@ -28,6 +29,15 @@ def profile_names(archive: Archive) -> list[str]:
     """The de-identification profiles a share can be made under."""
     configured = archive.settings.deid_profiles_file
     return sorted(load_profiles(Path(configured) if configured else None))
+
+
+def _mine(request: Request, archive: Archive, public_id: str, actor: Actor) -> Case:
+    """One of the caller's cases; another's, or none, is the same 404 ("no such case"),
+    audited as a refusal like every other (as for shares)."""
+    try:
+        return archive.cases.get(public_id, actor.name)
+    except NotFound as exc:
+        refuse(request, actor, CASE_MANAGE, exc)
 
 
 @router.get("/cases")
@@ -48,7 +58,7 @@ async def add_to_case(request: Request, archive: ArchiveDep, study_uid: str,
     """Put the study (or the ticked series) into an existing or a new case."""
     form = await request.form()
     series = [str(v) for v in form.getlist("series")][:500] or [""]
-    target = (archive.cases.get(case, actor.name) if case
+    target = (_mine(request, archive, case, actor) if case
               else archive.cases.create(actor, title or "New case", folder=folder))
     scope = archive.policy.study_scope(actor)
     for series_uid in series:
@@ -61,7 +71,7 @@ async def add_to_case(request: Request, archive: ArchiveDep, study_uid: str,
 def case_page(request: Request, archive: ArchiveDep,
               public_id: str, actor: allowed(CASE_MANAGE)) -> Response:
     """A case: its items, description, folder, files, and sharing it."""
-    case = archive.cases.get(public_id, actor.name)
+    case = _mine(request, archive, public_id, actor)
     items = archive.cases.items(case)
     records: dict[str, StudyRecord | None] = {}
     for item in items:
@@ -78,11 +88,12 @@ def case_page(request: Request, archive: ArchiveDep,
 
 
 @router.post("/cases/{public_id}")
-def update_case(archive: ArchiveDep, public_id: str, actor: allowed(CASE_MANAGE),
+def update_case(request: Request, archive: ArchiveDep, public_id: str,
+                actor: allowed(CASE_MANAGE),
                 title: Annotated[str, Form()], description: Annotated[str, Form()] = "",
                 folder: Annotated[str, Form()] = "") -> Response:
     """Rename, describe or refile the case."""
-    archive.cases.update(archive.cases.get(public_id, actor.name), title, description, folder,
+    archive.cases.update(_mine(request, archive, public_id, actor), title, description, folder,
                          actor)
     return redirect(f"/cases/{public_id}?notice=case-saved")
 
@@ -94,7 +105,7 @@ async def attach_file(request: Request, archive: ArchiveDep,
                       title: Annotated[str, Form()] = "") -> Response:
     """Attach a scanned report or photo: stored as DICOM in the case's first study (so it
     can be viewed, exported and shared like the images) and added to the case."""
-    case = archive.cases.get(public_id, actor.name)
+    case = _mine(request, archive, public_id, actor)
     items = archive.cases.items(case)
     if not items:
         raise ImageShareError("add a study to the case before attaching files")
@@ -110,9 +121,10 @@ async def attach_file(request: Request, archive: ArchiveDep,
 
 
 @router.post("/cases/{public_id}/delete")
-def delete_case(archive: ArchiveDep, public_id: str, actor: allowed(CASE_MANAGE)) -> Response:
+def delete_case(request: Request, archive: ArchiveDep, public_id: str,
+                actor: allowed(CASE_MANAGE)) -> Response:
     """Delete the case; its images stay in the archive."""
-    archive.cases.delete(archive.cases.get(public_id, actor.name), actor)
+    archive.cases.delete(_mine(request, archive, public_id, actor), actor)
     return redirect("/cases?notice=case-deleted")
 
 
@@ -127,7 +139,7 @@ async def share_case(
     """Share the whole case as one de-identified link, under the de-identification profile
     chosen (accreditation by default: cases go to mentors for review); the reviewer sees the
     case's description and the sender's interpretation."""
-    case = archive.cases.get(public_id, actor.name)
+    case = _mine(request, archive, public_id, actor)
     items = archive.cases.items(case)
     if not items:
         raise ImageShareError("the case is empty")

@@ -195,11 +195,15 @@ async def attach(archive: ArchiveDep, public_id: str, actor: allowed(CASE_MANAGE
 @router.get("/teaching/{public_id}/files/{file_id}")
 def open_file(archive: ArchiveDep, public_id: str, file_id: str,
               actor: allowed(CASE_MANAGE), download: str = "") -> Response:
-    """An attached file, shown in the browser (PDF, photo, video) or downloaded."""
+    """An attached file: a photo or video shown in the browser (sandboxed), anything else
+    (PDFs, office documents) or on request downloaded. Audited."""
     case = archive.teaching.get(public_id)
     found = archive.teaching.attachment(case, file_id)
     stream = archive.teaching.open_attachment(case, found, actor)
-    inline = found.kind in ("pdf", "image", "video") and not download
+    # A PDF is saved, never opened in ImageShare's origin (it can carry scripts and forms; a
+    # sandboxed page would not show it in Chromium anyway), as a study's documents are;
+    # photos and videos are shown, sandboxed, as uploads' originals are.
+    inline = found.kind in ("image", "video") and not download
     extension = found.media_type.rsplit("/", 1)[-1].split(".")[-1][:8]
     name = f"attachment-{found.public_id}.{extension}"
 
@@ -210,7 +214,7 @@ def open_file(archive: ArchiveDep, public_id: str, file_id: str,
 
     return StreamingResponse(chunks(), media_type=found.media_type, headers={
         "Content-Length": str(found.size), "Cache-Control": "private, no-store",
-        "X-Content-Type-Options": "nosniff",
+        "X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox",
         "Content-Disposition": f'{"inline" if inline else "attachment"}; filename="{name}"'})
 
 

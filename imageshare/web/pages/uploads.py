@@ -50,6 +50,7 @@ from imageshare.web.auth import (
     allowed,
     client_address,
     from_another_site,
+    refuse,
     resolve_actor,
 )
 from imageshare.web.deps import Archive, ArchiveDep
@@ -591,7 +592,8 @@ async def uploads_invite(request: Request, archive: ArchiveDep,
     if isinstance(created, Response):
         return created
     return page(request, "upload_invited.html", created=created,
-                link=archive.uploads.invitations.public_url + created.path)
+                link=archive.uploads.invitations.public_url + created.path,
+                emailed=archive.uploads.invitations.mailer.settings.enabled)
 
 
 @router.get("/uploads/import")
@@ -815,17 +817,28 @@ def my_images(request: Request, archive: ArchiveDep, actor: allowed(PATIENT_SELF
                 shares=archive.shares.owned(actor.name))
 
 
-def _own_study(archive: Archive, actor: Actor, study_uid: str) -> None:
-    if not any(g.study_uid == study_uid and DOWNLOAD in g.rights
-               for g in archive.uploads.patients.grants_for(actor)):
-        raise NotFound("no such study")
+def _own_study(request: Request, archive: Archive, actor: Actor, study_uid: str,
+               action: str = "") -> None:
+    """Return when ``study_uid`` is of the patient's own record; else NotFound (the same as
+    for no study at all), audited (a patient trying the UIDs of other studies leaves a
+    trace): as a refused ``action`` when given (as a member of staff reaching for another's
+    import is), else as a refusal of the access policy."""
+    if any(g.study_uid == study_uid and DOWNLOAD in g.rights
+           for g in archive.uploads.patients.grants_for(actor)):
+        return
+    if not action:
+        refuse(request, actor, PATIENT_SELF, NotFound("no such study"), study_uid[:64])
+    archive.audit.record(AuditEvent(actor=actor, action=action, outcome="refused",
+                                    study_uid=study_uid[:64],
+                                    detail={"reason": "not a study of their own record"}))
+    raise NotFound("no such study")
 
 
 @router.get("/my/studies/{study_uid}/download")
-def my_download(archive: ArchiveDep, study_uid: str,
+def my_download(request: Request, archive: ArchiveDep, study_uid: str,
                 actor: allowed(PATIENT_SELF)) -> Response:
     """The patient's own study as a zip of its DICOM files."""
-    _own_study(archive, actor, study_uid)
+    _own_study(request, archive, actor, study_uid, "patient.download")
     found = archive.retrieve.select(actor, "patient.download", study_uids=[study_uid],
                                     audit=False)
     fd, name = tempfile.mkstemp(suffix=".zip", prefix=owned_prefix(),
@@ -854,7 +867,7 @@ async def my_share(request: Request, archive: ArchiveDep, study_uid: str,
     """Share one's own study with a named doctor (a link with a passcode and an expiry)."""
     form = await request.form()
     try:
-        _own_study(archive, actor, study_uid)
+        _own_study(request, archive, actor, study_uid)
         days = str(form.get("days", "") or "14")
         share_request = NewShare(
             study_uid, recipient_email=str(form.get("email", ""))[:254],
