@@ -77,6 +77,7 @@ def test_invite_upload_resume_review_and_patient_access(chromium, site):
     form.locator("button[type=submit]").click()
     clerk.wait_for_selector("code.upload-passcode")
     passcode = clerk.inner_text("code.upload-passcode").strip()
+    assert "The link was sent by e-mail" in clerk.inner_text("main")  # a mail server took it
     _shot(clerk, "1-invited")
 
     [mail] = sink.wait_for("ada@home.example")

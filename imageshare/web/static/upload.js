@@ -39,6 +39,21 @@
     try { localStorage.setItem(storeKey, JSON.stringify(all)); } catch (e) { /* private mode */ }
   }
 
+  // "12 of 30 KB", "1.5 of 250.0 MB": both numbers in the unit that suits the total, so a
+  // small file (a photo, a letter) does not read "0.0 of 0.0 MB".
+  function amount(sent, total) {
+    const units = [["GB", 1073741824, 2], ["MB", 1048576, 1], ["KB", 1024, 0]];
+    for (const [unit, size, places] of units) {
+      if (total >= size) {
+        const show = (n) => (n / size).toFixed(places);
+        let part = show(sent);
+        if (sent < total && part === show(total)) part = show(total - size / 10 ** places);
+        return `${part} of ${show(total)} ${unit}`;
+      }
+    }
+    return `${sent} of ${total} bytes`;
+  }
+
   function updateOverall() {
     let total = 0, sent = 0, done = 0, failed = 0;
     for (const item of items) {
@@ -48,9 +63,8 @@
     }
     overall.max = Math.max(total, 1);
     overall.value = sent;
-    const mb = (n) => (n / 1048576).toFixed(1);
     overallText.textContent = items.length
-      ? `${done} of ${items.length} file(s) arrived (${mb(sent)} of ${mb(total)} MB)` +
+      ? `${done} of ${items.length} file(s) arrived (${amount(sent, total)})` +
         (failed ? `, ${failed} could not be sent` : "")
       : "No files yet";
     const busy = items.some((i) => i.state !== "done" && i.state !== "failed");
@@ -81,6 +95,7 @@
     name.className = "name";
     name.textContent = path;
     const bar = document.createElement("progress");
+    bar.setAttribute("aria-label", path);  // a screen reader says whose progress it is
     const status = document.createElement("span");
     status.className = "state";
     row.append(name, " ", bar, " ", status);

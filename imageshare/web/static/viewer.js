@@ -190,6 +190,17 @@
     return `${area.toFixed(0)} px2`;
   }
 
+  // A mark's words in yellow on a dark outline: readable on white bone and on black air.
+  function markText(text, x, y, scale) {
+    ctx.save();
+    ctx.lineWidth = 3 / scale;
+    ctx.lineJoin = "round";
+    ctx.strokeStyle = "rgba(0, 0, 0, 0.85)";
+    ctx.strokeText(text, x, y);
+    ctx.restore();
+    ctx.fillText(text, x, y);
+  }
+
   function drawMarks(scale) {
     const marks = (state.marks[frameKey()] || []).concat(state.pending ? [state.pending] : []);
     ctx.lineWidth = 2 / scale;
@@ -199,7 +210,7 @@
     for (const mark of marks) {
       if (mark.kind === "text") {
         const [x, y] = mark.points[0];
-        ctx.fillText(mark.label || "", x, y);
+        markText(mark.label || "", x, y, scale);
         continue;
       }
       const [[x1, y1], [x2, y2]] = mark.points;
@@ -219,7 +230,7 @@
       ctx.stroke();
       const text = mark.label || (mark.kind === "length" ? lengthText(mark)
         : mark.kind === "ellipse" ? areaText(mark) : "");
-      if (text) ctx.fillText(text, (x1 + x2) / 2 + 6 / scale, (y1 + y2) / 2 - 6 / scale);
+      if (text) markText(text, (x1 + x2) / 2 + 6 / scale, (y1 + y2) / 2 - 6 / scale, scale);
     }
   }
 
@@ -560,6 +571,10 @@
         (state.marks[key] = state.marks[key] || []).push(mark);
         state.unsaved.add(key);
         updateSaveButton();
+        // The measurement in words too (read out by a screen reader), and what keeps it.
+        const measured = mark.kind === "length" ? `Length ${lengthText(mark)}`
+          : mark.kind === "ellipse" ? `Area ${areaText(mark)}` : "Mark added";
+        status.textContent = `${measured}: not saved yet (Save marks keeps it).`;
       }
       draw();
       return;
