@@ -21,7 +21,12 @@ device name), unless an option keeps that identity.
 
 Coded entries are judged as a whole: a code item is kept only when it is a code of the
 standard's context groups (and then carries the standard's meaning); codes of private or local
-schemes, and any code under a person or institution context, are replaced by a dummy code.
+schemes, and any code under a person or institution context, are replaced by a dummy code. In
+a sequence an option keeps (a station's name and location codes under Retain Device Identity)
+a code is kept unless it names someone, a date, or the institution whose identity is not kept.
+Labels that other attributes refer to or that say which machine made the instance (graphic
+layers, AE titles, station names) are replaced by a keyed pseudonym when they name someone or,
+for devices, the institution (see :data:`PSEUDONYMOUS_LABELS`).
 Sequences the table says to replace (``D``) are walked with every text value replaced by a
 dummy; those it says to clean (``C``) with every text value cleaned of identifiers.
 
@@ -196,6 +201,18 @@ IDENTIFYING_CONCEPTS: Mapping[tuple[str, str], str | None] = MappingProxyType({
     ("DCM", "113880"): "retain_device_identity",  # Device Serial Number
 })
 _TEXT_VALUE = 0x0040A160
+# Labels that other attributes refer to by value, or that say which machine made an instance,
+# with the prefix of their keyed pseudonym (the same for the same label, so that references
+# still match and machines stay apart): a graphic layer, named in each of its annotations, is
+# replaced by it when it names the patient or someone as a whole; a device label (every AE
+# title, prefix ``AE``, and station names, kept by Retain Device Identity) when it names the
+# institution or department whose identity the profile does not keep (``STMARYS_CT1``,
+# ``SMH_MR2``, ``CARDIO-CT``), and is otherwise cleaned as other kept labels are.
+PSEUDONYMOUS_LABELS: Mapping[int, str] = MappingProxyType({
+    int(Tag("GraphicLayer")): "LAYER", int(Tag("StationName")): "STATION",
+    int(Tag("PerformedStationName")): "STATION", int(Tag("ScheduledStationName")): "STATION",
+})
+_DEVICE_LABEL_PREFIXES = frozenset({"AE", "STATION"})
 # File meta elements a copy keeps (PS3.10 7.1: those that say what the file is and how it is
 # encoded; the group length is worked out again when the file is written).
 _KEPT_FILE_META = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010,
@@ -784,7 +801,7 @@ class AttributeCleaner:
         identifying = concept and _TEXT_VALUE in ds and self._identifying(ds)
         code_item = not top and any(t in ds for t in _CODE_VALUE_TAGS)
         if code_item:
-            self._code_item(ds, report, person, trusted)
+            self._code_item(ds, ctx, report, person, trusted)
         for tag in list(ds.keys()):
             tag = BaseTag(tag)
             if tag == PIXEL_DATA and top:
@@ -964,6 +981,9 @@ class AttributeCleaner:
                 action = "D"  # cleaned dates without the option: nothing can be kept
             self._temporal(element, ctx, report, dummy=action == "D")
             return
+        if action in ("T", "C") and self._label_prefix(element):
+            self._label(element, action, ctx, report)
+            return
         if action == "T":
             self._technical(element, ctx, report)
             return
@@ -988,16 +1008,24 @@ class AttributeCleaner:
             self._walk(item, ctx, report, inner_mode, person=inner_person,
                        trusted=inner_trusted, parent=int(element.tag))
 
-    def _code_item(self, item: Dataset, report: InstanceReport, person: bool,
-                   trusted: bool) -> None:
+    def _code_item(self, item: Dataset, ctx: PatientContext, report: InstanceReport,
+                   person: bool, trusted: bool) -> None:
         """A coded entry: kept only when it is a standard code (with the standard's meaning),
-        else replaced by the dummy code."""
-        if trusted:
-            return
+        else replaced by the dummy code. In a sequence an option keeps (``trusted``: a
+        station's name or location under Retain Device Identity), any code is kept unless
+        its value or meaning carries anyone's identifier or a date, or names the institution
+        or department whose identity the profile does not keep."""
         scheme = str(item.get("CodingSchemeDesignator", "") or "")
         value = str(item.get("CodeValue") or item.get("LongCodeValue")
                     or item.get("URNCodeValue") or "")
-        meaning = None if person else standard_meaning(scheme, value)
+        if trusted:
+            texts = [value, str(item.get("CodeMeaning", "") or "")]
+            if not any(ctx.identity.found_in(t) or mask_dates(t) != t
+                       or ctx.identity.names_place(t) for t in texts if t):
+                return
+            meaning = None
+        else:
+            meaning = None if person else standard_meaning(scheme, value)
         for tag in _CODE_CONTEXT_TAGS:
             if tag in item:
                 del item[tag]
@@ -1072,6 +1100,39 @@ class AttributeCleaner:
             return
         report.text_cleaned += 1
         element.value = _value_of(cleaned)
+
+    @staticmethod
+    def _label_prefix(element: DataElement) -> str:
+        """The pseudonym prefix of a label of :data:`PSEUDONYMOUS_LABELS` (``AE`` for every
+        AE title); "" for any other attribute."""
+        if element.VR == "AE":
+            return "AE"
+        return PSEUDONYMOUS_LABELS.get(int(element.tag), "")
+
+    def _label(self, element: DataElement, action: str, ctx: PatientContext,
+               report: InstanceReport) -> None:
+        """A kept label of :data:`PSEUDONYMOUS_LABELS`. A device label (AE title, station
+        name): each value that names the institution or department whose identity the
+        profile does not keep replaced by its keyed pseudonym, the others cleaned as any kept
+        label is (``action`` ``T``) or as free text (``C``). A graphic layer: each value
+        that carries the patient's identifier, someone's name as a whole or a date replaced
+        by its keyed pseudonym."""
+        prefix = self._label_prefix(element)
+        texts = [str(v or "") for v in values_of(element.value)]
+        if prefix in _DEVICE_LABEL_PREFIXES:
+            named = [self.pseudonyms.label(prefix, t) if ctx.identity.names_place(t) else t
+                     for t in texts]
+            if named != texts:
+                report.text_cleaned += 1
+                element.value = _value_of(named)
+            (self._technical if action == "T" else self._clean)(element, ctx, report)
+            return
+        replaced = [self.pseudonyms.label(prefix, t) if t.strip() and (
+            ctx.patient.found_in(t) or mask_dates(t) != t or _names_someone(t, ctx.identity))
+            else t for t in texts]
+        if replaced != texts:
+            report.text_cleaned += 1
+            element.value = _value_of(replaced)
 
     def _numbers(self, element: DataElement, ctx: PatientContext,
                  report: InstanceReport) -> None:
@@ -1154,6 +1215,9 @@ class AttributeCleaner:
             return True
         if vr in ("SQ", "PN"):
             return False
+        if vr == "UI":  # replaced as every other UID is (unless the profile keeps UIDs)
+            self._replace_uids(element, report)
+            return True
         if vr in TEXT_VRS or vr == "CS":
             self._technical(element, ctx, report, ctx.identity)
             return True

@@ -448,10 +448,31 @@ class Identity:
     raw: tuple[str, ...]  # as written, longest first (for cleaning free text)
     cjk: frozenset[str] = frozenset()  # CJK names (cjk_form), found anywhere in text
     dates: frozenset[str] = frozenset()  # the birth date written short, as whole tokens
+    # the institution's and department's names as device labels write them (see
+    # :meth:`_Collector.place`): significant words and runs of words, normalised
+    places: frozenset[str] = frozenset()
+    acronyms: frozenset[str] = frozenset()  # their initials (``SMH``), as a whole piece
 
     def is_empty(self) -> bool:
         """True when nothing identifying was found."""
         return not self.words and not self.phrases and not self.cjk and not self.dates
+
+    def names_place(self, label: str) -> bool:
+        """True when a device label (an AE title, a station name: ``STMARYS_CT1``,
+        ``CARDIO-CT``, ``SMH_MR2``) names the institution or department: it holds one of
+        their significant words or words run together (anywhere: labels run words
+        together), a piece of five letters or more that starts such a word (an abbreviation),
+        or their initials as a whole piece, also numbered (``SMH2``)."""
+        if not self.places and not self.acronyms:
+            return False
+        norm = normalise(label)
+        if any(place in norm for place in self.places):
+            return True
+        pieces = [normalise(p) for p in _WORDS.split(label) if p]
+        return any(piece.rstrip(_DIGIT_CHARACTERS) in self.acronyms or (
+            len(piece) >= 5 and piece.isalpha() and any(
+                place.startswith(piece) for place in self.places if len(place) > len(piece)))
+            for piece in pieces)
 
     def _short_dates(self, text: str) -> list[tuple[int, int]]:
         """Where ``text`` has the birth date written short (``4/3/81``), as a whole token."""
@@ -631,6 +652,29 @@ class _Collector:
         self.raw: set[str] = set()
         self.cjk: set[str] = set()
         self.dates: set[str] = set()
+        self.places: set[str] = set()
+        self.acronyms: set[str] = set()
+
+    def place(self, value: Any) -> None:
+        """An institution's or department's name, as labels and descriptions write it: each
+        word of four letters or more that is not a generic one (``HOSPITAL``), consecutive
+        words run together (``St Mary's``: ``STMARYS``) unless all generic, also looked for
+        as words of any text; and the initials of all its words (three or more: ``SMH``),
+        looked for in device labels only (three letters are too often something else)."""
+        words = [normalise(w) for w in _PLACE_WORDS.split(str(value or ""))]
+        words = [w for w in words if w]
+        for size in range(1, min(len(words), _MAX_RUN) + 1):
+            for start in range(len(words) - size + 1):
+                run = words[start:start + size]
+                joined = "".join(run)
+                if len(joined) >= (4 if size == 1 else 5) and not all(
+                        w in _GENERIC_WORDS or len(w) <= 2 for w in run):
+                    self.places.add(joined)
+                    self.words.add(joined)
+                    self.raw.add(joined)
+        initials = "".join(w[0] for w in words if w not in _LINKING_WORDS)
+        if len(initials) >= 3 and initials.isalpha():
+            self.acronyms.add(initials)
 
     def name(self, value: Any) -> None:
         """A person name (PN): every part as written, every piece of a compound part
@@ -758,6 +802,15 @@ class _Collector:
                 self.phrases.add(norm)
 
 
+_DIGIT_CHARACTERS = "0123456789"
+# What separates the words of an institution's name (an apostrophe does not: "Mary's").
+_PLACE_WORDS = re.compile(r"[\s,;:/\\()\[\]{}<>\"`|&+_.\-]+")
+# Words an institution's initials leave out ("Guy's and St Thomas'": GST).
+_LINKING_WORDS = frozenset({"AND", "OF", "THE", "FOR", "DE", "LA", "DER", "DI", "DU"})
+# Attributes (at any depth) that name an institution or a department, and report concepts
+# (TID 1003, 1020) whose text is an organisation: looked for in device labels.
+_PLACE_TEXT = frozenset({"InstitutionName", "InstitutionalDepartmentName",
+                         "VerifyingOrganization"})
 _PATIENT_NAMES = ("PatientName", "OtherPatientNames", "PatientBirthName",
                   "PatientMotherBirthName")
 _PATIENT_TEXT = ("PatientID", "OtherPatientIDs", "PatientAddress", "PatientTelephoneNumbers",
@@ -774,16 +827,17 @@ _TEXT_VALUE = BaseTag(0x0040A160)
 _MISFILED_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}
 
 
-def _names_in_report(item: Dataset, keep_institution: bool) -> bool:
-    """True when ``item`` is a report content item whose text is a login, an ID or (unless
-    the institution's identity is kept) an organisation (see :data:`_PERSON_CONCEPTS`)."""
+def _names_in_report(item: Dataset, keep_institution: bool, people: bool = True) -> bool:
+    """True when ``item`` is a report content item whose text is a login, an ID (``people``
+    False: not these) or (unless the institution's identity is kept) an organisation (see
+    :data:`_PERSON_CONCEPTS`)."""
     try:
         concepts = item.get("ConceptNameCodeSequence") or []
         codes = [(str(c.get("CodingSchemeDesignator", "") or "").strip(),
                   str(c.get("CodeValue", "") or "").strip()) for c in concepts]
     except (AttributeError, TypeError, ValueError, NotImplementedError):
         return False
-    return any(scheme == "DCM" and (value in _PERSON_CONCEPTS or (
+    return any(scheme == "DCM" and ((people and value in _PERSON_CONCEPTS) or (
         not keep_institution and value in _ORGANISATION_CONCEPTS)) for scheme, value in codes)
 
 
@@ -805,7 +859,7 @@ def _identity(found: _Collector) -> Identity:
     raw = tuple(sorted((r for r in found.raw if len(r.strip()) >= 2), key=len, reverse=True))
     phrases = tuple(sorted(found.phrases, key=len, reverse=True))
     return Identity(frozenset(found.words), phrases, raw, frozenset(found.cjk),
-                    frozenset(found.dates))
+                    frozenset(found.dates), frozenset(found.places), frozenset(found.acronyms))
 
 
 def identities_of(ds: Dataset, keep_institution: bool = False,
@@ -893,11 +947,16 @@ def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
             texts = _text_value(ds, tag, vr)
             for v in values_of(_misfiled_text(texts) if misfiled else texts):
                 found.text(v)
+                if keyword in _PLACE_TEXT and not keep_institution:
+                    found.place(v)
                 if patient is not None and keyword in _PATIENT_TEXT:
                     patient.text(v)
         elif tag == _TEXT_VALUE and depth and _names_in_report(ds, keep_institution):
+            organisation = _names_in_report(ds, keep_institution, people=False)
             for v in values_of(_text_value(ds, tag, vr)):
                 found.text(v)
+                if organisation:
+                    found.place(v)
         elif person_context and keyword in ("CodeValue", "CodeMeaning", "LongCodeValue"):
             for v in values_of(_text_value(ds, tag, vr)):
                 found.text(v)

@@ -1,5 +1,6 @@
 """Consistent pseudonyms from a per-installation secret: the same patient always gets the same
-pseudonymous ID and date offset, and the same UID always the same replacement UID."""
+pseudonymous ID and date offset, the same UID always the same replacement UID, and the same
+label (a graphic layer, an AE title) always the same replacement label."""
 
 from __future__ import annotations
 
@@ -52,6 +53,13 @@ class Pseudonyms:
         same for the same patient, so intervals are kept."""
         n = int.from_bytes(self._digest("dates", patient_key)[:8], "big")
         return timedelta(days=-(_MIN_SHIFT_DAYS + n % _SHIFT_SPAN_DAYS))
+
+    def label(self, prefix: str, original: str) -> str:
+        """The replacement of a label that others refer to (a graphic layer, an AE title, a
+        station name): ``prefix`` and 8 letters/digits derived from ``original`` (at most 16
+        characters with a prefix of up to 8), always the same for the same label."""
+        code = base64.b32encode(self._digest("label", original.strip())).decode()[:8]
+        return f"{prefix}{code}"
 
     def uid(self, original: str) -> str:
         """The replacement of ``original``: a UID under 2.25 derived from it and the secret."""

@@ -126,6 +126,10 @@ _CJK = ((0x1100, 0x11FF), (0x3040, 0x30FF), (0x3130, 0x318F), (0x31F0, 0x31FF),
         (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF),
         (0xFF66, 0xFF9F), (0x20000, 0x2FFFF))
 _SEPARATORS = set("^=,;:/\\()[]{}<>\"'`| \t\r\n.-_+*#@&")
+# What separates the words of an institution's name (not an apostrophe: "Mary's"), and words
+# its initials leave out.
+_PLACE_SPLIT = re.compile(r"[\s,;:/\\()\[\]{}<>\"`|&+_.\-^=]+")
+_LINKING = {"AND", "OF", "THE", "FOR", "DE", "LA", "DER", "DI", "DU"}
 # Single-byte code pages text is typed in at modalities and RIS terminals, whatever the file
 # declares (Windows, DOS, KOI8, ISO 8859 parts, Mac).
 SINGLE_BYTE_ENCODINGS = ("cp1251", "koi8_r", "koi8_u", "cp866", "iso8859_5", "cp1250",
@@ -514,6 +518,10 @@ class SourceIdentity:
     # 2022 after its escape): found anywhere in raw bytes (their neighbours may be any bytes)
     cjk_bytes: dict[bytes, str] = field(default_factory=dict)
     common: dict[str, str] = field(default_factory=dict)  # name parts that are common words
+    # the institution's and department's names as device labels (AE titles, station names,
+    # local codes) write them: words and words run together, and their initials
+    places: dict[str, str] = field(default_factory=dict)
+    initials: dict[str, str] = field(default_factory=dict)
     _software: set[str] = field(default_factory=set)  # implementation UIDs: not identifying
     _indexes: dict[tuple[int, bool], tuple[dict[str, str], list[tuple[str, str]]]] = field(
         default_factory=dict)
@@ -545,6 +553,10 @@ class SourceIdentity:
             self.cjk_bytes.setdefault(form, kind)
         for word, kind in other.common.items():
             self.common.setdefault(word, kind)
+        for place, kind in other.places.items():
+            self.places.setdefault(place, kind)
+        for letters, kind in other.initials.items():
+            self.initials.setdefault(letters, kind)
 
     def add(self, ds: Dataset) -> None:
         """Add what ``ds`` says about who and where it is."""
@@ -731,6 +743,27 @@ class SourceIdentity:
         if len(digits) >= 6:
             self._token(kind, digits)
 
+    def _place(self, kind: str, value: Any) -> None:
+        """An institution's or department's name as a label would hold it: each word of four
+        letters or more that is not a common one, two to four consecutive words run together
+        (``St Mary's``: ``STMARYS``; five letters or more, not all common or short; these
+        are looked for in any text too), and the initials of its words (three or more,
+        linking words left out: ``SMH``)."""
+        words = [normalised(w) for w in _PLACE_SPLIT.split(str(value or ""))]
+        words = [w for w in words if w]
+        for size in range(1, min(len(words), 4) + 1):
+            for start in range(len(words) - size + 1):
+                run = words[start:start + size]
+                joined = "".join(run)
+                if len(joined) >= (4 if size == 1 else 5) and any(
+                        len(w) > 2 and w not in _COMMON_WORDS for w in run):
+                    self.places.setdefault(joined, kind)
+                    if size > 1:  # in any text too: "STMARYS protocol"
+                        self._token(kind, joined)
+        letters = "".join(w[0] for w in words if w not in _LINKING)
+        if len(letters) >= 3 and letters.isalpha():
+            self.initials.setdefault(letters, kind)
+
     def _birth_date(self, value: str) -> None:
         try:
             day = date(int(value[:4]), int(value[4:6]), int(value[6:8]))
@@ -758,6 +791,11 @@ class SourceIdentity:
             return
         for tag in list(ds.keys()):
             tag = BaseTag(tag)
+            if tag.is_private and ds.get_item(tag).VR == "UI" and KEEP_UIDS not in self.keep:
+                # a private UID (explicit VR) of the source: no more to be left than others
+                self._attribute("", "UI", _as_text(ds.get_item(tag).value), (*path, int(tag)),
+                                context)
+                continue
             if tag.group == 0x0002 or tag.is_private or tag.group == 0x7FE0:
                 continue
             stored = ds.get_item(tag).VR
@@ -782,6 +820,8 @@ class SourceIdentity:
                 if kind:
                     for v in _values(_as_text(ds[tag].value)):
                         self._text(kind, v)
+                        if kind == "institution":
+                            self._place(kind, v)
                 continue
             if not _worth_reading(vr, keyword, context):
                 continue
@@ -848,6 +888,7 @@ class SourceIdentity:
             if KEEP_INSTITUTION not in self.keep:
                 for v in _values(value):
                     self._text("institution", v)
+                    self._place("institution", v)
         elif context and keyword in ("CodeValue", "CodeMeaning", "LongCodeValue"):
             for v in _values(value):
                 self._text("staff or institution code", v)
@@ -900,6 +941,39 @@ class SourceIdentity:
                 if kind and (not coded or kind in _CS_KINDS):
                     found.append(kind)
             found += self._short_birth_dates(text)
+        return found
+
+    def in_label(self, text: str) -> list[str]:
+        """The kinds of identifier a label (an AE title, a station name, a local code's value
+        or meaning) holds beyond :meth:`in_text`: the institution or department named in it
+        as labels write names, words run together (``STMARYS_CT1``), a word's first five
+        letters or more (``CARDIO-CT`` for Cardiology), or their initials as a whole word, also
+        numbered (``SMH_MR2``, ``SMH2``)."""
+        if not text or not (self.places or self.initials):
+            return []
+        norm = normalised(text)
+        found = [kind for place, kind in self.places.items() if place in norm]
+        for word in words_of(text):
+            kind = self.initials.get(word.rstrip("0123456789"))
+            if kind:
+                found.append(kind)
+            elif len(word) >= 5 and word.isalpha():
+                found += [kind for place, kind in self.places.items()
+                          if len(place) > len(word) and place.startswith(word)]
+        return found
+
+    def in_uid(self, text: str) -> list[str]:
+        """The source's dates (``YYYYMMDD``) written in a UID's components, unless the
+        profile keeps UIDs: many devices make UIDs from the date and time
+        (``...3124.20240502095054``). UIDs under ``2.25`` (a number made from a UUID or a
+        hash, with no date in it) are not read: any date there is chance."""
+        if KEEP_UIDS in self.keep or not self.dates or text.startswith("2.25."):
+            return []
+        found = []
+        for component in text.split("."):
+            if len(component) >= 8:
+                found += [kind for (year, month, day), kind in self.dates.items()
+                          if day and f"{year:04d}{month:02d}{day:02d}" in component]
         return found
 
     def _short_birth_dates(self, text: str) -> list[str]:

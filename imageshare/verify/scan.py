@@ -3,7 +3,9 @@
 A DICOM output is read three ways: every element value at any depth (standard, private, UN, SR
 content, overlay and graphic text; identifiers split across elements too; each in the character
 set its item declares; a report's birth date, moved or not, and any text of a report's
-observer, subject or participant context that is not a placeholder are findings), its raw bytes
+observer, subject or participant context that is not a placeholder are findings; AE titles,
+station names and local codes are also read for the institution named as labels write it,
+``STMARYS_CT1``; UIDs for the source's dates written in them), its raw bytes
 (preamble, file meta, header, encapsulated fragments' headers, anything after the pixel data;
 not the pixel samples themselves, though anything but zeros after a native image's samples and
 a basic offset table holding anything but its frames' offsets are findings), and with OCR its
@@ -410,7 +412,7 @@ class Verifier:
         if vr in _FREE_TEXT_VRS:
             joined.append(normalised(texts[0]))
         findings += [Finding(name, kind, "") for kind in dict.fromkeys(
-            kind for text in texts for kind in _kinds_in(identity, text, vr))]
+            kind for text in texts for kind in _kinds_in(identity, text, vr, tag))]
         if len(findings) > found:  # named only when something was found (it costs)
             label = element.where + rawdicom.label(tag)
             findings[found:] = [Finding(f.file, f.kind, label) for f in findings[found:]]
@@ -542,7 +544,8 @@ class Verifier:
                 continue  # the standard's terms, whoever is called Ko
             if vr in _FREE_TEXT_VRS:
                 joined.append(normalised(texts[0]))
-            kinds = [kind for text in texts for kind in _kinds_in(identity, text, vr)]
+            kinds = [kind for text in texts for kind in _kinds_in(identity, text, vr,
+                                                                  int(tag))]
             for kind in dict.fromkeys(kinds):
                 findings.append(Finding(name, kind, self._label(tag, where)))
 
@@ -910,6 +913,12 @@ _IDENTITY_CONCEPTS: dict[str, str | None] = {
     "113877": KEEP_DEVICE, "113880": KEEP_DEVICE,
 }
 _TEXT_VALUE = 0x0040A160
+# Labels (besides every AE title) that say which machine or which local concept: station
+# names, and the value and meaning of a code that is not the standard's (standard ones are
+# not read). Checked for the institution or department named as labels write names
+# (``STMARYS_CT1``; see :meth:`SourceIdentity.in_label`).
+_LABEL_TAGS = frozenset({0x00081010, 0x00400242, 0x00400010, CODE_VALUE, CODE_MEANING,
+                         0x00080119})
 _PLACEHOLDER_TEXTS = frozenset({"", "ANONYMOUS", "ANON", "REMOVED", "UNKNOWN", "*"})
 _IDENTITY_ITEM = "identifying text in a report (an observer, subject, organisation or device)"
 
@@ -1127,15 +1136,21 @@ def _standard_item(ds: Dataset) -> bool:
         return False
 
 
-def _kinds_in(identity: SourceIdentity, text: str, vr: str | None) -> list[str]:
-    """The kinds of identifier in one element's ``text``, read as its VR says: numbers (IS,
-    DS) without short identifiers but with the source's dates, coded strings (CS) for the
-    patient and as whole values for anyone's name."""
+def _kinds_in(identity: SourceIdentity, text: str, vr: str | None, tag: int = 0) -> list[str]:
+    """The kinds of identifier in one element's ``text`` (of attribute ``tag``), read as its
+    VR says: numbers (IS, DS) without short identifiers but with the source's dates, coded
+    strings (CS) for the patient and as whole values for anyone's name, UIDs for the
+    source's dates in them, labels (:data:`_LABEL_TAGS`, AE titles) for the institution or
+    department named as labels write names."""
     if vr in ("IS", "DS"):
         return _numeric_kinds(identity, text)
     kinds = identity.in_text(text, coded=vr == "CS", dates=vr not in _NOT_WRITTEN_DATES)
     if vr == "CS":
         kinds += _coded_names(identity, text)
+    elif vr == "UI":
+        kinds += [kind for uid in text.split("\\") for kind in identity.in_uid(uid.strip())]
+    if vr == "AE" or tag in _LABEL_TAGS:
+        kinds += [f"{kind} in a label" for kind in identity.in_label(text)]
     return kinds
 
 
