@@ -766,6 +766,7 @@ def _make_listener(archive: Archive, shared_port: bool) -> Any:
         client_ssl_context=client_context(settings),
         proxy_protocol_from=settings.trusted_proxies if settings.dicom_proxy_protocol else "",
         retrievals=archive.exchange.retrieving_from,
+        strict_hierarchy=settings.dicom_strict_hierarchy,
     )
 
 

@@ -112,6 +112,24 @@ may bring only the studies this archive is retrieving from the calling site; an 
 any other study is refused with `A900` and audited, whatever the site's registration would
 let it store unasked.
 
+The relational option of SOP Class Extended Negotiation (PS3.7 D.3.3.5: byte 1 of the
+Service Class Application Information, relational-queries for C-FIND and relational-retrieval
+for C-MOVE and C-GET) is accepted on every Patient Root and Study Root model when proposed;
+every other option, combined date-time matching, fuzzy semantic matching of names, timezone
+query adjustment and enhanced multi-frame conversion, is answered 0, not supported. A request
+that leaves out the unique key of a level above its own (PS3.4 C.4.1.2.1, C.4.2.2.1,
+C.4.3.2.1: `StudyInstanceUID` above SERIES, `StudyInstanceUID` and `SeriesInstanceUID` above
+IMAGE, and on the Patient Root model `PatientID` above STUDY too), or gives it as a wildcard
+or a list, is answered as a relational one by default, negotiated or not, as Orthanc answers
+it: findscu and many scripts cannot negotiate the option. With `dicom_strict_hierarchy`
+(`IMAGESHARE_DICOM_STRICT_HIERARCHY`) such a request is refused unless the option was
+negotiated, with `A900` (Identifier does not match SOP Class) before anything is matched or
+sent, the key in the Error Comment (`Missing StudyInstanceUID (0020,000D) for a SERIES level
+query`, or `... give one value, no wildcards`) and in the Offending Element (0000,0901), as
+dcm4che's `dcmqrscp` answers. The usual sequence of a viewer (STUDY level by patient, then
+SERIES with the Study Instance UID, then IMAGE with the Study and Series Instance UIDs) is
+hierarchical either way.
+
 C-STORE Priority: a node registered with an inbox (another hospital) that stores with
 Priority HIGH makes its study an urgent arrival in the inbox (the team alerted once, by
 e-mail to `IMAGESHARE_EXCHANGE_TEAM_EMAIL`); MEDIUM and LOW are routine. Priority changes
@@ -223,6 +241,25 @@ read.
 
 Bulk data asked for with a bare `Accept: application/octet-stream` comes as one single-part
 body (pixel data: every frame, uncompressed little endian); otherwise in multipart/related.
+One frame (`frames/3`) asked for in a single-part media type (a bare
+`application/octet-stream`, `image/jls`, `image/jp2`, `image/dicom-rle`, or `image/jpeg`,
+with or without a transfer-syntax parameter) comes as that one body, in the representation
+the multipart/related form of the type gives, with the transfer syntax in its Content-Type;
+a single-part type is for a single response item only (PS3.18 10.4.4), so for a frame list
+of several it is passed over, and when only such types were acceptable the answer is 406
+saying that several frames come in multipart/related only. `image/jpeg` without a transfer
+syntax is JPEG Lossless (PS3.18 Table 8.7.3-5), which ImageShare does not write: frames not
+stored as JPEG are refused 406, and the answer names `image/jpeg;
+transfer-syntax=1.2.840.10008.1.2.4.50` (lossy, 8-bit pixels) and the frame's rendered
+resource (`.../frames/{n}/rendered`, image/jpeg or image/png), where a frame is an image to
+look at.
+
+QIDO-RS query parameters are attribute keywords or tags (`PatientName`, `00100010`, a path
+into a sequence with `.`) and the reserved parameters `limit`, `offset`, `includefield`,
+`fuzzymatching`, `accept` and `charset`; any other name (a typo such as `PatientNmae`, a
+keyword in the wrong case) is refused with 400 naming it, as is an unknown keyword in
+`includefield`. Ignored, a misspelt patient filter would answer every study the caller may
+see.
 
 Rendered resources (and WADO-URI images) refuse with 400 and the reason, before anything is
 read or audited: a `window` that is not `center,width` or `center,width,function` (function

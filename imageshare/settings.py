@@ -115,6 +115,13 @@ class Settings:
         "upload arrives: the processes share the modules' memory)."
     )
     dicom_timeout: float = _setting(60.0, "Seconds a DICOM association may stay silent.")
+    dicom_strict_hierarchy: bool = _setting(
+        False, "Refuse (A900, naming the key) a C-FIND, C-MOVE or C-GET that leaves out the "
+        "unique key of a level above its own, or gives it as a wildcard or a list (PS3.4 "
+        "C.4.1.2.1 hierarchical rules), unless relational queries or retrieval were "
+        "negotiated; off: such a request is answered as a relational one (as Orthanc does), "
+        "since findscu and many scripts cannot negotiate the option."
+    )
     max_pdu_size: int = _setting(262144, "Largest PDU the DICOM listener accepts (bytes).")
     cors_origins: str = _setting(
         "", "Comma-separated origins allowed to call /dicomweb from a browser (e.g. an OHIF host)."
@@ -138,9 +145,10 @@ class Settings:
     )
     public_url: str = _setting(
         "", "Address people use to reach ImageShare (e.g. https://images.example.nhs.uk), for "
-        "links in e-mails and URLs in DICOMweb answers; empty: DICOMweb answers take it "
-        "from each request, and e-mails with links are refused (they never take their "
-        "address from a request's Host header)."
+        "links in e-mails and URLs in DICOMweb and FHIR answers; empty: DICOMweb answers "
+        "take it from each request, FHIR answers use http_host:http_port, and e-mails "
+        "with links are refused (they never take their address from a request's Host "
+        "header)."
     )
     fhir_hospital_number_system: str = _setting(
         "urn:imageshare:hospital-number", "FHIR identifier system of this hospital's patient "

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, select, true, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from imageshare.access.lockout import Lockout
@@ -534,8 +534,8 @@ class UserDirectory:
 
     # -- administration ------------------------------------------------------------------
 
-    def accounts(self) -> list[Account]:
-        """Every account, by name."""
+    def accounts(self, username: str | None = None) -> list[Account]:
+        """Every account, by name (or only the one named ``username``)."""
         now = datetime.now(UTC)
         tokens = (select(func.count(api_tokens.c.pk))
                   .where(api_tokens.c.user_pk == users.c.pk)
@@ -546,6 +546,7 @@ class UserDirectory:
                        users.c.locked_until, users.c.totp_enabled, users.c.created_at,
                        users.c.email, users.c.email_verified_at, users.c.site_node,
                        tokens.label("tokens"))
+                .where(users.c.username == username if username is not None else true())
                 .order_by(users.c.username)
             ).all()
         locked = self.lockout.locked_accounts()
@@ -560,9 +561,8 @@ class UserDirectory:
 
     def account(self, username: str) -> Account:
         """One account; raises NotFound."""
-        for account in self.accounts():
-            if account.username == username:
-                return account
+        for account in self.accounts(username):
+            return account
         raise NotFound(f"no user {username!r}")
 
     def _change(self, username: str, **values: object) -> None:

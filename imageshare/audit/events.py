@@ -325,8 +325,9 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        "of their own record: refused, with the reason).", EXPORT, "R", _STUDY,
        ("format", "reason")),
     # Sign-in, accounts, tokens.
-    _e("session.start", "A user signed in (or failed to).", USER_AUTHENTICATION, "E", (),
-       ("stage",), LOGIN),
+    _e("session.start", "A user signed in (or failed to, or was refused: a machine account "
+       "with its right password, a sign-in sent by another site).", USER_AUTHENTICATION, "E",
+       (), ("stage", "reason"), LOGIN),
     _e("session.code", "A second-factor code was checked.", USER_AUTHENTICATION, "E", (), (),
        LOGIN),
     _e("session.basic", "HTTP Basic credentials were refused.", USER_AUTHENTICATION, "E", (),

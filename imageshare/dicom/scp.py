@@ -151,8 +151,14 @@ class DicomListener:
         client_ssl_context: ssl.SSLContext | None = None,
         proxy_protocol_from: str = "",
         retrievals: Callable[[str], Collection[str]] | None = None,
+        strict_hierarchy: bool = False,
     ) -> None:
         self.ingest = ingest
+        # Refuse a C-FIND, C-MOVE or C-GET that leaves out the unique key of a level above its
+        # own (PS3.4 C.4.1.2.1) unless relational queries (retrieval) were negotiated. By
+        # default such a request is answered as a relational one, as Orthanc and dcm4chee's
+        # "lenient" mode do: findscu and many scripts cannot negotiate the option.
+        self.strict_hierarchy = strict_hierarchy
         self.ae_title = ae_title.strip()
         # The studies we are retrieving from a site (by its AE title): all a C-STORE under
         # our own C-MOVE (Move Originator: our AE title) may bring.
@@ -213,6 +219,7 @@ class DicomListener:
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_SOP_EXTENDED, _on_sop_extended),
             (evt.EVT_CONN_CLOSE, _remove_cut_off),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
@@ -402,6 +409,17 @@ class DicomListener:
             return None
         return self.retrievals(actor.name)
 
+    def _above_missing(self, event: Any, service: str) -> tuple[str, int] | None:
+        """(Error Comment, offending tag) when the request breaks the hierarchical rules
+        (:func:`hierarchy_refusal`) and is to be refused; None when it keeps them, was made
+        relational by negotiation, or the listener is not strict about the hierarchy."""
+        above = hierarchy_refusal(event.identifier, _study_root(event), _relational(event),
+                                  "query" if service == "C-FIND" else "retrieve")
+        if above is None or not self.strict_hierarchy:
+            return None
+        log.info("%s refused: %s", service, above[0])
+        return above
+
     def _query_for(self, event: Any) -> Query:
         identifier = event.identifier
         level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
@@ -427,6 +445,10 @@ class DicomListener:
         if off_context:
             self._refused(event, actor, DICOM_QUERY, "C-FIND", off_context)
             yield statuses.FIND_CLASS_NOT_NEGOTIATED.dataset(off_context), None
+            return
+        above = self._above_missing(event, "C-FIND")
+        if above is not None:
+            yield statuses.FIND_IDENTIFIER_MISMATCH.dataset(*above), None
             return
         try:
             query = self._query_for(event)
@@ -577,11 +599,15 @@ class DicomListener:
             return
         comments[message_id] = DESTINATION_DID_NOT_ACCEPT
         refusal: Dataset | None = None  # the failure to answer, with its comment
+        found: list[StoredInstance] = []
         off_context = _not_negotiated(event)
         try:
+            above = self._above_missing(event, "C-MOVE")
             if off_context:
                 self._refused(event, actor, DICOM_RETRIEVE, "C-MOVE", off_context)
                 found, refusal = [], statuses.MOVE_CLASS_NOT_NEGOTIATED.dataset(off_context)
+            elif above is not None:
+                found, refusal = [], statuses.MOVE_IDENTIFIER_MISMATCH.dataset(*above)
             else:
                 found = self._instances_for(event, actor, "study.move",
                                             {"destination": destination.ae_title})
@@ -631,6 +657,11 @@ class DicomListener:
             self._refused(event, actor, DICOM_RETRIEVE, "C-GET", off_context)
             yield 1
             yield statuses.GET_CLASS_NOT_NEGOTIATED.dataset(off_context), None
+            return
+        above = self._above_missing(event, "C-GET")
+        if above is not None:
+            yield 1
+            yield statuses.GET_IDENTIFIER_MISMATCH.dataset(*above), None
             return
         try:
             found = self._instances_for(event, actor, "study.get")
@@ -877,6 +908,74 @@ def _responses_checked(assoc: Any, comments: dict[int, str]) -> None:
 
 _UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
                 "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
+# The levels of the Patient Root and the Study Root information models, top first
+# (PS3.4 C.6.1.1, C.6.2.1).
+_PATIENT_ROOT_LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+_STUDY_ROOT_LEVELS = ("STUDY", "SERIES", "IMAGE")
+# The query/retrieve SOP classes whose relational option (byte 1 of the Service Class
+# Application Information, PS3.4 C.5.1.1, C.5.2.1, C.5.3.1) is accepted when proposed.
+_RELATIONAL_MODELS = frozenset(str(uid) for uid in SCP_SOP_CLASSES
+                                if str(uid).startswith("1.2.840.10008.5.1.4.1.2."))
+_RELATIONAL: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+_RELATIONAL_LOCK = threading.Lock()
+
+
+def _on_sop_extended(event: Any) -> dict[UID, bytes]:
+    """Answer SOP Class Extended Negotiation (PS3.7 D.3.3.5): relational-queries (C-FIND)
+    and relational-retrieval (C-MOVE, C-GET) are accepted for the query/retrieve models when
+    the requestor asks for them, every other option (combined date-time matching, fuzzy
+    semantic matching of names, timezone adjustment, enhanced multi-frame conversion) is
+    answered 0, not supported. The association remembers which models are relational."""
+    answers: dict[UID, bytes] = {}
+    relational = set()
+    for uid, info in (getattr(event, "app_info", None) or {}).items():
+        name = str(uid).strip()
+        if name not in _RELATIONAL_MODELS or not info:
+            continue
+        wanted = info[0] == 1
+        answers[UID(name)] = bytes([1 if wanted else 0]) + bytes(len(info) - 1)
+        if wanted:
+            relational.add(name)
+    with _RELATIONAL_LOCK:
+        _RELATIONAL[event.assoc] = frozenset(relational)
+    return answers
+
+
+def _relational(event: Any) -> bool:
+    """Was the relational option negotiated for the request's information model?"""
+    with _RELATIONAL_LOCK:
+        models = _RELATIONAL.get(event.assoc, frozenset())
+    return str(event.context.abstract_syntax).strip() in models
+
+
+def hierarchy_refusal(identifier: Dataset, study_root: bool, relational: bool, what: str
+                      ) -> tuple[str, int] | None:
+    """Why a request identifier breaks the hierarchical (baseline) rules of PS3.4 C.4.1.2.1
+    (C-FIND), C.4.2.2.1 (C-MOVE) and C.4.3.2.1 (C-GET): an Error Comment and the offending
+    tag. Every level above the Query/Retrieve Level (within the model: a Study Root model
+    has no PATIENT level) is named by one value of its unique key, without wildcards; a
+    relational request (the option negotiated) need not. ``what`` is "query" or "retrieve".
+    None when the identifier keeps the rules (or its level is checked elsewhere)."""
+    if relational:
+        return None
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    levels = _STUDY_ROOT_LEVELS if study_root else _PATIENT_ROOT_LEVELS
+    if level not in levels:
+        return None  # refused by the level checks, with their own reason
+    for above in levels[:levels.index(level)]:
+        keyword = _UNIQUE_KEYS[above]
+        tag = Tag(keyword)
+        named = f"{keyword} ({tag.group:04X},{tag.element:04X})"
+        value = identifier.get(keyword)
+        values = [] if value in (None, "") else (
+            [value] if isinstance(value, str) else list(value))
+        texts = [str(v).strip() for v in values]
+        if not any(texts):
+            article = "an" if level == "IMAGE" else "a"
+            return f"Missing {named} for {article} {level} level {what}", int(tag)
+        if len(texts) != 1 or "*" in texts[0] or "?" in texts[0]:
+            return f"{named}: give one value, no wildcards", int(tag)
+    return None
 
 
 def _unsendable(inst: StoredInstance) -> Dataset:

@@ -25,13 +25,15 @@ class DimseStatus:
     meaning: str
     when: str
 
-    def dataset(self, comment: str = "") -> Dataset:
+    def dataset(self, comment: str = "", offending: int | None = None) -> Dataset:
         """The status as a data set, with an Error Comment (at most 64 characters, cut at a
-        word)."""
+        word) and the tag of the Offending Element (0000,0901) when one is named."""
         ds = Dataset()
         ds.Status = self.code
         if comment:
             ds.ErrorComment = error_comment(comment)
+        if offending is not None:
+            ds.OffendingElement = [offending]
         return ds
 
 
@@ -94,7 +96,12 @@ FIND_IDENTIFIER_MISMATCH = _status(
     "C-FIND", 0xA900, "Failure", "Identifier does not match SOP Class",
     "unknown Query/Retrieve Level, a key below the level, a malformed number, or a date or "
     "time key that is malformed or names no real date or time (month 13, hour 25); the "
-    "Error Comment names the attribute and the reason")
+    "Error Comment names the attribute and the reason. Also, with dicom_strict_hierarchy, "
+    "a hierarchical query (no relational-queries negotiated) at SERIES or IMAGE level, or "
+    "at STUDY level of the Patient Root model, without one value (no wildcard) of the "
+    "unique key of every level above (PS3.4 C.4.1.2.1): the Error Comment names it "
+    "('Missing StudyInstanceUID (0020,000D) for a SERIES level query') and so does the "
+    "Offending Element")
 FIND_CLASS_NOT_NEGOTIATED = _status(
     "C-FIND", 0x0122, "Failure", "Refused: SOP Class not supported (PS3.7 C)",
     "the request's Affected SOP Class UID (its information model) is not the abstract "
@@ -135,7 +142,10 @@ MOVE_TOO_MANY = _status(
 MOVE_IDENTIFIER_MISMATCH = _status(
     "C-MOVE", 0xA900, "Failure", "Identifier does not match SOP Class",
     "unknown Query/Retrieve Level, PATIENT level on a Study Root model, or missing unique "
-    "keys")
+    "keys: the level's own, or (with dicom_strict_hierarchy, no relational-retrieval "
+    "negotiated) one value of the unique "
+    "key of every level above (PS3.4 C.4.2.2.1); the Error Comment "
+    "and the Offending Element name it")
 MOVE_CLASS_NOT_NEGOTIATED = _status(
     "C-MOVE", 0x0122, "Failure", "Refused: SOP Class not supported (PS3.7 C)",
     "the request's Affected SOP Class UID (its information model) is not the abstract "
@@ -167,7 +177,10 @@ GET_TOO_MANY = _status(
 GET_IDENTIFIER_MISMATCH = _status(
     "C-GET", 0xA900, "Failure", "Identifier does not match SOP Class",
     "unknown Query/Retrieve Level, PATIENT level on a Study Root model, or missing unique "
-    "keys")
+    "keys: the level's own, or (with dicom_strict_hierarchy, no relational-retrieval "
+    "negotiated) one value of the unique "
+    "key of every level above (PS3.4 C.4.3.2.1); the Error Comment "
+    "and the Offending Element name it")
 GET_CLASS_NOT_NEGOTIATED = _status(
     "C-GET", 0x0122, "Failure", "Refused: SOP Class not supported (PS3.7 C)",
     "the request's Affected SOP Class UID (its information model) is not the abstract "

@@ -122,7 +122,14 @@ RESOURCE_MEDIA_TYPES: dict[str, tuple[str, ...]] = {
         "JPEG Lossless, which is sent only as stored)",
         "*/* (without a transfer-syntax parameter uncompressed little endian, as stored when "
         "stored lossy (PS3.18 8.7.3.3); transfer-syntax=* as stored)",
-        f"{OCTET_STREAM} (bulk data only: one single-part body, uncompressed little endian)",
+        f"{OCTET_STREAM} (bulk data, or one frame: one single-part body, uncompressed "
+        "little endian)",
+        "image/jpeg, image/jls, image/jp2, image/dicom-rle... without multipart/related (one "
+        "frame only: that frame as one single-part body, in the representation the "
+        "multipart form of the type gives; a frame list of several answers 406 when only "
+        "single-part types are acceptable, PS3.18 10.4.4; image/jpeg alone is JPEG Lossless, "
+        "refused 406 unless the frames are stored as JPEG, and the answer names the baseline "
+        "transfer syntax and the frame's /rendered resource)",
         "Range: bytes=first-last (bulk data answered as one value: only those bytes, 206)"),
     "WADO-RS rendered": (
         "image/jpeg (default), image/png, image/gif (animated for a multi-frame instance)",
@@ -677,13 +684,20 @@ def _check_frame_count(numbers: list[int], inst: StoredInstance) -> None:
                            f"frames ({inst.number_of_frames})")
 
 
-def _pixel_representation(request: Request, inst: StoredInstance) -> str:
+def _pixel_representation(request: Request, inst: StoredInstance, single: bool | None = None
+                          ) -> tuple[str, bool]:
     """How pixel data goes out, from the Accept header: ``stored`` (the compressed bitstream,
     or native little-endian pixels), ``decoded`` (application/octet-stream, little endian),
     or the transfer syntax frames are to be compressed in (image/jls, image/jp2,
     image/dicom-rle: lossless, the media type's default syntax when the range names none;
     frames stored compressed otherwise are decoded first; image/jpeg with
-    transfer-syntax=1.2.840.10008.1.2.4.50 named: JPEG baseline, lossy, for 8-bit pixels).
+    transfer-syntax=1.2.840.10008.1.2.4.50 named: JPEG baseline, lossy, for 8-bit pixels);
+    and whether it goes out as one single-part body.
+
+    A single-part range (``application/octet-stream``, ``image/jpeg``... without
+    ``multipart/related``) is answered single part when ``single`` is True (one frame: a
+    single response item, PS3.18 10.4.4), ignored when it is False (several frames), and
+    answered as its multipart/related form when it is None (bulk data, as before).
     406 when no acceptable range can be answered."""
     stored_media = COMPRESSED_MEDIA_TYPES.get(inst.transfer_syntax)
     native = inst.transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -702,40 +716,51 @@ def _pixel_representation(request: Request, inst: StoredInstance) -> str:
             headers.append(stored if native else encoding_header(stored))
         return headers[0]
 
+    skipped = False  # a single-part range passed over: several frames were asked for
     for media_range in parse_accept(_accept(request)):
         media = media_range.media
         kind = media_range.param("type", OCTET_STREAM) if media == "multipart/related" else media
         syntax = media_range.param("transfer-syntax", "")
+        bare = media not in ("*/*", "multipart/*", "multipart/related")
+        if bare and single is False:
+            skipped = True
+            continue
+        one = bare and single is True
         if media in ("*/*", "multipart/*") or kind == "*/*":
             if syntax == "*" or syntax == inst.transfer_syntax:
-                return as_stored
+                return as_stored, one
             if syntax in ("", ExplicitVRLittleEndian):
-                return default if syntax == "" else ("stored" if native else "decoded")
+                return (default if syntax == "" else ("stored" if native else "decoded")), one
             continue
         if kind == OCTET_STREAM:
             if syntax == "*":
-                return as_stored
+                return as_stored, one
             if syntax in ("", ExplicitVRLittleEndian):
-                return "stored" if native else "decoded"
+                return ("stored" if native else "decoded"), one
             continue
         if stored_media and matches(MediaRange(kind), stored_media) and syntax in (
                 "", "*", inst.transfer_syntax):
-            return "stored"
+            return "stored", one
         target = FRAME_ENCODINGS.get(kind, "") if syntax in ("", "*") else syntax
         if COMPRESSED_MEDIA_TYPES.get(target) == kind and can_encode_frames(
                 inst.transfer_syntax, target,
                 header() if target == JPEG_BASELINE and can_decode(inst.transfer_syntax)
                 else None):
-            return target
+            return target, one
     encoded = (", ".join(m for m, t in FRAME_ENCODINGS.items()
                          if can_encode_frames(inst.transfer_syntax, t)))
     lossy = can_decode(inst.transfer_syntax) and not is_video(inst.transfer_syntax) and \
         can_encode_frames(inst.transfer_syntax, JPEG_BASELINE, header())
     raise NotAcceptable(
-        "pixel data is available as multipart/related; type=\"application/octet-stream\""
+        ("several frames come in multipart/related only (a single-part media type is for "
+         "one frame); " if skipped else "")
+        + "pixel data is available as multipart/related; type=\"application/octet-stream\""
         + (f" or as stored ({stored_media})" if stored_media else "")
         + (f" or losslessly compressed ({encoded})" if encoded else "")
         + (f" or, lossy, as image/jpeg; transfer-syntax={JPEG_BASELINE}" if lossy else "")
+        + ("; one frame also single part in these media types (application/octet-stream, "
+           "...), and as a rendered image (image/jpeg, image/png) at "
+           ".../frames/{n}/rendered" if single else "")
     )
 
 
@@ -769,8 +794,12 @@ def _decoded_frames(request: Request, inst: StoredInstance, numbers: list[int]) 
 
 
 def _pixel_parts(request: Request, inst: StoredInstance, numbers: list[int]) -> Response:
-    """The given frames as a multipart/related answer, fully read before it is sent."""
-    kind, content_type, data = _pixel_data(request, inst, numbers)
+    """The given frames as a multipart/related answer, fully read before it is sent; one
+    frame asked for in a single-part media type as that body alone (PS3.18 10.4.4)."""
+    kind, content_type, data, single = _pixel_data(request, inst, numbers,
+                                                   single=len(numbers) == 1)
+    if single:
+        return Response(data[0], media_type=content_type)
     boundary = new_boundary()
     return StreamingResponse(
         part_stream(boundary, ((content_type, d) for d in data)),
@@ -778,11 +807,12 @@ def _pixel_parts(request: Request, inst: StoredInstance, numbers: list[int]) -> 
     )
 
 
-def _pixel_data(request: Request, inst: StoredInstance, numbers: list[int]
-                ) -> tuple[str, str, list[bytes]]:
-    """(media type, part Content-Type, each frame's bytes) of the given frames in the
-    representation the Accept header asks for (406 when none can be answered)."""
-    representation = _pixel_representation(request, inst)
+def _pixel_data(request: Request, inst: StoredInstance, numbers: list[int],
+                single: bool | None = None) -> tuple[str, str, list[bytes], bool]:
+    """(media type, part Content-Type, each frame's bytes, single part?) of the given frames
+    in the representation the Accept header asks for (406 when none can be answered;
+    ``single`` as :func:`_pixel_representation` takes it)."""
+    representation, one = _pixel_representation(request, inst, single)
     retrieve = archive_of(request).retrieve
     stored_media = COMPRESSED_MEDIA_TYPES.get(inst.transfer_syntax)
     if representation not in ("stored", "decoded"):  # uncompressed frames compressed
@@ -795,7 +825,7 @@ def _pixel_data(request: Request, inst: StoredInstance, numbers: list[int]
             frames = _decoded_frames(request, inst, numbers)
             header = encoding_header(header)
         return kind, f"{kind}; transfer-syntax={representation}", [
-            encode_frame(header, frame, representation) for frame in frames]
+            encode_frame(header, frame, representation) for frame in frames], one
     if representation == "stored" and stored_media:
         kind = stored_media
         content_type = f"{kind}; transfer-syntax={inst.transfer_syntax}"
@@ -805,7 +835,7 @@ def _pixel_data(request: Request, inst: StoredInstance, numbers: list[int]
         content_type = f"{OCTET_STREAM}; transfer-syntax={ExplicitVRLittleEndian}"
         data = (list(retrieve.frames(inst, numbers)) if representation == "stored"
                 else _decoded_frames(request, inst, numbers))
-    return kind, content_type, data
+    return kind, content_type, data, one
 
 
 @router.get(
@@ -935,7 +965,7 @@ def retrieve_bulkdata(
         if not is_video(inst.transfer_syntax):
             if single:
                 return _pixel_body(request, inst)
-            kind, content_type, frames = _pixel_data(
+            kind, content_type, frames, _single = _pixel_data(
                 request, inst, list(range(1, inst.number_of_frames + 1)))
             if kind == OCTET_STREAM or len(frames) == 1:
                 # Uncompressed pixel data is one value (PS3.18: the bulk data element in

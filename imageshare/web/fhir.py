@@ -8,19 +8,25 @@ Thin adapter over :mod:`imageshare.fhir.imaging_study`; callers authenticate as 
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from cryptography.fernet import Fernet, InvalidToken
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from imageshare import __version__
 from imageshare.access.policy import PUBLIC, STUDY_READ
+from imageshare.app import installation_key
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
     InvalidQuery,
+    LinkGone,
     NotAcceptable,
     NotFound,
     PayloadTooLarge,
@@ -28,6 +34,7 @@ from imageshare.domain.errors import (
 )
 from imageshare.fhir.imaging_study import (
     FHIR_JSON,
+    IGNORED_PARAMETERS,
     Endpoints,
     bundle,
     capability_statement,
@@ -35,6 +42,7 @@ from imageshare.fhir.imaging_study import (
     parse_search,
     study_uid_of,
 )
+from imageshare.settings import Settings
 from imageshare.web.auth import PRIVATE_HEADERS, PrivateRoute, allowed
 from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.negotiation import parse_accept, parse_media_type
@@ -44,9 +52,34 @@ Reader = allowed(STUDY_READ)
 
 
 def public_base(request: Request) -> str:
-    """ImageShare's public root: ``public_url`` when set, else from the request."""
-    configured = archive_of(request).settings.public_url.rstrip("/")
-    return configured or str(request.base_url).rstrip("/")
+    """ImageShare's public root for the addresses in FHIR answers (Bundle links, fullUrl,
+    endpoints): ``public_url`` when set, else the address the server listens on. Never the
+    request's Host header: anyone can send one, and a Bundle whose links name another host
+    sends the client's next request, with its token, there."""
+    settings = archive_of(request).settings
+    configured = settings.public_url.rstrip("/")
+    return configured or listening_base(request, settings)
+
+
+# Addresses that mean "every address of this machine": not one a client can be sent to.
+_EVERY_ADDRESS = ("", "0.0.0.0", "::", "[::]")
+
+
+def listening_base(request: Request, settings: Settings) -> str:
+    """``scheme://host:port`` of ``http_host`` and ``http_port``; when the server listens on
+    every address (or on a port the system chose), the local address of the connection that
+    brought the request (the server's own socket, not anything the client said). The scheme
+    is the connection's (HTTPS here, or at a trusted proxy that says so)."""
+    server = request.scope.get("server") or ("", 0)
+    host = settings.http_host.strip()
+    if host in _EVERY_ADDRESS:
+        host = str(server[0] or "127.0.0.1")
+    port = settings.http_port or int(server[1] or 0)
+    scheme = "https" if request.url.scheme == "https" else "http"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address (RFC 3986 3.2.2)
+    default = 443 if scheme == "https" else 80
+    return f"{scheme}://{host}" + ("" if not port or port == default else f":{port}")
 
 
 def _endpoints(request: Request) -> Endpoints:
@@ -117,13 +150,90 @@ def metadata(request: Request, _anyone: allowed(PUBLIC)) -> JSONResponse:
 async def search(request: Request, actor: Reader, archive: ArchiveDep) -> JSONResponse:
     """A searchset Bundle of the studies matching the search parameters that the caller may
     see, newest first, ``_count`` at a time with ``next`` and ``previous`` links, and
-    ``total`` when it is known. ``Prefer: handling=lenient`` ignores unknown parameters."""
-    return await _search(request, list(request.query_params.multi_items()), actor, archive)
+    ``total`` when it is known. ``Prefer: handling=lenient`` ignores unknown parameters.
+    ``_page`` follows a page link of a search made by POST (its parameters sealed in it)."""
+    params = list(request.query_params.multi_items())
+    _check_field_count(len(params))
+    page_token = [value for name, value in params if name == "_page"]
+    if not page_token:
+        return await _search(request, params, actor, archive)
+    if len(page_token) > 1 or any(name not in ("_page", *IGNORED_PARAMETERS)
+                                  for name, _ in params):
+        raise InvalidQuery("a page link (_page) is followed as it is, without other search "
+                           "parameters")
+    opened = page_seal(request).open(page_token[0], actor)
+    return await _search(request, opened, actor, archive, sealed=True)
 
 
 # A search's parameters in a POST body: far more than any search needs.
 MAX_SEARCH_BODY = 64 * 1024
+# Fields of a search (the form's and the URL's together): far more than any search needs.
+MAX_SEARCH_FIELDS = 200
 FORM = "application/x-www-form-urlencoded"
+# How long the page links of a search made by POST can be followed.
+PAGE_LINK_SECONDS = 3600
+
+
+def _too_many_fields() -> InvalidQuery:
+    return InvalidQuery(f"a search takes at most {MAX_SEARCH_FIELDS} parameters (the URL's "
+                        "and the form's together)")
+
+
+def _check_field_count(count: int) -> None:
+    if count > MAX_SEARCH_FIELDS:
+        raise _too_many_fields()
+
+
+class PageSeal:
+    """Page links of searches made by POST: the parameters (a patient's identifier among
+    them) travel in the body so that they stay out of URLs and the logs that keep them, so
+    the Bundle's self, next and previous links carry them sealed (encrypted and
+    authenticated with a key derived from the installation key), for the same caller only
+    and for :data:`PAGE_LINK_SECONDS`."""
+
+    def __init__(self, key: bytes) -> None:
+        derived = hashlib.sha256(b"imageshare fhir search pages\0" + key).digest()
+        self._fernet = Fernet(base64.urlsafe_b64encode(derived))
+
+    def seal(self, query: str, actor: Actor) -> str:
+        """A token holding the search ``query`` (a URL query string) for ``actor``."""
+        payload = json.dumps({"q": query, "who": _who(actor)}, separators=(",", ":"))
+        return self._fernet.encrypt(payload.encode()).decode("ascii")
+
+    def open(self, token: str, actor: Actor) -> list[tuple[str, str]]:
+        """The search parameters sealed in ``token``; LinkGone when it is not one of ours,
+        is older than :data:`PAGE_LINK_SECONDS` or was made for another caller (all one
+        answer)."""
+        gone = LinkGone("this page link has expired or is not valid for this caller: "
+                        "send the search again")
+        try:
+            payload = json.loads(self._fernet.decrypt(token.encode("ascii"),
+                                                      ttl=PAGE_LINK_SECONDS))
+        except (InvalidToken, UnicodeEncodeError, ValueError) as exc:
+            raise gone from exc
+        if not isinstance(payload, dict) or payload.get("who") != _who(actor):
+            raise gone
+        return parse_qsl(str(payload.get("q", "")), keep_blank_values=True,
+                         max_num_fields=MAX_SEARCH_FIELDS)
+
+    def relink(self, answer: dict[str, Any], base: str, actor: Actor) -> None:
+        """Replace the query of each of ``answer``'s links by a sealed ``_page`` token."""
+        for link in answer.get("link", []):
+            query = urlsplit(link["url"]).query
+            link["url"] = f"{base}?{urlencode({'_page': self.seal(query, actor)})}"
+
+
+def _who(actor: Actor) -> str:
+    return f"{actor.kind}:{actor.name}"
+
+
+def page_seal(request: Request) -> PageSeal:
+    """The application's :class:`PageSeal` (made at its first use)."""
+    state = request.app.state
+    seal: PageSeal | None = getattr(state, "fhir_page_seal", None)
+    if seal is None:
+        seal = state.fhir_page_seal = PageSeal(installation_key(archive_of(request).settings))
+    return seal
 
 
 @router.post("/ImagingStudy/_search", summary="FHIR ImagingStudy search (POST)")
@@ -142,22 +252,33 @@ async def search_by_post(request: Request, actor: Reader, archive: ArchiveDep) -
         if len(body) > MAX_SEARCH_BODY:
             raise PayloadTooLarge(f"search parameters of at most {MAX_SEARCH_BODY} bytes")
     try:
-        sent = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=200)
-    except (UnicodeDecodeError, ValueError) as exc:
+        form = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise InvalidQuery("the search parameters are not a form in UTF-8") from exc
-    return await _search(request, [*request.query_params.multi_items(), *sent], actor, archive)
+    in_url = list(request.query_params.multi_items())
+    _check_field_count(len(in_url))
+    try:
+        sent = parse_qsl(form, keep_blank_values=True,
+                         max_num_fields=MAX_SEARCH_FIELDS - len(in_url))
+    except ValueError as exc:  # more fields than that
+        raise _too_many_fields() from exc
+    return await _search(request, [*in_url, *sent], actor, archive, sealed=True)
 
 
 async def _search(request: Request, params: list[tuple[str, str]], actor: Actor,
-                  archive: ArchiveDep) -> JSONResponse:
+                  archive: ArchiveDep, sealed: bool = False) -> JSONResponse:
+    """The searchset Bundle; ``sealed``: a search made by POST, whose page links carry its
+    parameters sealed (:class:`PageSeal`), never in plain."""
     media = _check_format(request)
     service = archive.imaging_studies
     wanted = parse_search(params, service.hospital_system, lenient=prefers_lenient(request))
     found = await run_in_threadpool(
         service.search, wanted, actor, archive.policy.study_scope(actor), _endpoints(request))
     base = f"{public_base(request)}/fhir/ImagingStudy"
-    return fhir_response(bundle(found.resources, wanted, base, found.more, found.total),
-                         media_type=media)
+    answer = bundle(found.resources, wanted, base, found.more, found.total)
+    if sealed:
+        page_seal(request).relink(answer, base, actor)
+    return fhir_response(answer, media_type=media)
 
 
 def prefers_lenient(request: Request) -> bool:

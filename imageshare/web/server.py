@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 from sqlalchemy import text
 from starlette.requests import ClientDisconnect
-from starlette.routing import Match
+from starlette.routing import Match, compile_path
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from imageshare import __version__
@@ -76,29 +76,71 @@ class DicomwebCors:
 
 
 class HeadAsGet:
-    """HEAD on a route that only has GET is answered as GET without the body (RFC 9110 9.3.2:
-    the same status and headers), instead of 405: health checks, link checkers and download
-    managers ask with HEAD. Routes with their own HEAD (WADO-RS, tus) keep it. The body is
-    not sent (the server drops it for HEAD) and a streamed one stops once the headers are
-    out."""
+    """HEAD asks for the headers GET would give, and must do nothing GET does: link
+    checkers, mail scanners, download managers and monitors send it unseen, before or
+    instead of GET (RFC 9110 9.3.2). Routes with their own HEAD (WADO-RS, tus) keep it.
 
-    # GET routes that change something, which a HEAD (a link checker, a mail scanner) must
-    # not do: a signed EHR launch link signs its user in and spends its one-time nonce.
-    NOT_FOR_HEAD = frozenset({"/iid"})
+    A GET-only route is answered for HEAD as for GET without the body only when it is
+    listed in :data:`HEAD_AS_GET`: its GET shows a page or a document, builds no file and
+    changes nothing. Every other GET route answers HEAD with 405 and ``Allow`` without its
+    handler running, so a route added later is safe by default: a GET that builds a
+    download or an export (a ZIP, a PDF, a rendered image), asks other sites, signs a user
+    in (an EHR launch link) or marks notifications read does none of it for a HEAD. The
+    body of a HEAD answered as GET is not sent (the server drops it) and a streamed one
+    stops once the headers are out."""
+
+    # Routes whose GET only reads and shows: monitors and caches, the addresses in e-mails
+    # and bookmarks that link checkers ask with HEAD (each shows a form or a list), and the
+    # lists and searches. Opt in here only after checking that the GET builds no file and
+    # changes nothing (an audit event of what was shown is not a change).
+    HEAD_AS_GET = frozenset({
+        "/healthz", "/fhir/metadata", "/static/{name}",
+        "/", "/login", "/s/{token}", "/u/{token}", "/invite/{secret}",
+        "/account/email/confirm/{secret}",
+        "/search", "/shares", "/shared-with-me", "/admin/users", "/api/me",
+        "/dicomweb/studies", "/dicomweb/series", "/dicomweb/instances",
+    })
 
     def __init__(self, app: Any, routes: list[Any]) -> None:
         self.app = app
         self.routes = routes
+        self._paths: list[tuple[Any, str, frozenset[str]]] | None = None
 
     def _own_head(self, scope: dict[str, Any]) -> bool:
         probe = dict(scope)  # matching may note things in the scope: not in the request's
         return any(route.matches(probe)[0] == Match.FULL for route in self.routes)
 
+    def _route_paths(self) -> list[tuple[Any, str, frozenset[str]]]:
+        """(path regex, path template, methods) of every route, in matching order; made
+        at the first request (routes are added after the middleware)."""
+        if self._paths is None:
+            self._paths = [(compile_path(path)[0], path, frozenset(methods))
+                           for path, methods in _flat_routes(self.routes)]
+        return self._paths
+
+    def _not_for_head(self, path: str) -> list[str] | None:
+        """The methods the resource at ``path`` allows when its GET route is not answered
+        for HEAD; None when it is (or when no GET route has the path: answered as GET,
+        with GET's 404 or 405)."""
+        matching = [(template, methods) for regex, template, methods in self._route_paths()
+                    if regex.match(path)]
+        get = next((template for template, methods in matching if "GET" in methods), None)
+        if get is None or get in self.HEAD_AS_GET:
+            return None
+        return sorted({m for _, methods in matching for m in methods} - {"HEAD"})
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """The ASGI entry point."""
         if (scope["type"] != "http" or scope["method"] != "HEAD"
-                or scope["path"] in self.NOT_FOR_HEAD or self._own_head(scope)):
+                or self._own_head(scope)):
             await self.app(scope, receive, send)
+            return
+        allow = self._not_for_head(scope["path"])
+        if allow is not None:
+            await send({"type": "http.response.start", "status": 405, "headers": [
+                (b"allow", ", ".join(allow).encode()), (b"content-length", b"0"),
+                (b"cache-control", b"no-store")]})
+            await send({"type": "http.response.body", "body": b""})
             return
         done = False
 
@@ -114,6 +156,18 @@ class HeadAsGet:
                 done = True
 
         await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+def _flat_routes(routes: list[Any], prefix: str = "") -> list[tuple[str, set[str]]]:
+    """(full path template, methods) of every route, routers included, in matching order."""
+    found: list[tuple[str, set[str]]] = []
+    for route in routes:
+        if hasattr(route, "original_router"):  # an included router (FastAPI >= 0.16x)
+            extra = getattr(getattr(route, "include_context", None), "prefix", "") or ""
+            found += _flat_routes(route.original_router.routes, prefix + extra)
+        elif isinstance(getattr(route, "path", None), str):
+            found.append((prefix + route.path, set(getattr(route, "methods", None) or ())))
+    return found
 
 
 HSTS = b"max-age=31536000"  # a year (RFC 6797); no includeSubDomains: other hosts are not ours

@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse, Response
 from pydicom import dcmread
 from starlette.background import BackgroundTask
 
+from imageshare.access.passcodes import MAX_PASSCODE_FAILURES
 from imageshare.access.policy import PUBLIC, SHARE_COMMENT, SHARE_DOWNLOAD, SHARE_VIEW
 from imageshare.archive.annotations import share_author
 from imageshare.archive.rendering import render_frame, render_video_still
@@ -75,6 +76,14 @@ def landing(request: Request, archive: ArchiveDep,
                 needs_login=not share.opens_for(actor))
 
 
+def wrong_passcode(tries_left: int) -> str:
+    """What a wrong passcode is told: how many tries are left before the link locks (nothing
+    about the share or its patient; the page says where the passcode comes from)."""
+    tries = "1 more try" if tries_left == 1 else f"{tries_left} more tries"
+    return (f"That passcode is not right. You have {tries} before this link locks; once "
+            "locked, it opens for nobody and the sender has to share the images again.")
+
+
 _FROM_ELSEWHERE = ("This passcode was sent from another web site. Type it here, on "
                    "ImageShare's own page.")
 
@@ -117,11 +126,12 @@ def open_link(request: Request, archive: ArchiveDep, token: str, _anyone: allowe
     if not archive.shares.check_passcode(share, passcode[:64], source):
         archive.throttle.failed(source)
         try:
-            archive.shares.by_token(token)
-        except ImageShareError as exc:
+            now = archive.shares.by_token(token)
+        except ImageShareError as exc:  # that was the last try: the link locked
             return _gone(request, exc)
+        left = max(MAX_PASSCODE_FAILURES - now.failed_attempts, 0)
         return page(request, "link_passcode.html", status_code=401, token=token,
-                    error="That passcode is not right.", needs_login=False)
+                    error=wrong_passcode(left), tries_left=left, needs_login=False)
     secret, _csrf = archive.shares.start_session(share)
     response = redirect(f"/s/{token}/case")
     response.set_cookie(LINK_COOKIE, secret, httponly=True, samesite="strict",

@@ -12,7 +12,7 @@ from imageshare.access.policy import ACCOUNT_SELF, CHANGING_PASSWORD, PUBLIC, SE
 from imageshare.access.sign_in import SignedIn
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import NotAuthenticated
+from imageshare.domain.errors import Forbidden, NotAuthenticated
 from imageshare.web.auth import (
     allowed,
     client_address,
@@ -26,6 +26,9 @@ from imageshare.web.pages.templating import page, redirect
 
 router = APIRouter(include_in_schema=False)
 WRONG = "Wrong username or password, or the account is locked or disabled."
+MACHINE = ("This account is for a program (a service or another hospital's ImageShare), not "
+           "a person, so it cannot sign in here. Programs use an API token or HTTP Basic "
+           "with the JSON API, DICOMweb and FHIR; sign in with your own account.")
 
 
 def safe_next(target: str | None) -> str:
@@ -77,7 +80,9 @@ def login(
     _anyone: allowed(PUBLIC), username: Annotated[str, Form()],
     password: Annotated[str, Form()], next: Annotated[str, Form()] = "/",
 ) -> Response:
-    """Check the password; a wrong one, a locked or disabled account all get one answer.
+    """Check the password; a wrong one, a locked or disabled account all get one answer. A
+    machine's account (a service, another site) with its right password is told it gets no
+    browser session.
 
     A sign-in posted by another site's page is refused (login CSRF: it would sign the
     browser into someone else's account, where what its user then uploads would land)."""
@@ -94,6 +99,9 @@ def login(
     except NotAuthenticated:
         return page(request, "login.html", status_code=401, error=WRONG,
                     next=safe_next(next), username=username[:128])
+    except Forbidden:  # a machine's account, with its right password (audited)
+        return page(request, "login.html", status_code=403, error=MACHINE,
+                    next=safe_next(next), username="")
     return _to_next_stage(request, signed_in, safe_next(next))
 
 
