@@ -65,6 +65,7 @@ from imageshare.exchange.sites import SiteClient
 from imageshare.exchange.transfers import Transfers
 from imageshare.export.service import ExportService
 from imageshare.fhir.imaging_study import ImagingStudies
+from imageshare.fhir.page_seal import PageSeal
 from imageshare.governance.consent import ConsentBook
 from imageshare.governance.key_rotation import KeyRotation, StoreSeal, check_index_key
 from imageshare.jobs import DatabaseJobQueue, Job
@@ -157,6 +158,7 @@ class Archive:
     reports: AccessReports
     consents: ConsentBook
     submissions: FormSubmissions
+    fhir_pages: PageSeal
 
     def close(self) -> None:
         """Finish pending index writes and release the database."""
@@ -510,6 +512,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         reports=AccessReports(engine, audit),
         consents=consents,
         submissions=FormSubmissions(engine),
+        fhir_pages=PageSeal(installation_key(settings)),
     )
     jobs.register("recover", lambda job, params: _recover_job(archive, job, params))
     return archive

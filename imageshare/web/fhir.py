@@ -8,25 +8,19 @@ Thin adapter over :mod:`imageshare.fhir.imaging_study`; callers authenticate as 
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl
 
-from cryptography.fernet import Fernet, InvalidToken
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from imageshare import __version__
 from imageshare.access.policy import PUBLIC, STUDY_READ
-from imageshare.app import installation_key
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
     InvalidQuery,
-    LinkGone,
     NotAcceptable,
     NotFound,
     PayloadTooLarge,
@@ -42,6 +36,7 @@ from imageshare.fhir.imaging_study import (
     parse_search,
     study_uid_of,
 )
+from imageshare.fhir.page_seal import MAX_SEARCH_FIELDS, PageSeal
 from imageshare.settings import Settings
 from imageshare.web.auth import PRIVATE_HEADERS, PrivateRoute, allowed
 from imageshare.web.deps import ArchiveDep, archive_of
@@ -167,11 +162,7 @@ async def search(request: Request, actor: Reader, archive: ArchiveDep) -> JSONRe
 
 # A search's parameters in a POST body: far more than any search needs.
 MAX_SEARCH_BODY = 64 * 1024
-# Fields of a search (the form's and the URL's together): far more than any search needs.
-MAX_SEARCH_FIELDS = 200
 FORM = "application/x-www-form-urlencoded"
-# How long the page links of a search made by POST can be followed.
-PAGE_LINK_SECONDS = 3600
 
 
 def _too_many_fields() -> InvalidQuery:
@@ -184,56 +175,9 @@ def _check_field_count(count: int) -> None:
         raise _too_many_fields()
 
 
-class PageSeal:
-    """Page links of searches made by POST: the parameters (a patient's identifier among
-    them) travel in the body so that they stay out of URLs and the logs that keep them, so
-    the Bundle's self, next and previous links carry them sealed (encrypted and
-    authenticated with a key derived from the installation key), for the same caller only
-    and for :data:`PAGE_LINK_SECONDS`."""
-
-    def __init__(self, key: bytes) -> None:
-        derived = hashlib.sha256(b"imageshare fhir search pages\0" + key).digest()
-        self._fernet = Fernet(base64.urlsafe_b64encode(derived))
-
-    def seal(self, query: str, actor: Actor) -> str:
-        """A token holding the search ``query`` (a URL query string) for ``actor``."""
-        payload = json.dumps({"q": query, "who": _who(actor)}, separators=(",", ":"))
-        return self._fernet.encrypt(payload.encode()).decode("ascii")
-
-    def open(self, token: str, actor: Actor) -> list[tuple[str, str]]:
-        """The search parameters sealed in ``token``; LinkGone when it is not one of ours,
-        is older than :data:`PAGE_LINK_SECONDS` or was made for another caller (all one
-        answer)."""
-        gone = LinkGone("this page link has expired or is not valid for this caller: "
-                        "send the search again")
-        try:
-            payload = json.loads(self._fernet.decrypt(token.encode("ascii"),
-                                                      ttl=PAGE_LINK_SECONDS))
-        except (InvalidToken, UnicodeEncodeError, ValueError) as exc:
-            raise gone from exc
-        if not isinstance(payload, dict) or payload.get("who") != _who(actor):
-            raise gone
-        return parse_qsl(str(payload.get("q", "")), keep_blank_values=True,
-                         max_num_fields=MAX_SEARCH_FIELDS)
-
-    def relink(self, answer: dict[str, Any], base: str, actor: Actor) -> None:
-        """Replace the query of each of ``answer``'s links by a sealed ``_page`` token."""
-        for link in answer.get("link", []):
-            query = urlsplit(link["url"]).query
-            link["url"] = f"{base}?{urlencode({'_page': self.seal(query, actor)})}"
-
-
-def _who(actor: Actor) -> str:
-    return f"{actor.kind}:{actor.name}"
-
-
 def page_seal(request: Request) -> PageSeal:
-    """The application's :class:`PageSeal` (made at its first use)."""
-    state = request.app.state
-    seal: PageSeal | None = getattr(state, "fhir_page_seal", None)
-    if seal is None:
-        seal = state.fhir_page_seal = PageSeal(installation_key(archive_of(request).settings))
-    return seal
+    """The archive's :class:`PageSeal`."""
+    return archive_of(request).fhir_pages
 
 
 @router.post("/ImagingStudy/_search", summary="FHIR ImagingStudy search (POST)")
