@@ -448,8 +448,9 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        SECURITY_ALERT, "E", _STUDY, ("purpose", "reason", "case"),
        USE_OF_RESTRICTED_FUNCTION),
     # The audit trail itself.
-    _e("audit.read", "The audit trail (or a study's access list) was read.", AUDIT_LOG_USED,
-       "R", ("audit-log",)),
+    _e("audit.read", "The audit trail (or a study's access list) was read (with the action "
+       "and the text it was filtered by).", AUDIT_LOG_USED, "R", ("audit-log",),
+       ("action", "text")),
     _e("audit.report", "An access report was made (a patient's accesses, or one user's "
        "activity).", AUDIT_LOG_USED, "R", ("audit-log", "patient", "user"),
        ("report", "user", "format", "since", "until")),

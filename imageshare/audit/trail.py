@@ -117,12 +117,18 @@ class AuditTrail:
 
     def events(
         self, action: str | None = None, study_uid: str | None = None, limit: int = 1000,
-        detail: tuple[str, str] | None = None,
+        detail: tuple[str, str] | None = None, text: str = "",
     ) -> Iterator[dict[str, Any]]:
         """Recorded events, newest first, optionally filtered (``detail``: a key and the text
-        value it must have; ``%`` and ``_`` in it are matched as themselves, not as LIKE
-        wildcards that would let other events take the places of the ``limit``)."""
+        value it must have; ``text``: contained, in any case, in who, the address, the
+        patient ID, the study UID or the detail; ``%`` and ``_`` in either are matched as
+        themselves, not as LIKE wildcards that would let other events take the places of
+        the ``limit``)."""
         query = select(audit_events).order_by(audit_events.c.pk.desc()).limit(limit)
+        if text:
+            query = query.where(or_(*(column.icontains(text, autoescape=True) for column in (
+                audit_events.c.actor, audit_events.c.source, audit_events.c.patient_id,
+                audit_events.c.study_uid, audit_events.c.detail))))
         if detail is not None:
             query = query.where(audit_events.c.detail.contains(
                 json.dumps({detail[0]: detail[1]}, sort_keys=True)[1:-1], autoescape=True))

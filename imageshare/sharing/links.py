@@ -898,19 +898,36 @@ class ShareService:
                              "A mentor signed off a case you shared",
                              f"/shares/{share.public_id}")
 
-    def clip_names(self, share: Share) -> dict[str, str]:
-        """A name for each shared image or clip, by its public SOP Instance UID ("Clip 2 of
-        series 1: US ..."), for the owner and the reviewer alike (no patient data)."""
-        names: dict[str, str] = {}
+    def clip_names(self, share: Share) -> ClipNames:
+        """A name for each shared image, clip or other object, by its public SOP Instance UID
+        ("Series 1, image 2"; "Series 2, report"), for the owner and the reviewer alike (no
+        patient data); with what the share holds counted by kind (:class:`ClipNames`): a
+        report or key images note is named as such, never counted as an image."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(share_items.c.public_series_uid, share_items.c.public_sop_uid,
+                       share_items.c.held_back, instances.c.sop_class_uid, instances.c.rows)
+                .select_from(share_items.outerjoin(
+                    instances, instances.c.sop_uid == share_items.c.sop_uid))
+                .where(share_items.c.share_pk == share.pk)
+                .order_by(share_items.c.pk)).all()
+        names = ClipNames()
         series_order: dict[str, int] = {}
-        counts: dict[str, int] = {}
-        for item in self.items(share):
-            if item.held_back:
+        counts: dict[tuple[str, str], int] = {}
+        alone: dict[tuple[str, str], int] = {}
+        for row in rows:
+            key = (row.public_series_uid, _kind(row.sop_class_uid, row.rows))
+            alone[key] = alone.get(key, 0) + 1
+        for series_uid, sop_uid, held_back, sop_class, image_rows in rows:
+            kind = _kind(sop_class, image_rows)
+            names.kinds[kind] = names.kinds.get(kind, 0) + 1
+            if held_back:
                 continue
-            number = series_order.setdefault(item.public_series_uid, len(series_order) + 1)
-            counts[item.public_series_uid] = counts.get(item.public_series_uid, 0) + 1
-            names[item.public_sop_uid] = (
-                f"Series {number}, image {counts[item.public_series_uid]}")
+            number = series_order.setdefault(series_uid, len(series_order) + 1)
+            counts[(series_uid, kind)] = counts.get((series_uid, kind), 0) + 1
+            names[sop_uid] = (f"Series {number}, {kind}" if kind != "image"
+                              and alone[(series_uid, kind)] == 1
+                              else f"Series {number}, {kind} {counts[(series_uid, kind)]}")
         return names
 
     def comments(self, share: Share) -> list[dict[str, Any]]:
@@ -1137,6 +1154,49 @@ class ShareService:
             self.notifier.notify(row.owner, "share.expiring", "A share link expires soon",
                                  f"/shares/{row.public_id}")
         return len(rows)
+
+
+# What an instance that is not an image is, in a clinician's words, by its SOP Class UID
+# (DICOM PS3.4 Annex B): the first prefix that matches names it.
+_NOT_IMAGES = (
+    ("1.2.840.10008.5.1.4.1.1.88.59", "key images note"),  # Key Object Selection Document
+    ("1.2.840.10008.5.1.4.1.1.88.", "report"),  # Structured Reports
+    ("1.2.840.10008.5.1.4.1.1.11.", "saved view"),  # Presentation States
+    ("1.2.840.10008.5.1.4.1.1.104.", "document"),  # Encapsulated PDF, CDA
+)
+
+
+def _kind(sop_class_uid: str | None, rows: int | None) -> str:
+    """"image" for an instance with pixels (or one no longer in the index), else what it
+    is: "report", "key images note", "saved view", "document" or "other object"."""
+    for prefix, name in _NOT_IMAGES:
+        if sop_class_uid and (sop_class_uid == prefix or sop_class_uid.startswith(prefix)
+                              and prefix.endswith(".")):
+            return name
+    return "other object" if sop_class_uid and rows is None else "image"
+
+
+class ClipNames(dict[str, str]):
+    """A share's names of its objects by public SOP Instance UID, and ``kinds``: how many of
+    each kind the share holds ("image", "report", ...; held-back ones included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: dict[str, int] = {}
+
+    @property
+    def images(self) -> int:
+        """How many images (stills, loops or videos) the share holds."""
+        return self.kinds.get("image", 0)
+
+    @property
+    def summary(self) -> str:
+        """What the share holds, in words: "1 image, 1 report and 1 key images note"."""
+        order = ("image", "report", "key images note", "saved view", "document",
+                 "other object")
+        parts = [f"{n} {kind if n == 1 else kind + 's'}" for kind in order
+                 if (n := self.kinds.get(kind, 0)) or kind == "image"]
+        return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def _copy_name(blob_key: str | None, sha256: str | None) -> str:

@@ -279,7 +279,9 @@ def test_a_series_is_described_by_what_it_holds():
 
     still = {"sop": "1", "frame": 1}
     clip = {"sop": "2", "frame": 1, "video": True}
-    assert series_size([still] * 12) == "12 frames"
-    assert series_size([still]) == "1 frame"
+    assert series_size([still] * 12) == "12 images"
+    assert series_size([still]) == "1 image"
     assert series_size([clip]) == "1 video"
-    assert series_size([clip, clip, still]) == "2 videos, 1 frame"
+    assert series_size([clip, clip, still]) == "2 videos, 1 image"
+    loop = [{"sop": "3", "frame": n, "multi": True} for n in range(1, 41)]
+    assert series_size(loop) == "a 40-frame loop"

@@ -9,6 +9,8 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
 
 from imageshare.access.policy import AUDIT_READ, PERSON_ROLES, USER_MANAGE
+from imageshare.access.users import one_line
+from imageshare.audit.events import CATALOGUE
 from imageshare.audit.trail import AuditEvent, Outcome
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import Forbidden, ImageShareError
@@ -133,10 +135,23 @@ def change_user(request: Request, archive: ArchiveDep,
 
 @router.get("/admin/audit")
 def audit(request: Request, archive: ArchiveDep,
-          actor: allowed(AUDIT_READ), action: str = "", study: str = ""
+          actor: allowed(AUDIT_READ), action: str = "", study: str = "", text: str = ""
           ) -> Response:
-    """The latest audit events, optionally for one action or study."""
-    events = list(archive.audit.events(action.strip() or None, study.strip() or None, 500))
-    archive.audit.record(AuditEvent(actor=actor, action="audit.read", outcome="success",
-                                    study_uid=study.strip()[:64], instance_count=len(events)))
-    return page(request, "audit.html", events=events, action=action, study_uid=study)
+    """The latest audit events, optionally for one action, one study, and those naming a
+    text typed once (a user name, part of a patient ID, an address, a UID); the read is
+    audited with what it asked for."""
+    action, study = action.strip()[:64], study.strip()[:64]
+    text = one_line(text, MAX_FILTER_TEXT)
+    events = list(archive.audit.events(action or None, study or None, AUDIT_PAGE_ROWS,
+                                       text=text))
+    archive.audit.record(AuditEvent(
+        actor=actor, action="audit.read", outcome="success", study_uid=study,
+        instance_count=len(events),
+        detail={k: v for k, v in (("action", action), ("text", text)) if v}))
+    return page(request, "audit.html", events=events, action=action, study_uid=study,
+                text=text, actions={a: CATALOGUE[a].description for a in sorted(CATALOGUE)},
+                limit=AUDIT_PAGE_ROWS)
+
+
+AUDIT_PAGE_ROWS = 500
+MAX_FILTER_TEXT = 64

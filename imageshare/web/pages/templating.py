@@ -137,13 +137,26 @@ def count(value: object, noun: str, plural: str = "") -> str:
 
 
 def series_size(frames: list[dict[str, object]]) -> str:
-    """What a viewer's series holds, in words: "12 frames", "1 video", "1 video, 3 frames"
-    (a video plays in the browser's player; it is not one frame)."""
+    """What a viewer's series holds, in words a clinician counts by: single-frame instances
+    are images ("12 images" for a CT series), a multi-frame instance is a loop of frames
+    ("a 40-frame loop", "3 loops, 120 frames"), a video is a video (it plays in the
+    browser's own player): "1 video, 2 images"."""
     videos = sum(1 for f in frames if f.get("video"))
-    stills = count(len(frames) - videos, "frame")
-    if not videos:
-        return stills
-    return count(videos, "video") + (f", {stills}" if len(frames) > videos else "")
+    images = sum(1 for f in frames if not f.get("video") and not f.get("multi"))
+    loops: dict[object, int] = {}
+    for f in frames:
+        if f.get("multi") and not f.get("video"):
+            loops[f.get("sop")] = loops.get(f.get("sop"), 0) + 1
+    parts = []
+    if videos:
+        parts.append(count(videos, "video"))
+    if len(loops) == 1:
+        parts.append(f"a {sum(loops.values())}-frame loop")
+    elif loops:
+        parts.append(f"{count(len(loops), 'loop')}, {count(sum(loops.values()), 'frame')}")
+    if images or not parts:
+        parts.append(count(images, "image"))
+    return ", ".join(parts)
 
 
 def sentence(value: object) -> str:

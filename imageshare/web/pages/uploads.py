@@ -135,14 +135,17 @@ def _invitation(request: Request) -> Invitation:
 
 
 def _upload_page(request: Request, archive: Archive, invitation: Invitation, base: str,
-                 staff: bool) -> Response:
+                 staff: bool, status_code: int = 200, error: str = "") -> Response:
+    """The upload page as it stands: the files that arrived and wait to be sent, the room
+    left, what was sent before; with ``error`` (a refused send), the same page saying why."""
     receiver = archive.uploads.receiver
     round_ = receiver.current_round(invitation)
     waiting = [f for f in receiver.files(invitation, round_) if f.status == "received"]
-    return page(request, "upload.html", invitation=invitation, base=base, staff=staff,
-                waiting=waiting, chunk=min(8 << 20, archive.settings.upload_chunk_bytes),
+    return page(request, "upload.html", status_code=status_code, invitation=invitation,
+                base=base, staff=staff, waiting=waiting,
+                chunk=min(8 << 20, archive.settings.upload_chunk_bytes),
                 left=max(0, invitation.max_bytes - receiver.used_bytes(invitation)),
-                results=_own_results(archive, invitation, staff))
+                results=_own_results(archive, invitation, staff), error=error)
 
 
 def _own_results(archive: Archive, invitation: Invitation,
@@ -225,11 +228,12 @@ async def _send(request: Request, archive: Archive, invitation: Invitation, acto
     try:
         job = await run_in_threadpool(archive.uploads.submit, invitation, actor, uploader)
     except ImageShareError as exc:
+        # Refused: the same page as before the click, with the files that did arrive (the
+        # person sends them again, or adds what is missing) and the room really left.
         status = 400 if not isinstance(exc, Forbidden) else 403
-        return page(request, "upload.html", status_code=status,
-                    invitation=invitation, base=base, staff=staff, waiting=[],
-                    chunk=min(8 << 20, archive.settings.upload_chunk_bytes), left=0,
-                    results=_own_results(archive, invitation, staff), error=str(exc))
+        return await run_in_threadpool(
+            _upload_page, request, archive, archive.uploads.invitations.by_public_id(
+                invitation.public_id), base, staff, status, str(exc))
     return redirect(f"{base}/sent/{job.id}")
 
 

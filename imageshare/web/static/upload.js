@@ -63,10 +63,13 @@
     }
     overall.max = Math.max(total, 1);
     overall.value = sent;
+    // Files that arrived before the page was loaded (after a reload, or a refused Send)
+    // are counted too: the line never says "No files yet" above files listed as arrived.
+    const before = arrivedBefore ? `${arrivedBefore} file(s) arrived before` : "";
     overallText.textContent = items.length
       ? `${done} of ${items.length} file(s) arrived (${amount(sent, total)})` +
-        (failed ? `, ${failed} could not be sent` : "")
-      : "No files yet";
+        (failed ? `, ${failed} could not be sent` : "") + (before ? `; ${before}` : "")
+      : (before ? `${before}, ready to send` : "No files yet");
     const busy = items.some((i) => i.state !== "done" && i.state !== "failed");
     sendButton.disabled = busy || done + arrivedBefore === 0;
   }
