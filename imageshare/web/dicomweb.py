@@ -227,7 +227,7 @@ def _identifier(request: Request, level: Level, fixed: dict[str, str]) -> tuple[
                 if field.strip() == "all":
                     return_all = True
                 elif field.strip():
-                    path = [_tag(p) for p in field.split(".")]
+                    path = _path(field)
                     if len(path) > 1:
                         nested.append(path)
                     else:
@@ -235,32 +235,47 @@ def _identifier(request: Request, level: Level, fixed: dict[str, str]) -> tuple[
             continue
         if key in _RESERVED:
             continue
-        path = [_tag(p) for p in key.split(".")]
+        path = _path(key)
         if len(path) == 1:
             identifier[path[0]] = _element(path[0], value)
         else:
-            seq = identifier.setdefault(path[0], {"vr": "SQ", "Value": [{}]})
-            if not seq.get("Value"):
-                seq["Value"] = [{}]
-            seq["Value"][0][path[-1]] = _element(path[-1], value)
+            _item_at(identifier, path[:-1], whole=False)[path[-1]] = _element(path[-1], value)
     for tag, value in fixed.items():
         identifier[tag] = _element(tag, value)
     for path in nested:
-        _include_nested(identifier, path)
+        _item_at(identifier, path[:-1], whole=True).setdefault(path[-1],
+                                                               _element(path[-1], ""))
     return identifier, return_all
 
 
-def _include_nested(identifier: dict[str, Any], path: list[str]) -> None:
-    """Ask for the attribute at ``path`` (a sequence's tag, then its item's) in the answer:
-    beside the attributes a matching key or another includefield names in that item; a
-    sequence asked for with an empty item (whole items) already holds it."""
-    sequence = identifier.get(path[0])
-    if sequence is None:
-        identifier[path[0]] = {"vr": "SQ", "Value": [{path[-1]: _element(path[-1], "")}]}
-        return
-    item = (sequence.get("Value") or [{}])[0]
-    if sequence.get("vr") == "SQ" and isinstance(item, dict) and item:
-        item.setdefault(path[-1], _element(path[-1], ""))
+def _path(name: str) -> list[str]:
+    """The tags of an attribute path (``Keyword``, ``Sequence.Keyword``,
+    ``Sequence.Sequence.Keyword``, keywords or tags); InvalidQuery when a component before the
+    last is not a sequence."""
+    path = [_tag(p) for p in name.split(".")]
+    for tag in path[:-1]:
+        if _vr(tag) != "SQ":
+            raise InvalidQuery(f"{name.strip()!r}: {tag} is not a sequence")
+    return path
+
+
+def _item_at(identifier: dict[str, Any], sequences: list[str], whole: bool
+             ) -> dict[str, Any]:
+    """The query item that the sequence path ``sequences`` leads to in ``identifier``, made
+    where missing. With ``whole`` (an includefield), a sequence already asked for with an
+    empty item (whole items: it holds every attribute) is left as it is, and the item
+    returned is a scratch one."""
+    container = identifier
+    for tag in sequences:
+        sequence = container.get(tag)
+        if sequence is None or sequence.get("vr") != "SQ":
+            sequence = container[tag] = {"vr": "SQ", "Value": [{}]}
+        elif whole and not (sequence.get("Value") or [{}])[0]:
+            return {}
+        if not sequence.get("Value"):
+            sequence["Value"] = [{}]
+        container = sequence["Value"][0]
+    return container
 
 
 def _int_param(request: Request, name: str, default: int | None) -> int | None:
