@@ -78,9 +78,19 @@ def _from_row(row: Any) -> UploadFile:
                       row["status"], row["round"], row["sop_uid"], row["outcome"])
 
 
-# Unicode text-direction controls (embeddings, overrides, isolates, marks): a name holding one
-# is shown in another order than it is written.
-_SPOOFING = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# What no real file name holds: control characters (Cc: a line break, an escape), line and
+# paragraph separators (Zl, Zp) and invisible format characters (Cf: text-direction marks,
+# embeddings, overrides and isolates, which show a name in another order than it is written,
+# zero-width spaces, byte order marks). The zero-width (non-)joiners are written in Persian
+# and Indic words and in emoji, and are allowed.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+_JOINERS = frozenset("\u200c\u200d")
+
+
+def _hidden_characters(part: str) -> bool:
+    """True when ``part`` holds a character of :data:`_REFUSED_CATEGORIES` (joiners aside)."""
+    return any(unicodedata.category(c) in _REFUSED_CATEGORIES and c not in _JOINERS
+               for c in part)
 
 
 def safe_parts(path: str) -> list[str]:
@@ -93,12 +103,12 @@ def safe_parts(path: str) -> list[str]:
         if part in ("", ".", "..") or "\0" in part or len(part.encode()) > 255 or (
                 part.startswith(".") and part.strip(".") == ""):
             raise ImageShareError("the file's path is not allowed (it would leave the upload)")
-        if _SPOOFING & set(part) or any(unicodedata.category(c) == "Cc" for c in part):
+        if _hidden_characters(part):
             # Shown to the staff who review the upload and written into the DICOM made of
             # it: a line break, an escape (a DICOM character set switch) or a right-to-left
             # override ("photo<RLO>gpj.exe" reads "photoexe.jpg") is no part of a real name.
-            raise ImageShareError("the file's name holds control or text-direction "
-                                  "characters: rename it and send it again")
+            raise ImageShareError("the file's name holds control, invisible or "
+                                  "text-direction characters: rename it and send it again")
     if parts[0].endswith(":"):
         raise ImageShareError("the file's path is not allowed (a drive name)")
     return parts
