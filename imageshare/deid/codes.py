@@ -11,6 +11,8 @@ code with a site's own meaning) cannot be shown to be safe and is replaced.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
+from types import MappingProxyType
 
 DUMMY_CODE = ("REMOVED", "99DEID", "Removed by de-identification")
 _UCUM_CHARACTERS = set("0123456789.*/^()[]%'-+ ")
@@ -96,3 +98,52 @@ def _plausible_unit(value: str) -> bool:
             if c not in _UCUM_CHARACTERS:
                 return False
     return True
+
+
+# Concepts (DCM) of report content items whose TEXT says who someone is, where they work or
+# which device made the report (PS3.16 TID 1003 Person Observer, TID 1004 Device Observer,
+# TID 1005 Procedure Context, TID 1007/1008 Subject, TID 1009 Specimen, TID 1010 Device
+# Subject, TID 1020/1021 Person and Device Participant, TID 8001/8002 Specimen Preparation
+# and Sampling): the one list the de-identifier works from. Each says what the text is and
+# which option keeps it (None: none does):
+# ``identifier`` a login or an ID (of a person, an order, a specimen), looked for elsewhere
+# as a whole value; ``issuer`` the institution's name for an assigning authority (an HL7
+# hierarchic designator), looked for elsewhere as a whole value; ``organisation`` an
+# organisation's name, looked for elsewhere as the institution's name is; ``location`` and
+# ``device`` only replaced in the report.
+REPORT_IDENTIFIER, REPORT_ISSUER, REPORT_ORGANISATION = "identifier", "issuer", "organisation"
+REPORT_LOCATION, REPORT_DEVICE = "location", "device"
+_INSTITUTION, _DEVICE = "retain_institution_identity", "retain_device_identity"
+IDENTIFYING_CONCEPTS: Mapping[tuple[str, str], tuple[str, str | None]] = MappingProxyType({
+    ("DCM", "128774"): (REPORT_IDENTIFIER, None),  # Person Observer's Login Name
+    ("DCM", "128775"): (REPORT_IDENTIFIER, None),  # Identifier within Person Observer's Role
+    ("DCM", "121030"): (REPORT_IDENTIFIER, None),  # Subject ID (a fetus's label: kept)
+    ("DCM", "113871"): (REPORT_IDENTIFIER, None),  # Person ID
+    ("DCM", "121020"): (REPORT_IDENTIFIER, None),  # Placer Number
+    ("DCM", "121021"): (REPORT_IDENTIFIER, None),  # Filler Number
+    ("DCM", "121022"): (REPORT_IDENTIFIER, None),  # Accession Number
+    ("DCM", "121041"): (REPORT_IDENTIFIER, None),  # Specimen Identifier
+    ("DCM", "121040"): (REPORT_IDENTIFIER, None),  # Specimen Accession Number
+    ("DCM", "111700"): (REPORT_IDENTIFIER, None),  # Specimen Container Identifier
+    ("DCM", "111705"): (REPORT_IDENTIFIER, None),  # Parent Specimen Identifier
+    ("DCM", "113872"): (REPORT_ISSUER, _INSTITUTION),  # Person ID Issuer
+    ("DCM", "110190"): (REPORT_ISSUER, _INSTITUTION),  # Issuer of Identifier (TID 1005)
+    ("DCM", "111724"): (REPORT_ISSUER, _INSTITUTION),  # Issuer of Specimen Identifier
+    ("DCM", "111706"): (REPORT_ISSUER, _INSTITUTION),  # Issuer of Parent Specimen Identifier
+    ("DCM", "121009"): (REPORT_ORGANISATION, _INSTITUTION),  # Person Observer's Organization
+    ("DCM", "113873"): (REPORT_ORGANISATION, _INSTITUTION),  # Organization Name
+    ("DCM", "121017"): (REPORT_LOCATION, _INSTITUTION),  # Device Observer Physical Location
+    ("DCM", "121197"): (REPORT_LOCATION, _INSTITUTION),  # Device Subject Physical Location
+    ("DCM", "121013"): (REPORT_DEVICE, _DEVICE),  # Device Observer Name
+    ("DCM", "121016"): (REPORT_DEVICE, _DEVICE),  # Device Observer Serial Number
+    ("DCM", "110119"): (REPORT_DEVICE, _DEVICE),  # Station AE Title
+    ("DCM", "113877"): (REPORT_DEVICE, _DEVICE),  # Device Name
+    ("DCM", "113880"): (REPORT_DEVICE, _DEVICE),  # Device Serial Number
+    ("DCM", "121193"): (REPORT_DEVICE, _DEVICE),  # Device Subject Name
+    ("DCM", "121196"): (REPORT_DEVICE, _DEVICE),  # Device Subject Serial Number
+})
+# TID 1008 Subject Context, Fetus: a Subject ID among these (the subject class Fetus, or a
+# fetus number) is the fetus's label ("Fetus A", "Twin 2"), which tells the fetuses of one
+# report apart and names no one: kept (cleaned of identifiers as other text is).
+SUBJECT_ID = ("DCM", "121030")
+FETUS_CONTEXT = frozenset({("DCM", "121037"), ("DCM", "121026")})  # Fetus Number, Fetus

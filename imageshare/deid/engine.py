@@ -16,8 +16,10 @@ declaring ISO 8859-5) is cleaned in that reading. File meta elements (group 0002
 allowed in a data set (PS3.10): found there or in a sequence item, they are removed; of the file
 meta group, only what says what the file is and how it is encoded is kept. A report's birth
 date (Subject Birth Date) is replaced by a dummy under every option, as the header's is; so
-is the text of its observer, subject and participant context (an organisation, a login, a
-device name), unless an option keeps that identity.
+is the text of its observer, subject, procedure, specimen and participant context (an
+organisation, a login, a staff number, an order's or a specimen's number and their issuer, a
+device name), unless an option keeps that identity; a fetus's Subject ID (TID 1008, ``Fetus
+A``) is a label that names no one and is kept.
 
 Coded entries are judged as a whole: a code item is kept only when it is a code of the
 standard's context groups (and then carries the standard's meaning); codes of private or local
@@ -54,7 +56,13 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
-from imageshare.deid.codes import DUMMY_CODE, standard_meaning
+from imageshare.deid.codes import (
+    DUMMY_CODE,
+    FETUS_CONTEXT,
+    IDENTIFYING_CONCEPTS,
+    SUBJECT_ID,
+    standard_meaning,
+)
 from imageshare.deid.identity import (
     PERSON_CONTEXT_WORDS,
     Identity,
@@ -179,27 +187,11 @@ BIRTH_DATE_CONCEPTS = frozenset({("DCM", "121031"), ("SCT", "184099003"),
                                  ("SRT", "184099003"), ("LN", "21112-8")})
 _CONCEPT_NAME = 0x0040A043
 _BIRTH_DATE_VALUES = (0x0040A121, 0x0040A120)  # Date, DateTime
-# Concepts of report content items whose text says who someone is, where they work or which
-# device made the report (TID 1003 Person Observer, TID 1004 Device Observer, TID 1007
-# Subject, TID 1020/1021 Person and Device Participant of dose reports, specimen identifiers),
-# with the option that keeps each (None: none does). A person's login or ID, or an
-# organisation named by no header attribute, is found by no identity check: when Clean
-# Structured Content keeps the report's text, theirs is replaced by a dummy.
-IDENTIFYING_CONCEPTS: Mapping[tuple[str, str], str | None] = MappingProxyType({
-    ("DCM", "128774"): None,  # Person Observer's Login Name
-    ("DCM", "121030"): None,  # Subject ID
-    ("DCM", "113871"): None,  # Person ID
-    ("DCM", "121041"): None,  # Specimen Identifier
-    ("DCM", "111705"): None,  # Parent Specimen Identifier
-    ("DCM", "121009"): "retain_institution_identity",  # Person Observer's Organization Name
-    ("DCM", "113872"): "retain_institution_identity",  # Person ID Issuer
-    ("DCM", "113873"): "retain_institution_identity",  # Organization Name
-    ("DCM", "121017"): "retain_institution_identity",  # Device Observer Physical Location
-    ("DCM", "121013"): "retain_device_identity",  # Device Observer Name
-    ("DCM", "121016"): "retain_device_identity",  # Device Observer Serial Number
-    ("DCM", "113877"): "retain_device_identity",  # Device Name
-    ("DCM", "113880"): "retain_device_identity",  # Device Serial Number
-})
+# Report content items whose text says who someone is, where they work or which device made
+# the report: :data:`imageshare.deid.codes.IDENTIFYING_CONCEPTS` (what each is, and the option
+# that keeps it). A person's login or ID, or an organisation named by no header attribute, is
+# found by no identity check: when Clean Structured Content keeps the report's text, theirs is
+# replaced by a dummy, unless it is a fetus's label (TID 1008) or an option keeps it.
 _TEXT_VALUE = 0x0040A160
 # Labels that other attributes refer to by value, or that say which machine made an instance,
 # with the prefix of their keyed pseudonym (the same for the same label, so that references
@@ -209,10 +201,12 @@ _TEXT_VALUE = 0x0040A160
 # institution or department whose identity the profile does not keep (``STMARYS_CT1``,
 # ``SMH_MR2``, ``CARDIO-CT``), and is otherwise cleaned as other kept labels are.
 PSEUDONYMOUS_LABELS: Mapping[int, str] = MappingProxyType({
-    int(Tag("GraphicLayer")): "LAYER", int(Tag("StationName")): "STATION",
-    int(Tag("PerformedStationName")): "STATION", int(Tag("ScheduledStationName")): "STATION",
+    int(Tag("GraphicLayer")): "GL", int(Tag("StationName")): "SN",
+    int(Tag("PerformedStationName")): "SN", int(Tag("ScheduledStationName")): "SN",
 })
-_DEVICE_LABEL_PREFIXES = frozenset({"AE", "STATION"})
+# (Prefixes of two letters: no name word of the institution (a ward called "Station 3") can
+# be found in a pseudonym, nor its initials, which are three letters or more.)
+_DEVICE_LABEL_PREFIXES = frozenset({"AE", "SN"})
 # File meta elements a copy keeps (PS3.10 7.1: those that say what the file is and how it is
 # encoded; the group length is worked out again when the file is written).
 _KEPT_FILE_META = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010,
@@ -792,13 +786,14 @@ class AttributeCleaner:
 
     def _walk(self, ds: Dataset, ctx: PatientContext, report: InstanceReport, mode: str,
               top: bool = False, person: bool = False, trusted: bool = False,
-              parent: int = _TOP_LEVEL) -> None:
+              parent: int = _TOP_LEVEL, fetal: bool = False) -> None:
         """De-identify the attributes of ``ds`` (the top level, or an item of the sequence
-        ``parent``) and of its sequences' items."""
+        ``parent``, ``fetal`` when that sequence is a fetus's subject context) and of its
+        sequences' items."""
         private_groups_kept: dict[tuple[int, int], bool] = {}
         concept = not top and _CONCEPT_NAME in ds
         birth_date = concept and _holds_birth_date(ds)
-        identifying = concept and _TEXT_VALUE in ds and self._identifying(ds)
+        identifying = concept and _TEXT_VALUE in ds and self._identifying(ds, fetal)
         code_item = not top and any(t in ds for t in _CODE_VALUE_TAGS)
         if code_item:
             self._code_item(ds, ctx, report, person, trusted)
@@ -876,12 +871,16 @@ class AttributeCleaner:
         if top:
             self._drop_overlays_without_data(ds)
 
-    def _identifying(self, item: Dataset) -> bool:
+    def _identifying(self, item: Dataset, fetal: bool = False) -> bool:
         """True when ``item`` is a report content item whose concept is one of
-        :data:`IDENTIFYING_CONCEPTS` and the profile has no option that keeps it."""
-        for scheme, value in _concepts_of(item):
-            if (scheme, value) in IDENTIFYING_CONCEPTS:
-                option = IDENTIFYING_CONCEPTS[(scheme, value)]
+        :data:`IDENTIFYING_CONCEPTS` and the profile has no option that keeps it; a Subject
+        ID among a fetus's subject context (``fetal``: TID 1008, a label such as ``Fetus A``
+        that tells the fetuses apart and names no one) is not."""
+        for code in _concepts_of(item):
+            if code in IDENTIFYING_CONCEPTS:
+                if fetal and code == SUBJECT_ID:
+                    return False
+                option = IDENTIFYING_CONCEPTS[code][1]
                 return option is None or not self.profile.has(option)
         return False
 
@@ -1004,9 +1003,11 @@ class AttributeCleaner:
                                      for w in PERSON_CONTEXT_WORDS)
         inner_mode = {"D": DUMMY, "C": CLEAN}.get(action, mode)
         inner_trusted = trusted or action == "K" and rule_for(int(element.tag)) is not None
-        for item in element.value or []:
+        items = element.value or []
+        fetal = fetus_context(items)
+        for item in items:
             self._walk(item, ctx, report, inner_mode, person=inner_person,
-                       trusted=inner_trusted, parent=int(element.tag))
+                       trusted=inner_trusted, parent=int(element.tag), fetal=fetal)
 
     def _code_item(self, item: Dataset, ctx: PatientContext, report: InstanceReport,
                    person: bool, trusted: bool) -> None:
@@ -1288,6 +1289,22 @@ def _concepts_of(item: Dataset) -> list[tuple[str, str]]:
     return [(str(concept.get("CodingSchemeDesignator", "") or "").strip(),
              str(concept.get("CodeValue", "") or "").strip())
             for concept in (concepts if isinstance(concepts, Sequence) else [])]
+
+
+def fetus_context(items: Any) -> bool:
+    """True when the content items ``items`` (of one sequence) are a fetus's subject context
+    (PS3.16 TID 1008: a Fetus Number, or the Subject Class Fetus, among them)."""
+    for item in items if isinstance(items, Sequence | list) else []:
+        try:
+            codes = _concepts_of(item) + [
+                (str(c.get("CodingSchemeDesignator", "") or "").strip(),
+                 str(c.get("CodeValue", "") or "").strip())
+                for c in item.get("ConceptCodeSequence") or []]
+        except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError):
+            continue
+        if any(code in FETUS_CONTEXT for code in codes):
+            return True
+    return False
 
 
 def _more_than_a_label(value: Any) -> bool:

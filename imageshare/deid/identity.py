@@ -33,6 +33,15 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
+from imageshare.deid.codes import (
+    FETUS_CONTEXT,
+    IDENTIFYING_CONCEPTS,
+    REPORT_IDENTIFIER,
+    REPORT_ISSUER,
+    REPORT_ORGANISATION,
+    SUBJECT_ID,
+)
+
 PIXEL_DATA = 0x7FE00010
 _MONTHS = ("JANUARY", "FEBRUARY", "MARCH", "APRIL", "MAY", "JUNE", "JULY", "AUGUST",
            "SEPTEMBER", "OCTOBER", "NOVEMBER", "DECEMBER")
@@ -452,6 +461,9 @@ class Identity:
     # :meth:`_Collector.place`): significant words and runs of words, normalised
     places: frozenset[str] = frozenset()
     acronyms: frozenset[str] = frozenset()  # their initials (``SMH``), as a whole piece
+    # their single words of four or five letters (``CARE``): found in a label only as a whole
+    # piece, also numbered (``CARE2``), never inside a longer one (``CARESTREAM1``)
+    short_places: frozenset[str] = frozenset()
 
     def is_empty(self) -> bool:
         """True when nothing identifying was found."""
@@ -460,19 +472,26 @@ class Identity:
     def names_place(self, label: str) -> bool:
         """True when a device label (an AE title, a station name: ``STMARYS_CT1``,
         ``CARDIO-CT``, ``SMH_MR2``) names the institution or department: it holds one of
-        their significant words or words run together (anywhere: labels run words
-        together), a piece of five letters or more that starts such a word (an abbreviation),
-        or their initials as a whole piece, also numbered (``SMH2``)."""
+        their words of six letters or more or words run together (anywhere: labels run words
+        together), a shorter word or their initials as a whole piece, also numbered
+        (``SMH2``, ``CARE_1``), or a piece of five letters or more (numbered or not) that
+        starts such a word (an abbreviation: ``CARDIO2``). A piece that is a modality or a
+        common imaging word (``MRI1``, ``PET_CT``, ``PACS``) names no place."""
         if not self.places and not self.acronyms:
             return False
         norm = normalise(label)
-        if any(place in norm for place in self.places):
+        if any(place in norm for place in self.places if place not in self.short_places):
             return True
-        pieces = [normalise(p) for p in _WORDS.split(label) if p]
-        return any(piece.rstrip(_DIGIT_CHARACTERS) in self.acronyms or (
-            len(piece) >= 5 and piece.isalpha() and any(
-                place.startswith(piece) for place in self.places if len(place) > len(piece)))
-            for piece in pieces)
+        for piece in (normalise(p) for p in _WORDS.split(label) if p):
+            base = piece.rstrip(_DIGIT_CHARACTERS)
+            if not base or base in NOT_PLACE_WORDS:
+                continue
+            if base in self.acronyms or base in self.short_places or (
+                    len(base) >= 5 and base.isalpha() and any(
+                        place.startswith(base) for place in self.places
+                        if len(place) > len(base))):
+                return True
+        return False
 
     def _short_dates(self, text: str) -> list[tuple[int, int]]:
         """Where ``text`` has the birth date written short (``4/3/81``), as a whole token."""
@@ -654,27 +673,47 @@ class _Collector:
         self.dates: set[str] = set()
         self.places: set[str] = set()
         self.acronyms: set[str] = set()
+        self.short_places: set[str] = set()
 
-    def place(self, value: Any) -> None:
+    def identifier(self, value: Any) -> None:
+        """A login or an ID (a report's Subject ID, Person ID, accession number): the whole
+        of it, as one phrase (its words, ``Fetus`` of ``Fetus A``, are no identifier), and
+        its digits; nothing when it has two letters or digits or fewer (a label, ``F1``)."""
+        text = str(value or "").strip()
+        if sum(c.isalnum() for c in text) <= 2:
+            return
+        norm = normalise(text)
+        self.raw.add(text)
+        (self.phrases if len(norm) >= 4 else self.words).add(norm)
+        digits = "".join(c for c in text if c.isdigit())
+        if len(digits) >= 5:
+            self.phrases.add(digits)
+
+    def place(self, value: Any, initials: bool = True) -> None:
         """An institution's or department's name, as labels and descriptions write it: each
         word of four letters or more that is not a generic one (``HOSPITAL``), consecutive
         words run together (``St Mary's``: ``STMARYS``) unless all generic, also looked for
         as words of any text; and the initials of all its words (three or more: ``SMH``),
-        looked for in device labels only (three letters are too often something else)."""
+        looked for in device labels only (three letters are too often something else), unless
+        ``initials`` is False (a department: "Magnetic Resonance Imaging" is MRI). A modality
+        or common imaging word (``MRI``, ``PET``, ``PACS``) is never taken for the place."""
         words = [normalise(w) for w in _PLACE_WORDS.split(str(value or ""))]
         words = [w for w in words if w]
+        initial_letters = "".join(w[0] for w in words if w not in _LINKING_WORDS)
         for size in range(1, min(len(words), _MAX_RUN) + 1):
             for start in range(len(words) - size + 1):
                 run = words[start:start + size]
                 joined = "".join(run)
-                if len(joined) >= (4 if size == 1 else 5) and not all(
-                        w in _GENERIC_WORDS or len(w) <= 2 for w in run):
+                if len(joined) >= (4 if size == 1 else 5) and joined not in NOT_PLACE_WORDS \
+                        and not all(w in _GENERIC_WORDS or len(w) <= 2 for w in run):
                     self.places.add(joined)
                     self.words.add(joined)
                     self.raw.add(joined)
-        initials = "".join(w[0] for w in words if w not in _LINKING_WORDS)
-        if len(initials) >= 3 and initials.isalpha():
-            self.acronyms.add(initials)
+                    if size == 1 and len(joined) < 6:
+                        self.short_places.add(joined)
+        if initials and len(initial_letters) >= 3 and initial_letters.isalpha() \
+                and initial_letters not in NOT_PLACE_WORDS:
+            self.acronyms.add(initial_letters)
 
     def name(self, value: Any) -> None:
         """A person name (PN): every part as written, every piece of a compound part
@@ -803,6 +842,15 @@ class _Collector:
 
 
 _DIGIT_CHARACTERS = "0123456789"
+# Modalities (PS3.3 C.7.3.1.1.1 defined terms, the common ones, and how people say them) and
+# the imaging department's systems: a label or a department's initials made of one of these
+# (``MRI1``, ``PET_CT``, ``PACS2``; "Positron Emission Tomography") name no place.
+NOT_PLACE_WORDS = frozenset(
+    "CT MR MRI PET PT US NM CR DX MG XA RF SPECT OT SC SR KO PR IO PX OP OCT ES XC ECG EPS "
+    "HD IVUS BMD DOC RG RTIMAGE SEG SM TG VL CD DD DG DM EC FA FS LP LS MA MS ST VF AU "
+    "ANGIO MAMMO MAMMOGRAPHY ULTRASOUND FLUORO NUCMED DEXA XRAY CTMR PETCT PETMR "
+    "PACS RIS HIS VNA LIS EPR EHR EMR SCP SCU WORKLIST MWL MPPS QR ARCHIVE ROUTER GATEWAY "
+    "DICOM CONSOLE WORKSTATION STORE MODALITY VIEWER NODE".split())
 # What separates the words of an institution's name (an apostrophe does not: "Mary's").
 _PLACE_WORDS = re.compile(r"[\s,;:/\\()\[\]{}<>\"`|&+_.\-]+")
 # Words an institution's initials leave out ("Guy's and St Thomas'": GST).
@@ -817,28 +865,55 @@ _PATIENT_TEXT = ("PatientID", "OtherPatientIDs", "PatientAddress", "PatientTelep
                  "MedicalRecordLocator", "AdmissionID")
 _DATE_FORMS: dict[str, frozenset[str]] = {}
 _COLLECTED_VRS = {"SQ", "PN", "LO", "SH", "ST", "LT", "UT", "UC"}
-# Concepts (DCM code values) of report content items whose text is someone's login or ID
-# (TID 1003, 1007, 1020) or an organisation's name (TID 1003, 1020): collected like the
-# header's IDs and institution names, so that the report's other text and the descriptions
-# are cleaned of them too.
-_PERSON_CONCEPTS = frozenset({"128774", "121030", "113871"})
-_ORGANISATION_CONCEPTS = frozenset({"121009", "113873"})
+# Concepts of report content items whose text is someone's login or ID (or an order's,
+# a specimen's), an assigning authority, or an organisation's name (derived from the
+# de-identifier's one list, :data:`imageshare.deid.codes.IDENTIFYING_CONCEPTS`): collected
+# like the header's IDs and institution names, so that the report's other text and the
+# descriptions are cleaned of them too. IDs and issuers as a whole value only.
+_PERSON_CONCEPTS = frozenset(code for code, (kind, _) in IDENTIFYING_CONCEPTS.items()
+                             if kind == REPORT_IDENTIFIER)
+_ISSUER_CONCEPTS = frozenset(code for code, (kind, _) in IDENTIFYING_CONCEPTS.items()
+                             if kind == REPORT_ISSUER)
+_ORGANISATION_CONCEPTS = frozenset(code for code, (kind, _) in IDENTIFYING_CONCEPTS.items()
+                                   if kind == REPORT_ORGANISATION)
 _TEXT_VALUE = BaseTag(0x0040A160)
 _MISFILED_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}
 
 
-def _names_in_report(item: Dataset, keep_institution: bool, people: bool = True) -> bool:
-    """True when ``item`` is a report content item whose text is a login, an ID (``people``
-    False: not these) or (unless the institution's identity is kept) an organisation (see
-    :data:`_PERSON_CONCEPTS`)."""
+def _names_in_report(item: Dataset, keep_institution: bool, fetal: bool = False) -> str:
+    """What the text of the report content item ``item`` is: a login or an ID
+    (``identifier``; not a fetus's Subject ID, ``fetal``), an assigning authority
+    (``issuer``) or an organisation (``organisation``; neither when the institution's
+    identity is kept), or "" (see :data:`_PERSON_CONCEPTS`)."""
     try:
         concepts = item.get("ConceptNameCodeSequence") or []
         codes = [(str(c.get("CodingSchemeDesignator", "") or "").strip(),
                   str(c.get("CodeValue", "") or "").strip()) for c in concepts]
     except (AttributeError, TypeError, ValueError, NotImplementedError):
-        return False
-    return any(scheme == "DCM" and ((people and value in _PERSON_CONCEPTS) or (
-        not keep_institution and value in _ORGANISATION_CONCEPTS)) for scheme, value in codes)
+        return ""
+    for code in codes:
+        if code in _PERSON_CONCEPTS and not (fetal and code == SUBJECT_ID):
+            return REPORT_IDENTIFIER
+        if not keep_institution and code in _ISSUER_CONCEPTS:
+            return REPORT_ISSUER
+        if not keep_institution and code in _ORGANISATION_CONCEPTS:
+            return REPORT_ORGANISATION
+    return ""
+
+
+def _fetus_context(items: Any) -> bool:
+    """True when the content items ``items`` are a fetus's subject context (TID 1008)."""
+    for item in items or []:
+        try:
+            concepts = list(item.get("ConceptNameCodeSequence") or []) + list(
+                item.get("ConceptCodeSequence") or [])
+            if any((str(c.get("CodingSchemeDesignator", "") or "").strip(),
+                    str(c.get("CodeValue", "") or "").strip()) in FETUS_CONTEXT
+                   for c in concepts):
+                return True
+        except (AttributeError, TypeError, ValueError, NotImplementedError):
+            continue
+    return False
 
 
 def _misfiled_text(value: Any) -> Any:
@@ -859,7 +934,8 @@ def _identity(found: _Collector) -> Identity:
     raw = tuple(sorted((r for r in found.raw if len(r.strip()) >= 2), key=len, reverse=True))
     phrases = tuple(sorted(found.phrases, key=len, reverse=True))
     return Identity(frozenset(found.words), phrases, raw, frozenset(found.cjk),
-                    frozenset(found.dates), frozenset(found.places), frozenset(found.acronyms))
+                    frozenset(found.dates), frozenset(found.places), frozenset(found.acronyms),
+                    frozenset(found.short_places))
 
 
 def identities_of(ds: Dataset, keep_institution: bool = False,
@@ -903,7 +979,7 @@ def _text_value(ds: Dataset, tag: BaseTag, vr: str) -> Any:
 
 def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
              keep_institution: bool, patient: _Collector | None = None,
-             retained: frozenset[int] = frozenset()) -> None:
+             retained: frozenset[int] = frozenset(), fetal: bool = False) -> None:
     if depth > 12:
         return
     for tag in list(ds.keys()):
@@ -925,9 +1001,12 @@ def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
             if keep_institution and keyword in _INSTITUTION_CODES:
                 continue
             inner = person_context or any(w in keyword for w in PERSON_CONTEXT_WORDS)
-            for item in ds[tag].value or []:
+            items = ds[tag].value or []
+            inner_fetal = _fetus_context(items)
+            for item in items:
                 _collect(item, found, depth + 1, inner, keep_institution,
-                         patient if keyword == "OtherPatientIDsSequence" else None, retained)
+                         patient if keyword == "OtherPatientIDsSequence" else None, retained,
+                         inner_fetal)
             continue
         if keyword in _DEVICE or (keep_institution and keyword in _INSTITUTION_TEXT):
             continue
@@ -948,15 +1027,17 @@ def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
             for v in values_of(_misfiled_text(texts) if misfiled else texts):
                 found.text(v)
                 if keyword in _PLACE_TEXT and not keep_institution:
-                    found.place(v)
+                    found.place(v, initials=keyword != "InstitutionalDepartmentName")
                 if patient is not None and keyword in _PATIENT_TEXT:
                     patient.text(v)
-        elif tag == _TEXT_VALUE and depth and _names_in_report(ds, keep_institution):
-            organisation = _names_in_report(ds, keep_institution, people=False)
+        elif tag == _TEXT_VALUE and depth and (
+                kind := _names_in_report(ds, keep_institution, fetal)):
             for v in values_of(_text_value(ds, tag, vr)):
-                found.text(v)
-                if organisation:
+                if kind == REPORT_ORGANISATION:
+                    found.text(v)
                     found.place(v)
+                else:
+                    found.identifier(v)
         elif person_context and keyword in ("CodeValue", "CodeMeaning", "LongCodeValue"):
             for v in values_of(_text_value(ds, tag, vr)):
                 found.text(v)

@@ -42,6 +42,8 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import UID_dictionary
 
+from imageshare.verify.codes import MODALITIES
+
 # What a profile may legitimately leave in an output (PS3.15 options that keep values).
 KEEP_INSTITUTION = "institution"
 KEEP_UIDS = "uids"
@@ -522,6 +524,8 @@ class SourceIdentity:
     # local codes) write them: words and words run together, and their initials
     places: dict[str, str] = field(default_factory=dict)
     initials: dict[str, str] = field(default_factory=dict)
+    # single words of four or five letters (``CARE``): a whole piece of a label only
+    place_words: dict[str, str] = field(default_factory=dict)
     _software: set[str] = field(default_factory=set)  # implementation UIDs: not identifying
     _indexes: dict[tuple[int, bool], tuple[dict[str, str], list[tuple[str, str]]]] = field(
         default_factory=dict)
@@ -557,6 +561,8 @@ class SourceIdentity:
             self.places.setdefault(place, kind)
         for letters, kind in other.initials.items():
             self.initials.setdefault(letters, kind)
+        for word, kind in other.place_words.items():
+            self.place_words.setdefault(word, kind)
 
     def add(self, ds: Dataset) -> None:
         """Add what ``ds`` says about who and where it is."""
@@ -743,25 +749,32 @@ class SourceIdentity:
         if len(digits) >= 6:
             self._token(kind, digits)
 
-    def _place(self, kind: str, value: Any) -> None:
+    def _place(self, kind: str, value: Any, initials: bool = True) -> None:
         """An institution's or department's name as a label would hold it: each word of four
-        letters or more that is not a common one, two to four consecutive words run together
-        (``St Mary's``: ``STMARYS``; five letters or more, not all common or short; these
-        are looked for in any text too), and the initials of its words (three or more,
-        linking words left out: ``SMH``)."""
+        letters or more that is not a common one (of four or five letters: looked for as a
+        whole piece of a label only), two to four consecutive words run together (``St
+        Mary's``: ``STMARYS``; five letters or more, not all common or short; these are
+        looked for in any text too), and, unless ``initials`` is False (a department), the
+        initials of its words (three or more, linking words left out: ``SMH``). Modalities
+        and the department's systems (``MRI``, ``PET``, ``PACS``) are no place."""
         words = [normalised(w) for w in _PLACE_SPLIT.split(str(value or ""))]
         words = [w for w in words if w]
         for size in range(1, min(len(words), 4) + 1):
             for start in range(len(words) - size + 1):
                 run = words[start:start + size]
                 joined = "".join(run)
+                if joined in _NOT_PLACES:
+                    continue
                 if len(joined) >= (4 if size == 1 else 5) and any(
                         len(w) > 2 and w not in _COMMON_WORDS for w in run):
+                    if size == 1 and len(joined) < 6:
+                        self.place_words.setdefault(joined, kind)
+                        continue
                     self.places.setdefault(joined, kind)
                     if size > 1:  # in any text too: "STMARYS protocol"
                         self._token(kind, joined)
         letters = "".join(w[0] for w in words if w not in _LINKING)
-        if len(letters) >= 3 and letters.isalpha():
+        if initials and len(letters) >= 3 and letters.isalpha() and letters not in _NOT_PLACES:
             self.initials.setdefault(letters, kind)
 
     def _birth_date(self, value: str) -> None:
@@ -786,7 +799,8 @@ class SourceIdentity:
                          f"{day.month}{sep}{day.day}{sep}{y[2:]}"):
                 self.raw_forms.setdefault(form.encode(), kind)
 
-    def _walk(self, ds: Dataset, path: tuple[int, ...], depth: int, context: bool) -> None:
+    def _walk(self, ds: Dataset, path: tuple[int, ...], depth: int, context: bool,
+              fetal: bool = False) -> None:
         if depth > 16:
             return
         for tag in list(ds.keys()):
@@ -816,12 +830,13 @@ class SourceIdentity:
                 vr = listed
             keyword = keyword_for_tag(tag)
             if tag == _TEXT_VALUE and depth:
-                kind = _report_identifier(ds, KEEP_INSTITUTION in self.keep)
-                if kind:
-                    for v in _values(_as_text(ds[tag].value)):
+                kind = _report_identifier(ds, KEEP_INSTITUTION in self.keep, fetal)
+                for v in _values(_as_text(ds[tag].value)) if kind else []:
+                    if kind == "institution":
                         self._text(kind, v)
-                        if kind == "institution":
-                            self._place(kind, v)
+                        self._place(kind, v)
+                    elif sum(c.isalnum() for c in str(v or "")) > 2:  # not a label ("F1")
+                        self._text(kind, v, words=False)  # "Fetus A": not "Fetus" alone
                 continue
             if not _worth_reading(vr, keyword, context):
                 continue
@@ -829,8 +844,10 @@ class SourceIdentity:
                 if KEEP_INSTITUTION in self.keep and keyword in _INSTITUTION_KEPT:
                     continue
                 inner = context or any(w in keyword for w in _CONTEXT_WORDS)
-                for index, item in enumerate(ds[tag].value or []):
-                    self._walk(item, (*path, int(tag), index), depth + 1, inner)
+                items = ds[tag].value or []
+                inner_fetal = _fetal(items)
+                for index, item in enumerate(items):
+                    self._walk(item, (*path, int(tag), index), depth + 1, inner, inner_fetal)
                 continue
             raw = ds.get_item(tag).value
             value: Any
@@ -888,7 +905,8 @@ class SourceIdentity:
             if KEEP_INSTITUTION not in self.keep:
                 for v in _values(value):
                     self._text("institution", v)
-                    self._place("institution", v)
+                    self._place("institution", v,
+                                initials=keyword != "InstitutionalDepartmentName")
         elif context and keyword in ("CodeValue", "CodeMeaning", "LongCodeValue"):
             for v in _values(value):
                 self._text("staff or institution code", v)
@@ -946,20 +964,28 @@ class SourceIdentity:
     def in_label(self, text: str) -> list[str]:
         """The kinds of identifier a label (an AE title, a station name, a local code's value
         or meaning) holds beyond :meth:`in_text`: the institution or department named in it
-        as labels write names, words run together (``STMARYS_CT1``), a word's first five
-        letters or more (``CARDIO-CT`` for Cardiology), or their initials as a whole word, also
-        numbered (``SMH_MR2``, ``SMH2``)."""
-        if not text or not (self.places or self.initials):
+        as labels write names: a word of six letters or more or words run together, anywhere
+        (``STMARYS_CT1``); a shorter word or their initials as a whole piece, also numbered
+        (``SMH_MR2``, ``SMH2``, ``CARE_1``, never inside ``CARESTREAM1``); a piece of five
+        letters or more, also numbered, that starts a word (``CARDIO-CT`` for Cardiology).
+        A piece that is a modality or the department's system (``MRI_3T``, ``PACS``) is
+        none."""
+        if not text or not (self.places or self.initials or self.place_words):
             return []
         norm = normalised(text)
         found = [kind for place, kind in self.places.items() if place in norm]
         for word in words_of(text):
-            kind = self.initials.get(word.rstrip("0123456789"))
+            base = word.rstrip("0123456789")
+            if not base or base in _NOT_PLACES:
+                continue
+            kind = self.initials.get(base) or self.place_words.get(base)
             if kind:
                 found.append(kind)
-            elif len(word) >= 5 and word.isalpha():
+            elif len(base) >= 5 and base.isalpha():
                 found += [kind for place, kind in self.places.items()
-                          if len(place) > len(word) and place.startswith(word)]
+                          if len(place) > len(base) and place.startswith(base)]
+                found += [kind for place, kind in self.place_words.items()
+                          if len(place) > len(base) and place.startswith(base)]
         return found
 
     def in_uid(self, text: str) -> list[str]:
@@ -1099,29 +1125,71 @@ def _uid_like(text: str) -> Iterator[str]:
 
 
 _ALWAYS_READ = {"SQ", "PN", "UI", "DA", "DT", "TM"}
-# Report content items (DCM concepts) whose text is a login or an ID of someone (TID 1003
-# Person Observer's Login Name, TID 1007 Subject ID, TID 1020 Person ID) or an organisation
-# (TID 1003, TID 1020): looked for in the output like the header's IDs and institutions.
-_REPORT_IDENTIFIERS = {"128774": "login or ID in a report", "121030": "login or ID in a report",
-                       "113871": "login or ID in a report", "121009": "institution",
-                       "113873": "institution"}
+# Report content items (DCM concepts) whose text is a login or an ID (PS3.16 TID 1003 Person
+# Observer's Login Name and Identifier within Person Observer's Role, TID 1005 Placer, Filler
+# and Accession Number, TID 1007 Subject ID, TID 1009/8001/8002 specimen and container
+# identifiers, TID 1020 Person ID), an assigning authority (TID 1005 Issuer of Identifier,
+# TID 1020 Person ID Issuer, TID 8001/8002 Issuer of (Parent) Specimen Identifier) or an
+# organisation (TID 1003, TID 1020): looked for in the output like the header's IDs and
+# institutions, IDs and issuers as a whole value. The verifier's own list, kept apart from
+# the de-identifier's on purpose.
+_LOGIN_OR_ID = "login or ID in a report"
+_ISSUER = "institution (issuer of an identifier in a report)"
+_REPORT_IDENTIFIERS = {
+    "128774": _LOGIN_OR_ID, "128775": _LOGIN_OR_ID, "121030": _LOGIN_OR_ID,
+    "113871": _LOGIN_OR_ID, "121020": _LOGIN_OR_ID, "121021": _LOGIN_OR_ID,
+    "121022": _LOGIN_OR_ID, "121041": _LOGIN_OR_ID, "121040": _LOGIN_OR_ID,
+    "111700": _LOGIN_OR_ID, "111705": _LOGIN_OR_ID,
+    "113872": _ISSUER, "110190": _ISSUER, "111724": _ISSUER, "111706": _ISSUER,
+    "121009": "institution", "113873": "institution",
+}
 _TEXT_VALUE = 0x0040A160
+# TID 1008: a Subject ID among a Fetus Number or the Subject Class Fetus is a fetus's label.
+_SUBJECT_ID = "121030"
+_FETUS_CONCEPTS = frozenset({"121037", "121026"})
+# Pieces of a label that say what kind of machine, not where it is: Modality defined terms,
+# how people write them, and the department's systems (never taken for the institution's
+# initials or words: a department "Magnetic Resonance Imaging", a station "MRI_3T").
+_NOT_PLACES = MODALITIES | frozenset(
+    "MRI PET SPECT ANGIO MAMMO MAMMOGRAPHY ULTRASOUND FLUORO NUCMED DEXA XRAY PETCT PETMR "
+    "PACS RIS HIS VNA LIS EPR EHR EMR SCP SCU WORKLIST MWL MPPS QR ARCHIVE ROUTER GATEWAY "
+    "DICOM CONSOLE WORKSTATION STORE MODALITY VIEWER NODE".split())
 
 
-def _report_identifier(item: Dataset, institution_kept: bool) -> str:
+def _report_identifier(item: Dataset, institution_kept: bool, fetal: bool = False) -> str:
     """The kind of identifier the text of the report content item ``item`` is (see
-    :data:`_REPORT_IDENTIFIERS`; institutions not when ``institution_kept``), or ""."""
+    :data:`_REPORT_IDENTIFIERS`; institutions not when ``institution_kept``, a Subject ID
+    not in a fetus's subject context, ``fetal``), or ""."""
     try:
         concepts = item.get("ConceptNameCodeSequence") or []
         for concept in concepts:
             if str(concept.get("CodingSchemeDesignator", "") or "").strip() != "DCM":
                 continue
-            kind = _REPORT_IDENTIFIERS.get(str(concept.get("CodeValue", "") or "").strip(), "")
-            if kind and not (institution_kept and kind == "institution"):
+            value = str(concept.get("CodeValue", "") or "").strip()
+            kind = _REPORT_IDENTIFIERS.get(value, "")
+            if fetal and value == _SUBJECT_ID:
+                continue
+            if kind and not (institution_kept and kind.startswith("institution")):
                 return kind
     except (AttributeError, TypeError, ValueError, NotImplementedError):
         return ""
     return ""
+
+
+def _fetal(items: Any) -> bool:
+    """True when the content items ``items`` are a fetus's subject context (TID 1008)."""
+    for item in items or []:
+        try:
+            for concept in list(item.get("ConceptNameCodeSequence") or []) + list(
+                    item.get("ConceptCodeSequence") or []):
+                if str(concept.get("CodingSchemeDesignator", "") or "").strip() == "DCM" and \
+                        str(concept.get("CodeValue", "") or "").strip() in _FETUS_CONCEPTS:
+                    return True
+        except (AttributeError, TypeError, ValueError, NotImplementedError):
+            continue
+    return False
+
+
 # VRs of text: a value the dictionary gives one of these is read as text whatever VR it was
 # written with.
 _TEXT_KINDS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}

@@ -490,15 +490,17 @@ class Verifier:
 
     def _elements(self, ds: Dataset, identity: SourceIdentity, name: str,
                   path: tuple[int, ...], where: str, joined: list[str],
-                  findings: list[Finding], depth: int = 0, file_meta: bool = False) -> None:
+                  findings: list[Finding], depth: int = 0, file_meta: bool = False,
+                  fetal: bool = False) -> None:
         """Every element of ``ds`` at any depth (``file_meta``: ``ds`` is the file meta
-        group, the one place group 0002 belongs)."""
+        group, the one place group 0002 belongs; ``fetal``: ``ds`` is an item of a fetus's
+        subject context)."""
         if depth > 16:
             return
         standard = depth > 0 and _standard_item(ds)
         if depth > 0 and _birth_date_item(ds):
             findings.append(Finding(name, _BIRTH_DATE_ITEM, where.removesuffix(" > ")))
-        if depth > 0 and _identity_item(ds, identity.keep):
+        if depth > 0 and _identity_item(ds, identity.keep, fetal):
             findings.append(Finding(name, _IDENTITY_ITEM, where.removesuffix(" > ")))
         for tag in list(ds.keys()):
             tag = BaseTag(tag)
@@ -528,9 +530,11 @@ class Verifier:
                     findings.append(Finding(name, "unreadable sequence", self._label(tag, where)))
                     continue
                 label = self._label(tag, where)
+                fetal_items = _fetus_context(items)
                 for index, item in enumerate(items):
                     self._elements(item, identity, name, (*path, int(tag), index),
-                                   f"{label}[{index + 1}] > ", joined, findings, depth + 1)
+                                   f"{label}[{index + 1}] > ", joined, findings, depth + 1,
+                                   fetal=fetal_items)
                 continue
             if vr not in _TEXT_VRS and vr not in _BYTES_VRS and vr is not None:
                 continue  # numbers
@@ -900,18 +904,31 @@ _CONCEPT_NAME = 0x0040A043
 _BIRTH_DATE_VALUES = (0x0040A121, 0x0040A120)  # Date, DateTime
 _BIRTH_DATE_ITEM = "birth date in a report (moved or not)"
 # Concepts (DCM codes) of report content items whose text says who someone is, where they work
-# or which device made the report: TID 1003 Person Observer (login, organisation), TID 1004
-# Device Observer (name, serial number, location), TID 1007 Subject ID, TID 1020/1021 Person
-# and Device Participant (ID, issuer, organisation, device name and serial number), specimen
-# identifiers; with what a profile may keep of them (None: nothing). Such text is a finding
-# unless it is a placeholder, whether or not it holds an identifier of the source: a login or
-# an organisation is often named nowhere else.
+# or which device made the report (PS3.16): TID 1003 Person Observer (login, identifier
+# within the role, organisation), TID 1004 Device Observer (name, serial number, location,
+# AE title), TID 1005 Procedure Context (placer, filler and accession numbers and their
+# issuers), TID 1007 Subject ID, TID 1009/8001/8002 specimen, container and parent specimen
+# identifiers and their issuers, TID 1010 Device Subject (name, serial number, location),
+# TID 1020/1021 Person and Device Participant (ID, issuer, organisation, device name and
+# serial number); with what a profile may keep of them (None: nothing). Such text is a
+# finding unless it is a placeholder or a fetus's label (a Subject ID in TID 1008), whether
+# or not it holds an identifier of the source: a login or an organisation is often named
+# nowhere else.
 _IDENTITY_CONCEPTS: dict[str, str | None] = {
-    "128774": None, "121030": None, "113871": None, "121041": None, "111705": None,
+    "128774": None, "128775": None, "121030": None, "113871": None, "121020": None,
+    "121021": None, "121022": None, "121041": None, "121040": None, "111700": None,
+    "111705": None,
     "121009": KEEP_INSTITUTION, "113872": KEEP_INSTITUTION, "113873": KEEP_INSTITUTION,
-    "121017": KEEP_INSTITUTION, "121013": KEEP_DEVICE, "121016": KEEP_DEVICE,
-    "113877": KEEP_DEVICE, "113880": KEEP_DEVICE,
+    "110190": KEEP_INSTITUTION, "111724": KEEP_INSTITUTION, "111706": KEEP_INSTITUTION,
+    "121017": KEEP_INSTITUTION, "121197": KEEP_INSTITUTION,
+    "121013": KEEP_DEVICE, "121016": KEEP_DEVICE, "110119": KEEP_DEVICE, "113877": KEEP_DEVICE,
+    "113880": KEEP_DEVICE, "121193": KEEP_DEVICE, "121196": KEEP_DEVICE,
 }
+_SUBJECT_ID = "121030"
+# A Fetus Number, or the Subject Class Fetus, among a Subject ID: TID 1008, where the Subject
+# ID is the fetus's label ("Fetus A"), which names no one.
+_FETUS_CONCEPTS = frozenset({"121037", "121026"})
+_CONCEPT_CODE = 0x0040A168
 _TEXT_VALUE = 0x0040A160
 # Labels (besides every AE title) that say which machine or which local concept: station
 # names, and the value and meaning of a code that is not the standard's (standard ones are
@@ -1048,18 +1065,29 @@ def _birth_dates_left(elements: list[rawdicom.RawElement]) -> list[rawdicom.RawE
 def _identity_texts_left(elements: list[rawdicom.RawElement], keep: frozenset[str]
                          ) -> list[rawdicom.RawElement]:
     """The text values of report content items whose concept is one of
-    :data:`_IDENTITY_CONCEPTS` (and not kept by ``keep``) that are not a placeholder."""
+    :data:`_IDENTITY_CONCEPTS` (and not kept by ``keep``) that are not a placeholder nor a
+    fetus's label."""
     concepts: dict[tuple[int, ...], dict[int, str]] = {}
+    fetal: set[tuple[int, ...]] = set()  # sequences that are a fetus's subject context
     texts: list[rawdicom.RawElement] = []
     for element in elements:
         path, tag = element.path, element.tag
         if len(path) >= 3 and path[-3] == _CONCEPT_NAME and tag in (CODE_VALUE, CODING_SCHEME):
             concepts.setdefault(path[:-3], {})[tag] = _stripped(element.value)
+        if len(path) >= 4 and path[-3] in (_CONCEPT_NAME, _CONCEPT_CODE) \
+                and tag == CODE_VALUE and _stripped(element.value) in _FETUS_CONCEPTS:
+            fetal.add(path[:-4])
         elif tag == _TEXT_VALUE and len(path) > 1 and _not_placeholder(element.value):
             texts.append(element)
-    return [element for element in texts
-            if _identity_concept(concepts.get(element.path[:-1], {}).get(CODING_SCHEME, ""),
-                                 concepts.get(element.path[:-1], {}).get(CODE_VALUE, ""), keep)]
+    left = []
+    for element in texts:
+        item = concepts.get(element.path[:-1], {})
+        value = item.get(CODE_VALUE, "")
+        if value == _SUBJECT_ID and element.path[:-2] in fetal:
+            continue
+        if _identity_concept(item.get(CODING_SCHEME, ""), value, keep):
+            left.append(element)
+    return left
 
 
 def _not_placeholder(value: Any) -> bool:
@@ -1079,9 +1107,10 @@ def _identity_concept(scheme: str, value: str, keep: frozenset[str]) -> bool:
     return kept_by is None or kept_by not in keep
 
 
-def _identity_item(ds: Dataset, keep: frozenset[str]) -> bool:
+def _identity_item(ds: Dataset, keep: frozenset[str], fetal: bool = False) -> bool:
     """True when ``ds`` (a sequence item) is a report content item of one of
-    :data:`_IDENTITY_CONCEPTS` (not kept by ``keep``) whose text is not a placeholder."""
+    :data:`_IDENTITY_CONCEPTS` (not kept by ``keep``) whose text is not a placeholder, nor a
+    fetus's label (a Subject ID among a fetus's subject context, ``fetal``)."""
     if "TextValue" not in ds or "ConceptNameCodeSequence" not in ds:
         return False
     try:
@@ -1089,9 +1118,25 @@ def _identity_item(ds: Dataset, keep: frozenset[str]) -> bool:
         return _not_placeholder(ds.TextValue) and any(
             _identity_concept(str(c.get("CodingSchemeDesignator", "") or "").strip(),
                               str(c.get("CodeValue", "") or "").strip(), keep)
+            and not (fetal and str(c.get("CodeValue", "") or "").strip() == _SUBJECT_ID)
             for c in concepts)
     except Exception:  # noqa: BLE001 - unreadable: its elements are read one by one instead
         return False
+
+
+def _fetus_context(items: Any) -> bool:
+    """True when the content items ``items`` are a fetus's subject context (TID 1008: a
+    Fetus Number or the Subject Class Fetus among them)."""
+    try:
+        for item in items:
+            for concept in list(item.get("ConceptNameCodeSequence") or []) + list(
+                    item.get("ConceptCodeSequence") or []):
+                if str(concept.get("CodingSchemeDesignator", "") or "").strip() == "DCM" \
+                        and str(concept.get("CodeValue", "") or "").strip() in _FETUS_CONCEPTS:
+                    return True
+    except Exception:  # noqa: BLE001 - unreadable: not a fetus's context
+        return False
+    return False
 
 
 def _stripped(value: bytes) -> str:
