@@ -30,13 +30,13 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
 from imageshare.deid.profiles import DEFAULT_PROFILES, Profile
-from imageshare.deid.pseudonyms import Pseudonyms
-from imageshare.deid.service import Deidentifier, Outcome
-from imageshare.verify import Verifier
-from imageshare.verify.identity import keep_for_options
+from tests.deid_through import code as _code
+from tests.deid_through import content_item as _item
+from tests.deid_through import file_bytes as _file
+from tests.deid_through import findings as _findings
+from tests.deid_through import written as _written
 from tests.factory import ct_header
 
-SECRET = b"s39-review-secret-0123456789abcdef"
 NAME, PATIENT_ID, BIRTH_DATE, STUDY_DATE = ("Pankhurst^Sylvia", "MRN5520917", "19610822",
                                             "20240611")
 INSTITUTION = "St Mary's Hospital"
@@ -50,41 +50,14 @@ ORDER_ISSUER, SPECIMEN, CONTAINER = "NORTHGATE-PAS", "S24-1187-A", "BLK-4471-2"
 LAB = "Northgate Pathology Laboratory"
 
 
-def _file(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
-def _written(ds: Dataset, profile: Profile) -> tuple[Outcome, bytes]:
-    """``ds`` saved as a file and de-identified (and verified) through the product path."""
-    target = io.BytesIO()
-    outcome = Deidentifier(profile, Pseudonyms(SECRET), verifier=Verifier(ocr="never")).write(
-        io.BytesIO(_file(ds)), target)
-    return outcome, target.getvalue()
 
 
-def _findings(source: Dataset, output: bytes, profile: Profile) -> list[str]:
-    """What the verifier finds in ``output`` (bytes of a file) against ``source``."""
-    verifier = Verifier(ocr="never")
-    identity = verifier.identity([source], keep_for_options(profile.options))
-    return [str(f) for f in verifier.check_dicom(io.BytesIO(output), identity, "output")]
 
 
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
-    return item
 
 
-def _item(relationship: str, value_type: str, concept: tuple[str, str, str],
-          **values: object) -> Dataset:
-    item = Dataset()
-    item.RelationshipType, item.ValueType = relationship, value_type
-    item.ConceptNameCodeSequence = Sequence([_code(*concept)])
-    for keyword, value in values.items():
-        setattr(item, keyword, value)
-    return item
 
 
 def _text(concept: str, meaning: str, value: str, relationship: str = "HAS OBS CONTEXT"

@@ -25,16 +25,16 @@ import io
 
 from pydicom import Dataset, dcmread
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, ExplicitVRBigEndian
+from pydicom.uid import UID
 
-from imageshare.deid.profiles import DEFAULT_PROFILES, Profile
-from imageshare.deid.pseudonyms import Pseudonyms
-from imageshare.deid.service import Deidentifier, Outcome
-from imageshare.verify import Verifier
-from imageshare.verify.identity import keep_for_options
+from imageshare.deid.profiles import DEFAULT_PROFILES
+from tests.deid_through import code as _code
+from tests.deid_through import content_item as _item
+from tests.deid_through import file_bytes as _file
+from tests.deid_through import findings as _findings
+from tests.deid_through import written as _written
 from tests.factory import ct_header
 
-SECRET = b"s38-sweep-secret-0123456789abcdef"
 NAME, PATIENT_ID, BIRTH_DATE, STUDY_DATE = ("Thistlewood^Agatha", "HN8841273", "19470203",
                                             "20240502")
 TEACHING, RESEARCH = DEFAULT_PROFILES["teaching"], DEFAULT_PROFILES["research"]
@@ -45,44 +45,14 @@ COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 ORGANISATION, LOGIN, DEVICE, SERIAL = "Crowthorne Infirmary", "u4471xq", "CTROOM-OKONJO", "SN7731"
 
 
-def _file(ds: Dataset, big_endian: bool = False) -> bytes:
-    buffer = io.BytesIO()
-    if big_endian:
-        ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
-def _written(ds: Dataset, profile: Profile, verified: bool = True) -> tuple[Outcome, bytes]:
-    """``ds`` saved as a file and de-identified through the product path."""
-    target = io.BytesIO()
-    outcome = Deidentifier(profile, Pseudonyms(SECRET),
-                           verifier=Verifier(ocr="never") if verified else None).write(
-        io.BytesIO(_file(ds)), target)
-    return outcome, target.getvalue()
 
 
-def _findings(source: Dataset, output: bytes, profile: Profile) -> list[str]:
-    """What the verifier finds in ``output`` (bytes of a file) against ``source``."""
-    verifier = Verifier(ocr="never")
-    identity = verifier.identity([source], keep_for_options(profile.options))
-    return [str(f) for f in verifier.check_dicom(io.BytesIO(output), identity, "output")]
 
 
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
-    return item
 
 
-def _item(relationship: str, value_type: str, concept: tuple[str, str, str],
-          **values: object) -> Dataset:
-    item = Dataset()
-    item.RelationshipType, item.ValueType = relationship, value_type
-    item.ConceptNameCodeSequence = Sequence([_code(*concept)])
-    for keyword, value in values.items():
-        setattr(item, keyword, value)
-    return item
 
 
 def _observer_context() -> list[Dataset]:

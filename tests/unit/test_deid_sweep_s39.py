@@ -29,16 +29,15 @@ import io
 
 from pydicom import Dataset, dcmread
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, ExplicitVRBigEndian
+from pydicom.uid import UID
 
 from imageshare.deid.profiles import DEFAULT_PROFILES, Profile
-from imageshare.deid.pseudonyms import Pseudonyms
-from imageshare.deid.service import Deidentifier, Outcome
-from imageshare.verify import Verifier
-from imageshare.verify.identity import keep_for_options
+from tests.deid_through import code as _code
+from tests.deid_through import file_bytes as _file
+from tests.deid_through import findings as _findings
+from tests.deid_through import written as _written
 from tests.factory import ct_header
 
-SECRET = b"s39-sweep-secret-0123456789abcdef"
 NAME, PATIENT_ID, BIRTH_DATE, STUDY_DATE = ("Lovelace^Ada", "MRN4471206", "19500310",
                                             "20240502")
 INSTITUTION, DEPARTMENT = "St Mary's Hospital", "Cardiology"
@@ -50,33 +49,12 @@ PRESENTATION_STATE = "1.2.840.10008.5.1.4.1.1.11.1"
 GE_ACQUISITION = "GEMS_ACQU_01"  # its (0019,xx9E) is on the safe private list
 
 
-def _file(ds: Dataset, big_endian: bool = False) -> bytes:
-    buffer = io.BytesIO()
-    if big_endian:
-        ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
-def _written(ds: Dataset, profile: Profile) -> tuple[Outcome, bytes]:
-    """``ds`` saved as a file and de-identified (and verified) through the product path."""
-    target = io.BytesIO()
-    outcome = Deidentifier(profile, Pseudonyms(SECRET), verifier=Verifier(ocr="never")).write(
-        io.BytesIO(_file(ds)), target)
-    return outcome, target.getvalue()
 
 
-def _findings(source: Dataset, output: bytes, profile: Profile) -> list[str]:
-    """What the verifier finds in ``output`` (bytes of a file) against ``source``."""
-    verifier = Verifier(ocr="never")
-    identity = verifier.identity([source], keep_for_options(profile.options))
-    return [str(f) for f in verifier.check_dicom(io.BytesIO(output), identity, "output")]
 
 
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
-    return item
 
 
 def _header(name: str = NAME, patient_id: str = PATIENT_ID, birth_date: str = BIRTH_DATE,
