@@ -64,6 +64,19 @@ def sign_in(page, base: str, username: str, password: str) -> None:
     page.wait_for_load_state()
 
 
+def enrol_two_factor(page, base: str) -> None:
+    """Turn two-factor sign-in on for the signed-in account (an administrator needs it)."""
+    import pyotp
+
+    page.goto(base + "/account")
+    page.click("#two-factor button[type=submit]")
+    page.wait_for_load_state()
+    secret = page.locator(".totp-secret").inner_text().strip()
+    page.fill("#two-factor input[name=code]", pyotp.TOTP(secret).now())
+    page.click("#two-factor button[type=submit]")
+    page.wait_for_load_state()
+
+
 def test_a_sonographer_on_a_phone_finds_shares_and_a_refusal_keeps_the_typing(
         chromium, site, screenshot):
     base = site["server"].url

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from pydicom import Dataset, dcmread
 
-from tests.browser.test_pages_walk_s33 import PAGE_WIDER_THAN_SCREEN, sign_in
+from tests.browser.test_pages_walk_s33 import PAGE_WIDER_THAN_SCREEN, enrol_two_factor, sign_in
 from tests.factory import ct_series
 from tests.peers import ADMIN_PASSWORD, RunningServer
 from tests.upload_media import pdf
@@ -219,21 +219,13 @@ def _store_as_partner(server: RunningServer, paths) -> None:
 
 def test_a_pacs_manager_is_asked_before_rejecting_a_study_or_removing_a_site(
         chromium, site, screenshot):
-    import pyotp
-
     server = site["server"]
     _store_as_partner(server, site["arriving"])
     base = server.url
     context = chromium.new_context(viewport=LAPTOP)
     page = context.new_page()
     sign_in(page, base, "admin", ADMIN_PASSWORD)
-    page.goto(base + "/account")
-    page.click("#two-factor button[type=submit]")
-    page.wait_for_load_state()
-    secret = page.locator(".totp-secret").inner_text().strip()
-    page.fill("#two-factor input[name=code]", pyotp.TOTP(secret).now())
-    page.click("#two-factor button[type=submit]")
-    page.wait_for_load_state()
+    enrol_two_factor(page, base)
 
     asked: list[str] = []
     answers: list[bool] = []  # how to answer the next questions (none left: decline)

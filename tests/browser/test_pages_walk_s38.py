@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset, dcmread
 
-from tests.browser.test_pages_walk_s33 import sign_in
+from tests.browser.test_pages_walk_s33 import enrol_two_factor, sign_in
 from tests.factory import ct_series
 from tests.peers import ADMIN_PASSWORD, RunningServer
 
@@ -241,20 +241,12 @@ def test_thumbnail_links_say_where_they_go_and_a_large_file_reads_in_megabytes(
 
 
 def test_refusals_stand_out_in_the_audit_trail(chromium, site, screenshot):
-    import pyotp
-
     base = site["server"].url
     context = chromium.new_context(viewport=LAPTOP)
     page = context.new_page()
     sign_in(page, base, "doc", "not-the-password")  # a refused sign-in, audited
     sign_in(page, base, "admin", ADMIN_PASSWORD)
-    page.goto(base + "/account")
-    page.click("#two-factor button[type=submit]")
-    page.wait_for_load_state()
-    secret = page.locator(".totp-secret").inner_text().strip()
-    page.fill("#two-factor input[name=code]", pyotp.TOTP(secret).now())
-    page.click("#two-factor button[type=submit]")
-    page.wait_for_load_state()
+    enrol_two_factor(page, base)
     page.goto(base + "/admin/audit")
     rows = page.locator("table.results tbody tr")
     background = "r => getComputedStyle(r.querySelector('td')).backgroundColor"

@@ -17,7 +17,7 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tests.browser.test_pages_walk_s33 import assert_fits, sign_in
+from tests.browser.test_pages_walk_s33 import assert_fits, enrol_two_factor, sign_in
 from tests.conftest import ROOT
 from tests.factory import ct_series, us_cine
 from tests.peers import ADMIN_PASSWORD, RunningServer
@@ -168,8 +168,8 @@ def test_a_refused_send_keeps_the_room_left_and_a_second_send_says_the_images_we
     assert ROOM.search(first.inner_text("#drop")), first.inner_text("#drop")
     # Send pressed before any file arrived (the form posted by Enter, or a page whose script
     # did not load): refused, and the page still says how much may be sent.
-    first.evaluate("() => document.getElementById('send-form').submit()")
-    first.wait_for_load_state()
+    with first.expect_navigation():  # (else the old page may be read before the new one)
+        first.evaluate("() => document.getElementById('send-form').submit()")
     assert "No file has arrived completely yet" in first.inner_text("[data-refusal]")
     assert ROOM.search(first.inner_text("#drop")), (
         "after a refused send the page no longer says how much may be sent")
@@ -188,8 +188,8 @@ def test_a_refused_send_keeps_the_room_left_and_a_second_send_says_the_images_we
     assert second.inner_text("#overall-text") == "1 file(s) arrived before, ready to send"
     second.click("#send")
     second.wait_for_selector("#intake")
-    first.evaluate("() => document.getElementById('send-form').submit()")
-    first.wait_for_load_state()
+    with first.expect_navigation():  # (else the old page may be read before the new one)
+        first.evaluate("() => document.getElementById('send-form').submit()")
     main = first.inner_text("main")
     assert "sent already" in main
     assert "Your images were sent to the hospital" in main, main
@@ -245,19 +245,11 @@ def test_a_share_with_a_report_and_key_images_counts_one_image(chromium, site, s
 def admin(chromium, site) -> dict:
     """The administrator's signed-in browser state, with a second factor enrolled (the
     audit trail needs one): each test opens its own window on it."""
-    import pyotp
-
     base = site["server"].url
     context = chromium.new_context(viewport=LAPTOP)
     page = context.new_page()
     sign_in(page, base, "admin", ADMIN_PASSWORD)
-    page.goto(base + "/account")
-    page.click("#two-factor button[type=submit]")
-    page.wait_for_load_state()
-    secret = page.locator(".totp-secret").inner_text().strip()
-    page.fill("#two-factor input[name=code]", pyotp.TOTP(secret).now())
-    page.click("#two-factor button[type=submit]")
-    page.wait_for_load_state()
+    enrol_two_factor(page, base)
     state = context.storage_state()
     context.close()
     return state
