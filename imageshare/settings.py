@@ -277,7 +277,8 @@ class Settings:
     tls_crl_file: str = _setting(
         "", "PEM file of the certificate revocation lists of the authorities in tls_ca_file: "
         "a DICOM TLS peer whose client certificate is revoked is refused (each authority that "
-        "signs peers needs its current list here). Read again when the file changes."
+        "signs peers needs its current list here; used when client certificates are required). "
+        "Read again when the file changes, and checked as at start before it counts."
     )
     dicom_proxy_protocol: bool = _setting(
         False, "The DICOM ports sit behind a TCP load balancer sending the PROXY protocol "

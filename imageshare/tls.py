@@ -7,7 +7,8 @@ the DICOM TLS port and are shown as client certificate to remote DICOM TLS nodes
 authorities in ``tls_ca_file`` are trusted for peers (DICOM TLS client certificates, remote
 nodes, DICOMweb sites over https, besides the system's own). The revocation lists in
 ``tls_crl_file`` are checked for the client certificates of DICOM TLS peers, and read again
-at the next handshake after the file changed.
+at the next handshake after the file changed (checked as at start; a file that fails the
+check is not used and the lists before stay in force).
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import logging
 import os
 import ssl
 import stat
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from imageshare.domain.errors import ConfigurationError
@@ -139,7 +140,17 @@ def check_tls_settings(settings: Settings) -> None:
 
 def server_context(settings: Settings, require_client_certificate: bool) -> ssl.SSLContext:
     """A BCP 195 server context with this server's certificate; with
-    ``require_client_certificate`` peers must show a certificate signed by ``tls_ca_file``."""
+    ``require_client_certificate`` peers must show a certificate signed by ``tls_ca_file``
+    (and not revoked by a list in ``tls_crl_file``, when set)."""
+    context = _plain_server_context(settings, require_client_certificate)
+    if require_client_certificate and settings.tls_crl_file:
+        _RevocationLists(settings).check_with(context)
+    return context
+
+
+def _plain_server_context(settings: Settings, require_client_certificate: bool
+                          ) -> ssl.SSLContext:
+    """:func:`server_context` without revocation lists."""
     context = _bcp195(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     context.load_cert_chain(settings.tls_certificate, settings.tls_private_key,
                             password=_no_pass_phrase)
@@ -147,8 +158,6 @@ def server_context(settings: Settings, require_client_certificate: bool) -> ssl.
         context.load_verify_locations(cafile=settings.tls_ca_file)
     if require_client_certificate:
         context.verify_mode = ssl.CERT_REQUIRED
-        if settings.tls_crl_file:
-            _RevocationLists(Path(settings.tls_crl_file)).check_with(context)
     return context
 
 
@@ -180,6 +189,11 @@ def read_revocation_lists(path: Path) -> list[RevocationList]:
     except OSError as exc:
         raise ConfigurationError(f"tls_crl_file cannot be read ({exc.__class__.__name__})"
                                  ) from exc
+    return _parse_revocation_lists(data)
+
+
+def _parse_revocation_lists(data: bytes) -> list[RevocationList]:
+    """The revocation lists in PEM ``data`` (anything else there is passed over)."""
     lists: list[RevocationList] = []
     start = data.find(_CRL_BEGIN)
     while start >= 0:
@@ -199,6 +213,23 @@ def read_revocation_lists(path: Path) -> list[RevocationList]:
     return lists
 
 
+def _in_time(entry: RevocationList, now: datetime.datetime) -> bool:
+    return entry.next_update is None or entry.next_update >= now
+
+
+def lists_in_force(lists: list[RevocationList]) -> list[RevocationList]:
+    """The list of each authority that OpenSSL checks against: the newest one whose time is
+    not over, else the newest one (an older list next to its renewal counts for nothing)."""
+    now = datetime.datetime.now(datetime.UTC)
+    chosen: dict[x509.Name, RevocationList] = {}
+    for entry in lists:
+        known = chosen.get(entry.crl.issuer)
+        if (known is None or (_in_time(entry, now), entry.crl.last_update_utc)
+                > (_in_time(known, now), known.crl.last_update_utc)):
+            chosen[entry.crl.issuer] = entry
+    return list(chosen.values())
+
+
 def _authorities(path: Path) -> list[x509.Certificate]:
     try:
         return x509.load_pem_x509_certificates(path.read_bytes())
@@ -207,17 +238,23 @@ def _authorities(path: Path) -> list[x509.Certificate]:
 
 
 def _check_revocation_lists(path: Path, authorities_file: Path) -> None:
-    """Refuse a revocation list that no authority in ``tls_ca_file`` signed, or whose time
-    is over: with it, every peer of that authority would be refused."""
-    now = datetime.datetime.now(datetime.UTC)
-    authorities = _authorities(authorities_file)
-    for entry in read_revocation_lists(path):
+    """Refuse a revocation list that no authority in ``tls_ca_file`` signed, or an authority
+    whose lists' time is all over: with it, every peer of that authority would be refused."""
+    _judge_revocation_lists(read_revocation_lists(path), _authorities(authorities_file))
+
+
+def _judge_revocation_lists(lists: list[RevocationList],
+                            authorities: list[x509.Certificate]) -> None:
+    """:func:`_check_revocation_lists` for lists already read."""
+    for entry in lists:
         signers = [a for a in authorities if a.subject == entry.crl.issuer]
         if not any(_signed_by(entry.crl, a) for a in signers):
             raise ConfigurationError(
                 f"tls_crl_file: the revocation list of {entry.issuer!r} is not signed by an "
                 "authority in tls_ca_file")
-        if entry.next_update is not None and entry.next_update < now:
+    now = datetime.datetime.now(datetime.UTC)
+    for entry in lists_in_force(lists):
+        if not _in_time(entry, now):
             raise ConfigurationError(
                 f"tls_crl_file: the revocation list of {entry.issuer!r} was due to be renewed "
                 f"on {entry.next_update:%Y-%m-%d %H:%M} UTC; DICOM TLS peers of that "
@@ -240,27 +277,41 @@ def _file_stamp(path: Path) -> tuple[int, int, int] | None:
 
 
 class _RevocationLists:
-    """The revocation lists a server context checks client certificates against: loaded
-    into it at the first handshake after ``tls_crl_file`` changed (OpenSSL then uses the
-    newest list of each authority). A list whose time is over makes OpenSSL refuse that
-    authority's peers; that is said in the log, once per list."""
+    """The revocation lists client certificates are checked against, kept current: at the
+    first handshake after ``tls_crl_file`` changed, its lists are checked as at start (signed
+    by an authority in ``tls_ca_file``, time not over) and, if fine, a new server context with
+    only them is built and shakes hands from then on (the lists read before are gone with the
+    old one); if not, that is said in the log and the lists read before stay in force. A list
+    whose time runs out while in force makes OpenSSL refuse that authority's peers; that is
+    said in the log, once per list."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.path = Path(settings.tls_crl_file)
         self._stamp: tuple[int, int, int] | None = None
+        self._context: ssl.SSLContext | None = None
         self._due: list[RevocationList] = []
         self._said_over: set[tuple[str, datetime.datetime]] = set()
         self._lock = threading.Lock()
 
     def check_with(self, context: ssl.SSLContext) -> None:
-        """Check client certificates of ``context`` against the lists, kept current."""
+        """Check the client certificates of handshakes begun with ``context`` against the
+        lists (ConfigurationError if they cannot be used now)."""
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-        self._load(context)
+        stamp = _file_stamp(self.path)
+        lists = read_revocation_lists(self.path)
+        _judge_revocation_lists(lists, _authorities(Path(self.settings.tls_ca_file)))
+        _load_revocation_lists(context, lists)
+        self._stamp, self._context, self._due = stamp, context, lists_in_force(lists)
+        log.info("tls_crl_file: revocation lists of %d authorities in force", len(self._due))
         context.sni_callback = self._at_handshake
 
-    def _at_handshake(self, _sock: Any, _server_name: str | None,
-                      context: ssl.SSLContext) -> None:
-        self._load(context)
+    def _at_handshake(self, ssl_socket: ssl.SSLSocket | ssl.SSLObject,
+                      _server_name: str | None,
+                      _context: ssl.SSLContext) -> None:
+        current = self._current()
+        if ssl_socket.context is not current:
+            ssl_socket.context = current
         now = datetime.datetime.now(datetime.UTC)
         for entry in self._due:
             if entry.next_update is not None and entry.next_update < now:
@@ -272,32 +323,38 @@ class _RevocationLists:
                               "until its current list is in tls_crl_file", entry.issuer,
                               f"{entry.next_update:%Y-%m-%d %H:%M}")
 
-    def _load(self, context: ssl.SSLContext) -> None:
+    def _current(self) -> ssl.SSLContext:
+        """The context with the lists in force, after reading the file again if it changed."""
         stamp = _file_stamp(self.path)
-        if stamp is None or stamp == self._stamp:
-            return
         with self._lock:
-            if stamp == self._stamp:
-                return
+            assert self._context is not None  # set by check_with
+            if stamp is None or stamp == self._stamp:
+                return self._context
             self._stamp = stamp
             try:
                 lists = read_revocation_lists(self.path)
-                context.load_verify_locations(cafile=str(self.path))
+                _judge_revocation_lists(lists, _authorities(Path(self.settings.tls_ca_file)))
+                context = _plain_server_context(self.settings, require_client_certificate=True)
+                context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+                _load_revocation_lists(context, lists)
             except (ConfigurationError, ssl.SSLError, OSError) as exc:
-                if not self._due:
-                    raise ConfigurationError(f"tls_crl_file cannot be used: {exc}") from exc
-                log.error("tls_crl_file changed but cannot be read (%s); the revocation lists "
-                          "read before stay in force", exc)
-                return
-            # the newest list of each authority is the one OpenSSL checks against
-            newest: dict[str, RevocationList] = {e.issuer: e for e in self._due}
-            for entry in lists:
-                known = newest.get(entry.issuer)
-                if known is None or entry.crl.last_update_utc >= known.crl.last_update_utc:
-                    newest[entry.issuer] = entry
-            self._due = list(newest.values())
-            log.info("tls_crl_file: revocation lists of %d authorities in force",
+                log.warning("tls_crl_file changed but is not used (%s); the revocation lists "
+                            "read before stay in force", exc)
+                return self._context
+            self._context, self._due = context, lists_in_force(lists)
+            log.info("tls_crl_file changed: revocation lists of %d authorities in force",
                      len(self._due))
+            return context
+
+
+def _load_revocation_lists(context: ssl.SSLContext, lists: list[RevocationList]) -> None:
+    """Load ``lists`` into ``context``, and nothing else: a certificate that is in
+    ``tls_crl_file`` too does not become a trusted authority."""
+    with tempfile.NamedTemporaryFile(suffix=".pem") as only_lists:
+        for entry in lists:
+            only_lists.write(entry.crl.public_bytes(serialization.Encoding.PEM))
+        only_lists.flush()
+        context.load_verify_locations(cafile=only_lists.name)
 
 
 def dicom_server_context(settings: Settings) -> ssl.SSLContext | None:
@@ -358,17 +415,7 @@ def exposure_warnings(settings: Settings) -> list[str]:
                 "tls_private_key can be read or changed by other users of this machine: "
                 "make it readable by this service only (chmod 600).")
     if settings.tls_crl_file:
-        try:
-            lists = read_revocation_lists(Path(settings.tls_crl_file))
-        except ConfigurationError:  # refused by check_tls_settings
-            lists = []
-        soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)
-        for entry in lists:
-            if entry.next_update is not None and entry.next_update < soon:
-                warnings.append(
-                    f"tls_crl_file: the revocation list of {entry.issuer!r} is due to be "
-                    f"renewed on {entry.next_update:%Y-%m-%d %H:%M} UTC; DICOM TLS peers of "
-                    "that authority are refused from then until its current list is there.")
+        warnings.extend(_revocation_warnings(settings))
     if settings.tls_certificate:
         try:
             ends = x509.load_pem_x509_certificate(
@@ -380,6 +427,33 @@ def exposure_warnings(settings: Settings) -> list[str]:
             warnings.append(
                 f"tls_certificate expires on {ends:%Y-%m-%d %H:%M} UTC: renew it before "
                 "then, or HTTPS and DICOM TLS peers will refuse this server.")
+    return warnings
+
+
+def _revocation_warnings(settings: Settings) -> list[str]:
+    """A list in force due within a day; an authority in ``tls_ca_file`` with no list in
+    ``tls_crl_file`` (when client certificates are checked against it)."""
+    try:
+        lists = lists_in_force(read_revocation_lists(Path(settings.tls_crl_file)))
+    except ConfigurationError:  # refused by check_tls_settings
+        return []
+    warnings = []
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)
+    for entry in lists:
+        if entry.next_update is not None and entry.next_update < soon:
+            warnings.append(
+                f"tls_crl_file: the revocation list of {entry.issuer!r} is due to be "
+                f"renewed on {entry.next_update:%Y-%m-%d %H:%M} UTC; DICOM TLS peers of "
+                "that authority are refused from then until its current list is there.")
+    if settings.dicom_tls_port and settings.dicom_tls_require_client_certificate:
+        listed = {entry.crl.issuer for entry in lists}
+        for authority in _authorities(Path(settings.tls_ca_file)):
+            if authority.subject not in listed:
+                warnings.append(
+                    f"tls_crl_file holds no revocation list of the authority "
+                    f"{authority.subject.rfc4514_string()!r} in tls_ca_file: DICOM TLS peers "
+                    "whose certificates it signs are all refused. Add its list to "
+                    "tls_crl_file, or take it out of tls_ca_file if it signs no DICOM peer.")
     return warnings
 
 

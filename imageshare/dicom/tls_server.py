@@ -75,12 +75,21 @@ class _HandshakeInThread:
                 request.settimeout(self.ae.network_timeout)  # type: ignore[attr-defined]  # mixin
             except (OSError, ValueError) as exc:
                 log.warning("DICOM TLS handshake with %s failed: %s", client_address[0],
-                            getattr(exc, "reason", None) or type(exc).__name__)
+                            _why(exc))
                 self.shutdown_request(request)  # type: ignore[attr-defined]  # mixin
                 return
             finally:
                 self._end_handshake(host)
         super().process_request_thread(request, client_address)  # type: ignore[misc]  # mixin
+
+
+def _why(exc: OSError | ValueError) -> str:
+    """Why a handshake failed, in OpenSSL's words: its reason and, for a peer's certificate
+    that was not accepted, why not (``certificate revoked``, ``certificate has expired``)."""
+    reason = getattr(exc, "reason", None) or type(exc).__name__
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"{reason} ({exc.verify_message})"
+    return str(reason)
 
 
 _classes: dict[type, type] = {}

@@ -1,0 +1,181 @@
+"""Revocation lists on the DICOM TLS port as an operator renews them (session 39 review): the
+lists in ``tls_crl_file`` now are the ones that count, a changed file is checked as at start
+before it counts, a list appended next to its renewal is no reason to refuse to start, an
+authority without a list is warned about, and a refused modality's log line says why. DCMTK's
+echoscu is the peer; the lists are made with ``cryptography``."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from imageshare.domain.errors import ConfigurationError
+from imageshare.settings import Settings, load_settings
+from imageshare.tls import check_tls_settings, exposure_warnings
+from tests.conftest import require_tool
+from tests.peers import RunningServer, free_port, wait_for_port
+from tests.pki import Identity, Pki, make_pki
+
+pytestmark = pytest.mark.interop
+
+NOW = datetime.datetime.now(datetime.UTC)
+MINUTE = datetime.timedelta(minutes=1)
+DAY = datetime.timedelta(days=1)
+
+
+def _authority(pki: Pki, name: str = "test-ca") -> Identity:
+    return Identity(pki.ca.parent / f"{name}.key", pki.ca.parent / f"{name}.crt")
+
+
+def _crl(issuer: Identity, revoked: list[Identity], issued: datetime.datetime,
+         next_update: datetime.datetime, signer: Identity | None = None) -> bytes:
+    """A PEM revocation list in the name of ``issuer`` naming ``revoked``, signed with the key
+    of ``signer`` (the issuer itself unless said)."""
+    name = x509.load_pem_x509_certificate(issuer.cert.read_bytes()).subject
+    key = serialization.load_pem_private_key((signer or issuer).key.read_bytes(), password=None)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(name)
+               .last_update(issued).next_update(next_update))
+    for identity in revoked:
+        serial = x509.load_pem_x509_certificate(identity.cert.read_bytes()).serial_number
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial)
+            .revocation_date(issued).build())
+    return builder.sign(key, hashes.SHA256()).public_bytes(  # type: ignore[arg-type]
+        serialization.Encoding.PEM)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``path`` as a renewal job should: a new file renamed over the old one."""
+    temporary = path.with_suffix(".new")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    require_tool("openssl")
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _echo(pki: Pki, identity: Identity, port: int) -> bool:
+    """True when ImageShare accepted an association from ``identity`` on ``port``."""
+    done = subprocess.run([require_tool("echoscu"), "+tls", str(identity.key),
+                           str(identity.cert), "+cf", str(pki.ca), "-aec", "IMAGESHARE",
+                           "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
+    return done.returncode == 0
+
+
+def test_the_lists_in_the_file_now_count_and_a_changed_file_is_checked_before_it_counts(
+        pki, tmp_path):
+    """Before: every list ever read stayed in the listener's store (growing with each
+    renewal), so a list taken back out of the file kept counting; a changed file was used
+    unchecked, so a list in the authority's name but not signed by it refused every peer of
+    that authority, and an untrusted authority's certificate and list slipped into the file
+    let that authority's modalities in."""
+    hospital = _authority(pki)
+    crl = tmp_path / "hospital.crl.pem"
+    first = _crl(hospital, [pki.client], NOW - 10 * MINUTE, NOW + 7 * DAY)
+    crl.write_bytes(first)
+    tls_port = free_port()
+    server = RunningServer(tmp_path / "data", extra_env={
+        "IMAGESHARE_TLS_CERTIFICATE": str(pki.server.cert),
+        "IMAGESHARE_TLS_PRIVATE_KEY": str(pki.server.key),
+        "IMAGESHARE_TLS_CA_FILE": str(pki.ca),
+        "IMAGESHARE_TLS_CRL_FILE": str(crl),
+        "IMAGESHARE_HTTP_TLS": "false",
+        "IMAGESHARE_DICOM_TLS_PORT": str(tls_port),
+        "IMAGESHARE_DICOM_PROCESSES": "1",
+    })
+    server.start()
+    try:
+        wait_for_port(tls_port)
+        server.cli("node", "add", "ECHOSCU", "--host", "127.0.0.1", "--port", "104")
+        assert server.log_path is not None
+        assert not _echo(pki, pki.client, tls_port)
+        assert _echo(pki, pki.orthanc, tls_port)
+        # The refusal says why, in OpenSSL's words (and nothing about the patient).
+        assert "CERTIFICATE_VERIFY_FAILED (certificate revoked)" in server.log_path.read_text()
+
+        # A list revoking the wrong scanner by mistake is installed, then the previous list
+        # is put back: the scanner is let in again (the list put back is the one in force).
+        _replace(crl, _crl(hospital, [pki.client, pki.orthanc], NOW - 2 * MINUTE,
+                           NOW + 7 * DAY))
+        assert not _echo(pki, pki.orthanc, tls_port)
+        _replace(crl, first)
+        assert _echo(pki, pki.orthanc, tls_port)
+        assert not _echo(pki, pki.client, tls_port)
+
+        # A list in the hospital authority's name that it did not sign: not used, said in
+        # the log; the list before stays in force.
+        _replace(crl, _crl(hospital, [], NOW - MINUTE, NOW + 7 * DAY,
+                           signer=_authority(pki, "rogue-ca")))
+        assert _echo(pki, pki.orthanc, tls_port)
+        assert not _echo(pki, pki.client, tls_port)
+        log = server.log_path.read_text()
+        assert "revocation list of 'test-ca' is not signed by an authority in tls_ca_file" in log
+        assert "the revocation lists read before stay in force" in log
+
+        # An untrusted authority's certificate and its own list added to the file do not
+        # make it trusted.
+        rogue = _authority(pki, "rogue-ca")
+        _replace(crl, first + rogue.cert.read_bytes()
+                 + _crl(rogue, [], NOW - MINUTE, NOW + 7 * DAY))
+        assert not _echo(pki, pki.rogue, tls_port)
+        assert _echo(pki, pki.orthanc, tls_port)
+
+        # A stale list copied over the file: not used, said in the log.
+        _replace(crl, _crl(hospital, [], NOW - 8 * DAY, NOW - DAY))
+        assert _echo(pki, pki.orthanc, tls_port)
+        assert not _echo(pki, pki.client, tls_port)
+        assert "list of 'test-ca' was due to be renewed" in server.log_path.read_text()
+    finally:
+        server.stop()
+
+
+def _settings(pki: Pki, crl: Path, **values: object) -> Settings:
+    base: dict[str, object] = {
+        "tls_certificate": str(pki.server.cert), "tls_private_key": str(pki.server.key),
+        "tls_ca_file": str(pki.ca), "dicom_tls_port": 2762, "tls_crl_file": str(crl)}
+    return load_settings({**base, **values}, environ={})
+
+
+def test_an_old_list_left_next_to_its_renewal_is_no_reason_to_refuse_to_start(pki, tmp_path):
+    """Operators append the renewed list to the file; OpenSSL checks against the newest, but
+    the start-up check refused the old one's time being over (and warned it was due)."""
+    hospital = _authority(pki)
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(_crl(hospital, [], NOW - 8 * DAY, NOW - DAY)
+                    + _crl(hospital, [pki.client], NOW - MINUTE, NOW + 7 * DAY))
+    check_tls_settings(_settings(pki, crl))
+    assert not [w for w in exposure_warnings(_settings(pki, crl)) if "tls_crl_file" in w]
+    # Only old lists: still refused, with the newest one's date.
+    crl.write_bytes(_crl(hospital, [], NOW - 8 * DAY, NOW - 2 * DAY)
+                    + _crl(hospital, [], NOW - 3 * DAY, NOW - DAY))
+    with pytest.raises(ConfigurationError, match=f"renewed on {NOW - DAY:%Y-%m-%d}"):
+        check_tls_settings(_settings(pki, crl))
+
+
+def test_an_authority_without_a_revocation_list_is_warned_about_by_name(pki, tmp_path):
+    """Every peer an authority in tls_ca_file signed is refused when tls_crl_file has no list
+    of it (OpenSSL cannot check them): that happened without a word."""
+    authorities = tmp_path / "authorities.pem"
+    authorities.write_bytes(pki.ca.read_bytes()
+                            + _authority(pki, "rogue-ca").cert.read_bytes())
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(_crl(_authority(pki), [], NOW - MINUTE, NOW + 7 * DAY))
+    settings = _settings(pki, crl, tls_ca_file=str(authorities))
+    check_tls_settings(settings)
+    (warning,) = [w for w in exposure_warnings(settings) if "tls_crl_file" in w]
+    assert "no revocation list of the authority 'CN=rogue-ca'" in warning
+    assert "test-ca" not in warning
+    # Not when every authority has its list, nor when client certificates are not checked.
+    assert not [w for w in exposure_warnings(_settings(pki, crl)) if "tls_crl_file" in w]
+    assert not [w for w in exposure_warnings(_settings(
+        pki, crl, tls_ca_file=str(authorities), dicom_tls_require_client_certificate=False))
+        if "tls_crl_file" in w]
