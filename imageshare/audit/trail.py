@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, and_, or_, select
+from sqlalchemy import ColumnElement, Connection, Engine, and_, func, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from imageshare.audit.chain import append
@@ -125,22 +125,75 @@ class AuditTrail:
         themselves, not as LIKE wildcards that would let other events take the places of
         the ``limit``)."""
         query = select(audit_events).order_by(audit_events.c.pk.desc()).limit(limit)
+        text = _as_stored(text)
+        sqlite = self._engine.dialect.name == "sqlite"
         if text:
-            query = query.where(or_(*(column.icontains(text, autoescape=True) for column in (
-                audit_events.c.actor, audit_events.c.source, audit_events.c.patient_id,
-                audit_events.c.study_uid, audit_events.c.detail))))
+            query = query.where(_naming(text, folded_here=sqlite and not text.isascii()))
         if detail is not None:
             query = query.where(audit_events.c.detail.contains(
                 json.dumps({detail[0]: detail[1]}, sort_keys=True)[1:-1], autoescape=True))
         if action:
-            query = query.where(audit_events.c.action == action)
+            query = query.where(audit_events.c.action == _as_stored(action))
         if study_uid:
-            query = query.where(audit_events.c.study_uid == study_uid)
+            query = query.where(audit_events.c.study_uid == _as_stored(study_uid))
         with self._engine.connect() as conn:
+            if sqlite:
+                _add_folding(conn)
             for row in conn.execute(query).mappings():
                 item = dict(row)
                 item["detail"] = json.loads(item["detail"] or "{}")
                 yield item
+
+
+def _as_stored(text: str) -> str:
+    """Asked-for text as a column can hold it: each NUL as U+FFFD (as :func:`_storable`
+    writes it), and each lone surrogate (not Unicode text) as U+FFFD too: the database would
+    refuse the query rather than find nothing."""
+    return "".join("\ufffd" if c == "\x00" or "\ud800" <= c <= "\udfff" else c
+                   for c in text)
+
+
+_PLAIN_COLUMNS = (audit_events.c.actor, audit_events.c.source, audit_events.c.patient_id,
+                  audit_events.c.study_uid)
+
+
+def _naming(text: str, folded_here: bool) -> ColumnElement[bool]:
+    """Events whose who, address, patient ID, study UID or detail contains ``text`` in any
+    case, ``%`` and ``_`` as themselves. The detail column holds JSON (non-ASCII letters,
+    quotes and control characters escaped), so it is searched for ``text`` as JSON writes
+    it. ``folded_here``: SQLite, whose lower() folds ASCII letters only, folds with Python's
+    (:func:`_add_folding`), so that ``JOSÉ`` finds ``josé``."""
+    lowered = text.lower()
+    if folded_here:
+        return or_(*(func.imageshare_fold(c).contains(lowered, autoescape=True)
+                     for c in _PLAIN_COLUMNS),
+                   func.imageshare_fold_json(audit_events.c.detail).contains(
+                       json.dumps(lowered, ensure_ascii=False)[1:-1], autoescape=True))
+    return or_(*(c.icontains(lowered, autoescape=True) for c in _PLAIN_COLUMNS),
+               audit_events.c.detail.icontains(json.dumps(lowered)[1:-1], autoescape=True))
+
+
+def _fold(value: str | None) -> str:
+    return (value or "").lower()
+
+
+def _fold_json(value: str | None) -> str:
+    """The JSON text ``value`` with its escaped letters written out, in lower case."""
+    value = value or ""
+    if "\\u" not in value:
+        return value.lower()
+    try:
+        return json.dumps(json.loads(value), sort_keys=True, ensure_ascii=False).lower()
+    except ValueError:
+        return value.lower()
+
+
+def _add_folding(conn: Connection) -> None:
+    """Give this SQLite connection the Unicode lower-casing :func:`_naming` uses."""
+    raw = conn.connection.driver_connection
+    if raw is not None:
+        raw.create_function("imageshare_fold", 1, _fold, deterministic=True)
+        raw.create_function("imageshare_fold_json", 1, _fold_json, deterministic=True)
 
 
 def _rows(conn: Connection, batch: list[AuditEvent]) -> list[dict[str, Any]]:

@@ -25,7 +25,12 @@ from urllib.parse import quote
 from sqlalchemy import Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from imageshare.access.policy import PERSON_ROLES, SECOND_FACTOR_ROLES
+from imageshare.access.policy import (
+    CHANGING_PASSWORD,
+    PERSON_ROLES,
+    SECOND_FACTOR_ROLES,
+    effective_role,
+)
 from imageshare.access.users import UserDirectory
 from imageshare.audit.trail import AuditEvent, AuditTrail
 from imageshare.domain.actors import Actor, cli_actor
@@ -196,12 +201,23 @@ class EhrLaunches:
             raise LaunchRefused("A launch link opens a person's account, not a machine's.",
                                 "machine")
         with self._engine.connect() as conn:
-            temporary = conn.execute(select(users.c.must_change_password).where(
-                users.c.username == account.username)).scalar()
-        if temporary:
-            # A password an administrator gave (and saw) is changed before the account does
-            # anything else, on every channel (access.policy.effective_role): this one too.
+            row = conn.execute(select(users.c.role, users.c.totp_enabled,
+                                      users.c.must_change_password)
+                               .where(users.c.username == account.username)).first()
+        if row is None:
+            raise LaunchRefused("The launch link names no usable ImageShare account.",
+                                "unknown-user")
+        # What the account may do now is decided once, for every channel (a temporary
+        # password to change first, a second factor to set up first): a launch link opens
+        # only an account that effective_role gives its whole role.
+        role = effective_role(row.role, bool(row.totp_enabled),
+                              must_change_password=bool(row.must_change_password))
+        if role == CHANGING_PASSWORD:
             raise LaunchRefused("This account must first choose its own password: sign in to "
                                 "ImageShare once with the password you were given, then open "
                                 "the images again from the record.", "password-change")
-        return Actor("user", account.username, account.role, source)
+        if role != row.role:
+            raise LaunchRefused("This account must first set up its second factor: sign in to "
+                                "ImageShare once and follow the steps, then open the images "
+                                "again from the record.", "second-factor")
+        return Actor("user", account.username, role, source)

@@ -12,12 +12,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from cryptography.fernet import Fernet, InvalidToken
 
 from imageshare.domain.actors import Actor
-from imageshare.domain.errors import LinkGone
+from imageshare.domain.errors import InvalidQuery, LinkGone
 
 # How long the page links of a search made by POST can be followed.
 PAGE_LINK_SECONDS = 3600
 # Fields of a search (the form's and the URL's together): far more than any search needs.
 MAX_SEARCH_FIELDS = 200
+# The longest page token: its link (path, ``?_page=`` and the token) fits in the longest
+# address the server takes (8 KiB). A longer ``_page`` is refused before it is decrypted.
+MAX_PAGE_TOKEN = 7680
 
 
 class PageSeal:
@@ -36,27 +39,51 @@ class PageSeal:
         payload = json.dumps({"q": query, "who": _who(actor)}, separators=(",", ":"))
         return self._fernet.encrypt(payload.encode()).decode("ascii")
 
+    def _link_token(self, query: str, actor: Actor) -> str:
+        """:meth:`seal` for a page link the caller can follow: InvalidQuery (naming the
+        limit) when following it would be refused, as the same search sent in a URL would
+        be (more than :data:`MAX_SEARCH_FIELDS` parameters, the page's ``_count`` and
+        ``_offset`` among them) or as an address too long for the server."""
+        check_followable(query)
+        token = self.seal(query, actor)
+        if len(token) > MAX_PAGE_TOKEN:
+            raise InvalidQuery("the search's parameters are too long for the links to its "
+                               "pages (about 5 KB at most): send fewer or shorter ones")
+        return token
+
     def open(self, token: str, actor: Actor) -> list[tuple[str, str]]:
         """The search parameters sealed in ``token``; LinkGone when it is not one of ours,
         is older than :data:`PAGE_LINK_SECONDS` or was made for another caller (all one
         answer)."""
         gone = LinkGone("this page link has expired or is not valid for this caller: "
                         "send the search again")
+        if len(token) > MAX_PAGE_TOKEN:  # none of ours is longer: not worth decrypting
+            raise gone
         try:
             payload = json.loads(self._fernet.decrypt(token.encode("ascii"),
                                                       ttl=PAGE_LINK_SECONDS))
+            if not isinstance(payload, dict) or payload.get("who") != _who(actor):
+                raise gone
+            return parse_qsl(str(payload.get("q", "")), keep_blank_values=True,
+                             max_num_fields=MAX_SEARCH_FIELDS)
         except (InvalidToken, UnicodeEncodeError, ValueError) as exc:
             raise gone from exc
-        if not isinstance(payload, dict) or payload.get("who") != _who(actor):
-            raise gone
-        return parse_qsl(str(payload.get("q", "")), keep_blank_values=True,
-                         max_num_fields=MAX_SEARCH_FIELDS)
 
     def relink(self, answer: dict[str, Any], base: str, actor: Actor) -> None:
-        """Replace the query of each of ``answer``'s links by a sealed ``_page`` token."""
+        """Replace the query of each of ``answer``'s links by a sealed ``_page`` token;
+        InvalidQuery when a link could not be followed (:meth:`_link_token`)."""
         for link in answer.get("link", []):
             query = urlsplit(link["url"]).query
-            link["url"] = f"{base}?{urlencode({'_page': self.seal(query, actor)})}"
+            link["url"] = f"{base}?{urlencode({'_page': self._link_token(query, actor)})}"
+
+
+def check_followable(query: str) -> None:
+    """InvalidQuery naming the limit when a page link's ``query`` has more parameters than a
+    search takes (its page's ``_count`` and ``_offset`` added to the search's own): the
+    search is refused rather than answered with links that would be."""
+    if len(parse_qsl(query, keep_blank_values=True)) > MAX_SEARCH_FIELDS:
+        raise InvalidQuery(f"a search takes at most {MAX_SEARCH_FIELDS} parameters, the "
+                           "_count and _offset of its page links among them")
 
 
 def _who(actor: Actor) -> str:

@@ -309,10 +309,23 @@ class UploadInvitations:
     # -- the uploader's and staff's steps ----------------------------------------------------
 
     def require_open(self, invitation: Invitation) -> None:
-        """Raise unless files may be added now."""
-        if invitation.state != "open":
-            raise Forbidden("this upload was sent already; the hospital will tell you if "
-                            "they need anything else")
+        """Raise unless files may be added now, saying why not in the invited person's words
+        (what ended the invitation and what to do; nothing about the patient)."""
+        state = invitation.state
+        if state == "open":
+            return
+        if state == "expired":
+            ended = as_utc(invitation.expires_at)
+            raise Forbidden(f"this invitation ended on {ended.day} {ended:%B %Y}; ask the "
+                            "hospital for a new link to send your images")
+        if state == "revoked":
+            raise Forbidden("the hospital withdrew this invitation; ask them for a new link "
+                            "if you still need to send images")
+        if state == "locked":
+            raise Forbidden("this invitation locked after too many wrong passcodes; ask the "
+                            "hospital for a new link")
+        raise Forbidden("this upload was sent already; the hospital will tell you if they "
+                        "need anything else")
 
     def record_withdrawal(self, invitation: Invitation, actor: Actor, upload_id: str) -> None:
         """Audit that ``actor`` withdrew the file ``upload_id`` before sending it."""

@@ -9,7 +9,7 @@ Thin adapter over :mod:`imageshare.fhir.imaging_study`; callers authenticate as 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -36,7 +36,7 @@ from imageshare.fhir.imaging_study import (
     parse_search,
     study_uid_of,
 )
-from imageshare.fhir.page_seal import MAX_SEARCH_FIELDS, PageSeal
+from imageshare.fhir.page_seal import MAX_SEARCH_FIELDS, PageSeal, check_followable
 from imageshare.settings import Settings
 from imageshare.web.auth import PRIVATE_HEADERS, PrivateRoute, allowed
 from imageshare.web.deps import ArchiveDep, archive_of
@@ -216,6 +216,9 @@ async def _search(request: Request, params: list[tuple[str, str]], actor: Actor,
     media = _check_format(request)
     service = archive.imaging_studies
     wanted = parse_search(params, service.hospital_system, lenient=prefers_lenient(request))
+    # Refused before it runs when its page links could not be followed: they add _count and
+    # _offset to the search's own parameters.
+    check_followable(urlsplit(wanted.link("", wanted.offset)).query)
     found = await run_in_threadpool(
         service.search, wanted, actor, archive.policy.study_scope(actor), _endpoints(request))
     base = f"{public_base(request)}/fhir/ImagingStudy"

@@ -150,6 +150,19 @@ def _page_for(request: Request, status: int, title: str, detail: str) -> Respons
     return _error_page(request, status, title, detail)
 
 
+def _http_answer(request: Request, exc: StarletteHTTPException) -> Response:
+    """The answer to an HTTP error the framework raised, in the form the caller reads."""
+    if is_fhir(request):
+        return outcome_response(exc.status_code, str(exc.detail) or "Error")
+    if wants_page(request):
+        return _error_page(request, exc.status_code, str(exc.detail) or "Error",
+                           "The page does not exist." if exc.status_code == 404 else "")
+    if exc.status_code == 400 and exc.__cause__ is not None and (
+            request.url.path.startswith("/api/")):
+        return problem(400, "Bad request", _unparsed_body(exc))
+    return problem(exc.status_code, str(exc.detail) or "Error")
+
+
 def install(app: FastAPI) -> None:
     """Map every error to the problem shape (or, for browsers, an error page)."""
 
@@ -176,15 +189,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        if is_fhir(request):
-            return outcome_response(exc.status_code, str(exc.detail) or "Error")
-        if wants_page(request):
-            return _error_page(request, exc.status_code, str(exc.detail) or "Error",
-                               "The page does not exist." if exc.status_code == 404 else "")
-        if exc.status_code == 400 and exc.__cause__ is not None and (
-                request.url.path.startswith("/api/")):
-            return problem(400, "Bad request", _unparsed_body(exc))
-        return problem(exc.status_code, str(exc.detail) or "Error")
+        answer = _http_answer(request, exc)
+        allow = (exc.headers or {}).get("Allow")
+        if exc.status_code == 405 and allow:
+            answer.headers["Allow"] = allow  # RFC 9110 15.5.6: a 405 names the methods
+        return answer
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
