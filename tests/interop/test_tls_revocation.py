@@ -24,12 +24,13 @@ pytestmark = pytest.mark.interop
 NOW = datetime.datetime.now(datetime.UTC)
 
 
-def _crl(authority: Identity, revoked: list[Identity], issued: datetime.datetime,
-         next_update: datetime.datetime) -> bytes:
-    """A PEM revocation list of ``authority`` naming ``revoked``."""
-    ca = x509.load_pem_x509_certificate(authority.cert.read_bytes())
-    key = serialization.load_pem_private_key(authority.key.read_bytes(), password=None)
-    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
+def _crl(issuer: Identity, revoked: list[Identity], issued: datetime.datetime,
+         next_update: datetime.datetime, signer: Identity | None = None) -> bytes:
+    """A PEM revocation list in the name of ``issuer`` naming ``revoked``, signed with the key
+    of ``signer`` (the issuer itself unless said)."""
+    name = x509.load_pem_x509_certificate(issuer.cert.read_bytes()).subject
+    key = serialization.load_pem_private_key((signer or issuer).key.read_bytes(), password=None)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(name)
                .last_update(issued).next_update(next_update))
     for identity in revoked:
         serial = x509.load_pem_x509_certificate(identity.cert.read_bytes()).serial_number
@@ -49,6 +50,20 @@ def _replace(path: Path, data: bytes) -> None:
     temporary = path.with_suffix(".new")
     temporary.write_bytes(data)
     os.replace(temporary, path)
+
+
+def tls_server(pki: Pki, data: Path, crl: Path, tls_port: int) -> RunningServer:
+    """A server (not started) whose DICOM TLS port ``tls_port`` requires client certificates
+    of ``pki``'s authority and checks them against the lists in ``crl``."""
+    return RunningServer(data, extra_env={
+        "IMAGESHARE_TLS_CERTIFICATE": str(pki.server.cert),
+        "IMAGESHARE_TLS_PRIVATE_KEY": str(pki.server.key),
+        "IMAGESHARE_TLS_CA_FILE": str(pki.ca),
+        "IMAGESHARE_TLS_CRL_FILE": str(crl),
+        "IMAGESHARE_HTTP_TLS": "false",
+        "IMAGESHARE_DICOM_TLS_PORT": str(tls_port),
+        "IMAGESHARE_DICOM_PROCESSES": "1",
+    })
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +88,7 @@ def test_a_revoked_client_certificate_is_refused_and_a_new_list_counts_without_a
     crl.write_bytes(_crl(_authority(pki), [pki.client], NOW - datetime.timedelta(minutes=5),
                          NOW + datetime.timedelta(days=7)))
     tls_port = free_port()
-    server = RunningServer(tmp_path / "data", extra_env={
-        "IMAGESHARE_TLS_CERTIFICATE": str(pki.server.cert),
-        "IMAGESHARE_TLS_PRIVATE_KEY": str(pki.server.key),
-        "IMAGESHARE_TLS_CA_FILE": str(pki.ca),
-        "IMAGESHARE_TLS_CRL_FILE": str(crl),
-        "IMAGESHARE_HTTP_TLS": "false",
-        "IMAGESHARE_DICOM_TLS_PORT": str(tls_port),
-        "IMAGESHARE_DICOM_PROCESSES": "1",
-    })
+    server = tls_server(pki, tmp_path / "data", crl, tls_port)
     server.start()
     try:
         wait_for_port(tls_port)

@@ -7,20 +7,23 @@ echoscu is the peer; the lists are made with ``cryptography``."""
 from __future__ import annotations
 
 import datetime
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
 from imageshare.domain.errors import ConfigurationError
 from imageshare.settings import Settings, load_settings
 from imageshare.tls import check_tls_settings, exposure_warnings
-from tests.conftest import require_tool
-from tests.peers import RunningServer, free_port, wait_for_port
-from tests.pki import Identity, Pki, make_pki
+from tests.interop.test_tls_revocation import (
+    _authority,
+    _crl,
+    _replace,
+    pki,  # noqa: F401 - a fixture of these tests
+    tls_server,
+)
+from tests.interop.test_tls_revocation import _echo as _echoscu
+from tests.peers import free_port, wait_for_port
+from tests.pki import Identity, Pki
 
 pytestmark = pytest.mark.interop
 
@@ -29,46 +32,9 @@ MINUTE = datetime.timedelta(minutes=1)
 DAY = datetime.timedelta(days=1)
 
 
-def _authority(pki: Pki, name: str = "test-ca") -> Identity:
-    return Identity(pki.ca.parent / f"{name}.key", pki.ca.parent / f"{name}.crt")
-
-
-def _crl(issuer: Identity, revoked: list[Identity], issued: datetime.datetime,
-         next_update: datetime.datetime, signer: Identity | None = None) -> bytes:
-    """A PEM revocation list in the name of ``issuer`` naming ``revoked``, signed with the key
-    of ``signer`` (the issuer itself unless said)."""
-    name = x509.load_pem_x509_certificate(issuer.cert.read_bytes()).subject
-    key = serialization.load_pem_private_key((signer or issuer).key.read_bytes(), password=None)
-    builder = (x509.CertificateRevocationListBuilder().issuer_name(name)
-               .last_update(issued).next_update(next_update))
-    for identity in revoked:
-        serial = x509.load_pem_x509_certificate(identity.cert.read_bytes()).serial_number
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial)
-            .revocation_date(issued).build())
-    return builder.sign(key, hashes.SHA256()).public_bytes(  # type: ignore[arg-type]
-        serialization.Encoding.PEM)
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Write ``path`` as a renewal job should: a new file renamed over the old one."""
-    temporary = path.with_suffix(".new")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Pki:
-    require_tool("openssl")
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
 def _echo(pki: Pki, identity: Identity, port: int) -> bool:
     """True when ImageShare accepted an association from ``identity`` on ``port``."""
-    done = subprocess.run([require_tool("echoscu"), "+tls", str(identity.key),
-                           str(identity.cert), "+cf", str(pki.ca), "-aec", "IMAGESHARE",
-                           "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
-    return done.returncode == 0
+    return _echoscu(pki, identity, port).returncode == 0
 
 
 def test_the_lists_in_the_file_now_count_and_a_changed_file_is_checked_before_it_counts(
@@ -83,15 +49,7 @@ def test_the_lists_in_the_file_now_count_and_a_changed_file_is_checked_before_it
     first = _crl(hospital, [pki.client], NOW - 10 * MINUTE, NOW + 7 * DAY)
     crl.write_bytes(first)
     tls_port = free_port()
-    server = RunningServer(tmp_path / "data", extra_env={
-        "IMAGESHARE_TLS_CERTIFICATE": str(pki.server.cert),
-        "IMAGESHARE_TLS_PRIVATE_KEY": str(pki.server.key),
-        "IMAGESHARE_TLS_CA_FILE": str(pki.ca),
-        "IMAGESHARE_TLS_CRL_FILE": str(crl),
-        "IMAGESHARE_HTTP_TLS": "false",
-        "IMAGESHARE_DICOM_TLS_PORT": str(tls_port),
-        "IMAGESHARE_DICOM_PROCESSES": "1",
-    })
+    server = tls_server(pki, tmp_path / "data", crl, tls_port)
     server.start()
     try:
         wait_for_port(tls_port)
