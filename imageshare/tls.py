@@ -158,6 +158,10 @@ def _plain_server_context(settings: Settings, require_client_certificate: bool
         context.load_verify_locations(cafile=settings.tls_ca_file)
     if require_client_certificate:
         context.verify_mode = ssl.CERT_REQUIRED
+        # No session tickets: a resumed session skips the client certificate's check, and
+        # with it a revocation list renewed since the session began.
+        context.options |= ssl.OP_NO_TICKET
+        context.num_tickets = 0
     return context
 
 

@@ -7,13 +7,16 @@ echoscu is the peer; the lists are made with ``cryptography``."""
 from __future__ import annotations
 
 import datetime
+import socket
+import ssl
+import threading
 from pathlib import Path
 
 import pytest
 
 from imageshare.domain.errors import ConfigurationError
 from imageshare.settings import Settings, load_settings
-from imageshare.tls import check_tls_settings, exposure_warnings
+from imageshare.tls import check_tls_settings, exposure_warnings, server_context
 from tests.interop.test_tls_revocation import (
     _authority,
     _crl,
@@ -137,3 +140,33 @@ def test_an_authority_without_a_revocation_list_is_warned_about_by_name(pki, tmp
     assert not [w for w in exposure_warnings(_settings(
         pki, crl, tls_ca_file=str(authorities), dicom_tls_require_client_certificate=False))
         if "tls_crl_file" in w]
+
+
+def test_the_dicom_tls_port_hands_out_no_session_ticket_to_resume_past_a_revocation(
+        pki, tmp_path):
+    """A TLS 1.3 session ticket lets a client resume without showing its certificate again,
+    so a certificate revoked since would still get in: the server context that requires
+    client certificates issues none."""
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(_crl(_authority(pki), [], NOW - MINUTE, NOW + 7 * DAY))
+    server = server_context(_settings(pki, crl), require_client_certificate=True)
+    client = ssl.create_default_context(cafile=str(pki.ca))
+    client.check_hostname = False
+    client.load_cert_chain(str(pki.orthanc.cert), str(pki.orthanc.key))
+    near, far = socket.socketpair()
+    served: list[bytes] = []
+
+    def serve() -> None:
+        with server.wrap_socket(far, server_side=True) as tls:
+            served.append(tls.recv(1))
+            tls.sendall(b"y")
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with client.wrap_socket(near) as tls:
+        tls.sendall(b"x")
+        assert tls.recv(1) == b"y"  # any ticket the server sends comes before this byte
+        assert tls.version() == "TLSv1.3"
+        assert tls.session is not None and not tls.session.has_ticket
+    thread.join(timeout=10)
+    assert served == [b"x"]
