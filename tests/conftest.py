@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -70,15 +71,17 @@ class PostgresServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
-    def new_database(self) -> str:
+    def new_database(self, template: str = "") -> str:
+        """The URL of a new database: empty, or a copy of the database ``template``."""
         import psycopg
 
         self.counter += 1
         name = f"t{os.getpid()}_{self.counter}"
+        copy = f' TEMPLATE "{template}"' if template else ""
         with psycopg.connect(
             f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
         ) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"{copy}')
         return self.url(name)
 
 
@@ -168,21 +171,70 @@ def make_archive(tmp_path: Path, database_url: str = "", **settings: object) -> 
     return build_archive(load_settings(values, environ={}))
 
 
+_started: list[Path] = []
+
+
+def _started_folder() -> Path:
+    """A data folder an archive on SQLite was started in once and closed (index migrated,
+    ``admin`` made), made once per test process."""
+    if not _started:
+        folder = Path(tempfile.mkdtemp(prefix="imageshare-started-"))
+        atexit.register(shutil.rmtree, folder, True)
+        built = make_archive(folder)
+        built.users.ensure_admin(ADMIN_PASSWORD)
+        built.close()
+        _started.append(folder / "data")
+    return _started[0]
+
+
+def make_started_archive(tmp_path: Path, **settings: object) -> Archive:
+    """:func:`make_archive` for an archive on SQLite started before (a copy of
+    :func:`_started_folder`): a second start, without running every migration and hashing
+    the administrator's password again for each test. First starts are tested where
+    archives and servers are made with :func:`make_archive`. ``settings`` must leave the
+    secret key and the blob store as they are."""
+    shutil.copytree(_started_folder(), tmp_path / "data")
+    return make_archive(tmp_path, **settings)
+
+
+@pytest.fixture(scope="session")
+def started_data() -> Path:
+    """The data folder of :func:`_started_folder` (copied by the archive fixtures)."""
+    return _started_folder()
+
+
 @pytest.fixture
 def archive(tmp_path: Path) -> Iterator[Archive]:
-    """An archive on SQLite."""
-    built = make_archive(tmp_path)
+    """An archive on SQLite (started before: its index is migrated and ``admin`` made)."""
+    built = make_started_archive(tmp_path)
     built.users.ensure_admin(ADMIN_PASSWORD)
     yield built
     built.close()
 
 
+@pytest.fixture(scope="session")
+def started_postgres(tmp_path_factory: pytest.TempPathFactory,
+                     postgres: PostgresServer) -> tuple[Path, str]:
+    """As :func:`started_data` on PostgreSQL: the data folder and the name of the database
+    (a template for each test's own) of an archive started once and closed."""
+    folder = tmp_path_factory.mktemp("started-pg")
+    url = postgres.new_database()
+    built = make_archive(folder, url)
+    built.users.ensure_admin(ADMIN_PASSWORD)
+    built.close()
+    return folder / "data", url.rsplit("/", 1)[1]
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_archive(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Archive]:
-    """The same archive on SQLite and on PostgreSQL."""
+    """The same archive (started before, as :func:`archive`) on SQLite and on PostgreSQL."""
     url = ""
     if request.param == "postgresql":
-        url = request.getfixturevalue("postgres").new_database()
+        started, template = request.getfixturevalue("started_postgres")
+        url = request.getfixturevalue("postgres").new_database(template)
+    else:
+        started = request.getfixturevalue("started_data")
+    shutil.copytree(started, tmp_path / "data")
     built = make_archive(tmp_path, url)
     built.users.ensure_admin(ADMIN_PASSWORD)
     yield built

@@ -95,18 +95,19 @@ class SignIn:
                                       detail={"reason": "machine account"}))
         raise Forbidden(MACHINE_ACCOUNT)
 
-    def confirm_code(self, actor: Actor, secret: str, code: str, source: str) -> str:
+    def confirm_code(self, actor: Actor, secret: str, code: str,
+                     source: str) -> tuple[str, str]:
         """Check the second step's TOTP code; the session gets full access under a new
-        secret, which is returned. Raises NotAuthenticated for a wrong code."""
+        secret, returned with its CSRF token. Raises NotAuthenticated for a wrong code."""
         self._throttle.check(source)
         if not self._users.check_code(actor.name, code[:16], source):
             self._throttle.failed(source)
             self._audit.record(AuditEvent(actor=actor, action="session.code",
                                           outcome="failure"))
             raise NotAuthenticated(WRONG_CODE)
-        new_secret, _csrf = self._sessions.advance(secret, "full")
+        new_secret, csrf = self._sessions.advance(secret, "full")
         self._audit.record(AuditEvent(actor=actor, action="session.code", outcome="success"))
-        return new_secret
+        return new_secret, csrf
 
     def end(self, actor: Actor, secret: str | None) -> None:
         """End the session whose cookie is ``secret`` (if any)."""

@@ -335,6 +335,8 @@ class QueryService:
         if query.level not in LEVELS:
             raise InvalidQuery(f"unknown query level {query.level!r}")
         depth = LEVELS.index(query.level)
+        if not self._answers_constants(query):
+            return []
         stmt = self._select(depth, query.newest_first)
         python_filters: list[tuple[str, dict[str, Any]]] = []
         for tag, element in query.identifier.items():
@@ -388,6 +390,19 @@ class QueryService:
             matches = matches[query.offset: query.offset + limit]
         self._add_counts(conn, matches, depth, query)
         return [self._select_keys(m, query) for m in matches]
+
+    def _answers_constants(self, query: Query) -> bool:
+        """False when the query asks for a Retrieve AE Title or an Instance Availability
+        other than the ones every match of this archive carries (its own AE title, ONLINE):
+        then nothing matches (an OFFLINE or NEARLINE search finds no instance here)."""
+        constants = {RETRIEVE_AE: ("AE", self._ae_title), AVAILABILITY: ("CS", "ONLINE")}
+        for tag, (vr, value) in constants.items():
+            element = query.identifier.get(tag)
+            if element is None or is_universal(element):
+                continue
+            if not json_matches(_element(vr, value), {**element, "vr": vr}):
+                return False
+        return True
 
     # -- SQL --------------------------------------------------------------------------------
 

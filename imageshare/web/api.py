@@ -13,6 +13,7 @@ from imageshare.access.policy import (
     AUDIT_READ,
     NODE_MANAGE,
     PUBLIC,
+    SESSION_CODE,
     TOKEN_SELF,
 )
 from imageshare.audit.trail import AuditEvent
@@ -108,13 +109,35 @@ def sign_in(
     session: an HttpOnly, SameSite=Strict cookie, and the CSRF token that every
     state-changing request of the session must send as X-CSRF-Token. Five failures lock the
     account for 15 minutes; every failure answers the same. ``stage`` is ``enrol`` for an
-    administrator who must set up two-factor sign-in before anything else."""
+    administrator who must set up two-factor sign-in before anything else, and ``code``
+    for an account with two-factor sign-in that sent no code: the session can do nothing
+    but send it to ``POST /api/session/code``."""
     signed_in = archive.sign_in.start(body.username, body.password, client_address(request),
-                                      code=body.code)
+                                      code=body.code or None)
     set_session_cookie(request, response, signed_in.secret)
     actor = signed_in.actor
     return {"username": actor.name, "role": actor.role, "csrf_token": signed_in.csrf,
             "stage": signed_in.stage}
+
+
+class CodeIn(Strict):
+    """The TOTP code of a session started without one."""
+
+    code: str = Field(min_length=1, max_length=16)
+
+
+@router.post("/session/code", summary="Send the second factor of a session")
+def confirm_session_code(
+    request: Request, archive: ArchiveDep, body: CodeIn, response: Response,
+    actor: allowed(SESSION_CODE),
+) -> dict[str, str]:
+    """Check the TOTP code of a session that ``POST /api/session`` started at the ``code``
+    stage: it then gets full access under a new cookie and a new CSRF token. A wrong code
+    counts as a failed sign-in."""
+    secret, csrf = archive.sign_in.confirm_code(actor, session_secret(request), body.code,
+                                                client_address(request))
+    set_session_cookie(request, response, secret)
+    return {"username": actor.name, "role": actor.role, "csrf_token": csrf, "stage": "full"}
 
 
 @router.delete("/session", status_code=204, summary="Sign out")

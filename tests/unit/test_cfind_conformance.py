@@ -17,7 +17,7 @@ from pynetdicom.sop_class import (
 
 from imageshare.archive.query import Query
 from imageshare.domain.actors import cli_actor
-from tests.conftest import ADMIN_PASSWORD, make_archive
+from tests.conftest import ADMIN_PASSWORD, make_started_archive
 from tests.factory import ct_series, us_cine
 from tests.listener import listening
 
@@ -121,7 +121,7 @@ def test_qido_and_c_find_agree_on_component_groups(japanese, client):
 @pytest.fixture
 def capped(tmp_path):
     """An archive answering at most three matches, holding four studies (three of P1)."""
-    archive = make_archive(tmp_path, qido_max_limit=3)
+    archive = make_started_archive(tmp_path, qido_max_limit=3)
     archive.users.ensure_admin(ADMIN_PASSWORD)
     for n, patient in enumerate(("P1", "P1", "P1", "P2")):
         _store(archive, ct_series(tmp_path / f"s{n}", count=1, patient_id=patient))

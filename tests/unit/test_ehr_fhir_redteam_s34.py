@@ -29,7 +29,7 @@ from imageshare.fhir.imaging_study import resource_id
 from imageshare.notify import Mailer, MailSettings
 from imageshare.storage.index.schema import notifications, users
 from imageshare.web.server import create_app
-from tests.conftest import make_archive
+from tests.conftest import make_archive, make_started_archive
 from tests.factory import ct_series
 from tests.mail import smtp_server
 from tests.peers import free_port
@@ -244,8 +244,8 @@ def mailing(tmp_path: Path) -> Iterator[tuple]:
     """An archive with a real SMTP server; user ``sono`` has a confirmed address (mail goes
     to confirmed addresses only)."""
     with smtp_server() as (sink, port):
-        archive = make_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
-                               public_url="https://images.example")
+        archive = make_started_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
+                                       public_url="https://images.example")
         archive.users.ensure_admin(PASSWORD)
         archive.users.add("sono", PASSWORD, "sonographer")
         with archive.engine.begin() as conn:

@@ -41,7 +41,7 @@ from imageshare.storage.index.schema import (
     upload_invitations,
 )
 from imageshare.web.server import create_app
-from tests.conftest import ADMIN_PASSWORD, make_archive
+from tests.conftest import ADMIN_PASSWORD, make_archive, make_started_archive
 from tests.factory import ct_series
 from tests.mail import smtp_server
 from tests.peers import free_port
@@ -375,9 +375,9 @@ def hospital(tmp_path) -> Iterator[tuple]:
     """An archive with a real SMTP server and its public URL, and a clerk (as the upload
     tests have it)."""
     with smtp_server() as (sink, port):
-        archive = make_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
-                               public_url="https://images.hospital.example",
-                               upload_chunk_bytes=256 * 1024)
+        archive = make_started_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
+                                       public_url="https://images.hospital.example",
+                                       upload_chunk_bytes=256 * 1024)
         archive.users.ensure_admin(ADMIN_PASSWORD)
         archive.users.add("clerk", PASSWORD, "radiographer")
         try:

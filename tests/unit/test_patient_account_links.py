@@ -16,7 +16,7 @@ from imageshare.domain.actors import Actor
 from imageshare.storage.index.database import make_engine
 from imageshare.storage.index.schema import account_invites, patient_accounts
 from imageshare.web.server import create_app
-from tests.conftest import ADMIN_PASSWORD, make_archive, upgrade_index
+from tests.conftest import ADMIN_PASSWORD, make_archive, make_started_archive, upgrade_index
 from tests.factory import ct_series
 from tests.mail import smtp_server
 from tests.unit.test_web_pages import browser_sign_in, csrf_of
@@ -31,8 +31,8 @@ def hospital(tmp_path) -> Iterator[tuple]:
     """An archive with a real SMTP server and its public URL, a clerk, and one accepted
     study in each of the records H100 (Ada) and H200 (Bob)."""
     with smtp_server() as (sink, port):
-        archive = make_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
-                               public_url="https://images.hospital.example")
+        archive = make_started_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
+                                       public_url="https://images.hospital.example")
         archive.users.ensure_admin(ADMIN_PASSWORD)
         archive.users.add("clerk", PASSWORD, "radiographer")
         studies = {}

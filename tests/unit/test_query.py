@@ -123,6 +123,30 @@ def test_other_patient_ids_sequence_matching_finds_nhs_number(loaded):
     assert returned["00100020"]["Value"] == ["9434765919"]
 
 
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ({"InstanceAvailability": "ONLINE"}, ["H100", "H200", "H300"]),
+        ({"InstanceAvailability": "OFFLINE"}, []),
+        ({"InstanceAvailability": "NEARLINE\\UNAVAILABLE"}, []),
+        ({"InstanceAvailability": "OFFLINE\\ONLINE"}, ["H100", "H200", "H300"]),
+        ({"RetrieveAETitle": "IMAGESHARE"}, ["H100", "H200", "H300"]),
+        ({"RetrieveAETitle": "IMAGE*"}, ["H100", "H200", "H300"]),
+        ({"RetrieveAETitle": "OTHERPACS"}, []),
+        ({"RetrieveAETitle": "*"}, ["H100", "H200", "H300"]),
+    ],
+)
+def test_availability_and_retrieve_ae_keys_are_matched(loaded, keys, expected):
+    """Every instance here is ONLINE and retrieved from this archive's AE title: a search for
+    OFFLINE instances or another AE finds nothing instead of everything."""
+    archive, _ = loaded
+    found = find(archive, "STUDY", PatientID="", **keys)
+    assert sorted(set(values(found, "00100020"))) == expected
+    tag = "00080056" if "InstanceAvailability" in keys else "00080054"
+    for match in found:
+        assert match.attributes[tag]["Value"] == ["ONLINE" if tag == "00080056" else "IMAGESHARE"]
+
+
 def test_patient_level_counts_related_studies_and_instances(loaded):
     archive, _ = loaded
     ds = Dataset()

@@ -25,7 +25,7 @@ from imageshare.fhir.page_seal import MAX_PAGE_TOKEN, MAX_SEARCH_FIELDS
 from imageshare.storage.index.schema import upload_invitations
 from imageshare.uploads.invitations import UploadRequest
 from imageshare.web.server import create_app
-from tests.conftest import act_as_admin, make_archive
+from tests.conftest import act_as_admin, make_archive, make_started_archive
 from tests.factory import ct_series
 from tests.mail import smtp_server
 
@@ -231,8 +231,8 @@ def test_an_ehr_launch_opens_only_an_account_effective_role_gives_its_whole_role
 def hospital(tmp_path):
     """An archive with a real SMTP server and a public URL (invitations are mailed)."""
     with smtp_server() as (_sink, port):
-        built = make_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
-                             public_url="https://images.hospital.example")
+        built = make_started_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
+                                     public_url="https://images.hospital.example")
         try:
             yield built
         finally:

@@ -93,7 +93,10 @@ def test_an_admin_without_two_factor_may_only_set_it_up(anonymous):
 def test_two_factor_accounts_need_the_current_code_once(archive, anonymous):
     archive.users.add("clin", CLINICIAN_PASSWORD, "clinician")
     totp = enrol_two_factor(archive, "clin")
-    assert sign_in(anonymous).status_code == 401
+    without_code = sign_in(anonymous)  # the code is asked for (as the sign-in page does)
+    assert without_code.status_code == 200 and without_code.json()["stage"] == "code"
+    assert anonymous.get("/api/me").status_code in (401, 403)
+    anonymous.cookies.clear()
     assert sign_in(anonymous, code="000000").status_code == 401
     code = next_code(totp)
     assert sign_in(anonymous, code=code).status_code == 200
@@ -160,3 +163,40 @@ def test_wrong_passwords_tried_at_once_by_several_processes_are_each_counted(arc
             assert conn.execute(select(login_failures.c.failures).where(
                 login_failures.c.source == source)).scalar() == 4
         assert lockouts[0].failed(user_pk, source)  # the fifth locks
+
+
+def test_a_two_factor_account_without_a_code_is_asked_for_it_and_can_do_nothing_else(
+        archive, anonymous):
+    """A JSON sign-in with the right password and no code starts a session at the code stage
+    (not a failure): it reads nothing until ``/api/session/code`` took the right code."""
+    archive.users.add("clin", CLINICIAN_PASSWORD, "clinician")
+    totp = enrol_two_factor(archive, "clin")
+    started = sign_in(anonymous)
+    assert started.status_code == 200
+    assert started.json()["stage"] == "code"
+    assert anonymous.get("/dicomweb/studies").status_code in (401, 403)
+    assert anonymous.get("/api/me").status_code in (401, 403)
+    csrf = started.json()["csrf_token"]
+    wrong = anonymous.post("/api/session/code", json={"code": "000000"},
+                           headers={"X-CSRF-Token": csrf})
+    assert wrong.status_code == 401
+    assert anonymous.get("/dicomweb/studies").status_code in (401, 403)
+    confirmed = anonymous.post("/api/session/code", json={"code": next_code(totp)},
+                               headers={"X-CSRF-Token": csrf})
+    assert confirmed.status_code == 200, confirmed.text
+    assert confirmed.json()["stage"] == "full"
+    assert confirmed.json()["csrf_token"] != csrf
+    assert anonymous.get("/api/me").json()["username"] == "clin"
+    actions = [(e["action"], e["outcome"]) for e in archive.audit.events()
+               if e["action"].startswith("session.") and "clin" in str(e)]
+    assert ("session.code", "failure") in actions and ("session.code", "success") in actions
+    assert ("session.start", "failure") not in actions
+
+
+def test_the_code_route_is_refused_to_a_full_session_and_to_no_session(archive, anonymous):
+    archive.users.add("clin", CLINICIAN_PASSWORD, "clinician")
+    assert anonymous.post("/api/session/code", json={"code": "123456"}).status_code == 401
+    csrf = sign_in(anonymous).json()["csrf_token"]
+    refused = anonymous.post("/api/session/code", json={"code": "123456"},
+                             headers={"X-CSRF-Token": csrf})
+    assert refused.status_code == 403

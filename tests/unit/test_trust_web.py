@@ -23,7 +23,7 @@ from imageshare.domain.errors import ImageShareError, InvalidInstance
 from imageshare.sharing.links import NewShare
 from imageshare.storage.index.schema import shares, users
 from imageshare.web.server import create_app
-from tests.conftest import ADMIN_PASSWORD, make_archive
+from tests.conftest import ADMIN_PASSWORD, make_archive, make_started_archive
 from tests.factory import ct_series, us_cine
 from tests.mail import smtp_server
 from tests.unit.test_sessions import enrol_two_factor, next_code
@@ -227,8 +227,8 @@ def test_an_identifiable_share_link_needs_its_recipient_signed_in_before_the_pas
 def mailing(tmp_path) -> Iterator[tuple]:
     """An archive that sends e-mail to a real SMTP server; its public URL is set."""
     with smtp_server() as (sink, port):
-        built = make_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
-                             public_url="https://images.hospital.example")
+        built = make_started_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
+                                     public_url="https://images.hospital.example")
         built.users.ensure_admin(ADMIN_PASSWORD)
         built.users.add("sono", PASSWORD, "sonographer")
         uid = built.ingest.store_copy(us_cine(tmp_path / "us", frames=2, patient_id="H77",

@@ -29,7 +29,7 @@ from imageshare.uploads.invitations import UploadRequest
 from imageshare.uploads.receiving import safe_parts
 from imageshare.uploads.service import INTAKE_JOB
 from imageshare.web.server import create_app
-from tests.conftest import ADMIN_PASSWORD, make_archive, require_tool
+from tests.conftest import ADMIN_PASSWORD, make_archive, make_started_archive, require_tool
 from tests.factory import ct_series
 from tests.mail import smtp_server
 from tests.multipart_helpers import parse_multipart
@@ -48,9 +48,9 @@ def hospital(tmp_path) -> Iterator[tuple]:
     """An archive with a real SMTP server and its public URL, a clerk and the patient's
     record (hospital number H100)."""
     with smtp_server() as (sink, port):
-        archive = make_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
-                               public_url="https://images.hospital.example",
-                               upload_chunk_bytes=256 * 1024)
+        archive = make_started_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
+                                       public_url="https://images.hospital.example",
+                                       upload_chunk_bytes=256 * 1024)
         archive.users.ensure_admin(ADMIN_PASSWORD)
         archive.users.add("clerk", PASSWORD, "radiographer")
         try:

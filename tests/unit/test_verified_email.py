@@ -18,7 +18,13 @@ from imageshare.sharing.links import NewShare
 from imageshare.storage.index.database import make_engine
 from imageshare.storage.index.schema import email_confirmations, users
 from imageshare.web.server import create_app
-from tests.conftest import ADMIN_PASSWORD, downgrade_index, make_archive, upgrade_index
+from tests.conftest import (
+    ADMIN_PASSWORD,
+    downgrade_index,
+    make_archive,
+    make_started_archive,
+    upgrade_index,
+)
 from tests.factory import ct_series
 from tests.mail import smtp_server
 from tests.unit.test_sessions import enrol_two_factor, next_code
@@ -38,8 +44,8 @@ def hospital(tmp_path) -> Iterator[tuple]:
     """An archive with a real SMTP server and its public URL; a sonographer who shared a
     study with a colleague's address, and a reviewer account ``nosy``."""
     with smtp_server() as (sink, port):
-        archive = make_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
-                               public_url="https://images.hospital.example")
+        archive = make_started_archive(tmp_path, smtp_host="127.0.0.1", smtp_port=port,
+                                       public_url="https://images.hospital.example")
         archive.users.ensure_admin(ADMIN_PASSWORD)
         archive.users.add("sono", PASSWORD, "sonographer")
         archive.users.add("nosy", PASSWORD, "reviewer")

@@ -119,7 +119,7 @@ def code(
 ) -> Response:
     """Check the TOTP code; the session then gets full access (and a new secret)."""
     try:
-        secret = archive.sign_in.confirm_code(actor, session_secret(request), code,
+        secret, _csrf = archive.sign_in.confirm_code(actor, session_secret(request), code,
                                               client_address(request))
     except NotAuthenticated:
         return page(request, "code.html", status_code=401, next=safe_next(next),
