@@ -125,6 +125,10 @@ KEPT_BINARY: dict[str, int] = {
 }
 # Technical labels the table does not name, that carry no identity and that IODs need: kept
 # once cleaned of the patient's (and everyone else's) identifiers.
+# Attributes the table does not list that say which machine made the object, kept (as
+# labels: pseudonymised when they name the institution) under Retain Device Identity as the
+# table keeps Station Name and the Performed/Scheduled Station AE Titles.
+DEVICE_TITLES = frozenset({"StationAETitle"})
 TECHNICAL_TEXT = {
     "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "PositionReferenceIndicator",
     "ConvolutionKernel", "FilterType", "ProcessingFunction", "TransducerData",
@@ -928,6 +932,8 @@ class AttributeCleaner:
     def _rule_for_unlisted(self, vr: str, keyword: str, mode: str) -> str:
         if vr == "SQ":
             return "K"  # its items are cleaned in turn
+        if keyword in DEVICE_TITLES and self.profile.has("retain_device_identity"):
+            return "T"  # as the Performed and Scheduled Station AE Titles the table names
         if vr == "UI":
             return "U"
         if vr in TEMPORAL_VRS:

@@ -282,3 +282,22 @@ def test_a_ward_called_station_does_not_hold_back_the_stations_pseudonyms() -> N
     # the same ward label made twice gets the same pseudonym
     _, again = _written(_labelled("Station 3", "STATION3_CT", "WARDCT1"), ACCREDITATION)
     assert dcmread(io.BytesIO(again)).StationName == out.StationName
+
+
+def test_the_station_ae_title_is_kept_where_device_identity_is_and_only_there() -> None:
+    """Station AE Title (0008,0055) says which machine made the image, as the Performed Station
+    AE Title does: kept under Retain Device Identity (unless it names the institution), gone
+    without it."""
+    source = _labelled("Radiology", "CT1", "CT_SCAN_1")
+    source.StationAETitle = "CT_SCAN_1"
+    outcome, output = _written(source, ACCREDITATION)
+    assert not outcome.held_back, outcome.report.get("reason")
+    assert dcmread(io.BytesIO(output)).StationAETitle == "CT_SCAN_1"
+    outcome, output = _written(source, TEACHING)
+    assert not outcome.held_back, outcome.report.get("reason")
+    assert dcmread(io.BytesIO(output)).get("StationAETitle", "") in ("", None)
+    assert b"CT_SCAN_1" not in output
+    source.StationAETitle = "SMH_CT1"  # the institution's initials
+    outcome, output = _written(source, ACCREDITATION)
+    assert not outcome.held_back, outcome.report.get("reason")
+    assert b"SMH" not in output and dcmread(io.BytesIO(output)).StationAETitle
