@@ -826,9 +826,16 @@ def run_worker(settings: Settings, dicom: bool, sock: socket.socket | None, coun
     from imageshare.web.server import create_app, http_server_config
 
     stop = threading.Event()  # a signal before uvicorn runs (or re-raised by it) ends here
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: stop.set())
+    serving: list[uvicorn.Server] = []  # the HTTP server, once made
+
+    def _stop(signum: int, frame: Any) -> None:
+        stop.set()
+        if serving:  # made, and perhaps about to run: it stops (at once if not started)
+            serving[0].handle_exit(signum, frame)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGHUP, _stop)
     die_with_server()
     configure_logging(settings, "[worker]")
     grace = settings.shutdown_grace_seconds
@@ -848,14 +855,20 @@ def run_worker(settings: Settings, dicom: bool, sock: socket.socket | None, coun
             listener.start()
         if sock is None:
             ready.set()
-            stop.wait()
+            # Woken now and then: a signal taken by another thread (an association's) only
+            # flags its handler, which this thread runs once it wakes; a wait without a
+            # timeout could then sleep through SIGTERM.
+            while not stop.wait(0.5):
+                pass
             return
         archive.jobs.start()
         if not stop.is_set():
             server = _Server(http_server_config(
                 create_app(archive), settings, ConnectionShares(counts, slot)))
+            serving.append(server)  # a signal from now on stops it, before or while it runs
             ready.set()
-            server.run(sockets=[sock])
+            if not stop.is_set():
+                server.run(sockets=[sock])
     finally:
         if draining is not None:
             if draining.ident is None:

@@ -170,12 +170,17 @@ class RunningServer:
             self.process.wait(10)
 
     def stop(self) -> None:
+        """SIGTERM, as systemd stops a service: a server that has not ended 15 seconds later
+        is killed and the test fails (an idle server stops in about a second)."""
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill()
+                log = self.log_path.read_text()[-2000:] if self.log_path else ""
+                raise AssertionError("the server did not stop within 15 s of SIGTERM; it was "
+                                     "killed. Its log ends:\n" + log) from None
 
     def admin_token(self) -> str:
         """An API token of ``admin`` made on the command line (an administrator without a
