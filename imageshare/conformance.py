@@ -218,6 +218,12 @@ answers (Retrieve URL, BulkDataURI) start with `IMAGESHARE_PUBLIC_URL` when it i
 with the address the request was sent to (dicomweb-client sends its Host header without the
 port: set the public URL when it is a client).
 
+Every part of a WADO-RS multipart/related answer has a Content-Location (PS3.18 8.6,
+10.4.3.3.5): a part of bulk data, the BulkDataURI its element has in the metadata (pixel data
+sent one part per compressed frame: each part its frame's URL, `.../frames/{n}`); a part of a
+frames answer, its frame's URL; an instance of a study, series or instance answer, the
+instance's WADO-RS URL.
+
 ### Media types
 
 """ + media + """

@@ -78,6 +78,7 @@ from imageshare.domain.errors import (
 from imageshare.web.auth import PrivateRoute, allowed, authorise_also, refuse
 from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.multipart import (
+    Part,
     PartBody,
     PartSink,
     ReceivedPart,
@@ -558,10 +559,10 @@ def _dicom_response(request: Request, found: list[StoredInstance]) -> Response:
                                  media_type=f"{DICOM}; transfer-syntax={actual}")
     boundary = new_boundary()
 
-    def parts() -> Iterator[tuple[str, PartBody]]:
+    def parts() -> Iterator[Part]:
         for inst, planned in plan:
             actual, body = _instance_body(request, inst, planned)
-            yield f"{DICOM}; transfer-syntax={actual}", body
+            yield f"{DICOM}; transfer-syntax={actual}", body, _instance_url(request, inst)
 
     # For HEAD the parts are never produced: the generator is dropped unstarted.
     return _head_only(StreamingResponse(
@@ -627,7 +628,7 @@ def _metadata(request: Request, found: list[StoredInstance], xml: bool) -> Respo
     base = _base(request)
     body = []
     for inst in found:
-        url = f"{base}/studies/{inst.study_uid}/series/{inst.series_uid}/instances/{inst.sop_uid}"
+        url = _instance_url(request, inst, base)
         try:
             header = retrieve.header_json(
                 inst.blob_key, partial(_bulkdata_url, url)
@@ -816,8 +817,11 @@ def _pixel_parts(request: Request, inst: StoredInstance, numbers: list[int]) -> 
     if single:
         return Response(data[0], media_type=content_type)
     boundary = new_boundary()
+    # Each part names the frame it is (PS3.18 8.6: a payload's Content-Location).
+    frames = _frame_urls(request, inst, numbers)
     return StreamingResponse(
-        part_stream(boundary, ((content_type, d) for d in data)),
+        part_stream(boundary, ((content_type, d, url) for d, url in zip(data, frames,
+                                                                         strict=True))),
         media_type=f'multipart/related; type="{kind}"; boundary={boundary}',
     )
 
@@ -932,12 +936,12 @@ def _byte_range(request: Request, length: int) -> tuple[int, int] | None | Respo
     return first, last
 
 
-def _bulk_answer(request: Request, value: bytes, content_type: str, boundary: str | None
-                 ) -> Response:
+def _bulk_answer(request: Request, value: bytes, content_type: str, boundary: str | None,
+                 location: str | None = None) -> Response:
     """One bulk data value as a single-part body (``boundary`` None) or as the one part of
-    multipart/related, whole (200) or the byte range a Range header asks for (206, with
-    Content-Range; 416 when it lies outside the value): PS3.18 retrieves only the bytes
-    asked for."""
+    multipart/related (its Content-Location ``location``, the BulkDataURI, when given), whole
+    (200) or the byte range a Range header asks for (206, with Content-Range; 416 when it
+    lies outside the value): PS3.18 retrieves only the bytes asked for."""
     wanted = _byte_range(request, len(value))
     if isinstance(wanted, Response):
         return wanted
@@ -949,8 +953,9 @@ def _bulk_answer(request: Request, value: bytes, content_type: str, boundary: st
     if boundary is None:
         return Response(value, status_code=status, media_type=content_type, headers=headers)
     kind = parse_media_type(content_type)[0]
+    part: Part = (content_type, value) if location is None else (content_type, value, location)
     return StreamingResponse(
-        part_stream(boundary, [(content_type, value)]), status_code=status, headers=headers,
+        part_stream(boundary, [part]), status_code=status, headers=headers,
         media_type=f'multipart/related; type="{kind}"; boundary={boundary}',
     )
 
@@ -976,6 +981,9 @@ def retrieve_bulkdata(
     boundary = new_boundary()
     path = path.upper().strip("/")
     single = _wants_single_part(request)
+    # Bulk data in multipart/related names the BulkDataURI the metadata gave for it
+    # (PS3.18 10.4.3.3.5), so that a client can tell which value a part is.
+    location = _bulkdata_url(_instance_url(request, inst), path)
     if path == "7FE00010":
         if not is_video(inst.transfer_syntax):
             if single:
@@ -986,9 +994,13 @@ def retrieve_bulkdata(
                 # Uncompressed pixel data is one value (PS3.18: the bulk data element in
                 # one part, as the metadata's BulkDataURI names it), of which a byte range
                 # may be asked for; compressed frames come one part each.
-                return _bulk_answer(request, b"".join(frames), content_type, boundary)
+                return _bulk_answer(request, b"".join(frames), content_type, boundary,
+                                    location)
+            # One part per compressed frame, each named by its frame's resource.
+            urls = _frame_urls(request, inst, list(range(1, len(frames) + 1)))
             return StreamingResponse(
-                part_stream(boundary, ((content_type, f) for f in frames)),
+                part_stream(boundary, ((content_type, f, url)
+                                       for f, url in zip(frames, urls, strict=True))),
                 media_type=f'multipart/related; type="{kind}"; boundary={boundary}')
         kind = COMPRESSED_MEDIA_TYPES[inst.transfer_syntax]
         if not any(media_range.media in ("*/*", kind, "video/*") or (
@@ -1000,10 +1012,10 @@ def retrieve_bulkdata(
             ds = dcmread(stream)
         data = b"".join(generate_fragments(ds.PixelData))
         return _bulk_answer(request, data, f"{kind}; transfer-syntax={inst.transfer_syntax}",
-                            boundary)
+                            boundary, location)
     _wants_octet_stream(request)
     _vr, value = retrieve.bulk_data(inst, path)
-    return _bulk_answer(request, value, OCTET_STREAM, None if single else boundary)
+    return _bulk_answer(request, value, OCTET_STREAM, None if single else boundary, location)
 
 
 def _rendered_media(request: Request) -> tuple[str, str]:
@@ -1370,6 +1382,18 @@ async def _receive(request: Request, sink: PartSink) -> None:
 
 def _bulkdata_url(instance_url: str, path: str) -> str:
     return f"{instance_url}/bulkdata/{path}"
+
+
+def _instance_url(request: Request, inst: StoredInstance, base: str | None = None) -> str:
+    """The WADO-RS URL of a stored instance (under ``base``, else this server's root)."""
+    return (f"{base or _base(request)}/studies/{inst.study_uid}/series/{inst.series_uid}"
+            f"/instances/{inst.sop_uid}")
+
+
+def _frame_urls(request: Request, inst: StoredInstance, numbers: list[int]) -> list[str]:
+    """The URL of each of the instance's frames ``numbers`` (1-based)."""
+    url = _instance_url(request, inst)
+    return [f"{url}/frames/{n}" for n in numbers]
 
 
 def _part_answer(base: str, part: Any, result: Any, unknown_syntax: bool = False

@@ -4,6 +4,7 @@ WADO-RS responses part by part."""
 from __future__ import annotations
 
 import io
+import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -204,19 +205,35 @@ def new_boundary() -> str:
 
 
 PartBody = bytes | BinaryIO
+# A part of a multipart/related answer: (Content-Type, body), or (Content-Type, body,
+# Content-Location: the URL of the resource the part is, PS3.18 8.6 and 10.4.3.3.5).
+Part = tuple[str, PartBody] | tuple[str, PartBody, str]
+_UNSAFE_IN_HEADER = re.compile(r"[^\x21-\x7e]")  # a URL in a header: visible ASCII only
 
 
-def part_stream(boundary: str, parts: Iterable[tuple[str, PartBody]]) -> Iterator[memoryview]:
-    """The bytes of a multipart/related body from (content type, bytes or open file) pairs.
+def _part_headers(part: Part) -> bytes:
+    """The header lines of one part, with the blank line that ends them."""
+    lines = f"Content-Type: {part[0]}\r\n"
+    if len(part) == 3:
+        # Percent-encoded where it is not visible ASCII, so that no header can be split.
+        location = _UNSAFE_IN_HEADER.sub(
+            lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), part[2])
+        lines += f"Content-Location: {location}\r\n"
+    return (lines + "\r\n").encode("ascii", "replace")
+
+
+def part_stream(boundary: str, parts: Iterable[Part]) -> Iterator[memoryview]:
+    """The bytes of a multipart/related body from its parts: (content type, bytes or open
+    file), with the part's Content-Location as a third member when it has one.
 
     Files are read straight into 4 MiB pieces (``readinto``, no intermediate copies) and closed;
     each piece costs the server one hop between threads.
     """
     piece = memoryview(bytearray(_PIECE))
     used = 0
-    for content_type, body in parts:
-        for data in (f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode(), body,
-                     b"\r\n"):
+    for part in parts:
+        body = part[1]
+        for data in (f"--{boundary}\r\n".encode() + _part_headers(part), body, b"\r\n"):
             if isinstance(data, bytes | bytearray | memoryview):
                 source: io.BufferedIOBase = io.BytesIO(data)
             else:
