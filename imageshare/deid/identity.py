@@ -90,6 +90,7 @@ _MAX_RUN = 4
 # for in (see :meth:`Identity._joined_spans`).
 _ALNUM_RUN = re.compile(r"[^\W_]+")
 _MAX_PIECES = 4
+_DIGIT_RUN = re.compile(r"\d+")
 # What may stand between the pieces of an identifier written in pieces.
 _PIECE_GAPS = " -/_"
 # Chinese, Japanese and Korean characters (Han, kana, half-width kana, Hangul).
@@ -536,6 +537,12 @@ class Identity:
         still carry one."""
         if not text:
             return text
+        if _DIGIT_RUN.search(text) and self._holds_phrase(normalise(text)):
+            # an identifier written in pieces (``LS6 2AB``, ``496 0123``) goes as a whole
+            # before its pieces are looked at one by one (``496`` would stay)
+            pieces = self._joined_spans(text)
+            if pieces:
+                text = _replaced(text, pieces)
         cleaned = self._clean_as_written(text)
         if self._found_as_written(cleaned):
             # an identifier written in pieces (``acc-77312``, ``ACC 77312``): the pieces go.
@@ -554,6 +561,10 @@ class Identity:
         out = _replaced(cleaned, [(where[start][0], where[end - 1][1])
                                   for start, end in spans if end > start])
         return "*" if self.found_in(out) else out
+
+    def _holds_phrase(self, norm: str) -> bool:
+        """True when normalised text ``norm`` holds one of the longer identifiers."""
+        return any(p in norm for p in self.phrases)
 
     def _joined_spans(self, text: str) -> list[tuple[int, int]]:
         """Where ``text`` has an identifier of six characters or more written in two to
@@ -685,9 +696,7 @@ class _Collector:
         norm = normalise(text)
         self.raw.add(text)
         (self.phrases if len(norm) >= 4 else self.words).add(norm)
-        digits = "".join(c for c in text if c.isdigit())
-        if len(digits) >= 5:
-            self.phrases.add(digits)
+        self._digits(text)
 
     def place(self, value: Any, initials: bool = True) -> None:
         """An institution's or department's name, as labels and descriptions write it: each
@@ -815,15 +824,49 @@ class _Collector:
                 self.phrases.add(norm)
             else:
                 self.words.add(norm)
+            if 6 <= len(norm) <= 16 and _DIGIT_RUN.search(norm):
+                self.raw.add(norm)  # an ID written without its punctuation: A-5520917
         for part in _SPLIT.split(text):
             part = part.strip(".-")
             pnorm = normalise(part)
             if len(pnorm) >= 4 and pnorm not in _GENERIC_WORDS:
                 self.raw.add(part)
                 (self.phrases if any(c.isdigit() for c in pnorm) else self.words).add(pnorm)
+        self._digits(text)
+        self._joined(text)
+
+    def _digits(self, text: str) -> None:
+        """The digits of an identifying value (five or more), as one phrase and as a whole
+        word of its own, and each run of five digits or more in it, also without its leading
+        zeros: an ID is written without its prefix (``MRN5520917``: ``see 5520917``), its
+        check digit (``5520917-8``: ``5520917``) or the zeros that pad it to a fixed width
+        (``0005520917``: ``5520917``)."""
         digits = "".join(c for c in text if c.isdigit())
-        if len(digits) >= 5:
-            self.phrases.add(digits)
+        if len(digits) < 5:
+            return
+        self.phrases.add(digits)
+        self.raw.add(digits)
+        runs = {digits, *_DIGIT_RUN.findall(text)}
+        for run in (runs | {r.lstrip("0") for r in runs}) - {digits}:
+            if len(run) >= 5:
+                (self.phrases if len(run) >= 6 else self.words).add(run)
+                self.raw.add(run)
+
+    def _joined(self, text: str) -> None:
+        """Two to four consecutive short pieces (four characters or fewer: each too short to
+        be looked for alone) of an identifying value run together, when they hold a digit
+        and six characters or more: a postcode or phone number written without its spaces
+        (``LS6 2AB``: ``LS62AB``; ``0113 496 0123``: ``4960123``), and, as phrases, the
+        pieces written apart in other text (``LS6 2AB`` alone, ``496 0123``)."""
+        runs = [normalise(m.group()) for m in _ALNUM_RUN.finditer(text)]
+        for size in range(2, min(len(runs), _MAX_PIECES) + 1):
+            for start in range(len(runs) - size + 1):
+                pieces = runs[start:start + size]
+                joined = "".join(pieces)
+                if len(joined) >= 6 and all(len(p) <= 4 for p in pieces) and any(
+                        c.isdigit() for c in joined):
+                    self.phrases.add(joined)
+                    self.raw.add(joined)
 
     def birth_date(self, value: Any) -> None:
         text = str(value or "").strip()

@@ -130,6 +130,8 @@ _CJK = ((0x1100, 0x11FF), (0x3040, 0x30FF), (0x3130, 0x318F), (0x31F0, 0x31FF),
 _SEPARATORS = set("^=,;:/\\()[]{}<>\"'`| \t\r\n.-_+*#@&")
 # What separates the words of an institution's name (not an apostrophe: "Mary's"), and words
 # its initials leave out.
+_ALNUM_PIECES = re.compile(r"[^\W_]+")
+_DIGIT_PIECES = re.compile(r"\d+")
 _PLACE_SPLIT = re.compile(r"[\s,;:/\\()\[\]{}<>\"`|&+_.\-^=]+")
 _LINKING = {"AND", "OF", "THE", "FOR", "DE", "LA", "DER", "DI", "DU"}
 # Single-byte code pages text is typed in at modalities and RIS terminals, whatever the file
@@ -745,9 +747,31 @@ class SourceIdentity:
             for word in text.replace(",", " ").split():
                 if len(normalised(word)) >= 4:
                     self._token(kind, word, whole_word=not any(c.isdigit() for c in word))
+            self._runs(kind, text)
         digits = "".join(c for c in text if c.isdigit())
         if len(digits) >= 6:
             self._token(kind, digits)
+        if words and len(digits) >= 5:
+            # each run of digits, also without the zeros that pad it to a fixed width: an ID
+            # written without its check digit (``5520917-8``) or its padding (``0005520917``)
+            runs = set(_DIGIT_PIECES.findall(text))
+            for run in runs | {r.lstrip("0") for r in runs}:
+                if len(run) >= 5:
+                    self._token(kind, run)
+
+    def _runs(self, kind: str, text: str) -> None:
+        """Two to four consecutive short pieces of ``text`` (four characters or fewer, each
+        too short to count alone) run together, when they hold a digit and six characters or
+        more: a postcode or phone number however it is spaced (``LS6 2AB``, ``LS62AB``;
+        ``496 0123``, ``4960123`` of ``0113 496 0123``)."""
+        pieces = [normalised(p) for p in _ALNUM_PIECES.findall(text)]
+        for size in range(2, min(len(pieces), 4) + 1):
+            for start in range(len(pieces) - size + 1):
+                run = pieces[start:start + size]
+                joined = "".join(run)
+                if len(joined) >= 6 and all(len(p) <= 4 for p in run) and any(
+                        c.isdigit() for c in joined):
+                    self._token(kind, joined)
 
     def _place(self, kind: str, value: Any, initials: bool = True) -> None:
         """An institution's or department's name as a label would hold it: each word of four
