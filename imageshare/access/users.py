@@ -884,7 +884,7 @@ def _check_new_user(username: str, role: str) -> None:
         # images with you"): line breaks and other control characters would let its owner
         # write lines of their own there.
         raise ImageShareError("a username has no line breaks or other control characters")
-    if username.casefold() in RESERVED_NAMES:
+    if name_fold(username) in {name_fold(name) for name in RESERVED_NAMES}:
         # Names ImageShare itself acts under (periodic jobs are owned by "system"): an
         # account of that name would pass as it.
         raise ImageShareError(f"the username {username!r} is reserved")
@@ -901,10 +901,35 @@ def two_factor_key(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()
 
 
+# Letters of other scripts (and Latin letters outside ASCII) that read as an ASCII letter in
+# the fonts pages, audit reports and e-mails use (after case folding): a name written with
+# them passes for the ASCII name (Cyrillic "а" in "аdmin", Turkish dotless "ı" in "admın",
+# Greek "ο" in "dοc"). From Unicode's confusables (UTS #39), the letters names are made of.
+_READS_AS = str.maketrans({
+    # Cyrillic
+    "а": "a", "в": "b", "е": "e", "һ": "h", "і": "i", "ӏ": "l", "ј": "j", "к": "k",
+    "м": "m", "н": "h", "о": "o", "р": "p", "с": "c", "т": "t", "у": "y", "х": "x",
+    "ѕ": "s", "ԁ": "d", "ԛ": "q", "ԝ": "w", "ү": "y", "ҽ": "e", "ɡ": "g",
+    # Greek
+    "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o",
+    "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "γ": "y", "ϲ": "c", "ϳ": "j",
+    # Armenian
+    "օ": "o", "ս": "u", "հ": "h", "ո": "n", "ց": "g", "զ": "q",
+    # Latin letters beyond ASCII (dotless i and j, small capitals, IPA forms)
+    "ı": "i", "ȷ": "j", "ɑ": "a", "ɩ": "i", "ɪ": "i", "ʋ": "u", "ɛ": "e", "ɔ": "c",
+    "ᴀ": "a", "ʙ": "b", "ᴄ": "c", "ᴅ": "d", "ᴇ": "e", "ɢ": "g", "ʜ": "h", "ᴊ": "j",
+    "ᴋ": "k", "ʟ": "l", "ᴍ": "m", "ɴ": "n", "ᴏ": "o", "ᴘ": "p", "ʀ": "r", "ꜱ": "s",
+    "ᴛ": "t", "ᴜ": "u", "ᴠ": "v", "ᴡ": "w", "ʏ": "y", "ᴢ": "z", "ĸ": "k", "ƚ": "l",
+})
+
+
 def name_fold(username: str) -> str:
-    """A user name as people read it: compatibility forms (full-width letters, ligatures) and
-    case do not tell two names apart."""
-    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", username).casefold())
+    """A user name as people read it: compatibility forms (full-width letters, ligatures),
+    case, accents and other combining marks, and letters of other scripts that look like
+    Latin ones (:data:`_READS_AS`) do not tell two names apart."""
+    folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", username).casefold())
+    bare = "".join(c for c in folded if unicodedata.category(c) not in ("Mn", "Me"))
+    return unicodedata.normalize("NFKC", bare.casefold().translate(_READS_AS))
 
 
 def _refuse_look_alike(conn: Connection, username: str) -> None:

@@ -16,7 +16,7 @@ from imageshare.access.policy import (
     EXPORT_IDENTIFIABLE,
     STUDY_COMMENT,
 )
-from imageshare.access.scope import DOWNLOAD
+from imageshare.access.scope import COMMENT, DOWNLOAD
 from imageshare.domain.actors import Actor
 from imageshare.export.service import FORMATS, ExportRequest
 from imageshare.jobs import Job
@@ -113,8 +113,10 @@ class MarksIn(Strict):
 @router.post("/studies/{study_uid}/annotations", summary="Save marks drawn on an image")
 async def save_marks(archive: ArchiveDep, study_uid: str, body: MarksIn,
                      actor: allowed(STUDY_COMMENT, "study_uid")) -> dict[str, int]:
-    """Keeps the marks for the viewer and stores them as a presentation state in the study."""
+    """Keeps the marks for the viewer and stores them as a presentation state in the study:
+    only on an image the caller may comment on (someone a study was shared with, on the
+    images shared with that right; not on those shared to view only)."""
     kept = await run_in_threadpool(
         archive.annotations.save, study_uid, body.sop_uid, body.frame, body.marks, actor,
-        actor.name, archive.policy.study_scope(actor))
+        actor.name, archive.policy.study_scope(actor, COMMENT))
     return {"marks": kept}

@@ -4,7 +4,7 @@ download. Everything under /s/{token} sees only the share's own instances."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
 from fastapi.concurrency import run_in_threadpool
@@ -19,6 +19,7 @@ from imageshare.archive.rendering import render_frame, render_video_still
 from imageshare.archive.studies import ENCAPSULATED_PDF
 from imageshare.archive.transcode import playable_video
 from imageshare.audit.trail import AuditEvent
+from imageshare.deid.identity import field_naming_the_patient
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import (
     ImageShareError,
@@ -177,7 +178,7 @@ def present(request: Request, archive: ArchiveDep, token: str,
     share = _share(request)
     manifest = share_manifest(archive.shares, share, f"/s/{token}/dicomweb")
     archive.shares.record(share, actor, "share.view", format="presentation")
-    marks = archive.annotations.senders_for_share(share.owner, archive.shares.items(share))
+    marks = _senders_marks(archive, share)
     slides = {"base": manifest["base"], "linkHome": f"/s/{token}", "slides": [
         {"kind": "question", "title": share.title, "history": share.description,
          "number": 1, "count": 1},
@@ -203,6 +204,28 @@ def viewer(request: Request, archive: ArchiveDep,
                 banner_id="", banner_date="", back_link=f"/s/{token}/case",
                 back_label="Back to the case",
                 comment_action=f"/s/{token}/comments" if can_mark else "")
+
+
+def _senders_marks(archive: Archive, share: Share) -> dict[str, list[dict[str, Any]]]:
+    """The marks the sender drew on the shared images, for presentation mode. Through a
+    de-identified share, a frame's marks whose typed words (a label, a text mark) name the
+    patient of the image are left out, as they are when a teaching case is made: the sender
+    wrote them in the archive, for colleagues, not for the link's reviewer."""
+    items = archive.shares.items(share)
+    marks = archive.annotations.senders_for_share(share.owner, items)
+    if not share.deidentified:
+        return marks
+    real = {i.public_sop_uid: i.sop_uid for i in items if not i.held_back}
+    kept: dict[str, list[dict[str, Any]]] = {}
+    for key, frame_marks in marks.items():
+        header = archive.retrieve.header(real.get(key.split("|", 1)[0], ""))
+        labels = [str(m.get("label") or "") for m in frame_marks]
+        # Each mark's words, and all of them together (a name split over two text marks).
+        words = {**{f"mark {n}": label for n, label in enumerate(labels)},
+                 "marks": " ".join(labels)}
+        if header is not None and not field_naming_the_patient([header], words):
+            kept[key] = frame_marks
+    return kept
 
 
 def _wants_video(request: Request) -> bool:
