@@ -30,6 +30,11 @@ log = logging.getLogger("imageshare.ingest")
 DECODE_COMPARE_BYTES = 32 << 20
 _PREAMBLE = 132  # 128-byte preamble and "DICM"
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+# Data Set Trailing Padding (FFFC,FFFC): "no meaning" (PS3.10 7.2), and programs drop or add
+# it when they send a file on (DCMTK's storescu drops it).
+_PADDING = 0xFFFCFFFC
+_PADDING_LE = b"\xfc\xff\xfc\xff"
+_IMPLICIT = "1.2.840.10008.1.2"
 
 
 def same_instance(blobs: BlobStore, stored_key: str, new_key: str) -> bool:
@@ -41,7 +46,7 @@ def same_instance(blobs: BlobStore, stored_key: str, new_key: str) -> bool:
             new_syntax, new_start = _data_set_start(new)
             if old_syntax == new_syntax and _same_bytes(old, old_start, new, new_start):
                 return True
-            return _same_parsed(old, new, old_syntax == new_syntax)
+            return _same_parsed(old, new, old_syntax == new_syntax, old_syntax == _IMPLICIT)
     except Exception as exc:  # noqa: BLE001 - unreadable: not shown to be the same instance
         log.info("instance comparison failed (%s): taken as different content",
                  type(exc).__name__)
@@ -55,23 +60,61 @@ def _data_set_start(fp: BinaryIO) -> tuple[str, int]:
     return str(meta.get("TransferSyntaxUID", "")), fp.tell()
 
 
-def _same_bytes(a: BinaryIO, a_start: int, b: BinaryIO, b_start: int) -> bool:
-    """Whether ``a`` from ``a_start`` and ``b`` from ``b_start`` hold the same bytes to their
-    ends (read a chunk at a time)."""
+def _same_bytes(a: BinaryIO, a_start: int, b: BinaryIO, b_start: int,
+                a_end: int | None = None, b_end: int | None = None) -> bool:
+    """Whether ``a`` from ``a_start`` and ``b`` from ``b_start`` hold the same bytes to
+    ``a_end`` and ``b_end`` (None: their ends), read a chunk at a time."""
     a.seek(a_start)
     b.seek(b_start)
+    a_left = None if a_end is None else a_end - a_start
+    b_left = None if b_end is None else b_end - b_start
+    if a_left is not None and b_left is not None and a_left != b_left:
+        return False
     while True:
-        left, right = read_up_to(a, CHUNK), read_up_to(b, CHUNK)
+        left = read_up_to(a, CHUNK if a_left is None else min(CHUNK, a_left))
+        right = read_up_to(b, CHUNK if b_left is None else min(CHUNK, b_left))
         if left != right:
             return False
         if not left:
             return True
+        a_left = None if a_left is None else a_left - len(left)
+        b_left = None if b_left is None else b_left - len(right)
 
 
-def _same_parsed(old: BinaryIO, new: BinaryIO, same_syntax: bool) -> bool:
-    """Whether the two files' data sets are equal attribute by attribute (group 0002 left
-    out), and their pixel data too: byte for byte in the same transfer syntax, decoded
-    otherwise (see the module's description)."""
+def _padding_start(fp: BinaryIO, start: int, implicit: bool) -> int | None:
+    """Where a Data Set Trailing Padding element that ends the file open as ``fp`` (little
+    endian, read from ``start``) begins; None when the file does not end with one."""
+    size = fp.seek(0, 2)
+    header = 8 if implicit else 12
+    found = None
+    position = start
+    carry = b""
+    while position < size:
+        fp.seek(position)
+        chunk = carry + read_up_to(fp, CHUNK)
+        base = position - len(carry)
+        at = chunk.find(_PADDING_LE)
+        while at >= 0:
+            head = chunk[at:at + header]
+            if len(head) < header:
+                fp.seek(base + at)
+                head = read_up_to(fp, header)
+            if len(head) == header and (implicit or head[6:8] == b"\0\0"):
+                length = int.from_bytes(head[header - 4:], "little")
+                if found is None and base + at + header + length == size:
+                    found = base + at  # the first that runs to the end: all of it padding
+            at = chunk.find(_PADDING_LE, at + 1)
+        position = base + len(chunk)
+        carry = chunk[-3:]
+    return found
+
+
+def _same_parsed(old: BinaryIO, new: BinaryIO, same_syntax: bool,
+                 implicit: bool = False) -> bool:
+    """Whether the two files' data sets are equal attribute by attribute (group 0002 and
+    trailing padding left out), and their pixel data too: byte for byte in the same transfer
+    syntax (``implicit``: Implicit VR Little Endian), decoded otherwise (see the module's
+    description)."""
     old.seek(0)
     old_ds = dcmread(old, stop_before_pixels=True)
     old_pixels = old.tell()
@@ -81,7 +124,9 @@ def _same_parsed(old: BinaryIO, new: BinaryIO, same_syntax: bool) -> bool:
     if not _same_elements(old_ds, new_ds, top=True):
         return False
     if same_syntax:
-        return _same_bytes(old, old_pixels, new, new_pixels)
+        return _same_bytes(old, old_pixels, new, new_pixels,
+                           _padding_start(old, old_pixels, implicit),
+                           _padding_start(new, new_pixels, implicit))
     return _same_pixels(old, old_ds, new, new_ds)
 
 
@@ -90,8 +135,8 @@ def _same_elements(a: Dataset, b: Dataset, top: bool = False) -> bool:
     the ``top`` level the file meta group and the pixel data are left out."""
 
     def tags(ds: Dataset) -> list[int]:
-        return [int(t) for t in ds.keys()
-                if not (top and (t >> 16 == 0x0002 or int(t) in _PIXEL_TAGS))]
+        return [int(t) for t in ds.keys() if int(t) != _PADDING
+                and not (top and (t >> 16 == 0x0002 or int(t) in _PIXEL_TAGS))]
 
     if tags(a) != tags(b):
         return False

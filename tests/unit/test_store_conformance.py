@@ -92,6 +92,34 @@ def test_the_same_instance_in_another_transfer_syntax_is_a_duplicate(archive, ct
         assert archive.ingest.store_copy(target, ACTOR).outcome == "duplicate", syntax.name
 
 
+@pytest.mark.parametrize("implicit", [False, True])
+def test_an_instance_with_or_without_trailing_padding_is_a_duplicate(archive, ct, tmp_path,
+                                                                   implicit):
+    """Data Set Trailing Padding (FFFC,FFFC) has no meaning (PS3.10 7.2) and DCMTK's storescu
+    drops it: the same instance sent on by it and by another program is one instance, and
+    other pixels behind the same padding are still other content."""
+    ds = dcmread(ct)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    plain, padded = tmp_path / "plain.dcm", tmp_path / "padded.dcm"
+    ds.save_as(plain, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
+    ds.DataSetTrailingPadding = b"\0" * 64
+    ds.save_as(padded, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
+    assert archive.ingest.store_copy(padded, ACTOR).outcome == "stored"
+    assert archive.ingest.store_copy(plain, ACTOR).outcome == "duplicate"
+    ds.DataSetTrailingPadding = b"\0" * 8
+    ds.save_as(tmp_path / "other-padding.dcm", implicit_vr=implicit, little_endian=True,
+               enforce_file_format=True)
+    assert archive.ingest.store_copy(tmp_path / "other-padding.dcm", ACTOR
+                                     ).outcome == "duplicate"
+    pixels = bytearray(ds.PixelData)
+    pixels[0] ^= 1
+    ds.PixelData = bytes(pixels)
+    ds.save_as(tmp_path / "changed.dcm", implicit_vr=implicit, little_endian=True,
+               enforce_file_format=True)
+    assert archive.ingest.store_copy(tmp_path / "changed.dcm", ACTOR).outcome == "kept_first"
+    assert _count(archive) == 1
+
+
 def test_other_pixels_in_another_transfer_syntax_are_other_content(archive, ct, tmp_path):
     archive.ingest.store_copy(ct, ACTOR)
     ds = dcmread(ct)
