@@ -138,8 +138,24 @@ def audit(request: Request, archive: ArchiveDep,
           actor: allowed(AUDIT_READ), action: str = "", study: str = "", text: str = ""
           ) -> Response:
     """The latest audit events, optionally for one action, one study, and those naming a
-    text typed once (a user name, part of a patient ID, an address, a UID); the read is
-    audited with what it asked for."""
+    text (kept for links; the page's own form sends it in the body: see :func:`audit_filter`);
+    the read is audited with what it asked for."""
+    return _audit_page(request, archive, actor, action, study, text)
+
+
+@router.post("/admin/audit")
+def audit_filter(request: Request, archive: ArchiveDep, actor: allowed(AUDIT_READ),
+                 action: Annotated[str, Form()] = "", study: Annotated[str, Form()] = "",
+                 text: Annotated[str, Form()] = "") -> Response:
+    """The audit page filtered by what the officer typed (a user name, part of a patient
+    ID, an address, a UID), sent in the body: a patient ID typed there is never in the
+    address, the browser's history or a proxy's log."""
+    return _audit_page(request, archive, actor, action, study, text)
+
+
+def _audit_page(request: Request, archive: ArchiveDep, actor: Actor, action: str, study: str,
+                text: str) -> Response:
+    """The audit page for one filter (see :func:`audit`), its read audited."""
     action, study = action.strip()[:64], study.strip()[:64]
     text = one_line(text, MAX_FILTER_TEXT)
     events = list(archive.audit.events(action or None, study or None, AUDIT_PAGE_ROWS,
