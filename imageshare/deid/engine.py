@@ -649,6 +649,18 @@ def _icc_identifies(value: Any, ctx: PatientContext) -> bool:
         ctx.identity.found_in(text) for text in legacy_texts(bytes(value)))
 
 
+def _curve_names_someone(element: DataElement, ctx: PatientContext) -> bool:
+    """True for retired Curve Data (50xx group, kept cleaned under Clean Graphics) whose bytes
+    carry a name or identifier of the data set as text (a curve's label written into it): it
+    cannot be cleaned in place, so it goes."""
+    value = element.value
+    if BaseTag(element.tag).group & 0xFF00 != 0x5000 or not isinstance(
+            value, bytes | bytearray) or not value:
+        return False
+    data = bytes(value)
+    return any(ctx.identity.found_in(text) for text in binary_texts(data) + legacy_texts(data))
+
+
 def _stray_overlay(tag: BaseTag, top: bool) -> bool:
     """True for an attribute of a 60xx group that is no overlay a viewer shows (PS3.3
     C.9.2: overlays are the even groups 6000-601E of the top-level data set): in a sequence
@@ -993,6 +1005,10 @@ class AttributeCleaner:
             self._technical(element, ctx, report)
             return
         if action == "C":
+            if _curve_names_someone(element, ctx):
+                report.removed.append(element.keyword or str(tag))
+                del ds[tag]
+                return
             self._clean(element, ctx, report)
             return
         if action == "D":

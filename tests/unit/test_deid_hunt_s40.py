@@ -136,3 +136,20 @@ def test_the_verifier_finds_a_patient_id_without_its_padding_or_check_digit() ->
         _enhanced_ct("5520917-8"), "basic", frame_label="5520917 AXIAL"))
     # an ID of five digits once unpadded counts as a whole number only
     assert _left_in_output(_enhanced_ct("00012345"), "basic", frame_label="AXIAL 123450") == []
+
+
+def test_curve_data_naming_the_patient_goes_and_other_curves_stay() -> None:
+    """Retired Curve Data (50xx,3000) is kept, cleaned, under Clean Graphics; a curve whose
+    bytes carry the patient's name (a label written into it) cannot be cleaned in place: it
+    goes, instead of the whole file being held back."""
+    ds = ct_header(NAME, "MRN5520917", BIRTH_DATE, STUDY_DATE)
+    ds.add_new(0x50000005, "US", 1)
+    ds.add_new(0x50003000, "OB", b"\x01\x02ECG lead II PANKHURST SYLVIA\x00" + bytes(range(64)))
+    ds.add_new(0x50020005, "US", 1)
+    ds.add_new(0x50023000, "OB", bytes(range(200)))
+    outcome, output = _written(ds, TEACHING)
+    assert not outcome.held_back, outcome.report.get("reason")
+    assert b"PANKHURST" not in output.upper()
+    out = dcmread(io.BytesIO(output))
+    assert 0x50003000 not in out
+    assert out[0x50023000].value == bytes(range(200))
