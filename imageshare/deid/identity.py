@@ -840,13 +840,16 @@ class _Collector:
         word of its own, and each run of five digits or more in it, also without its leading
         zeros: an ID is written without its prefix (``MRN5520917``: ``see 5520917``), its
         check digit (``5520917-8``: ``5520917``) or the zeros that pad it to a fixed width
-        (``0005520917``: ``5520917``)."""
+        (``0005520917``: ``5520917``); a run is looked for alone only when it holds two thirds
+        of the ID's digits."""
         digits = "".join(c for c in text if c.isdigit())
         if len(digits) < 5:
             return
         self.phrases.add(digits)
         self.raw.add(digits)
-        runs = {digits, *_DIGIT_RUN.findall(text)}
+        # a run counts alone when it is most of the ID (two thirds of its digits): one piece
+        # of an ID built from several numbers (``11-05-25-142825``: a time) is not the ID
+        runs = {r for r in {digits, *_DIGIT_RUN.findall(text)} if 3 * len(r) >= 2 * len(digits)}
         for run in (runs | {r.lstrip("0") for r in runs}) - {digits}:
             if len(run) >= 5:
                 (self.phrases if len(run) >= 6 else self.words).add(run)

@@ -753,8 +753,10 @@ class SourceIdentity:
             self._token(kind, digits)
         if words and len(digits) >= 5:
             # each run of digits, also without the zeros that pad it to a fixed width: an ID
-            # written without its check digit (``5520917-8``) or its padding (``0005520917``)
-            runs = set(_DIGIT_PIECES.findall(text))
+            # written without its check digit (``5520917-8``) or its padding (``0005520917``);
+            # only a run that is most of the ID (two thirds of its digits), not one number of
+            # several (``11-05-25-142825``, whose last piece is a time of day)
+            runs = {r for r in _DIGIT_PIECES.findall(text) if 3 * len(r) >= 2 * len(digits)}
             for run in runs | {r.lstrip("0") for r in runs}:
                 if len(run) >= 5:
                     self._token(kind, run)

@@ -153,3 +153,16 @@ def test_curve_data_naming_the_patient_goes_and_other_curves_stay() -> None:
     out = dcmread(io.BytesIO(output))
     assert 0x50003000 not in out
     assert out[0x50023000].value == bytes(range(200))
+
+
+def test_one_number_of_an_id_built_from_several_is_not_the_id() -> None:
+    """An ID built from a date and a time (``11-05-25-142825``, as some ultrasound machines
+    make them) does not make the study's kept time (142825) a leak: the instance is written,
+    not held back, and its time stays; the whole ID still goes wherever it is written."""
+    source = _enhanced_ct("11-05-25-142825", frame_label="ID 11-05-25-142825",
+                          StudyTime="142825.000000")
+    outcome, output = _written(source, TEACHING)
+    assert not outcome.held_back, outcome.report.get("reason")
+    copy = dcmread(io.BytesIO(output))
+    assert copy.StudyTime == "142825.000000"
+    assert _frame_label(copy) == "ID *"
