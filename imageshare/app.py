@@ -377,7 +377,7 @@ def build_archive(settings: Settings, upgrade: bool = True) -> Archive:
         # clears the second factors, site credentials are entered again).
         log.error("%s", exc)
     blobs = blob_store(settings)
-    audit = AuditTrail(engine)
+    audit = AuditTrail(engine, settings.audit_view_window_seconds)
     writer_engine = (
         make_engine(settings.resolved_database_url, settings.sqlite_synchronous, for_writer=True)
         if engine.dialect.name == "sqlite" else engine

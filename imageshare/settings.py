@@ -320,6 +320,12 @@ class Settings:
         3600.0, "How often the server exports the signed audit chain head (0: only on "
         "demand, imageshare audit head)."
     )
+    audit_view_window_seconds: float = _setting(
+        300.0, "A viewing is one audit event: a study's frames, renderings and thumbnails "
+        "fetched again by the same user from the same address within this many seconds are "
+        "not recorded again (0: one event per request). Whole instances, metadata, "
+        "refusals and failures are recorded every time."
+    )
     atna_host: str = _setting(
         "", "Audit repository (IHE ATNA) host: every audit event is also sent there as a "
         "DICOM PS3.15 A.5 audit message in RFC 5424 syslog over TLS (RFC 5425); empty: not "

@@ -79,6 +79,7 @@ class RetrieveService:
         issuer: str = "",
         detail: dict[str, str] | None = None,
         most: int | None = None,
+        repeatable: bool = False,
     ) -> list[StoredInstance]:
         """Instances matching every given list of UIDs, audited as ``action`` (unless the
         caller audits the use itself and says ``audit=False``). Only instances of the record
@@ -92,6 +93,8 @@ class RetrieveService:
         matches (also for UIDs outside the scope). ``detail`` goes into every audit event
         (a C-MOVE's destination). More matches than ``most`` (what a DIMSE retrieve can
         count) raise :class:`QueryTooBroad`, audited as a failure: nothing is sent.
+        ``repeatable``: a part of a viewing (a frame, a rendering), recorded once per viewing
+        (:meth:`AuditTrail.record`).
         """
         if not (study_uids or series_uids or sop_uids or patient_ids):
             raise InvalidQuery("a retrieve must name a patient, study, series or instance")
@@ -153,7 +156,7 @@ class RetrieveService:
             )
         ]
         if audit:
-            self._audit.record(events)
+            self._audit.record(events, repeatable=repeatable)
         if not found:
             raise NotFound("no such study, series or instance")
         return found

@@ -165,9 +165,13 @@ CATALOGUE: dict[str, EventType] = {e.action: e for e in (
        INSTANCES_ACCESSED, "D", _STUDY, ("reason", "way")),
     _e("study.query", "A query (C-FIND, QIDO-RS, search page) was answered.", QUERY, "E",
        ("query",), ("level", "keys", "error")),
-    _e("study.view", "A study was viewed or rendered in the browser.", INSTANCES_ACCESSED,
+    _e("study.view", "A study was viewed or rendered in the browser (its frames, renderings "
+       "and thumbnails fetched by one user from one address within "
+       "audit_view_window_seconds are one event).", INSTANCES_ACCESSED,
        "R", _STUDY, ("reason",)),
-    _e("study.retrieve", "Instances were sent over WADO-RS/WADO-URI.", BEGIN_TRANSFERRING, "E",
+    _e("study.retrieve", "Instances were sent over WADO-RS/WADO-URI (each whole "
+       "instance; a viewer's stored frames of a study as one event per "
+       "audit_view_window_seconds).", BEGIN_TRANSFERRING, "E",
        _STUDY, ("reason",)),
     _e("study.metadata", "A study's metadata was read (WADO-RS metadata).", INSTANCES_ACCESSED,
        "R", _STUDY, ("reason",)),

@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from imageshare.audit.chain import append
 from imageshare.audit.events import CATALOGUE
+from imageshare.audit.repeats import RepeatWindow
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import AuditUnavailable, UnknownAuditEvent
 from imageshare.storage.index.schema import audit_events, patients, studies
@@ -69,6 +70,12 @@ class AuditEvent:
         }
 
 
+def _repeat_key(event: AuditEvent) -> tuple[str, ...]:
+    """What makes two accesses one viewing: who, from where, what, which patient and study."""
+    return (event.actor.label, event.actor.source, event.action, event.patient_id,
+            event.study_uid)
+
+
 def _utc(at: datetime) -> datetime:
     """``at`` as a UTC moment (a naive one taken as UTC). SQLite keeps a moment's wall-clock
     time without its zone: a moment given in another zone came back hours off, and the
@@ -84,23 +91,31 @@ def _storable(value: str | None, limit: int) -> str:
 class AuditTrail:
     """Records audit events. If recording fails, the operation that asked for it fails too."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, repeat_seconds: float = 0.0) -> None:
         self._engine = engine
+        self._repeats = RepeatWindow(repeat_seconds)
 
     def record(
-        self, event: AuditEvent | list[AuditEvent], conn: Connection | None = None
+        self, event: AuditEvent | list[AuditEvent], conn: Connection | None = None,
+        repeatable: bool = False,
     ) -> None:
         """Write one event or several; inside ``conn``'s transaction when given, else in its own
         (then a database that cannot take the write raises :class:`AuditUnavailable`). An
         action that is not in the catalogue (:mod:`imageshare.audit.events`) is refused with
-        :class:`UnknownAuditEvent` and nothing is written."""
+        :class:`UnknownAuditEvent` and nothing is written. ``repeatable``: the events are
+        part of a viewing (a frame, a rendering, a thumbnail): a success already recorded
+        for the same actor, address, action, patient and study within the repeat window
+        (``audit_view_window_seconds``) is not written again; failures always are."""
         batch = event if isinstance(event, list) else [event]
-        if not batch:
-            return
         for e in batch:
             if e.action not in CATALOGUE:
                 raise UnknownAuditEvent(
                     f"audit action {e.action[:64]!r} is not in the event catalogue")
+        if repeatable:
+            batch = [e for e in batch if e.outcome != "success"
+                     or not self._repeats.seen(_repeat_key(e))]
+        if not batch:
+            return
         if conn is not None:
             append(conn, _rows(conn, batch))
         else:
@@ -113,6 +128,8 @@ class AuditTrail:
                     "the audit trail cannot be written (database unavailable or disk full); "
                     "nothing is served until it can") from exc
         for e in batch:
+            if repeatable and e.outcome == "success":
+                self._repeats.note(_repeat_key(e))
             log.debug("audit %s %s %s", e.actor.label, e.action, e.outcome)
 
     def events(

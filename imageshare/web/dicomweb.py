@@ -446,13 +446,15 @@ def search_series_instances(
 
 def _select(
     request: Request, actor: Actor, action: str, study: str, series: str | None = None,
-    instance: str | None = None, right: str = VIEW,
+    instance: str | None = None, right: str = VIEW, part: bool = False,
 ) -> list[StoredInstance]:
+    """The instances named, audited as ``action``; ``part``: a part of a viewing (frames,
+    renderings, thumbnails) that a viewer fetches by the hundred, audited once per viewing."""
     archive = archive_of(request)
     return archive.retrieve.select(
         actor, action, study_uids=[study], series_uids=[series] if series else (),
         sop_uids=[instance] if instance else (),
-        allowed_studies=archive.policy.study_scope(actor, right),
+        allowed_studies=archive.policy.study_scope(actor, right), repeatable=part,
     )
 
 
@@ -869,7 +871,7 @@ def retrieve_frames(
     it (viewing alone gets rendered frames)."""
     numbers = _frame_numbers(frames)
     inst = _select(request, actor, "study.retrieve", study, series, instance,
-                   right=DOWNLOAD)[0]
+                   right=DOWNLOAD, part=True)[0]
     if is_video(inst.transfer_syntax):
         raise NotAcceptable("frames of a video are not separable; retrieve the instance")
     _check_frame_count(numbers, inst)
@@ -1234,7 +1236,7 @@ def rendered_instance(
     animated GIF (image/gif) or in multipart/related; a video as video/mp4 (MPEG-4 AVC or
     HEVC, as stored, in an MP4 file a browser plays)."""
     _check_rendering(request, video=True)
-    inst = _select(request, actor, "study.view", study, series, instance)[0]
+    inst = _select(request, actor, "study.view", study, series, instance, part=True)[0]
     return render_stored(request, inst, 0)
 
 
@@ -1263,7 +1265,7 @@ def rendered_frame(
     shape, media = _rendered_media(request)
     if len(numbers) != 1 and shape != "multipart":
         raise NotAcceptable("several frames are rendered in multipart/related only")
-    inst = _select(request, actor, "study.view", study, series, instance)[0]
+    inst = _select(request, actor, "study.view", study, series, instance, part=True)[0]
     _check_frame_count(numbers, inst)
     if len(numbers) == 1:
         return _render(request, inst, numbers[0])
@@ -1282,7 +1284,7 @@ def instance_thumbnail(
 ) -> Response:
     """A small rendering of the instance's first (or middle, for cine) frame."""
     _check_rendering(request, thumbnail=True)
-    inst = _select(request, actor, "study.view", study, series, instance)[0]
+    inst = _select(request, actor, "study.view", study, series, instance, part=True)[0]
     return _render(request, inst, max(1, (inst.number_of_frames + 1) // 2), thumbnail=True)
 
 
@@ -1297,7 +1299,7 @@ def frame_thumbnail(
     thumbnail is one image)."""
     numbers = _frame_numbers(frame)
     _check_rendering(request, thumbnail=True)
-    inst = _select(request, actor, "study.view", study, series, instance)[0]
+    inst = _select(request, actor, "study.view", study, series, instance, part=True)[0]
     _check_frame_count(numbers, inst)
     return _render(request, inst, numbers[0], thumbnail=True)
 
@@ -1306,7 +1308,7 @@ def frame_thumbnail(
 def series_thumbnail(request: Request, study: str, series: str, actor: Reader) -> Response:
     """A small rendering of the series' middle image."""
     _check_rendering(request, thumbnail=True)
-    found = _select(request, actor, "study.view", study, series)
+    found = _select(request, actor, "study.view", study, series, part=True)
     return _render(request, _renderable(found), 1, thumbnail=True)
 
 
@@ -1314,7 +1316,7 @@ def series_thumbnail(request: Request, study: str, series: str, actor: Reader) -
 def study_thumbnail(request: Request, study: str, actor: Reader) -> Response:
     """A small rendering of an image of the study."""
     _check_rendering(request, thumbnail=True)
-    found = _select(request, actor, "study.view", study)
+    found = _select(request, actor, "study.view", study, part=True)
     return _render(request, _renderable(found), 1, thumbnail=True)
 
 
