@@ -103,6 +103,9 @@ class RunningServer:
             IMAGESHARE_AE_TITLE=self.ae_title,
             IMAGESHARE_ADMIN_PASSWORD=ADMIN_PASSWORD,
             IMAGESHARE_LOG_LEVEL="WARNING",
+            # well inside stop()'s 15 s: an association or request a test left open ends the
+            # grace, not the test (the 20 s default is tested in tests/interop/test_shutdown.py)
+            IMAGESHARE_SHUTDOWN_GRACE_SECONDS="5",
         )
         env.update(self.extra_env)
         return env
