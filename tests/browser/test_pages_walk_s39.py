@@ -135,7 +135,9 @@ def _invite(page, base: str, name: str, hospital_number: str) -> tuple[str, str]
     """The clerk invites someone to upload for a patient: the link and its passcode."""
     page.goto(base + "/uploads")
     form = page.locator("form[action='/uploads/invite']")
-    form.locator("input[name=patient_name]").fill(name)
+    family, _, given = name.partition("^")
+    form.locator("input[name=family_name]").fill(family)
+    form.locator("input[name=given_name]").fill(given)
     form.locator("input[name=hospital_number]").fill(hospital_number)
     form.locator("input[name=email]").fill("patient@home.example")
     form.locator("input[name=reference]").fill("Fracture clinic")
@@ -284,8 +286,8 @@ def test_an_officer_types_a_name_or_part_of_a_patient_id_once(chromium, site, ad
     # A user name, in any case; the action chosen from a list, not typed to the letter.
     page.get_by_label(re.compile("Who, patient ID")).fill("DOC")
     page.get_by_label("Action").select_option("session.start")
-    page.get_by_role("button", name="Filter").click()
-    page.wait_for_load_state()
+    with page.expect_navigation():  # the filtered page, not the one before it
+        page.get_by_role("button", name="Filter").click()
     rows = page.locator("table.results tbody tr")
     assert rows.count() >= 2
     whos = rows.locator("td:nth-child(2)").all_inner_texts()
@@ -295,8 +297,8 @@ def test_an_officer_types_a_name_or_part_of_a_patient_id_once(chromium, site, ad
     # Wildcards are themselves: "%" finds no event (it is in none), not every event.
     page.get_by_label(re.compile("Who, patient ID")).fill("%")
     page.get_by_label("Action").select_option("")
-    page.get_by_role("button", name="Filter").click()
-    page.wait_for_load_state()
+    with page.expect_navigation():  # the filtered page, not the one before it
+        page.get_by_role("button", name="Filter").click()
     assert page.locator("table.results").count() == 0
     said = page.inner_text(".audit-count")
     assert said.startswith("No event matches “%”") and "clear the filter" in said, said

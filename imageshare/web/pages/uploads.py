@@ -572,9 +572,27 @@ _FIELDS = ("patient_name", "hospital_number", "birth_date", "nhs_number", "issue
            "reference", "expected_modality", "expected_body_part", "days", "max_mb")
 
 
+# What separates the parts of a DICOM person name: typed inside one part, it would move
+# the rest of the name into another.
+_NAME_DELIMITERS = str.maketrans({"^": " ", "=": " ", "\\": " "})
+
+
+def _person_name(family: str, given: str) -> str:
+    """The DICOM person name (``Family^Given``) of a family and a given name as typed."""
+    family, given = (" ".join(p.translate(_NAME_DELIMITERS).split())[:64]
+                     for p in (family, given))
+    return f"{family}^{given}" if given else family
+
+
 async def _form(request: Request) -> dict[str, str]:
+    """The invitation or import form: the patient's name as typed in its two fields
+    (``family_name``, ``given_name``), or, from programs, as a DICOM ``patient_name``."""
     form = await request.form()
-    return {k: str(form.get(k, ""))[:400] for k in _FIELDS}
+    values = {k: str(form.get(k, ""))[:400] for k in _FIELDS}
+    family, given = (str(form.get(k, "")) for k in ("family_name", "given_name"))
+    if family.strip() or given.strip():
+        values["patient_name"] = _person_name(family, given)
+    return values
 
 
 @router.post("/uploads/invite")
