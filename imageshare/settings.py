@@ -145,8 +145,9 @@ class Settings:
     )
     public_url: str = _setting(
         "", "Address people use to reach ImageShare (e.g. https://images.example.nhs.uk), for "
-        "links in e-mails and URLs in DICOMweb and FHIR answers; empty: DICOMweb answers "
-        "take it from each request, FHIR answers use http_host:http_port, and e-mails "
+        "links in e-mails and URLs in DICOMweb and FHIR answers; empty: DICOMweb and FHIR "
+        "answers use the request's Host only when it names this server, else "
+        "http_host:http_port, and e-mails "
         "with links are refused (they never take their address from a request's Host "
         "header)."
     )

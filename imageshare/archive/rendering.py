@@ -39,6 +39,7 @@ log = logging.getLogger("imageshare.rendering")
 
 MEDIA_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
 MAX_RENDERED_FRAMES = 1000
+MAX_VIEWPORT = 8192  # widest and tallest viewport rendered (pixels)
 
 
 # VOI LUT functions (PS3.3 C.11.2.1.3) by their PS3.18 ``window`` names.
@@ -129,17 +130,19 @@ def parse_viewport(value: str | None) -> tuple[int, int] | None:
         w, h = (int(p) for p in parts[:2])
     except ValueError as exc:
         raise InvalidQuery("viewport width and height must be whole numbers") from exc
-    if not (0 < w <= 8192 and 0 < h <= 8192):
-        raise InvalidQuery("viewport must be between 1 and 8192 pixels")
+    if not (0 < w <= MAX_VIEWPORT and 0 < h <= MAX_VIEWPORT):
+        raise InvalidQuery(f"viewport width and height (vw,vh) must be between 1 and "
+                           f"{MAX_VIEWPORT} pixels")
     return w, h
 
 
 def parse_viewport_source(value: str | None) -> Region | None:
     """The source rectangle ``sx,sy,sw,sh`` of a WADO-RS ``viewport=vw,vh,sx,sy,sw,sh``
     (PS3.18 8.3.5.1.3): its top-left corner in source pixels (0 when left empty or out)
-    and its width and height (to the frame's edge when left empty or out; negative flips
-    the axis); None when the viewport has no source rectangle. InvalidQuery with the
-    reason otherwise."""
+    and its width and height (to the frame's edge when left empty or out; a negative one
+    selects as many pixels rightwards or downwards from the corner and flips that axis);
+    None when the viewport has no source rectangle. InvalidQuery with the reason
+    otherwise."""
     if not value:
         return None
     parts = [p.strip() for p in value.split(",")]
@@ -177,8 +180,8 @@ def parse_region(value: str | None) -> Region | None:
 
 
 def _cut(image: Image.Image, region: Region | None) -> Image.Image:
-    """The part of ``image`` that ``region`` names (flipped where its size is negative);
-    InvalidQuery when it lies outside the image."""
+    """The part of ``image`` that ``region`` names (flipped where its size is negative, the
+    part clipped to the image); InvalidQuery when it starts outside the image."""
     if region is None:
         return image
     width, height = image.size
@@ -191,19 +194,17 @@ def _cut(image: Image.Image, region: Region | None) -> Image.Image:
     assert region.pixels is not None
     sx, sy, sw, sh = region.pixels
     if sx >= width or sy >= height:
-        raise InvalidQuery(f"the viewport source lies outside the image ({width}x{height})")
-    sw = width - sx if sw is None else sw
-    sh = height - sy if sh is None else sh
-    # A negative size reaches back from the corner (and flips): PS3.18 8.3.5.1.3.
-    x0, x1 = sorted((sx, sx + sw))
-    y0, y1 = sorted((sy, sy + sh))
-    box = (max(0, x0), max(0, y0), min(width, x1), min(height, y1))
-    if box[0] >= box[2] or box[1] >= box[3]:
-        raise InvalidQuery(f"the viewport source lies outside the image ({width}x{height})")
-    cut = image.crop(box)
-    if sw < 0:
+        raise InvalidQuery(f"the viewport source starts outside the image ({width}x{height}): "
+                           f"sx must be below {width} and sy below {height}")
+    # (sx, sy) is the source region's top-left corner whatever the signs; a negative width
+    # or height selects as much as its magnitude and flips that axis (PS3.18 8.3.5.1.3).
+    # The region is clipped to the image.
+    across = width - sx if sw is None else min(abs(sw), width - sx)
+    down = height - sy if sh is None else min(abs(sh), height - sy)
+    cut = image.crop((sx, sy, sx + across, sy + down))
+    if sw is not None and sw < 0:
         cut = cut.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if sh < 0:
+    if sh is not None and sh < 0:
         cut = cut.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
     return cut
 

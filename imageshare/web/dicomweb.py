@@ -87,6 +87,7 @@ from imageshare.web.multipart import (
     part_stream,
 )
 from imageshare.web.negotiation import MediaRange, matches, parse_accept, parse_media_type
+from imageshare.web.urls import public_root
 
 log = logging.getLogger("imageshare.dicomweb")
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"], route_class=PrivateRoute)
@@ -295,11 +296,9 @@ def _int_param(request: Request, name: str, default: int | None) -> int | None:
 
 
 def _base(request: Request) -> str:
-    """The DICOMweb root for URLs in answers (Retrieve URL, BulkDataURI): from the public URL
-    when one is set, else from the request (some clients, dicomweb-client among them, send a
-    Host header without the port)."""
-    configured = archive_of(request).settings.public_url.rstrip("/")
-    return (configured or str(request.base_url).rstrip("/")) + "/dicomweb"
+    """The DICOMweb root for the absolute URLs in answers (Retrieve URL, BulkDataURI,
+    Content-Location): :func:`imageshare.web.urls.public_root`, never a forged Host."""
+    return public_root(request) + "/dicomweb"
 
 
 def _retrieve_url(request: Request, attrs: dict[str, Any], level: Level) -> str:
@@ -977,11 +976,13 @@ def retrieve_bulkdata(
     endian); a Range header gets only the bytes it names (206) where the answer is one
     value. For those who may download the instance (with the metadata it makes the
     instance again; viewing alone gets rendered frames)."""
+    path = path.upper().strip("/")
+    if not path:  # .../bulkdata/ : the Instance Bulkdata resource
+        return _all_bulk_data(request, actor, study, series, instance)
     inst = _select(request, actor, "study.retrieve", study, series, instance,
                    right=DOWNLOAD)[0]
     retrieve = archive.retrieve
     boundary = new_boundary()
-    path = path.upper().strip("/")
     single = _wants_single_part(request)
     # Bulk data in multipart/related names the BulkDataURI the metadata gave for it
     # (PS3.18 10.4.3.3.5), so that a client can tell which value a part is.
@@ -1018,6 +1019,138 @@ def retrieve_bulkdata(
     _wants_octet_stream(request)
     _vr, value = retrieve.bulk_data(inst, path)
     return _bulk_answer(request, value, OCTET_STREAM, None if single else boundary, location)
+
+
+# The Study, Series and Instance Bulkdata resources (PS3.18 10.4.1 and 10.4.3.3.5): every bulk
+# data value of the instances, each part named (Content-Location) by the BulkDataURI their
+# metadata gives it. Without the trailing slash too: a redirect to it would be one more
+# request for every client, and some drop their credentials on the way.
+@router.get("/studies/{study}/bulkdata", summary="WADO-RS: bulk data of a study")
+@router.get("/studies/{study}/bulkdata/", include_in_schema=False)
+def study_bulkdata(request: Request, study: str, actor: Downloader) -> Response:
+    """Every bulk data value (pixel data included) of every instance of the study."""
+    return _all_bulk_data(request, actor, study)
+
+
+@router.get("/studies/{study}/series/{series}/bulkdata",
+            summary="WADO-RS: bulk data of a series")
+@router.get("/studies/{study}/series/{series}/bulkdata/", include_in_schema=False)
+def series_bulkdata(request: Request, study: str, series: str, actor: Downloader) -> Response:
+    """Every bulk data value (pixel data included) of every instance of the series."""
+    return _all_bulk_data(request, actor, study, series)
+
+
+@router.get(f"{INSTANCE}/bulkdata", summary="WADO-RS: bulk data of an instance")
+def instance_bulkdata(request: Request, study: str, series: str, instance: str,
+                      actor: Downloader) -> Response:
+    """Every bulk data value (pixel data included) of the instance."""
+    return _all_bulk_data(request, actor, study, series, instance)
+
+
+PIXEL_DATA = "7FE00010"
+
+
+def _check_bulk_parts(request: Request) -> None:
+    """Refuse (406), before anything is selected, an Accept header that allows no
+    multipart/related answer of application/octet-stream parts: several values come in
+    several parts."""
+    for media_range in parse_accept(_accept(request)):
+        media = media_range.media
+        multipart = media in ("*/*", "multipart/*") or (
+            media == "multipart/related"
+            and media_range.param("type", OCTET_STREAM) in (OCTET_STREAM, "*/*"))
+        if multipart and media_range.param("transfer-syntax", "") in (
+                "", "*", ExplicitVRLittleEndian):
+            return
+    raise NotAcceptable("the bulk data of a study, series or instance is available as "
+                        'multipart/related; type="application/octet-stream" (one part per '
+                        "value); one value alone at the BulkDataURI the metadata gives")
+
+
+def _bulk_paths(request: Request, inst: StoredInstance, url: str) -> list[str]:
+    """The paths of the instance's bulk data values, as its metadata names them."""
+    paths: list[str] = []
+
+    def named(path: str) -> str:
+        paths.append(path)
+        return _bulkdata_url(url, path)
+
+    try:
+        archive_of(request).retrieve.header_json(inst.blob_key, named)
+    except Exception as exc:  # noqa: BLE001 - as the metadata: an unreadable file has none
+        log.warning("instance %s: stored header unreadable (%s); no bulk data sent",
+                    inst.sop_uid, type(exc).__name__)
+        return []
+    return paths
+
+
+def _check_pixel_parts(request: Request, inst: StoredInstance) -> None:
+    """406 (before the answer starts) when the instance's pixel data cannot be sent in any
+    representation the Accept header allows."""
+    if is_video(inst.transfer_syntax):
+        kind = COMPRESSED_MEDIA_TYPES[inst.transfer_syntax]
+        if not any(m.media in ("*/*", "multipart/*") or (
+                m.media == "multipart/related" and m.param("type", "") in ("*/*", kind))
+                for m in parse_accept(_accept(request))):
+            raise NotAcceptable(f"a video's pixel data is available as stored ({kind})")
+        return
+    _pixel_representation(request, inst, single=False)
+
+
+def _pixel_bulk_parts(request: Request, inst: StoredInstance, location: str
+                      ) -> Iterator[Part]:
+    """The instance's pixel data as parts of a bulk data answer: one value (uncompressed, or
+    a video's bitstream, or a single compressed frame) named by its BulkDataURI, or one part
+    per compressed frame named by the frame's resource (as at the BulkDataURI itself)."""
+    if is_video(inst.transfer_syntax):
+        kind = COMPRESSED_MEDIA_TYPES[inst.transfer_syntax]
+        with archive_of(request).retrieve.open(inst) as stream:
+            ds = dcmread(stream)
+        yield (f"{kind}; transfer-syntax={inst.transfer_syntax}",
+               b"".join(generate_fragments(ds.PixelData)), location)
+        return
+    numbers = list(range(1, inst.number_of_frames + 1))
+    kind, content_type, frames, _single = _pixel_data(request, inst, numbers, single=False)
+    if kind == OCTET_STREAM or len(frames) == 1:
+        yield content_type, b"".join(frames), location
+        return
+    urls = _frame_urls(request, inst, numbers)
+    yield from ((content_type, f, u) for f, u in zip(frames, urls, strict=True))
+
+
+def _all_bulk_data(request: Request, actor: Actor, study: str, series: str | None = None,
+                   instance: str | None = None) -> Response:
+    """The Study, Series or Instance Bulkdata resource: multipart/related, a part for each
+    bulk data value of each instance, in the order of the instances and of their metadata.
+    For those who may download the instances (with the metadata they make them again).
+    Every representation is settled before the first byte is sent; no value at all is 200
+    with an empty payload (as a search with no match)."""
+    _check_bulk_parts(request)
+    found = _select(request, actor, "study.retrieve", study, series, instance, right=DOWNLOAD)
+    base = _base(request)
+    plan = []
+    for inst in found:
+        url = _instance_url(request, inst, base)
+        paths = _bulk_paths(request, inst, url)
+        if PIXEL_DATA in paths:
+            _check_pixel_parts(request, inst)
+        plan.append((inst, url, paths))
+    retrieve = archive_of(request).retrieve
+    boundary = new_boundary()
+    media_type = f'multipart/related; type="{OCTET_STREAM}"; boundary={boundary}'
+    if not any(paths for _inst, _url, paths in plan):
+        return Response(b"", media_type=media_type)
+
+    def parts() -> Iterator[Part]:
+        for inst, url, paths in plan:
+            for path in paths:
+                location = _bulkdata_url(url, path)
+                if path == PIXEL_DATA:
+                    yield from _pixel_bulk_parts(request, inst, location)
+                else:
+                    yield OCTET_STREAM, retrieve.bulk_data(inst, path)[1], location
+
+    return StreamingResponse(part_stream(boundary, parts()), media_type=media_type)
 
 
 def _rendered_media(request: Request) -> tuple[str, str]:

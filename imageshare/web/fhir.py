@@ -37,10 +37,10 @@ from imageshare.fhir.imaging_study import (
     study_uid_of,
 )
 from imageshare.fhir.page_seal import MAX_SEARCH_FIELDS, PageSeal, check_followable
-from imageshare.settings import Settings
 from imageshare.web.auth import PRIVATE_HEADERS, PrivateRoute, allowed
 from imageshare.web.deps import ArchiveDep, archive_of
 from imageshare.web.negotiation import parse_accept, parse_media_type
+from imageshare.web.urls import listening_base
 
 router = APIRouter(prefix="/fhir", tags=["FHIR"], route_class=PrivateRoute)
 Reader = allowed(STUDY_READ)
@@ -54,27 +54,6 @@ def public_base(request: Request) -> str:
     settings = archive_of(request).settings
     configured = settings.public_url.rstrip("/")
     return configured or listening_base(request, settings)
-
-
-# Addresses that mean "every address of this machine": not one a client can be sent to.
-_EVERY_ADDRESS = ("", "0.0.0.0", "::", "[::]")
-
-
-def listening_base(request: Request, settings: Settings) -> str:
-    """``scheme://host:port`` of ``http_host`` and ``http_port``; when the server listens on
-    every address (or on a port the system chose), the local address of the connection that
-    brought the request (the server's own socket, not anything the client said). The scheme
-    is the connection's (HTTPS here, or at a trusted proxy that says so)."""
-    server = request.scope.get("server") or ("", 0)
-    host = settings.http_host.strip()
-    if host in _EVERY_ADDRESS:
-        host = str(server[0] or "127.0.0.1")
-    port = settings.http_port or int(server[1] or 0)
-    scheme = "https" if request.url.scheme == "https" else "http"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # an IPv6 address (RFC 3986 3.2.2)
-    default = 443 if scheme == "https" else 80
-    return f"{scheme}://{host}" + ("" if not port or port == default else f":{port}")
 
 
 def _endpoints(request: Request) -> Endpoints:

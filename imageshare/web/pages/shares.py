@@ -25,6 +25,7 @@ from imageshare.uploads.invitations import CreatedInvitation
 from imageshare.web.auth import allowed, authorise_also, client_address, refuse
 from imageshare.web.deps import Archive, ArchiveDep, archive_of
 from imageshare.web.pages.templating import page, redirect
+from imageshare.web.urls import public_root
 
 router = APIRouter(include_in_schema=False)
 
@@ -32,8 +33,7 @@ router = APIRouter(include_in_schema=False)
 def shown_link(request: Request, path: str) -> str:
     """A link to show the person who made it, on the page they asked for (e-mails use only
     IMAGESHARE_PUBLIC_URL: ShareService.link_base)."""
-    configured = archive_of(request).settings.public_url.rstrip("/")
-    return (configured or str(request.base_url).rstrip("/")) + path
+    return public_root(request) + path
 
 
 Made = TypeVar("Made", CreatedShare, CreatedInvitation)

@@ -270,6 +270,30 @@
     setTimeout(() => { if (status.textContent === "Marks saved.") status.textContent = ""; }, 1500);
   }
 
+  // Drawing tools only where the server keeps the marks: the manifest says so per series
+  // ("annotate": every image; else "annotateSops": those that may be marked). A manifest
+  // saying neither (older pages) leaves it to annotationsUrl alone.
+  const DRAWING = ["arrow", "length", "ellipse", "text"];
+
+  function canMark() {
+    const series = state.series;
+    if (!manifest.annotationsUrl || !series) return false;
+    if (series.annotate !== undefined && !series.annotate) {
+      const frame = series.frames[state.index];
+      return Boolean(frame) && (series.annotateSops || []).includes(frame.sop);
+    }
+    return true;
+  }
+
+  function updateMarkTools() {
+    const allowed = canMark();
+    document.querySelectorAll(".mark-tool").forEach((b) => { b.hidden = !allowed; });
+    if (!allowed) {
+      state.pending = null;
+      if (DRAWING.includes(state.tool)) setTool("window");
+    }
+  }
+
   function updateSaveButton() {
     const button = document.getElementById("save-marks");
     if (button) button.disabled = !state.unsaved.has(frameKey());
@@ -322,6 +346,7 @@
     overlayTl.textContent = `${state.series.modality} ${state.series.description || ""} · ${state.index + 1}/${n}`;
     const target = document.getElementById("comment-sop");
     if (target) target.value = state.series.frames[state.index].sop;
+    updateMarkTools();
     updateSaveButton();
     if (state.series.video) {
       overlayTl.textContent = `${state.series.modality} ${state.series.description || ""} · video ${state.index + 1}/${n}`;
@@ -509,6 +534,7 @@
   let drag = null;
   canvas.addEventListener("pointerdown", (event) => {
     canvas.focus();
+    if (DRAWING.includes(state.tool) && !canMark()) setTool("window");
     if (state.tool === "text") {
       stop();
       const at = clampPoint(imagePoint(event));
@@ -646,10 +672,10 @@
       f: fit, r: reset, F: fullscreen,
       "+": () => zoomBy(1.25), "=": () => zoomBy(1.25), "-": () => zoomBy(0.8),
       w: () => setTool("window"), p: () => setTool("pan"), z: () => setTool("zoom"),
-      a: () => manifest.annotationsUrl && setTool("arrow"),
-      m: () => manifest.annotationsUrl && setTool("length"),
-      e: () => manifest.annotationsUrl && setTool("ellipse"),
-      t: () => manifest.annotationsUrl && setTool("text"),
+      a: () => canMark() && setTool("arrow"),
+      m: () => canMark() && setTool("length"),
+      e: () => canMark() && setTool("ellipse"),
+      t: () => canMark() && setTool("text"),
     };
     const action = keys[event.key];
     if (action) { event.preventDefault(); action(); }
