@@ -73,7 +73,9 @@ def _network() -> str:
                  "the sender's first proposal of a standard transfer syntax; stored byte for byte"))
     rows.append(("Every storage SOP class of the stored instances", "as stored",
                  "SCU (C-MOVE sub-operations)",
-                 "the stored syntax, plus Explicit and Implicit VR Little Endian"))
+                 "the stored syntax, plus Explicit and Implicit VR Little Endian, plus "
+                 "(one context per SOP class) every other syntax the instances can be "
+                 "converted to"))
     rows.append(("Every storage SOP class of the stored instances", "as stored",
                  "SCU (C-GET, on the requester's association)",
                  "what the requester accepted"))
@@ -84,8 +86,15 @@ def _network() -> str:
 An instance is sent as stored when the receiver accepted its syntax; otherwise it is decoded
 and encoded again in a syntax the receiver accepted for its SOP class (Explicit VR Little
 Endian first); big-endian, compressed and deflated instances all reach receivers that take
-only Implicit VR Little Endian. An instance that cannot be converted is offered as stored,
-and only its sub-operation fails.
+only Implicit VR Little Endian. A C-MOVE proposes to its destination, for each SOP class,
+the stored syntaxes, the uncompressed ones, and one context of every other syntax the
+instances can be converted to (Deflated, Big Endian, RLE, JPEG-LS Lossless, JPEG 2000
+Lossless): a receiver taking only JPEG-LS or JPEG 2000 Lossless gets the instances converted
+to it. An instance that cannot be converted is offered as stored, and only its sub-operation
+fails. A destination that answers the association but accepts none of the contexts proposed
+gets no A801 (it is known and answered): the C-MOVE ends `A702` with every instance counted
+failed and listed in the Failed SOP Instance UID List, Error Comment `destination accepted
+none of the SOP classes/syntaxes offered`.
 
 ImageShare's Implementation Class UID is
 `""" + IMPLEMENTATION_CLASS_UID + """`
@@ -215,8 +224,11 @@ def _dicomweb() -> str:
 BulkDataURIs name their attribute's path: `bulkdata/TAG` at the top level, or
 `bulkdata/SEQTAG/ITEM/TAG` (items numbered from 1) inside sequences, at any depth. URLs in
 answers (Retrieve URL, BulkDataURI) start with `IMAGESHARE_PUBLIC_URL` when it is set, else
-with the address the request was sent to (dicomweb-client sends its Host header without the
-port: set the public URL when it is a client).
+with the request's Host only when it names this server at the port it listens on (its
+configured host, localhost, the machine's names and addresses), otherwise with the listening
+address: never a forged Host. Behind a reverse proxy, set the public URL. `.../bulkdata` of a
+study, series or instance answers all bulk data of its instances, each part's
+Content-Location the BulkDataURI the metadata gives it (PS3.18 10.4.3.3.5).
 
 Every part of a WADO-RS multipart/related answer has a Content-Location (PS3.18 8.6,
 10.4.3.3.5): a part of bulk data, the BulkDataURI its element has in the metadata (pixel data

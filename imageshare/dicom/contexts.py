@@ -32,7 +32,12 @@ from pynetdicom.sop_class import (
 )
 
 from imageshare import __version__
-from imageshare.archive.transcode import can_encode, is_known_syntax
+from imageshare.archive.transcode import (
+    CONVERSION_TARGETS,
+    can_encode,
+    can_produce,
+    is_known_syntax,
+)
 
 MAX_CONTEXTS = 128
 # Who ImageShare is on the wire (A-ASSOCIATE-RQ/AC, PS3.7 D.3.3.2) and in the File Meta
@@ -195,18 +200,34 @@ def restrict_unrestricted_storage() -> None:
     acse.negotiate_unrestricted = negotiate_listener_contexts
 
 
-def storage_contexts_for(pairs: set[tuple[str, str]]) -> list[PresentationContext]:
+def storage_contexts_for(pairs: set[tuple[str, str]], converted: bool = False
+                         ) -> list[PresentationContext]:
     """One context per (SOP class, stored transfer syntax), then, while there is room, an
     uncompressed fallback per SOP class, within the 128 contexts an association may propose:
     every pair gets its own context before any fallback takes a place (a study of more than
-    64 pairs is sent whole as long as it has at most 128)."""
+    64 pairs is sent whole as long as it has at most 128).
+
+    With ``converted`` (instances are converted for the receiver when it takes neither their
+    stored syntax nor an uncompressed one: C-MOVE sub-operations), then also one context per
+    SOP class proposing every other syntax its instances can be converted to here (deflated,
+    big endian, RLE, JPEG-LS Lossless, JPEG 2000 Lossless): a receiver that takes only, say,
+    JPEG 2000 Lossless gets the instances in it (PS3.4 C.4.2.3.1 lets the SCP choose the
+    encoding by what the C-STORE association accepted) instead of accepting nothing."""
     uncompressed = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
     wanted = [(sop_class, (syntax,) if syntax not in uncompressed else uncompressed)
               for sop_class, syntax in sorted(pairs)]
-    fallbacks = [(sop_class, uncompressed) for sop_class in sorted({c for c, _s in pairs})]
+    classes = sorted({c for c, _s in pairs})
+    fallbacks = [(sop_class, uncompressed) for sop_class in classes]
+    conversions: list[tuple[str, tuple[str, ...]]] = []
+    for sop_class in classes if converted else ():
+        stored = {s for c, s in pairs if c == sop_class}
+        targets = tuple(t for t in CONVERSION_TARGETS if t not in uncompressed
+                        and any(can_produce(s, t) for s in stored if s != t))
+        if targets:
+            conversions.append((sop_class, targets))
     contexts: list[PresentationContext] = []
     seen: set[tuple[str, tuple[str, ...]]] = set()
-    for sop_class, syntaxes in wanted + fallbacks:
+    for sop_class, syntaxes in wanted + fallbacks + conversions:
         if (sop_class, syntaxes) not in seen and len(contexts) < MAX_CONTEXTS:
             seen.add((sop_class, syntaxes))
             contexts.append(build_context(sop_class, list(syntaxes)))

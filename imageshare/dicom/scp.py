@@ -20,6 +20,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
-from pynetdicom.dsutils import create_file_meta
+from pynetdicom.dsutils import create_file_meta, encode
 from pynetdicom.sop_class import (
     SecondaryCaptureImageStorage,
 )
@@ -96,6 +97,7 @@ DESTINATION_DID_NOT_ACCEPT = "destination did not accept the association"
 DESTINATION_NOT_SENT_TO = "destination does not receive from this archive"
 NOT_NEGOTIATED = "the SOP class was not negotiated on this presentation context"
 DESTINATION_NEEDS_TLS = "destination is reached over DICOM TLS, which is not set up here"
+DESTINATION_TOOK_NOTHING = "destination accepted none of the SOP classes/syntaxes offered"
 
 
 def _over_tls(assoc: Any) -> bool:
@@ -622,14 +624,29 @@ class DicomListener:
         # refusal proposes one context.
         contexts = storage_contexts_for(
             {(i.sop_class_uid, i.transfer_syntax) for i in found}
-            or {(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)}
+            or {(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)},
+            converted=True,
         )
         # The association pynetdicom opens to the destination for this C-MOVE (not another
         # C-MOVE's to the same destination, whose accepted contexts may differ).
         store: list[Any] = []
+
+        def took_nothing(accepted: Any) -> None:
+            """The destination answered the association but accepted none of the contexts
+            proposed: pynetdicom aborts it and answers A801, replaced by this answer."""
+            if accepted.assoc.accepted_contexts:
+                return
+            log.info("C-MOVE destination %s accepted none of the contexts proposed",
+                     destination.ae_title)
+            comments[message_id] = _NothingTaken(
+                refusal, (), 1) if refusal is not None else _NothingTaken(
+                statuses.MOVE_SUB_OPERATIONS_FAILED.dataset(DESTINATION_TOOK_NOTHING),
+                tuple(i.sop_uid for i in found), len(found))
+
         options: dict[str, Any] = {
             "contexts": contexts,
-            "evt_handlers": [(evt.EVT_ESTABLISHED, lambda opened: store.append(opened.assoc))],
+            "evt_handlers": [(evt.EVT_ESTABLISHED, lambda opened: store.append(opened.assoc)),
+                             (evt.EVT_ACCEPTED, took_nothing)],
         }
         if destination.tls:
             options["tls_args"] = (self.client_ssl_context, destination.host)
@@ -637,6 +654,7 @@ class DicomListener:
         if refusal is not None:
             # pynetdicom sends a failure status only after the sub-operations count.
             yield 1
+            comments.pop(message_id, None)  # the destination accepted: no A801 from here on
             yield refusal, None
             return
         yield len(found)
@@ -856,14 +874,29 @@ def _file_meta(**kwargs: Any) -> Any:
     return create_file_meta(**kwargs)
 
 
-_MOVE_COMMENTS: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+@dataclass(frozen=True)
+class _NothingTaken:
+    """The final answer to a C-MOVE whose destination answered its association but accepted
+    none of the presentation contexts proposed (pynetdicom then aborts that association and
+    would answer A801, Move Destination unknown, though the destination is known and
+    answered): the handler's refusal, if it had one, else Failure A702 with every instance
+    failed and listed (PS3.4 C.4.2.1.4.2, C.4.2.3.1)."""
+
+    status: Dataset  # Status, Error Comment, Offending Element
+    failed: tuple[str, ...]  # the Failed SOP Instance UID List
+    count: int  # the Number of Failed Sub-operations
+
+
+_MOVE_COMMENTS: weakref.WeakKeyDictionary[Any, dict[int, str | _NothingTaken]] = \
+    weakref.WeakKeyDictionary()
 _MOVE_COMMENTS_LOCK = threading.Lock()
 
 
-def _move_comments(assoc: Any) -> dict[int, str]:
-    """The Error Comments (by C-MOVE Message ID) that the association's A801 answers get:
-    pynetdicom sends A801 on its own, with no comment, so its DIMSE sender is wrapped (once,
-    see :func:`_responses_checked`) to add the one the C-MOVE handler chose."""
+def _move_comments(assoc: Any) -> dict[int, str | _NothingTaken]:
+    """What the association's A801 answers get (by C-MOVE Message ID): an Error Comment, or
+    a whole other answer when the destination took nothing. pynetdicom sends A801 on its
+    own, with no comment, so its DIMSE sender is wrapped (once, see
+    :func:`_responses_checked`) to add the one the C-MOVE handler chose."""
     with _MOVE_COMMENTS_LOCK:
         comments = _MOVE_COMMENTS.get(assoc)
         if comments is not None:
@@ -878,11 +911,12 @@ def _move_comments(assoc: Any) -> dict[int, str]:
 _COUNTING_REMAINING = {0xFF00, 0xFF01, statuses.MOVE_CANCEL.code}
 
 
-def _responses_checked(assoc: Any, comments: dict[int, str]) -> None:
+def _responses_checked(assoc: Any, comments: dict[int, str | _NothingTaken]) -> None:
     """Wrap the association's DIMSE sender (once) so that its C-MOVE and C-GET responses say
     what PS3.4 C.4.2.1.6 and C.4.3.1.3 ask: a final response (Success, Warning, Failure)
     has no Number of Remaining Sub-operations (pynetdicom sends the last pending one's 0
-    again), and an A801 answer gets the Error Comment in ``comments`` for its Message ID."""
+    again), and an A801 answer gets the Error Comment in ``comments`` for its Message ID,
+    or is replaced by the answer there (:class:`_NothingTaken`)."""
     dimse = assoc.dimse
     if getattr(dimse, "_imageshare_checked", False):
         return
@@ -890,20 +924,43 @@ def _responses_checked(assoc: Any, comments: dict[int, str]) -> None:
 
     def send_msg(primitive: Any, context_id: int) -> None:
         """Send ``primitive``, a final C-MOVE or C-GET response without a Remaining count
-        and a C-MOVE A801 answer with its comment."""
+        and a C-MOVE A801 answer with its comment (or the answer that replaces it)."""
         reply: Any = primitive  # pynetdicom types ErrorComment as always None
         if isinstance(primitive, (C_MOVE, C_GET)) and reply.Status is not None:
-            if int(reply.Status) not in _COUNTING_REMAINING:
-                reply.NumberOfRemainingSuboperations = None
             if isinstance(primitive, C_MOVE) and reply.Status == \
                     statuses.MOVE_DESTINATION_UNKNOWN.code and not reply.ErrorComment:
                 comment = comments.pop(int(reply.MessageIDBeingRespondedTo or 0), "")
-                if comment:
+                if isinstance(comment, _NothingTaken):
+                    _answer_nothing_taken(assoc, reply, comment, context_id)
+                elif comment:
                     reply.ErrorComment = comment
+            if int(reply.Status) not in _COUNTING_REMAINING:
+                reply.NumberOfRemainingSuboperations = None
         send(primitive, context_id)
 
     dimse.send_msg = send_msg
     dimse._imageshare_checked = True
+
+
+def _answer_nothing_taken(assoc: Any, reply: Any, answer: _NothingTaken,
+                          context_id: int) -> None:
+    """Make the A801 ``reply`` the final answer ``answer``: its status (with its Error
+    Comment and Offending Element), the sub-operations counted as failed, and the failed
+    instances listed in an Identifier in the C-MOVE context's transfer syntax."""
+    reply.Status = int(answer.status.Status)
+    for element in answer.status:
+        if element.keyword != "Status" and hasattr(reply, element.keyword):
+            setattr(reply, element.keyword, element.value)
+    reply.NumberOfCompletedSuboperations = 0
+    reply.NumberOfWarningSuboperations = 0
+    reply.NumberOfFailedSuboperations = answer.count
+    identifier = Dataset()
+    identifier.FailedSOPInstanceUIDList = list(answer.failed)
+    syntax = next((UID(str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
+                   if cx.context_id == context_id), ImplicitVRLittleEndian)
+    encoded = encode(identifier, syntax.is_implicit_VR, syntax.is_little_endian,
+                     syntax.is_deflated)
+    reply.Identifier = io.BytesIO(encoded or b"")
 
 
 _UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",

@@ -126,11 +126,14 @@ MOVE_CANCEL = _status("C-MOVE", 0xFE00, "Cancel", "Sub-operations terminated due
 MOVE_SUB_OPERATIONS_FAILED = _status(
     "C-MOVE", 0xA702, "Failure", "Refused: Out of Resources - Unable to perform sub-operations",
     "every sub-operation failed: the destination refused every instance, or took none of "
-    "their SOP classes (failed UIDs listed; pynetdicom's final status)")
+    "their SOP classes (failed UIDs listed; pynetdicom's final status); also when it "
+    "answered the association but accepted none of the contexts proposed (every instance "
+    "counted failed and listed, Error Comment 'destination accepted none of the SOP "
+    "classes/syntaxes offered')")
 MOVE_DESTINATION_UNKNOWN = _status(
     "C-MOVE", 0xA801, "Failure", "Refused: Move Destination unknown",
     "the Move Destination is not a registered node (Error Comment 'destination AE title not "
-    "registered'), or does not answer or accept the association (Error Comment 'destination "
+    "registered'), or does not answer or rejects the association (Error Comment 'destination "
     "did not accept the association'), or a site registered as one this archive does not "
     "send to, asked for by another AE (Error Comment 'destination does not receive from this "
     "archive')")
