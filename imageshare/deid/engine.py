@@ -500,7 +500,7 @@ def mask_emails(text: str) -> str:
 def clean_text(text: str, identity: Identity) -> str:
     """Free ``text`` without the patient's identifiers (or anyone else's), dates (numeric or
     with month names, see :func:`mask_dates`), long numbers and e-mail addresses."""
-    cleaned = mask_emails(text)
+    cleaned = identity.without_phones(mask_emails(text))  # whole, before other numbers
     cleaned = mask_dates(cleaned)
     cleaned = _DATE_LIKE.sub("*", cleaned)
     cleaned = _DIGITS.sub("*", cleaned)
@@ -1116,7 +1116,8 @@ class AttributeCleaner:
             modality = int(element.tag) in _MODALITY_TAGS
             cleaned = [t if modality and t.strip() in MODALITY_TERMS else
                        "ANONYMOUS" if identity.found_in(t) or mask_dates(t) != t
-                       or _names_someone(t, ctx.identity) else t for t in texts]
+                       or _names_someone(t, ctx.identity) or ctx.identity.holds_date(t)
+                       else t for t in texts]
         else:
             cleaned = [clean_label(t, identity) for t in texts]
         if cleaned == texts:

@@ -10,7 +10,12 @@ anywhere in running text, since those scripts put no space between words. Names 
 other letters are also looked for in their usual ASCII spellings (``Müller``: ``Muller``,
 ``Mueller``; ``Sørensen``: ``Sorensen``; ``Иванов``: ``Ivanov``), and everyone's surname (four
 letters or more) with an initial run into it as logins are written (``jsmith``, ``SMITHJ``).
-The birth date is also found written short (``4/3/81``, ``3.4.81``) as a whole token. Text
+The birth date, and the dates of the study and its parts unless the profile keeps them, are
+also found written with a two-digit year (``4/3/81``, ``3.4.81``, ``81/03/04``; ``11/06/24``)
+as a whole token. A phone number is found whole however it is written: with its trunk 0 or
+without it after a country code (``0113 496 0123``, ``+44 113 496 0123``,
+``+44 (0)113 496 0123``, ``0044 113 496 0123``). A login or ID of several words (a Subject ID
+``Fetus A``) is found on word boundaries only (not in ``Fetus Anatomy``). Text
 with markup escapes (HTML entities, RTF ``\\'fc`` and ``\\u252?``, quoted-printable ``=FC``)
 is also read unescaped.
 
@@ -102,6 +107,16 @@ _CJK_RANGES = ((0x1100, 0x11FF), (0x3040, 0x30FF), (0x3130, 0x318F), (0x31F0, 0x
 # The birth date written short (``4/3/81``, ``04-03-81``, ``3.4.81``): a whole token, the
 # same separator twice, not part of a longer number or version (``1.4.3.81``, ``4/3/812``).
 _SHORT_DATE = re.compile(r"(?<!\w)(?<!\w[./-])\d{1,2}([./-])\d{1,2}\1\d{2}(?!\w)(?![./-]\w)")
+# A phone number as written: an optional ``+``, then digits with spaces, brackets, dots or
+# hyphens between them (``+44 (0)113 496-0123``). Bounded, so a scan is linear in the text.
+_PHONE_LIKE = re.compile(r"\+?[\d(][\d ().\-]{4,40}")
+# The attributes (at any depth) whose values are phone numbers.
+_PHONE_WORDS = ("Telephone", "Telecom")
+# Attributes whose date is an event of the patient's (the study, a series, an acquisition,
+# the content), besides the birth date: looked for written short (``11/06/24``) unless the
+# profile keeps them. DT values by their date part.
+_EVENT_DATES = (BaseTag(0x00080020), BaseTag(0x00080021), BaseTag(0x00080022),
+                BaseTag(0x00080023), BaseTag(0x0008002A))
 # Letters written another way in ASCII besides dropping their accents (German, Scandinavian,
 # Polish and other Latin letters), and a simple romanisation of Cyrillic and Greek (ISO 9 /
 # BGN-like, with the common alternatives). The first spelling is the usual one.
@@ -443,6 +458,28 @@ def date_forms(value: str) -> set[str]:
     return forms
 
 
+def short_date_forms(value: str) -> set[str]:
+    """A DA value (``YYYYMMDD``, or a DT's date part) written with a two-digit year as people
+    write it: day, month, year (``11/06/24``, ``11.6.24``), month, day, year (``6-11-24``)
+    and year, month, day (``24/06/11``, ``24/6/11``); one separator (``/``, ``.``, ``-``)
+    used twice, day and month with or without a leading zero (the day last always two
+    digits). Empty when it is no date."""
+    text = str(value or "").strip()[:8]
+    try:
+        day = date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return set()
+    year = f"{day.year % 100:02d}"
+    days, months = {str(day.day), f"{day.day:02d}"}, {str(day.month), f"{day.month:02d}"}
+    forms = set()
+    for sep in ("/", ".", "-"):
+        for d in days:
+            for m in months:
+                forms |= {f"{d}{sep}{m}{sep}{year}", f"{m}{sep}{d}{sep}{year}"}
+        forms |= {f"{year}{sep}{m}{sep}{day.day:02d}" for m in months}
+    return forms
+
+
 def _ordinal_suffix(day: int) -> str:
     if day in (11, 12, 13):
         return "th"
@@ -465,10 +502,19 @@ class Identity:
     # their single words of four or five letters (``CARE``): found in a label only as a whole
     # piece, also numbered (``CARE2``), never inside a longer one (``CARESTREAM1``)
     short_places: frozenset[str] = frozenset()
+    # phone numbers: their national significant numbers (digits, no trunk 0, no country
+    # code), found with whatever trunk 0 or country code is written before them
+    phones: frozenset[str] = frozenset()
+    # logins and IDs of several words (``Fetus A``): their normalised words joined by one
+    # space, found only as whole words in that order (not in ``Fetus Anatomy``)
+    bounded: frozenset[str] = frozenset()
+    # the event dates' six digits (``110624``), found as whole words
+    compact: frozenset[str] = frozenset()
 
     def is_empty(self) -> bool:
         """True when nothing identifying was found."""
-        return not self.words and not self.phrases and not self.cjk and not self.dates
+        return not self.words and not self.phrases and not self.cjk and not self.dates \
+            and not self.bounded
 
     def names_place(self, label: str) -> bool:
         """True when a device label (an AE title, a station name: ``STMARYS_CT1``,
@@ -495,7 +541,8 @@ class Identity:
         return False
 
     def _short_dates(self, text: str) -> list[tuple[int, int]]:
-        """Where ``text`` has the birth date written short (``4/3/81``), as a whole token."""
+        """Where ``text`` has the birth date or an event date written with a two-digit year
+        (``4/3/81``, ``24/06/11``), as a whole token."""
         if not self.dates or not any(c.isdigit() for c in text):
             return []
         return [m.span() for m in _SHORT_DATE.finditer(text) if m.group() in self.dates]
@@ -528,7 +575,51 @@ class Identity:
             return True
         if self._short_dates(text):
             return True
+        if self.bounded and self._bounded_in(text):
+            return True
         return self._cjk_in(text)
+
+    def holds_date(self, text: str) -> bool:
+        """True when ``text`` has the birth date or an event date written with a two-digit
+        year, as a whole token or word (``11/06/24``, ``SP_110624``)."""
+        if not any(c.isdigit() for c in text):
+            return False
+        return bool(self._short_dates(text)) or any(
+            w in self.compact for w in _WORDS.split(text) if len(w) == 6)
+
+    def _bounded_in(self, text: str) -> bool:
+        """True when ``text`` has one of the :attr:`bounded` identifiers, as whole words."""
+        spaced = f" {' '.join(normalise(w) for w in _WORDS.split(text) if w)} "
+        return any(f" {phrase} " in spaced for phrase in self.bounded)
+
+    def without_phones(self, text: str) -> str:
+        """``text`` with each of the phone numbers in it replaced by ``*`` as a whole (see
+        :meth:`_phone_spans`)."""
+        if not self.phones or not _DIGIT_RUN.search(text):
+            return text
+        spans = self._phone_spans(text)
+        return _replaced(text, spans) if spans else text
+
+    def _phone_spans(self, text: str) -> list[tuple[int, int]]:
+        """Where ``text`` has one of the phone numbers, however spaced, with the trunk 0
+        written before it (``0113 496 0123``, ``(0)113``) and, written in international form
+        (``+44 113 496 0123``, ``0044 113 ...``, ``+441134960123``), its country code."""
+        spans = []
+        for match in _PHONE_LIKE.finditer(text):
+            piece = match.group()
+            at = [match.start() + i for i, c in enumerate(piece) if c.isdigit()]
+            digits = "".join(c for c in piece if c.isdigit())
+            international = piece.startswith(("+", "00"))
+            for number in self.phones:
+                found = digits.find(number)
+                while found >= 0:
+                    first = found - 1 if found and digits[found - 1] == "0" else found
+                    if first and international and first <= 6:
+                        spans.append((match.start(), at[found + len(number) - 1] + 1))
+                    else:
+                        spans.append((at[first], at[found + len(number) - 1] + 1))
+                    found = digits.find(number, found + 1)
+        return spans
 
     def clean(self, text: str) -> str:
         """``text`` with every identifier (as a whole word, any case; a CJK name wherever it
@@ -537,6 +628,7 @@ class Identity:
         still carry one."""
         if not text:
             return text
+        text = self.without_phones(text)
         if _DIGIT_RUN.search(text) and self._holds_phrase(normalise(text)):
             # an identifier written in pieces (``LS6 2AB``, ``496 0123``) goes as a whole
             # before its pieces are looked at one by one (``496`` would stay)
@@ -643,6 +735,12 @@ class Identity:
             at = [i for i, w in enumerate(words) for _ in range(len(w) + 1)]
             for start, end in self._short_dates(spaced):
                 hits.update(at[start:end])
+        # logins and IDs of several words ("Fetus A"), as whole words in that order
+        for phrase in self.bounded:
+            parts = phrase.split()
+            for i in range(len(norms) - len(parts) + 1):
+                if norms[i:i + len(parts)] == parts:
+                    hits.update(range(i, i + len(parts)))
         # identifiers spread over several words ("943 476 5919", "04 / 03 / 1981")
         line = "".join(norms)
         owner = [i for i, n in enumerate(norms) for _ in n]
@@ -685,18 +783,60 @@ class _Collector:
         self.places: set[str] = set()
         self.acronyms: set[str] = set()
         self.short_places: set[str] = set()
+        self.phones: set[str] = set()
+        self.bounded: set[str] = set()
+        self.compact: set[str] = set()
 
     def identifier(self, value: Any) -> None:
         """A login or an ID (a report's Subject ID, Person ID, accession number): the whole
         of it, as one phrase (its words, ``Fetus`` of ``Fetus A``, are no identifier), and
-        its digits; nothing when it has two letters or digits or fewer (a label, ``F1``)."""
+        its digits; nothing when it has two letters or digits or fewer (a label, ``F1``).
+        One of several words with a word of letters (``Fetus A``, ``Twin B``, ``STF-88213``)
+        counts as whole words only (not in ``Fetus Anatomy``): written with one space,
+        hyphen, underscore or none between them."""
         text = str(value or "").strip()
         if sum(c.isalnum() for c in text) <= 2:
             return
         norm = normalise(text)
         self.raw.add(text)
-        (self.phrases if len(norm) >= 4 else self.words).add(norm)
+        pieces = [normalise(p) for p in _ALNUM_RUN.findall(text)]
+        if len(pieces) > 1 and any(p.isalpha() for p in pieces):
+            self.bounded.add(" ".join(pieces))
+            self.words.add(norm)
+            self.raw.update(joiner.join(_ALNUM_RUN.findall(text)) for joiner in " -_")
+        else:
+            (self.phrases if len(norm) >= 4 else self.words).add(norm)
         self._digits(text)
+
+    def phone(self, value: Any) -> None:
+        """A phone number (or several, in one value): the national significant number of
+        each (seven digits or more, without its trunk 0; of one written with a country code,
+        ``+44 113 ...``, ``0044 113 ...``, the number after a country code of one to three
+        digits), besides what :meth:`text` takes of it."""
+        for match in _PHONE_LIKE.finditer(str(value or "")):
+            piece = match.group()
+            digits = "".join(c for c in piece if c.isdigit())
+            numbers = {digits.lstrip("0")}
+            if piece.startswith(("+", "00")):
+                numbers |= {digits.lstrip("0")[size:].lstrip("0") for size in (1, 2, 3)}
+            numbers = {n for n in numbers if len(n) >= 7}
+            self.phones |= numbers
+            self.phrases |= numbers  # found in any text, whatever is written before them
+
+    def event_date(self, value: Any) -> None:
+        """A date of the patient's study or its parts (DA, or a DT's date part): written with
+        a two-digit year, as a whole token (``11/06/24``, ``24/06/11``), and its six digits
+        (day, month, year; month, day, year; year, month, day) as a whole word of a label
+        (``SP_110624``)."""
+        text = str(value or "").strip()
+        forms = short_date_forms(text)
+        self.dates |= forms
+        if forms:
+            yy, mm, dd = text[2:4], text[4:6], text[6:8]
+            compact = {dd + mm + yy, mm + dd + yy, yy + mm + dd}
+            self.words |= compact
+            self.raw |= compact
+            self.compact |= compact
 
     def place(self, value: Any, initials: bool = True) -> None:
         """An institution's or department's name, as labels and descriptions write it: each
@@ -885,6 +1025,7 @@ class _Collector:
             if len(norm) >= 6:  # short ones (4381) only as whole tokens, never inside others
                 self.raw.add(form)
                 self.phrases.add(norm)
+        self.dates |= short_date_forms(text)  # also year first: 81/03/04
 
 
 _DIGIT_CHARACTERS = "0123456789"
@@ -981,7 +1122,8 @@ def _identity(found: _Collector) -> Identity:
     phrases = tuple(sorted(found.phrases, key=len, reverse=True))
     return Identity(frozenset(found.words), phrases, raw, frozenset(found.cjk),
                     frozenset(found.dates), frozenset(found.places), frozenset(found.acronyms),
-                    frozenset(found.short_places))
+                    frozenset(found.short_places), frozenset(found.phones),
+                    frozenset(found.bounded), frozenset(found.compact))
 
 
 def identities_of(ds: Dataset, keep_institution: bool = False,
@@ -998,6 +1140,10 @@ def identities_of(ds: Dataset, keep_institution: bool = False,
     for v in values_of(_text_value(ds, BaseTag(0x00100030), "DA")):
         found.birth_date(v)
         patient.birth_date(v)
+    for tag in _EVENT_DATES:
+        if tag not in retained:
+            for v in values_of(_text_value(ds, tag, "DA")):
+                found.event_date(v)
     return _identity(found), _identity(patient)
 
 
@@ -1076,6 +1222,10 @@ def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
                     found.place(v, initials=keyword != "InstitutionalDepartmentName")
                 if patient is not None and keyword in _PATIENT_TEXT:
                     patient.text(v)
+                if any(word in keyword for word in _PHONE_WORDS):
+                    found.phone(v)
+                    if patient is not None and keyword in _PATIENT_TEXT:
+                        patient.phone(v)
         elif tag == _TEXT_VALUE and depth and (
                 kind := _names_in_report(ds, keep_institution, fetal)):
             for v in values_of(_text_value(ds, tag, vr)):

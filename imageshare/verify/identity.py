@@ -20,9 +20,12 @@ initial run into it as a login (``jsmith``, ``SMITHJ``), as a whole word. Titles
 in a name's prefix and suffix components (Mr, Dr, Jr) are no part of the name. The source's
 dates (birth date, and the dates of the study and its parts unless the profile keeps dates) are
 read out of text however they are written (``15.03.2024``, ``20240315``, ``4th March 1981``,
-``Mar 15, 2021``; the birth date's month and year too, and the birth date written short as a
-whole token: ``4/3/81``, ``3.4.81``). Text is also read with its markup escapes undone (HTML
-entities, RTF ``\\'fc`` and ``\\u252?``, quoted-printable ``=FC``).
+``Mar 15, 2021``; the birth date's month and year too, and these dates written with a
+two-digit year as a whole token: ``4/3/81``, ``3.4.81``, ``81/03/04``, ``11/06/24``). A phone
+number counts by its national significant number too (``113 496 0123`` of ``0113 496 0123``
+or of ``+44 113 496 0123``). A login or ID of several words from a report (``Fetus A``) counts
+as whole words only (not in ``Fetus Anatomy``). Text is also read with its markup escapes
+undone (HTML entities, RTF ``\\'fc`` and ``\\u252?``, quoted-printable ``=FC``).
 """
 
 from __future__ import annotations
@@ -132,6 +135,9 @@ _SEPARATORS = set("^=,;:/\\()[]{}<>\"'`| \t\r\n.-_+*#@&")
 # its initials leave out.
 _ALNUM_PIECES = re.compile(r"[^\W_]+")
 _DIGIT_PIECES = re.compile(r"\d+")
+# A phone number as written: an optional ``+``, digits with spaces, brackets, dots or hyphens
+# between them (``+44 (0)113 496-0123``); bounded.
+_PHONE_RUN = re.compile(r"\+?[\d(][\d ().\-]{4,40}")
 _PLACE_SPLIT = re.compile(r"[\s,;:/\\()\[\]{}<>\"`|&+_.\-^=]+")
 _LINKING = {"AND", "OF", "THE", "FOR", "DE", "LA", "DER", "DI", "DU"}
 # Single-byte code pages text is typed in at modalities and RIS terminals, whatever the file
@@ -333,8 +339,9 @@ def unescape(text: str) -> str:
 def short_dates(text: str) -> Iterator[tuple[int, int, int]]:
     """Every (year, month, day) written short as a whole token in ``text``: day and month of
     one or two digits and a two-digit year, one separator (``/``, ``.`` or ``-``) used twice
-    (``4/3/81``: both readings, 4 March and 3 April, of 1981 and of 2081); not part of a
-    longer number or version (``1.4.3.81``). One pass over the text."""
+    (``4/3/81``: both readings, 4 March and 3 April, of 1981 and of 2081; ``81/03/04``, two
+    digits first: also 4 March 1981); not part of a longer number or version
+    (``1.4.3.81``). One pass over the text."""
     size = len(text)
     at = 0
     while at < size:
@@ -352,6 +359,17 @@ def short_dates(text: str) -> Iterator[tuple[int, int, int]]:
         at = max(end, at + 1)
 
 
+def compact_dates(word: str) -> Iterator[tuple[int, int, int]]:
+    """The (year, month, day) six digits (``110624``) may be: day, month, year; month, day,
+    year; year, month, day (two-digit years of 1900 and of 2000)."""
+    a, b, c = int(word[:2]), int(word[2:4]), int(word[4:6])
+    for century in (1900, 2000):
+        for year, month, day in ((c, b, a), (c, a, b), (a, b, c)):
+            found = _day(century + year, month, day)
+            if found:
+                yield found
+
+
 def _short_date(token: str) -> Iterator[tuple[int, int, int]]:
     """The dates ``4/3/81`` (one token, one separator) may be."""
     separators = {c for c in token if not c.isdigit()}
@@ -362,9 +380,13 @@ def _short_date(token: str) -> Iterator[tuple[int, int, int]]:
                                and len(parts[2]) == 2):
         return
     first, second, year = int(parts[0]), int(parts[1]), int(parts[2])
-    for full in (1900 + year, 2000 + year):
+    for century in (1900, 2000):
         for month, day in ((second, first), (first, second)):
-            found = _day(full, month, day)
+            found = _day(century + year, month, day)
+            if found:
+                yield found
+        if len(parts[0]) == 2:  # year, month, day
+            found = _day(century + first, second, year)
             if found:
                 yield found
 
@@ -528,6 +550,9 @@ class SourceIdentity:
     initials: dict[str, str] = field(default_factory=dict)
     # single words of four or five letters (``CARE``): a whole piece of a label only
     place_words: dict[str, str] = field(default_factory=dict)
+    # logins and IDs of several words from a report (``Fetus A``): their normalised words
+    # joined by one space, found as whole words only
+    bounded: dict[str, str] = field(default_factory=dict)
     _software: set[str] = field(default_factory=set)  # implementation UIDs: not identifying
     _indexes: dict[tuple[int, bool], tuple[dict[str, str], list[tuple[str, str]]]] = field(
         default_factory=dict)
@@ -565,6 +590,8 @@ class SourceIdentity:
             self.initials.setdefault(letters, kind)
         for word, kind in other.place_words.items():
             self.place_words.setdefault(word, kind)
+        for phrase, kind in other.bounded.items():
+            self.bounded.setdefault(phrase, kind)
 
     def add(self, ds: Dataset) -> None:
         """Add what ``ds`` says about who and where it is."""
@@ -761,6 +788,38 @@ class SourceIdentity:
                 if len(run) >= 5:
                     self._token(kind, run)
 
+    def _report_identifier(self, kind: str, value: Any) -> None:
+        """A login or ID from a report, as a whole value (``Fetus A``: not ``Fetus`` alone).
+        One of several words, one of them of letters (``Fetus A``, ``Twin B``), counts as
+        those words in that order, whole (not in ``Fetus Anatomy``), or run together."""
+        text = str(value or "").strip()
+        pieces = words_of(text)
+        if len(pieces) > 1 and any(p.isalpha() for p in pieces):
+            self.bounded.setdefault(" ".join(pieces), kind)
+            self._token(kind, "".join(pieces), whole_word=True)
+            digits = "".join(c for c in text if c.isdigit())
+            if len(digits) >= 6:
+                self._token(kind, digits)
+            return
+        self._text(kind, text, words=False)
+
+    def _phone(self, kind: str, value: Any) -> None:
+        """A phone number: besides what :meth:`_text` takes, its national significant number
+        (seven digits or more) without the trunk 0 or, written with a country code
+        (``+44 113 ...``, ``0044 113 ...``), without a country code of one to three digits,
+        and with the trunk 0 before it."""
+        text = str(value or "")
+        self._text(kind, text)
+        for piece in _PHONE_RUN.findall(text):
+            digits = "".join(c for c in piece if c.isdigit()).lstrip("0")
+            numbers = {digits}
+            if piece.startswith(("+", "00")):
+                numbers |= {digits[size:].lstrip("0") for size in (1, 2, 3)}
+            for number in numbers:
+                if len(number) >= 7:
+                    self._token(kind, number)
+                    self._token(kind, "0" + number)
+
     def _runs(self, kind: str, text: str) -> None:
         """Two to four consecutive short pieces of ``text`` (four characters or fewer, each
         too short to count alone) run together, when they hold a digit and six characters or
@@ -862,7 +921,7 @@ class SourceIdentity:
                         self._text(kind, v)
                         self._place(kind, v)
                     elif sum(c.isalnum() for c in str(v or "")) > 2:  # not a label ("F1")
-                        self._text(kind, v, words=False)  # "Fetus A": not "Fetus" alone
+                        self._report_identifier(kind, v)
                 continue
             if not _worth_reading(vr, keyword, context):
                 continue
@@ -926,7 +985,7 @@ class SourceIdentity:
                 self._text("address", v)
         elif "Telephone" in keyword or "Telecom" in keyword:
             for v in _values(value):
-                self._text("phone number", v)
+                self._phone("phone number", v)
         elif keyword in _INSTITUTIONS:
             if KEEP_INSTITUTION not in self.keep:
                 for v in _values(value):
@@ -984,7 +1043,13 @@ class SourceIdentity:
                 kind = self.dates.get(day)
                 if kind and (not coded or kind in _CS_KINDS):
                     found.append(kind)
-            found += self._short_birth_dates(text)
+            found += self._short_dates(text)
+            found += [kind for word in written if len(word) == 6 and word.isdigit()
+                      for day in compact_dates(word) if (kind := self.dates.get(day))]
+        if self.bounded:
+            spaced = f" {' '.join(written)} "
+            found += [kind for phrase, kind in self.bounded.items()
+                      if f" {phrase} " in spaced and (not coded or kind in _CS_KINDS)]
         return found
 
     def in_label(self, text: str) -> list[str]:
@@ -1032,6 +1097,11 @@ class SourceIdentity:
         """The birth date written short as a whole token (``4/3/81``, ``3.4.81``)."""
         return ["birth date" for day in short_dates(text)
                 if self.dates.get(day) == "birth date"]
+
+    def _short_dates(self, text: str) -> list[str]:
+        """The source's dates (the birth date, and the event dates unless kept) written with
+        a two-digit year as a whole token (``4/3/81``, ``11.06.24``, ``24/06/11``)."""
+        return [kind for day in short_dates(text) if (kind := self.dates.get(day))]
 
     def _common_names(self, text: str, coded: bool) -> list[str]:
         """Name parts that are common words (WARD, LANE), where written as a name:
@@ -1107,6 +1177,9 @@ class SourceIdentity:
             found += [kind for name, kind in self.cjk.items() if name in form]
         if self.dates:
             found += self._short_birth_dates(" ".join(words))
+        if self.bounded:
+            spaced = f" {' '.join(norms)} "
+            found += [kind for phrase, kind in self.bounded.items() if f" {phrase} " in spaced]
         for token in self.tokens.values():
             if len(token.norm) < 5:
                 if token.norm in present:
