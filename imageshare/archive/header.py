@@ -29,6 +29,7 @@ PATIENT_KEYWORDS = (
     "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
     "PatientBirthDate", "PatientBirthTime", "PatientSex", "OtherPatientIDsSequence",
     "OtherPatientNames", "EthnicGroup", "PatientComments", "SpecificCharacterSet",
+    "ReferencedPatientSequence",
 )
 STUDY_KEYWORDS = (
     "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber",
@@ -36,6 +37,7 @@ STUDY_KEYWORDS = (
     "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "AdmittingDiagnosesDescription",
     "PatientAge", "PatientSize", "PatientWeight", "AdditionalPatientHistory",
     "ProcedureCodeSequence", "TimezoneOffsetFromUTC", "InstitutionName",
+    "ReferencedStudySequence", "Occupation",
 )
 SERIES_KEYWORDS = (
     "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "SeriesDate",
