@@ -180,10 +180,25 @@ class RunningServer:
             try:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:
+                self._dump_stacks()
                 self.kill()
-                log = self.log_path.read_text()[-2000:] if self.log_path else ""
+                log = self.log_path.read_text()[-12000:] if self.log_path else ""
                 raise AssertionError("the server did not stop within 15 s of SIGTERM; it was "
-                                     "killed. Its log ends:\n" + log) from None
+                                     "killed. Its log (with every thread's stack, SIGUSR1) "
+                                     "ends:\n" + log) from None
+
+    def _dump_stacks(self) -> None:
+        """Ask the server and its worker processes for every thread's stack (SIGUSR1, which
+        ``imageshare serve`` answers in its log), to show where a stop hangs."""
+        assert self.process is not None
+        children = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True,
+                                  text=True, check=False).stdout.split()
+        for pid in (self.process.pid, *(int(c) for c in children)):
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except OSError:
+                pass
+        time.sleep(1.0)
 
     def admin_token(self) -> str:
         """An API token of ``admin`` made on the command line (an administrator without a
