@@ -160,6 +160,13 @@ class Archive:
     submissions: FormSubmissions
     fhir_pages: PageSeal
 
+    def stop_jobs(self, grace: float) -> None:
+        """Stop this process's background work: running transfers stop between instances
+        (resumed on the next start, never waiting out a pause between attempts), other jobs
+        get ``grace`` seconds and are then handed back to the queue."""
+        self.transfers.close()
+        self.jobs.close(grace)
+
     def close(self) -> None:
         """Finish pending index writes and release the database."""
         self.jobs.close()
@@ -875,7 +882,7 @@ def run_worker(settings: Settings, dicom: bool, sock: socket.socket | None, coun
                 draining.start()
             draining.join()
         if sock is not None:
-            archive.jobs.close(grace)
+            archive.stop_jobs(grace)
         archive.close()
 
 
@@ -1043,10 +1050,9 @@ def serve(settings: Settings) -> None:
         staging_sweep.set()
         if atna is not None:
             atna.stop()
-        archive.transfers.close()
         if draining.ident is None:
             draining.start()
-        archive.jobs.close(grace)
+        archive.stop_jobs(grace)
         draining.join()
         archive.close()
         log.info("ImageShare stopped")

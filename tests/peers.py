@@ -191,9 +191,13 @@ class RunningServer:
         """Ask the server and its worker processes for every thread's stack (SIGUSR1, which
         ``imageshare serve`` answers in its log), to show where a stop hangs."""
         assert self.process is not None
-        children = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True,
-                                  text=True, check=False).stdout.split()
-        for pid in (self.process.pid, *(int(c) for c in children)):
+        family, parents = [self.process.pid], [self.process.pid]
+        while parents:  # the workers are the children of the server's forkserver
+            parents = [int(c) for p in parents for c in subprocess.run(
+                ["pgrep", "-P", str(p)], capture_output=True, text=True,
+                check=False).stdout.split()]
+            family += parents
+        for pid in family:
             try:
                 os.kill(pid, signal.SIGUSR1)
             except OSError:

@@ -200,3 +200,43 @@ def test_a_closed_terminal_sighup_to_every_process_drains_and_stops_them_all(tmp
     while any(_running(pid) for pid in others):
         assert time.monotonic() < deadline, "a process outlived the server"
         time.sleep(0.1)
+
+
+def test_sigterm_stops_transfers_retrying_in_every_http_process_at_once(tmp_path):
+    """Transfers to a site that never answers wait between attempts (2, 10, 30 s). Only the
+    first process stopped them on SIGTERM: a second HTTP process running one waited its
+    whole grace for it (20 s here), so a stop took longer than systemd's patience. Every
+    process now stops them between instances (they are resumed on the next start)."""
+    import socket
+
+    server = RunningServer(tmp_path / "data", extra_env={
+        "IMAGESHARE_HTTP_PROCESSES": "2", "IMAGESHARE_DICOM_PROCESSES": "1",
+        "IMAGESHARE_JOB_WORKERS": "1", "IMAGESHARE_SHUTDOWN_GRACE_SECONDS": "20"}).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    studies = []
+    for number in range(2):
+        [path] = ct_series(tmp_path / f"ct{number}", count=1, patient_id=f"TX{number}")
+        studies.append(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+    server.cli("import", "--quiet", str(tmp_path / "ct0"), str(tmp_path / "ct1"))
+    server.cli("node", "add", "NOWHERE", "--host", "127.0.0.1", "--port", str(closed),
+               "--name", "Nowhere hospital", "--no-query", "--no-store")
+    try:
+        # two transfers and one job slot in each of the two processes: both run one
+        with server.http() as http:
+            for uid in studies:
+                sent = http.post("/api/exchange/push", json={"site": "NOWHERE",
+                                                              "study_uid": uid})
+                assert sent.status_code == 202, sent.text
+        deadline = time.monotonic() + 60
+        while server.log_path.read_text().count("Association request failed") < 4:
+            assert time.monotonic() < deadline, server.log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        begun = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(40) == 0
+        took = time.monotonic() - begun
+        assert took < 8, f"a retrying transfer held the stop back {took:.1f} s"
+    finally:
+        server.stop()
