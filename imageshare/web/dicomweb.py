@@ -1123,8 +1123,10 @@ def _all_bulk_data(request: Request, actor: Actor, study: str, series: str | Non
     """The Study, Series or Instance Bulkdata resource: multipart/related, a part for each
     bulk data value of each instance, in the order of the instances and of their metadata.
     For those who may download the instances (with the metadata they make them again).
-    Every representation is settled before the first byte is sent; no value at all is 200
-    with an empty payload (as a search with no match)."""
+    Every representation is settled, and the first value made, before the first byte is
+    sent (what cannot be answered is refused with its status); a later value that cannot be
+    made (damaged pixel data) is left out rather than cutting the body off. No value at all
+    is 200 with an empty payload (as a search with no match)."""
     _check_bulk_parts(request)
     found = _select(request, actor, "study.retrieve", study, series, instance, right=DOWNLOAD)
     base = _base(request)
@@ -1141,14 +1143,31 @@ def _all_bulk_data(request: Request, actor: Actor, study: str, series: str | Non
     if not any(paths for _inst, _url, paths in plan):
         return Response(b"", media_type=media_type)
 
+    def value(inst: StoredInstance, url: str, path: str) -> list[Part]:
+        """The parts of one value, made whole before any of it is sent."""
+        location = _bulkdata_url(url, path)
+        if path == PIXEL_DATA:
+            return list(_pixel_bulk_parts(request, inst, location))
+        return [(OCTET_STREAM, retrieve.bulk_data(inst, path)[1], location)]
+
+    wanted = [(inst, url, path) for inst, url, paths in plan for path in paths]
+    # The first value is made before the answer starts: one that cannot be sent (pixels that
+    # do not decode, a decoder busy, a file gone) is still answered with its status.
+    first = value(*wanted[0])
+
     def parts() -> Iterator[Part]:
-        for inst, url, paths in plan:
-            for path in paths:
-                location = _bulkdata_url(url, path)
-                if path == PIXEL_DATA:
-                    yield from _pixel_bulk_parts(request, inst, location)
-                else:
-                    yield OCTET_STREAM, retrieve.bulk_data(inst, path)[1], location
+        yield from first
+        for inst, url, path in wanted[1:]:
+            try:
+                made = value(inst, url, path)
+            except Exception as exc:  # noqa: BLE001 - the body has started: left out, not cut
+                # Once the answer has started it can only go on or be cut off: the value is
+                # left out (as the metadata of an unreadable file leaves it out) and the
+                # body stays whole; its BulkDataURI is then the one without a part.
+                log.warning("instance %s: bulk data value %s left out of the answer (%s)",
+                            inst.sop_uid, path, type(exc).__name__)
+                continue
+            yield from made
 
     return StreamingResponse(part_stream(boundary, parts()), media_type=media_type)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -199,6 +200,48 @@ class TransportSecurity:
         await self.app(scope, receive, with_hsts)
 
 
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+class RelativeRedirects:
+    """A redirect the framework makes itself (``/dicomweb/studies/`` to the path without its
+    slash) names this server by the request's Host header: a forged Host (``evil.example``)
+    went into its Location, and a shared cache could send other users there. Such a Location
+    (absolute, at the request's own Host) is sent as a path instead (RFC 9110 10.2.2 allows a
+    relative reference); one naming another address is left as it is."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The ASGI entry point."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = next((v for k, v in scope.get("headers", ()) if k == b"host"), b"")
+
+        async def relative(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and message["status"] in _REDIRECTS:
+                message = {**message, "headers": [
+                    (k, _own_location(v, host) if k.lower() == b"location" else v)
+                    for k, v in message.get("headers", [])]}
+            await send(message)
+
+        await self.app(scope, receive, relative)
+
+
+def _own_location(location: bytes, host: bytes) -> bytes:
+    """``location`` as a path (with its query) when it names ``host`` (the request's own
+    Host, however it was written), else unchanged."""
+    parts = urlsplit(location.decode("latin-1"))
+    if not parts.scheme or parts.netloc.lower() != host.decode("latin-1").lower():
+        return location
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if path.startswith("//"):  # would read as another host
+        path = "/" + path.lstrip("/")
+    return path.encode("latin-1")
+
+
 def create_app(archive: Archive) -> FastAPI:
     """The web application serving ``archive``."""
     app = FastAPI(
@@ -227,6 +270,7 @@ def create_app(archive: Archive) -> FastAPI:
     origins = [o.strip() for o in archive.settings.cors_origins.split(",") if o.strip()]
     if origins:
         app.add_middleware(DicomwebCors, origins=origins)
+    app.add_middleware(RelativeRedirects)
     app.add_middleware(TransportSecurity)  # outermost: CORS preflights get HSTS too
 
     @app.get("/healthz", tags=["health"], summary="Liveness and readiness")

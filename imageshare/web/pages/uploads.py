@@ -574,12 +574,19 @@ _FIELDS = ("patient_name", "hospital_number", "birth_date", "nhs_number", "issue
 
 # What separates the parts of a DICOM person name: typed inside one part, it would move
 # the rest of the name into another.
-_NAME_DELIMITERS = str.maketrans({"^": " ", "=": " ", "\\": " "})
+# Bidirectional embedding, override and isolate controls go too: invisible, they only
+# reorder how the name shows on every page and list (U+202E shows "Smith" for "htimS").
+_NAME_DELIMITERS = str.maketrans({"^": " ", "=": " ", "\\": " ",
+                                  **dict.fromkeys([*range(0x202A, 0x202F),
+                                                   *range(0x2066, 0x206A)])})
 
 
 def _person_name(family: str, given: str) -> str:
-    """The DICOM person name (``Family^Given``) of a family and a given name as typed."""
-    family, given = (" ".join(p.translate(_NAME_DELIMITERS).split())[:64]
+    """The DICOM person name (``Family^Given``) of a family and a given name as typed. A
+    name longer than a person name holds is kept whole (up to the 400 characters of any
+    form field), for the invitation or import to refuse it with the reason: cut to fit, it
+    would be filed silently under another name."""
+    family, given = (" ".join(p.translate(_NAME_DELIMITERS).split())[:400]
                      for p in (family, given))
     return f"{family}^{given}" if given else family
 
