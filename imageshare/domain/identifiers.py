@@ -47,3 +47,21 @@ def normalise_name(value: str | None) -> str:
     decomposed = unicodedata.normalize("NFKD", value)
     stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
     return re.sub(r"\s+", " ", stripped).strip().upper()
+
+
+# What separates the parts of a DICOM person name (typed inside one part, it would move the
+# rest of the name into another), and the invisible controls that make a name read as another
+# (right-to-left overrides and isolates): each typed one is a space, or nothing.
+_TYPED_NAME = str.maketrans({"^": " ", "=": " ", "\\": " ",
+                             **dict.fromkeys([*range(0x202A, 0x202F), *range(0x2066, 0x206A)])})
+
+
+def typed_person_name(family: str, given: str, most: int = 400) -> str:
+    """The DICOM person name (``Family^Given``) of a family and a given name as a person
+    typed them in two fields. A name longer than a person name holds is kept whole (up to
+    ``most`` characters), for the caller's check to refuse it with the reason: cut to fit,
+    it would name someone else."""
+    family, given = (" ".join(p.translate(_TYPED_NAME).split())[:most]
+                     for p in (family, given))
+    return f"{family}^{given}" if given else family
+

@@ -434,6 +434,7 @@ class _Forms(HTMLParser):
 
 
 PATIENT_FIELDS = {"q", "nhs", "nhs_number", "name", "dob", "birth_date", "hospital_number",
+                  "family_name", "given_name",
                   "patient_id", "family", "given"}
 
 

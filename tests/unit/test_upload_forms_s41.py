@@ -70,3 +70,24 @@ def test_the_import_form_of_a_study_shows_its_patient_s_names_apart(tmp_path) ->
     finally:
         clerk.close()
         archive.close()
+
+
+def test_the_search_at_other_hospitals_takes_the_names_apart_too(tmp_path) -> None:
+    archive, clerk = _clerk(tmp_path)
+    try:
+        [path] = ct_series(tmp_path / "ct", count=1, patient_id="H300",
+                           patient_name="Lovelace^Ada", PatientBirthDate="19151210")
+        archive.ingest.store_copy(path, cli_actor())
+        form = clerk.get("/exchange", headers=HTML)
+        assert 'name="family_name"' in form.text and "FAMILY^Given" not in form.text
+        found = clerk.post("/exchange", headers=HTML, data={
+            "csrf_token": csrf_of(form.text), "family_name": "Lovelace",
+            "given_name": "Ada", "dob": "1915-12-10"})
+        assert found.status_code == 200, found.text[-500:]
+        study = dcmread(path, stop_before_pixels=True).StudyInstanceUID
+        assert f'href="/studies/{study}"' in found.text
+        assert 'name="family_name" value="Lovelace"' in found.text
+        assert 'name="given_name" value="Ada"' in found.text
+    finally:
+        clerk.close()
+        archive.close()

@@ -14,6 +14,7 @@ from imageshare.archive.viewing import viewer_manifest
 from imageshare.audit.trail import AuditEvent
 from imageshare.domain.actors import Actor
 from imageshare.domain.errors import ImageShareError, NotFound
+from imageshare.domain.identifiers import typed_person_name
 from imageshare.exchange.nodes import Node
 from imageshare.web.auth import PRIVATE_HEADERS, allowed
 from imageshare.web.deps import Archive, ArchiveDep
@@ -39,8 +40,12 @@ def exchange_form(request: Request, actor: allowed(EXCHANGE)) -> Response:
 async def exchange(request: Request, archive: ArchiveDep, actor: allowed(EXCHANGE),
                    nhs: Annotated[str, Form()] = "", hospital_number: Annotated[str, Form()] = "",
                    name: Annotated[str, Form()] = "", dob: Annotated[str, Form()] = "",
-                   ) -> Response:
-    """Search this archive and every connected site for a patient's studies."""
+                   family_name: Annotated[str, Form()] = "",
+                   given_name: Annotated[str, Form()] = "") -> Response:
+    """Search this archive and every connected site for a patient's studies (the name as
+    typed in its two fields, or as a DICOM ``name``)."""
+    if family_name.strip() or given_name.strip():
+        name = typed_person_name(family_name, given_name, 200)
     form = {"nhs": nhs[:32], "hospital_number": hospital_number[:64], "name": name[:200],
             "dob": dob[:10]}
     if not any(form.values()):

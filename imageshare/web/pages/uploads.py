@@ -41,6 +41,7 @@ from imageshare.domain.errors import (
     UnsupportedMediaType,
     UploadOffsetMismatch,
 )
+from imageshare.domain.identifiers import typed_person_name
 from imageshare.sharing.links import NewShare
 from imageshare.storage.files import owned_prefix
 from imageshare.uploads.invitations import Invitation, UploadRequest
@@ -572,25 +573,6 @@ _FIELDS = ("patient_name", "hospital_number", "birth_date", "nhs_number", "issue
            "reference", "expected_modality", "expected_body_part", "days", "max_mb")
 
 
-# What separates the parts of a DICOM person name: typed inside one part, it would move
-# the rest of the name into another.
-# Bidirectional embedding, override and isolate controls go too: invisible, they only
-# reorder how the name shows on every page and list (U+202E shows "Smith" for "htimS").
-_NAME_DELIMITERS = str.maketrans({"^": " ", "=": " ", "\\": " ",
-                                  **dict.fromkeys([*range(0x202A, 0x202F),
-                                                   *range(0x2066, 0x206A)])})
-
-
-def _person_name(family: str, given: str) -> str:
-    """The DICOM person name (``Family^Given``) of a family and a given name as typed. A
-    name longer than a person name holds is kept whole (up to the 400 characters of any
-    form field), for the invitation or import to refuse it with the reason: cut to fit, it
-    would be filed silently under another name."""
-    family, given = (" ".join(p.translate(_NAME_DELIMITERS).split())[:400]
-                     for p in (family, given))
-    return f"{family}^{given}" if given else family
-
-
 async def _form(request: Request) -> dict[str, str]:
     """The invitation or import form: the patient's name as typed in its two fields
     (``family_name``, ``given_name``), or, from programs, as a DICOM ``patient_name``."""
@@ -598,7 +580,7 @@ async def _form(request: Request) -> dict[str, str]:
     values = {k: str(form.get(k, ""))[:400] for k in _FIELDS}
     family, given = (str(form.get(k, "")) for k in ("family_name", "given_name"))
     if family.strip() or given.strip():
-        values["patient_name"] = _person_name(family, given)
+        values["patient_name"] = typed_person_name(family, given)
     return values
 
 
