@@ -142,8 +142,29 @@ IDENTIFYING_CONCEPTS: Mapping[tuple[str, str], tuple[str, str | None]] = Mapping
     ("DCM", "121193"): (REPORT_DEVICE, _DEVICE),  # Device Subject Name
     ("DCM", "121196"): (REPORT_DEVICE, _DEVICE),  # Device Subject Serial Number
 })
-# TID 1008 Subject Context, Fetus: a Subject ID among these (the subject class Fetus, or a
-# fetus number) is the fetus's label ("Fetus A", "Twin 2"), which tells the fetuses of one
-# report apart and names no one: kept (cleaned of identifiers as other text is).
+# TID 1008 Subject Context, Fetus: a Subject ID among these (the subject class Fetus, a
+# fetus number, the other rows of TID 1008: Mother of fetus, Number of Fetuses) is the
+# fetus's label ("Fetus A", "Twin 2"), which tells the fetuses of one report apart and names
+# no one: kept (cleaned of identifiers as other text is).
 SUBJECT_ID = ("DCM", "121030")
-FETUS_CONTEXT = frozenset({("DCM", "121037"), ("DCM", "121026")})  # Fetus Number, Fetus
+FETUS_CONTEXT = frozenset({
+    ("DCM", "121037"),  # Fetus Number
+    ("DCM", "121026"),  # Fetus (Subject Class)
+    ("DCM", "121036"),  # Mother of fetus
+    ("DCM", "121038"),  # Number of Fetuses
+    ("LN", "11878-6"),  # Number of Fetuses by US
+})
+# Sections of an OB-GYN or fetal echo report (TID 5000, 5220) that are about one fetus: the
+# Subject Context, Fetus (TID 1008) they include may be its Subject ID alone ("Fetus A", as
+# ultrasound machines write it), which is that fetus's label.
+FETAL_SECTIONS = frozenset(("DCM", code) for code in (
+    "125001",  # Fetal Biometry Ratios
+    "125002",  # Fetal Biometry
+    "125003",  # Fetal Long Bones
+    "125004",  # Fetal Cranium
+    "125006",  # Biophysical Profile
+    "125008",  # Fetus Summary
+    "125009",  # Early Gestation
+    "125015",  # Fetus Characteristics
+    "125016",  # Fetal Measurements
+))

@@ -58,6 +58,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
 from imageshare.deid.codes import (
     DUMMY_CODE,
+    FETAL_SECTIONS,
     FETUS_CONTEXT,
     IDENTIFYING_CONCEPTS,
     SUBJECT_ID,
@@ -190,6 +191,7 @@ _MODALITY_TAGS = frozenset({0x00080060, 0x00080061})
 BIRTH_DATE_CONCEPTS = frozenset({("DCM", "121031"), ("SCT", "184099003"),
                                  ("SRT", "184099003"), ("LN", "21112-8")})
 _CONCEPT_NAME = 0x0040A043
+_CONTENT_SEQUENCE = 0x0040A730
 _BIRTH_DATE_VALUES = (0x0040A121, 0x0040A120)  # Date, DateTime
 # Report content items whose text says who someone is, where they work or which device made
 # the report: :data:`imageshare.deid.codes.IDENTIFYING_CONCEPTS` (what each is, and the option
@@ -982,7 +984,7 @@ class AttributeCleaner:
             del ds[tag]
             return
         if vr == "SQ":
-            self._sequence(element, action, ctx, report, mode, person, trusted)
+            self._sequence(element, action, ctx, report, mode, person, trusted, ds)
             return
         if action == "K":
             return
@@ -1017,7 +1019,9 @@ class AttributeCleaner:
         raise ValueError(f"unknown de-identification action {action!r}")
 
     def _sequence(self, element: DataElement, action: str, ctx: PatientContext,
-                  report: InstanceReport, mode: str, person: bool, trusted: bool) -> None:
+                  report: InstanceReport, mode: str, person: bool, trusted: bool,
+                  owner: Dataset | None = None) -> None:
+        """The items of the sequence ``element`` of ``owner`` walked (or emptied)."""
         if action == "Z":
             element.value = Sequence([])
             return
@@ -1026,7 +1030,8 @@ class AttributeCleaner:
         inner_mode = {"D": DUMMY, "C": CLEAN}.get(action, mode)
         inner_trusted = trusted or action == "K" and rule_for(int(element.tag)) is not None
         items = element.value or []
-        fetal = fetus_context(items)
+        fetal = fetus_context(items) or (
+            element.tag == _CONTENT_SEQUENCE and owner is not None and fetal_section(owner))
         for item in items:
             self._walk(item, ctx, report, inner_mode, person=inner_person,
                        trusted=inner_trusted, parent=int(element.tag), fetal=fetal)
@@ -1328,6 +1333,12 @@ def fetus_context(items: Any) -> bool:
         if any(code in FETUS_CONTEXT for code in codes):
             return True
     return False
+
+
+def fetal_section(item: Dataset) -> bool:
+    """True when the report content item ``item`` is a section about one fetus (see
+    :data:`imageshare.deid.codes.FETAL_SECTIONS`): its content is that fetus's context."""
+    return any(code in FETAL_SECTIONS for code in _concepts_of(item))
 
 
 def _more_than_a_label(value: Any) -> bool:

@@ -39,6 +39,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
 from imageshare.deid.codes import (
+    FETAL_SECTIONS,
     FETUS_CONTEXT,
     IDENTIFYING_CONCEPTS,
     REPORT_IDENTIFIER,
@@ -95,6 +96,10 @@ _MAX_RUN = 4
 # for in (see :meth:`Identity._joined_spans`).
 _ALNUM_RUN = re.compile(r"[^\W_]+")
 _MAX_PIECES = 4
+# Attributes that hold an address, and what separates its lines (HL7 v2 writes ``^``).
+_ADDRESSES = frozenset({"PatientAddress", "PersonAddress", "InstitutionAddress",
+                        "ReferringPhysicianAddress"})
+_ADDRESS_LINES = re.compile(r"[,;^\r\n]+")
 _DIGIT_RUN = re.compile(r"\d+")
 # What may stand between the pieces of an identifier written in pieces.
 _PIECE_GAPS = " -/_"
@@ -1011,6 +1016,26 @@ class _Collector:
                     self.phrases.add(joined)
                     self.raw.add(joined)
 
+    def address(self, value: Any) -> None:
+        """An address, besides what :meth:`text` takes of it: each of its lines (between
+        commas, semicolons, carets or line breaks) that holds a house number, as written
+        (``14 Elm Grove``), and the house number with the word after it, as whole words
+        (``14 Elm``: the street's name without its kind, a word too short to be looked for
+        alone), unless that word is a linking one (``1 The Close``)."""
+        for line in _ADDRESS_LINES.split(str(value or "")):
+            runs = _ALNUM_RUN.findall(line)
+            if not any(r.isdigit() for r in runs):
+                continue
+            line = " ".join(line.split())
+            if len(runs) > 1 and len(normalise(line)) >= 6:
+                self.raw.add(line)
+                self.phrases.add(normalise(line))
+            for number, word in zip(runs, runs[1:], strict=False):
+                if number.isdigit() and len(number) <= 4 and word.isalpha() and len(word) >= 3 \
+                        and normalise(word) not in _LINKING_WORDS:
+                    self.raw.add(f"{number} {word}")
+                    self.bounded.add(f"{normalise(number)} {normalise(word)}")
+
     def birth_date(self, value: Any) -> None:
         text = str(value or "").strip()
         forms = _DATE_FORMS.get(text)
@@ -1101,6 +1126,17 @@ def _fetus_context(items: Any) -> bool:
         except (AttributeError, TypeError, ValueError, NotImplementedError):
             continue
     return False
+
+
+def _fetal_section(item: Dataset) -> bool:
+    """True when the report content item ``item`` is a section about one fetus (TID 5000):
+    a Subject ID in its content is that fetus's label."""
+    try:
+        return any((str(c.get("CodingSchemeDesignator", "") or "").strip(),
+                    str(c.get("CodeValue", "") or "").strip()) in FETAL_SECTIONS
+                   for c in item.get("ConceptNameCodeSequence") or [])
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        return False
 
 
 def _misfiled_text(value: Any) -> Any:
@@ -1194,7 +1230,8 @@ def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
                 continue
             inner = person_context or any(w in keyword for w in PERSON_CONTEXT_WORDS)
             items = ds[tag].value or []
-            inner_fetal = _fetus_context(items)
+            inner_fetal = _fetus_context(items) or (
+                keyword == "ContentSequence" and _fetal_section(ds))
             for item in items:
                 _collect(item, found, depth + 1, inner, keep_institution,
                          patient if keyword == "OtherPatientIDsSequence" else None, retained,
@@ -1218,6 +1255,8 @@ def _collect(ds: Dataset, found: _Collector, depth: int, person_context: bool,
             texts = _text_value(ds, tag, vr)
             for v in values_of(_misfiled_text(texts) if misfiled else texts):
                 found.text(v)
+                if keyword in _ADDRESSES:
+                    found.address(v)
                 if keyword in _PLACE_TEXT and not keep_institution:
                     found.place(v, initials=keyword != "InstitutionalDepartmentName")
                 if patient is not None and keyword in _PATIENT_TEXT:

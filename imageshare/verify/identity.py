@@ -788,6 +788,21 @@ class SourceIdentity:
                 if len(run) >= 5:
                     self._token(kind, run)
 
+    def _address_lines(self, address: str) -> None:
+        """Each line of an address that holds a house number, as a whole (``14 Elm
+        Grove``), and the house number with the word after it as whole words (``14 Elm``),
+        unless that word is a linking one (``1 The Close``)."""
+        for line in re.split(r"[,;^\r\n]+", address):
+            pieces = words_of(line)
+            if not any(p.isdigit() for p in pieces):
+                continue
+            if len(pieces) > 1 and len("".join(pieces)) >= 6:
+                self._token("address", line)
+            for number, word in zip(pieces, pieces[1:], strict=False):
+                if number.isdigit() and len(number) <= 4 and word.isalpha() and len(word) >= 3 \
+                        and word not in _LINKING:
+                    self.bounded.setdefault(f"{number} {word}", "address")
+
     def _report_identifier(self, kind: str, value: Any) -> None:
         """A login or ID from a report, as a whole value (``Fetus A``: not ``Fetus`` alone).
         One of several words, one of them of letters (``Fetus A``, ``Twin B``), counts as
@@ -930,7 +945,8 @@ class SourceIdentity:
                     continue
                 inner = context or any(w in keyword for w in _CONTEXT_WORDS)
                 items = ds[tag].value or []
-                inner_fetal = _fetal(items)
+                inner_fetal = _fetal(items) or (
+                    keyword == "ContentSequence" and _fetal_section(ds))
                 for index, item in enumerate(items):
                     self._walk(item, (*path, int(tag), index), depth + 1, inner, inner_fetal)
                 continue
@@ -983,6 +999,7 @@ class SourceIdentity:
         elif keyword in _ADDRESSES:
             for v in _values(value):
                 self._text("address", v)
+                self._address_lines(str(v or ""))
         elif "Telephone" in keyword or "Telecom" in keyword:
             for v in _values(value):
                 self._phone("phone number", v)
@@ -1243,9 +1260,15 @@ _REPORT_IDENTIFIERS = {
     "121009": "institution", "113873": "institution",
 }
 _TEXT_VALUE = 0x0040A160
-# TID 1008: a Subject ID among a Fetus Number or the Subject Class Fetus is a fetus's label.
+# TID 1008: a Subject ID among a Fetus Number, the Subject Class Fetus, Mother of fetus or
+# Number of Fetuses (DCM, or LOINC's Number of Fetuses by US) is a fetus's label; so is one
+# in the content of a section about one fetus (TID 5000, 5220: Fetal Biometry, Fetal Long
+# Bones, ..., Fetus Summary, Fetal Measurements).
 _SUBJECT_ID = "121030"
-_FETUS_CONCEPTS = frozenset({"121037", "121026"})
+_FETUS_CONCEPTS = frozenset({("DCM", "121037"), ("DCM", "121026"), ("DCM", "121036"),
+                             ("DCM", "121038"), ("LN", "11878-6")})
+_FETAL_SECTIONS = frozenset(("DCM", c) for c in (
+    "125001", "125002", "125003", "125004", "125006", "125008", "125009", "125015", "125016"))
 # Pieces of a label that say what kind of machine, not where it is: Modality defined terms,
 # how people write them, and the department's systems (never taken for the institution's
 # initials or words: a department "Magnetic Resonance Imaging", a station "MRI_3T").
@@ -1281,12 +1304,26 @@ def _fetal(items: Any) -> bool:
         try:
             for concept in list(item.get("ConceptNameCodeSequence") or []) + list(
                     item.get("ConceptCodeSequence") or []):
-                if str(concept.get("CodingSchemeDesignator", "") or "").strip() == "DCM" and \
-                        str(concept.get("CodeValue", "") or "").strip() in _FETUS_CONCEPTS:
+                if _code_of(concept) in _FETUS_CONCEPTS:
                     return True
         except (AttributeError, TypeError, ValueError, NotImplementedError):
             continue
     return False
+
+
+def _fetal_section(item: Dataset) -> bool:
+    """True when the content item ``item`` is a section about one fetus."""
+    try:
+        return any(_code_of(c) in _FETAL_SECTIONS
+                   for c in item.get("ConceptNameCodeSequence") or [])
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        return False
+
+
+def _code_of(concept: Dataset) -> tuple[str, str]:
+    """The (scheme, value) of a code item."""
+    return (str(concept.get("CodingSchemeDesignator", "") or "").strip(),
+            str(concept.get("CodeValue", "") or "").strip())
 
 
 # VRs of text: a value the dictionary gives one of these is read as text whatever VR it was

@@ -530,7 +530,8 @@ class Verifier:
                     findings.append(Finding(name, "unreadable sequence", self._label(tag, where)))
                     continue
                 label = self._label(tag, where)
-                fetal_items = _fetus_context(items)
+                fetal_items = _fetus_context(items) or (
+                    tag == _CONTENT_SEQUENCE and _fetal_section(ds))
                 for index, item in enumerate(items):
                     self._elements(item, identity, name, (*path, int(tag), index),
                                    f"{label}[{index + 1}] > ", joined, findings, depth + 1,
@@ -925,9 +926,15 @@ _IDENTITY_CONCEPTS: dict[str, str | None] = {
     "113880": KEEP_DEVICE, "121193": KEEP_DEVICE, "121196": KEEP_DEVICE,
 }
 _SUBJECT_ID = "121030"
-# A Fetus Number, or the Subject Class Fetus, among a Subject ID: TID 1008, where the Subject
-# ID is the fetus's label ("Fetus A"), which names no one.
-_FETUS_CONCEPTS = frozenset({"121037", "121026"})
+# A Fetus Number, the Subject Class Fetus, Mother of fetus or Number of Fetuses among a
+# Subject ID (TID 1008), or a section about one fetus holding it (TID 5000, 5220: Fetal
+# Biometry, ..., Fetus Summary): the Subject ID is the fetus's label ("Fetus A"), which names
+# no one.
+_FETUS_CONCEPTS = frozenset({("DCM", "121037"), ("DCM", "121026"), ("DCM", "121036"),
+                             ("DCM", "121038"), ("LN", "11878-6")})
+_FETAL_SECTIONS = frozenset(("DCM", c) for c in (
+    "125001", "125002", "125003", "125004", "125006", "125008", "125009", "125015", "125016"))
+_CONTENT_SEQUENCE = 0x0040A730
 _CONCEPT_CODE = 0x0040A168
 _TEXT_VALUE = 0x0040A160
 # Labels (besides every AE title) that say which machine or which local concept: station
@@ -1068,17 +1075,24 @@ def _identity_texts_left(elements: list[rawdicom.RawElement], keep: frozenset[st
     :data:`_IDENTITY_CONCEPTS` (and not kept by ``keep``) that are not a placeholder nor a
     fetus's label."""
     concepts: dict[tuple[int, ...], dict[int, str]] = {}
-    fetal: set[tuple[int, ...]] = set()  # sequences that are a fetus's subject context
+    codes: dict[tuple[int, ...], dict[int, str]] = {}  # concept names and concept codes
     texts: list[rawdicom.RawElement] = []
     for element in elements:
         path, tag = element.path, element.tag
         if len(path) >= 3 and path[-3] == _CONCEPT_NAME and tag in (CODE_VALUE, CODING_SCHEME):
             concepts.setdefault(path[:-3], {})[tag] = _stripped(element.value)
         if len(path) >= 4 and path[-3] in (_CONCEPT_NAME, _CONCEPT_CODE) \
-                and tag == CODE_VALUE and _stripped(element.value) in _FETUS_CONCEPTS:
-            fetal.add(path[:-4])
+                and tag in (CODE_VALUE, CODING_SCHEME):
+            codes.setdefault(path[:-1], {})[tag] = _stripped(element.value)
         elif tag == _TEXT_VALUE and len(path) > 1 and _not_placeholder(element.value):
             texts.append(element)
+    fetal: set[tuple[int, ...]] = set()  # sequences that are a fetus's subject context
+    for code_path, code in codes.items():
+        scheme_value = (code.get(CODING_SCHEME, ""), code.get(CODE_VALUE, ""))
+        if scheme_value in _FETUS_CONCEPTS:
+            fetal.add(code_path[:-3])
+        elif scheme_value in _FETAL_SECTIONS and code_path[-2] == _CONCEPT_NAME:
+            fetal.add((*code_path[:-2], _CONTENT_SEQUENCE))
     left = []
     for element in texts:
         item = concepts.get(element.path[:-1], {})
@@ -1131,12 +1145,26 @@ def _fetus_context(items: Any) -> bool:
         for item in items:
             for concept in list(item.get("ConceptNameCodeSequence") or []) + list(
                     item.get("ConceptCodeSequence") or []):
-                if str(concept.get("CodingSchemeDesignator", "") or "").strip() == "DCM" \
-                        and str(concept.get("CodeValue", "") or "").strip() in _FETUS_CONCEPTS:
+                if _scheme_and_value(concept) in _FETUS_CONCEPTS:
                     return True
     except Exception:  # noqa: BLE001 - unreadable: not a fetus's context
         return False
     return False
+
+
+def _fetal_section(item: Dataset) -> bool:
+    """True when the content item ``item`` is a section about one fetus (its content is
+    that fetus's context)."""
+    try:
+        return any(_scheme_and_value(c) in _FETAL_SECTIONS
+                   for c in item.get("ConceptNameCodeSequence") or [])
+    except Exception:  # noqa: BLE001 - unreadable: not a fetus's section
+        return False
+
+
+def _scheme_and_value(concept: Dataset) -> tuple[str, str]:
+    return (str(concept.get("CodingSchemeDesignator", "") or "").strip(),
+            str(concept.get("CodeValue", "") or "").strip())
 
 
 def _stripped(value: bytes) -> str:
