@@ -38,11 +38,12 @@ BASIC, TEACHING = DEFAULT_PROFILES["basic"], DEFAULT_PROFILES["teaching"]
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
-def _enhanced_ct(patient_id: str, frame_label: str = "", **top: str) -> Dataset:
+def enhanced_ct(patient_id: str, frame_label: str = "", phone: str = PHONE,
+                **top: str) -> Dataset:
     """An enhanced CT header of the patient with a frame label and top-level text."""
     ds = ct_header(NAME, patient_id, BIRTH_DATE, STUDY_DATE)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(ENHANCED_CT)
-    ds.PatientAddress, ds.PatientTelephoneNumbers = ADDRESS, PHONE
+    ds.PatientAddress, ds.PatientTelephoneNumbers = ADDRESS, phone
     content = Dataset()
     content.FrameLabel = frame_label or "AXIAL"
     frame = Dataset()
@@ -76,7 +77,7 @@ def _left_in_output(source: Dataset, profile_name: str = "teaching", frame_label
 
 
 def test_a_postcode_and_phone_number_however_spaced_do_not_leave() -> None:
-    source = _enhanced_ct("MRN5520917", frame_label="LS62AB tel 496 0123",
+    source = enhanced_ct("MRN5520917", frame_label="LS62AB tel 496 0123",
                           StudyDescription="CT chest, lives LS6 2AB",
                           PatientComments="Home LS62AB, phone 4960123")
     outcome, output = _written(source, TEACHING)
@@ -92,7 +93,7 @@ def test_a_postcode_and_phone_number_however_spaced_do_not_leave() -> None:
 
 
 def test_the_verifier_finds_a_postcode_or_phone_number_however_spaced() -> None:
-    source = _enhanced_ct("MRN5520917")
+    source = enhanced_ct("MRN5520917")
 
     assert "address in (0008,1030) StudyDescription" in _left_in_output(
         source, StudyDescription="CT chest, lives LS6 2AB")
@@ -105,13 +106,13 @@ def test_the_verifier_finds_a_postcode_or_phone_number_however_spaced() -> None:
 
 
 def test_a_patient_id_without_its_padding_prefix_or_check_digit_does_not_leave() -> None:
-    padded = _enhanced_ct("00012345", StudyDescription="CT for MRN 12345")
+    padded = enhanced_ct("00012345", StudyDescription="CT for MRN 12345")
     outcome, output = _written(padded, TEACHING)
     assert not outcome.held_back, outcome.report.get("reason")
     assert dcmread(io.BytesIO(output)).StudyDescription == "CT for MRN *"
 
     for patient_id in ("0005520917", "5520917-8"):
-        outcome, output = _written(_enhanced_ct(patient_id, frame_label="5520917 AXIAL"),
+        outcome, output = _written(enhanced_ct(patient_id, frame_label="5520917 AXIAL"),
                                    BASIC)
         assert not outcome.held_back, outcome.report.get("reason")
         assert _frame_label(dcmread(io.BytesIO(output))) == "* AXIAL"
@@ -119,23 +120,23 @@ def test_a_patient_id_without_its_padding_prefix_or_check_digit_does_not_leave()
 
 
 def test_a_patient_id_written_without_its_prefix_is_cleaned_not_held_back() -> None:
-    outcome, output = _written(_enhanced_ct("MRN5520917", frame_label="see 5520917"), BASIC)
+    outcome, output = _written(enhanced_ct("MRN5520917", frame_label="see 5520917"), BASIC)
     assert not outcome.held_back, outcome.report.get("reason")
     assert _frame_label(dcmread(io.BytesIO(output))) == "see *"
 
     # and an ID written without its punctuation
-    outcome, output = _written(_enhanced_ct("A-5520917", frame_label="A5520917 AXIAL"), BASIC)
+    outcome, output = _written(enhanced_ct("A-5520917", frame_label="A5520917 AXIAL"), BASIC)
     assert not outcome.held_back, outcome.report.get("reason")
     assert _frame_label(dcmread(io.BytesIO(output))) == "* AXIAL"
 
 
 def test_the_verifier_finds_a_patient_id_without_its_padding_or_check_digit() -> None:
     assert any(f.endswith("in (0008,1030) StudyDescription") for f in _left_in_output(
-        _enhanced_ct("00012345"), StudyDescription="CT for MRN 12345"))
+        enhanced_ct("00012345"), StudyDescription="CT for MRN 12345"))
     assert any(f.endswith("(0020,9453) FrameLabel") for f in _left_in_output(
-        _enhanced_ct("5520917-8"), "basic", frame_label="5520917 AXIAL"))
+        enhanced_ct("5520917-8"), "basic", frame_label="5520917 AXIAL"))
     # an ID of five digits once unpadded counts as a whole number only
-    assert _left_in_output(_enhanced_ct("00012345"), "basic", frame_label="AXIAL 123450") == []
+    assert _left_in_output(enhanced_ct("00012345"), "basic", frame_label="AXIAL 123450") == []
 
 
 def test_curve_data_naming_the_patient_goes_and_other_curves_stay() -> None:
@@ -159,7 +160,7 @@ def test_one_number_of_an_id_built_from_several_is_not_the_id() -> None:
     """An ID built from a date and a time (``11-05-25-142825``, as some ultrasound machines
     make them) does not make the study's kept time (142825) a leak: the instance is written,
     not held back, and its time stays; the whole ID still goes wherever it is written."""
-    source = _enhanced_ct("11-05-25-142825", frame_label="ID 11-05-25-142825",
+    source = enhanced_ct("11-05-25-142825", frame_label="ID 11-05-25-142825",
                           StudyTime="142825.000000")
     outcome, output = _written(source, TEACHING)
     assert not outcome.held_back, outcome.report.get("reason")

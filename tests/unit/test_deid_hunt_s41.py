@@ -41,6 +41,7 @@ from tests.deid_through import file_bytes as _file
 from tests.deid_through import findings as _findings
 from tests.deid_through import written as _written
 from tests.factory import ct_header
+from tests.unit.test_deid_hunt_s40 import enhanced_ct
 
 NAME, BIRTH_DATE, STUDY_DATE = "Pankhurst^Sylvia", "19610822", "20240611"
 ADDRESS, PHONE = "14 Elm Grove, Leeds LS6 2AB", "0113 496 0123"
@@ -52,17 +53,7 @@ COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 def _enhanced_ct(frame_label: str = "AXIAL", phone: str = PHONE, **top: str) -> Dataset:
     """An enhanced CT header of the patient with a frame label and top-level text."""
-    ds = ct_header(NAME, "MRN5520917", BIRTH_DATE, STUDY_DATE)
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(ENHANCED_CT)
-    ds.PatientAddress, ds.PatientTelephoneNumbers = ADDRESS, phone
-    content = Dataset()
-    content.FrameLabel = frame_label
-    frame = Dataset()
-    frame.FrameContentSequence = Sequence([content])
-    ds.PerFrameFunctionalGroupsSequence = Sequence([frame])
-    for keyword, value in top.items():
-        setattr(ds, keyword, value)
-    return ds
+    return enhanced_ct("MRN5520917", frame_label, phone, **top)
 
 
 def _frame_label(output: bytes) -> str:
